@@ -1,1 +1,564 @@
-//! placeholder
+//! The spool: the only writer of patient data to disk, and it writes only ciphertext.
+//!
+//! Every inbound object (DICOM today; HL7 and booking later) is streamed into an [`Ingest`],
+//! sealed chunk by chunk with AES-256-GCM under a fresh per-object data key ([`seal`]), and
+//! committed with [`Ingest::commit`]. Outbound workers drain it by destination.
+//!
+//! Module map:
+//! - [`seal`]: the sealed blob format (chunked AES-256-GCM, STREAM construction).
+//! - [`index`]: object records and delivery state in sled, behind a small interface.
+//! - `usage`: byte accounting and the disk-pressure guard.
+//!
+//! On disk, under `<data_dir>/spool/`:
+//! - `tmp/<id>.part`: an object being received (deleted at start if a crash left it);
+//! - `blobs/<id>.blob`: committed sealed objects;
+//! - `index/`: the sled database.
+//!
+//! Invariants (the kill -9 tests in hw-tests pin them):
+//! - [`Ingest::commit`] returns only after the blob is fsync'd, renamed into `blobs/`, the
+//!   directory is fsync'd, and the index entry is committed and flushed. The caller sends its
+//!   success status only after that.
+//! - A blob in `blobs/` without an index entry is the trace of a crash between rename and
+//!   index commit; its sender never got success. [`Spool::recover`] deletes such orphans.
+//!   An index entry without its blob must never exist; [`Spool::verify`] reports it.
+//! - No patient data in the index or file names: SOP Instance UIDs and content hashes are
+//!   kept as HMAC-SHA-256 under a key derived from the master key.
+//! - A resend of the same SOP instance with the same content is a success that stores nothing.
+//! - When the spool would pass `max_bytes`, or free disk would drop below `min_free_bytes`,
+//!   [`Ingest::write`] fails with [`SpoolError::Full`] and nothing stored is touched.
+
+pub mod index;
+pub mod seal;
+mod usage;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gateway_durable::{self as durable, Context};
+use gateway_keystore::MasterKey;
+use hmac::{Hmac, Mac as _};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use sha2::Sha256;
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+pub use index::{DeliveryState, Destination, IndexError, Inserted, ObjectId, Record};
+use index::{Index, Mac};
+pub use usage::Limits;
+use usage::Usage;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Spool failures. `Display` names local paths and ids only, never object content.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool is full: {reason}")]
+    Full { reason: String },
+    #[error(transparent)]
+    Io(#[from] durable::Error),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("object {id}: {source}")]
+    Open { id: String, source: seal::OpenError },
+    #[error("cannot start sealing: {0}")]
+    Seal(#[from] seal::SealError),
+    #[error("the spool master key is not available; run `gatewayd keys init`")]
+    NoKey,
+    #[error("no stored object has that SOP Instance UID")]
+    NotFound,
+    #[error("object {id} is in the index but its blob {path} is missing")]
+    MissingBlob { id: String, path: PathBuf },
+}
+
+/// What the sender said about an incoming object.
+#[derive(Debug, Clone)]
+pub struct ObjectMeta {
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub transfer_syntax_uid: String,
+    pub source: String,
+}
+
+/// The outcome of a commit: both mean the object is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    Stored(ObjectId),
+    Duplicate(ObjectId),
+}
+
+/// `spool status` report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Status {
+    pub objects: u64,
+    /// Sealed bytes on disk.
+    pub bytes: u64,
+    pub by_state: BTreeMap<&'static str, u64>,
+    pub by_destination: BTreeMap<String, DestinationCounts>,
+    /// Age of the oldest object not yet sent everywhere.
+    pub oldest_age_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DestinationCounts {
+    pub queued: u64,
+    pub sent: u64,
+}
+
+/// `spool verify` report.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub objects: u64,
+    pub ok: u64,
+    pub orphan_blobs: u64,
+    pub dangling_entries: u64,
+    pub unseal_failures: u64,
+    pub partial_files: u64,
+}
+
+impl VerifyReport {
+    pub fn is_consistent(&self) -> bool {
+        self.orphan_blobs == 0 && self.dangling_entries == 0 && self.unseal_failures == 0
+    }
+}
+
+/// What recovery found at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub partial_files_removed: u64,
+    pub orphan_blobs_removed: u64,
+}
+
+/// Keys derived from the master key.
+struct Keys {
+    master: MasterKey,
+    index_key: Zeroizing<[u8; 32]>,
+}
+
+impl Keys {
+    fn new(master: MasterKey) -> Self {
+        let mut mac = <HmacSha256 as hmac::Mac>::new_from_slice(master.expose())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(b"gatewayd spool index key v1");
+        let mut index_key = Zeroizing::new([0u8; 32]);
+        index_key.copy_from_slice(&mac.finalize().into_bytes());
+        Self { master, index_key }
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        <HmacSha256 as hmac::Mac>::new_from_slice(self.index_key.as_ref())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
+    }
+
+    fn uid_mac(&self, uid: &str) -> Mac {
+        let mut m = self.mac();
+        m.update(b"uid\0");
+        m.update(uid.trim_end_matches(['\0', ' ']).as_bytes());
+        m.finalize().into_bytes().into()
+    }
+}
+
+/// A handle on the spool; cheap to clone and share between tasks.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool").field("dir", &self.inner.dir).finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    dir: PathBuf,
+    blobs: PathBuf,
+    tmp: PathBuf,
+    index: Index,
+    keys: Option<Keys>,
+    destinations: Vec<String>,
+    usage: Usage,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool under `data_dir/spool`. Changes nothing on disk
+    /// beyond creating folders; call [`Spool::recover`] before accepting objects.
+    /// Without a master key, only status and verify of structure are possible.
+    pub fn open(
+        data_dir: &Path,
+        master: Option<MasterKey>,
+        limits: Limits,
+        destinations: Vec<String>,
+    ) -> Result<Self, SpoolError> {
+        let dir = data_dir.join("spool");
+        let blobs = dir.join("blobs");
+        let tmp = dir.join("tmp");
+        for d in [&dir, &blobs, &tmp] {
+            durable::create_private_dir(d)?;
+        }
+        let index = Index::open(&dir.join("index"))?;
+        let usage = Usage::new(limits, data_dir.to_path_buf());
+        let mut sealed = 0;
+        let mut counts = BTreeMap::new();
+        for entry in index.records() {
+            let (_, r) = entry?;
+            sealed += r.sealed_len;
+            *counts.entry(r.state()).or_insert(0i64) += 1;
+        }
+        usage.set_stored(sealed, &counts);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir,
+                blobs,
+                tmp,
+                index,
+                keys: master.map(Keys::new),
+                destinations,
+                usage,
+            }),
+        })
+    }
+
+    /// Registers `gateway_spool_objects{state}` and `gateway_spool_bytes`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.inner.usage.register(registry);
+    }
+
+    /// Cleans what a crash left behind: partial files and orphan blobs (blobs whose index
+    /// entry was never committed, so whose sender never got a success status).
+    pub fn recover(&self) -> Result<Recovered, SpoolError> {
+        let inner = &self.inner;
+        let mut rec = Recovered::default();
+        for entry in fs::read_dir(&inner.tmp).ctx("list", &inner.tmp)? {
+            let path = entry.ctx("list", &inner.tmp)?.path();
+            fs::remove_file(&path).ctx("remove partial", &path)?;
+            rec.partial_files_removed += 1;
+        }
+        for (path, id) in self.blob_files()? {
+            match id {
+                Some(id) if inner.index.contains(&id)? => {}
+                _ => {
+                    fs::remove_file(&path).ctx("remove orphan", &path)?;
+                    rec.orphan_blobs_removed += 1;
+                }
+            }
+        }
+        if rec != Recovered::default() {
+            durable::sync_dir(&inner.blobs)?;
+            info!(
+                partial_files = rec.partial_files_removed,
+                orphan_blobs = rec.orphan_blobs_removed,
+                "spool recovery removed leftovers of an interrupted ingest (their senders got no success status)"
+            );
+        }
+        Ok(rec)
+    }
+
+    /// Starts receiving one object. Fails with [`SpoolError::Full`] under disk pressure.
+    pub fn begin(&self, meta: ObjectMeta) -> Result<Ingest, SpoolError> {
+        let inner = &self.inner;
+        let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        inner.usage.check_free()?;
+        let mut id = [0u8; 16];
+        getrandom::getrandom(&mut id).map_err(|_| seal::SealError::Random)?;
+        let sealer = seal::Sealer::new(&keys.master, &id)?;
+        let tmp_path = inner.tmp.join(format!("{}.part", hex::encode(id)));
+        let file = durable::create_new_private(&tmp_path)?;
+        let mut out = BufWriter::with_capacity(256 * 1024, file);
+        out.write_all(sealer.header()).ctx("write", &tmp_path)?;
+        let reservation = inner.usage.reserve(seal::HEADER_LEN as u64)?;
+        Ok(Ingest {
+            spool: self.clone(),
+            id,
+            meta,
+            tmp_path,
+            out: Some(out),
+            sealer: Some(sealer),
+            mac: keys.mac(),
+            plain_len: 0,
+            reservation,
+        })
+    }
+
+    /// Counts by state and destination, bytes and oldest age. Scans the index.
+    pub fn status(&self) -> Result<Status, SpoolError> {
+        let mut by_state: BTreeMap<&'static str, u64> =
+            [("received", 0), ("queued", 0), ("sent", 0)].into_iter().collect();
+        let mut by_destination: BTreeMap<String, DestinationCounts> = self
+            .inner
+            .destinations
+            .iter()
+            .map(|d| (d.clone(), DestinationCounts::default()))
+            .collect();
+        let (mut objects, mut bytes, mut oldest) = (0u64, 0u64, None::<u64>);
+        for entry in self.inner.index.records() {
+            let (_, r) = entry?;
+            objects += 1;
+            bytes += r.sealed_len;
+            let state = r.state();
+            *by_state.entry(state).or_default() += 1;
+            if state != "sent" {
+                oldest = Some(oldest.map_or(r.received_unix_ms, |o| o.min(r.received_unix_ms)));
+            }
+            for d in &r.destinations {
+                let c = by_destination.entry(d.name.clone()).or_default();
+                match d.state {
+                    DeliveryState::Queued => c.queued += 1,
+                    DeliveryState::Sent => c.sent += 1,
+                }
+            }
+        }
+        let now = unix_ms();
+        Ok(Status {
+            objects,
+            bytes,
+            by_state,
+            by_destination,
+            oldest_age_seconds: oldest.map(|o| now.saturating_sub(o) as f64 / 1000.0),
+        })
+    }
+
+    /// Writes the newest object stored under `sop_instance_uid` to `out` (plaintext).
+    pub fn export<W: Write>(&self, sop_instance_uid: &str, out: &mut W) -> Result<Record, SpoolError> {
+        let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        let mut newest: Option<(ObjectId, Record)> = None;
+        for id in self.inner.index.ids_for_uid(&keys.uid_mac(sop_instance_uid))? {
+            if let Some(r) = self.inner.index.get(&id)? {
+                if newest.as_ref().is_none_or(|(_, n)| r.received_unix_ms >= n.received_unix_ms) {
+                    newest = Some((id, r));
+                }
+            }
+        }
+        let (id, record) = newest.ok_or(SpoolError::NotFound)?;
+        self.unseal(&id, &record, out)?;
+        Ok(record)
+    }
+
+    /// Checks that index and blobs agree and that every blob unseals to the content the
+    /// index recorded. Changes nothing.
+    pub fn verify(&self) -> Result<VerifyReport, SpoolError> {
+        let inner = &self.inner;
+        let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        let mut report = VerifyReport::default();
+        for entry in inner.index.records() {
+            let (id, record) = entry?;
+            report.objects += 1;
+            let mut sink = MacWriter(keys.mac());
+            match self.unseal(&id, &record, &mut sink) {
+                Ok(()) if <[u8; 32]>::from(sink.0.finalize().into_bytes()) == record.content_mac => {
+                    report.ok += 1
+                }
+                Ok(()) => {
+                    warn!(object = %hex::encode(id), "blob content does not match its index entry");
+                    report.unseal_failures += 1;
+                }
+                Err(SpoolError::MissingBlob { .. }) => {
+                    warn!(object = %hex::encode(id), "index entry without blob");
+                    report.dangling_entries += 1;
+                }
+                Err(e) => {
+                    warn!(object = %hex::encode(id), error = %e, "blob does not unseal");
+                    report.unseal_failures += 1;
+                }
+            }
+        }
+        for (path, id) in self.blob_files()? {
+            let known = match id {
+                Some(id) => inner.index.contains(&id)?,
+                None => false,
+            };
+            if !known {
+                warn!(path = %path.display(), "blob without index entry");
+                report.orphan_blobs += 1;
+            }
+        }
+        report.partial_files = fs::read_dir(&inner.tmp).ctx("list", &inner.tmp)?.count() as u64;
+        Ok(report)
+    }
+
+    /// The spool folder.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    fn blob_path(&self, id: &ObjectId) -> PathBuf {
+        self.inner.blobs.join(format!("{}.blob", hex::encode(id)))
+    }
+
+    fn unseal<W: Write>(&self, id: &ObjectId, record: &Record, out: &mut W) -> Result<(), SpoolError> {
+        let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        let path = self.blob_path(id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SpoolError::MissingBlob { id: hex::encode(id), path });
+            }
+            Err(e) => return Err(Err::<(), _>(e).ctx("open", &path).unwrap_err().into()),
+        };
+        let len = file.metadata().ctx("stat", &path)?.len();
+        if len != record.sealed_len {
+            return Err(SpoolError::Open {
+                id: hex::encode(id),
+                source: seal::SealError::Truncated.into(),
+            });
+        }
+        seal::open(&keys.master, std::io::BufReader::with_capacity(256 * 1024, file), len, out)
+            .map(|_| ())
+            .map_err(|source| SpoolError::Open { id: hex::encode(id), source })
+    }
+
+    /// Every file in `blobs/` with the id its name encodes (None for a foreign name).
+    fn blob_files(&self) -> Result<Vec<(PathBuf, Option<ObjectId>)>, SpoolError> {
+        let dir = &self.inner.blobs;
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).ctx("list", dir)? {
+            let path = entry.ctx("list", dir)?.path();
+            let id = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".blob"))
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|v| ObjectId::try_from(v.as_slice()).ok());
+            out.push((path, id));
+        }
+        Ok(out)
+    }
+}
+
+/// One object being received. Dropping it without [`Ingest::commit`] discards it.
+pub struct Ingest {
+    spool: Spool,
+    id: ObjectId,
+    meta: ObjectMeta,
+    tmp_path: PathBuf,
+    out: Option<BufWriter<File>>,
+    sealer: Option<seal::Sealer>,
+    mac: HmacSha256,
+    plain_len: u64,
+    reservation: usage::Reservation,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("id", &hex::encode(self.id))
+            .field("plain_len", &self.plain_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ingest {
+    /// Seals and writes the next plaintext bytes.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
+        let (Some(out), Some(sealer)) = (self.out.as_mut(), self.sealer.as_mut()) else {
+            return Ok(());
+        };
+        self.spool.inner.usage.grow(&mut self.reservation, data.len() as u64)?;
+        self.mac.update(data);
+        self.plain_len += data.len() as u64;
+        sealer.update(data, out).ctx("write", &self.tmp_path)?;
+        Ok(())
+    }
+
+    /// Bytes of plaintext written so far.
+    pub fn len(&self) -> u64 {
+        self.plain_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plain_len == 0
+    }
+
+    /// Makes the object durable: seal the last chunk, fsync, rename, fsync the directory,
+    /// commit and flush the index. Only after `Ok` may the sender be told "success".
+    pub fn commit(mut self) -> Result<Committed, SpoolError> {
+        let inner = Arc::clone(&self.spool.inner);
+        let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        let (Some(mut out), Some(sealer)) = (self.out.take(), self.sealer.take()) else {
+            return Err(SpoolError::NoKey);
+        };
+        sealer.finish(&mut out).ctx("write", &self.tmp_path)?;
+        let file = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .ctx("write", &self.tmp_path)?;
+        let content_mac: Mac = self.mac.clone().finalize().into_bytes().into();
+        let uid_mac = keys.uid_mac(&self.meta.sop_instance_uid);
+        if let Some(existing) = inner.index.find_duplicate(&uid_mac, &content_mac)? {
+            drop(file);
+            fs::remove_file(&self.tmp_path).ctx("remove duplicate", &self.tmp_path)?;
+            return Ok(Committed::Duplicate(existing));
+        }
+        file.sync_data().ctx("sync", &self.tmp_path)?;
+        drop(file);
+        let sealed_len = seal::sealed_len(self.plain_len);
+        let final_path = self.spool.blob_path(&self.id);
+        fs::rename(&self.tmp_path, &final_path).ctx("rename into place", &final_path)?;
+        durable::sync_dir(&inner.blobs)?;
+        let record = Record {
+            sop_class_uid: self.meta.sop_class_uid.clone(),
+            transfer_syntax_uid: self.meta.transfer_syntax_uid.clone(),
+            source: self.meta.source.clone(),
+            plain_len: self.plain_len,
+            sealed_len,
+            received_unix_ms: unix_ms(),
+            uid_mac,
+            content_mac,
+            destinations: inner
+                .destinations
+                .iter()
+                .map(|name| Destination { name: name.clone(), state: DeliveryState::Queued })
+                .collect(),
+        };
+        match inner.index.insert_durable(&self.id, &record) {
+            Ok(Inserted::New) => {
+                inner.usage.commit(&mut self.reservation, sealed_len, record.state());
+                Ok(Committed::Stored(self.id))
+            }
+            Ok(Inserted::Duplicate(existing)) => {
+                // A concurrent identical ingest won the race; ours is redundant.
+                durable::remove_durably(&final_path)?;
+                Ok(Committed::Duplicate(existing))
+            }
+            Err(e) => {
+                // Not indexed: the blob is an orphan; remove it now rather than at next start.
+                let _ = fs::remove_file(&final_path);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            if let Err(e) = fs::remove_file(&self.tmp_path) {
+                warn!(path = %self.tmp_path.display(), error = %e, "could not remove partial object");
+            }
+        }
+        self.spool.inner.usage.release(&mut self.reservation);
+    }
+}
+
+struct MacWriter(HmacSha256);
+
+impl Write for MacWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,157 @@
+//! File durability primitives shared by every crate that writes to disk.
+//!
+//! The gateway promises that a success status goes out only after the data is on stable
+//! storage. That takes more than `write`: the file's data must be synced, and a newly created
+//! or renamed directory entry is durable only once its directory is synced too. These helpers
+//! do exactly those steps and name the path in every error.
+//!
+//! Invariants:
+//! - Files made here are created with mode 0600 (owner only), never world readable.
+//! - Directories made here are created with mode 0700.
+//! - [`write_atomic`] leaves either the old file or the complete new file after a crash.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// An I/O failure with the step and path it happened on.
+#[derive(Debug)]
+pub struct Error {
+    pub action: &'static str,
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.action, self.path.display(), self.source)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Attaches the step and path to an `io::Result`.
+pub trait Context<T> {
+    fn ctx(self, action: &'static str, path: &Path) -> Result<T, Error>;
+}
+
+impl<T> Context<T> for io::Result<T> {
+    fn ctx(self, action: &'static str, path: &Path) -> Result<T, Error> {
+        self.map_err(|source| Error {
+            action,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Creates `dir` and its parents with mode 0700 (existing directories are left as they are).
+pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .ctx("create directory", dir)
+}
+
+/// Creates a new file with mode 0600; fails if it exists.
+pub fn create_new_private(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .ctx("create", path)
+}
+
+/// Makes directory entries in `dir` (creations, renames, removals) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("sync directory", dir)
+}
+
+/// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let dir = parent_of(path);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
+    let mut file = create_new_private(&tmp)?;
+    file.write_all(bytes).ctx("write", &tmp)?;
+    file.sync_all().ctx("sync", &tmp)?;
+    drop(file);
+    fs::rename(&tmp, path).ctx("rename into place", path)?;
+    sync_dir(dir)
+}
+
+/// Removes a file durably (its directory is synced). A missing file is not an error.
+pub fn remove_durably(path: &Path) -> Result<bool, Error> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            sync_dir(parent_of(path))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).ctx("remove", path),
+    }
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn atomic_write_replaces_content_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!dir.path().join("k.tmp").exists());
+    }
+
+    #[test]
+    fn create_new_refuses_existing_file_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        create_new_private(&p).unwrap();
+        let err = create_new_private(&p).unwrap_err();
+        assert!(err.to_string().contains("x"), "{err}");
+    }
+
+    #[test]
+    fn private_dir_mode_is_0700() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b");
+        create_private_dir(&p).unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn remove_durably_reports_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("gone");
+        assert!(!remove_durably(&p).unwrap());
+        fs::write(&p, b"x").unwrap();
+        assert!(remove_durably(&p).unwrap());
+    }
+}

@@ -1,0 +1,217 @@
+//! The development key store: the spool master key in a 0600 file.
+//!
+//! It exists so that the gateway can be developed and tested without a TPM. It protects
+//! nothing against someone who can read the data folder, which is why `gateway-config`
+//! refuses it in production mode.
+
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use gateway_durable::{self as durable, Context};
+use zeroize::Zeroize;
+
+use crate::{KEY_LEN, KeyStore, KeyStoreError, MasterKey, Status};
+
+const FILE_MAGIC: &[u8; 8] = b"GWSWKEY1";
+
+/// The software back end.
+#[derive(Debug)]
+pub struct SoftwareKeyStore {
+    path: PathBuf,
+}
+
+impl SoftwareKeyStore {
+    /// Where the key file of a data folder lives.
+    pub fn key_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("keys").join("spool-master.key")
+    }
+
+    /// Opens an initialised store (checks the file now, so a bad file fails at start).
+    pub fn open(data_dir: &Path) -> Result<Self, KeyStoreError> {
+        let store = Self {
+            path: Self::key_path(data_dir),
+        };
+        store.read_key()?;
+        Ok(store)
+    }
+
+    /// Creates a fresh random master key. Refuses to overwrite an existing one.
+    pub fn init(data_dir: &Path) -> Result<Self, KeyStoreError> {
+        let path = Self::key_path(data_dir);
+        let dir = data_dir.join("keys");
+        durable::create_private_dir(&dir).map_err(io_err)?;
+        let mut key = [0u8; KEY_LEN];
+        getrandom::getrandom(&mut key).map_err(KeyStoreError::Random)?;
+        let mut file = match durable::create_new_private(&path) {
+            Ok(f) => f,
+            Err(e) if e.source.kind() == ErrorKind::AlreadyExists => {
+                key.zeroize();
+                return Err(KeyStoreError::AlreadyInitialised { path });
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+        let mut body = Vec::with_capacity(FILE_MAGIC.len() + KEY_LEN);
+        body.extend_from_slice(FILE_MAGIC);
+        body.extend_from_slice(&key);
+        key.zeroize();
+        let written = file
+            .write_all(&body)
+            .and_then(|()| file.sync_all())
+            .ctx("write", &path);
+        body.zeroize();
+        written.map_err(io_err)?;
+        durable::sync_dir(&dir).map_err(io_err)?;
+        Ok(Self { path })
+    }
+
+    /// Reports whether a key exists and its fingerprint.
+    pub fn status_at(data_dir: &Path) -> Result<Status, KeyStoreError> {
+        let store = Self {
+            path: Self::key_path(data_dir),
+        };
+        match store.read_key() {
+            Ok(key) => Ok(Status {
+                backend: "software",
+                initialised: true,
+                master_key_id: Some(key.id()),
+            }),
+            Err(KeyStoreError::NotInitialised { .. }) => Ok(Status {
+                backend: "software",
+                initialised: false,
+                master_key_id: None,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Status of this open store.
+    pub fn status(&self) -> Result<Status, KeyStoreError> {
+        let key = self.read_key()?;
+        Ok(Status {
+            backend: "software",
+            initialised: true,
+            master_key_id: Some(key.id()),
+        })
+    }
+
+    /// Crypto-shred: overwrites the key file with zeros, syncs, and removes it.
+    pub fn wipe(data_dir: &Path) -> Result<bool, KeyStoreError> {
+        let path = Self::key_path(data_dir);
+        match fs::OpenOptions::new().write(true).open(&path) {
+            Ok(mut f) => {
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+                f.write_all(&vec![0u8; len.max(FILE_MAGIC.len() + KEY_LEN)])
+                    .and_then(|()| f.sync_all())
+                    .ctx("overwrite", &path)
+                    .map_err(io_err)?;
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err(durable::Error { action: "open", path, source: e })),
+        }
+        durable::remove_durably(&path).map_err(io_err)
+    }
+
+    fn read_key(&self) -> Result<MasterKey, KeyStoreError> {
+        let path = &self.path;
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(KeyStoreError::NotInitialised { path: path.clone() });
+            }
+            Err(e) => return Err(io_err(durable::Error { action: "stat", path: path.clone(), source: e })),
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyStoreError::InsecurePermissions { path: path.clone(), mode });
+        }
+        let mut body = fs::read(path).ctx("read", path).map_err(io_err)?;
+        let result = if body.len() != FILE_MAGIC.len() + KEY_LEN {
+            Err(KeyStoreError::Corrupt { path: path.clone(), reason: "wrong length" })
+        } else if &body[..FILE_MAGIC.len()] != FILE_MAGIC {
+            Err(KeyStoreError::Corrupt { path: path.clone(), reason: "bad magic" })
+        } else {
+            let mut key = [0u8; KEY_LEN];
+            key.copy_from_slice(&body[FILE_MAGIC.len()..]);
+            let master = MasterKey::from_bytes(key);
+            key.zeroize();
+            Ok(master)
+        };
+        body.zeroize();
+        result
+    }
+}
+
+impl KeyStore for SoftwareKeyStore {
+    fn backend(&self) -> &'static str {
+        "software"
+    }
+
+    fn spool_master_key(&self) -> Result<MasterKey, KeyStoreError> {
+        self.read_key()
+    }
+}
+
+fn io_err(e: durable::Error) -> KeyStoreError {
+    KeyStoreError::Io { action: e.action, path: e.path, source: e.source }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_before_init_says_to_run_keys_init() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = SoftwareKeyStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, KeyStoreError::NotInitialised { .. }));
+        assert!(err.to_string().contains("gatewayd keys init"), "{err}");
+    }
+
+    #[test]
+    fn init_then_open_yields_the_same_key_and_a_0600_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SoftwareKeyStore::init(dir.path()).unwrap().spool_master_key().unwrap();
+        let b = SoftwareKeyStore::open(dir.path()).unwrap().spool_master_key().unwrap();
+        assert_eq!(a.expose(), b.expose());
+        let mode = fs::metadata(SoftwareKeyStore::key_path(dir.path())).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn init_twice_is_refused_and_keeps_the_first_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SoftwareKeyStore::init(dir.path()).unwrap().spool_master_key().unwrap();
+        assert!(matches!(
+            SoftwareKeyStore::init(dir.path()).unwrap_err(),
+            KeyStoreError::AlreadyInitialised { .. }
+        ));
+        let b = SoftwareKeyStore::open(dir.path()).unwrap().spool_master_key().unwrap();
+        assert_eq!(a.expose(), b.expose());
+    }
+
+    #[test]
+    fn wipe_removes_the_key_and_a_new_init_gives_a_different_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SoftwareKeyStore::init(dir.path()).unwrap().spool_master_key().unwrap();
+        assert!(SoftwareKeyStore::wipe(dir.path()).unwrap());
+        assert!(!SoftwareKeyStore::key_path(dir.path()).exists());
+        assert!(!SoftwareKeyStore::wipe(dir.path()).unwrap());
+        let b = SoftwareKeyStore::init(dir.path()).unwrap().spool_master_key().unwrap();
+        assert_ne!(a.expose(), b.expose());
+    }
+
+    #[test]
+    fn world_readable_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        SoftwareKeyStore::init(dir.path()).unwrap();
+        let p = SoftwareKeyStore::key_path(dir.path());
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            SoftwareKeyStore::open(dir.path()).unwrap_err(),
+            KeyStoreError::InsecurePermissions { .. }
+        ));
+    }
+}

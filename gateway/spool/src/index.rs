@@ -1,0 +1,196 @@
+//! The spool's index: object metadata and per-destination state, kept in sled.
+//!
+//! sled is hidden behind this small interface so that it can be replaced without touching
+//! the rest of the spool (DESIGN.md, notes for implementers). The index never holds patient
+//! data: UIDs and content hashes are stored only as keyed MACs (see `crate::Keys`).
+//!
+//! Trees:
+//! - `objects`: object id (16 bytes) -> [`Record`] (postcard)
+//! - `by_uid`: uid MAC (32) || object id (16) -> empty, for lookups by SOP Instance UID
+//! - `by_content`: uid MAC (32) || content MAC (32) -> object id, for dedupe
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+/// Object id: 16 random bytes, shown as 32 hex digits.
+pub type ObjectId = [u8; 16];
+/// HMAC-SHA-256 output.
+pub type Mac = [u8; 32];
+
+/// Delivery state of one object towards one destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliveryState {
+    Queued,
+    Sent,
+}
+
+/// One destination of one object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destination {
+    pub name: String,
+    pub state: DeliveryState,
+}
+
+/// What the index knows about one stored object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub sop_class_uid: String,
+    pub transfer_syntax_uid: String,
+    /// Calling AE title of the sender (a device name, not patient data).
+    pub source: String,
+    pub plain_len: u64,
+    pub sealed_len: u64,
+    pub received_unix_ms: u64,
+    pub uid_mac: Mac,
+    pub content_mac: Mac,
+    /// Empty when no uplink is configured: the object is held in state `received`.
+    pub destinations: Vec<Destination>,
+}
+
+impl Record {
+    /// Overall state: `received` (held), `queued` (some destination pending) or `sent`.
+    pub fn state(&self) -> &'static str {
+        if self.destinations.is_empty() {
+            "received"
+        } else if self.destinations.iter().any(|d| d.state == DeliveryState::Queued) {
+            "queued"
+        } else {
+            "sent"
+        }
+    }
+}
+
+/// An index failure, naming the database path.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("spool index {path}: {source}")]
+    Db { path: PathBuf, source: sled::Error },
+    #[error("spool index {path}: record of object {id} is unreadable: {source}")]
+    Decode { path: PathBuf, id: String, source: postcard::Error },
+    #[error("spool index {path}: record does not encode: {source}")]
+    Encode { path: PathBuf, source: postcard::Error },
+}
+
+/// Result of inserting a new object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    /// The same SOP instance with the same content is already stored under this id.
+    Duplicate(ObjectId),
+}
+
+#[derive(Debug)]
+pub struct Index {
+    path: PathBuf,
+    db: sled::Db,
+    objects: sled::Tree,
+    by_uid: sled::Tree,
+    by_content: sled::Tree,
+}
+
+impl Index {
+    pub fn open(path: &Path) -> Result<Self, IndexError> {
+        let err = |source| IndexError::Db { path: path.to_path_buf(), source };
+        let db = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).open().map_err(err)?;
+        Ok(Self {
+            objects: db.open_tree("objects").map_err(err)?,
+            by_uid: db.open_tree("by_uid").map_err(err)?,
+            by_content: db.open_tree("by_content").map_err(err)?,
+            path: path.to_path_buf(),
+            db,
+        })
+    }
+
+    fn db_err(&self, source: sled::Error) -> IndexError {
+        IndexError::Db { path: self.path.clone(), source }
+    }
+
+    /// The id already stored for this (uid, content), if any.
+    pub fn find_duplicate(&self, uid_mac: &Mac, content_mac: &Mac) -> Result<Option<ObjectId>, IndexError> {
+        let key = content_key(uid_mac, content_mac);
+        Ok(self.by_content.get(key).map_err(|e| self.db_err(e))?.and_then(|v| to_id(&v)))
+    }
+
+    /// Inserts a new object atomically with its lookup keys and makes it durable
+    /// (sled `flush` syncs its log) before returning.
+    pub fn insert_durable(&self, id: &ObjectId, record: &Record) -> Result<Inserted, IndexError> {
+        let value = postcard::to_stdvec(record)
+            .map_err(|source| IndexError::Encode { path: self.path.clone(), source })?;
+        let ckey = content_key(&record.uid_mac, &record.content_mac);
+        let mut ukey = record.uid_mac.to_vec();
+        ukey.extend_from_slice(id);
+        let outcome = (&self.objects, &self.by_uid, &self.by_content).transaction(|(objects, by_uid, by_content)| {
+            if let Some(existing) = by_content.get(ckey)? {
+                return Ok(to_id(&existing).map_or(Inserted::New, Inserted::Duplicate));
+            }
+            objects.insert(id.as_slice(), value.as_slice())?;
+            by_uid.insert(ukey.as_slice(), &[][..])?;
+            by_content.insert(ckey.as_slice(), id.as_slice())?;
+            Ok::<_, ConflictableTransactionError<()>>(Inserted::New)
+        });
+        let inserted = match outcome {
+            Ok(i) => i,
+            Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),
+            Err(TransactionError::Abort(())) => Inserted::New,
+        };
+        if inserted == Inserted::New {
+            self.db.flush().map_err(|e| self.db_err(e))?;
+        }
+        Ok(inserted)
+    }
+
+    /// Ids stored under a uid MAC.
+    pub fn ids_for_uid(&self, uid_mac: &Mac) -> Result<Vec<ObjectId>, IndexError> {
+        self.by_uid
+            .scan_prefix(uid_mac)
+            .keys()
+            .map(|k| k.map(|k| to_id(&k[32..])).map_err(|e| self.db_err(e)))
+            .filter_map(Result::transpose)
+            .collect()
+    }
+
+    pub fn get(&self, id: &ObjectId) -> Result<Option<Record>, IndexError> {
+        match self.objects.get(id).map_err(|e| self.db_err(e))? {
+            Some(v) => Ok(Some(self.decode(id, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn contains(&self, id: &ObjectId) -> Result<bool, IndexError> {
+        self.objects.contains_key(id).map_err(|e| self.db_err(e))
+    }
+
+    /// Every record, in id order.
+    pub fn records(&self) -> impl Iterator<Item = Result<(ObjectId, Record), IndexError>> + '_ {
+        self.objects.iter().filter_map(move |entry| {
+            let (k, v) = match entry {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(self.db_err(e))),
+            };
+            let id = to_id(&k)?;
+            Some(self.decode(&id, &v).map(|r| (id, r)))
+        })
+    }
+
+    fn decode(&self, id: &ObjectId, bytes: &[u8]) -> Result<Record, IndexError> {
+        postcard::from_bytes(bytes).map_err(|source| IndexError::Decode {
+            path: self.path.clone(),
+            id: hex::encode(id),
+            source,
+        })
+    }
+}
+
+fn content_key(uid_mac: &Mac, content_mac: &Mac) -> [u8; 64] {
+    let mut key = [0u8; 64];
+    key[..32].copy_from_slice(uid_mac);
+    key[32..].copy_from_slice(content_mac);
+    key
+}
+
+fn to_id(bytes: &[u8]) -> Option<ObjectId> {
+    bytes.try_into().ok()
+}
