@@ -1,0 +1,219 @@
+//! The raw TOML schema: exactly what serde reads, nothing more.
+//!
+//! Every struct denies unknown keys, so a typo is an error rather than a silently ignored
+//! setting. Fields whose typed parse can fail with a useful message (addresses, sizes,
+//! durations, keywords) are read as strings here and parsed in [`crate::settings`], so one
+//! bad value does not hide the others. Fields that are plain numbers stay numbers: serde
+//! reports a wrong type with the key path.
+
+use serde::Deserialize;
+
+use crate::error::Problem;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub node: RawNode,
+    pub dicom: Option<RawDicom>,
+    pub hl7: Option<RawHl7>,
+    pub spool: Option<RawSpool>,
+    pub keystore: Option<RawKeystore>,
+    #[serde(default)]
+    pub uplink: Vec<RawUplink>,
+    pub fleet: Option<RawFleet>,
+    pub admin: Option<RawAdmin>,
+    pub booking: Option<RawBooking>,
+}
+
+/// `[node]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNode {
+    pub id: String,
+    pub role: Option<String>,
+    pub data_dir: String,
+    pub mode: Option<String>,
+}
+
+/// `[dicom]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDicom {
+    pub listen: Option<String>,
+    pub ae_title: Option<String>,
+    pub max_associations: Option<u32>,
+    pub max_associations_per_peer: Option<u32>,
+    pub max_pdu_length: Option<String>,
+    pub artim_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub shutdown_grace: Option<String>,
+    #[serde(default)]
+    pub peers: Vec<RawDicomPeer>,
+}
+
+/// `[[dicom.peers]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDicomPeer {
+    pub ae_title: String,
+    pub host: String,
+    pub max_associations: Option<u32>,
+}
+
+/// `[hl7]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHl7 {
+    pub listen: Option<String>,
+    pub charset: Option<String>,
+}
+
+/// `[spool]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSpool {
+    pub max_bytes: Option<String>,
+    pub min_free_bytes: Option<String>,
+}
+
+/// `[keystore]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKeystore {
+    pub backend: Option<String>,
+    pub tcti: Option<String>,
+}
+
+/// `[[uplink]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUplink {
+    pub name: String,
+    pub kind: Option<String>,
+    pub url: String,
+    pub ca_file: Option<String>,
+    pub client_auth: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+/// `[fleet]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFleet {
+    pub broker: String,
+    pub vendor_public_key: String,
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+/// `[booking]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBooking {
+    pub listen: Option<String>,
+}
+
+/// Longest structural error message repeated back; serde messages quote the bad value.
+const MAX_MESSAGE_CHARS: usize = 200;
+
+/// Reads `text` into the raw schema. A TOML syntax error becomes one problem keyed
+/// `config` with its line and column; a serde error (unknown key, wrong type, missing
+/// key) becomes one problem keyed by its TOML path.
+pub(crate) fn parse(text: &str) -> Result<RawConfig, Problem> {
+    let deserializer = toml::de::Deserializer::parse(text).map_err(|e| syntax_problem(text, &e))?;
+    serde_path_to_error::deserialize(deserializer)
+        .map_err(|e| structural_problem(e.path(), e.inner()))
+}
+
+fn syntax_problem(text: &str, error: &toml::de::Error) -> Problem {
+    let message = clip_message(error.message());
+    let position = error
+        .span()
+        .and_then(|span| text.get(..span.start))
+        .map(|before| {
+            let line = before.matches('\n').count() + 1;
+            let column = before
+                .rsplit('\n')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                + 1;
+            format!(" at line {line}, column {column}")
+        })
+        .unwrap_or_default();
+    Problem::new("config", format!("TOML syntax error{position}: {message}"))
+}
+
+fn structural_problem(path: &serde_path_to_error::Path, error: &toml::de::Error) -> Problem {
+    let mut key = key_path(path);
+    let message = error.message();
+    let message = if let Some(rest) = message.strip_prefix("unknown field `") {
+        // "unknown field `foo`, expected one of `a`, `b`". serde_path_to_error has
+        // already recorded `foo` as the last segment; add it only if it has not.
+        let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let recorded = matches!(
+            path.iter().next_back(),
+            Some(serde_path_to_error::Segment::Map { key: last }) if last == field
+        );
+        if !recorded {
+            push_key(&mut key, field);
+        }
+        let expected = expected.trim_start_matches(", ").replace('`', "");
+        if expected.is_empty() {
+            "unknown key".to_owned()
+        } else {
+            format!("unknown key ({expected})")
+        }
+    } else if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or(rest);
+        push_key(&mut key, field);
+        "missing required key".to_owned()
+    } else {
+        message.to_owned()
+    };
+    if key.is_empty() {
+        key.push_str("config");
+    }
+    Problem::new(key, clip_message(&message))
+}
+
+/// `dicom.peers[0].host` from serde's path segments.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut key = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                push_key(&mut key, name)
+            }
+            Segment::Unknown => push_key(&mut key, "?"),
+        }
+    }
+    key
+}
+
+fn push_key(key: &mut String, name: &str) {
+    if !key.is_empty() {
+        key.push('.');
+    }
+    key.push_str(&clip_message(name));
+}
+
+fn clip_message(message: &str) -> String {
+    if message.chars().count() <= MAX_MESSAGE_CHARS {
+        message.to_owned()
+    } else {
+        let mut clipped: String = message.chars().take(MAX_MESSAGE_CHARS).collect();
+        clipped.push('…');
+        clipped
+    }
+}

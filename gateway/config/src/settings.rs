@@ -1,0 +1,750 @@
+//! Typed settings, built once from the raw schema.
+//!
+//! [`Settings::from_toml_str`] runs two passes. The serde pass (`raw`) stops at
+//! the first structural problem (syntax, unknown key, wrong type, missing key). The
+//! semantic pass below parses every field into its newtype, applies defaults, checks the
+//! cross-field rules and the production refusals, and collects **every** problem before
+//! returning, so an operator fixes a file in one round.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+
+use crate::error::{ConfigErrors, Problem};
+use crate::raw;
+use crate::types::{
+    AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, KeystoreBackend, Mode, NodeId,
+    Role, Tcti, UplinkKind, UplinkName, UplinkUrl, ValueError, parse_ip_addr, parse_path,
+    parse_socket_addr,
+};
+
+/// The text of `config/gatewayd.dev.toml`, the development default compiled into the binary.
+pub const EMBEDDED_DEFAULT_TOML: &str = include_str!("../../../config/gatewayd.dev.toml");
+
+/// Defaults applied when a key is omitted.
+pub mod defaults {
+    use super::*;
+
+    pub const ROLE: Role = Role::Clinic;
+    /// Secure by default: a file that does not say `development` gets the refusals.
+    pub const MODE: Mode = Mode::Production;
+    pub const DICOM_LISTEN: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 11112));
+    pub const DICOM_AE_TITLE: &str = "GATEWAY";
+    pub const DICOM_MAX_ASSOCIATIONS: u32 = 32;
+    pub const DICOM_MAX_ASSOCIATIONS_PER_PEER: u32 = 8;
+    pub const DICOM_MAX_PDU_LENGTH: ByteSize = ByteSize::kib(256);
+    /// The smallest `dicom.max_pdu_length` accepted.
+    pub const DICOM_MIN_PDU_LENGTH: ByteSize = ByteSize::from_bytes(4096);
+    /// The largest `dicom.max_pdu_length` accepted.
+    pub const DICOM_MAX_PDU_LENGTH_LIMIT: ByteSize = ByteSize::mib(16);
+    pub const DICOM_ARTIM_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DICOM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const DICOM_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    pub const HL7_LISTEN: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 2575));
+    pub const HL7_CHARSET: Charset = Charset::Auto;
+    pub const SPOOL_MAX_BYTES: ByteSize = ByteSize::gib(20);
+    pub const SPOOL_MIN_FREE_BYTES: ByteSize = ByteSize::gib(1);
+    pub const KEYSTORE_BACKEND: KeystoreBackend = KeystoreBackend::Tpm;
+    /// `keystore.tcti` default; see also `Tcti::default()`.
+    pub const KEYSTORE_TCTI: &str = "device:/dev/tpmrm0";
+    pub const UPLINK_KIND: UplinkKind = UplinkKind::DicomWeb;
+    pub const UPLINK_CLIENT_AUTH: ClientAuth = ClientAuth::Keystore;
+    pub const ADMIN_LISTEN: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
+    pub const BOOKING_LISTEN: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8443));
+}
+
+/// The whole configuration. A service runs iff its section is present (`Some`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub node: Node,
+    pub dicom: Option<Dicom>,
+    pub hl7: Option<Hl7>,
+    pub spool: Spool,
+    pub keystore: Keystore,
+    pub uplinks: Vec<Uplink>,
+    pub fleet: Option<Fleet>,
+    pub admin: Option<Admin>,
+    pub booking: Option<Booking>,
+}
+
+/// `[node]`: who this box is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub id: NodeId,
+    pub role: Role,
+    /// Where the spool and key files live; a relative path is relative to the working
+    /// directory and kept as written.
+    pub data_dir: PathBuf,
+    pub mode: Mode,
+}
+
+/// `[dicom]`: the DIMSE listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dicom {
+    pub listen: SocketAddr,
+    pub ae_title: AeTitle,
+    /// Concurrent associations in total; at least 1.
+    pub max_associations: u32,
+    /// Concurrent associations per peer (calling AE title + IP); 1..=`max_associations`.
+    pub max_associations_per_peer: u32,
+    /// Within 4096 bytes..=16MiB.
+    pub max_pdu_length: ByteSize,
+    pub artim_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// When non-empty, only these peers may associate.
+    pub peers: Vec<DicomPeer>,
+}
+
+/// `[[dicom.peers]]`: one allowed calling AE title at one address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DicomPeer {
+    pub ae_title: AeTitle,
+    pub host: IpAddr,
+    /// Overrides `dicom.max_associations_per_peer` for this peer.
+    pub max_associations: Option<u32>,
+}
+
+/// `[hl7]`: the MLLP listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hl7 {
+    pub listen: SocketAddr,
+    pub charset: Charset,
+}
+
+/// `[spool]`: the durable store's limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spool {
+    pub max_bytes: ByteSize,
+    /// Below this much free disk space, new objects are refused in protocol terms.
+    pub min_free_bytes: ByteSize,
+}
+
+impl Default for Spool {
+    fn default() -> Self {
+        Self {
+            max_bytes: defaults::SPOOL_MAX_BYTES,
+            min_free_bytes: defaults::SPOOL_MIN_FREE_BYTES,
+        }
+    }
+}
+
+/// `[keystore]`: where keys live.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keystore {
+    pub backend: KeystoreBackend,
+    /// Used by the `tpm` backend only.
+    pub tcti: Tcti,
+}
+
+impl Default for Keystore {
+    fn default() -> Self {
+        Self {
+            backend: defaults::KEYSTORE_BACKEND,
+            tcti: Tcti::default(),
+        }
+    }
+}
+
+/// `[[uplink]]`: one upload destination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Uplink {
+    /// Unique across uplinks.
+    pub name: UplinkName,
+    pub kind: UplinkKind,
+    pub url: UplinkUrl,
+    /// Trust anchors for the server; the platform roots when absent.
+    pub ca_file: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+    /// Both `Some` iff `client_auth` is `Files`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[fleet]`: remote management by the vendor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fleet {
+    pub broker: BrokerUrl,
+    /// The key every remote command must be signed with.
+    pub vendor_public_key: PathBuf,
+}
+
+/// `[admin]`: `/healthz` and `/metrics`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+/// `[booking]`: the kiosk's HTTPS endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Booking {
+    pub listen: SocketAddr,
+}
+
+impl Settings {
+    /// Parses and checks a whole config file's text.
+    pub fn from_toml_str(text: &str) -> Result<Settings, ConfigErrors> {
+        let raw = raw::parse(text).map_err(ConfigErrors::one)?;
+        let mut c = Collector::default();
+        let settings = build(&mut c, raw);
+        match settings {
+            Some(settings) if c.problems.is_empty() => Ok(settings),
+            _ => Err(ConfigErrors {
+                problems: c.problems,
+            }),
+        }
+    }
+
+    /// Reads and parses the file at `path`. A read failure is one problem keyed `config`
+    /// naming the path.
+    pub fn load(path: &Path) -> Result<Settings, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::one(Problem::new(
+                "config",
+                format!("cannot read {:?}: {e}", path.display().to_string()),
+            ))
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// The development default compiled in from `config/gatewayd.dev.toml`.
+    #[allow(
+        clippy::expect_used,
+        reason = "the embedded text is a compile-time constant; a unit test proves it parses"
+    )]
+    pub fn embedded_default() -> Settings {
+        // Invariant: EMBEDDED_DEFAULT_TOML is valid (unit test
+        // `embedded_default_parses` and the config_dir integration test prove it).
+        Self::from_toml_str(EMBEDDED_DEFAULT_TOML)
+            .expect("config/gatewayd.dev.toml is valid (checked by tests)")
+    }
+}
+
+/// Collects problems while the semantic pass goes on.
+#[derive(Default)]
+struct Collector {
+    problems: Vec<Problem>,
+}
+
+impl Collector {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem::new(key, message));
+    }
+
+    /// Parses a required value, recording a problem on failure.
+    fn parse<T>(
+        &mut self,
+        key: impl Into<String>,
+        value: &str,
+        parse: impl FnOnce(&str) -> Result<T, ValueError>,
+    ) -> Option<T> {
+        match parse(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.push(key, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Parses an optional value, or returns `default` when it is absent.
+    fn parse_or<T>(
+        &mut self,
+        key: impl Into<String>,
+        value: Option<&str>,
+        default: T,
+        parse: impl FnOnce(&str) -> Result<T, ValueError>,
+    ) -> Option<T> {
+        match value {
+            Some(value) => self.parse(key, value, parse),
+            None => Some(default),
+        }
+    }
+
+    /// Parses an optional value that stays optional.
+    fn parse_opt<T>(
+        &mut self,
+        key: impl Into<String>,
+        value: Option<&str>,
+        parse: impl FnOnce(&str) -> Result<T, ValueError>,
+    ) -> Option<Option<T>> {
+        match value {
+            Some(value) => self.parse(key, value, parse).map(Some),
+            None => Some(None),
+        }
+    }
+
+    /// Records a problem unless `n >= 1`.
+    fn at_least_one(&mut self, key: &str, n: Option<u32>) -> Option<u32> {
+        match n {
+            Some(0) => {
+                self.push(key, "must be at least 1");
+                None
+            }
+            other => other,
+        }
+    }
+}
+
+/// Whether `addr` only accepts connections from this host.
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+fn from_str<T: std::str::FromStr<Err = ValueError>>(value: &str) -> Result<T, ValueError> {
+    value.parse()
+}
+
+/// The semantic pass. Returns `None` when some field failed (the problem is recorded).
+fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
+    let node = node(c, raw.node);
+    // Production refusals need the mode; if it did not parse, that problem is reported and
+    // the refusals are skipped rather than guessed.
+    let production = node.as_ref().map(|n| n.mode.is_production());
+    let dicom = raw.dicom.map(|d| dicom(c, d, production));
+    let hl7 = raw.hl7.map(|h| hl7(c, h));
+    let spool = spool(c, raw.spool);
+    let keystore = keystore(c, raw.keystore, production);
+    let uplinks = uplinks(c, raw.uplink, production);
+    let fleet = raw.fleet.map(|f| fleet(c, f, production));
+    let admin = raw.admin.map(|a| admin(c, a, production));
+    let booking = raw.booking.map(|b| booking(c, b));
+    Some(Settings {
+        node: node?,
+        dicom: dicom.map_or(Some(None), |d| d.map(Some))?,
+        hl7: hl7.map_or(Some(None), |h| h.map(Some))?,
+        spool: spool?,
+        keystore: keystore?,
+        uplinks: uplinks?,
+        fleet: fleet.map_or(Some(None), |f| f.map(Some))?,
+        admin: admin.map_or(Some(None), |a| a.map(Some))?,
+        booking: booking.map_or(Some(None), |b| b.map(Some))?,
+    })
+}
+
+fn node(c: &mut Collector, raw: raw::RawNode) -> Option<Node> {
+    let id = c.parse("node.id", &raw.id, from_str::<NodeId>);
+    let role = c.parse_or("node.role", raw.role.as_deref(), defaults::ROLE, from_str);
+    let data_dir = c.parse("node.data_dir", &raw.data_dir, parse_path);
+    let mode = c.parse_or("node.mode", raw.mode.as_deref(), defaults::MODE, from_str);
+    Some(Node {
+        id: id?,
+        role: role?,
+        data_dir: data_dir?,
+        mode: mode?,
+    })
+}
+
+fn dicom(c: &mut Collector, raw: raw::RawDicom, production: Option<bool>) -> Option<Dicom> {
+    let listen = c.parse_or(
+        "dicom.listen",
+        raw.listen.as_deref(),
+        defaults::DICOM_LISTEN,
+        parse_socket_addr,
+    );
+    let ae_title = c.parse(
+        "dicom.ae_title",
+        raw.ae_title.as_deref().unwrap_or(defaults::DICOM_AE_TITLE),
+        from_str::<AeTitle>,
+    );
+    let max_associations = c.at_least_one(
+        "dicom.max_associations",
+        Some(
+            raw.max_associations
+                .unwrap_or(defaults::DICOM_MAX_ASSOCIATIONS),
+        ),
+    );
+    let per_peer = c.at_least_one(
+        "dicom.max_associations_per_peer",
+        Some(
+            raw.max_associations_per_peer
+                .unwrap_or(defaults::DICOM_MAX_ASSOCIATIONS_PER_PEER),
+        ),
+    );
+    if let (Some(max), Some(pp)) = (max_associations, per_peer)
+        && pp > max
+    {
+        c.push(
+            "dicom.max_associations_per_peer",
+            format!("{pp} is more than dicom.max_associations ({max})"),
+        );
+    }
+    let max_pdu_length = c
+        .parse_or(
+            "dicom.max_pdu_length",
+            raw.max_pdu_length.as_deref(),
+            defaults::DICOM_MAX_PDU_LENGTH,
+            from_str::<ByteSize>,
+        )
+        .and_then(|len| {
+            let range = defaults::DICOM_MIN_PDU_LENGTH..=defaults::DICOM_MAX_PDU_LENGTH_LIMIT;
+            if range.contains(&len) {
+                Some(len)
+            } else {
+                c.push(
+                    "dicom.max_pdu_length",
+                    format!(
+                        "{:?} is out of range (must be within {} bytes and {})",
+                        raw.max_pdu_length.as_deref().unwrap_or_default(),
+                        defaults::DICOM_MIN_PDU_LENGTH.bytes(),
+                        defaults::DICOM_MAX_PDU_LENGTH_LIMIT
+                    ),
+                );
+                None
+            }
+        });
+    let mut duration = |key: &str, value: Option<&str>, default: Duration, nonzero: bool| {
+        let d = c.parse_or(key, value, default, from_str::<Duration>)?;
+        if nonzero && d.is_zero() {
+            c.push(
+                key,
+                format!("{:?} must be more than zero", value.unwrap_or_default()),
+            );
+            return None;
+        }
+        Some(d)
+    };
+    let artim_timeout = duration(
+        "dicom.artim_timeout",
+        raw.artim_timeout.as_deref(),
+        defaults::DICOM_ARTIM_TIMEOUT,
+        true,
+    );
+    let idle_timeout = duration(
+        "dicom.idle_timeout",
+        raw.idle_timeout.as_deref(),
+        defaults::DICOM_IDLE_TIMEOUT,
+        true,
+    );
+    let shutdown_grace = duration(
+        "dicom.shutdown_grace",
+        raw.shutdown_grace.as_deref(),
+        defaults::DICOM_SHUTDOWN_GRACE,
+        false,
+    );
+
+    let mut peers = Some(Vec::with_capacity(raw.peers.len()));
+    for (i, peer) in raw.peers.into_iter().enumerate() {
+        let ae_title = c.parse(
+            format!("dicom.peers[{i}].ae_title"),
+            &peer.ae_title,
+            from_str::<AeTitle>,
+        );
+        let host = c.parse(format!("dicom.peers[{i}].host"), &peer.host, parse_ip_addr);
+        let key = format!("dicom.peers[{i}].max_associations");
+        let peer_max = match peer.max_associations {
+            Some(n) => c.at_least_one(&key, Some(n)).map(Some),
+            None => Some(None),
+        };
+        if let (Some(Some(n)), Some(max)) = (peer_max, max_associations)
+            && n > max
+        {
+            c.push(
+                key,
+                format!("{n} is more than dicom.max_associations ({max})"),
+            );
+        }
+        let peer = (|| {
+            Some(DicomPeer {
+                ae_title: ae_title?,
+                host: host?,
+                max_associations: peer_max?,
+            })
+        })();
+        if let (Some(peer), Some(list)) = (&peer, &peers)
+            && let Some(first) = list
+                .iter()
+                .position(|p: &DicomPeer| p.ae_title == peer.ae_title && p.host == peer.host)
+        {
+            c.push(
+                format!("dicom.peers[{i}]"),
+                format!(
+                    "duplicate peer {:?} at {} (already dicom.peers[{first}])",
+                    peer.ae_title.as_str(),
+                    peer.host
+                ),
+            );
+        }
+        match (peer, &mut peers) {
+            (Some(peer), Some(list)) => list.push(peer),
+            _ => peers = None,
+        }
+    }
+
+    if production == Some(true)
+        && let (Some(listen), Some([])) = (listen, peers.as_deref())
+        && !is_loopback(&listen)
+    {
+        c.push(
+            "dicom.peers",
+            "production mode needs an allow list of calling AE title + address for plain DIMSE on a non-loopback address",
+        );
+    }
+
+    Some(Dicom {
+        listen: listen?,
+        ae_title: ae_title?,
+        max_associations: max_associations?,
+        max_associations_per_peer: per_peer?,
+        max_pdu_length: max_pdu_length?,
+        artim_timeout: artim_timeout?,
+        idle_timeout: idle_timeout?,
+        shutdown_grace: shutdown_grace?,
+        peers: peers?,
+    })
+}
+
+fn hl7(c: &mut Collector, raw: raw::RawHl7) -> Option<Hl7> {
+    let listen = c.parse_or(
+        "hl7.listen",
+        raw.listen.as_deref(),
+        defaults::HL7_LISTEN,
+        parse_socket_addr,
+    );
+    let charset = c.parse_or(
+        "hl7.charset",
+        raw.charset.as_deref(),
+        defaults::HL7_CHARSET,
+        from_str,
+    );
+    Some(Hl7 {
+        listen: listen?,
+        charset: charset?,
+    })
+}
+
+fn spool(c: &mut Collector, raw: Option<raw::RawSpool>) -> Option<Spool> {
+    let Some(raw) = raw else {
+        return Some(Spool::default());
+    };
+    let max_bytes = c.parse_or(
+        "spool.max_bytes",
+        raw.max_bytes.as_deref(),
+        defaults::SPOOL_MAX_BYTES,
+        from_str,
+    );
+    let min_free_bytes = c.parse_or(
+        "spool.min_free_bytes",
+        raw.min_free_bytes.as_deref(),
+        defaults::SPOOL_MIN_FREE_BYTES,
+        from_str,
+    );
+    Some(Spool {
+        max_bytes: max_bytes?,
+        min_free_bytes: min_free_bytes?,
+    })
+}
+
+fn keystore(
+    c: &mut Collector,
+    raw: Option<raw::RawKeystore>,
+    production: Option<bool>,
+) -> Option<Keystore> {
+    let Some(raw) = raw else {
+        return Some(Keystore::default());
+    };
+    let backend = c.parse_or(
+        "keystore.backend",
+        raw.backend.as_deref(),
+        defaults::KEYSTORE_BACKEND,
+        from_str,
+    );
+    let tcti = c.parse(
+        "keystore.tcti",
+        raw.tcti.as_deref().unwrap_or(defaults::KEYSTORE_TCTI),
+        from_str::<Tcti>,
+    );
+    if production == Some(true) && backend == Some(KeystoreBackend::Software) {
+        c.push(
+            "keystore.backend",
+            "the software key store is refused in production mode (use \"tpm\")",
+        );
+    }
+    Some(Keystore {
+        backend: backend?,
+        tcti: tcti?,
+    })
+}
+
+fn uplinks(
+    c: &mut Collector,
+    raw: Vec<raw::RawUplink>,
+    production: Option<bool>,
+) -> Option<Vec<Uplink>> {
+    let mut out = Some(Vec::with_capacity(raw.len()));
+    let mut names: Vec<(UplinkName, usize)> = Vec::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("uplink[{i}].{field}");
+        let name = c.parse(key("name"), &raw.name, from_str::<UplinkName>);
+        if let Some(name) = &name {
+            if let Some((_, first)) = names.iter().find(|(n, _)| n == name) {
+                c.push(
+                    key("name"),
+                    format!(
+                        "duplicate uplink name {:?} (already uplink[{first}])",
+                        name.as_str()
+                    ),
+                );
+            } else {
+                names.push((name.clone(), i));
+            }
+        }
+        let kind = c.parse_or(
+            key("kind"),
+            raw.kind.as_deref(),
+            defaults::UPLINK_KIND,
+            from_str,
+        );
+        let url = c.parse(key("url"), &raw.url, from_str::<UplinkUrl>);
+        let ca_file = c.parse_opt(key("ca_file"), raw.ca_file.as_deref(), parse_path);
+        let client_auth = c.parse_or(
+            key("client_auth"),
+            raw.client_auth.as_deref(),
+            defaults::UPLINK_CLIENT_AUTH,
+            from_str,
+        );
+        let cert_file = c.parse_opt(key("cert_file"), raw.cert_file.as_deref(), parse_path);
+        let key_file = c.parse_opt(key("key_file"), raw.key_file.as_deref(), parse_path);
+
+        match client_auth {
+            Some(ClientAuth::Files) => {
+                for (field, value) in [("cert_file", &raw.cert_file), ("key_file", &raw.key_file)] {
+                    if value.is_none() {
+                        c.push(key(field), "is required when client_auth = \"files\"");
+                    }
+                }
+                if production == Some(true) {
+                    c.push(
+                        key("client_auth"),
+                        "client_auth = \"files\" is refused in production mode (use \"keystore\")",
+                    );
+                }
+            }
+            Some(ClientAuth::Keystore) => {
+                for (field, value) in [("cert_file", &raw.cert_file), ("key_file", &raw.key_file)] {
+                    if value.is_some() {
+                        c.push(key(field), "is only used with client_auth = \"files\"");
+                    }
+                }
+            }
+            None => {}
+        }
+        if production == Some(true) && url.as_ref().is_some_and(UplinkUrl::is_plaintext) {
+            c.push(key("url"), "plaintext http is refused in production mode");
+        }
+
+        let uplink = (|| {
+            Some(Uplink {
+                name: name?,
+                kind: kind?,
+                url: url?,
+                ca_file: ca_file?,
+                client_auth: client_auth?,
+                cert_file: cert_file?,
+                key_file: key_file?,
+            })
+        })();
+        match (uplink, &mut out) {
+            (Some(uplink), Some(list)) => list.push(uplink),
+            _ => out = None,
+        }
+    }
+    out
+}
+
+fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Option<Fleet> {
+    let broker = c.parse("fleet.broker", &raw.broker, from_str::<BrokerUrl>);
+    let vendor_public_key = c.parse(
+        "fleet.vendor_public_key",
+        &raw.vendor_public_key,
+        parse_path,
+    );
+    if production == Some(true) && broker.as_ref().is_some_and(BrokerUrl::is_plaintext) {
+        c.push(
+            "fleet.broker",
+            "plaintext mqtt is refused in production mode (use \"mqtts://\")",
+        );
+    }
+    Some(Fleet {
+        broker: broker?,
+        vendor_public_key: vendor_public_key?,
+    })
+}
+
+fn admin(c: &mut Collector, raw: raw::RawAdmin, production: Option<bool>) -> Option<Admin> {
+    let listen = c.parse_or(
+        "admin.listen",
+        raw.listen.as_deref(),
+        defaults::ADMIN_LISTEN,
+        parse_socket_addr,
+    )?;
+    if production == Some(true) && !is_loopback(&listen) {
+        c.push(
+            "admin.listen",
+            format!(
+                "{:?} is refused in production mode (the admin endpoint is plaintext HTTP; use a loopback address)",
+                listen.to_string()
+            ),
+        );
+    }
+    Some(Admin { listen })
+}
+
+fn booking(c: &mut Collector, raw: raw::RawBooking) -> Option<Booking> {
+    let listen = c.parse_or(
+        "booking.listen",
+        raw.listen.as_deref(),
+        defaults::BOOKING_LISTEN,
+        parse_socket_addr,
+    )?;
+    Some(Booking { listen })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let settings = Settings::from_toml_str(EMBEDDED_DEFAULT_TOML);
+        assert!(
+            settings.is_ok(),
+            "{}",
+            settings.err().map(|e| e.to_string()).unwrap_or_default()
+        );
+        let settings = Settings::embedded_default();
+        assert_eq!(settings.node.id.as_str(), "dev-gateway");
+        assert_eq!(settings.node.mode, Mode::Development);
+        assert_eq!(settings.node.data_dir, PathBuf::from("gatewayd-data"));
+        assert_eq!(settings.keystore.backend, KeystoreBackend::Software);
+        assert_eq!(
+            settings.dicom.unwrap().listen,
+            "127.0.0.1:11112".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(settings.admin.unwrap().listen, defaults::ADMIN_LISTEN);
+    }
+
+    #[test]
+    fn loopback_covers_v4_v6_and_v4_mapped() {
+        for addr in [
+            "127.0.0.1:1",
+            "127.1.2.3:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_loopback(&addr.parse().unwrap()), "{addr}");
+        }
+        for addr in [
+            "0.0.0.0:1",
+            "[::]:1",
+            "192.168.1.1:1",
+            "[::ffff:10.0.0.1]:1",
+        ] {
+            assert!(!is_loopback(&addr.parse().unwrap()), "{addr}");
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! Behaviour of `Settings::from_toml_str` / `Settings::load` as `gatewayd check-config`
+//! sees it: defaults, structural errors with key paths, problems collected in one pass,
+//! cross-field rules and the production-mode refusals.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use gateway_config::{
+    AeTitle, ByteSize, Charset, ClientAuth, ConfigErrors, Duration, KeystoreBackend, Mode, Role,
+    Settings, Tcti, UplinkKind,
+};
+
+const NODE_DEV: &str = "[node]\nid = \"t\"\ndata_dir = \"d\"\nmode = \"development\"\n";
+const NODE_PROD: &str = "[node]\nid = \"t\"\ndata_dir = \"d\"\nmode = \"production\"\n";
+
+fn ok(text: &str) -> Settings {
+    Settings::from_toml_str(text).unwrap_or_else(|e| panic!("should parse, got:\n{e}"))
+}
+
+/// The `key: message` lines of a rejected config.
+fn lines(text: &str) -> Vec<String> {
+    match Settings::from_toml_str(text) {
+        Ok(s) => panic!("should be rejected, parsed to {s:?}"),
+        Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn keys(text: &str) -> Vec<String> {
+    match Settings::from_toml_str(text) {
+        Ok(s) => panic!("should be rejected, parsed to {s:?}"),
+        Err(e) => e.problems.into_iter().map(|p| p.key).collect(),
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn minimal_file_gets_defaults_and_production_mode() {
+    let s = ok("[node]\nid = \"clinic-001\"\ndata_dir = \"/var/lib/gatewayd\"\n");
+    assert_eq!(s.node.id.as_str(), "clinic-001");
+    assert_eq!(s.node.role, Role::Clinic);
+    assert_eq!(s.node.mode, Mode::Production);
+    assert_eq!(s.node.data_dir, PathBuf::from("/var/lib/gatewayd"));
+    assert_eq!(s.spool.max_bytes, ByteSize::gib(20));
+    assert_eq!(s.spool.min_free_bytes, ByteSize::gib(1));
+    assert_eq!(s.keystore.backend, KeystoreBackend::Tpm);
+    assert_eq!(s.keystore.tcti, Tcti::Device(PathBuf::from("/dev/tpmrm0")));
+    assert!(s.dicom.is_none() && s.hl7.is_none() && s.fleet.is_none());
+    assert!(s.admin.is_none() && s.booking.is_none() && s.uplinks.is_empty());
+}
+
+#[test]
+fn empty_sections_get_their_defaults() {
+    let text = format!(
+        "{NODE_DEV}[dicom]\n[hl7]\n[spool]\n[keystore]\n[admin]\n[booking]\n\
+         [[uplink]]\nname = \"a\"\nurl = \"https://x\"\n"
+    );
+    let s = ok(&text);
+    let dicom = s.dicom.unwrap();
+    assert_eq!(dicom.listen, addr("0.0.0.0:11112"));
+    assert_eq!(dicom.ae_title, "GATEWAY".parse::<AeTitle>().unwrap());
+    assert_eq!(dicom.max_associations, 32);
+    assert_eq!(dicom.max_associations_per_peer, 8);
+    assert_eq!(dicom.max_pdu_length, ByteSize::kib(256));
+    assert_eq!(dicom.artim_timeout, Duration::from_secs(30));
+    assert_eq!(dicom.idle_timeout, Duration::from_secs(300));
+    assert_eq!(dicom.shutdown_grace, Duration::from_secs(30));
+    assert!(dicom.peers.is_empty());
+    let hl7 = s.hl7.unwrap();
+    assert_eq!(hl7.listen, addr("0.0.0.0:2575"));
+    assert_eq!(hl7.charset, Charset::Auto);
+    assert_eq!(s.spool.max_bytes.to_string(), "20GiB");
+    assert_eq!(s.keystore.backend, KeystoreBackend::Tpm);
+    assert_eq!(s.keystore.tcti.to_string(), "device:/dev/tpmrm0");
+    assert_eq!(s.admin.unwrap().listen, addr("127.0.0.1:9464"));
+    assert_eq!(s.booking.unwrap().listen, addr("0.0.0.0:8443"));
+    let up = &s.uplinks[0];
+    assert_eq!(up.kind, UplinkKind::DicomWeb);
+    assert_eq!(up.client_auth, ClientAuth::Keystore);
+    assert!(up.ca_file.is_none() && up.cert_file.is_none() && up.key_file.is_none());
+}
+
+#[test]
+fn every_typed_field_is_parsed() {
+    let text = "[node]\nid = \"core-1\"\nrole = \"core\"\ndata_dir = \"./data\"\nmode = \"development\"\n\
+         [dicom]\nlisten = \"[::]:104\"\nae_title = \" CORE \"\nmax_associations = 4\n\
+         max_associations_per_peer = 2\nmax_pdu_length = \"16MiB\"\nartim_timeout = \"500ms\"\n\
+         idle_timeout = \"5m\"\nshutdown_grace = \"0s\"\n\
+         [[dicom.peers]]\nae_title = \"CT01\"\nhost = \"192.168.10.21\"\nmax_associations = 1\n\
+         [[dicom.peers]]\nae_title = \"MR01\"\nhost = \"fe80::1\"\n\
+         [hl7]\ncharset = \"iso-2022-jp\"\n\
+         [spool]\nmax_bytes = \"100 GB\"\nmin_free_bytes = \"1048576\"\n\
+         [keystore]\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\n\
+         [[uplink]]\nname = \"dev\"\nurl = \"http://127.0.0.1:8042/dicom-web\"\nclient_auth = \"files\"\n\
+         cert_file = \"c.pem\"\nkey_file = \"k.pem\"\nca_file = \"ca.pem\"\n\
+         [fleet]\nbroker = \"mqtt://127.0.0.1:1883\"\nvendor_public_key = \"v.pub\"\n";
+    let s = ok(text);
+    assert_eq!(s.node.role, Role::Core);
+    assert_eq!(s.node.data_dir, PathBuf::from("./data"));
+    let d = s.dicom.unwrap();
+    assert_eq!(d.listen, addr("[::]:104"));
+    assert_eq!(d.ae_title.as_str(), "CORE");
+    assert_eq!(d.max_pdu_length.bytes(), 16 << 20);
+    assert_eq!(d.artim_timeout.get(), std::time::Duration::from_millis(500));
+    assert_eq!(d.peers.len(), 2);
+    assert_eq!(d.peers[0].max_associations, Some(1));
+    assert_eq!(d.peers[1].host.to_string(), "fe80::1");
+    assert_eq!(s.hl7.unwrap().charset, Charset::Iso2022Jp);
+    assert_eq!(s.spool.max_bytes.bytes(), 100_000_000_000);
+    assert_eq!(s.spool.min_free_bytes.bytes(), 1 << 20);
+    assert_eq!(
+        s.keystore.tcti,
+        Tcti::Swtpm {
+            host: "127.0.0.1".into(),
+            port: 2321
+        }
+    );
+    assert_eq!(s.uplinks[0].cert_file, Some(PathBuf::from("c.pem")));
+    assert!(s.fleet.unwrap().broker.is_plaintext());
+}
+
+#[test]
+fn unknown_key_is_rejected_with_its_path() {
+    let l = lines(&format!("{NODE_DEV}[dicom]\nfoo = 1\n"));
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert!(l[0].starts_with("dicom.foo: unknown key"), "{l:?}");
+    let l = lines(&format!(
+        "{NODE_DEV}[[dicom.peers]]\nae_title = \"A\"\nhost = \"10.0.0.1\"\nport = 1\n"
+    ));
+    assert!(
+        l[0].starts_with("dicom.peers[0].port: unknown key"),
+        "{l:?}"
+    );
+    let l = lines(&format!("{NODE_DEV}[dicmo]\n"));
+    assert!(l[0].starts_with("dicmo: unknown key"), "{l:?}");
+}
+
+#[test]
+fn wrong_type_is_rejected_with_its_path() {
+    let l = lines(&format!("{NODE_DEV}[dicom]\nmax_associations = \"x\"\n"));
+    assert_eq!(
+        l,
+        ["dicom.max_associations: invalid type: string \"x\", expected u32"]
+    );
+    let l = lines(&format!(
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://x\"\n[[uplink]]\nname = 5\nurl = \"https://y\"\n"
+    ));
+    assert!(l[0].starts_with("uplink[1].name: invalid type"), "{l:?}");
+}
+
+#[test]
+fn missing_required_key_is_named() {
+    assert_eq!(
+        lines("[node]\nid = \"x\"\n"),
+        ["node.data_dir: missing required key"]
+    );
+    assert_eq!(lines(""), ["node: missing required key"]);
+    let l = lines(&format!("{NODE_DEV}[fleet]\nbroker = \"mqtts://b\"\n"));
+    assert_eq!(l, ["fleet.vendor_public_key: missing required key"]);
+}
+
+#[test]
+fn toml_syntax_error_is_one_problem_with_line_and_column() {
+    let errors = Settings::from_toml_str("[node]\nid = \"x\"\ndata_dir = \n").unwrap_err();
+    assert_eq!(errors.problems.len(), 1);
+    let p = &errors.problems[0];
+    assert_eq!(p.key, "config");
+    assert!(p.message.contains("line 3, column"), "{p}");
+}
+
+#[test]
+fn semantic_problems_are_all_collected_in_one_pass() {
+    let text = format!("{NODE_DEV}[dicom]\nlisten = \"x\"\n[spool]\nmax_bytes = \"20 gigs\"\n");
+    let errors = Settings::from_toml_str(&text).unwrap_err();
+    assert_eq!(
+        errors.to_string(),
+        "dicom.listen: invalid socket address \"x\" (use e.g. \"0.0.0.0:11112\" or \"[::1]:11112\")\n\
+         spool.max_bytes: invalid size \"20 gigs\" (use e.g. \"20GiB\" or a byte count)"
+    );
+
+    let text = "[node]\nid = \"bad id\"\nrole = \"x\"\ndata_dir = \"\"\nmode = \"development\"\n\
+        [dicom]\nae_title = \"\"\nmax_pdu_length = \"1KiB\"\nartim_timeout = \"30\"\n\
+        [[dicom.peers]]\nae_title = \"CT01\"\nhost = \"ct01.local\"\n\
+        [hl7]\nlisten = \"0.0.0.0\"\ncharset = \"sjis\"\n\
+        [keystore]\nbackend = \"hsm\"\ntcti = \"tpm0\"\n\
+        [[uplink]]\nname = \"A\"\nurl = \"ftp://x\"\n\
+        [fleet]\nbroker = \"https://b\"\nvendor_public_key = \"\"\n\
+        [admin]\nlisten = \"localhost:9464\"\n[booking]\nlisten = \"\"\n";
+    assert_eq!(
+        keys(text),
+        [
+            "node.id",
+            "node.role",
+            "node.data_dir",
+            "dicom.ae_title",
+            "dicom.max_pdu_length",
+            "dicom.artim_timeout",
+            "dicom.peers[0].host",
+            "hl7.listen",
+            "hl7.charset",
+            "keystore.backend",
+            "keystore.tcti",
+            "uplink[0].name",
+            "uplink[0].url",
+            "fleet.broker",
+            "fleet.vendor_public_key",
+            "admin.listen",
+            "booking.listen",
+        ]
+    );
+}
+
+#[test]
+fn config_errors_display_is_one_line_per_problem() {
+    let text =
+        format!("{NODE_DEV}[hl7]\nlisten = \"a\"\ncharset = \"b\"\n[admin]\nlisten = \"c\"\n");
+    let errors: ConfigErrors = Settings::from_toml_str(&text).unwrap_err();
+    let shown = errors.to_string();
+    assert_eq!(shown.lines().count(), 3, "{shown}");
+    for (line, problem) in shown.lines().zip(&errors.problems) {
+        assert_eq!(line, format!("{}: {}", problem.key, problem.message));
+    }
+    assert!(!shown.ends_with('\n'));
+}
+
+#[test]
+fn messages_quote_only_the_offending_value() {
+    let secret_neighbour = "do-not-echo-me";
+    let text = format!(
+        "{NODE_DEV}[dicom]\nlisten = \"x\"\nae_title = \"{secret_neighbour}\"\n[spool]\nmax_bytes = \"{}\"\n",
+        "9".repeat(5000)
+    );
+    let shown = Settings::from_toml_str(&text).unwrap_err().to_string();
+    assert!(!shown.contains(secret_neighbour), "{shown}");
+    assert!(!shown.contains("[node]"), "{shown}");
+    assert!(
+        shown.len() < 1000,
+        "long values are clipped: {} bytes",
+        shown.len()
+    );
+}
+
+#[test]
+fn uplink_url_credentials_are_refused_without_echo() {
+    let l = lines(&format!(
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://u:hunter2@dc.example.jp/\"\n"
+    ));
+    assert_eq!(l.len(), 1);
+    assert!(l[0].starts_with("uplink[0].url: credentials"), "{l:?}");
+    assert!(!l[0].contains("hunter2"));
+}
+
+#[test]
+fn duplicate_uplink_names_are_keyed_by_the_later_index() {
+    let text = format!(
+        "{NODE_DEV}[[uplink]]\nname = \"cloud\"\nurl = \"https://a\"\n\
+         [[uplink]]\nname = \"other\"\nurl = \"https://b\"\n\
+         [[uplink]]\nname = \"cloud\"\nurl = \"https://c\"\n"
+    );
+    assert_eq!(
+        lines(&text),
+        ["uplink[2].name: duplicate uplink name \"cloud\" (already uplink[0])"]
+    );
+}
+
+#[test]
+fn files_client_auth_needs_cert_and_key_and_keystore_auth_takes_neither() {
+    let l = lines(&format!(
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://a\"\nclient_auth = \"files\"\ncert_file = \"c.pem\"\n"
+    ));
+    assert_eq!(
+        l,
+        ["uplink[0].key_file: is required when client_auth = \"files\""]
+    );
+    let k = keys(&format!(
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://a\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n"
+    ));
+    assert_eq!(k, ["uplink[0].cert_file", "uplink[0].key_file"]);
+}
+
+#[test]
+fn per_peer_limit_above_total_is_a_problem() {
+    let l = lines(&format!(
+        "{NODE_DEV}[dicom]\nmax_associations = 4\nmax_associations_per_peer = 5\n"
+    ));
+    assert_eq!(
+        l,
+        ["dicom.max_associations_per_peer: 5 is more than dicom.max_associations (4)"]
+    );
+    let k = keys(&format!(
+        "{NODE_DEV}[dicom]\nmax_associations = 0\nmax_associations_per_peer = 0\n\
+         [[dicom.peers]]\nae_title = \"A\"\nhost = \"10.0.0.1\"\nmax_associations = 0\n"
+    ));
+    assert_eq!(
+        k,
+        [
+            "dicom.max_associations",
+            "dicom.max_associations_per_peer",
+            "dicom.peers[0].max_associations"
+        ]
+    );
+}
+
+#[test]
+fn duplicate_dicom_peer_is_a_problem() {
+    let k = keys(&format!(
+        "{NODE_DEV}[dicom]\n[[dicom.peers]]\nae_title = \"CT01\"\nhost = \"10.0.0.1\"\n\
+         [[dicom.peers]]\nae_title = \" CT01\"\nhost = \"10.0.0.1\"\n"
+    ));
+    assert_eq!(k, ["dicom.peers[1]"]);
+}
+
+#[test]
+fn spool_min_free_may_exceed_max() {
+    let s = ok(&format!(
+        "{NODE_DEV}[spool]\nmax_bytes = \"1GiB\"\nmin_free_bytes = \"2GiB\"\n"
+    ));
+    assert!(s.spool.min_free_bytes > s.spool.max_bytes);
+}
+
+#[test]
+fn pdu_length_must_be_within_4096_and_16mib() {
+    ok(&format!("{NODE_DEV}[dicom]\nmax_pdu_length = \"4096\"\n"));
+    ok(&format!("{NODE_DEV}[dicom]\nmax_pdu_length = \"16MiB\"\n"));
+    for bad in ["4095", "16777217", "1GiB"] {
+        let l = lines(&format!("{NODE_DEV}[dicom]\nmax_pdu_length = \"{bad}\"\n"));
+        assert_eq!(l.len(), 1);
+        assert!(
+            l[0].starts_with(&format!("dicom.max_pdu_length: \"{bad}\" is out of range")),
+            "{l:?}"
+        );
+    }
+}
+
+#[test]
+fn production_refuses_the_software_key_store() {
+    let l = lines(&format!("{NODE_PROD}[keystore]\nbackend = \"software\"\n"));
+    assert_eq!(
+        l,
+        ["keystore.backend: the software key store is refused in production mode (use \"tpm\")"]
+    );
+    ok(&format!("{NODE_DEV}[keystore]\nbackend = \"software\"\n"));
+}
+
+#[test]
+fn production_is_the_default_mode_for_refusals() {
+    let l = lines("[node]\nid = \"t\"\ndata_dir = \"d\"\n[keystore]\nbackend = \"software\"\n");
+    assert_eq!(l.len(), 1);
+    assert!(l[0].starts_with("keystore.backend:"));
+}
+
+#[test]
+fn production_refuses_plaintext_http_uplinks() {
+    let text = "[[uplink]]\nname = \"a\"\nurl = \"http://dc.example.jp/\"\n";
+    assert_eq!(
+        lines(&format!("{NODE_PROD}{text}")),
+        ["uplink[0].url: plaintext http is refused in production mode"]
+    );
+    ok(&format!("{NODE_DEV}{text}"));
+}
+
+#[test]
+fn production_refuses_files_client_auth() {
+    let text = "[[uplink]]\nname = \"a\"\nurl = \"https://a\"\nclient_auth = \"files\"\n\
+                cert_file = \"c\"\nkey_file = \"k\"\n";
+    assert_eq!(
+        keys(&format!("{NODE_PROD}{text}")),
+        ["uplink[0].client_auth"]
+    );
+    ok(&format!("{NODE_DEV}{text}"));
+}
+
+#[test]
+fn production_refuses_open_dicom_listener_without_peers() {
+    let text = "[dicom]\nlisten = \"0.0.0.0:11112\"\n";
+    assert_eq!(
+        lines(&format!("{NODE_PROD}{text}")),
+        [
+            "dicom.peers: production mode needs an allow list of calling AE title + address for plain DIMSE on a non-loopback address"
+        ]
+    );
+    ok(&format!("{NODE_DEV}{text}"));
+    ok(&format!(
+        "{NODE_PROD}[dicom]\nlisten = \"127.0.0.1:11112\"\n"
+    ));
+    ok(&format!(
+        "{NODE_PROD}{text}[[dicom.peers]]\nae_title = \"CT01\"\nhost = \"192.168.10.21\"\n"
+    ));
+    // The default listen address is not loopback either.
+    assert_eq!(keys(&format!("{NODE_PROD}[dicom]\n")), ["dicom.peers"]);
+}
+
+#[test]
+fn production_refuses_non_loopback_admin() {
+    let text = "[admin]\nlisten = \"0.0.0.0:9464\"\n";
+    assert_eq!(keys(&format!("{NODE_PROD}{text}")), ["admin.listen"]);
+    ok(&format!("{NODE_DEV}{text}"));
+    ok(&format!("{NODE_PROD}[admin]\nlisten = \"[::1]:9464\"\n"));
+}
+
+#[test]
+fn production_refuses_plaintext_mqtt_broker() {
+    let text = "[fleet]\nbroker = \"mqtt://b:1883\"\nvendor_public_key = \"v.pub\"\n";
+    let l = lines(&format!("{NODE_PROD}{text}"));
+    assert_eq!(l.len(), 1);
+    assert!(
+        l[0].starts_with("fleet.broker: plaintext mqtt is refused in production mode"),
+        "{l:?}"
+    );
+    ok(&format!("{NODE_DEV}{text}"));
+}
+
+#[test]
+fn production_refusals_are_all_reported_together() {
+    let text = format!(
+        "{NODE_PROD}[dicom]\n[keystore]\nbackend = \"software\"\n\
+         [[uplink]]\nname = \"a\"\nurl = \"http://a\"\nclient_auth = \"files\"\ncert_file = \"c\"\nkey_file = \"k\"\n\
+         [fleet]\nbroker = \"mqtt://b\"\nvendor_public_key = \"v\"\n[admin]\nlisten = \"0.0.0.0:1\"\n"
+    );
+    assert_eq!(
+        keys(&text),
+        [
+            "dicom.peers",
+            "keystore.backend",
+            "uplink[0].client_auth",
+            "uplink[0].url",
+            "fleet.broker",
+            "admin.listen"
+        ]
+    );
+}
+
+#[test]
+fn unparseable_mode_is_reported_without_guessing_refusals() {
+    let l = lines(
+        "[node]\nid = \"t\"\ndata_dir = \"d\"\nmode = \"prod\"\n[keystore]\nbackend = \"software\"\n",
+    );
+    assert_eq!(
+        l,
+        ["node.mode: unknown mode \"prod\" (use \"development\" or \"production\")"]
+    );
+}
+
+#[test]
+fn load_names_an_unreadable_path() {
+    let path = std::path::Path::new("/nonexistent/gatewayd-test.toml");
+    let errors = Settings::load(path).unwrap_err();
+    assert_eq!(errors.problems.len(), 1);
+    assert_eq!(errors.problems[0].key, "config");
+    assert!(
+        errors.problems[0]
+            .message
+            .contains("/nonexistent/gatewayd-test.toml"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn load_reads_a_file() {
+    let dir = std::env::temp_dir().join(format!("gateway-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("g.toml");
+    std::fs::write(&path, NODE_DEV).unwrap();
+    let s = Settings::load(&path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(s.node.mode, Mode::Development);
+}
