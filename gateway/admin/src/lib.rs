@@ -1,1 +1,13 @@
-//! placeholder
+//! Operator-facing local interfaces of the gateway.
+//!
+//! - [`http`]: `GET /healthz` and `GET /metrics` (Prometheus text format) on `admin.listen`.
+//! - [`control`]: a Unix socket in the data folder through which the `gatewayd spool ...`
+//!   commands reach a running daemon (the spool index is locked by the daemon while it runs).
+//!
+//! Invariants:
+//! - Nothing here exposes patient data: metrics carry counts and labels only, and the
+//!   control socket is created with mode 0600 inside the 0700 data folder.
+//! - Both interfaces stop with the shared shutdown signal.
+
+pub mod control;
+pub mod http;

@@ -1,1 +1,34 @@
-//! placeholder
+//! DICOM upper layer service of the clinic gateway: a C-ECHO and C-STORE SCP on dicom-ul
+//! (async) that streams every received data set into the spool.
+//!
+//! Module map:
+//! - [`service`]: [`DicomService`], the TCP listener, connection limits and shutdown.
+//! - [`policy`]: who may associate (called/calling AE title, address) and how many at once.
+//! - `association`: one association: DIMSE message loop, C-STORE streaming into the spool.
+//! - [`dimse`]: command set decoding and response encoding.
+//! - [`walker`]: push-mode structural check of a data set as it streams.
+//! - [`part10`]: the Part 10 header stored in front of each data set.
+//! - [`storage_classes`]: the storage SOP classes offered (generated from the dictionary).
+//!
+//! Invariants:
+//! - C-STORE status 0000 is sent only after `gateway_spool::Ingest::commit` returned, i.e.
+//!   the object is sealed, fsync'd and indexed. Every failure has its own status:
+//!   A700 (spool full or failing), A900 (data set does not match the command),
+//!   C000 (malformed data set), 0122 (SOP class not on this presentation context).
+//! - A data set is never held whole in memory: PDVs go to a per-object writer thread
+//!   through a bounded channel.
+//! - A malformed PDU or protocol violation ends that association with an A-ABORT; other
+//!   associations are unaffected. No path reachable from the network panics.
+//! - Logs name peers by AE title and address and objects by spool id, never by patient data.
+
+mod association;
+pub mod dimse;
+pub mod metrics;
+pub mod part10;
+pub mod policy;
+pub mod service;
+pub mod storage_classes;
+pub mod walker;
+
+pub use policy::{Peer, PolicySettings};
+pub use service::{DicomError, DicomService, DicomSettings};

@@ -42,7 +42,7 @@ use gateway_durable::{self as durable, Context};
 use gateway_keystore::MasterKey;
 use hmac::{Hmac, Mac as _};
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
@@ -92,25 +92,25 @@ pub enum Committed {
 }
 
 /// `spool status` report.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub objects: u64,
     /// Sealed bytes on disk.
     pub bytes: u64,
-    pub by_state: BTreeMap<&'static str, u64>,
+    pub by_state: BTreeMap<String, u64>,
     pub by_destination: BTreeMap<String, DestinationCounts>,
     /// Age of the oldest object not yet sent everywhere.
     pub oldest_age_seconds: Option<f64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DestinationCounts {
     pub queued: u64,
     pub sent: u64,
 }
 
 /// `spool verify` report.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VerifyReport {
     pub objects: u64,
     pub ok: u64,
@@ -286,8 +286,8 @@ impl Spool {
 
     /// Counts by state and destination, bytes and oldest age. Scans the index.
     pub fn status(&self) -> Result<Status, SpoolError> {
-        let mut by_state: BTreeMap<&'static str, u64> =
-            [("received", 0), ("queued", 0), ("sent", 0)].into_iter().collect();
+        let mut by_state: BTreeMap<String, u64> =
+            ["received", "queued", "sent"].into_iter().map(|s| (s.to_string(), 0)).collect();
         let mut by_destination: BTreeMap<String, DestinationCounts> = self
             .inner
             .destinations
@@ -300,7 +300,7 @@ impl Spool {
             objects += 1;
             bytes += r.sealed_len;
             let state = r.state();
-            *by_state.entry(state).or_default() += 1;
+            *by_state.entry(state.to_string()).or_default() += 1;
             if state != "sent" {
                 oldest = Some(oldest.map_or(r.received_unix_ms, |o| o.min(r.received_unix_ms)));
             }

@@ -1,0 +1,197 @@
+//! The control socket: `gatewayd spool status|verify|export` against a running daemon.
+//!
+//! Protocol: the client writes one JSON [`Request`] line, the daemon answers one JSON
+//! [`Response`] line and closes. The socket is `<data_dir>/run/control.sock`, mode 0600.
+//! A stale socket left by a killed daemon is removed at start; a client that finds no
+//! listener falls back to opening the spool itself.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use gateway_spool::{Spool, SpoolError, Status, VerifyReport};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Largest request line accepted.
+const MAX_REQUEST: usize = 16 * 1024;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Verify,
+    /// Writes the newest object with this SOP Instance UID to `out` (absolute path).
+    Export { sop_instance_uid: String, out: PathBuf },
+}
+
+/// A control response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    Verify(VerifyReport),
+    Exported { bytes: u64 },
+    NotFound,
+    Error { message: String },
+}
+
+/// Control failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot listen on control socket {path}: {source}")]
+    Bind { path: PathBuf, source: std::io::Error },
+    #[error("no daemon is listening on {path}")]
+    NoDaemon { path: PathBuf },
+    #[error("control socket {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("control socket {path}: unreadable answer: {source}")]
+    Protocol { path: PathBuf, source: serde_json::Error },
+}
+
+/// Where the socket of a data folder lives.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("run").join("control.sock")
+}
+
+/// Carries out a request on an open spool (used by the daemon and by the CLI fallback).
+pub fn execute(spool: &Spool, request: &Request) -> Response {
+    let result = match request {
+        Request::Status => spool.status().map(Response::Status),
+        Request::Verify => spool.verify().map(Response::Verify),
+        Request::Export { sop_instance_uid, out } => export(spool, sop_instance_uid, out),
+    };
+    match result {
+        Ok(r) => r,
+        Err(SpoolError::NotFound) => Response::NotFound,
+        Err(e) => Response::Error { message: e.to_string() },
+    }
+}
+
+fn export(spool: &Spool, uid: &str, out: &Path) -> Result<Response, SpoolError> {
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
+    let file = gateway_durable::create_new_private(&tmp)?;
+    let mut writer = std::io::BufWriter::new(file);
+    let result = spool.export(uid, &mut writer).and_then(|record| {
+        writer
+            .flush()
+            .map_err(|source| gateway_durable::Error { action: "write", path: tmp.clone(), source })?;
+        fs::rename(&tmp, out)
+            .map_err(|source| gateway_durable::Error { action: "rename", path: out.to_path_buf(), source })?;
+        Ok(Response::Exported { bytes: record.plain_len })
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The daemon side.
+#[derive(Debug)]
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    spool: Spool,
+}
+
+impl ControlServer {
+    pub fn bind(data_dir: &Path, spool: Spool) -> Result<Self, ControlError> {
+        let path = socket_path(data_dir);
+        let bind_err = |source| ControlError::Bind { path: path.clone(), source };
+        if let Some(dir) = path.parent() {
+            gateway_durable::create_private_dir(dir).map_err(|e| bind_err(e.source))?;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => info!(path = %path.display(), "removed stale control socket"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
+        }
+        let listener = UnixListener::bind(&path).map_err(bind_err)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        Ok(Self { listener, path, spool })
+    }
+
+    /// Serves until `shutdown` turns true; removes the socket file on the way out.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let spool = self.spool.clone();
+                        tokio::spawn(async move { serve_one(stream, spool).await });
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "control socket accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+async fn serve_one(stream: UnixStream, spool: Spool) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take_limited();
+    let response = match reader.read_line(&mut line).await {
+        Ok(_) if line.len() > MAX_REQUEST => Response::Error { message: "request too large".into() },
+        Ok(_) => match serde_json::from_str::<Request>(line.trim_end()) {
+            Ok(request) => tokio::task::spawn_blocking(move || execute(&spool, &request))
+                .await
+                .unwrap_or_else(|_| Response::Error { message: "request failed".into() }),
+            Err(e) => Response::Error { message: format!("bad request: {e}") },
+        },
+        Err(e) => Response::Error { message: format!("read failed: {e}") },
+    };
+    if let Ok(mut text) = serde_json::to_string(&response) {
+        text.push('\n');
+        let _ = write.write_all(text.as_bytes()).await;
+    }
+    let _ = write.shutdown().await;
+}
+
+trait TakeLimited: Sized {
+    fn take_limited(self) -> tokio::io::Take<Self>;
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> TakeLimited for BufReader<R> {
+    fn take_limited(self) -> tokio::io::Take<Self> {
+        tokio::io::AsyncReadExt::take(self, MAX_REQUEST as u64 + 1)
+    }
+}
+
+/// The client side: sends one request to a running daemon.
+pub async fn request(data_dir: &Path, request: &Request) -> Result<Response, ControlError> {
+    let path = socket_path(data_dir);
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            return Err(ControlError::NoDaemon { path });
+        }
+        Err(source) => return Err(ControlError::Io { path, source }),
+    };
+    let (read, mut write) = stream.into_split();
+    let mut text = serde_json::to_string(request).map_err(|source| ControlError::Protocol { path: path.clone(), source })?;
+    text.push('\n');
+    write
+        .write_all(text.as_bytes())
+        .await
+        .map_err(|source| ControlError::Io { path: path.clone(), source })?;
+    let mut line = String::new();
+    BufReader::new(read)
+        .read_line(&mut line)
+        .await
+        .map_err(|source| ControlError::Io { path: path.clone(), source })?;
+    serde_json::from_str(line.trim_end()).map_err(|source| ControlError::Protocol { path, source })
+}

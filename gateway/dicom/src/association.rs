@@ -1,0 +1,390 @@
+//! One established association: the DIMSE message loop and C-STORE streaming.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_ul::association::AsyncServerAssociation;
+use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::Pdu;
+use gateway_spool::{Committed, ObjectMeta, Spool, SpoolError};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::dimse::{self, Request, StoreRequest, status};
+use crate::metrics::Metrics;
+use crate::part10;
+use crate::service::Options;
+use crate::walker::{Encoding, Walker};
+
+/// Largest command set accepted (real ones are a few hundred bytes).
+const MAX_COMMAND_LEN: usize = 64 * 1024;
+/// PDUs buffered between the network and an object's writer thread.
+const SINK_DEPTH: usize = 8;
+
+/// What every association of the service shares.
+#[derive(Debug)]
+pub(crate) struct Context {
+    pub options: Arc<Options>,
+    pub spool: Spool,
+    pub metrics: Metrics,
+    pub idle_timeout: Duration,
+}
+
+type Association = AsyncServerAssociation<TcpStream>;
+
+/// Why the loop ends.
+enum End {
+    Released,
+    PeerAborted,
+    /// We abort: protocol violation, timeout or shutdown.
+    Abort(&'static str),
+    Broken(String),
+}
+
+/// Serves one association until release, abort, idle timeout or hard stop.
+pub(crate) async fn serve(
+    mut association: Association,
+    ctx: &Context,
+    calling: &str,
+    addr: SocketAddr,
+    mut hard_stop: watch::Receiver<bool>,
+) {
+    let accepted = association
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .count();
+    info!(peer = %addr, calling_ae = %calling, accepted_contexts = accepted, "association established");
+    let mut state = Dimse::default();
+    let end = loop {
+        let pdu = tokio::select! {
+            received = tokio::time::timeout(ctx.idle_timeout, association.receive()) => match received {
+                Ok(Ok(pdu)) => pdu,
+                Ok(Err(e)) => break End::Broken(e.to_string()),
+                Err(_) => break End::Abort("idle timeout"),
+            },
+            () = async { let _ = hard_stop.wait_for(|stop| *stop).await; } => break End::Abort("gateway shutting down"),
+        };
+        match pdu {
+            Pdu::PData { data } => {
+                if let Err(reason) = state.on_pdata(data, &mut association, ctx, calling).await {
+                    break End::Abort(reason);
+                }
+            }
+            Pdu::ReleaseRQ => {
+                if state.store.is_some() {
+                    break End::Abort("release requested in the middle of a data set");
+                }
+                let _ = association.send(&Pdu::ReleaseRP).await;
+                break End::Released;
+            }
+            Pdu::AbortRQ { .. } => break End::PeerAborted,
+            _ => break End::Abort("unexpected PDU"),
+        }
+    };
+    // An object cut off mid-transfer is discarded: its sender got no success status.
+    if let Some(store) = state.store.take() {
+        store.discard().await;
+    }
+    match end {
+        End::Released => info!(peer = %addr, calling_ae = %calling, stored = state.stored, "association released"),
+        End::PeerAborted => info!(peer = %addr, calling_ae = %calling, stored = state.stored, "association aborted by peer"),
+        End::Broken(error) => {
+            info!(peer = %addr, calling_ae = %calling, error, "association ended on a receive error");
+            let _ = association.abort().await;
+        }
+        End::Abort(reason) => {
+            warn!(peer = %addr, calling_ae = %calling, reason, "aborting association");
+            let _ = association.abort().await;
+        }
+    }
+}
+
+/// DIMSE state of one association.
+#[derive(Default)]
+struct Dimse {
+    command: Vec<u8>,
+    command_pc: Option<u8>,
+    store: Option<InboundObject>,
+    stored: u64,
+}
+
+impl Dimse {
+    async fn on_pdata(
+        &mut self,
+        values: Vec<PDataValue>,
+        association: &mut Association,
+        ctx: &Context,
+        calling: &str,
+    ) -> Result<(), &'static str> {
+        for pdv in values {
+            match pdv.value_type {
+                PDataValueType::Command => {
+                    if self.store.is_some() {
+                        return Err("command fragment in the middle of a data set");
+                    }
+                    if self.command_pc.is_some_and(|pc| pc != pdv.presentation_context_id) {
+                        return Err("command fragments on different presentation contexts");
+                    }
+                    if self.command.len() + pdv.data.len() > MAX_COMMAND_LEN {
+                        return Err("command set too large");
+                    }
+                    self.command_pc = Some(pdv.presentation_context_id);
+                    self.command.extend_from_slice(&pdv.data);
+                    if pdv.is_last {
+                        let bytes = std::mem::take(&mut self.command);
+                        self.command_pc = None;
+                        self.on_command(&bytes, pdv.presentation_context_id, association, ctx, calling)
+                            .await?;
+                    }
+                }
+                PDataValueType::Data => {
+                    let Some(store) = self.store.as_mut() else {
+                        return Err("data set fragment without a C-STORE command");
+                    };
+                    if store.pc_id != pdv.presentation_context_id {
+                        return Err("data set fragment on another presentation context");
+                    }
+                    let last = pdv.is_last;
+                    store.push(pdv.data).await;
+                    if last {
+                        if let Some(store) = self.store.take() {
+                            let req = store.req.clone();
+                            let pc_id = store.pc_id;
+                            let (code, label, comment) = store.finish().await;
+                            ctx.metrics.stored(label);
+                            if code == status::SUCCESS {
+                                self.stored += 1;
+                            }
+                            send_command(association, pc_id, dimse::store_response(&req, code, comment)).await?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_command(
+        &mut self,
+        bytes: &[u8],
+        pc_id: u8,
+        association: &mut Association,
+        ctx: &Context,
+        calling: &str,
+    ) -> Result<(), &'static str> {
+        let pc = association
+            .presentation_contexts()
+            .iter()
+            .find(|pc| pc.id == pc_id && pc.reason == PresentationContextResultReason::Acceptance)
+            .cloned()
+            .ok_or("message on a presentation context that was not accepted")?;
+        let request = dimse::decode(bytes).map_err(|_| "command set does not decode")?;
+        match request {
+            Request::Echo { message_id, sop_class_uid } => {
+                send_command(association, pc_id, dimse::echo_response(message_id, &sop_class_uid)).await
+            }
+            Request::Store(req) => {
+                let refusal = if trim_uid(&pc.abstract_syntax) != req.sop_class_uid {
+                    Some((status::SOP_CLASS_NOT_SUPPORTED, "sop_class_not_supported", "SOP class not accepted on this presentation context"))
+                } else if !req.has_data_set {
+                    Some((status::CANNOT_UNDERSTAND, "invalid", "C-STORE without a data set"))
+                } else {
+                    None
+                };
+                match refusal {
+                    Some((code, label, comment)) if !req.has_data_set => {
+                        ctx.metrics.stored(label);
+                        send_command(association, pc_id, dimse::store_response(&req, code, Some(comment))).await
+                    }
+                    refusal => {
+                        let ts = trim_uid(&pc.transfer_syntax).to_string();
+                        self.store = Some(InboundObject::start(ctx, req, pc_id, ts, calling, refusal));
+                        Ok(())
+                    }
+                }
+            }
+            Request::Cancel => Ok(()),
+            Request::Other { .. } => Err("DIMSE command not offered by this SCP"),
+        }
+    }
+}
+
+async fn send_command(association: &mut Association, pc_id: u8, data: Vec<u8>) -> Result<(), &'static str> {
+    if data.is_empty() {
+        return Err("response did not encode");
+    }
+    let pdu = Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id: pc_id,
+            value_type: PDataValueType::Command,
+            is_last: true,
+            data,
+        }],
+    };
+    association.send(&pdu).await.map_err(|_| "cannot send response")
+}
+
+fn trim_uid(uid: &str) -> &str {
+    uid.trim_end_matches(['\0', ' '])
+}
+
+enum Chunk {
+    Data(Vec<u8>),
+    Commit,
+}
+
+/// A data set being received: checked by the walker on the way, written by its own
+/// blocking writer thread into a spool ingest.
+struct InboundObject {
+    req: StoreRequest,
+    pc_id: u8,
+    walker: Option<Walker>,
+    walk_error: bool,
+    refusal: Option<(u16, &'static str, &'static str)>,
+    tx: Option<mpsc::Sender<Chunk>>,
+    result: Option<oneshot::Receiver<Result<Option<Committed>, SpoolError>>>,
+}
+
+impl InboundObject {
+    fn start(
+        ctx: &Context,
+        req: StoreRequest,
+        pc_id: u8,
+        transfer_syntax: String,
+        calling: &str,
+        refusal: Option<(u16, &'static str, &'static str)>,
+    ) -> Self {
+        let walker = Encoding::of_transfer_syntax(&transfer_syntax).map(Walker::new);
+        let mut object = Self { req, pc_id, walker, walk_error: false, refusal, tx: None, result: None };
+        if object.refusal.is_some() {
+            // Drain the data set and answer with the refusal; nothing is written.
+            return object;
+        }
+        let header = match part10::header(&object.req.sop_class_uid, &object.req.sop_instance_uid, &transfer_syntax) {
+            Ok(h) => h,
+            Err(_) => {
+                object.refusal = Some((status::CANNOT_UNDERSTAND, "invalid", "UIDs do not form a valid file meta group"));
+                return object;
+            }
+        };
+        let meta = ObjectMeta {
+            sop_instance_uid: object.req.sop_instance_uid.clone(),
+            sop_class_uid: object.req.sop_class_uid.clone(),
+            transfer_syntax_uid: transfer_syntax,
+            source: calling.to_string(),
+        };
+        let (tx, rx) = mpsc::channel(SINK_DEPTH);
+        let (result_tx, result_rx) = oneshot::channel();
+        let spool = ctx.spool.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = result_tx.send(write_object(&spool, meta, &header, rx));
+        });
+        object.tx = Some(tx);
+        object.result = Some(result_rx);
+        object
+    }
+
+    async fn push(&mut self, data: Vec<u8>) {
+        if let Some(walker) = self.walker.as_mut() {
+            if !self.walk_error && walker.feed(&data).is_err() {
+                self.walk_error = true;
+                // Stop writing: the object will be refused.
+                self.tx = None;
+            }
+        }
+        if let Some(tx) = &self.tx {
+            if tx.send(Chunk::Data(data)).await.is_err() {
+                // The writer stopped (spool full or failing); its error comes with the result.
+                self.tx = None;
+            }
+        }
+    }
+
+    /// Ends the data set and returns (status, metric label, error comment).
+    async fn finish(mut self) -> (u16, &'static str, Option<&'static str>) {
+        if let Some(refusal) = self.refusal {
+            self.discard().await;
+            return (refusal.0, refusal.1, Some(refusal.2));
+        }
+        let check = match self.walker.take() {
+            _ if self.walk_error => Err((status::CANNOT_UNDERSTAND, "invalid", "malformed data set")),
+            Some(walker) => match walker.finish() {
+                Err(_) => Err((status::CANNOT_UNDERSTAND, "invalid", "malformed data set")),
+                Ok(summary) => {
+                    if summary.sop_class_uid.as_deref() != Some(self.req.sop_class_uid.as_str()) {
+                        Err((status::DATASET_MISMATCH, "mismatch", "SOP Class UID of data set does not match command"))
+                    } else if summary.sop_instance_uid.as_deref() != Some(self.req.sop_instance_uid.as_str()) {
+                        Err((status::DATASET_MISMATCH, "mismatch", "SOP Instance UID of data set does not match command"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            },
+            // Deflated data sets cannot be walked; they are stored as sent.
+            None => Ok(()),
+        };
+        if let Err((code, label, comment)) = check {
+            self.discard().await;
+            return (code, label, Some(comment));
+        }
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Chunk::Commit).await;
+        }
+        let outcome = match self.result.take() {
+            Some(rx) => rx.await.unwrap_or(Ok(None)),
+            None => Ok(None),
+        };
+        match outcome {
+            Ok(Some(Committed::Stored(id))) => {
+                debug!(object = %hex_id(&id), "object stored");
+                (status::SUCCESS, "success", None)
+            }
+            Ok(Some(Committed::Duplicate(id))) => {
+                debug!(object = %hex_id(&id), "duplicate of a stored object");
+                (status::SUCCESS, "duplicate", None)
+            }
+            Ok(None) => (status::OUT_OF_RESOURCES, "out_of_resources", Some("storage interrupted")),
+            Err(SpoolError::Full { reason }) => {
+                warn!(reason, "C-STORE refused: spool full");
+                (status::OUT_OF_RESOURCES, "out_of_resources", Some("gateway storage is full"))
+            }
+            Err(e) => {
+                warn!(error = %e, "C-STORE failed in the spool");
+                (status::OUT_OF_RESOURCES, "out_of_resources", Some("gateway storage failed"))
+            }
+        }
+    }
+
+    /// Drops the object: the writer sees the channel close without `Commit` and removes it.
+    async fn discard(mut self) {
+        self.tx = None;
+        if let Some(rx) = self.result.take() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// The writer thread of one object. `Ok(None)`: the data set was abandoned.
+fn write_object(
+    spool: &Spool,
+    meta: ObjectMeta,
+    header: &[u8],
+    mut rx: mpsc::Receiver<Chunk>,
+) -> Result<Option<Committed>, SpoolError> {
+    let mut ingest = spool.begin(meta)?;
+    ingest.write(header)?;
+    loop {
+        match rx.blocking_recv() {
+            Some(Chunk::Data(data)) => ingest.write(&data)?,
+            Some(Chunk::Commit) => return ingest.commit().map(Some),
+            None => return Ok(None),
+        }
+    }
+}
+
+fn hex_id(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}

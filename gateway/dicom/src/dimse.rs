@@ -1,0 +1,190 @@
+//! DIMSE command sets: decoding requests and encoding responses (PS3.7 section 9).
+//!
+//! Command sets are always Implicit VR Little Endian. Requests are decoded with
+//! dicom-object; a command that does not decode, or lacks a mandatory field, is an error
+//! the association answers with an A-ABORT (there is no message to respond to).
+
+use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
+
+/// Command Field values used here.
+pub mod field {
+    pub const C_STORE_RQ: u16 = 0x0001;
+    pub const C_STORE_RSP: u16 = 0x8001;
+    pub const C_ECHO_RQ: u16 = 0x0030;
+    pub const C_ECHO_RSP: u16 = 0x8030;
+    pub const C_CANCEL_RQ: u16 = 0x0FFF;
+}
+
+/// DIMSE status codes the SCP answers with.
+pub mod status {
+    pub const SUCCESS: u16 = 0x0000;
+    /// Refused: SOP Class not supported.
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Refused: Out of resources.
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    /// Error: Data Set does not match SOP Class.
+    pub const DATASET_MISMATCH: u16 = 0xA900;
+    /// Error: Cannot understand.
+    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+}
+
+const NO_DATA_SET: u16 = 0x0101;
+
+/// Why a command set cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("command set does not decode")]
+    Decode,
+    #[error("command set lacks {0}")]
+    Missing(&'static str),
+}
+
+/// A decoded request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Echo { message_id: u16, sop_class_uid: String },
+    Store(StoreRequest),
+    Cancel,
+    /// Any other command (C-FIND, N-ACTION, ...): not offered by this SCP.
+    Other { command_field: u16, message_id: Option<u16> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreRequest {
+    pub message_id: u16,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub has_data_set: bool,
+}
+
+/// Decodes a complete command set.
+pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
+    let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
+    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts).map_err(|_| CommandError::Decode)?;
+    let u16_of = |tag, name| {
+        obj.element(tag)
+            .ok()
+            .and_then(|e| e.to_int::<u16>().ok())
+            .ok_or(CommandError::Missing(name))
+    };
+    let uid_of = |tag, name| {
+        obj.element(tag)
+            .ok()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+            .filter(|s| !s.is_empty())
+            .ok_or(CommandError::Missing(name))
+    };
+    let command_field = u16_of(tags::COMMAND_FIELD, "Command Field")?;
+    Ok(match command_field {
+        field::C_ECHO_RQ => Request::Echo {
+            message_id: u16_of(tags::MESSAGE_ID, "Message ID")?,
+            sop_class_uid: uid_of(tags::AFFECTED_SOP_CLASS_UID, "Affected SOP Class UID")
+                .unwrap_or_else(|_| dicom_dictionary_std::uids::VERIFICATION.to_string()),
+        },
+        field::C_STORE_RQ => Request::Store(StoreRequest {
+            message_id: u16_of(tags::MESSAGE_ID, "Message ID")?,
+            sop_class_uid: uid_of(tags::AFFECTED_SOP_CLASS_UID, "Affected SOP Class UID")?,
+            sop_instance_uid: uid_of(tags::AFFECTED_SOP_INSTANCE_UID, "Affected SOP Instance UID")?,
+            has_data_set: u16_of(tags::COMMAND_DATA_SET_TYPE, "Command Data Set Type")? != NO_DATA_SET,
+        }),
+        field::C_CANCEL_RQ => Request::Cancel,
+        other => Request::Other {
+            command_field: other,
+            message_id: u16_of(tags::MESSAGE_ID, "Message ID").ok(),
+        },
+    })
+}
+
+/// Encodes a C-ECHO-RSP.
+pub fn echo_response(message_id: u16, sop_class_uid: &str) -> Vec<u8> {
+    encode(InMemDicomObject::command_from_element_iter([
+        DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, uid_value(sop_class_uid)),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [field::C_ECHO_RSP])),
+        DataElement::new(tags::MESSAGE_ID_BEING_RESPONDED_TO, VR::US, dicom_value!(U16, [message_id])),
+        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [NO_DATA_SET])),
+        DataElement::new(tags::STATUS, VR::US, dicom_value!(U16, [status::SUCCESS])),
+    ]))
+}
+
+/// Encodes a C-STORE-RSP. `comment` goes into Error Comment and must not hold patient data.
+pub fn store_response(req: &StoreRequest, status: u16, comment: Option<&str>) -> Vec<u8> {
+    let mut elements = vec![
+        DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, uid_value(&req.sop_class_uid)),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [field::C_STORE_RSP])),
+        DataElement::new(tags::MESSAGE_ID_BEING_RESPONDED_TO, VR::US, dicom_value!(U16, [req.message_id])),
+        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [NO_DATA_SET])),
+        DataElement::new(tags::STATUS, VR::US, dicom_value!(U16, [status])),
+        DataElement::new(tags::AFFECTED_SOP_INSTANCE_UID, VR::UI, uid_value(&req.sop_instance_uid)),
+    ];
+    if let Some(text) = comment {
+        // Error Comment is LO: at most 64 characters.
+        let text: String = text.chars().take(64).collect();
+        elements.push(DataElement::new(tags::ERROR_COMMENT, VR::LO, PrimitiveValue::from(text)));
+    }
+    encode(InMemDicomObject::command_from_element_iter(elements))
+}
+
+fn uid_value(uid: &str) -> PrimitiveValue {
+    let mut s = uid.to_string();
+    if s.len() % 2 == 1 {
+        s.push('\0');
+    }
+    PrimitiveValue::from(s)
+}
+
+fn encode(obj: InMemDicomObject) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
+    // Writing a command set of fixed, valid elements into a Vec cannot fail.
+    if obj.write_dataset_with_ts(&mut out, &ts).is_err() {
+        out.clear();
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn store_rq(message_id: u16) -> Vec<u8> {
+        encode(InMemDicomObject::command_from_element_iter([
+            DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, uid_value("1.2.840.10008.5.1.4.1.1.2")),
+            DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [field::C_STORE_RQ])),
+            DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
+            DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
+            DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [0x0000])),
+            DataElement::new(tags::AFFECTED_SOP_INSTANCE_UID, VR::UI, uid_value("1.2.3.4")),
+        ]))
+    }
+
+    #[test]
+    fn store_request_decodes_with_its_message_id() {
+        let Request::Store(req) = decode(&store_rq(4711)).unwrap() else { panic!("not a store") };
+        assert_eq!(req.message_id, 4711);
+        assert_eq!(req.sop_instance_uid, "1.2.3.4");
+        assert!(req.has_data_set);
+    }
+
+    #[test]
+    fn store_response_echoes_message_id_and_status() {
+        let Request::Store(req) = decode(&store_rq(9)).unwrap() else { panic!() };
+        let rsp = store_response(&req, status::OUT_OF_RESOURCES, Some("spool full"));
+        let obj = InMemDicomObject::read_dataset_with_ts(rsp.as_slice(), &IMPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
+        assert_eq!(obj.element(tags::MESSAGE_ID_BEING_RESPONDED_TO).unwrap().to_int::<u16>().unwrap(), 9);
+        assert_eq!(obj.element(tags::STATUS).unwrap().to_int::<u16>().unwrap(), 0xA700);
+        assert_eq!(obj.element(tags::COMMAND_FIELD).unwrap().to_int::<u16>().unwrap(), 0x8001);
+        let len = obj.element(tags::COMMAND_GROUP_LENGTH).unwrap().to_int::<u32>().unwrap();
+        assert_eq!(len as usize, rsp.len() - 12, "group length counts the bytes after it");
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        assert!(decode(&[0xFF; 40]).is_err());
+        assert!(decode(&[]).is_err());
+    }
+}

@@ -1,0 +1,51 @@
+//! Prometheus metrics of the DICOM service. Labels carry no patient data.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Handles to the DICOM metrics; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub associations_active: Gauge,
+    pub associations_rejected: Family<ReasonLabel, Counter>,
+    pub stored: Family<StatusLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "gateway_dicom_associations_active",
+            "DICOM associations currently open",
+            m.associations_active.clone(),
+        );
+        registry.register(
+            "gateway_dicom_associations_rejected",
+            "DICOM association requests refused, by reason",
+            m.associations_rejected.clone(),
+        );
+        registry.register(
+            "gateway_dicom_stored",
+            "C-STORE requests answered, by outcome",
+            m.stored.clone(),
+        );
+        m
+    }
+
+    pub fn stored(&self, status: &'static str) {
+        self.stored.get_or_create(&StatusLabel { status }).inc();
+    }
+}

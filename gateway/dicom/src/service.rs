@@ -1,0 +1,283 @@
+//! The DICOM listener: accepts connections, applies the association policy before
+//! negotiation, hands admitted associations to their own task, and drains on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use dicom_ul::association::server::AcceptCalledAeTitle;
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource};
+use dicom_ul::{Pdu, ServerAssociationOptions};
+use gateway_spool::Spool;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::association::{self, Context};
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::policy::{Gatekeeper, PolicySettings};
+use crate::storage_classes::STORAGE_SOP_CLASSES;
+
+/// The largest A-ASSOCIATE-RQ accepted (128 presentation contexts with many transfer
+/// syntaxes fit well within it).
+const MAX_ASSOCIATE_RQ: usize = 128 * 1024;
+/// Connections beyond the association limit that may be open while being refused.
+const CONNECTION_SLACK: usize = 16;
+
+/// Settings of the DICOM service, built by `gatewayd` from `[dicom]`.
+#[derive(Debug, Clone)]
+pub struct DicomSettings {
+    pub listen: SocketAddr,
+    pub policy: PolicySettings,
+    pub max_pdu_length: u32,
+    /// Time allowed for a peer to complete association negotiation.
+    pub artim_timeout: Duration,
+    /// An association silent for this long is aborted.
+    pub idle_timeout: Duration,
+    /// How long in-flight associations may continue after shutdown starts.
+    pub shutdown_grace: Duration,
+}
+
+/// Service failures (only at bind time: after that, failures are per connection).
+#[derive(Debug, thiserror::Error)]
+pub enum DicomError {
+    #[error("cannot listen for DICOM on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+pub(crate) type Options = ServerAssociationOptions<'static, AcceptCalledAeTitle, dicom_ul::association::server::DefaultNegotiation>;
+
+/// The C-ECHO/C-STORE SCP.
+#[derive(Debug)]
+pub struct DicomService {
+    listener: TcpListener,
+    settings: DicomSettings,
+    ctx: Arc<Context>,
+    gatekeeper: Gatekeeper,
+}
+
+impl DicomService {
+    /// Binds the listener and registers the service's metrics.
+    pub async fn bind(settings: DicomSettings, spool: Spool, registry: &mut Registry) -> Result<Self, DicomError> {
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| DicomError::Bind { addr: settings.listen, source })?;
+        let metrics = Metrics::register(registry);
+        let gatekeeper = Gatekeeper::new(settings.policy.clone());
+        let ctx = Arc::new(Context {
+            options: build_options(&settings),
+            spool,
+            metrics,
+            idle_timeout: settings.idle_timeout,
+        });
+        Ok(Self { listener, settings, ctx, gatekeeper })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` turns true, then stops accepting, lets open associations
+    /// finish for up to `shutdown_grace`, and aborts what is left.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let Self { listener, settings, ctx, gatekeeper } = self;
+        info!(listen = %settings.listen, ae_title = %gatekeeper.ae_title(), "DICOM service listening");
+        let (hard_stop_tx, hard_stop) = watch::channel(false);
+        let max_connections = settings.policy.max_associations as usize + CONNECTION_SLACK;
+        let mut tasks = JoinSet::new();
+        loop {
+            tokio::select! {
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, addr)) => {
+                        if tasks.len() >= max_connections {
+                            debug!(peer = %addr, "connection refused: too many open connections");
+                            ctx.metrics.associations_rejected.get_or_create(&ReasonLabel { reason: "connections" }).inc();
+                            continue;
+                        }
+                        let ctx = Arc::clone(&ctx);
+                        let gatekeeper = gatekeeper.clone();
+                        let hard_stop = hard_stop.clone();
+                        let artim = settings.artim_timeout;
+                        tasks.spawn(async move {
+                            handle_connection(stream, addr, ctx, gatekeeper, artim, hard_stop).await;
+                        });
+                    }
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        info!(open = tasks.len(), grace = ?settings.shutdown_grace, "DICOM service draining");
+        let grace = tokio::time::sleep(settings.shutdown_grace);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => if joined.is_none() { break },
+                _ = &mut grace => {
+                    warn!(open = tasks.len(), "shutdown grace elapsed: aborting open associations");
+                    let _ = hard_stop_tx.send(true);
+                    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+                        while tasks.join_next().await.is_some() {}
+                    })
+                    .await;
+                    if drained.is_err() {
+                        tasks.abort_all();
+                    }
+                    break;
+                }
+            }
+        }
+        info!("DICOM service stopped");
+    }
+}
+
+fn build_options(settings: &DicomSettings) -> Arc<Options> {
+    let mut options = ServerAssociationOptions::new()
+        .accept_called_ae_title()
+        .ae_title(settings.policy.ae_title.clone())
+        .max_pdu_length(settings.max_pdu_length)
+        .strict(true)
+        .with_abstract_syntax(dicom_dictionary_std::uids::VERIFICATION);
+    for uid in STORAGE_SOP_CLASSES {
+        options = options.with_abstract_syntax(*uid);
+    }
+    // Every transfer syntax the registry knows: data sets are stored as they come.
+    for ts in TransferSyntaxRegistry.iter() {
+        options = options.with_transfer_syntax(ts.uid());
+    }
+    Arc::new(options)
+}
+
+async fn handle_connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+    gatekeeper: Gatekeeper,
+    artim: Duration,
+    hard_stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (calling, called, rq_len) = match tokio::time::timeout(artim, peek_associate_rq(&stream)).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(reason)) => {
+            debug!(peer = %addr, reason, "not an association request: aborting");
+            ctx.metrics.associations_rejected.get_or_create(&ReasonLabel { reason: "protocol" }).inc();
+            abort_raw(stream).await;
+            return;
+        }
+        Err(_) => {
+            debug!(peer = %addr, "ARTIM timeout before association request");
+            ctx.metrics.associations_rejected.get_or_create(&ReasonLabel { reason: "artim" }).inc();
+            abort_raw(stream).await;
+            return;
+        }
+    };
+    let permit = match gatekeeper.admit(&calling, &called, addr.ip()) {
+        Ok(p) => p,
+        Err(refusal) => {
+            info!(peer = %addr, calling_ae = %calling, reason = refusal.label(), "association rejected");
+            ctx.metrics.associations_rejected.get_or_create(&ReasonLabel { reason: refusal.label() }).inc();
+            reject_raw(stream, rq_len, Pdu::AssociationRJ(refusal.pdu()), artim).await;
+            return;
+        }
+    };
+    let association = match tokio::time::timeout(artim, ctx.options.establish_async(stream)).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            info!(peer = %addr, calling_ae = %calling, error = %e, "association negotiation failed");
+            return;
+        }
+        Err(_) => {
+            info!(peer = %addr, calling_ae = %calling, "ARTIM timeout during negotiation");
+            return;
+        }
+    };
+    ctx.metrics.associations_active.inc();
+    association::serve(association, &ctx, &calling, addr, hard_stop).await;
+    ctx.metrics.associations_active.dec();
+    drop(permit);
+}
+
+/// Waits until a whole first PDU is buffered and, if it is an A-ASSOCIATE-RQ, returns
+/// calling and called AE titles and its length, without consuming it (dicom-ul reads it).
+async fn peek_associate_rq(stream: &TcpStream) -> Result<(String, String, usize), &'static str> {
+    let mut buf = vec![0u8; MAX_ASSOCIATE_RQ + 6];
+    loop {
+        let n = stream.peek(&mut buf).await.map_err(|_| "read error")?;
+        if n == 0 {
+            return Err("connection closed");
+        }
+        if buf[0] != 0x01 {
+            return Err("first PDU is not an A-ASSOCIATE-RQ");
+        }
+        if n >= 6 {
+            let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
+            if len > MAX_ASSOCIATE_RQ {
+                return Err("A-ASSOCIATE-RQ too large");
+            }
+            if n >= len + 6 {
+                return match dicom_ul::read_pdu(&buf[..len + 6], MAX_ASSOCIATE_RQ as u32, false) {
+                    Ok(Some(Pdu::AssociationRQ(rq))) => Ok((rq.calling_ae_title, rq.called_ae_title, len + 6)),
+                    _ => Err("malformed A-ASSOCIATE-RQ"),
+                };
+            }
+        }
+        // Part of the request is still in flight.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Consumes the request, answers with `pdu` and closes gracefully (so the peer reads the
+/// answer instead of a reset).
+async fn reject_raw(mut stream: TcpStream, rq_len: usize, pdu: Pdu, artim: Duration) {
+    let mut discard = vec![0u8; rq_len];
+    if stream.read_exact(&mut discard).await.is_err() {
+        return;
+    }
+    let mut out = Vec::new();
+    if dicom_ul::write_pdu(&mut out, &pdu).is_ok() {
+        let _ = stream.write_all(&out).await;
+    }
+    let _ = stream.shutdown().await;
+    // Let the peer close first; bounded by ARTIM.
+    let _ = tokio::time::timeout(artim, async {
+        let mut sink = [0u8; 1024];
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Sends an A-ABORT on a connection that never became an association, and closes it.
+async fn abort_raw(mut stream: TcpStream) {
+    let pdu = Pdu::AbortRQ {
+        source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::UnexpectedPdu),
+    };
+    let mut out = Vec::new();
+    if dicom_ul::write_pdu(&mut out, &pdu).is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+    }
+    // Drain what the peer already sent so that closing does not turn into a reset.
+    let _ = tokio::time::timeout(Duration::from_millis(100), async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match stream.read(&mut sink).await {
+                Ok(n) if n > 0 => total += n,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,423 @@
+//! A push-mode structural check of a DICOM data set, fed with the bytes as they arrive.
+//!
+//! The C-STORE SCP streams each data set straight into the spool and never holds it whole
+//! in memory, so it cannot parse it into an object. This walker instead follows the element
+//! framing (tags, VRs, lengths, undefined-length sequences and items, encapsulated pixel
+//! data) over any split of the input, keeping only a few bytes of state. A data set that
+//! ends mid-element, nests too deep, or uses undefined length where the encoding forbids it
+//! is refused before the sender hears "success". On the way it captures the top-level
+//! SOP Class UID and SOP Instance UID, which must match the C-STORE command.
+//!
+//! Values are skipped, never interpreted; errors name offsets and tags, never values.
+
+/// How the data set is encoded (from the presentation context's transfer syntax).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoding {
+    pub explicit_vr: bool,
+    pub big_endian: bool,
+}
+
+impl Encoding {
+    /// The encoding of a transfer syntax UID, or `None` where the walker cannot follow the
+    /// bytes (deflated data sets are compressed as a whole).
+    pub fn of_transfer_syntax(uid: &str) -> Option<Self> {
+        match uid.trim_end_matches(['\0', ' ']) {
+            "1.2.840.10008.1.2" => Some(Self { explicit_vr: false, big_endian: false }),
+            "1.2.840.10008.1.2.2" => Some(Self { explicit_vr: true, big_endian: true }),
+            "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.4.95" => None,
+            _ => Some(Self { explicit_vr: true, big_endian: false }),
+        }
+    }
+}
+
+/// Why a data set is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WalkError {
+    #[error("data set ends inside an element or sequence (at byte {offset})")]
+    Truncated { offset: u64 },
+    #[error("element ({group:04X},{element:04X}) at byte {offset} has undefined length, which its VR does not allow")]
+    UndefinedLength { group: u16, element: u16, offset: u64 },
+    #[error("unexpected ({group:04X},{element:04X}) at byte {offset} inside a sequence (expected an item)")]
+    NotAnItem { group: u16, element: u16, offset: u64 },
+    #[error("delimiter ({group:04X},{element:04X}) at byte {offset} closes nothing")]
+    StrayDelimiter { group: u16, element: u16, offset: u64 },
+    #[error("sequences nested deeper than {max} levels at byte {offset}")]
+    TooDeep { max: usize, offset: u64 },
+    #[error("invalid VR bytes at byte {offset}")]
+    BadVr { offset: u64 },
+}
+
+/// What the walk found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub sop_class_uid: Option<String>,
+    pub sop_instance_uid: Option<String>,
+    pub bytes: u64,
+}
+
+const MAX_DEPTH: usize = 64;
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+const CAPTURE_MAX: u32 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frame {
+    /// Inside an undefined-length sequence or encapsulated pixel data: items or a
+    /// sequence delimiter come next.
+    Sequence,
+    /// Inside an undefined-length item: elements or an item delimiter come next.
+    Item,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    SopClass,
+    SopInstance,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Header,
+    Skip(u64),
+    Capture(Capture, u32),
+}
+
+/// The walker. Feed it with [`Walker::feed`], close it with [`Walker::finish`].
+#[derive(Debug, Clone)]
+pub struct Walker {
+    enc: Encoding,
+    state: State,
+    header: [u8; 12],
+    have: usize,
+    stack: Vec<Frame>,
+    offset: u64,
+    element_offset: u64,
+    captured: Vec<u8>,
+    summary: Summary,
+}
+
+impl Walker {
+    pub fn new(enc: Encoding) -> Self {
+        Self {
+            enc,
+            state: State::Header,
+            header: [0; 12],
+            have: 0,
+            stack: Vec::new(),
+            offset: 0,
+            element_offset: 0,
+            captured: Vec::new(),
+            summary: Summary::default(),
+        }
+    }
+
+    /// Consumes the next bytes of the data set.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), WalkError> {
+        while !data.is_empty() {
+            match self.state {
+                State::Skip(n) => {
+                    let take = n.min(data.len() as u64);
+                    self.advance(take as usize, &mut data);
+                    self.state = if n == take { State::Header } else { State::Skip(n - take) };
+                }
+                State::Capture(which, n) => {
+                    let take = (n as usize).min(data.len());
+                    self.captured.extend_from_slice(&data[..take]);
+                    self.advance(take, &mut data);
+                    if take == n as usize {
+                        let text = String::from_utf8_lossy(&self.captured)
+                            .trim_end_matches(['\0', ' '])
+                            .to_string();
+                        match which {
+                            Capture::SopClass => self.summary.sop_class_uid = Some(text),
+                            Capture::SopInstance => self.summary.sop_instance_uid = Some(text),
+                        }
+                        self.captured.clear();
+                        self.state = State::Header;
+                    } else {
+                        self.state = State::Capture(which, n - take as u32);
+                    }
+                }
+                State::Header => {
+                    if self.have == 0 {
+                        self.element_offset = self.offset;
+                    }
+                    let need = self.header_len();
+                    let take = (need - self.have).min(data.len());
+                    self.header[self.have..self.have + take].copy_from_slice(&data[..take]);
+                    self.have += take;
+                    self.advance(take, &mut data);
+                    if self.have == need && need == self.header_len() {
+                        self.have = 0;
+                        self.on_header()?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the data set: it must end on an element boundary with every sequence closed.
+    pub fn finish(self) -> Result<Summary, WalkError> {
+        if self.state != State::Header || self.have != 0 || !self.stack.is_empty() {
+            return Err(WalkError::Truncated { offset: self.offset });
+        }
+        let mut summary = self.summary;
+        summary.bytes = self.offset;
+        Ok(summary)
+    }
+
+    fn advance(&mut self, n: usize, data: &mut &[u8]) {
+        self.offset += n as u64;
+        *data = &data[n..];
+    }
+
+    fn u16_at(&self, i: usize) -> u16 {
+        let b = [self.header[i], self.header[i + 1]];
+        if self.enc.big_endian { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) }
+    }
+
+    fn u32_at(&self, i: usize) -> u32 {
+        let b = [self.header[i], self.header[i + 1], self.header[i + 2], self.header[i + 3]];
+        if self.enc.big_endian { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
+    }
+
+    /// Bytes of the header being read: 8, or 12 once an explicit long-form VR is seen.
+    fn header_len(&self) -> usize {
+        if self.have >= 6 && self.enc.explicit_vr && self.u16_at(0) != 0xFFFE && is_long_vr(&self.header[4..6]) {
+            12
+        } else {
+            8
+        }
+    }
+
+    fn on_header(&mut self) -> Result<(), WalkError> {
+        let (group, element) = (self.u16_at(0), self.u16_at(2));
+        let offset = self.element_offset;
+        if group == 0xFFFE {
+            let len = self.u32_at(4);
+            return self.on_delimitation(element, len, offset);
+        }
+        if self.stack.last() == Some(&Frame::Sequence) {
+            return Err(WalkError::NotAnItem { group, element, offset });
+        }
+        let (len, may_be_undefined) = if self.enc.explicit_vr {
+            let vr = [self.header[4], self.header[5]];
+            if !vr.iter().all(u8::is_ascii_uppercase) {
+                return Err(WalkError::BadVr { offset });
+            }
+            if is_long_vr(&vr) {
+                (self.u32_at(8), matches!(&vr, b"SQ" | b"OB" | b"OW" | b"UN"))
+            } else {
+                (u32::from(self.u16_at(6)), false)
+            }
+        } else {
+            (self.u32_at(4), true)
+        };
+        if len == UNDEFINED {
+            if !may_be_undefined {
+                return Err(WalkError::UndefinedLength { group, element, offset });
+            }
+            return self.push(Frame::Sequence, offset);
+        }
+        let capture = match (self.stack.is_empty(), group, element) {
+            (true, 0x0008, 0x0016) => Some(Capture::SopClass),
+            (true, 0x0008, 0x0018) => Some(Capture::SopInstance),
+            _ => None,
+        };
+        self.state = match capture {
+            Some(which) if len <= CAPTURE_MAX && len > 0 => State::Capture(which, len),
+            _ if len == 0 => State::Header,
+            _ => State::Skip(u64::from(len)),
+        };
+        Ok(())
+    }
+
+    fn on_delimitation(&mut self, element: u16, len: u32, offset: u64) -> Result<(), WalkError> {
+        let stray = WalkError::StrayDelimiter { group: 0xFFFE, element, offset };
+        match (element, self.stack.last()) {
+            // Item start, inside a sequence.
+            (0xE000, Some(Frame::Sequence)) => {
+                if len == UNDEFINED {
+                    self.push(Frame::Item, offset)
+                } else {
+                    self.state = if len == 0 { State::Header } else { State::Skip(u64::from(len)) };
+                    Ok(())
+                }
+            }
+            // Item delimitation, closing an undefined-length item.
+            (0xE00D, Some(Frame::Item)) => {
+                self.stack.pop();
+                Ok(())
+            }
+            // Sequence delimitation, closing an undefined-length sequence.
+            (0xE0DD, Some(Frame::Sequence)) => {
+                self.stack.pop();
+                Ok(())
+            }
+            _ => Err(stray),
+        }
+    }
+
+    fn push(&mut self, frame: Frame, offset: u64) -> Result<(), WalkError> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(WalkError::TooDeep { max: MAX_DEPTH, offset });
+        }
+        self.stack.push(frame);
+        Ok(())
+    }
+}
+
+fn is_long_vr(vr: &[u8]) -> bool {
+    matches!(
+        vr,
+        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV"
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const EXPLICIT_LE: Encoding = Encoding { explicit_vr: true, big_endian: false };
+    const IMPLICIT_LE: Encoding = Encoding { explicit_vr: false, big_endian: false };
+
+    fn short(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend(tag.0.to_le_bytes());
+        v.extend(tag.1.to_le_bytes());
+        v.extend(vr);
+        v.extend((value.len() as u16).to_le_bytes());
+        v.extend(value);
+        v
+    }
+
+    fn long(tag: (u16, u16), vr: &[u8; 2], len: u32, value: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend(tag.0.to_le_bytes());
+        v.extend(tag.1.to_le_bytes());
+        v.extend(vr);
+        v.extend([0, 0]);
+        v.extend(len.to_le_bytes());
+        v.extend(value);
+        v
+    }
+
+    fn delim(element: u16, len: u32) -> Vec<u8> {
+        let mut v = vec![0xFE, 0xFF];
+        v.extend(element.to_le_bytes());
+        v.extend(len.to_le_bytes());
+        v
+    }
+
+    fn sample() -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend(short((0x0008, 0x0016), b"UI", b"1.2.840.10008.5.1.4.1.1.2\0"));
+        d.extend(short((0x0008, 0x0018), b"UI", b"1.2.3.4.5.6"));
+        d.extend(short((0x0010, 0x0010), b"PN", b"DOE^JANE"));
+        // Undefined-length sequence with one undefined-length item holding one element.
+        d.extend(long((0x0040, 0x0275), b"SQ", UNDEFINED, &[]));
+        d.extend(delim(0xE000, UNDEFINED));
+        d.extend(short((0x0040, 0x0007), b"LO", b"ABDOMEN "));
+        d.extend(delim(0xE00D, 0));
+        d.extend(delim(0xE0DD, 0));
+        // Encapsulated pixel data: empty offset table, one fragment.
+        d.extend(long((0x7FE0, 0x0010), b"OB", UNDEFINED, &[]));
+        d.extend(delim(0xE000, 0));
+        d.extend(delim(0xE000, 4));
+        d.extend([1, 2, 3, 4]);
+        d.extend(delim(0xE0DD, 0));
+        d
+    }
+
+    fn walk(enc: Encoding, data: &[u8], split: usize) -> Result<Summary, WalkError> {
+        let mut w = Walker::new(enc);
+        for piece in data.chunks(split.max(1)) {
+            w.feed(piece)?;
+        }
+        w.finish()
+    }
+
+    #[test]
+    fn well_formed_data_set_passes_under_every_split_and_captures_uids() {
+        let d = sample();
+        for split in [1, 2, 3, 7, 11, 64, d.len()] {
+            let s = walk(EXPLICIT_LE, &d, split).unwrap();
+            assert_eq!(s.sop_class_uid.as_deref(), Some("1.2.840.10008.5.1.4.1.1.2"));
+            assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2.3.4.5.6"));
+            assert_eq!(s.bytes, d.len() as u64);
+        }
+    }
+
+    #[test]
+    fn every_strict_prefix_is_refused() {
+        let d = sample();
+        for cut in 1..d.len() {
+            // A prefix that ends on a top-level element boundary is a valid (shorter) data set.
+            let boundary = [26 + 8, 26 + 8 + 11 + 8, 26 + 8 + 11 + 8 + 8 + 8].contains(&cut);
+            let r = walk(EXPLICIT_LE, &d[..cut], 5);
+            assert_eq!(r.is_ok(), boundary, "prefix of {cut} bytes: {r:?}");
+        }
+    }
+
+    #[test]
+    fn huge_declared_length_with_short_body_is_truncated() {
+        let mut d = short((0x0008, 0x0018), b"UI", b"1.2.3");
+        d.extend(long((0x7FE0, 0x0010), b"OB", 0x7FFF_0000, &[0; 10]));
+        assert!(matches!(walk(EXPLICIT_LE, &d, 4096), Err(WalkError::Truncated { .. })));
+    }
+
+    #[test]
+    fn undefined_length_on_a_short_vr_is_refused() {
+        let mut d = long((0x0010, 0x0010), b"UT", UNDEFINED, &[]);
+        d.extend(delim(0xE0DD, 0));
+        assert!(matches!(walk(EXPLICIT_LE, &d, 3), Err(WalkError::UndefinedLength { .. })));
+    }
+
+    #[test]
+    fn stray_delimiters_and_non_items_in_sequences_are_refused() {
+        assert!(matches!(walk(EXPLICIT_LE, &delim(0xE0DD, 0), 8), Err(WalkError::StrayDelimiter { .. })));
+        let mut d = long((0x0040, 0x0275), b"SQ", UNDEFINED, &[]);
+        d.extend(short((0x0010, 0x0010), b"PN", b"X "));
+        assert!(matches!(walk(EXPLICIT_LE, &d, 8), Err(WalkError::NotAnItem { .. })));
+    }
+
+    #[test]
+    fn garbage_vr_is_refused() {
+        let d = [0x08, 0x00, 0x18, 0x00, 0x01, 0x02, 0x00, 0x00];
+        assert!(matches!(walk(EXPLICIT_LE, &d, 8), Err(WalkError::BadVr { .. })));
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let mut d = Vec::new();
+        for _ in 0..40 {
+            d.extend(long((0x0040, 0x0275), b"SQ", UNDEFINED, &[]));
+            d.extend(delim(0xE000, UNDEFINED));
+        }
+        assert!(matches!(walk(EXPLICIT_LE, &d, 100), Err(WalkError::TooDeep { .. })));
+    }
+
+    #[test]
+    fn implicit_vr_sequences_are_followed() {
+        let mut d = Vec::new();
+        d.extend([0x08, 0x00, 0x18, 0x00]);
+        d.extend(6u32.to_le_bytes());
+        d.extend(b"1.2.3\0");
+        d.extend([0x40, 0x00, 0x75, 0x02]);
+        d.extend(UNDEFINED.to_le_bytes());
+        d.extend(delim(0xE000, 8));
+        d.extend([0x10, 0x00, 0x10, 0x00, 0, 0, 0, 0]);
+        d.extend(delim(0xE0DD, 0));
+        let s = walk(IMPLICIT_LE, &d, 3).unwrap();
+        assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2.3"));
+        assert!(walk(IMPLICIT_LE, &d[..d.len() - 8], 3).is_err());
+    }
+
+    #[test]
+    fn big_endian_lengths_are_read_big_endian() {
+        let d = [0x00, 0x08, 0x00, 0x18, b'U', b'I', 0x00, 0x04, b'1', b'.', b'2', 0];
+        let s = walk(Encoding { explicit_vr: true, big_endian: true }, &d, 5).unwrap();
+        assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2"));
+    }
+}

@@ -1,0 +1,91 @@
+//! The command line of `gatewayd` (the contract in DESIGN.md).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "gatewayd", version, about = "Clinic edge gateway daemon")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every configured service until SIGTERM/SIGINT, then drain and exit 0.
+    Run(RunArgs),
+    /// Validate a config file: exit 0, or one line per problem naming the key.
+    CheckConfig(ConfigArg),
+    /// Inspect the spool (works while `run` is running).
+    #[command(subcommand)]
+    Spool(SpoolCommand),
+    /// Manage the key store.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Config file; without it, the embedded development default
+    /// (config/gatewayd.dev.toml: software key store, data under ./gatewayd-data,
+    /// DICOM on 127.0.0.1:11112, admin on 127.0.0.1:9464).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpoolCommand {
+    /// Counts by state and destination, bytes, oldest age.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that index and blobs agree and every blob unseals; exit 1 otherwise.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a stored object back out as a DICOM Part 10 file.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        sop_instance_uid: String,
+        /// Destination file (created with mode 0600: it holds patient data).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create the keys of a new box.
+    Init(ConfigArg),
+    /// Show whether keys exist and their fingerprints.
+    Status(ConfigArg),
+    /// Print a PKCS#10 CSR for the device identity key.
+    Csr(ConfigArg),
+    /// Crypto-shred: destroy the keys; every sealed object becomes unreadable.
+    Wipe(WipeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WipeArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Confirm that every stored object is to become unreadable.
+    #[arg(long)]
+    pub yes: bool,
+}

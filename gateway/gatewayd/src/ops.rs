@@ -1,0 +1,229 @@
+//! Operator commands: `check-config`, `spool ...`, `keys ...`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use gateway_admin::control::{self, Request, Response};
+use gateway_config::{KeystoreBackend, Settings};
+use gateway_keystore::Backend;
+use gateway_spool::{Limits, Spool};
+
+use crate::cli::{ConfigArg, KeysCommand, SpoolCommand};
+
+pub fn check_config(args: &ConfigArg) -> ExitCode {
+    match Settings::load(&args.config) {
+        Ok(_) => {
+            println!("{}: ok", args.config.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for problem in &errors.problems {
+                eprintln!("{problem}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+pub fn limits(settings: &Settings) -> Limits {
+    Limits {
+        max_bytes: settings.spool.max_bytes.bytes(),
+        min_free_bytes: settings.spool.min_free_bytes.bytes(),
+    }
+}
+
+pub fn backend(settings: &Settings) -> Backend {
+    match settings.keystore.backend {
+        KeystoreBackend::Software => Backend::Software,
+        KeystoreBackend::Tpm => Backend::Tpm { tcti: settings.keystore.tcti.to_string() },
+    }
+}
+
+fn load(path: &Path) -> Result<Settings, ExitCode> {
+    Settings::load(path).map_err(|errors| {
+        for problem in &errors.problems {
+            eprintln!("{problem}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+pub fn spool(cmd: &SpoolCommand) -> ExitCode {
+    let (config, request, json) = match cmd {
+        SpoolCommand::Status { config, json } => (config, Request::Status, *json),
+        SpoolCommand::Verify { config, json } => (config, Request::Verify, *json),
+        SpoolCommand::Export { config, sop_instance_uid, out } => {
+            let out = match absolute(out) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("gatewayd: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            (config, Request::Export { sop_instance_uid: sop_instance_uid.clone(), out }, false)
+        }
+    };
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let response = match send_or_execute(&settings, &request) {
+        Ok(r) => r,
+        Err(message) => {
+            eprintln!("gatewayd: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print_response(&response, json)
+}
+
+/// Asks a running daemon over the control socket; with none running, opens the spool here.
+fn send_or_execute(settings: &Settings, request: &Request) -> Result<Response, String> {
+    let data_dir = &settings.node.data_dir;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start runtime: {e}"))?;
+    match runtime.block_on(control::request(data_dir, request)) {
+        Ok(response) => return Ok(response),
+        Err(control::ControlError::NoDaemon { .. }) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let master = match request {
+        // Counting needs no key: status works even on a wiped box.
+        Request::Status => None,
+        _ => Some(
+            gateway_keystore::open(&backend(settings), data_dir)
+                .and_then(|s| s.spool_master_key())
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    let destinations = settings.uplinks.iter().map(|u| u.name.as_str().to_string()).collect();
+    let spool = Spool::open(data_dir, master, limits(settings), destinations).map_err(|e| e.to_string())?;
+    Ok(control::execute(&spool, request))
+}
+
+fn print_response(response: &Response, json: bool) -> ExitCode {
+    let to_json = |v: &dyn erased::Json| v.json();
+    match response {
+        Response::Status(status) => {
+            if json {
+                println!("{}", to_json(status));
+            } else {
+                println!("objects: {}", status.objects);
+                println!("bytes: {}", status.bytes);
+                for (state, n) in &status.by_state {
+                    println!("state {state}: {n}");
+                }
+                for (dest, c) in &status.by_destination {
+                    println!("destination {dest}: queued {} sent {}", c.queued, c.sent);
+                }
+                match status.oldest_age_seconds {
+                    Some(age) => println!("oldest unsent: {age:.1} s"),
+                    None => println!("oldest unsent: none"),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Response::Verify(report) => {
+            if json {
+                println!("{}", to_json(report));
+            } else {
+                println!(
+                    "objects {} ok {} orphan_blobs {} dangling_entries {} unseal_failures {} partial_files {}",
+                    report.objects,
+                    report.ok,
+                    report.orphan_blobs,
+                    report.dangling_entries,
+                    report.unseal_failures,
+                    report.partial_files
+                );
+            }
+            if report.is_consistent() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Response::Exported { bytes } => {
+            eprintln!("exported {bytes} bytes");
+            ExitCode::SUCCESS
+        }
+        Response::NotFound => {
+            eprintln!("gatewayd: no stored object has that SOP Instance UID");
+            ExitCode::FAILURE
+        }
+        Response::Error { message } => {
+            eprintln!("gatewayd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+mod erased {
+    /// Serializes report types for `--json` output.
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        }
+    }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn keys(cmd: &KeysCommand) -> ExitCode {
+    let (config, action) = match cmd {
+        KeysCommand::Init(a) => (&a.config, "init"),
+        KeysCommand::Status(a) => (&a.config, "status"),
+        KeysCommand::Csr(a) => (&a.config, "csr"),
+        KeysCommand::Wipe(a) => {
+            if !a.yes {
+                eprintln!("gatewayd: keys wipe makes every stored object unreadable; add --yes to confirm");
+                return ExitCode::from(2);
+            }
+            (&a.config, "wipe")
+        }
+    };
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let data_dir = &settings.node.data_dir;
+    let backend = backend(&settings);
+    let result = match action {
+        "init" => gateway_durable::create_private_dir(data_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| gateway_keystore::init(&backend, data_dir).map_err(|e| e.to_string()))
+            .map(|s| format!("initialised {} key store; spool master key {}", s.backend, fingerprint(&s))),
+        "status" => gateway_keystore::status(&backend, data_dir).map_err(|e| e.to_string()).map(|s| {
+            if s.initialised {
+                format!("backend {}: initialised; spool master key {}", s.backend, fingerprint(&s))
+            } else {
+                format!("backend {}: not initialised (run `gatewayd keys init`)", s.backend)
+            }
+        }),
+        "csr" => Err("a device identity key and its CSR need keystore.backend = \"tpm\", which is not part of this build yet".into()),
+        _ => gateway_keystore::wipe(&backend, data_dir).map_err(|e| e.to_string()).map(|wiped| {
+            if wiped {
+                "key store wiped: sealed objects can no longer be opened; run `gatewayd keys init` before `run`".into()
+            } else {
+                "nothing to wipe: the key store was not initialised".into()
+            }
+        }),
+    };
+    match result {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("gatewayd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fingerprint(status: &gateway_keystore::Status) -> String {
+    status.master_key_id.map_or_else(|| "-".into(), |id| id.to_string())
+}

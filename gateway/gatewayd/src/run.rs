@@ -1,0 +1,189 @@
+//! `gatewayd run`: builds every configured service from the settings, starts them as tokio
+//! tasks sharing one shutdown signal, and drains them on SIGTERM/SIGINT.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use gateway_admin::control::ControlServer;
+use gateway_admin::http::{AdminHttp, Health};
+use gateway_config::{KeystoreBackend, Mode, Settings};
+use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
+use gateway_keystore::{KeyStoreError, MasterKey};
+use gateway_spool::Spool;
+use prometheus_client::registry::Registry;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::cli::RunArgs;
+use crate::ops;
+
+pub fn main(args: &RunArgs) -> ExitCode {
+    init_logging();
+    let settings = match &args.config {
+        Some(path) => match Settings::load(path) {
+            Ok(s) => s,
+            Err(problems) => {
+                for p in &problems.problems {
+                    eprintln!("{p}");
+                }
+                return ExitCode::from(2);
+            }
+        },
+        None => {
+            info!("no --config given: running the embedded development default");
+            Settings::embedded_default()
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!("{message}");
+            eprintln!("gatewayd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAYD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+async fn serve(settings: Settings) -> Result<(), String> {
+    let data_dir = settings.node.data_dir.clone();
+    gateway_durable::create_private_dir(&data_dir).map_err(|e| e.to_string())?;
+    info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
+    for (section, present) in [
+        ("hl7", settings.hl7.is_some()),
+        ("uplink", !settings.uplinks.is_empty()),
+        ("fleet", settings.fleet.is_some()),
+        ("booking", settings.booking.is_some()),
+    ] {
+        if present {
+            warn!(section, "section is configured but its service is not part of this build yet; it does not run");
+        }
+    }
+
+    let master = master_key(&settings)?;
+    let destinations = settings.uplinks.iter().map(|u| u.name.as_str().to_string()).collect();
+    let spool = Spool::open(&data_dir, Some(master), ops::limits(&settings), destinations).map_err(|e| e.to_string())?;
+    spool.recover().map_err(|e| e.to_string())?;
+
+    let mut registry = Registry::default();
+    spool.register_metrics(&mut registry);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let mut services = JoinSet::new();
+
+    let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
+    if let Some(dicom) = &settings.dicom {
+        let service = DicomService::bind(dicom_settings(dicom), spool.clone(), &mut registry)
+            .await
+            .map_err(|e| e.to_string())?;
+        services.spawn(service.run(shutdown.clone()));
+    }
+    let health = Health::default();
+    let registry = Arc::new(registry);
+    if let Some(admin) = &settings.admin {
+        let http = AdminHttp::bind(admin.listen, Arc::clone(&registry), health.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let rx = shutdown.clone();
+        services.spawn(async move {
+            if let Err(e) = http.run(rx).await {
+                error!(error = %e, "admin HTTP stopped");
+            }
+        });
+    }
+    services.spawn(control.run(shutdown.clone()));
+    health.set_ready(true);
+    info!("gatewayd ready");
+
+    wait_for_signal().await?;
+    info!("shutdown requested: draining");
+    health.set_ready(false);
+    let _ = shutdown_tx.send(true);
+    while let Some(joined) = services.join_next().await {
+        if let Err(e) = joined {
+            error!(error = %e, "a service task failed");
+        }
+    }
+    drop(spool);
+    info!("gatewayd stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<(), String> {
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// The spool master key. A development box with the software key store and an empty spool
+/// gets a key made on first start; anything else needs `gatewayd keys init`.
+fn master_key(settings: &Settings) -> Result<MasterKey, String> {
+    let data_dir = &settings.node.data_dir;
+    let backend = ops::backend(settings);
+    match gateway_keystore::open(&backend, data_dir) {
+        Ok(store) => store.spool_master_key().map_err(|e| e.to_string()),
+        Err(KeyStoreError::NotInitialised { .. })
+            if settings.node.mode == Mode::Development
+                && settings.keystore.backend == KeystoreBackend::Software
+                && spool_is_empty(data_dir) =>
+        {
+            warn!("development mode: creating a software key store for this new data folder");
+            gateway_keystore::init(&backend, data_dir).map_err(|e| e.to_string())?;
+            gateway_keystore::open(&backend, data_dir)
+                .and_then(|s| s.spool_master_key())
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn spool_is_empty(data_dir: &Path) -> bool {
+    std::fs::read_dir(data_dir.join("spool").join("blobs")).map_or(true, |mut d| d.next().is_none())
+}
+
+fn dicom_settings(dicom: &gateway_config::Dicom) -> DicomSettings {
+    DicomSettings {
+        listen: dicom.listen,
+        policy: PolicySettings {
+            ae_title: dicom.ae_title.as_str().to_string(),
+            max_associations: dicom.max_associations,
+            max_associations_per_peer: dicom.max_associations_per_peer,
+            peers: dicom
+                .peers
+                .iter()
+                .map(|p| Peer {
+                    ae_title: p.ae_title.as_str().to_string(),
+                    host: p.host,
+                    max_associations: p.max_associations,
+                })
+                .collect(),
+        },
+        max_pdu_length: u32::try_from(dicom.max_pdu_length.bytes()).unwrap_or(u32::MAX),
+        artim_timeout: dicom.artim_timeout.get(),
+        idle_timeout: dicom.idle_timeout.get(),
+        shutdown_grace: dicom.shutdown_grace.get(),
+    }
+}
