@@ -27,7 +27,10 @@ pub enum Request {
     Status,
     Verify,
     /// Writes the newest object with this SOP Instance UID to `out` (absolute path).
-    Export { sop_instance_uid: String, out: PathBuf },
+    Export {
+        sop_instance_uid: String,
+        out: PathBuf,
+    },
 }
 
 /// A control response.
@@ -45,13 +48,22 @@ pub enum Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot listen on control socket {path}: {source}")]
-    Bind { path: PathBuf, source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no daemon is listening on {path}")]
     NoDaemon { path: PathBuf },
     #[error("control socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("control socket {path}: unreadable answer: {source}")]
-    Protocol { path: PathBuf, source: serde_json::Error },
+    Protocol {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// Where the socket of a data folder lives.
@@ -64,12 +76,17 @@ pub fn execute(spool: &Spool, request: &Request) -> Response {
     let result = match request {
         Request::Status => spool.status().map(Response::Status),
         Request::Verify => spool.verify().map(Response::Verify),
-        Request::Export { sop_instance_uid, out } => export(spool, sop_instance_uid, out),
+        Request::Export {
+            sop_instance_uid,
+            out,
+        } => export(spool, sop_instance_uid, out),
     };
     match result {
         Ok(r) => r,
         Err(SpoolError::NotFound) => Response::NotFound,
-        Err(e) => Response::Error { message: e.to_string() },
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
     }
 }
 
@@ -81,12 +98,19 @@ fn export(spool: &Spool, uid: &str, out: &Path) -> Result<Response, SpoolError> 
     let file = gateway_durable::create_new_private(&tmp)?;
     let mut writer = std::io::BufWriter::new(file);
     let result = spool.export(uid, &mut writer).and_then(|record| {
-        writer
-            .flush()
-            .map_err(|source| gateway_durable::Error { action: "write", path: tmp.clone(), source })?;
-        fs::rename(&tmp, out)
-            .map_err(|source| gateway_durable::Error { action: "rename", path: out.to_path_buf(), source })?;
-        Ok(Response::Exported { bytes: record.plain_len })
+        writer.flush().map_err(|source| gateway_durable::Error {
+            action: "write",
+            path: tmp.clone(),
+            source,
+        })?;
+        fs::rename(&tmp, out).map_err(|source| gateway_durable::Error {
+            action: "rename",
+            path: out.to_path_buf(),
+            source,
+        })?;
+        Ok(Response::Exported {
+            bytes: record.plain_len,
+        })
     });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -105,7 +129,10 @@ pub struct ControlServer {
 impl ControlServer {
     pub fn bind(data_dir: &Path, spool: Spool) -> Result<Self, ControlError> {
         let path = socket_path(data_dir);
-        let bind_err = |source| ControlError::Bind { path: path.clone(), source };
+        let bind_err = |source| ControlError::Bind {
+            path: path.clone(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             gateway_durable::create_private_dir(dir).map_err(|e| bind_err(e.source))?;
         }
@@ -116,7 +143,11 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(&path).map_err(bind_err)?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-        Ok(Self { listener, path, spool })
+        Ok(Self {
+            listener,
+            path,
+            spool,
+        })
     }
 
     /// Serves until `shutdown` turns true; removes the socket file on the way out.
@@ -145,14 +176,22 @@ async fn serve_one(stream: UnixStream, spool: Spool) {
     let mut line = String::new();
     let mut reader = BufReader::new(read).take_limited();
     let response = match reader.read_line(&mut line).await {
-        Ok(_) if line.len() > MAX_REQUEST => Response::Error { message: "request too large".into() },
+        Ok(_) if line.len() > MAX_REQUEST => Response::Error {
+            message: "request too large".into(),
+        },
         Ok(_) => match serde_json::from_str::<Request>(line.trim_end()) {
             Ok(request) => tokio::task::spawn_blocking(move || execute(&spool, &request))
                 .await
-                .unwrap_or_else(|_| Response::Error { message: "request failed".into() }),
-            Err(e) => Response::Error { message: format!("bad request: {e}") },
+                .unwrap_or_else(|_| Response::Error {
+                    message: "request failed".into(),
+                }),
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
         },
-        Err(e) => Response::Error { message: format!("read failed: {e}") },
+        Err(e) => Response::Error {
+            message: format!("read failed: {e}"),
+        },
     };
     if let Ok(mut text) = serde_json::to_string(&response) {
         text.push('\n');
@@ -176,22 +215,36 @@ pub async fn request(data_dir: &Path, request: &Request) -> Result<Response, Con
     let path = socket_path(data_dir);
     let stream = match UnixStream::connect(&path).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Err(ControlError::NoDaemon { path });
         }
         Err(source) => return Err(ControlError::Io { path, source }),
     };
     let (read, mut write) = stream.into_split();
-    let mut text = serde_json::to_string(request).map_err(|source| ControlError::Protocol { path: path.clone(), source })?;
+    let mut text = serde_json::to_string(request).map_err(|source| ControlError::Protocol {
+        path: path.clone(),
+        source,
+    })?;
     text.push('\n');
     write
         .write_all(text.as_bytes())
         .await
-        .map_err(|source| ControlError::Io { path: path.clone(), source })?;
+        .map_err(|source| ControlError::Io {
+            path: path.clone(),
+            source,
+        })?;
     let mut line = String::new();
     BufReader::new(read)
         .read_line(&mut line)
         .await
-        .map_err(|source| ControlError::Io { path: path.clone(), source })?;
+        .map_err(|source| ControlError::Io {
+            path: path.clone(),
+            source,
+        })?;
     serde_json::from_str(line.trim_end()).map_err(|source| ControlError::Protocol { path, source })
 }

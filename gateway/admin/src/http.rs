@@ -18,7 +18,10 @@ use tracing::info;
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("cannot listen for admin HTTP on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("admin HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -51,9 +54,19 @@ pub struct AdminHttp {
 }
 
 impl AdminHttp {
-    pub async fn bind(addr: SocketAddr, registry: Arc<Registry>, health: Health) -> Result<Self, AdminError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { addr, source })?;
-        Ok(Self { listener, registry, health })
+    pub async fn bind(
+        addr: SocketAddr,
+        registry: Arc<Registry>,
+        health: Health,
+    ) -> Result<Self, AdminError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            registry,
+            health,
+        })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -62,7 +75,10 @@ impl AdminHttp {
 
     /// Serves until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), AdminError> {
-        let state = AppState { registry: self.registry, health: self.health };
+        let state = AppState {
+            registry: self.registry,
+            health: self.health,
+        };
         let app = Router::new()
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
@@ -92,7 +108,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(_) => (

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dicom_ul::Pdu;
 use dicom_ul::association::AsyncServerAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
-use dicom_ul::Pdu;
 use gateway_spool::{Committed, ObjectMeta, Spool, SpoolError};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -89,8 +89,12 @@ pub(crate) async fn serve(
         store.discard().await;
     }
     match end {
-        End::Released => info!(peer = %addr, calling_ae = %calling, stored = state.stored, "association released"),
-        End::PeerAborted => info!(peer = %addr, calling_ae = %calling, stored = state.stored, "association aborted by peer"),
+        End::Released => {
+            info!(peer = %addr, calling_ae = %calling, stored = state.stored, "association released")
+        }
+        End::PeerAborted => {
+            info!(peer = %addr, calling_ae = %calling, stored = state.stored, "association aborted by peer")
+        }
         End::Broken(error) => {
             info!(peer = %addr, calling_ae = %calling, error, "association ended on a receive error");
             let _ = association.abort().await;
@@ -125,7 +129,10 @@ impl Dimse {
                     if self.store.is_some() {
                         return Err("command fragment in the middle of a data set");
                     }
-                    if self.command_pc.is_some_and(|pc| pc != pdv.presentation_context_id) {
+                    if self
+                        .command_pc
+                        .is_some_and(|pc| pc != pdv.presentation_context_id)
+                    {
                         return Err("command fragments on different presentation contexts");
                     }
                     if self.command.len() + pdv.data.len() > MAX_COMMAND_LEN {
@@ -136,8 +143,14 @@ impl Dimse {
                     if pdv.is_last {
                         let bytes = std::mem::take(&mut self.command);
                         self.command_pc = None;
-                        self.on_command(&bytes, pdv.presentation_context_id, association, ctx, calling)
-                            .await?;
+                        self.on_command(
+                            &bytes,
+                            pdv.presentation_context_id,
+                            association,
+                            ctx,
+                            calling,
+                        )
+                        .await?;
                     }
                 }
                 PDataValueType::Data => {
@@ -158,7 +171,12 @@ impl Dimse {
                             if code == status::SUCCESS {
                                 self.stored += 1;
                             }
-                            send_command(association, pc_id, dimse::store_response(&req, code, comment)).await?;
+                            send_command(
+                                association,
+                                pc_id,
+                                dimse::store_response(&req, code, comment),
+                            )
+                            .await?;
                         }
                     }
                 }
@@ -183,25 +201,47 @@ impl Dimse {
             .ok_or("message on a presentation context that was not accepted")?;
         let request = dimse::decode(bytes).map_err(|_| "command set does not decode")?;
         match request {
-            Request::Echo { message_id, sop_class_uid } => {
-                send_command(association, pc_id, dimse::echo_response(message_id, &sop_class_uid)).await
+            Request::Echo {
+                message_id,
+                sop_class_uid,
+            } => {
+                send_command(
+                    association,
+                    pc_id,
+                    dimse::echo_response(message_id, &sop_class_uid),
+                )
+                .await
             }
             Request::Store(req) => {
                 let refusal = if trim_uid(&pc.abstract_syntax) != req.sop_class_uid {
-                    Some((status::SOP_CLASS_NOT_SUPPORTED, "sop_class_not_supported", "SOP class not accepted on this presentation context"))
+                    Some((
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "sop_class_not_supported",
+                        "SOP class not accepted on this presentation context",
+                    ))
                 } else if !req.has_data_set {
-                    Some((status::CANNOT_UNDERSTAND, "invalid", "C-STORE without a data set"))
+                    Some((
+                        status::CANNOT_UNDERSTAND,
+                        "invalid",
+                        "C-STORE without a data set",
+                    ))
                 } else {
                     None
                 };
                 match refusal {
                     Some((code, label, comment)) if !req.has_data_set => {
                         ctx.metrics.stored(label);
-                        send_command(association, pc_id, dimse::store_response(&req, code, Some(comment))).await
+                        send_command(
+                            association,
+                            pc_id,
+                            dimse::store_response(&req, code, Some(comment)),
+                        )
+                        .await
                     }
                     refusal => {
                         let ts = trim_uid(&pc.transfer_syntax).to_string();
-                        self.store = Some(InboundObject::start(ctx, req, pc_id, ts, calling, refusal));
+                        self.store =
+                            Some(InboundObject::start(ctx, req, pc_id, ts, calling, refusal));
                         Ok(())
                     }
                 }
@@ -212,7 +252,11 @@ impl Dimse {
     }
 }
 
-async fn send_command(association: &mut Association, pc_id: u8, data: Vec<u8>) -> Result<(), &'static str> {
+async fn send_command(
+    association: &mut Association,
+    pc_id: u8,
+    data: Vec<u8>,
+) -> Result<(), &'static str> {
     if data.is_empty() {
         return Err("response did not encode");
     }
@@ -224,7 +268,10 @@ async fn send_command(association: &mut Association, pc_id: u8, data: Vec<u8>) -
             data,
         }],
     };
-    association.send(&pdu).await.map_err(|_| "cannot send response")
+    association
+        .send(&pdu)
+        .await
+        .map_err(|_| "cannot send response")
 }
 
 fn trim_uid(uid: &str) -> &str {
@@ -258,15 +305,31 @@ impl InboundObject {
         refusal: Option<(u16, &'static str, &'static str)>,
     ) -> Self {
         let walker = Encoding::of_transfer_syntax(&transfer_syntax).map(Walker::new);
-        let mut object = Self { req, pc_id, walker, walk_error: false, refusal, tx: None, result: None };
+        let mut object = Self {
+            req,
+            pc_id,
+            walker,
+            walk_error: false,
+            refusal,
+            tx: None,
+            result: None,
+        };
         if object.refusal.is_some() {
             // Drain the data set and answer with the refusal; nothing is written.
             return object;
         }
-        let header = match part10::header(&object.req.sop_class_uid, &object.req.sop_instance_uid, &transfer_syntax) {
+        let header = match part10::header(
+            &object.req.sop_class_uid,
+            &object.req.sop_instance_uid,
+            &transfer_syntax,
+        ) {
             Ok(h) => h,
             Err(_) => {
-                object.refusal = Some((status::CANNOT_UNDERSTAND, "invalid", "UIDs do not form a valid file meta group"));
+                object.refusal = Some((
+                    status::CANNOT_UNDERSTAND,
+                    "invalid",
+                    "UIDs do not form a valid file meta group",
+                ));
                 return object;
             }
         };
@@ -310,14 +373,26 @@ impl InboundObject {
             return (refusal.0, refusal.1, Some(refusal.2));
         }
         let check = match self.walker.take() {
-            _ if self.walk_error => Err((status::CANNOT_UNDERSTAND, "invalid", "malformed data set")),
+            _ if self.walk_error => {
+                Err((status::CANNOT_UNDERSTAND, "invalid", "malformed data set"))
+            }
             Some(walker) => match walker.finish() {
                 Err(_) => Err((status::CANNOT_UNDERSTAND, "invalid", "malformed data set")),
                 Ok(summary) => {
                     if summary.sop_class_uid.as_deref() != Some(self.req.sop_class_uid.as_str()) {
-                        Err((status::DATASET_MISMATCH, "mismatch", "SOP Class UID of data set does not match command"))
-                    } else if summary.sop_instance_uid.as_deref() != Some(self.req.sop_instance_uid.as_str()) {
-                        Err((status::DATASET_MISMATCH, "mismatch", "SOP Instance UID of data set does not match command"))
+                        Err((
+                            status::DATASET_MISMATCH,
+                            "mismatch",
+                            "SOP Class UID of data set does not match command",
+                        ))
+                    } else if summary.sop_instance_uid.as_deref()
+                        != Some(self.req.sop_instance_uid.as_str())
+                    {
+                        Err((
+                            status::DATASET_MISMATCH,
+                            "mismatch",
+                            "SOP Instance UID of data set does not match command",
+                        ))
                     } else {
                         Ok(())
                     }
@@ -346,14 +421,26 @@ impl InboundObject {
                 debug!(object = %hex_id(&id), "duplicate of a stored object");
                 (status::SUCCESS, "duplicate", None)
             }
-            Ok(None) => (status::OUT_OF_RESOURCES, "out_of_resources", Some("storage interrupted")),
+            Ok(None) => (
+                status::OUT_OF_RESOURCES,
+                "out_of_resources",
+                Some("storage interrupted"),
+            ),
             Err(SpoolError::Full { reason }) => {
                 warn!(reason, "C-STORE refused: spool full");
-                (status::OUT_OF_RESOURCES, "out_of_resources", Some("gateway storage is full"))
+                (
+                    status::OUT_OF_RESOURCES,
+                    "out_of_resources",
+                    Some("gateway storage is full"),
+                )
             }
             Err(e) => {
                 warn!(error = %e, "C-STORE failed in the spool");
-                (status::OUT_OF_RESOURCES, "out_of_resources", Some("gateway storage failed"))
+                (
+                    status::OUT_OF_RESOURCES,
+                    "out_of_resources",
+                    Some("gateway storage failed"),
+                )
             }
         }
     }

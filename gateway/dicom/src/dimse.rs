@@ -45,11 +45,17 @@ pub enum CommandError {
 /// A decoded request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Echo { message_id: u16, sop_class_uid: String },
+    Echo {
+        message_id: u16,
+        sop_class_uid: String,
+    },
     Store(StoreRequest),
     Cancel,
     /// Any other command (C-FIND, N-ACTION, ...): not offered by this SCP.
-    Other { command_field: u16, message_id: Option<u16> },
+    Other {
+        command_field: u16,
+        message_id: Option<u16>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +69,8 @@ pub struct StoreRequest {
 /// Decodes a complete command set.
 pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
     let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts).map_err(|_| CommandError::Decode)?;
+    let obj =
+        InMemDicomObject::read_dataset_with_ts(bytes, &ts).map_err(|_| CommandError::Decode)?;
     let u16_of = |tag, name| {
         obj.element(tag)
             .ok()
@@ -89,7 +96,8 @@ pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
             message_id: u16_of(tags::MESSAGE_ID, "Message ID")?,
             sop_class_uid: uid_of(tags::AFFECTED_SOP_CLASS_UID, "Affected SOP Class UID")?,
             sop_instance_uid: uid_of(tags::AFFECTED_SOP_INSTANCE_UID, "Affected SOP Instance UID")?,
-            has_data_set: u16_of(tags::COMMAND_DATA_SET_TYPE, "Command Data Set Type")? != NO_DATA_SET,
+            has_data_set: u16_of(tags::COMMAND_DATA_SET_TYPE, "Command Data Set Type")?
+                != NO_DATA_SET,
         }),
         field::C_CANCEL_RQ => Request::Cancel,
         other => Request::Other {
@@ -102,10 +110,26 @@ pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
 /// Encodes a C-ECHO-RSP.
 pub fn echo_response(message_id: u16, sop_class_uid: &str) -> Vec<u8> {
     encode(InMemDicomObject::command_from_element_iter([
-        DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, uid_value(sop_class_uid)),
-        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [field::C_ECHO_RSP])),
-        DataElement::new(tags::MESSAGE_ID_BEING_RESPONDED_TO, VR::US, dicom_value!(U16, [message_id])),
-        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [NO_DATA_SET])),
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            uid_value(sop_class_uid),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            dicom_value!(U16, [field::C_ECHO_RSP]),
+        ),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            dicom_value!(U16, [message_id]),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [NO_DATA_SET]),
+        ),
         DataElement::new(tags::STATUS, VR::US, dicom_value!(U16, [status::SUCCESS])),
     ]))
 }
@@ -113,17 +137,41 @@ pub fn echo_response(message_id: u16, sop_class_uid: &str) -> Vec<u8> {
 /// Encodes a C-STORE-RSP. `comment` goes into Error Comment and must not hold patient data.
 pub fn store_response(req: &StoreRequest, status: u16, comment: Option<&str>) -> Vec<u8> {
     let mut elements = vec![
-        DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, uid_value(&req.sop_class_uid)),
-        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [field::C_STORE_RSP])),
-        DataElement::new(tags::MESSAGE_ID_BEING_RESPONDED_TO, VR::US, dicom_value!(U16, [req.message_id])),
-        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [NO_DATA_SET])),
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            uid_value(&req.sop_class_uid),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            dicom_value!(U16, [field::C_STORE_RSP]),
+        ),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            dicom_value!(U16, [req.message_id]),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [NO_DATA_SET]),
+        ),
         DataElement::new(tags::STATUS, VR::US, dicom_value!(U16, [status])),
-        DataElement::new(tags::AFFECTED_SOP_INSTANCE_UID, VR::UI, uid_value(&req.sop_instance_uid)),
+        DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            uid_value(&req.sop_instance_uid),
+        ),
     ];
     if let Some(text) = comment {
         // Error Comment is LO: at most 64 characters.
         let text: String = text.chars().take(64).collect();
-        elements.push(DataElement::new(tags::ERROR_COMMENT, VR::LO, PrimitiveValue::from(text)));
+        elements.push(DataElement::new(
+            tags::ERROR_COMMENT,
+            VR::LO,
+            PrimitiveValue::from(text),
+        ));
     }
     encode(InMemDicomObject::command_from_element_iter(elements))
 }
@@ -153,18 +201,36 @@ mod tests {
 
     fn store_rq(message_id: u16) -> Vec<u8> {
         encode(InMemDicomObject::command_from_element_iter([
-            DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, uid_value("1.2.840.10008.5.1.4.1.1.2")),
-            DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [field::C_STORE_RQ])),
+            DataElement::new(
+                tags::AFFECTED_SOP_CLASS_UID,
+                VR::UI,
+                uid_value("1.2.840.10008.5.1.4.1.1.2"),
+            ),
+            DataElement::new(
+                tags::COMMAND_FIELD,
+                VR::US,
+                dicom_value!(U16, [field::C_STORE_RQ]),
+            ),
             DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
             DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
-            DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [0x0000])),
-            DataElement::new(tags::AFFECTED_SOP_INSTANCE_UID, VR::UI, uid_value("1.2.3.4")),
+            DataElement::new(
+                tags::COMMAND_DATA_SET_TYPE,
+                VR::US,
+                dicom_value!(U16, [0x0000]),
+            ),
+            DataElement::new(
+                tags::AFFECTED_SOP_INSTANCE_UID,
+                VR::UI,
+                uid_value("1.2.3.4"),
+            ),
         ]))
     }
 
     #[test]
     fn store_request_decodes_with_its_message_id() {
-        let Request::Store(req) = decode(&store_rq(4711)).unwrap() else { panic!("not a store") };
+        let Request::Store(req) = decode(&store_rq(4711)).unwrap() else {
+            panic!("not a store")
+        };
         assert_eq!(req.message_id, 4711);
         assert_eq!(req.sop_instance_uid, "1.2.3.4");
         assert!(req.has_data_set);
@@ -172,14 +238,43 @@ mod tests {
 
     #[test]
     fn store_response_echoes_message_id_and_status() {
-        let Request::Store(req) = decode(&store_rq(9)).unwrap() else { panic!() };
+        let Request::Store(req) = decode(&store_rq(9)).unwrap() else {
+            panic!()
+        };
         let rsp = store_response(&req, status::OUT_OF_RESOURCES, Some("spool full"));
-        let obj = InMemDicomObject::read_dataset_with_ts(rsp.as_slice(), &IMPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
-        assert_eq!(obj.element(tags::MESSAGE_ID_BEING_RESPONDED_TO).unwrap().to_int::<u16>().unwrap(), 9);
-        assert_eq!(obj.element(tags::STATUS).unwrap().to_int::<u16>().unwrap(), 0xA700);
-        assert_eq!(obj.element(tags::COMMAND_FIELD).unwrap().to_int::<u16>().unwrap(), 0x8001);
-        let len = obj.element(tags::COMMAND_GROUP_LENGTH).unwrap().to_int::<u32>().unwrap();
-        assert_eq!(len as usize, rsp.len() - 12, "group length counts the bytes after it");
+        let obj = InMemDicomObject::read_dataset_with_ts(
+            rsp.as_slice(),
+            &IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap();
+        assert_eq!(
+            obj.element(tags::MESSAGE_ID_BEING_RESPONDED_TO)
+                .unwrap()
+                .to_int::<u16>()
+                .unwrap(),
+            9
+        );
+        assert_eq!(
+            obj.element(tags::STATUS).unwrap().to_int::<u16>().unwrap(),
+            0xA700
+        );
+        assert_eq!(
+            obj.element(tags::COMMAND_FIELD)
+                .unwrap()
+                .to_int::<u16>()
+                .unwrap(),
+            0x8001
+        );
+        let len = obj
+            .element(tags::COMMAND_GROUP_LENGTH)
+            .unwrap()
+            .to_int::<u32>()
+            .unwrap();
+        assert_eq!(
+            len as usize,
+            rsp.len() - 12,
+            "group length counts the bytes after it"
+        );
     }
 
     #[test]

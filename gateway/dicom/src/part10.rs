@@ -11,7 +11,11 @@ pub const IMPLEMENTATION_VERSION_NAME: &str = "GATEWAYD_0_1";
 
 /// Preamble, `DICM` and the file meta group for one object. The transfer syntax is the one
 /// the data set arrived in: the gateway never transcodes.
-pub fn header(sop_class_uid: &str, sop_instance_uid: &str, transfer_syntax_uid: &str) -> Result<Vec<u8>, String> {
+pub fn header(
+    sop_class_uid: &str,
+    sop_instance_uid: &str,
+    transfer_syntax_uid: &str,
+) -> Result<Vec<u8>, String> {
     let meta = FileMetaTableBuilder::new()
         .media_storage_sop_class_uid(sop_class_uid)
         .media_storage_sop_instance_uid(sop_instance_uid)
@@ -33,9 +37,14 @@ mod tests {
 
     #[test]
     fn header_reads_back_as_a_file_meta_group() {
-        let h = header("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1").unwrap();
+        let h = header(
+            "1.2.840.10008.5.1.4.1.1.2",
+            "1.2.3.4",
+            "1.2.840.10008.1.2.1",
+        )
+        .unwrap();
         assert_eq!(&h[128..132], b"DICM");
-        let meta = dicom_object::FileMetaTable::from_reader(&h[132..]).unwrap();
+        let meta = dicom_object::FileMetaTable::from_reader(&h[128..]).unwrap();
         assert_eq!(meta.media_storage_sop_instance_uid(), "1.2.3.4");
         assert_eq!(meta.transfer_syntax(), "1.2.840.10008.1.2.1");
         assert_eq!(meta.implementation_class_uid(), IMPLEMENTATION_CLASS_UID);

@@ -14,8 +14,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use dicom_ul::pdu::{
-    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
-    AssociationRJSource,
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJServiceUserReason, AssociationRJSource,
 };
 
 /// One allow-list entry.
@@ -61,11 +61,15 @@ impl Refusal {
         match self {
             Refusal::CalledAeTitle => AssociationRJ {
                 result: AssociationRJResult::Permanent,
-                source: AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CalledAETitleNotRecognized),
+                source: AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+                ),
             },
             Refusal::CallingAeTitle => AssociationRJ {
                 result: AssociationRJResult::Permanent,
-                source: AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CallingAETitleNotRecognized),
+                source: AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+                ),
             },
             Refusal::GlobalLimit | Refusal::PeerLimit => AssociationRJ {
                 result: AssociationRJResult::Transient,
@@ -112,7 +116,10 @@ impl Drop for Permit {
 
 impl Gatekeeper {
     pub fn new(settings: PolicySettings) -> Self {
-        Self { settings: Arc::new(settings), counts: Arc::default() }
+        Self {
+            settings: Arc::new(settings),
+            counts: Arc::default(),
+        }
     }
 
     pub fn ae_title(&self) -> &str {
@@ -135,7 +142,8 @@ impl Gatekeeper {
                 .iter()
                 .find(|p| p.ae_title == calling && canonical(p.host) == addr)
                 .ok_or(Refusal::CallingAeTitle)?;
-            peer.max_associations.unwrap_or(self.settings.max_associations_per_peer)
+            peer.max_associations
+                .unwrap_or(self.settings.max_associations_per_peer)
         };
         let key = (calling.to_string(), addr);
         let mut c = lock(&self.counts);
@@ -149,7 +157,10 @@ impl Gatekeeper {
         c.total += 1;
         c.per_peer.insert(key.clone(), mine + 1);
         drop(c);
-        Ok(Permit { key, counts: Arc::clone(&self.counts) })
+        Ok(Permit {
+            key,
+            counts: Arc::clone(&self.counts),
+        })
     }
 
     /// Live associations.
@@ -196,17 +207,33 @@ mod tests {
         assert_eq!(r, Refusal::CalledAeTitle);
         assert_eq!(
             r.pdu().source,
-            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized
+            )
         );
     }
 
     #[test]
     fn allow_list_needs_both_ae_title_and_address() {
-        let g = keeper(vec![Peer { ae_title: "CT01".into(), host: ip("10.0.0.5"), max_associations: None }], 4, 4);
+        let g = keeper(
+            vec![Peer {
+                ae_title: "CT01".into(),
+                host: ip("10.0.0.5"),
+                max_associations: None,
+            }],
+            4,
+            4,
+        );
         assert!(g.admit("CT01", "GATEWAY", ip("10.0.0.5")).is_ok());
         assert!(g.admit("CT01", "GATEWAY", ip("::ffff:10.0.0.5")).is_ok());
-        assert_eq!(g.admit("CT01", "GATEWAY", ip("10.0.0.6")).unwrap_err(), Refusal::CallingAeTitle);
-        assert_eq!(g.admit("EVIL", "GATEWAY", ip("10.0.0.5")).unwrap_err(), Refusal::CallingAeTitle);
+        assert_eq!(
+            g.admit("CT01", "GATEWAY", ip("10.0.0.6")).unwrap_err(),
+            Refusal::CallingAeTitle
+        );
+        assert_eq!(
+            g.admit("EVIL", "GATEWAY", ip("10.0.0.5")).unwrap_err(),
+            Refusal::CallingAeTitle
+        );
     }
 
     #[test]
@@ -230,17 +257,31 @@ mod tests {
     fn per_peer_limit_counts_ae_title_and_address_together() {
         let g = keeper(vec![], 8, 1);
         let _a = g.admit("CT01", "GATEWAY", ip("127.0.0.1")).unwrap();
-        assert_eq!(g.admit("CT01", "GATEWAY", ip("127.0.0.1")).unwrap_err(), Refusal::PeerLimit);
+        assert_eq!(
+            g.admit("CT01", "GATEWAY", ip("127.0.0.1")).unwrap_err(),
+            Refusal::PeerLimit
+        );
         assert!(g.admit("CT02", "GATEWAY", ip("127.0.0.1")).is_ok());
         assert!(g.admit("CT01", "GATEWAY", ip("127.0.0.2")).is_ok());
     }
 
     #[test]
     fn peer_specific_limit_overrides_default() {
-        let g = keeper(vec![Peer { ae_title: "CT01".into(), host: ip("127.0.0.1"), max_associations: Some(2) }], 8, 1);
+        let g = keeper(
+            vec![Peer {
+                ae_title: "CT01".into(),
+                host: ip("127.0.0.1"),
+                max_associations: Some(2),
+            }],
+            8,
+            1,
+        );
         let _a = g.admit("CT01", "GATEWAY", ip("127.0.0.1")).unwrap();
         let _b = g.admit("CT01", "GATEWAY", ip("127.0.0.1")).unwrap();
-        assert_eq!(g.admit("CT01", "GATEWAY", ip("127.0.0.1")).unwrap_err(), Refusal::PeerLimit);
+        assert_eq!(
+            g.admit("CT01", "GATEWAY", ip("127.0.0.1")).unwrap_err(),
+            Refusal::PeerLimit
+        );
         assert_eq!(g.active(), 2);
     }
 }

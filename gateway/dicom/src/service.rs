@@ -46,10 +46,17 @@ pub struct DicomSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum DicomError {
     #[error("cannot listen for DICOM on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
-pub(crate) type Options = ServerAssociationOptions<'static, AcceptCalledAeTitle, dicom_ul::association::server::DefaultNegotiation>;
+pub(crate) type Options = ServerAssociationOptions<
+    'static,
+    AcceptCalledAeTitle,
+    dicom_ul::association::server::DefaultNegotiation,
+>;
 
 /// The C-ECHO/C-STORE SCP.
 #[derive(Debug)]
@@ -62,10 +69,18 @@ pub struct DicomService {
 
 impl DicomService {
     /// Binds the listener and registers the service's metrics.
-    pub async fn bind(settings: DicomSettings, spool: Spool, registry: &mut Registry) -> Result<Self, DicomError> {
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| DicomError::Bind { addr: settings.listen, source })?;
+    pub async fn bind(
+        settings: DicomSettings,
+        spool: Spool,
+        registry: &mut Registry,
+    ) -> Result<Self, DicomError> {
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| DicomError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
         let metrics = Metrics::register(registry);
         let gatekeeper = Gatekeeper::new(settings.policy.clone());
         let ctx = Arc::new(Context {
@@ -74,7 +89,12 @@ impl DicomService {
             metrics,
             idle_timeout: settings.idle_timeout,
         });
-        Ok(Self { listener, settings, ctx, gatekeeper })
+        Ok(Self {
+            listener,
+            settings,
+            ctx,
+            gatekeeper,
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -85,7 +105,12 @@ impl DicomService {
     /// Serves until `shutdown` turns true, then stops accepting, lets open associations
     /// finish for up to `shutdown_grace`, and aborts what is left.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let Self { listener, settings, ctx, gatekeeper } = self;
+        let Self {
+            listener,
+            settings,
+            ctx,
+            gatekeeper,
+        } = self;
         info!(listen = %settings.listen, ae_title = %gatekeeper.ae_title(), "DICOM service listening");
         let (hard_stop_tx, hard_stop) = watch::channel(false);
         let max_connections = settings.policy.max_associations as usize + CONNECTION_SLACK;
@@ -168,26 +193,38 @@ async fn handle_connection(
     hard_stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (calling, called, rq_len) = match tokio::time::timeout(artim, peek_associate_rq(&stream)).await {
-        Ok(Ok(found)) => found,
-        Ok(Err(reason)) => {
-            debug!(peer = %addr, reason, "not an association request: aborting");
-            ctx.metrics.associations_rejected.get_or_create(&ReasonLabel { reason: "protocol" }).inc();
-            abort_raw(stream).await;
-            return;
-        }
-        Err(_) => {
-            debug!(peer = %addr, "ARTIM timeout before association request");
-            ctx.metrics.associations_rejected.get_or_create(&ReasonLabel { reason: "artim" }).inc();
-            abort_raw(stream).await;
-            return;
-        }
-    };
+    let (calling, called, rq_len) =
+        match tokio::time::timeout(artim, peek_associate_rq(&stream)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(reason)) => {
+                debug!(peer = %addr, reason, "not an association request: aborting");
+                ctx.metrics
+                    .associations_rejected
+                    .get_or_create(&ReasonLabel { reason: "protocol" })
+                    .inc();
+                abort_raw(stream).await;
+                return;
+            }
+            Err(_) => {
+                debug!(peer = %addr, "ARTIM timeout before association request");
+                ctx.metrics
+                    .associations_rejected
+                    .get_or_create(&ReasonLabel { reason: "artim" })
+                    .inc();
+                abort_raw(stream).await;
+                return;
+            }
+        };
     let permit = match gatekeeper.admit(&calling, &called, addr.ip()) {
         Ok(p) => p,
         Err(refusal) => {
             info!(peer = %addr, calling_ae = %calling, reason = refusal.label(), "association rejected");
-            ctx.metrics.associations_rejected.get_or_create(&ReasonLabel { reason: refusal.label() }).inc();
+            ctx.metrics
+                .associations_rejected
+                .get_or_create(&ReasonLabel {
+                    reason: refusal.label(),
+                })
+                .inc();
             reject_raw(stream, rq_len, Pdu::AssociationRJ(refusal.pdu()), artim).await;
             return;
         }
@@ -228,7 +265,9 @@ async fn peek_associate_rq(stream: &TcpStream) -> Result<(String, String, usize)
             }
             if n >= len + 6 {
                 return match dicom_ul::read_pdu(&buf[..len + 6], MAX_ASSOCIATE_RQ as u32, false) {
-                    Ok(Some(Pdu::AssociationRQ(rq))) => Ok((rq.calling_ae_title, rq.called_ae_title, len + 6)),
+                    Ok(Some(Pdu::AssociationRQ(rq))) => {
+                        Ok((rq.calling_ae_title, rq.called_ae_title, len + 6))
+                    }
                     _ => Err("malformed A-ASSOCIATE-RQ"),
                 };
             }

@@ -22,10 +22,19 @@ impl Encoding {
     /// bytes (deflated data sets are compressed as a whole).
     pub fn of_transfer_syntax(uid: &str) -> Option<Self> {
         match uid.trim_end_matches(['\0', ' ']) {
-            "1.2.840.10008.1.2" => Some(Self { explicit_vr: false, big_endian: false }),
-            "1.2.840.10008.1.2.2" => Some(Self { explicit_vr: true, big_endian: true }),
+            "1.2.840.10008.1.2" => Some(Self {
+                explicit_vr: false,
+                big_endian: false,
+            }),
+            "1.2.840.10008.1.2.2" => Some(Self {
+                explicit_vr: true,
+                big_endian: true,
+            }),
             "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.4.95" => None,
-            _ => Some(Self { explicit_vr: true, big_endian: false }),
+            _ => Some(Self {
+                explicit_vr: true,
+                big_endian: false,
+            }),
         }
     }
 }
@@ -35,12 +44,28 @@ impl Encoding {
 pub enum WalkError {
     #[error("data set ends inside an element or sequence (at byte {offset})")]
     Truncated { offset: u64 },
-    #[error("element ({group:04X},{element:04X}) at byte {offset} has undefined length, which its VR does not allow")]
-    UndefinedLength { group: u16, element: u16, offset: u64 },
-    #[error("unexpected ({group:04X},{element:04X}) at byte {offset} inside a sequence (expected an item)")]
-    NotAnItem { group: u16, element: u16, offset: u64 },
+    #[error(
+        "element ({group:04X},{element:04X}) at byte {offset} has undefined length, which its VR does not allow"
+    )]
+    UndefinedLength {
+        group: u16,
+        element: u16,
+        offset: u64,
+    },
+    #[error(
+        "unexpected ({group:04X},{element:04X}) at byte {offset} inside a sequence (expected an item)"
+    )]
+    NotAnItem {
+        group: u16,
+        element: u16,
+        offset: u64,
+    },
     #[error("delimiter ({group:04X},{element:04X}) at byte {offset} closes nothing")]
-    StrayDelimiter { group: u16, element: u16, offset: u64 },
+    StrayDelimiter {
+        group: u16,
+        element: u16,
+        offset: u64,
+    },
     #[error("sequences nested deeper than {max} levels at byte {offset}")]
     TooDeep { max: usize, offset: u64 },
     #[error("invalid VR bytes at byte {offset}")]
@@ -117,7 +142,11 @@ impl Walker {
                 State::Skip(n) => {
                     let take = n.min(data.len() as u64);
                     self.advance(take as usize, &mut data);
-                    self.state = if n == take { State::Header } else { State::Skip(n - take) };
+                    self.state = if n == take {
+                        State::Header
+                    } else {
+                        State::Skip(n - take)
+                    };
                 }
                 State::Capture(which, n) => {
                     let take = (n as usize).min(data.len());
@@ -159,7 +188,9 @@ impl Walker {
     /// Ends the data set: it must end on an element boundary with every sequence closed.
     pub fn finish(self) -> Result<Summary, WalkError> {
         if self.state != State::Header || self.have != 0 || !self.stack.is_empty() {
-            return Err(WalkError::Truncated { offset: self.offset });
+            return Err(WalkError::Truncated {
+                offset: self.offset,
+            });
         }
         let mut summary = self.summary;
         summary.bytes = self.offset;
@@ -173,17 +204,34 @@ impl Walker {
 
     fn u16_at(&self, i: usize) -> u16 {
         let b = [self.header[i], self.header[i + 1]];
-        if self.enc.big_endian { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) }
+        if self.enc.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
     }
 
     fn u32_at(&self, i: usize) -> u32 {
-        let b = [self.header[i], self.header[i + 1], self.header[i + 2], self.header[i + 3]];
-        if self.enc.big_endian { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
+        let b = [
+            self.header[i],
+            self.header[i + 1],
+            self.header[i + 2],
+            self.header[i + 3],
+        ];
+        if self.enc.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
     }
 
     /// Bytes of the header being read: 8, or 12 once an explicit long-form VR is seen.
     fn header_len(&self) -> usize {
-        if self.have >= 6 && self.enc.explicit_vr && self.u16_at(0) != 0xFFFE && is_long_vr(&self.header[4..6]) {
+        if self.have >= 6
+            && self.enc.explicit_vr
+            && self.u16_at(0) != 0xFFFE
+            && is_long_vr(&self.header[4..6])
+        {
             12
         } else {
             8
@@ -198,7 +246,11 @@ impl Walker {
             return self.on_delimitation(element, len, offset);
         }
         if self.stack.last() == Some(&Frame::Sequence) {
-            return Err(WalkError::NotAnItem { group, element, offset });
+            return Err(WalkError::NotAnItem {
+                group,
+                element,
+                offset,
+            });
         }
         let (len, may_be_undefined) = if self.enc.explicit_vr {
             let vr = [self.header[4], self.header[5]];
@@ -215,7 +267,11 @@ impl Walker {
         };
         if len == UNDEFINED {
             if !may_be_undefined {
-                return Err(WalkError::UndefinedLength { group, element, offset });
+                return Err(WalkError::UndefinedLength {
+                    group,
+                    element,
+                    offset,
+                });
             }
             return self.push(Frame::Sequence, offset);
         }
@@ -233,14 +289,22 @@ impl Walker {
     }
 
     fn on_delimitation(&mut self, element: u16, len: u32, offset: u64) -> Result<(), WalkError> {
-        let stray = WalkError::StrayDelimiter { group: 0xFFFE, element, offset };
+        let stray = WalkError::StrayDelimiter {
+            group: 0xFFFE,
+            element,
+            offset,
+        };
         match (element, self.stack.last()) {
             // Item start, inside a sequence.
             (0xE000, Some(Frame::Sequence)) => {
                 if len == UNDEFINED {
                     self.push(Frame::Item, offset)
                 } else {
-                    self.state = if len == 0 { State::Header } else { State::Skip(u64::from(len)) };
+                    self.state = if len == 0 {
+                        State::Header
+                    } else {
+                        State::Skip(u64::from(len))
+                    };
                     Ok(())
                 }
             }
@@ -260,7 +324,10 @@ impl Walker {
 
     fn push(&mut self, frame: Frame, offset: u64) -> Result<(), WalkError> {
         if self.stack.len() >= MAX_DEPTH {
-            return Err(WalkError::TooDeep { max: MAX_DEPTH, offset });
+            return Err(WalkError::TooDeep {
+                max: MAX_DEPTH,
+                offset,
+            });
         }
         self.stack.push(frame);
         Ok(())
@@ -270,7 +337,19 @@ impl Walker {
 fn is_long_vr(vr: &[u8]) -> bool {
     matches!(
         vr,
-        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV"
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
     )
 }
 
@@ -279,8 +358,14 @@ fn is_long_vr(vr: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    const EXPLICIT_LE: Encoding = Encoding { explicit_vr: true, big_endian: false };
-    const IMPLICIT_LE: Encoding = Encoding { explicit_vr: false, big_endian: false };
+    const EXPLICIT_LE: Encoding = Encoding {
+        explicit_vr: true,
+        big_endian: false,
+    };
+    const IMPLICIT_LE: Encoding = Encoding {
+        explicit_vr: false,
+        big_endian: false,
+    };
 
     fn short(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
@@ -312,7 +397,11 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let mut d = Vec::new();
-        d.extend(short((0x0008, 0x0016), b"UI", b"1.2.840.10008.5.1.4.1.1.2\0"));
+        d.extend(short(
+            (0x0008, 0x0016),
+            b"UI",
+            b"1.2.840.10008.5.1.4.1.1.2\0",
+        ));
         d.extend(short((0x0008, 0x0018), b"UI", b"1.2.3.4.5.6"));
         d.extend(short((0x0010, 0x0010), b"PN", b"DOE^JANE"));
         // Undefined-length sequence with one undefined-length item holding one element.
@@ -343,7 +432,10 @@ mod tests {
         let d = sample();
         for split in [1, 2, 3, 7, 11, 64, d.len()] {
             let s = walk(EXPLICIT_LE, &d, split).unwrap();
-            assert_eq!(s.sop_class_uid.as_deref(), Some("1.2.840.10008.5.1.4.1.1.2"));
+            assert_eq!(
+                s.sop_class_uid.as_deref(),
+                Some("1.2.840.10008.5.1.4.1.1.2")
+            );
             assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2.3.4.5.6"));
             assert_eq!(s.bytes, d.len() as u64);
         }
@@ -353,8 +445,9 @@ mod tests {
     fn every_strict_prefix_is_refused() {
         let d = sample();
         for cut in 1..d.len() {
-            // A prefix that ends on a top-level element boundary is a valid (shorter) data set.
-            let boundary = [26 + 8, 26 + 8 + 11 + 8, 26 + 8 + 11 + 8 + 8 + 8].contains(&cut);
+            // A prefix ending on a top-level element boundary (after the UIDs, the name, the
+            // closed sequence) is a valid shorter data set.
+            let boundary = [34, 53, 69, 121].contains(&cut);
             let r = walk(EXPLICIT_LE, &d[..cut], 5);
             assert_eq!(r.is_ok(), boundary, "prefix of {cut} bytes: {r:?}");
         }
@@ -364,28 +457,43 @@ mod tests {
     fn huge_declared_length_with_short_body_is_truncated() {
         let mut d = short((0x0008, 0x0018), b"UI", b"1.2.3");
         d.extend(long((0x7FE0, 0x0010), b"OB", 0x7FFF_0000, &[0; 10]));
-        assert!(matches!(walk(EXPLICIT_LE, &d, 4096), Err(WalkError::Truncated { .. })));
+        assert!(matches!(
+            walk(EXPLICIT_LE, &d, 4096),
+            Err(WalkError::Truncated { .. })
+        ));
     }
 
     #[test]
     fn undefined_length_on_a_short_vr_is_refused() {
         let mut d = long((0x0010, 0x0010), b"UT", UNDEFINED, &[]);
         d.extend(delim(0xE0DD, 0));
-        assert!(matches!(walk(EXPLICIT_LE, &d, 3), Err(WalkError::UndefinedLength { .. })));
+        assert!(matches!(
+            walk(EXPLICIT_LE, &d, 3),
+            Err(WalkError::UndefinedLength { .. })
+        ));
     }
 
     #[test]
     fn stray_delimiters_and_non_items_in_sequences_are_refused() {
-        assert!(matches!(walk(EXPLICIT_LE, &delim(0xE0DD, 0), 8), Err(WalkError::StrayDelimiter { .. })));
+        assert!(matches!(
+            walk(EXPLICIT_LE, &delim(0xE0DD, 0), 8),
+            Err(WalkError::StrayDelimiter { .. })
+        ));
         let mut d = long((0x0040, 0x0275), b"SQ", UNDEFINED, &[]);
         d.extend(short((0x0010, 0x0010), b"PN", b"X "));
-        assert!(matches!(walk(EXPLICIT_LE, &d, 8), Err(WalkError::NotAnItem { .. })));
+        assert!(matches!(
+            walk(EXPLICIT_LE, &d, 8),
+            Err(WalkError::NotAnItem { .. })
+        ));
     }
 
     #[test]
     fn garbage_vr_is_refused() {
         let d = [0x08, 0x00, 0x18, 0x00, 0x01, 0x02, 0x00, 0x00];
-        assert!(matches!(walk(EXPLICIT_LE, &d, 8), Err(WalkError::BadVr { .. })));
+        assert!(matches!(
+            walk(EXPLICIT_LE, &d, 8),
+            Err(WalkError::BadVr { .. })
+        ));
     }
 
     #[test]
@@ -395,7 +503,10 @@ mod tests {
             d.extend(long((0x0040, 0x0275), b"SQ", UNDEFINED, &[]));
             d.extend(delim(0xE000, UNDEFINED));
         }
-        assert!(matches!(walk(EXPLICIT_LE, &d, 100), Err(WalkError::TooDeep { .. })));
+        assert!(matches!(
+            walk(EXPLICIT_LE, &d, 100),
+            Err(WalkError::TooDeep { .. })
+        ));
     }
 
     #[test]
@@ -416,8 +527,18 @@ mod tests {
 
     #[test]
     fn big_endian_lengths_are_read_big_endian() {
-        let d = [0x00, 0x08, 0x00, 0x18, b'U', b'I', 0x00, 0x04, b'1', b'.', b'2', 0];
-        let s = walk(Encoding { explicit_vr: true, big_endian: true }, &d, 5).unwrap();
+        let d = [
+            0x00, 0x08, 0x00, 0x18, b'U', b'I', 0x00, 0x04, b'1', b'.', b'2', 0,
+        ];
+        let s = walk(
+            Encoding {
+                explicit_vr: true,
+                big_endian: true,
+            },
+            &d,
+            5,
+        )
+        .unwrap();
         assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2"));
     }
 }

@@ -35,7 +35,9 @@ pub fn limits(settings: &Settings) -> Limits {
 pub fn backend(settings: &Settings) -> Backend {
     match settings.keystore.backend {
         KeystoreBackend::Software => Backend::Software,
-        KeystoreBackend::Tpm => Backend::Tpm { tcti: settings.keystore.tcti.to_string() },
+        KeystoreBackend::Tpm => Backend::Tpm {
+            tcti: settings.keystore.tcti.to_string(),
+        },
     }
 }
 
@@ -52,7 +54,11 @@ pub fn spool(cmd: &SpoolCommand) -> ExitCode {
     let (config, request, json) = match cmd {
         SpoolCommand::Status { config, json } => (config, Request::Status, *json),
         SpoolCommand::Verify { config, json } => (config, Request::Verify, *json),
-        SpoolCommand::Export { config, sop_instance_uid, out } => {
+        SpoolCommand::Export {
+            config,
+            sop_instance_uid,
+            out,
+        } => {
             let out = match absolute(out) {
                 Ok(p) => p,
                 Err(e) => {
@@ -60,7 +66,14 @@ pub fn spool(cmd: &SpoolCommand) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            (config, Request::Export { sop_instance_uid: sop_instance_uid.clone(), out }, false)
+            (
+                config,
+                Request::Export {
+                    sop_instance_uid: sop_instance_uid.clone(),
+                    out,
+                },
+                false,
+            )
         }
     };
     let settings = match load(config) {
@@ -98,8 +111,13 @@ fn send_or_execute(settings: &Settings, request: &Request) -> Result<Response, S
                 .map_err(|e| e.to_string())?,
         ),
     };
-    let destinations = settings.uplinks.iter().map(|u| u.name.as_str().to_string()).collect();
-    let spool = Spool::open(data_dir, master, limits(settings), destinations).map_err(|e| e.to_string())?;
+    let destinations = settings
+        .uplinks
+        .iter()
+        .map(|u| u.name.as_str().to_string())
+        .collect();
+    let spool =
+        Spool::open(data_dir, master, limits(settings), destinations).map_err(|e| e.to_string())?;
     Ok(control::execute(&spool, request))
 }
 
@@ -139,7 +157,11 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
                     report.partial_files
                 );
             }
-            if report.is_consistent() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if report.is_consistent() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Response::Exported { bytes } => {
             eprintln!("exported {bytes} bytes");
@@ -179,7 +201,9 @@ pub fn keys(cmd: &KeysCommand) -> ExitCode {
         KeysCommand::Csr(a) => (&a.config, "csr"),
         KeysCommand::Wipe(a) => {
             if !a.yes {
-                eprintln!("gatewayd: keys wipe makes every stored object unreadable; add --yes to confirm");
+                eprintln!(
+                    "gatewayd: keys wipe makes every stored object unreadable; add --yes to confirm"
+                );
                 return ExitCode::from(2);
             }
             (&a.config, "wipe")
@@ -225,5 +249,7 @@ pub fn keys(cmd: &KeysCommand) -> ExitCode {
 }
 
 fn fingerprint(status: &gateway_keystore::Status) -> String {
-    status.master_key_id.map_or_else(|| "-".into(), |id| id.to_string())
+    status
+        .master_key_id
+        .map_or_else(|| "-".into(), |id| id.to_string())
 }

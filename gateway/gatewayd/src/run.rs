@@ -37,7 +37,10 @@ pub fn main(args: &RunArgs) -> ExitCode {
             Settings::embedded_default()
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the async runtime");
@@ -76,13 +79,26 @@ async fn serve(settings: Settings) -> Result<(), String> {
         ("booking", settings.booking.is_some()),
     ] {
         if present {
-            warn!(section, "section is configured but its service is not part of this build yet; it does not run");
+            warn!(
+                section,
+                "section is configured but its service is not part of this build yet; it does not run"
+            );
         }
     }
 
     let master = master_key(&settings)?;
-    let destinations = settings.uplinks.iter().map(|u| u.name.as_str().to_string()).collect();
-    let spool = Spool::open(&data_dir, Some(master), ops::limits(&settings), destinations).map_err(|e| e.to_string())?;
+    let destinations = settings
+        .uplinks
+        .iter()
+        .map(|u| u.name.as_str().to_string())
+        .collect();
+    let spool = Spool::open(
+        &data_dir,
+        Some(master),
+        ops::limits(&settings),
+        destinations,
+    )
+    .map_err(|e| e.to_string())?;
     spool.recover().map_err(|e| e.to_string())?;
 
     let mut registry = Registry::default();
@@ -129,8 +145,10 @@ async fn serve(settings: Settings) -> Result<(), String> {
 }
 
 async fn wait_for_signal() -> Result<(), String> {
-    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -23,7 +23,6 @@ pub use software::SoftwareKeyStore;
 
 use std::path::{Path, PathBuf};
 
-
 /// What went wrong in the key store. Details stay on the box (they name local paths only).
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
@@ -34,7 +33,9 @@ pub enum KeyStoreError {
     )]
     NotInitialised { path: PathBuf },
     /// `keys init` on an initialised store.
-    #[error("key store already initialised at {path}; run `gatewayd keys wipe` first to replace it")]
+    #[error(
+        "key store already initialised at {path}; run `gatewayd keys wipe` first to replace it"
+    )]
     AlreadyInitialised { path: PathBuf },
     /// A key file exists but is unusable.
     #[error("key file {path} is corrupt: {reason}")]
@@ -79,7 +80,9 @@ pub struct Status {
 pub enum Backend {
     Software,
     /// A TPM 2.0 reached through the given TCTI string.
-    Tpm { tcti: String },
+    Tpm {
+        tcti: String,
+    },
 }
 
 /// Opens the configured key store. Fails when it is not initialised.

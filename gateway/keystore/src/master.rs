@@ -72,7 +72,10 @@ mod tests {
     fn debug_output_never_contains_key_bytes() {
         let key = MasterKey::from_bytes([0xAB; KEY_LEN]);
         let shown = format!("{key:?}");
-        assert!(!shown.contains("ab, ab") && !shown.contains("171"), "{shown}");
+        assert!(
+            !shown.contains("ab, ab") && !shown.contains("171"),
+            "{shown}"
+        );
         assert!(shown.contains("KeyId("));
     }
 

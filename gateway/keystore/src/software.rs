@@ -108,7 +108,13 @@ impl SoftwareKeyStore {
                     .map_err(io_err)?;
             }
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(io_err(durable::Error { action: "open", path, source: e })),
+            Err(e) => {
+                return Err(io_err(durable::Error {
+                    action: "open",
+                    path,
+                    source: e,
+                }));
+            }
         }
         durable::remove_durably(&path).map_err(io_err)
     }
@@ -120,17 +126,32 @@ impl SoftwareKeyStore {
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 return Err(KeyStoreError::NotInitialised { path: path.clone() });
             }
-            Err(e) => return Err(io_err(durable::Error { action: "stat", path: path.clone(), source: e })),
+            Err(e) => {
+                return Err(io_err(durable::Error {
+                    action: "stat",
+                    path: path.clone(),
+                    source: e,
+                }));
+            }
         };
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(KeyStoreError::InsecurePermissions { path: path.clone(), mode });
+            return Err(KeyStoreError::InsecurePermissions {
+                path: path.clone(),
+                mode,
+            });
         }
         let mut body = fs::read(path).ctx("read", path).map_err(io_err)?;
         let result = if body.len() != FILE_MAGIC.len() + KEY_LEN {
-            Err(KeyStoreError::Corrupt { path: path.clone(), reason: "wrong length" })
+            Err(KeyStoreError::Corrupt {
+                path: path.clone(),
+                reason: "wrong length",
+            })
         } else if &body[..FILE_MAGIC.len()] != FILE_MAGIC {
-            Err(KeyStoreError::Corrupt { path: path.clone(), reason: "bad magic" })
+            Err(KeyStoreError::Corrupt {
+                path: path.clone(),
+                reason: "bad magic",
+            })
         } else {
             let mut key = [0u8; KEY_LEN];
             key.copy_from_slice(&body[FILE_MAGIC.len()..]);
@@ -154,7 +175,11 @@ impl KeyStore for SoftwareKeyStore {
 }
 
 fn io_err(e: durable::Error) -> KeyStoreError {
-    KeyStoreError::Io { action: e.action, path: e.path, source: e.source }
+    KeyStoreError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    }
 }
 
 #[cfg(test)]
@@ -173,33 +198,54 @@ mod tests {
     #[test]
     fn init_then_open_yields_the_same_key_and_a_0600_file() {
         let dir = tempfile::tempdir().unwrap();
-        let a = SoftwareKeyStore::init(dir.path()).unwrap().spool_master_key().unwrap();
-        let b = SoftwareKeyStore::open(dir.path()).unwrap().spool_master_key().unwrap();
+        let a = SoftwareKeyStore::init(dir.path())
+            .unwrap()
+            .spool_master_key()
+            .unwrap();
+        let b = SoftwareKeyStore::open(dir.path())
+            .unwrap()
+            .spool_master_key()
+            .unwrap();
         assert_eq!(a.expose(), b.expose());
-        let mode = fs::metadata(SoftwareKeyStore::key_path(dir.path())).unwrap().permissions().mode();
+        let mode = fs::metadata(SoftwareKeyStore::key_path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]
     fn init_twice_is_refused_and_keeps_the_first_key() {
         let dir = tempfile::tempdir().unwrap();
-        let a = SoftwareKeyStore::init(dir.path()).unwrap().spool_master_key().unwrap();
+        let a = SoftwareKeyStore::init(dir.path())
+            .unwrap()
+            .spool_master_key()
+            .unwrap();
         assert!(matches!(
             SoftwareKeyStore::init(dir.path()).unwrap_err(),
             KeyStoreError::AlreadyInitialised { .. }
         ));
-        let b = SoftwareKeyStore::open(dir.path()).unwrap().spool_master_key().unwrap();
+        let b = SoftwareKeyStore::open(dir.path())
+            .unwrap()
+            .spool_master_key()
+            .unwrap();
         assert_eq!(a.expose(), b.expose());
     }
 
     #[test]
     fn wipe_removes_the_key_and_a_new_init_gives_a_different_key() {
         let dir = tempfile::tempdir().unwrap();
-        let a = SoftwareKeyStore::init(dir.path()).unwrap().spool_master_key().unwrap();
+        let a = SoftwareKeyStore::init(dir.path())
+            .unwrap()
+            .spool_master_key()
+            .unwrap();
         assert!(SoftwareKeyStore::wipe(dir.path()).unwrap());
         assert!(!SoftwareKeyStore::key_path(dir.path()).exists());
         assert!(!SoftwareKeyStore::wipe(dir.path()).unwrap());
-        let b = SoftwareKeyStore::init(dir.path()).unwrap().spool_master_key().unwrap();
+        let b = SoftwareKeyStore::init(dir.path())
+            .unwrap()
+            .spool_master_key()
+            .unwrap();
         assert_ne!(a.expose(), b.expose());
     }
 

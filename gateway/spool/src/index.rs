@@ -55,7 +55,11 @@ impl Record {
     pub fn state(&self) -> &'static str {
         if self.destinations.is_empty() {
             "received"
-        } else if self.destinations.iter().any(|d| d.state == DeliveryState::Queued) {
+        } else if self
+            .destinations
+            .iter()
+            .any(|d| d.state == DeliveryState::Queued)
+        {
             "queued"
         } else {
             "sent"
@@ -69,9 +73,16 @@ pub enum IndexError {
     #[error("spool index {path}: {source}")]
     Db { path: PathBuf, source: sled::Error },
     #[error("spool index {path}: record of object {id} is unreadable: {source}")]
-    Decode { path: PathBuf, id: String, source: postcard::Error },
+    Decode {
+        path: PathBuf,
+        id: String,
+        source: postcard::Error,
+    },
     #[error("spool index {path}: record does not encode: {source}")]
-    Encode { path: PathBuf, source: postcard::Error },
+    Encode {
+        path: PathBuf,
+        source: postcard::Error,
+    },
 }
 
 /// Result of inserting a new object.
@@ -93,8 +104,15 @@ pub struct Index {
 
 impl Index {
     pub fn open(path: &Path) -> Result<Self, IndexError> {
-        let err = |source| IndexError::Db { path: path.to_path_buf(), source };
-        let db = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).open().map_err(err)?;
+        let err = |source| IndexError::Db {
+            path: path.to_path_buf(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(err)?;
         Ok(Self {
             objects: db.open_tree("objects").map_err(err)?,
             by_uid: db.open_tree("by_uid").map_err(err)?,
@@ -105,32 +123,47 @@ impl Index {
     }
 
     fn db_err(&self, source: sled::Error) -> IndexError {
-        IndexError::Db { path: self.path.clone(), source }
+        IndexError::Db {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// The id already stored for this (uid, content), if any.
-    pub fn find_duplicate(&self, uid_mac: &Mac, content_mac: &Mac) -> Result<Option<ObjectId>, IndexError> {
+    pub fn find_duplicate(
+        &self,
+        uid_mac: &Mac,
+        content_mac: &Mac,
+    ) -> Result<Option<ObjectId>, IndexError> {
         let key = content_key(uid_mac, content_mac);
-        Ok(self.by_content.get(key).map_err(|e| self.db_err(e))?.and_then(|v| to_id(&v)))
+        Ok(self
+            .by_content
+            .get(key)
+            .map_err(|e| self.db_err(e))?
+            .and_then(|v| to_id(&v)))
     }
 
     /// Inserts a new object atomically with its lookup keys and makes it durable
     /// (sled `flush` syncs its log) before returning.
     pub fn insert_durable(&self, id: &ObjectId, record: &Record) -> Result<Inserted, IndexError> {
-        let value = postcard::to_stdvec(record)
-            .map_err(|source| IndexError::Encode { path: self.path.clone(), source })?;
+        let value = postcard::to_stdvec(record).map_err(|source| IndexError::Encode {
+            path: self.path.clone(),
+            source,
+        })?;
         let ckey = content_key(&record.uid_mac, &record.content_mac);
         let mut ukey = record.uid_mac.to_vec();
         ukey.extend_from_slice(id);
-        let outcome = (&self.objects, &self.by_uid, &self.by_content).transaction(|(objects, by_uid, by_content)| {
-            if let Some(existing) = by_content.get(ckey)? {
-                return Ok(to_id(&existing).map_or(Inserted::New, Inserted::Duplicate));
-            }
-            objects.insert(id.as_slice(), value.as_slice())?;
-            by_uid.insert(ukey.as_slice(), &[][..])?;
-            by_content.insert(ckey.as_slice(), id.as_slice())?;
-            Ok::<_, ConflictableTransactionError<()>>(Inserted::New)
-        });
+        let outcome = (&self.objects, &self.by_uid, &self.by_content).transaction(
+            |(objects, by_uid, by_content)| {
+                if let Some(existing) = by_content.get(ckey)? {
+                    return Ok(to_id(&existing).map_or(Inserted::New, Inserted::Duplicate));
+                }
+                objects.insert(id.as_slice(), value.as_slice())?;
+                by_uid.insert(ukey.as_slice(), &[][..])?;
+                by_content.insert(ckey.as_slice(), id.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(Inserted::New)
+            },
+        );
         let inserted = match outcome {
             Ok(i) => i,
             Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),

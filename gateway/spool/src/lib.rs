@@ -170,7 +170,9 @@ pub struct Spool {
 
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spool").field("dir", &self.inner.dir).finish_non_exhaustive()
+        f.debug_struct("Spool")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -286,8 +288,10 @@ impl Spool {
 
     /// Counts by state and destination, bytes and oldest age. Scans the index.
     pub fn status(&self) -> Result<Status, SpoolError> {
-        let mut by_state: BTreeMap<String, u64> =
-            ["received", "queued", "sent"].into_iter().map(|s| (s.to_string(), 0)).collect();
+        let mut by_state: BTreeMap<String, u64> = ["received", "queued", "sent"]
+            .into_iter()
+            .map(|s| (s.to_string(), 0))
+            .collect();
         let mut by_destination: BTreeMap<String, DestinationCounts> = self
             .inner
             .destinations
@@ -323,12 +327,23 @@ impl Spool {
     }
 
     /// Writes the newest object stored under `sop_instance_uid` to `out` (plaintext).
-    pub fn export<W: Write>(&self, sop_instance_uid: &str, out: &mut W) -> Result<Record, SpoolError> {
+    pub fn export<W: Write>(
+        &self,
+        sop_instance_uid: &str,
+        out: &mut W,
+    ) -> Result<Record, SpoolError> {
         let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
         let mut newest: Option<(ObjectId, Record)> = None;
-        for id in self.inner.index.ids_for_uid(&keys.uid_mac(sop_instance_uid))? {
+        for id in self
+            .inner
+            .index
+            .ids_for_uid(&keys.uid_mac(sop_instance_uid))?
+        {
             if let Some(r) = self.inner.index.get(&id)? {
-                if newest.as_ref().is_none_or(|(_, n)| r.received_unix_ms >= n.received_unix_ms) {
+                if newest
+                    .as_ref()
+                    .is_none_or(|(_, n)| r.received_unix_ms >= n.received_unix_ms)
+                {
                     newest = Some((id, r));
                 }
             }
@@ -349,7 +364,9 @@ impl Spool {
             report.objects += 1;
             let mut sink = MacWriter(keys.mac());
             match self.unseal(&id, &record, &mut sink) {
-                Ok(()) if <[u8; 32]>::from(sink.0.finalize().into_bytes()) == record.content_mac => {
+                Ok(())
+                    if <[u8; 32]>::from(sink.0.finalize().into_bytes()) == record.content_mac =>
+                {
                     report.ok += 1
                 }
                 Ok(()) => {
@@ -389,15 +406,30 @@ impl Spool {
         self.inner.blobs.join(format!("{}.blob", hex::encode(id)))
     }
 
-    fn unseal<W: Write>(&self, id: &ObjectId, record: &Record, out: &mut W) -> Result<(), SpoolError> {
+    fn unseal<W: Write>(
+        &self,
+        id: &ObjectId,
+        record: &Record,
+        out: &mut W,
+    ) -> Result<(), SpoolError> {
         let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
         let path = self.blob_path(id);
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SpoolError::MissingBlob { id: hex::encode(id), path });
+                return Err(SpoolError::MissingBlob {
+                    id: hex::encode(id),
+                    path,
+                });
             }
-            Err(e) => return Err(Err::<(), _>(e).ctx("open", &path).unwrap_err().into()),
+            Err(source) => {
+                return Err(durable::Error {
+                    action: "open",
+                    path,
+                    source,
+                }
+                .into());
+            }
         };
         let len = file.metadata().ctx("stat", &path)?.len();
         if len != record.sealed_len {
@@ -406,9 +438,17 @@ impl Spool {
                 source: seal::SealError::Truncated.into(),
             });
         }
-        seal::open(&keys.master, std::io::BufReader::with_capacity(256 * 1024, file), len, out)
-            .map(|_| ())
-            .map_err(|source| SpoolError::Open { id: hex::encode(id), source })
+        seal::open(
+            &keys.master,
+            std::io::BufReader::with_capacity(256 * 1024, file),
+            len,
+            out,
+        )
+        .map(|_| ())
+        .map_err(|source| SpoolError::Open {
+            id: hex::encode(id),
+            source,
+        })
     }
 
     /// Every file in `blobs/` with the id its name encodes (None for a foreign name).
@@ -457,7 +497,10 @@ impl Ingest {
         let (Some(out), Some(sealer)) = (self.out.as_mut(), self.sealer.as_mut()) else {
             return Ok(());
         };
-        self.spool.inner.usage.grow(&mut self.reservation, data.len() as u64)?;
+        self.spool
+            .inner
+            .usage
+            .grow(&mut self.reservation, data.len() as u64)?;
         self.mac.update(data);
         self.plain_len += data.len() as u64;
         sealer.update(data, out).ctx("write", &self.tmp_path)?;
@@ -511,12 +554,17 @@ impl Ingest {
             destinations: inner
                 .destinations
                 .iter()
-                .map(|name| Destination { name: name.clone(), state: DeliveryState::Queued })
+                .map(|name| Destination {
+                    name: name.clone(),
+                    state: DeliveryState::Queued,
+                })
                 .collect(),
         };
         match inner.index.insert_durable(&self.id, &record) {
             Ok(Inserted::New) => {
-                inner.usage.commit(&mut self.reservation, sealed_len, record.state());
+                inner
+                    .usage
+                    .commit(&mut self.reservation, sealed_len, record.state());
                 Ok(Committed::Stored(self.id))
             }
             Ok(Inserted::Duplicate(existing)) => {

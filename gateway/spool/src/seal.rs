@@ -64,7 +64,9 @@ pub struct Sealer {
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealer").field("counter", &self.counter).finish_non_exhaustive()
+        f.debug_struct("Sealer")
+            .field("counter", &self.counter)
+            .finish_non_exhaustive()
     }
 }
 
@@ -86,7 +88,11 @@ impl Sealer {
         let mut wrapped = [0u8; KEY_LEN];
         wrapped.copy_from_slice(dek.as_ref());
         let tag = wrap_cipher(master)
-            .encrypt_in_place_detached(Nonce::from_slice(&wrap_nonce), &wrap_aad(object_id), &mut wrapped)
+            .encrypt_in_place_detached(
+                Nonce::from_slice(&wrap_nonce),
+                &wrap_aad(object_id),
+                &mut wrapped,
+            )
             .map_err(|_| SealError::Unwrap)?;
         header[40..72].copy_from_slice(&wrapped);
         header[72..88].copy_from_slice(&tag);
@@ -144,7 +150,11 @@ impl Sealer {
 
 /// Size of the sealed blob for `plain_len` plaintext bytes.
 pub fn sealed_len(plain_len: u64) -> u64 {
-    let chunks = if plain_len == 0 { 1 } else { plain_len.div_ceil(CHUNK as u64) };
+    let chunks = if plain_len == 0 {
+        1
+    } else {
+        plain_len.div_ceil(CHUNK as u64)
+    };
     HEADER_LEN as u64 + plain_len + chunks * TAG as u64
 }
 
@@ -157,14 +167,19 @@ pub fn open<R: Read, W: Write>(
     out: &mut W,
 ) -> Result<u64, OpenError> {
     let mut header = [0u8; HEADER_LEN];
-    blob.read_exact(&mut header).map_err(|e| read_err(e, SealError::Truncated))?;
+    blob.read_exact(&mut header)
+        .map_err(|e| read_err(e, SealError::Truncated))?;
     if &header[0..4] != MAGIC {
         return Err(SealError::BadMagic.into());
     }
     let mut blob_key = [0u8; 8];
     blob_key.copy_from_slice(&header[4..12]);
     if blob_key != master.id().0 {
-        return Err(SealError::WrongKey { blob: KeyId(blob_key), current: master.id() }.into());
+        return Err(SealError::WrongKey {
+            blob: KeyId(blob_key),
+            current: master.id(),
+        }
+        .into());
     }
     let mut object_id = [0u8; 16];
     object_id.copy_from_slice(&header[12..28]);
@@ -198,11 +213,17 @@ pub fn open<R: Read, W: Write>(
             return Err(SealError::Truncated.into());
         }
         let chunk = &mut buf[..this];
-        blob.read_exact(chunk).map_err(|e| read_err(e, SealError::Truncated))?;
+        blob.read_exact(chunk)
+            .map_err(|e| read_err(e, SealError::Truncated))?;
         let (body, tag) = chunk.split_at_mut(this - TAG);
         let nonce = chunk_nonce(&prefix, counter, last);
         cipher
-            .decrypt_in_place_detached(Nonce::from_slice(&nonce), &header, body, Tag::from_slice(tag))
+            .decrypt_in_place_detached(
+                Nonce::from_slice(&nonce),
+                &header,
+                body,
+                Tag::from_slice(tag),
+            )
             .map_err(|_| SealError::Chunk { index: counter })?;
         out.write_all(body).map_err(OpenError::Write)?;
         total += body.len() as u64;
@@ -284,7 +305,11 @@ mod tests {
             for pieces in [1, 1000, CHUNK, 5 * CHUNK] {
                 let blob = seal(&k, &plain, pieces);
                 assert_eq!(blob.len() as u64, sealed_len(len as u64), "len {len}");
-                assert_eq!(unseal(&k, &blob).unwrap(), plain, "len {len} pieces {pieces}");
+                assert_eq!(
+                    unseal(&k, &blob).unwrap(),
+                    plain,
+                    "len {len} pieces {pieces}"
+                );
             }
         }
     }
@@ -303,7 +328,10 @@ mod tests {
         let blob = seal(&k, &plain, CHUNK);
         let cut = HEADER_LEN + CHUNK + TAG;
         let err = unseal(&k, &blob[..cut]).unwrap_err();
-        assert!(matches!(err, OpenError::Seal(SealError::Chunk { index: 0 })), "{err}");
+        assert!(
+            matches!(err, OpenError::Seal(SealError::Chunk { index: 0 })),
+            "{err}"
+        );
         assert!(unseal(&k, &blob[..blob.len() - 1]).is_err());
         assert!(unseal(&k, &blob[..HEADER_LEN]).is_err());
     }
@@ -315,7 +343,10 @@ mod tests {
         for pos in [0, 5, 13, 30, 50, 90, HEADER_LEN + 3, blob.len() - 1] {
             let mut bad = blob.clone();
             bad[pos] ^= 0x40;
-            assert!(unseal(&k, &bad).is_err(), "bit flip at {pos} went unnoticed");
+            assert!(
+                unseal(&k, &bad).is_err(),
+                "bit flip at {pos} went unnoticed"
+            );
         }
     }
 
@@ -323,7 +354,10 @@ mod tests {
     fn wrong_master_key_is_named() {
         let blob = seal(&key(1), b"x", 1);
         let err = unseal(&key(2), &blob).unwrap_err();
-        assert!(matches!(err, OpenError::Seal(SealError::WrongKey { .. })), "{err}");
+        assert!(
+            matches!(err, OpenError::Seal(SealError::WrongKey { .. })),
+            "{err}"
+        );
     }
 
     #[test]

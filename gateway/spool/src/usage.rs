@@ -63,15 +63,25 @@ impl Usage {
     }
 
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("gateway_spool_objects", "Objects in the spool by state", self.objects.clone());
-        registry.register("gateway_spool_bytes", "Sealed bytes stored in the spool", self.bytes.clone());
+        registry.register(
+            "gateway_spool_objects",
+            "Objects in the spool by state",
+            self.objects.clone(),
+        );
+        registry.register(
+            "gateway_spool_bytes",
+            "Sealed bytes stored in the spool",
+            self.bytes.clone(),
+        );
     }
 
     pub fn set_stored(&self, bytes: u64, counts: &BTreeMap<&'static str, i64>) {
         self.lock().stored = bytes;
         self.bytes.set(bytes as i64);
         for state in ["received", "queued", "sent"] {
-            self.objects.get_or_create(&StateLabel { state }).set(counts.get(state).copied().unwrap_or(0));
+            self.objects
+                .get_or_create(&StateLabel { state })
+                .set(counts.get(state).copied().unwrap_or(0));
         }
     }
 
@@ -104,7 +114,10 @@ impl Usage {
             let after = t.stored + t.reserved + more;
             if after > self.limits.max_bytes {
                 return Err(SpoolError::Full {
-                    reason: format!("the spool would exceed spool.max_bytes = {}", self.limits.max_bytes),
+                    reason: format!(
+                        "the spool would exceed spool.max_bytes = {}",
+                        self.limits.max_bytes
+                    ),
                 });
             }
             t.reserved += more;

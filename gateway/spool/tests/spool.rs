@@ -1,5 +1,5 @@
 //! Spool behaviour through its public interface, on a temporary data folder.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::fs;
 use std::path::Path;
@@ -7,7 +7,10 @@ use std::path::Path;
 use gateway_keystore::{KEY_LEN, MasterKey};
 use gateway_spool::{Committed, Limits, ObjectMeta, Spool, SpoolError};
 
-const ROOMY: Limits = Limits { max_bytes: 1 << 40, min_free_bytes: 0 };
+const ROOMY: Limits = Limits {
+    max_bytes: 1 << 40,
+    min_free_bytes: 0,
+};
 
 fn key() -> MasterKey {
     MasterKey::from_bytes([42; KEY_LEN])
@@ -54,7 +57,10 @@ fn stored_object_exports_byte_identical_and_is_counted() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec![]).unwrap();
     let body: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
-    assert!(matches!(store(&spool, "1.2.3.4", &body).unwrap(), Committed::Stored(_)));
+    assert!(matches!(
+        store(&spool, "1.2.3.4", &body).unwrap(),
+        Committed::Stored(_)
+    ));
     assert_eq!(export(&spool, "1.2.3.4"), body);
     let status = spool.status().unwrap();
     assert_eq!(status.objects, 1);
@@ -70,10 +76,16 @@ fn resend_of_same_content_is_a_duplicate_and_stores_nothing() {
     let Committed::Stored(first) = store(&spool, "1.2.3", b"same bytes").unwrap() else {
         panic!("first store must be new")
     };
-    assert_eq!(store(&spool, "1.2.3", b"same bytes").unwrap(), Committed::Duplicate(first));
+    assert_eq!(
+        store(&spool, "1.2.3", b"same bytes").unwrap(),
+        Committed::Duplicate(first)
+    );
     assert_eq!(spool.status().unwrap().objects, 1);
     // Same UID, new content: a new version is kept, and export gives the newest.
-    assert!(matches!(store(&spool, "1.2.3", b"new bytes").unwrap(), Committed::Stored(_)));
+    assert!(matches!(
+        store(&spool, "1.2.3", b"new bytes").unwrap(),
+        Committed::Stored(_)
+    ));
     assert_eq!(spool.status().unwrap().objects, 2);
     assert_eq!(export(&spool, "1.2.3"), b"new bytes");
     assert_eq!(fs::read_dir(spool.dir().join("blobs")).unwrap().count(), 2);
@@ -83,18 +95,34 @@ fn resend_of_same_content_is_a_duplicate_and_stores_nothing() {
 fn uids_and_content_never_appear_in_plaintext_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["cloud".into()]).unwrap();
-    store(&spool, "1.2.826.0.1.3680043.99999", b"ZZTESTPAT^Hanako PID-ZZ-000001").unwrap();
+    store(
+        &spool,
+        "1.2.826.0.1.3680043.99999",
+        b"ZZTESTPAT^Hanako PID-ZZ-000001",
+    )
+    .unwrap();
     drop(spool);
     let bytes = all_bytes_under(dir.path());
-    for needle in [&b"ZZTESTPAT"[..], b"PID-ZZ-000001", b"1.2.826.0.1.3680043.99999"] {
-        assert!(!bytes.windows(needle.len()).any(|w| w == needle), "{:?} found on disk", String::from_utf8_lossy(needle));
+    for needle in [
+        &b"ZZTESTPAT"[..],
+        b"PID-ZZ-000001",
+        b"1.2.826.0.1.3680043.99999",
+    ] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "{:?} found on disk",
+            String::from_utf8_lossy(needle)
+        );
     }
 }
 
 #[test]
 fn max_bytes_refuses_new_objects_and_keeps_old_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits { max_bytes: 250_000, min_free_bytes: 0 };
+    let limits = Limits {
+        max_bytes: 250_000,
+        min_free_bytes: 0,
+    };
     let spool = Spool::open(dir.path(), Some(key()), limits, vec![]).unwrap();
     store(&spool, "1.1", &vec![1u8; 100_000]).unwrap();
     store(&spool, "1.2", &vec![2u8; 100_000]).unwrap();
@@ -102,13 +130,20 @@ fn max_bytes_refuses_new_objects_and_keeps_old_ones() {
     assert!(matches!(err, SpoolError::Full { .. }), "{err}");
     assert_eq!(export(&spool, "1.1"), vec![1u8; 100_000]);
     assert_eq!(spool.status().unwrap().objects, 2);
-    assert_eq!(fs::read_dir(spool.dir().join("tmp")).unwrap().count(), 0, "refused object left a partial file");
+    assert_eq!(
+        fs::read_dir(spool.dir().join("tmp")).unwrap().count(),
+        0,
+        "refused object left a partial file"
+    );
 }
 
 #[test]
 fn min_free_bytes_above_free_space_refuses_at_begin() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits { max_bytes: u64::MAX / 2, min_free_bytes: u64::MAX / 4 };
+    let limits = Limits {
+        max_bytes: u64::MAX / 2,
+        min_free_bytes: u64::MAX / 4,
+    };
     let spool = Spool::open(dir.path(), Some(key()), limits, vec![]).unwrap();
     let err = spool.begin(meta("1.9")).unwrap_err();
     assert!(err.to_string().contains("min_free_bytes"), "{err}");
@@ -131,13 +166,31 @@ fn recovery_removes_partials_and_orphans_and_verify_then_agrees() {
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec![]).unwrap();
     store(&spool, "2.1", b"kept").unwrap();
     // Simulate a crash between rename and index commit, and one mid-write.
-    fs::write(spool.dir().join("blobs").join(format!("{}.blob", "ab".repeat(16))), b"orphan").unwrap();
+    fs::write(
+        spool
+            .dir()
+            .join("blobs")
+            .join(format!("{}.blob", "ab".repeat(16))),
+        b"orphan",
+    )
+    .unwrap();
     fs::write(spool.dir().join("tmp").join("cd.part"), b"partial").unwrap();
     let report = spool.verify().unwrap();
-    assert_eq!((report.objects, report.ok, report.orphan_blobs, report.partial_files), (1, 1, 1, 1));
+    assert_eq!(
+        (
+            report.objects,
+            report.ok,
+            report.orphan_blobs,
+            report.partial_files
+        ),
+        (1, 1, 1, 1)
+    );
     assert!(!report.is_consistent());
     let rec = spool.recover().unwrap();
-    assert_eq!((rec.orphan_blobs_removed, rec.partial_files_removed), (1, 1));
+    assert_eq!(
+        (rec.orphan_blobs_removed, rec.partial_files_removed),
+        (1, 1)
+    );
     let report = spool.verify().unwrap();
     assert!(report.is_consistent(), "{report:?}");
     assert_eq!(export(&spool, "2.1"), b"kept");
@@ -147,8 +200,12 @@ fn recovery_removes_partials_and_orphans_and_verify_then_agrees() {
 fn verify_reports_missing_and_tampered_blobs() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec![]).unwrap();
-    let Committed::Stored(a) = store(&spool, "3.1", b"alpha").unwrap() else { panic!() };
-    let Committed::Stored(b) = store(&spool, "3.2", b"bravo").unwrap() else { panic!() };
+    let Committed::Stored(a) = store(&spool, "3.1", b"alpha").unwrap() else {
+        panic!()
+    };
+    let Committed::Stored(b) = store(&spool, "3.2", b"bravo").unwrap() else {
+        panic!()
+    };
     let blobs = spool.dir().join("blobs");
     fs::remove_file(blobs.join(format!("{}.blob", hex(&a)))).unwrap();
     let pb = blobs.join(format!("{}.blob", hex(&b)));
@@ -157,7 +214,10 @@ fn verify_reports_missing_and_tampered_blobs() {
     bytes[last] ^= 1;
     fs::write(&pb, bytes).unwrap();
     let report = spool.verify().unwrap();
-    assert_eq!((report.dangling_entries, report.unseal_failures, report.ok), (1, 1, 0));
+    assert_eq!(
+        (report.dangling_entries, report.unseal_failures, report.ok),
+        (1, 1, 0)
+    );
 }
 
 #[test]
@@ -173,9 +233,18 @@ fn index_survives_reopen_and_a_different_key_cannot_read_blobs() {
     assert_eq!(status.by_destination["cloud"].queued, 1);
     assert_eq!(export(&spool, "4.1"), b"persisted");
     drop(spool);
-    let other = Spool::open(dir.path(), Some(MasterKey::from_bytes([7; KEY_LEN])), ROOMY, vec![]).unwrap();
+    let other = Spool::open(
+        dir.path(),
+        Some(MasterKey::from_bytes([7; KEY_LEN])),
+        ROOMY,
+        vec![],
+    )
+    .unwrap();
     // The uid MAC differs under another key, so the object is not even findable...
-    assert!(matches!(other.export("4.1", &mut Vec::new()), Err(SpoolError::NotFound)));
+    assert!(matches!(
+        other.export("4.1", &mut Vec::new()),
+        Err(SpoolError::NotFound)
+    ));
     // ...and verify reports that every blob fails to unseal.
     let report = other.verify().unwrap();
     assert_eq!(report.unseal_failures, 1);
