@@ -246,6 +246,46 @@ async fn handle_connection(
     drop(permit);
 }
 
+/// What the first bytes of a connection say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstPdu {
+    /// More bytes are needed to decide.
+    Incomplete,
+    /// A complete A-ASSOCIATE-RQ of `len` bytes (header included).
+    AssociateRq { calling: String, called: String, len: usize },
+    /// Not an association request: the connection is aborted.
+    Invalid(&'static str),
+}
+
+/// Classifies the bytes buffered so far on a new connection. Pure, so it is fuzzed
+/// (`fuzz/fuzz_targets/associate_rq.rs`).
+pub fn classify_first_pdu(buf: &[u8]) -> FirstPdu {
+    let Some(&pdu_type) = buf.first() else {
+        return FirstPdu::Incomplete;
+    };
+    if pdu_type != 0x01 {
+        return FirstPdu::Invalid("first PDU is not an A-ASSOCIATE-RQ");
+    }
+    let Some(header) = buf.get(..6) else {
+        return FirstPdu::Incomplete;
+    };
+    let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
+    if len > MAX_ASSOCIATE_RQ {
+        return FirstPdu::Invalid("A-ASSOCIATE-RQ too large");
+    }
+    let Some(pdu) = buf.get(..len + 6) else {
+        return FirstPdu::Incomplete;
+    };
+    match dicom_ul::read_pdu(pdu, MAX_ASSOCIATE_RQ as u32, false) {
+        Ok(Some(Pdu::AssociationRQ(rq))) => FirstPdu::AssociateRq {
+            calling: rq.calling_ae_title,
+            called: rq.called_ae_title,
+            len: len + 6,
+        },
+        _ => FirstPdu::Invalid("malformed A-ASSOCIATE-RQ"),
+    }
+}
+
 /// Waits until a whole first PDU is buffered and, if it is an A-ASSOCIATE-RQ, returns
 /// calling and called AE titles and its length, without consuming it (dicom-ul reads it).
 async fn peek_associate_rq(stream: &TcpStream) -> Result<(String, String, usize), &'static str> {
@@ -255,25 +295,12 @@ async fn peek_associate_rq(stream: &TcpStream) -> Result<(String, String, usize)
         if n == 0 {
             return Err("connection closed");
         }
-        if buf[0] != 0x01 {
-            return Err("first PDU is not an A-ASSOCIATE-RQ");
+        match classify_first_pdu(&buf[..n]) {
+            FirstPdu::AssociateRq { calling, called, len } => return Ok((calling, called, len)),
+            FirstPdu::Invalid(reason) => return Err(reason),
+            // Part of the request is still in flight.
+            FirstPdu::Incomplete => tokio::time::sleep(Duration::from_millis(2)).await,
         }
-        if n >= 6 {
-            let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
-            if len > MAX_ASSOCIATE_RQ {
-                return Err("A-ASSOCIATE-RQ too large");
-            }
-            if n >= len + 6 {
-                return match dicom_ul::read_pdu(&buf[..len + 6], MAX_ASSOCIATE_RQ as u32, false) {
-                    Ok(Some(Pdu::AssociationRQ(rq))) => {
-                        Ok((rq.calling_ae_title, rq.called_ae_title, len + 6))
-                    }
-                    _ => Err("malformed A-ASSOCIATE-RQ"),
-                };
-            }
-        }
-        // Part of the request is still in flight.
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
