@@ -9,6 +9,8 @@ use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
 
+use crate::walker::{Encoding, Walker};
+
 /// Command Field values used here.
 pub mod field {
     pub const C_STORE_RQ: u16 = 0x0001;
@@ -68,6 +70,15 @@ pub struct StoreRequest {
 
 /// Decodes a complete command set.
 pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
+    // Frame check first: dicom-object allocates what an element header claims, so a
+    // 10-byte command claiming a 3 GB element must be refused before it gets there
+    // (found by fuzz/fuzz_targets/dimse_command.rs).
+    let mut walker = Walker::new(Encoding {
+        explicit_vr: false,
+        big_endian: false,
+    });
+    walker.feed(bytes).map_err(|_| CommandError::Decode)?;
+    walker.finish().map_err(|_| CommandError::Decode)?;
     let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
     let obj =
         InMemDicomObject::read_dataset_with_ts(bytes, &ts).map_err(|_| CommandError::Decode)?;
@@ -275,6 +286,13 @@ mod tests {
             rsp.len() - 12,
             "group length counts the bytes after it"
         );
+    }
+
+    #[test]
+    fn element_claiming_more_bytes_than_sent_is_refused_without_allocating_it() {
+        // Tag (5050,5050), length 0xCB0A0050: 3.4 GB claimed, 8 bytes sent.
+        let bytes = [0x50, 0x50, 0x50, 0x50, 0x50, 0x00, 0x0A, 0xCB];
+        assert_eq!(decode(&bytes), Err(CommandError::Decode));
     }
 
     #[test]

@@ -252,7 +252,11 @@ pub enum FirstPdu {
     /// More bytes are needed to decide.
     Incomplete,
     /// A complete A-ASSOCIATE-RQ of `len` bytes (header included).
-    AssociateRq { calling: String, called: String, len: usize },
+    AssociateRq {
+        calling: String,
+        called: String,
+        len: usize,
+    },
     /// Not an association request: the connection is aborted.
     Invalid(&'static str),
 }
@@ -296,7 +300,11 @@ async fn peek_associate_rq(stream: &TcpStream) -> Result<(String, String, usize)
             return Err("connection closed");
         }
         match classify_first_pdu(&buf[..n]) {
-            FirstPdu::AssociateRq { calling, called, len } => return Ok((calling, called, len)),
+            FirstPdu::AssociateRq {
+                calling,
+                called,
+                len,
+            } => return Ok((calling, called, len)),
             FirstPdu::Invalid(reason) => return Err(reason),
             // Part of the request is still in flight.
             FirstPdu::Incomplete => tokio::time::sleep(Duration::from_millis(2)).await,
