@@ -9,8 +9,6 @@ use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
 
-use crate::walker::{Encoding, Walker};
-
 /// Command Field values used here.
 pub mod field {
     pub const C_STORE_RQ: u16 = 0x0001;
@@ -69,53 +67,84 @@ pub struct StoreRequest {
 }
 
 /// Decodes a complete command set.
+///
+/// Hand-written on purpose: dicom-object allocates whatever an element or item header
+/// claims, so a few bytes claiming gigabytes exhausted memory under fuzzing
+/// (fuzz/fuzz_targets/dimse_command.rs). A command set is flat Implicit VR Little Endian
+/// group 0000, so a bounded scan over the received bytes is all it takes.
 pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
-    // Frame check first: dicom-object allocates what an element header claims, so a
-    // 10-byte command claiming a 3 GB element must be refused before it gets there
-    // (found by fuzz/fuzz_targets/dimse_command.rs).
-    let mut walker = Walker::new(Encoding {
-        explicit_vr: false,
-        big_endian: false,
-    });
-    walker.feed(bytes).map_err(|_| CommandError::Decode)?;
-    walker.finish().map_err(|_| CommandError::Decode)?;
-    let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let obj =
-        InMemDicomObject::read_dataset_with_ts(bytes, &ts).map_err(|_| CommandError::Decode)?;
-    let u16_of = |tag, name| {
-        obj.element(tag)
-            .ok()
-            .and_then(|e| e.to_int::<u16>().ok())
-            .ok_or(CommandError::Missing(name))
-    };
-    let uid_of = |tag, name| {
-        obj.element(tag)
-            .ok()
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-            .filter(|s| !s.is_empty())
-            .ok_or(CommandError::Missing(name))
-    };
-    let command_field = u16_of(tags::COMMAND_FIELD, "Command Field")?;
+    let fields = CommandFields::scan(bytes)?;
+    let command_field = fields.u16(0x0100, "Command Field")?;
     Ok(match command_field {
         field::C_ECHO_RQ => Request::Echo {
-            message_id: u16_of(tags::MESSAGE_ID, "Message ID")?,
-            sop_class_uid: uid_of(tags::AFFECTED_SOP_CLASS_UID, "Affected SOP Class UID")
+            message_id: fields.u16(0x0110, "Message ID")?,
+            sop_class_uid: fields
+                .uid(0x0002, "Affected SOP Class UID")
                 .unwrap_or_else(|_| dicom_dictionary_std::uids::VERIFICATION.to_string()),
         },
         field::C_STORE_RQ => Request::Store(StoreRequest {
-            message_id: u16_of(tags::MESSAGE_ID, "Message ID")?,
-            sop_class_uid: uid_of(tags::AFFECTED_SOP_CLASS_UID, "Affected SOP Class UID")?,
-            sop_instance_uid: uid_of(tags::AFFECTED_SOP_INSTANCE_UID, "Affected SOP Instance UID")?,
-            has_data_set: u16_of(tags::COMMAND_DATA_SET_TYPE, "Command Data Set Type")?
-                != NO_DATA_SET,
+            message_id: fields.u16(0x0110, "Message ID")?,
+            sop_class_uid: fields.uid(0x0002, "Affected SOP Class UID")?,
+            sop_instance_uid: fields.uid(0x1000, "Affected SOP Instance UID")?,
+            has_data_set: fields.u16(0x0800, "Command Data Set Type")? != NO_DATA_SET,
         }),
         field::C_CANCEL_RQ => Request::Cancel,
         other => Request::Other {
             command_field: other,
-            message_id: u16_of(tags::MESSAGE_ID, "Message ID").ok(),
+            message_id: fields.u16(0x0110, "Message ID").ok(),
         },
     })
+}
+
+/// The elements of a command set, as slices of the received bytes.
+struct CommandFields<'a> {
+    elements: Vec<(u16, &'a [u8])>,
+}
+
+impl<'a> CommandFields<'a> {
+    fn scan(mut bytes: &'a [u8]) -> Result<Self, CommandError> {
+        let mut elements = Vec::new();
+        while !bytes.is_empty() {
+            let header = bytes.get(..8).ok_or(CommandError::Decode)?;
+            let group = u16::from_le_bytes([header[0], header[1]]);
+            let element = u16::from_le_bytes([header[2], header[3]]);
+            let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+            if group != 0x0000 {
+                return Err(CommandError::Decode);
+            }
+            let value = bytes
+                .get(8..8usize.saturating_add(len))
+                .ok_or(CommandError::Decode)?;
+            elements.push((element, value));
+            bytes = &bytes[8 + len..];
+        }
+        Ok(Self { elements })
+    }
+
+    fn get(&self, element: u16) -> Option<&'a [u8]> {
+        self.elements
+            .iter()
+            .find(|(e, _)| *e == element)
+            .map(|(_, v)| *v)
+    }
+
+    fn u16(&self, element: u16, name: &'static str) -> Result<u16, CommandError> {
+        match self.get(element) {
+            Some([lo, hi]) => Ok(u16::from_le_bytes([*lo, *hi])),
+            _ => Err(CommandError::Missing(name)),
+        }
+    }
+
+    fn uid(&self, element: u16, name: &'static str) -> Result<String, CommandError> {
+        let value = self.get(element).ok_or(CommandError::Missing(name))?;
+        let text = std::str::from_utf8(value).map_err(|_| CommandError::Decode)?;
+        let uid = text.trim_end_matches(['\0', ' ']);
+        if uid.is_empty() || uid.len() > 64 || !uid.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        {
+            return Err(CommandError::Missing(name));
+        }
+        Ok(uid.to_string())
+    }
 }
 
 /// Encodes a C-ECHO-RSP.
