@@ -1,0 +1,86 @@
+"""Fixtures shared by the real-peer tests.
+
+Nothing here skips: a missing peer tool or a missing gatewayd binary is a
+failure with a message saying what to install or build.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import gw  # noqa: E402
+import scu  # noqa: E402
+
+REPO = HERE.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dcmtk_tools():
+    """DCMTK's echoscu/storescu/storescp must be on PATH (Debian package `dcmtk`)."""
+    missing = scu.missing_dcmtk_tools()
+    if missing:
+        pytest.fail(
+            f"DCMTK tools not found on PATH: {', '.join(missing)}. Install them with "
+            "`apt-get install -y --no-install-recommends dcmtk` (hw-tests/run-all.sh does this).",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def gatewayd_bin() -> str:
+    try:
+        return gw.gatewayd_binary()
+    except AssertionError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture
+def gateway_factory(tmp_path, gatewayd_bin):
+    """``make(overrides=None, start=True, name=...)`` -> a `gw.Gateway` in its
+    own subfolder of tmp_path. Every process is SIGKILLed at teardown if still alive."""
+    made: list[gw.Gateway] = []
+
+    def make(overrides: dict | None = None, start: bool = True, name: str | None = None) -> gw.Gateway:
+        name = name or f"gw{len(made)}"
+        g = gw.Gateway(tmp_path / name, overrides, name=name)
+        made.append(g)
+        if start:
+            g.start()
+        return g
+
+    yield make
+    for g in made:
+        g.cleanup()
+
+
+@pytest.fixture
+def gateway(gateway_factory) -> gw.Gateway:
+    """A running gateway with the default test config (no peers, no uplink)."""
+    return gateway_factory()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+def pytest_runtest_makereport(item, call):
+    """On failure, attach the log tail of every gateway the test started."""
+    if call.when != "call" or call.excinfo is None:
+        return
+    factory = item.funcargs.get("gateway_factory") if hasattr(item, "funcargs") else None
+    if factory is None:
+        return
+    # The closure keeps the list of gateways it made.
+    cells = getattr(factory, "__closure__", None) or ()
+    for cell in cells:
+        made = cell.cell_contents
+        if isinstance(made, list) and all(isinstance(g, gw.Gateway) for g in made):
+            for g in made:
+                item.add_report_section("call", f"gatewayd log ({g.name})", g.log_tail(80))

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The project's test command: `bash hw-tests/run-all.sh [extra pytest args]`.
+#
+# Installs the real peers when missing (Debian: dcmtk, orthanc, orthanc-dicomweb,
+# pkg-config; PyPI into hw-tests/.venv: hw-tests/requirements.txt), then runs
+#   cargo fmt --check, cargo clippy -D warnings, cargo test, cargo build --release,
+#   pytest -v hw-tests  (against target/release/gatewayd)
+# Works on a fresh Debian 12 with the Rust toolchain and python3, as root or with sudo.
+#
+# HW_TESTS_ONLY=1 skips fmt/clippy/cargo test (still builds the release binary):
+# for iterating on hw-tests only. CI never sets it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+banner() {
+    printf '\n==================== %s ====================\n' "$*"
+}
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=(sudo)
+fi
+
+banner "peers: Debian packages"
+need_pkgs=()
+for tool in echoscu storescu storescp; do
+    command -v "$tool" >/dev/null 2>&1 || { need_pkgs+=(dcmtk); break; }
+done
+[ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || need_pkgs+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_pkgs+=(orthanc-dicomweb)
+command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
+# Debian's python3 has no ensurepip without python3-venv.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    echo "installing: ${need_pkgs[*]}"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+else
+    echo "dcmtk, orthanc, orthanc-dicomweb, pkg-config already installed"
+fi
+# The orthanc package starts a system service on 4242/8042: tests start their own Orthanc.
+if [ -e /etc/init.d/orthanc ]; then
+    "${SUDO[@]}" service orthanc stop >/dev/null 2>&1 || true
+    "${SUDO[@]}" update-rc.d orthanc disable >/dev/null 2>&1 || true
+fi
+echo "DCMTK: $(storescu --version 2>&1 | head -n 1)"
+
+banner "peers: Python venv (hw-tests/.venv)"
+VENV=$ROOT/hw-tests/.venv
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+stamp=$VENV/.requirements.sha256
+want=$(sha256sum hw-tests/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r hw-tests/requirements.txt
+    echo "$want" >"$stamp"
+else
+    echo "requirements unchanged since last install"
+fi
+"$VENV/bin/python" -c 'import pydicom, pynetdicom, pytest; print("pydicom", pydicom.__version__, "pynetdicom", pynetdicom.__version__, "pytest", pytest.__version__)'
+
+if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
+    banner "cargo fmt --all --check"
+    cargo fmt --all --check
+
+    banner "cargo clippy --workspace --all-targets -- -D warnings"
+    cargo clippy --workspace --all-targets -- -D warnings
+
+    banner "cargo test --workspace"
+    cargo test --workspace
+else
+    banner "HW_TESTS_ONLY=1: fmt, clippy and cargo test not run"
+fi
+
+banner "cargo build --release -p gatewayd"
+cargo build --release -p gatewayd
+GATEWAYD=$ROOT/target/release/gatewayd
+ls -l "$GATEWAYD"
+
+banner "pytest -v hw-tests (real peers)"
+export GATEWAYD
+exec "$VENV/bin/python" -m pytest -v hw-tests "$@"
