@@ -304,7 +304,7 @@ impl InboundObject {
         calling: &str,
         refusal: Option<(u16, &'static str, &'static str)>,
     ) -> Self {
-        let walker = Encoding::of_transfer_syntax(&transfer_syntax).map(Walker::new);
+        let walker = Some(Walker::new(Encoding::of_transfer_syntax(&transfer_syntax)));
         let mut object = Self {
             req,
             pc_id,
@@ -398,8 +398,7 @@ impl InboundObject {
                     }
                 }
             },
-            // Deflated data sets cannot be walked; they are stored as sent.
-            None => Ok(()),
+            None => Err((status::CANNOT_UNDERSTAND, "invalid", "malformed data set")),
         };
         if let Err((code, label, comment)) = check {
             self.discard().await;

@@ -15,29 +15,44 @@
 pub struct Encoding {
     pub explicit_vr: bool,
     pub big_endian: bool,
+    /// The whole data set is a raw deflate (RFC 1951) stream of Explicit VR LE.
+    pub deflated: bool,
 }
 
 impl Encoding {
-    /// The encoding of a transfer syntax UID, or `None` where the walker cannot follow the
-    /// bytes (deflated data sets are compressed as a whole).
-    pub fn of_transfer_syntax(uid: &str) -> Option<Self> {
+    pub const IMPLICIT_LE: Self = Self {
+        explicit_vr: false,
+        big_endian: false,
+        deflated: false,
+    };
+    pub const EXPLICIT_LE: Self = Self {
+        explicit_vr: true,
+        big_endian: false,
+        deflated: false,
+    };
+
+    /// The encoding of a transfer syntax UID. Every transfer syntax other than the native
+    /// ones below encodes its data set as Explicit VR Little Endian (compressed pixel data
+    /// sits in encapsulated fragments, which the walker follows).
+    pub fn of_transfer_syntax(uid: &str) -> Self {
         match uid.trim_end_matches(['\0', ' ']) {
-            "1.2.840.10008.1.2" => Some(Self {
-                explicit_vr: false,
-                big_endian: false,
-            }),
-            "1.2.840.10008.1.2.2" => Some(Self {
-                explicit_vr: true,
+            "1.2.840.10008.1.2" => Self::IMPLICIT_LE,
+            "1.2.840.10008.1.2.2" => Self {
                 big_endian: true,
-            }),
-            "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.4.95" => None,
-            _ => Some(Self {
-                explicit_vr: true,
-                big_endian: false,
-            }),
+                ..Self::EXPLICIT_LE
+            },
+            "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.4.95" => Self {
+                deflated: true,
+                ..Self::EXPLICIT_LE
+            },
+            _ => Self::EXPLICIT_LE,
         }
     }
 }
+
+/// Largest inflated data set walked (a deflate bomb costs CPU only, never memory, but it
+/// must end).
+const MAX_INFLATED: u64 = 8 << 30;
 
 /// Why a data set is malformed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +85,8 @@ pub enum WalkError {
     TooDeep { max: usize, offset: u64 },
     #[error("invalid VR bytes at byte {offset}")]
     BadVr { offset: u64 },
+    #[error("deflated data set does not inflate (at inflated byte {offset})")]
+    Inflate { offset: u64 },
 }
 
 /// What the walk found.
@@ -107,8 +124,117 @@ enum State {
 }
 
 /// The walker. Feed it with [`Walker::feed`], close it with [`Walker::finish`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Walker {
+    framing: Framing,
+    inflater: Option<Box<Inflater>>,
+}
+
+impl Walker {
+    pub fn new(enc: Encoding) -> Self {
+        Self {
+            framing: Framing::new(enc),
+            inflater: enc.deflated.then(|| Box::new(Inflater::new())),
+        }
+    }
+
+    /// Consumes the next bytes of the data set (as sent, deflated or not).
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), WalkError> {
+        match self.inflater.as_mut() {
+            None => self.framing.feed(data),
+            Some(inflater) => inflater.feed(data, &mut self.framing),
+        }
+    }
+
+    /// Ends the data set: it must end on an element boundary with every sequence closed
+    /// (and, when deflated, with the end of the deflate stream).
+    pub fn finish(mut self) -> Result<Summary, WalkError> {
+        if let Some(inflater) = self.inflater.as_mut() {
+            inflater.finish(&mut self.framing)?;
+        }
+        self.framing.finish()
+    }
+}
+
+/// Streaming raw-deflate decoder in front of the framing check.
+struct Inflater {
+    state: flate2::Decompress,
+    out: Vec<u8>,
+    ended: bool,
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflater")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inflater {
+    fn new() -> Self {
+        Self {
+            state: flate2::Decompress::new(false),
+            out: vec![0; 64 * 1024],
+            ended: false,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8], framing: &mut Framing) -> Result<(), WalkError> {
+        self.run(&mut data, flate2::FlushDecompress::None, framing)
+    }
+
+    fn finish(&mut self, framing: &mut Framing) -> Result<(), WalkError> {
+        self.run(&mut &[][..], flate2::FlushDecompress::Finish, framing)?;
+        if self.ended {
+            Ok(())
+        } else {
+            Err(WalkError::Truncated {
+                offset: framing.offset,
+            })
+        }
+    }
+
+    fn run(
+        &mut self,
+        data: &mut &[u8],
+        flush: flate2::FlushDecompress,
+        framing: &mut Framing,
+    ) -> Result<(), WalkError> {
+        loop {
+            if self.ended {
+                // Bytes after the end of the stream are padding (an even-length PDV).
+                return Ok(());
+            }
+            let (before_in, before_out) = (self.state.total_in(), self.state.total_out());
+            let status = self
+                .state
+                .decompress(data, &mut self.out, flush)
+                .map_err(|_| WalkError::Inflate {
+                    offset: framing.offset,
+                })?;
+            let consumed = (self.state.total_in() - before_in) as usize;
+            let produced = (self.state.total_out() - before_out) as usize;
+            *data = &data[consumed..];
+            if self.state.total_out() > MAX_INFLATED {
+                return Err(WalkError::Inflate {
+                    offset: framing.offset,
+                });
+            }
+            framing.feed(&self.out[..produced])?;
+            if status == flate2::Status::StreamEnd {
+                self.ended = true;
+            }
+            if produced < self.out.len() && (data.is_empty() || consumed == 0) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The framing state machine over plain (inflated) bytes.
+#[derive(Debug, Clone)]
+struct Framing {
     enc: Encoding,
     state: State,
     header: [u8; 12],
@@ -120,8 +246,8 @@ pub struct Walker {
     summary: Summary,
 }
 
-impl Walker {
-    pub fn new(enc: Encoding) -> Self {
+impl Framing {
+    fn new(enc: Encoding) -> Self {
         Self {
             enc,
             state: State::Header,
@@ -135,8 +261,7 @@ impl Walker {
         }
     }
 
-    /// Consumes the next bytes of the data set.
-    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), WalkError> {
+    fn feed(&mut self, mut data: &[u8]) -> Result<(), WalkError> {
         while !data.is_empty() {
             match self.state {
                 State::Skip(n) => {
@@ -185,8 +310,7 @@ impl Walker {
         Ok(())
     }
 
-    /// Ends the data set: it must end on an element boundary with every sequence closed.
-    pub fn finish(self) -> Result<Summary, WalkError> {
+    fn finish(self) -> Result<Summary, WalkError> {
         if self.state != State::Header || self.have != 0 || !self.stack.is_empty() {
             return Err(WalkError::Truncated {
                 offset: self.offset,
@@ -358,14 +482,8 @@ fn is_long_vr(vr: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    const EXPLICIT_LE: Encoding = Encoding {
-        explicit_vr: true,
-        big_endian: false,
-    };
-    const IMPLICIT_LE: Encoding = Encoding {
-        explicit_vr: false,
-        big_endian: false,
-    };
+    const EXPLICIT_LE: Encoding = Encoding::EXPLICIT_LE;
+    const IMPLICIT_LE: Encoding = Encoding::IMPLICIT_LE;
 
     fn short(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
@@ -525,20 +643,47 @@ mod tests {
         assert!(walk(IMPLICIT_LE, &d[..d.len() - 8], 3).is_err());
     }
 
+    fn deflate(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn deflated_data_set_is_inflated_and_walked_under_every_split() {
+        let enc = Encoding::of_transfer_syntax("1.2.840.10008.1.2.1.99");
+        let mut plain = sample();
+        plain.extend(long((0x7FE1, 0x0010), b"OB", 200_000, &[7; 200_000]));
+        let mut z = deflate(&plain);
+        z.push(0); // even-length padding after the end of the stream
+        for split in [1, 7, 1000, z.len()] {
+            let s = walk(enc, &z, split).unwrap();
+            assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2.3.4.5.6"));
+            assert_eq!(s.bytes, plain.len() as u64);
+        }
+    }
+
+    #[test]
+    fn truncated_or_corrupt_deflate_stream_is_refused() {
+        let enc = Encoding::of_transfer_syntax("1.2.840.10008.1.2.1.99");
+        let z = deflate(&sample());
+        assert!(walk(enc, &z[..z.len() / 2], 16).is_err());
+        assert!(walk(enc, &[0xFF; 64], 16).is_err());
+        // Well-formed deflate of a malformed data set is still refused.
+        let bad = deflate(&long((0x7FE0, 0x0010), b"OB", 1000, &[0; 10]));
+        assert!(matches!(
+            walk(enc, &bad, 16),
+            Err(WalkError::Truncated { .. })
+        ));
+    }
+
     #[test]
     fn big_endian_lengths_are_read_big_endian() {
         let d = [
             0x00, 0x08, 0x00, 0x18, b'U', b'I', 0x00, 0x04, b'1', b'.', b'2', 0,
         ];
-        let s = walk(
-            Encoding {
-                explicit_vr: true,
-                big_endian: true,
-            },
-            &d,
-            5,
-        )
-        .unwrap();
+        let s = walk(Encoding::of_transfer_syntax("1.2.840.10008.1.2.2"), &d, 5).unwrap();
         assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2"));
     }
 }

@@ -22,7 +22,7 @@ fuzz_target!(|input: &[u8]| {
     if input.len() < 3 {
         return;
     }
-    let enc = Encoding { explicit_vr: input[0] & 1 == 0, big_endian: input[0] & 2 != 0 };
+    let enc = Encoding { explicit_vr: input[0] & 1 == 0, big_endian: input[0] & 2 != 0, deflated: input[0] & 4 != 0 };
     let step = usize::from(input[1]).max(1);
     let data = &input[2..];
     let cuts: Vec<usize> = (step..data.len()).step_by(step).collect();
