@@ -70,6 +70,12 @@ if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
 
     banner "cargo test --workspace"
     cargo test --workspace
+
+    banner "fuzz targets compile (gateway/dicom/fuzz)"
+    cargo check --manifest-path gateway/dicom/fuzz/Cargo.toml --bins
+
+    banner "dependency policy: advisories (offline snapshot), licenses, bans, sources"
+    bash hw-tests/deny.sh
 else
     banner "HW_TESTS_ONLY=1: fmt, clippy and cargo test not run"
 fi

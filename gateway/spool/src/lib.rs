@@ -36,7 +36,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use gateway_durable::{self as durable, Context};
 use gateway_keystore::MasterKey;
@@ -50,7 +50,7 @@ use zeroize::Zeroizing;
 pub use index::{DeliveryState, Destination, IndexError, Inserted, ObjectId, Record};
 use index::{Index, Mac};
 pub use usage::Limits;
-use usage::Usage;
+use usage::{Step, Usage};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -536,12 +536,16 @@ impl Ingest {
             fs::remove_file(&self.tmp_path).ctx("remove duplicate", &self.tmp_path)?;
             return Ok(Committed::Duplicate(existing));
         }
+        let started = Instant::now();
         file.sync_data().ctx("sync", &self.tmp_path)?;
         drop(file);
+        inner.usage.observe(Step::SyncBlob, started);
         let sealed_len = seal::sealed_len(self.plain_len);
         let final_path = self.spool.blob_path(&self.id);
+        let started = Instant::now();
         fs::rename(&self.tmp_path, &final_path).ctx("rename into place", &final_path)?;
         durable::sync_dir(&inner.blobs)?;
+        inner.usage.observe(Step::Publish, started);
         let record = Record {
             sop_class_uid: self.meta.sop_class_uid.clone(),
             transfer_syntax_uid: self.meta.transfer_syntax_uid.clone(),
@@ -560,7 +564,10 @@ impl Ingest {
                 })
                 .collect(),
         };
-        match inner.index.insert_durable(&self.id, &record) {
+        let started = Instant::now();
+        let inserted = inner.index.insert_durable(&self.id, &record);
+        inner.usage.observe(Step::Index, started);
+        match inserted {
             Ok(Inserted::New) => {
                 inner
                     .usage

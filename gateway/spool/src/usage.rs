@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::SpoolError;
@@ -27,6 +28,33 @@ pub struct Limits {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabel {
+    step: &'static str,
+}
+
+/// The durable steps of a commit, timed separately so operators (and BENCHMARKS.md) can
+/// see where ingest time goes on their disk.
+#[derive(Debug, Clone, Copy)]
+pub enum Step {
+    /// fdatasync of the sealed blob.
+    SyncBlob,
+    /// rename into `blobs/` and fsync of that directory.
+    Publish,
+    /// sled transaction and flush.
+    Index,
+}
+
+impl Step {
+    fn label(self) -> &'static str {
+        match self {
+            Step::SyncBlob => "sync_blob",
+            Step::Publish => "publish",
+            Step::Index => "index",
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +77,7 @@ pub struct Usage {
     totals: Mutex<Totals>,
     objects: Family<StateLabel, Gauge>,
     bytes: Gauge,
+    steps: Family<StepLabel, Histogram>,
 }
 
 impl Usage {
@@ -59,6 +88,10 @@ impl Usage {
             totals: Mutex::new(Totals::default()),
             objects: Family::default(),
             bytes: Gauge::default(),
+            // 50 us .. ~1.6 s
+            steps: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+            }),
         }
     }
 
@@ -73,6 +106,18 @@ impl Usage {
             "Sealed bytes stored in the spool",
             self.bytes.clone(),
         );
+        registry.register(
+            "gateway_spool_commit_step_seconds",
+            "Time spent in each durable step of committing an object",
+            self.steps.clone(),
+        );
+    }
+
+    /// Records how long a durable step took.
+    pub fn observe(&self, step: Step, started: std::time::Instant) {
+        self.steps
+            .get_or_create(&StepLabel { step: step.label() })
+            .observe(started.elapsed().as_secs_f64());
     }
 
     pub fn set_stored(&self, bytes: u64, counts: &BTreeMap<&'static str, i64>) {
