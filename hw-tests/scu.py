@@ -11,6 +11,7 @@ transfer syntax, which `contexts_for_files` proposes.
 from __future__ import annotations
 
 import os
+import socket
 import shutil
 import subprocess
 from pathlib import Path
@@ -140,3 +141,67 @@ def storescu(port: int, files: list[Path], calling: str = "CT01", called: str = 
         storescu_cmd(port, files, calling, called, extra),
         capture_output=True, text=True, timeout=timeout, env=dcmtk_env(), stdin=subprocess.DEVNULL,
     )
+
+
+# -- raw association requests --------------------------------------------------
+#
+# pynetdicom 3.0.4's requestor races a fast rejection: its ACSE thread checks
+# `socket._is_connected` after the DUL thread may already have received the
+# A-ASSOCIATE-RJ and closed the socket, and then reports "aborted". Rejection
+# tests therefore speak the upper layer protocol directly and read the RJ PDU's
+# result/source/reason bytes (PS3.8 9.3.4).
+
+
+def _item(item_type: int, body: bytes) -> bytes:
+    return bytes([item_type, 0]) + len(body).to_bytes(2, "big") + body
+
+
+def associate_rq_bytes(calling: str, called: str, abstract_syntax: str = "1.2.840.10008.1.1") -> bytes:
+    """An A-ASSOCIATE-RQ proposing one context (Implicit VR LE)."""
+    app_context = _item(0x10, b"1.2.840.10008.3.1.1.1")
+    pc = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, abstract_syntax.encode()) + _item(0x40, b"1.2.840.10008.1.2"))
+    user_info = _item(0x50, _item(0x51, (16384).to_bytes(4, "big")))
+    body = (
+        (1).to_bytes(2, "big") + b"\x00\x00"
+        + called.encode().ljust(16) + calling.encode().ljust(16)
+        + b"\x00" * 32 + app_context + pc + user_info
+    )
+    return bytes([0x01, 0x00]) + len(body).to_bytes(4, "big") + body
+
+
+class RawAnswer:
+    """The first PDU the acceptor answered with."""
+
+    def __init__(self, pdu: bytes):
+        self.pdu_type = pdu[0] if pdu else None
+        self.is_rejected = self.pdu_type == 0x03
+        self.is_accepted = self.pdu_type == 0x02
+        # A-ASSOCIATE-RJ: header (6), reserved (1), result, source, reason/diag.
+        self.result, self.source, self.reason = (pdu[7], pdu[8], pdu[9]) if self.is_rejected and len(pdu) >= 10 else (None, None, None)
+
+    def __repr__(self) -> str:
+        return f"RawAnswer(type={self.pdu_type}, result={self.result}, source={self.source}, reason={self.reason})"
+
+
+def raw_associate(port: int, calling: str = "CT01", called: str = "GATEWAY", bind: tuple[str, int] | None = None,
+                  timeout: float = 10.0) -> RawAnswer:
+    """Sends an A-ASSOCIATE-RQ and returns the answer; then releases or closes politely."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=bind) as s:
+        s.sendall(associate_rq_bytes(calling, called))
+        header = _recv_exact(s, 6)
+        body = _recv_exact(s, int.from_bytes(header[2:6], "big")) if len(header) == 6 else b""
+        answer = RawAnswer(header + body)
+        if answer.is_accepted:
+            s.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-RELEASE-RQ
+            _recv_exact(s, 10)
+        return answer
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out

@@ -312,19 +312,18 @@ async fn peek_associate_rq(stream: &TcpStream) -> Result<(String, String, usize)
     }
 }
 
-/// Consumes the request, answers with `pdu` and closes gracefully (so the peer reads the
-/// answer instead of a reset).
+/// Consumes the request and answers with `pdu`. As PS3.8 (state Sta13) asks, the
+/// requestor closes the connection after reading the rejection; we close only when it has,
+/// or when ARTIM expires, so the answer never races a close of our own.
 async fn reject_raw(mut stream: TcpStream, rq_len: usize, pdu: Pdu, artim: Duration) {
     let mut discard = vec![0u8; rq_len];
     if stream.read_exact(&mut discard).await.is_err() {
         return;
     }
     let mut out = Vec::new();
-    if dicom_ul::write_pdu(&mut out, &pdu).is_ok() {
-        let _ = stream.write_all(&out).await;
+    if dicom_ul::write_pdu(&mut out, &pdu).is_err() || stream.write_all(&out).await.is_err() {
+        return;
     }
-    let _ = stream.shutdown().await;
-    // Let the peer close first; bounded by ARTIM.
     let _ = tokio::time::timeout(artim, async {
         let mut sink = [0u8; 1024];
         while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
