@@ -52,17 +52,19 @@ def storescu_cmd(port: int, files: list[Path]) -> list[str]:
     return ["storescu", "-aet", "CT01", "-aec", "GATEWAY", "127.0.0.1", str(port), *map(str, files)]
 
 
-def modality_env() -> dict[str, str]:
+def modality_env(nodelay: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("TCP_NODELAY", None)  # DCMTK default: Nagle on
+    if nodelay:
+        env["TCP_NODELAY"] = "1"  # a tuned sender: shows the receivers' own cost
     return env
 
 
-def timed_storescu(port: int, batches: list[list[Path]]) -> float:
+def timed_storescu(port: int, batches: list[list[Path]], nodelay: bool = False) -> float:
     """Wall time of len(batches) concurrent storescu runs (one association each)."""
     t0 = time.perf_counter()
     procs = [subprocess.Popen(storescu_cmd(port, b), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=modality_env(), stdin=subprocess.DEVNULL) for b in batches]
+                              env=modality_env(nodelay), stdin=subprocess.DEVNULL) for b in batches]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     dt = time.perf_counter() - t0
     for p, out in zip(procs, outs):
@@ -128,6 +130,8 @@ class Gatewayd:
     def __init__(self, root: Path):
         self.root = root
         self.peak_rss_kib = 0
+        # Durable-step time from /metrics, summed over runs: step -> [seconds, count].
+        self.steps: dict[str, list[float]] = {}
 
     def start(self, run: int) -> int:
         self.g = gw.Gateway(self.root / f"gatewayd-{run}")
@@ -138,8 +142,19 @@ class Gatewayd:
     def count(self) -> int:
         return int(self.g.status()["objects"])
 
+    def scrape_steps(self) -> None:
+        url = f"http://127.0.0.1:{self.g.admin_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for line in text.splitlines():
+            for kind, idx in (("_sum{", 0), ("_count{", 1)):
+                prefix = "gateway_spool_commit_step_seconds" + kind
+                if line.startswith(prefix):
+                    step = line.split('step="', 1)[1].split('"', 1)[0]
+                    self.steps.setdefault(step, [0.0, 0.0])[idx] += float(line.rsplit(" ", 1)[1])
+
     def stop(self) -> None:
         try:
+            self.scrape_steps()
             for line in Path(f"/proc/{self.g.pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     self.peak_rss_kib = max(self.peak_rss_kib, int(line.split()[1]))
@@ -204,12 +219,12 @@ class Orthanc:
 _RUNS = iter(range(1_000_000))
 
 
-def bench(target, batches: list[list[Path]], repeats: int, expect: int) -> list[float]:
+def bench(target, batches: list[list[Path]], repeats: int, expect: int, nodelay: bool = False) -> list[float]:
     times = []
     for _ in range(repeats):
         port = target.start(next(_RUNS))  # a fresh state dir per run
         try:
-            times.append(timed_storescu(port, batches))
+            times.append(timed_storescu(port, batches, nodelay))
             got = target.count()
             if got != expect:
                 raise RuntimeError(f"{target.name}: {got} objects stored, expected {expect}")
@@ -249,10 +264,18 @@ def main() -> int:
             print(f"[bench] {t.name}: 1 association x 200 files, {args.repeats} runs", flush=True)
             results[(t.name, "1 x 200")] = bench(t, [files], args.repeats, len(files))
             cmds[(t.name, "1 x 200")] = " ".join(t.cmd)
+        one_assoc_steps = None
         for t in [Storescp(root, fork=True), gwd]:
+            if t is gwd:
+                one_assoc_steps = {k: list(v) for k, v in gwd.steps.items()}
             print(f"[bench] {t.name}: 4 parallel associations x 50 files, {args.repeats} runs", flush=True)
             results[(t.name, "4 x 50")] = bench(t, quarters, args.repeats, len(files))
             cmds[(t.name, "4 x 50")] = " ".join(t.cmd)
+        tuned = "1 x 200, sender TCP_NODELAY=1"
+        for t in [Storescp(root), gwd]:
+            print(f"[bench] {t.name}: {tuned}, {args.repeats} runs", flush=True)
+            results[(t.name, tuned)] = bench(t, [files], args.repeats, len(files), nodelay=True)
+            cmds[(t.name, tuned)] = " ".join(t.cmd)
 
         size = os.path.getsize(args.gatewayd)
         dcmtk = subprocess.run(["storescu", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
@@ -278,6 +301,21 @@ def main() -> int:
             ratio = f"{med / statistics.median(base):.2f}x" if base else "-"
             runs = ", ".join(f"{t:.2f}" for t in times)
             lines.append(f"| {name} | {scen} | {med:.2f} | {runs} | {total_mb / med:.1f} | {ratio} |")
+        step_lines = []
+        if one_assoc_steps:
+            step_lines = [
+                "",
+                "Where gatewayd's time goes per object (1 x 200, default sender; from "
+                "`gateway_spool_commit_step_seconds` on its own /metrics, mean over all runs):",
+                "",
+                "| durable step | mean ms per object | total s per 200-file run |",
+                "|---|---:|---:|",
+            ]
+            for step in ("sync_blob", "publish", "index"):
+                total, count = one_assoc_steps.get(step, [0.0, 0.0])
+                if count:
+                    step_lines.append(f"| {step} | {1000 * total / count:.2f} | {total / args.repeats:.2f} |")
+        lines += step_lines
         lines += [
             "",
             f"gatewayd peak RSS (VmHWM, max over runs): {gwd.peak_rss_kib / 1024:.1f} MiB; "

@@ -65,6 +65,29 @@ pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
         .ctx("create directory", dir)
 }
 
+/// Creates `dir` (mode 0700, with parents) if missing and makes the new entries durable
+/// by syncing each folder that gained one. An existing directory is left untouched.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), Error> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    // The nearest ancestor that exists gains the first new entry.
+    let mut missing = vec![dir];
+    let mut cursor = dir.parent();
+    while let Some(p) = cursor {
+        if p.as_os_str().is_empty() || p.is_dir() {
+            break;
+        }
+        missing.push(p);
+        cursor = p.parent();
+    }
+    create_private_dir(dir)?;
+    for created in missing.iter().rev() {
+        sync_dir(parent_of(created))?;
+    }
+    Ok(())
+}
+
 /// Creates a new file with mode 0600; fails if it exists.
 pub fn create_new_private(path: &Path) -> Result<File, Error> {
     OpenOptions::new()
@@ -149,6 +172,21 @@ mod tests {
         let p = dir.path().join("a/b");
         create_private_dir(&p).unwrap();
         let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn ensure_private_dir_creates_nested_folders_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b/c");
+        ensure_private_dir(&p).unwrap();
+        assert!(p.is_dir());
+        ensure_private_dir(&p).unwrap();
+        let mode = fs::metadata(dir.path().join("a"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o700);
     }
 

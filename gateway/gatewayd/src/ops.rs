@@ -216,7 +216,7 @@ pub fn keys(cmd: &KeysCommand) -> ExitCode {
     let data_dir = &settings.node.data_dir;
     let backend = backend(&settings);
     let result = match action {
-        "init" => gateway_durable::create_private_dir(data_dir)
+        "init" => gateway_durable::ensure_private_dir(data_dir)
             .map_err(|e| e.to_string())
             .and_then(|()| gateway_keystore::init(&backend, data_dir).map_err(|e| e.to_string()))
             .map(|s| format!("initialised {} key store; spool master key {}", s.backend, fingerprint(&s))),

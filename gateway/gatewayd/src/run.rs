@@ -70,7 +70,7 @@ fn init_logging() {
 
 async fn serve(settings: Settings) -> Result<(), String> {
     let data_dir = settings.node.data_dir.clone();
-    gateway_durable::create_private_dir(&data_dir).map_err(|e| e.to_string())?;
+    gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
     for (section, present) in [
         ("hl7", settings.hl7.is_some()),

@@ -41,7 +41,7 @@ impl SoftwareKeyStore {
     pub fn init(data_dir: &Path) -> Result<Self, KeyStoreError> {
         let path = Self::key_path(data_dir);
         let dir = data_dir.join("keys");
-        durable::create_private_dir(&dir).map_err(io_err)?;
+        durable::ensure_private_dir(&dir).map_err(io_err)?;
         let mut key = [0u8; KEY_LEN];
         getrandom::getrandom(&mut key).map_err(KeyStoreError::Random)?;
         let mut file = match durable::create_new_private(&path) {

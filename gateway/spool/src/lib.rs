@@ -200,7 +200,7 @@ impl Spool {
         let blobs = dir.join("blobs");
         let tmp = dir.join("tmp");
         for d in [&dir, &blobs, &tmp] {
-            durable::create_private_dir(d)?;
+            durable::ensure_private_dir(d)?;
         }
         let index = Index::open(&dir.join("index"))?;
         let usage = Usage::new(limits, data_dir.to_path_buf());
