@@ -24,6 +24,7 @@ const CT: &str = uids::CT_IMAGE_STORAGE;
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 
 struct Gateway {
+    idle_timeout: Duration,
     addr: SocketAddr,
     spool: Spool,
     stop: watch::Sender<bool>,
@@ -33,6 +34,14 @@ struct Gateway {
 
 impl Gateway {
     async fn start(policy: impl FnOnce(&mut PolicySettings), limits: Limits) -> Self {
+        Self::start_with(policy, limits, Duration::from_secs(10)).await
+    }
+
+    async fn start_with(
+        policy: impl FnOnce(&mut PolicySettings),
+        limits: Limits,
+        idle_timeout: Duration,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(
             dir.path(),
@@ -53,7 +62,7 @@ impl Gateway {
             policy: p,
             max_pdu_length: 16384,
             artim_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(10),
+            idle_timeout,
             shutdown_grace: Duration::from_secs(2),
         };
         let mut registry = prometheus_client::registry::Registry::default();
@@ -64,6 +73,7 @@ impl Gateway {
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(service.run(rx));
         Self {
+            idle_timeout,
             addr,
             spool,
             stop,
@@ -581,4 +591,42 @@ async fn shutdown_aborts_an_idle_association_after_the_grace_period() {
         .await
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn negotiated_max_pdu_is_the_configured_one() {
+    let gw = Gateway::default().await;
+    let assoc = client("CT01").establish_async(gw.addr).await.unwrap();
+    assert_eq!(assoc.acceptor_max_pdu_length(), 16384);
+    assoc.release().await.unwrap();
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_association_is_aborted_after_the_idle_timeout() {
+    let gw = Gateway::start_with(
+        |_| {},
+        Limits {
+            max_bytes: 1 << 30,
+            min_free_bytes: 0,
+        },
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(gw.idle_timeout, Duration::from_millis(500));
+    let mut assoc = client("CT01").establish_async(gw.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let pdu = tokio::time::timeout(Duration::from_secs(5), assoc.receive())
+        .await
+        .unwrap();
+    assert!(matches!(pdu, Ok(Pdu::AbortRQ { .. }) | Err(_)), "{pdu:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "aborted before the idle timeout"
+    );
+    // The slot is free again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let again = client("CT01").establish_async(gw.addr).await.unwrap();
+    again.release().await.unwrap();
+    gw.shutdown().await;
 }
