@@ -83,6 +83,8 @@ pub(crate) struct RawSpool {
 pub(crate) struct RawKeystore {
     pub backend: Option<String>,
     pub tcti: Option<String>,
+    pub pcrs: Option<Vec<i64>>,
+    pub allow_software_tpm: Option<bool>,
 }
 
 /// `[[uplink]]`

@@ -138,6 +138,12 @@ pub struct Keystore {
     pub backend: KeystoreBackend,
     /// Used by the `tpm` backend only.
     pub tcti: Tcti,
+    /// PCRs (SHA-256 bank, 0..=23, no duplicates) the spool master key is sealed to at
+    /// `keys init`; empty: no PCR policy.
+    pub pcrs: Vec<u8>,
+    /// Production mode refuses a software TPM (swtpm) unless this is set; every start with
+    /// it set logs a warning.
+    pub allow_software_tpm: bool,
 }
 
 impl Default for Keystore {
@@ -145,6 +151,8 @@ impl Default for Keystore {
         Self {
             backend: defaults::KEYSTORE_BACKEND,
             tcti: Tcti::default(),
+            pcrs: Vec::new(),
+            allow_software_tpm: false,
         }
     }
 }
@@ -563,9 +571,32 @@ fn keystore(
             "the software key store is refused in production mode (use \"tpm\")",
         );
     }
+    let mut pcrs = Vec::new();
+    let mut pcrs_ok = true;
+    for (i, &n) in raw.pcrs.as_deref().unwrap_or_default().iter().enumerate() {
+        match u8::try_from(n) {
+            Ok(pcr) if pcr <= 23 && !pcrs.contains(&pcr) => pcrs.push(pcr),
+            Ok(pcr) if pcr <= 23 => {
+                pcrs_ok = false;
+                c.push(
+                    format!("keystore.pcrs[{i}]"),
+                    format!("PCR {pcr} is listed twice"),
+                );
+            }
+            _ => {
+                pcrs_ok = false;
+                c.push(
+                    format!("keystore.pcrs[{i}]"),
+                    format!("{n} is not a PCR index (0..=23)"),
+                );
+            }
+        }
+    }
     Some(Keystore {
         backend: backend?,
         tcti: tcti?,
+        pcrs: pcrs_ok.then_some(pcrs)?,
+        allow_software_tpm: raw.allow_software_tpm.unwrap_or(false),
     })
 }
 

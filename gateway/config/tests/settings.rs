@@ -469,3 +469,28 @@ fn load_reads_a_file() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(s.node.mode, Mode::Development);
 }
+
+#[test]
+fn keystore_pcrs_and_software_tpm_override_are_parsed_and_checked() {
+    let base = "[node]\nid = \"gw\"\ndata_dir = \"/tmp/x\"\nmode = \"development\"\n";
+    let s = Settings::from_toml_str(&format!(
+        "{base}[keystore]\nbackend = \"tpm\"\npcrs = [7, 0]\nallow_software_tpm = true\n"
+    ))
+    .unwrap();
+    assert_eq!(s.keystore.pcrs, vec![7, 0]);
+    assert!(s.keystore.allow_software_tpm);
+    let defaults = Settings::from_toml_str(base).unwrap();
+    assert!(defaults.keystore.pcrs.is_empty());
+    assert!(!defaults.keystore.allow_software_tpm);
+    let err =
+        Settings::from_toml_str(&format!("{base}[keystore]\npcrs = [7, 24, 7]\n")).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("keystore.pcrs[1]: 24 is not a PCR index"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keystore.pcrs[2]: PCR 7 is listed twice"),
+        "{text}"
+    );
+}

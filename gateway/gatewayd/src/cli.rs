@@ -77,6 +77,25 @@ pub enum KeysCommand {
     Status(ConfigArg),
     /// Print a PKCS#10 CSR for the device identity key.
     Csr(ConfigArg),
+    /// Store the certificate issued for the device identity (PEM, leaf first).
+    InstallCert {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        cert: PathBuf,
+    },
+    /// Prove the box can authenticate: mutual-TLS handshake and one GET with the device
+    /// identity and its installed certificate; prints the HTTP status line.
+    CheckTls {
+        #[arg(long)]
+        config: PathBuf,
+        /// https://host:port/path
+        #[arg(long)]
+        url: String,
+        /// CA certificates (PEM) the server is verified against.
+        #[arg(long)]
+        ca_file: PathBuf,
+    },
     /// Crypto-shred: destroy the keys; every sealed object becomes unreadable.
     Wipe(WipeArgs),
 }

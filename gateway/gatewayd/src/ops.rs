@@ -37,6 +37,7 @@ pub fn backend(settings: &Settings) -> Backend {
         KeystoreBackend::Software => Backend::Software,
         KeystoreBackend::Tpm => Backend::Tpm {
             tcti: settings.keystore.tcti.to_string(),
+            pcrs: settings.keystore.pcrs.clone(),
         },
     }
 }
@@ -195,10 +196,9 @@ fn absolute(path: &Path) -> Result<PathBuf, String> {
 }
 
 pub fn keys(cmd: &KeysCommand) -> ExitCode {
-    let (config, action) = match cmd {
-        KeysCommand::Init(a) => (&a.config, "init"),
-        KeysCommand::Status(a) => (&a.config, "status"),
-        KeysCommand::Csr(a) => (&a.config, "csr"),
+    let config = match cmd {
+        KeysCommand::Init(a) | KeysCommand::Status(a) | KeysCommand::Csr(a) => &a.config,
+        KeysCommand::InstallCert { config, .. } | KeysCommand::CheckTls { config, .. } => config,
         KeysCommand::Wipe(a) => {
             if !a.yes {
                 eprintln!(
@@ -206,44 +206,98 @@ pub fn keys(cmd: &KeysCommand) -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            (&a.config, "wipe")
+            &a.config
         }
     };
     let settings = match load(config) {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let data_dir = &settings.node.data_dir;
-    let backend = backend(&settings);
-    let result = match action {
-        "init" => gateway_durable::ensure_private_dir(data_dir)
-            .map_err(|e| e.to_string())
-            .and_then(|()| gateway_keystore::init(&backend, data_dir).map_err(|e| e.to_string()))
-            .map(|s| format!("initialised {} key store; spool master key {}", s.backend, fingerprint(&s))),
-        "status" => gateway_keystore::status(&backend, data_dir).map_err(|e| e.to_string()).map(|s| {
-            if s.initialised {
-                format!("backend {}: initialised; spool master key {}", s.backend, fingerprint(&s))
-            } else {
-                format!("backend {}: not initialised (run `gatewayd keys init`)", s.backend)
-            }
-        }),
-        "csr" => Err("a device identity key and its CSR need keystore.backend = \"tpm\", which is not part of this build yet".into()),
-        _ => gateway_keystore::wipe(&backend, data_dir).map_err(|e| e.to_string()).map(|wiped| {
-            if wiped {
-                "key store wiped: sealed objects can no longer be opened; run `gatewayd keys init` before `run`".into()
-            } else {
-                "nothing to wipe: the key store was not initialised".into()
-            }
-        }),
-    };
-    match result {
-        Ok(line) => {
-            println!("{line}");
+    match keys_action(cmd, &settings) {
+        Ok(text) => {
+            println!("{text}");
             ExitCode::SUCCESS
         }
         Err(message) => {
             eprintln!("gatewayd: {message}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn keys_action(cmd: &KeysCommand, settings: &Settings) -> Result<String, String> {
+    let data_dir = &settings.node.data_dir;
+    let backend = backend(settings);
+    let identity = || -> Result<_, String> {
+        let store = gateway_keystore::open(&backend, data_dir).map_err(|e| e.to_string())?;
+        store
+            .identity()
+            .ok_or_else(|| gateway_tls::TlsError::NoIdentity.to_string())
+    };
+    match cmd {
+        KeysCommand::Init(_) => {
+            gateway_durable::ensure_private_dir(data_dir).map_err(|e| e.to_string())?;
+            let s = gateway_keystore::init(&backend, data_dir).map_err(|e| e.to_string())?;
+            Ok(format!(
+                "initialised {} key store; spool master key {}",
+                s.backend,
+                fingerprint(&s)
+            ))
+        }
+        KeysCommand::Status(_) => {
+            let s = gateway_keystore::status(&backend, data_dir).map_err(|e| e.to_string())?;
+            Ok(if s.initialised {
+                format!(
+                    "backend {}: initialised; spool master key {}",
+                    s.backend,
+                    fingerprint(&s)
+                )
+            } else {
+                format!(
+                    "backend {}: not initialised (run `gatewayd keys init`)",
+                    s.backend
+                )
+            })
+        }
+        KeysCommand::Csr(_) => {
+            let pem = gateway_tls::csr_pem(identity()?, settings.node.id.as_str())
+                .map_err(|e| e.to_string())?;
+            Ok(pem.trim_end().to_string())
+        }
+        KeysCommand::InstallCert { cert, .. } => {
+            gateway_tls::install_certificate(data_dir, identity()?.as_ref(), cert)
+                .map_err(|e| e.to_string())?;
+            Ok(format!(
+                "installed {}",
+                gateway_tls::certificate_path(data_dir).display()
+            ))
+        }
+        KeysCommand::CheckTls { url, ca_file, .. } => {
+            let chain = gateway_tls::installed_chain(data_dir).map_err(|e| e.to_string())?;
+            let auth = gateway_tls::ClientAuth::Identity {
+                identity: identity()?,
+                chain,
+            };
+            let config = gateway_tls::client_config(ca_file, auth).map_err(|e| e.to_string())?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start runtime: {e}"))?;
+            runtime
+                .block_on(gateway_tls::check(
+                    url,
+                    config,
+                    std::time::Duration::from_secs(20),
+                ))
+                .map_err(|e| e.to_string())
+        }
+        KeysCommand::Wipe(_) => {
+            let wiped = gateway_keystore::wipe(&backend, data_dir).map_err(|e| e.to_string())?;
+            Ok(if wiped {
+                "key store wiped: sealed objects can no longer be opened; run `gatewayd keys init` before `run`".into()
+            } else {
+                "nothing to wipe: the key store was not initialised".into()
+            })
         }
     }
 }

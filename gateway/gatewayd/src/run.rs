@@ -162,7 +162,10 @@ fn master_key(settings: &Settings) -> Result<MasterKey, String> {
     let data_dir = &settings.node.data_dir;
     let backend = ops::backend(settings);
     match gateway_keystore::open(&backend, data_dir) {
-        Ok(store) => store.spool_master_key().map_err(|e| e.to_string()),
+        Ok(store) => {
+            check_tpm_vendor(settings, store.as_ref())?;
+            store.spool_master_key().map_err(|e| e.to_string())
+        }
         Err(KeyStoreError::NotInitialised { .. })
             if settings.node.mode == Mode::Development
                 && settings.keystore.backend == KeystoreBackend::Software
@@ -175,6 +178,34 @@ fn master_key(settings: &Settings) -> Result<MasterKey, String> {
                 .map_err(|e| e.to_string())
         }
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Production refuses a software TPM (swtpm) unless `keystore.allow_software_tpm` is set,
+/// which is then logged on every start.
+fn check_tpm_vendor(
+    settings: &Settings,
+    store: &dyn gateway_keystore::KeyStore,
+) -> Result<(), String> {
+    let Some(vendor) = store.tpm_vendor() else {
+        return Ok(());
+    };
+    let vendor = vendor.map_err(|e| e.to_string())?;
+    info!(vendor = %vendor.trim(), "TPM found");
+    if !gateway_keystore::is_software_tpm(&vendor) {
+        return Ok(());
+    }
+    match (settings.node.mode, settings.keystore.allow_software_tpm) {
+        (Mode::Production, false) => Err(format!(
+            "the TPM reports vendor {:?}, a software TPM that protects nothing; production mode \
+             refuses it (set keystore.allow_software_tpm = true only for a lab box)",
+            vendor.trim()
+        )),
+        (Mode::Production, true) => {
+            warn!(vendor = %vendor.trim(), "production mode on a SOFTWARE TPM: keystore.allow_software_tpm is set");
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 

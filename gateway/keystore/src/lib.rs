@@ -17,11 +17,14 @@
 
 mod master;
 mod software;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 pub use master::{KEY_LEN, KeyId, MasterKey};
 pub use software::SoftwareKeyStore;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// What went wrong in the key store. Details stay on the box (they name local paths only).
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +57,28 @@ pub enum KeyStoreError {
     #[error("random source failed: {0}")]
     Random(getrandom::Error),
     /// The configured back end is not part of this build.
-    #[error("keystore.backend = \"{backend}\" is not available in this build")]
+    #[error(
+        "keystore.backend = \"{backend}\" is not available in this build (cargo feature `tpm`)"
+    )]
     BackendUnavailable { backend: &'static str },
+    /// A TPM command failed.
+    #[error("TPM: {action}: {detail}")]
+    Tpm {
+        action: &'static str,
+        detail: String,
+    },
+    /// The TPM is not the one the keys were made in (cleared or swapped): refuse to start.
+    #[error("TPM tamper check failed: {detail}")]
+    Tamper { detail: String },
+    /// The PCR values differ from those the spool master key was sealed to.
+    #[error(
+        "the spool master key is sealed to PCRs {pcrs:?} and their current values do not \
+         satisfy the policy (boot chain or firmware changed?): {detail}"
+    )]
+    PcrPolicy { pcrs: Vec<u8>, detail: String },
+    /// The TPM worker thread is gone.
+    #[error("the TPM worker thread stopped")]
+    TpmGone,
 }
 
 /// A source of the gateway's keys.
@@ -64,6 +87,27 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     fn backend(&self) -> &'static str;
     /// The spool master key. Called once at start; the spool keeps it in memory.
     fn spool_master_key(&self) -> Result<MasterKey, KeyStoreError>;
+    /// The non-exportable device identity key, when the back end has one (the TPM).
+    fn identity(&self) -> Option<Arc<dyn DeviceIdentity>>;
+    /// The TPM's vendor string, for back ends that are a TPM.
+    fn tpm_vendor(&self) -> Option<Result<String, KeyStoreError>> {
+        None
+    }
+}
+
+/// The device identity: an ECDSA P-256 key whose private part never leaves the key store.
+/// Used to sign CSRs and every mutual-TLS client handshake.
+pub trait DeviceIdentity: Send + Sync + std::fmt::Debug {
+    /// The public key as an uncompressed SEC1 point (65 bytes).
+    fn public_key(&self) -> Vec<u8>;
+    /// ECDSA P-256 signature over SHA-256(`message`), DER-encoded.
+    fn sign_sha256(&self, message: &[u8]) -> Result<Vec<u8>, KeyStoreError>;
+}
+
+/// Is this TPM vendor string a software TPM (swtpm, IBM's simulator)?
+pub fn is_software_tpm(vendor: &str) -> bool {
+    let v = vendor.to_ascii_uppercase();
+    v.contains("SW") && v.contains("TPM")
 }
 
 /// `keys status` report.
@@ -79,9 +123,11 @@ pub struct Status {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     Software,
-    /// A TPM 2.0 reached through the given TCTI string.
+    /// A TPM 2.0 reached through the given TCTI string; the spool master key is sealed to
+    /// `pcrs` (SHA-256 bank) when not empty.
     Tpm {
         tcti: String,
+        pcrs: Vec<u8>,
     },
 }
 
@@ -89,6 +135,9 @@ pub enum Backend {
 pub fn open(backend: &Backend, data_dir: &Path) -> Result<Box<dyn KeyStore>, KeyStoreError> {
     match backend {
         Backend::Software => Ok(Box::new(SoftwareKeyStore::open(data_dir)?)),
+        #[cfg(feature = "tpm")]
+        Backend::Tpm { tcti, .. } => Ok(Box::new(tpm::TpmKeyStore::open(tcti, data_dir)?)),
+        #[cfg(not(feature = "tpm"))]
         Backend::Tpm { .. } => Err(KeyStoreError::BackendUnavailable { backend: "tpm" }),
     }
 }
@@ -97,6 +146,9 @@ pub fn open(backend: &Backend, data_dir: &Path) -> Result<Box<dyn KeyStore>, Key
 pub fn init(backend: &Backend, data_dir: &Path) -> Result<Status, KeyStoreError> {
     match backend {
         Backend::Software => SoftwareKeyStore::init(data_dir)?.status(),
+        #[cfg(feature = "tpm")]
+        Backend::Tpm { tcti, pcrs } => tpm::TpmKeyStore::init(tcti, data_dir, pcrs),
+        #[cfg(not(feature = "tpm"))]
         Backend::Tpm { .. } => Err(KeyStoreError::BackendUnavailable { backend: "tpm" }),
     }
 }
@@ -105,6 +157,9 @@ pub fn init(backend: &Backend, data_dir: &Path) -> Result<Status, KeyStoreError>
 pub fn status(backend: &Backend, data_dir: &Path) -> Result<Status, KeyStoreError> {
     match backend {
         Backend::Software => SoftwareKeyStore::status_at(data_dir),
+        #[cfg(feature = "tpm")]
+        Backend::Tpm { tcti, .. } => tpm::TpmKeyStore::status_at(tcti, data_dir),
+        #[cfg(not(feature = "tpm"))]
         Backend::Tpm { .. } => Err(KeyStoreError::BackendUnavailable { backend: "tpm" }),
     }
 }
@@ -113,6 +168,9 @@ pub fn status(backend: &Backend, data_dir: &Path) -> Result<Status, KeyStoreErro
 pub fn wipe(backend: &Backend, data_dir: &Path) -> Result<bool, KeyStoreError> {
     match backend {
         Backend::Software => SoftwareKeyStore::wipe(data_dir),
+        #[cfg(feature = "tpm")]
+        Backend::Tpm { tcti, .. } => tpm::TpmKeyStore::wipe(tcti, data_dir),
+        #[cfg(not(feature = "tpm"))]
         Backend::Tpm { .. } => Err(KeyStoreError::BackendUnavailable { backend: "tpm" }),
     }
 }

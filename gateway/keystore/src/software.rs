@@ -172,6 +172,11 @@ impl KeyStore for SoftwareKeyStore {
     fn spool_master_key(&self) -> Result<MasterKey, KeyStoreError> {
         self.read_key()
     }
+
+    fn identity(&self) -> Option<std::sync::Arc<dyn crate::DeviceIdentity>> {
+        // Development identities come from cert_file/key_file, not from this store.
+        None
+    }
 }
 
 fn io_err(e: durable::Error) -> KeyStoreError {

@@ -1,0 +1,365 @@
+//! TLS client identity of the gateway.
+//!
+//! Every outbound mutual-TLS connection (the cloud uplink, later the fleet broker) is made
+//! with a rustls `ClientConfig` from [`client_config`]. In `keystore` mode the client
+//! certificate's private key never leaves the key store: [`IdentitySigningKey`] implements
+//! rustls' `SigningKey` by asking the key store (the TPM) to sign each handshake.
+//!
+//! - [`csr_pem`]: a PKCS#10 request signed by the device identity (`gatewayd keys csr`).
+//! - [`install_certificate`]: stores the issued certificate (chain) after checking it
+//!   certifies the device identity's public key (`gatewayd keys install-cert`).
+//! - [`check`]: a handshake and one HTTP request (`gatewayd keys check-tls`), so an
+//!   installer can prove the box can authenticate to its cloud before leaving the site.
+//!
+//! Invariants: TLS 1.3, and TLS 1.2 only with rustls' suites (all AEAD with ECDHE, which is
+//! what RFC 9325 allows); the server is verified against the configured CA file only.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_keystore::DeviceIdentity;
+use rustls::client::ResolvesClientCert;
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
+use rustls::{ClientConfig, RootCertStore, SignatureAlgorithm, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where the installed device certificate (PEM chain, leaf first) lives.
+pub fn certificate_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("device.crt")
+}
+
+/// TLS identity failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Pem { path: PathBuf, reason: String },
+    #[error("the key store has no device identity key (keystore.backend = \"tpm\" has one)")]
+    NoIdentity,
+    #[error(
+        "no device certificate at {path}: run `gatewayd keys csr`, have it signed, then \
+         `gatewayd keys install-cert`"
+    )]
+    NoCertificate { path: PathBuf },
+    #[error("the certificate does not certify this device's identity key")]
+    WrongKey,
+    #[error("certificate: {0}")]
+    Certificate(String),
+    #[error("CSR: {0}")]
+    Csr(String),
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    #[error("bad URL {url:?}: {reason}")]
+    Url { url: String, reason: &'static str },
+    #[error("{stage} {host}:{port}: {detail}")]
+    Connect {
+        stage: &'static str,
+        host: String,
+        port: u16,
+        detail: String,
+    },
+}
+
+/// How the client authenticates.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    /// The key store's device identity with the installed certificate chain.
+    Identity {
+        identity: Arc<dyn DeviceIdentity>,
+        chain: Vec<CertificateDer<'static>>,
+    },
+    /// Development: a certificate and private key from files.
+    Files {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+}
+
+/// rustls signing key backed by the device identity (ECDSA P-256, SHA-256).
+#[derive(Debug)]
+pub struct IdentitySigningKey(Arc<dyn DeviceIdentity>);
+
+impl SigningKey for IdentitySigningKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        offered
+            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
+            .then(|| Box::new(IdentitySigner(Arc::clone(&self.0))) as Box<dyn Signer>)
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        SignatureAlgorithm::ECDSA
+    }
+}
+
+#[derive(Debug)]
+struct IdentitySigner(Arc<dyn DeviceIdentity>);
+
+impl Signer for IdentitySigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.0
+            .sign_sha256(message)
+            .map_err(|e| rustls::Error::General(format!("device identity signature: {e}")))
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        SignatureScheme::ECDSA_NISTP256_SHA256
+    }
+}
+
+#[derive(Debug)]
+struct IdentityResolver(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for IdentityResolver {
+    fn resolve(&self, _hints: &[&[u8]], schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        schemes
+            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
+            .then(|| Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The rustls client configuration: server verified against `ca_file` only.
+pub fn client_config(ca_file: &Path, auth: ClientAuth) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(ca_file)? {
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            path: ca_file.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match auth {
+        ClientAuth::Identity { identity, chain } => {
+            let key: Arc<dyn SigningKey> = Arc::new(IdentitySigningKey(identity));
+            builder.with_client_cert_resolver(Arc::new(IdentityResolver(Arc::new(
+                CertifiedKey::new(chain, key),
+            ))))
+        }
+        ClientAuth::Files {
+            cert_file,
+            key_file,
+        } => {
+            let chain = read_certs(&cert_file)?;
+            let key = PrivateKeyDer::from_pem_file(&key_file).map_err(|e| TlsError::Pem {
+                path: key_file.clone(),
+                reason: e.to_string(),
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::Config(e.to_string()))?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+/// Reads every certificate of a PEM file.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = fs::read(path).map_err(|source| TlsError::Io {
+        action: "read",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            reason: "no certificate in file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The installed device certificate chain.
+pub fn installed_chain(data_dir: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let path = certificate_path(data_dir);
+    if !path.exists() {
+        return Err(TlsError::NoCertificate { path });
+    }
+    read_certs(&path)
+}
+
+struct CsrKey {
+    identity: Arc<dyn DeviceIdentity>,
+    point: Vec<u8>,
+}
+
+impl rcgen::PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for CsrKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.identity
+            .sign_sha256(msg)
+            .map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+}
+
+/// A PKCS#10 certificate request for the device identity, subject CN = `common_name`.
+pub fn csr_pem(identity: Arc<dyn DeviceIdentity>, common_name: &str) -> Result<String, TlsError> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    let point = identity.public_key();
+    let key = CsrKey { identity, point };
+    params
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| TlsError::Csr(e.to_string()))
+}
+
+/// Stores an issued certificate (PEM, leaf first) after checking that its public key is
+/// the device identity's.
+pub fn install_certificate(
+    data_dir: &Path,
+    identity: &dyn DeviceIdentity,
+    pem_file: &Path,
+) -> Result<(), TlsError> {
+    let chain = read_certs(pem_file)?;
+    let leaf = chain.first().ok_or(TlsError::WrongKey)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    if cert.public_key().subject_public_key.data.as_ref() != identity.public_key().as_slice() {
+        return Err(TlsError::WrongKey);
+    }
+    let bytes = fs::read(pem_file).map_err(|source| TlsError::Io {
+        action: "read",
+        path: pem_file.to_path_buf(),
+        source,
+    })?;
+    let path = certificate_path(data_dir);
+    gateway_durable::write_atomic(&path, &bytes).map_err(|e| TlsError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    })
+}
+
+/// Connects to an `https://host:port/path` URL, completes the handshake and one `GET`,
+/// and returns the HTTP status line.
+pub async fn check(
+    url: &str,
+    config: Arc<ClientConfig>,
+    timeout: Duration,
+) -> Result<String, TlsError> {
+    let (host, port, path) = parse_https(url)?;
+    let connect_err = |stage: &'static str, detail: String| TlsError::Connect {
+        stage,
+        host: host.clone(),
+        port,
+        detail,
+    };
+    let name = ServerName::try_from(host.clone()).map_err(|_| TlsError::Url {
+        url: url.into(),
+        reason: "bad host name",
+    })?;
+    let work = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| connect_err("connect", e.to_string()))?;
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| connect_err("TLS handshake with", e.to_string()))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| connect_err("send to", e.to_string()))?;
+        let mut response = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !response.contains(&b'\n') && response.len() < 16 * 1024 {
+            match tls.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => response.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(connect_err("read from", e.to_string())),
+            }
+        }
+        let line = String::from_utf8_lossy(&response);
+        Ok(line.lines().next().unwrap_or_default().trim().to_string())
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| TlsError::Connect {
+            stage: "timeout talking to",
+            host: host.clone(),
+            port,
+            detail: format!("{timeout:?}"),
+        })?
+}
+
+fn parse_https(url: &str) -> Result<(String, u16, String), TlsError> {
+    let bad = |reason| TlsError::Url {
+        url: url.into(),
+        reason,
+    };
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| bad("must start with https://"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_string()),
+        None => (rest, "/".to_string()),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h, p.parse().map_err(|_| bad("bad port"))?)
+        }
+        _ => (authority, 443),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok((host.to_string(), port, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_urls_are_split_into_host_port_and_path() {
+        assert_eq!(
+            parse_https("https://127.0.0.1:8443/dicom-web").unwrap(),
+            ("127.0.0.1".into(), 8443, "/dicom-web".into())
+        );
+        assert_eq!(
+            parse_https("https://dc.example.jp").unwrap(),
+            ("dc.example.jp".into(), 443, "/".into())
+        );
+        assert_eq!(
+            parse_https("https://[::1]:9/x").unwrap(),
+            ("::1".into(), 9, "/x".into())
+        );
+        assert!(parse_https("http://plain").is_err());
+        assert!(parse_https("https://h:port/").is_err());
+    }
+}
