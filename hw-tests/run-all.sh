@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: `bash hw-tests/run-all.sh [extra pytest args]`.
 #
-# Installs the real peers when missing (Debian: dcmtk, orthanc, orthanc-dicomweb,
+# Installs the real peers when missing (Debian: dcmtk, orthanc, orthanc-dicomweb, swtpm,
+# tpm2-tools, libtss2, nginx, openssl,
 # pkg-config; PyPI into hw-tests/.venv: hw-tests/requirements.txt), then runs
 #   cargo fmt --check, cargo clippy -D warnings, cargo test, cargo build --release,
 #   pytest -v hw-tests  (against target/release/gatewayd)
@@ -30,6 +31,15 @@ done
 [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || need_pkgs+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_pkgs+=(orthanc-dicomweb)
 command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
+# TPM: libtss2 to build tss-esapi, the TCTIs to reach a TPM, swtpm as the test TPM.
+pkg-config --exists tss2-esys 2>/dev/null || need_pkgs+=(libtss2-dev)
+[ -e /usr/lib/x86_64-linux-gnu/libtss2-tcti-swtpm.so.0 ] || [ -e /usr/lib/aarch64-linux-gnu/libtss2-tcti-swtpm.so.0 ] || need_pkgs+=(libtss2-tcti-swtpm0)
+[ -e /usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0 ] || [ -e /usr/lib/aarch64-linux-gnu/libtss2-tcti-device.so.0 ] || need_pkgs+=(libtss2-tcti-device0)
+command -v swtpm >/dev/null 2>&1 || need_pkgs+=(swtpm swtpm-tools)
+command -v tpm2_pcrextend >/dev/null 2>&1 || need_pkgs+=(tpm2-tools)
+# mutual-TLS ingress in front of Orthanc, and the test CA.
+command -v nginx >/dev/null 2>&1 || need_pkgs+=(nginx)
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 # Debian's python3 has no ensurepip without python3-venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -37,13 +47,15 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
 else
-    echo "dcmtk, orthanc, orthanc-dicomweb, pkg-config already installed"
+    echo "all Debian peers already installed"
 fi
-# The orthanc package starts a system service on 4242/8042: tests start their own Orthanc.
-if [ -e /etc/init.d/orthanc ]; then
-    "${SUDO[@]}" service orthanc stop >/dev/null 2>&1 || true
-    "${SUDO[@]}" update-rc.d orthanc disable >/dev/null 2>&1 || true
-fi
+# The orthanc and nginx packages start system services (4242/8042, 80): tests start their own.
+for svc in orthanc nginx; do
+    if [ -e "/etc/init.d/$svc" ]; then
+        "${SUDO[@]}" service "$svc" stop >/dev/null 2>&1 || true
+        "${SUDO[@]}" update-rc.d "$svc" disable >/dev/null 2>&1 || true
+    fi
+done
 echo "DCMTK: $(storescu --version 2>&1 | head -n 1)"
 
 banner "peers: Python venv (hw-tests/.venv)"
