@@ -171,15 +171,7 @@ impl Usage {
         r.since_check += more;
         if r.since_check >= RECHECK_EVERY {
             r.since_check = 0;
-            let free = self.free_bytes()?;
-            if free < self.limits.min_free_bytes {
-                return Err(SpoolError::Full {
-                    reason: format!(
-                        "{free} bytes free on the data disk, below spool.min_free_bytes = {}",
-                        self.limits.min_free_bytes
-                    ),
-                });
-            }
+            self.check_free()?;
         }
         Ok(())
     }
