@@ -20,7 +20,9 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let tcti = args.next().expect("usage: tpm_ops TCTI DATA_DIR [N]");
     let data = PathBuf::from(args.next().expect("usage: tpm_ops TCTI DATA_DIR [N]"));
-    let n: u32 = args.next().map_or(100, |s| s.parse().expect("N is a number"));
+    let n: u32 = args
+        .next()
+        .map_or(100, |s| s.parse().expect("N is a number"));
 
     let t = Instant::now();
     let store = TpmKeyStore::open(&tcti, &data).expect("open (run gatewayd keys init first)");
@@ -40,7 +42,18 @@ fn main() {
     let sign = t.elapsed().as_secs_f64() / f64::from(n);
 
     println!("open + storage key check: {:.1} ms", open * 1e3);
-    println!("unseal spool master key:  {:.2} ms/op ({:.0} ops/s)", unseal * 1e3, 1.0 / unseal);
-    println!("identity ECDSA signature: {:.2} ms/op ({:.0} ops/s)", sign * 1e3, 1.0 / sign);
-    println!("transient objects left:   {}", store.transient_objects().expect("handles"));
+    println!(
+        "unseal spool master key:  {:.2} ms/op ({:.0} ops/s)",
+        unseal * 1e3,
+        1.0 / unseal
+    );
+    println!(
+        "identity ECDSA signature: {:.2} ms/op ({:.0} ops/s)",
+        sign * 1e3,
+        1.0 / sign
+    );
+    println!(
+        "transient objects left:   {}",
+        store.transient_objects().expect("handles")
+    );
 }

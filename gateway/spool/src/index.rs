@@ -8,6 +8,8 @@
 //! - `objects`: object id (16 bytes) -> [`Record`] (postcard)
 //! - `by_uid`: uid MAC (32) || object id (16) -> empty, for lookups by SOP Instance UID
 //! - `by_content`: uid MAC (32) || content MAC (32) -> object id, for dedupe
+//! - `queue`: destination || 0x00 || received ms (u64 BE) || object id -> empty: the objects
+//!   still queued for each destination, oldest first
 
 use std::path::{Path, PathBuf};
 
@@ -21,10 +23,15 @@ pub type ObjectId = [u8; 16];
 pub type Mac = [u8; 32];
 
 /// Delivery state of one object towards one destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeliveryState {
     Queued,
     Sent,
+    /// Refused by the destination for a reason a resend cannot fix (dead letter); kept until
+    /// an operator runs `gatewayd spool retry`.
+    Failed {
+        reason: String,
+    },
 }
 
 /// One destination of one object.
@@ -48,19 +55,21 @@ pub struct Record {
     pub content_mac: Mac,
     /// Empty when no uplink is configured: the object is held in state `received`.
     pub destinations: Vec<Destination>,
+    /// The sealed blob was deleted after every destination confirmed it.
+    pub blob_deleted: bool,
 }
 
 impl Record {
-    /// Overall state: `received` (held), `queued` (some destination pending) or `sent`.
+    /// Overall state: `received` (held, no uplink), `queued` (some destination pending),
+    /// `failed` (some destination dead-lettered it, none pending) or `sent`.
     pub fn state(&self) -> &'static str {
+        let any = |f: fn(&DeliveryState) -> bool| self.destinations.iter().any(|d| f(&d.state));
         if self.destinations.is_empty() {
             "received"
-        } else if self
-            .destinations
-            .iter()
-            .any(|d| d.state == DeliveryState::Queued)
-        {
+        } else if any(|s| *s == DeliveryState::Queued) {
             "queued"
+        } else if any(|s| matches!(s, DeliveryState::Failed { .. })) {
+            "failed"
         } else {
             "sent"
         }
@@ -100,6 +109,7 @@ pub struct Index {
     objects: sled::Tree,
     by_uid: sled::Tree,
     by_content: sled::Tree,
+    queue: sled::Tree,
 }
 
 impl Index {
@@ -117,6 +127,7 @@ impl Index {
             objects: db.open_tree("objects").map_err(err)?,
             by_uid: db.open_tree("by_uid").map_err(err)?,
             by_content: db.open_tree("by_content").map_err(err)?,
+            queue: db.open_tree("queue").map_err(err)?,
             path: path.to_path_buf(),
             db,
         })
@@ -153,14 +164,23 @@ impl Index {
         let ckey = content_key(&record.uid_mac, &record.content_mac);
         let mut ukey = record.uid_mac.to_vec();
         ukey.extend_from_slice(id);
-        let outcome = (&self.objects, &self.by_uid, &self.by_content).transaction(
-            |(objects, by_uid, by_content)| {
+        let queue_keys: Vec<Vec<u8>> = record
+            .destinations
+            .iter()
+            .filter(|d| d.state == DeliveryState::Queued)
+            .map(|d| queue_key(&d.name, record.received_unix_ms, id))
+            .collect();
+        let outcome = (&self.objects, &self.by_uid, &self.by_content, &self.queue).transaction(
+            |(objects, by_uid, by_content, queue)| {
                 if let Some(existing) = by_content.get(ckey)? {
                     return Ok(to_id(&existing).map_or(Inserted::New, Inserted::Duplicate));
                 }
                 objects.insert(id.as_slice(), value.as_slice())?;
                 by_uid.insert(ukey.as_slice(), &[][..])?;
                 by_content.insert(ckey.as_slice(), id.as_slice())?;
+                for key in &queue_keys {
+                    queue.insert(key.as_slice(), &[][..])?;
+                }
                 Ok::<_, ConflictableTransactionError<()>>(Inserted::New)
             },
         );
@@ -173,6 +193,88 @@ impl Index {
             self.db.flush().map_err(|e| self.db_err(e))?;
         }
         Ok(inserted)
+    }
+
+    /// Up to `limit` objects queued for `destination`, oldest first.
+    pub fn queued(&self, destination: &str, limit: usize) -> Result<Vec<ObjectId>, IndexError> {
+        let mut prefix = destination.as_bytes().to_vec();
+        prefix.push(0);
+        self.queue
+            .scan_prefix(&prefix)
+            .keys()
+            .take(limit)
+            .map(|k| {
+                k.map(|k| to_id(&k[k.len().saturating_sub(16)..]))
+                    .map_err(|e| self.db_err(e))
+            })
+            .filter_map(Result::transpose)
+            .collect()
+    }
+
+    /// Replaces the delivery state of `id` towards `destination` and makes it durable.
+    /// Returns the updated record (None if the object or destination is unknown).
+    pub fn set_delivery(
+        &self,
+        id: &ObjectId,
+        destination: &str,
+        state: DeliveryState,
+    ) -> Result<Option<Record>, IndexError> {
+        let Some(mut record) = self.get(id)? else {
+            return Ok(None);
+        };
+        let Some(dest) = record
+            .destinations
+            .iter_mut()
+            .find(|d| d.name == destination)
+        else {
+            return Ok(None);
+        };
+        dest.state = state;
+        let queued = dest.state == DeliveryState::Queued;
+        let key = queue_key(destination, record.received_unix_ms, id);
+        self.write_record(id, &record, |queue| {
+            if queued {
+                queue.insert(key.as_slice(), &[][..])?;
+            } else {
+                queue.remove(key.as_slice())?;
+            }
+            Ok(())
+        })?;
+        Ok(Some(record))
+    }
+
+    /// Records that the blob of `id` was deleted.
+    pub fn set_blob_deleted(&self, id: &ObjectId) -> Result<(), IndexError> {
+        if let Some(mut record) = self.get(id)? {
+            record.blob_deleted = true;
+            self.write_record(id, &record, |_| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    fn write_record(
+        &self,
+        id: &ObjectId,
+        record: &Record,
+        queue_op: impl Fn(
+            &sled::transaction::TransactionalTree,
+        ) -> Result<(), ConflictableTransactionError<()>>,
+    ) -> Result<(), IndexError> {
+        let value = postcard::to_stdvec(record).map_err(|source| IndexError::Encode {
+            path: self.path.clone(),
+            source,
+        })?;
+        let outcome = (&self.objects, &self.queue).transaction(|(objects, queue)| {
+            objects.insert(id.as_slice(), value.as_slice())?;
+            queue_op(queue)?;
+            Ok::<_, ConflictableTransactionError<()>>(())
+        });
+        match outcome {
+            Ok(()) | Err(TransactionError::Abort(())) => {}
+            Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),
+        }
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        Ok(())
     }
 
     /// Ids stored under a uid MAC.
@@ -221,6 +323,14 @@ fn content_key(uid_mac: &Mac, content_mac: &Mac) -> [u8; 64] {
     let mut key = [0u8; 64];
     key[..32].copy_from_slice(uid_mac);
     key[32..].copy_from_slice(content_mac);
+    key
+}
+
+fn queue_key(destination: &str, received_ms: u64, id: &ObjectId) -> Vec<u8> {
+    let mut key = destination.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&received_ms.to_be_bytes());
+    key.extend_from_slice(id);
     key
 }
 

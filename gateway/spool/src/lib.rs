@@ -71,6 +71,8 @@ pub enum SpoolError {
     NoKey,
     #[error("no stored object has that SOP Instance UID")]
     NotFound,
+    #[error("object {id} was uploaded to every destination and its local copy deleted")]
+    Reclaimed { id: String },
     #[error("object {id} is in the index but its blob {path} is missing")]
     MissingBlob { id: String, path: PathBuf },
 }
@@ -107,6 +109,8 @@ pub struct Status {
 pub struct DestinationCounts {
     pub queued: u64,
     pub sent: u64,
+    /// Dead letters: refused by the destination, waiting for `gatewayd spool retry`.
+    pub failed: u64,
 }
 
 /// `spool verify` report.
@@ -184,6 +188,7 @@ struct Inner {
     keys: Option<Keys>,
     destinations: Vec<String>,
     usage: Usage,
+    committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Spool {
@@ -208,7 +213,9 @@ impl Spool {
         let mut counts = BTreeMap::new();
         for entry in index.records() {
             let (_, r) = entry?;
-            sealed += r.sealed_len;
+            if !r.blob_deleted {
+                sealed += r.sealed_len;
+            }
             *counts.entry(r.state()).or_insert(0i64) += 1;
         }
         usage.set_stored(sealed, &counts);
@@ -221,6 +228,7 @@ impl Spool {
                 keys: master.map(Keys::new),
                 destinations,
                 usage,
+                committed: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
@@ -288,7 +296,7 @@ impl Spool {
 
     /// Counts by state and destination, bytes and oldest age. Scans the index.
     pub fn status(&self) -> Result<Status, SpoolError> {
-        let mut by_state: BTreeMap<String, u64> = ["received", "queued", "sent"]
+        let mut by_state: BTreeMap<String, u64> = ["received", "queued", "sent", "failed"]
             .into_iter()
             .map(|s| (s.to_string(), 0))
             .collect();
@@ -302,10 +310,12 @@ impl Spool {
         for entry in self.inner.index.records() {
             let (_, r) = entry?;
             objects += 1;
-            bytes += r.sealed_len;
+            if !r.blob_deleted {
+                bytes += r.sealed_len;
+            }
             let state = r.state();
             *by_state.entry(state.to_string()).or_default() += 1;
-            if state != "sent" {
+            if state == "queued" || state == "received" {
                 oldest = Some(oldest.map_or(r.received_unix_ms, |o| o.min(r.received_unix_ms)));
             }
             for d in &r.destinations {
@@ -313,6 +323,7 @@ impl Spool {
                 match d.state {
                     DeliveryState::Queued => c.queued += 1,
                     DeliveryState::Sent => c.sent += 1,
+                    DeliveryState::Failed { .. } => c.failed += 1,
                 }
             }
         }
@@ -362,6 +373,11 @@ impl Spool {
         for entry in inner.index.records() {
             let (id, record) = entry?;
             report.objects += 1;
+            if record.blob_deleted {
+                // Uploaded everywhere and reclaimed: nothing left to check.
+                report.ok += 1;
+                continue;
+            }
             let mut sink = MacWriter(keys.mac());
             match self.unseal(&id, &record, &mut sink) {
                 Ok(())
@@ -397,6 +413,85 @@ impl Spool {
         Ok(report)
     }
 
+    /// Up to `limit` objects queued for `destination`, oldest first.
+    pub fn queued(&self, destination: &str, limit: usize) -> Result<Vec<ObjectId>, SpoolError> {
+        Ok(self.inner.index.queued(destination, limit)?)
+    }
+
+    /// A stored object's record and plaintext (for upload: the whole object in memory).
+    pub fn read(&self, id: &ObjectId) -> Result<(Record, Vec<u8>), SpoolError> {
+        let record = self.inner.index.get(id)?.ok_or(SpoolError::NotFound)?;
+        let mut plain = Vec::with_capacity(usize::try_from(record.plain_len).unwrap_or(0));
+        self.unseal(id, &record, &mut plain)?;
+        Ok((record, plain))
+    }
+
+    /// The destination confirmed the object. When every destination has, the blob is
+    /// deleted (its record stays, for dedupe and status).
+    pub fn mark_sent(&self, id: &ObjectId, destination: &str) -> Result<(), SpoolError> {
+        self.set_delivery(id, destination, DeliveryState::Sent)
+    }
+
+    /// The destination refused the object for good: dead letter, with the reason.
+    pub fn mark_failed(
+        &self,
+        id: &ObjectId,
+        destination: &str,
+        reason: &str,
+    ) -> Result<(), SpoolError> {
+        let reason: String = reason.chars().take(200).collect();
+        self.set_delivery(id, destination, DeliveryState::Failed { reason })
+    }
+
+    /// Puts dead letters (of one destination, or all) back in the queue. Returns how many.
+    pub fn retry_failed(&self, destination: Option<&str>) -> Result<u64, SpoolError> {
+        let mut moved = 0;
+        let failed: Vec<(ObjectId, String)> = self
+            .inner
+            .index
+            .records()
+            .filter_map(Result::ok)
+            .flat_map(|(id, r)| {
+                r.destinations
+                    .into_iter()
+                    .filter(|d| matches!(d.state, DeliveryState::Failed { .. }))
+                    .map(move |d| (id, d.name))
+            })
+            .filter(|(_, name)| destination.is_none_or(|want| want == name))
+            .collect();
+        for (id, name) in failed {
+            self.set_delivery(&id, &name, DeliveryState::Queued)?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
+    fn set_delivery(
+        &self,
+        id: &ObjectId,
+        destination: &str,
+        state: DeliveryState,
+    ) -> Result<(), SpoolError> {
+        let inner = &self.inner;
+        let before = inner.index.get(id)?.ok_or(SpoolError::NotFound)?.state();
+        let Some(record) = inner.index.set_delivery(id, destination, state)? else {
+            return Err(SpoolError::NotFound);
+        };
+        inner.usage.transition(before, record.state());
+        if record.state() == "sent" && !record.blob_deleted {
+            let path = self.blob_path(id);
+            durable::remove_durably(&path)?;
+            inner.index.set_blob_deleted(id)?;
+            inner.usage.release_stored(record.sealed_len);
+        }
+        Ok(())
+    }
+
+    /// A receiver that changes whenever an object is committed (uplink workers wait on it).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.committed.subscribe()
+    }
+
     /// The spool folder.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
@@ -413,6 +508,11 @@ impl Spool {
         out: &mut W,
     ) -> Result<(), SpoolError> {
         let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        if record.blob_deleted {
+            return Err(SpoolError::Reclaimed {
+                id: hex::encode(id),
+            });
+        }
         let path = self.blob_path(id);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -563,6 +663,7 @@ impl Ingest {
                     state: DeliveryState::Queued,
                 })
                 .collect(),
+            blob_deleted: false,
         };
         let started = Instant::now();
         let inserted = inner.index.insert_durable(&self.id, &record);
@@ -572,6 +673,7 @@ impl Ingest {
                 inner
                     .usage
                     .commit(&mut self.reservation, sealed_len, record.state());
+                inner.committed.send_modify(|n| *n = n.wrapping_add(1));
                 Ok(Committed::Stored(self.id))
             }
             Ok(Inserted::Duplicate(existing)) => {

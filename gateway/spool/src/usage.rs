@@ -123,7 +123,7 @@ impl Usage {
     pub fn set_stored(&self, bytes: u64, counts: &BTreeMap<&'static str, i64>) {
         self.lock().stored = bytes;
         self.bytes.set(bytes as i64);
-        for state in ["received", "queued", "sent"] {
+        for state in ["received", "queued", "sent", "failed"] {
             self.objects
                 .get_or_create(&StateLabel { state })
                 .set(counts.get(state).copied().unwrap_or(0));
@@ -186,6 +186,23 @@ impl Usage {
         }
         r.bytes = 0;
         self.objects.get_or_create(&StateLabel { state }).inc();
+    }
+
+    /// An object changed overall state (e.g. queued -> sent).
+    pub fn transition(&self, from: &'static str, to: &'static str) {
+        if from != to {
+            self.objects
+                .get_or_create(&StateLabel { state: from })
+                .dec();
+            self.objects.get_or_create(&StateLabel { state: to }).inc();
+        }
+    }
+
+    /// A blob was deleted (its destinations all confirmed it).
+    pub fn release_stored(&self, sealed_len: u64) {
+        let mut t = self.lock();
+        t.stored = t.stored.saturating_sub(sealed_len);
+        self.bytes.set(t.stored as i64);
     }
 
     pub fn release(&self, r: &mut Reservation) {

@@ -253,3 +253,65 @@ fn index_survives_reopen_and_a_different_key_cannot_read_blobs() {
 fn hex(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn queue_is_oldest_first_and_sent_objects_leave_it_and_their_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into(), "b".into()]).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let Committed::Stored(id) =
+            store(&spool, &format!("5.{i}"), format!("object {i}").as_bytes()).unwrap()
+        else {
+            panic!()
+        };
+        ids.push(id);
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    }
+    assert_eq!(spool.queued("a", 10).unwrap(), ids);
+    assert_eq!(spool.queued("a", 2).unwrap(), ids[..2]);
+    let (record, plain) = spool.read(&ids[0]).unwrap();
+    assert_eq!(plain, b"object 0");
+    assert_eq!(record.state(), "queued");
+
+    spool.mark_sent(&ids[0], "a").unwrap();
+    assert_eq!(spool.queued("a", 10).unwrap(), ids[1..]);
+    assert_eq!(
+        spool.queued("b", 10).unwrap(),
+        ids,
+        "destinations do not share a queue"
+    );
+    let blobs = || fs::read_dir(spool.dir().join("blobs")).unwrap().count();
+    assert_eq!(blobs(), 3, "blob kept until every destination confirmed");
+    spool.mark_sent(&ids[0], "b").unwrap();
+    assert_eq!(
+        blobs(),
+        2,
+        "blob reclaimed once every destination confirmed"
+    );
+    assert!(matches!(
+        spool.export("5.0", &mut Vec::new()),
+        Err(SpoolError::Reclaimed { .. })
+    ));
+    // A resend of an uploaded object is still recognised as a duplicate.
+    assert!(matches!(
+        store(&spool, "5.0", b"object 0").unwrap(),
+        Committed::Duplicate(_)
+    ));
+
+    spool
+        .mark_failed(&ids[1], "a", "400 refused by archive")
+        .unwrap();
+    let status = spool.status().unwrap();
+    assert_eq!(status.by_destination["a"].failed, 1);
+    assert_eq!(status.by_destination["a"].sent, 1);
+    assert_eq!(status.by_state["sent"], 1);
+    assert_eq!(spool.queued("a", 10).unwrap(), ids[2..]);
+    assert_eq!(spool.retry_failed(Some("a")).unwrap(), 1);
+    assert_eq!(spool.queued("a", 10).unwrap(), ids[1..]);
+    assert!(spool.verify().unwrap().is_consistent());
+    drop(spool);
+    // State survives a reopen.
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into(), "b".into()]).unwrap();
+    assert_eq!(spool.queued("a", 10).unwrap(), ids[1..]);
+}
