@@ -98,6 +98,8 @@ pub(crate) struct RawUplink {
     pub client_auth: Option<String>,
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+    pub max_bytes_per_sec: Option<String>,
+    pub batch_max_instances: Option<u32>,
 }
 
 /// `[fleet]`

@@ -164,12 +164,17 @@ pub struct Uplink {
     pub name: UplinkName,
     pub kind: UplinkKind,
     pub url: UplinkUrl,
-    /// Trust anchors for the server; the platform roots when absent.
+    /// Trust anchors (PEM) the server is verified against; required for `https://`
+    /// (the platform roots are never trusted implicitly).
     pub ca_file: Option<PathBuf>,
     pub client_auth: ClientAuth,
     /// Both `Some` iff `client_auth` is `Files`.
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// Bandwidth limit for uploads to this destination.
+    pub max_bytes_per_sec: Option<ByteSize>,
+    /// Instances per STOW-RS request (1..=1000, default 16).
+    pub batch_max_instances: u32,
 }
 
 /// `[fleet]`: remote management by the vendor.
@@ -631,6 +636,24 @@ fn uplinks(
         );
         let url = c.parse(key("url"), &raw.url, from_str::<UplinkUrl>);
         let ca_file = c.parse_opt(key("ca_file"), raw.ca_file.as_deref(), parse_path);
+        let max_bytes_per_sec = c.parse_opt(
+            key("max_bytes_per_sec"),
+            raw.max_bytes_per_sec.as_deref(),
+            from_str::<ByteSize>,
+        );
+        let batch_max_instances = raw.batch_max_instances.unwrap_or(16);
+        if !(1..=1000).contains(&batch_max_instances) {
+            c.push(
+                key("batch_max_instances"),
+                format!("{batch_max_instances} is outside 1..=1000"),
+            );
+        }
+        if raw.ca_file.is_none() && raw.url.starts_with("https://") {
+            c.push(
+                key("ca_file"),
+                "required for an https:// url: the CA the archive's certificate is checked against",
+            );
+        }
         let client_auth = c.parse_or(
             key("client_auth"),
             raw.client_auth.as_deref(),
@@ -676,6 +699,8 @@ fn uplinks(
                 client_auth: client_auth?,
                 cert_file: cert_file?,
                 key_file: key_file?,
+                max_bytes_per_sec: max_bytes_per_sec?,
+                batch_max_instances,
             })
         })();
         match (uplink, &mut out) {

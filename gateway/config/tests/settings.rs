@@ -57,7 +57,7 @@ fn minimal_file_gets_defaults_and_production_mode() {
 fn empty_sections_get_their_defaults() {
     let text = format!(
         "{NODE_DEV}[dicom]\n[hl7]\n[spool]\n[keystore]\n[admin]\n[booking]\n\
-         [[uplink]]\nname = \"a\"\nurl = \"https://x\"\n"
+         [[uplink]]\nname = \"a\"\nurl = \"https://x\"\nca_file = \"ca.pem\"\n"
     );
     let s = ok(&text);
     let dicom = s.dicom.unwrap();
@@ -81,7 +81,9 @@ fn empty_sections_get_their_defaults() {
     let up = &s.uplinks[0];
     assert_eq!(up.kind, UplinkKind::DicomWeb);
     assert_eq!(up.client_auth, ClientAuth::Keystore);
-    assert!(up.ca_file.is_none() && up.cert_file.is_none() && up.key_file.is_none());
+    assert_eq!(up.ca_file.as_deref(), Some(std::path::Path::new("ca.pem")));
+    assert!(up.cert_file.is_none() && up.key_file.is_none());
+    assert_eq!((up.max_bytes_per_sec, up.batch_max_instances), (None, 16));
 }
 
 #[test]
@@ -147,7 +149,7 @@ fn wrong_type_is_rejected_with_its_path() {
         ["dicom.max_associations: invalid type: string \"x\", expected u32"]
     );
     let l = lines(&format!(
-        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://x\"\n[[uplink]]\nname = 5\nurl = \"https://y\"\n"
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://x\"\nca_file = \"ca.pem\"\n[[uplink]]\nname = 5\nurl = \"https://y\"\nca_file = \"ca.pem\"\n"
     ));
     assert!(l[0].starts_with("uplink[1].name: invalid type"), "{l:?}");
 }
@@ -247,7 +249,7 @@ fn messages_quote_only_the_offending_value() {
 #[test]
 fn uplink_url_credentials_are_refused_without_echo() {
     let l = lines(&format!(
-        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://u:hunter2@dc.example.jp/\"\n"
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://u:hunter2@dc.example.jp/\"\nca_file = \"ca.pem\"\n"
     ));
     assert_eq!(l.len(), 1);
     assert!(l[0].starts_with("uplink[0].url: credentials"), "{l:?}");
@@ -257,9 +259,9 @@ fn uplink_url_credentials_are_refused_without_echo() {
 #[test]
 fn duplicate_uplink_names_are_keyed_by_the_later_index() {
     let text = format!(
-        "{NODE_DEV}[[uplink]]\nname = \"cloud\"\nurl = \"https://a\"\n\
-         [[uplink]]\nname = \"other\"\nurl = \"https://b\"\n\
-         [[uplink]]\nname = \"cloud\"\nurl = \"https://c\"\n"
+        "{NODE_DEV}[[uplink]]\nname = \"cloud\"\nurl = \"https://a\"\nca_file = \"ca.pem\"\n\
+         [[uplink]]\nname = \"other\"\nurl = \"https://b\"\nca_file = \"ca.pem\"\n\
+         [[uplink]]\nname = \"cloud\"\nurl = \"https://c\"\nca_file = \"ca.pem\"\n"
     );
     assert_eq!(
         lines(&text),
@@ -270,14 +272,14 @@ fn duplicate_uplink_names_are_keyed_by_the_later_index() {
 #[test]
 fn files_client_auth_needs_cert_and_key_and_keystore_auth_takes_neither() {
     let l = lines(&format!(
-        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://a\"\nclient_auth = \"files\"\ncert_file = \"c.pem\"\n"
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://a\"\nca_file = \"ca.pem\"\nclient_auth = \"files\"\ncert_file = \"c.pem\"\n"
     ));
     assert_eq!(
         l,
         ["uplink[0].key_file: is required when client_auth = \"files\""]
     );
     let k = keys(&format!(
-        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://a\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n"
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://a\"\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n"
     ));
     assert_eq!(k, ["uplink[0].cert_file", "uplink[0].key_file"]);
 }
@@ -365,7 +367,7 @@ fn production_refuses_plaintext_http_uplinks() {
 
 #[test]
 fn production_refuses_files_client_auth() {
-    let text = "[[uplink]]\nname = \"a\"\nurl = \"https://a\"\nclient_auth = \"files\"\n\
+    let text = "[[uplink]]\nname = \"a\"\nurl = \"https://a\"\nca_file = \"ca.pem\"\nclient_auth = \"files\"\n\
                 cert_file = \"c\"\nkey_file = \"k\"\n";
     assert_eq!(
         keys(&format!("{NODE_PROD}{text}")),
@@ -493,4 +495,27 @@ fn keystore_pcrs_and_software_tpm_override_are_parsed_and_checked() {
         text.contains("keystore.pcrs[2]: PCR 7 is listed twice"),
         "{text}"
     );
+}
+
+#[test]
+fn https_uplink_needs_a_ca_file_and_rate_and_batch_are_checked() {
+    let text = format!(
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://a\"\nmax_bytes_per_sec = \"2MiB\"\n\
+         [[uplink]]\nname = \"b\"\nurl = \"https://b\"\nca_file = \"ca.pem\"\nbatch_max_instances = 0\n"
+    );
+    let err = Settings::from_toml_str(&text).unwrap_err().to_string();
+    assert!(
+        err.contains("uplink[0].ca_file: required for an https:// url"),
+        "{err}"
+    );
+    assert!(
+        err.contains("uplink[1].batch_max_instances: 0 is outside 1..=1000"),
+        "{err}"
+    );
+    let ok = format!(
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nurl = \"https://a\"\nca_file = \"ca.pem\"\nmax_bytes_per_sec = \"2MiB\"\n"
+    );
+    let s = Settings::from_toml_str(&ok).unwrap();
+    assert_eq!(s.uplinks[0].max_bytes_per_sec, Some(ByteSize::mib(2)));
+    assert_eq!(s.uplinks[0].batch_max_instances, 16);
 }

@@ -111,6 +111,9 @@ pub struct DestinationCounts {
     pub sent: u64,
     /// Dead letters: refused by the destination, waiting for `gatewayd spool retry`.
     pub failed: u64,
+    /// Why the last upload attempt failed, while the destination is failing (running
+    /// daemon only).
+    pub last_error: Option<String>,
 }
 
 /// `spool verify` report.
@@ -189,6 +192,7 @@ struct Inner {
     destinations: Vec<String>,
     usage: Usage,
     committed: tokio::sync::watch::Sender<u64>,
+    destination_errors: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 impl Spool {
@@ -229,6 +233,7 @@ impl Spool {
                 destinations,
                 usage,
                 committed: tokio::sync::watch::Sender::new(0),
+                destination_errors: std::sync::Mutex::default(),
             }),
         })
     }
@@ -326,6 +331,15 @@ impl Spool {
                     DeliveryState::Failed { .. } => c.failed += 1,
                 }
             }
+        }
+        let errors = self
+            .inner
+            .destination_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (name, error) in errors {
+            by_destination.entry(name).or_default().last_error = Some(error);
         }
         let now = unix_ms();
         Ok(Status {
@@ -485,6 +499,19 @@ impl Spool {
             inner.usage.release_stored(record.sealed_len);
         }
         Ok(())
+    }
+
+    /// Records (or clears) why uploads to `destination` are failing, for `spool status`.
+    pub fn set_destination_error(&self, destination: &str, error: Option<String>) {
+        let mut errors = self
+            .inner
+            .destination_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match error {
+            Some(e) => errors.insert(destination.to_string(), e),
+            None => errors.remove(destination),
+        };
     }
 
     /// A receiver that changes whenever an object is committed (uplink workers wait on it).

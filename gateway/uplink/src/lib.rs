@@ -1,0 +1,461 @@
+//! The uplink: drains the spool to cloud DICOMweb archives with STOW-RS over mutual TLS.
+//!
+//! One [`UplinkService`] per `[[uplink]]` destination. It takes the oldest queued objects of
+//! its destination from the spool, unseals them in memory, POSTs them as one
+//! `multipart/related; type="application/dicom"` request to `{url}/studies`, and marks each
+//! instance on its own from the STOW response.
+//!
+//! Module map: [`stow`] (body and response), `pace` (bandwidth limit).
+//!
+//! Retry rules:
+//! - network errors, 408, 429, 5xx, and authentication refusals (401, 403, 495, 496) are
+//!   destination errors: the batch stays queued and is retried with exponential backoff and
+//!   jitter (capped, forever; `Retry-After` honoured). The reason shows in `spool status`.
+//! - an instance the archive names in FailedSOPSequence is dead-lettered with its reason,
+//!   unless the reason is A7xx (out of resources: retried). Instances the response does not
+//!   mention stay queued.
+//! - another 4xx without per-instance detail: a batch is split and sent one by one; a single
+//!   instance is dead-lettered only if the destination accepted something in the last hour
+//!   (a healthy archive refusing that object), otherwise it is a destination error.
+//! - an instance the archive already holds comes back as stored: resends are idempotent.
+//!
+//! Invariants: nothing leaves the queue without the archive's confirmation or an explicit
+//! dead letter; a dead destination never makes the spool drop or overwrite anything; several
+//! destinations never block each other (each has its own task); no patient data in logs.
+
+mod pace;
+pub mod stow;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gateway_spool::{ObjectId, Spool, SpoolError};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::stow::{InstanceResult, Part};
+
+/// Settings of one destination, built by `gatewayd` from `[[uplink]]`.
+#[derive(Debug, Clone)]
+pub struct UplinkSettings {
+    pub name: String,
+    /// DICOMweb base URL; requests go to `{url}/studies`.
+    pub url: String,
+    /// rustls configuration (server CA and client identity); `None` for plain `http://`
+    /// (refused in production by the config).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub batch_max_instances: usize,
+    pub batch_max_bytes: u64,
+    /// Bandwidth limit of request bodies.
+    pub max_bytes_per_sec: Option<u64>,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub request_timeout: Duration,
+}
+
+impl UplinkSettings {
+    /// Defaults for everything but name, URL and TLS.
+    pub fn new(name: String, url: String, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        Self {
+            name,
+            url,
+            tls,
+            batch_max_instances: 16,
+            batch_max_bytes: 32 << 20,
+            max_bytes_per_sec: None,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Failures at start.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("uplink {name}: cannot build the HTTP client: {detail}")]
+    Client { name: String, detail: String },
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SentLabels {
+    destination: String,
+    result: &'static str,
+}
+
+/// `gateway_uplink_sent_total{destination,result}`: result = sent | failed | retry.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    sent: Family<SentLabels, Counter>,
+    bytes: Family<SentLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "gateway_uplink_sent",
+            "Instances handled by the uplink, by destination and result (sent, failed = dead letter, retry)",
+            m.sent.clone(),
+        );
+        registry.register(
+            "gateway_uplink_body_bytes",
+            "Request body bytes sent by the uplink, by destination and result",
+            m.bytes.clone(),
+        );
+        m
+    }
+
+    fn count(&self, destination: &str, result: &'static str, instances: u64, bytes: u64) {
+        let labels = SentLabels {
+            destination: destination.to_string(),
+            result,
+        };
+        self.sent.get_or_create(&labels).inc_by(instances);
+        self.bytes.get_or_create(&labels).inc_by(bytes);
+    }
+}
+
+/// Outcome of one request, for the loop.
+enum Round {
+    /// Something was confirmed or dead-lettered: keep going.
+    Progress,
+    /// The destination is unwell: back off (at least this long).
+    Backoff {
+        reason: String,
+        at_least: Option<Duration>,
+    },
+}
+
+/// The worker of one destination.
+#[derive(Debug)]
+pub struct UplinkService {
+    settings: UplinkSettings,
+    spool: Spool,
+    client: reqwest::Client,
+    metrics: Metrics,
+    last_success: Option<Instant>,
+}
+
+impl UplinkService {
+    pub fn new(
+        settings: UplinkSettings,
+        spool: Spool,
+        metrics: Metrics,
+    ) -> Result<Self, UplinkError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            .timeout(settings.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .no_proxy();
+        if let Some(tls) = &settings.tls {
+            builder = builder.tls_backend_preconfigured((**tls).clone());
+        }
+        let client = builder.build().map_err(|e| UplinkError::Client {
+            name: settings.name.clone(),
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            settings,
+            spool,
+            client,
+            metrics,
+            last_success: None,
+        })
+    }
+
+    /// Drains the destination's queue until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let name = self.settings.name.clone();
+        info!(destination = %name, "uplink started");
+        let mut wake = self.spool.subscribe();
+        let mut backoff = self.settings.backoff_initial;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let batch = match self.next_batch().await {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(destination = %name, error = %e, "cannot read queued objects");
+                    Vec::new()
+                }
+            };
+            if batch.is_empty() {
+                tokio::select! {
+                    () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                    _ = wake.changed() => {}
+                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+                continue;
+            }
+            let round = tokio::select! {
+                () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                round = self.send(batch) => round,
+            };
+            match round {
+                Round::Progress => {
+                    backoff = self.settings.backoff_initial;
+                    self.spool.set_destination_error(&name, None);
+                }
+                Round::Backoff { reason, at_least } => {
+                    warn!(destination = %name, reason, retry_in = ?backoff, "upload failed; will retry");
+                    self.spool.set_destination_error(&name, Some(reason));
+                    let wait = jitter(backoff).max(at_least.unwrap_or_default());
+                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                    tokio::select! {
+                        () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        info!(destination = %name, "uplink stopped");
+    }
+
+    /// The oldest queued objects, up to the batch limits (at least one).
+    async fn next_batch(&self) -> Result<Vec<(ObjectId, Part)>, SpoolError> {
+        let spool = self.spool.clone();
+        let name = self.settings.name.clone();
+        let (max_n, max_bytes) = (
+            self.settings.batch_max_instances,
+            self.settings.batch_max_bytes,
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut batch = Vec::new();
+            let mut bytes = 0u64;
+            for id in spool.queued(&name, max_n)? {
+                let (_, plain) = match spool.read(&id) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(object = %hex::encode(id), error = %e, "queued object unreadable: dead-lettered");
+                        spool.mark_failed(&id, &name, &format!("unreadable in the spool: {e}"))?;
+                        continue;
+                    }
+                };
+                let Some(uid) = sop_instance_uid(&plain) else {
+                    spool.mark_failed(&id, &name, "stored object has no file meta SOP Instance UID")?;
+                    continue;
+                };
+                if !batch.is_empty() && bytes + plain.len() as u64 > max_bytes {
+                    break;
+                }
+                bytes += plain.len() as u64;
+                batch.push((id, Part { sop_instance_uid: uid, bytes: bytes::Bytes::from(plain) }));
+            }
+            Ok(batch)
+        })
+        .await
+        .unwrap_or_else(|_| Ok(Vec::new()))
+    }
+
+    async fn send(&mut self, batch: Vec<(ObjectId, Part)>) -> Round {
+        let name = self.settings.name.clone();
+        let total: u64 = batch.iter().map(|(_, p)| p.bytes.len() as u64).sum();
+        let n = batch.len() as u64;
+        let outcome = self.post(&batch).await;
+        let (status, retry_after, body) = match outcome {
+            Ok(x) => x,
+            Err(reason) => {
+                self.metrics.count(&name, "retry", n, total);
+                return Round::Backoff {
+                    reason,
+                    at_least: None,
+                };
+            }
+        };
+        let uids: Vec<String> = batch
+            .iter()
+            .map(|(_, p)| p.sop_instance_uid.clone())
+            .collect();
+        let results = stow::parse_response(&body, &uids);
+        let per_instance = results.values().any(|r| *r != InstanceResult::Unconfirmed);
+        let code = status.as_u16();
+        if matches!(code, 408 | 429 | 401 | 403 | 407 | 495 | 496) || status.is_server_error() {
+            self.metrics.count(&name, "retry", n, total);
+            return Round::Backoff {
+                reason: format!("HTTP {code} from {}", self.settings.url),
+                at_least: retry_after,
+            };
+        }
+        if status.is_client_error() && !per_instance {
+            if batch.len() > 1 {
+                debug!(destination = %name, code, "batch refused without detail: sending one by one");
+                let mut progressed = false;
+                for item in batch {
+                    match Box::pin(self.send(vec![item])).await {
+                        Round::Progress => progressed = true,
+                        backoff => return if progressed { Round::Progress } else { backoff },
+                    }
+                }
+                return Round::Progress;
+            }
+            let healthy = self
+                .last_success
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(3600));
+            if !healthy {
+                self.metrics.count(&name, "retry", n, total);
+                return Round::Backoff {
+                    reason: format!(
+                        "HTTP {code} from {} (destination never accepted an object)",
+                        self.settings.url
+                    ),
+                    at_least: None,
+                };
+            }
+        }
+        let mut progressed = false;
+        for (id, part) in &batch {
+            let size = part.bytes.len() as u64;
+            let result = results
+                .get(&part.sop_instance_uid)
+                .cloned()
+                .unwrap_or(InstanceResult::Unconfirmed);
+            let result = match result {
+                InstanceResult::Unconfirmed if status.is_client_error() => InstanceResult::Failed {
+                    reason: code,
+                    retry: false,
+                },
+                other => other,
+            };
+            let marked = match result {
+                InstanceResult::Stored => {
+                    self.metrics.count(&name, "sent", 1, size);
+                    self.mark(*id, None).await
+                }
+                InstanceResult::Failed {
+                    reason,
+                    retry: false,
+                } => {
+                    warn!(destination = %name, object = %hex::encode(id), reason = format!("{reason:#06x}"), "archive refused the object: dead letter");
+                    self.metrics.count(&name, "failed", 1, size);
+                    self.mark(
+                        *id,
+                        Some(format!(
+                            "refused by the archive (HTTP {code}, reason {reason:#06x})"
+                        )),
+                    )
+                    .await
+                }
+                InstanceResult::Failed { retry: true, .. } | InstanceResult::Unconfirmed => {
+                    self.metrics.count(&name, "retry", 1, size);
+                    continue;
+                }
+            };
+            match marked {
+                Ok(()) => progressed = true,
+                Err(e) => warn!(destination = %name, error = %e, "cannot record delivery state"),
+            }
+        }
+        if results.values().any(|r| *r == InstanceResult::Stored) {
+            self.last_success = Some(Instant::now());
+        }
+        if progressed {
+            Round::Progress
+        } else {
+            Round::Backoff {
+                reason: format!("HTTP {code}: no instance confirmed"),
+                at_least: None,
+            }
+        }
+    }
+
+    async fn mark(&self, id: ObjectId, failure: Option<String>) -> Result<(), SpoolError> {
+        let spool = self.spool.clone();
+        let name = self.settings.name.clone();
+        tokio::task::spawn_blocking(move || match failure {
+            None => spool.mark_sent(&id, &name),
+            Some(reason) => spool.mark_failed(&id, &name, &reason),
+        })
+        .await
+        .unwrap_or(Err(SpoolError::NotFound))
+    }
+
+    /// POSTs the batch; `Err` for transport failures (no HTTP status).
+    async fn post(
+        &self,
+        batch: &[(ObjectId, Part)],
+    ) -> Result<(reqwest::StatusCode, Option<Duration>, bytes::Bytes), String> {
+        let parts: Vec<Part> = batch.iter().map(|(_, p)| p.clone()).collect();
+        let boundary = stow::boundary();
+        let pieces = stow::body_pieces(&parts, &boundary);
+        let length: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        let body = match self.settings.max_bytes_per_sec {
+            Some(rate) => reqwest::Body::wrap_stream(pace::paced(pieces, rate)),
+            None => reqwest::Body::from(pieces.concat()),
+        };
+        let url = format!("{}/studies", self.settings.url.trim_end_matches('/'));
+        let response = self
+            .client
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, stow::content_type(&boundary))
+            .header(reqwest::header::ACCEPT, "application/dicom+json")
+            .header(reqwest::header::CONTENT_LENGTH, length)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| describe(&e))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s.min(3600)));
+        let body = response.bytes().await.map_err(|e| describe(&e))?;
+        Ok((status, retry_after, body))
+    }
+}
+
+/// A transport error with its causes (TLS alerts say why a handshake failed).
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// SOP Instance UID from the file meta group of a stored Part 10 object.
+fn sop_instance_uid(part10: &[u8]) -> Option<String> {
+    let meta = dicom_object::FileMetaTable::from_reader(part10.get(128..)?).ok()?;
+    let uid = meta
+        .media_storage_sop_instance_uid()
+        .trim_end_matches(['\0', ' ']);
+    (!uid.is_empty()).then(|| uid.to_string())
+}
+
+/// Up to ±20% random jitter, so many boxes do not retry in lock step.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = if getrandom::getrandom(&mut b).is_ok() {
+        u16::from_le_bytes(b)
+    } else {
+        32768
+    };
+    let factor = 0.8 + 0.4 * f64::from(r) / f64::from(u16::MAX);
+    d.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(10));
+            assert!(
+                j >= Duration::from_secs(8) && j <= Duration::from_secs(12),
+                "{j:?}"
+            );
+        }
+    }
+}
