@@ -31,6 +31,10 @@ pub enum Request {
         sop_instance_uid: String,
         out: PathBuf,
     },
+    /// Requeues dead letters (of one destination, or all).
+    Retry {
+        destination: Option<String>,
+    },
 }
 
 /// A control response.
@@ -40,6 +44,7 @@ pub enum Response {
     Status(Status),
     Verify(VerifyReport),
     Exported { bytes: u64 },
+    Requeued { objects: u64 },
     NotFound,
     Error { message: String },
 }
@@ -80,6 +85,9 @@ pub fn execute(spool: &Spool, request: &Request) -> Response {
             sop_instance_uid,
             out,
         } => export(spool, sop_instance_uid, out),
+        Request::Retry { destination } => spool
+            .retry_failed(destination.as_deref())
+            .map(|objects| Response::Requeued { objects }),
     };
     match result {
         Ok(r) => r,

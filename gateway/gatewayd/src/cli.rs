@@ -57,6 +57,14 @@ pub enum SpoolCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Requeue dead letters (objects a destination refused) for another upload attempt.
+    Retry {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this uplink's dead letters (default: every destination's).
+        #[arg(long)]
+        destination: Option<String>,
+    },
     /// Write a stored object back out as a DICOM Part 10 file.
     Export {
         #[arg(long)]

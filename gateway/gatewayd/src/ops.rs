@@ -55,6 +55,16 @@ pub fn spool(cmd: &SpoolCommand) -> ExitCode {
     let (config, request, json) = match cmd {
         SpoolCommand::Status { config, json } => (config, Request::Status, *json),
         SpoolCommand::Verify { config, json } => (config, Request::Verify, *json),
+        SpoolCommand::Retry {
+            config,
+            destination,
+        } => (
+            config,
+            Request::Retry {
+                destination: destination.clone(),
+            },
+            false,
+        ),
         SpoolCommand::Export {
             config,
             sop_instance_uid,
@@ -135,7 +145,13 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
                     println!("state {state}: {n}");
                 }
                 for (dest, c) in &status.by_destination {
-                    println!("destination {dest}: queued {} sent {}", c.queued, c.sent);
+                    println!(
+                        "destination {dest}: queued {} sent {} failed {}",
+                        c.queued, c.sent, c.failed
+                    );
+                    if let Some(error) = &c.last_error {
+                        println!("destination {dest}: last error: {error}");
+                    }
                 }
                 match status.oldest_age_seconds {
                     Some(age) => println!("oldest unsent: {age:.1} s"),
@@ -163,6 +179,10 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+        Response::Requeued { objects } => {
+            println!("requeued {objects} dead letter(s)");
+            ExitCode::SUCCESS
         }
         Response::Exported { bytes } => {
             eprintln!("exported {bytes} bytes");

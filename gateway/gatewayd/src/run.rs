@@ -9,8 +9,9 @@ use gateway_admin::control::ControlServer;
 use gateway_admin::http::{AdminHttp, Health};
 use gateway_config::{KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
-use gateway_keystore::{KeyStoreError, MasterKey};
+use gateway_keystore::{KeyStore, KeyStoreError};
 use gateway_spool::Spool;
+use gateway_uplink::{Metrics as UplinkMetrics, UplinkService, UplinkSettings};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -74,7 +75,6 @@ async fn serve(settings: Settings) -> Result<(), String> {
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
     for (section, present) in [
         ("hl7", settings.hl7.is_some()),
-        ("uplink", !settings.uplinks.is_empty()),
         ("fleet", settings.fleet.is_some()),
         ("booking", settings.booking.is_some()),
     ] {
@@ -86,7 +86,8 @@ async fn serve(settings: Settings) -> Result<(), String> {
         }
     }
 
-    let master = master_key(&settings)?;
+    let keys = open_keystore(&settings)?;
+    let master = keys.spool_master_key().map_err(|e| e.to_string())?;
     let destinations = settings
         .uplinks
         .iter()
@@ -111,6 +112,16 @@ async fn serve(settings: Settings) -> Result<(), String> {
         let service = DicomService::bind(dicom_settings(dicom), spool.clone(), &mut registry)
             .await
             .map_err(|e| e.to_string())?;
+        services.spawn(service.run(shutdown.clone()));
+    }
+    let uplink_metrics = UplinkMetrics::register(&mut registry);
+    for uplink in &settings.uplinks {
+        let service = UplinkService::new(
+            uplink_settings(uplink, &data_dir, keys.as_ref())?,
+            spool.clone(),
+            uplink_metrics.clone(),
+        )
+        .map_err(|e| e.to_string())?;
         services.spawn(service.run(shutdown.clone()));
     }
     let health = Health::default();
@@ -156,15 +167,15 @@ async fn wait_for_signal() -> Result<(), String> {
     Ok(())
 }
 
-/// The spool master key. A development box with the software key store and an empty spool
-/// gets a key made on first start; anything else needs `gatewayd keys init`.
-fn master_key(settings: &Settings) -> Result<MasterKey, String> {
+/// The key store. A development box with the software key store and an empty spool gets a
+/// key made on first start; anything else needs `gatewayd keys init`.
+fn open_keystore(settings: &Settings) -> Result<Box<dyn KeyStore>, String> {
     let data_dir = &settings.node.data_dir;
     let backend = ops::backend(settings);
     match gateway_keystore::open(&backend, data_dir) {
         Ok(store) => {
             check_tpm_vendor(settings, store.as_ref())?;
-            store.spool_master_key().map_err(|e| e.to_string())
+            Ok(store)
         }
         Err(KeyStoreError::NotInitialised { .. })
             if settings.node.mode == Mode::Development
@@ -173,9 +184,7 @@ fn master_key(settings: &Settings) -> Result<MasterKey, String> {
         {
             warn!("development mode: creating a software key store for this new data folder");
             gateway_keystore::init(&backend, data_dir).map_err(|e| e.to_string())?;
-            gateway_keystore::open(&backend, data_dir)
-                .and_then(|s| s.spool_master_key())
-                .map_err(|e| e.to_string())
+            gateway_keystore::open(&backend, data_dir).map_err(|e| e.to_string())
         }
         Err(e) => Err(e.to_string()),
     }
@@ -207,6 +216,49 @@ fn check_tpm_vendor(
         }
         _ => Ok(()),
     }
+}
+
+/// One destination's settings, with its TLS client identity.
+fn uplink_settings(
+    uplink: &gateway_config::Uplink,
+    data_dir: &Path,
+    keys: &dyn KeyStore,
+) -> Result<UplinkSettings, String> {
+    let name = uplink.name.as_str().to_string();
+    let tls = match &uplink.ca_file {
+        None => None,
+        Some(ca_file) => {
+            let auth = match uplink.client_auth {
+                gateway_config::ClientAuth::Keystore => {
+                    let identity = keys.identity().ok_or_else(|| {
+                        format!("uplink {name}: client_auth = \"keystore\" needs a key store with a device identity (keystore.backend = \"tpm\")")
+                    })?;
+                    let chain = gateway_tls::installed_chain(data_dir)
+                        .map_err(|e| format!("uplink {name}: {e}"))?;
+                    gateway_tls::ClientAuth::Identity { identity, chain }
+                }
+                gateway_config::ClientAuth::Files => match (&uplink.cert_file, &uplink.key_file) {
+                    (Some(cert_file), Some(key_file)) => gateway_tls::ClientAuth::Files {
+                        cert_file: cert_file.clone(),
+                        key_file: key_file.clone(),
+                    },
+                    _ => {
+                        return Err(format!(
+                            "uplink {name}: client_auth = \"files\" needs cert_file and key_file"
+                        ));
+                    }
+                },
+            };
+            Some(
+                gateway_tls::client_config(ca_file, auth)
+                    .map_err(|e| format!("uplink {name}: {e}"))?,
+            )
+        }
+    };
+    let mut settings = UplinkSettings::new(name, uplink.url.as_str().to_string(), tls);
+    settings.max_bytes_per_sec = uplink.max_bytes_per_sec.map(|b| b.bytes());
+    settings.batch_max_instances = uplink.batch_max_instances as usize;
+    Ok(settings)
 }
 
 fn spool_is_empty(data_dir: &Path) -> bool {
