@@ -71,9 +71,16 @@ def repo_root() -> Path:
 
 
 def pytest_runtest_makereport(item, call):
-    """On failure, attach the log tail of every gateway the test started."""
+    """On failure, attach the log tail of every gateway (and swtpm / nginx / Orthanc) the test started."""
     if call.when != "call" or call.excinfo is None:
         return
+    # Other peers (swtpm, nginx, Orthanc helpers) offer their logs through
+    # `hwtests_log_sections() -> [(title, text)]`.
+    for value in (getattr(item, "funcargs", None) or {}).values():
+        sections = getattr(value, "hwtests_log_sections", None)
+        if callable(sections):
+            for title, text in sections():
+                item.add_report_section("call", title, text)
     factory = item.funcargs.get("gateway_factory") if hasattr(item, "funcargs") else None
     if factory is None:
         return
