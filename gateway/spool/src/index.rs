@@ -57,6 +57,8 @@ pub struct Record {
     pub destinations: Vec<Destination>,
     /// The sealed blob was deleted after every destination confirmed it.
     pub blob_deleted: bool,
+    /// Commit order (monotonic across restarts): the newest version of a UID wins.
+    pub sequence: u64,
 }
 
 impl Record {
@@ -193,6 +195,11 @@ impl Index {
             self.db.flush().map_err(|e| self.db_err(e))?;
         }
         Ok(inserted)
+    }
+
+    /// A fresh, monotonically increasing sequence number.
+    pub fn next_sequence(&self) -> Result<u64, IndexError> {
+        self.db.generate_id().map_err(|e| self.db_err(e))
     }
 
     /// Up to `limit` objects queued for `destination`, oldest first.

@@ -138,6 +138,8 @@ impl VerifyReport {
 pub struct Recovered {
     pub partial_files_removed: u64,
     pub orphan_blobs_removed: u64,
+    /// Blobs of objects every destination had confirmed, left by a crash before deletion.
+    pub sent_blobs_reclaimed: u64,
 }
 
 /// Keys derived from the master key.
@@ -262,11 +264,26 @@ impl Spool {
                 }
             }
         }
+        // A crash between "sent everywhere" and deleting the blob leaves the blob behind.
+        let reclaim: Vec<(ObjectId, u64)> = inner
+            .index
+            .records()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| r.state() == "sent" && !r.blob_deleted)
+            .map(|(id, r)| (id, r.sealed_len))
+            .collect();
+        for (id, sealed_len) in reclaim {
+            durable::remove_durably(&self.blob_path(&id))?;
+            inner.index.set_blob_deleted(&id)?;
+            inner.usage.release_stored(sealed_len);
+            rec.sent_blobs_reclaimed += 1;
+        }
         if rec != Recovered::default() {
             durable::sync_dir(&inner.blobs)?;
             info!(
                 partial_files = rec.partial_files_removed,
                 orphan_blobs = rec.orphan_blobs_removed,
+                sent_blobs = rec.sent_blobs_reclaimed,
                 "spool recovery removed leftovers of an interrupted ingest (their senders got no success status)"
             );
         }
@@ -365,10 +382,7 @@ impl Spool {
             .ids_for_uid(&keys.uid_mac(sop_instance_uid))?
         {
             if let Some(r) = self.inner.index.get(&id)? {
-                if newest
-                    .as_ref()
-                    .is_none_or(|(_, n)| r.received_unix_ms >= n.received_unix_ms)
-                {
+                if newest.as_ref().is_none_or(|(_, n)| r.sequence > n.sequence) {
                     newest = Some((id, r));
                 }
             }
@@ -691,6 +705,7 @@ impl Ingest {
                 })
                 .collect(),
             blob_deleted: false,
+            sequence: inner.index.next_sequence()?,
         };
         let started = Instant::now();
         let inserted = inner.index.insert_durable(&self.id, &record);
