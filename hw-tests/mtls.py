@@ -20,9 +20,11 @@ stopped by its PID.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -101,10 +103,30 @@ def _tail(path: Path, n: int) -> str:
     return "\n".join(path.read_bytes().decode("utf-8", errors="replace").splitlines()[-n:])
 
 
+RECEIPT_LINE = re.compile(r"Lua says: hw-tests received (\S+)")
+
+
+def receipt_lua(reject_patient_id: str | None = None, error_patient_id: str | None = None) -> str:
+    """An Orthanc Lua script whose `ReceivedInstanceFilter` logs every instance Orthanc
+    receives (duplicates included: the filter runs before Orthanc looks for an existing
+    copy), read back by `Orthanc.received_uids()`. With ``reject_patient_id`` it refuses
+    (returns false for) instances of that PatientID; with ``error_patient_id`` it raises a
+    Lua error for them."""
+    lines = ["function ReceivedInstanceFilter(dicom, origin, info)",
+             '   print("hw-tests received " .. tostring(dicom.SOPInstanceUID))']
+    if reject_patient_id is not None:
+        lines += [f"   if dicom.PatientID == {json.dumps(reject_patient_id)} then", "      return false", "   end"]
+    if error_patient_id is not None:
+        lines += [f"   if dicom.PatientID == {json.dumps(error_patient_id)} then",
+                  '      error("hw-tests: this archive refuses the instance")', "   end"]
+    lines += ["   return true", "end", ""]
+    return "\n".join(lines)
+
+
 class Orthanc:
     """A real Orthanc with the DICOMweb plugin; its storage and index in ``dir``."""
 
-    def __init__(self, dir: Path | str, aet: str = "ORTHANC"):
+    def __init__(self, dir: Path | str, aet: str = "ORTHANC", lua_scripts: list[Path | str] | None = None):
         self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port = gw.free_port()
@@ -127,6 +149,8 @@ class Orthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
+        if lua_scripts:
+            self.config["LuaScripts"] = [str(p) for p in lua_scripts]
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -175,6 +199,39 @@ class Orthanc:
     def stop(self, timeout: float = 30.0) -> int | None:
         return _stop_pid(self.proc, timeout, "Orthanc")
 
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def count_instances(self) -> int:
+        """`CountInstances` from `/statistics`."""
+        return int(self.get_json("/statistics")["CountInstances"])
+
+    def get_bytes(self, path: str, timeout: float = 30.0) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return r.read()
+
+    def post(self, path: str, body: bytes, timeout: float = 30.0) -> tuple[int, str]:
+        req = urllib.request.Request(self.url + path, data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read().decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode("utf-8", errors="replace")
+
+    def instance_id(self, sop_instance_uid: str) -> str:
+        """Orthanc's id of the instance with this SOP Instance UID (`POST /tools/lookup`)."""
+        code, body = self.post("/tools/lookup", sop_instance_uid.encode())
+        assert code == 200, f"Orthanc /tools/lookup {sop_instance_uid}: HTTP {code}: {body[:300]}"
+        hits = [h for h in json.loads(body) if h.get("Type") == "Instance"]
+        assert len(hits) == 1, f"Orthanc /tools/lookup {sop_instance_uid}: {body[:300]}"
+        return hits[0]["ID"]
+
+    def received_uids(self) -> "collections.Counter[str]":
+        """How many times Orthanc received each SOP Instance UID (duplicates included),
+        from the lines `receipt_lua()` makes it log; needs that script in `LuaScripts`."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return collections.Counter(m.group(1) for m in RECEIPT_LINE.finditer(text))
+
     def cleanup(self) -> None:
         _kill(self.proc)
 
@@ -196,7 +253,9 @@ events {{
 
 http {{
     log_format mtls '$remote_addr [$time_local] "$request" $status '
-                    'client_verify=$ssl_client_verify client_dn="$ssl_client_s_dn"';
+                    'client_verify=$ssl_client_verify client_dn="$ssl_client_s_dn" '
+                    'request_length=$request_length content_length=$content_length request_time=$request_time msec=$msec '
+                    'upstream_status=$upstream_status';
     access_log {dir}/access.log mtls;
     client_body_temp_path {dir}/temp/client_body;
     proxy_temp_path {dir}/temp/proxy;
@@ -234,10 +293,13 @@ http {{
 class Nginx:
     """nginx terminating mutual TLS on 127.0.0.1 and proxying to ``upstream_port``."""
 
-    def __init__(self, dir: Path | str, ca: pki.CA, upstream_port: int):
+    def __init__(self, dir: Path | str, ca: pki.CA, upstream_port: int, client_ca: pki.CA | None = None):
         self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ca = ca
+        # The CA client certificates must chain to (default: ``ca``); change it and
+        # restart to model a cloud that rotated its client CA.
+        self.client_ca = client_ca or ca
         self.upstream_port = upstream_port
         self.port = gw.free_port()
         self.conf_path = self.dir / "nginx.conf"
@@ -258,7 +320,7 @@ class Nginx:
         # 0700 temp folders: keep them as the current user.
         user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
         self.conf_path.write_text(NGINX_CONF.format(
-            user=user, dir=self.dir, port=self.port, cert=server.cert, key=server.key, ca=self.ca.cert,
+            user=user, dir=self.dir, port=self.port, cert=server.cert, key=server.key, ca=self.client_ca.cert,
             upstream_port=self.upstream_port,
         ))
 
@@ -311,10 +373,10 @@ class Ingress:
     IP 127.0.0.1, so ``ca.cert`` is the CA file a client verifies it with.
     """
 
-    def __init__(self, dir: Path | str, ca: pki.CA):
+    def __init__(self, dir: Path | str, ca: pki.CA, lua_scripts: list[Path | str] | None = None):
         self.dir = Path(dir)
         self.ca = ca
-        self.orthanc = Orthanc(self.dir / "orthanc")
+        self.orthanc = Orthanc(self.dir / "orthanc", lua_scripts=lua_scripts)
         self.nginx = Nginx(self.dir / "nginx", ca, self.orthanc.http_port)
 
     @property

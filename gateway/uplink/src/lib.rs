@@ -14,9 +14,10 @@
 //! - an instance the archive names in FailedSOPSequence is dead-lettered with its reason,
 //!   unless the reason is A7xx (out of resources: retried). Instances the response does not
 //!   mention stay queued.
-//! - another 4xx without per-instance detail: a batch is split and sent one by one; a single
-//!   instance is dead-lettered only if the destination accepted something in the last hour
-//!   (a healthy archive refusing that object), otherwise it is a destination error.
+//! - a response without any per-instance result (a proxy's plain 400, an archive that stopped
+//!   reading): nothing is dead-lettered; the batch is split and sent one by one, an instance
+//!   still unconfirmed is held back with its own backoff so the rest of the queue flows, and
+//!   if none goes through the destination is failing (backoff, reason in `spool status`).
 //! - an instance the archive already holds comes back as stored: resends are idempotent.
 //!
 //! Invariants: nothing leaves the queue without the archive's confirmation or an explicit
@@ -26,6 +27,7 @@
 mod pace;
 pub mod stow;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,7 +140,8 @@ pub struct UplinkService {
     spool: Spool,
     client: reqwest::Client,
     metrics: Metrics,
-    last_success: Option<Instant>,
+    /// Instances held back after an unconfirmed attempt: next try, current wait.
+    deferred: HashMap<ObjectId, (Instant, Duration)>,
 }
 
 impl UplinkService {
@@ -164,7 +167,7 @@ impl UplinkService {
             spool,
             client,
             metrics,
-            last_success: None,
+            deferred: HashMap::new(),
         })
     }
 
@@ -218,7 +221,14 @@ impl UplinkService {
     }
 
     /// The oldest queued objects, up to the batch limits (at least one).
-    async fn next_batch(&self) -> Result<Vec<(ObjectId, Part)>, SpoolError> {
+    async fn next_batch(&mut self) -> Result<Vec<(ObjectId, Part)>, SpoolError> {
+        let now = Instant::now();
+        let held: Vec<ObjectId> = self
+            .deferred
+            .iter()
+            .filter(|(_, (at, _))| *at > now)
+            .map(|(id, _)| *id)
+            .collect();
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
         let (max_n, max_bytes) = (
@@ -228,7 +238,12 @@ impl UplinkService {
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::new();
             let mut bytes = 0u64;
-            for id in spool.queued(&name, max_n)? {
+            for id in spool
+                .queued(&name, max_n + held.len())?
+                .into_iter()
+                .filter(|id| !held.contains(id))
+                .take(max_n)
+            {
                 let (_, plain) = match spool.read(&id) {
                     Ok(x) => x,
                     Err(e) => {
@@ -257,8 +272,7 @@ impl UplinkService {
         let name = self.settings.name.clone();
         let total: u64 = batch.iter().map(|(_, p)| p.bytes.len() as u64).sum();
         let n = batch.len() as u64;
-        let outcome = self.post(&batch).await;
-        let (status, retry_after, body) = match outcome {
+        let (status, retry_after, body) = match self.post(&batch).await {
             Ok(x) => x,
             Err(reason) => {
                 self.metrics.count(&name, "retry", n, total);
@@ -268,12 +282,6 @@ impl UplinkService {
                 };
             }
         };
-        let uids: Vec<String> = batch
-            .iter()
-            .map(|(_, p)| p.sop_instance_uid.clone())
-            .collect();
-        let results = stow::parse_response(&body, &uids);
-        let per_instance = results.values().any(|r| *r != InstanceResult::Unconfirmed);
         let code = status.as_u16();
         if matches!(code, 408 | 429 | 401 | 403 | 407 | 495 | 496) || status.is_server_error() {
             self.metrics.count(&name, "retry", n, total);
@@ -282,31 +290,41 @@ impl UplinkService {
                 at_least: retry_after,
             };
         }
-        if status.is_client_error() && !per_instance {
+        let uids: Vec<String> = batch
+            .iter()
+            .map(|(_, p)| p.sop_instance_uid.clone())
+            .collect();
+        let results = stow::parse_response(&body, &uids);
+        if results.values().all(|r| *r == InstanceResult::Unconfirmed) {
+            // No per-instance answer (a proxy's plain 400, an archive that stopped reading):
+            // nothing is dead-lettered on that. Try the instances one by one, so one object
+            // cannot hold back the rest; if none goes through, the destination is failing.
             if batch.len() > 1 {
-                debug!(destination = %name, code, "batch refused without detail: sending one by one");
+                debug!(destination = %name, code, "no per-instance result: sending one by one");
                 let mut progressed = false;
+                let mut last = None;
                 for item in batch {
                     match Box::pin(self.send(vec![item])).await {
                         Round::Progress => progressed = true,
-                        backoff => return if progressed { Round::Progress } else { backoff },
+                        backoff => last = Some(backoff),
                     }
                 }
-                return Round::Progress;
-            }
-            let healthy = self
-                .last_success
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(3600));
-            if !healthy {
-                self.metrics.count(&name, "retry", n, total);
-                return Round::Backoff {
-                    reason: format!(
-                        "HTTP {code} from {} (destination never accepted an object)",
-                        self.settings.url
-                    ),
-                    at_least: None,
+                return match (progressed, last) {
+                    (true, _) | (false, None) => Round::Progress,
+                    (false, Some(backoff)) => backoff,
                 };
             }
+            self.metrics.count(&name, "retry", n, total);
+            for (id, _) in &batch {
+                self.defer(*id);
+            }
+            return Round::Backoff {
+                reason: format!(
+                    "HTTP {code} from {} without a per-instance result",
+                    self.settings.url
+                ),
+                at_least: retry_after,
+            };
         }
         let mut progressed = false;
         for (id, part) in &batch {
@@ -315,13 +333,6 @@ impl UplinkService {
                 .get(&part.sop_instance_uid)
                 .cloned()
                 .unwrap_or(InstanceResult::Unconfirmed);
-            let result = match result {
-                InstanceResult::Unconfirmed if status.is_client_error() => InstanceResult::Failed {
-                    reason: code,
-                    retry: false,
-                },
-                other => other,
-            };
             let marked = match result {
                 InstanceResult::Stored => {
                     self.metrics.count(&name, "sent", 1, size);
@@ -336,23 +347,22 @@ impl UplinkService {
                     self.mark(
                         *id,
                         Some(format!(
-                            "refused by the archive (HTTP {code}, reason {reason:#06x})"
+                            "refused by the archive (HTTP {code}, failure reason {reason:#06x})"
                         )),
                     )
                     .await
                 }
                 InstanceResult::Failed { retry: true, .. } | InstanceResult::Unconfirmed => {
                     self.metrics.count(&name, "retry", 1, size);
+                    self.defer(*id);
                     continue;
                 }
             };
+            self.deferred.remove(id);
             match marked {
                 Ok(()) => progressed = true,
                 Err(e) => warn!(destination = %name, error = %e, "cannot record delivery state"),
             }
-        }
-        if results.values().any(|r| *r == InstanceResult::Stored) {
-            self.last_success = Some(Instant::now());
         }
         if progressed {
             Round::Progress
@@ -362,6 +372,17 @@ impl UplinkService {
                 at_least: None,
             }
         }
+    }
+
+    /// Holds an unconfirmed instance back (doubling, 1 s .. backoff_max) so the instances
+    /// behind it in the queue still flow.
+    fn defer(&mut self, id: ObjectId) {
+        let wait = match self.deferred.get(&id) {
+            Some((_, last)) => (*last * 2).min(self.settings.backoff_max),
+            None => self.settings.backoff_initial,
+        };
+        self.deferred
+            .insert(id, (Instant::now() + jitter(wait), wait));
     }
 
     async fn mark(&self, id: ObjectId, failure: Option<String>) -> Result<(), SpoolError> {
