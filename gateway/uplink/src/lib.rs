@@ -203,7 +203,13 @@ impl UplinkService {
             match round {
                 Round::Progress => {
                     backoff = self.settings.backoff_initial;
-                    self.spool.set_destination_error(&name, None);
+                    let held = (!self.deferred.is_empty()).then(|| {
+                        format!(
+                            "{} object(s) held back: the archive answered without confirming them",
+                            self.deferred.len()
+                        )
+                    });
+                    self.spool.set_destination_error(&name, held);
                 }
                 Round::Backoff { reason, at_least } => {
                     warn!(destination = %name, reason, retry_in = ?backoff, "upload failed; will retry");
