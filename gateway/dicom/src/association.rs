@@ -162,22 +162,20 @@ impl Dimse {
                     }
                     let last = pdv.is_last;
                     store.push(pdv.data).await;
-                    if last {
-                        if let Some(store) = self.store.take() {
-                            let req = store.req.clone();
-                            let pc_id = store.pc_id;
-                            let (code, label, comment) = store.finish().await;
-                            ctx.metrics.stored(label);
-                            if code == status::SUCCESS {
-                                self.stored += 1;
-                            }
-                            send_command(
-                                association,
-                                pc_id,
-                                dimse::store_response(&req, code, comment),
-                            )
-                            .await?;
+                    if last && let Some(store) = self.store.take() {
+                        let req = store.req.clone();
+                        let pc_id = store.pc_id;
+                        let (code, label, comment) = store.finish().await;
+                        ctx.metrics.stored(label);
+                        if code == status::SUCCESS {
+                            self.stored += 1;
                         }
+                        send_command(
+                            association,
+                            pc_id,
+                            dimse::store_response(&req, code, comment),
+                        )
+                        .await?;
                     }
                 }
             }
@@ -351,18 +349,19 @@ impl InboundObject {
     }
 
     async fn push(&mut self, data: Vec<u8>) {
-        if let Some(walker) = self.walker.as_mut() {
-            if !self.walk_error && walker.feed(&data).is_err() {
-                self.walk_error = true;
-                // Stop writing: the object will be refused.
-                self.tx = None;
-            }
+        if let Some(walker) = self.walker.as_mut()
+            && !self.walk_error
+            && walker.feed(&data).is_err()
+        {
+            self.walk_error = true;
+            // Stop writing: the object will be refused.
+            self.tx = None;
         }
-        if let Some(tx) = &self.tx {
-            if tx.send(Chunk::Data(data)).await.is_err() {
-                // The writer stopped (spool full or failing); its error comes with the result.
-                self.tx = None;
-            }
+        if let Some(tx) = &self.tx
+            && tx.send(Chunk::Data(data)).await.is_err()
+        {
+            // The writer stopped (spool full or failing); its error comes with the result.
+            self.tx = None;
         }
     }
 

@@ -381,10 +381,10 @@ impl Spool {
             .index
             .ids_for_uid(&keys.uid_mac(sop_instance_uid))?
         {
-            if let Some(r) = self.inner.index.get(&id)? {
-                if newest.as_ref().is_none_or(|(_, n)| r.sequence > n.sequence) {
-                    newest = Some((id, r));
-                }
+            if let Some(r) = self.inner.index.get(&id)?
+                && newest.as_ref().is_none_or(|(_, n)| r.sequence > n.sequence)
+            {
+                newest = Some((id, r));
             }
         }
         let (id, record) = newest.ok_or(SpoolError::NotFound)?;
@@ -734,10 +734,10 @@ impl Ingest {
 
 impl Drop for Ingest {
     fn drop(&mut self) {
-        if self.out.take().is_some() {
-            if let Err(e) = fs::remove_file(&self.tmp_path) {
-                warn!(path = %self.tmp_path.display(), error = %e, "could not remove partial object");
-            }
+        if self.out.take().is_some()
+            && let Err(e) = fs::remove_file(&self.tmp_path)
+        {
+            warn!(path = %self.tmp_path.display(), error = %e, "could not remove partial object");
         }
         self.spool.inner.usage.release(&mut self.reservation);
     }

@@ -70,10 +70,10 @@ pub fn parse_response(body: &[u8], sent: &[String]) -> HashMap<String, InstanceR
         other => other.clone(),
     };
     for item in sequence(&dataset, "00081199") {
-        if let Some(uid) = string(item, "00081155") {
-            if let Some(r) = results.get_mut(&uid) {
-                *r = InstanceResult::Stored;
-            }
+        if let Some(uid) = string(item, "00081155")
+            && let Some(r) = results.get_mut(&uid)
+        {
+            *r = InstanceResult::Stored;
         }
     }
     for item in sequence(&dataset, "00081198") {
