@@ -120,11 +120,25 @@ impl Index {
             path: path.to_path_buf(),
             source,
         };
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(err)?;
+        // sled releases its file lock from a background thread after the last handle is
+        // dropped; a reopen right after (a restart, the CLI after the daemon) may need a
+        // moment. Retry lock-style I/O errors for up to a second.
+        let mut attempts = 0;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if attempts < 20 => {
+                    tracing::debug!(error = %e, "spool index busy, retrying");
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        };
         Ok(Self {
             objects: db.open_tree("objects").map_err(err)?,
             by_uid: db.open_tree("by_uid").map_err(err)?,
