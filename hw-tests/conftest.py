@@ -15,6 +15,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import gw  # noqa: E402
+import pki  # noqa: E402
+import tpm  # noqa: E402
 import scu  # noqa: E402
 
 REPO = HERE.parent
@@ -91,3 +93,34 @@ def pytest_runtest_makereport(item, call):
         if isinstance(made, list) and all(isinstance(g, gw.Gateway) for g in made):
             for g in made:
                 item.add_report_section("call", f"gatewayd log ({g.name})", g.log_tail(80))
+
+
+def fail_on_assertion(fn, *args, **kwargs):
+    """Run a helper; its AssertionError (missing tool, peer did not start) becomes a plain
+    test failure with the helper's message."""
+    try:
+        return fn(*args, **kwargs)
+    except AssertionError as e:
+        message = str(e)
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture
+def swtpm(tmp_path):
+    """A running swtpm with its state in tmp_path/swtpm; killed by PID at teardown."""
+    fail_on_assertion(tpm.require_tools)
+    t = tpm.Swtpm(tmp_path / "swtpm")
+    try:
+        fail_on_assertion(t.start)
+        yield t
+    finally:
+        t.stop()
+        t.cleanup()
+
+
+@pytest.fixture
+def ca(tmp_path):
+    """A test CA in tmp_path/pki, outside every gateway folder: it issues nginx's server
+    certificate and the gateways' client certificates."""
+    fail_on_assertion(pki.require_openssl)
+    return pki.CA(tmp_path / "pki")

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fail_on_assertion
 
 import data
 import gw
@@ -49,44 +50,14 @@ KEY_FILES = ("tpm-state.json", "identity.pub", "identity.priv", "spool-master.pu
 # fixtures
 
 
-def _fail_on_assertion(fn, *args, **kwargs):
-    """Run a helper; its AssertionError (missing tool, peer did not start) becomes
-    a plain test failure with the helper's message."""
-    try:
-        return fn(*args, **kwargs)
-    except AssertionError as e:
-        message = str(e)
-    pytest.fail(message, pytrace=False)
-
-
-@pytest.fixture
-def swtpm(tmp_path):
-    """A running swtpm with its state in tmp_path/swtpm; killed by PID at teardown."""
-    _fail_on_assertion(tpm.require_tools)
-    t = tpm.Swtpm(tmp_path / "swtpm")
-    try:
-        _fail_on_assertion(t.start)
-        yield t
-    finally:
-        t.stop()
-        t.cleanup()
-
-
-@pytest.fixture
-def ca(tmp_path):
-    """A test CA in tmp_path/pki, outside every gateway folder."""
-    _fail_on_assertion(pki.require_openssl)
-    return pki.CA(tmp_path / "pki")
-
-
 @pytest.fixture
 def ingress(tmp_path, ca):
     """nginx (mutual TLS, clients of `ca`) in front of a real Orthanc."""
-    _fail_on_assertion(mtls.nginx_binary)
-    _fail_on_assertion(mtls.orthanc_binary)
+    fail_on_assertion(mtls.nginx_binary)
+    fail_on_assertion(mtls.orthanc_binary)
     ing = mtls.Ingress(tmp_path / "cloud", ca)
     try:
-        _fail_on_assertion(ing.start)
+        fail_on_assertion(ing.start)
         yield ing
     finally:
         try:

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import fail_on_assertion
 
 import data
 import gw
@@ -68,34 +69,6 @@ KIB = 1024
 # fixtures
 
 
-def _fail_on_assertion(fn, *args, **kwargs):
-    """A helper's AssertionError (missing tool, peer did not start) as a plain failure."""
-    try:
-        return fn(*args, **kwargs)
-    except AssertionError as e:
-        message = str(e)
-    pytest.fail(message, pytrace=False)
-
-
-@pytest.fixture
-def swtpm(tmp_path):
-    _fail_on_assertion(tpm.require_tools)
-    t = tpm.Swtpm(tmp_path / "swtpm")
-    try:
-        _fail_on_assertion(t.start)
-        yield t
-    finally:
-        t.stop()
-        t.cleanup()
-
-
-@pytest.fixture
-def ca(tmp_path):
-    """The cloud's CA: issues nginx's server certificate and the gateways' client certificates."""
-    _fail_on_assertion(pki.require_openssl)
-    return pki.CA(tmp_path / "pki")
-
-
 @pytest.fixture
 def client_cert(ca):
     """A development client certificate (PEM cert + key, `client_auth = "files"`) from the cloud's CA."""
@@ -113,15 +86,15 @@ class IngressFactory:
         self.made: list[mtls.Ingress] = []
 
     def __call__(self, reject_patient_id: str | None = None, error_patient_id: str | None = None) -> mtls.Ingress:
-        _fail_on_assertion(mtls.nginx_binary)
-        _fail_on_assertion(mtls.orthanc_binary)
+        fail_on_assertion(mtls.nginx_binary)
+        fail_on_assertion(mtls.orthanc_binary)
         d = self.tmp_path / f"cloud{len(self.made)}"
         d.mkdir(parents=True)
         lua = d / "receipts.lua"
         lua.write_text(mtls.receipt_lua(reject_patient_id, error_patient_id))
         ing = mtls.Ingress(d, self.ca, lua_scripts=[lua])
         self.made.append(ing)
-        _fail_on_assertion(ing.start)
+        fail_on_assertion(ing.start)
         return ing
 
     def close(self) -> None:
