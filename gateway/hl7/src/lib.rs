@@ -21,7 +21,7 @@
 //! Module map:
 //! - [`mllp`]: framing decoder and [`mllp::encode_frame`].
 //! - [`charset`]: [`charset::Charset`], [`charset::CharsetOverride`], decoding, MSH-18 sniffing.
-//! - [`parse`]: the message tree, escapes, [`parse::ErrorCode`] (HL7 table 0357),
+//! - [`parse`](mod@parse): the message tree, escapes, [`parse::ErrorCode`] (HL7 table 0357),
 //!   [`parse::ParseError`], [`parse::Location`].
 //! - [`record`]: [`record::Header`] and the typed clinical records.
 //! - [`ack`]: acknowledgement policy and layout.
