@@ -106,16 +106,14 @@ def _tail(path: Path, n: int) -> str:
 RECEIPT_LINE = re.compile(r"Lua says: hw-tests received (\S+)")
 
 
-def receipt_lua(reject_patient_id: str | None = None, error_patient_id: str | None = None) -> str:
+def receipt_lua(error_patient_id: str | None = None) -> str:
     """An Orthanc Lua script whose `ReceivedInstanceFilter` logs every instance Orthanc
     receives (duplicates included: the filter runs before Orthanc looks for an existing
-    copy), read back by `Orthanc.received_uids()`. With ``reject_patient_id`` it refuses
-    (returns false for) instances of that PatientID; with ``error_patient_id`` it raises a
-    Lua error for them."""
+    copy), read back by `Orthanc.received_uids()`. With ``error_patient_id`` it raises a
+    Lua error for instances of that PatientID. (Returning false would not do as a refusal:
+    Orthanc's STOW-RS then reports the instance as stored.)"""
     lines = ["function ReceivedInstanceFilter(dicom, origin, info)",
              '   print("hw-tests received " .. tostring(dicom.SOPInstanceUID))']
-    if reject_patient_id is not None:
-        lines += [f"   if dicom.PatientID == {json.dumps(reject_patient_id)} then", "      return false", "   end"]
     if error_patient_id is not None:
         lines += [f"   if dicom.PatientID == {json.dumps(error_patient_id)} then",
                   '      error("hw-tests: this archive refuses the instance")', "   end"]

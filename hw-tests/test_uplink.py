@@ -22,11 +22,11 @@ can tell "arrived once" from "arrived, then sent again".
 - crash: 150 CT files; gatewayd `kill -9`ed 3 times mid-upload (seeded, printed;
   `HWTESTS_SEED` replays) and restarted: Orthanc ends with exactly 150, the spool
   with queued 0 / sent 150 and `spool verify` consistent.
-- an instance the archive refuses (Lua filter returns false for PatientID
-  `REJECT-ME`): the other 9 arrive, the refused one is a dead letter, `spool
-  retry` requeues it (if Orthanc's STOW-RS answer does not name it in
-  FailedSOPSequence, the failure quotes that answer). An instance the archive
-  does not confirm (the filter raises an error) stays queued, is retried and
+- an instance the archive refuses (no Series Instance UID: Orthanc answers 400
+  with it in FailedSOPSequence and the rest of its request in
+  ReferencedSOPSequence): the other 9 arrive, the refused one is a dead letter
+  with its local copy, `spool retry` requeues it. An instance the archive
+  does not confirm (the Lua filter raises an error) stays queued, is retried and
   keeps its local copy, while the other 9 arrive.
 - `max_bytes_per_sec = "500KiB"`: 20 CT files go up at 500 KiB/s +-10%
   (measured from nginx's request start/end times and body lengths).
@@ -60,7 +60,6 @@ import tpm
 from test_tpm import init_keys, keys_ok, tpm_keystore
 
 DEST = "cloud"
-REJECT_PID = "REJECT-ME"
 ERROR_PID = "ERROR-ME"
 KIB = 1024
 
@@ -85,13 +84,13 @@ class IngressFactory:
         self.ca = ca
         self.made: list[mtls.Ingress] = []
 
-    def __call__(self, reject_patient_id: str | None = None, error_patient_id: str | None = None) -> mtls.Ingress:
+    def __call__(self, error_patient_id: str | None = None) -> mtls.Ingress:
         fail_on_assertion(mtls.nginx_binary)
         fail_on_assertion(mtls.orthanc_binary)
         d = self.tmp_path / f"cloud{len(self.made)}"
         d.mkdir(parents=True)
         lua = d / "receipts.lua"
-        lua.write_text(mtls.receipt_lua(reject_patient_id, error_patient_id))
+        lua.write_text(mtls.receipt_lua(error_patient_id))
         ing = mtls.Ingress(d, self.ca, lua_scripts=[lua])
         self.made.append(ing)
         fail_on_assertion(ing.start)
@@ -460,11 +459,71 @@ def test_kill9_during_upload_three_times_still_delivers_exactly_150(tmp_path, cl
     assert all(k["queued"] > 0 and k["orthanc"] < 150 for k in kills), f"a kill landed after the upload ended: {kills}"
 
 
-# Not pinned here yet: "a 4xx for one instance dead-letters that instance only". Orthanc
-# 1.10.1 + DICOMweb 1.7 reports an instance its Lua ReceivedInstanceFilter refused as stored
-# (HTTP 200, ReferencedSOPSequence), so this archive cannot produce a per-instance refusal.
-# The dead-letter path is covered against the STOW response format in gateway/uplink's
-# unit tests; a real-peer test needs an archive that reports FailedSOPSequence.
+def without_series_uid(f: data.SyntheticFile) -> data.SyntheticFile:
+    """The same file without its Series Instance UID: a valid C-STORE for the gateway (a
+    relay), but an instance DICOMweb archives refuse (Orthanc: FailedSOPSequence, 0xC000)."""
+    ds = pydicom.dcmread(f.path)
+    del ds.SeriesInstanceUID
+    ds.save_as(f.path, enforce_file_format=True)
+    return f
+
+
+def test_archive_refusing_one_instance_of_a_batch_dead_letters_it_alone_and_the_rest_flow(
+        tmp_path, client_cert, ca, ingress, gateway_factory):
+    # Orthanc + DICOMweb refuses an instance without Series Instance UID: it answers the
+    # STOW-RS request HTTP 400 with that instance in FailedSOPSequence (failure reason
+    # 0xC000) and the others of the same request in ReferencedSOPSequence.
+    g = gateway_factory(uplink_config(ingress, ca.cert, client_cert))
+    files = data.make_ct_set(10, tmp_path / "ct", "small")
+    refused = without_series_uid(files[3])
+    others = {f.sop_instance_uid for f in files if f is not refused}
+    # Queue all 10 while the archive is down, so they go up together as one study.
+    ingress.orthanc.stop()
+    store(g, files)
+    poll("last_error names the 502", lambda: ("502" in str(dest(s := g.status())["last_error"]), s), 15)
+    ingress.orthanc.start()
+
+    def settled():
+        st = g.status()
+        d = dest(st)
+        return d["queued"] == 0 and d["sent"] + d["failed"] == 10, st
+    st = poll("all 10 settled (sent or dead letter)", settled, 60)
+    d = dest(st)
+    print(f"spool: {st}")
+    assert (d["sent"], d["failed"]) == (9, 1), st
+    assert st["by_state"]["failed"] == 1, st
+    assert ingress.orthanc.count_instances() == 9
+    received = ingress.orthanc.received_uids()
+    assert others <= set(received), f"missing at the archive: {others - set(received)}"
+    # The refused instance travelled in a request together with accepted ones (one study,
+    # one batch), so the refusal was per instance, not per request.
+    posts = stow_post_lines(ingress)
+    one = max(f.path.stat().st_size for f in files)
+    refusals = [p for p in posts if p["status"] == 400]
+    assert refusals, "Orthanc never answered 400:\n" + ingress.access_log()
+    assert refusals[0]["content_length"] > 5 * one, \
+        f"the refused instance did not travel with the others of its study: {refusals[0]['line']}"
+    log = g.log_text()
+    assert "archive refused the object: dead letter" in log, g.log_tail(30)
+    assert "0xc000" in log.lower()
+    # No patient data in the reason the log and status carry.
+    assert refused.patient_id not in log and refused.patient_name not in log
+    # The dead letter keeps its local copy; `spool retry` requeues it and it is refused again.
+    out = tmp_path / "refused.dcm"
+    g.export(refused.sop_instance_uid, out)
+    assert data.dataset_bytes(out) == data.dataset_bytes(refused.path)
+    r = spool_retry(g)
+    assert r.returncode == 0, r.stderr
+    poll("the requeued instance refused again",
+         lambda: ((n := log_count(g, "archive refused the object: dead letter")) >= 2, n), 60)
+    poll("settled again", settled, 30)
+    assert ingress.orthanc.count_instances() == 9
+    assert_no_duplicates(ingress, others)
+    assert g.stop() == 0
+
+
+def log_count(g: gw.Gateway, text: str) -> int:
+    return g.log_text().count(text)
 
 
 def test_instance_the_archive_does_not_confirm_stays_queued_and_does_not_block_the_others(

@@ -75,6 +75,7 @@ pub(crate) struct RawHl7 {
 pub(crate) struct RawSpool {
     pub max_bytes: Option<String>,
     pub min_free_bytes: Option<String>,
+    pub keep_sent_for: Option<String>,
 }
 
 /// `[keystore]`
@@ -100,6 +101,7 @@ pub(crate) struct RawUplink {
     pub key_file: Option<String>,
     pub max_bytes_per_sec: Option<String>,
     pub batch_max_instances: Option<u32>,
+    pub max_concurrent_requests: Option<u32>,
 }
 
 /// `[fleet]`

@@ -121,6 +121,9 @@ pub struct Spool {
     pub max_bytes: ByteSize,
     /// Below this much free disk space, new objects are refused in protocol terms.
     pub min_free_bytes: ByteSize,
+    /// How long a blob every destination has confirmed stays as a local cache (0: deleted
+    /// at once). Cached blobs are the first to go under disk pressure.
+    pub keep_sent_for: Duration,
 }
 
 impl Default for Spool {
@@ -128,6 +131,7 @@ impl Default for Spool {
         Self {
             max_bytes: defaults::SPOOL_MAX_BYTES,
             min_free_bytes: defaults::SPOOL_MIN_FREE_BYTES,
+            keep_sent_for: Duration::from_secs(0),
         }
     }
 }
@@ -173,8 +177,10 @@ pub struct Uplink {
     pub key_file: Option<PathBuf>,
     /// Bandwidth limit for uploads to this destination.
     pub max_bytes_per_sec: Option<ByteSize>,
-    /// Instances per STOW-RS request (1..=1000, default 16).
+    /// Instances per STOW-RS request (1..=1000, default 16); one request holds one study.
     pub batch_max_instances: u32,
+    /// Requests in flight at once to this destination (1..=16, default 2).
+    pub max_concurrent_requests: u32,
 }
 
 /// `[fleet]`: remote management by the vendor.
@@ -545,9 +551,16 @@ fn spool(c: &mut Collector, raw: Option<raw::RawSpool>) -> Option<Spool> {
         defaults::SPOOL_MIN_FREE_BYTES,
         from_str,
     );
+    let keep_sent_for = c.parse_or(
+        "spool.keep_sent_for",
+        raw.keep_sent_for.as_deref(),
+        Duration::from_secs(0),
+        from_str::<Duration>,
+    );
     Some(Spool {
         max_bytes: max_bytes?,
         min_free_bytes: min_free_bytes?,
+        keep_sent_for: keep_sent_for?,
     })
 }
 
@@ -648,6 +661,13 @@ fn uplinks(
                 format!("{batch_max_instances} is outside 1..=1000"),
             );
         }
+        let max_concurrent_requests = raw.max_concurrent_requests.unwrap_or(2);
+        if !(1..=16).contains(&max_concurrent_requests) {
+            c.push(
+                key("max_concurrent_requests"),
+                format!("{max_concurrent_requests} is outside 1..=16"),
+            );
+        }
         if raw.ca_file.is_none() && raw.url.starts_with("https://") {
             c.push(
                 key("ca_file"),
@@ -701,6 +721,7 @@ fn uplinks(
                 key_file: key_file?,
                 max_bytes_per_sec: max_bytes_per_sec?,
                 batch_max_instances,
+                max_concurrent_requests,
             })
         })();
         match (uplink, &mut out) {

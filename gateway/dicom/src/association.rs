@@ -278,7 +278,10 @@ fn trim_uid(uid: &str) -> &str {
 
 enum Chunk {
     Data(Vec<u8>),
-    Commit,
+    /// The data set is complete and checked; carries its Study Instance UID.
+    Commit {
+        study: Option<String>,
+    },
 }
 
 /// A data set being received: checked by the walker on the way, written by its own
@@ -393,18 +396,21 @@ impl InboundObject {
                             "SOP Instance UID of data set does not match command",
                         ))
                     } else {
-                        Ok(())
+                        Ok(summary.study_instance_uid)
                     }
                 }
             },
             None => Err((status::CANNOT_UNDERSTAND, "invalid", "malformed data set")),
         };
-        if let Err((code, label, comment)) = check {
-            self.discard().await;
-            return (code, label, Some(comment));
-        }
+        let study = match check {
+            Ok(study) => study,
+            Err((code, label, comment)) => {
+                self.discard().await;
+                return (code, label, Some(comment));
+            }
+        };
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Chunk::Commit).await;
+            let _ = tx.send(Chunk::Commit { study }).await;
         }
         let outcome = match self.result.take() {
             Some(rx) => rx.await.unwrap_or(Ok(None)),
@@ -464,7 +470,12 @@ fn write_object(
     loop {
         match rx.blocking_recv() {
             Some(Chunk::Data(data)) => ingest.write(&data)?,
-            Some(Chunk::Commit) => return ingest.commit().map(Some),
+            Some(Chunk::Commit { study }) => {
+                if let Some(uid) = study.as_deref() {
+                    ingest.set_study_instance_uid(uid);
+                }
+                return ingest.commit().map(Some);
+            }
             None => return Ok(None),
         }
     }

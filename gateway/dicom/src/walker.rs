@@ -94,6 +94,8 @@ pub enum WalkError {
 pub struct Summary {
     pub sop_class_uid: Option<String>,
     pub sop_instance_uid: Option<String>,
+    /// Study Instance UID (0020,000D), when the data set has one: uploads batch by study.
+    pub study_instance_uid: Option<String>,
     pub bytes: u64,
 }
 
@@ -114,6 +116,7 @@ enum Frame {
 enum Capture {
     SopClass,
     SopInstance,
+    Study,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +287,7 @@ impl Framing {
                         match which {
                             Capture::SopClass => self.summary.sop_class_uid = Some(text),
                             Capture::SopInstance => self.summary.sop_instance_uid = Some(text),
+                            Capture::Study => self.summary.study_instance_uid = Some(text),
                         }
                         self.captured.clear();
                         self.state = State::Header;
@@ -402,6 +406,7 @@ impl Framing {
         let capture = match (self.stack.is_empty(), group, element) {
             (true, 0x0008, 0x0016) => Some(Capture::SopClass),
             (true, 0x0008, 0x0018) => Some(Capture::SopInstance),
+            (true, 0x0020, 0x000D) => Some(Capture::Study),
             _ => None,
         };
         self.state = match capture {
@@ -522,9 +527,12 @@ mod tests {
         ));
         d.extend(short((0x0008, 0x0018), b"UI", b"1.2.3.4.5.6"));
         d.extend(short((0x0010, 0x0010), b"PN", b"DOE^JANE"));
-        // Undefined-length sequence with one undefined-length item holding one element.
+        d.extend(short((0x0020, 0x000D), b"UI", b"1.2.3.9\0"));
+        // Undefined-length sequence with one undefined-length item holding two elements
+        // (a nested Study Instance UID must not be taken for the data set's own).
         d.extend(long((0x0040, 0x0275), b"SQ", UNDEFINED, &[]));
         d.extend(delim(0xE000, UNDEFINED));
+        d.extend(short((0x0020, 0x000D), b"UI", b"9.9\0"));
         d.extend(short((0x0040, 0x0007), b"LO", b"ABDOMEN "));
         d.extend(delim(0xE00D, 0));
         d.extend(delim(0xE0DD, 0));
@@ -555,6 +563,7 @@ mod tests {
                 Some("1.2.840.10008.5.1.4.1.1.2")
             );
             assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2.3.4.5.6"));
+            assert_eq!(s.study_instance_uid.as_deref(), Some("1.2.3.9"));
             assert_eq!(s.bytes, d.len() as u64);
         }
     }
@@ -564,8 +573,8 @@ mod tests {
         let d = sample();
         for cut in 1..d.len() {
             // A prefix ending on a top-level element boundary (after the UIDs, the name, the
-            // closed sequence) is a valid shorter data set.
-            let boundary = [34, 53, 69, 121].contains(&cut);
+            // study, the closed sequence) is a valid shorter data set.
+            let boundary = [34, 53, 69, 85, 149].contains(&cut);
             let r = walk(EXPLICIT_LE, &d[..cut], 5);
             assert_eq!(r.is_ok(), boundary, "prefix of {cut} bytes: {r:?}");
         }

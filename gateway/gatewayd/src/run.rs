@@ -100,6 +100,8 @@ async fn serve(settings: Settings) -> Result<(), String> {
         destinations,
     )
     .map_err(|e| e.to_string())?;
+    let keep_sent_for = settings.spool.keep_sent_for.get();
+    spool.set_keep_sent_for(keep_sent_for);
     spool.recover().map_err(|e| e.to_string())?;
 
     let mut registry = Registry::default();
@@ -113,6 +115,9 @@ async fn serve(settings: Settings) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         services.spawn(service.run(shutdown.clone()));
+    }
+    if !keep_sent_for.is_zero() {
+        services.spawn(spool.clone().run_retention(shutdown.clone()));
     }
     let uplink_metrics = UplinkMetrics::register(&mut registry);
     for uplink in &settings.uplinks {
@@ -258,6 +263,7 @@ fn uplink_settings(
     let mut settings = UplinkSettings::new(name, uplink.url.as_str().to_string(), tls);
     settings.max_bytes_per_sec = uplink.max_bytes_per_sec.map(|b| b.bytes());
     settings.batch_max_instances = uplink.batch_max_instances as usize;
+    settings.max_concurrent_requests = uplink.max_concurrent_requests as usize;
     Ok(settings)
 }
 

@@ -5,7 +5,8 @@
 //! data: UIDs and content hashes are stored only as keyed MACs (see `crate::Keys`).
 //!
 //! Trees:
-//! - `objects`: object id (16 bytes) -> [`Record`] (postcard)
+//! - `objects`: object id (16 bytes) -> [`Record`]: `0xFF 0x02` then postcard (format 2);
+//!   records of format 1 (bare postcard, before study batching) are read and upgraded on write
 //! - `by_uid`: uid MAC (32) || object id (16) -> empty, for lookups by SOP Instance UID
 //! - `by_content`: uid MAC (32) || content MAC (32) -> object id, for dedupe
 //! - `queue`: destination || 0x00 || received ms (u64 BE) || object id -> empty: the objects
@@ -41,9 +42,24 @@ pub struct Destination {
     pub state: DeliveryState,
 }
 
+/// What kind of object a record describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ObjectKind {
+    /// A DICOM Part 10 file.
+    #[default]
+    Dicom,
+    /// An HL7 v2 message, its original bytes.
+    Hl7,
+}
+
+/// Marks a record of format 2; a format-1 record starts with the length of its SOP Class
+/// UID (a varint below 0x80), never with 0xFF.
+const RECORD_V2: [u8; 2] = [0xFF, 0x02];
+
 /// What the index knows about one stored object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    pub kind: ObjectKind,
     pub sop_class_uid: String,
     pub transfer_syntax_uid: String,
     /// Calling AE title of the sender (a device name, not patient data).
@@ -59,6 +75,63 @@ pub struct Record {
     pub blob_deleted: bool,
     /// Commit order (monotonic across restarts): the newest version of a UID wins.
     pub sequence: u64,
+    /// Keyed MAC of the Study Instance UID (uploads batch instances of one study).
+    pub study_mac: Option<Mac>,
+    /// When the last destination confirmed the object (for `spool.keep_sent_for`).
+    pub completed_unix_ms: Option<u64>,
+}
+
+/// Format 1 of [`Record`], as written before study batching and retention.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct RecordV1 {
+    sop_class_uid: String,
+    transfer_syntax_uid: String,
+    source: String,
+    plain_len: u64,
+    sealed_len: u64,
+    received_unix_ms: u64,
+    uid_mac: Mac,
+    content_mac: Mac,
+    destinations: Vec<Destination>,
+    blob_deleted: bool,
+    sequence: u64,
+}
+
+impl From<RecordV1> for Record {
+    fn from(r: RecordV1) -> Self {
+        Self {
+            kind: ObjectKind::Dicom,
+            sop_class_uid: r.sop_class_uid,
+            transfer_syntax_uid: r.transfer_syntax_uid,
+            source: r.source,
+            plain_len: r.plain_len,
+            sealed_len: r.sealed_len,
+            received_unix_ms: r.received_unix_ms,
+            uid_mac: r.uid_mac,
+            content_mac: r.content_mac,
+            destinations: r.destinations,
+            blob_deleted: r.blob_deleted,
+            sequence: r.sequence,
+            study_mac: None,
+            completed_unix_ms: None,
+        }
+    }
+}
+
+/// Encodes a record in the current format.
+fn encode_record(record: &Record) -> Result<Vec<u8>, postcard::Error> {
+    let mut out = RECORD_V2.to_vec();
+    out.extend_from_slice(&postcard::to_stdvec(record)?);
+    Ok(out)
+}
+
+/// Decodes a record of any known format.
+fn decode_record(bytes: &[u8]) -> Result<Record, postcard::Error> {
+    match bytes.strip_prefix(&RECORD_V2) {
+        Some(v2) => postcard::from_bytes(v2),
+        None => postcard::from_bytes::<RecordV1>(bytes).map(Record::from),
+    }
 }
 
 impl Record {
@@ -173,7 +246,7 @@ impl Index {
     /// Inserts a new object atomically with its lookup keys and makes it durable
     /// (sled `flush` syncs its log) before returning.
     pub fn insert_durable(&self, id: &ObjectId, record: &Record) -> Result<Inserted, IndexError> {
-        let value = postcard::to_stdvec(record).map_err(|source| IndexError::Encode {
+        let value = encode_record(record).map_err(|source| IndexError::Encode {
             path: self.path.clone(),
             source,
         })?;
@@ -232,13 +305,17 @@ impl Index {
             .collect()
     }
 
-    /// Replaces the delivery state of `id` towards `destination` and makes it durable.
-    /// Returns the updated record (None if the object or destination is unknown).
+    /// Replaces the delivery state of `id` towards `destination`, durably when `sync`
+    /// (otherwise call [`Index::flush`] before relying on it). `now_ms` is recorded as the
+    /// completion time when this was the last pending destination. Returns the updated
+    /// record (None if the object or destination is unknown).
     pub fn set_delivery(
         &self,
         id: &ObjectId,
         destination: &str,
         state: DeliveryState,
+        now_ms: Option<u64>,
+        sync: bool,
     ) -> Result<Option<Record>, IndexError> {
         let Some(mut record) = self.get(id)? else {
             return Ok(None);
@@ -253,7 +330,11 @@ impl Index {
         dest.state = state;
         let queued = dest.state == DeliveryState::Queued;
         let key = queue_key(destination, record.received_unix_ms, id);
-        self.write_record(id, &record, |queue| {
+        record.completed_unix_ms = match record.state() {
+            "sent" => record.completed_unix_ms.or(now_ms),
+            _ => None,
+        };
+        self.write_record(id, &record, sync, |queue| {
             if queued {
                 queue.insert(key.as_slice(), &[][..])?;
             } else {
@@ -264,24 +345,35 @@ impl Index {
         Ok(Some(record))
     }
 
-    /// Records that the blob of `id` was deleted.
-    pub fn set_blob_deleted(&self, id: &ObjectId) -> Result<(), IndexError> {
+    /// Records that the blob of `id` was deleted (durably when `sync`).
+    pub fn set_blob_deleted(&self, id: &ObjectId, sync: bool) -> Result<(), IndexError> {
         if let Some(mut record) = self.get(id)? {
             record.blob_deleted = true;
-            self.write_record(id, &record, |_| Ok(()))?;
+            self.write_record(id, &record, sync, |_| Ok(()))?;
         }
         Ok(())
+    }
+
+    /// Makes every change so far durable (sled syncs its log).
+    pub fn flush(&self) -> Result<(), IndexError> {
+        self.db.flush().map(drop).map_err(|e| self.db_err(e))
+    }
+
+    /// The study MAC of a record, if the object is known and has one.
+    pub fn study_of(&self, id: &ObjectId) -> Result<Option<Mac>, IndexError> {
+        Ok(self.get(id)?.and_then(|r| r.study_mac))
     }
 
     fn write_record(
         &self,
         id: &ObjectId,
         record: &Record,
+        sync: bool,
         queue_op: impl Fn(
             &sled::transaction::TransactionalTree,
         ) -> Result<(), ConflictableTransactionError<()>>,
     ) -> Result<(), IndexError> {
-        let value = postcard::to_stdvec(record).map_err(|source| IndexError::Encode {
+        let value = encode_record(record).map_err(|source| IndexError::Encode {
             path: self.path.clone(),
             source,
         })?;
@@ -294,7 +386,9 @@ impl Index {
             Ok(()) | Err(TransactionError::Abort(())) => {}
             Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),
         }
-        self.db.flush().map_err(|e| self.db_err(e))?;
+        if sync {
+            self.flush()?;
+        }
         Ok(())
     }
 
@@ -332,7 +426,7 @@ impl Index {
     }
 
     fn decode(&self, id: &ObjectId, bytes: &[u8]) -> Result<Record, IndexError> {
-        postcard::from_bytes(bytes).map_err(|source| IndexError::Decode {
+        decode_record(bytes).map_err(|source| IndexError::Decode {
             path: self.path.clone(),
             id: hex::encode(id),
             source,
@@ -357,4 +451,56 @@ fn queue_key(destination: &str, received_ms: u64, id: &ObjectId) -> Vec<u8> {
 
 fn to_id(bytes: &[u8]) -> Option<ObjectId> {
     bytes.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v1() -> RecordV1 {
+        RecordV1 {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+            source: "CT01".into(),
+            plain_len: 10,
+            sealed_len: 200,
+            received_unix_ms: 1_700_000_000_000,
+            uid_mac: [1; 32],
+            content_mac: [2; 32],
+            destinations: vec![Destination {
+                name: "cloud".into(),
+                state: DeliveryState::Sent,
+            }],
+            blob_deleted: true,
+            sequence: 7,
+        }
+    }
+
+    #[test]
+    fn format_one_records_are_read_and_upgraded() {
+        let old = postcard::to_stdvec(&v1()).unwrap();
+        assert_ne!(
+            old[0], 0xFF,
+            "a format-1 record never starts with the v2 marker"
+        );
+        let r = decode_record(&old).unwrap();
+        assert_eq!(r.kind, ObjectKind::Dicom);
+        assert_eq!(r.source, "CT01");
+        assert_eq!(r.sequence, 7);
+        assert_eq!(r.study_mac, None);
+        assert_eq!(r.state(), "sent");
+        let again = decode_record(&encode_record(&r).unwrap()).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn format_two_round_trips_new_fields() {
+        let mut r = Record::from(v1());
+        r.kind = ObjectKind::Hl7;
+        r.study_mac = Some([9; 32]);
+        r.completed_unix_ms = Some(42);
+        let bytes = encode_record(&r).unwrap();
+        assert_eq!(&bytes[..2], &RECORD_V2);
+        assert_eq!(decode_record(&bytes).unwrap(), r);
+    }
 }

@@ -36,7 +36,8 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gateway_durable::{self as durable, Context};
 use gateway_keystore::MasterKey;
@@ -47,7 +48,7 @@ use sha2::Sha256;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
-pub use index::{DeliveryState, Destination, IndexError, Inserted, ObjectId, Record};
+pub use index::{DeliveryState, Destination, IndexError, Inserted, ObjectId, ObjectKind, Record};
 use index::{Index, Mac};
 pub use usage::Limits;
 use usage::{Step, Usage};
@@ -164,8 +165,16 @@ impl Keys {
     }
 
     fn uid_mac(&self, uid: &str) -> Mac {
+        self.labelled_mac(b"uid\0", uid)
+    }
+
+    fn study_mac(&self, uid: &str) -> Mac {
+        self.labelled_mac(b"study\0", uid)
+    }
+
+    fn labelled_mac(&self, label: &[u8], uid: &str) -> Mac {
         let mut m = self.mac();
-        m.update(b"uid\0");
+        m.update(label);
         m.update(uid.trim_end_matches(['\0', ' ']).as_bytes());
         m.finalize().into_bytes().into()
     }
@@ -195,6 +204,8 @@ struct Inner {
     usage: Usage,
     committed: tokio::sync::watch::Sender<u64>,
     destination_errors: std::sync::Mutex<BTreeMap<String, String>>,
+    /// `spool.keep_sent_for` in milliseconds: 0 deletes a blob once every destination has it.
+    keep_sent_ms: AtomicU64,
 }
 
 impl Spool {
@@ -236,6 +247,7 @@ impl Spool {
                 usage,
                 committed: tokio::sync::watch::Sender::new(0),
                 destination_errors: std::sync::Mutex::default(),
+                keep_sent_ms: AtomicU64::new(0),
             }),
         })
     }
@@ -264,17 +276,19 @@ impl Spool {
                 }
             }
         }
-        // A crash between "sent everywhere" and deleting the blob leaves the blob behind.
+        // A crash between "sent everywhere" and deleting the blob leaves the blob behind
+        // (blobs kept on purpose by `keep_sent_for` stay until they expire).
+        let keep = self.keep_sent_ms();
         let reclaim: Vec<(ObjectId, u64)> = inner
             .index
             .records()
             .filter_map(Result::ok)
-            .filter(|(_, r)| r.state() == "sent" && !r.blob_deleted)
+            .filter(|(_, r)| r.state() == "sent" && !r.blob_deleted && keep == 0)
             .map(|(id, r)| (id, r.sealed_len))
             .collect();
         for (id, sealed_len) in reclaim {
             durable::remove_durably(&self.blob_path(&id))?;
-            inner.index.set_blob_deleted(&id)?;
+            inner.index.set_blob_deleted(&id, true)?;
             inner.usage.release_stored(sealed_len);
             rec.sent_blobs_reclaimed += 1;
         }
@@ -294,7 +308,12 @@ impl Spool {
     pub fn begin(&self, meta: ObjectMeta) -> Result<Ingest, SpoolError> {
         let inner = &self.inner;
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
-        inner.usage.check_free()?;
+        if let Err(full) = inner.usage.check_free() {
+            if self.evict_cached()? == 0 {
+                return Err(full);
+            }
+            inner.usage.check_free()?;
+        }
         let mut id = [0u8; 16];
         getrandom::getrandom(&mut id).map_err(|_| seal::SealError::Random)?;
         let sealer = seal::Sealer::new(&keys.master, &id)?;
@@ -313,6 +332,7 @@ impl Spool {
             mac: keys.mac(),
             plain_len: 0,
             reservation,
+            study: None,
         })
     }
 
@@ -446,6 +466,12 @@ impl Spool {
         Ok(self.inner.index.queued(destination, limit)?)
     }
 
+    /// The keyed MAC of an object's Study Instance UID (None: unknown or without one).
+    /// Objects with equal keys belong to one study.
+    pub fn study_key(&self, id: &ObjectId) -> Result<Option<Mac>, SpoolError> {
+        Ok(self.inner.index.study_of(id)?)
+    }
+
     /// A stored object's record and plaintext (for upload: the whole object in memory).
     pub fn read(&self, id: &ObjectId) -> Result<(Record, Vec<u8>), SpoolError> {
         let record = self.inner.index.get(id)?.ok_or(SpoolError::NotFound)?;
@@ -455,9 +481,124 @@ impl Spool {
     }
 
     /// The destination confirmed the object. When every destination has, the blob is
-    /// deleted (its record stays, for dedupe and status).
+    /// deleted (its record stays, for dedupe and status), or kept for `keep_sent_for`.
     pub fn mark_sent(&self, id: &ObjectId, destination: &str) -> Result<(), SpoolError> {
-        self.set_delivery(id, destination, DeliveryState::Sent)
+        self.mark_sent_all(std::slice::from_ref(id), destination)
+    }
+
+    /// [`Spool::mark_sent`] for several objects with one index flush for the states and
+    /// one for the reclaimed blobs (the uplink confirms a whole STOW response at once).
+    pub fn mark_sent_all(&self, ids: &[ObjectId], destination: &str) -> Result<(), SpoolError> {
+        let inner = &self.inner;
+        let now = unix_ms();
+        let mut completed = Vec::new();
+        for id in ids {
+            let before = inner.index.get(id)?.ok_or(SpoolError::NotFound)?.state();
+            let Some(record) =
+                inner
+                    .index
+                    .set_delivery(id, destination, DeliveryState::Sent, Some(now), false)?
+            else {
+                return Err(SpoolError::NotFound);
+            };
+            inner.usage.transition(before, record.state());
+            if record.state() == "sent" && !record.blob_deleted {
+                completed.push((*id, record.sealed_len));
+            }
+        }
+        inner.index.flush()?;
+        if self.keep_sent_ms() == 0 {
+            self.delete_blobs(&completed)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps blobs of objects every destination confirmed for `keep` (a local cache),
+    /// deleted by [`Spool::reclaim_expired`] or, under disk pressure, at once.
+    pub fn set_keep_sent_for(&self, keep: Duration) {
+        let ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+        self.inner.keep_sent_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn keep_sent_ms(&self) -> u64 {
+        self.inner.keep_sent_ms.load(Ordering::Relaxed)
+    }
+
+    /// Deletes kept blobs whose `keep_sent_for` has passed. Returns how many.
+    pub fn reclaim_expired(&self) -> Result<u64, SpoolError> {
+        let now = unix_ms();
+        let keep = self.keep_sent_ms();
+        self.reclaim_cached(|done| done.saturating_add(keep) <= now)
+    }
+
+    /// Deletes kept blobs as their `keep_sent_for` passes, until `shutdown` turns true.
+    /// Checks every quarter of `keep_sent_for` (1 s .. 60 s).
+    pub async fn run_retention(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let keep = Duration::from_millis(self.keep_sent_ms());
+        let period = (keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                () = tokio::time::sleep(period) => {}
+            }
+            let spool = self.clone();
+            match tokio::task::spawn_blocking(move || spool.reclaim_expired()).await {
+                Ok(Ok(0)) | Err(_) => {}
+                Ok(Ok(n)) => info!(blobs = n, "deleted local copies past spool.keep_sent_for"),
+                Ok(Err(e)) => warn!(error = %e, "cannot delete expired local copies"),
+            }
+        }
+    }
+
+    /// Disk pressure: deletes every kept blob (the cache yields to new objects).
+    fn evict_cached(&self) -> Result<u64, SpoolError> {
+        let evicted = self.reclaim_cached(|_| true)?;
+        if evicted > 0 {
+            info!(
+                blobs = evicted,
+                "disk pressure: deleted locally cached copies of uploaded objects"
+            );
+        }
+        Ok(evicted)
+    }
+
+    fn reclaim_cached(&self, expired: impl Fn(u64) -> bool) -> Result<u64, SpoolError> {
+        let due: Vec<(ObjectId, u64)> = self
+            .inner
+            .index
+            .records()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| r.state() == "sent" && !r.blob_deleted)
+            .filter(|(_, r)| expired(r.completed_unix_ms.unwrap_or(0)))
+            .map(|(id, r)| (id, r.sealed_len))
+            .collect();
+        self.delete_blobs(&due)?;
+        Ok(due.len() as u64)
+    }
+
+    /// Deletes the blobs of fully sent objects: unlink all, one directory fsync, then mark
+    /// them deleted in the index. A crash in between leaves records whose blob is gone or
+    /// still there; `recover` finishes either way.
+    fn delete_blobs(&self, done: &[(ObjectId, u64)]) -> Result<(), SpoolError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        for (id, _) in done {
+            let path = self.blob_path(id);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => Err::<(), _>(e).ctx("remove", &path)?,
+            }
+        }
+        durable::sync_dir(&inner.blobs)?;
+        for (id, sealed_len) in done {
+            inner.index.set_blob_deleted(id, false)?;
+            inner.usage.release_stored(*sealed_len);
+        }
+        inner.index.flush()?;
+        Ok(())
     }
 
     /// The destination refused the object for good: dead letter, with the reason.
@@ -500,18 +641,18 @@ impl Spool {
         destination: &str,
         state: DeliveryState,
     ) -> Result<(), SpoolError> {
+        if state == DeliveryState::Sent {
+            return self.mark_sent(id, destination);
+        }
         let inner = &self.inner;
         let before = inner.index.get(id)?.ok_or(SpoolError::NotFound)?.state();
-        let Some(record) = inner.index.set_delivery(id, destination, state)? else {
+        let Some(record) = inner
+            .index
+            .set_delivery(id, destination, state, None, true)?
+        else {
             return Err(SpoolError::NotFound);
         };
         inner.usage.transition(before, record.state());
-        if record.state() == "sent" && !record.blob_deleted {
-            let path = self.blob_path(id);
-            durable::remove_durably(&path)?;
-            inner.index.set_blob_deleted(id)?;
-            inner.usage.release_stored(record.sealed_len);
-        }
         Ok(())
     }
 
@@ -621,6 +762,7 @@ pub struct Ingest {
     mac: HmacSha256,
     plain_len: u64,
     reservation: usage::Reservation,
+    study: Option<String>,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -633,15 +775,23 @@ impl std::fmt::Debug for Ingest {
 }
 
 impl Ingest {
+    /// The object's Study Instance UID (kept only as a keyed MAC, to batch uploads).
+    pub fn set_study_instance_uid(&mut self, uid: &str) {
+        self.study = Some(uid.to_string());
+    }
+
     /// Seals and writes the next plaintext bytes.
     pub fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
         let (Some(out), Some(sealer)) = (self.out.as_mut(), self.sealer.as_mut()) else {
             return Ok(());
         };
-        self.spool
-            .inner
-            .usage
-            .grow(&mut self.reservation, data.len() as u64)?;
+        let usage = &self.spool.inner.usage;
+        if let Err(full) = usage.grow(&mut self.reservation, data.len() as u64) {
+            if self.spool.evict_cached()? == 0 {
+                return Err(full);
+            }
+            usage.grow(&mut self.reservation, data.len() as u64)?;
+        }
         self.mac.update(data);
         self.plain_len += data.len() as u64;
         sealer.update(data, out).ctx("write", &self.tmp_path)?;
@@ -688,6 +838,7 @@ impl Ingest {
         durable::sync_dir(&inner.blobs)?;
         inner.usage.observe(Step::Publish, started);
         let record = Record {
+            kind: ObjectKind::Dicom,
             sop_class_uid: self.meta.sop_class_uid.clone(),
             transfer_syntax_uid: self.meta.transfer_syntax_uid.clone(),
             source: self.meta.source.clone(),
@@ -706,6 +857,8 @@ impl Ingest {
                 .collect(),
             blob_deleted: false,
             sequence: inner.index.next_sequence()?,
+            study_mac: self.study.as_deref().map(|uid| keys.study_mac(uid)),
+            completed_unix_ms: None,
         };
         let started = Instant::now();
         let inserted = inner.index.insert_durable(&self.id, &record);

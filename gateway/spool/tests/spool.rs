@@ -315,3 +315,111 @@ fn queue_is_oldest_first_and_sent_objects_leave_it_and_their_blob() {
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into(), "b".into()]).unwrap();
     assert_eq!(spool.queued("a", 10).unwrap(), ids[1..]);
 }
+
+fn store_in_study(spool: &Spool, uid: &str, study: Option<&str>, body: &[u8]) -> [u8; 16] {
+    let mut ingest = spool.begin(meta(uid)).unwrap();
+    ingest.write(body).unwrap();
+    if let Some(study) = study {
+        ingest.set_study_instance_uid(study);
+    }
+    match ingest.commit().unwrap() {
+        Committed::Stored(id) => id,
+        Committed::Duplicate(_) => panic!("not a duplicate"),
+    }
+}
+
+#[test]
+fn study_key_groups_objects_of_one_study_without_storing_the_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into()]).unwrap();
+    let a1 = store_in_study(&spool, "7.1", Some("1.2.840.99.1"), b"one");
+    let b1 = store_in_study(&spool, "7.2", Some("1.2.840.99.2"), b"two");
+    let a2 = store_in_study(&spool, "7.3", Some("1.2.840.99.1"), b"three");
+    let none = store_in_study(&spool, "7.4", None, b"four");
+    let key_of = |id| spool.study_key(&id).unwrap();
+    assert!(key_of(a1).is_some());
+    assert_eq!(key_of(a1), key_of(a2));
+    assert_ne!(key_of(a1), key_of(b1));
+    assert_eq!(key_of(none), None);
+    drop(spool);
+    let on_disk = all_bytes_under(dir.path());
+    assert!(
+        !on_disk
+            .windows(b"1.2.840.99.1".len())
+            .any(|w| w == b"1.2.840.99.1"),
+        "the Study Instance UID is stored only as a keyed MAC"
+    );
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into()]).unwrap();
+    assert_eq!(spool.study_key(&a1).unwrap(), spool.study_key(&a2).unwrap());
+}
+
+#[test]
+fn keep_sent_for_keeps_the_local_copy_until_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into()]).unwrap();
+    spool.set_keep_sent_for(std::time::Duration::from_millis(300));
+    let ids: Vec<_> = (0..3)
+        .map(|i| {
+            store_in_study(
+                &spool,
+                &format!("8.{i}"),
+                None,
+                format!("kept {i}").as_bytes(),
+            )
+        })
+        .collect();
+    let blob_dir = spool.dir().join("blobs");
+    let blobs = || fs::read_dir(&blob_dir).unwrap().count();
+    spool.mark_sent_all(&ids[..2], "a").unwrap();
+    assert_eq!(spool.queued("a", 10).unwrap(), ids[2..]);
+    assert_eq!(blobs(), 3, "sent blobs are kept as a cache");
+    assert_eq!(
+        export(&spool, "8.0"),
+        b"kept 0",
+        "a cached object still exports"
+    );
+    assert_eq!(spool.status().unwrap().by_state["sent"], 2);
+    assert_eq!(spool.reclaim_expired().unwrap(), 0, "not expired yet");
+    // A restart does not treat kept blobs as crash leftovers.
+    drop(spool);
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into()]).unwrap();
+    spool.set_keep_sent_for(std::time::Duration::from_millis(300));
+    assert_eq!(spool.recover().unwrap().sent_blobs_reclaimed, 0);
+    assert_eq!(blobs(), 3);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(spool.reclaim_expired().unwrap(), 2);
+    assert_eq!(blobs(), 1, "only the queued object's blob is left");
+    assert!(matches!(
+        spool.export("8.0", &mut Vec::new()),
+        Err(SpoolError::Reclaimed { .. })
+    ));
+    assert!(spool.verify().unwrap().is_consistent());
+}
+
+#[test]
+fn cached_copies_yield_to_new_objects_when_the_spool_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_bytes: 200_000,
+        min_free_bytes: 0,
+    };
+    let spool = Spool::open(dir.path(), Some(key()), limits, vec!["a".into()]).unwrap();
+    spool.set_keep_sent_for(std::time::Duration::from_secs(3600));
+    let body = vec![7u8; 120_000];
+    let first = store_in_study(&spool, "9.1", None, &body);
+    spool.mark_sent(&first, "a").unwrap();
+    assert_eq!(fs::read_dir(spool.dir().join("blobs")).unwrap().count(), 1);
+    // The cached copy takes 120 kB of the 200 kB: a second object only fits once it goes.
+    let second = store(&spool, "9.2", &vec![8u8; 120_000]).unwrap();
+    assert!(matches!(second, Committed::Stored(_)));
+    assert!(matches!(
+        spool.export("9.1", &mut Vec::new()),
+        Err(SpoolError::Reclaimed { .. })
+    ));
+    assert_eq!(export(&spool, "9.2"), vec![8u8; 120_000]);
+    // Without a cache to evict, the limit holds.
+    assert!(matches!(
+        store(&spool, "9.3", &vec![9u8; 120_000]),
+        Err(SpoolError::Full { .. })
+    ));
+}

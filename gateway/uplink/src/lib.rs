@@ -1,9 +1,12 @@
 //! The uplink: drains the spool to cloud DICOMweb archives with STOW-RS over mutual TLS.
 //!
-//! One [`UplinkService`] per `[[uplink]]` destination. It takes the oldest queued objects of
-//! its destination from the spool, unseals them in memory, POSTs them as one
+//! One [`UplinkService`] per `[[uplink]]` destination. It takes the oldest queued object of
+//! its destination from the spool and the queued objects of the same study behind it (up to
+//! the batch limits), unseals them in memory, POSTs them as one
 //! `multipart/related; type="application/dicom"` request to `{url}/studies`, and marks each
-//! instance on its own from the STOW response.
+//! instance on its own from the STOW response. Up to `max_concurrent_requests` requests are
+//! in flight at once (each its own task), so unsealing the next batch overlaps the archive
+//! storing the last one.
 //!
 //! Module map: [`stow`] (body and response), `pace` (bandwidth limit).
 //!
@@ -27,7 +30,7 @@
 mod pace;
 pub mod stow;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +40,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::stow::{InstanceResult, Part};
@@ -52,6 +56,8 @@ pub struct UplinkSettings {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub batch_max_instances: usize,
     pub batch_max_bytes: u64,
+    /// Requests in flight at once.
+    pub max_concurrent_requests: usize,
     /// Bandwidth limit of request bodies.
     pub max_bytes_per_sec: Option<u64>,
     pub backoff_initial: Duration,
@@ -68,6 +74,7 @@ impl UplinkSettings {
             tls,
             batch_max_instances: 16,
             batch_max_bytes: 32 << 20,
+            max_concurrent_requests: 2,
             max_bytes_per_sec: None,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
@@ -177,30 +184,66 @@ impl UplinkService {
         info!(destination = %name, "uplink started");
         let mut wake = self.spool.subscribe();
         let mut backoff = self.settings.backoff_initial;
+        let mut resume_at: Option<Instant> = None;
+        let mut inflight: JoinSet<Posted> = JoinSet::new();
+        let mut busy: HashSet<ObjectId> = HashSet::new();
+        let limit = self.settings.max_concurrent_requests.max(1);
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let batch = match self.next_batch().await {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(destination = %name, error = %e, "cannot read queued objects");
-                    Vec::new()
+            // Fill the request slots with the next batches, unless backing off.
+            let mut drained = false;
+            while inflight.len() < limit && resume_at.is_none_or(|t| t <= Instant::now()) {
+                resume_at = None;
+                let batch = match self.next_batch(&busy).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(destination = %name, error = %e, "cannot read queued objects");
+                        Vec::new()
+                    }
+                };
+                if batch.is_empty() {
+                    drained = true;
+                    break;
                 }
-            };
-            if batch.is_empty() {
+                busy.extend(batch.iter().map(|(id, _)| *id));
+                let request = self.request();
+                inflight.spawn(async move {
+                    let outcome = request.post(&batch).await;
+                    Posted { batch, outcome }
+                });
+            }
+            if inflight.is_empty() {
+                let idle = match resume_at {
+                    Some(t) => t.saturating_duration_since(Instant::now()),
+                    None if drained => Duration::from_secs(30),
+                    None => Duration::ZERO,
+                };
                 tokio::select! {
                     () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-                    _ = wake.changed() => {}
-                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                    _ = wake.changed(), if resume_at.is_none() => {}
+                    () = tokio::time::sleep(idle) => {}
                 }
                 continue;
             }
-            let round = tokio::select! {
+            let can_fill = inflight.len() < limit && resume_at.is_none() && !drained;
+            let posted = tokio::select! {
                 () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-                round = self.send(batch) => round,
+                _ = wake.changed(), if inflight.len() < limit && resume_at.is_none() => continue,
+                () = std::future::ready(()), if can_fill => continue,
+                joined = inflight.join_next() => joined,
             };
-            match round {
+            let Some(joined) = posted else { continue };
+            let Ok(Posted { batch, outcome }) = joined else {
+                // A request task cannot panic on input (no unwraps); if it was cancelled,
+                // its objects simply stay queued. They are busy until the set drains.
+                continue;
+            };
+            for (id, _) in &batch {
+                busy.remove(id);
+            }
+            match self.settle(batch, outcome).await {
                 Round::Progress => {
                     backoff = self.settings.backoff_initial;
                     let held = (!self.deferred.is_empty()).then(|| {
@@ -216,50 +259,81 @@ impl UplinkService {
                     self.spool.set_destination_error(&name, Some(reason));
                     let wait = jitter(backoff).max(at_least.unwrap_or_default());
                     backoff = (backoff * 2).min(self.settings.backoff_max);
-                    tokio::select! {
-                        () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-                        () = tokio::time::sleep(wait) => {}
-                    }
+                    resume_at = Some(Instant::now() + wait);
                 }
             }
         }
+        inflight.abort_all();
         info!(destination = %name, "uplink stopped");
     }
 
-    /// The oldest queued objects, up to the batch limits (at least one).
-    async fn next_batch(&mut self) -> Result<Vec<(ObjectId, Part)>, SpoolError> {
+    /// What a request task needs (the client is a cheap handle on one connection pool).
+    fn request(&self) -> Request {
+        Request {
+            client: self.client.clone(),
+            url: self.settings.url.clone(),
+            max_bytes_per_sec: self.settings.max_bytes_per_sec,
+        }
+    }
+
+    /// The oldest queued object that is not busy or held back, and the queued objects of
+    /// the same study behind it, up to the batch limits. An object without a Study
+    /// Instance UID goes alone.
+    async fn next_batch(
+        &mut self,
+        busy: &HashSet<ObjectId>,
+    ) -> Result<Vec<(ObjectId, Part)>, SpoolError> {
         let now = Instant::now();
-        let held: Vec<ObjectId> = self
+        let mut skip: HashSet<ObjectId> = self
             .deferred
             .iter()
             .filter(|(_, (at, _))| *at > now)
             .map(|(id, _)| *id)
             .collect();
+        skip.extend(busy.iter().copied());
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
         let (max_n, max_bytes) = (
-            self.settings.batch_max_instances,
+            self.settings.batch_max_instances.max(1),
             self.settings.batch_max_bytes,
         );
+        // How far down the queue to look for more instances of the oldest one's study.
+        let window = max_n * 8 + skip.len();
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::new();
             let mut bytes = 0u64;
+            let mut study = None;
             for id in spool
-                .queued(&name, max_n + held.len())?
+                .queued(&name, window)?
                 .into_iter()
-                .filter(|id| !held.contains(id))
-                .take(max_n)
+                .filter(|id| !skip.contains(id))
             {
+                if batch.len() >= max_n {
+                    break;
+                }
+                let key = spool.study_key(&id)?;
+                match (&study, batch.is_empty()) {
+                    (_, true) => study = Some(key),
+                    (Some(Some(s)), false) if key.as_ref() == Some(s) => {}
+                    (Some(None), false) => break,
+                    _ => continue,
+                }
                 let (_, plain) = match spool.read(&id) {
                     Ok(x) => x,
                     Err(e) => {
                         warn!(object = %hex::encode(id), error = %e, "queued object unreadable: dead-lettered");
                         spool.mark_failed(&id, &name, &format!("unreadable in the spool: {e}"))?;
+                        if batch.is_empty() {
+                            study = None;
+                        }
                         continue;
                     }
                 };
                 let Some(uid) = sop_instance_uid(&plain) else {
                     spool.mark_failed(&id, &name, "stored object has no file meta SOP Instance UID")?;
+                    if batch.is_empty() {
+                        study = None;
+                    }
                     continue;
                 };
                 if !batch.is_empty() && bytes + plain.len() as u64 > max_bytes {
@@ -274,11 +348,22 @@ impl UplinkService {
         .unwrap_or_else(|_| Ok(Vec::new()))
     }
 
+    /// Posts a batch and settles it (the one-by-one retry path).
     async fn send(&mut self, batch: Vec<(ObjectId, Part)>) -> Round {
+        let outcome = self.request().post(&batch).await;
+        self.settle(batch, outcome).await
+    }
+
+    /// Records what the archive said about each instance of a posted batch.
+    async fn settle(
+        &mut self,
+        batch: Vec<(ObjectId, Part)>,
+        outcome: Result<Response, String>,
+    ) -> Round {
         let name = self.settings.name.clone();
         let total: u64 = batch.iter().map(|(_, p)| p.bytes.len() as u64).sum();
         let n = batch.len() as u64;
-        let (status, retry_after, body) = match self.post(&batch).await {
+        let (status, retry_after, body) = match outcome {
             Ok(x) => x,
             Err(reason) => {
                 self.metrics.count(&name, "retry", n, total);
@@ -333,6 +418,7 @@ impl UplinkService {
             };
         }
         let mut progressed = false;
+        let mut stored = Vec::new();
         for (id, part) in &batch {
             let size = part.bytes.len() as u64;
             let result = results
@@ -342,7 +428,9 @@ impl UplinkService {
             let marked = match result {
                 InstanceResult::Stored => {
                     self.metrics.count(&name, "sent", 1, size);
-                    self.mark(*id, None).await
+                    self.deferred.remove(id);
+                    stored.push(*id);
+                    continue;
                 }
                 InstanceResult::Failed {
                     reason,
@@ -350,11 +438,11 @@ impl UplinkService {
                 } => {
                     warn!(destination = %name, object = %hex::encode(id), reason = format!("{reason:#06x}"), "archive refused the object: dead letter");
                     self.metrics.count(&name, "failed", 1, size);
-                    self.mark(
+                    self.mark_failed(
                         *id,
-                        Some(format!(
+                        format!(
                             "refused by the archive (HTTP {code}, failure reason {reason:#06x})"
-                        )),
+                        ),
                     )
                     .await
                 }
@@ -365,6 +453,17 @@ impl UplinkService {
                 }
             };
             self.deferred.remove(id);
+            match marked {
+                Ok(()) => progressed = true,
+                Err(e) => warn!(destination = %name, error = %e, "cannot record delivery state"),
+            }
+        }
+        if !stored.is_empty() {
+            let spool = self.spool.clone();
+            let dest = name.clone();
+            let marked = tokio::task::spawn_blocking(move || spool.mark_sent_all(&stored, &dest))
+                .await
+                .unwrap_or(Err(SpoolError::NotFound));
             match marked {
                 Ok(()) => progressed = true,
                 Err(e) => warn!(destination = %name, error = %e, "cannot record delivery state"),
@@ -391,31 +490,43 @@ impl UplinkService {
             .insert(id, (Instant::now() + jitter(wait), wait));
     }
 
-    async fn mark(&self, id: ObjectId, failure: Option<String>) -> Result<(), SpoolError> {
+    async fn mark_failed(&self, id: ObjectId, reason: String) -> Result<(), SpoolError> {
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
-        tokio::task::spawn_blocking(move || match failure {
-            None => spool.mark_sent(&id, &name),
-            Some(reason) => spool.mark_failed(&id, &name, &reason),
-        })
-        .await
-        .unwrap_or(Err(SpoolError::NotFound))
+        tokio::task::spawn_blocking(move || spool.mark_failed(&id, &name, &reason))
+            .await
+            .unwrap_or(Err(SpoolError::NotFound))
     }
+}
 
+/// Status, `Retry-After` and body of a STOW response.
+type Response = (reqwest::StatusCode, Option<Duration>, bytes::Bytes);
+
+/// A batch and what became of its request.
+struct Posted {
+    batch: Vec<(ObjectId, Part)>,
+    outcome: Result<Response, String>,
+}
+
+/// Everything a request task needs.
+struct Request {
+    client: reqwest::Client,
+    url: String,
+    max_bytes_per_sec: Option<u64>,
+}
+
+impl Request {
     /// POSTs the batch; `Err` for transport failures (no HTTP status).
-    async fn post(
-        &self,
-        batch: &[(ObjectId, Part)],
-    ) -> Result<(reqwest::StatusCode, Option<Duration>, bytes::Bytes), String> {
+    async fn post(&self, batch: &[(ObjectId, Part)]) -> Result<Response, String> {
         let parts: Vec<Part> = batch.iter().map(|(_, p)| p.clone()).collect();
         let boundary = stow::boundary();
         let pieces = stow::body_pieces(&parts, &boundary);
         let length: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-        let body = match self.settings.max_bytes_per_sec {
+        let body = match self.max_bytes_per_sec {
             Some(rate) => reqwest::Body::wrap_stream(pace::paced(pieces, rate)),
             None => reqwest::Body::from(pieces.concat()),
         };
-        let url = format!("{}/studies", self.settings.url.trim_end_matches('/'));
+        let url = format!("{}/studies", self.url.trim_end_matches('/'));
         let response = self
             .client
             .post(&url)
