@@ -149,6 +149,8 @@ pub struct UplinkService {
     metrics: Metrics,
     /// Instances held back after an unconfirmed attempt: next try, current wait.
     deferred: HashMap<ObjectId, (Instant, Duration)>,
+    /// `max_bytes_per_sec`, shared by every request in flight.
+    pacer: Option<pace::Pacer>,
 }
 
 impl UplinkService {
@@ -169,12 +171,14 @@ impl UplinkService {
             name: settings.name.clone(),
             detail: e.to_string(),
         })?;
+        let pacer = settings.max_bytes_per_sec.map(pace::Pacer::new);
         Ok(Self {
             settings,
             spool,
             client,
             metrics,
             deferred: HashMap::new(),
+            pacer,
         })
     }
 
@@ -272,7 +276,7 @@ impl UplinkService {
         Request {
             client: self.client.clone(),
             url: self.settings.url.clone(),
-            max_bytes_per_sec: self.settings.max_bytes_per_sec,
+            pacer: self.pacer.clone(),
         }
     }
 
@@ -512,7 +516,7 @@ struct Posted {
 struct Request {
     client: reqwest::Client,
     url: String,
-    max_bytes_per_sec: Option<u64>,
+    pacer: Option<pace::Pacer>,
 }
 
 impl Request {
@@ -522,8 +526,8 @@ impl Request {
         let boundary = stow::boundary();
         let pieces = stow::body_pieces(&parts, &boundary);
         let length: u64 = pieces.iter().map(|p| p.len() as u64).sum();
-        let body = match self.max_bytes_per_sec {
-            Some(rate) => reqwest::Body::wrap_stream(pace::paced(pieces, rate)),
+        let body = match &self.pacer {
+            Some(pacer) => reqwest::Body::wrap_stream(pace::paced(pieces, pacer.clone())),
             None => reqwest::Body::from(pieces.concat()),
         };
         let url = format!("{}/studies", self.url.trim_end_matches('/'));
