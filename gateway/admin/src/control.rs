@@ -31,6 +31,11 @@ pub enum Request {
         sop_instance_uid: String,
         out: PathBuf,
     },
+    /// Writes the stored HL7 message with this key (`MSH-3|MSH-4|MSH-10`) to `out`.
+    ExportMessage {
+        key: String,
+        out: PathBuf,
+    },
     /// Requeues dead letters (of one destination, or all).
     Retry {
         destination: Option<String>,
@@ -84,7 +89,8 @@ pub fn execute(spool: &Spool, request: &Request) -> Response {
         Request::Export {
             sop_instance_uid,
             out,
-        } => export(spool, sop_instance_uid, out),
+        } => export(out, |w| spool.export(sop_instance_uid, w)),
+        Request::ExportMessage { key, out } => export(out, |w| spool.export_message(key, w)),
         Request::Retry { destination } => spool
             .retry_failed(destination.as_deref())
             .map(|objects| Response::Requeued { objects }),
@@ -98,14 +104,17 @@ pub fn execute(spool: &Spool, request: &Request) -> Response {
     }
 }
 
-fn export(spool: &Spool, uid: &str, out: &Path) -> Result<Response, SpoolError> {
+fn export(
+    out: &Path,
+    read: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> Result<gateway_spool::Record, SpoolError>,
+) -> Result<Response, SpoolError> {
     let mut tmp = out.as_os_str().to_owned();
     tmp.push(".partial");
     let tmp = PathBuf::from(tmp);
     let _ = fs::remove_file(&tmp);
     let file = gateway_durable::create_new_private(&tmp)?;
     let mut writer = std::io::BufWriter::new(file);
-    let result = spool.export(uid, &mut writer).and_then(|record| {
+    let result = read(&mut writer).and_then(|record| {
         writer.flush().map_err(|source| gateway_durable::Error {
             action: "write",
             path: tmp.clone(),

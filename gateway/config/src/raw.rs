@@ -67,6 +67,9 @@ pub(crate) struct RawDicomPeer {
 pub(crate) struct RawHl7 {
     pub listen: Option<String>,
     pub charset: Option<String>,
+    pub max_frame_bytes: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<u32>,
 }
 
 /// `[spool]`

@@ -113,6 +113,12 @@ pub struct DicomPeer {
 pub struct Hl7 {
     pub listen: SocketAddr,
     pub charset: Charset,
+    /// Largest MLLP frame accepted (default 1 MiB).
+    pub max_frame_bytes: ByteSize,
+    /// An MLLP connection with nothing received for this long is closed (default 600 s).
+    pub idle_timeout: Duration,
+    /// MLLP connections open at once (default 32).
+    pub max_connections: u32,
 }
 
 /// `[spool]`: the durable store's limits.
@@ -529,9 +535,50 @@ fn hl7(c: &mut Collector, raw: raw::RawHl7) -> Option<Hl7> {
         defaults::HL7_CHARSET,
         from_str,
     );
+    let max_frame_bytes = c.parse_or(
+        "hl7.max_frame_bytes",
+        raw.max_frame_bytes.as_deref(),
+        ByteSize::mib(1),
+        from_str::<ByteSize>,
+    );
+    let max_frame_bytes = max_frame_bytes.and_then(|b| {
+        if (1024..=64 << 20).contains(&b.bytes()) {
+            Some(b)
+        } else {
+            c.push(
+                "hl7.max_frame_bytes",
+                format!("{} is out of range (1KiB to 64MiB)", b.bytes()),
+            );
+            None
+        }
+    });
+    let idle_timeout = c.parse_or(
+        "hl7.idle_timeout",
+        raw.idle_timeout.as_deref(),
+        Duration::from_secs(600),
+        from_str::<Duration>,
+    );
+    let idle_timeout = idle_timeout.and_then(|d| {
+        if d.is_zero() {
+            c.push("hl7.idle_timeout", "must be more than zero");
+            None
+        } else {
+            Some(d)
+        }
+    });
+    let max_connections = raw.max_connections.unwrap_or(32);
+    if !(1..=1024).contains(&max_connections) {
+        c.push(
+            "hl7.max_connections",
+            format!("{max_connections} is outside 1..=1024"),
+        );
+    }
     Some(Hl7 {
         listen: listen?,
         charset: charset?,
+        max_frame_bytes: max_frame_bytes?,
+        idle_timeout: idle_timeout?,
+        max_connections,
     })
 }
 

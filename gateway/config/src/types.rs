@@ -179,6 +179,8 @@ keyword_enum!(
         ShiftJis => "shift_jis",
         /// UTF-8.
         Utf8 => "utf-8",
+        /// US-ASCII only.
+        Ascii => "ascii",
     }
 );
 

@@ -65,12 +65,21 @@ pub enum SpoolCommand {
         #[arg(long)]
         destination: Option<String>,
     },
-    /// Write a stored object back out as a DICOM Part 10 file.
+    /// Write a stored object back out: a DICOM Part 10 file, or an HL7 message's original
+    /// bytes.
     Export {
         #[arg(long)]
         config: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "hl7_message",
+            conflicts_with = "hl7_message"
+        )]
+        sop_instance_uid: Option<String>,
+        /// An HL7 message, as `SENDING_APP|SENDING_FACILITY|MSH-10` (MSH-3, MSH-4 and
+        /// MSH-10 exactly as sent).
         #[arg(long)]
-        sop_instance_uid: String,
+        hl7_message: Option<String>,
         /// Destination file (created with mode 0600: it holds patient data).
         #[arg(long)]
         out: PathBuf,

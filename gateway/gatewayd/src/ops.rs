@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use gateway_admin::control::{self, Request, Response};
 use gateway_config::{KeystoreBackend, Settings};
 use gateway_keystore::Backend;
-use gateway_spool::{Limits, Spool};
+use gateway_spool::{Limits, ObjectKind, Route, Spool};
 
 use crate::cli::{ConfigArg, KeysCommand, SpoolCommand};
 
@@ -23,6 +23,20 @@ pub fn check_config(args: &ConfigArg) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The spool's destinations: every `[[uplink]]` with the kind of objects it carries.
+pub fn routes(settings: &Settings) -> Vec<Route> {
+    settings
+        .uplinks
+        .iter()
+        .map(|u| {
+            let kind = match u.kind {
+                gateway_config::UplinkKind::DicomWeb => ObjectKind::Dicom,
+            };
+            Route::new(u.name.as_str(), kind)
+        })
+        .collect()
 }
 
 pub fn limits(settings: &Settings) -> Limits {
@@ -68,6 +82,7 @@ pub fn spool(cmd: &SpoolCommand) -> ExitCode {
         SpoolCommand::Export {
             config,
             sop_instance_uid,
+            hl7_message,
             out,
         } => {
             let out = match absolute(out) {
@@ -77,14 +92,21 @@ pub fn spool(cmd: &SpoolCommand) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            (
-                config,
-                Request::Export {
-                    sop_instance_uid: sop_instance_uid.clone(),
+            let request = match (sop_instance_uid, hl7_message) {
+                (Some(uid), _) => Request::Export {
+                    sop_instance_uid: uid.clone(),
                     out,
                 },
-                false,
-            )
+                (None, Some(key)) => Request::ExportMessage {
+                    key: key.clone(),
+                    out,
+                },
+                (None, None) => {
+                    eprintln!("gatewayd: give --sop-instance-uid or --hl7-message");
+                    return ExitCode::FAILURE;
+                }
+            };
+            (config, request, false)
         }
     };
     let settings = match load(config) {
@@ -122,13 +144,8 @@ fn send_or_execute(settings: &Settings, request: &Request) -> Result<Response, S
                 .map_err(|e| e.to_string())?,
         ),
     };
-    let destinations = settings
-        .uplinks
-        .iter()
-        .map(|u| u.name.as_str().to_string())
-        .collect();
-    let spool =
-        Spool::open(data_dir, master, limits(settings), destinations).map_err(|e| e.to_string())?;
+    let spool = Spool::open(data_dir, master, limits(settings), routes(settings))
+        .map_err(|e| e.to_string())?;
     Ok(control::execute(&spool, request))
 }
 

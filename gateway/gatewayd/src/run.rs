@@ -10,6 +10,7 @@ use gateway_admin::http::{AdminHttp, Health};
 use gateway_config::{KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
 use gateway_keystore::{KeyStore, KeyStoreError};
+use gateway_mllp::{Hl7Service, Hl7Settings};
 use gateway_spool::Spool;
 use gateway_uplink::{Metrics as UplinkMetrics, UplinkService, UplinkSettings};
 use prometheus_client::registry::Registry;
@@ -74,7 +75,6 @@ async fn serve(settings: Settings) -> Result<(), String> {
     gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
     for (section, present) in [
-        ("hl7", settings.hl7.is_some()),
         ("fleet", settings.fleet.is_some()),
         ("booking", settings.booking.is_some()),
     ] {
@@ -88,11 +88,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
 
     let keys = open_keystore(&settings)?;
     let master = keys.spool_master_key().map_err(|e| e.to_string())?;
-    let destinations = settings
-        .uplinks
-        .iter()
-        .map(|u| u.name.as_str().to_string())
-        .collect();
+    let destinations = ops::routes(&settings);
     let spool = Spool::open(
         &data_dir,
         Some(master),
@@ -112,6 +108,12 @@ async fn serve(settings: Settings) -> Result<(), String> {
     let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
     if let Some(dicom) = &settings.dicom {
         let service = DicomService::bind(dicom_settings(dicom), spool.clone(), &mut registry)
+            .await
+            .map_err(|e| e.to_string())?;
+        services.spawn(service.run(shutdown.clone()));
+    }
+    if let Some(hl7) = &settings.hl7 {
+        let service = Hl7Service::bind(hl7_settings(hl7), spool.clone(), &mut registry)
             .await
             .map_err(|e| e.to_string())?;
         services.spawn(service.run(shutdown.clone()));
@@ -224,6 +226,23 @@ fn check_tpm_vendor(
 }
 
 /// One destination's settings, with its TLS client identity.
+fn hl7_settings(hl7: &gateway_config::Hl7) -> Hl7Settings {
+    use gateway_config::Charset as C;
+    use gateway_hl7::charset::{Charset, CharsetOverride};
+    let mut s = Hl7Settings::new(hl7.listen);
+    s.charset = match hl7.charset {
+        C::Auto => CharsetOverride::Auto,
+        C::Iso2022Jp => CharsetOverride::Fixed(Charset::Iso2022Jp),
+        C::ShiftJis => CharsetOverride::Fixed(Charset::ShiftJis),
+        C::Utf8 => CharsetOverride::Fixed(Charset::Utf8),
+        C::Ascii => CharsetOverride::Fixed(Charset::Ascii),
+    };
+    s.max_frame_bytes = usize::try_from(hl7.max_frame_bytes.bytes()).unwrap_or(usize::MAX);
+    s.idle_timeout = hl7.idle_timeout.get();
+    s.max_connections = hl7.max_connections as usize;
+    s
+}
+
 fn uplink_settings(
     uplink: &gateway_config::Uplink,
     data_dir: &Path,

@@ -163,6 +163,9 @@ pub struct AckError {
     pub location: Option<Location>,
     /// ERR-4: `E` (error) unless `warning`.
     pub warning: bool,
+    /// ERR-8 user message: a fixed text of the gateway's (never message content), e.g.
+    /// why a well-formed message could not be accepted durably.
+    pub user_message: Option<&'static str>,
 }
 
 impl AckError {
@@ -172,7 +175,14 @@ impl AckError {
             code,
             location: None,
             warning: false,
+            user_message: None,
         }
+    }
+
+    /// The same error with an ERR-8 user message.
+    pub fn with_user_message(mut self, text: &'static str) -> Self {
+        self.user_message = Some(text);
+        self
     }
 }
 
@@ -182,6 +192,7 @@ impl From<&ParseError> for AckError {
             code: e.code,
             location: e.location.clone(),
             warning: false,
+            user_message: None,
         }
     }
 }
@@ -192,6 +203,7 @@ impl From<&crate::charset::DecodeError> for AckError {
             code: e.error_code(),
             location: e.location(),
             warning: false,
+            user_message: None,
         }
     }
 }
@@ -298,6 +310,13 @@ fn push_err(out: &mut String, d: &Delimiters, e: &AckError) {
     out.push_str("HL70357");
     out.push(f);
     out.push(if e.warning { 'W' } else { 'E' });
+    if let Some(text) = e.user_message {
+        // ERR-5 .. ERR-7 empty, ERR-8 user message.
+        for _ in 0..4 {
+            out.push(f);
+        }
+        out.push_str(&escape(text, d));
+    }
     out.push('\r');
 }
 
@@ -332,6 +351,7 @@ mod tests {
             code: ErrorCode::RequiredFieldMissing,
             location: Some(Location::field("PID", 1, 3)),
             warning: false,
+            user_message: None,
         };
         let text = "MSH|^~\\&|HIS|HOSP|GW|CLINIC|20240101120000||ADT^A08|MSG0002|P|2.3.1\rPID|1\r";
         let ack = build_ack(
@@ -347,6 +367,26 @@ mod tests {
         );
         let parsed = parse(&ack).unwrap();
         assert_eq!(parsed.get("ERR", 3, 1, 1, 1), Some("101"));
+    }
+
+    #[test]
+    fn user_message_goes_to_err_8_escaped() {
+        let err = AckError::new(ErrorCode::ApplicationInternalError)
+            .with_user_message("spool full | try later");
+        let ack = build_ack(
+            &header(MSG),
+            AckCode::AE,
+            Some(&err),
+            "GW0004",
+            "20240102030405",
+        );
+        let parsed = parse(&ack).unwrap();
+        assert_eq!(parsed.get("ERR", 3, 1, 1, 1), Some("207"));
+        assert_eq!(parsed.get("ERR", 4, 1, 1, 1), Some("E"));
+        assert_eq!(
+            parsed.get("ERR", 8, 1, 1, 1),
+            Some("spool full \\F\\ try later")
+        );
     }
 
     #[test]

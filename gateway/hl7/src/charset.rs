@@ -184,7 +184,9 @@ impl FromStr for CharsetOverride {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// MSH-18 names a set the gateway does not decode (HL7 error 103 at MSH-18).
-    #[error("MSH-18 character set {value:?} is not supported")]
+    /// The value stays out of `Display`: MSH-18 of a garbled message may hold anything,
+    /// patient data included, and `Display` reaches logs.
+    #[error("MSH-18 names a character set this gateway does not decode")]
     Unsupported {
         /// The offending MSH-18 term, reduced to at most 24 harmless ASCII characters.
         value: String,

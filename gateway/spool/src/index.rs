@@ -284,6 +284,51 @@ impl Index {
         Ok(inserted)
     }
 
+    /// Inserts new objects (already checked for duplicates by their caller) with their
+    /// lookup and queue keys in one transaction, then flushes once.
+    pub fn insert_all(&self, items: &[(ObjectId, Record)]) -> Result<(), IndexError> {
+        let mut rows = Vec::with_capacity(items.len());
+        for (id, record) in items {
+            let value = encode_record(record).map_err(|source| IndexError::Encode {
+                path: self.path.clone(),
+                source,
+            })?;
+            let mut ukey = record.uid_mac.to_vec();
+            ukey.extend_from_slice(id);
+            let queue_keys: Vec<Vec<u8>> = record
+                .destinations
+                .iter()
+                .filter(|d| d.state == DeliveryState::Queued)
+                .map(|d| queue_key(&d.name, record.received_unix_ms, id))
+                .collect();
+            rows.push((
+                id,
+                value,
+                ukey,
+                content_key(&record.uid_mac, &record.content_mac),
+                queue_keys,
+            ));
+        }
+        let outcome = (&self.objects, &self.by_uid, &self.by_content, &self.queue).transaction(
+            |(objects, by_uid, by_content, queue)| {
+                for (id, value, ukey, ckey, queue_keys) in &rows {
+                    objects.insert(id.as_slice(), value.as_slice())?;
+                    by_uid.insert(ukey.as_slice(), &[][..])?;
+                    by_content.insert(ckey.as_slice(), id.as_slice())?;
+                    for key in queue_keys {
+                        queue.insert(key.as_slice(), &[][..])?;
+                    }
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            },
+        );
+        match outcome {
+            Ok(()) | Err(TransactionError::Abort(())) => {}
+            Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),
+        }
+        self.flush()
+    }
+
     /// A fresh, monotonically increasing sequence number.
     pub fn next_sequence(&self) -> Result<u64, IndexError> {
         self.db.generate_id().map_err(|e| self.db_err(e))

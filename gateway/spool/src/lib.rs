@@ -72,6 +72,8 @@ pub enum SpoolError {
     NoKey,
     #[error("no stored object has that SOP Instance UID")]
     NotFound,
+    #[error("the group of messages could not be made durable: {detail}")]
+    GroupCommit { detail: String },
     #[error("object {id} was uploaded to every destination and its local copy deleted")]
     Reclaimed { id: String },
     #[error("object {id} is in the index but its blob {path} is missing")]
@@ -85,6 +87,61 @@ pub struct ObjectMeta {
     pub sop_class_uid: String,
     pub transfer_syntax_uid: String,
     pub source: String,
+}
+
+/// An upload destination and the kind of objects queued for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub kind: ObjectKind,
+}
+
+impl Route {
+    pub fn new(name: impl Into<String>, kind: ObjectKind) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+        }
+    }
+}
+
+/// A DICOM destination.
+impl From<&str> for Route {
+    fn from(name: &str) -> Self {
+        Self::new(name, ObjectKind::Dicom)
+    }
+}
+
+/// A DICOM destination.
+impl From<String> for Route {
+    fn from(name: String) -> Self {
+        Self::new(name, ObjectKind::Dicom)
+    }
+}
+
+/// One HL7 v2 message to store (see [`Spool::store_messages`]).
+#[derive(Clone)]
+pub struct MessageIn {
+    /// Identifies the message for dedupe: sending application, facility and MSH-10.
+    /// Kept only as a keyed MAC.
+    pub key: String,
+    /// Message type and trigger, e.g. `ADT^A08` (no patient data).
+    pub message_type: String,
+    /// The character set it was decoded with.
+    pub charset: String,
+    /// The peer that sent it (an address, not patient data).
+    pub source: String,
+    /// The original bytes of the frame.
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for MessageIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageIn")
+            .field("message_type", &self.message_type)
+            .field("len", &self.bytes.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The outcome of a commit: both mean the object is durable.
@@ -200,12 +257,26 @@ struct Inner {
     tmp: PathBuf,
     index: Index,
     keys: Option<Keys>,
-    destinations: Vec<String>,
+    destinations: Vec<Route>,
     usage: Usage,
     committed: tokio::sync::watch::Sender<u64>,
     destination_errors: std::sync::Mutex<BTreeMap<String, String>>,
     /// `spool.keep_sent_for` in milliseconds: 0 deletes a blob once every destination has it.
     keep_sent_ms: AtomicU64,
+}
+
+impl Inner {
+    /// The destinations a new object of `kind` is queued for.
+    fn queue_for(&self, kind: ObjectKind) -> Vec<Destination> {
+        self.destinations
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| Destination {
+                name: r.name.clone(),
+                state: DeliveryState::Queued,
+            })
+            .collect()
+    }
 }
 
 impl Spool {
@@ -216,7 +287,7 @@ impl Spool {
         data_dir: &Path,
         master: Option<MasterKey>,
         limits: Limits,
-        destinations: Vec<String>,
+        destinations: Vec<Route>,
     ) -> Result<Self, SpoolError> {
         let dir = data_dir.join("spool");
         let blobs = dir.join("blobs");
@@ -336,6 +407,202 @@ impl Spool {
         })
     }
 
+    /// Stores HL7 messages as one group: every blob is written and renamed into place, then
+    /// one `syncfs` makes all of them (data and directory entries) durable, then one index
+    /// transaction and flush records them. Only after this returns `Ok` for a message may
+    /// its sender be told "accepted". A message whose key is already stored (or repeats
+    /// one earlier in the group) is a [`Committed::Duplicate`] and stores nothing.
+    pub fn store_messages(&self, items: &[MessageIn]) -> Vec<Result<Committed, SpoolError>> {
+        match self.store_group(items) {
+            Ok(results) => results,
+            Err(e) => {
+                let text = e.to_string();
+                warn!(messages = items.len(), error = %text, "HL7 group commit failed");
+                items
+                    .iter()
+                    .map(|_| {
+                        Err(match &e {
+                            SpoolError::Full { reason } => SpoolError::Full {
+                                reason: reason.clone(),
+                            },
+                            _ => SpoolError::GroupCommit {
+                                detail: text.clone(),
+                            },
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn store_group(
+        &self,
+        items: &[MessageIn],
+    ) -> Result<Vec<Result<Committed, SpoolError>>, SpoolError> {
+        let inner = &self.inner;
+        let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        if let Err(full) = inner.usage.check_free() {
+            if self.evict_cached()? == 0 {
+                return Err(full);
+            }
+            inner.usage.check_free()?;
+        }
+        let mut results: Vec<Option<Result<Committed, SpoolError>>> =
+            Vec::with_capacity(items.len());
+        let mut fresh: Vec<(ObjectId, Record, usage::Reservation, PathBuf)> = Vec::new();
+        let mut seen: Vec<(Mac, ObjectId)> = Vec::new();
+        for item in items {
+            let uid_mac = keys.labelled_mac(b"hl7\0", &item.key);
+            if let Some((_, id)) = seen.iter().find(|(m, _)| *m == uid_mac) {
+                results.push(Some(Ok(Committed::Duplicate(*id))));
+                continue;
+            }
+            if let Some(id) = inner.index.ids_for_uid(&uid_mac)?.first() {
+                results.push(Some(Ok(Committed::Duplicate(*id))));
+                continue;
+            }
+            match self.write_message(keys, item, uid_mac) {
+                Ok((id, record, reservation, path)) => {
+                    seen.push((uid_mac, id));
+                    fresh.push((id, record, reservation, path));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if !fresh.is_empty() {
+            let started = Instant::now();
+            let dir = File::open(&inner.blobs).ctx("open", &inner.blobs)?;
+            let synced = nix::unistd::syncfs(&dir).map_err(|e| durable::Error {
+                action: "syncfs",
+                path: inner.blobs.clone(),
+                source: e.into(),
+            });
+            inner.usage.observe(Step::SyncBlob, started);
+            let started = Instant::now();
+            let indexed = synced.map_err(SpoolError::from).and_then(|()| {
+                let records: Vec<(ObjectId, Record)> =
+                    fresh.iter().map(|(id, r, _, _)| (*id, r.clone())).collect();
+                inner.index.insert_all(&records).map_err(SpoolError::from)
+            });
+            inner.usage.observe(Step::Index, started);
+            if let Err(e) = indexed {
+                // Not indexed: the blobs are orphans of a group nobody was told about.
+                for (_, _, reservation, path) in &mut fresh {
+                    let _ = fs::remove_file(&*path);
+                    inner.usage.release(reservation);
+                }
+                return Err(e);
+            }
+            for (_, record, reservation, _) in &mut fresh {
+                inner
+                    .usage
+                    .commit(reservation, record.sealed_len, record.state());
+            }
+            inner.committed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        let mut fresh_ids = fresh.iter().map(|(id, ..)| *id);
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    fresh_ids
+                        .next()
+                        .map(Committed::Stored)
+                        .ok_or(SpoolError::NotFound)
+                })
+            })
+            .collect())
+    }
+
+    /// Seals one message into its blob file, renamed into place but not yet synced.
+    fn write_message(
+        &self,
+        keys: &Keys,
+        item: &MessageIn,
+        uid_mac: Mac,
+    ) -> Result<(ObjectId, Record, usage::Reservation, PathBuf), SpoolError> {
+        let inner = &self.inner;
+        let sealed_len = seal::sealed_len(item.bytes.len() as u64);
+        let mut reservation = match inner.usage.reserve(sealed_len) {
+            Ok(r) => r,
+            Err(full) => {
+                if self.evict_cached()? == 0 {
+                    return Err(full);
+                }
+                inner.usage.reserve(sealed_len)?
+            }
+        };
+        match self.seal_message(keys, item, uid_mac) {
+            Ok((id, record, path)) => Ok((id, record, reservation, path)),
+            Err(e) => {
+                inner.usage.release(&mut reservation);
+                Err(e)
+            }
+        }
+    }
+
+    fn seal_message(
+        &self,
+        keys: &Keys,
+        item: &MessageIn,
+        uid_mac: Mac,
+    ) -> Result<(ObjectId, Record, PathBuf), SpoolError> {
+        let inner = &self.inner;
+        let plain_len = item.bytes.len() as u64;
+        let sealed_len = seal::sealed_len(plain_len);
+        let mut id = [0u8; 16];
+        getrandom::getrandom(&mut id).map_err(|_| seal::SealError::Random)?;
+        let mut sealer = seal::Sealer::new(&keys.master, &id)?;
+        let mut sealed = Vec::with_capacity(usize::try_from(sealed_len).unwrap_or(0));
+        sealed.extend_from_slice(sealer.header());
+        let tmp_path = inner.tmp.join(format!("{}.part", hex::encode(id)));
+        sealer
+            .update(&item.bytes, &mut sealed)
+            .ctx("seal", &tmp_path)?;
+        sealer.finish(&mut sealed).ctx("seal", &tmp_path)?;
+        let mut file = durable::create_new_private(&tmp_path)?;
+        file.write_all(&sealed).ctx("write", &tmp_path)?;
+        drop(file);
+        let final_path = self.blob_path(&id);
+        fs::rename(&tmp_path, &final_path).ctx("rename into place", &final_path)?;
+        let mut mac = keys.mac();
+        mac.update(&item.bytes);
+        let record = Record {
+            kind: ObjectKind::Hl7,
+            sop_class_uid: item.message_type.chars().take(32).collect(),
+            transfer_syntax_uid: item.charset.clone(),
+            source: item.source.clone(),
+            plain_len,
+            sealed_len,
+            received_unix_ms: unix_ms(),
+            uid_mac,
+            content_mac: mac.finalize().into_bytes().into(),
+            destinations: inner.queue_for(ObjectKind::Hl7),
+            blob_deleted: false,
+            sequence: inner.index.next_sequence()?,
+            study_mac: None,
+            completed_unix_ms: None,
+        };
+        Ok((id, record, final_path))
+    }
+
+    /// Writes the stored HL7 message with `key` (sending application|facility|MSH-10,
+    /// as given to [`Spool::store_messages`]) to `out`.
+    pub fn export_message<W: Write>(&self, key: &str, out: &mut W) -> Result<Record, SpoolError> {
+        let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        let uid_mac = keys.labelled_mac(b"hl7\0", key);
+        let id = *self
+            .inner
+            .index
+            .ids_for_uid(&uid_mac)?
+            .first()
+            .ok_or(SpoolError::NotFound)?;
+        let record = self.inner.index.get(&id)?.ok_or(SpoolError::NotFound)?;
+        self.unseal(&id, &record, out)?;
+        Ok(record)
+    }
+
     /// Counts by state and destination, bytes and oldest age. Scans the index.
     pub fn status(&self) -> Result<Status, SpoolError> {
         let mut by_state: BTreeMap<String, u64> = ["received", "queued", "sent", "failed"]
@@ -346,7 +613,7 @@ impl Spool {
             .inner
             .destinations
             .iter()
-            .map(|d| (d.clone(), DestinationCounts::default()))
+            .map(|d| (d.name.clone(), DestinationCounts::default()))
             .collect();
         let (mut objects, mut bytes, mut oldest) = (0u64, 0u64, None::<u64>);
         for entry in self.inner.index.records() {
@@ -847,14 +1114,7 @@ impl Ingest {
             received_unix_ms: unix_ms(),
             uid_mac,
             content_mac,
-            destinations: inner
-                .destinations
-                .iter()
-                .map(|name| Destination {
-                    name: name.clone(),
-                    state: DeliveryState::Queued,
-                })
-                .collect(),
+            destinations: inner.queue_for(ObjectKind::Dicom),
             blob_deleted: false,
             sequence: inner.index.next_sequence()?,
             study_mac: self.study.as_deref().map(|uid| keys.study_mac(uid)),

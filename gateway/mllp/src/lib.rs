@@ -1,0 +1,29 @@
+//! The HL7 v2 listener: MLLP over TCP on `hl7.listen`, every accepted message made durable in
+//! the spool before its sender gets AA/CA.
+//!
+//! Module map:
+//! - [`service`]: the listener, connection limit, idle timeout, drain on shutdown, and the
+//!   per-connection loop (MLLP framing -> charset -> parse -> store -> acknowledgement, all
+//!   protocol logic from `gateway-hl7`).
+//! - `commit`: the group committer, one thread that takes every message waiting (from all
+//!   connections) and stores them with one `syncfs` and one index flush
+//!   ([`gateway_spool::Spool::store_messages`]), so durable acknowledgement costs one disk
+//!   flush per group, not per message.
+//! - `clock`: the acknowledgement's MSH-7 timestamp and MSH-10 control ids.
+//!
+//! Invariants:
+//! - AA/CA go out only after the spool reported the message stored (or already stored: a
+//!   duplicate MSH-10 from the same sender gets the same answer and is stored once).
+//! - A full or failing spool is answered AE/CE with ERR 207 and a fixed reason, never AA.
+//! - Frames on one connection are answered in order; one bad frame or connection never
+//!   affects another; no panics on input; memory per connection is bounded by
+//!   `max_frame_bytes`.
+//! - No patient data in logs or metrics: peers by address, messages by type and length.
+
+mod clock;
+mod commit;
+mod metrics;
+pub mod service;
+
+pub use metrics::Metrics;
+pub use service::{Hl7Error, Hl7Service, Hl7Settings};

@@ -1,0 +1,76 @@
+//! `gateway_hl7_*` metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AckLabel {
+    ack: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// `gateway_hl7_messages_total{ack}`, `gateway_hl7_connections_active`,
+/// `gateway_hl7_connections_rejected_total{reason}`, `gateway_hl7_discarded_total{reason}`.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    messages: Family<AckLabel, Counter>,
+    connections_active: Gauge,
+    connections_rejected: Family<ReasonLabel, Counter>,
+    discarded: Family<ReasonLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "gateway_hl7_messages",
+            "HL7 messages answered, by acknowledgement code (none: MSH-15/16 asked for none)",
+            m.messages.clone(),
+        );
+        registry.register(
+            "gateway_hl7_connections_active",
+            "MLLP connections currently open",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "gateway_hl7_connections_rejected",
+            "MLLP connections closed at once, by reason",
+            m.connections_rejected.clone(),
+        );
+        registry.register(
+            "gateway_hl7_discarded",
+            "Bytes sequences discarded by the MLLP framing, by reason (garbage, oversized)",
+            m.discarded.clone(),
+        );
+        m
+    }
+
+    pub(crate) fn message(&self, ack: &'static str) {
+        self.messages.get_or_create(&AckLabel { ack }).inc();
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections_active.inc();
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections_active.dec();
+    }
+
+    pub(crate) fn connection_rejected(&self, reason: &'static str) {
+        self.connections_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub(crate) fn discarded(&self, reason: &'static str) {
+        self.discarded.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}

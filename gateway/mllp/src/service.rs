@@ -1,0 +1,376 @@
+//! The MLLP listener and the per-connection loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_hl7::ack::{self, AckError, AckPolicy, Outcome};
+use gateway_hl7::charset::{self, Charset, CharsetOverride};
+use gateway_hl7::mllp::{MllpDecoder, MllpEvent, encode_frame};
+use gateway_hl7::parse::{self, ErrorCode};
+use gateway_hl7::record::{self, Header};
+use gateway_spool::{Committed, MessageIn, Spool, SpoolError};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::clock::{self, ControlIds};
+use crate::commit::Committer;
+use crate::metrics::Metrics;
+
+/// ERR-8 texts (fixed: never message content).
+const SPOOL_FULL: &str = "gateway storage full: message not accepted, send it again later";
+const SPOOL_FAILED: &str = "gateway could not store the message durably: send it again later";
+
+/// Settings of the listener, built by `gatewayd` from `[hl7]`.
+#[derive(Debug, Clone)]
+pub struct Hl7Settings {
+    pub listen: SocketAddr,
+    /// `hl7.charset`: MSH-18 (`Auto`) or a fixed character set for every message.
+    pub charset: CharsetOverride,
+    /// Largest frame accepted; a larger one is answered with a reject and the connection
+    /// closed.
+    pub max_frame_bytes: usize,
+    /// A connection with nothing received for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once; more are closed at once.
+    pub max_connections: usize,
+    /// On shutdown, connections get this long to finish the message in hand.
+    pub shutdown_grace: Duration,
+}
+
+impl Hl7Settings {
+    /// Defaults for everything but the address.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            charset: CharsetOverride::Auto,
+            max_frame_bytes: 1 << 20,
+            idle_timeout: Duration::from_secs(600),
+            max_connections: 32,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Failures at start.
+#[derive(Debug, thiserror::Error)]
+pub enum Hl7Error {
+    #[error("hl7: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("hl7: cannot start the committer thread: {0}")]
+    Committer(std::io::Error),
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+struct Context {
+    settings: Hl7Settings,
+    committer: Committer,
+    metrics: Metrics,
+    ids: ControlIds,
+}
+
+/// The listener of `hl7.listen`.
+#[derive(Debug)]
+pub struct Hl7Service {
+    listener: TcpListener,
+    ctx: Arc<Context>,
+}
+
+impl Hl7Service {
+    /// Binds the listener and starts the committer.
+    pub async fn bind(
+        settings: Hl7Settings,
+        spool: Spool,
+        registry: &mut Registry,
+    ) -> Result<Self, Hl7Error> {
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| Hl7Error::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let committer = Committer::start(spool).map_err(Hl7Error::Committer)?;
+        Ok(Self {
+            listener,
+            ctx: Arc::new(Context {
+                settings,
+                committer,
+                metrics: Metrics::register(registry),
+                ids: ControlIds::new(),
+            }),
+        })
+    }
+
+    /// The bound address (the port is the OS's choice when configured as 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until `shutdown` turns true, then lets open connections finish
+    /// the message in hand (up to `shutdown_grace`) and returns.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let addr = self.local_addr().ok();
+        info!(listen = ?addr, "HL7 MLLP service listening");
+        let slots = Arc::new(Semaphore::new(self.ctx.settings.max_connections));
+        let mut connections = JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "HL7 accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                warn!(%peer, limit = self.ctx.settings.max_connections, "HL7 connection refused: hl7.max_connections reached");
+                self.ctx.metrics.connection_rejected("limit");
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let ctx = Arc::clone(&self.ctx);
+            let rx = shutdown.clone();
+            connections.spawn(async move {
+                ctx.metrics.connection_opened();
+                debug!(%peer, "HL7 connection opened");
+                let end = Connection::new(stream, peer, &ctx).serve(rx).await;
+                debug!(%peer, end, "HL7 connection closed");
+                ctx.metrics.connection_closed();
+                drop(permit);
+            });
+        }
+        let grace = self.ctx.settings.shutdown_grace;
+        if tokio::time::timeout(grace, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            warn!(
+                open = connections.len(),
+                "HL7 connections still open after the shutdown grace: closing them"
+            );
+            connections.abort_all();
+        }
+        info!("HL7 MLLP service stopped");
+    }
+}
+
+struct Connection<'a> {
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: &'a Context,
+    decoder: MllpDecoder,
+}
+
+/// What the connection loop does after a frame or event.
+enum Next {
+    Continue,
+    Close(&'static str),
+}
+
+impl<'a> Connection<'a> {
+    fn new(stream: TcpStream, peer: SocketAddr, ctx: &'a Context) -> Self {
+        Self {
+            stream,
+            peer,
+            ctx,
+            decoder: MllpDecoder::new(ctx.settings.max_frame_bytes),
+        }
+    }
+
+    /// Serves frames until the peer closes, goes idle, sends an oversized frame, or
+    /// shutdown. Returns why it ended (for the log).
+    async fn serve(mut self, mut shutdown: watch::Receiver<bool>) -> &'static str {
+        let mut buf = vec![0u8; 64 * 1024];
+        let idle = self.ctx.settings.idle_timeout;
+        loop {
+            while let Some(event) = self.decoder.next_event() {
+                if let Next::Close(why) = self.on_event(event).await {
+                    return why;
+                }
+            }
+            if *shutdown.borrow() {
+                return "shutdown";
+            }
+            let read = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return "shutdown",
+                read = tokio::time::timeout(idle, self.stream.read(&mut buf)) => read,
+            };
+            match read {
+                Err(_) => {
+                    info!(peer = %self.peer, "HL7 connection idle past hl7.idle_timeout: closed");
+                    return "idle";
+                }
+                Ok(Err(e)) => {
+                    debug!(peer = %self.peer, error = %e, "HL7 read failed");
+                    return "read error";
+                }
+                Ok(Ok(0)) => {
+                    self.decoder.finish();
+                    while let Some(event) = self.decoder.next_event() {
+                        if let Next::Close(why) = self.on_event(event).await {
+                            return why;
+                        }
+                    }
+                    return "peer closed";
+                }
+                Ok(Ok(n)) => self.decoder.feed(buf.get(..n).unwrap_or_default()),
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: MllpEvent) -> Next {
+        match event {
+            MllpEvent::Frame(frame) => match self.answer(frame).await {
+                Some(reply) => self.send(&reply).await,
+                None => Next::Continue,
+            },
+            MllpEvent::Garbage { bytes } => {
+                debug!(peer = %self.peer, bytes, "HL7: bytes outside an MLLP frame skipped");
+                self.ctx.metrics.discarded("garbage");
+                Next::Continue
+            }
+            MllpEvent::Oversized { bytes } => {
+                warn!(peer = %self.peer, bytes, limit = self.ctx.settings.max_frame_bytes, "HL7 frame larger than hl7.max_frame_bytes: rejected, connection closed");
+                self.ctx.metrics.discarded("oversized");
+                self.ctx.metrics.message("AR");
+                let nak = ack::build_minimal_nak(
+                    &AckError::new(ErrorCode::ApplicationInternalError)
+                        .with_user_message("message larger than this gateway accepts"),
+                    &self.ctx.ids.next(),
+                    &clock::timestamp(),
+                );
+                let _ = self.send(nak.as_bytes()).await;
+                Next::Close("oversized frame")
+            }
+        }
+    }
+
+    async fn send(&mut self, reply: &[u8]) -> Next {
+        let framed = encode_frame(reply);
+        let idle = self.ctx.settings.idle_timeout;
+        match tokio::time::timeout(idle, self.stream.write_all(&framed)).await {
+            Ok(Ok(())) => Next::Continue,
+            Ok(Err(e)) => {
+                debug!(peer = %self.peer, error = %e, "HL7 write failed");
+                Next::Close("write error")
+            }
+            Err(_) => Next::Close("peer does not read its acknowledgements"),
+        }
+    }
+
+    /// Decodes, parses, stores and acknowledges one frame. `None`: no acknowledgement
+    /// (MSH-15/16 asked for none in this case).
+    async fn answer(&self, frame: Vec<u8>) -> Option<Vec<u8>> {
+        let ctx = self.ctx;
+        let decoded = match charset::decode(&frame, ctx.settings.charset) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "HL7 message text cannot be decoded: answered with an error");
+                let err = AckError::from(&e);
+                return match Header::from_raw_frame(&frame) {
+                    Some(h) => {
+                        self.reply(&h, Outcome::for_error(err.code), Some(&err), Charset::Ascii)
+                    }
+                    None => Some(self.nak(&err)),
+                };
+            }
+        };
+        let (header, checked) = match parse::parse(&decoded.text) {
+            Ok(msg) => {
+                let header = Header::read(&msg);
+                let checked = header
+                    .validate()
+                    .and_then(|()| record::extract(&msg).map(drop));
+                (header, checked)
+            }
+            Err(e) => {
+                warn!(peer = %self.peer, code = e.code.code(), "HL7 frame is not a message: rejected");
+                return Some(self.nak(&AckError::from(&e)));
+            }
+        };
+        if let Err(e) = checked {
+            warn!(peer = %self.peer, code = e.code.code(), location = ?e.location, "HL7 message refused");
+            let err = AckError::from(&e);
+            return self.reply(
+                &header,
+                Outcome::for_error(err.code),
+                Some(&err),
+                decoded.charset,
+            );
+        }
+        let item = MessageIn {
+            key: format!(
+                "{}|{}|{}",
+                header.sending_app, header.sending_facility, header.control_id
+            ),
+            message_type: format!("{}^{}", header.message_type, header.trigger),
+            charset: decoded.charset.name().to_string(),
+            source: self.peer.ip().to_string(),
+            bytes: frame,
+        };
+        let len = item.bytes.len();
+        match ctx.committer.store(item).await {
+            Ok(Committed::Stored(id)) => {
+                debug!(peer = %self.peer, object = %hex(&id), len, "HL7 message stored");
+                self.reply(&header, Outcome::Accepted, None, decoded.charset)
+            }
+            Ok(Committed::Duplicate(id)) => {
+                info!(peer = %self.peer, object = %hex(&id), "HL7 message already stored (same sender and MSH-10): acknowledged again, not stored twice");
+                self.reply(&header, Outcome::Accepted, None, decoded.charset)
+            }
+            Err(e) => {
+                let text = match e {
+                    SpoolError::Full { .. } => SPOOL_FULL,
+                    _ => SPOOL_FAILED,
+                };
+                warn!(peer = %self.peer, error = %e, "HL7 message not accepted");
+                let err =
+                    AckError::new(ErrorCode::ApplicationInternalError).with_user_message(text);
+                self.reply(&header, Outcome::Error, Some(&err), decoded.charset)
+            }
+        }
+    }
+
+    fn reply(
+        &self,
+        header: &Header,
+        outcome: Outcome,
+        err: Option<&AckError>,
+        charset: Charset,
+    ) -> Option<Vec<u8>> {
+        let policy: AckPolicy = ack::ack_mode(header);
+        let Some(code) = policy.code_for(outcome) else {
+            self.ctx.metrics.message("none");
+            return None;
+        };
+        self.ctx.metrics.message(code.as_str());
+        let text = ack::build_ack(header, code, err, &self.ctx.ids.next(), &clock::timestamp());
+        Some(ack::encode_ack(&text, charset))
+    }
+
+    fn nak(&self, err: &AckError) -> Vec<u8> {
+        self.ctx.metrics.message("AR");
+        ack::build_minimal_nak(err, &self.ctx.ids.next(), &clock::timestamp()).into_bytes()
+    }
+}
+
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
