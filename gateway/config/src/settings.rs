@@ -715,11 +715,30 @@ fn uplinks(
                 format!("{max_concurrent_requests} is outside 1..=16"),
             );
         }
-        if raw.ca_file.is_none() && raw.url.starts_with("https://") {
+        if raw.ca_file.is_none()
+            && (raw.url.starts_with("https://") || raw.url.starts_with("mllps://"))
+        {
             c.push(
                 key("ca_file"),
-                "required for an https:// url: the CA the archive's certificate is checked against",
+                "required for a TLS url: the CA the destination's certificate is checked against",
             );
+        }
+        if let (Some(kind), Some(url)) = (&kind, &url) {
+            match kind {
+                UplinkKind::DicomWeb if url.is_mllp() => {
+                    c.push(
+                        key("url"),
+                        "kind = \"dicomweb\" needs an https:// (or development http://) url",
+                    );
+                }
+                UplinkKind::MllpTls if !url.is_mllp() || url.host_port().is_none() => {
+                    c.push(
+                        key("url"),
+                        "kind = \"mllp-tls\" needs an mllps://host:port (or development mllp://host:port) url",
+                    );
+                }
+                _ => {}
+            }
         }
         let client_auth = c.parse_or(
             key("client_auth"),
@@ -754,7 +773,10 @@ fn uplinks(
             None => {}
         }
         if production == Some(true) && url.as_ref().is_some_and(UplinkUrl::is_plaintext) {
-            c.push(key("url"), "plaintext http is refused in production mode");
+            c.push(
+                key("url"),
+                "plaintext (http://, mllp://) is refused in production mode",
+            );
         }
 
         let uplink = (|| {

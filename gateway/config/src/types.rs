@@ -62,7 +62,9 @@ pub enum ValueError {
     UplinkName { value: String },
     #[error("unknown uplink kind {value:?} (use \"dicomweb\")")]
     UplinkKind { value: String },
-    #[error("invalid url {value:?} (must start with \"https://\" or \"http://\" and name a host)")]
+    #[error(
+        "invalid url {value:?} (must start with \"https://\", \"http://\", \"mllps://\" or \"mllp://\" and name a host)"
+    )]
     UplinkUrl { value: String },
     #[error("unknown client_auth {value:?} (use \"keystore\" or \"files\")")]
     ClientAuth { value: String },
@@ -199,6 +201,8 @@ keyword_enum!(
     UplinkKind, UplinkKind {
         /// DICOMweb STOW-RS.
         DicomWeb => "dicomweb",
+        /// HL7 v2 messages forwarded over MLLP in TLS (`mllps://host:port`).
+        MllpTls => "mllp-tls",
     }
 );
 
@@ -587,8 +591,8 @@ fn check_url(
     Ok(is_secure)
 }
 
-/// `uplink.url`: an `https://` or `http://` URL naming a host. Kept as written; the
-/// uplink crate hands it to its HTTP client.
+/// `uplink.url`: an `https://` or `http://` URL naming a host (DICOMweb), or
+/// `mllps://host:port` / `mllp://host:port` (HL7 over MLLP). Kept as written.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UplinkUrl(String);
 
@@ -598,18 +602,44 @@ impl UplinkUrl {
         &self.0
     }
 
-    /// Whether the URL is plaintext `http://`.
+    /// Whether the URL is plaintext `http://` or `mllp://`.
     pub fn is_plaintext(&self) -> bool {
-        self.0.starts_with("http://")
+        self.0.starts_with("http://") || self.0.starts_with("mllp://")
+    }
+
+    /// Whether the URL is `mllps://` or `mllp://`.
+    pub fn is_mllp(&self) -> bool {
+        self.0.starts_with("mllps://") || self.0.starts_with("mllp://")
+    }
+
+    /// Whether the URL asks for TLS (`https://`, `mllps://`).
+    pub fn is_tls(&self) -> bool {
+        !self.is_plaintext()
+    }
+
+    /// `host` and `port` of an `mllp(s)://host:port` URL (None without an explicit port).
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        let rest = self
+            .0
+            .strip_prefix("mllps://")
+            .or_else(|| self.0.strip_prefix("mllp://"))?;
+        let authority = rest.split(['/', '?', '#']).next()?;
+        let (host, port) = authority.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = port.parse().ok()?;
+        (!host.is_empty()).then(|| (host.to_string(), port))
     }
 }
 
 impl FromStr for UplinkUrl {
     type Err = ValueError;
     fn from_str(value: &str) -> Result<Self, ValueError> {
-        check_url(value, "https://", "http://", || ValueError::UplinkUrl {
-            value: clip(value),
-        })?;
+        let invalid = || ValueError::UplinkUrl { value: clip(value) };
+        if value.starts_with("mllp") {
+            check_url(value, "mllps://", "mllp://", invalid)?;
+        } else {
+            check_url(value, "https://", "http://", invalid)?;
+        }
         Ok(Self(value.to_owned()))
     }
 }
@@ -938,6 +968,17 @@ mod tests {
         );
         assert!(!"https://x".parse::<UplinkUrl>().unwrap().is_plaintext());
         assert!("http://x".parse::<UplinkUrl>().unwrap().is_plaintext());
+        let mllp: UplinkUrl = "mllps://ris.example.jp:2576".parse().unwrap();
+        assert!(mllp.is_mllp() && mllp.is_tls());
+        assert_eq!(mllp.host_port(), Some(("ris.example.jp".into(), 2576)));
+        let plain: UplinkUrl = "mllp://[::1]:2575".parse().unwrap();
+        assert!(plain.is_plaintext());
+        assert_eq!(plain.host_port(), Some(("::1".into(), 2575)));
+        assert_eq!(
+            "mllps://ris".parse::<UplinkUrl>().unwrap().host_port(),
+            None
+        );
+        assert!("mllpx://ris:1".parse::<UplinkUrl>().is_err());
     }
 
     #[test]

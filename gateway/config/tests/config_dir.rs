@@ -67,7 +67,14 @@ fn example_is_production_shaped_with_every_section() {
     assert_eq!(s.keystore.backend, gateway_config::KeystoreBackend::Tpm);
     let dicom = s.dicom.unwrap_or_else(|| panic!("example lacks [dicom]"));
     assert!(!dicom.peers.is_empty(), "example lacks [[dicom.peers]]");
-    assert_eq!(s.uplinks.len(), 1);
-    assert!(!s.uplinks[0].url.is_plaintext());
+    let kinds: Vec<_> = s.uplinks.iter().map(|u| u.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            gateway_config::UplinkKind::DicomWeb,
+            gateway_config::UplinkKind::MllpTls
+        ]
+    );
+    assert!(s.uplinks.iter().all(|u| !u.url.is_plaintext()));
     assert!(s.hl7.is_some() && s.fleet.is_some() && s.admin.is_some() && s.booking.is_some());
 }

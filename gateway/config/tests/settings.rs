@@ -360,7 +360,7 @@ fn production_refuses_plaintext_http_uplinks() {
     let text = "[[uplink]]\nname = \"a\"\nurl = \"http://dc.example.jp/\"\n";
     assert_eq!(
         lines(&format!("{NODE_PROD}{text}")),
-        ["uplink[0].url: plaintext http is refused in production mode"]
+        ["uplink[0].url: plaintext (http://, mllp://) is refused in production mode"]
     );
     ok(&format!("{NODE_DEV}{text}"));
 }
@@ -505,7 +505,7 @@ fn https_uplink_needs_a_ca_file_and_rate_and_batch_are_checked() {
     );
     let err = Settings::from_toml_str(&text).unwrap_err().to_string();
     assert!(
-        err.contains("uplink[0].ca_file: required for an https:// url"),
+        err.contains("uplink[0].ca_file: required for a TLS url"),
         "{err}"
     );
     assert!(
@@ -518,4 +518,38 @@ fn https_uplink_needs_a_ca_file_and_rate_and_batch_are_checked() {
     let s = Settings::from_toml_str(&ok).unwrap();
     assert_eq!(s.uplinks[0].max_bytes_per_sec, Some(ByteSize::mib(2)));
     assert_eq!(s.uplinks[0].batch_max_instances, 16);
+}
+
+#[test]
+fn mllp_uplink_needs_host_port_matching_kind_and_no_plaintext_in_production() {
+    let text = format!(
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nkind = \"mllp-tls\"\nurl = \"https://a\"\nca_file = \"ca.pem\"\n\
+         [[uplink]]\nname = \"b\"\nkind = \"mllp-tls\"\nurl = \"mllps://b\"\nca_file = \"ca.pem\"\n\
+         [[uplink]]\nname = \"c\"\nurl = \"mllps://c:2575\"\nca_file = \"ca.pem\"\n\
+         [[uplink]]\nname = \"d\"\nkind = \"mllp-tls\"\nurl = \"mllps://d:2575\"\n"
+    );
+    let err = Settings::from_toml_str(&text).unwrap_err().to_string();
+    for want in [
+        "uplink[0].url: kind = \"mllp-tls\" needs an mllps://host:port",
+        "uplink[1].url: kind = \"mllp-tls\" needs an mllps://host:port",
+        "uplink[2].url: kind = \"dicomweb\" needs an https://",
+        "uplink[3].ca_file: required for a TLS url",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    let ok = format!(
+        "{NODE_DEV}[[uplink]]\nname = \"ris\"\nkind = \"mllp-tls\"\nurl = \"mllp://127.0.0.1:2576\"\n"
+    );
+    let s = Settings::from_toml_str(&ok).unwrap();
+    assert_eq!(
+        s.uplinks[0].url.host_port(),
+        Some(("127.0.0.1".into(), 2576))
+    );
+    let prod = ok.replace("mode = \"development\"", "mode = \"production\"");
+    assert_ne!(prod, ok, "NODE_DEV names development mode");
+    let err = Settings::from_toml_str(&prod).unwrap_err().to_string();
+    assert!(
+        err.contains("uplink[0].url: plaintext (http://, mllp://) is refused in production mode"),
+        "{err}"
+    );
 }

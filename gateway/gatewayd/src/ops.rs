@@ -33,6 +33,7 @@ pub fn routes(settings: &Settings) -> Vec<Route> {
         .map(|u| {
             let kind = match u.kind {
                 gateway_config::UplinkKind::DicomWeb => ObjectKind::Dicom,
+                gateway_config::UplinkKind::MllpTls => ObjectKind::Hl7,
             };
             Route::new(u.name.as_str(), kind)
         })

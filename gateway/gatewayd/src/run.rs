@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use gateway_admin::control::ControlServer;
 use gateway_admin::http::{AdminHttp, Health};
+use gateway_config::UplinkKind;
 use gateway_config::{KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
 use gateway_keystore::{KeyStore, KeyStoreError};
 use gateway_mllp::{Hl7Service, Hl7Settings};
 use gateway_spool::Spool;
+use gateway_uplink::mllp::{MllpSettings, MllpUplinkService};
 use gateway_uplink::{Metrics as UplinkMetrics, UplinkService, UplinkSettings};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
@@ -123,13 +125,25 @@ async fn serve(settings: Settings) -> Result<(), String> {
     }
     let uplink_metrics = UplinkMetrics::register(&mut registry);
     for uplink in &settings.uplinks {
-        let service = UplinkService::new(
-            uplink_settings(uplink, &data_dir, keys.as_ref())?,
-            spool.clone(),
-            uplink_metrics.clone(),
-        )
-        .map_err(|e| e.to_string())?;
-        services.spawn(service.run(shutdown.clone()));
+        match uplink.kind {
+            UplinkKind::DicomWeb => {
+                let service = UplinkService::new(
+                    uplink_settings(uplink, &data_dir, keys.as_ref())?,
+                    spool.clone(),
+                    uplink_metrics.clone(),
+                )
+                .map_err(|e| e.to_string())?;
+                services.spawn(service.run(shutdown.clone()));
+            }
+            UplinkKind::MllpTls => {
+                let service = MllpUplinkService::new(
+                    mllp_settings(uplink, &data_dir, keys.as_ref())?,
+                    spool.clone(),
+                    uplink_metrics.clone(),
+                );
+                services.spawn(service.run(shutdown.clone()));
+            }
+        }
     }
     let health = Health::default();
     let registry = Arc::new(registry);
@@ -225,7 +239,7 @@ fn check_tpm_vendor(
     }
 }
 
-/// One destination's settings, with its TLS client identity.
+/// The MLLP listener's settings from `[hl7]`.
 fn hl7_settings(hl7: &gateway_config::Hl7) -> Hl7Settings {
     use gateway_config::Charset as C;
     use gateway_hl7::charset::{Charset, CharsetOverride};
@@ -243,13 +257,48 @@ fn hl7_settings(hl7: &gateway_config::Hl7) -> Hl7Settings {
     s
 }
 
+/// One DICOMweb destination's settings, with its TLS client identity.
 fn uplink_settings(
     uplink: &gateway_config::Uplink,
     data_dir: &Path,
     keys: &dyn KeyStore,
 ) -> Result<UplinkSettings, String> {
     let name = uplink.name.as_str().to_string();
-    let tls = match &uplink.ca_file {
+    let tls = uplink_tls(uplink, data_dir, keys)?;
+    let mut settings = UplinkSettings::new(name, uplink.url.as_str().to_string(), tls);
+    settings.max_bytes_per_sec = uplink.max_bytes_per_sec.map(|b| b.bytes());
+    settings.batch_max_instances = uplink.batch_max_instances as usize;
+    settings.max_concurrent_requests = uplink.max_concurrent_requests as usize;
+    Ok(settings)
+}
+
+/// One HL7 (MLLP) destination's settings, with its TLS client identity.
+fn mllp_settings(
+    uplink: &gateway_config::Uplink,
+    data_dir: &Path,
+    keys: &dyn KeyStore,
+) -> Result<MllpSettings, String> {
+    let name = uplink.name.as_str().to_string();
+    let (host, port) = uplink
+        .url
+        .host_port()
+        .ok_or_else(|| format!("uplink {name}: url has no host:port"))?;
+    let tls = if uplink.url.is_tls() {
+        uplink_tls(uplink, data_dir, keys)?
+    } else {
+        None
+    };
+    Ok(MllpSettings::new(name, host, port, tls))
+}
+
+/// The rustls client configuration of a destination (None without `ca_file`).
+fn uplink_tls(
+    uplink: &gateway_config::Uplink,
+    data_dir: &Path,
+    keys: &dyn KeyStore,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    let name = uplink.name.as_str();
+    Ok(match &uplink.ca_file {
         None => None,
         Some(ca_file) => {
             let auth = match uplink.client_auth {
@@ -278,12 +327,7 @@ fn uplink_settings(
                     .map_err(|e| format!("uplink {name}: {e}"))?,
             )
         }
-    };
-    let mut settings = UplinkSettings::new(name, uplink.url.as_str().to_string(), tls);
-    settings.max_bytes_per_sec = uplink.max_bytes_per_sec.map(|b| b.bytes());
-    settings.batch_max_instances = uplink.batch_max_instances as usize;
-    settings.max_concurrent_requests = uplink.max_concurrent_requests as usize;
-    Ok(settings)
+    })
 }
 
 fn spool_is_empty(data_dir: &Path) -> bool {

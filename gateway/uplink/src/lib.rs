@@ -8,7 +8,8 @@
 //! in flight at once (each its own task), so unsealing the next batch overlaps the archive
 //! storing the last one.
 //!
-//! Module map: [`stow`] (body and response), `pace` (bandwidth limit).
+//! Module map: [`stow`] (body and response), `pace` (bandwidth limit), [`mllp`] (HL7 v2
+//! forwarding over MLLP/TLS for `kind = "mllp-tls"` destinations).
 //!
 //! Retry rules:
 //! - network errors, 408, 429, 5xx, and authentication refusals (401, 403, 495, 496) are
@@ -27,6 +28,7 @@
 //! dead letter; a dead destination never makes the spool drop or overwrite anything; several
 //! destinations never block each other (each has its own task); no patient data in logs.
 
+pub mod mllp;
 mod pace;
 pub mod stow;
 
@@ -119,7 +121,13 @@ impl Metrics {
         m
     }
 
-    fn count(&self, destination: &str, result: &'static str, instances: u64, bytes: u64) {
+    pub(crate) fn count(
+        &self,
+        destination: &str,
+        result: &'static str,
+        instances: u64,
+        bytes: u64,
+    ) {
         let labels = SentLabels {
             destination: destination.to_string(),
             result,
@@ -575,7 +583,7 @@ fn sop_instance_uid(part10: &[u8]) -> Option<String> {
 }
 
 /// Up to ±20% random jitter, so many boxes do not retry in lock step.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     let mut b = [0u8; 2];
     let r = if getrandom::getrandom(&mut b).is_ok() {
         u16::from_le_bytes(b)

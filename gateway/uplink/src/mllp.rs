@@ -1,0 +1,406 @@
+//! HL7 v2 forwarding: queued messages of an `kind = "mllp-tls"` destination go, oldest
+//! first and one at a time, over one kept-open MLLP connection (in TLS with the device
+//! identity, or plain `mllp://` in development), each answered by the peer's ACK.
+//!
+//! What the peer's acknowledgement means (MSA-1, ERR-3 from HL7 table 0357):
+//! - AA / CA: delivered; the message leaves the queue.
+//! - AE / CE: the peer refuses the content: dead letter with the code, unless ERR-3 says
+//!   206 (record locked) or 207 (application internal error), which pass: retried.
+//! - AR / CR: the peer cannot take messages now (e.g. its system is down): retried with
+//!   backoff, unless ERR-3 is 200..=205 (unsupported type, event, processing id, version,
+//!   unknown or duplicate key), which a resend cannot fix: dead letter.
+//! - no answer in `ack_timeout`, an answer for another MSH-10, a broken connection: the
+//!   connection is dropped and the message is sent again after a backoff. Delivery is at
+//!   least once; the receiver recognises a resend by MSH-3/MSH-4/MSH-10 (as this gateway's
+//!   own listener does).
+//!
+//! Invariants: one message in flight per destination, queue order kept; nothing leaves the
+//! queue without the peer's AA/CA or an explicit dead letter; no message content in logs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gateway_hl7::charset::{self, CharsetOverride};
+use gateway_hl7::mllp::{MllpDecoder, MllpEvent, encode_frame};
+use gateway_hl7::record::Header;
+use gateway_spool::{ObjectId, Spool, SpoolError};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::{Metrics, jitter};
+
+/// Settings of one HL7 destination, built by `gatewayd` from `[[uplink]]`.
+#[derive(Debug, Clone)]
+pub struct MllpSettings {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// TLS configuration (server CA and client identity); `None` for plain `mllp://`
+    /// (refused in production by the config).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub connect_timeout: Duration,
+    /// How long the peer has to acknowledge a message.
+    pub ack_timeout: Duration,
+    /// Largest acknowledgement accepted.
+    pub max_ack_bytes: usize,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl MllpSettings {
+    /// Defaults for everything but name, address and TLS.
+    pub fn new(
+        name: String,
+        host: String,
+        port: u16,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
+        Self {
+            name,
+            host,
+            port,
+            tls,
+            connect_timeout: Duration::from_secs(15),
+            ack_timeout: Duration::from_secs(30),
+            max_ack_bytes: 64 * 1024,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
+
+/// The outcome of one delivery attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Delivered,
+    Refused(String),
+    Retry(String),
+}
+
+/// The worker of one HL7 destination.
+pub struct MllpUplinkService {
+    settings: MllpSettings,
+    spool: Spool,
+    metrics: Metrics,
+    conn: Option<(Box<dyn Stream>, MllpDecoder)>,
+    /// Whether the open connection has carried an acknowledged message yet.
+    proven: bool,
+}
+
+impl std::fmt::Debug for MllpUplinkService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MllpUplinkService")
+            .field("settings", &self.settings)
+            .field("connected", &self.conn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MllpUplinkService {
+    pub fn new(settings: MllpSettings, spool: Spool, metrics: Metrics) -> Self {
+        Self {
+            settings,
+            spool,
+            metrics,
+            conn: None,
+            proven: false,
+        }
+    }
+
+    /// Forwards the destination's queue until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let name = self.settings.name.clone();
+        info!(destination = %name, peer = %format!("{}:{}", self.settings.host, self.settings.port), "HL7 forwarding started");
+        let mut wake = self.spool.subscribe();
+        let mut backoff = self.settings.backoff_initial;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let next = match self.next().await {
+                Ok(next) => next,
+                Err(e) => {
+                    warn!(destination = %name, error = %e, "cannot read queued messages");
+                    None
+                }
+            };
+            let Some((id, message, control_id)) = next else {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break,
+                    _ = wake.changed() => {}
+                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+                continue;
+            };
+            let size = message.len() as u64;
+            let answer = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                answer = self.deliver(&message, &control_id) => answer,
+            };
+            let failure = match answer {
+                Answer::Delivered => {
+                    self.metrics.count(&name, "sent", 1, size);
+                    backoff = self.settings.backoff_initial;
+                    self.spool.set_destination_error(&name, None);
+                    self.mark(id, None).await
+                }
+                Answer::Refused(reason) => {
+                    warn!(destination = %name, object = %hex::encode(id), reason, "peer refused the message: dead letter");
+                    self.metrics.count(&name, "failed", 1, size);
+                    self.mark(id, Some(reason)).await
+                }
+                Answer::Retry(reason) => {
+                    self.conn = None;
+                    self.metrics.count(&name, "retry", 1, size);
+                    warn!(destination = %name, reason, retry_in = ?backoff, "forwarding failed; will retry");
+                    self.spool.set_destination_error(&name, Some(reason));
+                    let wait = jitter(backoff);
+                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                    tokio::select! {
+                        _ = shutdown.wait_for(|s| *s) => break,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = failure {
+                warn!(destination = %name, error = %e, "cannot record delivery state");
+            }
+        }
+        info!(destination = %name, "HL7 forwarding stopped");
+    }
+
+    /// The oldest queued message with its MSH-10 (a message without a readable header is
+    /// dead-lettered: it cannot be matched to an acknowledgement).
+    async fn next(&self) -> Result<Option<(ObjectId, Vec<u8>, String)>, SpoolError> {
+        let spool = self.spool.clone();
+        let name = self.settings.name.clone();
+        tokio::task::spawn_blocking(move || {
+            loop {
+                let Some(id) = spool.queued(&name, 1)?.into_iter().next() else {
+                    return Ok(None);
+                };
+                let (_, message) = match spool.read(&id) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        spool.mark_failed(&id, &name, &format!("unreadable in the spool: {e}"))?;
+                        continue;
+                    }
+                };
+                match Header::from_raw_frame(&message).map(|h| h.control_id) {
+                    Some(control_id) if !control_id.is_empty() => {
+                        return Ok(Some((id, message, control_id)));
+                    }
+                    _ => spool.mark_failed(&id, &name, "stored message has no readable MSH-10")?,
+                }
+            }
+        })
+        .await
+        .unwrap_or(Ok(None))
+    }
+
+    async fn mark(&self, id: ObjectId, failure: Option<String>) -> Result<(), SpoolError> {
+        let spool = self.spool.clone();
+        let name = self.settings.name.clone();
+        tokio::task::spawn_blocking(move || match failure {
+            None => spool.mark_sent(&id, &name),
+            Some(reason) => spool.mark_failed(&id, &name, &reason),
+        })
+        .await
+        .unwrap_or(Err(SpoolError::NotFound))
+    }
+
+    /// Sends one message and reads its acknowledgement.
+    async fn deliver(&mut self, message: &[u8], control_id: &str) -> Answer {
+        if self.conn.is_none() {
+            match self.connect().await {
+                Ok(conn) => {
+                    self.conn = Some(conn);
+                    self.proven = false;
+                }
+                Err(reason) => return Answer::Retry(reason),
+            }
+        }
+        let Some((stream, decoder)) = self.conn.as_mut() else {
+            return Answer::Retry("not connected".into());
+        };
+        let started = Instant::now();
+        let ack_timeout = self.settings.ack_timeout;
+        let exchange = async {
+            stream
+                .write_all(&encode_frame(message))
+                .await
+                .map_err(|e| format!("send failed: {e}"))?;
+            stream
+                .flush()
+                .await
+                .map_err(|e| format!("send failed: {e}"))?;
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                while let Some(event) = decoder.next_event() {
+                    match event {
+                        MllpEvent::Frame(ack) => return Ok(ack),
+                        MllpEvent::Garbage { .. } => {}
+                        MllpEvent::Oversized { bytes } => {
+                            return Err(format!("acknowledgement of {bytes} bytes is too large"));
+                        }
+                    }
+                }
+                let n = stream
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("receive failed: {e}"))?;
+                if n == 0 {
+                    return Err("the peer closed the connection without acknowledging".into());
+                }
+                decoder.feed(buf.get(..n).unwrap_or_default());
+            }
+        };
+        let tls = self.settings.tls.is_some();
+        let first = !self.proven;
+        let ack = match tokio::time::timeout(ack_timeout, exchange).await {
+            Ok(Ok(ack)) => ack,
+            // In TLS 1.3 the client's handshake completes before the server has checked
+            // the client certificate: a refusal shows as the first read failing.
+            Ok(Err(reason)) if tls && first => {
+                return Answer::Retry(format!(
+                    "{reason} (first message on a new TLS connection: the peer may not trust this device's client certificate)"
+                ));
+            }
+            Ok(Err(reason)) => return Answer::Retry(reason),
+            Err(_) => {
+                return Answer::Retry(format!("no acknowledgement within {ack_timeout:?}"));
+            }
+        };
+        debug!(destination = %self.settings.name, took = ?started.elapsed(), "acknowledgement received");
+        self.proven = true;
+        judge(&ack, control_id)
+    }
+
+    async fn connect(&self) -> Result<(Box<dyn Stream>, MllpDecoder), String> {
+        let s = &self.settings;
+        let addr = (s.host.as_str(), s.port);
+        let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connecting to {}:{} timed out", s.host, s.port))?
+            .map_err(|e| format!("cannot connect to {}:{}: {e}", s.host, s.port))?;
+        let _ = tcp.set_nodelay(true);
+        let decoder = MllpDecoder::new(s.max_ack_bytes);
+        let Some(tls) = &s.tls else {
+            return Ok((Box::new(tcp), decoder));
+        };
+        let server_name = ServerName::try_from(s.host.clone())
+            .map_err(|e| format!("invalid server name {}: {e}", s.host))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(tls));
+        let stream = tokio::time::timeout(s.connect_timeout, connector.connect(server_name, tcp))
+            .await
+            .map_err(|_| format!("TLS handshake with {}:{} timed out", s.host, s.port))?
+            .map_err(|e| describe(&e))?;
+        info!(destination = %s.name, "HL7 forwarding connected (TLS)");
+        Ok((Box::new(stream), decoder))
+    }
+}
+
+/// An I/O error with its causes (TLS alerts say why a handshake failed).
+fn describe(e: &std::io::Error) -> String {
+    let mut text = format!("TLS handshake failed: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// What an acknowledgement says about the message with `control_id`.
+fn judge(ack: &[u8], control_id: &str) -> Answer {
+    let Ok(decoded) = charset::decode(ack, CharsetOverride::Auto) else {
+        return Answer::Retry("the acknowledgement cannot be decoded".into());
+    };
+    let Ok(msg) = gateway_hl7::parse(&decoded.text) else {
+        return Answer::Retry("the acknowledgement is not an HL7 message".into());
+    };
+    let code = msg.get("MSA", 1, 1, 1, 1).unwrap_or_default().to_string();
+    let acked = msg.get("MSA", 2, 1, 1, 1).unwrap_or_default();
+    if acked != control_id {
+        return Answer::Retry("the acknowledgement names another message (MSA-2)".into());
+    }
+    let err: Option<u16> = msg.get("ERR", 3, 1, 1, 1).and_then(|c| c.parse().ok());
+    let with_err = |what: &str| match err {
+        Some(e) => format!("{what} (MSA-1 {code}, ERR-3 {e})"),
+        None => format!("{what} (MSA-1 {code})"),
+    };
+    match code.as_str() {
+        "AA" | "CA" => Answer::Delivered,
+        "AE" | "CE" if matches!(err, Some(206 | 207)) => {
+            Answer::Retry(with_err("the peer could not take the message now"))
+        }
+        "AE" | "CE" => Answer::Refused(with_err("refused by the peer")),
+        "AR" | "CR" if matches!(err, Some(200..=205)) => {
+            Answer::Refused(with_err("rejected by the peer"))
+        }
+        "AR" | "CR" => Answer::Retry(with_err("the peer rejected the message for now")),
+        _ => Answer::Retry("the acknowledgement has no valid MSA-1".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(code: &str, control: &str, err: Option<&str>) -> Vec<u8> {
+        let mut s = format!(
+            "MSH|^~\\&|PEER|FAC|GW|CL|20261201000000||ACK^A08^ACK|X1|P|2.5\rMSA|{code}|{control}\r"
+        );
+        if let Some(e) = err {
+            s.push_str(&format!("ERR|||{e}^text^HL70357|E\r"));
+        }
+        s.into_bytes()
+    }
+
+    #[test]
+    fn acknowledgement_codes_decide_delivered_dead_letter_or_retry() {
+        assert_eq!(judge(&ack("AA", "M1", None), "M1"), Answer::Delivered);
+        assert_eq!(judge(&ack("CA", "M1", None), "M1"), Answer::Delivered);
+        assert!(matches!(
+            judge(&ack("AE", "M1", Some("101")), "M1"),
+            Answer::Refused(r) if r.contains("ERR-3 101")
+        ));
+        assert!(matches!(
+            judge(&ack("AE", "M1", Some("207")), "M1"),
+            Answer::Retry(_)
+        ));
+        assert!(matches!(
+            judge(&ack("AR", "M1", Some("200")), "M1"),
+            Answer::Refused(_)
+        ));
+        assert!(matches!(
+            judge(&ack("AR", "M1", None), "M1"),
+            Answer::Retry(_)
+        ));
+        assert!(matches!(
+            judge(&ack("CR", "M1", Some("207")), "M1"),
+            Answer::Retry(_)
+        ));
+    }
+
+    #[test]
+    fn acknowledgement_for_another_message_or_garbage_is_retried() {
+        assert!(matches!(
+            judge(&ack("AA", "M2", None), "M1"),
+            Answer::Retry(_)
+        ));
+        assert!(matches!(judge(b"not hl7", "M1"), Answer::Retry(_)));
+        assert!(matches!(
+            judge(&ack("ZZ", "M1", None), "M1"),
+            Answer::Retry(_)
+        ));
+    }
+}
