@@ -7,6 +7,7 @@ encoded in the character set their MSH-18 names; `encode_frame` wraps them in ML
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -98,8 +99,11 @@ def japanese_a08(control_id: str, charset: str) -> Msg:
 class MllpConnection:
     """A raw MLLP connection: send frames, read acknowledgements."""
 
-    def __init__(self, port: int, timeout: float = 10.0):
+    def __init__(self, port: int, timeout: float = 10.0, tls=None):
+        """``tls``: an `ssl.SSLContext` to speak MLLP in TLS."""
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         self.buf = b""
 
     def send_raw(self, data: bytes) -> None:
@@ -126,7 +130,7 @@ class MllpConnection:
                 data = self.sock.recv(65536)
             except socket.timeout:
                 continue
-            except ConnectionResetError:
+            except (ConnectionResetError, ssl.SSLError):
                 return None
             if not data:
                 return None

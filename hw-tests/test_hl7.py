@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -287,4 +288,34 @@ def test_idle_timeout_and_connection_limit_close_connections(gateway_factory):
     a.close()
     b.close()
     assert sum(gw.metric_values(g.metrics(), "gateway_hl7_connections_rejected_total", reason="limit")) == 1
+    assert g.stop() == 0
+
+
+def test_tls_listener_with_client_certificates_accepts_trusted_senders_only(tmp_path, gateway_factory, ca):
+    server = ca.server_cert("127.0.0.1", name="hl7-server")
+    g = hl7_gateway(gateway_factory, tls_cert_file=str(server.cert), tls_key_file=str(server.key),
+                    tls_client_ca_file=str(ca.cert))
+    trusted = ca.other_client_cert("emr", name="emr")
+    ctx = ssl.create_default_context(cafile=str(ca.cert))
+    ctx.load_cert_chain(str(trusted.cert), str(trusted.key))
+    m = adt_a08("ZZTLS0001")
+    with MllpConnection(g.hl7_port, tls=ctx) as c:
+        assert msa(c.request(m.bytes)) == ("AA", "ZZTLS0001")
+    assert export(g, m, tmp_path / "tls.hl7") == m.bytes
+    # Without a client certificate: the handshake is refused, nothing is stored.
+    bare = ssl.create_default_context(cafile=str(ca.cert))
+    refused = False
+    try:
+        with MllpConnection(g.hl7_port, tls=bare) as c:
+            c.send(adt_a08("ZZTLS0002").bytes)
+            refused = c.recv_frame(timeout=5) is None
+    except (ssl.SSLError, ConnectionError):
+        refused = True
+    assert refused, "a sender without client certificate got an answer"
+    # Plain MLLP on a TLS listener gets nothing either.
+    with MllpConnection(g.hl7_port) as c:
+        c.send(adt_a08("ZZTLS0003").bytes)
+        assert c.recv_frame(timeout=5) is None
+    assert g.status()["objects"] == 1
+    assert sum(gw.metric_values(g.metrics(), "gateway_hl7_connections_rejected_total", reason="tls")) >= 2
     assert g.stop() == 0

@@ -70,6 +70,9 @@ pub(crate) struct RawHl7 {
     pub max_frame_bytes: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<u32>,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
+    pub tls_client_ca_file: Option<String>,
 }
 
 /// `[spool]`

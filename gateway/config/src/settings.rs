@@ -119,6 +119,11 @@ pub struct Hl7 {
     pub idle_timeout: Duration,
     /// MLLP connections open at once (default 32).
     pub max_connections: u32,
+    /// MLLP in TLS: the listener's certificate chain and key (PEM), both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// With TLS: clients must present a certificate issued by this CA (PEM).
+    pub tls_client_ca_file: Option<PathBuf>,
 }
 
 /// `[spool]`: the durable store's limits.
@@ -573,12 +578,37 @@ fn hl7(c: &mut Collector, raw: raw::RawHl7) -> Option<Hl7> {
             format!("{max_connections} is outside 1..=1024"),
         );
     }
+    let tls_cert_file = c.parse_opt(
+        "hl7.tls_cert_file",
+        raw.tls_cert_file.as_deref(),
+        parse_path,
+    );
+    let tls_key_file = c.parse_opt("hl7.tls_key_file", raw.tls_key_file.as_deref(), parse_path);
+    let tls_client_ca_file = c.parse_opt(
+        "hl7.tls_client_ca_file",
+        raw.tls_client_ca_file.as_deref(),
+        parse_path,
+    );
+    match (&raw.tls_cert_file, &raw.tls_key_file) {
+        (Some(_), None) => c.push("hl7.tls_key_file", "is required with hl7.tls_cert_file"),
+        (None, Some(_)) => c.push("hl7.tls_cert_file", "is required with hl7.tls_key_file"),
+        _ => {}
+    }
+    if raw.tls_client_ca_file.is_some() && raw.tls_cert_file.is_none() {
+        c.push(
+            "hl7.tls_client_ca_file",
+            "needs hl7.tls_cert_file and hl7.tls_key_file (client certificates are checked in TLS only)",
+        );
+    }
     Some(Hl7 {
         listen: listen?,
         charset: charset?,
         max_frame_bytes: max_frame_bytes?,
         idle_timeout: idle_timeout?,
         max_connections,
+        tls_cert_file: tls_cert_file?,
+        tls_key_file: tls_key_file?,
+        tls_client_ca_file: tls_client_ca_file?,
     })
 }
 

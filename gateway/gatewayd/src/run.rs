@@ -115,7 +115,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
         services.spawn(service.run(shutdown.clone()));
     }
     if let Some(hl7) = &settings.hl7 {
-        let service = Hl7Service::bind(hl7_settings(hl7), spool.clone(), &mut registry)
+        let service = Hl7Service::bind(hl7_settings(hl7)?, spool.clone(), &mut registry)
             .await
             .map_err(|e| e.to_string())?;
         services.spawn(service.run(shutdown.clone()));
@@ -240,7 +240,7 @@ fn check_tpm_vendor(
 }
 
 /// The MLLP listener's settings from `[hl7]`.
-fn hl7_settings(hl7: &gateway_config::Hl7) -> Hl7Settings {
+fn hl7_settings(hl7: &gateway_config::Hl7) -> Result<Hl7Settings, String> {
     use gateway_config::Charset as C;
     use gateway_hl7::charset::{Charset, CharsetOverride};
     let mut s = Hl7Settings::new(hl7.listen);
@@ -254,7 +254,13 @@ fn hl7_settings(hl7: &gateway_config::Hl7) -> Hl7Settings {
     s.max_frame_bytes = usize::try_from(hl7.max_frame_bytes.bytes()).unwrap_or(usize::MAX);
     s.idle_timeout = hl7.idle_timeout.get();
     s.max_connections = hl7.max_connections as usize;
-    s
+    if let (Some(cert), Some(key)) = (&hl7.tls_cert_file, &hl7.tls_key_file) {
+        s.tls = Some(
+            gateway_tls::server_config(cert, key, hl7.tls_client_ca_file.as_deref())
+                .map_err(|e| format!("hl7: {e}"))?,
+        );
+    }
+    Ok(s)
 }
 
 /// One DICOMweb destination's settings, with its TLS client identity.

@@ -11,7 +11,7 @@ use gateway_hl7::parse::{self, ErrorCode};
 use gateway_hl7::record::{self, Header};
 use gateway_spool::{Committed, MessageIn, Spool, SpoolError};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -40,6 +40,9 @@ pub struct Hl7Settings {
     pub max_connections: usize,
     /// On shutdown, connections get this long to finish the message in hand.
     pub shutdown_grace: Duration,
+    /// MLLP in TLS (with or without client certificates, as the configuration says);
+    /// `None`: plain MLLP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Hl7Settings {
@@ -52,6 +55,7 @@ impl Hl7Settings {
             idle_timeout: Duration::from_secs(600),
             max_connections: 32,
             shutdown_grace: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -119,7 +123,7 @@ impl Hl7Service {
     /// the message in hand (up to `shutdown_grace`) and returns.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let addr = self.local_addr().ok();
-        info!(listen = ?addr, "HL7 MLLP service listening");
+        info!(listen = ?addr, tls = self.ctx.settings.tls.is_some(), "HL7 MLLP service listening");
         let slots = Arc::new(Semaphore::new(self.ctx.settings.max_connections));
         let mut connections = JoinSet::new();
         loop {
@@ -148,7 +152,14 @@ impl Hl7Service {
             connections.spawn(async move {
                 ctx.metrics.connection_opened();
                 debug!(%peer, "HL7 connection opened");
-                let end = Connection::new(stream, peer, &ctx).serve(rx).await;
+                let end = match accept_tls(stream, &ctx.settings).await {
+                    Ok(stream) => Connection::new(stream, peer, &ctx).serve(rx).await,
+                    Err(e) => {
+                        warn!(%peer, error = %e, "HL7 TLS handshake failed: connection closed");
+                        ctx.metrics.connection_rejected("tls");
+                        "TLS handshake failed"
+                    }
+                };
                 debug!(%peer, end, "HL7 connection closed");
                 ctx.metrics.connection_closed();
                 drop(permit);
@@ -171,8 +182,30 @@ impl Hl7Service {
     }
 }
 
-struct Connection<'a> {
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
+
+/// The TLS handshake (bounded by the idle timeout) when the listener is in TLS.
+async fn accept_tls(
     stream: TcpStream,
+    settings: &Hl7Settings,
+) -> Result<Box<dyn Stream>, std::io::Error> {
+    let Some(tls) = &settings.tls else {
+        return Ok(Box::new(stream));
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(tls));
+    match tokio::time::timeout(settings.idle_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => Ok(Box::new(tls_stream)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no TLS handshake within hl7.idle_timeout",
+        )),
+    }
+}
+
+struct Connection<'a> {
+    stream: Box<dyn Stream>,
     peer: SocketAddr,
     ctx: &'a Context,
     decoder: MllpDecoder,
@@ -185,7 +218,7 @@ enum Next {
 }
 
 impl<'a> Connection<'a> {
-    fn new(stream: TcpStream, peer: SocketAddr, ctx: &'a Context) -> Self {
+    fn new(stream: Box<dyn Stream>, peer: SocketAddr, ctx: &'a Context) -> Self {
         Self {
             stream,
             peer,

@@ -423,3 +423,72 @@ fn cached_copies_yield_to_new_objects_when_the_spool_is_full() {
         Err(SpoolError::Full { .. })
     ));
 }
+
+fn message(key: &str, body: &str) -> gateway_spool::MessageIn {
+    gateway_spool::MessageIn {
+        key: key.into(),
+        message_type: "ADT^A08".into(),
+        charset: "ascii".into(),
+        source: "127.0.0.1".into(),
+        bytes: body.as_bytes().to_vec(),
+    }
+}
+
+#[test]
+fn message_group_is_stored_once_per_key_and_queued_for_hl7_routes_only() {
+    use gateway_spool::{ObjectKind, Route};
+    let dir = tempfile::tempdir().unwrap();
+    let routes = vec![Route::from("archive"), Route::new("ris", ObjectKind::Hl7)];
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, routes.clone()).unwrap();
+    let group = [
+        message("APP|FAC|1", "MSH|one"),
+        message("APP|FAC|2", "MSH|two"),
+        message("APP|FAC|1", "MSH|one again"),
+    ];
+    let results = spool.store_messages(&group);
+    let ids: Vec<_> = results.into_iter().map(Result::unwrap).collect();
+    let (Committed::Stored(first), Committed::Stored(_), Committed::Duplicate(dup)) =
+        (ids[0], ids[1], ids[2])
+    else {
+        panic!("{ids:?}")
+    };
+    assert_eq!(
+        dup, first,
+        "a repeated key within a group is the first one's duplicate"
+    );
+    // A later group: the key is recognised from the index.
+    let again = spool.store_messages(&[message("APP|FAC|2", "MSH|two")]);
+    assert!(matches!(again[0], Ok(Committed::Duplicate(_))));
+    assert_eq!(spool.queued("ris", 10).unwrap().len(), 2);
+    assert!(spool.queued("archive", 10).unwrap().is_empty());
+    let mut out = Vec::new();
+    spool.export_message("APP|FAC|1", &mut out).unwrap();
+    assert_eq!(out, b"MSH|one");
+    drop(spool);
+    let on_disk = all_bytes_under(dir.path());
+    assert!(
+        !on_disk.windows(7).any(|w| w == b"MSH|one"),
+        "stored sealed"
+    );
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, routes).unwrap();
+    assert_eq!(spool.recover().unwrap(), Default::default());
+    assert!(spool.verify().unwrap().is_consistent());
+    assert_eq!(spool.status().unwrap().objects, 2);
+}
+
+#[test]
+fn message_group_on_a_full_spool_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_bytes: 1 << 40,
+        min_free_bytes: u64::MAX / 4,
+    };
+    let spool = Spool::open(dir.path(), Some(key()), limits, vec![]).unwrap();
+    let results = spool.store_messages(&[message("A|B|1", "x"), message("A|B|2", "y")]);
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(SpoolError::Full { .. })))
+    );
+    assert_eq!(spool.status().unwrap().objects, 0);
+}

@@ -168,6 +168,48 @@ pub fn client_config(ca_file: &Path, auth: ClientAuth) -> Result<Arc<ClientConfi
     Ok(Arc::new(config))
 }
 
+/// A rustls server configuration for the gateway's own TLS listeners (e.g. MLLP): the
+/// certificate chain and key from PEM files; with `client_ca`, every client must present a
+/// certificate issued by it. TLS 1.3, and 1.2 with rustls' AEAD/ECDHE suites only.
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = read_certs(cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| TlsError::Pem {
+        path: key_file.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_certs(ca)? {
+                roots.add(cert).map_err(|e| TlsError::Pem {
+                    path: ca.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
 /// Reads every certificate of a PEM file.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = fs::read(path).map_err(|source| TlsError::Io {
