@@ -1,0 +1,241 @@
+//! The MQTT topic scheme. Every topic starts with `gw/{device_id}/`:
+//!
+//! | topic | direction | retained | payload |
+//! |---|---|---|---|
+//! | `gw/{d}/status` | gateway -> vendor | yes | [`crate::status::StatusMessage`] (also the last will) |
+//! | `gw/{d}/telemetry` | gateway -> vendor | no | [`crate::telemetry::Telemetry`] |
+//! | `gw/{d}/cmd/{op}/{cmd_id}` | vendor -> gateway | no | signed envelope ([`crate::command`]) |
+//! | `gw/{d}/cmd/{op}/{cmd_id}/state` | gateway -> vendor | no | [`crate::state_message::StateMessage`] |
+//! | `gw/{d}/cmd/{op}/{cmd_id}/result` | gateway -> vendor | no | output of `status` / `log-upload` |
+//!
+//! The gateway subscribes to [`command_subscription`] (`gw/{d}/cmd/+/+`): exactly five
+//! levels, so its own `.../state` and `.../result` publications (six levels) never come back
+//! to it as commands.
+//!
+//! Device ids, operation names and command ids are identifiers of 1 to 64 characters from
+//! `[A-Za-z0-9._-]` ([`is_valid_id`]): no `/`, `+`, `#`, spaces, NUL or non-ASCII can be
+//! injected into a topic, and every id is safe to log and to echo in a reason.
+
+use std::fmt;
+
+/// Longest device id, operation name or command id.
+pub const MAX_ID_LEN: usize = 64;
+
+/// Topic prefix of every fleet topic.
+pub const PREFIX: &str = "gw";
+
+/// True for 1..=64 characters of `[A-Za-z0-9._-]` (the gateway's `node.id` rule).
+pub fn is_valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// An identifier that is not 1..=64 of `[A-Za-z0-9._-]`. Does not echo the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{what} must be 1 to 64 characters of A-Z a-z 0-9 . _ -")]
+pub struct InvalidId {
+    /// Which identifier: "device id", "operation" or "command id".
+    pub what: &'static str,
+}
+
+/// A validated device id (the gateway's `node.id`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    /// Validates `id` with [`is_valid_id`].
+    pub fn new(id: &str) -> Result<DeviceId, InvalidId> {
+        if is_valid_id(id) {
+            Ok(DeviceId(id.to_owned()))
+        } else {
+            Err(InvalidId { what: "device id" })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `gw/{d}/status`: retained presence ([`crate::status`]); also the last-will topic.
+pub fn status_topic(device: &DeviceId) -> String {
+    format!("{PREFIX}/{device}/status")
+}
+
+/// `gw/{d}/telemetry`.
+pub fn telemetry_topic(device: &DeviceId) -> String {
+    format!("{PREFIX}/{device}/telemetry")
+}
+
+/// `gw/{d}/cmd/+/+`: the subscription filter for command requests.
+pub fn command_subscription(device: &DeviceId) -> String {
+    format!("{PREFIX}/{device}/cmd/+/+")
+}
+
+/// `gw/{d}/cmd/{op}/{cmd_id}`: where the vendor publishes a command.
+pub fn command_topic(device: &DeviceId, op: &str, cmd_id: &str) -> Result<String, InvalidId> {
+    check_op_and_id(op, cmd_id)?;
+    Ok(format!("{PREFIX}/{device}/cmd/{op}/{cmd_id}"))
+}
+
+/// `gw/{d}/cmd/{op}/{cmd_id}/state`: the command's progress ([`crate::state_message`]).
+pub fn state_topic(device: &DeviceId, op: &str, cmd_id: &str) -> Result<String, InvalidId> {
+    check_op_and_id(op, cmd_id)?;
+    Ok(format!("{PREFIX}/{device}/cmd/{op}/{cmd_id}/state"))
+}
+
+/// `gw/{d}/cmd/{op}/{cmd_id}/result`: output of `status` and `log-upload`.
+pub fn result_topic(device: &DeviceId, op: &str, cmd_id: &str) -> Result<String, InvalidId> {
+    check_op_and_id(op, cmd_id)?;
+    Ok(format!("{PREFIX}/{device}/cmd/{op}/{cmd_id}/result"))
+}
+
+fn check_op_and_id(op: &str, cmd_id: &str) -> Result<(), InvalidId> {
+    if !is_valid_id(op) {
+        return Err(InvalidId { what: "operation" });
+    }
+    if !is_valid_id(cmd_id) {
+        return Err(InvalidId { what: "command id" });
+    }
+    Ok(())
+}
+
+/// Splits a command request topic `gw/{device}/cmd/{op}/{cmd_id}` into `(op, cmd_id)`.
+///
+/// `None` when the topic is for another device, has another shape (including `.../state`),
+/// or `op`/`cmd_id` are not valid ids. The op is not checked against the known operations
+/// here: an unknown op still gets a `failed` state (`unknown-op`) on its state topic.
+pub fn parse_command_topic<'t>(device: &DeviceId, topic: &'t str) -> Option<(&'t str, &'t str)> {
+    let mut levels = topic.split('/');
+    let (Some(prefix), Some(dev), Some(cmd), Some(op), Some(cmd_id), None) = (
+        levels.next(),
+        levels.next(),
+        levels.next(),
+        levels.next(),
+        levels.next(),
+        levels.next(),
+    ) else {
+        return None;
+    };
+    (prefix == PREFIX
+        && dev == device.as_str()
+        && cmd == "cmd"
+        && is_valid_id(op)
+        && is_valid_id(cmd_id))
+    .then_some((op, cmd_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev() -> DeviceId {
+        DeviceId::new("clinic-001").unwrap()
+    }
+
+    #[test]
+    fn ids_accept_1_to_64_of_alnum_dot_underscore_dash() {
+        for ok in ["a", "clinic-001", "A.b_c-9", &"x".repeat(64)] {
+            assert!(is_valid_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            &"x".repeat(65),
+            "a/b",
+            "+",
+            "#",
+            "a b",
+            "a\0",
+            "é",
+            "a+",
+            "$SYS",
+        ] {
+            assert!(!is_valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn device_id_refuses_wildcards_and_separators() {
+        for bad in ["gw/x", "+", "#", "", "a\nb"] {
+            let err = DeviceId::new(bad).unwrap_err();
+            assert_eq!(err.what, "device id");
+        }
+    }
+
+    #[test]
+    fn builders_produce_the_documented_scheme() {
+        let d = dev();
+        assert_eq!(status_topic(&d), "gw/clinic-001/status");
+        assert_eq!(telemetry_topic(&d), "gw/clinic-001/telemetry");
+        assert_eq!(command_subscription(&d), "gw/clinic-001/cmd/+/+");
+        assert_eq!(
+            command_topic(&d, "wipe", "c-1").unwrap(),
+            "gw/clinic-001/cmd/wipe/c-1"
+        );
+        assert_eq!(
+            state_topic(&d, "wipe", "c-1").unwrap(),
+            "gw/clinic-001/cmd/wipe/c-1/state"
+        );
+        assert_eq!(
+            result_topic(&d, "status", "c-2").unwrap(),
+            "gw/clinic-001/cmd/status/c-2/result"
+        );
+    }
+
+    #[test]
+    fn builders_refuse_injected_levels_and_wildcards() {
+        let d = dev();
+        assert_eq!(
+            state_topic(&d, "wipe/x", "c").unwrap_err().what,
+            "operation"
+        );
+        assert_eq!(state_topic(&d, "wipe", "#").unwrap_err().what, "command id");
+        assert!(command_topic(&d, "+", "c").is_err());
+        assert!(result_topic(&d, "status", "").is_err());
+    }
+
+    #[test]
+    fn parse_command_topic_returns_op_and_cmd_id() {
+        let d = dev();
+        assert_eq!(
+            parse_command_topic(&d, "gw/clinic-001/cmd/config-update/42"),
+            Some(("config-update", "42"))
+        );
+        // unknown ops are returned so that they can be answered with unknown-op
+        assert_eq!(
+            parse_command_topic(&d, "gw/clinic-001/cmd/reboot-now/1"),
+            Some(("reboot-now", "1"))
+        );
+    }
+
+    #[test]
+    fn parse_command_topic_refuses_other_shapes_and_devices() {
+        let d = dev();
+        for t in [
+            "gw/clinic-002/cmd/wipe/1",
+            "gw/clinic-001/cmd/wipe/1/state",
+            "gw/clinic-001/cmd/wipe",
+            "gw/clinic-001/cmd/wipe/",
+            "gw/clinic-001/cmd//1",
+            "gw/clinic-001/status",
+            "xx/clinic-001/cmd/wipe/1",
+            "/gw/clinic-001/cmd/wipe/1",
+            "gw/clinic-001/cmd/wipe/a b",
+            "gw/clinic-001/cmd/wi+pe/1",
+            "gw/clinic-001/command/wipe/1",
+            "",
+        ] {
+            assert_eq!(parse_command_topic(&d, t), None, "{t}");
+        }
+        let long = format!("gw/clinic-001/cmd/wipe/{}", "x".repeat(65));
+        assert_eq!(parse_command_topic(&d, &long), None);
+    }
+}
