@@ -248,36 +248,41 @@ impl Index {
             .and_then(|v| to_id(&v)))
     }
 
-    /// Inserts a new object atomically with its lookup keys and makes it durable
-    /// (sled `flush` syncs its log) before returning.
-    pub fn insert_durable(&self, id: &ObjectId, record: &Record) -> Result<Inserted, IndexError> {
+    /// The encoded record and its lookup and queue keys.
+    fn row(&self, id: &ObjectId, record: &Record) -> Result<Row, IndexError> {
         let value = encode_record(record).map_err(|source| IndexError::Encode {
             path: self.path.clone(),
             source,
         })?;
-        let ckey = content_key(&record.uid_mac, &record.content_mac);
-        let mut ukey = record.uid_mac.to_vec();
-        ukey.extend_from_slice(id);
-        let queue_keys: Vec<Vec<u8>> = record
+        let mut uid_key = record.uid_mac.to_vec();
+        uid_key.extend_from_slice(id);
+        let queue_keys = record
             .destinations
             .iter()
             .filter(|d| d.state == DeliveryState::Queued)
             .map(|d| queue_key(&d.name, record.received_unix_ms, id))
             .collect();
-        let outcome = (&self.objects, &self.by_uid, &self.by_content, &self.queue).transaction(
-            |(objects, by_uid, by_content, queue)| {
-                if let Some(existing) = by_content.get(ckey)? {
+        Ok(Row {
+            id: *id,
+            value,
+            uid_key,
+            content_key: content_key(&record.uid_mac, &record.content_mac),
+            queue_keys,
+        })
+    }
+
+    /// Inserts a new object atomically with its lookup keys and makes it durable
+    /// ([`Index::flush`]) before returning.
+    pub fn insert_durable(&self, id: &ObjectId, record: &Record) -> Result<Inserted, IndexError> {
+        let row = self.row(id, record)?;
+        let outcome =
+            (&self.objects, &self.by_uid, &self.by_content, &self.queue).transaction(|trees| {
+                if let Some(existing) = trees.2.get(row.content_key)? {
                     return Ok(to_id(&existing).map_or(Inserted::New, Inserted::Duplicate));
                 }
-                objects.insert(id.as_slice(), value.as_slice())?;
-                by_uid.insert(ukey.as_slice(), &[][..])?;
-                by_content.insert(ckey.as_slice(), id.as_slice())?;
-                for key in &queue_keys {
-                    queue.insert(key.as_slice(), &[][..])?;
-                }
+                row.insert(trees)?;
                 Ok::<_, ConflictableTransactionError<()>>(Inserted::New)
-            },
-        );
+            });
         let inserted = match outcome {
             Ok(i) => i,
             Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),
@@ -292,41 +297,17 @@ impl Index {
     /// Inserts new objects (already checked for duplicates by their caller) with their
     /// lookup and queue keys in one transaction, then flushes once.
     pub fn insert_all(&self, items: &[(ObjectId, Record)]) -> Result<(), IndexError> {
-        let mut rows = Vec::with_capacity(items.len());
-        for (id, record) in items {
-            let value = encode_record(record).map_err(|source| IndexError::Encode {
-                path: self.path.clone(),
-                source,
-            })?;
-            let mut ukey = record.uid_mac.to_vec();
-            ukey.extend_from_slice(id);
-            let queue_keys: Vec<Vec<u8>> = record
-                .destinations
-                .iter()
-                .filter(|d| d.state == DeliveryState::Queued)
-                .map(|d| queue_key(&d.name, record.received_unix_ms, id))
-                .collect();
-            rows.push((
-                id,
-                value,
-                ukey,
-                content_key(&record.uid_mac, &record.content_mac),
-                queue_keys,
-            ));
-        }
-        let outcome = (&self.objects, &self.by_uid, &self.by_content, &self.queue).transaction(
-            |(objects, by_uid, by_content, queue)| {
-                for (id, value, ukey, ckey, queue_keys) in &rows {
-                    objects.insert(id.as_slice(), value.as_slice())?;
-                    by_uid.insert(ukey.as_slice(), &[][..])?;
-                    by_content.insert(ckey.as_slice(), id.as_slice())?;
-                    for key in queue_keys {
-                        queue.insert(key.as_slice(), &[][..])?;
-                    }
+        let rows = items
+            .iter()
+            .map(|(id, record)| self.row(id, record))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outcome =
+            (&self.objects, &self.by_uid, &self.by_content, &self.queue).transaction(|trees| {
+                for row in &rows {
+                    row.insert(trees)?;
                 }
                 Ok::<_, ConflictableTransactionError<()>>(())
-            },
-        );
+            });
         match outcome {
             Ok(()) | Err(TransactionError::Abort(())) => {}
             Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),
@@ -486,6 +467,39 @@ impl Index {
             id: hex::encode(id),
             source,
         })
+    }
+}
+
+/// One object's entries in the four trees.
+struct Row {
+    id: ObjectId,
+    value: Vec<u8>,
+    uid_key: Vec<u8>,
+    content_key: [u8; 64],
+    queue_keys: Vec<Vec<u8>>,
+}
+
+/// (objects, by_uid, by_content, queue) inside a transaction.
+type Trees = (
+    sled::transaction::TransactionalTree,
+    sled::transaction::TransactionalTree,
+    sled::transaction::TransactionalTree,
+    sled::transaction::TransactionalTree,
+);
+
+impl Row {
+    /// Inserts into (objects, by_uid, by_content, queue).
+    fn insert(
+        &self,
+        (objects, by_uid, by_content, queue): &Trees,
+    ) -> Result<(), sled::transaction::UnabortableTransactionError> {
+        objects.insert(self.id.as_slice(), self.value.as_slice())?;
+        by_uid.insert(self.uid_key.as_slice(), &[][..])?;
+        by_content.insert(self.content_key.as_slice(), self.id.as_slice())?;
+        for key in &self.queue_keys {
+            queue.insert(key.as_slice(), &[][..])?;
+        }
+        Ok(())
     }
 }
 

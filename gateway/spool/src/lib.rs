@@ -379,12 +379,7 @@ impl Spool {
     pub fn begin(&self, meta: ObjectMeta) -> Result<Ingest, SpoolError> {
         let inner = &self.inner;
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
-        if let Err(full) = inner.usage.check_free() {
-            if self.evict_cached()? == 0 {
-                return Err(full);
-            }
-            inner.usage.check_free()?;
-        }
+        self.check_free_or_evict()?;
         let mut id = [0u8; 16];
         getrandom::getrandom(&mut id).map_err(|_| seal::SealError::Random)?;
         let sealer = seal::Sealer::new(&keys.master, &id)?;
@@ -441,12 +436,7 @@ impl Spool {
     ) -> Result<Vec<Result<Committed, SpoolError>>, SpoolError> {
         let inner = &self.inner;
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
-        if let Err(full) = inner.usage.check_free() {
-            if self.evict_cached()? == 0 {
-                return Err(full);
-            }
-            inner.usage.check_free()?;
-        }
+        self.check_free_or_evict()?;
         let mut results: Vec<Option<Result<Committed, SpoolError>>> =
             Vec::with_capacity(items.len());
         let mut fresh: Vec<(ObjectId, Record, usage::Reservation, PathBuf)> = Vec::new();
@@ -815,6 +805,18 @@ impl Spool {
                 Ok(Err(e)) => warn!(error = %e, "cannot delete expired local copies"),
             }
         }
+    }
+
+    /// The free-space floor, after deleting cached copies if that is what it takes.
+    fn check_free_or_evict(&self) -> Result<(), SpoolError> {
+        let usage = &self.inner.usage;
+        if let Err(full) = usage.check_free() {
+            if self.evict_cached()? == 0 {
+                return Err(full);
+            }
+            usage.check_free()?;
+        }
+        Ok(())
     }
 
     /// Disk pressure: deletes every kept blob (the cache yields to new objects).

@@ -562,9 +562,9 @@ impl Request {
 }
 
 /// A transport error with its causes (TLS alerts say why a handshake failed).
-fn describe(e: &reqwest::Error) -> String {
+pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::{Metrics, jitter};
+use crate::{Metrics, describe, jitter};
 
 /// Settings of one HL7 destination, built by `gatewayd` from `[[uplink]]`.
 #[derive(Debug, Clone)]
@@ -301,22 +301,10 @@ impl MllpUplinkService {
         let stream = tokio::time::timeout(s.connect_timeout, connector.connect(server_name, tcp))
             .await
             .map_err(|_| format!("TLS handshake with {}:{} timed out", s.host, s.port))?
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| format!("TLS handshake failed: {}", describe(&e)))?;
         info!(destination = %s.name, "HL7 forwarding connected (TLS)");
         Ok((Box::new(stream), decoder))
     }
-}
-
-/// An I/O error with its causes (TLS alerts say why a handshake failed).
-fn describe(e: &std::io::Error) -> String {
-    let mut text = format!("TLS handshake failed: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// What an acknowledgement says about the message with `control_id`.
