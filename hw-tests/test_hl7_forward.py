@@ -32,6 +32,7 @@ import gw
 import hl7msg
 import pki
 from hl7msg import MllpConnection, adt_a08, japanese_a08, msa
+from test_uplink import poll
 
 DEST = "ris"
 HERE = Path(__file__).resolve().parent
@@ -106,17 +107,6 @@ def dest(g: gw.Gateway) -> dict:
     return st["by_destination"][DEST]
 
 
-def wait_for(what: str, fn, timeout: float):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        ok, last = fn()
-        if ok:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout}s; last: {last}")
-
-
 def send_all(g: gw.Gateway, msgs: list[hl7msg.Msg]) -> None:
     with MllpConnection(g.hl7_port) as c:
         for m in msgs:
@@ -131,7 +121,7 @@ def test_messages_arrive_byte_identical_in_order_over_mutual_tls(gateway_factory
     msgs.insert(5, japanese_a08("ZZFWDJP01", "iso2022_jp"))
     msgs.insert(11, japanese_a08("ZZFWDJP02", "shift_jis"))
     send_all(g, msgs)
-    wait_for("20 delivered", lambda: ((d := dest(g))["sent"] == 20 and d["queued"] == 0, d), 30)
+    poll("20 delivered", lambda: ((d := dest(g))["sent"] == 20 and d["queued"] == 0, d), 30)
     got = peer.received()
     assert [cid for cid, _ in got] == [m.control_id for m in msgs], "not in order, or not exactly once"
     assert [raw for _, raw in got] == [m.bytes for m in msgs], "a forwarded message differs from what was received"
@@ -147,7 +137,7 @@ def test_peer_refusing_one_message_dead_letters_it_and_the_rest_flow(gateway_fac
     g = forwarding_gateway(gateway_factory, peer, client, ca.cert)
     msgs = [adt_a08(f"ZZREF{i:04d}") for i in range(8)]
     send_all(g, msgs)
-    d = wait_for("settled", lambda: ((d := dest(g))["queued"] == 0 and d["sent"] + d["failed"] == 8, d), 30)
+    d = poll("settled", lambda: ((d := dest(g))["queued"] == 0 and d["sent"] + d["failed"] == 8, d), 30)
     assert (d["sent"], d["failed"]) == (7, 1), d
     received = collections.Counter(cid for cid, _ in peer.received())
     assert received["ZZREF0003"] == 1, "a refused message must not be resent"
@@ -163,11 +153,11 @@ def test_peer_down_then_up_gets_everything_in_order_without_restart(gateway_fact
     peer.stop()
     msgs = [adt_a08(f"ZZOUT{i:04d}") for i in range(30)]
     send_all(g, msgs)
-    d = wait_for("the outage noticed", lambda: ((d := dest(g))["last_error"] is not None, d), 15)
+    d = poll("the outage noticed", lambda: ((d := dest(g))["last_error"] is not None, d), 15)
     assert d["queued"] == 30 and d["sent"] == 0, d
     time.sleep(3)
     peer.start()  # same port and log
-    wait_for("30 delivered", lambda: ((d := dest(g))["sent"] == 30, d), 60)
+    poll("30 delivered", lambda: ((d := dest(g))["sent"] == 30, d), 60)
     assert [cid for cid, _ in peer.received()] == [m.control_id for m in msgs]
     assert dest(g)["last_error"] is None
     assert g.stop() == 0
@@ -179,7 +169,7 @@ def test_untrusted_client_certificate_delivers_nothing_and_says_why(tmp_path, ga
     client = other.other_client_cert("test-gw", name="gw-client")
     g = forwarding_gateway(gateway_factory, peer, client, ca.cert)
     send_all(g, [adt_a08("ZZUNT0001")])
-    d = wait_for("last_error set", lambda: ((d := dest(g))["last_error"] is not None, d), 15)
+    d = poll("last_error set", lambda: ((d := dest(g))["last_error"] is not None, d), 15)
     time.sleep(2)
     assert dest(g)["queued"] == 1 and peer.received() == [], d
     assert "forwarding failed; will retry" in g.log_text()
@@ -198,7 +188,7 @@ def test_kill9_right_after_aa_still_delivers_every_message(gateway_factory, peer
             assert msa(c.request(m.bytes)) == ("AA", m.control_id)
             g.kill9()
         g.start()
-    wait_for("10 delivered", lambda: ((d := dest(g))["sent"] == 10 and d["queued"] == 0, d), 60)
+    poll("10 delivered", lambda: ((d := dest(g))["sent"] == 10 and d["queued"] == 0, d), 60)
     received = collections.Counter(cid for cid, _ in peer.received())
     print(f"receipts at the peer: {dict(received)}")
     assert set(received) == {m.control_id for m in msgs}, "a message acknowledged to its sender never arrived"

@@ -46,8 +46,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,9 +57,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import gw  # noqa: E402
+from ingest_bench import stop_pid, wait_port  # noqa: E402
+from uplink_bench import cpu_seconds  # noqa: E402
 
 REPO = HERE.parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOADGEN_TIMEOUT_S = 900
 TARGET_RATE = 5000.0  # issue 5: messages/s with 8 senders
 TARGET_P99_MS = 20.0
@@ -105,34 +104,6 @@ def serve_python(port: int) -> int:
 
 
 # -- helpers ---------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-def stop_pid(proc: subprocess.Popen, timeout: float = 20) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def filesystem(path: Path) -> tuple[str, str, str]:

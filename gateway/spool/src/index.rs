@@ -338,8 +338,9 @@ impl Index {
 
     /// Replaces the delivery state of `id` towards `destination`, durably when `sync`
     /// (otherwise call [`Index::flush`] before relying on it). `now_ms` is recorded as the
-    /// completion time when this was the last pending destination. Returns the updated
-    /// record (None if the object or destination is unknown).
+    /// completion time when this was the last pending destination. Returns the object's
+    /// overall state before the change and the updated record (None if the object or
+    /// destination is unknown).
     pub fn set_delivery(
         &self,
         id: &ObjectId,
@@ -347,10 +348,11 @@ impl Index {
         state: DeliveryState,
         now_ms: Option<u64>,
         sync: bool,
-    ) -> Result<Option<Record>, IndexError> {
+    ) -> Result<Option<(&'static str, Record)>, IndexError> {
         let Some(mut record) = self.get(id)? else {
             return Ok(None);
         };
+        let before = record.state();
         let Some(dest) = record
             .destinations
             .iter_mut()
@@ -373,14 +375,14 @@ impl Index {
             }
             Ok(())
         })?;
-        Ok(Some(record))
+        Ok(Some((before, record)))
     }
 
-    /// Records that the blob of `id` was deleted (durably when `sync`).
-    pub fn set_blob_deleted(&self, id: &ObjectId, sync: bool) -> Result<(), IndexError> {
+    /// Records that the blob of `id` was deleted; durable after the next [`Index::flush`].
+    pub fn set_blob_deleted(&self, id: &ObjectId) -> Result<(), IndexError> {
         if let Some(mut record) = self.get(id)? {
             record.blob_deleted = true;
-            self.write_record(id, &record, sync, |_| Ok(()))?;
+            self.write_record(id, &record, false, |_| Ok(()))?;
         }
         Ok(())
     }

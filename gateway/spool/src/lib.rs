@@ -349,19 +349,8 @@ impl Spool {
         }
         // A crash between "sent everywhere" and deleting the blob leaves the blob behind
         // (blobs kept on purpose by `keep_sent_for` stay until they expire).
-        let keep = self.keep_sent_ms();
-        let reclaim: Vec<(ObjectId, u64)> = inner
-            .index
-            .records()
-            .filter_map(Result::ok)
-            .filter(|(_, r)| r.state() == "sent" && !r.blob_deleted && keep == 0)
-            .map(|(id, r)| (id, r.sealed_len))
-            .collect();
-        for (id, sealed_len) in reclaim {
-            durable::remove_durably(&self.blob_path(&id))?;
-            inner.index.set_blob_deleted(&id, true)?;
-            inner.usage.release_stored(sealed_len);
-            rec.sent_blobs_reclaimed += 1;
+        if self.keep_sent_ms() == 0 {
+            rec.sent_blobs_reclaimed = self.reclaim_cached(|_| true)?;
         }
         if rec != Recovered::default() {
             durable::sync_dir(&inner.blobs)?;
@@ -750,8 +739,7 @@ impl Spool {
         let now = unix_ms();
         let mut completed = Vec::new();
         for id in ids {
-            let before = inner.index.get(id)?.ok_or(SpoolError::NotFound)?.state();
-            let Some(record) =
+            let Some((before, record)) =
                 inner
                     .index
                     .set_delivery(id, destination, DeliveryState::Sent, Some(now), false)?
@@ -819,8 +807,12 @@ impl Spool {
         Ok(())
     }
 
-    /// Disk pressure: deletes every kept blob (the cache yields to new objects).
+    /// Disk pressure: deletes every kept blob (the cache yields to new objects). Without
+    /// `keep_sent_for` there is no cache (`recover` removed any at start): no index scan.
     fn evict_cached(&self) -> Result<u64, SpoolError> {
+        if self.keep_sent_ms() == 0 {
+            return Ok(0);
+        }
         let evicted = self.reclaim_cached(|_| true)?;
         if evicted > 0 {
             info!(
@@ -863,7 +855,7 @@ impl Spool {
         }
         durable::sync_dir(&inner.blobs)?;
         for (id, sealed_len) in done {
-            inner.index.set_blob_deleted(id, false)?;
+            inner.index.set_blob_deleted(id)?;
             inner.usage.release_stored(*sealed_len);
         }
         inner.index.flush()?;
@@ -914,10 +906,10 @@ impl Spool {
             return self.mark_sent(id, destination);
         }
         let inner = &self.inner;
-        let before = inner.index.get(id)?.ok_or(SpoolError::NotFound)?.state();
-        let Some(record) = inner
-            .index
-            .set_delivery(id, destination, state, None, true)?
+        let Some((before, record)) =
+            inner
+                .index
+                .set_delivery(id, destination, state, None, true)?
         else {
             return Err(SpoolError::NotFound);
         };

@@ -204,8 +204,8 @@ impl UplinkService {
             if *shutdown.borrow() {
                 break;
             }
-            // Fill the request slots with the next batches, unless backing off.
-            let mut drained = false;
+            // Fill the request slots with the next batches, unless backing off. Afterwards
+            // the slots are full, the queue has nothing ready, or a backoff runs.
             while inflight.len() < limit && resume_at.is_none_or(|t| t <= Instant::now()) {
                 resume_at = None;
                 let batch = match self.next_batch(&busy).await {
@@ -216,7 +216,6 @@ impl UplinkService {
                     }
                 };
                 if batch.is_empty() {
-                    drained = true;
                     break;
                 }
                 busy.extend(batch.iter().map(|(id, _)| *id));
@@ -227,11 +226,9 @@ impl UplinkService {
                 });
             }
             if inflight.is_empty() {
-                let idle = match resume_at {
-                    Some(t) => t.saturating_duration_since(Instant::now()),
-                    None if drained => Duration::from_secs(30),
-                    None => Duration::ZERO,
-                };
+                let idle = resume_at.map_or(Duration::from_secs(30), |t| {
+                    t.saturating_duration_since(Instant::now())
+                });
                 tokio::select! {
                     () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
                     _ = wake.changed(), if resume_at.is_none() => {}
@@ -239,11 +236,9 @@ impl UplinkService {
                 }
                 continue;
             }
-            let can_fill = inflight.len() < limit && resume_at.is_none() && !drained;
             let posted = tokio::select! {
                 () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
                 _ = wake.changed(), if inflight.len() < limit && resume_at.is_none() => continue,
-                () = std::future::ready(()), if can_fill => continue,
                 joined = inflight.join_next() => joined,
             };
             let Some(joined) = posted else { continue };
