@@ -2,9 +2,10 @@
 //!
 //! Connections send a [`gateway_spool::MessageIn`] with a reply channel. The thread takes the
 //! first waiting message, then every other one already queued (up to [`MAX_GROUP`]), and
-//! stores them together: one `syncfs`, one index flush. While a group is being flushed the
-//! next one gathers, so under load a flush serves many senders and with one sender it costs
-//! what a single commit costs.
+//! stores them together: one append to the spool's journal and one `fdatasync`
+//! ([`gateway_spool::Spool::store_messages`]). While a group is being synced the next one
+//! gathers, so under load a sync serves many senders and with one sender it costs what a
+//! single commit costs.
 
 use gateway_spool::{Committed, MessageIn, Spool, SpoolError};
 use tokio::sync::{mpsc, oneshot};

@@ -6,7 +6,7 @@
 //!   per-connection loop (MLLP framing -> charset -> parse -> store -> acknowledgement, all
 //!   protocol logic from `gateway-hl7`).
 //! - `commit`: the group committer, one thread that takes every message waiting (from all
-//!   connections) and stores them with one `syncfs` and one index flush
+//!   connections) and stores them with one journal append and `fdatasync`
 //!   ([`gateway_spool::Spool::store_messages`]), so durable acknowledgement costs one disk
 //!   flush per group, not per message.
 //! - `clock`: the acknowledgement's MSH-7 timestamp and MSH-10 control ids.

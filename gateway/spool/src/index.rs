@@ -120,14 +120,14 @@ impl From<RecordV1> for Record {
 }
 
 /// Encodes a record in the current format.
-fn encode_record(record: &Record) -> Result<Vec<u8>, postcard::Error> {
+pub(crate) fn encode_record(record: &Record) -> Result<Vec<u8>, postcard::Error> {
     let mut out = RECORD_V2.to_vec();
     out.extend_from_slice(&postcard::to_stdvec(record)?);
     Ok(out)
 }
 
 /// Decodes a record of any known format.
-fn decode_record(bytes: &[u8]) -> Result<Record, postcard::Error> {
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, postcard::Error> {
     match bytes.strip_prefix(&RECORD_V2) {
         Some(v2) => postcard::from_bytes(v2),
         None => postcard::from_bytes::<RecordV1>(bytes).map(Record::from),
@@ -295,22 +295,34 @@ impl Index {
     }
 
     /// Inserts new objects (already checked for duplicates by their caller) with their
-    /// lookup and queue keys in one transaction, then flushes once.
+    /// lookup and queue keys, then flushes once. One batch per tree, `objects` last: after
+    /// a crash in between, an object is either wholly indexed or has no `objects` row (and
+    /// its journal entry is applied again, rewriting the same keys). Cheaper than a
+    /// transaction, which the journal replay makes unnecessary here.
     pub fn insert_all(&self, items: &[(ObjectId, Record)]) -> Result<(), IndexError> {
         let rows = items
             .iter()
             .map(|(id, record)| self.row(id, record))
             .collect::<Result<Vec<_>, _>>()?;
-        let outcome =
-            (&self.objects, &self.by_uid, &self.by_content, &self.queue).transaction(|trees| {
-                for row in &rows {
-                    row.insert(trees)?;
-                }
-                Ok::<_, ConflictableTransactionError<()>>(())
-            });
-        match outcome {
-            Ok(()) | Err(TransactionError::Abort(())) => {}
-            Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),
+        let mut queue = sled::Batch::default();
+        let mut by_content = sled::Batch::default();
+        let mut by_uid = sled::Batch::default();
+        let mut objects = sled::Batch::default();
+        for row in &rows {
+            for key in &row.queue_keys {
+                queue.insert(key.as_slice(), &[][..]);
+            }
+            by_content.insert(row.content_key.as_slice(), row.id.as_slice());
+            by_uid.insert(row.uid_key.as_slice(), &[][..]);
+            objects.insert(row.id.as_slice(), row.value.as_slice());
+        }
+        for (tree, batch) in [
+            (&self.queue, queue),
+            (&self.by_content, by_content),
+            (&self.by_uid, by_uid),
+            (&self.objects, objects),
+        ] {
+            tree.apply_batch(batch).map_err(|e| self.db_err(e))?;
         }
         self.flush()
     }

@@ -8,16 +8,24 @@
 //! - [`seal`]: the sealed blob format (chunked AES-256-GCM, STREAM construction).
 //! - [`index`]: object records and delivery state in sled, behind a small interface.
 //! - `usage`: byte accounting and the disk-pressure guard.
+//! - `journal`: the write-ahead journal of HL7 message groups and its checkpointer.
 //!
 //! On disk, under `<data_dir>/spool/`:
 //! - `tmp/<id>.part`: an object being received (deleted at start if a crash left it);
 //! - `blobs/<id>.blob`: committed sealed objects;
-//! - `index/`: the sled database.
+//! - `index/`: the sled database;
+//! - `journal/<generation>.wal`: groups of HL7 messages acknowledged but not yet written to
+//!   `blobs/` and `index/` (replayed when the spool opens).
 //!
 //! Invariants (the kill -9 tests in hw-tests pin them):
 //! - [`Ingest::commit`] returns only after the blob is fsync'd, renamed into `blobs/`, the
 //!   directory is fsync'd, and the index entry is committed and flushed. The caller sends its
 //!   success status only after that.
+//! - [`Spool::store_messages`] returns only after the group's frame (sealed bytes and index
+//!   records) is appended to the journal and fdatasync'd. The checkpointer writes blobs,
+//!   `syncfs`, then indexes and flushes, then drops the journal segment; [`Spool::open`]
+//!   replays what it had not finished, so an acknowledged message is never lost and a
+//!   replay never stores a message twice (an entry whose id or key is indexed is skipped).
 //! - A blob in `blobs/` without an index entry is the trace of a crash between rename and
 //!   index commit; its sender never got success. [`Spool::recover`] deletes such orphans.
 //!   An index entry without its blob must never exist; [`Spool::verify`] reports it.
@@ -28,15 +36,18 @@
 //!   [`Ingest::write`] fails with [`SpoolError::Full`] and nothing stored is touched.
 
 pub mod index;
+mod journal;
 pub mod seal;
 mod usage;
 
 use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gateway_durable::{self as durable, Context};
@@ -54,6 +65,10 @@ pub use usage::Limits;
 use usage::{Step, Usage};
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// How long reads that must see every acknowledged message (status, export, verify) wait
+/// for the checkpointer.
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
 
 /// Spool failures. `Display` names local paths and ids only, never object content.
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +278,25 @@ struct Inner {
     destination_errors: std::sync::Mutex<BTreeMap<String, String>>,
     /// `spool.keep_sent_for` in milliseconds: 0 deletes a blob once every destination has it.
     keep_sent_ms: AtomicU64,
+    journal_dir: PathBuf,
+    journal: Mutex<journal::Writer>,
+    /// Messages in the journal, not yet in the index: key MAC -> object id (dedupe).
+    pending: Mutex<HashMap<Mac, ObjectId>>,
+    /// Hands journaled groups to the checkpointer thread.
+    checkpoint: Mutex<Option<mpsc::Sender<CheckpointJob>>>,
+    /// Messages journaled / checkpointed since open ([`Spool::settle`]).
+    journaled: AtomicU64,
+    checkpointed: (Mutex<u64>, Condvar),
+}
+
+/// Work for the checkpointer thread, in journal order.
+enum CheckpointJob {
+    Apply {
+        generation: u64,
+        entries: Vec<(journal::Entry, usage::Reservation)>,
+    },
+    /// No frame will be appended to this segment again.
+    Closed(u64),
 }
 
 impl Inner {
@@ -279,9 +313,168 @@ impl Inner {
     }
 }
 
+impl Inner {
+    fn blob_path(&self, id: &ObjectId) -> PathBuf {
+        self.blobs.join(format!("{}.blob", hex::encode(id)))
+    }
+
+    /// Applies the journal left by the last run: every entry not yet stored (by id or by
+    /// key) gets its blob and index entry, then the segments are deleted. Returns the newest
+    /// generation seen, so new segments sort after it.
+    fn replay_journal(&self) -> Result<u64, SpoolError> {
+        let (entries, newest) = journal::read_all(&self.journal_dir)?;
+        let total = entries.len();
+        let mut keys_seen = BTreeSet::new();
+        let mut todo = Vec::new();
+        for entry in entries {
+            // Stored means an `objects` row, which [`Index::insert_all`] writes last.
+            let mut stored = self.index.contains(&entry.id)?;
+            for id in self.index.ids_for_uid(&entry.record.uid_mac)? {
+                stored = stored || self.index.contains(&id)?;
+            }
+            if !stored && keys_seen.insert(entry.record.uid_mac) {
+                todo.push(entry);
+            }
+        }
+        self.apply(&todo.iter().collect::<Vec<_>>())?;
+        let segments = journal::segments(&self.journal_dir)?;
+        for (generation, _) in &segments {
+            journal::remove_segment(&self.journal_dir, *generation)?;
+        }
+        if total > 0 {
+            info!(
+                journaled = total,
+                applied = todo.len(),
+                segments = segments.len(),
+                "applied HL7 messages the journal held from the last run (all were acknowledged)"
+            );
+        }
+        Ok(newest)
+    }
+
+    /// Writes the blobs of journaled messages, makes them durable with one `syncfs`, then
+    /// indexes them in one transaction and flush.
+    fn apply(&self, entries: &[&journal::Entry]) -> Result<(), SpoolError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // Written in place: no index entry names a blob before the syncfs below, and
+        // `recover` deletes blobs without one, so no temporary name is needed.
+        for entry in entries {
+            let path = self.blob_path(&entry.id);
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .ctx("create", &path)?;
+            file.write_all(&entry.sealed).ctx("write", &path)?;
+        }
+        let started = Instant::now();
+        let dir = File::open(&self.blobs).ctx("open", &self.blobs)?;
+        nix::unistd::syncfs(&dir).map_err(|e| durable::Error {
+            action: "syncfs",
+            path: self.blobs.clone(),
+            source: e.into(),
+        })?;
+        self.usage.observe(Step::SyncBlob, started);
+        let started = Instant::now();
+        let records: Vec<(ObjectId, Record)> =
+            entries.iter().map(|e| (e.id, e.record.clone())).collect();
+        self.index.insert_all(&records)?;
+        self.usage.observe(Step::Index, started);
+        Ok(())
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The checkpointer: takes every journaled group waiting, applies them together, then
+/// deletes the segments that are closed and fully applied. A failed apply (disk full,
+/// I/O error) is retried every second; the messages stay journaled meanwhile. Ends when
+/// the spool is dropped.
+fn run_checkpointer(spool: &Weak<Inner>, rx: &mpsc::Receiver<CheckpointJob>) {
+    let mut backlog: Vec<(u64, journal::Entry, usage::Reservation)> = Vec::new();
+    let mut outstanding: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut closed: BTreeSet<u64> = BTreeSet::new();
+    loop {
+        let first = if backlog.is_empty() {
+            match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return,
+            }
+        } else {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        for job in first.into_iter().chain(rx.try_iter()) {
+            match job {
+                CheckpointJob::Apply {
+                    generation,
+                    entries,
+                } => {
+                    *outstanding.entry(generation).or_default() += entries.len();
+                    backlog.extend(entries.into_iter().map(|(e, r)| (generation, e, r)));
+                }
+                CheckpointJob::Closed(generation) => {
+                    closed.insert(generation);
+                }
+            }
+        }
+        let Some(inner) = spool.upgrade() else {
+            return;
+        };
+        let entries: Vec<&journal::Entry> = backlog.iter().map(|(_, e, _)| e).collect();
+        if let Err(e) = inner.apply(&entries) {
+            warn!(messages = backlog.len(), error = %e,
+                "cannot move journaled HL7 messages into the spool yet; retrying (they are safe in the journal)");
+            continue;
+        }
+        let count = backlog.len() as u64;
+        {
+            let mut pending = lock(&inner.pending);
+            for (generation, entry, mut reservation) in backlog.drain(..) {
+                pending.remove(&entry.record.uid_mac);
+                inner.usage.commit(
+                    &mut reservation,
+                    entry.record.sealed_len,
+                    entry.record.state(),
+                );
+                if let Some(n) = outstanding.get_mut(&generation) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+        {
+            let (done, cv) = &inner.checkpointed;
+            *lock(done) += count;
+            cv.notify_all();
+        }
+        inner.committed.send_modify(|n| *n = n.wrapping_add(1));
+        closed.retain(|generation| {
+            if outstanding.get(generation).copied().unwrap_or(0) > 0 {
+                return true;
+            }
+            outstanding.remove(generation);
+            if let Err(e) = journal::remove_segment(&inner.journal_dir, *generation) {
+                warn!(error = %e, "cannot delete an applied journal segment; it is replayed harmlessly at the next start");
+            }
+            false
+        });
+    }
+}
+
 impl Spool {
-    /// Opens (creating if needed) the spool under `data_dir/spool`. Changes nothing on disk
-    /// beyond creating folders; call [`Spool::recover`] before accepting objects.
+    /// Opens (creating if needed) the spool under `data_dir/spool`, first applying any HL7
+    /// messages the journal holds that a crash kept from reaching `blobs/` and the index
+    /// (they were acknowledged). Call [`Spool::recover`] before accepting objects.
     /// Without a master key, only status and verify of structure are possible.
     pub fn open(
         data_dir: &Path,
@@ -295,32 +488,49 @@ impl Spool {
         for d in [&dir, &blobs, &tmp] {
             durable::ensure_private_dir(d)?;
         }
+        let journal_dir = dir.join("journal");
+        durable::ensure_private_dir(&journal_dir)?;
         let index = Index::open(&dir.join("index"))?;
         let usage = Usage::new(limits, data_dir.to_path_buf());
+        let mut inner = Inner {
+            blobs,
+            tmp,
+            index,
+            keys: master.map(Keys::new),
+            destinations,
+            usage,
+            committed: tokio::sync::watch::Sender::new(0),
+            destination_errors: std::sync::Mutex::default(),
+            keep_sent_ms: AtomicU64::new(0),
+            journal: Mutex::new(journal::Writer::new(&journal_dir, 0)),
+            journal_dir,
+            dir,
+            pending: Mutex::default(),
+            checkpoint: Mutex::new(None),
+            journaled: AtomicU64::new(0),
+            checkpointed: (Mutex::new(0), Condvar::new()),
+        };
+        let newest = inner.replay_journal()?;
+        inner.journal = Mutex::new(journal::Writer::new(&inner.journal_dir, newest));
         let mut sealed = 0;
         let mut counts = BTreeMap::new();
-        for entry in index.records() {
+        for entry in inner.index.records() {
             let (_, r) = entry?;
             if !r.blob_deleted {
                 sealed += r.sealed_len;
             }
             *counts.entry(r.state()).or_insert(0i64) += 1;
         }
-        usage.set_stored(sealed, &counts);
-        Ok(Self {
-            inner: Arc::new(Inner {
-                dir,
-                blobs,
-                tmp,
-                index,
-                keys: master.map(Keys::new),
-                destinations,
-                usage,
-                committed: tokio::sync::watch::Sender::new(0),
-                destination_errors: std::sync::Mutex::default(),
-                keep_sent_ms: AtomicU64::new(0),
-            }),
-        })
+        inner.usage.set_stored(sealed, &counts);
+        let inner = Arc::new(inner);
+        let (tx, rx) = mpsc::channel();
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("spool-checkpoint".into())
+            .spawn(move || run_checkpointer(&weak, &rx))
+            .ctx("start the checkpointer thread", &inner.journal_dir)?;
+        *lock(&inner.checkpoint) = Some(tx);
+        Ok(Self { inner })
     }
 
     /// Registers `gateway_spool_objects{state}` and `gateway_spool_bytes`.
@@ -391,11 +601,12 @@ impl Spool {
         })
     }
 
-    /// Stores HL7 messages as one group: every blob is written and renamed into place, then
-    /// one `syncfs` makes all of them (data and directory entries) durable, then one index
-    /// transaction and flush records them. Only after this returns `Ok` for a message may
-    /// its sender be told "accepted". A message whose key is already stored (or repeats
-    /// one earlier in the group) is a [`Committed::Duplicate`] and stores nothing.
+    /// Stores HL7 messages as one group: each is sealed in memory, then one frame holding
+    /// all of them (sealed bytes and index records) is appended to the journal and
+    /// fdatasync'd. Only after this returns `Ok` for a message may its sender be told
+    /// "accepted"; the checkpointer thread writes the blobs and index entries soon after
+    /// ([`Spool::settle`] waits for it). A message whose key is already stored, journaled or
+    /// earlier in the group is a [`Committed::Duplicate`] and stores nothing.
     pub fn store_messages(&self, items: &[MessageIn]) -> Vec<Result<Committed, SpoolError>> {
         match self.store_group(items) {
             Ok(results) => results,
@@ -426,83 +637,84 @@ impl Spool {
         let inner = &self.inner;
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
         self.check_free_or_evict()?;
-        let mut results: Vec<Option<Result<Committed, SpoolError>>> =
-            Vec::with_capacity(items.len());
-        let mut fresh: Vec<(ObjectId, Record, usage::Reservation, PathBuf)> = Vec::new();
-        let mut seen: Vec<(Mac, ObjectId)> = Vec::new();
+        let mut results: Vec<Result<Committed, SpoolError>> = Vec::with_capacity(items.len());
+        let mut fresh: Vec<(journal::Entry, usage::Reservation)> = Vec::new();
         for item in items {
             let uid_mac = keys.labelled_mac(b"hl7\0", &item.key);
-            if let Some((_, id)) = seen.iter().find(|(m, _)| *m == uid_mac) {
-                results.push(Some(Ok(Committed::Duplicate(*id))));
+            if let Some((e, _)) = fresh.iter().find(|(e, _)| e.record.uid_mac == uid_mac) {
+                results.push(Ok(Committed::Duplicate(e.id)));
                 continue;
             }
-            if let Some(id) = inner.index.ids_for_uid(&uid_mac)?.first() {
-                results.push(Some(Ok(Committed::Duplicate(*id))));
+            if let Some(id) = self.stored_message(&uid_mac)? {
+                results.push(Ok(Committed::Duplicate(id)));
                 continue;
             }
-            match self.write_message(keys, item, uid_mac) {
-                Ok((id, record, reservation, path)) => {
-                    seen.push((uid_mac, id));
-                    fresh.push((id, record, reservation, path));
-                    results.push(None);
+            match self.seal_message(keys, item, uid_mac) {
+                Ok((entry, reservation)) => {
+                    results.push(Ok(Committed::Stored(entry.id)));
+                    fresh.push((entry, reservation));
                 }
-                Err(e) => results.push(Some(Err(e))),
+                Err(e) => results.push(Err(e)),
             }
         }
-        if !fresh.is_empty() {
-            let started = Instant::now();
-            let dir = File::open(&inner.blobs).ctx("open", &inner.blobs)?;
-            let synced = nix::unistd::syncfs(&dir).map_err(|e| durable::Error {
-                action: "syncfs",
-                path: inner.blobs.clone(),
-                source: e.into(),
-            });
-            inner.usage.observe(Step::SyncBlob, started);
-            let started = Instant::now();
-            let indexed = synced.map_err(SpoolError::from).and_then(|()| {
-                let records: Vec<(ObjectId, Record)> =
-                    fresh.iter().map(|(id, r, _, _)| (*id, r.clone())).collect();
-                inner.index.insert_all(&records).map_err(SpoolError::from)
-            });
-            inner.usage.observe(Step::Index, started);
-            if let Err(e) = indexed {
-                // Not indexed: the blobs are orphans of a group nobody was told about.
-                for (_, _, reservation, path) in &mut fresh {
-                    let _ = fs::remove_file(&*path);
+        if fresh.is_empty() {
+            return Ok(results);
+        }
+        let started = Instant::now();
+        let entries: Vec<journal::Entry> = fresh.iter().map(|(e, _)| e.clone()).collect();
+        let appended = lock(&inner.journal).append(&entries);
+        inner.usage.observe(Step::Journal, started);
+        let appended = match appended {
+            Ok(a) => a,
+            Err(e) => {
+                for (_, reservation) in &mut fresh {
                     inner.usage.release(reservation);
                 }
-                return Err(e);
+                return Err(e.into());
             }
-            for (_, record, reservation, _) in &mut fresh {
-                inner
-                    .usage
-                    .commit(reservation, record.sealed_len, record.state());
+        };
+        {
+            let mut pending = lock(&inner.pending);
+            for (entry, _) in &fresh {
+                pending.insert(entry.record.uid_mac, entry.id);
             }
-            inner.committed.send_modify(|n| *n = n.wrapping_add(1));
         }
-        let mut fresh_ids = fresh.iter().map(|(id, ..)| *id);
-        Ok(results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    fresh_ids
-                        .next()
-                        .map(Committed::Stored)
-                        .ok_or(SpoolError::NotFound)
-                })
-            })
-            .collect())
+        inner
+            .journaled
+            .fetch_add(fresh.len() as u64, Ordering::SeqCst);
+        if let Some(tx) = lock(&inner.checkpoint).as_ref() {
+            if let Some(closed) = appended.closed {
+                let _ = tx.send(CheckpointJob::Closed(closed));
+            }
+            // If the thread were gone the messages stay journaled and are applied at the
+            // next open; they are durable either way.
+            let _ = tx.send(CheckpointJob::Apply {
+                generation: appended.generation,
+                entries: fresh,
+            });
+        }
+        Ok(results)
     }
 
-    /// Seals one message into its blob file, renamed into place but not yet synced.
-    fn write_message(
+    /// The id of a message already journaled or stored under this key MAC. The journal is
+    /// asked first: the checkpointer indexes a message before it leaves `pending`.
+    fn stored_message(&self, uid_mac: &Mac) -> Result<Option<ObjectId>, SpoolError> {
+        if let Some(id) = lock(&self.inner.pending).get(uid_mac) {
+            return Ok(Some(*id));
+        }
+        Ok(self.inner.index.ids_for_uid(uid_mac)?.first().copied())
+    }
+
+    /// Seals one message in memory and reserves its space.
+    fn seal_message(
         &self,
         keys: &Keys,
         item: &MessageIn,
         uid_mac: Mac,
-    ) -> Result<(ObjectId, Record, usage::Reservation, PathBuf), SpoolError> {
+    ) -> Result<(journal::Entry, usage::Reservation), SpoolError> {
         let inner = &self.inner;
-        let sealed_len = seal::sealed_len(item.bytes.len() as u64);
+        let plain_len = item.bytes.len() as u64;
+        let sealed_len = seal::sealed_len(plain_len);
         let mut reservation = match inner.usage.reserve(sealed_len) {
             Ok(r) => r,
             Err(full) => {
@@ -512,39 +724,24 @@ impl Spool {
                 inner.usage.reserve(sealed_len)?
             }
         };
-        match self.seal_message(keys, item, uid_mac) {
-            Ok((id, record, path)) => Ok((id, record, reservation, path)),
+        let sealed = (|| {
+            let mut id = [0u8; 16];
+            getrandom::getrandom(&mut id).map_err(|_| seal::SealError::Random)?;
+            let mut sealer = seal::Sealer::new(&keys.master, &id)?;
+            let mut sealed = Vec::with_capacity(usize::try_from(sealed_len).unwrap_or(0));
+            sealed.extend_from_slice(sealer.header());
+            let label = inner.journal_dir.as_path();
+            sealer.update(&item.bytes, &mut sealed).ctx("seal", label)?;
+            sealer.finish(&mut sealed).ctx("seal", label)?;
+            Ok::<_, SpoolError>((id, sealed))
+        })();
+        let (id, sealed) = match sealed {
+            Ok(v) => v,
             Err(e) => {
                 inner.usage.release(&mut reservation);
-                Err(e)
+                return Err(e);
             }
-        }
-    }
-
-    fn seal_message(
-        &self,
-        keys: &Keys,
-        item: &MessageIn,
-        uid_mac: Mac,
-    ) -> Result<(ObjectId, Record, PathBuf), SpoolError> {
-        let inner = &self.inner;
-        let plain_len = item.bytes.len() as u64;
-        let sealed_len = seal::sealed_len(plain_len);
-        let mut id = [0u8; 16];
-        getrandom::getrandom(&mut id).map_err(|_| seal::SealError::Random)?;
-        let mut sealer = seal::Sealer::new(&keys.master, &id)?;
-        let mut sealed = Vec::with_capacity(usize::try_from(sealed_len).unwrap_or(0));
-        sealed.extend_from_slice(sealer.header());
-        let tmp_path = inner.tmp.join(format!("{}.part", hex::encode(id)));
-        sealer
-            .update(&item.bytes, &mut sealed)
-            .ctx("seal", &tmp_path)?;
-        sealer.finish(&mut sealed).ctx("seal", &tmp_path)?;
-        let mut file = durable::create_new_private(&tmp_path)?;
-        file.write_all(&sealed).ctx("write", &tmp_path)?;
-        drop(file);
-        let final_path = self.blob_path(&id);
-        fs::rename(&tmp_path, &final_path).ctx("rename into place", &final_path)?;
+        };
         let mut mac = keys.mac();
         mac.update(&item.bytes);
         let record = Record {
@@ -563,12 +760,33 @@ impl Spool {
             study_mac: None,
             completed_unix_ms: None,
         };
-        Ok((id, record, final_path))
+        Ok((journal::Entry { id, record, sealed }, reservation))
+    }
+
+    /// Waits (at most `timeout`) until every message journaled so far is in the index and
+    /// `blobs/`; false if the checkpointer did not get there in time.
+    pub fn settle(&self, timeout: Duration) -> bool {
+        let target = self.inner.journaled.load(Ordering::SeqCst);
+        let (done, cv) = &self.inner.checkpointed;
+        let deadline = Instant::now() + timeout;
+        let mut applied = lock(done);
+        while *applied < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            applied = match cv.wait_timeout(applied, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        true
     }
 
     /// Writes the stored HL7 message with `key` (sending application|facility|MSH-10,
     /// as given to [`Spool::store_messages`]) to `out`.
     pub fn export_message<W: Write>(&self, key: &str, out: &mut W) -> Result<Record, SpoolError> {
+        self.settle(SETTLE_WAIT);
         let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
         let uid_mac = keys.labelled_mac(b"hl7\0", key);
         let id = *self
@@ -584,6 +802,7 @@ impl Spool {
 
     /// Counts by state and destination, bytes and oldest age. Scans the index.
     pub fn status(&self) -> Result<Status, SpoolError> {
+        self.settle(SETTLE_WAIT);
         let mut by_state: BTreeMap<String, u64> = ["received", "queued", "sent", "failed"]
             .into_iter()
             .map(|s| (s.to_string(), 0))
@@ -661,6 +880,7 @@ impl Spool {
     /// Checks that index and blobs agree and that every blob unseals to the content the
     /// index recorded. Changes nothing.
     pub fn verify(&self) -> Result<VerifyReport, SpoolError> {
+        self.settle(SETTLE_WAIT);
         let inner = &self.inner;
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
         let mut report = VerifyReport::default();
@@ -941,7 +1161,7 @@ impl Spool {
     }
 
     fn blob_path(&self, id: &ObjectId) -> PathBuf {
-        self.inner.blobs.join(format!("{}.blob", hex::encode(id)))
+        self.inner.blob_path(id)
     }
 
     fn unseal<W: Write>(
@@ -1167,4 +1387,112 @@ fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_keystore::KEY_LEN;
+
+    fn message(key: &str, body: &str) -> MessageIn {
+        MessageIn {
+            key: key.into(),
+            message_type: "ORU^R01".into(),
+            charset: "ascii".into(),
+            source: "127.0.0.1".into(),
+            bytes: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn open(dir: &Path) -> Spool {
+        let limits = Limits {
+            max_bytes: 1 << 40,
+            min_free_bytes: 0,
+        };
+        let master = MasterKey::from_bytes([7; KEY_LEN]);
+        let routes = vec![Route::new("ris", ObjectKind::Hl7)];
+        Spool::open(dir, Some(master), limits, routes).unwrap()
+    }
+
+    /// A crash after the journal append and before the checkpointer ran: the messages were
+    /// acknowledged, so the next open must store them, once each.
+    #[test]
+    fn acknowledged_messages_only_in_the_journal_are_stored_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path());
+        // Stall the checkpointer: groups are journaled and never applied in this run.
+        drop(lock(&spool.inner.checkpoint).take());
+        let first =
+            spool.store_messages(&[message("A|F|1", "MSH|one"), message("A|F|2", "MSH|two")]);
+        assert!(first.iter().all(|r| matches!(r, Ok(Committed::Stored(_)))));
+        let again =
+            spool.store_messages(&[message("A|F|2", "MSH|two"), message("A|F|3", "MSH|three")]);
+        let Ok(Committed::Stored(id3)) = again[1] else {
+            panic!("{again:?}")
+        };
+        assert!(
+            matches!((&first[1], &again[0]), (Ok(Committed::Stored(a)), Ok(Committed::Duplicate(b))) if a == b),
+            "a key still only in the journal is a duplicate: {first:?} {again:?}"
+        );
+        assert!(
+            !spool.settle(Duration::from_millis(50)),
+            "nothing applied yet"
+        );
+        assert!(spool.inner.index.get(&id3).unwrap().is_none());
+        drop(spool);
+
+        let spool = open(dir.path());
+        assert!(spool.settle(Duration::ZERO));
+        assert_eq!(spool.recover().unwrap(), Recovered::default());
+        let status = spool.status().unwrap();
+        assert_eq!(status.objects, 3);
+        assert_eq!(status.by_destination["ris"].queued, 3);
+        assert_eq!(spool.queued("ris", 10).unwrap().len(), 3);
+        let mut out = Vec::new();
+        spool.export_message("A|F|3", &mut out).unwrap();
+        assert_eq!(out, b"MSH|three");
+        assert!(spool.verify().unwrap().is_consistent());
+        assert_eq!(
+            journal::segments(&spool.inner.journal_dir).unwrap().len(),
+            0
+        );
+        // New segments sort after the replayed ones; a third open replays nothing twice.
+        let later = spool.store_messages(&[message("A|F|4", "MSH|four")]);
+        assert!(matches!(later[0], Ok(Committed::Stored(_))));
+        assert!(spool.settle(Duration::from_secs(5)));
+        let generations: Vec<u64> = journal::segments(&spool.inner.journal_dir)
+            .unwrap()
+            .into_iter()
+            .map(|(g, _)| g)
+            .collect();
+        assert_eq!(generations, [2]);
+        drop(spool);
+        let spool = open(dir.path());
+        assert_eq!(spool.status().unwrap().objects, 4);
+    }
+
+    /// A journal segment closed and fully checkpointed is deleted while running.
+    #[test]
+    fn closed_and_applied_segments_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path());
+        let big = "x".repeat(3 * 1024 * 1024);
+        for i in 0..7 {
+            let r = spool.store_messages(&[message(&format!("A|F|{i}"), &big)]);
+            assert!(matches!(r[0], Ok(Committed::Stored(_))), "{r:?}");
+        }
+        assert!(spool.settle(Duration::from_secs(10)));
+        // 7 x ~3 MiB fill more than one 16 MiB segment; only the one in use remains.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = journal::segments(&spool.inner.journal_dir).unwrap();
+            if left.len() == 1 {
+                assert_eq!(left[0].0, 2);
+                break;
+            }
+            assert!(Instant::now() < deadline, "segments left: {left:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(spool.status().unwrap().objects, 7);
+    }
 }

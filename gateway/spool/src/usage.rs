@@ -45,6 +45,8 @@ pub enum Step {
     Publish,
     /// sled transaction and flush.
     Index,
+    /// Append of a group of messages to the journal, with its fdatasync.
+    Journal,
 }
 
 impl Step {
@@ -53,6 +55,7 @@ impl Step {
             Step::SyncBlob => "sync_blob",
             Step::Publish => "publish",
             Step::Index => "index",
+            Step::Journal => "journal",
         }
     }
 }

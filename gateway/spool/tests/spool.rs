@@ -459,6 +459,7 @@ fn message_group_is_stored_once_per_key_and_queued_for_hl7_routes_only() {
     // A later group: the key is recognised from the index.
     let again = spool.store_messages(&[message("APP|FAC|2", "MSH|two")]);
     assert!(matches!(again[0], Ok(Committed::Duplicate(_))));
+    assert!(spool.settle(std::time::Duration::from_secs(5)));
     assert_eq!(spool.queued("ris", 10).unwrap().len(), 2);
     assert!(spool.queued("archive", 10).unwrap().is_empty());
     let mut out = Vec::new();
@@ -470,10 +471,18 @@ fn message_group_is_stored_once_per_key_and_queued_for_hl7_routes_only() {
         !on_disk.windows(7).any(|w| w == b"MSH|one"),
         "stored sealed"
     );
+    // The journal segment is still there (never closed); replaying it adds nothing.
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, routes).unwrap();
     assert_eq!(spool.recover().unwrap(), Default::default());
     assert!(spool.verify().unwrap().is_consistent());
     assert_eq!(spool.status().unwrap().objects, 2);
+    assert_eq!(spool.queued("ris", 10).unwrap().len(), 2);
+    assert_eq!(
+        fs::read_dir(dir.path().join("spool/journal"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 #[test]
