@@ -5,12 +5,14 @@
 //! data: UIDs and content hashes are stored only as keyed MACs (see `crate::Keys`).
 //!
 //! Trees:
-//! - `objects`: object id (16 bytes) -> [`Record`]: `0xFF 0x02` then postcard (format 2);
-//!   records of format 1 (bare postcard, before study batching) are read and upgraded on write
+//! - `objects`: object id (16 bytes) -> [`Record`]: `0xFF 0x03` then postcard (format 3);
+//!   records of format 2 (`0xFF 0x02`, before journal-resident messages) and format 1 (bare
+//!   postcard, before study batching) are read and upgraded on write
 //! - `by_uid`: uid MAC (32) || object id (16) -> empty, for lookups by SOP Instance UID
 //! - `by_content`: uid MAC (32) || content MAC (32) -> object id, for dedupe
-//! - `queue`: destination || 0x00 || received ms (u64 BE) || object id -> empty: the objects
-//!   still queued for each destination, oldest first
+//! - `queue`: destination || 0x00 || received ms (u64 BE) || sequence (u64 BE) || object id
+//!   -> empty: the objects still queued for each destination, in arrival order (keys written
+//!   before the sequence was added lack it and are still read and removed)
 
 use std::path::{Path, PathBuf};
 
@@ -55,6 +57,16 @@ pub enum ObjectKind {
 /// Marks a record of format 2; a format-1 record starts with the length of its SOP Class
 /// UID (a varint below 0x80), never with 0xFF.
 const RECORD_V2: [u8; 2] = [0xFF, 0x02];
+/// Marks a record of format 3 (adds [`Record::segment`]).
+const RECORD_V3: [u8; 2] = [0xFF, 0x03];
+
+/// Where the sealed bytes of a journal-resident object (an HL7 message) are: a journal
+/// segment and the offset of the sealed bytes in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRef {
+    pub generation: u64,
+    pub offset: u64,
+}
 
 /// What the index knows about one stored object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +91,50 @@ pub struct Record {
     pub study_mac: Option<Mac>,
     /// When the last destination confirmed the object (for `spool.keep_sent_for`).
     pub completed_unix_ms: Option<u64>,
+    /// The sealed bytes live in a journal segment, not in `blobs/`.
+    pub segment: Option<SegmentRef>,
+}
+
+/// Format 2 of [`Record`], as written before journal-resident messages.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct RecordV2 {
+    kind: ObjectKind,
+    sop_class_uid: String,
+    transfer_syntax_uid: String,
+    source: String,
+    plain_len: u64,
+    sealed_len: u64,
+    received_unix_ms: u64,
+    uid_mac: Mac,
+    content_mac: Mac,
+    destinations: Vec<Destination>,
+    blob_deleted: bool,
+    sequence: u64,
+    study_mac: Option<Mac>,
+    completed_unix_ms: Option<u64>,
+}
+
+impl From<RecordV2> for Record {
+    fn from(r: RecordV2) -> Self {
+        Self {
+            kind: r.kind,
+            sop_class_uid: r.sop_class_uid,
+            transfer_syntax_uid: r.transfer_syntax_uid,
+            source: r.source,
+            plain_len: r.plain_len,
+            sealed_len: r.sealed_len,
+            received_unix_ms: r.received_unix_ms,
+            uid_mac: r.uid_mac,
+            content_mac: r.content_mac,
+            destinations: r.destinations,
+            blob_deleted: r.blob_deleted,
+            sequence: r.sequence,
+            study_mac: r.study_mac,
+            completed_unix_ms: r.completed_unix_ms,
+            segment: None,
+        }
+    }
 }
 
 /// Format 1 of [`Record`], as written before study batching and retention.
@@ -115,22 +171,26 @@ impl From<RecordV1> for Record {
             sequence: r.sequence,
             study_mac: None,
             completed_unix_ms: None,
+            segment: None,
         }
     }
 }
 
 /// Encodes a record in the current format.
 pub(crate) fn encode_record(record: &Record) -> Result<Vec<u8>, postcard::Error> {
-    let mut out = RECORD_V2.to_vec();
+    let mut out = RECORD_V3.to_vec();
     out.extend_from_slice(&postcard::to_stdvec(record)?);
     Ok(out)
 }
 
 /// Decodes a record of any known format.
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, postcard::Error> {
-    match bytes.strip_prefix(&RECORD_V2) {
-        Some(v2) => postcard::from_bytes(v2),
-        None => postcard::from_bytes::<RecordV1>(bytes).map(Record::from),
+    if let Some(v3) = bytes.strip_prefix(&RECORD_V3) {
+        postcard::from_bytes(v3)
+    } else if let Some(v2) = bytes.strip_prefix(&RECORD_V2) {
+        postcard::from_bytes::<RecordV2>(v2).map(Record::from)
+    } else {
+        postcard::from_bytes::<RecordV1>(bytes).map(Record::from)
     }
 }
 
@@ -260,7 +320,7 @@ impl Index {
             .destinations
             .iter()
             .filter(|d| d.state == DeliveryState::Queued)
-            .map(|d| queue_key(&d.name, record.received_unix_ms, id))
+            .map(|d| queue_key(&d.name, record, id))
             .collect();
         Ok(Row {
             id: *id,
@@ -295,36 +355,35 @@ impl Index {
     }
 
     /// Inserts new objects (already checked for duplicates by their caller) with their
-    /// lookup and queue keys, then flushes once. One batch per tree, `objects` last: after
-    /// a crash in between, an object is either wholly indexed or has no `objects` row (and
-    /// its journal entry is applied again, rewriting the same keys). Cheaper than a
-    /// transaction, which the journal replay makes unnecessary here.
-    pub fn insert_all(&self, items: &[(ObjectId, Record)]) -> Result<(), IndexError> {
+    /// lookup and queue keys, then flushes if `flush`. Plain inserts, tree by tree with
+    /// `objects` last: sled's log is replayed in order after a crash, so an object is
+    /// either wholly indexed or has no `objects` row (and its journal entry is indexed
+    /// again, rewriting the same keys). A transaction or `apply_batch` would seal sled's
+    /// write buffer each time, one write and `sync_file_range` per call; the journal replay
+    /// makes their atomicity unnecessary here.
+    pub fn insert_all(&self, items: &[(ObjectId, Record)], flush: bool) -> Result<(), IndexError> {
         let rows = items
             .iter()
             .map(|(id, record)| self.row(id, record))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut queue = sled::Batch::default();
-        let mut by_content = sled::Batch::default();
-        let mut by_uid = sled::Batch::default();
-        let mut objects = sled::Batch::default();
+        let err = |e| self.db_err(e);
         for row in &rows {
             for key in &row.queue_keys {
-                queue.insert(key.as_slice(), &[][..]);
+                self.queue.insert(key.as_slice(), &[][..]).map_err(err)?;
             }
-            by_content.insert(row.content_key.as_slice(), row.id.as_slice());
-            by_uid.insert(row.uid_key.as_slice(), &[][..]);
-            objects.insert(row.id.as_slice(), row.value.as_slice());
+            self.by_content
+                .insert(row.content_key.as_slice(), row.id.as_slice())
+                .map_err(err)?;
+            self.by_uid
+                .insert(row.uid_key.as_slice(), &[][..])
+                .map_err(err)?;
         }
-        for (tree, batch) in [
-            (&self.queue, queue),
-            (&self.by_content, by_content),
-            (&self.by_uid, by_uid),
-            (&self.objects, objects),
-        ] {
-            tree.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        for row in &rows {
+            self.objects
+                .insert(row.id.as_slice(), row.value.as_slice())
+                .map_err(err)?;
         }
-        self.flush()
+        if flush { self.flush() } else { Ok(()) }
     }
 
     /// A fresh, monotonically increasing sequence number.
@@ -374,7 +433,8 @@ impl Index {
         };
         dest.state = state;
         let queued = dest.state == DeliveryState::Queued;
-        let key = queue_key(destination, record.received_unix_ms, id);
+        let key = queue_key(destination, &record, id);
+        let legacy = legacy_queue_key(destination, record.received_unix_ms, id);
         record.completed_unix_ms = match record.state() {
             "sent" => record.completed_unix_ms.or(now_ms),
             _ => None,
@@ -384,6 +444,7 @@ impl Index {
                 queue.insert(key.as_slice(), &[][..])?;
             } else {
                 queue.remove(key.as_slice())?;
+                queue.remove(legacy.as_slice())?;
             }
             Ok(())
         })?;
@@ -395,6 +456,16 @@ impl Index {
         if let Some(mut record) = self.get(id)? {
             record.blob_deleted = true;
             self.write_record(id, &record, false, |_| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    /// Records that the sealed bytes of `id` moved out of its journal segment into
+    /// `blobs/`; flushed before returning.
+    pub fn clear_segment(&self, id: &ObjectId) -> Result<(), IndexError> {
+        if let Some(mut record) = self.get(id)? {
+            record.segment = None;
+            self.write_record(id, &record, true, |_| Ok(()))?;
         }
         Ok(())
     }
@@ -524,7 +595,19 @@ fn content_key(uid_mac: &Mac, content_mac: &Mac) -> [u8; 64] {
     key
 }
 
-fn queue_key(destination: &str, received_ms: u64, id: &ObjectId) -> Vec<u8> {
+/// Objects received in the same millisecond (HL7 messages, one group) keep their arrival
+/// order by sequence number.
+fn queue_key(destination: &str, record: &Record, id: &ObjectId) -> Vec<u8> {
+    let mut key = destination.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&record.received_unix_ms.to_be_bytes());
+    key.extend_from_slice(&record.sequence.to_be_bytes());
+    key.extend_from_slice(id);
+    key
+}
+
+/// The queue key as written before it held the sequence number.
+fn legacy_queue_key(destination: &str, received_ms: u64, id: &ObjectId) -> Vec<u8> {
     let mut key = destination.as_bytes().to_vec();
     key.push(0);
     key.extend_from_slice(&received_ms.to_be_bytes());
@@ -577,13 +660,101 @@ mod tests {
     }
 
     #[test]
-    fn format_two_round_trips_new_fields() {
+    fn format_three_round_trips_new_fields() {
         let mut r = Record::from(v1());
         r.kind = ObjectKind::Hl7;
         r.study_mac = Some([9; 32]);
         r.completed_unix_ms = Some(42);
+        r.segment = Some(SegmentRef {
+            generation: 3,
+            offset: 4096,
+        });
         let bytes = encode_record(&r).unwrap();
-        assert_eq!(&bytes[..2], &RECORD_V2);
+        assert_eq!(&bytes[..2], &RECORD_V3);
         assert_eq!(decode_record(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn queue_keeps_arrival_order_within_a_millisecond_and_drops_legacy_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index")).unwrap();
+        let mut r = Record::from(v1());
+        r.blob_deleted = false;
+        r.destinations[0].state = DeliveryState::Queued;
+        // Ids in descending order, sequence ascending, one millisecond.
+        let items: Vec<(ObjectId, Record)> = (0..5u8)
+            .map(|i| {
+                let mut r = r.clone();
+                r.sequence = 100 + u64::from(i);
+                r.uid_mac = [i; 32];
+                ([200 - i; 16], r)
+            })
+            .collect();
+        index.insert_all(&items, true).unwrap();
+        let expect: Vec<ObjectId> = items.iter().map(|(id, _)| *id).collect();
+        assert_eq!(index.queued("cloud", 10).unwrap(), expect);
+        // A queue entry as written by the previous format is removed on delivery too.
+        let old_id = [1; 16];
+        let mut old = r.clone();
+        old.received_unix_ms -= 1;
+        index
+            .objects
+            .insert(old_id, encode_record(&old).unwrap())
+            .unwrap();
+        index
+            .queue
+            .insert(
+                legacy_queue_key("cloud", old.received_unix_ms, &old_id),
+                &[][..],
+            )
+            .unwrap();
+        assert_eq!(index.queued("cloud", 1).unwrap(), [old_id]);
+        index
+            .set_delivery(&old_id, "cloud", DeliveryState::Sent, Some(1), true)
+            .unwrap();
+        assert_eq!(index.queued("cloud", 10).unwrap(), expect);
+    }
+
+    #[test]
+    fn format_two_records_are_read_and_upgraded() {
+        let mut old = RecordV2 {
+            kind: ObjectKind::Hl7,
+            study_mac: Some([9; 32]),
+            completed_unix_ms: Some(42),
+            ..RecordV2::from_v1(v1())
+        };
+        old.sequence = 8;
+        let mut bytes = RECORD_V2.to_vec();
+        bytes.extend_from_slice(&postcard::to_stdvec(&old).unwrap());
+        let r = decode_record(&bytes).unwrap();
+        assert_eq!(
+            (r.kind, r.sequence, r.completed_unix_ms),
+            (ObjectKind::Hl7, 8, Some(42))
+        );
+        assert_eq!(r.study_mac, Some([9; 32]));
+        assert_eq!(r.segment, None);
+        assert_eq!(decode_record(&encode_record(&r).unwrap()).unwrap(), r);
+    }
+
+    impl RecordV2 {
+        fn from_v1(r: RecordV1) -> Self {
+            let r = Record::from(r);
+            Self {
+                kind: r.kind,
+                sop_class_uid: r.sop_class_uid,
+                transfer_syntax_uid: r.transfer_syntax_uid,
+                source: r.source,
+                plain_len: r.plain_len,
+                sealed_len: r.sealed_len,
+                received_unix_ms: r.received_unix_ms,
+                uid_mac: r.uid_mac,
+                content_mac: r.content_mac,
+                destinations: r.destinations,
+                blob_deleted: r.blob_deleted,
+                sequence: r.sequence,
+                study_mac: r.study_mac,
+                completed_unix_ms: r.completed_unix_ms,
+            }
+        }
     }
 }

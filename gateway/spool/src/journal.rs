@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use gateway_durable::{self as durable, Context};
 use sha2::{Digest as _, Sha256};
 
-use crate::index::{ObjectId, Record, decode_record, encode_record};
+use crate::index::{ObjectId, Record, SegmentRef, decode_record, encode_record};
 
 const MAGIC: &[u8; 4] = b"GWJ1";
 const HEADER: usize = 8;
@@ -85,10 +85,20 @@ impl Writer {
         }
     }
 
-    /// Appends one frame and makes it durable. After an error the writer starts a new
-    /// segment at the next append (the state of the failed one's cache is unknown).
-    pub(crate) fn append(&mut self, entries: &[Entry]) -> Result<Appended, durable::Error> {
-        let payload = encode_entries(entries).map_err(|source| durable::Error {
+    /// The segment appended to now (0 before the first append).
+    pub(crate) fn generation(&self) -> u64 {
+        if self.file.is_some() {
+            self.generation
+        } else {
+            0
+        }
+    }
+
+    /// Appends one frame and makes it durable, then sets each entry's
+    /// [`Record::segment`] to where its sealed bytes are. After an error the writer starts a
+    /// new segment at the next append (the state of the failed one's cache is unknown).
+    pub(crate) fn append(&mut self, entries: &mut [Entry]) -> Result<Appended, durable::Error> {
+        let (payload, positions) = encode_entries(entries).map_err(|source| durable::Error {
             action: "encode journal frame",
             path: self.dir.clone(),
             source,
@@ -130,6 +140,12 @@ impl Writer {
                 source,
             });
         }
+        for (entry, position) in entries.iter_mut().zip(positions) {
+            entry.record.segment = Some(SegmentRef {
+                generation: self.generation,
+                offset: self.offset + (HEADER + position) as u64,
+            });
+        }
         self.offset += frame_len;
         Ok(Appended {
             generation: self.generation,
@@ -138,7 +154,7 @@ impl Writer {
     }
 }
 
-fn segment_path(dir: &Path, generation: u64) -> PathBuf {
+pub(crate) fn segment_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("{generation:016x}{SUFFIX}"))
 }
 
@@ -180,9 +196,11 @@ fn digest(generation: u64, offset: u64, len: u32, payload: &[u8]) -> [u8; DIGEST
     out
 }
 
-fn encode_entries(entries: &[Entry]) -> std::io::Result<Vec<u8>> {
+/// The payload of a frame, and where in it each entry's sealed bytes start.
+fn encode_entries(entries: &[Entry]) -> std::io::Result<(Vec<u8>, Vec<usize>)> {
     let too_big = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "entry over 4 GiB");
     let mut out = Vec::new();
+    let mut positions = Vec::with_capacity(entries.len());
     for e in entries {
         let record = encode_record(&e.record).map_err(std::io::Error::other)?;
         out.extend_from_slice(&e.id);
@@ -197,12 +215,13 @@ fn encode_entries(entries: &[Entry]) -> std::io::Result<Vec<u8>> {
                 .map_err(|_| too_big())?
                 .to_le_bytes(),
         );
+        positions.push(out.len());
         out.extend_from_slice(&e.sealed);
     }
     if out.len() > u32::MAX as usize {
         return Err(too_big());
     }
-    Ok(out)
+    Ok((out, positions))
 }
 
 /// Splits `n` bytes off the front of `rest`.
@@ -220,14 +239,21 @@ fn take_u32(rest: &mut &[u8]) -> Option<usize> {
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
 }
 
-fn decode_entries(mut rest: &[u8]) -> Option<Vec<Entry>> {
+/// The entries of a payload that starts at `base` in segment `generation`.
+fn decode_entries(payload: &[u8], generation: u64, base: u64) -> Option<Vec<Entry>> {
     let mut out = Vec::new();
+    let mut rest = payload;
     while !rest.is_empty() {
         let id = ObjectId::try_from(take(&mut rest, 16)?).ok()?;
         let n = take_u32(&mut rest)?;
-        let record = decode_record(take(&mut rest, n)?).ok()?;
+        let mut record = decode_record(take(&mut rest, n)?).ok()?;
         let n = take_u32(&mut rest)?;
+        let position = payload.len() - rest.len();
         let sealed = take(&mut rest, n)?.to_vec();
+        record.segment = Some(SegmentRef {
+            generation,
+            offset: base + position as u64,
+        });
         out.push(Entry { id, record, sealed });
     }
     Some(out)
@@ -255,7 +281,7 @@ fn read_frames(generation: u64, bytes: &[u8]) -> Vec<Entry> {
         if tag != digest(generation, offset as u64, len, payload) {
             break;
         }
-        let Some(entries) = decode_entries(payload) else {
+        let Some(entries) = decode_entries(payload, generation, (offset + HEADER) as u64) else {
             tracing::warn!(
                 generation,
                 offset,
@@ -300,6 +326,14 @@ pub(crate) fn read_all(dir: &Path) -> Result<(Vec<Entry>, u64), durable::Error> 
     Ok((entries, newest))
 }
 
+/// The `len` sealed bytes at `at`.
+pub(crate) fn read_sealed(dir: &Path, at: SegmentRef, len: u64) -> std::io::Result<Vec<u8>> {
+    let file = File::open(segment_path(dir, at.generation))?;
+    let mut out = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
+    file.read_exact_at(&mut out, at.offset)?;
+    Ok(out)
+}
+
 /// Deletes segment `generation` durably.
 pub(crate) fn remove_segment(dir: &Path, generation: u64) -> Result<(), durable::Error> {
     durable::remove_durably(&segment_path(dir, generation)).map(|_| ())
@@ -326,6 +360,7 @@ mod tests {
             sequence: u64::from(n),
             study_mac: None,
             completed_unix_ms: None,
+            segment: None,
         }
     }
 
@@ -345,7 +380,8 @@ mod tests {
     fn frames_round_trip_across_segments() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = Writer::new(dir.path(), 0);
-        let a = w.append(&[entry(1), entry(2)]).unwrap();
+        let mut group = [entry(1), entry(2)];
+        let a = w.append(&mut group).unwrap();
         assert_eq!(
             a,
             Appended {
@@ -353,12 +389,21 @@ mod tests {
                 closed: None
             }
         );
-        w.append(&[entry(3)]).unwrap();
+        let mut third = [entry(3)];
+        w.append(&mut third).unwrap();
         let (entries, newest) = read_all(dir.path()).unwrap();
         assert_eq!(ids(&entries), [1, 2, 3]);
         assert_eq!(newest, 1);
-        assert_eq!(entries[1].record, record(2));
+        // Reading gives the records the writer located, and the location holds the bytes.
+        assert_eq!(entries[1].record, group[1].record);
+        assert_eq!(entries[2].record, third[0].record);
         assert_eq!(entries[1].sealed, entry(2).sealed);
+        for e in group.iter().chain(&third) {
+            let at = e.record.segment.unwrap();
+            assert_eq!(at.generation, 1);
+            let bytes = read_sealed(dir.path(), at, e.sealed.len() as u64).unwrap();
+            assert_eq!(bytes, e.sealed);
+        }
         // A segment starts full size, zero-filled.
         let len = fs::metadata(segment_path(dir.path(), 1)).unwrap().len();
         assert_eq!(len, SEGMENT_BYTES);
@@ -368,13 +413,13 @@ mod tests {
     fn a_group_too_big_for_the_segment_moves_to_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = Writer::new(dir.path(), 6);
-        w.append(&[entry(1)]).unwrap();
+        w.append(&mut [entry(1)]).unwrap();
         w.offset = SEGMENT_BYTES - 10;
         let big = Entry {
             sealed: vec![9; SEGMENT_BYTES as usize + 5],
             ..entry(2)
         };
-        let a = w.append(&[big]).unwrap();
+        let a = w.append(&mut [big]).unwrap();
         assert_eq!(
             a,
             Appended {
@@ -395,11 +440,11 @@ mod tests {
     fn reading_stops_at_a_torn_or_altered_frame() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = Writer::new(dir.path(), 0);
-        w.append(&[entry(1)]).unwrap();
+        w.append(&mut [entry(1)]).unwrap();
         let second = w.offset;
-        w.append(&[entry(2)]).unwrap();
+        w.append(&mut [entry(2)]).unwrap();
         let end = w.offset;
-        w.append(&[entry(3)]).unwrap();
+        w.append(&mut [entry(3)]).unwrap();
         let path = segment_path(dir.path(), 1);
         let clean = fs::read(&path).unwrap();
 
@@ -429,7 +474,7 @@ mod tests {
     fn garbage_never_panics() {
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
         for round in 0..2000 {
-            let mut bytes = frame(1, 0, &encode_entries(&[entry(1)]).unwrap());
+            let mut bytes = frame(1, 0, &encode_entries(&[entry(1)]).unwrap().0);
             for _ in 0..(round % 7 + 1) {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
@@ -438,7 +483,7 @@ mod tests {
                 bytes[i] = (seed >> 32) as u8;
             }
             let _ = read_frames(1, &bytes);
-            let _ = decode_entries(&bytes[HEADER.min(bytes.len())..]);
+            let _ = decode_entries(&bytes[HEADER.min(bytes.len())..], 1, 8);
         }
     }
 }

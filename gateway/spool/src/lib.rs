@@ -44,7 +44,6 @@ use std::collections::BTreeMap;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak, mpsc};
@@ -287,17 +286,13 @@ struct Inner {
     /// Messages journaled / checkpointed since open ([`Spool::settle`]).
     journaled: AtomicU64,
     checkpointed: (Mutex<u64>, Condvar),
+    /// Journal segment -> how many objects still need their sealed bytes there (not yet
+    /// reclaimed). A segment the writer has left is deleted when its count reaches 0.
+    live: Mutex<BTreeMap<u64, u64>>,
 }
 
-/// Work for the checkpointer thread, in journal order.
-enum CheckpointJob {
-    Apply {
-        generation: u64,
-        entries: Vec<(journal::Entry, usage::Reservation)>,
-    },
-    /// No frame will be appended to this segment again.
-    Closed(u64),
-}
+/// Work for the checkpointer thread: one journaled group.
+type CheckpointJob = Vec<(journal::Entry, usage::Reservation)>;
 
 impl Inner {
     /// The destinations a new object of `kind` is queued for.
@@ -318,9 +313,10 @@ impl Inner {
         self.blobs.join(format!("{}.blob", hex::encode(id)))
     }
 
-    /// Applies the journal left by the last run: every entry not yet stored (by id or by
-    /// key) gets its blob and index entry, then the segments are deleted. Returns the newest
-    /// generation seen, so new segments sort after it.
+    /// Indexes what the journal holds from the last run and the index lacks (an
+    /// acknowledged message whose index entry was not yet flushed), skipping anything
+    /// already indexed by id or by key. Returns the newest generation seen, so new segments
+    /// sort after it. The segments stay: they hold the messages' sealed bytes.
     fn replay_journal(&self) -> Result<u64, SpoolError> {
         let (entries, newest) = journal::read_all(&self.journal_dir)?;
         let total = entries.len();
@@ -333,58 +329,49 @@ impl Inner {
                 stored = stored || self.index.contains(&id)?;
             }
             if !stored && keys_seen.insert(entry.record.uid_mac) {
-                todo.push(entry);
+                todo.push((entry.id, entry.record));
             }
         }
-        self.apply(&todo.iter().collect::<Vec<_>>())?;
-        let segments = journal::segments(&self.journal_dir)?;
-        for (generation, _) in &segments {
-            journal::remove_segment(&self.journal_dir, *generation)?;
-        }
-        if total > 0 {
+        if !todo.is_empty() {
+            self.index.insert_all(&todo, true)?;
             info!(
                 journaled = total,
-                applied = todo.len(),
-                segments = segments.len(),
-                "applied HL7 messages the journal held from the last run (all were acknowledged)"
+                indexed = todo.len(),
+                "indexed HL7 messages the journal held from the last run (all were acknowledged)"
             );
         }
         Ok(newest)
     }
 
-    /// Writes the blobs of journaled messages, makes them durable with one `syncfs`, then
-    /// indexes them in one transaction and flush.
-    fn apply(&self, entries: &[&journal::Entry]) -> Result<(), SpoolError> {
-        if entries.is_empty() {
-            return Ok(());
+    /// `n` fewer objects need segment `generation`; deletes it if none does and the writer
+    /// has left it.
+    fn release_segment(&self, generation: u64, n: u64) {
+        let empty = {
+            let mut live = lock(&self.live);
+            let left = live.get_mut(&generation).map(|c| {
+                *c = c.saturating_sub(n);
+                *c
+            });
+            if left == Some(0) {
+                live.remove(&generation);
+            }
+            left.is_none_or(|c| c == 0)
+        };
+        if empty {
+            self.remove_segment_if_left(generation);
         }
-        // Written in place: no index entry names a blob before the syncfs below, and
-        // `recover` deletes blobs without one, so no temporary name is needed.
-        for entry in entries {
-            let path = self.blob_path(&entry.id);
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)
-                .ctx("create", &path)?;
-            file.write_all(&entry.sealed).ctx("write", &path)?;
+    }
+
+    /// Deletes a segment no object needs, unless the writer still appends to it.
+    fn remove_segment_if_left(&self, generation: u64) {
+        if lock(&self.journal).generation() == generation
+            || lock(&self.live).contains_key(&generation)
+        {
+            return;
         }
-        let started = Instant::now();
-        let dir = File::open(&self.blobs).ctx("open", &self.blobs)?;
-        nix::unistd::syncfs(&dir).map_err(|e| durable::Error {
-            action: "syncfs",
-            path: self.blobs.clone(),
-            source: e.into(),
-        })?;
-        self.usage.observe(Step::SyncBlob, started);
-        let started = Instant::now();
-        let records: Vec<(ObjectId, Record)> =
-            entries.iter().map(|e| (e.id, e.record.clone())).collect();
-        self.index.insert_all(&records)?;
-        self.usage.observe(Step::Index, started);
-        Ok(())
+        if let Err(e) = journal::remove_segment(&self.journal_dir, generation) {
+            warn!(error = %e, "cannot delete an unneeded journal segment; the next start does");
+        }
     }
 }
 
@@ -393,14 +380,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The checkpointer: takes every journaled group waiting, applies them together, then
-/// deletes the segments that are closed and fully applied. A failed apply (disk full,
-/// I/O error) is retried every second; the messages stay journaled meanwhile. Ends when
+/// The checkpointer: takes every journaled group waiting and indexes them in one batch
+/// per tree, without a flush (the journal is the durable copy; replay covers a crash). A
+/// failed insert is retried every second; the messages stay journaled meanwhile. Ends when
 /// the spool is dropped.
 fn run_checkpointer(spool: &Weak<Inner>, rx: &mpsc::Receiver<CheckpointJob>) {
-    let mut backlog: Vec<(u64, journal::Entry, usage::Reservation)> = Vec::new();
-    let mut outstanding: BTreeMap<u64, usize> = BTreeMap::new();
-    let mut closed: BTreeSet<u64> = BTreeSet::new();
+    let mut backlog: Vec<(journal::Entry, usage::Reservation)> = Vec::new();
     loop {
         let first = if backlog.is_empty() {
             match rx.recv() {
@@ -415,41 +400,32 @@ fn run_checkpointer(spool: &Weak<Inner>, rx: &mpsc::Receiver<CheckpointJob>) {
             }
         };
         for job in first.into_iter().chain(rx.try_iter()) {
-            match job {
-                CheckpointJob::Apply {
-                    generation,
-                    entries,
-                } => {
-                    *outstanding.entry(generation).or_default() += entries.len();
-                    backlog.extend(entries.into_iter().map(|(e, r)| (generation, e, r)));
-                }
-                CheckpointJob::Closed(generation) => {
-                    closed.insert(generation);
-                }
-            }
+            backlog.extend(job);
         }
         let Some(inner) = spool.upgrade() else {
             return;
         };
-        let entries: Vec<&journal::Entry> = backlog.iter().map(|(_, e, _)| e).collect();
-        if let Err(e) = inner.apply(&entries) {
+        let started = Instant::now();
+        let records: Vec<(ObjectId, Record)> = backlog
+            .iter()
+            .map(|(e, _)| (e.id, e.record.clone()))
+            .collect();
+        if let Err(e) = inner.index.insert_all(&records, false) {
             warn!(messages = backlog.len(), error = %e,
-                "cannot move journaled HL7 messages into the spool yet; retrying (they are safe in the journal)");
+                "cannot index journaled HL7 messages yet; retrying (they are safe in the journal)");
             continue;
         }
+        inner.usage.observe(Step::Index, started);
         let count = backlog.len() as u64;
         {
             let mut pending = lock(&inner.pending);
-            for (generation, entry, mut reservation) in backlog.drain(..) {
+            for (entry, mut reservation) in backlog.drain(..) {
                 pending.remove(&entry.record.uid_mac);
                 inner.usage.commit(
                     &mut reservation,
                     entry.record.sealed_len,
                     entry.record.state(),
                 );
-                if let Some(n) = outstanding.get_mut(&generation) {
-                    *n = n.saturating_sub(1);
-                }
             }
         }
         {
@@ -458,16 +434,6 @@ fn run_checkpointer(spool: &Weak<Inner>, rx: &mpsc::Receiver<CheckpointJob>) {
             cv.notify_all();
         }
         inner.committed.send_modify(|n| *n = n.wrapping_add(1));
-        closed.retain(|generation| {
-            if outstanding.get(generation).copied().unwrap_or(0) > 0 {
-                return true;
-            }
-            outstanding.remove(generation);
-            if let Err(e) = journal::remove_segment(&inner.journal_dir, *generation) {
-                warn!(error = %e, "cannot delete an applied journal segment; it is replayed harmlessly at the next start");
-            }
-            false
-        });
     }
 }
 
@@ -509,19 +475,31 @@ impl Spool {
             checkpoint: Mutex::new(None),
             journaled: AtomicU64::new(0),
             checkpointed: (Mutex::new(0), Condvar::new()),
+            live: Mutex::default(),
         };
         let newest = inner.replay_journal()?;
         inner.journal = Mutex::new(journal::Writer::new(&inner.journal_dir, newest));
         let mut sealed = 0;
         let mut counts = BTreeMap::new();
+        let mut live = BTreeMap::new();
         for entry in inner.index.records() {
             let (_, r) = entry?;
             if !r.blob_deleted {
                 sealed += r.sealed_len;
+                if let Some(at) = r.segment {
+                    *live.entry(at.generation).or_insert(0u64) += 1;
+                }
             }
             *counts.entry(r.state()).or_insert(0i64) += 1;
         }
         inner.usage.set_stored(sealed, &counts);
+        // Segments of the last run that no object needs any more.
+        for (generation, _) in journal::segments(&inner.journal_dir)? {
+            if !live.contains_key(&generation) {
+                journal::remove_segment(&inner.journal_dir, generation)?;
+            }
+        }
+        inner.live = Mutex::new(live);
         let inner = Arc::new(inner);
         let (tx, rx) = mpsc::channel();
         let weak = Arc::downgrade(&inner);
@@ -549,9 +527,15 @@ impl Spool {
             rec.partial_files_removed += 1;
         }
         for (path, id) in self.blob_files()? {
-            match id {
-                Some(id) if inner.index.contains(&id)? => {}
-                _ => {
+            // A blob whose record still points into the journal is a move-out of a dead
+            // letter that a crash interrupted before the index said so.
+            let needed = match id {
+                Some(id) => inner.index.get(&id)?.is_some_and(|r| r.segment.is_none()),
+                None => false,
+            };
+            match needed {
+                true => {}
+                false => {
                     fs::remove_file(&path).ctx("remove orphan", &path)?;
                     rec.orphan_blobs_removed += 1;
                 }
@@ -661,8 +645,8 @@ impl Spool {
             return Ok(results);
         }
         let started = Instant::now();
-        let entries: Vec<journal::Entry> = fresh.iter().map(|(e, _)| e.clone()).collect();
-        let appended = lock(&inner.journal).append(&entries);
+        let mut entries: Vec<journal::Entry> = fresh.iter().map(|(e, _)| e.clone()).collect();
+        let appended = lock(&inner.journal).append(&mut entries);
         inner.usage.observe(Step::Journal, started);
         let appended = match appended {
             Ok(a) => a,
@@ -673,25 +657,26 @@ impl Spool {
                 return Err(e.into());
             }
         };
+        *lock(&inner.live).entry(appended.generation).or_insert(0) += entries.len() as u64;
+        if let Some(closed) = appended.closed {
+            inner.remove_segment_if_left(closed);
+        }
         {
             let mut pending = lock(&inner.pending);
-            for (entry, _) in &fresh {
+            for entry in &entries {
                 pending.insert(entry.record.uid_mac, entry.id);
             }
+        }
+        for ((slot, _), entry) in fresh.iter_mut().zip(entries) {
+            *slot = entry;
         }
         inner
             .journaled
             .fetch_add(fresh.len() as u64, Ordering::SeqCst);
         if let Some(tx) = lock(&inner.checkpoint).as_ref() {
-            if let Some(closed) = appended.closed {
-                let _ = tx.send(CheckpointJob::Closed(closed));
-            }
-            // If the thread were gone the messages stay journaled and are applied at the
+            // If the thread were gone the messages stay journaled and are indexed at the
             // next open; they are durable either way.
-            let _ = tx.send(CheckpointJob::Apply {
-                generation: appended.generation,
-                entries: fresh,
-            });
+            let _ = tx.send(fresh);
         }
         Ok(results)
     }
@@ -759,6 +744,7 @@ impl Spool {
             sequence: inner.index.next_sequence()?,
             study_mac: None,
             completed_unix_ms: None,
+            segment: None,
         };
         Ok((journal::Entry { id, record, sealed }, reservation))
     }
@@ -1065,7 +1051,15 @@ impl Spool {
             return Ok(());
         }
         let inner = &self.inner;
+        let mut segments: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut files = false;
         for (id, _) in done {
+            if let Some(at) = inner.index.get(id)?.and_then(|r| r.segment) {
+                // Journal-resident: its segment goes when no object needs it any more.
+                *segments.entry(at.generation).or_default() += 1;
+                continue;
+            }
+            files = true;
             let path = self.blob_path(id);
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -1073,12 +1067,45 @@ impl Spool {
                 Err(e) => Err::<(), _>(e).ctx("remove", &path)?,
             }
         }
-        durable::sync_dir(&inner.blobs)?;
+        if files {
+            durable::sync_dir(&inner.blobs)?;
+        }
         for (id, sealed_len) in done {
             inner.index.set_blob_deleted(id)?;
             inner.usage.release_stored(*sealed_len);
         }
         inner.index.flush()?;
+        for (generation, n) in segments {
+            inner.release_segment(generation, n);
+        }
+        Ok(())
+    }
+
+    /// A dead letter may wait for an operator for weeks: its sealed bytes move out of their
+    /// journal segment into `blobs/` (written, synced, then the index updated and flushed),
+    /// so that it does not keep the whole segment on disk.
+    fn move_out_of_journal(&self, id: &ObjectId) -> Result<(), SpoolError> {
+        let inner = &self.inner;
+        let Some(record) = inner.index.get(id)? else {
+            return Ok(());
+        };
+        let Some(at) = record.segment.filter(|_| !record.blob_deleted) else {
+            return Ok(());
+        };
+        let segment = journal::segment_path(&inner.journal_dir, at.generation);
+        let sealed = journal::read_sealed(&inner.journal_dir, at, record.sealed_len)
+            .ctx("read", &segment)?;
+        let tmp_path = inner.tmp.join(format!("{}.part", hex::encode(id)));
+        let _ = fs::remove_file(&tmp_path);
+        let mut file = durable::create_new_private(&tmp_path)?;
+        file.write_all(&sealed).ctx("write", &tmp_path)?;
+        file.sync_data().ctx("sync", &tmp_path)?;
+        drop(file);
+        let final_path = self.blob_path(id);
+        fs::rename(&tmp_path, &final_path).ctx("rename into place", &final_path)?;
+        durable::sync_dir(&inner.blobs)?;
+        inner.index.clear_segment(id)?;
+        inner.release_segment(at.generation, 1);
         Ok(())
     }
 
@@ -1090,7 +1117,8 @@ impl Spool {
         reason: &str,
     ) -> Result<(), SpoolError> {
         let reason: String = reason.chars().take(200).collect();
-        self.set_delivery(id, destination, DeliveryState::Failed { reason })
+        self.set_delivery(id, destination, DeliveryState::Failed { reason })?;
+        self.move_out_of_journal(id)
     }
 
     /// Puts dead letters (of one destination, or all) back in the queue. Returns how many.
@@ -1175,6 +1203,33 @@ impl Spool {
             return Err(SpoolError::Reclaimed {
                 id: hex::encode(id),
             });
+        }
+        if let Some(at) = record.segment {
+            let path = journal::segment_path(&self.inner.journal_dir, at.generation);
+            let sealed = match journal::read_sealed(&self.inner.journal_dir, at, record.sealed_len)
+            {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(SpoolError::MissingBlob {
+                        id: hex::encode(id),
+                        path,
+                    });
+                }
+                Err(source) => {
+                    return Err(durable::Error {
+                        action: "read",
+                        path,
+                        source,
+                    }
+                    .into());
+                }
+            };
+            return seal::open(&keys.master, sealed.as_slice(), record.sealed_len, out)
+                .map(|_| ())
+                .map_err(|source| SpoolError::Open {
+                    id: hex::encode(id),
+                    source,
+                });
         }
         let path = self.blob_path(id);
         let file = match File::open(&path) {
@@ -1333,6 +1388,7 @@ impl Ingest {
             sequence: inner.index.next_sequence()?,
             study_mac: self.study.as_deref().map(|uid| keys.study_mac(uid)),
             completed_unix_ms: None,
+            segment: None,
         };
         let started = Instant::now();
         let inserted = inner.index.insert_durable(&self.id, &record);
@@ -1414,13 +1470,21 @@ mod tests {
         Spool::open(dir, Some(master), limits, routes).unwrap()
     }
 
+    fn segment_generations(spool: &Spool) -> Vec<u64> {
+        journal::segments(&spool.inner.journal_dir)
+            .unwrap()
+            .into_iter()
+            .map(|(g, _)| g)
+            .collect()
+    }
+
     /// A crash after the journal append and before the checkpointer ran: the messages were
-    /// acknowledged, so the next open must store them, once each.
+    /// acknowledged, so the next open must index them, once each.
     #[test]
-    fn acknowledged_messages_only_in_the_journal_are_stored_at_the_next_open() {
+    fn acknowledged_messages_only_in_the_journal_are_indexed_at_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
         let spool = open(dir.path());
-        // Stall the checkpointer: groups are journaled and never applied in this run.
+        // Stall the checkpointer: groups are journaled and never indexed in this run.
         drop(lock(&spool.inner.checkpoint).take());
         let first =
             spool.store_messages(&[message("A|F|1", "MSH|one"), message("A|F|2", "MSH|two")]);
@@ -1436,7 +1500,7 @@ mod tests {
         );
         assert!(
             !spool.settle(Duration::from_millis(50)),
-            "nothing applied yet"
+            "nothing indexed yet"
         );
         assert!(spool.inner.index.get(&id3).unwrap().is_none());
         drop(spool);
@@ -1447,33 +1511,31 @@ mod tests {
         let status = spool.status().unwrap();
         assert_eq!(status.objects, 3);
         assert_eq!(status.by_destination["ris"].queued, 3);
-        assert_eq!(spool.queued("ris", 10).unwrap().len(), 3);
+        let queued = spool.queued("ris", 10).unwrap();
+        assert_eq!(queued.len(), 3);
         let mut out = Vec::new();
         spool.export_message("A|F|3", &mut out).unwrap();
         assert_eq!(out, b"MSH|three");
         assert!(spool.verify().unwrap().is_consistent());
-        assert_eq!(
-            journal::segments(&spool.inner.journal_dir).unwrap().len(),
-            0
-        );
-        // New segments sort after the replayed ones; a third open replays nothing twice.
+        // The segment holds the queued messages' sealed bytes; new ones go to a newer one.
+        assert_eq!(segment_generations(&spool), [1]);
         let later = spool.store_messages(&[message("A|F|4", "MSH|four")]);
         assert!(matches!(later[0], Ok(Committed::Stored(_))));
         assert!(spool.settle(Duration::from_secs(5)));
-        let generations: Vec<u64> = journal::segments(&spool.inner.journal_dir)
-            .unwrap()
-            .into_iter()
-            .map(|(g, _)| g)
-            .collect();
-        assert_eq!(generations, [2]);
+        assert_eq!(segment_generations(&spool), [1, 2]);
+        // Once the uplink confirmed everything in segment 1, it is deleted.
+        spool.mark_sent_all(&queued, "ris").unwrap();
+        assert_eq!(segment_generations(&spool), [2]);
         drop(spool);
         let spool = open(dir.path());
         assert_eq!(spool.status().unwrap().objects, 4);
+        assert_eq!(spool.queued("ris", 10).unwrap().len(), 1);
+        assert!(spool.verify().unwrap().is_consistent());
     }
 
-    /// A journal segment closed and fully checkpointed is deleted while running.
+    /// Segments live while a message in them is queued; the one being appended to stays.
     #[test]
-    fn closed_and_applied_segments_are_deleted() {
+    fn segments_go_when_every_message_in_them_is_sent() {
         let dir = tempfile::tempdir().unwrap();
         let spool = open(dir.path());
         let big = "x".repeat(3 * 1024 * 1024);
@@ -1482,17 +1544,58 @@ mod tests {
             assert!(matches!(r[0], Ok(Committed::Stored(_))), "{r:?}");
         }
         assert!(spool.settle(Duration::from_secs(10)));
-        // 7 x ~3 MiB fill more than one 16 MiB segment; only the one in use remains.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let left = journal::segments(&spool.inner.journal_dir).unwrap();
-            if left.len() == 1 {
-                assert_eq!(left[0].0, 2);
-                break;
-            }
-            assert!(Instant::now() < deadline, "segments left: {left:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(spool.status().unwrap().objects, 7);
+        // 7 x ~3 MiB fill more than one 16 MiB segment.
+        assert_eq!(segment_generations(&spool), [1, 2]);
+        let queued = spool.queued("ris", 10).unwrap();
+        spool.mark_sent_all(&queued[..3], "ris").unwrap();
+        assert_eq!(
+            segment_generations(&spool),
+            [1, 2],
+            "segment 1 still needed"
+        );
+        spool.mark_sent_all(&queued[3..], "ris").unwrap();
+        assert_eq!(
+            segment_generations(&spool),
+            [2],
+            "segment 2 is still written to"
+        );
+        assert_eq!(spool.status().unwrap().by_state["sent"], 7);
+        drop(spool);
+        // At the next start nothing needs segment 2 either.
+        let spool = open(dir.path());
+        assert!(segment_generations(&spool).is_empty());
+        assert!(spool.verify().unwrap().is_consistent());
+    }
+
+    /// A dead letter leaves the journal for `blobs/` and still exports and retries.
+    #[test]
+    fn a_dead_letter_moves_out_of_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path());
+        let r =
+            spool.store_messages(&[message("A|F|1", "MSH|refused"), message("A|F|2", "MSH|ok")]);
+        let (Ok(Committed::Stored(bad)), Ok(Committed::Stored(good))) = (&r[0], &r[1]) else {
+            panic!("{r:?}")
+        };
+        assert!(spool.settle(Duration::from_secs(5)));
+        spool
+            .mark_failed(bad, "ris", "AR: unknown patient")
+            .unwrap();
+        let record = spool.inner.index.get(bad).unwrap().unwrap();
+        assert_eq!(record.segment, None);
+        assert!(spool.blob_path(bad).exists());
+        spool.mark_sent(good, "ris").unwrap();
+        // Segment 1 is still the one being written to, so it stays; at the next open
+        // nothing needs it.
+        drop(spool);
+        let spool = open(dir.path());
+        assert!(segment_generations(&spool).is_empty());
+        assert_eq!(spool.recover().unwrap(), Recovered::default());
+        let mut out = Vec::new();
+        spool.export_message("A|F|1", &mut out).unwrap();
+        assert_eq!(out, b"MSH|refused");
+        assert_eq!(spool.retry_failed(None).unwrap(), 1);
+        assert_eq!(spool.queued("ris", 10).unwrap(), [*bad]);
+        assert!(spool.verify().unwrap().is_consistent());
     }
 }
