@@ -14,9 +14,9 @@ senders, each after a short warm-up that is not timed, against
 
   gatewayd      release build, development config, software key store, `[hl7] listen` on a
                 free port, data dir in a temp dir under /var/tmp (a real disk, not tmpfs:
-                checked with `df`). Every AA only after the message is sealed, its blob
-                written and the group's `syncfs` + sled flush done (group commit across
-                connections). A FRESH gatewayd and data dir per run. After each run the
+                checked with `df`). Every AA only after the message is sealed and
+                its group's frame appended to the spool journal and fdatasync'd (group
+                commit across connections); the index is written behind it. A FRESH gatewayd and data dir per run. After each run the
                 spool must hold warm-up + measured messages, and
                 `gateway_hl7_messages_total{ack="AA"}` must say the same.
   python-hl7    python-hl7's own asyncio MLLP server (`hl7.mllp.start_hl7_server`, the
@@ -27,8 +27,8 @@ senders, each after a short warm-up that is not timed, against
 Median of --repeats (default 3), interleaved so that drifts of the machine hit both alike.
 Server CPU = utime + stime from /proc/PID/stat over the load generator's run (warm-up
 included), per 1,000 messages. For gatewayd also the durable steps from its own
-`gateway_spool_commit_step_seconds` (one `sync_blob` = one group's syncfs, one `index` =
-its sled transaction + flush). Prints a Markdown report and writes it to
+`gateway_spool_commit_step_seconds` (one `journal` = one group's append + fdatasync, on
+the path to the AA; one `index` = one checkpointer round of sled inserts, after the AA). Prints a Markdown report and writes it to
 hw-tests/bench/last-hl7.md.
 
 Every server binds 127.0.0.1 on a free port picked here and is stopped by its PID; the temp
@@ -134,7 +134,7 @@ def has_journal(source: str) -> bool:
 def step_totals(samples) -> dict[str, tuple[float, float]]:
     """gateway_spool_commit_step_seconds: step -> (sum seconds, count)."""
     out = {}
-    for step in ("sync_blob", "index"):
+    for step in ("journal", "index"):
         s = sum(gw.metric_values(samples, "gateway_spool_commit_step_seconds_sum", step=step))
         c = sum(gw.metric_values(samples, "gateway_spool_commit_step_seconds_count", step=step))
         out[step] = (s, c)
@@ -286,7 +286,7 @@ def main() -> int:
             ref = med("python-hl7", senders, "msgs_per_sec")
             cpu_k = statistics.median(1000 * r["cpu"] / r["total"] for r in runs)
             gen_k = statistics.median(1000 * r["loadgen_cpu"] / r["total"] for r in runs)
-            label = "**gatewayd** (durable: sealed, syncfs, sled flush before AA)" if name == "gatewayd" else \
+            label = "**gatewayd** (durable: sealed, journal fdatasync before AA)" if name == "gatewayd" else \
                 f"python-hl7 {hl7_version} asyncio server (AA from memory, stores nothing)"
             rows.append(
                 f"| {label} | {senders} | {messages} | {med(name, senders, 'seconds'):.2f} | "
@@ -297,15 +297,15 @@ def main() -> int:
         step_rows = []
         for senders in (1, 8):
             runs = results[("gatewayd", senders)]
-            groups = statistics.median(r["steps"]["sync_blob"][1] for r in runs)
-            per_group = statistics.median(r["total"] / r["steps"]["sync_blob"][1] for r in runs if r["steps"]["sync_blob"][1])
-            sync_ms = statistics.median(1000 * r["steps"]["sync_blob"][0] / r["steps"]["sync_blob"][1] for r in runs)
+            groups = statistics.median(r["steps"]["journal"][1] for r in runs)
+            per_group = statistics.median(r["total"] / r["steps"]["journal"][1] for r in runs if r["steps"]["journal"][1])
+            sync_ms = statistics.median(1000 * r["steps"]["journal"][0] / r["steps"]["journal"][1] for r in runs)
+            rounds = statistics.median(r["steps"]["index"][1] for r in runs)
             index_ms = statistics.median(1000 * r["steps"]["index"][0] / r["steps"]["index"][1] for r in runs)
-            steps_per_msg = statistics.median(1000 * (r["steps"]["sync_blob"][0] + r["steps"]["index"][0])
-                                              / r["total"] for r in runs)
+            steps_per_msg = statistics.median(1000 * r["steps"]["journal"][0] / r["total"] for r in runs)
             wall_per_msg = 1000 / med("gatewayd", senders, "msgs_per_sec")
-            step_rows.append(f"| {senders} | {groups:.0f} | {per_group:.1f} | {sync_ms:.2f} | {index_ms:.2f} | "
-                             f"{steps_per_msg:.3f} | {wall_per_msg:.3f} |")
+            step_rows.append(f"| {senders} | {groups:.0f} | {per_group:.1f} | {sync_ms:.3f} | {steps_per_msg:.3f} | "
+                             f"{rounds:.0f} | {index_ms:.3f} | {wall_per_msg:.3f} |")
 
         short = [f"{n} {s}x ({r['seconds']:.1f} s)" for (n, s), runs in results.items() for r in runs
                  if r["seconds"] < 5.0]
@@ -350,11 +350,12 @@ def main() -> int:
             f"**{'met' if met else 'not met'}** ({rate8:.0f} msgs/s, p99 {p99_8:.2f} ms).",
             "",
             "gatewayd's durable steps (its `gateway_spool_commit_step_seconds`, whole run incl. warm-up; median of "
-            "runs; a group = the messages the committer thread stores with one syncfs + one sled flush):",
+            "runs; a group = the messages the committer thread makes durable with one journal append + fdatasync; "
+            "an index round = the messages the checkpointer indexes at once, after their AA):",
             "",
-            "| senders | groups per run | messages per group | syncfs ms per group | index ms per group | "
-            "syncfs + index ms per message | wall ms per message (1 / median msgs/s) |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| senders | groups per run | messages per group | journal ms per group | journal ms per message | "
+            "index rounds per run | index ms per round | wall ms per message (1 / median msgs/s) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
             *step_rows,
             "",
             "Latency = from the last byte of a frame written to the last byte of its ACK read, per message "

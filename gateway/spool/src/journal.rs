@@ -1,14 +1,13 @@
-//! The message journal: the write-ahead part of the index for small objects (HL7 messages).
+//! The message journal: where HL7 messages are made durable, and where they stay.
 //!
 //! A group of messages is acknowledged after one `fdatasync` of one append to a journal
-//! segment, instead of a `syncfs` for their blob files plus a sled flush (docs/adr/0006).
-//! Each append is a frame holding, for every message of the group, its object id, its
-//! encoded index [`Record`] and its sealed bytes: everything the blob file and index entry
-//! will hold. A checkpointer thread then writes the blob files, syncs them, inserts the
-//! records into the index and flushes it, many groups at a time; a segment is deleted once
-//! every message in it is checkpointed and the writer has moved to a newer segment.
-//! [`replay`] applies whatever a crash left in the journal when the spool opens, before
-//! anything else reads the index.
+//! segment (docs/adr/0006). Each append is a frame holding, for every message of the
+//! group, its object id, its encoded index [`Record`] and its sealed bytes. The index
+//! record of a message then names the segment and offset of its sealed bytes
+//! ([`Record::segment`]): no blob file is written for it. The spool's checkpointer thread
+//! indexes the records behind the acknowledgement; [`read_all`] gives the spool what a
+//! crash kept from the index when it opens. The spool deletes a segment once the writer has
+//! left it and no record needs it.
 //!
 //! On disk, `<spool>/journal/<generation, 16 hex digits>.wal`. A segment is created full of
 //! zeros and synced before its first frame, so appending to it overwrites allocated blocks

@@ -14,18 +14,19 @@
 //! - `tmp/<id>.part`: an object being received (deleted at start if a crash left it);
 //! - `blobs/<id>.blob`: committed sealed objects;
 //! - `index/`: the sled database;
-//! - `journal/<generation>.wal`: groups of HL7 messages acknowledged but not yet written to
-//!   `blobs/` and `index/` (replayed when the spool opens).
+//! - `journal/<generation>.wal`: HL7 messages, in the groups they were acknowledged in
+//!   (their records point there; replayed into `index/` when the spool opens).
 //!
 //! Invariants (the kill -9 tests in hw-tests pin them):
 //! - [`Ingest::commit`] returns only after the blob is fsync'd, renamed into `blobs/`, the
 //!   directory is fsync'd, and the index entry is committed and flushed. The caller sends its
 //!   success status only after that.
 //! - [`Spool::store_messages`] returns only after the group's frame (sealed bytes and index
-//!   records) is appended to the journal and fdatasync'd. The checkpointer writes blobs,
-//!   `syncfs`, then indexes and flushes, then drops the journal segment; [`Spool::open`]
-//!   replays what it had not finished, so an acknowledged message is never lost and a
-//!   replay never stores a message twice (an entry whose id or key is indexed is skipped).
+//!   records) is appended to the journal and fdatasync'd; the messages' bytes stay in that
+//!   segment. The checkpointer indexes them behind the answer; [`Spool::open`] indexes what
+//!   it had not, so an acknowledged message is never lost and a replay never stores a
+//!   message twice (an entry whose id or key has an `objects` row is skipped). A segment is
+//!   deleted only once the writer has left it and no record needs its bytes.
 //! - A blob in `blobs/` without an index entry is the trace of a crash between rename and
 //!   index commit; its sender never got success. [`Spool::recover`] deletes such orphans.
 //!   An index entry without its blob must never exist; [`Spool::verify`] reports it.
