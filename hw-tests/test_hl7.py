@@ -7,6 +7,10 @@
   AA, stored byte-identical; ISO IR159 (JIS X 0212) text: AE with ERR 102, not stored;
 - kill -9 right after the AA of each of 30 messages sent on one connection: after
   restart all 30 export byte-identical and `spool verify` is consistent;
+- kill -9 in the middle of 8 connections sending as fast as they can (group commit
+  through the journal under load): after restart every acknowledged message is there
+  once, the last ones of each connection export byte-identical, resending everything
+  stores nothing new, and `spool verify` is consistent;
 - bad input: garbage before a frame, a frame without MSH, an oversized frame, and
   10,000 seeded mutations of valid messages: NAKs or a closed connection, the daemon
   alive, a valid message afterwards answered AA, earlier messages intact;
@@ -134,6 +138,70 @@ def test_kill9_right_after_each_aa_loses_nothing(tmp_path, gateway_factory):
     rc, report, proc = g.verify()
     assert rc == 0 and report and report["orphan_blobs"] == 0 and report["dangling_entries"] == 0, proc.stdout
     assert g.status()["objects"] == 30
+    assert g.stop() == 0
+
+
+def test_kill9_under_load_from_eight_connections_loses_and_duplicates_nothing(tmp_path, gateway_factory):
+    g = hl7_gateway(gateway_factory)
+    senders, per_sender = 8, 4000
+    msgs = [[adt_a08(f"ZZLD{s}{i:05d}", patient_id=f"ZZPID{s}{i:04d}") for i in range(per_sender)]
+            for s in range(senders)]
+    acked: list[list[hl7msg.Msg]] = [[] for _ in range(senders)]
+    stop = threading.Event()
+
+    problems: list[str] = []
+
+    def send(s: int) -> None:
+        try:
+            with MllpConnection(g.hl7_port, timeout=10) as c:
+                for m in msgs[s]:
+                    if stop.is_set():
+                        return
+                    c.send(m.bytes)
+                    ack = c.recv_frame(10)
+                    if ack is None:
+                        return  # the daemon died under us: what was acknowledged counts
+                    if msa(ack) != ("AA", m.control_id):
+                        problems.append(f"{m.control_id}: {msa(ack)}")
+                        return
+                    acked[s].append(m)
+        except OSError:
+            return  # refused or reset by the kill
+        except AssertionError as e:  # no answer within 10 s: a hang
+            problems.append(str(e))
+
+    threads = [threading.Thread(target=send, args=(s,)) for s in range(senders)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while sum(map(len, acked)) < 1500 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    g.kill9()
+    stop.set()
+    for t in threads:
+        t.join(15)
+    total = sum(map(len, acked))
+    assert not problems, problems
+    assert total >= 1500, f"only {total} acknowledged before the kill"
+    assert all(len(a) < per_sender for a in acked), "the kill came after a sender had finished"
+    g.start()
+    # Each connection had at most one message in flight: durable, or not, when the kill came.
+    objects = g.status()["objects"]
+    assert total <= objects <= total + senders, (objects, total)
+    for s in range(senders):
+        for m in acked[s][-3:]:
+            assert export(g, m, tmp_path / f"{m.control_id}.hl7") == m.bytes, f"{m.control_id} lost"
+    # Resending the last 50 acknowledged and the one in flight of each connection: AA for
+    # all; the acknowledged are duplicates, so exactly one new message per connection.
+    with MllpConnection(g.hl7_port) as c:
+        for s in range(senders):
+            for m in acked[s][-50:] + [msgs[s][len(acked[s])]]:
+                assert msa(c.request(m.bytes)) == ("AA", m.control_id)
+    total += senders
+    assert g.status()["objects"] == total
+    rc, report, proc = g.verify()
+    assert rc == 0 and report and report["objects"] == total and report["ok"] == total, proc.stdout
+    assert_no_patient_data_in_log(g)
     assert g.stop() == 0
 
 
