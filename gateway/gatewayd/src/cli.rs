@@ -23,6 +23,61 @@ pub enum Command {
     /// Manage the key store.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Check the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Manage kiosk staff accounts (each change is written to the audit trail).
+    #[command(subcommand)]
+    Users(UsersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Add an account; its password is read from the first line of standard input.
+    Add {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// clerk, physician or admin.
+        #[arg(long)]
+        role: String,
+    },
+    /// Make a new TOTP secret for an account and print it once (base32 and otpauth URI).
+    EnrollTotp {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Disable an account.
+    Disable {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// List accounts (no secrets).
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check every record's MAC, order and link, and that none is missing at the end;
+    /// exit 0 if intact, 1 naming the first damaged record.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

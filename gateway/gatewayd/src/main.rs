@@ -23,5 +23,7 @@ fn main() -> ExitCode {
         cli::Command::CheckConfig(args) => ops::check_config(&args),
         cli::Command::Spool(cmd) => ops::spool(&cmd),
         cli::Command::Keys(cmd) => ops::keys(&cmd),
+        cli::Command::Audit(cmd) => ops::audit(&cmd),
+        cli::Command::Users(cmd) => ops::users(&cmd),
     }
 }

@@ -1,4 +1,4 @@
-//! Operator commands: `check-config`, `spool ...`, `keys ...`.
+//! Operator commands: `check-config`, `spool ...`, `keys ...`, `audit ...`, `users ...`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,7 +8,7 @@ use gateway_config::{KeystoreBackend, Settings};
 use gateway_keystore::Backend;
 use gateway_spool::{Limits, ObjectKind, Route, Spool};
 
-use crate::cli::{ConfigArg, KeysCommand, SpoolCommand};
+use crate::cli::{AuditCommand, ConfigArg, KeysCommand, SpoolCommand, UsersCommand};
 
 pub fn check_config(args: &ConfigArg) -> ExitCode {
     match Settings::load(&args.config) {
@@ -54,6 +54,174 @@ pub fn backend(settings: &Settings) -> Backend {
             tcti: settings.keystore.tcti.to_string(),
             pcrs: settings.keystore.pcrs.clone(),
         },
+    }
+}
+
+fn master_key(settings: &Settings) -> Result<gateway_keystore::MasterKey, String> {
+    gateway_keystore::open(&backend(settings), &settings.node.data_dir)
+        .and_then(|s| s.spool_master_key())
+        .map_err(|e| e.to_string())
+}
+
+/// The audit key of this box (derived from the spool master key in its key store).
+pub fn audit_key(settings: &Settings) -> Result<gateway_audit::AuditKey, String> {
+    master_key(settings).map(|m| gateway_audit::AuditKey::derive(m.expose()))
+}
+
+/// Where the audit trail lives.
+pub fn audit_dir(settings: &Settings) -> PathBuf {
+    settings.node.data_dir.join("audit")
+}
+
+pub fn audit(cmd: &AuditCommand) -> ExitCode {
+    let AuditCommand::Verify { config, json } = cmd;
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let report = audit_key(&settings).and_then(|key| {
+        gateway_audit::verify(&audit_dir(&settings), &key).map_err(|e| e.to_string())
+    });
+    match report {
+        Err(e) => {
+            eprintln!("gatewayd: {e}");
+            ExitCode::from(2)
+        }
+        Ok(report) => {
+            if *json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                match &report.problem {
+                    None => println!("audit log: {} records, intact", report.records),
+                    Some(p) => println!(
+                        "audit log: {p} ({} records intact before it)",
+                        report.records
+                    ),
+                }
+            }
+            if report.problem.is_none() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+pub fn users(cmd: &UsersCommand) -> ExitCode {
+    let config = match cmd {
+        UsersCommand::Add { config, .. }
+        | UsersCommand::EnrollTotp { config, .. }
+        | UsersCommand::Disable { config, .. }
+        | UsersCommand::List { config, .. } => config,
+    };
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match users_action(cmd, &settings) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gatewayd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn users_action(cmd: &UsersCommand, settings: &Settings) -> Result<String, String> {
+    use gateway_audit::{Action, AuditLog, Event, Outcome};
+    use gateway_staff::{Role, Staff, StaffKey};
+    let master = master_key(settings)?;
+    let staff = Staff::open(
+        &settings.node.data_dir.join("staff"),
+        StaffKey::derive(master.expose()),
+    )
+    .map_err(|e| e.to_string())?;
+    let audit = || {
+        AuditLog::open(
+            &audit_dir(settings),
+            gateway_audit::AuditKey::derive(master.expose()),
+        )
+        .map_err(|e| e.to_string())
+    };
+    let record = |action: Action, name: &str| {
+        audit()?
+            .append(Event {
+                actor: "local-admin".into(),
+                action,
+                outcome: Outcome::Success,
+                subject: Some(format!("account:{name}")),
+                detail: None,
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    match cmd {
+        UsersCommand::Add { name, role, .. } => {
+            let role: Role = role
+                .parse()
+                .map_err(|e: gateway_staff::StaffError| e.to_string())?;
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            // Check that the trail can be written before changing anything.
+            audit()?;
+            staff.add(name, role, password).map_err(|e| e.to_string())?;
+            record(Action::AccountAdded, name)?;
+            Ok(format!(
+                "added {name} ({}); enrol a second factor with `gatewayd users enroll-totp`\n",
+                role.as_str()
+            ))
+        }
+        UsersCommand::EnrollTotp { name, .. } => {
+            audit()?;
+            let issuer = format!("gatewayd {}", settings.node.id);
+            let e = staff
+                .enroll_totp(name, &issuer)
+                .map_err(|e| e.to_string())?;
+            record(Action::TotpEnrolled, name)?;
+            Ok(format!(
+                "secret: {}\nuri: {}\n",
+                e.secret_base32.as_str(),
+                e.otpauth_uri.as_str()
+            ))
+        }
+        UsersCommand::Disable { name, .. } => {
+            audit()?;
+            staff.disable(name).map_err(|e| e.to_string())?;
+            record(Action::AccountDisabled, name)?;
+            Ok(format!("disabled {name}\n"))
+        }
+        UsersCommand::List { json, .. } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let accounts = staff.accounts(now);
+            if *json {
+                serde_json::to_string(&accounts)
+                    .map(|s| s + "\n")
+                    .map_err(|e| e.to_string())
+            } else {
+                Ok(accounts
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{} {} totp={} disabled={} locked={}\n",
+                            a.name,
+                            a.role.as_str(),
+                            a.totp_enrolled,
+                            a.disabled,
+                            a.locked
+                        )
+                    })
+                    .collect())
+            }
+        }
     }
 }
 

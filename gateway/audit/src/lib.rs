@@ -1,0 +1,424 @@
+//! The audit trail: who logged in, who read or changed which patient's booking, and what the
+//! vendor commanded, kept so that an edited, reordered or deleted record is detected.
+//!
+//! On disk, under `<data_dir>/audit/`:
+//! - `audit.jsonl`: one JSON object per line, appended and `fdatasync`'d before
+//!   [`AuditLog::append`] returns;
+//! - `head`: the sequence number and MAC of the last record, replaced atomically after each
+//!   append, so that deleting records at the end is detected too.
+//!
+//! Each record carries `seq` (1, 2, ...), `prev` (the MAC of the record before it, or 64
+//! zeros) and `mac` = HMAC-SHA-256 under the audit key over the record's JSON without `mac`.
+//! The key is derived from the spool master key ([`AuditKey::derive`]), so it lives in the
+//! TPM where the master key does, and a record cannot be forged or re-chained without it.
+//! [`verify`] names the first record that is not what the chain says, and how.
+//!
+//! What a record holds: time, actor (a staff account name, `vendor`, or `system`), action
+//! and outcome from fixed vocabularies, and a subject reference chosen by the caller (an
+//! appointment id, a keyed MAC of a patient id): the caller keeps patient names and ids out.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gateway_durable::{self as durable, Context};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const LOG_FILE: &str = "audit.jsonl";
+const HEAD_FILE: &str = "head";
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The key records are MAC'd with.
+#[derive(Clone)]
+pub struct AuditKey(Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(..)")
+    }
+}
+
+impl AuditKey {
+    /// Derives the audit key from the spool master key (a label keeps it apart from the
+    /// spool's own derived keys).
+    pub fn derive(master: &[u8]) -> Self {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(master)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(b"gatewayd audit key v1");
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&mac.finalize().into_bytes());
+        Self(key)
+    }
+
+    fn mac(&self, body: &[u8]) -> String {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(self.0.as_ref())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(body);
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// What happened, from a fixed vocabulary (kept small so that records stay comparable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Login,
+    Logout,
+    TotpEnrolled,
+    AccountAdded,
+    AccountDisabled,
+    PatientRecordRead,
+    AppointmentHeld,
+    AppointmentBooked,
+    AppointmentCancelled,
+    RemoteCommand,
+}
+
+/// How it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+/// One event to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub actor: String,
+    pub action: Action,
+    pub outcome: Outcome,
+    /// What was touched: an opaque reference chosen by the caller, never a name.
+    pub subject: Option<String>,
+    /// A short reason from the caller's fixed texts (e.g. `wrong second factor`).
+    pub detail: Option<String>,
+}
+
+/// The MAC'd part of a record, in the order it is written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Body {
+    seq: u64,
+    time_unix_ms: u64,
+    actor: String,
+    action: Action,
+    outcome: Outcome,
+    subject: Option<String>,
+    detail: Option<String>,
+    prev: String,
+}
+
+/// A record as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(flatten)]
+    body: Body,
+    mac: String,
+}
+
+impl Record {
+    pub fn seq(&self) -> u64 {
+        self.body.seq
+    }
+    pub fn actor(&self) -> &str {
+        &self.body.actor
+    }
+    pub fn action(&self) -> Action {
+        self.body.action
+    }
+    pub fn outcome(&self) -> Outcome {
+        self.body.outcome
+    }
+    pub fn subject(&self) -> Option<&str> {
+        self.body.subject.as_deref()
+    }
+    pub fn time_unix_ms(&self) -> u64 {
+        self.body.time_unix_ms
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Head {
+    seq: u64,
+    mac: String,
+    /// MAC of `seq` and `mac` under the audit key.
+    seal: String,
+}
+
+impl Head {
+    fn new(key: &AuditKey, seq: u64, mac: String) -> Self {
+        let seal = key.mac(format!("head {seq} {mac}").as_bytes());
+        Self { seq, mac, seal }
+    }
+}
+
+/// Audit failures; they name paths and record numbers, never record content.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Io(#[from] durable::Error),
+    #[error(
+        "audit log {path}: {problem}; not appending to a damaged log (run `gatewayd audit verify`)"
+    )]
+    Damaged { path: PathBuf, problem: Problem },
+    #[error("audit record does not encode: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// The first thing wrong with a log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Problem {
+    /// A line is not a record.
+    Malformed { line: u64 },
+    /// A record's content does not match its MAC.
+    Edited { line: u64, seq: u64 },
+    /// A record is not the one the chain expects next (moved or duplicated).
+    OutOfOrder { line: u64, seq: u64, expected: u64 },
+    /// Records are missing before this line.
+    Missing {
+        line: u64,
+        from_seq: u64,
+        to_seq: u64,
+    },
+    /// The log ends before the last record the head names (records deleted at the end).
+    Truncated { last_seq: u64, head_seq: u64 },
+    /// The head file is missing, unreadable or not sealed by the audit key.
+    BadHead,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::Malformed { line } => write!(f, "line {line} is not an audit record"),
+            Problem::Edited { line, seq } => {
+                write!(
+                    f,
+                    "record {seq} (line {line}) was changed after it was written"
+                )
+            }
+            Problem::OutOfOrder {
+                line,
+                seq,
+                expected,
+            } => write!(
+                f,
+                "line {line} holds record {seq} where record {expected} belongs (moved or copied)"
+            ),
+            Problem::Missing {
+                line,
+                from_seq,
+                to_seq,
+            } => write!(
+                f,
+                "records {from_seq} to {to_seq} were deleted before line {line}"
+            ),
+            Problem::Truncated { last_seq, head_seq } => write!(
+                f,
+                "the log ends at record {last_seq} but record {head_seq} was written (records deleted at the end)"
+            ),
+            Problem::BadHead => {
+                f.write_str("the head file is missing or not sealed by this box's key")
+            }
+        }
+    }
+}
+
+/// Result of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub records: u64,
+    pub problem: Option<Problem>,
+}
+
+/// The open log; appends are serialised.
+#[derive(Debug)]
+pub struct AuditLog {
+    dir: PathBuf,
+    key: AuditKey,
+    state: Mutex<Tail>,
+}
+
+#[derive(Debug)]
+struct Tail {
+    file: File,
+    seq: u64,
+    mac: String,
+}
+
+impl AuditLog {
+    /// Opens (creating if needed) the log in `dir` and checks its whole chain first: a log
+    /// that does not verify is not appended to.
+    pub fn open(dir: &Path, key: AuditKey) -> Result<Self, AuditError> {
+        durable::ensure_private_dir(dir)?;
+        let path = dir.join(LOG_FILE);
+        let fresh = !path.exists() && !dir.join(HEAD_FILE).exists();
+        let (seq, mac) = if fresh {
+            (0, GENESIS.to_string())
+        } else {
+            let (report, last) = check(dir, &key)?;
+            if let Some(problem) = report.problem {
+                return Err(AuditError::Damaged { path, problem });
+            }
+            last
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .ctx("open", &path)?;
+        if fresh {
+            durable::sync_dir(dir)?;
+            let head = Head::new(&key, 0, GENESIS.to_string());
+            durable::write_atomic(&dir.join(HEAD_FILE), &serde_json::to_vec(&head)?)?;
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            key,
+            state: Mutex::new(Tail { file, seq, mac }),
+        })
+    }
+
+    /// Appends one record durably (line written and `fdatasync`'d, then the head replaced)
+    /// and returns it.
+    pub fn append(&self, event: Event) -> Result<Record, AuditError> {
+        let mut tail = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let body = Body {
+            seq: tail.seq + 1,
+            time_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            actor: event.actor,
+            action: event.action,
+            outcome: event.outcome,
+            subject: event.subject,
+            detail: event.detail,
+            prev: tail.mac.clone(),
+        };
+        let mac = self.key.mac(&serde_json::to_vec(&body)?);
+        let record = Record { body, mac };
+        let mut line = serde_json::to_vec(&record)?;
+        line.push(b'\n');
+        let path = self.dir.join(LOG_FILE);
+        tail.file.write_all(&line).ctx("append", &path)?;
+        tail.file.sync_data().ctx("sync", &path)?;
+        let head = Head::new(&self.key, record.body.seq, record.mac.clone());
+        durable::write_atomic(&self.dir.join(HEAD_FILE), &serde_json::to_vec(&head)?)?;
+        tail.seq = record.body.seq;
+        tail.mac.clone_from(&record.mac);
+        Ok(record)
+    }
+
+    /// Every record, oldest first (for review tools and tests).
+    pub fn records(&self) -> Result<Vec<Record>, AuditError> {
+        let path = self.dir.join(LOG_FILE);
+        let file = File::open(&path).ctx("open", &path)?;
+        let mut out = Vec::new();
+        for line in BufReader::new(file).lines() {
+            let line = line.ctx("read", &path)?;
+            if let Ok(r) = serde_json::from_str::<Record>(&line) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Checks the log in `dir`: every record's MAC, sequence and link to the one before, and
+/// that the last one is the one the head names.
+pub fn verify(dir: &Path, key: &AuditKey) -> Result<Report, AuditError> {
+    check(dir, key).map(|(report, _)| report)
+}
+
+/// The report and the last good (seq, mac).
+fn check(dir: &Path, key: &AuditKey) -> Result<(Report, (u64, String)), AuditError> {
+    let path = dir.join(LOG_FILE);
+    let mut seq = 0u64;
+    let mut mac = GENESIS.to_string();
+    let mut before_last = GENESIS.to_string();
+    let mut report = Report {
+        records: 0,
+        problem: None,
+    };
+    let file = match File::open(&path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(durable::Error {
+                action: "open",
+                path,
+                source,
+            }
+            .into());
+        }
+    };
+    let lines = file.map(|f| BufReader::new(f).lines());
+    for (n, line) in lines.into_iter().flatten().enumerate() {
+        let line_no = n as u64 + 1;
+        let line = line.ctx("read", &path)?;
+        let problem = match serde_json::from_str::<Record>(&line) {
+            Err(_) => Some(Problem::Malformed { line: line_no }),
+            Ok(r) => {
+                let body = serde_json::to_vec(&r.body)?;
+                if key.mac(&body) != r.mac {
+                    Some(Problem::Edited {
+                        line: line_no,
+                        seq: r.body.seq,
+                    })
+                } else if r.body.seq > seq + 1 {
+                    Some(Problem::Missing {
+                        line: line_no,
+                        from_seq: seq + 1,
+                        to_seq: r.body.seq - 1,
+                    })
+                } else if r.body.seq != seq + 1 || r.body.prev != mac {
+                    Some(Problem::OutOfOrder {
+                        line: line_no,
+                        seq: r.body.seq,
+                        expected: seq + 1,
+                    })
+                } else {
+                    seq = r.body.seq;
+                    before_last = std::mem::replace(&mut mac, r.mac);
+                    report.records += 1;
+                    None
+                }
+            }
+        };
+        if problem.is_some() {
+            report.problem = problem;
+            return Ok((report, (seq, mac)));
+        }
+    }
+    let head = std::fs::read(dir.join(HEAD_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Head>(&b).ok())
+        .filter(|h| key.mac(format!("head {} {}", h.seq, h.mac).as_bytes()) == h.seal);
+    report.problem = match head {
+        None => Some(Problem::BadHead),
+        Some(h) if h.seq > seq => Some(Problem::Truncated {
+            last_seq: seq,
+            head_seq: h.seq,
+        }),
+        Some(h) if h.seq == seq && h.mac == mac => None,
+        // One record behind: a crash between the line's sync and the head's replacement;
+        // that record is whole and chained.
+        Some(h) if h.seq + 1 == seq && h.mac == before_last => None,
+        Some(_) => Some(Problem::BadHead),
+    };
+    Ok((report, (seq, mac)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,217 @@
+use super::*;
+
+fn key() -> AuditKey {
+    AuditKey::derive(&[5; 32])
+}
+
+fn event(actor: &str, action: Action) -> Event {
+    Event {
+        actor: actor.into(),
+        action,
+        outcome: Outcome::Success,
+        subject: Some("appt-0001".into()),
+        detail: None,
+    }
+}
+
+/// A log of `n` records in a fresh dir.
+fn log_of(n: u64) -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path(), key()).unwrap();
+    for i in 0..n {
+        log.append(event(&format!("clerk{i}"), Action::Login))
+            .unwrap();
+    }
+    let lines = lines(dir.path());
+    (dir, lines)
+}
+
+fn lines(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join(LOG_FILE))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn rewrite(dir: &Path, lines: &[String]) {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(dir.join(LOG_FILE), text).unwrap();
+}
+
+fn problem(dir: &Path) -> Option<Problem> {
+    verify(dir, &key()).unwrap().problem
+}
+
+#[test]
+fn appended_records_chain_and_survive_reopen() {
+    let (dir, lines) = log_of(3);
+    assert_eq!(lines.len(), 3);
+    assert_eq!(
+        verify(dir.path(), &key()).unwrap(),
+        Report {
+            records: 3,
+            problem: None
+        }
+    );
+    let log = AuditLog::open(dir.path(), key()).unwrap();
+    let r = log.append(event("admin", Action::AccountAdded)).unwrap();
+    assert_eq!(r.seq(), 4);
+    let all = log.records().unwrap();
+    assert_eq!(all.len(), 4);
+    assert_eq!(all[3].body.prev, all[2].mac);
+    assert_eq!(all[0].body.prev, GENESIS);
+    assert_eq!(all[1].actor(), "clerk1");
+    assert_eq!(verify(dir.path(), &key()).unwrap().records, 4);
+}
+
+#[test]
+fn an_edited_record_is_named() {
+    let (dir, mut lines) = log_of(4);
+    lines[1] = lines[1].replace("clerk1", "clerk9");
+    rewrite(dir.path(), &lines);
+    assert_eq!(
+        problem(dir.path()),
+        Some(Problem::Edited { line: 2, seq: 2 })
+    );
+    // Opening for append refuses a damaged log.
+    let err = AuditLog::open(dir.path(), key()).unwrap_err();
+    assert!(
+        err.to_string().contains("record 2 (line 2) was changed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn reordered_records_are_named() {
+    let (dir, mut lines) = log_of(4);
+    lines.swap(1, 2);
+    rewrite(dir.path(), &lines);
+    assert_eq!(
+        problem(dir.path()),
+        Some(Problem::Missing {
+            line: 2,
+            from_seq: 2,
+            to_seq: 2
+        })
+    );
+    let (dir, mut lines) = log_of(3);
+    let copy = lines[0].clone();
+    lines.insert(2, copy);
+    rewrite(dir.path(), &lines);
+    assert_eq!(
+        problem(dir.path()),
+        Some(Problem::OutOfOrder {
+            line: 3,
+            seq: 1,
+            expected: 3
+        })
+    );
+}
+
+#[test]
+fn deleted_records_are_named_in_the_middle_and_at_the_end() {
+    let (dir, mut lines) = log_of(5);
+    lines.remove(2);
+    rewrite(dir.path(), &lines);
+    assert_eq!(
+        problem(dir.path()),
+        Some(Problem::Missing {
+            line: 3,
+            from_seq: 3,
+            to_seq: 3
+        })
+    );
+    let (dir, mut lines) = log_of(5);
+    lines.truncate(3);
+    rewrite(dir.path(), &lines);
+    assert_eq!(
+        problem(dir.path()),
+        Some(Problem::Truncated {
+            last_seq: 3,
+            head_seq: 5
+        })
+    );
+    // Everything deleted, head kept.
+    let (dir, _) = log_of(2);
+    rewrite(dir.path(), &[]);
+    std::fs::write(dir.path().join(LOG_FILE), "").unwrap();
+    assert_eq!(
+        problem(dir.path()),
+        Some(Problem::Truncated {
+            last_seq: 0,
+            head_seq: 2
+        })
+    );
+}
+
+#[test]
+fn a_forged_head_or_a_foreign_key_is_detected() {
+    let (dir, mut lines) = log_of(3);
+    // Truncate and write a head without the key: its seal does not verify.
+    lines.truncate(2);
+    rewrite(dir.path(), &lines);
+    let fake = Head {
+        seq: 2,
+        mac: "00".repeat(32),
+        seal: "00".repeat(32),
+    };
+    std::fs::write(
+        dir.path().join(HEAD_FILE),
+        serde_json::to_vec(&fake).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(problem(dir.path()), Some(Problem::BadHead));
+    std::fs::remove_file(dir.path().join(HEAD_FILE)).unwrap();
+    assert_eq!(problem(dir.path()), Some(Problem::BadHead));
+    // A log MAC'd by another box's key does not verify under ours.
+    let (dir, _) = log_of(1);
+    let other = verify(dir.path(), &AuditKey::derive(&[6; 32])).unwrap();
+    assert_eq!(other.problem, Some(Problem::Edited { line: 1, seq: 1 }));
+}
+
+#[test]
+fn a_crash_between_record_and_head_is_not_damage() {
+    let (dir, _) = log_of(2);
+    let head = std::fs::read(dir.path().join(HEAD_FILE)).unwrap();
+    let log = AuditLog::open(dir.path(), key()).unwrap();
+    log.append(event("clerk", Action::Logout)).unwrap();
+    drop(log);
+    // The head as it was before the third record's head replacement.
+    std::fs::write(dir.path().join(HEAD_FILE), head).unwrap();
+    assert_eq!(
+        verify(dir.path(), &key()).unwrap(),
+        Report {
+            records: 3,
+            problem: None
+        }
+    );
+    let log = AuditLog::open(dir.path(), key()).unwrap();
+    assert_eq!(log.append(event("clerk", Action::Login)).unwrap().seq(), 4);
+}
+
+#[test]
+fn garbage_lines_are_malformed_not_a_panic() {
+    let (dir, mut lines) = log_of(2);
+    lines.insert(1, "{\"seq\": \"x\"".into());
+    rewrite(dir.path(), &lines);
+    assert_eq!(problem(dir.path()), Some(Problem::Malformed { line: 2 }));
+    for junk in [
+        "",
+        "null",
+        "[]",
+        "{}",
+        "\u{0}\u{1}",
+        "{\"seq\":1,\"mac\":5}",
+    ] {
+        let (dir, mut lines) = log_of(1);
+        lines.push(junk.into());
+        rewrite(dir.path(), &lines);
+        assert_eq!(
+            problem(dir.path()),
+            Some(Problem::Malformed { line: 2 }),
+            "{junk:?}"
+        );
+    }
+}

@@ -1,0 +1,476 @@
+//! Staff accounts for the kiosk: two factors (MHLW guideline v6.0), roles, lockout.
+//!
+//! - Passwords are stored only as Argon2id PHC strings (19 MiB, 2 passes, 1 lane: the
+//!   OWASP baseline), at least [`MIN_PASSWORD_CHARS`] characters and not containing the
+//!   account name.
+//! - The second factor is TOTP (RFC 6238: HMAC-SHA-1, 6 digits, 30 s steps, one step of
+//!   clock skew). Its 160-bit secret is stored sealed with AES-256-GCM under a key derived
+//!   from the spool master key ([`StaffKey::derive`]), bound to the account name; a code is
+//!   accepted once (a replay within its validity window is refused).
+//! - [`MAX_FAILURES`] failed logins in a row lock the account for [`LOCKOUT_SECS`]; a
+//!   success resets the count. An unknown name costs the same Argon2 work as a known one
+//!   and gets the same answer as a wrong password.
+//! - State is one JSON file, `<data_dir>/staff/accounts.json`, replaced atomically and
+//!   durably on every change (including each failed attempt, so a restart does not lift a
+//!   lockout).
+//!
+//! Account names are staff identifiers (1-64 of `a-z 0-9 . _ -`), never patient data.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use gateway_durable as durable;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use totp_rs::TOTP;
+use zeroize::Zeroizing;
+
+const FILE: &str = "accounts.json";
+/// Shortest password accepted.
+pub const MIN_PASSWORD_CHARS: usize = 12;
+/// Failed logins in a row that lock an account.
+pub const MAX_FAILURES: u32 = 5;
+/// How long a lockout lasts.
+pub const LOCKOUT_SECS: u64 = 15 * 60;
+const STEP: u64 = 30;
+const DIGITS: usize = 6;
+
+/// What an account may do at the kiosk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Clerk,
+    Physician,
+    Admin,
+}
+
+impl std::str::FromStr for Role {
+    type Err = StaffError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "clerk" => Ok(Role::Clerk),
+            "physician" => Ok(Role::Physician),
+            "admin" => Ok(Role::Admin),
+            _ => Err(StaffError::BadRole),
+        }
+    }
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Clerk => "clerk",
+            Role::Physician => "physician",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// The key TOTP secrets are sealed with.
+pub struct StaffKey(Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for StaffKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StaffKey(..)")
+    }
+}
+
+impl StaffKey {
+    /// Derives the key from the spool master key.
+    pub fn derive(master: &[u8]) -> Self {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(master)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(b"gatewayd staff totp key v1");
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&mac.finalize().into_bytes());
+        Self(key)
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(self.0.as_ref().into())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Account {
+    name: String,
+    role: Role,
+    /// Argon2id PHC string.
+    password: String,
+    /// Nonce (12) || AES-256-GCM ciphertext of the TOTP secret, hex.
+    totp_sealed: Option<String>,
+    disabled: bool,
+    failures: u32,
+    locked_until_unix: Option<u64>,
+    /// The last TOTP step accepted (codes of that step or earlier are refused).
+    last_totp_step: Option<u64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct File {
+    accounts: Vec<Account>,
+}
+
+/// A public view of an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccountInfo {
+    pub name: String,
+    pub role: Role,
+    pub totp_enrolled: bool,
+    pub disabled: bool,
+    pub locked: bool,
+}
+
+/// A second factor to hand to the staff member once (shown as text or a QR code).
+#[derive(Debug)]
+pub struct Enrollment {
+    /// The secret, base32 (what authenticator apps take when typed in).
+    pub secret_base32: Zeroizing<String>,
+    /// `otpauth://totp/...` for a QR code.
+    pub otpauth_uri: Zeroizing<String>,
+}
+
+/// Account management failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StaffError {
+    #[error(transparent)]
+    Io(#[from] durable::Error),
+    #[error("staff accounts file {path} is unreadable: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("account names are 1-64 characters of a-z, 0-9, '.', '_' and '-'")]
+    BadName,
+    #[error("roles are clerk, physician and admin")]
+    BadRole,
+    #[error("an account with that name exists")]
+    Exists,
+    #[error("no account with that name")]
+    NoSuchAccount,
+    #[error(
+        "passwords need at least {MIN_PASSWORD_CHARS} characters and must not contain the account name"
+    )]
+    WeakPassword,
+    #[error("cannot hash or seal: {0}")]
+    Crypto(String),
+}
+
+/// Why a login was refused; the text is what the kiosk may show.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginError {
+    #[error("unknown account or wrong password")]
+    BadCredentials,
+    #[error("wrong or reused one-time code")]
+    BadSecondFactor,
+    #[error("this account has no second factor enrolled yet; ask an administrator")]
+    NoSecondFactor,
+    #[error("account locked after repeated failures; try again after {until_unix} (Unix time)")]
+    Locked { until_unix: u64 },
+    #[error("account disabled")]
+    Disabled,
+    #[error("login could not be recorded: {0}")]
+    Storage(String),
+}
+
+/// A successful login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedIn {
+    pub name: String,
+    pub role: Role,
+}
+
+/// The account store.
+#[derive(Debug)]
+pub struct Staff {
+    path: PathBuf,
+    key: StaffKey,
+    file: Mutex<File>,
+}
+
+fn argon2() -> Argon2<'static> {
+    let params = Params::new(19 * 1024, 2, 1, None)
+        .unwrap_or_else(|_| unreachable!("fixed Argon2 parameters are valid"));
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// A hash to verify against when the name is unknown, so that both cost the same.
+fn decoy_hash() -> &'static str {
+    static DECOY: OnceLock<String> = OnceLock::new();
+    DECOY.get_or_init(|| hash_password("decoy password that never matches").unwrap_or_default())
+}
+
+fn hash_password(password: &str) -> Result<String, StaffError> {
+    let mut salt = [0u8; 16];
+    getrandom::getrandom(&mut salt).map_err(|e| StaffError::Crypto(e.to_string()))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| StaffError::Crypto(e.to_string()))?;
+    argon2()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| StaffError::Crypto(e.to_string()))
+}
+
+fn password_matches(phc: &str, password: &str) -> bool {
+    PasswordHash::new(phc)
+        .map(|h| argon2().verify_password(password.as_bytes(), &h).is_ok())
+        .unwrap_or(false)
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+fn totp(secret: Vec<u8>, name: &str, issuer: &str) -> Result<TOTP, StaffError> {
+    TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        DIGITS,
+        1,
+        STEP,
+        secret,
+        Some(issuer.to_string()),
+        name.to_string(),
+    )
+    .map_err(|e| StaffError::Crypto(e.to_string()))
+}
+
+impl Staff {
+    /// Opens the account store in `dir` (creating the folder if needed).
+    pub fn open(dir: &Path, key: StaffKey) -> Result<Self, StaffError> {
+        durable::ensure_private_dir(dir)?;
+        let path = dir.join(FILE);
+        let file = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StaffError::Corrupt {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
+            Err(source) => {
+                return Err(durable::Error {
+                    action: "read",
+                    path,
+                    source,
+                }
+                .into());
+            }
+        };
+        Ok(Self {
+            path,
+            key,
+            file: Mutex::new(file),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, File> {
+        self.file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn save(&self, file: &File) -> Result<(), StaffError> {
+        let bytes = serde_json::to_vec_pretty(file).map_err(|e| StaffError::Corrupt {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        durable::write_atomic(&self.path, &bytes)?;
+        Ok(())
+    }
+
+    /// Adds an account (no second factor yet: it cannot log in until [`Staff::enroll_totp`]).
+    pub fn add(&self, name: &str, role: Role, password: &str) -> Result<(), StaffError> {
+        if !valid_name(name) {
+            return Err(StaffError::BadName);
+        }
+        if password.chars().count() < MIN_PASSWORD_CHARS || password.to_lowercase().contains(name) {
+            return Err(StaffError::WeakPassword);
+        }
+        let hash = hash_password(password)?;
+        let mut file = self.lock();
+        if file.accounts.iter().any(|a| a.name == name) {
+            return Err(StaffError::Exists);
+        }
+        file.accounts.push(Account {
+            name: name.to_string(),
+            role,
+            password: hash,
+            totp_sealed: None,
+            disabled: false,
+            failures: 0,
+            locked_until_unix: None,
+            last_totp_step: None,
+        });
+        self.save(&file)
+    }
+
+    /// Makes a new TOTP secret for `name` (replacing any earlier one) and returns it once.
+    pub fn enroll_totp(&self, name: &str, issuer: &str) -> Result<Enrollment, StaffError> {
+        let mut secret = Zeroizing::new([0u8; 20]);
+        getrandom::getrandom(secret.as_mut()).map_err(|e| StaffError::Crypto(e.to_string()))?;
+        let mut nonce = [0u8; 12];
+        getrandom::getrandom(&mut nonce).map_err(|e| StaffError::Crypto(e.to_string()))?;
+        let sealed = self
+            .key
+            .cipher()
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: secret.as_ref(),
+                    aad: name.as_bytes(),
+                },
+            )
+            .map_err(|e| StaffError::Crypto(e.to_string()))?;
+        let t = totp(secret.to_vec(), name, issuer)?;
+        let enrollment = Enrollment {
+            secret_base32: Zeroizing::new(t.get_secret_base32()),
+            otpauth_uri: Zeroizing::new(t.get_url()),
+        };
+        let mut file = self.lock();
+        let account = file
+            .accounts
+            .iter_mut()
+            .find(|a| a.name == name)
+            .ok_or(StaffError::NoSuchAccount)?;
+        account.totp_sealed = Some(hex::encode([nonce.as_slice(), &sealed].concat()));
+        account.last_totp_step = None;
+        self.save(&file)?;
+        Ok(enrollment)
+    }
+
+    /// Disables an account: it can no longer log in.
+    pub fn disable(&self, name: &str) -> Result<(), StaffError> {
+        let mut file = self.lock();
+        let account = file
+            .accounts
+            .iter_mut()
+            .find(|a| a.name == name)
+            .ok_or(StaffError::NoSuchAccount)?;
+        account.disabled = true;
+        self.save(&file)
+    }
+
+    /// Every account, without secrets.
+    pub fn accounts(&self, now_unix: u64) -> Vec<AccountInfo> {
+        self.lock()
+            .accounts
+            .iter()
+            .map(|a| AccountInfo {
+                name: a.name.clone(),
+                role: a.role,
+                totp_enrolled: a.totp_sealed.is_some(),
+                disabled: a.disabled,
+                locked: a.locked_until_unix.is_some_and(|t| t > now_unix),
+            })
+            .collect()
+    }
+
+    fn open_secret(&self, account: &Account) -> Option<Zeroizing<Vec<u8>>> {
+        let sealed = hex::decode(account.totp_sealed.as_deref()?).ok()?;
+        if sealed.len() < 12 {
+            return None;
+        }
+        let (nonce, ct) = sealed.split_at(12);
+        self.key
+            .cipher()
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: account.name.as_bytes(),
+                },
+            )
+            .ok()
+            .map(Zeroizing::new)
+    }
+
+    /// Checks both factors at `now_unix`. Every outcome for an existing account is saved
+    /// (failure count, lockout, last accepted TOTP step) before it is returned.
+    pub fn login(
+        &self,
+        name: &str,
+        password: &str,
+        code: &str,
+        now_unix: u64,
+    ) -> Result<LoggedIn, LoginError> {
+        let mut file = self.lock();
+        let Some(index) = file.accounts.iter().position(|a| a.name == name) else {
+            let _ = password_matches(decoy_hash(), password);
+            return Err(LoginError::BadCredentials);
+        };
+        let account = &file.accounts[index];
+        if let Some(until) = account.locked_until_unix.filter(|t| *t > now_unix) {
+            return Err(LoginError::Locked { until_unix: until });
+        }
+        if account.disabled {
+            return Err(LoginError::Disabled);
+        }
+        let outcome = if !password_matches(&account.password, password) {
+            Err(LoginError::BadCredentials)
+        } else {
+            match self.open_secret(account) {
+                None if account.totp_sealed.is_none() => Err(LoginError::NoSecondFactor),
+                None => Err(LoginError::BadSecondFactor),
+                Some(secret) => match accepted_step(&secret, &account.name, code, now_unix) {
+                    Some(step) if account.last_totp_step.is_none_or(|last| step > last) => Ok(step),
+                    _ => Err(LoginError::BadSecondFactor),
+                },
+            }
+        };
+        let account = &mut file.accounts[index];
+        let result = match outcome {
+            Ok(step) => {
+                account.failures = 0;
+                account.locked_until_unix = None;
+                account.last_totp_step = Some(step);
+                Ok(LoggedIn {
+                    name: account.name.clone(),
+                    role: account.role,
+                })
+            }
+            Err(e) => {
+                account.failures += 1;
+                if account.failures >= MAX_FAILURES {
+                    account.failures = 0;
+                    account.locked_until_unix = Some(now_unix + LOCKOUT_SECS);
+                }
+                Err(e)
+            }
+        };
+        self.save(&file)
+            .map_err(|e| LoginError::Storage(e.to_string()))?;
+        result
+    }
+}
+
+/// The TOTP step `code` is valid for at `now_unix` (one step of skew either way).
+fn accepted_step(secret: &[u8], name: &str, code: &str, now_unix: u64) -> Option<u64> {
+    let t = totp(secret.to_vec(), name, "gatewayd").ok()?;
+    let code = code.trim();
+    if code.len() != DIGITS || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let now_step = now_unix / STEP;
+    (now_step.saturating_sub(1)..=now_step + 1).find(|step| {
+        let expected = t.generate(step * STEP);
+        // Constant-time comparison of two 6-digit strings.
+        expected
+            .bytes()
+            .zip(code.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    })
+}
+
+/// The code an authenticator shows at `time_unix` for a base32 secret (tests and tools).
+pub fn code_at(secret_base32: &str, time_unix: u64) -> Option<String> {
+    let secret = totp_rs::Secret::Encoded(secret_base32.to_string())
+        .to_bytes()
+        .ok()?;
+    Some(totp(secret, "x", "gatewayd").ok()?.generate(time_unix))
+}
+
+#[cfg(test)]
+mod tests;

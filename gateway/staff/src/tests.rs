@@ -1,0 +1,180 @@
+use super::*;
+
+const NOW: u64 = 1_800_000_000;
+const PW: &str = "correct horse battery";
+
+fn staff(dir: &Path) -> Staff {
+    Staff::open(dir, StaffKey::derive(&[9; 32])).unwrap()
+}
+
+fn enrolled(dir: &Path, name: &str) -> (Staff, String) {
+    let s = staff(dir);
+    s.add(name, Role::Clerk, PW).unwrap();
+    let e = s.enroll_totp(name, "Clinic GW").unwrap();
+    assert!(
+        e.otpauth_uri.starts_with("otpauth://totp/"),
+        "{}",
+        e.otpauth_uri.as_str()
+    );
+    assert!(e.otpauth_uri.contains("issuer=Clinic"));
+    (s, e.secret_base32.to_string())
+}
+
+#[test]
+fn rfc6238_sha1_vector() {
+    // RFC 6238 appendix B, SHA-1 seed "12345678901234567890", T = 59 s: 94287082 (8 digits);
+    // the 6-digit code is its last six digits.
+    let secret = totp_rs::Secret::Raw(b"12345678901234567890".to_vec()).to_encoded();
+    let totp_rs::Secret::Encoded(b32) = secret else {
+        panic!()
+    };
+    assert_eq!(code_at(&b32, 59).unwrap(), "287082");
+    assert_eq!(code_at(&b32, 1_111_111_109).unwrap(), "081804");
+}
+
+#[test]
+fn both_factors_log_in_and_a_code_works_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, secret) = enrolled(dir.path(), "clerk.sato");
+    let code = code_at(&secret, NOW).unwrap();
+    let ok = s.login("clerk.sato", PW, &code, NOW).unwrap();
+    assert_eq!(
+        ok,
+        LoggedIn {
+            name: "clerk.sato".into(),
+            role: Role::Clerk
+        }
+    );
+    assert_eq!(
+        s.login("clerk.sato", PW, &code, NOW + 5),
+        Err(LoginError::BadSecondFactor),
+        "replay"
+    );
+    // The next step's code, and one step of skew.
+    let next = code_at(&secret, NOW + 30).unwrap();
+    assert!(s.login("clerk.sato", PW, &next, NOW + 40).is_ok());
+    let later = code_at(&secret, NOW + 90).unwrap();
+    assert!(
+        s.login("clerk.sato", PW, &later, NOW + 60).is_ok(),
+        "one step early is accepted"
+    );
+    let far = code_at(&secret, NOW + 300).unwrap();
+    assert_eq!(
+        s.login("clerk.sato", PW, &far, NOW + 150),
+        Err(LoginError::BadSecondFactor)
+    );
+    // The state (last step) survives a reopen.
+    drop(s);
+    let s = staff(dir.path());
+    assert_eq!(
+        s.login("clerk.sato", PW, &later, NOW + 61),
+        Err(LoginError::BadSecondFactor)
+    );
+}
+
+#[test]
+fn wrong_password_unknown_name_and_missing_factor_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, secret) = enrolled(dir.path(), "dr.ito");
+    let code = code_at(&secret, NOW).unwrap();
+    assert_eq!(
+        s.login("dr.ito", "wrong password!!", &code, NOW),
+        Err(LoginError::BadCredentials)
+    );
+    assert_eq!(
+        s.login("nobody", PW, &code, NOW),
+        Err(LoginError::BadCredentials)
+    );
+    assert_eq!(
+        s.login("dr.ito", PW, "12345", NOW),
+        Err(LoginError::BadSecondFactor)
+    );
+    assert_eq!(
+        s.login("dr.ito", PW, "abcdef", NOW),
+        Err(LoginError::BadSecondFactor)
+    );
+    s.add("new.clerk", Role::Clerk, PW).unwrap();
+    assert_eq!(
+        s.login("new.clerk", PW, &code, NOW),
+        Err(LoginError::NoSecondFactor)
+    );
+    s.disable("dr.ito").unwrap();
+    assert_eq!(s.login("dr.ito", PW, &code, NOW), Err(LoginError::Disabled));
+}
+
+#[test]
+fn five_failures_lock_the_account_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, secret) = enrolled(dir.path(), "clerk.kato");
+    for i in 0..MAX_FAILURES {
+        assert_eq!(
+            s.login(
+                "clerk.kato",
+                "not the password",
+                "000000",
+                NOW + u64::from(i)
+            ),
+            Err(LoginError::BadCredentials)
+        );
+    }
+    let code = code_at(&secret, NOW + 10).unwrap();
+    let locked = Err(LoginError::Locked {
+        until_unix: NOW + 4 + LOCKOUT_SECS,
+    });
+    assert_eq!(s.login("clerk.kato", PW, &code, NOW + 10), locked);
+    drop(s);
+    let s = staff(dir.path());
+    assert_eq!(s.login("clerk.kato", PW, &code, NOW + 10), locked);
+    assert!(s.accounts(NOW + 10)[0].locked);
+    let t = NOW + 5 + LOCKOUT_SECS;
+    let code = code_at(&secret, t).unwrap();
+    assert!(
+        s.login("clerk.kato", PW, &code, t).is_ok(),
+        "the lockout ends"
+    );
+}
+
+#[test]
+fn account_rules_and_no_secret_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = staff(dir.path());
+    assert!(matches!(
+        s.add("Bad Name", Role::Clerk, PW),
+        Err(StaffError::BadName)
+    ));
+    assert!(matches!(
+        s.add("clerk", Role::Clerk, "short"),
+        Err(StaffError::WeakPassword)
+    ));
+    assert!(matches!(
+        s.add("clerk", Role::Clerk, "my clerk password"),
+        Err(StaffError::WeakPassword)
+    ));
+    s.add("clerk", Role::Admin, PW).unwrap();
+    assert!(matches!(
+        s.add("clerk", Role::Clerk, PW),
+        Err(StaffError::Exists)
+    ));
+    assert!(matches!(
+        s.enroll_totp("ghost", "x"),
+        Err(StaffError::NoSuchAccount)
+    ));
+    let e = s.enroll_totp("clerk", "Clinic GW").unwrap();
+    let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
+    assert!(text.contains("$argon2id$v=19$m=19456,t=2,p=1$"), "{text}");
+    assert!(!text.contains(PW));
+    assert!(!text.contains(e.secret_base32.as_str()));
+    let raw = totp_rs::Secret::Encoded(e.secret_base32.to_string())
+        .to_bytes()
+        .unwrap();
+    assert!(!text.contains(&hex::encode(&raw)));
+    // Another box's key cannot open the secret: the second factor fails, never panics.
+    let other = Staff::open(dir.path(), StaffKey::derive(&[1; 32])).unwrap();
+    let code = code_at(&e.secret_base32, NOW).unwrap();
+    assert_eq!(
+        other.login("clerk", PW, &code, NOW),
+        Err(LoginError::BadSecondFactor)
+    );
+    assert_eq!("admin".parse::<Role>().unwrap(), Role::Admin);
+    assert!("root".parse::<Role>().is_err());
+}
