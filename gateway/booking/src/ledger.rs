@@ -1,0 +1,603 @@
+//! The core gateway's booking ledger: every request decided once, durably.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use gateway_durable as durable;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::Schedule;
+
+const FILE: &str = "ledger.json";
+
+/// FHIR R4 AppointmentStatus, the subset this service moves through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppointmentStatus {
+    Proposed,
+    Pending,
+    Booked,
+    Cancelled,
+    Fulfilled,
+    Noshow,
+}
+
+impl AppointmentStatus {
+    /// Whether the appointment still holds its slot.
+    pub fn holds_slot(self) -> bool {
+        matches!(self, Self::Proposed | Self::Pending | Self::Booked)
+    }
+
+    fn may_become(self, next: Self) -> bool {
+        use AppointmentStatus::*;
+        matches!(
+            (self, next),
+            (Proposed, Pending | Booked | Cancelled)
+                | (Pending, Booked | Cancelled)
+                | (Booked, Cancelled | Fulfilled | Noshow)
+        )
+    }
+}
+
+/// A clinic's request, as it reaches the core (decrypted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BookingRequest {
+    /// Made by the clinic; a retry carries the same one.
+    pub request_id: String,
+    pub clinic: String,
+    pub slot_id: String,
+    /// `hold` (tentative, expires) or `book`.
+    pub hold: bool,
+    /// The patient as the clinic identifies them, kept on the core for the worklist.
+    pub patient: PatientRef,
+    /// Requested procedure, free text from the kiosk's list.
+    pub procedure: String,
+}
+
+/// Patient identity carried to the core (only ever inside sealed booking messages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PatientRef {
+    pub id: String,
+    /// DICOM PN, e.g. `YAMADA^TARO=山田^太郎=やまだ^たろう`.
+    pub name: String,
+    /// `YYYYMMDD`.
+    pub birth_date: String,
+    pub sex: String,
+}
+
+/// Why a request was refused (FHIR OperationOutcome issue codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refusal {
+    /// The slot is taken by another request.
+    Conflict,
+    /// No such slot in any schedule.
+    NotFound,
+    /// The slot has started or passed.
+    Expired,
+    /// The request itself is malformed.
+    Invalid,
+}
+
+/// The core's answer to a request; the same request always gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "lowercase")]
+pub enum Decision {
+    Booked {
+        appointment_id: String,
+        accession: String,
+        status: AppointmentStatus,
+    },
+    Refused {
+        code: Refusal,
+        reason: String,
+    },
+}
+
+/// One appointment on the core.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appointment {
+    pub id: String,
+    pub slot_id: String,
+    pub schedule: String,
+    pub start: String,
+    pub end: String,
+    pub clinic: String,
+    pub request_id: String,
+    pub patient: PatientRef,
+    pub procedure: String,
+    /// Accession number for the worklist (16 characters at most, DICOM SH).
+    pub accession: String,
+    pub status: AppointmentStatus,
+    /// A hold's expiry (Unix seconds); None for booked appointments.
+    pub hold_expires_unix: Option<i64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    appointments: BTreeMap<String, Appointment>,
+    /// clinic '|' request id -> decision.
+    decisions: BTreeMap<String, Decision>,
+    next_number: u64,
+}
+
+/// Ledger failures (storage).
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Io(#[from] durable::Error),
+    #[error("booking ledger {path} is unreadable: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("no appointment {0}")]
+    NoSuchAppointment(String),
+    #[error("appointment {id} cannot go from {from:?} to {to:?}")]
+    Transition {
+        id: String,
+        from: AppointmentStatus,
+        to: AppointmentStatus,
+    },
+}
+
+/// The core's appointments, in `<data_dir>/booking/ledger.json`.
+#[derive(Debug)]
+pub struct Ledger {
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+fn valid_token(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+impl Ledger {
+    pub fn open(dir: &Path) -> Result<Self, LedgerError> {
+        durable::ensure_private_dir(dir)?;
+        let path = dir.join(FILE);
+        let state = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| LedgerError::Corrupt {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(source) => {
+                return Err(durable::Error {
+                    action: "read",
+                    path,
+                    source,
+                }
+                .into());
+            }
+        };
+        Ok(Self {
+            path,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn save(&self, state: &State) -> Result<(), LedgerError> {
+        let bytes = serde_json::to_vec(state).map_err(|e| LedgerError::Corrupt {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        durable::write_atomic(&self.path, &bytes)?;
+        Ok(())
+    }
+
+    /// Decides a request at `now` against `schedules`. A repeat of a decided request (same
+    /// clinic and request id) gets the first answer, except that a hold followed by a
+    /// `book` with the same id confirms the hold. New decisions are saved before return.
+    pub fn decide(
+        &self,
+        req: &BookingRequest,
+        schedules: &[Schedule],
+        now: Timestamp,
+        hold_for_secs: i64,
+    ) -> Result<Decision, LedgerError> {
+        let key = format!("{}|{}", req.clinic, req.request_id);
+        let mut state = self.lock();
+        expire_holds(&mut state, now);
+        if let Some(done) = state.decisions.get(&key).cloned() {
+            return self.repeat(&mut state, &key, done, req);
+        }
+        let refuse = |code, reason: &str| Decision::Refused {
+            code,
+            reason: reason.to_string(),
+        };
+        let decision = if !valid_token(&req.request_id, 64) || !valid_token(&req.clinic, 64) {
+            refuse(
+                Refusal::Invalid,
+                "request and clinic ids are 1-64 of A-Z a-z 0-9 - _ .",
+            )
+        } else if let Some((schedule, slot)) = schedules
+            .iter()
+            .find_map(|s| s.slot(&req.slot_id).map(|slot| (s, slot)))
+        {
+            if slot.start_ts <= now {
+                refuse(Refusal::Expired, "the slot has already begun")
+            } else if state
+                .appointments
+                .values()
+                .any(|a| a.slot_id == slot.id && a.status.holds_slot())
+            {
+                refuse(Refusal::Conflict, "the slot was booked by another request")
+            } else {
+                state.next_number += 1;
+                let number = state.next_number;
+                let id = format!("apt-{number:08}");
+                // RB + local date of the slot + ledger number: 16 characters (DICOM SH).
+                let date = slot
+                    .id
+                    .get(slot.id.len().saturating_sub(13)..)
+                    .and_then(|stamp| stamp.get(..8))
+                    .unwrap_or("00000000");
+                let accession = format!("RB{date}{number:06}");
+                let status = if req.hold {
+                    AppointmentStatus::Pending
+                } else {
+                    AppointmentStatus::Booked
+                };
+                state.appointments.insert(
+                    id.clone(),
+                    Appointment {
+                        id: id.clone(),
+                        slot_id: slot.id.clone(),
+                        schedule: schedule.id().to_string(),
+                        start: slot.start.clone(),
+                        end: slot.end.clone(),
+                        clinic: req.clinic.clone(),
+                        request_id: req.request_id.clone(),
+                        patient: req.patient.clone(),
+                        procedure: req.procedure.chars().take(64).collect(),
+                        accession: accession.clone(),
+                        status,
+                        hold_expires_unix: req.hold.then(|| now.as_second() + hold_for_secs),
+                    },
+                );
+                Decision::Booked {
+                    appointment_id: id,
+                    accession,
+                    status,
+                }
+            }
+        } else {
+            refuse(Refusal::NotFound, "no schedule has that slot")
+        };
+        state.decisions.insert(key, decision.clone());
+        self.save(&state)?;
+        Ok(decision)
+    }
+
+    /// A request decided before: the same answer, or a hold confirmed by `book`.
+    fn repeat(
+        &self,
+        state: &mut State,
+        key: &str,
+        done: Decision,
+        req: &BookingRequest,
+    ) -> Result<Decision, LedgerError> {
+        let Decision::Booked { appointment_id, .. } = &done else {
+            return Ok(done);
+        };
+        let Some(a) = state.appointments.get_mut(appointment_id) else {
+            return Ok(done);
+        };
+        if req.hold || a.status != AppointmentStatus::Pending {
+            return Ok(Decision::Booked {
+                appointment_id: a.id.clone(),
+                accession: a.accession.clone(),
+                status: a.status,
+            });
+        }
+        a.status = AppointmentStatus::Booked;
+        a.hold_expires_unix = None;
+        let now = Decision::Booked {
+            appointment_id: a.id.clone(),
+            accession: a.accession.clone(),
+            status: a.status,
+        };
+        state.decisions.insert(key.to_string(), now.clone());
+        self.save(state)?;
+        Ok(now)
+    }
+
+    /// Moves an appointment to `to` if FHIR's workflow allows it.
+    pub fn set_status(&self, id: &str, to: AppointmentStatus) -> Result<Appointment, LedgerError> {
+        let mut state = self.lock();
+        let a = state
+            .appointments
+            .get_mut(id)
+            .ok_or_else(|| LedgerError::NoSuchAppointment(id.to_string()))?;
+        if !a.status.may_become(to) {
+            return Err(LedgerError::Transition {
+                id: id.to_string(),
+                from: a.status,
+                to,
+            });
+        }
+        a.status = to;
+        a.hold_expires_unix = None;
+        let out = a.clone();
+        self.save(&state)?;
+        Ok(out)
+    }
+
+    /// Appointments that hold their slot, for the free-slot list and the worklist.
+    pub fn live(&self, now: Timestamp) -> Vec<Appointment> {
+        let mut state = self.lock();
+        expire_holds(&mut state, now);
+        state
+            .appointments
+            .values()
+            .filter(|a| a.status.holds_slot())
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Appointment> {
+        self.lock().appointments.get(id).cloned()
+    }
+}
+
+/// Holds past their expiry give their slot back (in memory; saved with the next change).
+fn expire_holds(state: &mut State, now: Timestamp) {
+    for a in state.appointments.values_mut() {
+        if a.status == AppointmentStatus::Pending
+            && a.hold_expires_unix.is_some_and(|t| t <= now.as_second())
+        {
+            a.status = AppointmentStatus::Cancelled;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::ScheduleSpec;
+
+    fn schedules() -> Vec<Schedule> {
+        vec![
+            Schedule::new(&ScheduleSpec {
+                id: "ct-1".into(),
+                modality: "CT".into(),
+                station_ae: "CT01".into(),
+                ..ScheduleSpec::default()
+            })
+            .unwrap(),
+        ]
+    }
+
+    fn now() -> Timestamp {
+        "2027-01-12T00:00:00Z".parse().unwrap() // 09:00 in Tokyo
+    }
+
+    fn req(clinic: &str, id: &str, slot: &str, hold: bool) -> BookingRequest {
+        BookingRequest {
+            request_id: id.into(),
+            clinic: clinic.into(),
+            slot_id: slot.into(),
+            hold,
+            patient: PatientRef {
+                id: "ZZPID0001".into(),
+                name: "ZZTEST^TARO".into(),
+                birth_date: "19700101".into(),
+                sex: "M".into(),
+            },
+            procedure: "CT chest".into(),
+        }
+    }
+
+    #[test]
+    fn one_request_wins_a_slot_and_retries_get_the_same_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let s = schedules();
+        let slot = "ct-1.20270112T1000";
+        let a = ledger
+            .decide(&req("clinic-a", "r1", slot, false), &s, now(), 300)
+            .unwrap();
+        let Decision::Booked {
+            appointment_id,
+            accession,
+            status,
+        } = &a
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(*status, AppointmentStatus::Booked);
+        assert_eq!(accession, "RB20270112000001");
+        let b = ledger
+            .decide(&req("clinic-b", "r1", slot, false), &s, now(), 300)
+            .unwrap();
+        assert!(
+            matches!(
+                b,
+                Decision::Refused {
+                    code: Refusal::Conflict,
+                    ..
+                }
+            ),
+            "{b:?}"
+        );
+        // Retries, also after a restart: same answers, nothing booked twice.
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(
+            ledger
+                .decide(&req("clinic-a", "r1", slot, false), &s, now(), 300)
+                .unwrap(),
+            a
+        );
+        assert_eq!(
+            ledger
+                .decide(&req("clinic-b", "r1", slot, false), &s, now(), 300)
+                .unwrap(),
+            b
+        );
+        assert_eq!(ledger.live(now()).len(), 1);
+        assert_eq!(
+            ledger.get(appointment_id).unwrap().patient.name,
+            "ZZTEST^TARO"
+        );
+    }
+
+    #[test]
+    fn unknown_past_and_malformed_requests_are_refused_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let s = schedules();
+        let cases = [
+            (
+                req("c", "r1", "ct-1.20270112T1015", false),
+                Refusal::NotFound,
+            ),
+            (
+                req("c", "r2", "ct-9.20270112T1000", false),
+                Refusal::NotFound,
+            ),
+            (
+                req("c", "r3", "ct-1.20270112T0900", false),
+                Refusal::Expired,
+            ),
+            (
+                req("c", "bad id!", "ct-1.20270112T1000", false),
+                Refusal::Invalid,
+            ),
+            (req("", "r4", "ct-1.20270112T1000", false), Refusal::Invalid),
+        ];
+        for (r, code) in cases {
+            let d = ledger.decide(&r, &s, now(), 300).unwrap();
+            assert!(
+                matches!(&d, Decision::Refused { code: c, .. } if *c == code),
+                "{r:?} -> {d:?}"
+            );
+        }
+        assert!(ledger.live(now()).is_empty());
+        assert!(matches!(
+            ledger
+                .decide(&req("c", "r5", "ct-1.20270112T1000", false), &s, now(), 300)
+                .unwrap(),
+            Decision::Booked { .. }
+        ));
+    }
+
+    #[test]
+    fn a_hold_expires_or_is_confirmed_by_book_with_the_same_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let s = schedules();
+        let slot = "ct-1.20270112T1100";
+        let held = ledger
+            .decide(&req("a", "h1", slot, true), &s, now(), 300)
+            .unwrap();
+        assert!(matches!(
+            held,
+            Decision::Booked {
+                status: AppointmentStatus::Pending,
+                ..
+            }
+        ));
+        let other = ledger
+            .decide(&req("b", "x1", slot, false), &s, now(), 300)
+            .unwrap();
+        assert!(matches!(
+            other,
+            Decision::Refused {
+                code: Refusal::Conflict,
+                ..
+            }
+        ));
+        let booked = ledger
+            .decide(&req("a", "h1", slot, false), &s, now(), 300)
+            .unwrap();
+        assert!(matches!(
+            booked,
+            Decision::Booked {
+                status: AppointmentStatus::Booked,
+                ..
+            }
+        ));
+        // An unconfirmed hold gives its slot back when it expires.
+        let slot2 = "ct-1.20270112T1130";
+        ledger
+            .decide(&req("a", "h2", slot2, true), &s, now(), 300)
+            .unwrap();
+        let later = now() + jiff::SignedDuration::from_secs(301);
+        let taken = ledger
+            .decide(&req("b", "x2", slot2, false), &s, later, 300)
+            .unwrap();
+        assert!(
+            matches!(
+                taken,
+                Decision::Booked {
+                    status: AppointmentStatus::Booked,
+                    ..
+                }
+            ),
+            "{taken:?}"
+        );
+        let late = ledger
+            .decide(&req("a", "h2", slot2, false), &s, later, 300)
+            .unwrap();
+        assert!(
+            matches!(
+                late,
+                Decision::Booked {
+                    status: AppointmentStatus::Cancelled,
+                    ..
+                }
+            ),
+            "{late:?}"
+        );
+    }
+
+    #[test]
+    fn status_changes_follow_the_fhir_workflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let d = ledger
+            .decide(
+                &req("a", "r1", "ct-1.20270112T1000", false),
+                &schedules(),
+                now(),
+                300,
+            )
+            .unwrap();
+        let Decision::Booked {
+            appointment_id: id, ..
+        } = d
+        else {
+            panic!()
+        };
+        assert!(matches!(
+            ledger.set_status(&id, AppointmentStatus::Pending),
+            Err(LedgerError::Transition { .. })
+        ));
+        assert_eq!(
+            ledger
+                .set_status(&id, AppointmentStatus::Fulfilled)
+                .unwrap()
+                .status,
+            AppointmentStatus::Fulfilled
+        );
+        assert!(
+            ledger
+                .set_status(&id, AppointmentStatus::Cancelled)
+                .is_err()
+        );
+        assert!(matches!(
+            ledger.set_status("apt-x", AppointmentStatus::Cancelled),
+            Err(LedgerError::NoSuchAppointment(_))
+        ));
+        assert!(ledger.live(now()).is_empty());
+    }
+}

@@ -1,0 +1,23 @@
+//! Regional exam booking, without I/O beyond the core's ledger file: schedules and their
+//! slots, and the core gateway's ledger that decides every booking request.
+//!
+//! - [`schedule`]: a scanner's opening hours in its time zone (Asia/Tokyo by default),
+//!   slot length and holidays; the slots of a day with stable ids
+//!   (`{schedule}.{YYYYMMDDTHHMM}` in local time).
+//! - [`ledger`]: the core's appointments. Every request carries a client-made id and is
+//!   decided once: the same request gets the same answer again, a contested slot goes to
+//!   exactly one request, and the decision is on disk before it is returned. Appointment
+//!   states follow FHIR R4 (`proposed -> pending -> booked -> cancelled | fulfilled |
+//!   noshow`); a hold (`pending`) keeps its slot until it expires.
+//!
+//! Invariants: no panic on any input (ids and times come from the network); the ledger
+//! never holds two live appointments for one slot; a refusal changes nothing.
+
+pub mod ledger;
+pub mod schedule;
+
+pub use ledger::{
+    Appointment, AppointmentStatus, BookingRequest, Decision, Ledger, LedgerError, PatientRef,
+    Refusal,
+};
+pub use schedule::{Schedule, ScheduleProblem, ScheduleSpec, Slot};

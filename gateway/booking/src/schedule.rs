@@ -1,0 +1,414 @@
+//! Schedules and slots.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use jiff::civil::{Date, Time, Weekday};
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, Zoned};
+use serde::Serialize;
+
+/// Default time zone of a schedule.
+pub const DEFAULT_TIME_ZONE: &str = "Asia/Tokyo";
+/// Default slot length.
+pub const DEFAULT_SLOT_MINUTES: u32 = 30;
+/// Default opening hours, Monday to Friday.
+pub const DEFAULT_HOURS: &str = "09:00-17:00";
+const WEEKDAYS: [(&str, Weekday); 7] = [
+    ("mon", Weekday::Monday),
+    ("tue", Weekday::Tuesday),
+    ("wed", Weekday::Wednesday),
+    ("thu", Weekday::Thursday),
+    ("fri", Weekday::Friday),
+    ("sat", Weekday::Saturday),
+    ("sun", Weekday::Sunday),
+];
+/// Longest span `slots_between` looks at.
+const MAX_DAYS: i64 = 62;
+
+/// A schedule as configured (`[[booking.schedule]]`); everything but the first three has a
+/// default.
+#[derive(Debug, Clone, Default)]
+pub struct ScheduleSpec {
+    pub id: String,
+    pub modality: String,
+    pub station_ae: String,
+    pub time_zone: Option<String>,
+    pub slot_minutes: Option<u32>,
+    /// Weekday (`mon` .. `sun`) -> `HH:MM-HH:MM`; days not listed are closed. None: Monday
+    /// to Friday 09:00-17:00.
+    pub hours: Option<BTreeMap<String, String>>,
+    /// `YYYY-MM-DD` dates without slots.
+    pub holidays: Vec<String>,
+}
+
+/// What is wrong with a spec, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ScheduleProblem {
+    pub field: String,
+    pub problem: String,
+}
+
+/// A scanner's bookable time.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    id: String,
+    modality: String,
+    station_ae: String,
+    tz: TimeZone,
+    tz_name: String,
+    slot_minutes: u32,
+    /// Opening hours by weekday, Monday first.
+    hours: [Option<(Time, Time)>; 7],
+    holidays: BTreeSet<Date>,
+}
+
+/// One bookable slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Slot {
+    /// `{schedule}.{YYYYMMDDTHHMM}`, local start time.
+    pub id: String,
+    pub schedule: String,
+    /// RFC 3339 with the zone's offset, e.g. `2027-01-12T09:00:00+09:00`.
+    pub start: String,
+    pub end: String,
+    #[serde(skip)]
+    pub start_ts: Timestamp,
+}
+
+fn problem(field: &str, problem: impl Into<String>) -> ScheduleProblem {
+    ScheduleProblem {
+        field: field.to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn day_index(day: Weekday) -> usize {
+    usize::try_from(day.to_monday_zero_offset()).unwrap_or(0)
+}
+
+fn parse_hours(text: &str) -> Option<(Time, Time)> {
+    let (a, b) = text.split_once('-')?;
+    let open: Time = a.trim().parse().ok()?;
+    let close: Time = b.trim().parse().ok()?;
+    (open < close).then_some((open, close))
+}
+
+impl Schedule {
+    /// Validates a spec; every problem is reported, each naming its field.
+    pub fn new(spec: &ScheduleSpec) -> Result<Self, Vec<ScheduleProblem>> {
+        let mut problems = Vec::new();
+        if !valid_id(&spec.id) {
+            problems.push(problem(
+                "id",
+                "1-32 characters of letters, digits, '-' and '_'",
+            ));
+        }
+        if spec.modality.len() != 2 || !spec.modality.bytes().all(|b| b.is_ascii_uppercase()) {
+            problems.push(problem(
+                "modality",
+                "a DICOM modality code such as CT or MR",
+            ));
+        }
+        let ae = spec.station_ae.trim();
+        if ae.is_empty()
+            || ae.len() > 16
+            || !ae.bytes().all(|b| (0x20..0x7F).contains(&b) && b != b'\\')
+        {
+            problems.push(problem("station_ae", "1-16 characters of a DICOM AE title"));
+        }
+        let tz_name = spec
+            .time_zone
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TIME_ZONE.to_string());
+        let tz = TimeZone::get(&tz_name)
+            .map_err(|_| problem("time_zone", format!("unknown IANA time zone {tz_name:?}")));
+        let slot_minutes = spec.slot_minutes.unwrap_or(DEFAULT_SLOT_MINUTES);
+        if !(5..=480).contains(&slot_minutes) {
+            problems.push(problem("slot_minutes", "between 5 and 480"));
+        }
+        let mut hours: [Option<(Time, Time)>; 7] = [None; 7];
+        match &spec.hours {
+            None => {
+                for (_, day) in &WEEKDAYS[..5] {
+                    if let Some(h) = parse_hours(DEFAULT_HOURS) {
+                        hours[day_index(*day)] = Some(h);
+                    }
+                }
+            }
+            Some(given) => {
+                for (key, text) in given {
+                    match (WEEKDAYS.iter().find(|(k, _)| k == key), parse_hours(text)) {
+                        (None, _) => problems.push(problem(
+                            &format!("hours.{key}"),
+                            "weekdays are mon, tue, wed, thu, fri, sat and sun",
+                        )),
+                        (_, None) => problems.push(problem(
+                            &format!("hours.{key}"),
+                            "opening hours as HH:MM-HH:MM, opening before closing",
+                        )),
+                        (Some((_, day)), Some(h)) => {
+                            hours[day_index(*day)] = Some(h);
+                        }
+                    }
+                }
+            }
+        }
+        let mut holidays = BTreeSet::new();
+        for h in &spec.holidays {
+            match h.parse::<Date>() {
+                Ok(d) => {
+                    holidays.insert(d);
+                }
+                Err(_) => problems.push(problem("holidays", format!("{h:?} is not YYYY-MM-DD"))),
+            }
+        }
+        let tz = match tz {
+            Ok(tz) => Some(tz),
+            Err(p) => {
+                problems.push(p);
+                None
+            }
+        };
+        match tz {
+            Some(tz) if problems.is_empty() => Ok(Self {
+                id: spec.id.clone(),
+                modality: spec.modality.clone(),
+                station_ae: ae.to_string(),
+                tz,
+                tz_name,
+                slot_minutes,
+                hours,
+                holidays,
+            }),
+            _ => Err(problems),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    pub fn modality(&self) -> &str {
+        &self.modality
+    }
+    pub fn station_ae(&self) -> &str {
+        &self.station_ae
+    }
+    pub fn time_zone(&self) -> &str {
+        &self.tz_name
+    }
+    pub fn slot_minutes(&self) -> u32 {
+        self.slot_minutes
+    }
+
+    fn slot_at(&self, start: &Zoned) -> Option<Slot> {
+        let end = start
+            .checked_add(jiff::SignedDuration::from_mins(i64::from(
+                self.slot_minutes,
+            )))
+            .ok()?;
+        let rfc3339 = |z: &Zoned| z.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string();
+        Some(Slot {
+            id: format!("{}.{}", self.id, start.strftime("%Y%m%dT%H%M")),
+            schedule: self.id.clone(),
+            start: rfc3339(start),
+            end: rfc3339(&end),
+            start_ts: start.timestamp(),
+        })
+    }
+
+    /// The slots of one local day, in order (none on holidays and closed weekdays).
+    pub fn slots_on(&self, date: Date) -> Vec<Slot> {
+        let mut out = Vec::new();
+        if self.holidays.contains(&date) {
+            return out;
+        }
+        let Some((open, close)) = &self.hours[day_index(date.weekday())] else {
+            return out;
+        };
+        let step = jiff::SignedDuration::from_mins(i64::from(self.slot_minutes));
+        let Ok(mut start) = date.to_datetime(*open).to_zoned(self.tz.clone()) else {
+            return out;
+        };
+        let Ok(closing) = date.to_datetime(*close).to_zoned(self.tz.clone()) else {
+            return out;
+        };
+        while let Ok(end) = start.checked_add(step) {
+            if end > closing {
+                break;
+            }
+            if let Some(slot) = self.slot_at(&start) {
+                out.push(slot);
+            }
+            start = end;
+        }
+        out
+    }
+
+    /// The slots starting in `[from, to)`, at most [`MAX_DAYS`] days of them.
+    pub fn slots_between(&self, from: Timestamp, to: Timestamp) -> Vec<Slot> {
+        let first = from.to_zoned(self.tz.clone()).date();
+        let mut out = Vec::new();
+        let mut day = first;
+        for _ in 0..MAX_DAYS {
+            if day
+                .to_zoned(self.tz.clone())
+                .map_or(true, |z| z.timestamp() >= to)
+            {
+                break;
+            }
+            out.extend(
+                self.slots_on(day)
+                    .into_iter()
+                    .filter(|s| s.start_ts >= from && s.start_ts < to),
+            );
+            match day.tomorrow() {
+                Ok(next) => day = next,
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// The slot with this id, if the schedule has it.
+    pub fn slot(&self, id: &str) -> Option<Slot> {
+        let stamp = id.strip_prefix(&self.id)?.strip_prefix('.')?;
+        if stamp.len() != 13 {
+            return None;
+        }
+        let dt = jiff::civil::DateTime::strptime("%Y%m%dT%H%M", stamp).ok()?;
+        self.slots_on(dt.date()).into_iter().find(|s| s.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ct() -> Schedule {
+        Schedule::new(&ScheduleSpec {
+            id: "ct-1".into(),
+            modality: "CT".into(),
+            station_ae: "CT01".into(),
+            holidays: vec!["2027-01-11".into()],
+            ..ScheduleSpec::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn three_fields_make_a_schedule_with_tokyo_weekday_defaults() {
+        let s = ct();
+        assert_eq!((s.time_zone(), s.slot_minutes()), ("Asia/Tokyo", 30));
+        // Tuesday 2027-01-12: 09:00-17:00 in 30-minute slots.
+        let slots = s.slots_on(Date::constant(2027, 1, 12));
+        assert_eq!(slots.len(), 16);
+        assert_eq!(slots[0].id, "ct-1.20270112T0900");
+        assert_eq!(slots[0].start, "2027-01-12T09:00:00+09:00");
+        assert_eq!(slots[0].end, "2027-01-12T09:30:00+09:00");
+        assert_eq!(slots[0].start_ts.to_string(), "2027-01-12T00:00:00Z");
+        assert_eq!(slots[15].start, "2027-01-12T16:30:00+09:00");
+        // Saturday, Sunday and the holiday (a Monday) are closed.
+        for d in [9, 10, 11] {
+            assert!(
+                s.slots_on(Date::constant(2027, 1, d)).is_empty(),
+                "2027-01-{d}"
+            );
+        }
+        assert_eq!(
+            s.slot("ct-1.20270112T0930").unwrap().start,
+            "2027-01-12T09:30:00+09:00"
+        );
+        for bad in [
+            "ct-1.20270112T0915",
+            "ct-1.20270111T0900",
+            "ct-2.20270112T0900",
+            "ct-1.",
+            "ct-1.2027011",
+            "ct-1.20271332T0900",
+            "ct-1.20270112T09000",
+            "",
+        ] {
+            assert!(s.slot(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hours_zone_and_length_are_configurable_and_validated() {
+        let s = Schedule::new(&ScheduleSpec {
+            id: "mr_2".into(),
+            modality: "MR".into(),
+            station_ae: "MR01".into(),
+            time_zone: Some("Europe/Berlin".into()),
+            slot_minutes: Some(45),
+            hours: Some(BTreeMap::from([("sat".into(), "08:00-10:00".into())])),
+            holidays: vec![],
+        })
+        .unwrap();
+        let sat = s.slots_on(Date::constant(2027, 7, 3));
+        assert_eq!(
+            sat.iter().map(|x| x.start.as_str()).collect::<Vec<_>>(),
+            ["2027-07-03T08:00:00+02:00", "2027-07-03T08:45:00+02:00"]
+        );
+        assert!(
+            s.slots_on(Date::constant(2027, 7, 5)).is_empty(),
+            "Monday closed"
+        );
+        let err = Schedule::new(&ScheduleSpec {
+            id: "bad id".into(),
+            modality: "ct".into(),
+            station_ae: "".into(),
+            time_zone: Some("Mars/Olympus".into()),
+            slot_minutes: Some(1),
+            hours: Some(BTreeMap::from([
+                ("mon".into(), "17:00-09:00".into()),
+                ("xyz".into(), "09:00-10:00".into()),
+            ])),
+            holidays: vec!["01/01/2027".into()],
+        })
+        .unwrap_err();
+        let fields: Vec<&str> = err.iter().map(|p| p.field.as_str()).collect();
+        for f in [
+            "id",
+            "modality",
+            "station_ae",
+            "time_zone",
+            "slot_minutes",
+            "hours.mon",
+            "hours.xyz",
+            "holidays",
+        ] {
+            assert!(fields.contains(&f), "{f} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn slots_between_spans_days_in_local_time() {
+        let s = ct();
+        let from: Timestamp = "2027-01-12T06:30:00Z".parse().unwrap(); // 15:30 in Tokyo
+        let to: Timestamp = "2027-01-13T01:00:00Z".parse().unwrap(); // 10:00 next day
+        let ids: Vec<String> = s
+            .slots_between(from, to)
+            .into_iter()
+            .map(|x| x.id)
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "ct-1.20270112T1530",
+                "ct-1.20270112T1600",
+                "ct-1.20270112T1630",
+                "ct-1.20270113T0900",
+                "ct-1.20270113T0930",
+            ]
+        );
+        assert!(s.slots_between(to, from).is_empty());
+    }
+}
