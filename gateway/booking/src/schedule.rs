@@ -50,7 +50,7 @@ pub struct ScheduleProblem {
 }
 
 /// A scanner's bookable time.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
     id: String,
     modality: String,
@@ -128,8 +128,13 @@ impl Schedule {
             .time_zone
             .clone()
             .unwrap_or_else(|| DEFAULT_TIME_ZONE.to_string());
-        let tz = TimeZone::get(&tz_name)
-            .map_err(|_| problem("time_zone", format!("unknown IANA time zone {tz_name:?}")));
+        let tz = TimeZone::get(&tz_name).ok();
+        if tz.is_none() {
+            problems.push(problem(
+                "time_zone",
+                format!("unknown IANA time zone {tz_name:?}"),
+            ));
+        }
         let slot_minutes = spec.slot_minutes.unwrap_or(DEFAULT_SLOT_MINUTES);
         if !(5..=480).contains(&slot_minutes) {
             problems.push(problem("slot_minutes", "between 5 and 480"));
@@ -170,13 +175,6 @@ impl Schedule {
                 Err(_) => problems.push(problem("holidays", format!("{h:?} is not YYYY-MM-DD"))),
             }
         }
-        let tz = match tz {
-            Ok(tz) => Some(tz),
-            Err(p) => {
-                problems.push(p);
-                None
-            }
-        };
         match tz {
             Some(tz) if problems.is_empty() => Ok(Self {
                 id: spec.id.clone(),

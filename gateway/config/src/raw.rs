@@ -130,6 +130,20 @@ pub(crate) struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBooking {
     pub listen: Option<String>,
+    pub schedule: Option<Vec<RawSchedule>>,
+}
+
+/// `[[booking.schedule]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSchedule {
+    pub id: String,
+    pub modality: String,
+    pub station_ae: String,
+    pub time_zone: Option<String>,
+    pub slot_minutes: Option<u32>,
+    pub hours: Option<std::collections::BTreeMap<String, String>>,
+    pub holidays: Option<Vec<String>>,
 }
 
 /// Longest structural error message repeated back; serde messages quote the bad value.

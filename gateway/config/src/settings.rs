@@ -208,10 +208,12 @@ pub struct Admin {
     pub listen: SocketAddr,
 }
 
-/// `[booking]`: the kiosk's HTTPS endpoint.
+/// `[booking]`: the kiosk's HTTPS endpoint and, on the core, the scanners' schedules.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Booking {
     pub listen: SocketAddr,
+    /// `[[booking.schedule]]`, validated.
+    pub schedules: Vec<gateway_booking::Schedule>,
 }
 
 impl Settings {
@@ -875,8 +877,43 @@ fn booking(c: &mut Collector, raw: raw::RawBooking) -> Option<Booking> {
         raw.listen.as_deref(),
         defaults::BOOKING_LISTEN,
         parse_socket_addr,
-    )?;
-    Some(Booking { listen })
+    );
+    let mut schedules = Vec::new();
+    let mut ok = true;
+    for (i, s) in raw.schedule.unwrap_or_default().into_iter().enumerate() {
+        let spec = gateway_booking::ScheduleSpec {
+            id: s.id,
+            modality: s.modality,
+            station_ae: s.station_ae,
+            time_zone: s.time_zone,
+            slot_minutes: s.slot_minutes,
+            hours: s.hours,
+            holidays: s.holidays.unwrap_or_default(),
+        };
+        match gateway_booking::Schedule::new(&spec) {
+            Ok(schedule) => {
+                if schedules
+                    .iter()
+                    .any(|other: &gateway_booking::Schedule| other.id() == schedule.id())
+                {
+                    c.push(
+                        format!("booking.schedule[{i}].id"),
+                        "another schedule has this id",
+                    );
+                    ok = false;
+                }
+                schedules.push(schedule);
+            }
+            Err(problems) => {
+                ok = false;
+                for p in problems {
+                    c.push(format!("booking.schedule[{i}].{}", p.field), p.problem);
+                }
+            }
+        }
+    }
+    let listen = listen?;
+    ok.then_some(Booking { listen, schedules })
 }
 
 #[cfg(test)]

@@ -553,3 +553,55 @@ fn mllp_uplink_needs_host_port_matching_kind_and_no_plaintext_in_production() {
         "{err}"
     );
 }
+
+#[test]
+fn booking_schedules_need_three_fields_and_name_every_problem() {
+    let s = ok(&format!(
+        "{NODE_DEV}[booking]\n\
+         [[booking.schedule]]\nid = \"ct-1\"\nmodality = \"CT\"\nstation_ae = \"CT01\"\n\
+         [[booking.schedule]]\nid = \"mr-1\"\nmodality = \"MR\"\nstation_ae = \"MR01\"\n\
+         slot_minutes = 45\ntime_zone = \"Asia/Tokyo\"\nholidays = [\"2027-01-01\"]\n\
+         hours = {{ mon = \"08:30-12:00\", sat = \"09:00-11:00\" }}\n"
+    ));
+    let b = s.booking.unwrap();
+    let ids: Vec<&str> = b.schedules.iter().map(|s| s.id()).collect();
+    assert_eq!(ids, ["ct-1", "mr-1"]);
+    assert_eq!(
+        (b.schedules[0].time_zone(), b.schedules[0].slot_minutes()),
+        ("Asia/Tokyo", 30)
+    );
+    assert_eq!(b.schedules[1].station_ae(), "MR01");
+
+    let text = format!(
+        "{NODE_DEV}[booking]\n\
+         [[booking.schedule]]\nid = \"ct-1\"\nmodality = \"CT\"\nstation_ae = \"CT01\"\n\
+         [[booking.schedule]]\nid = \"ct-1\"\nmodality = \"ct\"\nstation_ae = \"CT02\"\n\
+         time_zone = \"Tokyo\"\nhours = {{ monday = \"9-5\" }}\n"
+    );
+    assert_eq!(
+        keys(&text),
+        [
+            "booking.schedule[1].modality",
+            "booking.schedule[1].time_zone",
+            "booking.schedule[1].hours.monday",
+        ]
+    );
+    let text = format!(
+        "{NODE_DEV}[booking]\n\
+         [[booking.schedule]]\nid = \"ct-1\"\nmodality = \"CT\"\nstation_ae = \"CT01\"\n\
+         [[booking.schedule]]\nid = \"ct-1\"\nmodality = \"CT\"\nstation_ae = \"CT02\"\n"
+    );
+    assert_eq!(keys(&text), ["booking.schedule[1].id"]);
+    // A missing required field or an unknown key is a structural error naming the path.
+    let text =
+        format!("{NODE_DEV}[booking]\n[[booking.schedule]]\nid = \"x\"\nmodality = \"CT\"\n");
+    assert!(
+        lines(&text)[0].contains("booking.schedule"),
+        "{:?}",
+        lines(&text)
+    );
+    let text = format!(
+        "{NODE_DEV}[booking]\n[[booking.schedule]]\nid = \"x\"\nmodality = \"CT\"\nstation_ae = \"A\"\nroom = 1\n"
+    );
+    assert!(lines(&text)[0].contains("room"), "{:?}", lines(&text));
+}
