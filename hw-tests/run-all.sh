@@ -83,10 +83,11 @@ if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
     banner "cargo test --workspace"
     cargo test --workspace
 
-    banner "fuzz targets compile (gateway/dicom/fuzz, gateway/hl7/fuzz, gateway/fleet/fuzz)"
+    banner "fuzz targets compile (gateway/dicom/fuzz, gateway/hl7/fuzz, gateway/fleet/fuzz, gateway/exchange/fuzz)"
     cargo check --manifest-path gateway/dicom/fuzz/Cargo.toml --bins
     cargo check --manifest-path gateway/hl7/fuzz/Cargo.toml --bins
     cargo check --manifest-path gateway/fleet/fuzz/Cargo.toml --bins
+    cargo check --manifest-path gateway/exchange/fuzz/Cargo.toml --bins
 
     banner "dependency policy: advisories (offline snapshot), licenses, bans, sources"
     bash hw-tests/deny.sh
