@@ -9,15 +9,19 @@
 //!   exactly one request, and the decision is on disk before it is returned. Appointment
 //!   states follow FHIR R4 (`proposed -> pending -> booked -> cancelled | fulfilled |
 //!   noshow`); a hold (`pending`) keeps its slot until it expires.
+//! - [`worklist`]: Modality Worklist items of booked appointments and the C-FIND matching
+//!   rules (universal, single value, wildcard, DA/TM ranges, PN by component group).
 //!
 //! Invariants: no panic on any input (ids and times come from the network); the ledger
 //! never holds two live appointments for one slot; a refusal changes nothing.
 
 pub mod ledger;
 pub mod schedule;
+pub mod worklist;
 
 pub use ledger::{
     Appointment, AppointmentStatus, BookingRequest, Decision, Ledger, LedgerError, PatientRef,
     Refusal,
 };
 pub use schedule::{Schedule, ScheduleProblem, ScheduleSpec, Slot};
+pub use worklist::{WorklistItem, WorklistQuery};
