@@ -343,6 +343,24 @@ impl Ledger {
             .collect()
     }
 
+    /// The slots of `schedule` starting in `[from, to)` that have not begun at `now` and
+    /// that no live appointment holds: what the core publishes to the clinics.
+    pub fn free_slots(
+        &self,
+        schedule: &Schedule,
+        from: Timestamp,
+        to: Timestamp,
+        now: Timestamp,
+    ) -> Vec<crate::schedule::Slot> {
+        let taken: std::collections::BTreeSet<String> =
+            self.live(now).into_iter().map(|a| a.slot_id).collect();
+        schedule
+            .slots_between(from.max(now), to)
+            .into_iter()
+            .filter(|s| s.start_ts > now && !taken.contains(&s.id))
+            .collect()
+    }
+
     pub fn get(&self, id: &str) -> Option<Appointment> {
         self.lock().appointments.get(id).cloned()
     }
@@ -557,6 +575,39 @@ mod tests {
                 }
             ),
             "{late:?}"
+        );
+    }
+
+    #[test]
+    fn free_slots_leave_out_the_past_and_every_live_appointment() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let s = schedules();
+        let now: Timestamp = "2027-01-12T01:10:00Z".parse().unwrap(); // 10:10 in Tokyo
+        let day_end: Timestamp = "2027-01-12T09:00:00Z".parse().unwrap();
+        let free =
+            |now| ledger.free_slots(&s[0], "2027-01-12T00:00:00Z".parse().unwrap(), day_end, now);
+        let all = free(now);
+        assert_eq!(
+            all.first().unwrap().id,
+            "ct-1.20270112T1030",
+            "10:00 has begun"
+        );
+        assert_eq!(all.len(), 13);
+        ledger
+            .decide(&req("a", "r1", "ct-1.20270112T1100", false), &s, now, 300)
+            .unwrap();
+        ledger
+            .decide(&req("a", "h1", "ct-1.20270112T1130", true), &s, now, 300)
+            .unwrap();
+        let ids: Vec<String> = free(now).into_iter().map(|x| x.id).collect();
+        assert_eq!(ids.len(), 11);
+        assert!(!ids.contains(&"ct-1.20270112T1100".to_string()));
+        assert!(!ids.contains(&"ct-1.20270112T1130".to_string()), "held");
+        let later = now + jiff::SignedDuration::from_secs(301);
+        assert!(
+            free(later).iter().any(|x| x.id == "ct-1.20270112T1130"),
+            "the hold expired"
         );
     }
 
