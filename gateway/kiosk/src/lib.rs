@@ -1,0 +1,399 @@
+//! The kiosk API on `booking.listen`: HTTPS only, two-factor staff login (MHLW guideline
+//! v6.0), server-side sessions, roles, and FHIR R4-shaped booking resources.
+//!
+//! Routes (described for clients by `GET /openapi.json`):
+//! - `POST /api/login` `{name, password, code}` -> 200 and a session cookie (`Secure`,
+//!   `HttpOnly`, `SameSite=Strict`), or 401 with an OperationOutcome; every attempt is an
+//!   audit record (a failure with its reason code).
+//! - `POST /api/logout`, `GET /api/me`; `GET /api/accounts` for admins only (403 otherwise).
+//! - `GET /fhir/Slot?schedule=&status=free&start=ge..&start=lt..` -> a searchset Bundle from
+//!   the [`SlotSource`]; slots served from a cache the core has not refreshed carry the meta
+//!   tag `stale`.
+//!
+//! Every route but the login and the OpenAPI document needs a session (401
+//! without). Errors are OperationOutcome resources; no route echoes request content.
+//!
+//! Module map: [`session`] (tokens, cookie, expiry), [`tls`] (rustls listener for
+//! `axum::serve`, the development self-signed certificate), `openapi` (the document).
+
+mod openapi;
+pub mod session;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gateway_audit::{Action, AuditLog, Event, Outcome};
+use gateway_staff::{LoginError, Role, Staff};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tracing::warn;
+
+use session::{Sessions, Staffer};
+
+/// Free slots as the clinic knows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotView {
+    pub id: String,
+    pub schedule: String,
+    pub start: String,
+    pub end: String,
+}
+
+/// The slots answer and how fresh it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotAnswer {
+    pub slots: Vec<SlotView>,
+    /// When the core last published them (Unix seconds).
+    pub as_of_unix: u64,
+    /// True when the core has not refreshed them recently (WAN down).
+    pub stale: bool,
+}
+
+/// A `GET /fhir/Slot` search.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotQuery {
+    pub schedule: Option<String>,
+    /// RFC 3339 lower (inclusive) and upper (exclusive) bounds on the start.
+    pub start_ge: Option<String>,
+    pub start_lt: Option<String>,
+}
+
+/// Where the kiosk gets free slots from (the clinic's cache of the core's publications).
+pub trait SlotSource: Send + Sync + std::fmt::Debug {
+    fn free_slots(&self, query: &SlotQuery) -> SlotAnswer;
+}
+
+/// Everything the handlers share.
+#[derive(Debug, Clone)]
+pub struct Kiosk {
+    staff: Arc<Staff>,
+    audit: Arc<AuditLog>,
+    sessions: Arc<Sessions>,
+    slots: Arc<dyn SlotSource>,
+}
+
+impl Kiosk {
+    pub fn new(staff: Arc<Staff>, audit: Arc<AuditLog>, slots: Arc<dyn SlotSource>) -> Self {
+        Self {
+            staff,
+            audit,
+            sessions: Arc::new(Sessions::default()),
+            slots,
+        }
+    }
+
+    /// The routes, with security headers on every response.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/openapi.json", get(openapi_json))
+            .route("/api/login", post(login))
+            .route("/api/logout", post(logout))
+            .route("/api/me", get(me))
+            .route("/api/accounts", get(accounts))
+            .route("/fhir/Slot", get(slots))
+            .fallback(not_found)
+            .layer(axum::middleware::map_response(security_headers))
+            .with_state(self)
+    }
+
+    fn record(&self, actor: &str, action: Action, outcome: Outcome, detail: Option<&str>) {
+        let event = Event {
+            actor: actor.chars().take(64).collect(),
+            action,
+            outcome,
+            subject: None,
+            detail: detail.map(str::to_string),
+        };
+        if let Err(e) = self.audit.append(event) {
+            warn!(error = %e, "audit record could not be written");
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
+    response
+}
+
+/// A FHIR OperationOutcome with one issue.
+fn outcome(status: StatusCode, code: &str, diagnostics: &str) -> Response {
+    let body = json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}],
+    });
+    let mut r = (status, Json(body)).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+json"),
+    );
+    r
+}
+
+async fn not_found() -> Response {
+    outcome(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no such resource or operation",
+    )
+}
+
+async fn openapi_json() -> Json<Value> {
+    Json(openapi::document())
+}
+
+/// A request with a live session.
+#[derive(Debug)]
+struct Authenticated(Staffer);
+
+impl FromRequestParts<Kiosk> for Authenticated {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, kiosk: &Kiosk) -> Result<Self, Self::Rejection> {
+        parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(session::token_from_cookie)
+            .and_then(|t| kiosk.sessions.check(t, now_unix()))
+            .map(Authenticated)
+            .ok_or_else(|| outcome(StatusCode::UNAUTHORIZED, "login", "log in first"))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    name: String,
+    password: String,
+    code: String,
+}
+
+async fn login(
+    State(kiosk): State<Kiosk>,
+    body: Result<Json<LoginBody>, JsonRejection>,
+) -> Response {
+    let Ok(Json(body)) = body else {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "send JSON {\"name\", \"password\", \"code\"}",
+        );
+    };
+    let staff = Arc::clone(&kiosk.staff);
+    let name = body.name.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        staff.login(&body.name, &body.password, &body.code, now_unix())
+    })
+    .await
+    .unwrap_or(Err(LoginError::Storage("login task failed".into())));
+    match result {
+        Ok(who) => {
+            kiosk.record(&who.name, Action::Login, Outcome::Success, None);
+            let staffer = Staffer {
+                name: who.name.clone(),
+                role: who.role,
+            };
+            let Some(token) = kiosk.sessions.start(staffer, now_unix()) else {
+                return outcome(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "transient",
+                    "no randomness for a session",
+                );
+            };
+            let mut r = Json(json!({"name": who.name, "role": who.role.as_str()})).into_response();
+            if let Ok(v) = HeaderValue::from_str(&session::set_cookie(&token)) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Err(e) => {
+            let code = match &e {
+                LoginError::BadCredentials => "bad-credentials",
+                LoginError::BadSecondFactor => "bad-second-factor",
+                LoginError::NoSecondFactor => "no-second-factor",
+                LoginError::Locked { .. } => "locked",
+                LoginError::Disabled => "disabled",
+                LoginError::Storage(_) => "storage",
+            };
+            // Unknown names are recorded under a fixed actor: a typo may be a patient's name.
+            let actor = if kiosk.staff.accounts(0).iter().any(|a| a.name == name) {
+                name.as_str()
+            } else {
+                "unknown-account"
+            };
+            kiosk.record(actor, Action::Login, Outcome::Failure, Some(code));
+            let status = match e {
+                LoginError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            outcome(status, "login", &e.to_string())
+        }
+    }
+}
+
+async fn logout(State(kiosk): State<Kiosk>, who: Authenticated, headers: HeaderMap) -> Response {
+    for token in headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(session::token_from_cookie)
+    {
+        kiosk.sessions.end(token);
+    }
+    kiosk.record(&who.0.name, Action::Logout, Outcome::Success, None);
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&session::clear_cookie()) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn me(who: Authenticated) -> Json<Value> {
+    Json(json!({"name": who.0.name, "role": who.0.role.as_str()}))
+}
+
+async fn accounts(State(kiosk): State<Kiosk>, who: Authenticated) -> Response {
+    if who.0.role != Role::Admin {
+        return outcome(StatusCode::FORBIDDEN, "forbidden", "administrators only");
+    }
+    Json(json!(kiosk.staff.accounts(now_unix()))).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct SlotParams {
+    schedule: Option<String>,
+    status: Option<String>,
+    #[serde(default)]
+    start: Vec<String>,
+}
+
+async fn slots(
+    State(kiosk): State<Kiosk>,
+    _who: Authenticated,
+    params: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(pairs)) = params else {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "unreadable query string",
+        );
+    };
+    let mut p = SlotParams {
+        schedule: None,
+        status: None,
+        start: Vec::new(),
+    };
+    for (k, v) in pairs {
+        match k.as_str() {
+            "schedule" => p.schedule = Some(v),
+            "status" => p.status = Some(v),
+            "start" => p.start.push(v),
+            _ => {
+                return outcome(
+                    StatusCode::BAD_REQUEST,
+                    "not-supported",
+                    "supported search parameters: schedule, status, start",
+                );
+            }
+        }
+    }
+    if p.status.as_deref().is_some_and(|s| s != "free") {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            "only status=free is served",
+        );
+    }
+    let mut query = SlotQuery {
+        schedule: p.schedule,
+        ..SlotQuery::default()
+    };
+    for s in &p.start {
+        let bad = || {
+            outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "start takes ge<instant> or lt<instant>",
+            )
+        };
+        let (prefix, value) = s.split_at(s.len().min(2));
+        if value.parse::<jiff::Timestamp>().is_err() {
+            return bad();
+        }
+        match prefix {
+            "ge" => query.start_ge = Some(value.to_string()),
+            "lt" => query.start_lt = Some(value.to_string()),
+            _ => return bad(),
+        }
+    }
+    let answer = kiosk.slots.free_slots(&query);
+    let entries: Vec<Value> = answer
+        .slots
+        .iter()
+        .map(|s| {
+            json!({"resource": {
+                "resourceType": "Slot",
+                "id": s.id,
+                "schedule": {"reference": format!("Schedule/{}", s.schedule)},
+                "status": "free",
+                "start": s.start,
+                "end": s.end,
+            }})
+        })
+        .collect();
+    let mut meta = json!({"lastUpdated": unix_to_rfc3339(answer.as_of_unix)});
+    if answer.stale {
+        meta["tag"] = json!([{"system": "urn:gatewayd:kiosk", "code": "stale",
+            "display": "the core hospital has not confirmed these recently"}]);
+    }
+    let body = json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": entries.len(),
+        "meta": meta,
+        "entry": entries,
+    });
+    let mut r = Json(body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+json"),
+    );
+    r
+}
+
+fn unix_to_rfc3339(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| jiff::Timestamp::from_second(s).ok())
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,86 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`.
+
+use serde_json::{Value, json};
+
+fn outcome_response(description: &str) -> Value {
+    json!({"description": description, "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}}})
+}
+
+pub fn document() -> Value {
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "gatewayd kiosk API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Regional exam booking from the clinic kiosk. Staff log in with a password and a TOTP code; the session cookie is Secure, HttpOnly and SameSite=Strict. Resources are shaped after FHIR R4 Slot and Appointment."
+        },
+        "components": {
+            "securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": "gw_session"}},
+            "schemas": {
+                "OperationOutcome": {
+                    "type": "object",
+                    "required": ["resourceType", "issue"],
+                    "properties": {
+                        "resourceType": {"const": "OperationOutcome"},
+                        "issue": {"type": "array", "items": {"type": "object",
+                            "required": ["severity", "code"],
+                            "properties": {"severity": {"type": "string"}, "code": {"type": "string"}, "diagnostics": {"type": "string"}}}}
+                    }
+                },
+                "Login": {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["name", "password", "code"],
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 64},
+                        "password": {"type": "string", "maxLength": 256},
+                        "code": {"type": "string", "pattern": "^[0-9]{6}$"}
+                    }
+                },
+                "Me": {"type": "object", "required": ["name", "role"], "properties": {
+                    "name": {"type": "string"}, "role": {"enum": ["clerk", "physician", "admin"]}}},
+                "SlotBundle": {"type": "object", "required": ["resourceType", "type", "entry"], "properties": {
+                    "resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
+                    "total": {"type": "integer"}, "meta": {"type": "object"},
+                    "entry": {"type": "array", "items": {"type": "object"}}}}
+            }
+        },
+        "paths": {
+            "/api/login": {"post": {
+                "summary": "Log in with both factors",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Login"}}}},
+                "responses": {
+                    "200": {"description": "Logged in; Set-Cookie carries the session", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Me"}}}},
+                    "400": outcome_response("Not a login request"),
+                    "401": outcome_response("Refused: wrong password or code, no second factor, locked or disabled")
+                }
+            }},
+            "/api/logout": {"post": {
+                "summary": "End the session", "security": [{"session": []}],
+                "responses": {"204": {"description": "Logged out"}, "401": outcome_response("No session")}
+            }},
+            "/api/me": {"get": {
+                "summary": "Who is logged in", "security": [{"session": []}],
+                "responses": {"200": {"description": "The session's staff member", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Me"}}}},
+                              "401": outcome_response("No session")}
+            }},
+            "/api/accounts": {"get": {
+                "summary": "Staff accounts (administrators only)", "security": [{"session": []}],
+                "responses": {"200": {"description": "Accounts without secrets"}, "401": outcome_response("No session"), "403": outcome_response("Not an administrator")}
+            }},
+            "/fhir/Slot": {"get": {
+                "summary": "Free slots at the core hospital (cached at the clinic; tagged stale when not refreshed)",
+                "security": [{"session": []}],
+                "parameters": [
+                    {"name": "schedule", "in": "query", "schema": {"type": "string"}},
+                    {"name": "status", "in": "query", "schema": {"enum": ["free"]}},
+                    {"name": "start", "in": "query", "style": "form", "explode": true,
+                     "schema": {"type": "array", "items": {"type": "string", "pattern": "^(ge|lt)"}}}
+                ],
+                "responses": {"200": {"description": "Searchset Bundle of Slot", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/SlotBundle"}}}},
+                              "400": outcome_response("Unsupported or malformed search"),
+                              "401": outcome_response("No session")}
+            }}
+        }
+    })
+}

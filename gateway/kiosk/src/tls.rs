@@ -1,0 +1,137 @@
+//! HTTPS for the kiosk: a rustls listener that `axum::serve` can drive, and the development
+//! certificate.
+//!
+//! Handshakes run in their own tasks with a time limit, so a client that never finishes one
+//! holds up nobody else; only completed TLS connections reach the HTTP server.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::debug;
+
+use gateway_durable as durable;
+
+/// How long a client may take to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepted TLS connections, for `axum::serve`.
+#[derive(Debug)]
+pub struct TlsListener {
+    local: SocketAddr,
+    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+}
+
+impl TlsListener {
+    /// Starts accepting on `listener`; the accept task ends with the listener's owner.
+    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, rx) = mpsc::channel(64);
+        let acceptor = TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        debug!(error = %e, "kiosk accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    return;
+                }
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => debug!(%peer, error = %e, "kiosk TLS handshake failed"),
+                        Err(_) => debug!(%peer, "kiosk TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self { local, rx })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            // The accept task is gone: no connection will ever come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Kiosk certificate problems.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error(transparent)]
+    Io(#[from] durable::Error),
+    #[error("kiosk certificate: {0}")]
+    Bad(String),
+}
+
+/// A server config for `cert_pem` / `key_pem` (PKCS#8 or any key rustls reads).
+pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, CertError> {
+    use rustls_pki_types::pem::PemObject as _;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| CertError::Bad(format!("certificate PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(CertError::Bad("no certificate in the PEM file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| CertError::Bad(format!("key PEM: {e}")))?;
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| CertError::Bad(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Development mode without `booking.cert_file`: a self-signed certificate for `names`,
+/// made at first start in `dir` (`kiosk-cert.pem`, `kiosk-key.pem`, 0600) and reused after.
+pub fn development_certificate(
+    dir: &Path,
+    names: &[String],
+) -> Result<(Vec<u8>, Vec<u8>), CertError> {
+    durable::ensure_private_dir(dir)?;
+    let cert_path = dir.join("kiosk-cert.pem");
+    let key_path = dir.join("kiosk-key.pem");
+    if let (Ok(c), Ok(k)) = (std::fs::read(&cert_path), std::fs::read(&key_path)) {
+        return Ok((c, k));
+    }
+    let made = rcgen::generate_simple_self_signed(names.to_vec())
+        .map_err(|e| CertError::Bad(e.to_string()))?;
+    let cert = made.cert.pem().into_bytes();
+    let key = made.signing_key.serialize_pem().into_bytes();
+    durable::write_atomic(&key_path, &key)?;
+    durable::write_atomic(&cert_path, &cert)?;
+    Ok((cert, key))
+}
+
+/// Parses a PKCS#8 DER key (for tests that build configs in memory).
+pub fn pkcs8(der: Vec<u8>) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der))
+}
