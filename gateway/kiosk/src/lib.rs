@@ -13,9 +13,14 @@
 //! Every route but the login and the OpenAPI document needs a session (401
 //! without). Errors are OperationOutcome resources; no route echoes request content.
 //!
+//! - `POST /fhir/Appointment/$hold` and `$book` (a FHIR Appointment with a contained
+//!   Patient), `GET /fhir/Appointment?patient=` (each read audited): see [`appointment`].
+//!
 //! Module map: [`session`] (tokens, cookie, expiry), [`tls`] (rustls listener for
-//! `axum::serve`, the development self-signed certificate), `openapi` (the document).
+//! `axum::serve`, the development self-signed certificate), [`appointment`] (requests,
+//! resources, the [`appointment::BookingBackend`]), `openapi` (the document).
 
+pub mod appointment;
 mod openapi;
 pub mod session;
 pub mod tls;
@@ -78,15 +83,22 @@ pub struct Kiosk {
     audit: Arc<AuditLog>,
     sessions: Arc<Sessions>,
     slots: Arc<dyn SlotSource>,
+    booking: Arc<dyn appointment::BookingBackend>,
 }
 
 impl Kiosk {
-    pub fn new(staff: Arc<Staff>, audit: Arc<AuditLog>, slots: Arc<dyn SlotSource>) -> Self {
+    pub fn new(
+        staff: Arc<Staff>,
+        audit: Arc<AuditLog>,
+        slots: Arc<dyn SlotSource>,
+        booking: Arc<dyn appointment::BookingBackend>,
+    ) -> Self {
         Self {
             staff,
             audit,
             sessions: Arc::new(Sessions::default()),
             slots,
+            booking,
         }
     }
 
@@ -99,17 +111,31 @@ impl Kiosk {
             .route("/api/me", get(me))
             .route("/api/accounts", get(accounts))
             .route("/fhir/Slot", get(slots))
+            .route("/fhir/Appointment/$hold", post(hold))
+            .route("/fhir/Appointment/$book", post(book))
+            .route("/fhir/Appointment", get(appointments))
             .fallback(not_found)
             .layer(axum::middleware::map_response(security_headers))
             .with_state(self)
     }
 
     fn record(&self, actor: &str, action: Action, outcome: Outcome, detail: Option<&str>) {
+        self.record_about(actor, action, outcome, None, detail);
+    }
+
+    fn record_about(
+        &self,
+        actor: &str,
+        action: Action,
+        outcome: Outcome,
+        subject: Option<String>,
+        detail: Option<&str>,
+    ) {
         let event = Event {
             actor: actor.chars().take(64).collect(),
             action,
             outcome,
-            subject: None,
+            subject,
             detail: detail.map(str::to_string),
         };
         if let Err(e) = self.audit.append(event) {
@@ -380,6 +406,122 @@ async fn slots(
         "entry": entries,
     });
     let mut r = Json(body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+json"),
+    );
+    r
+}
+
+async fn hold(
+    State(kiosk): State<Kiosk>,
+    who: Authenticated,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    request_appointment(kiosk, who, body, true).await
+}
+
+async fn book(
+    State(kiosk): State<Kiosk>,
+    who: Authenticated,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    request_appointment(kiosk, who, body, false).await
+}
+
+async fn request_appointment(
+    kiosk: Kiosk,
+    who: Authenticated,
+    body: Result<Json<Value>, JsonRejection>,
+    hold: bool,
+) -> Response {
+    let Ok(Json(body)) = body else {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "send a FHIR Appointment as JSON",
+        );
+    };
+    let req = match appointment::parse_request(&body, hold, &who.0.name) {
+        Ok(r) => r,
+        Err(problem) => return outcome(StatusCode::BAD_REQUEST, "invalid", &problem),
+    };
+    let subject = Some(kiosk.booking.patient_ref(&req.patient_id));
+    let action = if hold {
+        Action::AppointmentHeld
+    } else {
+        Action::AppointmentBooked
+    };
+    let result = kiosk.booking.request(req).await;
+    use appointment::BookingRefused as R;
+    match result {
+        Ok(a) => {
+            kiosk.record_about(&who.0.name, action, Outcome::Success, subject, None);
+            let status = if a.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let mut r = (status, Json(appointment::resource(&a))).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/fhir+json"),
+            );
+            r
+        }
+        Err(e) => {
+            let (status, code) = match &e {
+                R::Conflict => (StatusCode::CONFLICT, "conflict"),
+                R::NotFound => (StatusCode::NOT_FOUND, "not-found"),
+                R::Expired => (StatusCode::CONFLICT, "business-rule"),
+                R::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+                R::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
+            };
+            kiosk.record_about(&who.0.name, action, Outcome::Failure, subject, Some(code));
+            outcome(status, code, &e.to_string())
+        }
+    }
+}
+
+async fn appointments(
+    State(kiosk): State<Kiosk>,
+    who: Authenticated,
+    params: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let patient = match params {
+        Ok(Query(pairs))
+            if pairs.len() == 1 && pairs[0].0 == "patient" && !pairs[0].1.is_empty() =>
+        {
+            pairs[0].1.clone()
+        }
+        _ => {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                "search Appointment by patient=<identifier> only",
+            );
+        }
+    };
+    kiosk.record_about(
+        &who.0.name,
+        Action::PatientRecordRead,
+        Outcome::Success,
+        Some(kiosk.booking.patient_ref(&patient)),
+        None,
+    );
+    let entries: Vec<Value> = kiosk
+        .booking
+        .appointments_of(&patient)
+        .iter()
+        .map(|a| json!({"resource": appointment::resource(a)}))
+        .collect();
+    let mut r = Json(json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": entries.len(),
+        "entry": entries,
+    }))
+    .into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/fhir+json"),

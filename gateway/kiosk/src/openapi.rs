@@ -39,6 +39,15 @@ pub fn document() -> Value {
                 },
                 "Me": {"type": "object", "required": ["name", "role"], "properties": {
                     "name": {"type": "string"}, "role": {"enum": ["clerk", "physician", "admin"]}}},
+                "AppointmentRequest": {
+                    "type": "object",
+                    "description": "A FHIR Appointment: identifier[0].value = client request id, slot[0].reference = Slot/{id}, a contained Patient with id 'patient' (identifier, name[0].text as DICOM PN, birthDate, gender), serviceType[0].text",
+                    "required": ["resourceType", "identifier", "slot", "contained", "serviceType"],
+                    "properties": {"resourceType": {"const": "Appointment"}}
+                },
+                "Appointment": {"type": "object", "required": ["resourceType", "id", "status"], "properties": {
+                    "resourceType": {"const": "Appointment"}, "id": {"type": "string"},
+                    "status": {"enum": ["proposed", "pending", "booked", "cancelled", "fulfilled", "noshow"]}}},
                 "SlotBundle": {"type": "object", "required": ["resourceType", "type", "entry"], "properties": {
                     "resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
                     "total": {"type": "integer"}, "meta": {"type": "object"},
@@ -67,6 +76,39 @@ pub fn document() -> Value {
             "/api/accounts": {"get": {
                 "summary": "Staff accounts (administrators only)", "security": [{"session": []}],
                 "responses": {"200": {"description": "Accounts without secrets"}, "401": outcome_response("No session"), "403": outcome_response("Not an administrator")}
+            }},
+            "/fhir/Appointment/$hold": {"post": {
+                "summary": "Hold a slot at the core (tentative, expires)", "security": [{"session": []}],
+                "requestBody": {"required": true, "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/AppointmentRequest"}}}},
+                "responses": {
+                    "201": {"description": "Held (status pending)", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/Appointment"}}}},
+                    "200": {"description": "The same request again: its first answer"},
+                    "400": outcome_response("Malformed request; the diagnostics name the element"),
+                    "401": outcome_response("No session"),
+                    "404": outcome_response("No such slot"),
+                    "409": outcome_response("The slot went to another request, or has begun"),
+                    "503": outcome_response("The core hospital cannot be reached; nothing was held")
+                }
+            }},
+            "/fhir/Appointment/$book": {"post": {
+                "summary": "Book a slot at the core (or confirm a hold with the same identifier)", "security": [{"session": []}],
+                "requestBody": {"required": true, "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/AppointmentRequest"}}}},
+                "responses": {
+                    "201": {"description": "Booked", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/Appointment"}}}},
+                    "200": {"description": "The same request again: its first answer"},
+                    "400": outcome_response("Malformed request; the diagnostics name the element"),
+                    "401": outcome_response("No session"),
+                    "404": outcome_response("No such slot"),
+                    "409": outcome_response("The slot went to another request, or has begun"),
+                    "503": outcome_response("The core hospital cannot be reached; nothing was booked")
+                }
+            }},
+            "/fhir/Appointment": {"get": {
+                "summary": "A patient's appointments (audited as a patient record read)", "security": [{"session": []}],
+                "parameters": [{"name": "patient", "in": "query", "required": true, "schema": {"type": "string", "minLength": 1}}],
+                "responses": {"200": {"description": "Searchset Bundle of Appointment"},
+                              "400": outcome_response("Search by patient only"),
+                              "401": outcome_response("No session")}
             }},
             "/fhir/Slot": {"get": {
                 "summary": "Free slots at the core hospital (cached at the clinic; tagged stale when not refreshed)",

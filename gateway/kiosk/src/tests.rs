@@ -4,6 +4,7 @@ use axum::http::Request;
 use gateway_audit::AuditKey;
 use gateway_staff::StaffKey;
 use http_body_util::BodyExt as _;
+use sha2::Digest as _;
 use tower::ServiceExt as _;
 
 const PW: &str = "correct horse battery";
@@ -34,9 +35,80 @@ impl SlotSource for FixedSlots {
     }
 }
 
+/// The clinic's booking path with the core stubbed in memory (the real one goes through the
+/// exchange; see gateway-booking's ledger for the core's rules).
+#[derive(Debug, Default)]
+struct FakeCore {
+    down: std::sync::atomic::AtomicBool,
+    by_request: std::sync::Mutex<std::collections::HashMap<String, appointment::AppointmentView>>,
+}
+
+impl appointment::BookingBackend for FakeCore {
+    fn request(
+        &self,
+        req: appointment::AppointmentRequest,
+    ) -> futures_util::future::BoxFuture<
+        'static,
+        Result<appointment::AppointmentView, appointment::BookingRefused>,
+    > {
+        use appointment::BookingRefused as R;
+        let answer = (|| {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(R::Unavailable);
+            }
+            let mut map = self.by_request.lock().unwrap();
+            if let Some(a) = map.get(&req.request_id) {
+                return Ok(appointment::AppointmentView {
+                    created: false,
+                    ..a.clone()
+                });
+            }
+            if !req.slot_id.starts_with("ct-1.") {
+                return Err(R::NotFound);
+            }
+            if map.values().any(|a| a.slot_id == req.slot_id) {
+                return Err(R::Conflict);
+            }
+            let a = appointment::AppointmentView {
+                id: format!("apt-{}", map.len() + 1),
+                request_id: req.request_id.clone(),
+                slot_id: req.slot_id.clone(),
+                status: if req.hold { "pending" } else { "booked" }.into(),
+                start: "2027-01-12T10:00:00+09:00".into(),
+                end: "2027-01-12T10:30:00+09:00".into(),
+                accession: Some("RB20270112000001".into()),
+                patient_id: req.patient_id.clone(),
+                procedure: req.procedure.clone(),
+                created: true,
+            };
+            map.insert(req.request_id.clone(), a.clone());
+            Ok(a)
+        })();
+        Box::pin(async move { answer })
+    }
+
+    fn appointments_of(&self, patient_id: &str) -> Vec<appointment::AppointmentView> {
+        self.by_request
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|a| a.patient_id == patient_id)
+            .cloned()
+            .collect()
+    }
+
+    fn patient_ref(&self, patient_id: &str) -> String {
+        format!(
+            "patient:{}",
+            hex::encode(&sha2::Sha256::digest(patient_id.as_bytes())[..8])
+        )
+    }
+}
+
 struct Fixture {
     _dir: tempfile::TempDir,
     app: Router,
+    core: Arc<FakeCore>,
     audit: Arc<AuditLog>,
     secrets: Vec<(String, String)>,
 }
@@ -53,15 +125,18 @@ fn fixture(stale: bool) -> Fixture {
     staff.add("no.totp", Role::Clerk, PW).unwrap();
     let audit =
         Arc::new(AuditLog::open(&dir.path().join("audit"), AuditKey::derive(&[3; 32])).unwrap());
+    let core = Arc::new(FakeCore::default());
     let app = Kiosk::new(
         Arc::new(staff),
         Arc::clone(&audit),
         Arc::new(FixedSlots(stale)),
+        Arc::clone(&core) as Arc<dyn appointment::BookingBackend>,
     )
     .router();
     Fixture {
         _dir: dir,
         app,
+        core,
         audit,
         secrets,
     }
@@ -368,4 +443,191 @@ async fn served_over_tls_with_the_development_certificate_only() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("\"openapi\":\"3.1.0\""));
     server.abort();
+}
+
+fn appointment_body(request_id: &str, slot: &str) -> Value {
+    json!({
+        "resourceType": "Appointment",
+        "identifier": [{"system": "urn:gatewayd:request", "value": request_id}],
+        "slot": [{"reference": format!("Slot/{slot}")}],
+        "serviceType": [{"text": "CT chest"}],
+        "contained": [{
+            "resourceType": "Patient", "id": "patient",
+            "identifier": [{"value": "ZZPID0001"}],
+            "name": [{"text": "ZZTEST^TARO=山田^太郎=やまだ^たろう"}],
+            "birthDate": "1970-01-01", "gender": "male"
+        }],
+        "participant": [{"actor": {"reference": "#patient"}, "status": "needs-action"}]
+    })
+}
+
+impl Fixture {
+    async fn post(&self, path: &str, cookie: &str, body: &Value) -> (StatusCode, HeaderMap, Value) {
+        self.send(
+            Request::post(path)
+                .header(header::COOKIE, cookie)
+                .header(header::CONTENT_TYPE, "application/fhir+json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn booking_is_idempotent_conflicts_are_outcomes_and_an_unreachable_core_books_nothing() {
+    let f = fixture(false);
+    let s = f.session("clerk.sato").await;
+    let body = appointment_body("req-0001", "ct-1.20270112T1000");
+    let (status, _, a) = f.post("/fhir/Appointment/$book", &s, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{a}");
+    assert_eq!(
+        (a["resourceType"].as_str(), a["status"].as_str()),
+        (Some("Appointment"), Some("booked"))
+    );
+    assert_eq!(a["identifier"][1]["value"], "RB20270112000001");
+    assert!(
+        !a.to_string().contains("ZZTEST"),
+        "the response names the patient by identifier only"
+    );
+    let (status, _, again) = f.post("/fhir/Appointment/$book", &s, &body).await;
+    assert_eq!(
+        (status, &again["id"]),
+        (StatusCode::OK, &a["id"]),
+        "a retry books nothing twice"
+    );
+    let (status, _, o) = f
+        .post(
+            "/fhir/Appointment/$book",
+            &s,
+            &appointment_body("req-0002", "ct-1.20270112T1000"),
+        )
+        .await;
+    assert_eq!((status, issue_code(&o)), (StatusCode::CONFLICT, "conflict"));
+    let (status, _, h) = f
+        .post(
+            "/fhir/Appointment/$hold",
+            &s,
+            &appointment_body("req-0003", "ct-1.20270112T1030"),
+        )
+        .await;
+    assert_eq!(
+        (status, h["status"].as_str()),
+        (StatusCode::CREATED, Some("pending"))
+    );
+    let (status, _, o) = f
+        .post(
+            "/fhir/Appointment/$book",
+            &s,
+            &appointment_body("req-0004", "mr-9.20270112T1000"),
+        )
+        .await;
+    assert_eq!(
+        (status, issue_code(&o)),
+        (StatusCode::NOT_FOUND, "not-found")
+    );
+    f.core.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, _, o) = f
+        .post(
+            "/fhir/Appointment/$book",
+            &s,
+            &appointment_body("req-0005", "ct-1.20270112T1100"),
+        )
+        .await;
+    assert_eq!(
+        (status, issue_code(&o)),
+        (StatusCode::SERVICE_UNAVAILABLE, "transient")
+    );
+    assert!(
+        o["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was booked")
+    );
+    // The patient's appointments; the read is audited without the patient's id.
+    let (status, _, b) = f.get("/fhir/Appointment?patient=ZZPID0001", Some(&s)).await;
+    assert_eq!(
+        (status, b["total"].as_u64()),
+        (StatusCode::OK, Some(2)),
+        "{b}"
+    );
+    let records = f.audit.records().unwrap();
+    let reads: Vec<_> = records
+        .iter()
+        .filter(|r| r.action() == Action::PatientRecordRead)
+        .collect();
+    assert_eq!(reads.len(), 1);
+    assert!(reads[0].subject().unwrap().starts_with("patient:"));
+    let booked = records
+        .iter()
+        .filter(|r| r.action() == Action::AppointmentBooked)
+        .count();
+    assert_eq!(booked, 5, "every booking attempt, refused or not");
+    let trail = std::fs::read_to_string(f._dir.path().join("audit/audit.jsonl")).unwrap();
+    assert!(!trail.contains("ZZPID") && !trail.contains("ZZTEST"));
+}
+
+#[tokio::test]
+async fn malformed_appointment_requests_name_the_element_and_need_a_session() {
+    let f = fixture(false);
+    let s = f.session("clerk.sato").await;
+    let good = appointment_body("req-1", "ct-1.20270112T1000");
+    type Change = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Change)> = vec![
+        (
+            "resourceType",
+            Box::new(|v: &mut Value| v["resourceType"] = "Patient".into()),
+        ),
+        (
+            "identifier",
+            Box::new(|v: &mut Value| v["identifier"][0]["value"] = "bad id!".into()),
+        ),
+        (
+            "slot",
+            Box::new(|v: &mut Value| v["slot"][0]["reference"] = "ct-1.20270112T1000".into()),
+        ),
+        (
+            "contained",
+            Box::new(|v: &mut Value| v["contained"] = json!([])),
+        ),
+        (
+            "birthDate",
+            Box::new(|v: &mut Value| v["contained"][0]["birthDate"] = "01/01/1970".into()),
+        ),
+        (
+            "gender",
+            Box::new(|v: &mut Value| v["contained"][0]["gender"] = "x".into()),
+        ),
+        (
+            "name",
+            Box::new(|v: &mut Value| v["contained"][0]["name"][0]["text"] = "A\\B".into()),
+        ),
+        (
+            "serviceType",
+            Box::new(|v: &mut Value| v["serviceType"] = json!([])),
+        ),
+    ];
+    for (element, change) in cases {
+        let mut body = good.clone();
+        change(&mut body);
+        let (status, _, o) = f.post("/fhir/Appointment/$book", &s, &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{element}");
+        let text = o["issue"][0]["diagnostics"].as_str().unwrap();
+        assert!(text.contains(element), "{element}: {text}");
+    }
+    let (status, _, _) = f
+        .post("/fhir/Appointment/$book", "gw_session=none", &good)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    for q in [
+        "/fhir/Appointment",
+        "/fhir/Appointment?patient=",
+        "/fhir/Appointment?name=x",
+    ] {
+        assert_eq!(f.get(q, Some(&s)).await.0, StatusCode::BAD_REQUEST, "{q}");
+    }
+    assert!(
+        f.core.by_request.lock().unwrap().is_empty(),
+        "nothing reached the core"
+    );
 }
