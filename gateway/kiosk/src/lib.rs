@@ -10,7 +10,10 @@
 //!   the [`SlotSource`]; slots served from a cache the core has not refreshed carry the meta
 //!   tag `stale`.
 //!
-//! Every route but the login and the OpenAPI document needs a session (401
+//! - `GET /`, `/app.js`, `/app.css`: the kiosk page (`assets/`, plain DOM, no build step;
+//!   same-origin Content Security Policy).
+//!
+//! Every route but the login, the page and the OpenAPI document needs a session (401
 //! without). Errors are OperationOutcome resources; no route echoes request content.
 //!
 //! - `POST /fhir/Appointment/$hold` and `$book` (a FHIR Appointment with a contained
@@ -105,6 +108,9 @@ impl Kiosk {
     /// The routes, with security headers on every response.
     pub fn router(self) -> Router {
         Router::new()
+            .route("/", get(page))
+            .route("/app.js", get(page_js))
+            .route("/app.css", get(page_css))
             .route("/openapi.json", get(openapi_json))
             .route("/api/login", post(login))
             .route("/api/logout", post(logout))
@@ -185,6 +191,40 @@ async fn not_found() -> Response {
         "not-found",
         "no such resource or operation",
     )
+}
+
+/// Content Security Policy of the page: same-origin scripts, styles and requests only.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut r = body.into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    r
+}
+
+/// The kiosk page (Japanese and English labels, no build step).
+async fn page() -> Response {
+    asset(
+        "text/html; charset=utf-8",
+        include_str!("../assets/index.html"),
+    )
+}
+
+async fn page_js() -> Response {
+    asset(
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/app.js"),
+    )
+}
+
+async fn page_css() -> Response {
+    asset("text/css; charset=utf-8", include_str!("../assets/app.css"))
 }
 
 async fn openapi_json() -> Json<Value> {

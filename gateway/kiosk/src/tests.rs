@@ -631,3 +631,45 @@ async fn malformed_appointment_requests_name_the_element_and_need_a_session() {
         "nothing reached the core"
     );
 }
+
+#[tokio::test]
+async fn the_page_and_its_assets_are_served_with_a_strict_policy() {
+    let f = fixture(false);
+    for (path, ty, needle) in [
+        ("/", "text/html", "id=\"login-form\""),
+        ("/app.js", "text/javascript", "/fhir/Appointment/$book"),
+        ("/app.css", "text/css", "#slot-list"),
+    ] {
+        let r = f
+            .app
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let h = r.headers().clone();
+        assert!(
+            h[header::CONTENT_TYPE].to_str().unwrap().starts_with(ty),
+            "{path}"
+        );
+        let csp = h[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(
+            csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{csp}"
+        );
+        let text =
+            String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        assert!(text.contains(needle), "{path}");
+    }
+    // Labels in both languages; no inline script for the policy to forbid.
+    let r = f
+        .app
+        .clone()
+        .oneshot(Request::get("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let html =
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(html.contains("ログイン") && html.contains("Log in") && html.contains("予約"));
+    assert!(!html.contains("<script>") && !html.contains("onclick="));
+}

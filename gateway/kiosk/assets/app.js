@@ -1,0 +1,163 @@
+// The kiosk page: plain DOM, no build step. Talks to the same-origin API only.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let selectedSlot = null;
+
+async function api(method, path, body) {
+  const init = { method, credentials: "same-origin", headers: {} };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/fhir+json";
+    init.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, init);
+  let data = null;
+  try { data = await r.json(); } catch (_) { data = null; }
+  return { status: r.status, data };
+}
+
+function problem(data) {
+  return (data && data.issue && data.issue[0] && data.issue[0].diagnostics) || "エラー / error";
+}
+
+function show(loggedIn, me) {
+  $("login-view").hidden = loggedIn;
+  $("booking-view").hidden = !loggedIn;
+  $("who").hidden = !loggedIn;
+  $("who-name").textContent = loggedIn ? `${me.name} (${me.role})` : "";
+}
+
+async function refreshMe() {
+  const r = await api("GET", "/api/me");
+  show(r.status === 200, r.data);
+}
+
+$("login-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const r = await api("POST", "/api/login", {
+    name: $("login-name").value, password: $("login-password").value, code: $("login-code").value,
+  });
+  $("login-password").value = "";
+  $("login-code").value = "";
+  if (r.status === 200) {
+    $("login-error").hidden = true;
+    show(true, r.data);
+  } else {
+    $("login-error").textContent = problem(r.data);
+    $("login-error").hidden = false;
+  }
+});
+
+$("logout").addEventListener("click", async () => {
+  await api("POST", "/api/logout");
+  show(false);
+});
+
+function localDayBounds(day) {
+  // The day in Japan Standard Time (the regional schedules' zone).
+  return [`${day}T00:00:00+09:00`, `${day}T23:59:59+09:00`];
+}
+
+$("slot-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const [from, to] = localDayBounds($("slot-day").value);
+  const params = new URLSearchParams();
+  if ($("slot-schedule").value) params.set("schedule", $("slot-schedule").value);
+  params.set("status", "free");
+  params.append("start", "ge" + from);
+  params.append("start", "lt" + to);
+  const r = await api("GET", "/fhir/Slot?" + params.toString());
+  const list = $("slot-list");
+  list.replaceChildren();
+  if (r.status !== 200) {
+    $("book-result").textContent = problem(r.data);
+    $("book-result").hidden = false;
+    return;
+  }
+  const stale = (r.data.meta && r.data.meta.tag || []).some((t) => t.code === "stale");
+  $("slot-stale").hidden = !stale;
+  const schedules = new Set();
+  for (const entry of r.data.entry || []) {
+    const s = entry.resource;
+    schedules.add(s.schedule.reference.replace("Schedule/", ""));
+    const li = document.createElement("li");
+    const b = document.createElement("button");
+    b.type = "button";
+    b.dataset.slot = s.id;
+    b.textContent = `${s.start.slice(11, 16)} ${s.schedule.reference.replace("Schedule/", "")}`;
+    b.setAttribute("aria-pressed", "false");
+    b.addEventListener("click", () => {
+      for (const other of list.querySelectorAll("button")) other.setAttribute("aria-pressed", "false");
+      b.setAttribute("aria-pressed", "true");
+      selectedSlot = s.id;
+      $("book-slot").textContent = `${s.id} (${s.start})`;
+      $("book-submit").disabled = false;
+    });
+    li.append(b);
+    list.append(li);
+  }
+  const select = $("slot-schedule");
+  for (const id of schedules) {
+    if (![...select.options].some((o) => o.value === id)) select.add(new Option(id, id));
+  }
+});
+
+function personName() {
+  const groups = [$("book-name-alpha").value, $("book-name-kanji").value, $("book-name-kana").value];
+  while (groups.length > 1 && !groups[groups.length - 1]) groups.pop();
+  return groups.join("=");
+}
+
+$("book-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  if (!selectedSlot) return;
+  const requestId = "req-" + crypto.randomUUID();
+  const body = {
+    resourceType: "Appointment",
+    identifier: [{ system: "urn:gatewayd:request", value: requestId }],
+    slot: [{ reference: "Slot/" + selectedSlot }],
+    serviceType: [{ text: $("book-procedure").value }],
+    contained: [{
+      resourceType: "Patient", id: "patient",
+      identifier: [{ value: $("book-patient-id").value }],
+      name: [{ text: personName() }],
+      birthDate: $("book-birth").value,
+      gender: $("book-sex").value,
+    }],
+    participant: [{ actor: { reference: "#patient" }, status: "needs-action" }],
+  };
+  const r = await api("POST", "/fhir/Appointment/$book", body);
+  const out = $("book-result");
+  out.hidden = false;
+  if (r.status === 201 || r.status === 200) {
+    const acc = (r.data.identifier || []).find((i) => i.system === "urn:gatewayd:accession");
+    out.className = "";
+    out.textContent = `予約しました / Booked: ${r.data.status} ${acc ? acc.value : ""}`;
+    out.dataset.status = r.data.status;
+  } else {
+    out.className = "error";
+    out.textContent = problem(r.data);
+    out.dataset.status = "refused";
+  }
+});
+
+$("list-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const r = await api("GET", "/fhir/Appointment?patient=" + encodeURIComponent($("list-patient-id").value));
+  const body = $("list-table").querySelector("tbody");
+  body.replaceChildren();
+  for (const entry of (r.status === 200 && r.data.entry) || []) {
+    const a = entry.resource;
+    const acc = (a.identifier || []).find((i) => i.system === "urn:gatewayd:accession");
+    const tr = document.createElement("tr");
+    for (const text of [a.slot[0].reference.replace("Slot/", ""), a.start, a.status, acc ? acc.value : ""]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    body.append(tr);
+  }
+});
+
+$("slot-day").value = new Date(Date.now() + 9 * 3600 * 1000).toISOString().slice(0, 10);
+refreshMe();
