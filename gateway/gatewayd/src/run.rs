@@ -10,6 +10,9 @@ use gateway_admin::http::{AdminHttp, Health};
 use gateway_config::UplinkKind;
 use gateway_config::{KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
+use gateway_fleet::telemetry::KeyBackend;
+use gateway_fleet::{FleetState, VendorKey};
+use gateway_fleet_agent::{AgentSettings, FleetAgent, StaticTelemetry};
 use gateway_keystore::{KeyStore, KeyStoreError};
 use gateway_mllp::{Hl7Service, Hl7Settings};
 use gateway_spool::Spool;
@@ -76,16 +79,23 @@ async fn serve(settings: Settings) -> Result<(), String> {
     let data_dir = settings.node.data_dir.clone();
     gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
-    for (section, present) in [
-        ("fleet", settings.fleet.is_some()),
-        ("booking", settings.booking.is_some()),
-    ] {
-        if present {
-            warn!(
-                section,
-                "section is configured but its service is not part of this build yet; it does not run"
-            );
-        }
+    if settings.booking.is_some() {
+        warn!(
+            section = "booking",
+            "section is configured but its service is not part of this build yet; it does not run"
+        );
+    }
+    // The disabled flag is honoured whether or not [fleet] is configured: removing the
+    // section from the config must not revive a box the vendor disabled.
+    let fleet_state = FleetState::load(&data_dir).map_err(|e| e.to_string())?;
+    let (disabled_tx, disabled) =
+        watch::channel(fleet_state.is_disabled() || fleet_state.is_wiped());
+    if *disabled.borrow() {
+        warn!(
+            presence = ?fleet_state.presence(),
+            "the gateway is DISABLED by the vendor (fleet state): listeners refuse new \
+             associations and connections, uploads are paused"
+        );
     }
 
     let keys = open_keystore(&settings)?;
@@ -111,13 +121,15 @@ async fn serve(settings: Settings) -> Result<(), String> {
     if let Some(dicom) = &settings.dicom {
         let service = DicomService::bind(dicom_settings(dicom), spool.clone(), &mut registry)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_disabled(disabled.clone());
         services.spawn(service.run(shutdown.clone()));
     }
     if let Some(hl7) = &settings.hl7 {
         let service = Hl7Service::bind(hl7_settings(hl7)?, spool.clone(), &mut registry)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_disabled(disabled.clone());
         services.spawn(service.run(shutdown.clone()));
     }
     if !keep_sent_for.is_zero() {
@@ -132,7 +144,8 @@ async fn serve(settings: Settings) -> Result<(), String> {
                     spool.clone(),
                     uplink_metrics.clone(),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .with_paused(disabled.clone());
                 services.spawn(service.run(shutdown.clone()));
             }
             UplinkKind::MllpTls => {
@@ -140,10 +153,18 @@ async fn serve(settings: Settings) -> Result<(), String> {
                     mllp_settings(uplink, &data_dir, keys.as_ref())?,
                     spool.clone(),
                     uplink_metrics.clone(),
-                );
+                )
+                .with_paused(disabled.clone());
                 services.spawn(service.run(shutdown.clone()));
             }
         }
+    }
+    match &settings.fleet {
+        Some(fleet) => {
+            let agent = fleet_agent(&settings, fleet, keys.as_ref(), fleet_state, disabled_tx)?;
+            services.spawn(agent.run(shutdown.clone()));
+        }
+        None => drop(disabled_tx),
     }
     let health = Health::default();
     let registry = Arc::new(registry);
@@ -334,6 +355,69 @@ fn uplink_tls(
             )
         }
     })
+}
+
+/// The fleet agent from `[fleet]`: vendor key, broker address, TLS client identity.
+/// Every problem here is a configuration problem reported at start; the broker itself is
+/// only contacted by the agent's task, so an unreachable broker never stops the gateway.
+fn fleet_agent(
+    settings: &Settings,
+    fleet: &gateway_config::Fleet,
+    keys: &dyn KeyStore,
+    state: FleetState,
+    disabled: watch::Sender<bool>,
+) -> Result<FleetAgent, String> {
+    let key =
+        VendorKey::from_pem_file(&fleet.vendor_public_key).map_err(|e| format!("fleet: {e}"))?;
+    let (host, port) = fleet
+        .broker
+        .host_port()
+        .ok_or_else(|| format!("fleet.broker {}: no host:port", fleet.broker))?;
+    let tls = if fleet.broker.is_plaintext() {
+        warn!(broker = %fleet.broker, "fleet broker over plaintext mqtt:// (development mode only): commands and telemetry are not encrypted");
+        None
+    } else {
+        let ca_file = fleet
+            .ca_file
+            .as_ref()
+            .ok_or_else(|| "fleet.ca_file: required for an mqtts:// broker".to_string())?;
+        let auth = match fleet.client_auth {
+            gateway_config::ClientAuth::Keystore => {
+                let identity = keys.identity().ok_or_else(|| {
+                    "fleet: client_auth = \"keystore\" needs a key store with a device identity (keystore.backend = \"tpm\")".to_string()
+                })?;
+                let chain = gateway_tls::installed_chain(&settings.node.data_dir)
+                    .map_err(|e| format!("fleet: {e}"))?;
+                gateway_tls::ClientAuth::Identity { identity, chain }
+            }
+            gateway_config::ClientAuth::Files => match (&fleet.cert_file, &fleet.key_file) {
+                (Some(cert_file), Some(key_file)) => gateway_tls::ClientAuth::Files {
+                    cert_file: cert_file.clone(),
+                    key_file: key_file.clone(),
+                },
+                _ => {
+                    return Err(
+                        "fleet: client_auth = \"files\" needs cert_file and key_file".to_string(),
+                    );
+                }
+            },
+        };
+        Some(gateway_tls::client_config(ca_file, auth).map_err(|e| format!("fleet: {e}"))?)
+    };
+    let mut agent_settings = AgentSettings::new(settings.node.id.as_str(), host, port, tls)
+        .map_err(|e| e.to_string())?;
+    agent_settings.telemetry_interval = fleet.telemetry_interval.get();
+    let backend = match settings.keystore.backend {
+        KeystoreBackend::Software => KeyBackend::Software,
+        KeystoreBackend::Tpm => KeyBackend::Tpm,
+    };
+    Ok(FleetAgent::new(
+        agent_settings,
+        key,
+        state,
+        disabled,
+        Arc::new(StaticTelemetry::empty(backend)),
+    ))
 }
 
 fn spool_is_empty(data_dir: &Path) -> bool {

@@ -1,0 +1,455 @@
+//! The service: one task owning the MQTT event loop, the fleet state and the vendor key.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gateway_fleet::command::MAX_PAYLOAD_BYTES;
+use gateway_fleet::telemetry::{KeyBackend, KeyStoreTelemetry, TamperState};
+use gateway_fleet::topics::{command_subscription, result_topic, state_topic, status_topic};
+use gateway_fleet::{
+    Command, DeviceId, FleetState, Op, StateMessage, StatusMessage, Telemetry, VendorKey,
+    last_will, parse_command_topic, topics::telemetry_topic,
+};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// First wait after a failed connection; doubled per failure up to [`BACKOFF_MAX`].
+const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Requests queued towards the event loop; publishing never waits on a full queue.
+const REQUEST_CAPACITY: usize = 64;
+/// How long a clean shutdown may take to deliver the `offline` status.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+/// Errors that stop the agent from being built (the daemon reports them at start).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("fleet.broker {url}: no host and port")]
+    BrokerUrl { url: String },
+    #[error("node.id {id:?} cannot be an MQTT device id: {source}")]
+    DeviceId {
+        id: String,
+        source: gateway_fleet::InvalidId,
+    },
+}
+
+/// Where and how to connect; built once by the daemon from `[fleet]`.
+#[derive(Clone)]
+pub struct AgentSettings {
+    pub device: DeviceId,
+    pub host: String,
+    pub port: u16,
+    /// `None`: plain TCP (development `mqtt://` only; the daemon warns).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub telemetry_interval: Duration,
+    /// Firmware version reported in status and telemetry.
+    pub version: String,
+}
+
+impl fmt::Debug for AgentSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentSettings")
+            .field("device", &self.device)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls.is_some())
+            .field("telemetry_interval", &self.telemetry_interval)
+            .finish()
+    }
+}
+
+impl AgentSettings {
+    /// Settings for `device_id` at `host:port`; telemetry every 60 s, crate version.
+    pub fn new(
+        device_id: &str,
+        host: impl Into<String>,
+        port: u16,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<AgentSettings, AgentError> {
+        let device = DeviceId::new(device_id).map_err(|source| AgentError::DeviceId {
+            id: device_id.to_owned(),
+            source,
+        })?;
+        Ok(AgentSettings {
+            device,
+            host: host.into(),
+            port,
+            tls,
+            telemetry_interval: Duration::from_secs(60),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+    }
+}
+
+/// What the daemon knows about itself, sampled for telemetry and `status`. The agent
+/// fills `version`, `at` and `uptime_secs`. Must be cheap: it runs on the agent's task.
+pub trait TelemetrySource: Send + Sync + fmt::Debug {
+    fn sample(&self) -> Telemetry;
+}
+
+/// A source that always reports the same sample (tests, or a daemon without metrics).
+#[derive(Debug, Clone)]
+pub struct StaticTelemetry(pub Telemetry);
+
+impl StaticTelemetry {
+    /// An empty sample: no destinations, zero counters, the given key store back end.
+    pub fn empty(backend: KeyBackend) -> StaticTelemetry {
+        StaticTelemetry(Telemetry {
+            version: String::new(),
+            at: 0,
+            uptime_secs: 0,
+            disk_free_bytes: 0,
+            last_upload_at: None,
+            destinations: Vec::new(),
+            dicom: Default::default(),
+            hl7: Default::default(),
+            keystore: KeyStoreTelemetry {
+                backend,
+                tamper: TamperState::Unknown,
+            },
+        })
+    }
+}
+
+impl TelemetrySource for StaticTelemetry {
+    fn sample(&self) -> Telemetry {
+        self.0.clone()
+    }
+}
+
+/// The fleet agent. Build with [`FleetAgent::new`], then spawn [`FleetAgent::run`].
+#[derive(Debug)]
+pub struct FleetAgent {
+    settings: AgentSettings,
+    key: VendorKey,
+    state: FleetState,
+    disabled: watch::Sender<bool>,
+    telemetry: Arc<dyn TelemetrySource>,
+    started: Instant,
+}
+
+/// What one command did, for the final state message.
+enum Outcome {
+    Done,
+    Failed { code: &'static str, reason: String },
+}
+
+impl FleetAgent {
+    /// `disabled` is the channel the listeners and uplinks watch; the daemon creates it
+    /// from `state` (`is_disabled() || is_wiped()`) before starting them.
+    pub fn new(
+        settings: AgentSettings,
+        key: VendorKey,
+        state: FleetState,
+        disabled: watch::Sender<bool>,
+        telemetry: Arc<dyn TelemetrySource>,
+    ) -> FleetAgent {
+        FleetAgent {
+            settings,
+            key,
+            state,
+            disabled,
+            telemetry,
+            started: Instant::now(),
+        }
+    }
+
+    fn mqtt_options(&self) -> MqttOptions {
+        let s = &self.settings;
+        let mut options = MqttOptions::new(s.device.as_str(), s.host.clone(), s.port);
+        options
+            .set_clean_session(false)
+            .set_keep_alive(KEEP_ALIVE)
+            .set_max_packet_size(MAX_PAYLOAD_BYTES + 4096, MAX_PAYLOAD_BYTES + 4096)
+            .set_last_will(LastWill::new(
+                status_topic(&s.device),
+                last_will(),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        if let Some(tls) = &s.tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::clone(tls),
+            )));
+        }
+        options
+    }
+
+    /// Runs until `shutdown` turns true: connects, reconnects with backoff, handles
+    /// commands and publishes telemetry. On shutdown it publishes the retained
+    /// `offline`/`shutdown` status (best effort, at most 2 s) and disconnects.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let (client, mut events) = AsyncClient::new(self.mqtt_options(), REQUEST_CAPACITY);
+        info!(
+            broker = %format!("{}:{}", self.settings.host, self.settings.port),
+            device = %self.settings.device,
+            tls = self.settings.tls.is_some(),
+            presence = ?self.state.presence(),
+            "fleet agent started"
+        );
+        let mut backoff = BACKOFF_INITIAL;
+        let mut connected = false;
+        let mut retry_in: Option<Duration> = None;
+        let mut telemetry = tokio::time::interval(self.settings.telemetry_interval);
+        telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                _ = telemetry.tick(), if connected => self.publish_telemetry(&client),
+                event = events.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        info!(session_present = ack.session_present, "fleet broker connected");
+                        connected = true;
+                        backoff = BACKOFF_INITIAL;
+                        self.on_connected(&client);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        self.on_publish(&client, &publish.topic, &publish.payload);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                            warn!("fleet broker refused the command subscription (ACL?)");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        connected = false;
+                        warn!(error = %describe(&e), retry_in = ?backoff, "fleet broker connection failed");
+                        retry_in = Some(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                },
+            }
+            if let Some(wait) = retry_in.take() {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        if connected {
+            self.say_goodbye(&client, &mut events).await;
+        }
+        info!("fleet agent stopped");
+    }
+
+    async fn say_goodbye(&self, client: &AsyncClient, events: &mut EventLoop) {
+        let _ = client.try_publish(
+            status_topic(&self.settings.device),
+            QoS::AtLeastOnce,
+            true,
+            StatusMessage::shutdown(now_unix()).to_json(),
+        );
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, async {
+            while let Ok(event) = events.poll().await {
+                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    fn on_connected(&self, client: &AsyncClient) {
+        let device = &self.settings.device;
+        if let Err(e) = client.try_subscribe(command_subscription(device), QoS::AtLeastOnce) {
+            warn!(error = %e, "cannot queue the command subscription");
+        }
+        self.publish_status(client);
+        self.publish_telemetry(client);
+    }
+
+    fn publish_status(&self, client: &AsyncClient) {
+        let status = StatusMessage::connected(
+            self.state.presence(),
+            &self.settings.version,
+            self.state.disabled_reason(),
+            now_unix(),
+        );
+        publish(
+            client,
+            status_topic(&self.settings.device),
+            true,
+            status.to_json(),
+        );
+    }
+
+    fn telemetry_sample(&self) -> Telemetry {
+        let mut sample = self.telemetry.sample();
+        sample.version = self.settings.version.clone();
+        sample.at = now_unix();
+        sample.uptime_secs = self.started.elapsed().as_secs();
+        sample
+    }
+
+    fn publish_telemetry(&self, client: &AsyncClient) {
+        let sample = self.telemetry_sample();
+        publish(
+            client,
+            telemetry_topic(&self.settings.device),
+            false,
+            sample.to_json(),
+        );
+    }
+
+    /// One incoming publish: a command, or something this agent ignores.
+    fn on_publish(&mut self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+        let device = self.settings.device.clone();
+        let Some((op, cmd_id)) = parse_command_topic(&device, topic) else {
+            debug!(
+                bytes = payload.len(),
+                "ignored a publish outside the command topics"
+            );
+            return;
+        };
+        let (op, cmd_id) = (op.to_owned(), cmd_id.to_owned());
+        // Ids passed `is_valid_id`: the state topic can always be built.
+        let Ok(state_topic) = state_topic(&device, &op, &cmd_id) else {
+            return;
+        };
+        let send =
+            |message: StateMessage| publish(client, state_topic.clone(), false, message.to_json());
+        send(StateMessage::init(&cmd_id, &op, now_unix()));
+        let verified = self.key.verify(
+            payload,
+            device.as_str(),
+            &op,
+            &cmd_id,
+            now_unix(),
+            self.state.last_seq(),
+        );
+        let command = match verified {
+            Ok(command) => command,
+            Err(rejection) => {
+                warn!(%op, %cmd_id, code = rejection.code(), reason = %rejection.reason(), "fleet command rejected");
+                send(StateMessage::rejected(&cmd_id, &op, &rejection, now_unix()));
+                return;
+            }
+        };
+        // Durable before anything runs: the same signed command can never run twice.
+        if let Err(e) = self.state.accept(command.seq) {
+            warn!(%op, %cmd_id, error = %e, "cannot persist the fleet sequence: command not run");
+            send(StateMessage::failed(
+                &cmd_id,
+                &op,
+                "state-write",
+                "the gateway could not persist the command sequence; nothing was changed",
+                now_unix(),
+            ));
+            return;
+        }
+        info!(%op, %cmd_id, seq = command.seq, "fleet command accepted");
+        send(StateMessage::executing(&cmd_id, &op, now_unix()));
+        let outcome = self.execute(client, &command);
+        match outcome {
+            Outcome::Done => {
+                info!(%op, %cmd_id, "fleet command successful");
+                send(StateMessage::successful(&cmd_id, &op, now_unix()));
+            }
+            Outcome::Failed { code, reason } => {
+                warn!(%op, %cmd_id, code, %reason, "fleet command failed");
+                send(StateMessage::failed(
+                    &cmd_id,
+                    &op,
+                    code,
+                    &reason,
+                    now_unix(),
+                ));
+            }
+        }
+    }
+
+    fn execute(&mut self, client: &AsyncClient, command: &Command) -> Outcome {
+        match &command.op {
+            Op::Disable { reason } => {
+                if let Err(e) = self.state.set_disabled(reason.as_deref()) {
+                    warn!(error = %e, "cannot persist the disabled flag");
+                    return state_write_failed();
+                }
+                self.disabled.send_replace(true);
+                warn!(
+                    "gateway DISABLED by a signed fleet command: listeners refuse, uploads pause"
+                );
+                self.publish_status(client);
+                Outcome::Done
+            }
+            Op::Enable => {
+                if self.state.is_wiped() {
+                    return Outcome::Failed {
+                        code: "wiped",
+                        reason: "the gateway was wiped; it cannot be enabled again".into(),
+                    };
+                }
+                if let Err(e) = self.state.set_enabled() {
+                    warn!(error = %e, "cannot persist the enabled flag");
+                    return state_write_failed();
+                }
+                self.disabled.send_replace(false);
+                info!("gateway enabled by a signed fleet command");
+                self.publish_status(client);
+                Outcome::Done
+            }
+            Op::Status => {
+                let Ok(topic) = result_topic(
+                    &self.settings.device,
+                    command.op.kind().as_str(),
+                    &command.cmd_id,
+                ) else {
+                    return Outcome::Failed {
+                        code: "internal",
+                        reason: "no result topic".into(),
+                    };
+                };
+                let body = serde_json::json!({
+                    "state": self.state.presence(),
+                    "disabled_reason": self.state.disabled_reason(),
+                    "last_seq": self.state.last_seq(),
+                    "telemetry": self.telemetry_sample(),
+                });
+                publish(client, topic, false, body.to_string().into_bytes());
+                Outcome::Done
+            }
+            Op::ConfigUpdate { .. } | Op::Wipe | Op::Restart | Op::LogUpload { .. } => {
+                Outcome::Failed {
+                    code: "not-supported",
+                    reason: format!(
+                        "operation {} is not supported by this firmware yet; nothing was changed",
+                        command.op.kind()
+                    ),
+                }
+            }
+        }
+    }
+}
+
+fn state_write_failed() -> Outcome {
+    Outcome::Failed {
+        code: "state-write",
+        reason: "the gateway could not persist its fleet state; nothing was changed".into(),
+    }
+}
+
+/// Queues a QoS 1 publish without waiting (the event loop runs on this same task).
+fn publish(client: &AsyncClient, topic: String, retain: bool, payload: Vec<u8>) {
+    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+        warn!(error = %e, "fleet publish dropped: request queue full or closed");
+    }
+}
+
+/// A connection error for the log: rumqttc's text, which names no payload content.
+fn describe(e: &ConnectionError) -> String {
+    e.to_string()
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
