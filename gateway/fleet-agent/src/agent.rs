@@ -113,6 +113,7 @@ impl StaticTelemetry {
                 backend,
                 tamper: TamperState::Unknown,
             },
+            spool: Default::default(),
         })
     }
 }
@@ -247,12 +248,10 @@ impl FleetAgent {
             StatusMessage::shutdown(now_unix()).to_json(),
         );
         let _ = client.try_disconnect();
+        // The DISCONNECT is only queued when its Outgoing event is reported: keep polling
+        // until the broker closes the connection (it does after a DISCONNECT), or time out.
         let _ = tokio::time::timeout(SHUTDOWN_FLUSH, async {
-            while let Ok(event) = events.poll().await {
-                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
-                }
-            }
+            while events.poll().await.is_ok() {}
         })
         .await;
     }

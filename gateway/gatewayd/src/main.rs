@@ -11,6 +11,7 @@
 mod cli;
 mod ops;
 mod run;
+mod telemetry;
 
 use std::process::ExitCode;
 

@@ -12,7 +12,7 @@ use gateway_config::{KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
 use gateway_fleet::telemetry::KeyBackend;
 use gateway_fleet::{FleetState, VendorKey};
-use gateway_fleet_agent::{AgentSettings, FleetAgent, StaticTelemetry};
+use gateway_fleet_agent::{AgentSettings, FleetAgent, TelemetrySource};
 use gateway_keystore::{KeyStore, KeyStoreError};
 use gateway_mllp::{Hl7Service, Hl7Settings};
 use gateway_spool::Spool;
@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 
 use crate::cli::RunArgs;
 use crate::ops;
+use crate::telemetry;
 
 pub fn main(args: &RunArgs) -> ExitCode {
     init_logging();
@@ -159,15 +160,36 @@ async fn serve(settings: Settings) -> Result<(), String> {
             }
         }
     }
+    let health = Health::default();
+    let registry = Arc::new(registry);
     match &settings.fleet {
         Some(fleet) => {
-            let agent = fleet_agent(&settings, fleet, keys.as_ref(), fleet_state, disabled_tx)?;
+            let collector = telemetry::Collector::new(
+                spool.clone(),
+                Arc::clone(&registry),
+                data_dir.clone(),
+                settings
+                    .uplinks
+                    .iter()
+                    .map(|u| (u.name.as_str().to_owned(), u.kind.as_str().to_owned()))
+                    .collect(),
+                key_backend(&settings),
+            );
+            services.spawn(
+                Arc::clone(&collector).run(fleet.telemetry_interval.get(), shutdown.clone()),
+            );
+            let agent = fleet_agent(
+                &settings,
+                fleet,
+                keys.as_ref(),
+                fleet_state,
+                disabled_tx,
+                collector,
+            )?;
             services.spawn(agent.run(shutdown.clone()));
         }
         None => drop(disabled_tx),
     }
-    let health = Health::default();
-    let registry = Arc::new(registry);
     if let Some(admin) = &settings.admin {
         let http = AdminHttp::bind(admin.listen, Arc::clone(&registry), health.clone())
             .await
@@ -366,6 +388,7 @@ fn fleet_agent(
     keys: &dyn KeyStore,
     state: FleetState,
     disabled: watch::Sender<bool>,
+    telemetry: Arc<dyn TelemetrySource>,
 ) -> Result<FleetAgent, String> {
     let key =
         VendorKey::from_pem_file(&fleet.vendor_public_key).map_err(|e| format!("fleet: {e}"))?;
@@ -407,17 +430,20 @@ fn fleet_agent(
     let mut agent_settings = AgentSettings::new(settings.node.id.as_str(), host, port, tls)
         .map_err(|e| e.to_string())?;
     agent_settings.telemetry_interval = fleet.telemetry_interval.get();
-    let backend = match settings.keystore.backend {
-        KeystoreBackend::Software => KeyBackend::Software,
-        KeystoreBackend::Tpm => KeyBackend::Tpm,
-    };
     Ok(FleetAgent::new(
         agent_settings,
         key,
         state,
         disabled,
-        Arc::new(StaticTelemetry::empty(backend)),
+        telemetry,
     ))
+}
+
+fn key_backend(settings: &Settings) -> KeyBackend {
+    match settings.keystore.backend {
+        KeystoreBackend::Software => KeyBackend::Software,
+        KeystoreBackend::Tpm => KeyBackend::Tpm,
+    }
 }
 
 fn spool_is_empty(data_dir: &Path) -> bool {
