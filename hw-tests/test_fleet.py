@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import data
 import fleet
 import gw
 import hl7msg
@@ -309,3 +310,36 @@ def test_broker_down_then_up_the_agent_reconnects_and_dicom_hl7_keep_working(gat
     final = command(vendor, sub, "status", "after-outage")
     assert final["state"] == "successful", final
     assert hl7_accepts(g, "UP-1")
+
+
+def test_signed_wipe_shreds_the_keys_leaves_sealed_objects_unreadable_and_refuses_service(
+        tmp_path, gateway_factory, broker, vendor, watch):
+    g = fleet_gateway(gateway_factory, broker, vendor)
+    sub = watch()
+    wait_online(sub)
+    files = data.make_ct_set(2, tmp_path / "in", "ct")
+    r = scu.storescu(g.dicom_port, [f.path for f in files])
+    assert r.returncode == 0, r.stdout + r.stderr
+    uid = files[0].sop_instance_uid
+    g.export(uid, tmp_path / "before.dcm")  # readable before the wipe
+    blobs = [p for p in g.data_files() if "blobs" in p.parts]
+    assert blobs, "no sealed blob on disk to wipe"
+
+    final = command(vendor, sub, "wipe", "wipe-1")
+    assert final["state"] == "successful", final
+    # The daemon stops by itself (its in-memory master key goes with it).
+    gw_poll(lambda: not g.is_running(), 20, "gatewayd exiting after the wipe")
+    status = sub.wait_for(lambda s: s.on(f"gw/{DEVICE}/status"), 5, describe="status")[-1]
+    assert status["state"] == "wiped", status
+    # The sealed blobs are still on disk, and nothing can open them.
+    assert all(p.exists() for p in blobs)
+    r = g.export(uid, tmp_path / "after.dcm", check=False)
+    assert r.returncode != 0, f"spool export still works after the wipe:\n{r.stdout}{r.stderr}"
+    assert not (tmp_path / "after.dcm").exists() or (tmp_path / "after.dcm").stat().st_size == 0
+    code, _, v = g.verify()
+    assert code != 0, f"spool verify passed after the wipe:\n{v.stdout}{v.stderr}"
+    # And it refuses to serve again.
+    g.start(wait=False)
+    gw_poll(lambda: not g.is_running(), 20, "gatewayd refusing to start on a wiped box")
+    assert "wiped" in g.log_tail(5), g.log_tail(20)
+    assert not echo_ok(g)

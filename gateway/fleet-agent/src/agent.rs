@@ -15,7 +15,7 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
     TlsConfiguration, Transport,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 /// First wait after a failed connection; doubled per failure up to [`BACKOFF_MAX`].
@@ -26,6 +26,18 @@ const KEEP_ALIVE: Duration = Duration::from_secs(30);
 const REQUEST_CAPACITY: usize = 64;
 /// How long a clean shutdown may take to deliver the `offline` status.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+/// Crypto-shred of the key store, provided by the daemon (blocking; called once per `wipe`).
+/// The error text stays in the local log; the vendor gets a fixed reason.
+pub type WipeFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// What the agent asks the daemon to do after a command completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitRequest {
+    /// The key store was wiped: stop every service and exit (the spool master key still in
+    /// memory must go with the process).
+    Wiped,
+}
 
 /// Errors that stop the agent from being built (the daemon reports them at start).
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +137,6 @@ impl TelemetrySource for StaticTelemetry {
 }
 
 /// The fleet agent. Build with [`FleetAgent::new`], then spawn [`FleetAgent::run`].
-#[derive(Debug)]
 pub struct FleetAgent {
     settings: AgentSettings,
     key: VendorKey,
@@ -133,6 +144,21 @@ pub struct FleetAgent {
     disabled: watch::Sender<bool>,
     telemetry: Arc<dyn TelemetrySource>,
     started: Instant,
+    wipe: Option<WipeFn>,
+    exit: Option<mpsc::UnboundedSender<ExitRequest>>,
+    /// Set by a successful `wipe`: sent to `exit` once `successful` is queued.
+    pending_exit: Option<ExitRequest>,
+}
+
+impl fmt::Debug for FleetAgent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FleetAgent")
+            .field("settings", &self.settings)
+            .field("key", &self.key)
+            .field("state", &self.state)
+            .field("wipe", &self.wipe.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What one command did, for the final state message.
@@ -158,7 +184,20 @@ impl FleetAgent {
             disabled,
             telemetry,
             started: Instant::now(),
+            wipe: None,
+            exit: None,
+            pending_exit: None,
         }
+    }
+
+    /// Enables the `wipe` operation: `wipe` crypto-shreds the key store; afterwards the
+    /// agent sends [`ExitRequest::Wiped`] on `exit` and the daemon stops. Without this call
+    /// `wipe` ends `failed` / `not-supported`.
+    #[must_use]
+    pub fn with_wipe(mut self, wipe: WipeFn, exit: mpsc::UnboundedSender<ExitRequest>) -> Self {
+        self.wipe = Some(wipe);
+        self.exit = Some(exit);
+        self
     }
 
     fn mqtt_options(&self) -> MqttOptions {
@@ -241,11 +280,22 @@ impl FleetAgent {
     }
 
     async fn say_goodbye(&self, client: &AsyncClient, events: &mut EventLoop) {
+        // A wiped box stays `wiped` for the vendor, not `offline`.
+        let status = if self.state.is_wiped() {
+            StatusMessage::connected(
+                self.state.presence(),
+                &self.settings.version,
+                None,
+                now_unix(),
+            )
+        } else {
+            StatusMessage::shutdown(now_unix())
+        };
         let _ = client.try_publish(
             status_topic(&self.settings.device),
             QoS::AtLeastOnce,
             true,
-            StatusMessage::shutdown(now_unix()).to_json(),
+            status.to_json(),
         );
         let _ = client.try_disconnect();
         // The DISCONNECT is only queued when its Outgoing event is reported: keep polling
@@ -351,6 +401,9 @@ impl FleetAgent {
             Outcome::Done => {
                 info!(%op, %cmd_id, "fleet command successful");
                 send(StateMessage::successful(&cmd_id, &op, now_unix()));
+                if let (Some(request), Some(exit)) = (self.pending_exit.take(), &self.exit) {
+                    let _ = exit.send(request);
+                }
             }
             Outcome::Failed { code, reason } => {
                 warn!(%op, %cmd_id, code, %reason, "fleet command failed");
@@ -415,6 +468,7 @@ impl FleetAgent {
                 publish(client, topic, false, body.to_string().into_bytes());
                 Outcome::Done
             }
+            Op::Wipe if self.wipe.is_some() => self.wipe(client),
             Op::ConfigUpdate { .. } | Op::Wipe | Op::Restart | Op::LogUpload { .. } => {
                 Outcome::Failed {
                     code: "not-supported",
@@ -425,6 +479,40 @@ impl FleetAgent {
                 }
             }
         }
+    }
+}
+
+impl FleetAgent {
+    /// Stop serving, crypto-shred, record it, then (after `successful`) ask the daemon to
+    /// exit. If the shred fails nothing is recorded and the previous serving state returns.
+    fn wipe(&mut self, client: &AsyncClient) -> Outcome {
+        let Some(wipe) = self.wipe.clone() else {
+            return Outcome::Failed {
+                code: "not-supported",
+                reason: "wipe is not available in this daemon".into(),
+            };
+        };
+        let was_disabled = *self.disabled.borrow();
+        self.disabled.send_replace(true);
+        warn!(
+            "WIPE requested by a signed fleet command: listeners refuse, crypto-shredding the key store"
+        );
+        if let Err(e) = wipe() {
+            warn!(error = %e, "the key store could not be wiped");
+            self.disabled.send_replace(was_disabled);
+            return Outcome::Failed {
+                code: "wipe-failed",
+                reason: "the key store could not be wiped; see the gateway's local log".into(),
+            };
+        }
+        if let Err(e) = self.state.set_wiped() {
+            // The keys are gone whatever this file says: the daemon cannot open the spool.
+            warn!(error = %e, "key store wiped, but the wiped flag could not be persisted");
+        }
+        warn!("key store WIPED: every sealed spool object is unreadable; the gateway stops");
+        self.publish_status(client);
+        self.pending_exit = Some(ExitRequest::Wiped);
+        Outcome::Done
     }
 }
 

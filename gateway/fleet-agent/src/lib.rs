@@ -22,9 +22,12 @@
 //!   [`TelemetrySource`] the daemon provides (counts, ages, sizes, names; no patient data).
 //!
 //! Operations implemented: `disable`, `enable`, `status` (telemetry snapshot and state on
-//! `.../result`). `config-update`, `wipe`, `restart` and `log-upload` are verified and their
-//! sequence is consumed like any other command, then they end `failed` with code
-//! `not-supported` (this build does not carry them out yet).
+//! `.../result`) and `wipe` (when the daemon provides [`FleetAgent::with_wipe`]: listeners
+//! refuse, the key store is crypto-shredded, the wiped flag is persisted, status `wiped`,
+//! then [`ExitRequest::Wiped`] asks the daemon to stop, so the spool master key held in
+//! memory goes with the process; a wiped box refuses to start). `config-update`, `restart`
+//! and `log-upload` are verified and their sequence is consumed like any other command,
+//! then they end `failed` with code `not-supported` (this build does not carry them out yet).
 //!
 //! Invariants:
 //! - A command is acted on only after `VendorKey::verify` accepted it and its sequence
@@ -35,5 +38,7 @@
 
 mod agent;
 
-pub use agent::{AgentError, AgentSettings, FleetAgent, StaticTelemetry, TelemetrySource};
+pub use agent::{
+    AgentError, AgentSettings, ExitRequest, FleetAgent, StaticTelemetry, TelemetrySource, WipeFn,
+};
 pub use gateway_fleet::FleetState;

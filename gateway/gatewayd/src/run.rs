@@ -12,7 +12,7 @@ use gateway_config::{KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
 use gateway_fleet::telemetry::KeyBackend;
 use gateway_fleet::{FleetState, VendorKey};
-use gateway_fleet_agent::{AgentSettings, FleetAgent, TelemetrySource};
+use gateway_fleet_agent::{AgentSettings, ExitRequest, FleetAgent, TelemetrySource, WipeFn};
 use gateway_keystore::{KeyStore, KeyStoreError};
 use gateway_mllp::{Hl7Service, Hl7Settings};
 use gateway_spool::Spool;
@@ -20,7 +20,7 @@ use gateway_uplink::mllp::{MllpSettings, MllpUplinkService};
 use gateway_uplink::{Metrics as UplinkMetrics, UplinkService, UplinkSettings};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -89,6 +89,13 @@ async fn serve(settings: Settings) -> Result<(), String> {
     // The disabled flag is honoured whether or not [fleet] is configured: removing the
     // section from the config must not revive a box the vendor disabled.
     let fleet_state = FleetState::load(&data_dir).map_err(|e| e.to_string())?;
+    if fleet_state.is_wiped() {
+        return Err(format!(
+            "this gateway was wiped by a signed vendor command ({}): its keys are gone and it \
+             refuses service; re-provision it",
+            fleet_state.path().display()
+        ));
+    }
     let (disabled_tx, disabled) =
         watch::channel(fleet_state.is_disabled() || fleet_state.is_wiped());
     if *disabled.borrow() {
@@ -116,6 +123,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
     let mut registry = Registry::default();
     spool.register_metrics(&mut registry);
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<ExitRequest>();
     let mut services = JoinSet::new();
 
     let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
@@ -178,6 +186,13 @@ async fn serve(settings: Settings) -> Result<(), String> {
             services.spawn(
                 Arc::clone(&collector).run(fleet.telemetry_interval.get(), shutdown.clone()),
             );
+            let backend = ops::backend(&settings);
+            let wipe_dir = data_dir.clone();
+            let wipe: WipeFn = Arc::new(move || {
+                gateway_keystore::wipe(&backend, &wipe_dir)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
             let agent = fleet_agent(
                 &settings,
                 fleet,
@@ -185,7 +200,8 @@ async fn serve(settings: Settings) -> Result<(), String> {
                 fleet_state,
                 disabled_tx,
                 collector,
-            )?;
+            )?
+            .with_wipe(wipe, exit_tx.clone());
             services.spawn(agent.run(shutdown.clone()));
         }
         None => drop(disabled_tx),
@@ -205,7 +221,13 @@ async fn serve(settings: Settings) -> Result<(), String> {
     health.set_ready(true);
     info!("gatewayd ready");
 
-    wait_for_signal().await?;
+    drop(exit_tx);
+    tokio::select! {
+        signalled = wait_for_signal() => signalled?,
+        Some(ExitRequest::Wiped) = exit_rx.recv() => {
+            warn!("the key store was wiped by a signed fleet command: stopping every service");
+        }
+    }
     info!("shutdown requested: draining");
     health.set_ready(false);
     let _ = shutdown_tx.send(true);
