@@ -343,3 +343,32 @@ def test_signed_wipe_shreds_the_keys_leaves_sealed_objects_unreadable_and_refuse
     gw_poll(lambda: not g.is_running(), 20, "gatewayd refusing to start on a wiped box")
     assert "wiped" in g.log_tail(5), g.log_tail(20)
     assert not echo_ok(g)
+
+
+def test_config_update_with_an_invalid_config_is_refused_with_the_validation_errors(gateway_factory, broker, vendor,
+                                                                                    watch):
+    g = fleet_gateway(gateway_factory, broker, vendor)
+    sub = watch()
+    wait_online(sub)
+    before = g.config_path.read_bytes()
+    bad = (
+        "[node]\nid = \"test-gw\"\ndata_dir = \"/tmp/nowhere\"\nmode = \"development\"\n"
+        "[dicom]\nlisten = \"not an address\"\n"
+        "[spool]\nmax_bytes = \"20 gigs\"\n"
+    )
+    final = command(vendor, sub, "config-update", "cfg-bad", args={"toml": bad})
+    assert (final["state"], final["code"]) == ("failed", "config-invalid"), final
+    assert "dicom.listen" in final["reason"] and "spool.max_bytes" in final["reason"], final
+    result = sub.wait_for(lambda s: s.on(f"gw/{DEVICE}/cmd/config-update/cfg-bad/result"), 10,
+                          describe="config-update result")[-1]
+    keys = sorted(p.split(":", 1)[0] for p in result["problems"])
+    assert keys == ["dicom.listen", "spool.max_bytes"], result
+    # A valid document for another device id is refused too: the id is the identity.
+    other = g.config_path.read_text().replace('id = "test-gw"', 'id = "someone-else"')
+    assert other != g.config_path.read_text()
+    final = command(vendor, sub, "config-update", "cfg-id", args={"toml": other})
+    assert (final["state"], final["code"]) == ("failed", "config-invalid"), final
+    assert "node.id" in final["reason"], final
+    # Nothing changed, and the gateway still serves.
+    assert g.config_path.read_bytes() == before
+    assert echo_ok(g) and hl7_accepts(g, "CFG-1")

@@ -31,6 +31,10 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 /// The error text stays in the local log; the vendor gets a fixed reason.
 pub type WipeFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Validates a `config-update` document the way `gatewayd check-config` does; `Err` holds
+/// one `key: message` line per problem (no document content beyond clipped values).
+pub type ValidateFn = Arc<dyn Fn(&str) -> Result<(), Vec<String>> + Send + Sync>;
+
 /// What the agent asks the daemon to do after a command completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitRequest {
@@ -145,6 +149,7 @@ pub struct FleetAgent {
     telemetry: Arc<dyn TelemetrySource>,
     started: Instant,
     wipe: Option<WipeFn>,
+    validate: Option<ValidateFn>,
     exit: Option<mpsc::UnboundedSender<ExitRequest>>,
     /// Set by a successful `wipe`: sent to `exit` once `successful` is queued.
     pending_exit: Option<ExitRequest>,
@@ -185,9 +190,19 @@ impl FleetAgent {
             telemetry,
             started: Instant::now(),
             wipe: None,
+            validate: None,
             exit: None,
             pending_exit: None,
         }
+    }
+
+    /// Enables validation of `config-update` documents: an invalid one ends `failed` /
+    /// `config-invalid` with the problems (reason, and all of them on `.../result`). A valid
+    /// one is not applied by this build: `failed` / `not-supported`, nothing changed.
+    #[must_use]
+    pub fn with_config_validation(mut self, validate: ValidateFn) -> Self {
+        self.validate = Some(validate);
+        self
     }
 
     /// Enables the `wipe` operation: `wipe` crypto-shreds the key store; afterwards the
@@ -469,6 +484,9 @@ impl FleetAgent {
                 Outcome::Done
             }
             Op::Wipe if self.wipe.is_some() => self.wipe(client),
+            Op::ConfigUpdate { toml } if self.validate.is_some() => {
+                self.config_update(client, &command.cmd_id, toml)
+            }
             Op::ConfigUpdate { .. } | Op::Wipe | Op::Restart | Op::LogUpload { .. } => {
                 Outcome::Failed {
                     code: "not-supported",
@@ -483,6 +501,34 @@ impl FleetAgent {
 }
 
 impl FleetAgent {
+    /// Validates the document; publishes every problem on the result topic.
+    fn config_update(&mut self, client: &AsyncClient, cmd_id: &str, toml: &str) -> Outcome {
+        let Some(validate) = self.validate.clone() else {
+            return Outcome::Failed {
+                code: "not-supported",
+                reason: "config-update is not available in this daemon".into(),
+            };
+        };
+        match validate(toml) {
+            Err(problems) => {
+                if let Ok(topic) = result_topic(&self.settings.device, "config-update", cmd_id) {
+                    let body = serde_json::json!({ "problems": problems });
+                    publish(client, topic, false, body.to_string().into_bytes());
+                }
+                Outcome::Failed {
+                    code: "config-invalid",
+                    reason: problems.join("; "),
+                }
+            }
+            Ok(()) => Outcome::Failed {
+                code: "not-supported",
+                reason: "the configuration is valid, but this firmware cannot apply a \
+                         configuration remotely yet; nothing was changed"
+                    .into(),
+            },
+        }
+    }
+
     /// Stop serving, crypto-shred, record it, then (after `successful`) ask the daemon to
     /// exit. If the shred fails nothing is recorded and the previous serving state returns.
     fn wipe(&mut self, client: &AsyncClient) -> Outcome {

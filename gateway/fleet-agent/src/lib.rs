@@ -25,9 +25,11 @@
 //! `.../result`) and `wipe` (when the daemon provides [`FleetAgent::with_wipe`]: listeners
 //! refuse, the key store is crypto-shredded, the wiped flag is persisted, status `wiped`,
 //! then [`ExitRequest::Wiped`] asks the daemon to stop, so the spool master key held in
-//! memory goes with the process; a wiped box refuses to start). `config-update`, `restart`
-//! and `log-upload` are verified and their sequence is consumed like any other command,
-//! then they end `failed` with code `not-supported` (this build does not carry them out yet).
+//! memory goes with the process; a wiped box refuses to start). `config-update` is
+//! validated like `check-config` ([`FleetAgent::with_config_validation`]): an invalid
+//! document ends `failed` / `config-invalid` with its problems; a valid one is not applied
+//! yet (`not-supported`, nothing changed). `restart` and `log-upload` are verified and their
+//! sequence is consumed like any other command, then end `failed` / `not-supported`.
 //!
 //! Invariants:
 //! - A command is acted on only after `VendorKey::verify` accepted it and its sequence
@@ -39,6 +41,7 @@
 mod agent;
 
 pub use agent::{
-    AgentError, AgentSettings, ExitRequest, FleetAgent, StaticTelemetry, TelemetrySource, WipeFn,
+    AgentError, AgentSettings, ExitRequest, FleetAgent, StaticTelemetry, TelemetrySource,
+    ValidateFn, WipeFn,
 };
 pub use gateway_fleet::FleetState;

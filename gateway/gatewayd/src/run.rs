@@ -12,7 +12,9 @@ use gateway_config::{KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
 use gateway_fleet::telemetry::KeyBackend;
 use gateway_fleet::{FleetState, VendorKey};
-use gateway_fleet_agent::{AgentSettings, ExitRequest, FleetAgent, TelemetrySource, WipeFn};
+use gateway_fleet_agent::{
+    AgentSettings, ExitRequest, FleetAgent, TelemetrySource, ValidateFn, WipeFn,
+};
 use gateway_keystore::{KeyStore, KeyStoreError};
 use gateway_mllp::{Hl7Service, Hl7Settings};
 use gateway_spool::Spool;
@@ -201,7 +203,8 @@ async fn serve(settings: Settings) -> Result<(), String> {
                 disabled_tx,
                 collector,
             )?
-            .with_wipe(wipe, exit_tx.clone());
+            .with_wipe(wipe, exit_tx.clone())
+            .with_config_validation(config_validator(settings.node.id.as_str()));
             services.spawn(agent.run(shutdown.clone()));
         }
         None => drop(disabled_tx),
@@ -461,6 +464,27 @@ fn fleet_agent(
     ))
 }
 
+/// `config-update` validation: exactly `check-config`'s problems, plus the device id, which
+/// is the gateway's identity towards the broker and cannot change remotely.
+fn config_validator(node_id: &str) -> ValidateFn {
+    let node_id = node_id.to_owned();
+    Arc::new(move |toml: &str| {
+        let settings = Settings::from_toml_str(toml).map_err(|errors| {
+            errors
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })?;
+        if settings.node.id.as_str() != node_id {
+            return Err(vec![format!(
+                "node.id: cannot change remotely (this gateway is {node_id:?})"
+            )]);
+        }
+        Ok(())
+    })
+}
+
 fn key_backend(settings: &Settings) -> KeyBackend {
     match settings.keystore.backend {
         KeystoreBackend::Software => KeyBackend::Software,
@@ -493,5 +517,27 @@ fn dicom_settings(dicom: &gateway_config::Dicom) -> DicomSettings {
         artim_timeout: dicom.artim_timeout.get(),
         idle_timeout: dicom.idle_timeout.get(),
         shutdown_grace: dicom.shutdown_grace.get(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = "[node]\nid = \"gw-1\"\ndata_dir = \"/tmp/x\"\nmode = \"development\"\n";
+
+    #[test]
+    fn config_update_validation_is_check_config_plus_a_fixed_node_id() {
+        let validate = config_validator("gw-1");
+        assert_eq!(validate(NODE), Ok(()));
+        let problems = validate(&format!("{NODE}[dicom]\nlisten = \"x\"\n")).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("dicom.listen: "), "{problems:?}");
+        let problems = validate(&NODE.replace("gw-1", "gw-2")).unwrap_err();
+        assert_eq!(
+            problems,
+            ["node.id: cannot change remotely (this gateway is \"gw-1\")"]
+        );
+        assert!(validate("not toml [").is_err());
     }
 }
