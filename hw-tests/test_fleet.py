@@ -372,3 +372,29 @@ def test_config_update_with_an_invalid_config_is_refused_with_the_validation_err
     # Nothing changed, and the gateway still serves.
     assert g.config_path.read_bytes() == before
     assert echo_ok(g) and hl7_accepts(g, "CFG-1")
+
+
+def test_signed_restart_restarts_every_service_in_the_same_process(gateway_factory, broker, vendor, watch):
+    g = fleet_gateway(gateway_factory, broker, vendor)
+    sub = watch()
+    wait_online(sub)
+    assert hl7_accepts(g, "RST-1")
+    pid = g.pid
+    readies = g.log_text().count("gatewayd ready")
+    final = command(vendor, sub, "restart", "rst-1")
+    assert final["state"] == "successful", final
+    gw_poll(lambda: g.log_text().count("gatewayd ready") == readies + 1, 30, "a second 'gatewayd ready'")
+    assert g.is_running() and g.pid == pid
+    # Everything serves again: spool reopened, listeners bound, agent reconnected.
+    assert echo_ok(g)
+    assert hl7_accepts(g, "RST-2")
+    assert hl7_accepts(g, "RST-1")  # a duplicate is recognised: the same spool index
+    g.wait_ready()
+    assert g.status()["objects"] == 2
+    sub.wait_for(lambda s: [m for m in s.on(f"gw/{DEVICE}/status") if m.get("state") == "offline"], 10,
+                 describe="offline status during the restart")
+    assert wait_online(sub)["state"] == "online"
+    # The consumed sequence number survives: replaying the restart is refused.
+    payload = vendor.envelope(DEVICE, "status", "rst-replay", seq=vendor.seq)
+    final = command(vendor, sub, "status", "rst-replay", payload=payload)
+    assert (final["state"], final["code"]) == ("failed", "replayed"), final

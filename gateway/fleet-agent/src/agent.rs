@@ -41,6 +41,8 @@ pub enum ExitRequest {
     /// The key store was wiped: stop every service and exit (the spool master key still in
     /// memory must go with the process).
     Wiped,
+    /// `restart`: drain every service and start them again from the config file.
+    Restart,
 }
 
 /// Errors that stop the agent from being built (the daemon reports them at start).
@@ -206,8 +208,9 @@ impl FleetAgent {
     }
 
     /// Enables the `wipe` operation: `wipe` crypto-shreds the key store; afterwards the
-    /// agent sends [`ExitRequest::Wiped`] on `exit` and the daemon stops. Without this call
-    /// `wipe` ends `failed` / `not-supported`.
+    /// agent sends [`ExitRequest::Wiped`] on `exit` and the daemon stops. Also enables
+    /// `restart` ([`ExitRequest::Restart`] once `successful` is queued). Without this call
+    /// both end `failed` / `not-supported`.
     #[must_use]
     pub fn with_wipe(mut self, wipe: WipeFn, exit: mpsc::UnboundedSender<ExitRequest>) -> Self {
         self.wipe = Some(wipe);
@@ -484,6 +487,11 @@ impl FleetAgent {
                 Outcome::Done
             }
             Op::Wipe if self.wipe.is_some() => self.wipe(client),
+            Op::Restart if self.exit.is_some() => {
+                info!("restart requested by a signed fleet command");
+                self.pending_exit = Some(ExitRequest::Restart);
+                Outcome::Done
+            }
             Op::ConfigUpdate { toml } if self.validate.is_some() => {
                 self.config_update(client, &command.cmd_id, toml)
             }

@@ -28,8 +28,10 @@
 //! memory goes with the process; a wiped box refuses to start). `config-update` is
 //! validated like `check-config` ([`FleetAgent::with_config_validation`]): an invalid
 //! document ends `failed` / `config-invalid` with its problems; a valid one is not applied
-//! yet (`not-supported`, nothing changed). `restart` and `log-upload` are verified and their
-//! sequence is consumed like any other command, then end `failed` / `not-supported`.
+//! yet (`not-supported`, nothing changed). `restart` sends [`ExitRequest::Restart`] once
+//! `successful` is queued (the daemon drains and starts every service again). `log-upload`
+//! is verified and its sequence consumed like any other command, then ends `failed` /
+//! `not-supported`.
 //!
 //! Invariants:
 //! - A command is acted on only after `VendorKey::verify` accepted it and its sequence

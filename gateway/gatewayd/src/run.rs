@@ -57,14 +57,42 @@ pub fn main(args: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(settings)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            error!("{message}");
-            eprintln!("gatewayd: {message}");
-            ExitCode::FAILURE
+    let mut settings = settings;
+    loop {
+        match runtime.block_on(serve(settings)) {
+            Ok(Ending::Stopped) => return ExitCode::SUCCESS,
+            Ok(Ending::Restart) => {
+                // Same process, same runtime: every service was drained and joined, the
+                // spool handles dropped (the index reopen waits for sled's lock).
+                info!("restarting every service (signed fleet command)");
+                settings = match &args.config {
+                    Some(path) => match Settings::load(path) {
+                        Ok(s) => s,
+                        Err(problems) => {
+                            for p in &problems.problems {
+                                eprintln!("{p}");
+                            }
+                            return ExitCode::from(2);
+                        }
+                    },
+                    None => Settings::embedded_default(),
+                };
+            }
+            Err(message) => {
+                error!("{message}");
+                eprintln!("gatewayd: {message}");
+                return ExitCode::FAILURE;
+            }
         }
     }
+}
+
+/// Why [`serve`] returned without an error.
+enum Ending {
+    /// SIGTERM/SIGINT, or the key store was wiped: exit.
+    Stopped,
+    /// A signed `restart`: serve again.
+    Restart,
 }
 
 fn init_logging() {
@@ -78,7 +106,7 @@ fn init_logging() {
         .try_init();
 }
 
-async fn serve(settings: Settings) -> Result<(), String> {
+async fn serve(settings: Settings) -> Result<Ending, String> {
     let data_dir = settings.node.data_dir.clone();
     gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
@@ -225,12 +253,16 @@ async fn serve(settings: Settings) -> Result<(), String> {
     info!("gatewayd ready");
 
     drop(exit_tx);
-    tokio::select! {
-        signalled = wait_for_signal() => signalled?,
-        Some(ExitRequest::Wiped) = exit_rx.recv() => {
-            warn!("the key store was wiped by a signed fleet command: stopping every service");
-        }
-    }
+    let ending = tokio::select! {
+        signalled = wait_for_signal() => { signalled?; Ending::Stopped }
+        Some(request) = exit_rx.recv() => match request {
+            ExitRequest::Wiped => {
+                warn!("the key store was wiped by a signed fleet command: stopping every service");
+                Ending::Stopped
+            }
+            ExitRequest::Restart => Ending::Restart,
+        },
+    };
     info!("shutdown requested: draining");
     health.set_ready(false);
     let _ = shutdown_tx.send(true);
@@ -241,7 +273,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
     }
     drop(spool);
     info!("gatewayd stopped");
-    Ok(())
+    Ok(ending)
 }
 
 async fn wait_for_signal() -> Result<(), String> {
