@@ -398,3 +398,37 @@ def test_signed_restart_restarts_every_service_in_the_same_process(gateway_facto
     payload = vendor.envelope(DEVICE, "status", "rst-replay", seq=vendor.seq)
     final = command(vendor, sub, "status", "rst-replay", payload=payload)
     assert (final["state"], final["code"]) == ("failed", "replayed"), final
+
+
+def test_config_update_applies_a_valid_config_and_rolls_back_one_that_cannot_bind(gateway_factory, broker, vendor,
+                                                                                 watch):
+    g = fleet_gateway(gateway_factory, broker, vendor)
+    sub = watch()
+    wait_online(sub)
+    original = g.config_path.read_text()
+    old_port = g.dicom_port
+
+    # 1. A valid config that moves the DICOM listener: applied, services restarted on it.
+    new_port = gw.free_port()
+    moved = original.replace(f'listen = "127.0.0.1:{old_port}"', f'listen = "127.0.0.1:{new_port}"')
+    assert moved != original
+    final = command(vendor, sub, "config-update", "cfg-move", args={"toml": moved}, timeout=40)
+    assert final["state"] == "successful", final
+    assert g.config_path.read_text() == moved
+    g.dicom_port = new_port
+    assert echo_ok(g)
+    assert scu.echoscu(old_port, timeout=10).returncode != 0, "the old DICOM port still answers"
+
+    # 2. A valid config whose DICOM port is taken: rolled back, reported failed, still serving.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        taken = blocker.getsockname()[1]
+        clash = moved.replace(f'listen = "127.0.0.1:{new_port}"', f'listen = "127.0.0.1:{taken}"')
+        final = command(vendor, sub, "config-update", "cfg-clash", args={"toml": clash}, timeout=40)
+        assert (final["state"], final["code"]) == ("failed", "config-rollback"), final
+        assert str(taken) in final["reason"], final
+    assert g.config_path.read_text() == moved, "the previous configuration was not restored"
+    assert g.is_running()
+    assert echo_ok(g)
+    assert hl7_accepts(g, "CFG-ROLLBACK-1")

@@ -36,13 +36,32 @@ pub type WipeFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 pub type ValidateFn = Arc<dyn Fn(&str) -> Result<(), Vec<String>> + Send + Sync>;
 
 /// What the agent asks the daemon to do after a command completed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum ExitRequest {
+    /// A validated `config-update`: drain, write `toml` as the config file, start every
+    /// service from it; if they cannot start, restore the previous file and start again
+    /// from it. The outcome comes back through [`FleetAgent::with_config_outcome`].
+    ApplyConfig { cmd_id: String, toml: String },
     /// The key store was wiped: stop every service and exit (the spool master key still in
     /// memory must go with the process).
     Wiped,
     /// `restart`: drain every service and start them again from the config file.
     Restart,
+}
+
+/// The document is printed as its length only.
+impl fmt::Debug for ExitRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitRequest::ApplyConfig { cmd_id, toml } => f
+                .debug_struct("ApplyConfig")
+                .field("cmd_id", cmd_id)
+                .field("toml_bytes", &toml.len())
+                .finish(),
+            ExitRequest::Wiped => f.write_str("Wiped"),
+            ExitRequest::Restart => f.write_str("Restart"),
+        }
+    }
 }
 
 /// Errors that stop the agent from being built (the daemon reports them at start).
@@ -155,6 +174,10 @@ pub struct FleetAgent {
     exit: Option<mpsc::UnboundedSender<ExitRequest>>,
     /// Set by a successful `wipe`: sent to `exit` once `successful` is queued.
     pending_exit: Option<ExitRequest>,
+    /// Applying a config-update is enabled (the daemon knows its config file).
+    can_apply_config: bool,
+    /// The outcome of a config-update applied before this start, published on connect.
+    config_outcome: Option<(String, Result<(), String>)>,
 }
 
 impl fmt::Debug for FleetAgent {
@@ -171,7 +194,12 @@ impl fmt::Debug for FleetAgent {
 /// What one command did, for the final state message.
 enum Outcome {
     Done,
-    Failed { code: &'static str, reason: String },
+    Failed {
+        code: &'static str,
+        reason: String,
+    },
+    /// The daemon finishes it (config-update): no final state now.
+    Deferred,
 }
 
 impl FleetAgent {
@@ -195,7 +223,25 @@ impl FleetAgent {
             validate: None,
             exit: None,
             pending_exit: None,
+            can_apply_config: false,
+            config_outcome: None,
         }
+    }
+
+    /// Lets a valid `config-update` be applied ([`ExitRequest::ApplyConfig`] on the exit
+    /// channel of [`FleetAgent::with_wipe`]); needs [`FleetAgent::with_config_validation`].
+    #[must_use]
+    pub fn with_config_apply(mut self) -> Self {
+        self.can_apply_config = true;
+        self
+    }
+
+    /// The outcome of the `config-update` `cmd_id` that the daemon applied (or rolled back,
+    /// `Err(why)`) before this start: published as its final state once connected.
+    #[must_use]
+    pub fn with_config_outcome(mut self, cmd_id: String, outcome: Result<(), String>) -> Self {
+        self.config_outcome = Some((cmd_id, outcome));
+        self
     }
 
     /// Enables validation of `config-update` documents: an invalid one ends `failed` /
@@ -324,13 +370,33 @@ impl FleetAgent {
         .await;
     }
 
-    fn on_connected(&self, client: &AsyncClient) {
+    fn on_connected(&mut self, client: &AsyncClient) {
         let device = &self.settings.device;
         if let Err(e) = client.try_subscribe(command_subscription(device), QoS::AtLeastOnce) {
             warn!(error = %e, "cannot queue the command subscription");
         }
         self.publish_status(client);
         self.publish_telemetry(client);
+        if let Some((cmd_id, outcome)) = self.config_outcome.take() {
+            let op = "config-update";
+            let Ok(topic) = state_topic(&self.settings.device, op, &cmd_id) else {
+                return;
+            };
+            let message = match outcome {
+                Ok(()) => StateMessage::successful(&cmd_id, op, now_unix()),
+                Err(why) => StateMessage::failed(
+                    &cmd_id,
+                    op,
+                    "config-rollback",
+                    &format!(
+                        "the new configuration could not start its services ({why}); the \
+                         previous configuration was restored"
+                    ),
+                    now_unix(),
+                ),
+            };
+            publish(client, topic, false, message.to_json());
+        }
     }
 
     fn publish_status(&self, client: &AsyncClient) {
@@ -419,6 +485,12 @@ impl FleetAgent {
             Outcome::Done => {
                 info!(%op, %cmd_id, "fleet command successful");
                 send(StateMessage::successful(&cmd_id, &op, now_unix()));
+                if let (Some(request), Some(exit)) = (self.pending_exit.take(), &self.exit) {
+                    let _ = exit.send(request);
+                }
+            }
+            Outcome::Deferred => {
+                info!(%op, %cmd_id, "fleet command handed to the daemon");
                 if let (Some(request), Some(exit)) = (self.pending_exit.take(), &self.exit) {
                     let _ = exit.send(request);
                 }
@@ -528,10 +600,18 @@ impl FleetAgent {
                     reason: problems.join("; "),
                 }
             }
+            Ok(()) if self.can_apply_config && self.exit.is_some() => {
+                info!(%cmd_id, "valid configuration: restarting every service with it");
+                self.pending_exit = Some(ExitRequest::ApplyConfig {
+                    cmd_id: cmd_id.to_owned(),
+                    toml: toml.to_owned(),
+                });
+                Outcome::Deferred
+            }
             Ok(()) => Outcome::Failed {
                 code: "not-supported",
-                reason: "the configuration is valid, but this firmware cannot apply a \
-                         configuration remotely yet; nothing was changed"
+                reason: "the configuration is valid, but this daemon cannot apply a \
+                         configuration remotely (no config file); nothing was changed"
                     .into(),
             },
         }

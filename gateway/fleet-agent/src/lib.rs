@@ -27,8 +27,10 @@
 //! then [`ExitRequest::Wiped`] asks the daemon to stop, so the spool master key held in
 //! memory goes with the process; a wiped box refuses to start). `config-update` is
 //! validated like `check-config` ([`FleetAgent::with_config_validation`]): an invalid
-//! document ends `failed` / `config-invalid` with its problems; a valid one is not applied
-//! yet (`not-supported`, nothing changed). `restart` sends [`ExitRequest::Restart`] once
+//! document ends `failed` / `config-invalid` with its problems; a valid one is handed to the
+//! daemon ([`ExitRequest::ApplyConfig`], with [`FleetAgent::with_config_apply`]), which
+//! restarts every service from it or rolls back, and the next agent publishes the outcome
+//! ([`FleetAgent::with_config_outcome`]). `restart` sends [`ExitRequest::Restart`] once
 //! `successful` is queued (the daemon drains and starts every service again). `log-upload`
 //! is verified and its sequence consumed like any other command, then ends `failed` /
 //! `not-supported`.

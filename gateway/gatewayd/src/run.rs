@@ -1,7 +1,7 @@
 //! `gatewayd run`: builds every configured service from the settings, starts them as tokio
 //! tasks sharing one shutdown signal, and drains them on SIGTERM/SIGINT.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -58,37 +58,91 @@ pub fn main(args: &RunArgs) -> ExitCode {
         }
     };
     let mut settings = settings;
+    // The outcome of a config-update for the next start to report, and while a new
+    // configuration is being tried: its command id and the previous file's bytes.
+    let mut outcome: Option<(String, Result<(), String>)> = None;
+    let mut trying: Option<(String, Vec<u8>)> = None;
     loop {
-        match runtime.block_on(serve(settings)) {
-            Ok(Ending::Stopped) => return ExitCode::SUCCESS,
-            Ok(Ending::Restart) => {
-                // Same process, same runtime: every service was drained and joined, the
-                // spool handles dropped (the index reopen waits for sled's lock).
+        let started = runtime.block_on(serve(settings, args.config.clone(), outcome.take()));
+        let tried = trying.take();
+        let next = match (started, tried) {
+            (Ok(Ending::Stopped), _) => return ExitCode::SUCCESS,
+            (Ok(Ending::Restart), _) => {
                 info!("restarting every service (signed fleet command)");
-                settings = match &args.config {
-                    Some(path) => match Settings::load(path) {
-                        Ok(s) => s,
-                        Err(problems) => {
-                            for p in &problems.problems {
-                                eprintln!("{p}");
-                            }
-                            return ExitCode::from(2);
-                        }
-                    },
-                    None => Settings::embedded_default(),
-                };
+                reload(args)
             }
+            (Ok(Ending::ApplyConfig { cmd_id, toml }), _) => {
+                match apply_config(args, &cmd_id, &toml) {
+                    Ok((new, previous)) => {
+                        trying = Some((cmd_id.clone(), previous));
+                        outcome = Some((cmd_id, Ok(())));
+                        Ok(new)
+                    }
+                    Err(why) => {
+                        outcome = Some((cmd_id, Err(why)));
+                        reload(args)
+                    }
+                }
+            }
+            (Err(message), Some((cmd_id, previous))) => {
+                error!(error = %message, "the new configuration cannot start its services: restoring the previous one");
+                let restored = restore_config(args, &previous);
+                if restored.is_ok() {
+                    outcome = Some((cmd_id, Err(message)));
+                }
+                restored
+            }
+            (Err(message), None) => Err(message),
+        };
+        settings = match next {
+            Ok(s) => s,
             Err(message) => {
                 error!("{message}");
                 eprintln!("gatewayd: {message}");
                 return ExitCode::FAILURE;
             }
-        }
+        };
     }
+}
+
+/// The config file again (or the embedded default), for a restart.
+fn reload(args: &RunArgs) -> Result<Settings, String> {
+    match &args.config {
+        Some(path) => Settings::load(path).map_err(|problems| problems.to_string()),
+        None => Ok(Settings::embedded_default()),
+    }
+}
+
+/// Writes a validated config-update over the config file (atomically, durably) and parses
+/// it; returns the new settings and the previous file's bytes for a rollback.
+fn apply_config(args: &RunArgs, cmd_id: &str, toml: &str) -> Result<(Settings, Vec<u8>), String> {
+    let path = args
+        .config
+        .as_ref()
+        .ok_or_else(|| "gatewayd runs without --config: nothing to update".to_string())?;
+    let settings = Settings::from_toml_str(toml).map_err(|problems| problems.to_string())?;
+    let previous =
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    gateway_durable::write_atomic(path, toml.as_bytes()).map_err(|e| e.to_string())?;
+    warn!(cmd_id, path = %path.display(), "configuration replaced by a signed fleet command: starting every service with it");
+    Ok((settings, previous))
+}
+
+/// Puts the previous config file back and parses it.
+fn restore_config(args: &RunArgs, previous: &[u8]) -> Result<Settings, String> {
+    let path = args
+        .config
+        .as_ref()
+        .ok_or_else(|| "gatewayd runs without --config: nothing to restore".to_string())?;
+    gateway_durable::write_atomic(path, previous).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(previous);
+    Settings::from_toml_str(&text).map_err(|problems| problems.to_string())
 }
 
 /// Why [`serve`] returned without an error.
 enum Ending {
+    /// A validated signed `config-update`: write it and serve from it (rollback on failure).
+    ApplyConfig { cmd_id: String, toml: String },
     /// SIGTERM/SIGINT, or the key store was wiped: exit.
     Stopped,
     /// A signed `restart`: serve again.
@@ -106,7 +160,11 @@ fn init_logging() {
         .try_init();
 }
 
-async fn serve(settings: Settings) -> Result<Ending, String> {
+async fn serve(
+    settings: Settings,
+    config_path: Option<PathBuf>,
+    config_outcome: Option<(String, Result<(), String>)>,
+) -> Result<Ending, String> {
     let data_dir = settings.node.data_dir.clone();
     gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
@@ -200,6 +258,18 @@ async fn serve(settings: Settings) -> Result<Ending, String> {
     }
     let health = Health::default();
     let registry = Arc::new(registry);
+    if let Some(admin) = &settings.admin {
+        let http = AdminHttp::bind(admin.listen, Arc::clone(&registry), health.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let rx = shutdown.clone();
+        services.spawn(async move {
+            if let Err(e) = http.run(rx).await {
+                error!(error = %e, "admin HTTP stopped");
+            }
+        });
+    }
+    // Last: the agent reports a config-update's outcome only once everything else started.
     match &settings.fleet {
         Some(fleet) => {
             let collector = telemetry::Collector::new(
@@ -223,7 +293,7 @@ async fn serve(settings: Settings) -> Result<Ending, String> {
                     .map(|_| ())
                     .map_err(|e| e.to_string())
             });
-            let agent = fleet_agent(
+            let mut agent = fleet_agent(
                 &settings,
                 fleet,
                 keys.as_ref(),
@@ -232,21 +302,19 @@ async fn serve(settings: Settings) -> Result<Ending, String> {
                 collector,
             )?
             .with_wipe(wipe, exit_tx.clone())
-            .with_config_validation(config_validator(settings.node.id.as_str()));
+            .with_config_validation(config_validator(
+                settings.node.id.as_str(),
+                &settings.node.data_dir,
+            ));
+            if config_path.is_some() {
+                agent = agent.with_config_apply();
+            }
+            if let Some((cmd_id, outcome)) = config_outcome {
+                agent = agent.with_config_outcome(cmd_id, outcome);
+            }
             services.spawn(agent.run(shutdown.clone()));
         }
         None => drop(disabled_tx),
-    }
-    if let Some(admin) = &settings.admin {
-        let http = AdminHttp::bind(admin.listen, Arc::clone(&registry), health.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let rx = shutdown.clone();
-        services.spawn(async move {
-            if let Err(e) = http.run(rx).await {
-                error!(error = %e, "admin HTTP stopped");
-            }
-        });
     }
     services.spawn(control.run(shutdown.clone()));
     health.set_ready(true);
@@ -261,6 +329,7 @@ async fn serve(settings: Settings) -> Result<Ending, String> {
                 Ending::Stopped
             }
             ExitRequest::Restart => Ending::Restart,
+            ExitRequest::ApplyConfig { cmd_id, toml } => Ending::ApplyConfig { cmd_id, toml },
         },
     };
     info!("shutdown requested: draining");
@@ -498,8 +567,9 @@ fn fleet_agent(
 
 /// `config-update` validation: exactly `check-config`'s problems, plus the device id, which
 /// is the gateway's identity towards the broker and cannot change remotely.
-fn config_validator(node_id: &str) -> ValidateFn {
+fn config_validator(node_id: &str, data_dir: &Path) -> ValidateFn {
     let node_id = node_id.to_owned();
+    let data_dir = data_dir.to_path_buf();
     Arc::new(move |toml: &str| {
         let settings = Settings::from_toml_str(toml).map_err(|errors| {
             errors
@@ -508,12 +578,23 @@ fn config_validator(node_id: &str) -> ValidateFn {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
         })?;
+        let mut problems = Vec::new();
         if settings.node.id.as_str() != node_id {
-            return Err(vec![format!(
+            problems.push(format!(
                 "node.id: cannot change remotely (this gateway is {node_id:?})"
-            )]);
+            ));
         }
-        Ok(())
+        if settings.node.data_dir != data_dir {
+            problems.push(format!(
+                "node.data_dir: cannot change remotely (this gateway keeps its data in {})",
+                data_dir.display()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
     })
 }
 
@@ -560,7 +641,7 @@ mod tests {
 
     #[test]
     fn config_update_validation_is_check_config_plus_a_fixed_node_id() {
-        let validate = config_validator("gw-1");
+        let validate = config_validator("gw-1", Path::new("/tmp/x"));
         assert_eq!(validate(NODE), Ok(()));
         let problems = validate(&format!("{NODE}[dicom]\nlisten = \"x\"\n")).unwrap_err();
         assert_eq!(problems.len(), 1);
@@ -571,5 +652,7 @@ mod tests {
             ["node.id: cannot change remotely (this gateway is \"gw-1\")"]
         );
         assert!(validate("not toml [").is_err());
+        let problems = validate(&NODE.replace("/tmp/x", "/tmp/y")).unwrap_err();
+        assert!(problems[0].starts_with("node.data_dir: "), "{problems:?}");
     }
 }
