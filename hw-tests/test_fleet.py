@@ -432,3 +432,27 @@ def test_config_update_applies_a_valid_config_and_rolls_back_one_that_cannot_bin
     assert g.is_running()
     assert echo_ok(g)
     assert hl7_accepts(g, "CFG-ROLLBACK-1")
+
+
+def test_log_upload_publishes_the_last_lines_of_the_local_log_without_patient_data(gateway_factory, broker, vendor,
+                                                                                  watch):
+    g = fleet_gateway(gateway_factory, broker, vendor)
+    sub = watch()
+    wait_online(sub)
+    assert hl7_accepts(g, "LOG-1")  # ZZTEST^TARO goes through the gateway
+    assert echo_ok(g)
+    final = command(vendor, sub, "log-upload", "log-1", args={"lines": 20})
+    assert final["state"] == "successful", final
+    result = sub.wait_for(lambda s: s.on(f"gw/{DEVICE}/cmd/log-upload/log-1/result"), 10,
+                          describe="log-upload result")[-1]
+    lines = result["lines"]
+    assert 0 < len(lines) <= 20, lines
+    assert any("fleet command accepted" in l and "log-1" in l for l in lines), lines
+    assert any("association" in l for l in lines), lines  # the C-ECHO just before
+    # The same lines as the local log's tail, in order.
+    local = [l for l in g.log_text().splitlines() if l.strip()]
+    assert lines[0] in local
+    assert not any("ZZTEST" in l for l in lines), lines
+    # Bounds are enforced by the signed-argument check.
+    final = command(vendor, sub, "log-upload", "log-2", args={"lines": 100000})
+    assert (final["state"], final["code"]) == ("failed", "bad-args"), final

@@ -35,6 +35,9 @@ pub type WipeFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// one `key: message` line per problem (no document content beyond clipped values).
 pub type ValidateFn = Arc<dyn Fn(&str) -> Result<(), Vec<String>> + Send + Sync>;
 
+/// The last `n` lines of the daemon's own log, oldest first (for `log-upload`).
+pub type LogFn = Arc<dyn Fn(usize) -> Vec<String> + Send + Sync>;
+
 /// What the agent asks the daemon to do after a command completed.
 #[derive(Clone, PartialEq, Eq)]
 pub enum ExitRequest {
@@ -171,6 +174,7 @@ pub struct FleetAgent {
     started: Instant,
     wipe: Option<WipeFn>,
     validate: Option<ValidateFn>,
+    logs: Option<LogFn>,
     exit: Option<mpsc::UnboundedSender<ExitRequest>>,
     /// Set by a successful `wipe`: sent to `exit` once `successful` is queued.
     pending_exit: Option<ExitRequest>,
@@ -221,11 +225,21 @@ impl FleetAgent {
             started: Instant::now(),
             wipe: None,
             validate: None,
+            logs: None,
             exit: None,
             pending_exit: None,
             can_apply_config: false,
             config_outcome: None,
         }
+    }
+
+    /// Enables `log-upload`: the last `lines` lines of the daemon's log (which by the
+    /// project's rules carries no patient data) on `.../result` as `{"lines": [...]}`,
+    /// oldest lines dropped first to stay under the payload limit.
+    #[must_use]
+    pub fn with_logs(mut self, logs: LogFn) -> Self {
+        self.logs = Some(logs);
+        self
     }
 
     /// Lets a valid `config-update` be applied ([`ExitRequest::ApplyConfig`] on the exit
@@ -559,6 +573,9 @@ impl FleetAgent {
                 Outcome::Done
             }
             Op::Wipe if self.wipe.is_some() => self.wipe(client),
+            Op::LogUpload { lines } if self.logs.is_some() => {
+                self.log_upload(client, &command.cmd_id, *lines)
+            }
             Op::Restart if self.exit.is_some() => {
                 info!("restart requested by a signed fleet command");
                 self.pending_exit = Some(ExitRequest::Restart);
@@ -581,6 +598,30 @@ impl FleetAgent {
 }
 
 impl FleetAgent {
+    fn log_upload(&mut self, client: &AsyncClient, cmd_id: &str, lines: u32) -> Outcome {
+        let (Some(logs), Ok(topic)) = (
+            self.logs.clone(),
+            result_topic(&self.settings.device, "log-upload", cmd_id),
+        ) else {
+            return Outcome::Failed {
+                code: "not-supported",
+                reason: "log-upload is not available in this daemon".into(),
+            };
+        };
+        let mut tail = logs(lines as usize);
+        // Stay well under the broker's and the agent's packet limit.
+        let budget = MAX_PAYLOAD_BYTES / 2;
+        let mut size: usize = tail.iter().map(|l| l.len() + 4).sum();
+        let mut dropped = 0usize;
+        while size > budget && !tail.is_empty() {
+            size -= tail.remove(0).len() + 4;
+            dropped += 1;
+        }
+        let body = serde_json::json!({ "lines": tail, "dropped_for_size": dropped });
+        publish(client, topic, false, body.to_string().into_bytes());
+        Outcome::Done
+    }
+
     /// Validates the document; publishes every problem on the result topic.
     fn config_update(&mut self, client: &AsyncClient, cmd_id: &str, toml: &str) -> Outcome {
         let Some(validate) = self.validate.clone() else {

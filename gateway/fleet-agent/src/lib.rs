@@ -32,8 +32,8 @@
 //! restarts every service from it or rolls back, and the next agent publishes the outcome
 //! ([`FleetAgent::with_config_outcome`]). `restart` sends [`ExitRequest::Restart`] once
 //! `successful` is queued (the daemon drains and starts every service again). `log-upload`
-//! is verified and its sequence consumed like any other command, then ends `failed` /
-//! `not-supported`.
+//! ([`FleetAgent::with_logs`]) publishes the last N lines of the daemon's own log on
+//! `.../result`. Provisioning by claim is not implemented.
 //!
 //! Invariants:
 //! - A command is acted on only after `VendorKey::verify` accepted it and its sequence
@@ -45,7 +45,7 @@
 mod agent;
 
 pub use agent::{
-    AgentError, AgentSettings, ExitRequest, FleetAgent, StaticTelemetry, TelemetrySource,
+    AgentError, AgentSettings, ExitRequest, FleetAgent, LogFn, StaticTelemetry, TelemetrySource,
     ValidateFn, WipeFn,
 };
 pub use gateway_fleet::FleetState;

@@ -154,7 +154,7 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::logring::TeeWriter::default)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
@@ -306,6 +306,7 @@ async fn serve(
                 settings.node.id.as_str(),
                 &settings.node.data_dir,
             ));
+            agent = agent.with_logs(Arc::new(crate::logring::tail));
             if config_path.is_some() {
                 agent = agent.with_config_apply();
             }
