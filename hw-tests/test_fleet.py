@@ -456,3 +456,33 @@ def test_log_upload_publishes_the_last_lines_of_the_local_log_without_patient_da
     # Bounds are enforced by the signed-argument check.
     final = command(vendor, sub, "log-upload", "log-2", args={"lines": 100000})
     assert (final["state"], final["code"]) == ("failed", "bad-args"), final
+
+
+def test_tpm_identity_authenticates_the_agent_to_the_broker(tmp_path, swtpm, ca, gateway_factory, broker, vendor,
+                                                             watch):
+    """`client_auth = "keystore"`: the TLS client key is the TPM's identity key (swtpm);
+    its certificate comes from `keys csr` signed by the broker's CA and `keys install-cert`."""
+    from test_tpm import init_keys, keys_ok, tpm_keystore
+
+    section = fleet_section(broker, vendor)
+    for k in ("cert_file", "key_file"):
+        section.pop(k)
+    section["client_auth"] = "keystore"
+    hl7_port = gw.free_port()
+    g = gateway_factory({**tpm_keystore(swtpm), "hl7": {"listen": f"127.0.0.1:{hl7_port}"}, "fleet": section},
+                        start=False)
+    g.hl7_port = hl7_port
+    init_keys(g)
+    csr = ca.dir / "tpm-device.csr"
+    csr.write_text(keys_ok(g, "csr"))
+    keys_ok(g, "install-cert", "--cert", str(ca.sign_csr(csr, ca.dir / "tpm-device.pem")))
+    g.start()
+    sub = watch()
+    assert wait_online(sub)["state"] == "online"
+    assert f"as {DEVICE} (p2, c0" in broker.log_text() and f"u'{DEVICE}'" in broker.log_text(), broker.log_tail()
+    final = command(vendor, sub, "disable", "tpm-dis")
+    assert final["state"] == "successful", final
+    assert_disabled_everywhere(g)
+    final = command(vendor, sub, "enable", "tpm-en")
+    assert final["state"] == "successful", final
+    assert echo_ok(g)
