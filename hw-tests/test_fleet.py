@@ -486,3 +486,22 @@ def test_tpm_identity_authenticates_the_agent_to_the_broker(tmp_path, swtpm, ca,
     final = command(vendor, sub, "enable", "tpm-en")
     assert final["state"] == "successful", final
     assert echo_ok(g)
+
+
+def test_signed_wipe_on_the_tpm_key_store_evicts_the_keys_while_the_daemon_runs(
+        tmp_path, swtpm, gateway_factory, broker, vendor, watch):
+    from test_tpm import init_keys, tpm_keystore
+
+    g = fleet_gateway(gateway_factory, broker, vendor, tpm_keystore(swtpm), start=False)
+    init_keys(g)
+    g.start()
+    sub = watch()
+    wait_online(sub)
+    files = data.make_ct_set(1, tmp_path / "in", "ct")
+    r = scu.storescu(g.dicom_port, [f.path for f in files])
+    assert r.returncode == 0, r.stdout + r.stderr
+    final = command(vendor, sub, "wipe", "tpm-wipe", timeout=30)
+    assert final["state"] == "successful", final
+    gw_poll(lambda: not g.is_running(), 20, "gatewayd exiting after the wipe")
+    r = g.export(files[0].sop_instance_uid, tmp_path / "after.dcm", check=False)
+    assert r.returncode != 0, f"spool export still works after a TPM wipe:\n{r.stdout}{r.stderr}"
