@@ -2,7 +2,7 @@
 # The project's test command: `bash hw-tests/run-all.sh [extra pytest args]`.
 #
 # Installs the real peers when missing (Debian: dcmtk, orthanc, orthanc-dicomweb, swtpm,
-# tpm2-tools, libtss2, nginx, openssl,
+# tpm2-tools, libtss2, nginx, openssl, mosquitto, mosquitto-clients,
 # pkg-config; PyPI into hw-tests/.venv: hw-tests/requirements.txt), then runs
 #   cargo fmt --check, cargo clippy -D warnings, cargo test, cargo build --release,
 #   pytest -v hw-tests  (against target/release/gatewayd)
@@ -40,6 +40,9 @@ command -v tpm2_pcrextend >/dev/null 2>&1 || need_pkgs+=(tpm2-tools)
 # mutual-TLS ingress in front of Orthanc, and the test CA.
 command -v nginx >/dev/null 2>&1 || need_pkgs+=(nginx)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+# The vendor's fleet broker (TLS, client certificates, ACL) and its command-line clients.
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need_pkgs+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 || need_pkgs+=(mosquitto-clients)
 # Debian's python3 has no ensurepip without python3-venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -49,8 +52,9 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
 else
     echo "all Debian peers already installed"
 fi
-# The orthanc and nginx packages start system services (4242/8042, 80): tests start their own.
-for svc in orthanc nginx; do
+# The orthanc, nginx and mosquitto packages start system services (4242/8042, 80, 1883):
+# tests start their own.
+for svc in orthanc nginx mosquitto; do
     if [ -e "/etc/init.d/$svc" ]; then
         "${SUDO[@]}" service "$svc" stop >/dev/null 2>&1 || true
         "${SUDO[@]}" update-rc.d "$svc" disable >/dev/null 2>&1 || true

@@ -116,6 +116,11 @@ pub(crate) struct RawUplink {
 pub(crate) struct RawFleet {
     pub broker: String,
     pub vendor_public_key: String,
+    pub ca_file: Option<String>,
+    pub client_auth: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub telemetry_interval: Option<String>,
 }
 
 /// `[admin]`

@@ -50,6 +50,9 @@ pub mod defaults {
     pub const KEYSTORE_TCTI: &str = "device:/dev/tpmrm0";
     pub const UPLINK_KIND: UplinkKind = UplinkKind::DicomWeb;
     pub const UPLINK_CLIENT_AUTH: ClientAuth = ClientAuth::Keystore;
+    pub const FLEET_TELEMETRY_INTERVAL: Duration = Duration::from_secs(60);
+    /// The longest `fleet.telemetry_interval` accepted.
+    pub const FLEET_TELEMETRY_INTERVAL_MAX: Duration = Duration::from_secs(24 * 3600);
     pub const ADMIN_LISTEN: SocketAddr =
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
     pub const BOOKING_LISTEN: SocketAddr =
@@ -200,6 +203,15 @@ pub struct Fleet {
     pub broker: BrokerUrl,
     /// The key every remote command must be signed with.
     pub vendor_public_key: PathBuf,
+    /// Trust anchors (PEM) the broker is verified against; required for `mqtts://`.
+    pub ca_file: Option<PathBuf>,
+    /// How the gateway authenticates to the broker (default: the key store's identity).
+    pub client_auth: ClientAuth,
+    /// Both `Some` iff `client_auth` is `Files` (development only).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// How often telemetry is published (1s..=24h, default 60s).
+    pub telemetry_interval: Duration,
 }
 
 /// `[admin]`: `/healthz` and `/metrics`.
@@ -846,9 +858,78 @@ fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Opt
             "plaintext mqtt is refused in production mode (use \"mqtts://\")",
         );
     }
+    let ca_file = c.parse_opt("fleet.ca_file", raw.ca_file.as_deref(), parse_path);
+    if raw.ca_file.is_none() && raw.broker.starts_with("mqtts://") {
+        c.push(
+            "fleet.ca_file",
+            "required for an mqtts:// broker: the CA the broker's certificate is checked against",
+        );
+    }
+    let client_auth = c.parse_or(
+        "fleet.client_auth",
+        raw.client_auth.as_deref(),
+        defaults::UPLINK_CLIENT_AUTH,
+        from_str,
+    );
+    let cert_file = c.parse_opt("fleet.cert_file", raw.cert_file.as_deref(), parse_path);
+    let key_file = c.parse_opt("fleet.key_file", raw.key_file.as_deref(), parse_path);
+    match client_auth {
+        Some(ClientAuth::Files) => {
+            for (field, value) in [("cert_file", &raw.cert_file), ("key_file", &raw.key_file)] {
+                if value.is_none() {
+                    c.push(
+                        format!("fleet.{field}"),
+                        "is required when client_auth = \"files\"",
+                    );
+                }
+            }
+            if production == Some(true) {
+                c.push(
+                    "fleet.client_auth",
+                    "client_auth = \"files\" is refused in production mode (use \"keystore\")",
+                );
+            }
+        }
+        Some(ClientAuth::Keystore) => {
+            for (field, value) in [("cert_file", &raw.cert_file), ("key_file", &raw.key_file)] {
+                if value.is_some() {
+                    c.push(
+                        format!("fleet.{field}"),
+                        "is only used with client_auth = \"files\"",
+                    );
+                }
+            }
+        }
+        None => {}
+    }
+    let telemetry_interval = c
+        .parse_or(
+            "fleet.telemetry_interval",
+            raw.telemetry_interval.as_deref(),
+            defaults::FLEET_TELEMETRY_INTERVAL,
+            from_str::<Duration>,
+        )
+        .and_then(|d| {
+            if d.get() < std::time::Duration::from_secs(1)
+                || d.get() > defaults::FLEET_TELEMETRY_INTERVAL_MAX.get()
+            {
+                c.push(
+                    "fleet.telemetry_interval",
+                    format!("{d} is outside 1s..=24h"),
+                );
+                None
+            } else {
+                Some(d)
+            }
+        });
     Some(Fleet {
         broker: broker?,
         vendor_public_key: vendor_public_key?,
+        ca_file: ca_file?,
+        client_auth: client_auth?,
+        cert_file: cert_file?,
+        key_file: key_file?,
+        telemetry_interval: telemetry_interval?,
     })
 }
 

@@ -664,6 +664,24 @@ impl BrokerUrl {
     pub fn is_plaintext(&self) -> bool {
         self.0.starts_with("mqtt://")
     }
+
+    /// Host and port; the port defaults to 8883 (`mqtts://`) or 1883 (`mqtt://`).
+    /// `None` when the authority has no host or a port that is not a number.
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        let (rest, default_port) = match self.0.strip_prefix("mqtts://") {
+            Some(rest) => (rest, 8883),
+            None => (self.0.strip_prefix("mqtt://")?, 1883),
+        };
+        let authority = rest.split(['/', '?', '#']).next()?;
+        let (host, port) = if authority.ends_with(']') || !authority.contains(':') {
+            (authority, default_port)
+        } else {
+            let (host, port) = authority.rsplit_once(':')?;
+            (host, port.parse().ok().filter(|p| *p != 0)?)
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        (!host.is_empty()).then(|| (host.to_string(), port))
+    }
 }
 
 impl FromStr for BrokerUrl {
@@ -1013,6 +1031,26 @@ mod tests {
         );
         assert!("mqtt://x".parse::<BrokerUrl>().unwrap().is_plaintext());
         assert!(!"mqtts://x".parse::<BrokerUrl>().unwrap().is_plaintext());
+    }
+
+    #[test]
+    fn broker_host_port_defaults_by_scheme() {
+        let cases = [
+            (
+                "mqtts://fleet.example.jp:8884",
+                Some(("fleet.example.jp", 8884)),
+            ),
+            ("mqtts://fleet.example.jp", Some(("fleet.example.jp", 8883))),
+            ("mqtt://127.0.0.1:1884/", Some(("127.0.0.1", 1884))),
+            ("mqtt://[::1]", Some(("::1", 1883))),
+            ("mqtt://[::1]:2000", Some(("::1", 2000))),
+            ("mqtts://h:0", None),
+            ("mqtts://h:x", None),
+        ];
+        for (url, want) in cases {
+            let got = BrokerUrl(url.to_owned()).host_port();
+            assert_eq!(got, want.map(|(h, p)| (h.to_owned(), p)), "{url}");
+        }
     }
 
     #[test]

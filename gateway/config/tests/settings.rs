@@ -605,3 +605,61 @@ fn booking_schedules_need_three_fields_and_name_every_problem() {
     );
     assert!(lines(&text)[0].contains("room"), "{:?}", lines(&text));
 }
+
+#[test]
+fn fleet_tls_client_auth_and_telemetry_interval_are_parsed_and_checked() {
+    let s = ok(&format!(
+        "{NODE_DEV}[fleet]\nbroker = \"mqtts://b:8884\"\nvendor_public_key = \"v.pub\"\n\
+         ca_file = \"ca.pem\"\nclient_auth = \"files\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n\
+         telemetry_interval = \"5s\"\n"
+    ));
+    let fleet = s.fleet.unwrap();
+    assert_eq!(fleet.broker.host_port(), Some(("b".into(), 8884)));
+    assert_eq!(
+        fleet.ca_file.as_deref(),
+        Some(std::path::Path::new("ca.pem"))
+    );
+    assert_eq!(fleet.client_auth, gateway_config::ClientAuth::Files);
+    assert_eq!(
+        fleet.telemetry_interval.get(),
+        std::time::Duration::from_secs(5)
+    );
+
+    let s = ok(&format!(
+        "{NODE_DEV}[fleet]\nbroker = \"mqtt://127.0.0.1\"\nvendor_public_key = \"v.pub\"\n"
+    ));
+    let fleet = s.fleet.unwrap();
+    assert_eq!(fleet.client_auth, gateway_config::ClientAuth::Keystore);
+    assert_eq!(
+        fleet.telemetry_interval.get(),
+        std::time::Duration::from_secs(60)
+    );
+
+    assert_eq!(
+        keys(&format!(
+            "{NODE_DEV}[fleet]\nbroker = \"mqtts://b\"\nvendor_public_key = \"v.pub\"\n\
+             client_auth = \"files\"\ntelemetry_interval = \"500ms\"\n"
+        )),
+        [
+            "fleet.ca_file",
+            "fleet.cert_file",
+            "fleet.key_file",
+            "fleet.telemetry_interval"
+        ]
+    );
+    assert_eq!(
+        keys(&format!(
+            "{NODE_PROD}[fleet]\nbroker = \"mqtts://b\"\nvendor_public_key = \"v.pub\"\n\
+             ca_file = \"ca.pem\"\nclient_auth = \"files\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n\
+             telemetry_interval = \"25h\"\n[keystore]\nbackend = \"tpm\"\n"
+        )),
+        ["fleet.client_auth", "fleet.telemetry_interval"]
+    );
+    assert_eq!(
+        keys(&format!(
+            "{NODE_DEV}[fleet]\nbroker = \"mqtt://b\"\nvendor_public_key = \"v.pub\"\n\
+             cert_file = \"c.pem\"\n"
+        )),
+        ["fleet.cert_file"]
+    );
+}

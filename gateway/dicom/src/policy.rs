@@ -44,6 +44,9 @@ pub enum Refusal {
     CallingAeTitle,
     GlobalLimit,
     PeerLimit,
+    /// The gateway is disabled (remote `disable` or `wipe`): every association is refused
+    /// until it is enabled again.
+    Disabled,
 }
 
 impl Refusal {
@@ -53,6 +56,7 @@ impl Refusal {
             Refusal::CallingAeTitle => "calling_ae_title",
             Refusal::GlobalLimit => "global_limit",
             Refusal::PeerLimit => "peer_limit",
+            Refusal::Disabled => "disabled",
         }
     }
 
@@ -69,6 +73,15 @@ impl Refusal {
                 result: AssociationRJResult::Permanent,
                 source: AssociationRJSource::ServiceUser(
                     AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+                ),
+            },
+            // No A-ASSOCIATE-RJ reason says "administratively disabled": rejected-transient
+            // (it ends with `enable`), by the service user, no reason given. The local log
+            // and the metric label say `disabled`.
+            Refusal::Disabled => AssociationRJ {
+                result: AssociationRJResult::Transient,
+                source: AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::NoReasonGiven,
                 ),
             },
             Refusal::GlobalLimit | Refusal::PeerLimit => AssociationRJ {

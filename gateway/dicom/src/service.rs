@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::association::{self, Context};
 use crate::metrics::{Metrics, ReasonLabel};
-use crate::policy::{Gatekeeper, PolicySettings};
+use crate::policy::{Gatekeeper, PolicySettings, Refusal};
 use crate::storage_classes::STORAGE_SOP_CLASSES;
 
 /// The largest A-ASSOCIATE-RQ accepted (128 presentation contexts with many transfer
@@ -65,6 +65,8 @@ pub struct DicomService {
     settings: DicomSettings,
     ctx: Arc<Context>,
     gatekeeper: Gatekeeper,
+    /// `true` while the gateway is disabled: new associations get A-ASSOCIATE-RJ.
+    disabled: watch::Receiver<bool>,
 }
 
 impl DicomService {
@@ -94,7 +96,17 @@ impl DicomService {
             settings,
             ctx,
             gatekeeper,
+            disabled: watch::channel(false).1,
         })
+    }
+
+    /// Refuses every new association (A-ASSOCIATE-RJ, rejected-transient, service user, no
+    /// reason given; metric label `disabled`) while `disabled` holds `true`. Open
+    /// associations continue. Without this call the service is never disabled.
+    #[must_use]
+    pub fn with_disabled(mut self, disabled: watch::Receiver<bool>) -> Self {
+        self.disabled = disabled;
+        self
     }
 
     /// The bound address (useful with port 0).
@@ -110,6 +122,7 @@ impl DicomService {
             settings,
             ctx,
             gatekeeper,
+            disabled,
         } = self;
         info!(listen = %settings.listen, ae_title = %gatekeeper.ae_title(), "DICOM service listening");
         let (hard_stop_tx, hard_stop) = watch::channel(false);
@@ -130,8 +143,9 @@ impl DicomService {
                         let gatekeeper = gatekeeper.clone();
                         let hard_stop = hard_stop.clone();
                         let artim = settings.artim_timeout;
+                        let disabled = *disabled.borrow();
                         tasks.spawn(async move {
-                            handle_connection(stream, addr, ctx, gatekeeper, artim, hard_stop).await;
+                            handle_connection(stream, addr, ctx, gatekeeper, artim, hard_stop, disabled).await;
                         });
                     }
                     Err(e) => {
@@ -191,6 +205,7 @@ async fn handle_connection(
     gatekeeper: Gatekeeper,
     artim: Duration,
     hard_stop: watch::Receiver<bool>,
+    disabled: bool,
 ) {
     let _ = stream.set_nodelay(true);
     let (calling, called, rq_len) =
@@ -215,7 +230,12 @@ async fn handle_connection(
                 return;
             }
         };
-    let permit = match gatekeeper.admit(&calling, &called, addr.ip()) {
+    let admitted = if disabled {
+        Err(Refusal::Disabled)
+    } else {
+        gatekeeper.admit(&calling, &called, addr.ip())
+    };
+    let permit = match admitted {
         Ok(p) => p,
         Err(refusal) => {
             info!(peer = %addr, calling_ae = %calling, reason = refusal.label(), "association rejected");

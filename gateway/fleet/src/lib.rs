@@ -1,8 +1,8 @@
 //! The fleet agent's logic, sans-IO: verification of the vendor's signed remote commands,
 //! the persisted replay guard, the MQTT topic scheme and every payload the gateway
 //! publishes. No MQTT client, no runtime, no sockets; the only disk access is the small
-//! state file, through `gateway-durable`. The MQTT service (rumqttc, in the daemon) moves
-//! bytes between the broker and this crate.
+//! state file, through `gateway-durable`. The MQTT service (rumqttc, `gateway-fleet-agent`)
+//! moves bytes between the broker and this crate.
 //!
 //! One command, as the service handles it:
 //!

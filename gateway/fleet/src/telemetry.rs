@@ -12,7 +12,8 @@
 //!           "stored_total":4000,"store_failures_total":1},
 //!  "hl7":{"connections_active":0,"messages_total":310,"accepted_total":305,
 //!         "errors_total":3,"rejected_total":2},
-//!  "keystore":{"backend":"tpm","tamper":"intact"}}
+//!  "keystore":{"backend":"tpm","tamper":"intact"},
+//!  "spool":{"objects":4310,"bytes":1073741824,"oldest_age_secs":40}}
 //! ```
 //!
 //! Fields are added, never renamed or removed; consumers must ignore unknown fields.
@@ -37,6 +38,18 @@ pub struct Telemetry {
     pub dicom: DicomCounters,
     pub hl7: Hl7Counters,
     pub keystore: KeyStoreTelemetry,
+    /// Whole-spool totals (added after the first release: absent = zeros).
+    #[serde(default)]
+    pub spool: SpoolTelemetry,
+}
+
+/// The spool as a whole: objects in the index, sealed bytes on disk, and the age of the
+/// oldest object not yet sent everywhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolTelemetry {
+    pub objects: u64,
+    pub bytes: u64,
+    pub oldest_age_secs: Option<u64>,
 }
 
 /// The spool queue of one `[[uplink]]` destination.
@@ -152,6 +165,11 @@ mod tests {
                 backend: KeyBackend::Tpm,
                 tamper: TamperState::Intact,
             },
+            spool: SpoolTelemetry {
+                objects: 4310,
+                bytes: 1_073_741_824,
+                oldest_age_secs: Some(40),
+            },
         }
     }
 
@@ -167,7 +185,8 @@ mod tests {
                      "stored_total":4000,"store_failures_total":1},
             "hl7":{"connections_active":0,"messages_total":310,"accepted_total":305,
                    "errors_total":3,"rejected_total":2},
-            "keystore":{"backend":"tpm","tamper":"intact"}
+            "keystore":{"backend":"tpm","tamper":"intact"},
+            "spool":{"objects":4310,"bytes":1073741824u64,"oldest_age_secs":40}
         });
         assert_eq!(v, expected);
     }
@@ -177,5 +196,13 @@ mod tests {
         let t = sample();
         let back: Telemetry = serde_json::from_slice(&t.to_json()).unwrap();
         assert_eq!(back, t);
+    }
+
+    #[test]
+    fn telemetry_without_the_spool_field_reads_as_zeros() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v.as_object_mut().unwrap().remove("spool");
+        let back: Telemetry = serde_json::from_value(v).unwrap();
+        assert_eq!(back.spool, SpoolTelemetry::default());
     }
 }

@@ -9,8 +9,10 @@
 //! - `ops`: `check-config`, `spool ...` and `keys ...`.
 
 mod cli;
+mod logring;
 mod ops;
 mod run;
+mod telemetry;
 
 use std::process::ExitCode;
 

@@ -1,7 +1,7 @@
 //! `gatewayd run`: builds every configured service from the settings, starts them as tokio
 //! tasks sharing one shutdown signal, and drains them on SIGTERM/SIGINT.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -10,6 +10,11 @@ use gateway_admin::http::{AdminHttp, Health};
 use gateway_config::UplinkKind;
 use gateway_config::{KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
+use gateway_fleet::telemetry::KeyBackend;
+use gateway_fleet::{FleetState, VendorKey};
+use gateway_fleet_agent::{
+    AgentSettings, ExitRequest, FleetAgent, TelemetrySource, ValidateFn, WipeFn,
+};
 use gateway_keystore::{KeyStore, KeyStoreError};
 use gateway_mllp::{Hl7Service, Hl7Settings};
 use gateway_spool::Spool;
@@ -17,12 +22,13 @@ use gateway_uplink::mllp::{MllpSettings, MllpUplinkService};
 use gateway_uplink::{Metrics as UplinkMetrics, UplinkService, UplinkSettings};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::cli::RunArgs;
 use crate::ops;
+use crate::telemetry;
 
 pub fn main(args: &RunArgs) -> ExitCode {
     init_logging();
@@ -51,14 +57,96 @@ pub fn main(args: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(settings)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            error!("{message}");
-            eprintln!("gatewayd: {message}");
-            ExitCode::FAILURE
-        }
+    let mut settings = settings;
+    // The outcome of a config-update for the next start to report, and while a new
+    // configuration is being tried: its command id and the previous file's bytes.
+    let mut outcome: Option<(String, Result<(), String>)> = None;
+    let mut trying: Option<(String, Vec<u8>)> = None;
+    loop {
+        let started = runtime.block_on(serve(settings, args.config.clone(), outcome.take()));
+        let tried = trying.take();
+        let next = match (started, tried) {
+            (Ok(Ending::Stopped), _) => return ExitCode::SUCCESS,
+            (Ok(Ending::Restart), _) => {
+                info!("restarting every service (signed fleet command)");
+                reload(args)
+            }
+            (Ok(Ending::ApplyConfig { cmd_id, toml }), _) => {
+                match apply_config(args, &cmd_id, &toml) {
+                    Ok((new, previous)) => {
+                        trying = Some((cmd_id.clone(), previous));
+                        outcome = Some((cmd_id, Ok(())));
+                        Ok(new)
+                    }
+                    Err(why) => {
+                        outcome = Some((cmd_id, Err(why)));
+                        reload(args)
+                    }
+                }
+            }
+            (Err(message), Some((cmd_id, previous))) => {
+                error!(error = %message, "the new configuration cannot start its services: restoring the previous one");
+                let restored = restore_config(args, &previous);
+                if restored.is_ok() {
+                    outcome = Some((cmd_id, Err(message)));
+                }
+                restored
+            }
+            (Err(message), None) => Err(message),
+        };
+        settings = match next {
+            Ok(s) => s,
+            Err(message) => {
+                error!("{message}");
+                eprintln!("gatewayd: {message}");
+                return ExitCode::FAILURE;
+            }
+        };
     }
+}
+
+/// The config file again (or the embedded default), for a restart.
+fn reload(args: &RunArgs) -> Result<Settings, String> {
+    match &args.config {
+        Some(path) => Settings::load(path).map_err(|problems| problems.to_string()),
+        None => Ok(Settings::embedded_default()),
+    }
+}
+
+/// Writes a validated config-update over the config file (atomically, durably) and parses
+/// it; returns the new settings and the previous file's bytes for a rollback.
+fn apply_config(args: &RunArgs, cmd_id: &str, toml: &str) -> Result<(Settings, Vec<u8>), String> {
+    let path = args
+        .config
+        .as_ref()
+        .ok_or_else(|| "gatewayd runs without --config: nothing to update".to_string())?;
+    let settings = Settings::from_toml_str(toml).map_err(|problems| problems.to_string())?;
+    let previous =
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    gateway_durable::write_atomic(path, toml.as_bytes()).map_err(|e| e.to_string())?;
+    warn!(cmd_id, path = %path.display(), "configuration replaced by a signed fleet command: starting every service with it");
+    Ok((settings, previous))
+}
+
+/// Puts the previous config file back and parses it.
+fn restore_config(args: &RunArgs, previous: &[u8]) -> Result<Settings, String> {
+    let path = args
+        .config
+        .as_ref()
+        .ok_or_else(|| "gatewayd runs without --config: nothing to restore".to_string())?;
+    gateway_durable::write_atomic(path, previous).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(previous);
+    Settings::from_toml_str(&text).map_err(|problems| problems.to_string())
+}
+
+/// Why [`serve`] returned without an error.
+enum Ending {
+    /// A validated signed `config-update`: write it and serve from it (rollback on failure).
+    ApplyConfig { cmd_id: String, toml: String },
+    /// SIGTERM/SIGINT, or the key store was wiped: exit.
+    Stopped,
+    /// A signed `restart`: serve again.
+    Restart,
 }
 
 fn init_logging() {
@@ -66,26 +154,44 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::logring::TeeWriter::default)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
-async fn serve(settings: Settings) -> Result<(), String> {
+async fn serve(
+    settings: Settings,
+    config_path: Option<PathBuf>,
+    config_outcome: Option<(String, Result<(), String>)>,
+) -> Result<Ending, String> {
     let data_dir = settings.node.data_dir.clone();
     gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
-    for (section, present) in [
-        ("fleet", settings.fleet.is_some()),
-        ("booking", settings.booking.is_some()),
-    ] {
-        if present {
-            warn!(
-                section,
-                "section is configured but its service is not part of this build yet; it does not run"
-            );
-        }
+    if settings.booking.is_some() {
+        warn!(
+            section = "booking",
+            "section is configured but its service is not part of this build yet; it does not run"
+        );
+    }
+    // The disabled flag is honoured whether or not [fleet] is configured: removing the
+    // section from the config must not revive a box the vendor disabled.
+    let fleet_state = FleetState::load(&data_dir).map_err(|e| e.to_string())?;
+    if fleet_state.is_wiped() {
+        return Err(format!(
+            "this gateway was wiped by a signed vendor command ({}): its keys are gone and it \
+             refuses service; re-provision it",
+            fleet_state.path().display()
+        ));
+    }
+    let (disabled_tx, disabled) =
+        watch::channel(fleet_state.is_disabled() || fleet_state.is_wiped());
+    if *disabled.borrow() {
+        warn!(
+            presence = ?fleet_state.presence(),
+            "the gateway is DISABLED by the vendor (fleet state): listeners refuse new \
+             associations and connections, uploads are paused"
+        );
     }
 
     let keys = open_keystore(&settings)?;
@@ -105,19 +211,22 @@ async fn serve(settings: Settings) -> Result<(), String> {
     let mut registry = Registry::default();
     spool.register_metrics(&mut registry);
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<ExitRequest>();
     let mut services = JoinSet::new();
 
     let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
     if let Some(dicom) = &settings.dicom {
         let service = DicomService::bind(dicom_settings(dicom), spool.clone(), &mut registry)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_disabled(disabled.clone());
         services.spawn(service.run(shutdown.clone()));
     }
     if let Some(hl7) = &settings.hl7 {
         let service = Hl7Service::bind(hl7_settings(hl7)?, spool.clone(), &mut registry)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_disabled(disabled.clone());
         services.spawn(service.run(shutdown.clone()));
     }
     if !keep_sent_for.is_zero() {
@@ -132,7 +241,8 @@ async fn serve(settings: Settings) -> Result<(), String> {
                     spool.clone(),
                     uplink_metrics.clone(),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .with_paused(disabled.clone());
                 services.spawn(service.run(shutdown.clone()));
             }
             UplinkKind::MllpTls => {
@@ -140,7 +250,8 @@ async fn serve(settings: Settings) -> Result<(), String> {
                     mllp_settings(uplink, &data_dir, keys.as_ref())?,
                     spool.clone(),
                     uplink_metrics.clone(),
-                );
+                )
+                .with_paused(disabled.clone());
                 services.spawn(service.run(shutdown.clone()));
             }
         }
@@ -158,11 +269,70 @@ async fn serve(settings: Settings) -> Result<(), String> {
             }
         });
     }
+    // Last: the agent reports a config-update's outcome only once everything else started.
+    match &settings.fleet {
+        Some(fleet) => {
+            let collector = telemetry::Collector::new(
+                spool.clone(),
+                Arc::clone(&registry),
+                data_dir.clone(),
+                settings
+                    .uplinks
+                    .iter()
+                    .map(|u| (u.name.as_str().to_owned(), u.kind.as_str().to_owned()))
+                    .collect(),
+                key_backend(&settings),
+            );
+            services.spawn(
+                Arc::clone(&collector).run(fleet.telemetry_interval.get(), shutdown.clone()),
+            );
+            let backend = ops::backend(&settings);
+            let wipe_dir = data_dir.clone();
+            let wipe: WipeFn = Arc::new(move || {
+                gateway_keystore::wipe(&backend, &wipe_dir)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+            let mut agent = fleet_agent(
+                &settings,
+                fleet,
+                keys.as_ref(),
+                fleet_state,
+                disabled_tx,
+                collector,
+            )?
+            .with_wipe(wipe, exit_tx.clone())
+            .with_config_validation(config_validator(
+                settings.node.id.as_str(),
+                &settings.node.data_dir,
+            ));
+            agent = agent.with_logs(Arc::new(crate::logring::tail));
+            if config_path.is_some() {
+                agent = agent.with_config_apply();
+            }
+            if let Some((cmd_id, outcome)) = config_outcome {
+                agent = agent.with_config_outcome(cmd_id, outcome);
+            }
+            services.spawn(agent.run(shutdown.clone()));
+        }
+        None => drop(disabled_tx),
+    }
     services.spawn(control.run(shutdown.clone()));
     health.set_ready(true);
     info!("gatewayd ready");
 
-    wait_for_signal().await?;
+    drop(exit_tx);
+    let ending = tokio::select! {
+        signalled = wait_for_signal() => { signalled?; Ending::Stopped }
+        Some(request) = exit_rx.recv() => match request {
+            ExitRequest::Wiped => {
+                warn!("the key store was wiped by a signed fleet command: stopping every service");
+                Ending::Stopped
+            }
+            ExitRequest::Restart => Ending::Restart,
+            ExitRequest::ApplyConfig { cmd_id, toml } => Ending::ApplyConfig { cmd_id, toml },
+        },
+    };
     info!("shutdown requested: draining");
     health.set_ready(false);
     let _ = shutdown_tx.send(true);
@@ -173,7 +343,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
     }
     drop(spool);
     info!("gatewayd stopped");
-    Ok(())
+    Ok(ending)
 }
 
 async fn wait_for_signal() -> Result<(), String> {
@@ -336,6 +506,106 @@ fn uplink_tls(
     })
 }
 
+/// The fleet agent from `[fleet]`: vendor key, broker address, TLS client identity.
+/// Every problem here is a configuration problem reported at start; the broker itself is
+/// only contacted by the agent's task, so an unreachable broker never stops the gateway.
+fn fleet_agent(
+    settings: &Settings,
+    fleet: &gateway_config::Fleet,
+    keys: &dyn KeyStore,
+    state: FleetState,
+    disabled: watch::Sender<bool>,
+    telemetry: Arc<dyn TelemetrySource>,
+) -> Result<FleetAgent, String> {
+    let key =
+        VendorKey::from_pem_file(&fleet.vendor_public_key).map_err(|e| format!("fleet: {e}"))?;
+    let (host, port) = fleet
+        .broker
+        .host_port()
+        .ok_or_else(|| format!("fleet.broker {}: no host:port", fleet.broker))?;
+    let tls = if fleet.broker.is_plaintext() {
+        warn!(broker = %fleet.broker, "fleet broker over plaintext mqtt:// (development mode only): commands and telemetry are not encrypted");
+        None
+    } else {
+        let ca_file = fleet
+            .ca_file
+            .as_ref()
+            .ok_or_else(|| "fleet.ca_file: required for an mqtts:// broker".to_string())?;
+        let auth = match fleet.client_auth {
+            gateway_config::ClientAuth::Keystore => {
+                let identity = keys.identity().ok_or_else(|| {
+                    "fleet: client_auth = \"keystore\" needs a key store with a device identity (keystore.backend = \"tpm\")".to_string()
+                })?;
+                let chain = gateway_tls::installed_chain(&settings.node.data_dir)
+                    .map_err(|e| format!("fleet: {e}"))?;
+                gateway_tls::ClientAuth::Identity { identity, chain }
+            }
+            gateway_config::ClientAuth::Files => match (&fleet.cert_file, &fleet.key_file) {
+                (Some(cert_file), Some(key_file)) => gateway_tls::ClientAuth::Files {
+                    cert_file: cert_file.clone(),
+                    key_file: key_file.clone(),
+                },
+                _ => {
+                    return Err(
+                        "fleet: client_auth = \"files\" needs cert_file and key_file".to_string(),
+                    );
+                }
+            },
+        };
+        Some(gateway_tls::client_config(ca_file, auth).map_err(|e| format!("fleet: {e}"))?)
+    };
+    let mut agent_settings = AgentSettings::new(settings.node.id.as_str(), host, port, tls)
+        .map_err(|e| e.to_string())?;
+    agent_settings.telemetry_interval = fleet.telemetry_interval.get();
+    Ok(FleetAgent::new(
+        agent_settings,
+        key,
+        state,
+        disabled,
+        telemetry,
+    ))
+}
+
+/// `config-update` validation: exactly `check-config`'s problems, plus the device id, which
+/// is the gateway's identity towards the broker and cannot change remotely.
+fn config_validator(node_id: &str, data_dir: &Path) -> ValidateFn {
+    let node_id = node_id.to_owned();
+    let data_dir = data_dir.to_path_buf();
+    Arc::new(move |toml: &str| {
+        let settings = Settings::from_toml_str(toml).map_err(|errors| {
+            errors
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })?;
+        let mut problems = Vec::new();
+        if settings.node.id.as_str() != node_id {
+            problems.push(format!(
+                "node.id: cannot change remotely (this gateway is {node_id:?})"
+            ));
+        }
+        if settings.node.data_dir != data_dir {
+            problems.push(format!(
+                "node.data_dir: cannot change remotely (this gateway keeps its data in {})",
+                data_dir.display()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    })
+}
+
+fn key_backend(settings: &Settings) -> KeyBackend {
+    match settings.keystore.backend {
+        KeystoreBackend::Software => KeyBackend::Software,
+        KeystoreBackend::Tpm => KeyBackend::Tpm,
+    }
+}
+
 fn spool_is_empty(data_dir: &Path) -> bool {
     std::fs::read_dir(data_dir.join("spool").join("blobs")).map_or(true, |mut d| d.next().is_none())
 }
@@ -361,5 +631,29 @@ fn dicom_settings(dicom: &gateway_config::Dicom) -> DicomSettings {
         artim_timeout: dicom.artim_timeout.get(),
         idle_timeout: dicom.idle_timeout.get(),
         shutdown_grace: dicom.shutdown_grace.get(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = "[node]\nid = \"gw-1\"\ndata_dir = \"/tmp/x\"\nmode = \"development\"\n";
+
+    #[test]
+    fn config_update_validation_is_check_config_plus_a_fixed_node_id() {
+        let validate = config_validator("gw-1", Path::new("/tmp/x"));
+        assert_eq!(validate(NODE), Ok(()));
+        let problems = validate(&format!("{NODE}[dicom]\nlisten = \"x\"\n")).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("dicom.listen: "), "{problems:?}");
+        let problems = validate(&NODE.replace("gw-1", "gw-2")).unwrap_err();
+        assert_eq!(
+            problems,
+            ["node.id: cannot change remotely (this gateway is \"gw-1\")"]
+        );
+        assert!(validate("not toml [").is_err());
+        let problems = validate(&NODE.replace("/tmp/x", "/tmp/y")).unwrap_err();
+        assert!(problems[0].starts_with("node.data_dir: "), "{problems:?}");
     }
 }

@@ -86,6 +86,8 @@ struct Context {
 pub struct Hl7Service {
     listener: TcpListener,
     ctx: Arc<Context>,
+    /// `true` while the gateway is disabled: new connections are closed unread.
+    disabled: watch::Receiver<bool>,
 }
 
 impl Hl7Service {
@@ -111,7 +113,17 @@ impl Hl7Service {
                 metrics: Metrics::register(registry),
                 ids: ControlIds::new(),
             }),
+            disabled: watch::channel(false).1,
         })
+    }
+
+    /// Closes every new connection unread (metric `gateway_hl7_connections_rejected_total
+    /// {reason="disabled"}`) while `disabled` holds `true`; open connections continue.
+    /// Without this call the service is never disabled.
+    #[must_use]
+    pub fn with_disabled(mut self, disabled: watch::Receiver<bool>) -> Self {
+        self.disabled = disabled;
+        self
     }
 
     /// The bound address (the port is the OS's choice when configured as 0).
@@ -140,6 +152,12 @@ impl Hl7Service {
                     continue;
                 }
             };
+            if *self.disabled.borrow() {
+                info!(%peer, "HL7 connection refused: the gateway is disabled");
+                self.ctx.metrics.connection_rejected("disabled");
+                drop(stream);
+                continue;
+            }
             let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                 warn!(%peer, limit = self.ctx.settings.max_connections, "HL7 connection refused: hl7.max_connections reached");
                 self.ctx.metrics.connection_rejected("limit");

@@ -159,6 +159,8 @@ pub struct UplinkService {
     deferred: HashMap<ObjectId, (Instant, Duration)>,
     /// `max_bytes_per_sec`, shared by every request in flight.
     pacer: Option<pace::Pacer>,
+    /// `true` while the gateway is disabled: no new request starts.
+    paused: watch::Receiver<bool>,
 }
 
 impl UplinkService {
@@ -187,7 +189,16 @@ impl UplinkService {
             metrics,
             deferred: HashMap::new(),
             pacer,
+            paused: watch::channel(false).1,
         })
+    }
+
+    /// Starts no new request while `paused` holds `true` (requests already in flight
+    /// finish and are settled); objects stay queued. Without this call it never pauses.
+    #[must_use]
+    pub fn with_paused(mut self, paused: watch::Receiver<bool>) -> Self {
+        self.paused = paused;
+        self
     }
 
     /// Drains the destination's queue until `shutdown` turns true.
@@ -200,13 +211,25 @@ impl UplinkService {
         let mut inflight: JoinSet<Posted> = JoinSet::new();
         let mut busy: HashSet<ObjectId> = HashSet::new();
         let limit = self.settings.max_concurrent_requests.max(1);
+        let mut paused = self.paused.clone();
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            // Fill the request slots with the next batches, unless backing off. Afterwards
-            // the slots are full, the queue has nothing ready, or a backoff runs.
-            while inflight.len() < limit && resume_at.is_none_or(|t| t <= Instant::now()) {
+            if inflight.is_empty() && *paused.borrow() {
+                info!(destination = %name, "uplink paused: the gateway is disabled");
+                if !wait_unpaused(&mut paused, &mut shutdown).await {
+                    break;
+                }
+                info!(destination = %name, "uplink resumed");
+                continue;
+            }
+            // Fill the request slots with the next batches, unless backing off or paused.
+            // Afterwards the slots are full, the queue has nothing ready, or a backoff runs.
+            while inflight.len() < limit
+                && !*paused.borrow()
+                && resume_at.is_none_or(|t| t <= Instant::now())
+            {
                 resume_at = None;
                 let batch = match self.next_batch(&busy).await {
                     Ok(b) => b,
@@ -232,6 +255,7 @@ impl UplinkService {
                 tokio::select! {
                     () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
                     _ = wake.changed(), if resume_at.is_none() => {}
+                    Ok(_) = paused.wait_for(|p| *p) => {}
                     () = tokio::time::sleep(idle) => {}
                 }
                 continue;
@@ -587,6 +611,18 @@ pub(crate) fn jitter(d: Duration) -> Duration {
     };
     let factor = 0.8 + 0.4 * f64::from(r) / f64::from(u16::MAX);
     d.mul_f64(factor)
+}
+
+/// Waits until `paused` turns `false` (`true`) or `shutdown` turns `true` (`false`). A
+/// pause whose sender is gone stays in force until shutdown.
+pub(crate) async fn wait_unpaused(
+    paused: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        () = async { let _ = shutdown.wait_for(|s| *s).await; } => false,
+        Ok(_) = paused.wait_for(|p| !*p) => true,
+    }
 }
 
 #[cfg(test)]

@@ -91,6 +91,8 @@ pub struct MllpUplinkService {
     conn: Option<(Box<dyn Stream>, MllpDecoder)>,
     /// Whether the open connection has carried an acknowledged message yet.
     proven: bool,
+    /// `true` while the gateway is disabled: nothing is sent.
+    paused: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for MllpUplinkService {
@@ -110,7 +112,16 @@ impl MllpUplinkService {
             metrics,
             conn: None,
             proven: false,
+            paused: watch::channel(false).1,
         }
+    }
+
+    /// Sends nothing while `paused` holds `true` (the message in hand is finished);
+    /// messages stay queued. Without this call it never pauses.
+    #[must_use]
+    pub fn with_paused(mut self, paused: watch::Receiver<bool>) -> Self {
+        self.paused = paused;
+        self
     }
 
     /// Forwards the destination's queue until `shutdown` turns true.
@@ -119,9 +130,20 @@ impl MllpUplinkService {
         info!(destination = %name, peer = %format!("{}:{}", self.settings.host, self.settings.port), "HL7 forwarding started");
         let mut wake = self.spool.subscribe();
         let mut backoff = self.settings.backoff_initial;
+        let mut paused = self.paused.clone();
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            if *paused.borrow() {
+                info!(destination = %name, "HL7 forwarding paused: the gateway is disabled");
+                // The peer sees no half-used connection while the box is disabled.
+                self.conn = None;
+                if !crate::wait_unpaused(&mut paused, &mut shutdown).await {
+                    break;
+                }
+                info!(destination = %name, "HL7 forwarding resumed");
+                continue;
             }
             let next = match self.next().await {
                 Ok(next) => next,
@@ -134,6 +156,7 @@ impl MllpUplinkService {
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => break,
                     _ = wake.changed() => {}
+                    Ok(_) = paused.wait_for(|p| *p) => {}
                     () = tokio::time::sleep(Duration::from_secs(30)) => {}
                 }
                 continue;

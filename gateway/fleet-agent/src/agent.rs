@@ -1,0 +1,717 @@
+//! The service: one task owning the MQTT event loop, the fleet state and the vendor key.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gateway_fleet::command::MAX_PAYLOAD_BYTES;
+use gateway_fleet::telemetry::{KeyBackend, KeyStoreTelemetry, TamperState};
+use gateway_fleet::topics::{command_subscription, result_topic, state_topic, status_topic};
+use gateway_fleet::{
+    Command, DeviceId, FleetState, Op, StateMessage, StatusMessage, Telemetry, VendorKey,
+    last_will, parse_command_topic, topics::telemetry_topic,
+};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+/// First wait after a failed connection; doubled per failure up to [`BACKOFF_MAX`].
+const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Requests queued towards the event loop; publishing never waits on a full queue.
+const REQUEST_CAPACITY: usize = 64;
+/// How long a clean shutdown may take to deliver the `offline` status.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+/// Crypto-shred of the key store, provided by the daemon (blocking; called once per `wipe`).
+/// The error text stays in the local log; the vendor gets a fixed reason.
+pub type WipeFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Validates a `config-update` document the way `gatewayd check-config` does; `Err` holds
+/// one `key: message` line per problem (no document content beyond clipped values).
+pub type ValidateFn = Arc<dyn Fn(&str) -> Result<(), Vec<String>> + Send + Sync>;
+
+/// The last `n` lines of the daemon's own log, oldest first (for `log-upload`).
+pub type LogFn = Arc<dyn Fn(usize) -> Vec<String> + Send + Sync>;
+
+/// What the agent asks the daemon to do after a command completed.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ExitRequest {
+    /// A validated `config-update`: drain, write `toml` as the config file, start every
+    /// service from it; if they cannot start, restore the previous file and start again
+    /// from it. The outcome comes back through [`FleetAgent::with_config_outcome`].
+    ApplyConfig { cmd_id: String, toml: String },
+    /// The key store was wiped: stop every service and exit (the spool master key still in
+    /// memory must go with the process).
+    Wiped,
+    /// `restart`: drain every service and start them again from the config file.
+    Restart,
+}
+
+/// The document is printed as its length only.
+impl fmt::Debug for ExitRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitRequest::ApplyConfig { cmd_id, toml } => f
+                .debug_struct("ApplyConfig")
+                .field("cmd_id", cmd_id)
+                .field("toml_bytes", &toml.len())
+                .finish(),
+            ExitRequest::Wiped => f.write_str("Wiped"),
+            ExitRequest::Restart => f.write_str("Restart"),
+        }
+    }
+}
+
+/// Errors that stop the agent from being built (the daemon reports them at start).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("fleet.broker {url}: no host and port")]
+    BrokerUrl { url: String },
+    #[error("node.id {id:?} cannot be an MQTT device id: {source}")]
+    DeviceId {
+        id: String,
+        source: gateway_fleet::InvalidId,
+    },
+}
+
+/// Where and how to connect; built once by the daemon from `[fleet]`.
+#[derive(Clone)]
+pub struct AgentSettings {
+    pub device: DeviceId,
+    pub host: String,
+    pub port: u16,
+    /// `None`: plain TCP (development `mqtt://` only; the daemon warns).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub telemetry_interval: Duration,
+    /// Firmware version reported in status and telemetry.
+    pub version: String,
+}
+
+impl fmt::Debug for AgentSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentSettings")
+            .field("device", &self.device)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls.is_some())
+            .field("telemetry_interval", &self.telemetry_interval)
+            .finish()
+    }
+}
+
+impl AgentSettings {
+    /// Settings for `device_id` at `host:port`; telemetry every 60 s, crate version.
+    pub fn new(
+        device_id: &str,
+        host: impl Into<String>,
+        port: u16,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<AgentSettings, AgentError> {
+        let device = DeviceId::new(device_id).map_err(|source| AgentError::DeviceId {
+            id: device_id.to_owned(),
+            source,
+        })?;
+        Ok(AgentSettings {
+            device,
+            host: host.into(),
+            port,
+            tls,
+            telemetry_interval: Duration::from_secs(60),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+    }
+}
+
+/// What the daemon knows about itself, sampled for telemetry and `status`. The agent
+/// fills `version`, `at` and `uptime_secs`. Must be cheap: it runs on the agent's task.
+pub trait TelemetrySource: Send + Sync + fmt::Debug {
+    fn sample(&self) -> Telemetry;
+}
+
+/// A source that always reports the same sample (tests, or a daemon without metrics).
+#[derive(Debug, Clone)]
+pub struct StaticTelemetry(pub Telemetry);
+
+impl StaticTelemetry {
+    /// An empty sample: no destinations, zero counters, the given key store back end.
+    pub fn empty(backend: KeyBackend) -> StaticTelemetry {
+        StaticTelemetry(Telemetry {
+            version: String::new(),
+            at: 0,
+            uptime_secs: 0,
+            disk_free_bytes: 0,
+            last_upload_at: None,
+            destinations: Vec::new(),
+            dicom: Default::default(),
+            hl7: Default::default(),
+            keystore: KeyStoreTelemetry {
+                backend,
+                tamper: TamperState::Unknown,
+            },
+            spool: Default::default(),
+        })
+    }
+}
+
+impl TelemetrySource for StaticTelemetry {
+    fn sample(&self) -> Telemetry {
+        self.0.clone()
+    }
+}
+
+/// The fleet agent. Build with [`FleetAgent::new`], then spawn [`FleetAgent::run`].
+pub struct FleetAgent {
+    settings: AgentSettings,
+    key: VendorKey,
+    state: FleetState,
+    disabled: watch::Sender<bool>,
+    telemetry: Arc<dyn TelemetrySource>,
+    started: Instant,
+    wipe: Option<WipeFn>,
+    validate: Option<ValidateFn>,
+    logs: Option<LogFn>,
+    exit: Option<mpsc::UnboundedSender<ExitRequest>>,
+    /// Set by a successful `wipe`: sent to `exit` once `successful` is queued.
+    pending_exit: Option<ExitRequest>,
+    /// Applying a config-update is enabled (the daemon knows its config file).
+    can_apply_config: bool,
+    /// The outcome of a config-update applied before this start, published on connect.
+    config_outcome: Option<(String, Result<(), String>)>,
+}
+
+impl fmt::Debug for FleetAgent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FleetAgent")
+            .field("settings", &self.settings)
+            .field("key", &self.key)
+            .field("state", &self.state)
+            .field("wipe", &self.wipe.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one command did, for the final state message.
+enum Outcome {
+    Done,
+    Failed {
+        code: &'static str,
+        reason: String,
+    },
+    /// The daemon finishes it (config-update): no final state now.
+    Deferred,
+}
+
+impl FleetAgent {
+    /// `disabled` is the channel the listeners and uplinks watch; the daemon creates it
+    /// from `state` (`is_disabled() || is_wiped()`) before starting them.
+    pub fn new(
+        settings: AgentSettings,
+        key: VendorKey,
+        state: FleetState,
+        disabled: watch::Sender<bool>,
+        telemetry: Arc<dyn TelemetrySource>,
+    ) -> FleetAgent {
+        FleetAgent {
+            settings,
+            key,
+            state,
+            disabled,
+            telemetry,
+            started: Instant::now(),
+            wipe: None,
+            validate: None,
+            logs: None,
+            exit: None,
+            pending_exit: None,
+            can_apply_config: false,
+            config_outcome: None,
+        }
+    }
+
+    /// Enables `log-upload`: the last `lines` lines of the daemon's log (which by the
+    /// project's rules carries no patient data) on `.../result` as `{"lines": [...]}`,
+    /// oldest lines dropped first to stay under the payload limit.
+    #[must_use]
+    pub fn with_logs(mut self, logs: LogFn) -> Self {
+        self.logs = Some(logs);
+        self
+    }
+
+    /// Lets a valid `config-update` be applied ([`ExitRequest::ApplyConfig`] on the exit
+    /// channel of [`FleetAgent::with_wipe`]); needs [`FleetAgent::with_config_validation`].
+    #[must_use]
+    pub fn with_config_apply(mut self) -> Self {
+        self.can_apply_config = true;
+        self
+    }
+
+    /// The outcome of the `config-update` `cmd_id` that the daemon applied (or rolled back,
+    /// `Err(why)`) before this start: published as its final state once connected.
+    #[must_use]
+    pub fn with_config_outcome(mut self, cmd_id: String, outcome: Result<(), String>) -> Self {
+        self.config_outcome = Some((cmd_id, outcome));
+        self
+    }
+
+    /// Enables validation of `config-update` documents: an invalid one ends `failed` /
+    /// `config-invalid` with the problems (reason, and all of them on `.../result`). A valid
+    /// one is not applied by this build: `failed` / `not-supported`, nothing changed.
+    #[must_use]
+    pub fn with_config_validation(mut self, validate: ValidateFn) -> Self {
+        self.validate = Some(validate);
+        self
+    }
+
+    /// Enables the `wipe` operation: `wipe` crypto-shreds the key store; afterwards the
+    /// agent sends [`ExitRequest::Wiped`] on `exit` and the daemon stops. Also enables
+    /// `restart` ([`ExitRequest::Restart`] once `successful` is queued). Without this call
+    /// both end `failed` / `not-supported`.
+    #[must_use]
+    pub fn with_wipe(mut self, wipe: WipeFn, exit: mpsc::UnboundedSender<ExitRequest>) -> Self {
+        self.wipe = Some(wipe);
+        self.exit = Some(exit);
+        self
+    }
+
+    fn mqtt_options(&self) -> MqttOptions {
+        let s = &self.settings;
+        let mut options = MqttOptions::new(s.device.as_str(), s.host.clone(), s.port);
+        options
+            .set_clean_session(false)
+            .set_keep_alive(KEEP_ALIVE)
+            .set_max_packet_size(MAX_PAYLOAD_BYTES + 4096, MAX_PAYLOAD_BYTES + 4096)
+            .set_last_will(LastWill::new(
+                status_topic(&s.device),
+                last_will(),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        if let Some(tls) = &s.tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::clone(tls),
+            )));
+        }
+        options
+    }
+
+    /// Runs until `shutdown` turns true: connects, reconnects with backoff, handles
+    /// commands and publishes telemetry. On shutdown it publishes the retained
+    /// `offline`/`shutdown` status (best effort, at most 2 s) and disconnects.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let (client, mut events) = AsyncClient::new(self.mqtt_options(), REQUEST_CAPACITY);
+        info!(
+            broker = %format!("{}:{}", self.settings.host, self.settings.port),
+            device = %self.settings.device,
+            tls = self.settings.tls.is_some(),
+            presence = ?self.state.presence(),
+            "fleet agent started"
+        );
+        let mut backoff = BACKOFF_INITIAL;
+        let mut connected = false;
+        let mut retry_in: Option<Duration> = None;
+        let mut telemetry = tokio::time::interval(self.settings.telemetry_interval);
+        telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                _ = telemetry.tick(), if connected => self.publish_telemetry(&client),
+                event = events.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        info!(session_present = ack.session_present, "fleet broker connected");
+                        connected = true;
+                        backoff = BACKOFF_INITIAL;
+                        self.on_connected(&client);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        self.on_publish(&client, &publish.topic, &publish.payload);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                            warn!("fleet broker refused the command subscription (ACL?)");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        connected = false;
+                        warn!(error = %describe(&e), retry_in = ?backoff, "fleet broker connection failed");
+                        retry_in = Some(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                },
+            }
+            if let Some(wait) = retry_in.take() {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        if connected {
+            self.say_goodbye(&client, &mut events).await;
+        }
+        info!("fleet agent stopped");
+    }
+
+    async fn say_goodbye(&self, client: &AsyncClient, events: &mut EventLoop) {
+        // A wiped box stays `wiped` for the vendor, not `offline`.
+        let status = if self.state.is_wiped() {
+            StatusMessage::connected(
+                self.state.presence(),
+                &self.settings.version,
+                None,
+                now_unix(),
+            )
+        } else {
+            StatusMessage::shutdown(now_unix())
+        };
+        let _ = client.try_publish(
+            status_topic(&self.settings.device),
+            QoS::AtLeastOnce,
+            true,
+            status.to_json(),
+        );
+        let _ = client.try_disconnect();
+        // The DISCONNECT is only queued when its Outgoing event is reported: keep polling
+        // until the broker closes the connection (it does after a DISCONNECT), or time out.
+        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, async {
+            while events.poll().await.is_ok() {}
+        })
+        .await;
+    }
+
+    fn on_connected(&mut self, client: &AsyncClient) {
+        let device = &self.settings.device;
+        if let Err(e) = client.try_subscribe(command_subscription(device), QoS::AtLeastOnce) {
+            warn!(error = %e, "cannot queue the command subscription");
+        }
+        self.publish_status(client);
+        self.publish_telemetry(client);
+        if let Some((cmd_id, outcome)) = self.config_outcome.take() {
+            let op = "config-update";
+            let Ok(topic) = state_topic(&self.settings.device, op, &cmd_id) else {
+                return;
+            };
+            let message = match outcome {
+                Ok(()) => StateMessage::successful(&cmd_id, op, now_unix()),
+                Err(why) => StateMessage::failed(
+                    &cmd_id,
+                    op,
+                    "config-rollback",
+                    &format!(
+                        "the new configuration could not start its services ({why}); the \
+                         previous configuration was restored"
+                    ),
+                    now_unix(),
+                ),
+            };
+            publish(client, topic, false, message.to_json());
+        }
+    }
+
+    fn publish_status(&self, client: &AsyncClient) {
+        let status = StatusMessage::connected(
+            self.state.presence(),
+            &self.settings.version,
+            self.state.disabled_reason(),
+            now_unix(),
+        );
+        publish(
+            client,
+            status_topic(&self.settings.device),
+            true,
+            status.to_json(),
+        );
+    }
+
+    fn telemetry_sample(&self) -> Telemetry {
+        let mut sample = self.telemetry.sample();
+        sample.version = self.settings.version.clone();
+        sample.at = now_unix();
+        sample.uptime_secs = self.started.elapsed().as_secs();
+        sample
+    }
+
+    fn publish_telemetry(&self, client: &AsyncClient) {
+        let sample = self.telemetry_sample();
+        publish(
+            client,
+            telemetry_topic(&self.settings.device),
+            false,
+            sample.to_json(),
+        );
+    }
+
+    /// One incoming publish: a command, or something this agent ignores.
+    fn on_publish(&mut self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+        let device = self.settings.device.clone();
+        let Some((op, cmd_id)) = parse_command_topic(&device, topic) else {
+            debug!(
+                bytes = payload.len(),
+                "ignored a publish outside the command topics"
+            );
+            return;
+        };
+        let (op, cmd_id) = (op.to_owned(), cmd_id.to_owned());
+        // Ids passed `is_valid_id`: the state topic can always be built.
+        let Ok(state_topic) = state_topic(&device, &op, &cmd_id) else {
+            return;
+        };
+        let send =
+            |message: StateMessage| publish(client, state_topic.clone(), false, message.to_json());
+        send(StateMessage::init(&cmd_id, &op, now_unix()));
+        let verified = self.key.verify(
+            payload,
+            device.as_str(),
+            &op,
+            &cmd_id,
+            now_unix(),
+            self.state.last_seq(),
+        );
+        let command = match verified {
+            Ok(command) => command,
+            Err(rejection) => {
+                warn!(%op, %cmd_id, code = rejection.code(), reason = %rejection.reason(), "fleet command rejected");
+                send(StateMessage::rejected(&cmd_id, &op, &rejection, now_unix()));
+                return;
+            }
+        };
+        // Durable before anything runs: the same signed command can never run twice.
+        if let Err(e) = self.state.accept(command.seq) {
+            warn!(%op, %cmd_id, error = %e, "cannot persist the fleet sequence: command not run");
+            send(StateMessage::failed(
+                &cmd_id,
+                &op,
+                "state-write",
+                "the gateway could not persist the command sequence; nothing was changed",
+                now_unix(),
+            ));
+            return;
+        }
+        info!(%op, %cmd_id, seq = command.seq, "fleet command accepted");
+        send(StateMessage::executing(&cmd_id, &op, now_unix()));
+        let outcome = self.execute(client, &command);
+        match outcome {
+            Outcome::Done => {
+                info!(%op, %cmd_id, "fleet command successful");
+                send(StateMessage::successful(&cmd_id, &op, now_unix()));
+                if let (Some(request), Some(exit)) = (self.pending_exit.take(), &self.exit) {
+                    let _ = exit.send(request);
+                }
+            }
+            Outcome::Deferred => {
+                info!(%op, %cmd_id, "fleet command handed to the daemon");
+                if let (Some(request), Some(exit)) = (self.pending_exit.take(), &self.exit) {
+                    let _ = exit.send(request);
+                }
+            }
+            Outcome::Failed { code, reason } => {
+                warn!(%op, %cmd_id, code, %reason, "fleet command failed");
+                send(StateMessage::failed(
+                    &cmd_id,
+                    &op,
+                    code,
+                    &reason,
+                    now_unix(),
+                ));
+            }
+        }
+    }
+
+    fn execute(&mut self, client: &AsyncClient, command: &Command) -> Outcome {
+        match &command.op {
+            Op::Disable { reason } => {
+                if let Err(e) = self.state.set_disabled(reason.as_deref()) {
+                    warn!(error = %e, "cannot persist the disabled flag");
+                    return state_write_failed();
+                }
+                self.disabled.send_replace(true);
+                warn!(
+                    "gateway DISABLED by a signed fleet command: listeners refuse, uploads pause"
+                );
+                self.publish_status(client);
+                Outcome::Done
+            }
+            Op::Enable => {
+                if self.state.is_wiped() {
+                    return Outcome::Failed {
+                        code: "wiped",
+                        reason: "the gateway was wiped; it cannot be enabled again".into(),
+                    };
+                }
+                if let Err(e) = self.state.set_enabled() {
+                    warn!(error = %e, "cannot persist the enabled flag");
+                    return state_write_failed();
+                }
+                self.disabled.send_replace(false);
+                info!("gateway enabled by a signed fleet command");
+                self.publish_status(client);
+                Outcome::Done
+            }
+            Op::Status => {
+                let Ok(topic) = result_topic(
+                    &self.settings.device,
+                    command.op.kind().as_str(),
+                    &command.cmd_id,
+                ) else {
+                    return Outcome::Failed {
+                        code: "internal",
+                        reason: "no result topic".into(),
+                    };
+                };
+                let body = serde_json::json!({
+                    "state": self.state.presence(),
+                    "disabled_reason": self.state.disabled_reason(),
+                    "last_seq": self.state.last_seq(),
+                    "telemetry": self.telemetry_sample(),
+                });
+                publish(client, topic, false, body.to_string().into_bytes());
+                Outcome::Done
+            }
+            Op::Wipe if self.wipe.is_some() => self.wipe(client),
+            Op::LogUpload { lines } if self.logs.is_some() => {
+                self.log_upload(client, &command.cmd_id, *lines)
+            }
+            Op::Restart if self.exit.is_some() => {
+                info!("restart requested by a signed fleet command");
+                self.pending_exit = Some(ExitRequest::Restart);
+                Outcome::Done
+            }
+            Op::ConfigUpdate { toml } if self.validate.is_some() => {
+                self.config_update(client, &command.cmd_id, toml)
+            }
+            Op::ConfigUpdate { .. } | Op::Wipe | Op::Restart | Op::LogUpload { .. } => {
+                Outcome::Failed {
+                    code: "not-supported",
+                    reason: format!(
+                        "operation {} is not supported by this firmware yet; nothing was changed",
+                        command.op.kind()
+                    ),
+                }
+            }
+        }
+    }
+}
+
+impl FleetAgent {
+    fn log_upload(&mut self, client: &AsyncClient, cmd_id: &str, lines: u32) -> Outcome {
+        let (Some(logs), Ok(topic)) = (
+            self.logs.clone(),
+            result_topic(&self.settings.device, "log-upload", cmd_id),
+        ) else {
+            return Outcome::Failed {
+                code: "not-supported",
+                reason: "log-upload is not available in this daemon".into(),
+            };
+        };
+        let mut tail = logs(lines as usize);
+        // Stay well under the broker's and the agent's packet limit.
+        let budget = MAX_PAYLOAD_BYTES / 2;
+        let mut size: usize = tail.iter().map(|l| l.len() + 4).sum();
+        let mut dropped = 0usize;
+        while size > budget && !tail.is_empty() {
+            size -= tail.remove(0).len() + 4;
+            dropped += 1;
+        }
+        let body = serde_json::json!({ "lines": tail, "dropped_for_size": dropped });
+        publish(client, topic, false, body.to_string().into_bytes());
+        Outcome::Done
+    }
+
+    /// Validates the document; publishes every problem on the result topic.
+    fn config_update(&mut self, client: &AsyncClient, cmd_id: &str, toml: &str) -> Outcome {
+        let Some(validate) = self.validate.clone() else {
+            return Outcome::Failed {
+                code: "not-supported",
+                reason: "config-update is not available in this daemon".into(),
+            };
+        };
+        match validate(toml) {
+            Err(problems) => {
+                if let Ok(topic) = result_topic(&self.settings.device, "config-update", cmd_id) {
+                    let body = serde_json::json!({ "problems": problems });
+                    publish(client, topic, false, body.to_string().into_bytes());
+                }
+                Outcome::Failed {
+                    code: "config-invalid",
+                    reason: problems.join("; "),
+                }
+            }
+            Ok(()) if self.can_apply_config && self.exit.is_some() => {
+                info!(%cmd_id, "valid configuration: restarting every service with it");
+                self.pending_exit = Some(ExitRequest::ApplyConfig {
+                    cmd_id: cmd_id.to_owned(),
+                    toml: toml.to_owned(),
+                });
+                Outcome::Deferred
+            }
+            Ok(()) => Outcome::Failed {
+                code: "not-supported",
+                reason: "the configuration is valid, but this daemon cannot apply a \
+                         configuration remotely (no config file); nothing was changed"
+                    .into(),
+            },
+        }
+    }
+
+    /// Stop serving, crypto-shred, record it, then (after `successful`) ask the daemon to
+    /// exit. If the shred fails nothing is recorded and the previous serving state returns.
+    fn wipe(&mut self, client: &AsyncClient) -> Outcome {
+        let Some(wipe) = self.wipe.clone() else {
+            return Outcome::Failed {
+                code: "not-supported",
+                reason: "wipe is not available in this daemon".into(),
+            };
+        };
+        let was_disabled = *self.disabled.borrow();
+        self.disabled.send_replace(true);
+        warn!(
+            "WIPE requested by a signed fleet command: listeners refuse, crypto-shredding the key store"
+        );
+        if let Err(e) = wipe() {
+            warn!(error = %e, "the key store could not be wiped");
+            self.disabled.send_replace(was_disabled);
+            return Outcome::Failed {
+                code: "wipe-failed",
+                reason: "the key store could not be wiped; see the gateway's local log".into(),
+            };
+        }
+        if let Err(e) = self.state.set_wiped() {
+            // The keys are gone whatever this file says: the daemon cannot open the spool.
+            warn!(error = %e, "key store wiped, but the wiped flag could not be persisted");
+        }
+        warn!("key store WIPED: every sealed spool object is unreadable; the gateway stops");
+        self.publish_status(client);
+        self.pending_exit = Some(ExitRequest::Wiped);
+        Outcome::Done
+    }
+}
+
+fn state_write_failed() -> Outcome {
+    Outcome::Failed {
+        code: "state-write",
+        reason: "the gateway could not persist its fleet state; nothing was changed".into(),
+    }
+}
+
+/// Queues a QoS 1 publish without waiting (the event loop runs on this same task).
+fn publish(client: &AsyncClient, topic: String, retain: bool, payload: Vec<u8>) {
+    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+        warn!(error = %e, "fleet publish dropped: request queue full or closed");
+    }
+}
+
+/// A connection error for the log: rumqttc's text, which names no payload content.
+fn describe(e: &ConnectionError) -> String {
+    e.to_string()
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
