@@ -12,9 +12,9 @@ acknowledges AA, or AE/101 for the MSH-10s it is told to refuse.
 - a client certificate the peer does not trust: nothing delivered, everything queued,
   `last_error` says why;
 - kill -9 right after the gateway's AA to the sender, 10 times: after each restart every
-  acknowledged message reaches the peer; a message is received twice only when a kill
-  fell between the peer's ACK and the gateway recording it (at most once per kill), and
-  the peer recognises such a resend by its MSH-3/MSH-4/MSH-10.
+  acknowledged message reaches the peer; a message is received again only when a kill
+  fell between the peer's ACK and the gateway recording it (at most one resend per kill),
+  byte-identical, so the peer recognises it by its MSH-3/MSH-4/MSH-10.
 """
 
 from __future__ import annotations
@@ -192,8 +192,11 @@ def test_kill9_right_after_aa_still_delivers_every_message(gateway_factory, peer
     received = collections.Counter(cid for cid, _ in peer.received())
     print(f"receipts at the peer: {dict(received)}")
     assert set(received) == {m.control_id for m in msgs}, "a message acknowledged to its sender never arrived"
+    # The forwarder has one message in flight at a time, so a kill can leave at most one
+    # message delivered but not yet recorded as sent: at most one resend per kill (a message
+    # can be resent after two kills in a row if both fell in its window).
     resends = sum(n - 1 for n in received.values())
-    assert all(n <= 2 for n in received.values()) and resends <= len(msgs), received
+    assert resends <= len(msgs), received
     got = {cid: raw for cid, raw in peer.received()}
     assert all(got[m.control_id] == m.bytes for m in msgs)
     assert g.stop() == 0
