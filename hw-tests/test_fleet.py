@@ -248,8 +248,10 @@ def test_status_publishes_a_snapshot_and_telemetry_flows_on_the_devices_own_topi
     assert hl7_accepts(g, "TELE-1")
     assert echo_ok(g)
     counted = sub.wait_for(
-        lambda s: [m for m in s.on(telemetry_topic) if m["hl7"]["accepted_total"] >= 1 and m["spool"]["objects"] >= 1],
-        15, describe="telemetry counting the HL7 message")
+        lambda s: [m for m in s.on(telemetry_topic)
+                   if m["hl7"]["accepted_total"] >= 1 and m["spool"]["objects"] >= 1
+                   and m["dicom"]["associations_total"] >= 1],
+        15, describe="telemetry counting the HL7 message and the C-ECHO association")
     c = counted[-1]
     assert c["hl7"]["messages_total"] >= 1 and c["hl7"]["rejected_total"] == 0
     assert c["dicom"]["associations_active"] == 0 and c["dicom"]["store_failures_total"] == 0

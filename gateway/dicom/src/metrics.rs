@@ -20,6 +20,8 @@ pub struct ReasonLabel {
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     pub associations_active: Gauge,
+    /// Associations admitted since start.
+    pub associations_accepted: Counter,
     pub associations_rejected: Family<ReasonLabel, Counter>,
     pub stored: Family<StatusLabel, Counter>,
 }
@@ -31,6 +33,11 @@ impl Metrics {
             "gateway_dicom_associations_active",
             "DICOM associations currently open",
             m.associations_active.clone(),
+        );
+        registry.register(
+            "gateway_dicom_associations_accepted",
+            "DICOM associations admitted",
+            m.associations_accepted.clone(),
         );
         registry.register(
             "gateway_dicom_associations_rejected",

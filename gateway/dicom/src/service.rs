@@ -261,6 +261,7 @@ async fn handle_connection(
         }
     };
     ctx.metrics.associations_active.inc();
+    ctx.metrics.associations_accepted.inc();
     association::serve(association, &ctx, &calling, addr, hard_stop).await;
     ctx.metrics.associations_active.dec();
     drop(permit);

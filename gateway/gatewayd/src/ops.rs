@@ -375,7 +375,7 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Response::NotFound => {
-            eprintln!("gatewayd: no stored object has that SOP Instance UID");
+            eprintln!("gatewayd: no stored object has that SOP Instance UID or HL7 message key");
             ExitCode::FAILURE
         }
         Response::Error { message } => {

@@ -115,8 +115,7 @@ impl Collector {
         let all = |_: &str| true;
         let dicom = DicomCounters {
             associations_active: sum("gateway_dicom_associations_active", &all),
-            // Not counted by the DICOM service: admitted associations are not a metric yet.
-            associations_total: 0,
+            associations_total: sum("gateway_dicom_associations_accepted_total", &all),
             associations_rejected_total: sum("gateway_dicom_associations_rejected_total", &all),
             stored_total: sum(
                 "gateway_dicom_stored_total",

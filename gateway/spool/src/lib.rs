@@ -85,7 +85,7 @@ pub enum SpoolError {
     Seal(#[from] seal::SealError),
     #[error("the spool master key is not available; run `gatewayd keys init`")]
     NoKey,
-    #[error("no stored object has that SOP Instance UID")]
+    #[error("no stored object has that SOP Instance UID or HL7 message key")]
     NotFound,
     #[error("the group of messages could not be made durable: {detail}")]
     GroupCommit { detail: String },
