@@ -157,20 +157,12 @@ impl Ledger {
     pub fn open(dir: &Path) -> Result<Self, LedgerError> {
         durable::ensure_private_dir(dir)?;
         let path = dir.join(FILE);
-        let state = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| LedgerError::Corrupt {
+        let state = match durable::read_if_exists(&path)? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| LedgerError::Corrupt {
                 path: path.clone(),
                 detail: e.to_string(),
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(source) => {
-                return Err(durable::Error {
-                    action: "read",
-                    path,
-                    source,
-                }
-                .into());
-            }
+            None => State::default(),
         };
         Ok(Self {
             path,

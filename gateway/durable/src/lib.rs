@@ -120,6 +120,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     sync_dir(dir)
 }
 
+/// The whole file, or None if it does not exist.
+pub fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, Error> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).ctx("read", path),
+    }
+}
+
 /// Removes a file durably (its directory is synced). A missing file is not an error.
 pub fn remove_durably(path: &Path) -> Result<bool, Error> {
     match fs::remove_file(path) {

@@ -361,9 +361,13 @@ impl Index {
     /// again, rewriting the same keys). A transaction or `apply_batch` would seal sled's
     /// write buffer each time, one write and `sync_file_range` per call; the journal replay
     /// makes their atomicity unnecessary here.
-    pub fn insert_all(&self, items: &[(ObjectId, Record)], flush: bool) -> Result<(), IndexError> {
+    pub fn insert_all<'a>(
+        &self,
+        items: impl IntoIterator<Item = (&'a ObjectId, &'a Record)>,
+        flush: bool,
+    ) -> Result<(), IndexError> {
         let rows = items
-            .iter()
+            .into_iter()
             .map(|(id, record)| self.row(id, record))
             .collect::<Result<Vec<_>, _>>()?;
         let err = |e| self.db_err(e);
@@ -690,7 +694,9 @@ mod tests {
                 ([200 - i; 16], r)
             })
             .collect();
-        index.insert_all(&items, true).unwrap();
+        index
+            .insert_all(items.iter().map(|(id, r)| (id, r)), true)
+            .unwrap();
         let expect: Vec<ObjectId> = items.iter().map(|(id, _)| *id).collect();
         assert_eq!(index.queued("cloud", 10).unwrap(), expect);
         // A queue entry as written by the previous format is removed on delivery too.

@@ -312,17 +312,30 @@ pub(crate) fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, durable::Error
     Ok(out)
 }
 
-/// Every entry still in the journal, oldest first, and the newest generation seen (0 if
-/// none).
-pub(crate) fn read_all(dir: &Path) -> Result<(Vec<Entry>, u64), durable::Error> {
-    let mut entries = Vec::new();
+/// Calls `each` with every segment's intact entries, oldest segment first (one segment in
+/// memory at a time), and returns the newest generation seen (0 if none).
+pub(crate) fn for_each_segment(
+    dir: &Path,
+    mut each: impl FnMut(Vec<Entry>) -> Result<(), crate::SpoolError>,
+) -> Result<u64, crate::SpoolError> {
     let mut newest = 0;
     for (generation, path) in segments(dir)? {
         let bytes = fs::read(&path).ctx("read", &path)?;
-        entries.extend(read_frames(generation, &bytes));
+        each(read_frames(generation, &bytes))?;
         newest = newest.max(generation);
     }
-    Ok((entries, newest))
+    Ok(newest)
+}
+
+/// Every entry still in the journal, oldest first, and the newest generation seen.
+#[cfg(test)]
+pub(crate) fn read_all(dir: &Path) -> Result<(Vec<Entry>, u64), crate::SpoolError> {
+    let mut all = Vec::new();
+    let newest = for_each_segment(dir, |entries| {
+        all.extend(entries);
+        Ok(())
+    })?;
+    Ok((all, newest))
 }
 
 /// The `len` sealed bytes at `at`.

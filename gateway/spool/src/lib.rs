@@ -292,8 +292,9 @@ struct Inner {
     live: Mutex<BTreeMap<u64, u64>>,
 }
 
-/// Work for the checkpointer thread: one journaled group.
-type CheckpointJob = Vec<(journal::Entry, usage::Reservation)>;
+/// Work for the checkpointer thread: one journaled group's index records (the sealed bytes
+/// are in the journal already).
+type CheckpointJob = Vec<(ObjectId, Record, usage::Reservation)>;
 
 impl Inner {
     /// The destinations a new object of `kind` is queued for.
@@ -319,25 +320,32 @@ impl Inner {
     /// already indexed by id or by key. Returns the newest generation seen, so new segments
     /// sort after it. The segments stay: they hold the messages' sealed bytes.
     fn replay_journal(&self) -> Result<u64, SpoolError> {
-        let (entries, newest) = journal::read_all(&self.journal_dir)?;
-        let total = entries.len();
+        let (mut total, mut indexed) = (0, 0);
         let mut keys_seen = BTreeSet::new();
-        let mut todo = Vec::new();
-        for entry in entries {
-            // Stored means an `objects` row, which [`Index::insert_all`] writes last.
-            let mut stored = self.index.contains(&entry.id)?;
-            for id in self.index.ids_for_uid(&entry.record.uid_mac)? {
-                stored = stored || self.index.contains(&id)?;
+        let newest = journal::for_each_segment(&self.journal_dir, |entries| {
+            total += entries.len();
+            let mut todo = Vec::new();
+            for entry in entries {
+                // Stored means an `objects` row, which [`Index::insert_all`] writes last.
+                let mut stored = self.index.contains(&entry.id)?;
+                for id in self.index.ids_for_uid(&entry.record.uid_mac)? {
+                    stored = stored || self.index.contains(&id)?;
+                }
+                if !stored && keys_seen.insert(entry.record.uid_mac) {
+                    todo.push((entry.id, entry.record));
+                }
             }
-            if !stored && keys_seen.insert(entry.record.uid_mac) {
-                todo.push((entry.id, entry.record));
+            indexed += todo.len();
+            if !todo.is_empty() {
+                self.index
+                    .insert_all(todo.iter().map(|(id, r)| (id, r)), true)?;
             }
-        }
-        if !todo.is_empty() {
-            self.index.insert_all(&todo, true)?;
+            Ok(())
+        })?;
+        if indexed > 0 {
             info!(
                 journaled = total,
-                indexed = todo.len(),
+                indexed,
                 "indexed HL7 messages the journal held from the last run (all were acknowledged)"
             );
         }
@@ -376,6 +384,24 @@ impl Inner {
     }
 }
 
+/// A stored object's bytes could not be read: missing (an index entry without its bytes)
+/// or an I/O error.
+fn unreadable(id: &ObjectId, action: &'static str, path: PathBuf, e: std::io::Error) -> SpoolError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        SpoolError::MissingBlob {
+            id: hex::encode(id),
+            path,
+        }
+    } else {
+        durable::Error {
+            action,
+            path,
+            source: e,
+        }
+        .into()
+    }
+}
+
 /// Locks a mutex whose data stays consistent even if a holder panicked.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -386,7 +412,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// failed insert is retried every second; the messages stay journaled meanwhile. Ends when
 /// the spool is dropped.
 fn run_checkpointer(spool: &Weak<Inner>, rx: &mpsc::Receiver<CheckpointJob>) {
-    let mut backlog: Vec<(journal::Entry, usage::Reservation)> = Vec::new();
+    let mut backlog: CheckpointJob = Vec::new();
     loop {
         let first = if backlog.is_empty() {
             match rx.recv() {
@@ -407,11 +433,10 @@ fn run_checkpointer(spool: &Weak<Inner>, rx: &mpsc::Receiver<CheckpointJob>) {
             return;
         };
         let started = Instant::now();
-        let records: Vec<(ObjectId, Record)> = backlog
-            .iter()
-            .map(|(e, _)| (e.id, e.record.clone()))
-            .collect();
-        if let Err(e) = inner.index.insert_all(&records, false) {
+        if let Err(e) = inner
+            .index
+            .insert_all(backlog.iter().map(|(id, record, _)| (id, record)), false)
+        {
             warn!(messages = backlog.len(), error = %e,
                 "cannot index journaled HL7 messages yet; retrying (they are safe in the journal)");
             continue;
@@ -420,13 +445,11 @@ fn run_checkpointer(spool: &Weak<Inner>, rx: &mpsc::Receiver<CheckpointJob>) {
         let count = backlog.len() as u64;
         {
             let mut pending = lock(&inner.pending);
-            for (entry, mut reservation) in backlog.drain(..) {
-                pending.remove(&entry.record.uid_mac);
-                inner.usage.commit(
-                    &mut reservation,
-                    entry.record.sealed_len,
-                    entry.record.state(),
-                );
+            for (_, record, mut reservation) in backlog.drain(..) {
+                pending.remove(&record.uid_mac);
+                inner
+                    .usage
+                    .commit(&mut reservation, record.sealed_len, record.state());
             }
         }
         {
@@ -623,10 +646,11 @@ impl Spool {
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
         self.check_free_or_evict()?;
         let mut results: Vec<Result<Committed, SpoolError>> = Vec::with_capacity(items.len());
-        let mut fresh: Vec<(journal::Entry, usage::Reservation)> = Vec::new();
+        let mut entries: Vec<journal::Entry> = Vec::new();
+        let mut reservations: Vec<usage::Reservation> = Vec::new();
         for item in items {
             let uid_mac = keys.labelled_mac(b"hl7\0", &item.key);
-            if let Some((e, _)) = fresh.iter().find(|(e, _)| e.record.uid_mac == uid_mac) {
+            if let Some(e) = entries.iter().find(|e| e.record.uid_mac == uid_mac) {
                 results.push(Ok(Committed::Duplicate(e.id)));
                 continue;
             }
@@ -637,22 +661,22 @@ impl Spool {
             match self.seal_message(keys, item, uid_mac) {
                 Ok((entry, reservation)) => {
                     results.push(Ok(Committed::Stored(entry.id)));
-                    fresh.push((entry, reservation));
+                    entries.push(entry);
+                    reservations.push(reservation);
                 }
                 Err(e) => results.push(Err(e)),
             }
         }
-        if fresh.is_empty() {
+        if entries.is_empty() {
             return Ok(results);
         }
         let started = Instant::now();
-        let mut entries: Vec<journal::Entry> = fresh.iter().map(|(e, _)| e.clone()).collect();
         let appended = lock(&inner.journal).append(&mut entries);
         inner.usage.observe(Step::Journal, started);
         let appended = match appended {
             Ok(a) => a,
             Err(e) => {
-                for (_, reservation) in &mut fresh {
+                for reservation in &mut reservations {
                     inner.usage.release(reservation);
                 }
                 return Err(e.into());
@@ -668,16 +692,19 @@ impl Spool {
                 pending.insert(entry.record.uid_mac, entry.id);
             }
         }
-        for ((slot, _), entry) in fresh.iter_mut().zip(entries) {
-            *slot = entry;
-        }
         inner
             .journaled
-            .fetch_add(fresh.len() as u64, Ordering::SeqCst);
+            .fetch_add(entries.len() as u64, Ordering::SeqCst);
+        // The checkpointer needs the records only: the sealed bytes are on disk.
+        let job: CheckpointJob = entries
+            .into_iter()
+            .zip(reservations)
+            .map(|(e, r)| (e.id, e.record, r))
+            .collect();
         if let Some(tx) = lock(&inner.checkpoint).as_ref() {
             // If the thread were gone the messages stay journaled and are indexed at the
             // next open; they are durable either way.
-            let _ = tx.send(fresh);
+            let _ = tx.send(job);
         }
         Ok(results)
     }
@@ -1207,24 +1234,8 @@ impl Spool {
         }
         if let Some(at) = record.segment {
             let path = journal::segment_path(&self.inner.journal_dir, at.generation);
-            let sealed = match journal::read_sealed(&self.inner.journal_dir, at, record.sealed_len)
-            {
-                Ok(b) => b,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(SpoolError::MissingBlob {
-                        id: hex::encode(id),
-                        path,
-                    });
-                }
-                Err(source) => {
-                    return Err(durable::Error {
-                        action: "read",
-                        path,
-                        source,
-                    }
-                    .into());
-                }
-            };
+            let sealed = journal::read_sealed(&self.inner.journal_dir, at, record.sealed_len)
+                .map_err(|e| unreadable(id, "read", path, e))?;
             return seal::open(&keys.master, sealed.as_slice(), record.sealed_len, out)
                 .map(|_| ())
                 .map_err(|source| SpoolError::Open {
@@ -1233,23 +1244,7 @@ impl Spool {
                 });
         }
         let path = self.blob_path(id);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SpoolError::MissingBlob {
-                    id: hex::encode(id),
-                    path,
-                });
-            }
-            Err(source) => {
-                return Err(durable::Error {
-                    action: "open",
-                    path,
-                    source,
-                }
-                .into());
-            }
-        };
+        let file = File::open(&path).map_err(|e| unreadable(id, "open", path.clone(), e))?;
         let len = file.metadata().ctx("stat", &path)?.len();
         if len != record.sealed_len {
             return Err(SpoolError::Open {

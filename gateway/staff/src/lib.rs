@@ -243,20 +243,12 @@ impl Staff {
     pub fn open(dir: &Path, key: StaffKey) -> Result<Self, StaffError> {
         durable::ensure_private_dir(dir)?;
         let path = dir.join(FILE);
-        let file = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StaffError::Corrupt {
+        let file = match durable::read_if_exists(&path)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| StaffError::Corrupt {
                 path: path.clone(),
                 detail: e.to_string(),
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
-            Err(source) => {
-                return Err(durable::Error {
-                    action: "read",
-                    path,
-                    source,
-                }
-                .into());
-            }
+            None => File::default(),
         };
         Ok(Self {
             path,
