@@ -8,6 +8,12 @@ the ACL confines every device to ``gw/<its CN>/#`` (``pattern readwrite
 gw/%u/#``) while the user ``vendor`` may read and write ``gw/#``. It is stopped
 by its PID (`stop`), and killed at teardown by the fixture.
 
+Provisioning by claim uses ``prov/<claim id>/#`` the same way (``pattern
+readwrite prov/%u/#``; the vendor reads and writes ``prov/#``). `Provisioner`
+plays the vendor's provisioning service: it answers each CSR published on
+``prov/+/csr`` with a certificate of the test CA for a device id it assigns,
+inside a signed ``provision`` command.
+
 `Vendor` signs commands with its own command key (an Ed25519 key made with the
 openssl CLI; ``openssl pkey -pubout`` gives the SPKI PEM file the gateway reads
 as ``fleet.vendor_public_key``) and publishes them with `mosquitto_pub`.
@@ -22,6 +28,7 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -59,12 +66,15 @@ class Broker:
         self.log = self.dir / "mosquitto.log"
         self.acl = self.dir / "acl"
         self.acl.write_text(
-            "# the vendor sees and commands every device\n"
+            "# the vendor sees and commands every device, and answers every claim\n"
             "user vendor\n"
             "topic readwrite gw/#\n"
+            "topic readwrite prov/#\n"
             "\n"
-            "# every device (user = its certificate's CN) only its own subtree\n"
+            "# every device (user = its certificate's CN) only its own subtree; a claim\n"
+            "# certificate (CN = claim id) only its own provisioning subtree\n"
             "pattern readwrite gw/%u/#\n"
+            "pattern readwrite prov/%u/#\n"
         )
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(
@@ -248,3 +258,74 @@ def final_state(sub: Subscription, device: str, op: str, cmd_id: str, timeout: f
         return finals[-1] if finals else None
 
     return sub.wait_for(done, timeout, describe=f"final state on {topic}")
+
+
+class Provisioner:
+    """The vendor's provisioning service (see the module docs), in a background thread.
+
+    ``device_ids`` are assigned in order, one per claim. ``bad_answers_first`` makes it send,
+    before the real answer to the first claim, an unsigned answer and a validly signed one
+    whose certificate certifies another key: the gateway must refuse both.
+    """
+
+    def __init__(self, broker: Broker, vendor: Vendor, ca: pki.CA, device_ids: list[str],
+                 bad_answers_first: bool = False):
+        self.broker, self.vendor, self.ca = broker, vendor, ca
+        self.dir = vendor.dir / "provisioning"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.device_ids = list(device_ids)
+        self.bad_answers_first = bad_answers_first
+        self.assigned: dict[str, str] = {}
+        self.answers: list[tuple[str, str, str]] = []  # (claim, cmd_id, kind)
+        self.errors: list[str] = []
+        self.sub = broker.subscribe("vendor", "prov/+/csr")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="provisioner", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        seen = 0
+        while not self._stop.is_set():
+            messages = self.sub.messages()
+            for topic, payload in messages[seen:]:
+                if payload and payload != "(null)":  # mosquitto_sub -v prints a cleared retain so
+                    try:
+                        self._answer(topic, payload)
+                    except Exception as e:  # reported by check(); the thread keeps serving
+                        self.errors.append(f"{topic}: {e!r}")
+            seen = len(messages)
+            time.sleep(0.05)
+
+    def _answer(self, topic: str, payload: str) -> None:
+        claim = topic.split("/")[1]
+        request = json.loads(payload)
+        assert request["claim"] == claim, request
+        if claim in self.assigned:
+            return  # answered already (a reconnect republishes the retained CSR)
+        device = self.device_ids.pop(0)
+        self.assigned[claim] = device
+        csr = self.dir / f"{claim}.csr"
+        csr.write_text(request["csr"])
+        cert = self.ca.sign_csr_as(csr, self.dir / f"{device}.pem", device).read_text()
+        if self.bad_answers_first:
+            self._send(claim, "bad-unsigned", self.vendor.envelope(
+                claim, "provision", "bad-unsigned", {"device_id": device, "certificate": cert}, signed=False))
+            stranger = self.ca.other_client_cert(device, name=f"stranger-{device}")
+            self._send(claim, "bad-key", self.vendor.envelope(
+                claim, "provision", "bad-key", {"device_id": device, "certificate": stranger.cert.read_text()}))
+        self._send(claim, "good", self.vendor.envelope(
+            claim, "provision", f"prov-{device}", {"device_id": device, "certificate": cert}))
+
+    def _send(self, claim: str, kind: str, envelope: bytes) -> None:
+        cmd_id = json.loads(base64.b64decode(json.loads(envelope)["payload"]))["cmd_id"]
+        r = self.broker.publish("vendor", f"prov/{claim}/cmd/provision/{cmd_id}", envelope)
+        assert r.returncode == 0, r.stderr
+        self.answers.append((claim, cmd_id, kind))
+
+    def check(self) -> None:
+        assert not self.errors, f"the provisioning service failed: {self.errors}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sub.stop()

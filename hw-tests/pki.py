@@ -102,6 +102,24 @@ class CA:
             "authorityKeyIdentifier = keyid",
         ])
 
+    def sign_csr_as(self, csr: Path | str, out: Path | str, cn: str) -> Path:
+        """Like `sign_csr`, but the subject is ``/O=hw-tests/CN=<cn>`` whatever the CSR asked
+        for (a provisioning service names the device). `openssl req -x509 -CA` keeps the
+        CSR's key and checks its self-signature."""
+        csr, out = Path(csr), Path(out)
+        self._serial += 1
+        ext = self._ext_file(f"{out.stem}.ext", [
+            "basicConstraints = critical, CA:FALSE",
+            "keyUsage = critical, digitalSignature",
+            "extendedKeyUsage = clientAuth",
+            "subjectKeyIdentifier = hash",
+            "authorityKeyIdentifier = keyid",
+        ])
+        openssl("req", "-in", str(csr), "-verify", "-x509", "-CA", str(self.cert), "-CAkey", str(self.key),
+                "-subj", f"/O=hw-tests/CN={cn}", "-set_serial", str(self._serial), "-days", str(self.days),
+                "-sha256", "-config", str(ext), "-extensions", "v3", "-out", str(out))
+        return out
+
     def server_cert(self, host: str = "127.0.0.1", name: str = "server") -> KeyPair:
         """A key and a serverAuth certificate for ``host`` (an IP or a DNS name) in subjectAltName."""
         key = self.dir / f"{name}.key"

@@ -87,11 +87,12 @@ def wait_online(sub: fleet.Subscription, timeout: float = 20.0) -> dict:
 
 
 def command(vendor, sub, op: str, cmd_id: str, payload: bytes | None = None, args: dict | None = None,
-            device: str = DEVICE, timeout: float = 15.0) -> dict:
+            device: str = DEVICE, timeout: float = 15.0, to: str = DEVICE) -> dict:
+    """Signs ``op`` for ``device`` and sends it on the command topic of ``to``."""
     payload = payload if payload is not None else vendor.envelope(device, op, cmd_id, args)
-    seen = len(sub.on(fleet.state_topic(DEVICE, op, cmd_id)))
-    vendor.send(DEVICE, op, cmd_id, payload)
-    return fleet.final_state(sub, DEVICE, op, cmd_id, timeout, after=seen)
+    seen = len(sub.on(fleet.state_topic(to, op, cmd_id)))
+    vendor.send(to, op, cmd_id, payload)
+    return fleet.final_state(sub, to, op, cmd_id, timeout, after=seen)
 
 
 def echo_ok(g: gw.Gateway) -> bool:
@@ -507,3 +508,104 @@ def test_signed_wipe_on_the_tpm_key_store_evicts_the_keys_while_the_daemon_runs(
     gw_poll(lambda: not g.is_running(), 20, "gatewayd exiting after the wipe")
     r = g.export(files[0].sop_instance_uid, tmp_path / "after.dcm", check=False)
     assert r.returncode != 0, f"spool export still works after a TPM wipe:\n{r.stdout}{r.stderr}"
+
+
+PROVISIONED = "gw-prov-0001"
+CLAIM = "claim-0007"
+
+
+def test_provisioning_by_claim_ends_with_its_own_certificate_claim_gone_and_telemetry_on_its_own_topics(
+        tmp_path, swtpm, ca, gateway_factory, broker, vendor, watch):
+    """A factory-fresh box (TPM identity key without a certificate, a claim credential, no
+    device id) claims its identity from the vendor's provisioning service (`fleet.Provisioner`)
+    on a real mosquitto, refuses the forged answers it is sent first, and reconnects as the
+    device the vendor named, with the TPM key."""
+    import shutil
+    from test_tpm import init_keys, tpm_keystore
+
+    factory = tmp_path / "factory"
+    factory.mkdir()
+    issued = broker.client_cert(CLAIM)
+    claim_cert, claim_key = factory / "claim.pem", factory / "claim.key"
+    shutil.copy(issued.cert, claim_cert)
+    shutil.copy(issued.key, claim_key)
+    section = fleet_section(broker, vendor)
+    for k in ("cert_file", "key_file"):
+        section.pop(k)
+    section.update(client_auth="keystore", claim_cert_file=str(claim_cert), claim_key_file=str(claim_key))
+    hl7_port = gw.free_port()
+    g = gateway_factory({**tpm_keystore(swtpm), "hl7": {"listen": f"127.0.0.1:{hl7_port}"}, "fleet": section},
+                        start=False)
+    g.hl7_port = hl7_port
+    init_keys(g)
+    assert not (g.data_dir / "keys" / "device.crt").exists()
+
+    claim_view = watch(f"prov/{CLAIM}/#")
+    device_view = watch(f"gw/{PROVISIONED}/#")
+    provisioner = fleet.Provisioner(broker, vendor, ca, [PROVISIONED], bad_answers_first=True)
+    try:
+        g.start()
+        online = device_view.wait_for(lambda s: [m for m in s.on(f"gw/{PROVISIONED}/status")
+                                                 if m.get("state") == "online"], 60,
+                                      describe="the provisioned device online on its own topic")
+        assert online
+        provisioner.check()
+        assert provisioner.assigned == {CLAIM: PROVISIONED}
+    finally:
+        provisioner.stop()
+
+    # The forged answers were refused with their reasons; the real one succeeded.
+    def final(cmd_id: str) -> dict:
+        return claim_view.wait_for(lambda s: [m for m in s.on(f"prov/{CLAIM}/cmd/provision/{cmd_id}/state")
+                                              if m.get("state") in ("successful", "failed")], 15,
+                                   describe=f"final state of {cmd_id}")[-1]
+    assert (final("bad-unsigned")["state"], final("bad-unsigned")["code"]) == ("failed", "unsigned")
+    bad_key = final("bad-key")
+    assert (bad_key["state"], bad_key["code"]) == ("failed", "certificate-rejected"), bad_key
+    assert "identity key" in bad_key["reason"], bad_key
+    assert final(f"prov-{PROVISIONED}")["state"] == "successful"
+
+    # Its own certificate: issued by the vendor's CA for the TPM identity key, CN = device id.
+    cert = g.data_dir / "keys" / "device.crt"
+    assert cert.is_file()
+    assert ca.verify(cert).returncode == 0
+    assert f"CN = {PROVISIONED}" in ca.cert_text(cert)
+    state = json.loads((g.data_dir / "fleet" / "state.json").read_text())
+    assert state["device_id"] == PROVISIONED, state
+    # The claim credential is gone; the retained CSR was cleared.
+    assert not claim_cert.exists() and not claim_key.exists(), sorted(p.name for p in factory.iterdir())
+    late = watch(f"prov/{CLAIM}/csr")
+    time.sleep(1.0)
+    assert [p for _, p in late.messages() if p != "(null)"] == [], f"a CSR is still retained: {late.messages()}"
+
+    # It connected as itself (MQTT user = the certificate's CN, authenticated by the TPM key)
+    # and its telemetry flows on its own topics.
+    log = broker.log_text()
+    assert f"u'{PROVISIONED}'" in log, broker.log_tail()
+    samples = device_view.wait_for(lambda s: len(s.on(f"gw/{PROVISIONED}/telemetry")) >= 2 and
+                                   s.on(f"gw/{PROVISIONED}/telemetry"), 15, describe="telemetry")
+    assert samples[-1]["keystore"]["backend"] == "tpm"
+
+    # Commands signed for the device id, on its topics, reach it.
+    final_dis = command(vendor, device_view, "disable", "prov-dis", device=PROVISIONED, to=PROVISIONED)
+    assert final_dis["state"] == "successful", final_dis
+    assert_disabled_everywhere(g)
+    # It cannot publish or subscribe outside gw/<its id>/: the broker knows it only as
+    # PROVISIONED, and the ACL confines that user. Another device's certificate is refused
+    # on this device's topics, as the claim certificate now is.
+    spy = watch(f"gw/{PROVISIONED}/#", as_user=OTHER)
+    claim_spy = watch(f"gw/{PROVISIONED}/#", as_user=CLAIM)
+    final_en = command(vendor, device_view, "enable", "prov-en", device=PROVISIONED, to=PROVISIONED)
+    assert final_en["state"] == "successful", final_en
+    assert echo_ok(g)
+    device_view.wait_for(lambda s: len(s.on(f"gw/{PROVISIONED}/telemetry")) >= len(samples) + 2, 15,
+                         describe="more telemetry")
+    assert spy.messages() == [] and claim_spy.messages() == [], (spy.messages()[:2], claim_spy.messages()[:2])
+
+    # Across a restart it stays provisioned: no new claim, same identity.
+    csrs_before = len([1 for t, p in claim_view.messages() if t == f"prov/{CLAIM}/csr" and p != "(null)"])
+    g.stop()
+    g.start()
+    device_view.wait_for(lambda s: len([m for m in s.on(f"gw/{PROVISIONED}/status") if m.get("state") == "online"]) >= 2,
+                         30, describe="online again after restart")
+    assert len([1 for t, p in claim_view.messages() if t == f"prov/{CLAIM}/csr" and p != "(null)"]) == csrs_before

@@ -120,6 +120,8 @@ pub(crate) struct RawFleet {
     pub client_auth: Option<String>,
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+    pub claim_cert_file: Option<String>,
+    pub claim_key_file: Option<String>,
     pub telemetry_interval: Option<String>,
 }
 

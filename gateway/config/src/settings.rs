@@ -210,8 +210,19 @@ pub struct Fleet {
     /// Both `Some` iff `client_auth` is `Files` (development only).
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// The factory claim credential (certificate and key, PEM), both or neither: while the
+    /// gateway has no provisioned device id it connects with it, publishes a CSR made by its
+    /// identity key and waits for the vendor's signed certificate; then deletes both files.
+    pub claim: Option<Claim>,
     /// How often telemetry is published (1s..=24h, default 60s).
     pub telemetry_interval: Duration,
+}
+
+/// `fleet.claim_cert_file` / `fleet.claim_key_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// `[admin]`: `/healthz` and `/metrics`.
@@ -902,6 +913,47 @@ fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Opt
         }
         None => {}
     }
+    let claim_cert = c.parse_opt(
+        "fleet.claim_cert_file",
+        raw.claim_cert_file.as_deref(),
+        parse_path,
+    );
+    let claim_key = c.parse_opt(
+        "fleet.claim_key_file",
+        raw.claim_key_file.as_deref(),
+        parse_path,
+    );
+    let claim = match (claim_cert, claim_key) {
+        (Some(Some(cert_file)), Some(Some(key_file))) => Some(Some(Claim {
+            cert_file,
+            key_file,
+        })),
+        (Some(None), Some(None)) => Some(None),
+        (Some(_), Some(_)) => {
+            c.push(
+                "fleet.claim_cert_file",
+                "claim_cert_file and claim_key_file go together: set both or neither",
+            );
+            None
+        }
+        _ => None,
+    };
+    if matches!(claim, Some(Some(_))) {
+        if client_auth == Some(ClientAuth::Files) {
+            c.push(
+                "fleet.claim_cert_file",
+                "provisioning by claim obtains the key store identity's certificate: it needs \
+                 client_auth = \"keystore\"",
+            );
+        }
+        if broker.as_ref().is_some_and(BrokerUrl::is_plaintext) {
+            c.push(
+                "fleet.claim_cert_file",
+                "provisioning by claim needs an mqtts:// broker (the claim certificate \
+                 authenticates the gateway)",
+            );
+        }
+    }
     let telemetry_interval = c
         .parse_or(
             "fleet.telemetry_interval",
@@ -929,6 +981,7 @@ fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Opt
         client_auth: client_auth?,
         cert_file: cert_file?,
         key_file: key_file?,
+        claim: claim?,
         telemetry_interval: telemetry_interval?,
     })
 }

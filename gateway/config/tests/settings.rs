@@ -663,3 +663,46 @@ fn fleet_tls_client_auth_and_telemetry_interval_are_parsed_and_checked() {
         ["fleet.cert_file"]
     );
 }
+
+#[test]
+fn fleet_claim_credential_is_both_files_over_mqtts_with_the_keystore_identity() {
+    let s = ok(&format!(
+        "{NODE_DEV}[fleet]\nbroker = \"mqtts://b:8884\"\nvendor_public_key = \"v.pub\"\n\
+         ca_file = \"ca.pem\"\nclaim_cert_file = \"claim.pem\"\nclaim_key_file = \"claim.key\"\n"
+    ));
+    assert_eq!(
+        s.fleet.unwrap().claim,
+        Some(gateway_config::Claim {
+            cert_file: "claim.pem".into(),
+            key_file: "claim.key".into(),
+        })
+    );
+    let s = ok(&format!(
+        "{NODE_DEV}[fleet]\nbroker = \"mqtts://b\"\nvendor_public_key = \"v.pub\"\nca_file = \"ca.pem\"\n"
+    ));
+    assert_eq!(s.fleet.unwrap().claim, None);
+
+    assert_eq!(
+        keys(&format!(
+            "{NODE_DEV}[fleet]\nbroker = \"mqtts://b\"\nvendor_public_key = \"v.pub\"\n\
+             ca_file = \"ca.pem\"\nclaim_cert_file = \"claim.pem\"\n"
+        )),
+        ["fleet.claim_cert_file"]
+    );
+    // The claim obtains the key store identity's certificate: not with files, not in clear.
+    assert_eq!(
+        keys(&format!(
+            "{NODE_DEV}[fleet]\nbroker = \"mqtts://b\"\nvendor_public_key = \"v.pub\"\n\
+             ca_file = \"ca.pem\"\nclient_auth = \"files\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n\
+             claim_cert_file = \"claim.pem\"\nclaim_key_file = \"claim.key\"\n"
+        )),
+        ["fleet.claim_cert_file"]
+    );
+    assert_eq!(
+        keys(&format!(
+            "{NODE_DEV}[fleet]\nbroker = \"mqtt://b\"\nvendor_public_key = \"v.pub\"\n\
+             claim_cert_file = \"claim.pem\"\nclaim_key_file = \"claim.key\"\n"
+        )),
+        ["fleet.claim_cert_file"]
+    );
+}

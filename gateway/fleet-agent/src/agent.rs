@@ -19,13 +19,13 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 /// First wait after a failed connection; doubled per failure up to [`BACKOFF_MAX`].
-const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
-const KEEP_ALIVE: Duration = Duration::from_secs(30);
+pub(crate) const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(60);
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Requests queued towards the event loop; publishing never waits on a full queue.
-const REQUEST_CAPACITY: usize = 64;
+pub(crate) const REQUEST_CAPACITY: usize = 64;
 /// How long a clean shutdown may take to deliver the `offline` status.
-const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+pub(crate) const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
 /// Crypto-shred of the key store, provided by the daemon (blocking; called once per `wipe`).
 /// The error text stays in the local log; the vendor gets a fixed reason.
@@ -584,6 +584,12 @@ impl FleetAgent {
             Op::ConfigUpdate { toml } if self.validate.is_some() => {
                 self.config_update(client, &command.cmd_id, toml)
             }
+            Op::Provision { .. } => Outcome::Failed {
+                code: "already-provisioned",
+                reason: "this gateway is provisioned; provision is accepted only on its claim \
+                         topics before that"
+                    .into(),
+            },
             Op::ConfigUpdate { .. } | Op::Wipe | Op::Restart | Op::LogUpload { .. } => {
                 Outcome::Failed {
                     code: "not-supported",
@@ -699,18 +705,18 @@ fn state_write_failed() -> Outcome {
 }
 
 /// Queues a QoS 1 publish without waiting (the event loop runs on this same task).
-fn publish(client: &AsyncClient, topic: String, retain: bool, payload: Vec<u8>) {
+pub(crate) fn publish(client: &AsyncClient, topic: String, retain: bool, payload: Vec<u8>) {
     if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
         warn!(error = %e, "fleet publish dropped: request queue full or closed");
     }
 }
 
 /// A connection error for the log: rumqttc's text, which names no payload content.
-fn describe(e: &ConnectionError) -> String {
+pub(crate) fn describe(e: &ConnectionError) -> String {
     e.to_string()
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

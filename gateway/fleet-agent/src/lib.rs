@@ -33,7 +33,14 @@
 //! ([`FleetAgent::with_config_outcome`]). `restart` sends [`ExitRequest::Restart`] once
 //! `successful` is queued (the daemon drains and starts every service again). `log-upload`
 //! ([`FleetAgent::with_logs`]) publishes the last N lines of the daemon's own log on
-//! `.../result`. Provisioning by claim is not implemented.
+//! `.../result`.
+//!
+//! Provisioning by claim ([`provision_by_claim`]) runs before the agent on a box that has no
+//! device id yet: with the factory claim credential it publishes a CSR made by its identity
+//! key, installs the vendor's signed answer (certificate and device id) and returns the
+//! device id; the daemon then deletes the claim credential and starts the agent as that
+//! device. A `provision` command reaching a provisioned agent ends `failed` /
+//! `already-provisioned`.
 //!
 //! Invariants:
 //! - A command is acted on only after `VendorKey::verify` accepted it and its sequence
@@ -43,9 +50,11 @@
 //! - Nothing published carries patient data: ids are validated, reasons are bounded codes.
 
 mod agent;
+mod claim;
 
 pub use agent::{
     AgentError, AgentSettings, ExitRequest, FleetAgent, LogFn, StaticTelemetry, TelemetrySource,
     ValidateFn, WipeFn,
 };
+pub use claim::{ClaimSettings, InstallFn, provision_by_claim};
 pub use gateway_fleet::FleetState;

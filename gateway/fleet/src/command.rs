@@ -47,6 +47,7 @@
 //! | `disable` | `{}` or `{"reason": "<at most 256 characters, no control characters>"}` |
 //! | `enable`, `wipe`, `restart`, `status` | `{}` |
 //! | `log-upload` | `{"lines": N}` with 1 <= N <= 10000 |
+//! | `provision` | `{"device_id": "<id>", "certificate": "<PEM chain, leaf first>"}`: the answer to a claim's CSR ([`crate::provision`]) |
 
 use std::fmt;
 
@@ -55,7 +56,7 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use serde_json::{Map, Value};
 
 use crate::key::{Algorithm, VendorKey};
-use crate::topics::is_valid_id;
+use crate::topics::{DeviceId, is_valid_id};
 
 /// Largest MQTT payload looked at; anything bigger is refused before parsing.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -63,6 +64,8 @@ pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 pub const MAX_LOG_LINES: u32 = 10_000;
 /// Longest `reason` of `disable`, in characters.
 pub const MAX_DISABLE_REASON_CHARS: usize = 256;
+/// Largest `certificate` of `provision`, in bytes.
+pub const MAX_CERTIFICATE_BYTES: usize = 64 * 1024;
 /// Longest [`Rejection::reason`], in characters.
 pub const MAX_REASON_CHARS: usize = 256;
 
@@ -84,11 +87,12 @@ pub enum OpKind {
     Restart,
     Status,
     LogUpload,
+    Provision,
 }
 
 impl OpKind {
     /// Every operation, in documentation order.
-    pub const ALL: [OpKind; 7] = [
+    pub const ALL: [OpKind; 8] = [
         OpKind::ConfigUpdate,
         OpKind::Disable,
         OpKind::Enable,
@@ -96,6 +100,7 @@ impl OpKind {
         OpKind::Restart,
         OpKind::Status,
         OpKind::LogUpload,
+        OpKind::Provision,
     ];
 
     /// The wire name (`op` field and topic level).
@@ -108,6 +113,7 @@ impl OpKind {
             OpKind::Restart => "restart",
             OpKind::Status => "status",
             OpKind::LogUpload => "log-upload",
+            OpKind::Provision => "provision",
         }
     }
 
@@ -145,6 +151,12 @@ pub enum Op {
     LogUpload {
         lines: u32,
     },
+    /// The vendor's answer to a claim: the device id this box is from now on and its
+    /// certificate (PEM, leaf first). Acted on only while provisioning by claim.
+    Provision {
+        device_id: DeviceId,
+        certificate: String,
+    },
 }
 
 impl Op {
@@ -157,6 +169,7 @@ impl Op {
             Op::Restart => OpKind::Restart,
             Op::Status => OpKind::Status,
             Op::LogUpload { .. } => OpKind::LogUpload,
+            Op::Provision { .. } => OpKind::Provision,
         }
     }
 }
@@ -171,6 +184,14 @@ impl fmt::Debug for Op {
                 .finish(),
             Op::Disable { reason } => f.debug_struct("Disable").field("reason", reason).finish(),
             Op::LogUpload { lines } => f.debug_struct("LogUpload").field("lines", lines).finish(),
+            Op::Provision {
+                device_id,
+                certificate,
+            } => f
+                .debug_struct("Provision")
+                .field("device_id", device_id)
+                .field("certificate_bytes", &certificate.len())
+                .finish(),
             other => f.write_str(other.kind().as_str()),
         }
     }
@@ -437,6 +458,30 @@ fn parse_op(kind: OpKind, mut args: Map<String, Value>) -> Result<Op, Rejection>
                         "lines must be an integer from 1 to {MAX_LOG_LINES}"
                     )));
                 }
+            }
+        }
+        OpKind::Provision => {
+            let device_id = match args.remove("device_id") {
+                Some(Value::String(id)) => DeviceId::new(&id).map_err(|e| bad(e.to_string()))?,
+                Some(_) => return Err(bad("device_id is not a string".into())),
+                None => return Err(bad("device_id is missing".into())),
+            };
+            let certificate = match args.remove("certificate") {
+                Some(Value::String(pem)) if pem.len() > MAX_CERTIFICATE_BYTES => {
+                    return Err(bad(format!(
+                        "certificate is larger than {MAX_CERTIFICATE_BYTES} bytes"
+                    )));
+                }
+                Some(Value::String(pem)) if pem.contains("-----BEGIN CERTIFICATE-----") => pem,
+                Some(Value::String(_)) => {
+                    return Err(bad("certificate is not a PEM certificate".into()));
+                }
+                Some(_) => return Err(bad("certificate is not a string".into())),
+                None => return Err(bad("certificate is missing".into())),
+            };
+            Op::Provision {
+                device_id,
+                certificate,
             }
         }
     };

@@ -28,6 +28,7 @@
 //! - [`status`]: the retained presence (`online`, `offline`, `disabled`, `wiped`) and the
 //!   last will.
 //! - [`telemetry`]: the periodic telemetry sample.
+//! - [`provision`]: provisioning by claim (the `prov/{claim}/...` exchange).
 //!
 //! Invariants:
 //! - **Every rejection changes nothing.** [`VendorKey::verify`] is a pure function; only an
@@ -44,6 +45,7 @@
 
 pub mod command;
 pub mod key;
+pub mod provision;
 pub mod state;
 pub mod state_message;
 pub mod status;
@@ -56,7 +58,7 @@ pub use state::{FleetState, StateError};
 pub use state_message::{CommandState, StateMessage};
 pub use status::{Presence, StatusMessage, last_will};
 pub use telemetry::Telemetry;
-pub use topics::{DeviceId, InvalidId, parse_command_topic};
+pub use topics::{DeviceId, InvalidId, parse_command_topic, parse_provision_topic};
 
 /// `text` cut to at most `max` characters (on a character boundary).
 pub(crate) fn bounded_text(text: &str, max: usize) -> String {

@@ -1,9 +1,11 @@
 //! The fleet agent's persistent state, `<data_dir>/fleet/state.json` (mode 0600 in a 0700
 //! folder): the replay guard (last accepted sequence number), the disabled flag and reason,
-//! and the wiped flag.
+//! the wiped flag, and the device id the vendor assigned when the box was provisioned by
+//! claim (absent otherwise: the device id is then `node.id`).
 //!
 //! ```json
-//! {"format": 1, "last_seq": 42, "disabled": true, "disabled_reason": "contract ended", "wiped": false}
+//! {"format": 1, "last_seq": 42, "disabled": true, "disabled_reason": "contract ended", "wiped": false,
+//!  "device_id": "gw-000123"}
 //! ```
 //!
 //! Invariants:
@@ -23,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::MAX_DISABLE_REASON_CHARS;
 use crate::status::Presence;
+use crate::topics::DeviceId;
 
 /// Folder under `node.data_dir`.
 pub const DIR_NAME: &str = "fleet";
@@ -57,6 +60,8 @@ struct OnDisk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     disabled_reason: Option<String>,
     wiped: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device_id: Option<String>,
 }
 
 /// The persisted replay guard and device flags, with the file they live in.
@@ -139,6 +144,21 @@ impl FleetState {
 
     pub fn is_wiped(&self) -> bool {
         self.disk.wiped
+    }
+
+    /// The device id assigned by provisioning by claim, if the box was provisioned so. A
+    /// stored id that is not a valid id is treated as absent (it was checked when stored).
+    pub fn device_id(&self) -> Option<DeviceId> {
+        self.disk
+            .device_id
+            .as_deref()
+            .and_then(|id| DeviceId::new(id).ok())
+    }
+
+    /// Records the device id the vendor assigned (after its certificate was installed).
+    pub fn set_device_id(&mut self, device: &DeviceId) -> Result<(), StateError> {
+        let id = device.as_str().to_owned();
+        self.update(|d| d.device_id = Some(id))
     }
 
     /// What the retained status topic should say while connected.

@@ -72,6 +72,15 @@ fn every_operation_is_accepted_with_both_key_types() {
                 json!({"lines": 10000}),
                 Op::LogUpload { lines: 10000 },
             ),
+            (
+                "provision",
+                json!({"device_id": "gw-0001", "certificate": "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"}),
+                Op::Provision {
+                    device_id: crate::DeviceId::new("gw-0001").unwrap(),
+                    certificate: "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
+                        .into(),
+                },
+            ),
         ];
         for (i, (op, args, expected)) in cases.into_iter().enumerate() {
             let seq = 11 + i as u64;
@@ -403,6 +412,29 @@ fn arguments_that_do_not_fit_the_operation_are_bad_args() {
         ("log-upload", json!({"lines": "10"})),
         ("log-upload", json!({"lines": 4294967297u64})),
         ("log-upload", json!({"lines": 10, "grep": "x"})),
+        ("provision", json!({})),
+        ("provision", json!({"device_id": "gw-1"})),
+        (
+            "provision",
+            json!({"device_id": "gw/+", "certificate": "-----BEGIN CERTIFICATE-----"}),
+        ),
+        (
+            "provision",
+            json!({"device_id": 5, "certificate": "-----BEGIN CERTIFICATE-----"}),
+        ),
+        (
+            "provision",
+            json!({"device_id": "gw-1", "certificate": "not pem"}),
+        ),
+        ("provision", json!({"device_id": "gw-1", "certificate": 7})),
+        (
+            "provision",
+            json!({"device_id": "gw-1", "certificate": format!("-----BEGIN CERTIFICATE-----{}", "A".repeat(70_000))}),
+        ),
+        (
+            "provision",
+            json!({"device_id": "gw-1", "certificate": "-----BEGIN CERTIFICATE-----", "ca": "x"}),
+        ),
     ];
     for (op, args) in cases {
         let payload = signer.envelope(&signed(op, "c-1", 11, args.clone()));
@@ -947,4 +979,27 @@ fn openssl_keys_of_other_types_are_refused_naming_the_file() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn provisioned_device_id_survives_reload_next_to_the_other_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = FleetState::load(dir.path()).unwrap();
+    assert_eq!(state.device_id(), None);
+    state.accept(3).unwrap();
+    let id = crate::DeviceId::new("gw-000123").unwrap();
+    state.set_device_id(&id).unwrap();
+    state.set_disabled(Some("contract ended")).unwrap();
+    let state = FleetState::load(dir.path()).unwrap();
+    assert_eq!(state.device_id(), Some(id));
+    assert_eq!(state.last_seq(), Some(3));
+    assert!(state.is_disabled());
+    // A file without the field (written before provisioning existed) still loads.
+    std::fs::write(
+        FleetState::path_in(dir.path()),
+        br#"{"format":1,"last_seq":4,"disabled":false,"wiped":false}"#,
+    )
+    .unwrap();
+    let state = FleetState::load(dir.path()).unwrap();
+    assert_eq!((state.device_id(), state.last_seq()), (None, Some(4)));
 }

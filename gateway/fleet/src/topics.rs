@@ -8,6 +8,11 @@
 //! | `gw/{d}/cmd/{op}/{cmd_id}/state` | gateway -> vendor | no | [`crate::state_message::StateMessage`] |
 //! | `gw/{d}/cmd/{op}/{cmd_id}/result` | gateway -> vendor | no | output of `status` / `log-upload` |
 //!
+//! Before it has a device id, a box provisioned by claim uses the same shapes under
+//! `prov/{claim_id}/` (its claim certificate's CN): `prov/{c}/csr` (gateway -> vendor,
+//! retained, [`crate::provision::CsrMessage`]), `prov/{c}/cmd/provision/{cmd_id}` (the
+//! vendor's signed answer) and its `.../state` ([`crate::provision`]).
+//!
 //! The gateway subscribes to [`command_subscription`] (`gw/{d}/cmd/+/+`): exactly five
 //! levels, so its own `.../state` and `.../result` publications (six levels) never come back
 //! to it as commands.
@@ -23,6 +28,8 @@ pub const MAX_ID_LEN: usize = 64;
 
 /// Topic prefix of every fleet topic.
 pub const PREFIX: &str = "gw";
+/// Topic prefix of the provisioning-by-claim topics.
+pub const PROVISION_PREFIX: &str = "prov";
 
 /// True for 1..=64 characters of `[A-Za-z0-9._-]` (the gateway's `node.id` rule).
 pub fn is_valid_id(s: &str) -> bool {
@@ -92,6 +99,28 @@ pub fn state_topic(device: &DeviceId, op: &str, cmd_id: &str) -> Result<String, 
     Ok(format!("{PREFIX}/{device}/cmd/{op}/{cmd_id}/state"))
 }
 
+/// `prov/{c}/csr`: where a claiming gateway publishes its certificate request (retained).
+pub fn csr_topic(claim: &DeviceId) -> String {
+    format!("{PROVISION_PREFIX}/{claim}/csr")
+}
+
+/// `prov/{c}/cmd/+/+`: the subscription filter for the vendor's answer to a claim.
+pub fn provision_subscription(claim: &DeviceId) -> String {
+    format!("{PROVISION_PREFIX}/{claim}/cmd/+/+")
+}
+
+/// `prov/{c}/cmd/{op}/{cmd_id}/state`: progress of the vendor's answer to a claim.
+pub fn provision_state_topic(
+    claim: &DeviceId,
+    op: &str,
+    cmd_id: &str,
+) -> Result<String, InvalidId> {
+    check_op_and_id(op, cmd_id)?;
+    Ok(format!(
+        "{PROVISION_PREFIX}/{claim}/cmd/{op}/{cmd_id}/state"
+    ))
+}
+
 /// `gw/{d}/cmd/{op}/{cmd_id}/result`: output of `status` and `log-upload`.
 pub fn result_topic(device: &DeviceId, op: &str, cmd_id: &str) -> Result<String, InvalidId> {
     check_op_and_id(op, cmd_id)?;
@@ -114,6 +143,19 @@ fn check_op_and_id(op: &str, cmd_id: &str) -> Result<(), InvalidId> {
 /// or `op`/`cmd_id` are not valid ids. The op is not checked against the known operations
 /// here: an unknown op still gets a `failed` state (`unknown-op`) on its state topic.
 pub fn parse_command_topic<'t>(device: &DeviceId, topic: &'t str) -> Option<(&'t str, &'t str)> {
+    parse_cmd(PREFIX, device, topic)
+}
+
+/// [`parse_command_topic`] for `prov/{claim}/cmd/{op}/{cmd_id}`.
+pub fn parse_provision_topic<'t>(claim: &DeviceId, topic: &'t str) -> Option<(&'t str, &'t str)> {
+    parse_cmd(PROVISION_PREFIX, claim, topic)
+}
+
+fn parse_cmd<'t>(
+    want_prefix: &str,
+    device: &DeviceId,
+    topic: &'t str,
+) -> Option<(&'t str, &'t str)> {
     let mut levels = topic.split('/');
     let (Some(prefix), Some(dev), Some(cmd), Some(op), Some(cmd_id), None) = (
         levels.next(),
@@ -125,7 +167,7 @@ pub fn parse_command_topic<'t>(device: &DeviceId, topic: &'t str) -> Option<(&'t
     ) else {
         return None;
     };
-    (prefix == PREFIX
+    (prefix == want_prefix
         && dev == device.as_str()
         && cmd == "cmd"
         && is_valid_id(op)
@@ -213,6 +255,34 @@ mod tests {
         assert_eq!(
             parse_command_topic(&d, "gw/clinic-001/cmd/reboot-now/1"),
             Some(("reboot-now", "1"))
+        );
+    }
+
+    #[test]
+    fn provisioning_topics_live_under_prov_and_do_not_cross_with_gw() {
+        let c = DeviceId::new("claim-7").unwrap();
+        assert_eq!(csr_topic(&c), "prov/claim-7/csr");
+        assert_eq!(provision_subscription(&c), "prov/claim-7/cmd/+/+");
+        assert_eq!(
+            provision_state_topic(&c, "provision", "p-1").unwrap(),
+            "prov/claim-7/cmd/provision/p-1/state"
+        );
+        assert!(provision_state_topic(&c, "provision", "#").is_err());
+        assert_eq!(
+            parse_provision_topic(&c, "prov/claim-7/cmd/provision/p-1"),
+            Some(("provision", "p-1"))
+        );
+        for t in [
+            "gw/claim-7/cmd/provision/p-1",
+            "prov/claim-8/cmd/provision/p-1",
+            "prov/claim-7/cmd/provision/p-1/state",
+            "prov/claim-7/csr",
+        ] {
+            assert_eq!(parse_provision_topic(&c, t), None, "{t}");
+        }
+        assert_eq!(
+            parse_command_topic(&c, "prov/claim-7/cmd/provision/p-1"),
+            None
         );
     }
 

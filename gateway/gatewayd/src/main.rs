@@ -9,6 +9,7 @@
 //! - `ops`: `check-config`, `spool ...` and `keys ...`.
 
 mod cli;
+mod fleet;
 mod logring;
 mod ops;
 mod run;

@@ -10,11 +10,9 @@ use gateway_admin::http::{AdminHttp, Health};
 use gateway_config::UplinkKind;
 use gateway_config::{KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
+use gateway_fleet::FleetState;
 use gateway_fleet::telemetry::KeyBackend;
-use gateway_fleet::{FleetState, VendorKey};
-use gateway_fleet_agent::{
-    AgentSettings, ExitRequest, FleetAgent, TelemetrySource, ValidateFn, WipeFn,
-};
+use gateway_fleet_agent::{ExitRequest, WipeFn};
 use gateway_keystore::{KeyStore, KeyStoreError};
 use gateway_mllp::{Hl7Service, Hl7Settings};
 use gateway_spool::Spool;
@@ -293,27 +291,22 @@ async fn serve(
                     .map(|_| ())
                     .map_err(|e| e.to_string())
             });
-            let mut agent = fleet_agent(
+            let parts = crate::fleet::Parts {
+                state: fleet_state,
+                disabled: disabled_tx,
+                telemetry: collector,
+                wipe,
+                exit: exit_tx.clone(),
+                can_apply_config: config_path.is_some(),
+                config_outcome,
+            };
+            services.spawn(crate::fleet::service(
                 &settings,
                 fleet,
                 keys.as_ref(),
-                fleet_state,
-                disabled_tx,
-                collector,
-            )?
-            .with_wipe(wipe, exit_tx.clone())
-            .with_config_validation(config_validator(
-                settings.node.id.as_str(),
-                &settings.node.data_dir,
-            ));
-            agent = agent.with_logs(Arc::new(crate::logring::tail));
-            if config_path.is_some() {
-                agent = agent.with_config_apply();
-            }
-            if let Some((cmd_id, outcome)) = config_outcome {
-                agent = agent.with_config_outcome(cmd_id, outcome);
-            }
-            services.spawn(agent.run(shutdown.clone()));
+                parts,
+                shutdown.clone(),
+            )?);
         }
         None => drop(disabled_tx),
     }
@@ -506,99 +499,6 @@ fn uplink_tls(
     })
 }
 
-/// The fleet agent from `[fleet]`: vendor key, broker address, TLS client identity.
-/// Every problem here is a configuration problem reported at start; the broker itself is
-/// only contacted by the agent's task, so an unreachable broker never stops the gateway.
-fn fleet_agent(
-    settings: &Settings,
-    fleet: &gateway_config::Fleet,
-    keys: &dyn KeyStore,
-    state: FleetState,
-    disabled: watch::Sender<bool>,
-    telemetry: Arc<dyn TelemetrySource>,
-) -> Result<FleetAgent, String> {
-    let key =
-        VendorKey::from_pem_file(&fleet.vendor_public_key).map_err(|e| format!("fleet: {e}"))?;
-    let (host, port) = fleet
-        .broker
-        .host_port()
-        .ok_or_else(|| format!("fleet.broker {}: no host:port", fleet.broker))?;
-    let tls = if fleet.broker.is_plaintext() {
-        warn!(broker = %fleet.broker, "fleet broker over plaintext mqtt:// (development mode only): commands and telemetry are not encrypted");
-        None
-    } else {
-        let ca_file = fleet
-            .ca_file
-            .as_ref()
-            .ok_or_else(|| "fleet.ca_file: required for an mqtts:// broker".to_string())?;
-        let auth = match fleet.client_auth {
-            gateway_config::ClientAuth::Keystore => {
-                let identity = keys.identity().ok_or_else(|| {
-                    "fleet: client_auth = \"keystore\" needs a key store with a device identity (keystore.backend = \"tpm\")".to_string()
-                })?;
-                let chain = gateway_tls::installed_chain(&settings.node.data_dir)
-                    .map_err(|e| format!("fleet: {e}"))?;
-                gateway_tls::ClientAuth::Identity { identity, chain }
-            }
-            gateway_config::ClientAuth::Files => match (&fleet.cert_file, &fleet.key_file) {
-                (Some(cert_file), Some(key_file)) => gateway_tls::ClientAuth::Files {
-                    cert_file: cert_file.clone(),
-                    key_file: key_file.clone(),
-                },
-                _ => {
-                    return Err(
-                        "fleet: client_auth = \"files\" needs cert_file and key_file".to_string(),
-                    );
-                }
-            },
-        };
-        Some(gateway_tls::client_config(ca_file, auth).map_err(|e| format!("fleet: {e}"))?)
-    };
-    let mut agent_settings = AgentSettings::new(settings.node.id.as_str(), host, port, tls)
-        .map_err(|e| e.to_string())?;
-    agent_settings.telemetry_interval = fleet.telemetry_interval.get();
-    Ok(FleetAgent::new(
-        agent_settings,
-        key,
-        state,
-        disabled,
-        telemetry,
-    ))
-}
-
-/// `config-update` validation: exactly `check-config`'s problems, plus the device id, which
-/// is the gateway's identity towards the broker and cannot change remotely.
-fn config_validator(node_id: &str, data_dir: &Path) -> ValidateFn {
-    let node_id = node_id.to_owned();
-    let data_dir = data_dir.to_path_buf();
-    Arc::new(move |toml: &str| {
-        let settings = Settings::from_toml_str(toml).map_err(|errors| {
-            errors
-                .problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-        })?;
-        let mut problems = Vec::new();
-        if settings.node.id.as_str() != node_id {
-            problems.push(format!(
-                "node.id: cannot change remotely (this gateway is {node_id:?})"
-            ));
-        }
-        if settings.node.data_dir != data_dir {
-            problems.push(format!(
-                "node.data_dir: cannot change remotely (this gateway keeps its data in {})",
-                data_dir.display()
-            ));
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
-        }
-    })
-}
-
 fn key_backend(settings: &Settings) -> KeyBackend {
     match settings.keystore.backend {
         KeystoreBackend::Software => KeyBackend::Software,
@@ -631,29 +531,5 @@ fn dicom_settings(dicom: &gateway_config::Dicom) -> DicomSettings {
         artim_timeout: dicom.artim_timeout.get(),
         idle_timeout: dicom.idle_timeout.get(),
         shutdown_grace: dicom.shutdown_grace.get(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const NODE: &str = "[node]\nid = \"gw-1\"\ndata_dir = \"/tmp/x\"\nmode = \"development\"\n";
-
-    #[test]
-    fn config_update_validation_is_check_config_plus_a_fixed_node_id() {
-        let validate = config_validator("gw-1", Path::new("/tmp/x"));
-        assert_eq!(validate(NODE), Ok(()));
-        let problems = validate(&format!("{NODE}[dicom]\nlisten = \"x\"\n")).unwrap_err();
-        assert_eq!(problems.len(), 1);
-        assert!(problems[0].starts_with("dicom.listen: "), "{problems:?}");
-        let problems = validate(&NODE.replace("gw-1", "gw-2")).unwrap_err();
-        assert_eq!(
-            problems,
-            ["node.id: cannot change remotely (this gateway is \"gw-1\")"]
-        );
-        assert!(validate("not toml [").is_err());
-        let problems = validate(&NODE.replace("/tmp/x", "/tmp/y")).unwrap_err();
-        assert!(problems[0].starts_with("node.data_dir: "), "{problems:?}");
     }
 }

@@ -3,7 +3,7 @@
 //! Sources, all already kept by the running daemon (no new bookkeeping in the services):
 //! - the spool: `Spool::status()` (one index scan, on a blocking thread, once per
 //!   `fleet.telemetry_interval`): queued count and failing state per destination, object
-//!   and byte totals, age of the oldest unsent object;
+//!   and byte totals, age of the oldest unsent object (overall and per destination);
 //! - the Prometheus registry that `/metrics` serves (the contract's metric names): DICOM
 //!   associations and C-STORE outcomes, HL7 connections and acknowledgement codes, uplink
 //!   `sent` results, from which the last successful upload time is derived (the moment a
@@ -169,8 +169,9 @@ impl Collector {
                 name: name.clone(),
                 kind: kind.clone(),
                 queued: counts.map_or(0, |c| c.queued),
-                // The spool keeps the oldest age for the whole spool only (see `spool`).
-                oldest_age_secs: None,
+                oldest_age_secs: counts
+                    .and_then(|c| c.oldest_queued_age_seconds)
+                    .map(|a| a as u64),
                 last_success_at: entry.1,
                 failing: counts.is_some_and(|c| c.last_error.is_some()),
             });

@@ -178,7 +178,7 @@ pub struct Status {
     pub oldest_age_seconds: Option<f64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DestinationCounts {
     pub queued: u64,
     pub sent: u64,
@@ -187,6 +187,9 @@ pub struct DestinationCounts {
     /// Why the last upload attempt failed, while the destination is failing (running
     /// daemon only).
     pub last_error: Option<String>,
+    /// Age of the oldest object still queued for this destination.
+    #[serde(default)]
+    pub oldest_queued_age_seconds: Option<f64>,
 }
 
 /// `spool verify` report.
@@ -828,6 +831,7 @@ impl Spool {
             .map(|d| (d.name.clone(), DestinationCounts::default()))
             .collect();
         let (mut objects, mut bytes, mut oldest) = (0u64, 0u64, None::<u64>);
+        let mut oldest_queued: BTreeMap<String, u64> = BTreeMap::new();
         for entry in self.inner.index.records() {
             let (_, r) = entry?;
             objects += 1;
@@ -842,7 +846,11 @@ impl Spool {
             for d in &r.destinations {
                 let c = by_destination.entry(d.name.clone()).or_default();
                 match d.state {
-                    DeliveryState::Queued => c.queued += 1,
+                    DeliveryState::Queued => {
+                        c.queued += 1;
+                        let o = oldest_queued.entry(d.name.clone()).or_insert(u64::MAX);
+                        *o = (*o).min(r.received_unix_ms);
+                    }
                     DeliveryState::Sent => c.sent += 1,
                     DeliveryState::Failed { .. } => c.failed += 1,
                 }
@@ -858,12 +866,19 @@ impl Spool {
             by_destination.entry(name).or_default().last_error = Some(error);
         }
         let now = unix_ms();
+        let age = |ms: u64| now.saturating_sub(ms) as f64 / 1000.0;
+        for (name, ms) in oldest_queued {
+            by_destination
+                .entry(name)
+                .or_default()
+                .oldest_queued_age_seconds = Some(age(ms));
+        }
         Ok(Status {
             objects,
             bytes,
             by_state,
             by_destination,
-            oldest_age_seconds: oldest.map(|o| now.saturating_sub(o) as f64 / 1000.0),
+            oldest_age_seconds: oldest.map(age),
         })
     }
 

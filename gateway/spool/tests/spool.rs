@@ -502,3 +502,35 @@ fn message_group_on_a_full_spool_is_refused_whole() {
     );
     assert_eq!(spool.status().unwrap().objects, 0);
 }
+
+#[test]
+fn status_reports_the_oldest_queued_age_per_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into(), "b".into()]).unwrap();
+    let Committed::Stored(first) = store(&spool, "6.0", b"first").unwrap() else {
+        panic!()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1_200));
+    store(&spool, "6.1", b"second").unwrap();
+    spool.mark_sent(&first, "a").unwrap();
+    let status = spool.status().unwrap();
+    let a = status.by_destination["a"]
+        .oldest_queued_age_seconds
+        .unwrap();
+    let b = status.by_destination["b"]
+        .oldest_queued_age_seconds
+        .unwrap();
+    // "a" sent the first object: its oldest is the second, about 1.2 s younger than b's.
+    assert!(b >= 1.2 && b - a >= 1.0, "a {a} b {b}");
+    spool.mark_sent(&first, "b").unwrap();
+    let ids = spool.queued("a", 10).unwrap();
+    spool.mark_sent(&ids[0], "a").unwrap();
+    let status = spool.status().unwrap();
+    assert_eq!(status.by_destination["a"].oldest_queued_age_seconds, None);
+    assert!(
+        status.by_destination["b"]
+            .oldest_queued_age_seconds
+            .unwrap()
+            < 1.0
+    );
+}

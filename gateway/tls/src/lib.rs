@@ -217,15 +217,20 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         path: path.to_path_buf(),
         source,
     })?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    parse_certs(&bytes, path)
+}
+
+/// Every certificate of PEM bytes; at least one. `origin` names them in errors.
+fn parse_certs(bytes: &[u8], origin: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Pem {
-            path: path.to_path_buf(),
+            path: origin.to_path_buf(),
             reason: e.to_string(),
         })?;
     if certs.is_empty() {
         return Err(TlsError::Pem {
-            path: path.to_path_buf(),
+            path: origin.to_path_buf(),
             reason: "no certificate in file".into(),
         });
     }
@@ -286,24 +291,71 @@ pub fn install_certificate(
     identity: &dyn DeviceIdentity,
     pem_file: &Path,
 ) -> Result<(), TlsError> {
-    let chain = read_certs(pem_file)?;
+    let bytes = fs::read(pem_file).map_err(|source| TlsError::Io {
+        action: "read",
+        path: pem_file.to_path_buf(),
+        source,
+    })?;
+    install_certificate_pem(data_dir, identity, &bytes, pem_file, None)
+}
+
+/// [`install_certificate`] from PEM bytes (`origin` names them in errors). With
+/// `expected_cn`, the leaf's subject common name must also be exactly that (a certificate
+/// received by provisioning must name the device id the broker will know it by).
+pub fn install_certificate_pem(
+    data_dir: &Path,
+    identity: &dyn DeviceIdentity,
+    pem: &[u8],
+    origin: &Path,
+    expected_cn: Option<&str>,
+) -> Result<(), TlsError> {
+    let chain = parse_certs(pem, origin)?;
     let leaf = chain.first().ok_or(TlsError::WrongKey)?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
         .map_err(|e| TlsError::Certificate(e.to_string()))?;
     if cert.public_key().subject_public_key.data.as_ref() != identity.public_key().as_slice() {
         return Err(TlsError::WrongKey);
     }
-    let bytes = fs::read(pem_file).map_err(|source| TlsError::Io {
-        action: "read",
-        path: pem_file.to_path_buf(),
-        source,
-    })?;
+    if let Some(expected) = expected_cn {
+        let cn = subject_cn(&cert);
+        if cn.as_deref() != Some(expected) {
+            return Err(TlsError::Certificate(format!(
+                "the certificate's subject CN is not the device id {expected}"
+            )));
+        }
+    }
     let path = certificate_path(data_dir);
-    gateway_durable::write_atomic(&path, &bytes).map_err(|e| TlsError::Io {
+    let io = |e: gateway_durable::Error| TlsError::Io {
         action: e.action,
         path: e.path,
         source: e.source,
+    };
+    if let Some(dir) = path.parent() {
+        gateway_durable::ensure_private_dir(dir).map_err(io)?;
+    }
+    gateway_durable::write_atomic(&path, pem).map_err(io)
+}
+
+/// The subject common name of the first certificate in a PEM file (e.g. the claim id of a
+/// claim certificate).
+pub fn certificate_common_name(path: &Path) -> Result<String, TlsError> {
+    let chain = read_certs(path)?;
+    let leaf = chain.first().ok_or_else(|| TlsError::Pem {
+        path: path.to_path_buf(),
+        reason: "no certificate".into(),
+    })?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    subject_cn(&cert).ok_or_else(|| TlsError::Pem {
+        path: path.to_path_buf(),
+        reason: "the certificate's subject has no common name".into(),
     })
+}
+
+fn subject_cn(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
+    let mut names = cert.subject().iter_common_name();
+    let cn = names.next()?.as_str().ok()?.to_owned();
+    names.next().is_none().then_some(cn)
 }
 
 /// Connects to an `https://host:port/path` URL, completes the handshake and one `GET`,
@@ -386,6 +438,64 @@ fn parse_https(url: &str) -> Result<(String, u16, String), TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A software stand-in for the TPM identity (P-256), for certificate checks only.
+    #[derive(Debug)]
+    struct TestIdentity(rcgen::KeyPair);
+
+    impl DeviceIdentity for TestIdentity {
+        fn public_key(&self) -> Vec<u8> {
+            rcgen::PublicKeyData::der_bytes(&self.0).to_vec()
+        }
+
+        fn sign_sha256(&self, message: &[u8]) -> Result<Vec<u8>, gateway_keystore::KeyStoreError> {
+            Ok(rcgen::SigningKey::sign(&self.0, message).unwrap())
+        }
+    }
+
+    /// A CA-issued certificate for `key` with subject CN = `cn`, PEM.
+    fn issue(key: &rcgen::KeyPair, cn: &str) -> String {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, &ca_key);
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let leaf = params.signed_by(key, &issuer).unwrap();
+        format!("{}{}", leaf.pem(), ca_cert.pem())
+    }
+
+    #[test]
+    fn provisioned_certificate_must_certify_the_identity_and_name_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = TestIdentity(rcgen::KeyPair::generate().unwrap());
+        let other = rcgen::KeyPair::generate().unwrap();
+        let origin = Path::new("provision");
+        let wrong_key = issue(&other, "gw-1");
+        assert!(matches!(
+            install_certificate_pem(dir.path(), &id, wrong_key.as_bytes(), origin, Some("gw-1")),
+            Err(TlsError::WrongKey)
+        ));
+        let wrong_cn = issue(&id.0, "gw-2");
+        let err =
+            install_certificate_pem(dir.path(), &id, wrong_cn.as_bytes(), origin, Some("gw-1"))
+                .unwrap_err();
+        assert!(err.to_string().contains("not the device id gw-1"), "{err}");
+        assert!(!certificate_path(dir.path()).exists());
+        assert!(install_certificate_pem(dir.path(), &id, b"junk", origin, None).is_err());
+
+        let good = issue(&id.0, "gw-1");
+        install_certificate_pem(dir.path(), &id, good.as_bytes(), origin, Some("gw-1")).unwrap();
+        assert_eq!(installed_chain(dir.path()).unwrap().len(), 2);
+        assert_eq!(
+            certificate_common_name(&certificate_path(dir.path())).unwrap(),
+            "gw-1"
+        );
+    }
 
     #[test]
     fn https_urls_are_split_into_host_port_and_path() {

@@ -1,0 +1,309 @@
+//! The fleet service of `gatewayd run`: the agent from `[fleet]`, and provisioning by
+//! claim before it when the box has no device id yet (`gateway_fleet::provision`).
+//!
+//! Every problem found here before the task starts is a configuration problem reported at
+//! start; the broker itself is only contacted by the task, so an unreachable broker never
+//! stops the gateway (DICOM and HL7 serve while a box claims or reconnects).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use gateway_config::{Claim, Settings};
+use gateway_fleet::{DeviceId, FleetState, VendorKey};
+use gateway_fleet_agent::{
+    AgentSettings, ClaimSettings, ExitRequest, FleetAgent, InstallFn, TelemetrySource, ValidateFn,
+    WipeFn, provision_by_claim,
+};
+use gateway_keystore::{DeviceIdentity, KeyStore};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+/// What the agent is made of, besides its device id and TLS client configuration.
+pub(crate) struct Parts {
+    pub state: FleetState,
+    pub disabled: watch::Sender<bool>,
+    pub telemetry: Arc<dyn TelemetrySource>,
+    pub wipe: WipeFn,
+    pub exit: mpsc::UnboundedSender<ExitRequest>,
+    /// The daemon has a config file a `config-update` can replace.
+    pub can_apply_config: bool,
+    pub config_outcome: Option<(String, Result<(), String>)>,
+}
+
+/// The fleet task: claim first if needed, then the agent until `shutdown`.
+pub(crate) fn service(
+    settings: &Settings,
+    fleet: &gateway_config::Fleet,
+    keys: &dyn KeyStore,
+    parts: Parts,
+    shutdown: watch::Receiver<bool>,
+) -> Result<impl Future<Output = ()> + Send + 'static, String> {
+    let key =
+        VendorKey::from_pem_file(&fleet.vendor_public_key).map_err(|e| format!("fleet: {e}"))?;
+    let (host, port) = fleet
+        .broker
+        .host_port()
+        .ok_or_else(|| format!("fleet.broker {}: no host:port", fleet.broker))?;
+    let data_dir = settings.node.data_dir.clone();
+    let claim = match (&fleet.claim, parts.state.device_id()) {
+        (Some(claim), None) => Some(claim_settings(fleet, claim, keys, &host, port)?),
+        (Some(claim), Some(device)) => {
+            // Provisioned, but the claim files survived (a crash right after): finish.
+            delete_claim(claim, &device);
+            None
+        }
+        (None, _) => None,
+    };
+    let identity = keys.identity();
+    let device_tls = DeviceTls {
+        fleet: fleet.clone(),
+        data_dir: data_dir.clone(),
+        identity: identity.clone(),
+    };
+    let node_id = settings.node.id.as_str().to_owned();
+    let validate = config_validator(&node_id, &data_dir);
+    let interval = fleet.telemetry_interval.get();
+    // Without a claim the TLS configuration must be buildable now (a configuration error).
+    let ready_tls = match claim {
+        None => Some(device_tls.build()?),
+        Some(_) => None,
+    };
+    Ok(async move {
+        let mut shutdown = shutdown;
+        let mut parts = parts;
+        let (device, tls) = match (claim, ready_tls) {
+            (Some((claim_settings, claim_files)), _) => {
+                let Some(identity) = identity else { return };
+                let install = installer(data_dir, identity);
+                let Some(device) = provision_by_claim(
+                    &claim_settings,
+                    &key,
+                    &mut parts.state,
+                    &install,
+                    &mut shutdown,
+                )
+                .await
+                else {
+                    return;
+                };
+                delete_claim(&claim_files, &device);
+                match device_tls.build() {
+                    Ok(tls) => (device.as_str().to_owned(), tls),
+                    Err(e) => {
+                        error!(error = %e, "provisioned, but the device TLS identity cannot be built: the fleet agent does not run");
+                        return;
+                    }
+                }
+            }
+            (None, Some(tls)) => (
+                parts
+                    .state
+                    .device_id()
+                    .map_or(node_id, |d| d.as_str().to_owned()),
+                tls,
+            ),
+            (None, None) => return,
+        };
+        let mut agent_settings = match AgentSettings::new(&device, host, port, tls) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "the fleet agent does not run");
+                return;
+            }
+        };
+        agent_settings.telemetry_interval = interval;
+        let mut agent = FleetAgent::new(
+            agent_settings,
+            key,
+            parts.state,
+            parts.disabled,
+            parts.telemetry,
+        )
+        .with_wipe(parts.wipe, parts.exit)
+        .with_config_validation(validate)
+        .with_logs(Arc::new(crate::logring::tail));
+        if parts.can_apply_config {
+            agent = agent.with_config_apply();
+        }
+        if let Some((cmd_id, outcome)) = parts.config_outcome {
+            agent = agent.with_config_outcome(cmd_id, outcome);
+        }
+        agent.run(shutdown).await;
+    })
+}
+
+/// Builds the agent's TLS client configuration (or `None` for a development `mqtt://`).
+struct DeviceTls {
+    fleet: gateway_config::Fleet,
+    data_dir: PathBuf,
+    identity: Option<Arc<dyn DeviceIdentity>>,
+}
+
+impl DeviceTls {
+    fn build(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+        let fleet = &self.fleet;
+        if fleet.broker.is_plaintext() {
+            warn!(broker = %fleet.broker, "fleet broker over plaintext mqtt:// (development mode only): commands and telemetry are not encrypted");
+            return Ok(None);
+        }
+        let ca_file = fleet
+            .ca_file
+            .as_ref()
+            .ok_or_else(|| "fleet.ca_file: required for an mqtts:// broker".to_string())?;
+        let auth = match fleet.client_auth {
+            gateway_config::ClientAuth::Keystore => {
+                let identity = self.identity.clone().ok_or_else(|| {
+                    "fleet: client_auth = \"keystore\" needs a key store with a device identity (keystore.backend = \"tpm\")".to_string()
+                })?;
+                let chain = gateway_tls::installed_chain(&self.data_dir)
+                    .map_err(|e| format!("fleet: {e}"))?;
+                gateway_tls::ClientAuth::Identity { identity, chain }
+            }
+            gateway_config::ClientAuth::Files => match (&fleet.cert_file, &fleet.key_file) {
+                (Some(cert_file), Some(key_file)) => gateway_tls::ClientAuth::Files {
+                    cert_file: cert_file.clone(),
+                    key_file: key_file.clone(),
+                },
+                _ => {
+                    return Err(
+                        "fleet: client_auth = \"files\" needs cert_file and key_file".to_string(),
+                    );
+                }
+            },
+        };
+        gateway_tls::client_config(ca_file, auth)
+            .map(Some)
+            .map_err(|e| format!("fleet: {e}"))
+    }
+}
+
+/// The claim connection: the claim certificate's CN, its TLS configuration and the CSR of
+/// the identity key.
+fn claim_settings(
+    fleet: &gateway_config::Fleet,
+    claim: &Claim,
+    keys: &dyn KeyStore,
+    host: &str,
+    port: u16,
+) -> Result<(ClaimSettings, Claim), String> {
+    let identity = keys.identity().ok_or_else(|| {
+        "fleet.claim_cert_file: provisioning by claim needs a key store with a device identity \
+         (keystore.backend = \"tpm\")"
+            .to_string()
+    })?;
+    let ca_file = fleet
+        .ca_file
+        .as_ref()
+        .ok_or_else(|| "fleet.ca_file: required for an mqtts:// broker".to_string())?;
+    let cn = gateway_tls::certificate_common_name(&claim.cert_file)
+        .map_err(|e| format!("fleet.claim_cert_file: {e}"))?;
+    let claim_id = DeviceId::new(&cn)
+        .map_err(|e| format!("fleet.claim_cert_file: the certificate's CN as claim id: {e}"))?;
+    let tls = gateway_tls::client_config(
+        ca_file,
+        gateway_tls::ClientAuth::Files {
+            cert_file: claim.cert_file.clone(),
+            key_file: claim.key_file.clone(),
+        },
+    )
+    .map_err(|e| format!("fleet (claim credential): {e}"))?;
+    let csr_pem =
+        gateway_tls::csr_pem(identity, claim_id.as_str()).map_err(|e| format!("fleet: {e}"))?;
+    Ok((
+        ClaimSettings {
+            claim: claim_id,
+            host: host.to_owned(),
+            port,
+            tls,
+            csr_pem,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+        claim.clone(),
+    ))
+}
+
+/// Installs the vendor's certificate after checking it certifies the identity key and
+/// names the device id.
+fn installer(data_dir: PathBuf, identity: Arc<dyn DeviceIdentity>) -> InstallFn {
+    Arc::new(move |device: &DeviceId, pem: &str| {
+        gateway_tls::install_certificate_pem(
+            &data_dir,
+            identity.as_ref(),
+            pem.as_bytes(),
+            Path::new("the provisioning answer"),
+            Some(device.as_str()),
+        )
+        .map_err(|e| e.to_string())
+    })
+}
+
+/// Deletes the claim credential (both files); a file already gone is fine.
+fn delete_claim(claim: &Claim, device: &DeviceId) {
+    for path in [&claim.cert_file, &claim.key_file] {
+        match gateway_durable::remove_durably(path) {
+            Ok(true) => info!(%device, path = %path.display(), "claim credential deleted"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(%device, error = %e, "cannot delete the claim credential: remove it by hand");
+            }
+        }
+    }
+}
+
+/// `config-update` validation: exactly `check-config`'s problems, plus the device id, which
+/// is the gateway's identity towards the broker and cannot change remotely.
+fn config_validator(node_id: &str, data_dir: &Path) -> ValidateFn {
+    let node_id = node_id.to_owned();
+    let data_dir = data_dir.to_path_buf();
+    Arc::new(move |toml: &str| {
+        let settings = Settings::from_toml_str(toml).map_err(|errors| {
+            errors
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })?;
+        let mut problems = Vec::new();
+        if settings.node.id.as_str() != node_id {
+            problems.push(format!(
+                "node.id: cannot change remotely (this gateway is {node_id:?})"
+            ));
+        }
+        if settings.node.data_dir != data_dir {
+            problems.push(format!(
+                "node.data_dir: cannot change remotely (this gateway keeps its data in {})",
+                data_dir.display()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = "[node]\nid = \"gw-1\"\ndata_dir = \"/tmp/x\"\nmode = \"development\"\n";
+
+    #[test]
+    fn config_update_validation_is_check_config_plus_a_fixed_node_id() {
+        let validate = config_validator("gw-1", Path::new("/tmp/x"));
+        assert_eq!(validate(NODE), Ok(()));
+        let problems = validate(&format!("{NODE}[dicom]\nlisten = \"x\"\n")).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("dicom.listen: "), "{problems:?}");
+        let problems = validate(&NODE.replace("gw-1", "gw-2")).unwrap_err();
+        assert_eq!(
+            problems,
+            ["node.id: cannot change remotely (this gateway is \"gw-1\")"]
+        );
+        assert!(validate("not toml [").is_err());
+        let problems = validate(&NODE.replace("/tmp/x", "/tmp/y")).unwrap_err();
+        assert!(problems[0].starts_with("node.data_dir: "), "{problems:?}");
+    }
+}
