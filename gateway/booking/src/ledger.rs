@@ -9,8 +9,11 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::Schedule;
+use crate::sealed::SealKey;
 
-const FILE: &str = "ledger.json";
+const FILE: &str = "ledger.sealed";
+/// Additional data of the sealed file.
+const ROLE: &str = "booking ledger";
 
 /// FHIR R4 AppointmentStatus, the subset this service moves through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +131,8 @@ struct State {
 pub enum LedgerError {
     #[error(transparent)]
     Io(#[from] durable::Error),
+    #[error(transparent)]
+    Sealed(#[from] crate::sealed::SealError),
     #[error("booking ledger {path} is unreadable: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("no appointment {0}")]
@@ -140,10 +145,12 @@ pub enum LedgerError {
     },
 }
 
-/// The core's appointments, in `<data_dir>/booking/ledger.json`.
+/// The core's appointments, in `<data_dir>/booking/ledger.sealed` (sealed: it holds
+/// patient identity).
 #[derive(Debug)]
 pub struct Ledger {
     path: PathBuf,
+    key: SealKey,
     state: Mutex<State>,
 }
 
@@ -154,10 +161,10 @@ fn valid_token(s: &str, max: usize) -> bool {
 }
 
 impl Ledger {
-    pub fn open(dir: &Path) -> Result<Self, LedgerError> {
+    pub fn open(dir: &Path, key: SealKey) -> Result<Self, LedgerError> {
         durable::ensure_private_dir(dir)?;
         let path = dir.join(FILE);
-        let state = match durable::read_if_exists(&path)? {
+        let state = match key.read(&path, ROLE)? {
             Some(b) => serde_json::from_slice(&b).map_err(|e| LedgerError::Corrupt {
                 path: path.clone(),
                 detail: e.to_string(),
@@ -166,6 +173,7 @@ impl Ledger {
         };
         Ok(Self {
             path,
+            key,
             state: Mutex::new(state),
         })
     }
@@ -181,7 +189,8 @@ impl Ledger {
             path: self.path.clone(),
             detail: e.to_string(),
         })?;
-        durable::write_atomic(&self.path, &bytes)?;
+        let bytes = zeroize::Zeroizing::new(bytes);
+        self.key.write(&self.path, ROLE, &bytes)?;
         Ok(())
     }
 
@@ -409,7 +418,7 @@ mod tests {
     #[test]
     fn one_request_wins_a_slot_and_retries_get_the_same_answer() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
         let s = schedules();
         let slot = "ct-1.20270112T1000";
         let a = ledger
@@ -440,7 +449,7 @@ mod tests {
         );
         // Retries, also after a restart: same answers, nothing booked twice.
         drop(ledger);
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
         assert_eq!(
             ledger
                 .decide(&req("clinic-a", "r1", slot, false), &s, now(), 300)
@@ -463,7 +472,7 @@ mod tests {
     #[test]
     fn unknown_past_and_malformed_requests_are_refused_and_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
         let s = schedules();
         let cases = [
             (
@@ -503,7 +512,7 @@ mod tests {
     #[test]
     fn a_hold_expires_or_is_confirmed_by_book_with_the_same_id() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
         let s = schedules();
         let slot = "ct-1.20270112T1100";
         let held = ledger
@@ -573,7 +582,7 @@ mod tests {
     #[test]
     fn free_slots_leave_out_the_past_and_every_live_appointment() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
         let s = schedules();
         let now: Timestamp = "2027-01-12T01:10:00Z".parse().unwrap(); // 10:10 in Tokyo
         let day_end: Timestamp = "2027-01-12T09:00:00Z".parse().unwrap();
@@ -606,7 +615,7 @@ mod tests {
     #[test]
     fn status_changes_follow_the_fhir_workflow() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
         let d = ledger
             .decide(
                 &req("a", "r1", "ct-1.20270112T1000", false),

@@ -9,6 +9,8 @@
 //!   exactly one request, and the decision is on disk before it is returned. Appointment
 //!   states follow FHIR R4 (`proposed -> pending -> booked -> cancelled | fulfilled |
 //!   noshow`); a hold (`pending`) keeps its slot until it expires.
+//! - [`sealed`]: booking files at rest, sealed with AES-256-GCM under a key derived from the
+//!   key store's master key (they hold patient identity).
 //! - [`worklist`]: Modality Worklist items of booked appointments and the C-FIND matching
 //!   rules (universal, single value, wildcard, DA/TM ranges, PN by component group).
 //!
@@ -17,6 +19,7 @@
 
 pub mod ledger;
 pub mod schedule;
+pub mod sealed;
 pub mod worklist;
 
 pub use ledger::{
@@ -24,4 +27,5 @@ pub use ledger::{
     Refusal,
 };
 pub use schedule::{Schedule, ScheduleProblem, ScheduleSpec, Slot};
+pub use sealed::SealKey;
 pub use worklist::{WorklistItem, WorklistQuery};

@@ -46,8 +46,8 @@ pub mod types;
 
 pub use error::{ConfigErrors, Problem};
 pub use settings::{
-    Admin, Booking, Claim, Dicom, DicomPeer, EMBEDDED_DEFAULT_TOML, Fleet, Hl7, Keystore, Node,
-    Settings, Spool, Uplink, defaults,
+    Admin, Booking, Claim, Dicom, DicomPeer, EMBEDDED_DEFAULT_TOML, Exchange, Fleet, Hl7, Keystore,
+    Node, Peer, Settings, Spool, Uplink, defaults,
 };
 pub use types::{
     AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, KeystoreBackend, Mode, NodeId,

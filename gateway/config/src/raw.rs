@@ -24,6 +24,7 @@ pub(crate) struct RawConfig {
     pub fleet: Option<RawFleet>,
     pub admin: Option<RawAdmin>,
     pub booking: Option<RawBooking>,
+    pub exchange: Option<RawExchange>,
 }
 
 /// `[node]`
@@ -137,7 +138,34 @@ pub(crate) struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBooking {
     pub listen: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub core: Option<String>,
+    pub request_timeout: Option<String>,
+    pub stale_after: Option<String>,
+    pub publish_interval: Option<String>,
     pub schedule: Option<Vec<RawSchedule>>,
+}
+
+/// `[exchange]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawExchange {
+    pub broker: String,
+    pub ca_file: Option<String>,
+    pub client_auth: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    #[serde(default)]
+    pub peers: Vec<RawPeer>,
+}
+
+/// `[[exchange.peers]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPeer {
+    pub id: String,
+    pub public_key: String,
 }
 
 /// `[[booking.schedule]]`

@@ -57,6 +57,9 @@ pub mod defaults {
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
     pub const BOOKING_LISTEN: SocketAddr =
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8443));
+    pub const BOOKING_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const BOOKING_STALE_AFTER: Duration = Duration::from_secs(180);
+    pub const BOOKING_PUBLISH_INTERVAL: Duration = Duration::from_secs(60);
 }
 
 /// The whole configuration. A service runs iff its section is present (`Some`).
@@ -71,6 +74,7 @@ pub struct Settings {
     pub fleet: Option<Fleet>,
     pub admin: Option<Admin>,
     pub booking: Option<Booking>,
+    pub exchange: Option<Exchange>,
 }
 
 /// `[node]`: who this box is.
@@ -235,8 +239,38 @@ pub struct Admin {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Booking {
     pub listen: SocketAddr,
-    /// `[[booking.schedule]]`, validated.
+    /// The kiosk's TLS certificate chain and key (PEM), both or neither; without them (in
+    /// development only) a self-signed certificate is made at first start.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// Clinic: the core gateway's id (an `[[exchange.peers]]` entry).
+    pub core: Option<String>,
+    /// Clinic: how long a booking waits for the core's decision before it is refused.
+    pub request_timeout: Duration,
+    /// Clinic: cached slots older than this are served marked stale.
+    pub stale_after: Duration,
+    /// Core: how often the free slots are republished (they also are on every change).
+    pub publish_interval: Duration,
+    /// `[[booking.schedule]]`, validated (core).
     pub schedules: Vec<gateway_booking::Schedule>,
+}
+
+/// `[exchange]`: the regional MQTT broker the clinic and core gateways book through.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exchange {
+    pub broker: BrokerUrl,
+    pub ca_file: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The other gateways: id and X25519 public key (base64, `gatewayd keys exchange-public`).
+    pub peers: Vec<Peer>,
+}
+
+/// `[[exchange.peers]]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub id: String,
+    pub public_key: String,
 }
 
 impl Settings {
@@ -366,7 +400,11 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
     let uplinks = uplinks(c, raw.uplink, production);
     let fleet = raw.fleet.map(|f| fleet(c, f, production));
     let admin = raw.admin.map(|a| admin(c, a, production));
-    let booking = raw.booking.map(|b| booking(c, b));
+    let booking = raw.booking.map(|b| booking(c, b, production));
+    let exchange = raw.exchange.map(|e| exchange(c, e, production));
+    if let (Some(node), Some(Some(b))) = (&node, &booking) {
+        booking_roles(c, node.role, b, exchange.as_ref().and_then(Option::as_ref));
+    }
     Some(Settings {
         node: node?,
         dicom: dicom.map_or(Some(None), |d| d.map(Some))?,
@@ -377,6 +415,7 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
         fleet: fleet.map_or(Some(None), |f| f.map(Some))?,
         admin: admin.map_or(Some(None), |a| a.map(Some))?,
         booking: booking.map_or(Some(None), |b| b.map(Some))?,
+        exchange: exchange.map_or(Some(None), |e| e.map(Some))?,
     })
 }
 
@@ -869,50 +908,19 @@ fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Opt
             "plaintext mqtt is refused in production mode (use \"mqtts://\")",
         );
     }
-    let ca_file = c.parse_opt("fleet.ca_file", raw.ca_file.as_deref(), parse_path);
-    if raw.ca_file.is_none() && raw.broker.starts_with("mqtts://") {
-        c.push(
-            "fleet.ca_file",
-            "required for an mqtts:// broker: the CA the broker's certificate is checked against",
-        );
-    }
-    let client_auth = c.parse_or(
-        "fleet.client_auth",
-        raw.client_auth.as_deref(),
-        defaults::UPLINK_CLIENT_AUTH,
-        from_str,
+    let auth = mqtt_client_auth(
+        c,
+        "fleet",
+        &raw.broker,
+        MqttAuthRaw {
+            ca_file: raw.ca_file.as_deref(),
+            client_auth: raw.client_auth.as_deref(),
+            cert_file: raw.cert_file.as_deref(),
+            key_file: raw.key_file.as_deref(),
+        },
+        production,
     );
-    let cert_file = c.parse_opt("fleet.cert_file", raw.cert_file.as_deref(), parse_path);
-    let key_file = c.parse_opt("fleet.key_file", raw.key_file.as_deref(), parse_path);
-    match client_auth {
-        Some(ClientAuth::Files) => {
-            for (field, value) in [("cert_file", &raw.cert_file), ("key_file", &raw.key_file)] {
-                if value.is_none() {
-                    c.push(
-                        format!("fleet.{field}"),
-                        "is required when client_auth = \"files\"",
-                    );
-                }
-            }
-            if production == Some(true) {
-                c.push(
-                    "fleet.client_auth",
-                    "client_auth = \"files\" is refused in production mode (use \"keystore\")",
-                );
-            }
-        }
-        Some(ClientAuth::Keystore) => {
-            for (field, value) in [("cert_file", &raw.cert_file), ("key_file", &raw.key_file)] {
-                if value.is_some() {
-                    c.push(
-                        format!("fleet.{field}"),
-                        "is only used with client_auth = \"files\"",
-                    );
-                }
-            }
-        }
-        None => {}
-    }
+    let client_auth = auth.as_ref().map(|a| a.1);
     let claim_cert = c.parse_opt(
         "fleet.claim_cert_file",
         raw.claim_cert_file.as_deref(),
@@ -974,16 +982,87 @@ fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Opt
                 Some(d)
             }
         });
+    let (ca_file, client_auth, cert_file, key_file) = auth?;
     Some(Fleet {
         broker: broker?,
         vendor_public_key: vendor_public_key?,
-        ca_file: ca_file?,
-        client_auth: client_auth?,
-        cert_file: cert_file?,
-        key_file: key_file?,
+        ca_file,
+        client_auth,
+        cert_file,
+        key_file,
         claim: claim?,
         telemetry_interval: telemetry_interval?,
     })
+}
+
+/// The TLS keys of an MQTT section (`fleet`, `exchange`), as written.
+struct MqttAuthRaw<'a> {
+    ca_file: Option<&'a str>,
+    client_auth: Option<&'a str>,
+    cert_file: Option<&'a str>,
+    key_file: Option<&'a str>,
+}
+
+type MqttAuth = (
+    Option<PathBuf>,
+    ClientAuth,
+    Option<PathBuf>,
+    Option<PathBuf>,
+);
+
+/// `ca_file` (required for `mqtts://`), `client_auth` and the development files.
+fn mqtt_client_auth(
+    c: &mut Collector,
+    section: &str,
+    broker: &str,
+    raw: MqttAuthRaw<'_>,
+    production: Option<bool>,
+) -> Option<MqttAuth> {
+    let ca_file = c.parse_opt(format!("{section}.ca_file"), raw.ca_file, parse_path);
+    if raw.ca_file.is_none() && broker.starts_with("mqtts://") {
+        c.push(
+            format!("{section}.ca_file"),
+            "required for an mqtts:// broker: the CA the broker's certificate is checked against",
+        );
+    }
+    let client_auth = c.parse_or(
+        format!("{section}.client_auth"),
+        raw.client_auth,
+        defaults::UPLINK_CLIENT_AUTH,
+        from_str,
+    );
+    let cert_file = c.parse_opt(format!("{section}.cert_file"), raw.cert_file, parse_path);
+    let key_file = c.parse_opt(format!("{section}.key_file"), raw.key_file, parse_path);
+    match client_auth {
+        Some(ClientAuth::Files) => {
+            for (field, value) in [("cert_file", raw.cert_file), ("key_file", raw.key_file)] {
+                if value.is_none() {
+                    c.push(
+                        format!("{section}.{field}"),
+                        "is required when client_auth = \"files\"",
+                    );
+                }
+            }
+            if production == Some(true) {
+                c.push(
+                    format!("{section}.client_auth"),
+                    "client_auth = \"files\" is refused in production mode (use \"keystore\")",
+                );
+            }
+        }
+        Some(ClientAuth::Keystore) => {
+            for (field, value) in [("cert_file", raw.cert_file), ("key_file", raw.key_file)] {
+                if value.is_some() {
+                    c.push(
+                        format!("{section}.{field}"),
+                        "is only used with client_auth = \"files\"",
+                    );
+                }
+            }
+        }
+        None => {}
+    }
+    Some((ca_file?, client_auth?, cert_file?, key_file?))
 }
 
 fn admin(c: &mut Collector, raw: raw::RawAdmin, production: Option<bool>) -> Option<Admin> {
@@ -1005,7 +1084,7 @@ fn admin(c: &mut Collector, raw: raw::RawAdmin, production: Option<bool>) -> Opt
     Some(Admin { listen })
 }
 
-fn booking(c: &mut Collector, raw: raw::RawBooking) -> Option<Booking> {
+fn booking(c: &mut Collector, raw: raw::RawBooking, production: Option<bool>) -> Option<Booking> {
     let listen = c.parse_or(
         "booking.listen",
         raw.listen.as_deref(),
@@ -1046,8 +1125,179 @@ fn booking(c: &mut Collector, raw: raw::RawBooking) -> Option<Booking> {
             }
         }
     }
+    let cert = c.parse_opt("booking.cert_file", raw.cert_file.as_deref(), parse_path);
+    let key = c.parse_opt("booking.key_file", raw.key_file.as_deref(), parse_path);
+    let tls_files = match (cert, key) {
+        (Some(Some(cert)), Some(Some(key))) => Some(Some((cert, key))),
+        (Some(None), Some(None)) => {
+            if production == Some(true) {
+                c.push(
+                    "booking.cert_file",
+                    "required in production mode (a self-signed certificate is made only in development)",
+                );
+            }
+            Some(None)
+        }
+        (Some(_), Some(_)) => {
+            c.push(
+                "booking.cert_file",
+                "cert_file and key_file go together: set both or neither",
+            );
+            None
+        }
+        _ => None,
+    };
+    let core = match raw.core {
+        Some(id) if valid_peer_id(&id) => Some(Some(id)),
+        Some(_) => {
+            c.push("booking.core", "must be 1 to 64 of A-Z a-z 0-9 . _ -");
+            None
+        }
+        None => Some(None),
+    };
+    let mut duration = |key: &str, value: Option<&str>, default: Duration| {
+        c.parse_or(
+            format!("booking.{key}"),
+            value,
+            default,
+            from_str::<Duration>,
+        )
+        .and_then(|d| {
+            if d.get().is_zero() {
+                c.push(format!("booking.{key}"), "must be greater than zero");
+                None
+            } else {
+                Some(d)
+            }
+        })
+    };
+    let request_timeout = duration(
+        "request_timeout",
+        raw.request_timeout.as_deref(),
+        defaults::BOOKING_REQUEST_TIMEOUT,
+    );
+    let stale_after = duration(
+        "stale_after",
+        raw.stale_after.as_deref(),
+        defaults::BOOKING_STALE_AFTER,
+    );
+    let publish_interval = duration(
+        "publish_interval",
+        raw.publish_interval.as_deref(),
+        defaults::BOOKING_PUBLISH_INTERVAL,
+    );
     let listen = listen?;
-    ok.then_some(Booking { listen, schedules })
+    ok.then_some(Booking {
+        listen,
+        tls_files: tls_files?,
+        core: core?,
+        request_timeout: request_timeout?,
+        stale_after: stale_after?,
+        publish_interval: publish_interval?,
+        schedules,
+    })
+}
+
+fn valid_peer_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// What each role needs: a clinic books with a core through the exchange; only a core has
+/// schedules.
+fn booking_roles(c: &mut Collector, role: Role, booking: &Booking, exchange: Option<&Exchange>) {
+    match role {
+        Role::Clinic => {
+            if !booking.schedules.is_empty() {
+                c.push(
+                    "booking.schedule",
+                    "schedules belong to the core (node.role = \"core\"); a clinic books from them",
+                );
+            }
+            match (&booking.core, exchange) {
+                (Some(_), None) => c.push(
+                    "exchange",
+                    "required on a clinic with booking.core: the regional broker it books through",
+                ),
+                (Some(core), Some(x)) if !x.peers.iter().any(|p| &p.id == core) => c.push(
+                    "booking.core",
+                    "must be one of the [[exchange.peers]] ids (its public key seals the requests)",
+                ),
+                _ => {}
+            }
+        }
+        Role::Core => {
+            if booking.core.is_some() {
+                c.push("booking.core", "only a clinic names a core");
+            }
+        }
+    }
+}
+
+fn exchange(
+    c: &mut Collector,
+    raw: raw::RawExchange,
+    production: Option<bool>,
+) -> Option<Exchange> {
+    let broker = c.parse("exchange.broker", &raw.broker, from_str::<BrokerUrl>);
+    if production == Some(true) && broker.as_ref().is_some_and(BrokerUrl::is_plaintext) {
+        c.push(
+            "exchange.broker",
+            "plaintext mqtt is refused in production mode (use \"mqtts://\")",
+        );
+    }
+    let auth = mqtt_client_auth(
+        c,
+        "exchange",
+        &raw.broker,
+        MqttAuthRaw {
+            ca_file: raw.ca_file.as_deref(),
+            client_auth: raw.client_auth.as_deref(),
+            cert_file: raw.cert_file.as_deref(),
+            key_file: raw.key_file.as_deref(),
+        },
+        production,
+    );
+    let mut peers: Vec<Peer> = Vec::new();
+    let mut peers_ok = true;
+    for (i, p) in raw.peers.into_iter().enumerate() {
+        if !valid_peer_id(&p.id) {
+            c.push(
+                format!("exchange.peers[{i}].id"),
+                "must be 1 to 64 of A-Z a-z 0-9 . _ -",
+            );
+            peers_ok = false;
+        } else if peers.iter().any(|q| q.id == p.id) {
+            c.push(
+                format!("exchange.peers[{i}].id"),
+                "another peer has this id",
+            );
+            peers_ok = false;
+        }
+        let key = p.public_key.trim();
+        if key.len() != 44 || !key.ends_with('=') {
+            c.push(
+                format!("exchange.peers[{i}].public_key"),
+                "must be the 44-character base64 X25519 key `gatewayd keys exchange-public` prints",
+            );
+            peers_ok = false;
+        }
+        peers.push(Peer {
+            id: p.id,
+            public_key: key.to_owned(),
+        });
+    }
+    let (ca_file, client_auth, cert_file, key_file) = auth?;
+    Some(Exchange {
+        broker: broker?,
+        ca_file,
+        client_auth,
+        cert_file,
+        key_file,
+        peers: peers_ok.then_some(peers)?,
+    })
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ use gateway_config::{
 
 const NODE_DEV: &str = "[node]\nid = \"t\"\ndata_dir = \"d\"\nmode = \"development\"\n";
 const NODE_PROD: &str = "[node]\nid = \"t\"\ndata_dir = \"d\"\nmode = \"production\"\n";
+const NODE_CORE: &str =
+    "[node]\nid = \"t\"\nrole = \"core\"\ndata_dir = \"d\"\nmode = \"development\"\n";
 
 fn ok(text: &str) -> Settings {
     Settings::from_toml_str(text).unwrap_or_else(|e| panic!("should parse, got:\n{e}"))
@@ -557,7 +559,7 @@ fn mllp_uplink_needs_host_port_matching_kind_and_no_plaintext_in_production() {
 #[test]
 fn booking_schedules_need_three_fields_and_name_every_problem() {
     let s = ok(&format!(
-        "{NODE_DEV}[booking]\n\
+        "{NODE_CORE}[booking]\n\
          [[booking.schedule]]\nid = \"ct-1\"\nmodality = \"CT\"\nstation_ae = \"CT01\"\n\
          [[booking.schedule]]\nid = \"mr-1\"\nmodality = \"MR\"\nstation_ae = \"MR01\"\n\
          slot_minutes = 45\ntime_zone = \"Asia/Tokyo\"\nholidays = [\"2027-01-01\"]\n\
@@ -573,7 +575,7 @@ fn booking_schedules_need_three_fields_and_name_every_problem() {
     assert_eq!(b.schedules[1].station_ae(), "MR01");
 
     let text = format!(
-        "{NODE_DEV}[booking]\n\
+        "{NODE_CORE}[booking]\n\
          [[booking.schedule]]\nid = \"ct-1\"\nmodality = \"CT\"\nstation_ae = \"CT01\"\n\
          [[booking.schedule]]\nid = \"ct-1\"\nmodality = \"ct\"\nstation_ae = \"CT02\"\n\
          time_zone = \"Tokyo\"\nhours = {{ monday = \"9-5\" }}\n"
@@ -587,21 +589,21 @@ fn booking_schedules_need_three_fields_and_name_every_problem() {
         ]
     );
     let text = format!(
-        "{NODE_DEV}[booking]\n\
+        "{NODE_CORE}[booking]\n\
          [[booking.schedule]]\nid = \"ct-1\"\nmodality = \"CT\"\nstation_ae = \"CT01\"\n\
          [[booking.schedule]]\nid = \"ct-1\"\nmodality = \"CT\"\nstation_ae = \"CT02\"\n"
     );
     assert_eq!(keys(&text), ["booking.schedule[1].id"]);
     // A missing required field or an unknown key is a structural error naming the path.
     let text =
-        format!("{NODE_DEV}[booking]\n[[booking.schedule]]\nid = \"x\"\nmodality = \"CT\"\n");
+        format!("{NODE_CORE}[booking]\n[[booking.schedule]]\nid = \"x\"\nmodality = \"CT\"\n");
     assert!(
         lines(&text)[0].contains("booking.schedule"),
         "{:?}",
         lines(&text)
     );
     let text = format!(
-        "{NODE_DEV}[booking]\n[[booking.schedule]]\nid = \"x\"\nmodality = \"CT\"\nstation_ae = \"A\"\nroom = 1\n"
+        "{NODE_CORE}[booking]\n[[booking.schedule]]\nid = \"x\"\nmodality = \"CT\"\nstation_ae = \"A\"\nroom = 1\n"
     );
     assert!(lines(&text)[0].contains("room"), "{:?}", lines(&text));
 }
@@ -704,5 +706,72 @@ fn fleet_claim_credential_is_both_files_over_mqtts_with_the_keystore_identity() 
              claim_cert_file = \"claim.pem\"\nclaim_key_file = \"claim.key\"\n"
         )),
         ["fleet.claim_cert_file"]
+    );
+}
+
+#[test]
+fn booking_roles_tls_files_and_exchange_peers_are_checked() {
+    const KEY: &str = "q0V8Ow0Tq2B4S2pc8fmyJ7Jx6yPqKkq3V0YfZ3Ql0Gg=";
+    let clinic = format!(
+        "{NODE_DEV}[booking]\ncore = \"core-1\"\nrequest_timeout = \"3s\"\nstale_after = \"5s\"\n\
+         [exchange]\nbroker = \"mqtt://127.0.0.1:1883\"\n\
+         [[exchange.peers]]\nid = \"core-1\"\npublic_key = \"{KEY}\"\n"
+    );
+    let s = ok(&clinic);
+    let b = s.booking.unwrap();
+    assert_eq!(b.core.as_deref(), Some("core-1"));
+    assert_eq!(b.request_timeout.get(), std::time::Duration::from_secs(3));
+    assert_eq!(b.stale_after.get(), std::time::Duration::from_secs(5));
+    assert_eq!(b.tls_files, None);
+    let x = s.exchange.unwrap();
+    assert_eq!(x.peers[0].id, "core-1");
+    assert_eq!(x.client_auth, gateway_config::ClientAuth::Keystore);
+
+    // A clinic names a known core and needs the exchange for it; schedules are the core's.
+    assert_eq!(
+        keys(&format!("{NODE_DEV}[booking]\ncore = \"core-1\"\n")),
+        ["exchange"]
+    );
+    assert_eq!(
+        keys(&clinic.replace("core = \"core-1\"", "core = \"core-2\"")),
+        ["booking.core"]
+    );
+    assert_eq!(
+        keys(&format!(
+            "{NODE_DEV}[booking]\n[[booking.schedule]]\nid = \"ct-1\"\nmodality = \"CT\"\nstation_ae = \"CT01\"\n"
+        )),
+        ["booking.schedule"]
+    );
+    assert_eq!(
+        keys(&format!("{NODE_CORE}[booking]\ncore = \"x\"\n")),
+        ["booking.core"]
+    );
+    // Certificates: both or neither, required in production.
+    assert_eq!(
+        keys(&format!("{NODE_DEV}[booking]\ncert_file = \"c.pem\"\n")),
+        ["booking.cert_file"]
+    );
+    assert!(keys(&format!("{NODE_PROD}[booking]\n")).contains(&"booking.cert_file".to_string()));
+    let s = ok(&format!(
+        "{NODE_DEV}[booking]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n"
+    ));
+    assert_eq!(
+        s.booking.unwrap().tls_files,
+        Some(("c.pem".into(), "k.pem".into()))
+    );
+    // Peers: ids and keys checked, no duplicates; the exchange's TLS like the fleet's.
+    assert_eq!(
+        keys(&format!(
+            "{NODE_DEV}[exchange]\nbroker = \"mqtts://b\"\n\
+             [[exchange.peers]]\nid = \"a/b\"\npublic_key = \"{KEY}\"\n\
+             [[exchange.peers]]\nid = \"c\"\npublic_key = \"short\"\n\
+             [[exchange.peers]]\nid = \"c\"\npublic_key = \"{KEY}\"\n"
+        )),
+        [
+            "exchange.ca_file",
+            "exchange.peers[0].id",
+            "exchange.peers[1].public_key",
+            "exchange.peers[2].id"
+        ]
     );
 }

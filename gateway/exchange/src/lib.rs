@@ -75,6 +75,19 @@ impl ExchangeKey {
         }
     }
 
+    /// The gateway's exchange key, derived from the key store's master key (so it is held
+    /// by the key store like every other key, needs no file of its own, and goes with a
+    /// crypto-shred). The label keeps it apart from every other derived key.
+    pub fn derive(master: &[u8]) -> Self {
+        use hmac::Mac as _;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(master)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(b"gatewayd exchange x25519 key v1");
+        let mut seed = Zeroizing::new([0u8; 32]);
+        seed.copy_from_slice(&mac.finalize().into_bytes());
+        Self::from_seed(*seed)
+    }
+
     /// The seed to store (sealed by the key store).
     pub fn seed(&self) -> &[u8; 32] {
         &self.seed

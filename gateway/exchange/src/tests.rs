@@ -156,3 +156,13 @@ fn malformed_envelopes_are_errors_never_panics() {
         .is_err()
     );
 }
+
+#[test]
+fn derived_keys_are_stable_per_master_and_distinct_across_masters() {
+    let a = ExchangeKey::derive(&[7u8; 32]);
+    let again = ExchangeKey::derive(&[7u8; 32]);
+    let b = ExchangeKey::derive(&[8u8; 32]);
+    assert_eq!(a.public(), again.public());
+    assert_ne!(a.public(), b.public());
+    assert_ne!(a.seed(), &[7u8; 32]);
+}
