@@ -56,7 +56,8 @@ def _mosquitto() -> str:
 class Broker:
     """A mosquitto with TLS client certificates and a per-device ACL (see module docs)."""
 
-    def __init__(self, dir: Path, ca: pki.CA):
+    def __init__(self, dir: Path, ca: pki.CA, acl: str | None = None):
+        """``acl`` replaces the fleet ACL (e.g. the regional booking broker's)."""
         require_tools()
         self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ class Broker:
         self.server = ca.server_cert("127.0.0.1", name="broker")
         self.log = self.dir / "mosquitto.log"
         self.acl = self.dir / "acl"
-        self.acl.write_text(
+        self.acl.write_text(acl if acl is not None else
             "# the vendor sees and commands every device, and answers every claim\n"
             "user vendor\n"
             "topic readwrite gw/#\n"

@@ -34,6 +34,8 @@ type HmacSha256 = Hmac<Sha256>;
 
 const LOG_FILE: &str = "audit.jsonl";
 const HEAD_FILE: &str = "head";
+/// Held (`flock`) while appending, across processes.
+const LOCK_FILE: &str = "audit.lock";
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The key records are MAC'd with.
@@ -289,11 +291,37 @@ impl AuditLog {
 
     /// Appends one record durably (line written and `fdatasync`'d, then the head replaced)
     /// and returns it.
+    ///
+    /// Another process (`gatewayd users ...` beside the daemon) may append to the same log:
+    /// appends hold an exclusive `flock` on `audit.lock`, and the chain continues from the
+    /// sealed head on disk when it is ahead of this handle's.
     pub fn append(&self, event: Event) -> Result<Record, AuditError> {
         let mut tail = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lock_path = self.dir.join(LOCK_FILE);
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .ctx("open", &lock_path)?;
+        let _flock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| durable::Error {
+                action: "lock",
+                path: lock_path.clone(),
+                source: std::io::Error::from(errno),
+            })?;
+        if let Ok(bytes) = std::fs::read(self.dir.join(HEAD_FILE))
+            && let Ok(head) = serde_json::from_slice::<Head>(&bytes)
+            && head.seq > tail.seq
+            && Head::new(&self.key, head.seq, head.mac.clone()).seal == head.seal
+        {
+            tail.seq = head.seq;
+            tail.mac = head.mac;
+        }
         let body = Body {
             seq: tail.seq + 1,
             time_unix_ms: SystemTime::now()

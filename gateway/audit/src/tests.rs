@@ -215,3 +215,25 @@ fn garbage_lines_are_malformed_not_a_panic() {
         );
     }
 }
+
+#[test]
+fn two_handles_appending_keep_one_chain() {
+    // The daemon and `gatewayd users ...` both append to the same trail.
+    let dir = tempfile::tempdir().unwrap();
+    let key = || AuditKey::derive(&[4; 32]);
+    let daemon = AuditLog::open(dir.path(), key()).unwrap();
+    let cli = AuditLog::open(dir.path(), key()).unwrap();
+    let event = |actor: &str| Event {
+        actor: actor.into(),
+        action: Action::Login,
+        outcome: Outcome::Success,
+        subject: None,
+        detail: None,
+    };
+    daemon.append(event("a")).unwrap();
+    cli.append(event("b")).unwrap();
+    daemon.append(event("c")).unwrap();
+    cli.append(event("d")).unwrap();
+    let report = verify(dir.path(), &key()).unwrap();
+    assert_eq!((report.records, report.problem), (4, None));
+}

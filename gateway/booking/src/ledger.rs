@@ -28,6 +28,18 @@ pub enum AppointmentStatus {
 }
 
 impl AppointmentStatus {
+    /// The FHIR code (`booked`, `pending`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Proposed => "proposed",
+            Self::Pending => "pending",
+            Self::Booked => "booked",
+            Self::Cancelled => "cancelled",
+            Self::Fulfilled => "fulfilled",
+            Self::Noshow => "noshow",
+        }
+    }
+
     /// Whether the appointment still holds its slot.
     pub fn holds_slot(self) -> bool {
         matches!(self, Self::Proposed | Self::Pending | Self::Booked)

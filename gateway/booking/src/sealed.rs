@@ -49,6 +49,17 @@ impl SealKey {
         Self(key)
     }
 
+    /// An opaque, stable reference to a patient for the audit trail: a keyed MAC of the
+    /// id (16 bytes, hex), so the trail names who was read without holding the id.
+    pub fn patient_ref(&self, patient_id: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(b"patient-ref\0");
+        mac.update(patient_id.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        tag.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+
     fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new(self.0.as_ref().into())
     }

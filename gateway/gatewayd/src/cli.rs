@@ -168,6 +168,9 @@ pub enum KeysCommand {
         #[arg(long)]
         ca_file: PathBuf,
     },
+    /// Print this gateway's exchange public key (X25519, base64): what its peers put in
+    /// `[[exchange.peers]] public_key`.
+    ExchangePublic(ConfigArg),
     /// Crypto-shred: destroy the keys; every sealed object becomes unreadable.
     Wipe(WipeArgs),
 }

@@ -8,6 +8,7 @@
 //! - `run`: `gatewayd run`, the wiring of all services.
 //! - `ops`: `check-config`, `spool ...` and `keys ...`.
 
+mod booking;
 mod cli;
 mod fleet;
 mod logring;

@@ -403,7 +403,10 @@ fn absolute(path: &Path) -> Result<PathBuf, String> {
 
 pub fn keys(cmd: &KeysCommand) -> ExitCode {
     let config = match cmd {
-        KeysCommand::Init(a) | KeysCommand::Status(a) | KeysCommand::Csr(a) => &a.config,
+        KeysCommand::Init(a)
+        | KeysCommand::Status(a)
+        | KeysCommand::Csr(a)
+        | KeysCommand::ExchangePublic(a) => &a.config,
         KeysCommand::InstallCert { config, .. } | KeysCommand::CheckTls { config, .. } => config,
         KeysCommand::Wipe(a) => {
             if !a.yes {
@@ -496,6 +499,12 @@ fn keys_action(cmd: &KeysCommand, settings: &Settings) -> Result<String, String>
                     std::time::Duration::from_secs(20),
                 ))
                 .map_err(|e| e.to_string())
+        }
+        KeysCommand::ExchangePublic(_) => {
+            let master = master_key(settings)?;
+            Ok(gateway_exchange::ExchangeKey::derive(master.expose())
+                .public()
+                .to_base64())
         }
         KeysCommand::Wipe(_) => {
             let wiped = gateway_keystore::wipe(&backend, data_dir).map_err(|e| e.to_string())?;

@@ -166,12 +166,6 @@ async fn serve(
     let data_dir = settings.node.data_dir.clone();
     gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
-    if settings.booking.is_some() {
-        warn!(
-            section = "booking",
-            "section is configured but its service is not part of this build yet; it does not run"
-        );
-    }
     // The disabled flag is honoured whether or not [fleet] is configured: removing the
     // section from the config must not revive a box the vendor disabled.
     let fleet_state = FleetState::load(&data_dir).map_err(|e| e.to_string())?;
@@ -194,6 +188,7 @@ async fn serve(
 
     let keys = open_keystore(&settings)?;
     let master = keys.spool_master_key().map_err(|e| e.to_string())?;
+    let derived = crate::booking::Derived::new(master.expose());
     let destinations = ops::routes(&settings);
     let spool = Spool::open(
         &data_dir,
@@ -213,6 +208,13 @@ async fn serve(
     let mut services = JoinSet::new();
 
     let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
+    let booking = match &settings.booking {
+        Some(booking) => Some(
+            crate::booking::start(&settings, booking, &derived, keys.identity(), &shutdown).await?,
+        ),
+        None => None,
+    };
+    drop(derived);
     if let Some(dicom) = &settings.dicom {
         let service = DicomService::bind(dicom_settings(dicom), spool.clone(), &mut registry)
             .await
@@ -229,6 +231,11 @@ async fn serve(
     }
     if !keep_sent_for.is_zero() {
         services.spawn(spool.clone().run_retention(shutdown.clone()));
+    }
+    if let Some(started) = booking {
+        for task in started.tasks {
+            services.spawn(task);
+        }
     }
     let uplink_metrics = UplinkMetrics::register(&mut registry);
     for uplink in &settings.uplinks {

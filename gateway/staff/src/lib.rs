@@ -196,6 +196,25 @@ fn argon2() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
+/// The account file while it is locked (in the process and across processes).
+struct Locked<'a> {
+    guard: std::sync::MutexGuard<'a, File>,
+    _flock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = File;
+    fn deref(&self) -> &File {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut File {
+        &mut self.guard
+    }
+}
+
 /// A hash to verify against when the name is unknown, so that both cost the same.
 fn decoy_hash() -> &'static str {
     static DECOY: OnceLock<String> = OnceLock::new();
@@ -257,10 +276,31 @@ impl Staff {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, File> {
-        self.file
+    /// The accounts, freshly read from disk under an exclusive advisory lock (`flock` on
+    /// `accounts.lock`): `gatewayd users ...` changes them while the daemon runs, and each
+    /// side's next save must not undo the other's. If the file cannot be read again, the
+    /// last good copy is used.
+    fn lock(&self) -> Locked<'_> {
+        let mut guard = self
+            .file
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let flock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.path.with_extension("lock"))
+            .ok()
+            .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
+        if let Ok(Some(bytes)) = durable::read_if_exists(&self.path)
+            && let Ok(file) = serde_json::from_slice::<File>(&bytes)
+        {
+            *guard = file;
+        }
+        Locked {
+            guard,
+            _flock: flock,
+        }
     }
 
     fn save(&self, file: &File) -> Result<(), StaffError> {

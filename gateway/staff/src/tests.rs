@@ -178,3 +178,28 @@ fn account_rules_and_no_secret_in_the_file() {
     assert_eq!("admin".parse::<Role>().unwrap(), Role::Admin);
     assert!("root".parse::<Role>().is_err());
 }
+
+#[test]
+fn an_account_added_by_another_handle_is_seen_and_kept() {
+    // `gatewayd users add` runs beside the daemon: both hold a Staff on the same folder.
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Staff::open(dir.path(), StaffKey::derive(&[3; 32])).unwrap();
+    let cli = Staff::open(dir.path(), StaffKey::derive(&[3; 32])).unwrap();
+    daemon
+        .add("clerk.a", Role::Clerk, "correct horse battery")
+        .unwrap();
+    cli.add("clerk.b", Role::Clerk, "correct horse battery")
+        .unwrap();
+    let enrolled = cli.enroll_totp("clerk.b", "gatewayd").unwrap();
+    let code = code_at(&enrolled.secret_base32, 1_800_000_000).unwrap();
+    assert!(
+        daemon
+            .login("clerk.b", "correct horse battery", &code, 1_800_000_000)
+            .is_ok()
+    );
+    // The daemon's save (the login) kept the account the other handle added, and v.v.
+    let names: Vec<String> = cli.accounts(0).into_iter().map(|a| a.name).collect();
+    assert_eq!(names, ["clerk.a", "clerk.b"]);
+    daemon.disable("clerk.a").unwrap();
+    assert!(cli.accounts(0)[0].disabled);
+}

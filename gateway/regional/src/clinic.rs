@@ -1,0 +1,487 @@
+//! The clinic gateway's side: the cache of the core's free slots and the booking client the
+//! kiosk uses ([`gateway_kiosk::SlotSource`] and [`gateway_kiosk::appointment::BookingBackend`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use gateway_booking::{Decision, PatientRef, SealKey};
+use gateway_kiosk::appointment::{
+    AppointmentRequest, AppointmentView, BookingBackend, BookingRefused,
+};
+use gateway_kiosk::{SlotAnswer, SlotQuery, SlotSource, SlotView};
+use jiff::Timestamp;
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::mqtt::{BACKOFF_INITIAL, BACKOFF_MAX, REQUEST_CAPACITY};
+use crate::wire::{
+    KIND_DECISION, KIND_REQUEST, Keys, MAX_SLOTS_BYTES, SlotsMessage, WireDecision, WireRequest,
+};
+use crate::{Connection, message_id, now_unix, topics};
+
+const BOOK_FILE: &str = "clinic.sealed";
+const BOOK_ROLE: &str = "clinic appointments";
+/// Requests whose decision never came are forgotten after this long.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+/// The clinic's settings from `[booking]`.
+#[derive(Debug, Clone)]
+pub struct ClinicSettings {
+    pub connection: Connection,
+    /// The core gateway's id.
+    pub core: String,
+    pub request_timeout: Duration,
+    pub stale_after: Duration,
+}
+
+/// Errors opening the clinic's side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClinicError {
+    #[error(transparent)]
+    Sealed(#[from] gateway_booking::sealed::SealError),
+    #[error(transparent)]
+    Io(#[from] gateway_durable::Error),
+    #[error("clinic appointments file {0} is unreadable")]
+    Corrupt(PathBuf),
+}
+
+/// The clinic's copy of one appointment (sealed on disk: it names the patient).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Stored {
+    id: String,
+    request_id: String,
+    slot_id: String,
+    status: String,
+    start: String,
+    end: String,
+    accession: Option<String>,
+    patient_id: String,
+    procedure: String,
+}
+
+impl Stored {
+    fn view(&self, created: bool) -> AppointmentView {
+        AppointmentView {
+            id: self.id.clone(),
+            request_id: self.request_id.clone(),
+            slot_id: self.slot_id.clone(),
+            status: self.status.clone(),
+            start: self.start.clone(),
+            end: self.end.clone(),
+            accession: self.accession.clone(),
+            patient_id: self.patient_id.clone(),
+            procedure: self.procedure.clone(),
+            created,
+        }
+    }
+}
+
+/// A request on its way to the core.
+struct Pending {
+    request: AppointmentRequest,
+    sent: Instant,
+    /// `None` once the kiosk stopped waiting (a late decision is still recorded).
+    reply: Option<oneshot::Sender<Result<AppointmentView, BookingRefused>>>,
+}
+
+#[derive(Default)]
+struct State {
+    connected: bool,
+    core_online: bool,
+    slots: BTreeMap<String, SlotsMessage>,
+    pending: HashMap<String, Pending>,
+    book: BTreeMap<String, Stored>,
+}
+
+struct Inner {
+    settings: ClinicSettings,
+    keys: Keys,
+    client: AsyncClient,
+    seal: SealKey,
+    book_path: PathBuf,
+    state: Mutex<State>,
+}
+
+/// The clinic's exchange: a cheap handle for the kiosk, plus [`ClinicTask`] to run.
+#[derive(Clone)]
+pub struct ClinicExchange {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClinicExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClinicExchange")
+            .field("core", &self.inner.settings.core)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The MQTT event loop of a [`ClinicExchange`]; spawn [`ClinicTask::run`].
+#[allow(missing_debug_implementations)] // rumqttc's EventLoop has no Debug
+pub struct ClinicTask {
+    inner: Arc<Inner>,
+    events: EventLoop,
+}
+
+impl ClinicExchange {
+    /// Opens the clinic's sealed appointment copies in `dir` and prepares the connection.
+    pub fn open(
+        settings: ClinicSettings,
+        keys: Keys,
+        dir: &Path,
+        seal: SealKey,
+    ) -> Result<(ClinicExchange, ClinicTask), ClinicError> {
+        gateway_durable::ensure_private_dir(dir)?;
+        let book_path = dir.join(BOOK_FILE);
+        let book = match seal.read(&book_path, BOOK_ROLE)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|_| ClinicError::Corrupt(book_path.clone()))?,
+            None => BTreeMap::new(),
+        };
+        let (client, events) =
+            AsyncClient::new(settings.connection.options(None), REQUEST_CAPACITY);
+        let inner = Arc::new(Inner {
+            settings,
+            keys,
+            client,
+            seal,
+            book_path,
+            state: Mutex::new(State {
+                book,
+                ..State::default()
+            }),
+        });
+        Ok((
+            ClinicExchange {
+                inner: Arc::clone(&inner),
+            },
+            ClinicTask { inner, events },
+        ))
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records an appointment in the sealed copy (under the lock, so writes are ordered).
+    fn remember(&self, state: &mut State, stored: Stored) {
+        state.book.insert(stored.request_id.clone(), stored);
+        match serde_json::to_vec(&state.book) {
+            Ok(bytes) => {
+                let bytes = zeroize::Zeroizing::new(bytes);
+                if let Err(e) = self.seal.write(&self.book_path, BOOK_ROLE, &bytes) {
+                    warn!(error = %e, "clinic appointments could not be saved");
+                }
+            }
+            Err(e) => warn!(error = %e, "clinic appointments could not be encoded"),
+        }
+    }
+}
+
+impl ClinicTask {
+    /// Runs until `shutdown`, reconnecting with backoff.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let inner = Arc::clone(&self.inner);
+        let (me, core) = (inner.keys.me.clone(), inner.settings.core.clone());
+        info!(core = %core, broker = %format!("{}:{}", inner.settings.connection.host, inner.settings.connection.port), "booking exchange (clinic) started");
+        let mut backoff = BACKOFF_INITIAL;
+        loop {
+            let mut retry = None;
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                event = self.events.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        info!("regional broker connected (clinic)");
+                        backoff = BACKOFF_INITIAL;
+                        inner.lock().connected = true;
+                        for filter in [
+                            topics::status(&core),
+                            format!("{}/{core}/slots/+", topics::PREFIX),
+                            format!("{}/{me}/resp/{core}/+", topics::PREFIX),
+                        ] {
+                            if let Err(e) = inner.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                                warn!(error = %e, "cannot queue a booking subscription");
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => inner.on_publish(&p.topic, &p.payload),
+                    Ok(_) => {}
+                    Err(e) => {
+                        inner.lock().connected = false;
+                        warn!(error = %e, retry_in = ?backoff, "regional broker connection failed (clinic)");
+                        retry = Some(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                },
+            }
+            if let Some(wait) = retry {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        let _ = inner.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.events.poll().await.is_ok() {}
+        })
+        .await;
+        info!("booking exchange (clinic) stopped");
+    }
+}
+
+impl Inner {
+    fn on_publish(&self, topic: &str, payload: &[u8]) {
+        let (me, core) = (&self.keys.me, &self.settings.core);
+        if topic == topics::status(core) {
+            let online = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .is_some_and(|v| v["state"] == "online");
+            self.lock().core_online = online;
+            info!(online, "core booking status");
+        } else if let Some(schedule) = topics::parse_slots(core, topic) {
+            if payload.len() > MAX_SLOTS_BYTES {
+                warn!(bytes = payload.len(), "slot publication too large: ignored");
+                return;
+            }
+            match serde_json::from_slice::<SlotsMessage>(payload) {
+                Ok(m) if m.schedule == schedule && &m.core == core => {
+                    self.lock().slots.insert(schedule.to_owned(), m);
+                }
+                Ok(_) => warn!("slot publication does not match its topic: ignored"),
+                Err(_) if payload.is_empty() => {
+                    self.lock().slots.remove(schedule);
+                }
+                Err(e) => {
+                    warn!(
+                        line = e.line(),
+                        column = e.column(),
+                        "slot publication is not valid: ignored"
+                    );
+                }
+            }
+        } else if let Some((from, msg)) = topics::parse_inbox(me, "resp", topic) {
+            self.on_decision(from, msg, payload);
+        } else {
+            debug!(
+                bytes = payload.len(),
+                "ignored a publish outside the booking topics"
+            );
+        }
+    }
+
+    fn on_decision(&self, from: &str, msg: &str, payload: &[u8]) {
+        if from != self.settings.core {
+            warn!(%from, "booking decision from a gateway that is not our core: ignored");
+            return;
+        }
+        let decision: WireDecision = match self
+            .keys
+            .open(from, KIND_DECISION, msg, payload)
+            .map_err(|e| e.to_string())
+            .and_then(|p| serde_json::from_slice(&p).map_err(|e| e.to_string()))
+        {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "booking decision refused: it does not open");
+                return;
+            }
+        };
+        let mut state = self.lock();
+        let Some(pending) = state.pending.remove(msg) else {
+            debug!("booking decision for no pending request (answered twice?)");
+            return;
+        };
+        if pending.request.request_id != decision.request_id {
+            warn!("booking decision names another request: ignored");
+            return;
+        }
+        let answer = match decision.decision {
+            Decision::Booked {
+                appointment_id,
+                accession,
+                status,
+            } => {
+                let stored = Stored {
+                    id: appointment_id,
+                    request_id: pending.request.request_id.clone(),
+                    slot_id: decision.slot_id,
+                    status: status.as_str().to_owned(),
+                    start: decision.start.unwrap_or_default(),
+                    end: decision.end.unwrap_or_default(),
+                    accession: Some(accession),
+                    patient_id: pending.request.patient_id.clone(),
+                    procedure: pending.request.procedure.clone(),
+                };
+                let view = stored.view(true);
+                self.remember(&mut state, stored);
+                Ok(view)
+            }
+            Decision::Refused { code, reason } => Err(crate::refused(code, reason)),
+        };
+        if let Some(reply) = pending.reply {
+            let _ = reply.send(answer);
+        } else {
+            info!(
+                "a late booking decision was recorded; the kiosk had been told the core did not answer"
+            );
+        }
+    }
+}
+
+impl SlotSource for ClinicExchange {
+    fn free_slots(&self, query: &SlotQuery) -> SlotAnswer {
+        let inner = &self.inner;
+        let state = inner.lock();
+        let ge = query
+            .start_ge
+            .as_deref()
+            .and_then(|t| t.parse::<Timestamp>().ok());
+        let lt = query
+            .start_lt
+            .as_deref()
+            .and_then(|t| t.parse::<Timestamp>().ok());
+        let now = now_unix();
+        let mut as_of = u64::MAX;
+        let mut slots = Vec::new();
+        for (schedule, message) in &state.slots {
+            if query.schedule.as_deref().is_some_and(|q| q != schedule) {
+                continue;
+            }
+            as_of = as_of.min(message.as_of);
+            for s in &message.slots {
+                let Ok(start) = s.start.parse::<Timestamp>() else {
+                    continue;
+                };
+                if ge.is_some_and(|g| start < g) || lt.is_some_and(|l| start >= l) {
+                    continue;
+                }
+                if start.as_second() <= i64::try_from(now).unwrap_or(i64::MAX) {
+                    continue;
+                }
+                slots.push(SlotView {
+                    id: s.id.clone(),
+                    schedule: schedule.clone(),
+                    start: s.start.clone(),
+                    end: s.end.clone(),
+                });
+            }
+        }
+        let as_of = if as_of == u64::MAX { 0 } else { as_of };
+        let stale = !state.connected
+            || !state.core_online
+            || as_of == 0
+            || now.saturating_sub(as_of) > inner.settings.stale_after.as_secs();
+        SlotAnswer {
+            slots,
+            as_of_unix: as_of,
+            stale,
+        }
+    }
+}
+
+/// A decided request's repeat: its first outcome, unless a `book` confirms a hold.
+fn local_repeat(state: &State, req: &AppointmentRequest) -> Option<AppointmentView> {
+    let stored = state.book.get(&req.request_id)?;
+    if !req.hold && stored.status == "pending" {
+        return None;
+    }
+    Some(stored.view(false))
+}
+
+impl BookingBackend for ClinicExchange {
+    fn request(
+        &self,
+        req: AppointmentRequest,
+    ) -> BoxFuture<'static, Result<AppointmentView, BookingRefused>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let msg = message_id();
+            let (tx, rx) = oneshot::channel();
+            let sealed = {
+                let mut state = inner.lock();
+                if let Some(view) = local_repeat(&state, &req) {
+                    return Ok(view);
+                }
+                if !state.connected {
+                    return Err(BookingRefused::Unavailable);
+                }
+                let wire = WireRequest {
+                    request_id: req.request_id.clone(),
+                    slot_id: req.slot_id.clone(),
+                    hold: req.hold,
+                    patient: PatientRef {
+                        id: req.patient_id.clone(),
+                        name: req.patient_name.clone(),
+                        birth_date: req.birth_date.clone(),
+                        sex: req.sex.clone(),
+                    },
+                    procedure: req.procedure.clone(),
+                    expires_at: now_unix() + inner.settings.request_timeout.as_secs().max(1),
+                };
+                let body = zeroize::Zeroizing::new(serde_json::to_vec(&wire).unwrap_or_default());
+                let sealed = match inner
+                    .keys
+                    .seal(&inner.settings.core, KIND_REQUEST, &msg, &body)
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "booking request cannot be sealed");
+                        return Err(BookingRefused::Unavailable);
+                    }
+                };
+                state.pending.retain(|_, p| p.sent.elapsed() < FORGET_AFTER);
+                state.pending.insert(
+                    msg.clone(),
+                    Pending {
+                        request: req,
+                        sent: Instant::now(),
+                        reply: Some(tx),
+                    },
+                );
+                sealed
+            };
+            let topic = topics::request(&inner.settings.core, &inner.keys.me, &msg);
+            if inner
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, sealed)
+                .await
+                .is_err()
+            {
+                inner.lock().pending.remove(&msg);
+                return Err(BookingRefused::Unavailable);
+            }
+            match tokio::time::timeout(inner.settings.request_timeout, rx).await {
+                Ok(Ok(answer)) => answer,
+                _ => {
+                    if let Some(p) = inner.lock().pending.get_mut(&msg) {
+                        p.reply = None;
+                    }
+                    warn!("the core did not answer a booking request in time: refused (503)");
+                    Err(BookingRefused::Unavailable)
+                }
+            }
+        })
+    }
+
+    fn appointments_of(&self, patient_id: &str) -> Vec<AppointmentView> {
+        self.inner
+            .lock()
+            .book
+            .values()
+            .filter(|s| s.patient_id == patient_id)
+            .map(|s| s.view(false))
+            .collect()
+    }
+
+    fn patient_ref(&self, patient_id: &str) -> String {
+        self.inner.seal.patient_ref(patient_id)
+    }
+}

@@ -1,0 +1,277 @@
+//! The core gateway's side: slot publications and the decision of every clinic request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_booking::{Appointment, BookingRequest, Decision, Ledger, Refusal, Schedule};
+use jiff::Timestamp;
+use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use crate::mqtt::{BACKOFF_INITIAL, BACKOFF_MAX, REQUEST_CAPACITY};
+use crate::wire::{
+    KIND_DECISION, KIND_REQUEST, Keys, SlotsMessage, WireDecision, WireRequest, WireSlot,
+};
+use crate::{Connection, now_unix, topics};
+
+/// How far ahead free slots are published.
+pub const HORIZON_DAYS: i64 = 14;
+/// How long a hold (`$hold`) keeps its slot.
+pub const HOLD_FOR_SECS: i64 = 600;
+
+/// Called for every new booked appointment (e.g. to send OMG^O19 to the RIS).
+pub type OnBooked = Arc<dyn Fn(&Appointment) + Send + Sync>;
+
+/// The core's exchange service.
+pub struct CoreExchange {
+    connection: Connection,
+    keys: Arc<Keys>,
+    ledger: Arc<Ledger>,
+    schedules: Arc<Vec<Schedule>>,
+    publish_interval: Duration,
+    changed: Arc<Notify>,
+    on_booked: Option<OnBooked>,
+}
+
+impl std::fmt::Debug for CoreExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreExchange")
+            .field("connection", &self.connection)
+            .field("schedules", &self.schedules.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn status_json(state: &str) -> Vec<u8> {
+    serde_json::json!({"state": state, "at": now_unix()})
+        .to_string()
+        .into_bytes()
+}
+
+impl CoreExchange {
+    /// `changed` is notified by whoever else books on the ledger (the core's own kiosk), so
+    /// the publications follow.
+    pub fn new(
+        connection: Connection,
+        keys: Arc<Keys>,
+        ledger: Arc<Ledger>,
+        schedules: Arc<Vec<Schedule>>,
+        publish_interval: Duration,
+        changed: Arc<Notify>,
+    ) -> Self {
+        Self {
+            connection,
+            keys,
+            ledger,
+            schedules,
+            publish_interval,
+            changed,
+            on_booked: None,
+        }
+    }
+
+    #[must_use]
+    pub fn with_on_booked(mut self, f: OnBooked) -> Self {
+        self.on_booked = Some(f);
+        self
+    }
+
+    /// Runs until `shutdown`: reconnects with backoff; on shutdown marks the core offline.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let me = self.keys.me.clone();
+        let will = LastWill::new(
+            topics::status(&me),
+            status_json("offline"),
+            QoS::AtLeastOnce,
+            true,
+        );
+        let (client, mut events) =
+            AsyncClient::new(self.connection.options(Some(will)), REQUEST_CAPACITY);
+        info!(broker = %format!("{}:{}", self.connection.host, self.connection.port), schedules = self.schedules.len(), "booking exchange (core) started");
+        let mut tick = tokio::time::interval(self.publish_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut connected = false;
+        let mut backoff = BACKOFF_INITIAL;
+        loop {
+            let mut retry = None;
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                _ = tick.tick(), if connected => self.publish_all(&client),
+                () = self.changed.notified(), if connected => self.publish_all(&client),
+                event = events.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        info!("regional broker connected (core)");
+                        connected = true;
+                        backoff = BACKOFF_INITIAL;
+                        if let Err(e) = client.try_subscribe(format!("{}/{me}/req/+/+", topics::PREFIX), QoS::AtLeastOnce) {
+                            warn!(error = %e, "cannot queue the request subscription");
+                        }
+                        let _ = client.try_publish(topics::status(&me), QoS::AtLeastOnce, true, status_json("online"));
+                        self.publish_all(&client);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_request(&client, &p.topic, &p.payload),
+                    Ok(_) => {}
+                    Err(e) => {
+                        connected = false;
+                        warn!(error = %e, retry_in = ?backoff, "regional broker connection failed (core)");
+                        retry = Some(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                },
+            }
+            if let Some(wait) = retry {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        if connected {
+            let _ = client.try_publish(
+                topics::status(&me),
+                QoS::AtLeastOnce,
+                true,
+                status_json("offline"),
+            );
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while events.poll().await.is_ok() {}
+            })
+            .await;
+        }
+        info!("booking exchange (core) stopped");
+    }
+
+    /// The free slots of every schedule, retained.
+    fn publish_all(&self, client: &AsyncClient) {
+        for schedule in self.schedules.iter() {
+            self.publish_schedule(client, schedule);
+        }
+    }
+
+    fn publish_schedule(&self, client: &AsyncClient, schedule: &Schedule) {
+        let now = Timestamp::now();
+        let until = now
+            .checked_add(jiff::SignedDuration::from_hours(24 * HORIZON_DAYS))
+            .unwrap_or(now);
+        let slots = self
+            .ledger
+            .free_slots(schedule, now, until, now)
+            .into_iter()
+            .map(|s| WireSlot {
+                id: s.id,
+                start: s.start,
+                end: s.end,
+            })
+            .collect();
+        let message = SlotsMessage {
+            v: 1,
+            core: self.keys.me.clone(),
+            schedule: schedule.id().to_owned(),
+            modality: schedule.modality().to_owned(),
+            as_of: now_unix(),
+            slots,
+        };
+        let payload = serde_json::to_vec(&message).unwrap_or_default();
+        if let Err(e) = client.try_publish(
+            topics::slots(&self.keys.me, schedule.id()),
+            QoS::AtLeastOnce,
+            true,
+            payload,
+        ) {
+            warn!(error = %e, "slot publication dropped: request queue full");
+        }
+    }
+
+    /// One sealed request: open, decide (durably), seal the answer back.
+    fn on_request(&self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+        let me = &self.keys.me;
+        let Some((clinic, msg)) = topics::parse_inbox(me, "req", topic) else {
+            debug!(
+                bytes = payload.len(),
+                "ignored a publish outside the request topics"
+            );
+            return;
+        };
+        let plain = match self.keys.open(clinic, KIND_REQUEST, msg, payload) {
+            Ok(p) => zeroize::Zeroizing::new(p),
+            Err(e) => {
+                warn!(%clinic, error = %e, "booking request refused: it does not open");
+                return;
+            }
+        };
+        let request: WireRequest = match serde_json::from_slice(&plain) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(%clinic, line = e.line(), column = e.column(), "booking request refused: not a request");
+                return;
+            }
+        };
+        let now = Timestamp::now();
+        let decision = if now_unix() >= request.expires_at {
+            info!(%clinic, "booking request arrived after its expiry: refused, nothing recorded");
+            Decision::Refused {
+                code: Refusal::Invalid,
+                reason: "the request expired before the core received it; nothing was booked"
+                    .into(),
+            }
+        } else {
+            let booking = BookingRequest {
+                request_id: request.request_id.clone(),
+                clinic: clinic.to_owned(),
+                slot_id: request.slot_id.clone(),
+                hold: request.hold,
+                patient: request.patient.clone(),
+                procedure: request.procedure.clone(),
+            };
+            match self
+                .ledger
+                .decide(&booking, &self.schedules, now, HOLD_FOR_SECS)
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(%clinic, error = %e, "booking ledger cannot record a decision: no answer sent");
+                    return;
+                }
+            }
+        };
+        let slot = self.schedules.iter().find_map(|s| s.slot(&request.slot_id));
+        if let Decision::Booked { appointment_id, .. } = &decision {
+            info!(%clinic, appointment = %appointment_id, "booking request decided: booked");
+            if let Some(schedule) = self
+                .schedules
+                .iter()
+                .find(|s| slot.as_ref().is_some_and(|slot| slot.schedule == s.id()))
+            {
+                self.publish_schedule(client, schedule);
+            }
+            if let (Some(f), Some(a)) = (&self.on_booked, self.ledger.get(appointment_id)) {
+                f(&a);
+            }
+        } else if let Decision::Refused { code, .. } = &decision {
+            info!(%clinic, ?code, "booking request decided: refused");
+        }
+        let answer = WireDecision {
+            request_id: request.request_id,
+            slot_id: request.slot_id,
+            decision,
+            start: slot.as_ref().map(|s| s.start.clone()),
+            end: slot.as_ref().map(|s| s.end.clone()),
+        };
+        let body = serde_json::to_vec(&answer).unwrap_or_default();
+        match self.keys.seal(clinic, KIND_DECISION, msg, &body) {
+            Ok(sealed) => {
+                if let Err(e) = client.try_publish(
+                    topics::decision(clinic, me, msg),
+                    QoS::AtLeastOnce,
+                    false,
+                    sealed,
+                ) {
+                    warn!(error = %e, "booking decision dropped: request queue full");
+                }
+            }
+            Err(e) => warn!(%clinic, error = %e, "booking decision cannot be sealed"),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The regional booking exchange between clinic gateways and the core hospital's gateway,
+//! through the regional MQTT broker (rumqttc, TLS).
+//!
+//! Topics (every id 1..=64 of `[A-Za-z0-9._-]`, node ids of the gateways; no patient data):
+//!
+//! | topic | from -> to | QoS / retained | payload |
+//! |---|---|---|---|
+//! | `bk/{core}/status` | core -> all | 1 / retained; also the core's last will | `{"state":"online"\|"offline","at"}` |
+//! | `bk/{core}/slots/{schedule}` | core -> all | 1 / retained | [`wire::SlotsMessage`]: free slots, no patient data |
+//! | `bk/{core}/req/{clinic}/{msg}` | clinic -> core | 1 / no | sealed [`wire::WireRequest`] (`kind` `booking-request`) |
+//! | `bk/{clinic}/resp/{core}/{msg}` | core -> clinic | 1 / no | sealed [`wire::WireDecision`] (`kind` `booking-decision`) |
+//!
+//! `{msg}` is a random id made per message (never the kiosk's request id, which the sealed
+//! body carries). The broker's ACL should confine a gateway (MQTT user = its certificate's
+//! CN = its node id) to writing `bk/{itself}/#`, `bk/+/req/{itself}/#` and
+//! `bk/+/resp/{itself}/#`, and reading `bk/{itself}/#` and `bk/+/slots/#`, `bk/+/status`.
+//!
+//! Sealing: requests and decisions carry patient identity, so each is HPKE-sealed
+//! (`gateway-exchange`, Auth mode) to the recipient's X25519 key from `[[exchange.peers]]`
+//! and authenticated as the sender's; the routing header is bound to the ciphertext. The
+//! broker operator sees ids and ciphertext only.
+//!
+//! Roles:
+//! - [`core::CoreExchange`] on the core: publishes the free slots of every schedule (on
+//!   start, on every change, every `booking.publish_interval`), decides each request with the
+//!   [`gateway_booking::Ledger`] (durable before the answer is sealed and sent) and answers.
+//!   A request that arrives after its `expires_at` is refused without touching the ledger,
+//!   so a clinic that gave up waiting never finds it booked later.
+//! - [`clinic::ClinicExchange`] on a clinic: caches the core's slot publications and serves
+//!   them with their age (stale when older than `booking.stale_after`, or when the core's
+//!   status is `offline` or the broker is unreachable); sends booking requests and waits at
+//!   most `booking.request_timeout` for the decision, else refuses (503) without pretending.
+//!   It keeps a sealed copy of its own appointments (`<data_dir>/booking/clinic.sealed`), so
+//!   a repeated request id is answered locally with its first outcome.
+//! - [`local::LocalCore`]: the core's own kiosk, booking directly on its ledger.
+//!
+//! Invariants: nothing read from the broker is trusted before it opens with the named
+//! peer's key; nothing patient-related is logged or put in a topic; no `unwrap` on any
+//! broker input; the MQTT event loop never waits on the ledger's disk writes for longer than
+//! one decision.
+
+pub mod clinic;
+pub mod core;
+pub mod local;
+mod mqtt;
+pub mod wire;
+
+pub use mqtt::Connection;
+
+/// True for 1..=64 characters of `[A-Za-z0-9._-]`.
+pub fn valid_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A fresh random message id (32 hex digits).
+fn message_id() -> String {
+    let mut b = [0u8; 16];
+    // A failed random source gives a time-based id: unique enough for routing only.
+    if getrandom::getrandom(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        b = t.to_be_bytes();
+    }
+    hex::encode(b)
+}
+
+/// The kiosk's refusal for the core's refusal code.
+fn refused(
+    code: gateway_booking::Refusal,
+    reason: String,
+) -> gateway_kiosk::appointment::BookingRefused {
+    use gateway_booking::Refusal;
+    use gateway_kiosk::appointment::BookingRefused;
+    match code {
+        Refusal::Conflict => BookingRefused::Conflict,
+        Refusal::NotFound => BookingRefused::NotFound,
+        Refusal::Expired => BookingRefused::Expired,
+        Refusal::Invalid => BookingRefused::Invalid(reason),
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Topic builders and parsers.
+pub mod topics {
+    /// Prefix of every booking topic.
+    pub const PREFIX: &str = "bk";
+
+    pub fn status(core: &str) -> String {
+        format!("{PREFIX}/{core}/status")
+    }
+
+    pub fn slots(core: &str, schedule: &str) -> String {
+        format!("{PREFIX}/{core}/slots/{schedule}")
+    }
+
+    pub fn request(core: &str, clinic: &str, msg: &str) -> String {
+        format!("{PREFIX}/{core}/req/{clinic}/{msg}")
+    }
+
+    pub fn decision(clinic: &str, core: &str, msg: &str) -> String {
+        format!("{PREFIX}/{clinic}/resp/{core}/{msg}")
+    }
+
+    /// `bk/{me}/{kind}/{peer}/{msg}` -> `(peer, msg)` when every level is a valid id.
+    pub fn parse_inbox<'t>(me: &str, kind: &str, topic: &'t str) -> Option<(&'t str, &'t str)> {
+        let mut l = topic.split('/');
+        let (Some(p), Some(m), Some(k), Some(peer), Some(msg), None) =
+            (l.next(), l.next(), l.next(), l.next(), l.next(), l.next())
+        else {
+            return None;
+        };
+        (p == PREFIX && m == me && k == kind && super::valid_id(peer) && super::valid_id(msg))
+            .then_some((peer, msg))
+    }
+
+    /// `bk/{core}/slots/{schedule}` -> schedule.
+    pub fn parse_slots<'t>(core: &str, topic: &'t str) -> Option<&'t str> {
+        let rest = topic.strip_prefix(PREFIX)?.strip_prefix('/')?;
+        let rest = rest.strip_prefix(core)?.strip_prefix("/slots/")?;
+        super::valid_id(rest).then_some(rest)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn inbox_topics_parse_only_for_this_gateway() {
+            let t = request("core-1", "clinic-a", "m1");
+            assert_eq!(t, "bk/core-1/req/clinic-a/m1");
+            assert_eq!(parse_inbox("core-1", "req", &t), Some(("clinic-a", "m1")));
+            assert_eq!(parse_inbox("core-2", "req", &t), None);
+            assert_eq!(parse_inbox("core-1", "resp", &t), None);
+            assert_eq!(parse_inbox("core-1", "req", "bk/core-1/req/a+b/m1"), None);
+            assert_eq!(parse_inbox("core-1", "req", "bk/core-1/req/a/m1/x"), None);
+            assert_eq!(
+                parse_slots("core-1", &slots("core-1", "ct-1")),
+                Some("ct-1")
+            );
+            assert_eq!(parse_slots("core-1", "bk/core-1/slots/a/b"), None);
+            assert_eq!(parse_slots("core-1", "bk/core-2/slots/ct-1"), None);
+        }
+    }
+}

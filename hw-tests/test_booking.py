@@ -1,0 +1,186 @@
+"""Regional booking: a core and clinic gateways (separate `gatewayd run` processes) on a real
+mosquitto (TLS, client certificates, the booking ACL of `kiosk.REGIONAL_ACL`), staff logged
+in with both factors through the kiosk's HTTPS API (`kiosk.Kiosk`).
+
+The patient data used here is made up and marked (`ZZTEST`, a kanji name, a fixed birth
+date) so that the traffic capture can look for every piece of it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import fleet
+import kiosk
+from conftest import fail_on_assertion
+
+PATIENT = {"id": "ZZPID4242", "name": "ZZTEST^HANAKO=山田^花子=やまだ^はなこ", "birth_date": "1961-04-02",
+           "gender": "female"}
+
+
+@pytest.fixture
+def broker(tmp_path, ca):
+    fail_on_assertion(fleet.require_tools)
+    b = fail_on_assertion(fleet.Broker, tmp_path / "broker", ca, acl=kiosk.REGIONAL_ACL)
+    fail_on_assertion(b.start)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def capture(broker):
+    """Everything published on the broker, as its admin sees it (`#`)."""
+    subs: list[fleet.Subscription] = []
+
+    def make() -> fleet.Subscription:
+        s = broker.subscribe("vendor", "#")
+        subs.append(s)
+        time.sleep(0.5)
+        return s
+
+    yield make
+    for s in subs:
+        s.stop()
+
+
+def first_free(k: kiosk.Kiosk, schedule: str = "ct-1", skip: int = 2) -> str:
+    """A free slot some way ahead (not one that starts while the test runs)."""
+    bundle = kiosk.wait_until(lambda: (b := k.slots(schedule))["total"] > skip and b, 30,
+                              f"free slots of {schedule} at the clinic")
+    return bundle["entry"][skip]["resource"]["id"]
+
+
+def test_a_booking_made_at_the_clinic_is_booked_at_the_core_and_the_broker_sees_only_ciphertext(
+        gateway_factory, broker, capture):
+    region = kiosk.Region(gateway_factory, broker).start()
+    traffic = capture()
+    clerk = region.staff_session("clinic-a", "clerk.sato")
+    slots = clerk.slots("ct-1")
+    assert "tag" not in slots["meta"], slots["meta"]
+    slot = first_free(clerk)
+
+    r = clerk.book("req-0001", slot, PATIENT)
+    assert r.status == 201, r
+    booked = r.json()
+    assert booked["status"] == "booked", booked
+    accession = [i["value"] for i in booked["identifier"] if i["system"] == "urn:gatewayd:accession"]
+    assert len(accession) == 1 and accession[0].startswith("RB"), booked
+
+    # The clinic sees it booked; the slot is gone from what it serves.
+    mine = clerk.request("GET", f"/fhir/Appointment?patient={PATIENT['id']}")
+    assert mine.status == 200, mine
+    entries = [e["resource"] for e in mine.json()["entry"]]
+    assert [(a["status"], a["slot"][0]["reference"]) for a in entries] == [("booked", f"Slot/{slot}")]
+    kiosk.wait_until(lambda: slot not in [e["resource"]["id"] for e in clerk.slots("ct-1")["entry"]], 10,
+                     "the booked slot leaving the clinic's list")
+
+    # It is at the core, with the same accession number.
+    core_staff = region.staff_session("core-1", "rad.tanaka", "physician")
+    at_core = core_staff.request("GET", f"/fhir/Appointment?patient={PATIENT['id']}")
+    assert at_core.status == 200, at_core
+    core_entries = [e["resource"] for e in at_core.json()["entry"]]
+    assert len(core_entries) == 1, core_entries
+    core_acc = [i["value"] for i in core_entries[0]["identifier"] if i["system"] == "urn:gatewayd:accession"]
+    assert core_acc == accession and core_entries[0]["status"] == "booked"
+
+    # The broker saw the exchange, and nothing of the patient in clear.
+    time.sleep(1.0)
+    seen = traffic.out.read_bytes()
+    assert b"bk/core-1/req/clinic-a/" in seen and b"bk/clinic-a/resp/core-1/" in seen, seen[:500]
+    for needle in ("ZZTEST", "HANAKO", "山田", "花子", "やまだ", "ZZPID4242", "1961-04-02", "19610402",
+                   "CT chest"):
+        assert needle.encode() not in seen, f"{needle!r} crossed the broker in clear"
+
+
+def test_two_clinics_contest_one_slot_exactly_one_wins_and_a_retry_books_nothing_twice(gateway_factory, broker):
+    region = kiosk.Region(gateway_factory, broker, clinics=("clinic-a", "clinic-b")).start()
+    a = region.staff_session("clinic-a", "clerk.a")
+    b = region.staff_session("clinic-b", "clerk.b")
+    slot = first_free(a)
+    first_free(b)
+    answers: dict[str, kiosk.Response] = {}
+    go = threading.Barrier(2)
+
+    def book(name: str, k: kiosk.Kiosk, patient_id: str) -> None:
+        go.wait()
+        answers[name] = k.book(f"req-{name}", slot, {**PATIENT, "id": patient_id})
+
+    threads = [threading.Thread(target=book, args=("a", a, "ZZPIDA")),
+               threading.Thread(target=book, args=("b", b, "ZZPIDB"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    statuses = sorted(r.status for r in answers.values())
+    assert statuses == [201, 409], answers
+    loser = next(r for r in answers.values() if r.status == 409)
+    assert loser.json()["resourceType"] == "OperationOutcome", loser
+    assert loser.json()["issue"][0]["code"] == "conflict", loser
+    winner_name = next(n for n, r in answers.items() if r.status == 201)
+    winner = {"a": a, "b": b}[winner_name]
+    first = answers[winner_name].json()
+
+    # The same request again: the first answer, nothing booked twice.
+    again = winner.book(f"req-{winner_name}", slot, {**PATIENT, "id": f"ZZPID{winner_name.upper()}"})
+    assert again.status == 200, again
+    assert again.json()["id"] == first["id"]
+    core_staff = region.staff_session("core-1", "rad.mori", "physician")
+    for pid in ("ZZPIDA", "ZZPIDB"):
+        r = core_staff.request("GET", f"/fhir/Appointment?patient={pid}")
+        assert r.status == 200, r
+        n = len(r.json()["entry"])
+        assert n == (1 if pid == f"ZZPID{winner_name.upper()}" else 0), (pid, r.json())
+
+
+def test_core_unreachable_the_clinic_serves_stale_slots_and_refuses_to_confirm(gateway_factory, broker):
+    region = kiosk.Region(gateway_factory, broker, request_timeout="3s", stale_after="4s").start()
+    clerk = region.staff_session("clinic-a", "clerk.ito")
+    slot = first_free(clerk)
+    assert "tag" not in clerk.slots("ct-1")["meta"]
+
+    assert region.core.stop() == 0
+    stale = kiosk.wait_until(lambda: (b := clerk.slots("ct-1"))["meta"].get("tag") and b, 15,
+                             "slots marked stale")
+    assert stale["meta"]["tag"][0]["code"] == "stale"
+    assert stale["total"] > 0, "the cached slots are still served"
+    r = clerk.book("req-offline-1", slot, PATIENT)
+    assert r.status == 503, r
+    assert r.json()["resourceType"] == "OperationOutcome"
+    assert r.json()["issue"][0]["code"] == "transient", r
+
+    # When the core is back, the expired request is not booked behind the clinic's back.
+    region.core.start()
+    kiosk.wait_until(lambda: "tag" not in clerk.slots("ct-1")["meta"], 20, "fresh slots again")
+    time.sleep(2.0)
+    core_staff = region.staff_session("core-1", "rad.abe", "physician")
+    r = core_staff.request("GET", f"/fhir/Appointment?patient={PATIENT['id']}")
+    assert r.status == 200 and r.json()["entry"] == [], r
+    assert slot in [e["resource"]["id"] for e in clerk.slots("ct-1")["entry"]]
+
+
+def test_login_needs_both_factors_locks_out_and_roles_are_enforced(gateway_factory, broker):
+    region = kiosk.Region(gateway_factory, broker).start()
+    g = region.gateways["clinic-a"]
+    secret = kiosk.add_staff(g, "clerk.kato")
+    admin_secret = kiosk.add_staff(g, "admin.ueda", "admin")
+    k = region.kiosk("clinic-a")
+    # No session: 401 with an OperationOutcome.
+    r = k.request("GET", "/fhir/Slot?status=free")
+    assert r.status == 401 and r.json()["resourceType"] == "OperationOutcome", r
+    # Password only, a wrong code: refused.
+    assert k.login("clerk.kato", None, code="").status == 401
+    wrong = "000000" if kiosk.totp(secret) != "000000" else "111111"
+    assert k.login("clerk.kato", None, code=wrong).status == 401
+    # Both factors: in; a clerk cannot list accounts.
+    assert k.login("clerk.kato", secret).status == 200
+    assert k.request("GET", "/api/me").json()["role"] == "clerk"
+    assert k.request("GET", "/api/accounts").status == 403
+    # Lockout after repeated failures: even the right code is then refused.
+    other = region.kiosk("clinic-a")
+    for _ in range(5):
+        assert other.login("admin.ueda", None, password="not the password", code="123456").status == 401
+    locked = other.login("admin.ueda", admin_secret)
+    assert locked.status == 401 and "locked" in locked.json()["issue"][0]["diagnostics"], locked.json()
