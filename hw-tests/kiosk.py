@@ -152,7 +152,8 @@ class Region:
     """A core and clinics on one regional broker (see the module docs)."""
 
     def __init__(self, gateway_factory, broker: fleet.Broker, clinics: tuple[str, ...] = ("clinic-a",),
-                 core: str = "core-1", request_timeout: str = "5s", stale_after: str = "4s"):
+                 core: str = "core-1", request_timeout: str = "5s", stale_after: str = "4s",
+                 core_extra: dict | None = None):
         self.broker = broker
         self.core_id = core
         self.ports: dict[str, int] = {}
@@ -177,7 +178,10 @@ class Region:
                 booking = {"listen": f"127.0.0.1:{port}", "request_timeout": request_timeout,
                            "stale_after": stale_after}
                 node = {"id": name, "role": "clinic"}
-            g = gateway_factory({"node": node, "booking": booking, "exchange": exchange}, start=False, name=name)
+            overrides = {"node": node, "booking": booking, "exchange": exchange}
+            if name == core:
+                overrides.update(core_extra or {})
+            g = gateway_factory(overrides, start=False, name=name)
             r = cli(g, "keys", "init")
             assert r.returncode == 0, r.stderr
             self.ports[name] = port

@@ -14,6 +14,7 @@ import time
 import pytest
 
 import fleet
+import hl7
 import kiosk
 from conftest import fail_on_assertion
 
@@ -184,3 +185,34 @@ def test_login_needs_both_factors_locks_out_and_roles_are_enforced(gateway_facto
         assert other.login("admin.ueda", None, password="not the password", code="123456").status == 401
     locked = other.login("admin.ueda", admin_secret)
     assert locked.status == 401 and "locked" in locked.json()["issue"][0]["diagnostics"], locked.json()
+
+
+def test_a_booked_exam_goes_to_the_cores_ris_as_omg_o19(gateway_factory, broker, tmp_path):
+    from test_hl7_forward import Peer
+
+    ris = Peer(tmp_path / "ris", None).start()
+    try:
+        region = kiosk.Region(gateway_factory, broker, core_extra={
+            "uplink": [{"name": "ris", "kind": "mllp-tls", "url": f"mllp://127.0.0.1:{ris.port}"}]}).start()
+        clerk = region.staff_session("clinic-a", "clerk.omg")
+        slot = first_free(clerk)
+        r = clerk.book("req-omg-1", slot, PATIENT)
+        assert r.status == 201, r
+        accession = next(i["value"] for i in r.json()["identifier"] if i["system"] == "urn:gatewayd:accession")
+        got = kiosk.wait_until(ris.received, 20, "the OMG^O19 at the RIS")
+        assert len(got) == 1, got
+        msg = hl7.parse(got[0][1].decode("utf-8").replace("\r\n", "\r"))
+        assert str(msg.segment("MSH")[9]) == "OMG^O19^OMG_O19"
+        assert str(msg.segment("MSH")[18]) == "UNICODE UTF-8"
+        pid = msg.segment("PID")
+        assert str(pid[3]).startswith(PATIENT["id"])
+        assert "山田" in str(pid[5]) and str(pid[7]) == "19610402"
+        assert str(msg.segment("OBR")[18]) == accession
+        ipc = msg.segment("IPC")
+        assert str(ipc[1]) == accession and str(ipc[5]) == "CT" and str(ipc[9]) == "CT01"
+        # The same request again books nothing new and sends nothing new.
+        assert clerk.book("req-omg-1", slot, PATIENT).status == 200
+        time.sleep(2.0)
+        assert len(ris.received()) == 1
+    finally:
+        ris.stop()

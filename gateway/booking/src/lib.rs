@@ -9,6 +9,7 @@
 //!   exactly one request, and the decision is on disk before it is returned. Appointment
 //!   states follow FHIR R4 (`proposed -> pending -> booked -> cancelled | fulfilled |
 //!   noshow`); a hold (`pending`) keeps its slot until it expires.
+//! - [`order`]: the OMG^O19 a booked exam becomes for the core's RIS.
 //! - [`sealed`]: booking files at rest, sealed with AES-256-GCM under a key derived from the
 //!   key store's master key (they hold patient identity).
 //! - [`worklist`]: Modality Worklist items of booked appointments and the C-FIND matching
@@ -18,6 +19,7 @@
 //! never holds two live appointments for one slot; a refusal changes nothing.
 
 pub mod ledger;
+pub mod order;
 pub mod schedule;
 pub mod sealed;
 pub mod worklist;

@@ -64,6 +64,7 @@ pub(crate) struct Started {
 pub(crate) async fn start(
     settings: &Settings,
     booking: &Booking,
+    spool: &gateway_spool::Spool,
     derived: &Derived,
     identity: Option<Arc<dyn gateway_keystore::DeviceIdentity>>,
     shutdown: &watch::Receiver<bool>,
@@ -81,72 +82,80 @@ pub(crate) async fn start(
     );
     let mut tasks: Vec<Task> = Vec::new();
     let exchange = settings.exchange.as_ref();
-    let (slots, backend): (Arc<dyn SlotSource>, Arc<dyn BookingBackend>) =
-        match settings.node.role {
-            Role::Core => {
-                let ledger = Arc::new(
-                    Ledger::open(&booking_dir, derived.seal())
-                        .map_err(|e| format!("booking: {e}"))?,
-                );
-                let schedules = Arc::new(booking.schedules.clone());
-                let changed = Arc::new(Notify::new());
-                let local = Arc::new(LocalCore::new(
-                    me.clone(),
+    let (slots, backend): (Arc<dyn SlotSource>, Arc<dyn BookingBackend>) = match settings.node.role
+    {
+        Role::Core => {
+            let ledger = Arc::new(
+                Ledger::open(&booking_dir, derived.seal()).map_err(|e| format!("booking: {e}"))?,
+            );
+            let schedules = Arc::new(booking.schedules.clone());
+            let changed = Arc::new(Notify::new());
+            let mut local = LocalCore::new(
+                me.clone(),
+                Arc::clone(&ledger),
+                Arc::clone(&schedules),
+                derived.seal(),
+                Arc::clone(&changed),
+            );
+            let to_ris = ris_orders(settings, spool, &schedules);
+            if let Some(f) = &to_ris {
+                local = local.with_on_booked(Arc::clone(f));
+            }
+            let local = Arc::new(local);
+            if let Some(x) = exchange {
+                let core = CoreExchange::new(
+                    connection(&me, x, identity.clone(), data_dir)?,
+                    Arc::new(keys(&me, x, derived)?),
                     Arc::clone(&ledger),
                     Arc::clone(&schedules),
+                    booking.publish_interval.get(),
+                    changed,
+                );
+                let core = match to_ris {
+                    Some(f) => core.with_on_booked(f),
+                    None => core,
+                };
+                tasks.push(Box::pin(core.run(shutdown.clone())));
+            } else {
+                info!("no [exchange]: the core's slots are bookable from its own kiosk only");
+            }
+            (
+                local.clone() as Arc<dyn SlotSource>,
+                local as Arc<dyn BookingBackend>,
+            )
+        }
+        Role::Clinic => match (&booking.core, exchange) {
+            (Some(core), Some(x)) => {
+                let clinic_settings = ClinicSettings {
+                    connection: connection(&me, x, identity.clone(), data_dir)?,
+                    core: core.clone(),
+                    request_timeout: booking.request_timeout.get(),
+                    stale_after: booking.stale_after.get(),
+                };
+                let (handle, task) = ClinicExchange::open(
+                    clinic_settings,
+                    keys(&me, x, derived)?,
+                    &booking_dir,
                     derived.seal(),
-                    Arc::clone(&changed),
-                ));
-                if let Some(x) = exchange {
-                    let core = CoreExchange::new(
-                        connection(&me, x, identity.clone(), data_dir)?,
-                        Arc::new(keys(&me, x, derived)?),
-                        Arc::clone(&ledger),
-                        Arc::clone(&schedules),
-                        booking.publish_interval.get(),
-                        changed,
-                    );
-                    tasks.push(Box::pin(core.run(shutdown.clone())));
-                } else {
-                    info!("no [exchange]: the core's slots are bookable from its own kiosk only");
-                }
+                )
+                .map_err(|e| format!("booking: {e}"))?;
+                tasks.push(Box::pin(task.run(shutdown.clone())));
+                let handle = Arc::new(handle);
                 (
-                    local.clone() as Arc<dyn SlotSource>,
-                    local as Arc<dyn BookingBackend>,
+                    handle.clone() as Arc<dyn SlotSource>,
+                    handle as Arc<dyn BookingBackend>,
                 )
             }
-            Role::Clinic => match (&booking.core, exchange) {
-                (Some(core), Some(x)) => {
-                    let clinic_settings = ClinicSettings {
-                        connection: connection(&me, x, identity.clone(), data_dir)?,
-                        core: core.clone(),
-                        request_timeout: booking.request_timeout.get(),
-                        stale_after: booking.stale_after.get(),
-                    };
-                    let (handle, task) = ClinicExchange::open(
-                        clinic_settings,
-                        keys(&me, x, derived)?,
-                        &booking_dir,
-                        derived.seal(),
-                    )
-                    .map_err(|e| format!("booking: {e}"))?;
-                    tasks.push(Box::pin(task.run(shutdown.clone())));
-                    let handle = Arc::new(handle);
-                    (
-                        handle.clone() as Arc<dyn SlotSource>,
-                        handle as Arc<dyn BookingBackend>,
-                    )
-                }
-                _ => {
-                    warn!("booking.core is not set: the kiosk shows no slots and refuses bookings");
-                    let none = Arc::new(NoCore);
-                    (
-                        none.clone() as Arc<dyn SlotSource>,
-                        none as Arc<dyn BookingBackend>,
-                    )
-                }
-            },
-        };
+            _ => {
+                warn!("booking.core is not set: the kiosk shows no slots and refuses bookings");
+                let none = Arc::new(NoCore);
+                (
+                    none.clone() as Arc<dyn SlotSource>,
+                    none as Arc<dyn BookingBackend>,
+                )
+            }
+        },
+    };
     let tls = kiosk_tls(settings, booking)?;
     let tcp = tokio::net::TcpListener::bind(booking.listen)
         .await
@@ -165,6 +174,56 @@ pub(crate) async fn start(
         }
     }));
     Ok(Started { tasks })
+}
+
+/// Booked exams as OMG^O19 to the RIS: stored in the spool as HL7 messages (durable, and
+/// forwarded by every `mllp-tls` uplink like any other HL7 message). `None` without an HL7
+/// destination. A repeat of the same booking is the same message key: stored once.
+fn ris_orders(
+    settings: &Settings,
+    spool: &gateway_spool::Spool,
+    schedules: &Arc<Vec<gateway_booking::Schedule>>,
+) -> Option<gateway_regional::core::OnBooked> {
+    if !settings
+        .uplinks
+        .iter()
+        .any(|u| u.kind == gateway_config::UplinkKind::MllpTls)
+    {
+        return None;
+    }
+    let spool = spool.clone();
+    let schedules = Arc::clone(schedules);
+    let facility = settings.node.id.as_str().to_owned();
+    Some(Arc::new(move |a: &gateway_booking::Appointment| {
+        if a.status != gateway_booking::AppointmentStatus::Booked {
+            return;
+        }
+        let Some(schedule) = schedules.iter().find(|s| s.id() == a.schedule) else {
+            return;
+        };
+        let control_id = format!("OMG-{}", a.id);
+        let text = gateway_booking::order::omg_o19(
+            a,
+            schedule,
+            &facility,
+            &control_id,
+            jiff::Timestamp::now(),
+        );
+        let item = gateway_spool::MessageIn {
+            key: format!("GATEWAYD|{facility}|{control_id}"),
+            message_type: "OMG^O19".into(),
+            charset: "UTF-8".into(),
+            source: "booking".into(),
+            bytes: text.into_bytes(),
+        };
+        match spool.store_messages(std::slice::from_ref(&item)).pop() {
+            Some(Ok(_)) => info!(appointment = %a.id, "OMG^O19 for the RIS stored"),
+            Some(Err(e)) => {
+                error!(appointment = %a.id, error = %e, "OMG^O19 for the RIS could not be stored")
+            }
+            None => {}
+        }
+    }))
 }
 
 /// The kiosk's TLS: the configured files, or (development only) a self-signed certificate.

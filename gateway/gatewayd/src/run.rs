@@ -210,7 +210,15 @@ async fn serve(
     let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
     let booking = match &settings.booking {
         Some(booking) => Some(
-            crate::booking::start(&settings, booking, &derived, keys.identity(), &shutdown).await?,
+            crate::booking::start(
+                &settings,
+                booking,
+                &spool,
+                &derived,
+                keys.identity(),
+                &shutdown,
+            )
+            .await?,
         ),
         None => None,
     };

@@ -25,6 +25,7 @@ pub struct LocalCore {
     schedules: Arc<Vec<Schedule>>,
     seal: SealKey,
     changed: Arc<Notify>,
+    on_booked: Option<crate::core::OnBooked>,
 }
 
 impl std::fmt::Debug for LocalCore {
@@ -50,7 +51,15 @@ impl LocalCore {
             schedules,
             seal,
             changed,
+            on_booked: None,
         }
+    }
+
+    /// Called for every booked appointment (e.g. the OMG^O19 to the RIS).
+    #[must_use]
+    pub fn with_on_booked(mut self, f: crate::core::OnBooked) -> Self {
+        self.on_booked = Some(f);
+        self
     }
 }
 

@@ -1,0 +1,228 @@
+//! The HL7 v2.5.1 order a booked exam becomes for the core's RIS: OMG^O19 (general clinical
+//! order) with the imaging segments, UTF-8 (`MSH-18` = `UNICODE UTF-8`).
+//!
+//! Segments: `MSH`, `PID` (identifier, names as XPN repetitions: alphabetic `A`,
+//! ideographic `I`, phonetic `P` per JAHIS, birth date, sex), `ORC` (`NW`, placer order
+//! number = appointment id, filler = accession), `TQ1` (start and end), `OBR` (procedure,
+//! accession in OBR-18, modality in OBR-24, scheduled time in OBR-36) and `IPC` (accession,
+//! requested procedure id, study instance UID, scheduled procedure step id, modality,
+//! scheduled station AE title) - the same identifiers the worklist serves.
+//!
+//! Every value is escaped (`\F\ \S\ \T\ \R\ \E\`), so no text can add a field or segment.
+
+use jiff::Timestamp;
+
+use crate::ledger::Appointment;
+use crate::schedule::Schedule;
+
+/// HL7 escape of one value (encoding characters `|^~\&`, and CR/LF dropped).
+pub fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '|' => out.push_str("\\F\\"),
+            '^' => out.push_str("\\S\\"),
+            '~' => out.push_str("\\R\\"),
+            '\\' => out.push_str("\\E\\"),
+            '&' => out.push_str("\\T\\"),
+            '\r' | '\n' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `YYYYMMDDHHMMSS` of an RFC 3339 local time (`2027-01-12T09:30:00+09:00`), keeping the
+/// schedule's local clock time; empty if it is not one.
+fn hl7_time(rfc3339: &str) -> String {
+    let digits: String = rfc3339
+        .get(..19)
+        .unwrap_or("")
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    if digits.len() == 14 {
+        digits
+    } else {
+        String::new()
+    }
+}
+
+/// XPN repetitions of a DICOM PN (`alpha=ideographic=phonetic`, components `^`).
+fn names(pn: &str) -> String {
+    pn.split('=')
+        .zip(["A", "I", "P"])
+        .filter(|(group, _)| !group.is_empty())
+        .map(|(group, code)| {
+            let mut parts = group.split('^');
+            let family = escape(parts.next().unwrap_or(""));
+            let given = escape(parts.next().unwrap_or(""));
+            format!("{family}^{given}^^^^^L^{code}")
+        })
+        .collect::<Vec<_>>()
+        .join("~")
+}
+
+/// A DICOM UID for the study of an appointment: `2.25.` and a decimal number made from the
+/// accession and appointment id (stable, so a resend is the same study).
+pub fn study_uid(a: &Appointment) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("{}|{}", a.accession, a.id).as_bytes());
+    let mut n: u128 = 0;
+    for b in digest.iter().take(16) {
+        n = (n << 8) | u128::from(*b);
+    }
+    // 2.25 UIDs are a UUID-sized integer; keep under 39 digits.
+    format!("2.25.{}", n >> 2)
+}
+
+/// A segment with the given fields (by HL7 field number) and the rest empty.
+fn segment(name: &str, fields: &[(usize, String)]) -> String {
+    let last = fields.iter().map(|(n, _)| *n).max().unwrap_or(0);
+    let mut out = vec![String::new(); last + 1];
+    out[0] = name.to_owned();
+    for (n, v) in fields {
+        out[*n].clone_from(v);
+    }
+    out.join("|")
+}
+
+/// The OMG^O19 of a booked appointment (segments separated by CR).
+pub fn omg_o19(
+    a: &Appointment,
+    schedule: &Schedule,
+    facility: &str,
+    control_id: &str,
+    now: Timestamp,
+) -> String {
+    let e = escape;
+    let at = now.strftime("%Y%m%d%H%M%S").to_string();
+    let start = hl7_time(&a.start);
+    let end = hl7_time(&a.end);
+    let sex = match a.patient.sex.as_str() {
+        "M" | "F" | "O" => a.patient.sex.as_str(),
+        _ => "U",
+    };
+    let segments = [
+        format!(
+            "MSH|^~\\&|GATEWAYD|{f}|RIS|{f}|{at}||OMG^O19^OMG_O19|{c}|P|2.5.1|||AL|NE||UNICODE UTF-8",
+            f = e(facility),
+            c = e(control_id)
+        ),
+        format!(
+            "PID|1||{pid}^^^{clinic}||{names}||{birth}|{sex}",
+            pid = e(&a.patient.id),
+            clinic = e(&a.clinic),
+            names = names(&a.patient.name),
+            birth = e(&a.patient.birth_date),
+        ),
+        format!(
+            "ORC|NW|{id}^GATEWAYD|{acc}^GATEWAYD||SC||||{at}",
+            id = e(&a.id),
+            acc = e(&a.accession)
+        ),
+        segment("TQ1", &[(1, "1".into()), (7, start.clone()), (8, end)]),
+        segment(
+            "OBR",
+            &[
+                (1, "1".into()),
+                (2, format!("{}^GATEWAYD", e(&a.id))),
+                (3, format!("{}^GATEWAYD", e(&a.accession))),
+                (4, format!("^{}", e(&a.procedure))),
+                (18, e(&a.accession)),
+                (19, e(&a.id)),
+                (24, e(schedule.modality())),
+                (36, start.clone()),
+            ],
+        ),
+        segment(
+            "IPC",
+            &[
+                (1, e(&a.accession)),
+                (2, e(&a.accession)),
+                (3, study_uid(a)),
+                (4, e(&a.id)),
+                (5, e(schedule.modality())),
+                (9, e(schedule.station_ae())),
+            ],
+        ),
+    ];
+    let mut out = segments.join("\r");
+    out.push('\r');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{AppointmentStatus, PatientRef};
+    use crate::schedule::ScheduleSpec;
+
+    fn appointment() -> Appointment {
+        Appointment {
+            id: "apt-00000007".into(),
+            slot_id: "ct-1.20270112T0930".into(),
+            schedule: "ct-1".into(),
+            start: "2027-01-12T09:30:00+09:00".into(),
+            end: "2027-01-12T10:00:00+09:00".into(),
+            clinic: "clinic-a".into(),
+            request_id: "r1".into(),
+            patient: PatientRef {
+                id: "ZZPID1".into(),
+                name: "ZZTEST^HANAKO=山田^花子=やまだ^はなこ".into(),
+                birth_date: "19610402".into(),
+                sex: "F".into(),
+            },
+            procedure: "CT chest | contrast ^ 1".into(),
+            accession: "RB20270112000007".into(),
+            status: AppointmentStatus::Booked,
+            hold_expires_unix: None,
+        }
+    }
+
+    #[test]
+    fn omg_o19_carries_the_worklist_identifiers_and_escapes_text() {
+        let schedule = Schedule::new(&ScheduleSpec {
+            id: "ct-1".into(),
+            modality: "CT".into(),
+            station_ae: "CT01".into(),
+            ..ScheduleSpec::default()
+        })
+        .unwrap();
+        let now: Timestamp = "2027-01-10T00:00:00Z".parse().unwrap();
+        let msg = omg_o19(&appointment(), &schedule, "core-1", "OMG-apt-00000007", now);
+        let seg: Vec<&str> = msg.trim_end_matches('\r').split('\r').collect();
+        assert_eq!(
+            seg.iter().map(|s| &s[..3]).collect::<Vec<_>>(),
+            ["MSH", "PID", "ORC", "TQ1", "OBR", "IPC"]
+        );
+        let fields = |s: &str| s.split('|').map(str::to_owned).collect::<Vec<_>>();
+        let msh = fields(seg[0]);
+        assert_eq!(msh[8], "OMG^O19^OMG_O19");
+        assert_eq!(msh[9], "OMG-apt-00000007");
+        assert_eq!(msh[17], "UNICODE UTF-8");
+        let pid = fields(seg[1]);
+        assert_eq!(pid[3], "ZZPID1^^^clinic-a");
+        assert_eq!(
+            pid[5],
+            "ZZTEST^HANAKO^^^^^L^A~山田^花子^^^^^L^I~やまだ^はなこ^^^^^L^P"
+        );
+        assert_eq!((pid[7].as_str(), pid[8].as_str()), ("19610402", "F"));
+        let obr = fields(seg[4]);
+        assert_eq!(obr[4], "^CT chest \\F\\ contrast \\S\\ 1");
+        assert_eq!(obr[18], "RB20270112000007");
+        assert_eq!(obr[24], "CT");
+        assert_eq!(obr[36], "20270112093000");
+        let ipc = fields(seg[5]);
+        assert_eq!(ipc[1], "RB20270112000007");
+        assert!(ipc[3].starts_with("2.25.") && ipc[3].len() <= 64);
+        assert_eq!((ipc[5].as_str(), ipc[9].as_str()), ("CT", "CT01"));
+        assert_eq!(fields(seg[3])[7], "20270112093000");
+        // Nothing in the text made a new field or segment.
+        assert_eq!(seg.len(), 6);
+        assert_eq!(
+            escape("a|b^c~d\\e&f\rg"),
+            "a\\F\\b\\S\\c\\R\\d\\E\\e\\T\\f g"
+        );
+    }
+}
