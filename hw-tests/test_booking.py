@@ -216,3 +216,29 @@ def test_a_booked_exam_goes_to_the_cores_ris_as_omg_o19(gateway_factory, broker,
         assert len(ris.received()) == 1
     finally:
         ris.stop()
+
+
+def test_a_clinic_cancels_with_its_etag_and_the_slot_is_free_again(gateway_factory, broker):
+    region = kiosk.Region(gateway_factory, broker).start()
+    clerk = region.staff_session("clinic-a", "clerk.endo")
+    slot = first_free(clerk)
+    r = clerk.book("req-cancel-1", slot, PATIENT)
+    assert r.status == 201, r
+    appointment_id, etag = r.json()["id"], r.headers["etag"]
+    assert etag == 'W/"1"', r.headers
+    path = f"/fhir/Appointment/{appointment_id}/$cancel"
+    assert clerk.request("POST", path).status == 428
+    stale = clerk.request("POST", path, headers={"If-Match": 'W/"9"'})
+    assert stale.status == 412 and stale.json()["resourceType"] == "OperationOutcome", stale
+    done = clerk.request("POST", path, headers={"If-Match": etag})
+    assert done.status == 200, done
+    assert done.json()["status"] == "cancelled" and done.headers["etag"] == 'W/"2"', done
+    # The core has it cancelled; the slot comes back to every clinic.
+    core_staff = region.staff_session("core-1", "rad.ono", "physician")
+    at_core = core_staff.request("GET", f"/fhir/Appointment?patient={PATIENT['id']}").json()["entry"]
+    assert [e["resource"]["status"] for e in at_core] == ["cancelled"], at_core
+    kiosk.wait_until(lambda: slot in [e["resource"]["id"] for e in clerk.slots("ct-1")["entry"]], 10,
+                     "the cancelled slot back in the clinic's list")
+    # Cancelling again is the same answer.
+    again = clerk.request("POST", path, headers={"If-Match": etag})
+    assert again.status == 200 and again.json()["status"] == "cancelled", again

@@ -94,6 +94,8 @@ pub enum Refusal {
     Expired,
     /// The request itself is malformed.
     Invalid,
+    /// A change named a version the appointment no longer has.
+    VersionMismatch,
 }
 
 /// The core's answer to a request; the same request always gets the same answer.
@@ -128,6 +130,13 @@ pub struct Appointment {
     pub status: AppointmentStatus,
     /// A hold's expiry (Unix seconds); None for booked appointments.
     pub hold_expires_unix: Option<i64>,
+    /// Changes with every status change (the kiosk's ETag, `W/"{version}"`).
+    #[serde(default = "first_version")]
+    pub version: u64,
+}
+
+fn first_version() -> u64 {
+    1
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -149,6 +158,8 @@ pub enum LedgerError {
     Corrupt { path: PathBuf, detail: String },
     #[error("no appointment {0}")]
     NoSuchAppointment(String),
+    #[error("appointment {id} changed (now version {current})")]
+    VersionMismatch { id: String, current: u64 },
     #[error("appointment {id} cannot go from {from:?} to {to:?}")]
     Transition {
         id: String,
@@ -274,6 +285,7 @@ impl Ledger {
                         accession: accession.clone(),
                         status,
                         hold_expires_unix: req.hold.then(|| now.as_second() + hold_for_secs),
+                        version: 1,
                     },
                 );
                 Decision::Booked {
@@ -313,6 +325,7 @@ impl Ledger {
         }
         a.status = AppointmentStatus::Booked;
         a.hold_expires_unix = None;
+        a.version += 1;
         let now = Decision::Booked {
             appointment_id: a.id.clone(),
             accession: a.accession.clone(),
@@ -339,6 +352,48 @@ impl Ledger {
         }
         a.status = to;
         a.hold_expires_unix = None;
+        a.version += 1;
+        let out = a.clone();
+        self.save(&state)?;
+        Ok(out)
+    }
+
+    /// Cancels `id` for `clinic` (only the clinic that booked it may). With `if_match`, the
+    /// appointment must still be at that version (else [`LedgerError::VersionMismatch`]).
+    /// Cancelling a cancelled appointment again is the same answer (idempotent).
+    pub fn cancel(
+        &self,
+        clinic: &str,
+        id: &str,
+        if_match: Option<u64>,
+    ) -> Result<Appointment, LedgerError> {
+        let mut state = self.lock();
+        let a = state
+            .appointments
+            .get_mut(id)
+            .filter(|a| a.clinic == clinic)
+            .ok_or_else(|| LedgerError::NoSuchAppointment(id.to_string()))?;
+        if a.status == AppointmentStatus::Cancelled {
+            return Ok(a.clone());
+        }
+        if let Some(expected) = if_match
+            && expected != a.version
+        {
+            return Err(LedgerError::VersionMismatch {
+                id: id.to_string(),
+                current: a.version,
+            });
+        }
+        if !a.status.may_become(AppointmentStatus::Cancelled) {
+            return Err(LedgerError::Transition {
+                id: id.to_string(),
+                from: a.status,
+                to: AppointmentStatus::Cancelled,
+            });
+        }
+        a.status = AppointmentStatus::Cancelled;
+        a.hold_expires_unix = None;
+        a.version += 1;
         let out = a.clone();
         self.save(&state)?;
         Ok(out)
@@ -372,6 +427,13 @@ impl Ledger {
             .into_iter()
             .filter(|s| s.start_ts > now && !taken.contains(&s.id))
             .collect()
+    }
+
+    /// Every appointment, whatever its status (holds past expiry as cancelled).
+    pub fn all(&self, now: Timestamp) -> Vec<Appointment> {
+        let mut state = self.lock();
+        expire_holds(&mut state, now);
+        state.appointments.values().cloned().collect()
     }
 
     pub fn get(&self, id: &str) -> Option<Appointment> {
@@ -663,5 +725,68 @@ mod tests {
             Err(LedgerError::NoSuchAppointment(_))
         ));
         assert!(ledger.live(now()).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod cancel_tests {
+    use super::*;
+    use crate::schedule::ScheduleSpec;
+    use crate::sealed::SealKey;
+
+    #[test]
+    fn cancel_checks_owner_and_version_frees_the_slot_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let schedules = vec![
+            Schedule::new(&ScheduleSpec {
+                id: "ct-1".into(),
+                modality: "CT".into(),
+                station_ae: "CT01".into(),
+                ..ScheduleSpec::default()
+            })
+            .unwrap(),
+        ];
+        let now: Timestamp = "2027-01-12T00:00:00Z".parse().unwrap();
+        let req = BookingRequest {
+            request_id: "r1".into(),
+            clinic: "clinic-a".into(),
+            slot_id: "ct-1.20270112T1000".into(),
+            hold: false,
+            patient: PatientRef::default(),
+            procedure: "CT".into(),
+        };
+        let Decision::Booked { appointment_id, .. } =
+            ledger.decide(&req, &schedules, now, 600).unwrap()
+        else {
+            panic!("not booked")
+        };
+        assert_eq!(ledger.get(&appointment_id).unwrap().version, 1);
+        assert!(matches!(
+            ledger.cancel("clinic-b", &appointment_id, None),
+            Err(LedgerError::NoSuchAppointment(_))
+        ));
+        assert!(matches!(
+            ledger.cancel("clinic-a", &appointment_id, Some(7)),
+            Err(LedgerError::VersionMismatch { current: 1, .. })
+        ));
+        let a = ledger.cancel("clinic-a", &appointment_id, Some(1)).unwrap();
+        assert_eq!((a.status, a.version), (AppointmentStatus::Cancelled, 2));
+        assert_eq!(
+            ledger
+                .cancel("clinic-a", &appointment_id, Some(1))
+                .unwrap()
+                .version,
+            2
+        );
+        // The slot is free again for another request.
+        let again = BookingRequest {
+            request_id: "r2".into(),
+            ..req
+        };
+        assert!(matches!(
+            ledger.decide(&again, &schedules, now, 600).unwrap(),
+            Decision::Booked { .. }
+        ));
     }
 }

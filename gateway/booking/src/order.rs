@@ -177,6 +177,7 @@ mod tests {
             accession: "RB20270112000007".into(),
             status: AppointmentStatus::Booked,
             hold_expires_unix: None,
+            version: 1,
         }
     }
 

@@ -10,6 +10,10 @@
 //!   e.g. `YAMADA^TARO=山田^太郎=やまだ^たろう`), `birthDate` (`YYYY-MM-DD`) and `gender`;
 //! - `serviceType[0].text`: the procedure.
 //!
+//! `POST /fhir/Appointment/{id}/$cancel` with `If-Match: W/"{versionId}"` (required: 428
+//! without, 412 when the appointment changed since) cancels; every single-Appointment
+//! answer carries its `ETag`.
+//!
 //! Answers: 201 with the Appointment (`status` booked or pending) or 200 for a repeat; 409
 //! OperationOutcome `conflict` when the slot went to another request; 404/400 for an unknown
 //! slot or a bad request; 503 `transient` when the core cannot be reached (never a pretend
@@ -50,6 +54,8 @@ pub struct AppointmentView {
     pub procedure: String,
     /// True when this is the first answer to the request (201), false for a repeat (200).
     pub created: bool,
+    /// Changes with every status change: `meta.versionId` and the ETag `W/"{version}"`.
+    pub version: u64,
 }
 
 /// How a request ended when it did not give an appointment.
@@ -63,8 +69,10 @@ pub enum BookingRefused {
     Expired,
     #[error("the request was refused: {0}")]
     Invalid(String),
-    #[error("the core hospital cannot be reached; nothing was booked, try again later")]
+    #[error("the core hospital cannot be reached; nothing was changed, try again later")]
     Unavailable,
+    #[error("the appointment changed since it was read (now version {current}); read it again")]
+    VersionMismatch { current: u64 },
 }
 
 /// The clinic side of the booking exchange.
@@ -72,6 +80,15 @@ pub trait BookingBackend: Send + Sync + std::fmt::Debug {
     fn request(
         &self,
         req: AppointmentRequest,
+    ) -> BoxFuture<'static, Result<AppointmentView, BookingRefused>>;
+
+    /// Cancels the appointment `id` if it is still at version `if_match`; cancelling a
+    /// cancelled appointment again gives it back unchanged.
+    fn cancel(
+        &self,
+        id: String,
+        if_match: u64,
+        staff: String,
     ) -> BoxFuture<'static, Result<AppointmentView, BookingRefused>>;
 
     /// The clinic's appointments of one patient.
@@ -160,9 +177,22 @@ pub fn resource(a: &AppointmentView) -> Value {
         "end": a.end,
         "serviceType": [{"text": a.procedure}],
         "participant": [{"actor": {"identifier": {"value": a.patient_id}}, "status": "accepted"}],
+        "meta": {"versionId": a.version.to_string()},
     });
     if let (Some(acc), Some(ids)) = (&a.accession, r["identifier"].as_array_mut()) {
         ids.push(json!({"system": "urn:gatewayd:accession", "value": acc}));
     }
     r
+}
+
+/// The weak ETag of a version.
+pub fn etag(version: u64) -> String {
+    format!("W/\"{version}\"")
+}
+
+/// The version an `If-Match` value names (`W/"3"`, `"3"`); `None` if it names none.
+pub fn parse_if_match(value: &str) -> Option<u64> {
+    let v = value.trim();
+    let v = v.strip_prefix("W/").unwrap_or(v);
+    v.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
 }

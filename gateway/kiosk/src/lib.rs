@@ -120,6 +120,7 @@ impl Kiosk {
             .route("/fhir/Appointment/$hold", post(hold))
             .route("/fhir/Appointment/$book", post(book))
             .route("/fhir/Appointment", get(appointments))
+            .route("/fhir/Appointment/{id}/$cancel", post(cancel))
             .fallback(not_found)
             .layer(axum::middleware::map_response(security_headers))
             .with_state(self)
@@ -493,7 +494,6 @@ async fn request_appointment(
         Action::AppointmentBooked
     };
     let result = kiosk.booking.request(req).await;
-    use appointment::BookingRefused as R;
     match result {
         Ok(a) => {
             kiosk.record_about(&who.0.name, action, Outcome::Success, subject, None);
@@ -502,22 +502,92 @@ async fn request_appointment(
             } else {
                 StatusCode::OK
             };
-            let mut r = (status, Json(appointment::resource(&a))).into_response();
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/fhir+json"),
-            );
-            r
+            one_appointment(status, &a)
         }
         Err(e) => {
-            let (status, code) = match &e {
-                R::Conflict => (StatusCode::CONFLICT, "conflict"),
-                R::NotFound => (StatusCode::NOT_FOUND, "not-found"),
-                R::Expired => (StatusCode::CONFLICT, "business-rule"),
-                R::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
-                R::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
-            };
+            let (status, code) = refusal(&e);
             kiosk.record_about(&who.0.name, action, Outcome::Failure, subject, Some(code));
+            outcome(status, code, &e.to_string())
+        }
+    }
+}
+
+/// HTTP status and OperationOutcome code of a refusal.
+fn refusal(e: &appointment::BookingRefused) -> (StatusCode, &'static str) {
+    use appointment::BookingRefused as R;
+    match e {
+        R::Conflict => (StatusCode::CONFLICT, "conflict"),
+        R::NotFound => (StatusCode::NOT_FOUND, "not-found"),
+        R::Expired => (StatusCode::CONFLICT, "business-rule"),
+        R::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+        R::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
+        R::VersionMismatch { .. } => (StatusCode::PRECONDITION_FAILED, "conflict"),
+    }
+}
+
+/// One Appointment with its ETag.
+fn one_appointment(status: StatusCode, a: &appointment::AppointmentView) -> Response {
+    let mut r = (status, Json(appointment::resource(a))).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&appointment::etag(a.version)) {
+        h.insert(header::ETAG, v);
+    }
+    r
+}
+
+async fn cancel(
+    State(kiosk): State<Kiosk>,
+    who: Authenticated,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !(1..=64).contains(&id.len())
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return outcome(StatusCode::NOT_FOUND, "not-found", "no such appointment");
+    }
+    let Some(if_match) = headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(appointment::parse_if_match)
+    else {
+        return outcome(
+            StatusCode::PRECONDITION_REQUIRED,
+            "required",
+            "send If-Match with the appointment's ETag (W/\"versionId\")",
+        );
+    };
+    let result = kiosk
+        .booking
+        .cancel(id.clone(), if_match, who.0.name.clone())
+        .await;
+    match result {
+        Ok(a) => {
+            let subject = Some(kiosk.booking.patient_ref(&a.patient_id));
+            kiosk.record_about(
+                &who.0.name,
+                Action::AppointmentCancelled,
+                Outcome::Success,
+                subject,
+                None,
+            );
+            one_appointment(StatusCode::OK, &a)
+        }
+        Err(e) => {
+            let (status, code) = refusal(&e);
+            kiosk.record_about(
+                &who.0.name,
+                Action::AppointmentCancelled,
+                Outcome::Failure,
+                Some(format!("appointment:{id}")),
+                Some(code),
+            );
             outcome(status, code, &e.to_string())
         }
     }

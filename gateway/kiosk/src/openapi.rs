@@ -103,6 +103,24 @@ pub fn document() -> Value {
                     "503": outcome_response("The core hospital cannot be reached; nothing was booked")
                 }
             }},
+            "/fhir/Appointment/{id}/$cancel": {"post": {
+                "summary": "Cancel an appointment (FHIR status cancelled); idempotent",
+                "security": [{"session": []}],
+                "parameters": [
+                    {"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}},
+                    {"name": "If-Match", "in": "header", "required": true, "schema": {"type": "string"},
+                     "description": "The appointment's ETag, W/\"versionId\""}
+                ],
+                "responses": {
+                    "200": {"description": "Cancelled; ETag is the new version", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/Appointment"}}}},
+                    "401": outcome_response("No session"),
+                    "404": outcome_response("No such appointment of this clinic"),
+                    "409": outcome_response("Cannot be cancelled in its state"),
+                    "412": outcome_response("The appointment changed since it was read"),
+                    "428": outcome_response("If-Match is required"),
+                    "503": outcome_response("The core hospital cannot be reached; nothing was changed")
+                }
+            }},
             "/fhir/Appointment": {"get": {
                 "summary": "A patient's appointments (audited as a patient record read)", "security": [{"session": []}],
                 "parameters": [{"name": "patient", "in": "query", "required": true, "schema": {"type": "string", "minLength": 1}}],

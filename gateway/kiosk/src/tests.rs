@@ -80,9 +80,36 @@ impl appointment::BookingBackend for FakeCore {
                 patient_id: req.patient_id.clone(),
                 procedure: req.procedure.clone(),
                 created: true,
+                version: 1,
             };
             map.insert(req.request_id.clone(), a.clone());
             Ok(a)
+        })();
+        Box::pin(async move { answer })
+    }
+
+    fn cancel(
+        &self,
+        id: String,
+        if_match: u64,
+        _staff: String,
+    ) -> futures_util::future::BoxFuture<
+        'static,
+        Result<appointment::AppointmentView, appointment::BookingRefused>,
+    > {
+        use appointment::BookingRefused as R;
+        let answer = (|| {
+            let mut map = self.by_request.lock().unwrap();
+            let a = map.values_mut().find(|a| a.id == id).ok_or(R::NotFound)?;
+            if a.status == "cancelled" {
+                return Ok(a.clone());
+            }
+            if a.version != if_match {
+                return Err(R::VersionMismatch { current: a.version });
+            }
+            a.status = "cancelled".into();
+            a.version += 1;
+            Ok(a.clone())
         })();
         Box::pin(async move { answer })
     }
@@ -542,7 +569,7 @@ async fn booking_is_idempotent_conflicts_are_outcomes_and_an_unreachable_core_bo
         o["issue"][0]["diagnostics"]
             .as_str()
             .unwrap()
-            .contains("nothing was booked")
+            .contains("nothing was changed")
     );
     // The patient's appointments; the read is audited without the patient's id.
     let (status, _, b) = f.get("/fhir/Appointment?patient=ZZPID0001", Some(&s)).await;
@@ -672,4 +699,66 @@ async fn the_page_and_its_assets_are_served_with_a_strict_policy() {
         String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(html.contains("ログイン") && html.contains("Log in") && html.contains("予約"));
     assert!(!html.contains("<script>") && !html.contains("onclick="));
+}
+
+#[tokio::test]
+async fn cancel_needs_the_current_etag_and_is_idempotent() {
+    let f = fixture(false);
+    let s = f.session("clerk.sato").await;
+    let body = appointment_body("req-c1", "ct-1.20270112T1000");
+    let (status, headers, a) = f.post("/fhir/Appointment/$book", &s, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{a}");
+    assert_eq!(headers[header::ETAG], "W/\"1\"");
+    assert_eq!(a["meta"]["versionId"], "1");
+    let id = a["id"].as_str().unwrap().to_string();
+    let cancel = |if_match: Option<&'static str>, who: String| {
+        let mut req =
+            Request::post(format!("/fhir/Appointment/{id}/$cancel")).header(header::COOKIE, who);
+        if let Some(m) = if_match {
+            req = req.header(header::IF_MATCH, m);
+        }
+        req.body(Body::empty()).unwrap()
+    };
+    let (status, _, o) = f.send(cancel(None, s.clone())).await;
+    assert_eq!(
+        (status, issue_code(&o)),
+        (StatusCode::PRECONDITION_REQUIRED, "required")
+    );
+    let (status, _, o) = f.send(cancel(Some("W/\"7\""), s.clone())).await;
+    assert_eq!(
+        (status, issue_code(&o)),
+        (StatusCode::PRECONDITION_FAILED, "conflict")
+    );
+    let (status, headers, c) = f.send(cancel(Some("W/\"1\""), s.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{c}");
+    assert_eq!(
+        (c["status"].as_str(), c["meta"]["versionId"].as_str()),
+        (Some("cancelled"), Some("2"))
+    );
+    assert_eq!(headers[header::ETAG], "W/\"2\"");
+    // Again with the old ETag: already cancelled, the same answer.
+    let (status, _, again) = f.send(cancel(Some("W/\"1\""), s.clone())).await;
+    assert_eq!(
+        (status, again["status"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+    let (status, _, _) = f
+        .send(cancel(Some("W/\"2\""), "gw_session=none".into()))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _, o) = f
+        .send(
+            Request::post("/fhir/Appointment/apt-404/$cancel")
+                .header(header::COOKIE, &s)
+                .header(header::IF_MATCH, "W/\"1\"")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        (status, issue_code(&o)),
+        (StatusCode::NOT_FOUND, "not-found")
+    );
+    assert_eq!(appointment::parse_if_match("\"3\""), Some(3));
+    assert_eq!(appointment::parse_if_match("W/3"), None);
 }

@@ -20,7 +20,8 @@ use tracing::{debug, info, warn};
 
 use crate::mqtt::{BACKOFF_INITIAL, BACKOFF_MAX, REQUEST_CAPACITY};
 use crate::wire::{
-    KIND_DECISION, KIND_REQUEST, Keys, MAX_SLOTS_BYTES, SlotsMessage, WireDecision, WireRequest,
+    KIND_CANCEL, KIND_DECISION, KIND_REQUEST, Keys, MAX_SLOTS_BYTES, SlotsMessage, WireCancel,
+    WireDecision, WireRequest,
 };
 use crate::{Connection, message_id, now_unix, topics};
 
@@ -62,6 +63,12 @@ struct Stored {
     accession: Option<String>,
     patient_id: String,
     procedure: String,
+    #[serde(default = "first_version")]
+    version: u64,
+}
+
+fn first_version() -> u64 {
+    1
 }
 
 impl Stored {
@@ -77,13 +84,23 @@ impl Stored {
             patient_id: self.patient_id.clone(),
             procedure: self.procedure.clone(),
             created,
+            version: self.version,
         }
     }
 }
 
+/// What a request on its way to the core asked for.
+enum Asked {
+    Book(AppointmentRequest),
+    /// Cancel the appointment stored under this request id.
+    Cancel {
+        request_id: String,
+    },
+}
+
 /// A request on its way to the core.
 struct Pending {
-    request: AppointmentRequest,
+    asked: Asked,
     sent: Instant,
     /// `None` once the kiosk stopped waiting (a late decision is still recorded).
     reply: Option<oneshot::Sender<Result<AppointmentView, BookingRefused>>>,
@@ -299,32 +316,50 @@ impl Inner {
             debug!("booking decision for no pending request (answered twice?)");
             return;
         };
-        if pending.request.request_id != decision.request_id {
-            warn!("booking decision names another request: ignored");
-            return;
-        }
-        let answer = match decision.decision {
-            Decision::Booked {
-                appointment_id,
-                accession,
-                status,
-            } => {
+        let answer = match (&pending.asked, decision.decision) {
+            (Asked::Book(request), _) if request.request_id != decision.request_id => {
+                warn!("booking decision names another request: ignored");
+                return;
+            }
+            (
+                Asked::Book(request),
+                Decision::Booked {
+                    appointment_id,
+                    accession,
+                    status,
+                },
+            ) => {
                 let stored = Stored {
                     id: appointment_id,
-                    request_id: pending.request.request_id.clone(),
+                    request_id: request.request_id.clone(),
                     slot_id: decision.slot_id,
                     status: status.as_str().to_owned(),
                     start: decision.start.unwrap_or_default(),
                     end: decision.end.unwrap_or_default(),
                     accession: Some(accession),
-                    patient_id: pending.request.patient_id.clone(),
-                    procedure: pending.request.procedure.clone(),
+                    patient_id: request.patient_id.clone(),
+                    procedure: request.procedure.clone(),
+                    version: decision.version.max(1),
                 };
                 let view = stored.view(true);
                 self.remember(&mut state, stored);
                 Ok(view)
             }
-            Decision::Refused { code, reason } => Err(crate::refused(code, reason)),
+            (Asked::Cancel { request_id }, Decision::Booked { status, .. }) => {
+                match state.book.get(request_id).cloned() {
+                    Some(mut stored) => {
+                        stored.status = status.as_str().to_owned();
+                        stored.version = decision.version;
+                        let view = stored.view(false);
+                        self.remember(&mut state, stored);
+                        Ok(view)
+                    }
+                    None => Err(BookingRefused::NotFound),
+                }
+            }
+            (_, Decision::Refused { code, reason }) => {
+                Err(crate::refused(code, reason, decision.version))
+            }
         };
         if let Some(reply) = pending.reply {
             let _ = reply.send(answer);
@@ -332,6 +367,39 @@ impl Inner {
             info!(
                 "a late booking decision was recorded; the kiosk had been told the core did not answer"
             );
+        }
+    }
+}
+
+type Reply = oneshot::Receiver<Result<AppointmentView, BookingRefused>>;
+
+impl Inner {
+    /// Publishes a sealed request and waits for its decision at most `request_timeout`.
+    async fn send_and_wait(
+        &self,
+        msg: String,
+        sealed: Vec<u8>,
+        rx: Reply,
+    ) -> Result<AppointmentView, BookingRefused> {
+        let topic = topics::request(&self.settings.core, &self.keys.me, &msg);
+        if self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, sealed)
+            .await
+            .is_err()
+        {
+            self.lock().pending.remove(&msg);
+            return Err(BookingRefused::Unavailable);
+        }
+        match tokio::time::timeout(self.settings.request_timeout, rx).await {
+            Ok(Ok(answer)) => answer,
+            _ => {
+                if let Some(p) = self.lock().pending.get_mut(&msg) {
+                    p.reply = None;
+                }
+                warn!("the core did not answer in time: refused (503)");
+                Err(BookingRefused::Unavailable)
+            }
         }
     }
 }
@@ -441,33 +509,68 @@ impl BookingBackend for ClinicExchange {
                 state.pending.insert(
                     msg.clone(),
                     Pending {
-                        request: req,
+                        asked: Asked::Book(req),
                         sent: Instant::now(),
                         reply: Some(tx),
                     },
                 );
                 sealed
             };
-            let topic = topics::request(&inner.settings.core, &inner.keys.me, &msg);
-            if inner
-                .client
-                .publish(topic, QoS::AtLeastOnce, false, sealed)
-                .await
-                .is_err()
-            {
-                inner.lock().pending.remove(&msg);
-                return Err(BookingRefused::Unavailable);
-            }
-            match tokio::time::timeout(inner.settings.request_timeout, rx).await {
-                Ok(Ok(answer)) => answer,
-                _ => {
-                    if let Some(p) = inner.lock().pending.get_mut(&msg) {
-                        p.reply = None;
-                    }
-                    warn!("the core did not answer a booking request in time: refused (503)");
-                    Err(BookingRefused::Unavailable)
+            inner.send_and_wait(msg, sealed, rx).await
+        })
+    }
+
+    fn cancel(
+        &self,
+        id: String,
+        if_match: u64,
+        _staff: String,
+    ) -> BoxFuture<'static, Result<AppointmentView, BookingRefused>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let msg = message_id();
+            let (tx, rx) = oneshot::channel();
+            let sealed = {
+                let mut state = inner.lock();
+                let Some(stored) = state.book.values().find(|s| s.id == id).cloned() else {
+                    return Err(BookingRefused::NotFound);
+                };
+                if stored.status == "cancelled" {
+                    return Ok(stored.view(false));
                 }
-            }
+                if stored.version != if_match {
+                    return Err(BookingRefused::VersionMismatch {
+                        current: stored.version,
+                    });
+                }
+                if !state.connected {
+                    return Err(BookingRefused::Unavailable);
+                }
+                let wire = WireCancel {
+                    appointment_id: id,
+                    if_match,
+                    expires_at: now_unix() + inner.settings.request_timeout.as_secs().max(1),
+                };
+                let body = serde_json::to_vec(&wire).unwrap_or_default();
+                let Ok(sealed) = inner
+                    .keys
+                    .seal(&inner.settings.core, KIND_CANCEL, &msg, &body)
+                else {
+                    return Err(BookingRefused::Unavailable);
+                };
+                state.pending.insert(
+                    msg.clone(),
+                    Pending {
+                        asked: Asked::Cancel {
+                            request_id: stored.request_id,
+                        },
+                        sent: Instant::now(),
+                        reply: Some(tx),
+                    },
+                );
+                sealed
+            };
+            inner.send_and_wait(msg, sealed, rx).await
         })
     }
 

@@ -11,7 +11,8 @@ use tracing::{debug, info, warn};
 
 use crate::mqtt::{BACKOFF_INITIAL, BACKOFF_MAX, REQUEST_CAPACITY};
 use crate::wire::{
-    KIND_DECISION, KIND_REQUEST, Keys, SlotsMessage, WireDecision, WireRequest, WireSlot,
+    KIND_CANCEL, KIND_DECISION, KIND_REQUEST, Keys, SlotsMessage, WireCancel, WireDecision,
+    WireRequest, WireSlot,
 };
 use crate::{Connection, now_unix, topics};
 
@@ -194,6 +195,10 @@ impl CoreExchange {
             );
             return;
         };
+        if Keys::kind_of(payload).as_deref() == Some(KIND_CANCEL) {
+            self.on_cancel(client, clinic, msg, payload);
+            return;
+        }
         let plain = match self.keys.open(clinic, KIND_REQUEST, msg, payload) {
             Ok(p) => zeroize::Zeroizing::new(p),
             Err(e) => {
@@ -237,6 +242,12 @@ impl CoreExchange {
             }
         };
         let slot = self.schedules.iter().find_map(|s| s.slot(&request.slot_id));
+        let version = match &decision {
+            Decision::Booked { appointment_id, .. } => {
+                self.ledger.get(appointment_id).map_or(1, |a| a.version)
+            }
+            Decision::Refused { .. } => 0,
+        };
         if let Decision::Booked { appointment_id, .. } = &decision {
             info!(%clinic, appointment = %appointment_id, "booking request decided: booked");
             if let Some(schedule) = self
@@ -258,8 +269,73 @@ impl CoreExchange {
             decision,
             start: slot.as_ref().map(|s| s.start.clone()),
             end: slot.as_ref().map(|s| s.end.clone()),
+            version,
         };
-        let body = serde_json::to_vec(&answer).unwrap_or_default();
+        self.answer(client, clinic, msg, &answer);
+    }
+
+    /// A sealed cancel: only the clinic that booked may cancel, at the version it saw.
+    fn on_cancel(&self, client: &AsyncClient, clinic: &str, msg: &str, payload: &[u8]) {
+        let cancel: WireCancel = match self
+            .keys
+            .open(clinic, KIND_CANCEL, msg, payload)
+            .map_err(|e| e.to_string())
+            .and_then(|p| serde_json::from_slice(&p).map_err(|e| e.to_string()))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%clinic, error = %e, "cancel request refused: it does not open");
+                return;
+            }
+        };
+        let (decision, version) = if now_unix() >= cancel.expires_at {
+            (
+                Decision::Refused {
+                    code: Refusal::Invalid,
+                    reason: "the request expired before the core received it; nothing was changed"
+                        .into(),
+                },
+                0,
+            )
+        } else {
+            match crate::cancel_decision(self.ledger.cancel(
+                clinic,
+                &cancel.appointment_id,
+                Some(cancel.if_match),
+            )) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(%clinic, error = %e, "booking ledger cannot record a cancel: no answer sent");
+                    return;
+                }
+            }
+        };
+        let appointment = self.ledger.get(&cancel.appointment_id);
+        if matches!(decision, Decision::Booked { .. }) {
+            info!(%clinic, appointment = %cancel.appointment_id, "appointment cancelled by its clinic");
+            self.changed.notify_one();
+        }
+        let answer = WireDecision {
+            request_id: appointment
+                .as_ref()
+                .map(|a| a.request_id.clone())
+                .unwrap_or_default(),
+            slot_id: appointment
+                .as_ref()
+                .map(|a| a.slot_id.clone())
+                .unwrap_or_default(),
+            decision,
+            start: appointment.as_ref().map(|a| a.start.clone()),
+            end: appointment.as_ref().map(|a| a.end.clone()),
+            version,
+        };
+        self.answer(client, clinic, msg, &answer);
+    }
+
+    /// Seals and sends a decision to `clinic`.
+    fn answer(&self, client: &AsyncClient, clinic: &str, msg: &str, answer: &WireDecision) {
+        let me = &self.keys.me;
+        let body = serde_json::to_vec(answer).unwrap_or_default();
         match self.keys.seal(clinic, KIND_DECISION, msg, &body) {
             Ok(sealed) => {
                 if let Err(e) = client.try_publish(

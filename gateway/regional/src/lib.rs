@@ -67,10 +67,12 @@ fn message_id() -> String {
     hex::encode(b)
 }
 
-/// The kiosk's refusal for the core's refusal code.
+/// The kiosk's refusal for the core's refusal code (`version`: the appointment's current
+/// version, for a version mismatch).
 fn refused(
     code: gateway_booking::Refusal,
     reason: String,
+    version: u64,
 ) -> gateway_kiosk::appointment::BookingRefused {
     use gateway_booking::Refusal;
     use gateway_kiosk::appointment::BookingRefused;
@@ -79,6 +81,47 @@ fn refused(
         Refusal::NotFound => BookingRefused::NotFound,
         Refusal::Expired => BookingRefused::Expired,
         Refusal::Invalid => BookingRefused::Invalid(reason),
+        Refusal::VersionMismatch => BookingRefused::VersionMismatch { current: version },
+    }
+}
+
+/// The core's answer to a cancel, as a decision and the appointment's version.
+fn cancel_decision(
+    result: Result<gateway_booking::Appointment, gateway_booking::LedgerError>,
+) -> Result<(gateway_booking::Decision, u64), gateway_booking::LedgerError> {
+    use gateway_booking::{Decision, LedgerError, Refusal};
+    let refuse = |code, reason: &str, version| {
+        Ok((
+            Decision::Refused {
+                code,
+                reason: reason.to_owned(),
+            },
+            version,
+        ))
+    };
+    match result {
+        Ok(a) => Ok((
+            Decision::Booked {
+                appointment_id: a.id,
+                accession: a.accession,
+                status: a.status,
+            },
+            a.version,
+        )),
+        Err(LedgerError::NoSuchAppointment(_)) => {
+            refuse(Refusal::NotFound, "no such appointment of this clinic", 0)
+        }
+        Err(LedgerError::VersionMismatch { current, .. }) => refuse(
+            Refusal::VersionMismatch,
+            "the appointment changed since it was read",
+            current,
+        ),
+        Err(LedgerError::Transition { .. }) => refuse(
+            Refusal::Conflict,
+            "the appointment cannot be cancelled in its state",
+            0,
+        ),
+        Err(e) => Err(e),
     }
 }
 

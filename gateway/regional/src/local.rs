@@ -129,7 +129,7 @@ impl BookingBackend for LocalCore {
                         .map(|a| view(a, true))
                         .ok_or(BookingRefused::Unavailable)
                 }
-                Ok(Decision::Refused { code, reason }) => Err(crate::refused(code, reason)),
+                Ok(Decision::Refused { code, reason }) => Err(crate::refused(code, reason, 0)),
                 Err(e) => {
                     warn!(error = %e, "booking ledger cannot record a decision");
                     Err(BookingRefused::Unavailable)
@@ -138,9 +138,34 @@ impl BookingBackend for LocalCore {
         Box::pin(async move { answer })
     }
 
+    fn cancel(
+        &self,
+        id: String,
+        if_match: u64,
+        _staff: String,
+    ) -> BoxFuture<'static, Result<AppointmentView, BookingRefused>> {
+        let answer = match self.ledger.cancel(&self.me, &id, Some(if_match)) {
+            Ok(a) => {
+                self.changed.notify_one();
+                Ok(view(a, false))
+            }
+            Err(e) => match crate::cancel_decision(Err(e)) {
+                Ok((Decision::Refused { code, reason }, version)) => {
+                    Err(crate::refused(code, reason, version))
+                }
+                Ok(_) => Err(BookingRefused::Unavailable),
+                Err(e) => {
+                    warn!(error = %e, "booking ledger cannot record a cancel");
+                    Err(BookingRefused::Unavailable)
+                }
+            },
+        };
+        Box::pin(async move { answer })
+    }
+
     fn appointments_of(&self, patient_id: &str) -> Vec<AppointmentView> {
         self.ledger
-            .live(Timestamp::now())
+            .all(Timestamp::now())
             .into_iter()
             .filter(|a| a.patient.id == patient_id)
             .map(|a| view(a, false))
@@ -164,6 +189,7 @@ fn view(a: Appointment, created: bool) -> AppointmentView {
         patient_id: a.patient.id,
         procedure: a.procedure,
         created,
+        version: a.version,
     }
 }
 
@@ -185,6 +211,15 @@ impl BookingBackend for NoCore {
     fn request(
         &self,
         _req: AppointmentRequest,
+    ) -> BoxFuture<'static, Result<AppointmentView, BookingRefused>> {
+        Box::pin(async { Err(BookingRefused::Unavailable) })
+    }
+
+    fn cancel(
+        &self,
+        _id: String,
+        _if_match: u64,
+        _staff: String,
     ) -> BoxFuture<'static, Result<AppointmentView, BookingRefused>> {
         Box::pin(async { Err(BookingRefused::Unavailable) })
     }

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 /// `kind` of a sealed booking request.
 pub const KIND_REQUEST: &str = "booking-request";
+/// `kind` of a sealed cancel request.
+pub const KIND_CANCEL: &str = "booking-cancel";
 /// `kind` of a sealed decision.
 pub const KIND_DECISION: &str = "booking-decision";
 /// Largest slots publication read.
@@ -47,6 +49,16 @@ pub struct WireRequest {
     pub expires_at: u64,
 }
 
+/// A clinic's cancel of one of its appointments, sealed to the core.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireCancel {
+    pub appointment_id: String,
+    /// The version the clinic last saw (its ETag).
+    pub if_match: u64,
+    pub expires_at: u64,
+}
+
 /// The core's decision, sealed to the clinic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +69,9 @@ pub struct WireDecision {
     /// The slot's times, when it exists.
     pub start: Option<String>,
     pub end: Option<String>,
+    /// The appointment's version after the decision (for a version mismatch: its current).
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// This gateway's exchange identity and its peers' keys.
@@ -87,6 +102,11 @@ impl Keys {
             id: msg.to_owned(),
         };
         Ok(gateway_exchange::seal(&self.key, key, routing, body)?.to_bytes())
+    }
+
+    /// The `kind` an envelope claims (checked again when it is opened).
+    pub fn kind_of(bytes: &[u8]) -> Option<String> {
+        Envelope::parse(bytes).ok().map(|e| e.routing().kind)
     }
 
     /// Opens an envelope that must be from `peer`, of `kind`, with id `msg` (the topic's).
