@@ -14,6 +14,7 @@ import time
 import pytest
 
 import fleet
+import gw
 import hl7
 import kiosk
 from conftest import fail_on_assertion
@@ -242,3 +243,36 @@ def test_a_clinic_cancels_with_its_etag_and_the_slot_is_free_again(gateway_facto
     # Cancelling again is the same answer.
     again = clerk.request("POST", path, headers={"If-Match": etag})
     assert again.status == 200 and again.json()["status"] == "cancelled", again
+
+
+def siu(trigger: str, placer: str, start: str, end: str, station: str = "CT01") -> bytes:
+    """An SIU from the core's RIS (start/end: HL7 local times of the schedule)."""
+    return ("MSH|^~\\&|RIS|CORE-HOSP|GATEWAYD|CORE|20270101000000||SIU^{t}^SIU_{t}|{c}|P|2.5.1\r"
+            "SCH|{p}^RIS||||||||||^^^{s}^{e}\r"
+            "PID|1||ZZPIDRIS||ZZTEST^RIS\r"
+            "RGS|1\r"
+            "AIG|1||{st}^^L\r").format(t=trigger, c=f"{placer}-{trigger}", p=placer, s=start, e=end,
+                                        st=station).encode()
+
+
+def test_the_cores_own_ris_bookings_block_slots_for_the_clinics(gateway_factory, broker):
+    from hl7msg import MllpConnection, msa
+
+    hl7_port = gw.free_port()
+    region = kiosk.Region(gateway_factory, broker,
+                          core_extra={"hl7": {"listen": f"127.0.0.1:{hl7_port}"}}).start()
+    clerk = region.staff_session("clinic-a", "clerk.siu")
+    bundle = kiosk.wait_until(lambda: (b := clerk.slots("ct-1"))["total"] > 3 and b, 30, "slots")
+    slot = bundle["entry"][3]["resource"]
+    digits = lambda t: "".join(c for c in t[:16] if c.isdigit())  # local YYYYMMDDHHMM
+    with MllpConnection(hl7_port) as c:
+        assert msa(c.request(siu("S12", "A900", digits(slot["start"]), digits(slot["end"]))))[0] == "AA"
+    kiosk.wait_until(lambda: slot["id"] not in [e["resource"]["id"] for e in clerk.slots("ct-1")["entry"]], 10,
+                     "the RIS-booked slot leaving the clinic's list")
+    r = clerk.book("req-siu-1", slot["id"], PATIENT)
+    assert r.status == 409 and r.json()["issue"][0]["code"] == "conflict", r
+    with MllpConnection(hl7_port) as c:
+        assert msa(c.request(siu("S15", "A900", digits(slot["start"]), digits(slot["end"]))))[0] == "AA"
+    kiosk.wait_until(lambda: slot["id"] in [e["resource"]["id"] for e in clerk.slots("ct-1")["entry"]], 10,
+                     "the slot back after the RIS cancelled")
+    assert clerk.book("req-siu-2", slot["id"], PATIENT).status == 201

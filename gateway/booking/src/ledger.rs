@@ -145,6 +145,27 @@ struct State {
     /// clinic '|' request id -> decision.
     decisions: BTreeMap<String, Decision>,
     next_number: u64,
+    /// Time the hospital itself booked (its RIS's SIU^S12..S15), by its source key.
+    #[serde(default)]
+    blocks: BTreeMap<String, Block>,
+}
+
+/// A span of a schedule taken by the hospital itself (not bookable by clinics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    pub schedule: String,
+    /// Unix seconds, `[start, end)`.
+    pub start: i64,
+    pub end: i64,
+}
+
+impl Block {
+    fn overlaps(&self, schedule: &Schedule, slot: &crate::schedule::Slot) -> bool {
+        let slot_end = slot.start_ts.as_second() + i64::from(schedule.slot_minutes()) * 60;
+        self.schedule == schedule.id()
+            && slot.start_ts.as_second() < self.end
+            && slot_end > self.start
+    }
 }
 
 /// Ledger failures (storage).
@@ -248,6 +269,11 @@ impl Ledger {
         {
             if slot.start_ts <= now {
                 refuse(Refusal::Expired, "the slot has already begun")
+            } else if state.blocks.values().any(|b| b.overlaps(schedule, &slot)) {
+                refuse(
+                    Refusal::Conflict,
+                    "the slot is taken by the hospital's own schedule",
+                )
             } else if state
                 .appointments
                 .values()
@@ -422,11 +448,37 @@ impl Ledger {
     ) -> Vec<crate::schedule::Slot> {
         let taken: std::collections::BTreeSet<String> =
             self.live(now).into_iter().map(|a| a.slot_id).collect();
+        let blocks: Vec<Block> = self.lock().blocks.values().cloned().collect();
         schedule
             .slots_between(from.max(now), to)
             .into_iter()
-            .filter(|s| s.start_ts > now && !taken.contains(&s.id))
+            .filter(|s| {
+                s.start_ts > now
+                    && !taken.contains(&s.id)
+                    && !blocks.iter().any(|b| b.overlaps(schedule, s))
+            })
             .collect()
+    }
+
+    /// Records (or moves) a span the hospital booked itself, under its source's key (e.g.
+    /// `ris|{placer appointment id}`). Saved before return.
+    pub fn block(&self, key: &str, block: Block) -> Result<(), LedgerError> {
+        let mut state = self.lock();
+        if state.blocks.get(key) == Some(&block) {
+            return Ok(());
+        }
+        state.blocks.insert(key.to_owned(), block);
+        self.save(&state)
+    }
+
+    /// Frees a span recorded by [`Ledger::block`]; false if there was none.
+    pub fn unblock(&self, key: &str) -> Result<bool, LedgerError> {
+        let mut state = self.lock();
+        if state.blocks.remove(key).is_none() {
+            return Ok(false);
+        }
+        self.save(&state)?;
+        Ok(true)
     }
 
     /// Every appointment, whatever its status (holds past expiry as cancelled).
@@ -788,5 +840,74 @@ mod cancel_tests {
             ledger.decide(&again, &schedules, now, 600).unwrap(),
             Decision::Booked { .. }
         ));
+    }
+}
+
+#[cfg(test)]
+mod block_tests {
+    use super::*;
+    use crate::schedule::ScheduleSpec;
+    use crate::sealed::SealKey;
+
+    #[test]
+    fn a_hospital_block_hides_overlapping_slots_and_refuses_them_until_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let ct = Schedule::new(&ScheduleSpec {
+            id: "ct-1".into(),
+            modality: "CT".into(),
+            station_ae: "CT01".into(),
+            ..ScheduleSpec::default()
+        })
+        .unwrap();
+        let now: Timestamp = "2027-01-12T00:00:00Z".parse().unwrap(); // 09:00 Tokyo
+        let day_end: Timestamp = "2027-01-12T09:00:00Z".parse().unwrap();
+        let before = ledger.free_slots(&ct, now, day_end, now).len();
+        // 10:15-11:00 local touches the 10:00, 10:30 slots.
+        let block = Block {
+            schedule: "ct-1".into(),
+            start: "2027-01-12T01:15:00Z"
+                .parse::<Timestamp>()
+                .unwrap()
+                .as_second(),
+            end: "2027-01-12T02:00:00Z"
+                .parse::<Timestamp>()
+                .unwrap()
+                .as_second(),
+        };
+        ledger.block("ris|A1", block.clone()).unwrap();
+        let free: Vec<String> = ledger
+            .free_slots(&ct, now, day_end, now)
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(free.len(), before - 2);
+        assert!(!free.contains(&"ct-1.20270112T1000".to_string()));
+        assert!(!free.contains(&"ct-1.20270112T1030".to_string()));
+        assert!(free.contains(&"ct-1.20270112T1100".to_string()));
+        let req = BookingRequest {
+            request_id: "r1".into(),
+            clinic: "clinic-a".into(),
+            slot_id: "ct-1.20270112T1030".into(),
+            hold: false,
+            patient: PatientRef::default(),
+            procedure: "CT".into(),
+        };
+        assert!(matches!(
+            ledger
+                .decide(&req, std::slice::from_ref(&ct), now, 600)
+                .unwrap(),
+            Decision::Refused {
+                code: Refusal::Conflict,
+                ..
+            }
+        ));
+        // Survives a reopen; freed by unblock.
+        drop(ledger);
+        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        assert_eq!(ledger.free_slots(&ct, now, day_end, now).len(), before - 2);
+        assert!(ledger.unblock("ris|A1").unwrap());
+        assert!(!ledger.unblock("ris|A1").unwrap());
+        assert_eq!(ledger.free_slots(&ct, now, day_end, now).len(), before);
     }
 }

@@ -25,8 +25,8 @@ pub mod sealed;
 pub mod worklist;
 
 pub use ledger::{
-    Appointment, AppointmentStatus, BookingRequest, Decision, Ledger, LedgerError, PatientRef,
-    Refusal,
+    Appointment, AppointmentStatus, Block, BookingRequest, Decision, Ledger, LedgerError,
+    PatientRef, Refusal,
 };
 pub use schedule::{Schedule, ScheduleProblem, ScheduleSpec, Slot};
 pub use sealed::SealKey;

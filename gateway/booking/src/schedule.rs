@@ -206,6 +206,12 @@ impl Schedule {
         self.slot_minutes
     }
 
+    /// A local date and time of this schedule's zone as an instant (the earlier one when a
+    /// clock change makes it ambiguous).
+    pub fn local_instant(&self, dt: jiff::civil::DateTime) -> Option<Timestamp> {
+        dt.to_zoned(self.tz.clone()).ok().map(|z| z.timestamp())
+    }
+
     fn slot_at(&self, start: &Zoned) -> Option<Slot> {
         let end = start
             .checked_add(jiff::SignedDuration::from_mins(i64::from(

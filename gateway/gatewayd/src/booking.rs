@@ -55,9 +55,18 @@ impl Derived {
     }
 }
 
-/// What the booking service starts.
+/// What the booking service starts, and on the core what the DICOM and HL7 listeners
+/// share with it.
 pub(crate) struct Started {
     pub tasks: Vec<Task>,
+    pub core: Option<CoreParts>,
+}
+
+/// The core's ledger and schedules; `changed` makes the exchange republish the slots.
+pub(crate) struct CoreParts {
+    pub ledger: Arc<Ledger>,
+    pub schedules: Arc<Vec<gateway_booking::Schedule>>,
+    pub changed: Arc<Notify>,
 }
 
 /// Builds the booking service; every problem is a start-up error naming the key.
@@ -82,6 +91,7 @@ pub(crate) async fn start(
     );
     let mut tasks: Vec<Task> = Vec::new();
     let exchange = settings.exchange.as_ref();
+    let mut core_parts = None;
     let (slots, backend): (Arc<dyn SlotSource>, Arc<dyn BookingBackend>) = match settings.node.role
     {
         Role::Core => {
@@ -102,6 +112,11 @@ pub(crate) async fn start(
                 local = local.with_on_booked(Arc::clone(f));
             }
             let local = Arc::new(local);
+            core_parts = Some(CoreParts {
+                ledger: Arc::clone(&ledger),
+                schedules: Arc::clone(&schedules),
+                changed: Arc::clone(&changed),
+            });
             if let Some(x) = exchange {
                 let core = CoreExchange::new(
                     connection(&me, x, identity.clone(), data_dir)?,
@@ -173,7 +188,10 @@ pub(crate) async fn start(
             error!(error = %e, "kiosk stopped");
         }
     }));
-    Ok(Started { tasks })
+    Ok(Started {
+        tasks,
+        core: core_parts,
+    })
 }
 
 /// Booked exams as OMG^O19 to the RIS: stored in the spool as HL7 messages (durable, and

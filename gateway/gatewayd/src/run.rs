@@ -230,11 +230,19 @@ async fn serve(
             .with_disabled(disabled.clone());
         services.spawn(service.run(shutdown.clone()));
     }
+    let core = booking.as_ref().and_then(|b| b.core.as_ref());
     if let Some(hl7) = &settings.hl7 {
-        let service = Hl7Service::bind(hl7_settings(hl7)?, spool.clone(), &mut registry)
+        let mut service = Hl7Service::bind(hl7_settings(hl7)?, spool.clone(), &mut registry)
             .await
             .map_err(|e| e.to_string())?
             .with_disabled(disabled.clone());
+        if let Some(core) = core {
+            service = service.with_observer(gateway_regional::ris::observer(
+                Arc::clone(&core.ledger),
+                Arc::clone(&core.schedules),
+                Arc::clone(&core.changed),
+            ));
+        }
         services.spawn(service.run(shutdown.clone()));
     }
     if !keep_sent_for.is_zero() {

@@ -73,13 +73,27 @@ pub enum Hl7Error {
 }
 
 /// What every connection shares.
-#[derive(Debug)]
 struct Context {
     settings: Hl7Settings,
     committer: Committer,
     metrics: Metrics,
     ids: ControlIds,
+    observer: Option<Observer>,
 }
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .field("observer", &self.observer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Called with every message once it is durable (stored, or a duplicate of a stored one),
+/// before its ACK goes out; e.g. the core's booking ledger reading SIU^S12/S15 from its RIS.
+/// It must be quick and must not fail the message: the message is already accepted.
+pub type Observer = Arc<dyn Fn(&gateway_hl7::parse::Message<'_>) + Send + Sync>;
 
 /// The listener of `hl7.listen`.
 #[derive(Debug)]
@@ -112,6 +126,7 @@ impl Hl7Service {
                 committer,
                 metrics: Metrics::register(registry),
                 ids: ControlIds::new(),
+                observer: None,
             }),
             disabled: watch::channel(false).1,
         })
@@ -123,6 +138,15 @@ impl Hl7Service {
     #[must_use]
     pub fn with_disabled(mut self, disabled: watch::Receiver<bool>) -> Self {
         self.disabled = disabled;
+        self
+    }
+
+    /// Shows every durable message to `observer` (see [`Observer`]).
+    #[must_use]
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.observer = Some(observer);
+        }
         self
     }
 
@@ -377,13 +401,20 @@ impl<'a> Connection<'a> {
             bytes: frame,
         };
         let len = item.bytes.len();
+        let observe = || {
+            if let (Some(observer), Ok(msg)) = (&ctx.observer, parse::parse(&decoded.text)) {
+                observer(&msg);
+            }
+        };
         match ctx.committer.store(item).await {
             Ok(Committed::Stored(id)) => {
                 debug!(peer = %self.peer, object = %hex(&id), len, "HL7 message stored");
+                observe();
                 self.reply(&header, Outcome::Accepted, None, decoded.charset)
             }
             Ok(Committed::Duplicate(id)) => {
                 info!(peer = %self.peer, object = %hex(&id), "HL7 message already stored (same sender and MSH-10): acknowledged again, not stored twice");
+                observe();
                 self.reply(&header, Outcome::Accepted, None, decoded.charset)
             }
             Err(e) => {

@@ -33,6 +33,8 @@
 //!   It keeps a sealed copy of its own appointments (`<data_dir>/booking/clinic.sealed`), so
 //!   a repeated request id is answered locally with its first outcome.
 //! - [`local::LocalCore`]: the core's own kiosk, booking directly on its ledger.
+//! - [`ris`]: the core hospital's own bookings from its RIS (SIU^S12..S17 on the HL7
+//!   listener) block the scanner's time on the ledger.
 //!
 //! Invariants: nothing read from the broker is trusted before it opens with the named
 //! peer's key; nothing patient-related is logged or put in a topic; no `unwrap` on any
@@ -43,6 +45,7 @@ pub mod clinic;
 pub mod core;
 pub mod local;
 mod mqtt;
+pub mod ris;
 pub mod wire;
 
 pub use mqtt::Connection;
