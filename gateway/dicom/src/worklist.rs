@@ -1,0 +1,705 @@
+//! Modality Worklist Information Model – FIND (1.2.840.10008.5.1.4.31): the C-FIND
+//! identifier turned into a [`WorklistQuery`] of `gateway-booking`, and each matching
+//! [`WorklistItem`] turned into the identifier of a pending C-FIND-RSP.
+//!
+//! Matching itself is `gateway_booking::worklist` (PS3.4 C.2.2.2); this module only reads
+//! the matching keys and writes the return keys:
+//! - matching keys: Patient's Name (0010,0010), Patient ID (0010,0020), Accession Number
+//!   (0008,0050), and in the first item of Scheduled Procedure Step Sequence (0040,0100):
+//!   Modality (0008,0060), Scheduled Station AE Title (0040,0001), Scheduled Procedure Step
+//!   Start Date (0040,0002) and Start Time (0040,0003);
+//! - return keys: every attribute of the request identifier, filled from the item when the
+//!   SCP knows it, zero length otherwise (a sequence key with no item returns the six
+//!   Scheduled Procedure Step attributes the SCP knows).
+//!
+//! Character sets (see [`crate::charset`]): the request's text is decoded with its
+//! Specific Character Set, so a kanji query `=山田*` in `\ISO 2022 IR 87` matches the
+//! ideographic group. A response is written in the request's character set when the
+//! request declared ISO 2022 IR 87 and every value of the response is representable in
+//! it; otherwise (no character set, ISO_IR 192, any other term, or a character outside
+//! JIS X 0208) it is written in UTF-8 with `ISO_IR 192`, and without (0008,0005) when all
+//! of it is ASCII. Returning a Specific Character Set other than the request's is allowed
+//! to a C-FIND SCP; dropping the ideographic and phonetic groups of a name for a
+//! default-repertoire request would instead return a different name, so all three groups
+//! are always returned.
+//!
+//! Invariants:
+//! - An identifier is at most [`MAX_IDENTIFIER_LEN`] bytes and is framed-checked by the
+//!   [`Walker`] before dicom-object reads it, so no element or item length it claims is
+//!   ever allocated beyond the bytes received.
+//! - Nothing here panics on any input; every failure is an [`IdentifierError`] that maps to
+//!   a DIMSE status (A900 or C000).
+//! - Errors and logs carry no patient data.
+
+use std::borrow::Cow;
+
+use dicom_core::header::Header;
+use dicom_core::value::DataSetSequence;
+use dicom_core::{DataElement, DicomValue, Length, PrimitiveValue, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_encoding::text::{SpecificCharacterSet, TextCodec};
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries::{
+    EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
+};
+use gateway_booking::worklist::{WorklistItem, WorklistQuery};
+
+use crate::charset::{self, CharsetError, SpecificCharset};
+use crate::walker::{Encoding, Walker};
+
+/// The SOP class served.
+pub const MODALITY_WORKLIST_FIND: &str =
+    dicom_dictionary_std::uids::MODALITY_WORKLIST_INFORMATION_MODEL_FIND;
+
+/// Largest C-FIND identifier accepted (real ones are well under a kilobyte).
+pub const MAX_IDENTIFIER_LEN: usize = 64 * 1024;
+
+/// Where the worklist comes from (on the core gateway: the booking ledger).
+pub trait WorklistSource: Send + Sync + std::fmt::Debug {
+    /// The Scheduled Procedure Steps currently on the worklist. Called once per C-FIND, on
+    /// a blocking thread, so it may read from disk.
+    fn items(&self) -> Vec<WorklistItem>;
+}
+
+/// Why a C-FIND identifier cannot be answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentifierError {
+    #[error("identifier larger than {MAX_IDENTIFIER_LEN} bytes")]
+    TooLarge,
+    #[error("identifier is not a well-formed data set")]
+    Malformed,
+    #[error("transfer syntax not supported for C-FIND identifiers")]
+    TransferSyntax,
+    #[error("identifier does not match the worklist model: {0}")]
+    Mismatch(&'static str),
+    #[error("identifier text: {0}")]
+    Charset(CharsetError),
+}
+
+impl IdentifierError {
+    /// The DIMSE status that answers it.
+    pub fn status(&self) -> u16 {
+        match self {
+            IdentifierError::Mismatch(_) => crate::dimse::status::DATASET_MISMATCH,
+            IdentifierError::Charset(e) if *e != CharsetError::Unsupported => {
+                crate::dimse::status::DATASET_MISMATCH
+            }
+            _ => crate::dimse::status::CANNOT_UNDERSTAND,
+        }
+    }
+
+    /// Metric label and error comment (no patient data).
+    pub fn label(&self) -> &'static str {
+        match self {
+            IdentifierError::TooLarge => "too_large",
+            IdentifierError::Malformed => "malformed",
+            IdentifierError::TransferSyntax => "transfer_syntax",
+            IdentifierError::Mismatch(_) => "mismatch",
+            IdentifierError::Charset(CharsetError::Unsupported) => "charset_unsupported",
+            IdentifierError::Charset(_) => "charset_invalid",
+        }
+    }
+}
+
+/// A parsed C-FIND request identifier.
+#[derive(Debug, Clone)]
+pub struct FindQuery {
+    query: WorklistQuery,
+    charset: SpecificCharset,
+    /// The values of (0008,0005) as received (trimmed).
+    charset_terms: Vec<String>,
+    keys: InMemDicomObject,
+    encoding: Encoding,
+}
+
+/// Reads a C-FIND identifier received on a presentation context of `transfer_syntax`.
+pub fn parse_identifier(bytes: &[u8], transfer_syntax: &str) -> Result<FindQuery, IdentifierError> {
+    if bytes.len() > MAX_IDENTIFIER_LEN {
+        return Err(IdentifierError::TooLarge);
+    }
+    let encoding = Encoding::of_transfer_syntax(transfer_syntax);
+    if encoding.deflated {
+        return Err(IdentifierError::TransferSyntax);
+    }
+    let mut walker = Walker::new(encoding);
+    walker.feed(bytes).map_err(|_| IdentifierError::Malformed)?;
+    walker.finish().map_err(|_| IdentifierError::Malformed)?;
+    let keys = InMemDicomObject::read_dataset_with_ts(bytes, &ts_of(encoding))
+        .map_err(|_| IdentifierError::Malformed)?;
+
+    let charset_terms: Vec<String> = match keys.element_opt(tags::SPECIFIC_CHARACTER_SET) {
+        Ok(Some(e)) => match e.value() {
+            DicomValue::Primitive(p) => p
+                .to_raw_str()
+                .split('\\')
+                .map(|t| t.trim_matches([' ', '\0']).to_string())
+                .collect(),
+            _ => return Err(IdentifierError::Mismatch("Specific Character Set")),
+        },
+        _ => Vec::new(),
+    };
+    let charset = SpecificCharset::from_terms(&charset_terms).map_err(IdentifierError::Charset)?;
+    let reader = ReadCodec::of(&charset_terms);
+    let text = |obj: &InMemDicomObject, tag: Tag| text_value(obj, tag, reader, &charset);
+
+    let mut query = WorklistQuery {
+        patient_name: text(&keys, tags::PATIENT_NAME)?,
+        patient_id: text(&keys, tags::PATIENT_ID)?,
+        accession: text(&keys, tags::ACCESSION_NUMBER)?,
+        ..WorklistQuery::default()
+    };
+    if let Some(step) = first_item(&keys, tags::SCHEDULED_PROCEDURE_STEP_SEQUENCE)? {
+        query.modality = text(step, tags::MODALITY)?;
+        query.station_ae = text(step, tags::SCHEDULED_STATION_AE_TITLE)?;
+        query.start_date = text(step, tags::SCHEDULED_PROCEDURE_STEP_START_DATE)?;
+        query.start_time = text(step, tags::SCHEDULED_PROCEDURE_STEP_START_TIME)?;
+    }
+    Ok(FindQuery {
+        query,
+        charset,
+        charset_terms,
+        keys,
+        encoding,
+    })
+}
+
+fn ts_of(encoding: Encoding) -> dicom_encoding::TransferSyntax {
+    match (encoding.explicit_vr, encoding.big_endian) {
+        (false, _) => IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+        (true, false) => EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        (true, true) => EXPLICIT_VR_BIG_ENDIAN.erased(),
+    }
+}
+
+/// How dicom-rs's parser turned the bytes of a text value into a string: it switches
+/// codec on value 1 of (0008,0005) only, and keeps ISO-8859-1 (byte = code point) when it
+/// does not know that value, as for `\ISO 2022 IR 87`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadCodec {
+    /// Bytes as code points U+0000..U+00FF: the original bytes are recoverable.
+    Latin1,
+    /// Windows-31J (dicom-rs's ISO_IR 13): ASCII and half-width katakana recoverable.
+    Windows31j,
+    /// Decoded by a codec dicom-rs supports (ISO_IR 192, ISO_IR 100, ...): used as is.
+    Decoded,
+}
+
+impl ReadCodec {
+    fn of(terms: &[String]) -> Self {
+        let Some(first) = terms.first() else {
+            return Self::Latin1;
+        };
+        match SpecificCharacterSet::from_code(first).map(|c| c.name()) {
+            None => Self::Latin1,
+            Some(name) if name == "ISO_IR 6" => Self::Latin1,
+            Some(name) if name == "ISO_IR 13" => Self::Windows31j,
+            Some(_) => Self::Decoded,
+        }
+    }
+
+    /// The bytes behind `s`, when this codec lets them be recovered.
+    fn bytes(self, s: &str) -> Option<Vec<u8>> {
+        match self {
+            Self::Latin1 => s.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect(),
+            Self::Windows31j => s
+                .chars()
+                .map(|c| match u32::from(c) {
+                    n @ 0..=0x7F => u8::try_from(n).ok(),
+                    n @ 0xFF61..=0xFF9F => u8::try_from(n - 0xFF61 + 0xA1).ok(),
+                    _ => None,
+                })
+                .collect(),
+            Self::Decoded => None,
+        }
+    }
+}
+
+/// The text of `tag` in `obj`: None when absent, the decoded value (trailing padding
+/// removed) otherwise.
+fn text_value(
+    obj: &InMemDicomObject,
+    tag: Tag,
+    reader: ReadCodec,
+    charset: &SpecificCharset,
+) -> Result<Option<String>, IdentifierError> {
+    let Ok(Some(element)) = obj.element_opt(tag) else {
+        return Ok(None);
+    };
+    let raw: Cow<'_, str> = match element.value() {
+        DicomValue::Primitive(PrimitiveValue::Empty) => Cow::Borrowed(""),
+        DicomValue::Primitive(p) => p.to_raw_str(),
+        _ => return Err(IdentifierError::Mismatch("text key holds a sequence")),
+    };
+    let decoded = match (reader, charset) {
+        (ReadCodec::Decoded, _) | (_, SpecificCharset::Other(_)) => raw.into_owned(),
+        (reader, charset) => {
+            let bytes = reader
+                .bytes(&raw)
+                .ok_or(IdentifierError::Charset(CharsetError::InvalidByte(0)))?;
+            charset::decode(&bytes, charset).map_err(IdentifierError::Charset)?
+        }
+    };
+    Ok(Some(decoded.trim_end_matches([' ', '\0']).to_string()))
+}
+
+/// The first item of sequence `tag`: None when the key is absent or has no item.
+fn first_item(
+    obj: &InMemDicomObject,
+    tag: Tag,
+) -> Result<Option<&InMemDicomObject>, IdentifierError> {
+    let Ok(Some(element)) = obj.element_opt(tag) else {
+        return Ok(None);
+    };
+    match element.value() {
+        DicomValue::Sequence(seq) => Ok(seq.items().first()),
+        DicomValue::Primitive(PrimitiveValue::Empty) => Ok(None),
+        _ => Err(IdentifierError::Mismatch("sequence key is not a sequence")),
+    }
+}
+
+/// Why a response identifier could not be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("response identifier does not encode")]
+pub struct ResponseError;
+
+/// The Scheduled Procedure Step attributes known to the SCP, with their VRs.
+const STEP_KEYS: [(Tag, VR); 6] = [
+    (tags::MODALITY, VR::CS),
+    (tags::SCHEDULED_STATION_AE_TITLE, VR::AE),
+    (tags::SCHEDULED_PROCEDURE_STEP_START_DATE, VR::DA),
+    (tags::SCHEDULED_PROCEDURE_STEP_START_TIME, VR::TM),
+    (tags::SCHEDULED_PROCEDURE_STEP_DESCRIPTION, VR::LO),
+    (tags::SCHEDULED_PROCEDURE_STEP_ID, VR::SH),
+];
+
+fn top_level_value(item: &WorklistItem, tag: Tag) -> Option<(&str, VR)> {
+    Some(match tag {
+        tags::PATIENT_NAME => (item.patient_name.as_str(), VR::PN),
+        tags::PATIENT_ID => (item.patient_id.as_str(), VR::LO),
+        tags::PATIENT_BIRTH_DATE => (item.birth_date.as_str(), VR::DA),
+        tags::PATIENT_SEX => (item.sex.as_str(), VR::CS),
+        tags::ACCESSION_NUMBER => (item.accession.as_str(), VR::SH),
+        tags::REQUESTED_PROCEDURE_ID => (item.requested_procedure_id.as_str(), VR::SH),
+        tags::REQUESTED_PROCEDURE_DESCRIPTION => {
+            (item.requested_procedure_description.as_str(), VR::LO)
+        }
+        _ => return None,
+    })
+}
+
+fn step_value(item: &WorklistItem, tag: Tag) -> Option<&str> {
+    Some(match tag {
+        tags::MODALITY => item.modality.as_str(),
+        tags::SCHEDULED_STATION_AE_TITLE => item.station_ae.as_str(),
+        tags::SCHEDULED_PROCEDURE_STEP_START_DATE => item.start_date.as_str(),
+        tags::SCHEDULED_PROCEDURE_STEP_START_TIME => item.start_time.as_str(),
+        tags::SCHEDULED_PROCEDURE_STEP_DESCRIPTION => item.step_description.as_str(),
+        tags::SCHEDULED_PROCEDURE_STEP_ID => item.step_id.as_str(),
+        _ => return None,
+    })
+}
+
+/// Text values are written as bytes so that the parser's codec never touches them.
+struct Writer<'a> {
+    charset: &'a SpecificCharset,
+    /// Some value was not ASCII (UTF-8 output needs `ISO_IR 192` then).
+    non_ascii: bool,
+}
+
+impl Writer<'_> {
+    fn value(&mut self, text: &str, vr: VR) -> Result<PrimitiveValue, CharsetError> {
+        let mut bytes = match vr {
+            // Text in the request's character set.
+            VR::PN | VR::LO | VR::SH | VR::LT | VR::ST | VR::UT | VR::UC => {
+                charset::encode(text, self.charset)?
+            }
+            // Default repertoire only.
+            _ if text.is_ascii() => text.as_bytes().to_vec(),
+            _ => Vec::new(),
+        };
+        if !text.is_ascii() {
+            self.non_ascii = true;
+        }
+        if bytes.len() % 2 == 1 {
+            bytes.push(if vr == VR::UI { 0 } else { b' ' });
+        }
+        Ok(PrimitiveValue::U8(bytes.into()))
+    }
+
+    fn step_item(
+        &mut self,
+        item: &WorklistItem,
+        request: Option<&InMemDicomObject>,
+    ) -> Result<InMemDicomObject, CharsetError> {
+        let mut out = InMemDicomObject::new_empty();
+        match request {
+            Some(keys) => {
+                for key in keys.iter() {
+                    let tag = key.tag();
+                    let element = match (step_value(item, tag), key.vr()) {
+                        (Some(text), vr) => {
+                            let vr = STEP_KEYS
+                                .iter()
+                                .find(|(t, _)| *t == tag)
+                                .map_or(vr, |(_, vr)| *vr);
+                            DataElement::new(tag, vr, self.value(text, vr)?)
+                        }
+                        (None, VR::SQ) => empty_sequence(tag),
+                        (None, vr) => DataElement::new(tag, vr, PrimitiveValue::Empty),
+                    };
+                    out.put(element);
+                }
+            }
+            None => {
+                for (tag, vr) in STEP_KEYS {
+                    let text = step_value(item, tag).unwrap_or("");
+                    out.put(DataElement::new(tag, vr, self.value(text, vr)?));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn empty_sequence(tag: Tag) -> dicom_object::mem::InMemElement {
+    DataElement::new(
+        tag,
+        VR::SQ,
+        DicomValue::from(DataSetSequence::<InMemDicomObject>::new(
+            Vec::new(),
+            Length::UNDEFINED,
+        )),
+    )
+}
+
+impl FindQuery {
+    /// The matching keys.
+    pub fn query(&self) -> &WorklistQuery {
+        &self.query
+    }
+
+    /// The request's character set.
+    pub fn charset(&self) -> &SpecificCharset {
+        &self.charset
+    }
+
+    /// The identifier of the pending C-FIND-RSP for `item`, in the request's encoding.
+    pub fn response(&self, item: &WorklistItem) -> Result<Vec<u8>, ResponseError> {
+        if self.charset.has_kanji()
+            && let Ok((mut obj, _)) = self.response_object(item, &self.charset)
+        {
+            let terms = self.charset_terms.join("\\");
+            obj.put(DataElement::new(
+                tags::SPECIFIC_CHARACTER_SET,
+                VR::CS,
+                padded(terms.into_bytes()),
+            ));
+            return self.write(&obj);
+        }
+        let (mut obj, non_ascii) = self
+            .response_object(item, &SpecificCharset::Utf8)
+            .map_err(|_| ResponseError)?;
+        if non_ascii {
+            obj.put(DataElement::new(
+                tags::SPECIFIC_CHARACTER_SET,
+                VR::CS,
+                padded(b"ISO_IR 192".to_vec()),
+            ));
+        } else if self.keys.element_opt(tags::SPECIFIC_CHARACTER_SET).ok().flatten().is_some() {
+            obj.put(DataElement::new(
+                tags::SPECIFIC_CHARACTER_SET,
+                VR::CS,
+                PrimitiveValue::Empty,
+            ));
+        }
+        self.write(&obj)
+    }
+
+    fn write(&self, obj: &InMemDicomObject) -> Result<Vec<u8>, ResponseError> {
+        let mut out = Vec::with_capacity(512);
+        obj.write_dataset_with_ts(&mut out, &ts_of(self.encoding))
+            .map_err(|_| ResponseError)?;
+        Ok(out)
+    }
+
+    /// The return keys for `item` written in `charset`, and whether any value is not ASCII.
+    fn response_object(
+        &self,
+        item: &WorklistItem,
+        charset: &SpecificCharset,
+    ) -> Result<(InMemDicomObject, bool), CharsetError> {
+        let mut writer = Writer {
+            charset,
+            non_ascii: false,
+        };
+        let mut out = InMemDicomObject::new_empty();
+        for key in self.keys.iter() {
+            let tag = key.tag();
+            if tag == tags::SPECIFIC_CHARACTER_SET || tag.group() <= 0x0002 {
+                continue;
+            }
+            let element = if tag == tags::SCHEDULED_PROCEDURE_STEP_SEQUENCE {
+                let request = match key.value() {
+                    DicomValue::Sequence(seq) => seq.items().first(),
+                    _ => None,
+                };
+                let step = writer.step_item(item, request)?;
+                DataElement::new(
+                    tag,
+                    VR::SQ,
+                    DicomValue::from(DataSetSequence::new(vec![step], Length::UNDEFINED)),
+                )
+            } else if let Some((text, vr)) = top_level_value(item, tag) {
+                DataElement::new(tag, vr, writer.value(text, vr)?)
+            } else if key.vr() == VR::SQ {
+                empty_sequence(tag)
+            } else {
+                DataElement::new(tag, key.vr(), PrimitiveValue::Empty)
+            };
+            out.put(element);
+        }
+        Ok((out, writer.non_ascii))
+    }
+}
+
+fn padded(mut bytes: Vec<u8>) -> PrimitiveValue {
+    if bytes.len() % 2 == 1 {
+        bytes.push(b' ');
+    }
+    PrimitiveValue::U8(bytes.into())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const EXPLICIT: &str = "1.2.840.10008.1.2.1";
+    const IMPLICIT: &str = "1.2.840.10008.1.2";
+
+    fn raw(bytes: &[u8]) -> PrimitiveValue {
+        padded(bytes.to_vec())
+    }
+
+    /// An identifier with the usual keys; `name` as raw bytes, `charset` as raw bytes.
+    fn identifier(charset: Option<&[u8]>, name: &[u8], date: &str, ts: &str) -> Vec<u8> {
+        let mut obj = InMemDicomObject::new_empty();
+        if let Some(cs) = charset {
+            obj.put(DataElement::new(tags::SPECIFIC_CHARACTER_SET, VR::CS, raw(cs)));
+        }
+        obj.put(DataElement::new(tags::PATIENT_NAME, VR::PN, raw(name)));
+        obj.put(DataElement::new(tags::PATIENT_ID, VR::LO, PrimitiveValue::Empty));
+        obj.put(DataElement::new(tags::ACCESSION_NUMBER, VR::SH, PrimitiveValue::Empty));
+        obj.put(DataElement::new(tags::PATIENT_BIRTH_DATE, VR::DA, PrimitiveValue::Empty));
+        obj.put(DataElement::new(tags::PATIENT_WEIGHT, VR::DS, PrimitiveValue::Empty));
+        let mut step = InMemDicomObject::new_empty();
+        step.put(DataElement::new(tags::MODALITY, VR::CS, raw(b"CT")));
+        step.put(DataElement::new(
+            tags::SCHEDULED_PROCEDURE_STEP_START_DATE,
+            VR::DA,
+            raw(date.as_bytes()),
+        ));
+        step.put(DataElement::new(
+            tags::SCHEDULED_PROCEDURE_STEP_ID,
+            VR::SH,
+            PrimitiveValue::Empty,
+        ));
+        obj.put(DataElement::new(
+            tags::SCHEDULED_PROCEDURE_STEP_SEQUENCE,
+            VR::SQ,
+            DicomValue::from(DataSetSequence::new(vec![step], Length::UNDEFINED)),
+        ));
+        let mut out = Vec::new();
+        let enc = Encoding::of_transfer_syntax(ts);
+        obj.write_dataset_with_ts(&mut out, &ts_of(enc)).unwrap();
+        out
+    }
+
+    fn item() -> WorklistItem {
+        WorklistItem {
+            patient_name: "YAMADA^TARO=山田^太郎=やまだ^たろう".into(),
+            patient_id: "P1".into(),
+            birth_date: "19700101".into(),
+            sex: "M".into(),
+            accession: "RB1".into(),
+            requested_procedure_id: "RB1".into(),
+            requested_procedure_description: "CT chest".into(),
+            modality: "CT".into(),
+            station_ae: "CT01".into(),
+            start_date: "20270112".into(),
+            start_time: "093000".into(),
+            step_id: "apt-1".into(),
+            step_description: "CT chest".into(),
+        }
+    }
+
+    fn read(bytes: &[u8], ts: &str) -> InMemDicomObject {
+        InMemDicomObject::read_dataset_with_ts(
+            bytes,
+            &ts_of(Encoding::of_transfer_syntax(ts)),
+        )
+        .unwrap()
+    }
+
+    fn raw_bytes(obj: &InMemDicomObject, tag: Tag) -> Vec<u8> {
+        let s = obj.element(tag).unwrap().value().to_raw_str().unwrap().into_owned();
+        s.chars().map(|c| u8::try_from(u32::from(c)).unwrap()).collect()
+    }
+
+    #[test]
+    fn keys_are_read_in_both_encodings() {
+        for ts in [EXPLICIT, IMPLICIT] {
+            let q = parse_identifier(&identifier(None, b"YAMA*", "20270112-20270113", ts), ts)
+                .unwrap();
+            assert_eq!(q.query().patient_name.as_deref(), Some("YAMA*"));
+            assert_eq!(q.query().patient_id.as_deref(), Some(""));
+            assert_eq!(q.query().modality.as_deref(), Some("CT"));
+            assert_eq!(q.query().start_date.as_deref(), Some("20270112-20270113"));
+            assert_eq!(q.query().station_ae, None);
+            assert!(q.query().matches(&item()));
+        }
+    }
+
+    #[test]
+    fn kanji_query_in_iso_2022_ir_87_is_decoded_and_answered_in_it() {
+        let cs: &[u8] = b"\\ISO 2022 IR 87";
+        let q = parse_identifier(
+            &identifier(Some(cs), b"=\x1b$B;3ED\x1b(B*", "", EXPLICIT),
+            EXPLICIT,
+        )
+        .unwrap();
+        assert_eq!(q.query().patient_name.as_deref(), Some("=山田*"));
+        assert!(q.query().matches(&item()));
+        let rsp = read(&q.response(&item()).unwrap(), EXPLICIT);
+        assert_eq!(raw_bytes(&rsp, tags::SPECIFIC_CHARACTER_SET), b"\\ISO 2022 IR 87 ");
+        assert_eq!(
+            raw_bytes(&rsp, tags::PATIENT_NAME),
+            b"YAMADA^TARO=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B ",
+            "Annex H bytes, padded to even length with a space"
+        );
+    }
+
+    #[test]
+    fn utf8_and_default_requests_get_utf8_with_iso_ir_192() {
+        for cs in [None, Some(&b"ISO_IR 192"[..])] {
+            let q = parse_identifier(&identifier(cs, b"", "", IMPLICIT), IMPLICIT).unwrap();
+            let bytes = q.response(&item()).unwrap();
+            let rsp = read(&bytes, IMPLICIT);
+            assert_eq!(
+                rsp.element(tags::SPECIFIC_CHARACTER_SET).unwrap().to_str().unwrap(),
+                "ISO_IR 192"
+            );
+            assert_eq!(
+                rsp.element(tags::PATIENT_NAME).unwrap().to_str().unwrap(),
+                "YAMADA^TARO=山田^太郎=やまだ^たろう"
+            );
+        }
+        // ASCII-only: no character set.
+        let mut ascii = item();
+        ascii.patient_name = "SMITH^JOHN".into();
+        let q = parse_identifier(&identifier(None, b"", "", IMPLICIT), IMPLICIT).unwrap();
+        let rsp = read(&q.response(&ascii).unwrap(), IMPLICIT);
+        assert!(rsp.element_opt(tags::SPECIFIC_CHARACTER_SET).unwrap().is_none());
+    }
+
+    #[test]
+    fn return_keys_are_exactly_the_requested_ones() {
+        let q = parse_identifier(&identifier(None, b"", "", EXPLICIT), EXPLICIT).unwrap();
+        let rsp = read(&q.response(&item()).unwrap(), EXPLICIT);
+        assert_eq!(rsp.element(tags::PATIENT_ID).unwrap().to_str().unwrap(), "P1");
+        assert_eq!(rsp.element(tags::ACCESSION_NUMBER).unwrap().to_str().unwrap(), "RB1");
+        assert_eq!(
+            rsp.element(tags::PATIENT_BIRTH_DATE).unwrap().to_str().unwrap(),
+            "19700101"
+        );
+        // Unknown to the SCP: present and empty.
+        assert!(rsp.element(tags::PATIENT_WEIGHT).unwrap().to_str().unwrap().is_empty());
+        // Not asked for: absent.
+        assert!(rsp.element_opt(tags::PATIENT_SEX).unwrap().is_none());
+        let DicomValue::Sequence(seq) = rsp
+            .element(tags::SCHEDULED_PROCEDURE_STEP_SEQUENCE)
+            .unwrap()
+            .value()
+        else {
+            panic!("not a sequence")
+        };
+        let step = &seq.items()[0];
+        assert_eq!(step.element(tags::MODALITY).unwrap().to_str().unwrap(), "CT");
+        assert_eq!(
+            step.element(tags::SCHEDULED_PROCEDURE_STEP_ID).unwrap().to_str().unwrap(),
+            "apt-1"
+        );
+        assert!(step.element_opt(tags::SCHEDULED_STATION_AE_TITLE).unwrap().is_none());
+    }
+
+    #[test]
+    fn kanji_outside_jis_x_0208_falls_back_to_utf8() {
+        let mut odd = item();
+        odd.patient_name = "TEST=𠮷田".into();
+        let q = parse_identifier(
+            &identifier(Some(b"\\ISO 2022 IR 87"), b"", "", EXPLICIT),
+            EXPLICIT,
+        )
+        .unwrap();
+        let rsp = read(&q.response(&odd).unwrap(), EXPLICIT);
+        assert_eq!(
+            rsp.element(tags::SPECIFIC_CHARACTER_SET).unwrap().to_str().unwrap(),
+            "ISO_IR 192"
+        );
+        assert_eq!(
+            rsp.element(tags::PATIENT_NAME).unwrap().to_str().unwrap(),
+            "TEST=𠮷田"
+        );
+    }
+
+    #[test]
+    fn bad_identifiers_map_to_statuses() {
+        let too_big = vec![0u8; MAX_IDENTIFIER_LEN + 2];
+        assert_eq!(
+            parse_identifier(&too_big, EXPLICIT).unwrap_err().status(),
+            0xC000
+        );
+        // An element claiming 3 GB.
+        let claim = [0x10, 0x00, 0x10, 0x00, b'P', b'N', 0xFF, 0xFF];
+        assert_eq!(
+            parse_identifier(&claim, EXPLICIT).unwrap_err(),
+            IdentifierError::Malformed
+        );
+        // Invalid escape sequence in the name.
+        let e = parse_identifier(
+            &identifier(Some(b"\\ISO 2022 IR 87"), b"\x1b$(D!!", "", EXPLICIT),
+            EXPLICIT,
+        )
+        .unwrap_err();
+        assert_eq!(e.status(), 0xA900);
+        // Unsupported character set with code extensions.
+        let e = parse_identifier(
+            &identifier(Some(b"\\ISO 2022 IR 149"), b"X", "", EXPLICIT),
+            EXPLICIT,
+        )
+        .unwrap_err();
+        assert_eq!(e.status(), 0xC000);
+        assert!(parse_identifier(&[0xFF; 40], IMPLICIT).is_err());
+        assert!(parse_identifier(b"", IMPLICIT).is_ok());
+        assert_eq!(
+            parse_identifier(b"", "1.2.840.10008.1.2.1.99").unwrap_err(),
+            IdentifierError::TransferSyntax
+        );
+    }
+
+    #[test]
+    fn katakana_query_read_through_dicom_rs_windows_31j() {
+        // Value 1 ISO 2022 IR 13: dicom-rs reads the name as Windows-31J.
+        let q = parse_identifier(
+            &identifier(
+                Some(b"ISO 2022 IR 13\\ISO 2022 IR 87"),
+                b"\xd4\xcf\xc0\xde*=\x1b$B;3ED\x1b(J",
+                "",
+                EXPLICIT,
+            ),
+            EXPLICIT,
+        )
+        .unwrap();
+        assert_eq!(q.query().patient_name.as_deref(), Some("ﾔﾏﾀﾞ*=山田"));
+    }
+}
