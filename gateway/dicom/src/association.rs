@@ -380,7 +380,11 @@ async fn answer_find(
     let (query, source) = match (parsed, source) {
         (Ok(query), Some(source)) => (query, source),
         (Err((code, label, comment)), _) => {
-            debug!(status = format!("{code:04X}"), reason = label, "C-FIND refused");
+            debug!(
+                status = format!("{code:04X}"),
+                reason = label,
+                "C-FIND refused"
+            );
             ctx.metrics.worklist_find(label);
             return send_command(
                 association,

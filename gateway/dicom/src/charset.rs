@@ -207,7 +207,7 @@ fn decode_japanese(bytes: &[u8], j: Japanese) -> Result<String, CharsetError> {
         }
         if b >= 0x80 {
             // 8-bit: the G1 set, JIS X 0201 katakana.
-            if g1 && (0xA1..=0xDF).contains(&b) && run.len() % 2 == 0 {
+            if g1 && (0xA1..=0xDF).contains(&b) && run.len().is_multiple_of(2) {
                 flush_kanji(&mut run, run_start, &mut out)?;
                 out.push(char::from_u32(0xFF61 + u32::from(b - 0xA1)).unwrap_or('\u{FFFD}'));
                 i += 1;
@@ -359,7 +359,8 @@ mod tests {
     }
 
     /// PS3.5 Annex H.3.1, "Yamada^Tarou=山田^太郎=やまだ^たろう" with `\ISO 2022 IR 87`.
-    const H31: &[u8] = b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B";
+    const H31: &[u8] =
+        b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B";
     const H31_TEXT: &str = "Yamada^Tarou=山田^太郎=やまだ^たろう";
 
     /// PS3.5 Annex H.3.2, "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう" with
@@ -413,7 +414,10 @@ mod tests {
             assert_eq!(decode(&bytes, &j).unwrap(), s, "{s}");
         }
         let utf8 = cs(&["ISO_IR 192"]);
-        assert_eq!(decode(&encode("山田", &utf8).unwrap(), &utf8).unwrap(), "山田");
+        assert_eq!(
+            decode(&encode("山田", &utf8).unwrap(), &utf8).unwrap(),
+            "山田"
+        );
     }
 
     #[test]
@@ -449,15 +453,9 @@ mod tests {
         assert_eq!(decode(b"\x1b)I", &j), Err(CharsetError::InvalidEscape(0)));
         // Odd number of kanji bytes.
         assert_eq!(decode(b"\x1b$B;3E", &j), Err(CharsetError::Truncated));
-        assert_eq!(
-            decode(b"\x1b$B;3E\x1b(B", &j),
-            Err(CharsetError::Truncated)
-        );
+        assert_eq!(decode(b"\x1b$B;3E\x1b(B", &j), Err(CharsetError::Truncated));
         // Control byte inside kanji.
-        assert_eq!(
-            decode(b"\x1b$B;\n", &j),
-            Err(CharsetError::InvalidByte(4))
-        );
+        assert_eq!(decode(b"\x1b$B;\n", &j), Err(CharsetError::InvalidByte(4)));
         // Unassigned JIS X 0208 code (row 9 is empty).
         assert!(matches!(
             decode(b"\x1b$B)!\x1b(B", &j),
@@ -489,12 +487,49 @@ mod tests {
         );
     }
 
+    /// The fuzz target's property on a deterministic sample: no panic, and what decodes
+    /// survives encode and decode.
+    #[test]
+    fn pseudo_random_bytes_never_panic_and_round_trip() {
+        let sets = [
+            cs(&["", "ISO 2022 IR 87"]),
+            cs(&["ISO 2022 IR 13", "ISO 2022 IR 87"]),
+            cs(&["ISO_IR 13"]),
+            cs(&["ISO_IR 192"]),
+        ];
+        // Bytes biased towards escape sequences, JIS bytes and delimiters.
+        let alphabet = b"\x1b$B(J)I;3ED^=\\~\xa1\xdf\xb1 \n!~\x80";
+        let mut state = 0x2545_F491_u32;
+        let mut decoded = 0;
+        for _ in 0..20_000 {
+            let mut bytes = Vec::new();
+            for _ in 0..(state % 24) {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                bytes.push(alphabet[(state as usize) % alphabet.len()]);
+            }
+            for set in &sets {
+                if let Ok(text) = decode(&bytes, set) {
+                    decoded += 1;
+                    if let Ok(again) = encode(&text, set) {
+                        assert_eq!(decode(&again, set).as_deref(), Ok(text.as_str()));
+                    }
+                }
+            }
+        }
+        assert!(decoded > 1000, "sample too weak: {decoded}");
+    }
+
     #[test]
     fn terms() {
         assert_eq!(cs(&[]), SpecificCharset::Default);
         assert_eq!(cs(&[""]), SpecificCharset::Default);
         assert_eq!(cs(&["ISO_IR 192"]), SpecificCharset::Utf8);
-        assert_eq!(cs(&["ISO_IR 100"]), SpecificCharset::Other("ISO_IR 100".into()));
+        assert_eq!(
+            cs(&["ISO_IR 100"]),
+            SpecificCharset::Other("ISO_IR 100".into())
+        );
         assert!(cs(&["", "ISO 2022 IR 87"]).has_kanji());
         assert!(cs(&["ISO 2022 IR 6", "ISO 2022 IR 87 "]).has_kanji());
         assert!(!cs(&["ISO_IR 13"]).has_kanji());

@@ -424,7 +424,10 @@ mod tests {
         let rsp = find_response(&req, status::PENDING, true, None);
         assert!(matches!(
             decode(&rsp),
-            Ok(Request::Other { command_field: field::C_FIND_RSP, .. })
+            Ok(Request::Other {
+                command_field: field::C_FIND_RSP,
+                ..
+            })
         ));
         let cancel = encode(InMemDicomObject::command_from_element_iter([
             DataElement::new(

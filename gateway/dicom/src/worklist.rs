@@ -405,7 +405,13 @@ impl FindQuery {
                 VR::CS,
                 padded(b"ISO_IR 192".to_vec()),
             ));
-        } else if self.keys.element_opt(tags::SPECIFIC_CHARACTER_SET).ok().flatten().is_some() {
+        } else if self
+            .keys
+            .element_opt(tags::SPECIFIC_CHARACTER_SET)
+            .ok()
+            .flatten()
+            .is_some()
+        {
             obj.put(DataElement::new(
                 tags::SPECIFIC_CHARACTER_SET,
                 VR::CS,
@@ -485,13 +491,33 @@ mod tests {
     fn identifier(charset: Option<&[u8]>, name: &[u8], date: &str, ts: &str) -> Vec<u8> {
         let mut obj = InMemDicomObject::new_empty();
         if let Some(cs) = charset {
-            obj.put(DataElement::new(tags::SPECIFIC_CHARACTER_SET, VR::CS, raw(cs)));
+            obj.put(DataElement::new(
+                tags::SPECIFIC_CHARACTER_SET,
+                VR::CS,
+                raw(cs),
+            ));
         }
         obj.put(DataElement::new(tags::PATIENT_NAME, VR::PN, raw(name)));
-        obj.put(DataElement::new(tags::PATIENT_ID, VR::LO, PrimitiveValue::Empty));
-        obj.put(DataElement::new(tags::ACCESSION_NUMBER, VR::SH, PrimitiveValue::Empty));
-        obj.put(DataElement::new(tags::PATIENT_BIRTH_DATE, VR::DA, PrimitiveValue::Empty));
-        obj.put(DataElement::new(tags::PATIENT_WEIGHT, VR::DS, PrimitiveValue::Empty));
+        obj.put(DataElement::new(
+            tags::PATIENT_ID,
+            VR::LO,
+            PrimitiveValue::Empty,
+        ));
+        obj.put(DataElement::new(
+            tags::ACCESSION_NUMBER,
+            VR::SH,
+            PrimitiveValue::Empty,
+        ));
+        obj.put(DataElement::new(
+            tags::PATIENT_BIRTH_DATE,
+            VR::DA,
+            PrimitiveValue::Empty,
+        ));
+        obj.put(DataElement::new(
+            tags::PATIENT_WEIGHT,
+            VR::DS,
+            PrimitiveValue::Empty,
+        ));
         let mut step = InMemDicomObject::new_empty();
         step.put(DataElement::new(tags::MODALITY, VR::CS, raw(b"CT")));
         step.put(DataElement::new(
@@ -534,23 +560,28 @@ mod tests {
     }
 
     fn read(bytes: &[u8], ts: &str) -> InMemDicomObject {
-        InMemDicomObject::read_dataset_with_ts(
-            bytes,
-            &ts_of(Encoding::of_transfer_syntax(ts)),
-        )
-        .unwrap()
+        InMemDicomObject::read_dataset_with_ts(bytes, &ts_of(Encoding::of_transfer_syntax(ts)))
+            .unwrap()
     }
 
     fn raw_bytes(obj: &InMemDicomObject, tag: Tag) -> Vec<u8> {
-        let s = obj.element(tag).unwrap().value().to_raw_str().unwrap().into_owned();
-        s.chars().map(|c| u8::try_from(u32::from(c)).unwrap()).collect()
+        let s = obj
+            .element(tag)
+            .unwrap()
+            .value()
+            .to_raw_str()
+            .unwrap()
+            .into_owned();
+        s.chars()
+            .map(|c| u8::try_from(u32::from(c)).unwrap())
+            .collect()
     }
 
     #[test]
     fn keys_are_read_in_both_encodings() {
         for ts in [EXPLICIT, IMPLICIT] {
-            let q = parse_identifier(&identifier(None, b"YAMA*", "20270112-20270113", ts), ts)
-                .unwrap();
+            let q =
+                parse_identifier(&identifier(None, b"YAMA*", "20270112-20270113", ts), ts).unwrap();
             assert_eq!(q.query().patient_name.as_deref(), Some("YAMA*"));
             assert_eq!(q.query().patient_id.as_deref(), Some(""));
             assert_eq!(q.query().modality.as_deref(), Some("CT"));
@@ -571,7 +602,10 @@ mod tests {
         assert_eq!(q.query().patient_name.as_deref(), Some("=山田*"));
         assert!(q.query().matches(&item()));
         let rsp = read(&q.response(&item()).unwrap(), EXPLICIT);
-        assert_eq!(raw_bytes(&rsp, tags::SPECIFIC_CHARACTER_SET), b"\\ISO 2022 IR 87 ");
+        assert_eq!(
+            raw_bytes(&rsp, tags::SPECIFIC_CHARACTER_SET),
+            b"\\ISO 2022 IR 87 "
+        );
         assert_eq!(
             raw_bytes(&rsp, tags::PATIENT_NAME),
             b"YAMADA^TARO=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B ",
@@ -586,7 +620,10 @@ mod tests {
             let bytes = q.response(&item()).unwrap();
             let rsp = read(&bytes, IMPLICIT);
             assert_eq!(
-                rsp.element(tags::SPECIFIC_CHARACTER_SET).unwrap().to_str().unwrap(),
+                rsp.element(tags::SPECIFIC_CHARACTER_SET)
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
                 "ISO_IR 192"
             );
             assert_eq!(
@@ -599,21 +636,43 @@ mod tests {
         ascii.patient_name = "SMITH^JOHN".into();
         let q = parse_identifier(&identifier(None, b"", "", IMPLICIT), IMPLICIT).unwrap();
         let rsp = read(&q.response(&ascii).unwrap(), IMPLICIT);
-        assert!(rsp.element_opt(tags::SPECIFIC_CHARACTER_SET).unwrap().is_none());
+        assert!(
+            rsp.element_opt(tags::SPECIFIC_CHARACTER_SET)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
     fn return_keys_are_exactly_the_requested_ones() {
         let q = parse_identifier(&identifier(None, b"", "", EXPLICIT), EXPLICIT).unwrap();
         let rsp = read(&q.response(&item()).unwrap(), EXPLICIT);
-        assert_eq!(rsp.element(tags::PATIENT_ID).unwrap().to_str().unwrap(), "P1");
-        assert_eq!(rsp.element(tags::ACCESSION_NUMBER).unwrap().to_str().unwrap(), "RB1");
         assert_eq!(
-            rsp.element(tags::PATIENT_BIRTH_DATE).unwrap().to_str().unwrap(),
+            rsp.element(tags::PATIENT_ID).unwrap().to_str().unwrap(),
+            "P1"
+        );
+        assert_eq!(
+            rsp.element(tags::ACCESSION_NUMBER)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "RB1"
+        );
+        assert_eq!(
+            rsp.element(tags::PATIENT_BIRTH_DATE)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             "19700101"
         );
         // Unknown to the SCP: present and empty.
-        assert!(rsp.element(tags::PATIENT_WEIGHT).unwrap().to_str().unwrap().is_empty());
+        assert!(
+            rsp.element(tags::PATIENT_WEIGHT)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .is_empty()
+        );
         // Not asked for: absent.
         assert!(rsp.element_opt(tags::PATIENT_SEX).unwrap().is_none());
         let DicomValue::Sequence(seq) = rsp
@@ -624,12 +683,22 @@ mod tests {
             panic!("not a sequence")
         };
         let step = &seq.items()[0];
-        assert_eq!(step.element(tags::MODALITY).unwrap().to_str().unwrap(), "CT");
         assert_eq!(
-            step.element(tags::SCHEDULED_PROCEDURE_STEP_ID).unwrap().to_str().unwrap(),
+            step.element(tags::MODALITY).unwrap().to_str().unwrap(),
+            "CT"
+        );
+        assert_eq!(
+            step.element(tags::SCHEDULED_PROCEDURE_STEP_ID)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             "apt-1"
         );
-        assert!(step.element_opt(tags::SCHEDULED_STATION_AE_TITLE).unwrap().is_none());
+        assert!(
+            step.element_opt(tags::SCHEDULED_STATION_AE_TITLE)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -643,7 +712,10 @@ mod tests {
         .unwrap();
         let rsp = read(&q.response(&odd).unwrap(), EXPLICIT);
         assert_eq!(
-            rsp.element(tags::SPECIFIC_CHARACTER_SET).unwrap().to_str().unwrap(),
+            rsp.element(tags::SPECIFIC_CHARACTER_SET)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             "ISO_IR 192"
         );
         assert_eq!(

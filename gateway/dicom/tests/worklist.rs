@@ -282,7 +282,11 @@ fn identifier(keys: &Keys<'_>, ts: &str) -> Vec<u8> {
         raw(keys.accession),
     ));
     let mut step = InMemDicomObject::new_empty();
-    step.put(DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::Empty));
+    step.put(DataElement::new(
+        tags::MODALITY,
+        VR::CS,
+        PrimitiveValue::Empty,
+    ));
     step.put(DataElement::new(
         tags::SCHEDULED_PROCEDURE_STEP_START_DATE,
         VR::DA,
@@ -368,7 +372,10 @@ async fn responses(assoc: &mut Assoc, message_id: u16) -> (Vec<Vec<u8>>, u16) {
                         assert_eq!(dataset_type, 0x0101, "final response carries no data set");
                         return (identifiers, status);
                     }
-                    assert_ne!(dataset_type, 0x0101, "pending response carries an identifier");
+                    assert_ne!(
+                        dataset_type, 0x0101,
+                        "pending response carries an identifier"
+                    );
                 }
             }
         }
@@ -439,7 +446,10 @@ async fn universal_query_returns_every_item_then_success() {
             panic!("no step sequence")
         };
         let step = &seq.items()[0];
-        assert_eq!(step.element(tags::MODALITY).unwrap().to_str().unwrap(), "MR");
+        assert_eq!(
+            step.element(tags::MODALITY).unwrap().to_str().unwrap(),
+            "MR"
+        );
         assert_eq!(
             step.element(tags::SCHEDULED_PROCEDURE_STEP_START_TIME)
                 .unwrap()
@@ -457,7 +467,11 @@ async fn universal_query_returns_every_item_then_success() {
             "ISO_IR 192"
         );
         assert_eq!(
-            objs[0].element(tags::PATIENT_NAME).unwrap().to_str().unwrap(),
+            objs[0]
+                .element(tags::PATIENT_NAME)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             "YAMADA^TARO=山田^太郎=やまだ^たろう"
         );
         assert!(
@@ -546,7 +560,8 @@ async fn kanji_query_in_iso_2022_ir_87_returns_the_name_iso_2022_encoded() {
         raw_value(&objs[0], tags::SPECIFIC_CHARACTER_SET),
         b"\\ISO 2022 IR 87 "
     );
-    let name: &[u8] = b"YAMADA^TARO=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B";
+    let name: &[u8] =
+        b"YAMADA^TARO=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B";
     let mut padded = name.to_vec();
     padded.push(b' ');
     assert_eq!(raw_value(&objs[0], tags::PATIENT_NAME), padded);
@@ -590,7 +605,13 @@ async fn bad_identifiers_get_error_statuses_and_the_association_goes_on() {
         ..Keys::default()
     };
     send(&mut assoc, pc, PDataValueType::Command, find_rq(2, MWL)).await;
-    send(&mut assoc, pc, PDataValueType::Data, identifier(&keys, EXPLICIT_LE)).await;
+    send(
+        &mut assoc,
+        pc,
+        PDataValueType::Data,
+        identifier(&keys, EXPLICIT_LE),
+    )
+    .await;
     assert_eq!(responses(&mut assoc, 2).await, (vec![], 0xA900));
     // Too large: sent in fragments, drained, refused.
     send(&mut assoc, pc, PDataValueType::Command, find_rq(3, MWL)).await;
