@@ -108,6 +108,8 @@ pub struct FindQuery {
     charset: SpecificCharset,
     /// The values of (0008,0005) as received (trimmed).
     charset_terms: Vec<String>,
+    /// The request has (0008,0005), so the response has it too.
+    asked_charset: bool,
     keys: InMemDicomObject,
     encoding: Encoding,
 }
@@ -124,23 +126,26 @@ pub fn parse_identifier(bytes: &[u8], transfer_syntax: &str) -> Result<FindQuery
     let mut walker = Walker::new(encoding);
     walker.feed(bytes).map_err(|_| IdentifierError::Malformed)?;
     walker.finish().map_err(|_| IdentifierError::Malformed)?;
-    let keys = InMemDicomObject::read_dataset_with_ts(bytes, &ts_of(encoding))
+    // dicom-rs would pick its own codec from value 1 of (0008,0005) (and warn about the
+    // empty value 1 of `\ISO 2022 IR 87`): the element is taken out first, so every text
+    // value is read as ISO-8859-1, byte for code point, and decoded here.
+    let (charset_value, rest) = take_charset(bytes, encoding);
+    let keys = InMemDicomObject::read_dataset_with_ts(&*rest, &ts_of(encoding))
         .map_err(|_| IdentifierError::Malformed)?;
-
-    let charset_terms: Vec<String> = match keys.element_opt(tags::SPECIFIC_CHARACTER_SET) {
-        Ok(Some(e)) => match e.value() {
-            DicomValue::Primitive(p) => p
-                .to_raw_str()
-                .split('\\')
-                .map(|t| t.trim_matches([' ', '\0']).to_string())
-                .collect(),
-            _ => return Err(IdentifierError::Mismatch("Specific Character Set")),
-        },
-        _ => Vec::new(),
+    let charset_terms: Vec<String> = match &charset_value {
+        Some(value) if value.is_ascii() => value
+            .split(|b| *b == b'\\')
+            .map(|t| {
+                String::from_utf8_lossy(t)
+                    .trim_matches([' ', '\0'])
+                    .to_string()
+            })
+            .collect(),
+        Some(_) => return Err(IdentifierError::Mismatch("Specific Character Set")),
+        None => Vec::new(),
     };
     let charset = SpecificCharset::from_terms(&charset_terms).map_err(IdentifierError::Charset)?;
-    let reader = ReadCodec::of(&charset_terms);
-    let text = |obj: &InMemDicomObject, tag: Tag| text_value(obj, tag, reader, &charset);
+    let text = |obj: &InMemDicomObject, tag: Tag| text_value(obj, tag, &charset);
 
     let mut query = WorklistQuery {
         patient_name: text(&keys, tags::PATIENT_NAME)?,
@@ -158,6 +163,7 @@ pub fn parse_identifier(bytes: &[u8], transfer_syntax: &str) -> Result<FindQuery
         query,
         charset,
         charset_terms,
+        asked_charset: charset_value.is_some(),
         keys,
         encoding,
     })
@@ -171,55 +177,83 @@ fn ts_of(encoding: Encoding) -> dicom_encoding::TransferSyntax {
     }
 }
 
-/// How dicom-rs's parser turned the bytes of a text value into a string: it switches
-/// codec on value 1 of (0008,0005) only, and keeps ISO-8859-1 (byte = code point) when it
-/// does not know that value, as for `\ISO 2022 IR 87`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReadCodec {
-    /// Bytes as code points U+0000..U+00FF: the original bytes are recoverable.
-    Latin1,
-    /// Windows-31J (dicom-rs's ISO_IR 13): ASCII and half-width katakana recoverable.
-    Windows31j,
-    /// Decoded by a codec dicom-rs supports (ISO_IR 192, ISO_IR 100, ...): used as is.
-    Decoded,
+/// Takes a top-level (0008,0005) out of a framing-checked data set: its value, and the
+/// data set without it. Only the elements before it (none in practice, (0008,0000) at most)
+/// are looked at; when it is not among them nothing is taken.
+fn take_charset(bytes: &[u8], enc: Encoding) -> (Option<Vec<u8>>, Cow<'_, [u8]>) {
+    let mut pos = 0;
+    while let Some((group, element, start, len)) = element_header(bytes, pos, enc) {
+        let Some(end) = start.checked_add(len).filter(|end| *end <= bytes.len()) else {
+            break;
+        };
+        match (group, element).cmp(&(0x0008, 0x0005)) {
+            std::cmp::Ordering::Less => pos = end,
+            std::cmp::Ordering::Equal => {
+                let mut rest = Vec::with_capacity(bytes.len());
+                rest.extend_from_slice(&bytes[..pos]);
+                rest.extend_from_slice(&bytes[end..]);
+                return (Some(bytes[start..end].to_vec()), Cow::Owned(rest));
+            }
+            std::cmp::Ordering::Greater => break,
+        }
+    }
+    (None, Cow::Borrowed(bytes))
 }
 
-impl ReadCodec {
-    fn of(terms: &[String]) -> Self {
-        let Some(first) = terms.first() else {
-            return Self::Latin1;
-        };
-        match SpecificCharacterSet::from_code(first).map(|c| c.name()) {
-            None => Self::Latin1,
-            Some(name) if name == "ISO_IR 6" => Self::Latin1,
-            Some(name) if name == "ISO_IR 13" => Self::Windows31j,
-            Some(_) => Self::Decoded,
+/// (group, element, value offset, value length) of the element at `pos`; None at the end,
+/// on undefined length, or when the bytes are short.
+fn element_header(bytes: &[u8], pos: usize, enc: Encoding) -> Option<(u16, u16, usize, usize)> {
+    let h = bytes.get(pos..pos.checked_add(8)?)?;
+    let u16_at = |b: &[u8], i: usize| {
+        let pair = [b[i], b[i + 1]];
+        if enc.big_endian {
+            u16::from_be_bytes(pair)
+        } else {
+            u16::from_le_bytes(pair)
         }
-    }
-
-    /// The bytes behind `s`, when this codec lets them be recovered.
-    fn bytes(self, s: &str) -> Option<Vec<u8>> {
-        match self {
-            Self::Latin1 => s.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect(),
-            Self::Windows31j => s
-                .chars()
-                .map(|c| match u32::from(c) {
-                    n @ 0..=0x7F => u8::try_from(n).ok(),
-                    n @ 0xFF61..=0xFF9F => u8::try_from(n - 0xFF61 + 0xA1).ok(),
-                    _ => None,
-                })
-                .collect(),
-            Self::Decoded => None,
+    };
+    let u32_of = |b: &[u8]| {
+        let quad = [b[0], b[1], b[2], b[3]];
+        if enc.big_endian {
+            u32::from_be_bytes(quad)
+        } else {
+            u32::from_le_bytes(quad)
         }
+    };
+    let (group, element) = (u16_at(h, 0), u16_at(h, 2));
+    let (start, len) = if !enc.explicit_vr {
+        (pos + 8, u32_of(&h[4..8]))
+    } else if matches!(
+        &h[4..6],
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
+    ) {
+        (pos + 12, u32_of(bytes.get(pos + 8..pos + 12)?))
+    } else {
+        (pos + 8, u32::from(u16_at(h, 6)))
+    };
+    if len == u32::MAX {
+        return None;
     }
+    Some((group, element, start, usize::try_from(len).ok()?))
 }
 
 /// The text of `tag` in `obj`: None when absent, the decoded value (trailing padding
-/// removed) otherwise.
+/// removed) otherwise. dicom-object read it as ISO-8859-1, so each char is one byte.
 fn text_value(
     obj: &InMemDicomObject,
     tag: Tag,
-    reader: ReadCodec,
     charset: &SpecificCharset,
 ) -> Result<Option<String>, IdentifierError> {
     let Ok(Some(element)) = obj.element_opt(tag) else {
@@ -230,14 +264,17 @@ fn text_value(
         DicomValue::Primitive(p) => p.to_raw_str(),
         _ => return Err(IdentifierError::Mismatch("text key holds a sequence")),
     };
-    let decoded = match (reader, charset) {
-        (ReadCodec::Decoded, _) | (_, SpecificCharset::Other(_)) => raw.into_owned(),
-        (reader, charset) => {
-            let bytes = reader
-                .bytes(&raw)
-                .ok_or(IdentifierError::Charset(CharsetError::InvalidByte(0)))?;
-            charset::decode(&bytes, charset).map_err(IdentifierError::Charset)?
-        }
+    let bytes: Vec<u8> = raw
+        .chars()
+        .map(|c| u8::try_from(u32::from(c)).ok())
+        .collect::<Option<_>>()
+        .ok_or(IdentifierError::Charset(CharsetError::InvalidByte(0)))?;
+    let decoded = match charset {
+        SpecificCharset::Other(term) => SpecificCharacterSet::from_code(term)
+            .ok_or(IdentifierError::Charset(CharsetError::Unsupported))?
+            .decode(&bytes)
+            .map_err(|_| IdentifierError::Charset(CharsetError::InvalidByte(0)))?,
+        charset => charset::decode(&bytes, charset).map_err(IdentifierError::Charset)?,
     };
     Ok(Some(decoded.trim_end_matches([' ', '\0']).to_string()))
 }
@@ -405,13 +442,7 @@ impl FindQuery {
                 VR::CS,
                 padded(b"ISO_IR 192".to_vec()),
             ));
-        } else if self
-            .keys
-            .element_opt(tags::SPECIFIC_CHARACTER_SET)
-            .ok()
-            .flatten()
-            .is_some()
-        {
+        } else if self.asked_charset {
             obj.put(DataElement::new(
                 tags::SPECIFIC_CHARACTER_SET,
                 VR::CS,
@@ -760,8 +791,46 @@ mod tests {
     }
 
     #[test]
-    fn katakana_query_read_through_dicom_rs_windows_31j() {
-        // Value 1 ISO 2022 IR 13: dicom-rs reads the name as Windows-31J.
+    fn utf8_and_latin1_queries_are_decoded_from_their_bytes() {
+        // UTF-8 continuation bytes include 0x80..0x9F: they must survive dicom-object.
+        let q = parse_identifier(
+            &identifier(Some(b"ISO_IR 192"), "=山田*".as_bytes(), "", IMPLICIT),
+            IMPLICIT,
+        )
+        .unwrap();
+        assert_eq!(q.query().patient_name.as_deref(), Some("=山田*"));
+        assert!(q.query().matches(&item()));
+        let q = parse_identifier(
+            &identifier(Some(b"ISO_IR 100"), b"M\xdcLLER*", "", EXPLICIT),
+            EXPLICIT,
+        )
+        .unwrap();
+        assert_eq!(q.query().patient_name.as_deref(), Some("MÜLLER*"));
+        // Bytes outside the default repertoire without a character set.
+        assert_eq!(
+            parse_identifier(&identifier(None, b"M\xdcLLER", "", EXPLICIT), EXPLICIT)
+                .unwrap_err()
+                .status(),
+            0xA900
+        );
+    }
+
+    #[test]
+    fn charset_element_is_found_after_a_group_length() {
+        let mut bytes = vec![0x08, 0x00, 0x00, 0x00, b'U', b'L', 4, 0, 0, 0, 0, 0];
+        bytes.extend(identifier(
+            Some(b"\\ISO 2022 IR 87"),
+            b"=\x1b$B;3ED\x1b(B",
+            "",
+            EXPLICIT,
+        ));
+        let q = parse_identifier(&bytes, EXPLICIT).unwrap();
+        assert_eq!(q.query().patient_name.as_deref(), Some("=山田"));
+        assert!(q.charset().has_kanji());
+    }
+
+    #[test]
+    fn katakana_query_with_iso_2022_ir_13_first() {
         let q = parse_identifier(
             &identifier(
                 Some(b"ISO 2022 IR 13\\ISO 2022 IR 87"),
