@@ -348,15 +348,15 @@ impl Writer<'_> {
         let mut bytes = match vr {
             // Text in the request's character set.
             VR::PN | VR::LO | VR::SH | VR::LT | VR::ST | VR::UT | VR::UC => {
+                if !text.is_ascii() {
+                    self.non_ascii = true;
+                }
                 charset::encode(text, self.charset)?
             }
-            // Default repertoire only.
+            // Default repertoire only: a value outside it is not returned.
             _ if text.is_ascii() => text.as_bytes().to_vec(),
             _ => Vec::new(),
         };
-        if !text.is_ascii() {
-            self.non_ascii = true;
-        }
         if bytes.len() % 2 == 1 {
             bytes.push(if vr == VR::UI { 0 } else { b' ' });
         }

@@ -108,6 +108,7 @@ fn items() -> Vec<WorklistItem> {
 
 struct Gateway {
     addr: SocketAddr,
+    registry: prometheus_client::registry::Registry,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -151,6 +152,7 @@ impl Gateway {
         let task = tokio::spawn(service.run(rx));
         Self {
             addr,
+            registry,
             stop,
             task,
             _dir: dir,
@@ -163,6 +165,12 @@ impl Gateway {
             delay: Duration::ZERO,
         }))
         .await
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).unwrap();
+        out
     }
 
     async fn shutdown(self) {
@@ -482,6 +490,14 @@ async fn universal_query_returns_every_item_then_success() {
         );
         assoc.release().await.unwrap();
     }
+    // Counts and statuses only.
+    let metrics = gw.metrics();
+    assert!(
+        metrics.contains("gateway_dicom_worklist_find_total{status=\"success\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gateway_dicom_worklist_matches_total 8"));
+    assert!(!metrics.contains("YAMADA"));
     gw.shutdown().await;
 }
 
