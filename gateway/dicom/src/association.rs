@@ -29,6 +29,8 @@ use crate::worklist::{self, MODALITY_WORKLIST_FIND, WorklistSource};
 
 /// Largest command set accepted (real ones are a few hundred bytes).
 const MAX_COMMAND_LEN: usize = 64 * 1024;
+/// Longest wait for `WorklistSource::items` before a C-FIND is answered C000.
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// PDUs buffered between the network and an object's writer thread.
 const SINK_DEPTH: usize = 8;
 
@@ -386,7 +388,8 @@ async fn answer_find(
                 "C-FIND refused"
             );
             ctx.metrics.worklist_find(label);
-            return send_command(
+            return send_rsp(
+                ctx,
                 association,
                 pc_id,
                 dimse::find_response(&req, code, false, Some(comment)),
@@ -395,7 +398,8 @@ async fn answer_find(
         }
         (Ok(_), None) => {
             ctx.metrics.worklist_find("sop_class_not_supported");
-            return send_command(
+            return send_rsp(
+                ctx,
                 association,
                 pc_id,
                 dimse::find_response(&req, status::SOP_CLASS_NOT_SUPPORTED, false, None),
@@ -404,19 +408,23 @@ async fn answer_find(
         }
     };
     let matching = query.query().clone();
-    let selected = tokio::task::spawn_blocking(move || {
-        let items = source.items();
-        matching
-            .select(&items)
-            .into_iter()
-            .cloned()
-            .collect::<Vec<_>>()
-    })
+    let selected = tokio::time::timeout(
+        SOURCE_TIMEOUT,
+        tokio::task::spawn_blocking(move || {
+            let items = source.items();
+            matching
+                .select(&items)
+                .into_iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        }),
+    )
     .await;
-    let Ok(items) = selected else {
+    let Ok(Ok(items)) = selected else {
         warn!("worklist source failed while answering C-FIND");
         ctx.metrics.worklist_find("unable_to_process");
-        return send_command(
+        return send_rsp(
+            ctx,
             association,
             pc_id,
             dimse::find_response(
@@ -435,7 +443,8 @@ async fn answer_find(
         }
         let Ok(data) = query.response(item) else {
             ctx.metrics.worklist_find("unable_to_process");
-            return send_command(
+            return send_rsp(
+                ctx,
                 association,
                 pc_id,
                 dimse::find_response(
@@ -447,13 +456,14 @@ async fn answer_find(
             )
             .await;
         };
-        send_command(
+        send_rsp(
+            ctx,
             association,
             pc_id,
             dimse::find_response(&req, status::PENDING, true, None),
         )
         .await?;
-        send_data(association, pc_id, data).await?;
+        send_timed(ctx, send_data(association, pc_id, data)).await?;
         ctx.metrics.worklist_matches.inc();
         sent += 1;
     }
@@ -462,7 +472,8 @@ async fn answer_find(
     }
     debug!(matches = sent, "C-FIND answered");
     ctx.metrics.worklist_find("success");
-    send_command(
+    send_rsp(
+        ctx,
         association,
         pc_id,
         dimse::find_response(&req, status::SUCCESS, false, None),
@@ -479,12 +490,33 @@ async fn cancel_find(
 ) -> Result<(), &'static str> {
     debug!(matches = sent, "C-FIND cancelled");
     ctx.metrics.worklist_find("cancel");
-    send_command(
+    send_rsp(
+        ctx,
         association,
         pc_id,
         dimse::find_response(req, status::CANCEL, false, None),
     )
     .await
+}
+
+/// A C-FIND response, given up on when the peer does not take it within the idle timeout
+/// (a peer that stops reading must not hold the association forever).
+async fn send_rsp(
+    ctx: &Context,
+    association: &mut Association,
+    pc_id: u8,
+    data: Vec<u8>,
+) -> Result<(), &'static str> {
+    send_timed(ctx, send_command(association, pc_id, data)).await
+}
+
+async fn send_timed(
+    ctx: &Context,
+    send: impl Future<Output = Result<(), &'static str>>,
+) -> Result<(), &'static str> {
+    tokio::time::timeout(ctx.idle_timeout, send)
+        .await
+        .unwrap_or(Err("peer does not take C-FIND responses"))
 }
 
 /// Looks at the PDUs already received, without waiting: true on a C-CANCEL-RQ for
