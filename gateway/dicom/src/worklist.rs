@@ -126,6 +126,7 @@ pub fn parse_identifier(bytes: &[u8], transfer_syntax: &str) -> Result<FindQuery
     let mut walker = Walker::new(encoding);
     walker.feed(bytes).map_err(|_| IdentifierError::Malformed)?;
     walker.finish().map_err(|_| IdentifierError::Malformed)?;
+    check_values(bytes, encoding).map_err(|()| IdentifierError::Malformed)?;
     // dicom-rs would pick its own codec from value 1 of (0008,0005) (and warn about the
     // empty value 1 of `\ISO 2022 IR 87`): the element is taken out first, so every text
     // value is read as ISO-8859-1, byte for code point, and decoded here.
@@ -174,6 +175,202 @@ fn ts_of(encoding: Encoding) -> dicom_encoding::TransferSyntax {
         (false, _) => IMPLICIT_VR_LITTLE_ENDIAN.erased(),
         (true, false) => EXPLICIT_VR_LITTLE_ENDIAN.erased(),
         (true, true) => EXPLICIT_VR_BIG_ENDIAN.erased(),
+    }
+}
+
+/// Deepest sequence nesting accepted in an identifier (the worklist model uses one).
+const MAX_DEPTH: u8 = 8;
+
+/// Checks what the walker does not and dicom-object relies on: every numeric value's length
+/// is a multiple of its VR's size (dicom-parser reads `len / size` numbers but skips `len`
+/// bytes in its position count, so a UL of length 1 puts it out of step and the next
+/// "length" it reads can claim gigabytes), VRs are known, and only sequences have
+/// undefined length. VRs come from the bytes (explicit VR) or, as dicom-parser does, from
+/// the standard dictionary (implicit VR).
+fn check_values(bytes: &[u8], enc: Encoding) -> Result<(), ()> {
+    let end = check_data_set(bytes, 0, Some(bytes.len()), enc, 0)?;
+    if end == bytes.len() { Ok(()) } else { Err(()) }
+}
+
+/// Checks the elements from `pos` up to `end` (defined length) or up to and including an
+/// item delimitation item (`end` None). Returns the position after them.
+fn check_data_set(
+    bytes: &[u8],
+    mut pos: usize,
+    end: Option<usize>,
+    enc: Encoding,
+    depth: u8,
+) -> Result<usize, ()> {
+    loop {
+        if Some(pos) == end {
+            return Ok(pos);
+        }
+        let (group, element) = tag_at(bytes, pos, enc).ok_or(())?;
+        if (group, element) == (0xFFFE, 0xE00D) {
+            let len = u32_at(bytes, pos + 4, enc).ok_or(())?;
+            return if end.is_none() && len == 0 {
+                Ok(pos + 8)
+            } else {
+                Err(())
+            };
+        }
+        if group == 0xFFFE {
+            return Err(());
+        }
+        let (vr, start, len) = if enc.explicit_vr {
+            let vr_bytes = bytes.get(pos + 4..pos + 6).ok_or(())?;
+            let vr = std::str::from_utf8(vr_bytes)
+                .ok()
+                .and_then(|s| s.parse::<VR>().ok())
+                .ok_or(())?;
+            if long_length(vr) {
+                (vr, pos + 12, u32_at(bytes, pos + 8, enc).ok_or(())?)
+            } else {
+                let len = bytes.get(pos + 6..pos + 8).ok_or(())?;
+                let len = if enc.big_endian {
+                    u16::from_be_bytes([len[0], len[1]])
+                } else {
+                    u16::from_le_bytes([len[0], len[1]])
+                };
+                (vr, pos + 8, u32::from(len))
+            }
+        } else {
+            (
+                implicit_vr(group, element),
+                pos + 8,
+                u32_at(bytes, pos + 4, enc).ok_or(())?,
+            )
+        };
+        pos = if vr == VR::SQ {
+            if depth >= MAX_DEPTH {
+                return Err(());
+            }
+            check_sequence(bytes, start, len, end, enc, depth + 1)?
+        } else {
+            let len = usize::try_from(len).map_err(|_| ())?;
+            if len == usize::try_from(u32::MAX).map_err(|_| ())? || len % unit(vr) != 0 {
+                return Err(());
+            }
+            let next = start.checked_add(len).ok_or(())?;
+            if next > end.unwrap_or(bytes.len()) {
+                return Err(());
+            }
+            next
+        };
+    }
+}
+
+fn check_sequence(
+    bytes: &[u8],
+    mut pos: usize,
+    len: u32,
+    outer_end: Option<usize>,
+    enc: Encoding,
+    depth: u8,
+) -> Result<usize, ()> {
+    let end = if len == u32::MAX {
+        None
+    } else {
+        let end = pos
+            .checked_add(usize::try_from(len).map_err(|_| ())?)
+            .ok_or(())?;
+        if end > outer_end.unwrap_or(bytes.len()) {
+            return Err(());
+        }
+        Some(end)
+    };
+    loop {
+        if Some(pos) == end {
+            return Ok(pos);
+        }
+        let tag = tag_at(bytes, pos, enc).ok_or(())?;
+        let item_len = u32_at(bytes, pos + 4, enc).ok_or(())?;
+        match tag {
+            (0xFFFE, 0xE0DD) if end.is_none() && item_len == 0 => return Ok(pos + 8),
+            (0xFFFE, 0xE000) => {
+                let start = pos + 8;
+                pos = if item_len == u32::MAX {
+                    check_data_set(bytes, start, None, enc, depth)?
+                } else {
+                    let item_end = start
+                        .checked_add(usize::try_from(item_len).map_err(|_| ())?)
+                        .ok_or(())?;
+                    if item_end > end.unwrap_or(bytes.len()) {
+                        return Err(());
+                    }
+                    check_data_set(bytes, start, Some(item_end), enc, depth)?
+                };
+            }
+            _ => return Err(()),
+        }
+    }
+}
+
+fn tag_at(bytes: &[u8], pos: usize, enc: Encoding) -> Option<(u16, u16)> {
+    let b = bytes.get(pos..pos.checked_add(4)?)?;
+    Some(if enc.big_endian {
+        (
+            u16::from_be_bytes([b[0], b[1]]),
+            u16::from_be_bytes([b[2], b[3]]),
+        )
+    } else {
+        (
+            u16::from_le_bytes([b[0], b[1]]),
+            u16::from_le_bytes([b[2], b[3]]),
+        )
+    })
+}
+
+fn u32_at(bytes: &[u8], pos: usize, enc: Encoding) -> Option<u32> {
+    let b = bytes.get(pos..pos.checked_add(4)?)?;
+    let quad = [b[0], b[1], b[2], b[3]];
+    Some(if enc.big_endian {
+        u32::from_be_bytes(quad)
+    } else {
+        u32::from_le_bytes(quad)
+    })
+}
+
+fn long_length(vr: VR) -> bool {
+    matches!(
+        vr,
+        VR::OB
+            | VR::OD
+            | VR::OF
+            | VR::OL
+            | VR::OV
+            | VR::OW
+            | VR::SQ
+            | VR::SV
+            | VR::UC
+            | VR::UN
+            | VR::UR
+            | VR::UT
+            | VR::UV
+    )
+}
+
+/// The VR dicom-parser gives an element in implicit VR (see its implicit_le decoder).
+fn implicit_vr(group: u16, element: u16) -> VR {
+    use dicom_core::DataDictionary;
+    use dicom_core::dictionary::DataDictionaryEntry;
+    let tag = Tag(group, element);
+    if tag == Tag(0x7FE0, 0x0010) || (group >> 8 == 0x60 && element == 0x3000) {
+        return VR::OW;
+    }
+    dicom_dictionary_std::StandardDataDictionary
+        .by_tag(tag)
+        .map(|entry| entry.vr().relaxed())
+        .unwrap_or(VR::UN)
+}
+
+/// Size of one value of a binary VR (1 for byte and text VRs).
+fn unit(vr: VR) -> usize {
+    match vr {
+        VR::US | VR::SS | VR::OW => 2,
+        VR::UL | VR::SL | VR::FL | VR::AT | VR::OL | VR::OF => 4,
+        VR::FD | VR::SV | VR::UV | VR::OD | VR::OV => 8,
+        _ => 1,
     }
 }
 
@@ -827,6 +1024,41 @@ mod tests {
         let q = parse_identifier(&bytes, EXPLICIT).unwrap();
         assert_eq!(q.query().patient_name.as_deref(), Some("=山田"));
         assert!(q.charset().has_kanji());
+    }
+
+    #[test]
+    fn numeric_value_of_a_length_its_vr_cannot_hold_is_malformed() {
+        // Found by fuzzing: a group length (UL) of length 1 put dicom-parser out of step
+        // and its next read claimed 3.7 GB.
+        let mut implicit = vec![0x80, 0x00, 0x00, 0x00, 1, 0, 0, 0, 0];
+        implicit.extend([0u8; 24]);
+        assert_eq!(
+            parse_identifier(&implicit, IMPLICIT).unwrap_err(),
+            IdentifierError::Malformed
+        );
+        let explicit = [0x08, 0x00, 0x00, 0x00, b'U', b'L', 2, 0, 0, 0];
+        assert_eq!(
+            parse_identifier(&explicit, EXPLICIT).unwrap_err(),
+            IdentifierError::Malformed
+        );
+        // Unknown VR bytes.
+        let unknown = [0x10, 0x00, 0x10, 0x00, b'Z', b'Z', 0, 0];
+        assert!(parse_identifier(&unknown, EXPLICIT).is_err());
+        // Nesting deeper than the limit.
+        let mut deep = InMemDicomObject::new_empty();
+        for _ in 0..12 {
+            let mut outer = InMemDicomObject::new_empty();
+            outer.put(DataElement::new(
+                tags::SCHEDULED_PROCEDURE_STEP_SEQUENCE,
+                VR::SQ,
+                DicomValue::from(DataSetSequence::new(vec![deep], Length::UNDEFINED)),
+            ));
+            deep = outer;
+        }
+        let mut bytes = Vec::new();
+        deep.write_dataset_with_ts(&mut bytes, &EXPLICIT_VR_LITTLE_ENDIAN.erased())
+            .unwrap();
+        assert!(parse_identifier(&bytes, EXPLICIT).is_err());
     }
 
     #[test]
