@@ -24,9 +24,12 @@
 //! are always returned.
 //!
 //! Invariants:
-//! - An identifier is at most [`MAX_IDENTIFIER_LEN`] bytes and is framed-checked by the
-//!   [`Walker`] before dicom-object reads it, so no element or item length it claims is
-//!   ever allocated beyond the bytes received.
+//! - An identifier is at most [`MAX_IDENTIFIER_LEN`] bytes and is checked by the
+//!   [`Walker`] (framing) and `check_values` (numeric lengths fit their VR, known VRs,
+//!   undefined length only for sequences, nesting depth) before dicom-object reads it, so
+//!   no length it claims is ever allocated beyond the bytes received.
+//! - dicom-object never decodes its text: (0008,0005) is taken out first, every value is
+//!   read as ISO-8859-1 (byte = code point) and decoded by [`crate::charset`].
 //! - Nothing here panics on any input; every failure is an [`IdentifierError`] that maps to
 //!   a DIMSE status (A900 or C000).
 //! - Errors and logs carry no patient data.
