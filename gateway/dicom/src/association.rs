@@ -1,4 +1,12 @@
-//! One established association: the DIMSE message loop and C-STORE streaming.
+//! One established association: the DIMSE message loop, C-STORE streaming and
+//! Modality Worklist C-FIND.
+//!
+//! A C-FIND's identifier is collected in memory (at most
+//! [`worklist::MAX_IDENTIFIER_LEN`] bytes; the rest of a larger one is drained and the
+//! request answered C000), the worklist is read and matched on a blocking thread, and one
+//! pending response per match follows. Between pending responses, PDUs already received
+//! are looked at: a C-CANCEL-RQ for the request ends it with FE00; any other message is a
+//! protocol violation (this SCP negotiates no asynchronous operations).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,14 +20,17 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::dimse::{self, Request, StoreRequest, status};
+use crate::dimse::{self, FindRequest, Request, StoreRequest, status};
 use crate::metrics::Metrics;
 use crate::part10;
 use crate::service::Options;
 use crate::walker::{Encoding, Walker};
+use crate::worklist::{self, MODALITY_WORKLIST_FIND, WorklistSource};
 
 /// Largest command set accepted (real ones are a few hundred bytes).
 const MAX_COMMAND_LEN: usize = 64 * 1024;
+/// Longest wait for `WorklistSource::items` before a C-FIND is answered C000.
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// PDUs buffered between the network and an object's writer thread.
 const SINK_DEPTH: usize = 8;
 
@@ -30,6 +41,8 @@ pub(crate) struct Context {
     pub spool: Spool,
     pub metrics: Metrics,
     pub idle_timeout: Duration,
+    /// Set on the core gateway: Modality Worklist C-FIND is offered.
+    pub worklist: Option<Arc<dyn WorklistSource>>,
 }
 
 type Association = AsyncServerAssociation<TcpStream>;
@@ -74,7 +87,7 @@ pub(crate) async fn serve(
                 }
             }
             Pdu::ReleaseRQ => {
-                if state.store.is_some() {
+                if state.store.is_some() || state.find.is_some() {
                     break End::Abort("release requested in the middle of a data set");
                 }
                 let _ = association.send(&Pdu::ReleaseRP).await;
@@ -113,6 +126,18 @@ struct Dimse {
     command_pc: Option<u8>,
     store: Option<InboundObject>,
     stored: u64,
+    find: Option<InboundFind>,
+}
+
+/// A C-FIND whose identifier is being received.
+struct InboundFind {
+    req: FindRequest,
+    pc_id: u8,
+    transfer_syntax: String,
+    identifier: Vec<u8>,
+    too_large: bool,
+    /// Answered with this (status, metric label, comment) once the identifier is drained.
+    refusal: Option<(u16, &'static str, &'static str)>,
 }
 
 impl Dimse {
@@ -126,7 +151,7 @@ impl Dimse {
         for pdv in values {
             match pdv.value_type {
                 PDataValueType::Command => {
-                    if self.store.is_some() {
+                    if self.store.is_some() || self.find.is_some() {
                         return Err("command fragment in the middle of a data set");
                     }
                     if self
@@ -151,6 +176,25 @@ impl Dimse {
                             calling,
                         )
                         .await?;
+                    }
+                }
+                PDataValueType::Data if self.find.is_some() => {
+                    let Some(find) = self.find.as_mut() else {
+                        continue;
+                    };
+                    if find.pc_id != pdv.presentation_context_id {
+                        return Err("data set fragment on another presentation context");
+                    }
+                    if find.identifier.len() + pdv.data.len() > worklist::MAX_IDENTIFIER_LEN {
+                        find.too_large = true;
+                        find.identifier = Vec::new();
+                    } else if !find.too_large {
+                        find.identifier.extend_from_slice(&pdv.data);
+                    }
+                    if pdv.is_last
+                        && let Some(find) = self.find.take()
+                    {
+                        answer_find(find, association, ctx).await?;
                     }
                 }
                 PDataValueType::Data => {
@@ -244,7 +288,45 @@ impl Dimse {
                     }
                 }
             }
-            Request::Cancel => Ok(()),
+            Request::Find(req) => {
+                let offered = ctx.worklist.is_some()
+                    && trim_uid(&pc.abstract_syntax) == MODALITY_WORKLIST_FIND
+                    && req.sop_class_uid == MODALITY_WORKLIST_FIND;
+                let refusal = if offered {
+                    None
+                } else {
+                    Some((
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "sop_class_not_supported",
+                        "SOP class not supported",
+                    ))
+                };
+                if !req.has_data_set {
+                    let (code, label, comment) = refusal.unwrap_or((
+                        status::CANNOT_UNDERSTAND,
+                        "invalid",
+                        "C-FIND without an identifier",
+                    ));
+                    ctx.metrics.worklist_find(label);
+                    return send_command(
+                        association,
+                        pc_id,
+                        dimse::find_response(&req, code, false, Some(comment)),
+                    )
+                    .await;
+                }
+                self.find = Some(InboundFind {
+                    req,
+                    pc_id,
+                    transfer_syntax: trim_uid(&pc.transfer_syntax).to_string(),
+                    identifier: Vec::new(),
+                    too_large: false,
+                    refusal,
+                });
+                Ok(())
+            }
+            // A cancel for a request already answered (or never made) is ignored.
+            Request::Cancel { .. } => Ok(()),
             Request::Other { .. } => Err("DIMSE command not offered by this SCP"),
         }
     }
@@ -270,6 +352,237 @@ async fn send_command(
         .send(&pdu)
         .await
         .map_err(|_| "cannot send response")
+}
+
+/// Answers a C-FIND whose identifier is complete.
+async fn answer_find(
+    find: InboundFind,
+    association: &mut Association,
+    ctx: &Context,
+) -> Result<(), &'static str> {
+    let InboundFind {
+        req,
+        pc_id,
+        transfer_syntax,
+        identifier,
+        too_large,
+        refusal,
+    } = find;
+    let refusal = refusal.or(too_large.then_some((
+        status::CANNOT_UNDERSTAND,
+        "too_large",
+        "identifier too large",
+    )));
+    let parsed = match refusal {
+        Some(refusal) => Err(refusal),
+        None => worklist::parse_identifier(&identifier, &transfer_syntax)
+            .map_err(|e| (e.status(), e.label(), e.label())),
+    };
+    let source = ctx.worklist.clone();
+    let (query, source) = match (parsed, source) {
+        (Ok(query), Some(source)) => (query, source),
+        (Err((code, label, comment)), _) => {
+            debug!(
+                status = format!("{code:04X}"),
+                reason = label,
+                "C-FIND refused"
+            );
+            ctx.metrics.worklist_find(label);
+            return send_rsp(
+                ctx,
+                association,
+                pc_id,
+                dimse::find_response(&req, code, false, Some(comment)),
+            )
+            .await;
+        }
+        (Ok(_), None) => {
+            ctx.metrics.worklist_find("sop_class_not_supported");
+            return send_rsp(
+                ctx,
+                association,
+                pc_id,
+                dimse::find_response(&req, status::SOP_CLASS_NOT_SUPPORTED, false, None),
+            )
+            .await;
+        }
+    };
+    let matching = query.query().clone();
+    let selected = tokio::time::timeout(
+        SOURCE_TIMEOUT,
+        tokio::task::spawn_blocking(move || {
+            let items = source.items();
+            matching
+                .select(&items)
+                .into_iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        }),
+    )
+    .await;
+    let Ok(Ok(items)) = selected else {
+        warn!("worklist source failed while answering C-FIND");
+        ctx.metrics.worklist_find("unable_to_process");
+        return send_rsp(
+            ctx,
+            association,
+            pc_id,
+            dimse::find_response(
+                &req,
+                status::CANNOT_UNDERSTAND,
+                false,
+                Some("worklist unavailable"),
+            ),
+        )
+        .await;
+    };
+    let mut sent = 0usize;
+    for item in &items {
+        if cancel_received(association, req.message_id).await? {
+            return cancel_find(&req, pc_id, sent, association, ctx).await;
+        }
+        let Ok(data) = query.response(item) else {
+            ctx.metrics.worklist_find("unable_to_process");
+            return send_rsp(
+                ctx,
+                association,
+                pc_id,
+                dimse::find_response(
+                    &req,
+                    status::CANNOT_UNDERSTAND,
+                    false,
+                    Some("response does not encode"),
+                ),
+            )
+            .await;
+        };
+        send_rsp(
+            ctx,
+            association,
+            pc_id,
+            dimse::find_response(&req, status::PENDING, true, None),
+        )
+        .await?;
+        send_timed(ctx, send_data(association, pc_id, data)).await?;
+        ctx.metrics.worklist_matches.inc();
+        sent += 1;
+    }
+    if cancel_received(association, req.message_id).await? {
+        return cancel_find(&req, pc_id, sent, association, ctx).await;
+    }
+    debug!(matches = sent, "C-FIND answered");
+    ctx.metrics.worklist_find("success");
+    send_rsp(
+        ctx,
+        association,
+        pc_id,
+        dimse::find_response(&req, status::SUCCESS, false, None),
+    )
+    .await
+}
+
+async fn cancel_find(
+    req: &FindRequest,
+    pc_id: u8,
+    sent: usize,
+    association: &mut Association,
+    ctx: &Context,
+) -> Result<(), &'static str> {
+    debug!(matches = sent, "C-FIND cancelled");
+    ctx.metrics.worklist_find("cancel");
+    send_rsp(
+        ctx,
+        association,
+        pc_id,
+        dimse::find_response(req, status::CANCEL, false, None),
+    )
+    .await
+}
+
+/// A C-FIND response, given up on when the peer does not take it within the idle timeout
+/// (a peer that stops reading must not hold the association forever).
+async fn send_rsp(
+    ctx: &Context,
+    association: &mut Association,
+    pc_id: u8,
+    data: Vec<u8>,
+) -> Result<(), &'static str> {
+    send_timed(ctx, send_command(association, pc_id, data)).await
+}
+
+async fn send_timed(
+    ctx: &Context,
+    send: impl Future<Output = Result<(), &'static str>>,
+) -> Result<(), &'static str> {
+    tokio::time::timeout(ctx.idle_timeout, send)
+        .await
+        .unwrap_or(Err("peer does not take C-FIND responses"))
+}
+
+/// Looks at the PDUs already received, without waiting: true on a C-CANCEL-RQ for
+/// `message_id`. Cancels of other message ids are ignored; any other message is an error.
+/// (dicom-ul's receive keeps partial PDUs in the association's buffer, so abandoning it
+/// when nothing is ready loses nothing.)
+async fn cancel_received(
+    association: &mut Association,
+    message_id: u16,
+) -> Result<bool, &'static str> {
+    loop {
+        let pdu = match tokio::time::timeout(Duration::ZERO, association.receive()).await {
+            Err(_) => return Ok(false),
+            Ok(Err(_)) => return Err("receive error while answering C-FIND"),
+            Ok(Ok(pdu)) => pdu,
+        };
+        let Pdu::PData { data } = pdu else {
+            return Err("unexpected PDU while answering C-FIND");
+        };
+        for pdv in data {
+            if pdv.value_type != PDataValueType::Command || !pdv.is_last {
+                return Err("unexpected message while answering C-FIND");
+            }
+            match dimse::decode(&pdv.data) {
+                Ok(Request::Cancel { message_id: id }) => {
+                    if id.is_none_or(|id| id == message_id) {
+                        return Ok(true);
+                    }
+                }
+                _ => return Err("unexpected message while answering C-FIND"),
+            }
+        }
+    }
+}
+
+/// Sends a data set in PDVs that fit the peer's maximum PDU length.
+async fn send_data(
+    association: &mut Association,
+    pc_id: u8,
+    data: Vec<u8>,
+) -> Result<(), &'static str> {
+    // The PDV item header (length, context id, control) takes 6 bytes of the PDU.
+    let chunk = match association.requestor_max_pdu_length() {
+        0 => 64 * 1024,
+        max => (max as usize).saturating_sub(6).max(2) & !1,
+    };
+    let mut chunks: Vec<&[u8]> = data.chunks(chunk).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    let last = chunks.len() - 1;
+    for (i, part) in chunks.into_iter().enumerate() {
+        let pdu = Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc_id,
+                value_type: PDataValueType::Data,
+                is_last: i == last,
+                data: part.to_vec(),
+            }],
+        };
+        association
+            .send(&pdu)
+            .await
+            .map_err(|_| "cannot send response")?;
+    }
+    Ok(())
 }
 
 fn trim_uid(uid: &str) -> &str {

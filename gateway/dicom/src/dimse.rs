@@ -15,19 +15,25 @@ pub mod field {
     pub const C_STORE_RSP: u16 = 0x8001;
     pub const C_ECHO_RQ: u16 = 0x0030;
     pub const C_ECHO_RSP: u16 = 0x8030;
+    pub const C_FIND_RQ: u16 = 0x0020;
+    pub const C_FIND_RSP: u16 = 0x8020;
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
 }
 
 /// DIMSE status codes the SCP answers with.
 pub mod status {
     pub const SUCCESS: u16 = 0x0000;
+    /// C-FIND: Pending, matches are continuing (optional keys supported as given).
+    pub const PENDING: u16 = 0xFF00;
+    /// C-FIND: Cancel, matching terminated due to a C-CANCEL-RQ.
+    pub const CANCEL: u16 = 0xFE00;
     /// Refused: SOP Class not supported.
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     /// Refused: Out of resources.
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
-    /// Error: Data Set does not match SOP Class.
+    /// Error: Data Set (C-FIND: Identifier) does not match SOP Class.
     pub const DATASET_MISMATCH: u16 = 0xA900;
-    /// Error: Cannot understand.
+    /// Error: Cannot understand (C-FIND: Unable to process).
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
 }
 
@@ -50,8 +56,12 @@ pub enum Request {
         sop_class_uid: String,
     },
     Store(StoreRequest),
-    Cancel,
-    /// Any other command (C-FIND, N-ACTION, ...): not offered by this SCP.
+    Find(FindRequest),
+    /// C-CANCEL-RQ, naming the request it cancels when it says.
+    Cancel {
+        message_id: Option<u16>,
+    },
+    /// Any other command (C-MOVE, N-ACTION, ...): not offered by this SCP.
     Other {
         command_field: u16,
         message_id: Option<u16>,
@@ -63,6 +73,14 @@ pub struct StoreRequest {
     pub message_id: u16,
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
+    pub has_data_set: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FindRequest {
+    pub message_id: u16,
+    pub sop_class_uid: String,
+    pub priority: u16,
     pub has_data_set: bool,
 }
 
@@ -88,7 +106,15 @@ pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
             sop_instance_uid: fields.uid(0x1000, "Affected SOP Instance UID")?,
             has_data_set: fields.u16(0x0800, "Command Data Set Type")? != NO_DATA_SET,
         }),
-        field::C_CANCEL_RQ => Request::Cancel,
+        field::C_FIND_RQ => Request::Find(FindRequest {
+            message_id: fields.u16(0x0110, "Message ID")?,
+            sop_class_uid: fields.uid(0x0002, "Affected SOP Class UID")?,
+            priority: fields.u16(0x0700, "Priority").unwrap_or(0),
+            has_data_set: fields.u16(0x0800, "Command Data Set Type")? != NO_DATA_SET,
+        }),
+        field::C_CANCEL_RQ => Request::Cancel {
+            message_id: fields.u16(0x0120, "Message ID Being Responded To").ok(),
+        },
         other => Request::Other {
             command_field: other,
             message_id: fields.u16(0x0110, "Message ID").ok(),
@@ -216,6 +242,48 @@ pub fn store_response(req: &StoreRequest, status: u16, comment: Option<&str>) ->
     encode(InMemDicomObject::command_from_element_iter(elements))
 }
 
+/// Encodes a C-FIND-RSP; `has_identifier` for pending responses. `comment` goes into Error
+/// Comment (failures only) and must not hold patient data.
+pub fn find_response(
+    req: &FindRequest,
+    status: u16,
+    has_identifier: bool,
+    comment: Option<&str>,
+) -> Vec<u8> {
+    let mut elements = vec![
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            uid_value(&req.sop_class_uid),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            dicom_value!(U16, [field::C_FIND_RSP]),
+        ),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            dicom_value!(U16, [req.message_id]),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [if has_identifier { 0x0000 } else { NO_DATA_SET }]),
+        ),
+        DataElement::new(tags::STATUS, VR::US, dicom_value!(U16, [status])),
+    ];
+    if let Some(text) = comment {
+        let text: String = text.chars().take(64).collect();
+        elements.push(DataElement::new(
+            tags::ERROR_COMMENT,
+            VR::LO,
+            PrimitiveValue::from(text),
+        ));
+    }
+    encode(InMemDicomObject::command_from_element_iter(elements))
+}
+
 fn uid_value(uid: &str) -> PrimitiveValue {
     let mut s = uid.to_string();
     if s.len() % 2 == 1 {
@@ -322,6 +390,68 @@ mod tests {
         // Tag (5050,5050), length 0xCB0A0050: 3.4 GB claimed, 8 bytes sent.
         let bytes = [0x50, 0x50, 0x50, 0x50, 0x50, 0x00, 0x0A, 0xCB];
         assert_eq!(decode(&bytes), Err(CommandError::Decode));
+    }
+
+    #[test]
+    fn find_and_cancel_requests_decode() {
+        let find = encode(InMemDicomObject::command_from_element_iter([
+            DataElement::new(
+                tags::AFFECTED_SOP_CLASS_UID,
+                VR::UI,
+                uid_value("1.2.840.10008.5.1.4.31"),
+            ),
+            DataElement::new(
+                tags::COMMAND_FIELD,
+                VR::US,
+                dicom_value!(U16, [field::C_FIND_RQ]),
+            ),
+            DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [7])),
+            DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [2])),
+            DataElement::new(
+                tags::COMMAND_DATA_SET_TYPE,
+                VR::US,
+                dicom_value!(U16, [0x0102]),
+            ),
+        ]));
+        let Request::Find(req) = decode(&find).unwrap() else {
+            panic!("not a find")
+        };
+        assert_eq!(
+            (req.message_id, req.priority, req.has_data_set),
+            (7, 2, true)
+        );
+        assert_eq!(req.sop_class_uid, "1.2.840.10008.5.1.4.31");
+        let rsp = find_response(&req, status::PENDING, true, None);
+        assert!(matches!(
+            decode(&rsp),
+            Ok(Request::Other {
+                command_field: field::C_FIND_RSP,
+                ..
+            })
+        ));
+        let cancel = encode(InMemDicomObject::command_from_element_iter([
+            DataElement::new(
+                tags::COMMAND_FIELD,
+                VR::US,
+                dicom_value!(U16, [field::C_CANCEL_RQ]),
+            ),
+            DataElement::new(
+                tags::MESSAGE_ID_BEING_RESPONDED_TO,
+                VR::US,
+                dicom_value!(U16, [7]),
+            ),
+            DataElement::new(
+                tags::COMMAND_DATA_SET_TYPE,
+                VR::US,
+                dicom_value!(U16, [NO_DATA_SET]),
+            ),
+        ]));
+        assert_eq!(
+            decode(&cancel).unwrap(),
+            Request::Cancel {
+                message_id: Some(7)
+            }
+        );
     }
 
     #[test]

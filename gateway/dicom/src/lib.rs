@@ -1,5 +1,6 @@
 //! DICOM upper layer service of the clinic gateway: a C-ECHO and C-STORE SCP on dicom-ul
-//! (async) that streams every received data set into the spool.
+//! (async) that streams every received data set into the spool, and, when given a
+//! [`WorklistSource`] ([`DicomService::with_worklist`]), a Modality Worklist C-FIND SCP.
 //!
 //! Module map:
 //! - [`service`]: [`DicomService`], the TCP listener, connection limits and shutdown.
@@ -9,6 +10,9 @@
 //! - [`walker`]: push-mode structural check of a data set as it streams.
 //! - [`part10`]: the Part 10 header stored in front of each data set.
 //! - [`storage_classes`]: the storage SOP classes offered (generated from the dictionary).
+//! - [`worklist`]: Modality Worklist C-FIND: identifier to `gateway_booking::WorklistQuery`,
+//!   worklist items to response identifiers.
+//! - [`charset`]: Specific Character Set codecs (Japanese ISO 2022, UTF-8) for worklist text.
 //!
 //! Invariants:
 //! - C-STORE status 0000 is sent only after `gateway_spool::Ingest::commit` returned, i.e.
@@ -19,9 +23,12 @@
 //!   through a bounded channel.
 //! - A malformed PDU or protocol violation ends that association with an A-ABORT; other
 //!   associations are unaffected. No path reachable from the network panics.
+//! - C-FIND answers one pending response per matching item, then 0000 (or FE00 after a
+//!   C-CANCEL-RQ); a bad identifier gets A900 or C000 and the association goes on.
 //! - Logs name peers by AE title and address and objects by spool id, never by patient data.
 
 mod association;
+pub mod charset;
 pub mod dimse;
 pub mod metrics;
 pub mod part10;
@@ -29,6 +36,8 @@ pub mod policy;
 pub mod service;
 pub mod storage_classes;
 pub mod walker;
+pub mod worklist;
 
 pub use policy::{Peer, PolicySettings};
 pub use service::{DicomError, DicomService, DicomSettings};
+pub use worklist::WorklistSource;

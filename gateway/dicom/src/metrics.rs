@@ -24,6 +24,10 @@ pub struct Metrics {
     pub associations_accepted: Counter,
     pub associations_rejected: Family<ReasonLabel, Counter>,
     pub stored: Family<StatusLabel, Counter>,
+    /// Modality Worklist C-FIND requests answered, by outcome.
+    pub worklist_find: Family<StatusLabel, Counter>,
+    /// Pending C-FIND responses sent (one per matching worklist item).
+    pub worklist_matches: Counter,
 }
 
 impl Metrics {
@@ -49,7 +53,23 @@ impl Metrics {
             "C-STORE requests answered, by outcome",
             m.stored.clone(),
         );
+        registry.register(
+            "gateway_dicom_worklist_find",
+            "Modality Worklist C-FIND requests answered, by outcome",
+            m.worklist_find.clone(),
+        );
+        registry.register(
+            "gateway_dicom_worklist_matches",
+            "Modality Worklist C-FIND pending responses sent (matching items)",
+            m.worklist_matches.clone(),
+        );
         m
+    }
+
+    pub fn worklist_find(&self, status: &'static str) {
+        self.worklist_find
+            .get_or_create(&StatusLabel { status })
+            .inc();
     }
 
     pub fn stored(&self, status: &'static str) {

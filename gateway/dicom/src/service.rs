@@ -21,6 +21,7 @@ use crate::association::{self, Context};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::policy::{Gatekeeper, PolicySettings, Refusal};
 use crate::storage_classes::STORAGE_SOP_CLASSES;
+use crate::worklist::{MODALITY_WORKLIST_FIND, WorklistSource};
 
 /// The largest A-ASSOCIATE-RQ accepted (128 presentation contexts with many transfer
 /// syntaxes fit well within it).
@@ -58,7 +59,7 @@ pub(crate) type Options = ServerAssociationOptions<
     dicom_ul::association::server::DefaultNegotiation,
 >;
 
-/// The C-ECHO/C-STORE SCP.
+/// The C-ECHO/C-STORE SCP, and Modality Worklist C-FIND SCP when given a worklist.
 #[derive(Debug)]
 pub struct DicomService {
     listener: TcpListener,
@@ -86,10 +87,11 @@ impl DicomService {
         let metrics = Metrics::register(registry);
         let gatekeeper = Gatekeeper::new(settings.policy.clone());
         let ctx = Arc::new(Context {
-            options: build_options(&settings),
+            options: build_options(&settings, false),
             spool,
             metrics,
             idle_timeout: settings.idle_timeout,
+            worklist: None,
         });
         Ok(Self {
             listener,
@@ -106,6 +108,22 @@ impl DicomService {
     #[must_use]
     pub fn with_disabled(mut self, disabled: watch::Receiver<bool>) -> Self {
         self.disabled = disabled;
+        self
+    }
+
+    /// Serves Modality Worklist C-FIND (1.2.840.10008.5.1.4.31) from `source`: the SOP
+    /// class is accepted in negotiation alongside the storage classes, and each C-FIND is
+    /// matched against `source.items()` (called on a blocking thread, once per request).
+    /// Without this call that SOP class is refused at negotiation.
+    #[must_use]
+    pub fn with_worklist(mut self, source: Arc<dyn WorklistSource>) -> Self {
+        self.ctx = Arc::new(Context {
+            options: build_options(&self.settings, true),
+            spool: self.ctx.spool.clone(),
+            metrics: self.ctx.metrics.clone(),
+            idle_timeout: self.ctx.idle_timeout,
+            worklist: Some(source),
+        });
         self
     }
 
@@ -181,7 +199,7 @@ impl DicomService {
     }
 }
 
-fn build_options(settings: &DicomSettings) -> Arc<Options> {
+fn build_options(settings: &DicomSettings, worklist: bool) -> Arc<Options> {
     let mut options = ServerAssociationOptions::new()
         .accept_called_ae_title()
         .ae_title(settings.policy.ae_title.clone())
@@ -190,6 +208,9 @@ fn build_options(settings: &DicomSettings) -> Arc<Options> {
         .with_abstract_syntax(dicom_dictionary_std::uids::VERIFICATION);
     for uid in STORAGE_SOP_CLASSES {
         options = options.with_abstract_syntax(*uid);
+    }
+    if worklist {
+        options = options.with_abstract_syntax(MODALITY_WORKLIST_FIND);
     }
     // Every transfer syntax the registry knows: data sets are stored as they come.
     for ts in TransferSyntaxRegistry.iter() {
