@@ -326,3 +326,33 @@ fn connection(
         tls,
     })
 }
+
+/// The core's worklist: its booked appointments as Scheduled Procedure Steps, read from the
+/// ledger at each C-FIND (`items` runs on a blocking thread).
+#[derive(Debug)]
+pub(crate) struct LedgerWorklist {
+    ledger: Arc<Ledger>,
+    schedules: Arc<Vec<gateway_booking::Schedule>>,
+}
+
+impl LedgerWorklist {
+    pub(crate) fn new(core: &CoreParts) -> Self {
+        Self {
+            ledger: Arc::clone(&core.ledger),
+            schedules: Arc::clone(&core.schedules),
+        }
+    }
+}
+
+impl gateway_dicom::WorklistSource for LedgerWorklist {
+    fn items(&self) -> Vec<gateway_booking::WorklistItem> {
+        self.ledger
+            .live(jiff::Timestamp::now())
+            .iter()
+            .filter_map(|a| {
+                let s = self.schedules.iter().find(|s| s.id() == a.schedule)?;
+                gateway_booking::WorklistItem::from_appointment(a, s.modality(), s.station_ae())
+            })
+            .collect()
+    }
+}

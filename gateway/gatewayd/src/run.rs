@@ -223,14 +223,17 @@ async fn serve(
         None => None,
     };
     drop(derived);
+    let core = booking.as_ref().and_then(|b| b.core.as_ref());
     if let Some(dicom) = &settings.dicom {
-        let service = DicomService::bind(dicom_settings(dicom), spool.clone(), &mut registry)
+        let mut service = DicomService::bind(dicom_settings(dicom), spool.clone(), &mut registry)
             .await
             .map_err(|e| e.to_string())?
             .with_disabled(disabled.clone());
+        if let Some(core) = core {
+            service = service.with_worklist(Arc::new(crate::booking::LedgerWorklist::new(core)));
+        }
         services.spawn(service.run(shutdown.clone()));
     }
-    let core = booking.as_ref().and_then(|b| b.core.as_ref());
     if let Some(hl7) = &settings.hl7 {
         let mut service = Hl7Service::bind(hl7_settings(hl7)?, spool.clone(), &mut registry)
             .await
