@@ -896,18 +896,11 @@ fn uplinks(
 }
 
 fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Option<Fleet> {
-    let broker = c.parse("fleet.broker", &raw.broker, from_str::<BrokerUrl>);
     let vendor_public_key = c.parse(
         "fleet.vendor_public_key",
         &raw.vendor_public_key,
         parse_path,
     );
-    if production == Some(true) && broker.as_ref().is_some_and(BrokerUrl::is_plaintext) {
-        c.push(
-            "fleet.broker",
-            "plaintext mqtt is refused in production mode (use \"mqtts://\")",
-        );
-    }
     let auth = mqtt_client_auth(
         c,
         "fleet",
@@ -920,7 +913,8 @@ fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Opt
         },
         production,
     );
-    let client_auth = auth.as_ref().map(|a| a.1);
+    let client_auth = auth.as_ref().map(|a| a.2);
+    let broker = auth.as_ref().map(|a| a.0.clone());
     let claim_cert = c.parse_opt(
         "fleet.claim_cert_file",
         raw.claim_cert_file.as_deref(),
@@ -982,9 +976,9 @@ fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Opt
                 Some(d)
             }
         });
-    let (ca_file, client_auth, cert_file, key_file) = auth?;
+    let (broker, ca_file, client_auth, cert_file, key_file) = auth?;
     Some(Fleet {
-        broker: broker?,
+        broker,
         vendor_public_key: vendor_public_key?,
         ca_file,
         client_auth,
@@ -1004,13 +998,15 @@ struct MqttAuthRaw<'a> {
 }
 
 type MqttAuth = (
+    BrokerUrl,
     Option<PathBuf>,
     ClientAuth,
     Option<PathBuf>,
     Option<PathBuf>,
 );
 
-/// `ca_file` (required for `mqtts://`), `client_auth` and the development files.
+/// `broker` (no plaintext in production), `ca_file` (required for `mqtts://`),
+/// `client_auth` and the development files.
 fn mqtt_client_auth(
     c: &mut Collector,
     section: &str,
@@ -1018,6 +1014,13 @@ fn mqtt_client_auth(
     raw: MqttAuthRaw<'_>,
     production: Option<bool>,
 ) -> Option<MqttAuth> {
+    let broker_url = c.parse(format!("{section}.broker"), broker, from_str::<BrokerUrl>);
+    if production == Some(true) && broker_url.as_ref().is_some_and(BrokerUrl::is_plaintext) {
+        c.push(
+            format!("{section}.broker"),
+            "plaintext mqtt is refused in production mode (use \"mqtts://\")",
+        );
+    }
     let ca_file = c.parse_opt(format!("{section}.ca_file"), raw.ca_file, parse_path);
     if raw.ca_file.is_none() && broker.starts_with("mqtts://") {
         c.push(
@@ -1062,7 +1065,7 @@ fn mqtt_client_auth(
         }
         None => {}
     }
-    Some((ca_file?, client_auth?, cert_file?, key_file?))
+    Some((broker_url?, ca_file?, client_auth?, cert_file?, key_file?))
 }
 
 fn admin(c: &mut Collector, raw: raw::RawAdmin, production: Option<bool>) -> Option<Admin> {
@@ -1241,13 +1244,6 @@ fn exchange(
     raw: raw::RawExchange,
     production: Option<bool>,
 ) -> Option<Exchange> {
-    let broker = c.parse("exchange.broker", &raw.broker, from_str::<BrokerUrl>);
-    if production == Some(true) && broker.as_ref().is_some_and(BrokerUrl::is_plaintext) {
-        c.push(
-            "exchange.broker",
-            "plaintext mqtt is refused in production mode (use \"mqtts://\")",
-        );
-    }
     let auth = mqtt_client_auth(
         c,
         "exchange",
@@ -1289,9 +1285,9 @@ fn exchange(
             public_key: key.to_owned(),
         });
     }
-    let (ca_file, client_auth, cert_file, key_file) = auth?;
+    let (broker, ca_file, client_auth, cert_file, key_file) = auth?;
     Some(Exchange {
-        broker: broker?,
+        broker,
         ca_file,
         client_auth,
         cert_file,

@@ -294,31 +294,15 @@ fn connection(
         .broker
         .host_port()
         .ok_or_else(|| format!("exchange.broker {}: no host:port", x.broker))?;
-    let tls = if x.broker.is_plaintext() {
-        warn!(broker = %x.broker, "regional broker over plaintext mqtt:// (development mode only); booking bodies stay sealed end to end");
-        None
-    } else {
-        let ca_file = x
-            .ca_file
-            .as_ref()
-            .ok_or_else(|| "exchange.ca_file: required for an mqtts:// broker".to_string())?;
-        let auth = match x.client_auth {
-            gateway_config::ClientAuth::Keystore => gateway_tls::ClientAuth::Identity {
-                identity: identity.ok_or_else(|| {
-                    "exchange: client_auth = \"keystore\" needs a key store with a device identity (keystore.backend = \"tpm\")".to_string()
-                })?,
-                chain: gateway_tls::installed_chain(data_dir).map_err(|e| format!("exchange: {e}"))?,
-            },
-            gateway_config::ClientAuth::Files => match (&x.cert_file, &x.key_file) {
-                (Some(cert_file), Some(key_file)) => gateway_tls::ClientAuth::Files {
-                    cert_file: cert_file.clone(),
-                    key_file: key_file.clone(),
-                },
-                _ => return Err("exchange: client_auth = \"files\" needs cert_file and key_file".into()),
-            },
-        };
-        Some(gateway_tls::client_config(ca_file, auth).map_err(|e| format!("exchange: {e}"))?)
-    };
+    let tls = crate::mqtt::BrokerTls {
+        section: "exchange",
+        broker: &x.broker,
+        ca_file: x.ca_file.as_ref(),
+        client_auth: x.client_auth,
+        cert_file: x.cert_file.as_ref(),
+        key_file: x.key_file.as_ref(),
+    }
+    .client_config(identity, data_dir)?;
     Ok(Connection {
         client_id: me.to_owned(),
         host,

@@ -143,38 +143,15 @@ struct DeviceTls {
 impl DeviceTls {
     fn build(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
         let fleet = &self.fleet;
-        if fleet.broker.is_plaintext() {
-            warn!(broker = %fleet.broker, "fleet broker over plaintext mqtt:// (development mode only): commands and telemetry are not encrypted");
-            return Ok(None);
+        crate::mqtt::BrokerTls {
+            section: "fleet",
+            broker: &fleet.broker,
+            ca_file: fleet.ca_file.as_ref(),
+            client_auth: fleet.client_auth,
+            cert_file: fleet.cert_file.as_ref(),
+            key_file: fleet.key_file.as_ref(),
         }
-        let ca_file = fleet
-            .ca_file
-            .as_ref()
-            .ok_or_else(|| "fleet.ca_file: required for an mqtts:// broker".to_string())?;
-        let auth = match fleet.client_auth {
-            gateway_config::ClientAuth::Keystore => {
-                let identity = self.identity.clone().ok_or_else(|| {
-                    "fleet: client_auth = \"keystore\" needs a key store with a device identity (keystore.backend = \"tpm\")".to_string()
-                })?;
-                let chain = gateway_tls::installed_chain(&self.data_dir)
-                    .map_err(|e| format!("fleet: {e}"))?;
-                gateway_tls::ClientAuth::Identity { identity, chain }
-            }
-            gateway_config::ClientAuth::Files => match (&fleet.cert_file, &fleet.key_file) {
-                (Some(cert_file), Some(key_file)) => gateway_tls::ClientAuth::Files {
-                    cert_file: cert_file.clone(),
-                    key_file: key_file.clone(),
-                },
-                _ => {
-                    return Err(
-                        "fleet: client_auth = \"files\" needs cert_file and key_file".to_string(),
-                    );
-                }
-            },
-        };
-        gateway_tls::client_config(ca_file, auth)
-            .map(Some)
-            .map_err(|e| format!("fleet: {e}"))
+        .client_config(self.identity.clone(), &self.data_dir)
     }
 }
 

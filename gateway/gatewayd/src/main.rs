@@ -12,6 +12,7 @@ mod booking;
 mod cli;
 mod fleet;
 mod logring;
+mod mqtt;
 mod ops;
 mod run;
 mod telemetry;
