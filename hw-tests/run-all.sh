@@ -3,7 +3,7 @@
 #
 # Installs the real peers when missing (Debian: dcmtk, orthanc, orthanc-dicomweb, swtpm,
 # tpm2-tools, libtss2, nginx, openssl, mosquitto, mosquitto-clients,
-# pkg-config; PyPI into hw-tests/.venv: hw-tests/requirements.txt), then runs
+# pkg-config, chromium; PyPI into hw-tests/.venv: hw-tests/requirements.txt), then runs
 #   cargo fmt --check, cargo clippy -D warnings, cargo test, cargo build --release,
 #   pytest -v hw-tests  (against target/release/gatewayd)
 # Works on a fresh Debian 12 with the Rust toolchain and python3, as root or with sudo.
@@ -43,6 +43,9 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 # The vendor's fleet broker (TLS, client certificates, ACL) and its command-line clients.
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need_pkgs+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 || need_pkgs+=(mosquitto-clients)
+# The kiosk page test drives a real headless browser (DevTools protocol), and hashes the
+# kiosk certificate's public key with openssl (above) for Chromium to trust only that.
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 # Debian's python3 has no ensurepip without python3-venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -76,6 +79,8 @@ else
     echo "requirements unchanged since last install"
 fi
 "$VENV/bin/python" -c 'import pydicom, pynetdicom, pytest; print("pydicom", pydicom.__version__, "pynetdicom", pynetdicom.__version__, "pytest", pytest.__version__)'
+"$VENV/bin/python" -c 'import schemathesis, websocket; print("schemathesis", schemathesis.__version__, "websocket-client", websocket.__version__)'
+echo "$(chromium --version 2>/dev/null | head -n 1)"
 
 if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
     banner "cargo fmt --all --check"
