@@ -10,7 +10,7 @@
 //!   the [`SlotSource`]; slots served from a cache the core has not refreshed carry the meta
 //!   tag `stale`.
 //!
-//! - `GET /`, `/app.js`, `/app.css`: the kiosk page (`assets/`, plain DOM, no build step;
+//! - `GET /`, `/app.js`, `/app.css`, `/favicon.svg`: the kiosk page (`assets/`, plain DOM, no build step;
 //!   same-origin Content Security Policy).
 //!
 //! Every route but the login, the page and the OpenAPI document needs a session (401
@@ -111,6 +111,7 @@ impl Kiosk {
             .route("/", get(page))
             .route("/app.js", get(page_js))
             .route("/app.css", get(page_css))
+            .route("/favicon.svg", get(page_icon))
             .route("/openapi.json", get(openapi_json))
             .route("/api/login", post(login))
             .route("/api/logout", post(logout))
@@ -225,6 +226,11 @@ async fn page_js() -> Response {
 
 async fn page_css() -> Response {
     asset("text/css; charset=utf-8", include_str!("../assets/app.css"))
+}
+
+/// The page's icon (linked from the page, so browsers ask for no `/favicon.ico`).
+async fn page_icon() -> Response {
+    asset("image/svg+xml", include_str!("../assets/favicon.svg"))
 }
 
 async fn openapi_json() -> Json<Value> {
@@ -408,14 +414,19 @@ async fn slots(
                 "start takes ge<instant> or lt<instant>",
             )
         };
-        let (prefix, value) = s.split_at(s.len().min(2));
-        if value.parse::<jiff::Timestamp>().is_err() {
+        // By prefix, not by byte offset: a value may start with a multi-byte character.
+        if let Some(value) = s.strip_prefix("ge") {
+            if value.parse::<jiff::Timestamp>().is_err() {
+                return bad();
+            }
+            query.start_ge = Some(value.to_string());
+        } else if let Some(value) = s.strip_prefix("lt") {
+            if value.parse::<jiff::Timestamp>().is_err() {
+                return bad();
+            }
+            query.start_lt = Some(value.to_string());
+        } else {
             return bad();
-        }
-        match prefix {
-            "ge" => query.start_ge = Some(value.to_string()),
-            "lt" => query.start_lt = Some(value.to_string()),
-            _ => return bad(),
         }
     }
     let answer = kiosk.slots.free_slots(&query);

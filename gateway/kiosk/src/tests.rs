@@ -339,6 +339,12 @@ async fn slots_are_a_fhir_bundle_marked_stale_when_the_core_is_silent() {
         "/fhir/Slot?start=2027-01-12",
         "/fhir/Slot?start=geyesterday",
         "/fhir/Slot?patient=1",
+        // Multi-byte characters where the ge/lt prefix belongs (a panic before the fix).
+        "/fhir/Slot?start=g%C3%A92027-01-12T00:00:00Z",
+        "/fhir/Slot?start=%E6%97%A52027-01-12T00:00:00Z",
+        "/fhir/Slot?start=%C3%A9",
+        "/fhir/Slot?start=g",
+        "/fhir/Slot?start=",
     ] {
         let (s2, _, b) = f.get(bad, Some(&s)).await;
         assert_eq!(s2, StatusCode::BAD_REQUEST, "{bad}: {b}");
@@ -385,6 +391,48 @@ async fn bad_bodies_unknown_routes_and_the_openapi_document() {
         "/fhir/Slot",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} documented");
+    }
+    // Every reference resolves, so generators (schemathesis) can use the whole document.
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r);
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or(r);
+        assert!(
+            doc["components"]["schemas"].get(name).is_some(),
+            "{r} resolves"
+        );
+    }
+    // The booking request is described down to what `parse_request` reads.
+    let schemas = &doc["components"]["schemas"];
+    let req = &schemas["AppointmentRequest"]["properties"];
+    assert_eq!(
+        req["identifier"]["items"]["properties"]["value"]["pattern"],
+        "^[A-Za-z0-9._-]{1,64}$"
+    );
+    assert_eq!(
+        req["slot"]["items"]["properties"]["reference"]["pattern"],
+        "^Slot/[A-Za-z0-9._-]{1,64}$"
+    );
+    assert_eq!(
+        schemas["ContainedPatient"]["required"],
+        json!(["resourceType", "id", "identifier", "name", "birthDate"])
+    );
+    let book = &doc["paths"]["/fhir/Appointment/$book"]["post"]["responses"];
+    for status in ["200", "201", "400", "401", "404", "409", "503"] {
+        assert!(book.get(status).is_some(), "$book {status} documented");
     }
 }
 
@@ -639,6 +687,7 @@ async fn the_page_and_its_assets_are_served_with_a_strict_policy() {
         ("/", "text/html", "id=\"login-form\""),
         ("/app.js", "text/javascript", "/fhir/Appointment/$book"),
         ("/app.css", "text/css", "#slot-list"),
+        ("/favicon.svg", "image/svg+xml", "<svg"),
     ] {
         let r = f
             .app
