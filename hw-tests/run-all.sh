@@ -3,7 +3,7 @@
 #
 # Installs the real peers when missing (Debian: dcmtk, orthanc, orthanc-dicomweb, swtpm,
 # tpm2-tools, libtss2, nginx, openssl, mosquitto, mosquitto-clients,
-# pkg-config, chromium; PyPI into hw-tests/.venv: hw-tests/requirements.txt), then runs
+# pkg-config, chromium, fonts-ipafont-gothic; PyPI into hw-tests/.venv: hw-tests/requirements.txt), then runs
 #   cargo fmt --check, cargo clippy -D warnings, cargo test, cargo build --release,
 #   pytest -v hw-tests  (against target/release/gatewayd)
 # Works on a fresh Debian 12 with the Rust toolchain and python3, as root or with sudo.
@@ -46,6 +46,8 @@ command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 
 # The kiosk page test drives a real headless browser (DevTools protocol), and hashes the
 # kiosk certificate's public key with openssl (above) for Chromium to trust only that.
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
+# A Japanese font, so that the page's screenshot (hw-tests/artifacts/) shows the kanji/kana.
+[ -n "$(fc-list :lang=ja 2>/dev/null)" ] || need_pkgs+=(fonts-ipafont-gothic)
 # Debian's python3 has no ensurepip without python3-venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
