@@ -31,7 +31,8 @@ pub mod tls;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -265,11 +266,42 @@ struct LoginBody {
     code: String,
 }
 
+/// True for `application/json` and `application/<something>+json` (parameters ignored).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(essence) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+    else {
+        return false;
+    };
+    let essence = essence.trim().to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
+}
+
+/// A JSON request body. The body is read to its end (within axum's default limit) before it
+/// is judged: answering a wrong content type without reading the body would close the
+/// connection on unread bytes, a TCP reset that can make the client lose the answer.
+fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Option<T> {
+    let bytes = body.ok()?;
+    if !is_json(headers) {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
 async fn login(
     State(kiosk): State<Kiosk>,
-    body: Result<Json<LoginBody>, JsonRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Ok(Json(body)) = body else {
+    let Some(body) = json_body::<LoginBody>(&headers, body) else {
         return outcome(
             StatusCode::BAD_REQUEST,
             "invalid",
@@ -464,29 +496,40 @@ async fn slots(
     r
 }
 
+// The session is checked after the body is read (see `json_body`).
 async fn hold(
     State(kiosk): State<Kiosk>,
-    who: Authenticated,
-    body: Result<Json<Value>, JsonRejection>,
+    who: Result<Authenticated, Response>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    request_appointment(kiosk, who, body, true).await
+    let body = json_body::<Value>(&headers, body);
+    match who {
+        Ok(who) => request_appointment(kiosk, who, body, true).await,
+        Err(refused) => refused,
+    }
 }
 
 async fn book(
     State(kiosk): State<Kiosk>,
-    who: Authenticated,
-    body: Result<Json<Value>, JsonRejection>,
+    who: Result<Authenticated, Response>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    request_appointment(kiosk, who, body, false).await
+    let body = json_body::<Value>(&headers, body);
+    match who {
+        Ok(who) => request_appointment(kiosk, who, body, false).await,
+        Err(refused) => refused,
+    }
 }
 
 async fn request_appointment(
     kiosk: Kiosk,
     who: Authenticated,
-    body: Result<Json<Value>, JsonRejection>,
+    body: Option<Value>,
     hold: bool,
 ) -> Response {
-    let Ok(Json(body)) = body else {
+    let Some(body) = body else {
         return outcome(
             StatusCode::BAD_REQUEST,
             "invalid",
