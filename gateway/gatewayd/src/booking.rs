@@ -81,72 +81,71 @@ pub(crate) async fn start(
     );
     let mut tasks: Vec<Task> = Vec::new();
     let exchange = settings.exchange.as_ref();
-    let (slots, backend): (Arc<dyn SlotSource>, Arc<dyn BookingBackend>) =
-        match settings.node.role {
-            Role::Core => {
-                let ledger = Arc::new(
-                    Ledger::open(&booking_dir, derived.seal())
-                        .map_err(|e| format!("booking: {e}"))?,
-                );
-                let schedules = Arc::new(booking.schedules.clone());
-                let changed = Arc::new(Notify::new());
-                let local = Arc::new(LocalCore::new(
-                    me.clone(),
+    let (slots, backend): (Arc<dyn SlotSource>, Arc<dyn BookingBackend>) = match settings.node.role
+    {
+        Role::Core => {
+            let ledger = Arc::new(
+                Ledger::open(&booking_dir, derived.seal()).map_err(|e| format!("booking: {e}"))?,
+            );
+            let schedules = Arc::new(booking.schedules.clone());
+            let changed = Arc::new(Notify::new());
+            let local = Arc::new(LocalCore::new(
+                me.clone(),
+                Arc::clone(&ledger),
+                Arc::clone(&schedules),
+                derived.seal(),
+                Arc::clone(&changed),
+            ));
+            if let Some(x) = exchange {
+                let core = CoreExchange::new(
+                    connection(&me, x, identity.clone(), data_dir)?,
+                    Arc::new(keys(&me, x, derived)?),
                     Arc::clone(&ledger),
                     Arc::clone(&schedules),
+                    booking.publish_interval.get(),
+                    changed,
+                );
+                tasks.push(Box::pin(core.run(shutdown.clone())));
+            } else {
+                info!("no [exchange]: the core's slots are bookable from its own kiosk only");
+            }
+            (
+                local.clone() as Arc<dyn SlotSource>,
+                local as Arc<dyn BookingBackend>,
+            )
+        }
+        Role::Clinic => match (&booking.core, exchange) {
+            (Some(core), Some(x)) => {
+                let clinic_settings = ClinicSettings {
+                    connection: connection(&me, x, identity.clone(), data_dir)?,
+                    core: core.clone(),
+                    request_timeout: booking.request_timeout.get(),
+                    stale_after: booking.stale_after.get(),
+                };
+                let (handle, task) = ClinicExchange::open(
+                    clinic_settings,
+                    keys(&me, x, derived)?,
+                    &booking_dir,
                     derived.seal(),
-                    Arc::clone(&changed),
-                ));
-                if let Some(x) = exchange {
-                    let core = CoreExchange::new(
-                        connection(&me, x, identity.clone(), data_dir)?,
-                        Arc::new(keys(&me, x, derived)?),
-                        Arc::clone(&ledger),
-                        Arc::clone(&schedules),
-                        booking.publish_interval.get(),
-                        changed,
-                    );
-                    tasks.push(Box::pin(core.run(shutdown.clone())));
-                } else {
-                    info!("no [exchange]: the core's slots are bookable from its own kiosk only");
-                }
+                )
+                .map_err(|e| format!("booking: {e}"))?;
+                tasks.push(Box::pin(task.run(shutdown.clone())));
+                let handle = Arc::new(handle);
                 (
-                    local.clone() as Arc<dyn SlotSource>,
-                    local as Arc<dyn BookingBackend>,
+                    handle.clone() as Arc<dyn SlotSource>,
+                    handle as Arc<dyn BookingBackend>,
                 )
             }
-            Role::Clinic => match (&booking.core, exchange) {
-                (Some(core), Some(x)) => {
-                    let clinic_settings = ClinicSettings {
-                        connection: connection(&me, x, identity.clone(), data_dir)?,
-                        core: core.clone(),
-                        request_timeout: booking.request_timeout.get(),
-                        stale_after: booking.stale_after.get(),
-                    };
-                    let (handle, task) = ClinicExchange::open(
-                        clinic_settings,
-                        keys(&me, x, derived)?,
-                        &booking_dir,
-                        derived.seal(),
-                    )
-                    .map_err(|e| format!("booking: {e}"))?;
-                    tasks.push(Box::pin(task.run(shutdown.clone())));
-                    let handle = Arc::new(handle);
-                    (
-                        handle.clone() as Arc<dyn SlotSource>,
-                        handle as Arc<dyn BookingBackend>,
-                    )
-                }
-                _ => {
-                    warn!("booking.core is not set: the kiosk shows no slots and refuses bookings");
-                    let none = Arc::new(NoCore);
-                    (
-                        none.clone() as Arc<dyn SlotSource>,
-                        none as Arc<dyn BookingBackend>,
-                    )
-                }
-            },
-        };
+            _ => {
+                warn!("booking.core is not set: the kiosk shows no slots and refuses bookings");
+                let none = Arc::new(NoCore);
+                (
+                    none.clone() as Arc<dyn SlotSource>,
+                    none as Arc<dyn BookingBackend>,
+                )
+            }
+        },
+    };
     let tls = kiosk_tls(settings, booking)?;
     let tcp = tokio::net::TcpListener::bind(booking.listen)
         .await
