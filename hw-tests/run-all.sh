@@ -3,8 +3,8 @@
 #
 # Installs the real peers when missing (Debian: dcmtk, orthanc, orthanc-dicomweb, swtpm,
 # tpm2-tools, libtss2, nginx, openssl, mosquitto, mosquitto-clients,
-# pkg-config, systemd (systemd-analyze); PyPI into hw-tests/.venv: hw-tests/requirements.txt,
-# oelint-adv among them), then runs
+# pkg-config, systemd (systemd-analyze), chromium, fonts-ipafont-gothic; PyPI into
+# hw-tests/.venv: hw-tests/requirements.txt, oelint-adv and schemathesis among them), then runs
 #   cargo fmt --check, cargo clippy -D warnings, cargo test, cargo build --release,
 #   pytest -v hw-tests  (against target/release/gatewayd)
 # Works on a fresh Debian 12 with the Rust toolchain and python3, as root or with sudo.
@@ -46,6 +46,11 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 || need_pkgs+=(mosquitto-clients)
 # systemd-analyze scores the Yocto layer's unit (test_yocto_layer.py); containers may lack systemd.
 command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
+# The kiosk page test drives a real headless browser (DevTools protocol), and hashes the
+# kiosk certificate's public key with openssl (above) for Chromium to trust only that.
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
+# A Japanese font, so that the page's screenshot (hw-tests/artifacts/) shows the kanji/kana.
+[ -n "$(fc-list :lang=ja 2>/dev/null)" ] || need_pkgs+=(fonts-ipafont-gothic)
 # Debian's python3 has no ensurepip without python3-venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -80,6 +85,8 @@ else
 fi
 "$VENV/bin/python" -c 'import pydicom, pynetdicom, pytest; print("pydicom", pydicom.__version__, "pynetdicom", pynetdicom.__version__, "pytest", pytest.__version__)'
 "$VENV/bin/oelint-adv" --version
+"$VENV/bin/python" -c 'import schemathesis, websocket; print("schemathesis", schemathesis.__version__, "websocket-client", websocket.__version__)'
+echo "$(chromium --version 2>/dev/null | head -n 1)"
 
 if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
     banner "cargo fmt --all --check"

@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 let selectedSlot = null;
+let slotSearch = 0; // the latest search; answers to earlier ones are dropped
 
 async function api(method, path, body) {
   const init = { method, credentials: "same-origin", headers: {} };
@@ -25,6 +26,8 @@ function show(loggedIn, me) {
   $("booking-view").hidden = !loggedIn;
   $("who").hidden = !loggedIn;
   $("who-name").textContent = loggedIn ? `${me.name} (${me.role})` : "";
+  // Logged in: list the day's free slots at once, which also offers the scanners to pick.
+  if (loggedIn) searchSlots();
 }
 
 async function refreshMe() {
@@ -58,26 +61,42 @@ function localDayBounds(day) {
   return [`${day}T00:00:00+09:00`, `${day}T23:59:59+09:00`];
 }
 
-$("slot-form").addEventListener("submit", async (e) => {
-  e.preventDefault();
-  const [from, to] = localDayBounds($("slot-day").value);
+// Searches the free slots of the chosen day (and scanner); the scanners found fill the list.
+async function searchSlots() {
+  const day = $("slot-day").value;
+  if (!day) return;
+  const [from, to] = localDayBounds(day);
   const params = new URLSearchParams();
-  if ($("slot-schedule").value) params.set("schedule", $("slot-schedule").value);
+  const scanner = $("slot-schedule").value;
+  if (scanner) params.set("schedule", scanner);
   params.set("status", "free");
   params.append("start", "ge" + from);
   params.append("start", "lt" + to);
+  const mine = ++slotSearch;
   const r = await api("GET", "/fhir/Slot?" + params.toString());
+  if (mine !== slotSearch) return;
   const list = $("slot-list");
   list.replaceChildren();
+  // A new list: the slot chosen from the old one is no longer on show.
+  selectedSlot = null;
+  $("book-slot").textContent = "—";
+  $("book-submit").disabled = true;
   if (r.status !== 200) {
+    $("slot-summary").textContent = "";
+    delete $("slot-summary").dataset.day;
     $("book-result").textContent = problem(r.data);
     $("book-result").hidden = false;
     return;
   }
   const stale = (r.data.meta && r.data.meta.tag || []).some((t) => t.code === "stale");
   $("slot-stale").hidden = !stale;
+  const entries = r.data.entry || [];
+  $("slot-summary").textContent = `${day} ${scanner || "すべて / All"}: ` +
+    `空き枠 ${entries.length} 件 / ${entries.length} free slots`;
+  $("slot-summary").dataset.day = day;
+  $("slot-summary").dataset.schedule = scanner;
   const schedules = new Set();
-  for (const entry of r.data.entry || []) {
+  for (const entry of entries) {
     const s = entry.resource;
     schedules.add(s.schedule.reference.replace("Schedule/", ""));
     const li = document.createElement("li");
@@ -100,6 +119,11 @@ $("slot-form").addEventListener("submit", async (e) => {
   for (const id of schedules) {
     if (![...select.options].some((o) => o.value === id)) select.add(new Option(id, id));
   }
+}
+
+$("slot-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  searchSlots();
 });
 
 function personName() {
@@ -134,6 +158,9 @@ $("book-form").addEventListener("submit", async (e) => {
     out.className = "";
     out.textContent = `予約しました / Booked: ${r.data.status} ${acc ? acc.value : ""}`;
     out.dataset.status = r.data.status;
+    // That slot is taken now: another press would only be refused.
+    selectedSlot = null;
+    $("book-submit").disabled = true;
   } else {
     out.className = "error";
     out.textContent = problem(r.data);

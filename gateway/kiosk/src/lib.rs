@@ -10,7 +10,7 @@
 //!   the [`SlotSource`]; slots served from a cache the core has not refreshed carry the meta
 //!   tag `stale`.
 //!
-//! - `GET /`, `/app.js`, `/app.css`: the kiosk page (`assets/`, plain DOM, no build step;
+//! - `GET /`, `/app.js`, `/app.css`, `/favicon.svg`: the kiosk page (`assets/`, plain DOM, no build step;
 //!   same-origin Content Security Policy).
 //!
 //! Every route but the login, the page and the OpenAPI document needs a session (401
@@ -31,7 +31,8 @@ pub mod tls;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -111,6 +112,7 @@ impl Kiosk {
             .route("/", get(page))
             .route("/app.js", get(page_js))
             .route("/app.css", get(page_css))
+            .route("/favicon.svg", get(page_icon))
             .route("/openapi.json", get(openapi_json))
             .route("/api/login", post(login))
             .route("/api/logout", post(logout))
@@ -228,6 +230,11 @@ async fn page_css() -> Response {
     asset("text/css; charset=utf-8", include_str!("../assets/app.css"))
 }
 
+/// The page's icon (linked from the page, so browsers ask for no `/favicon.ico`).
+async fn page_icon() -> Response {
+    asset("image/svg+xml", include_str!("../assets/favicon.svg"))
+}
+
 async fn openapi_json() -> Json<Value> {
     Json(openapi::document())
 }
@@ -260,11 +267,42 @@ struct LoginBody {
     code: String,
 }
 
+/// True for `application/json` and `application/<something>+json` (parameters ignored).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(essence) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+    else {
+        return false;
+    };
+    let essence = essence.trim().to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
+}
+
+/// A JSON request body. The body is read to its end (within axum's default limit) before it
+/// is judged: answering a wrong content type without reading the body would close the
+/// connection on unread bytes, a TCP reset that can make the client lose the answer.
+fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Option<T> {
+    let bytes = body.ok()?;
+    if !is_json(headers) {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
 async fn login(
     State(kiosk): State<Kiosk>,
-    body: Result<Json<LoginBody>, JsonRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Ok(Json(body)) = body else {
+    let Some(body) = json_body::<LoginBody>(&headers, body) else {
         return outcome(
             StatusCode::BAD_REQUEST,
             "invalid",
@@ -409,14 +447,19 @@ async fn slots(
                 "start takes ge<instant> or lt<instant>",
             )
         };
-        let (prefix, value) = s.split_at(s.len().min(2));
-        if value.parse::<jiff::Timestamp>().is_err() {
+        // By prefix, not by byte offset: a value may start with a multi-byte character.
+        if let Some(value) = s.strip_prefix("ge") {
+            if value.parse::<jiff::Timestamp>().is_err() {
+                return bad();
+            }
+            query.start_ge = Some(value.to_string());
+        } else if let Some(value) = s.strip_prefix("lt") {
+            if value.parse::<jiff::Timestamp>().is_err() {
+                return bad();
+            }
+            query.start_lt = Some(value.to_string());
+        } else {
             return bad();
-        }
-        match prefix {
-            "ge" => query.start_ge = Some(value.to_string()),
-            "lt" => query.start_lt = Some(value.to_string()),
-            _ => return bad(),
         }
     }
     let answer = kiosk.slots.free_slots(&query);
@@ -454,29 +497,40 @@ async fn slots(
     r
 }
 
+// The session is checked after the body is read (see `json_body`).
 async fn hold(
     State(kiosk): State<Kiosk>,
-    who: Authenticated,
-    body: Result<Json<Value>, JsonRejection>,
+    who: Result<Authenticated, Response>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    request_appointment(kiosk, who, body, true).await
+    let body = json_body::<Value>(&headers, body);
+    match who {
+        Ok(who) => request_appointment(kiosk, who, body, true).await,
+        Err(refused) => refused,
+    }
 }
 
 async fn book(
     State(kiosk): State<Kiosk>,
-    who: Authenticated,
-    body: Result<Json<Value>, JsonRejection>,
+    who: Result<Authenticated, Response>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    request_appointment(kiosk, who, body, false).await
+    let body = json_body::<Value>(&headers, body);
+    match who {
+        Ok(who) => request_appointment(kiosk, who, body, false).await,
+        Err(refused) => refused,
+    }
 }
 
 async fn request_appointment(
     kiosk: Kiosk,
     who: Authenticated,
-    body: Result<Json<Value>, JsonRejection>,
+    body: Option<Value>,
     hold: bool,
 ) -> Response {
-    let Ok(Json(body)) = body else {
+    let Some(body) = body else {
         return outcome(
             StatusCode::BAD_REQUEST,
             "invalid",

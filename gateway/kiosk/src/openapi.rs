@@ -2,6 +2,14 @@
 
 use serde_json::{Value, json};
 
+/// A request id or slot id (`appointment::parse_request`): 1-64 of `A-Z a-z 0-9 - _ .`.
+const TOKEN: &str = "^[A-Za-z0-9._-]{1,64}$";
+const SLOT_REFERENCE: &str = "^Slot/[A-Za-z0-9._-]{1,64}$";
+/// A patient id: no DICOM delimiters (backslash, `^`, `=`).
+const PATIENT_ID: &str = "^[^\\\\^=]+$";
+/// A person name: no backslash, no control character (Unicode Cc).
+const PERSON_NAME: &str = "^[^\\\\\\u0000-\\u001f\\u007f-\\u009f]+$";
+
 fn outcome_response(description: &str) -> Value {
     json!({"description": description, "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}}})
 }
@@ -43,8 +51,39 @@ pub fn document() -> Value {
                     "type": "object",
                     "description": "A FHIR Appointment: identifier[0].value = client request id, slot[0].reference = Slot/{id}, a contained Patient with id 'patient' (identifier, name[0].text as DICOM PN, birthDate, gender), serviceType[0].text",
                     "required": ["resourceType", "identifier", "slot", "contained", "serviceType"],
-                    "properties": {"resourceType": {"const": "Appointment"}}
+                    "properties": {
+                        "resourceType": {"const": "Appointment"},
+                        "identifier": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["value"], "properties": {
+                            "system": {"type": "string"},
+                            "value": {"type": "string", "description": "The client-made request id: a repeat is answered with the first outcome", "pattern": TOKEN}}}},
+                        "slot": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["reference"], "properties": {
+                            "reference": {"type": "string", "pattern": SLOT_REFERENCE}}}},
+                        "serviceType": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["text"], "properties": {
+                            "text": {"type": "string", "description": "The procedure", "minLength": 1, "maxLength": 64}}}},
+                        "contained": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/ContainedPatient"}},
+                        "participant": {"type": "array", "items": {"type": "object"}}
+                    }
                 },
+                "ContainedPatient": {
+                    "type": "object",
+                    "description": "The patient, contained in the Appointment with id 'patient'",
+                    "required": ["resourceType", "id", "identifier", "name", "birthDate"],
+                    "properties": {
+                        "resourceType": {"const": "Patient"},
+                        "id": {"const": "patient"},
+                        "identifier": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["value"], "properties": {
+                            "value": {"type": "string", "description": "The patient id: 1-64 bytes, no \\ ^ =", "minLength": 1, "maxLength": 64, "pattern": PATIENT_ID}}}},
+                        "name": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["text"], "properties": {
+                            "text": {"type": "string", "description": "DICOM PN: alphabetic=ideographic=phonetic groups, components separated by ^, e.g. YAMADA^TARO=山田^太郎=やまだ^たろう", "minLength": 1, "maxLength": 192, "pattern": PERSON_NAME}}}},
+                        "birthDate": {"type": "string", "format": "date", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+                        "gender": {"enum": ["male", "female", "other", "unknown"]}
+                    }
+                },
+                "AppointmentBundle": {"type": "object", "required": ["resourceType", "type", "entry"], "properties": {
+                    "resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
+                    "total": {"type": "integer"},
+                    "entry": {"type": "array", "items": {"type": "object", "required": ["resource"], "properties": {
+                        "resource": {"$ref": "#/components/schemas/Appointment"}}}}}},
                 "Appointment": {"type": "object", "required": ["resourceType", "id", "status"], "properties": {
                     "resourceType": {"const": "Appointment"}, "id": {"type": "string"},
                     "status": {"enum": ["proposed", "pending", "booked", "cancelled", "fulfilled", "noshow"]}}},
@@ -61,7 +100,8 @@ pub fn document() -> Value {
                 "responses": {
                     "200": {"description": "Logged in; Set-Cookie carries the session", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Me"}}}},
                     "400": outcome_response("Not a login request"),
-                    "401": outcome_response("Refused: wrong password or code, no second factor, locked or disabled")
+                    "401": outcome_response("Refused: wrong password or code, no second factor, locked or disabled"),
+                    "503": outcome_response("The account store or the session randomness failed; try again")
                 }
             }},
             "/api/logout": {"post": {
@@ -75,14 +115,14 @@ pub fn document() -> Value {
             }},
             "/api/accounts": {"get": {
                 "summary": "Staff accounts (administrators only)", "security": [{"session": []}],
-                "responses": {"200": {"description": "Accounts without secrets"}, "401": outcome_response("No session"), "403": outcome_response("Not an administrator")}
+                "responses": {"200": {"description": "Accounts without secrets", "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}}, "401": outcome_response("No session"), "403": outcome_response("Not an administrator")}
             }},
             "/fhir/Appointment/$hold": {"post": {
                 "summary": "Hold a slot at the core (tentative, expires)", "security": [{"session": []}],
                 "requestBody": {"required": true, "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/AppointmentRequest"}}}},
                 "responses": {
                     "201": {"description": "Held (status pending)", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/Appointment"}}}},
-                    "200": {"description": "The same request again: its first answer"},
+                    "200": {"description": "The same request again: its first answer", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/Appointment"}}}},
                     "400": outcome_response("Malformed request; the diagnostics name the element"),
                     "401": outcome_response("No session"),
                     "404": outcome_response("No such slot"),
@@ -95,7 +135,7 @@ pub fn document() -> Value {
                 "requestBody": {"required": true, "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/AppointmentRequest"}}}},
                 "responses": {
                     "201": {"description": "Booked", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/Appointment"}}}},
-                    "200": {"description": "The same request again: its first answer"},
+                    "200": {"description": "The same request again: its first answer", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/Appointment"}}}},
                     "400": outcome_response("Malformed request; the diagnostics name the element"),
                     "401": outcome_response("No session"),
                     "404": outcome_response("No such slot"),
@@ -124,7 +164,7 @@ pub fn document() -> Value {
             "/fhir/Appointment": {"get": {
                 "summary": "A patient's appointments (audited as a patient record read)", "security": [{"session": []}],
                 "parameters": [{"name": "patient", "in": "query", "required": true, "schema": {"type": "string", "minLength": 1}}],
-                "responses": {"200": {"description": "Searchset Bundle of Appointment"},
+                "responses": {"200": {"description": "Searchset Bundle of Appointment", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/AppointmentBundle"}}}},
                               "400": outcome_response("Search by patient only"),
                               "401": outcome_response("No session")}
             }},

@@ -366,6 +366,12 @@ async fn slots_are_a_fhir_bundle_marked_stale_when_the_core_is_silent() {
         "/fhir/Slot?start=2027-01-12",
         "/fhir/Slot?start=geyesterday",
         "/fhir/Slot?patient=1",
+        // Multi-byte characters where the ge/lt prefix belongs (a panic before the fix).
+        "/fhir/Slot?start=g%C3%A92027-01-12T00:00:00Z",
+        "/fhir/Slot?start=%E6%97%A52027-01-12T00:00:00Z",
+        "/fhir/Slot?start=%C3%A9",
+        "/fhir/Slot?start=g",
+        "/fhir/Slot?start=",
     ] {
         let (s2, _, b) = f.get(bad, Some(&s)).await;
         assert_eq!(s2, StatusCode::BAD_REQUEST, "{bad}: {b}");
@@ -412,6 +418,48 @@ async fn bad_bodies_unknown_routes_and_the_openapi_document() {
         "/fhir/Slot",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} documented");
+    }
+    // Every reference resolves, so generators (schemathesis) can use the whole document.
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r);
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or(r);
+        assert!(
+            doc["components"]["schemas"].get(name).is_some(),
+            "{r} resolves"
+        );
+    }
+    // The booking request is described down to what `parse_request` reads.
+    let schemas = &doc["components"]["schemas"];
+    let req = &schemas["AppointmentRequest"]["properties"];
+    assert_eq!(
+        req["identifier"]["items"]["properties"]["value"]["pattern"],
+        "^[A-Za-z0-9._-]{1,64}$"
+    );
+    assert_eq!(
+        req["slot"]["items"]["properties"]["reference"]["pattern"],
+        "^Slot/[A-Za-z0-9._-]{1,64}$"
+    );
+    assert_eq!(
+        schemas["ContainedPatient"]["required"],
+        json!(["resourceType", "id", "identifier", "name", "birthDate"])
+    );
+    let book = &doc["paths"]["/fhir/Appointment/$book"]["post"]["responses"];
+    for status in ["200", "201", "400", "401", "404", "409", "503"] {
+        assert!(book.get(status).is_some(), "$book {status} documented");
     }
 }
 
@@ -666,6 +714,7 @@ async fn the_page_and_its_assets_are_served_with_a_strict_policy() {
         ("/", "text/html", "id=\"login-form\""),
         ("/app.js", "text/javascript", "/fhir/Appointment/$book"),
         ("/app.css", "text/css", "#slot-list"),
+        ("/favicon.svg", "image/svg+xml", "<svg"),
     ] {
         let r = f
             .app
@@ -761,4 +810,91 @@ async fn cancel_needs_the_current_etag_and_is_idempotent() {
     );
     assert_eq!(appointment::parse_if_match("\"3\""), Some(3));
     assert_eq!(appointment::parse_if_match("W/3"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_body_is_read_before_the_answer_so_the_client_gets_it() {
+    // Answering without reading the body closed the connection on unread bytes: a TCP
+    // reset, and the client often never saw the 400 (found by schemathesis's content-type
+    // probes against the running daemon).
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let f = fixture(false);
+    let s = f.session("clerk.sato").await;
+    let (cert, key) =
+        tls::development_certificate(&f._dir.path().join("kiosk"), &["localhost".into()]).unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tls::TlsListener::new(tcp, tls::server_config(&cert, &key).unwrap()).unwrap();
+    let addr = axum::serve::Listener::local_addr(&listener).unwrap();
+    let server = tokio::spawn(axum::serve(listener, f.app.clone()).into_future());
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject as _;
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&cert) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    for (path, content_type, cookie, want) in [
+        (
+            "/fhir/Appointment/$book",
+            "text/plain",
+            s.as_str(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "/fhir/Appointment/$hold",
+            "application/xml",
+            s.as_str(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "/fhir/Appointment/$hold",
+            "application/fhir+json",
+            "",
+            "HTTP/1.1 401",
+        ),
+        ("/api/login", "text/plain", "", "HTTP/1.1 400"),
+    ] {
+        let body = vec![b'x'; 64 * 1024];
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut conn = connector.connect(name, tcp).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nCookie: {cookie}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // The body arrives in pieces, as over a real network: the answer must wait for it.
+        let mut sent = Ok(());
+        for piece in body.chunks(4096) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            sent = conn.write_all(piece).await;
+            if sent.is_err() {
+                break;
+            }
+        }
+        let mut response = Vec::new();
+        let read = conn.read_to_end(&mut response).await;
+        let text = String::from_utf8_lossy(&response);
+        assert!(
+            sent.is_ok() && read.is_ok() && text.starts_with(want),
+            "{path} {content_type}: sent {sent:?}, read {read:?}: {text}"
+        );
+    }
+    // A JSON media type with parameters is JSON.
+    let (status, _, b) = f
+        .send(
+            Request::post("/fhir/Appointment/$book")
+                .header(header::COOKIE, &s)
+                .header(header::CONTENT_TYPE, "application/fhir+json; charset=utf-8")
+                .body(Body::from(
+                    appointment_body("req-ct-1", "nowhere").to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_ne!(status, StatusCode::BAD_REQUEST, "{b}");
+    server.abort();
 }
