@@ -7,11 +7,13 @@
 //! - `cli`: the command line.
 //! - `run`: `gatewayd run`, the wiring of all services.
 //! - `ops`: `check-config`, `spool ...` and `keys ...`.
+//! - `notify`: `sd_notify` for the systemd unit (READY, WATCHDOG, STOPPING).
 
 mod booking;
 mod cli;
 mod fleet;
 mod logring;
+mod notify;
 mod ops;
 mod run;
 mod telemetry;
