@@ -63,7 +63,9 @@ trap 'rm -rf "$work"' EXIT
 root=$work/root
 t0=$(date +%s)
 
-packages=systemd-sysv,udev,linux-image-amd64,initramfs-tools,e2fsprogs,libtss2-tcti-device0,$runtime_pkgs
+# usr-is-merged satisfies init-system-helpers on the /usr that mmdebstrap already merged, so
+# usrmerge (and perl beyond the Essential perl-base, which only it needs) can be purged below.
+packages=usr-is-merged,systemd-sysv,udev,linux-image-amd64,initramfs-tools,e2fsprogs,libtss2-tcti-device0,$runtime_pkgs
 
 # No docs, man pages, info or translations in the image (copyright files stay).
 mmdebstrap \
@@ -84,6 +86,9 @@ mmdebstrap \
     "deb $mirror bookworm-updates main" \
     "deb $security_mirror bookworm-security main"
 
+echo "--- dropping what the gateway does not need"
+chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q --autoremove \
+    usrmerge perl perl-modules-5.36 libperl5.36 libfile-find-rule-perl libnumber-compare-perl libtext-glob-perl
 echo "--- installing gatewayd"
 install -D -m 0755 "$gatewayd" "$root/usr/bin/gatewayd"
 install -D -m 0644 "$repo/config/gatewayd.service" "$root/usr/lib/systemd/system/gatewayd.service"
