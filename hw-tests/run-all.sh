@@ -3,10 +3,12 @@
 #
 # Installs the real peers when missing (Debian: dcmtk, orthanc, orthanc-dicomweb, swtpm,
 # tpm2-tools, libtss2, nginx, openssl, mosquitto, mosquitto-clients,
-# pkg-config, systemd (systemd-analyze), chromium, fonts-ipafont-gothic; PyPI into
-# hw-tests/.venv: hw-tests/requirements.txt, oelint-adv and schemathesis among them), then runs
+# pkg-config, systemd (systemd-analyze), chromium, fonts-ipafont-gothic, mmdebstrap,
+# e2fsprogs, qemu-system-x86; PyPI into hw-tests/.venv: hw-tests/requirements.txt,
+# oelint-adv and schemathesis among them), then runs
 #   cargo fmt --check, cargo clippy -D warnings, cargo test, cargo build --release,
-#   pytest -v hw-tests  (against target/release/gatewayd)
+#   pytest -v hw-tests  (against target/release/gatewayd; test_appliance.py builds the
+#   appliance image into hw-tests/.cache/ once per binary+recipe and boots it in QEMU)
 # Works on a fresh Debian 12 with the Rust toolchain and python3, as root or with sudo.
 #
 # HW_TESTS_ONLY=1 skips fmt/clippy/cargo test (still builds the release binary):
@@ -51,6 +53,12 @@ command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 # A Japanese font, so that the page's screenshot (hw-tests/artifacts/) shows the kanji/kana.
 [ -n "$(fc-list :lang=ja 2>/dev/null)" ] || need_pkgs+=(fonts-ipafont-gothic)
+# The appliance image (image-recipe/build.sh) and its boot test: mmdebstrap builds the root
+# folder, mkfs.ext4 -d the images, QEMU (TCG) boots it with swtpm as its TPM;
+# systemd-analyze scores the unit (hw-tests/test_unit.py).
+command -v mmdebstrap >/dev/null 2>&1 || need_pkgs+=(mmdebstrap)
+command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
 # Debian's python3 has no ensurepip without python3-venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

@@ -896,11 +896,6 @@ fn uplinks(
 }
 
 fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Option<Fleet> {
-    let vendor_public_key = c.parse(
-        "fleet.vendor_public_key",
-        &raw.vendor_public_key,
-        parse_path,
-    );
     let auth = mqtt_client_auth(
         c,
         "fleet",
@@ -912,6 +907,11 @@ fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Opt
             key_file: raw.key_file.as_deref(),
         },
         production,
+    );
+    let vendor_public_key = c.parse(
+        "fleet.vendor_public_key",
+        &raw.vendor_public_key,
+        parse_path,
     );
     let client_auth = auth.as_ref().map(|a| a.2);
     let broker = auth.as_ref().map(|a| a.0.clone());

@@ -7,12 +7,14 @@
 //! - `cli`: the command line.
 //! - `run`: `gatewayd run`, the wiring of all services.
 //! - `ops`: `check-config`, `spool ...` and `keys ...`.
+//! - `notify`: `sd_notify` for the systemd unit (READY, WATCHDOG, STOPPING).
 
 mod booking;
 mod cli;
 mod fleet;
 mod logring;
 mod mqtt;
+mod notify;
 mod ops;
 mod run;
 mod telemetry;

@@ -337,7 +337,16 @@ async fn serve(
         None => drop(disabled_tx),
     }
     services.spawn(control.run(shutdown.clone()));
+    let notifier = crate::notify::Notifier::from_env();
+    if let Some(interval) = crate::notify::watchdog_interval().filter(|_| notifier.is_enabled()) {
+        services.spawn(crate::notify::run_watchdog(
+            notifier.clone(),
+            interval,
+            shutdown.clone(),
+        ));
+    }
     health.set_ready(true);
+    notifier.notify_logged("READY=1\nSTATUS=serving");
     info!("gatewayd ready");
 
     drop(exit_tx);
@@ -353,6 +362,13 @@ async fn serve(
         },
     };
     info!("shutdown requested: draining");
+    // A signed restart or config-update serves again in this process: systemd hears
+    // RELOADING=1 now and READY=1 when the services are back, not STOPPING=1 (which
+    // would start its stop timeout).
+    notifier.notify_logged(match ending {
+        Ending::Stopped => "STOPPING=1\nSTATUS=draining",
+        Ending::Restart | Ending::ApplyConfig { .. } => "RELOADING=1\nSTATUS=restarting",
+    });
     health.set_ready(false);
     let _ = shutdown_tx.send(true);
     while let Some(joined) = services.join_next().await {
