@@ -202,44 +202,19 @@ pub fn echo_response(message_id: u16, sop_class_uid: &str) -> Vec<u8> {
 
 /// Encodes a C-STORE-RSP. `comment` goes into Error Comment and must not hold patient data.
 pub fn store_response(req: &StoreRequest, status: u16, comment: Option<&str>) -> Vec<u8> {
-    let mut elements = vec![
-        DataElement::new(
-            tags::AFFECTED_SOP_CLASS_UID,
-            VR::UI,
-            uid_value(&req.sop_class_uid),
-        ),
-        DataElement::new(
-            tags::COMMAND_FIELD,
-            VR::US,
-            dicom_value!(U16, [field::C_STORE_RSP]),
-        ),
-        DataElement::new(
-            tags::MESSAGE_ID_BEING_RESPONDED_TO,
-            VR::US,
-            dicom_value!(U16, [req.message_id]),
-        ),
-        DataElement::new(
-            tags::COMMAND_DATA_SET_TYPE,
-            VR::US,
-            dicom_value!(U16, [NO_DATA_SET]),
-        ),
-        DataElement::new(tags::STATUS, VR::US, dicom_value!(U16, [status])),
-        DataElement::new(
-            tags::AFFECTED_SOP_INSTANCE_UID,
-            VR::UI,
-            uid_value(&req.sop_instance_uid),
-        ),
-    ];
-    if let Some(text) = comment {
-        // Error Comment is LO: at most 64 characters.
-        let text: String = text.chars().take(64).collect();
-        elements.push(DataElement::new(
-            tags::ERROR_COMMENT,
-            VR::LO,
-            PrimitiveValue::from(text),
-        ));
-    }
-    encode(InMemDicomObject::command_from_element_iter(elements))
+    let mut elements = response_elements(
+        &req.sop_class_uid,
+        field::C_STORE_RSP,
+        req.message_id,
+        NO_DATA_SET,
+        status,
+    );
+    elements.push(DataElement::new(
+        tags::AFFECTED_SOP_INSTANCE_UID,
+        VR::UI,
+        uid_value(&req.sop_instance_uid),
+    ));
+    finish_response(elements, comment)
 }
 
 /// Encodes a C-FIND-RSP; `has_identifier` for pending responses. `comment` goes into Error
@@ -250,29 +225,55 @@ pub fn find_response(
     has_identifier: bool,
     comment: Option<&str>,
 ) -> Vec<u8> {
-    let mut elements = vec![
+    let data_set_type = if has_identifier { 0x0000 } else { NO_DATA_SET };
+    let elements = response_elements(
+        &req.sop_class_uid,
+        field::C_FIND_RSP,
+        req.message_id,
+        data_set_type,
+        status,
+    );
+    finish_response(elements, comment)
+}
+
+/// The elements every response command set starts with.
+fn response_elements(
+    sop_class_uid: &str,
+    command_field: u16,
+    message_id: u16,
+    data_set_type: u16,
+    status: u16,
+) -> Vec<DataElement<InMemDicomObject>> {
+    vec![
         DataElement::new(
             tags::AFFECTED_SOP_CLASS_UID,
             VR::UI,
-            uid_value(&req.sop_class_uid),
+            uid_value(sop_class_uid),
         ),
         DataElement::new(
             tags::COMMAND_FIELD,
             VR::US,
-            dicom_value!(U16, [field::C_FIND_RSP]),
+            dicom_value!(U16, [command_field]),
         ),
         DataElement::new(
             tags::MESSAGE_ID_BEING_RESPONDED_TO,
             VR::US,
-            dicom_value!(U16, [req.message_id]),
+            dicom_value!(U16, [message_id]),
         ),
         DataElement::new(
             tags::COMMAND_DATA_SET_TYPE,
             VR::US,
-            dicom_value!(U16, [if has_identifier { 0x0000 } else { NO_DATA_SET }]),
+            dicom_value!(U16, [data_set_type]),
         ),
         DataElement::new(tags::STATUS, VR::US, dicom_value!(U16, [status])),
-    ];
+    ]
+}
+
+/// Adds Error Comment (LO: at most 64 characters) and encodes the command set.
+fn finish_response(
+    mut elements: Vec<DataElement<InMemDicomObject>>,
+    comment: Option<&str>,
+) -> Vec<u8> {
     if let Some(text) = comment {
         let text: String = text.chars().take(64).collect();
         elements.push(DataElement::new(
