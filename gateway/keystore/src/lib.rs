@@ -20,7 +20,7 @@ mod software;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 
-pub use master::{KEY_LEN, KeyId, MasterKey};
+pub use master::{DerivedKey, KEY_LEN, KeyId, KeyPurpose, MasterKey};
 pub use software::SoftwareKeyStore;
 
 use std::path::{Path, PathBuf};
