@@ -12,7 +12,7 @@ use std::io::Write;
 
 use gateway_durable::{self as durable, Context};
 
-use crate::index::Mac;
+use crate::index::StudyMac;
 use crate::{
     DeliveryState, Destination, Inner, ObjectId, ObjectKind, Record, Spool, SpoolError, journal,
     unix_ms,
@@ -70,7 +70,7 @@ impl Spool {
 
     /// The keyed MAC of an object's Study Instance UID (None: unknown or without one).
     /// Objects with equal keys belong to one study.
-    pub fn study_key(&self, id: &ObjectId) -> Result<Option<Mac>, SpoolError> {
+    pub fn study_key(&self, id: &ObjectId) -> Result<Option<StudyMac>, SpoolError> {
         Ok(self.inner.index.study_of(id)?)
     }
 

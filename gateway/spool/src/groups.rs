@@ -17,7 +17,7 @@ use gateway_durable::Context;
 use hmac::Mac as _;
 use tracing::{info, warn};
 
-use crate::index::Mac;
+use crate::index::UidMac;
 use crate::usage::{self, Step};
 use crate::{
     Committed, Inner, Keys, ObjectId, ObjectKind, Record, SETTLE_WAIT, Spool, SpoolError, journal,
@@ -218,7 +218,7 @@ impl Spool {
         let mut entries: Vec<journal::Entry> = Vec::new();
         let mut reservations: Vec<usage::Reservation> = Vec::new();
         for item in items {
-            let uid_mac = keys.labelled_mac(b"hl7\0", &item.key);
+            let uid_mac = keys.message_key_mac(&item.key);
             if let Some(e) = entries.iter().find(|e| e.record.uid_mac == uid_mac) {
                 results.push(Ok(Committed::Duplicate(e.id)));
                 continue;
@@ -280,7 +280,7 @@ impl Spool {
 
     /// The id of a message already journaled or stored under this key MAC. The journal is
     /// asked first: the checkpointer indexes a message before it leaves `pending`.
-    fn stored_message(&self, uid_mac: &Mac) -> Result<Option<ObjectId>, SpoolError> {
+    fn stored_message(&self, uid_mac: &UidMac) -> Result<Option<ObjectId>, SpoolError> {
         if let Some(id) = lock(&self.inner.pending).get(uid_mac) {
             return Ok(Some(*id));
         }
@@ -292,7 +292,7 @@ impl Spool {
         &self,
         keys: &Keys,
         item: &MessageIn,
-        uid_mac: Mac,
+        uid_mac: UidMac,
     ) -> Result<(journal::Entry, usage::Reservation), SpoolError> {
         let inner = &self.inner;
         let plain_len = item.bytes.len() as u64;
@@ -307,9 +307,8 @@ impl Spool {
             }
         };
         let sealed = (|| {
-            let mut id = [0u8; 16];
-            getrandom::getrandom(&mut id).map_err(|_| seal::SealError::Random)?;
-            let mut sealer = seal::Sealer::new(&keys.master, &id)?;
+            let id = ObjectId::random().map_err(|_| seal::SealError::Random)?;
+            let mut sealer = seal::Sealer::new(&keys.master, id.as_bytes())?;
             let mut sealed = Vec::with_capacity(usize::try_from(sealed_len).unwrap_or(0));
             sealed.extend_from_slice(sealer.header());
             let label = inner.journal_dir.as_path();
@@ -335,7 +334,7 @@ impl Spool {
             sealed_len,
             received_unix_ms: unix_ms(),
             uid_mac,
-            content_mac: mac.finalize().into_bytes().into(),
+            content_mac: Keys::content_mac(mac),
             destinations: inner.queue_for(ObjectKind::Hl7),
             blob_deleted: false,
             sequence: inner.index.next_sequence()?,
@@ -371,7 +370,7 @@ impl Spool {
     pub fn export_message<W: Write>(&self, key: &str, out: &mut W) -> Result<Record, SpoolError> {
         self.settle(SETTLE_WAIT);
         let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
-        let uid_mac = keys.labelled_mac(b"hl7\0", key);
+        let uid_mac = keys.message_key_mac(key);
         let id = *self
             .inner
             .index

@@ -16,10 +16,10 @@ use gateway_durable::{self as durable, Context};
 use hmac::Mac as _;
 use tracing::warn;
 
-use crate::index::Mac;
 use crate::usage::{self, Step};
 use crate::{
-    Committed, HmacSha256, Inserted, ObjectId, ObjectKind, Record, Spool, SpoolError, seal, unix_ms,
+    Committed, HmacSha256, Inserted, Keys, ObjectId, ObjectKind, Record, Spool, SpoolError, seal,
+    unix_ms,
 };
 
 /// What the sender said about an incoming object.
@@ -37,9 +37,8 @@ impl Spool {
         let inner = &self.inner;
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
         self.check_free_or_evict()?;
-        let mut id = [0u8; 16];
-        getrandom::getrandom(&mut id).map_err(|_| seal::SealError::Random)?;
-        let sealer = seal::Sealer::new(&keys.master, &id)?;
+        let id = ObjectId::random().map_err(|_| seal::SealError::Random)?;
+        let sealer = seal::Sealer::new(&keys.master, id.as_bytes())?;
         let tmp_path = inner.tmp.join(format!("{}.part", hex::encode(id)));
         let file = durable::create_new_private(&tmp_path)?;
         let mut out = BufWriter::with_capacity(256 * 1024, file);
@@ -129,7 +128,7 @@ impl Ingest {
             .into_inner()
             .map_err(|e| e.into_error())
             .ctx("write", &self.tmp_path)?;
-        let content_mac: Mac = self.mac.clone().finalize().into_bytes().into();
+        let content_mac = Keys::content_mac(self.mac.clone());
         let uid_mac = keys.uid_mac(&self.meta.sop_instance_uid);
         if let Some(existing) = inner.index.find_duplicate(&uid_mac, &content_mac)? {
             drop(file);

@@ -48,6 +48,7 @@
 
 mod delivery;
 mod groups;
+mod ids;
 pub mod index;
 mod ingest;
 mod journal;
@@ -74,8 +75,9 @@ use zeroize::Zeroizing;
 pub use delivery::Route;
 pub use groups::MessageIn;
 use groups::{CheckpointJob, run_checkpointer};
-pub use index::{DeliveryState, Destination, IndexError, Inserted, ObjectId, ObjectKind, Record};
-use index::{Index, Mac};
+pub use ids::{ContentMac, ObjectId, StudyMac, UidMac};
+use index::Index;
+pub use index::{DeliveryState, Destination, IndexError, Inserted, ObjectKind, Record};
 pub use ingest::{Ingest, ObjectMeta};
 pub use maintenance::{DestinationCounts, Recovered, Status, VerifyReport};
 pub use usage::Limits;
@@ -140,15 +142,27 @@ impl Keys {
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
     }
 
-    fn uid_mac(&self, uid: &str) -> Mac {
-        self.labelled_mac(b"uid\0", uid)
+    /// The MAC a DICOM object is looked up and deduplicated by.
+    fn uid_mac(&self, uid: &str) -> UidMac {
+        UidMac::from_bytes(self.labelled_mac(b"uid\0", uid))
     }
 
-    fn study_mac(&self, uid: &str) -> Mac {
-        self.labelled_mac(b"study\0", uid)
+    /// The MAC an HL7 message is looked up and deduplicated by (its key: sending
+    /// application, facility and MSH-10).
+    fn message_key_mac(&self, key: &str) -> UidMac {
+        UidMac::from_bytes(self.labelled_mac(b"hl7\0", key))
     }
 
-    fn labelled_mac(&self, label: &[u8], uid: &str) -> Mac {
+    fn study_mac(&self, uid: &str) -> StudyMac {
+        StudyMac::from_bytes(self.labelled_mac(b"study\0", uid))
+    }
+
+    /// The MAC of an object's plaintext, fed to `mac` (from [`Keys::mac`]).
+    fn content_mac(mac: HmacSha256) -> ContentMac {
+        ContentMac::from_bytes(mac.finalize().into_bytes().into())
+    }
+
+    fn labelled_mac(&self, label: &[u8], uid: &str) -> [u8; 32] {
         let mut m = self.mac();
         m.update(label);
         m.update(uid.trim_end_matches(['\0', ' ']).as_bytes());
@@ -185,7 +199,7 @@ struct Inner {
     journal_dir: PathBuf,
     journal: Mutex<journal::Writer>,
     /// Messages in the journal, not yet in the index: key MAC -> object id (dedupe).
-    pending: Mutex<HashMap<Mac, ObjectId>>,
+    pending: Mutex<HashMap<UidMac, ObjectId>>,
     /// Hands journaled groups to the checkpointer thread.
     checkpoint: Mutex<Option<mpsc::Sender<CheckpointJob>>>,
     /// Messages journaled / checkpointed since open ([`Spool::settle`]).

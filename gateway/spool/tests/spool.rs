@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 
 use gateway_keystore::{KEY_LEN, MasterKey};
-use gateway_spool::{Committed, Limits, ObjectMeta, Spool, SpoolError};
+use gateway_spool::{Committed, Limits, ObjectId, ObjectMeta, Spool, SpoolError};
 
 const ROOMY: Limits = Limits {
     max_bytes: 1 << 40,
@@ -250,8 +250,8 @@ fn index_survives_reopen_and_a_different_key_cannot_read_blobs() {
     assert_eq!(report.unseal_failures, 1);
 }
 
-fn hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+fn hex(id: &ObjectId) -> String {
+    id.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]
@@ -316,7 +316,7 @@ fn queue_is_oldest_first_and_sent_objects_leave_it_and_their_blob() {
     assert_eq!(spool.queued("a", 10).unwrap(), ids[1..]);
 }
 
-fn store_in_study(spool: &Spool, uid: &str, study: Option<&str>, body: &[u8]) -> [u8; 16] {
+fn store_in_study(spool: &Spool, uid: &str, study: Option<&str>, body: &[u8]) -> ObjectId {
     let mut ingest = spool.begin(meta(uid)).unwrap();
     ingest.write(body).unwrap();
     if let Some(study) = study {
