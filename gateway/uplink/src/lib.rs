@@ -8,8 +8,9 @@
 //! in flight at once (each its own task), so unsealing the next batch overlaps the archive
 //! storing the last one.
 //!
-//! Module map: [`stow`] (body and response), `pace` (bandwidth limit), [`mllp`] (HL7 v2
-//! forwarding over MLLP/TLS for `kind = "mllp-tls"` destinations).
+//! Module map: [`stow`] (body, response and [`stow::StowError`]), `pace` (bandwidth limit),
+//! [`mllp`] (HL7 v2 forwarding over MLLP/TLS for `kind = "mllp-tls"` destinations, and
+//! [`mllp::MllpError`]).
 //!
 //! Retry rules:
 //! - network errors, 408, 429, 5xx, and authentication refusals (401, 403, 495, 496) are
@@ -45,7 +46,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::stow::{InstanceResult, Part};
+use crate::stow::{InstanceResult, Part, StowError};
 
 /// Settings of one destination, built by `gatewayd` from `[[uplink]]`.
 #[derive(Debug, Clone)]
@@ -88,8 +89,13 @@ impl UplinkSettings {
 /// Failures at start.
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
-    #[error("uplink {name}: cannot build the HTTP client: {detail}")]
-    Client { name: String, detail: String },
+    /// The HTTP client (TLS configuration, timeouts) could not be built.
+    #[error("uplink {name}: cannot build the HTTP client: {source}")]
+    Client {
+        /// The destination (`[[uplink]]` name).
+        name: String,
+        source: reqwest::Error,
+    },
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -177,9 +183,9 @@ impl UplinkService {
         if let Some(tls) = &settings.tls {
             builder = builder.tls_backend_preconfigured((**tls).clone());
         }
-        let client = builder.build().map_err(|e| UplinkError::Client {
+        let client = builder.build().map_err(|source| UplinkError::Client {
             name: settings.name.clone(),
-            detail: e.to_string(),
+            source,
         })?;
         let pacer = settings.max_bytes_per_sec.map(pace::Pacer::new);
         Ok(Self {
@@ -389,17 +395,17 @@ impl UplinkService {
     async fn settle(
         &mut self,
         batch: Vec<(ObjectId, Part)>,
-        outcome: Result<Response, String>,
+        outcome: Result<Response, StowError>,
     ) -> Round {
         let name = self.settings.name.clone();
         let total: u64 = batch.iter().map(|(_, p)| p.bytes.len() as u64).sum();
         let n = batch.len() as u64;
         let (status, retry_after, body) = match outcome {
             Ok(x) => x,
-            Err(reason) => {
+            Err(e) => {
                 self.metrics.count(&name, "retry", n, total);
                 return Round::Backoff {
-                    reason,
+                    reason: e.to_string(),
                     at_least: None,
                 };
             }
@@ -536,7 +542,7 @@ type Response = (reqwest::StatusCode, Option<Duration>, bytes::Bytes);
 /// A batch and what became of its request.
 struct Posted {
     batch: Vec<(ObjectId, Part)>,
-    outcome: Result<Response, String>,
+    outcome: Result<Response, StowError>,
 }
 
 /// Everything a request task needs.
@@ -547,8 +553,8 @@ struct Request {
 }
 
 impl Request {
-    /// POSTs the batch; `Err` for transport failures (no HTTP status).
-    async fn post(&self, batch: &[(ObjectId, Part)]) -> Result<Response, String> {
+    /// POSTs the batch; `Err` for transport failures (no HTTP status, or a body cut short).
+    async fn post(&self, batch: &[(ObjectId, Part)]) -> Result<Response, StowError> {
         let parts: Vec<Part> = batch.iter().map(|(_, p)| p.clone()).collect();
         let boundary = stow::boundary();
         let pieces = stow::body_pieces(&parts, &boundary);
@@ -567,7 +573,10 @@ impl Request {
             .body(body)
             .send()
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(|error| StowError::Send {
+                url: url.clone(),
+                error,
+            })?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -575,7 +584,14 @@ impl Request {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|s| Duration::from_secs(s.min(3600)));
-        let body = response.bytes().await.map_err(|e| describe(&e))?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|error| StowError::ReadBody {
+                url,
+                status: status.as_u16(),
+                error,
+            })?;
         Ok((status, retry_after, body))
     }
 }
@@ -626,8 +642,34 @@ pub(crate) async fn wait_unpaused(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A transport failure reads as the transport's whole cause chain (what `spool status`
+    /// showed when it was a string), and keeps the URL it was for.
+    #[tokio::test]
+    async fn transport_failure_reads_as_its_cause_chain() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let request = Request {
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            url: format!("http://127.0.0.1:{port}/dicomweb/"),
+            pacer: None,
+        };
+        let Err(e) = request.post(&[]).await else {
+            panic!("nothing listens there")
+        };
+        let StowError::Send { url, error } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(url, &format!("http://127.0.0.1:{port}/dicomweb/studies"));
+        assert_eq!(e.to_string(), describe(error));
+        assert!(e.to_string().contains(": "), "{e}");
+    }
 
     #[test]
     fn jitter_stays_within_twenty_percent() {
