@@ -29,6 +29,11 @@
 //! dead letter; a dead destination never makes the spool drop or overwrite anything; several
 //! destinations never block each other (each has its own task); no patient data in logs.
 
+// Responses, acknowledgements and headers come from the network: no indexing or slicing
+// that could panic on them (test code indexes what it built itself).
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+#![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
+
 pub mod mllp;
 mod pace;
 pub mod stow;
@@ -295,7 +300,7 @@ impl UplinkService {
                     warn!(destination = %name, reason, retry_in = ?backoff, "upload failed; will retry");
                     self.spool.set_destination_error(&name, Some(reason));
                     let wait = jitter(backoff).max(at_least.unwrap_or_default());
-                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                    backoff = backoff.saturating_mul(2).min(self.settings.backoff_max);
                     resume_at = Some(Instant::now() + wait);
                 }
             }
@@ -520,7 +525,7 @@ impl UplinkService {
     /// behind it in the queue still flow.
     fn defer(&mut self, id: ObjectId) {
         let wait = match self.deferred.get(&id) {
-            Some((_, last)) => (*last * 2).min(self.settings.backoff_max),
+            Some((_, last)) => last.saturating_mul(2).min(self.settings.backoff_max),
             None => self.settings.backoff_initial,
         };
         self.deferred

@@ -224,7 +224,7 @@ impl MllpUplinkService {
                     warn!(destination = %name, reason, retry_in = ?backoff, "forwarding failed; will retry");
                     self.spool.set_destination_error(&name, Some(reason));
                     let wait = jitter(backoff);
-                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                    backoff = backoff.saturating_mul(2).min(self.settings.backoff_max);
                     tokio::select! {
                         _ = shutdown.wait_for(|s| *s) => break,
                         () = tokio::time::sleep(wait) => {}
