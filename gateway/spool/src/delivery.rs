@@ -76,7 +76,11 @@ impl Spool {
 
     /// A stored object's record and plaintext (for upload: the whole object in memory).
     pub fn read(&self, id: &ObjectId) -> Result<(Record, Vec<u8>), SpoolError> {
-        let record = self.inner.index.get(id)?.ok_or(SpoolError::NotFound)?;
+        let record = self
+            .inner
+            .index
+            .get(id)?
+            .ok_or(SpoolError::UnknownObject { id: *id })?;
         let mut plain = Vec::with_capacity(usize::try_from(record.plain_len).unwrap_or(0));
         self.unseal(id, &record, &mut plain)?;
         Ok((record, plain))
@@ -100,7 +104,10 @@ impl Spool {
                     .index
                     .set_delivery(id, destination, DeliveryState::Sent, Some(now), false)?
             else {
-                return Err(SpoolError::NotFound);
+                return Err(SpoolError::NoDelivery {
+                    id: *id,
+                    destination: destination.to_string(),
+                });
             };
             inner.usage.transition(before, record.state());
             if record.state() == "sent" && !record.blob_deleted {
@@ -192,7 +199,10 @@ impl Spool {
                 .index
                 .set_delivery(id, destination, state, None, true)?
         else {
-            return Err(SpoolError::NotFound);
+            return Err(SpoolError::NoDelivery {
+                id: *id,
+                destination: destination.to_string(),
+            });
         };
         inner.usage.transition(before, record.state());
         Ok(())

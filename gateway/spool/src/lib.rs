@@ -106,6 +106,13 @@ pub enum SpoolError {
     NoKey,
     #[error("no stored object has that SOP Instance UID or HL7 message key")]
     NotFound,
+    /// An object id (from a queue) without a record.
+    #[error("object {id} is not in the spool")]
+    UnknownObject { id: ObjectId },
+    /// A delivery state change for an object that is unknown or not routed to
+    /// `destination`.
+    #[error("object {id} has no delivery to destination {destination}")]
+    NoDelivery { id: ObjectId, destination: String },
     #[error("the group of messages could not be made durable: {detail}")]
     GroupCommit { detail: String },
     #[error("object {id} was uploaded to every destination and its local copy deleted")]

@@ -534,3 +534,31 @@ fn status_reports_the_oldest_queued_age_per_destination() {
             < 1.0
     );
 }
+
+#[test]
+fn delivery_errors_name_the_object_and_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into()]).unwrap();
+    let Committed::Stored(id) = store(&spool, "10.1", b"routed to a").unwrap() else {
+        panic!()
+    };
+    let err = spool.mark_sent(&id, "b").unwrap_err();
+    assert!(
+        matches!(&err, SpoolError::NoDelivery { id: i, destination } if *i == id && destination == "b"),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!("object {} has no delivery to destination b", hex(&id))
+    );
+    let unknown = ObjectId::from_bytes([0xEE; 16]);
+    assert!(matches!(
+        spool.read(&unknown),
+        Err(SpoolError::UnknownObject { id }) if id == unknown
+    ));
+    assert!(matches!(
+        spool.mark_failed(&unknown, "a", "refused"),
+        Err(SpoolError::NoDelivery { .. })
+    ));
+    assert_eq!(spool.queued("a", 10).unwrap(), [id], "nothing changed");
+}

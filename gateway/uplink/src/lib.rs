@@ -91,6 +91,17 @@ impl UplinkSettings {
     }
 }
 
+/// Why a delivery state could not be recorded in the spool (logged; the object stays
+/// queued and is sent again).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// The blocking task that writes the spool did not finish (the runtime shuts down).
+    #[error("the spool task did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Failures at start.
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
@@ -505,7 +516,8 @@ impl UplinkService {
             let dest = name.clone();
             let marked = tokio::task::spawn_blocking(move || spool.mark_sent_all(&stored, &dest))
                 .await
-                .unwrap_or(Err(SpoolError::NotFound));
+                .map_err(RecordError::from)
+                .and_then(|r| r.map_err(RecordError::from));
             match marked {
                 Ok(()) => progressed = true,
                 Err(e) => warn!(destination = %name, error = %e, "cannot record delivery state"),
@@ -532,12 +544,10 @@ impl UplinkService {
             .insert(id, (Instant::now() + jitter(wait), wait));
     }
 
-    async fn mark_failed(&self, id: ObjectId, reason: String) -> Result<(), SpoolError> {
+    async fn mark_failed(&self, id: ObjectId, reason: String) -> Result<(), RecordError> {
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
-        tokio::task::spawn_blocking(move || spool.mark_failed(&id, &name, &reason))
-            .await
-            .unwrap_or(Err(SpoolError::NotFound))
+        Ok(tokio::task::spawn_blocking(move || spool.mark_failed(&id, &name, &reason)).await??)
     }
 }
 

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::{Metrics, describe, jitter};
+use crate::{Metrics, RecordError, describe, jitter};
 
 /// Settings of one HL7 destination, built by `gatewayd` from `[[uplink]]`.
 #[derive(Debug, Clone)]
@@ -268,15 +268,15 @@ impl MllpUplinkService {
         .unwrap_or(Ok(None))
     }
 
-    async fn mark(&self, id: ObjectId, failure: Option<String>) -> Result<(), SpoolError> {
+    async fn mark(&self, id: ObjectId, failure: Option<String>) -> Result<(), RecordError> {
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
         tokio::task::spawn_blocking(move || match failure {
             None => spool.mark_sent(&id, &name),
             Some(reason) => spool.mark_failed(&id, &name, &reason),
         })
-        .await
-        .unwrap_or(Err(SpoolError::NotFound))
+        .await??;
+        Ok(())
     }
 
     /// Sends one message and reads its acknowledgement.
