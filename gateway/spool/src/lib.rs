@@ -17,6 +17,8 @@
 //!   [`Spool::verify`], [`Spool::status`]).
 //! - [`seal`]: the sealed blob format (chunked AES-256-GCM, STREAM construction).
 //! - [`index`]: object records and delivery state in sled, behind a small interface.
+//! - `ids`: [`ObjectId`] and the keyed MACs [`UidMac`], [`ContentMac`], [`StudyMac`]: one
+//!   type each, encoded as the bare bytes they always were.
 //! - `usage`: byte accounting and the disk-pressure guard.
 //! - `journal`: the on-disk format of the HL7 message journal (segments and frames).
 //!
