@@ -731,11 +731,11 @@ impl InboundObject {
         };
         match outcome {
             Ok(Some(Committed::Stored(id))) => {
-                debug!(object = %hex_id(&id), "object stored");
+                debug!(object = %hex_id(id.as_bytes()), "object stored");
                 (status::SUCCESS, "success", None)
             }
             Ok(Some(Committed::Duplicate(id))) => {
-                debug!(object = %hex_id(&id), "duplicate of a stored object");
+                debug!(object = %hex_id(id.as_bytes()), "duplicate of a stored object");
                 (status::SUCCESS, "duplicate", None)
             }
             Ok(None) => (

@@ -408,12 +408,12 @@ impl<'a> Connection<'a> {
         };
         match ctx.committer.store(item).await {
             Ok(Committed::Stored(id)) => {
-                debug!(peer = %self.peer, object = %hex(&id), len, "HL7 message stored");
+                debug!(peer = %self.peer, object = %hex(id.as_bytes()), len, "HL7 message stored");
                 observe();
                 self.reply(&header, Outcome::Accepted, None, decoded.charset)
             }
             Ok(Committed::Duplicate(id)) => {
-                info!(peer = %self.peer, object = %hex(&id), "HL7 message already stored (same sender and MSH-10): acknowledged again, not stored twice");
+                info!(peer = %self.peer, object = %hex(id.as_bytes()), "HL7 message already stored (same sender and MSH-10): acknowledged again, not stored twice");
                 observe();
                 self.reply(&header, Outcome::Accepted, None, decoded.charset)
             }

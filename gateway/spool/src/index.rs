@@ -20,10 +20,7 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-/// Object id: 16 random bytes, shown as 32 hex digits.
-pub type ObjectId = [u8; 16];
-/// HMAC-SHA-256 output.
-pub type Mac = [u8; 32];
+pub use crate::ids::{ContentMac, ObjectId, StudyMac, UidMac};
 
 /// Delivery state of one object towards one destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,8 +76,8 @@ pub struct Record {
     pub plain_len: u64,
     pub sealed_len: u64,
     pub received_unix_ms: u64,
-    pub uid_mac: Mac,
-    pub content_mac: Mac,
+    pub uid_mac: UidMac,
+    pub content_mac: ContentMac,
     /// Empty when no uplink is configured: the object is held in state `received`.
     pub destinations: Vec<Destination>,
     /// The sealed blob was deleted after every destination confirmed it.
@@ -88,7 +85,7 @@ pub struct Record {
     /// Commit order (monotonic across restarts): the newest version of a UID wins.
     pub sequence: u64,
     /// Keyed MAC of the Study Instance UID (uploads batch instances of one study).
-    pub study_mac: Option<Mac>,
+    pub study_mac: Option<StudyMac>,
     /// When the last destination confirmed the object (for `spool.keep_sent_for`).
     pub completed_unix_ms: Option<u64>,
     /// The sealed bytes live in a journal segment, not in `blobs/`.
@@ -106,12 +103,12 @@ struct RecordV2 {
     plain_len: u64,
     sealed_len: u64,
     received_unix_ms: u64,
-    uid_mac: Mac,
-    content_mac: Mac,
+    uid_mac: UidMac,
+    content_mac: ContentMac,
     destinations: Vec<Destination>,
     blob_deleted: bool,
     sequence: u64,
-    study_mac: Option<Mac>,
+    study_mac: Option<StudyMac>,
     completed_unix_ms: Option<u64>,
 }
 
@@ -147,8 +144,8 @@ struct RecordV1 {
     plain_len: u64,
     sealed_len: u64,
     received_unix_ms: u64,
-    uid_mac: Mac,
-    content_mac: Mac,
+    uid_mac: UidMac,
+    content_mac: ContentMac,
     destinations: Vec<Destination>,
     blob_deleted: bool,
     sequence: u64,
@@ -297,8 +294,8 @@ impl Index {
     /// The id already stored for this (uid, content), if any.
     pub fn find_duplicate(
         &self,
-        uid_mac: &Mac,
-        content_mac: &Mac,
+        uid_mac: &UidMac,
+        content_mac: &ContentMac,
     ) -> Result<Option<ObjectId>, IndexError> {
         let key = content_key(uid_mac, content_mac);
         Ok(self
@@ -314,8 +311,8 @@ impl Index {
             path: self.path.clone(),
             source,
         })?;
-        let mut uid_key = record.uid_mac.to_vec();
-        uid_key.extend_from_slice(id);
+        let mut uid_key = record.uid_mac.as_bytes().to_vec();
+        uid_key.extend_from_slice(id.as_bytes());
         let queue_keys = record
             .destinations
             .iter()
@@ -376,7 +373,7 @@ impl Index {
                 self.queue.insert(key.as_slice(), &[][..]).map_err(err)?;
             }
             self.by_content
-                .insert(row.content_key.as_slice(), row.id.as_slice())
+                .insert(row.content_key.as_slice(), row.id.as_bytes().as_slice())
                 .map_err(err)?;
             self.by_uid
                 .insert(row.uid_key.as_slice(), &[][..])
@@ -384,7 +381,7 @@ impl Index {
         }
         for row in &rows {
             self.objects
-                .insert(row.id.as_slice(), row.value.as_slice())
+                .insert(row.id.as_bytes().as_slice(), row.value.as_slice())
                 .map_err(err)?;
         }
         if flush { self.flush() } else { Ok(()) }
@@ -485,7 +482,7 @@ impl Index {
     }
 
     /// The study MAC of a record, if the object is known and has one.
-    pub fn study_of(&self, id: &ObjectId) -> Result<Option<Mac>, IndexError> {
+    pub fn study_of(&self, id: &ObjectId) -> Result<Option<StudyMac>, IndexError> {
         Ok(self.get(id)?.and_then(|r| r.study_mac))
     }
 
@@ -503,7 +500,7 @@ impl Index {
             source,
         })?;
         let outcome = (&self.objects, &self.queue).transaction(|(objects, queue)| {
-            objects.insert(id.as_slice(), value.as_slice())?;
+            objects.insert(id.as_bytes().as_slice(), value.as_slice())?;
             queue_op(queue)?;
             Ok::<_, ConflictableTransactionError<()>>(())
         });
@@ -518,9 +515,9 @@ impl Index {
     }
 
     /// Ids stored under a uid MAC.
-    pub fn ids_for_uid(&self, uid_mac: &Mac) -> Result<Vec<ObjectId>, IndexError> {
+    pub fn ids_for_uid(&self, uid_mac: &UidMac) -> Result<Vec<ObjectId>, IndexError> {
         self.by_uid
-            .scan_prefix(uid_mac)
+            .scan_prefix(uid_mac.as_bytes())
             .keys()
             .map(|k| k.map(|k| to_id(&k[32..])).map_err(|e| self.db_err(e)))
             .filter_map(Result::transpose)
@@ -528,14 +525,20 @@ impl Index {
     }
 
     pub fn get(&self, id: &ObjectId) -> Result<Option<Record>, IndexError> {
-        match self.objects.get(id).map_err(|e| self.db_err(e))? {
+        match self
+            .objects
+            .get(id.as_bytes())
+            .map_err(|e| self.db_err(e))?
+        {
             Some(v) => Ok(Some(self.decode(id, &v)?)),
             None => Ok(None),
         }
     }
 
     pub fn contains(&self, id: &ObjectId) -> Result<bool, IndexError> {
-        self.objects.contains_key(id).map_err(|e| self.db_err(e))
+        self.objects
+            .contains_key(id.as_bytes())
+            .map_err(|e| self.db_err(e))
     }
 
     /// Every record, in id order.
@@ -582,9 +585,9 @@ impl Row {
         &self,
         (objects, by_uid, by_content, queue): &Trees,
     ) -> Result<(), sled::transaction::UnabortableTransactionError> {
-        objects.insert(self.id.as_slice(), self.value.as_slice())?;
+        objects.insert(self.id.as_bytes().as_slice(), self.value.as_slice())?;
         by_uid.insert(self.uid_key.as_slice(), &[][..])?;
-        by_content.insert(self.content_key.as_slice(), self.id.as_slice())?;
+        by_content.insert(self.content_key.as_slice(), self.id.as_bytes().as_slice())?;
         for key in &self.queue_keys {
             queue.insert(key.as_slice(), &[][..])?;
         }
@@ -592,10 +595,10 @@ impl Row {
     }
 }
 
-fn content_key(uid_mac: &Mac, content_mac: &Mac) -> [u8; 64] {
+fn content_key(uid_mac: &UidMac, content_mac: &ContentMac) -> [u8; 64] {
     let mut key = [0u8; 64];
-    key[..32].copy_from_slice(uid_mac);
-    key[32..].copy_from_slice(content_mac);
+    key[..32].copy_from_slice(uid_mac.as_bytes());
+    key[32..].copy_from_slice(content_mac.as_bytes());
     key
 }
 
@@ -606,7 +609,7 @@ fn queue_key(destination: &str, record: &Record, id: &ObjectId) -> Vec<u8> {
     key.push(0);
     key.extend_from_slice(&record.received_unix_ms.to_be_bytes());
     key.extend_from_slice(&record.sequence.to_be_bytes());
-    key.extend_from_slice(id);
+    key.extend_from_slice(id.as_bytes());
     key
 }
 
@@ -615,12 +618,12 @@ fn legacy_queue_key(destination: &str, received_ms: u64, id: &ObjectId) -> Vec<u
     let mut key = destination.as_bytes().to_vec();
     key.push(0);
     key.extend_from_slice(&received_ms.to_be_bytes());
-    key.extend_from_slice(id);
+    key.extend_from_slice(id.as_bytes());
     key
 }
 
 fn to_id(bytes: &[u8]) -> Option<ObjectId> {
-    bytes.try_into().ok()
+    ObjectId::try_from(bytes).ok()
 }
 
 #[cfg(test)]
@@ -635,8 +638,8 @@ mod tests {
             plain_len: 10,
             sealed_len: 200,
             received_unix_ms: 1_700_000_000_000,
-            uid_mac: [1; 32],
-            content_mac: [2; 32],
+            uid_mac: UidMac::from_bytes([1; 32]),
+            content_mac: ContentMac::from_bytes([2; 32]),
             destinations: vec![Destination {
                 name: "cloud".into(),
                 state: DeliveryState::Sent,
@@ -663,11 +666,91 @@ mod tests {
         assert_eq!(again, r);
     }
 
+    fn tree_hex(tree: &sled::Tree) -> Vec<(String, String)> {
+        tree.iter()
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (hex::encode(k), hex::encode(v))
+            })
+            .collect()
+    }
+
+    /// The record encoding and every index key and value, pinned byte for byte: spools
+    /// written by earlier builds must keep opening, whatever types hold ids and MACs.
+    #[test]
+    fn record_and_index_keys_are_byte_identical_on_disk() {
+        let mut r = Record::from(v1());
+        r.kind = ObjectKind::Hl7;
+        r.blob_deleted = false;
+        r.destinations[0].state = DeliveryState::Queued;
+        r.study_mac = Some(StudyMac::from_bytes([9; 32]));
+        r.completed_unix_ms = Some(42);
+        r.segment = Some(SegmentRef {
+            generation: 3,
+            offset: 4096,
+        });
+        let id = ObjectId::from_bytes([5; 16]);
+        let encoded = encode_record(&r).unwrap();
+        assert_eq!(hex::encode(&encoded), GOLDEN_RECORD);
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index")).unwrap();
+        index.insert_all([(&id, &r)], true).unwrap();
+        assert_eq!(
+            tree_hex(&index.objects),
+            [(hex::encode(id), GOLDEN_RECORD.to_string())]
+        );
+        assert_eq!(
+            tree_hex(&index.by_uid),
+            [(
+                format!("{}{}", "01".repeat(32), "05".repeat(16)),
+                String::new()
+            )]
+        );
+        assert_eq!(
+            tree_hex(&index.by_content),
+            [(
+                format!("{}{}", "01".repeat(32), "02".repeat(32)),
+                "05".repeat(16)
+            )]
+        );
+        assert_eq!(
+            tree_hex(&index.queue),
+            [(
+                format!(
+                    "{}00{:016x}{:016x}{}",
+                    hex::encode("cloud"),
+                    r.received_unix_ms,
+                    r.sequence,
+                    "05".repeat(16)
+                ),
+                String::new()
+            )]
+        );
+        assert_eq!(index.ids_for_uid(&r.uid_mac).unwrap(), [id]);
+        assert_eq!(index.study_of(&id).unwrap(), r.study_mac);
+        assert_eq!(
+            index.find_duplicate(&r.uid_mac, &r.content_mac).unwrap(),
+            Some(id)
+        );
+    }
+
+    /// `0xFF 0x03`, then postcard: kind, the two UIDs, source, lengths, received ms, uid
+    /// MAC and content MAC (32 bytes each, no length prefix), destinations, blob_deleted,
+    /// sequence, study MAC, completed ms, segment. Written by the build before ids and MACs
+    /// became their own types.
+    const GOLDEN_RECORD: &str = concat!(
+        "ff030119312e322e3834302e31303030382e352e312e342e312e312e3213312e322e3834302e3130",
+        "3030382e312e322e3104435430310ac80180d095ffbc310101010101010101010101010101010101",
+        "01010101010101010101010101010102020202020202020202020202020202020202020202020202",
+        "020202020202020105636c6f75640000070109090909090909090909090909090909090909090909",
+        "09090909090909090909012a01038020",
+    );
+
     #[test]
     fn format_three_round_trips_new_fields() {
         let mut r = Record::from(v1());
         r.kind = ObjectKind::Hl7;
-        r.study_mac = Some([9; 32]);
+        r.study_mac = Some(StudyMac::from_bytes([9; 32]));
         r.completed_unix_ms = Some(42);
         r.segment = Some(SegmentRef {
             generation: 3,
@@ -690,8 +773,8 @@ mod tests {
             .map(|i| {
                 let mut r = r.clone();
                 r.sequence = 100 + u64::from(i);
-                r.uid_mac = [i; 32];
-                ([200 - i; 16], r)
+                r.uid_mac = UidMac::from_bytes([i; 32]);
+                (ObjectId::from_bytes([200 - i; 16]), r)
             })
             .collect();
         index
@@ -700,12 +783,12 @@ mod tests {
         let expect: Vec<ObjectId> = items.iter().map(|(id, _)| *id).collect();
         assert_eq!(index.queued("cloud", 10).unwrap(), expect);
         // A queue entry as written by the previous format is removed on delivery too.
-        let old_id = [1; 16];
+        let old_id = ObjectId::from_bytes([1; 16]);
         let mut old = r.clone();
         old.received_unix_ms -= 1;
         index
             .objects
-            .insert(old_id, encode_record(&old).unwrap())
+            .insert(old_id.as_bytes(), encode_record(&old).unwrap())
             .unwrap();
         index
             .queue
@@ -725,7 +808,7 @@ mod tests {
     fn format_two_records_are_read_and_upgraded() {
         let mut old = RecordV2 {
             kind: ObjectKind::Hl7,
-            study_mac: Some([9; 32]),
+            study_mac: Some(StudyMac::from_bytes([9; 32])),
             completed_unix_ms: Some(42),
             ..RecordV2::from_v1(v1())
         };
@@ -737,7 +820,7 @@ mod tests {
             (r.kind, r.sequence, r.completed_unix_ms),
             (ObjectKind::Hl7, 8, Some(42))
         );
-        assert_eq!(r.study_mac, Some([9; 32]));
+        assert_eq!(r.study_mac, Some(StudyMac::from_bytes([9; 32])));
         assert_eq!(r.segment, None);
         assert_eq!(decode_record(&encode_record(&r).unwrap()).unwrap(), r);
     }

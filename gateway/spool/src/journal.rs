@@ -202,7 +202,7 @@ fn encode_entries(entries: &[Entry]) -> std::io::Result<(Vec<u8>, Vec<usize>)> {
     let mut positions = Vec::with_capacity(entries.len());
     for e in entries {
         let record = encode_record(&e.record).map_err(std::io::Error::other)?;
-        out.extend_from_slice(&e.id);
+        out.extend_from_slice(e.id.as_bytes());
         out.extend_from_slice(
             &u32::try_from(record.len())
                 .map_err(|_| too_big())?
@@ -354,7 +354,7 @@ pub(crate) fn remove_segment(dir: &Path, generation: u64) -> Result<(), durable:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{ObjectKind, Record};
+    use crate::index::{ContentMac, ObjectKind, Record, UidMac};
 
     fn record(n: u8) -> Record {
         Record {
@@ -365,8 +365,8 @@ mod tests {
             plain_len: 3,
             sealed_len: 40,
             received_unix_ms: 1,
-            uid_mac: [n; 32],
-            content_mac: [n; 32],
+            uid_mac: UidMac::from_bytes([n; 32]),
+            content_mac: ContentMac::from_bytes([n; 32]),
             destinations: Vec::new(),
             blob_deleted: false,
             sequence: u64::from(n),
@@ -378,14 +378,14 @@ mod tests {
 
     fn entry(n: u8) -> Entry {
         Entry {
-            id: [n; 16],
+            id: ObjectId::from_bytes([n; 16]),
             record: record(n),
             sealed: vec![n; 40 + usize::from(n)],
         }
     }
 
     fn ids(entries: &[Entry]) -> Vec<u8> {
-        entries.iter().map(|e| e.id[0]).collect()
+        entries.iter().map(|e| e.id.as_bytes()[0]).collect()
     }
 
     #[test]

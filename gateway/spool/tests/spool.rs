@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 
 use gateway_keystore::{KEY_LEN, MasterKey};
-use gateway_spool::{Committed, Limits, ObjectMeta, Spool, SpoolError};
+use gateway_spool::{Committed, Limits, ObjectId, ObjectMeta, Spool, SpoolError};
 
 const ROOMY: Limits = Limits {
     max_bytes: 1 << 40,
@@ -250,8 +250,8 @@ fn index_survives_reopen_and_a_different_key_cannot_read_blobs() {
     assert_eq!(report.unseal_failures, 1);
 }
 
-fn hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+fn hex(id: &ObjectId) -> String {
+    id.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]
@@ -316,7 +316,7 @@ fn queue_is_oldest_first_and_sent_objects_leave_it_and_their_blob() {
     assert_eq!(spool.queued("a", 10).unwrap(), ids[1..]);
 }
 
-fn store_in_study(spool: &Spool, uid: &str, study: Option<&str>, body: &[u8]) -> [u8; 16] {
+fn store_in_study(spool: &Spool, uid: &str, study: Option<&str>, body: &[u8]) -> ObjectId {
     let mut ingest = spool.begin(meta(uid)).unwrap();
     ingest.write(body).unwrap();
     if let Some(study) = study {
@@ -533,4 +533,32 @@ fn status_reports_the_oldest_queued_age_per_destination() {
             .unwrap()
             < 1.0
     );
+}
+
+#[test]
+fn delivery_errors_name_the_object_and_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into()]).unwrap();
+    let Committed::Stored(id) = store(&spool, "10.1", b"routed to a").unwrap() else {
+        panic!()
+    };
+    let err = spool.mark_sent(&id, "b").unwrap_err();
+    assert!(
+        matches!(&err, SpoolError::NoDelivery { id: i, destination } if *i == id && destination == "b"),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!("object {} has no delivery to destination b", hex(&id))
+    );
+    let unknown = ObjectId::from_bytes([0xEE; 16]);
+    assert!(matches!(
+        spool.read(&unknown),
+        Err(SpoolError::UnknownObject { id }) if id == unknown
+    ));
+    assert!(matches!(
+        spool.mark_failed(&unknown, "a", "refused"),
+        Err(SpoolError::NoDelivery { .. })
+    ));
+    assert_eq!(spool.queued("a", 10).unwrap(), [id], "nothing changed");
 }

@@ -8,8 +8,9 @@
 //! in flight at once (each its own task), so unsealing the next batch overlaps the archive
 //! storing the last one.
 //!
-//! Module map: [`stow`] (body and response), `pace` (bandwidth limit), [`mllp`] (HL7 v2
-//! forwarding over MLLP/TLS for `kind = "mllp-tls"` destinations).
+//! Module map: [`stow`] (body, response and [`stow::StowError`]), `pace` (bandwidth limit),
+//! [`mllp`] (HL7 v2 forwarding over MLLP/TLS for `kind = "mllp-tls"` destinations, and
+//! [`mllp::MllpError`]).
 //!
 //! Retry rules:
 //! - network errors, 408, 429, 5xx, and authentication refusals (401, 403, 495, 496) are
@@ -28,6 +29,11 @@
 //! dead letter; a dead destination never makes the spool drop or overwrite anything; several
 //! destinations never block each other (each has its own task); no patient data in logs.
 
+// Responses, acknowledgements and headers come from the network: no indexing or slicing
+// that could panic on them (test code indexes what it built itself).
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+#![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
+
 pub mod mllp;
 mod pace;
 pub mod stow;
@@ -45,7 +51,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::stow::{InstanceResult, Part};
+use crate::stow::{InstanceResult, Part, StowError};
 
 /// Settings of one destination, built by `gatewayd` from `[[uplink]]`.
 #[derive(Debug, Clone)]
@@ -85,11 +91,27 @@ impl UplinkSettings {
     }
 }
 
+/// Why a delivery state could not be recorded in the spool (logged; the object stays
+/// queued and is sent again).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// The blocking task that writes the spool did not finish (the runtime shuts down).
+    #[error("the spool task did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Failures at start.
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
-    #[error("uplink {name}: cannot build the HTTP client: {detail}")]
-    Client { name: String, detail: String },
+    /// The HTTP client (TLS configuration, timeouts) could not be built.
+    #[error("uplink {name}: cannot build the HTTP client: {source}")]
+    Client {
+        /// The destination (`[[uplink]]` name).
+        name: String,
+        source: reqwest::Error,
+    },
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -177,9 +199,9 @@ impl UplinkService {
         if let Some(tls) = &settings.tls {
             builder = builder.tls_backend_preconfigured((**tls).clone());
         }
-        let client = builder.build().map_err(|e| UplinkError::Client {
+        let client = builder.build().map_err(|source| UplinkError::Client {
             name: settings.name.clone(),
-            detail: e.to_string(),
+            source,
         })?;
         let pacer = settings.max_bytes_per_sec.map(pace::Pacer::new);
         Ok(Self {
@@ -289,7 +311,7 @@ impl UplinkService {
                     warn!(destination = %name, reason, retry_in = ?backoff, "upload failed; will retry");
                     self.spool.set_destination_error(&name, Some(reason));
                     let wait = jitter(backoff).max(at_least.unwrap_or_default());
-                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                    backoff = backoff.saturating_mul(2).min(self.settings.backoff_max);
                     resume_at = Some(Instant::now() + wait);
                 }
             }
@@ -389,17 +411,17 @@ impl UplinkService {
     async fn settle(
         &mut self,
         batch: Vec<(ObjectId, Part)>,
-        outcome: Result<Response, String>,
+        outcome: Result<Response, StowError>,
     ) -> Round {
         let name = self.settings.name.clone();
         let total: u64 = batch.iter().map(|(_, p)| p.bytes.len() as u64).sum();
         let n = batch.len() as u64;
         let (status, retry_after, body) = match outcome {
             Ok(x) => x,
-            Err(reason) => {
+            Err(e) => {
                 self.metrics.count(&name, "retry", n, total);
                 return Round::Backoff {
-                    reason,
+                    reason: e.to_string(),
                     at_least: None,
                 };
             }
@@ -494,7 +516,8 @@ impl UplinkService {
             let dest = name.clone();
             let marked = tokio::task::spawn_blocking(move || spool.mark_sent_all(&stored, &dest))
                 .await
-                .unwrap_or(Err(SpoolError::NotFound));
+                .map_err(RecordError::from)
+                .and_then(|r| r.map_err(RecordError::from));
             match marked {
                 Ok(()) => progressed = true,
                 Err(e) => warn!(destination = %name, error = %e, "cannot record delivery state"),
@@ -514,19 +537,17 @@ impl UplinkService {
     /// behind it in the queue still flow.
     fn defer(&mut self, id: ObjectId) {
         let wait = match self.deferred.get(&id) {
-            Some((_, last)) => (*last * 2).min(self.settings.backoff_max),
+            Some((_, last)) => last.saturating_mul(2).min(self.settings.backoff_max),
             None => self.settings.backoff_initial,
         };
         self.deferred
             .insert(id, (Instant::now() + jitter(wait), wait));
     }
 
-    async fn mark_failed(&self, id: ObjectId, reason: String) -> Result<(), SpoolError> {
+    async fn mark_failed(&self, id: ObjectId, reason: String) -> Result<(), RecordError> {
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
-        tokio::task::spawn_blocking(move || spool.mark_failed(&id, &name, &reason))
-            .await
-            .unwrap_or(Err(SpoolError::NotFound))
+        Ok(tokio::task::spawn_blocking(move || spool.mark_failed(&id, &name, &reason)).await??)
     }
 }
 
@@ -536,7 +557,7 @@ type Response = (reqwest::StatusCode, Option<Duration>, bytes::Bytes);
 /// A batch and what became of its request.
 struct Posted {
     batch: Vec<(ObjectId, Part)>,
-    outcome: Result<Response, String>,
+    outcome: Result<Response, StowError>,
 }
 
 /// Everything a request task needs.
@@ -547,8 +568,8 @@ struct Request {
 }
 
 impl Request {
-    /// POSTs the batch; `Err` for transport failures (no HTTP status).
-    async fn post(&self, batch: &[(ObjectId, Part)]) -> Result<Response, String> {
+    /// POSTs the batch; `Err` for transport failures (no HTTP status, or a body cut short).
+    async fn post(&self, batch: &[(ObjectId, Part)]) -> Result<Response, StowError> {
         let parts: Vec<Part> = batch.iter().map(|(_, p)| p.clone()).collect();
         let boundary = stow::boundary();
         let pieces = stow::body_pieces(&parts, &boundary);
@@ -567,7 +588,10 @@ impl Request {
             .body(body)
             .send()
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(|error| StowError::Send {
+                url: url.clone(),
+                error,
+            })?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -575,7 +599,14 @@ impl Request {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|s| Duration::from_secs(s.min(3600)));
-        let body = response.bytes().await.map_err(|e| describe(&e))?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|error| StowError::ReadBody {
+                url,
+                status: status.as_u16(),
+                error,
+            })?;
         Ok((status, retry_after, body))
     }
 }
@@ -626,8 +657,34 @@ pub(crate) async fn wait_unpaused(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A transport failure reads as the transport's whole cause chain (what `spool status`
+    /// showed when it was a string), and keeps the URL it was for.
+    #[tokio::test]
+    async fn transport_failure_reads_as_its_cause_chain() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let request = Request {
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            url: format!("http://127.0.0.1:{port}/dicomweb/"),
+            pacer: None,
+        };
+        let Err(e) = request.post(&[]).await else {
+            panic!("nothing listens there")
+        };
+        let StowError::Send { url, error } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(url, &format!("http://127.0.0.1:{port}/dicomweb/studies"));
+        assert_eq!(e.to_string(), describe(error));
+        assert!(e.to_string().contains(": "), "{e}");
+    }
 
     #[test]
     fn jitter_stays_within_twenty_percent() {

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::{Metrics, describe, jitter};
+use crate::{Metrics, RecordError, describe, jitter};
 
 /// Settings of one HL7 destination, built by `gatewayd` from `[[uplink]]`.
 #[derive(Debug, Clone)]
@@ -70,6 +70,46 @@ impl MllpSettings {
             backoff_max: Duration::from_secs(300),
         }
     }
+}
+
+/// Why a message got no acknowledgement from the peer: the connection is dropped and the
+/// message sent again after a backoff. `Display` is what `spool status` shows.
+#[derive(Debug, thiserror::Error)]
+pub enum MllpError {
+    #[error("connecting to {peer} timed out")]
+    ConnectTimeout {
+        /// `host:port` of the destination.
+        peer: String,
+    },
+    #[error("cannot connect to {peer}: {source}")]
+    Connect {
+        peer: String,
+        source: std::io::Error,
+    },
+    #[error("invalid server name {host}: {source}")]
+    ServerName {
+        host: String,
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+    #[error("TLS handshake with {peer} timed out")]
+    HandshakeTimeout { peer: String },
+    /// `Display` is the whole cause chain: a TLS alert says why the handshake failed.
+    #[error("TLS handshake failed: {}", describe(error))]
+    Handshake { peer: String, error: std::io::Error },
+    #[error("send failed: {source}")]
+    Send {
+        peer: String,
+        source: std::io::Error,
+    },
+    #[error("receive failed: {source}")]
+    Receive {
+        peer: String,
+        source: std::io::Error,
+    },
+    #[error("acknowledgement of {bytes} bytes is too large")]
+    OversizedAck { peer: String, bytes: usize },
+    #[error("the peer closed the connection without acknowledging")]
+    Closed { peer: String },
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
@@ -184,7 +224,7 @@ impl MllpUplinkService {
                     warn!(destination = %name, reason, retry_in = ?backoff, "forwarding failed; will retry");
                     self.spool.set_destination_error(&name, Some(reason));
                     let wait = jitter(backoff);
-                    backoff = (backoff * 2).min(self.settings.backoff_max);
+                    backoff = backoff.saturating_mul(2).min(self.settings.backoff_max);
                     tokio::select! {
                         _ = shutdown.wait_for(|s| *s) => break,
                         () = tokio::time::sleep(wait) => {}
@@ -228,15 +268,15 @@ impl MllpUplinkService {
         .unwrap_or(Ok(None))
     }
 
-    async fn mark(&self, id: ObjectId, failure: Option<String>) -> Result<(), SpoolError> {
+    async fn mark(&self, id: ObjectId, failure: Option<String>) -> Result<(), RecordError> {
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
         tokio::task::spawn_blocking(move || match failure {
             None => spool.mark_sent(&id, &name),
             Some(reason) => spool.mark_failed(&id, &name, &reason),
         })
-        .await
-        .unwrap_or(Err(SpoolError::NotFound))
+        .await??;
+        Ok(())
     }
 
     /// Sends one message and reads its acknowledgement.
@@ -247,7 +287,7 @@ impl MllpUplinkService {
                     self.conn = Some(conn);
                     self.proven = false;
                 }
-                Err(reason) => return Answer::Retry(reason),
+                Err(reason) => return Answer::Retry(reason.to_string()),
             }
         }
         let Some((stream, decoder)) = self.conn.as_mut() else {
@@ -255,15 +295,19 @@ impl MllpUplinkService {
         };
         let started = Instant::now();
         let ack_timeout = self.settings.ack_timeout;
+        let peer = || format!("{}:{}", self.settings.host, self.settings.port);
         let exchange = async {
             stream
                 .write_all(&encode_frame(message))
                 .await
-                .map_err(|e| format!("send failed: {e}"))?;
-            stream
-                .flush()
-                .await
-                .map_err(|e| format!("send failed: {e}"))?;
+                .map_err(|source| MllpError::Send {
+                    peer: peer(),
+                    source,
+                })?;
+            stream.flush().await.map_err(|source| MllpError::Send {
+                peer: peer(),
+                source,
+            })?;
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 while let Some(event) = decoder.next_event() {
@@ -271,16 +315,22 @@ impl MllpUplinkService {
                         MllpEvent::Frame(ack) => return Ok(ack),
                         MllpEvent::Garbage { .. } => {}
                         MllpEvent::Oversized { bytes } => {
-                            return Err(format!("acknowledgement of {bytes} bytes is too large"));
+                            return Err(MllpError::OversizedAck {
+                                peer: peer(),
+                                bytes,
+                            });
                         }
                     }
                 }
                 let n = stream
                     .read(&mut buf)
                     .await
-                    .map_err(|e| format!("receive failed: {e}"))?;
+                    .map_err(|source| MllpError::Receive {
+                        peer: peer(),
+                        source,
+                    })?;
                 if n == 0 {
-                    return Err("the peer closed the connection without acknowledging".into());
+                    return Err(MllpError::Closed { peer: peer() });
                 }
                 decoder.feed(buf.get(..n).unwrap_or_default());
             }
@@ -296,7 +346,7 @@ impl MllpUplinkService {
                     "{reason} (first message on a new TLS connection: the peer may not trust this device's client certificate)"
                 ));
             }
-            Ok(Err(reason)) => return Answer::Retry(reason),
+            Ok(Err(reason)) => return Answer::Retry(reason.to_string()),
             Err(_) => {
                 return Answer::Retry(format!("no acknowledgement within {ack_timeout:?}"));
             }
@@ -306,25 +356,35 @@ impl MllpUplinkService {
         judge(&ack, control_id)
     }
 
-    async fn connect(&self) -> Result<(Box<dyn Stream>, MllpDecoder), String> {
+    async fn connect(&self) -> Result<(Box<dyn Stream>, MllpDecoder), MllpError> {
         let s = &self.settings;
         let addr = (s.host.as_str(), s.port);
+        let peer = || format!("{}:{}", s.host, s.port);
         let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| format!("connecting to {}:{} timed out", s.host, s.port))?
-            .map_err(|e| format!("cannot connect to {}:{}: {e}", s.host, s.port))?;
+            .map_err(|_| MllpError::ConnectTimeout { peer: peer() })?
+            .map_err(|source| MllpError::Connect {
+                peer: peer(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let decoder = MllpDecoder::new(s.max_ack_bytes);
         let Some(tls) = &s.tls else {
             return Ok((Box::new(tcp), decoder));
         };
-        let server_name = ServerName::try_from(s.host.clone())
-            .map_err(|e| format!("invalid server name {}: {e}", s.host))?;
+        let server_name =
+            ServerName::try_from(s.host.clone()).map_err(|source| MllpError::ServerName {
+                host: s.host.clone(),
+                source,
+            })?;
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(tls));
         let stream = tokio::time::timeout(s.connect_timeout, connector.connect(server_name, tcp))
             .await
-            .map_err(|_| format!("TLS handshake with {}:{} timed out", s.host, s.port))?
-            .map_err(|e| format!("TLS handshake failed: {}", describe(&e)))?;
+            .map_err(|_| MllpError::HandshakeTimeout { peer: peer() })?
+            .map_err(|error| MllpError::Handshake {
+                peer: peer(),
+                error,
+            })?;
         info!(destination = %s.name, "HL7 forwarding connected (TLS)");
         Ok((Box::new(stream), decoder))
     }
@@ -400,6 +460,39 @@ mod tests {
             judge(&ack("CR", "M1", Some("207")), "M1"),
             Answer::Retry(_)
         ));
+    }
+
+    /// `spool status` shows these texts: they read as they did when they were strings.
+    #[test]
+    fn connection_errors_name_the_peer_as_before() {
+        let peer = || "ris.example:2575".to_string();
+        assert_eq!(
+            MllpError::ConnectTimeout { peer: peer() }.to_string(),
+            "connecting to ris.example:2575 timed out"
+        );
+        assert_eq!(
+            MllpError::Connect {
+                peer: peer(),
+                source: std::io::ErrorKind::ConnectionRefused.into()
+            }
+            .to_string(),
+            format!(
+                "cannot connect to ris.example:2575: {}",
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
+            )
+        );
+        assert_eq!(
+            MllpError::OversizedAck {
+                peer: peer(),
+                bytes: 70_000
+            }
+            .to_string(),
+            "acknowledgement of 70000 bytes is too large"
+        );
+        assert_eq!(
+            MllpError::Closed { peer: peer() }.to_string(),
+            "the peer closed the connection without acknowledging"
+        );
     }
 
     #[test]

@@ -4,6 +4,28 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+/// Why a STOW request brought no whole HTTP response: a destination error (the batch stays
+/// queued and is retried with backoff). `Display` is the whole cause chain (a TLS alert
+/// says why a handshake failed), as `spool status` shows it; it names the URL only through
+/// the transport's own message, never object content.
+#[derive(Debug, thiserror::Error)]
+pub enum StowError {
+    /// Connecting, the TLS handshake, sending the body or waiting for the status failed.
+    #[error("{}", crate::describe(error))]
+    Send {
+        /// `{url}/studies` of the destination.
+        url: String,
+        error: reqwest::Error,
+    },
+    /// The archive answered with `status` but its body could not be read to its end.
+    #[error("{}", crate::describe(error))]
+    ReadBody {
+        url: String,
+        status: u16,
+        error: reqwest::Error,
+    },
+}
+
 /// One instance in a STOW request.
 #[derive(Debug, Clone)]
 pub struct Part {

@@ -1,0 +1,199 @@
+//! Ingest: the write path of one DICOM object.
+//!
+//! [`Spool::begin`] reserves space and opens `tmp/<id>.part`; [`Ingest::write`] seals the
+//! plaintext chunk by chunk as it arrives; [`Ingest::commit`] seals the last chunk, fsyncs,
+//! renames into `blobs/`, fsyncs the directory and commits the index entry. Only then may
+//! the sender be told "success". An identical resend (same SOP Instance UID and content)
+//! is a [`Committed::Duplicate`] that stores nothing. Dropping an [`Ingest`] discards it.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use gateway_durable::{self as durable, Context};
+use hmac::Mac as _;
+use tracing::warn;
+
+use crate::usage::{self, Step};
+use crate::{
+    Committed, HmacSha256, Inserted, Keys, ObjectId, ObjectKind, Record, Spool, SpoolError, seal,
+    unix_ms,
+};
+
+/// What the sender said about an incoming object.
+#[derive(Debug, Clone)]
+pub struct ObjectMeta {
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub transfer_syntax_uid: String,
+    pub source: String,
+}
+
+impl Spool {
+    /// Starts receiving one object. Fails with [`SpoolError::Full`] under disk pressure.
+    pub fn begin(&self, meta: ObjectMeta) -> Result<Ingest, SpoolError> {
+        let inner = &self.inner;
+        let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        self.check_free_or_evict()?;
+        let id = ObjectId::random().map_err(|_| seal::SealError::Random)?;
+        let sealer = seal::Sealer::new(&keys.master, id.as_bytes())?;
+        let tmp_path = inner.tmp.join(format!("{}.part", hex::encode(id)));
+        let file = durable::create_new_private(&tmp_path)?;
+        let mut out = BufWriter::with_capacity(256 * 1024, file);
+        out.write_all(sealer.header()).ctx("write", &tmp_path)?;
+        let reservation = inner.usage.reserve(seal::HEADER_LEN as u64)?;
+        Ok(Ingest {
+            spool: self.clone(),
+            id,
+            meta,
+            tmp_path,
+            out: Some(out),
+            sealer: Some(sealer),
+            mac: keys.mac(),
+            plain_len: 0,
+            reservation,
+            study: None,
+        })
+    }
+}
+
+/// One object being received. Dropping it without [`Ingest::commit`] discards it.
+pub struct Ingest {
+    spool: Spool,
+    id: ObjectId,
+    meta: ObjectMeta,
+    tmp_path: PathBuf,
+    out: Option<BufWriter<File>>,
+    sealer: Option<seal::Sealer>,
+    mac: HmacSha256,
+    plain_len: u64,
+    reservation: usage::Reservation,
+    study: Option<String>,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("id", &hex::encode(self.id))
+            .field("plain_len", &self.plain_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ingest {
+    /// The object's Study Instance UID (kept only as a keyed MAC, to batch uploads).
+    pub fn set_study_instance_uid(&mut self, uid: &str) {
+        self.study = Some(uid.to_string());
+    }
+
+    /// Seals and writes the next plaintext bytes.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
+        let (Some(out), Some(sealer)) = (self.out.as_mut(), self.sealer.as_mut()) else {
+            return Ok(());
+        };
+        let usage = &self.spool.inner.usage;
+        if let Err(full) = usage.grow(&mut self.reservation, data.len() as u64) {
+            if self.spool.evict_cached()? == 0 {
+                return Err(full);
+            }
+            usage.grow(&mut self.reservation, data.len() as u64)?;
+        }
+        self.mac.update(data);
+        self.plain_len += data.len() as u64;
+        sealer.update(data, out).ctx("write", &self.tmp_path)?;
+        Ok(())
+    }
+
+    /// Bytes of plaintext written so far.
+    pub fn len(&self) -> u64 {
+        self.plain_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plain_len == 0
+    }
+
+    /// Makes the object durable: seal the last chunk, fsync, rename, fsync the directory,
+    /// commit and flush the index. Only after `Ok` may the sender be told "success".
+    pub fn commit(mut self) -> Result<Committed, SpoolError> {
+        let inner = Arc::clone(&self.spool.inner);
+        let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        let (Some(mut out), Some(sealer)) = (self.out.take(), self.sealer.take()) else {
+            return Err(SpoolError::NoKey);
+        };
+        sealer.finish(&mut out).ctx("write", &self.tmp_path)?;
+        let file = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .ctx("write", &self.tmp_path)?;
+        let content_mac = Keys::content_mac(self.mac.clone());
+        let uid_mac = keys.uid_mac(&self.meta.sop_instance_uid);
+        if let Some(existing) = inner.index.find_duplicate(&uid_mac, &content_mac)? {
+            drop(file);
+            fs::remove_file(&self.tmp_path).ctx("remove duplicate", &self.tmp_path)?;
+            return Ok(Committed::Duplicate(existing));
+        }
+        let started = Instant::now();
+        file.sync_data().ctx("sync", &self.tmp_path)?;
+        drop(file);
+        inner.usage.observe(Step::SyncBlob, started);
+        let sealed_len = seal::sealed_len(self.plain_len);
+        let final_path = self.spool.blob_path(&self.id);
+        let started = Instant::now();
+        fs::rename(&self.tmp_path, &final_path).ctx("rename into place", &final_path)?;
+        durable::sync_dir(&inner.blobs)?;
+        inner.usage.observe(Step::Publish, started);
+        let record = Record {
+            kind: ObjectKind::Dicom,
+            sop_class_uid: self.meta.sop_class_uid.clone(),
+            transfer_syntax_uid: self.meta.transfer_syntax_uid.clone(),
+            source: self.meta.source.clone(),
+            plain_len: self.plain_len,
+            sealed_len,
+            received_unix_ms: unix_ms(),
+            uid_mac,
+            content_mac,
+            destinations: inner.queue_for(ObjectKind::Dicom),
+            blob_deleted: false,
+            sequence: inner.index.next_sequence()?,
+            study_mac: self.study.as_deref().map(|uid| keys.study_mac(uid)),
+            completed_unix_ms: None,
+            segment: None,
+        };
+        let started = Instant::now();
+        let inserted = inner.index.insert_durable(&self.id, &record);
+        inner.usage.observe(Step::Index, started);
+        match inserted {
+            Ok(Inserted::New) => {
+                inner
+                    .usage
+                    .commit(&mut self.reservation, sealed_len, record.state());
+                inner.committed.send_modify(|n| *n = n.wrapping_add(1));
+                Ok(Committed::Stored(self.id))
+            }
+            Ok(Inserted::Duplicate(existing)) => {
+                // A concurrent identical ingest won the race; ours is redundant.
+                durable::remove_durably(&final_path)?;
+                Ok(Committed::Duplicate(existing))
+            }
+            Err(e) => {
+                // Not indexed: the blob is an orphan; remove it now rather than at next start.
+                let _ = fs::remove_file(&final_path);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        if self.out.take().is_some()
+            && let Err(e) = fs::remove_file(&self.tmp_path)
+        {
+            warn!(path = %self.tmp_path.display(), error = %e, "could not remove partial object");
+        }
+        self.spool.inner.usage.release(&mut self.reservation);
+    }
+}
