@@ -68,11 +68,10 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gateway_durable::{self as durable, Context};
-use gateway_keystore::MasterKey;
+use gateway_keystore::{DerivedKey, KeyPurpose, MasterKey};
 use hmac::{Hmac, Mac as _};
 use prometheus_client::registry::Registry;
 use sha2::Sha256;
-use zeroize::Zeroizing;
 
 pub use delivery::Route;
 pub use groups::MessageIn;
@@ -133,21 +132,17 @@ pub enum Committed {
 /// Keys derived from the master key.
 struct Keys {
     master: MasterKey,
-    index_key: Zeroizing<[u8; 32]>,
+    index_key: DerivedKey,
 }
 
 impl Keys {
     fn new(master: MasterKey) -> Self {
-        let mut mac = <HmacSha256 as hmac::Mac>::new_from_slice(master.expose())
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-        mac.update(b"gatewayd spool index key v1");
-        let mut index_key = Zeroizing::new([0u8; 32]);
-        index_key.copy_from_slice(&mac.finalize().into_bytes());
+        let index_key = master.derive(KeyPurpose::SpoolIndex);
         Self { master, index_key }
     }
 
     fn mac(&self) -> HmacSha256 {
-        <HmacSha256 as hmac::Mac>::new_from_slice(self.index_key.as_ref())
+        <HmacSha256 as hmac::Mac>::new_from_slice(self.index_key.expose())
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
     }
 
