@@ -9,9 +9,17 @@
 //!
 //! Each record carries `seq` (1, 2, ...), `prev` (the MAC of the record before it, or 64
 //! zeros) and `mac` = HMAC-SHA-256 under the audit key over the record's JSON without `mac`.
-//! The key is derived from the spool master key ([`AuditKey::derive`]), so it lives in the
-//! TPM where the master key does, and a record cannot be forged or re-chained without it.
-//! [`verify`] names the first record that is not what the chain says, and how.
+//! The key is derived from the spool master key ([`AuditKey::new`], `KeyPurpose::Audit`),
+//! so it lives in the TPM where the master key does, and a record cannot be forged or
+//! re-chained without it. [`verify`] names the first record that is not what the chain
+//! says, and how.
+//!
+//! Locking: the daemon and `gatewayd users ...` append to the same trail. An append holds
+//! the exclusive lock `audit.lock` ([`gateway_durable::LockedFile`] on the head, bounded
+//! wait) from reading the head to replacing it, and continues the chain from the head on
+//! disk. A lock that cannot be taken, or a head that cannot be read, parsed or checked
+//! against the key, is an error and nothing is appended. [`AuditLog::append`] writes and
+//! syncs files: callers on an async runtime run it on a blocking thread.
 //!
 //! What a record holds: time, actor (a staff account name, `vendor`, or `system`), action
 //! and outcome from fixed vocabularies, and a subject reference chosen by the caller (an
@@ -22,25 +30,25 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gateway_durable::{self as durable, Context};
+use gateway_durable::{self as durable, Context, LockedFile};
+use gateway_keystore::{DerivedKey, KEY_LEN, KeyPurpose, MasterKey};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use zeroize::Zeroizing;
 
 type HmacSha256 = Hmac<Sha256>;
 
 const LOG_FILE: &str = "audit.jsonl";
 const HEAD_FILE: &str = "head";
-/// Held (`flock`) while appending, across processes.
+/// Held ([`LockedFile`]) while appending, across processes.
 const LOCK_FILE: &str = "audit.lock";
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The key records are MAC'd with.
 #[derive(Clone)]
-pub struct AuditKey(Zeroizing<[u8; 32]>);
+pub struct AuditKey(DerivedKey);
 
 impl std::fmt::Debug for AuditKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,19 +57,19 @@ impl std::fmt::Debug for AuditKey {
 }
 
 impl AuditKey {
-    /// Derives the audit key from the spool master key (a label keeps it apart from the
-    /// spool's own derived keys).
-    pub fn derive(master: &[u8]) -> Self {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(master)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-        mac.update(b"gatewayd audit key v1");
-        let mut key = Zeroizing::new([0u8; 32]);
-        key.copy_from_slice(&mac.finalize().into_bytes());
-        Self(key)
+    /// The audit key derived from the spool master key for [`KeyPurpose::Audit`] (its own
+    /// label keeps it apart from every other derived key).
+    pub fn new(master: &MasterKey) -> Self {
+        Self(master.derive(KeyPurpose::Audit))
+    }
+
+    /// [`AuditKey::new`] from the master key's raw bytes.
+    pub fn derive(master: &[u8; KEY_LEN]) -> Self {
+        Self::new(&MasterKey::from_bytes(*master))
     }
 
     fn mac(&self, body: &[u8]) -> String {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(self.0.as_ref())
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(self.0.expose())
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
         mac.update(body);
         hex::encode(mac.finalize().into_bytes())
@@ -166,6 +174,9 @@ impl Head {
 pub enum AuditError {
     #[error(transparent)]
     Io(#[from] durable::Error),
+    /// The trail's lock could not be taken (or the head read or written under it).
+    #[error("audit trail: {0}")]
+    Lock(#[from] durable::LockError),
     #[error(
         "audit log {path}: {problem}; not appending to a damaged log (run `gatewayd audit verify`)"
     )]
@@ -246,6 +257,7 @@ pub struct AuditLog {
     dir: PathBuf,
     key: AuditKey,
     state: Mutex<Tail>,
+    lock_wait: Duration,
 }
 
 #[derive(Debug)]
@@ -286,39 +298,40 @@ impl AuditLog {
             dir: dir.to_path_buf(),
             key,
             state: Mutex::new(Tail { file, seq, mac }),
+            lock_wait: durable::DEFAULT_LOCK_WAIT,
         })
+    }
+
+    /// How long an append waits for another holder of the lock (default
+    /// [`durable::DEFAULT_LOCK_WAIT`]) before it fails with [`durable::LockError::Busy`].
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
     }
 
     /// Appends one record durably (line written and `fdatasync`'d, then the head replaced)
     /// and returns it.
     ///
     /// Another process (`gatewayd users ...` beside the daemon) may append to the same log:
-    /// appends hold an exclusive `flock` on `audit.lock`, and the chain continues from the
-    /// sealed head on disk when it is ahead of this handle's.
+    /// appends hold the exclusive lock on `audit.lock`, and the chain continues from the
+    /// sealed head on disk when it is ahead of this handle's. A busy lock, or a head that is
+    /// missing, unreadable or not sealed by the key, is an error and nothing is appended.
     pub fn append(&self, event: Event) -> Result<Record, AuditError> {
         let mut tail = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let lock_path = self.dir.join(LOCK_FILE);
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .ctx("open", &lock_path)?;
-        let _flock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, errno)| durable::Error {
-                action: "lock",
-                path: lock_path.clone(),
-                source: std::io::Error::from(errno),
+        let head_path = self.dir.join(HEAD_FILE);
+        let locked = LockedFile::lock(&head_path, &self.dir.join(LOCK_FILE), self.lock_wait)?;
+        let head = locked
+            .read()?
+            .and_then(|bytes| serde_json::from_slice::<Head>(&bytes).ok())
+            .filter(|h| Head::new(&self.key, h.seq, h.mac.clone()).seal == h.seal)
+            .ok_or_else(|| AuditError::Damaged {
+                path: head_path.clone(),
+                problem: Problem::BadHead,
             })?;
-        if let Ok(bytes) = std::fs::read(self.dir.join(HEAD_FILE))
-            && let Ok(head) = serde_json::from_slice::<Head>(&bytes)
-            && head.seq > tail.seq
-            && Head::new(&self.key, head.seq, head.mac.clone()).seal == head.seal
-        {
+        if head.seq > tail.seq {
             tail.seq = head.seq;
             tail.mac = head.mac;
         }
@@ -342,7 +355,7 @@ impl AuditLog {
         tail.file.write_all(&line).ctx("append", &path)?;
         tail.file.sync_data().ctx("sync", &path)?;
         let head = Head::new(&self.key, record.body.seq, record.mac.clone());
-        durable::write_atomic(&self.dir.join(HEAD_FILE), &serde_json::to_vec(&head)?)?;
+        locked.replace(&serde_json::to_vec(&head)?)?;
         tail.seq = record.body.seq;
         tail.mac.clone_from(&record.mac);
         Ok(record)

@@ -237,3 +237,62 @@ fn two_handles_appending_keep_one_chain() {
     let report = verify(dir.path(), &key()).unwrap();
     assert_eq!((report.records, report.problem), (4, None));
 }
+
+#[test]
+fn a_lock_held_elsewhere_past_the_wait_is_an_error_and_appends_nothing() {
+    let (dir, before) = log_of(2);
+    let log = AuditLog::open(dir.path(), key())
+        .unwrap()
+        .with_lock_wait(std::time::Duration::from_millis(200));
+    let held = LockedFile::lock(
+        &dir.path().join(HEAD_FILE),
+        &dir.path().join(LOCK_FILE),
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let err = log.append(event("clerk", Action::Login)).unwrap_err();
+    assert!(
+        matches!(err, AuditError::Lock(durable::LockError::Busy { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("audit.lock"), "{err}");
+    assert_eq!(lines(dir.path()), before);
+    drop(held);
+    assert_eq!(log.append(event("clerk", Action::Login)).unwrap().seq(), 3);
+    assert_eq!(verify(dir.path(), &key()).unwrap().problem, None);
+}
+
+#[test]
+fn an_unreadable_or_unsealed_head_stops_appends() {
+    let (dir, before) = log_of(2);
+    let log = AuditLog::open(dir.path(), key()).unwrap();
+    let head = dir.path().join(HEAD_FILE);
+    let good = std::fs::read(&head).unwrap();
+    let forged = serde_json::to_vec(&Head {
+        seq: 9,
+        mac: "00".repeat(32),
+        seal: "00".repeat(32),
+    })
+    .unwrap();
+    for bad in [b"{ not json".to_vec(), forged] {
+        std::fs::write(&head, &bad).unwrap();
+        let err = log.append(event("clerk", Action::Login)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AuditError::Damaged {
+                    problem: Problem::BadHead,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(lines(dir.path()), before);
+        assert_eq!(std::fs::read(&head).unwrap(), bad, "head replaced");
+    }
+    std::fs::remove_file(&head).unwrap();
+    assert!(log.append(event("clerk", Action::Login)).is_err());
+    assert_eq!(lines(dir.path()), before);
+    std::fs::write(&head, good).unwrap();
+    assert_eq!(log.append(event("clerk", Action::Login)).unwrap().seq(), 3);
+}

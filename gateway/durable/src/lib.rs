@@ -9,11 +9,21 @@
 //! - Files made here are created with mode 0600 (owner only), never world readable.
 //! - Directories made here are created with mode 0700.
 //! - [`write_atomic`] leaves either the old file or the complete new file after a crash.
+//! - A state file two processes change is changed only under its [`LockedFile`] lock, read
+//!   from disk under that lock, and a lock that cannot be taken or a file that cannot be
+//!   read is an error (it fails closed).
+//!
+//! Modules: this file (private files and folders, syncs, atomic replace) and [`lock`]
+//! (the file lock).
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+pub mod lock;
+
+pub use lock::{DEFAULT_LOCK_WAIT, LockError, LockedFile};
 
 /// An I/O failure with the step and path it happened on.
 #[derive(Debug)]

@@ -31,11 +31,11 @@ use zeroize::Zeroizing;
 pub(crate) type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Keys derived from the master key (kept as the master's bytes, zeroed on drop).
-pub(crate) struct Derived(Zeroizing<Vec<u8>>);
+pub(crate) struct Derived(Zeroizing<[u8; gateway_keystore::KEY_LEN]>);
 
 impl Derived {
-    pub(crate) fn new(master: &[u8]) -> Self {
-        Self(Zeroizing::new(master.to_vec()))
+    pub(crate) fn new(master: &[u8; gateway_keystore::KEY_LEN]) -> Self {
+        Self(Zeroizing::new(*master))
     }
 
     fn staff(&self) -> StaffKey {
@@ -47,11 +47,11 @@ impl Derived {
     }
 
     fn seal(&self) -> SealKey {
-        SealKey::derive(&self.0)
+        SealKey::derive(&self.0[..])
     }
 
     fn exchange(&self) -> ExchangeKey {
-        ExchangeKey::derive(&self.0)
+        ExchangeKey::derive(&self.0[..])
     }
 }
 

@@ -201,7 +201,7 @@ fn users_action(cmd: &UsersCommand, settings: &Settings) -> Result<String, Strin
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let accounts = staff.accounts(now);
+            let accounts = staff.accounts(now).map_err(|e| e.to_string())?;
             if *json {
                 serde_json::to_string(&accounts)
                     .map(|s| s + "\n")

@@ -346,7 +346,11 @@ async fn login(
                 LoginError::Storage(_) => "storage",
             };
             // Unknown names are recorded under a fixed actor: a typo may be a patient's name.
-            let actor = if kiosk.staff.accounts(0).iter().any(|a| a.name == name) {
+            let known = kiosk
+                .staff
+                .accounts(0)
+                .is_ok_and(|all| all.iter().any(|a| a.name == name));
+            let actor = if known {
                 name.as_str()
             } else {
                 "unknown-account"
@@ -386,7 +390,17 @@ async fn accounts(State(kiosk): State<Kiosk>, who: Authenticated) -> Response {
     if who.0.role != Role::Admin {
         return outcome(StatusCode::FORBIDDEN, "forbidden", "administrators only");
     }
-    Json(json!(kiosk.staff.accounts(now_unix()))).into_response()
+    match kiosk.staff.accounts(now_unix()) {
+        Ok(all) => Json(json!(all)).into_response(),
+        Err(e) => {
+            warn!(error = %e, "staff accounts cannot be read");
+            outcome(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage",
+                "staff accounts cannot be read",
+            )
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

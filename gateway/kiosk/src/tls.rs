@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -87,27 +87,21 @@ impl axum::serve::Listener for TlsListener {
 pub enum CertError {
     #[error(transparent)]
     Io(#[from] durable::Error),
+    #[error(transparent)]
+    Tls(#[from] gateway_tls::TlsError),
     #[error("kiosk certificate: {0}")]
     Bad(String),
 }
 
-/// A server config for `cert_pem` / `key_pem` (PKCS#8 or any key rustls reads).
+/// A server config for `cert_pem` / `key_pem` (PKCS#8 or any key rustls reads), with ALPN
+/// `http/1.1`; built by [`gateway_tls::server_config_pem`].
 pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, CertError> {
-    use rustls_pki_types::pem::PemObject as _;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| CertError::Bad(format!("certificate PEM: {e}")))?;
-    if certs.is_empty() {
-        return Err(CertError::Bad("no certificate in the PEM file".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| CertError::Bad(format!("key PEM: {e}")))?;
-    let mut config = ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| CertError::Bad(e.to_string()))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(gateway_tls::server_config_pem(
+        cert_pem,
+        key_pem,
+        Path::new("kiosk certificate"),
+        &[b"http/1.1"],
+    )?)
 }
 
 /// Development mode without `booking.cert_file`: a self-signed certificate for `names`,

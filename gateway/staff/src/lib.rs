@@ -5,32 +5,41 @@
 //!   account name.
 //! - The second factor is TOTP (RFC 6238: HMAC-SHA-1, 6 digits, 30 s steps, one step of
 //!   clock skew). Its 160-bit secret is stored sealed with AES-256-GCM under a key derived
-//!   from the spool master key ([`StaffKey::derive`]), bound to the account name; a code is
-//!   accepted once (a replay within its validity window is refused).
+//!   from the spool master key ([`StaffKey::new`], `KeyPurpose::StaffTotp`), bound to the
+//!   account name; a code is accepted once (a replay within its validity window is refused).
 //! - [`MAX_FAILURES`] failed logins in a row lock the account for [`LOCKOUT_SECS`]; a
 //!   success resets the count. An unknown name costs the same Argon2 work as a known one
 //!   and gets the same answer as a wrong password.
 //! - State is one JSON file, `<data_dir>/staff/accounts.json`, replaced atomically and
 //!   durably on every change (including each failed attempt, so a restart does not lift a
 //!   lockout).
+//! - Locking: `gatewayd users ...` changes the file while the daemon runs. Every change
+//!   takes the exclusive lock `accounts.lock` ([`gateway_durable::LockedFile`], bounded
+//!   wait), re-reads the file under it and applies its change to what is on disk, so an
+//!   account another process added is kept. A lock that cannot be taken, or a file that
+//!   cannot be read or parsed, is an error and the file is left as it is: nothing is ever
+//!   written from a copy held in memory. Every public method does blocking file I/O (and
+//!   Argon2): callers on an async runtime run it with `spawn_blocking`.
 //!
 //! Account names are staff identifiers (1-64 of `a-z 0-9 . _ -`), never patient data.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use gateway_durable as durable;
-use hmac::{Hmac, Mac};
+use gateway_durable::{self as durable, LockedFile};
+use gateway_keystore::{DerivedKey, KEY_LEN, KeyPurpose, MasterKey};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use totp_rs::TOTP;
 use zeroize::Zeroizing;
 
 const FILE: &str = "accounts.json";
+/// Held (`flock`) for every read-modify-write of [`FILE`], across processes.
+const LOCK_FILE: &str = "accounts.lock";
 /// Shortest password accepted.
 pub const MIN_PASSWORD_CHARS: usize = 12;
 /// Failed logins in a row that lock an account.
@@ -72,7 +81,7 @@ impl Role {
 }
 
 /// The key TOTP secrets are sealed with.
-pub struct StaffKey(Zeroizing<[u8; 32]>);
+pub struct StaffKey(DerivedKey);
 
 impl std::fmt::Debug for StaffKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,18 +90,18 @@ impl std::fmt::Debug for StaffKey {
 }
 
 impl StaffKey {
-    /// Derives the key from the spool master key.
-    pub fn derive(master: &[u8]) -> Self {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(master)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-        mac.update(b"gatewayd staff totp key v1");
-        let mut key = Zeroizing::new([0u8; 32]);
-        key.copy_from_slice(&mac.finalize().into_bytes());
-        Self(key)
+    /// The key derived from the spool master key for [`KeyPurpose::StaffTotp`].
+    pub fn new(master: &MasterKey) -> Self {
+        Self(master.derive(KeyPurpose::StaffTotp))
+    }
+
+    /// [`StaffKey::new`] from the master key's raw bytes.
+    pub fn derive(master: &[u8; KEY_LEN]) -> Self {
+        Self::new(&MasterKey::from_bytes(*master))
     }
 
     fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(self.0.as_ref().into())
+        Aes256Gcm::new(self.0.expose().into())
     }
 }
 
@@ -140,7 +149,10 @@ pub struct Enrollment {
 pub enum StaffError {
     #[error(transparent)]
     Io(#[from] durable::Error),
-    #[error("staff accounts file {path} is unreadable: {detail}")]
+    /// The accounts file's lock could not be taken (or the file read or written under it).
+    #[error("staff accounts: {0}")]
+    Lock(#[from] durable::LockError),
+    #[error("staff accounts file {path} is unreadable: {detail}; nothing was changed")]
     Corrupt { path: PathBuf, detail: String },
     #[error("account names are 1-64 characters of a-z, 0-9, '.', '_' and '-'")]
     BadName,
@@ -182,37 +194,19 @@ pub struct LoggedIn {
     pub role: Role,
 }
 
-/// The account store.
+/// The account store. It holds no copy of the accounts: each call reads the file.
 #[derive(Debug)]
 pub struct Staff {
     path: PathBuf,
+    lock_path: PathBuf,
     key: StaffKey,
-    file: Mutex<File>,
+    lock_wait: Duration,
 }
 
 fn argon2() -> Argon2<'static> {
     let params = Params::new(19 * 1024, 2, 1, None)
         .unwrap_or_else(|_| unreachable!("fixed Argon2 parameters are valid"));
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-}
-
-/// The account file while it is locked (in the process and across processes).
-struct Locked<'a> {
-    guard: std::sync::MutexGuard<'a, File>,
-    _flock: Option<nix::fcntl::Flock<std::fs::File>>,
-}
-
-impl std::ops::Deref for Locked<'_> {
-    type Target = File;
-    fn deref(&self) -> &File {
-        &self.guard
-    }
-}
-
-impl std::ops::DerefMut for Locked<'_> {
-    fn deref_mut(&mut self) -> &mut File {
-        &mut self.guard
-    }
 }
 
 /// A hash to verify against when the name is unknown, so that both cost the same.
@@ -258,57 +252,52 @@ fn totp(secret: Vec<u8>, name: &str, issuer: &str) -> Result<TOTP, StaffError> {
 }
 
 impl Staff {
-    /// Opens the account store in `dir` (creating the folder if needed).
+    /// Opens the account store in `dir` (creating the folder if needed). An accounts file
+    /// that cannot be read or parsed is an error.
     pub fn open(dir: &Path, key: StaffKey) -> Result<Self, StaffError> {
         durable::ensure_private_dir(dir)?;
-        let path = dir.join(FILE);
-        let file = match durable::read_if_exists(&path)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| StaffError::Corrupt {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?,
-            None => File::default(),
-        };
-        Ok(Self {
-            path,
+        let staff = Self {
+            path: dir.join(FILE),
+            lock_path: dir.join(LOCK_FILE),
             key,
-            file: Mutex::new(file),
-        })
+            lock_wait: durable::DEFAULT_LOCK_WAIT,
+        };
+        staff.parse(durable::read_if_exists(&staff.path)?)?;
+        Ok(staff)
     }
 
-    /// The accounts, freshly read from disk under an exclusive advisory lock (`flock` on
-    /// `accounts.lock`): `gatewayd users ...` changes them while the daemon runs, and each
-    /// side's next save must not undo the other's. If the file cannot be read again, the
-    /// last good copy is used.
-    fn lock(&self) -> Locked<'_> {
-        let mut guard = self
-            .file
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let flock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.path.with_extension("lock"))
-            .ok()
-            .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
-        if let Ok(Some(bytes)) = durable::read_if_exists(&self.path)
-            && let Ok(file) = serde_json::from_slice::<File>(&bytes)
-        {
-            *guard = file;
-        }
-        Locked {
-            guard,
-            _flock: flock,
+    /// How long a change waits for another holder of the lock (default
+    /// [`durable::DEFAULT_LOCK_WAIT`]) before it fails with [`durable::LockError::Busy`].
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
+    }
+
+    fn parse(&self, bytes: Option<Vec<u8>>) -> Result<File, StaffError> {
+        match bytes {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| StaffError::Corrupt {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            }),
+            None => Ok(File::default()),
         }
     }
 
-    fn save(&self, file: &File) -> Result<(), StaffError> {
+    /// The accounts as they are on disk, under the exclusive lock (`accounts.lock`):
+    /// `gatewayd users ...` changes them while the daemon runs, and each side's save must
+    /// not undo the other's. Fails closed: no lock or no readable file, no change.
+    fn lock(&self) -> Result<(LockedFile, File), StaffError> {
+        let locked = LockedFile::lock(&self.path, &self.lock_path, self.lock_wait)?;
+        let file = self.parse(locked.read()?)?;
+        Ok((locked, file))
+    }
+
+    fn save(&self, locked: &LockedFile, file: &File) -> Result<(), StaffError> {
         let bytes = serde_json::to_vec_pretty(file).map_err(|e| StaffError::Corrupt {
             path: self.path.clone(),
             detail: e.to_string(),
         })?;
-        durable::write_atomic(&self.path, &bytes)?;
+        locked.replace(&bytes)?;
         Ok(())
     }
 
@@ -321,7 +310,7 @@ impl Staff {
             return Err(StaffError::WeakPassword);
         }
         let hash = hash_password(password)?;
-        let mut file = self.lock();
+        let (locked, mut file) = self.lock()?;
         if file.accounts.iter().any(|a| a.name == name) {
             return Err(StaffError::Exists);
         }
@@ -335,7 +324,7 @@ impl Staff {
             locked_until_unix: None,
             last_totp_step: None,
         });
-        self.save(&file)
+        self.save(&locked, &file)
     }
 
     /// Makes a new TOTP secret for `name` (replacing any earlier one) and returns it once.
@@ -360,7 +349,7 @@ impl Staff {
             secret_base32: Zeroizing::new(t.get_secret_base32()),
             otpauth_uri: Zeroizing::new(t.get_url()),
         };
-        let mut file = self.lock();
+        let (locked, mut file) = self.lock()?;
         let account = file
             .accounts
             .iter_mut()
@@ -368,25 +357,28 @@ impl Staff {
             .ok_or(StaffError::NoSuchAccount)?;
         account.totp_sealed = Some(hex::encode([nonce.as_slice(), &sealed].concat()));
         account.last_totp_step = None;
-        self.save(&file)?;
+        self.save(&locked, &file)?;
         Ok(enrollment)
     }
 
     /// Disables an account: it can no longer log in.
     pub fn disable(&self, name: &str) -> Result<(), StaffError> {
-        let mut file = self.lock();
+        let (locked, mut file) = self.lock()?;
         let account = file
             .accounts
             .iter_mut()
             .find(|a| a.name == name)
             .ok_or(StaffError::NoSuchAccount)?;
         account.disabled = true;
-        self.save(&file)
+        self.save(&locked, &file)
     }
 
-    /// Every account, without secrets.
-    pub fn accounts(&self, now_unix: u64) -> Vec<AccountInfo> {
-        self.lock()
+    /// Every account, without secrets, as the file on disk has them now (read without the
+    /// lock: the file is only ever replaced whole, by an atomic rename). A file that cannot
+    /// be read or parsed is an error.
+    pub fn accounts(&self, now_unix: u64) -> Result<Vec<AccountInfo>, StaffError> {
+        let file = self.parse(durable::read_if_exists(&self.path)?)?;
+        Ok(file
             .accounts
             .iter()
             .map(|a| AccountInfo {
@@ -396,7 +388,7 @@ impl Staff {
                 disabled: a.disabled,
                 locked: a.locked_until_unix.is_some_and(|t| t > now_unix),
             })
-            .collect()
+            .collect())
     }
 
     fn open_secret(&self, account: &Account) -> Option<Zeroizing<Vec<u8>>> {
@@ -419,7 +411,9 @@ impl Staff {
     }
 
     /// Checks both factors at `now_unix`. Every outcome for an existing account is saved
-    /// (failure count, lockout, last accepted TOTP step) before it is returned.
+    /// (failure count, lockout, last accepted TOTP step) before it is returned; if it cannot
+    /// be (the lock is not free, the file cannot be read, parsed or written), the answer is
+    /// [`LoginError::Storage`], never a login.
     pub fn login(
         &self,
         name: &str,
@@ -427,7 +421,9 @@ impl Staff {
         code: &str,
         now_unix: u64,
     ) -> Result<LoggedIn, LoginError> {
-        let mut file = self.lock();
+        let (locked, mut file) = self
+            .lock()
+            .map_err(|e| LoginError::Storage(e.to_string()))?;
         let Some(index) = file.accounts.iter().position(|a| a.name == name) else {
             let _ = password_matches(decoy_hash(), password);
             return Err(LoginError::BadCredentials);
@@ -471,7 +467,7 @@ impl Staff {
                 Err(e)
             }
         };
-        self.save(&file)
+        self.save(&locked, &file)
             .map_err(|e| LoginError::Storage(e.to_string()))?;
         result
     }

@@ -8,6 +8,9 @@
 //! - [`csr_pem`]: a PKCS#10 request signed by the device identity (`gatewayd keys csr`).
 //! - [`install_certificate`]: stores the issued certificate (chain) after checking it
 //!   certifies the device identity's public key (`gatewayd keys install-cert`).
+//! - [`server_config`] (certificate and key files, optional client CA: the MLLP listener)
+//!   and [`server_config_pem`] (PEM bytes and ALPN: the kiosk's HTTPS) build every rustls
+//!   server configuration of the gateway; no other crate builds one.
 //! - [`check`]: a handshake and one HTTP request (`gatewayd keys check-tls`), so an
 //!   installer can prove the box can authenticate to its cloud before leaving the site.
 //!
@@ -207,6 +210,32 @@ pub fn server_config(
     let config = builder
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// A rustls server configuration from PEM bytes held in memory (the kiosk's certificate:
+/// `booking.cert_file` or the development one), without client authentication and with
+/// the given ALPN protocols (e.g. `http/1.1`). `origin` names the PEM in errors. TLS 1.3,
+/// and 1.2 with rustls' AEAD/ECDHE suites only.
+pub fn server_config_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    origin: &Path,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = parse_certs(cert_pem, origin)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+        path: origin.to_path_buf(),
+        reason: format!("private key: {e}"),
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
@@ -495,6 +524,35 @@ mod tests {
             certificate_common_name(&certificate_path(dir.path())).unwrap(),
             "gw-1"
         );
+    }
+
+    #[test]
+    fn server_config_from_pem_sets_alpn_and_names_bad_input() {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = made.cert.pem();
+        let key = made.signing_key.serialize_pem();
+        let origin = Path::new("kiosk certificate");
+        let config =
+            server_config_pem(cert.as_bytes(), key.as_bytes(), origin, &[b"http/1.1"]).unwrap();
+        assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
+        let err = server_config_pem(b"", key.as_bytes(), origin, &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("kiosk certificate: no certificate"),
+            "{err}"
+        );
+        let err = server_config_pem(cert.as_bytes(), b"junk", origin, &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("kiosk certificate: private key"),
+            "{err}"
+        );
+        // A key that is not the certificate's.
+        let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        assert!(matches!(
+            server_config_pem(cert.as_bytes(), other.as_bytes(), origin, &[]),
+            Err(TlsError::Config(_))
+        ));
     }
 
     #[test]
