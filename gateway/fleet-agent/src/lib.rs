@@ -53,8 +53,8 @@ mod agent;
 mod claim;
 
 pub use agent::{
-    AgentError, AgentSettings, ExitRequest, FleetAgent, LogFn, StaticTelemetry, TelemetrySource,
-    ValidateFn, WipeFn,
+    AgentError, AgentSettings, CallbackError, ConfigOutcome, ConfigProblems, ExitRequest,
+    FleetAgent, LogFn, StaticTelemetry, TelemetrySource, ValidateFn, WipeFn,
 };
 pub use claim::{ClaimSettings, InstallFn, provision_by_claim};
 pub use gateway_fleet::FleetState;
