@@ -49,6 +49,8 @@
 //! - No `unwrap`/`expect` on anything the broker can send; payloads are never logged.
 //! - Nothing published carries patient data: ids are validated, reasons are bounded codes.
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 mod agent;
 mod claim;
 

@@ -419,13 +419,12 @@ impl Session {
         }
         if let (Some(topic), Some(payload)) =
             (&self.status_topic, handler.status(StatusEvent::Connected))
+            && out.publish(topic.clone(), true, payload).is_err()
         {
-            if out.publish(topic.clone(), true, payload).is_err() {
-                warn!(
-                    session = self.label,
-                    "status publish dropped: request queue full"
-                );
-            }
+            warn!(
+                session = self.label,
+                "status publish dropped: request queue full"
+            );
         }
         handler.on_connect(out, session_present);
     }

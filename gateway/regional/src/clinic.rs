@@ -254,7 +254,7 @@ impl Inner {
         if topic == topics::status(core) {
             let online = serde_json::from_slice::<serde_json::Value>(payload)
                 .ok()
-                .is_some_and(|v| v["state"] == "online");
+                .is_some_and(|v| v.get("state").is_some_and(|s| s == "online"));
             self.lock().core_online = online;
             info!(online, "core booking status");
         } else if let Some(schedule) = topics::parse_slots(core, topic) {

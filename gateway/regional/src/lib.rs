@@ -41,6 +41,8 @@
 //! broker input; the MQTT event loop never waits on the ledger's disk writes for longer than
 //! one decision.
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 pub mod clinic;
 pub mod core;
 pub mod local;
