@@ -1,6 +1,7 @@
 //! The fleet agent service: the gateway's MQTT connection to the vendor's fleet broker
-//! (rumqttc 0.25, MQTT 3.1.1). It moves bytes between the broker and the sans-IO logic of
-//! `gateway-fleet` and applies what a verified command asks for.
+//! (MQTT 3.1.1 through `gateway-mqtt`'s one session, whose [`gateway_mqtt::Handler`] the
+//! agent is). It moves bytes between the broker and the sans-IO logic of `gateway-fleet`
+//! and applies what a verified command asks for.
 //!
 //! - **Connection**: TLS through the gateway's own rustls `ClientConfig` (built by
 //!   `gateway-tls`: the broker verified against `fleet.ca_file` only, the client
