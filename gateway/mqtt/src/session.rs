@@ -509,15 +509,25 @@ mod tests {
         );
     }
 
-    struct Quiet;
+    /// Counts lost connections; never connected, so never asked for a status.
+    #[derive(Default)]
+    struct Quiet {
+        lost: usize,
+    }
     impl Handler for Quiet {
+        fn status(&self, _: StatusEvent) -> Option<Vec<u8>> {
+            panic!("no status without a connection")
+        }
         fn on_message(&mut self, _: &Publisher, _: &str, _: &[u8]) -> Flow {
             Flow::Continue
+        }
+        fn on_connection_lost(&mut self) {
+            self.lost += 1;
         }
     }
 
     #[tokio::test]
-    async fn an_unreachable_broker_never_blocks_shutdown() {
+    async fn an_unreachable_broker_waits_its_backoff_and_never_blocks_shutdown() {
         // A port nothing listens on: every attempt fails and the session waits its backoff.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -531,7 +541,12 @@ mod tests {
         let out = session.publisher();
         assert_eq!(out.publish("a/b", false, b"x".to_vec()), Ok(()));
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(async move { session.run(&mut Quiet, rx).await });
+        let task = tokio::spawn(async move {
+            let mut handler = Quiet::default();
+            let ended = session.run(&mut handler, rx).await;
+            assert_eq!(handler.lost, 1, "one failed attempt, then the 30 s backoff");
+            ended
+        });
         tokio::time::sleep(Duration::from_millis(200)).await;
         tx.send_replace(true);
         let ended = tokio::time::timeout(Duration::from_secs(5), task)
