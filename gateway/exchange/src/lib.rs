@@ -11,9 +11,16 @@
 //!
 //! The wire form is [`Envelope`], JSON: `{"v":1,"from","to","kind","id","enc","ct"}` with
 //! `enc` and `ct` base64. [`Envelope::parse`] takes untrusted bytes (fuzzed).
+//!
+//! Every routing field is a topic-safe id (`gateway-id`), checked when sealing, parsing and
+//! opening. The key pair is derived from the key store's master key
+//! ([`ExchangeKey::derive`], `KeyPurpose::ExchangeX25519`).
+
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use gateway_keystore::{KeyPurpose, MasterKey};
 use hpke::aead::ChaCha20Poly1305;
 use hpke::kdf::HkdfSha256;
 use hpke::kem::X25519HkdfSha256;
@@ -77,15 +84,10 @@ impl ExchangeKey {
 
     /// The gateway's exchange key, derived from the key store's master key (so it is held
     /// by the key store like every other key, needs no file of its own, and goes with a
-    /// crypto-shred). The label keeps it apart from every other derived key.
-    pub fn derive(master: &[u8]) -> Self {
-        use hmac::Mac as _;
-        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(master)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-        mac.update(b"gatewayd exchange x25519 key v1");
-        let mut seed = Zeroizing::new([0u8; 32]);
-        seed.copy_from_slice(&mac.finalize().into_bytes());
-        Self::from_seed(*seed)
+    /// crypto-shred): the seed is [`MasterKey::derive`] for
+    /// [`KeyPurpose::ExchangeX25519`], so it is apart from every other derived key.
+    pub fn derive(master: &MasterKey) -> Self {
+        Self::from_seed(*master.derive(KeyPurpose::ExchangeX25519).expose())
     }
 
     /// The seed to store (sealed by the key store).
@@ -149,14 +151,9 @@ impl Routing {
     }
 
     fn check(&self) -> Result<(), ExchangeError> {
-        let ok = |s: &str| {
-            (1..=64).contains(&s.len())
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
         if [&self.from, &self.to, &self.kind, &self.id]
             .iter()
-            .all(|s| ok(s))
+            .all(|s| gateway_id::is_valid(s))
         {
             Ok(())
         } else {

@@ -159,10 +159,22 @@ fn malformed_envelopes_are_errors_never_panics() {
 
 #[test]
 fn derived_keys_are_stable_per_master_and_distinct_across_masters() {
-    let a = ExchangeKey::derive(&[7u8; 32]);
-    let again = ExchangeKey::derive(&[7u8; 32]);
-    let b = ExchangeKey::derive(&[8u8; 32]);
+    let a = ExchangeKey::derive(&MasterKey::from_bytes([7u8; 32]));
+    let again = ExchangeKey::derive(&MasterKey::from_bytes([7u8; 32]));
+    let b = ExchangeKey::derive(&MasterKey::from_bytes([8u8; 32]));
     assert_eq!(a.public(), again.public());
     assert_ne!(a.public(), b.public());
     assert_ne!(a.seed(), &[7u8; 32]);
+}
+
+#[test]
+fn the_derived_seed_is_the_one_existing_gateways_published_their_public_key_from() {
+    // HMAC-SHA-256([0x11; 32], "gatewayd exchange x25519 key v1"), the construction before
+    // MasterKey::derive existed: peers configured with the old public key still match.
+    let key = ExchangeKey::derive(&MasterKey::from_bytes([0x11; 32]));
+    let hex: String = key.seed().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        hex,
+        "e57544caf96acfa91325c1aa8cb07d928a7a47d580087fb5e65dc38ace34d3db"
+    );
 }

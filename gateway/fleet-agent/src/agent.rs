@@ -11,12 +11,11 @@ use gateway_fleet::{
     Command, DeviceId, FleetState, Op, StateMessage, StatusMessage, Telemetry, VendorKey,
     last_will, parse_command_topic, topics::telemetry_topic,
 };
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
-    TlsConfiguration, Transport,
+use gateway_mqtt::{
+    Backoff, Broker, Flow, Handler, Publisher, Session, SessionConfig, SessionError, StatusEvent,
 };
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// First wait after a failed connection; doubled per failure up to [`BACKOFF_MAX`].
 pub(crate) const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
@@ -24,16 +23,51 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(60);
 pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Requests queued towards the event loop; publishing never waits on a full queue.
 pub(crate) const REQUEST_CAPACITY: usize = 64;
-/// How long a clean shutdown may take to deliver the `offline` status.
-pub(crate) const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+/// Largest packet sent or accepted: a command envelope at its limit, plus the topic.
+pub(crate) const MAX_PACKET_BYTES: usize = MAX_PAYLOAD_BYTES + 4096;
+
+/// An error of a callback the daemon provides (its own error type, kept whole for the local
+/// log; what reaches the vendor is described at each callback).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct CallbackError(Box<dyn std::error::Error + Send + Sync>);
+
+impl CallbackError {
+    /// Wraps the daemon's error.
+    pub fn new(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> CallbackError {
+        CallbackError(error.into())
+    }
+}
 
 /// Crypto-shred of the key store, provided by the daemon (blocking; called once per `wipe`).
-/// The error text stays in the local log; the vendor gets a fixed reason.
-pub type WipeFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// The error stays in the local log; the vendor gets a fixed reason.
+pub type WipeFn = Arc<dyn Fn() -> Result<(), CallbackError> + Send + Sync>;
 
-/// Validates a `config-update` document the way `gatewayd check-config` does; `Err` holds
-/// one `key: message` line per problem (no document content beyond clipped values).
-pub type ValidateFn = Arc<dyn Fn(&str) -> Result<(), Vec<String>> + Send + Sync>;
+/// The problems `check-config` finds in a document: one `key: message` line each (no
+/// document content beyond clipped values).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct ConfigProblems(pub Vec<String>);
+
+impl std::ops::Deref for ConfigProblems {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+/// Validates a `config-update` document the way `gatewayd check-config` does.
+pub type ValidateFn = Arc<dyn Fn(&str) -> Result<(), ConfigProblems> + Send + Sync>;
+
+/// What became of a `config-update` the daemon applied before this start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigOutcome {
+    /// Every service started from the new configuration.
+    Applied,
+    /// The new configuration could not start its services (`why`, the daemon's start
+    /// error, no document content); the previous one was restored.
+    RolledBack { why: String },
+}
 
 /// The last `n` lines of the daemon's own log, oldest first (for `log-upload`).
 pub type LogFn = Arc<dyn Fn(usize) -> Vec<String> + Send + Sync>;
@@ -70,23 +104,21 @@ impl fmt::Debug for ExitRequest {
 /// Errors that stop the agent from being built (the daemon reports them at start).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("fleet.broker {url}: no host and port")]
-    BrokerUrl { url: String },
     #[error("node.id {id:?} cannot be an MQTT device id: {source}")]
     DeviceId {
         id: String,
         source: gateway_fleet::InvalidId,
     },
+    #[error("fleet: {0}")]
+    Session(#[from] SessionError),
 }
 
 /// Where and how to connect; built once by the daemon from `[fleet]`.
 #[derive(Clone)]
 pub struct AgentSettings {
     pub device: DeviceId,
-    pub host: String,
-    pub port: u16,
-    /// `None`: plain TCP (development `mqtt://` only; the daemon warns).
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The fleet broker and the TLS client configuration (none: development `mqtt://`).
+    pub broker: Broker,
     pub telemetry_interval: Duration,
     /// Firmware version reported in status and telemetry.
     pub version: String,
@@ -96,31 +128,22 @@ impl fmt::Debug for AgentSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentSettings")
             .field("device", &self.device)
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("tls", &self.tls.is_some())
+            .field("broker", &self.broker)
             .field("telemetry_interval", &self.telemetry_interval)
             .finish()
     }
 }
 
 impl AgentSettings {
-    /// Settings for `device_id` at `host:port`; telemetry every 60 s, crate version.
-    pub fn new(
-        device_id: &str,
-        host: impl Into<String>,
-        port: u16,
-        tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> Result<AgentSettings, AgentError> {
+    /// Settings for `device_id` at `broker`; telemetry every 60 s, crate version.
+    pub fn new(device_id: &str, broker: Broker) -> Result<AgentSettings, AgentError> {
         let device = DeviceId::new(device_id).map_err(|source| AgentError::DeviceId {
             id: device_id.to_owned(),
             source,
         })?;
         Ok(AgentSettings {
             device,
-            host: host.into(),
-            port,
-            tls,
+            broker,
             telemetry_interval: Duration::from_secs(60),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         })
@@ -181,7 +204,9 @@ pub struct FleetAgent {
     /// Applying a config-update is enabled (the daemon knows its config file).
     can_apply_config: bool,
     /// The outcome of a config-update applied before this start, published on connect.
-    config_outcome: Option<(String, Result<(), String>)>,
+    config_outcome: Option<(String, ConfigOutcome)>,
+    /// The telemetry timer, made when the agent runs.
+    telemetry_tick: Option<tokio::time::Interval>,
 }
 
 impl fmt::Debug for FleetAgent {
@@ -230,6 +255,7 @@ impl FleetAgent {
             pending_exit: None,
             can_apply_config: false,
             config_outcome: None,
+            telemetry_tick: None,
         }
     }
 
@@ -251,9 +277,10 @@ impl FleetAgent {
     }
 
     /// The outcome of the `config-update` `cmd_id` that the daemon applied (or rolled back,
-    /// `Err(why)`) before this start: published as its final state once connected.
+    /// [`ConfigOutcome::RolledBack`]) before this start: published as its final state once
+    /// connected.
     #[must_use]
-    pub fn with_config_outcome(mut self, cmd_id: String, outcome: Result<(), String>) -> Self {
+    pub fn with_config_outcome(mut self, cmd_id: String, outcome: ConfigOutcome) -> Self {
         self.config_outcome = Some((cmd_id, outcome));
         self
     }
@@ -278,118 +305,49 @@ impl FleetAgent {
         self
     }
 
-    fn mqtt_options(&self) -> MqttOptions {
+    /// The fleet session: client id = device id, persistent, keep-alive 30 s, retained
+    /// status with the `offline` last will, commands subscribed on every connection.
+    fn session(&self) -> Result<Session, SessionError> {
         let s = &self.settings;
-        let mut options = MqttOptions::new(s.device.as_str(), s.host.clone(), s.port);
-        options
-            .set_clean_session(false)
-            .set_keep_alive(KEEP_ALIVE)
-            .set_max_packet_size(MAX_PAYLOAD_BYTES + 4096, MAX_PAYLOAD_BYTES + 4096)
-            .set_last_will(LastWill::new(
-                status_topic(&s.device),
-                last_will(),
-                QoS::AtLeastOnce,
-                true,
-            ));
-        if let Some(tls) = &s.tls {
-            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::clone(tls),
-            )));
-        }
-        options
+        let config = SessionConfig::new("fleet", s.device.as_id().clone(), s.broker.clone())
+            .clean_session(false)
+            .keep_alive(KEEP_ALIVE)
+            .max_packet_bytes(MAX_PACKET_BYTES)
+            .request_capacity(REQUEST_CAPACITY)
+            .backoff(Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX))
+            .subscribe(command_subscription(&s.device))?
+            .status(status_topic(&s.device), last_will())?;
+        Session::new(config)
     }
 
     /// Runs until `shutdown` turns true: connects, reconnects with backoff, handles
     /// commands and publishes telemetry. On shutdown it publishes the retained
     /// `offline`/`shutdown` status (best effort, at most 2 s) and disconnects.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let (client, mut events) = AsyncClient::new(self.mqtt_options(), REQUEST_CAPACITY);
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) {
+        let session = match self.session() {
+            Ok(session) => session,
+            Err(e) => {
+                error!(error = %e, "the fleet agent does not run");
+                return;
+            }
+        };
         info!(
-            broker = %format!("{}:{}", self.settings.host, self.settings.port),
+            broker = %self.settings.broker,
             device = %self.settings.device,
-            tls = self.settings.tls.is_some(),
+            tls = self.settings.broker.is_tls(),
             presence = ?self.state.presence(),
             "fleet agent started"
         );
-        let mut backoff = BACKOFF_INITIAL;
-        let mut connected = false;
-        let mut retry_in: Option<Duration> = None;
         let mut telemetry = tokio::time::interval(self.settings.telemetry_interval);
         telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break,
-                _ = telemetry.tick(), if connected => self.publish_telemetry(&client),
-                event = events.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        info!(session_present = ack.session_present, "fleet broker connected");
-                        connected = true;
-                        backoff = BACKOFF_INITIAL;
-                        self.on_connected(&client);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(publish))) => {
-                        self.on_publish(&client, &publish.topic, &publish.payload);
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                            warn!("fleet broker refused the command subscription (ACL?)");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        connected = false;
-                        warn!(error = %describe(&e), retry_in = ?backoff, "fleet broker connection failed");
-                        retry_in = Some(backoff);
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
-                },
-            }
-            if let Some(wait) = retry_in.take() {
-                tokio::select! {
-                    _ = shutdown.wait_for(|s| *s) => break,
-                    () = tokio::time::sleep(wait) => {}
-                }
-            }
-        }
-        if connected {
-            self.say_goodbye(&client, &mut events).await;
-        }
+        self.telemetry_tick = Some(telemetry);
+        session.run(&mut self, shutdown).await;
         info!("fleet agent stopped");
     }
 
-    async fn say_goodbye(&self, client: &AsyncClient, events: &mut EventLoop) {
-        // A wiped box stays `wiped` for the vendor, not `offline`.
-        let status = if self.state.is_wiped() {
-            StatusMessage::connected(
-                self.state.presence(),
-                &self.settings.version,
-                None,
-                now_unix(),
-            )
-        } else {
-            StatusMessage::shutdown(now_unix())
-        };
-        let _ = client.try_publish(
-            status_topic(&self.settings.device),
-            QoS::AtLeastOnce,
-            true,
-            status.to_json(),
-        );
-        let _ = client.try_disconnect();
-        // The DISCONNECT is only queued when its Outgoing event is reported: keep polling
-        // until the broker closes the connection (it does after a DISCONNECT), or time out.
-        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, async {
-            while events.poll().await.is_ok() {}
-        })
-        .await;
-    }
-
-    fn on_connected(&mut self, client: &AsyncClient) {
-        let device = &self.settings.device;
-        if let Err(e) = client.try_subscribe(command_subscription(device), QoS::AtLeastOnce) {
-            warn!(error = %e, "cannot queue the command subscription");
-        }
-        self.publish_status(client);
+    /// After the command subscription and the status: telemetry, then the outcome of a
+    /// config-update applied before this start.
+    fn on_connected(&mut self, client: &Publisher) {
         self.publish_telemetry(client);
         if let Some((cmd_id, outcome)) = self.config_outcome.take() {
             let op = "config-update";
@@ -397,8 +355,8 @@ impl FleetAgent {
                 return;
             };
             let message = match outcome {
-                Ok(()) => StateMessage::successful(&cmd_id, op, now_unix()),
-                Err(why) => StateMessage::failed(
+                ConfigOutcome::Applied => StateMessage::successful(&cmd_id, op, now_unix()),
+                ConfigOutcome::RolledBack { why } => StateMessage::failed(
                     &cmd_id,
                     op,
                     "config-rollback",
@@ -413,18 +371,23 @@ impl FleetAgent {
         }
     }
 
-    fn publish_status(&self, client: &AsyncClient) {
-        let status = StatusMessage::connected(
+    /// The retained status while connected: `online`, `disabled` or `wiped`.
+    fn connected_status(&self) -> Vec<u8> {
+        StatusMessage::connected(
             self.state.presence(),
             &self.settings.version,
             self.state.disabled_reason(),
             now_unix(),
-        );
+        )
+        .to_json()
+    }
+
+    fn publish_status(&self, client: &Publisher) {
         publish(
             client,
             status_topic(&self.settings.device),
             true,
-            status.to_json(),
+            self.connected_status(),
         );
     }
 
@@ -436,7 +399,7 @@ impl FleetAgent {
         sample
     }
 
-    fn publish_telemetry(&self, client: &AsyncClient) {
+    fn publish_telemetry(&self, client: &Publisher) {
         let sample = self.telemetry_sample();
         publish(
             client,
@@ -447,7 +410,7 @@ impl FleetAgent {
     }
 
     /// One incoming publish: a command, or something this agent ignores.
-    fn on_publish(&mut self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+    fn on_publish(&mut self, client: &Publisher, topic: &str, payload: &[u8]) {
         let device = self.settings.device.clone();
         let Some((op, cmd_id)) = parse_command_topic(&device, topic) else {
             debug!(
@@ -522,7 +485,7 @@ impl FleetAgent {
         }
     }
 
-    fn execute(&mut self, client: &AsyncClient, command: &Command) -> Outcome {
+    fn execute(&mut self, client: &Publisher, command: &Command) -> Outcome {
         match &command.op {
             Op::Disable { reason } => {
                 if let Err(e) = self.state.set_disabled(reason.as_deref()) {
@@ -604,7 +567,7 @@ impl FleetAgent {
 }
 
 impl FleetAgent {
-    fn log_upload(&mut self, client: &AsyncClient, cmd_id: &str, lines: u32) -> Outcome {
+    fn log_upload(&mut self, client: &Publisher, cmd_id: &str, lines: u32) -> Outcome {
         let (Some(logs), Ok(topic)) = (
             self.logs.clone(),
             result_topic(&self.settings.device, "log-upload", cmd_id),
@@ -629,7 +592,7 @@ impl FleetAgent {
     }
 
     /// Validates the document; publishes every problem on the result topic.
-    fn config_update(&mut self, client: &AsyncClient, cmd_id: &str, toml: &str) -> Outcome {
+    fn config_update(&mut self, client: &Publisher, cmd_id: &str, toml: &str) -> Outcome {
         let Some(validate) = self.validate.clone() else {
             return Outcome::Failed {
                 code: "not-supported",
@@ -639,7 +602,7 @@ impl FleetAgent {
         match validate(toml) {
             Err(problems) => {
                 if let Ok(topic) = result_topic(&self.settings.device, "config-update", cmd_id) {
-                    let body = serde_json::json!({ "problems": problems });
+                    let body = serde_json::json!({ "problems": problems.0 });
                     publish(client, topic, false, body.to_string().into_bytes());
                 }
                 Outcome::Failed {
@@ -666,7 +629,7 @@ impl FleetAgent {
 
     /// Stop serving, crypto-shred, record it, then (after `successful`) ask the daemon to
     /// exit. If the shred fails nothing is recorded and the previous serving state returns.
-    fn wipe(&mut self, client: &AsyncClient) -> Outcome {
+    fn wipe(&mut self, client: &Publisher) -> Outcome {
         let Some(wipe) = self.wipe.clone() else {
             return Outcome::Failed {
                 code: "not-supported",
@@ -697,6 +660,45 @@ impl FleetAgent {
     }
 }
 
+impl Handler for FleetAgent {
+    fn status(&self, event: StatusEvent) -> Option<Vec<u8>> {
+        Some(match event {
+            StatusEvent::Connected => self.connected_status(),
+            // A wiped box stays `wiped` for the vendor, not `offline`.
+            StatusEvent::Closing if self.state.is_wiped() => StatusMessage::connected(
+                self.state.presence(),
+                &self.settings.version,
+                None,
+                now_unix(),
+            )
+            .to_json(),
+            StatusEvent::Closing => StatusMessage::shutdown(now_unix()).to_json(),
+        })
+    }
+
+    fn on_connect(&mut self, out: &Publisher, _session_present: bool) {
+        self.on_connected(out);
+    }
+
+    fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
+        self.on_publish(out, topic, payload);
+        Flow::Continue
+    }
+
+    async fn wake(&mut self) {
+        match &mut self.telemetry_tick {
+            Some(tick) => {
+                tick.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    fn on_wake(&mut self, out: &Publisher) {
+        self.publish_telemetry(out);
+    }
+}
+
 fn state_write_failed() -> Outcome {
     Outcome::Failed {
         code: "state-write",
@@ -705,15 +707,10 @@ fn state_write_failed() -> Outcome {
 }
 
 /// Queues a QoS 1 publish without waiting (the event loop runs on this same task).
-pub(crate) fn publish(client: &AsyncClient, topic: String, retain: bool, payload: Vec<u8>) {
-    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+pub(crate) fn publish(client: &Publisher, topic: String, retain: bool, payload: Vec<u8>) {
+    if let Err(e) = client.publish(topic, retain, payload) {
         warn!(error = %e, "fleet publish dropped: request queue full or closed");
     }
-}
-
-/// A connection error for the log: rumqttc's text, which names no payload content.
-pub(crate) fn describe(e: &ConnectionError) -> String {
-    e.to_string()
 }
 
 pub(crate) fn now_unix() -> u64 {

@@ -10,32 +10,28 @@ use std::sync::Arc;
 use gateway_fleet::provision::CsrMessage;
 use gateway_fleet::topics::{csr_topic, provision_state_topic, provision_subscription};
 use gateway_fleet::{DeviceId, FleetState, Op, StateMessage, VendorKey, parse_provision_topic};
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
-};
+use gateway_mqtt::{Backoff, Broker, Ended, Flow, Handler, Publisher, Session, SessionConfig};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::agent::{
-    BACKOFF_INITIAL, BACKOFF_MAX, KEEP_ALIVE, REQUEST_CAPACITY, SHUTDOWN_FLUSH, describe, now_unix,
-    publish,
+    BACKOFF_INITIAL, BACKOFF_MAX, CallbackError, KEEP_ALIVE, MAX_PACKET_BYTES, REQUEST_CAPACITY,
+    now_unix, publish,
 };
-use gateway_fleet::command::MAX_PAYLOAD_BYTES;
 
 /// Checks and installs the vendor's certificate for `device` (PEM chain, leaf first): it
-/// must certify this gateway's identity key and name `device`. `Err` is a reason safe to
-/// send to the vendor (no secrets; the certificate is the vendor's own).
-pub type InstallFn = Arc<dyn Fn(&DeviceId, &str) -> Result<(), String> + Send + Sync>;
+/// must certify this gateway's identity key and name `device`. The error's text is sent to
+/// the vendor as the reason (no secrets; the certificate is the vendor's own).
+pub type InstallFn = Arc<dyn Fn(&DeviceId, &str) -> Result<(), CallbackError> + Send + Sync>;
 
 /// Where and as whom to claim.
 #[derive(Clone)]
 pub struct ClaimSettings {
     /// The claim certificate's CN: client id, MQTT user and `prov/{claim}/` topics.
     pub claim: DeviceId,
-    pub host: String,
-    pub port: u16,
-    /// Broker CA and the claim certificate and key.
-    pub tls: Arc<rustls::ClientConfig>,
+    /// The fleet broker with the claim credential's TLS configuration (broker CA, claim
+    /// certificate and key).
+    pub broker: Broker,
     /// PKCS#10 request signed by the device identity key.
     pub csr_pem: String,
     pub version: String,
@@ -45,8 +41,7 @@ impl fmt::Debug for ClaimSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClaimSettings")
             .field("claim", &self.claim)
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("broker", &self.broker)
             .finish_non_exhaustive()
     }
 }
@@ -61,83 +56,87 @@ pub async fn provision_by_claim(
     install: &InstallFn,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<DeviceId> {
-    let mut options = MqttOptions::new(
-        settings.claim.as_str(),
-        settings.host.clone(),
-        settings.port,
-    );
-    options
-        .set_clean_session(true)
-        .set_keep_alive(KEEP_ALIVE)
-        .set_max_packet_size(MAX_PAYLOAD_BYTES + 4096, MAX_PAYLOAD_BYTES + 4096)
-        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::clone(&settings.tls),
-        )));
-    let (client, mut events) = AsyncClient::new(options, REQUEST_CAPACITY);
+    // A clean session as the claim id: nothing of a claim outlives its connection.
+    let config = SessionConfig::new(
+        "fleet claim",
+        settings.claim.as_id().clone(),
+        settings.broker.clone(),
+    )
+    .clean_session(true)
+    .keep_alive(KEEP_ALIVE)
+    .max_packet_bytes(MAX_PACKET_BYTES)
+    .request_capacity(REQUEST_CAPACITY)
+    .backoff(Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX))
+    .subscribe(provision_subscription(&settings.claim));
+    let session = match config.and_then(Session::new) {
+        Ok(session) => session,
+        Err(e) => {
+            error!(error = %e, "provisioning by claim cannot start");
+            return None;
+        }
+    };
     info!(
-        broker = %format!("{}:{}", settings.host, settings.port),
+        broker = %settings.broker,
         claim = %settings.claim,
         "not provisioned yet: claiming a device identity from the vendor"
     );
-    let mut backoff = BACKOFF_INITIAL;
-    loop {
-        let mut retry_in = None;
-        let mut provisioned = None;
-        tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return None,
-            event = events.poll() => match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    info!("fleet broker connected with the claim credential: publishing the CSR");
-                    backoff = BACKOFF_INITIAL;
-                    on_connected(&client, settings);
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    provisioned = on_publish(&client, settings, key, state, install, &p.topic, &p.payload);
-                }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                        warn!("fleet broker refused the provisioning subscription (ACL?)");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(error = %describe(&e), retry_in = ?backoff, "fleet broker connection failed (claim)");
-                    retry_in = Some(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
-            },
-        }
-        if let Some(device) = provisioned {
-            finish(&client, &mut events).await;
-            return Some(device);
-        }
-        if let Some(wait) = retry_in {
-            tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => return None,
-                () = tokio::time::sleep(wait) => {}
-            }
-        }
+    let mut claim = Claim {
+        settings,
+        key,
+        state,
+        install,
+        provisioned: None,
+    };
+    match session.run(&mut claim, shutdown.clone()).await {
+        Ended::Stopped => claim.provisioned,
+        Ended::Shutdown => None,
     }
 }
 
-fn on_connected(client: &AsyncClient, settings: &ClaimSettings) {
-    if let Err(e) = client.try_subscribe(provision_subscription(&settings.claim), QoS::AtLeastOnce)
-    {
-        warn!(error = %e, "cannot queue the provisioning subscription");
+/// The claim's side of the session.
+struct Claim<'a> {
+    settings: &'a ClaimSettings,
+    key: &'a VendorKey,
+    state: &'a mut FleetState,
+    install: &'a InstallFn,
+    provisioned: Option<DeviceId>,
+}
+
+impl Handler for Claim<'_> {
+    fn on_connect(&mut self, out: &Publisher, _session_present: bool) {
+        info!("fleet broker connected with the claim credential: publishing the CSR");
+        let settings = self.settings;
+        let csr = CsrMessage {
+            v: 1,
+            claim: settings.claim.as_str().to_owned(),
+            csr: settings.csr_pem.clone(),
+            version: settings.version.clone(),
+            at: now_unix(),
+        };
+        publish(out, csr_topic(&settings.claim), true, csr.to_json());
     }
-    let csr = CsrMessage {
-        v: 1,
-        claim: settings.claim.as_str().to_owned(),
-        csr: settings.csr_pem.clone(),
-        version: settings.version.clone(),
-        at: now_unix(),
-    };
-    publish(client, csr_topic(&settings.claim), true, csr.to_json());
+
+    fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
+        self.provisioned = on_publish(
+            out,
+            self.settings,
+            self.key,
+            self.state,
+            self.install,
+            topic,
+            payload,
+        );
+        if self.provisioned.is_some() {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        }
+    }
 }
 
 /// One incoming publish; `Some(device)` once the vendor's certificate is installed.
 fn on_publish(
-    client: &AsyncClient,
+    client: &Publisher,
     settings: &ClaimSettings,
     key: &VendorKey,
     state: &mut FleetState,
@@ -204,7 +203,7 @@ fn on_publish(
             &cmd_id,
             &op,
             "certificate-rejected",
-            &reason,
+            &reason.to_string(),
             now_unix(),
         ));
         return None;
@@ -225,13 +224,4 @@ fn on_publish(
     // Clear the retained CSR so that the vendor's service does not see this claim again.
     publish(client, csr_topic(claim), true, Vec::new());
     Some(device_id.clone())
-}
-
-/// Delivers the queued state and CSR-clearing publishes, then disconnects (at most 2 s).
-async fn finish(client: &AsyncClient, events: &mut EventLoop) {
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(SHUTDOWN_FLUSH, async {
-        while events.poll().await.is_ok() {}
-    })
-    .await;
 }

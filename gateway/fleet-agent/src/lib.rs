@@ -1,6 +1,7 @@
 //! The fleet agent service: the gateway's MQTT connection to the vendor's fleet broker
-//! (rumqttc 0.25, MQTT 3.1.1). It moves bytes between the broker and the sans-IO logic of
-//! `gateway-fleet` and applies what a verified command asks for.
+//! (MQTT 3.1.1 through `gateway-mqtt`'s one session, whose [`gateway_mqtt::Handler`] the
+//! agent is). It moves bytes between the broker and the sans-IO logic of `gateway-fleet`
+//! and applies what a verified command asks for.
 //!
 //! - **Connection**: TLS through the gateway's own rustls `ClientConfig` (built by
 //!   `gateway-tls`: the broker verified against `fleet.ca_file` only, the client
@@ -49,12 +50,14 @@
 //! - No `unwrap`/`expect` on anything the broker can send; payloads are never logged.
 //! - Nothing published carries patient data: ids are validated, reasons are bounded codes.
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 mod agent;
 mod claim;
 
 pub use agent::{
-    AgentError, AgentSettings, ExitRequest, FleetAgent, LogFn, StaticTelemetry, TelemetrySource,
-    ValidateFn, WipeFn,
+    AgentError, AgentSettings, CallbackError, ConfigOutcome, ConfigProblems, ExitRequest,
+    FleetAgent, LogFn, StaticTelemetry, TelemetrySource, ValidateFn, WipeFn,
 };
 pub use claim::{ClaimSettings, InstallFn, provision_by_claim};
 pub use gateway_fleet::FleetState;

@@ -43,6 +43,8 @@
 //!   reasons echo numbers, algorithm and operation names and validated ids, at most 256
 //!   characters; telemetry holds counts, ages, sizes and configured names.
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 pub mod command;
 pub mod key;
 pub mod provision;

@@ -23,52 +23,52 @@
 
 use std::fmt;
 
+use gateway_id::Id;
+
 /// Longest device id, operation name or command id.
-pub const MAX_ID_LEN: usize = 64;
+pub const MAX_ID_LEN: usize = gateway_id::MAX_LEN;
 
 /// Topic prefix of every fleet topic.
 pub const PREFIX: &str = "gw";
 /// Topic prefix of the provisioning-by-claim topics.
 pub const PROVISION_PREFIX: &str = "prov";
 
-/// True for 1..=64 characters of `[A-Za-z0-9._-]` (the gateway's `node.id` rule).
-pub fn is_valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_ID_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+/// True for 1..=64 characters of `[A-Za-z0-9._-]` (the gateway's one id rule, `gateway-id`).
+pub use gateway_id::is_valid as is_valid_id;
 
 /// An identifier that is not 1..=64 of `[A-Za-z0-9._-]`. Does not echo the value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{what} must be 1 to 64 characters of A-Z a-z 0-9 . _ -")]
-pub struct InvalidId {
-    /// Which identifier: "device id", "operation" or "command id".
-    pub what: &'static str,
-}
+pub use gateway_id::InvalidId;
 
-/// A validated device id (the gateway's `node.id`).
+/// A validated device id (the gateway's `node.id`, or a claim certificate's CN): a
+/// [`gateway_id::Id`] that names a device.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DeviceId(String);
+pub struct DeviceId(Id);
 
 impl DeviceId {
-    /// Validates `id` with [`is_valid_id`].
+    /// Validates `id` with [`gateway_id::Id::parse`].
     pub fn new(id: &str) -> Result<DeviceId, InvalidId> {
-        if is_valid_id(id) {
-            Ok(DeviceId(id.to_owned()))
-        } else {
-            Err(InvalidId { what: "device id" })
-        }
+        Id::parse(id, "device id").map(DeviceId)
     }
 
     pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The id, e.g. as an MQTT client id.
+    pub fn as_id(&self) -> &Id {
         &self.0
+    }
+}
+
+impl From<Id> for DeviceId {
+    fn from(id: Id) -> DeviceId {
+        DeviceId(id)
     }
 }
 
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 

@@ -25,33 +25,32 @@ use gateway_regional::wire::Keys;
 use gateway_staff::{Staff, StaffKey};
 use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
-use zeroize::Zeroizing;
 
 /// A task of the booking service.
 pub(crate) type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
-/// Keys derived from the master key (kept as the master's bytes, zeroed on drop).
-pub(crate) struct Derived(Zeroizing<[u8; gateway_keystore::KEY_LEN]>);
+/// Keys derived from the master key (kept as the master key, zeroed on drop).
+pub(crate) struct Derived(gateway_keystore::MasterKey);
 
 impl Derived {
     pub(crate) fn new(master: &[u8; gateway_keystore::KEY_LEN]) -> Self {
-        Self(Zeroizing::new(*master))
+        Self(gateway_keystore::MasterKey::from_bytes(*master))
     }
 
     fn staff(&self) -> StaffKey {
-        StaffKey::derive(&self.0)
+        StaffKey::new(&self.0)
     }
 
     fn audit(&self) -> AuditKey {
-        AuditKey::derive(&self.0)
+        AuditKey::new(&self.0)
     }
 
     fn seal(&self) -> SealKey {
-        SealKey::derive(&self.0[..])
+        SealKey::derive(self.0.expose())
     }
 
     fn exchange(&self) -> ExchangeKey {
-        ExchangeKey::derive(&self.0[..])
+        ExchangeKey::derive(&self.0)
     }
 }
 
@@ -290,25 +289,11 @@ fn connection(
     identity: Option<Arc<dyn gateway_keystore::DeviceIdentity>>,
     data_dir: &std::path::Path,
 ) -> Result<Connection, String> {
-    let (host, port) = x
-        .broker
-        .host_port()
-        .ok_or_else(|| format!("exchange.broker {}: no host:port", x.broker))?;
-    let tls = crate::mqtt::BrokerTls {
-        section: "exchange",
-        broker: &x.broker,
-        ca_file: x.ca_file.as_ref(),
-        client_auth: x.client_auth,
-        cert_file: x.cert_file.as_ref(),
-        key_file: x.key_file.as_ref(),
-    }
-    .client_config(identity, data_dir)?;
-    Ok(Connection {
-        client_id: me.to_owned(),
-        host,
-        port,
-        tls,
-    })
+    let broker = gateway_mqtt::BrokerTls::exchange(x)
+        .broker(identity, data_dir)
+        .map_err(|e| e.to_string())?;
+    let client_id = gateway_id::Id::parse(me, "node.id").map_err(|e| e.to_string())?;
+    Ok(Connection { client_id, broker })
 }
 
 /// The core's worklist: its booked appointments as Scheduled Procedure Steps, read from the

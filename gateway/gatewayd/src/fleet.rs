@@ -12,10 +12,11 @@ use std::sync::Arc;
 use gateway_config::{Claim, Settings};
 use gateway_fleet::{DeviceId, FleetState, VendorKey};
 use gateway_fleet_agent::{
-    AgentSettings, ClaimSettings, ExitRequest, FleetAgent, InstallFn, TelemetrySource, ValidateFn,
-    WipeFn, provision_by_claim,
+    AgentSettings, CallbackError, ClaimSettings, ConfigOutcome, ConfigProblems, ExitRequest,
+    FleetAgent, InstallFn, TelemetrySource, ValidateFn, WipeFn, provision_by_claim,
 };
 use gateway_keystore::{DeviceIdentity, KeyStore};
+use gateway_mqtt::{Broker, BrokerTls};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -41,13 +42,9 @@ pub(crate) fn service(
 ) -> Result<impl Future<Output = ()> + Send + 'static, String> {
     let key =
         VendorKey::from_pem_file(&fleet.vendor_public_key).map_err(|e| format!("fleet: {e}"))?;
-    let (host, port) = fleet
-        .broker
-        .host_port()
-        .ok_or_else(|| format!("fleet.broker {}: no host:port", fleet.broker))?;
     let data_dir = settings.node.data_dir.clone();
     let claim = match (&fleet.claim, parts.state.device_id()) {
-        (Some(claim), None) => Some(claim_settings(fleet, claim, keys, &host, port)?),
+        (Some(claim), None) => Some(claim_settings(fleet, claim, keys)?),
         (Some(claim), Some(device)) => {
             // Provisioned, but the claim files survived (a crash right after): finish.
             delete_claim(claim, &device);
@@ -66,13 +63,13 @@ pub(crate) fn service(
     let interval = fleet.telemetry_interval.get();
     // Without a claim the TLS configuration must be buildable now (a configuration error).
     let ready_tls = match claim {
-        None => Some(device_tls.build()?),
+        None => Some(device_tls.build().map_err(|e| e.to_string())?),
         Some(_) => None,
     };
     Ok(async move {
         let mut shutdown = shutdown;
         let mut parts = parts;
-        let (device, tls) = match (claim, ready_tls) {
+        let (device, broker) = match (claim, ready_tls) {
             (Some((claim_settings, claim_files)), _) => {
                 let Some(identity) = identity else { return };
                 let install = installer(data_dir, identity);
@@ -89,23 +86,23 @@ pub(crate) fn service(
                 };
                 delete_claim(&claim_files, &device);
                 match device_tls.build() {
-                    Ok(tls) => (device.as_str().to_owned(), tls),
+                    Ok(broker) => (device.as_str().to_owned(), broker),
                     Err(e) => {
                         error!(error = %e, "provisioned, but the device TLS identity cannot be built: the fleet agent does not run");
                         return;
                     }
                 }
             }
-            (None, Some(tls)) => (
+            (None, Some(broker)) => (
                 parts
                     .state
                     .device_id()
                     .map_or(node_id, |d| d.as_str().to_owned()),
-                tls,
+                broker,
             ),
             (None, None) => return,
         };
-        let mut agent_settings = match AgentSettings::new(&device, host, port, tls) {
+        let mut agent_settings = match AgentSettings::new(&device, broker) {
             Ok(s) => s,
             Err(e) => {
                 error!(error = %e, "the fleet agent does not run");
@@ -127,13 +124,18 @@ pub(crate) fn service(
             agent = agent.with_config_apply();
         }
         if let Some((cmd_id, outcome)) = parts.config_outcome {
+            let outcome = match outcome {
+                Ok(()) => ConfigOutcome::Applied,
+                Err(why) => ConfigOutcome::RolledBack { why },
+            };
             agent = agent.with_config_outcome(cmd_id, outcome);
         }
         agent.run(shutdown).await;
     })
 }
 
-/// Builds the agent's TLS client configuration (or `None` for a development `mqtt://`).
+/// Builds the agent's broker with its TLS client configuration (none for a development
+/// `mqtt://`).
 struct DeviceTls {
     fleet: gateway_config::Fleet,
     data_dir: PathBuf,
@@ -141,17 +143,8 @@ struct DeviceTls {
 }
 
 impl DeviceTls {
-    fn build(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
-        let fleet = &self.fleet;
-        crate::mqtt::BrokerTls {
-            section: "fleet",
-            broker: &fleet.broker,
-            ca_file: fleet.ca_file.as_ref(),
-            client_auth: fleet.client_auth,
-            cert_file: fleet.cert_file.as_ref(),
-            key_file: fleet.key_file.as_ref(),
-        }
-        .client_config(self.identity.clone(), &self.data_dir)
+    fn build(&self) -> Result<Broker, gateway_mqtt::BrokerTlsError> {
+        BrokerTls::fleet(&self.fleet).broker(self.identity.clone(), &self.data_dir)
     }
 }
 
@@ -161,8 +154,6 @@ fn claim_settings(
     fleet: &gateway_config::Fleet,
     claim: &Claim,
     keys: &dyn KeyStore,
-    host: &str,
-    port: u16,
 ) -> Result<(ClaimSettings, Claim), String> {
     let identity = keys.identity().ok_or_else(|| {
         "fleet.claim_cert_file: provisioning by claim needs a key store with a device identity \
@@ -185,14 +176,15 @@ fn claim_settings(
         },
     )
     .map_err(|e| format!("fleet (claim credential): {e}"))?;
+    let broker = BrokerTls::fleet(fleet)
+        .at(Some(tls))
+        .map_err(|e| e.to_string())?;
     let csr_pem =
         gateway_tls::csr_pem(identity, claim_id.as_str()).map_err(|e| format!("fleet: {e}"))?;
     Ok((
         ClaimSettings {
             claim: claim_id,
-            host: host.to_owned(),
-            port,
-            tls,
+            broker,
             csr_pem,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         },
@@ -211,7 +203,7 @@ fn installer(data_dir: PathBuf, identity: Arc<dyn DeviceIdentity>) -> InstallFn 
             Path::new("the provisioning answer"),
             Some(device.as_str()),
         )
-        .map_err(|e| e.to_string())
+        .map_err(CallbackError::new)
     })
 }
 
@@ -235,11 +227,13 @@ fn config_validator(node_id: &str, data_dir: &Path) -> ValidateFn {
     let data_dir = data_dir.to_path_buf();
     Arc::new(move |toml: &str| {
         let settings = Settings::from_toml_str(toml).map_err(|errors| {
-            errors
-                .problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
+            ConfigProblems(
+                errors
+                    .problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            )
         })?;
         let mut problems = Vec::new();
         if settings.node.id.as_str() != node_id {
@@ -256,7 +250,7 @@ fn config_validator(node_id: &str, data_dir: &Path) -> ValidateFn {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems)
+            Err(ConfigProblems(problems))
         }
     })
 }
@@ -276,7 +270,7 @@ mod tests {
         assert!(problems[0].starts_with("dicom.listen: "), "{problems:?}");
         let problems = validate(&NODE.replace("gw-1", "gw-2")).unwrap_err();
         assert_eq!(
-            problems,
+            problems.0,
             ["node.id: cannot change remotely (this gateway is \"gw-1\")"]
         );
         assert!(validate("not toml [").is_err());

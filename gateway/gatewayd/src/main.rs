@@ -13,7 +13,6 @@ mod booking;
 mod cli;
 mod fleet;
 mod logring;
-mod mqtt;
 mod notify;
 mod ops;
 mod run;

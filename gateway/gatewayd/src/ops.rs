@@ -502,7 +502,7 @@ fn keys_action(cmd: &KeysCommand, settings: &Settings) -> Result<String, String>
         }
         KeysCommand::ExchangePublic(_) => {
             let master = master_key(settings)?;
-            Ok(gateway_exchange::ExchangeKey::derive(master.expose())
+            Ok(gateway_exchange::ExchangeKey::derive(&master)
                 .public()
                 .to_base64())
         }

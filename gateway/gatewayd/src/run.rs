@@ -315,7 +315,7 @@ async fn serve(
             let wipe: WipeFn = Arc::new(move || {
                 gateway_keystore::wipe(&backend, &wipe_dir)
                     .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .map_err(gateway_fleet_agent::CallbackError::new)
             });
             let parts = crate::fleet::Parts {
                 state: fleet_state,

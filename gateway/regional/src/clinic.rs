@@ -12,13 +12,12 @@ use gateway_kiosk::appointment::{
     AppointmentRequest, AppointmentView, BookingBackend, BookingRefused,
 };
 use gateway_kiosk::{SlotAnswer, SlotQuery, SlotSource, SlotView};
+use gateway_mqtt::{Flow, Handler, Publisher, Session};
 use jiff::Timestamp;
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::mqtt::{BACKOFF_INITIAL, BACKOFF_MAX, REQUEST_CAPACITY};
 use crate::wire::{
     KIND_CANCEL, KIND_DECISION, KIND_REQUEST, Keys, MAX_SLOTS_BYTES, SlotsMessage, WireCancel,
     WireDecision, WireRequest,
@@ -49,6 +48,8 @@ pub enum ClinicError {
     Io(#[from] gateway_durable::Error),
     #[error("clinic appointments file {0} is unreadable")]
     Corrupt(PathBuf),
+    #[error("booking exchange (clinic): {0}")]
+    Session(#[from] gateway_mqtt::SessionError),
 }
 
 /// The clinic's copy of one appointment (sealed on disk: it names the patient).
@@ -118,7 +119,7 @@ struct State {
 struct Inner {
     settings: ClinicSettings,
     keys: Keys,
-    client: AsyncClient,
+    publisher: Publisher,
     seal: SealKey,
     book_path: PathBuf,
     state: Mutex<State>,
@@ -138,11 +139,18 @@ impl std::fmt::Debug for ClinicExchange {
     }
 }
 
-/// The MQTT event loop of a [`ClinicExchange`]; spawn [`ClinicTask::run`].
-#[allow(missing_debug_implementations)] // rumqttc's EventLoop has no Debug
+/// The MQTT session of a [`ClinicExchange`]; spawn [`ClinicTask::run`].
 pub struct ClinicTask {
     inner: Arc<Inner>,
-    events: EventLoop,
+    session: Session,
+}
+
+impl std::fmt::Debug for ClinicTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClinicTask")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClinicExchange {
@@ -160,12 +168,20 @@ impl ClinicExchange {
                 .map_err(|_| ClinicError::Corrupt(book_path.clone()))?,
             None => BTreeMap::new(),
         };
-        let (client, events) =
-            AsyncClient::new(settings.connection.options(None), REQUEST_CAPACITY);
+        let (me, core) = (&keys.me, &settings.core);
+        let session = Session::new(
+            settings
+                .connection
+                .session("regional clinic")
+                .subscribe(topics::status(core))?
+                .subscribe(format!("{}/{core}/slots/+", topics::PREFIX))?
+                .subscribe(format!("{}/{me}/resp/{core}/+", topics::PREFIX))?,
+        )?;
+        let publisher = session.publisher();
         let inner = Arc::new(Inner {
             settings,
             keys,
-            client,
+            publisher,
             seal,
             book_path,
             state: Mutex::new(State {
@@ -177,7 +193,7 @@ impl ClinicExchange {
             ClinicExchange {
                 inner: Arc::clone(&inner),
             },
-            ClinicTask { inner, events },
+            ClinicTask { inner, session },
         ))
     }
 }
@@ -204,53 +220,31 @@ impl Inner {
 
 impl ClinicTask {
     /// Runs until `shutdown`, reconnecting with backoff.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let inner = Arc::clone(&self.inner);
-        let (me, core) = (inner.keys.me.clone(), inner.settings.core.clone());
-        info!(core = %core, broker = %format!("{}:{}", inner.settings.connection.host, inner.settings.connection.port), "booking exchange (clinic) started");
-        let mut backoff = BACKOFF_INITIAL;
-        loop {
-            let mut retry = None;
-            tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break,
-                event = self.events.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        info!("regional broker connected (clinic)");
-                        backoff = BACKOFF_INITIAL;
-                        inner.lock().connected = true;
-                        for filter in [
-                            topics::status(&core),
-                            format!("{}/{core}/slots/+", topics::PREFIX),
-                            format!("{}/{me}/resp/{core}/+", topics::PREFIX),
-                        ] {
-                            if let Err(e) = inner.client.try_subscribe(filter, QoS::AtLeastOnce) {
-                                warn!(error = %e, "cannot queue a booking subscription");
-                            }
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => inner.on_publish(&p.topic, &p.payload),
-                    Ok(_) => {}
-                    Err(e) => {
-                        inner.lock().connected = false;
-                        warn!(error = %e, retry_in = ?backoff, "regional broker connection failed (clinic)");
-                        retry = Some(backoff);
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
-                },
-            }
-            if let Some(wait) = retry {
-                tokio::select! {
-                    _ = shutdown.wait_for(|s| *s) => break,
-                    () = tokio::time::sleep(wait) => {}
-                }
-            }
-        }
-        let _ = inner.client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while self.events.poll().await.is_ok() {}
-        })
-        .await;
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let inner = self.inner;
+        info!(core = %inner.settings.core, broker = %inner.settings.connection.broker, "booking exchange (clinic) started");
+        self.session
+            .run(&mut Running(Arc::clone(&inner)), shutdown)
+            .await;
         info!("booking exchange (clinic) stopped");
+    }
+}
+
+/// The clinic on its session: keeps the connected flag the slot answers and requests read.
+struct Running(Arc<Inner>);
+
+impl Handler for Running {
+    fn on_connect(&mut self, _out: &Publisher, _session_present: bool) {
+        self.0.lock().connected = true;
+    }
+
+    fn on_message(&mut self, _out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
+        self.0.on_publish(topic, payload);
+        Flow::Continue
+    }
+
+    fn on_connection_lost(&mut self) {
+        self.0.lock().connected = false;
     }
 }
 
@@ -260,7 +254,7 @@ impl Inner {
         if topic == topics::status(core) {
             let online = serde_json::from_slice::<serde_json::Value>(payload)
                 .ok()
-                .is_some_and(|v| v["state"] == "online");
+                .is_some_and(|v| v.get("state").is_some_and(|s| s == "online"));
             self.lock().core_online = online;
             info!(online, "core booking status");
         } else if let Some(schedule) = topics::parse_slots(core, topic) {
@@ -383,8 +377,8 @@ impl Inner {
     ) -> Result<AppointmentView, BookingRefused> {
         let topic = topics::request(&self.settings.core, &self.keys.me, &msg);
         if self
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, sealed)
+            .publisher
+            .publish_waiting(topic, false, sealed)
             .await
             .is_err()
         {

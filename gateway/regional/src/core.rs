@@ -4,12 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_booking::{Appointment, BookingRequest, Decision, Ledger, Refusal, Schedule};
+use gateway_mqtt::{Flow, Handler, Publisher, Session, SessionError, StatusEvent};
 use jiff::Timestamp;
-use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
 use tokio::sync::{Notify, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::mqtt::{BACKOFF_INITIAL, BACKOFF_MAX, REQUEST_CAPACITY};
 use crate::wire::{
     KIND_CANCEL, KIND_DECISION, KIND_REQUEST, Keys, SlotsMessage, WireCancel, WireDecision,
     WireRequest, WireSlot,
@@ -78,80 +77,44 @@ impl CoreExchange {
         self
     }
 
+    /// The core's session: requests subscribed on every connection, retained status with
+    /// the `offline` last will.
+    fn session(&self) -> Result<Session, SessionError> {
+        let me = &self.keys.me;
+        let config = self
+            .connection
+            .session("regional core")
+            .subscribe(format!("{}/{me}/req/+/+", topics::PREFIX))?
+            .status(topics::status(me), status_json("offline"))?;
+        Session::new(config)
+    }
+
     /// Runs until `shutdown`: reconnects with backoff; on shutdown marks the core offline.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let me = self.keys.me.clone();
-        let will = LastWill::new(
-            topics::status(&me),
-            status_json("offline"),
-            QoS::AtLeastOnce,
-            true,
-        );
-        let (client, mut events) =
-            AsyncClient::new(self.connection.options(Some(will)), REQUEST_CAPACITY);
-        info!(broker = %format!("{}:{}", self.connection.host, self.connection.port), schedules = self.schedules.len(), "booking exchange (core) started");
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let session = match self.session() {
+            Ok(session) => session,
+            Err(e) => {
+                error!(error = %e, "booking exchange (core) does not run");
+                return;
+            }
+        };
+        info!(broker = %self.connection.broker, schedules = self.schedules.len(), "booking exchange (core) started");
         let mut tick = tokio::time::interval(self.publish_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut connected = false;
-        let mut backoff = BACKOFF_INITIAL;
-        loop {
-            let mut retry = None;
-            tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break,
-                _ = tick.tick(), if connected => self.publish_all(&client),
-                () = self.changed.notified(), if connected => self.publish_all(&client),
-                event = events.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        info!("regional broker connected (core)");
-                        connected = true;
-                        backoff = BACKOFF_INITIAL;
-                        if let Err(e) = client.try_subscribe(format!("{}/{me}/req/+/+", topics::PREFIX), QoS::AtLeastOnce) {
-                            warn!(error = %e, "cannot queue the request subscription");
-                        }
-                        let _ = client.try_publish(topics::status(&me), QoS::AtLeastOnce, true, status_json("online"));
-                        self.publish_all(&client);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_request(&client, &p.topic, &p.payload),
-                    Ok(_) => {}
-                    Err(e) => {
-                        connected = false;
-                        warn!(error = %e, retry_in = ?backoff, "regional broker connection failed (core)");
-                        retry = Some(backoff);
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
-                },
-            }
-            if let Some(wait) = retry {
-                tokio::select! {
-                    _ = shutdown.wait_for(|s| *s) => break,
-                    () = tokio::time::sleep(wait) => {}
-                }
-            }
-        }
-        if connected {
-            let _ = client.try_publish(
-                topics::status(&me),
-                QoS::AtLeastOnce,
-                true,
-                status_json("offline"),
-            );
-            let _ = client.try_disconnect();
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while events.poll().await.is_ok() {}
-            })
+        session
+            .run(&mut Running { core: self, tick }, shutdown)
             .await;
-        }
         info!("booking exchange (core) stopped");
     }
 
     /// The free slots of every schedule, retained.
-    fn publish_all(&self, client: &AsyncClient) {
+    fn publish_all(&self, client: &Publisher) {
         for schedule in self.schedules.iter() {
             self.publish_schedule(client, schedule);
         }
     }
 
-    fn publish_schedule(&self, client: &AsyncClient, schedule: &Schedule) {
+    fn publish_schedule(&self, client: &Publisher, schedule: &Schedule) {
         let now = Timestamp::now();
         let until = now
             .checked_add(jiff::SignedDuration::from_hours(24 * HORIZON_DAYS))
@@ -175,18 +138,13 @@ impl CoreExchange {
             slots,
         };
         let payload = serde_json::to_vec(&message).unwrap_or_default();
-        if let Err(e) = client.try_publish(
-            topics::slots(&self.keys.me, schedule.id()),
-            QoS::AtLeastOnce,
-            true,
-            payload,
-        ) {
+        if let Err(e) = client.publish(topics::slots(&self.keys.me, schedule.id()), true, payload) {
             warn!(error = %e, "slot publication dropped: request queue full");
         }
     }
 
     /// One sealed request: open, decide (durably), seal the answer back.
-    fn on_request(&self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+    fn on_request(&self, client: &Publisher, topic: &str, payload: &[u8]) {
         let me = &self.keys.me;
         let Some((clinic, msg)) = topics::parse_inbox(me, "req", topic) else {
             debug!(
@@ -275,7 +233,7 @@ impl CoreExchange {
     }
 
     /// A sealed cancel: only the clinic that booked may cancel, at the version it saw.
-    fn on_cancel(&self, client: &AsyncClient, clinic: &str, msg: &str, payload: &[u8]) {
+    fn on_cancel(&self, client: &Publisher, clinic: &str, msg: &str, payload: &[u8]) {
         let cancel: WireCancel = match self
             .keys
             .open(clinic, KIND_CANCEL, msg, payload)
@@ -333,21 +291,51 @@ impl CoreExchange {
     }
 
     /// Seals and sends a decision to `clinic`.
-    fn answer(&self, client: &AsyncClient, clinic: &str, msg: &str, answer: &WireDecision) {
+    fn answer(&self, client: &Publisher, clinic: &str, msg: &str, answer: &WireDecision) {
         let me = &self.keys.me;
         let body = serde_json::to_vec(answer).unwrap_or_default();
         match self.keys.seal(clinic, KIND_DECISION, msg, &body) {
             Ok(sealed) => {
-                if let Err(e) = client.try_publish(
-                    topics::decision(clinic, me, msg),
-                    QoS::AtLeastOnce,
-                    false,
-                    sealed,
-                ) {
+                if let Err(e) = client.publish(topics::decision(clinic, me, msg), false, sealed) {
                     warn!(error = %e, "booking decision dropped: request queue full");
                 }
             }
             Err(e) => warn!(%clinic, error = %e, "booking decision cannot be sealed"),
         }
+    }
+}
+
+/// The core on its session: the slot timer and the ledger's change notifications wake it.
+struct Running {
+    core: CoreExchange,
+    tick: tokio::time::Interval,
+}
+
+impl Handler for Running {
+    fn status(&self, event: StatusEvent) -> Option<Vec<u8>> {
+        Some(match event {
+            StatusEvent::Connected => status_json("online"),
+            StatusEvent::Closing => status_json("offline"),
+        })
+    }
+
+    fn on_connect(&mut self, out: &Publisher, _session_present: bool) {
+        self.core.publish_all(out);
+    }
+
+    fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
+        self.core.on_request(out, topic, payload);
+        Flow::Continue
+    }
+
+    async fn wake(&mut self) {
+        tokio::select! {
+            _ = self.tick.tick() => {}
+            () = self.core.changed.notified() => {}
+        }
+    }
+
+    fn on_wake(&mut self, out: &Publisher) {
+        self.core.publish_all(out);
     }
 }

@@ -41,6 +41,8 @@
 //! broker input; the MQTT event loop never waits on the ledger's disk writes for longer than
 //! one decision.
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 pub mod clinic;
 pub mod core;
 pub mod local;
@@ -52,9 +54,7 @@ pub use mqtt::Connection;
 
 /// True for 1..=64 characters of `[A-Za-z0-9._-]`.
 pub fn valid_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    gateway_id::is_valid(s)
 }
 
 /// A fresh random message id (32 hex digits).

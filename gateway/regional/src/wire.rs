@@ -137,8 +137,8 @@ mod tests {
     use super::*;
 
     fn pair() -> (Keys, Keys) {
-        let a = ExchangeKey::derive(&[1; 32]);
-        let b = ExchangeKey::derive(&[2; 32]);
+        let a = ExchangeKey::from_seed([1; 32]);
+        let b = ExchangeKey::from_seed([2; 32]);
         let (pa, pb) = (a.public(), b.public());
         (
             Keys {
