@@ -1,17 +1,15 @@
 //! The clinic gateway's side: the cache of the core's free slots and the booking client the
-//! kiosk uses ([`gateway_kiosk::SlotSource`] and [`gateway_kiosk::appointment::BookingBackend`]).
+//! kiosk uses ([`gateway_booking::SlotSource`] and [`gateway_booking::BookingBackend`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
-use gateway_booking::{Decision, PatientRef, SealKey};
-use gateway_kiosk::appointment::{
-    AppointmentRequest, AppointmentView, BookingBackend, BookingRefused,
+use gateway_booking::{
+    AppointmentRequest, AppointmentView, BookingBackend, BookingRefused, BoxFuture, Decision,
+    PatientRef, SealKey, SlotAnswer, SlotQuery, SlotSource, SlotView,
 };
-use gateway_kiosk::{SlotAnswer, SlotQuery, SlotSource, SlotView};
 use jiff::Timestamp;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde::{Deserialize, Serialize};
@@ -358,7 +356,7 @@ impl Inner {
                 }
             }
             (_, Decision::Refused { code, reason }) => {
-                Err(crate::refused(code, reason, decision.version))
+                Err(BookingRefused::from_refusal(code, reason, decision.version))
             }
         };
         if let Some(reply) = pending.reply {
@@ -405,7 +403,14 @@ impl Inner {
 }
 
 impl SlotSource for ClinicExchange {
-    fn free_slots(&self, query: &SlotQuery) -> SlotAnswer {
+    fn free_slots(&self, query: &SlotQuery) -> BoxFuture<'static, SlotAnswer> {
+        Box::pin(std::future::ready(self.cached_slots(query)))
+    }
+}
+
+impl ClinicExchange {
+    /// The cached publications matching `query`, and how fresh they are.
+    fn cached_slots(&self, query: &SlotQuery) -> SlotAnswer {
         let inner = &self.inner;
         let state = inner.lock();
         let ge = query
@@ -574,14 +579,16 @@ impl BookingBackend for ClinicExchange {
         })
     }
 
-    fn appointments_of(&self, patient_id: &str) -> Vec<AppointmentView> {
-        self.inner
+    fn appointments_of(&self, patient_id: &str) -> BoxFuture<'static, Vec<AppointmentView>> {
+        let found = self
+            .inner
             .lock()
             .book
             .values()
             .filter(|s| s.patient_id == patient_id)
             .map(|s| s.view(false))
-            .collect()
+            .collect();
+        Box::pin(std::future::ready(found))
     }
 
     fn patient_ref(&self, patient_id: &str) -> String {
