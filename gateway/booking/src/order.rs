@@ -262,7 +262,13 @@ mod tests {
         // Nothing in the text made a new field or segment.
         assert_eq!(seg.len(), 6);
         // The order for the spool: same text, keyed by sender, facility and control id.
-        let order = ris_order(&appointment(), &[schedule.clone()], "core-1", now).unwrap();
+        let order = ris_order(
+            &appointment(),
+            std::slice::from_ref(&schedule),
+            "core-1",
+            now,
+        )
+        .unwrap();
         assert_eq!(order.text, msg);
         assert_eq!(order.key, "GATEWAYD|core-1|OMG-apt-00000007");
         assert_eq!((order.message_type, order.charset), ("OMG^O19", "UTF-8"));
@@ -270,7 +276,7 @@ mod tests {
             status: AppointmentStatus::Pending,
             ..appointment()
         };
-        assert!(ris_order(&held, &[schedule.clone()], "core-1", now).is_none());
+        assert!(ris_order(&held, std::slice::from_ref(&schedule), "core-1", now).is_none());
         assert!(ris_order(&appointment(), &[], "core-1", now).is_none());
         assert_eq!(
             escape("a|b^c~d\\e&f\rg"),
