@@ -109,7 +109,13 @@ pub(crate) async fn start(
                 derived.seal(),
                 Arc::clone(&changed),
             );
-            let to_ris = ris_orders(settings, spool, &schedules)?;
+            let to_ris = match ris_orders(settings, spool, &schedules)? {
+                Some((f, orders)) => {
+                    tasks.push(Box::pin(drain_orders(orders, shutdown.clone())));
+                    Some(f)
+                }
+                None => None,
+            };
             if let Some(f) = &to_ris {
                 local = local.with_on_booked(f.clone());
             }
@@ -199,12 +205,12 @@ pub(crate) async fn start(
 /// HL7 message) by a thread of their own (`booking-orders`), fed by the exchange's
 /// [`gateway_regional::OnBooked`] channel, so no decision waits on the spool's `fsync`.
 /// `None` without an HL7 destination. A repeat of the same booking is the same message key:
-/// stored once.
+/// stored once. The thread ends when every sender is gone (see [`drain_orders`]).
 fn ris_orders(
     settings: &Settings,
     spool: &gateway_spool::Spool,
     schedules: &Arc<Vec<gateway_booking::Schedule>>,
-) -> Result<Option<gateway_regional::OnBooked>, String> {
+) -> Result<Option<(gateway_regional::OnBooked, std::thread::JoinHandle<()>)>, String> {
     if !settings
         .uplinks
         .iter()
@@ -216,7 +222,7 @@ fn ris_orders(
     let schedules = Arc::clone(schedules);
     let facility = settings.node.id.as_str().to_owned();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<gateway_booking::Appointment>();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("booking-orders".into())
         .spawn(move || {
             while let Some(a) = rx.blocking_recv() {
@@ -245,7 +251,25 @@ fn ris_orders(
             }
         })
         .map_err(|e| format!("booking: cannot start the RIS order thread: {e}"))?;
-    Ok(Some(tx))
+    Ok(Some((tx, thread)))
+}
+
+/// How long the drain waits, at shutdown, for the RIS orders already handed over.
+const ORDERS_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// At shutdown, waits (at most [`ORDERS_DRAIN`]) for the `booking-orders` thread to store
+/// the orders already handed over: it ends once the exchange and the kiosk, which hold its
+/// senders, have stopped.
+async fn drain_orders(orders: std::thread::JoinHandle<()>, mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+    let joined = tokio::time::timeout(
+        ORDERS_DRAIN,
+        tokio::task::spawn_blocking(move || orders.join()),
+    )
+    .await;
+    if joined.is_err() {
+        warn!("RIS orders still being stored at shutdown: not waited for");
+    }
 }
 
 /// The core's RIS feed: the HL7 listener's observer channel and the task that applies its
