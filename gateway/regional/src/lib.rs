@@ -23,7 +23,8 @@
 //! Roles:
 //! - [`core::CoreExchange`] on the core: publishes the free slots of every schedule (on
 //!   start, on every change, every `booking.publish_interval`), decides each request with the
-//!   [`gateway_booking::Ledger`] (durable before the answer is sealed and sent) and answers.
+//!   ledger ([`gateway_booking::LedgerHandle`]; durable before the answer is sealed and
+//!   sent) and answers.
 //!   A request that arrives after its `expires_at` is refused without touching the ledger,
 //!   so a clinic that gave up waiting never finds it booked later.
 //! - [`clinic::ClinicExchange`] on a clinic: caches the core's slot publications and serves
