@@ -1,4 +1,9 @@
 //! The core gateway's booking ledger: every request decided once, durably.
+//!
+//! [`Ledger`] is the state and its rules, with blocking file I/O (every change is sealed and
+//! written with `fsync` before the call returns). In the daemon one thread owns it
+//! ([`crate::service::LedgerService`]); everyone else talks to that thread through a
+//! [`crate::service::LedgerHandle`], so no async worker ever waits on its disk.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -187,6 +192,9 @@ pub enum LedgerError {
         from: AppointmentStatus,
         to: AppointmentStatus,
     },
+    /// The ledger service's thread is gone (only at shutdown, or after it panicked).
+    #[error("the booking ledger service has stopped")]
+    Stopped,
 }
 
 /// The core's appointments, in `<data_dir>/booking/ledger.sealed` (sealed: it holds
@@ -196,12 +204,6 @@ pub struct Ledger {
     path: PathBuf,
     key: SealKey,
     state: Mutex<State>,
-}
-
-fn valid_token(s: &str, max: usize) -> bool {
-    (1..=max).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 impl Ledger {
@@ -258,71 +260,72 @@ impl Ledger {
             code,
             reason: reason.to_string(),
         };
-        let decision = if !valid_token(&req.request_id, 64) || !valid_token(&req.clinic, 64) {
-            refuse(
-                Refusal::Invalid,
-                "request and clinic ids are 1-64 of A-Z a-z 0-9 - _ .",
-            )
-        } else if let Some((schedule, slot)) = schedules
-            .iter()
-            .find_map(|s| s.slot(&req.slot_id).map(|slot| (s, slot)))
-        {
-            if slot.start_ts <= now {
-                refuse(Refusal::Expired, "the slot has already begun")
-            } else if state.blocks.values().any(|b| b.overlaps(schedule, &slot)) {
+        let decision =
+            if !gateway_id::is_valid(&req.request_id) || !gateway_id::is_valid(&req.clinic) {
                 refuse(
-                    Refusal::Conflict,
-                    "the slot is taken by the hospital's own schedule",
+                    Refusal::Invalid,
+                    "request and clinic ids are 1-64 of A-Z a-z 0-9 - _ .",
                 )
-            } else if state
-                .appointments
-                .values()
-                .any(|a| a.slot_id == slot.id && a.status.holds_slot())
+            } else if let Some((schedule, slot)) = schedules
+                .iter()
+                .find_map(|s| s.slot(&req.slot_id).map(|slot| (s, slot)))
             {
-                refuse(Refusal::Conflict, "the slot was booked by another request")
-            } else {
-                state.next_number += 1;
-                let number = state.next_number;
-                let id = format!("apt-{number:08}");
-                // RB + local date of the slot + ledger number: 16 characters (DICOM SH).
-                let date = slot
-                    .id
-                    .get(slot.id.len().saturating_sub(13)..)
-                    .and_then(|stamp| stamp.get(..8))
-                    .unwrap_or("00000000");
-                let accession = format!("RB{date}{number:06}");
-                let status = if req.hold {
-                    AppointmentStatus::Pending
+                if slot.start_ts <= now {
+                    refuse(Refusal::Expired, "the slot has already begun")
+                } else if state.blocks.values().any(|b| b.overlaps(schedule, &slot)) {
+                    refuse(
+                        Refusal::Conflict,
+                        "the slot is taken by the hospital's own schedule",
+                    )
+                } else if state
+                    .appointments
+                    .values()
+                    .any(|a| a.slot_id == slot.id && a.status.holds_slot())
+                {
+                    refuse(Refusal::Conflict, "the slot was booked by another request")
                 } else {
-                    AppointmentStatus::Booked
-                };
-                state.appointments.insert(
-                    id.clone(),
-                    Appointment {
-                        id: id.clone(),
-                        slot_id: slot.id.clone(),
-                        schedule: schedule.id().to_string(),
-                        start: slot.start.clone(),
-                        end: slot.end.clone(),
-                        clinic: req.clinic.clone(),
-                        request_id: req.request_id.clone(),
-                        patient: req.patient.clone(),
-                        procedure: req.procedure.chars().take(64).collect(),
-                        accession: accession.clone(),
+                    state.next_number += 1;
+                    let number = state.next_number;
+                    let id = format!("apt-{number:08}");
+                    // RB + local date of the slot + ledger number: 16 characters (DICOM SH).
+                    let date = slot
+                        .id
+                        .get(slot.id.len().saturating_sub(13)..)
+                        .and_then(|stamp| stamp.get(..8))
+                        .unwrap_or("00000000");
+                    let accession = format!("RB{date}{number:06}");
+                    let status = if req.hold {
+                        AppointmentStatus::Pending
+                    } else {
+                        AppointmentStatus::Booked
+                    };
+                    state.appointments.insert(
+                        id.clone(),
+                        Appointment {
+                            id: id.clone(),
+                            slot_id: slot.id.clone(),
+                            schedule: schedule.id().to_string(),
+                            start: slot.start.clone(),
+                            end: slot.end.clone(),
+                            clinic: req.clinic.clone(),
+                            request_id: req.request_id.clone(),
+                            patient: req.patient.clone(),
+                            procedure: req.procedure.chars().take(64).collect(),
+                            accession: accession.clone(),
+                            status,
+                            hold_expires_unix: req.hold.then(|| now.as_second() + hold_for_secs),
+                            version: 1,
+                        },
+                    );
+                    Decision::Booked {
+                        appointment_id: id,
+                        accession,
                         status,
-                        hold_expires_unix: req.hold.then(|| now.as_second() + hold_for_secs),
-                        version: 1,
-                    },
-                );
-                Decision::Booked {
-                    appointment_id: id,
-                    accession,
-                    status,
+                    }
                 }
-            }
-        } else {
-            refuse(Refusal::NotFound, "no schedule has that slot")
-        };
+            } else {
+                refuse(Refusal::NotFound, "no schedule has that slot")
+            };
         state.decisions.insert(key, decision.clone());
         self.save(&state)?;
         Ok(decision)
@@ -544,7 +547,11 @@ mod tests {
     #[test]
     fn one_request_wins_a_slot_and_retries_get_the_same_answer() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            SealKey::derive(&gateway_keystore::MasterKey::from_bytes([9; 32])),
+        )
+        .unwrap();
         let s = schedules();
         let slot = "ct-1.20270112T1000";
         let a = ledger
@@ -575,7 +582,11 @@ mod tests {
         );
         // Retries, also after a restart: same answers, nothing booked twice.
         drop(ledger);
-        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            SealKey::derive(&gateway_keystore::MasterKey::from_bytes([9; 32])),
+        )
+        .unwrap();
         assert_eq!(
             ledger
                 .decide(&req("clinic-a", "r1", slot, false), &s, now(), 300)
@@ -598,7 +609,11 @@ mod tests {
     #[test]
     fn unknown_past_and_malformed_requests_are_refused_and_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            SealKey::derive(&gateway_keystore::MasterKey::from_bytes([9; 32])),
+        )
+        .unwrap();
         let s = schedules();
         let cases = [
             (
@@ -638,7 +653,11 @@ mod tests {
     #[test]
     fn a_hold_expires_or_is_confirmed_by_book_with_the_same_id() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            SealKey::derive(&gateway_keystore::MasterKey::from_bytes([9; 32])),
+        )
+        .unwrap();
         let s = schedules();
         let slot = "ct-1.20270112T1100";
         let held = ledger
@@ -708,7 +727,11 @@ mod tests {
     #[test]
     fn free_slots_leave_out_the_past_and_every_live_appointment() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            SealKey::derive(&gateway_keystore::MasterKey::from_bytes([9; 32])),
+        )
+        .unwrap();
         let s = schedules();
         let now: Timestamp = "2027-01-12T01:10:00Z".parse().unwrap(); // 10:10 in Tokyo
         let day_end: Timestamp = "2027-01-12T09:00:00Z".parse().unwrap();
@@ -741,7 +764,11 @@ mod tests {
     #[test]
     fn status_changes_follow_the_fhir_workflow() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            SealKey::derive(&gateway_keystore::MasterKey::from_bytes([9; 32])),
+        )
+        .unwrap();
         let d = ledger
             .decide(
                 &req("a", "r1", "ct-1.20270112T1000", false),
@@ -789,7 +816,11 @@ mod cancel_tests {
     #[test]
     fn cancel_checks_owner_and_version_frees_the_slot_and_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            SealKey::derive(&gateway_keystore::MasterKey::from_bytes([9; 32])),
+        )
+        .unwrap();
         let schedules = vec![
             Schedule::new(&ScheduleSpec {
                 id: "ct-1".into(),
@@ -852,7 +883,11 @@ mod block_tests {
     #[test]
     fn a_hospital_block_hides_overlapping_slots_and_refuses_them_until_freed() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            SealKey::derive(&gateway_keystore::MasterKey::from_bytes([9; 32])),
+        )
+        .unwrap();
         let ct = Schedule::new(&ScheduleSpec {
             id: "ct-1".into(),
             modality: "CT".into(),
@@ -904,7 +939,11 @@ mod block_tests {
         ));
         // Survives a reopen; freed by unblock.
         drop(ledger);
-        let ledger = Ledger::open(dir.path(), SealKey::derive(&[9; 32])).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            SealKey::derive(&gateway_keystore::MasterKey::from_bytes([9; 32])),
+        )
+        .unwrap();
         assert_eq!(ledger.free_slots(&ct, now, day_end, now).len(), before - 2);
         assert!(ledger.unblock("ris|A1").unwrap());
         assert!(!ledger.unblock("ris|A1").unwrap());

@@ -1,5 +1,7 @@
 //! Regional exam booking, without I/O beyond the core's ledger file: schedules and their
-//! slots, and the core gateway's ledger that decides every booking request.
+//! slots, and the core gateway's ledger that decides every booking request. This is the
+//! domain: the kiosk (HTTP) and the regional exchange (MQTT) both depend on it, never the
+//! other way round.
 //!
 //! - [`schedule`]: a scanner's opening hours in its time zone (Asia/Tokyo by default),
 //!   slot length and holidays; the slots of a day with stable ids
@@ -9,7 +11,13 @@
 //!   exactly one request, and the decision is on disk before it is returned. Appointment
 //!   states follow FHIR R4 (`proposed -> pending -> booked -> cancelled | fulfilled |
 //!   noshow`); a hold (`pending`) keeps its slot until it expires.
-//! - [`order`]: the OMG^O19 a booked exam becomes for the core's RIS.
+//! - [`service`]: the ledger as a service: one thread (`booking-ledger`) owns the
+//!   [`Ledger`] and does its file work; everyone else holds a cloneable [`LedgerHandle`] and
+//!   awaits typed requests over a channel, so no async worker waits on the ledger's `fsync`.
+//! - [`backend`]: what a kiosk asks of the domain ([`SlotSource`], [`BookingBackend`]) and
+//!   the answers ([`SlotAnswer`], [`AppointmentView`], [`BookingRefused`], ...).
+//! - [`order`]: the OMG^O19 a booked exam becomes for the core's RIS, and its spool message
+//!   key ([`order::ris_order`]).
 //! - [`sealed`]: booking files at rest, sealed with AES-256-GCM under a key derived from the
 //!   key store's master key (they hold patient identity).
 //! - [`worklist`]: Modality Worklist items of booked appointments and the C-FIND matching
@@ -18,16 +26,23 @@
 //! Invariants: no panic on any input (ids and times come from the network); the ledger
 //! never holds two live appointments for one slot; a refusal changes nothing.
 
+pub mod backend;
 pub mod ledger;
 pub mod order;
 pub mod schedule;
 pub mod sealed;
+pub mod service;
 pub mod worklist;
 
+pub use backend::{
+    AppointmentRequest, AppointmentView, BookingBackend, BookingRefused, BoxFuture, SlotAnswer,
+    SlotQuery, SlotSource, SlotView,
+};
 pub use ledger::{
     Appointment, AppointmentStatus, Block, BookingRequest, Decision, Ledger, LedgerError,
     PatientRef, Refusal,
 };
 pub use schedule::{Schedule, ScheduleProblem, ScheduleSpec, Slot};
 pub use sealed::SealKey;
+pub use service::{LedgerHandle, LedgerService};
 pub use worklist::{WorklistItem, WorklistQuery};

@@ -152,6 +152,46 @@ pub fn omg_o19(
     out
 }
 
+/// The OMG^O19 of a booked appointment as it goes into the spool for the RIS, with the
+/// message key that makes a repeat of the same booking one stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RisOrder {
+    /// Spool message key: `GATEWAYD|{facility}|{control id}` (MSH-3, MSH-4, MSH-10).
+    pub key: String,
+    /// MSH-10: `OMG-{appointment id}`.
+    pub control_id: String,
+    /// `OMG^O19`.
+    pub message_type: &'static str,
+    /// `UTF-8` (MSH-18 `UNICODE UTF-8`).
+    pub charset: &'static str,
+    /// The message, segments separated by CR.
+    pub text: String,
+}
+
+/// The order for the RIS of a booked appointment on one of `schedules` (`facility`: this
+/// gateway's node id, MSH-4 and MSH-6); `None` unless the appointment is `booked` and its
+/// schedule is known.
+pub fn ris_order(
+    a: &Appointment,
+    schedules: &[Schedule],
+    facility: &str,
+    now: Timestamp,
+) -> Option<RisOrder> {
+    if a.status != crate::ledger::AppointmentStatus::Booked {
+        return None;
+    }
+    let schedule = schedules.iter().find(|s| s.id() == a.schedule)?;
+    let control_id = format!("OMG-{}", a.id);
+    let text = omg_o19(a, schedule, facility, &control_id, now);
+    Some(RisOrder {
+        key: format!("GATEWAYD|{facility}|{control_id}"),
+        control_id,
+        message_type: "OMG^O19",
+        charset: "UTF-8",
+        text,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +261,23 @@ mod tests {
         assert_eq!(fields(seg[3])[7], "20270112093000");
         // Nothing in the text made a new field or segment.
         assert_eq!(seg.len(), 6);
+        // The order for the spool: same text, keyed by sender, facility and control id.
+        let order = ris_order(
+            &appointment(),
+            std::slice::from_ref(&schedule),
+            "core-1",
+            now,
+        )
+        .unwrap();
+        assert_eq!(order.text, msg);
+        assert_eq!(order.key, "GATEWAYD|core-1|OMG-apt-00000007");
+        assert_eq!((order.message_type, order.charset), ("OMG^O19", "UTF-8"));
+        let held = Appointment {
+            status: AppointmentStatus::Pending,
+            ..appointment()
+        };
+        assert!(ris_order(&held, std::slice::from_ref(&schedule), "core-1", now).is_none());
+        assert!(ris_order(&appointment(), &[], "core-1", now).is_none());
         assert_eq!(
             escape("a|b^c~d\\e&f\rg"),
             "a\\F\\b\\S\\c\\R\\d\\E\\e\\T\\f g"

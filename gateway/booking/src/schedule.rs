@@ -83,11 +83,13 @@ fn problem(field: &str, problem: impl Into<String>) -> ScheduleProblem {
     }
 }
 
+/// A schedule id: a topic-safe id ([`gateway_id::is_valid`]) and, stricter, 1..=32 bytes
+/// without `.`. It differs from the general rule on purpose: a slot id is
+/// `{schedule}.{YYYYMMDDTHHMM}`, which must split into its schedule and its time in one way
+/// only (so the schedule part holds no `.`) and must itself stay a topic-safe id of at most
+/// 64 bytes (32 + 1 + 13 fits).
 fn valid_id(id: &str) -> bool {
-    (1..=32).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    gateway_id::is_valid(id) && id.len() <= 32 && !id.contains('.')
 }
 
 fn day_index(day: Weekday) -> usize {

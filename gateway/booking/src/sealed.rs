@@ -11,6 +11,7 @@ use std::path::Path;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
+use gateway_keystore::{KeyPurpose, MasterKey};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
@@ -39,14 +40,11 @@ pub enum SealError {
 }
 
 impl SealKey {
-    /// Derives the key from the spool master key.
-    pub fn derive(master: &[u8]) -> Self {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(master)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-        mac.update(b"gatewayd booking at-rest key v1");
-        let mut key = Zeroizing::new([0u8; 32]);
-        key.copy_from_slice(&mac.finalize().into_bytes());
-        Self(key)
+    /// Derives the key from the spool master key ([`KeyPurpose::BookingAtRest`]).
+    pub fn derive(master: &MasterKey) -> Self {
+        Self(Zeroizing::new(
+            *master.derive(KeyPurpose::BookingAtRest).expose(),
+        ))
     }
 
     /// An opaque, stable reference to a patient for the audit trail: a keyed MAC of the
@@ -119,7 +117,7 @@ mod tests {
     fn round_trip_and_every_tamper_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.sealed");
-        let key = SealKey::derive(&[1; 32]);
+        let key = SealKey::derive(&MasterKey::from_bytes([1; 32]));
         assert!(key.read(&path, "ledger").unwrap().is_none());
         key.write(&path, "ledger", b"YAMADA^TARO").unwrap();
         let raw = std::fs::read(&path).unwrap();
@@ -129,7 +127,11 @@ mod tests {
             b"YAMADA^TARO"
         );
         assert!(key.read(&path, "clinic").is_err());
-        assert!(SealKey::derive(&[2; 32]).read(&path, "ledger").is_err());
+        assert!(
+            SealKey::derive(&MasterKey::from_bytes([2; 32]))
+                .read(&path, "ledger")
+                .is_err()
+        );
         let mut flipped = raw.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;

@@ -380,7 +380,11 @@ mod tests {
         use crate::ledger::{BookingRequest, Decision, Ledger, PatientRef};
         use crate::schedule::{Schedule, ScheduleSpec};
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), crate::sealed::SealKey::derive(&[9; 32])).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            crate::sealed::SealKey::derive(&gateway_keystore::MasterKey::from_bytes([9; 32])),
+        )
+        .unwrap();
         let s = Schedule::new(&ScheduleSpec {
             id: "ct-1".into(),
             modality: "CT".into(),

@@ -676,11 +676,11 @@ impl Handler for FleetAgent {
         })
     }
 
-    fn on_connect(&mut self, out: &Publisher, _session_present: bool) {
+    async fn on_connect(&mut self, out: &Publisher, _session_present: bool) {
         self.on_connected(out);
     }
 
-    fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
+    async fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
         self.on_publish(out, topic, payload);
         Flow::Continue
     }
@@ -694,7 +694,7 @@ impl Handler for FleetAgent {
         }
     }
 
-    fn on_wake(&mut self, out: &Publisher) {
+    async fn on_wake(&mut self, out: &Publisher) {
         self.publish_telemetry(out);
     }
 }

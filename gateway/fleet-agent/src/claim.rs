@@ -103,7 +103,7 @@ struct Claim<'a> {
 }
 
 impl Handler for Claim<'_> {
-    fn on_connect(&mut self, out: &Publisher, _session_present: bool) {
+    async fn on_connect(&mut self, out: &Publisher, _session_present: bool) {
         info!("fleet broker connected with the claim credential: publishing the CSR");
         let settings = self.settings;
         let csr = CsrMessage {
@@ -116,7 +116,7 @@ impl Handler for Claim<'_> {
         publish(out, csr_topic(&settings.claim), true, csr.to_json());
     }
 
-    fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
+    async fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
         self.provisioned = on_publish(
             out,
             self.settings,

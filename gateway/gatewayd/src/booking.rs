@@ -12,11 +12,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use gateway_audit::{AuditKey, AuditLog};
-use gateway_booking::{Ledger, SealKey};
+use gateway_booking::{BookingBackend, SlotSource};
+use gateway_booking::{Ledger, LedgerHandle, LedgerService, SealKey};
 use gateway_config::{Booking, Exchange, Role, Settings};
 use gateway_exchange::{ExchangeKey, PeerKey};
-use gateway_kiosk::appointment::BookingBackend;
-use gateway_kiosk::{Kiosk, SlotSource};
+use gateway_keystore::MasterKey;
+use gateway_kiosk::Kiosk;
 use gateway_regional::Connection;
 use gateway_regional::clinic::{ClinicExchange, ClinicSettings};
 use gateway_regional::core::CoreExchange;
@@ -29,12 +30,12 @@ use tracing::{error, info, warn};
 /// A task of the booking service.
 pub(crate) type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
-/// Keys derived from the master key (kept as the master key, zeroed on drop).
-pub(crate) struct Derived(gateway_keystore::MasterKey);
+/// Keys derived from the master key (kept as a copy of the master key, zeroed on drop).
+pub(crate) struct Derived(MasterKey);
 
 impl Derived {
     pub(crate) fn new(master: &[u8; gateway_keystore::KEY_LEN]) -> Self {
-        Self(gateway_keystore::MasterKey::from_bytes(*master))
+        Self(MasterKey::from_bytes(*master))
     }
 
     fn staff(&self) -> StaffKey {
@@ -46,7 +47,7 @@ impl Derived {
     }
 
     fn seal(&self) -> SealKey {
-        SealKey::derive(self.0.expose())
+        SealKey::derive(&self.0)
     }
 
     fn exchange(&self) -> ExchangeKey {
@@ -61,10 +62,10 @@ pub(crate) struct Started {
     pub core: Option<CoreParts>,
 }
 
-/// The core's ledger and schedules; `changed` makes the exchange republish the slots.
+/// The core's ledger (a handle on its service thread); `changed` makes the exchange
+/// republish the slots.
 pub(crate) struct CoreParts {
-    pub ledger: Arc<Ledger>,
-    pub schedules: Arc<Vec<gateway_booking::Schedule>>,
+    pub ledger: LedgerHandle,
     pub changed: Arc<Notify>,
 }
 
@@ -94,34 +95,40 @@ pub(crate) async fn start(
     let (slots, backend): (Arc<dyn SlotSource>, Arc<dyn BookingBackend>) = match settings.node.role
     {
         Role::Core => {
-            let ledger = Arc::new(
-                Ledger::open(&booking_dir, derived.seal()).map_err(|e| format!("booking: {e}"))?,
-            );
+            let ledger =
+                Ledger::open(&booking_dir, derived.seal()).map_err(|e| format!("booking: {e}"))?;
             let schedules = Arc::new(booking.schedules.clone());
+            let (service, ledger) = LedgerService::new(ledger, Arc::clone(&schedules));
+            service
+                .spawn()
+                .map_err(|e| format!("booking: cannot start the ledger thread: {e}"))?;
             let changed = Arc::new(Notify::new());
             let mut local = LocalCore::new(
                 me.clone(),
-                Arc::clone(&ledger),
-                Arc::clone(&schedules),
+                ledger.clone(),
                 derived.seal(),
                 Arc::clone(&changed),
             );
-            let to_ris = ris_orders(settings, spool, &schedules);
+            let to_ris = match ris_orders(settings, spool, &schedules)? {
+                Some((f, orders)) => {
+                    tasks.push(Box::pin(drain_orders(orders, shutdown.clone())));
+                    Some(f)
+                }
+                None => None,
+            };
             if let Some(f) = &to_ris {
-                local = local.with_on_booked(Arc::clone(f));
+                local = local.with_on_booked(f.clone());
             }
             let local = Arc::new(local);
             core_parts = Some(CoreParts {
-                ledger: Arc::clone(&ledger),
-                schedules: Arc::clone(&schedules),
+                ledger: ledger.clone(),
                 changed: Arc::clone(&changed),
             });
             if let Some(x) = exchange {
                 let core = CoreExchange::new(
                     connection(&me, x, identity.clone(), data_dir)?,
                     Arc::new(keys(&me, x, derived)?),
-                    Arc::clone(&ledger),
-                    Arc::clone(&schedules),
+                    ledger,
                     booking.publish_interval.get(),
                     changed,
                 );
@@ -193,54 +200,84 @@ pub(crate) async fn start(
     })
 }
 
-/// Booked exams as OMG^O19 to the RIS: stored in the spool as HL7 messages (durable, and
-/// forwarded by every `mllp-tls` uplink like any other HL7 message). `None` without an HL7
-/// destination. A repeat of the same booking is the same message key: stored once.
+/// Booked exams as OMG^O19 to the RIS (`gateway_booking::order::ris_order`): stored in the
+/// spool as HL7 messages (durable, and forwarded by every `mllp-tls` uplink like any other
+/// HL7 message) by a thread of their own (`booking-orders`), fed by the exchange's
+/// [`gateway_regional::OnBooked`] channel, so no decision waits on the spool's `fsync`.
+/// `None` without an HL7 destination. A repeat of the same booking is the same message key:
+/// stored once. The thread ends when every sender is gone (see [`drain_orders`]).
 fn ris_orders(
     settings: &Settings,
     spool: &gateway_spool::Spool,
     schedules: &Arc<Vec<gateway_booking::Schedule>>,
-) -> Option<gateway_regional::core::OnBooked> {
+) -> Result<Option<(gateway_regional::OnBooked, std::thread::JoinHandle<()>)>, String> {
     if !settings
         .uplinks
         .iter()
         .any(|u| u.kind == gateway_config::UplinkKind::MllpTls)
     {
-        return None;
+        return Ok(None);
     }
     let spool = spool.clone();
     let schedules = Arc::clone(schedules);
     let facility = settings.node.id.as_str().to_owned();
-    Some(Arc::new(move |a: &gateway_booking::Appointment| {
-        if a.status != gateway_booking::AppointmentStatus::Booked {
-            return;
-        }
-        let Some(schedule) = schedules.iter().find(|s| s.id() == a.schedule) else {
-            return;
-        };
-        let control_id = format!("OMG-{}", a.id);
-        let text = gateway_booking::order::omg_o19(
-            a,
-            schedule,
-            &facility,
-            &control_id,
-            jiff::Timestamp::now(),
-        );
-        let item = gateway_spool::MessageIn {
-            key: format!("GATEWAYD|{facility}|{control_id}"),
-            message_type: "OMG^O19".into(),
-            charset: "UTF-8".into(),
-            source: "booking".into(),
-            bytes: text.into_bytes(),
-        };
-        match spool.store_messages(std::slice::from_ref(&item)).pop() {
-            Some(Ok(_)) => info!(appointment = %a.id, "OMG^O19 for the RIS stored"),
-            Some(Err(e)) => {
-                error!(appointment = %a.id, error = %e, "OMG^O19 for the RIS could not be stored")
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<gateway_booking::Appointment>();
+    let thread = std::thread::Builder::new()
+        .name("booking-orders".into())
+        .spawn(move || {
+            while let Some(a) = rx.blocking_recv() {
+                let Some(order) = gateway_booking::order::ris_order(
+                    &a,
+                    &schedules,
+                    &facility,
+                    jiff::Timestamp::now(),
+                ) else {
+                    continue;
+                };
+                let item = gateway_spool::MessageIn {
+                    key: order.key,
+                    message_type: order.message_type.into(),
+                    charset: order.charset.into(),
+                    source: "booking".into(),
+                    bytes: order.text.into_bytes(),
+                };
+                match spool.store_messages(std::slice::from_ref(&item)).pop() {
+                    Some(Ok(_)) => info!(appointment = %a.id, "OMG^O19 for the RIS stored"),
+                    Some(Err(e)) => {
+                        error!(appointment = %a.id, error = %e, "OMG^O19 for the RIS could not be stored")
+                    }
+                    None => {}
+                }
             }
-            None => {}
-        }
-    }))
+        })
+        .map_err(|e| format!("booking: cannot start the RIS order thread: {e}"))?;
+    Ok(Some((tx, thread)))
+}
+
+/// How long the drain waits, at shutdown, for the RIS orders already handed over.
+const ORDERS_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// At shutdown, waits (at most [`ORDERS_DRAIN`]) for the `booking-orders` thread to store
+/// the orders already handed over: it ends once the exchange and the kiosk, which hold its
+/// senders, have stopped.
+async fn drain_orders(orders: std::thread::JoinHandle<()>, mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+    let joined = tokio::time::timeout(
+        ORDERS_DRAIN,
+        tokio::task::spawn_blocking(move || orders.join()),
+    )
+    .await;
+    if joined.is_err() {
+        warn!("RIS orders still being stored at shutdown: not waited for");
+    }
+}
+
+/// The core's RIS feed: the HL7 listener's observer channel and the task that applies its
+/// SIU messages to the ledger (`gateway_regional::ris::run`). The listener never waits on it.
+pub(crate) fn ris_observer(core: &CoreParts) -> (gateway_mllp::Observer, Task) {
+    let (observer, observed) = gateway_mllp::Observer::channel(gateway_mllp::OBSERVER_QUEUE);
+    let task = gateway_regional::ris::run(observed, core.ledger.clone(), Arc::clone(&core.changed));
+    (observer, Box::pin(task))
 }
 
 /// The kiosk's TLS: the configured files, or (development only) a self-signed certificate.
@@ -297,29 +334,34 @@ fn connection(
 }
 
 /// The core's worklist: its booked appointments as Scheduled Procedure Steps, read from the
-/// ledger at each C-FIND (`items` runs on a blocking thread).
+/// ledger at each C-FIND (`items` runs on a blocking thread, so it waits on the ledger's
+/// thread with a blocking call).
 #[derive(Debug)]
 pub(crate) struct LedgerWorklist {
-    ledger: Arc<Ledger>,
-    schedules: Arc<Vec<gateway_booking::Schedule>>,
+    ledger: LedgerHandle,
 }
 
 impl LedgerWorklist {
     pub(crate) fn new(core: &CoreParts) -> Self {
         Self {
-            ledger: Arc::clone(&core.ledger),
-            schedules: Arc::clone(&core.schedules),
+            ledger: core.ledger.clone(),
         }
     }
 }
 
 impl gateway_dicom::WorklistSource for LedgerWorklist {
     fn items(&self) -> Vec<gateway_booking::WorklistItem> {
-        self.ledger
-            .live(jiff::Timestamp::now())
-            .iter()
+        let live = match self.ledger.live_blocking(jiff::Timestamp::now()) {
+            Ok(live) => live,
+            Err(e) => {
+                warn!(error = %e, "booking ledger cannot list the worklist");
+                return Vec::new();
+            }
+        };
+        let schedules = self.ledger.schedules();
+        live.iter()
             .filter_map(|a| {
-                let s = self.schedules.iter().find(|s| s.id() == a.schedule)?;
+                let s = schedules.iter().find(|s| s.id() == a.schedule)?;
                 gateway_booking::WorklistItem::from_appointment(a, s.modality(), s.station_ae())
             })
             .collect()

@@ -240,11 +240,9 @@ async fn serve(
             .map_err(|e| e.to_string())?
             .with_disabled(disabled.clone());
         if let Some(core) = core {
-            service = service.with_observer(gateway_regional::ris::observer(
-                Arc::clone(&core.ledger),
-                Arc::clone(&core.schedules),
-                Arc::clone(&core.changed),
-            ));
+            let (observer, task) = crate::booking::ris_observer(core);
+            services.spawn(task);
+            service = service.with_observer(observer);
         }
         services.spawn(service.run(shutdown.clone()));
     }

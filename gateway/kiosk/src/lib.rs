@@ -21,7 +21,13 @@
 //!
 //! Module map: [`session`] (tokens, cookie, expiry), [`tls`] (rustls listener for
 //! `axum::serve`, the development self-signed certificate), [`appointment`] (requests,
-//! resources, the [`appointment::BookingBackend`]), `openapi` (the document).
+//! resources, the [`appointment::BookingBackend`]), `openapi` (the document). The slot and
+//! appointment types and the [`SlotSource`] / [`appointment::BookingBackend`] traits belong
+//! to the booking domain (`gateway-booking`) and are re-exported here.
+
+// Handlers read network input: no indexing or string slicing that could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+#![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
 pub mod appointment;
 mod openapi;
@@ -41,44 +47,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use gateway_audit::{Action, AuditLog, Event, Outcome};
 use gateway_staff::{LoginError, Role, Staff};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::warn;
 
 use session::{Sessions, Staffer};
 
-/// Free slots as the clinic knows them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SlotView {
-    pub id: String,
-    pub schedule: String,
-    pub start: String,
-    pub end: String,
-}
-
-/// The slots answer and how fresh it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotAnswer {
-    pub slots: Vec<SlotView>,
-    /// When the core last published them (Unix seconds).
-    pub as_of_unix: u64,
-    /// True when the core has not refreshed them recently (WAN down).
-    pub stale: bool,
-}
-
-/// A `GET /fhir/Slot` search.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SlotQuery {
-    pub schedule: Option<String>,
-    /// RFC 3339 lower (inclusive) and upper (exclusive) bounds on the start.
-    pub start_ge: Option<String>,
-    pub start_lt: Option<String>,
-}
-
-/// Where the kiosk gets free slots from (the clinic's cache of the core's publications).
-pub trait SlotSource: Send + Sync + std::fmt::Debug {
-    fn free_slots(&self, query: &SlotQuery) -> SlotAnswer;
-}
+pub use gateway_booking::backend::{SlotAnswer, SlotQuery, SlotSource, SlotView};
 
 /// Everything the handlers share.
 #[derive(Debug, Clone)]
@@ -476,7 +451,7 @@ async fn slots(
             return bad();
         }
     }
-    let answer = kiosk.slots.free_slots(&query);
+    let answer = kiosk.slots.free_slots(&query).await;
     let entries: Vec<Value> = answer
         .slots
         .iter()
@@ -492,9 +467,14 @@ async fn slots(
         })
         .collect();
     let mut meta = json!({"lastUpdated": unix_to_rfc3339(answer.as_of_unix)});
-    if answer.stale {
-        meta["tag"] = json!([{"system": "urn:gatewayd:kiosk", "code": "stale",
-            "display": "the core hospital has not confirmed these recently"}]);
+    if answer.stale
+        && let Some(meta) = meta.as_object_mut()
+    {
+        meta.insert(
+            "tag".into(),
+            json!([{"system": "urn:gatewayd:kiosk", "code": "stale",
+                "display": "the core hospital has not confirmed these recently"}]),
+        );
     }
     let body = json!({
         "resourceType": "Bundle",
@@ -553,7 +533,9 @@ async fn request_appointment(
     };
     let req = match appointment::parse_request(&body, hold, &who.0.name) {
         Ok(r) => r,
-        Err(problem) => return outcome(StatusCode::BAD_REQUEST, "invalid", &problem),
+        Err(problem) => {
+            return outcome(StatusCode::BAD_REQUEST, "invalid", &problem.to_string());
+        }
     };
     let subject = Some(kiosk.booking.patient_ref(&req.patient_id));
     let action = if hold {
@@ -613,11 +595,7 @@ async fn cancel(
     axum::extract::Path(id): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !(1..=64).contains(&id.len())
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
+    if !gateway_id::is_valid(&id) {
         return outcome(StatusCode::NOT_FOUND, "not-found", "no such appointment");
     }
     let Some(if_match) = headers
@@ -666,12 +644,8 @@ async fn appointments(
     who: Authenticated,
     params: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let patient = match params {
-        Ok(Query(pairs))
-            if pairs.len() == 1 && pairs[0].0 == "patient" && !pairs[0].1.is_empty() =>
-        {
-            pairs[0].1.clone()
-        }
+    let patient = match params.as_ref().map(|Query(pairs)| pairs.as_slice()) {
+        Ok([(key, value)]) if key == "patient" && !value.is_empty() => value.clone(),
         _ => {
             return outcome(
                 StatusCode::BAD_REQUEST,
@@ -690,6 +664,7 @@ async fn appointments(
     let entries: Vec<Value> = kiosk
         .booking
         .appointments_of(&patient)
+        .await
         .iter()
         .map(|a| json!({"resource": appointment::resource(a)}))
         .collect();

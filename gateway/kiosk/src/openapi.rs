@@ -2,7 +2,9 @@
 
 use serde_json::{Value, json};
 
-/// A request id or slot id (`appointment::parse_request`): 1-64 of `A-Z a-z 0-9 - _ .`.
+/// A request, slot or appointment id: the topic-safe id of `gateway_id::is_valid` (1-64 of
+/// `A-Z a-z 0-9 - _ .`), the one rule `appointment::parse_request` and the cancel route
+/// check, written as a JSON Schema pattern for clients (a test checks that both agree).
 const TOKEN: &str = "^[A-Za-z0-9._-]{1,64}$";
 const SLOT_REFERENCE: &str = "^Slot/[A-Za-z0-9._-]{1,64}$";
 /// A patient id: no DICOM delimiters (backslash, `^`, `=`).
@@ -147,7 +149,7 @@ pub fn document() -> Value {
                 "summary": "Cancel an appointment (FHIR status cancelled); idempotent",
                 "security": [{"session": []}],
                 "parameters": [
-                    {"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}},
+                    {"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": TOKEN}},
                     {"name": "If-Match", "in": "header", "required": true, "schema": {"type": "string"},
                      "description": "The appointment's ETag, W/\"versionId\""}
                 ],
@@ -183,4 +185,47 @@ pub fn document() -> Value {
             }}
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_id_pattern_is_the_gateway_id_rule() {
+        let token = regex::Regex::new(TOKEN).unwrap();
+        let slot = regex::Regex::new(SLOT_REFERENCE).unwrap();
+        let long = "x".repeat(64);
+        let too_long = "x".repeat(65);
+        for sample in [
+            "a",
+            "r-1",
+            "ct-1.20270112T1000",
+            "A.B_c-9",
+            long.as_str(),
+            too_long.as_str(),
+            "",
+            "a/b",
+            "a+b",
+            "#",
+            "a b",
+            "a\0b",
+            "山田",
+            "é",
+            "a\nb",
+            "a$",
+            "Slot/x",
+        ] {
+            assert_eq!(
+                token.is_match(sample),
+                gateway_id::is_valid(sample),
+                "{sample:?}"
+            );
+            assert_eq!(
+                slot.is_match(&format!("Slot/{sample}")),
+                gateway_id::is_valid(sample),
+                "{sample:?}"
+            );
+        }
+    }
 }

@@ -1,3 +1,7 @@
+// The tests play a browser: their TLS client is the peer's, not the gateway's, so they build
+// their own rustls ClientConfig (the rule that only gateway-tls does is for the gateway).
+#![allow(clippy::disallowed_methods)]
+
 use super::*;
 use axum::body::Body;
 use axum::http::Request;
@@ -13,12 +17,12 @@ const PW: &str = "correct horse battery";
 struct FixedSlots(bool);
 
 impl SlotSource for FixedSlots {
-    fn free_slots(&self, q: &SlotQuery) -> SlotAnswer {
+    fn free_slots(&self, q: &SlotQuery) -> gateway_booking::BoxFuture<'static, SlotAnswer> {
         let all = [
             ("ct-1.20270112T1000", "ct-1"),
             ("mr-1.20270112T1000", "mr-1"),
         ];
-        SlotAnswer {
+        let answer = SlotAnswer {
             slots: all
                 .iter()
                 .filter(|(_, s)| q.schedule.as_deref().is_none_or(|w| w == *s))
@@ -31,7 +35,8 @@ impl SlotSource for FixedSlots {
                 .collect(),
             as_of_unix: 1_800_000_000,
             stale: self.0,
-        }
+        };
+        Box::pin(std::future::ready(answer))
     }
 }
 
@@ -114,14 +119,19 @@ impl appointment::BookingBackend for FakeCore {
         Box::pin(async move { answer })
     }
 
-    fn appointments_of(&self, patient_id: &str) -> Vec<appointment::AppointmentView> {
-        self.by_request
+    fn appointments_of(
+        &self,
+        patient_id: &str,
+    ) -> gateway_booking::BoxFuture<'static, Vec<appointment::AppointmentView>> {
+        let found = self
+            .by_request
             .lock()
             .unwrap()
             .values()
             .filter(|a| a.patient_id == patient_id)
             .cloned()
-            .collect()
+            .collect();
+        Box::pin(std::future::ready(found))
     }
 
     fn patient_ref(&self, patient_id: &str) -> String {

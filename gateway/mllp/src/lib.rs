@@ -10,20 +10,31 @@
 //!   ([`gateway_spool::Spool::store_messages`]), so durable acknowledgement costs one disk
 //!   flush per group, not per message.
 //! - `clock`: the acknowledgement's MSH-7 timestamp and MSH-10 control ids.
+//! - [`observe`]: observers of durable messages (the core's booking ledger reads SIU from
+//!   its RIS) behind a bounded channel: the listener `try_send`s and never waits on them; a
+//!   message that does not fit is counted and logged, never silently lost.
 //!
 //! Invariants:
 //! - AA/CA go out only after the spool reported the message stored (or already stored: a
 //!   duplicate MSH-10 from the same sender gets the same answer and is stored once).
 //! - A full or failing spool is answered AE/CE with ERR 207 and a fixed reason, never AA.
+//! - No acknowledgement waits on an observer: they get the message over a bounded channel
+//!   without waiting (drops counted in `gateway_hl7_observer_dropped_total{reason}`).
 //! - Frames on one connection are answered in order; one bad frame or connection never
 //!   affects another; no panics on input; memory per connection is bounded by
 //!   `max_frame_bytes`.
 //! - No patient data in logs or metrics: peers by address, messages by type and length.
 
+// The listener reads network input: no indexing or string slicing that could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+#![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
+
 mod clock;
 mod commit;
 mod metrics;
+pub mod observe;
 pub mod service;
 
 pub use metrics::Metrics;
+pub use observe::{OBSERVER_QUEUE, Observed, Observer};
 pub use service::{Hl7Error, Hl7Service, Hl7Settings};

@@ -17,13 +17,15 @@ struct ReasonLabel {
 }
 
 /// `gateway_hl7_messages_total{ack}`, `gateway_hl7_connections_active`,
-/// `gateway_hl7_connections_rejected_total{reason}`, `gateway_hl7_discarded_total{reason}`.
+/// `gateway_hl7_connections_rejected_total{reason}`, `gateway_hl7_discarded_total{reason}`,
+/// `gateway_hl7_observer_dropped_total{reason}`.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     messages: Family<AckLabel, Counter>,
     connections_active: Gauge,
     connections_rejected: Family<ReasonLabel, Counter>,
     discarded: Family<ReasonLabel, Counter>,
+    observer_dropped: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -49,6 +51,11 @@ impl Metrics {
             "Bytes sequences discarded by the MLLP framing, by reason (garbage, oversized)",
             m.discarded.clone(),
         );
+        registry.register(
+            "gateway_hl7_observer_dropped",
+            "Durable messages not handed to an observer (e.g. the booking ledger), by reason (full, closed)",
+            m.observer_dropped.clone(),
+        );
         m
     }
 
@@ -72,5 +79,13 @@ impl Metrics {
 
     pub(crate) fn discarded(&self, reason: &'static str) {
         self.discarded.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
+impl Metrics {
+    pub(crate) fn observer_dropped(&self, reason: &'static str) {
+        self.observer_dropped
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 }

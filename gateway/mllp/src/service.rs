@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::clock::{self, ControlIds};
 use crate::commit::Committer;
 use crate::metrics::Metrics;
+use crate::observe::Observer;
 
 /// ERR-8 texts (fixed: never message content).
 const SPOOL_FULL: &str = "gateway storage full: message not accepted, send it again later";
@@ -90,11 +91,6 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// Called with every message once it is durable (stored, or a duplicate of a stored one),
-/// before its ACK goes out; e.g. the core's booking ledger reading SIU^S12/S15 from its RIS.
-/// It must be quick and must not fail the message: the message is already accepted.
-pub type Observer = Arc<dyn Fn(&gateway_hl7::parse::Message<'_>) + Send + Sync>;
-
 /// The listener of `hl7.listen`.
 #[derive(Debug)]
 pub struct Hl7Service {
@@ -141,7 +137,7 @@ impl Hl7Service {
         self
     }
 
-    /// Shows every durable message to `observer` (see [`Observer`]).
+    /// Hands every durable message to `observer` without waiting (see [`crate::observe`]).
     #[must_use]
     pub fn with_observer(mut self, observer: Observer) -> Self {
         if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
@@ -401,20 +397,26 @@ impl<'a> Connection<'a> {
             bytes: frame,
         };
         let len = item.bytes.len();
-        let observe = || {
-            if let (Some(observer), Ok(msg)) = (&ctx.observer, parse::parse(&decoded.text)) {
-                observer(&msg);
+        // Hands the durable message to the observer, never waiting on it.
+        let observe = |message_type: String| {
+            let Some(observer) = &ctx.observer else {
+                return;
+            };
+            if let Err(dropped) = observer.offer(decoded.text.clone(), message_type.clone()) {
+                ctx.metrics.observer_dropped(dropped.reason());
+                warn!(peer = %self.peer, message_type, len, reason = dropped.reason(), "HL7 message stored and acknowledged but not handed to its observer (e.g. a SIU not applied to the booking ledger)");
             }
         };
+        let message_type = item.message_type.clone();
         match ctx.committer.store(item).await {
             Ok(Committed::Stored(id)) => {
                 debug!(peer = %self.peer, object = %hex(id.as_bytes()), len, "HL7 message stored");
-                observe();
+                observe(message_type);
                 self.reply(&header, Outcome::Accepted, None, decoded.charset)
             }
             Ok(Committed::Duplicate(id)) => {
                 info!(peer = %self.peer, object = %hex(id.as_bytes()), "HL7 message already stored (same sender and MSH-10): acknowledged again, not stored twice");
-                observe();
+                observe(message_type);
                 self.reply(&header, Outcome::Accepted, None, decoded.charset)
             }
             Err(e) => {

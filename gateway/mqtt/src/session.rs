@@ -233,7 +233,9 @@ pub enum Ended {
 }
 
 /// The owner of a session: everything runs on the session's task, so a handler must not
-/// block (disk writes that take long go to a blocking thread); publishing never waits.
+/// block (disk writes go to a blocking thread or a service it awaits, e.g. the booking
+/// ledger); publishing never waits. The callbacks are async so that a handler can await
+/// such a service; the session reads no further packet until a callback returns.
 pub trait Handler: Send {
     /// The retained status payload at `event` (only asked when the session has a status
     /// topic); `None` publishes nothing.
@@ -243,12 +245,22 @@ pub trait Handler: Send {
     }
 
     /// After every ConnAck, once the subscriptions and the status are queued.
-    fn on_connect(&mut self, out: &Publisher, session_present: bool) {
+    fn on_connect(
+        &mut self,
+        out: &Publisher,
+        session_present: bool,
+    ) -> impl Future<Output = ()> + Send {
         let _ = (out, session_present);
+        std::future::ready(())
     }
 
     /// One incoming publish (QoS 1: the broker may deliver it again after a reconnection).
-    fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow;
+    fn on_message(
+        &mut self,
+        out: &Publisher,
+        topic: &str,
+        payload: &[u8],
+    ) -> impl Future<Output = Flow> + Send;
 
     /// The connection failed or was lost; the session reconnects after its backoff.
     fn on_connection_lost(&mut self) {}
@@ -261,8 +273,9 @@ pub trait Handler: Send {
     }
 
     /// After [`Handler::wake`] resolved.
-    fn on_wake(&mut self, out: &Publisher) {
+    fn on_wake(&mut self, out: &Publisher) -> impl Future<Output = ()> + Send {
         let _ = out;
+        std::future::ready(())
     }
 }
 
@@ -326,6 +339,18 @@ impl fmt::Debug for Session {
     }
 }
 
+/// What the session does next (see [`Session::run`]).
+enum Step {
+    Shutdown,
+    Wake,
+    Event(Result<Event, rumqttc::ConnectionError>),
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone), holding no guard of the watch.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
 impl Session {
     /// Prepares the client; nothing connects before [`Session::run`]. Publishes queued on
     /// its [`Publisher`] before then go out after the first connection.
@@ -366,40 +391,55 @@ impl Session {
         let mut connected = false;
         let ended = loop {
             let mut retry_in = None;
-            tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break Ended::Shutdown,
-                () = handler.wake(), if connected => handler.on_wake(&out),
-                event = self.events.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        info!(session = label, session_present = ack.session_present, "MQTT broker connected");
-                        connected = true;
-                        self.backoff.reset();
-                        self.on_connected(handler, &out, ack.session_present);
+            // The select only picks the next step; the handler is awaited after it, so no
+            // temporary of the select (a watch guard, the event loop's future) lives across
+            // the handler's awaits.
+            let step = tokio::select! {
+                () = stopped(&mut shutdown) => Step::Shutdown,
+                () = handler.wake(), if connected => Step::Wake,
+                event = self.events.poll() => Step::Event(event),
+            };
+            match step {
+                Step::Shutdown => break Ended::Shutdown,
+                Step::Wake => handler.on_wake(&out).await,
+                Step::Event(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    info!(
+                        session = label,
+                        session_present = ack.session_present,
+                        "MQTT broker connected"
+                    );
+                    connected = true;
+                    self.backoff.reset();
+                    self.subscribe_and_announce(handler, &out);
+                    handler.on_connect(&out, ack.session_present).await;
+                }
+                Step::Event(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    if handler.on_message(&out, &p.topic, &p.payload).await == Flow::Stop {
+                        break Ended::Stopped;
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if handler.on_message(&out, &p.topic, &p.payload) == Flow::Stop {
-                            break Ended::Stopped;
-                        }
+                }
+                Step::Event(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                    {
+                        warn!(session = label, "the broker refused a subscription (ACL?)");
                     }
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
-                            warn!(session = label, "the broker refused a subscription (ACL?)");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        connected = false;
-                        handler.on_connection_lost();
-                        let wait = self.backoff.next_wait();
-                        // rumqttc's text names no payload content.
-                        warn!(session = label, error = %e, retry_in = ?wait, "MQTT broker connection failed");
-                        retry_in = Some(wait);
-                    }
-                },
+                }
+                Step::Event(Ok(_)) => {}
+                Step::Event(Err(e)) => {
+                    connected = false;
+                    handler.on_connection_lost();
+                    let wait = self.backoff.next_wait();
+                    // rumqttc's text names no payload content.
+                    warn!(session = label, error = %e, retry_in = ?wait, "MQTT broker connection failed");
+                    retry_in = Some(wait);
+                }
             }
             if let Some(wait) = retry_in {
                 tokio::select! {
-                    _ = shutdown.wait_for(|s| *s) => break Ended::Shutdown,
+                    () = stopped(&mut shutdown) => break Ended::Shutdown,
                     () = tokio::time::sleep(wait) => {}
                 }
             }
@@ -411,7 +451,8 @@ impl Session {
         ended
     }
 
-    fn on_connected<H: Handler>(&self, handler: &mut H, out: &Publisher, session_present: bool) {
+    /// After a ConnAck: the subscriptions, then the retained status (both queued).
+    fn subscribe_and_announce<H: Handler>(&self, handler: &H, out: &Publisher) {
         for filter in self.subscriptions.iter() {
             if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce) {
                 warn!(session = self.label, error = %e, "cannot queue a subscription");
@@ -426,7 +467,6 @@ impl Session {
                 "status publish dropped: request queue full"
             );
         }
-        handler.on_connect(out, session_present);
     }
 
     /// The closing status, then DISCONNECT; polls until the broker closes the connection
@@ -518,7 +558,7 @@ mod tests {
         fn status(&self, _: StatusEvent) -> Option<Vec<u8>> {
             panic!("no status without a connection")
         }
-        fn on_message(&mut self, _: &Publisher, _: &str, _: &[u8]) -> Flow {
+        async fn on_message(&mut self, _: &Publisher, _: &str, _: &[u8]) -> Flow {
             Flow::Continue
         }
         fn on_connection_lost(&mut self) {

@@ -1,17 +1,15 @@
 //! The clinic gateway's side: the cache of the core's free slots and the booking client the
-//! kiosk uses ([`gateway_kiosk::SlotSource`] and [`gateway_kiosk::appointment::BookingBackend`]).
+//! kiosk uses ([`gateway_booking::SlotSource`] and [`gateway_booking::BookingBackend`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
-use gateway_booking::{Decision, PatientRef, SealKey};
-use gateway_kiosk::appointment::{
-    AppointmentRequest, AppointmentView, BookingBackend, BookingRefused,
+use gateway_booking::{
+    AppointmentRequest, AppointmentView, BookingBackend, BookingRefused, BoxFuture, Decision,
+    PatientRef, SealKey, SlotAnswer, SlotQuery, SlotSource, SlotView,
 };
-use gateway_kiosk::{SlotAnswer, SlotQuery, SlotSource, SlotView};
 use gateway_mqtt::{Flow, Handler, Publisher, Session};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -234,11 +232,11 @@ impl ClinicTask {
 struct Running(Arc<Inner>);
 
 impl Handler for Running {
-    fn on_connect(&mut self, _out: &Publisher, _session_present: bool) {
+    async fn on_connect(&mut self, _out: &Publisher, _session_present: bool) {
         self.0.lock().connected = true;
     }
 
-    fn on_message(&mut self, _out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
+    async fn on_message(&mut self, _out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
         self.0.on_publish(topic, payload);
         Flow::Continue
     }
@@ -352,7 +350,7 @@ impl Inner {
                 }
             }
             (_, Decision::Refused { code, reason }) => {
-                Err(crate::refused(code, reason, decision.version))
+                Err(BookingRefused::from_refusal(code, reason, decision.version))
             }
         };
         if let Some(reply) = pending.reply {
@@ -399,7 +397,14 @@ impl Inner {
 }
 
 impl SlotSource for ClinicExchange {
-    fn free_slots(&self, query: &SlotQuery) -> SlotAnswer {
+    fn free_slots(&self, query: &SlotQuery) -> BoxFuture<'static, SlotAnswer> {
+        Box::pin(std::future::ready(self.cached_slots(query)))
+    }
+}
+
+impl ClinicExchange {
+    /// The cached publications matching `query`, and how fresh they are.
+    fn cached_slots(&self, query: &SlotQuery) -> SlotAnswer {
         let inner = &self.inner;
         let state = inner.lock();
         let ge = query
@@ -568,14 +573,16 @@ impl BookingBackend for ClinicExchange {
         })
     }
 
-    fn appointments_of(&self, patient_id: &str) -> Vec<AppointmentView> {
-        self.inner
+    fn appointments_of(&self, patient_id: &str) -> BoxFuture<'static, Vec<AppointmentView>> {
+        let found = self
+            .inner
             .lock()
             .book
             .values()
             .filter(|s| s.patient_id == patient_id)
             .map(|s| s.view(false))
-            .collect()
+            .collect();
+        Box::pin(std::future::ready(found))
     }
 
     fn patient_ref(&self, patient_id: &str) -> String {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway_booking::{Appointment, BookingRequest, Decision, Ledger, Refusal, Schedule};
+use gateway_booking::{BookingRequest, Decision, LedgerHandle, Refusal, Schedule};
 use gateway_mqtt::{Flow, Handler, Publisher, Session, SessionError, StatusEvent};
 use jiff::Timestamp;
 use tokio::sync::{Notify, watch};
@@ -20,14 +20,14 @@ pub const HORIZON_DAYS: i64 = 14;
 /// How long a hold (`$hold`) keeps its slot.
 pub const HOLD_FOR_SECS: i64 = 600;
 
-/// Called for every new booked appointment (e.g. to send OMG^O19 to the RIS).
-pub type OnBooked = Arc<dyn Fn(&Appointment) + Send + Sync>;
+/// Where every new booked appointment is sent (e.g. to become the OMG^O19 for the RIS).
+pub use crate::OnBooked;
 
 /// The core's exchange service.
 pub struct CoreExchange {
     connection: Connection,
     keys: Arc<Keys>,
-    ledger: Arc<Ledger>,
+    ledger: LedgerHandle,
     schedules: Arc<Vec<Schedule>>,
     publish_interval: Duration,
     changed: Arc<Notify>,
@@ -55,22 +55,22 @@ impl CoreExchange {
     pub fn new(
         connection: Connection,
         keys: Arc<Keys>,
-        ledger: Arc<Ledger>,
-        schedules: Arc<Vec<Schedule>>,
+        ledger: LedgerHandle,
         publish_interval: Duration,
         changed: Arc<Notify>,
     ) -> Self {
         Self {
             connection,
             keys,
+            schedules: Arc::clone(ledger.schedules()),
             ledger,
-            schedules,
             publish_interval,
             changed,
             on_booked: None,
         }
     }
 
+    /// Sends every appointment this exchange books to `f` (without waiting on it).
     #[must_use]
     pub fn with_on_booked(mut self, f: OnBooked) -> Self {
         self.on_booked = Some(f);
@@ -108,20 +108,25 @@ impl CoreExchange {
     }
 
     /// The free slots of every schedule, retained.
-    fn publish_all(&self, client: &Publisher) {
+    async fn publish_all(&self, client: &Publisher) {
         for schedule in self.schedules.iter() {
-            self.publish_schedule(client, schedule);
+            self.publish_schedule(client, schedule).await;
         }
     }
 
-    fn publish_schedule(&self, client: &Publisher, schedule: &Schedule) {
+    async fn publish_schedule(&self, client: &Publisher, schedule: &Schedule) {
         let now = Timestamp::now();
         let until = now
             .checked_add(jiff::SignedDuration::from_hours(24 * HORIZON_DAYS))
             .unwrap_or(now);
-        let slots = self
-            .ledger
-            .free_slots(schedule, now, until, now)
+        let free = match self.ledger.free_slots(schedule.id(), now, until, now).await {
+            Ok(free) => free,
+            Err(e) => {
+                warn!(error = %e, "booking ledger cannot list free slots: not published");
+                return;
+            }
+        };
+        let slots = free
             .into_iter()
             .map(|s| WireSlot {
                 id: s.id,
@@ -144,7 +149,7 @@ impl CoreExchange {
     }
 
     /// One sealed request: open, decide (durably), seal the answer back.
-    fn on_request(&self, client: &Publisher, topic: &str, payload: &[u8]) {
+    async fn on_request(&self, client: &Publisher, topic: &str, payload: &[u8]) {
         let me = &self.keys.me;
         let Some((clinic, msg)) = topics::parse_inbox(me, "req", topic) else {
             debug!(
@@ -154,7 +159,7 @@ impl CoreExchange {
             return;
         };
         if Keys::kind_of(payload).as_deref() == Some(KIND_CANCEL) {
-            self.on_cancel(client, clinic, msg, payload);
+            self.on_cancel(client, clinic, msg, payload).await;
             return;
         }
         let plain = match self.keys.open(clinic, KIND_REQUEST, msg, payload) {
@@ -188,10 +193,7 @@ impl CoreExchange {
                 patient: request.patient.clone(),
                 procedure: request.procedure.clone(),
             };
-            match self
-                .ledger
-                .decide(&booking, &self.schedules, now, HOLD_FOR_SECS)
-            {
+            match self.ledger.decide(booking, now, HOLD_FOR_SECS).await {
                 Ok(d) => d,
                 Err(e) => {
                     warn!(%clinic, error = %e, "booking ledger cannot record a decision: no answer sent");
@@ -200,10 +202,14 @@ impl CoreExchange {
             }
         };
         let slot = self.schedules.iter().find_map(|s| s.slot(&request.slot_id));
-        let version = match &decision {
+        let appointment = match &decision {
             Decision::Booked { appointment_id, .. } => {
-                self.ledger.get(appointment_id).map_or(1, |a| a.version)
+                self.ledger.get(appointment_id).await.ok().flatten()
             }
+            Decision::Refused { .. } => None,
+        };
+        let version = match &decision {
+            Decision::Booked { .. } => appointment.as_ref().map_or(1, |a| a.version),
             Decision::Refused { .. } => 0,
         };
         if let Decision::Booked { appointment_id, .. } = &decision {
@@ -213,10 +219,10 @@ impl CoreExchange {
                 .iter()
                 .find(|s| slot.as_ref().is_some_and(|slot| slot.schedule == s.id()))
             {
-                self.publish_schedule(client, schedule);
+                self.publish_schedule(client, schedule).await;
             }
-            if let (Some(f), Some(a)) = (&self.on_booked, self.ledger.get(appointment_id)) {
-                f(&a);
+            if let Some(a) = appointment {
+                crate::booked(self.on_booked.as_ref(), a);
             }
         } else if let Decision::Refused { code, .. } = &decision {
             info!(%clinic, ?code, "booking request decided: refused");
@@ -233,7 +239,7 @@ impl CoreExchange {
     }
 
     /// A sealed cancel: only the clinic that booked may cancel, at the version it saw.
-    fn on_cancel(&self, client: &Publisher, clinic: &str, msg: &str, payload: &[u8]) {
+    async fn on_cancel(&self, client: &Publisher, clinic: &str, msg: &str, payload: &[u8]) {
         let cancel: WireCancel = match self
             .keys
             .open(clinic, KIND_CANCEL, msg, payload)
@@ -256,11 +262,11 @@ impl CoreExchange {
                 0,
             )
         } else {
-            match crate::cancel_decision(self.ledger.cancel(
-                clinic,
-                &cancel.appointment_id,
-                Some(cancel.if_match),
-            )) {
+            match crate::cancel_decision(
+                self.ledger
+                    .cancel(clinic, &cancel.appointment_id, Some(cancel.if_match))
+                    .await,
+            ) {
                 Ok(d) => d,
                 Err(e) => {
                     warn!(%clinic, error = %e, "booking ledger cannot record a cancel: no answer sent");
@@ -268,7 +274,7 @@ impl CoreExchange {
                 }
             }
         };
-        let appointment = self.ledger.get(&cancel.appointment_id);
+        let appointment = self.ledger.get(&cancel.appointment_id).await.ok().flatten();
         if matches!(decision, Decision::Booked { .. }) {
             info!(%clinic, appointment = %cancel.appointment_id, "appointment cancelled by its clinic");
             self.changed.notify_one();
@@ -319,12 +325,12 @@ impl Handler for Running {
         })
     }
 
-    fn on_connect(&mut self, out: &Publisher, _session_present: bool) {
-        self.core.publish_all(out);
+    async fn on_connect(&mut self, out: &Publisher, _session_present: bool) {
+        self.core.publish_all(out).await;
     }
 
-    fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
-        self.core.on_request(out, topic, payload);
+    async fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
+        self.core.on_request(out, topic, payload).await;
         Flow::Continue
     }
 
@@ -335,7 +341,7 @@ impl Handler for Running {
         }
     }
 
-    fn on_wake(&mut self, out: &Publisher) {
-        self.core.publish_all(out);
+    async fn on_wake(&mut self, out: &Publisher) {
+        self.core.publish_all(out).await;
     }
 }

@@ -23,7 +23,8 @@
 //! Roles:
 //! - [`core::CoreExchange`] on the core: publishes the free slots of every schedule (on
 //!   start, on every change, every `booking.publish_interval`), decides each request with the
-//!   [`gateway_booking::Ledger`] (durable before the answer is sealed and sent) and answers.
+//!   ledger ([`gateway_booking::LedgerHandle`]; durable before the answer is sealed and
+//!   sent) and answers.
 //!   A request that arrives after its `expires_at` is refused without touching the ledger,
 //!   so a clinic that gave up waiting never finds it booked later.
 //! - [`clinic::ClinicExchange`] on a clinic: caches the core's slot publications and serves
@@ -34,7 +35,15 @@
 //!   a repeated request id is answered locally with its first outcome.
 //! - [`local::LocalCore`]: the core's own kiosk, booking directly on its ledger.
 //! - [`ris`]: the core hospital's own bookings from its RIS (SIU^S12..S17 on the HL7
-//!   listener) block the scanner's time on the ledger.
+//!   listener) block the scanner's time on the ledger; a task of its own consumes them from
+//!   the listener's observer channel, so no HL7 acknowledgement waits on the ledger.
+//!
+//! The ledger itself is a service (`gateway_booking::LedgerService`, one thread doing its
+//! file work); every role here holds a `gateway_booking::LedgerHandle` and awaits it. New
+//! bookings go to the [`OnBooked`] channel (the OMG^O19 for the RIS), never through a call
+//! on the deciding path. The kiosk-facing traits ([`gateway_booking::SlotSource`],
+//! [`gateway_booking::BookingBackend`]) are the booking domain's: this crate does not depend
+//! on the kiosk's HTTP face.
 //!
 //! Invariants: nothing read from the broker is trusted before it opens with the named
 //! peer's key; nothing patient-related is logged or put in a topic; no `unwrap` on any
@@ -52,9 +61,23 @@ pub mod wire;
 
 pub use mqtt::Connection;
 
-/// True for 1..=64 characters of `[A-Za-z0-9._-]`.
-pub fn valid_id(s: &str) -> bool {
-    gateway_id::is_valid(s)
+/// True for 1..=64 characters of `[A-Za-z0-9._-]` (the gateway's one id rule).
+pub use gateway_id::is_valid as valid_id;
+
+/// Where the core sends each appointment it has just booked (e.g. to become an OMG^O19 for
+/// the RIS, `gateway_booking::order::ris_order`). A channel, so the deciding path never
+/// waits on what is done with it; unbounded because every item is one human booking that
+/// the ledger has already made durable (its rate is bounded by the ledger's own `fsync`), and
+/// dropping one would lose the RIS order without a trace.
+pub type OnBooked = tokio::sync::mpsc::UnboundedSender<gateway_booking::Appointment>;
+
+/// Hands a new booking to `on_booked`, if any; a receiver that is gone is logged.
+fn booked(on_booked: Option<&OnBooked>, appointment: gateway_booking::Appointment) {
+    if let Some(tx) = on_booked
+        && tx.send(appointment).is_err()
+    {
+        tracing::warn!("booked appointment not handed on: its consumer has stopped");
+    }
 }
 
 /// A fresh random message id (32 hex digits).
@@ -68,24 +91,6 @@ fn message_id() -> String {
         b = t.to_be_bytes();
     }
     hex::encode(b)
-}
-
-/// The kiosk's refusal for the core's refusal code (`version`: the appointment's current
-/// version, for a version mismatch).
-fn refused(
-    code: gateway_booking::Refusal,
-    reason: String,
-    version: u64,
-) -> gateway_kiosk::appointment::BookingRefused {
-    use gateway_booking::Refusal;
-    use gateway_kiosk::appointment::BookingRefused;
-    match code {
-        Refusal::Conflict => BookingRefused::Conflict,
-        Refusal::NotFound => BookingRefused::NotFound,
-        Refusal::Expired => BookingRefused::Expired,
-        Refusal::Invalid => BookingRefused::Invalid(reason),
-        Refusal::VersionMismatch => BookingRefused::VersionMismatch { current: version },
-    }
 }
 
 /// The core's answer to a cancel, as a decision and the appointment's version.

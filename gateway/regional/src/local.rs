@@ -3,29 +3,25 @@
 
 use std::sync::Arc;
 
-use futures_util::future::BoxFuture;
 use gateway_booking::{
-    Appointment, BookingRequest, Decision, Ledger, PatientRef, Schedule, SealKey,
+    Appointment, AppointmentRequest, AppointmentView, BookingBackend, BookingRefused,
+    BookingRequest, BoxFuture, Decision, LedgerHandle, PatientRef, SealKey, SlotAnswer, SlotQuery,
+    SlotSource, SlotView,
 };
-use gateway_kiosk::appointment::{
-    AppointmentRequest, AppointmentView, BookingBackend, BookingRefused,
-};
-use gateway_kiosk::{SlotAnswer, SlotQuery, SlotSource, SlotView};
 use jiff::Timestamp;
 use tokio::sync::Notify;
 use tracing::warn;
 
 use crate::core::{HOLD_FOR_SECS, HORIZON_DAYS};
-use crate::now_unix;
+use crate::{OnBooked, now_unix};
 
 /// Booking on the core's ledger directly.
 pub struct LocalCore {
     me: String,
-    ledger: Arc<Ledger>,
-    schedules: Arc<Vec<Schedule>>,
+    ledger: LedgerHandle,
     seal: SealKey,
     changed: Arc<Notify>,
-    on_booked: Option<crate::core::OnBooked>,
+    on_booked: Option<OnBooked>,
 }
 
 impl std::fmt::Debug for LocalCore {
@@ -38,64 +34,65 @@ impl std::fmt::Debug for LocalCore {
 
 impl LocalCore {
     /// `changed` is notified after every booking (the exchange republishes the slots).
-    pub fn new(
-        me: String,
-        ledger: Arc<Ledger>,
-        schedules: Arc<Vec<Schedule>>,
-        seal: SealKey,
-        changed: Arc<Notify>,
-    ) -> Self {
+    pub fn new(me: String, ledger: LedgerHandle, seal: SealKey, changed: Arc<Notify>) -> Self {
         Self {
             me,
             ledger,
-            schedules,
             seal,
             changed,
             on_booked: None,
         }
     }
 
-    /// Called for every booked appointment (e.g. the OMG^O19 to the RIS).
+    /// Where every new booking is sent (e.g. to become the OMG^O19 for the RIS).
     #[must_use]
-    pub fn with_on_booked(mut self, f: crate::core::OnBooked) -> Self {
+    pub fn with_on_booked(mut self, f: OnBooked) -> Self {
         self.on_booked = Some(f);
         self
     }
 }
 
 impl SlotSource for LocalCore {
-    fn free_slots(&self, query: &SlotQuery) -> SlotAnswer {
-        let now = Timestamp::now();
-        let horizon = now
-            .checked_add(jiff::SignedDuration::from_hours(24 * HORIZON_DAYS))
-            .unwrap_or(now);
-        let from = query
-            .start_ge
-            .as_deref()
-            .and_then(|t| t.parse::<Timestamp>().ok())
-            .unwrap_or(now);
-        let to = query
-            .start_lt
-            .as_deref()
-            .and_then(|t| t.parse::<Timestamp>().ok())
-            .unwrap_or(horizon);
-        let slots = self
-            .schedules
-            .iter()
-            .filter(|s| query.schedule.as_deref().is_none_or(|q| q == s.id()))
-            .flat_map(|s| self.ledger.free_slots(s, from, to, now))
-            .map(|s| SlotView {
-                id: s.id,
-                schedule: s.schedule,
-                start: s.start,
-                end: s.end,
-            })
-            .collect();
-        SlotAnswer {
-            slots,
-            as_of_unix: now_unix(),
-            stale: false,
-        }
+    fn free_slots(&self, query: &SlotQuery) -> BoxFuture<'static, SlotAnswer> {
+        let ledger = self.ledger.clone();
+        let query = query.clone();
+        Box::pin(async move {
+            let now = Timestamp::now();
+            let horizon = now
+                .checked_add(jiff::SignedDuration::from_hours(24 * HORIZON_DAYS))
+                .unwrap_or(now);
+            let from = query
+                .start_ge
+                .as_deref()
+                .and_then(|t| t.parse::<Timestamp>().ok())
+                .unwrap_or(now);
+            let to = query
+                .start_lt
+                .as_deref()
+                .and_then(|t| t.parse::<Timestamp>().ok())
+                .unwrap_or(horizon);
+            let mut slots = Vec::new();
+            for schedule in ledger
+                .schedules()
+                .iter()
+                .filter(|s| query.schedule.as_deref().is_none_or(|q| q == s.id()))
+            {
+                match ledger.free_slots(schedule.id(), from, to, now).await {
+                    Ok(free) => slots.extend(free.into_iter().map(|s| SlotView {
+                        id: s.id,
+                        schedule: s.schedule,
+                        start: s.start,
+                        end: s.end,
+                    })),
+                    Err(e) => warn!(error = %e, "booking ledger cannot list free slots"),
+                }
+            }
+            SlotAnswer {
+                slots,
+                as_of_unix: now_unix(),
+                stale: false,
+            }
+        })
     }
 }
 
@@ -117,25 +114,35 @@ impl BookingBackend for LocalCore {
             },
             procedure: req.procedure.clone(),
         };
-        let answer =
-            match self
-                .ledger
-                .decide(&booking, &self.schedules, Timestamp::now(), HOLD_FOR_SECS)
+        let ledger = self.ledger.clone();
+        let changed = Arc::clone(&self.changed);
+        Box::pin(async move {
+            match ledger
+                .decide(booking, Timestamp::now(), HOLD_FOR_SECS)
+                .await
             {
                 Ok(Decision::Booked { appointment_id, .. }) => {
-                    self.changed.notify_one();
-                    self.ledger
-                        .get(&appointment_id)
-                        .map(|a| view(a, true))
-                        .ok_or(BookingRefused::Unavailable)
+                    changed.notify_one();
+                    match ledger.get(&appointment_id).await {
+                        // Only the exchange's decisions go to `on_booked` today; the
+                        // core's own kiosk bookings are not sent (unchanged).
+                        Ok(Some(a)) => Ok(view(a, true)),
+                        Ok(None) => Err(BookingRefused::Unavailable),
+                        Err(e) => {
+                            warn!(error = %e, "booking ledger cannot read a decision back");
+                            Err(BookingRefused::Unavailable)
+                        }
+                    }
                 }
-                Ok(Decision::Refused { code, reason }) => Err(crate::refused(code, reason, 0)),
+                Ok(Decision::Refused { code, reason }) => {
+                    Err(BookingRefused::from_refusal(code, reason, 0))
+                }
                 Err(e) => {
                     warn!(error = %e, "booking ledger cannot record a decision");
                     Err(BookingRefused::Unavailable)
                 }
-            };
-        Box::pin(async move { answer })
+            }
+        })
     }
 
     fn cancel(
@@ -144,32 +151,45 @@ impl BookingBackend for LocalCore {
         if_match: u64,
         _staff: String,
     ) -> BoxFuture<'static, Result<AppointmentView, BookingRefused>> {
-        let answer = match self.ledger.cancel(&self.me, &id, Some(if_match)) {
-            Ok(a) => {
-                self.changed.notify_one();
-                Ok(view(a, false))
+        let ledger = self.ledger.clone();
+        let changed = Arc::clone(&self.changed);
+        let me = self.me.clone();
+        Box::pin(async move {
+            match ledger.cancel(&me, &id, Some(if_match)).await {
+                Ok(a) => {
+                    changed.notify_one();
+                    Ok(view(a, false))
+                }
+                Err(e) => match crate::cancel_decision(Err(e)) {
+                    Ok((Decision::Refused { code, reason }, version)) => {
+                        Err(BookingRefused::from_refusal(code, reason, version))
+                    }
+                    Ok(_) => Err(BookingRefused::Unavailable),
+                    Err(e) => {
+                        warn!(error = %e, "booking ledger cannot record a cancel");
+                        Err(BookingRefused::Unavailable)
+                    }
+                },
             }
-            Err(e) => match crate::cancel_decision(Err(e)) {
-                Ok((Decision::Refused { code, reason }, version)) => {
-                    Err(crate::refused(code, reason, version))
-                }
-                Ok(_) => Err(BookingRefused::Unavailable),
-                Err(e) => {
-                    warn!(error = %e, "booking ledger cannot record a cancel");
-                    Err(BookingRefused::Unavailable)
-                }
-            },
-        };
-        Box::pin(async move { answer })
+        })
     }
 
-    fn appointments_of(&self, patient_id: &str) -> Vec<AppointmentView> {
-        self.ledger
-            .all(Timestamp::now())
-            .into_iter()
-            .filter(|a| a.patient.id == patient_id)
-            .map(|a| view(a, false))
-            .collect()
+    fn appointments_of(&self, patient_id: &str) -> BoxFuture<'static, Vec<AppointmentView>> {
+        let ledger = self.ledger.clone();
+        let patient_id = patient_id.to_owned();
+        Box::pin(async move {
+            match ledger.all(Timestamp::now()).await {
+                Ok(all) => all
+                    .into_iter()
+                    .filter(|a| a.patient.id == patient_id)
+                    .map(|a| view(a, false))
+                    .collect(),
+                Err(e) => {
+                    warn!(error = %e, "booking ledger cannot list appointments");
+                    Vec::new()
+                }
+            }
+        })
     }
 
     fn patient_ref(&self, patient_id: &str) -> String {
@@ -198,12 +218,12 @@ fn view(a: Appointment, created: bool) -> AppointmentView {
 pub struct NoCore;
 
 impl SlotSource for NoCore {
-    fn free_slots(&self, _query: &SlotQuery) -> SlotAnswer {
-        SlotAnswer {
+    fn free_slots(&self, _query: &SlotQuery) -> BoxFuture<'static, SlotAnswer> {
+        Box::pin(std::future::ready(SlotAnswer {
             slots: Vec::new(),
             as_of_unix: 0,
             stale: true,
-        }
+        }))
     }
 }
 
@@ -224,8 +244,8 @@ impl BookingBackend for NoCore {
         Box::pin(async { Err(BookingRefused::Unavailable) })
     }
 
-    fn appointments_of(&self, _patient_id: &str) -> Vec<AppointmentView> {
-        Vec::new()
+    fn appointments_of(&self, _patient_id: &str) -> BoxFuture<'static, Vec<AppointmentView>> {
+        Box::pin(std::future::ready(Vec::new()))
     }
 
     fn patient_ref(&self, _patient_id: &str) -> String {

@@ -13,45 +13,86 @@
 //!   local to the schedule.
 //!
 //! The message is already durable and acknowledged by the listener whatever this makes of
-//! it; what cannot be used is logged (without content) and ignored.
+//! it: the listener hands it over a channel ([`run`] consumes it in a task of its own) and
+//! never waits for the ledger. What cannot be used is logged (without content) and ignored.
 
 use std::sync::Arc;
 
-use gateway_booking::{Block, Ledger, Schedule};
+use gateway_booking::{Block, LedgerHandle, Schedule};
 use gateway_hl7::parse::Message;
 use jiff::Timestamp;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
-/// What the HL7 listener calls with every durable message (see `gateway_mllp::Observer`).
-pub type Observer = Arc<dyn Fn(&Message<'_>) + Send + Sync>;
-
-/// The observer that applies SIU messages to `ledger`; `changed` is notified so that the
-/// exchange republishes the slots.
-pub fn observer(
-    ledger: Arc<Ledger>,
-    schedules: Arc<Vec<Schedule>>,
-    changed: Arc<Notify>,
-) -> Observer {
-    Arc::new(move |msg: &Message<'_>| {
-        if msg.get("MSH", 9, 1, 1, 1) != Some("SIU") {
-            return;
-        }
-        let trigger = msg.get("MSH", 9, 1, 2, 1).unwrap_or("");
-        match apply(&ledger, &schedules, msg, trigger) {
-            Ok(true) => changed.notify_one(),
-            Ok(false) => {}
-            Err(why) => warn!(%trigger, why, "SIU from the RIS not applied to the booking ledger"),
-        }
-    })
+/// What a SIU asks of the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Change {
+    Block { key: String, block: Block },
+    Unblock { key: String },
 }
 
-fn apply(
-    ledger: &Ledger,
+/// Applies the SIU messages the HL7 listener hands over (`observed`: the decoded text of each
+/// durable message, e.g. from `gateway_mllp::Observer::channel`) to the ledger, one at a time
+/// and in order, until the channel closes; `changed` is notified after each change so that
+/// the exchange republishes the slots. This task is the only one that waits on the ledger
+/// for the RIS: the listener acknowledged each message before it got here.
+pub async fn run<M: AsRef<str>>(
+    mut observed: mpsc::Receiver<M>,
+    ledger: LedgerHandle,
+    changed: Arc<Notify>,
+) {
+    while let Some(message) = observed.recv().await {
+        apply_text(&ledger, &changed, message.as_ref()).await;
+    }
+}
+
+/// One message: a SIU^S12..S17 blocks or frees time; anything else is ignored.
+async fn apply_text(ledger: &LedgerHandle, changed: &Notify, text: &str) {
+    let Ok(msg) = gateway_hl7::parse::parse(text) else {
+        return;
+    };
+    if msg.get("MSH", 9, 1, 1, 1) != Some("SIU") {
+        return;
+    }
+    let trigger = msg.get("MSH", 9, 1, 2, 1).unwrap_or("").to_owned();
+    let change = change(ledger.schedules(), &msg, &trigger);
+    drop(msg);
+    let applied = match change {
+        Ok(None) => Ok(false),
+        Ok(Some(Change::Unblock { key })) => match ledger.unblock(&key).await {
+            Ok(freed) => {
+                if freed {
+                    info!(%trigger, "hospital booking from the RIS removed: its time is bookable again");
+                }
+                Ok(freed)
+            }
+            Err(_) => Err("the ledger cannot be saved"),
+        },
+        Ok(Some(Change::Block { key, block })) => {
+            let schedule = block.schedule.clone();
+            match ledger.block(&key, block).await {
+                Ok(()) => {
+                    info!(%trigger, %schedule, "hospital booking from the RIS: its time is taken");
+                    Ok(true)
+                }
+                Err(_) => Err("the ledger cannot be saved"),
+            }
+        }
+        Err(why) => Err(why),
+    };
+    match applied {
+        Ok(true) => changed.notify_one(),
+        Ok(false) => {}
+        Err(why) => warn!(%trigger, why, "SIU from the RIS not applied to the booking ledger"),
+    }
+}
+
+/// What a SIU with `trigger` asks of the ledger (`None`: nothing).
+fn change(
     schedules: &[Schedule],
     msg: &Message<'_>,
     trigger: &str,
-) -> Result<bool, &'static str> {
+) -> Result<Option<Change>, &'static str> {
     let id = msg
         .get("SCH", 1, 1, 1, 1)
         .filter(|v| !v.is_empty())
@@ -60,15 +101,7 @@ fn apply(
     let source = msg.get("MSH", 3, 1, 1, 1).unwrap_or("");
     let key = format!("ris|{source}|{id}");
     match trigger {
-        "S15" | "S17" => {
-            let freed = ledger
-                .unblock(&key)
-                .map_err(|_| "the ledger cannot be saved")?;
-            if freed {
-                info!(%trigger, "hospital booking from the RIS removed: its time is bookable again");
-            }
-            Ok(freed)
-        }
+        "S15" | "S17" => Ok(Some(Change::Unblock { key })),
         "S12" | "S13" | "S14" => {
             let schedule = scanner(schedules, msg).ok_or("no schedule matches AIG-3 or AIL-3")?;
             let start = msg
@@ -100,20 +133,16 @@ fn apply(
             if end <= start.as_second() {
                 return Err("the appointment ends before it starts");
             }
-            ledger
-                .block(
-                    &key,
-                    Block {
-                        schedule: schedule.id().to_owned(),
-                        start: start.as_second(),
-                        end,
-                    },
-                )
-                .map_err(|_| "the ledger cannot be saved")?;
-            info!(%trigger, schedule = schedule.id(), "hospital booking from the RIS: its time is taken");
-            Ok(true)
+            Ok(Some(Change::Block {
+                key,
+                block: Block {
+                    schedule: schedule.id().to_owned(),
+                    start: start.as_second(),
+                    end,
+                },
+            }))
         }
-        _ => Ok(false),
+        _ => Ok(None),
     }
 }
 
@@ -131,8 +160,8 @@ fn scanner<'s>(schedules: &'s [Schedule], msg: &Message<'_>) -> Option<&'s Sched
 /// An HL7 DTM (`YYYYMMDDHHMM[SS][+hhmm]`) as an instant; local to the schedule without an
 /// offset.
 fn instant(schedule: &Schedule, text: &str) -> Option<Timestamp> {
-    let (clock, offset) = match text.find(['+', '-']) {
-        Some(i) => (&text[..i], Some(&text[i..])),
+    let (clock, offset) = match text.find(['+', '-']).and_then(|i| text.split_at_checked(i)) {
+        Some((clock, offset)) => (clock, Some(offset)),
         None => (text, None),
     };
     let clock = clock.split('.').next()?;
@@ -164,52 +193,59 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn siu_s12_blocks_and_s15_frees_the_scanners_time() {
+    #[tokio::test]
+    async fn siu_s12_blocks_and_s15_frees_the_scanners_time() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(Ledger::open(dir.path(), SealKey::derive(&[1; 32])).unwrap());
-        let schedules = Arc::new(vec![ct()]);
+        let ledger = gateway_booking::Ledger::open(
+            dir.path(),
+            SealKey::derive(&gateway_keystore::MasterKey::from_bytes([1; 32])),
+        )
+        .unwrap();
+        let (service, ledger) = gateway_booking::LedgerService::new(ledger, Arc::new(vec![ct()]));
+        service.spawn().unwrap();
         let changed = Arc::new(Notify::new());
-        let observe = observer(Arc::clone(&ledger), Arc::clone(&schedules), changed);
         let now: Timestamp = "2027-01-12T00:00:00Z".parse().unwrap();
         let end: Timestamp = "2027-01-12T09:00:00Z".parse().unwrap();
-        let free = || {
+        let free = async || {
             ledger
-                .free_slots(&schedules[0], now, end, now)
+                .free_slots("ct-1", now, end, now)
+                .await
+                .unwrap()
                 .into_iter()
                 .map(|s| s.id)
                 .collect::<Vec<_>>()
         };
-        let before = free().len();
+        let observe = async |text: &str| apply_text(&ledger, &changed, text).await;
+        let before = free().await.len();
         let s12 = "MSH|^~\\&|RIS|HOSP|GW|CORE|20270110120000||SIU^S12^SIU_S12|1|P|2.5.1\r\
                    SCH|A77^RIS||||||||||^^^202701121000^202701121100\r\
                    PID|1||ZZPID1||ZZTEST^TARO\r\
                    RGS|1\r\
                    AIG|1||CT01^^L\r";
-        observe(&gateway_hl7::parse::parse(s12).unwrap());
-        let after = free();
+        observe(s12).await;
+        let after = free().await;
         assert_eq!(after.len(), before - 2);
         assert!(!after.contains(&"ct-1.20270112T1000".to_string()));
         assert!(!after.contains(&"ct-1.20270112T1030".to_string()));
         let s15 = s12.replace("SIU^S12^SIU_S12", "SIU^S15^SIU_S15");
-        observe(&gateway_hl7::parse::parse(&s15).unwrap());
-        assert_eq!(free().len(), before);
+        observe(&s15).await;
+        assert_eq!(free().await.len(), before);
         // Another scanner, no time, or not SIU: nothing changes.
         for other in [
             s12.replace("CT01", "MR09"),
             s12.replace("^^^202701121000^202701121100", ""),
             s12.replace("SIU^S12^SIU_S12", "ADT^A08^ADT_A01"),
         ] {
-            observe(&gateway_hl7::parse::parse(&other).unwrap());
-            assert_eq!(free().len(), before, "{other}");
+            observe(&other).await;
+            assert_eq!(free().await.len(), before, "{other}");
         }
         // AIS start with a duration, and an explicit offset.
         let ais = "MSH|^~\\&|RIS|HOSP|GW|CORE|20270110120000||SIU^S12^SIU_S12|2|P|2.5.1\r\
                    SCH|B1\r\
                    AIS|1||CT^CT scan|202701120300+0000|||30|min\r\
                    AIL|1||ct01\r";
-        observe(&gateway_hl7::parse::parse(ais).unwrap());
-        let after = free();
+        observe(ais).await;
+        let after = free().await;
         assert_eq!(after.len(), before - 1);
         assert!(!after.contains(&"ct-1.20270112T1200".to_string()));
     }
