@@ -106,11 +106,8 @@ if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
     banner "cargo test --workspace"
     cargo test --workspace
 
-    banner "fuzz targets compile (gateway/dicom/fuzz, gateway/hl7/fuzz, gateway/fleet/fuzz, gateway/exchange/fuzz)"
-    cargo check --manifest-path gateway/dicom/fuzz/Cargo.toml --bins
-    cargo check --manifest-path gateway/hl7/fuzz/Cargo.toml --bins
-    cargo check --manifest-path gateway/fleet/fuzz/Cargo.toml --bins
-    cargo check --manifest-path gateway/exchange/fuzz/Cargo.toml --bins
+    banner "fuzz targets run (hw-tests/fuzz.sh: every target of gateway/{dicom,hl7,fleet,exchange}/fuzz, ${FUZZ_SECONDS:-30} s each, seed corpus in the repo)"
+    bash hw-tests/fuzz.sh
 
     banner "dependency policy: advisories (offline snapshot), licenses, bans, sources"
     bash hw-tests/deny.sh

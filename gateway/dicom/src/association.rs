@@ -9,7 +9,6 @@
 //! protocol violation (this SCP negotiates no asynchronous operations).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_ul::Pdu;
@@ -20,12 +19,11 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::context::Context;
 use crate::dimse::{self, FindRequest, Request, StoreRequest, status};
-use crate::metrics::Metrics;
 use crate::part10;
-use crate::service::Options;
 use crate::walker::{Encoding, Walker};
-use crate::worklist::{self, MODALITY_WORKLIST_FIND, WorklistSource};
+use crate::worklist::{self, MODALITY_WORKLIST_FIND};
 
 /// Largest command set accepted (real ones are a few hundred bytes).
 const MAX_COMMAND_LEN: usize = 64 * 1024;
@@ -33,17 +31,6 @@ const MAX_COMMAND_LEN: usize = 64 * 1024;
 const SOURCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// PDUs buffered between the network and an object's writer thread.
 const SINK_DEPTH: usize = 8;
-
-/// What every association of the service shares.
-#[derive(Debug)]
-pub(crate) struct Context {
-    pub options: Arc<Options>,
-    pub spool: Spool,
-    pub metrics: Metrics,
-    pub idle_timeout: Duration,
-    /// Set on the core gateway: Modality Worklist C-FIND is offered.
-    pub worklist: Option<Arc<dyn WorklistSource>>,
-}
 
 type Association = AsyncServerAssociation<TcpStream>;
 

@@ -9,6 +9,8 @@ use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
 
+use crate::element::{self, Encoding};
+
 /// Command Field values used here.
 pub mod field {
     pub const C_STORE_RQ: u16 = 0x0001;
@@ -131,18 +133,18 @@ impl<'a> CommandFields<'a> {
     fn scan(mut bytes: &'a [u8]) -> Result<Self, CommandError> {
         let mut elements = Vec::new();
         while !bytes.is_empty() {
-            let header = bytes.get(..8).ok_or(CommandError::Decode)?;
-            let group = u16::from_le_bytes([header[0], header[1]]);
-            let element = u16::from_le_bytes([header[2], header[3]]);
-            let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
-            if group != 0x0000 {
+            // Command sets are always Implicit VR Little Endian (PS3.7 6.3.1).
+            let header =
+                element::read_header(bytes, Encoding::IMPLICIT_LE).ok_or(CommandError::Decode)?;
+            if header.group != 0x0000 {
                 return Err(CommandError::Decode);
             }
-            let value = bytes
-                .get(8..8usize.saturating_add(len))
+            let (value, rest) = bytes
+                .get(header.header_len..)
+                .and_then(|b| b.split_at_checked(header.len as usize))
                 .ok_or(CommandError::Decode)?;
-            elements.push((element, value));
-            bytes = &bytes[8 + len..];
+            elements.push((header.element, value));
+            bytes = rest;
         }
         Ok(Self { elements })
     }

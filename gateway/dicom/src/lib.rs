@@ -5,8 +5,12 @@
 //! Module map:
 //! - [`service`]: [`DicomService`], the TCP listener, connection limits and shutdown.
 //! - [`policy`]: who may associate (called/calling AE title, address) and how many at once.
+//! - `context`: what the listener hands every association (options, spool, metrics,
+//!   worklist); `service` -> `association` -> `context`, never back.
 //! - `association`: one association: DIMSE message loop, C-STORE streaming into the spool.
 //! - [`dimse`]: command set decoding and response encoding.
+//! - `element`: the one DICOM element header reader (tag, VR, 2- or 4-byte length) and the
+//!   [`walker::Encoding`] of a transfer syntax; used by `walker` and `worklist`.
 //! - [`walker`]: push-mode structural check of a data set as it streams.
 //! - [`part10`]: the Part 10 header stored in front of each data set.
 //! - [`storage_classes`]: the storage SOP classes offered (generated from the dictionary).
@@ -26,10 +30,17 @@
 //! - C-FIND answers one pending response per matching item, then 0000 (or FE00 after a
 //!   C-CANCEL-RQ); a bad identifier gets A900 or C000 and the association goes on.
 //! - Logs name peers by AE title and address and objects by spool id, never by patient data.
+//! - Network input is never indexed or sliced unchecked (`clippy::indexing_slicing` and
+//!   `clippy::string_slice` are denied outside tests).
+
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+#![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
 mod association;
 pub mod charset;
+mod context;
 pub mod dimse;
+mod element;
 pub mod metrics;
 pub mod part10;
 pub mod policy;

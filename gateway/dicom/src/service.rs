@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
-use dicom_ul::association::server::AcceptCalledAeTitle;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource};
 use dicom_ul::{Pdu, ServerAssociationOptions};
 use gateway_spool::Spool;
@@ -17,7 +16,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::association::{self, Context};
+use crate::association;
+use crate::context::{Context, Options};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::policy::{Gatekeeper, PolicySettings, Refusal};
 use crate::storage_classes::STORAGE_SOP_CLASSES;
@@ -52,12 +52,6 @@ pub enum DicomError {
         source: std::io::Error,
     },
 }
-
-pub(crate) type Options = ServerAssociationOptions<
-    'static,
-    AcceptCalledAeTitle,
-    dicom_ul::association::server::DefaultNegotiation,
->;
 
 /// The C-ECHO/C-STORE SCP, and Modality Worklist C-FIND SCP when given a worklist.
 #[derive(Debug)]
@@ -312,10 +306,10 @@ pub fn classify_first_pdu(buf: &[u8]) -> FirstPdu {
     if pdu_type != 0x01 {
         return FirstPdu::Invalid("first PDU is not an A-ASSOCIATE-RQ");
     }
-    let Some(header) = buf.get(..6) else {
+    let Some(&[_, _, l0, l1, l2, l3]) = buf.get(..6) else {
         return FirstPdu::Incomplete;
     };
-    let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
+    let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
     if len > MAX_ASSOCIATE_RQ {
         return FirstPdu::Invalid("A-ASSOCIATE-RQ too large");
     }
@@ -341,7 +335,7 @@ async fn peek_associate_rq(stream: &TcpStream) -> Result<(String, String, usize)
         if n == 0 {
             return Err("connection closed");
         }
-        match classify_first_pdu(&buf[..n]) {
+        match classify_first_pdu(buf.get(..n).unwrap_or_default()) {
             FirstPdu::AssociateRq {
                 calling,
                 called,

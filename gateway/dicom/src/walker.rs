@@ -10,45 +10,8 @@
 //!
 //! Values are skipped, never interpreted; errors name offsets and tags, never values.
 
-/// How the data set is encoded (from the presentation context's transfer syntax).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Encoding {
-    pub explicit_vr: bool,
-    pub big_endian: bool,
-    /// The whole data set is a raw deflate (RFC 1951) stream of Explicit VR LE.
-    pub deflated: bool,
-}
-
-impl Encoding {
-    pub const IMPLICIT_LE: Self = Self {
-        explicit_vr: false,
-        big_endian: false,
-        deflated: false,
-    };
-    pub const EXPLICIT_LE: Self = Self {
-        explicit_vr: true,
-        big_endian: false,
-        deflated: false,
-    };
-
-    /// The encoding of a transfer syntax UID. Every transfer syntax other than the native
-    /// ones below encodes its data set as Explicit VR Little Endian (compressed pixel data
-    /// sits in encapsulated fragments, which the walker follows).
-    pub fn of_transfer_syntax(uid: &str) -> Self {
-        match uid.trim_end_matches(['\0', ' ']) {
-            "1.2.840.10008.1.2" => Self::IMPLICIT_LE,
-            "1.2.840.10008.1.2.2" => Self {
-                big_endian: true,
-                ..Self::EXPLICIT_LE
-            },
-            "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.4.95" => Self {
-                deflated: true,
-                ..Self::EXPLICIT_LE
-            },
-            _ => Self::EXPLICIT_LE,
-        }
-    }
-}
+pub use crate::element::Encoding;
+use crate::element::{self, ITEM_GROUP, UNDEFINED_LENGTH as UNDEFINED};
 
 /// Largest inflated data set walked (a deflate bomb costs CPU only, never memory, but it
 /// must end).
@@ -100,7 +63,6 @@ pub struct Summary {
 }
 
 const MAX_DEPTH: usize = 64;
-const UNDEFINED: u32 = 0xFFFF_FFFF;
 const CAPTURE_MAX: u32 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,13 +180,13 @@ impl Inflater {
                 })?;
             let consumed = (self.state.total_in() - before_in) as usize;
             let produced = (self.state.total_out() - before_out) as usize;
-            *data = &data[consumed..];
+            *data = data.get(consumed..).unwrap_or_default();
             if self.state.total_out() > MAX_INFLATED {
                 return Err(WalkError::Inflate {
                     offset: framing.offset,
                 });
             }
-            framing.feed(&self.out[..produced])?;
+            framing.feed(self.out.get(..produced).unwrap_or_default())?;
             if status == flate2::Status::StreamEnd {
                 self.ended = true;
             }
@@ -269,7 +231,7 @@ impl Framing {
             match self.state {
                 State::Skip(n) => {
                     let take = n.min(data.len() as u64);
-                    self.advance(take as usize, &mut data);
+                    self.take(take as usize, &mut data);
                     self.state = if n == take {
                         State::Header
                     } else {
@@ -277,9 +239,9 @@ impl Framing {
                     };
                 }
                 State::Capture(which, n) => {
-                    let take = (n as usize).min(data.len());
-                    self.captured.extend_from_slice(&data[..take]);
-                    self.advance(take, &mut data);
+                    let piece = self.take(n as usize, &mut data);
+                    let take = piece.len();
+                    self.captured.extend_from_slice(piece);
                     if take == n as usize {
                         let text = String::from_utf8_lossy(&self.captured)
                             .trim_end_matches(['\0', ' '])
@@ -300,10 +262,15 @@ impl Framing {
                         self.element_offset = self.offset;
                     }
                     let need = self.header_len();
-                    let take = (need - self.have).min(data.len());
-                    self.header[self.have..self.have + take].copy_from_slice(&data[..take]);
-                    self.have += take;
-                    self.advance(take, &mut data);
+                    let piece = self.take(need.saturating_sub(self.have), &mut data);
+                    let Some(slot) = self.header.get_mut(self.have..self.have + piece.len()) else {
+                        // Not reached: a header is at most as long as the buffer.
+                        return Err(WalkError::Truncated {
+                            offset: self.offset,
+                        });
+                    };
+                    slot.copy_from_slice(piece);
+                    self.have += piece.len();
                     if self.have == need && need == self.header_len() {
                         self.have = 0;
                         self.on_header()?;
@@ -325,53 +292,28 @@ impl Framing {
         Ok(summary)
     }
 
-    fn advance(&mut self, n: usize, data: &mut &[u8]) {
-        self.offset += n as u64;
-        *data = &data[n..];
-    }
-
-    fn u16_at(&self, i: usize) -> u16 {
-        let b = [self.header[i], self.header[i + 1]];
-        if self.enc.big_endian {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        }
-    }
-
-    fn u32_at(&self, i: usize) -> u32 {
-        let b = [
-            self.header[i],
-            self.header[i + 1],
-            self.header[i + 2],
-            self.header[i + 3],
-        ];
-        if self.enc.big_endian {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        }
+    /// Takes up to `n` bytes off the front of `data`, counting them.
+    fn take<'d>(&mut self, n: usize, data: &mut &'d [u8]) -> &'d [u8] {
+        let (head, rest) = data.split_at_checked(n).unwrap_or((data, &[]));
+        self.offset += head.len() as u64;
+        *data = rest;
+        head
     }
 
     /// Bytes of the header being read: 8, or 12 once an explicit long-form VR is seen.
     fn header_len(&self) -> usize {
-        if self.have >= 6
-            && self.enc.explicit_vr
-            && self.u16_at(0) != 0xFFFE
-            && is_long_vr(&self.header[4..6])
-        {
-            12
-        } else {
-            8
-        }
+        element::header_len(self.header.get(..self.have).unwrap_or_default(), self.enc)
     }
 
     fn on_header(&mut self) -> Result<(), WalkError> {
-        let (group, element) = (self.u16_at(0), self.u16_at(2));
         let offset = self.element_offset;
-        if group == 0xFFFE {
-            let len = self.u32_at(4);
-            return self.on_delimitation(element, len, offset);
+        let Some(header) = element::read_header(&self.header, self.enc) else {
+            // Not reached: `feed` calls this with the whole header buffered.
+            return Err(WalkError::Truncated { offset });
+        };
+        let (group, element) = (header.group, header.element);
+        if group == ITEM_GROUP {
+            return self.on_delimitation(element, header.len, offset);
         }
         if self.stack.last() == Some(&Frame::Sequence) {
             return Err(WalkError::NotAnItem {
@@ -380,18 +322,15 @@ impl Framing {
                 offset,
             });
         }
-        let (len, may_be_undefined) = if self.enc.explicit_vr {
-            let vr = [self.header[4], self.header[5]];
-            if !vr.iter().all(u8::is_ascii_uppercase) {
-                return Err(WalkError::BadVr { offset });
+        let len = header.len;
+        let may_be_undefined = match header.vr {
+            Some(vr) => {
+                if !vr.iter().all(u8::is_ascii_uppercase) {
+                    return Err(WalkError::BadVr { offset });
+                }
+                element::is_long_vr(vr) && matches!(&vr, b"SQ" | b"OB" | b"OW" | b"UN")
             }
-            if is_long_vr(&vr) {
-                (self.u32_at(8), matches!(&vr, b"SQ" | b"OB" | b"OW" | b"UN"))
-            } else {
-                (u32::from(self.u16_at(6)), false)
-            }
-        } else {
-            (self.u32_at(4), true)
+            None => true,
         };
         if len == UNDEFINED {
             if !may_be_undefined {
@@ -461,25 +400,6 @@ impl Framing {
         self.stack.push(frame);
         Ok(())
     }
-}
-
-fn is_long_vr(vr: &[u8]) -> bool {
-    matches!(
-        vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    )
 }
 
 #[cfg(test)]

@@ -48,7 +48,8 @@ use dicom_transfer_syntax_registry::entries::{
 use gateway_booking::worklist::{WorklistItem, WorklistQuery};
 
 use crate::charset::{self, CharsetError, SpecificCharset};
-use crate::walker::{Encoding, Walker};
+use crate::element::{self, Encoding, ITEM_GROUP, SHORT_HEADER, UNDEFINED_LENGTH};
+use crate::walker::Walker;
 
 /// The SOP class served.
 pub const MODALITY_WORKLIST_FIND: &str =
@@ -208,42 +209,26 @@ fn check_data_set(
         if Some(pos) == end {
             return Ok(pos);
         }
-        let (group, element) = tag_at(bytes, pos, enc).ok_or(())?;
-        if (group, element) == (0xFFFE, 0xE00D) {
-            let len = u32_at(bytes, pos + 4, enc).ok_or(())?;
-            return if end.is_none() && len == 0 {
-                Ok(pos + 8)
+        let header = element::read_header_at(bytes, pos, enc).ok_or(())?;
+        let (group, element) = (header.group, header.element);
+        if (group, element) == (ITEM_GROUP, 0xE00D) {
+            return if end.is_none() && header.len == 0 {
+                Ok(pos + SHORT_HEADER)
             } else {
                 Err(())
             };
         }
-        if group == 0xFFFE {
+        if group == ITEM_GROUP {
             return Err(());
         }
-        let (vr, start, len) = if enc.explicit_vr {
-            let vr_bytes = bytes.get(pos + 4..pos + 6).ok_or(())?;
-            let vr = std::str::from_utf8(vr_bytes)
+        let vr = match header.vr {
+            Some(vr_bytes) => std::str::from_utf8(&vr_bytes)
                 .ok()
                 .and_then(|s| s.parse::<VR>().ok())
-                .ok_or(())?;
-            if long_length(vr) {
-                (vr, pos + 12, u32_at(bytes, pos + 8, enc).ok_or(())?)
-            } else {
-                let len = bytes.get(pos + 6..pos + 8).ok_or(())?;
-                let len = if enc.big_endian {
-                    u16::from_be_bytes([len[0], len[1]])
-                } else {
-                    u16::from_le_bytes([len[0], len[1]])
-                };
-                (vr, pos + 8, u32::from(len))
-            }
-        } else {
-            (
-                implicit_vr(group, element),
-                pos + 8,
-                u32_at(bytes, pos + 4, enc).ok_or(())?,
-            )
+                .ok_or(())?,
+            None => implicit_vr(group, element),
         };
+        let (start, len) = (pos + header.header_len, header.len);
         pos = if vr == VR::SQ {
             if depth >= MAX_DEPTH {
                 return Err(());
@@ -286,12 +271,14 @@ fn check_sequence(
         if Some(pos) == end {
             return Ok(pos);
         }
-        let tag = tag_at(bytes, pos, enc).ok_or(())?;
-        let item_len = u32_at(bytes, pos + 4, enc).ok_or(())?;
-        match tag {
-            (0xFFFE, 0xE0DD) if end.is_none() && item_len == 0 => return Ok(pos + 8),
-            (0xFFFE, 0xE000) => {
-                let start = pos + 8;
+        let header = element::read_header_at(bytes, pos, enc).ok_or(())?;
+        let item_len = header.len;
+        match (header.group, header.element) {
+            (ITEM_GROUP, 0xE0DD) if end.is_none() && item_len == 0 => {
+                return Ok(pos + SHORT_HEADER);
+            }
+            (ITEM_GROUP, 0xE000) => {
+                let start = pos + SHORT_HEADER;
                 pos = if item_len == u32::MAX {
                     check_data_set(bytes, start, None, enc, depth)?
                 } else {
@@ -307,50 +294,6 @@ fn check_sequence(
             _ => return Err(()),
         }
     }
-}
-
-fn tag_at(bytes: &[u8], pos: usize, enc: Encoding) -> Option<(u16, u16)> {
-    let b = bytes.get(pos..pos.checked_add(4)?)?;
-    Some(if enc.big_endian {
-        (
-            u16::from_be_bytes([b[0], b[1]]),
-            u16::from_be_bytes([b[2], b[3]]),
-        )
-    } else {
-        (
-            u16::from_le_bytes([b[0], b[1]]),
-            u16::from_le_bytes([b[2], b[3]]),
-        )
-    })
-}
-
-fn u32_at(bytes: &[u8], pos: usize, enc: Encoding) -> Option<u32> {
-    let b = bytes.get(pos..pos.checked_add(4)?)?;
-    let quad = [b[0], b[1], b[2], b[3]];
-    Some(if enc.big_endian {
-        u32::from_be_bytes(quad)
-    } else {
-        u32::from_le_bytes(quad)
-    })
-}
-
-fn long_length(vr: VR) -> bool {
-    matches!(
-        vr,
-        VR::OB
-            | VR::OD
-            | VR::OF
-            | VR::OL
-            | VR::OV
-            | VR::OW
-            | VR::SQ
-            | VR::SV
-            | VR::UC
-            | VR::UN
-            | VR::UR
-            | VR::UT
-            | VR::UV
-    )
 }
 
 /// The VR dicom-parser gives an element in implicit VR (see its implicit_le decoder).
@@ -389,10 +332,15 @@ fn take_charset(bytes: &[u8], enc: Encoding) -> (Option<Vec<u8>>, Cow<'_, [u8]>)
         match (group, element).cmp(&(0x0008, 0x0005)) {
             std::cmp::Ordering::Less => pos = end,
             std::cmp::Ordering::Equal => {
+                let (Some(before), Some(value), Some(after)) =
+                    (bytes.get(..pos), bytes.get(start..end), bytes.get(end..))
+                else {
+                    break;
+                };
                 let mut rest = Vec::with_capacity(bytes.len());
-                rest.extend_from_slice(&bytes[..pos]);
-                rest.extend_from_slice(&bytes[end..]);
-                return (Some(bytes[start..end].to_vec()), Cow::Owned(rest));
+                rest.extend_from_slice(before);
+                rest.extend_from_slice(after);
+                return (Some(value.to_vec()), Cow::Owned(rest));
             }
             std::cmp::Ordering::Greater => break,
         }
@@ -403,50 +351,16 @@ fn take_charset(bytes: &[u8], enc: Encoding) -> (Option<Vec<u8>>, Cow<'_, [u8]>)
 /// (group, element, value offset, value length) of the element at `pos`; None at the end,
 /// on undefined length, or when the bytes are short.
 fn element_header(bytes: &[u8], pos: usize, enc: Encoding) -> Option<(u16, u16, usize, usize)> {
-    let h = bytes.get(pos..pos.checked_add(8)?)?;
-    let u16_at = |b: &[u8], i: usize| {
-        let pair = [b[i], b[i + 1]];
-        if enc.big_endian {
-            u16::from_be_bytes(pair)
-        } else {
-            u16::from_le_bytes(pair)
-        }
-    };
-    let u32_of = |b: &[u8]| {
-        let quad = [b[0], b[1], b[2], b[3]];
-        if enc.big_endian {
-            u32::from_be_bytes(quad)
-        } else {
-            u32::from_le_bytes(quad)
-        }
-    };
-    let (group, element) = (u16_at(h, 0), u16_at(h, 2));
-    let (start, len) = if !enc.explicit_vr {
-        (pos + 8, u32_of(&h[4..8]))
-    } else if matches!(
-        &h[4..6],
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    ) {
-        (pos + 12, u32_of(bytes.get(pos + 8..pos + 12)?))
-    } else {
-        (pos + 8, u32::from(u16_at(h, 6)))
-    };
-    if len == u32::MAX {
+    let header = element::read_header_at(bytes, pos, enc)?;
+    if header.len == UNDEFINED_LENGTH {
         return None;
     }
-    Some((group, element, start, usize::try_from(len).ok()?))
+    Some((
+        header.group,
+        header.element,
+        pos.checked_add(header.header_len)?,
+        usize::try_from(header.len).ok()?,
+    ))
 }
 
 /// The text of `tag` in `obj`: None when absent, the decoded value (trailing padding

@@ -34,6 +34,11 @@
 //! - No patient data in `Debug` output or error messages: payloads, texts, names, IDs, birth
 //!   dates, codes and order numbers print as lengths, counts or `<redacted>`; errors carry
 //!   table codes, locations, charset names and byte offsets only.
+//! - Network input is never indexed or sliced unchecked (`clippy::indexing_slicing` and
+//!   `clippy::string_slice` are denied outside tests).
+
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+#![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
 pub mod ack;
 pub mod charset;

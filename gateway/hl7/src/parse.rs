@@ -8,7 +8,10 @@
 //! - The text must start with `MSH`. MSH-1 is the character after `MSH` (the field
 //!   separator); MSH-2 holds 4 encoding characters (component, repetition, escape,
 //!   sub-component) and optionally a 5th, the v2.7 truncation character (kept, otherwise
-//!   ignored). All must be distinct, not alphanumeric, not CR/LF/space. MSH-1 and MSH-2 are
+//!   ignored). All must be distinct ASCII punctuation (not alphanumeric, not CR/LF/space or
+//!   another control, and never a non-ASCII character: the acknowledgement repeats them in
+//!   the message's character set, where only ASCII is sure to read back the same). A frame
+//!   with other delimiters is refused (answered with the minimal NAK). MSH-1 and MSH-2 are
 //!   never split into components.
 //! - Segments end at CR (the standard), and leniently at LF or CR LF; empty lines are kept
 //!   for re-serialisation but are not segments. Segment IDs are 3 upper-case letters or
@@ -386,8 +389,11 @@ pub fn parse(text: &str) -> Result<Message<'_>, ParseError> {
     Ok(message)
 }
 
+/// A usable delimiter: ASCII punctuation (printable, not a letter, digit or space). Not
+/// ASCII is refused: a delimiter decoded from e.g. a Shift_JIS user-defined or
+/// half-width/full-width character does not survive the ACK's re-encoding.
 fn valid_delimiter(c: char) -> bool {
-    !(c.is_alphanumeric() || c == '\r' || c == '\n' || c.is_whitespace() || c.is_control())
+    c.is_ascii_punctuation()
 }
 
 impl<'a> Message<'a> {

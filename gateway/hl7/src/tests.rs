@@ -533,3 +533,56 @@ fn location_and_codes_render_without_content() {
         "MSH-12 version is not an HL7 v2.x version (HL7 203 Unsupported version id at MSH-12)"
     );
 }
+
+/// Fuzz finding (`fuzz/corpus/parse_roundtrip/non_ascii_msh_delimiters`): a Shift_JIS frame
+/// whose MSH-1/MSH-2 decode to non-ASCII characters. Delimiters must be ASCII: the frame is
+/// refused like any other unusable MSH and answered with the minimal NAK (which parses),
+/// never with an ACK that repeats an MSH-2 the receiver cannot read back.
+#[test]
+fn non_ascii_msh_delimiters_are_refused_with_the_minimal_nak() {
+    let input: &[u8] = b"\xdbMSH\xf7\xef\xf1\x8b\x81\xe3\x81\xf3\x2c";
+    let (&selector, frame) = input.split_first().unwrap();
+    assert_eq!(
+        selector % 5,
+        4,
+        "the fuzz target decodes this input as Shift_JIS"
+    );
+    let decoded = decode(frame, CharsetOverride::Fixed(Charset::ShiftJis)).unwrap();
+    assert!(decoded.text.starts_with("MSH"));
+    assert!(!decoded.text.is_ascii());
+
+    let e = parse(&decoded.text).unwrap_err();
+    assert_eq!(e.code, ErrorCode::DataTypeError);
+    assert_eq!(e.location.as_ref().map(|l| l.segment.as_str()), Some("MSH"));
+    assert!(Header::from_raw_frame(frame).is_none());
+    let nak = build_minimal_nak(&AckError::from(&e), "GW1", "2024");
+    let parsed = parse(&nak).unwrap();
+    assert_eq!(parsed.delimiters().encoding_characters(), "^~\\&");
+    assert_eq!(parsed.get("MSA", 1, 1, 1, 1), Some("AR"));
+    // The same path as the listener and the fuzz target, under every override.
+    for over in [
+        CharsetOverride::Auto,
+        CharsetOverride::Fixed(Charset::Ascii),
+        CharsetOverride::Fixed(Charset::Utf8),
+        CharsetOverride::Fixed(Charset::Iso2022Jp),
+        CharsetOverride::Fixed(Charset::ShiftJis),
+    ] {
+        assert!(!exercise(frame, over), "{over:?}");
+    }
+}
+
+#[test]
+fn msh_delimiters_must_be_ascii_punctuation() {
+    for text in [
+        "MSH\u{a6}^~\\&|A\r",
+        "MSH|^~\\\u{ff06}|A\r",
+        "MSH|\u{2038}~\\&|A\r",
+        "MSH|^~\\&\u{ff5e}|A\r",
+    ] {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.code, ErrorCode::DataTypeError, "{text:?}");
+    }
+    // Every ASCII punctuation character other than those in use still works, e.g. `#`.
+    let m = parse("MSH#^~\\&#A#B\r").unwrap();
+    assert_eq!(m.delimiters().field, '#');
+}
