@@ -5,6 +5,11 @@
 //! Keys: staff TOTP secrets, the audit chain, the booking files at rest and the exchange's
 //! X25519 key are all derived from the key store's master key ([`Derived`]), so a
 //! crypto-shred takes every one of them.
+//!
+//! No file work on an async worker: the stores are opened, the certificates read and the
+//! broker's TLS files loaded on `spawn_blocking` at start; afterwards the ledger has its own
+//! thread, the RIS orders theirs (`booking-orders`), and the kiosk and the clinic exchange
+//! put their audit appends and sealed writes on blocking threads.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -144,7 +149,7 @@ pub(crate) async fn start(
             });
             if let Some(x) = exchange {
                 let core = CoreExchange::new(
-                    connection(&me, x, identity.clone(), data_dir)?,
+                    connection(&me, x, identity.clone(), data_dir).await?,
                     Arc::new(keys(&me, x, derived)?),
                     ledger,
                     booking.publish_interval.get(),
@@ -166,7 +171,7 @@ pub(crate) async fn start(
         Role::Clinic => match (&booking.core, exchange) {
             (Some(core), Some(x)) => {
                 let clinic_settings = ClinicSettings {
-                    connection: connection(&me, x, identity.clone(), data_dir)?,
+                    connection: connection(&me, x, identity.clone(), data_dir).await?,
                     core: core.clone(),
                     request_timeout: booking.request_timeout.get(),
                     stale_after: booking.stale_after.get(),
@@ -367,16 +372,21 @@ fn keys(me: &str, x: &Exchange, derived: &Derived) -> Result<Keys, String> {
     })
 }
 
-/// The regional broker connection: TLS like the fleet's (broker CA, client identity).
-fn connection(
+/// The regional broker connection: TLS like the fleet's (broker CA, client identity), its
+/// files read on a blocking thread.
+async fn connection(
     me: &str,
     x: &Exchange,
     identity: Option<Arc<dyn gateway_keystore::DeviceIdentity>>,
     data_dir: &std::path::Path,
 ) -> Result<Connection, String> {
-    let broker = gateway_mqtt::BrokerTls::exchange(x)
-        .broker(identity, data_dir)
-        .map_err(|e| e.to_string())?;
+    let (x, data_dir) = (x.clone(), data_dir.to_path_buf());
+    let broker = blocking(move || {
+        gateway_mqtt::BrokerTls::exchange(&x)
+            .broker(identity, &data_dir)
+            .map_err(|e| e.to_string())
+    })
+    .await?;
     let client_id = gateway_id::Id::parse(me, "node.id").map_err(|e| e.to_string())?;
     Ok(Connection { client_id, broker })
 }
