@@ -454,16 +454,19 @@ mod tests {
     async fn reoffer_at_start_stores_a_lost_order_once() {
         let spool_dir = tempfile::tempdir().unwrap();
         let booking_dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(
-            spool_dir.path(),
-            Some(MasterKey::from_bytes([7; KEY_LEN])),
-            Limits {
-                max_bytes: 1 << 40,
-                min_free_bytes: 0,
-            },
-            vec![],
-        )
-        .unwrap();
+        let open_spool = || {
+            Spool::open(
+                spool_dir.path(),
+                Some(MasterKey::from_bytes([7; KEY_LEN])),
+                Limits {
+                    max_bytes: 1 << 40,
+                    min_free_bytes: 0,
+                },
+                vec![],
+            )
+            .unwrap()
+        };
+        let spool = open_spool();
         let seal = || SealKey::derive(&MasterKey::from_bytes([9; KEY_LEN]));
         let schedules = Arc::new(vec![ct()]);
         let (service, ledger) = LedgerService::new(
@@ -533,16 +536,7 @@ mod tests {
         // After a restart of the spool too (the key is found in its index, not only in
         // memory).
         drop(spool);
-        let spool = Spool::open(
-            spool_dir.path(),
-            Some(MasterKey::from_bytes([7; KEY_LEN])),
-            Limits {
-                max_bytes: 1 << 40,
-                min_free_bytes: 0,
-            },
-            vec![],
-        )
-        .unwrap();
+        let spool = open_spool();
         spool.recover().unwrap();
         let third =
             tokio::task::block_in_place(|| store_order(&spool, &schedules, facility, &again));
