@@ -26,6 +26,11 @@
 //! Invariants: no panic on any input (ids and times come from the network); the ledger
 //! never holds two live appointments for one slot; a refusal changes nothing.
 
+// Worklist matching (C-FIND identifiers) and order building read network input: no indexing
+// or string slicing that could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+#![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
+
 pub mod backend;
 pub mod ledger;
 pub mod order;

@@ -79,10 +79,15 @@ pub fn study_uid(a: &Appointment) -> String {
 /// A segment with the given fields (by HL7 field number) and the rest empty.
 fn segment(name: &str, fields: &[(usize, String)]) -> String {
     let last = fields.iter().map(|(n, _)| *n).max().unwrap_or(0);
-    let mut out = vec![String::new(); last + 1];
-    out[0] = name.to_owned();
+    let mut out = vec![String::new(); last.saturating_add(1)];
+    if let Some(first) = out.first_mut() {
+        name.clone_into(first);
+    }
     for (n, v) in fields {
-        out[*n].clone_from(v);
+        // `last` is the largest field number, so every one has its place.
+        if let Some(field) = out.get_mut(*n) {
+            field.clone_from(v);
+        }
     }
     out.join("|")
 }

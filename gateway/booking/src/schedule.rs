@@ -59,7 +59,7 @@ pub struct Schedule {
     tz_name: String,
     slot_minutes: u32,
     /// Opening hours by weekday, Monday first.
-    hours: [Option<(Time, Time)>; 7],
+    hours: Week,
     holidays: BTreeSet<Date>,
 }
 
@@ -92,8 +92,23 @@ fn valid_id(id: &str) -> bool {
     gateway_id::is_valid(id) && id.len() <= 32 && !id.contains('.')
 }
 
+/// Opening hours by weekday, Monday first.
+type Week = [Option<(Time, Time)>; 7];
+
 fn day_index(day: Weekday) -> usize {
     usize::try_from(day.to_monday_zero_offset()).unwrap_or(0)
+}
+
+/// Sets the opening hours of `day` (every weekday has its place in a [`Week`]).
+fn set_hours(week: &mut Week, day: Weekday, hours: (Time, Time)) {
+    if let Some(place) = week.get_mut(day_index(day)) {
+        *place = Some(hours);
+    }
+}
+
+/// The opening hours of `day`, if it is open.
+fn hours_on(week: &Week, day: Weekday) -> Option<(Time, Time)> {
+    week.get(day_index(day)).copied().flatten()
 }
 
 fn parse_hours(text: &str) -> Option<(Time, Time)> {
@@ -141,12 +156,12 @@ impl Schedule {
         if !(5..=480).contains(&slot_minutes) {
             problems.push(problem("slot_minutes", "between 5 and 480"));
         }
-        let mut hours: [Option<(Time, Time)>; 7] = [None; 7];
+        let mut hours: Week = [None; 7];
         match &spec.hours {
             None => {
                 for (_, day) in &WEEKDAYS[..5] {
                     if let Some(h) = parse_hours(DEFAULT_HOURS) {
-                        hours[day_index(*day)] = Some(h);
+                        set_hours(&mut hours, *day, h);
                     }
                 }
             }
@@ -162,7 +177,7 @@ impl Schedule {
                             "opening hours as HH:MM-HH:MM, opening before closing",
                         )),
                         (Some((_, day)), Some(h)) => {
-                            hours[day_index(*day)] = Some(h);
+                            set_hours(&mut hours, *day, h);
                         }
                     }
                 }
@@ -236,7 +251,7 @@ impl Schedule {
         if self.holidays.contains(&date) {
             return out;
         }
-        let Some((open, close)) = &self.hours[day_index(date.weekday())] else {
+        let Some((open, close)) = &hours_on(&self.hours, date.weekday()) else {
             return out;
         };
         let step = jiff::SignedDuration::from_mins(i64::from(self.slot_minutes));

@@ -153,7 +153,7 @@ fn wildcard(p: &[char], v: &[char]) -> bool {
                 star = Some((pi, vi));
                 pi += 1;
             }
-            Some(c) if *c == '?' || *c == v[vi] => {
+            Some(c) if *c == '?' || v.get(vi) == Some(c) => {
                 pi += 1;
                 vi += 1;
             }
@@ -167,7 +167,7 @@ fn wildcard(p: &[char], v: &[char]) -> bool {
             },
         }
     }
-    p[pi.min(p.len())..].iter().all(|c| *c == '*')
+    p.get(pi..).unwrap_or_default().iter().all(|c| *c == '*')
 }
 
 /// PN matching group by group.
@@ -223,7 +223,8 @@ fn trim_zeros<'a>(normalised: &'a str, given: &str) -> &'a str {
         .filter(char::is_ascii_digit)
         .count()
         .min(normalised.len());
-    &normalised[..n]
+    // `normalised` is ASCII digits: every `n` up to its length is a character boundary.
+    normalised.get(..n).unwrap_or(normalised)
 }
 
 /// The inclusive upper bound: unspecified trailing digits become 9s.
@@ -233,7 +234,12 @@ fn upper(normalised: &str, given: &str) -> String {
         .filter(char::is_ascii_digit)
         .count()
         .min(normalised.len());
-    format!("{}{}", &normalised[..n], "9".repeat(normalised.len() - n))
+    // `normalised` is ASCII digits: every `n` up to its length is a character boundary.
+    let kept = normalised.get(..n).unwrap_or(normalised);
+    format!(
+        "{kept}{}",
+        "9".repeat(normalised.len().saturating_sub(kept.len()))
+    )
 }
 
 #[cfg(test)]
@@ -458,5 +464,41 @@ mod tests {
         assert!(wildcard(&['*'], &[]));
         assert!(!wildcard(&['?'], &[]));
         assert!(wildcard(&['a', '*', 'c'], &['a', 'b', 'b', 'c']));
+    }
+
+    #[test]
+    fn hostile_query_values_match_nothing_and_never_panic() {
+        // Multi-byte characters, stray wildcards and separators, out-of-range widths.
+        for q in [
+            "山*",
+            "*田",
+            "??",
+            "**?*",
+            "\u{0}",
+            "=",
+            "==",
+            "^=^",
+            "ﾔﾏﾀﾞ*",
+            "-",
+            "--",
+            "1-2-3",
+            "0930-",
+            "-0930",
+            "09:30:00.5-",
+            "093000000000",
+            "２０２７",
+            "20270112-2027011",
+        ] {
+            let _ = string_matches(q, "ZZTEST^HANAKO=山田^花子");
+            let _ = name_matches(q, "ZZTEST^HANAKO=山田^花子=やまだ^はなこ");
+            let _ = range_matches(q, "20270112", 8);
+            let _ = range_matches(q, "093000", 6);
+        }
+        assert!(string_matches("山*", "山田"));
+        assert!(!string_matches("山?", "山田花"));
+        assert!(range_matches("09-0930", "093059", 6));
+        assert!(!range_matches("２０２７", "20270112", 8));
+        assert_eq!(upper("093000", "0930"), "093099");
+        assert_eq!(trim_zeros("093000", "09"), "09");
     }
 }

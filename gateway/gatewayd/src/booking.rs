@@ -5,6 +5,11 @@
 //! Keys: staff TOTP secrets, the audit chain, the booking files at rest and the exchange's
 //! X25519 key are all derived from the key store's master key ([`Derived`]), so a
 //! crypto-shred takes every one of them.
+//!
+//! No file work on an async worker: the stores are opened, the certificates read and the
+//! broker's TLS files loaded on `spawn_blocking` at start; afterwards the ledger has its own
+//! thread, the RIS orders theirs (`booking-orders`), and the kiosk and the clinic exchange
+//! put their audit appends and sealed writes on blocking threads.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,7 +30,7 @@ use gateway_regional::local::{LocalCore, NoCore};
 use gateway_regional::wire::Keys;
 use gateway_staff::{Staff, StaffKey};
 use tokio::sync::{Notify, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// A task of the booking service.
 pub(crate) type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -81,22 +86,28 @@ pub(crate) async fn start(
     let data_dir = &settings.node.data_dir;
     let me = settings.node.id.as_str().to_owned();
     let booking_dir = data_dir.join("booking");
-    let staff = Arc::new(
-        Staff::open(&data_dir.join("staff"), derived.staff())
-            .map_err(|e| format!("booking: {e}"))?,
-    );
-    let audit = Arc::new(
-        AuditLog::open(&crate::ops::audit_dir(settings), derived.audit())
-            .map_err(|e| format!("booking: audit trail: {e}"))?,
-    );
+    let (staff, audit) = {
+        let (staff_dir, staff_key) = (data_dir.join("staff"), derived.staff());
+        let (audit_dir, audit_key) = (crate::ops::audit_dir(settings), derived.audit());
+        blocking(move || {
+            let staff = Staff::open(&staff_dir, staff_key).map_err(|e| format!("booking: {e}"))?;
+            let audit = AuditLog::open(&audit_dir, audit_key)
+                .map_err(|e| format!("booking: audit trail: {e}"))?;
+            Ok((Arc::new(staff), Arc::new(audit)))
+        })
+        .await?
+    };
     let mut tasks: Vec<Task> = Vec::new();
     let exchange = settings.exchange.as_ref();
     let mut core_parts = None;
     let (slots, backend): (Arc<dyn SlotSource>, Arc<dyn BookingBackend>) = match settings.node.role
     {
         Role::Core => {
-            let ledger =
-                Ledger::open(&booking_dir, derived.seal()).map_err(|e| format!("booking: {e}"))?;
+            let ledger = {
+                let (dir, seal) = (booking_dir.clone(), derived.seal());
+                blocking(move || Ledger::open(&dir, seal).map_err(|e| format!("booking: {e}")))
+                    .await?
+            };
             let schedules = Arc::new(booking.schedules.clone());
             let (service, ledger) = LedgerService::new(ledger, Arc::clone(&schedules));
             service
@@ -119,6 +130,18 @@ pub(crate) async fn start(
             if let Some(f) = &to_ris {
                 local = local.with_on_booked(f.clone());
             }
+            // Orders the ledger decided but a crash kept out of the spool are made now; the
+            // ones already stored are repeats of their message key, stored once.
+            match local.reoffer_booked().await {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    appointments = n,
+                    "booked appointments re-offered to the RIS order path"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "booking ledger cannot list the booked appointments to re-offer")
+                }
+            }
             let local = Arc::new(local);
             core_parts = Some(CoreParts {
                 ledger: ledger.clone(),
@@ -126,7 +149,7 @@ pub(crate) async fn start(
             });
             if let Some(x) = exchange {
                 let core = CoreExchange::new(
-                    connection(&me, x, identity.clone(), data_dir)?,
+                    connection(&me, x, identity.clone(), data_dir).await?,
                     Arc::new(keys(&me, x, derived)?),
                     ledger,
                     booking.publish_interval.get(),
@@ -148,18 +171,17 @@ pub(crate) async fn start(
         Role::Clinic => match (&booking.core, exchange) {
             (Some(core), Some(x)) => {
                 let clinic_settings = ClinicSettings {
-                    connection: connection(&me, x, identity.clone(), data_dir)?,
+                    connection: connection(&me, x, identity.clone(), data_dir).await?,
                     core: core.clone(),
                     request_timeout: booking.request_timeout.get(),
                     stale_after: booking.stale_after.get(),
                 };
-                let (handle, task) = ClinicExchange::open(
-                    clinic_settings,
-                    keys(&me, x, derived)?,
-                    &booking_dir,
-                    derived.seal(),
-                )
-                .map_err(|e| format!("booking: {e}"))?;
+                let (keys, seal, dir) = (keys(&me, x, derived)?, derived.seal(), booking_dir);
+                let (handle, task) = blocking(move || {
+                    ClinicExchange::open(clinic_settings, keys, &dir, seal)
+                        .map_err(|e| format!("booking: {e}"))
+                })
+                .await?;
                 tasks.push(Box::pin(task.run(shutdown.clone())));
                 let handle = Arc::new(handle);
                 (
@@ -177,7 +199,11 @@ pub(crate) async fn start(
             }
         },
     };
-    let tls = kiosk_tls(settings, booking)?;
+    let tls = {
+        let (files, listen) = (booking.tls_files.clone(), booking.listen);
+        let dir = settings.node.data_dir.join("booking");
+        blocking(move || kiosk_tls(files, listen, &dir)).await?
+    };
     let tcp = tokio::net::TcpListener::bind(booking.listen)
         .await
         .map_err(|e| format!("booking.listen {}: {e}", booking.listen))?;
@@ -205,7 +231,10 @@ pub(crate) async fn start(
 /// HL7 message) by a thread of their own (`booking-orders`), fed by the exchange's
 /// [`gateway_regional::OnBooked`] channel, so no decision waits on the spool's `fsync`.
 /// `None` without an HL7 destination. A repeat of the same booking is the same message key:
-/// stored once. The thread ends when every sender is gone (see [`drain_orders`]).
+/// stored once ([`store_order`]); that is what lets the core re-offer every live booking at
+/// start-up ([`LocalCore::reoffer_booked`]) to close the window between the ledger's
+/// decision and the order's storage. The thread ends when every sender is gone (see
+/// [`drain_orders`]).
 fn ris_orders(
     settings: &Settings,
     spool: &gateway_spool::Spool,
@@ -226,25 +255,15 @@ fn ris_orders(
         .name("booking-orders".into())
         .spawn(move || {
             while let Some(a) = rx.blocking_recv() {
-                let Some(order) = gateway_booking::order::ris_order(
-                    &a,
-                    &schedules,
-                    &facility,
-                    jiff::Timestamp::now(),
-                ) else {
-                    continue;
-                };
-                let item = gateway_spool::MessageIn {
-                    key: order.key,
-                    message_type: order.message_type.into(),
-                    charset: order.charset.into(),
-                    source: "booking".into(),
-                    bytes: order.text.into_bytes(),
-                };
-                match spool.store_messages(std::slice::from_ref(&item)).pop() {
-                    Some(Ok(_)) => info!(appointment = %a.id, "OMG^O19 for the RIS stored"),
+                match store_order(&spool, &schedules, &facility, &a) {
+                    Some(Ok(gateway_spool::Committed::Stored(_))) => {
+                        info!(appointment = %a.id, "OMG^O19 for the RIS stored");
+                    }
+                    Some(Ok(gateway_spool::Committed::Duplicate(_))) => {
+                        debug!(appointment = %a.id, "OMG^O19 for the RIS was stored before");
+                    }
                     Some(Err(e)) => {
-                        error!(appointment = %a.id, error = %e, "OMG^O19 for the RIS could not be stored")
+                        error!(appointment = %a.id, error = %e, "OMG^O19 for the RIS could not be stored");
                     }
                     None => {}
                 }
@@ -252,6 +271,28 @@ fn ris_orders(
         })
         .map_err(|e| format!("booking: cannot start the RIS order thread: {e}"))?;
     Ok(Some((tx, thread)))
+}
+
+/// Stores the OMG^O19 of `a` in the spool (blocking: the spool commits with `fsync`).
+/// `None` when `a` makes no order (not `booked`, or on no known schedule). The message key
+/// is the sender, the facility and the control id `OMG-{appointment id}`, so storing the
+/// order of the same appointment again is [`gateway_spool::Committed::Duplicate`] and adds
+/// nothing (the re-offer at start-up relies on it).
+fn store_order(
+    spool: &gateway_spool::Spool,
+    schedules: &[gateway_booking::Schedule],
+    facility: &str,
+    a: &gateway_booking::Appointment,
+) -> Option<Result<gateway_spool::Committed, gateway_spool::SpoolError>> {
+    let order = gateway_booking::order::ris_order(a, schedules, facility, jiff::Timestamp::now())?;
+    let item = gateway_spool::MessageIn {
+        key: order.key,
+        message_type: order.message_type.into(),
+        charset: order.charset.into(),
+        source: "booking".into(),
+        bytes: order.text.into_bytes(),
+    };
+    spool.store_messages(std::slice::from_ref(&item)).pop()
 }
 
 /// How long the drain waits, at shutdown, for the RIS orders already handed over.
@@ -280,9 +321,24 @@ pub(crate) fn ris_observer(core: &CoreParts) -> (gateway_mllp::Observer, Task) {
     (observer, Box::pin(task))
 }
 
-/// The kiosk's TLS: the configured files, or (development only) a self-signed certificate.
-fn kiosk_tls(settings: &Settings, booking: &Booking) -> Result<Arc<rustls::ServerConfig>, String> {
-    let (cert, key) = match &booking.tls_files {
+/// Runs start-up file work (opening the stores, which verify and `fsync`, reading or making
+/// certificates) on a blocking thread, not on the async worker that runs `start`.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("booking: a start-up task failed: {e}"))?
+}
+
+/// The kiosk's TLS: the configured files, or (development only) a self-signed certificate
+/// kept in `dir`.
+fn kiosk_tls(
+    files: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    listen: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let (cert, key) = match &files {
         Some((cert, key)) => {
             let read = |p: &std::path::Path| {
                 std::fs::read(p).map_err(|e| format!("booking: cannot read {}: {e}", p.display()))
@@ -293,12 +349,9 @@ fn kiosk_tls(settings: &Settings, booking: &Booking) -> Result<Arc<rustls::Serve
             warn!(
                 "booking: no cert_file/key_file: using a self-signed certificate (development mode only)"
             );
-            let names = vec!["localhost".to_string(), booking.listen.ip().to_string()];
-            gateway_kiosk::tls::development_certificate(
-                &settings.node.data_dir.join("booking"),
-                &names,
-            )
-            .map_err(|e| format!("booking: {e}"))?
+            let names = vec!["localhost".to_string(), listen.ip().to_string()];
+            gateway_kiosk::tls::development_certificate(dir, &names)
+                .map_err(|e| format!("booking: {e}"))?
         }
     };
     gateway_kiosk::tls::server_config(&cert, &key).map_err(|e| format!("booking: {e}"))
@@ -319,16 +372,21 @@ fn keys(me: &str, x: &Exchange, derived: &Derived) -> Result<Keys, String> {
     })
 }
 
-/// The regional broker connection: TLS like the fleet's (broker CA, client identity).
-fn connection(
+/// The regional broker connection: TLS like the fleet's (broker CA, client identity), its
+/// files read on a blocking thread.
+async fn connection(
     me: &str,
     x: &Exchange,
     identity: Option<Arc<dyn gateway_keystore::DeviceIdentity>>,
     data_dir: &std::path::Path,
 ) -> Result<Connection, String> {
-    let broker = gateway_mqtt::BrokerTls::exchange(x)
-        .broker(identity, data_dir)
-        .map_err(|e| e.to_string())?;
+    let (x, data_dir) = (x.clone(), data_dir.to_path_buf());
+    let broker = blocking(move || {
+        gateway_mqtt::BrokerTls::exchange(&x)
+            .broker(identity, &data_dir)
+            .map_err(|e| e.to_string())
+    })
+    .await?;
     let client_id = gateway_id::Id::parse(me, "node.id").map_err(|e| e.to_string())?;
     Ok(Connection { client_id, broker })
 }
@@ -365,5 +423,126 @@ impl gateway_dicom::WorklistSource for LedgerWorklist {
                 gateway_booking::WorklistItem::from_appointment(a, s.modality(), s.station_ae())
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use gateway_booking::{AppointmentRequest, Schedule, ScheduleSpec};
+    use gateway_keystore::KEY_LEN;
+    use gateway_spool::{Committed, Limits, Spool};
+    use jiff::{SignedDuration, Timestamp};
+    use tokio::sync::mpsc;
+
+    fn ct() -> Schedule {
+        Schedule::new(&ScheduleSpec {
+            id: "ct-1".into(),
+            modality: "CT".into(),
+            station_ae: "CT01".into(),
+            ..ScheduleSpec::default()
+        })
+        .unwrap()
+    }
+
+    /// A booking whose order was lost (the process died after the ledger's decision, before
+    /// the `booking-orders` thread stored it) is stored by the re-offer at the next start;
+    /// re-offering an order already stored adds nothing (same message key).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reoffer_at_start_stores_a_lost_order_once() {
+        let spool_dir = tempfile::tempdir().unwrap();
+        let booking_dir = tempfile::tempdir().unwrap();
+        let open_spool = || {
+            Spool::open(
+                spool_dir.path(),
+                Some(MasterKey::from_bytes([7; KEY_LEN])),
+                Limits {
+                    max_bytes: 1 << 40,
+                    min_free_bytes: 0,
+                },
+                vec![],
+            )
+            .unwrap()
+        };
+        let spool = open_spool();
+        let seal = || SealKey::derive(&MasterKey::from_bytes([9; KEY_LEN]));
+        let schedules = Arc::new(vec![ct()]);
+        let (service, ledger) = LedgerService::new(
+            Ledger::open(booking_dir.path(), seal()).unwrap(),
+            Arc::clone(&schedules),
+        );
+        service.spawn().unwrap();
+        let now = Timestamp::now();
+        let to = now
+            .checked_add(SignedDuration::from_hours(24 * 14))
+            .unwrap();
+        let slot = ledger.free_slots("ct-1", now, to, now).await.unwrap()[0]
+            .id
+            .clone();
+        let local = |tx| {
+            LocalCore::new(
+                "core-1".into(),
+                ledger.clone(),
+                seal(),
+                Arc::new(Notify::new()),
+            )
+            .with_on_booked(tx)
+        };
+
+        // First run: booked on the ledger, then "crashed" before the order was stored (the
+        // order path's receiver is gone with what it was handed).
+        let (tx, rx) = mpsc::unbounded_channel();
+        let booked = local(tx)
+            .request(AppointmentRequest {
+                request_id: "r1".into(),
+                slot_id: slot,
+                hold: false,
+                patient_id: "ZZPID1".into(),
+                patient_name: "ZZTEST^HANAKO".into(),
+                birth_date: "19610402".into(),
+                sex: "F".into(),
+                procedure: "CT chest".into(),
+                staff: "clerk.sato".into(),
+            })
+            .await
+            .unwrap();
+        drop(rx);
+
+        // Next start: the re-offer hands the booking on and its order is stored.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let restarted = local(tx);
+        assert_eq!(restarted.reoffer_booked().await.unwrap(), 1);
+        let a = rx.recv().await.unwrap();
+        assert_eq!(a.id, booked.id);
+        let facility = "core-1";
+        let first = tokio::task::block_in_place(|| store_order(&spool, &schedules, facility, &a));
+        assert!(matches!(first, Some(Ok(Committed::Stored(_)))), "{first:?}");
+
+        // Another start (or the same booking handed on twice): the same message, not stored
+        // again, although the order's text (MSH-7) is made at another time.
+        assert_eq!(restarted.reoffer_booked().await.unwrap(), 1);
+        let again = rx.recv().await.unwrap();
+        let second =
+            tokio::task::block_in_place(|| store_order(&spool, &schedules, facility, &again));
+        match (first, second) {
+            (Some(Ok(Committed::Stored(id))), Some(Ok(Committed::Duplicate(dup)))) => {
+                assert_eq!(id, dup);
+            }
+            other => panic!("a re-offered order was stored again: {other:?}"),
+        }
+
+        // After a restart of the spool too (the key is found in its index, not only in
+        // memory).
+        drop(spool);
+        let spool = open_spool();
+        spool.recover().unwrap();
+        let third =
+            tokio::task::block_in_place(|| store_order(&spool, &schedules, facility, &again));
+        assert!(
+            matches!(third, Some(Ok(Committed::Duplicate(_)))),
+            "{third:?}"
+        );
     }
 }

@@ -16,6 +16,10 @@
 //! Every route but the login, the page and the OpenAPI document needs a session (401
 //! without). Errors are OperationOutcome resources; no route echoes request content.
 //!
+//! No handler does file work on an async worker: the login's Argon2 and account file, the
+//! staff account reads and every audit append (file lock, `fdatasync`, head replaced) run
+//! on `spawn_blocking`. An audited answer is sent only after its audit record is written.
+//!
 //! - `POST /fhir/Appointment/$hold` and `$book` (a FHIR Appointment with a contained
 //!   Patient), `GET /fhir/Appointment?patient=` (each read audited): see [`appointment`].
 //!
@@ -46,7 +50,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gateway_audit::{Action, AuditLog, Event, Outcome};
-use gateway_staff::{LoginError, Role, Staff};
+use gateway_staff::{AccountInfo, LoginError, Role, Staff, StaffError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::warn;
@@ -103,11 +107,15 @@ impl Kiosk {
             .with_state(self)
     }
 
-    fn record(&self, actor: &str, action: Action, outcome: Outcome, detail: Option<&str>) {
-        self.record_about(actor, action, outcome, None, detail);
+    /// Appends one audit record on a blocking thread (the append takes the log's file lock,
+    /// `fdatasync`s and replaces the head) and waits for it, so the answer still leaves only
+    /// after its record is durable.
+    async fn record(&self, actor: &str, action: Action, outcome: Outcome, detail: Option<&str>) {
+        self.record_about(actor, action, outcome, None, detail)
+            .await;
     }
 
-    fn record_about(
+    async fn record_about(
         &self,
         actor: &str,
         action: Action,
@@ -122,9 +130,26 @@ impl Kiosk {
             subject,
             detail: detail.map(str::to_string),
         };
-        if let Err(e) = self.audit.append(event) {
-            warn!(error = %e, "audit record could not be written");
+        let audit = Arc::clone(&self.audit);
+        match tokio::task::spawn_blocking(move || audit.append(event)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "audit record could not be written"),
+            Err(e) => warn!(error = %e, "audit record could not be written: its task failed"),
         }
+    }
+
+    /// The staff accounts as the file has them now, read on a blocking thread.
+    async fn accounts(&self, now_unix: u64) -> Result<Vec<AccountInfo>, StaffError> {
+        let staff = Arc::clone(&self.staff);
+        tokio::task::spawn_blocking(move || staff.accounts(now_unix))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StaffError::Io(gateway_durable::Error {
+                    action: "read (task failed)",
+                    path: "staff accounts".into(),
+                    source: std::io::Error::other(e),
+                }))
+            })
     }
 }
 
@@ -293,7 +318,9 @@ async fn login(
     .unwrap_or(Err(LoginError::Storage("login task failed".into())));
     match result {
         Ok(who) => {
-            kiosk.record(&who.name, Action::Login, Outcome::Success, None);
+            kiosk
+                .record(&who.name, Action::Login, Outcome::Success, None)
+                .await;
             let staffer = Staffer {
                 name: who.name.clone(),
                 role: who.role,
@@ -322,15 +349,17 @@ async fn login(
             };
             // Unknown names are recorded under a fixed actor: a typo may be a patient's name.
             let known = kiosk
-                .staff
                 .accounts(0)
+                .await
                 .is_ok_and(|all| all.iter().any(|a| a.name == name));
             let actor = if known {
                 name.as_str()
             } else {
                 "unknown-account"
             };
-            kiosk.record(actor, Action::Login, Outcome::Failure, Some(code));
+            kiosk
+                .record(actor, Action::Login, Outcome::Failure, Some(code))
+                .await;
             let status = match e {
                 LoginError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::UNAUTHORIZED,
@@ -349,7 +378,9 @@ async fn logout(State(kiosk): State<Kiosk>, who: Authenticated, headers: HeaderM
     {
         kiosk.sessions.end(token);
     }
-    kiosk.record(&who.0.name, Action::Logout, Outcome::Success, None);
+    kiosk
+        .record(&who.0.name, Action::Logout, Outcome::Success, None)
+        .await;
     let mut r = StatusCode::NO_CONTENT.into_response();
     if let Ok(v) = HeaderValue::from_str(&session::clear_cookie()) {
         r.headers_mut().insert(header::SET_COOKIE, v);
@@ -365,7 +396,7 @@ async fn accounts(State(kiosk): State<Kiosk>, who: Authenticated) -> Response {
     if who.0.role != Role::Admin {
         return outcome(StatusCode::FORBIDDEN, "forbidden", "administrators only");
     }
-    match kiosk.staff.accounts(now_unix()) {
+    match kiosk.accounts(now_unix()).await {
         Ok(all) => Json(json!(all)).into_response(),
         Err(e) => {
             warn!(error = %e, "staff accounts cannot be read");
@@ -546,7 +577,9 @@ async fn request_appointment(
     let result = kiosk.booking.request(req).await;
     match result {
         Ok(a) => {
-            kiosk.record_about(&who.0.name, action, Outcome::Success, subject, None);
+            kiosk
+                .record_about(&who.0.name, action, Outcome::Success, subject, None)
+                .await;
             let status = if a.created {
                 StatusCode::CREATED
             } else {
@@ -556,7 +589,9 @@ async fn request_appointment(
         }
         Err(e) => {
             let (status, code) = refusal(&e);
-            kiosk.record_about(&who.0.name, action, Outcome::Failure, subject, Some(code));
+            kiosk
+                .record_about(&who.0.name, action, Outcome::Failure, subject, Some(code))
+                .await;
             outcome(status, code, &e.to_string())
         }
     }
@@ -616,24 +651,28 @@ async fn cancel(
     match result {
         Ok(a) => {
             let subject = Some(kiosk.booking.patient_ref(&a.patient_id));
-            kiosk.record_about(
-                &who.0.name,
-                Action::AppointmentCancelled,
-                Outcome::Success,
-                subject,
-                None,
-            );
+            kiosk
+                .record_about(
+                    &who.0.name,
+                    Action::AppointmentCancelled,
+                    Outcome::Success,
+                    subject,
+                    None,
+                )
+                .await;
             one_appointment(StatusCode::OK, &a)
         }
         Err(e) => {
             let (status, code) = refusal(&e);
-            kiosk.record_about(
-                &who.0.name,
-                Action::AppointmentCancelled,
-                Outcome::Failure,
-                Some(format!("appointment:{id}")),
-                Some(code),
-            );
+            kiosk
+                .record_about(
+                    &who.0.name,
+                    Action::AppointmentCancelled,
+                    Outcome::Failure,
+                    Some(format!("appointment:{id}")),
+                    Some(code),
+                )
+                .await;
             outcome(status, code, &e.to_string())
         }
     }
@@ -654,13 +693,15 @@ async fn appointments(
             );
         }
     };
-    kiosk.record_about(
-        &who.0.name,
-        Action::PatientRecordRead,
-        Outcome::Success,
-        Some(kiosk.booking.patient_ref(&patient)),
-        None,
-    );
+    kiosk
+        .record_about(
+            &who.0.name,
+            Action::PatientRecordRead,
+            Outcome::Success,
+            Some(kiosk.booking.patient_ref(&patient)),
+            None,
+        )
+        .await;
     let entries: Vec<Value> = kiosk
         .booking
         .appointments_of(&patient)

@@ -908,3 +908,65 @@ async fn a_refused_body_is_read_before_the_answer_so_the_client_gets_it() {
     assert_ne!(status, StatusCode::BAD_REQUEST, "{b}");
     server.abort();
 }
+
+/// An audit append waiting for the log's file lock (another process holds it) waits on a
+/// blocking thread: on a one-thread runtime another request is still answered at once, and
+/// the audited answer leaves only after its record is written.
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_audit_append_does_not_stall_other_requests_and_precedes_its_answer() {
+    let f = fixture(false);
+    let session = f.session("clerk.sato").await;
+    let audit_dir = f._dir.path().join("audit");
+    let before = f.audit.records().unwrap().len();
+    let held = gateway_durable::LockedFile::lock(
+        &audit_dir.join("head"),
+        &audit_dir.join("audit.lock"),
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let hold_for = std::time::Duration::from_millis(1500);
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(hold_for);
+        drop(held);
+    });
+    let started = std::time::Instant::now();
+    let logout = {
+        let app = f.app.clone();
+        let cookie = session.clone();
+        tokio::spawn(async move {
+            let r = app
+                .oneshot(
+                    Request::post("/api/logout")
+                        .header(header::COOKIE, cookie)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            (r.status(), started.elapsed())
+        })
+    };
+    // Let the logout reach its audit append.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (status, _, me) = f.get("/api/me", Some(&session)).await;
+    let me_took = started.elapsed();
+    assert!(
+        me_took < std::time::Duration::from_millis(1000),
+        "another request waited {me_took:?} for a blocked audit append"
+    );
+    // The logout already ended the session or not: either way it was answered at once.
+    assert!(
+        status == StatusCode::OK || status == StatusCode::UNAUTHORIZED,
+        "{status} {me}"
+    );
+    let (status, logout_took) = logout.await.unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(
+        logout_took >= hold_for,
+        "the logout answered after {logout_took:?}, before its audit record could be written"
+    );
+    release.join().unwrap();
+    let records = f.audit.records().unwrap();
+    assert_eq!(records.len(), before + 1);
+    assert_eq!(records.last().unwrap().action(), Action::Logout);
+}

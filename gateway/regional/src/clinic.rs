@@ -201,18 +201,36 @@ impl Inner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records an appointment in the sealed copy (under the lock, so writes are ordered).
-    fn remember(&self, state: &mut State, stored: Stored) {
-        state.book.insert(stored.request_id.clone(), stored);
-        match serde_json::to_vec(&state.book) {
+    /// Records an appointment in the sealed copy: the whole copy with `stored` in it is
+    /// sealed and written (with `fsync`) on a blocking thread, and only then is `stored`
+    /// put in the in-memory copy the kiosk reads. Decisions come one at a time from the
+    /// session (its handler awaits each), so the writes keep their order.
+    async fn remember(self: &Arc<Self>, stored: Stored) {
+        let bytes = {
+            let state = self.lock();
+            let mut book: BTreeMap<&str, &Stored> =
+                state.book.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            book.insert(stored.request_id.as_str(), &stored);
+            serde_json::to_vec(&book).map(zeroize::Zeroizing::new)
+        };
+        match bytes {
             Ok(bytes) => {
-                let bytes = zeroize::Zeroizing::new(bytes);
-                if let Err(e) = self.seal.write(&self.book_path, BOOK_ROLE, &bytes) {
-                    warn!(error = %e, "clinic appointments could not be saved");
+                let inner = Arc::clone(self);
+                let written = tokio::task::spawn_blocking(move || {
+                    inner.seal.write(&inner.book_path, BOOK_ROLE, &bytes)
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "clinic appointments could not be saved"),
+                    Err(e) => {
+                        warn!(error = %e, "clinic appointments could not be saved: the task failed");
+                    }
                 }
             }
             Err(e) => warn!(error = %e, "clinic appointments could not be encoded"),
         }
+        self.lock().book.insert(stored.request_id.clone(), stored);
     }
 }
 
@@ -237,7 +255,7 @@ impl Handler for Running {
     }
 
     async fn on_message(&mut self, _out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
-        self.0.on_publish(topic, payload);
+        self.0.on_publish(topic, payload).await;
         Flow::Continue
     }
 
@@ -247,7 +265,7 @@ impl Handler for Running {
 }
 
 impl Inner {
-    fn on_publish(&self, topic: &str, payload: &[u8]) {
+    async fn on_publish(self: &Arc<Self>, topic: &str, payload: &[u8]) {
         let (me, core) = (&self.keys.me, &self.settings.core);
         if topic == topics::status(core) {
             let online = serde_json::from_slice::<serde_json::Value>(payload)
@@ -277,7 +295,7 @@ impl Inner {
                 }
             }
         } else if let Some((from, msg)) = topics::parse_inbox(me, "resp", topic) {
-            self.on_decision(from, msg, payload);
+            self.on_decision(from, msg, payload).await;
         } else {
             debug!(
                 bytes = payload.len(),
@@ -286,7 +304,8 @@ impl Inner {
         }
     }
 
-    fn on_decision(&self, from: &str, msg: &str, payload: &[u8]) {
+    /// A decision from the core: the sealed copy is written before the kiosk gets its answer.
+    async fn on_decision(self: &Arc<Self>, from: &str, msg: &str, payload: &[u8]) {
         if from != self.settings.core {
             warn!(%from, "booking decision from a gateway that is not our core: ignored");
             return;
@@ -303,25 +322,25 @@ impl Inner {
                 return;
             }
         };
-        let mut state = self.lock();
-        let Some(pending) = state.pending.remove(msg) else {
-            debug!("booking decision for no pending request (answered twice?)");
-            return;
-        };
-        let answer = match (&pending.asked, decision.decision) {
-            (Asked::Book(request), _) if request.request_id != decision.request_id => {
-                warn!("booking decision names another request: ignored");
+        let (pending, to_remember) = {
+            let mut state = self.lock();
+            let Some(pending) = state.pending.remove(msg) else {
+                debug!("booking decision for no pending request (answered twice?)");
                 return;
-            }
-            (
-                Asked::Book(request),
-                Decision::Booked {
-                    appointment_id,
-                    accession,
-                    status,
-                },
-            ) => {
-                let stored = Stored {
+            };
+            let to_remember = match (&pending.asked, decision.decision) {
+                (Asked::Book(request), _) if request.request_id != decision.request_id => {
+                    warn!("booking decision names another request: ignored");
+                    return;
+                }
+                (
+                    Asked::Book(request),
+                    Decision::Booked {
+                        appointment_id,
+                        accession,
+                        status,
+                    },
+                ) => Ok(Stored {
                     id: appointment_id,
                     request_id: request.request_id.clone(),
                     slot_id: decision.slot_id,
@@ -332,26 +351,30 @@ impl Inner {
                     patient_id: request.patient_id.clone(),
                     procedure: request.procedure.clone(),
                     version: decision.version.max(1),
-                };
-                let view = stored.view(true);
-                self.remember(&mut state, stored);
+                }),
+                (Asked::Cancel { request_id }, Decision::Booked { status, .. }) => {
+                    match state.book.get(request_id).cloned() {
+                        Some(mut stored) => {
+                            stored.status = status.as_str().to_owned();
+                            stored.version = decision.version;
+                            Ok(stored)
+                        }
+                        None => Err(BookingRefused::NotFound),
+                    }
+                }
+                (_, Decision::Refused { code, reason }) => {
+                    Err(BookingRefused::from_refusal(code, reason, decision.version))
+                }
+            };
+            (pending, to_remember)
+        };
+        let answer = match to_remember {
+            Ok(stored) => {
+                let view = stored.view(matches!(pending.asked, Asked::Book(_)));
+                self.remember(stored).await;
                 Ok(view)
             }
-            (Asked::Cancel { request_id }, Decision::Booked { status, .. }) => {
-                match state.book.get(request_id).cloned() {
-                    Some(mut stored) => {
-                        stored.status = status.as_str().to_owned();
-                        stored.version = decision.version;
-                        let view = stored.view(false);
-                        self.remember(&mut state, stored);
-                        Ok(view)
-                    }
-                    None => Err(BookingRefused::NotFound),
-                }
-            }
-            (_, Decision::Refused { code, reason }) => {
-                Err(BookingRefused::from_refusal(code, reason, decision.version))
-            }
+            Err(refused) => Err(refused),
         };
         if let Some(reply) = pending.reply {
             let _ = reply.send(answer);

@@ -1,12 +1,18 @@
 //! The core's own kiosk: slots and bookings straight from its ledger (never stale; the
 //! core's staff book for its own patients, `clinic` = the core's node id).
+//!
+//! Its bookings go to the [`OnBooked`] channel like the exchange's, once the ledger has made
+//! them durable. [`LocalCore::reoffer_booked`] hands every live booked appointment to the
+//! channel again at start-up: an order lost between the ledger's decision and the order's
+//! own storage (a crash in that window) is made again, and one already stored is a repeat
+//! of the same message key, stored once.
 
 use std::sync::Arc;
 
 use gateway_booking::{
-    Appointment, AppointmentRequest, AppointmentView, BookingBackend, BookingRefused,
-    BookingRequest, BoxFuture, Decision, LedgerHandle, PatientRef, SealKey, SlotAnswer, SlotQuery,
-    SlotSource, SlotView,
+    Appointment, AppointmentRequest, AppointmentStatus, AppointmentView, BookingBackend,
+    BookingRefused, BookingRequest, BoxFuture, Decision, LedgerError, LedgerHandle, PatientRef,
+    SealKey, SlotAnswer, SlotQuery, SlotSource, SlotView,
 };
 use jiff::Timestamp;
 use tokio::sync::Notify;
@@ -49,6 +55,24 @@ impl LocalCore {
     pub fn with_on_booked(mut self, f: OnBooked) -> Self {
         self.on_booked = Some(f);
         self
+    }
+
+    /// Hands every live `booked` appointment of the ledger to `on_booked` again (none
+    /// without one), and says how many. Called at start-up, so that an order the core
+    /// decided but did not store before a crash is made after all; the order path stores a
+    /// repeat of an order once (its message key comes from the appointment id).
+    pub async fn reoffer_booked(&self) -> Result<usize, LedgerError> {
+        let Some(on_booked) = &self.on_booked else {
+            return Ok(0);
+        };
+        let mut offered = 0;
+        for a in self.ledger.live(Timestamp::now()).await? {
+            if a.status == AppointmentStatus::Booked {
+                crate::booked(Some(on_booked), a);
+                offered += 1;
+            }
+        }
+        Ok(offered)
     }
 }
 
@@ -116,6 +140,7 @@ impl BookingBackend for LocalCore {
         };
         let ledger = self.ledger.clone();
         let changed = Arc::clone(&self.changed);
+        let on_booked = self.on_booked.clone();
         Box::pin(async move {
             match ledger
                 .decide(booking, Timestamp::now(), HOLD_FOR_SECS)
@@ -124,9 +149,12 @@ impl BookingBackend for LocalCore {
                 Ok(Decision::Booked { appointment_id, .. }) => {
                     changed.notify_one();
                     match ledger.get(&appointment_id).await {
-                        // Only the exchange's decisions go to `on_booked` today; the
-                        // core's own kiosk bookings are not sent (unchanged).
-                        Ok(Some(a)) => Ok(view(a, true)),
+                        // Like the exchange's decisions: durable on the ledger, then handed
+                        // to `on_booked` (a hold is not an order; the order path skips it).
+                        Ok(Some(a)) => {
+                            crate::booked(on_booked.as_ref(), a.clone());
+                            Ok(view(a, true))
+                        }
                         Ok(None) => Err(BookingRefused::Unavailable),
                         Err(e) => {
                             warn!(error = %e, "booking ledger cannot read a decision back");
