@@ -166,88 +166,31 @@ async fn serve(
     let data_dir = settings.node.data_dir.clone();
     gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
-    // The disabled flag is honoured whether or not [fleet] is configured: removing the
-    // section from the config must not revive a box the vendor disabled.
-    let fleet_state = FleetState::load(&data_dir).map_err(|e| e.to_string())?;
-    if fleet_state.is_wiped() {
-        return Err(format!(
-            "this gateway was wiped by a signed vendor command ({}): its keys are gone and it \
-             refuses service; re-provision it",
-            fleet_state.path().display()
-        ));
-    }
-    let (disabled_tx, disabled) =
-        watch::channel(fleet_state.is_disabled() || fleet_state.is_wiped());
-    if *disabled.borrow() {
-        warn!(
-            presence = ?fleet_state.presence(),
-            "the gateway is DISABLED by the vendor (fleet state): listeners refuse new \
-             associations and connections, uploads are paused"
-        );
-    }
+    let (fleet_state, disabled_tx, disabled) = fleet_state(&data_dir)?;
 
     let keys = open_keystore(&settings)?;
     let master = keys.spool_master_key().map_err(|e| e.to_string())?;
     let derived = crate::booking::Derived::new(master.expose());
-    let destinations = ops::routes(&settings);
-    let spool = Spool::open(
-        &data_dir,
-        Some(master),
-        ops::limits(&settings),
-        destinations,
-    )
-    .map_err(|e| e.to_string())?;
-    let keep_sent_for = settings.spool.keep_sent_for.get();
-    spool.set_keep_sent_for(keep_sent_for);
-    spool.recover().map_err(|e| e.to_string())?;
+    let (spool, keep_sent_for) = open_spool(&settings, master)?;
 
     let mut registry = Registry::default();
     spool.register_metrics(&mut registry);
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<ExitRequest>();
     let mut services = JoinSet::new();
+    let ctx = Wiring {
+        settings: &settings,
+        spool: &spool,
+        disabled: &disabled,
+        shutdown: &shutdown,
+    };
 
     let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
-    let booking = match &settings.booking {
-        Some(booking) => Some(
-            crate::booking::start(
-                &settings,
-                booking,
-                &spool,
-                &derived,
-                keys.identity(),
-                &shutdown,
-            )
-            .await?,
-        ),
-        None => None,
-    };
+    let booking = start_booking(&ctx, &derived, keys.as_ref()).await?;
     drop(derived);
     let core = booking.as_ref().and_then(|b| b.core.as_ref());
-    if let Some(dicom) = &settings.dicom {
-        let mut service = DicomService::bind(dicom_settings(dicom), spool.clone(), &mut registry)
-            .await
-            .map_err(|e| e.to_string())?
-            .with_disabled(disabled.clone());
-        if let Some(core) = core {
-            service = service.with_worklist(Arc::new(crate::booking::LedgerWorklist::new(core)));
-        }
-        services.spawn(service.run(shutdown.clone()));
-    }
-    if let Some(hl7) = &settings.hl7 {
-        let mut service = Hl7Service::bind(hl7_settings(hl7)?, spool.clone(), &mut registry)
-            .await
-            .map_err(|e| e.to_string())?
-            .with_disabled(disabled.clone());
-        if let Some(core) = core {
-            service = service.with_observer(gateway_regional::ris::observer(
-                Arc::clone(&core.ledger),
-                Arc::clone(&core.schedules),
-                Arc::clone(&core.changed),
-            ));
-        }
-        services.spawn(service.run(shutdown.clone()));
-    }
+    start_dicom(&ctx, core, &mut registry, &mut services).await?;
+    start_hl7(&ctx, core, &mut registry, &mut services).await?;
     if !keep_sent_for.is_zero() {
         services.spawn(spool.clone().run_retention(shutdown.clone()));
     }
@@ -256,95 +199,21 @@ async fn serve(
             services.spawn(task);
         }
     }
-    let uplink_metrics = UplinkMetrics::register(&mut registry);
-    for uplink in &settings.uplinks {
-        match uplink.kind {
-            UplinkKind::DicomWeb => {
-                let service = UplinkService::new(
-                    uplink_settings(uplink, &data_dir, keys.as_ref())?,
-                    spool.clone(),
-                    uplink_metrics.clone(),
-                )
-                .map_err(|e| e.to_string())?
-                .with_paused(disabled.clone());
-                services.spawn(service.run(shutdown.clone()));
-            }
-            UplinkKind::MllpTls => {
-                let service = MllpUplinkService::new(
-                    mllp_settings(uplink, &data_dir, keys.as_ref())?,
-                    spool.clone(),
-                    uplink_metrics.clone(),
-                )
-                .with_paused(disabled.clone());
-                services.spawn(service.run(shutdown.clone()));
-            }
-        }
-    }
+    start_uplinks(&ctx, keys.as_ref(), &mut registry, &mut services)?;
     let health = Health::default();
     let registry = Arc::new(registry);
-    if let Some(admin) = &settings.admin {
-        let http = AdminHttp::bind(admin.listen, Arc::clone(&registry), health.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let rx = shutdown.clone();
-        services.spawn(async move {
-            if let Err(e) = http.run(rx).await {
-                error!(error = %e, "admin HTTP stopped");
-            }
-        });
-    }
+    start_admin(&ctx, &registry, &health, &mut services).await?;
     // Last: the agent reports a config-update's outcome only once everything else started.
-    match &settings.fleet {
-        Some(fleet) => {
-            let collector = telemetry::Collector::new(
-                spool.clone(),
-                Arc::clone(&registry),
-                data_dir.clone(),
-                settings
-                    .uplinks
-                    .iter()
-                    .map(|u| (u.name.as_str().to_owned(), u.kind.as_str().to_owned()))
-                    .collect(),
-                key_backend(&settings),
-            );
-            services.spawn(
-                Arc::clone(&collector).run(fleet.telemetry_interval.get(), shutdown.clone()),
-            );
-            let backend = ops::backend(&settings);
-            let wipe_dir = data_dir.clone();
-            let wipe: WipeFn = Arc::new(move || {
-                gateway_keystore::wipe(&backend, &wipe_dir)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            });
-            let parts = crate::fleet::Parts {
-                state: fleet_state,
-                disabled: disabled_tx,
-                telemetry: collector,
-                wipe,
-                exit: exit_tx.clone(),
-                can_apply_config: config_path.is_some(),
-                config_outcome,
-            };
-            services.spawn(crate::fleet::service(
-                &settings,
-                fleet,
-                keys.as_ref(),
-                parts,
-                shutdown.clone(),
-            )?);
-        }
-        None => drop(disabled_tx),
-    }
+    let fleet = FleetParts {
+        state: fleet_state,
+        disabled: disabled_tx,
+        exit: exit_tx.clone(),
+        config_path,
+        config_outcome,
+    };
+    start_fleet(&ctx, fleet, keys.as_ref(), &registry, &mut services)?;
     services.spawn(control.run(shutdown.clone()));
-    let notifier = crate::notify::Notifier::from_env();
-    if let Some(interval) = crate::notify::watchdog_interval().filter(|_| notifier.is_enabled()) {
-        services.spawn(crate::notify::run_watchdog(
-            notifier.clone(),
-            interval,
-            shutdown.clone(),
-        ));
-    }
+    let notifier = start_watchdog(&shutdown, &mut services);
     health.set_ready(true);
     notifier.notify_logged("READY=1\nSTATUS=serving");
     info!("gatewayd ready");
@@ -379,6 +248,274 @@ async fn serve(
     drop(spool);
     info!("gatewayd stopped");
     Ok(ending)
+}
+
+/// What every service is started with: the settings, the spool, the vendor's disabled
+/// flag and the shutdown signal.
+struct Wiring<'a> {
+    settings: &'a Settings,
+    spool: &'a Spool,
+    disabled: &'a watch::Receiver<bool>,
+    shutdown: &'a watch::Receiver<bool>,
+}
+
+/// The service tasks of one `serve`.
+type Services = JoinSet<()>;
+
+/// The fleet state, read before any listener starts, and the disabled flag handed to the
+/// services.
+fn fleet_state(
+    data_dir: &Path,
+) -> Result<(FleetState, watch::Sender<bool>, watch::Receiver<bool>), String> {
+    // The disabled flag is honoured whether or not [fleet] is configured: removing the
+    // section from the config must not revive a box the vendor disabled.
+    let fleet_state = FleetState::load(data_dir).map_err(|e| e.to_string())?;
+    if fleet_state.is_wiped() {
+        return Err(format!(
+            "this gateway was wiped by a signed vendor command ({}): its keys are gone and it \
+             refuses service; re-provision it",
+            fleet_state.path().display()
+        ));
+    }
+    let (disabled_tx, disabled) =
+        watch::channel(fleet_state.is_disabled() || fleet_state.is_wiped());
+    if *disabled.borrow() {
+        warn!(
+            presence = ?fleet_state.presence(),
+            "the gateway is DISABLED by the vendor (fleet state): listeners refuse new \
+             associations and connections, uploads are paused"
+        );
+    }
+    Ok((fleet_state, disabled_tx, disabled))
+}
+
+/// The spool, recovered after a crash, and its `keep_sent_for`.
+fn open_spool(
+    settings: &Settings,
+    master: gateway_keystore::MasterKey,
+) -> Result<(Spool, std::time::Duration), String> {
+    let data_dir = &settings.node.data_dir;
+    let destinations = ops::routes(settings);
+    let spool = Spool::open(data_dir, Some(master), ops::limits(settings), destinations)
+        .map_err(|e| e.to_string())?;
+    let keep_sent_for = settings.spool.keep_sent_for.get();
+    spool.set_keep_sent_for(keep_sent_for);
+    spool.recover().map_err(|e| e.to_string())?;
+    Ok((spool, keep_sent_for))
+}
+
+/// `[booking]`: the kiosk and the regional exchange (their tasks are spawned by `serve`).
+async fn start_booking(
+    ctx: &Wiring<'_>,
+    derived: &crate::booking::Derived,
+    keys: &dyn KeyStore,
+) -> Result<Option<crate::booking::Started>, String> {
+    let settings = ctx.settings;
+    let booking = match &settings.booking {
+        Some(booking) => Some(
+            crate::booking::start(
+                settings,
+                booking,
+                ctx.spool,
+                derived,
+                keys.identity(),
+                ctx.shutdown,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    Ok(booking)
+}
+
+/// `[dicom]`: the DIMSE listener (with the core's worklist).
+async fn start_dicom(
+    ctx: &Wiring<'_>,
+    core: Option<&crate::booking::CoreParts>,
+    registry: &mut Registry,
+    services: &mut Services,
+) -> Result<(), String> {
+    if let Some(dicom) = &ctx.settings.dicom {
+        let mut service = DicomService::bind(dicom_settings(dicom), ctx.spool.clone(), registry)
+            .await
+            .map_err(|e| e.to_string())?
+            .with_disabled(ctx.disabled.clone());
+        if let Some(core) = core {
+            service = service.with_worklist(Arc::new(crate::booking::LedgerWorklist::new(core)));
+        }
+        services.spawn(service.run(ctx.shutdown.clone()));
+    }
+    Ok(())
+}
+
+/// `[hl7]`: the MLLP listener (on the core, RIS messages update the ledger).
+async fn start_hl7(
+    ctx: &Wiring<'_>,
+    core: Option<&crate::booking::CoreParts>,
+    registry: &mut Registry,
+    services: &mut Services,
+) -> Result<(), String> {
+    if let Some(hl7) = &ctx.settings.hl7 {
+        let mut service = Hl7Service::bind(hl7_settings(hl7)?, ctx.spool.clone(), registry)
+            .await
+            .map_err(|e| e.to_string())?
+            .with_disabled(ctx.disabled.clone());
+        if let Some(core) = core {
+            service = service.with_observer(gateway_regional::ris::observer(
+                Arc::clone(&core.ledger),
+                Arc::clone(&core.schedules),
+                Arc::clone(&core.changed),
+            ));
+        }
+        services.spawn(service.run(ctx.shutdown.clone()));
+    }
+    Ok(())
+}
+
+/// `[[uplink]]`: one worker per destination.
+fn start_uplinks(
+    ctx: &Wiring<'_>,
+    keys: &dyn KeyStore,
+    registry: &mut Registry,
+    services: &mut Services,
+) -> Result<(), String> {
+    let settings = ctx.settings;
+    let data_dir = &settings.node.data_dir;
+    let uplink_metrics = UplinkMetrics::register(registry);
+    for uplink in &settings.uplinks {
+        match uplink.kind {
+            UplinkKind::DicomWeb => {
+                let service = UplinkService::new(
+                    uplink_settings(uplink, data_dir, keys)?,
+                    ctx.spool.clone(),
+                    uplink_metrics.clone(),
+                )
+                .map_err(|e| e.to_string())?
+                .with_paused(ctx.disabled.clone());
+                services.spawn(service.run(ctx.shutdown.clone()));
+            }
+            UplinkKind::MllpTls => {
+                let service = MllpUplinkService::new(
+                    mllp_settings(uplink, data_dir, keys)?,
+                    ctx.spool.clone(),
+                    uplink_metrics.clone(),
+                )
+                .with_paused(ctx.disabled.clone());
+                services.spawn(service.run(ctx.shutdown.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[admin]`: `/healthz` and `/metrics`.
+async fn start_admin(
+    ctx: &Wiring<'_>,
+    registry: &Arc<Registry>,
+    health: &Health,
+    services: &mut Services,
+) -> Result<(), String> {
+    if let Some(admin) = &ctx.settings.admin {
+        let http = AdminHttp::bind(admin.listen, Arc::clone(registry), health.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let rx = ctx.shutdown.clone();
+        services.spawn(async move {
+            if let Err(e) = http.run(rx).await {
+                error!(error = %e, "admin HTTP stopped");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// What the fleet service takes over from `serve`.
+struct FleetParts {
+    state: FleetState,
+    disabled: watch::Sender<bool>,
+    exit: mpsc::UnboundedSender<ExitRequest>,
+    config_path: Option<PathBuf>,
+    config_outcome: Option<(String, Result<(), String>)>,
+}
+
+/// `[fleet]`: the telemetry collector and the fleet agent (or provisioning by claim).
+fn start_fleet(
+    ctx: &Wiring<'_>,
+    parts: FleetParts,
+    keys: &dyn KeyStore,
+    registry: &Arc<Registry>,
+    services: &mut Services,
+) -> Result<(), String> {
+    let settings = ctx.settings;
+    let data_dir = &settings.node.data_dir;
+    let spool = ctx.spool;
+    let shutdown = ctx.shutdown;
+    let FleetParts {
+        state: fleet_state,
+        disabled: disabled_tx,
+        exit: exit_tx,
+        config_path,
+        config_outcome,
+    } = parts;
+    match &settings.fleet {
+        Some(fleet) => {
+            let collector = telemetry::Collector::new(
+                spool.clone(),
+                Arc::clone(registry),
+                data_dir.clone(),
+                settings
+                    .uplinks
+                    .iter()
+                    .map(|u| (u.name.as_str().to_owned(), u.kind.as_str().to_owned()))
+                    .collect(),
+                key_backend(settings),
+            );
+            services.spawn(
+                Arc::clone(&collector).run(fleet.telemetry_interval.get(), shutdown.clone()),
+            );
+            let backend = ops::backend(settings);
+            let wipe_dir = data_dir.clone();
+            let wipe: WipeFn = Arc::new(move || {
+                gateway_keystore::wipe(&backend, &wipe_dir)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+            let parts = crate::fleet::Parts {
+                state: fleet_state,
+                disabled: disabled_tx,
+                telemetry: collector,
+                wipe,
+                exit: exit_tx,
+                can_apply_config: config_path.is_some(),
+                config_outcome,
+            };
+            services.spawn(crate::fleet::service(
+                settings,
+                fleet,
+                keys,
+                parts,
+                shutdown.clone(),
+            )?);
+        }
+        None => drop(disabled_tx),
+    }
+    Ok(())
+}
+
+/// The systemd notifier, and the watchdog task when the unit asks for one.
+fn start_watchdog(
+    shutdown: &watch::Receiver<bool>,
+    services: &mut Services,
+) -> crate::notify::Notifier {
+    let notifier = crate::notify::Notifier::from_env();
+    if let Some(interval) = crate::notify::watchdog_interval().filter(|_| notifier.is_enabled()) {
+        services.spawn(crate::notify::run_watchdog(
+            notifier.clone(),
+            interval,
+            shutdown.clone(),
+        ));
+    }
+    notifier
 }
 
 async fn wait_for_signal() -> Result<(), String> {
