@@ -98,7 +98,7 @@ pub(crate) async fn start(
             let ledger = Arc::new(
                 Ledger::open(&booking_dir, derived.seal()).map_err(|e| format!("booking: {e}"))?,
             );
-            let schedules = Arc::new(booking.schedules.clone());
+            let schedules = Arc::new(crate::run::schedules(booking)?);
             let changed = Arc::new(Notify::new());
             let mut local = LocalCore::new(
                 me.clone(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use gateway_admin::control::ControlServer;
 use gateway_admin::http::{AdminHttp, Health};
 use gateway_config::UplinkKind;
-use gateway_config::{KeystoreBackend, Mode, Settings};
+use gateway_config::{ConfigFile, KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
 use gateway_fleet::FleetState;
 use gateway_fleet::telemetry::KeyBackend;
@@ -30,21 +30,29 @@ use crate::telemetry;
 
 pub fn main(args: &RunArgs) -> ExitCode {
     init_logging();
-    let settings = match &args.config {
-        Some(path) => match Settings::load(path) {
-            Ok(s) => s,
-            Err(problems) => {
-                for p in &problems.problems {
-                    eprintln!("{p}");
-                }
-                return ExitCode::from(2);
+    let mut config = ConfigFile::new(args.config.clone());
+    if config.path().is_none() {
+        info!("no --config given: running the embedded development default");
+    }
+    let mut settings = match config.load() {
+        Ok(s) => s,
+        Err(problems) => {
+            for p in &problems.problems {
+                eprintln!("{p}");
             }
-        },
-        None => {
-            info!("no --config given: running the embedded development default");
-            Settings::embedded_default()
+            return ExitCode::from(2);
         }
     };
+    // What this build cannot serve (a back end compiled out) is refused like a config
+    // problem, before anything is created on disk.
+    let unavailable = ops::build_problems(&settings);
+    if !unavailable.is_empty() {
+        for p in &unavailable {
+            error!("{p}");
+            eprintln!("{p}");
+        }
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,86 +63,41 @@ pub fn main(args: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut settings = settings;
-    // The outcome of a config-update for the next start to report, and while a new
-    // configuration is being tried: its command id and the previous file's bytes.
-    let mut outcome: Option<(String, Result<(), String>)> = None;
-    let mut trying: Option<(String, Vec<u8>)> = None;
     loop {
-        let started = runtime.block_on(serve(settings, args.config.clone(), outcome.take()));
-        let tried = trying.take();
-        let next = match (started, tried) {
-            (Ok(Ending::Stopped), _) => return ExitCode::SUCCESS,
-            (Ok(Ending::Restart), _) => {
+        let config_path = config.path().map(Path::to_path_buf);
+        let started = runtime.block_on(serve(settings, config_path, config.take_outcome()));
+        let next = match started {
+            Ok(Ending::Stopped) => return ExitCode::SUCCESS,
+            Ok(Ending::Restart) => {
                 info!("restarting every service (signed fleet command)");
-                reload(args)
+                config.restart()
             }
-            (Ok(Ending::ApplyConfig { cmd_id, toml }), _) => {
-                match apply_config(args, &cmd_id, &toml) {
-                    Ok((new, previous)) => {
-                        trying = Some((cmd_id.clone(), previous));
-                        outcome = Some((cmd_id, Ok(())));
-                        Ok(new)
-                    }
-                    Err(why) => {
-                        outcome = Some((cmd_id, Err(why)));
-                        reload(args)
-                    }
+            Ok(Ending::ApplyConfig { cmd_id, toml }) => {
+                let applied = config.apply(&cmd_id, &toml);
+                if config.is_trying_update()
+                    && let Some(path) = config.path()
+                {
+                    warn!(cmd_id, path = %path.display(), "configuration replaced by a signed fleet command: starting every service with it");
                 }
+                applied
             }
-            (Err(message), Some((cmd_id, previous))) => {
-                error!(error = %message, "the new configuration cannot start its services: restoring the previous one");
-                let restored = restore_config(args, &previous);
-                if restored.is_ok() {
-                    outcome = Some((cmd_id, Err(message)));
+            Err(message) => {
+                if config.is_trying_update() {
+                    error!(error = %message, "the new configuration cannot start its services: restoring the previous one");
                 }
-                restored
+                config.start_failed(message)
             }
-            (Err(message), None) => Err(message),
         };
         settings = match next {
             Ok(s) => s,
-            Err(message) => {
+            Err(e) => {
+                let message = e.to_string();
                 error!("{message}");
                 eprintln!("gatewayd: {message}");
                 return ExitCode::FAILURE;
             }
         };
     }
-}
-
-/// The config file again (or the embedded default), for a restart.
-fn reload(args: &RunArgs) -> Result<Settings, String> {
-    match &args.config {
-        Some(path) => Settings::load(path).map_err(|problems| problems.to_string()),
-        None => Ok(Settings::embedded_default()),
-    }
-}
-
-/// Writes a validated config-update over the config file (atomically, durably) and parses
-/// it; returns the new settings and the previous file's bytes for a rollback.
-fn apply_config(args: &RunArgs, cmd_id: &str, toml: &str) -> Result<(Settings, Vec<u8>), String> {
-    let path = args
-        .config
-        .as_ref()
-        .ok_or_else(|| "gatewayd runs without --config: nothing to update".to_string())?;
-    let settings = Settings::from_toml_str(toml).map_err(|problems| problems.to_string())?;
-    let previous =
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    gateway_durable::write_atomic(path, toml.as_bytes()).map_err(|e| e.to_string())?;
-    warn!(cmd_id, path = %path.display(), "configuration replaced by a signed fleet command: starting every service with it");
-    Ok((settings, previous))
-}
-
-/// Puts the previous config file back and parses it.
-fn restore_config(args: &RunArgs, previous: &[u8]) -> Result<Settings, String> {
-    let path = args
-        .config
-        .as_ref()
-        .ok_or_else(|| "gatewayd runs without --config: nothing to restore".to_string())?;
-    gateway_durable::write_atomic(path, previous).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(previous);
-    Settings::from_toml_str(&text).map_err(|problems| problems.to_string())
 }
 
 /// Why [`serve`] returned without an error.
@@ -553,8 +516,8 @@ fn open_keystore(settings: &Settings) -> Result<Box<dyn KeyStore>, String> {
     }
 }
 
-/// Production refuses a software TPM (swtpm) unless `keystore.allow_software_tpm` is set,
-/// which is then logged on every start.
+/// Logs the TPM found and applies `gateway_keystore::judge_tpm` (production refuses a
+/// software TPM unless `keystore.allow_software_tpm`, which is then logged on every start).
 fn check_tpm_vendor(
     settings: &Settings,
     store: &dyn gateway_keystore::KeyStore,
@@ -564,21 +527,16 @@ fn check_tpm_vendor(
     };
     let vendor = vendor.map_err(|e| e.to_string())?;
     info!(vendor = %vendor.trim(), "TPM found");
-    if !gateway_keystore::is_software_tpm(&vendor) {
-        return Ok(());
+    let verdict = gateway_keystore::judge_tpm(
+        &vendor,
+        settings.node.mode == Mode::Production,
+        settings.keystore.allow_software_tpm,
+    )
+    .map_err(|e| e.to_string())?;
+    if verdict == gateway_keystore::TpmVerdict::SoftwareAllowed {
+        warn!(vendor = %vendor.trim(), "production mode on a SOFTWARE TPM: keystore.allow_software_tpm is set");
     }
-    match (settings.node.mode, settings.keystore.allow_software_tpm) {
-        (Mode::Production, false) => Err(format!(
-            "the TPM reports vendor {:?}, a software TPM that protects nothing; production mode \
-             refuses it (set keystore.allow_software_tpm = true only for a lab box)",
-            vendor.trim()
-        )),
-        (Mode::Production, true) => {
-            warn!(vendor = %vendor.trim(), "production mode on a SOFTWARE TPM: keystore.allow_software_tpm is set");
-            Ok(())
-        }
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// The MLLP listener's settings from `[hl7]`.
@@ -687,6 +645,36 @@ fn key_backend(settings: &Settings) -> KeyBackend {
 
 fn spool_is_empty(data_dir: &Path) -> bool {
     std::fs::read_dir(data_dir.join("spool").join("blobs")).map_or(true, |mut d| d.next().is_none())
+}
+
+/// The core's schedules from `[[booking.schedule]]` (checked by `gateway-config` with the
+/// same rules, so this fails only if the two disagree).
+pub(crate) fn schedules(
+    booking: &gateway_config::Booking,
+) -> Result<Vec<gateway_booking::Schedule>, String> {
+    booking
+        .schedules
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            gateway_booking::Schedule::new(&gateway_booking::ScheduleSpec {
+                id: s.id().to_owned(),
+                modality: s.modality().to_owned(),
+                station_ae: s.station_ae().to_owned(),
+                time_zone: Some(s.time_zone().to_owned()),
+                slot_minutes: Some(s.slot_minutes()),
+                hours: s.hours().cloned(),
+                holidays: s.holidays().to_vec(),
+            })
+            .map_err(|problems| {
+                problems
+                    .iter()
+                    .map(|p| format!("booking.schedule[{i}].{p}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        })
+        .collect()
 }
 
 fn dicom_settings(dicom: &gateway_config::Dicom) -> DicomSettings {
