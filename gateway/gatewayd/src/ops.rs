@@ -520,7 +520,8 @@ fn keys_action(cmd: &KeysCommand, settings: &Settings) -> Result<String, String>
         }
         KeysCommand::ExchangePublic(_) => {
             let master = master_key(settings)?;
-            Ok(gateway_exchange::ExchangeKey::derive(master.expose())
+            let seed = master.derive(gateway_keystore::KeyPurpose::ExchangeX25519);
+            Ok(gateway_exchange::ExchangeKey::from_seed(*seed.expose())
                 .public()
                 .to_base64())
         }
