@@ -45,8 +45,24 @@ pub enum UpdateError {
     StartFailed { message: String },
 }
 
-/// What became of a config-update: the command id and `Ok` or the reason it failed.
-pub type UpdateOutcome = (String, Result<(), String>);
+/// What became of a config-update, for the fleet agent to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateOutcome {
+    /// The command's id.
+    pub cmd_id: String,
+    /// `None`: the services run from the new file; otherwise why not (published to the
+    /// vendor: keys and paths only).
+    pub failure: Option<String>,
+}
+
+impl UpdateOutcome {
+    fn new(cmd_id: &str, failure: Option<String>) -> Self {
+        Self {
+            cmd_id: cmd_id.to_owned(),
+            failure,
+        }
+    }
+}
 
 /// The config file of a running daemon across restarts and fleet config-updates.
 #[derive(Debug)]
@@ -107,11 +123,11 @@ impl ConfigFile {
         match self.write(toml) {
             Ok((settings, previous)) => {
                 self.trying = Some((cmd_id.to_owned(), previous));
-                self.outcome = Some((cmd_id.to_owned(), Ok(())));
+                self.outcome = Some(UpdateOutcome::new(cmd_id, None));
                 Ok(settings)
             }
             Err(why) => {
-                self.outcome = Some((cmd_id.to_owned(), Err(why.to_string())));
+                self.outcome = Some(UpdateOutcome::new(cmd_id, Some(why.to_string())));
                 self.restart()
             }
         }
@@ -126,7 +142,7 @@ impl ConfigFile {
         };
         let restored = self.restore(&previous);
         if restored.is_ok() {
-            self.outcome = Some((cmd_id, Err(message)));
+            self.outcome = Some(UpdateOutcome::new(&cmd_id, Some(message)));
         }
         restored
     }
@@ -233,14 +249,17 @@ mod tests {
         assert_eq!(settings.node.data_dir, PathBuf::from("/tmp/y"));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), new);
         assert!(file.is_trying_update());
-        assert_eq!(file.take_outcome(), Some(("c1".into(), Ok(()))));
+        assert_eq!(file.take_outcome(), Some(UpdateOutcome::new("c1", None)));
         // The new file cannot start its services: the previous file comes back.
         let restored = file.start_failed("dicom.listen: in use".into()).unwrap();
         assert_eq!(restored.node.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), NODE);
         assert_eq!(
             file.take_outcome(),
-            Some(("c1".into(), Err("dicom.listen: in use".into())))
+            Some(UpdateOutcome::new(
+                "c1",
+                Some("dicom.listen: in use".into())
+            ))
         );
         // A later failure has nothing to roll back.
         let err = file.start_failed("boom".into()).unwrap_err();
@@ -254,9 +273,9 @@ mod tests {
         assert_eq!(settings, Settings::embedded_default());
         assert_eq!(
             file.take_outcome(),
-            Some((
-                "c2".into(),
-                Err("gatewayd runs without --config: nothing to update".into())
+            Some(UpdateOutcome::new(
+                "c2",
+                Some("gatewayd runs without --config: nothing to update".into())
             ))
         );
         assert!(!file.is_trying_update());
@@ -267,7 +286,10 @@ mod tests {
         let mut file = ConfigFile::new(Some(path.clone()));
         file.apply("c3", "[node]\n").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), NODE);
-        let (_, outcome) = file.take_outcome().unwrap();
-        assert_eq!(outcome, Err("node.id: missing required key".into()));
+        let outcome = file.take_outcome().unwrap();
+        assert_eq!(
+            outcome.failure.as_deref(),
+            Some("node.id: missing required key")
+        );
     }
 }

@@ -65,7 +65,10 @@ pub fn main(args: &RunArgs) -> ExitCode {
     };
     loop {
         let config_path = config.path().map(Path::to_path_buf);
-        let started = runtime.block_on(serve(settings, config_path, config.take_outcome()));
+        let outcome = config
+            .take_outcome()
+            .map(|o| (o.cmd_id, o.failure.map_or(Ok(()), Err)));
+        let started = runtime.block_on(serve(settings, config_path, outcome));
         let next = match started {
             Ok(Ending::Stopped) => return ExitCode::SUCCESS,
             Ok(Ending::Restart) => {
@@ -152,8 +155,8 @@ async fn serve(
     let booking = start_booking(&ctx, &derived, keys.as_ref()).await?;
     drop(derived);
     let core = booking.as_ref().and_then(|b| b.core.as_ref());
-    start_dicom(&ctx, core, &mut registry, &mut services).await?;
-    start_hl7(&ctx, core, &mut registry, &mut services).await?;
+    let dicom_metrics = start_dicom(&ctx, core, &mut registry, &mut services).await?;
+    let hl7_metrics = start_hl7(&ctx, core, &mut registry, &mut services).await?;
     if !keep_sent_for.is_zero() {
         services.spawn(spool.clone().run_retention(shutdown.clone()));
     }
@@ -162,7 +165,12 @@ async fn serve(
             services.spawn(task);
         }
     }
-    start_uplinks(&ctx, keys.as_ref(), &mut registry, &mut services)?;
+    let uplink_metrics = start_uplinks(&ctx, keys.as_ref(), &mut registry, &mut services)?;
+    let metrics = telemetry::MetricSources {
+        dicom: dicom_metrics,
+        hl7: hl7_metrics,
+        uplink: uplink_metrics,
+    };
     let health = Health::default();
     let registry = Arc::new(registry);
     start_admin(&ctx, &registry, &health, &mut services).await?;
@@ -174,7 +182,7 @@ async fn serve(
         config_path,
         config_outcome,
     };
-    start_fleet(&ctx, fleet, keys.as_ref(), &registry, &mut services)?;
+    start_fleet(&ctx, fleet, keys.as_ref(), metrics, &mut services)?;
     services.spawn(control.run(shutdown.clone()));
     let notifier = start_watchdog(&shutdown, &mut services);
     health.set_ready(true);
@@ -291,13 +299,14 @@ async fn start_booking(
     Ok(booking)
 }
 
-/// `[dicom]`: the DIMSE listener (with the core's worklist).
+/// `[dicom]`: the DIMSE listener (with the core's worklist); its metric handles.
 async fn start_dicom(
     ctx: &Wiring<'_>,
     core: Option<&crate::booking::CoreParts>,
     registry: &mut Registry,
     services: &mut Services,
-) -> Result<(), String> {
+) -> Result<Option<gateway_dicom::metrics::Metrics>, String> {
+    let mut metrics = None;
     if let Some(dicom) = &ctx.settings.dicom {
         let mut service = DicomService::bind(dicom_settings(dicom), ctx.spool.clone(), registry)
             .await
@@ -306,18 +315,21 @@ async fn start_dicom(
         if let Some(core) = core {
             service = service.with_worklist(Arc::new(crate::booking::LedgerWorklist::new(core)));
         }
+        metrics = Some(service.metrics());
         services.spawn(service.run(ctx.shutdown.clone()));
     }
-    Ok(())
+    Ok(metrics)
 }
 
-/// `[hl7]`: the MLLP listener (on the core, RIS messages update the ledger).
+/// `[hl7]`: the MLLP listener (on the core, RIS messages update the ledger); its metric
+/// handles.
 async fn start_hl7(
     ctx: &Wiring<'_>,
     core: Option<&crate::booking::CoreParts>,
     registry: &mut Registry,
     services: &mut Services,
-) -> Result<(), String> {
+) -> Result<Option<gateway_mllp::Metrics>, String> {
+    let mut metrics = None;
     if let Some(hl7) = &ctx.settings.hl7 {
         let mut service = Hl7Service::bind(hl7_settings(hl7)?, ctx.spool.clone(), registry)
             .await
@@ -330,18 +342,19 @@ async fn start_hl7(
                 Arc::clone(&core.changed),
             ));
         }
+        metrics = Some(service.metrics());
         services.spawn(service.run(ctx.shutdown.clone()));
     }
-    Ok(())
+    Ok(metrics)
 }
 
-/// `[[uplink]]`: one worker per destination.
+/// `[[uplink]]`: one worker per destination; their metric handles.
 fn start_uplinks(
     ctx: &Wiring<'_>,
     keys: &dyn KeyStore,
     registry: &mut Registry,
     services: &mut Services,
-) -> Result<(), String> {
+) -> Result<UplinkMetrics, String> {
     let settings = ctx.settings;
     let data_dir = &settings.node.data_dir;
     let uplink_metrics = UplinkMetrics::register(registry);
@@ -368,7 +381,7 @@ fn start_uplinks(
             }
         }
     }
-    Ok(())
+    Ok(uplink_metrics)
 }
 
 /// `[admin]`: `/healthz` and `/metrics`.
@@ -406,7 +419,7 @@ fn start_fleet(
     ctx: &Wiring<'_>,
     parts: FleetParts,
     keys: &dyn KeyStore,
-    registry: &Arc<Registry>,
+    metrics: telemetry::MetricSources,
     services: &mut Services,
 ) -> Result<(), String> {
     let settings = ctx.settings;
@@ -424,7 +437,7 @@ fn start_fleet(
         Some(fleet) => {
             let collector = telemetry::Collector::new(
                 spool.clone(),
-                Arc::clone(registry),
+                metrics,
                 data_dir.clone(),
                 settings
                     .uplinks
