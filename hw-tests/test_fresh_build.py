@@ -72,7 +72,7 @@ def _port_is_free(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def fresh_gatewayd() -> Path:
+def fresh_gatewayd(tmp_path_factory) -> Path:
     """gatewayd built with its default features, libtss2 hidden from pkg-config."""
     cargo = _cargo()
     env = {**os.environ, **NO_TSS2}
@@ -85,8 +85,11 @@ def fresh_gatewayd() -> Path:
         "gatewayd does not build with its default features when pkg-config cannot find tss2 "
         f"(the README's first command on a fresh machine):\n{r.stderr[-4000:]}"
     )
-    binary = _target_dir(cargo) / "debug" / "gatewayd"
-    assert binary.is_file(), f"cargo build succeeded but {binary} is missing"
+    built = _target_dir(cargo) / "debug" / "gatewayd"
+    assert built.is_file(), f"cargo build succeeded but {built} is missing"
+    # A copy: the next debug build of the workspace (cargo test) replaces target/debug/gatewayd.
+    binary = tmp_path_factory.mktemp("fresh") / "gatewayd"
+    shutil.copy2(built, binary)
     return binary
 
 
