@@ -1,8 +1,8 @@
 """`gatewayd check-config`: broken configs are refused naming the key; shipped configs pass.
 
 Pins the contract: exit 0 for a valid file, else non-zero with one line per
-problem on stderr naming the key (`dicom.listen: ...`); unknown keys are
-rejected; `mode = "production"` refuses the software key store; `run` refuses
+problem on stderr naming the key (`dicom.listen: ...`), all of them in one run even
+without `[node]`; unknown keys are rejected; `mode = "production"` refuses the software key store; `run` refuses
 the same files before listening; every file shipped in config/*.toml is valid.
 """
 
