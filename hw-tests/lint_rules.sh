@@ -5,6 +5,7 @@
 #  2. the topic-safe id check is written once (gateway/id): no other crate spells its alphabet test;
 #  3. master-key derivation labels live in one place (gateway/keystore KeyPurpose).
 # Exit 1 with every hit named; test code (tests.rs, tests/, #[cfg(test)] modules after the marker) is not scanned.
+# Run by hw-tests/run-all.sh before clippy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fail=0

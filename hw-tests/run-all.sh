@@ -6,9 +6,12 @@
 # pkg-config, systemd (systemd-analyze), chromium, fonts-ipafont-gothic, mmdebstrap,
 # e2fsprogs, qemu-system-x86; PyPI into hw-tests/.venv: hw-tests/requirements.txt,
 # oelint-adv and schemathesis among them), then runs
-#   cargo fmt --check, cargo clippy -D warnings, cargo test, cargo build --release,
+#   cargo fmt --check, cargo clippy -D warnings, cargo test (both with the TPM back end:
+#   --features gatewayd/tpm), cargo build --release --features tpm,
 #   pytest -v hw-tests  (against target/release/gatewayd; test_appliance.py builds the
-#   appliance image into hw-tests/.cache/ once per binary+recipe and boots it in QEMU)
+#   appliance image into hw-tests/.cache/ once per binary+recipe and boots it in QEMU;
+#   test_fresh_build.py builds gatewayd with its default features, libtss2 hidden from
+#   pkg-config, and runs it: the README's first command on a fresh machine)
 # Works on a fresh Debian 12 with the Rust toolchain and python3, as root or with sudo.
 #
 # HW_TESTS_ONLY=1 skips fmt/clippy/cargo test (still builds the release binary):
@@ -100,11 +103,15 @@ if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
     banner "cargo fmt --all --check"
     cargo fmt --all --check
 
-    banner "cargo clippy --workspace --all-targets -- -D warnings"
-    cargo clippy --workspace --all-targets -- -D warnings
+    banner "architecture rules (hw-tests/lint_rules.sh: no Result<_, String> in library APIs, one id check, one list of key labels)"
+    bash hw-tests/lint_rules.sh
 
-    banner "cargo test --workspace"
-    cargo test --workspace
+    # The TPM back end is an opt-in feature of gatewayd: lint and test it too.
+    banner "cargo clippy --workspace --all-targets --features gatewayd/tpm -- -D warnings"
+    cargo clippy --workspace --all-targets --features gatewayd/tpm -- -D warnings
+
+    banner "cargo test --workspace --features gatewayd/tpm"
+    cargo test --workspace --features gatewayd/tpm
 
     banner "fuzz targets run (hw-tests/fuzz.sh: every target of gateway/{dicom,hl7,fleet,exchange}/fuzz, ${FUZZ_SECONDS:-30} s each, seed corpus in the repo)"
     bash hw-tests/fuzz.sh
@@ -115,9 +122,11 @@ else
     banner "HW_TESTS_ONLY=1: fmt, clippy and cargo test not run"
 fi
 
-banner "cargo build --release -p gatewayd"
-cargo build --release -p gatewayd
-GATEWAYD=$ROOT/target/release/gatewayd
+# The binary of the hw-tests and the appliance: with the TPM key store (test_appliance.py
+# checks that it links libtss2-esys).
+banner "cargo build --release -p gatewayd --features tpm"
+cargo build --release -p gatewayd --features tpm
+GATEWAYD=${CARGO_TARGET_DIR:-$ROOT/target}/release/gatewayd
 ls -l "$GATEWAYD"
 
 banner "pytest -v hw-tests (real peers)"

@@ -5,7 +5,8 @@ Pins, on one image and one state disk:
   KEY = sha256 of the gatewayd binary, image-recipe/build.sh + files/ and config/gatewayd.service);
 - it boots (direct kernel boot, TCG) and its hardened gatewayd.service answers DICOM on the
   forwarded port: DCMTK `echoscu` and `storescu` from the host succeed;
-- the key store is the TPM (gatewayd logs "TPM found"; `keys status` says backend tpm);
+- the key store is the TPM (the binary links libtss2-esys, i.e. was built with `--features tpm`;
+  gatewayd logs "TPM found"; `keys status` says backend tpm);
 - `spool status` (printed on the console by the image's probe unit) counts the stored object;
 - writing to / inside the VM fails with EROFS, while the state partition is writable;
 - after a clean power-off (Ctrl-Alt-Del, systemd stops gatewayd, QEMU exits on the reboot)
@@ -245,6 +246,13 @@ class Vm:
 @pytest.fixture(scope="module")
 def appliance_image(gatewayd_bin) -> Path:
     _require_tools()
+    # The image's key store is the TPM: the binary must be built with `--features tpm`.
+    ldd = subprocess.run(["ldd", gatewayd_bin], capture_output=True, text=True, timeout=30,
+                         stdin=subprocess.DEVNULL)
+    assert "libtss2-esys" in ldd.stdout, (
+        f"GATEWAYD={gatewayd_bin} has no TPM back end (no libtss2-esys in ldd): build it with "
+        f"`cargo build --release -p gatewayd --features tpm`\n{ldd.stdout}{ldd.stderr}"
+    )
     return build_image(gatewayd_bin)
 
 

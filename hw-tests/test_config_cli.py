@@ -1,8 +1,8 @@
 """`gatewayd check-config`: broken configs are refused naming the key; shipped configs pass.
 
 Pins the contract: exit 0 for a valid file, else non-zero with one line per
-problem on stderr naming the key (`dicom.listen: ...`); unknown keys are
-rejected; `mode = "production"` refuses the software key store; `run` refuses
+problem on stderr naming the key (`dicom.listen: ...`), all of them in one run even
+without `[node]`; unknown keys are rejected; `mode = "production"` refuses the software key store; `run` refuses
 the same files before listening; every file shipped in config/*.toml is valid.
 """
 
@@ -71,6 +71,22 @@ def test_check_config_reports_every_problem_on_its_own_line(tmp_path, gatewayd_b
     assert named == {"dicom.listen", "spool.max_bytes"}, f"expected a line for each problem; stderr:\n{r.stderr}"
     both = [ln for ln in r.stderr.splitlines() if "dicom.listen" in ln and "spool.max_bytes" in ln]
     assert not both, f"two problems on one line: {both}"
+
+
+def test_check_config_without_node_names_every_problem_of_every_section(tmp_path, gatewayd_bin):
+    # No [node], and one problem in each of four sections: all five are reported in one run.
+    path = tmp_path / "no-node.toml"
+    path.write_text(
+        '[dicom]\nlisten = "nonsense"\n'
+        '[hl7]\ncharset = "sjis"\n'
+        '[spool]\nmax_bytes = "lots"\n'
+        '[admin]\nlisten = "127.0.0.1:notaport"\n'
+    )
+    r = _check(gatewayd_bin, path)
+    assert r.returncode == 2, f"check-config exited {r.returncode}:\n{r.stderr}"
+    keys = [ln.split(": ", 1)[0] for ln in r.stderr.splitlines() if ": " in ln]
+    assert keys == ["node", "dicom.listen", "hl7.charset", "spool.max_bytes", "admin.listen"], r.stderr
+    assert "node: missing required key" in r.stderr.splitlines(), r.stderr
 
 
 def test_check_config_accepts_the_test_config(tmp_path, gatewayd_bin):

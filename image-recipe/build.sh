@@ -12,7 +12,8 @@
 #
 # Environment:
 #   GATEWAYD   the binary to install (default: target/release/gatewayd; build it first with
-#              `cargo build --release -p gatewayd` on Debian 12, the image's glibc)
+#              `cargo build --release -p gatewayd --features tpm` on Debian 12, the image's
+#              glibc; a binary without the TPM back end is refused)
 #   GW_CONFIG  /etc/gatewayd/gatewayd.toml of the image (default: image-recipe/files/gatewayd.toml)
 #   MIRROR     Debian mirror (default http://deb.debian.org/debian)
 #   STATE_SIZE size of state.img (default 512M; sparse)
@@ -35,7 +36,12 @@ die() { echo "build.sh: $*" >&2; exit 1; }
 for tool in mmdebstrap mkfs.ext4 ldd; do
     command -v "$tool" >/dev/null || die "$tool not found: apt-get install -y --no-install-recommends mmdebstrap e2fsprogs"
 done
-[ -x "$gatewayd" ] || die "no gatewayd binary at $gatewayd: run \`cargo build --release -p gatewayd\`"
+[ -x "$gatewayd" ] || die "no gatewayd binary at $gatewayd: run \`cargo build --release -p gatewayd --features tpm\`"
+# The image's key store is the TPM (files/gatewayd.toml): the binary must have the back end.
+case "$(ldd "$gatewayd")" in
+    *libtss2-esys*) ;;
+    *) die "$gatewayd has no TPM back end (it does not link libtss2-esys): build it with \`cargo build --release -p gatewayd --features tpm\`" ;;
+esac
 [ -f "$config" ] || die "no config file $config"
 
 # Runtime libraries gatewayd links (ldd) and the Debian packages that ship them. The TCTI

@@ -8,6 +8,10 @@
 //! - Nothing here exposes patient data: metrics carry counts and labels only, and the
 //!   control socket is created with mode 0600 inside the 0700 data folder.
 //! - Both interfaces stop with the shared shutdown signal.
+//! - No indexing or string slicing that could panic on what a client sends
+//!   (`clippy::indexing_slicing` and `clippy::string_slice` are denied in this crate).
+
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
 
 pub mod control;
 pub mod http;

@@ -21,14 +21,21 @@
 //! - [`types`]: the value newtypes with `FromStr`/`Display` and their [`ValueError`].
 //! - [`settings`]: the typed [`Settings`], the [`defaults`], and the semantic pass:
 //!   field parses, cross-field rules and production-mode refusals.
+//! - [`schedule`]: `[[booking.schedule]]` checked into [`BookingSchedule`] (the booking
+//!   service builds its own schedule from it; this crate depends on no service crate).
+//! - [`update`]: the daemon's [`ConfigFile`] across restarts and fleet `config-update`s
+//!   (durable write, rollback when the new file cannot start its services) and
+//!   [`check_remote_update`], the keys that cannot change remotely.
 //! - `error`: [`Problem`] and [`ConfigErrors`].
 //!
 //! # Invariants
 //!
 //! - Unknown keys are errors, never ignored.
-//! - The semantic pass reports **every** problem in one go; only a structural problem
-//!   (TOML syntax, unknown key, wrong type, missing key) stops early, because nothing
-//!   reliable can be read past it.
+//! - The semantic pass reports **every** problem in one go, a missing `[node]` section
+//!   among them (the sections present are still checked; the production refusals, which
+//!   need `node.mode`, are then skipped rather than guessed); only a structural problem
+//!   (TOML syntax, unknown key, wrong type, missing key inside a table) stops early,
+//!   because nothing reliable can be read past it.
 //! - A problem's key is the TOML path (`dicom.peers[0].host`, `uplink[1].url`, or
 //!   `config` for the file as a whole); its message quotes only the offending value,
 //!   clipped, never the surrounding config text. URL credentials are never repeated.
@@ -41,10 +48,13 @@
 
 mod error;
 mod raw;
+pub mod schedule;
 pub mod settings;
 pub mod types;
+pub mod update;
 
 pub use error::{ConfigErrors, Problem};
+pub use schedule::BookingSchedule;
 pub use settings::{
     Admin, Booking, Claim, Dicom, DicomPeer, EMBEDDED_DEFAULT_TOML, Exchange, Fleet, Hl7, Keystore,
     Node, Peer, Settings, Spool, Uplink, defaults,
@@ -53,3 +63,4 @@ pub use types::{
     AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, KeystoreBackend, Mode, NodeId,
     Role, Tcti, UplinkKind, UplinkName, UplinkUrl, ValueError,
 };
+pub use update::{ConfigFile, UpdateError, UpdateOutcome, check_remote_update};

@@ -14,7 +14,9 @@ use crate::error::Problem;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
-    pub node: RawNode,
+    /// Required: its absence is a problem of the semantic pass, so that the sections
+    /// present are still checked.
+    pub node: Option<RawNode>,
     pub dicom: Option<RawDicom>,
     pub hl7: Option<RawHl7>,
     pub spool: Option<RawSpool>,

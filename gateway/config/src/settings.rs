@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{ConfigErrors, Problem};
 use crate::raw;
+use crate::schedule::{self, BookingSchedule};
 use crate::types::{
     AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, KeystoreBackend, Mode, NodeId,
     Role, Tcti, UplinkKind, UplinkName, UplinkUrl, ValueError, parse_ip_addr, parse_path,
@@ -250,8 +251,9 @@ pub struct Booking {
     pub stale_after: Duration,
     /// Core: how often the free slots are republished (they also are on every change).
     pub publish_interval: Duration,
-    /// `[[booking.schedule]]`, validated (core).
-    pub schedules: Vec<gateway_booking::Schedule>,
+    /// `[[booking.schedule]]`, checked (core); the booking service builds its schedules
+    /// from these.
+    pub schedules: Vec<BookingSchedule>,
 }
 
 /// `[exchange]`: the regional MQTT broker the clinic and core gateways book through.
@@ -389,9 +391,17 @@ fn from_str<T: std::str::FromStr<Err = ValueError>>(value: &str) -> Result<T, Va
 
 /// The semantic pass. Returns `None` when some field failed (the problem is recorded).
 fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
-    let node = node(c, raw.node);
-    // Production refusals need the mode; if it did not parse, that problem is reported and
-    // the refusals are skipped rather than guessed.
+    // A missing `[node]` is one problem among the others: every section present is still
+    // checked.
+    let node = match raw.node {
+        Some(raw_node) => node(c, raw_node),
+        None => {
+            c.push("node", "missing required key");
+            None
+        }
+    };
+    // Production refusals need the mode; if it did not parse (or `[node]` is missing), that
+    // problem is reported and the refusals are skipped rather than guessed.
     let production = node.as_ref().map(|n| n.mode.is_production());
     let dicom = raw.dicom.map(|d| dicom(c, d, production));
     let hl7 = raw.hl7.map(|h| hl7(c, h));
@@ -1094,10 +1104,10 @@ fn booking(c: &mut Collector, raw: raw::RawBooking, production: Option<bool>) ->
         defaults::BOOKING_LISTEN,
         parse_socket_addr,
     );
-    let mut schedules = Vec::new();
+    let mut schedules: Vec<BookingSchedule> = Vec::new();
     let mut ok = true;
     for (i, s) in raw.schedule.unwrap_or_default().into_iter().enumerate() {
-        let spec = gateway_booking::ScheduleSpec {
+        let raw = schedule::RawSchedule {
             id: s.id,
             modality: s.modality,
             station_ae: s.station_ae,
@@ -1106,12 +1116,9 @@ fn booking(c: &mut Collector, raw: raw::RawBooking, production: Option<bool>) ->
             hours: s.hours,
             holidays: s.holidays.unwrap_or_default(),
         };
-        match gateway_booking::Schedule::new(&spec) {
+        match schedule::check(raw) {
             Ok(schedule) => {
-                if schedules
-                    .iter()
-                    .any(|other: &gateway_booking::Schedule| other.id() == schedule.id())
-                {
+                if schedules.iter().any(|other| other.id() == schedule.id()) {
                     c.push(
                         format!("booking.schedule[{i}].id"),
                         "another schedule has this id",
@@ -1122,8 +1129,8 @@ fn booking(c: &mut Collector, raw: raw::RawBooking, production: Option<bool>) ->
             }
             Err(problems) => {
                 ok = false;
-                for p in problems {
-                    c.push(format!("booking.schedule[{i}].{}", p.field), p.problem);
+                for (field, problem) in problems {
+                    c.push(format!("booking.schedule[{i}].{field}"), problem);
                 }
             }
         }
@@ -1202,10 +1209,7 @@ fn booking(c: &mut Collector, raw: raw::RawBooking, production: Option<bool>) ->
 }
 
 fn valid_peer_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    gateway_id::is_valid(id)
 }
 
 /// What each role needs: a clinic books with a core through the exchange; only a core has

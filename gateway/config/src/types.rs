@@ -230,11 +230,7 @@ impl NodeId {
 impl FromStr for NodeId {
     type Err = ValueError;
     fn from_str(value: &str) -> Result<Self, ValueError> {
-        let ok = (1..=64).contains(&value.len())
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if ok {
+        if gateway_id::is_valid(value) {
             Ok(Self(value.to_owned()))
         } else {
             Err(ValueError::NodeId { value: clip(value) })

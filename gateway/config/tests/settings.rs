@@ -219,6 +219,33 @@ fn semantic_problems_are_all_collected_in_one_pass() {
 }
 
 #[test]
+fn a_file_without_node_still_names_every_problem_of_every_section() {
+    let l = lines("[dicom]\nlisten = \"nonsense\"\n");
+    assert_eq!(
+        l,
+        [
+            "node: missing required key",
+            "dicom.listen: invalid socket address \"nonsense\" (use e.g. \"0.0.0.0:11112\" or \"[::1]:11112\")",
+        ]
+    );
+    let text = "[dicom]\nlisten = \"nonsense\"\nartim_timeout = \"soon\"\n\
+        [hl7]\ncharset = \"sjis\"\n[spool]\nmax_bytes = \"lots\"\n\
+        [[uplink]]\nname = \"a\"\nurl = \"ftp://x\"\n[admin]\nlisten = \"localhost\"\n";
+    assert_eq!(
+        keys(text),
+        [
+            "node",
+            "dicom.listen",
+            "dicom.artim_timeout",
+            "hl7.charset",
+            "spool.max_bytes",
+            "uplink[0].url",
+            "admin.listen",
+        ]
+    );
+}
+
+#[test]
 fn config_errors_display_is_one_line_per_problem() {
     let text =
         format!("{NODE_DEV}[hl7]\nlisten = \"a\"\ncharset = \"b\"\n[admin]\nlisten = \"c\"\n");

@@ -28,6 +28,15 @@ pub struct Metrics {
     pub worklist_find: Family<StatusLabel, Counter>,
     /// Pending C-FIND responses sent (one per matching worklist item).
     pub worklist_matches: Counter,
+    /// Totals over the labels above, for the fleet telemetry (not exported).
+    totals: Totals,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Totals {
+    rejected: Counter,
+    stored_ok: Counter,
+    stored_failed: Counter,
 }
 
 impl Metrics {
@@ -74,5 +83,32 @@ impl Metrics {
 
     pub fn stored(&self, status: &'static str) {
         self.stored.get_or_create(&StatusLabel { status }).inc();
+        match status {
+            "success" | "duplicate" => self.totals.stored_ok.inc(),
+            _ => self.totals.stored_failed.inc(),
+        };
+    }
+
+    /// An association request refused (or a connection closed before one), by reason.
+    pub fn rejected(&self, reason: &'static str) {
+        self.associations_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        self.totals.rejected.inc();
+    }
+
+    /// Association requests refused since start, every reason.
+    pub fn rejected_total(&self) -> u64 {
+        self.totals.rejected.get()
+    }
+
+    /// C-STORE requests answered with success (stored or a duplicate) since start.
+    pub fn stored_ok_total(&self) -> u64 {
+        self.totals.stored_ok.get()
+    }
+
+    /// C-STORE requests answered with a failure status since start.
+    pub fn stored_failed_total(&self) -> u64 {
+        self.totals.stored_failed.get()
     }
 }

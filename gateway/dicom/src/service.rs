@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::association;
 use crate::context::{Context, Options};
-use crate::metrics::{Metrics, ReasonLabel};
+use crate::metrics::Metrics;
 use crate::policy::{Gatekeeper, PolicySettings, Refusal};
 use crate::storage_classes::STORAGE_SOP_CLASSES;
 use crate::worklist::{MODALITY_WORKLIST_FIND, WorklistSource};
@@ -96,6 +96,11 @@ impl DicomService {
         })
     }
 
+    /// The service's metric handles (for the fleet telemetry).
+    pub fn metrics(&self) -> Metrics {
+        self.ctx.metrics.clone()
+    }
+
     /// Refuses every new association (A-ASSOCIATE-RJ, rejected-transient, service user, no
     /// reason given; metric label `disabled`) while `disabled` holds `true`. Open
     /// associations continue. Without this call the service is never disabled.
@@ -148,7 +153,7 @@ impl DicomService {
                     Ok((stream, addr)) => {
                         if tasks.len() >= max_connections {
                             debug!(peer = %addr, "connection refused: too many open connections");
-                            ctx.metrics.associations_rejected.get_or_create(&ReasonLabel { reason: "connections" }).inc();
+                            ctx.metrics.rejected("connections");
                             continue;
                         }
                         let ctx = Arc::clone(&ctx);
@@ -228,19 +233,13 @@ async fn handle_connection(
             Ok(Ok(found)) => found,
             Ok(Err(reason)) => {
                 debug!(peer = %addr, reason, "not an association request: aborting");
-                ctx.metrics
-                    .associations_rejected
-                    .get_or_create(&ReasonLabel { reason: "protocol" })
-                    .inc();
+                ctx.metrics.rejected("protocol");
                 abort_raw(stream).await;
                 return;
             }
             Err(_) => {
                 debug!(peer = %addr, "ARTIM timeout before association request");
-                ctx.metrics
-                    .associations_rejected
-                    .get_or_create(&ReasonLabel { reason: "artim" })
-                    .inc();
+                ctx.metrics.rejected("artim");
                 abort_raw(stream).await;
                 return;
             }
@@ -254,12 +253,7 @@ async fn handle_connection(
         Ok(p) => p,
         Err(refusal) => {
             info!(peer = %addr, calling_ae = %calling, reason = refusal.label(), "association rejected");
-            ctx.metrics
-                .associations_rejected
-                .get_or_create(&ReasonLabel {
-                    reason: refusal.label(),
-                })
-                .inc();
+            ctx.metrics.rejected(refusal.label());
             reject_raw(stream, rq_len, Pdu::AssociationRJ(refusal.pdu()), artim).await;
             return;
         }

@@ -220,61 +220,23 @@ fn delete_claim(claim: &Claim, device: &DeviceId) {
     }
 }
 
-/// `config-update` validation: exactly `check-config`'s problems, plus the device id, which
-/// is the gateway's identity towards the broker and cannot change remotely.
+/// `config-update` validation: exactly `check-config`'s problems (those of
+/// `gateway_config::check_remote_update`, which adds the keys that cannot change remotely,
+/// and those of this build), one `key: message` line each.
 fn config_validator(node_id: &str, data_dir: &Path) -> ValidateFn {
     let node_id = node_id.to_owned();
     let data_dir = data_dir.to_path_buf();
     Arc::new(move |toml: &str| {
-        let settings = Settings::from_toml_str(toml).map_err(|errors| {
-            ConfigProblems(
-                errors
-                    .problems
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>(),
-            )
-        })?;
-        let mut problems = Vec::new();
-        if settings.node.id.as_str() != node_id {
-            problems.push(format!(
-                "node.id: cannot change remotely (this gateway is {node_id:?})"
-            ));
-        }
-        if settings.node.data_dir != data_dir {
-            problems.push(format!(
-                "node.data_dir: cannot change remotely (this gateway keeps its data in {})",
-                data_dir.display()
-            ));
-        }
+        let lines = |problems: &[gateway_config::Problem]| {
+            problems.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        let settings = gateway_config::check_remote_update(&node_id, &data_dir, toml)
+            .map_err(|errors| ConfigProblems(lines(&errors.problems)))?;
+        let problems = crate::ops::build_problems(&settings);
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(ConfigProblems(problems))
+            Err(ConfigProblems(lines(&problems)))
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const NODE: &str = "[node]\nid = \"gw-1\"\ndata_dir = \"/tmp/x\"\nmode = \"development\"\n";
-
-    #[test]
-    fn config_update_validation_is_check_config_plus_a_fixed_node_id() {
-        let validate = config_validator("gw-1", Path::new("/tmp/x"));
-        assert_eq!(validate(NODE), Ok(()));
-        let problems = validate(&format!("{NODE}[dicom]\nlisten = \"x\"\n")).unwrap_err();
-        assert_eq!(problems.len(), 1);
-        assert!(problems[0].starts_with("dicom.listen: "), "{problems:?}");
-        let problems = validate(&NODE.replace("gw-1", "gw-2")).unwrap_err();
-        assert_eq!(
-            problems.0,
-            ["node.id: cannot change remotely (this gateway is \"gw-1\")"]
-        );
-        assert!(validate("not toml [").is_err());
-        let problems = validate(&NODE.replace("/tmp/x", "/tmp/y")).unwrap_err();
-        assert!(problems[0].starts_with("node.data_dir: "), "{problems:?}");
-    }
 }

@@ -5,9 +5,20 @@
 //! shutdown. Behaviour lives in the library crates.
 //!
 //! - `cli`: the command line.
-//! - `run`: `gatewayd run`, the wiring of all services.
-//! - `ops`: `check-config`, `spool ...` and `keys ...`.
+//! - `run`: `gatewayd run`: one start function per service (dicom, hl7, uplinks, admin,
+//!   fleet, booking, watchdog) called from a short `serve`, and the restart / config-update
+//!   loop around it (its rules are `gateway_config::ConfigFile`).
+//! - `ops`: `check-config`, `spool ...`, `keys ...`, `audit ...` and `users ...`.
+//! - `fleet`: the fleet agent of `[fleet]`, and provisioning by claim before it.
+//! - `booking`: the kiosk, staff, audit trail and regional exchange of `[booking]`.
+//! - `mqtt`: the TLS client configuration of a broker connection (`[fleet]`, `[exchange]`).
+//! - `telemetry`: the fleet agent's telemetry snapshot, from the spool and the services'
+//!   metric handles.
+//! - `logring`: the log's last lines, for the fleet's `log-upload`.
 //! - `notify`: `sd_notify` for the systemd unit (READY, WATCHDOG, STOPPING).
+//!
+//! Features: `tpm` (off by default) builds the TPM 2.0 key store (links libtss2); without
+//! it `keystore.backend = "tpm"` is refused by `check-config` and `run`.
 
 mod booking;
 mod cli;

@@ -4,24 +4,42 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use gateway_admin::control::{self, Request, Response};
-use gateway_config::{KeystoreBackend, Settings};
+use gateway_config::{KeystoreBackend, Problem, Settings};
 use gateway_keystore::Backend;
 use gateway_spool::{Limits, ObjectKind, Route, Spool};
 
 use crate::cli::{AuditCommand, ConfigArg, KeysCommand, SpoolCommand, UsersCommand};
 
 pub fn check_config(args: &ConfigArg) -> ExitCode {
-    match Settings::load(&args.config) {
-        Ok(_) => {
-            println!("{}: ok", args.config.display());
-            ExitCode::SUCCESS
+    let problems = match Settings::load(&args.config) {
+        Ok(settings) => build_problems(&settings),
+        Err(errors) => errors.problems,
+    };
+    if problems.is_empty() {
+        println!("{}: ok", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
+    ExitCode::from(2)
+}
+
+/// What a valid config asks of this build and it does not have: `keystore.backend = "tpm"`
+/// in a gatewayd built without the cargo feature `tpm`.
+pub fn build_problems(settings: &Settings) -> Vec<Problem> {
+    match gateway_keystore::ensure_available(&backend(settings)) {
+        Ok(()) => Vec::new(),
+        Err(gateway_keystore::KeyStoreError::BackendUnavailable { backend }) => {
+            vec![Problem::new(
+                "keystore.backend",
+                format!(
+                    "{backend:?} is not available in this build: gatewayd was built without \
+                     the cargo feature `{backend}` (build it with `--features {backend}`)"
+                ),
+            )]
         }
-        Err(errors) => {
-            for problem in &errors.problems {
-                eprintln!("{problem}");
-            }
-            ExitCode::from(2)
-        }
+        Err(e) => vec![Problem::new("keystore.backend", e.to_string())],
     }
 }
 

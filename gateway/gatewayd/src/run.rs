@@ -8,7 +8,7 @@ use std::sync::Arc;
 use gateway_admin::control::ControlServer;
 use gateway_admin::http::{AdminHttp, Health};
 use gateway_config::UplinkKind;
-use gateway_config::{KeystoreBackend, Mode, Settings};
+use gateway_config::{ConfigFile, KeystoreBackend, Mode, Settings};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
 use gateway_fleet::FleetState;
 use gateway_fleet::telemetry::KeyBackend;
@@ -30,21 +30,29 @@ use crate::telemetry;
 
 pub fn main(args: &RunArgs) -> ExitCode {
     init_logging();
-    let settings = match &args.config {
-        Some(path) => match Settings::load(path) {
-            Ok(s) => s,
-            Err(problems) => {
-                for p in &problems.problems {
-                    eprintln!("{p}");
-                }
-                return ExitCode::from(2);
+    let mut config = ConfigFile::new(args.config.clone());
+    if config.path().is_none() {
+        info!("no --config given: running the embedded development default");
+    }
+    let mut settings = match config.load() {
+        Ok(s) => s,
+        Err(problems) => {
+            for p in &problems.problems {
+                eprintln!("{p}");
             }
-        },
-        None => {
-            info!("no --config given: running the embedded development default");
-            Settings::embedded_default()
+            return ExitCode::from(2);
         }
     };
+    // What this build cannot serve (a back end compiled out) is refused like a config
+    // problem, before anything is created on disk.
+    let unavailable = ops::build_problems(&settings);
+    if !unavailable.is_empty() {
+        for p in &unavailable {
+            error!("{p}");
+            eprintln!("{p}");
+        }
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,86 +63,44 @@ pub fn main(args: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut settings = settings;
-    // The outcome of a config-update for the next start to report, and while a new
-    // configuration is being tried: its command id and the previous file's bytes.
-    let mut outcome: Option<(String, Result<(), String>)> = None;
-    let mut trying: Option<(String, Vec<u8>)> = None;
     loop {
-        let started = runtime.block_on(serve(settings, args.config.clone(), outcome.take()));
-        let tried = trying.take();
-        let next = match (started, tried) {
-            (Ok(Ending::Stopped), _) => return ExitCode::SUCCESS,
-            (Ok(Ending::Restart), _) => {
+        let config_path = config.path().map(Path::to_path_buf);
+        let outcome = config
+            .take_outcome()
+            .map(|o| (o.cmd_id, o.failure.map_or(Ok(()), Err)));
+        let started = runtime.block_on(serve(settings, config_path, outcome));
+        let next = match started {
+            Ok(Ending::Stopped) => return ExitCode::SUCCESS,
+            Ok(Ending::Restart) => {
                 info!("restarting every service (signed fleet command)");
-                reload(args)
+                config.restart()
             }
-            (Ok(Ending::ApplyConfig { cmd_id, toml }), _) => {
-                match apply_config(args, &cmd_id, &toml) {
-                    Ok((new, previous)) => {
-                        trying = Some((cmd_id.clone(), previous));
-                        outcome = Some((cmd_id, Ok(())));
-                        Ok(new)
-                    }
-                    Err(why) => {
-                        outcome = Some((cmd_id, Err(why)));
-                        reload(args)
-                    }
+            Ok(Ending::ApplyConfig { cmd_id, toml }) => {
+                let applied = config.apply(&cmd_id, &toml);
+                if config.is_trying_update()
+                    && let Some(path) = config.path()
+                {
+                    warn!(cmd_id, path = %path.display(), "configuration replaced by a signed fleet command: starting every service with it");
                 }
+                applied
             }
-            (Err(message), Some((cmd_id, previous))) => {
-                error!(error = %message, "the new configuration cannot start its services: restoring the previous one");
-                let restored = restore_config(args, &previous);
-                if restored.is_ok() {
-                    outcome = Some((cmd_id, Err(message)));
+            Err(message) => {
+                if config.is_trying_update() {
+                    error!(error = %message, "the new configuration cannot start its services: restoring the previous one");
                 }
-                restored
+                config.start_failed(message)
             }
-            (Err(message), None) => Err(message),
         };
         settings = match next {
             Ok(s) => s,
-            Err(message) => {
+            Err(e) => {
+                let message = e.to_string();
                 error!("{message}");
                 eprintln!("gatewayd: {message}");
                 return ExitCode::FAILURE;
             }
         };
     }
-}
-
-/// The config file again (or the embedded default), for a restart.
-fn reload(args: &RunArgs) -> Result<Settings, String> {
-    match &args.config {
-        Some(path) => Settings::load(path).map_err(|problems| problems.to_string()),
-        None => Ok(Settings::embedded_default()),
-    }
-}
-
-/// Writes a validated config-update over the config file (atomically, durably) and parses
-/// it; returns the new settings and the previous file's bytes for a rollback.
-fn apply_config(args: &RunArgs, cmd_id: &str, toml: &str) -> Result<(Settings, Vec<u8>), String> {
-    let path = args
-        .config
-        .as_ref()
-        .ok_or_else(|| "gatewayd runs without --config: nothing to update".to_string())?;
-    let settings = Settings::from_toml_str(toml).map_err(|problems| problems.to_string())?;
-    let previous =
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    gateway_durable::write_atomic(path, toml.as_bytes()).map_err(|e| e.to_string())?;
-    warn!(cmd_id, path = %path.display(), "configuration replaced by a signed fleet command: starting every service with it");
-    Ok((settings, previous))
-}
-
-/// Puts the previous config file back and parses it.
-fn restore_config(args: &RunArgs, previous: &[u8]) -> Result<Settings, String> {
-    let path = args
-        .config
-        .as_ref()
-        .ok_or_else(|| "gatewayd runs without --config: nothing to restore".to_string())?;
-    gateway_durable::write_atomic(path, previous).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(previous);
-    Settings::from_toml_str(&text).map_err(|problems| problems.to_string())
 }
 
 /// Why [`serve`] returned without an error.
@@ -166,86 +132,31 @@ async fn serve(
     let data_dir = settings.node.data_dir.clone();
     gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
-    // The disabled flag is honoured whether or not [fleet] is configured: removing the
-    // section from the config must not revive a box the vendor disabled.
-    let fleet_state = FleetState::load(&data_dir).map_err(|e| e.to_string())?;
-    if fleet_state.is_wiped() {
-        return Err(format!(
-            "this gateway was wiped by a signed vendor command ({}): its keys are gone and it \
-             refuses service; re-provision it",
-            fleet_state.path().display()
-        ));
-    }
-    let (disabled_tx, disabled) =
-        watch::channel(fleet_state.is_disabled() || fleet_state.is_wiped());
-    if *disabled.borrow() {
-        warn!(
-            presence = ?fleet_state.presence(),
-            "the gateway is DISABLED by the vendor (fleet state): listeners refuse new \
-             associations and connections, uploads are paused"
-        );
-    }
+    let (fleet_state, disabled_tx, disabled) = fleet_state(&data_dir)?;
 
     let keys = open_keystore(&settings)?;
     let master = keys.spool_master_key().map_err(|e| e.to_string())?;
     let derived = crate::booking::Derived::new(master.expose());
-    let destinations = ops::routes(&settings);
-    let spool = Spool::open(
-        &data_dir,
-        Some(master),
-        ops::limits(&settings),
-        destinations,
-    )
-    .map_err(|e| e.to_string())?;
-    let keep_sent_for = settings.spool.keep_sent_for.get();
-    spool.set_keep_sent_for(keep_sent_for);
-    spool.recover().map_err(|e| e.to_string())?;
+    let (spool, keep_sent_for) = open_spool(&settings, master)?;
 
     let mut registry = Registry::default();
     spool.register_metrics(&mut registry);
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<ExitRequest>();
     let mut services = JoinSet::new();
+    let ctx = Wiring {
+        settings: &settings,
+        spool: &spool,
+        disabled: &disabled,
+        shutdown: &shutdown,
+    };
 
     let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
-    let booking = match &settings.booking {
-        Some(booking) => Some(
-            crate::booking::start(
-                &settings,
-                booking,
-                &spool,
-                &derived,
-                keys.identity(),
-                &shutdown,
-            )
-            .await?,
-        ),
-        None => None,
-    };
+    let booking = start_booking(&ctx, &derived, keys.as_ref()).await?;
     drop(derived);
     let core = booking.as_ref().and_then(|b| b.core.as_ref());
-    if let Some(dicom) = &settings.dicom {
-        let mut service = DicomService::bind(dicom_settings(dicom), spool.clone(), &mut registry)
-            .await
-            .map_err(|e| e.to_string())?
-            .with_disabled(disabled.clone());
-        if let Some(core) = core {
-            service = service.with_worklist(Arc::new(crate::booking::LedgerWorklist::new(core)));
-        }
-        services.spawn(service.run(shutdown.clone()));
-    }
-    if let Some(hl7) = &settings.hl7 {
-        let mut service = Hl7Service::bind(hl7_settings(hl7)?, spool.clone(), &mut registry)
-            .await
-            .map_err(|e| e.to_string())?
-            .with_disabled(disabled.clone());
-        if let Some(core) = core {
-            let (observer, task) = crate::booking::ris_observer(core);
-            services.spawn(task);
-            service = service.with_observer(observer);
-        }
-        services.spawn(service.run(shutdown.clone()));
-    }
+    let dicom_metrics = start_dicom(&ctx, core, &mut registry, &mut services).await?;
+    let hl7_metrics = start_hl7(&ctx, core, &mut registry, &mut services).await?;
     if !keep_sent_for.is_zero() {
         services.spawn(spool.clone().run_retention(shutdown.clone()));
     }
@@ -254,95 +165,26 @@ async fn serve(
             services.spawn(task);
         }
     }
-    let uplink_metrics = UplinkMetrics::register(&mut registry);
-    for uplink in &settings.uplinks {
-        match uplink.kind {
-            UplinkKind::DicomWeb => {
-                let service = UplinkService::new(
-                    uplink_settings(uplink, &data_dir, keys.as_ref())?,
-                    spool.clone(),
-                    uplink_metrics.clone(),
-                )
-                .map_err(|e| e.to_string())?
-                .with_paused(disabled.clone());
-                services.spawn(service.run(shutdown.clone()));
-            }
-            UplinkKind::MllpTls => {
-                let service = MllpUplinkService::new(
-                    mllp_settings(uplink, &data_dir, keys.as_ref())?,
-                    spool.clone(),
-                    uplink_metrics.clone(),
-                )
-                .with_paused(disabled.clone());
-                services.spawn(service.run(shutdown.clone()));
-            }
-        }
-    }
+    let uplink_metrics = start_uplinks(&ctx, keys.as_ref(), &mut registry, &mut services)?;
+    let metrics = telemetry::MetricSources {
+        dicom: dicom_metrics,
+        hl7: hl7_metrics,
+        uplink: uplink_metrics,
+    };
     let health = Health::default();
     let registry = Arc::new(registry);
-    if let Some(admin) = &settings.admin {
-        let http = AdminHttp::bind(admin.listen, Arc::clone(&registry), health.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let rx = shutdown.clone();
-        services.spawn(async move {
-            if let Err(e) = http.run(rx).await {
-                error!(error = %e, "admin HTTP stopped");
-            }
-        });
-    }
+    start_admin(&ctx, &registry, &health, &mut services).await?;
     // Last: the agent reports a config-update's outcome only once everything else started.
-    match &settings.fleet {
-        Some(fleet) => {
-            let collector = telemetry::Collector::new(
-                spool.clone(),
-                Arc::clone(&registry),
-                data_dir.clone(),
-                settings
-                    .uplinks
-                    .iter()
-                    .map(|u| (u.name.as_str().to_owned(), u.kind.as_str().to_owned()))
-                    .collect(),
-                key_backend(&settings),
-            );
-            services.spawn(
-                Arc::clone(&collector).run(fleet.telemetry_interval.get(), shutdown.clone()),
-            );
-            let backend = ops::backend(&settings);
-            let wipe_dir = data_dir.clone();
-            let wipe: WipeFn = Arc::new(move || {
-                gateway_keystore::wipe(&backend, &wipe_dir)
-                    .map(|_| ())
-                    .map_err(gateway_fleet_agent::CallbackError::new)
-            });
-            let parts = crate::fleet::Parts {
-                state: fleet_state,
-                disabled: disabled_tx,
-                telemetry: collector,
-                wipe,
-                exit: exit_tx.clone(),
-                can_apply_config: config_path.is_some(),
-                config_outcome,
-            };
-            services.spawn(crate::fleet::service(
-                &settings,
-                fleet,
-                keys.as_ref(),
-                parts,
-                shutdown.clone(),
-            )?);
-        }
-        None => drop(disabled_tx),
-    }
+    let fleet = FleetParts {
+        state: fleet_state,
+        disabled: disabled_tx,
+        exit: exit_tx.clone(),
+        config_path,
+        config_outcome,
+    };
+    start_fleet(&ctx, fleet, keys.as_ref(), metrics, &mut services)?;
     services.spawn(control.run(shutdown.clone()));
-    let notifier = crate::notify::Notifier::from_env();
-    if let Some(interval) = crate::notify::watchdog_interval().filter(|_| notifier.is_enabled()) {
-        services.spawn(crate::notify::run_watchdog(
-            notifier.clone(),
-            interval,
-            shutdown.clone(),
-        ));
-    }
+    let notifier = start_watchdog(&shutdown, &mut services);
     health.set_ready(true);
     notifier.notify_logged("READY=1\nSTATUS=serving");
     info!("gatewayd ready");
@@ -377,6 +219,277 @@ async fn serve(
     drop(spool);
     info!("gatewayd stopped");
     Ok(ending)
+}
+
+/// What every service is started with: the settings, the spool, the vendor's disabled
+/// flag and the shutdown signal.
+struct Wiring<'a> {
+    settings: &'a Settings,
+    spool: &'a Spool,
+    disabled: &'a watch::Receiver<bool>,
+    shutdown: &'a watch::Receiver<bool>,
+}
+
+/// The service tasks of one `serve`.
+type Services = JoinSet<()>;
+
+/// The fleet state, read before any listener starts, and the disabled flag handed to the
+/// services.
+fn fleet_state(
+    data_dir: &Path,
+) -> Result<(FleetState, watch::Sender<bool>, watch::Receiver<bool>), String> {
+    // The disabled flag is honoured whether or not [fleet] is configured: removing the
+    // section from the config must not revive a box the vendor disabled.
+    let fleet_state = FleetState::load(data_dir).map_err(|e| e.to_string())?;
+    if fleet_state.is_wiped() {
+        return Err(format!(
+            "this gateway was wiped by a signed vendor command ({}): its keys are gone and it \
+             refuses service; re-provision it",
+            fleet_state.path().display()
+        ));
+    }
+    let (disabled_tx, disabled) =
+        watch::channel(fleet_state.is_disabled() || fleet_state.is_wiped());
+    if *disabled.borrow() {
+        warn!(
+            presence = ?fleet_state.presence(),
+            "the gateway is DISABLED by the vendor (fleet state): listeners refuse new \
+             associations and connections, uploads are paused"
+        );
+    }
+    Ok((fleet_state, disabled_tx, disabled))
+}
+
+/// The spool, recovered after a crash, and its `keep_sent_for`.
+fn open_spool(
+    settings: &Settings,
+    master: gateway_keystore::MasterKey,
+) -> Result<(Spool, std::time::Duration), String> {
+    let data_dir = &settings.node.data_dir;
+    let destinations = ops::routes(settings);
+    let spool = Spool::open(data_dir, Some(master), ops::limits(settings), destinations)
+        .map_err(|e| e.to_string())?;
+    let keep_sent_for = settings.spool.keep_sent_for.get();
+    spool.set_keep_sent_for(keep_sent_for);
+    spool.recover().map_err(|e| e.to_string())?;
+    Ok((spool, keep_sent_for))
+}
+
+/// `[booking]`: the kiosk and the regional exchange (their tasks are spawned by `serve`).
+async fn start_booking(
+    ctx: &Wiring<'_>,
+    derived: &crate::booking::Derived,
+    keys: &dyn KeyStore,
+) -> Result<Option<crate::booking::Started>, String> {
+    let settings = ctx.settings;
+    let booking = match &settings.booking {
+        Some(booking) => Some(
+            crate::booking::start(
+                settings,
+                booking,
+                ctx.spool,
+                derived,
+                keys.identity(),
+                ctx.shutdown,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    Ok(booking)
+}
+
+/// `[dicom]`: the DIMSE listener (with the core's worklist); its metric handles.
+async fn start_dicom(
+    ctx: &Wiring<'_>,
+    core: Option<&crate::booking::CoreParts>,
+    registry: &mut Registry,
+    services: &mut Services,
+) -> Result<Option<gateway_dicom::metrics::Metrics>, String> {
+    let mut metrics = None;
+    if let Some(dicom) = &ctx.settings.dicom {
+        let mut service = DicomService::bind(dicom_settings(dicom), ctx.spool.clone(), registry)
+            .await
+            .map_err(|e| e.to_string())?
+            .with_disabled(ctx.disabled.clone());
+        if let Some(core) = core {
+            service = service.with_worklist(Arc::new(crate::booking::LedgerWorklist::new(core)));
+        }
+        metrics = Some(service.metrics());
+        services.spawn(service.run(ctx.shutdown.clone()));
+    }
+    Ok(metrics)
+}
+
+/// `[hl7]`: the MLLP listener (on the core, RIS messages update the ledger); its metric
+/// handles.
+async fn start_hl7(
+    ctx: &Wiring<'_>,
+    core: Option<&crate::booking::CoreParts>,
+    registry: &mut Registry,
+    services: &mut Services,
+) -> Result<Option<gateway_mllp::Metrics>, String> {
+    let mut metrics = None;
+    if let Some(hl7) = &ctx.settings.hl7 {
+        let mut service = Hl7Service::bind(hl7_settings(hl7)?, ctx.spool.clone(), registry)
+            .await
+            .map_err(|e| e.to_string())?
+            .with_disabled(ctx.disabled.clone());
+        if let Some(core) = core {
+            let (observer, task) = crate::booking::ris_observer(core);
+            services.spawn(task);
+            service = service.with_observer(observer);
+        }
+        metrics = Some(service.metrics());
+        services.spawn(service.run(ctx.shutdown.clone()));
+    }
+    Ok(metrics)
+}
+
+/// `[[uplink]]`: one worker per destination; their metric handles.
+fn start_uplinks(
+    ctx: &Wiring<'_>,
+    keys: &dyn KeyStore,
+    registry: &mut Registry,
+    services: &mut Services,
+) -> Result<UplinkMetrics, String> {
+    let settings = ctx.settings;
+    let data_dir = &settings.node.data_dir;
+    let uplink_metrics = UplinkMetrics::register(registry);
+    for uplink in &settings.uplinks {
+        match uplink.kind {
+            UplinkKind::DicomWeb => {
+                let service = UplinkService::new(
+                    uplink_settings(uplink, data_dir, keys)?,
+                    ctx.spool.clone(),
+                    uplink_metrics.clone(),
+                )
+                .map_err(|e| e.to_string())?
+                .with_paused(ctx.disabled.clone());
+                services.spawn(service.run(ctx.shutdown.clone()));
+            }
+            UplinkKind::MllpTls => {
+                let service = MllpUplinkService::new(
+                    mllp_settings(uplink, data_dir, keys)?,
+                    ctx.spool.clone(),
+                    uplink_metrics.clone(),
+                )
+                .with_paused(ctx.disabled.clone());
+                services.spawn(service.run(ctx.shutdown.clone()));
+            }
+        }
+    }
+    Ok(uplink_metrics)
+}
+
+/// `[admin]`: `/healthz` and `/metrics`.
+async fn start_admin(
+    ctx: &Wiring<'_>,
+    registry: &Arc<Registry>,
+    health: &Health,
+    services: &mut Services,
+) -> Result<(), String> {
+    if let Some(admin) = &ctx.settings.admin {
+        let http = AdminHttp::bind(admin.listen, Arc::clone(registry), health.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let rx = ctx.shutdown.clone();
+        services.spawn(async move {
+            if let Err(e) = http.run(rx).await {
+                error!(error = %e, "admin HTTP stopped");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// What the fleet service takes over from `serve`.
+struct FleetParts {
+    state: FleetState,
+    disabled: watch::Sender<bool>,
+    exit: mpsc::UnboundedSender<ExitRequest>,
+    config_path: Option<PathBuf>,
+    config_outcome: Option<(String, Result<(), String>)>,
+}
+
+/// `[fleet]`: the telemetry collector and the fleet agent (or provisioning by claim).
+fn start_fleet(
+    ctx: &Wiring<'_>,
+    parts: FleetParts,
+    keys: &dyn KeyStore,
+    metrics: telemetry::MetricSources,
+    services: &mut Services,
+) -> Result<(), String> {
+    let settings = ctx.settings;
+    let data_dir = &settings.node.data_dir;
+    let spool = ctx.spool;
+    let shutdown = ctx.shutdown;
+    let FleetParts {
+        state: fleet_state,
+        disabled: disabled_tx,
+        exit: exit_tx,
+        config_path,
+        config_outcome,
+    } = parts;
+    match &settings.fleet {
+        Some(fleet) => {
+            let collector = telemetry::Collector::new(
+                spool.clone(),
+                metrics,
+                data_dir.clone(),
+                settings
+                    .uplinks
+                    .iter()
+                    .map(|u| (u.name.as_str().to_owned(), u.kind.as_str().to_owned()))
+                    .collect(),
+                key_backend(settings),
+            );
+            services.spawn(
+                Arc::clone(&collector).run(fleet.telemetry_interval.get(), shutdown.clone()),
+            );
+            let backend = ops::backend(settings);
+            let wipe_dir = data_dir.clone();
+            let wipe: WipeFn = Arc::new(move || {
+                gateway_keystore::wipe(&backend, &wipe_dir)
+                    .map(|_| ())
+                    .map_err(gateway_fleet_agent::CallbackError::new)
+            });
+            let parts = crate::fleet::Parts {
+                state: fleet_state,
+                disabled: disabled_tx,
+                telemetry: collector,
+                wipe,
+                exit: exit_tx,
+                can_apply_config: config_path.is_some(),
+                config_outcome,
+            };
+            services.spawn(crate::fleet::service(
+                settings,
+                fleet,
+                keys,
+                parts,
+                shutdown.clone(),
+            )?);
+        }
+        None => drop(disabled_tx),
+    }
+    Ok(())
+}
+
+/// The systemd notifier, and the watchdog task when the unit asks for one.
+fn start_watchdog(
+    shutdown: &watch::Receiver<bool>,
+    services: &mut Services,
+) -> crate::notify::Notifier {
+    let notifier = crate::notify::Notifier::from_env();
+    if let Some(interval) = crate::notify::watchdog_interval().filter(|_| notifier.is_enabled()) {
+        services.spawn(crate::notify::run_watchdog(
+            notifier.clone(),
+            interval,
+            shutdown.clone(),
+        ));
+    }
+    notifier
 }
 
 async fn wait_for_signal() -> Result<(), String> {
@@ -414,8 +527,8 @@ fn open_keystore(settings: &Settings) -> Result<Box<dyn KeyStore>, String> {
     }
 }
 
-/// Production refuses a software TPM (swtpm) unless `keystore.allow_software_tpm` is set,
-/// which is then logged on every start.
+/// Logs the TPM found and applies `gateway_keystore::judge_tpm` (production refuses a
+/// software TPM unless `keystore.allow_software_tpm`, which is then logged on every start).
 fn check_tpm_vendor(
     settings: &Settings,
     store: &dyn gateway_keystore::KeyStore,
@@ -425,21 +538,16 @@ fn check_tpm_vendor(
     };
     let vendor = vendor.map_err(|e| e.to_string())?;
     info!(vendor = %vendor.trim(), "TPM found");
-    if !gateway_keystore::is_software_tpm(&vendor) {
-        return Ok(());
+    let verdict = gateway_keystore::judge_tpm(
+        &vendor,
+        settings.node.mode == Mode::Production,
+        settings.keystore.allow_software_tpm,
+    )
+    .map_err(|e| e.to_string())?;
+    if verdict == gateway_keystore::TpmVerdict::SoftwareAllowed {
+        warn!(vendor = %vendor.trim(), "production mode on a SOFTWARE TPM: keystore.allow_software_tpm is set");
     }
-    match (settings.node.mode, settings.keystore.allow_software_tpm) {
-        (Mode::Production, false) => Err(format!(
-            "the TPM reports vendor {:?}, a software TPM that protects nothing; production mode \
-             refuses it (set keystore.allow_software_tpm = true only for a lab box)",
-            vendor.trim()
-        )),
-        (Mode::Production, true) => {
-            warn!(vendor = %vendor.trim(), "production mode on a SOFTWARE TPM: keystore.allow_software_tpm is set");
-            Ok(())
-        }
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// The MLLP listener's settings from `[hl7]`.
@@ -548,6 +656,36 @@ fn key_backend(settings: &Settings) -> KeyBackend {
 
 fn spool_is_empty(data_dir: &Path) -> bool {
     std::fs::read_dir(data_dir.join("spool").join("blobs")).map_or(true, |mut d| d.next().is_none())
+}
+
+/// The core's schedules from `[[booking.schedule]]` (checked by `gateway-config` with the
+/// same rules, so this fails only if the two disagree).
+pub(crate) fn schedules(
+    booking: &gateway_config::Booking,
+) -> Result<Vec<gateway_booking::Schedule>, String> {
+    booking
+        .schedules
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            gateway_booking::Schedule::new(&gateway_booking::ScheduleSpec {
+                id: s.id().to_owned(),
+                modality: s.modality().to_owned(),
+                station_ae: s.station_ae().to_owned(),
+                time_zone: Some(s.time_zone().to_owned()),
+                slot_minutes: Some(s.slot_minutes()),
+                hours: s.hours().cloned(),
+                holidays: s.holidays().to_vec(),
+            })
+            .map_err(|problems| {
+                problems
+                    .iter()
+                    .map(|p| format!("booking.schedule[{i}].{p}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        })
+        .collect()
 }
 
 fn dicom_settings(dicom: &gateway_config::Dicom) -> DicomSettings {

@@ -4,10 +4,10 @@
 //! - the spool: `Spool::status()` (one index scan, on a blocking thread, once per
 //!   `fleet.telemetry_interval`): queued count and failing state per destination, object
 //!   and byte totals, age of the oldest unsent object (overall and per destination);
-//! - the Prometheus registry that `/metrics` serves (the contract's metric names): DICOM
-//!   associations and C-STORE outcomes, HL7 connections and acknowledgement codes, uplink
-//!   `sent` results, from which the last successful upload time is derived (the moment a
-//!   destination's `sent` counter was seen to grow);
+//! - the metric handles the services register for `/metrics` ([`MetricSources`]), read
+//!   through their accessors: DICOM associations and C-STORE outcomes, HL7 connections and
+//!   acknowledgement codes, uplink `sent` counts, from which the last successful upload
+//!   time is derived (the moment a destination's `sent` counter was seen to grow);
 //! - `statvfs` of `node.data_dir` for free disk space;
 //! - the configured key store back end. The tamper state is `intact` once the key store
 //!   opened (a tamper error stops `run` before any service starts).
@@ -26,28 +26,35 @@ use gateway_fleet::telemetry::{
 };
 use gateway_fleet_agent::TelemetrySource;
 use gateway_spool::Spool;
-use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::warn;
+
+/// The metric handles of the services that run (`None`: the section is absent).
+#[derive(Debug, Clone, Default)]
+pub struct MetricSources {
+    pub dicom: Option<gateway_dicom::metrics::Metrics>,
+    pub hl7: Option<gateway_mllp::Metrics>,
+    pub uplink: gateway_uplink::Metrics,
+}
 
 /// Refreshes a telemetry snapshot; the agent reads the latest one.
 #[derive(Debug)]
 pub struct Collector {
     spool: Spool,
-    registry: Arc<Registry>,
+    metrics: MetricSources,
     data_dir: PathBuf,
     /// Configured destinations: name and kind.
     destinations: Vec<(String, String)>,
     backend: KeyBackend,
     latest: Mutex<Telemetry>,
     /// Per destination: last `sent` count seen and when it last grew.
-    progress: Mutex<BTreeMap<String, (f64, Option<u64>)>>,
+    progress: Mutex<BTreeMap<String, (u64, Option<u64>)>>,
 }
 
 impl Collector {
     pub fn new(
         spool: Spool,
-        registry: Arc<Registry>,
+        metrics: MetricSources,
         data_dir: PathBuf,
         destinations: Vec<(String, String)>,
         backend: KeyBackend,
@@ -69,7 +76,7 @@ impl Collector {
         };
         Arc::new(Collector {
             spool,
-            registry,
+            metrics,
             data_dir,
             destinations,
             backend,
@@ -97,50 +104,28 @@ impl Collector {
 
     fn refresh(&self) {
         let now = unix_now();
-        let metrics = scrape(&self.registry);
-        let sum = |name: &str, keep: &dyn Fn(&str) -> bool| -> u64 {
-            metrics
-                .iter()
-                .filter(|(n, labels, _)| n == name && keep(labels))
-                .map(|(_, _, v)| *v)
-                .sum::<f64>() as u64
-        };
-        let label_is = |key: &'static str, values: &'static [&'static str]| {
-            move |labels: &str| {
-                values
-                    .iter()
-                    .any(|v| labels.contains(&format!("{key}=\"{v}\"")))
-            }
-        };
-        let all = |_: &str| true;
-        let dicom = DicomCounters {
-            associations_active: sum("gateway_dicom_associations_active", &all),
-            associations_total: sum("gateway_dicom_associations_accepted_total", &all),
-            associations_rejected_total: sum("gateway_dicom_associations_rejected_total", &all),
-            stored_total: sum(
-                "gateway_dicom_stored_total",
-                &label_is("status", &["success", "duplicate"]),
-            ),
-            store_failures_total: sum("gateway_dicom_stored_total", &|l: &str| {
-                !label_is("status", &["success", "duplicate"])(l)
-            }),
-        };
-        let hl7 = Hl7Counters {
-            connections_active: sum("gateway_hl7_connections_active", &all),
-            messages_total: sum("gateway_hl7_messages_total", &all),
-            accepted_total: sum(
-                "gateway_hl7_messages_total",
-                &label_is("ack", &["AA", "CA"]),
-            ),
-            errors_total: sum(
-                "gateway_hl7_messages_total",
-                &label_is("ack", &["AE", "CE"]),
-            ),
-            rejected_total: sum(
-                "gateway_hl7_messages_total",
-                &label_is("ack", &["AR", "CR"]),
-            ),
-        };
+        let dicom = self
+            .metrics
+            .dicom
+            .as_ref()
+            .map_or_else(DicomCounters::default, |m| DicomCounters {
+                associations_active: u64::try_from(m.associations_active.get()).unwrap_or(0),
+                associations_total: m.associations_accepted.get(),
+                associations_rejected_total: m.rejected_total(),
+                stored_total: m.stored_ok_total(),
+                store_failures_total: m.stored_failed_total(),
+            });
+        let hl7 = self
+            .metrics
+            .hl7
+            .as_ref()
+            .map_or_else(Hl7Counters::default, |m| Hl7Counters {
+                connections_active: u64::try_from(m.connections_active()).unwrap_or(0),
+                messages_total: m.messages_total(),
+                accepted_total: m.messages_with(&["AA", "CA"]),
+                errors_total: m.messages_with(&["AE", "CE"]),
+                rejected_total: m.messages_with(&["AR", "CR"]),
+            });
         let status = match self.spool.status() {
             Ok(s) => Some(s),
             Err(e) => {
@@ -151,16 +136,8 @@ impl Collector {
         let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         let mut destinations = Vec::with_capacity(self.destinations.len());
         for (name, kind) in &self.destinations {
-            let sent: f64 = metrics
-                .iter()
-                .filter(|(n, labels, _)| {
-                    n == "gateway_uplink_sent_total"
-                        && labels.contains(&format!("destination=\"{name}\""))
-                        && labels.contains("result=\"sent\"")
-                })
-                .map(|(_, _, v)| *v)
-                .sum();
-            let entry = progress.entry(name.clone()).or_insert((0.0, None));
+            let sent = self.metrics.uplink.sent_to(name);
+            let entry = progress.entry(name.clone()).or_insert((0, None));
             if sent > entry.0 {
                 *entry = (sent, Some(now));
             }
@@ -210,27 +187,6 @@ impl TelemetrySource for Collector {
     }
 }
 
-/// `(name, labels text, value)` of every sample in the registry's text exposition.
-fn scrape(registry: &Registry) -> Vec<(String, String, f64)> {
-    let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
-        warn!(error = %e, "telemetry: cannot encode the metrics");
-        return Vec::new();
-    }
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let value: f64 = value.parse().ok()?;
-            let (name, labels) = match series.split_once('{') {
-                Some((name, labels)) => (name, labels.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            Some((name.to_owned(), labels.to_owned(), value))
-        })
-        .collect()
-}
-
 fn free_bytes(dir: &std::path::Path) -> u64 {
     nix::sys::statvfs::statvfs(dir).map_or(0, |s| {
         s.blocks_available().saturating_mul(s.fragment_size())
@@ -246,26 +202,52 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prometheus_client::metrics::counter::Counter;
-    use prometheus_client::metrics::family::Family;
 
     #[test]
-    fn scrape_reads_names_labels_and_values() {
-        let mut registry = Registry::default();
-        let family: Family<Vec<(String, String)>, Counter> = Family::default();
-        registry.register("gateway_hl7_messages", "test", family.clone());
-        family
-            .get_or_create(&vec![("ack".into(), "AA".into())])
-            .inc_by(3);
-        family
-            .get_or_create(&vec![("ack".into(), "AE".into())])
-            .inc();
-        let samples = scrape(&registry);
-        let aa = samples
-            .iter()
-            .find(|(n, l, _)| n == "gateway_hl7_messages_total" && l.contains("ack=\"AA\""))
-            .map(|(_, _, v)| *v);
-        assert_eq!(aa, Some(3.0));
-        assert_eq!(samples.len(), 2);
+    fn counters_come_from_the_services_metric_handles() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let spool = Spool::open(
+            dir.path(),
+            None,
+            gateway_spool::Limits {
+                max_bytes: 1 << 30,
+                min_free_bytes: 0,
+            },
+            Vec::new(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let dicom = gateway_dicom::metrics::Metrics::register(&mut registry);
+        dicom.stored("success");
+        dicom.stored("duplicate");
+        dicom.stored("invalid");
+        dicom.rejected("artim");
+        dicom.associations_accepted.inc();
+        let sources = MetricSources {
+            dicom: Some(dicom),
+            hl7: Some(gateway_mllp::Metrics::register(&mut registry)),
+            uplink: gateway_uplink::Metrics::register(&mut registry),
+        };
+        let collector = Collector::new(
+            spool,
+            sources,
+            dir.path().to_path_buf(),
+            vec![("pacs".into(), "dicomweb".into())],
+            KeyBackend::Software,
+        );
+        collector.refresh();
+        let t = collector.sample();
+        assert_eq!(
+            (
+                t.dicom.stored_total,
+                t.dicom.store_failures_total,
+                t.dicom.associations_rejected_total,
+                t.dicom.associations_total
+            ),
+            (2, 1, 1, 1)
+        );
+        assert_eq!((t.hl7.messages_total, t.hl7.accepted_total), (0, 0));
+        assert_eq!(t.destinations.len(), 1);
+        assert_eq!(t.destinations[0].last_success_at, None);
     }
 }

@@ -7,6 +7,11 @@
 //! Module map:
 //! - [`master`]: [`MasterKey`], the spool master key handed to the spool once at start.
 //! - [`software`]: the development back end, a 0600 key file under `data_dir/keys/`.
+//! - `tpm` (cargo feature `tpm`, links libtss2): the TPM 2.0 back end. Without the
+//!   feature, [`ensure_available`] and every entry point refuse `Backend::Tpm` with
+//!   [`KeyStoreError::BackendUnavailable`], naming the feature.
+//! - [`judge_tpm`]: the rule on software TPMs (production refuses swtpm unless
+//!   `keystore.allow_software_tpm`); the daemon only logs its [`TpmVerdict`].
 //!
 //! Invariants:
 //! - Key material is zeroized on drop and never printed (`Debug` shows only the key id).
@@ -58,7 +63,8 @@ pub enum KeyStoreError {
     Random(getrandom::Error),
     /// The configured back end is not part of this build.
     #[error(
-        "keystore.backend = \"{backend}\" is not available in this build (cargo feature `tpm`)"
+        "keystore.backend = \"{backend}\" is not available in this build: gatewayd was built \
+         without the cargo feature `{backend}` (build it with `--features {backend}`)"
     )]
     BackendUnavailable { backend: &'static str },
     /// A TPM command failed.
@@ -110,6 +116,48 @@ pub fn is_software_tpm(vendor: &str) -> bool {
     v.contains("SW") && v.contains("TPM")
 }
 
+/// What the key store makes of the TPM it found ([`judge_tpm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TpmVerdict {
+    /// A TPM that is not a known software TPM.
+    Hardware,
+    /// A software TPM outside production mode (development, lab).
+    Software,
+    /// A software TPM in production mode, allowed by `keystore.allow_software_tpm`: to be
+    /// logged as a warning on every start.
+    SoftwareAllowed,
+}
+
+/// Production mode found a software TPM and `keystore.allow_software_tpm` is not set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the TPM reports vendor {vendor:?}, a software TPM that protects nothing; production mode \
+     refuses it (set keystore.allow_software_tpm = true only for a lab box)"
+)]
+pub struct SoftwareTpmRefused {
+    /// The vendor string, trimmed.
+    pub vendor: String,
+}
+
+/// The rule on software TPMs: production refuses a software TPM (swtpm) unless
+/// `allow_software_tpm` is set; any other mode takes it.
+pub fn judge_tpm(
+    vendor: &str,
+    production: bool,
+    allow_software_tpm: bool,
+) -> Result<TpmVerdict, SoftwareTpmRefused> {
+    if !is_software_tpm(vendor) {
+        return Ok(TpmVerdict::Hardware);
+    }
+    match (production, allow_software_tpm) {
+        (true, false) => Err(SoftwareTpmRefused {
+            vendor: vendor.trim().to_owned(),
+        }),
+        (true, true) => Ok(TpmVerdict::SoftwareAllowed),
+        (false, _) => Ok(TpmVerdict::Software),
+    }
+}
+
 /// `keys status` report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
@@ -129,6 +177,26 @@ pub enum Backend {
         tcti: String,
         pcrs: Vec<u8>,
     },
+}
+
+impl Backend {
+    /// Short name, as in `keystore.backend`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Software => "software",
+            Backend::Tpm { .. } => "tpm",
+        }
+    }
+}
+
+/// Whether this build has the back end: the TPM needs the cargo feature `tpm`
+/// ([`KeyStoreError::BackendUnavailable`] otherwise).
+pub fn ensure_available(backend: &Backend) -> Result<(), KeyStoreError> {
+    match backend {
+        Backend::Software => Ok(()),
+        Backend::Tpm { .. } if cfg!(feature = "tpm") => Ok(()),
+        Backend::Tpm { .. } => Err(KeyStoreError::BackendUnavailable { backend: "tpm" }),
+    }
 }
 
 /// Opens the configured key store. Fails when it is not initialised.
@@ -172,5 +240,50 @@ pub fn wipe(backend: &Backend, data_dir: &Path) -> Result<bool, KeyStoreError> {
         Backend::Tpm { tcti, .. } => tpm::TpmKeyStore::wipe(tcti, data_dir),
         #[cfg(not(feature = "tpm"))]
         Backend::Tpm { .. } => Err(KeyStoreError::BackendUnavailable { backend: "tpm" }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn production_refuses_a_software_tpm_unless_allowed() {
+        let swtpm = " SW   TPM ";
+        assert_eq!(
+            judge_tpm(swtpm, true, false),
+            Err(SoftwareTpmRefused {
+                vendor: "SW   TPM".into()
+            })
+        );
+        assert_eq!(
+            judge_tpm(swtpm, true, true),
+            Ok(TpmVerdict::SoftwareAllowed)
+        );
+        assert_eq!(judge_tpm(swtpm, false, false), Ok(TpmVerdict::Software));
+        assert_eq!(judge_tpm("IFX", true, false), Ok(TpmVerdict::Hardware));
+        assert!(
+            judge_tpm(swtpm, true, false)
+                .unwrap_err()
+                .to_string()
+                .contains("keystore.allow_software_tpm")
+        );
+    }
+
+    #[test]
+    fn the_tpm_back_end_is_available_iff_the_feature_is_built() {
+        assert!(ensure_available(&Backend::Software).is_ok());
+        let tpm = Backend::Tpm {
+            tcti: "device:/dev/tpmrm0".into(),
+            pcrs: Vec::new(),
+        };
+        let available = ensure_available(&tpm);
+        #[cfg(feature = "tpm")]
+        assert!(available.is_ok());
+        #[cfg(not(feature = "tpm"))]
+        assert!(
+            available.is_err_and(|e| e.to_string().contains("the cargo feature `tpm`")
+                && e.to_string().contains("--features tpm")),
+        );
     }
 }

@@ -16,6 +16,9 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+/// Every `ack` label value of `gateway_hl7_messages_total`.
+const ACKS: [&str; 7] = ["AA", "AE", "AR", "CA", "CE", "CR", "none"];
+
 /// `gateway_hl7_messages_total{ack}`, `gateway_hl7_connections_active`,
 /// `gateway_hl7_connections_rejected_total{reason}`, `gateway_hl7_discarded_total{reason}`,
 /// `gateway_hl7_observer_dropped_total{reason}`.
@@ -57,6 +60,24 @@ impl Metrics {
             m.observer_dropped.clone(),
         );
         m
+    }
+
+    /// HL7 messages answered since start with one of `acks` (`AA`, `AE`, `AR`, `CA`, `CE`,
+    /// `CR`, or `none` when MSH-15/16 asked for no acknowledgement).
+    pub fn messages_with(&self, acks: &[&'static str]) -> u64 {
+        acks.iter()
+            .filter_map(|&ack| self.messages.get(&AckLabel { ack }).map(|c| c.get()))
+            .sum()
+    }
+
+    /// HL7 messages answered since start, every acknowledgement code.
+    pub fn messages_total(&self) -> u64 {
+        self.messages_with(&ACKS)
+    }
+
+    /// MLLP connections open now.
+    pub fn connections_active(&self) -> i64 {
+        self.connections_active.get()
     }
 
     pub(crate) fn message(&self, ack: &'static str) {

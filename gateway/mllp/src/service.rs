@@ -128,6 +128,11 @@ impl Hl7Service {
         })
     }
 
+    /// The service's metric handles (for the fleet telemetry).
+    pub fn metrics(&self) -> Metrics {
+        self.ctx.metrics.clone()
+    }
+
     /// Closes every new connection unread (metric `gateway_hl7_connections_rejected_total
     /// {reason="disabled"}`) while `disabled` holds `true`; open connections continue.
     /// Without this call the service is never disabled.

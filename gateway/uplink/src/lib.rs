@@ -143,6 +143,16 @@ impl Metrics {
         m
     }
 
+    /// Instances confirmed by `destination` since start (`result = "sent"`).
+    pub fn sent_to(&self, destination: &str) -> u64 {
+        self.sent
+            .get(&SentLabels {
+                destination: destination.to_string(),
+                result: "sent",
+            })
+            .map_or(0, |c| c.get())
+    }
+
     pub(crate) fn count(
         &self,
         destination: &str,

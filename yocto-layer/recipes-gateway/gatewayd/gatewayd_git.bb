@@ -33,9 +33,10 @@ inherit cargo cargo-update-recipe-crates pkgconfig systemd useradd
 
 # The workspace's Cargo.toml is at the top of the checkout: CARGO_SRC_DIR stays empty, so
 # CARGO_MANIFEST_PATH is ${S}/Cargo.toml and the workspace's Cargo.lock is used (--frozen).
-# Build only the daemon, with its default features (tpm), not every workspace member.
+# Build only the daemon, not every workspace member, with its TPM 2.0 key store: the cargo
+# feature `tpm` is opt-in (a build without it refuses keystore.backend = "tpm").
 CARGO_SRC_DIR = ""
-CARGO_BUILD_FLAGS:append = " --package gatewayd --bin gatewayd"
+CARGO_BUILD_FLAGS:append = " --package gatewayd --bin gatewayd --features tpm"
 
 # Rust >= 1.88 is needed (edition 2024, Cargo.lock v4). Skip with a clear reason instead of
 # failing deep inside do_compile when the toolchain is scarthgap's own 1.75.
