@@ -130,14 +130,24 @@ async fn serve(
     config_outcome: Option<(String, Result<(), String>)>,
 ) -> Result<Ending, String> {
     let data_dir = settings.node.data_dir.clone();
-    gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
-    let (fleet_state, disabled_tx, disabled) = fleet_state(&data_dir)?;
-
-    let keys = open_keystore(&settings)?;
-    let master = keys.spool_master_key().map_err(|e| e.to_string())?;
-    let derived = crate::booking::Derived::new(master.expose());
-    let (spool, keep_sent_for) = open_spool(&settings, master)?;
+    // The data folder, the fleet state, the key store (TPM unseal) and the spool (open,
+    // crash recovery) are file and device work: a blocking thread, not an async worker.
+    let opened = {
+        let (settings, data_dir) = (settings.clone(), data_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
+            let fleet = fleet_state(&data_dir)?;
+            let keys = open_keystore(&settings)?;
+            let master = keys.spool_master_key().map_err(|e| e.to_string())?;
+            let derived = crate::booking::Derived::new(master.expose());
+            let spool = open_spool(&settings, master)?;
+            Ok::<_, String>((fleet, keys, derived, spool))
+        })
+        .await
+        .map_err(|e| format!("start-up thread: {e}"))??
+    };
+    let ((fleet_state, disabled_tx, disabled), keys, derived, (spool, keep_sent_for)) = opened;
 
     let mut registry = Registry::default();
     spool.register_metrics(&mut registry);
