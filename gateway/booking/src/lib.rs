@@ -3,9 +3,11 @@
 //! domain: the kiosk (HTTP) and the regional exchange (MQTT) both depend on it, never the
 //! other way round.
 //!
-//! - [`schedule`]: a scanner's opening hours in its time zone (Asia/Tokyo by default),
-//!   slot length and holidays; the slots of a day with stable ids
-//!   (`{schedule}.{YYYYMMDDTHHMM}` in local time).
+//! - [`schedule`]: the `gateway-schedule` crate, re-exported: a scanner's opening hours in
+//!   its time zone (Asia/Tokyo by default), slot length and holidays; the slots of a day
+//!   with stable ids (`{schedule}.{YYYYMMDDTHHMM}` in local time). Its rules have one home
+//!   there, shared with `gateway-config`; [`Schedule`], [`ScheduleSpec`],
+//!   [`ScheduleProblem`] and [`Slot`] are re-exported here too.
 //! - [`ledger`]: the core's appointments. Every request carries a client-made id and is
 //!   decided once: the same request gets the same answer again, a contested slot goes to
 //!   exactly one request, and the decision is on disk before it is returned. Appointment
@@ -34,7 +36,6 @@
 pub mod backend;
 pub mod ledger;
 pub mod order;
-pub mod schedule;
 pub mod sealed;
 pub mod service;
 pub mod worklist;
@@ -43,11 +44,14 @@ pub use backend::{
     AppointmentRequest, AppointmentView, BookingBackend, BookingRefused, BoxFuture, SlotAnswer,
     SlotQuery, SlotSource, SlotView,
 };
+/// The schedule rules and calendar (`gateway-schedule`), so that `crate::schedule::..` and
+/// `gateway_booking::schedule::..` name the one definition.
+pub use gateway_schedule as schedule;
+pub use gateway_schedule::{Schedule, ScheduleProblem, ScheduleSpec, Slot};
 pub use ledger::{
     Appointment, AppointmentStatus, Block, BookingRequest, Decision, Ledger, LedgerError,
     PatientRef, Refusal,
 };
-pub use schedule::{Schedule, ScheduleProblem, ScheduleSpec, Slot};
 pub use sealed::SealKey;
 pub use service::{LedgerHandle, LedgerService};
 pub use worklist::{WorklistItem, WorklistQuery};

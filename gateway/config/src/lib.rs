@@ -21,8 +21,9 @@
 //! - [`types`]: the value newtypes with `FromStr`/`Display` and their [`ValueError`].
 //! - [`settings`]: the typed [`Settings`], the [`defaults`], and the semantic pass:
 //!   field parses, cross-field rules and production-mode refusals.
-//! - [`schedule`]: `[[booking.schedule]]` checked into [`BookingSchedule`] (the booking
-//!   service builds its own schedule from it; this crate depends on no service crate).
+//! - `[[booking.schedule]]` is parsed into `gateway_schedule::Schedule`, the one home of the
+//!   schedule rules (a value crate, like `gateway-id`; this crate depends on no service
+//!   crate), and its problems are reported as `booking.schedule[{i}].{field}`.
 //! - [`update`]: the daemon's [`ConfigFile`] across restarts and fleet `config-update`s
 //!   (durable write, rollback when the new file cannot start its services) and
 //!   [`check_remote_update`], the keys that cannot change remotely.
@@ -48,13 +49,11 @@
 
 mod error;
 mod raw;
-pub mod schedule;
 pub mod settings;
 pub mod types;
 pub mod update;
 
 pub use error::{ConfigErrors, Problem};
-pub use schedule::BookingSchedule;
 pub use settings::{
     Admin, Booking, Claim, Dicom, DicomPeer, EMBEDDED_DEFAULT_TOML, Exchange, Fleet, Hl7, Keystore,
     Node, Peer, Settings, Spool, Uplink, defaults,

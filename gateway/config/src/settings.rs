@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{ConfigErrors, Problem};
 use crate::raw;
-use crate::schedule::{self, BookingSchedule};
+use gateway_schedule::{Schedule, ScheduleSpec};
+
 use crate::types::{
     AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, KeystoreBackend, Mode, NodeId,
     Role, Tcti, UplinkKind, UplinkName, UplinkUrl, ValueError, parse_ip_addr, parse_path,
@@ -251,9 +252,8 @@ pub struct Booking {
     pub stale_after: Duration,
     /// Core: how often the free slots are republished (they also are on every change).
     pub publish_interval: Duration,
-    /// `[[booking.schedule]]`, checked (core); the booking service builds its schedules
-    /// from these.
-    pub schedules: Vec<BookingSchedule>,
+    /// `[[booking.schedule]]`, parsed (core): the schedules the booking service books from.
+    pub schedules: Vec<Schedule>,
 }
 
 /// `[exchange]`: the regional MQTT broker the clinic and core gateways book through.
@@ -1104,10 +1104,10 @@ fn booking(c: &mut Collector, raw: raw::RawBooking, production: Option<bool>) ->
         defaults::BOOKING_LISTEN,
         parse_socket_addr,
     );
-    let mut schedules: Vec<BookingSchedule> = Vec::new();
+    let mut schedules: Vec<Schedule> = Vec::new();
     let mut ok = true;
     for (i, s) in raw.schedule.unwrap_or_default().into_iter().enumerate() {
-        let raw = schedule::RawSchedule {
+        let spec = ScheduleSpec {
             id: s.id,
             modality: s.modality,
             station_ae: s.station_ae,
@@ -1116,7 +1116,7 @@ fn booking(c: &mut Collector, raw: raw::RawBooking, production: Option<bool>) ->
             hours: s.hours,
             holidays: s.holidays.unwrap_or_default(),
         };
-        match schedule::check(raw) {
+        match Schedule::new(&spec) {
             Ok(schedule) => {
                 if schedules.iter().any(|other| other.id() == schedule.id()) {
                     c.push(
@@ -1129,8 +1129,8 @@ fn booking(c: &mut Collector, raw: raw::RawBooking, production: Option<bool>) ->
             }
             Err(problems) => {
                 ok = false;
-                for (field, problem) in problems {
-                    c.push(format!("booking.schedule[{i}].{field}"), problem);
+                for p in problems {
+                    c.push(format!("booking.schedule[{i}].{}", p.field), p.problem);
                 }
             }
         }

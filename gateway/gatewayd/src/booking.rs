@@ -108,7 +108,7 @@ pub(crate) async fn start(
                 blocking(move || Ledger::open(&dir, seal).map_err(|e| format!("booking: {e}")))
                     .await?
             };
-            let schedules = Arc::new(crate::run::schedules(booking)?);
+            let schedules = Arc::new(booking.schedules.clone());
             let (service, ledger) = LedgerService::new(ledger, Arc::clone(&schedules));
             service
                 .spawn()

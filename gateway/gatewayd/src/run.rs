@@ -668,36 +668,6 @@ fn spool_is_empty(data_dir: &Path) -> bool {
     std::fs::read_dir(data_dir.join("spool").join("blobs")).map_or(true, |mut d| d.next().is_none())
 }
 
-/// The core's schedules from `[[booking.schedule]]` (checked by `gateway-config` with the
-/// same rules, so this fails only if the two disagree).
-pub(crate) fn schedules(
-    booking: &gateway_config::Booking,
-) -> Result<Vec<gateway_booking::Schedule>, String> {
-    booking
-        .schedules
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            gateway_booking::Schedule::new(&gateway_booking::ScheduleSpec {
-                id: s.id().to_owned(),
-                modality: s.modality().to_owned(),
-                station_ae: s.station_ae().to_owned(),
-                time_zone: Some(s.time_zone().to_owned()),
-                slot_minutes: Some(s.slot_minutes()),
-                hours: s.hours().cloned(),
-                holidays: s.holidays().to_vec(),
-            })
-            .map_err(|problems| {
-                problems
-                    .iter()
-                    .map(|p| format!("booking.schedule[{i}].{p}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-        })
-        .collect()
-}
-
 fn dicom_settings(dicom: &gateway_config::Dicom) -> DicomSettings {
     DicomSettings {
         listen: dicom.listen,

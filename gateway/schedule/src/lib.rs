@@ -1,11 +1,37 @@
-//! Schedules and slots.
+//! A scanner's bookable time: the one home of the `[[booking.schedule]]` rules and of the
+//! calendar built on them.
+//!
+//! A [`ScheduleSpec`] is a schedule as written (id, modality, station AE and optional time
+//! zone, slot length, hours per weekday, holidays). [`Schedule::new`] checks it once and
+//! either returns a [`Schedule`] or names every problem ([`ScheduleProblem`], field by field
+//! in a fixed order); a `Schedule` never needs checking again. `gateway-config` parses
+//! `[[booking.schedule]]` into it (`check-config` prints its problems) and the booking
+//! domain (`gateway-booking`, which re-exports these types) computes slots with it.
+//!
+//! - Rules: id 1..=32 of `[A-Za-z0-9_-]`; modality two capital letters (`CT`, `MR`); station
+//!   AE 1..=16 printable ASCII without `\` (trimmed); IANA time zone (default
+//!   [`DEFAULT_TIME_ZONE`]); slot minutes 5..=480 (default [`DEFAULT_SLOT_MINUTES`]); hours
+//!   `mon` .. `sun` -> `HH:MM-HH:MM`, opening before closing (default Monday to Friday
+//!   [`DEFAULT_HOURS`]; a day not listed is closed); holidays `YYYY-MM-DD`.
+//! - Calendar: [`Schedule::slots_on`] (one local day), [`Schedule::slots_between`] (an
+//!   instant range, at most 62 days), [`Schedule::slot`] (a slot by id) and
+//!   [`Schedule::local_instant`]. A slot id is `{schedule}.{YYYYMMDDTHHMM}` in local time.
+//!
+//! Invariants: no panic on any input (slot ids come from the network: no indexing or string
+//! slicing); a slot id splits into its schedule and its time one way only and is a
+//! topic-safe id of `gateway-id`; problems never quote more than the offending value.
+//!
+//! This crate is a value type like `gateway-id`: no I/O, no service, no serde.
+
+// Slot ids come from the network: no indexing or string slicing that could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+#![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::civil::{Date, Time, Weekday};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Zoned};
-use serde::Serialize;
 
 /// Default time zone of a schedule.
 pub const DEFAULT_TIME_ZONE: &str = "Asia/Tokyo";
@@ -64,7 +90,7 @@ pub struct Schedule {
 }
 
 /// One bookable slot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slot {
     /// `{schedule}.{YYYYMMDDTHHMM}`, local start time.
     pub id: String,
@@ -72,7 +98,7 @@ pub struct Slot {
     /// RFC 3339 with the zone's offset, e.g. `2027-01-12T09:00:00+09:00`.
     pub start: String,
     pub end: String,
-    #[serde(skip)]
+    /// The start as an instant.
     pub start_ts: Timestamp,
 }
 
@@ -273,7 +299,7 @@ impl Schedule {
         out
     }
 
-    /// The slots starting in `[from, to)`, at most [`MAX_DAYS`] days of them.
+    /// The slots starting in `[from, to)`, at most 62 days (`MAX_DAYS`) of them.
     pub fn slots_between(&self, from: Timestamp, to: Timestamp) -> Vec<Slot> {
         let first = from.to_zoned(self.tz.clone()).date();
         let mut out = Vec::new();
@@ -313,13 +339,20 @@ impl Schedule {
 mod tests {
     use super::*;
 
+    /// A CT schedule with only the required fields.
+    fn spec(id: &str, station_ae: &str) -> ScheduleSpec {
+        ScheduleSpec {
+            id: id.into(),
+            modality: "CT".into(),
+            station_ae: station_ae.into(),
+            ..ScheduleSpec::default()
+        }
+    }
+
     fn ct() -> Schedule {
         Schedule::new(&ScheduleSpec {
-            id: "ct-1".into(),
-            modality: "CT".into(),
-            station_ae: "CT01".into(),
             holidays: vec!["2027-01-11".into()],
-            ..ScheduleSpec::default()
+            ..spec("ct-1", "CT01")
         })
         .unwrap()
     }
@@ -362,7 +395,7 @@ mod tests {
     }
 
     #[test]
-    fn hours_zone_and_length_are_configurable_and_validated() {
+    fn hours_zone_and_length_are_configurable() {
         let s = Schedule::new(&ScheduleSpec {
             id: "mr_2".into(),
             modality: "MR".into(),
@@ -382,31 +415,59 @@ mod tests {
             s.slots_on(Date::constant(2027, 7, 5)).is_empty(),
             "Monday closed"
         );
+    }
+
+    #[test]
+    fn defaults_apply_and_the_station_ae_is_trimmed() {
+        let s = Schedule::new(&spec("ct-1", " CT01 ")).unwrap();
+        assert_eq!(
+            (s.time_zone(), s.slot_minutes(), s.station_ae()),
+            ("Asia/Tokyo", 30, "CT01")
+        );
+    }
+
+    /// `check-config` prints these problems in this order: the order is part of the contract.
+    #[test]
+    fn every_problem_is_named_once_in_field_order() {
         let err = Schedule::new(&ScheduleSpec {
-            id: "bad id".into(),
+            id: "a.b".into(),
             modality: "ct".into(),
             station_ae: "".into(),
             time_zone: Some("Mars/Olympus".into()),
-            slot_minutes: Some(1),
+            slot_minutes: Some(4),
             hours: Some(BTreeMap::from([
                 ("mon".into(), "17:00-09:00".into()),
-                ("xyz".into(), "09:00-10:00".into()),
+                ("monday".into(), "9-5".into()),
             ])),
-            holidays: vec!["01/01/2027".into()],
+            holidays: vec!["2027-13-01".into(), "2027-01-01".into()],
         })
         .unwrap_err();
-        let fields: Vec<&str> = err.iter().map(|p| p.field.as_str()).collect();
-        for f in [
-            "id",
-            "modality",
-            "station_ae",
-            "time_zone",
-            "slot_minutes",
-            "hours.mon",
-            "hours.xyz",
-            "holidays",
-        ] {
-            assert!(fields.contains(&f), "{f} in {err:?}");
+        let lines: Vec<String> = err.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "id: 1-32 characters of letters, digits, '-' and '_'",
+                "modality: a DICOM modality code such as CT or MR",
+                "station_ae: 1-16 characters of a DICOM AE title",
+                "time_zone: unknown IANA time zone \"Mars/Olympus\"",
+                "slot_minutes: between 5 and 480",
+                "hours.mon: opening hours as HH:MM-HH:MM, opening before closing",
+                "hours.monday: weekdays are mon, tue, wed, thu, fri, sat and sun",
+                "holidays: \"2027-13-01\" is not YYYY-MM-DD",
+            ]
+        );
+    }
+
+    #[test]
+    fn schedule_ids_are_topic_safe_without_a_dot_and_at_most_32_bytes() {
+        let with_id = |id: &str| Schedule::new(&spec(id, "CT01"));
+        for good in ["a", "CT_1-b", &"x".repeat(32)] {
+            assert!(with_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a.b", "a b", "a/b", "ü", &"x".repeat(33)] {
+            let err = with_id(bad).unwrap_err();
+            assert_eq!(err.len(), 1, "{bad}");
+            assert_eq!(err[0].field, "id", "{bad}");
         }
     }
 
