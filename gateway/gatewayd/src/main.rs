@@ -11,7 +11,6 @@
 //! - `ops`: `check-config`, `spool ...`, `keys ...`, `audit ...` and `users ...`.
 //! - `fleet`: the fleet agent of `[fleet]`, and provisioning by claim before it.
 //! - `booking`: the kiosk, staff, audit trail and regional exchange of `[booking]`.
-//! - `mqtt`: the TLS client configuration of a broker connection (`[fleet]`, `[exchange]`).
 //! - `telemetry`: the fleet agent's telemetry snapshot, from the spool and the services'
 //!   metric handles.
 //! - `logring`: the log's last lines, for the fleet's `log-upload`.
