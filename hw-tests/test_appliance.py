@@ -9,6 +9,10 @@ Pins, on one image and one state disk:
   gatewayd logs "TPM found"; `keys status` says backend tpm);
 - `spool status` (printed on the console by the image's probe unit) counts the stored object;
 - writing to / inside the VM fails with EROFS, while the state partition is writable;
+- the image has no package manager (read from rootfs.img with debugfs, no boot): no apt*,
+  dpkg*, debconf* or update-alternatives in /usr/bin or /usr/sbin, no apt/dpkg/debconf
+  state folders, every alternatives symlink still resolves, and OUTDIR/packages.txt lists
+  the packages (taken before dpkg was removed);
 - after a clean power-off (Ctrl-Alt-Del, systemd stops gatewayd, QEMU exits on the reboot)
   a second boot on the same state.img and the same swtpm state answers again, still counts
   the object and reports the same spool master key fingerprint (the TPM-sealed key unsealed
@@ -16,7 +20,7 @@ Pins, on one image and one state disk:
 
 Everything listens on 127.0.0.1 (QEMU's hostfwd, the swtpm and monitor sockets are Unix
 sockets in tmp_path); qemu and swtpm are killed by PID at teardown. A missing tool
-(mmdebstrap, qemu-system-x86_64, swtpm, mkfs.ext4) fails the test.
+(mmdebstrap, qemu-system-x86_64, swtpm, mkfs.ext4, debugfs) fails the test.
 """
 
 from __future__ import annotations
@@ -46,7 +50,13 @@ BUILD_TIMEOUT_S = 900
 BOOT_TIMEOUT_S = 420
 STATUS_TIMEOUT_S = 60
 POWEROFF_TIMEOUT_S = 120
-TOOLS = ("mmdebstrap", "mkfs.ext4", "qemu-system-x86_64", "swtpm")
+TOOLS = ("mmdebstrap", "mkfs.ext4", "debugfs", "qemu-system-x86_64", "swtpm")
+# Package manager tooling that must not be in the image (image-recipe/build.sh removes it).
+PACKAGE_TOOLS = ("apt", "apt-get", "apt-cache", "apt-cdrom", "apt-config", "apt-key", "apt-mark",
+                 "dpkg", "dpkg-deb", "dpkg-query", "dpkg-divert", "dpkg-split", "dpkg-trigger",
+                 "dpkg-statoverride", "dpkg-maintscript-helper", "dpkg-realpath", "dpkg-reconfigure",
+                 "dpkg-preconfigure", "update-alternatives")
+PACKAGE_STATE = ("/var/lib/dpkg", "/var/lib/apt", "/var/cache/apt", "/etc/apt", "/var/cache/debconf")
 CMDLINE = ("root=/dev/vda ro console=ttyS0 systemd.journald.forward_to_console=1 "
            "systemd.wants=gatewayd-probe.service")
 
@@ -256,6 +266,52 @@ def appliance_image(gatewayd_bin) -> Path:
     return build_image(gatewayd_bin)
 
 
+class RootImage:
+    """Read-only view of an ext4 image through `debugfs -R` (no mount, no boot)."""
+
+    def __init__(self, img: Path):
+        self.img = img
+
+    def _run(self, request: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["debugfs", "-R", request, str(self.img)], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    def ls(self, path: str) -> dict[str, int] | None:
+        """name -> mode of the entries of the folder `path`, None if there is no such folder."""
+        r = self._run(f"ls -p {path}")
+        if r.returncode != 0 or "not found" in r.stderr or "Ext2 inode is not a directory" in r.stderr:
+            return None
+        entries = {}
+        for line in r.stdout.splitlines():  # /inode/mode/uid/gid/name/size/
+            parts = line.strip().split("/")
+            if len(parts) >= 7 and parts[5] not in (".", ".."):
+                entries[parts[5]] = int(parts[2], 8)
+        return entries
+
+    def stat(self, path: str) -> tuple[str, str | None] | None:
+        """(type, symlink target or None) of `path`, a final symlink not followed; None if absent."""
+        r = self._run(f"stat {path}")
+        kind = re.search(r"Type:\s+(\w+)", r.stdout)
+        if kind is None:
+            return None
+        target = re.search(r'Fast link dest: "(.*)"', r.stdout)
+        return kind.group(1), target.group(1) if target else None
+
+    def resolves_to_file(self, path: str, hops: int = 8) -> bool:
+        """Whether `path`, its symlinks followed, ends at a regular file in the image."""
+        for _ in range(hops):
+            st = self.stat(path)
+            if st is None:
+                return False
+            kind, target = st
+            if kind != "symlink":
+                return kind == "regular"
+            if target is None:  # a slow symlink (target > 60 bytes): not used by alternatives
+                return False
+            path = target if target.startswith("/") else str(Path(path).parent / target)
+        return False
+
+
 @pytest.fixture
 def vms():
     """The VMs a test started; qemu and swtpm killed by PID at teardown."""
@@ -269,6 +325,38 @@ def _fingerprint(text: str) -> str:
     m = re.search(r"KEYS-STATUS: backend tpm: initialised; spool master key (\S+)", text)
     assert m, "no `KEYS-STATUS: backend tpm: initialised; spool master key ...` line on the console"
     return m.group(1)
+
+
+def test_appliance_image_has_no_package_manager_and_ships_its_package_list(appliance_image):
+    root = RootImage(appliance_image / "rootfs.img")
+    for d in ("/usr/bin", "/usr/sbin"):
+        names = root.ls(d)
+        assert names, f"debugfs cannot list {d} in rootfs.img"
+        found = sorted(n for n in names if n in PACKAGE_TOOLS or n.startswith(("dpkg", "apt-", "debconf")))
+        assert not found, f"package manager tooling in {d} of the image: {found}"
+    for d in PACKAGE_STATE:
+        assert root.stat(d) is None, f"{d} is still in the image"
+    # The alternatives symlinks keep working without update-alternatives and its database.
+    links = {}
+    for d in ("/usr/bin", "/usr/sbin"):
+        for name, mode in (root.ls(d) or {}).items():
+            if mode & 0o170000 == 0o120000:  # S_IFLNK
+                st = root.stat(f"{d}/{name}")
+                if st is not None and st[1] is not None and st[1].startswith("/etc/alternatives/"):
+                    links[f"{d}/{name}"] = st[1]
+    assert links, "no command goes through /etc/alternatives (expected at least `which`)"
+    broken = sorted(p for p in links if not root.resolves_to_file(p))
+    assert not broken, f"alternatives symlinks that no longer resolve: {broken}"
+    # The package list, taken before dpkg was removed, is an output of the build.
+    lines = (appliance_image / "packages.txt").read_text().splitlines()
+    pkgs = dict(line.split(" ", 1) for line in lines if " " in line)
+    assert len(pkgs) == len(lines) and len(pkgs) >= 50, f"packages.txt is not `name version` lines: {lines[:5]}"
+    for p in ("systemd", "linux-image-amd64", "libtss2-tcti-device0", "dpkg", "apt"):
+        assert p in pkgs, f"{p} missing from packages.txt"
+    assert any(p.startswith("libtss2-esys") for p in pkgs), "libtss2-esys (gatewayd links it) missing from packages.txt"
+    assert "packages.txt" in (appliance_image / "manifest.txt").read_text()
+    print(f"image without a package manager: {len(pkgs)} packages in packages.txt, "
+          f"{len(links)} commands via /etc/alternatives resolve")
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT_S + 4 * BOOT_TIMEOUT_S + 2 * POWEROFF_TIMEOUT_S)

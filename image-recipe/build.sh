@@ -9,6 +9,7 @@
 #   OUTDIR/initrd.img   its initramfs (initramfs-tools)
 #   OUTDIR/cmdline      the kernel command line to boot it with
 #   OUTDIR/manifest.txt package list, sizes and the gatewayd hash
+#   OUTDIR/packages.txt every package and version in the image (taken before dpkg is removed)
 #
 # Environment:
 #   GATEWAYD   the binary to install (default: target/release/gatewayd; build it first with
@@ -147,6 +148,62 @@ for bad in usr/sbin/sshd usr/bin/gcc usr/bin/cc usr/bin/make; do
     [ ! -e "$root/$bad" ] || die "$bad in the image"
 done
 
+# The package list, for the manifest and an auditor: the last thing that needs dpkg.
+chroot "$root" dpkg-query -W -f '${Package} ${Version}\n' >"$work/packages.txt"
+[ -s "$work/packages.txt" ] || die "dpkg-query listed no packages"
+
+echo "--- removing the package manager"
+# Last step on the tree: nothing runs dpkg or apt after this. The root is read-only at run
+# time, so they could not install anything anyway; without them the image cannot be changed
+# package by package and carries no unused tooling (ADR 0007). The files of apt, dpkg and
+# debconf go (their lists are taken from dpkg before it goes); the alternatives symlinks in
+# /etc/alternatives stay, only update-alternatives and its database go. start-stop-daemon
+# (shipped by dpkg) stays: it is a service helper, not package tooling.
+pm_pkgs="apt dpkg debconf"
+keep_re='^(/etc/alternatives(/.*)?|/s?bin/start-stop-daemon|/usr/s?bin/start-stop-daemon)$'
+# shellcheck disable=SC2086  # word splitting of the package names is intended
+chroot "$root" dpkg-query -L $pm_pkgs | sort -u >"$work/pm-files.txt"
+# The folders only they own (not /var/log, which base-files ships too).
+pm_dirs=$(while IFS= read -r f; do
+    if [ -n "$f" ] && [ ! -L "$root$f" ] && [ -d "$root$f" ]; then echo "$f"; fi
+done <"$work/pm-files.txt")
+# shellcheck disable=SC2086  # one argument per folder (dpkg paths have no spaces)
+{ chroot "$root" dpkg-query -S $pm_dirs 2>/dev/null || true; } | awk -F': ' -v pm=" $pm_pkgs " '
+    $2 ~ /^\// { n = split($1, owner, ", "); own = 1
+                  for (i = 1; i <= n; i++) { sub(/:.*/, "", owner[i]); if (index(pm, " " owner[i] " ") == 0) own = 0 }
+                  if (own) print $2 }' >"$work/pm-dirs.txt"
+while IFS= read -r f; do
+    [ -n "$f" ] || continue
+    [[ $f =~ $keep_re ]] && continue
+    # -d follows symlinks: /bin, /sbin and /lib are symlinks into /usr and stay.
+    [ -d "$root$f" ] || rm -f "$root$f"
+done <"$work/pm-files.txt"
+# The folders only they owned, deepest first, if now empty.
+sort -r "$work/pm-dirs.txt" | while IFS= read -r f; do
+    [ -n "$f" ] && ! [[ $f =~ $keep_re ]] || continue
+    rmdir "$root$f" 2>/dev/null || true
+done
+# Their units (apt-daily*, dpkg-db-backup) are gone: drop the mask and .wants links to them.
+for unit in $(grep -E '/systemd/system/[^/]+$' "$work/pm-files.txt" | xargs -r -n 1 basename); do
+    find "$root/etc/systemd/system" -name "$unit" -type l -delete
+done
+rm -rf "$root"/var/lib/dpkg "$root"/var/lib/apt "$root"/var/cache/apt "$root"/etc/apt \
+       "$root"/var/cache/debconf "$root"/etc/dpkg "$root"/usr/share/dpkg "$root"/usr/lib/apt
+for tool in apt apt-get apt-cache apt-cdrom apt-config apt-key apt-mark dpkg dpkg-deb dpkg-divert \
+            dpkg-maintscript-helper dpkg-query dpkg-realpath dpkg-split dpkg-statoverride \
+            dpkg-trigger update-alternatives debconf debconf-apt-progress debconf-communicate \
+            debconf-copydb debconf-escape debconf-set-selections debconf-show dpkg-preconfigure \
+            dpkg-reconfigure; do
+    for dir in usr/bin usr/sbin; do
+        [ ! -e "$root/$dir/$tool" ] && [ ! -L "$root/$dir/$tool" ] || die "/$dir/$tool still in the image"
+    done
+done
+# Every alternative still points at a file in the image.
+for link in "$root"/etc/alternatives/*; do
+    [ -L "$link" ] || continue
+    chroot "$root" test -e "${link#"$root"}" || die "alternative ${link#"$root"} -> $(readlink "$link") is broken"
+done
+
 echo "--- file systems"
 used_kib=$(du -sk "$root" | cut -f1)
 size_kib=$(( used_kib + used_kib / 5 + 65536 ))
@@ -160,9 +217,10 @@ echo "root=/dev/vda ro console=ttyS0" >"$out/cmdline"
     echo "kernel $kver"
     echo "root tree $(( used_kib / 1024 )) MiB; rootfs.img $(( $(stat -c %s "$out/rootfs.img") / 1048576 )) MiB"
     echo "vmlinuz $(( $(stat -c %s "$out/vmlinuz") / 1024 )) KiB; initrd.img $(( $(stat -c %s "$out/initrd.img") / 1024 )) KiB"
-    echo "packages:"
-    chroot "$root" dpkg-query -W -f '  ${Package} ${Version}\n'
+    echo "packages ($(wc -l <"$work/packages.txt"), also in packages.txt; apt, dpkg and debconf then removed:"
+    sed 's/^/  /' "$work/packages.txt"
 } >"$out/manifest.txt"
+cp "$work/packages.txt" "$out/packages.txt"
 
 echo "--- done in $(( $(date +%s) - t0 )) s: $out"
 head -n 4 "$out/manifest.txt"
