@@ -124,3 +124,22 @@ def ca(tmp_path):
     certificate and the gateways' client certificates."""
     fail_on_assertion(pki.require_openssl)
     return pki.CA(tmp_path / "pki")
+
+
+@pytest.fixture(scope="session")
+def appliance_image(gatewayd_bin) -> Path:
+    """The appliance image folder (hw-tests/appliance.py): built once per run, then cached."""
+    import appliance
+
+    appliance.require_tools()
+    appliance.require_tpm_binary(gatewayd_bin)
+    return appliance.build_image(gatewayd_bin)
+
+
+@pytest.fixture
+def vms():
+    """The appliance VMs a test started (appliance.Vm); qemu and swtpm killed by PID at teardown."""
+    made: list = []
+    yield made
+    for vm in made:
+        vm.cleanup()

@@ -81,7 +81,11 @@ def test_unit_has_the_hardening_and_notify_directives():
     for key in ("ProtectHome", "PrivateTmp", "ProtectKernelTunables", "ProtectKernelModules",
                 "ProtectControlGroups", "RestrictNamespaces", "RestrictSUIDSGID", "LockPersonality"):
         assert one(key) == "yes", f"{key}={one(key)}"
-    assert one("ExecStart").startswith("/usr/bin/gatewayd run --config /etc/gatewayd/gatewayd.toml")
+    # The effective config is on the state partition (a fleet config-update rewrites it); the
+    # first start copies the factory default from the read-only /etc there.
+    assert one("ExecStart").startswith("/usr/bin/gatewayd run --config /var/lib/gatewayd/config/gatewayd.toml")
+    assert any("cp /etc/gatewayd/gatewayd.toml" in pre and "gatewayd.toml" in pre
+               for pre in d.get("ExecStartPre", [])), "no ExecStartPre seeding the effective config"
     # systemd 252 never shows dev-tpmrm0.device: wait for the node, bounded, instead.
     text = UNIT.read_text()
     assert "dev-tpmrm0.device" not in " ".join(d.get("After", []) + d.get("Requires", []) + d.get("BindsTo", []))

@@ -1,0 +1,346 @@
+"""The appliance image (image-recipe/) for the QEMU tests: build it once, boot it with an swtpm vTPM.
+
+One home for what every QEMU test needs:
+- `build_image(gatewayd_bin)`: image-recipe/build.sh into hw-tests/.cache/appliance-KEY, KEY = sha256 of
+  the gatewayd binary, image-recipe/build.sh + files/ and config/gatewayd.service; built once per run
+  (the `appliance_image` fixture in conftest.py), older builds removed;
+- `Vm`: one QEMU boot (TCG, direct kernel boot) with its own swtpm on a shared TPM state folder, the
+  console on a file, the HMP monitor on a Unix socket, guest ports forwarded to 127.0.0.1 ports the
+  test picks (`forwards`); `power_off()` is a clean Ctrl-Alt-Del, `kill()` a power cut (SIGKILL of
+  QEMU: whatever the guest kernel had not written to the disk image is gone);
+- `seed_state(state_img, files)`: a fresh state partition (ext4, label gw-state) holding `files`, e.g.
+  `config/gatewayd.toml` (the effective config the unit runs with) or a claim credential: files are
+  written root-owned; the unit's StateDirectory= gives the whole tree to the gatewayd user at start;
+- `RootImage`: read-only view of rootfs.img through debugfs (no mount, no boot).
+
+Everything listens on 127.0.0.1 (QEMU's hostfwd; the swtpm and monitor sockets are Unix sockets in the
+test's folder); qemu and swtpm are killed by PID at teardown (the `vms` fixture). A missing tool
+(mmdebstrap, qemu-system-x86_64, swtpm, mkfs.ext4, debugfs) fails the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import gw
+import scu
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RECIPE = REPO / "image-recipe"
+CACHE = HERE / ".cache"
+BUILD_TIMEOUT_S = 900
+BOOT_TIMEOUT_S = 420
+STATUS_TIMEOUT_S = 60
+POWEROFF_TIMEOUT_S = 120
+TOOLS = ("mmdebstrap", "mkfs.ext4", "debugfs", "qemu-system-x86_64", "swtpm")
+# Package manager tooling that must not be in the image (image-recipe/build.sh removes it).
+PACKAGE_TOOLS = ("apt", "apt-get", "apt-cache", "apt-cdrom", "apt-config", "apt-key", "apt-mark",
+                 "dpkg", "dpkg-deb", "dpkg-query", "dpkg-divert", "dpkg-split", "dpkg-trigger",
+                 "dpkg-statoverride", "dpkg-maintscript-helper", "dpkg-realpath", "dpkg-reconfigure",
+                 "dpkg-preconfigure", "update-alternatives")
+PACKAGE_STATE = ("/var/lib/dpkg", "/var/lib/apt", "/var/cache/apt", "/etc/apt", "/var/cache/debconf")
+CMDLINE = ("root=/dev/vda ro console=ttyS0 systemd.journald.forward_to_console=1 "
+           "systemd.wants=gatewayd-probe.service")
+
+
+def require_tools() -> None:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.fail(
+            f"not found on PATH: {', '.join(missing)}. Install them with `apt-get install -y "
+            "--no-install-recommends mmdebstrap e2fsprogs qemu-system-x86 swtpm` (hw-tests/run-all.sh does this)",
+            pytrace=False,
+        )
+    if os.geteuid() != 0:
+        pytest.fail("the appliance image is built with mmdebstrap --mode=root: run as root", pytrace=False)
+
+
+def image_key(gatewayd_bin: str) -> str:
+    """Hash of everything that goes into the image: the binary, the recipe, the unit."""
+    h = hashlib.sha256()  # (image-recipe/README.md is not in the image)
+    files = [Path(gatewayd_bin), REPO / "config" / "gatewayd.service", RECIPE / "build.sh"]
+    files += sorted(p for p in (RECIPE / "files").rglob("*") if p.is_file())
+    for p in files:
+        h.update(str(p.relative_to(REPO) if p.is_relative_to(REPO) else p.name).encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def build_image(gatewayd_bin: str) -> Path:
+    """The image folder for this binary and recipe: cached, or built now (old builds removed)."""
+    key = image_key(gatewayd_bin)
+    out = CACHE / f"appliance-{key}"
+    if (out / ".complete").is_file():
+        return out
+    CACHE.mkdir(exist_ok=True)
+    for old in CACHE.glob("appliance-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    out.mkdir()
+    log = out / "build.log"
+    t0 = time.monotonic()
+    with open(log, "wb") as f:
+        r = subprocess.run(
+            ["bash", str(RECIPE / "build.sh"), str(out)],
+            env={**os.environ, "GATEWAYD": gatewayd_bin}, stdin=subprocess.DEVNULL,
+            stdout=f, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S,
+        )
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    assert r.returncode == 0, f"image-recipe/build.sh exited {r.returncode}\n{tail}"
+    (out / ".complete").write_text(f"built in {time.monotonic() - t0:.0f} s\n")
+    print(f"image built in {time.monotonic() - t0:.0f} s:\n{tail}")
+    return out
+
+
+class Vm:
+    """One QEMU boot of the image with its own swtpm process on a shared state folder."""
+
+    def __init__(self, image: Path, work: Path, state_img: Path, tpm_dir: Path, name: str,
+                 forwards: tuple[int, ...] = (), cmdline: str = "", state_cache: str | None = None):
+        """`forwards`: guest TCP ports to forward (11112, DICOM, always is) to free 127.0.0.1
+        ports (`host_port(guest)`); `cmdline`: appended to CMDLINE; `state_cache`: QEMU's
+        cache= mode for the state disk (None: QEMU's default, writeback)."""
+        self.image, self.work, self.state_img, self.tpm_dir, self.name = image, work, state_img, tpm_dir, name
+        self.console = work / f"{name}-console.log"
+        self.monitor = work / f"{name}-monitor.sock"
+        self.tpm_sock = work / f"{name}-tpm.sock"
+        self.ports = {guest: gw.free_port() for guest in dict.fromkeys((11112, *forwards))}
+        self.dicom_port = self.ports[11112]
+        self.cmdline = f"{CMDLINE} {cmdline}".strip()
+        self.state_cache = state_cache
+        self.swtpm: subprocess.Popen | None = None
+        self.qemu: subprocess.Popen | None = None
+        self.started = 0.0
+
+    def host_port(self, guest_port: int) -> int:
+        """The 127.0.0.1 port that QEMU forwards to `guest_port` in the guest."""
+        return self.ports[guest_port]
+
+    def start(self) -> None:
+        tpm_log = self.work / f"{self.name}-swtpm.log"
+        self.swtpm = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_dir}",
+             "--ctrl", f"type=unixio,path={self.tpm_sock}", "--terminate",
+             "--log", f"file={tpm_log},level=1"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while not self.tpm_sock.exists():
+            assert self.swtpm.poll() is None, f"swtpm exited {self.swtpm.returncode}: {tpm_log.read_text(errors='replace')}"
+            assert time.monotonic() < deadline, "swtpm control socket did not appear within 10 s"
+            time.sleep(0.05)
+        self.started = time.monotonic()
+        self.qemu = subprocess.Popen(
+            ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
+             "-display", "none", "-no-reboot",
+             "-serial", f"file:{self.console}",
+             "-monitor", f"unix:{self.monitor},server=on,wait=off",
+             "-kernel", str(self.image / "vmlinuz"), "-initrd", str(self.image / "initrd.img"),
+             "-append", self.cmdline,
+             "-drive", f"file={self.image / 'rootfs.img'},if=virtio,format=raw,readonly=on",
+             "-drive", f"file={self.state_img},if=virtio,format=raw"
+             + (f",cache={self.state_cache}" if self.state_cache else ""),
+             "-netdev", "user,id=n0,restrict=off," + ",".join(
+                 f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in self.ports.items()),
+             "-device", "virtio-net-pci,netdev=n0",
+             "-chardev", f"socket,id=chrtpm,path={self.tpm_sock}",
+             "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"],
+            stdin=subprocess.DEVNULL, stdout=open(self.work / f"{self.name}-qemu.log", "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def console_text(self) -> str:
+        if not self.console.exists():
+            return ""
+        return self.console.read_bytes().decode("utf-8", errors="replace").replace("\r", "")
+
+    def tail(self, n: int = 60) -> str:
+        qlog = self.work / f"{self.name}-qemu.log"
+        extra = qlog.read_text(errors="replace") if qlog.exists() else ""
+        return f"--- serial console ({self.name}), last {n} lines:\n" + "\n".join(
+            self.console_text().splitlines()[-n:]) + (f"\n--- qemu:\n{extra}" if extra.strip() else "")
+
+    def alive(self) -> None:
+        assert self.qemu is not None and self.qemu.poll() is None, (
+            f"qemu exited with {self.qemu.returncode if self.qemu else None}\n{self.tail()}")
+
+    def wait_dicom(self, timeout: float = BOOT_TIMEOUT_S) -> float:
+        """Seconds from QEMU start until `echoscu` through the forwarded port succeeds."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            self.alive()
+            try:
+                r = scu.echoscu(self.dicom_port, timeout=20)
+                if r.returncode == 0:
+                    return time.monotonic() - self.started
+                last = r.stdout + r.stderr
+            except subprocess.TimeoutExpired:
+                last = "echoscu timed out"
+            time.sleep(2)
+        raise AssertionError(f"DICOM did not answer on 127.0.0.1:{self.dicom_port} within {timeout} s "
+                             f"(last echoscu: {last!r})\n{self.tail()}")
+
+    def wait_console(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern, re.M)
+        while time.monotonic() < deadline:
+            m = rx.search(self.console_text())
+            if m:
+                return m
+            self.alive()
+            time.sleep(0.5)
+        raise AssertionError(f"{pattern!r} not on the serial console within {timeout} s\n{self.tail()}")
+
+    def spool_status_with(self, pred, timeout: float = STATUS_TIMEOUT_S) -> dict:
+        """The newest `SPOOL-STATUS: {json}` line for which pred(status) holds."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            for m in reversed(list(re.finditer(r"SPOOL-STATUS: (\{.*\})\s*$", self.console_text(), re.M))):
+                try:
+                    last = json.loads(m.group(1))
+                except json.JSONDecodeError:
+                    continue
+                break
+            if last is not None and pred(last):
+                return last
+            self.alive()
+            time.sleep(1)
+        raise AssertionError(f"no matching spool status within {timeout} s (last: {last})\n{self.tail()}")
+
+    def hmp(self, command: str) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(self.monitor))
+            s.recv(4096)  # banner
+            s.sendall(command.encode() + b"\n")
+            time.sleep(0.5)
+
+    def power_off(self, timeout: float = POWEROFF_TIMEOUT_S) -> float:
+        """Ctrl-Alt-Del: systemd stops every service and unmounts, the guest reboots and
+        QEMU (-no-reboot) exits. Returns the seconds it took."""
+        t0 = time.monotonic()
+        self.hmp("sendkey ctrl-alt-delete")
+        assert self.qemu is not None
+        try:
+            self.qemu.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the guest did not shut down within {timeout} s of Ctrl-Alt-Del\n{self.tail()}") from None
+        if self.swtpm is not None:
+            try:
+                self.swtpm.wait(timeout=10)  # --terminate: it ends with QEMU's connection
+            except subprocess.TimeoutExpired:
+                self._kill(self.swtpm)
+        return time.monotonic() - t0
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen | None) -> None:
+        if proc is not None and proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+
+    def kill(self) -> None:
+        """A power cut: SIGKILL to QEMU (and its swtpm). What the guest kernel had not yet
+        written to the disk images is lost; what it wrote survives (see the cache mode)."""
+        self._kill(self.qemu)
+        self._kill(self.swtpm)
+
+    def cleanup(self) -> None:
+        self.kill()
+
+
+def require_tpm_binary(gatewayd_bin: str) -> None:
+    """The image's key store is the TPM: the binary must be built with `--features tpm`."""
+    ldd = subprocess.run(["ldd", gatewayd_bin], capture_output=True, text=True, timeout=30,
+                         stdin=subprocess.DEVNULL)
+    assert "libtss2-esys" in ldd.stdout, (
+        f"GATEWAYD={gatewayd_bin} has no TPM back end (no libtss2-esys in ldd): build it with "
+        f"`cargo build --release -p gatewayd --features tpm`\n{ldd.stdout}{ldd.stderr}"
+    )
+
+
+def fresh_state(image: Path, dest: Path, files: dict[str, bytes] | None = None) -> Path:
+    """A state disk for one test at `dest`: a sparse copy of the image's empty state.img, or,
+    with `files` (path relative to the state partition -> bytes), a new ext4 of the same
+    size and label holding them (root-owned; StateDirectory= hands the tree to gatewayd)."""
+    if not files:
+        subprocess.run(["cp", "--sparse=always", str(image / "state.img"), str(dest)], check=True, timeout=120)
+        return dest
+    size = (image / "state.img").stat().st_size
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tree:
+        for rel, content in files.items():
+            path = Path(tree) / rel
+            assert not Path(rel).is_absolute() and ".." not in Path(rel).parts, rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+            path.chmod(0o600)
+        r = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "gw-state", "-m", "0", "-d", tree, str(dest),
+                            f"{size // 1024}K"], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, f"mkfs.ext4 -d for the seeded state disk failed: {r.stderr}"
+    return dest
+
+
+class RootImage:
+    """Read-only view of an ext4 image through `debugfs -R` (no mount, no boot)."""
+
+    def __init__(self, img: Path):
+        self.img = img
+
+    def _run(self, request: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["debugfs", "-R", request, str(self.img)], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    def ls(self, path: str) -> dict[str, int] | None:
+        """name -> mode of the entries of the folder `path`, None if there is no such folder."""
+        r = self._run(f"ls -p {path}")
+        if r.returncode != 0 or "not found" in r.stderr or "Ext2 inode is not a directory" in r.stderr:
+            return None
+        entries = {}
+        for line in r.stdout.splitlines():  # /inode/mode/uid/gid/name/size/
+            parts = line.strip().split("/")
+            if len(parts) >= 7 and parts[5] not in (".", ".."):
+                entries[parts[5]] = int(parts[2], 8)
+        return entries
+
+    def stat(self, path: str) -> tuple[str, str | None] | None:
+        """(type, symlink target or None) of `path`, a final symlink not followed; None if absent."""
+        r = self._run(f"stat {path}")
+        kind = re.search(r"Type:\s+(\w+)", r.stdout)
+        if kind is None:
+            return None
+        target = re.search(r'Fast link dest: "(.*)"', r.stdout)
+        return kind.group(1), target.group(1) if target else None
+
+    def resolves_to_file(self, path: str, hops: int = 8) -> bool:
+        """Whether `path`, its symlinks followed, ends at a regular file in the image."""
+        for _ in range(hops):
+            st = self.stat(path)
+            if st is None:
+                return False
+            kind, target = st
+            if kind != "symlink":
+                return kind == "regular"
+            if target is None:  # a slow symlink (target > 60 bytes): not used by alternatives
+                return False
+            path = target if target.startswith("/") else str(Path(path).parent / target)
+        return False
+
+
