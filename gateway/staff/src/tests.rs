@@ -79,11 +79,11 @@ fn wrong_password_unknown_name_and_missing_factor_are_refused() {
     let code = code_at(&secret, NOW).unwrap();
     assert_eq!(
         s.login("dr.ito", "wrong password!!", &code, NOW),
-        Err(LoginError::BadCredentials)
+        Err(LoginError::WrongPassword)
     );
     assert_eq!(
         s.login("nobody", PW, &code, NOW),
-        Err(LoginError::BadCredentials)
+        Err(LoginError::UnknownAccount)
     );
     assert_eq!(
         s.login("dr.ito", PW, "12345", NOW),
@@ -103,7 +103,7 @@ fn wrong_password_unknown_name_and_missing_factor_are_refused() {
 }
 
 #[test]
-fn five_failures_lock_the_account_across_a_restart() {
+fn max_failures_lock_the_account_across_a_restart_and_the_lock_time_is_listed() {
     let dir = tempfile::tempdir().unwrap();
     let (s, secret) = enrolled(dir.path(), "clerk.kato");
     for i in 0..MAX_FAILURES {
@@ -114,19 +114,29 @@ fn five_failures_lock_the_account_across_a_restart() {
                 "000000",
                 NOW + u64::from(i)
             ),
-            Err(LoginError::BadCredentials)
+            Err(LoginError::WrongPassword)
         );
     }
     let code = code_at(&secret, NOW + 10).unwrap();
     let locked = Err(LoginError::Locked {
-        until_unix: NOW + 4 + LOCKOUT_SECS,
+        until_unix: NOW + u64::from(MAX_FAILURES - 1) + LOCKOUT_SECS,
     });
     assert_eq!(s.login("clerk.kato", PW, &code, NOW + 10), locked);
     drop(s);
     let s = staff(dir.path());
     assert_eq!(s.login("clerk.kato", PW, &code, NOW + 10), locked);
-    assert!(s.accounts(NOW + 10).unwrap()[0].locked);
-    let t = NOW + 5 + LOCKOUT_SECS;
+    let info = &s.accounts(NOW + 10).unwrap()[0];
+    assert!(info.locked);
+    assert_eq!(
+        info.locked_until_unix,
+        Some(NOW + u64::from(MAX_FAILURES - 1) + LOCKOUT_SECS)
+    );
+    // Even the right password costs its Argon2 work while locked and is refused alike.
+    assert_eq!(
+        s.login("clerk.kato", "not the password", &code, NOW + 10),
+        locked
+    );
+    let t = NOW + u64::from(MAX_FAILURES) + LOCKOUT_SECS;
     let code = code_at(&secret, t).unwrap();
     assert!(
         s.login("clerk.kato", PW, &code, t).is_ok(),
