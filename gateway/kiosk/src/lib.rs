@@ -12,9 +12,11 @@
 //!   [`throttle::FAILURES`] in [`throttle::WINDOW_SECS`] that address gets 429 with
 //!   `Retry-After` for every login for [`throttle::BACKOFF_SECS`], without touching any
 //!   account (one audit record per back-off). The account lock
-//!   (`gateway_staff::MAX_FAILURES`) is a second, higher threshold. The server must be
-//!   served with `into_make_service_with_connect_info::<SocketAddr>()`; without a peer
-//!   address every client shares one bucket (fail closed).
+//!   (`gateway_staff::MAX_FAILURES`) is a second, higher threshold. Serve the kiosk
+//!   through [`Kiosk::service`] (the peer address as `ConnectInfo<PeerAddr>`); without a
+//!   peer address every client shares one bucket (fail closed).
+//! - The page shows every time (a booking's start, an account's lock end) in the browser's
+//!   locale and time zone (`Intl.DateTimeFormat`), never a Unix timestamp.
 //! - `POST /api/logout`, `GET /api/me`; `GET /api/accounts` for admins only (403 otherwise),
 //!   with each account's `locked_until_unix` while it is locked.
 //! - `GET /fhir/Slot?schedule=&status=free&start=ge..&start=lt..` -> a searchset Bundle from
@@ -102,13 +104,14 @@ impl Kiosk {
         }
     }
 
-    /// What `axum::serve` runs: the [`Kiosk::router`] with each connection's peer address
-    /// (`ConnectInfo<SocketAddr>`), which the login throttle counts by.
+    /// What `axum::serve` runs on a [`tls::TlsListener`]: the [`Kiosk::router`] with each
+    /// connection's TCP peer address (`ConnectInfo<PeerAddr>`), which the login throttle
+    /// counts by.
     pub fn service(
         self,
-    ) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, SocketAddr> {
+    ) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, PeerAddr> {
         self.router()
-            .into_make_service_with_connect_info::<SocketAddr>()
+            .into_make_service_with_connect_info::<PeerAddr>()
     }
 
     /// The routes, with security headers on every response.
@@ -326,6 +329,18 @@ fn json_body<T: serde::de::DeserializeOwned>(
 /// The one answer to every refused login, whatever the reason (the audit trail has it).
 pub const LOGIN_REFUSED: &str = "login refused: check the name, the password and the one-time code";
 
+/// The TCP peer address of a kiosk connection, as `ConnectInfo` (see [`Kiosk::service`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
 /// The TCP peer of a request (`ConnectInfo`, set by the server). Without one, every such
 /// request shares the unspecified address: throttling then fails closed, for all.
 #[derive(Debug, Clone, Copy)]
@@ -338,8 +353,8 @@ impl FromRequestParts<Kiosk> for Peer {
         Ok(Peer(
             parts
                 .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
+                .get::<ConnectInfo<PeerAddr>>()
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.0.ip()),
         ))
     }
 }

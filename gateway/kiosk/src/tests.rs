@@ -210,8 +210,9 @@ impl Fixture {
 
     /// Sends `req` as a TCP peer at [`DEFAULT_PEER`] unless it names its own peer.
     async fn send_raw(&self, mut req: Request<Body>) -> (StatusCode, HeaderMap, Bytes) {
-        if req.extensions().get::<ConnectInfo<SocketAddr>>().is_none() {
-            req.extensions_mut().insert(ConnectInfo(peer(DEFAULT_PEER)));
+        if req.extensions().get::<ConnectInfo<PeerAddr>>().is_none() {
+            req.extensions_mut()
+                .insert(ConnectInfo(PeerAddr(peer(DEFAULT_PEER))));
         }
         let r = self.app.clone().oneshot(req).await.unwrap();
         let status = r.status();
@@ -239,7 +240,8 @@ impl Fixture {
             .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from(body))
             .unwrap();
-        req.extensions_mut().insert(ConnectInfo(peer(from)));
+        req.extensions_mut()
+            .insert(ConnectInfo(PeerAddr(peer(from))));
         self.send_raw(req).await
     }
 

@@ -138,7 +138,8 @@ pub struct AccountInfo {
     pub totp_enrolled: bool,
     pub disabled: bool,
     pub locked: bool,
-    /// When the lock ends (Unix seconds), while the account is locked.
+    /// When the lock ends (Unix seconds), while the account is locked (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub locked_until_unix: Option<u64>,
 }
 
