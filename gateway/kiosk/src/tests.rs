@@ -266,6 +266,24 @@ impl Fixture {
         self.login_from(DEFAULT_PEER, name, password, code).await
     }
 
+    /// `count` wrong passwords for `name` from `10.0.0.<first>` on, one address fewer than
+    /// the throttle's limit each (so none is throttled); returns the next unused address.
+    async fn fail_spread(&self, name: &str, first: u8, count: u32) -> u8 {
+        let mut from = first;
+        let mut left = count;
+        while left > 0 {
+            for _ in 0..(throttle::FAILURES - 1).min(left) {
+                let (s, _, _) = self
+                    .login_from(from, name, "not the password", "000000")
+                    .await;
+                assert_eq!(s, StatusCode::UNAUTHORIZED);
+                left -= 1;
+            }
+            from += 1;
+        }
+        from
+    }
+
     async fn get(&self, path: &str, cookie: Option<&str>) -> (StatusCode, HeaderMap, Value) {
         let mut req = Request::get(path);
         if let Some(c) = cookie {
@@ -358,19 +376,8 @@ async fn unknown_wrong_password_wrong_code_locked_and_disabled_answer_the_same_b
     f.staff.enroll_totp("gone.abe", "test").unwrap();
     f.staff.disable("gone.abe").unwrap();
     // Lock admin.ito from many addresses, none of which reaches its own throttle.
-    let per_address = throttle::FAILURES - 1;
-    let mut failures = 0;
-    let mut from = 100;
-    while failures < gateway_staff::MAX_FAILURES {
-        for _ in 0..per_address.min(gateway_staff::MAX_FAILURES - failures) {
-            let (s, _, _) = f
-                .login_from(from, "admin.ito", "not the password", "000000")
-                .await;
-            assert_eq!(s, StatusCode::UNAUTHORIZED);
-            failures += 1;
-        }
-        from += 1;
-    }
+    f.fail_spread("admin.ito", 100, gateway_staff::MAX_FAILURES)
+        .await;
     let clerk_code = f.code("clerk.sato");
     let wrong = if clerk_code == "000000" {
         "111111"
@@ -466,9 +473,6 @@ async fn one_address_is_throttled_before_any_account_locks() {
 async fn the_account_locks_only_past_its_own_threshold_and_admins_see_until_when() {
     let f = fixture(false);
     let admin = f.session("admin.ito").await;
-    let per_address = throttle::FAILURES - 1;
-    let mut failures = 0;
-    let mut from = 30;
     let locked_of = |list: &Value| {
         list.as_array()
             .unwrap()
@@ -477,22 +481,16 @@ async fn the_account_locks_only_past_its_own_threshold_and_admins_see_until_when
             .unwrap()
             .clone()
     };
-    while failures < gateway_staff::MAX_FAILURES {
-        for _ in 0..per_address.min(gateway_staff::MAX_FAILURES - failures) {
-            let (_, _, list) = f.get("/api/accounts", Some(&admin)).await;
-            assert_eq!(
-                locked_of(&list)["locked"],
-                false,
-                "after {failures} failures"
-            );
-            let (s, _, _) = f
-                .login_from(from, "clerk.sato", "not the password", "000000")
-                .await;
-            assert_eq!(s, StatusCode::UNAUTHORIZED);
-            failures += 1;
-        }
-        from += 1;
-    }
+    let from = f
+        .fail_spread("clerk.sato", 30, gateway_staff::MAX_FAILURES - 1)
+        .await;
+    let (_, _, list) = f.get("/api/accounts", Some(&admin)).await;
+    assert_eq!(locked_of(&list)["locked"], false, "one failure short");
+    let (s, _, _) = f
+        .login_from(from, "clerk.sato", "not the password", "000000")
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let from = from + 1;
     let (_, _, list) = f.get("/api/accounts", Some(&admin)).await;
     let clerk = locked_of(&list);
     assert_eq!(clerk["locked"], true, "{clerk}");
