@@ -218,3 +218,104 @@ fn an_account_added_by_another_handle_is_seen_and_kept() {
     daemon.disable("clerk.a").unwrap();
     assert!(cli.accounts(0).unwrap()[0].disabled);
 }
+
+/// Argon2 verifications and durable saves that `f` did on this thread.
+fn cost_of<T>(f: impl FnOnce() -> T) -> (T, (u32, u32)) {
+    let before = (ARGON2_VERIFICATIONS.get(), SAVES.get());
+    let out = f();
+    let after = (ARGON2_VERIFICATIONS.get(), SAVES.get());
+    (out, (after.0 - before.0, after.1 - before.1))
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+/// The structural timing pin: every outcome of a login, refused or not, costs exactly one
+/// Argon2 verification and one durable replacement of the accounts file (a new inode under
+/// its name), so no refusal can be told from another, or from a success, by its cost.
+#[test]
+fn every_login_outcome_costs_one_argon2_verification_and_one_durable_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, secret) = enrolled(dir.path(), "clerk.ok");
+    s.add("clerk.nofactor", Role::Clerk, PW).unwrap();
+    s.add("clerk.locked", Role::Clerk, PW).unwrap();
+    s.enroll_totp("clerk.locked", "Clinic GW").unwrap();
+    s.add("clerk.off", Role::Clerk, PW).unwrap();
+    s.enroll_totp("clerk.off", "Clinic GW").unwrap();
+    s.disable("clerk.off").unwrap();
+    for i in 0..MAX_FAILURES {
+        let _ = s.login(
+            "clerk.locked",
+            "not the password",
+            "000000",
+            NOW + u64::from(i),
+        );
+    }
+    let t = NOW + 100;
+    let good = code_at(&secret, t).unwrap();
+    let wrong = if good == "000000" { "111111" } else { "000000" };
+    let path = dir.path().join(FILE);
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a str, Option<LoginError>);
+    let cases: [Case; 7] = [
+        (
+            "unknown",
+            "nobody.here",
+            PW,
+            &good,
+            Some(LoginError::UnknownAccount),
+        ),
+        (
+            "wrong password",
+            "clerk.ok",
+            "not the password",
+            &good,
+            Some(LoginError::WrongPassword),
+        ),
+        (
+            "wrong code",
+            "clerk.ok",
+            PW,
+            wrong,
+            Some(LoginError::BadSecondFactor),
+        ),
+        (
+            "no code",
+            "clerk.ok",
+            PW,
+            "",
+            Some(LoginError::BadSecondFactor),
+        ),
+        (
+            "no second factor",
+            "clerk.nofactor",
+            PW,
+            &good,
+            Some(LoginError::NoSecondFactor),
+        ),
+        (
+            "disabled",
+            "clerk.off",
+            PW,
+            &good,
+            Some(LoginError::Disabled),
+        ),
+        ("success", "clerk.ok", PW, &good, None),
+    ];
+    for (what, name, password, code, refused) in cases {
+        let before = inode(&path);
+        let (result, cost) = cost_of(|| s.login(name, password, code, t));
+        assert_eq!(result.err(), refused, "{what}");
+        assert_eq!(cost, (1, 1), "{what}: (Argon2 verifications, saves)");
+        assert_ne!(inode(&path), before, "{what}: the file was not replaced");
+    }
+    let before = inode(&path);
+    let (result, cost) = cost_of(|| s.login("clerk.locked", PW, "000000", t));
+    assert!(
+        matches!(result, Err(LoginError::Locked { .. })),
+        "{result:?}"
+    );
+    assert_eq!(cost, (1, 1), "locked: (Argon2 verifications, saves)");
+    assert_ne!(inode(&path), before, "locked: the file was not replaced");
+}
