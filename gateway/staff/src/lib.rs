@@ -220,8 +220,8 @@ fn argon2() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// The work a login did on this thread (tests only): Argon2 verifications and durable
-/// saves of the accounts file. Every outcome must cost exactly the same.
+// The work a login did on this thread (tests only): Argon2 verifications and durable
+// saves of the accounts file. Every outcome must cost exactly the same.
 #[cfg(test)]
 thread_local! {
     static ARGON2_VERIFICATIONS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
