@@ -80,17 +80,20 @@ class Response:
 
 
 class Kiosk:
-    """One browser-less session against ``https://127.0.0.1:<port>``."""
+    """One browser-less session against ``https://127.0.0.1:<port>``, connecting from
+    ``source`` (another loopback address such as ``127.0.0.2``: the kiosk throttles failed
+    logins per client address) or from the system's choice."""
 
-    def __init__(self, g: gw.Gateway, port: int):
-        self.g, self.port = g, port
+    def __init__(self, g: gw.Gateway, port: int, source: str | None = None):
+        self.g, self.port, self.source = g, port, source
         self.cookie: str | None = None
         cert = g.data_dir / "booking" / "kiosk-cert.pem"
         self.ctx = ssl.create_default_context(cafile=str(cert))
 
     def request(self, method: str, path: str, body: Any = None, headers: dict | None = None,
                 timeout: float = 30.0) -> Response:
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=timeout)
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=timeout,
+                                           source_address=(self.source, 0) if self.source else None)
         h = {"Accept": "application/fhir+json, application/json"}
         if body is not None:
             h["Content-Type"] = "application/json"
@@ -208,8 +211,8 @@ class Region:
             g.start()
         return self
 
-    def kiosk(self, name: str) -> Kiosk:
-        return Kiosk(self.gateways[name], self.ports[name])
+    def kiosk(self, name: str, source: str | None = None) -> Kiosk:
+        return Kiosk(self.gateways[name], self.ports[name], source)
 
     def staff_session(self, name: str, account: str, role: str = "clerk") -> Kiosk:
         secret = add_staff(self.gateways[name], account, role)

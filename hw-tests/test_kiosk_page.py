@@ -14,6 +14,7 @@ The screenshot of the booked page is kept under the test's tmp_path and copied t
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def missing_labels(page: browser.Page, labels: list[tuple[str, str]]) -> list[tu
     return [pair for pair in labels if pair[0] not in text or pair[1] not in text]
 
 JST = dt.timezone(dt.timedelta(hours=9))
+# How the page formats an instant for staff (the browser's own locale and time zone).
+LOCAL_FORMAT = "new Intl.DateTimeFormat(undefined, {dateStyle: 'medium', timeStyle: 'short'})"
 
 
 @pytest.fixture
@@ -159,6 +162,12 @@ def test_a_clerk_logs_in_and_books_an_exam_in_headless_chromium(
     booked = [e["resource"] for e in r.json()["entry"]]
     assert [(a["status"], a["slot"][0]["reference"]) for a in booked] == [("booked", f"Slot/{slot_id}")], booked
     assert any(i["system"] == "urn:gatewayd:accession" for i in booked[0]["identifier"]), booked
+    # Times are shown in the browser's locale and zone (Intl.DateTimeFormat), never raw.
+    start = booked[0]["start"]
+    local = page.evaluate(f"{LOCAL_FORMAT}.format(new Date({json.dumps(start)}))")
+    assert rows[0][1] == local and rows[0][1] != start, (rows, start)
+    # A clerk has no account list.
+    assert page.evaluate("document.getElementById('accounts-view').hidden"), "account list shown to a clerk"
 
     # The Content Security Policy let everything the page needs run: no console error, no
     # uncaught exception, no CSP violation report in the browser log.
@@ -170,3 +179,40 @@ def test_a_clerk_logs_in_and_books_an_exam_in_headless_chromium(
                                                     and p.endswith("/api/me"))]
     assert not problems, "the page logged errors:\n" + "\n".join(problems)
     assert clinic.is_running() and region.core.is_running()
+
+
+def test_an_admin_sees_a_locked_account_with_its_lock_end_in_local_time(
+        tmp_path, gateway_factory, broker, chromium):  # noqa: F811 - broker is the imported fixture
+    region = kiosk.Region(gateway_factory, broker).start()
+    clinic = region.gateways["clinic-a"]
+    port = region.ports["clinic-a"]
+    admin_secret = kiosk.add_staff(clinic, "admin.page", "admin")
+    kiosk.add_staff(clinic, "clerk.locked")
+    # 20 failures from 5 addresses (4 each, below the per-address throttle) lock it.
+    for i in range(20):
+        r = kiosk.Kiosk(clinic, port, f"127.0.0.{10 + i // 4}").login(
+            "clerk.locked", None, password="not the password", code="000000")
+        assert r.status == 401, r
+    listed = json.loads(kiosk.cli(clinic, "users", "list", "--json").stdout)
+    until = next(a for a in listed if a["name"] == "clerk.locked")["locked_until_unix"]
+
+    c = chromium([browser.spki_sha256_b64(clinic.data_dir / "booking" / "kiosk-cert.pem")])
+    page = c.page()
+    for domain in ("Page.enable", "Runtime.enable", "Log.enable"):
+        page.send(domain)
+    page.navigate(f"https://127.0.0.1:{port}/")
+    page.wait_for("!document.getElementById('login-view').hidden", what="the login form")
+    page.type_into("#login-name", "admin.page")
+    page.type_into("#login-password", kiosk.PASSWORD)
+    page.type_into("#login-code", kiosk.totp(admin_secret))
+    page.click("#login-submit")
+    row = page.wait_for(
+        "(() => { const tr = document.querySelector(\"#accounts-table tr[data-account='clerk.locked']\");"
+        " return tr && [...tr.cells].map(td => td.textContent); })()",
+        what="the locked account in the administrator's list")
+    local = page.evaluate(f"{LOCAL_FORMAT}.format(new Date({until} * 1000))")
+    assert "ロック中" in row[2] and "Locked" in row[2], row
+    assert row[3] == local and str(until) not in " ".join(row), (row, until)
+    admin_row = page.evaluate("[...document.querySelector(\"#accounts-table tr[data-account='admin.page']\").cells]"
+                              ".map(td => td.textContent)")
+    assert admin_row[3] == "", admin_row

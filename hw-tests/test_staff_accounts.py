@@ -26,6 +26,8 @@ import kiosk
 PASSWORD = kiosk.PASSWORD
 BUSY = [f"busy.{i}" for i in range(6)]
 CLI_ADDS = 12
+# Failed logins in a row (from any addresses) that lock an account (gateway_staff::MAX_FAILURES).
+LOCK_AFTER = 20
 
 
 def users(g: gw.Gateway, *args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
@@ -69,13 +71,17 @@ def test_accounts_added_by_the_cli_while_the_daemon_writes_are_never_lost(gatewa
 
     def hammer():
         # Wrong passwords: each answer is saved (failure count, then the lockout) before
-        # it is sent; the 5th locks the account, after which its logins write nothing.
-        for _ in range(5):
+        # it is sent; the 20th locks the account. Each client address makes 4 attempts,
+        # below the kiosk's per-address throttle (5), so every attempt reaches the file.
+        attempt = 0
+        for _ in range(LOCK_AFTER):
             for name in BUSY:
                 if stop.is_set():
                     return
-                r = k.login(name, None, password="not the password!", code="000000")
+                source = f"127.0.{10 + attempt // 4 // 250}.{1 + attempt // 4 % 250}"
+                r = kiosk.Kiosk(g, port, source).login(name, None, password="not the password!", code="000000")
                 daemon_writes.append((time.monotonic(), r.status))
+                attempt += 1
 
     t = threading.Thread(target=hammer)
     t.start()
@@ -100,7 +106,7 @@ def test_accounts_added_by_the_cli_while_the_daemon_writes_are_never_lost(gatewa
     accounts = listed(g)
     assert set(added) <= set(accounts), sorted(set(added) - set(accounts))
     assert set(BUSY) <= set(accounts)
-    # The daemon's writes were not lost either: five failures in a row locked each one.
+    # The daemon's writes were not lost either: twenty failures in a row locked each one.
     assert [n for n in BUSY if not accounts[n]["locked"]] == [], accounts
     # The kiosk (admin) sees the same file.
     secret = kiosk.add_staff(g, "admin.1", "admin")

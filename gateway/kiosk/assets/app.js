@@ -14,7 +14,17 @@ async function api(method, path, body) {
   const r = await fetch(path, init);
   let data = null;
   try { data = await r.json(); } catch (_) { data = null; }
-  return { status: r.status, data };
+  return { status: r.status, data, retryAfter: Number(r.headers.get("Retry-After")) || 0 };
+}
+
+// Every time shown to staff is in the browser's own locale and time zone, never raw.
+const dateTime = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
+const timeOnly = new Intl.DateTimeFormat(undefined, { timeStyle: "short" });
+
+// An RFC 3339 instant, or a Date, as local date and time.
+function localTime(value) {
+  const d = value instanceof Date ? value : new Date(value);
+  return Number.isNaN(d.getTime()) ? String(value) : dateTime.format(d);
 }
 
 function problem(data) {
@@ -26,8 +36,30 @@ function show(loggedIn, me) {
   $("booking-view").hidden = !loggedIn;
   $("who").hidden = !loggedIn;
   $("who-name").textContent = loggedIn ? `${me.name} (${me.role})` : "";
+  const admin = loggedIn && me.role === "admin";
+  $("accounts-view").hidden = !admin;
   // Logged in: list the day's free slots at once, which also offers the scanners to pick.
   if (loggedIn) searchSlots();
+  if (admin) listAccounts();
+}
+
+// Administrators: the staff accounts, with when each lock ends (local time).
+async function listAccounts() {
+  const r = await api("GET", "/api/accounts");
+  const body = $("accounts-table").querySelector("tbody");
+  body.replaceChildren();
+  for (const a of (r.status === 200 && r.data) || []) {
+    const state = a.disabled ? "無効 / Disabled" : a.locked ? "ロック中 / Locked" : "有効 / Active";
+    const until = a.locked && a.locked_until_unix ? localTime(new Date(a.locked_until_unix * 1000)) : "";
+    const tr = document.createElement("tr");
+    tr.dataset.account = a.name;
+    for (const text of [a.name, a.role, state, until]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    body.append(tr);
+  }
 }
 
 async function refreshMe() {
@@ -45,6 +77,11 @@ $("login-form").addEventListener("submit", async (e) => {
   if (r.status === 200) {
     $("login-error").hidden = true;
     show(true, r.data);
+  } else if (r.status === 429) {
+    const when = localTime(new Date(Date.now() + Math.max(r.retryAfter, 1) * 1000));
+    $("login-error").textContent = `ログインの失敗が多すぎます。${when} 以降にもう一度お試しください / ` +
+      `Too many failed logins from this device; try again after ${when}`;
+    $("login-error").hidden = false;
   } else {
     $("login-error").textContent = problem(r.data);
     $("login-error").hidden = false;
@@ -103,13 +140,13 @@ async function searchSlots() {
     const b = document.createElement("button");
     b.type = "button";
     b.dataset.slot = s.id;
-    b.textContent = `${s.start.slice(11, 16)} ${s.schedule.reference.replace("Schedule/", "")}`;
+    b.textContent = `${timeOnly.format(new Date(s.start))} ${s.schedule.reference.replace("Schedule/", "")}`;
     b.setAttribute("aria-pressed", "false");
     b.addEventListener("click", () => {
       for (const other of list.querySelectorAll("button")) other.setAttribute("aria-pressed", "false");
       b.setAttribute("aria-pressed", "true");
       selectedSlot = s.id;
-      $("book-slot").textContent = `${s.id} (${s.start})`;
+      $("book-slot").textContent = `${s.id} (${localTime(s.start)})`;
       $("book-submit").disabled = false;
     });
     li.append(b);
@@ -177,7 +214,7 @@ $("list-form").addEventListener("submit", async (e) => {
     const a = entry.resource;
     const acc = (a.identifier || []).find((i) => i.system === "urn:gatewayd:accession");
     const tr = document.createElement("tr");
-    for (const text of [a.slot[0].reference.replace("Slot/", ""), a.start, a.status, acc ? acc.value : ""]) {
+    for (const text of [a.slot[0].reference.replace("Slot/", ""), localTime(a.start), a.status, acc ? acc.value : ""]) {
       const td = document.createElement("td");
       td.textContent = text;
       tr.append(td);

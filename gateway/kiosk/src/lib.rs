@@ -3,9 +3,22 @@
 //!
 //! Routes (described for clients by `GET /openapi.json`):
 //! - `POST /api/login` `{name, password, code}` -> 200 and a session cookie (`Secure`,
-//!   `HttpOnly`, `SameSite=Strict`), or 401 with an OperationOutcome; every attempt is an
-//!   audit record (a failure with its reason code).
-//! - `POST /api/logout`, `GET /api/me`; `GET /api/accounts` for admins only (403 otherwise).
+//!   `HttpOnly`, `SameSite=Strict`), or 401 with one fixed OperationOutcome
+//!   ([`LOGIN_REFUSED`]): an unknown name, a wrong password, a wrong, reused or missing
+//!   code, a locked and a disabled account get byte-identical answers, each after one
+//!   Argon2 verification. Every attempt is an audit record with its real reason
+//!   (`unknown-account`, `wrong-password`, `bad-second-factor`, `locked`, ...).
+//! - Throttling ([`throttle`]): failures are counted per TCP peer address; after
+//!   [`throttle::FAILURES`] in [`throttle::WINDOW_SECS`] that address gets 429 with
+//!   `Retry-After` for every login for [`throttle::BACKOFF_SECS`], without touching any
+//!   account (one audit record per back-off). The account lock
+//!   (`gateway_staff::MAX_FAILURES`) is a second, higher threshold. Serve the kiosk
+//!   through [`Kiosk::service`] (the peer address as `ConnectInfo<PeerAddr>`); without a
+//!   peer address every client shares one bucket (fail closed).
+//! - The page shows every time (a booking's start, an account's lock end) in the browser's
+//!   locale and time zone (`Intl.DateTimeFormat`), never a Unix timestamp.
+//! - `POST /api/logout`, `GET /api/me`; `GET /api/accounts` for admins only (403 otherwise),
+//!   with each account's `locked_until_unix` while it is locked.
 //! - `GET /fhir/Slot?schedule=&status=free&start=ge..&start=lt..` -> a searchset Bundle from
 //!   the [`SlotSource`]; slots served from a cache the core has not refreshed carry the meta
 //!   tag `stale`.
@@ -23,7 +36,8 @@
 //! - `POST /fhir/Appointment/$hold` and `$book` (a FHIR Appointment with a contained
 //!   Patient), `GET /fhir/Appointment?patient=` (each read audited): see [`appointment`].
 //!
-//! Module map: [`session`] (tokens, cookie, expiry), [`tls`] (rustls listener for
+//! Module map: [`session`] (tokens, cookie, expiry), [`throttle`] (per-address login
+//! back-off), [`tls`] (rustls listener for
 //! `axum::serve`, the development self-signed certificate), [`appointment`] (requests,
 //! resources, the [`appointment::BookingBackend`]), `openapi` (the document). The slot and
 //! appointment types and the [`SlotSource`] / [`appointment::BookingBackend`] traits belong
@@ -36,14 +50,16 @@
 pub mod appointment;
 mod openapi;
 pub mod session;
+pub mod throttle;
 pub mod tls;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -56,6 +72,7 @@ use serde_json::{Value, json};
 use tracing::warn;
 
 use session::{Sessions, Staffer};
+use throttle::Throttle;
 
 pub use gateway_booking::backend::{SlotAnswer, SlotQuery, SlotSource, SlotView};
 
@@ -65,6 +82,7 @@ pub struct Kiosk {
     staff: Arc<Staff>,
     audit: Arc<AuditLog>,
     sessions: Arc<Sessions>,
+    throttle: Arc<Throttle>,
     slots: Arc<dyn SlotSource>,
     booking: Arc<dyn appointment::BookingBackend>,
 }
@@ -80,9 +98,20 @@ impl Kiosk {
             staff,
             audit,
             sessions: Arc::new(Sessions::default()),
+            throttle: Arc::new(Throttle::default()),
             slots,
             booking,
         }
+    }
+
+    /// What `axum::serve` runs on a [`tls::TlsListener`]: the [`Kiosk::router`] with each
+    /// connection's TCP peer address (`ConnectInfo<PeerAddr>`), which the login throttle
+    /// counts by.
+    pub fn service(
+        self,
+    ) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, PeerAddr> {
+        self.router()
+            .into_make_service_with_connect_info::<PeerAddr>()
     }
 
     /// The routes, with security headers on every response.
@@ -297,8 +326,67 @@ fn json_body<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).ok()
 }
 
+/// The one answer to every refused login, whatever the reason (the audit trail has it).
+pub const LOGIN_REFUSED: &str = "login refused: check the name, the password and the one-time code";
+
+/// The TCP peer address of a kiosk connection, as `ConnectInfo` (see [`Kiosk::service`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+/// The TCP peer of a request (`ConnectInfo`, set by the server). Without one, every such
+/// request shares the unspecified address: throttling then fails closed, for all.
+#[derive(Debug, Clone, Copy)]
+struct Peer(IpAddr);
+
+impl FromRequestParts<Kiosk> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &Kiosk) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<PeerAddr>>()
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.0.ip()),
+        ))
+    }
+}
+
+/// The audit reason code of a refused login.
+fn refusal_code(e: &LoginError) -> &'static str {
+    match e {
+        LoginError::UnknownAccount => "unknown-account",
+        LoginError::WrongPassword => "wrong-password",
+        LoginError::BadSecondFactor => "bad-second-factor",
+        LoginError::NoSecondFactor => "no-second-factor",
+        LoginError::Locked { .. } => "locked",
+        LoginError::Disabled => "disabled",
+        LoginError::Storage(_) => "storage",
+    }
+}
+
+fn throttled(retry_after_secs: u64) -> Response {
+    let mut r = outcome(
+        StatusCode::TOO_MANY_REQUESTS,
+        "throttled",
+        "too many failed logins from this device; wait and try again",
+    );
+    if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
 async fn login(
     State(kiosk): State<Kiosk>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -309,6 +397,9 @@ async fn login(
             "send JSON {\"name\", \"password\", \"code\"}",
         );
     };
+    if let Err(retry_after) = kiosk.throttle.check(peer, now_unix()) {
+        return throttled(retry_after);
+    }
     let staff = Arc::clone(&kiosk.staff);
     let name = body.name.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -338,33 +429,39 @@ async fn login(
             }
             r
         }
+        Err(LoginError::Storage(detail)) => {
+            warn!(error = %detail, "a login could not be checked or recorded");
+            kiosk
+                .record("kiosk", Action::Login, Outcome::Failure, Some("storage"))
+                .await;
+            outcome(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "login is unavailable; try again",
+            )
+        }
         Err(e) => {
-            let code = match &e {
-                LoginError::BadCredentials => "bad-credentials",
-                LoginError::BadSecondFactor => "bad-second-factor",
-                LoginError::NoSecondFactor => "no-second-factor",
-                LoginError::Locked { .. } => "locked",
-                LoginError::Disabled => "disabled",
-                LoginError::Storage(_) => "storage",
-            };
             // Unknown names are recorded under a fixed actor: a typo may be a patient's name.
-            let known = kiosk
-                .accounts(0)
-                .await
-                .is_ok_and(|all| all.iter().any(|a| a.name == name));
-            let actor = if known {
-                name.as_str()
-            } else {
-                "unknown-account"
+            let actor = match &e {
+                LoginError::UnknownAccount => "unknown-account",
+                _ => name.as_str(),
             };
             kiosk
-                .record(actor, Action::Login, Outcome::Failure, Some(code))
+                .record(
+                    actor,
+                    Action::Login,
+                    Outcome::Failure,
+                    Some(refusal_code(&e)),
+                )
                 .await;
-            let status = match e {
-                LoginError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::UNAUTHORIZED,
-            };
-            outcome(status, "login", &e.to_string())
+            if let Some(until) = kiosk.throttle.failure(peer, now_unix()) {
+                // One record per address and back-off; the address is a device's, not PHI.
+                let detail = format!("address {peer} throttled until {until}");
+                kiosk
+                    .record("kiosk", Action::Login, Outcome::Failure, Some(&detail))
+                    .await;
+            }
+            outcome(StatusCode::UNAUTHORIZED, "login", LOGIN_REFUSED)
         }
     }
 }

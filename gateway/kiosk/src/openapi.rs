@@ -102,7 +102,8 @@ pub fn document() -> Value {
                 "responses": {
                     "200": {"description": "Logged in; Set-Cookie carries the session", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Me"}}}},
                     "400": outcome_response("Not a login request"),
-                    "401": outcome_response("Refused: wrong password or code, no second factor, locked or disabled"),
+                    "401": outcome_response("Refused, with one answer whatever the reason (unknown name, wrong password or code, no second factor, locked or disabled); the audit trail has the reason"),
+                    "429": outcome_response("Too many failed logins from this address; Retry-After says when to try again"),
                     "503": outcome_response("The account store or the session randomness failed; try again")
                 }
             }},

@@ -12,6 +12,26 @@ use sha2::Digest as _;
 use tower::ServiceExt as _;
 
 const PW: &str = "correct horse battery";
+/// The peer `10.0.0.<n>` requests come from unless a test names another.
+const DEFAULT_PEER: u8 = 1;
+
+fn peer(n: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, n], 40_000))
+}
+
+/// The `detail` of each audit record.
+fn details(audit: &AuditLog) -> Vec<String> {
+    audit
+        .records()
+        .unwrap()
+        .iter()
+        .filter_map(|r| {
+            serde_json::to_value(r).unwrap()["detail"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
 
 #[derive(Debug)]
 struct FixedSlots(bool);
@@ -145,6 +165,7 @@ impl appointment::BookingBackend for FakeCore {
 struct Fixture {
     _dir: tempfile::TempDir,
     app: Router,
+    staff: Arc<Staff>,
     core: Arc<FakeCore>,
     audit: Arc<AuditLog>,
     secrets: Vec<(String, String)>,
@@ -163,8 +184,9 @@ fn fixture(stale: bool) -> Fixture {
     let audit =
         Arc::new(AuditLog::open(&dir.path().join("audit"), AuditKey::derive(&[3; 32])).unwrap());
     let core = Arc::new(FakeCore::default());
+    let staff = Arc::new(staff);
     let app = Kiosk::new(
-        Arc::new(staff),
+        Arc::clone(&staff),
         Arc::clone(&audit),
         Arc::new(FixedSlots(stale)),
         Arc::clone(&core) as Arc<dyn appointment::BookingBackend>,
@@ -173,6 +195,7 @@ fn fixture(stale: bool) -> Fixture {
     Fixture {
         _dir: dir,
         app,
+        staff,
         core,
         audit,
         secrets,
@@ -185,11 +208,51 @@ impl Fixture {
         gateway_staff::code_at(secret, now_unix()).unwrap()
     }
 
-    async fn send(&self, req: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+    /// Sends `req` as a TCP peer at [`DEFAULT_PEER`] unless it names its own peer.
+    async fn send_raw(&self, mut req: Request<Body>) -> (StatusCode, HeaderMap, Bytes) {
+        if req.extensions().get::<ConnectInfo<PeerAddr>>().is_none() {
+            req.extensions_mut()
+                .insert(ConnectInfo(PeerAddr(peer(DEFAULT_PEER))));
+        }
         let r = self.app.clone().oneshot(req).await.unwrap();
         let status = r.status();
         let headers = r.headers().clone();
         let bytes = r.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, bytes)
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+        let (status, headers, bytes) = self.send_raw(req).await;
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    /// A login from the TCP peer `10.0.0.<from>`, answered as raw bytes.
+    async fn login_raw(
+        &self,
+        from: u8,
+        name: &str,
+        password: &str,
+        code: &str,
+    ) -> (StatusCode, HeaderMap, Bytes) {
+        let body = json!({"name": name, "password": password, "code": code}).to_string();
+        let mut req = Request::post("/api/login")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(PeerAddr(peer(from))));
+        self.send_raw(req).await
+    }
+
+    async fn login_from(
+        &self,
+        from: u8,
+        name: &str,
+        password: &str,
+        code: &str,
+    ) -> (StatusCode, HeaderMap, Value) {
+        let (status, headers, bytes) = self.login_raw(from, name, password, code).await;
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status, headers, body)
     }
@@ -200,14 +263,25 @@ impl Fixture {
         password: &str,
         code: &str,
     ) -> (StatusCode, HeaderMap, Value) {
-        let body = json!({"name": name, "password": password, "code": code}).to_string();
-        self.send(
-            Request::post("/api/login")
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body))
-                .unwrap(),
-        )
-        .await
+        self.login_from(DEFAULT_PEER, name, password, code).await
+    }
+
+    /// `count` wrong passwords for `name` from `10.0.0.<first>` on, one address fewer than
+    /// the throttle's limit each (so none is throttled); returns the next unused address.
+    async fn fail_spread(&self, name: &str, first: u8, count: u32) -> u8 {
+        let mut from = first;
+        let mut left = count;
+        while left > 0 {
+            for _ in 0..(throttle::FAILURES - 1).min(left) {
+                let (s, _, _) = self
+                    .login_from(from, name, "not the password", "000000")
+                    .await;
+                assert_eq!(s, StatusCode::UNAUTHORIZED);
+                left -= 1;
+            }
+            from += 1;
+        }
+        from
     }
 
     async fn get(&self, path: &str, cookie: Option<&str>) -> (StatusCode, HeaderMap, Value) {
@@ -254,47 +328,22 @@ async fn both_factors_give_a_secure_session_cookie() {
 }
 
 #[tokio::test]
-async fn missing_wrong_and_reused_codes_and_lockout_are_refused_and_audited() {
+async fn missing_wrong_and_reused_codes_are_refused_and_audited_by_reason() {
     let f = fixture(false);
     let code = f.code("clerk.sato");
-    let (s, _, b) = f.login("clerk.sato", PW, "").await;
+    let (s, _, b) = f.login_from(2, "clerk.sato", PW, "").await;
     assert_eq!((s, issue_code(&b)), (StatusCode::UNAUTHORIZED, "login"));
     let wrong = if code == "000000" { "111111" } else { "000000" };
-    let (s, _, b) = f.login("clerk.sato", PW, wrong).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert!(
-        b["issue"][0]["diagnostics"]
-            .as_str()
-            .unwrap()
-            .contains("one-time code"),
-        "{b}"
-    );
-    let (s, _, b) = f.login("no.totp", PW, &code).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert!(
-        b["issue"][0]["diagnostics"]
-            .as_str()
-            .unwrap()
-            .contains("no second factor")
-    );
-    let (s, _, _) = f.login("clerk.sato", PW, &code).await;
+    let (s, _, b) = f.login_from(2, "clerk.sato", PW, wrong).await;
+    assert_eq!((s, issue_code(&b)), (StatusCode::UNAUTHORIZED, "login"));
+    let (s, _, b) = f.login_from(2, "no.totp", PW, &code).await;
+    assert_eq!((s, issue_code(&b)), (StatusCode::UNAUTHORIZED, "login"));
+    let (s, _, _) = f.login_from(3, "clerk.sato", PW, &code).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _, _) = f.login("clerk.sato", PW, &code).await;
+    let (s, _, _) = f.login_from(3, "clerk.sato", PW, &code).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "a code works once");
-    for _ in 0..5 {
-        f.login("clerk.sato", "not the password", &code).await;
-    }
-    let (s, _, b) = f.login("clerk.sato", PW, &f.code("clerk.sato")).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert!(
-        b["issue"][0]["diagnostics"]
-            .as_str()
-            .unwrap()
-            .contains("locked"),
-        "{b}"
-    );
     // Unknown names are audited under a fixed actor, never as typed.
-    f.login("ZZTEST TARO", PW, &code).await;
+    f.login_from(3, "ZZTEST TARO", PW, &code).await;
     let records = f.audit.records().unwrap();
     assert!(records.iter().all(|r| r.action() == Action::Login));
     assert_eq!(
@@ -306,7 +355,151 @@ async fn missing_wrong_and_reused_codes_and_lockout_are_refused_and_audited() {
     );
     assert!(records.iter().any(|r| r.actor() == "unknown-account"));
     assert!(!records.iter().any(|r| r.actor().contains("ZZTEST")));
-    assert!(records.len() >= 10);
+    assert_eq!(records.len(), 6);
+    let details = details(&f.audit);
+    assert_eq!(
+        details,
+        [
+            "bad-second-factor",
+            "bad-second-factor",
+            "no-second-factor",
+            "bad-second-factor",
+            "unknown-account"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn unknown_wrong_password_wrong_code_locked_and_disabled_answer_the_same_bytes() {
+    let f = fixture(false);
+    f.staff.add("gone.abe", Role::Clerk, PW).unwrap();
+    f.staff.enroll_totp("gone.abe", "test").unwrap();
+    f.staff.disable("gone.abe").unwrap();
+    // Lock admin.ito from many addresses, none of which reaches its own throttle.
+    f.fail_spread("admin.ito", 100, gateway_staff::MAX_FAILURES)
+        .await;
+    let clerk_code = f.code("clerk.sato");
+    let wrong = if clerk_code == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let answers = [
+        f.login_raw(10, "nobody.here", PW, &clerk_code).await,
+        f.login_raw(11, "clerk.sato", "not the password", &clerk_code)
+            .await,
+        f.login_raw(12, "clerk.sato", PW, wrong).await,
+        f.login_raw(13, "clerk.sato", PW, "").await,
+        f.login_raw(14, "admin.ito", PW, &f.code("admin.ito")).await,
+        f.login_raw(15, "gone.abe", PW, "123456").await,
+        f.login_raw(16, "no.totp", PW, "123456").await,
+    ];
+    let (status, headers, body) = &answers[0];
+    assert_eq!(*status, StatusCode::UNAUTHORIZED);
+    assert!(String::from_utf8_lossy(body).contains(LOGIN_REFUSED));
+    for (i, (s, h, b)) in answers.iter().enumerate() {
+        assert_eq!((s, h, b), (status, headers, body), "answer {i} differs");
+    }
+    let details = details(&f.audit);
+    let tail = &details[details.len() - answers.len()..];
+    assert_eq!(
+        tail,
+        [
+            "unknown-account",
+            "wrong-password",
+            "bad-second-factor",
+            "bad-second-factor",
+            "locked",
+            "disabled",
+            "no-second-factor"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn one_address_is_throttled_before_any_account_locks() {
+    let f = fixture(false);
+    let (a, b, c) = (20, 21, 22);
+    for i in 0..throttle::FAILURES {
+        let (s, h, _) = f
+            .login_from(a, "clerk.sato", "not the password", "000000")
+            .await;
+        assert_eq!(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "failure {i} is refused, not throttled"
+        );
+        assert!(h.get(header::RETRY_AFTER).is_none());
+    }
+    // Now even the right credentials from A are throttled, and no account is touched.
+    for _ in 0..3 {
+        let (s, h, body) = f
+            .login_from(a, "clerk.sato", PW, &f.code("clerk.sato"))
+            .await;
+        assert_eq!(
+            (s, issue_code(&body)),
+            (StatusCode::TOO_MANY_REQUESTS, "throttled")
+        );
+        let retry: u64 = h[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+        assert!((1..=throttle::BACKOFF_SECS).contains(&retry), "{retry}");
+    }
+    let (s, _, _) = f
+        .login_from(b, "clerk.sato", PW, &f.code("clerk.sato"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "another address still logs in");
+    let admin = f.login_from(c, "admin.ito", PW, &f.code("admin.ito")).await;
+    assert_eq!(admin.0, StatusCode::OK);
+    let cookie = admin.1[header::SET_COOKIE].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap();
+    let (s, _, list) = f.get("/api/accounts", Some(cookie)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["locked"] == false),
+        "{list}"
+    );
+    // One audit record for the back-off, however many attempts it refused.
+    let throttled: Vec<String> = details(&f.audit)
+        .into_iter()
+        .filter(|d| d.contains("throttled"))
+        .collect();
+    assert_eq!(throttled.len(), 1, "{throttled:?}");
+    assert!(throttled[0].contains("10.0.0.20"), "{throttled:?}");
+}
+
+#[tokio::test]
+async fn the_account_locks_only_past_its_own_threshold_and_admins_see_until_when() {
+    let f = fixture(false);
+    let admin = f.session("admin.ito").await;
+    let locked_of = |list: &Value| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "clerk.sato")
+            .unwrap()
+            .clone()
+    };
+    let from = f
+        .fail_spread("clerk.sato", 30, gateway_staff::MAX_FAILURES - 1)
+        .await;
+    let (_, _, list) = f.get("/api/accounts", Some(&admin)).await;
+    assert_eq!(locked_of(&list)["locked"], false, "one failure short");
+    let (s, _, _) = f
+        .login_from(from, "clerk.sato", "not the password", "000000")
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let from = from + 1;
+    let (_, _, list) = f.get("/api/accounts", Some(&admin)).await;
+    let clerk = locked_of(&list);
+    assert_eq!(clerk["locked"], true, "{clerk}");
+    let until = clerk["locked_until_unix"].as_u64().unwrap();
+    assert!(until > now_unix() && until <= now_unix() + gateway_staff::LOCKOUT_SECS);
+    let (s, _, _) = f
+        .login_from(from, "clerk.sato", PW, &f.code("clerk.sato"))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "locked, whoever asks");
 }
 
 #[tokio::test]
@@ -969,4 +1162,39 @@ async fn a_slow_audit_append_does_not_stall_other_requests_and_precedes_its_answ
     let records = f.audit.records().unwrap();
     assert_eq!(records.len(), before + 1);
     assert_eq!(records.last().unwrap().action(), Action::Logout);
+}
+
+/// Accepted kiosk connections have Nagle off: with it, a small write that followed one the
+/// client had not acknowledged yet waited for its delayed ACK (up to 40 ms): login answers
+/// took 18 ms or 44 ms at random, whatever their outcome.
+#[tokio::test]
+async fn accepted_connections_send_without_nagle_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = tls::development_certificate(dir.path(), &["localhost".into()]).unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut listener =
+        tls::TlsListener::new(tcp, tls::server_config(&cert, &key).unwrap()).unwrap();
+    let addr = axum::serve::Listener::local_addr(&listener).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject as _;
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&cert) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let client = tokio::spawn(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        connector.connect(name, tcp).await.unwrap()
+    });
+    let (stream, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        axum::serve::Listener::accept(&mut listener),
+    )
+    .await
+    .unwrap();
+    assert!(stream.get_ref().0.nodelay().unwrap(), "TCP_NODELAY is off");
+    drop(client.await.unwrap());
 }

@@ -7,9 +7,13 @@
 //!   clock skew). Its 160-bit secret is stored sealed with AES-256-GCM under a key derived
 //!   from the spool master key ([`StaffKey::new`], `KeyPurpose::StaffTotp`), bound to the
 //!   account name; a code is accepted once (a replay within its validity window is refused).
-//! - [`MAX_FAILURES`] failed logins in a row lock the account for [`LOCKOUT_SECS`]; a
-//!   success resets the count. An unknown name costs the same Argon2 work as a known one
-//!   and gets the same answer as a wrong password.
+//! - [`MAX_FAILURES`] failed logins in a row (from any addresses) lock the account for
+//!   [`LOCKOUT_SECS`]; a success resets the count. This is the second line of defence: the
+//!   kiosk throttles each client address after far fewer failures, so one address alone can
+//!   never lock an account. Every outcome (unknown name, wrong password, wrong code, locked,
+//!   disabled) costs exactly one Argon2 verification, so a caller that answers them all
+//!   alike leaks nothing through timing either; [`LoginError`] still tells them apart for the
+//!   audit trail.
 //! - State is one JSON file, `<data_dir>/staff/accounts.json`, replaced atomically and
 //!   durably on every change (including each failed attempt, so a restart does not lift a
 //!   lockout).
@@ -42,8 +46,9 @@ const FILE: &str = "accounts.json";
 const LOCK_FILE: &str = "accounts.lock";
 /// Shortest password accepted.
 pub const MIN_PASSWORD_CHARS: usize = 12;
-/// Failed logins in a row that lock an account.
-pub const MAX_FAILURES: u32 = 5;
+/// Failed logins in a row, from any addresses, that lock an account. Well above the
+/// kiosk's per-address throttle, so one address is throttled long before it could lock.
+pub const MAX_FAILURES: u32 = 20;
 /// How long a lockout lasts.
 pub const LOCKOUT_SECS: u64 = 15 * 60;
 const STEP: u64 = 30;
@@ -133,6 +138,9 @@ pub struct AccountInfo {
     pub totp_enrolled: bool,
     pub disabled: bool,
     pub locked: bool,
+    /// When the lock ends (Unix seconds), while the account is locked (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_until_unix: Option<u64>,
 }
 
 /// A second factor to hand to the staff member once (shown as text or a QR code).
@@ -170,16 +178,19 @@ pub enum StaffError {
     Crypto(String),
 }
 
-/// Why a login was refused; the text is what the kiosk may show.
+/// Why a login was refused: the real reason, for the audit trail and the local log. A
+/// client must not be told which one it was (see the kiosk's single refusal answer).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoginError {
-    #[error("unknown account or wrong password")]
-    BadCredentials,
+    #[error("unknown account")]
+    UnknownAccount,
+    #[error("wrong password")]
+    WrongPassword,
     #[error("wrong or reused one-time code")]
     BadSecondFactor,
-    #[error("this account has no second factor enrolled yet; ask an administrator")]
+    #[error("this account has no second factor enrolled yet")]
     NoSecondFactor,
-    #[error("account locked after repeated failures; try again after {until_unix} (Unix time)")]
+    #[error("account locked after repeated failures")]
     Locked { until_unix: u64 },
     #[error("account disabled")]
     Disabled,
@@ -209,7 +220,17 @@ fn argon2() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// A hash to verify against when the name is unknown, so that both cost the same.
+// The work a login did on this thread (tests only): Argon2 verifications and durable
+// saves of the accounts file. Every outcome must cost exactly the same.
+#[cfg(test)]
+thread_local! {
+    static ARGON2_VERIFICATIONS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    static SAVES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// A hash to verify against when the name is unknown, so that both cost the same. Made
+/// with the same parameters as every account's ([`argon2`]); [`Staff::open`] makes it, so
+/// that the first unknown name after a start does not pay for it.
 fn decoy_hash() -> &'static str {
     static DECOY: OnceLock<String> = OnceLock::new();
     DECOY.get_or_init(|| hash_password("decoy password that never matches").unwrap_or_default())
@@ -227,7 +248,11 @@ fn hash_password(password: &str) -> Result<String, StaffError> {
 
 fn password_matches(phc: &str, password: &str) -> bool {
     PasswordHash::new(phc)
-        .map(|h| argon2().verify_password(password.as_bytes(), &h).is_ok())
+        .map(|h| {
+            #[cfg(test)]
+            ARGON2_VERIFICATIONS.with(|n| n.set(n.get() + 1));
+            argon2().verify_password(password.as_bytes(), &h).is_ok()
+        })
         .unwrap_or(false)
 }
 
@@ -263,6 +288,7 @@ impl Staff {
             lock_wait: durable::DEFAULT_LOCK_WAIT,
         };
         staff.parse(durable::read_if_exists(&staff.path)?)?;
+        let _ = decoy_hash();
         Ok(staff)
     }
 
@@ -292,12 +318,16 @@ impl Staff {
         Ok((locked, file))
     }
 
+    /// Replaces the file durably, even when nothing changed: [`Staff::login`] relies on
+    /// every outcome paying for the same write and fsyncs.
     fn save(&self, locked: &LockedFile, file: &File) -> Result<(), StaffError> {
         let bytes = serde_json::to_vec_pretty(file).map_err(|e| StaffError::Corrupt {
             path: self.path.clone(),
             detail: e.to_string(),
         })?;
         locked.replace(&bytes)?;
+        #[cfg(test)]
+        SAVES.with(|n| n.set(n.get() + 1));
         Ok(())
     }
 
@@ -381,12 +411,16 @@ impl Staff {
         Ok(file
             .accounts
             .iter()
-            .map(|a| AccountInfo {
-                name: a.name.clone(),
-                role: a.role,
-                totp_enrolled: a.totp_sealed.is_some(),
-                disabled: a.disabled,
-                locked: a.locked_until_unix.is_some_and(|t| t > now_unix),
+            .map(|a| {
+                let locked_until_unix = a.locked_until_unix.filter(|t| *t > now_unix);
+                AccountInfo {
+                    name: a.name.clone(),
+                    role: a.role,
+                    totp_enrolled: a.totp_sealed.is_some(),
+                    disabled: a.disabled,
+                    locked: locked_until_unix.is_some(),
+                    locked_until_unix,
+                }
             })
             .collect())
     }
@@ -410,10 +444,12 @@ impl Staff {
             .map(Zeroizing::new)
     }
 
-    /// Checks both factors at `now_unix`. Every outcome for an existing account is saved
-    /// (failure count, lockout, last accepted TOTP step) before it is returned; if it cannot
-    /// be (the lock is not free, the file cannot be read, parsed or written), the answer is
-    /// [`LoginError::Storage`], never a login.
+    /// Checks both factors at `now_unix`. Every path costs one Argon2 verification (an
+    /// unknown name against a decoy hash, a locked or disabled account against its own) and
+    /// one save of the file, so that the outcomes cannot be told apart by time. Every
+    /// outcome is saved (failure count, lockout, last accepted TOTP step) before it is
+    /// returned; if it cannot be (the lock is not free, the file cannot be read, parsed
+    /// or written), the answer is [`LoginError::Storage`], never a login.
     pub fn login(
         &self,
         name: &str,
@@ -424,19 +460,37 @@ impl Staff {
         let (locked, mut file) = self
             .lock()
             .map_err(|e| LoginError::Storage(e.to_string()))?;
-        let Some(index) = file.accounts.iter().position(|a| a.name == name) else {
-            let _ = password_matches(decoy_hash(), password);
-            return Err(LoginError::BadCredentials);
+        let result = match file.accounts.iter_mut().find(|a| a.name == name) {
+            None => {
+                let _ = password_matches(decoy_hash(), password);
+                Err(LoginError::UnknownAccount)
+            }
+            Some(account) => self.check(account, password, code, now_unix),
         };
-        let account = &file.accounts[index];
+        // Saved on every path, changed or not, so that no outcome skips the write's cost.
+        self.save(&locked, &file)
+            .map_err(|e| LoginError::Storage(e.to_string()))?;
+        result
+    }
+
+    /// One login attempt against `account`, updating its failure count, lock and last
+    /// accepted TOTP step; exactly one Argon2 verification whatever the outcome.
+    fn check(
+        &self,
+        account: &mut Account,
+        password: &str,
+        code: &str,
+        now_unix: u64,
+    ) -> Result<LoggedIn, LoginError> {
+        let password_ok = password_matches(&account.password, password);
         if let Some(until) = account.locked_until_unix.filter(|t| *t > now_unix) {
             return Err(LoginError::Locked { until_unix: until });
         }
         if account.disabled {
             return Err(LoginError::Disabled);
         }
-        let outcome = if !password_matches(&account.password, password) {
-            Err(LoginError::BadCredentials)
+        let outcome = if !password_ok {
+            Err(LoginError::WrongPassword)
         } else {
             match self.open_secret(account) {
                 None if account.totp_sealed.is_none() => Err(LoginError::NoSecondFactor),
@@ -447,8 +501,7 @@ impl Staff {
                 },
             }
         };
-        let account = &mut file.accounts[index];
-        let result = match outcome {
+        match outcome {
             Ok(step) => {
                 account.failures = 0;
                 account.locked_until_unix = None;
@@ -459,17 +512,14 @@ impl Staff {
                 })
             }
             Err(e) => {
-                account.failures += 1;
+                account.failures = account.failures.saturating_add(1);
                 if account.failures >= MAX_FAILURES {
                     account.failures = 0;
-                    account.locked_until_unix = Some(now_unix + LOCKOUT_SECS);
+                    account.locked_until_unix = Some(now_unix.saturating_add(LOCKOUT_SECS));
                 }
                 Err(e)
             }
-        };
-        self.save(&locked, &file)
-            .map_err(|e| LoginError::Storage(e.to_string()))?;
-        result
+        }
     }
 }
 

@@ -79,11 +79,11 @@ fn wrong_password_unknown_name_and_missing_factor_are_refused() {
     let code = code_at(&secret, NOW).unwrap();
     assert_eq!(
         s.login("dr.ito", "wrong password!!", &code, NOW),
-        Err(LoginError::BadCredentials)
+        Err(LoginError::WrongPassword)
     );
     assert_eq!(
         s.login("nobody", PW, &code, NOW),
-        Err(LoginError::BadCredentials)
+        Err(LoginError::UnknownAccount)
     );
     assert_eq!(
         s.login("dr.ito", PW, "12345", NOW),
@@ -103,7 +103,7 @@ fn wrong_password_unknown_name_and_missing_factor_are_refused() {
 }
 
 #[test]
-fn five_failures_lock_the_account_across_a_restart() {
+fn max_failures_lock_the_account_across_a_restart_and_the_lock_time_is_listed() {
     let dir = tempfile::tempdir().unwrap();
     let (s, secret) = enrolled(dir.path(), "clerk.kato");
     for i in 0..MAX_FAILURES {
@@ -114,19 +114,29 @@ fn five_failures_lock_the_account_across_a_restart() {
                 "000000",
                 NOW + u64::from(i)
             ),
-            Err(LoginError::BadCredentials)
+            Err(LoginError::WrongPassword)
         );
     }
     let code = code_at(&secret, NOW + 10).unwrap();
     let locked = Err(LoginError::Locked {
-        until_unix: NOW + 4 + LOCKOUT_SECS,
+        until_unix: NOW + u64::from(MAX_FAILURES - 1) + LOCKOUT_SECS,
     });
     assert_eq!(s.login("clerk.kato", PW, &code, NOW + 10), locked);
     drop(s);
     let s = staff(dir.path());
     assert_eq!(s.login("clerk.kato", PW, &code, NOW + 10), locked);
-    assert!(s.accounts(NOW + 10).unwrap()[0].locked);
-    let t = NOW + 5 + LOCKOUT_SECS;
+    let info = &s.accounts(NOW + 10).unwrap()[0];
+    assert!(info.locked);
+    assert_eq!(
+        info.locked_until_unix,
+        Some(NOW + u64::from(MAX_FAILURES - 1) + LOCKOUT_SECS)
+    );
+    // Even the right password costs its Argon2 work while locked and is refused alike.
+    assert_eq!(
+        s.login("clerk.kato", "not the password", &code, NOW + 10),
+        locked
+    );
+    let t = NOW + u64::from(MAX_FAILURES) + LOCKOUT_SECS;
     let code = code_at(&secret, t).unwrap();
     assert!(
         s.login("clerk.kato", PW, &code, t).is_ok(),
@@ -207,4 +217,105 @@ fn an_account_added_by_another_handle_is_seen_and_kept() {
     assert_eq!(names, ["clerk.a", "clerk.b"]);
     daemon.disable("clerk.a").unwrap();
     assert!(cli.accounts(0).unwrap()[0].disabled);
+}
+
+/// Argon2 verifications and durable saves that `f` did on this thread.
+fn cost_of<T>(f: impl FnOnce() -> T) -> (T, (u32, u32)) {
+    let before = (ARGON2_VERIFICATIONS.get(), SAVES.get());
+    let out = f();
+    let after = (ARGON2_VERIFICATIONS.get(), SAVES.get());
+    (out, (after.0 - before.0, after.1 - before.1))
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+/// The structural timing pin: every outcome of a login, refused or not, costs exactly one
+/// Argon2 verification and one durable replacement of the accounts file (a new inode under
+/// its name), so no refusal can be told from another, or from a success, by its cost.
+#[test]
+fn every_login_outcome_costs_one_argon2_verification_and_one_durable_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, secret) = enrolled(dir.path(), "clerk.ok");
+    s.add("clerk.nofactor", Role::Clerk, PW).unwrap();
+    s.add("clerk.locked", Role::Clerk, PW).unwrap();
+    s.enroll_totp("clerk.locked", "Clinic GW").unwrap();
+    s.add("clerk.off", Role::Clerk, PW).unwrap();
+    s.enroll_totp("clerk.off", "Clinic GW").unwrap();
+    s.disable("clerk.off").unwrap();
+    for i in 0..MAX_FAILURES {
+        let _ = s.login(
+            "clerk.locked",
+            "not the password",
+            "000000",
+            NOW + u64::from(i),
+        );
+    }
+    let t = NOW + 100;
+    let good = code_at(&secret, t).unwrap();
+    let wrong = if good == "000000" { "111111" } else { "000000" };
+    let path = dir.path().join(FILE);
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a str, Option<LoginError>);
+    let cases: [Case; 7] = [
+        (
+            "unknown",
+            "nobody.here",
+            PW,
+            &good,
+            Some(LoginError::UnknownAccount),
+        ),
+        (
+            "wrong password",
+            "clerk.ok",
+            "not the password",
+            &good,
+            Some(LoginError::WrongPassword),
+        ),
+        (
+            "wrong code",
+            "clerk.ok",
+            PW,
+            wrong,
+            Some(LoginError::BadSecondFactor),
+        ),
+        (
+            "no code",
+            "clerk.ok",
+            PW,
+            "",
+            Some(LoginError::BadSecondFactor),
+        ),
+        (
+            "no second factor",
+            "clerk.nofactor",
+            PW,
+            &good,
+            Some(LoginError::NoSecondFactor),
+        ),
+        (
+            "disabled",
+            "clerk.off",
+            PW,
+            &good,
+            Some(LoginError::Disabled),
+        ),
+        ("success", "clerk.ok", PW, &good, None),
+    ];
+    for (what, name, password, code, refused) in cases {
+        let before = inode(&path);
+        let (result, cost) = cost_of(|| s.login(name, password, code, t));
+        assert_eq!(result.err(), refused, "{what}");
+        assert_eq!(cost, (1, 1), "{what}: (Argon2 verifications, saves)");
+        assert_ne!(inode(&path), before, "{what}: the file was not replaced");
+    }
+    let before = inode(&path);
+    let (result, cost) = cost_of(|| s.login("clerk.locked", PW, "000000", t));
+    assert!(
+        matches!(result, Err(LoginError::Locked { .. })),
+        "{result:?}"
+    );
+    assert_eq!(cost, (1, 1), "locked: (Argon2 verifications, saves)");
+    assert_ne!(inode(&path), before, "locked: the file was not replaced");
 }
