@@ -43,36 +43,10 @@ pub fn main(args: &RunArgs) -> ExitCode {
     if config.path().is_none() {
         info!("no --config given: running the embedded development default");
     }
-    let mut settings = match config.load() {
+    let mut settings = match first_settings(&mut config) {
         Ok(s) => s,
-        Err(problems) if config.is_trying_update() => {
-            error!(error = %problems, "the configuration being tried does not load: restoring the previous one");
-            match config.start_failed(problems.to_string()) {
-                Ok(s) => s,
-                Err(e) => {
-                    error!("{e}");
-                    eprintln!("gatewayd: {e}");
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        Err(problems) => {
-            for p in &problems.problems {
-                eprintln!("{p}");
-            }
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    // What this build cannot serve (a back end compiled out) is refused like a config
-    // problem, before anything is created on disk.
-    let unavailable = ops::build_problems(&settings);
-    if !unavailable.is_empty() {
-        for p in &unavailable {
-            error!("{p}");
-            eprintln!("{p}");
-        }
-        return ExitCode::from(2);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,6 +96,45 @@ pub fn main(args: &RunArgs) -> ExitCode {
             }
         };
     }
+}
+
+/// The settings of the first start. What does not load, or what this build cannot serve (a
+/// back end compiled out), is refused like a config problem before anything is created on
+/// disk; while an update interrupted by a power cut or crash is tried, it is rolled back
+/// instead and the previous file is checked the same way.
+fn first_settings(config: &mut ConfigFile) -> Result<Settings, ExitCode> {
+    // (problems, whether to log them too: a build problem is logged, a config file problem
+    // only printed, as `check-config` does)
+    let (problems, log): (Vec<String>, bool) = match config.load() {
+        Ok(settings) => {
+            let unavailable = ops::build_problems(&settings);
+            if unavailable.is_empty() {
+                return Ok(settings);
+            }
+            (unavailable.iter().map(ToString::to_string).collect(), true)
+        }
+        Err(problems) => (
+            problems.problems.iter().map(ToString::to_string).collect(),
+            false,
+        ),
+    };
+    if config.is_trying_update() {
+        let message = problems.join("; ");
+        error!(error = %message, "the configuration being tried cannot start: restoring the previous one");
+        if let Err(e) = config.start_failed(message) {
+            error!("{e}");
+            eprintln!("gatewayd: {e}");
+            return Err(ExitCode::from(2));
+        }
+        return first_settings(config);
+    }
+    for p in &problems {
+        if log {
+            error!("{p}");
+        }
+        eprintln!("{p}");
+    }
+    Err(ExitCode::from(2))
 }
 
 /// Why [`serve`] returned without an error.
