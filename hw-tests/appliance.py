@@ -344,3 +344,51 @@ class RootImage:
         return False
 
 
+
+
+class DnsServer:
+    """A real DNS server for the guest: dnsmasq on 127.0.0.1 and a UDP/TCP port picked here,
+    answering only the names in `names` (name -> IPv4 address) and nothing else: no upstream
+    (--no-resolv), no /etc/hosts (--no-hosts). The guest reaches it at 10.0.2.2:port through
+    QEMU's user networking; boot the guest with `Vm(cmdline=dns.cmdline())` so that its
+    resolver uses it (image-recipe/files/gatewayd-test-dns.service) instead of QEMU's
+    10.0.2.3, which forwards to the host's own resolver. Queries are logged (`log_text()`)."""
+
+    def __init__(self, work: Path, names: dict[str, str]):
+        self.dnsmasq = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+        if not Path(self.dnsmasq).is_file():
+            pytest.fail("dnsmasq not found: `apt-get install -y --no-install-recommends dnsmasq-base` "
+                        "(hw-tests/run-all.sh does this)", pytrace=False)
+        self.names = dict(names)
+        self.port = gw.free_port()
+        self.log = work / "dnsmasq.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "DnsServer":
+        args = [self.dnsmasq, "--keep-in-foreground", "--log-facility=-", "--log-queries", "--pid-file=",
+                f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv",
+                "--no-hosts", "--user=root", "--conf-file=/dev/null"]
+        # --local: answered here and only here (an AAAA query gets an empty answer, not REFUSED,
+        # which resolved would count against the server).
+        args += [f"--local=/{name}/" for name in self.names]
+        args += [f"--address=/{name}/{addr}" for name, addr in self.names.items()]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while "started, version" not in self.log_text():
+            assert self.proc.poll() is None, f"dnsmasq exited {self.proc.returncode}:\n{self.log_text()}"
+            assert time.monotonic() < deadline, f"dnsmasq did not start within 10 s:\n{self.log_text()}"
+            time.sleep(0.05)
+        return self
+
+    def cmdline(self, resolve: str | None = None) -> str:
+        """Kernel command line arguments: the guest resolves through this server (and, with
+        `resolve`, the probe prints how the guest resolves that name: `RESOLVE: name addr`)."""
+        extra = f" gw.test_resolve={resolve}" if resolve else ""
+        return f"systemd.wants=gatewayd-test-dns.service gw.test_dns=10.0.2.2:{self.port}{extra}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        Vm._kill(self.proc)

@@ -4,7 +4,7 @@
 # Installs the real peers when missing (Debian: dcmtk, orthanc, orthanc-dicomweb, swtpm,
 # tpm2-tools, libtss2, nginx, openssl, mosquitto, mosquitto-clients,
 # pkg-config, systemd (systemd-analyze), chromium, fonts-ipafont-gothic, mmdebstrap,
-# e2fsprogs, qemu-system-x86; PyPI into hw-tests/.venv: hw-tests/requirements.txt,
+# e2fsprogs, qemu-system-x86, dnsmasq-base; PyPI into hw-tests/.venv: hw-tests/requirements.txt,
 # oelint-adv and schemathesis among them), then runs
 #   cargo fmt --check, cargo clippy -D warnings, cargo test (both with the TPM back end:
 #   --features gatewayd/tpm), cargo build --release --features tpm,
@@ -62,6 +62,10 @@ command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v mmdebstrap >/dev/null 2>&1 || need_pkgs+=(mmdebstrap)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
+# The test DNS server the appliance guest resolves the broker's host name with
+# (test_appliance_fleet.py, on 127.0.0.1 and a port the test picks): dnsmasq-base is the
+# binary alone; the `dnsmasq` package would also start a system resolver on port 53.
+[ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null 2>&1 || need_pkgs+=(dnsmasq-base)
 # Debian's python3 has no ensurepip without python3-venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

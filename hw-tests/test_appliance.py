@@ -25,6 +25,7 @@ sockets in tmp_path); qemu and swtpm are killed by PID at teardown. A missing to
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
@@ -32,7 +33,7 @@ import pytest
 import data
 import scu
 from appliance import (BOOT_TIMEOUT_S, BUILD_TIMEOUT_S, PACKAGE_STATE, PACKAGE_TOOLS, POWEROFF_TIMEOUT_S,
-                       STATUS_TIMEOUT_S, RootImage, Vm, fresh_state)
+                       RECIPE, STATUS_TIMEOUT_S, RootImage, Vm, fresh_state)
 
 
 def _fingerprint(text: str) -> str:
@@ -50,6 +51,17 @@ def test_appliance_image_has_no_package_manager_and_ships_its_package_list(appli
         assert not found, f"package manager tooling in {d} of the image: {found}"
     for d in PACKAGE_STATE:
         assert root.stat(d) is None, f"{d} is still in the image"
+    libs = root.ls("/usr/lib/x86_64-linux-gnu") or {}
+    assert "libtss2-esys.so.0" in libs, "debugfs cannot list /usr/lib/x86_64-linux-gnu in rootfs.img"
+    assert not [n for n in libs if n.startswith("libapt-")], "apt's library is still in the image"
+    # A DNS resolver: systemd-resolved enabled, /etc/resolv.conf its stub in /run (read-only root).
+    assert root.stat("/etc/resolv.conf") == ("symlink", "../run/systemd/resolve/stub-resolv.conf"), (
+        root.stat("/etc/resolv.conf"))
+    assert root.resolves_to_file("/usr/lib/systemd/systemd-resolved"), "no systemd-resolved in the image"
+    wants = root.ls("/etc/systemd/system/multi-user.target.wants") or {}
+    aliases = root.ls("/etc/systemd/system") or {}
+    assert "systemd-resolved.service" in wants or "dbus-org.freedesktop.resolve1.service" in aliases, (
+        f"systemd-resolved is not enabled: {sorted(wants)}")
     # The alternatives symlinks keep working without update-alternatives and its database.
     links = {}
     for d in ("/usr/bin", "/usr/sbin"):
@@ -100,6 +112,11 @@ def test_appliance_boots_serves_dicom_with_tpm_keys_ro_root_and_keeps_state_acro
     assert status["objects"] == 1, status
     vm.wait_console(r"KEYS-STATUS: ", STATUS_TIMEOUT_S)
     fp1 = _fingerprint(vm.console_text())
+    # The empty state partition got the factory config as its effective config, byte for byte.
+    cfg = vm.wait_console(r"CONFIG-SHA256: effective (\S+) factory (\S+) previous (\S+)", STATUS_TIMEOUT_S)
+    factory = hashlib.sha256((RECIPE / "files" / "gatewayd.toml").read_bytes()).hexdigest()
+    assert (cfg.group(1), cfg.group(2), cfg.group(3)) == (factory, factory, "none"), (
+        f"first boot on an empty state partition: {cfg.group(0)} (factory config sha256 {factory})\n{vm.tail()}")
     vm.wait_console(r"ROOTFS-WRITE: \S+ /$", STATUS_TIMEOUT_S)
     text = vm.console_text()
     for d in ("/", "/etc", "/usr"):

@@ -234,7 +234,10 @@ def test_recipe_builds_only_gatewayd_and_installs_unit_and_conffile():
     # The unit runs the binary and the config where do_install puts them.
     unit = UNIT.read_text()
     assert "${bindir}/gatewayd" in bb and "${sysconfdir}/gatewayd/gatewayd.toml" in bb
-    assert "ExecStart=/usr/bin/gatewayd run --config /etc/gatewayd/gatewayd.toml" in unit.splitlines()
+    # It runs the effective config on the data partition, copied from the default in /etc once.
+    assert "ExecStart=/usr/bin/gatewayd run --config /var/lib/gatewayd/config/gatewayd.toml" in unit.splitlines()
+    assert any(line.startswith("ExecStartPre=") and "cp /etc/gatewayd/gatewayd.toml" in line
+               for line in unit.splitlines()), "the unit does not copy the default config to the data partition"
 
 
 def test_layer_default_config_passes_check_config(gatewayd_bin):

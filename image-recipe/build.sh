@@ -72,7 +72,9 @@ t0=$(date +%s)
 
 # usr-is-merged satisfies init-system-helpers on the /usr that mmdebstrap already merged, so
 # usrmerge (and perl beyond the Essential perl-base, which only it needs) can be purged below.
-packages=usr-is-merged,systemd-sysv,udev,linux-image-amd64,initramfs-tools,e2fsprogs,libtss2-tcti-device0,$runtime_pkgs
+# systemd-resolved: host names for https:// uplinks and mqtts:// brokers, from the DNS servers
+# networkd's DHCP hands it (glibc's `dns` NSS module asks its stub on 127.0.0.53).
+packages=usr-is-merged,systemd-sysv,udev,systemd-resolved,linux-image-amd64,initramfs-tools,e2fsprogs,libtss2-tcti-device0,$runtime_pkgs
 
 # No docs, man pages, info or translations in the image (copyright files stay).
 mmdebstrap \
@@ -101,6 +103,8 @@ install -D -m 0755 "$gatewayd" "$root/usr/bin/gatewayd"
 install -D -m 0644 "$repo/config/gatewayd.service" "$root/usr/lib/systemd/system/gatewayd.service"
 install -D -m 0644 "$here/files/gatewayd-probe.service" "$root/usr/lib/systemd/system/gatewayd-probe.service"
 install -D -m 0755 "$here/files/probe" "$root/usr/libexec/gatewayd/probe"
+install -D -m 0644 "$here/files/gatewayd-test-dns.service" "$root/usr/lib/systemd/system/gatewayd-test-dns.service"
+install -D -m 0755 "$here/files/test-dns" "$root/usr/libexec/gatewayd/test-dns"
 install -D -m 0644 "$here/files/sysusers-gatewayd.conf" "$root/usr/lib/sysusers.d/gatewayd.conf"
 install -D -m 0640 "$config" "$root/etc/gatewayd/gatewayd.toml"
 install -D -m 0644 "$here/files/20-wired.network" "$root/etc/systemd/network/20-wired.network"
@@ -114,7 +118,10 @@ chroot "$root" systemd-sysusers
 chroot "$root" chgrp gatewayd /etc/gatewayd/gatewayd.toml
 chroot "$root" getent group tss >/dev/null || die "group tss missing (tpm-udev)"
 
-chroot "$root" systemctl enable gatewayd.service systemd-networkd.service
+chroot "$root" systemctl enable gatewayd.service systemd-networkd.service systemd-resolved.service
+# /etc/resolv.conf on the read-only root: a symlink to resolved's stub file in /run (the
+# package's postinst makes it too; mmdebstrap handles resolv.conf itself, so make sure).
+ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 # An appliance has no console login.
 chroot "$root" systemctl mask getty@.service serial-getty@.service console-getty.service
 # Nothing writes to / at run time: no apt timers, no first-boot machine-id commit.
@@ -159,7 +166,8 @@ echo "--- removing the package manager"
 # debconf go (their lists are taken from dpkg before it goes); the alternatives symlinks in
 # /etc/alternatives stay, only update-alternatives and its database go. start-stop-daemon
 # (shipped by dpkg) stays: it is a service helper, not package tooling.
-pm_pkgs="apt dpkg debconf"
+# libapt-pkg is apt's library: nothing else in the image links it (checked below).
+pm_pkgs="apt dpkg debconf libapt-pkg6.0"
 keep_re='^(/etc/alternatives(/.*)?|/s?bin/start-stop-daemon|/usr/s?bin/start-stop-daemon)$'
 # shellcheck disable=SC2086  # word splitting of the package names is intended
 chroot "$root" dpkg-query -L $pm_pkgs | sort -u >"$work/pm-files.txt"
@@ -198,6 +206,10 @@ for tool in apt apt-get apt-cache apt-cdrom apt-config apt-key apt-mark dpkg dpk
         [ ! -e "$root/$dir/$tool" ] && [ ! -L "$root/$dir/$tool" ] || die "/$dir/$tool still in the image"
     done
 done
+# Nothing left in the image links apt's library.
+if users=$(grep -rlsF libapt-pkg.so "$root/usr/bin" "$root/usr/sbin" "$root/usr/lib" "$root/usr/libexec"); then
+    die "files still refer to libapt-pkg: $users"
+fi
 # Every alternative still points at a file in the image.
 for link in "$root"/etc/alternatives/*; do
     [ -L "$link" ] || continue
@@ -215,7 +227,7 @@ echo "root=/dev/vda ro console=ttyS0" >"$out/cmdline"
 {
     echo "gatewayd sha256 $(sha256sum "$gatewayd" | cut -d' ' -f1)"
     echo "kernel $kver"
-    echo "root tree $(( used_kib / 1024 )) MiB; rootfs.img $(( $(stat -c %s "$out/rootfs.img") / 1048576 )) MiB"
+    echo "root tree $(( used_kib / 1024 )) MiB; rootfs.img $(( $(stat -c %s "$out/rootfs.img") / 1048576 )) MiB (allocated $(( $(du -k "$out/rootfs.img" | cut -f1) / 1024 )) MiB)"
     echo "vmlinuz $(( $(stat -c %s "$out/vmlinuz") / 1024 )) KiB; initrd.img $(( $(stat -c %s "$out/initrd.img") / 1024 )) KiB"
     echo "packages ($(wc -l <"$work/packages.txt"), also in packages.txt; apt, dpkg and debconf then removed:"
     sed 's/^/  /' "$work/packages.txt"

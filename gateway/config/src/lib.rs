@@ -62,4 +62,6 @@ pub use types::{
     AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, KeystoreBackend, Mode, NodeId,
     Role, Tcti, UplinkKind, UplinkName, UplinkUrl, ValueError,
 };
-pub use update::{ConfigFile, UpdateError, UpdateOutcome, check_remote_update};
+pub use update::{
+    ConfigFile, INTERRUPTED, UpdateCommit, UpdateError, UpdateOutcome, check_remote_update,
+};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use gateway_admin::control::ControlServer;
 use gateway_admin::http::{AdminHttp, Health};
 use gateway_config::UplinkKind;
-use gateway_config::{ConfigFile, KeystoreBackend, Mode, Settings};
+use gateway_config::{ConfigFile, KeystoreBackend, Mode, Settings, UpdateCommit};
 use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
 use gateway_fleet::FleetState;
 use gateway_fleet::telemetry::KeyBackend;
@@ -30,29 +30,23 @@ use crate::telemetry;
 
 pub fn main(args: &RunArgs) -> ExitCode {
     init_logging();
-    let mut config = ConfigFile::new(args.config.clone());
+    // An update a power cut or crash interrupted is picked up here (tried again or reported
+    // failed; see gateway_config::update).
+    let mut config = match ConfigFile::open(args.config.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("gatewayd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if config.path().is_none() {
         info!("no --config given: running the embedded development default");
     }
-    let mut settings = match config.load() {
+    let mut settings = match first_settings(&mut config) {
         Ok(s) => s,
-        Err(problems) => {
-            for p in &problems.problems {
-                eprintln!("{p}");
-            }
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    // What this build cannot serve (a back end compiled out) is refused like a config
-    // problem, before anything is created on disk.
-    let unavailable = ops::build_problems(&settings);
-    if !unavailable.is_empty() {
-        for p in &unavailable {
-            error!("{p}");
-            eprintln!("{p}");
-        }
-        return ExitCode::from(2);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,7 +62,8 @@ pub fn main(args: &RunArgs) -> ExitCode {
         let outcome = config
             .take_outcome()
             .map(|o| (o.cmd_id, o.failure.map_or(Ok(()), Err)));
-        let started = runtime.block_on(serve(settings, config_path, outcome));
+        let commit = config.pending_commit();
+        let started = runtime.block_on(serve(settings, config_path, outcome, commit));
         let next = match started {
             Ok(Ending::Stopped) => return ExitCode::SUCCESS,
             Ok(Ending::Restart) => {
@@ -103,6 +98,45 @@ pub fn main(args: &RunArgs) -> ExitCode {
     }
 }
 
+/// The settings of the first start. What does not load, or what this build cannot serve (a
+/// back end compiled out), is refused like a config problem before anything is created on
+/// disk; while an update interrupted by a power cut or crash is tried, it is rolled back
+/// instead and the previous file is checked the same way.
+fn first_settings(config: &mut ConfigFile) -> Result<Settings, ExitCode> {
+    // (problems, whether to log them too: a build problem is logged, a config file problem
+    // only printed, as `check-config` does)
+    let (problems, log): (Vec<String>, bool) = match config.load() {
+        Ok(settings) => {
+            let unavailable = ops::build_problems(&settings);
+            if unavailable.is_empty() {
+                return Ok(settings);
+            }
+            (unavailable.iter().map(ToString::to_string).collect(), true)
+        }
+        Err(problems) => (
+            problems.problems.iter().map(ToString::to_string).collect(),
+            false,
+        ),
+    };
+    if config.is_trying_update() {
+        let message = problems.join("; ");
+        error!(error = %message, "the configuration being tried cannot start: restoring the previous one");
+        if let Err(e) = config.start_failed(message) {
+            error!("{e}");
+            eprintln!("gatewayd: {e}");
+            return Err(ExitCode::from(2));
+        }
+        return first_settings(config);
+    }
+    for p in &problems {
+        if log {
+            error!("{p}");
+        }
+        eprintln!("{p}");
+    }
+    Err(ExitCode::from(2))
+}
+
 /// Why [`serve`] returned without an error.
 enum Ending {
     /// A validated signed `config-update`: write it and serve from it (rollback on failure).
@@ -128,6 +162,7 @@ async fn serve(
     settings: Settings,
     config_path: Option<PathBuf>,
     config_outcome: Option<(String, Result<(), String>)>,
+    commit: Option<UpdateCommit>,
 ) -> Result<Ending, String> {
     let data_dir = settings.node.data_dir.clone();
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
@@ -195,6 +230,14 @@ async fn serve(
     start_fleet(&ctx, fleet, keys.as_ref(), metrics, &mut services)?;
     services.spawn(control.run(shutdown.clone()));
     let notifier = start_watchdog(&shutdown, &mut services);
+    // Every service started from the file being tried: it is no longer an update to roll
+    // back at the next start. Before READY=1, so a clean stop after it keeps the new file.
+    if let Some(commit) = commit {
+        tokio::task::spawn_blocking(move || commit.commit())
+            .await
+            .map_err(|e| format!("config commit thread: {e}"))?
+            .map_err(|e| e.to_string())?;
+    }
     health.set_ready(true);
     notifier.notify_logged("READY=1\nSTATUS=serving");
     info!("gatewayd ready");

@@ -1,0 +1,277 @@
+"""The fleet flow on the appliance image in QEMU: provisioned by claim, configured remotely, and
+the new configuration still in force after a reboot.
+
+Pins, on one image, one state disk and one swtpm state:
+- the factory state on the state partition (the effective config with a `[fleet]` section
+  pointing at `mqtts://broker.gw-test:PORT` with `client_auth = "keystore"`, the claim
+  certificate + key, the vendor's command key and the broker CA) is all a box needs: it boots,
+  `keys init` makes its TPM identity key, and it is provisioned by claim (`fleet.Provisioner`)
+  through a real mosquitto on the host;
+- the broker is a HOST NAME: the guest's systemd-resolved asks a real dnsmasq on the host
+  (127.0.0.1, a port picked here, reached from the guest at 10.0.2.2 through QEMU user
+  networking; never the host's own resolver nor QEMU's 10.0.2.3, see appliance.DnsServer), and
+  the broker's certificate names broker.gw-test (rustls checks it);
+- a signed `config-update` that adds `[hl7]` (0.0.0.0:2575, forwarded to a host port) is
+  applied and reported successful; an MLLP message from the host then gets AA;
+- the update wrote the effective config on the state partition and kept the previous one
+  beside it (`CONFIG-SHA256:` from the probe: effective = the update, previous = the factory
+  state's config);
+- after a clean reboot (Ctrl-Alt-Del, a new QEMU on the same state.img and TPM state) the new
+  configuration is still in force (AA again, same hashes) and the update is not reported again
+  (its marker was committed before the first READY=1).
+
+Without QEMU, with a real `gatewayd run` here: the files a power cut leaves in the middle of a
+config-update (`FILE.previous`, the marker `FILE.update`, the new `FILE`) are finished at the
+next start: a new file that cannot start (its DICOM port taken) is rolled back to the previous
+bytes and the gateway serves; one that starts is kept and its marker removed; a cut before the
+new file was in place leaves the old one serving and the marker cleared.
+
+Bounded: every wait has a timeout and says what it waited for; qemu, swtpm, dnsmasq and
+mosquitto are killed by PID at teardown. A missing peer fails the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import time
+
+import pytest
+
+import fleet
+import gw
+import pki
+import scu
+from appliance import (BOOT_TIMEOUT_S, BUILD_TIMEOUT_S, POWEROFF_TIMEOUT_S, RECIPE, STATUS_TIMEOUT_S, DnsServer, Vm,
+                       fresh_state)
+from hl7msg import MllpConnection, adt_a08, msa
+
+BROKER_HOST = "broker.gw-test"
+CLAIM = "claim-appliance-01"
+PROVISIONED = "gw-appliance-0001"
+STATE = "/var/lib/gatewayd"
+HL7_GUEST_PORT = 2575
+# Under TCG the in-process restart for a config-update (drain, TPM unseal, spool reopen) takes
+# tens of seconds.
+APPLY_TIMEOUT_S = 180
+
+
+def _broker_with_host_name(tmp_path, ca) -> fleet.Broker:
+    """fleet.Broker whose server certificate names BROKER_HOST (what the guest connects to)
+    and 127.0.0.1 (what the host's mosquitto_pub/sub connect to)."""
+    broker = fleet.Broker(tmp_path / "broker", ca)
+    key, csr, cert = (ca.dir / f"broker-dns.{ext}" for ext in ("key", "csr", "pem"))
+    ca._ec_key(key)
+    pki.openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/O=hw-tests/CN={BROKER_HOST}")
+    ca._sign(csr, cert, [
+        "basicConstraints = critical, CA:FALSE",
+        "keyUsage = critical, digitalSignature",
+        "extendedKeyUsage = serverAuth",
+        f"subjectAltName = DNS:{BROKER_HOST}, IP:127.0.0.1",
+        "subjectKeyIdentifier = hash",
+        "authorityKeyIdentifier = keyid",
+    ])
+    conf = broker.conf.read_text()
+    conf = conf.replace(f"certfile {broker.server.cert}\n", f"certfile {cert}\n")
+    conf = conf.replace(f"keyfile {broker.server.key}\n", f"keyfile {key}\n")
+    assert str(cert) in conf and str(key) in conf, conf
+    broker.conf.write_text(conf)
+    broker.server = pki.KeyPair(key, cert)
+    return broker
+
+
+def _factory_config(image_config: str, broker_port: int) -> str:
+    """The image's factory config plus the fleet section of a box that is not yet provisioned."""
+    return image_config + (
+        "\n[fleet]\n"
+        f'broker = "mqtts://{BROKER_HOST}:{broker_port}"\n'
+        f'vendor_public_key = "{STATE}/factory/vendor.pub"\n'
+        f'ca_file = "{STATE}/factory/fleet-ca.pem"\n'
+        'client_auth = "keystore"\n'
+        f'claim_cert_file = "{STATE}/factory/claim.pem"\n'
+        f'claim_key_file = "{STATE}/factory/claim.key"\n'
+        'telemetry_interval = "5s"\n'
+    )
+
+
+def _hl7_ack(port: int, control_id: str) -> tuple[str, str] | str:
+    try:
+        with MllpConnection(port, timeout=20) as c:
+            return msa(c.request(adt_a08(control_id).bytes, timeout=30))
+    except (AssertionError, OSError) as e:
+        return repr(e)
+
+
+def _wait_aa(vm: Vm, control_id: str, timeout: float) -> float:
+    port = vm.host_port(HL7_GUEST_PORT)
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        vm.alive()
+        last = _hl7_ack(port, control_id)
+        if last == ("AA", control_id):
+            return time.monotonic() - vm.started
+        time.sleep(2)
+    raise AssertionError(f"no AA for {control_id} on 127.0.0.1:{port} (guest {HL7_GUEST_PORT}) within "
+                         f"{timeout} s (last: {last!r})\n{vm.tail()}")
+
+
+def _config_hashes(vm: Vm) -> dict[str, str]:
+    m = vm.wait_console(r"CONFIG-SHA256: effective (\S+) factory (\S+) previous (\S+)", STATUS_TIMEOUT_S)
+    return {"effective": m.group(1), "factory": m.group(2), "previous": m.group(3)}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S + 2 * BOOT_TIMEOUT_S + APPLY_TIMEOUT_S + POWEROFF_TIMEOUT_S + 300)
+def test_appliance_is_provisioned_by_claim_configured_remotely_and_keeps_the_config_across_reboot(
+        appliance_image, tmp_path, ca, vms):
+    image = appliance_image
+    broker = _broker_with_host_name(tmp_path, ca)
+    dns = DnsServer(tmp_path, {BROKER_HOST: "10.0.2.2"})
+    provisioner = None
+    subs: list[fleet.Subscription] = []
+    try:
+        broker.start()
+        dns.start()
+        vendor = fleet.Vendor(tmp_path / "vendor", broker)
+        claim = broker.client_cert(CLAIM)
+        factory = _factory_config((RECIPE / "files" / "gatewayd.toml").read_text(), broker.port)
+        state_img = fresh_state(image, tmp_path / "state.img", {
+            "config/gatewayd.toml": factory.encode(),
+            "factory/claim.pem": claim.cert.read_bytes(),
+            "factory/claim.key": claim.key.read_bytes(),
+            "factory/vendor.pub": vendor.pub.read_bytes(),
+            "factory/fleet-ca.pem": ca.cert.read_bytes(),
+        })
+        tpm_dir = tmp_path / "tpm"
+        tpm_dir.mkdir()
+        device = broker.subscribe("vendor", f"gw/{PROVISIONED}/#")
+        subs.append(device)
+        provisioner = fleet.Provisioner(broker, vendor, ca, [PROVISIONED])
+        cmdline = dns.cmdline(resolve=BROKER_HOST)
+
+        # ---- boot 1: the factory state; provisioning by claim through a host name
+        vm = Vm(image, tmp_path, state_img, tpm_dir, "fleet1", forwards=(HL7_GUEST_PORT,), cmdline=cmdline)
+        vms.append(vm)
+        vm.start()
+        vm.wait_console(r"TEST-DNS: resolver set to 10\.0\.2\.2:\d+", BOOT_TIMEOUT_S)
+        try:
+            device.wait_for(lambda s: [m for m in s.on(f"gw/{PROVISIONED}/status") if m.get("state") == "online"],
+                            BOOT_TIMEOUT_S, describe=f"{PROVISIONED} online after provisioning by claim")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{vm.tail()}\n--- dnsmasq:\n{dns.log_text()[-3000:]}\n"
+                                 f"--- mosquitto:\n{broker.log_tail(40)}") from None
+        provisioner.check()
+        assert provisioner.assigned == {CLAIM: PROVISIONED}, provisioner.assigned
+        online_s = time.monotonic() - vm.started
+        print(f"boot 1: provisioned by claim and online {online_s:.0f} s after QEMU started")
+        # The broker's host name was resolved by the test's DNS server, and only by it.
+        resolved = vm.wait_console(rf"RESOLVE: {re.escape(BROKER_HOST)} (\S*) resolv\.conf (\S+)", STATUS_TIMEOUT_S)
+        assert resolved.group(1) == "10.0.2.2", f"the guest resolved {BROKER_HOST} to {resolved.group(1)!r}\n{vm.tail()}"
+        assert resolved.group(2) == "../run/systemd/resolve/stub-resolv.conf", resolved.group(0)
+        assert f"query[A] {BROKER_HOST}" in dns.log_text(), dns.log_text()
+        # resolved knows only the test's server: not QEMU's 10.0.2.3 that DHCP offers.
+        servers = vm.wait_console(r"RESOLVE-SERVERS: (.*)$", STATUS_TIMEOUT_S).group(1)
+        assert f"10.0.2.2:{dns.port}" in servers and "10.0.2.3" not in servers, f"resolvectl dns: {servers}"
+        print(f"boot 1: {resolved.group(0)}; resolvectl dns: {servers.strip()}")
+        assert f"u'{PROVISIONED}'" in broker.log_text(), "the box did not reconnect as the provisioned device"
+        hashes = _config_hashes(vm)
+        assert hashes["effective"] == _sha(factory) and hashes["previous"] == "none", hashes
+        # No HL7 listener yet.
+        assert _hl7_ack(vm.host_port(HL7_GUEST_PORT), "FLEET-0") != ("AA", "FLEET-0")
+
+        # ---- the signed config-update that enables [hl7]
+        new_config = factory + f'\n[hl7]\nlisten = "0.0.0.0:{HL7_GUEST_PORT}"\n'
+        cmd = "cfg-hl7-on"
+        vendor.send(PROVISIONED, "config-update", cmd, vendor.envelope(PROVISIONED, "config-update", cmd,
+                                                                       {"toml": new_config}))
+        final = fleet.final_state(device, PROVISIONED, "config-update", cmd, timeout=APPLY_TIMEOUT_S)
+        assert final["state"] == "successful", f"{final}\n{vm.tail()}"
+        aa_s = _wait_aa(vm, "FLEET-1", APPLY_TIMEOUT_S)
+        print(f"boot 1: config-update reported successful; HL7 AA {aa_s:.0f} s after QEMU started")
+        reports = len(device.on(fleet.state_topic(PROVISIONED, "config-update", cmd)))
+        status_topic = f"gw/{PROVISIONED}/status"
+        onlines = len([m for m in device.on(status_topic) if m.get("state") == "online"])
+        off_s = vm.power_off()
+        print(f"boot 1: clean power-off took {off_s:.0f} s")
+
+        # ---- boot 2: same state disk and TPM: the new config is still in force
+        vm2 = Vm(image, tmp_path, state_img, tpm_dir, "fleet2", forwards=(HL7_GUEST_PORT,), cmdline=cmdline)
+        vms.append(vm2)
+        vm2.start()
+        aa2_s = _wait_aa(vm2, "FLEET-2", BOOT_TIMEOUT_S)
+        print(f"boot 2: HL7 AA {aa2_s:.0f} s after QEMU started")
+        hashes2 = _config_hashes(vm2)
+        assert hashes2 == {"effective": _sha(new_config), "factory": hashes["factory"],
+                           "previous": _sha(factory)}, (
+            f"the effective config after the reboot is not the update (previous kept): {hashes2}")
+        assert hashes2["effective"] != hashes2["factory"]
+        device.wait_for(lambda s: len([m for m in s.on(status_topic) if m.get("state") == "online"]) > onlines,
+                        STATUS_TIMEOUT_S, describe="the device online again after the reboot")
+        time.sleep(5)
+        again = device.on(fleet.state_topic(PROVISIONED, "config-update", cmd))
+        assert len(again) == reports, f"the config-update was reported again after the reboot: {again[reports:]}"
+        vm2.power_off()
+    finally:
+        if provisioner is not None:
+            provisioner.stop()
+        for s in subs:
+            s.stop()
+        dns.stop()
+        broker.stop()
+
+
+# ---- the same rules with a real `gatewayd run` on this machine (no QEMU): what a power cut in
+# the middle of a config-update leaves on disk (gateway_config::update), and the next start.
+
+def _leave_interrupted_update(g, previous: str, new: str, written: bool, cmd_id: str = "cfg-cut") -> None:
+    """The files ConfigFile::apply leaves when the power goes after the marker (`written`:
+    also after the new file replaced the old one), before the services started from it."""
+    path = g.config_path
+    path.with_name(path.name + ".previous").write_text(previous)
+    path.with_name(path.name + ".update").write_text(f"{cmd_id}\n{new}")
+    path.write_text(new if written else previous)
+
+
+def test_an_interrupted_update_that_cannot_start_is_rolled_back_at_the_next_start(gateway_factory):
+    g = gateway_factory(start=False)
+    previous = g.config_path.read_text()
+    marker = g.config_path.with_name(g.config_path.name + ".update")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        taken = blocker.getsockname()[1]
+        new = previous.replace(f'listen = "127.0.0.1:{g.dicom_port}"', f'listen = "127.0.0.1:{taken}"')
+        assert new != previous
+        _leave_interrupted_update(g, previous, new, written=True)
+        g.start()
+        assert g.config_path.read_text() == previous, "the previous config was not restored"
+        assert not marker.exists(), "the update marker survived the rollback"
+        assert "restoring the previous one" in g.log_text(), g.log_tail()
+        assert scu.echoscu(g.dicom_port, timeout=20).returncode == 0, g.log_tail()
+    g.stop()
+
+
+def test_an_interrupted_update_that_starts_is_kept_and_its_marker_committed(gateway_factory):
+    g = gateway_factory(start=False)
+    previous = g.config_path.read_text()
+    marker = g.config_path.with_name(g.config_path.name + ".update")
+    port = gw.free_port()
+    new = previous.replace(f'listen = "127.0.0.1:{g.dicom_port}"', f'listen = "127.0.0.1:{port}"')
+    _leave_interrupted_update(g, previous, new, written=True)
+    g.start()
+    assert g.config_path.read_text() == new
+    assert not marker.exists(), "the marker was not removed once every service started"
+    assert scu.echoscu(port, timeout=20).returncode == 0, g.log_tail()
+    g.stop()
+    # Cut before the new file was in place: the old one serves, the marker is cleared.
+    _leave_interrupted_update(g, new, previous, written=False)
+    g.dicom_port = port
+    g.start()
+    assert g.config_path.read_text() == new and not marker.exists()
+    assert scu.echoscu(port, timeout=20).returncode == 0, g.log_tail()
+    g.stop()
