@@ -43,11 +43,11 @@ impl Derived {
         Self(MasterKey::from_bytes(*master))
     }
 
-    fn staff(&self) -> StaffKey {
+    pub(crate) fn staff(&self) -> StaffKey {
         StaffKey::new(&self.0)
     }
 
-    fn audit(&self) -> AuditKey {
+    pub(crate) fn audit(&self) -> AuditKey {
         AuditKey::new(&self.0)
     }
 
