@@ -19,6 +19,9 @@
 //!   locale and time zone (`Intl.DateTimeFormat`), never a Unix timestamp.
 //! - `POST /api/logout`, `GET /api/me`; `GET /api/accounts` for admins only (403 otherwise),
 //!   with each account's `locked_until_unix` while it is locked.
+//! - Enrolment of invited accounts, no session needed: `POST /api/enrol` `{code, password}`
+//!   and `POST /api/enrol/confirm` `{code, totp}`; `POST /api/accounts/invite` for admins.
+//!   See `enrol`.
 //! - `GET /fhir/Slot?schedule=&status=free&start=ge..&start=lt..` -> a searchset Bundle from
 //!   the [`SlotSource`]; slots served from a cache the core has not refreshed carry the meta
 //!   tag `stale`.
@@ -48,6 +51,7 @@
 #![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
 pub mod appointment;
+mod enrol;
 mod openapi;
 pub mod session;
 pub mod throttle;
@@ -83,6 +87,8 @@ pub struct Kiosk {
     audit: Arc<AuditLog>,
     sessions: Arc<Sessions>,
     throttle: Arc<Throttle>,
+    /// The issuer authenticator apps show for secrets enrolled here.
+    issuer: Arc<str>,
     slots: Arc<dyn SlotSource>,
     booking: Arc<dyn appointment::BookingBackend>,
 }
@@ -99,6 +105,7 @@ impl Kiosk {
             audit,
             sessions: Arc::new(Sessions::default()),
             throttle: Arc::new(Throttle::default()),
+            issuer: Arc::from("gatewayd"),
             slots,
             booking,
         }
@@ -114,6 +121,14 @@ impl Kiosk {
             .into_make_service_with_connect_info::<PeerAddr>()
     }
 
+    /// The issuer name authenticator apps show for secrets enrolled at this kiosk
+    /// (default `gatewayd`; the daemon passes `gatewayd <node id>`).
+    #[must_use]
+    pub fn with_issuer(mut self, issuer: &str) -> Self {
+        self.issuer = Arc::from(issuer);
+        self
+    }
+
     /// The routes, with security headers on every response.
     pub fn router(self) -> Router {
         Router::new()
@@ -126,6 +141,10 @@ impl Kiosk {
             .route("/api/logout", post(logout))
             .route("/api/me", get(me))
             .route("/api/accounts", get(accounts))
+            .route("/api/accounts/invite", post(enrol::invite))
+            .route("/api/enrol", post(enrol::enrol))
+            .route("/api/enrol/confirm", post(enrol::confirm))
+            .route("/enrol.js", get(page_enrol_js))
             .route("/fhir/Slot", get(slots))
             .route("/fhir/Appointment/$hold", post(hold))
             .route("/fhir/Appointment/$book", post(book))
@@ -252,6 +271,14 @@ async fn page_js() -> Response {
     asset(
         "text/javascript; charset=utf-8",
         include_str!("../assets/app.js"),
+    )
+}
+
+/// The enrolment page's and the invitation form's script.
+async fn page_enrol_js() -> Response {
+    asset(
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/enrol.js"),
     )
 }
 
