@@ -14,7 +14,8 @@ HTTPS:
   gets. Expiry: the invitation's `expires_unix` in `staff/accounts.json` is moved into the
   past under the accounts lock, as 72 hours passing would leave it (the daemon reads the
   file on every call; there is no test clock in the product);
-- the vendor's signed `staff-disable` makes the next login with valid factors fail;
+- the vendor's signed `staff-disable` ends the browser's session at its next request and
+  makes the next login with valid factors fail;
 - the audit trail (`gatewayd audit verify` intact) has each step, and no code appears in
   gatewayd's log, the accounts file, the audit trail or any state message.
 
@@ -28,31 +29,16 @@ import json
 import re
 import time
 
-import pytest
-
 import browser
 import fleet
 import gw
 import kiosk
-from conftest import fail_on_assertion
 from test_fleet import DEVICE, broker, fleet_section, vendor, wait_online, watch  # noqa: F401 - fixtures
+from test_kiosk_page import chromium  # noqa: F401 - the headless Chromium fixture
+from test_staff_accounts import kiosk_gateway
 
 CODE_RE = re.compile(r"^[A-Z2-7]{5}-[A-Z2-7]{5}-[A-Z2-7]{5}-[A-Z2-7]{5}$")
 ADMIN = "admin.first"
-
-
-@pytest.fixture
-def chromium(tmp_path):
-    made: list[browser.Chromium] = []
-
-    def make(trust_spki: list[str]) -> browser.Chromium:
-        c = fail_on_assertion(browser.Chromium, tmp_path / "chromium", trust_spki=trust_spki)
-        made.append(c)
-        return fail_on_assertion(c.start)
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def kiosk_fleet_gateway(gateway_factory, broker, vendor) -> tuple[gw.Gateway, int]:  # noqa: F811
@@ -162,6 +148,9 @@ def test_staff_invite_over_the_fleet_then_enrolment_and_login_in_chromium_and_st
     final, result = fleet.staff_command(vendor, sub, DEVICE, "staff-disable", "dis-1", {"name": ADMIN})
     assert final["state"] == "successful", final
     assert result == {"name": ADMIN, "disabled": True}, result
+    # The browser's session of the disabled account ends at its next request.
+    me = page.evaluate("fetch('/api/me', {credentials: 'same-origin'}).then(r => r.status)", await_promise=True)
+    assert me == 401, f"the disabled account's session still answers {me}"
     api = kiosk.Kiosk(g, port)
     refused = api.login(ADMIN, secret, code=kiosk.totp(secret, time.time() + 30))
     assert refused.status == 401, refused
@@ -205,14 +194,7 @@ def test_staff_invite_over_the_fleet_then_enrolment_and_login_in_chromium_and_st
 
 
 def test_users_invite_prints_a_code_on_a_development_machine(gateway_factory):
-    port = gw.free_port()
-    g = gateway_factory({
-        "node": {"id": "core-1", "role": "core"},
-        "booking": {"listen": f"127.0.0.1:{port}",
-                    "schedule": [{"id": "ct-1", "modality": "CT", "station_ae": "CT01",
-                                  "hours": kiosk.EVERY_DAY}]},
-    }, start=False)
-    assert kiosk.cli(g, "keys", "init").returncode == 0
+    g, port = kiosk_gateway(gateway_factory)
     r = kiosk.cli(g, "users", "invite", "--name", "admin.dev", "--role", "admin")
     assert r.returncode == 0, r.stderr
     code = r.stdout.split("): ", 1)[1].splitlines()[0].strip()

@@ -303,15 +303,28 @@ impl FromRequestParts<Kiosk> for Authenticated {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, kiosk: &Kiosk) -> Result<Self, Self::Rejection> {
-        parts
+        let refused = || outcome(StatusCode::UNAUTHORIZED, "login", "log in first");
+        let Some((token, staffer)) = parts
             .headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .find_map(session::token_from_cookie)
-            .and_then(|t| kiosk.sessions.check(t, now_unix()))
-            .map(Authenticated)
-            .ok_or_else(|| outcome(StatusCode::UNAUTHORIZED, "login", "log in first"))
+            .and_then(|t| Some((t.to_owned(), kiosk.sessions.check(t, now_unix())?)))
+        else {
+            return Err(refused());
+        };
+        // An account disabled since its login (`staff-disable`, `gatewayd users disable`)
+        // loses its session at its next request; so does one that cannot be read.
+        let active = kiosk
+            .accounts(now_unix())
+            .await
+            .is_ok_and(|all| all.iter().any(|a| a.name == staffer.name && !a.disabled));
+        if !active {
+            kiosk.sessions.end(&token);
+            return Err(refused());
+        }
+        Ok(Authenticated(staffer))
     }
 }
 

@@ -1475,3 +1475,20 @@ async fn the_enrolment_page_is_served_and_in_the_openapi_document() {
         "the base document is kept"
     );
 }
+
+#[tokio::test]
+async fn a_session_ends_at_its_next_request_once_the_account_is_disabled() {
+    let f = fixture(false);
+    let clerk = f.session("clerk.sato").await;
+    let (s, _, _) = f.get("/api/me", Some(&clerk)).await;
+    assert_eq!(s, StatusCode::OK);
+    // `staff-disable` (another handle on the same accounts file, as the fleet agent has).
+    Staff::open(&f._dir.path().join("staff"), StaffKey::derive(&[3; 32]))
+        .unwrap()
+        .disable("clerk.sato")
+        .unwrap();
+    let (s, _, _) = f.get("/api/me", Some(&clerk)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = f.get("/fhir/Slot", Some(&clerk)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
