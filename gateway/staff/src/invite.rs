@@ -3,8 +3,8 @@
 //! A box in a clinic has no shell, so its first administrator cannot be made with
 //! `gatewayd users add`. Instead the vendor (fleet op `staff-invite`), an administrator at
 //! the kiosk, or `gatewayd users invite` on a development machine calls
-//! [`Staff::invite`]: it creates the account in the state *invited* (no password, no
-//! second factor: it cannot log in) and returns a one-time enrolment code, once. The person
+//! [`Staff::invite`]: it creates the account in the state *invited* (no usable password,
+//! no second factor: it cannot log in) and returns a one-time enrolment code, once. The person
 //! who receives the code completes the account at the kiosk's enrolment page:
 //!
 //! 1. [`Staff::enrol`]`(code, password)`: the code is checked and spent, the password is
@@ -252,6 +252,10 @@ impl Staff {
             return Err(StaffError::BadName);
         }
         let code = new_code()?;
+        // Until enrolment completes the account's password is the hash of a random one
+        // nobody knows: a login attempt costs the same Argon2 work as for any account, so
+        // timing does not tell an invited name from another.
+        let placeholder = hash_password(&new_code()?)?;
         let invite = Invite {
             code_sha256: hex::encode(digest(&code)),
             expires_unix: now_unix.saturating_add(INVITE_TTL_SECS),
@@ -263,6 +267,7 @@ impl Staff {
             Some(account) if account.invite.is_none() => return Err(StaffError::Exists),
             Some(account) => {
                 account.role = role;
+                account.password = placeholder;
                 account.disabled = false;
                 account.failures = 0;
                 account.locked_until_unix = None;
@@ -271,7 +276,7 @@ impl Staff {
             None => file.accounts.push(Account {
                 name: name.to_string(),
                 role,
-                password: String::new(),
+                password: placeholder,
                 totp_sealed: None,
                 disabled: false,
                 failures: 0,
@@ -443,6 +448,13 @@ mod tests {
         let info = &s.accounts(NOW).unwrap()[0];
         assert!(info.invited && !info.totp_enrolled && !info.disabled);
         assert!(s.login("admin.first", "", "000000", NOW).is_err());
+        // Its password is a real Argon2id hash of a random secret: a login costs what any
+        // other costs, so timing does not single out invited names.
+        assert!(
+            file_text(dir.path()).contains("$argon2id$"),
+            "{}",
+            file_text(dir.path())
+        );
         let pending = s.enrol(invited.code.as_str(), PW, "gw", NOW + 5).unwrap();
         assert_eq!(pending.name, "admin.first");
         assert_eq!(pending.role, Role::Admin);
