@@ -16,7 +16,11 @@
 //! Every step is an audit record (`account_invited`, `enrolment_code_used`,
 //! `enrolment_completed`) written before the answer; no record, log line or error carries
 //! a code, a password or a secret. The account file's work (Argon2, lock, fsync) runs on
-//! `spawn_blocking`. Enrolment failures are throttled per client address like logins.
+//! `spawn_blocking`. Enrolment failures (an invalid code, a wrong authenticator code) are
+//! throttled per client address like logins ([`crate::throttle`], a bucket of its own):
+//! after [`crate::throttle::FAILURES`] that address gets 429 with `Retry-After` on both
+//! enrolment routes, right or wrong, for [`crate::throttle::BACKOFF_SECS`] (one audit
+//! record per back-off). A refused password is not a failure: the code was valid.
 
 use std::sync::Arc;
 
@@ -32,7 +36,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::warn;
 
-use crate::{Authenticated, Kiosk, json_body, now_unix, outcome};
+use crate::{Authenticated, Kiosk, Peer, json_body, now_unix, outcome};
 
 /// Actor of enrolment records made before the account is known (a bad code).
 const KIOSK_ACTOR: &str = "kiosk-enrolment";
@@ -82,6 +86,29 @@ fn invalid_code() -> Response {
     )
 }
 
+fn throttled(retry_after_secs: u64) -> Response {
+    let mut r = outcome(
+        StatusCode::TOO_MANY_REQUESTS,
+        "throttled",
+        "too many failed enrolment attempts from this device; wait and try again",
+    );
+    if let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_secs.to_string()) {
+        r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+    }
+    r
+}
+
+/// Counts a failed enrolment from `peer`; audits the back-off it may start.
+async fn failed(kiosk: &Kiosk, peer: std::net::IpAddr, action: Action) {
+    if let Some(until) = kiosk.enrol_throttle.failure(peer, now_unix()) {
+        // One record per address and back-off; the address is a device's, not PHI.
+        let detail = format!("address {peer} throttled until {until}");
+        kiosk
+            .record(KIOSK_ACTOR, action, Outcome::Failure, Some(&detail))
+            .await;
+    }
+}
+
 fn unavailable() -> Response {
     outcome(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -92,6 +119,7 @@ fn unavailable() -> Response {
 
 pub(crate) async fn enrol(
     State(kiosk): State<Kiosk>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -102,6 +130,9 @@ pub(crate) async fn enrol(
             "send JSON {\"code\", \"password\"}",
         );
     };
+    if let Err(retry_after) = kiosk.enrol_throttle.check(peer, now_unix()) {
+        return throttled(retry_after);
+    }
     let staff = Arc::clone(&kiosk.staff);
     let issuer = kiosk.issuer.to_string();
     let result = tokio::task::spawn_blocking(move || {
@@ -141,6 +172,7 @@ pub(crate) async fn enrol(
                     Some("invalid-code"),
                 )
                 .await;
+            failed(&kiosk, peer, Action::EnrolmentCodeUsed).await;
             invalid_code()
         }
         Ok(Err(EnrolError::WeakPassword(rule))) => {
@@ -171,6 +203,7 @@ pub(crate) async fn enrol(
 
 pub(crate) async fn confirm(
     State(kiosk): State<Kiosk>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -181,6 +214,9 @@ pub(crate) async fn confirm(
             "send JSON {\"code\", \"totp\"}",
         );
     };
+    if let Err(retry_after) = kiosk.enrol_throttle.check(peer, now_unix()) {
+        return throttled(retry_after);
+    }
     let staff = Arc::clone(&kiosk.staff);
     let result = tokio::task::spawn_blocking(move || {
         staff.confirm_enrolment(&body.code, &body.totp, now_unix())
@@ -208,6 +244,7 @@ pub(crate) async fn confirm(
                     Some("bad-second-factor"),
                 )
                 .await;
+            failed(&kiosk, peer, Action::EnrolmentCompleted).await;
             outcome(
                 StatusCode::UNAUTHORIZED,
                 "second-factor",
@@ -223,6 +260,7 @@ pub(crate) async fn confirm(
                     Some("invalid-code"),
                 )
                 .await;
+            failed(&kiosk, peer, Action::EnrolmentCompleted).await;
             invalid_code()
         }
         Ok(Err(EnrolError::Storage(e))) => {

@@ -21,6 +21,7 @@
 //!   with each account's `locked_until_unix` while it is locked.
 //! - Enrolment of invited accounts, no session needed: `POST /api/enrol` `{code, password}`
 //!   and `POST /api/enrol/confirm` `{code, totp}`; `POST /api/accounts/invite` for admins.
+//!   Failed enrolments are throttled per address like logins, in a bucket of their own.
 //!   See `enrol`.
 //! - `GET /fhir/Slot?schedule=&status=free&start=ge..&start=lt..` -> a searchset Bundle from
 //!   the [`SlotSource`]; slots served from a cache the core has not refreshed carry the meta
@@ -87,6 +88,9 @@ pub struct Kiosk {
     audit: Arc<AuditLog>,
     sessions: Arc<Sessions>,
     throttle: Arc<Throttle>,
+    /// Failed enrolments per address (a bucket of its own: a mistyped code does not block
+    /// logins from the same terminal).
+    enrol_throttle: Arc<Throttle>,
     /// The issuer authenticator apps show for secrets enrolled here.
     issuer: Arc<str>,
     slots: Arc<dyn SlotSource>,
@@ -105,6 +109,7 @@ impl Kiosk {
             audit,
             sessions: Arc::new(Sessions::default()),
             throttle: Arc::new(Throttle::default()),
+            enrol_throttle: Arc::new(Throttle::default()),
             issuer: Arc::from("gatewayd"),
             slots,
             booking,

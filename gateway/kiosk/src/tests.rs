@@ -1492,3 +1492,54 @@ async fn a_session_ends_at_its_next_request_once_the_account_is_disabled() {
     let (s, _, _) = f.get("/fhir/Slot", Some(&clerk)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn failed_enrolments_are_throttled_per_address_apart_from_logins() {
+    let f = fixture(false);
+    let admin = f.session("admin.ito").await;
+    let (_, invited) = f
+        .post_json(
+            "/api/accounts/invite",
+            json!({"name": "clerk.t", "role": "clerk"}),
+            Some(&admin),
+        )
+        .await;
+    for _ in 0..throttle::FAILURES {
+        let (s, _) = f
+            .post_json(
+                "/api/enrol",
+                json!({"code": "AAAAA-BBBBB-CCCCC-DDDDD", "password": PW}),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    // The address backs off: even the valid code is answered 429, on both routes.
+    let (status, headers, _) = f
+        .send_raw(
+            Request::post("/api/enrol")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(
+                    json!({"code": invited["code"], "password": PW}).to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    let (s, _) = f
+        .post_json(
+            "/api/enrol/confirm",
+            json!({"code": invited["code"], "totp": "123456"}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    // Logins from the same address are not blocked by enrolment failures.
+    let (s, _, _) = f.login("clerk.sato", PW, &f.code("clerk.sato")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        f.audit_text().contains("throttled until"),
+        "the back-off is audited"
+    );
+}
