@@ -212,3 +212,16 @@ def test_users_invite_prints_a_code_on_a_development_machine(gateway_factory):
     assert done.status == 200, done
     assert k.login("admin.dev", secret, code=kiosk.totp(secret, time.time() + 30)).status == 200
     assert code not in g.log_text() and code not in (g.data_dir / "staff" / "accounts.json").read_text()
+
+    # Guessing codes from one address is throttled (429, Retry-After) after five failures,
+    # while logins from the same address still work.
+    r = kiosk.cli(g, "users", "invite", "--name", "clerk.dev", "--role", "clerk", "--json")
+    assert r.returncode == 0, r.stderr
+    clerk_code = json.loads(r.stdout)["code"]
+    for _ in range(5):
+        assert kiosk.enrol_api(k, "AAAAA-BBBBB-CCCCC-DDDDD").status == 401
+    blocked = kiosk.enrol_api(k, clerk_code)
+    assert blocked.status == 429 and int(blocked.headers["retry-after"]) > 0, blocked
+    # (The login bucket is separate: whatever the code's fate, the answer is not a 429.)
+    assert k.login("admin.dev", secret, code=kiosk.totp(secret, time.time() + 60)).status != 429
+    assert g.is_running()
