@@ -330,3 +330,32 @@ class Provisioner:
         self._stop.set()
         self._thread.join(timeout=5)
         self.sub.stop()
+
+
+def result_topic(device: str, op: str, cmd_id: str) -> str:
+    return f"gw/{device}/cmd/{op}/{cmd_id}/result"
+
+
+def staff_command(vendor: Vendor, sub: Subscription, device: str, op: str, cmd_id: str, args: dict,
+                  timeout: float = 20.0) -> tuple[dict, dict | None]:
+    """Sends a signed ``staff-invite`` / ``staff-disable`` to ``device`` and returns its final
+    state and its result body (None when there is none). ``sub`` must watch ``gw/<device>/#``
+    as ``vendor``. Works for any broker the vendor reaches (a host mosquitto, or one a QEMU
+    guest reaches through user networking)."""
+    seen = len(sub.on(state_topic(device, op, cmd_id)))
+    vendor.send(device, op, cmd_id, vendor.envelope(device, op, cmd_id, args))
+    final = final_state(sub, device, op, cmd_id, timeout, after=seen)
+    if final.get("state") != "successful":
+        return final, None
+    results = sub.wait_for(lambda s: s.on(result_topic(device, op, cmd_id)), timeout,
+                           describe=f"result of {op} {cmd_id}")
+    return final, results[-1]
+
+
+def staff_invite(vendor: Vendor, sub: Subscription, device: str, name: str, role: str,
+                 cmd_id: str) -> dict:
+    """``staff-invite`` that must succeed: its result ``{name, role, code, expires_at}``."""
+    final, result = staff_command(vendor, sub, device, "staff-invite", cmd_id, {"name": name, "role": role})
+    assert final["state"] == "successful", f"staff-invite {name}: {final}"
+    assert result and result.get("name") == name and result.get("code"), result
+    return result

@@ -220,3 +220,51 @@ class Region:
         r = k.login(account, secret)
         assert r.status == 200, r
         return k
+
+
+# --- enrolment of invited accounts (the page and the API), for any host and port ----------
+
+
+def enrol_api(k: Kiosk, code: str, password: str = PASSWORD) -> Response:
+    """``POST /api/enrol``: the first step of an enrolment, without a browser."""
+    return k.request("POST", "/api/enrol", {"code": code, "password": password})
+
+
+def enrol_in_page(page, origin: str, code: str, password: str = PASSWORD) -> dict:
+    """Completes an enrolment on the kiosk page at ``origin`` (``https://host:port``) in a
+    `browser.Page`, as the person with the code does: code and password, then the QR code
+    and secret shown, then the authenticator's first code. Returns what the page showed:
+    ``{name, secret, uri, qr_paths, done}``."""
+    page.navigate(origin + "/#enrol")
+    page.wait_for("!document.getElementById('enrol-view').hidden", what="the enrolment form")
+    page.type_into("#enrol-code", code)
+    page.type_into("#enrol-password", password)
+    page.type_into("#enrol-password2", password)
+    page.click("#enrol-submit")
+    page.wait_for("!document.getElementById('enrol-totp').hidden", timeout=30,
+                  what="the second factor shown after the code and password")
+    shown = page.evaluate(
+        "({name: document.getElementById('enrol-name').textContent,"
+        " secret: document.getElementById('enrol-secret').textContent,"
+        " uri: document.getElementById('enrol-uri').textContent,"
+        " qr_paths: document.querySelectorAll('#enrol-qr svg path').length,"
+        " qr_size: (() => { const s = document.querySelector('#enrol-qr svg');"
+        "   if (!s) return 0; const r = s.getBoundingClientRect(); return Math.min(r.width, r.height); })()})")
+    page.type_into("#enrol-totp-code", totp(shown["secret"]))
+    page.click("#enrol-confirm")
+    page.wait_for("!document.getElementById('enrol-done').hidden", timeout=30,
+                  what="the enrolment confirmed")
+    shown["done"] = page.evaluate("document.getElementById('enrol-done').textContent")
+    return shown
+
+
+def login_in_page(page, name: str, secret: str, password: str = PASSWORD) -> None:
+    """Logs in on the page with both factors. Uses the next TOTP step's code (the code that
+    confirmed an enrolment is spent; the gateway accepts one step of skew)."""
+    page.wait_for("!document.getElementById('login-view').hidden", what="the login form")
+    page.type_into("#login-name", name)
+    page.type_into("#login-password", password)
+    page.type_into("#login-code", totp(secret, time.time() + 30))
+    page.click("#login-submit")
+    page.wait_for("!document.getElementById('booking-view').hidden", timeout=30,
+                  what=f"{name} logged in")

@@ -63,7 +63,7 @@ def test_accounts_are_added_enrolled_and_disabled_with_an_audit_record_each(gate
     r = users(g, "disable", "--name", "clerk.sato")
     assert r.returncode == 0, r.stderr
     listed = json.loads(users(g, "list", "--json").stdout)
-    assert listed == [{"name": "clerk.sato", "role": "clerk", "totp_enrolled": True, "disabled": True, "locked": False}]
+    assert listed == [{"name": "clerk.sato", "role": "clerk", "totp_enrolled": True, "disabled": True, "locked": False, "invited": False}]
 
     rc, report, text = audit_verify(g)
     assert rc == 0 and report == {"records": 3, "problem": None}, (report, text)

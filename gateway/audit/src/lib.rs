@@ -85,6 +85,13 @@ pub enum Action {
     TotpEnrolled,
     AccountAdded,
     AccountDisabled,
+    /// A staff account was invited (fleet `staff-invite`, the kiosk, `gatewayd users
+    /// invite`); the one-time code is never in the record.
+    AccountInvited,
+    /// An enrolment code was presented at the kiosk (success: spent; failure: refused).
+    EnrolmentCodeUsed,
+    /// The first TOTP code confirmed an enrolment: the account can log in.
+    EnrolmentCompleted,
     PatientRecordRead,
     AppointmentHeld,
     AppointmentBooked,

@@ -8,8 +8,8 @@ use gateway_fleet::command::MAX_PAYLOAD_BYTES;
 use gateway_fleet::telemetry::{KeyBackend, KeyStoreTelemetry, TamperState};
 use gateway_fleet::topics::{command_subscription, result_topic, state_topic, status_topic};
 use gateway_fleet::{
-    Command, DeviceId, FleetState, Op, StateMessage, StatusMessage, Telemetry, VendorKey,
-    last_will, parse_command_topic, topics::telemetry_topic,
+    Command, DeviceId, FleetState, Op, StaffRole, StateMessage, StatusMessage, Telemetry,
+    VendorKey, last_will, parse_command_topic, topics::telemetry_topic,
 };
 use gateway_mqtt::{
     Backoff, Broker, Flow, Handler, Publisher, Session, SessionConfig, SessionError, StatusEvent,
@@ -71,6 +71,26 @@ pub enum ConfigOutcome {
 
 /// The last `n` lines of the daemon's own log, oldest first (for `log-upload`).
 pub type LogFn = Arc<dyn Fn(usize) -> Vec<String> + Send + Sync>;
+
+/// A kiosk staff change asked for by `staff-invite` / `staff-disable`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StaffRequest {
+    Invite { name: String, role: StaffRole },
+    Disable { name: String },
+}
+
+/// Why the daemon refused a staff change: a stable `code` and a reason safe to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaffRefused {
+    pub code: &'static str,
+    pub reason: String,
+}
+
+/// Does a staff change (blocking: the account file and the audit trail; the agent runs it
+/// on a blocking thread). `Ok` is the body published on `.../result` (for `staff-invite`
+/// the one-time code: only the vendor sees it, nothing logs it).
+pub type StaffFn =
+    Arc<dyn Fn(StaffRequest) -> Result<serde_json::Value, StaffRefused> + Send + Sync>;
 
 /// What the agent asks the daemon to do after a command completed.
 #[derive(Clone, PartialEq, Eq)]
@@ -198,6 +218,7 @@ pub struct FleetAgent {
     wipe: Option<WipeFn>,
     validate: Option<ValidateFn>,
     logs: Option<LogFn>,
+    staff: Option<StaffFn>,
     exit: Option<mpsc::UnboundedSender<ExitRequest>>,
     /// Set by a successful `wipe`: sent to `exit` once `successful` is queued.
     pending_exit: Option<ExitRequest>,
@@ -251,6 +272,7 @@ impl FleetAgent {
             wipe: None,
             validate: None,
             logs: None,
+            staff: None,
             exit: None,
             pending_exit: None,
             can_apply_config: false,
@@ -265,6 +287,14 @@ impl FleetAgent {
     #[must_use]
     pub fn with_logs(mut self, logs: LogFn) -> Self {
         self.logs = Some(logs);
+        self
+    }
+
+    /// Enables `staff-invite` and `staff-disable` (without it both end `failed` /
+    /// `not-supported`).
+    #[must_use]
+    pub fn with_staff(mut self, staff: StaffFn) -> Self {
+        self.staff = Some(staff);
         self
     }
 
@@ -410,7 +440,7 @@ impl FleetAgent {
     }
 
     /// One incoming publish: a command, or something this agent ignores.
-    fn on_publish(&mut self, client: &Publisher, topic: &str, payload: &[u8]) {
+    async fn on_publish(&mut self, client: &Publisher, topic: &str, payload: &[u8]) {
         let device = self.settings.device.clone();
         let Some((op, cmd_id)) = parse_command_topic(&device, topic) else {
             debug!(
@@ -457,7 +487,7 @@ impl FleetAgent {
         }
         info!(%op, %cmd_id, seq = command.seq, "fleet command accepted");
         send(StateMessage::executing(&cmd_id, &op, now_unix()));
-        let outcome = self.execute(client, &command);
+        let outcome = self.execute(client, &command).await;
         match outcome {
             Outcome::Done => {
                 info!(%op, %cmd_id, "fleet command successful");
@@ -485,8 +515,21 @@ impl FleetAgent {
         }
     }
 
-    fn execute(&mut self, client: &Publisher, command: &Command) -> Outcome {
+    async fn execute(&mut self, client: &Publisher, command: &Command) -> Outcome {
         match &command.op {
+            Op::StaffInvite { name, role } => {
+                let request = StaffRequest::Invite {
+                    name: name.as_str().to_owned(),
+                    role: *role,
+                };
+                self.staff_change(client, command, request).await
+            }
+            Op::StaffDisable { name } => {
+                let request = StaffRequest::Disable {
+                    name: name.as_str().to_owned(),
+                };
+                self.staff_change(client, command, request).await
+            }
             Op::Disable { reason } => {
                 if let Err(e) = self.state.set_disabled(reason.as_deref()) {
                     warn!(error = %e, "cannot persist the disabled flag");
@@ -567,6 +610,42 @@ impl FleetAgent {
 }
 
 impl FleetAgent {
+    /// A staff change through the daemon, on a blocking thread; its body on `.../result`.
+    async fn staff_change(
+        &mut self,
+        client: &Publisher,
+        command: &Command,
+        request: StaffRequest,
+    ) -> Outcome {
+        let op = command.op.kind().as_str();
+        let (Some(staff), Ok(topic)) = (
+            self.staff.clone(),
+            result_topic(&self.settings.device, op, &command.cmd_id),
+        ) else {
+            return Outcome::Failed {
+                code: "not-supported",
+                reason: format!("{op} is not available in this daemon; nothing was changed"),
+            };
+        };
+        match tokio::task::spawn_blocking(move || staff(request)).await {
+            Ok(Ok(body)) => {
+                publish(client, topic, false, body.to_string().into_bytes());
+                Outcome::Done
+            }
+            Ok(Err(refused)) => Outcome::Failed {
+                code: refused.code,
+                reason: refused.reason,
+            },
+            Err(e) => {
+                warn!(error = %e, "the staff change task failed");
+                Outcome::Failed {
+                    code: "internal",
+                    reason: "the staff change could not run; nothing was changed".into(),
+                }
+            }
+        }
+    }
+
     fn log_upload(&mut self, client: &Publisher, cmd_id: &str, lines: u32) -> Outcome {
         let (Some(logs), Ok(topic)) = (
             self.logs.clone(),
@@ -681,7 +760,7 @@ impl Handler for FleetAgent {
     }
 
     async fn on_message(&mut self, out: &Publisher, topic: &str, payload: &[u8]) -> Flow {
-        self.on_publish(out, topic, payload);
+        self.on_publish(out, topic, payload).await;
         Flow::Continue
     }
 

@@ -34,7 +34,9 @@
 //! ([`FleetAgent::with_config_outcome`]). `restart` sends [`ExitRequest::Restart`] once
 //! `successful` is queued (the daemon drains and starts every service again). `log-upload`
 //! ([`FleetAgent::with_logs`]) publishes the last N lines of the daemon's own log on
-//! `.../result`.
+//! `.../result`. `staff-invite` and `staff-disable` ([`FleetAgent::with_staff`]) hand the
+//! account change to the daemon on a blocking thread; `staff-invite`'s one-time enrolment
+//! code goes back on `.../result` only (never in a state message or a log line).
 //!
 //! Provisioning by claim ([`provision_by_claim`]) runs before the agent on a box that has no
 //! device id yet: with the factory claim credential it publishes a CSR made by its identity
@@ -57,7 +59,8 @@ mod claim;
 
 pub use agent::{
     AgentError, AgentSettings, CallbackError, ConfigOutcome, ConfigProblems, ExitRequest,
-    FleetAgent, LogFn, StaticTelemetry, TelemetrySource, ValidateFn, WipeFn,
+    FleetAgent, LogFn, StaffFn, StaffRefused, StaffRequest, StaticTelemetry, TelemetrySource,
+    ValidateFn, WipeFn,
 };
 pub use claim::{ClaimSettings, InstallFn, provision_by_claim};
 pub use gateway_fleet::FleetState;

@@ -48,6 +48,12 @@
 //! | `enable`, `wipe`, `restart`, `status` | `{}` |
 //! | `log-upload` | `{"lines": N}` with 1 <= N <= 10000 |
 //! | `provision` | `{"device_id": "<id>", "certificate": "<PEM chain, leaf first>"}`: the answer to a claim's CSR ([`crate::provision`]) |
+//! | `staff-invite` | `{"name": "<id>", "role": "clerk" \| "physician" \| "admin"}`: a kiosk account completed with a one-time enrolment code, returned on `.../result` |
+//! | `staff-disable` | `{"name": "<id>"}`: the kiosk account can no longer log in |
+//!
+//! A staff account `name` is checked with the gateway's one id rule (`gateway-id`, so it
+//! can never inject anything where it is echoed); the account store applies its own,
+//! narrower rule (lower case) and a name it refuses ends `failed`.
 
 use std::fmt;
 
@@ -57,6 +63,7 @@ use serde_json::{Map, Value};
 
 use crate::key::{Algorithm, VendorKey};
 use crate::topics::{DeviceId, is_valid_id};
+use gateway_id::Id;
 
 /// Largest MQTT payload looked at; anything bigger is refused before parsing.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -88,11 +95,13 @@ pub enum OpKind {
     Status,
     LogUpload,
     Provision,
+    StaffInvite,
+    StaffDisable,
 }
 
 impl OpKind {
     /// Every operation, in documentation order.
-    pub const ALL: [OpKind; 8] = [
+    pub const ALL: [OpKind; 10] = [
         OpKind::ConfigUpdate,
         OpKind::Disable,
         OpKind::Enable,
@@ -101,6 +110,8 @@ impl OpKind {
         OpKind::Status,
         OpKind::LogUpload,
         OpKind::Provision,
+        OpKind::StaffInvite,
+        OpKind::StaffDisable,
     ];
 
     /// The wire name (`op` field and topic level).
@@ -114,6 +125,8 @@ impl OpKind {
             OpKind::Status => "status",
             OpKind::LogUpload => "log-upload",
             OpKind::Provision => "provision",
+            OpKind::StaffInvite => "staff-invite",
+            OpKind::StaffDisable => "staff-disable",
         }
     }
 
@@ -124,6 +137,39 @@ impl OpKind {
 }
 
 impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A kiosk staff role, as `staff-invite` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StaffRole {
+    Clerk,
+    Physician,
+    Admin,
+}
+
+impl StaffRole {
+    /// Every role, as the account store knows them.
+    pub const ALL: [StaffRole; 3] = [StaffRole::Clerk, StaffRole::Physician, StaffRole::Admin];
+
+    /// The wire name (`clerk`, `physician`, `admin`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaffRole::Clerk => "clerk",
+            StaffRole::Physician => "physician",
+            StaffRole::Admin => "admin",
+        }
+    }
+
+    /// Parses a wire name; exact, case-sensitive.
+    pub fn from_name(name: &str) -> Option<StaffRole> {
+        StaffRole::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+impl fmt::Display for StaffRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -157,6 +203,16 @@ pub enum Op {
         device_id: DeviceId,
         certificate: String,
     },
+    /// Create (or re-invite) a kiosk account completed only through a one-time enrolment
+    /// code; the code goes back on `.../result`.
+    StaffInvite {
+        name: Id,
+        role: StaffRole,
+    },
+    /// Disable a kiosk account: it can no longer log in.
+    StaffDisable {
+        name: Id,
+    },
 }
 
 impl Op {
@@ -170,6 +226,8 @@ impl Op {
             Op::Status => OpKind::Status,
             Op::LogUpload { .. } => OpKind::LogUpload,
             Op::Provision { .. } => OpKind::Provision,
+            Op::StaffInvite { .. } => OpKind::StaffInvite,
+            Op::StaffDisable { .. } => OpKind::StaffDisable,
         }
     }
 }
@@ -192,6 +250,14 @@ impl fmt::Debug for Op {
                 .field("device_id", device_id)
                 .field("certificate_bytes", &certificate.len())
                 .finish(),
+            Op::StaffInvite { name, role } => f
+                .debug_struct("StaffInvite")
+                .field("name", name)
+                .field("role", role)
+                .finish(),
+            Op::StaffDisable { name } => {
+                f.debug_struct("StaffDisable").field("name", name).finish()
+            }
             other => f.write_str(other.kind().as_str()),
         }
     }
@@ -484,9 +550,31 @@ fn parse_op(kind: OpKind, mut args: Map<String, Value>) -> Result<Op, Rejection>
                 certificate,
             }
         }
+        OpKind::StaffInvite => {
+            let name = staff_name(&mut args).map_err(bad)?;
+            let role = match args.remove("role") {
+                Some(Value::String(role)) => StaffRole::from_name(&role)
+                    .ok_or_else(|| bad("role must be one of clerk, physician, admin".into()))?,
+                Some(_) => return Err(bad("role is not a string".into())),
+                None => return Err(bad("role is missing".into())),
+            };
+            Op::StaffInvite { name, role }
+        }
+        OpKind::StaffDisable => Op::StaffDisable {
+            name: staff_name(&mut args).map_err(bad)?,
+        },
     };
     reject_unknown(&args, "argument").map_err(bad)?;
     Ok(op)
+}
+
+/// The `name` argument of a staff operation, checked with the one id rule.
+fn staff_name(args: &mut Map<String, Value>) -> Result<Id, String> {
+    match args.remove("name") {
+        Some(Value::String(name)) => Id::parse(&name, "name").map_err(|e| e.to_string()),
+        Some(_) => Err("name is not a string".into()),
+        None => Err("name is missing".into()),
+    }
 }
 
 impl VendorKey {

@@ -8,7 +8,7 @@ use std::process::Command as Process;
 
 use serde_json::json;
 
-use crate::command::{MAX_PAYLOAD_BYTES, MAX_REASON_CHARS, Op, OpKind, Rejection};
+use crate::command::{MAX_PAYLOAD_BYTES, MAX_REASON_CHARS, Op, OpKind, Rejection, StaffRole};
 use crate::key::{Algorithm, KeyError, KeyProblem, VendorKey};
 use crate::state::FleetState;
 use crate::testutil::{DEVICE, NOW, Signer, pem, signed};
@@ -79,6 +79,29 @@ fn every_operation_is_accepted_with_both_key_types() {
                     device_id: crate::DeviceId::new("gw-0001").unwrap(),
                     certificate: "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
                         .into(),
+                },
+            ),
+            (
+                "staff-invite",
+                json!({"name": "admin.tanaka", "role": "admin"}),
+                Op::StaffInvite {
+                    name: gateway_id::Id::parse("admin.tanaka", "name").unwrap(),
+                    role: StaffRole::Admin,
+                },
+            ),
+            (
+                "staff-invite",
+                json!({"name": "clerk-1", "role": "clerk"}),
+                Op::StaffInvite {
+                    name: gateway_id::Id::parse("clerk-1", "name").unwrap(),
+                    role: StaffRole::Clerk,
+                },
+            ),
+            (
+                "staff-disable",
+                json!({"name": "dr.ito"}),
+                Op::StaffDisable {
+                    name: gateway_id::Id::parse("dr.ito", "name").unwrap(),
                 },
             ),
         ];
@@ -435,6 +458,29 @@ fn arguments_that_do_not_fit_the_operation_are_bad_args() {
             "provision",
             json!({"device_id": "gw-1", "certificate": "-----BEGIN CERTIFICATE-----", "ca": "x"}),
         ),
+        ("staff-invite", json!({})),
+        ("staff-invite", json!({"name": "admin.a"})),
+        ("staff-invite", json!({"role": "admin"})),
+        ("staff-invite", json!({"name": "admin a", "role": "admin"})),
+        ("staff-invite", json!({"name": "a/+/#", "role": "admin"})),
+        ("staff-invite", json!({"name": "", "role": "admin"})),
+        (
+            "staff-invite",
+            json!({"name": "x".repeat(65), "role": "admin"}),
+        ),
+        ("staff-invite", json!({"name": "佐藤", "role": "admin"})),
+        ("staff-invite", json!({"name": 5, "role": "admin"})),
+        ("staff-invite", json!({"name": "admin.a", "role": "root"})),
+        ("staff-invite", json!({"name": "admin.a", "role": "Admin"})),
+        ("staff-invite", json!({"name": "admin.a", "role": 1})),
+        (
+            "staff-invite",
+            json!({"name": "admin.a", "role": "admin", "password": "x"}),
+        ),
+        ("staff-disable", json!({})),
+        ("staff-disable", json!({"name": "a b"})),
+        ("staff-disable", json!({"name": null})),
+        ("staff-disable", json!({"name": "a", "reason": "x"})),
     ];
     for (op, args) in cases {
         let payload = signer.envelope(&signed(op, "c-1", 11, args.clone()));
@@ -608,6 +654,28 @@ fn debug_of_a_config_update_shows_its_length_only() {
     assert!(!text.contains("secret"), "{text}");
     assert!(text.contains("toml_bytes"), "{text}");
     assert_eq!(format!("{:?}", Op::Wipe), "wipe");
+}
+
+#[test]
+fn staff_arguments_are_never_echoed_when_they_are_not_plain_names() {
+    let signer = Signer::ed25519();
+    let key = signer.vendor_key();
+    let payload = signer.envelope(&signed(
+        "staff-invite",
+        "c-1",
+        11,
+        json!({"name": "山田 太郎", "role": "admin"}),
+    ));
+    let err = verify(&key, &payload, "staff-invite", "c-1").unwrap_err();
+    assert_eq!(err.code(), "bad-args");
+    assert!(!err.reason().contains("山田"), "{err}");
+    assert_eq!(
+        err.reason(),
+        "bad arguments for staff-invite: name must be 1 to 64 characters of A-Z a-z 0-9 . _ -"
+    );
+    for role in StaffRole::ALL {
+        assert_eq!(StaffRole::from_name(role.as_str()), Some(role));
+    }
 }
 
 #[test]

@@ -43,11 +43,11 @@ impl Derived {
         Self(MasterKey::from_bytes(*master))
     }
 
-    fn staff(&self) -> StaffKey {
+    pub(crate) fn staff(&self) -> StaffKey {
         StaffKey::new(&self.0)
     }
 
-    fn audit(&self) -> AuditKey {
+    pub(crate) fn audit(&self) -> AuditKey {
         AuditKey::new(&self.0)
     }
 
@@ -210,7 +210,9 @@ pub(crate) async fn start(
     let listener = gateway_kiosk::tls::TlsListener::new(tcp, tls)
         .map_err(|e| format!("booking.listen {}: {e}", booking.listen))?;
     info!(listen = %booking.listen, role = settings.node.role.as_str(), "kiosk (booking) listening over HTTPS");
-    let app = Kiosk::new(staff, audit, slots, backend).service();
+    let app = Kiosk::new(staff, audit, slots, backend)
+        .with_issuer(&format!("gatewayd {}", settings.node.id.as_str()))
+        .service();
     let mut rx = shutdown.clone();
     tasks.push(Box::pin(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

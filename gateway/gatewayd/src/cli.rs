@@ -43,6 +43,21 @@ pub enum UsersCommand {
         #[arg(long)]
         role: String,
     },
+    /// Invite an account (no password, no second factor yet) and print its one-time
+    /// enrolment code once: the person completes the account at the kiosk's enrolment page
+    /// (`/#enrol`). The same flow as the fleet op `staff-invite`.
+    Invite {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// clerk, physician or admin.
+        #[arg(long)]
+        role: String,
+        /// Print JSON (name, role, code, expires_at) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a new TOTP secret for an account and print it once (base32 and otpauth URI).
     EnrollTotp {
         #[arg(long)]

@@ -1,6 +1,11 @@
 //! The fleet service of `gatewayd run`: the agent from `[fleet]`, and provisioning by
 //! claim before it when the box has no device id yet (`gateway_fleet::provision`).
 //!
+//! `staff-invite` and `staff-disable` run here too ([`StaffParts`]): the account store and
+//! the audit trail are opened on a blocking thread when the agent starts, and each change
+//! is audited (actor `vendor`) before its result goes back; the one-time code is published
+//! on the command's result topic only, never logged or audited.
+//!
 //! Every problem found here before the task starts is a configuration problem reported at
 //! start; the broker itself is only contacted by the task, so an unreachable broker never
 //! stops the gateway (DICOM and HL7 serve while a box claims or reconnects).
@@ -9,14 +14,17 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use gateway_audit::{Action, AuditKey, AuditLog, Event, Outcome};
 use gateway_config::{Claim, Settings};
 use gateway_fleet::{DeviceId, FleetState, VendorKey};
 use gateway_fleet_agent::{
     AgentSettings, CallbackError, ClaimSettings, ConfigOutcome, ConfigProblems, ExitRequest,
-    FleetAgent, InstallFn, TelemetrySource, ValidateFn, WipeFn, provision_by_claim,
+    FleetAgent, InstallFn, StaffFn, StaffRefused, StaffRequest, TelemetrySource, ValidateFn,
+    WipeFn, provision_by_claim,
 };
 use gateway_keystore::{DeviceIdentity, KeyStore};
 use gateway_mqtt::{Broker, BrokerTls};
+use gateway_staff::{Role, Staff, StaffError, StaffKey};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -30,6 +38,123 @@ pub(crate) struct Parts {
     /// The daemon has a config file a `config-update` can replace.
     pub can_apply_config: bool,
     pub config_outcome: Option<(String, Result<(), String>)>,
+    /// The staff account store and audit trail for `staff-invite` / `staff-disable`.
+    pub staff: Option<StaffParts>,
+}
+
+/// What `staff-invite` and `staff-disable` work on: `<data_dir>/staff` and the audit trail.
+pub(crate) struct StaffParts {
+    pub staff_dir: PathBuf,
+    pub staff_key: StaffKey,
+    pub audit_dir: PathBuf,
+    pub audit_key: AuditKey,
+}
+
+impl StaffParts {
+    /// Both stores under `data_dir`, with keys derived from the master key.
+    pub(crate) fn new(data_dir: &Path, staff_key: StaffKey, audit_key: AuditKey) -> Self {
+        Self {
+            staff_dir: data_dir.join("staff"),
+            staff_key,
+            audit_dir: data_dir.join("audit"),
+            audit_key,
+        }
+    }
+
+    /// Opens both (blocking) and returns the agent's staff callback.
+    fn open(self) -> Result<StaffFn, String> {
+        let staff = Staff::open(&self.staff_dir, self.staff_key).map_err(|e| e.to_string())?;
+        let audit = AuditLog::open(&self.audit_dir, self.audit_key).map_err(|e| e.to_string())?;
+        Ok(Arc::new(move |request| {
+            staff_change(&staff, &audit, request)
+        }))
+    }
+}
+
+/// One `staff-invite` / `staff-disable`, audited under the actor `vendor`. Blocking.
+fn staff_change(
+    staff: &Staff,
+    audit: &AuditLog,
+    request: StaffRequest,
+) -> Result<serde_json::Value, StaffRefused> {
+    let (name, action, detail) = match &request {
+        StaffRequest::Invite { name, role } => {
+            (name.clone(), Action::AccountInvited, Some(role.as_str()))
+        }
+        StaffRequest::Disable { name } => (name.clone(), Action::AccountDisabled, None),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let result = match request {
+        StaffRequest::Invite { name, role } => role
+            .as_str()
+            .parse::<Role>()
+            .and_then(|role| staff.invite(&name, role, now))
+            .map(|invited| {
+                serde_json::json!({
+                    "name": invited.name,
+                    "role": invited.role.as_str(),
+                    "code": invited.code.as_str(),
+                    "expires_at": invited.expires_unix,
+                })
+            }),
+        StaffRequest::Disable { name } => staff
+            .disable(&name)
+            .map(|()| serde_json::json!({"name": name, "disabled": true})),
+    };
+    let outcome = match &result {
+        Ok(_) => Outcome::Success,
+        Err(_) => Outcome::Failure,
+    };
+    let refused = result.as_ref().err().map(staff_refusal);
+    let recorded = audit.append(Event {
+        actor: "vendor".into(),
+        action,
+        outcome,
+        subject: Some(format!("account:{name}")),
+        detail: refused
+            .as_ref()
+            .map_or(detail.map(str::to_owned), |r| Some(r.code.to_owned())),
+    });
+    if let Err(e) = recorded {
+        warn!(error = %e, "audit record of a staff change could not be written");
+        return Err(StaffRefused {
+            code: "audit-write",
+            reason: "the audit trail could not be written; the result is withheld".into(),
+        });
+    }
+    match (result, refused) {
+        (Ok(body), _) => Ok(body),
+        (Err(_), Some(refused)) => Err(refused),
+        (Err(_), None) => Err(StaffRefused {
+            code: "internal",
+            reason: "the staff change failed".into(),
+        }),
+    }
+}
+
+/// A refusal safe to publish; storage details stay in the local log.
+fn staff_refusal(e: &StaffError) -> StaffRefused {
+    let (code, reason) = match e {
+        StaffError::BadName => ("bad-name", e.to_string()),
+        StaffError::BadRole => ("bad-role", e.to_string()),
+        StaffError::Exists => (
+            "exists",
+            "an account with that name has completed its enrolment; disable it and invite \
+             another name"
+                .to_owned(),
+        ),
+        StaffError::NoSuchAccount => ("no-such-account", e.to_string()),
+        other => {
+            warn!(error = %other, "a staff change could not be stored");
+            (
+                "storage",
+                "the staff accounts could not be changed; see the gateway's local log".to_owned(),
+            )
+        }
+    };
+    StaffRefused { code, reason }
 }
 
 /// The fleet task: claim first if needed, then the agent until `shutdown`.
@@ -120,6 +245,15 @@ pub(crate) fn service(
         .with_wipe(parts.wipe, parts.exit)
         .with_config_validation(validate)
         .with_logs(Arc::new(crate::logring::tail));
+        if let Some(staff) = parts.staff.take() {
+            match tokio::task::spawn_blocking(move || staff.open()).await {
+                Ok(Ok(staff)) => agent = agent.with_staff(staff),
+                Ok(Err(e)) => {
+                    error!(error = %e, "staff accounts cannot be opened: staff-invite and staff-disable are refused");
+                }
+                Err(e) => error!(error = %e, "staff accounts: the opening task failed"),
+            }
+        }
         if parts.can_apply_config {
             agent = agent.with_config_apply();
         }

@@ -129,6 +129,7 @@ pub fn audit(cmd: &AuditCommand) -> ExitCode {
 pub fn users(cmd: &UsersCommand) -> ExitCode {
     let config = match cmd {
         UsersCommand::Add { config, .. }
+        | UsersCommand::Invite { config, .. }
         | UsersCommand::EnrollTotp { config, .. }
         | UsersCommand::Disable { config, .. }
         | UsersCommand::List { config, .. } => config,
@@ -165,19 +166,50 @@ fn users_action(cmd: &UsersCommand, settings: &Settings) -> Result<String, Strin
         )
         .map_err(|e| e.to_string())
     };
-    let record = |action: Action, name: &str| {
+    let record_with = |action: Action, name: &str, detail: Option<&str>| {
         audit()?
             .append(Event {
                 actor: "local-admin".into(),
                 action,
                 outcome: Outcome::Success,
                 subject: Some(format!("account:{name}")),
-                detail: None,
+                detail: detail.map(str::to_owned),
             })
             .map(|_| ())
             .map_err(|e| e.to_string())
     };
+    let record = |action: Action, name: &str| record_with(action, name, None);
     match cmd {
+        UsersCommand::Invite {
+            name, role, json, ..
+        } => {
+            let role: Role = role
+                .parse()
+                .map_err(|e: gateway_staff::StaffError| e.to_string())?;
+            audit()?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let invited = staff.invite(name, role, now).map_err(|e| e.to_string())?;
+            record_with(Action::AccountInvited, name, Some(role.as_str()))?;
+            if *json {
+                return Ok(serde_json::json!({
+                    "name": invited.name,
+                    "role": invited.role.as_str(),
+                    "code": invited.code.as_str(),
+                    "expires_at": invited.expires_unix,
+                })
+                .to_string()
+                    + "\n");
+            }
+            Ok(format!(
+                "invited {name} ({}); enrolment code (once, valid for {} hours): {}\n\
+                 complete the account at the kiosk's enrolment page\n",
+                role.as_str(),
+                gateway_staff::INVITE_TTL_SECS / 3600,
+                invited.code.as_str()
+            ))
+        }
         UsersCommand::Add { name, role, .. } => {
             let role: Role = role
                 .parse()
@@ -229,12 +261,13 @@ fn users_action(cmd: &UsersCommand, settings: &Settings) -> Result<String, Strin
                     .iter()
                     .map(|a| {
                         format!(
-                            "{} {} totp={} disabled={} locked={}\n",
+                            "{} {} totp={} disabled={} locked={} invited={}\n",
                             a.name,
                             a.role.as_str(),
                             a.totp_enrolled,
                             a.disabled,
-                            a.locked
+                            a.locked,
+                            a.invited
                         )
                     })
                     .collect())

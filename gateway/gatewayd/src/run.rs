@@ -198,6 +198,7 @@ async fn serve(
 
     let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
     let booking = start_booking(&ctx, &derived, keys.as_ref()).await?;
+    let staff = crate::fleet::StaffParts::new(&data_dir, derived.staff(), derived.audit());
     drop(derived);
     let core = booking.as_ref().and_then(|b| b.core.as_ref());
     let dicom_metrics = start_dicom(&ctx, core, &mut registry, &mut services).await?;
@@ -226,6 +227,7 @@ async fn serve(
         exit: exit_tx.clone(),
         config_path,
         config_outcome,
+        staff,
     };
     start_fleet(&ctx, fleet, keys.as_ref(), metrics, &mut services)?;
     services.spawn(control.run(shutdown.clone()));
@@ -463,6 +465,7 @@ struct FleetParts {
     exit: mpsc::UnboundedSender<ExitRequest>,
     config_path: Option<PathBuf>,
     config_outcome: Option<(String, Result<(), String>)>,
+    staff: crate::fleet::StaffParts,
 }
 
 /// `[fleet]`: the telemetry collector and the fleet agent (or provisioning by claim).
@@ -483,6 +486,7 @@ fn start_fleet(
         exit: exit_tx,
         config_path,
         config_outcome,
+        staff,
     } = parts;
     match &settings.fleet {
         Some(fleet) => {
@@ -515,6 +519,7 @@ fn start_fleet(
                 exit: exit_tx,
                 can_apply_config: config_path.is_some(),
                 config_outcome,
+                staff: Some(staff),
             };
             services.spawn(crate::fleet::service(
                 settings,

@@ -19,6 +19,10 @@
 //!   locale and time zone (`Intl.DateTimeFormat`), never a Unix timestamp.
 //! - `POST /api/logout`, `GET /api/me`; `GET /api/accounts` for admins only (403 otherwise),
 //!   with each account's `locked_until_unix` while it is locked.
+//! - Enrolment of invited accounts, no session needed: `POST /api/enrol` `{code, password}`
+//!   and `POST /api/enrol/confirm` `{code, totp}`; `POST /api/accounts/invite` for admins.
+//!   Failed enrolments are throttled per address like logins, in a bucket of their own.
+//!   See `enrol`.
 //! - `GET /fhir/Slot?schedule=&status=free&start=ge..&start=lt..` -> a searchset Bundle from
 //!   the [`SlotSource`]; slots served from a cache the core has not refreshed carry the meta
 //!   tag `stale`.
@@ -48,6 +52,7 @@
 #![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
 pub mod appointment;
+mod enrol;
 mod openapi;
 pub mod session;
 pub mod throttle;
@@ -83,6 +88,11 @@ pub struct Kiosk {
     audit: Arc<AuditLog>,
     sessions: Arc<Sessions>,
     throttle: Arc<Throttle>,
+    /// Failed enrolments per address (a bucket of its own: a mistyped code does not block
+    /// logins from the same terminal).
+    enrol_throttle: Arc<Throttle>,
+    /// The issuer authenticator apps show for secrets enrolled here.
+    issuer: Arc<str>,
     slots: Arc<dyn SlotSource>,
     booking: Arc<dyn appointment::BookingBackend>,
 }
@@ -99,6 +109,8 @@ impl Kiosk {
             audit,
             sessions: Arc::new(Sessions::default()),
             throttle: Arc::new(Throttle::default()),
+            enrol_throttle: Arc::new(Throttle::default()),
+            issuer: Arc::from("gatewayd"),
             slots,
             booking,
         }
@@ -114,6 +126,14 @@ impl Kiosk {
             .into_make_service_with_connect_info::<PeerAddr>()
     }
 
+    /// The issuer name authenticator apps show for secrets enrolled at this kiosk
+    /// (default `gatewayd`; the daemon passes `gatewayd <node id>`).
+    #[must_use]
+    pub fn with_issuer(mut self, issuer: &str) -> Self {
+        self.issuer = Arc::from(issuer);
+        self
+    }
+
     /// The routes, with security headers on every response.
     pub fn router(self) -> Router {
         Router::new()
@@ -126,6 +146,10 @@ impl Kiosk {
             .route("/api/logout", post(logout))
             .route("/api/me", get(me))
             .route("/api/accounts", get(accounts))
+            .route("/api/accounts/invite", post(enrol::invite))
+            .route("/api/enrol", post(enrol::enrol))
+            .route("/api/enrol/confirm", post(enrol::confirm))
+            .route("/enrol.js", get(page_enrol_js))
             .route("/fhir/Slot", get(slots))
             .route("/fhir/Appointment/$hold", post(hold))
             .route("/fhir/Appointment/$book", post(book))
@@ -255,6 +279,14 @@ async fn page_js() -> Response {
     )
 }
 
+/// The enrolment page's and the invitation form's script.
+async fn page_enrol_js() -> Response {
+    asset(
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/enrol.js"),
+    )
+}
+
 async fn page_css() -> Response {
     asset("text/css; charset=utf-8", include_str!("../assets/app.css"))
 }
@@ -276,15 +308,28 @@ impl FromRequestParts<Kiosk> for Authenticated {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, kiosk: &Kiosk) -> Result<Self, Self::Rejection> {
-        parts
+        let refused = || outcome(StatusCode::UNAUTHORIZED, "login", "log in first");
+        let Some((token, staffer)) = parts
             .headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .find_map(session::token_from_cookie)
-            .and_then(|t| kiosk.sessions.check(t, now_unix()))
-            .map(Authenticated)
-            .ok_or_else(|| outcome(StatusCode::UNAUTHORIZED, "login", "log in first"))
+            .and_then(|t| Some((t.to_owned(), kiosk.sessions.check(t, now_unix())?)))
+        else {
+            return Err(refused());
+        };
+        // An account disabled since its login (`staff-disable`, `gatewayd users disable`)
+        // loses its session at its next request; so does one that cannot be read.
+        let active = kiosk
+            .accounts(now_unix())
+            .await
+            .is_ok_and(|all| all.iter().any(|a| a.name == staffer.name && !a.disabled));
+        if !active {
+            kiosk.sessions.end(&token);
+            return Err(refused());
+        }
+        Ok(Authenticated(staffer))
     }
 }
 

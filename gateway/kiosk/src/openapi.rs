@@ -17,6 +17,102 @@ fn outcome_response(description: &str) -> Value {
 }
 
 pub fn document() -> Value {
+    let mut doc = base();
+    add_enrolment(&mut doc);
+    doc
+}
+
+/// The enrolment routes (`crate::enrol`): schemas and paths added to the document.
+fn add_enrolment(doc: &mut Value) {
+    let schemas = json!({
+        "Enrol": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["code", "password"],
+            "properties": {
+                "code": {"type": "string", "maxLength": 64, "description": "The one-time enrolment code, e.g. ABCDE-FGHIJ-KLMNO-PQRST (case and separators do not matter)"},
+                "password": {"type": "string", "maxLength": 256, "description": "At least 12 characters, not containing the staff id, not one character repeated"}
+            }
+        },
+        "EnrolConfirm": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["code", "totp"],
+            "properties": {
+                "code": {"type": "string", "maxLength": 64},
+                "totp": {"type": "string", "pattern": "^[0-9]{6}$"}
+            }
+        },
+        "Enrolment": {"type": "object", "required": ["name", "role", "secret", "otpauth_uri", "qr_svg"], "properties": {
+            "name": {"type": "string"}, "role": {"enum": ["clerk", "physician", "admin"]},
+            "secret": {"type": "string", "description": "The TOTP secret, base32"},
+            "otpauth_uri": {"type": "string"},
+            "qr_svg": {"type": "string", "description": "The otpauth URI as a QR code, an SVG document"}}},
+        "Invite": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["name", "role"],
+            "properties": {
+                "name": {"type": "string", "maxLength": 64, "pattern": "^[a-z0-9._-]{1,64}$"},
+                "role": {"enum": ["clerk", "physician", "admin"]}
+            }
+        },
+        "Invited": {"type": "object", "required": ["name", "role", "code", "expires_at"], "properties": {
+            "name": {"type": "string"}, "role": {"enum": ["clerk", "physician", "admin"]},
+            "code": {"type": "string", "description": "The one-time enrolment code, shown once"},
+            "expires_at": {"type": "integer", "description": "Unix seconds"}}}
+    });
+    let paths = json!({
+        "/api/enrol": {"post": {
+            "summary": "Start an invited account's enrolment: spend the code, set the password, get the TOTP secret",
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Enrol"}}}},
+            "responses": {
+                "200": {"description": "The new second factor, shown once", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Enrolment"}}}},
+                "400": outcome_response("Not an enrolment request"),
+                "401": outcome_response("The code is not valid (unknown, used, replaced or expired): one answer for all"),
+                "422": outcome_response("The password breaks a rule; the issue code names it (too-short, contains-name, one-character)"),
+                "429": outcome_response("Too many failed enrolments from this address; Retry-After says when to try again"),
+                "503": outcome_response("The account store failed; try again")
+            }
+        }},
+        "/api/enrol/confirm": {"post": {
+            "summary": "Complete the enrolment with the authenticator's first code; then log in",
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EnrolConfirm"}}}},
+            "responses": {
+                "200": {"description": "Enrolled: the account can log in with its password and the next code", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Me"}}}},
+                "400": outcome_response("Not a confirmation request"),
+                "401": outcome_response("The code is not valid, or the authenticator's code does not match"),
+                "429": outcome_response("Too many failed enrolments from this address; Retry-After says when to try again"),
+                "503": outcome_response("The account store failed; try again")
+            }
+        }},
+        "/api/accounts/invite": {"post": {
+            "summary": "Invite a staff account (administrators only); its enrolment code is answered once",
+            "security": [{"session": []}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Invite"}}}},
+            "responses": {
+                "201": {"description": "Invited", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Invited"}}}},
+                "400": outcome_response("Not an invitation, or a name or role that is not allowed"),
+                "401": outcome_response("No session"),
+                "403": outcome_response("Not an administrator"),
+                "409": outcome_response("An account with that name has completed its enrolment"),
+                "503": outcome_response("The account store failed; try again")
+            }
+        }}
+    });
+    for (section, more) in [("schemas", schemas), ("paths", paths)] {
+        let target = if section == "paths" {
+            doc.get_mut("paths")
+        } else {
+            doc.get_mut("components").and_then(|c| c.get_mut("schemas"))
+        };
+        if let (Some(Value::Object(target)), Value::Object(more)) = (target, more) {
+            target.extend(more);
+        }
+    }
+}
+
+fn base() -> Value {
     json!({
         "openapi": "3.1.0",
         "info": {

@@ -1198,3 +1198,348 @@ async fn accepted_connections_send_without_nagle_delay() {
     assert!(stream.get_ref().0.nodelay().unwrap(), "TCP_NODELAY is off");
     drop(client.await.unwrap());
 }
+
+// --- enrolment of invited accounts ------------------------------------------------------
+
+impl Fixture {
+    async fn post_json(
+        &self,
+        path: &str,
+        body: Value,
+        cookie: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::post(path).header(header::CONTENT_TYPE, "application/json");
+        if let Some(c) = cookie {
+            req = req.header(header::COOKIE, c);
+        }
+        let (status, _, body) = self
+            .send(req.body(Body::from(body.to_string())).unwrap())
+            .await;
+        (status, body)
+    }
+
+    fn audit_text(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("audit").join("audit.jsonl")).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn an_invited_account_enrols_with_its_code_and_then_logs_in_with_both_factors() {
+    let f = fixture(false);
+    let admin = f.session("admin.ito").await;
+    let (s, invited) = f
+        .post_json(
+            "/api/accounts/invite",
+            json!({"name": "clerk.new", "role": "clerk"}),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{invited}");
+    assert_eq!(invited["name"], "clerk.new");
+    assert_eq!(invited["role"], "clerk");
+    let code = invited["code"].as_str().unwrap().to_string();
+    assert_eq!(code.len(), 23, "{code}");
+    assert!(invited["expires_at"].as_u64().unwrap() > now_unix() + 71 * 3600);
+
+    // An invited account cannot log in.
+    let (s, _, _) = f.login("clerk.new", "", "000000").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // The password policy names the rule and does not spend the code.
+    for (pw, rule) in [
+        ("short", "too-short"),
+        ("I am clerk.new at work", "contains-name"),
+        ("xxxxxxxxxxxxxxxx", "one-character"),
+    ] {
+        let (s, b) = f
+            .post_json("/api/enrol", json!({"code": code, "password": pw}), None)
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+        assert_eq!(issue_code(&b), rule);
+    }
+    let (s, enrolment) = f
+        .post_json(
+            "/api/enrol",
+            json!({"code": code.to_lowercase(), "password": PW}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{enrolment}");
+    assert_eq!(enrolment["name"], "clerk.new");
+    let secret = enrolment["secret"].as_str().unwrap().to_string();
+    let uri = enrolment["otpauth_uri"].as_str().unwrap();
+    assert!(
+        uri.starts_with("otpauth://totp/") && uri.contains(&secret),
+        "{uri}"
+    );
+    let svg = enrolment["qr_svg"].as_str().unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<path"), "{svg}");
+
+    // Single use: the same code again is refused with the one answer an unknown code gets.
+    let (s, reused) = f
+        .post_json("/api/enrol", json!({"code": code, "password": PW}), None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s2, unknown) = f
+        .post_json(
+            "/api/enrol",
+            json!({"code": "AAAAA-BBBBB-CCCCC-DDDDD", "password": PW}),
+            None,
+        )
+        .await;
+    assert_eq!((s2, &unknown), (s, &reused));
+    assert_eq!(issue_code(&reused), "enrolment-code");
+
+    // Not usable before the authenticator proves itself.
+    let now_code = gateway_staff::code_at(&secret, now_unix()).unwrap();
+    let (s, _, _) = f.login("clerk.new", PW, &now_code).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let wrong = if now_code == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let (s, b) = f
+        .post_json(
+            "/api/enrol/confirm",
+            json!({"code": code, "totp": wrong}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+    let (s, b) = f
+        .post_json(
+            "/api/enrol/confirm",
+            json!({"code": code, "totp": now_code}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b, json!({"name": "clerk.new", "role": "clerk"}));
+
+    // Both factors now log in (the next code: the confirming one is spent).
+    let next = gateway_staff::code_at(&secret, now_unix() + 30).unwrap();
+    let (s, _, b) = f.login("clerk.new", PW, &next).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // The code is gone for good.
+    let (s, _) = f
+        .post_json(
+            "/api/enrol/confirm",
+            json!({"code": code, "totp": next}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // Each step is audited; no code, password or secret is in the trail.
+    let actions: Vec<(String, String, String)> = f
+        .audit
+        .records()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.actor().to_string(),
+                serde_json::to_value(r.action())
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                serde_json::to_value(r.outcome())
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("admin.ito", "account_invited", "success"),
+        ("clerk.new", "enrolment_code_used", "success"),
+        ("kiosk-enrolment", "enrolment_code_used", "failure"),
+        ("clerk.new", "enrolment_completed", "success"),
+        ("clerk.new", "login", "success"),
+    ] {
+        assert!(
+            actions
+                .iter()
+                .any(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()) == expected),
+            "{expected:?} in {actions:?}"
+        );
+    }
+    let trail = f.audit_text();
+    let canonical = code.replace('-', "");
+    for secret_text in [code.as_str(), canonical.as_str(), PW, secret.as_str()] {
+        assert!(
+            !trail.contains(secret_text),
+            "{secret_text} in the audit trail"
+        );
+    }
+}
+
+#[tokio::test]
+async fn only_an_administrator_invites_and_names_and_roles_are_checked() {
+    let f = fixture(false);
+    let body = json!({"name": "clerk.x", "role": "clerk"});
+    let (s, _) = f
+        .post_json("/api/accounts/invite", body.clone(), None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let clerk = f.session("clerk.sato").await;
+    let (s, _) = f
+        .post_json("/api/accounts/invite", body.clone(), Some(&clerk))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let admin = f.session("admin.ito").await;
+    for bad in [
+        json!({"name": "Clerk X", "role": "clerk"}),
+        json!({"name": "clerk.x", "role": "root"}),
+        json!({"name": "clerk.x"}),
+        json!({"name": "clerk.x", "role": "clerk", "password": "x"}),
+    ] {
+        let (s, b) = f
+            .post_json("/api/accounts/invite", bad.clone(), Some(&admin))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {b}");
+    }
+    let (s, b) = f
+        .post_json(
+            "/api/accounts/invite",
+            json!({"name": "clerk.sato", "role": "clerk"}),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    // Re-inviting a pending account replaces its code.
+    let (_, first) = f
+        .post_json("/api/accounts/invite", body.clone(), Some(&admin))
+        .await;
+    let (_, second) = f
+        .post_json("/api/accounts/invite", body.clone(), Some(&admin))
+        .await;
+    let (s, _) = f
+        .post_json(
+            "/api/enrol",
+            json!({"code": first["code"], "password": PW}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = f
+        .post_json(
+            "/api/enrol",
+            json!({"code": second["code"], "password": PW}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // Bad bodies are 400s, never a crash.
+    let (s, _) = f.post_json("/api/enrol", json!({"code": 5}), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = f
+        .post_json("/api/enrol/confirm", json!({"code": "x"}), None)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn the_enrolment_page_is_served_and_in_the_openapi_document() {
+    let f = fixture(false);
+    let (s, _, _) = f.get("/enrol.js", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let r = f
+        .app
+        .clone()
+        .oneshot(Request::get("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let html =
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    for id in [
+        "enrol-form",
+        "enrol-qr",
+        "enrol-secret",
+        "enrol-uri",
+        "invite-form",
+        "/enrol.js",
+    ] {
+        assert!(html.contains(id), "{id}");
+    }
+    let (_, _, doc) = f.get("/openapi.json", None).await;
+    for path in ["/api/enrol", "/api/enrol/confirm", "/api/accounts/invite"] {
+        assert!(doc["paths"][path]["post"].is_object(), "{path}");
+    }
+    assert!(doc["components"]["schemas"]["Enrolment"].is_object());
+    assert!(
+        doc["components"]["schemas"]["Login"].is_object(),
+        "the base document is kept"
+    );
+}
+
+#[tokio::test]
+async fn a_session_ends_at_its_next_request_once_the_account_is_disabled() {
+    let f = fixture(false);
+    let clerk = f.session("clerk.sato").await;
+    let (s, _, _) = f.get("/api/me", Some(&clerk)).await;
+    assert_eq!(s, StatusCode::OK);
+    // `staff-disable` (another handle on the same accounts file, as the fleet agent has).
+    Staff::open(&f._dir.path().join("staff"), StaffKey::derive(&[3; 32]))
+        .unwrap()
+        .disable("clerk.sato")
+        .unwrap();
+    let (s, _, _) = f.get("/api/me", Some(&clerk)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = f.get("/fhir/Slot", Some(&clerk)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn failed_enrolments_are_throttled_per_address_apart_from_logins() {
+    let f = fixture(false);
+    let admin = f.session("admin.ito").await;
+    let (_, invited) = f
+        .post_json(
+            "/api/accounts/invite",
+            json!({"name": "clerk.t", "role": "clerk"}),
+            Some(&admin),
+        )
+        .await;
+    for _ in 0..throttle::FAILURES {
+        let (s, _) = f
+            .post_json(
+                "/api/enrol",
+                json!({"code": "AAAAA-BBBBB-CCCCC-DDDDD", "password": PW}),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    // The address backs off: even the valid code is answered 429, on both routes.
+    let (status, headers, _) = f
+        .send_raw(
+            Request::post("/api/enrol")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(
+                    json!({"code": invited["code"], "password": PW}).to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    let (s, _) = f
+        .post_json(
+            "/api/enrol/confirm",
+            json!({"code": invited["code"], "totp": "123456"}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    // Logins from the same address are not blocked by enrolment failures.
+    let (s, _, _) = f.login("clerk.sato", PW, &f.code("clerk.sato")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        f.audit_text().contains("throttled until"),
+        "the back-off is audited"
+    );
+}

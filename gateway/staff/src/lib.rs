@@ -25,6 +25,12 @@
 //!   written from a copy held in memory. Every public method does blocking file I/O (and
 //!   Argon2): callers on an async runtime run it with `spawn_blocking`.
 //!
+//! - Invitations ([`invite`]): an account can be created "invited", with no password and
+//!   no second factor, completed only through a one-time enrolment code (stored as its
+//!   SHA-256 only, single use, [`INVITE_TTL_SECS`]): [`Staff::invite`], [`Staff::enrol`],
+//!   [`Staff::confirm_enrolment`]. This is how a box with no console gets its first
+//!   administrator (the fleet op `staff-invite`, the kiosk's enrolment page).
+//!
 //! Account names are staff identifiers (1-64 of `a-z 0-9 . _ -`), never patient data.
 
 use std::path::{Path, PathBuf};
@@ -40,6 +46,13 @@ use gateway_keystore::{DerivedKey, KEY_LEN, KeyPurpose, MasterKey};
 use serde::{Deserialize, Serialize};
 use totp_rs::TOTP;
 use zeroize::Zeroizing;
+
+pub mod invite;
+
+pub use invite::{
+    CONFIRM_WINDOW_SECS, EnrolError, INVITE_TTL_SECS, InviteCode, Invited, PasswordRule,
+    PendingEnrolment, check_password,
+};
 
 const FILE: &str = "accounts.json";
 /// Held (`flock`) for every read-modify-write of [`FILE`], across processes.
@@ -123,6 +136,10 @@ struct Account {
     locked_until_unix: Option<u64>,
     /// The last TOTP step accepted (codes of that step or earlier are refused).
     last_totp_step: Option<u64>,
+    /// Set while the account is invited: it has no password or second factor yet and
+    /// cannot log in until [`Staff::confirm_enrolment`] completes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    invite: Option<invite::Invite>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -141,6 +158,8 @@ pub struct AccountInfo {
     /// When the lock ends (Unix seconds), while the account is locked (absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub locked_until_unix: Option<u64>,
+    /// Invited and not yet enrolled: cannot log in.
+    pub invited: bool,
 }
 
 /// A second factor to hand to the staff member once (shown as text or a QR code).
@@ -170,10 +189,8 @@ pub enum StaffError {
     Exists,
     #[error("no account with that name")]
     NoSuchAccount,
-    #[error(
-        "passwords need at least {MIN_PASSWORD_CHARS} characters and must not contain the account name"
-    )]
-    WeakPassword,
+    #[error("password refused: {0}")]
+    WeakPassword(PasswordRule),
     #[error("cannot hash or seal: {0}")]
     Crypto(String),
 }
@@ -336,9 +353,7 @@ impl Staff {
         if !valid_name(name) {
             return Err(StaffError::BadName);
         }
-        if password.chars().count() < MIN_PASSWORD_CHARS || password.to_lowercase().contains(name) {
-            return Err(StaffError::WeakPassword);
-        }
+        check_password(name, password).map_err(StaffError::WeakPassword)?;
         let hash = hash_password(password)?;
         let (locked, mut file) = self.lock()?;
         if file.accounts.iter().any(|a| a.name == name) {
@@ -353,12 +368,29 @@ impl Staff {
             failures: 0,
             locked_until_unix: None,
             last_totp_step: None,
+            invite: None,
         });
         self.save(&locked, &file)
     }
 
     /// Makes a new TOTP secret for `name` (replacing any earlier one) and returns it once.
     pub fn enroll_totp(&self, name: &str, issuer: &str) -> Result<Enrollment, StaffError> {
+        let (enrollment, sealed) = self.new_totp(name, issuer)?;
+        let (locked, mut file) = self.lock()?;
+        let account = file
+            .accounts
+            .iter_mut()
+            .find(|a| a.name == name)
+            .ok_or(StaffError::NoSuchAccount)?;
+        account.totp_sealed = Some(sealed);
+        account.last_totp_step = None;
+        self.save(&locked, &file)?;
+        Ok(enrollment)
+    }
+
+    /// A new TOTP secret for `name`: what to show once, and the secret sealed for the file
+    /// (nonce || AES-256-GCM ciphertext bound to the name, hex).
+    fn new_totp(&self, name: &str, issuer: &str) -> Result<(Enrollment, String), StaffError> {
         let mut secret = Zeroizing::new([0u8; 20]);
         getrandom::getrandom(secret.as_mut()).map_err(|e| StaffError::Crypto(e.to_string()))?;
         let mut nonce = [0u8; 12];
@@ -379,16 +411,10 @@ impl Staff {
             secret_base32: Zeroizing::new(t.get_secret_base32()),
             otpauth_uri: Zeroizing::new(t.get_url()),
         };
-        let (locked, mut file) = self.lock()?;
-        let account = file
-            .accounts
-            .iter_mut()
-            .find(|a| a.name == name)
-            .ok_or(StaffError::NoSuchAccount)?;
-        account.totp_sealed = Some(hex::encode([nonce.as_slice(), &sealed].concat()));
-        account.last_totp_step = None;
-        self.save(&locked, &file)?;
-        Ok(enrollment)
+        Ok((
+            enrollment,
+            hex::encode([nonce.as_slice(), &sealed].concat()),
+        ))
     }
 
     /// Disables an account: it can no longer log in.
@@ -420,13 +446,19 @@ impl Staff {
                     disabled: a.disabled,
                     locked: locked_until_unix.is_some(),
                     locked_until_unix,
+                    invited: a.invite.is_some(),
                 }
             })
             .collect())
     }
 
     fn open_secret(&self, account: &Account) -> Option<Zeroizing<Vec<u8>>> {
-        let sealed = hex::decode(account.totp_sealed.as_deref()?).ok()?;
+        self.open_sealed(account.totp_sealed.as_deref()?, &account.name)
+    }
+
+    /// Opens a sealed TOTP secret (nonce || ciphertext, hex) bound to `name`.
+    fn open_sealed(&self, sealed_hex: &str, name: &str) -> Option<Zeroizing<Vec<u8>>> {
+        let sealed = hex::decode(sealed_hex).ok()?;
         if sealed.len() < 12 {
             return None;
         }
@@ -437,7 +469,7 @@ impl Staff {
                 Nonce::from_slice(nonce),
                 Payload {
                     msg: ct,
-                    aad: account.name.as_bytes(),
+                    aad: name.as_bytes(),
                 },
             )
             .ok()
