@@ -20,14 +20,20 @@ Pins, on one image, one state disk and one swtpm state:
   configuration is still in force (AA again, same hashes) and the update is not reported again
   (its marker was committed before the first READY=1).
 
+The first administrator of such a box (a second QEMU test, its own state disk and TPM; see its
+docstring): a `config-update` turns the kiosk on, the vendor's signed `staff-invite` through the
+broker returns a one-time code, headless Chromium on the host enrols at the box's kiosk (password
++ TOTP) and logs in; the spent code is refused, and so is an unused one in a boot whose clock is
+73 h ahead (`Vm(rtc=...)`).
+
 Without QEMU, with a real `gatewayd run` here: the files a power cut leaves in the middle of a
 config-update (`FILE.previous`, the marker `FILE.update`, the new `FILE`) are finished at the
 next start: a new file that cannot start (its DICOM port taken) is rolled back to the previous
 bytes and the gateway serves; one that starts is kept and its marker removed; a cut before the
 new file was in place leaves the old one serving and the marker cleared.
 
-Bounded: every wait has a timeout and says what it waited for; qemu, swtpm, dnsmasq and
-mosquitto are killed by PID at teardown. A missing peer fails the test.
+Bounded: every wait has a timeout and says what it waited for; qemu, swtpm, dnsmasq,
+mosquitto and Chromium are killed by PID at teardown. A missing peer fails the test.
 """
 
 from __future__ import annotations
@@ -304,6 +310,9 @@ def test_appliance_first_administrator_is_invited_over_the_fleet_and_enrols_at_t
     header shows the guest's clock), past the clerk's invitation's `expires_at`: its code gets
     the unknown-code answer, while the administrator enrolled in boot 1 still logs in with both
     factors, the TOTP code computed for the guest's clock.
+
+    Neither code nor the TOTP secret is in the guest's journal (forwarded to the serial
+    console) of either boot; the page logs no error but the 401 of /api/me before login.
     """
     image = appliance_image
     broker = _broker_with_host_name(tmp_path, ca)
@@ -383,6 +392,10 @@ def test_appliance_first_administrator_is_invited_over_the_fleet_and_enrols_at_t
         kiosk.login_in_page(page, ADMIN, secret, clock_offset=offset1, timeout=ENROL_STEP_TIMEOUT_S)
         assert ADMIN in page.evaluate("document.getElementById('who-name').textContent")
         print(f"boot 1: enrolled and logged in with both factors in Chromium in {time.monotonic() - t0:.1f} s")
+        page.screenshot(tmp_path / "kiosk-logged-in.png")  # kept in the test's folder, for a look
+        problems = [p for p in page.problems() if not (p.startswith("log[network]:") and " 401 " in p + " "
+                                                        and p.endswith("/api/me"))]
+        assert not problems, "the page logged errors:\n" + "\n".join(problems)
 
         # The code is spent: the answer an unknown code gets.
         k = kiosk.Kiosk(None, port, cafile=ca.cert)
@@ -420,6 +433,13 @@ def test_appliance_first_administrator_is_invited_over_the_fleet_and_enrols_at_t
         me = k2.request("GET", "/api/me")
         assert me.status == 200 and ADMIN in me.body.decode(errors="replace"), me
         vm2.power_off()
+        # gatewayd's journal goes to the serial console: no enrolment code nor TOTP secret in it.
+        for name, text in (("boot 1", vm.console_text()), ("boot 2", vm2.console_text())):
+            assert "gatewayd" in text, f"no gatewayd lines on the {name} console"
+            for what, value in (("enrolment code", code), ("enrolment code", late["code"]),
+                                ("TOTP secret", secret)):
+                for variant in (value, value.replace("-", "")):
+                    assert variant not in text, f"the {what} is in the guest's journal ({name} console)"
     finally:
         if provisioner is not None:
             provisioner.stop()
