@@ -38,6 +38,7 @@ mosquitto and Chromium are killed by PID at teardown. A missing peer fails the t
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import http.client
@@ -283,6 +284,15 @@ def _wait_kiosk(vm: Vm, cafile, timeout: float) -> kiosk.Response:
                          f"{KIOSK_GUEST_PORT}) within {timeout} s (last: {last!r})\n{vm.tail()}")
 
 
+@contextlib.contextmanager
+def _console_on_failure(vm: Vm):
+    """An AssertionError inside says what the guest's serial console (gatewayd's journal) ended with."""
+    try:
+        yield
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{vm.tail()}") from None
+
+
 def _guest_clock_offset(answer: kiosk.Response) -> float:
     """The guest's clock minus this host's, from the `Date` header of a kiosk answer (1 s)."""
     assert "date" in answer.headers, f"the kiosk's answer has no Date header: {answer.headers}"
@@ -364,50 +374,51 @@ def test_appliance_first_administrator_is_invited_over_the_fleet_and_enrols_at_t
         print(f"boot 1: config-update successful; the kiosk answers {time.monotonic() - vm.started:.0f} s after "
               f"QEMU started; guest clock {offset1:+.0f} s")
 
-        # The vendor invites the clinic's first administrator; the code comes back on .../result.
-        t0 = time.monotonic()
-        invited = fleet.staff_invite(vendor, device, PROVISIONED, ADMIN, "admin", "inv-admin",
-                                     timeout=ENROL_STEP_TIMEOUT_S)
-        code = invited["code"]
-        assert ENROL_CODE_RE.match(code), invited
-        assert invited["role"] == "admin", invited
-        assert invited["expires_at"] - (time.time() + offset1) > INVITE_VALID_S - 3600, invited
-        print(f"boot 1: staff-invite answered with a code in {time.monotonic() - t0:.1f} s")
+        with _console_on_failure(vm):
+            # The vendor invites the clinic's first administrator; the code comes back on .../result.
+            t0 = time.monotonic()
+            invited = fleet.staff_invite(vendor, device, PROVISIONED, ADMIN, "admin", "inv-admin",
+                                         timeout=ENROL_STEP_TIMEOUT_S)
+            code = invited["code"]
+            assert ENROL_CODE_RE.match(code), invited
+            assert invited["role"] == "admin", invited
+            assert invited["expires_at"] - (time.time() + offset1) > INVITE_VALID_S - 3600, invited
+            print(f"boot 1: staff-invite answered with a code in {time.monotonic() - t0:.1f} s")
 
-        # The person with the code enrols at the box's kiosk in a real browser, then logs in.
-        t0 = time.monotonic()
-        c = chromium([browser.spki_sha256_b64(kiosk_tls.cert)])
-        page = c.page()
-        for domain in ("Page.enable", "Runtime.enable", "Log.enable"):
-            page.send(domain)
-        page.send("Emulation.setDeviceMetricsOverride", width=1000, height=1400, deviceScaleFactor=1, mobile=False)
-        shown = kiosk.enrol_in_page(page, f"https://127.0.0.1:{port}", code, clock_offset=offset1,
-                                    timeout=ENROL_STEP_TIMEOUT_S)
-        assert shown["name"] == ADMIN, shown
-        assert re.fullmatch(r"[A-Z2-7]{32}", shown["secret"]), shown
-        assert shown["uri"].startswith("otpauth://totp/") and f"secret={shown['secret']}" in shown["uri"], shown
-        assert shown["qr_paths"] >= 1 and shown["qr_size"] >= 200, f"no QR code image on the page: {shown}"
-        assert "Enrolment complete" in shown["done"], shown
-        secret = shown["secret"]
-        kiosk.login_in_page(page, ADMIN, secret, clock_offset=offset1, timeout=ENROL_STEP_TIMEOUT_S)
-        assert ADMIN in page.evaluate("document.getElementById('who-name').textContent")
-        print(f"boot 1: enrolled and logged in with both factors in Chromium in {time.monotonic() - t0:.1f} s")
-        page.screenshot(tmp_path / "kiosk-logged-in.png")  # kept in the test's folder, for a look
-        problems = [p for p in page.problems() if not (p.startswith("log[network]:") and " 401 " in p + " "
-                                                        and p.endswith("/api/me"))]
-        assert not problems, "the page logged errors:\n" + "\n".join(problems)
+            # The person with the code enrols at the box's kiosk in a real browser, then logs in.
+            t0 = time.monotonic()
+            c = chromium([browser.spki_sha256_b64(kiosk_tls.cert)])
+            page = c.page()
+            for domain in ("Page.enable", "Runtime.enable", "Log.enable"):
+                page.send(domain)
+            page.send("Emulation.setDeviceMetricsOverride", width=1000, height=1400, deviceScaleFactor=1, mobile=False)
+            shown = kiosk.enrol_in_page(page, f"https://127.0.0.1:{port}", code, clock_offset=offset1,
+                                        timeout=ENROL_STEP_TIMEOUT_S)
+            assert shown["name"] == ADMIN, shown
+            assert re.fullmatch(r"[A-Z2-7]{32}", shown["secret"]), shown
+            assert shown["uri"].startswith("otpauth://totp/") and f"secret={shown['secret']}" in shown["uri"], shown
+            assert shown["qr_paths"] >= 1 and shown["qr_size"] >= 200, f"no QR code image on the page: {shown}"
+            assert "Enrolment complete" in shown["done"], shown
+            secret = shown["secret"]
+            kiosk.login_in_page(page, ADMIN, secret, clock_offset=offset1, timeout=ENROL_STEP_TIMEOUT_S)
+            assert ADMIN in page.evaluate("document.getElementById('who-name').textContent")
+            print(f"boot 1: enrolled and logged in with both factors in Chromium in {time.monotonic() - t0:.1f} s")
+            page.screenshot(tmp_path / "kiosk-logged-in.png")  # kept in the test's folder, for a look
+            problems = [p for p in page.problems() if not (p.startswith("log[network]:") and " 401 " in p + " "
+                                                            and p.endswith("/api/me"))]
+            assert not problems, "the page logged errors:\n" + "\n".join(problems)
 
-        # The code is spent: the answer an unknown code gets.
-        k = kiosk.Kiosk(None, port, cafile=ca.cert)
-        reused = kiosk.enrol_api(k, code)
-        unknown = kiosk.enrol_api(k, UNKNOWN_CODE)
-        assert unknown.status == 401, unknown
-        assert (reused.status, reused.json()) == (unknown.status, unknown.json()), (reused, unknown)
+            # The code is spent: the answer an unknown code gets.
+            k = kiosk.Kiosk(None, port, cafile=ca.cert)
+            reused = kiosk.enrol_api(k, code)
+            unknown = kiosk.enrol_api(k, UNKNOWN_CODE)
+            assert unknown.status == 401, unknown
+            assert (reused.status, reused.json()) == (unknown.status, unknown.json()), (reused, unknown)
 
-        # An invitation left unused until it expires (boot 2).
-        late = fleet.staff_invite(vendor, device, PROVISIONED, LATE, "clerk", "inv-late",
-                                  timeout=ENROL_STEP_TIMEOUT_S)
-        assert ENROL_CODE_RE.match(late["code"]), late
+            # An invitation left unused until it expires (boot 2).
+            late = fleet.staff_invite(vendor, device, PROVISIONED, LATE, "clerk", "inv-late",
+                                      timeout=ENROL_STEP_TIMEOUT_S)
+            assert ENROL_CODE_RE.match(late["code"]), late
         off_s = vm.power_off()
         print(f"boot 1: clean power-off took {off_s:.0f} s")
 
@@ -421,17 +432,18 @@ def test_appliance_first_administrator_is_invited_over_the_fleet_and_enrols_at_t
               f"guest clock {offset2:+.0f} s")
         assert time.time() + offset2 > late["expires_at"], (
             f"the guest's clock ({offset2:+.0f} s) is not past the invitation's expiry {late['expires_at']}")
-        port2 = vm2.host_port(KIOSK_GUEST_PORT)
-        k2 = kiosk.Kiosk(None, port2, cafile=ca.cert)
-        expired = kiosk.enrol_api(k2, late["code"])
-        unknown2 = kiosk.enrol_api(k2, UNKNOWN_CODE)
-        assert unknown2.status == 401, unknown2
-        assert (expired.status, expired.json()) == (unknown2.status, unknown2.json()), (expired, unknown2)
-        # The administrator enrolled in boot 1 logs in, the TOTP code for the guest's clock.
-        login = k2.login(ADMIN, secret, code=kiosk.totp(secret, time.time() + offset2))
-        assert login.status == 200, f"the enrolled administrator cannot log in after the reboot: {login}"
-        me = k2.request("GET", "/api/me")
-        assert me.status == 200 and ADMIN in me.body.decode(errors="replace"), me
+        with _console_on_failure(vm2):
+            port2 = vm2.host_port(KIOSK_GUEST_PORT)
+            k2 = kiosk.Kiosk(None, port2, cafile=ca.cert)
+            expired = kiosk.enrol_api(k2, late["code"])
+            unknown2 = kiosk.enrol_api(k2, UNKNOWN_CODE)
+            assert unknown2.status == 401, unknown2
+            assert (expired.status, expired.json()) == (unknown2.status, unknown2.json()), (expired, unknown2)
+            # The administrator enrolled in boot 1 logs in, the TOTP code for the guest's clock.
+            login = k2.login(ADMIN, secret, code=kiosk.totp(secret, time.time() + offset2))
+            assert login.status == 200, f"the enrolled administrator cannot log in after the reboot: {login}"
+            me = k2.request("GET", "/api/me")
+            assert me.status == 200 and ADMIN in me.body.decode(errors="replace"), me
         vm2.power_off()
         # gatewayd's journal goes to the serial console: no enrolment code nor TOTP secret in it.
         for name, text in (("boot 1", vm.console_text()), ("boot 2", vm2.console_text())):
