@@ -7,7 +7,8 @@ One home for what every QEMU test needs:
 - `Vm`: one QEMU boot (TCG, direct kernel boot) with its own swtpm on a shared TPM state folder, the
   console on a file, the HMP monitor on a Unix socket, guest ports forwarded to 127.0.0.1 ports the
   test picks (`forwards`); `power_off()` is a clean Ctrl-Alt-Del, `kill()` a power cut (SIGKILL of
-  QEMU: whatever the guest kernel had not written to the disk image is gone);
+  QEMU: whatever the guest kernel had not written to the disk image is gone); `rtc=rtc_base(s)` boots
+  the guest with its clock `s` seconds ahead of the host's (e.g. past an expiry);
 - `seed_state(state_img, files)`: a fresh state partition (ext4, label gw-state) holding `files`, e.g.
   `config/gatewayd.toml` (the effective config the unit runs with) or a claim credential: files are
   written root-owned; the unit's StateDirectory= gives the whole tree to the gatewayd user at start;
@@ -20,6 +21,7 @@ test's folder); qemu and swtpm are killed by PID at teardown (the `vms` fixture)
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -108,10 +110,14 @@ class Vm:
     """One QEMU boot of the image with its own swtpm process on a shared state folder."""
 
     def __init__(self, image: Path, work: Path, state_img: Path, tpm_dir: Path, name: str,
-                 forwards: tuple[int, ...] = (), cmdline: str = "", state_cache: str | None = None):
+                 forwards: tuple[int, ...] = (), cmdline: str = "", state_cache: str | None = None,
+                 rtc: str | None = None):
         """`forwards`: guest TCP ports to forward (11112, DICOM, always is) to free 127.0.0.1
         ports (`host_port(guest)`); `cmdline`: appended to CMDLINE; `state_cache`: QEMU's
-        cache= mode for the state disk (None: QEMU's default, writeback)."""
+        cache= mode for the state disk (None: QEMU's default, writeback); `rtc`: the guest's
+        real-time clock at power-on as QEMU's `-rtc base=` takes it, UTC, e.g.
+        `rtc_base(seconds_ahead)` (None: QEMU's default, the host's UTC time). The image runs
+        no time synchronisation, so the guest keeps that clock."""
         self.image, self.work, self.state_img, self.tpm_dir, self.name = image, work, state_img, tpm_dir, name
         self.console = work / f"{name}-console.log"
         self.monitor = work / f"{name}-monitor.sock"
@@ -120,6 +126,7 @@ class Vm:
         self.dicom_port = self.ports[11112]
         self.cmdline = f"{CMDLINE} {cmdline}".strip()
         self.state_cache = state_cache
+        self.rtc = rtc
         self.swtpm: subprocess.Popen | None = None
         self.qemu: subprocess.Popen | None = None
         self.started = 0.0
@@ -146,6 +153,7 @@ class Vm:
         self.qemu = subprocess.Popen(
             ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
              "-display", "none", "-no-reboot",
+             *(["-rtc", f"base={self.rtc}"] if self.rtc else []),
              "-serial", f"file:{self.console}",
              "-monitor", f"unix:{self.monitor},server=on,wait=off",
              "-kernel", str(self.image / "vmlinuz"), "-initrd", str(self.image / "initrd.img"),
@@ -264,6 +272,12 @@ class Vm:
 
     def cleanup(self) -> None:
         self.kill()
+
+
+def rtc_base(seconds_ahead: float) -> str:
+    """A `Vm(rtc=...)` value: the host's UTC time now plus `seconds_ahead`, to the second."""
+    at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds_ahead)
+    return at.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def require_tpm_binary(gatewayd_bin: str) -> None:

@@ -353,9 +353,11 @@ def staff_command(vendor: Vendor, sub: Subscription, device: str, op: str, cmd_i
 
 
 def staff_invite(vendor: Vendor, sub: Subscription, device: str, name: str, role: str,
-                 cmd_id: str) -> dict:
-    """``staff-invite`` that must succeed: its result ``{name, role, code, expires_at}``."""
-    final, result = staff_command(vendor, sub, device, "staff-invite", cmd_id, {"name": name, "role": role})
+                 cmd_id: str, timeout: float = 20.0) -> dict:
+    """``staff-invite`` that must succeed: its result ``{name, role, code, expires_at}``
+    (``timeout``: for its final state and its result, each)."""
+    final, result = staff_command(vendor, sub, device, "staff-invite", cmd_id, {"name": name, "role": role},
+                                  timeout=timeout)
     assert final["state"] == "successful", f"staff-invite {name}: {final}"
     assert result and result.get("name") == name and result.get("code"), result
     return result

@@ -82,13 +82,18 @@ class Response:
 class Kiosk:
     """One browser-less session against ``https://127.0.0.1:<port>``, connecting from
     ``source`` (another loopback address such as ``127.0.0.2``: the kiosk throttles failed
-    logins per client address) or from the system's choice."""
+    logins per client address) or from the system's choice. ``cafile``: what to trust
+    instead of ``g``'s development kiosk certificate (then ``g`` may be None), e.g. the CA
+    of the certificate a kiosk in a QEMU guest serves through a forwarded port."""
 
-    def __init__(self, g: gw.Gateway, port: int, source: str | None = None):
+    def __init__(self, g: gw.Gateway | None, port: int, source: str | None = None,
+                 cafile: Path | None = None):
         self.g, self.port, self.source = g, port, source
         self.cookie: str | None = None
-        cert = g.data_dir / "booking" / "kiosk-cert.pem"
-        self.ctx = ssl.create_default_context(cafile=str(cert))
+        if cafile is None:
+            assert g is not None, "Kiosk: give the gateway or the cafile to trust"
+            cafile = g.data_dir / "booking" / "kiosk-cert.pem"
+        self.ctx = ssl.create_default_context(cafile=str(cafile))
 
     def request(self, method: str, path: str, body: Any = None, headers: dict | None = None,
                 timeout: float = 30.0) -> Response:
@@ -230,18 +235,22 @@ def enrol_api(k: Kiosk, code: str, password: str = PASSWORD) -> Response:
     return k.request("POST", "/api/enrol", {"code": code, "password": password})
 
 
-def enrol_in_page(page, origin: str, code: str, password: str = PASSWORD) -> dict:
+def enrol_in_page(page, origin: str, code: str, password: str = PASSWORD, clock_offset: float = 0.0,
+                  timeout: float | None = None) -> dict:
     """Completes an enrolment on the kiosk page at ``origin`` (``https://host:port``) in a
     `browser.Page`, as the person with the code does: code and password, then the QR code
-    and secret shown, then the authenticator's first code. Returns what the page showed:
-    ``{name, secret, uri, qr_paths, done}``."""
-    page.navigate(origin + "/#enrol")
-    page.wait_for("!document.getElementById('enrol-view').hidden", what="the enrolment form")
+    and secret shown, then the authenticator's first code (for the gateway's clock: this
+    host's plus ``clock_offset`` seconds). ``timeout``: for each page load and wait instead
+    of the defaults (a slow gateway, e.g. one in an emulated guest). Returns what the page
+    showed: ``{name, secret, uri, qr_paths, done}``."""
+    page.navigate(origin + "/#enrol", **({"timeout": timeout} if timeout else {}))
+    page.wait_for("!document.getElementById('enrol-view').hidden", timeout=timeout or 15.0,
+                  what="the enrolment form")
     page.type_into("#enrol-code", code)
     page.type_into("#enrol-password", password)
     page.type_into("#enrol-password2", password)
     page.click("#enrol-submit")
-    page.wait_for("!document.getElementById('enrol-totp').hidden", timeout=30,
+    page.wait_for("!document.getElementById('enrol-totp').hidden", timeout=timeout or 30.0,
                   what="the second factor shown after the code and password")
     shown = page.evaluate(
         "({name: document.getElementById('enrol-name').textContent,"
@@ -250,21 +259,24 @@ def enrol_in_page(page, origin: str, code: str, password: str = PASSWORD) -> dic
         " qr_paths: document.querySelectorAll('#enrol-qr svg path').length,"
         " qr_size: (() => { const s = document.querySelector('#enrol-qr svg');"
         "   if (!s) return 0; const r = s.getBoundingClientRect(); return Math.min(r.width, r.height); })()})")
-    page.type_into("#enrol-totp-code", totp(shown["secret"]))
+    page.type_into("#enrol-totp-code", totp(shown["secret"], time.time() + clock_offset))
     page.click("#enrol-confirm")
-    page.wait_for("!document.getElementById('enrol-done').hidden", timeout=30,
+    page.wait_for("!document.getElementById('enrol-done').hidden", timeout=timeout or 30.0,
                   what="the enrolment confirmed")
     shown["done"] = page.evaluate("document.getElementById('enrol-done').textContent")
     return shown
 
 
-def login_in_page(page, name: str, secret: str, password: str = PASSWORD) -> None:
+def login_in_page(page, name: str, secret: str, password: str = PASSWORD, clock_offset: float = 0.0,
+                  timeout: float | None = None) -> None:
     """Logs in on the page with both factors. Uses the next TOTP step's code (the code that
-    confirmed an enrolment is spent; the gateway accepts one step of skew)."""
-    page.wait_for("!document.getElementById('login-view').hidden", what="the login form")
+    confirmed an enrolment is spent; the gateway accepts one step of skew) of the gateway's
+    clock (this host's plus ``clock_offset`` seconds). ``timeout``: as for `enrol_in_page`."""
+    page.wait_for("!document.getElementById('login-view').hidden", timeout=timeout or 15.0,
+                  what="the login form")
     page.type_into("#login-name", name)
     page.type_into("#login-password", password)
-    page.type_into("#login-code", totp(secret, time.time() + 30))
+    page.type_into("#login-code", totp(secret, time.time() + clock_offset + 30))
     page.click("#login-submit")
-    page.wait_for("!document.getElementById('booking-view').hidden", timeout=30,
+    page.wait_for("!document.getElementById('booking-view').hidden", timeout=timeout or 30.0,
                   what=f"{name} logged in")

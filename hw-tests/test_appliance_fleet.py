@@ -20,32 +20,44 @@ Pins, on one image, one state disk and one swtpm state:
   configuration is still in force (AA again, same hashes) and the update is not reported again
   (its marker was committed before the first READY=1).
 
+The first administrator of such a box (a second QEMU test, its own state disk and TPM; see its
+docstring): a `config-update` turns the kiosk on, the vendor's signed `staff-invite` through the
+broker returns a one-time code, headless Chromium on the host enrols at the box's kiosk (password
++ TOTP) and logs in; the spent code is refused, and so is an unused one in a boot whose clock is
+73 h ahead (`Vm(rtc=...)`).
+
 Without QEMU, with a real `gatewayd run` here: the files a power cut leaves in the middle of a
 config-update (`FILE.previous`, the marker `FILE.update`, the new `FILE`) are finished at the
 next start: a new file that cannot start (its DICOM port taken) is rolled back to the previous
 bytes and the gateway serves; one that starts is kept and its marker removed; a cut before the
 new file was in place leaves the old one serving and the marker cleared.
 
-Bounded: every wait has a timeout and says what it waited for; qemu, swtpm, dnsmasq and
-mosquitto are killed by PID at teardown. A missing peer fails the test.
+Bounded: every wait has a timeout and says what it waited for; qemu, swtpm, dnsmasq,
+mosquitto and Chromium are killed by PID at teardown. A missing peer fails the test.
 """
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import hashlib
+import http.client
 import re
 import socket
 import time
 
 import pytest
 
+import browser
 import fleet
 import gw
+import kiosk
 import pki
 import scu
 from appliance import (BOOT_TIMEOUT_S, BUILD_TIMEOUT_S, POWEROFF_TIMEOUT_S, RECIPE, STATUS_TIMEOUT_S, DnsServer, Vm,
-                       fresh_state)
+                       fresh_state, rtc_base)
 from hl7msg import MllpConnection, adt_a08, msa
+from test_kiosk_page import chromium  # noqa: F401 - the headless Chromium fixture
 
 BROKER_HOST = "broker.gw-test"
 CLAIM = "claim-appliance-01"
@@ -95,6 +107,28 @@ def _factory_config(image_config: str, broker_port: int) -> str:
     )
 
 
+def _factory_files(factory: str, claim: pki.KeyPair, vendor: fleet.Vendor, ca: pki.CA) -> dict[str, bytes]:
+    """The factory state of a box that is not yet provisioned, for `fresh_state`."""
+    return {
+        "config/gatewayd.toml": factory.encode(),
+        "factory/claim.pem": claim.cert.read_bytes(),
+        "factory/claim.key": claim.key.read_bytes(),
+        "factory/vendor.pub": vendor.pub.read_bytes(),
+        "factory/fleet-ca.pem": ca.cert.read_bytes(),
+    }
+
+
+def _wait_online(vm: Vm, device: fleet.Subscription, dns: DnsServer, broker: fleet.Broker, timeout: float) -> None:
+    """The guest uses the test's DNS server and comes online as PROVISIONED (by claim)."""
+    vm.wait_console(r"TEST-DNS: resolver set to 10\.0\.2\.2:\d+", timeout)
+    try:
+        device.wait_for(lambda s: [m for m in s.on(f"gw/{PROVISIONED}/status") if m.get("state") == "online"],
+                        timeout, describe=f"{PROVISIONED} online after provisioning by claim")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{vm.tail()}\n--- dnsmasq:\n{dns.log_text()[-3000:]}\n"
+                             f"--- mosquitto:\n{broker.log_tail(40)}") from None
+
+
 def _hl7_ack(port: int, control_id: str) -> tuple[str, str] | str:
     try:
         with MllpConnection(port, timeout=20) as c:
@@ -140,13 +174,7 @@ def test_appliance_is_provisioned_by_claim_configured_remotely_and_keeps_the_con
         vendor = fleet.Vendor(tmp_path / "vendor", broker)
         claim = broker.client_cert(CLAIM)
         factory = _factory_config((RECIPE / "files" / "gatewayd.toml").read_text(), broker.port)
-        state_img = fresh_state(image, tmp_path / "state.img", {
-            "config/gatewayd.toml": factory.encode(),
-            "factory/claim.pem": claim.cert.read_bytes(),
-            "factory/claim.key": claim.key.read_bytes(),
-            "factory/vendor.pub": vendor.pub.read_bytes(),
-            "factory/fleet-ca.pem": ca.cert.read_bytes(),
-        })
+        state_img = fresh_state(image, tmp_path / "state.img", _factory_files(factory, claim, vendor, ca))
         tpm_dir = tmp_path / "tpm"
         tpm_dir.mkdir()
         device = broker.subscribe("vendor", f"gw/{PROVISIONED}/#")
@@ -158,13 +186,7 @@ def test_appliance_is_provisioned_by_claim_configured_remotely_and_keeps_the_con
         vm = Vm(image, tmp_path, state_img, tpm_dir, "fleet1", forwards=(HL7_GUEST_PORT,), cmdline=cmdline)
         vms.append(vm)
         vm.start()
-        vm.wait_console(r"TEST-DNS: resolver set to 10\.0\.2\.2:\d+", BOOT_TIMEOUT_S)
-        try:
-            device.wait_for(lambda s: [m for m in s.on(f"gw/{PROVISIONED}/status") if m.get("state") == "online"],
-                            BOOT_TIMEOUT_S, describe=f"{PROVISIONED} online after provisioning by claim")
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n{vm.tail()}\n--- dnsmasq:\n{dns.log_text()[-3000:]}\n"
-                                 f"--- mosquitto:\n{broker.log_tail(40)}") from None
+        _wait_online(vm, device, dns, broker, BOOT_TIMEOUT_S)
         provisioner.check()
         assert provisioner.assigned == {CLAIM: PROVISIONED}, provisioner.assigned
         online_s = time.monotonic() - vm.started
@@ -216,6 +238,220 @@ def test_appliance_is_provisioned_by_claim_configured_remotely_and_keeps_the_con
         again = device.on(fleet.state_topic(PROVISIONED, "config-update", cmd))
         assert len(again) == reports, f"the config-update was reported again after the reboot: {again[reports:]}"
         vm2.power_off()
+    finally:
+        if provisioner is not None:
+            provisioner.stop()
+        for s in subs:
+            s.stop()
+        dns.stop()
+        broker.stop()
+
+
+# ---- the first administrator of a box with no console, on the image in QEMU
+
+KIOSK_GUEST_PORT = 8443
+ADMIN = "admin.first"
+LATE = "clerk.late"
+ENROL_CODE_RE = re.compile(r"^[A-Z2-7]{5}-[A-Z2-7]{5}-[A-Z2-7]{5}-[A-Z2-7]{5}$")
+UNKNOWN_CODE = "AAAAA-BBBBB-CCCCC-DDDDD"
+INVITE_VALID_S = 72 * 3600
+# Boot 2's clock: an hour past the end of an invitation made in boot 1.
+CLOCK_AHEAD_S = INVITE_VALID_S + 3600
+# Under TCG an Argon2 hash (the invitation's secret, the password) takes seconds, a page load
+# through the forwarded port several.
+ENROL_STEP_TIMEOUT_S = 120
+
+
+def _kiosk_me(port: int, cafile) -> kiosk.Response | str:
+    """GET /api/me without a session (401 once the kiosk serves), or why it did not answer."""
+    try:
+        return kiosk.Kiosk(None, port, cafile=cafile).request("GET", "/api/me", timeout=20)
+    except (OSError, http.client.HTTPException) as e:
+        return repr(e)
+
+
+def _wait_kiosk(vm: Vm, cafile, timeout: float) -> kiosk.Response:
+    port = vm.host_port(KIOSK_GUEST_PORT)
+    deadline = time.monotonic() + timeout
+    last: kiosk.Response | str | None = None
+    while time.monotonic() < deadline:
+        vm.alive()
+        last = _kiosk_me(port, cafile)
+        if isinstance(last, kiosk.Response) and last.status == 401:
+            return last
+        time.sleep(2)
+    raise AssertionError(f"the kiosk did not answer GET /api/me on https://127.0.0.1:{port} (guest "
+                         f"{KIOSK_GUEST_PORT}) within {timeout} s (last: {last!r})\n{vm.tail()}")
+
+
+@contextlib.contextmanager
+def _console_on_failure(vm: Vm):
+    """An AssertionError inside says what the guest's serial console (gatewayd's journal) ended with."""
+    try:
+        yield
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{vm.tail()}") from None
+
+
+def _guest_clock_offset(answer: kiosk.Response) -> float:
+    """The guest's clock minus this host's, from the `Date` header of a kiosk answer (1 s)."""
+    assert "date" in answer.headers, f"the kiosk's answer has no Date header: {answer.headers}"
+    return email.utils.parsedate_to_datetime(answer.headers["date"]).timestamp() - time.time()
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S + 2 * BOOT_TIMEOUT_S + APPLY_TIMEOUT_S + POWEROFF_TIMEOUT_S + 300)
+def test_appliance_first_administrator_is_invited_over_the_fleet_and_enrols_at_the_kiosk_in_chromium(
+        appliance_image, tmp_path, ca, vms, chromium):  # noqa: F811 - chromium is the imported fixture
+    """The first administrator of a box in a clinic, with no console, on the image in QEMU.
+
+    Boot 1 (the factory state, as in the test above, plus the kiosk's TLS certificate and key
+    on the state partition under kiosk/; the certificate is the test CA's for 127.0.0.1, where
+    the host reaches the forwarded kiosk): provisioned by claim; no kiosk yet; a signed
+    `config-update` adds `[booking]` on 0.0.0.0:8443 with that certificate (production mode
+    requires one) and the kiosk answers through the forwarded port; the vendor's signed
+    `staff-invite` (admin) through the broker returns a one-time code on the result topic;
+    headless Chromium on the host opens the box's kiosk page, enrols (code, password, the QR
+    code and secret shown, the first TOTP code computed from the shown secret) and logs in with
+    both factors; the same code again gets the answer an unknown code gets. A second invitation
+    (a clerk) is made and left unused.
+
+    Boot 2 (same state disk and TPM, clean power-off between): the guest's real-time clock is
+    73 h ahead (`Vm(rtc=...)`; the image has no time synchronisation, and the kiosk's `Date`
+    header shows the guest's clock), past the clerk's invitation's `expires_at`: its code gets
+    the unknown-code answer, while the administrator enrolled in boot 1 still logs in with both
+    factors, the TOTP code computed for the guest's clock.
+
+    Neither code nor the TOTP secret is in the guest's journal (forwarded to the serial
+    console) of either boot; the page logs no error but the 401 of /api/me before login.
+    """
+    image = appliance_image
+    broker = _broker_with_host_name(tmp_path, ca)
+    dns = DnsServer(tmp_path, {BROKER_HOST: "10.0.2.2"})
+    provisioner = None
+    subs: list[fleet.Subscription] = []
+    try:
+        broker.start()
+        dns.start()
+        vendor = fleet.Vendor(tmp_path / "vendor", broker)
+        claim = broker.client_cert(CLAIM)
+        factory = _factory_config((RECIPE / "files" / "gatewayd.toml").read_text(), broker.port)
+        kiosk_tls = ca.server_cert("127.0.0.1", name="kiosk")
+        files = _factory_files(factory, claim, vendor, ca)
+        files["kiosk/kiosk.pem"] = kiosk_tls.cert.read_bytes()
+        files["kiosk/kiosk.key"] = kiosk_tls.key.read_bytes()
+        state_img = fresh_state(image, tmp_path / "state.img", files)
+        tpm_dir = tmp_path / "tpm"
+        tpm_dir.mkdir()
+        device = broker.subscribe("vendor", f"gw/{PROVISIONED}/#")
+        subs.append(device)
+        provisioner = fleet.Provisioner(broker, vendor, ca, [PROVISIONED])
+        cmdline = dns.cmdline()
+
+        # ---- boot 1: provisioned by claim, then the kiosk turned on remotely
+        vm = Vm(image, tmp_path, state_img, tpm_dir, "enrol1", forwards=(KIOSK_GUEST_PORT,), cmdline=cmdline)
+        vms.append(vm)
+        vm.start()
+        _wait_online(vm, device, dns, broker, BOOT_TIMEOUT_S)
+        provisioner.check()
+        assert provisioner.assigned == {CLAIM: PROVISIONED}, provisioner.assigned
+        print(f"boot 1: provisioned by claim and online {time.monotonic() - vm.started:.0f} s after QEMU started")
+        port = vm.host_port(KIOSK_GUEST_PORT)
+        before = _kiosk_me(port, ca.cert)
+        assert not isinstance(before, kiosk.Response), f"a kiosk answered before [booking] was configured: {before}"
+
+        kiosk_config = factory + (
+            "\n[booking]\n"
+            f'listen = "0.0.0.0:{KIOSK_GUEST_PORT}"\n'
+            f'cert_file = "{STATE}/kiosk/kiosk.pem"\n'
+            f'key_file = "{STATE}/kiosk/kiosk.key"\n'
+        )
+        cmd = "cfg-kiosk-on"
+        vendor.send(PROVISIONED, "config-update", cmd, vendor.envelope(PROVISIONED, "config-update", cmd,
+                                                                       {"toml": kiosk_config}))
+        final = fleet.final_state(device, PROVISIONED, "config-update", cmd, timeout=APPLY_TIMEOUT_S)
+        assert final["state"] == "successful", f"{final}\n{vm.tail()}"
+        offset1 = _guest_clock_offset(_wait_kiosk(vm, ca.cert, APPLY_TIMEOUT_S))
+        print(f"boot 1: config-update successful; the kiosk answers {time.monotonic() - vm.started:.0f} s after "
+              f"QEMU started; guest clock {offset1:+.0f} s")
+
+        with _console_on_failure(vm):
+            # The vendor invites the clinic's first administrator; the code comes back on .../result.
+            t0 = time.monotonic()
+            invited = fleet.staff_invite(vendor, device, PROVISIONED, ADMIN, "admin", "inv-admin",
+                                         timeout=ENROL_STEP_TIMEOUT_S)
+            code = invited["code"]
+            assert ENROL_CODE_RE.match(code), invited
+            assert invited["role"] == "admin", invited
+            assert invited["expires_at"] - (time.time() + offset1) > INVITE_VALID_S - 3600, invited
+            print(f"boot 1: staff-invite answered with a code in {time.monotonic() - t0:.1f} s")
+
+            # The person with the code enrols at the box's kiosk in a real browser, then logs in.
+            t0 = time.monotonic()
+            c = chromium([browser.spki_sha256_b64(kiosk_tls.cert)])
+            page = c.page()
+            for domain in ("Page.enable", "Runtime.enable", "Log.enable"):
+                page.send(domain)
+            page.send("Emulation.setDeviceMetricsOverride", width=1000, height=1400, deviceScaleFactor=1, mobile=False)
+            shown = kiosk.enrol_in_page(page, f"https://127.0.0.1:{port}", code, clock_offset=offset1,
+                                        timeout=ENROL_STEP_TIMEOUT_S)
+            assert shown["name"] == ADMIN, shown
+            assert re.fullmatch(r"[A-Z2-7]{32}", shown["secret"]), shown
+            assert shown["uri"].startswith("otpauth://totp/") and f"secret={shown['secret']}" in shown["uri"], shown
+            assert shown["qr_paths"] >= 1 and shown["qr_size"] >= 200, f"no QR code image on the page: {shown}"
+            assert "Enrolment complete" in shown["done"], shown
+            secret = shown["secret"]
+            kiosk.login_in_page(page, ADMIN, secret, clock_offset=offset1, timeout=ENROL_STEP_TIMEOUT_S)
+            assert ADMIN in page.evaluate("document.getElementById('who-name').textContent")
+            print(f"boot 1: enrolled and logged in with both factors in Chromium in {time.monotonic() - t0:.1f} s")
+            page.screenshot(tmp_path / "kiosk-logged-in.png")  # kept in the test's folder, for a look
+            problems = [p for p in page.problems() if not (p.startswith("log[network]:") and " 401 " in p + " "
+                                                            and p.endswith("/api/me"))]
+            assert not problems, "the page logged errors:\n" + "\n".join(problems)
+
+            # The code is spent: the answer an unknown code gets.
+            k = kiosk.Kiosk(None, port, cafile=ca.cert)
+            reused = kiosk.enrol_api(k, code)
+            unknown = kiosk.enrol_api(k, UNKNOWN_CODE)
+            assert unknown.status == 401, unknown
+            assert (reused.status, reused.json()) == (unknown.status, unknown.json()), (reused, unknown)
+
+            # An invitation left unused until it expires (boot 2).
+            late = fleet.staff_invite(vendor, device, PROVISIONED, LATE, "clerk", "inv-late",
+                                      timeout=ENROL_STEP_TIMEOUT_S)
+            assert ENROL_CODE_RE.match(late["code"]), late
+        off_s = vm.power_off()
+        print(f"boot 1: clean power-off took {off_s:.0f} s")
+
+        # ---- boot 2: the same box, its clock past the invitation's 72 h
+        vm2 = Vm(image, tmp_path, state_img, tpm_dir, "enrol2", forwards=(KIOSK_GUEST_PORT,), cmdline=cmdline,
+                 rtc=rtc_base(CLOCK_AHEAD_S))
+        vms.append(vm2)
+        vm2.start()
+        offset2 = _guest_clock_offset(_wait_kiosk(vm2, ca.cert, BOOT_TIMEOUT_S))
+        print(f"boot 2: the kiosk answers {time.monotonic() - vm2.started:.0f} s after QEMU started; "
+              f"guest clock {offset2:+.0f} s")
+        assert time.time() + offset2 > late["expires_at"], (
+            f"the guest's clock ({offset2:+.0f} s) is not past the invitation's expiry {late['expires_at']}")
+        with _console_on_failure(vm2):
+            port2 = vm2.host_port(KIOSK_GUEST_PORT)
+            k2 = kiosk.Kiosk(None, port2, cafile=ca.cert)
+            expired = kiosk.enrol_api(k2, late["code"])
+            unknown2 = kiosk.enrol_api(k2, UNKNOWN_CODE)
+            assert unknown2.status == 401, unknown2
+            assert (expired.status, expired.json()) == (unknown2.status, unknown2.json()), (expired, unknown2)
+            # The administrator enrolled in boot 1 logs in, the TOTP code for the guest's clock.
+            login = k2.login(ADMIN, secret, code=kiosk.totp(secret, time.time() + offset2))
+            assert login.status == 200, f"the enrolled administrator cannot log in after the reboot: {login}"
+            me = k2.request("GET", "/api/me")
+            assert me.status == 200 and ADMIN in me.body.decode(errors="replace"), me
+        vm2.power_off()
+        # gatewayd's journal goes to the serial console: no enrolment code nor TOTP secret in it.
+        for name, text in (("boot 1", vm.console_text()), ("boot 2", vm2.console_text())):
+            assert "gatewayd" in text, f"no gatewayd lines on the {name} console"
+            for what, value in (("enrolment code", code), ("enrolment code", late["code"]),
+                                ("TOTP secret", secret)):
+                for variant in (value, value.replace("-", "")):
+                    assert variant not in text, f"the {what} is in the guest's journal ({name} console)"
     finally:
         if provisioner is not None:
             provisioner.stop()
