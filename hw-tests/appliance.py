@@ -344,3 +344,36 @@ class RootImage:
         return False
 
 
+
+
+def read_state(state_img: Path, dest: Path) -> Path:
+    """The files of a state disk as the guest kernel would find them at its next mount, read
+    on the host without mounting (e.g. after `Vm.kill()`): a sparse copy of the image gets its
+    ext4 journal replayed (`e2fsck -E journal_only`, what the kernel does at mount), then a
+    read-only `e2fsck -fn` must find no damage, then `debugfs -R "rdump / DEST"` copies every
+    file out (owners are the guest's uids). The copy is deleted; `state_img` is not touched.
+    Returns `dest`."""
+    if shutil.which("e2fsck") is None:
+        pytest.fail("not found on PATH: e2fsck. Install it with `apt-get install -y e2fsprogs`", pytrace=False)
+    dest.mkdir(parents=True, exist_ok=False)
+    copy = dest.parent / f".{dest.name}-state.img"
+    try:
+        subprocess.run(["cp", "--sparse=always", str(state_img), str(copy)], check=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+        r = subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(copy)], capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+        # 0: clean, 1: the journal was replayed (errors corrected); anything else is damage.
+        assert r.returncode in (0, 1), (
+            f"e2fsck -E journal_only on a copy of {state_img.name} exited {r.returncode}\n{r.stdout}{r.stderr}")
+        r = subprocess.run(["e2fsck", "-f", "-n", str(copy)], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, (
+            f"after its journal was replayed the state file system of {state_img.name} is damaged "
+            f"(e2fsck -fn exited {r.returncode})\n{r.stdout}{r.stderr}")
+        r = subprocess.run(["debugfs", "-R", f"rdump / {dest}", str(copy)], capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0 and (dest / "lost+found").is_dir(), (
+            f"debugfs rdump of {state_img.name} failed (exit {r.returncode})\n{r.stdout}{r.stderr}")
+    finally:
+        copy.unlink(missing_ok=True)
+    return dest
