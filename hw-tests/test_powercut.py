@@ -28,10 +28,10 @@ already submitted survive, which a real disk without power might still lose from
 cache (that part rests on the device honouring FLUSH).
 
 How the spool is read after each cut (option (b)): with QEMU stopped, on the host, from the
-disk exactly as the cut left it: `appliance.read_state` copies the state image, replays its
-ext4 journal on the copy (as the guest's kernel would at mount), checks it with `e2fsck -fn`
-and copies the files out with `debugfs rdump` (no mount); the TPM state folder is copied too and
-served by a host swtpm. The same `gatewayd` binary then, with a host config whose key store is
+disk exactly as the cut left it: `appliance.read_state` copies the state image, runs `e2fsck
+-f -p` on the copy as the guest's systemd-fsck would at boot (journal replayed, nothing it
+cannot repair by itself) and copies the files out with `debugfs rdump` (no mount); the TPM
+state folder is copied too and served by a host swtpm. The same `gatewayd` binary then, with a host config whose key store is
 that TPM (`tcti = "swtpm:host=127.0.0.1,port=P"`; the guest's config says /dev/tpmrm0):
 1. `spool verify --json` on the disk as it was at the cut, before any recovery: no dangling
    index entry and no unseal failure (the orphan blobs and partial files the cut left are
@@ -50,8 +50,8 @@ again.
 After each cut the box boots again on the same state disk and TPM state without a manual step:
 `echoscu` answers, the probe unit's first `spool status` counts exactly what the host found
 after recovery, a new HL7 message gets AA (it must survive the later cuts too) and ingest
-resumes. After the last cut a final boot checks the same. Bounded: 11 boots of 20-40 s each on
-this 2-core machine with TCG, 5.5-7.5 minutes in all, under the 12 minutes the test allows
+resumes. After the last cut a final boot checks the same. Bounded: 11 boots of 20-50 s each on
+this 2-core machine with TCG, 5.5-8 minutes in all, under the 12 minutes the test allows
 itself (plus the image build, once per run by the `appliance_image` fixture, or taken from
 hw-tests/.cache).
 
