@@ -9,9 +9,13 @@ One home for what every QEMU test needs:
   test picks (`forwards`); `power_off()` is a clean Ctrl-Alt-Del, `kill()` a power cut (SIGKILL of
   QEMU: whatever the guest kernel had not written to the disk image is gone); `rtc=rtc_base(s)` boots
   the guest with its clock `s` seconds ahead of the host's (e.g. past an expiry);
-- `seed_state(state_img, files)`: a fresh state partition (ext4, label gw-state) holding `files`, e.g.
-  `config/gatewayd.toml` (the effective config the unit runs with) or a claim credential: files are
-  written root-owned; the unit's StateDirectory= gives the whole tree to the gatewayd user at start;
+- `fresh_state(image, dest, files)`: a fresh state partition (ext4, label gw-state), empty or holding
+  `files`, e.g. `config/gatewayd.toml` (the effective config the unit runs with) or a claim credential:
+  files are written root-owned; the unit's StateDirectory= gives the whole tree to the gatewayd user;
+- `read_state(state_img, dest)`: the files of a state disk as the next boot would find them (e2fsck -f -p
+  on a copy, then debugfs rdump), read on the host after a power cut;
+- `DnsServer`: dnsmasq on 127.0.0.1 answering only the test's names, the guest's resolver through
+  `Vm(cmdline=dns.cmdline())` (never QEMU's 10.0.2.3, which forwards to the host's resolver);
 - `RootImage`: read-only view of rootfs.img through debugfs (no mount, no boot).
 
 Everything listens on 127.0.0.1 (QEMU's hostfwd; the swtpm and monitor sockets are Unix sockets in the
@@ -406,3 +410,32 @@ class DnsServer:
 
     def stop(self) -> None:
         Vm._kill(self.proc)
+
+
+def read_state(state_img: Path, dest: Path) -> Path:
+    """The files of a state disk as the guest would find them at its next boot, read on the
+    host without mounting (e.g. after `Vm.kill()`): on a sparse copy of the image, `e2fsck -f
+    -p` (what the guest's systemd-fsck runs at boot, `fsck -a`: the ext4 journal replayed, the
+    orphan list processed) must end with nothing it could not repair by itself; then `debugfs -R
+    "rdump / DEST"` copies every file out (owners are the guest's uids). The copy is deleted;
+    `state_img` is not touched. Returns `dest`."""
+    if shutil.which("e2fsck") is None:
+        pytest.fail("not found on PATH: e2fsck. Install it with `apt-get install -y e2fsprogs`", pytrace=False)
+    dest.mkdir(parents=True, exist_ok=False)
+    copy = dest.parent / f".{dest.name}-state.img"
+    try:
+        subprocess.run(["cp", "--sparse=always", str(state_img), str(copy)], check=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+        r = subprocess.run(["e2fsck", "-f", "-p", str(copy)], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+        # 0: clean; 1: repaired by itself (journal replayed, orphans, free counts); else damage.
+        assert r.returncode in (0, 1), (
+            f"the state file system of {state_img.name} needs more than an automatic repair "
+            f"(e2fsck -f -p exited {r.returncode})\n{r.stdout}{r.stderr}")
+        r = subprocess.run(["debugfs", "-R", f"rdump / {dest}", str(copy)], capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0 and (dest / "lost+found").is_dir(), (
+            f"debugfs rdump of {state_img.name} failed (exit {r.returncode})\n{r.stdout}{r.stderr}")
+    finally:
+        copy.unlink(missing_ok=True)
+    return dest
