@@ -43,7 +43,8 @@ pub fn build_problems(settings: &Settings) -> Vec<Problem> {
     }
 }
 
-/// The spool's destinations: every `[[uplink]]` with the kind of objects it carries.
+/// The spool's destinations: every `[[uplink]]` with the kind of objects it carries and,
+/// for an HL7 one, the message types it takes (`message_types`).
 pub fn routes(settings: &Settings) -> Vec<Route> {
     settings
         .uplinks
@@ -53,7 +54,11 @@ pub fn routes(settings: &Settings) -> Vec<Route> {
                 gateway_config::UplinkKind::DicomWeb => ObjectKind::Dicom,
                 gateway_config::UplinkKind::MllpTls => ObjectKind::Hl7,
             };
-            Route::new(u.name.as_str(), kind)
+            let route = Route::new(u.name.as_str(), kind);
+            match &u.message_types {
+                Some(types) => route.with_message_types(types.iter().map(|t| t.as_str())),
+                None => route,
+            }
         })
         .collect()
 }
