@@ -1001,6 +1001,31 @@ mod tests {
     }
 
     #[test]
+    fn hl7_message_type_is_code_caret_event_or_code_alone() {
+        check_table::<Hl7MessageType>(
+            &[
+                ("ORU^R01", "ORU^R01"),
+                ("DFT^P03", "DFT^P03"),
+                ("ADT", "ADT"),
+                ("Z01^Z99", "Z01^Z99"),
+            ],
+            &[
+                "",
+                "oru^r01",
+                "ORU^R1",
+                "ORUX^R01",
+                "ORU^",
+                "^R01",
+                "ORU^R01^ORU_R01",
+                " ORU^R01",
+                "ORU^R01 ",
+                "ORU R01",
+                "ÖRU^R01",
+            ],
+        );
+    }
+
+    #[test]
     fn uplink_url_needs_http_or_https_and_a_host() {
         check_table::<UplinkUrl>(
             &[
