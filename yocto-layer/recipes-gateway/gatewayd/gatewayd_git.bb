@@ -23,7 +23,7 @@ SRC_URI = "git://example.invalid/clinic-gateway.git;protocol=https;branch=main \
            file://gatewayd.service \
            file://gatewayd.toml \
            "
-SRCREV = "25f1615390024c7b92342c577aa5b37c12dc50a4"
+SRCREV = "1b7fd1b14270d07c8ea5bfba2e1c99f5cad3ee7a"
 
 S = "${WORKDIR}/git"
 
