@@ -113,6 +113,13 @@ impl StoreObject {
     /// An object from the bytes of a Part 10 file.
     pub fn from_part10(bytes: Vec<u8>) -> Result<Self, ScuError> {
         let meta = part10::read(&bytes).map_err(ScuError::InvalidObject)?;
+        // Every element value has even length, so does a data set; PDV fragments must be
+        // even too (PS3.8 9.3.5.1; DCMTK aborts on an odd one).
+        if bytes.len().saturating_sub(meta.data_set_offset) % 2 == 1 {
+            return Err(ScuError::InvalidObject(Part10Error::Read {
+                reason: "data set of odd length",
+            }));
+        }
         Ok(Self { meta, bytes })
     }
 
@@ -526,9 +533,11 @@ where
         }
         send_pdv(inner, pc_id, PDataValueType::Command, true, command, &peer).await?;
         // The PDV item header (length, context id, control) takes 6 bytes of the PDU.
+        // Fragments of even length (PS3.8 9.3.5.1).
         let chunk = (inner.acceptor_max_pdu_length() as usize)
             .saturating_sub(6)
-            .max(2);
+            .max(2)
+            & !1;
         let data = object.data_set();
         if data.is_empty() {
             send_pdv(inner, pc_id, PDataValueType::Data, true, Vec::new(), &peer).await?;
@@ -729,5 +738,14 @@ mod tests {
         let err = StoreObject::from_part10(vec![0; 200]).unwrap_err();
         assert!(matches!(err, ScuError::InvalidObject(_)));
         assert!(!err.retryable());
+        let mut odd =
+            part10::header("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1").unwrap();
+        odd.extend([0x08, 0x00, 0x18, 0x00, b'U', b'I', 2, 0, b'1', 0, 0]);
+        let err = StoreObject::from_part10(odd.clone()).unwrap_err();
+        assert!(err.to_string().contains("odd length"), "{err}");
+        odd.pop();
+        let object = StoreObject::from_part10(odd).unwrap();
+        assert_eq!(object.data_set().len(), 10);
+        assert_eq!(object.meta().sop_instance_uid, "1.2.3");
     }
 }
