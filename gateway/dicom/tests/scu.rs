@@ -13,10 +13,10 @@ use common::{Gateway, dataset, even};
 use dicom_dictionary_std::uids;
 use dicom_ul::Pdu;
 use dicom_ul::ServerAssociationOptions;
-use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValueType};
-use gateway_dicom::part10;
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType};
 use gateway_dicom::scu::{ObjectContext, ScuAssociation};
 use gateway_dicom::{Scu, ScuError, ScuSettings, ScuTarget, StoreObject, StoreOutcome};
+use gateway_dicom::{dimse, part10};
 use gateway_spool::Limits;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -385,8 +385,10 @@ enum Misbehaviour {
     NeverResponds,
     /// Closes the connection on the first P-DATA.
     ClosesMidway,
-    /// Sends an A-ABORT on the first P-DATA.
+    /// Sends an A-ABORT once a data set is in.
     Aborts,
+    /// Answers every C-STORE with this status (encoded by the SCP's own encoder).
+    Answers(u16),
 }
 
 async fn misbehaving_peer(how: Misbehaviour) -> SocketAddr {
@@ -405,10 +407,34 @@ async fn misbehaving_peer(how: Misbehaviour) -> SocketAddr {
             .establish_async(socket)
             .await
             .unwrap();
+        let mut command = None;
         loop {
             match assoc.receive().await {
                 Ok(Pdu::PData { data }) => match how {
                     Misbehaviour::NeverResponds | Misbehaviour::SilentAtAssociation => {}
+                    Misbehaviour::Answers(status) => {
+                        for pdv in data {
+                            if pdv.value_type == PDataValueType::Command {
+                                let Ok(dimse::Request::Store(req)) = dimse::decode(&pdv.data)
+                                else {
+                                    panic!("not a C-STORE-RQ")
+                                };
+                                command = Some(req);
+                            } else if pdv.is_last {
+                                let req = command.take().expect("data set after a command");
+                                let rsp = dimse::store_response(&req, status, None);
+                                let pdu = Pdu::PData {
+                                    data: vec![PDataValue {
+                                        presentation_context_id: pdv.presentation_context_id,
+                                        value_type: PDataValueType::Command,
+                                        is_last: true,
+                                        data: rsp,
+                                    }],
+                                };
+                                assoc.send(&pdu).await.unwrap();
+                            }
+                        }
+                    }
                     Misbehaviour::ClosesMidway => return,
                     Misbehaviour::Aborts => {
                         // Once the data set is in, an A-ABORT instead of the response,
@@ -499,6 +525,35 @@ async fn peer_closing_or_aborting_mid_association_is_typed() {
         .unwrap_err();
     assert!(matches!(err, ScuError::Aborted { .. }), "{err:?}");
     assert!(err.retryable());
+}
+
+#[tokio::test]
+async fn warnings_are_delivered_and_failures_keep_the_association() {
+    let addr = misbehaving_peer(Misbehaviour::Answers(0xB007)).await;
+    let o = small_ct(4);
+    let mut assoc = connect(addr, "PACS", quick(), &[&o]).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            assoc.store(&o).await.unwrap(),
+            StoreOutcome::Warning { status: 0xB007 }
+        );
+    }
+    assert_eq!(assoc.delivered(), 2);
+    assoc.abort().await;
+
+    let addr = misbehaving_peer(Misbehaviour::Answers(0xC211)).await;
+    let mut assoc = connect(addr, "PACS", quick(), &[&o]).await.unwrap();
+    for _ in 0..2 {
+        let err = assoc.store(&o).await.unwrap_err();
+        assert!(
+            matches!(err, ScuError::Failed { status: 0xC211, .. }),
+            "{err:?}"
+        );
+        assert!(!err.retryable());
+        assert!(assoc.is_usable());
+    }
+    assert_eq!(assoc.delivered(), 0);
+    assoc.abort().await;
 }
 
 #[test]
