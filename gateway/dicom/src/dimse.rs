@@ -365,30 +365,7 @@ mod tests {
     use super::*;
 
     fn store_rq(message_id: u16) -> Vec<u8> {
-        encode(InMemDicomObject::command_from_element_iter([
-            DataElement::new(
-                tags::AFFECTED_SOP_CLASS_UID,
-                VR::UI,
-                uid_value("1.2.840.10008.5.1.4.1.1.2"),
-            ),
-            DataElement::new(
-                tags::COMMAND_FIELD,
-                VR::US,
-                dicom_value!(U16, [field::C_STORE_RQ]),
-            ),
-            DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
-            DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
-            DataElement::new(
-                tags::COMMAND_DATA_SET_TYPE,
-                VR::US,
-                dicom_value!(U16, [0x0000]),
-            ),
-            DataElement::new(
-                tags::AFFECTED_SOP_INSTANCE_UID,
-                VR::UI,
-                uid_value("1.2.3.4"),
-            ),
-        ]))
+        store_request(message_id, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Gateway, dataset, element, even};
+use common::{Gateway, dataset, element, even, exported};
 use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
@@ -17,7 +17,7 @@ use dicom_ul::pdu::{
 };
 use dicom_ul::{ClientAssociationOptions, Pdu};
 use gateway_dicom::Peer;
-use gateway_spool::{Limits, Spool};
+use gateway_spool::Limits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CT: &str = uids::CT_IMAGE_STORAGE;
@@ -32,26 +32,7 @@ fn client(calling: &str) -> ClientAssociationOptions<'static> {
 }
 
 fn store_rq(message_id: u16, class: &str, instance: &str) -> Vec<u8> {
-    let obj = InMemDicomObject::command_from_element_iter([
-        DataElement::new(
-            tags::AFFECTED_SOP_CLASS_UID,
-            VR::UI,
-            PrimitiveValue::from(String::from_utf8(even(class)).unwrap()),
-        ),
-        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [0x0001])),
-        DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
-        DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
-        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [0])),
-        DataElement::new(
-            tags::AFFECTED_SOP_INSTANCE_UID,
-            VR::UI,
-            PrimitiveValue::from(String::from_utf8(even(instance)).unwrap()),
-        ),
-    ]);
-    let mut out = Vec::new();
-    obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-        .unwrap();
-    out
+    gateway_dicom::dimse::store_request(message_id, class, instance)
 }
 
 fn echo_rq(message_id: u16) -> Vec<u8> {
@@ -135,12 +116,6 @@ async fn response(assoc: &mut Assoc) -> (u16, u16) {
         .to_int::<u16>()
         .unwrap();
     (status, id)
-}
-
-fn exported(spool: &Spool, uid: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    spool.export(uid, &mut out).unwrap();
-    out
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, dataset, even};
+use common::{Gateway, dataset, even, exported};
 use dicom_dictionary_std::uids;
 use dicom_ul::Pdu;
 use dicom_ul::ServerAssociationOptions;
@@ -283,11 +283,7 @@ async fn own_scp_stores_durably_and_refuses_per_object() {
     // Success came only after the spool commit: every object can be exported, unchanged.
     assert_eq!(gw.spool.status().unwrap().objects, 3);
     for o in &good {
-        let mut out = Vec::new();
-        gw.spool
-            .export(&o.meta().sop_instance_uid, &mut out)
-            .unwrap();
-        assert!(out.ends_with(o.data_set()));
+        assert!(exported(&gw.spool, &o.meta().sop_instance_uid).ends_with(o.data_set()));
     }
     gw.shutdown().await;
 }

@@ -119,3 +119,10 @@ pub fn dataset(class: &str, instance: &str, patient: &str, pixels: usize) -> Vec
     d.extend((0..pixels).map(|i| (i % 199) as u8));
     d
 }
+
+/// The Part 10 file the spool exports for `uid`.
+pub fn exported(spool: &Spool, uid: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    spool.export(uid, &mut out).unwrap();
+    out
+}
