@@ -25,7 +25,8 @@
 //!   again later can help (A7xx out of resources, 0213 resource limitation: yes; 0122 SOP
 //!   class not supported, A9xx data set does not match, Cxxx cannot understand: no).
 //! - Timeouts ([`ScuSettings`]): TCP connect, association response (ARTIM: A-ASSOCIATE-AC
-//!   and A-RELEASE-RP) and DIMSE (each PDU written, and the wait for a C-STORE-RSP). A
+//!   and A-RELEASE-RP) and DIMSE (each PDU written: [`ScuError::SendTimeout`], and the wait
+//!   for a C-STORE-RSP: [`ScuError::ResponseTimeout`]). A
 //!   timeout, an abort or a closed connection leaves the association unusable
 //!   ([`ScuError::Unusable`] after that); a failure status does not.
 //! - No patient data in logs or errors: objects are named by nothing at all (UIDs are
@@ -226,6 +227,8 @@ pub enum ScuError {
     },
     #[error("no C-STORE response from {peer} within {after:?}")]
     ResponseTimeout { peer: String, after: Duration },
+    #[error("{peer} took no data for {after:?}")]
+    SendTimeout { peer: String, after: Duration },
     #[error("association with {peer} failed: {reason}")]
     Protocol { peer: String, reason: &'static str },
     #[error("association with {peer} is unusable after an earlier error")]
@@ -253,6 +256,7 @@ impl ScuError {
             | Self::Closed { .. }
             | Self::Io { .. }
             | Self::ResponseTimeout { .. }
+            | Self::SendTimeout { .. }
             | Self::Protocol { .. }
             | Self::Unusable { .. } => true,
         }
@@ -637,9 +641,9 @@ where
         }],
     };
     inner.send(&pdu).await.map_err(|e| match e {
-        UlError::Timeout { .. } => ScuError::Protocol {
+        UlError::Timeout { .. } => ScuError::SendTimeout {
             peer: peer.to_string(),
-            reason: "peer does not take data within the DIMSE timeout",
+            after: inner.write_timeout().unwrap_or_default(),
         },
         other => link_error(other, peer.to_string()),
     })

@@ -379,6 +379,8 @@ enum Misbehaviour {
     SilentAtAssociation,
     /// Accepts the association, reads everything, answers nothing.
     NeverResponds,
+    /// Accepts the association, then reads nothing more.
+    StopsReading,
     /// Closes the connection on the first P-DATA.
     ClosesMidway,
     /// Sends an A-ABORT once a data set is in.
@@ -403,11 +405,18 @@ async fn misbehaving_peer(how: Misbehaviour) -> SocketAddr {
             .establish_async(socket)
             .await
             .unwrap();
+        if let Misbehaviour::StopsReading = how {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(assoc);
+            return;
+        }
         let mut command = None;
         loop {
             match assoc.receive().await {
                 Ok(Pdu::PData { data }) => match how {
-                    Misbehaviour::NeverResponds | Misbehaviour::SilentAtAssociation => {}
+                    Misbehaviour::NeverResponds
+                    | Misbehaviour::SilentAtAssociation
+                    | Misbehaviour::StopsReading => {}
                     Misbehaviour::Answers(status) => {
                         for pdv in data {
                             if pdv.value_type == PDataValueType::Command {
@@ -498,6 +507,28 @@ async fn missing_c_store_response_is_a_timeout_and_ends_the_association() {
     assert!(!assoc.is_usable());
     let err = assoc.store(&o).await.unwrap_err();
     assert!(matches!(err, ScuError::Unusable { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn peer_that_stops_reading_is_a_send_timeout() {
+    let addr = misbehaving_peer(Misbehaviour::StopsReading).await;
+    // Far more than the loopback socket buffers hold.
+    let uid = "1.2.826.0.1.3680043.8.498.5.20";
+    let big = object(CT, uid, EXPLICIT_LE, &dataset(CT, uid, "ZZ^Big", 64 << 20));
+    let mut assoc = connect(addr, "PACS", quick(), &[&big]).await.unwrap();
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), assoc.store(&big))
+        .await
+        .expect("store returns once the peer stops reading")
+        .unwrap_err();
+    assert!(matches!(err, ScuError::SendTimeout { .. }), "{err:?}");
+    assert!(err.retryable());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!assoc.is_usable());
 }
 
 #[tokio::test]
