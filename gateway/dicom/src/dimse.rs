@@ -1,4 +1,5 @@
-//! DIMSE command sets: decoding requests and encoding responses (PS3.7 section 9).
+//! DIMSE command sets: decoding requests and encoding responses (PS3.7 section 9), and,
+//! for the C-STORE SCU ([`crate::scu`]), encoding C-STORE-RQ and decoding C-STORE-RSP.
 //!
 //! Command sets are always Implicit VR Little Endian. Requests are decoded with
 //! dicom-object; a command that does not decode, or lacks a mandatory field, is an error
@@ -84,6 +85,59 @@ pub struct FindRequest {
     pub sop_class_uid: String,
     pub priority: u16,
     pub has_data_set: bool,
+}
+
+/// A decoded response (what the C-STORE SCU needs of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub command_field: u16,
+    pub message_id_being_responded_to: u16,
+    pub status: u16,
+    /// Affected SOP Instance UID, when the response carries one.
+    pub sop_instance_uid: Option<String>,
+    pub has_data_set: bool,
+}
+
+/// Decodes a complete response command set (same bounded scan as [`decode`]).
+pub fn decode_response(bytes: &[u8]) -> Result<Response, CommandError> {
+    let fields = CommandFields::scan(bytes)?;
+    Ok(Response {
+        command_field: fields.u16(0x0100, "Command Field")?,
+        message_id_being_responded_to: fields.u16(0x0120, "Message ID Being Responded To")?,
+        status: fields.u16(0x0900, "Status")?,
+        sop_instance_uid: fields.uid(0x1000, "Affected SOP Instance UID").ok(),
+        has_data_set: fields
+            .u16(0x0800, "Command Data Set Type")
+            .is_ok_and(|t| t != NO_DATA_SET),
+    })
+}
+
+/// Encodes a C-STORE-RQ with a data set following (priority medium).
+pub fn store_request(message_id: u16, sop_class_uid: &str, sop_instance_uid: &str) -> Vec<u8> {
+    encode(InMemDicomObject::command_from_element_iter([
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            uid_value(sop_class_uid),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            dicom_value!(U16, [field::C_STORE_RQ]),
+        ),
+        DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
+        DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [0x0000]),
+        ),
+        DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            uid_value(sop_instance_uid),
+        ),
+    ]))
 }
 
 /// Decodes a complete command set.
@@ -311,30 +365,7 @@ mod tests {
     use super::*;
 
     fn store_rq(message_id: u16) -> Vec<u8> {
-        encode(InMemDicomObject::command_from_element_iter([
-            DataElement::new(
-                tags::AFFECTED_SOP_CLASS_UID,
-                VR::UI,
-                uid_value("1.2.840.10008.5.1.4.1.1.2"),
-            ),
-            DataElement::new(
-                tags::COMMAND_FIELD,
-                VR::US,
-                dicom_value!(U16, [field::C_STORE_RQ]),
-            ),
-            DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
-            DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
-            DataElement::new(
-                tags::COMMAND_DATA_SET_TYPE,
-                VR::US,
-                dicom_value!(U16, [0x0000]),
-            ),
-            DataElement::new(
-                tags::AFFECTED_SOP_INSTANCE_UID,
-                VR::UI,
-                uid_value("1.2.3.4"),
-            ),
-        ]))
+        store_request(message_id, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
     }
 
     #[test]
@@ -454,6 +485,33 @@ mod tests {
             Request::Cancel {
                 message_id: Some(7)
             }
+        );
+    }
+
+    #[test]
+    fn store_request_round_trips_and_response_decodes() {
+        let rq = store_request(300, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45");
+        let Request::Store(req) = decode(&rq).unwrap() else {
+            panic!("not a store")
+        };
+        assert_eq!(req.message_id, 300);
+        assert_eq!(req.sop_class_uid, "1.2.840.10008.5.1.4.1.1.2");
+        assert_eq!(req.sop_instance_uid, "1.2.3.45");
+        assert!(req.has_data_set);
+        let rsp = decode_response(&store_response(&req, 0xB000, None)).unwrap();
+        assert_eq!(
+            rsp,
+            Response {
+                command_field: field::C_STORE_RSP,
+                message_id_being_responded_to: 300,
+                status: 0xB000,
+                sop_instance_uid: Some("1.2.3.45".into()),
+                has_data_set: false,
+            }
+        );
+        assert_eq!(
+            decode_response(&rq),
+            Err(CommandError::Missing("Message ID Being Responded To"))
         );
     }
 

@@ -17,6 +17,8 @@
 //! - [`worklist`]: Modality Worklist C-FIND: identifier to `gateway_booking::WorklistQuery`,
 //!   worklist items to response identifiers.
 //! - [`charset`]: Specific Character Set codecs (Japanese ISO 2022, UTF-8) for worklist text.
+//! - [`scu`]: the C-STORE SCU ([`Scu`]) that delivers Part 10 objects to a PACS; uses
+//!   `dimse` and `part10`, nothing of the SCP side.
 //!
 //! Invariants:
 //! - C-STORE status 0000 is sent only after `gateway_spool::Ingest::commit` returned, i.e.
@@ -44,11 +46,13 @@ mod element;
 pub mod metrics;
 pub mod part10;
 pub mod policy;
+pub mod scu;
 pub mod service;
 pub mod storage_classes;
 pub mod walker;
 pub mod worklist;
 
 pub use policy::{Peer, PolicySettings};
+pub use scu::{Scu, ScuAssociation, ScuError, ScuSettings, ScuTarget, StoreObject, StoreOutcome};
 pub use service::{DicomError, DicomService, DicomSettings};
 pub use worklist::WorklistSource;

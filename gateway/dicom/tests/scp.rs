@@ -1,9 +1,11 @@
 //! The SCP against dicom-ul's own client on 127.0.0.1:0, with a real spool in a temp dir.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::Duration;
 
+use common::{Gateway, dataset, element, even, exported};
 use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
@@ -14,93 +16,12 @@ use dicom_ul::pdu::{
     AssociationRJSource, PDataValue, PDataValueType,
 };
 use dicom_ul::{ClientAssociationOptions, Pdu};
-use gateway_dicom::{DicomService, DicomSettings, Peer, PolicySettings};
-use gateway_keystore::{KEY_LEN, MasterKey};
-use gateway_spool::{Limits, Spool};
+use gateway_dicom::Peer;
+use gateway_spool::Limits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 
 const CT: &str = uids::CT_IMAGE_STORAGE;
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
-
-struct Gateway {
-    idle_timeout: Duration,
-    addr: SocketAddr,
-    spool: Spool,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
-}
-
-impl Gateway {
-    async fn start(policy: impl FnOnce(&mut PolicySettings), limits: Limits) -> Self {
-        Self::start_with(policy, limits, Duration::from_secs(10)).await
-    }
-
-    async fn start_with(
-        policy: impl FnOnce(&mut PolicySettings),
-        limits: Limits,
-        idle_timeout: Duration,
-    ) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(
-            dir.path(),
-            Some(MasterKey::from_bytes([3; KEY_LEN])),
-            limits,
-            vec![],
-        )
-        .unwrap();
-        let mut p = PolicySettings {
-            ae_title: "GATEWAY".into(),
-            max_associations: 8,
-            max_associations_per_peer: 8,
-            peers: vec![],
-        };
-        policy(&mut p);
-        let settings = DicomSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            policy: p,
-            max_pdu_length: 16384,
-            artim_timeout: Duration::from_secs(2),
-            idle_timeout,
-            shutdown_grace: Duration::from_secs(2),
-        };
-        let mut registry = prometheus_client::registry::Registry::default();
-        let service = DicomService::bind(settings, spool.clone(), &mut registry)
-            .await
-            .unwrap();
-        let addr = service.local_addr().unwrap();
-        let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(service.run(rx));
-        Self {
-            idle_timeout,
-            addr,
-            spool,
-            stop,
-            task,
-            _dir: dir,
-        }
-    }
-
-    async fn default() -> Self {
-        Self::start(
-            |_| {},
-            Limits {
-                max_bytes: 1 << 40,
-                min_free_bytes: 0,
-            },
-        )
-        .await
-    }
-
-    async fn shutdown(self) {
-        self.stop.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-}
 
 fn client(calling: &str) -> ClientAssociationOptions<'static> {
     ClientAssociationOptions::new()
@@ -110,58 +31,8 @@ fn client(calling: &str) -> ClientAssociationOptions<'static> {
         .with_presentation_context(uids::VERIFICATION, vec!["1.2.840.10008.1.2"])
 }
 
-fn element(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend(tag.0.to_le_bytes());
-    v.extend(tag.1.to_le_bytes());
-    v.extend(vr);
-    v.extend((value.len() as u16).to_le_bytes());
-    v.extend(value);
-    v
-}
-
-fn even(s: &str) -> Vec<u8> {
-    let mut b = s.as_bytes().to_vec();
-    if b.len() % 2 == 1 {
-        b.push(0);
-    }
-    b
-}
-
-/// A small Explicit VR Little Endian CT data set.
-fn dataset(class: &str, instance: &str, patient: &str, pixels: usize) -> Vec<u8> {
-    let mut d = Vec::new();
-    d.extend(element((0x0008, 0x0016), b"UI", &even(class)));
-    d.extend(element((0x0008, 0x0018), b"UI", &even(instance)));
-    d.extend(element((0x0010, 0x0010), b"PN", &even(patient)));
-    // Pixel Data, OW, long form.
-    d.extend([0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0]);
-    d.extend((pixels as u32).to_le_bytes());
-    d.extend((0..pixels).map(|i| (i % 199) as u8));
-    d
-}
-
 fn store_rq(message_id: u16, class: &str, instance: &str) -> Vec<u8> {
-    let obj = InMemDicomObject::command_from_element_iter([
-        DataElement::new(
-            tags::AFFECTED_SOP_CLASS_UID,
-            VR::UI,
-            PrimitiveValue::from(String::from_utf8(even(class)).unwrap()),
-        ),
-        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [0x0001])),
-        DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [message_id])),
-        DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
-        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [0])),
-        DataElement::new(
-            tags::AFFECTED_SOP_INSTANCE_UID,
-            VR::UI,
-            PrimitiveValue::from(String::from_utf8(even(instance)).unwrap()),
-        ),
-    ]);
-    let mut out = Vec::new();
-    obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-        .unwrap();
-    out
+    gateway_dicom::dimse::store_request(message_id, class, instance)
 }
 
 fn echo_rq(message_id: u16) -> Vec<u8> {
@@ -245,12 +116,6 @@ async fn response(assoc: &mut Assoc) -> (u16, u16) {
         .to_int::<u16>()
         .unwrap();
     (status, id)
-}
-
-fn exported(spool: &Spool, uid: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    spool.export(uid, &mut out).unwrap();
-    out
 }
 
 #[tokio::test]
