@@ -1,4 +1,5 @@
-//! The uplink: drains the spool to cloud DICOMweb archives with STOW-RS over mutual TLS.
+//! The uplink: drains the spool to cloud DICOMweb archives with STOW-RS over mutual TLS (and
+//! pulls studies back from them, [`pull`]).
 //!
 //! One [`UplinkService`] per `[[uplink]]` destination. It takes the oldest queued object of
 //! its destination from the spool and the queued objects of the same study behind it (up to

@@ -106,9 +106,9 @@ pub enum QidoError {
 /// with the archive's root URL but no UID.
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
-    /// The study UID given is not a valid UID.
-    #[error("the study UID asked for is not a valid UID")]
-    BadStudyUid,
+    /// A UID given by the caller (`what`: study, series or instance) is not a valid UID.
+    #[error("the {what} UID asked for is not a valid UID")]
+    BadUid { what: &'static str },
     /// Connecting, the TLS handshake, sending the request or waiting for its status failed.
     #[error("{request} {root}: {}", crate::describe(error))]
     Send {
@@ -201,7 +201,7 @@ impl PullClient {
 
     /// The instances of the study, in the archive's order, each once.
     pub async fn instances_of_study(&self, study_uid: &str) -> Result<Vec<InstanceRef>, PullError> {
-        let study_uid = valid_uid(study_uid).ok_or(PullError::BadStudyUid)?;
+        let study_uid = valid_uid(study_uid).ok_or(PullError::BadUid { what: "study" })?;
         let page_size = self.limits.page_size.max(1);
         let mut seen = HashSet::new();
         let mut all = Vec::new();
@@ -289,20 +289,10 @@ impl PullClient {
     /// Retrieves the instance into `dest` (whole and fsynced, or not at all); the bytes
     /// written. Waits for a free slot of the client's concurrency bound first.
     pub async fn retrieve_instance(&self, r: &InstanceRef, dest: &Path) -> Result<u64, PullError> {
-        let bad = PullError::Qido {
-            root: self.root.clone(),
-            source: QidoError::BadUid {
-                index: 0,
-                tag: "instance reference",
-            },
-        };
-        let (Some(study), Some(series), Some(sop)) = (
-            valid_uid(&r.study_uid),
-            valid_uid(&r.series_uid),
-            valid_uid(&r.sop_instance_uid),
-        ) else {
-            return Err(bad);
-        };
+        let uid = |uid, what| valid_uid(uid).ok_or(PullError::BadUid { what });
+        let study = uid(&r.study_uid, "study")?;
+        let series = uid(&r.series_uid, "series")?;
+        let sop = uid(&r.sop_instance_uid, "instance")?;
         // The semaphore is never closed; if it were, going ahead unbounded is still correct.
         let _permit = self.permits.acquire().await.ok();
         let url = format!(
@@ -575,6 +565,29 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn bad_uids_are_refused_before_any_request() {
+        // Nothing listens there; the refusal comes before any connection.
+        let s = UplinkSettings::new("x".into(), "http://127.0.0.1:9".into(), None);
+        let c = PullClient::new(&s, PullLimits::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let r = InstanceRef {
+            study_uid: "1.2".into(),
+            series_uid: "1.2.3".into(),
+            sop_instance_uid: "../../x".into(),
+        };
+        let dest = dir.path().join("x.dcm");
+        assert!(matches!(
+            c.retrieve_instance(&r, &dest).await,
+            Err(PullError::BadUid { what: "instance" })
+        ));
+        assert!(!dest.exists());
+        assert!(matches!(
+            c.instances_of_study("1.2/3").await,
+            Err(PullError::BadUid { what: "study" })
+        ));
+    }
+
     #[test]
     fn qido_instances_are_read() {
         let body = br#"[
@@ -607,7 +620,8 @@ mod tests {
 
     #[test]
     fn malformed_qido_responses_are_typed_errors() {
-        let cases: [(&[u8], fn(&QidoError) -> bool); 8] = [
+        type Check = fn(&QidoError) -> bool;
+        let cases: [(&[u8], Check); 8] = [
             (b"<html>", |e| matches!(e, QidoError::Json { kind: "syntax", .. })),
             (b"[{", |e| matches!(e, QidoError::Json { kind: "end of input", .. })),
             (b"{}", |e| matches!(e, QidoError::Json { kind: "data", .. })),
