@@ -520,6 +520,57 @@ async fn a_study_is_listed_and_retrieved_byte_identical_over_mutual_tls() {
 
     // The errors name no UID.
     assert!(!e.to_string().contains(study), "{e}");
+
+    // The bounds hold against the real archive: instances per study, bytes per QIDO page,
+    // bytes per retrieved part (and a refused retrieval leaves no file).
+    let s = settings(&cloud, &pki.ca_file, &client);
+    let bounded = |limits| PullClient::new(&s, limits).unwrap();
+    let e = bounded(PullLimits {
+        page_size: 3,
+        max_instances: 5,
+        ..PullLimits::default()
+    })
+    .instances_of_study(study)
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, PullError::TooManyInstances { limit: 5, .. }),
+        "{e}"
+    );
+    let e = bounded(PullLimits {
+        max_page_bytes: 1000,
+        ..PullLimits::default()
+    })
+    .instances_of_study(study)
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, PullError::ResponseTooLarge { limit: 1000, .. }),
+        "{e}"
+    );
+    let mut small = PullLimits::default();
+    small.multipart.max_part_bytes = 100_000;
+    let big = listed
+        .iter()
+        .find(|r| sent[&r.sop_instance_uid].1.len() > 500_000)
+        .unwrap();
+    let dest = dir.join("big.dcm");
+    let e = bounded(small)
+        .retrieve_instance(big, &dest)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PullError::Multipart {
+                source: gateway_uplink::multipart::MultipartError::PartTooLarge { limit: 100_000 },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!dest.exists());
+    assert!(!dir.join("big.dcm.partial").exists());
 }
 
 /// WADO-RS instance retrievals answered 200 in an access log.
