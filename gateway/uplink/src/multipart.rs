@@ -275,8 +275,8 @@ impl Multipart {
 
     fn preamble(&mut self) -> Result<bool, MultipartError> {
         if let Some(i) = find(&self.pending, &self.delimiter) {
-            // The virtual CRLF at the start is not preamble.
             self.preamble = self.preamble.saturating_add(i as u64);
+            self.check_preamble()?;
             self.pending.drain(..i + self.delimiter.len());
             self.state = State::AfterDelimiter;
             return Ok(true);
@@ -287,13 +287,19 @@ impl Multipart {
             self.preamble = self.preamble.saturating_add(n as u64);
             self.pending.drain(..n);
         }
-        // Counted generously: the 2 bytes of the virtual CRLF are included.
+        self.check_preamble()?;
+        Ok(false)
+    }
+
+    /// The same bound whether the delimiter came in the same chunk or later (the count
+    /// includes the 2 bytes of the virtual CRLF).
+    fn check_preamble(&self) -> Result<(), MultipartError> {
         if self.preamble > self.limits.max_preamble_bytes.saturating_add(2) {
             return Err(MultipartError::PreambleTooLarge {
                 limit: self.limits.max_preamble_bytes,
             });
         }
-        Ok(false)
+        Ok(())
     }
 
     fn after_delimiter(&mut self) -> Result<bool, MultipartError> {
@@ -341,7 +347,8 @@ impl Multipart {
         } else if let Some(i) = find(&self.pending, b"\r\n\r\n") {
             (i, i + 4)
         } else {
-            if self.pending.len() > self.limits.max_header_bytes {
+            // Without the empty line yet, the block is at least all but the last 3 bytes.
+            if self.pending.len() > self.limits.max_header_bytes.saturating_add(3) {
                 return Err(MultipartError::HeadersTooLarge {
                     limit: self.limits.max_header_bytes,
                 });
@@ -385,12 +392,7 @@ impl Multipart {
             ),
         };
         let bytes = self.pending.get(..emit).unwrap_or_default();
-        self.body = self.body.saturating_add(emit as u64);
-        if self.body > self.limits.max_part_bytes {
-            return Err(MultipartError::PartTooLarge {
-                limit: self.limits.max_part_bytes,
-            });
-        }
+        // The signature first, then the size: the same error however the body is chunked.
         if self.head.len() < DICM_AT + 4 {
             let take = (DICM_AT + 4 - self.head.len()).min(bytes.len());
             self.head
@@ -398,6 +400,12 @@ impl Multipart {
             if self.head.len() == DICM_AT + 4 && self.head.get(DICM_AT..) != Some(b"DICM") {
                 return Err(self.not_dicom("no DICM signature at offset 128"));
             }
+        }
+        self.body = self.body.saturating_add(emit as u64);
+        if self.body > self.limits.max_part_bytes {
+            return Err(MultipartError::PartTooLarge {
+                limit: self.limits.max_part_bytes,
+            });
         }
         out.extend_from_slice(bytes);
         if end {
@@ -687,10 +695,13 @@ mod tests {
         );
         let mut long_preamble = vec![b'x'; 11];
         long_preamble.extend_from_slice(&body("B", &dicom(1)));
-        assert_eq!(
-            parse_all(&long_preamble, "B", small, 1),
-            Err(MultipartError::PreambleTooLarge { limit: 10 })
-        );
+        for chunk in [1, 4, long_preamble.len()] {
+            assert_eq!(
+                parse_all(&long_preamble, "B", small, chunk),
+                Err(MultipartError::PreambleTooLarge { limit: 10 }),
+                "chunk {chunk}"
+            );
+        }
         // An endless preamble without any boundary is cut at the limit, not buffered.
         let mut p = Multipart::new("B", small);
         let mut out = Vec::new();
@@ -701,9 +712,24 @@ mod tests {
         long_headers.extend_from_slice(b"\r\n\r\n");
         long_headers.extend_from_slice(&dicom(1));
         long_headers.extend_from_slice(b"\r\n--B--\r\n");
-        assert_eq!(
-            parse_all(&long_headers, "B", small, 1),
-            Err(MultipartError::HeadersTooLarge { limit: 40 })
-        );
+        for chunk in [1, 5, long_headers.len()] {
+            assert_eq!(
+                parse_all(&long_headers, "B", small, chunk),
+                Err(MultipartError::HeadersTooLarge { limit: 40 }),
+                "chunk {chunk}"
+            );
+        }
+        // A block of exactly the limit passes however it is chunked.
+        let mut exact = b"--B\r\nContent-Type: application/dicom\r\nX: ".to_vec();
+        exact.extend_from_slice(&[b'p'; 4]);
+        exact.extend_from_slice(b"\r\n\r\n");
+        exact.extend_from_slice(&dicom(1));
+        exact.extend_from_slice(b"\r\n--B--\r\n");
+        for chunk in 1..exact.len() {
+            assert!(
+                parse_all(&exact, "B", small, chunk).is_ok(),
+                "chunk {chunk}"
+            );
+        }
     }
 }
