@@ -588,6 +588,69 @@ mod tests {
         ));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retrievals_keep_to_the_concurrency_bound() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncReadExt;
+
+        // A loopback server that holds each request 150 ms and counts how many it holds at
+        // once, then answers 404 and closes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let now = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (n, p) = (now.clone(), peak.clone());
+        let server = tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let (n, p) = (n.clone(), p.clone());
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let k = sock.read(&mut buf).await.unwrap();
+                        if k == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..k]);
+                    }
+                    let in_flight = n.fetch_add(1, Ordering::SeqCst) + 1;
+                    p.fetch_max(in_flight, Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                    n.fetch_sub(1, Ordering::SeqCst);
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        let mut s = UplinkSettings::new("x".into(), format!("http://127.0.0.1:{port}"), None);
+        s.max_concurrent_requests = 2;
+        let c = PullClient::new(&s, PullLimits::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut tasks = JoinSet::new();
+        for i in 0..6 {
+            let c = c.clone();
+            let dest = dir.path().join(format!("{i}.dcm"));
+            tasks.spawn(async move {
+                let r = InstanceRef {
+                    study_uid: "1.2".into(),
+                    series_uid: "1.2.3".into(),
+                    sop_instance_uid: format!("1.2.3.{i}"),
+                };
+                c.retrieve_instance(&r, &dest).await
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            assert!(matches!(
+                r.unwrap(),
+                Err(PullError::Status { status: 404, .. })
+            ));
+        }
+        server.abort();
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
+    }
+
     #[test]
     fn qido_instances_are_read() {
         let body = br#"[
