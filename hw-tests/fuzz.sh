@@ -5,7 +5,7 @@
 #   FUZZ_SECONDS=300 FUZZ_ONLY="parse_roundtrip mllp_split" bash hw-tests/fuzz.sh
 #
 # Fuzz crates (each its own workspace, outside the main one): gateway/dicom/fuzz,
-# gateway/hl7/fuzz, gateway/fleet/fuzz, gateway/exchange/fuzz. Every `[[bin]]` target they
+# gateway/hl7/fuzz, gateway/fleet/fuzz, gateway/exchange/fuzz, gateway/uplink/fuzz. Every `[[bin]]` target they
 # list (`cargo fuzz list`) is built and run; each needs a seed corpus in
 # `gateway/<crate>/fuzz/corpus/<target>/` (small valid inputs, plus every finding once fixed;
 # the folders are git-ignored, so seeds are added with `git add -f`).
@@ -24,7 +24,7 @@
 #   targets have run, naming each target, its finding and its artifact.
 # - Bounded time: each build is cut at FUZZ_BUILD_TIMEOUT seconds, each run at
 #   FUZZ_SECONDS plus 120 s of start-up slack (libFuzzer itself stops at FUZZ_SECONDS).
-#   Default total: 9 targets x 30 s, plus the builds (a few minutes from cold).
+#   Default total: 11 targets x 30 s, plus the builds (a few minutes from cold).
 #
 # Environment: FUZZ_SECONDS (30), FUZZ_ONLY (space-separated target names; default all),
 # FUZZ_TARGET_DIR (target/fuzz: kept apart from the workspace's target dir),
@@ -34,7 +34,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 CARGO_FUZZ_VERSION=0.13.1
-FUZZ_CRATES=(gateway/dicom gateway/hl7 gateway/fleet gateway/exchange)
+FUZZ_CRATES=(gateway/dicom gateway/hl7 gateway/fleet gateway/exchange gateway/uplink)
 FUZZ_SECONDS=${FUZZ_SECONDS:-30}
 FUZZ_ONLY=${FUZZ_ONLY:-}
 FUZZ_TARGET_DIR=${FUZZ_TARGET_DIR:-$ROOT/target/fuzz}

@@ -1,4 +1,5 @@
-//! The uplink: drains the spool to cloud DICOMweb archives with STOW-RS over mutual TLS.
+//! The uplink: drains the spool to cloud DICOMweb archives with STOW-RS over mutual TLS (and
+//! pulls studies back from them, [`pull`]).
 //!
 //! One [`UplinkService`] per `[[uplink]]` destination. It takes the oldest queued object of
 //! its destination from the spool and the queued objects of the same study behind it (up to
@@ -10,7 +11,9 @@
 //!
 //! Module map: [`stow`] (body, response and [`stow::StowError`]), `pace` (bandwidth limit),
 //! [`mllp`] (HL7 v2 forwarding over MLLP/TLS for `kind = "mllp-tls"` destinations, and
-//! [`mllp::MllpError`]).
+//! [`mllp::MllpError`]), [`pull`] (the other direction: a study listed by QIDO-RS and
+//! retrieved by WADO-RS from a destination's archive, [`pull::PullClient`]) and
+//! [`multipart`] (the streaming `multipart/related` parser of WADO-RS responses).
 //!
 //! Retry rules:
 //! - network errors, 408, 429, 5xx, and authentication refusals (401, 403, 495, 496) are
@@ -35,7 +38,9 @@
 #![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
 pub mod mllp;
+pub mod multipart;
 mod pace;
+pub mod pull;
 pub mod stow;
 
 use std::collections::{HashMap, HashSet};
@@ -201,18 +206,7 @@ impl UplinkService {
         spool: Spool,
         metrics: Metrics,
     ) -> Result<Self, UplinkError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(15))
-            .timeout(settings.request_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .no_proxy();
-        if let Some(tls) = &settings.tls {
-            builder = builder.tls_backend_preconfigured((**tls).clone());
-        }
-        let client = builder.build().map_err(|source| UplinkError::Client {
-            name: settings.name.clone(),
-            source,
-        })?;
+        let client = http_client(&settings)?;
         let pacer = settings.max_bytes_per_sec.map(pace::Pacer::new);
         Ok(Self {
             settings,
@@ -619,6 +613,24 @@ impl Request {
             })?;
         Ok((status, retry_after, body))
     }
+}
+
+/// The HTTP client of a DICOMweb destination (STOW-RS pushes and the QIDO/WADO-RS pulls of
+/// [`pull`]): the destination's rustls configuration (server CA, the box's client
+/// identity), connect and request timeouts, no proxy.
+pub(crate) fn http_client(settings: &UplinkSettings) -> Result<reqwest::Client, UplinkError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .timeout(settings.request_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .no_proxy();
+    if let Some(tls) = &settings.tls {
+        builder = builder.tls_backend_preconfigured((**tls).clone());
+    }
+    builder.build().map_err(|source| UplinkError::Client {
+        name: settings.name.clone(),
+        source,
+    })
 }
 
 /// A transport error with its causes (TLS alerts say why a handshake failed).
