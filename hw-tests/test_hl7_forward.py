@@ -14,7 +14,14 @@ acknowledges AA, or AE/101 for the MSH-10s it is told to refuse.
 - kill -9 right after the gateway's AA to the sender, 10 times: after each restart every
   acknowledged message reaches the peer; a message is received again only when a kill
   fell between the peer's ACK and the gateway recording it (at most one resend per kill),
-  byte-identical, so the peer recognises it by its MSH-3/MSH-4/MSH-10.
+  byte-identical, so the peer recognises it by its MSH-3/MSH-4/MSH-10;
+- routing by message type (`message_types`): an EMR (ORU^R01), an accounting system
+  (DFT^P03), a RIS (OMG^O19, ORM^O01) and one destination without a filter, each its own
+  peer; a mix of ORU^R01, DFT^P03, OMG^O19, ADT^A08 and one whose MSH-9 is in lower
+  case (a type no filter matches): each filtered peer receives exactly its types, once each and in order, the
+  unfiltered one everything; `spool status --json` counts per destination. Restarted
+  with no destination for ADT, an ADT^A08 is still stored and answered AA, held as
+  `received`.
 """
 
 from __future__ import annotations
@@ -199,4 +206,113 @@ def test_kill9_right_after_aa_still_delivers_every_message(gateway_factory, peer
     assert resends <= len(msgs), received
     got = {cid: raw for cid, raw in peer.received()}
     assert all(got[m.control_id] == m.bytes for m in msgs)
+    assert g.stop() == 0
+
+
+def typed_message(control_id: str, msh9: str, body: list[str]) -> hl7msg.Msg:
+    """A message of type `msh9` (MSH-9 as written) with `body` segments after MSH; fake,
+    ZZ-marked patient data."""
+    msh = f"MSH|^~\\&|ZZHIS|ZZHOSP|GATEWAY|ZZCLINIC|20261201120000||{msh9}|{control_id}|P|2.5"
+    return hl7msg.Msg(control_id, "\r".join([msh, *body]) + "\r", "ascii")
+
+
+PID = "PID|1||ZZPIDRT01^^^ZZHOSP^PI||ZZTEST^ROUTE||19700101|F"
+
+
+def oru_r01(cid: str) -> hl7msg.Msg:
+    return typed_message(cid, "ORU^R01^ORU_R01", [
+        PID, "OBR|1|ZZPLACER1|ZZFILLER1|CT^CT CHEST", "OBX|1|TX|REPORT||ZZTEST no finding||||||F"])
+
+
+def dft_p03(cid: str) -> hl7msg.Msg:
+    return typed_message(cid, "DFT^P03^DFT_P03", [
+        "EVN|P03|20261201120000", PID, "FT1|1|||20261201120000||CG|ZZCHARGE^CT CHEST"])
+
+
+def omg_o19(cid: str) -> hl7msg.Msg:
+    return typed_message(cid, "OMG^O19^OMG_O19", [
+        PID, "ORC|NW|ZZPLACER2", "OBR|1|ZZPLACER2||CT^CT CHEST"])
+
+
+def test_each_destination_gets_exactly_the_message_types_it_takes(gateway_factory, peer_factory, ca):
+    client = ca.other_client_cert("test-gw", name="gw-client")
+    filters = {
+        "emr": ["ORU^R01"],
+        "accounting": ["DFT^P03"],
+        "ris": ["OMG^O19", "ORM^O01"],
+        "all": None,
+    }
+    peers = {name: peer_factory(ca) for name in filters}
+    uplinks = []
+    for name, types in filters.items():
+        up = {"name": name, "kind": "mllp-tls", "url": f"mllps://127.0.0.1:{peers[name].port}",
+              "ca_file": str(ca.cert), "client_auth": "files",
+              "cert_file": str(client.cert), "key_file": str(client.key)}
+        if types is not None:
+            up["message_types"] = types
+        uplinks.append(up)
+    port = gw.free_port()
+    g = gateway_factory({"hl7": {"listen": f"127.0.0.1:{port}"}, "uplink": uplinks})
+    g.hl7_port = port
+
+    msgs = []
+    for i in range(3):
+        msgs += [oru_r01(f"ZZRTO{i}"), dft_p03(f"ZZRTD{i}"), omg_o19(f"ZZRTG{i}"),
+                 adt_a08(f"ZZRTA{i}", patient_id="ZZPIDRT01")]
+    # MSH-9 in lower case: not a type the filters can match, so only "all" takes it (the
+    # EMR's ORU^R01 filter does not guess).
+    msgs.append(typed_message("ZZRTX0", "oru^r01^ORU_R01", [PID, "OBR|1|ZZPLACER3||CT^CT CHEST"]))
+    send_all(g, msgs)
+
+    def types_of(prefix: str) -> list[str]:
+        return [m.control_id for m in msgs if m.control_id.startswith(prefix)]
+
+    want = {
+        "emr": types_of("ZZRTO"),
+        "accounting": types_of("ZZRTD"),
+        "ris": types_of("ZZRTG"),
+        "all": [m.control_id for m in msgs],
+    }
+
+    def settled():
+        st = g.status()["by_destination"]
+        return all(st[d]["sent"] == len(w) and st[d]["queued"] == 0 for d, w in want.items()), st
+
+    st = poll("every destination sent its share", settled, 60)
+    time.sleep(1)  # anything sent to the wrong peer would have arrived by now
+    by_id = {m.control_id: m.bytes for m in msgs}
+    for name, ids in want.items():
+        got = peers[name].received()
+        assert [cid for cid, _ in got] == ids, f"{name} received {[cid for cid, _ in got]}, wants {ids}"
+        assert all(raw == by_id[cid] for cid, raw in got), f"{name}: a forwarded message differs"
+        assert (st[name]["sent"], st[name]["queued"], st[name]["failed"]) == (len(ids), 0, 0), st[name]
+    assert set(st) == set(filters), st
+    assert sum(gw.metric_values(g.metrics(), "gateway_uplink_sent_total", destination="emr", result="sent")) == 3
+    log = g.log_text()
+    assert "ZZTEST" not in log and "ZZPIDRT01" not in log and "ZZPLACER" not in log
+    assert g.stop() == 0
+
+    # Restarted without the unfiltered destination and with the RIS also taking ORU^R01:
+    # no destination takes ADT now, yet an ADT^A08 is stored durably and answered AA, held
+    # as `received`; the messages above keep the destinations chosen when they arrived.
+    g.config["uplink"] = [u for u in uplinks if u["name"] != "all"]
+    g.config["uplink"][2]["message_types"] = ["OMG^O19", "ORM^O01", "ORU^R01"]
+    assert g.config["uplink"][2]["name"] == "ris"
+    g.config_path.write_text(gw.to_toml(g.config))
+    g.start()
+    assert g.status()["by_state"]["received"] == 0
+    late = [adt_a08("ZZRTA9", patient_id="ZZPIDRT01"), oru_r01("ZZRTO9")]
+    send_all(g, late)
+    st = poll("the late ORU delivered to the EMR and the RIS",
+              lambda: ((s := g.status())["by_destination"]["emr"]["sent"] == 4
+                       and s["by_destination"]["ris"]["sent"] == 4, s), 60)
+    assert st["by_state"]["received"] == 1, st
+    assert st["by_destination"]["all"]["sent"] == len(msgs), "old records keep their destinations"
+    assert [cid for cid, _ in peers["ris"].received()] == want["ris"] + ["ZZRTO9"], "old ORUs are not re-queued"
+    assert [cid for cid, _ in peers["emr"].received()] == want["emr"] + ["ZZRTO9"]
+    assert [cid for cid, _ in peers["all"].received()] == want["all"]
+    out = g.workdir / "adt.hl7"
+    r = g.cli("spool", "export", "--config", str(g.config_path), "--hl7-message", late[0].key, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == late[0].bytes
     assert g.stop() == 0

@@ -59,8 +59,8 @@ pub use settings::{
     Node, Peer, Settings, Spool, Uplink, defaults,
 };
 pub use types::{
-    AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, KeystoreBackend, Mode, NodeId,
-    Role, Tcti, UplinkKind, UplinkName, UplinkUrl, ValueError,
+    AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, Hl7MessageType, KeystoreBackend,
+    Mode, NodeId, Role, Tcti, UplinkKind, UplinkName, UplinkUrl, ValueError,
 };
 pub use update::{
     ConfigFile, INTERRUPTED, UpdateCommit, UpdateError, UpdateOutcome, check_remote_update,

@@ -111,6 +111,7 @@ pub(crate) struct RawUplink {
     pub max_bytes_per_sec: Option<String>,
     pub batch_max_instances: Option<u32>,
     pub max_concurrent_requests: Option<u32>,
+    pub message_types: Option<Vec<String>>,
 }
 
 /// `[fleet]`

@@ -14,9 +14,9 @@ use crate::raw;
 use gateway_schedule::{Schedule, ScheduleSpec};
 
 use crate::types::{
-    AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, KeystoreBackend, Mode, NodeId,
-    Role, Tcti, UplinkKind, UplinkName, UplinkUrl, ValueError, parse_ip_addr, parse_path,
-    parse_socket_addr,
+    AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, Hl7MessageType, KeystoreBackend,
+    Mode, NodeId, Role, Tcti, UplinkKind, UplinkName, UplinkUrl, ValueError, parse_ip_addr,
+    parse_path, parse_socket_addr,
 };
 
 /// The text of `config/gatewayd.dev.toml`, the development default compiled into the binary.
@@ -201,6 +201,9 @@ pub struct Uplink {
     pub batch_max_instances: u32,
     /// Requests in flight at once to this destination (1..=16, default 2).
     pub max_concurrent_requests: u32,
+    /// `kind = "mllp-tls"` only: the HL7 message types queued for this destination
+    /// (`None`: every type). Never empty, no duplicates.
+    pub message_types: Option<Vec<Hl7MessageType>>,
 }
 
 /// `[fleet]`: remote management by the vendor.
@@ -882,6 +885,7 @@ fn uplinks(
                 "plaintext (http://, mllp://) is refused in production mode",
             );
         }
+        let message_types = message_types(c, &key("message_types"), raw.message_types, kind);
 
         let uplink = (|| {
             Some(Uplink {
@@ -895,6 +899,7 @@ fn uplinks(
                 max_bytes_per_sec: max_bytes_per_sec?,
                 batch_max_instances,
                 max_concurrent_requests,
+                message_types: message_types?,
             })
         })();
         match (uplink, &mut out) {
@@ -903,6 +908,53 @@ fn uplinks(
         }
     }
     out
+}
+
+/// `uplink.message_types`: only on an mllp-tls uplink; not empty; each entry once.
+fn message_types(
+    c: &mut Collector,
+    key: &str,
+    raw: Option<Vec<String>>,
+    kind: Option<UplinkKind>,
+) -> Option<Option<Vec<Hl7MessageType>>> {
+    let Some(raw) = raw else {
+        return Some(None);
+    };
+    let mut ok = true;
+    if kind == Some(UplinkKind::DicomWeb) {
+        c.push(
+            key,
+            "only an HL7 destination (kind = \"mllp-tls\") takes message_types",
+        );
+        ok = false;
+    }
+    if raw.is_empty() {
+        c.push(
+            key,
+            "must not be empty (remove the key for all message types)",
+        );
+        ok = false;
+    }
+    let mut out: Vec<Hl7MessageType> = Vec::with_capacity(raw.len());
+    for (j, value) in raw.iter().enumerate() {
+        let Some(t) = c.parse(format!("{key}[{j}]"), value, from_str::<Hl7MessageType>) else {
+            ok = false;
+            continue;
+        };
+        if let Some(first) = out.iter().position(|o| *o == t) {
+            c.push(
+                format!("{key}[{j}]"),
+                format!(
+                    "duplicate message type {:?} (already {key}[{first}])",
+                    t.as_str()
+                ),
+            );
+            ok = false;
+        } else {
+            out.push(t);
+        }
+    }
+    ok.then_some(Some(out))
 }
 
 fn fleet(c: &mut Collector, raw: raw::RawFleet, production: Option<bool>) -> Option<Fleet> {

@@ -81,6 +81,10 @@ pub enum ValueError {
     IpAddr { value: String },
     #[error("must not be empty")]
     EmptyPath,
+    #[error(
+        "invalid HL7 message type {value:?} (use CODE^EVENT such as \"ORU^R01\", or CODE alone such as \"ADT\": 3 upper-case letters or digits each)"
+    )]
+    Hl7MessageType { value: String },
 }
 
 /// Parses `host:port` (IPv6 in brackets). No name resolution happens here.
@@ -562,6 +566,45 @@ impl fmt::Display for UplinkName {
     }
 }
 
+/// `uplink.message_types` entry: an HL7 v2 message code (MSH-9.1) and, optionally, its
+/// trigger event (MSH-9.2). `ORU^R01` takes that type only; `ADT` alone takes every event
+/// of the code. Each part is 3 upper-case letters or digits. Displayed as written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hl7MessageType(String);
+
+impl Hl7MessageType {
+    /// The entry as written, e.g. `ORU^R01` or `ADT`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Hl7MessageType {
+    type Err = ValueError;
+    fn from_str(value: &str) -> Result<Self, ValueError> {
+        let part = |p: &str| {
+            p.len() == 3
+                && p.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        };
+        let mut parts = value.split('^');
+        let ok = parts.next().is_some_and(part)
+            && parts.next().is_none_or(part)
+            && parts.next().is_none();
+        if ok {
+            Ok(Self(value.to_owned()))
+        } else {
+            Err(ValueError::Hl7MessageType { value: clip(value) })
+        }
+    }
+}
+
+impl fmt::Display for Hl7MessageType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Checks `value` starts with one of `schemes`, names a host, and carries no
 /// `user:password@`. Returns whether the matched scheme is the first (secure) one.
 fn check_url(
@@ -953,6 +996,31 @@ mod tests {
                 "cloud_archive",
                 "cloud archive",
                 &"a".repeat(33),
+            ],
+        );
+    }
+
+    #[test]
+    fn hl7_message_type_is_code_caret_event_or_code_alone() {
+        check_table::<Hl7MessageType>(
+            &[
+                ("ORU^R01", "ORU^R01"),
+                ("DFT^P03", "DFT^P03"),
+                ("ADT", "ADT"),
+                ("Z01^Z99", "Z01^Z99"),
+            ],
+            &[
+                "",
+                "oru^r01",
+                "ORU^R1",
+                "ORUX^R01",
+                "ORU^",
+                "^R01",
+                "ORU^R01^ORU_R01",
+                " ORU^R01",
+                "ORU^R01 ",
+                "ORU R01",
+                "ÖRU^R01",
             ],
         );
     }

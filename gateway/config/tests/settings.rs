@@ -584,6 +584,67 @@ fn mllp_uplink_needs_host_port_matching_kind_and_no_plaintext_in_production() {
 }
 
 #[test]
+fn mllp_message_types_are_parsed_kept_in_order_and_absent_means_all() {
+    let text = format!(
+        "{NODE_DEV}[[uplink]]\nname = \"ris\"\nkind = \"mllp-tls\"\nurl = \"mllp://127.0.0.1:2576\"\n\
+         message_types = [\"OMG^O19\", \"ORM^O01\", \"ADT\"]\n\
+         [[uplink]]\nname = \"all\"\nkind = \"mllp-tls\"\nurl = \"mllp://127.0.0.1:2577\"\n"
+    );
+    let s = ok(&text);
+    let types: Vec<&str> = s.uplinks[0]
+        .message_types
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str())
+        .collect();
+    assert_eq!(types, ["OMG^O19", "ORM^O01", "ADT"]);
+    assert_eq!(s.uplinks[1].message_types, None);
+}
+
+#[test]
+fn every_message_types_problem_is_named_in_one_pass() {
+    let mllp = |name: &str, types: &str| {
+        format!(
+            "[[uplink]]\nname = \"{name}\"\nkind = \"mllp-tls\"\nurl = \"mllp://127.0.0.1:2576\"\n\
+             message_types = {types}\n"
+        )
+    };
+    let text = format!(
+        "{NODE_DEV}{}{}{}{}[[uplink]]\nname = \"pacs\"\nurl = \"http://127.0.0.1:8042\"\n\
+         message_types = [\"ORU^R01\"]\n",
+        mllp("a", "[]"),
+        mllp(
+            "b",
+            "[\"oru^r01\", \"ORU^R1\", \"ORU^R01^ORU_R01\", \"ORU^\", \"ORUX\", \"\"]"
+        ),
+        mllp("c", "[\"ORU^R01\", \"DFT^P03\", \"ORU^R01\"]"),
+        mllp("d", "[\"ADT\", \"ADT^A08\"]"),
+    );
+    let got = lines(&text);
+    let want = [
+        "uplink[0].message_types: must not be empty (remove the key for all message types)",
+        "uplink[1].message_types[0]: invalid HL7 message type \"oru^r01\"",
+        "uplink[1].message_types[1]: invalid HL7 message type \"ORU^R1\"",
+        "uplink[1].message_types[2]: invalid HL7 message type \"ORU^R01^ORU_R01\"",
+        "uplink[1].message_types[3]: invalid HL7 message type \"ORU^\"",
+        "uplink[1].message_types[4]: invalid HL7 message type \"ORUX\"",
+        "uplink[1].message_types[5]: invalid HL7 message type \"\"",
+        "uplink[2].message_types[2]: duplicate message type \"ORU^R01\" (already uplink[2].message_types[0])",
+        "uplink[4].message_types: only an HL7 destination (kind = \"mllp-tls\") takes message_types",
+    ];
+    for w in want {
+        assert!(
+            got.iter().any(|l| l.starts_with(w)),
+            "missing {w:?} in:\n{got:#?}"
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    // A code alone next to one of its events is not a duplicate: both are kept.
+    assert!(!got.iter().any(|l| l.starts_with("uplink[3]")), "{got:#?}");
+}
+
+#[test]
 fn booking_schedules_need_three_fields_and_name_every_problem() {
     let s = ok(&format!(
         "{NODE_CORE}[booking]\n\

@@ -43,7 +43,8 @@ pub fn build_problems(settings: &Settings) -> Vec<Problem> {
     }
 }
 
-/// The spool's destinations: every `[[uplink]]` with the kind of objects it carries.
+/// The spool's destinations: every `[[uplink]]` with the kind of objects it carries and,
+/// for an HL7 one, the message types it takes (`message_types`).
 pub fn routes(settings: &Settings) -> Vec<Route> {
     settings
         .uplinks
@@ -53,7 +54,11 @@ pub fn routes(settings: &Settings) -> Vec<Route> {
                 gateway_config::UplinkKind::DicomWeb => ObjectKind::Dicom,
                 gateway_config::UplinkKind::MllpTls => ObjectKind::Hl7,
             };
-            Route::new(u.name.as_str(), kind)
+            let route = Route::new(u.name.as_str(), kind);
+            match &u.message_types {
+                Some(types) => route.with_message_types(types.iter().map(|t| t.as_str())),
+                None => route,
+            }
         })
         .collect()
 }
@@ -572,4 +577,27 @@ fn fingerprint(status: &gateway_keystore::Status) -> String {
     status
         .master_key_id
         .map_or_else(|| "-".into(), |id| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_carry_each_mllp_uplinks_message_types() {
+        let text = "[node]\nid = \"t\"\ndata_dir = \"d\"\nmode = \"development\"\n\
+             [[uplink]]\nname = \"archive\"\nurl = \"http://127.0.0.1:8042\"\n\
+             [[uplink]]\nname = \"emr\"\nkind = \"mllp-tls\"\nurl = \"mllp://127.0.0.1:2575\"\n\
+             message_types = [\"ORU^R01\", \"ADT\"]\n\
+             [[uplink]]\nname = \"all\"\nkind = \"mllp-tls\"\nurl = \"mllp://127.0.0.1:2576\"\n";
+        let settings = Settings::from_toml_str(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            routes(&settings),
+            [
+                Route::new("archive", ObjectKind::Dicom),
+                Route::new("emr", ObjectKind::Hl7).with_message_types(["ORU^R01", "ADT"]),
+                Route::new("all", ObjectKind::Hl7),
+            ]
+        );
+    }
 }

@@ -19,10 +19,17 @@ use crate::{
 };
 
 /// An upload destination and the kind of objects queued for it.
+///
+/// An HL7 destination may take only some message types ([`Route::with_message_types`]);
+/// see [`Route::takes`] for the rule. The destinations of an object are chosen once, when
+/// it is stored, and kept in its index record: a changed route affects new objects only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub name: String,
     pub kind: ObjectKind,
+    /// HL7 only: the message types queued here, each `CODE^EVENT` (`ORU^R01`) or `CODE`
+    /// alone for every event of that code (`ADT`). `None`: every message.
+    pub message_types: Option<Vec<String>>,
 }
 
 impl Route {
@@ -30,8 +37,54 @@ impl Route {
         Self {
             name: name.into(),
             kind,
+            message_types: None,
         }
     }
+
+    /// Takes only these message types (see [`Route::message_types`]).
+    pub fn with_message_types<S: Into<String>>(
+        mut self,
+        types: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.message_types = Some(types.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Whether a new object of `kind` queues here. `message_type` is an HL7 message's
+    /// `CODE^EVENT` as [`MessageIn::message_type`](crate::MessageIn) carries it (MSH-9.1
+    /// and MSH-9.2 as the HL7 parser read them; MSH-9.3 is not part of it).
+    ///
+    /// A route without a filter takes every object of its kind. A filtered route takes a
+    /// message whose code and event are each 3 upper-case letters or digits and that a
+    /// filter entry names (`CODE^EVENT` exactly, or `CODE` alone); a message whose type
+    /// cannot be read that way (missing event, components, lower case) goes only to
+    /// routes without a filter, never to one that asked for particular types.
+    pub fn takes(&self, kind: ObjectKind, message_type: Option<&str>) -> bool {
+        if self.kind != kind {
+            return false;
+        }
+        let Some(filter) = &self.message_types else {
+            return true;
+        };
+        let Some((code, event)) = message_type.and_then(readable_type) else {
+            return false;
+        };
+        filter.iter().any(|f| match f.split_once('^') {
+            Some((c, e)) => c == code && e == event,
+            None => f == code,
+        })
+    }
+}
+
+/// `CODE^EVENT` split in two, if each is 3 upper-case ASCII letters or digits.
+fn readable_type(message_type: &str) -> Option<(&str, &str)> {
+    let part = |p: &str| {
+        p.len() == 3
+            && p.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    };
+    let (code, event) = message_type.split_once('^')?;
+    (part(code) && part(event)).then_some((code, event))
 }
 
 /// A DICOM destination.
@@ -49,11 +102,17 @@ impl From<String> for Route {
 }
 
 impl Inner {
-    /// The destinations a new object of `kind` is queued for.
-    pub(crate) fn queue_for(&self, kind: ObjectKind) -> Vec<Destination> {
+    /// The destinations a new object of `kind` is queued for (`message_type`: an HL7
+    /// message's `CODE^EVENT`, see [`Route::takes`]). Empty: the object is held as
+    /// `received`, stored and acknowledged like any other.
+    pub(crate) fn queue_for(
+        &self,
+        kind: ObjectKind,
+        message_type: Option<&str>,
+    ) -> Vec<Destination> {
         self.destinations
             .iter()
-            .filter(|r| r.kind == kind)
+            .filter(|r| r.takes(kind, message_type))
             .map(|r| Destination {
                 name: r.name.clone(),
                 state: DeliveryState::Queued,
@@ -224,5 +283,63 @@ impl Spool {
     /// A receiver that changes whenever an object is committed (uplink workers wait on it).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.committed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filtered_route_takes_the_named_types_and_codes_only() {
+        let emr = Route::new("emr", ObjectKind::Hl7).with_message_types(["ORU^R01", "ADT"]);
+        let hl7 = |t: &str| emr.takes(ObjectKind::Hl7, Some(t));
+        assert!(hl7("ORU^R01"));
+        assert!(
+            hl7("ADT^A08") && hl7("ADT^A01"),
+            "a code alone takes its events"
+        );
+        for other in ["ORU^R30", "DFT^P03", "OMG^O19", "ACK^A08"] {
+            assert!(!hl7(other), "{other}");
+        }
+        assert!(
+            !emr.takes(ObjectKind::Dicom, None),
+            "HL7 routes take no DICOM"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_type_goes_only_to_routes_without_a_filter() {
+        let all = Route::new("all", ObjectKind::Hl7);
+        let adt = Route::new("adt", ObjectKind::Hl7).with_message_types(["ADT"]);
+        for unreadable in [
+            "ADT^",
+            "ADT",
+            "adt^a08",
+            "ADT^A08&X",
+            "AD^A08",
+            "ADTX^A08",
+            "^A08",
+            "",
+            "ADT^A0\u{8}",
+        ] {
+            assert!(
+                all.takes(ObjectKind::Hl7, Some(unreadable)),
+                "{unreadable:?}"
+            );
+            assert!(
+                !adt.takes(ObjectKind::Hl7, Some(unreadable)),
+                "{unreadable:?}"
+            );
+        }
+        assert!(all.takes(ObjectKind::Hl7, None));
+        assert!(!adt.takes(ObjectKind::Hl7, None));
+    }
+
+    #[test]
+    fn unfiltered_routes_take_every_object_of_their_kind() {
+        let archive = Route::from("archive");
+        assert!(archive.takes(ObjectKind::Dicom, None));
+        assert!(!archive.takes(ObjectKind::Hl7, Some("ORU^R01")));
     }
 }

@@ -335,7 +335,7 @@ impl Spool {
             received_unix_ms: unix_ms(),
             uid_mac,
             content_mac: Keys::content_mac(mac),
-            destinations: inner.queue_for(ObjectKind::Hl7),
+            destinations: inner.queue_for(ObjectKind::Hl7, Some(&item.message_type)),
             blob_deleted: false,
             sequence: inner.index.next_sequence()?,
             study_mac: None,

@@ -155,7 +155,7 @@ impl Ingest {
             received_unix_ms: unix_ms(),
             uid_mac,
             content_mac,
-            destinations: inner.queue_for(ObjectKind::Dicom),
+            destinations: inner.queue_for(ObjectKind::Dicom, None),
             blob_deleted: false,
             sequence: inner.index.next_sequence()?,
             study_mac: self.study.as_deref().map(|uid| keys.study_mac(uid)),

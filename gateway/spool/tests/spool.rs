@@ -486,6 +486,90 @@ fn message_group_is_stored_once_per_key_and_queued_for_hl7_routes_only() {
     );
 }
 
+fn typed(key: &str, message_type: &str) -> gateway_spool::MessageIn {
+    gateway_spool::MessageIn {
+        message_type: message_type.into(),
+        ..message(key, key)
+    }
+}
+
+#[test]
+fn messages_queue_only_for_the_hl7_routes_whose_types_they_match() {
+    use gateway_spool::{ObjectKind, Route};
+    let dir = tempfile::tempdir().unwrap();
+    let routes = vec![
+        Route::from("archive"),
+        Route::new("emr", ObjectKind::Hl7).with_message_types(["ORU^R01"]),
+        Route::new("accounting", ObjectKind::Hl7).with_message_types(["DFT^P03"]),
+        Route::new("ris", ObjectKind::Hl7).with_message_types(["OMG^O19", "ORM^O01"]),
+        Route::new("all", ObjectKind::Hl7),
+    ];
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, routes).unwrap();
+    let group = [
+        typed("A|F|1", "ORU^R01"),
+        typed("A|F|2", "DFT^P03"),
+        typed("A|F|3", "OMG^O19"),
+        typed("A|F|4", "ADT^A08"),
+        typed("A|F|5", "ORU^R01"),
+        typed("A|F|6", "ORU^"),
+    ];
+    let ids: Vec<_> = spool
+        .store_messages(&group)
+        .into_iter()
+        .map(|r| match r.unwrap() {
+            Committed::Stored(id) => id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(spool.settle(std::time::Duration::from_secs(5)));
+    let queued = |d: &str| spool.queued(d, 10).unwrap();
+    assert_eq!(queued("emr"), [ids[0], ids[4]]);
+    assert_eq!(queued("accounting"), [ids[1]]);
+    assert_eq!(queued("ris"), [ids[2]]);
+    assert_eq!(
+        queued("all"),
+        ids,
+        "the unfiltered route takes all, unreadable too"
+    );
+    assert!(queued("archive").is_empty());
+    let status = spool.status().unwrap();
+    let counts: Vec<(&str, u64)> = status
+        .by_destination
+        .iter()
+        .map(|(d, c)| (d.as_str(), c.queued))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("accounting", 1),
+            ("all", 6),
+            ("archive", 0),
+            ("emr", 2),
+            ("ris", 1)
+        ]
+    );
+    drop(spool);
+
+    // No destination takes ADT^A08 or an unreadable type now: stored all the same, held as
+    // `received`. The earlier messages keep the destinations chosen when they arrived.
+    let routes = vec![Route::new("emr", ObjectKind::Hl7).with_message_types(["ORU^R01"])];
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, routes).unwrap();
+    let later = spool.store_messages(&[typed("A|F|7", "ADT^A08"), typed("A|F|8", "ORU^R01")]);
+    let (Ok(Committed::Stored(adt)), Ok(Committed::Stored(oru))) = (&later[0], &later[1]) else {
+        panic!("{later:?}")
+    };
+    assert!(spool.settle(std::time::Duration::from_secs(5)));
+    let (record, plain) = spool.read(adt).unwrap();
+    assert_eq!(
+        (record.state(), plain.as_slice()),
+        ("received", &b"A|F|7"[..])
+    );
+    assert!(record.destinations.is_empty());
+    assert_eq!(spool.queued("emr", 10).unwrap(), [ids[0], ids[4], *oru]);
+    assert_eq!(spool.queued("all", 10).unwrap(), ids);
+    assert_eq!(spool.status().unwrap().by_state["received"], 1);
+}
+
 #[test]
 fn message_group_on_a_full_spool_is_refused_whole() {
     let dir = tempfile::tempdir().unwrap();
