@@ -30,6 +30,23 @@ pub struct Route {
     /// HL7 only: the message types queued here, each `CODE^EVENT` (`ORU^R01`) or `CODE`
     /// alone for every event of that code (`ADT`). `None`: every message.
     pub message_types: Option<Vec<String>>,
+    /// Takes objects received on the LAN ([`Origin::Local`]); true unless
+    /// [`Route::results_only`].
+    pub local: bool,
+    /// Takes results returned from the cloud for this clinic ([`Origin::Result`]): only
+    /// routes made with [`Route::results_only`] or [`Route::with_results`].
+    pub results: bool,
+}
+
+/// Where a stored object came from; a route takes objects of the origins it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// Received on the LAN (a modality, an EMR, the hospital's RIS): the uplinks take it.
+    #[default]
+    Local,
+    /// A result returned from the cloud archive for this clinic: only the results
+    /// destinations take it (never sent back to the cloud it came from).
+    Result,
 }
 
 impl Route {
@@ -38,7 +55,34 @@ impl Route {
             name: name.into(),
             kind,
             message_types: None,
+            local: true,
+            results: false,
         }
+    }
+
+    /// A results destination (a clinic PACS): takes returned results only.
+    #[must_use]
+    pub fn results_only(mut self) -> Self {
+        self.local = false;
+        self.results = true;
+        self
+    }
+
+    /// Takes returned results too (an EMR uplink that also gets the returned reports).
+    #[must_use]
+    pub fn with_results(mut self) -> Self {
+        self.results = true;
+        self
+    }
+
+    /// Whether a new object of `kind` from `origin` queues here ([`Route::takes`] for the
+    /// message type rule).
+    pub fn takes_from(&self, origin: Origin, kind: ObjectKind, message_type: Option<&str>) -> bool {
+        let origin_ok = match origin {
+            Origin::Local => self.local,
+            Origin::Result => self.results,
+        };
+        origin_ok && self.takes(kind, message_type)
     }
 
     /// Takes only these message types (see [`Route::message_types`]).
@@ -107,12 +151,13 @@ impl Inner {
     /// `received`, stored and acknowledged like any other.
     pub(crate) fn queue_for(
         &self,
+        origin: Origin,
         kind: ObjectKind,
         message_type: Option<&str>,
     ) -> Vec<Destination> {
         self.destinations
             .iter()
-            .filter(|r| r.takes(kind, message_type))
+            .filter(|r| r.takes_from(origin, kind, message_type))
             .map(|r| Destination {
                 name: r.name.clone(),
                 state: DeliveryState::Queued,
@@ -334,6 +379,24 @@ mod tests {
         }
         assert!(all.takes(ObjectKind::Hl7, None));
         assert!(!adt.takes(ObjectKind::Hl7, None));
+    }
+
+    #[test]
+    fn results_go_only_to_routes_that_take_results() {
+        let cloud = Route::from("cloud");
+        let pacs = Route::from("pacs").results_only();
+        let emr = Route::new("emr", ObjectKind::Hl7)
+            .with_message_types(["ORU^R01"])
+            .with_results();
+        let dicom = |r: &Route, o| r.takes_from(o, ObjectKind::Dicom, None);
+        let oru = |r: &Route, o| r.takes_from(o, ObjectKind::Hl7, Some("ORU^R01"));
+        assert!(dicom(&cloud, Origin::Local) && !dicom(&cloud, Origin::Result));
+        assert!(!dicom(&pacs, Origin::Local) && dicom(&pacs, Origin::Result));
+        assert!(oru(&emr, Origin::Local) && oru(&emr, Origin::Result));
+        assert!(
+            !emr.takes_from(Origin::Result, ObjectKind::Hl7, Some("ADT^A08")),
+            "a result still obeys the message type filter"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use gateway_durable::Context;
 use hmac::Mac as _;
 use tracing::{info, warn};
 
+use crate::Origin;
 use crate::index::UidMac;
 use crate::usage::{self, Step};
 use crate::{
@@ -185,7 +186,21 @@ impl Spool {
     /// ([`Spool::settle`] waits for it). A message whose key is already stored, journaled or
     /// earlier in the group is a [`Committed::Duplicate`] and stores nothing.
     pub fn store_messages(&self, items: &[MessageIn]) -> Vec<Result<Committed, SpoolError>> {
-        match self.store_group(items) {
+        self.store_messages_from(items, Origin::Local)
+    }
+
+    /// [`Spool::store_messages`] for results returned from the cloud (reports for this
+    /// clinic): they queue only for routes that take results ([`crate::Route::with_results`]).
+    pub fn store_result_messages(&self, items: &[MessageIn]) -> Vec<Result<Committed, SpoolError>> {
+        self.store_messages_from(items, Origin::Result)
+    }
+
+    fn store_messages_from(
+        &self,
+        items: &[MessageIn],
+        origin: Origin,
+    ) -> Vec<Result<Committed, SpoolError>> {
+        match self.store_group(items, origin) {
             Ok(results) => results,
             Err(e) => {
                 let text = e.to_string();
@@ -210,6 +225,7 @@ impl Spool {
     fn store_group(
         &self,
         items: &[MessageIn],
+        origin: Origin,
     ) -> Result<Vec<Result<Committed, SpoolError>>, SpoolError> {
         let inner = &self.inner;
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
@@ -227,7 +243,7 @@ impl Spool {
                 results.push(Ok(Committed::Duplicate(id)));
                 continue;
             }
-            match self.seal_message(keys, item, uid_mac) {
+            match self.seal_message(keys, item, uid_mac, origin) {
                 Ok((entry, reservation)) => {
                     results.push(Ok(Committed::Stored(entry.id)));
                     entries.push(entry);
@@ -293,6 +309,7 @@ impl Spool {
         keys: &Keys,
         item: &MessageIn,
         uid_mac: UidMac,
+        origin: Origin,
     ) -> Result<(journal::Entry, usage::Reservation), SpoolError> {
         let inner = &self.inner;
         let plain_len = item.bytes.len() as u64;
@@ -335,7 +352,7 @@ impl Spool {
             received_unix_ms: unix_ms(),
             uid_mac,
             content_mac: Keys::content_mac(mac),
-            destinations: inner.queue_for(ObjectKind::Hl7, Some(&item.message_type)),
+            destinations: inner.queue_for(origin, ObjectKind::Hl7, Some(&item.message_type)),
             blob_deleted: false,
             sequence: inner.index.next_sequence()?,
             study_mac: None,

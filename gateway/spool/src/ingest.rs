@@ -16,6 +16,7 @@ use gateway_durable::{self as durable, Context};
 use hmac::Mac as _;
 use tracing::warn;
 
+use crate::Origin;
 use crate::usage::{self, Step};
 use crate::{
     Committed, HmacSha256, Inserted, Keys, ObjectId, ObjectKind, Record, Spool, SpoolError, seal,
@@ -34,6 +35,16 @@ pub struct ObjectMeta {
 impl Spool {
     /// Starts receiving one object. Fails with [`SpoolError::Full`] under disk pressure.
     pub fn begin(&self, meta: ObjectMeta) -> Result<Ingest, SpoolError> {
+        self.begin_from(meta, Origin::Local)
+    }
+
+    /// Starts receiving one result returned from the cloud: it queues only for the
+    /// results destinations ([`Route::results_only`](crate::Route::results_only)).
+    pub fn begin_result(&self, meta: ObjectMeta) -> Result<Ingest, SpoolError> {
+        self.begin_from(meta, Origin::Result)
+    }
+
+    fn begin_from(&self, meta: ObjectMeta, origin: Origin) -> Result<Ingest, SpoolError> {
         let inner = &self.inner;
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
         self.check_free_or_evict()?;
@@ -55,6 +66,7 @@ impl Spool {
             plain_len: 0,
             reservation,
             study: None,
+            origin,
         })
     }
 }
@@ -71,6 +83,7 @@ pub struct Ingest {
     plain_len: u64,
     reservation: usage::Reservation,
     study: Option<String>,
+    origin: Origin,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -155,7 +168,7 @@ impl Ingest {
             received_unix_ms: unix_ms(),
             uid_mac,
             content_mac,
-            destinations: inner.queue_for(ObjectKind::Dicom, None),
+            destinations: inner.queue_for(self.origin, ObjectKind::Dicom, None),
             blob_deleted: false,
             sequence: inner.index.next_sequence()?,
             study_mac: self.study.as_deref().map(|uid| keys.study_mac(uid)),

@@ -73,7 +73,7 @@ use hmac::{Hmac, Mac as _};
 use prometheus_client::registry::Registry;
 use sha2::Sha256;
 
-pub use delivery::Route;
+pub use delivery::{Origin, Route};
 pub use groups::MessageIn;
 use groups::{CheckpointJob, run_checkpointer};
 pub use ids::{ContentMac, ObjectId, StudyMac, UidMac};
