@@ -55,8 +55,8 @@ pub mod update;
 
 pub use error::{ConfigErrors, Problem};
 pub use settings::{
-    Admin, Booking, Claim, Dicom, DicomPeer, EMBEDDED_DEFAULT_TOML, Exchange, Fleet, Hl7, Keystore,
-    Node, Peer, Settings, Spool, Uplink, defaults,
+    Admin, Booking, Claim, Deliver, Dicom, DicomPeer, EMBEDDED_DEFAULT_TOML, Exchange, Fleet, Hl7,
+    Keystore, Node, Peer, Results, Settings, Spool, Uplink, defaults,
 };
 pub use types::{
     AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, Hl7MessageType, KeystoreBackend,

@@ -27,6 +27,7 @@ pub(crate) struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub booking: Option<RawBooking>,
     pub exchange: Option<RawExchange>,
+    pub results: Option<RawResults>,
 }
 
 /// `[node]`
@@ -280,4 +281,29 @@ fn clip_message(message: &str) -> String {
         clipped.push('…');
         clipped
     }
+}
+
+/// `[results]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawResults {
+    pub source: String,
+    pub rewrite_patient_id: Option<bool>,
+    pub patient_id_issuer: Option<String>,
+    pub complete_after: Option<String>,
+    #[serde(default)]
+    pub deliver: Vec<RawDeliver>,
+}
+
+/// `[[results.deliver]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDeliver {
+    pub name: String,
+    pub kind: String,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub called_ae: Option<String>,
+    pub calling_ae: Option<String>,
+    pub uplink: Option<String>,
 }

@@ -62,6 +62,7 @@ pub mod defaults {
     pub const BOOKING_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
     pub const BOOKING_STALE_AFTER: Duration = Duration::from_secs(180);
     pub const BOOKING_PUBLISH_INTERVAL: Duration = Duration::from_secs(60);
+    pub const RESULTS_COMPLETE_AFTER: Duration = Duration::from_secs(600);
 }
 
 /// The whole configuration. A service runs iff its section is present (`Some`).
@@ -77,6 +78,51 @@ pub struct Settings {
     pub admin: Option<Admin>,
     pub booking: Option<Booking>,
     pub exchange: Option<Exchange>,
+    pub results: Option<Results>,
+}
+
+/// `[results]`: results returned to the referring clinic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Results {
+    /// A `kind = "dicomweb"` uplink: on a clinic, the archive results are pulled from (with
+    /// that uplink's URL and identity); on the core, the archive whose confirmation of an
+    /// instance releases a notice to the booking clinic.
+    pub source: UplinkName,
+    /// Clinic: delivered objects and reports carry the clinic's Patient ID (IHE IRWF).
+    pub rewrite_patient_id: bool,
+    /// Clinic: the Issuer of Patient ID written with the clinic's Patient ID (default: the
+    /// node id).
+    pub patient_id_issuer: String,
+    /// Core: a study is announced complete after this long without a new instance.
+    pub complete_after: Duration,
+    /// Clinic: where returned results go.
+    pub deliver: Vec<Deliver>,
+}
+
+/// `[[results.deliver]]`: one destination of returned results at the clinic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Deliver {
+    /// `kind = "dicom"`: C-STORE to the clinic's PACS or viewer.
+    Dicom {
+        name: UplinkName,
+        host: String,
+        port: u16,
+        called_ae: AeTitle,
+        calling_ae: AeTitle,
+    },
+    /// `kind = "hl7"`: reports through a `kind = "mllp-tls"` uplink (the EMR).
+    Hl7 {
+        name: UplinkName,
+        uplink: UplinkName,
+    },
+}
+
+impl Deliver {
+    pub fn name(&self) -> &UplinkName {
+        match self {
+            Self::Dicom { name, .. } | Self::Hl7 { name, .. } => name,
+        }
+    }
 }
 
 /// `[node]`: who this box is.
@@ -418,6 +464,15 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
     if let (Some(node), Some(Some(b))) = (&node, &booking) {
         booking_roles(c, node.role, b, exchange.as_ref().and_then(Option::as_ref));
     }
+    let results = raw.results.map(|r| {
+        results(
+            c,
+            r,
+            node.as_ref(),
+            uplinks.as_deref(),
+            booking.as_ref().and_then(Option::as_ref),
+        )
+    });
     Some(Settings {
         node: node?,
         dicom: dicom.map_or(Some(None), |d| d.map(Some))?,
@@ -429,6 +484,201 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
         admin: admin.map_or(Some(None), |a| a.map(Some))?,
         booking: booking.map_or(Some(None), |b| b.map(Some))?,
         exchange: exchange.map_or(Some(None), |e| e.map(Some))?,
+        results: results.map_or(Some(None), |r| r.map(Some))?,
+    })
+}
+
+/// `[results]`: checked against the role and the uplinks it names.
+fn results(
+    c: &mut Collector,
+    raw: raw::RawResults,
+    node: Option<&Node>,
+    uplinks: Option<&[Uplink]>,
+    booking: Option<&Booking>,
+) -> Option<Results> {
+    let uplink_named = |name: &UplinkName| uplinks.and_then(|u| u.iter().find(|u| &u.name == name));
+    let source = c.parse("results.source", &raw.source, from_str::<UplinkName>);
+    if let (Some(source), Some(_)) = (&source, uplinks) {
+        match uplink_named(source) {
+            Some(u) if u.kind == UplinkKind::DicomWeb => {}
+            Some(_) => c.push("results.source", "must name a kind = \"dicomweb\" uplink"),
+            None => c.push(
+                "results.source",
+                format!("no [[uplink]] is named {:?}", source.as_str()),
+            ),
+        }
+    }
+    if booking.is_none() {
+        c.push(
+            "results",
+            "needs [booking]: results return to the clinic that booked the exam",
+        );
+    }
+    let role = node.map(|n| n.role);
+    let issuer = match raw.patient_id_issuer {
+        Some(i)
+            if i.is_empty()
+                || i.len() > 64
+                || i.chars().any(|ch| ch.is_control() || "\\^&~|".contains(ch)) =>
+        {
+            c.push(
+                "results.patient_id_issuer",
+                "must be 1 to 64 characters without control characters or \\ ^ & ~ |",
+            );
+            None
+        }
+        Some(i) => Some(i),
+        None => node.map(|n| n.id.as_str().to_owned()),
+    };
+    let complete_after = c
+        .parse_or(
+            "results.complete_after",
+            raw.complete_after.as_deref(),
+            defaults::RESULTS_COMPLETE_AFTER,
+            from_str::<Duration>,
+        )
+        .and_then(|d| {
+            if d.get().is_zero() {
+                c.push("results.complete_after", "must be greater than zero");
+                None
+            } else {
+                Some(d)
+            }
+        });
+    if role == Some(Role::Core) && !raw.deliver.is_empty() {
+        c.push(
+            "results.deliver",
+            "only a clinic delivers returned results (node.role = \"clinic\")",
+        );
+    }
+    let mut deliver = Some(Vec::with_capacity(raw.deliver.len()));
+    let mut names: Vec<UplinkName> = Vec::new();
+    for (i, d) in raw.deliver.into_iter().enumerate() {
+        let key = |field: &str| format!("results.deliver[{i}].{field}");
+        let name = c.parse(key("name"), &d.name, from_str::<UplinkName>);
+        if let Some(name) = &name {
+            if names.contains(name) || uplink_named(name).is_some() {
+                c.push(
+                    key("name"),
+                    format!(
+                        "{:?} is already the name of another destination or uplink",
+                        name.as_str()
+                    ),
+                );
+            }
+            names.push(name.clone());
+        }
+        let entry = match d.kind.as_str() {
+            "dicom" => {
+                for (field, present) in [("uplink", d.uplink.is_some())] {
+                    if present {
+                        c.push(key(field), "not a key of kind = \"dicom\"");
+                    }
+                }
+                let host = match d.host {
+                    Some(h)
+                        if !h.is_empty()
+                            && !h.chars().any(|ch| ch.is_whitespace() || ch.is_control()) =>
+                    {
+                        Some(h)
+                    }
+                    Some(_) => {
+                        c.push(key("host"), "must be a host name or address");
+                        None
+                    }
+                    None => {
+                        c.push(key("host"), "missing required key for kind = \"dicom\"");
+                        None
+                    }
+                };
+                let port = match d.port {
+                    Some(0) | None => {
+                        c.push(key("port"), "required for kind = \"dicom\": 1 to 65535");
+                        None
+                    }
+                    Some(p) => Some(p),
+                };
+                let called = c.parse(
+                    key("called_ae"),
+                    d.called_ae.as_deref().unwrap_or(""),
+                    from_str::<AeTitle>,
+                );
+                let calling = c.parse(
+                    key("calling_ae"),
+                    d.calling_ae.as_deref().unwrap_or(""),
+                    from_str::<AeTitle>,
+                );
+                match (name, host, port, called, calling) {
+                    (Some(name), Some(host), Some(port), Some(called_ae), Some(calling_ae)) => {
+                        Some(Deliver::Dicom {
+                            name,
+                            host,
+                            port,
+                            called_ae,
+                            calling_ae,
+                        })
+                    }
+                    _ => None,
+                }
+            }
+            "hl7" => {
+                for (field, present) in [
+                    ("host", d.host.is_some()),
+                    ("port", d.port.is_some()),
+                    ("called_ae", d.called_ae.is_some()),
+                    ("calling_ae", d.calling_ae.is_some()),
+                ] {
+                    if present {
+                        c.push(
+                            key(field),
+                            "not a key of kind = \"hl7\" (the uplink it names says where)",
+                        );
+                    }
+                }
+                let uplink = match d.uplink.as_deref() {
+                    Some(u) => c.parse(key("uplink"), u, from_str::<UplinkName>),
+                    None => {
+                        c.push(
+                            key("uplink"),
+                            "missing required key for kind = \"hl7\": a kind = \"mllp-tls\" uplink",
+                        );
+                        None
+                    }
+                };
+                if let (Some(u), Some(_)) = (&uplink, uplinks) {
+                    match uplink_named(u) {
+                        Some(up) if up.kind == UplinkKind::MllpTls => {}
+                        Some(_) => c.push(key("uplink"), "must name a kind = \"mllp-tls\" uplink"),
+                        None => c.push(
+                            key("uplink"),
+                            format!("no [[uplink]] is named {:?}", u.as_str()),
+                        ),
+                    }
+                }
+                match (name, uplink) {
+                    (Some(name), Some(uplink)) => Some(Deliver::Hl7 { name, uplink }),
+                    _ => None,
+                }
+            }
+            other => {
+                c.push(
+                    key("kind"),
+                    format!("{other:?} is not one of \"dicom\", \"hl7\""),
+                );
+                None
+            }
+        };
+        match (entry, deliver.as_mut()) {
+            (Some(e), Some(list)) => list.push(e),
+            _ => deliver = None,
+        }
+    }
+    Some(Results {
+        source: source?,
+        rewrite_patient_id: raw.rewrite_patient_id.unwrap_or(true),
+        patient_id_issuer: issuer?,
+        complete_after: complete_after?,
+        deliver: deliver?,
     })
 }
 

@@ -863,3 +863,78 @@ fn booking_roles_tls_files_and_exchange_peers_are_checked() {
         ]
     );
 }
+
+const RESULTS_UPLINKS: &str = "[[uplink]]\nname = \"cloud\"\nurl = \"http://127.0.0.1:1/dicom-web\"\n\
+     [[uplink]]\nname = \"emr\"\nkind = \"mllp-tls\"\nurl = \"mllp://127.0.0.1:2\"\n\
+     message_types = [\"ORU^R01\"]\n[booking]\n";
+
+#[test]
+fn clinic_results_with_a_pacs_and_an_emr_parse_with_defaults() {
+    let s = ok(&format!(
+        "{NODE_DEV}{RESULTS_UPLINKS}[results]\nsource = \"cloud\"\n\
+         [[results.deliver]]\nname = \"pacs\"\nkind = \"dicom\"\nhost = \"127.0.0.1\"\nport = 11112\n\
+         called_ae = \"PACS\"\ncalling_ae = \"GATEWAY\"\n\
+         [[results.deliver]]\nname = \"emr-reports\"\nkind = \"hl7\"\nuplink = \"emr\"\n"
+    ));
+    let r = s.results.unwrap();
+    assert_eq!(r.source.as_str(), "cloud");
+    assert!(r.rewrite_patient_id, "on by default");
+    assert_eq!(r.patient_id_issuer, "t", "the node id by default");
+    assert_eq!(r.complete_after, Duration::from_secs(600));
+    assert_eq!(r.deliver.len(), 2);
+    match &r.deliver[0] {
+        gateway_config::Deliver::Dicom {
+            name,
+            host,
+            port,
+            called_ae,
+            calling_ae,
+        } => {
+            assert_eq!(
+                (name.as_str(), host.as_str(), *port),
+                ("pacs", "127.0.0.1", 11112)
+            );
+            assert_eq!(
+                (called_ae.as_str(), calling_ae.as_str()),
+                ("PACS", "GATEWAY")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(&r.deliver[1],
+        gateway_config::Deliver::Hl7 { uplink, .. } if uplink.as_str() == "emr"));
+}
+
+#[test]
+fn every_results_problem_is_named_in_one_pass() {
+    let got = lines(&format!(
+        "{NODE_DEV}{RESULTS_UPLINKS}[results]\nsource = \"emr\"\npatient_id_issuer = \"A^B\"\n\
+         complete_after = \"0s\"\n\
+         [[results.deliver]]\nname = \"cloud\"\nkind = \"dicom\"\nport = 0\ncalled_ae = \"PACS\"\n\
+         calling_ae = \"GW\"\n\
+         [[results.deliver]]\nname = \"r\"\nkind = \"hl7\"\nuplink = \"cloud\"\nhost = \"x\"\n\
+         [[results.deliver]]\nname = \"s\"\nkind = \"ftp\"\n"
+    ));
+    for want in [
+        "results.source: must name a kind = \"dicomweb\" uplink",
+        "results.patient_id_issuer:",
+        "results.complete_after: must be greater than zero",
+        "results.deliver[0].name:",
+        "results.deliver[0].host: missing required key",
+        "results.deliver[0].port:",
+        "results.deliver[1].host: not a key of kind = \"hl7\"",
+        "results.deliver[1].uplink: must name a kind = \"mllp-tls\" uplink",
+        "results.deliver[2].kind:",
+    ] {
+        assert!(
+            got.iter().any(|l| l.starts_with(want)),
+            "missing {want:?} in {got:#?}"
+        );
+    }
+    // The core announces results; it delivers none.
+    let core = keys(&format!(
+        "{NODE_CORE}{RESULTS_UPLINKS}[results]\nsource = \"cloud\"\n\
+         [[results.deliver]]\nname = \"r\"\nkind = \"hl7\"\nuplink = \"emr\"\n"
+    ));
+    assert!(core.contains(&"results.deliver".to_string()), "{core:?}");
+}
