@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use gateway_booking::{
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::results::{ClinicLink, Incoming, KIND_ACK, KIND_NOTICE, KIND_REPORT, WireAck};
 use crate::wire::{
     KIND_CANCEL, KIND_DECISION, KIND_REQUEST, Keys, MAX_SLOTS_BYTES, SlotsMessage, WireCancel,
     WireDecision, WireRequest,
@@ -121,6 +122,8 @@ struct Inner {
     seal: SealKey,
     book_path: PathBuf,
     state: Mutex<State>,
+    /// The results task, once [`ClinicExchange::set_results`] named it.
+    results: OnceLock<ClinicLink>,
 }
 
 /// The clinic's exchange: a cheap handle for the kiosk, plus [`ClinicTask`] to run.
@@ -186,6 +189,7 @@ impl ClinicExchange {
                 book,
                 ..State::default()
             }),
+            results: OnceLock::new(),
         });
         Ok((
             ClinicExchange {
@@ -196,7 +200,149 @@ impl ClinicExchange {
     }
 }
 
+impl ClinicExchange {
+    /// Hands every notice and report of this clinic's own appointments to the results task
+    /// (without it they are refused: not acknowledged, so the core sends them again). A
+    /// second call is ignored.
+    pub fn set_results(&self, link: ClinicLink) {
+        let _ = self.inner.results.set(link);
+    }
+
+    /// The clinic's copy of the appointment `id`, if this clinic booked it.
+    pub fn appointment(&self, id: &str) -> Option<AppointmentView> {
+        self.inner.appointment(id)
+    }
+}
+
 impl Inner {
+    fn appointment(&self, id: &str) -> Option<AppointmentView> {
+        self.lock()
+            .book
+            .values()
+            .find(|s| s.id == id)
+            .map(|s| s.view(false))
+    }
+
+    /// A notice or report from the core: opened, checked against this clinic's own
+    /// appointments, handed to the results task; acknowledged once that task recorded it.
+    fn on_result(self: &Arc<Self>, from: &str, kind: &str, msg: &str, payload: &[u8]) {
+        if from != self.settings.core {
+            warn!(%from, kind, "result from a gateway that is not our core: refused");
+            return;
+        }
+        let plain = match self.keys.open(from, kind, msg, payload) {
+            Ok(p) => zeroize::Zeroizing::new(p),
+            Err(e) => {
+                warn!(kind, error = %e, "result refused: it does not open");
+                return;
+            }
+        };
+        let Some(link) = self.results.get() else {
+            warn!(kind, "result refused: this clinic has no [results] section");
+            return;
+        };
+        let (done, answer) = oneshot::channel();
+        let (incoming, appointment_id) = if kind == KIND_NOTICE {
+            match serde_json::from_slice::<crate::results::WireNotice>(&plain) {
+                Ok(notice) => match self.appointment(&notice.appointment_id) {
+                    Some(appointment) => (
+                        Incoming::Notice {
+                            appointment,
+                            done,
+                            notice: notice.clone(),
+                        },
+                        notice.appointment_id,
+                    ),
+                    None => {
+                        warn!(
+                            kind,
+                            "result refused: not an appointment this clinic booked"
+                        );
+                        return;
+                    }
+                },
+                Err(e) => {
+                    warn!(
+                        kind,
+                        line = e.line(),
+                        column = e.column(),
+                        "result refused: not a notice"
+                    );
+                    return;
+                }
+            }
+        } else {
+            match serde_json::from_slice::<crate::results::WireReport>(&plain) {
+                Ok(report) => match self.appointment(&report.appointment_id) {
+                    Some(appointment) => {
+                        let id = report.appointment_id.clone();
+                        (
+                            Incoming::Report {
+                                appointment,
+                                report,
+                                done,
+                            },
+                            id,
+                        )
+                    }
+                    None => {
+                        warn!(
+                            kind,
+                            "result refused: not an appointment this clinic booked"
+                        );
+                        return;
+                    }
+                },
+                Err(e) => {
+                    warn!(
+                        kind,
+                        line = e.line(),
+                        column = e.column(),
+                        "result refused: not a report"
+                    );
+                    return;
+                }
+            }
+        };
+        let ack = match &incoming {
+            Incoming::Notice { notice, .. } => WireAck {
+                appointment_id,
+                notice_seq: Some(notice.seq),
+                report_id: None,
+            },
+            Incoming::Report { report, .. } => WireAck {
+                appointment_id,
+                notice_seq: None,
+                report_id: Some(report.report_id.clone()),
+            },
+        };
+        if link.incoming.try_send(incoming).is_err() {
+            warn!(
+                kind,
+                "result not taken now: the results task is busy (the core sends it again)"
+            );
+            return;
+        }
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            if answer.await != Ok(true) {
+                return;
+            }
+            let core = &inner.settings.core;
+            let msg = message_id();
+            let body = serde_json::to_vec(&ack).unwrap_or_default();
+            match inner.keys.seal(core, KIND_ACK, &msg, &body) {
+                Ok(sealed) => {
+                    let topic = topics::request(core, &inner.keys.me, &msg);
+                    if let Err(e) = inner.publisher.publish(topic, false, sealed) {
+                        warn!(error = %e, "result acknowledgement not sent (the core sends the result again)");
+                    }
+                }
+                Err(e) => warn!(error = %e, "result acknowledgement cannot be sealed"),
+            }
+        });
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -295,7 +441,12 @@ impl Inner {
                 }
             }
         } else if let Some((from, msg)) = topics::parse_inbox(me, "resp", topic) {
-            self.on_decision(from, msg, payload).await;
+            match Keys::kind_of(payload).as_deref() {
+                Some(kind @ (KIND_NOTICE | KIND_REPORT)) => {
+                    self.on_result(from, kind, msg, payload);
+                }
+                _ => self.on_decision(from, msg, payload).await,
+            }
         } else {
             debug!(
                 bytes = payload.len(),

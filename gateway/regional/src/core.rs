@@ -6,9 +6,10 @@ use std::time::Duration;
 use gateway_booking::{BookingRequest, Decision, LedgerHandle, Refusal, Schedule};
 use gateway_mqtt::{Flow, Handler, Publisher, Session, SessionError, StatusEvent};
 use jiff::Timestamp;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::results::{CoreLink, KIND_ACK, KIND_NOTICE, KIND_REPORT, Outgoing, WireAck};
 use crate::wire::{
     KIND_CANCEL, KIND_DECISION, KIND_REQUEST, Keys, SlotsMessage, WireCancel, WireDecision,
     WireRequest, WireSlot,
@@ -32,6 +33,9 @@ pub struct CoreExchange {
     publish_interval: Duration,
     changed: Arc<Notify>,
     on_booked: Option<OnBooked>,
+    /// Where acknowledgements of results go (the core's results task).
+    result_acks: Option<mpsc::Sender<(String, WireAck)>>,
+    result_outgoing: Option<mpsc::Receiver<Outgoing>>,
 }
 
 impl std::fmt::Debug for CoreExchange {
@@ -67,7 +71,18 @@ impl CoreExchange {
             publish_interval,
             changed,
             on_booked: None,
+            result_acks: None,
+            result_outgoing: None,
         }
+    }
+
+    /// Carries the results task's notices and reports to the booking clinics, and their
+    /// acknowledgements back.
+    #[must_use]
+    pub fn with_results(mut self, link: CoreLink) -> Self {
+        self.result_acks = Some(link.acks);
+        self.result_outgoing = Some(link.outgoing);
+        self
     }
 
     /// Sends every appointment this exchange books to `f` (without waiting on it).
@@ -101,8 +116,19 @@ impl CoreExchange {
         info!(broker = %self.connection.broker, schedules = self.schedules.len(), "booking exchange (core) started");
         let mut tick = tokio::time::interval(self.publish_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut core = self;
+        let outgoing = core.result_outgoing.take();
         session
-            .run(&mut Running { core: self, tick }, shutdown)
+            .run(
+                &mut Running {
+                    core,
+                    tick,
+                    outgoing,
+                    ready: Vec::new(),
+                    slots_due: false,
+                },
+                shutdown,
+            )
             .await;
         info!("booking exchange (core) stopped");
     }
@@ -158,9 +184,16 @@ impl CoreExchange {
             );
             return;
         };
-        if Keys::kind_of(payload).as_deref() == Some(KIND_CANCEL) {
-            self.on_cancel(client, clinic, msg, payload).await;
-            return;
+        match Keys::kind_of(payload).as_deref() {
+            Some(KIND_CANCEL) => {
+                self.on_cancel(client, clinic, msg, payload).await;
+                return;
+            }
+            Some(KIND_ACK) => {
+                self.on_result_ack(clinic, msg, payload);
+                return;
+            }
+            _ => {}
         }
         let plain = match self.keys.open(clinic, KIND_REQUEST, msg, payload) {
             Ok(p) => zeroize::Zeroizing::new(p),
@@ -296,6 +329,53 @@ impl CoreExchange {
         self.answer(client, clinic, msg, &answer);
     }
 
+    /// A clinic's acknowledgement of a notice or report, for the results task.
+    fn on_result_ack(&self, clinic: &str, msg: &str, payload: &[u8]) {
+        let ack: WireAck = match self
+            .keys
+            .open(clinic, KIND_ACK, msg, payload)
+            .map_err(|e| e.to_string())
+            .and_then(|p| serde_json::from_slice(&p).map_err(|e| e.to_string()))
+        {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(%clinic, error = %e, "result acknowledgement refused: it does not open");
+                return;
+            }
+        };
+        match &self.result_acks {
+            Some(acks) => {
+                if acks.try_send((clinic.to_owned(), ack)).is_err() {
+                    warn!(%clinic, "result acknowledgement dropped: the results task is busy or stopped (the result is sent again)");
+                }
+            }
+            None => debug!(%clinic, "result acknowledgement on a core without [results]: ignored"),
+        }
+    }
+
+    /// Seals and publishes a notice or report for its clinic (a fresh message id each).
+    fn send_result(&self, client: &Publisher, message: &Outgoing) {
+        let me = &self.keys.me;
+        let (clinic, kind, body) = match message {
+            Outgoing::Notice { clinic, notice } => {
+                (clinic, KIND_NOTICE, serde_json::to_vec(notice))
+            }
+            Outgoing::Report { clinic, report } => {
+                (clinic, KIND_REPORT, serde_json::to_vec(report))
+            }
+        };
+        let body = zeroize::Zeroizing::new(body.unwrap_or_default());
+        let msg = crate::message_id();
+        match self.keys.seal(clinic, kind, &msg, &body) {
+            Ok(sealed) => {
+                if let Err(e) = client.publish(topics::decision(clinic, me, &msg), false, sealed) {
+                    warn!(%clinic, kind, error = %e, "result not sent now: request queue full (sent again later)");
+                }
+            }
+            Err(e) => warn!(%clinic, kind, error = %e, "result cannot be sealed for this clinic"),
+        }
+    }
+
     /// Seals and sends a decision to `clinic`.
     fn answer(&self, client: &Publisher, clinic: &str, msg: &str, answer: &WireDecision) {
         let me = &self.keys.me;
@@ -315,6 +395,11 @@ impl CoreExchange {
 struct Running {
     core: CoreExchange,
     tick: tokio::time::Interval,
+    /// Notices and reports from the results task, and those taken but not yet published.
+    outgoing: Option<mpsc::Receiver<Outgoing>>,
+    ready: Vec<Outgoing>,
+    /// The slot publications are due (timer or ledger change).
+    slots_due: bool,
 }
 
 impl Handler for Running {
@@ -335,13 +420,25 @@ impl Handler for Running {
     }
 
     async fn wake(&mut self) {
+        let results = async {
+            match self.outgoing.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = self.tick.tick() => {}
-            () = self.core.changed.notified() => {}
+            _ = self.tick.tick() => self.slots_due = true,
+            () = self.core.changed.notified() => self.slots_due = true,
+            Some(message) = results => self.ready.push(message),
         }
     }
 
     async fn on_wake(&mut self, out: &Publisher) {
-        self.core.publish_all(out).await;
+        if std::mem::take(&mut self.slots_due) {
+            self.core.publish_all(out).await;
+        }
+        for message in std::mem::take(&mut self.ready) {
+            self.core.send_result(out, &message);
+        }
     }
 }

@@ -56,6 +56,7 @@ pub mod clinic;
 pub mod core;
 pub mod local;
 mod mqtt;
+pub mod results;
 pub mod ris;
 pub mod wire;
 
