@@ -178,6 +178,21 @@ impl Spool {
         Ok(self.inner.index.study_of(id)?)
     }
 
+    /// A stored object's index record (its destinations' states), without its bytes.
+    pub fn record(&self, id: &ObjectId) -> Result<Option<Record>, SpoolError> {
+        Ok(self.inner.index.get(id)?)
+    }
+
+    /// The objects stored under a DICOM SOP Instance UID (looked up by its keyed MAC), in
+    /// any state: a puller skips an instance it already has.
+    pub fn stored_instance(&self, sop_instance_uid: &str) -> Result<Vec<ObjectId>, SpoolError> {
+        let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        Ok(self
+            .inner
+            .index
+            .ids_for_uid(&keys.uid_mac(sop_instance_uid))?)
+    }
+
     /// A stored object's record and plaintext (for upload: the whole object in memory).
     pub fn read(&self, id: &ObjectId) -> Result<(Record, Vec<u8>), SpoolError> {
         let record = self

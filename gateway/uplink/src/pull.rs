@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::debug;
 
@@ -157,9 +157,65 @@ pub enum PullError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The receiver of [`PullClient::retrieve_into`] went away before the end.
+    #[error("the receiver of the retrieved instance stopped")]
+    SinkClosed,
     /// A retrieval task did not finish (the runtime shuts down).
     #[error("a retrieval task did not finish: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+/// What [`PullClient::retrieve_into`] sends: the instance's bytes in order, then `Done`.
+#[derive(Debug)]
+pub enum Piece {
+    Bytes(Vec<u8>),
+    /// The retrieval ended well and the instance is the one asked for.
+    Done,
+}
+
+/// Where a download's bytes go: a file (written, then fsynced) or a channel.
+enum Sink<'a> {
+    File {
+        file: &'a mut tokio::fs::File,
+        path: &'a Path,
+    },
+    Channel(&'a mpsc::Sender<Piece>),
+}
+
+impl Sink<'_> {
+    async fn put(&mut self, bytes: &[u8]) -> Result<(), PullError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Self::File { file, path } => {
+                file.write_all(bytes).await.map_err(|source| PullError::Io {
+                    op: "write",
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+            Self::Channel(tx) => tx
+                .send(Piece::Bytes(bytes.to_vec()))
+                .await
+                .map_err(|_| PullError::SinkClosed),
+        }
+    }
+
+    async fn finish(&mut self) -> Result<(), PullError> {
+        match self {
+            Self::File { file, path } => {
+                let io = |op, source| PullError::Io {
+                    op,
+                    path: path.to_path_buf(),
+                    source,
+                };
+                file.flush().await.map_err(|e| io("write", e))?;
+                file.sync_all().await.map_err(|e| io("fsync", e))
+            }
+            Self::Channel(_) => Ok(()),
+        }
+    }
 }
 
 /// What [`PullClient::pull_study`] did.
@@ -289,20 +345,32 @@ impl PullClient {
     /// Retrieves the instance into `dest` (whole and fsynced, or not at all); the bytes
     /// written. Waits for a free slot of the client's concurrency bound first.
     pub async fn retrieve_instance(&self, r: &InstanceRef, dest: &Path) -> Result<u64, PullError> {
-        let uid = |uid, what| valid_uid(uid).ok_or(PullError::BadUid { what });
-        let study = uid(&r.study_uid, "study")?;
-        let series = uid(&r.series_uid, "series")?;
-        let sop = uid(&r.sop_instance_uid, "instance")?;
+        let (url, sop) = self.instance_url(r)?;
         // The semaphore is never closed; if it were, going ahead unbounded is still correct.
         let _permit = self.permits.acquire().await.ok();
-        let url = format!(
-            "{}/studies/{study}/series/{series}/instances/{sop}",
-            self.root
-        );
         let mut partial = dest.as_os_str().to_owned();
         partial.push(".partial");
         let partial = PathBuf::from(partial);
-        let result = self.download(&url, sop, &partial).await;
+        let result = async {
+            let mut file =
+                tokio::fs::File::create(&partial)
+                    .await
+                    .map_err(|source| PullError::Io {
+                        op: "create",
+                        path: partial.clone(),
+                        source,
+                    })?;
+            self.download(
+                &url,
+                sop,
+                Sink::File {
+                    file: &mut file,
+                    path: &partial,
+                },
+            )
+            .await
+        }
+        .await;
         let written = match result {
             Ok(n) => n,
             Err(e) => {
@@ -322,8 +390,42 @@ impl PullClient {
         Ok(written)
     }
 
-    /// GET, parse and write to `partial` (fsynced); the bytes written.
-    async fn download(&self, url: &str, sop: &str, partial: &Path) -> Result<u64, PullError> {
+    /// Retrieves the instance as a stream of [`Piece`]s on `out`: its Part 10 bytes as they
+    /// arrive (parsed out of the multipart body, paced), then [`Piece::Done`] once the body
+    /// ended well and its file meta names the instance asked for. A receiver must not keep
+    /// anything without `Done` (the channel closing first means the retrieval failed). Waits
+    /// for a free slot of the client's concurrency bound first; the bytes sent.
+    pub async fn retrieve_into(
+        &self,
+        r: &InstanceRef,
+        out: &mpsc::Sender<Piece>,
+    ) -> Result<u64, PullError> {
+        let (url, sop) = self.instance_url(r)?;
+        // The semaphore is never closed; if it were, going ahead unbounded is still correct.
+        let _permit = self.permits.acquire().await.ok();
+        let written = self.download(&url, sop, Sink::Channel(out)).await?;
+        out.send(Piece::Done)
+            .await
+            .map_err(|_| PullError::SinkClosed)?;
+        Ok(written)
+    }
+
+    /// The WADO-RS URL of an instance and its (checked) SOP Instance UID.
+    fn instance_url<'r>(&self, r: &'r InstanceRef) -> Result<(String, &'r str), PullError> {
+        let uid = |uid, what| valid_uid(uid).ok_or(PullError::BadUid { what });
+        let study = uid(&r.study_uid, "study")?;
+        let series = uid(&r.series_uid, "series")?;
+        let sop = uid(&r.sop_instance_uid, "instance")?;
+        let url = format!(
+            "{}/studies/{study}/series/{series}/instances/{sop}",
+            self.root
+        );
+        Ok((url, sop))
+    }
+
+    /// GET, parse and hand the part's bytes to `sink`; the bytes handed on. The file meta
+    /// must name `sop`.
+    async fn download(&self, url: &str, sop: &str, mut sink: Sink<'_>) -> Result<u64, PullError> {
         let request = "WADO-RS";
         let mut response = self
             .client
@@ -351,14 +453,6 @@ impl PullClient {
             .unwrap_or_default();
         let boundary = multipart::boundary(&content_type).map_err(multipart_error)?;
         let mut parser = Multipart::new(&boundary, self.limits.multipart);
-        let io = |op, source| PullError::Io {
-            op,
-            path: partial.to_path_buf(),
-            source,
-        };
-        let mut file = tokio::fs::File::create(partial)
-            .await
-            .map_err(|e| io("create", e))?;
         let mut out = Vec::new();
         let mut head = Vec::new();
         let mut written = 0u64;
@@ -374,13 +468,11 @@ impl PullClient {
                 let take = (HEAD_BYTES - head.len()).min(out.len());
                 head.extend_from_slice(out.get(..take).unwrap_or_default());
             }
-            file.write_all(&out).await.map_err(|e| io("write", e))?;
+            sink.put(&out).await?;
             written += out.len() as u64;
         }
         parser.finish().map_err(multipart_error)?;
-        file.flush().await.map_err(|e| io("write", e))?;
-        file.sync_all().await.map_err(|e| io("fsync", e))?;
-        drop(file);
+        sink.finish().await?;
         let wrong = |reason| PullError::WrongInstance {
             root: self.root.clone(),
             reason,

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gateway_uplink::UplinkSettings;
-use gateway_uplink::pull::{InstanceRef, PullClient, PullError, PullLimits};
+use gateway_uplink::pull::{InstanceRef, Piece, PullClient, PullError, PullLimits};
 
 const DICOMWEB_PLUGIN: &str = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so";
 const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
@@ -501,6 +501,56 @@ async fn a_study_is_listed_and_retrieved_byte_identical_over_mutual_tls() {
     assert_eq!(wado_gets(&log), 9, "{log}");
     for sop in &gone {
         assert!(std::fs::read(dir.join(format!("{sop}.dcm"))).unwrap() == sent[sop].1);
+    }
+
+    // Streamed to a channel (the results path into the spool): the same bytes, then Done;
+    // a missing instance ends without Done.
+    for (sop, (series, file)) in sent.iter().take(3) {
+        let r = InstanceRef {
+            study_uid: study.into(),
+            series_uid: series.clone(),
+            sop_instance_uid: sop.clone(),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let collect = tokio::spawn(async move {
+            let (mut bytes, mut done) = (Vec::new(), false);
+            while let Some(piece) = rx.recv().await {
+                match piece {
+                    Piece::Bytes(b) => {
+                        assert!(!done, "bytes after Done");
+                        bytes.extend_from_slice(&b);
+                    }
+                    Piece::Done => done = true,
+                }
+            }
+            (bytes, done)
+        });
+        let n = pull.retrieve_into(&r, &tx).await.unwrap();
+        drop(tx);
+        let (bytes, done) = collect.await.unwrap();
+        assert!(done, "{sop}: no Done");
+        assert_eq!(n as usize, file.len());
+        assert!(
+            bytes == *file,
+            "{sop}: streamed bytes differ from the stored file"
+        );
+    }
+    {
+        let r = InstanceRef {
+            study_uid: study.into(),
+            series_uid: format!("{study}.1"),
+            sop_instance_uid: format!("{study}.1.998"),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let e = pull.retrieve_into(&r, &tx).await.unwrap_err();
+        assert!(matches!(e, PullError::Status { status: 404, .. }), "{e}");
+        drop(tx);
+        while let Some(piece) = rx.recv().await {
+            assert!(
+                !matches!(piece, Piece::Done),
+                "Done after a failed retrieval"
+            );
+        }
     }
 
     // An instance the archive does not have: HTTP 404, and no file.
