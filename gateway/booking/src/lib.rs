@@ -18,6 +18,9 @@
 //!   awaits typed requests over a channel, so no async worker waits on the ledger's `fsync`.
 //! - [`backend`]: what a kiosk asks of the domain ([`SlotSource`], [`BookingBackend`]) and
 //!   the answers ([`SlotAnswer`], [`AppointmentView`], [`BookingRefused`], ...).
+//! - [`results`]: what a kiosk asks about the results of a booked exam ([`ResultsSource`]):
+//!   images and report received/delivered ([`AppointmentResults`]) and, for a physician, the
+//!   report's text ([`ReportText`]); [`NoResults`] where none come back.
 //! - [`order`]: the OMG^O19 a booked exam becomes for the core's RIS, and its spool message
 //!   key ([`order::ris_order`]).
 //! - [`sealed`]: booking files at rest, sealed with AES-256-GCM under a key derived from the
@@ -36,6 +39,7 @@
 pub mod backend;
 pub mod ledger;
 pub mod order;
+pub mod results;
 pub mod sealed;
 pub mod service;
 pub mod worklist;
@@ -51,6 +55,9 @@ pub use gateway_schedule::{Schedule, ScheduleProblem, ScheduleSpec, Slot};
 pub use ledger::{
     Appointment, AppointmentStatus, Block, BookingRequest, Decision, Ledger, LedgerError,
     PatientRef, Refusal,
+};
+pub use results::{
+    AppointmentResults, NoResults, ReportState, ReportText, ResultsSource, ResultsUnavailable,
 };
 pub use sealed::SealKey;
 pub use service::{LedgerHandle, LedgerService};
