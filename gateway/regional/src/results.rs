@@ -48,8 +48,11 @@ pub struct WireReport {
     pub accession: String,
     /// Identifies this report at the core (no patient data); repeats carry the same id.
     pub report_id: String,
-    /// The ORU^R01, UTF-8.
+    /// The ORU^R01 decoded to Unicode (sent as UTF-8 JSON).
     pub hl7: String,
+    /// The character set it came in (`utf-8`, `iso-2022-jp`, `shift_jis`, `ascii`): the
+    /// clinic encodes it back in this set, which its MSH-18 declares.
+    pub charset: String,
 }
 
 impl std::fmt::Debug for WireReport {
