@@ -13,6 +13,8 @@
 //!   [`walker::Encoding`] of a transfer syntax; used by `walker` and `worklist`.
 //! - [`walker`]: push-mode structural check of a data set as it streams.
 //! - [`part10`]: the Part 10 header stored in front of each data set.
+//! - [`reconcile`]: IHE IRWF Patient ID reconciliation of returned results: a streaming
+//!   Part 10 rewriter and the identifier reader that matches an object to its booking.
 //! - [`storage_classes`]: the storage SOP classes offered (generated from the dictionary).
 //! - [`worklist`]: Modality Worklist C-FIND: identifier to `gateway_booking::WorklistQuery`,
 //!   worklist items to response identifiers.
@@ -46,6 +48,7 @@ mod element;
 pub mod metrics;
 pub mod part10;
 pub mod policy;
+pub mod reconcile;
 pub mod scu;
 pub mod service;
 pub mod storage_classes;
