@@ -81,6 +81,7 @@ pub(crate) async fn start(
     spool: &gateway_spool::Spool,
     derived: &Derived,
     identity: Option<Arc<dyn gateway_keystore::DeviceIdentity>>,
+    results_source: Option<gateway_uplink::UplinkSettings>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<Started, String> {
     let data_dir = &settings.node.data_dir;
@@ -100,6 +101,7 @@ pub(crate) async fn start(
     let mut tasks: Vec<Task> = Vec::new();
     let exchange = settings.exchange.as_ref();
     let mut core_parts = None;
+    let mut results_view: Option<Arc<dyn gateway_booking::ResultsSource>> = None;
     let (slots, backend): (Arc<dyn SlotSource>, Arc<dyn BookingBackend>) = match settings.node.role
     {
         Role::Core => {
@@ -151,12 +153,21 @@ pub(crate) async fn start(
                 let core = CoreExchange::new(
                     connection(&me, x, identity.clone(), data_dir).await?,
                     Arc::new(keys(&me, x, derived)?),
-                    ledger,
+                    ledger.clone(),
                     booking.publish_interval.get(),
                     changed,
                 );
                 let core = match to_ris {
                     Some(f) => core.with_on_booked(f),
+                    None => core,
+                };
+                let core = match &settings.results {
+                    Some(r) => {
+                        let (service, link) =
+                            core_results(settings, r, spool, ledger, derived).await?;
+                        tasks.push(Box::pin(service.run(shutdown.clone())));
+                        core.with_results(link)
+                    }
                     None => core,
                 };
                 tasks.push(Box::pin(core.run(shutdown.clone())));
@@ -183,6 +194,13 @@ pub(crate) async fn start(
                 })
                 .await?;
                 tasks.push(Box::pin(task.run(shutdown.clone())));
+                if let (Some(r), Some(source)) = (&settings.results, results_source) {
+                    let (service, link, view) =
+                        clinic_results(settings, r, core, source, spool, derived).await?;
+                    handle.set_results(link);
+                    tasks.push(Box::pin(service.run(shutdown.clone())));
+                    results_view = Some(Arc::new(view));
+                }
                 let handle = Arc::new(handle);
                 (
                     handle.clone() as Arc<dyn SlotSource>,
@@ -210,9 +228,12 @@ pub(crate) async fn start(
     let listener = gateway_kiosk::tls::TlsListener::new(tcp, tls)
         .map_err(|e| format!("booking.listen {}: {e}", booking.listen))?;
     info!(listen = %booking.listen, role = settings.node.role.as_str(), "kiosk (booking) listening over HTTPS");
-    let app = Kiosk::new(staff, audit, slots, backend)
-        .with_issuer(&format!("gatewayd {}", settings.node.id.as_str()))
-        .service();
+    let mut kiosk = Kiosk::new(staff, audit, slots, backend)
+        .with_issuer(&format!("gatewayd {}", settings.node.id.as_str()));
+    if let Some(view) = results_view {
+        kiosk = kiosk.with_results(view);
+    }
+    let app = kiosk.service();
     let mut rx = shutdown.clone();
     tasks.push(Box::pin(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -227,6 +248,94 @@ pub(crate) async fn start(
         core: core_parts,
     })
 }
+
+/// The core's results service (`[results]` on a core with `[exchange]`): notices and reports
+/// of booked exams for the booking clinics, its state sealed under `<data_dir>/results`.
+async fn core_results(
+    settings: &Settings,
+    results: &gateway_config::Results,
+    spool: &gateway_spool::Spool,
+    ledger: LedgerHandle,
+    derived: &Derived,
+) -> Result<
+    (
+        gateway_results::core::CoreResults,
+        gateway_regional::results::CoreLink,
+    ),
+    String,
+> {
+    let core_settings = gateway_results::core::CoreSettings {
+        me: settings.node.id.as_str().to_owned(),
+        source: results.source.as_str().to_owned(),
+        complete_after: results.complete_after.get(),
+        resend_after: RESULTS_RESEND_AFTER,
+        tick: RESULTS_TICK,
+    };
+    let (spool, seal) = (spool.clone(), Arc::new(derived.seal()));
+    let dir = settings.node.data_dir.join(gateway_results::DIR);
+    blocking(move || {
+        gateway_results::core::CoreResults::open(core_settings, spool, ledger, seal, &dir)
+            .map_err(|e| format!("results: {e}"))
+    })
+    .await
+}
+
+/// The clinic's results service (`[results]` on a clinic with `booking.core`): pulls what
+/// its core announces from `results.source` and answers the kiosk.
+async fn clinic_results(
+    settings: &Settings,
+    results: &gateway_config::Results,
+    core: &str,
+    source: gateway_uplink::UplinkSettings,
+    spool: &gateway_spool::Spool,
+    derived: &Derived,
+) -> Result<
+    (
+        gateway_results::clinic::ClinicResults,
+        gateway_regional::results::ClinicLink,
+        gateway_results::clinic::ClinicResultsView,
+    ),
+    String,
+> {
+    let pull = gateway_uplink::pull::PullClient::new(
+        &source,
+        gateway_uplink::pull::PullLimits::default(),
+    )
+    .map_err(|e| format!("results.source: {e}"))?;
+    let image_destinations = results
+        .deliver
+        .iter()
+        .filter(|d| matches!(d, gateway_config::Deliver::Dicom { .. }))
+        .map(|d| d.name().as_str().to_owned())
+        .collect();
+    let report_destinations = results
+        .deliver
+        .iter()
+        .filter_map(|d| match d {
+            gateway_config::Deliver::Hl7 { uplink, .. } => Some(uplink.as_str().to_owned()),
+            gateway_config::Deliver::Dicom { .. } => None,
+        })
+        .collect();
+    let clinic_settings = gateway_results::clinic::ClinicSettings {
+        core: core.to_owned(),
+        rewrite_patient_id: results.rewrite_patient_id,
+        issuer: results.patient_id_issuer.clone(),
+        image_destinations,
+        report_destinations,
+    };
+    let (spool, seal) = (spool.clone(), Arc::new(derived.seal()));
+    let dir = settings.node.data_dir.join(gateway_results::DIR);
+    blocking(move || {
+        gateway_results::clinic::ClinicResults::open(clinic_settings, spool, pull, seal, &dir)
+            .map_err(|e| format!("results: {e}"))
+    })
+    .await
+}
+
+/// Unacknowledged notices and reports go to the clinic again after this long.
+const RESULTS_RESEND_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+/// The core's results pass runs at least this often.
+const RESULTS_TICK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Booked exams as OMG^O19 to the RIS (`gateway_booking::order::ris_order`): stored in the
 /// spool as HL7 messages (durable, and forwarded by every `mllp-tls` uplink like any other

@@ -46,7 +46,17 @@ pub fn build_problems(settings: &Settings) -> Vec<Problem> {
 /// The spool's destinations: every `[[uplink]]` with the kind of objects it carries and,
 /// for an HL7 one, the message types it takes (`message_types`).
 pub fn routes(settings: &Settings) -> Vec<Route> {
-    settings
+    let results = settings.results.as_ref();
+    // The mllp-tls uplinks a `[[results.deliver]] kind = "hl7"` names also take returned
+    // reports.
+    let takes_reports = |name: &str| {
+        results.is_some_and(|r| {
+            r.deliver.iter().any(|d| {
+                matches!(d, gateway_config::Deliver::Hl7 { uplink, .. } if uplink.as_str() == name)
+            })
+        })
+    };
+    let mut routes: Vec<Route> = settings
         .uplinks
         .iter()
         .map(|u| {
@@ -55,12 +65,27 @@ pub fn routes(settings: &Settings) -> Vec<Route> {
                 gateway_config::UplinkKind::MllpTls => ObjectKind::Hl7,
             };
             let route = Route::new(u.name.as_str(), kind);
-            match &u.message_types {
+            let route = match &u.message_types {
                 Some(types) => route.with_message_types(types.iter().map(|t| t.as_str())),
                 None => route,
+            };
+            if takes_reports(u.name.as_str()) {
+                route.with_results()
+            } else {
+                route
             }
         })
-        .collect()
+        .collect();
+    if let Some(r) = results {
+        match settings.node.role {
+            gateway_config::Role::Core => routes.extend(gateway_results::core_routes()),
+            gateway_config::Role::Clinic => routes.extend(r.deliver.iter().filter_map(|d| {
+                matches!(d, gateway_config::Deliver::Dicom { .. })
+                    .then(|| Route::new(d.name().as_str(), ObjectKind::Dicom).results_only())
+            })),
+        }
+    }
+    routes
 }
 
 pub fn limits(settings: &Settings) -> Limits {

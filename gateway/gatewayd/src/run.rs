@@ -337,6 +337,16 @@ async fn start_booking(
     keys: &dyn KeyStore,
 ) -> Result<Option<crate::booking::Started>, String> {
     let settings = ctx.settings;
+    // A clinic pulls returned results with the identity and URL of `results.source`.
+    let results_source = match (&settings.results, settings.node.role) {
+        (Some(r), gateway_config::Role::Clinic) => settings
+            .uplinks
+            .iter()
+            .find(|u| u.name == r.source)
+            .map(|u| uplink_settings(u, &settings.node.data_dir, keys))
+            .transpose()?,
+        _ => None,
+    };
     let booking = match &settings.booking {
         Some(booking) => Some(
             crate::booking::start(
@@ -345,6 +355,7 @@ async fn start_booking(
                 ctx.spool,
                 derived,
                 keys.identity(),
+                results_source,
                 ctx.shutdown,
             )
             .await?,

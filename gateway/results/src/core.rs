@@ -85,10 +85,7 @@ enum Seen {
         study: Option<String>,
     },
     /// A report with its match keys.
-    Report {
-        id: ObjectId,
-        keys: ReportKeys,
-    },
+    Report { id: ObjectId, keys: ReportKeys },
 }
 
 #[derive(Debug, Default)]
@@ -223,14 +220,14 @@ impl CoreResults {
         let source = self.settings.source.clone();
         let seen = tokio::task::spawn_blocking(move || look(&spool, &source)).await??;
         if !seen.is_empty() {
-            let appointments = self
-                .ledger
-                .all(jiff::Timestamp::now())
-                .await
-                .map_err(|e| ResultsError::Io {
-                    path: "ledger".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
+            let appointments =
+                self.ledger
+                    .all(jiff::Timestamp::now())
+                    .await
+                    .map_err(|e| ResultsError::Io {
+                        path: "ledger".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
             self.apply(seen, &appointments).await?;
         }
         self.complete_quiet().await?;
@@ -368,7 +365,12 @@ impl CoreResults {
             }
             for (report, acked) in &t.reports {
                 if !acked && due(&self.sent_at, report) {
-                    reports.push((id.clone(), t.clinic.clone(), t.accession.clone(), report.clone()));
+                    reports.push((
+                        id.clone(),
+                        t.clinic.clone(),
+                        t.accession.clone(),
+                        report.clone(),
+                    ));
                 }
             }
         }

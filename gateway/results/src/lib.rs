@@ -58,6 +58,12 @@ pub enum ResultsError {
     },
     #[error(transparent)]
     Spool(#[from] gateway_spool::SpoolError),
+    /// Pulling from the cloud archive failed (no UID or patient data in the reason).
+    #[error("pull from the cloud archive: {reason}")]
+    Pull { reason: String },
+    /// A returned report could not be stored.
+    #[error("returned report: {reason}")]
+    Report { reason: String },
     #[error("a blocking task of the results service failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
