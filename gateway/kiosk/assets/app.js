@@ -4,6 +4,8 @@
 const $ = (id) => document.getElementById(id);
 let selectedSlot = null;
 let slotSearch = 0; // the latest search; answers to earlier ones are dropped
+let myRole = null; // the logged-in staff member's role: a physician may open reports
+let reportRequest = 0; // the latest report opened; answers to earlier ones are dropped
 
 async function api(method, path, body) {
   const init = { method, credentials: "same-origin", headers: {} };
@@ -36,6 +38,8 @@ function show(loggedIn, me) {
   $("booking-view").hidden = !loggedIn;
   $("who").hidden = !loggedIn;
   $("who-name").textContent = loggedIn ? `${me.name} (${me.role})` : "";
+  myRole = loggedIn ? me.role : null;
+  if (!loggedIn) closeReport();
   const admin = loggedIn && me.role === "admin";
   $("accounts-view").hidden = !admin;
   // Logged in: list the day's free slots at once, which also offers the scanners to pick.
@@ -210,18 +214,138 @@ $("list-form").addEventListener("submit", async (e) => {
   const r = await api("GET", "/fhir/Appointment?patient=" + encodeURIComponent($("list-patient-id").value));
   const body = $("list-table").querySelector("tbody");
   body.replaceChildren();
+  closeReport();
   for (const entry of (r.status === 200 && r.data.entry) || []) {
     const a = entry.resource;
     const acc = (a.identifier || []).find((i) => i.system === "urn:gatewayd:accession");
     const tr = document.createElement("tr");
+    tr.dataset.appointment = a.id;
     for (const text of [a.slot[0].reference.replace("Slot/", ""), localTime(a.start), a.status, acc ? acc.value : ""]) {
       const td = document.createElement("td");
       td.textContent = text;
       tr.append(td);
     }
+    const results = document.createElement("td");
+    results.className = "results";
+    tr.append(results);
     body.append(tr);
+    showResults(a.id, results);
   }
 });
+
+// ---- Results of a booked exam: ImagingStudy (any staff), DiagnosticReport (physicians) ----
+
+const EXT = "urn:gatewayd:results:";
+const REPORT_STATUS = {
+  preliminary: "仮報告 / preliminary", final: "確定 / final",
+  corrected: "訂正 / corrected", amended: "追記 / amended",
+};
+
+function extension(resource, name) {
+  return (resource.extension || []).find((x) => x.url === EXT + name);
+}
+
+function line(text, className) {
+  const div = document.createElement("div");
+  div.textContent = text;
+  if (className) div.className = className;
+  return div;
+}
+
+// Fills an appointment's results cell: images received/delivered, the report's state and,
+// for a physician, a button that opens the report.
+async function showResults(appointmentId, cell) {
+  const r = await api("GET", "/fhir/ImagingStudy?based-on=" + encodeURIComponent("Appointment/" + appointmentId));
+  cell.replaceChildren();
+  if (r.status !== 200) {
+    cell.dataset.state = "unavailable";
+    cell.append(line("結果を取得できません / Results unavailable", "failed"));
+    return;
+  }
+  const study = r.data.entry && r.data.entry[0] && r.data.entry[0].resource;
+  if (!study) {
+    cell.dataset.state = "none";
+    cell.append(line("結果未着 / No results yet"));
+    return;
+  }
+  const count = (name) => { const x = extension(study, name); return x ? x.valueUnsignedInt : 0; };
+  const announced = study.numberOfInstances || 0;
+  const received = count("images-received");
+  const delivered = count("images-delivered");
+  const failed = count("images-failed");
+  const complete = (extension(study, "complete") || {}).valueBoolean === true;
+  cell.dataset.state = "results";
+  cell.dataset.imagesReceived = String(received);
+  cell.dataset.imagesDelivered = String(delivered);
+  cell.append(line(`画像 ${announced}枚中 ${received}枚受信・${delivered}枚送信済${complete ? " (検査完了)" : ""} / ` +
+    `Images: ${received} of ${announced} received, ${delivered} delivered${complete ? " (complete)" : ""}`));
+  if (failed > 0) cell.append(line(`${failed}枚 送信失敗 / ${failed} failed to deliver`, "failed"));
+  const report = extension(study, "report");
+  if (!report) {
+    cell.dataset.report = "none";
+    cell.append(line("レポート 未着 / Report: not yet"));
+    return;
+  }
+  const part = (name) => (report.extension || []).find((x) => x.url === name) || {};
+  const status = part("status").valueCode;
+  const reportReceived = part("received").valueBoolean === true;
+  const reportDelivered = part("delivered").valueBoolean === true;
+  cell.dataset.report = reportDelivered ? "delivered" : reportReceived ? "received" : "announced";
+  const label = REPORT_STATUS[status] || String(status || "");
+  cell.append(line(
+    `レポート (${label}) ${reportReceived ? "受信済" : "未着"}${reportDelivered ? "・電子カルテ送信済" : ""} / ` +
+    `Report: ${reportReceived ? "received" : "not yet"}${reportDelivered ? ", delivered to the EMR" : ""}`));
+  if (myRole === "physician" && reportReceived) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "open-report";
+    b.textContent = "レポートを読む / Read report";
+    b.addEventListener("click", () => openReport(appointmentId));
+    cell.append(b);
+  }
+}
+
+function closeReport() {
+  reportRequest++;
+  $("report-view").hidden = true;
+  $("report-lines").replaceChildren();
+  $("report-meta").textContent = "";
+  $("report-error").hidden = true;
+  delete $("report-view").dataset.appointment;
+}
+
+// The report's text, line by line, as text (never as markup).
+async function openReport(appointmentId) {
+  closeReport();
+  $("report-view").hidden = false;
+  const mine = ++reportRequest;
+  const r = await api("GET", "/fhir/DiagnosticReport?based-on=" + encodeURIComponent("Appointment/" + appointmentId));
+  if (mine !== reportRequest || $("report-view").hidden) return;
+  const report = r.status === 200 && r.data.entry && r.data.entry[0] && r.data.entry[0].resource;
+  if (!report) {
+    $("report-error").textContent = r.status === 200 ? "レポートはまだありません / No report yet" : problem(r.data);
+    $("report-error").hidden = false;
+    return;
+  }
+  $("report-view").dataset.appointment = appointmentId;
+  const issued = report.issued ? ` ${localTime(report.issued)}` : "";
+  $("report-meta").textContent = `${REPORT_STATUS[report.status] || report.status}${issued}`;
+  const dl = $("report-lines");
+  for (const o of report.contained || []) {
+    if (o.resourceType !== "Observation") continue;
+    const title = o.code && o.code.text;
+    if (title) {
+      const dt = document.createElement("dt");
+      dt.textContent = title;
+      dl.append(dt);
+    }
+    const dd = document.createElement("dd");
+    dd.textContent = o.valueString || "";
+    dl.append(dd);
+  }
+}
+
+$("report-close").addEventListener("click", closeReport);
 
 $("slot-day").value = new Date(Date.now() + 9 * 3600 * 1000).toISOString().slice(0, 10);
 refreshMe();

@@ -39,13 +39,19 @@
 //!
 //! - `POST /fhir/Appointment/$hold` and `$book` (a FHIR Appointment with a contained
 //!   Patient), `GET /fhir/Appointment?patient=` (each read audited): see [`appointment`].
+//! - `GET /fhir/ImagingStudy?based-on=Appointment/{id}` (any staff: images announced,
+//!   received, delivered, failed; the report's state, never its text) and
+//!   `GET /fhir/DiagnosticReport?based-on=Appointment/{id}` (physicians only, 403 otherwise;
+//!   every request audited as a patient record read before it is answered): see [`results`].
 //!
 //! Module map: [`session`] (tokens, cookie, expiry), [`throttle`] (per-address login
 //! back-off), [`tls`] (rustls listener for
 //! `axum::serve`, the development self-signed certificate), [`appointment`] (requests,
-//! resources, the [`appointment::BookingBackend`]), `openapi` (the document). The slot and
-//! appointment types and the [`SlotSource`] / [`appointment::BookingBackend`] traits belong
-//! to the booking domain (`gateway-booking`) and are re-exported here.
+//! resources, the [`appointment::BookingBackend`]), [`results`] (ImagingStudy and
+//! DiagnosticReport of a booked exam, from a [`results::ResultsSource`]), `openapi` (the
+//! document). The slot, appointment and results types and the [`SlotSource`] /
+//! [`appointment::BookingBackend`] / [`results::ResultsSource`] traits belong to the booking
+//! domain (`gateway-booking`) and are re-exported here.
 
 // Handlers read network input: no indexing or string slicing that could panic.
 #![deny(clippy::indexing_slicing, clippy::string_slice)]
@@ -54,6 +60,7 @@
 pub mod appointment;
 mod enrol;
 mod openapi;
+pub mod results;
 pub mod session;
 pub mod throttle;
 pub mod tls;
@@ -95,6 +102,9 @@ pub struct Kiosk {
     issuer: Arc<str>,
     slots: Arc<dyn SlotSource>,
     booking: Arc<dyn appointment::BookingBackend>,
+    /// How far booked exams' results have come back ([`results::NoResults`] unless
+    /// [`Kiosk::with_results`] hands a store).
+    results: Arc<dyn results::ResultsSource>,
 }
 
 impl Kiosk {
@@ -113,7 +123,16 @@ impl Kiosk {
             issuer: Arc::from("gatewayd"),
             slots,
             booking,
+            results: Arc::new(results::NoResults),
         }
+    }
+
+    /// The clinic's results of booked exams, served as ImagingStudy and DiagnosticReport
+    /// (default [`results::NoResults`]: every search answers an empty Bundle).
+    #[must_use]
+    pub fn with_results(mut self, results: Arc<dyn results::ResultsSource>) -> Self {
+        self.results = results;
+        self
     }
 
     /// What `axum::serve` runs on a [`tls::TlsListener`]: the [`Kiosk::router`] with each
@@ -155,6 +174,8 @@ impl Kiosk {
             .route("/fhir/Appointment/$book", post(book))
             .route("/fhir/Appointment", get(appointments))
             .route("/fhir/Appointment/{id}/$cancel", post(cancel))
+            .route("/fhir/ImagingStudy", get(results::imaging_studies))
+            .route("/fhir/DiagnosticReport", get(results::diagnostic_reports))
             .fallback(not_found)
             .layer(axum::middleware::map_response(security_headers))
             .with_state(self)
@@ -162,7 +183,8 @@ impl Kiosk {
 
     /// Appends one audit record on a blocking thread (the append takes the log's file lock,
     /// `fdatasync`s and replaces the head) and waits for it, so the answer still leaves only
-    /// after its record is durable.
+    /// after its record is durable. A record that cannot be written is logged (without its
+    /// content); [`Kiosk::record_about`] says whether it was written.
     async fn record(&self, actor: &str, action: Action, outcome: Outcome, detail: Option<&str>) {
         self.record_about(actor, action, outcome, None, detail)
             .await;
@@ -175,7 +197,7 @@ impl Kiosk {
         outcome: Outcome,
         subject: Option<String>,
         detail: Option<&str>,
-    ) {
+    ) -> bool {
         let event = Event {
             actor: actor.chars().take(64).collect(),
             action,
@@ -185,9 +207,15 @@ impl Kiosk {
         };
         let audit = Arc::clone(&self.audit);
         match tokio::task::spawn_blocking(move || audit.append(event)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => warn!(error = %e, "audit record could not be written"),
-            Err(e) => warn!(error = %e, "audit record could not be written: its task failed"),
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                warn!(error = %e, "audit record could not be written");
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "audit record could not be written: its task failed");
+                false
+            }
         }
     }
 

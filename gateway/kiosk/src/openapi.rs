@@ -7,6 +7,8 @@ use serde_json::{Value, json};
 /// check, written as a JSON Schema pattern for clients (a test checks that both agree).
 const TOKEN: &str = "^[A-Za-z0-9._-]{1,64}$";
 const SLOT_REFERENCE: &str = "^Slot/[A-Za-z0-9._-]{1,64}$";
+/// `based-on` of the results searches: `Appointment/{id}` with the same id rule.
+const APPOINTMENT_REFERENCE: &str = "^Appointment/[A-Za-z0-9._-]{1,64}$";
 /// A patient id: no DICOM delimiters (backslash, `^`, `=`).
 const PATIENT_ID: &str = "^[^\\\\^=]+$";
 /// A person name: no backslash, no control character (Unicode Cc).
@@ -19,7 +21,135 @@ fn outcome_response(description: &str) -> Value {
 pub fn document() -> Value {
     let mut doc = base();
     add_enrolment(&mut doc);
+    add_results(&mut doc);
     doc
+}
+
+/// Adds `more`'s schemas and paths to the document.
+fn extend(doc: &mut Value, schemas: Value, paths: Value) {
+    for (section, more) in [("schemas", schemas), ("paths", paths)] {
+        let target = if section == "paths" {
+            doc.get_mut("paths")
+        } else {
+            doc.get_mut("components").and_then(|c| c.get_mut("schemas"))
+        };
+        if let (Some(Value::Object(target)), Value::Object(more)) = (target, more) {
+            target.extend(more);
+        }
+    }
+}
+
+/// The results routes (`crate::results`): ImagingStudy and DiagnosticReport of a booked exam.
+fn add_results(doc: &mut Value) {
+    let base = crate::results::EXTENSION_BASE;
+    let based_on = json!({
+        "name": "based-on", "in": "query", "required": true,
+        "description": "The booked exam: Appointment/{id}",
+        "schema": {"type": "string", "pattern": APPOINTMENT_REFERENCE}
+    });
+    let reference = json!({"type": "object", "required": ["reference"], "properties": {
+        "reference": {"type": "string", "pattern": APPOINTMENT_REFERENCE}}});
+    let count = |what: &str| {
+        json!({"type": "object", "required": ["url", "valueUnsignedInt"],
+        "description": what,
+        "properties": {"url": {"const": format!("{base}{what}")}, "valueUnsignedInt": {"type": "integer", "minimum": 0}}})
+    };
+    let schemas = json!({
+        "ImagingStudy": {
+            "type": "object",
+            "description": format!("A booked exam's images as they came back to this clinic. Extensions (url under {base}): images-received (pulled and sealed here), images-delivered (confirmed by every PACS destination), images-failed (dead-lettered at some destination), complete (the core said the study is complete), report (complex: status, issued, received, delivered; never the text)."),
+            "required": ["resourceType", "id", "status", "basedOn", "numberOfInstances", "extension"],
+            "properties": {
+                "resourceType": {"const": "ImagingStudy"},
+                "id": {"type": "string", "pattern": TOKEN},
+                "meta": {"type": "object", "properties": {"lastUpdated": {"type": "string"}}},
+                "status": {"enum": ["registered", "available"], "description": "registered: nothing pulled yet; available: at least one instance received"},
+                "basedOn": {"type": "array", "minItems": 1, "maxItems": 1, "items": reference},
+                "identifier": {"type": "array", "description": "The accession (type ACSN) and each Study Instance UID (system urn:dicom:uid, value urn:oid:{uid})",
+                    "items": {"type": "object", "required": ["value"], "properties": {
+                        "system": {"type": "string"}, "type": {"type": "object"}, "value": {"type": "string"}}}},
+                "numberOfInstances": {"type": "integer", "minimum": 0, "description": "Instances the core says the cloud archive has confirmed"},
+                "extension": {"type": "array", "items": {"anyOf": [
+                    count("images-received"), count("images-delivered"), count("images-failed"),
+                    {"type": "object", "required": ["url", "valueBoolean"], "properties": {
+                        "url": {"const": format!("{base}complete")}, "valueBoolean": {"type": "boolean"}}},
+                    {"$ref": "#/components/schemas/ReportStateExtension"}
+                ]}}
+            }
+        },
+        "ReportStateExtension": {
+            "type": "object",
+            "description": "Where the exam's report is (no text): status (preliminary, final, corrected, amended), issued, received, delivered (every HL7 destination, the EMR, acknowledged it)",
+            "required": ["url", "extension"],
+            "properties": {
+                "url": {"const": format!("{base}report")},
+                "extension": {"type": "array", "items": {"type": "object", "required": ["url"], "properties": {
+                    "url": {"enum": ["status", "issued", "received", "delivered"]},
+                    "valueCode": {"enum": ["preliminary", "final", "corrected", "amended"]},
+                    "valueDateTime": {"type": "string"},
+                    "valueBoolean": {"type": "boolean"}}}}
+            }
+        },
+        "ImagingStudyBundle": {"type": "object", "required": ["resourceType", "type", "total", "entry"], "properties": {
+            "resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
+            "total": {"type": "integer", "minimum": 0, "maximum": 1},
+            "entry": {"type": "array", "maxItems": 1, "items": {"type": "object", "required": ["resource"], "properties": {
+                "resource": {"$ref": "#/components/schemas/ImagingStudy"}}}}}},
+        "DiagnosticReport": {
+            "type": "object",
+            "description": "A booked exam's report with its text: presentedForm[0] is text/plain; charset=utf-8 (base64; one line per observation, 'title: text'); each line is also a contained Observation (code.text the title, valueString the line) referenced from result, in order",
+            "required": ["resourceType", "id", "status", "code", "basedOn", "presentedForm"],
+            "properties": {
+                "resourceType": {"const": "DiagnosticReport"},
+                "id": {"type": "string", "pattern": TOKEN},
+                "status": {"enum": ["preliminary", "final", "corrected", "amended"]},
+                "category": {"type": "array", "items": {"type": "object"}},
+                "code": {"type": "object"},
+                "basedOn": {"type": "array", "minItems": 1, "maxItems": 1, "items": reference},
+                "issued": {"type": "string"},
+                "contained": {"type": "array", "items": {"type": "object", "required": ["resourceType", "id", "status", "code", "valueString"], "properties": {
+                    "resourceType": {"const": "Observation"}, "id": {"type": "string"},
+                    "status": {"type": "string"},
+                    "code": {"type": "object", "properties": {"text": {"type": "string"}}},
+                    "valueString": {"type": "string"}}}},
+                "result": {"type": "array", "items": {"type": "object", "required": ["reference"], "properties": {"reference": {"type": "string"}}}},
+                "presentedForm": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["contentType", "data"], "properties": {
+                    "contentType": {"const": "text/plain; charset=utf-8"},
+                    "data": {"type": "string", "contentEncoding": "base64"}}}}
+            }
+        },
+        "DiagnosticReportBundle": {"type": "object", "required": ["resourceType", "type", "total", "entry"], "properties": {
+            "resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
+            "total": {"type": "integer", "minimum": 0, "maximum": 1},
+            "entry": {"type": "array", "maxItems": 1, "items": {"type": "object", "required": ["resource"], "properties": {
+                "resource": {"$ref": "#/components/schemas/DiagnosticReport"}}}}}}
+    });
+    let paths = json!({
+        "/fhir/ImagingStudy": {"get": {
+            "summary": "How far a booked exam's images (and its report, without text) have come back to this clinic",
+            "security": [{"session": []}],
+            "parameters": [based_on],
+            "responses": {
+                "200": {"description": "Searchset Bundle of 0 or 1 ImagingStudy (0: nothing has come back, or not this clinic's appointment)", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/ImagingStudyBundle"}}}},
+                "400": outcome_response("Search by based-on=Appointment/{id} only"),
+                "401": outcome_response("No session"),
+                "503": outcome_response("The results store is unavailable; try again")
+            }
+        }},
+        "/fhir/DiagnosticReport": {"get": {
+            "summary": "A booked exam's report with its text (physicians only; audited as a patient record read)",
+            "security": [{"session": []}],
+            "parameters": [based_on],
+            "responses": {
+                "200": {"description": "Searchset Bundle of 0 or 1 DiagnosticReport (0: no report has come back)", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/DiagnosticReportBundle"}}}},
+                "400": outcome_response("Search by based-on=Appointment/{id} only"),
+                "401": outcome_response("No session"),
+                "403": outcome_response("Not a physician (the refusal is audited)"),
+                "503": outcome_response("The results store is unavailable, or the read cannot be audited; try again")
+            }
+        }}
+    });
+    extend(doc, schemas, paths);
 }
 
 /// The enrolment routes (`crate::enrol`): schemas and paths added to the document.
@@ -100,16 +230,7 @@ fn add_enrolment(doc: &mut Value) {
             }
         }}
     });
-    for (section, more) in [("schemas", schemas), ("paths", paths)] {
-        let target = if section == "paths" {
-            doc.get_mut("paths")
-        } else {
-            doc.get_mut("components").and_then(|c| c.get_mut("schemas"))
-        };
-        if let (Some(Value::Object(target)), Value::Object(more)) = (target, more) {
-            target.extend(more);
-        }
-    }
+    extend(doc, schemas, paths);
 }
 
 fn base() -> Value {
@@ -118,7 +239,7 @@ fn base() -> Value {
         "info": {
             "title": "gatewayd kiosk API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Regional exam booking from the clinic kiosk. Staff log in with a password and a TOTP code; the session cookie is Secure, HttpOnly and SameSite=Strict. Resources are shaped after FHIR R4 Slot and Appointment."
+            "description": "Regional exam booking from the clinic kiosk. Staff log in with a password and a TOTP code; the session cookie is Secure, HttpOnly and SameSite=Strict. Resources are shaped after FHIR R4 Slot, Appointment, ImagingStudy and DiagnosticReport."
         },
         "components": {
             "securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": "gw_session"}},
@@ -292,6 +413,7 @@ mod tests {
     fn the_id_pattern_is_the_gateway_id_rule() {
         let token = regex::Regex::new(TOKEN).unwrap();
         let slot = regex::Regex::new(SLOT_REFERENCE).unwrap();
+        let appointment = regex::Regex::new(APPOINTMENT_REFERENCE).unwrap();
         let long = "x".repeat(64);
         let too_long = "x".repeat(65);
         for sample in [
@@ -320,6 +442,11 @@ mod tests {
             );
             assert_eq!(
                 slot.is_match(&format!("Slot/{sample}")),
+                gateway_id::is_valid(sample),
+                "{sample:?}"
+            );
+            assert_eq!(
+                appointment.is_match(&format!("Appointment/{sample}")),
                 gateway_id::is_valid(sample),
                 "{sample:?}"
             );

@@ -5,6 +5,7 @@
 use super::*;
 use axum::body::Body;
 use axum::http::Request;
+use base64::Engine as _;
 use gateway_audit::AuditKey;
 use gateway_staff::StaffKey;
 use http_body_util::BodyExt as _;
@@ -1541,5 +1542,513 @@ async fn failed_enrolments_are_throttled_per_address_apart_from_logins() {
     assert!(
         f.audit_text().contains("throttled until"),
         "the back-off is audited"
+    );
+}
+
+// ---- Results at the kiosk: ImagingStudy and DiagnosticReport ----
+
+/// The clinic's results state, in memory (the real one is the exchange's sealed file).
+#[derive(Debug, Default)]
+struct FakeResults {
+    down: std::sync::atomic::AtomicBool,
+    results: std::sync::Mutex<std::collections::HashMap<String, results::AppointmentResults>>,
+    texts: std::sync::Mutex<std::collections::HashMap<String, results::ReportText>>,
+}
+
+impl results::ResultsSource for FakeResults {
+    fn results_of(
+        &self,
+        appointment_id: &str,
+    ) -> gateway_booking::BoxFuture<
+        'static,
+        Result<Option<results::AppointmentResults>, results::ResultsUnavailable>,
+    > {
+        let answer = if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(results::ResultsUnavailable::Unavailable)
+        } else {
+            Ok(self.results.lock().unwrap().get(appointment_id).cloned())
+        };
+        Box::pin(std::future::ready(answer))
+    }
+
+    fn report_text(
+        &self,
+        appointment_id: &str,
+    ) -> gateway_booking::BoxFuture<
+        'static,
+        Result<Option<results::ReportText>, results::ResultsUnavailable>,
+    > {
+        let answer = if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(results::ResultsUnavailable::Unavailable)
+        } else {
+            Ok(self.texts.lock().unwrap().get(appointment_id).cloned())
+        };
+        Box::pin(std::future::ready(answer))
+    }
+}
+
+/// Words of the fake report: none may reach the audit trail or the ImagingStudy.
+const FINDINGS: &str = "ZZFINDING no focal consolidation; 肺野に異常なし";
+const IMPRESSION: &str = "ZZIMPRESSION normal chest CT";
+
+struct ResultsFixture {
+    f: Fixture,
+    results: Arc<FakeResults>,
+}
+
+/// The kiosk with a results store holding `apt-1` (48 of 50 instances received, 40
+/// delivered, 2 failed, a final report received and delivered) and `apt-2` (announced,
+/// nothing pulled), and a physician account `dr.suzuki`.
+fn results_fixture() -> ResultsFixture {
+    let mut f = fixture(false);
+    f.staff.add("dr.suzuki", Role::Physician, PW).unwrap();
+    let e = f.staff.enroll_totp("dr.suzuki", "test").unwrap();
+    f.secrets
+        .push(("dr.suzuki".into(), e.secret_base32.to_string()));
+    let results = Arc::new(FakeResults::default());
+    results.results.lock().unwrap().insert(
+        "apt-1".into(),
+        results::AppointmentResults {
+            appointment_id: "apt-1".into(),
+            accession: Some("RB20270112000001".into()),
+            study_uids: vec!["1.2.392.200036.9116.2.1.1".into()],
+            images_announced: 50,
+            images_received: 48,
+            images_delivered: 40,
+            images_failed: 2,
+            complete: true,
+            report: Some(results::ReportState {
+                status: "final".into(),
+                issued: Some("2027-01-12T03:30:00Z".into()),
+                received: true,
+                delivered: true,
+            }),
+            updated: "2027-01-12T03:31:00Z".into(),
+        },
+    );
+    results.results.lock().unwrap().insert(
+        "apt-2".into(),
+        results::AppointmentResults {
+            appointment_id: "apt-2".into(),
+            accession: None,
+            study_uids: vec!["1.2.3.4".into()],
+            images_announced: 3,
+            images_received: 0,
+            images_delivered: 0,
+            images_failed: 0,
+            complete: false,
+            report: None,
+            updated: "2027-01-12T02:00:00Z".into(),
+        },
+    );
+    results.texts.lock().unwrap().insert(
+        "apt-1".into(),
+        results::ReportText {
+            status: "final".into(),
+            issued: Some("2027-01-12T03:30:00Z".into()),
+            text: vec![FINDINGS.into(), IMPRESSION.into()],
+            titles: vec!["所見 / Findings".into(), String::new()],
+        },
+    );
+    f.app = Kiosk::new(
+        Arc::clone(&f.staff),
+        Arc::clone(&f.audit),
+        Arc::new(FixedSlots(false)),
+        Arc::clone(&f.core) as Arc<dyn appointment::BookingBackend>,
+    )
+    .with_results(Arc::clone(&results) as Arc<dyn results::ResultsSource>)
+    .router();
+    ResultsFixture { f, results }
+}
+
+/// The extension of `resource` with the url `{EXTENSION_BASE}{name}`.
+fn ext<'a>(resource: &'a Value, name: &str) -> &'a Value {
+    let url = format!("{}{name}", results::EXTENSION_BASE);
+    resource["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["url"] == url.as_str())
+        .unwrap_or_else(|| panic!("extension {url} in {resource}"))
+}
+
+fn report_reads(audit: &AuditLog) -> Vec<gateway_audit::Record> {
+    audit
+        .records()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.action() == Action::PatientRecordRead)
+        .collect()
+}
+
+#[tokio::test]
+async fn imaging_study_shows_counts_and_report_state_without_its_text() {
+    let r = results_fixture();
+    let s = r.f.session("clerk.sato").await;
+    let (status, headers, b) =
+        r.f.get("/fhir/ImagingStudy?based-on=Appointment/apt-1", Some(&s))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{b}");
+    assert_eq!(headers[header::CONTENT_TYPE], "application/fhir+json");
+    assert_eq!(
+        (b["type"].as_str(), b["total"].as_u64()),
+        (Some("searchset"), Some(1))
+    );
+    let study = &b["entry"][0]["resource"];
+    assert_eq!(study["resourceType"], "ImagingStudy");
+    assert_eq!(study["status"], "available");
+    assert_eq!(
+        study["basedOn"],
+        json!([{"reference": "Appointment/apt-1"}])
+    );
+    assert_eq!(study["numberOfInstances"], 50);
+    assert_eq!(study["meta"]["lastUpdated"], "2027-01-12T03:31:00Z");
+    assert_eq!(study["identifier"][0]["type"]["coding"][0]["code"], "ACSN");
+    assert_eq!(study["identifier"][0]["value"], "RB20270112000001");
+    assert_eq!(
+        study["identifier"][1],
+        json!({"system": "urn:dicom:uid", "value": "urn:oid:1.2.392.200036.9116.2.1.1"})
+    );
+    assert_eq!(ext(study, "images-received")["valueUnsignedInt"], 48);
+    assert_eq!(ext(study, "images-delivered")["valueUnsignedInt"], 40);
+    assert_eq!(ext(study, "images-failed")["valueUnsignedInt"], 2);
+    assert_eq!(ext(study, "complete")["valueBoolean"], true);
+    let report = ext(study, "report");
+    let part = |name: &str| {
+        report["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["url"] == name)
+            .unwrap_or_else(|| panic!("{name} in {report}"))
+            .clone()
+    };
+    assert_eq!(part("status")["valueCode"], "final");
+    assert_eq!(part("issued")["valueDateTime"], "2027-01-12T03:30:00Z");
+    assert_eq!(part("received")["valueBoolean"], true);
+    assert_eq!(part("delivered")["valueBoolean"], true);
+    let text = b.to_string();
+    assert!(
+        !text.contains("ZZFINDING") && !text.contains("ZZIMPRESSION"),
+        "no report text in an ImagingStudy: {text}"
+    );
+
+    // Announced, nothing pulled yet: registered, zero received, no report extension.
+    let (_, _, b) =
+        r.f.get("/fhir/ImagingStudy?based-on=Appointment/apt-2", Some(&s))
+            .await;
+    let study = &b["entry"][0]["resource"];
+    assert_eq!(study["status"], "registered");
+    assert_eq!(study["numberOfInstances"], 3);
+    assert_eq!(ext(study, "images-received")["valueUnsignedInt"], 0);
+    assert_eq!(ext(study, "complete")["valueBoolean"], false);
+    assert!(
+        !study["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["url"].as_str().unwrap().ends_with("report"))
+    );
+    assert_eq!(
+        study["identifier"].as_array().unwrap().len(),
+        1,
+        "no accession"
+    );
+
+    // An appointment nothing came back for: an empty Bundle, not an error.
+    let (status, _, b) =
+        r.f.get("/fhir/ImagingStudy?based-on=Appointment/apt-9", Some(&s))
+            .await;
+    assert_eq!((status, b["total"].as_u64()), (StatusCode::OK, Some(0)));
+    assert_eq!(b["entry"], json!([]));
+
+    // Any staff role, but a session.
+    let admin = r.f.session("admin.ito").await;
+    let (status, _, _) =
+        r.f.get(
+            "/fhir/ImagingStudy?based-on=Appointment/apt-1",
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, b) =
+        r.f.get("/fhir/ImagingStudy?based-on=Appointment/apt-1", None)
+            .await;
+    assert_eq!(
+        (status, issue_code(&b)),
+        (StatusCode::UNAUTHORIZED, "login")
+    );
+}
+
+#[tokio::test]
+async fn a_physician_reads_the_report_a_clerk_and_an_admin_get_403_and_every_read_is_audited() {
+    let r = results_fixture();
+    let clerk = r.f.session("clerk.sato").await;
+    let (status, _, b) =
+        r.f.get(
+            "/fhir/DiagnosticReport?based-on=Appointment/apt-1",
+            Some(&clerk),
+        )
+        .await;
+    assert_eq!(
+        (status, issue_code(&b)),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    assert!(!b.to_string().contains("ZZFINDING"));
+    let admin = r.f.session("admin.ito").await;
+    let (status, _, _) =
+        r.f.get(
+            "/fhir/DiagnosticReport?based-on=Appointment/apt-1",
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let refused = report_reads(&r.f.audit);
+    assert_eq!(refused.len(), 2, "each refused read is on record");
+    for (rec, actor) in refused.iter().zip(["clerk.sato", "admin.ito"]) {
+        assert_eq!(
+            (rec.actor(), rec.outcome(), rec.subject()),
+            (actor, Outcome::Failure, Some("appointment:apt-1"))
+        );
+    }
+
+    let dr = r.f.session("dr.suzuki").await;
+    let (status, headers, b) =
+        r.f.get(
+            "/fhir/DiagnosticReport?based-on=Appointment/apt-1",
+            Some(&dr),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{b}");
+    assert_eq!(headers[header::CONTENT_TYPE], "application/fhir+json");
+    assert_eq!(b["total"], 1);
+    let report = &b["entry"][0]["resource"];
+    assert_eq!(report["resourceType"], "DiagnosticReport");
+    assert_eq!(report["status"], "final");
+    assert_eq!(report["issued"], "2027-01-12T03:30:00Z");
+    assert_eq!(
+        report["basedOn"],
+        json!([{"reference": "Appointment/apt-1"}])
+    );
+    assert_eq!(report["code"]["coding"][0]["code"], "18748-4");
+    let form = &report["presentedForm"][0];
+    assert_eq!(form["contentType"], "text/plain; charset=utf-8");
+    let plain = base64::engine::general_purpose::STANDARD
+        .decode(form["data"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(plain).unwrap(),
+        format!("所見 / Findings: {FINDINGS}\n{IMPRESSION}")
+    );
+    let lines: Vec<(&str, &str)> = report["contained"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["code"]["text"].as_str().unwrap(),
+                o["valueString"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        [("所見 / Findings", FINDINGS), ("", IMPRESSION)],
+        "the lines in order with their titles"
+    );
+    assert_eq!(
+        report["result"],
+        json!([{"reference": "#line-1"}, {"reference": "#line-2"}])
+    );
+
+    // The read is on record: who, an opaque subject, no content.
+    let reads = report_reads(&r.f.audit);
+    assert_eq!(reads.len(), 3);
+    let read = reads.last().unwrap();
+    assert_eq!(
+        (read.actor(), read.outcome(), read.subject()),
+        ("dr.suzuki", Outcome::Success, Some("appointment:apt-1"))
+    );
+    assert_eq!(details(&r.f.audit).last().unwrap(), "diagnostic-report");
+
+    // No report yet: an empty Bundle, and that read is on record too.
+    let (status, _, b) =
+        r.f.get(
+            "/fhir/DiagnosticReport?based-on=Appointment/apt-2",
+            Some(&dr),
+        )
+        .await;
+    assert_eq!((status, b["total"].as_u64()), (StatusCode::OK, Some(0)));
+    let reads = report_reads(&r.f.audit);
+    assert_eq!(reads.len(), 4);
+    assert_eq!(reads.last().unwrap().subject(), Some("appointment:apt-2"));
+    assert_eq!(details(&r.f.audit).last().unwrap(), "no-report");
+
+    let trail = std::fs::read_to_string(r.f._dir.path().join("audit/audit.jsonl")).unwrap();
+    for secret in [
+        "ZZFINDING",
+        "ZZIMPRESSION",
+        "肺野",
+        "Findings",
+        "ZZPID",
+        "ZZTEST",
+    ] {
+        assert!(!trail.contains(secret), "{secret} in the audit trail");
+    }
+}
+
+#[tokio::test]
+async fn results_searches_take_only_based_on_an_appointment() {
+    let r = results_fixture();
+    let dr = r.f.session("dr.suzuki").await;
+    for resource in ["ImagingStudy", "DiagnosticReport"] {
+        for query in [
+            "",
+            "?based-on=",
+            "?based-on=apt-1",
+            "?based-on=Patient/apt-1",
+            "?based-on=Appointment/",
+            "?based-on=Appointment/a%20b",
+            "?based-on=Appointment/%E5%B1%B1",
+            "?based-on=Appointment/apt-1/x",
+            "?based-on=Appointment/apt-1&based-on=Appointment/apt-2",
+            "?based-on=Appointment/apt-1&patient=ZZPID0001",
+            "?patient=ZZPID0001",
+            "?basedon=Appointment/apt-1",
+        ] {
+            let (status, _, b) =
+                r.f.get(&format!("/fhir/{resource}{query}"), Some(&dr))
+                    .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{resource}{query}: {b}");
+            let code = issue_code(&b);
+            assert!(code == "invalid" || code == "not-supported", "{code}");
+            assert!(
+                !b.to_string().contains("ZZPID"),
+                "the answer echoes no request content"
+            );
+        }
+        let long = format!("/fhir/{resource}?based-on=Appointment/{}", "x".repeat(65));
+        let (status, _, _) = r.f.get(&long, Some(&dr)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{long}");
+    }
+    // The bad searches of a physician read nothing: none is on record as a read.
+    assert!(report_reads(&r.f.audit).is_empty());
+}
+
+#[tokio::test]
+async fn an_unavailable_results_store_is_503_transient() {
+    let r = results_fixture();
+    r.results
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let dr = r.f.session("dr.suzuki").await;
+    for resource in ["ImagingStudy", "DiagnosticReport"] {
+        let (status, _, b) =
+            r.f.get(
+                &format!("/fhir/{resource}?based-on=Appointment/apt-1"),
+                Some(&dr),
+            )
+            .await;
+        assert_eq!(
+            (status, issue_code(&b)),
+            (StatusCode::SERVICE_UNAVAILABLE, "transient"),
+            "{resource}"
+        );
+    }
+    let reads = report_reads(&r.f.audit);
+    assert_eq!(reads.len(), 1);
+    assert_eq!(reads[0].outcome(), Outcome::Failure);
+    assert_eq!(details(&r.f.audit).last().unwrap(), "unavailable");
+}
+
+#[tokio::test]
+async fn without_a_results_store_every_search_is_an_empty_bundle() {
+    let f = fixture(false);
+    let s = f.session("clerk.sato").await;
+    let (status, _, b) = f
+        .get("/fhir/ImagingStudy?based-on=Appointment/apt-1", Some(&s))
+        .await;
+    assert_eq!(
+        (status, b["total"].as_u64()),
+        (StatusCode::OK, Some(0)),
+        "{b}"
+    );
+}
+
+/// A report is not answered when its read cannot be put on record: the audit log's lock is
+/// held by another process past the log's lock wait.
+#[tokio::test]
+async fn a_report_whose_read_cannot_be_audited_is_not_answered() {
+    let mut r = results_fixture();
+    let audit_dir = r.f._dir.path().join("audit");
+    let audit = Arc::new(
+        AuditLog::open(&audit_dir, AuditKey::derive(&[3; 32]))
+            .unwrap()
+            .with_lock_wait(std::time::Duration::from_millis(200)),
+    );
+    r.f.app = Kiosk::new(
+        Arc::clone(&r.f.staff),
+        Arc::clone(&audit),
+        Arc::new(FixedSlots(false)),
+        Arc::clone(&r.f.core) as Arc<dyn appointment::BookingBackend>,
+    )
+    .with_results(Arc::clone(&r.results) as Arc<dyn results::ResultsSource>)
+    .router();
+    let dr = r.f.session("dr.suzuki").await;
+    let held = gateway_durable::LockedFile::lock(
+        &audit_dir.join("head"),
+        &audit_dir.join("audit.lock"),
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let (status, _, b) =
+        r.f.get(
+            "/fhir/DiagnosticReport?based-on=Appointment/apt-1",
+            Some(&dr),
+        )
+        .await;
+    drop(held);
+    assert_eq!(
+        (status, issue_code(&b)),
+        (StatusCode::SERVICE_UNAVAILABLE, "transient")
+    );
+    assert!(!b.to_string().contains("ZZFINDING"), "{b}");
+    assert!(report_reads(&audit).is_empty());
+    // Once the trail can be written again the physician reads it.
+    let (status, _, b) =
+        r.f.get(
+            "/fhir/DiagnosticReport?based-on=Appointment/apt-1",
+            Some(&dr),
+        )
+        .await;
+    assert_eq!((status, b["total"].as_u64()), (StatusCode::OK, Some(1)));
+    assert_eq!(report_reads(&audit).len(), 1);
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_results_searches() {
+    let f = fixture(false);
+    let (_, _, doc) = f.get("/openapi.json", None).await;
+    for (path, statuses) in [
+        ("/fhir/ImagingStudy", &["200", "400", "401", "503"][..]),
+        (
+            "/fhir/DiagnosticReport",
+            &["200", "400", "401", "403", "503"][..],
+        ),
+    ] {
+        let get = &doc["paths"][path]["get"];
+        assert_eq!(get["parameters"][0]["name"], "based-on", "{path}");
+        assert_eq!(get["parameters"][0]["required"], true);
+        for status in statuses {
+            assert!(get["responses"].get(*status).is_some(), "{path} {status}");
+        }
+    }
+    let schemas = &doc["components"]["schemas"];
+    for name in ["ImagingStudy", "DiagnosticReport", "ReportStateExtension"] {
+        assert!(schemas.get(name).is_some(), "{name}");
+    }
+    assert_eq!(
+        schemas["ReportStateExtension"]["properties"]["url"]["const"],
+        format!("{}report", results::EXTENSION_BASE)
     );
 }
