@@ -297,11 +297,9 @@ async fn clinic_results(
     ),
     String,
 > {
-    let pull = gateway_uplink::pull::PullClient::new(
-        &source,
-        gateway_uplink::pull::PullLimits::default(),
-    )
-    .map_err(|e| format!("results.source: {e}"))?;
+    let pull =
+        gateway_uplink::pull::PullClient::new(&source, gateway_uplink::pull::PullLimits::default())
+            .map_err(|e| format!("results.source: {e}"))?;
     let image_destinations = results
         .deliver
         .iter()

@@ -79,10 +79,12 @@ pub fn routes(settings: &Settings) -> Vec<Route> {
     if let Some(r) = results {
         match settings.node.role {
             gateway_config::Role::Core => routes.extend(gateway_results::core_routes()),
-            gateway_config::Role::Clinic => routes.extend(r.deliver.iter().filter_map(|d| {
-                matches!(d, gateway_config::Deliver::Dicom { .. })
-                    .then(|| Route::new(d.name().as_str(), ObjectKind::Dicom).results_only())
-            })),
+            gateway_config::Role::Clinic => routes.extend(
+                r.deliver
+                    .iter()
+                    .filter(|d| matches!(d, gateway_config::Deliver::Dicom { .. }))
+                    .map(|d| Route::new(d.name().as_str(), ObjectKind::Dicom).results_only()),
+            ),
         }
     }
     routes

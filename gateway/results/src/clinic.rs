@@ -170,14 +170,15 @@ impl ClinicResults {
         let mut next_pull = tokio::time::Instant::now();
         loop {
             let due = self.pull_due();
-            tokio::select! {
+            let message = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
-                Some(message) = self.incoming.recv() => {
-                    self.on_incoming(message).await;
-                    continue;
-                }
-                () = tokio::time::sleep_until(next_pull), if due => {}
+                Some(message) = self.incoming.recv() => Some(message),
+                () = tokio::time::sleep_until(next_pull), if due => None,
                 () = tokio::time::sleep(Duration::from_secs(60)), if !due => continue,
+            };
+            if let Some(message) = message {
+                self.on_incoming(message).await;
+                continue;
             }
             let pulled = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -443,8 +444,8 @@ fn store_pieces(
     let mut head: Vec<u8> = Vec::new();
     let mut out = Vec::new();
     let put = |bytes: &[u8],
-                   ingest: &mut Option<gateway_spool::Ingest>,
-                   head: &mut Vec<u8>|
+               ingest: &mut Option<gateway_spool::Ingest>,
+               head: &mut Vec<u8>|
      -> Result<(), ResultsError> {
         if let Some(i) = ingest.as_mut() {
             return Ok(i.write(bytes)?);

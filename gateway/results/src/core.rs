@@ -156,11 +156,14 @@ impl CoreResults {
         let mut tick = tokio::time::interval(self.settings.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let ack = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
-                _ = wake.changed() => {}
-                _ = tick.tick() => {}
-                Some((clinic, ack)) = self.acks.recv() => self.on_ack(&clinic, ack).await,
+                _ = wake.changed() => None,
+                _ = tick.tick() => None,
+                Some(ack) = self.acks.recv() => Some(ack),
+            };
+            if let Some((clinic, ack)) = ack {
+                self.on_ack(&clinic, ack).await;
             }
             if let Err(e) = self.pass().await {
                 warn!(error = %e, "results (core): pass failed; retried");
@@ -279,8 +282,10 @@ impl CoreResults {
                         continue;
                     };
                     let t = self.tracked(a);
-                    if !t.reports.contains_key(&hex::encode(id)) {
-                        t.reports.insert(hex::encode(id), false);
+                    if let std::collections::btree_map::Entry::Vacant(e) =
+                        t.reports.entry(hex::encode(id))
+                    {
+                        e.insert(false);
                         changed = true;
                     }
                     if keys.is_final && !t.complete {
@@ -478,25 +483,14 @@ fn read_report(spool: &Spool, id: &ObjectId) -> Option<(String, String)> {
     Some((decoded.text, decoded.charset.name().to_owned()))
 }
 
-/// The match keys of an ORU^R01 (`None`: not a readable report).
+/// The match keys of an ORU^R01 (`None`: not a readable report, or no key to match by).
 fn report_keys(text: &str) -> Option<ReportKeys> {
     let message = gateway_hl7::parse::parse(text).ok()?;
-    let Ok(Some(gateway_hl7::record::Clinical::Reports { reports, .. })) =
-        gateway_hl7::record::extract(&message)
-    else {
-        return None;
-    };
-    let mut keys = ReportKeys::default();
-    for r in reports {
-        for acc in [r.accession_number, r.filler_order_number] {
-            if !acc.is_empty() {
-                keys.accessions.push(acc);
-            }
-        }
-        if !r.placer_order_number.is_empty() {
-            keys.placers.push(r.placer_order_number);
-        }
-        keys.is_final |= r.result_status == "F";
-    }
-    Some(keys)
+    let keys = gateway_hl7::reconcile::result_keys(&message);
+    let matchable = !keys.accession_numbers.is_empty() || !keys.placer_order_numbers.is_empty();
+    matchable.then_some(ReportKeys {
+        accessions: keys.accession_numbers,
+        placers: keys.placer_order_numbers,
+        is_final: keys.final_result,
+    })
 }
