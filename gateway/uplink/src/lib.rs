@@ -37,6 +37,7 @@
 #![deny(clippy::indexing_slicing, clippy::string_slice)]
 #![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
+pub mod deliver;
 pub mod mllp;
 pub mod multipart;
 mod pace;
@@ -56,6 +57,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+pub use crate::deliver::{DeliverSettings, DimseDeliveryService};
 use crate::stow::{InstanceResult, Part, StowError};
 
 /// Settings of one destination, built by `gatewayd` from `[[uplink]]`.
