@@ -206,10 +206,7 @@ impl DimseDeliveryService {
                 continue;
             }
             match self.deliver(batch, &shutdown, &paused).await {
-                Round::Progress => {
-                    backoff = self.settings.backoff_initial;
-                    self.spool.set_destination_error(&name, None);
-                }
+                Round::Progress => backoff = self.settings.backoff_initial,
                 Round::Stopped => break,
                 Round::Backoff(reason) => {
                     self.close().await;
@@ -320,7 +317,7 @@ impl DimseDeliveryService {
                             }
                             return Round::Progress;
                         }
-                        Err(e) => return Round::Backoff(e.to_string()),
+                        Err(e) => return self.retry(&item, e),
                     }
                 }
             };
@@ -343,24 +340,30 @@ impl DimseDeliveryService {
                     next = Some(item);
                     continue;
                 }
-                Err(e) => {
-                    self.metrics.count(
-                        &self.settings.name,
-                        "retry",
-                        1,
-                        item.object.data_set().len() as u64,
-                    );
-                    return Round::Backoff(e.to_string());
-                }
+                Err(e) => return self.retry(&item, e),
             }
             next = items.next();
         }
         Round::Progress
     }
 
+    /// The object in hand could not be delivered now: it stays queued, the destination
+    /// is failing.
+    fn retry(&self, item: &Item, error: ScuError) -> Round {
+        self.metrics.count(
+            &self.settings.name,
+            "retry",
+            1,
+            item.object.data_set().len() as u64,
+        );
+        Round::Backoff(error.to_string())
+    }
+
     /// The PACS stored the object: it leaves the queue.
     async fn delivered(&self, item: &Item) {
         let name = &self.settings.name;
+        // The PACS works again: `spool status` stops showing the last failure.
+        self.spool.set_destination_error(name, None);
         self.metrics
             .count(name, "sent", 1, item.object.data_set().len() as u64);
         if let Err(e) = self.mark(item.id, None).await {
@@ -372,6 +375,7 @@ impl DimseDeliveryService {
     /// The PACS refused the object for good: dead letter with the reason.
     async fn dead_letter(&self, item: &Item, error: &ScuError) {
         let name = &self.settings.name;
+        self.spool.set_destination_error(name, None);
         warn!(destination = %name, object = %item.id.to_hex(), reason = %error, "PACS refused the object: dead letter");
         self.metrics
             .count(name, "failed", 1, item.object.data_set().len() as u64);

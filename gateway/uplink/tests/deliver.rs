@@ -13,12 +13,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeSet;
+
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_object::InMemDicomObject;
 use gateway_dicom::{ScuSettings, ScuTarget, part10};
 use gateway_keystore::{KEY_LEN, MasterKey};
 use gateway_spool::{
-    Committed, DestinationCounts, Limits, ObjectId, ObjectKind, ObjectMeta, Route, Spool,
+    Committed, DeliveryState, DestinationCounts, Limits, ObjectId, ObjectKind, ObjectMeta, Route,
+    Spool,
 };
 use gateway_uplink::{DeliverSettings, DimseDeliveryService, Metrics};
 use tokio::sync::watch;
@@ -28,6 +31,8 @@ const MR: &str = "1.2.840.10008.5.1.4.1.1.4";
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const STUDY: &str = "1.2.826.0.1.3680043.8.498.900";
 const DEST: &str = "pacs";
+/// A SOP class no storage SCP knows (a UID under the dicomlab test root).
+const UNKNOWN_CLASS: &str = "1.2.826.0.1.3680043.8.498.77";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -110,6 +115,28 @@ impl Fixture {
         self.spool.status().unwrap().by_destination[DEST].clone()
     }
 
+    /// The state of one object towards `pacs`.
+    fn state(&self, id: &ObjectId) -> DeliveryState {
+        let (record, _) = self.spool.read(id).unwrap();
+        record
+            .destinations
+            .into_iter()
+            .find(|d| d.name == DEST)
+            .unwrap()
+            .state
+    }
+
+    /// Stores `n` small CT objects of test `test`; returns their UIDs.
+    fn store_cts(&self, test: u32, range: std::ops::Range<u32>) -> BTreeSet<String> {
+        range
+            .map(|i| {
+                let u = uid(test, i);
+                self.store(CT, &u, &part10_file(CT, &u, &u, 4_000));
+                u
+            })
+            .collect()
+    }
+
     /// Waits (up to `within`) until `done` holds for the destination's counts.
     async fn wait_for(
         &self,
@@ -137,10 +164,16 @@ struct Running {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     metrics: Metrics,
+    registry: prometheus_client::registry::Registry,
 }
 
 impl Running {
     fn start(spool: &Spool, port: u16) -> Self {
+        Self::start_with(spool, port, |_| {})
+    }
+
+    /// The test's quick timeouts and backoff, then `adjust`.
+    fn start_with(spool: &Spool, port: u16, adjust: impl FnOnce(&mut DeliverSettings)) -> Self {
         let mut settings = DeliverSettings::new(
             DEST.into(),
             ScuTarget {
@@ -160,7 +193,9 @@ impl Running {
         settings.backoff_max = Duration::from_millis(400);
         settings.batch = 8;
         settings.idle_release = Duration::from_millis(500);
-        let metrics = Metrics::default();
+        adjust(&mut settings);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
         let (stop, stopped) = watch::channel(false);
         let service = DimseDeliveryService::new(settings, spool.clone(), metrics.clone());
         let task = tokio::spawn(service.run(stopped));
@@ -168,6 +203,7 @@ impl Running {
             stop,
             task,
             metrics,
+            registry,
         }
     }
 
@@ -307,4 +343,214 @@ async fn every_object_arrives_once_unchanged_and_is_marked_sent() {
     assert_eq!(received.len(), 21);
     assert!(received.values().all(|(copies, _)| *copies == 1));
     assert!(received[&late].1 == data_set(&file));
+}
+
+/// `gateway_uplink_sent_total{destination="pacs",result}` as `/metrics` shows it.
+fn metric(metrics: &prometheus_client::registry::Registry, result: &str) -> u64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, metrics).unwrap();
+    let series =
+        format!("gateway_uplink_sent_total{{destination=\"{DEST}\",result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+fn uids(received: &BTreeMap<String, (usize, Vec<u8>)>) -> BTreeSet<String> {
+    received.keys().cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pacs_down_at_start_keeps_objects_queued_then_delivers_them() {
+    let fx = Fixture::new();
+    let expected = fx.store_cts(2, 0..6);
+    // Nothing listens on this port yet.
+    let port = free_port();
+    let service = Running::start(&fx.spool, port);
+    fx.wait_for(Duration::from_secs(10), "a connection error", |c| {
+        c.last_error.is_some()
+    })
+    .await;
+    // Several attempts, each backing off, none losing anything.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let counts = fx.counts();
+    assert_eq!((counts.queued, counts.sent, counts.failed), (6, 0, 0));
+    let reason = counts.last_error.unwrap();
+    assert!(
+        reason.contains(&format!("PACS@127.0.0.1:{port}")) && reason.contains("connect"),
+        "{reason}"
+    );
+    let retries = metric(&service.registry, "retry");
+    assert!(
+        retries >= 3,
+        "only {retries} attempts in 1.5 s of 100..400 ms backoff"
+    );
+    assert!(retries <= 40, "{retries} attempts: no backoff");
+
+    // The PACS comes up: the same service delivers, without a restart.
+    let out = tempfile::tempdir().unwrap();
+    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    fx.wait_for(Duration::from_secs(20), "6 sent", |c| c.sent == 6)
+        .await;
+    assert_eq!(
+        fx.counts().last_error,
+        None,
+        "the reason clears once it works"
+    );
+    assert_eq!(uids(&pacs.received()), expected);
+    assert!(pacs.received().values().all(|(copies, _)| *copies == 1));
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_objects_are_dead_letters_and_the_rest_is_delivered() {
+    let fx = Fixture::new();
+    let out = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Not bit-preserving: storescp checks the data set against the request (A900).
+    let pacs = StoreScp::start(port, out.path(), &[]);
+    let mut expected = fx.store_cts(3, 0..3);
+    let unknown_uid = uid(3, 50);
+    let unknown = fx.store(
+        UNKNOWN_CLASS,
+        &unknown_uid,
+        &part10_file(UNKNOWN_CLASS, &unknown_uid, &unknown_uid, 100),
+    );
+    // The file meta group (and so the C-STORE-RQ) names one instance, the data set another.
+    let mismatched_uid = uid(3, 51);
+    let mismatched = fx.store(
+        CT,
+        &mismatched_uid,
+        &part10_file(CT, &mismatched_uid, &uid(3, 52), 100),
+    );
+    expected.extend(fx.store_cts(3, 3..6));
+    let service = Running::start(&fx.spool, port);
+    fx.wait_for(Duration::from_secs(20), "6 sent, 2 dead letters", |c| {
+        c.sent == 6 && c.failed == 2
+    })
+    .await;
+    let DeliveryState::Failed { reason } = fx.state(&unknown) else {
+        panic!("{:?}", fx.state(&unknown))
+    };
+    assert!(
+        reason.contains("did not accept SOP class 1.2.826.0.1.3680043.8.498.77"),
+        "{reason}"
+    );
+    let DeliveryState::Failed { reason } = fx.state(&mismatched) else {
+        panic!("{:?}", fx.state(&mismatched))
+    };
+    assert!(reason.contains("status A900"), "{reason}");
+    // Reasons name codes and standard UIDs, never the instance.
+    assert!(!reason.contains(&mismatched_uid) && !reason.contains("ZZTEST"));
+
+    // An association whose every context is refused: dead letter too.
+    let alone_uid = uid(3, 60);
+    let alone = fx.store(
+        UNKNOWN_CLASS,
+        &alone_uid,
+        &part10_file(UNKNOWN_CLASS, &alone_uid, &alone_uid, 100),
+    );
+    fx.wait_for(Duration::from_secs(20), "3 dead letters", |c| c.failed == 3)
+        .await;
+    assert!(matches!(
+        fx.state(&alone),
+        DeliveryState::Failed { reason } if reason.contains(UNKNOWN_CLASS)
+    ));
+    let counts = fx.counts();
+    assert_eq!(
+        (counts.queued, counts.sent, counts.last_error),
+        (0, 6, None)
+    );
+    assert_eq!(metric(&service.registry, "failed"), 3);
+    assert_eq!(metric(&service.registry, "retry"), 0);
+    service.stop().await;
+    // storescp writes the file before it checks it, and keeps the one it answered A900.
+    expected.insert(uid(3, 52));
+    assert_eq!(uids(&pacs.received()), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_resources_keeps_the_object_queued_and_retries() {
+    let fx = Fixture::new();
+    let base = tempfile::tempdir().unwrap();
+    let out = base.path().join("store");
+    let port = free_port();
+    let pacs = StoreScp::start(port, &out, &[]);
+    // storescp answers A700 (out of resources) when it cannot write the file.
+    std::fs::remove_dir(&out).unwrap();
+    let expected = fx.store_cts(4, 0..3);
+    let service = Running::start(&fx.spool, port);
+    fx.wait_for(Duration::from_secs(10), "an A700", |c| {
+        c.last_error.as_deref().is_some_and(|e| e.contains("A700"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let counts = fx.counts();
+    assert_eq!((counts.queued, counts.sent, counts.failed), (3, 0, 0));
+    assert!(metric(&service.registry, "retry") >= 2, "retried");
+
+    std::fs::create_dir(&out).unwrap();
+    fx.wait_for(Duration::from_secs(20), "3 sent", |c| c.sent == 3)
+        .await;
+    assert_eq!(fx.counts().last_error, None);
+    assert_eq!(uids(&pacs.received()), expected);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_queue_finishes_the_object_in_hand_and_stops() {
+    let fx = Fixture::new();
+    let out = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Each C-STORE takes a second at this PACS.
+    let pacs = StoreScp::start(port, out.path(), &["+B", "--sleep-after", "1"]);
+    let expected = fx.store_cts(5, 0..10);
+    let service = Running::start(&fx.spool, port);
+    fx.wait_for(Duration::from_secs(20), "2 sent", |c| c.sent >= 2)
+        .await;
+    let took = service.stop().await;
+    // The object in hand (1 s at this PACS) and the release, no more.
+    assert!(took < Duration::from_secs(4), "stop took {took:?}");
+    let counts = fx.counts();
+    assert!(counts.queued > 0, "stopped mid-queue: {counts:?}");
+    assert_eq!(counts.sent + counts.queued, 10);
+    // Everything marked sent is at the PACS; nothing at the PACS is still queued.
+    let received = pacs.received();
+    assert_eq!(received.len() as u64, counts.sent, "{counts:?}");
+
+    // A new service delivers the rest, each object once.
+    let service = Running::start(&fx.spool, port);
+    fx.wait_for(Duration::from_secs(30), "10 sent", |c| c.sent == 10)
+        .await;
+    service.stop().await;
+    let received = pacs.received();
+    assert_eq!(uids(&received), expected);
+    assert!(received.values().all(|(copies, _)| *copies == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn association_dropped_while_idle_is_reopened_without_backoff() {
+    let fx = Fixture::new();
+    let out = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let mut expected = fx.store_cts(6, 0..2);
+    // The association stays open long after the queue is empty.
+    let service = Running::start_with(&fx.spool, port, |s| {
+        s.idle_release = Duration::from_secs(60);
+        s.backoff_initial = Duration::from_secs(30);
+        s.backoff_max = Duration::from_secs(30);
+    });
+    fx.wait_for(Duration::from_secs(20), "2 sent", |c| c.sent == 2)
+        .await;
+    // The PACS restarts: the kept-open association is gone.
+    drop(pacs);
+    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    expected.extend(fx.store_cts(6, 2..4));
+    // Well within the 30 s backoff: it reconnected at once.
+    fx.wait_for(Duration::from_secs(10), "4 sent", |c| c.sent == 4)
+        .await;
+    assert_eq!(metric(&service.registry, "retry"), 0);
+    service.stop().await;
+    assert_eq!(uids(&pacs.received()), expected);
 }
