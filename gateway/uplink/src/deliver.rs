@@ -55,7 +55,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::{Metrics, RecordError, jitter, wait_unpaused};
+use crate::{
+    Backoff, Idle, Metrics, hold_while_paused, record, sleep_unless_shutdown, wait_for_work,
+};
 
 /// Most objects one batch holds, whatever `batch` says (an association carries at most
 /// 128 presentation contexts; one object needs at most one).
@@ -164,59 +166,44 @@ impl DimseDeliveryService {
         let name = self.settings.name.clone();
         info!(destination = %name, peer = %self.settings.target.peer(), "C-STORE delivery started");
         let mut wake = self.spool.subscribe();
-        let mut backoff = self.settings.backoff_initial;
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let mut paused = self.paused.clone();
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
+        while !*shutdown.borrow() {
             if *paused.borrow() {
-                info!(destination = %name, "C-STORE delivery paused: the gateway is disabled");
                 self.close().await;
-                if !wait_unpaused(&mut paused, &mut shutdown).await {
-                    break;
+                if hold_while_paused("C-STORE delivery", &name, &mut paused, &mut shutdown).await {
+                    continue;
                 }
-                info!(destination = %name, "C-STORE delivery resumed");
-                continue;
+                break;
             }
             // Seen before the queue is read: an object committed after the read wakes us.
             wake.borrow_and_update();
-            let batch = match self.next_batch().await {
-                Ok(batch) => batch,
-                Err(e) => {
-                    warn!(destination = %name, error = %e, "cannot read queued objects");
-                    Vec::new()
-                }
-            };
+            let batch = self.next_batch().await.unwrap_or_else(|e| {
+                warn!(destination = %name, error = %e, "cannot read queued objects");
+                Vec::new()
+            });
             if batch.is_empty() {
-                let idle = if self.open.is_some() {
-                    self.settings.idle_release
-                } else {
-                    Duration::from_secs(30)
+                // An open association is kept for `idle_release`, then released.
+                let wait = match self.open {
+                    Some(_) => self.settings.idle_release,
+                    None => Duration::from_secs(30),
                 };
-                let woken = tokio::select! {
-                    _ = shutdown.wait_for(|s| *s) => break,
-                    _ = wake.changed() => true,
-                    Ok(_) = paused.wait_for(|p| *p) => true,
-                    () = tokio::time::sleep(idle) => false,
-                };
-                if !woken {
-                    self.close().await;
+                match wait_for_work(&mut wake, &mut paused, &mut shutdown, wait).await {
+                    Idle::Shutdown => break,
+                    Idle::Woken => {}
+                    Idle::Quiet => self.close().await,
                 }
                 continue;
             }
             match self.deliver(batch, &shutdown, &paused).await {
-                Round::Progress => backoff = self.settings.backoff_initial,
+                Round::Progress => backoff.reset(),
                 Round::Stopped => break,
                 Round::Backoff(reason) => {
                     self.close().await;
-                    warn!(destination = %name, reason, retry_in = ?backoff, "delivery failed; will retry");
+                    warn!(destination = %name, reason, retry_in = ?backoff.step(), "delivery failed; will retry");
                     self.spool.set_destination_error(&name, Some(reason));
-                    let wait = jitter(backoff);
-                    backoff = backoff.saturating_mul(2).min(self.settings.backoff_max);
-                    tokio::select! {
-                        _ = shutdown.wait_for(|s| *s) => break,
-                        () = tokio::time::sleep(wait) => {}
+                    if !sleep_unless_shutdown(backoff.failed(), &mut shutdown).await {
+                        break;
                     }
                 }
             }
@@ -366,7 +353,7 @@ impl DimseDeliveryService {
         self.spool.set_destination_error(name, None);
         self.metrics
             .count(name, "sent", 1, item.object.data_set().len() as u64);
-        if let Err(e) = self.mark(item.id, None).await {
+        if let Err(e) = record(&self.spool, name, item.id, None).await {
             // Still queued: it is sent again, which the PACS takes as the same instance.
             warn!(destination = %name, object = %item.id.to_hex(), error = %e, "cannot record delivery state");
         }
@@ -379,20 +366,9 @@ impl DimseDeliveryService {
         warn!(destination = %name, object = %item.id.to_hex(), reason = %error, "PACS refused the object: dead letter");
         self.metrics
             .count(name, "failed", 1, item.object.data_set().len() as u64);
-        if let Err(e) = self.mark(item.id, Some(error.to_string())).await {
+        if let Err(e) = record(&self.spool, name, item.id, Some(error.to_string())).await {
             warn!(destination = %name, object = %item.id.to_hex(), error = %e, "cannot record delivery state");
         }
-    }
-
-    async fn mark(&self, id: ObjectId, failure: Option<String>) -> Result<(), RecordError> {
-        let spool = self.spool.clone();
-        let name = self.settings.name.clone();
-        tokio::task::spawn_blocking(move || match failure {
-            None => spool.mark_sent(&id, &name),
-            Some(reason) => spool.mark_failed(&id, &name, &reason),
-        })
-        .await??;
-        Ok(())
     }
 
     /// Releases the open association (an unusable one is just dropped).

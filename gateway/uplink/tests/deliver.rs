@@ -34,12 +34,10 @@ const DEST: &str = "pacs";
 /// A SOP class no storage SCP knows (a UID under the dicomlab test root).
 const UNKNOWN_CLASS: &str = "1.2.826.0.1.3680043.8.498.77";
 
+/// A port on 127.0.0.1 that nothing listens on (bound by the OS, then let go).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    listener.local_addr().unwrap().port()
 }
 
 /// A Part 10 file: the tree's file meta group, then an Explicit VR LE data set whose SOP
