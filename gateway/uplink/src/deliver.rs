@@ -300,7 +300,9 @@ impl DimseDeliveryService {
                                     sop_class_uid: context.sop_class_uid,
                                     transfer_syntax_uid: context.transfer_syntax_uid,
                                 };
-                                self.dead_letter(&item, &refused).await;
+                                if let Err(reason) = self.settle(&item, Some(&refused)).await {
+                                    return Round::Backoff(reason);
+                                }
                             }
                             return Round::Progress;
                         }
@@ -308,17 +310,17 @@ impl DimseDeliveryService {
                     }
                 }
             };
-            match open.association.store(&item.object).await {
+            let settled = match open.association.store(&item.object).await {
                 Ok(outcome) => {
                     unproven = false;
                     if let StoreOutcome::Warning { status } = outcome {
                         debug!(destination = %self.settings.name, object = %item.id.to_hex(), status = format!("{status:04X}"), "stored with a warning");
                     }
-                    self.delivered(&item).await;
+                    self.settle(&item, None).await
                 }
                 Err(e) if !e.retryable() => {
                     unproven = false;
-                    self.dead_letter(&item, &e).await;
+                    self.settle(&item, Some(&e)).await
                 }
                 Err(e) if unproven && !open.association.is_usable() => {
                     debug!(destination = %self.settings.name, error = %e, "kept-open association is gone: reconnecting");
@@ -328,6 +330,9 @@ impl DimseDeliveryService {
                     continue;
                 }
                 Err(e) => return self.retry(&item, e),
+            };
+            if let Err(reason) = settled {
+                return Round::Backoff(reason);
             }
             next = items.next();
         }
@@ -346,29 +351,34 @@ impl DimseDeliveryService {
         Round::Backoff(error.to_string())
     }
 
-    /// The PACS stored the object: it leaves the queue.
-    async fn delivered(&self, item: &Item) {
+    /// Records what the PACS said about an object: `None` stored (it leaves the queue),
+    /// `Some(refusal)` refused for good (dead letter with the reason). `Err` with the
+    /// reason for `spool status` when the spool cannot record it: the object stays queued
+    /// and the destination backs off rather than resending it at once.
+    async fn settle(&self, item: &Item, refusal: Option<&ScuError>) -> Result<(), String> {
         let name = &self.settings.name;
-        // The PACS works again: `spool status` stops showing the last failure.
+        let object = item.id.to_hex();
+        // The PACS answers: `spool status` stops showing the last failure.
         self.spool.set_destination_error(name, None);
-        self.metrics
-            .count(name, "sent", 1, item.object.data_set().len() as u64);
-        if let Err(e) = record(&self.spool, name, item.id, None).await {
-            // Still queued: it is sent again, which the PACS takes as the same instance.
-            warn!(destination = %name, object = %item.id.to_hex(), error = %e, "cannot record delivery state");
-        }
-    }
-
-    /// The PACS refused the object for good: dead letter with the reason.
-    async fn dead_letter(&self, item: &Item, error: &ScuError) {
-        let name = &self.settings.name;
-        self.spool.set_destination_error(name, None);
-        warn!(destination = %name, object = %item.id.to_hex(), reason = %error, "PACS refused the object: dead letter");
-        self.metrics
-            .count(name, "failed", 1, item.object.data_set().len() as u64);
-        if let Err(e) = record(&self.spool, name, item.id, Some(error.to_string())).await {
-            warn!(destination = %name, object = %item.id.to_hex(), error = %e, "cannot record delivery state");
-        }
+        let size = item.object.data_set().len() as u64;
+        let reason = match refusal {
+            None => {
+                self.metrics.count(name, "sent", 1, size);
+                None
+            }
+            Some(error) => {
+                warn!(destination = %name, object, reason = %error, "PACS refused the object: dead letter");
+                self.metrics.count(name, "failed", 1, size);
+                Some(error.to_string())
+            }
+        };
+        record(&self.spool, name, item.id, reason)
+            .await
+            .map_err(|e| {
+                // Still queued: sent again later, which the PACS takes as the same instance.
+                warn!(destination = %name, object, error = %e, "cannot record delivery state");
+                format!("cannot record the delivery state in the spool: {e}")
+            })
     }
 
     /// Releases the open association (an unusable one is just dropped).

@@ -160,6 +160,8 @@ impl Fixture {
 /// A running delivery service and the switch that stops it.
 struct Running {
     stop: watch::Sender<bool>,
+    /// The gateway's disabled flag as the service sees it.
+    pause: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     metrics: Metrics,
     registry: prometheus_client::registry::Registry,
@@ -195,10 +197,13 @@ impl Running {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::register(&mut registry);
         let (stop, stopped) = watch::channel(false);
-        let service = DimseDeliveryService::new(settings, spool.clone(), metrics.clone());
+        let (pause, paused) = watch::channel(false);
+        let service =
+            DimseDeliveryService::new(settings, spool.clone(), metrics.clone()).with_paused(paused);
         let task = tokio::spawn(service.run(stopped));
         Self {
             stop,
+            pause,
             task,
             metrics,
             registry,
@@ -549,6 +554,71 @@ async fn association_dropped_while_idle_is_reopened_without_backoff() {
     fx.wait_for(Duration::from_secs(10), "4 sent", |c| c.sent == 4)
         .await;
     assert_eq!(metric(&service.registry, "retry"), 0);
+    service.stop().await;
+    assert_eq!(uids(&pacs.received()), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_before_the_response_leaves_the_object_queued() {
+    let fx = Fixture::new();
+    let out = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // This PACS takes the C-STORE-RQ and aborts instead of answering.
+    let aborting = StoreScp::start(port, out.path(), &["--abort-after"]);
+    let expected = fx.store_cts(7, 0..3);
+    let service = Running::start(&fx.spool, port);
+    fx.wait_for(Duration::from_secs(10), "an abort", |c| {
+        c.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("aborted"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let counts = fx.counts();
+    // No C-STORE-RSP, no mark: nothing counts as delivered.
+    assert_eq!((counts.queued, counts.sent, counts.failed), (3, 0, 0));
+    assert!(metric(&service.registry, "retry") >= 2);
+    assert_eq!(metric(&service.registry, "sent"), 0);
+
+    drop(aborting);
+    let out = tempfile::tempdir().unwrap();
+    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    fx.wait_for(Duration::from_secs(20), "3 sent", |c| c.sent == 3)
+        .await;
+    service.stop().await;
+    assert_eq!(uids(&pacs.received()), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_gateway_sends_nothing_until_enabled() {
+    let fx = Fixture::new();
+    let out = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Each C-STORE takes a second at this PACS.
+    let pacs = StoreScp::start(port, out.path(), &["+B", "--sleep-after", "1"]);
+    let service = Running::start(&fx.spool, port);
+    service.pause.send(true).unwrap();
+    let expected = fx.store_cts(8, 0..4);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fx.counts().queued, 4);
+    assert!(pacs.received().is_empty(), "sent while disabled");
+
+    // Enabled: delivery starts; disabled again mid-queue: the object in hand is finished
+    // and nothing more goes.
+    service.pause.send(false).unwrap();
+    fx.wait_for(Duration::from_secs(10), "1 sent", |c| c.sent >= 1)
+        .await;
+    service.pause.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = fx.counts();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fx.counts().sent, held.sent, "still sending while disabled");
+    assert!(held.queued > 0, "{held:?}");
+    assert_eq!(pacs.received().len() as u64, held.sent);
+
+    service.pause.send(false).unwrap();
+    fx.wait_for(Duration::from_secs(20), "4 sent", |c| c.sent == 4)
+        .await;
     service.stop().await;
     assert_eq!(uids(&pacs.received()), expected);
 }
