@@ -11,7 +11,8 @@
 //!
 //! Module map: [`stow`] (body, response and [`stow::StowError`]), `pace` (bandwidth limit),
 //! [`mllp`] (HL7 v2 forwarding over MLLP/TLS for `kind = "mllp-tls"` destinations, and
-//! [`mllp::MllpError`]), [`pull`] (the other direction: a study listed by QIDO-RS and
+//! [`mllp::MllpError`]), [`deliver`] (results to the clinic PACS by C-STORE, one
+//! [`DimseDeliveryService`] per `[[results.deliver]]` kind = "dicom"), [`pull`] (the other direction: a study listed by QIDO-RS and
 //! retrieved by WADO-RS from a destination's archive, [`pull::PullClient`]) and
 //! [`multipart`] (the streaming `multipart/related` parser of WADO-RS responses).
 //!
@@ -37,6 +38,7 @@
 #![deny(clippy::indexing_slicing, clippy::string_slice)]
 #![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
+pub mod deliver;
 pub mod mllp;
 pub mod multipart;
 mod pace;
@@ -56,6 +58,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+pub use crate::deliver::{DeliverSettings, DimseDeliveryService};
 use crate::stow::{InstanceResult, Part, StowError};
 
 /// Settings of one destination, built by `gatewayd` from `[[uplink]]`.
@@ -232,7 +235,7 @@ impl UplinkService {
         let name = self.settings.name.clone();
         info!(destination = %name, "uplink started");
         let mut wake = self.spool.subscribe();
-        let mut backoff = self.settings.backoff_initial;
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let mut resume_at: Option<Instant> = None;
         let mut inflight: JoinSet<Posted> = JoinSet::new();
         let mut busy: HashSet<ObjectId> = HashSet::new();
@@ -243,11 +246,9 @@ impl UplinkService {
                 break;
             }
             if inflight.is_empty() && *paused.borrow() {
-                info!(destination = %name, "uplink paused: the gateway is disabled");
-                if !wait_unpaused(&mut paused, &mut shutdown).await {
+                if !hold_while_paused("uplink", &name, &mut paused, &mut shutdown).await {
                     break;
                 }
-                info!(destination = %name, "uplink resumed");
                 continue;
             }
             // Fill the request slots with the next batches, unless backing off or paused.
@@ -302,7 +303,7 @@ impl UplinkService {
             }
             match self.settle(batch, outcome).await {
                 Round::Progress => {
-                    backoff = self.settings.backoff_initial;
+                    backoff.reset();
                     let held = (!self.deferred.is_empty()).then(|| {
                         format!(
                             "{} object(s) held back: the archive answered without confirming them",
@@ -312,10 +313,9 @@ impl UplinkService {
                     self.spool.set_destination_error(&name, held);
                 }
                 Round::Backoff { reason, at_least } => {
-                    warn!(destination = %name, reason, retry_in = ?backoff, "upload failed; will retry");
+                    warn!(destination = %name, reason, retry_in = ?backoff.step(), "upload failed; will retry");
                     self.spool.set_destination_error(&name, Some(reason));
-                    let wait = jitter(backoff).max(at_least.unwrap_or_default());
-                    backoff = backoff.saturating_mul(2).min(self.settings.backoff_max);
+                    let wait = backoff.failed().max(at_least.unwrap_or_default());
                     resume_at = Some(Instant::now() + wait);
                 }
             }
@@ -549,9 +549,7 @@ impl UplinkService {
     }
 
     async fn mark_failed(&self, id: ObjectId, reason: String) -> Result<(), RecordError> {
-        let spool = self.spool.clone();
-        let name = self.settings.name.clone();
-        Ok(tokio::task::spawn_blocking(move || spool.mark_failed(&id, &name, &reason)).await??)
+        record(&self.spool, &self.settings.name, id, Some(reason)).await
     }
 }
 
@@ -664,6 +662,114 @@ pub(crate) fn jitter(d: Duration) -> Duration {
     };
     let factor = 0.8 + 0.4 * f64::from(r) / f64::from(u16::MAX);
     d.mul_f64(factor)
+}
+
+/// The exponential backoff of a failing destination, shared by the delivery loops: each
+/// failure waits the current step with jitter and doubles the next (up to `max`); a
+/// success starts again at `initial`.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    initial: Duration,
+    max: Duration,
+    step: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            step: initial,
+        }
+    }
+
+    /// The destination works: the next failure waits `initial` again.
+    pub(crate) fn reset(&mut self) {
+        self.step = self.initial;
+    }
+
+    /// The step the next failure waits (before jitter), for logs.
+    pub(crate) fn step(&self) -> Duration {
+        self.step
+    }
+
+    /// A failure: the wait before the next attempt (the step with jitter); the step doubles.
+    pub(crate) fn failed(&mut self) -> Duration {
+        let wait = jitter(self.step);
+        self.step = self.step.saturating_mul(2).min(self.max);
+        wait
+    }
+}
+
+/// Records what became of a queued object on a blocking thread: `None` sent (the
+/// destination confirmed it), `Some(reason)` dead letter.
+pub(crate) async fn record(
+    spool: &Spool,
+    destination: &str,
+    id: ObjectId,
+    failure: Option<String>,
+) -> Result<(), RecordError> {
+    let spool = spool.clone();
+    let destination = destination.to_string();
+    tokio::task::spawn_blocking(move || match failure {
+        None => spool.mark_sent(&id, &destination),
+        Some(reason) => spool.mark_failed(&id, &destination, &reason),
+    })
+    .await??;
+    Ok(())
+}
+
+/// How a delivery loop's wait for work ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Idle {
+    /// `shutdown` turned true.
+    Shutdown,
+    /// Something was committed to the spool, or the gateway was disabled: look again.
+    Woken,
+    /// Nothing happened within the wait.
+    Quiet,
+}
+
+/// Waits for a commit to the spool (`wake`), a pause, `shutdown` or the end of `wait`.
+pub(crate) async fn wait_for_work(
+    wake: &mut watch::Receiver<u64>,
+    paused: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+    wait: Duration,
+) -> Idle {
+    tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => Idle::Shutdown,
+        _ = wake.changed() => Idle::Woken,
+        Ok(_) = paused.wait_for(|p| *p) => Idle::Woken,
+        () = tokio::time::sleep(wait) => Idle::Quiet,
+    }
+}
+
+/// Sleeps `wait` (a backoff); `false` if `shutdown` turned true first.
+pub(crate) async fn sleep_unless_shutdown(
+    wait: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => false,
+        () = tokio::time::sleep(wait) => true,
+    }
+}
+
+/// Holds a delivery loop while the gateway is disabled: logs the pause, waits for the
+/// resume (`true`) or shutdown (`false`), logs the resume.
+pub(crate) async fn hold_while_paused(
+    service: &str,
+    destination: &str,
+    paused: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    info!(destination, "{service} paused: the gateway is disabled");
+    let resumed = wait_unpaused(paused, shutdown).await;
+    if resumed {
+        info!(destination, "{service} resumed");
+    }
+    resumed
 }
 
 /// Waits until `paused` turns `false` (`true`) or `shutdown` turns `true` (`false`). A

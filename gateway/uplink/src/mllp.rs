@@ -30,7 +30,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::{Metrics, RecordError, describe, jitter};
+use crate::{
+    Backoff, Idle, Metrics, RecordError, describe, hold_while_paused, sleep_unless_shutdown,
+    wait_for_work,
+};
 
 /// Settings of one HL7 destination, built by `gatewayd` from `[[uplink]]`.
 #[derive(Debug, Clone)]
@@ -169,20 +172,18 @@ impl MllpUplinkService {
         let name = self.settings.name.clone();
         info!(destination = %name, peer = %format!("{}:{}", self.settings.host, self.settings.port), "HL7 forwarding started");
         let mut wake = self.spool.subscribe();
-        let mut backoff = self.settings.backoff_initial;
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let mut paused = self.paused.clone();
         loop {
             if *shutdown.borrow() {
                 break;
             }
             if *paused.borrow() {
-                info!(destination = %name, "HL7 forwarding paused: the gateway is disabled");
                 // The peer sees no half-used connection while the box is disabled.
                 self.conn = None;
-                if !crate::wait_unpaused(&mut paused, &mut shutdown).await {
+                if !hold_while_paused("HL7 forwarding", &name, &mut paused, &mut shutdown).await {
                     break;
                 }
-                info!(destination = %name, "HL7 forwarding resumed");
                 continue;
             }
             let next = match self.next().await {
@@ -193,11 +194,11 @@ impl MllpUplinkService {
                 }
             };
             let Some((id, message, control_id)) = next else {
-                tokio::select! {
-                    _ = shutdown.wait_for(|s| *s) => break,
-                    _ = wake.changed() => {}
-                    Ok(_) = paused.wait_for(|p| *p) => {}
-                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                let idle = Duration::from_secs(30);
+                if wait_for_work(&mut wake, &mut paused, &mut shutdown, idle).await
+                    == Idle::Shutdown
+                {
+                    break;
                 }
                 continue;
             };
@@ -209,7 +210,7 @@ impl MllpUplinkService {
             let failure = match answer {
                 Answer::Delivered => {
                     self.metrics.count(&name, "sent", 1, size);
-                    backoff = self.settings.backoff_initial;
+                    backoff.reset();
                     self.spool.set_destination_error(&name, None);
                     self.mark(id, None).await
                 }
@@ -221,13 +222,10 @@ impl MllpUplinkService {
                 Answer::Retry(reason) => {
                     self.conn = None;
                     self.metrics.count(&name, "retry", 1, size);
-                    warn!(destination = %name, reason, retry_in = ?backoff, "forwarding failed; will retry");
+                    warn!(destination = %name, reason, retry_in = ?backoff.step(), "forwarding failed; will retry");
                     self.spool.set_destination_error(&name, Some(reason));
-                    let wait = jitter(backoff);
-                    backoff = backoff.saturating_mul(2).min(self.settings.backoff_max);
-                    tokio::select! {
-                        _ = shutdown.wait_for(|s| *s) => break,
-                        () = tokio::time::sleep(wait) => {}
+                    if !sleep_unless_shutdown(backoff.failed(), &mut shutdown).await {
+                        break;
                     }
                     Ok(())
                 }
@@ -269,14 +267,7 @@ impl MllpUplinkService {
     }
 
     async fn mark(&self, id: ObjectId, failure: Option<String>) -> Result<(), RecordError> {
-        let spool = self.spool.clone();
-        let name = self.settings.name.clone();
-        tokio::task::spawn_blocking(move || match failure {
-            None => spool.mark_sent(&id, &name),
-            Some(reason) => spool.mark_failed(&id, &name, &reason),
-        })
-        .await??;
-        Ok(())
+        crate::record(&self.spool, &self.settings.name, id, failure).await
     }
 
     /// Sends one message and reads its acknowledgement.
