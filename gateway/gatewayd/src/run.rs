@@ -445,6 +445,31 @@ fn start_uplinks(
             }
         }
     }
+    // `[[results.deliver]] kind = "dicom"`: returned results to the clinic's PACS.
+    for deliver in settings.results.iter().flat_map(|r| &r.deliver) {
+        if let gateway_config::Deliver::Dicom {
+            name,
+            host,
+            port,
+            called_ae,
+            calling_ae,
+        } = deliver
+        {
+            let target = gateway_dicom::scu::ScuTarget {
+                host: host.clone(),
+                port: *port,
+                called_ae: called_ae.as_str().to_owned(),
+                calling_ae: calling_ae.as_str().to_owned(),
+            };
+            let service = gateway_uplink::DimseDeliveryService::new(
+                gateway_uplink::DeliverSettings::new(name.as_str().to_owned(), target),
+                ctx.spool.clone(),
+                uplink_metrics.clone(),
+            )
+            .with_paused(ctx.disabled.clone());
+            services.spawn(service.run(ctx.shutdown.clone()));
+        }
+    }
     Ok(uplink_metrics)
 }
 
