@@ -6,7 +6,8 @@
 //! - PID-3 becomes `{clinic id}^^^{clinic issuer}` as its first repetition, followed by the
 //!   original repetitions byte for byte. An original repetition without an assigning
 //!   authority (PID-3.4 empty) gets `core_issuer` there, so the core's ID stays qualified
-//!   (an empty `core_issuer` leaves it as it was). Empty original repetitions are dropped.
+//!   (an empty `core_issuer` leaves it as it was). Empty original repetitions, and one that
+//!   already is the clinic's ID and issuer, are dropped.
 //! - Every other byte of the message is unchanged: the frame is split at its delimiters in
 //!   the raw bytes (outside ISO-2022-JP double-byte and katakana runs and Shift_JIS
 //!   double-byte characters, where a `|` or `^` byte is part of a character), the new values
@@ -329,12 +330,16 @@ fn splice(
     let original = field_start
         .and_then(|s| segment.get(s..field_end))
         .unwrap_or_default();
+    let clinic_id = encode(&clinic.patient_id);
+    let clinic_issuer = encode(&clinic.issuer);
     for repetition in split_raw(original, charset, rep) {
-        if repetition.is_empty() {
+        let comps = split_raw(repetition, charset, comp);
+        let is_clinic = comps.first().is_some_and(|c| **c == *clinic_id)
+            && comps.get(3).is_some_and(|c| **c == *clinic_issuer);
+        if repetition.is_empty() || is_clinic {
             continue;
         }
         field.push(rep);
-        let comps = split_raw(repetition, charset, comp);
         let has_authority = comps.get(3).is_some_and(|c| !c.is_empty());
         if has_authority || core_issuer.is_empty() {
             field.extend_from_slice(repetition);
@@ -433,6 +438,12 @@ OBX|1|TX|||No acute findings.||||||F\r";
         assert_eq!(
             pid3(&out),
             "CL-0042^^^CLINIC-A~12345^^^CORE-HOSP^MR~777^^^CORE-HOSP~888^^^X"
+        );
+        // A repetition that already is the clinic's is not repeated.
+        let known = ORU.replace("~999^^^OTHER^PI", "~CL-0042^^^CLINIC-A~999^^^OTHER^PI");
+        assert_eq!(
+            pid3(&rewrite_pid_text(&known, &clinic(), "C").unwrap()),
+            "CL-0042^^^CLINIC-A~12345^^^CORE^MR~999^^^OTHER^PI"
         );
         // Without a core issuer the original repetitions stay as they were.
         let out = rewrite_pid_text(&text, &clinic(), "").unwrap();
