@@ -690,7 +690,8 @@ fn put_element(out: &mut Vec<u8>, explicit: bool, tag: u32, vr: &[u8; 2], value:
     out.extend_from_slice(&element.to_le_bytes());
     if explicit {
         out.extend_from_slice(vr);
-        // Values written here are at most 64 bytes (or copied from a short-form element).
+        // Values written here are at most 64 bytes, or the core's values, whose length
+        // `rewrite` checked.
         out.extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_le_bytes());
     } else {
         out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
@@ -738,6 +739,15 @@ fn rewrite(
         });
     }
     let explicit = scan.enc.explicit_vr;
+    // The core's values are copied as LO into the item: in explicit VR they need a 2-byte
+    // length (an original sent as UN could be longer).
+    for tag in [PATIENT_ID, ISSUER] {
+        let len = scan.value(buf, tag).map_or(0, <[u8]>::len);
+        if explicit && len + len % 2 > usize::from(u16::MAX) {
+            let (group, element) = split_tag(tag);
+            return Err(ReconcileError::TooLong { group, element });
+        }
+    }
 
     // The item that keeps the core's identity.
     let item = (!core_pid.is_empty()).then(|| {
@@ -1330,6 +1340,21 @@ mod tests {
             .unwrap()
             .to_vec();
         assert_eq!(text(&q[0], 0x0040_0032).as_deref(), Some("urn:oid:1.2.3"));
+    }
+
+    #[test]
+    fn a_core_patient_id_too_long_for_lo_is_refused() {
+        let mut un = vec![0x10, 0x00, 0x20, 0x00, b'U', b'N', 0, 0];
+        un.extend_from_slice(&70_000u32.to_le_bytes());
+        un.extend(std::iter::repeat_n(b'7', 70_000));
+        let input = part10(EXPLICIT, &data_set(E, &[], &[un], 8));
+        assert_eq!(
+            rewrite_whole(&input).map(|_| ()),
+            Err(ReconcileError::TooLong {
+                group: 0x0010,
+                element: 0x0020
+            })
+        );
     }
 
     #[test]
