@@ -19,6 +19,8 @@
 //!   describes the core's issuer, so it moves into the item). No item is added when the
 //!   object had no (or an empty) Patient ID.
 //! - An object that already carries the clinic's ID and issuer passes through unchanged.
+//! - A Group Length (0010,0000) is dropped (it would be stale; PS3.5 7.2 retires group
+//!   lengths in data sets).
 //! - Elements stay in ascending tag order; new values are padded to even length with a
 //!   space (LO, CS). The clinic's values must be 1 to 64 printable ASCII characters without
 //!   backslash or leading/trailing spaces (they are then valid in every character set).
@@ -59,6 +61,8 @@ const PATIENT_ID: u32 = 0x0010_0020;
 const ISSUER: u32 = 0x0010_0021;
 const TYPE_OF_PATIENT_ID: u32 = 0x0010_0022;
 const ISSUER_QUALIFIERS: u32 = 0x0010_0024;
+/// Group Length (0010,0000): retired in data sets, and stale once group 0010 changes.
+const PATIENT_GROUP_LENGTH: u32 = 0x0010_0000;
 const OTHER_PATIENT_IDS: u32 = 0x0010_1002;
 const STUDY_INSTANCE: u32 = 0x0020_000D;
 const ITEM: u32 = 0xFFFE_E000;
@@ -686,7 +690,8 @@ fn put_element(out: &mut Vec<u8>, explicit: bool, tag: u32, vr: &[u8; 2], value:
     out.extend_from_slice(&element.to_le_bytes());
     if explicit {
         out.extend_from_slice(vr);
-        // Values written here are at most 64 bytes (or copied from a short-form element).
+        // Values written here are at most 64 bytes, or the core's values, whose length
+        // `rewrite` checked.
         out.extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_le_bytes());
     } else {
         out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
@@ -734,6 +739,15 @@ fn rewrite(
         });
     }
     let explicit = scan.enc.explicit_vr;
+    // The core's values are copied as LO into the item: in explicit VR they need a 2-byte
+    // length (an original sent as UN could be longer).
+    for tag in [PATIENT_ID, ISSUER] {
+        let len = scan.value(buf, tag).map_or(0, <[u8]>::len);
+        if explicit && len + len % 2 > usize::from(u16::MAX) {
+            let (group, element) = split_tag(tag);
+            return Err(ReconcileError::TooLong { group, element });
+        }
+    }
 
     // The item that keeps the core's identity.
     let item = (!core_pid.is_empty()).then(|| {
@@ -863,6 +877,8 @@ fn rewrite(
             // Describes the core's issuer: moved into the new item (dropped when there is
             // no core ID to keep).
             ISSUER_QUALIFIERS => {}
+            // Would no longer match the group; group lengths are retired in data sets.
+            PATIENT_GROUP_LENGTH => {}
             _ => out.extend_from_slice(bytes(t)),
         }
     }
@@ -1324,6 +1340,42 @@ mod tests {
             .unwrap()
             .to_vec();
         assert_eq!(text(&q[0], 0x0040_0032).as_deref(), Some("urn:oid:1.2.3"));
+    }
+
+    #[test]
+    fn a_core_patient_id_too_long_for_lo_is_refused() {
+        let mut un = vec![0x10, 0x00, 0x20, 0x00, b'U', b'N', 0, 0];
+        un.extend_from_slice(&70_000u32.to_le_bytes());
+        un.extend(std::iter::repeat_n(b'7', 70_000));
+        let input = part10(EXPLICIT, &data_set(E, &[], &[un], 8));
+        assert_eq!(
+            rewrite_whole(&input).map(|_| ()),
+            Err(ReconcileError::TooLong {
+                group: 0x0010,
+                element: 0x0020
+            })
+        );
+    }
+
+    #[test]
+    fn a_patient_group_length_is_dropped() {
+        let mut d = data_set(E, &[], &[E.el(PATIENT_ID, b"LO", b"CORE-1")], 8);
+        let at = d
+            .windows(4)
+            .position(|w| w == [0x10, 0x00, 0x10, 0x00])
+            .unwrap();
+        let group_length = E.el(PATIENT_GROUP_LENGTH, b"UL", &100u32.to_le_bytes());
+        d.splice(at..at, group_length.clone());
+        let input = part10(EXPLICIT, &d);
+        assert_split_invariant(&input);
+        let (out, _) = rewrite_whole(&input).unwrap();
+        assert!(
+            !out.windows(group_length.len())
+                .any(|w| w == group_length.as_slice())
+        );
+        let obj = open(&out);
+        assert!(obj.element(Tag(0x0010, 0x0000)).is_err());
+        assert_eq!(text(&obj, PATIENT_ID).as_deref(), Some("CL-0042"));
     }
 
     #[test]

@@ -25,6 +25,8 @@
 //!   [`parse::ParseError`], [`parse::Location`].
 //! - [`record`]: [`record::Header`] and the typed clinical records.
 //! - [`ack`]: acknowledgement policy and layout.
+//! - [`reconcile`]: returned reports (IHE IRWF): PID-3 rewrite to the clinic's Patient ID and
+//!   the keys that match a report to its booking.
 //!
 //! Invariants:
 //! - No panic, hang or unbounded allocation on any input (fuzzed: `fuzz/`; a 10,000-message
@@ -44,6 +46,7 @@ pub mod ack;
 pub mod charset;
 pub mod mllp;
 pub mod parse;
+pub mod reconcile;
 pub mod record;
 
 pub use ack::{
