@@ -658,3 +658,39 @@ impl ResultsSource for ClinicResultsView {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kiosk_copy_of_a_report_has_its_status_time_and_text() {
+        let text = "MSH|^~\\&|RIS|CORE|GW|CORE|20270112103000||ORU^R01|M1|P|2.5.1|||||JPN||UNICODE UTF-8\r\
+                    PID|1||ZZPID1^^^CORE\r\
+                    OBR|1|apt-1|RB1|CT^CT chest||||||||||||||RB1||||20270112102500|||F\r\
+                    OBX|1|TX|FND^所見||肺野に異常なし~縦隔正常||||||F\r\
+                    OBX|2|TX|IMP||異常なし \\T\\ 経過観察不要||||||F\r";
+        let kept = read_report(text);
+        assert_eq!(kept.status, "final");
+        assert_eq!(kept.issued.as_deref(), Some("2027-01-12T10:25:00"));
+        assert_eq!(kept.titles, ["所見", "IMP"]);
+        assert_eq!(
+            kept.text,
+            ["肺野に異常なし\n縦隔正常", "異常なし & 経過観察不要"]
+        );
+        let preliminary = read_report(&text.replace("|||F\rOBX|1", "|||P\rOBX|1"));
+        assert_eq!(preliminary.status, "preliminary");
+        assert_eq!(read_report("garbage").status, "");
+    }
+
+    #[test]
+    fn hl7_times_become_rfc3339_or_nothing() {
+        assert_eq!(hl7_time("20270112").as_deref(), Some("2027-01-12T00:00:00"));
+        assert_eq!(
+            hl7_time("202701121025+0900").as_deref(),
+            Some("2027-01-12T10:25:00")
+        );
+        assert_eq!(hl7_time("2027"), None);
+        assert_eq!(hl7_time(""), None);
+    }
+}

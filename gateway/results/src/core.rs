@@ -494,3 +494,84 @@ fn report_keys(text: &str) -> Option<ReportKeys> {
         is_final: keys.final_result,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_booking::PatientRef;
+
+    fn appointment() -> Appointment {
+        Appointment {
+            id: "apt-00000007".into(),
+            slot_id: "ct-1.20270112T0930".into(),
+            schedule: "ct-1".into(),
+            start: "2027-01-12T09:30:00+09:00".into(),
+            end: "2027-01-12T10:00:00+09:00".into(),
+            clinic: "clinic-a".into(),
+            request_id: "r1".into(),
+            patient: PatientRef {
+                id: "ZZPID1".into(),
+                name: "ZZTEST^HANAKO".into(),
+                birth_date: "19610402".into(),
+                sex: "F".into(),
+            },
+            procedure: "CT chest".into(),
+            accession: "RB20270112000007".into(),
+            status: AppointmentStatus::Booked,
+            hold_expires_unix: None,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn an_image_matches_by_accession_first_then_by_the_worklist_study_uid() {
+        let a = appointment();
+        let worklist_study = gateway_booking::order::study_uid(&a);
+        assert!(image_matches(&a, Some("RB20270112000007"), Some("1.2.3")));
+        assert!(
+            !image_matches(&a, Some("RB20270112000008"), Some(&worklist_study)),
+            "another accession wins over a matching study UID"
+        );
+        assert!(image_matches(&a, None, Some(&worklist_study)));
+        assert!(image_matches(&a, Some(""), Some(&worklist_study)));
+        assert!(!image_matches(&a, None, Some("1.2.3")));
+        assert!(!image_matches(&a, None, None));
+    }
+
+    #[test]
+    fn a_report_matches_by_accession_or_by_the_orders_placer_number() {
+        let a = appointment();
+        let oru = |obr2: &str, obr3: &str, obr18: &str, status: &str| {
+            format!(
+                "MSH|^~\\&|RIS|CORE|GW|CORE|20270112103000||ORU^R01|M1|P|2.5.1\r\
+                 PID|1||ZZPID1^^^CORE||ZZTEST^HANAKO\r\
+                 OBR|1|{obr2}|{obr3}|CT^CT chest||||||||||||||{obr18}|||||||{status}\r\
+                 OBX|1|TX|IMP^Impression||No finding||||||F\r"
+            )
+        };
+        let keys = report_keys(&oru("", "", "RB20270112000007", "F")).unwrap();
+        assert!(report_matches(&a, &keys) && keys.is_final);
+        let keys = report_keys(&oru("", "RB20270112000007", "", "P")).unwrap();
+        assert!(
+            report_matches(&a, &keys) && !keys.is_final,
+            "OBR-3 as accession"
+        );
+        let keys = report_keys(&oru("apt-00000007^GATEWAYD", "", "", "F")).unwrap();
+        assert!(report_matches(&a, &keys), "OBR-2 placer = appointment id");
+        let keys = report_keys(&oru("apt-00000008", "X", "RB20270112000008", "F")).unwrap();
+        assert!(!report_matches(&a, &keys));
+        assert!(
+            report_keys(&oru("", "", "", "F")).is_none(),
+            "nothing to match by"
+        );
+        assert!(report_keys("not hl7").is_none());
+    }
+
+    #[test]
+    fn a_hex_spool_id_round_trips_and_garbage_is_none() {
+        let id = ObjectId::from_bytes([7; 16]);
+        assert_eq!(parse_id(&hex::encode(id)), Some(id));
+        assert_eq!(parse_id("zz"), None);
+        assert_eq!(parse_id("0102"), None);
+    }
+}
