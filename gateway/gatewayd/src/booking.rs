@@ -74,6 +74,13 @@ pub(crate) struct CoreParts {
     pub changed: Arc<Notify>,
 }
 
+/// What the results services get from the daemon: the clinic's pull source (the
+/// `results.source` uplink with its identity) and the metric handles.
+pub(crate) struct ResultsParts {
+    pub source: Option<gateway_uplink::UplinkSettings>,
+    pub metrics: gateway_results::Metrics,
+}
+
 /// Builds the booking service; every problem is a start-up error naming the key.
 pub(crate) async fn start(
     settings: &Settings,
@@ -81,9 +88,13 @@ pub(crate) async fn start(
     spool: &gateway_spool::Spool,
     derived: &Derived,
     identity: Option<Arc<dyn gateway_keystore::DeviceIdentity>>,
-    results_source: Option<gateway_uplink::UplinkSettings>,
+    results: ResultsParts,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<Started, String> {
+    let ResultsParts {
+        source: results_source,
+        metrics: results_metrics,
+    } = results;
     let data_dir = &settings.node.data_dir;
     let me = settings.node.id.as_str().to_owned();
     let booking_dir = data_dir.join("booking");
@@ -163,8 +174,15 @@ pub(crate) async fn start(
                 };
                 let core = match &settings.results {
                     Some(r) => {
-                        let (service, link) =
-                            core_results(settings, r, spool, ledger, derived).await?;
+                        let (service, link) = core_results(
+                            settings,
+                            r,
+                            spool,
+                            ledger,
+                            derived,
+                            results_metrics.clone(),
+                        )
+                        .await?;
                         tasks.push(Box::pin(service.run(shutdown.clone())));
                         core.with_results(link)
                     }
@@ -195,8 +213,16 @@ pub(crate) async fn start(
                 .await?;
                 tasks.push(Box::pin(task.run(shutdown.clone())));
                 if let (Some(r), Some(source)) = (&settings.results, results_source) {
-                    let (service, link, view) =
-                        clinic_results(settings, r, core, source, spool, derived).await?;
+                    let (service, link, view) = clinic_results(
+                        settings,
+                        r,
+                        core,
+                        source,
+                        spool,
+                        derived,
+                        results_metrics.clone(),
+                    )
+                    .await?;
                     handle.set_results(link);
                     tasks.push(Box::pin(service.run(shutdown.clone())));
                     results_view = Some(Arc::new(view));
@@ -257,6 +283,7 @@ async fn core_results(
     spool: &gateway_spool::Spool,
     ledger: LedgerHandle,
     derived: &Derived,
+    metrics: gateway_results::Metrics,
 ) -> Result<
     (
         gateway_results::core::CoreResults,
@@ -274,7 +301,7 @@ async fn core_results(
     let (spool, seal) = (spool.clone(), Arc::new(derived.seal()));
     let dir = settings.node.data_dir.join(gateway_results::DIR);
     blocking(move || {
-        gateway_results::core::CoreResults::open(core_settings, spool, ledger, seal, &dir)
+        gateway_results::core::CoreResults::open(core_settings, spool, ledger, seal, &dir, metrics)
             .map_err(|e| format!("results: {e}"))
     })
     .await
@@ -289,6 +316,7 @@ async fn clinic_results(
     source: gateway_uplink::UplinkSettings,
     spool: &gateway_spool::Spool,
     derived: &Derived,
+    metrics: gateway_results::Metrics,
 ) -> Result<
     (
         gateway_results::clinic::ClinicResults,
@@ -324,8 +352,15 @@ async fn clinic_results(
     let (spool, seal) = (spool.clone(), Arc::new(derived.seal()));
     let dir = settings.node.data_dir.join(gateway_results::DIR);
     blocking(move || {
-        gateway_results::clinic::ClinicResults::open(clinic_settings, spool, pull, seal, &dir)
-            .map_err(|e| format!("results: {e}"))
+        gateway_results::clinic::ClinicResults::open(
+            clinic_settings,
+            spool,
+            pull,
+            seal,
+            &dir,
+            metrics,
+        )
+        .map_err(|e| format!("results: {e}"))
     })
     .await
 }

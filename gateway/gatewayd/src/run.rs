@@ -197,7 +197,7 @@ async fn serve(
     };
 
     let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
-    let booking = start_booking(&ctx, &derived, keys.as_ref()).await?;
+    let booking = start_booking(&ctx, &derived, keys.as_ref(), &mut registry).await?;
     let staff = crate::fleet::StaffParts::new(&data_dir, derived.staff(), derived.audit());
     drop(derived);
     let core = booking.as_ref().and_then(|b| b.core.as_ref());
@@ -335,8 +335,13 @@ async fn start_booking(
     ctx: &Wiring<'_>,
     derived: &crate::booking::Derived,
     keys: &dyn KeyStore,
+    registry: &mut Registry,
 ) -> Result<Option<crate::booking::Started>, String> {
     let settings = ctx.settings;
+    let results_metrics = match &settings.results {
+        Some(_) => gateway_results::Metrics::register(registry),
+        None => gateway_results::Metrics::default(),
+    };
     // A clinic pulls returned results with the identity and URL of `results.source`.
     let results_source = match (&settings.results, settings.node.role) {
         (Some(r), gateway_config::Role::Clinic) => settings
@@ -355,7 +360,10 @@ async fn start_booking(
                 ctx.spool,
                 derived,
                 keys.identity(),
-                results_source,
+                crate::booking::ResultsParts {
+                    source: results_source,
+                    metrics: results_metrics,
+                },
                 ctx.shutdown,
             )
             .await?,

@@ -45,6 +45,10 @@ const STATE_ROLE: &str = "clinic results";
 const MAX_META_BYTES: usize = 1 << 20;
 const RETRY_INITIAL: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
+/// How often the instance gauges are refreshed when nothing else happens.
+const GAUGES_EVERY: Duration = Duration::from_secs(30);
+/// The instance gauges cover the appointments changed within this window.
+const GAUGES_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What the clinic's results service needs from the configuration.
 #[derive(Debug, Clone)]
@@ -107,6 +111,8 @@ pub struct ClinicResults {
     file: StateFile,
     state: Shared,
     incoming: mpsc::Receiver<Incoming>,
+    view: ClinicResultsView,
+    metrics: crate::Metrics,
 }
 
 impl std::fmt::Debug for ClinicResults {
@@ -140,6 +146,7 @@ impl ClinicResults {
         pull: PullClient,
         seal: Arc<SealKey>,
         dir: &Path,
+        metrics: crate::Metrics,
     ) -> Result<(Self, ClinicLink, ClinicResultsView), ResultsError> {
         let file = StateFile::new(seal, dir, STATE_FILE, STATE_ROLE)?;
         let state: Shared = Arc::new(Mutex::new(file.load()?));
@@ -157,6 +164,8 @@ impl ClinicResults {
                 file,
                 state,
                 incoming: rx,
+                view: view.clone(),
+                metrics,
             },
             ClinicLink { incoming: tx },
             view,
@@ -169,12 +178,13 @@ impl ClinicResults {
         let mut retry = RETRY_INITIAL;
         let mut next_pull = tokio::time::Instant::now();
         loop {
+            self.update_gauges().await;
             let due = self.pull_due();
             let message = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
                 Some(message) = self.incoming.recv() => Some(message),
                 () = tokio::time::sleep_until(next_pull), if due => None,
-                () = tokio::time::sleep(Duration::from_secs(60)), if !due => continue,
+                () = tokio::time::sleep(GAUGES_EVERY), if !due => continue,
             };
             if let Some(message) = message {
                 self.on_incoming(message).await;
@@ -187,6 +197,7 @@ impl ClinicResults {
             match pulled {
                 Ok(()) => retry = RETRY_INITIAL,
                 Err(e) => {
+                    self.metrics.pull_failed();
                     warn!(error = %e, retry_in = ?retry, "results (clinic): pull failed; will retry");
                     next_pull = tokio::time::Instant::now() + retry;
                     retry = (retry * 2).min(RETRY_MAX);
@@ -194,6 +205,30 @@ impl ClinicResults {
             }
         }
         info!("results (clinic) stopped");
+    }
+
+    /// `gateway_results_instances{state}` over the appointments changed in the last
+    /// [`GAUGES_WINDOW`] (reads the spool's records on a blocking thread).
+    async fn update_gauges(&self) {
+        let (view, metrics) = (self.view.clone(), self.metrics.clone());
+        let since = now_unix().saturating_sub(GAUGES_WINDOW.as_secs());
+        let _ = tokio::task::spawn_blocking(move || {
+            let ids: Vec<String> = lock(&view.state)
+                .appointments
+                .iter()
+                .filter(|(_, r)| r.updated_unix >= since)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let (mut a, mut r, mut d, mut f) = (0, 0, 0, 0);
+            for s in ids.iter().filter_map(|id| view.summary(id)) {
+                a += s.images_announced;
+                r += s.images_received;
+                d += s.images_delivered;
+                f += s.images_failed;
+            }
+            metrics.set_instances(a, r, d, f);
+        })
+        .await;
     }
 
     fn pull_due(&self) -> bool {
@@ -218,15 +253,19 @@ impl ClinicResults {
                 appointment,
                 notice,
                 done,
-            } => (done, self.on_notice(&appointment, notice).await),
+            } => ((done, "notice"), self.on_notice(&appointment, notice).await),
             Incoming::Report {
                 appointment,
                 report,
                 done,
-            } => (done, self.on_report(&appointment, report).await),
+            } => ((done, "report"), self.on_report(&appointment, report).await),
         };
+        let (done, kind) = done;
         if let Err(e) = &recorded {
+            self.metrics.message(kind, "failed");
             warn!(error = %e, "results (clinic): not recorded; the core sends it again");
+        } else {
+            self.metrics.message(kind, "recorded");
         }
         let _ = done.send(recorded.is_ok());
     }

@@ -106,6 +106,7 @@ pub struct CoreResults {
     acks: mpsc::Receiver<(String, WireAck)>,
     /// When each notice / report was last handed over (appointment or report id).
     sent_at: HashMap<String, Instant>,
+    metrics: crate::Metrics,
 }
 
 impl std::fmt::Debug for CoreResults {
@@ -126,6 +127,7 @@ impl CoreResults {
         ledger: LedgerHandle,
         seal: Arc<SealKey>,
         dir: &Path,
+        metrics: crate::Metrics,
     ) -> Result<(Self, CoreLink), ResultsError> {
         let file = StateFile::new(seal, dir, STATE_FILE, STATE_ROLE)?;
         let state: CoreState = file.load()?;
@@ -141,6 +143,7 @@ impl CoreResults {
                 outgoing: out_tx,
                 acks: ack_rx,
                 sent_at: HashMap::new(),
+                metrics,
             },
             CoreLink {
                 outgoing: out_rx,
@@ -192,6 +195,7 @@ impl CoreResults {
         let mut report_done = None;
         if let Some(seq) = ack.notice_seq {
             t.acked_seq = t.acked_seq.max(seq.min(t.seq));
+            self.metrics.message("notice", "acknowledged");
         }
         if let Some(report) = ack.report_id
             && let Some(acked) = t.reports.get_mut(&report)
@@ -205,6 +209,7 @@ impl CoreResults {
             return;
         }
         if let Some(report) = report_done {
+            self.metrics.message("report", "acknowledged");
             self.sent_at.remove(&report);
             info!(%clinic, appointment = %ack.appointment_id, "report acknowledged by the booking clinic");
             if let Some(id) = parse_id(&report) {
@@ -235,6 +240,13 @@ impl CoreResults {
         }
         self.complete_quiet().await?;
         self.send_due().await;
+        let (notices, reports) = self.state.appointments.values().fold((0, 0), |(n, r), t| {
+            (
+                n + u64::from(t.seq > t.acked_seq),
+                r + t.reports.values().filter(|acked| !**acked).count() as u64,
+            )
+        });
+        self.metrics.set_pending(notices, reports);
         Ok(())
     }
 
@@ -403,8 +415,13 @@ impl CoreResults {
             }
         }
         for (key, message) in out {
+            let kind = match &message {
+                Outgoing::Notice { .. } => "notice",
+                Outgoing::Report { .. } => "report",
+            };
             match self.outgoing.try_send(message) {
                 Ok(()) => {
+                    self.metrics.message(kind, "sent");
                     self.sent_at.insert(key, Instant::now());
                 }
                 Err(_) => {

@@ -22,7 +22,10 @@
 
 pub mod clinic;
 pub mod core;
+pub mod metrics;
 mod state;
+
+pub use metrics::Metrics;
 
 use std::path::PathBuf;
 
