@@ -13,7 +13,7 @@ use gateway_booking::{
 use gateway_mqtt::{Flow, Handler, Publisher, Session};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::results::{ClinicLink, Incoming, KIND_ACK, KIND_NOTICE, KIND_REPORT, WireAck};
@@ -242,79 +242,72 @@ impl Inner {
             return;
         };
         let (done, answer) = oneshot::channel();
-        let (incoming, appointment_id) = if kind == KIND_NOTICE {
-            match serde_json::from_slice::<crate::results::WireNotice>(&plain) {
-                Ok(notice) => match self.appointment(&notice.appointment_id) {
-                    Some(appointment) => (
-                        Incoming::Notice {
-                            appointment,
-                            done,
-                            notice: notice.clone(),
-                        },
-                        notice.appointment_id,
-                    ),
-                    None => {
-                        warn!(
-                            kind,
-                            "result refused: not an appointment this clinic booked"
-                        );
-                        return;
-                    }
-                },
+        /// The body as `T` and this clinic's copy of the appointment it names.
+        fn read<T: serde::de::DeserializeOwned>(
+            inner: &Inner,
+            kind: &str,
+            plain: &[u8],
+            appointment_of: impl Fn(&T) -> &str,
+        ) -> Option<(T, AppointmentView)> {
+            let body: T = match serde_json::from_slice(plain) {
+                Ok(b) => b,
                 Err(e) => {
                     warn!(
                         kind,
                         line = e.line(),
                         column = e.column(),
-                        "result refused: not a notice"
+                        "result refused: not readable"
                     );
-                    return;
+                    return None;
                 }
-            }
-        } else {
-            match serde_json::from_slice::<crate::results::WireReport>(&plain) {
-                Ok(report) => match self.appointment(&report.appointment_id) {
-                    Some(appointment) => {
-                        let id = report.appointment_id.clone();
-                        (
-                            Incoming::Report {
-                                appointment,
-                                report,
-                                done,
-                            },
-                            id,
-                        )
-                    }
-                    None => {
-                        warn!(
-                            kind,
-                            "result refused: not an appointment this clinic booked"
-                        );
-                        return;
-                    }
-                },
-                Err(e) => {
-                    warn!(
-                        kind,
-                        line = e.line(),
-                        column = e.column(),
-                        "result refused: not a report"
-                    );
-                    return;
-                }
-            }
-        };
-        let ack = match &incoming {
-            Incoming::Notice { notice, .. } => WireAck {
-                appointment_id,
+            };
+            let Some(appointment) = inner.appointment(appointment_of(&body)) else {
+                warn!(
+                    kind,
+                    "result refused: not an appointment this clinic booked"
+                );
+                return None;
+            };
+            Some((body, appointment))
+        }
+        let (incoming, ack) = if kind == KIND_NOTICE {
+            let Some((notice, appointment)) =
+                read(self, kind, &plain, |n: &crate::results::WireNotice| {
+                    &n.appointment_id
+                })
+            else {
+                return;
+            };
+            let ack = WireAck {
+                appointment_id: notice.appointment_id.clone(),
                 notice_seq: Some(notice.seq),
                 report_id: None,
-            },
-            Incoming::Report { report, .. } => WireAck {
-                appointment_id,
+            };
+            let incoming = Incoming::Notice {
+                appointment,
+                notice,
+                done,
+            };
+            (incoming, ack)
+        } else {
+            let Some((report, appointment)) =
+                read(self, kind, &plain, |r: &crate::results::WireReport| {
+                    &r.appointment_id
+                })
+            else {
+                return;
+            };
+            let ack = WireAck {
+                appointment_id: report.appointment_id.clone(),
                 notice_seq: None,
                 report_id: Some(report.report_id.clone()),
-            },
+            };
+            let incoming = Incoming::Report {
+                appointment,
+                report,
+                done,
+            };
+            (incoming, ack)
         };
         if link.incoming.try_send(incoming).is_err() {
             warn!(
@@ -761,5 +754,122 @@ impl BookingBackend for ClinicExchange {
 
     fn patient_ref(&self, patient_id: &str) -> String {
         self.inner.seal.patient_ref(patient_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+    use super::*;
+    use crate::results::{ClinicLink, KIND_NOTICE, WireNotice};
+    use gateway_exchange::ExchangeKey;
+    use gateway_keystore::MasterKey;
+
+    fn keys(me: &str, mine: u8, peer: &str, theirs: u8) -> Keys {
+        let peer_key = ExchangeKey::from_seed([theirs; 32]).public();
+        Keys {
+            me: me.into(),
+            key: ExchangeKey::from_seed([mine; 32]),
+            peers: [(peer.to_string(), peer_key)].into(),
+        }
+    }
+
+    fn notice(appointment_id: &str) -> Vec<u8> {
+        serde_json::to_vec(&WireNotice {
+            appointment_id: appointment_id.into(),
+            accession: "RB20270112000001".into(),
+            study_uids: vec!["1.2.3".into()],
+            instances: 3,
+            complete: false,
+            seq: 1,
+        })
+        .unwrap()
+    }
+
+    /// A clinic whose sealed copy holds one appointment (`apt-1`), never connected.
+    fn clinic(dir: &Path) -> (ClinicExchange, mpsc::Receiver<Incoming>) {
+        let seal = SealKey::derive(&MasterKey::from_bytes([3; 32]));
+        let stored = Stored {
+            id: "apt-1".into(),
+            request_id: "r1".into(),
+            slot_id: "ct-1.20270112T0930".into(),
+            status: "booked".into(),
+            start: String::new(),
+            end: String::new(),
+            accession: Some("RB20270112000001".into()),
+            patient_id: "A-0931".into(),
+            procedure: "CT".into(),
+            version: 1,
+        };
+        let book: BTreeMap<&str, &Stored> = [("r1", &stored)].into();
+        seal.write(
+            &dir.join(BOOK_FILE),
+            BOOK_ROLE,
+            &serde_json::to_vec(&book).unwrap(),
+        )
+        .unwrap();
+        let url: gateway_config::BrokerUrl = "mqtt://127.0.0.1:9".parse().unwrap();
+        let settings = ClinicSettings {
+            connection: Connection {
+                client_id: "clinic-a".parse().unwrap(),
+                broker: gateway_mqtt::Broker::new(&url, None).unwrap(),
+            },
+            core: "core-1".into(),
+            request_timeout: Duration::from_secs(1),
+            stale_after: Duration::from_secs(1),
+        };
+        let (handle, _task) =
+            ClinicExchange::open(settings, keys("clinic-a", 1, "core-1", 2), dir, seal).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        handle.set_results(ClinicLink { incoming: tx });
+        (handle, rx)
+    }
+
+    #[tokio::test]
+    async fn a_notice_reaches_the_results_task_only_for_an_appointment_this_clinic_booked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (clinic, mut rx) = clinic(dir.path());
+        let core = keys("core-1", 2, "clinic-a", 1);
+        let topic = |msg: &str| topics::decision("clinic-a", "core-1", msg);
+
+        // Not ours: refused, nothing handed on.
+        let sealed = core
+            .seal("clinic-a", KIND_NOTICE, "m1", &notice("apt-9"))
+            .unwrap();
+        clinic.inner.on_publish(&topic("m1"), &sealed).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "a notice for another clinic's appointment went on"
+        );
+
+        // Sealed by someone who is not our core (here: under another key): refused.
+        let stranger = keys("core-1", 7, "clinic-a", 1);
+        let forged = stranger
+            .seal("clinic-a", KIND_NOTICE, "m2", &notice("apt-1"))
+            .unwrap();
+        clinic.inner.on_publish(&topic("m2"), &forged).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "a notice that does not open went on"
+        );
+
+        // Ours: handed on with the clinic's own copy of the appointment.
+        let sealed = core
+            .seal("clinic-a", KIND_NOTICE, "m3", &notice("apt-1"))
+            .unwrap();
+        clinic.inner.on_publish(&topic("m3"), &sealed).await;
+        match rx.try_recv() {
+            Ok(Incoming::Notice {
+                appointment,
+                notice,
+                ..
+            }) => {
+                assert_eq!(appointment.id, "apt-1");
+                assert_eq!(appointment.patient_id, "A-0931");
+                assert_eq!((notice.instances, notice.seq), (3, 1));
+            }
+            other => panic!("expected the notice, got {other:?}"),
+        }
     }
 }
