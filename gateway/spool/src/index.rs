@@ -413,6 +413,10 @@ impl Index {
     /// completion time when this was the last pending destination. Returns the object's
     /// overall state before the change and the updated record (None if the object or
     /// destination is unknown).
+    ///
+    /// Destinations confirm the same object concurrently (one worker each): the record is
+    /// read and rewritten in one transaction ([`Index::update_record`]), so that one
+    /// destination's change never overwrites another's with a stale copy.
     pub fn set_delivery(
         &self,
         id: &ObjectId,
@@ -421,53 +425,48 @@ impl Index {
         now_ms: Option<u64>,
         sync: bool,
     ) -> Result<Option<(&'static str, Record)>, IndexError> {
-        let Some(mut record) = self.get(id)? else {
-            return Ok(None);
-        };
-        let before = record.state();
-        let Some(dest) = record
-            .destinations
-            .iter_mut()
-            .find(|d| d.name == destination)
-        else {
-            return Ok(None);
-        };
-        dest.state = state;
-        let queued = dest.state == DeliveryState::Queued;
-        let key = queue_key(destination, &record, id);
-        let legacy = legacy_queue_key(destination, record.received_unix_ms, id);
-        record.completed_unix_ms = match record.state() {
-            "sent" => record.completed_unix_ms.or(now_ms),
-            _ => None,
-        };
-        self.write_record(id, &record, sync, |queue| {
-            if queued {
+        self.update_record(id, sync, |record, queue| {
+            let before = record.state();
+            let Some(dest) = record
+                .destinations
+                .iter_mut()
+                .find(|d| d.name == destination)
+            else {
+                return Ok(None);
+            };
+            dest.state = state.clone();
+            let key = queue_key(destination, record, id);
+            if state == DeliveryState::Queued {
                 queue.insert(key.as_slice(), &[][..])?;
             } else {
                 queue.remove(key.as_slice())?;
+                let legacy = legacy_queue_key(destination, record.received_unix_ms, id);
                 queue.remove(legacy.as_slice())?;
             }
-            Ok(())
-        })?;
-        Ok(Some((before, record)))
+            record.completed_unix_ms = match record.state() {
+                "sent" => record.completed_unix_ms.or(now_ms),
+                _ => None,
+            };
+            Ok(Some((before, record.clone())))
+        })
     }
 
     /// Records that the blob of `id` was deleted; durable after the next [`Index::flush`].
     pub fn set_blob_deleted(&self, id: &ObjectId) -> Result<(), IndexError> {
-        if let Some(mut record) = self.get(id)? {
+        self.update_record(id, false, |record, _| {
             record.blob_deleted = true;
-            self.write_record(id, &record, false, |_| Ok(()))?;
-        }
+            Ok(Some(()))
+        })?;
         Ok(())
     }
 
     /// Records that the sealed bytes of `id` moved out of its journal segment into
     /// `blobs/`; flushed before returning.
     pub fn clear_segment(&self, id: &ObjectId) -> Result<(), IndexError> {
-        if let Some(mut record) = self.get(id)? {
+        self.update_record(id, true, |record, _| {
             record.segment = None;
-            self.write_record(id, &record, true, |_| Ok(()))?;
-        }
+            Ok(Some(()))
+        })?;
         Ok(())
     }
 
@@ -486,32 +485,49 @@ impl Index {
         Ok(self.get(id)?.and_then(|r| r.study_mac))
     }
 
-    fn write_record(
+    /// Reads the record of `id`, lets `change` modify it (and the queue tree alongside),
+    /// and writes it back, all in one sled transaction: sled's transactions are
+    /// serializable, so a concurrent update of the same record is either seen here or
+    /// retried after, never lost. `change` may run more than once and starts from the
+    /// stored record each time; it returns `None` to leave everything as it is. Flushed
+    /// before returning when `sync` and something changed. `None` if `id` is unknown.
+    fn update_record<T>(
         &self,
         id: &ObjectId,
-        record: &Record,
         sync: bool,
-        queue_op: impl Fn(
+        change: impl Fn(
+            &mut Record,
             &sled::transaction::TransactionalTree,
-        ) -> Result<(), ConflictableTransactionError<()>>,
-    ) -> Result<(), IndexError> {
-        let value = encode_record(record).map_err(|source| IndexError::Encode {
-            path: self.path.clone(),
-            source,
-        })?;
+        ) -> Result<Option<T>, sled::transaction::UnabortableTransactionError>,
+    ) -> Result<Option<T>, IndexError> {
         let outcome = (&self.objects, &self.queue).transaction(|(objects, queue)| {
-            objects.insert(id.as_bytes().as_slice(), value.as_slice())?;
-            queue_op(queue)?;
-            Ok::<_, ConflictableTransactionError<()>>(())
+            let Some(bytes) = objects.get(id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut record = self
+                .decode(id, &bytes)
+                .map_err(ConflictableTransactionError::Abort)?;
+            let Some(out) = change(&mut record, queue)? else {
+                return Ok(None);
+            };
+            let value = encode_record(&record).map_err(|source| {
+                ConflictableTransactionError::Abort(IndexError::Encode {
+                    path: self.path.clone(),
+                    source,
+                })
+            })?;
+            objects.insert(id.as_bytes().as_slice(), value)?;
+            Ok(Some(out))
         });
-        match outcome {
-            Ok(()) | Err(TransactionError::Abort(())) => {}
+        let out = match outcome {
+            Ok(out) => out,
+            Err(TransactionError::Abort(e)) => return Err(e),
             Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),
-        }
-        if sync {
+        };
+        if sync && out.is_some() {
             self.flush()?;
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Ids stored under a uid MAC.

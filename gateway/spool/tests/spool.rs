@@ -570,6 +570,62 @@ fn messages_queue_only_for_the_hl7_routes_whose_types_they_match() {
     assert_eq!(spool.status().unwrap().by_state["received"], 1);
 }
 
+/// Destinations confirm independently and at the same moment (an HL7 message queued for
+/// the EMR, the RIS and an archive, acknowledged within a millisecond of each other):
+/// no confirmation may undo another, and every object leaves every queue it was in.
+#[test]
+fn concurrent_confirmations_of_one_object_for_several_destinations_all_count() {
+    use gateway_spool::{ObjectKind, Route};
+    const DESTS: [&str; 4] = ["emr", "ris", "accounting", "all"];
+    const N: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = DESTS
+        .iter()
+        .map(|d| Route::new(*d, ObjectKind::Hl7))
+        .collect();
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, routes).unwrap();
+    let group: Vec<_> = (0..N)
+        .map(|i| typed(&format!("A|F|{i}"), "ORU^R01"))
+        .collect();
+    let ids: Vec<ObjectId> = spool
+        .store_messages(&group)
+        .into_iter()
+        .map(|r| match r.unwrap() {
+            Committed::Stored(id) => id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(spool.settle(std::time::Duration::from_secs(5)));
+    let start = std::sync::Barrier::new(DESTS.len());
+    std::thread::scope(|s| {
+        for dest in DESTS {
+            let (spool, ids, start) = (&spool, &ids, &start);
+            s.spawn(move || {
+                start.wait();
+                // A few one by one, like the HL7 forwarders, then the rest at once like a
+                // STOW batch: both paths read and rewrite the same records.
+                let (single, batch) = ids.split_at(20);
+                for id in single {
+                    spool.mark_sent(id, dest).unwrap();
+                }
+                spool.mark_sent_all(batch, dest).unwrap();
+            });
+        }
+    });
+    let status = spool.status().unwrap();
+    for dest in DESTS {
+        let c = &status.by_destination[dest];
+        assert_eq!(
+            (c.queued, c.sent),
+            (0, N),
+            "{dest}: a confirmation was lost"
+        );
+        assert!(spool.queued(dest, 10).unwrap().is_empty());
+    }
+    assert_eq!(status.by_state["sent"], N, "{:?}", status.by_state);
+    assert!(spool.verify().unwrap().is_consistent());
+}
+
 #[test]
 fn message_group_on_a_full_spool_is_refused_whole() {
     let dir = tempfile::tempdir().unwrap();
