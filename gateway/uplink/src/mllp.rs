@@ -498,4 +498,369 @@ mod tests {
             Answer::Retry(_)
         ));
     }
+
+    /// Real MLLP peers on 127.0.0.1 for the worker, in mutual TLS with certificates from
+    /// a throw-away CA and the same `gateway-tls` configurations the daemon builds.
+    mod peers {
+        #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+        use std::path::Path;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        use std::time::{Duration, Instant};
+
+        use gateway_hl7::mllp::{MllpDecoder, MllpEvent, encode_frame};
+        use gateway_hl7::record::Header;
+        use gateway_keystore::{KEY_LEN, MasterKey};
+        use gateway_spool::{Committed, Limits, MessageIn, ObjectKind, Route, Spool};
+        use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+        use tokio::sync::watch;
+
+        use crate::Metrics;
+        use crate::mllp::{MllpSettings, MllpUplinkService};
+
+        /// PEM files of a CA, a server certificate for 127.0.0.1 and a client certificate.
+        pub struct Pki {
+            pub dir: tempfile::TempDir,
+        }
+
+        impl Pki {
+            pub fn new() -> Self {
+                let dir = tempfile::tempdir().unwrap();
+                let ca_key = rcgen::KeyPair::generate().unwrap();
+                let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+                ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+                ca.distinguished_name
+                    .push(rcgen::DnType::CommonName, "test CA");
+                let ca_cert = ca.self_signed(&ca_key).unwrap();
+                std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+                let issuer = rcgen::Issuer::new(ca, &ca_key);
+                for (name, san, usage) in [
+                    (
+                        "server",
+                        "127.0.0.1",
+                        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                    ),
+                    (
+                        "client",
+                        "gateway.test",
+                        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+                    ),
+                ] {
+                    let key = rcgen::KeyPair::generate().unwrap();
+                    let mut params = rcgen::CertificateParams::new(vec![san.to_string()]).unwrap();
+                    params.extended_key_usages = vec![usage];
+                    let cert = params.signed_by(&key, &issuer).unwrap();
+                    std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+                    std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem())
+                        .unwrap();
+                }
+                Self { dir }
+            }
+
+            fn path(&self, file: &str) -> std::path::PathBuf {
+                self.dir.path().join(file)
+            }
+
+            pub fn server(&self) -> Arc<rustls::ServerConfig> {
+                gateway_tls::server_config(
+                    &self.path("server.pem"),
+                    &self.path("server.key"),
+                    Some(&self.path("ca.pem")),
+                )
+                .unwrap()
+            }
+
+            pub fn client(&self) -> Arc<rustls::ClientConfig> {
+                gateway_tls::client_config(
+                    &self.path("ca.pem"),
+                    gateway_tls::ClientAuth::Files {
+                        cert_file: self.path("client.pem"),
+                        key_file: self.path("client.key"),
+                    },
+                )
+                .unwrap()
+            }
+        }
+
+        #[derive(Debug, Clone, Copy)]
+        pub enum Mode {
+            /// Acknowledges every message AA.
+            Ack,
+            /// Reads everything, answers nothing (not even a TLS handshake when plain).
+            Silent,
+        }
+
+        /// An MLLP server on 127.0.0.1: the MSH-10s it received and how many connections
+        /// it accepted. Stops with the test's runtime.
+        pub struct Peer {
+            pub port: u16,
+            pub received: Arc<Mutex<Vec<String>>>,
+            pub connections: Arc<AtomicUsize>,
+        }
+
+        impl Peer {
+            pub async fn start(tls: Option<Arc<rustls::ServerConfig>>, mode: Mode) -> Self {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let port = listener.local_addr().unwrap().port();
+                let received = Arc::new(Mutex::new(Vec::new()));
+                let connections = Arc::new(AtomicUsize::new(0));
+                let (r, c) = (Arc::clone(&received), Arc::clone(&connections));
+                tokio::spawn(async move {
+                    while let Ok((tcp, _)) = listener.accept().await {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        let (r, tls) = (Arc::clone(&r), tls.clone());
+                        tokio::spawn(async move {
+                            match tls {
+                                None => serve(tcp, mode, r).await,
+                                Some(config) => {
+                                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                                    if let Ok(stream) = acceptor.accept(tcp).await {
+                                        serve(stream, mode, r).await;
+                                    }
+                                }
+                            }
+                        });
+                    }
+                });
+                Self {
+                    port,
+                    received,
+                    connections,
+                }
+            }
+
+            pub fn received(&self) -> Vec<String> {
+                self.received.lock().unwrap().clone()
+            }
+        }
+
+        async fn serve(
+            mut stream: impl AsyncRead + AsyncWrite + Unpin,
+            mode: Mode,
+            received: Arc<Mutex<Vec<String>>>,
+        ) {
+            let mut decoder = MllpDecoder::new(1 << 20);
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                decoder.feed(&buf[..n]);
+                while let Some(event) = decoder.next_event() {
+                    let MllpEvent::Frame(frame) = event else {
+                        continue;
+                    };
+                    let cid = Header::from_raw_frame(&frame).unwrap().control_id;
+                    received.lock().unwrap().push(cid.clone());
+                    if let Mode::Ack = mode {
+                        let ack = format!(
+                            "MSH|^~\\&|PEER|FAC|GW|CL|20261201000000||ACK|A{cid}|P|2.5\rMSA|AA|{cid}\r"
+                        );
+                        if stream
+                            .write_all(&encode_frame(ack.as_bytes()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+
+        /// A spool on `dir` with one HL7 route per name and `n` ORU^R01 messages queued
+        /// for all of them; returns the spool and the messages' MSH-10s in order.
+        pub fn spool_with_messages(dir: &Path, routes: &[&str], n: usize) -> (Spool, Vec<String>) {
+            let routes = routes
+                .iter()
+                .map(|r| Route::new(*r, ObjectKind::Hl7))
+                .collect();
+            let limits = Limits {
+                max_bytes: 1 << 40,
+                min_free_bytes: 0,
+            };
+            let spool = Spool::open(
+                dir,
+                Some(MasterKey::from_bytes([7; KEY_LEN])),
+                limits,
+                routes,
+            )
+            .unwrap();
+            let ids: Vec<String> = (0..n).map(|i| format!("ZZM{i:04}")).collect();
+            let messages: Vec<MessageIn> = ids
+                .iter()
+                .map(|cid| MessageIn {
+                    key: format!("ZZHIS|ZZHOSP|{cid}"),
+                    message_type: "ORU^R01".into(),
+                    charset: "ascii".into(),
+                    source: "127.0.0.1".into(),
+                    bytes: format!(
+                        "MSH|^~\\&|ZZHIS|ZZHOSP|GATEWAY|ZZCLINIC|20261201120000||ORU^R01^ORU_R01|{cid}|P|2.5\rPID|1||ZZPID01\r"
+                    )
+                    .into_bytes(),
+                })
+                .collect();
+            for r in spool.store_messages(&messages) {
+                assert!(matches!(r, Ok(Committed::Stored(_))), "{r:?}");
+            }
+            assert!(spool.settle(Duration::from_secs(5)));
+            (spool, ids)
+        }
+
+        pub fn settings(
+            name: &str,
+            port: u16,
+            tls: Option<Arc<rustls::ClientConfig>>,
+        ) -> MllpSettings {
+            let mut s = MllpSettings::new(name.into(), "127.0.0.1".into(), port, tls);
+            s.backoff_initial = Duration::from_millis(50);
+            s.backoff_max = Duration::from_millis(200);
+            s
+        }
+
+        /// Runs one worker per settings until `done` holds for the spool (or `limit`
+        /// passes), then stops them; returns whether `done` held.
+        pub async fn run_until(
+            spool: &Spool,
+            workers: Vec<MllpSettings>,
+            limit: Duration,
+            done: impl Fn(&gateway_spool::Status) -> bool,
+        ) -> bool {
+            let (stop, shutdown) = watch::channel(false);
+            let handles: Vec<_> = workers
+                .into_iter()
+                .map(|s| {
+                    let service = MllpUplinkService::new(s, spool.clone(), Metrics::default());
+                    tokio::spawn(service.run(shutdown.clone()))
+                })
+                .collect();
+            let deadline = Instant::now() + limit;
+            let mut ok = false;
+            while Instant::now() < deadline {
+                let status = {
+                    let spool = spool.clone();
+                    tokio::task::spawn_blocking(move || spool.status())
+                        .await
+                        .unwrap()
+                        .unwrap()
+                };
+                if done(&status) {
+                    ok = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            stop.send(true).unwrap();
+            for h in handles {
+                tokio::time::timeout(Duration::from_secs(10), h)
+                    .await
+                    .expect("the worker stops on shutdown")
+                    .unwrap();
+            }
+            ok
+        }
+    }
+
+    /// Three HL7 destinations take the same messages and their peers acknowledge them at
+    /// the same moment: each destination ends with every message sent and nothing queued
+    /// (a confirmation recorded by one worker must not undo another's: that left a message
+    /// queued for good, with no error and no worker ever sending it again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn destinations_acknowledging_the_same_messages_together_all_finish() {
+        use peers::*;
+        const DESTS: [&str; 3] = ["emr", "ris", "archive"];
+        const N: u64 = 300;
+        let pki = Pki::new();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (spool, ids) = spool_with_messages(dir.path(), &DESTS, N as usize);
+        let mut peers = Vec::new();
+        let mut workers = Vec::new();
+        for name in DESTS {
+            let peer = Peer::start(Some(pki.server()), Mode::Ack).await;
+            workers.push(settings(name, peer.port, Some(pki.client())));
+            peers.push(peer);
+        }
+        let finished = |s: &gateway_spool::Status| {
+            DESTS.iter().all(|d| {
+                s.by_destination
+                    .get(*d)
+                    .is_some_and(|c| (c.sent, c.queued) == (N, 0))
+            })
+        };
+        let ok = run_until(&spool, workers, Duration::from_secs(20), finished).await;
+        let status = spool.status().unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            ok,
+            "not every message sent everywhere: {:?}",
+            status.by_destination
+        );
+        for (name, peer) in DESTS.iter().zip(&peers) {
+            assert_eq!(peer.received(), ids, "{name}: each message once, in order");
+        }
+        assert_eq!(status.by_state.get("sent"), Some(&N));
+    }
+
+    /// A peer that takes the connection and the message but never acknowledges: the worker
+    /// gives up after `ack_timeout`, says so in `spool status`, reconnects and sends again;
+    /// the message stays queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_never_acknowledges_is_given_up_on_after_the_ack_timeout() {
+        use peers::*;
+        let pki = Pki::new();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let peer = Peer::start(Some(pki.server()), Mode::Silent).await;
+        let (spool, ids) = spool_with_messages(dir.path(), &["emr"], 1);
+        let mut s = settings("emr", peer.port, Some(pki.client()));
+        s.ack_timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let retried = |s: &gateway_spool::Status| {
+            s.by_destination.get("emr").is_some_and(|c| {
+                c.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("no acknowledgement within 300ms"))
+            })
+        };
+        let ok = run_until(&spool, vec![s], Duration::from_secs(10), retried).await;
+        assert!(ok, "no ack timeout reported");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let status = spool.status().unwrap_or_else(|e| panic!("{e}"));
+        let emr = status.by_destination.get("emr").map(|c| (c.queued, c.sent));
+        assert_eq!(emr, Some((1, 0)), "the message stays queued");
+        assert_eq!(peer.received().first(), ids.first(), "it was sent");
+    }
+
+    /// A peer that accepts the TCP connection but never answers the TLS handshake: the
+    /// worker gives up after `connect_timeout` and retries on a new connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_never_finishes_the_tls_handshake_is_given_up_on() {
+        use peers::*;
+        let pki = Pki::new();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let peer = Peer::start(None, Mode::Silent).await;
+        let (spool, _) = spool_with_messages(dir.path(), &["emr"], 1);
+        let mut s = settings("emr", peer.port, Some(pki.client()));
+        s.connect_timeout = Duration::from_millis(300);
+        let connections = std::sync::Arc::clone(&peer.connections);
+        let retried = move |s: &gateway_spool::Status| {
+            connections.load(std::sync::atomic::Ordering::SeqCst) >= 2
+                && s.by_destination.get("emr").is_some_and(|c| {
+                    c.last_error.as_deref()
+                        == Some(&*format!(
+                            "TLS handshake with 127.0.0.1:{} timed out",
+                            peer.port
+                        ))
+                })
+        };
+        let ok = run_until(&spool, vec![s], Duration::from_secs(10), retried).await;
+        let status = spool.status().unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            ok,
+            "no handshake timeout and reconnect: {:?}",
+            status.by_destination
+        );
+        let emr = status.by_destination.get("emr").map(|c| (c.queued, c.sent));
+        assert_eq!(emr, Some((1, 0)));
+    }
 }
