@@ -13,6 +13,12 @@
 //! - `queue`: destination || 0x00 || received ms (u64 BE) || sequence (u64 BE) || object id
 //!   -> empty: the objects still queued for each destination, in arrival order (keys written
 //!   before the sequence was added lack it and are still read and removed)
+//!
+//! Invariant: a stored record is changed only by reading, changing and writing it back in
+//! one transaction over `objects` and `queue` ([`Index::update_record`]): the workers of
+//! several destinations confirm the same object at the same moment, and a record read
+//! outside the transaction would be written back stale, undoing another destination's
+//! state while its queue key is already gone.
 
 use std::path::{Path, PathBuf};
 
