@@ -15,7 +15,7 @@
 //!   before the sequence was added lack it and are still read and removed)
 //!
 //! Invariant: a stored record is changed only by reading, changing and writing it back in
-//! one transaction over `objects` and `queue` ([`Index::update_record`]): the workers of
+//! one transaction over `objects` and `queue` (`Index::update_record`): the workers of
 //! several destinations confirm the same object at the same moment, and a record read
 //! outside the transaction would be written back stale, undoing another destination's
 //! state while its queue key is already gone.
@@ -421,7 +421,7 @@ impl Index {
     /// destination is unknown).
     ///
     /// Destinations confirm the same object concurrently (one worker each): the record is
-    /// read and rewritten in one transaction ([`Index::update_record`]), so that one
+    /// read and rewritten in one transaction (`Index::update_record`), so that one
     /// destination's change never overwrites another's with a stale copy.
     pub fn set_delivery(
         &self,
