@@ -13,7 +13,7 @@ use gateway_booking::{
 use gateway_mqtt::{Flow, Handler, Publisher, Session};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::results::{ClinicLink, Incoming, KIND_ACK, KIND_NOTICE, KIND_REPORT, WireAck};
@@ -765,6 +765,7 @@ mod tests {
     use crate::results::{ClinicLink, KIND_NOTICE, WireNotice};
     use gateway_exchange::ExchangeKey;
     use gateway_keystore::MasterKey;
+    use tokio::sync::mpsc;
 
     fn keys(me: &str, mine: u8, peer: &str, theirs: u8) -> Keys {
         let peer_key = ExchangeKey::from_seed([theirs; 32]).public();
