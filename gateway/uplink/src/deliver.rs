@@ -6,7 +6,8 @@
 //! queued objects (and at most [`BATCH_MAX_BYTES`] of them, at least one), unseals them on a
 //! blocking thread, opens ONE association proposing the batch's presentation contexts (one
 //! per SOP class and transfer syntax; the gateway never transcodes) and sends them in queue
-//! order. The association is kept open while objects keep coming and released once the
+//! order. While a batch is sent the next one is read (so at most two batches are in
+//! memory), and each object's spool record runs while the next object is sent. The association is kept open while objects keep coming and released once the
 //! queue has been empty for `idle_release` (default 2 s), so a study arriving instance by
 //! instance from the pull does not open an association per instance. A batch that needs a
 //! context the open association did not propose gets a new association (the old one is
@@ -56,7 +57,8 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
-    Backoff, Idle, Metrics, hold_while_paused, record, sleep_unless_shutdown, wait_for_work,
+    Backoff, Idle, Metrics, RecordError, hold_while_paused, record, sleep_unless_shutdown,
+    wait_for_work,
 };
 
 /// Most objects one batch holds, whatever `batch` says (an association carries at most
@@ -96,6 +98,16 @@ impl DeliverSettings {
             idle_release: Duration::from_secs(2),
         }
     }
+}
+
+/// A batch being read from the spool (dropping it lets the read finish unused).
+type ReadAhead = tokio::task::JoinHandle<Result<Vec<Item>, SpoolError>>;
+
+/// A spool record in flight (the next C-STORE overlaps it).
+struct Recording {
+    /// The object's spool id in hex, for logs.
+    object: String,
+    task: tokio::task::JoinHandle<Result<(), RecordError>>,
 }
 
 /// One queued object, unsealed and ready to send.
@@ -168,17 +180,31 @@ impl DimseDeliveryService {
         let mut wake = self.spool.subscribe();
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let mut paused = self.paused.clone();
+        // The next batch, read while the current one is sent.
+        let mut ahead: Option<ReadAhead> = None;
         while !*shutdown.borrow() {
             if *paused.borrow() {
+                ahead = None;
                 self.close().await;
                 if hold_while_paused("C-STORE delivery", &name, &mut paused, &mut shutdown).await {
                     continue;
                 }
                 break;
             }
-            // Seen before the queue is read: an object committed after the read wakes us.
-            wake.borrow_and_update();
-            let batch = self.next_batch().await.unwrap_or_else(|e| {
+            let mut batch = match ahead.take() {
+                Some(task) => task.await.unwrap_or_else(|_| Ok(Vec::new())),
+                None => Ok(Vec::new()),
+            };
+            if batch.as_ref().is_ok_and(Vec::is_empty) {
+                // Seen before the queue is read: an object committed after the read wakes
+                // us. (A batch read ahead may predate a commit: an empty one is read again.)
+                wake.borrow_and_update();
+                batch = self
+                    .read_batch(HashSet::new())
+                    .await
+                    .unwrap_or_else(|_| Ok(Vec::new()));
+            }
+            let batch = batch.unwrap_or_else(|e| {
                 warn!(destination = %name, error = %e, "cannot read queued objects");
                 Vec::new()
             });
@@ -195,10 +221,13 @@ impl DimseDeliveryService {
                 }
                 continue;
             }
+            ahead = Some(self.read_batch(batch.iter().map(|item| item.id).collect()));
             match self.deliver(batch, &shutdown, &paused).await {
                 Round::Progress => backoff.reset(),
                 Round::Stopped => break,
                 Round::Backoff(reason) => {
+                    // Read again after the wait, in queue order.
+                    ahead = None;
                     self.close().await;
                     warn!(destination = %name, reason, retry_in = ?backoff.step(), "delivery failed; will retry");
                     self.spool.set_destination_error(&name, Some(reason));
@@ -212,16 +241,22 @@ impl DimseDeliveryService {
         info!(destination = %name, "C-STORE delivery stopped");
     }
 
-    /// The oldest queued objects, unsealed, up to the batch limits. An object that cannot
-    /// be unsealed or is no storable Part 10 object is dead-lettered on the way.
-    async fn next_batch(&self) -> Result<Vec<Item>, SpoolError> {
+    /// Starts reading the oldest queued objects but those in `skip` (the batch being sent),
+    /// unsealed, up to the batch limits, on a blocking thread. An object that cannot be
+    /// unsealed or is no storable Part 10 object is dead-lettered on the way.
+    fn read_batch(&self, skip: HashSet<ObjectId>) -> ReadAhead {
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
         let limit = self.settings.batch.clamp(1, BATCH_MAX_OBJECTS);
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::new();
             let mut bytes = 0u64;
-            for id in spool.queued(&name, limit)? {
+            let queued = spool.queued(&name, limit.saturating_add(skip.len()))?;
+            for id in queued
+                .into_iter()
+                .filter(|id| !skip.contains(id))
+                .take(limit)
+            {
                 let plain = match spool.read(&id) {
                     Ok((_, plain)) => plain,
                     Err(e) => {
@@ -246,16 +281,30 @@ impl DimseDeliveryService {
             }
             Ok(batch)
         })
-        .await
-        .unwrap_or_else(|_| Ok(Vec::new()))
     }
 
-    /// Sends a batch in queue order on one association (opened if needed).
+    /// Sends a batch in queue order on one association (opened if needed). Each outcome
+    /// is recorded while the next object is sent; the last one before this returns.
     async fn deliver(
         &mut self,
         batch: Vec<Item>,
         shutdown: &watch::Receiver<bool>,
         paused: &watch::Receiver<bool>,
+    ) -> Round {
+        let mut recording = None;
+        let round = self.send(batch, shutdown, paused, &mut recording).await;
+        match (self.recorded(recording.take()).await, round) {
+            (Err(reason), Round::Progress) => Round::Backoff(reason),
+            (_, round) => round,
+        }
+    }
+
+    async fn send(
+        &mut self,
+        batch: Vec<Item>,
+        shutdown: &watch::Receiver<bool>,
+        paused: &watch::Receiver<bool>,
+        recording: &mut Option<Recording>,
     ) -> Round {
         let needed: HashSet<ObjectContext> = batch.iter().map(|i| i.object.context()).collect();
         let unfit = self
@@ -300,7 +349,9 @@ impl DimseDeliveryService {
                                     sop_class_uid: context.sop_class_uid,
                                     transfer_syntax_uid: context.transfer_syntax_uid,
                                 };
-                                if let Err(reason) = self.settle(&item, Some(&refused)).await {
+                                let previous =
+                                    recording.replace(self.settle(&item, Some(&refused)));
+                                if let Err(reason) = self.recorded(previous).await {
                                     return Round::Backoff(reason);
                                 }
                             }
@@ -316,11 +367,11 @@ impl DimseDeliveryService {
                     if let StoreOutcome::Warning { status } = outcome {
                         debug!(destination = %self.settings.name, object = %item.id.to_hex(), status = format!("{status:04X}"), "stored with a warning");
                     }
-                    self.settle(&item, None).await
+                    recording.replace(self.settle(&item, None))
                 }
                 Err(e) if !e.retryable() => {
                     unproven = false;
-                    self.settle(&item, Some(&e)).await
+                    recording.replace(self.settle(&item, Some(&e)))
                 }
                 Err(e) if unproven && !open.association.is_usable() => {
                     debug!(destination = %self.settings.name, error = %e, "kept-open association is gone: reconnecting");
@@ -331,7 +382,8 @@ impl DimseDeliveryService {
                 }
                 Err(e) => return self.retry(&item, e),
             };
-            if let Err(reason) = settled {
+            // The previous object's record, which ran during this C-STORE.
+            if let Err(reason) = self.recorded(settled).await {
                 return Round::Backoff(reason);
             }
             next = items.next();
@@ -351,11 +403,9 @@ impl DimseDeliveryService {
         Round::Backoff(error.to_string())
     }
 
-    /// Records what the PACS said about an object: `None` stored (it leaves the queue),
-    /// `Some(refusal)` refused for good (dead letter with the reason). `Err` with the
-    /// reason for `spool status` when the spool cannot record it: the object stays queued
-    /// and the destination backs off rather than resending it at once.
-    async fn settle(&self, item: &Item, refusal: Option<&ScuError>) -> Result<(), String> {
+    /// Starts recording what the PACS said about an object: `None` stored (it leaves the
+    /// queue), `Some(refusal)` refused for good (dead letter with the reason).
+    fn settle(&self, item: &Item, refusal: Option<&ScuError>) -> Recording {
         let name = &self.settings.name;
         let object = item.id.to_hex();
         // The PACS answers: `spool status` stops showing the last failure.
@@ -372,13 +422,26 @@ impl DimseDeliveryService {
                 Some(error.to_string())
             }
         };
-        record(&self.spool, name, item.id, reason)
-            .await
-            .map_err(|e| {
-                // Still queued: sent again later, which the PACS takes as the same instance.
-                warn!(destination = %name, object, error = %e, "cannot record delivery state");
-                format!("cannot record the delivery state in the spool: {e}")
-            })
+        let (spool, name, id) = (self.spool.clone(), name.clone(), item.id);
+        Recording {
+            object,
+            task: tokio::spawn(async move { record(&spool, &name, id, reason).await }),
+        }
+    }
+
+    /// Waits for a record to be durable. `Err` with the reason for `spool status` when the
+    /// spool could not record it: the object stays queued and the destination backs off
+    /// rather than resending it at once.
+    async fn recorded(&self, recording: Option<Recording>) -> Result<(), String> {
+        let Some(Recording { object, task }) = recording else {
+            return Ok(());
+        };
+        let result = task.await.unwrap_or_else(|e| Err(RecordError::from(e)));
+        result.map_err(|e| {
+            // Still queued: sent again later, which the PACS takes as the same instance.
+            warn!(destination = %self.settings.name, object, error = %e, "cannot record delivery state");
+            format!("cannot record the delivery state in the spool: {e}")
+        })
     }
 
     /// Releases the open association (an unusable one is just dropped).
