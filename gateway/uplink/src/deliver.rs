@@ -7,8 +7,10 @@
 //! blocking thread, opens ONE association proposing the batch's presentation contexts (one
 //! per SOP class and transfer syntax; the gateway never transcodes) and sends them in queue
 //! order. While a batch is sent the next one is read (so at most two batches are in
-//! memory), and each object's spool record runs while the next object is sent. The association is kept open while objects keep coming and released once the
-//! queue has been empty for `idle_release` (default 2 s), so a study arriving instance by
+//! memory), and each object's spool record runs while the next object is sent.
+//!
+//! The association is kept open while objects keep coming and released once the queue
+//! has been empty for `idle_release` (default 2 s), so a study arriving instance by
 //! instance from the pull does not open an association per instance. A batch that needs a
 //! context the open association did not propose gets a new association (the old one is
 //! released first). If a kept-open association turns out dead at its first use (the PACS
@@ -57,8 +59,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
-    Backoff, Idle, Metrics, RecordError, hold_while_paused, record, sleep_unless_shutdown,
-    wait_for_work,
+    Backoff, Idle, Metrics, RecordError, hold_while_paused, sleep_unless_shutdown, wait_for_work,
 };
 
 /// Most objects one batch holds, whatever `batch` says (an association carries at most
@@ -103,11 +104,13 @@ impl DeliverSettings {
 /// A batch being read from the spool (dropping it lets the read finish unused).
 type ReadAhead = tokio::task::JoinHandle<Result<Vec<Item>, SpoolError>>;
 
-/// A spool record in flight (the next C-STORE overlaps it).
-struct Recording {
-    /// The object's spool id in hex, for logs.
-    object: String,
-    task: tokio::task::JoinHandle<Result<(), RecordError>>,
+/// Outcomes on their way to the spool: those waiting, and one record in flight (with one
+/// index flush for all it holds) that the next C-STOREs overlap.
+#[derive(Default)]
+struct Records {
+    /// Spool id and outcome: `None` stored, `Some(reason)` dead letter.
+    waiting: Vec<(ObjectId, Option<String>)>,
+    flight: Option<tokio::task::JoinHandle<Result<(), RecordError>>>,
 }
 
 /// One queued object, unsealed and ready to send.
@@ -283,28 +286,29 @@ impl DimseDeliveryService {
         })
     }
 
-    /// Sends a batch in queue order on one association (opened if needed). Each outcome
-    /// is recorded while the next object is sent; the last one before this returns.
+    /// Sends a batch in queue order on one association (opened if needed). Outcomes are
+    /// recorded while the next objects are sent; all of them before this returns.
     async fn deliver(
         &mut self,
         batch: Vec<Item>,
         shutdown: &watch::Receiver<bool>,
         paused: &watch::Receiver<bool>,
     ) -> Round {
-        let mut recording = None;
-        let round = self.send(batch, shutdown, paused, &mut recording).await;
-        match (self.recorded(recording.take()).await, round) {
+        let mut records = Records::default();
+        let round = self.send(batch, shutdown, paused, &mut records).await;
+        match (self.record(&mut records, true).await, round) {
             (Err(reason), Round::Progress) => Round::Backoff(reason),
             (_, round) => round,
         }
     }
 
+    /// The C-STOREs of [`Self::deliver`]; outcomes are noted in `records`.
     async fn send(
         &mut self,
         batch: Vec<Item>,
         shutdown: &watch::Receiver<bool>,
         paused: &watch::Receiver<bool>,
-        recording: &mut Option<Recording>,
+        records: &mut Records,
     ) -> Round {
         let needed: HashSet<ObjectContext> = batch.iter().map(|i| i.object.context()).collect();
         let unfit = self
@@ -349,11 +353,7 @@ impl DimseDeliveryService {
                                     sop_class_uid: context.sop_class_uid,
                                     transfer_syntax_uid: context.transfer_syntax_uid,
                                 };
-                                let previous =
-                                    recording.replace(self.settle(&item, Some(&refused)));
-                                if let Err(reason) = self.recorded(previous).await {
-                                    return Round::Backoff(reason);
-                                }
+                                self.settle(records, &item, Some(&refused));
                             }
                             return Round::Progress;
                         }
@@ -361,17 +361,17 @@ impl DimseDeliveryService {
                     }
                 }
             };
-            let settled = match open.association.store(&item.object).await {
+            match open.association.store(&item.object).await {
                 Ok(outcome) => {
                     unproven = false;
                     if let StoreOutcome::Warning { status } = outcome {
                         debug!(destination = %self.settings.name, object = %item.id.to_hex(), status = format!("{status:04X}"), "stored with a warning");
                     }
-                    recording.replace(self.settle(&item, None))
+                    self.settle(records, &item, None);
                 }
                 Err(e) if !e.retryable() => {
                     unproven = false;
-                    recording.replace(self.settle(&item, Some(&e)))
+                    self.settle(records, &item, Some(&e));
                 }
                 Err(e) if unproven && !open.association.is_usable() => {
                     debug!(destination = %self.settings.name, error = %e, "kept-open association is gone: reconnecting");
@@ -382,8 +382,8 @@ impl DimseDeliveryService {
                 }
                 Err(e) => return self.retry(&item, e),
             };
-            // The previous object's record, which ran during this C-STORE.
-            if let Err(reason) = self.recorded(settled).await {
+            // Outcomes so far go to the spool while the next object is sent.
+            if let Err(reason) = self.record(records, false).await {
                 return Round::Backoff(reason);
             }
             next = items.next();
@@ -403,11 +403,11 @@ impl DimseDeliveryService {
         Round::Backoff(error.to_string())
     }
 
-    /// Starts recording what the PACS said about an object: `None` stored (it leaves the
-    /// queue), `Some(refusal)` refused for good (dead letter with the reason).
-    fn settle(&self, item: &Item, refusal: Option<&ScuError>) -> Recording {
+    /// Notes what the PACS said about an object (counted and logged now, recorded in the
+    /// spool by [`Self::record`]): `None` stored (it leaves the queue), `Some(refusal)`
+    /// refused for good (dead letter with the reason).
+    fn settle(&self, records: &mut Records, item: &Item, refusal: Option<&ScuError>) {
         let name = &self.settings.name;
-        let object = item.id.to_hex();
         // The PACS answers: `spool status` stops showing the last failure.
         self.spool.set_destination_error(name, None);
         let size = item.object.data_set().len() as u64;
@@ -417,31 +417,53 @@ impl DimseDeliveryService {
                 None
             }
             Some(error) => {
-                warn!(destination = %name, object, reason = %error, "PACS refused the object: dead letter");
+                warn!(destination = %name, object = %item.id.to_hex(), reason = %error, "PACS refused the object: dead letter");
                 self.metrics.count(name, "failed", 1, size);
                 Some(error.to_string())
             }
         };
-        let (spool, name, id) = (self.spool.clone(), name.clone(), item.id);
-        Recording {
-            object,
-            task: tokio::spawn(async move { record(&spool, &name, id, reason).await }),
-        }
+        records.waiting.push((item.id, reason));
     }
 
-    /// Waits for a record to be durable. `Err` with the reason for `spool status` when the
-    /// spool could not record it: the object stays queued and the destination backs off
-    /// rather than resending it at once.
-    async fn recorded(&self, recording: Option<Recording>) -> Result<(), String> {
-        let Some(Recording { object, task }) = recording else {
-            return Ok(());
-        };
-        let result = task.await.unwrap_or_else(|e| Err(RecordError::from(e)));
-        result.map_err(|e| {
-            // Still queued: sent again later, which the PACS takes as the same instance.
-            warn!(destination = %self.settings.name, object, error = %e, "cannot record delivery state");
-            format!("cannot record the delivery state in the spool: {e}")
-        })
+    /// Moves noted outcomes to the spool: collects a finished record in flight and starts
+    /// one for everything waiting (dead letters one by one, the sent objects with one
+    /// index flush). With `drain`, returns once all is durable. `Err` with the reason for
+    /// `spool status` when the spool could not record: those objects stay queued and the
+    /// destination backs off rather than resending them at once.
+    async fn record(&self, records: &mut Records, drain: bool) -> Result<(), String> {
+        loop {
+            if let Some(flight) = records.flight.take_if(|f| drain || f.is_finished()) {
+                flight
+                    .await
+                    .unwrap_or_else(|e| Err(RecordError::from(e)))
+                    .map_err(|e| {
+                        // Still queued: sent again later, which the PACS takes as the same
+                        // instance.
+                        warn!(destination = %self.settings.name, error = %e, "cannot record delivery state");
+                        format!("cannot record the delivery state in the spool: {e}")
+                    })?;
+            }
+            if records.flight.is_none() && !records.waiting.is_empty() {
+                let (spool, name) = (self.spool.clone(), self.settings.name.clone());
+                let outcomes = std::mem::take(&mut records.waiting);
+                records.flight = Some(tokio::task::spawn_blocking(move || {
+                    let mut sent = Vec::with_capacity(outcomes.len());
+                    for (id, failure) in outcomes {
+                        match failure {
+                            None => sent.push(id),
+                            Some(reason) => spool.mark_failed(&id, &name, &reason)?,
+                        }
+                    }
+                    if !sent.is_empty() {
+                        spool.mark_sent_all(&sent, &name)?;
+                    }
+                    Ok(())
+                }));
+            }
+            if !drain || records.flight.is_none() {
+                return Ok(());
+            }
+        }
     }
 
     /// Releases the open association (an unusable one is just dropped).
