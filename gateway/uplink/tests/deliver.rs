@@ -7,13 +7,12 @@
 //! dir queued for the destination `pacs`, and delivered by a `DimseDeliveryService`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use std::collections::BTreeSet;
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_object::InMemDicomObject;
@@ -621,4 +620,72 @@ async fn a_disabled_gateway_sends_nothing_until_enabled() {
         .await;
     service.stop().await;
     assert_eq!(uids(&pacs.received()), expected);
+}
+
+/// Everything every test of this binary logs from the moment it is installed, at every
+/// level (the SCU's and dicom-ul's own events included).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_name_no_patient_data_whatever_happens() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    )
+    .unwrap();
+
+    let fx = Fixture::new();
+    let port = free_port();
+    let mut uids: Vec<String> = fx.store_cts(9, 0..3).into_iter().collect();
+    for (i, class, data_set_uid) in [(50, UNKNOWN_CLASS, uid(9, 50)), (51, CT, uid(9, 52))] {
+        let u = uid(9, i);
+        fx.store(class, &u, &part10_file(class, &u, &data_set_uid, 100));
+        uids.extend([u, data_set_uid]);
+    }
+    // PACS down first (connection refused), then up without bit preserving (A900).
+    let service = Running::start(&fx.spool, port);
+    fx.wait_for(Duration::from_secs(10), "a connection error", |c| {
+        c.last_error.is_some()
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let _pacs = StoreScp::start(port, out.path(), &[]);
+    fx.wait_for(Duration::from_secs(20), "3 sent, 2 dead letters", |c| {
+        c.sent == 3 && c.failed == 2
+    })
+    .await;
+    service.stop().await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    // The capture works: the failures and deliveries of this test are in it.
+    for expected in [
+        "cannot connect to PACS@127.0.0.1",
+        "status A900",
+        "dead letter",
+    ] {
+        assert!(logs.contains(expected), "{expected:?} not logged:\n{logs}");
+    }
+    for secret in ["ZZTEST", "ZZ-0001", "ACC0001", STUDY]
+        .into_iter()
+        .chain(uids.iter().map(String::as_str))
+    {
+        assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+    }
 }
