@@ -47,7 +47,7 @@
 //! syntax), never instance UIDs.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gateway_dicom::scu::ObjectContext;
 use gateway_dicom::{
@@ -185,6 +185,8 @@ impl DimseDeliveryService {
         let mut paused = self.paused.clone();
         // The next batch, read while the current one is sent.
         let mut ahead: Option<ReadAhead> = None;
+        // Since when the queue is empty under an open association.
+        let mut idle_since: Option<Instant> = None;
         while !*shutdown.borrow() {
             if *paused.borrow() {
                 ahead = None;
@@ -212,18 +214,27 @@ impl DimseDeliveryService {
                 Vec::new()
             });
             if batch.is_empty() {
-                // An open association is kept for `idle_release`, then released.
-                let wait = match self.open {
-                    Some(_) => self.settings.idle_release,
-                    None => Duration::from_secs(30),
-                };
-                match wait_for_work(&mut wake, &mut paused, &mut shutdown, wait).await {
-                    Idle::Shutdown => break,
-                    Idle::Woken => {}
-                    Idle::Quiet => self.close().await,
+                // An open association is kept for `idle_release` of empty queue (counted
+                // from the first empty look: commits for other destinations wake us too).
+                let mut wait = Duration::from_secs(30);
+                if self.open.is_some() {
+                    let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
+                    match self.settings.idle_release.checked_sub(idle) {
+                        Some(left) if !left.is_zero() => wait = left,
+                        _ => {
+                            idle_since = None;
+                            self.close().await;
+                        }
+                    }
+                }
+                if wait_for_work(&mut wake, &mut paused, &mut shutdown, wait).await
+                    == Idle::Shutdown
+                {
+                    break;
                 }
                 continue;
             }
+            idle_since = None;
             ahead = Some(self.read_batch(batch.iter().map(|item| item.id).collect()));
             match self.deliver(batch, &shutdown, &paused).await {
                 Round::Progress => backoff.reset(),

@@ -19,8 +19,8 @@ use dicom_object::InMemDicomObject;
 use gateway_dicom::{ScuSettings, ScuTarget, part10};
 use gateway_keystore::{KEY_LEN, MasterKey};
 use gateway_spool::{
-    Committed, DeliveryState, DestinationCounts, Limits, ObjectId, ObjectKind, ObjectMeta, Route,
-    Spool,
+    Committed, DeliveryState, DestinationCounts, Limits, MessageIn, ObjectId, ObjectKind,
+    ObjectMeta, Route, Spool,
 };
 use gateway_uplink::{DeliverSettings, DimseDeliveryService, Metrics};
 use tokio::sync::watch;
@@ -80,7 +80,11 @@ impl Fixture {
                 max_bytes: 1 << 32,
                 min_free_bytes: 0,
             },
-            vec![Route::new(DEST, ObjectKind::Dicom)],
+            // An HL7 destination too: its messages wake the service without work for it.
+            vec![
+                Route::new(DEST, ObjectKind::Dicom),
+                Route::new("emr", ObjectKind::Hl7),
+            ],
         )
         .unwrap();
         spool.recover().unwrap();
@@ -688,4 +692,56 @@ async fn logs_name_no_patient_data_whatever_happens() {
     {
         assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
     }
+}
+
+/// Established TCP connections whose local port is `port` (the PACS's side of each open
+/// association), from /proc/net/tcp.
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields[1].ends_with(&local) && fields[3] == "01"
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_association_is_released_while_other_traffic_wakes_the_service() {
+    let fx = Fixture::new();
+    let out = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let expected = fx.store_cts(10, 0..2);
+    let service = Running::start_with(&fx.spool, port, |s| {
+        s.idle_release = Duration::from_millis(1500);
+    });
+    fx.wait_for(Duration::from_secs(20), "2 sent", |c| c.sent == 2)
+        .await;
+    assert_eq!(
+        connections_to(port),
+        1,
+        "the association stays open a while"
+    );
+    // HL7 messages for another destination, every 100 ms: each wakes the service.
+    for i in 0..30 {
+        let message =
+            format!("MSH|^~\\&|RIS|CORE|GW|CLINIC|20261206000000||ADT^A08|IDLE{i}|P|2.5\r");
+        let stored = fx.spool.store_messages(&[MessageIn {
+            key: format!("RIS|CORE|IDLE{i}"),
+            message_type: "ADT^A08".into(),
+            charset: "ASCII".into(),
+            source: "127.0.0.1".into(),
+            bytes: message.into_bytes(),
+        }]);
+        assert!(stored[0].is_ok());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(connections_to(port), 0, "released after 1.5 s without work");
+    assert_eq!(metric(&service.registry, "retry"), 0);
+    service.stop().await;
+    assert_eq!(uids(&pacs.received()), expected);
 }
