@@ -745,3 +745,37 @@ async fn an_idle_association_is_released_while_other_traffic_wakes_the_service()
     service.stop().await;
     assert_eq!(uids(&pacs.received()), expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_cut_off_mid_queue_loses_nothing_and_resends_at_most_once() {
+    let fx = Fixture::new();
+    let out = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let expected = fx.store_cts(11, 0..60);
+    for cut_after in [5u64, 25, 45] {
+        let service = Running::start(&fx.spool, port);
+        fx.wait_for(Duration::from_secs(30), "more sent", |c| {
+            c.sent >= cut_after
+        })
+        .await;
+        // As a crash would: the task is dropped at whatever await it is in, no release.
+        service.task.abort();
+        let _ = service.task.await;
+    }
+    let service = Running::start(&fx.spool, port);
+    fx.wait_for(Duration::from_secs(30), "60 sent", |c| c.sent == 60)
+        .await;
+    service.stop().await;
+    let received = pacs.received();
+    // Nothing lost; an object whose response came in just before a cut may come twice
+    // (the PACS keeps one instance per SOP Instance UID), never more.
+    assert_eq!(uids(&received), expected);
+    assert!(
+        received
+            .values()
+            .all(|(copies, _)| (1..=2).contains(copies)),
+        "{:?}",
+        received.values().map(|(c, _)| c).collect::<Vec<_>>()
+    );
+}
