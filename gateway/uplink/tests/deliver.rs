@@ -228,13 +228,29 @@ impl Running {
 /// DCMTK storescp, killed and reaped when dropped.
 struct StoreScp {
     child: Child,
+    port: u16,
     out: PathBuf,
+    /// The output folder when the PACS made its own.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl StoreScp {
+    /// On a free port, writing into a temp dir of its own.
+    fn start(args: &[&str]) -> Self {
+        Self::start_on(free_port(), args)
+    }
+
+    /// On `port`, writing into a temp dir of its own.
+    fn start_on(port: u16, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pacs = Self::start_in(port, dir.path(), args);
+        pacs._dir = Some(dir);
+        pacs
+    }
+
     /// `storescp -aet PACS +xa +uf -od OUT [args] PORT` (unique file names: a resend shows
     /// as a second file), once it listens.
-    fn start(port: u16, out: &Path, args: &[&str]) -> Self {
+    fn start_in(port: u16, out: &Path, args: &[&str]) -> Self {
         std::fs::create_dir_all(out).unwrap();
         let mut child = Command::new("storescp")
             .args(["-aet", "PACS", "+xa", "+uf", "-od"])
@@ -262,7 +278,9 @@ impl StoreScp {
         }
         Self {
             child,
+            port,
             out: out.to_path_buf(),
+            _dir: None,
         }
     }
 
@@ -300,9 +318,8 @@ fn data_set(file: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_object_arrives_once_unchanged_and_is_marked_sent() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start(&["+B"]);
+    let port = pacs.port;
     let mut sent = BTreeMap::new();
     for i in 0..20u32 {
         let (class, pixels) = if i % 4 == 3 {
@@ -394,8 +411,7 @@ async fn pacs_down_at_start_keeps_objects_queued_then_delivers_them() {
     assert!(retries <= 40, "{retries} attempts: no backoff");
 
     // The PACS comes up: the same service delivers, without a restart.
-    let out = tempfile::tempdir().unwrap();
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start_on(port, &["+B"]);
     fx.wait_for(Duration::from_secs(20), "6 sent", |c| c.sent == 6)
         .await;
     assert_eq!(
@@ -411,10 +427,9 @@ async fn pacs_down_at_start_keeps_objects_queued_then_delivers_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_objects_are_dead_letters_and_the_rest_is_delivered() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
     // Not bit-preserving: storescp checks the data set against the request (A900).
-    let pacs = StoreScp::start(port, out.path(), &[]);
+    let pacs = StoreScp::start(&[]);
+    let port = pacs.port;
     let mut expected = fx.store_cts(3, 0..3);
     let unknown_uid = uid(3, 50);
     let unknown = fx.store(
@@ -481,7 +496,7 @@ async fn out_of_resources_keeps_the_object_queued_and_retries() {
     let base = tempfile::tempdir().unwrap();
     let out = base.path().join("store");
     let port = free_port();
-    let pacs = StoreScp::start(port, &out, &[]);
+    let pacs = StoreScp::start_in(port, &out, &[]);
     // storescp answers A700 (out of resources) when it cannot write the file.
     std::fs::remove_dir(&out).unwrap();
     let expected = fx.store_cts(4, 0..3);
@@ -506,10 +521,9 @@ async fn out_of_resources_keeps_the_object_queued_and_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_mid_queue_finishes_the_object_in_hand_and_stops() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
     // Each C-STORE takes a second at this PACS.
-    let pacs = StoreScp::start(port, out.path(), &["+B", "--sleep-after", "1"]);
+    let pacs = StoreScp::start(&["+B", "--sleep-after", "1"]);
+    let port = pacs.port;
     let expected = fx.store_cts(5, 0..10);
     let service = Running::start(&fx.spool, port);
     fx.wait_for(Duration::from_secs(20), "2 sent", |c| c.sent >= 2)
@@ -539,7 +553,7 @@ async fn association_dropped_while_idle_is_reopened_without_backoff() {
     let fx = Fixture::new();
     let out = tempfile::tempdir().unwrap();
     let port = free_port();
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start_in(port, out.path(), &["+B"]);
     let mut expected = fx.store_cts(6, 0..2);
     // The association stays open long after the queue is empty.
     let service = Running::start_with(&fx.spool, port, |s| {
@@ -551,7 +565,7 @@ async fn association_dropped_while_idle_is_reopened_without_backoff() {
         .await;
     // The PACS restarts: the kept-open association is gone.
     drop(pacs);
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start_in(port, out.path(), &["+B"]);
     expected.extend(fx.store_cts(6, 2..4));
     // Well within the 30 s backoff: it reconnected at once.
     fx.wait_for(Duration::from_secs(10), "4 sent", |c| c.sent == 4)
@@ -564,10 +578,9 @@ async fn association_dropped_while_idle_is_reopened_without_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_before_the_response_leaves_the_object_queued() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
     // This PACS takes the C-STORE-RQ and aborts instead of answering.
-    let aborting = StoreScp::start(port, out.path(), &["--abort-after"]);
+    let aborting = StoreScp::start(&["--abort-after"]);
+    let port = aborting.port;
     let expected = fx.store_cts(7, 0..3);
     let service = Running::start(&fx.spool, port);
     fx.wait_for(Duration::from_secs(10), "an abort", |c| {
@@ -584,8 +597,7 @@ async fn an_abort_before_the_response_leaves_the_object_queued() {
     assert_eq!(metric(&service.registry, "sent"), 0);
 
     drop(aborting);
-    let out = tempfile::tempdir().unwrap();
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start_on(port, &["+B"]);
     fx.wait_for(Duration::from_secs(20), "3 sent", |c| c.sent == 3)
         .await;
     service.stop().await;
@@ -595,10 +607,9 @@ async fn an_abort_before_the_response_leaves_the_object_queued() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disabled_gateway_sends_nothing_until_enabled() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
     // Each C-STORE takes a second at this PACS.
-    let pacs = StoreScp::start(port, out.path(), &["+B", "--sleep-after", "1"]);
+    let pacs = StoreScp::start(&["+B", "--sleep-after", "1"]);
+    let port = pacs.port;
     let service = Running::start(&fx.spool, port);
     service.pause.send(true).unwrap();
     let expected = fx.store_cts(8, 0..4);
@@ -669,8 +680,7 @@ async fn logs_name_no_patient_data_whatever_happens() {
         c.last_error.is_some()
     })
     .await;
-    let out = tempfile::tempdir().unwrap();
-    let _pacs = StoreScp::start(port, out.path(), &[]);
+    let _pacs = StoreScp::start_on(port, &[]);
     fx.wait_for(Duration::from_secs(20), "3 sent, 2 dead letters", |c| {
         c.sent == 3 && c.failed == 2
     })
@@ -712,9 +722,8 @@ fn connections_to(port: u16) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_association_is_released_while_other_traffic_wakes_the_service() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start(&["+B"]);
+    let port = pacs.port;
     let expected = fx.store_cts(10, 0..2);
     let service = Running::start_with(&fx.spool, port, |s| {
         s.idle_release = Duration::from_millis(1500);
@@ -749,9 +758,8 @@ async fn an_idle_association_is_released_while_other_traffic_wakes_the_service()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_cut_off_mid_queue_loses_nothing_and_resends_at_most_once() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start(&["+B"]);
+    let port = pacs.port;
     let expected = fx.store_cts(11, 0..60);
     for cut_after in [5u64, 25, 45] {
         let service = Running::start(&fx.spool, port);
