@@ -7,7 +7,9 @@
 //! blocking thread, opens ONE association proposing the batch's presentation contexts (one
 //! per SOP class and transfer syntax; the gateway never transcodes) and sends them in queue
 //! order. While a batch is sent the next one is read (so at most two batches are in
-//! memory), and each object's spool record runs while the next object is sent.
+//! memory), and the outcomes are recorded in the spool in groups (one index flush each)
+//! while the next objects are sent; a batch counts only once all its outcomes are
+//! durable.
 //!
 //! The association is kept open while objects keep coming and released once the queue
 //! has been empty for `idle_release` (default 2 s), so a study arriving instance by
