@@ -6,8 +6,13 @@
 //! queued objects (and at most [`BATCH_MAX_BYTES`] of them, at least one), unseals them on a
 //! blocking thread, opens ONE association proposing the batch's presentation contexts (one
 //! per SOP class and transfer syntax; the gateway never transcodes) and sends them in queue
-//! order. The association is kept open while objects keep coming and released once the
-//! queue has been empty for `idle_release` (default 2 s), so a study arriving instance by
+//! order. While a batch is sent the next one is read (so at most two batches are in
+//! memory), and the outcomes are recorded in the spool in groups (one index flush each)
+//! while the next objects are sent; a batch counts only once all its outcomes are
+//! durable.
+//!
+//! The association is kept open while objects keep coming and released once the queue
+//! has been empty for `idle_release` (default 2 s), so a study arriving instance by
 //! instance from the pull does not open an association per instance. A batch that needs a
 //! context the open association did not propose gets a new association (the old one is
 //! released first). If a kept-open association turns out dead at its first use (the PACS
@@ -44,7 +49,7 @@
 //! syntax), never instance UIDs.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gateway_dicom::scu::ObjectContext;
 use gateway_dicom::{
@@ -56,7 +61,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
-    Backoff, Idle, Metrics, hold_while_paused, record, sleep_unless_shutdown, wait_for_work,
+    Backoff, Idle, Metrics, RecordError, hold_while_paused, sleep_unless_shutdown, wait_for_work,
 };
 
 /// Most objects one batch holds, whatever `batch` says (an association carries at most
@@ -96,6 +101,18 @@ impl DeliverSettings {
             idle_release: Duration::from_secs(2),
         }
     }
+}
+
+/// A batch being read from the spool (dropping it lets the read finish unused).
+type ReadAhead = tokio::task::JoinHandle<Result<Vec<Item>, SpoolError>>;
+
+/// Outcomes on their way to the spool: those waiting, and one record in flight (with one
+/// index flush for all it holds) that the next C-STOREs overlap.
+#[derive(Default)]
+struct Records {
+    /// Spool id and outcome: `None` stored, `Some(reason)` dead letter.
+    waiting: Vec<(ObjectId, Option<String>)>,
+    flight: Option<tokio::task::JoinHandle<Result<(), RecordError>>>,
 }
 
 /// One queued object, unsealed and ready to send.
@@ -168,37 +185,65 @@ impl DimseDeliveryService {
         let mut wake = self.spool.subscribe();
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let mut paused = self.paused.clone();
+        // The next batch, read while the current one is sent.
+        let mut ahead: Option<ReadAhead> = None;
+        // Since when the queue is empty under an open association.
+        let mut idle_since: Option<Instant> = None;
         while !*shutdown.borrow() {
             if *paused.borrow() {
+                ahead = None;
                 self.close().await;
                 if hold_while_paused("C-STORE delivery", &name, &mut paused, &mut shutdown).await {
                     continue;
                 }
                 break;
             }
-            // Seen before the queue is read: an object committed after the read wakes us.
-            wake.borrow_and_update();
-            let batch = self.next_batch().await.unwrap_or_else(|e| {
+            let mut batch = match ahead.take() {
+                Some(task) => task.await.unwrap_or_else(|_| Ok(Vec::new())),
+                None => Ok(Vec::new()),
+            };
+            if batch.as_ref().is_ok_and(Vec::is_empty) {
+                // Seen before the queue is read: an object committed after the read wakes
+                // us. (A batch read ahead may predate a commit: an empty one is read again.)
+                wake.borrow_and_update();
+                batch = self
+                    .read_batch(HashSet::new())
+                    .await
+                    .unwrap_or_else(|_| Ok(Vec::new()));
+            }
+            let batch = batch.unwrap_or_else(|e| {
                 warn!(destination = %name, error = %e, "cannot read queued objects");
                 Vec::new()
             });
             if batch.is_empty() {
-                // An open association is kept for `idle_release`, then released.
-                let wait = match self.open {
-                    Some(_) => self.settings.idle_release,
-                    None => Duration::from_secs(30),
-                };
-                match wait_for_work(&mut wake, &mut paused, &mut shutdown, wait).await {
-                    Idle::Shutdown => break,
-                    Idle::Woken => {}
-                    Idle::Quiet => self.close().await,
+                // An open association is kept for `idle_release` of empty queue (counted
+                // from the first empty look: commits for other destinations wake us too).
+                let mut wait = Duration::from_secs(30);
+                if self.open.is_some() {
+                    let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
+                    match self.settings.idle_release.checked_sub(idle) {
+                        Some(left) if !left.is_zero() => wait = left,
+                        _ => {
+                            idle_since = None;
+                            self.close().await;
+                        }
+                    }
+                }
+                if wait_for_work(&mut wake, &mut paused, &mut shutdown, wait).await
+                    == Idle::Shutdown
+                {
+                    break;
                 }
                 continue;
             }
+            idle_since = None;
+            ahead = Some(self.read_batch(batch.iter().map(|item| item.id).collect()));
             match self.deliver(batch, &shutdown, &paused).await {
                 Round::Progress => backoff.reset(),
                 Round::Stopped => break,
                 Round::Backoff(reason) => {
+                    // Read again after the wait, in queue order.
+                    ahead = None;
                     self.close().await;
                     warn!(destination = %name, reason, retry_in = ?backoff.step(), "delivery failed; will retry");
                     self.spool.set_destination_error(&name, Some(reason));
@@ -212,16 +257,22 @@ impl DimseDeliveryService {
         info!(destination = %name, "C-STORE delivery stopped");
     }
 
-    /// The oldest queued objects, unsealed, up to the batch limits. An object that cannot
-    /// be unsealed or is no storable Part 10 object is dead-lettered on the way.
-    async fn next_batch(&self) -> Result<Vec<Item>, SpoolError> {
+    /// Starts reading the oldest queued objects but those in `skip` (the batch being sent),
+    /// unsealed, up to the batch limits, on a blocking thread. An object that cannot be
+    /// unsealed or is no storable Part 10 object is dead-lettered on the way.
+    fn read_batch(&self, skip: HashSet<ObjectId>) -> ReadAhead {
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
         let limit = self.settings.batch.clamp(1, BATCH_MAX_OBJECTS);
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::new();
             let mut bytes = 0u64;
-            for id in spool.queued(&name, limit)? {
+            let queued = spool.queued(&name, limit.saturating_add(skip.len()))?;
+            for id in queued
+                .into_iter()
+                .filter(|id| !skip.contains(id))
+                .take(limit)
+            {
                 let plain = match spool.read(&id) {
                     Ok((_, plain)) => plain,
                     Err(e) => {
@@ -246,16 +297,31 @@ impl DimseDeliveryService {
             }
             Ok(batch)
         })
-        .await
-        .unwrap_or_else(|_| Ok(Vec::new()))
     }
 
-    /// Sends a batch in queue order on one association (opened if needed).
+    /// Sends a batch in queue order on one association (opened if needed). Outcomes are
+    /// recorded while the next objects are sent; all of them before this returns.
     async fn deliver(
         &mut self,
         batch: Vec<Item>,
         shutdown: &watch::Receiver<bool>,
         paused: &watch::Receiver<bool>,
+    ) -> Round {
+        let mut records = Records::default();
+        let round = self.send(batch, shutdown, paused, &mut records).await;
+        match (self.record(&mut records, true).await, round) {
+            (Err(reason), Round::Progress) => Round::Backoff(reason),
+            (_, round) => round,
+        }
+    }
+
+    /// The C-STOREs of [`Self::deliver`]; outcomes are noted in `records`.
+    async fn send(
+        &mut self,
+        batch: Vec<Item>,
+        shutdown: &watch::Receiver<bool>,
+        paused: &watch::Receiver<bool>,
+        records: &mut Records,
     ) -> Round {
         let needed: HashSet<ObjectContext> = batch.iter().map(|i| i.object.context()).collect();
         let unfit = self
@@ -300,9 +366,7 @@ impl DimseDeliveryService {
                                     sop_class_uid: context.sop_class_uid,
                                     transfer_syntax_uid: context.transfer_syntax_uid,
                                 };
-                                if let Err(reason) = self.settle(&item, Some(&refused)).await {
-                                    return Round::Backoff(reason);
-                                }
+                                self.settle(records, &item, Some(&refused));
                             }
                             return Round::Progress;
                         }
@@ -310,17 +374,17 @@ impl DimseDeliveryService {
                     }
                 }
             };
-            let settled = match open.association.store(&item.object).await {
+            match open.association.store(&item.object).await {
                 Ok(outcome) => {
                     unproven = false;
                     if let StoreOutcome::Warning { status } = outcome {
                         debug!(destination = %self.settings.name, object = %item.id.to_hex(), status = format!("{status:04X}"), "stored with a warning");
                     }
-                    self.settle(&item, None).await
+                    self.settle(records, &item, None);
                 }
                 Err(e) if !e.retryable() => {
                     unproven = false;
-                    self.settle(&item, Some(&e)).await
+                    self.settle(records, &item, Some(&e));
                 }
                 Err(e) if unproven && !open.association.is_usable() => {
                     debug!(destination = %self.settings.name, error = %e, "kept-open association is gone: reconnecting");
@@ -331,7 +395,8 @@ impl DimseDeliveryService {
                 }
                 Err(e) => return self.retry(&item, e),
             };
-            if let Err(reason) = settled {
+            // Outcomes so far go to the spool while the next object is sent.
+            if let Err(reason) = self.record(records, false).await {
                 return Round::Backoff(reason);
             }
             next = items.next();
@@ -351,13 +416,11 @@ impl DimseDeliveryService {
         Round::Backoff(error.to_string())
     }
 
-    /// Records what the PACS said about an object: `None` stored (it leaves the queue),
-    /// `Some(refusal)` refused for good (dead letter with the reason). `Err` with the
-    /// reason for `spool status` when the spool cannot record it: the object stays queued
-    /// and the destination backs off rather than resending it at once.
-    async fn settle(&self, item: &Item, refusal: Option<&ScuError>) -> Result<(), String> {
+    /// Notes what the PACS said about an object (counted and logged now, recorded in the
+    /// spool by [`Self::record`]): `None` stored (it leaves the queue), `Some(refusal)`
+    /// refused for good (dead letter with the reason).
+    fn settle(&self, records: &mut Records, item: &Item, refusal: Option<&ScuError>) {
         let name = &self.settings.name;
-        let object = item.id.to_hex();
         // The PACS answers: `spool status` stops showing the last failure.
         self.spool.set_destination_error(name, None);
         let size = item.object.data_set().len() as u64;
@@ -367,18 +430,53 @@ impl DimseDeliveryService {
                 None
             }
             Some(error) => {
-                warn!(destination = %name, object, reason = %error, "PACS refused the object: dead letter");
+                warn!(destination = %name, object = %item.id.to_hex(), reason = %error, "PACS refused the object: dead letter");
                 self.metrics.count(name, "failed", 1, size);
                 Some(error.to_string())
             }
         };
-        record(&self.spool, name, item.id, reason)
-            .await
-            .map_err(|e| {
-                // Still queued: sent again later, which the PACS takes as the same instance.
-                warn!(destination = %name, object, error = %e, "cannot record delivery state");
-                format!("cannot record the delivery state in the spool: {e}")
-            })
+        records.waiting.push((item.id, reason));
+    }
+
+    /// Moves noted outcomes to the spool: collects a finished record in flight and starts
+    /// one for everything waiting (dead letters one by one, the sent objects with one
+    /// index flush). With `drain`, returns once all is durable. `Err` with the reason for
+    /// `spool status` when the spool could not record: those objects stay queued and the
+    /// destination backs off rather than resending them at once.
+    async fn record(&self, records: &mut Records, drain: bool) -> Result<(), String> {
+        loop {
+            if let Some(flight) = records.flight.take_if(|f| drain || f.is_finished()) {
+                flight
+                    .await
+                    .unwrap_or_else(|e| Err(RecordError::from(e)))
+                    .map_err(|e| {
+                        // Still queued: sent again later, which the PACS takes as the same
+                        // instance.
+                        warn!(destination = %self.settings.name, error = %e, "cannot record delivery state");
+                        format!("cannot record the delivery state in the spool: {e}")
+                    })?;
+            }
+            if records.flight.is_none() && !records.waiting.is_empty() {
+                let (spool, name) = (self.spool.clone(), self.settings.name.clone());
+                let outcomes = std::mem::take(&mut records.waiting);
+                records.flight = Some(tokio::task::spawn_blocking(move || {
+                    let mut sent = Vec::with_capacity(outcomes.len());
+                    for (id, failure) in outcomes {
+                        match failure {
+                            None => sent.push(id),
+                            Some(reason) => spool.mark_failed(&id, &name, &reason)?,
+                        }
+                    }
+                    if !sent.is_empty() {
+                        spool.mark_sent_all(&sent, &name)?;
+                    }
+                    Ok(())
+                }));
+            }
+            if !drain || records.flight.is_none() {
+                return Ok(());
+            }
+        }
     }
 
     /// Releases the open association (an unusable one is just dropped).

@@ -815,6 +815,25 @@ mod tests {
     }
 
     #[test]
+    fn backoff_doubles_up_to_its_cap_and_starts_over_after_a_success() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
+        let steps: Vec<Duration> = (0..5)
+            .map(|_| {
+                let step = backoff.step();
+                let wait = backoff.failed();
+                assert!(
+                    wait >= step.mul_f64(0.8) && wait <= step.mul_f64(1.2),
+                    "{wait:?}"
+                );
+                step
+            })
+            .collect();
+        assert_eq!(steps, [1, 2, 4, 5, 5].map(Duration::from_secs));
+        backoff.reset();
+        assert_eq!(backoff.step(), Duration::from_secs(1));
+    }
+
+    #[test]
     fn jitter_stays_within_twenty_percent() {
         for _ in 0..100 {
             let j = jitter(Duration::from_secs(10));

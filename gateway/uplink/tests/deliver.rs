@@ -7,21 +7,20 @@
 //! dir queued for the destination `pacs`, and delivered by a `DimseDeliveryService`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use std::collections::BTreeSet;
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_object::InMemDicomObject;
 use gateway_dicom::{ScuSettings, ScuTarget, part10};
 use gateway_keystore::{KEY_LEN, MasterKey};
 use gateway_spool::{
-    Committed, DeliveryState, DestinationCounts, Limits, ObjectId, ObjectKind, ObjectMeta, Route,
-    Spool,
+    Committed, DeliveryState, DestinationCounts, Limits, MessageIn, ObjectId, ObjectKind,
+    ObjectMeta, Route, Spool,
 };
 use gateway_uplink::{DeliverSettings, DimseDeliveryService, Metrics};
 use tokio::sync::watch;
@@ -81,7 +80,11 @@ impl Fixture {
                 max_bytes: 1 << 32,
                 min_free_bytes: 0,
             },
-            vec![Route::new(DEST, ObjectKind::Dicom)],
+            // An HL7 destination too: its messages wake the service without work for it.
+            vec![
+                Route::new(DEST, ObjectKind::Dicom),
+                Route::new("emr", ObjectKind::Hl7),
+            ],
         )
         .unwrap();
         spool.recover().unwrap();
@@ -225,13 +228,29 @@ impl Running {
 /// DCMTK storescp, killed and reaped when dropped.
 struct StoreScp {
     child: Child,
+    port: u16,
     out: PathBuf,
+    /// The output folder when the PACS made its own.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl StoreScp {
+    /// On a free port, writing into a temp dir of its own.
+    fn start(args: &[&str]) -> Self {
+        Self::start_on(free_port(), args)
+    }
+
+    /// On `port`, writing into a temp dir of its own.
+    fn start_on(port: u16, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pacs = Self::start_in(port, dir.path(), args);
+        pacs._dir = Some(dir);
+        pacs
+    }
+
     /// `storescp -aet PACS +xa +uf -od OUT [args] PORT` (unique file names: a resend shows
     /// as a second file), once it listens.
-    fn start(port: u16, out: &Path, args: &[&str]) -> Self {
+    fn start_in(port: u16, out: &Path, args: &[&str]) -> Self {
         std::fs::create_dir_all(out).unwrap();
         let mut child = Command::new("storescp")
             .args(["-aet", "PACS", "+xa", "+uf", "-od"])
@@ -259,7 +278,9 @@ impl StoreScp {
         }
         Self {
             child,
+            port,
             out: out.to_path_buf(),
+            _dir: None,
         }
     }
 
@@ -297,9 +318,8 @@ fn data_set(file: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_object_arrives_once_unchanged_and_is_marked_sent() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start(&["+B"]);
+    let port = pacs.port;
     let mut sent = BTreeMap::new();
     for i in 0..20u32 {
         let (class, pixels) = if i % 4 == 3 {
@@ -391,8 +411,7 @@ async fn pacs_down_at_start_keeps_objects_queued_then_delivers_them() {
     assert!(retries <= 40, "{retries} attempts: no backoff");
 
     // The PACS comes up: the same service delivers, without a restart.
-    let out = tempfile::tempdir().unwrap();
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start_on(port, &["+B"]);
     fx.wait_for(Duration::from_secs(20), "6 sent", |c| c.sent == 6)
         .await;
     assert_eq!(
@@ -408,10 +427,9 @@ async fn pacs_down_at_start_keeps_objects_queued_then_delivers_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_objects_are_dead_letters_and_the_rest_is_delivered() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
     // Not bit-preserving: storescp checks the data set against the request (A900).
-    let pacs = StoreScp::start(port, out.path(), &[]);
+    let pacs = StoreScp::start(&[]);
+    let port = pacs.port;
     let mut expected = fx.store_cts(3, 0..3);
     let unknown_uid = uid(3, 50);
     let unknown = fx.store(
@@ -478,7 +496,7 @@ async fn out_of_resources_keeps_the_object_queued_and_retries() {
     let base = tempfile::tempdir().unwrap();
     let out = base.path().join("store");
     let port = free_port();
-    let pacs = StoreScp::start(port, &out, &[]);
+    let pacs = StoreScp::start_in(port, &out, &[]);
     // storescp answers A700 (out of resources) when it cannot write the file.
     std::fs::remove_dir(&out).unwrap();
     let expected = fx.store_cts(4, 0..3);
@@ -503,10 +521,9 @@ async fn out_of_resources_keeps_the_object_queued_and_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_mid_queue_finishes_the_object_in_hand_and_stops() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
     // Each C-STORE takes a second at this PACS.
-    let pacs = StoreScp::start(port, out.path(), &["+B", "--sleep-after", "1"]);
+    let pacs = StoreScp::start(&["+B", "--sleep-after", "1"]);
+    let port = pacs.port;
     let expected = fx.store_cts(5, 0..10);
     let service = Running::start(&fx.spool, port);
     fx.wait_for(Duration::from_secs(20), "2 sent", |c| c.sent >= 2)
@@ -536,7 +553,7 @@ async fn association_dropped_while_idle_is_reopened_without_backoff() {
     let fx = Fixture::new();
     let out = tempfile::tempdir().unwrap();
     let port = free_port();
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start_in(port, out.path(), &["+B"]);
     let mut expected = fx.store_cts(6, 0..2);
     // The association stays open long after the queue is empty.
     let service = Running::start_with(&fx.spool, port, |s| {
@@ -548,7 +565,7 @@ async fn association_dropped_while_idle_is_reopened_without_backoff() {
         .await;
     // The PACS restarts: the kept-open association is gone.
     drop(pacs);
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start_in(port, out.path(), &["+B"]);
     expected.extend(fx.store_cts(6, 2..4));
     // Well within the 30 s backoff: it reconnected at once.
     fx.wait_for(Duration::from_secs(10), "4 sent", |c| c.sent == 4)
@@ -561,10 +578,9 @@ async fn association_dropped_while_idle_is_reopened_without_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_before_the_response_leaves_the_object_queued() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
     // This PACS takes the C-STORE-RQ and aborts instead of answering.
-    let aborting = StoreScp::start(port, out.path(), &["--abort-after"]);
+    let aborting = StoreScp::start(&["--abort-after"]);
+    let port = aborting.port;
     let expected = fx.store_cts(7, 0..3);
     let service = Running::start(&fx.spool, port);
     fx.wait_for(Duration::from_secs(10), "an abort", |c| {
@@ -581,8 +597,7 @@ async fn an_abort_before_the_response_leaves_the_object_queued() {
     assert_eq!(metric(&service.registry, "sent"), 0);
 
     drop(aborting);
-    let out = tempfile::tempdir().unwrap();
-    let pacs = StoreScp::start(port, out.path(), &["+B"]);
+    let pacs = StoreScp::start_on(port, &["+B"]);
     fx.wait_for(Duration::from_secs(20), "3 sent", |c| c.sent == 3)
         .await;
     service.stop().await;
@@ -592,10 +607,9 @@ async fn an_abort_before_the_response_leaves_the_object_queued() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disabled_gateway_sends_nothing_until_enabled() {
     let fx = Fixture::new();
-    let out = tempfile::tempdir().unwrap();
-    let port = free_port();
     // Each C-STORE takes a second at this PACS.
-    let pacs = StoreScp::start(port, out.path(), &["+B", "--sleep-after", "1"]);
+    let pacs = StoreScp::start(&["+B", "--sleep-after", "1"]);
+    let port = pacs.port;
     let service = Running::start(&fx.spool, port);
     service.pause.send(true).unwrap();
     let expected = fx.store_cts(8, 0..4);
@@ -621,4 +635,155 @@ async fn a_disabled_gateway_sends_nothing_until_enabled() {
         .await;
     service.stop().await;
     assert_eq!(uids(&pacs.received()), expected);
+}
+
+/// Everything every test of this binary logs from the moment it is installed, at every
+/// level (the SCU's and dicom-ul's own events included).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_name_no_patient_data_whatever_happens() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    )
+    .unwrap();
+
+    let fx = Fixture::new();
+    let port = free_port();
+    let mut uids: Vec<String> = fx.store_cts(9, 0..3).into_iter().collect();
+    for (i, class, data_set_uid) in [(50, UNKNOWN_CLASS, uid(9, 50)), (51, CT, uid(9, 52))] {
+        let u = uid(9, i);
+        fx.store(class, &u, &part10_file(class, &u, &data_set_uid, 100));
+        uids.extend([u, data_set_uid]);
+    }
+    // PACS down first (connection refused), then up without bit preserving (A900).
+    let service = Running::start(&fx.spool, port);
+    fx.wait_for(Duration::from_secs(10), "a connection error", |c| {
+        c.last_error.is_some()
+    })
+    .await;
+    let _pacs = StoreScp::start_on(port, &[]);
+    fx.wait_for(Duration::from_secs(20), "3 sent, 2 dead letters", |c| {
+        c.sent == 3 && c.failed == 2
+    })
+    .await;
+    service.stop().await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    // The capture works: the failures and deliveries of this test are in it.
+    for expected in [
+        "cannot connect to PACS@127.0.0.1",
+        "status A900",
+        "dead letter",
+    ] {
+        assert!(logs.contains(expected), "{expected:?} not logged:\n{logs}");
+    }
+    for secret in ["ZZTEST", "ZZ-0001", "ACC0001", STUDY]
+        .into_iter()
+        .chain(uids.iter().map(String::as_str))
+    {
+        assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+    }
+}
+
+/// Established TCP connections whose local port is `port` (the PACS's side of each open
+/// association), from /proc/net/tcp.
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields[1].ends_with(&local) && fields[3] == "01"
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_association_is_released_while_other_traffic_wakes_the_service() {
+    let fx = Fixture::new();
+    let pacs = StoreScp::start(&["+B"]);
+    let port = pacs.port;
+    let expected = fx.store_cts(10, 0..2);
+    let service = Running::start_with(&fx.spool, port, |s| {
+        s.idle_release = Duration::from_millis(1500);
+    });
+    fx.wait_for(Duration::from_secs(20), "2 sent", |c| c.sent == 2)
+        .await;
+    assert_eq!(
+        connections_to(port),
+        1,
+        "the association stays open a while"
+    );
+    // HL7 messages for another destination, every 100 ms: each wakes the service.
+    for i in 0..30 {
+        let message =
+            format!("MSH|^~\\&|RIS|CORE|GW|CLINIC|20261206000000||ADT^A08|IDLE{i}|P|2.5\r");
+        let stored = fx.spool.store_messages(&[MessageIn {
+            key: format!("RIS|CORE|IDLE{i}"),
+            message_type: "ADT^A08".into(),
+            charset: "ASCII".into(),
+            source: "127.0.0.1".into(),
+            bytes: message.into_bytes(),
+        }]);
+        assert!(stored[0].is_ok());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(connections_to(port), 0, "released after 1.5 s without work");
+    assert_eq!(metric(&service.registry, "retry"), 0);
+    service.stop().await;
+    assert_eq!(uids(&pacs.received()), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_cut_off_mid_queue_loses_nothing_and_resends_at_most_once() {
+    let fx = Fixture::new();
+    let pacs = StoreScp::start(&["+B"]);
+    let port = pacs.port;
+    let expected = fx.store_cts(11, 0..60);
+    for cut_after in [5u64, 25, 45] {
+        let service = Running::start(&fx.spool, port);
+        fx.wait_for(Duration::from_secs(30), "more sent", |c| {
+            c.sent >= cut_after
+        })
+        .await;
+        // As a crash would: the task is dropped at whatever await it is in, no release.
+        service.task.abort();
+        let _ = service.task.await;
+    }
+    let service = Running::start(&fx.spool, port);
+    fx.wait_for(Duration::from_secs(30), "60 sent", |c| c.sent == 60)
+        .await;
+    service.stop().await;
+    let received = pacs.received();
+    // Nothing lost; an object whose response came in just before a cut may come twice
+    // (the PACS keeps one instance per SOP Instance UID), never more.
+    assert_eq!(uids(&received), expected);
+    assert!(
+        received
+            .values()
+            .all(|(copies, _)| (1..=2).contains(copies)),
+        "{:?}",
+        received.values().map(|(c, _)| c).collect::<Vec<_>>()
+    );
 }
