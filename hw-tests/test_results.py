@@ -15,10 +15,13 @@ RIS sends an ORU^R01 over MLLP.
   from the clinic); the kiosk shows 60 received / 60 delivered and the report
   received/delivered; the broker, mosquitto's log and both gateways' logs hold no patient
   name, id, accession, study UID or report text in clear;
-- kill -9 of the clinic during the pull (nginx paces the cloud's answers so the pull lasts)
-  and again during the delivery: everything arrives, pulled once into the spool, delivered
-  once (one resend allowed for the instance in flight at the delivery kill: the delivery is
-  at-least-once across a crash, the PACS dedupes by SOP Instance UID);
+- kill -9 of the clinic during the pull (nginx paces the cloud's answers so the pull lasts;
+  the PACS is down then, so the pull is all that runs) and again during the delivery:
+  everything arrives, pulled once into the spool, delivered once but for at most one resend.
+  The delivery kill lands as soon as the PACS has written its first file, i.e. in the window
+  between the PACS's write and the gateway recording its success, the worst moment: the
+  delivery is at-least-once across a crash (the PACS dedupes by SOP Instance UID), so the
+  instance in flight may come twice, nothing else;
 - the cloud (Orthanc) down when the clinic pulls, the PACS down, the broker down while the
   core notifies: each its own test, everything exactly once in the end, nothing restarted
   by hand but the peer that was down;
