@@ -133,6 +133,10 @@ def test_a_booked_study_and_its_report_come_back_once_with_the_clinics_patient_i
                            lambda s: (s["images_received"], s["images_delivered"], s["report_received"],
                                       s["report_delivered"]) == (60, 60, True, True), 30)
     assert state["announced"] == 60 and state["status"] == "available", state
+    # "complete": the final report (OBR-25 = F) or `complete_after` (5 s) without new instances.
+    env.wait_kiosk(b.clerk, b.appointment_id, "the study complete", lambda s: s["raw"].get("complete") is True, 30)
+    shown = json.dumps(imaging_study(b.clerk, b.appointment_id))
+    assert f"urn:oid:{study.study_uid}" in shown and b.accession in shown, f"the kiosk's ImagingStudy: {shown}"
 
     # Nothing of the patient in clear: on the broker, in mosquitto's log (topics), in the logs.
     time.sleep(1.0)
