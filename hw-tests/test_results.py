@@ -43,6 +43,7 @@ import time
 
 import pytest
 
+import gw
 import results_env
 from results_env import (CORE, CORE_ISSUER, CORE_PATIENT_ID, PACS_DEST, PATIENT, REPORT, EnvFactory,
                          assert_no_clear, imaging_study, pid3_repetitions)
@@ -137,6 +138,24 @@ def test_a_booked_study_and_its_report_come_back_once_with_the_clinics_patient_i
     env.wait_kiosk(b.clerk, b.appointment_id, "the study complete", lambda s: s["raw"].get("complete") is True, 30)
     shown = json.dumps(imaging_study(b.clerk, b.appointment_id))
     assert f"urn:oid:{study.study_uid}" in shown and b.accession in shown, f"the kiosk's ImagingStudy: {shown}"
+
+    # /metrics: results by state at the clinic (refreshed every 30 s at the latest), what the
+    # core sent and had acknowledged; `spool status` names the results queues.
+    def clinic_instances():
+        m = g.metrics()
+        got = {s: gw.metric_values(m, "gateway_results_instances", state=s)
+               for s in ("announced", "received", "delivered", "failed")}
+        return got == {"announced": [60.0], "received": [60.0], "delivered": [60.0], "failed": [0.0]}, got
+    poll("gateway_results_instances at the clinic", clinic_instances, 45)
+    core_m = env.core.metrics()
+    for kind in ("notice", "report"):
+        assert gw.metric_values(core_m, "gateway_results_messages_total", kind=kind, outcome="acknowledged"), kind
+        assert gw.metric_values(core_m, "gateway_results_pending", kind=kind) == [0.0], kind
+    recorded = gw.metric_values(g.metrics(), "gateway_results_messages_total", kind="report", outcome="recorded")
+    assert recorded == [1.0], recorded
+    core_dest = env.core.status().get("by_destination", {})
+    assert core_dest.get("core-results", {}).get("queued") == 0 and core_dest["core-results"].get("sent") == 60, core_dest
+    assert core_dest.get("core-reports", {}).get("sent") == 1, core_dest
 
     # Nothing of the patient in clear: on the broker, in mosquitto's log (topics), in the logs.
     time.sleep(1.0)
