@@ -354,6 +354,12 @@ impl Scu {
             Ok(Err(e)) => return Err(establish_error(e, peer, s, contexts.len())),
             Ok(Ok(inner)) => inner,
         };
+        let mut inner = inner;
+        // Each C-STORE ends with a short segment; with Nagle on it would wait for the PACS's
+        // delayed ACK (tens of ms per object). A failure to set it only costs speed.
+        if let Err(e) = inner.inner_stream().set_nodelay(true) {
+            debug!(peer = %peer, error = %e, "TCP_NODELAY not set on the C-STORE connection");
+        }
         info!(
             peer = %peer,
             calling_ae = %self.target.calling_ae,

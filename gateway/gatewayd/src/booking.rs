@@ -343,6 +343,7 @@ async fn clinic_results(
         })
         .collect();
     let clinic_settings = gateway_results::clinic::ClinicSettings {
+        pull_concurrency: source.max_concurrent_requests,
         core: core.to_owned(),
         rewrite_patient_id: results.rewrite_patient_id,
         issuer: results.patient_id_issuer.clone(),

@@ -63,6 +63,9 @@ pub struct ClinicSettings {
     pub image_destinations: Vec<String>,
     /// The mllp-tls uplinks reports go to (for the delivered state).
     pub report_destinations: Vec<String>,
+    /// Instances retrieved at once (the source uplink's `max_concurrent_requests`): no
+    /// more retrievals, writer threads or buffers than that are alive at a time.
+    pub pull_concurrency: usize,
 }
 
 /// The report as kept for the kiosk (sealed with the rest).
@@ -429,6 +432,11 @@ impl ClinicResults {
                     issuer: self.settings.issuer.clone(),
                 }
             });
+            while tasks.len() >= self.settings.pull_concurrency.max(1) {
+                if let Some(done) = tasks.join_next().await {
+                    ids.push(done??);
+                }
+            }
             let (pull, spool) = (self.pull.clone(), self.spool.clone());
             tasks.spawn(async move { pull_one(&pull, &spool, r, identity).await });
         }

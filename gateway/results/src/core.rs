@@ -37,6 +37,8 @@ const STATE_FILE: &str = "core.sealed";
 const STATE_ROLE: &str = "core results";
 /// Objects looked at per pass.
 const BATCH: usize = 256;
+/// A newer notice of one appointment goes out at most this often.
+const NOTICE_GAP: Duration = Duration::from_secs(2);
 
 /// What the core's results service needs from the configuration.
 #[derive(Debug, Clone)]
@@ -104,8 +106,9 @@ pub struct CoreResults {
     state: CoreState,
     outgoing: mpsc::Sender<Outgoing>,
     acks: mpsc::Receiver<(String, WireAck)>,
-    /// When each notice / report was last handed over (appointment or report id).
-    sent_at: HashMap<String, Instant>,
+    /// When each notice / report was last handed over (appointment or report id), and for
+    /// a notice its `seq`.
+    sent_at: HashMap<String, (Instant, u64)>,
     metrics: crate::Metrics,
 }
 
@@ -358,13 +361,17 @@ impl CoreResults {
     /// Hands every due notice and report to the exchange.
     async fn send_due(&mut self) {
         let resend = self.settings.resend_after;
-        let due = |sent_at: &HashMap<String, Instant>, key: &str| {
-            sent_at.get(key).is_none_or(|at| at.elapsed() >= resend)
+        // A newer notice goes out at most every NOTICE_GAP; the same one again after
+        // `resend_after`; a report again after `resend_after`.
+        let due = |sent_at: &HashMap<String, (Instant, u64)>, key: &str, seq: u64| {
+            sent_at.get(key).is_none_or(|(at, sent)| {
+                at.elapsed() >= resend || (*sent < seq && at.elapsed() >= NOTICE_GAP)
+            })
         };
         let mut out = Vec::new();
         let mut reports = Vec::new();
         for (id, t) in &self.state.appointments {
-            if t.seq > t.acked_seq && due(&self.sent_at, id) {
+            if t.seq > t.acked_seq && due(&self.sent_at, id, t.seq) {
                 out.push((
                     id.clone(),
                     Outgoing::Notice {
@@ -381,7 +388,7 @@ impl CoreResults {
                 ));
             }
             for (report, acked) in &t.reports {
-                if !acked && due(&self.sent_at, report) {
+                if !acked && due(&self.sent_at, report, 0) {
                     reports.push((
                         id.clone(),
                         t.clinic.clone(),
@@ -415,14 +422,14 @@ impl CoreResults {
             }
         }
         for (key, message) in out {
-            let kind = match &message {
-                Outgoing::Notice { .. } => "notice",
-                Outgoing::Report { .. } => "report",
+            let (kind, seq) = match &message {
+                Outgoing::Notice { notice, .. } => ("notice", notice.seq),
+                Outgoing::Report { .. } => ("report", 0),
             };
             match self.outgoing.try_send(message) {
                 Ok(()) => {
                     self.metrics.message(kind, "sent");
-                    self.sent_at.insert(key, Instant::now());
+                    self.sent_at.insert(key, (Instant::now(), seq));
                 }
                 Err(_) => {
                     debug!("results (core): the exchange is busy; sent at a later pass");
