@@ -275,7 +275,7 @@ http {{
         client_max_body_size 0;
 
         location / {{
-            proxy_pass http://127.0.0.1:{upstream_port};
+{limit_rate}            proxy_pass http://127.0.0.1:{upstream_port};
             proxy_http_version 1.1;
             proxy_request_buffering off;
             proxy_read_timeout 300s;
@@ -291,8 +291,12 @@ http {{
 class Nginx:
     """nginx terminating mutual TLS on 127.0.0.1 and proxying to ``upstream_port``."""
 
-    def __init__(self, dir: Path | str, ca: pki.CA, upstream_port: int, client_ca: pki.CA | None = None):
+    def __init__(self, dir: Path | str, ca: pki.CA, upstream_port: int, client_ca: pki.CA | None = None,
+                 limit_rate: str | None = None):
+        """``limit_rate``: nginx's per-connection cap on what it sends to a client (e.g.
+        ``"2m"`` = 2 MB/s), to make a download last long enough to interrupt."""
         self.dir = Path(dir)
+        self.limit_rate = limit_rate
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ca = ca
         # The CA client certificates must chain to (default: ``ca``); change it and
@@ -320,6 +324,7 @@ class Nginx:
         self.conf_path.write_text(NGINX_CONF.format(
             user=user, dir=self.dir, port=self.port, cert=server.cert, key=server.key, ca=self.client_ca.cert,
             upstream_port=self.upstream_port,
+            limit_rate=f"            limit_rate {self.limit_rate};\n" if self.limit_rate else "",
         ))
 
     def command(self, *extra: str) -> list[str]:
@@ -371,11 +376,12 @@ class Ingress:
     IP 127.0.0.1, so ``ca.cert`` is the CA file a client verifies it with.
     """
 
-    def __init__(self, dir: Path | str, ca: pki.CA, lua_scripts: list[Path | str] | None = None):
+    def __init__(self, dir: Path | str, ca: pki.CA, lua_scripts: list[Path | str] | None = None,
+                 limit_rate: str | None = None):
         self.dir = Path(dir)
         self.ca = ca
         self.orthanc = Orthanc(self.dir / "orthanc", lua_scripts=lua_scripts)
-        self.nginx = Nginx(self.dir / "nginx", ca, self.orthanc.http_port)
+        self.nginx = Nginx(self.dir / "nginx", ca, self.orthanc.http_port, limit_rate=limit_rate)
 
     @property
     def url(self) -> str:
