@@ -75,6 +75,8 @@ COMPLETE_AFTER_S = 5
 SIZES = (("ct512", 512, 0.70), ("ct256", 256, 0.20), ("ct1024", 1024, 0.10))
 TIMEOUT_S = 600
 NOTICE_LINE = "results notice recorded"
+PULLED_LINE = "announced results pulled into the spool"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------
@@ -243,6 +245,23 @@ def vm_hwm_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def commit_steps(g: gw.Gateway) -> dict[str, tuple[float, float]]:
+    """``gateway_spool_commit_step_seconds`` of a gatewayd: step -> (sum s, count)."""
+    out: dict[str, list[float]] = {}
+    for name, labels, v in g.metrics():
+        for suffix, idx in (("_sum", 0), ("_count", 1)):
+            if name == "gateway_spool_commit_step_seconds" + suffix:
+                out.setdefault(labels.get("step", "?"), [0.0, 0.0])[idx] += v
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
 def gatewayd_route(env: ResultsEnv, study: Study) -> dict:
     g = env.gateway(CLINIC)
     pacs = env.clinics[CLINIC].pacs
@@ -267,6 +286,7 @@ def gatewayd_route(env: ResultsEnv, study: Study) -> dict:
         time.sleep(0.02)
     t_end = time.time()
     hwm = max(hwm, vm_hwm_kib(g.pid))
+    cpu = cpu_seconds(g.pid)
     with open(g.log_path, "rb") as f:
         f.seek(log_before)
         lines = f.read().decode("utf-8", errors="replace").splitlines()
@@ -274,6 +294,7 @@ def gatewayd_route(env: ResultsEnv, study: Study) -> dict:
     if not notices:
         raise RuntimeError(f"no {NOTICE_LINE!r} line in the clinic's log")
     t_notice = log_time(notices[0])
+    pulled = [log_time(line) for line in lines if PULLED_LINE in line]
     # Settle: a duplicate or a late file would show.
     time.sleep(2)
     received = pacs.received()
@@ -286,7 +307,9 @@ def gatewayd_route(env: ResultsEnv, study: Study) -> dict:
     dest = st.get("by_destination", {}).get(PACS_DEST, {})
     if dest.get("sent") != n:
         raise RuntimeError(f"the clinic's spool does not say {n} sent to {PACS_DEST!r}: {st}")
-    return {"from_notice": t_end - t_notice, "from_start": t_end - t_start, "start_to_notice": t_notice - t_start,
+    steps = commit_steps(g)
+    return {"from_notice": t_end - t_notice, "pulled": (pulled[0] - t_notice) if pulled else float("nan"),
+            "pulls": len(pulled), "cpu": cpu, "steps": steps, "from_start": t_end - t_start, "start_to_notice": t_notice - t_start,
             "hwm_mib": hwm / 1024, "notices": len(notices), "first_notice": notices[0].split(NOTICE_LINE, 1)[1].strip(),
             "status": dest}
 
@@ -420,6 +443,17 @@ def main() -> int:
         mix = ", ".join(f"{c} x {side}x{side}" for (_, side, _), c in zip(SIZES, counts))
         hwm = ", ".join(f"{r['gatewayd']['hwm_mib']:.1f}" for r in runs)
         dcmtk = subprocess.run(["storescu", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        dcmtk = "DCMTK " + (re.search(r"v(\d[\d.]*)", dcmtk) or re.search(r"(.*)", dcmtk)).group(1)
+        steps: dict[str, list[float]] = {}
+        for r in runs:
+            for k, (total, count) in r["gatewayd"]["steps"].items():
+                acc = steps.setdefault(k, [0.0, 0.0])
+                acc[0] += total
+                acc[1] += count
+        tails = ", ".join(f"{r['gatewayd']['from_notice'] - r['gatewayd']['pulled']:.2f}" for r in runs)
+        pulls = ", ".join(str(r["gatewayd"]["pulls"]) for r in runs)
+        notices = ", ".join(str(r["gatewayd"]["notices"]) for r in runs)
+        step_text = ", ".join(f"{k} {1000 * t / c:.2f} ms" for k, (t, c) in sorted(steps.items()) if c) or "none"
         md = [
             f"# Results-return benchmark ({started.isoformat()})",
             "",
@@ -443,6 +477,10 @@ def main() -> int:
             f"(the notice waits in the clinic's persistent MQTT session). First notice recorded: "
             f"{runs[0]['gatewayd']['first_notice']}. Peak RSS (VmHWM) of the clinic gatewayd: "
             f"{hwm} MiB.",
+            f"Where the gatewayd time goes: all {n} in the clinic's spool (its first \"{PULLED_LINE}\" line) "
+            f"{each('gatewayd', 'pulled')} s after the notice, so the C-STORE tail after the pull is "
+            f"{tails} s; pulls per run {pulls}, notices recorded {notices}; clinic CPU (utime+stime from start to the "
+            f"last file) {each('gatewayd', 'cpu')} s; spool commit steps, mean per object over all runs: {step_text}.",
             f"Before the clocks: storescu -> core {each('core_ingest')} s, until the cloud held all {n}: "
             f"{each('to_cloud')} s.",
             f"Checked each run: the PACS folder holds exactly {n} files, each SOP Instance UID of the study once; the "
