@@ -74,6 +74,7 @@ COMPLETE_AFTER_S = 5
 # (kind, side, share of the study): 350/100/50 of 500.
 SIZES = (("ct512", 512, 0.70), ("ct256", 256, 0.20), ("ct1024", 1024, 0.10))
 TIMEOUT_S = 600
+ORIG_DCMTK_ENV = scu.dcmtk_env
 NOTICE_LINE = "results notice recorded"
 PULLED_LINE = "announced results pulled into the spool"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -152,9 +153,9 @@ def curl_tls(env: ResultsEnv) -> list[str]:
 MULTIPART_ACCEPT = 'header = "Accept: multipart/related; type=\\"application/dicom\\"; transfer-syntax=*"'
 
 
-def manual(env: ResultsEnv, study: Study, mode: str, work: Path, commands: dict[str, str]) -> float:
+def manual(env: ResultsEnv, study: Study, mode: str, work: Path, commands: dict[str, str]) -> tuple[float, float]:
     """The manual route ``mode`` ("a": per instance, "b": one request) into a fresh
-    storescp; returns its wall time (s) after checking the PACS folder."""
+    storescp; returns (wall time, of which curl + split) in s after checking the PACS folder."""
     work.mkdir(parents=True)
     parts = work / "parts"
     parts.mkdir()
@@ -200,8 +201,10 @@ def manual(env: ResultsEnv, study: Study, mode: str, work: Path, commands: dict[
         if got != n:
             raise RuntimeError(f"WADO-RS ({mode}) gave {got} instances, expected {n}")
         paths = sorted(files.iterdir())
+        t_fetched = time.perf_counter()
         cmd = scu.storescu_cmd(pacs.port, paths, calling="GATEWAY", called=pacs.aet)
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=scu.dcmtk_env(),
+        # storescu with DCMTK's defaults, whatever the PACS was started with.
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=ORIG_DCMTK_ENV(),
                            stdin=subprocess.DEVNULL)
         dt = time.perf_counter() - t0
         if r.returncode != 0 or re.search(r"Store Failed|Status: [1-9A-F]", r.stdout + r.stderr):
@@ -216,7 +219,7 @@ def manual(env: ResultsEnv, study: Study, mode: str, work: Path, commands: dict[
         if len(pacs.files()) != n or set(received) != study.uids:
             raise RuntimeError(f"manual ({mode}): storescp holds {len(pacs.files())} files, "
                                f"{len(set(received) & study.uids)} of the study's {n} instances")
-        return dt
+        return dt, t_fetched - t0
     finally:
         pacs.stop()
         pacs.cleanup()
@@ -370,7 +373,8 @@ def one_run(i: int, root: Path, ca: pki.CA, n: int, seed: int, order: list[str])
                 out["gatewayd"] = gatewayd_route(env, study)
             else:
                 mode = name[-2]
-                out[name] = manual(env, study, mode, run_dir / f"manual-{mode}", out["commands"])
+                out[name], out[name + " fetch"] = manual(env, study, mode, run_dir / f"manual-{mode}",
+                                                         out["commands"])
             print(f"run {i + 1}: {name}: "
                   f"{out[name]['from_notice'] if name == 'gatewayd' else out[name]:.2f}s", flush=True)
         out["clinic_config"] = gw.to_toml({"uplink": [env.gateway(CLINIC).config["uplink"][0]],
@@ -390,6 +394,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=16)
     ap.add_argument("--gatewayd", default=os.environ.get("GATEWAYD", str(REPO / "target/release/gatewayd")))
     ap.add_argument("--out", default=str(HERE / "last-results.md"))
+    ap.add_argument("--pacs-nodelay", action="store_true",
+                    help="start both storescp PACS with TCP_NODELAY=1 (storescu keeps DCMTK's defaults)")
     args = ap.parse_args()
 
     for tool in ("storescu", "storescp", "curl", "openssl", "mosquitto"):
@@ -402,6 +408,8 @@ def main() -> int:
         print(f"{args.gatewayd} is not executable: cargo build --release -p gatewayd", file=sys.stderr)
         return 2
     os.environ["GATEWAYD"] = args.gatewayd
+    if args.pacs_nodelay:
+        scu.dcmtk_env = lambda nodelay=False: ORIG_DCMTK_ENV(nodelay=True)
 
     root = Path(tempfile.mkdtemp(prefix="results-bench-", dir="/var/tmp"))
     load0 = os.getloadavg()[0]
@@ -481,6 +489,9 @@ def main() -> int:
             f"{each('gatewayd', 'pulled')} s after the notice, so the C-STORE tail after the pull is "
             f"{tails} s; pulls per run {pulls}, notices recorded {notices}; clinic CPU (utime+stime from start to the "
             f"last file) {each('gatewayd', 'cpu')} s; spool commit steps, mean per object over all runs: {step_text}.",
+            f"Manual route split: curl + split {each('manual (a) fetch')} s (a), {each('manual (b) fetch')} s (b); "
+            f"the rest of each is storescu.",
+            f"PACS: `storescp +uf +xa`{' with TCP_NODELAY=1 (both PACS; storescu keeps its defaults)' if args.pacs_nodelay else ' with DCMTK defaults (Nagle on its answers)'}.",
             f"Before the clocks: storescu -> core {each('core_ingest')} s, until the cloud held all {n}: "
             f"{each('to_cloud')} s.",
             f"Checked each run: the PACS folder holds exactly {n} files, each SOP Instance UID of the study once; the "
@@ -496,7 +507,7 @@ def main() -> int:
             "",
             f"Command: `GATEWAYD={args.gatewayd} hw-tests/.venv/bin/python hw-tests/bench/results_bench.py"
             + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
-            + (f" --instances {n}" if n != 500 else "") + "`",
+            + (f" --instances {n}" if n != 500 else "") + (" --pacs-nodelay" if args.pacs_nodelay else "") + "`",
             f"Whole benchmark: {time.monotonic() - wall0:.0f} s.",
         ]
         text = "\n".join(md) + "\n"
