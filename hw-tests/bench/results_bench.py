@@ -172,7 +172,7 @@ def manual(env: ResultsEnv, study: Study, mode: str, work: Path, commands: dict[
         r = subprocess.run(["curl", "-K", str(qido_cfg)], capture_output=True, timeout=TIMEOUT_S,
                            stdin=subprocess.DEVNULL)
         if r.returncode != 0:
-            raise RuntimeError(f"curl QIDO-RS exited {r.returncode}: {r.stderr[-1000:]!r}")
+            raise RuntimeError(f"curl QIDO-RS exited {r.returncode}: {r.stderr[-1000:]!r}\n{env.cloud.log_tail(20)}")
         listed = json.loads(r.stdout)
         if len(listed) != n:
             raise RuntimeError(f"QIDO-RS listed {len(listed)} instances, expected {n}")
@@ -193,7 +193,8 @@ def manual(env: ResultsEnv, study: Study, mode: str, work: Path, commands: dict[
                 f'url = "{base}/studies/{study.study_uid}"']) + "\n")
         r = subprocess.run(["curl", "-K", str(cfg)], capture_output=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
         if r.returncode != 0:
-            raise RuntimeError(f"curl WADO-RS ({mode}) exited {r.returncode}: {r.stderr[-1000:]!r}")
+            raise RuntimeError(f"curl WADO-RS ({mode}) exited {r.returncode}: {r.stderr[-1000:]!r}\n"
+                               f"{env.cloud.log_tail(20)}")
         got = 0
         for p in sorted(parts.iterdir()):
             with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
