@@ -35,6 +35,7 @@ import collections
 import datetime as dt
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -244,10 +245,12 @@ def pid3_repetitions(raw: bytes) -> list[list[str]]:
 
 
 def _flatten_extensions(exts: list[dict], prefix: str = "") -> dict[str, Any]:
-    """``{url tail (dotted under a parent extension): value}`` of FHIR extensions."""
+    """``{url tail (dotted under a parent extension): value}`` of FHIR extensions; the tail
+    is what follows the url's last ``/``, ``#`` or ``:`` (``urn:gatewayd:results:complete``
+    -> ``complete``)."""
     out: dict[str, Any] = {}
     for e in exts or []:
-        tail = e.get("url", "").rstrip("/").rsplit("/", 1)[-1].rsplit("#", 1)[-1]
+        tail = re.split(r"[/#:]", e.get("url", "").rstrip("/:"))[-1]
         key = f"{prefix}{tail}"
         values = [v for k, v in e.items() if k.startswith("value")]
         if values:
