@@ -192,16 +192,19 @@ pub fn imaging_study(r: &AppointmentResults) -> Value {
         ));
         extensions.push(json!({"url": format!("{EXTENSION_BASE}report"), "extension": parts}));
     }
-    json!({
+    let mut study = json!({
         "resourceType": "ImagingStudy",
         "id": r.appointment_id,
-        "meta": {"lastUpdated": r.updated},
         "extension": extensions,
         "identifier": identifier,
         "status": if r.images_received > 0 { "available" } else { "registered" },
         "basedOn": [{"reference": format!("Appointment/{}", r.appointment_id)}],
         "numberOfInstances": r.images_announced,
-    })
+    });
+    if let (false, Some(obj)) = (r.updated.is_empty(), study.as_object_mut()) {
+        obj.insert("meta".into(), json!({"lastUpdated": r.updated}));
+    }
+    study
 }
 
 /// The report's lines as plain text: `title: text` (or `text` without a title), LF-joined.
