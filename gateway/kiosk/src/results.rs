@@ -38,17 +38,16 @@
 //! too (outcome failure, detail `forbidden`), and one the store could not answer (failure,
 //! `unavailable`). A report whose read cannot be recorded is not answered (503 `transient`).
 
-use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use base64::Engine as _;
 use gateway_audit::{Action, Outcome};
 use gateway_staff::Role;
 use serde_json::{Value, json};
 
-use crate::{Authenticated, Kiosk, outcome};
+use crate::{Authenticated, Kiosk, outcome, searchset};
 pub use gateway_booking::results::{
     AppointmentResults, NoResults, ReportState, ReportText, ResultsSource, ResultsUnavailable,
 };
@@ -112,26 +111,6 @@ fn unavailable() -> Response {
         "transient",
         "the results store is unavailable; try again",
     )
-}
-
-/// A searchset Bundle of at most one resource.
-fn bundle(resource: Option<Value>) -> Response {
-    let entries: Vec<Value> = resource
-        .into_iter()
-        .map(|r| json!({"resource": r}))
-        .collect();
-    let mut r = Json(json!({
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": entries.len(),
-        "entry": entries,
-    }))
-    .into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+json"),
-    );
-    r
 }
 
 fn extension(name: &str, value_kind: &str, value: Value) -> Value {
@@ -269,7 +248,7 @@ pub(crate) async fn imaging_studies(
         Err(bad) => return bad.answer(),
     };
     match kiosk.results.results_of(&id).await {
-        Ok(found) => bundle(found.as_ref().map(imaging_study)),
+        Ok(found) => searchset(found.as_ref().map(imaging_study)),
         Err(ResultsUnavailable::Unavailable) => unavailable(),
     }
 }
@@ -325,7 +304,7 @@ pub(crate) async fn diagnostic_reports(
         );
     }
     match found {
-        Ok(text) => bundle(text.as_ref().map(|t| diagnostic_report(&id, t))),
+        Ok(text) => searchset(text.as_ref().map(|t| diagnostic_report(&id, t))),
         Err(ResultsUnavailable::Unavailable) => unavailable(),
     }
 }
