@@ -151,6 +151,16 @@ def test_a_clerk_logs_in_and_books_an_exam_in_headless_chromium(
     rows = page.wait_for("[...document.querySelectorAll('#list-table tbody tr')]"
                          ".map(tr => [...tr.cells].map(td => td.textContent))", what="the bookings table")
     assert [(r[0], r[2]) for r in rows] == [(slot_id, "booked")], rows
+    # Its results column asks the clinic's results (GET /fhir/ImagingStudy?based-on=...):
+    # nothing has come back for an exam just booked, said in both languages, and a clerk
+    # gets no button to open a report.
+    results = page.wait_for(
+        "(() => { const td = document.querySelector('#list-table tbody tr td.results');"
+        " return td && td.dataset.state && [td.dataset.state, td.textContent,"
+        " td.closest('tr').dataset.appointment]; })()",
+        what="the booking's results state")
+    assert results[0] == "none" and "結果未着" in results[1] and "No results yet" in results[1], results
+    assert page.evaluate("document.querySelectorAll('button.open-report').length") == 0
 
     shot = page.screenshot(tmp_path / "kiosk-booked.png")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -162,6 +172,20 @@ def test_a_clerk_logs_in_and_books_an_exam_in_headless_chromium(
     booked = [e["resource"] for e in r.json()["entry"]]
     assert [(a["status"], a["slot"][0]["reference"]) for a in booked] == [("booked", f"Slot/{slot_id}")], booked
     assert any(i["system"] == "urn:gatewayd:accession" for i in booked[0]["identifier"]), booked
+    assert results[2] == booked[0]["id"], (results, booked)
+    # Its report is for physicians: the clerk is refused (403), a physician is answered (no
+    # report yet: an empty Bundle), and both requests are in the audit trail, by appointment.
+    report_query = f"/fhir/DiagnosticReport?based-on=Appointment/{booked[0]['id']}"
+    r = checker.request("GET", report_query)
+    assert r.status == 403 and r.json()["issue"][0]["code"] == "forbidden", r
+    physician = region.staff_session("clinic-a", "dr.check", "physician")
+    r = physician.request("GET", report_query)
+    assert r.status == 200 and r.json()["total"] == 0, r
+    trail = [json.loads(line) for line in (clinic.data_dir / "audit" / "audit.jsonl").read_text().splitlines()]
+    report_reads = [(x["actor"], x["outcome"], x.get("detail")) for x in trail
+                    if x["action"] == "patient_record_read" and x.get("subject") == f"appointment:{booked[0]['id']}"]
+    assert report_reads == [("clerk.check", "failure", "forbidden"), ("dr.check", "success", "no-report")], \
+        report_reads
     # Times are shown in the browser's locale and zone (Intl.DateTimeFormat), never raw.
     start = booked[0]["start"]
     local = page.evaluate(f"{LOCAL_FORMAT}.format(new Date({json.dumps(start)}))")

@@ -872,12 +872,15 @@ async fn appointments(
             None,
         )
         .await;
-    let entries: Vec<Value> = kiosk
-        .booking
-        .appointments_of(&patient)
-        .await
-        .iter()
-        .map(|a| json!({"resource": appointment::resource(a)}))
+    let found = kiosk.booking.appointments_of(&patient).await;
+    searchset(found.iter().map(appointment::resource))
+}
+
+/// A FHIR searchset Bundle of `resources`, as `application/fhir+json`.
+fn searchset(resources: impl IntoIterator<Item = Value>) -> Response {
+    let entries: Vec<Value> = resources
+        .into_iter()
+        .map(|r| json!({"resource": r}))
         .collect();
     let mut r = Json(json!({
         "resourceType": "Bundle",

@@ -38,17 +38,16 @@
 //! too (outcome failure, detail `forbidden`), and one the store could not answer (failure,
 //! `unavailable`). A report whose read cannot be recorded is not answered (503 `transient`).
 
-use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use base64::Engine as _;
 use gateway_audit::{Action, Outcome};
 use gateway_staff::Role;
 use serde_json::{Value, json};
 
-use crate::{Authenticated, Kiosk, outcome};
+use crate::{Authenticated, Kiosk, outcome, searchset};
 pub use gateway_booking::results::{
     AppointmentResults, NoResults, ReportState, ReportText, ResultsSource, ResultsUnavailable,
 };
@@ -114,26 +113,6 @@ fn unavailable() -> Response {
     )
 }
 
-/// A searchset Bundle of at most one resource.
-fn bundle(resource: Option<Value>) -> Response {
-    let entries: Vec<Value> = resource
-        .into_iter()
-        .map(|r| json!({"resource": r}))
-        .collect();
-    let mut r = Json(json!({
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": entries.len(),
-        "entry": entries,
-    }))
-    .into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+json"),
-    );
-    r
-}
-
 fn extension(name: &str, value_kind: &str, value: Value) -> Value {
     let mut e = serde_json::Map::new();
     e.insert("url".into(), json!(format!("{EXTENSION_BASE}{name}")));
@@ -192,16 +171,19 @@ pub fn imaging_study(r: &AppointmentResults) -> Value {
         ));
         extensions.push(json!({"url": format!("{EXTENSION_BASE}report"), "extension": parts}));
     }
-    json!({
+    let mut study = json!({
         "resourceType": "ImagingStudy",
         "id": r.appointment_id,
-        "meta": {"lastUpdated": r.updated},
         "extension": extensions,
         "identifier": identifier,
         "status": if r.images_received > 0 { "available" } else { "registered" },
         "basedOn": [{"reference": format!("Appointment/{}", r.appointment_id)}],
         "numberOfInstances": r.images_announced,
-    })
+    });
+    if let (false, Some(obj)) = (r.updated.is_empty(), study.as_object_mut()) {
+        obj.insert("meta".into(), json!({"lastUpdated": r.updated}));
+    }
+    study
 }
 
 /// The report's lines as plain text: `title: text` (or `text` without a title), LF-joined.
@@ -266,7 +248,7 @@ pub(crate) async fn imaging_studies(
         Err(bad) => return bad.answer(),
     };
     match kiosk.results.results_of(&id).await {
-        Ok(found) => bundle(found.as_ref().map(imaging_study)),
+        Ok(found) => searchset(found.as_ref().map(imaging_study)),
         Err(ResultsUnavailable::Unavailable) => unavailable(),
     }
 }
@@ -322,7 +304,7 @@ pub(crate) async fn diagnostic_reports(
         );
     }
     match found {
-        Ok(text) => bundle(text.as_ref().map(|t| diagnostic_report(&id, t))),
+        Ok(text) => searchset(text.as_ref().map(|t| diagnostic_report(&id, t))),
         Err(ResultsUnavailable::Unavailable) => unavailable(),
     }
 }

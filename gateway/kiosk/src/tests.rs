@@ -1638,7 +1638,8 @@ fn results_fixture() -> ResultsFixture {
             images_failed: 0,
             complete: false,
             report: None,
-            updated: "2027-01-12T02:00:00Z".into(),
+            // Not known: no meta.lastUpdated rather than an invalid instant.
+            updated: String::new(),
         },
     );
     results.texts.lock().unwrap().insert(
@@ -1754,6 +1755,7 @@ async fn imaging_study_shows_counts_and_report_state_without_its_text() {
         1,
         "no accession"
     );
+    assert!(study.get("meta").is_none(), "{study}");
 
     // An appointment nothing came back for: an empty Bundle, not an error.
     let (status, _, b) =
