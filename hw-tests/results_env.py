@@ -299,6 +299,25 @@ def results_counts(study: dict | None) -> dict[str, Any]:
 # the environment
 
 
+def as_core_made(f: "data.SyntheticFile", booking: "Booking", kind: str, edit=None) -> "data.SyntheticFile":
+    """Rewrites the CT file ``f`` as the core's modality makes it from the worklist: the booked
+    accession and name, the CORE's Patient ID and issuer (``edit(ds)`` may change more, e.g. the
+    pixel size, before it is saved)."""
+    ds = pydicom.dcmread(f.path)
+    if edit is not None:
+        edit(ds)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = booking.patient["name"]
+    ds.PatientID = CORE_PATIENT_ID
+    ds.IssuerOfPatientID = CORE_ISSUER
+    ds.PatientBirthDate = booking.patient["birth_date"].replace("-", "")
+    ds.PatientSex = "F"
+    ds.AccessionNumber = booking.accession
+    ds.save_as(f.path, enforce_file_format=True)
+    return data.SyntheticFile(f.path, f.sop_instance_uid, f.sop_class_uid, booking.patient["name"],
+                              CORE_PATIENT_ID, kind)
+
+
 class ResultsEnv:
     """See the module docs. ``pacs_running=False`` leaves every PACS stopped (start it with
     ``env.clinics[name].pacs.start()``)."""
@@ -447,17 +466,7 @@ class ResultsEnv:
         files = []
         for i, kind in enumerate(kinds):
             f = data.make_ct_file(d / f"{i:05d}.dcm", i, kind, study_uid, series_uid)
-            ds = pydicom.dcmread(f.path)
-            ds.SpecificCharacterSet = "ISO_IR 192"
-            ds.PatientName = booking.patient["name"]
-            ds.PatientID = CORE_PATIENT_ID
-            ds.IssuerOfPatientID = CORE_ISSUER
-            ds.PatientBirthDate = booking.patient["birth_date"].replace("-", "")
-            ds.PatientSex = "F"
-            ds.AccessionNumber = booking.accession
-            ds.save_as(f.path, enforce_file_format=True)
-            files.append(data.SyntheticFile(f.path, f.sop_instance_uid, f.sop_class_uid, booking.patient["name"],
-                                            CORE_PATIENT_ID, kind))
+            files.append(as_core_made(f, booking, kind))
         assert len({f.sop_instance_uid for f in files}) == n
         return Study(booking, study_uid, files)
 

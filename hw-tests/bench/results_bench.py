@@ -57,7 +57,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 import data  # noqa: E402
@@ -66,7 +65,7 @@ import mtls  # noqa: E402
 import pki  # noqa: E402
 import results_env  # noqa: E402
 import scu  # noqa: E402
-from results_env import CORE_ISSUER, CORE_PATIENT_ID, PACS_DEST, Pacs, ResultsEnv, Study  # noqa: E402
+from results_env import PACS_DEST, Pacs, ResultsEnv, Study  # noqa: E402
 
 REPO = HERE.parent.parent
 CLINIC = "clinic-a"
@@ -98,20 +97,12 @@ def make_study(env: ResultsEnv, booking: results_env.Booking, n: int, seed: int,
     files = []
     for i, (kind, side) in enumerate(kinds):
         f = data.make_ct_file(dir / f"{i:05d}.dcm", i, "small", study_uid, series_uid)
-        ds = pydicom.dcmread(f.path)
-        ds.Rows = side
-        ds.Columns = side
-        ds.PixelData = rng.randbytes(side * side * 2)
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        ds.PatientName = booking.patient["name"]
-        ds.PatientID = CORE_PATIENT_ID
-        ds.IssuerOfPatientID = CORE_ISSUER
-        ds.PatientBirthDate = booking.patient["birth_date"].replace("-", "")
-        ds.PatientSex = "F"
-        ds.AccessionNumber = booking.accession
-        ds.save_as(f.path, enforce_file_format=True)
-        files.append(data.SyntheticFile(f.path, f.sop_instance_uid, f.sop_class_uid, booking.patient["name"],
-                                        CORE_PATIENT_ID, kind))
+
+        def resize(ds, side=side):
+            ds.Rows = side
+            ds.Columns = side
+            ds.PixelData = rng.randbytes(side * side * 2)
+        files.append(results_env.as_core_made(f, booking, kind, resize))
     return Study(booking, study_uid, files)
 
 
