@@ -246,6 +246,12 @@ def enrol_in_page(page, origin: str, code: str, password: str = PASSWORD, clock_
     page.navigate(origin + "/#enrol", **({"timeout": timeout} if timeout else {}))
     page.wait_for("!document.getElementById('enrol-view').hidden", timeout=timeout or 15.0,
                   what="the enrolment form")
+    # The page also asks /api/me at load; from a slow gateway its 401 may come after the form
+    # is shown. A late answer must leave the form where it is (the login form stays hidden),
+    # or a person's click lands on whatever moved under it.
+    kept = page.evaluate("refreshMe().then(() => document.getElementById('login-view').hidden"
+                         " && !document.getElementById('enrol-view').hidden)", await_promise=True)
+    assert kept, "the login form came back over the enrolment form when /api/me answered 401"
     page.type_into("#enrol-code", code)
     page.type_into("#enrol-password", password)
     page.type_into("#enrol-password2", password)

@@ -34,7 +34,9 @@ function problem(data) {
 }
 
 function show(loggedIn, me) {
-  $("login-view").hidden = loggedIn;
+  // The enrolment view (#enrol, enrol.js) keeps the login form hidden: an answer to /api/me
+  // arriving after it was shown must not push the enrolment form down under a person's click.
+  $("login-view").hidden = loggedIn || location.hash === "#enrol";
   $("booking-view").hidden = !loggedIn;
   $("who").hidden = !loggedIn;
   $("who-name").textContent = loggedIn ? `${me.name} (${me.role})` : "";
