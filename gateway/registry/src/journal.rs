@@ -407,3 +407,131 @@ impl Appender {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    const MAGIC: &[u8; 5] = b"GWTT\x01";
+
+    fn key(b: u8) -> SealKey {
+        SealKey::derive(&MasterKey::from_bytes([b; 32]))
+    }
+
+    fn all(
+        path: &Path,
+        key: &SealKey,
+        torn_ok: bool,
+    ) -> Result<(ReadOutcome, Vec<Vec<u8>>), JournalError> {
+        let mut got = Vec::new();
+        let out = read(path, key, MAGIC, "t", torn_ok, |_, p| {
+            got.push(p.to_vec());
+            Ok::<(), JournalError>(())
+        })?
+        .unwrap();
+        Ok((out, got))
+    }
+
+    #[test]
+    fn frames_round_trip_and_are_never_in_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let k = key(1);
+        let mut a = Appender::create(&path, MAGIC, "t", 7).unwrap();
+        a.append(&k, b"YAMADA TARO").unwrap();
+        a.append(&k, b"second").unwrap();
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(6).any(|w| w == b"YAMADA"));
+        let (out, got) = all(&path, &k, false).unwrap();
+        assert_eq!(out.generation, 7);
+        assert_eq!(out.frames, 2);
+        assert!(!out.torn);
+        assert_eq!(got, vec![b"YAMADA TARO".to_vec(), b"second".to_vec()]);
+        // Reopened for appending, it continues the sequence.
+        let mut a = Appender::open(&path, "t", 7, out.frames, out.good_len).unwrap();
+        a.append(&k, b"third").unwrap();
+        assert_eq!(all(&path, &k, false).unwrap().1.len(), 3);
+        assert!(generation(&path, MAGIC).unwrap() == Some(7));
+        assert!(
+            read(&dir.path().join("none"), &k, MAGIC, "t", true, |_, _| Ok::<
+                (),
+                JournalError,
+            >(
+                ()
+            ))
+            .unwrap()
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_reported_and_cut_but_only_where_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let k = key(1);
+        let mut a = Appender::create(&path, MAGIC, "t", 0).unwrap();
+        a.append(&k, b"one").unwrap();
+        a.append(&k, b"two").unwrap();
+        let whole = std::fs::read(&path).unwrap();
+        for cut in [1, 5, 9, 20, 25] {
+            std::fs::write(&path, &whole[..whole.len() - cut]).unwrap();
+            let (out, got) = all(&path, &k, true).unwrap();
+            assert!(out.torn, "cut {cut}");
+            assert_eq!(got, vec![b"one".to_vec()]);
+            assert!(
+                all(&path, &k, false).is_err(),
+                "cut {cut}: a snapshot is never torn"
+            );
+            let mut a = Appender::open(&path, "t", 0, out.frames, out.good_len).unwrap();
+            a.append(&k, b"again").unwrap();
+            let (out, got) = all(&path, &k, false).unwrap();
+            assert!(!out.torn);
+            assert_eq!(got, vec![b"one".to_vec(), b"again".to_vec()]);
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_a_wrong_key_or_role_or_a_moved_frame_is_damage_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let k = key(1);
+        let mut a = Appender::create(&path, MAGIC, "t", 0).unwrap();
+        a.append(&k, b"one").unwrap();
+        a.append(&k, b"two").unwrap();
+        let whole = std::fs::read(&path).unwrap();
+        for i in 0..whole.len() {
+            let mut bad = whole.clone();
+            bad[i] ^= 0x01;
+            std::fs::write(&path, &bad).unwrap();
+            let got = all(&path, &k, true);
+            assert!(
+                matches!(got, Err(JournalError::Damaged { .. })),
+                "byte {i}: {got:?}"
+            );
+        }
+        std::fs::write(&path, &whole).unwrap();
+        assert!(all(&path, &key(2), true).is_err());
+        assert!(
+            read(
+                &path,
+                &k,
+                MAGIC,
+                "other",
+                true,
+                |_, _| Ok::<(), JournalError>(())
+            )
+            .is_err()
+        );
+        // Frames swapped: the additional data names each frame's place.
+        let frame_len = (whole.len() - HEADER_LEN as usize) / 2;
+        let h = HEADER_LEN as usize;
+        let mut swapped = whole[..h].to_vec();
+        swapped.extend_from_slice(&whole[h + frame_len..]);
+        swapped.extend_from_slice(&whole[h..h + frame_len]);
+        std::fs::write(&path, &swapped).unwrap();
+        assert!(all(&path, &k, true).is_err());
+        let err = all(&path, &k, true).unwrap_err().to_string();
+        assert!(err.contains("frame 0"), "{err}");
+    }
+}

@@ -1364,3 +1364,16 @@ pub async fn feed<M: AsRef<str>>(mut observed: mpsc::Receiver<M>, handle: Regist
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_fixed_width_utc_so_they_sort_as_strings() {
+        let t = now();
+        assert_eq!(t.len(), "2027-01-01T00:00:00.000Z".len(), "{t}");
+        assert!(t.ends_with('Z') && t.get(19..20) == Some("."), "{t}");
+        assert!(t.parse::<jiff::Timestamp>().is_ok(), "{t}");
+    }
+}
