@@ -7,6 +7,9 @@
 //! - `journal.sealed` (generation *g*): one frame per acknowledged change (a `Vec<Op>`),
 //!   appended and `fdatasync`'d before the change is applied or answered.
 //!
+//! The folder is held under an exclusive lock (`registry.lock`) while open: one registry
+//! per folder, across processes.
+//!
 //! Open: the snapshot is replayed, then the journal if its generation is the snapshot's; a
 //! journal one generation behind is what a crash between the two steps of a compaction
 //! leaves (its changes are in the snapshot) and is replaced by an empty one; a journal ahead
@@ -28,6 +31,11 @@ use crate::state::{Op, State};
 
 pub(crate) const JOURNAL_FILE: &str = "journal.sealed";
 pub(crate) const SNAPSHOT_FILE: &str = "snapshot.sealed";
+/// Held ([`gateway_durable::LockedFile`]) for as long as the registry is open.
+pub(crate) const LOCK_FILE: &str = "registry.lock";
+/// How long an open waits for a previous holder of the folder (e.g. a registry thread that
+/// is finishing its queue) before it fails.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const JOURNAL_MAGIC: &[u8; 5] = b"GWIJ\x01";
 const SNAPSHOT_MAGIC: &[u8; 5] = b"GWIS\x01";
 const JOURNAL_ROLE: &str = "identity-journal";
@@ -59,6 +67,9 @@ pub enum OpenError {
         journal: u64,
         snapshot: u64,
     },
+    /// Another registry (another process, or a handle not yet stopped) holds the folder.
+    #[error("identity registry: {0}")]
+    Locked(#[from] gateway_durable::LockError),
     #[error("identity registry: cannot start its thread: {0}")]
     Thread(std::io::Error),
 }
@@ -69,12 +80,21 @@ pub(crate) struct Store {
     dir: PathBuf,
     key: SealKey,
     journal: Appender,
+    /// A compaction wrote the new snapshot but could not start its journal: appending to
+    /// the old one would be lost at the next open, so nothing is accepted any more.
+    broken: bool,
+    _lock: gateway_durable::LockedFile,
 }
 
 impl Store {
     /// Opens (creating if needed) the registry in `dir`, replaying it into `state`.
     pub fn open(dir: &Path, key: SealKey, state: &mut State) -> Result<Self, OpenError> {
         gateway_durable::ensure_private_dir(dir).map_err(JournalError::from)?;
+        let lock = gateway_durable::LockedFile::lock(
+            &dir.join(JOURNAL_FILE),
+            &dir.join(LOCK_FILE),
+            LOCK_WAIT,
+        )?;
         let snap_path = dir.join(SNAPSHOT_FILE);
         let mut ended = false;
         let snapshot = journal::read(
@@ -145,11 +165,20 @@ impl Store {
             dir: dir.to_path_buf(),
             key,
             journal,
+            broken: false,
+            _lock: lock,
         })
     }
 
     /// Makes one change durable (one journal frame, `fdatasync`).
     pub fn commit(&mut self, ops: &[Op]) -> Result<(), JournalError> {
+        if self.broken {
+            return Err(JournalError::Damaged {
+                path: self.dir.join(JOURNAL_FILE),
+                frame: self.journal.frames(),
+                problem: "the journal could not be restarted after a compaction",
+            });
+        }
         let plain = Zeroizing::new(serde_json::to_vec(ops).map_err(|_| JournalError::Random)?);
         self.journal.append(&self.key, &plain)
     }
@@ -185,12 +214,20 @@ impl Store {
             next,
             frames,
         )?;
-        self.journal = Appender::create(
+        match Appender::create(
             &self.dir.join(JOURNAL_FILE),
             JOURNAL_MAGIC,
             JOURNAL_ROLE,
             next,
-        )?;
-        Ok(())
+        ) {
+            Ok(journal) => {
+                self.journal = journal;
+                Ok(())
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
     }
 }

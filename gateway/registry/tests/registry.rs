@@ -812,6 +812,9 @@ async fn a_torn_journal_tail_is_cut_but_a_flipped_byte_fails_the_open_clearly() 
     reg.linked(key("HOSP-B", "B-1"), "HOSP-B", "u")
         .await
         .unwrap();
+    // One registry per folder: a second open while this one runs is refused.
+    let second = env.try_open(Options::default()).unwrap_err();
+    assert!(matches!(second, OpenError::Locked(_)), "{second}");
     drop(reg);
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert_eq!(
