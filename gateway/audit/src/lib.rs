@@ -97,6 +97,23 @@ pub enum Action {
     AppointmentBooked,
     AppointmentCancelled,
     RemoteCommand,
+    /// Two source records were linked as one person (subject `person:{id}`; by the matcher:
+    /// detail `matcher`, by a person: `manual` or `review`).
+    IdentityLinked,
+    /// A source record was taken out of its person (subject `person:{id}`, the new person).
+    IdentityUnlinked,
+    /// A queued pair was decided (subject `review:{id}`, detail `same` or `not_same`).
+    IdentityReviewDecided,
+    /// A consent to share (公開同意) was recorded (subject `consent:{id}`).
+    ConsentRecorded,
+    /// A consent was revoked (subject `consent:{id}`).
+    ConsentRevoked,
+    /// One hospital's data was disclosed to another (subject `person:{id}`, detail: why).
+    DisclosureAllowed,
+    /// A disclosure was refused for want of consent (subject `person:{id}`).
+    DisclosureRefused,
+    /// A patient lookup (PDQm search or PIXm linked identifiers) was answered.
+    PatientLookup,
 }
 
 /// How it ended.

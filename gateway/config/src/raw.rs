@@ -28,6 +28,7 @@ pub(crate) struct RawConfig {
     pub booking: Option<RawBooking>,
     pub exchange: Option<RawExchange>,
     pub results: Option<RawResults>,
+    pub identity: Option<RawIdentity>,
 }
 
 /// `[node]`
@@ -306,4 +307,12 @@ pub(crate) struct RawDeliver {
     pub called_ae: Option<String>,
     pub calling_ae: Option<String>,
     pub uplink: Option<String>,
+}
+
+/// `[identity]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawIdentity {
+    pub hospital_id: Option<String>,
+    pub model: Option<String>,
 }

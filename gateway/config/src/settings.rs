@@ -79,6 +79,17 @@ pub struct Settings {
     pub booking: Option<Booking>,
     pub exchange: Option<Exchange>,
     pub results: Option<Results>,
+    pub identity: Option<Identity>,
+}
+
+/// `[identity]`: the core's patient identity registry (名寄せ) and consent (公開同意).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    /// The id the core's own records (its RIS, its own ADT) carry in the registry, and the
+    /// requester id of its kiosk (default: `node.id`).
+    pub hospital_id: String,
+    /// A matcher model (JSON, `gatewayd identity learn --out`); `None`: the built-in one.
+    pub model: Option<PathBuf>,
 }
 
 /// `[results]`: results returned to the referring clinic.
@@ -473,6 +484,7 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
             booking.as_ref().and_then(Option::as_ref),
         )
     });
+    let identity = raw.identity.map(|i| identity(c, i, node.as_ref()));
     Some(Settings {
         node: node?,
         dicom: dicom.map_or(Some(None), |d| d.map(Some))?,
@@ -485,6 +497,37 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
         booking: booking.map_or(Some(None), |b| b.map(Some))?,
         exchange: exchange.map_or(Some(None), |e| e.map(Some))?,
         results: results.map_or(Some(None), |r| r.map(Some))?,
+        identity: identity.map_or(Some(None), |i| i.map(Some))?,
+    })
+}
+
+/// `[identity]`: only on the core; `hospital_id` defaults to `node.id`.
+fn identity(c: &mut Collector, raw: raw::RawIdentity, node: Option<&Node>) -> Option<Identity> {
+    if node.is_some_and(|n| n.role != Role::Core) {
+        c.push(
+            "identity",
+            "only the core keeps the identity registry (node.role = \"core\")",
+        );
+    }
+    let hospital_id = match raw.hospital_id {
+        Some(h)
+            if h.is_empty()
+                || h.chars().count() > 64
+                || h.chars().any(|ch| ch.is_control() || "\\^&~|".contains(ch)) =>
+        {
+            c.push(
+                "identity.hospital_id",
+                "must be 1 to 64 characters without control characters or \\ ^ & ~ |",
+            );
+            None
+        }
+        Some(h) => Some(h),
+        None => node.map(|n| n.id.as_str().to_owned()),
+    };
+    let model = c.parse_opt("identity.model", raw.model.as_deref(), parse_path);
+    Some(Identity {
+        hospital_id: hospital_id?,
+        model: model?,
     })
 }
 

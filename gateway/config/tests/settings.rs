@@ -938,3 +938,40 @@ fn every_results_problem_is_named_in_one_pass() {
     ));
     assert!(core.contains(&"results.deliver".to_string()), "{core:?}");
 }
+
+#[test]
+fn identity_on_the_core_defaults_its_hospital_id_to_the_node_id() {
+    let s = ok(&format!("{NODE_CORE}[identity]\n"));
+    let i = s.identity.unwrap();
+    assert_eq!(i.hospital_id, "t");
+    assert_eq!(i.model, None);
+    let s = ok(&format!(
+        "{NODE_CORE}[identity]\nhospital_id = \"KOHSEI-01\"\nmodel = \"/var/lib/gatewayd/model.json\"\n"
+    ));
+    let i = s.identity.unwrap();
+    assert_eq!(i.hospital_id, "KOHSEI-01");
+    assert_eq!(i.model, Some(PathBuf::from("/var/lib/gatewayd/model.json")));
+    assert!(ok(NODE_CORE).identity.is_none());
+}
+
+#[test]
+fn every_identity_problem_is_named_and_unknown_keys_are_refused() {
+    let got = lines(&format!(
+        "{NODE_DEV}[identity]\nhospital_id = \"A^B\"\nmodel = \"\"\n"
+    ));
+    for want in [
+        "identity: only the core keeps the identity registry",
+        "identity.hospital_id: must be 1 to 64 characters",
+        "identity.model:",
+    ] {
+        assert!(
+            got.iter().any(|l| l.starts_with(want)),
+            "missing {want:?} in {got:#?}"
+        );
+    }
+    let unknown = keys(&format!("{NODE_CORE}[identity]\nauto_link = true\n"));
+    assert!(
+        unknown.iter().any(|k| k.starts_with("identity")),
+        "{unknown:?}"
+    );
+}

@@ -89,16 +89,19 @@ pub enum KeyPurpose {
     StaffTotp,
     /// The X25519 seed of the regional exchange (HPKE) key.
     ExchangeX25519,
+    /// The identity registry (patient demographics, links, consents), sealed at rest.
+    IdentityAtRest,
 }
 
 impl KeyPurpose {
     /// Every purpose, for checks over all labels.
-    pub const ALL: [KeyPurpose; 5] = [
+    pub const ALL: [KeyPurpose; 6] = [
         KeyPurpose::SpoolIndex,
         KeyPurpose::Audit,
         KeyPurpose::BookingAtRest,
         KeyPurpose::StaffTotp,
         KeyPurpose::ExchangeX25519,
+        KeyPurpose::IdentityAtRest,
     ];
 
     /// The HMAC label (fixed forever: changing one makes existing sealed data unreadable).
@@ -109,6 +112,7 @@ impl KeyPurpose {
             KeyPurpose::BookingAtRest => b"gatewayd booking at-rest key v1",
             KeyPurpose::StaffTotp => b"gatewayd staff totp key v1",
             KeyPurpose::ExchangeX25519 => b"gatewayd exchange x25519 key v1",
+            KeyPurpose::IdentityAtRest => b"gatewayd identity at-rest key v1",
         }
     }
 }
@@ -169,6 +173,10 @@ mod tests {
             (
                 KeyPurpose::ExchangeX25519,
                 "e57544caf96acfa91325c1aa8cb07d928a7a47d580087fb5e65dc38ace34d3db",
+            ),
+            (
+                KeyPurpose::IdentityAtRest,
+                "accb149e64f08ba8d4b6d9c9a0fa7453b02893aca5eea4fe1f4766706eb101d7",
             ),
         ];
         assert_eq!(expected.len(), KeyPurpose::ALL.len());
