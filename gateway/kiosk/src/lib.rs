@@ -59,6 +59,7 @@
 
 pub mod appointment;
 mod enrol;
+pub mod identity;
 mod openapi;
 pub mod results;
 pub mod session;
@@ -105,6 +106,9 @@ pub struct Kiosk {
     /// How far booked exams' results have come back ([`results::NoResults`] unless
     /// [`Kiosk::with_results`] hands a store).
     results: Arc<dyn results::ResultsSource>,
+    /// The identity registry and this gateway's hospital id (`None` unless
+    /// [`Kiosk::with_identity`]: the identity routes answer 404 `not-supported`).
+    identity: Option<identity::Identity>,
 }
 
 impl Kiosk {
@@ -124,7 +128,24 @@ impl Kiosk {
             slots,
             booking,
             results: Arc::new(results::NoResults),
+            identity: None,
         }
+    }
+
+    /// The identity registry (名寄せ, 公開同意) on the core gateway: patient search, linked
+    /// identifiers, the review queue and consents ([`identity`]). `hospital_id` is the core's
+    /// own `[identity] hospital_id`, the requester the registry checks consents against.
+    #[must_use]
+    pub fn with_identity(
+        mut self,
+        service: Arc<dyn gateway_registry::IdentityService>,
+        hospital_id: &str,
+    ) -> Self {
+        self.identity = Some(identity::Identity {
+            service,
+            hospital_id: Arc::from(hospital_id),
+        });
+        self
     }
 
     /// The clinic's results of booked exams, served as ImagingStudy and DiagnosticReport
@@ -176,6 +197,17 @@ impl Kiosk {
             .route("/fhir/Appointment/{id}/$cancel", post(cancel))
             .route("/fhir/ImagingStudy", get(results::imaging_studies))
             .route("/fhir/DiagnosticReport", get(results::diagnostic_reports))
+            .route("/fhir/Patient/$match", post(identity::patient_match))
+            .route("/fhir/Patient/$ihe-pix", get(identity::patient_pix))
+            .route("/api/identity/review", get(identity::review_queue))
+            .route("/api/identity/review/{id}", post(identity::review_decide))
+            .route("/api/identity/link", post(identity::link))
+            .route("/api/identity/unlink", post(identity::unlink))
+            .route(
+                "/fhir/Consent",
+                get(identity::consents).post(identity::record_consent),
+            )
+            .route("/fhir/Consent/{id}/$revoke", post(identity::revoke_consent))
             .fallback(not_found)
             .layer(axum::middleware::map_response(security_headers))
             .with_state(self)
