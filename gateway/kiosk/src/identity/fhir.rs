@@ -715,8 +715,10 @@ mod tests {
     #[test]
     fn the_score_is_the_match_probability_at_even_odds() {
         assert_eq!(score(0.0), 0.5);
-        assert!(score(10.0) > 0.999 && score(10.0) < 1.0);
-        assert!(score(-10.0) < 0.001);
+        assert_eq!(score(10.0), 0.999);
+        assert_eq!(score(14.0), 0.9999);
+        assert_eq!(score(-10.0), 0.001);
+        assert!(score(-20.0) < 0.0001);
         assert_eq!(score(f64::INFINITY), 1.0);
         assert_eq!(score(f64::NEG_INFINITY), 0.0);
         assert_eq!(score(f64::NAN), 0.0);
