@@ -190,6 +190,7 @@ impl Kiosk {
             .route("/api/enrol", post(enrol::enrol))
             .route("/api/enrol/confirm", post(enrol::confirm))
             .route("/enrol.js", get(page_enrol_js))
+            .route("/identity.js", get(page_identity_js))
             .route("/fhir/Slot", get(slots))
             .route("/fhir/Appointment/$hold", post(hold))
             .route("/fhir/Appointment/$book", post(book))
@@ -344,6 +345,14 @@ async fn page_enrol_js() -> Response {
     asset(
         "text/javascript; charset=utf-8",
         include_str!("../assets/enrol.js"),
+    )
+}
+
+/// The identity section's script (review queue, patient search, consents).
+async fn page_identity_js() -> Response {
+    asset(
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/identity.js"),
     )
 }
 

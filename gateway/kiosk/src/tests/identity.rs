@@ -1313,3 +1313,48 @@ async fn the_openapi_document_describes_the_identity_routes() {
         assert!(schemas.get(name).is_some(), "{name}");
     }
 }
+
+#[tokio::test]
+async fn the_identity_section_and_its_script_are_served_and_every_element_it_uses_exists() {
+    let f = fixture(false);
+    let (status, headers, bytes) = f
+        .send_raw(Request::get("/identity.js").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    assert!(
+        headers[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    let js = String::from_utf8(bytes.to_vec()).unwrap();
+    assert!(js.contains("/fhir/Patient/$match") && js.contains("/api/identity/review"));
+    assert!(
+        !js.contains("innerHTML"),
+        "patient data is set as text only"
+    );
+    let (_, _, html) = f
+        .send_raw(Request::get("/").body(Body::empty()).unwrap())
+        .await;
+    let html = String::from_utf8(html.to_vec()).unwrap();
+    assert!(html.contains("<script src=\"/identity.js\" defer></script>"));
+    assert!(html.contains("名寄せ / Identity") && html.contains("公開同意"));
+    assert!(js.contains("同一人物 / Same person") && js.contains("別人 / Not the same"));
+    let ids = regex::Regex::new(r#"\$\("([A-Za-z0-9-]+)"\)"#).unwrap();
+    let mut used = 0;
+    for c in ids.captures_iter(&js) {
+        let id = &c[1];
+        assert!(
+            html.contains(&format!("id=\"{id}\"")),
+            "#{id} is not on the page"
+        );
+        used += 1;
+    }
+    assert!(used > 20, "{used}");
+}
