@@ -87,8 +87,10 @@ function reviewItem(item) {
     const b = (item.b.record || {})[field];
     const tr = document.createElement("tr");
     tr.dataset.field = field;
-    // Differences stand out: a value on one side only, or two values that are not the same.
-    if ((a || "") !== (b || "")) tr.className = "diff";
+    // Differences stand out: a value on one side only, or two values that are not the same
+    // (the records' own keys always differ: they are not highlighted).
+    const key = field === "hospital_id" || field === "patient_id";
+    if (!key && (a || "") !== (b || "")) tr.className = "diff";
     tr.append(cell("th", label), cell("td", a), cell("td", b));
     table.append(tr);
   }
