@@ -27,7 +27,7 @@
 //!   the [`SlotSource`]; slots served from a cache the core has not refreshed carry the meta
 //!   tag `stale`.
 //!
-//! - `GET /`, `/app.js`, `/app.css`, `/favicon.svg`: the kiosk page (`assets/`, plain DOM, no build step;
+//! - `GET /`, `/app.js`, `/identity.js`, `/app.css`, `/favicon.svg`: the kiosk page (`assets/`, plain DOM, no build step;
 //!   same-origin Content Security Policy).
 //!
 //! Every route but the login, the page and the OpenAPI document needs a session (401
@@ -44,12 +44,19 @@
 //!   `GET /fhir/DiagnosticReport?based-on=Appointment/{id}` (physicians only, 403 otherwise;
 //!   every request audited as a patient record read before it is answered): see [`results`].
 //!
+//! - On the core gateway ([`Kiosk::with_identity`]), for administrators and physicians:
+//!   `POST /fhir/Patient/$match` (PDQm-like), `GET /fhir/Patient/$ihe-pix` (PIXm-like), the
+//!   review queue, link and unlink (`/api/identity/...`) and FHIR Consent (`GET`/`POST
+//!   /fhir/Consent`, `POST /fhir/Consent/{id}/$revoke`): see [`identity`]. Without a
+//!   registry these answer 404 `not-supported`.
+//!
 //! Module map: [`session`] (tokens, cookie, expiry), [`throttle`] (per-address login
 //! back-off), [`tls`] (rustls listener for
 //! `axum::serve`, the development self-signed certificate), [`appointment`] (requests,
 //! resources, the [`appointment::BookingBackend`]), [`results`] (ImagingStudy and
-//! DiagnosticReport of a booked exam, from a [`results::ResultsSource`]), `openapi` (the
-//! document). The slot, appointment and results types and the [`SlotSource`] /
+//! DiagnosticReport of a booked exam, from a [`results::ResultsSource`]), [`identity`]
+//! (the identity registry's routes; [`identity::fhir`] maps FHIR to and from the registry's
+//! types), `openapi` (the document). The slot, appointment and results types and the [`SlotSource`] /
 //! [`appointment::BookingBackend`] / [`results::ResultsSource`] traits belong to the booking
 //! domain (`gateway-booking`) and are re-exported here.
 

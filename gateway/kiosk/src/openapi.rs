@@ -448,7 +448,7 @@ fn base() -> Value {
         "info": {
             "title": "gatewayd kiosk API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Regional exam booking from the clinic kiosk. Staff log in with a password and a TOTP code; the session cookie is Secure, HttpOnly and SameSite=Strict. Resources are shaped after FHIR R4 Slot, Appointment, ImagingStudy and DiagnosticReport."
+            "description": "Regional exam booking from the clinic kiosk. Staff log in with a password and a TOTP code; the session cookie is Secure, HttpOnly and SameSite=Strict. Resources are shaped after FHIR R4 Slot, Appointment, ImagingStudy, DiagnosticReport, Patient (PDQm $match, PIXm $ihe-pix), Parameters and Consent."
         },
         "components": {
             "securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": "gw_session"}},
