@@ -44,6 +44,9 @@ function show(loggedIn, me) {
   if (!loggedIn) closeReport();
   const admin = loggedIn && me.role === "admin";
   $("accounts-view").hidden = !admin;
+  // The identity section (identity.js) shows itself to administrators and physicians.
+  if (loggedIn) document.body.dataset.role = me.role; else delete document.body.dataset.role;
+  document.dispatchEvent(new CustomEvent("kiosk-session", { detail: { role: myRole } }));
   // Logged in: list the day's free slots at once, which also offers the scanners to pick.
   if (loggedIn) searchSlots();
   if (admin) listAccounts();

@@ -27,7 +27,7 @@
 //!   the [`SlotSource`]; slots served from a cache the core has not refreshed carry the meta
 //!   tag `stale`.
 //!
-//! - `GET /`, `/app.js`, `/app.css`, `/favicon.svg`: the kiosk page (`assets/`, plain DOM, no build step;
+//! - `GET /`, `/app.js`, `/identity.js`, `/app.css`, `/favicon.svg`: the kiosk page (`assets/`, plain DOM, no build step;
 //!   same-origin Content Security Policy).
 //!
 //! Every route but the login, the page and the OpenAPI document needs a session (401
@@ -44,12 +44,19 @@
 //!   `GET /fhir/DiagnosticReport?based-on=Appointment/{id}` (physicians only, 403 otherwise;
 //!   every request audited as a patient record read before it is answered): see [`results`].
 //!
+//! - On the core gateway ([`Kiosk::with_identity`]), for administrators and physicians:
+//!   `POST /fhir/Patient/$match` (PDQm-like), `GET /fhir/Patient/$ihe-pix` (PIXm-like), the
+//!   review queue, link and unlink (`/api/identity/...`) and FHIR Consent (`GET`/`POST
+//!   /fhir/Consent`, `POST /fhir/Consent/{id}/$revoke`): see [`identity`]. Without a
+//!   registry these answer 404 `not-supported`.
+//!
 //! Module map: [`session`] (tokens, cookie, expiry), [`throttle`] (per-address login
 //! back-off), [`tls`] (rustls listener for
 //! `axum::serve`, the development self-signed certificate), [`appointment`] (requests,
 //! resources, the [`appointment::BookingBackend`]), [`results`] (ImagingStudy and
-//! DiagnosticReport of a booked exam, from a [`results::ResultsSource`]), `openapi` (the
-//! document). The slot, appointment and results types and the [`SlotSource`] /
+//! DiagnosticReport of a booked exam, from a [`results::ResultsSource`]), [`identity`]
+//! (the identity registry's routes; [`identity::fhir`] maps FHIR to and from the registry's
+//! types), `openapi` (the document). The slot, appointment and results types and the [`SlotSource`] /
 //! [`appointment::BookingBackend`] / [`results::ResultsSource`] traits belong to the booking
 //! domain (`gateway-booking`) and are re-exported here.
 
@@ -59,6 +66,7 @@
 
 pub mod appointment;
 mod enrol;
+pub mod identity;
 mod openapi;
 pub mod results;
 pub mod session;
@@ -105,6 +113,9 @@ pub struct Kiosk {
     /// How far booked exams' results have come back ([`results::NoResults`] unless
     /// [`Kiosk::with_results`] hands a store).
     results: Arc<dyn results::ResultsSource>,
+    /// The identity registry and this gateway's hospital id (`None` unless
+    /// [`Kiosk::with_identity`]: the identity routes answer 404 `not-supported`).
+    identity: Option<identity::Identity>,
 }
 
 impl Kiosk {
@@ -124,7 +135,24 @@ impl Kiosk {
             slots,
             booking,
             results: Arc::new(results::NoResults),
+            identity: None,
         }
+    }
+
+    /// The identity registry (名寄せ, 公開同意) on the core gateway: patient search, linked
+    /// identifiers, the review queue and consents ([`identity`]). `hospital_id` is the core's
+    /// own `[identity] hospital_id`, the requester the registry checks consents against.
+    #[must_use]
+    pub fn with_identity(
+        mut self,
+        service: Arc<dyn gateway_registry::IdentityService>,
+        hospital_id: &str,
+    ) -> Self {
+        self.identity = Some(identity::Identity {
+            service,
+            hospital_id: Arc::from(hospital_id),
+        });
+        self
     }
 
     /// The clinic's results of booked exams, served as ImagingStudy and DiagnosticReport
@@ -169,6 +197,7 @@ impl Kiosk {
             .route("/api/enrol", post(enrol::enrol))
             .route("/api/enrol/confirm", post(enrol::confirm))
             .route("/enrol.js", get(page_enrol_js))
+            .route("/identity.js", get(page_identity_js))
             .route("/fhir/Slot", get(slots))
             .route("/fhir/Appointment/$hold", post(hold))
             .route("/fhir/Appointment/$book", post(book))
@@ -176,6 +205,17 @@ impl Kiosk {
             .route("/fhir/Appointment/{id}/$cancel", post(cancel))
             .route("/fhir/ImagingStudy", get(results::imaging_studies))
             .route("/fhir/DiagnosticReport", get(results::diagnostic_reports))
+            .route("/fhir/Patient/$match", post(identity::patient_match))
+            .route("/fhir/Patient/$ihe-pix", get(identity::patient_pix))
+            .route("/api/identity/review", get(identity::review_queue))
+            .route("/api/identity/review/{id}", post(identity::review_decide))
+            .route("/api/identity/link", post(identity::link))
+            .route("/api/identity/unlink", post(identity::unlink))
+            .route(
+                "/fhir/Consent",
+                get(identity::consents).post(identity::record_consent),
+            )
+            .route("/fhir/Consent/{id}/$revoke", post(identity::revoke_consent))
             .fallback(not_found)
             .layer(axum::middleware::map_response(security_headers))
             .with_state(self)
@@ -312,6 +352,14 @@ async fn page_enrol_js() -> Response {
     asset(
         "text/javascript; charset=utf-8",
         include_str!("../assets/enrol.js"),
+    )
+}
+
+/// The identity section's script (review queue, patient search, consents).
+async fn page_identity_js() -> Response {
+    asset(
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/identity.js"),
     )
 }
 

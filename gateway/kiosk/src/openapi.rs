@@ -22,6 +22,7 @@ pub fn document() -> Value {
     let mut doc = base();
     add_enrolment(&mut doc);
     add_results(&mut doc);
+    add_identity(&mut doc);
     doc
 }
 
@@ -37,6 +38,214 @@ fn extend(doc: &mut Value, schemas: Value, paths: Value) {
             target.extend(more);
         }
     }
+}
+
+/// The identity routes (`crate::identity`): PDQm-like search, PIXm-like linked identifiers,
+/// the review queue and consents.
+fn add_identity(doc: &mut Value) {
+    use crate::identity::fhir;
+    let string = json!({"type": "string"});
+    let fhir_ok = |description: &str, schema: &str| json!({"description": description, "content": {"application/fhir+json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+    let json_ok = |description: &str, schema: Value| json!({"description": description, "content": {"application/json": {"schema": schema}}});
+    let no_session = outcome_response("No session");
+    let forbidden =
+        outcome_response("A clerk (administrators and physicians only; the refusal is audited)");
+    let unsupported = outcome_response(
+        "not-supported: this gateway has no identity registry; or not-found: no such patient record, review item or consent",
+    );
+    let conflict =
+        outcome_response("The request contradicts the registry's state (the diagnostics say how)");
+    let unavailable = outcome_response(
+        "The identity registry (or, for the reads it cannot attribute, the audit trail) is unavailable; try again",
+    );
+    let key = json!({"type": "object", "required": ["hospital_id", "patient_id"], "properties": {
+        "hospital_id": {"type": "string", "minLength": 1, "maxLength": 64},
+        "patient_id": {"type": "string", "minLength": 1, "maxLength": 64}}});
+    let identifier = json!({"type": "object", "required": ["system", "value"], "properties": {
+        "system": {"type": "string", "description": format!("{}{{hospital id}}", fhir::HOSPITAL_SYSTEM_PREFIX)},
+        "value": {"type": "string", "description": "The patient id at that hospital"}}});
+    let token = json!({"type": "string", "description": format!("{}{{hospital id}}|{{patient id}}", fhir::HOSPITAL_SYSTEM_PREFIX)});
+    let review_record = json!({"type": "object", "required": ["hospital_id", "patient_id", "person", "record"], "properties": {
+        "hospital_id": string, "patient_id": string, "person": string, "updated": string,
+        "record": {"type": "object", "description": "Every field of the record (null when missing): hospital_id, patient_id, family_name, given_name, family_kana, given_kana, sex, birth_date, address, postal_code, phone, insurer_number, insurance_symbol, insurance_number, insurance_branch",
+            "additionalProperties": {"type": ["string", "null"]}}}});
+    let schemas = json!({
+        "MatchParameters": {
+            "type": "object",
+            "description": "A FHIR Parameters: `resource` = the Patient to search for (JP Core: HumanName with the iso21090-EN-representation extension IDE for kanji, SYL for kana; identifier urn:gateway:hospital:{id}; gender, birthDate (FHIR date), address, telecom phone, insurance in the urn:gateway:identity:insurance extension), optional `count` (1-100, default 10) and `onlyCertainMatches`",
+            "required": ["resourceType", "parameter"],
+            "properties": {
+                "resourceType": {"const": "Parameters"},
+                "parameter": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+                    "name": {"enum": ["resource", "count", "onlyCertainMatches"]},
+                    "resource": {"type": "object", "required": ["resourceType"], "properties": {"resourceType": {"const": "Patient"}}},
+                    "valueInteger": {"type": "integer", "minimum": 1, "maximum": 100},
+                    "valueBoolean": {"type": "boolean"}}}}
+            }
+        },
+        "PatientBundle": {
+            "type": "object",
+            "description": format!("Searchset of source records that may be the patient, best first. entry.search.score = 1 / (1 + 2^-w) for the Fellegi-Sunter match weight w (log2 likelihood ratio; the weight itself in the extension {}), entry.search.extension {} certain (link) / probable (review) / possible (distinct). Each Patient carries its person in the extension {} (valueIdentifier, system {}).", fhir::MATCH_WEIGHT, fhir::MATCH_GRADE, fhir::PERSON, fhir::PERSON_SYSTEM),
+            "required": ["resourceType", "type", "total", "entry"],
+            "properties": {
+                "resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
+                "total": {"type": "integer", "minimum": 0},
+                "entry": {"type": "array", "items": {"type": "object", "required": ["resource", "search"], "properties": {
+                    "resource": {"type": "object", "required": ["resourceType", "identifier"], "properties": {
+                        "resourceType": {"const": "Patient"},
+                        "identifier": {"type": "array", "items": identifier}}},
+                    "search": {"type": "object", "required": ["mode", "score"], "properties": {
+                        "mode": {"const": "match"},
+                        "score": {"type": "number", "minimum": 0, "maximum": 1},
+                        "extension": {"type": "array", "items": {"type": "object"}}}}}}}
+            }
+        },
+        "PixParameters": {
+            "type": "object",
+            "description": "A FHIR Parameters: one targetIdentifier per linked record this hospital may see (withheld ones for want of consent are neither shown nor counted), and `person` (system urn:gateway:person)",
+            "required": ["resourceType", "parameter"],
+            "properties": {
+                "resourceType": {"const": "Parameters"},
+                "parameter": {"type": "array", "items": {"type": "object", "required": ["name", "valueIdentifier"], "properties": {
+                    "name": {"enum": ["targetIdentifier", "person"]},
+                    "valueIdentifier": identifier}}}
+            }
+        },
+        "ReviewQueue": {
+            "type": "object", "required": ["items"],
+            "properties": {"items": {"type": "array", "items": {"type": "object",
+                "required": ["id", "score", "probability", "queued", "a", "b"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "score": {"type": "number", "description": "The match weight (log2 likelihood ratio)"},
+                    "probability": {"type": "number", "minimum": 0, "maximum": 1, "description": "1 / (1 + 2^-score)"},
+                    "queued": {"type": "string"},
+                    "a": review_record, "b": review_record}}}}
+        },
+        "Verdict": {"type": "object", "required": ["verdict"], "properties": {"verdict": {"enum": ["same", "not_same"]}}},
+        "LinkRequest": {"type": "object", "required": ["a", "b"], "properties": {"a": key, "b": key}},
+        "SourceKey": key,
+        "Consent": {
+            "type": "object",
+            "description": format!("A FHIR Consent (公開同意): status active | inactive (revoked), scope patient-privacy, patient.identifier ({}{{hospital id}}), dateTime and performer[0].display (when and by whom recorded), extensions {} (kiosk | hl7), {} and {}. provision: a base deny whose nested permit provisions are the grants: actor[0].reference.identifier = the grantee (system {} and a hospital id, or {} for the whole region), class[] = kinds of data (system {}: identity, results, reactions, dose, images; `all` on input). A posted Consent may put one grant in a top-level permit provision; the recorder is the logged-in staff member.", fhir::HOSPITAL_SYSTEM_PREFIX, fhir::CONSENT_SOURCE, fhir::REVOKED_BY, fhir::REVOKED_AT, fhir::GRANTEE_HOSPITAL_SYSTEM, fhir::GRANTEE_REGION_SYSTEM, fhir::DATA_KIND_SYSTEM),
+            "required": ["resourceType", "patient", "provision"],
+            "properties": {
+                "resourceType": {"const": "Consent"},
+                "id": {"type": "string"},
+                "status": {"enum": ["active", "inactive"]},
+                "patient": {"type": "object", "required": ["identifier"], "properties": {"identifier": identifier}},
+                "dateTime": {"type": "string"},
+                "provision": {"type": "object", "required": ["type"], "properties": {
+                    "type": {"enum": ["deny", "permit"]},
+                    "provision": {"type": "array", "items": {"type": "object"}}}}
+            }
+        },
+        "ConsentBundle": {
+            "type": "object", "required": ["resourceType", "type", "total", "entry"],
+            "properties": {
+                "resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
+                "total": {"type": "integer", "minimum": 0},
+                "entry": {"type": "array", "items": {"type": "object", "required": ["resource"], "properties": {
+                    "resource": {"$ref": "#/components/schemas/Consent"}}}}}
+        }
+    });
+    let security = json!([{"session": []}]);
+    let paths = json!({
+        "/fhir/Patient/$match": {"post": {
+            "summary": "Search the identity registry by demographics (IHE PDQm-like); audited by the registry",
+            "security": security,
+            "requestBody": {"required": true, "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/MatchParameters"}}}},
+            "responses": {
+                "200": fhir_ok("Searchset Bundle of Patient, scored and graded", "PatientBundle"),
+                "400": outcome_response("Not a Parameters with a Patient, or a malformed element (named in the diagnostics)"),
+                "401": no_session, "403": forbidden, "404": unsupported, "409": conflict, "503": unavailable
+            }
+        }},
+        "/fhir/Patient/$ihe-pix": {"get": {
+            "summary": "The identifiers linked to a patient record (IHE PIXm-like); audited by the registry",
+            "security": security,
+            "parameters": [
+                {"name": "sourceIdentifier", "in": "query", "required": true, "schema": token},
+                {"name": "targetSystem", "in": "query", "required": false, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": fhir_ok("The linked identifiers and the person", "PixParameters"),
+                "400": outcome_response("sourceIdentifier missing or not urn:gateway:hospital:{id}|{patient id}"),
+                "401": no_session, "403": forbidden, "404": unsupported, "409": conflict, "503": unavailable
+            }
+        }},
+        "/api/identity/review": {"get": {
+            "summary": "The pairs waiting for a person's decision, both records field by field (audited as a patient record read)",
+            "security": security,
+            "responses": {
+                "200": json_ok("The review queue, oldest first", json!({"$ref": "#/components/schemas/ReviewQueue"})),
+                "401": no_session, "403": forbidden, "404": unsupported, "409": conflict, "503": unavailable
+            }
+        }},
+        "/api/identity/review/{id}": {"post": {
+            "summary": "Decide a queued pair: the same person (link) or not (never linked automatically); audited by the registry",
+            "security": security,
+            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": TOKEN}}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Verdict"}}}},
+            "responses": {
+                "200": json_ok("Decided", json!({"type": "object", "required": ["id", "verdict"], "properties": {"id": {"type": "string"}, "verdict": {"enum": ["same", "not_same"]}}})),
+                "400": outcome_response("Not {\"verdict\": \"same\" | \"not_same\"}"),
+                "401": no_session, "403": forbidden, "404": unsupported, "409": conflict, "503": unavailable
+            }
+        }},
+        "/api/identity/link": {"post": {
+            "summary": "Link two source records by hand (the same person); audited by the registry",
+            "security": security,
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LinkRequest"}}}},
+            "responses": {
+                "200": json_ok("Linked: the person both records belong to now", json!({"type": "object", "required": ["person"], "properties": {"person": {"type": "string"}}})),
+                "400": outcome_response("Not two records, or the same record twice"),
+                "401": no_session, "403": forbidden, "404": unsupported, "409": conflict, "503": unavailable
+            }
+        }},
+        "/api/identity/unlink": {"post": {
+            "summary": "Take a source record out of its person, at once for every lookup and disclosure; audited by the registry",
+            "security": security,
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SourceKey"}}}},
+            "responses": {
+                "204": {"description": "Unlinked"},
+                "400": outcome_response("Not {hospital_id, patient_id}"),
+                "401": no_session, "403": forbidden, "404": unsupported, "409": conflict, "503": unavailable
+            }
+        }},
+        "/fhir/Consent": {
+            "get": {
+                "summary": "The consents of a patient's person (active and revoked), newest first (audited as a patient record read)",
+                "security": security,
+                "parameters": [{"name": "patient", "in": "query", "required": true, "schema": token}],
+                "responses": {
+                    "200": fhir_ok("Searchset Bundle of Consent", "ConsentBundle"),
+                    "400": outcome_response("Search by patient=urn:gateway:hospital:{id}|{patient id} only"),
+                    "401": no_session, "403": forbidden, "404": unsupported, "409": conflict, "503": unavailable
+                }
+            },
+            "post": {
+                "summary": "Record a consent to share (公開同意), durable before the answer; audited by the registry",
+                "security": security,
+                "requestBody": {"required": true, "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/Consent"}}}},
+                "responses": {
+                    "201": fhir_ok("Recorded; Location is Consent/{id}", "Consent"),
+                    "400": outcome_response("Not a Consent, or a malformed element (named in the diagnostics)"),
+                    "401": no_session, "403": forbidden, "404": unsupported, "409": conflict, "503": unavailable
+                }
+            }
+        },
+        "/fhir/Consent/{id}/$revoke": {"post": {
+            "summary": "Revoke a consent (kept, status inactive, who and when on record); audited by the registry",
+            "security": security,
+            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": TOKEN}}],
+            "responses": {
+                "200": fhir_ok("The revoked Consent", "Consent"),
+                "401": no_session, "403": forbidden, "404": unsupported, "409": conflict, "503": unavailable
+            }
+        }}
+    });
+    extend(doc, schemas, paths);
 }
 
 /// The results routes (`crate::results`): ImagingStudy and DiagnosticReport of a booked exam.
@@ -239,7 +448,7 @@ fn base() -> Value {
         "info": {
             "title": "gatewayd kiosk API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Regional exam booking from the clinic kiosk. Staff log in with a password and a TOTP code; the session cookie is Secure, HttpOnly and SameSite=Strict. Resources are shaped after FHIR R4 Slot, Appointment, ImagingStudy and DiagnosticReport."
+            "description": "Regional exam booking from the clinic kiosk. Staff log in with a password and a TOTP code; the session cookie is Secure, HttpOnly and SameSite=Strict. Resources are shaped after FHIR R4 Slot, Appointment, ImagingStudy, DiagnosticReport, Patient (PDQm $match, PIXm $ihe-pix), Parameters and Consent."
         },
         "components": {
             "securitySchemes": {"session": {"type": "apiKey", "in": "cookie", "name": "gw_session"}},

@@ -2054,3 +2054,5 @@ async fn the_openapi_document_describes_the_results_searches() {
         format!("{}report", results::EXTENSION_BASE)
     );
 }
+
+mod identity;
