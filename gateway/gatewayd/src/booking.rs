@@ -23,6 +23,7 @@ use gateway_config::{Booking, Exchange, Role, Settings};
 use gateway_exchange::{ExchangeKey, PeerKey};
 use gateway_keystore::MasterKey;
 use gateway_kiosk::Kiosk;
+use gateway_registry::RegistryHandle;
 use gateway_regional::Connection;
 use gateway_regional::clinic::{ClinicExchange, ClinicSettings};
 use gateway_regional::core::CoreExchange;
@@ -58,6 +59,10 @@ impl Derived {
     fn exchange(&self) -> ExchangeKey {
         ExchangeKey::derive(&self.0)
     }
+
+    fn master(&self) -> &MasterKey {
+        &self.0
+    }
 }
 
 /// What the booking service starts, and on the core what the DICOM and HL7 listeners
@@ -72,13 +77,16 @@ pub(crate) struct Started {
 pub(crate) struct CoreParts {
     pub ledger: LedgerHandle,
     pub changed: Arc<Notify>,
+    /// `[identity]`: the registry the HL7 listener's ADT messages feed.
+    pub identity: Option<RegistryHandle>,
 }
 
-/// What the results services get from the daemon: the clinic's pull source (the
-/// `results.source` uplink with its identity) and the metric handles.
-pub(crate) struct ResultsParts {
-    pub source: Option<gateway_uplink::UplinkSettings>,
-    pub metrics: gateway_results::Metrics,
+/// What the results and identity services get from the daemon: the clinic's pull source
+/// (the `results.source` uplink with its identity) and the metric handles.
+pub(crate) struct FeatureParts {
+    pub results_source: Option<gateway_uplink::UplinkSettings>,
+    pub results_metrics: gateway_results::Metrics,
+    pub identity_metrics: gateway_registry::Metrics,
 }
 
 /// Builds the booking service; every problem is a start-up error naming the key.
@@ -88,13 +96,14 @@ pub(crate) async fn start(
     spool: &gateway_spool::Spool,
     derived: &Derived,
     identity: Option<Arc<dyn gateway_keystore::DeviceIdentity>>,
-    results: ResultsParts,
+    parts: FeatureParts,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<Started, String> {
-    let ResultsParts {
-        source: results_source,
-        metrics: results_metrics,
-    } = results;
+    let FeatureParts {
+        results_source,
+        results_metrics,
+        identity_metrics,
+    } = parts;
     let data_dir = &settings.node.data_dir;
     let me = settings.node.id.as_str().to_owned();
     let booking_dir = data_dir.join("booking");
@@ -113,6 +122,7 @@ pub(crate) async fn start(
     let exchange = settings.exchange.as_ref();
     let mut core_parts = None;
     let mut results_view: Option<Arc<dyn gateway_booking::ResultsSource>> = None;
+    let mut identity_view: Option<(RegistryHandle, String)> = None;
     let (slots, backend): (Arc<dyn SlotSource>, Arc<dyn BookingBackend>) = match settings.node.role
     {
         Role::Core => {
@@ -140,6 +150,26 @@ pub(crate) async fn start(
                 }
                 None => None,
             };
+            let registry = match &settings.identity {
+                Some(i) => Some(
+                    open_identity(settings, i, derived, Arc::clone(&audit), identity_metrics)
+                        .await?,
+                ),
+                None => None,
+            };
+            // Every booking also puts its patient (as the booking clinic knows them) in the
+            // registry; the RIS orders get them after that, as before.
+            let to_ris = match &registry {
+                Some(r) => {
+                    let (tee, task) = booked_to_registry(r.clone(), to_ris);
+                    tasks.push(task);
+                    Some(tee)
+                }
+                None => to_ris,
+            };
+            if let (Some(r), Some(i)) = (&registry, &settings.identity) {
+                identity_view = Some((r.clone(), i.hospital_id.clone()));
+            }
             if let Some(f) = &to_ris {
                 local = local.with_on_booked(f.clone());
             }
@@ -159,6 +189,7 @@ pub(crate) async fn start(
             core_parts = Some(CoreParts {
                 ledger: ledger.clone(),
                 changed: Arc::clone(&changed),
+                identity: registry,
             });
             if let Some(x) = exchange {
                 let core = CoreExchange::new(
@@ -258,6 +289,9 @@ pub(crate) async fn start(
         .with_issuer(&format!("gatewayd {}", settings.node.id.as_str()));
     if let Some(view) = results_view {
         kiosk = kiosk.with_results(view);
+    }
+    if let Some((registry, hospital_id)) = identity_view {
+        kiosk = kiosk.with_identity(Arc::new(registry), &hospital_id);
     }
     let app = kiosk.service();
     let mut rx = shutdown.clone();
@@ -458,12 +492,95 @@ async fn drain_orders(orders: std::thread::JoinHandle<()>, mut shutdown: watch::
     }
 }
 
-/// The core's RIS feed: the HL7 listener's observer channel and the task that applies its
-/// SIU messages to the ledger (`gateway_regional::ris::run`). The listener never waits on it.
-pub(crate) fn ris_observer(core: &CoreParts) -> (gateway_mllp::Observer, Task) {
-    let (observer, observed) = gateway_mllp::Observer::channel(gateway_mllp::OBSERVER_QUEUE);
-    let task = gateway_regional::ris::run(observed, core.ledger.clone(), Arc::clone(&core.changed));
-    (observer, Box::pin(task))
+/// The core's HL7 feeds: the listener's observer channel, dispatched by message type to the
+/// task that applies SIU messages to the ledger (`gateway_regional::ris::run`) and, with
+/// `[identity]`, to the one that applies ADT messages to the registry
+/// (`gateway_registry::feed`). The listener never waits on either.
+pub(crate) fn core_observer(core: &CoreParts) -> (gateway_mllp::Observer, Vec<Task>) {
+    use tokio::sync::mpsc;
+    let (observer, mut observed) = gateway_mllp::Observer::channel(gateway_mllp::OBSERVER_QUEUE);
+    let (to_ris, ris) = mpsc::channel::<gateway_mllp::Observed>(gateway_mllp::OBSERVER_QUEUE);
+    let mut tasks: Vec<Task> = vec![Box::pin(gateway_regional::ris::run(
+        ris,
+        core.ledger.clone(),
+        Arc::clone(&core.changed),
+    ))];
+    let to_registry = core.identity.clone().map(|registry| {
+        let (tx, rx) = mpsc::channel::<gateway_mllp::Observed>(gateway_mllp::OBSERVER_QUEUE);
+        tasks.push(Box::pin(gateway_registry::feed(rx, registry)));
+        tx
+    });
+    tasks.push(Box::pin(async move {
+        while let Some(message) = observed.recv().await {
+            let to = if message.message_type().starts_with("SIU^") {
+                Some(&to_ris)
+            } else if message.message_type().starts_with("ADT^") {
+                to_registry.as_ref()
+            } else {
+                None
+            };
+            if let Some(to) = to {
+                // Bounded: a slow consumer holds this task, and the listener's own
+                // observer queue counts what it then drops.
+                let _ = to.send(message).await;
+            }
+        }
+    }));
+    (observer, tasks)
+}
+
+/// `[identity]` (core): the registry, its matcher (the built-in model or `identity.model`),
+/// opened on a blocking thread; it runs on a thread of its own afterwards.
+async fn open_identity(
+    settings: &Settings,
+    identity: &gateway_config::Identity,
+    derived: &Derived,
+    audit: Arc<AuditLog>,
+    metrics: gateway_registry::Metrics,
+) -> Result<RegistryHandle, String> {
+    let dir = settings.node.data_dir.join("identity");
+    let (model_path, hospital_id) = (identity.model.clone(), identity.hospital_id.clone());
+    let master = MasterKey::from_bytes(*derived.master().expose());
+    blocking(move || {
+        let model = match &model_path {
+            Some(p) => gateway_identity::Model::load(p).map_err(|e| format!("identity.model: {e}"))?,
+            None => gateway_identity::Model::default(),
+        };
+        gateway_registry::Registry::open(
+            &dir,
+            &master,
+            gateway_identity::Matcher::new(model),
+            hospital_id,
+            audit,
+            metrics,
+        )
+        .map_err(|e| format!("identity: {e}"))
+    })
+    .await
+}
+
+/// Puts each booked appointment's patient in the registry (under the booking clinic's id),
+/// then hands the appointment on to the RIS orders (if any). Returns the sender the
+/// exchange and the core's kiosk report bookings to, and the task that drains it.
+fn booked_to_registry(
+    registry: RegistryHandle,
+    then: Option<gateway_regional::OnBooked>,
+) -> (gateway_regional::OnBooked, Task) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<gateway_booking::Appointment>();
+    let task = Box::pin(async move {
+        while let Some(a) = rx.recv().await {
+            let p = &a.patient;
+            let record =
+                gateway_registry::booked_patient(&a.clinic, &p.id, &p.name, &p.birth_date, &p.sex);
+            if let Err(e) = registry.record_booking(a.clinic.clone(), record).await {
+                warn!(appointment = %a.id, error = %e, "booked patient not recorded in the identity registry");
+            }
+            if let Some(then) = &then {
+                let _ = then.send(a);
+            }
+        }
+    });
+    (tx, task)
 }
 
 /// Runs start-up file work (opening the stores, which verify and `fsync`, reading or making

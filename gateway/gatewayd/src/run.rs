@@ -342,6 +342,10 @@ async fn start_booking(
         Some(_) => gateway_results::Metrics::register(registry),
         None => gateway_results::Metrics::default(),
     };
+    let identity_metrics = match &settings.identity {
+        Some(_) => gateway_registry::Metrics::register(registry),
+        None => gateway_registry::Metrics::default(),
+    };
     // A clinic pulls returned results with the identity and URL of `results.source`.
     let results_source = match (&settings.results, settings.node.role) {
         (Some(r), gateway_config::Role::Clinic) => settings
@@ -360,9 +364,10 @@ async fn start_booking(
                 ctx.spool,
                 derived,
                 keys.identity(),
-                crate::booking::ResultsParts {
-                    source: results_source,
-                    metrics: results_metrics,
+                crate::booking::FeatureParts {
+                    results_source,
+                    results_metrics,
+                    identity_metrics,
                 },
                 ctx.shutdown,
             )
@@ -410,8 +415,10 @@ async fn start_hl7(
             .map_err(|e| e.to_string())?
             .with_disabled(ctx.disabled.clone());
         if let Some(core) = core {
-            let (observer, task) = crate::booking::ris_observer(core);
-            services.spawn(task);
+            let (observer, tasks) = crate::booking::core_observer(core);
+            for task in tasks {
+                services.spawn(task);
+            }
             service = service.with_observer(observer);
         }
         metrics = Some(service.metrics());

@@ -35,6 +35,7 @@
 
 mod adt;
 pub mod api;
+pub mod booked;
 pub mod journal;
 pub mod metrics;
 mod service;
@@ -42,6 +43,7 @@ mod state;
 mod store;
 
 pub use api::*;
+pub use booked::booked_patient;
 pub use metrics::Metrics;
 pub use service::{Applied, LinkOutcome, Options, RecordEvent, Registry, RegistryHandle, feed};
 pub use store::OpenError;
