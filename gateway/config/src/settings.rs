@@ -485,6 +485,12 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
         )
     });
     let identity = raw.identity.map(|i| identity(c, i, node.as_ref()));
+    if identity.is_some() && booking.is_none() {
+        c.push(
+            "identity",
+            "needs [booking]: the registry is reviewed at the core's kiosk and audited in its trail",
+        );
+    }
     Some(Settings {
         node: node?,
         dicom: dicom.map_or(Some(None), |d| d.map(Some))?,

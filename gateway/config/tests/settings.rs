@@ -941,12 +941,12 @@ fn every_results_problem_is_named_in_one_pass() {
 
 #[test]
 fn identity_on_the_core_defaults_its_hospital_id_to_the_node_id() {
-    let s = ok(&format!("{NODE_CORE}[identity]\n"));
+    let s = ok(&format!("{NODE_CORE}[booking]\n[identity]\n"));
     let i = s.identity.unwrap();
     assert_eq!(i.hospital_id, "t");
     assert_eq!(i.model, None);
     let s = ok(&format!(
-        "{NODE_CORE}[identity]\nhospital_id = \"KOHSEI-01\"\nmodel = \"/var/lib/gatewayd/model.json\"\n"
+        "{NODE_CORE}[booking]\n[identity]\nhospital_id = \"KOHSEI-01\"\nmodel = \"/var/lib/gatewayd/model.json\"\n"
     ));
     let i = s.identity.unwrap();
     assert_eq!(i.hospital_id, "KOHSEI-01");
@@ -963,6 +963,7 @@ fn every_identity_problem_is_named_and_unknown_keys_are_refused() {
         "identity: only the core keeps the identity registry",
         "identity.hospital_id: must be 1 to 64 characters",
         "identity.model:",
+        "identity: needs [booking]",
     ] {
         assert!(
             got.iter().any(|l| l.starts_with(want)),
