@@ -222,6 +222,23 @@ async function showLinked(key) {
   }
 }
 
+// ---- Link by hand ----
+
+$("link-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const v = (id) => $(id).value.trim();
+  const body = {
+    a: { hospital_id: v("link-a-hospital"), patient_id: v("link-a-patient") },
+    b: { hospital_id: v("link-b-hospital"), patient_id: v("link-b-patient") },
+  };
+  const r = await api("POST", "/api/identity/link", body);
+  if (r.status === 200) {
+    identityMessage(`連携しました (人物 ${r.data.person}) / Linked (person ${r.data.person})`, false);
+  } else {
+    identityMessage(problem(r.data), true);
+  }
+});
+
 // ---- Consent (公開同意) ----
 
 function consentPatient() {

@@ -221,6 +221,9 @@ fn name_parts(name: &Value) -> Parsed<(Option<String>, Option<String>)> {
         }
     }
     let given = (!given.is_empty()).then(|| given.join(" "));
+    if given.as_ref().is_some_and(|g| g.chars().count() > MAX_TEXT) {
+        return Err(InvalidResource("Patient.name.given"));
+    }
     if family.is_none() && given.is_none() {
         return Ok((text(name.get("text"), "Patient.name.text")?, None));
     }
@@ -321,7 +324,11 @@ pub fn patient_to_record(p: &Value) -> Parsed<Record> {
                 for l in array(a.get("line"), "Patient.address.line")? {
                     parts.extend(text(Some(l), "Patient.address.line")?);
                 }
-                (!parts.is_empty()).then(|| parts.concat())
+                let joined = parts.concat();
+                if joined.chars().count() > MAX_TEXT {
+                    return Err(InvalidResource("Patient.address"));
+                }
+                (!joined.is_empty()).then_some(joined)
             }
         };
         r.postal_code = text(a.get("postalCode"), "Patient.address.postalCode")?;
@@ -723,6 +730,164 @@ mod tests {
         assert_eq!(score(f64::NEG_INFINITY), 0.0);
         assert_eq!(score(f64::NAN), 0.0);
         assert!(score(3.0) > score(2.0));
+    }
+
+    /// Odd values put in place of each element of a valid resource, one at a time.
+    fn odd_values() -> Vec<Value> {
+        vec![
+            Value::Null,
+            json!(0),
+            json!(-1.5e300),
+            json!(true),
+            json!(""),
+            json!(" "),
+            json!("a\u{0}b"),
+            json!("x".repeat(257)),
+            json!("髙".repeat(256)),
+            json!("ｱ"),
+            json!("|"),
+            json!("urn:gateway:hospital:"),
+            json!("urn:gateway:hospital:h"),
+            json!("urn:gateway:region"),
+            json!("IDE"),
+            json!("SYL"),
+            json!("permit"),
+            json!("all"),
+            json!("1975-02-31"),
+            json!([]),
+            json!([null]),
+            json!(["x".repeat(200), "y".repeat(200)]),
+            json!({}),
+            json!({"system": "urn:gateway:hospital:h", "value": "p"}),
+        ]
+    }
+
+    /// Every JSON pointer of `v`.
+    fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let p = format!("{at}/{k}");
+                    out.push(p.clone());
+                    pointers(x, p, out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    let p = format!("{at}/{i}");
+                    out.push(p.clone());
+                    pointers(x, p, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Each mutant of `seed` (one element replaced by one odd value).
+    fn mutants(seed: &Value) -> Vec<Value> {
+        let mut paths = Vec::new();
+        pointers(seed, String::new(), &mut paths);
+        let mut out = Vec::new();
+        for p in &paths {
+            for odd in odd_values() {
+                let mut m = seed.clone();
+                if let Some(slot) = m.pointer_mut(p) {
+                    *slot = odd;
+                }
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    fn seed_patient() -> Value {
+        json!({
+            "resourceType": "Patient",
+            "identifier": [{"system": "urn:gateway:hospital:core", "value": "12345"}],
+            "name": [
+                {"extension": [{"url": REPRESENTATION, "valueCode": "IDE"}], "family": "髙橋", "given": ["太郎", "次"]},
+                {"family": "たかはし", "given": ["たろう"]},
+                {"text": "TAKAHASHI TARO"}
+            ],
+            "gender": "male",
+            "birthDate": "1975-01-02",
+            "address": [{"state": "東京都", "city": "千代田区", "line": ["1-1"], "postalCode": "100-0001"}],
+            "telecom": [{"system": "phone", "value": "03-1234-5678"}],
+            "extension": [{"url": INSURANCE, "extension": [
+                {"url": "insurer-number", "valueString": "06130012"},
+                {"url": "branch", "valueString": "01"}
+            ]}]
+        })
+    }
+
+    /// No input panics, and whatever is read is answered so that it reads back the same.
+    #[test]
+    fn patients_of_every_odd_shape_are_refused_or_read_back_the_same() {
+        let mut read = 0;
+        for m in mutants(&seed_patient()) {
+            let Ok(r) = patient_to_record(&m) else {
+                continue;
+            };
+            read += 1;
+            let key = SourceKey {
+                hospital_id: r.hospital_id.clone().unwrap_or_else(|| "h".into()),
+                patient_id: r.patient_id.clone().unwrap_or_else(|| "p".into()),
+            };
+            let expected = Record {
+                hospital_id: Some(key.hospital_id.clone()),
+                patient_id: Some(key.patient_id.clone()),
+                ..r.clone()
+            };
+            let s = SourceRecord {
+                key,
+                person: gateway_registry::PersonId("x".into()),
+                record: r,
+                updated: String::new(),
+            };
+            let back = patient_to_record(&record_to_patient(&s));
+            assert!(back == Ok(expected), "{m}");
+        }
+        assert!(read > 100, "{read}");
+    }
+
+    fn seed_consent() -> Value {
+        json!({
+            "resourceType": "Consent",
+            "status": "active",
+            "patient": {"identifier": {"system": "urn:gateway:hospital:core", "value": "12345"}},
+            "provision": {"type": "deny", "provision": [
+                {"type": "permit",
+                 "actor": [{"reference": {"identifier": {"system": GRANTEE_HOSPITAL_SYSTEM, "value": "clinic-a"}}}],
+                 "class": [{"system": DATA_KIND_SYSTEM, "code": "results"}, {"system": DATA_KIND_SYSTEM, "code": "images"}]},
+                {"type": "permit",
+                 "actor": [{"reference": {"identifier": {"system": GRANTEE_REGION_SYSTEM, "value": "region"}}}],
+                 "class": [{"system": DATA_KIND_SYSTEM, "code": "all"}]}
+            ]}
+        })
+    }
+
+    #[test]
+    fn consents_of_every_odd_shape_are_refused_or_read_back_the_same() {
+        let mut read = 0;
+        for m in mutants(&seed_consent()) {
+            let Ok(new) = consent_to_new(&m) else {
+                continue;
+            };
+            read += 1;
+            let recorded = Consent {
+                id: "c-1".into(),
+                patient: new.patient.clone(),
+                grants: new.grants.clone(),
+                status: ConsentStatus::Active,
+                source: ConsentSource::Kiosk,
+                recorded_by: "staff".into(),
+                recorded_at: "2026-12-01T00:00:00Z".into(),
+                revoked_by: None,
+                revoked_at: None,
+            };
+            assert_eq!(consent_to_new(&consent_resource(&recorded)), Ok(new), "{m}");
+        }
+        assert!(read > 20, "{read}");
     }
 
     #[test]
