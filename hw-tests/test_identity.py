@@ -22,10 +22,12 @@ import urllib.parse
 
 import pytest
 
+import browser
 import gw
 import kiosk
 from hl7msg import MllpConnection, msa
 from test_booking import broker  # noqa: F401  (the regional broker fixture)
+from test_kiosk_page import chromium  # noqa: F401  (headless Chromium)
 
 CORE = "core-1"
 HOSP_A = "HOSP-A"
@@ -112,8 +114,8 @@ def match(k: kiosk.Kiosk, p: dict) -> list[tuple[str, str]]:
     return out
 
 
-def consent(k: kiosk.Kiosk, hospital: str, pid: str, kinds=KINDS, grantee: str | None = None) -> dict:
-    """Records a consent at the kiosk: `grantee` a hospital id, or the whole region."""
+def consent_body(hospital: str, pid: str, kinds=KINDS, grantee: str | None = None) -> dict:
+    """A FHIR Consent: `grantee` a hospital id, or the whole region."""
     actor = ({"reference": {"identifier": {"system": "urn:gateway:hospital", "value": grantee}}}
              if grantee else {"reference": {"identifier": {"system": "urn:gateway:region", "value": "region"}}})
     body = {
@@ -126,9 +128,18 @@ def consent(k: kiosk.Kiosk, hospital: str, pid: str, kinds=KINDS, grantee: str |
         "provision": {"type": "permit", "actor": [actor],
                       "class": [{"system": "urn:gateway:data-kind", "code": c} for c in kinds]},
     }
-    r = k.request("POST", "/fhir/Consent", body)
+    return body
+
+
+def consent(k: kiosk.Kiosk, hospital: str, pid: str, kinds=KINDS, grantee: str | None = None) -> dict:
+    """Records a consent at the kiosk: `grantee` a hospital id, or the whole region."""
+    r = k.request("POST", "/fhir/Consent", consent_body(hospital, pid, kinds, grantee))
     assert r.status == 201, r
     return r.json()
+
+
+def consent_status(k: kiosk.Kiosk, hospital: str, pid: str) -> int:
+    return k.request("POST", "/fhir/Consent", consent_body(hospital, pid)).status
 
 
 def audit_records(g: gw.Gateway) -> list[dict]:
@@ -215,33 +226,57 @@ def test_consent_revoked_the_lookup_discloses_nothing_of_other_hospitals_and_the
     assert core.cli("audit", "verify", "--config", str(core.config_path)).returncode == 0
 
 
-def test_review_queue_booking_feed_and_no_patient_data_in_clear(region):
+def test_a_physician_decides_a_review_pair_in_chromium_and_bookings_feed_the_registry_nothing_in_clear(
+        region, chromium):
     core = region.core
-    doctor = region.staff_session(CORE, "dr.review", "physician")
+    doctor_secret = kiosk.add_staff(core, "dr.review", "physician")
+    doctor = region.kiosk(CORE)
+    assert doctor.login("dr.review", doctor_secret).status == 200
     clerk = region.staff_session("clinic-a", "clerk.review")
+    core_clerk = region.staff_session(CORE, "clerk.core")
     # Same name and birth date, nothing else in common: a person must decide.
     unsure = {"id": "B-7", "family": "高橋", "given": "太郎", "family_kana": "タカハシ", "given_kana": "タロウ",
               "birth": "19800102", "sex": "M", "address": "大阪府大阪市北区梅田3-1-1^^大阪市^大阪府^5300001",
               "phone": ""}
     send(region.hl7_port, adt("A01", "a-1", HOSP_A, TARO_A), adt("A04", "b-9", HOSP_B, unsure))
     consent(doctor, HOSP_A, TARO_A["id"], kinds=("identity",))
-    queue = kiosk.wait_until(lambda: (r := doctor.request("GET", "/api/identity/review")).status == 200
-                             and r.json()["items"], 20, "a pair in the review queue")
-    assert clerk.request("GET", "/api/identity/review").status in (401, 403)
+    kiosk.wait_until(lambda: (r := doctor.request("GET", "/api/identity/review")).status == 200
+                     and r.json()["items"], 20, "a pair in the review queue")
+    assert core_clerk.request("GET", "/api/identity/review").status == 403
     assert (HOSP_B, "B-7") not in pix(doctor, HOSP_A, TARO_A["id"])
-    item = queue[0]
-    r = doctor.request("POST", f"/api/identity/review/{item['id']}", {"verdict": "same"})
-    assert r.status == 200, r
-    assert (HOSP_B, "B-7") in pix(doctor, HOSP_A, TARO_A["id"])
+    # The physician sees both records side by side in the kiosk page and decides.
+    c = chromium([browser.spki_sha256_b64(core.data_dir / "booking" / "kiosk-cert.pem")])
+    page = c.page()
+    page.navigate(f"https://127.0.0.1:{region.ports[CORE]}/")
+    kiosk.login_in_page(page, "dr.review", doctor_secret)
+    page.wait_for("!document.getElementById('identity-view').hidden", what="the identity section")
+    page.click("#review-refresh")
+    pair = page.wait_for(
+        "(() => { const a = document.querySelector('#review-list .review-item'); if (!a) return null;"
+        " return [...a.querySelectorAll('tr[data-field]')].map(tr => [tr.dataset.field, tr.className,"
+        " tr.cells[1].textContent, tr.cells[2].textContent]); })()", what="the review pair in the page")
+    rows = {f: (cls, a, b) for f, cls, a, b in pair}
+    assert rows["address"][0] == "diff" and rows["address"][1] != rows["address"][2], rows
+    assert rows["birth_date"][0] != "diff" and rows["birth_date"][1] == rows["birth_date"][2], rows
+    assert {rows["patient_id"][1], rows["patient_id"][2]} == {TARO_A["id"], "B-7"}, rows
+    page.click("#review-list .review-item .review-same")
+    page.wait_for("document.getElementById('review-summary').dataset.count === '0'",
+                  what="the queue empty after the decision")
+    assert (HOSP_B, "B-7") in pix(doctor, HOSP_A, TARO_A["id"]), "the pair decided the same is not linked"
+    decided = [r for r in audit_records(core) if r["actor"] == "dr.review" and r["action"] != "login"]
+    assert any("review" in r["action"] or "link" in r["action"] for r in decided), decided
     # A clinic's booking puts its patient in the core's registry under the clinic's id.
     bundle = kiosk.wait_until(lambda: (b := clerk.slots("ct-1"))["total"] > 2 and b, 30, "slots")
     patient = {"id": "ZZPID4242", "name": "ZZTEST^HANAKO=山田^花子=やまだ^はなこ", "birth_date": "1961-04-02",
                "gender": "female"}
     assert clerk.book("req-id-1", bundle["entry"][2]["resource"]["id"], patient).status == 201
-    kiosk.wait_until(lambda: ("clinic-a", "ZZPID4242") in [tuple(x) for x in match(doctor, {
+    # The core sees the clinic's record once the patient consented (recorded against it: the
+    # consent is refused as not found until the booking put the record there).
+    kiosk.wait_until(lambda: consent_status(doctor, "clinic-a", "ZZPID4242") == 201, 20,
+                     "the booked patient in the registry (a consent recorded against the clinic's record)")
+    assert ("clinic-a", "ZZPID4242") in match(doctor, {
         "family": "山田", "given": "花子", "family_kana": "やまだ", "given_kana": "はなこ", "birth": "19610402",
-        "sex": "F"})] or ("clinic-a", "ZZPID4242") in pix(doctor, "clinic-a", "ZZPID4242"), 20,
-        "the booked patient in the registry")
+        "sex": "F"})
     # Nothing in clear: the data folder, the log, the metrics.
     blob = b"".join(p.read_bytes() for p in core.data_dir.rglob("*") if p.is_file())
     for n in needles(TARO_A, unsure) + ["花子", "ZZPID4242"]:
