@@ -319,7 +319,8 @@ class Population:
         self.towns: dict[str, list[str]] = {}
         for c in names.CITIES:
             r = random.Random(stable_hash("towns", c[1]))
-            self.towns[c[1]] = r.sample(names.TOWNS, 10)
+            pool = names.TOWNS if c[0] in ("神奈川県", "東京都") else names.GENERIC_TOWNS
+            self.towns[c[1]] = r.sample(pool, 10)
         # ages of a hospital population: more of the old
         ages = list(range(0, 101))
         self.age = _Weighted(ages, [0.6 if a < 15 else 0.5 if a < 40 else 1.0 if a < 60 else 1.8 if a < 90 else 0.6 for a in ages])
