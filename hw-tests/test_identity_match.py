@@ -138,8 +138,11 @@ def test_generator_is_deterministic_and_covers_every_phenomenon(tmp_path):
     assert b == a
     # the variations really are there: non-BMP kanji, half-width kana, era dates, full-width digits
     text = (tmp_path / "a.jsonl").read_text(encoding="utf-8")
-    for needle in ("𠮷", "髙", "ｶ", "昭和", "S", "０", "－", "　"):
+    for needle in ("𠮷", "髙", "ｶ", "昭和", "平成元年", "０", "－", "　", "丁目", "番地"):
         assert needle in text, needle
+    for pattern in (r'"[MTSHR]\d{1,2}\.\d{1,2}\.\d{1,2}"', r'"[1-5]\d{6}"', r'"\d{4}-\d{2}-\d{2}"', r'"[ｦ-ﾟ ]+"',
+                    r'"[ぁ-ゖ]+"', r'ー[0-9０-９]'):
+        assert re.search(pattern, text), pattern
 
 
 @pytest.mark.parametrize("seed", SEEDS)
