@@ -145,6 +145,30 @@ def test_generator_is_deterministic_and_covers_every_phenomenon(tmp_path):
         assert re.search(pattern, text), pattern
 
 
+def test_registry_generator_is_deterministic_and_its_truth_consistent(tmp_path):
+    one = gen_registry.generate(5, 45_000, 120, tmp_path / "w1", workers=1)
+    two = gen_registry.generate(5, 45_000, 120, tmp_path / "w2", workers=2)
+    for k in one["paths"]:
+        assert Path(one["paths"][k]).read_bytes() == Path(two["paths"][k]).read_bytes(), k
+    truth = {}
+    for line in Path(one["paths"]["records_truth"]).read_text().splitlines():
+        t = json.loads(line)
+        truth[(t["hospital_id"], t["patient_id"])] = t["person"]
+    assert len(truth) == 45_000, "a (hospital_id, patient_id) is used twice"
+    records = [json.loads(x) for x in Path(one["paths"]["records"]).read_text(encoding="utf-8").splitlines()]
+    assert {(r["hospital_id"], r["patient_id"]) for r in records} == set(truth)
+    queries = [json.loads(x) for x in Path(one["paths"]["queries"]).read_text(encoding="utf-8").splitlines()]
+    qtruth = [json.loads(x) for x in Path(one["paths"]["queries_truth"]).read_text().splitlines()]
+    assert len(queries) == len(qtruth) == 120
+    kinds = collections.Counter(t["kind"] for t in qtruth)
+    assert kinds["existing"] > 60 and kinds["household"] > 5 and kinds["new"] > 5, kinds
+    for q, t in zip(queries, qtruth):
+        assert (q["hospital_id"], q["patient_id"]) not in truth, "a query reuses a registered key"
+        if t["person"] is not None:
+            assert t["records"] and all(truth[(k["hospital_id"], k["patient_id"])] == t["person"] for k in t["records"])
+            assert q["hospital_id"] not in {k["hospital_id"] for k in t["records"]}, "a query at a hospital the person is at"
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_labelled_pairs_meet_the_acceptance_bar(seed, tmp_path):
     path = tmp_path / "pairs.jsonl"
