@@ -265,7 +265,7 @@ mod tests {
             given_name: Some(format!("名{}", i % 3000)),
             family_kana: Some(format!("セイ{}", i % 5000)),
             given_kana: Some(format!("メイ{}", i % 3000)),
-            sex: Some(if i % 2 == 0 { "M" } else { "F" }.into()),
+            sex: Some(if i.is_multiple_of(2) { "M" } else { "F" }.into()),
             birth_date: Some(format!(
                 "{}{:02}{:02}",
                 1930 + i % 90,
