@@ -727,13 +727,20 @@ impl Registry {
                 self.audit_change(actor, Action::IdentityLinked, person_ref(&person), "review");
             }
             Verdict::NotSame => {
-                self.commit(vec![
-                    Op::NotSame {
-                        a: review.a,
-                        b: review.b,
-                    },
-                    decided,
-                ])?;
+                // Linked meanwhile (by hand or another review): `b` leaves `a`'s person.
+                let mut ops = Vec::new();
+                if self.person(&review.a)? == self.person(&review.b)? {
+                    ops.push(Op::SetPerson {
+                        key: review.b.clone(),
+                        person: PersonId(random_id()?),
+                    });
+                }
+                ops.push(Op::NotSame {
+                    a: review.a,
+                    b: review.b,
+                });
+                ops.push(decided);
+                self.commit(ops)?;
                 self.audit_change(actor, Action::IdentityReviewDecided, subject, "not_same");
             }
         }
