@@ -845,3 +845,49 @@ async fn a_torn_journal_tail_is_cut_but_a_flipped_byte_fails_the_open_clearly() 
     );
     assert!(matches!(other, Err(OpenError::Journal(_))));
 }
+
+#[tokio::test]
+async fn the_hl7_feed_applies_the_listeners_messages_in_order_and_metrics_hold_no_patient_data() {
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    let mut env = Env::new();
+    env.metrics = Metrics::register(&mut prometheus);
+    let reg = env.open();
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(8);
+    let feed = tokio::spawn(gateway_registry::feed(rx, reg.clone()));
+    tx.send(adt("A01", "HOSP-A", "A-1", TARO, ""))
+        .await
+        .unwrap();
+    tx.send("not hl7 at all".into()).await.unwrap();
+    tx.send(adt("A01", "HOSP-B", "B-1", TARO, ""))
+        .await
+        .unwrap();
+    tx.send(adt("A01", "HOSP-B", "B-2", HANAKO, ""))
+        .await
+        .unwrap();
+    drop(tx);
+    feed.await.unwrap();
+    let l = reg
+        .linked(key("HOSP-A", "A-1"), "HOSP-A", "dr")
+        .await
+        .unwrap();
+    assert_eq!(l.identifiers, vec![key("HOSP-A", "A-1")]);
+    assert_eq!(
+        l.withheld, 1,
+        "B-1 is linked (and withheld without consent)"
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &prometheus).unwrap();
+    for want in [
+        "gateway_identity_records 3",
+        "gateway_identity_persons 2",
+        "gateway_identity_review_pending 0",
+        "gateway_identity_matches_total{decision=\"link\"} 1",
+        "gateway_identity_matches_total{decision=\"distinct\"} 2",
+        "gateway_identity_disclosures_total{outcome=\"refused\"} 1",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    for secret in ["A-1", "B-1", "HOSP", "ヤマダ", "19800102"] {
+        assert!(!text.contains(secret), "{secret:?} in metrics");
+    }
+}
