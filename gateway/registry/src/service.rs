@@ -411,7 +411,8 @@ impl Registry {
         );
     }
 
-    /// Appends an audit record (blocking, on this thread).
+    /// Appends an audit record (blocking, on this thread). A refused disclosure is the one
+    /// record with outcome `failure`; every other decision here is a `success`.
     fn audit(
         &self,
         actor: &str,
@@ -419,11 +420,16 @@ impl Registry {
         subject: Option<String>,
         detail: Option<String>,
     ) -> Result<(), RegistryError> {
+        let outcome = if action == Action::DisclosureRefused {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
         self.audit
             .append(Event {
                 actor: actor.to_owned(),
                 action,
-                outcome: Outcome::Success,
+                outcome,
                 subject,
                 detail,
             })

@@ -671,6 +671,11 @@ async fn consent_gates_every_disclosure_and_each_refusal_is_audited() {
             .iter()
             .all(|r| r.subject().is_some_and(|s| s.starts_with("person:")))
     );
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.outcome() == gateway_audit::Outcome::Failure)
+    );
     let allowed = env.actions(Action::DisclosureAllowed);
     let details: Vec<String> = env
         .audit
