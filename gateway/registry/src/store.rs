@@ -13,7 +13,7 @@
 //! Open: the snapshot is replayed, then the journal if its generation is the snapshot's; a
 //! journal one generation behind is what a crash between the two steps of a compaction
 //! leaves (its changes are in the snapshot) and is replaced by an empty one; a journal ahead
-//! of the snapshot is refused. A torn last journal frame (a crash mid-append: never
+//! of the snapshot, or none beside a snapshot, is refused. A torn last journal frame (a crash mid-append: never
 //! acknowledged) is cut off; any other damage fails the open with the file and frame named.
 //!
 //! Compaction (when the journal holds at least as many frames as there are records, and at
@@ -156,6 +156,15 @@ impl Store {
                 return Err(OpenError::Generation {
                     path,
                     journal: g,
+                    snapshot: generation,
+                });
+            }
+            // A journal is replaced atomically, never removed: none beside a snapshot means
+            // a file was deleted (and the changes since the snapshot with it).
+            None if snapshot.is_some() => {
+                return Err(OpenError::Generation {
+                    path,
+                    journal: 0,
                     snapshot: generation,
                 });
             }

@@ -792,6 +792,12 @@ async fn compaction_keeps_everything_sealed_and_a_restart_reads_it_back() {
     assert_eq!(reg.review_queue().await.unwrap(), queue_before);
     assert_eq!(env.metrics.counts().0, 12);
     assert_nothing_in_clear(&env.registry_dir(), &["PT-0", "山田", "スズキ", "19551230"]);
+    drop(reg);
+    // The journal removed beside its snapshot: the changes since are gone, the open says so.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    std::fs::remove_file(env.registry_dir().join("journal.sealed")).unwrap();
+    let err = env.try_open(options).unwrap_err();
+    assert!(matches!(err, OpenError::Generation { .. }), "{err}");
 }
 
 #[tokio::test]
