@@ -902,3 +902,52 @@ async fn the_hl7_feed_applies_the_listeners_messages_in_order_and_metrics_hold_n
         assert!(!text.contains(secret), "{secret:?} in metrics");
     }
 }
+
+/// The time to take one new record (prepare, candidates, compare, journal append with
+/// `fdatasync`, audit when linked), through the handle: `REGISTRY_LATENCY_N` bookings
+/// (default 2 000), every tenth the same person as an earlier one. Prints p50/p99/max; run
+/// with `cargo test --release -p gateway-registry --test registry -- --ignored latency
+/// --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement"]
+async fn latency_of_a_new_record_through_the_handle() {
+    let n: usize = std::env::var("REGISTRY_LATENCY_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let env = Env::new();
+    let reg = env.open();
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n {
+        let person = if i % 10 == 9 { i - 9 } else { i };
+        let r = Record {
+            patient_id: Some(format!("P{i}")),
+            family_kana: Some(format!("セイ{person}")),
+            given_kana: Some(format!("メイ{}", person % 97)),
+            family_name: Some(format!("姓{person}")),
+            birth_date: Some(format!(
+                "19{:02}{:02}{:02}",
+                person % 90,
+                1 + person % 12,
+                1 + person % 28
+            )),
+            phone: Some(format!("03{person:08}")),
+            ..Record::default()
+        };
+        let t = std::time::Instant::now();
+        reg.record_booking(format!("CLINIC-{}", i % 7), r)
+            .await
+            .unwrap();
+        took.push(t.elapsed().as_micros());
+    }
+    took.sort_unstable();
+    let at = |q: f64| took[((took.len() as f64 - 1.0) * q) as usize];
+    println!(
+        "{n} new records: p50 {} us, p99 {} us, max {} us; links {}",
+        at(0.5),
+        at(0.99),
+        took[took.len() - 1],
+        env.metrics.matches("link")
+    );
+    assert!(env.metrics.matches("link") > 0);
+}
