@@ -82,7 +82,9 @@ fn pair(a: &SourceKey, b: &SourceKey) -> (SourceKey, SourceKey) {
 /// Everything the registry knows.
 pub(crate) struct State {
     matcher: Matcher,
-    pub records: HashMap<SourceKey, Entry>,
+    /// Boxed: a table slot stays small (the table doubles as it grows, and at a million
+    /// records unboxed slots cost about a gigabyte of mostly empty table).
+    pub records: HashMap<SourceKey, Box<Entry>>,
     /// Each person's source keys, sorted (a `Vec`: most persons hold one to three records,
     /// and a tree node per person would cost hundreds of bytes at a million persons).
     pub persons: HashMap<PersonId, Vec<SourceKey>>,
@@ -253,12 +255,12 @@ impl State {
                 self.join(&key, &person);
                 self.records.insert(
                     key,
-                    Entry {
+                    Box::new(Entry {
                         record,
                         person,
                         updated,
                         prepared,
-                    },
+                    }),
                 );
             }
             Op::SetPerson { key, person } => {
