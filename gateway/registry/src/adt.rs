@@ -346,4 +346,37 @@ CON|3|dose|||||||HOSP-C||A\r";
             .unwrap();
         assert_eq!(odd.record.birth_date, None);
     }
+
+    #[test]
+    fn ten_thousand_seeded_mutations_of_an_adt_never_panic() {
+        let base: Vec<char> = KANA_KANJI.chars().collect();
+        let alphabet: Vec<char> = "|^~\\&\r\nA0PIDCONMRGIN1 ヤ山\u{0}".chars().collect();
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n.max(1) as u64) as usize
+        };
+        let mut read_ok = 0;
+        for _ in 0..10_000 {
+            let mut text = base.clone();
+            for _ in 0..1 + next(6) {
+                let at = next(text.len());
+                match next(3) {
+                    0 => {
+                        text.remove(at);
+                    }
+                    1 => text.insert(at, alphabet[next(alphabet.len())]),
+                    _ => text[at] = alphabet[next(alphabet.len())],
+                }
+            }
+            let text: String = text.into_iter().collect();
+            if read(&text).is_ok() {
+                read_ok += 1;
+            }
+        }
+        // Most mutations keep a readable ADT: the reader is exercised, not just refusing.
+        assert!(read_ok > 1000, "{read_ok}");
+    }
 }

@@ -411,7 +411,8 @@ impl Registry {
         );
     }
 
-    /// Appends an audit record (blocking, on this thread).
+    /// Appends an audit record (blocking, on this thread). A refused disclosure is the one
+    /// record with outcome `failure`; every other decision here is a `success`.
     fn audit(
         &self,
         actor: &str,
@@ -419,11 +420,16 @@ impl Registry {
         subject: Option<String>,
         detail: Option<String>,
     ) -> Result<(), RegistryError> {
+        let outcome = if action == Action::DisclosureRefused {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
         self.audit
             .append(Event {
                 actor: actor.to_owned(),
                 action,
-                outcome: Outcome::Success,
+                outcome,
                 subject,
                 detail,
             })
@@ -727,13 +733,20 @@ impl Registry {
                 self.audit_change(actor, Action::IdentityLinked, person_ref(&person), "review");
             }
             Verdict::NotSame => {
-                self.commit(vec![
-                    Op::NotSame {
-                        a: review.a,
-                        b: review.b,
-                    },
-                    decided,
-                ])?;
+                // Linked meanwhile (by hand or another review): `b` leaves `a`'s person.
+                let mut ops = Vec::new();
+                if self.person(&review.a)? == self.person(&review.b)? {
+                    ops.push(Op::SetPerson {
+                        key: review.b.clone(),
+                        person: PersonId(random_id()?),
+                    });
+                }
+                ops.push(Op::NotSame {
+                    a: review.a,
+                    b: review.b,
+                });
+                ops.push(decided);
+                self.commit(ops)?;
                 self.audit_change(actor, Action::IdentityReviewDecided, subject, "not_same");
             }
         }

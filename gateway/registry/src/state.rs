@@ -10,7 +10,7 @@
 //! of source keys), `NotSame` pairs, review items (decided ones are kept, marked) and
 //! consents (indexed by the source record they were recorded against).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use gateway_identity::{Index, Matcher, Prepared, Record};
 use serde::{Deserialize, Serialize};
@@ -82,8 +82,12 @@ fn pair(a: &SourceKey, b: &SourceKey) -> (SourceKey, SourceKey) {
 /// Everything the registry knows.
 pub(crate) struct State {
     matcher: Matcher,
-    pub records: HashMap<SourceKey, Entry>,
-    pub persons: HashMap<PersonId, BTreeSet<SourceKey>>,
+    /// Boxed: a table slot stays small (the table doubles as it grows, and at a million
+    /// records unboxed slots cost about a gigabyte of mostly empty table).
+    pub records: HashMap<SourceKey, Box<Entry>>,
+    /// Each person's source keys, sorted (a `Vec`: most persons hold one to three records,
+    /// and a tree node per person would cost hundreds of bytes at a million persons).
+    pub persons: HashMap<PersonId, Vec<SourceKey>>,
     pub index: Index<SourceKey>,
     not_same: HashSet<(SourceKey, SourceKey)>,
     pub reviews: HashMap<String, Review>,
@@ -133,10 +137,7 @@ impl State {
 
     /// The source keys of `person` (none for an unknown person).
     pub fn members(&self, person: &PersonId) -> Vec<SourceKey> {
-        self.persons
-            .get(person)
-            .map(|m| m.iter().cloned().collect())
-            .unwrap_or_default()
+        self.persons.get(person).cloned().unwrap_or_default()
     }
 
     pub fn is_not_same(&self, a: &SourceKey, b: &SourceKey) -> bool {
@@ -184,15 +185,17 @@ impl State {
     }
 
     fn join(&mut self, key: &SourceKey, person: &PersonId) {
-        self.persons
-            .entry(person.clone())
-            .or_default()
-            .insert(key.clone());
+        let members = self.persons.entry(person.clone()).or_default();
+        if let Err(at) = members.binary_search(key) {
+            members.insert(at, key.clone());
+        }
     }
 
     fn leave(&mut self, key: &SourceKey, person: &PersonId) {
         if let Some(m) = self.persons.get_mut(person) {
-            m.remove(key);
+            if let Ok(at) = m.binary_search(key) {
+                m.remove(at);
+            }
             if m.is_empty() {
                 self.persons.remove(person);
             }
@@ -252,12 +255,12 @@ impl State {
                 self.join(&key, &person);
                 self.records.insert(
                     key,
-                    Entry {
+                    Box::new(Entry {
                         record,
                         person,
                         updated,
                         prepared,
-                    },
+                    }),
                 );
             }
             Op::SetPerson { key, person } => {

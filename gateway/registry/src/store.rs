@@ -13,7 +13,7 @@
 //! Open: the snapshot is replayed, then the journal if its generation is the snapshot's; a
 //! journal one generation behind is what a crash between the two steps of a compaction
 //! leaves (its changes are in the snapshot) and is replaced by an empty one; a journal ahead
-//! of the snapshot is refused. A torn last journal frame (a crash mid-append: never
+//! of the snapshot, or none beside a snapshot, is refused. A torn last journal frame (a crash mid-append: never
 //! acknowledged) is cut off; any other damage fails the open with the file and frame named.
 //!
 //! Compaction (when the journal holds at least as many frames as there are records, and at
@@ -159,6 +159,15 @@ impl Store {
                     snapshot: generation,
                 });
             }
+            // A journal is replaced atomically, never removed: none beside a snapshot means
+            // a file was deleted (and the changes since the snapshot with it).
+            None if snapshot.is_some() => {
+                return Err(OpenError::Generation {
+                    path,
+                    journal: 0,
+                    snapshot: generation,
+                });
+            }
             None => Appender::create(&path, JOURNAL_MAGIC, JOURNAL_ROLE, generation)?,
         };
         Ok(Self {
@@ -229,5 +238,119 @@ impl Store {
                 Err(e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::api::{PersonId, SourceKey};
+    use gateway_identity::{Matcher, Model, Record};
+    use gateway_keystore::MasterKey;
+    use std::time::Instant;
+
+    fn key() -> SealKey {
+        SealKey::derive(&MasterKey::from_bytes([3; 32]))
+    }
+
+    fn vm_hwm_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn synthetic(i: u64) -> Record {
+        Record {
+            hospital_id: Some(format!("H{}", i % 20)),
+            patient_id: Some(format!("{i:08}")),
+            family_name: Some(format!("姓{}", i % 5000)),
+            given_name: Some(format!("名{}", i % 3000)),
+            family_kana: Some(format!("セイ{}", i % 5000)),
+            given_kana: Some(format!("メイ{}", i % 3000)),
+            sex: Some(if i.is_multiple_of(2) { "M" } else { "F" }.into()),
+            birth_date: Some(format!(
+                "{}{:02}{:02}",
+                1930 + i % 90,
+                1 + i % 12,
+                1 + (i / 12) % 28
+            )),
+            address: Some(format!("東京都港区芝{}-{}-{}", i % 9, i % 30, i % 17)),
+            postal_code: Some(format!("{:07}", i % 9_999_999)),
+            phone: Some(format!("03{:08}", i)),
+            insurer_number: Some(format!("{:08}", i % 4000)),
+            ..Record::default()
+        }
+    }
+
+    /// How the store scales: `REGISTRY_SCALE_N` records (default 100 000) written as a
+    /// journal, then open (replay), compaction, reopen from the snapshot. Prints timings and
+    /// the peak RSS; run with `cargo test --release -p gateway-registry -- --ignored scale
+    /// --nocapture`.
+    #[test]
+    #[ignore = "a measurement, minutes at 1M records"]
+    fn scale_replay_and_compaction() {
+        let n: u64 = std::env::var("REGISTRY_SCALE_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let dir = tempfile::tempdir().unwrap();
+        let matcher = || Matcher::new(Model::default());
+        let mut state = State::new(matcher());
+        let mut store = Store::open(dir.path(), key(), &mut state).unwrap();
+        let t = Instant::now();
+        for chunk in 0..n.div_ceil(1000) {
+            let ops: Vec<Op> = (chunk * 1000..((chunk + 1) * 1000).min(n))
+                .map(|i| {
+                    let r = synthetic(i);
+                    Op::PutRecord {
+                        key: SourceKey {
+                            hospital_id: r.hospital_id.clone().unwrap(),
+                            patient_id: r.patient_id.clone().unwrap(),
+                        },
+                        record: Box::new(r),
+                        updated: "2027-01-01T00:00:00.000Z".into(),
+                        person: PersonId(format!("{i:032x}")),
+                    }
+                })
+                .collect();
+            store.commit(&ops).unwrap();
+        }
+        let write_ms = t.elapsed().as_millis();
+        drop(store);
+        drop(state);
+        let journal_bytes = std::fs::metadata(dir.path().join(JOURNAL_FILE))
+            .unwrap()
+            .len();
+        let mut state = State::new(matcher());
+        let t = Instant::now();
+        let mut store = Store::open(dir.path(), key(), &mut state).unwrap();
+        let replay_ms = t.elapsed().as_millis();
+        assert_eq!(state.records.len() as u64, n);
+        let t = Instant::now();
+        store.compact(&state).unwrap();
+        let compact_ms = t.elapsed().as_millis();
+        drop(store);
+        drop(state);
+        let snapshot_bytes = std::fs::metadata(dir.path().join(SNAPSHOT_FILE))
+            .unwrap()
+            .len();
+        let mut state = State::new(matcher());
+        let t = Instant::now();
+        let _store = Store::open(dir.path(), key(), &mut state).unwrap();
+        let reopen_ms = t.elapsed().as_millis();
+        assert_eq!(state.records.len() as u64, n);
+        println!(
+            "records {n}: journal written {write_ms} ms ({journal_bytes} B), replay {replay_ms} ms, \
+             compaction {compact_ms} ms ({snapshot_bytes} B), open from snapshot {reopen_ms} ms, \
+             peak RSS {} KiB",
+            vm_hwm_kib()
+        );
     }
 }

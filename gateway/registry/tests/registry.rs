@@ -671,6 +671,11 @@ async fn consent_gates_every_disclosure_and_each_refusal_is_audited() {
             .iter()
             .all(|r| r.subject().is_some_and(|s| s.starts_with("person:")))
     );
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.outcome() == gateway_audit::Outcome::Failure)
+    );
     let allowed = env.actions(Action::DisclosureAllowed);
     let details: Vec<String> = env
         .audit
@@ -787,6 +792,12 @@ async fn compaction_keeps_everything_sealed_and_a_restart_reads_it_back() {
     assert_eq!(reg.review_queue().await.unwrap(), queue_before);
     assert_eq!(env.metrics.counts().0, 12);
     assert_nothing_in_clear(&env.registry_dir(), &["PT-0", "山田", "スズキ", "19551230"]);
+    drop(reg);
+    // The journal removed beside its snapshot: the changes since are gone, the open says so.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    std::fs::remove_file(env.registry_dir().join("journal.sealed")).unwrap();
+    let err = env.try_open(options).unwrap_err();
+    assert!(matches!(err, OpenError::Generation { .. }), "{err}");
 }
 
 #[tokio::test]
@@ -844,4 +855,99 @@ async fn a_torn_journal_tail_is_cut_but_a_flipped_byte_fails_the_open_clearly() 
         Metrics::default(),
     );
     assert!(matches!(other, Err(OpenError::Journal(_))));
+}
+
+#[tokio::test]
+async fn the_hl7_feed_applies_the_listeners_messages_in_order_and_metrics_hold_no_patient_data() {
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    let mut env = Env::new();
+    env.metrics = Metrics::register(&mut prometheus);
+    let reg = env.open();
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(8);
+    let feed = tokio::spawn(gateway_registry::feed(rx, reg.clone()));
+    tx.send(adt("A01", "HOSP-A", "A-1", TARO, ""))
+        .await
+        .unwrap();
+    tx.send("not hl7 at all".into()).await.unwrap();
+    tx.send(adt("A01", "HOSP-B", "B-1", TARO, ""))
+        .await
+        .unwrap();
+    tx.send(adt("A01", "HOSP-B", "B-2", HANAKO, ""))
+        .await
+        .unwrap();
+    drop(tx);
+    feed.await.unwrap();
+    let l = reg
+        .linked(key("HOSP-A", "A-1"), "HOSP-A", "dr")
+        .await
+        .unwrap();
+    assert_eq!(l.identifiers, vec![key("HOSP-A", "A-1")]);
+    assert_eq!(
+        l.withheld, 1,
+        "B-1 is linked (and withheld without consent)"
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &prometheus).unwrap();
+    for want in [
+        "gateway_identity_records 3",
+        "gateway_identity_persons 2",
+        "gateway_identity_review_pending 0",
+        "gateway_identity_matches_total{decision=\"link\"} 1",
+        "gateway_identity_matches_total{decision=\"distinct\"} 2",
+        "gateway_identity_disclosures_total{outcome=\"refused\"} 1",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    for secret in ["A-1", "B-1", "HOSP", "ヤマダ", "19800102"] {
+        assert!(!text.contains(secret), "{secret:?} in metrics");
+    }
+}
+
+/// The time to take one new record (prepare, candidates, compare, journal append with
+/// `fdatasync`, audit when linked), through the handle: `REGISTRY_LATENCY_N` bookings
+/// (default 2 000), every tenth the same person as an earlier one. Prints p50/p99/max; run
+/// with `cargo test --release -p gateway-registry --test registry -- --ignored latency
+/// --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement"]
+async fn latency_of_a_new_record_through_the_handle() {
+    let n: usize = std::env::var("REGISTRY_LATENCY_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let env = Env::new();
+    let reg = env.open();
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n {
+        let person = if i % 10 == 9 { i - 9 } else { i };
+        let r = Record {
+            patient_id: Some(format!("P{i}")),
+            family_kana: Some(format!("セイ{person}")),
+            given_kana: Some(format!("メイ{}", person % 97)),
+            family_name: Some(format!("姓{person}")),
+            birth_date: Some(format!(
+                "19{:02}{:02}{:02}",
+                person % 90,
+                1 + person % 12,
+                1 + person % 28
+            )),
+            phone: Some(format!("03{person:08}")),
+            ..Record::default()
+        };
+        let t = std::time::Instant::now();
+        reg.record_booking(format!("CLINIC-{}", i % 7), r)
+            .await
+            .unwrap();
+        took.push(t.elapsed().as_micros());
+    }
+    took.sort_unstable();
+    let at = |q: f64| took[((took.len() as f64 - 1.0) * q) as usize];
+    println!(
+        "{n} new records: p50 {} us, p99 {} us, max {} us; links {}",
+        at(0.5),
+        at(0.99),
+        took[took.len() - 1],
+        env.metrics.matches("link")
+    );
+    assert!(env.metrics.matches("link") > 0);
 }
