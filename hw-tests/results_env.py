@@ -365,6 +365,8 @@ class ResultsEnv:
                                "hl7": {"listen": f"127.0.0.1:{self.hl7_port}"}}
         if self.results:
             cfg["results"] = {"source": CLOUD, "complete_after": self.complete_after}
+            # The identity registry records each referral disclosure (issue 17).
+            cfg["identity"] = {}
         return cfg
 
     def clinic_config(self, c: Clinic) -> dict:

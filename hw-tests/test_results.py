@@ -156,6 +156,12 @@ def test_a_booked_study_and_its_report_come_back_once_with_the_clinics_patient_i
     core_dest = env.core.status().get("by_destination", {})
     assert core_dest.get("core-results", {}).get("queued") == 0 and core_dest["core-results"].get("sent") == 60, core_dest
     assert core_dest.get("core-reports", {}).get("sent") == 1, core_dest
+    # The core's identity registry recorded the results going to the booking clinic as a
+    # referral (no consent needed): once for the images, once for the report.
+    trail = [json.loads(line) for line in (env.core.data_dir / "audit" / "audit.jsonl").read_text().splitlines()]
+    referrals = [r for r in trail if r["action"] == "disclosure_allowed" and "referral" in (r.get("detail") or "")]
+    assert len(referrals) == 2 and all(r["actor"] == "results" for r in referrals), \
+        [(r["action"], r.get("detail")) for r in trail if "disclos" in r["action"]]
 
     # Nothing of the patient in clear: on the broker, in mosquitto's log (topics), in the logs.
     time.sleep(1.0)

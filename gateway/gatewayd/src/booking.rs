@@ -189,7 +189,7 @@ pub(crate) async fn start(
             core_parts = Some(CoreParts {
                 ledger: ledger.clone(),
                 changed: Arc::clone(&changed),
-                identity: registry,
+                identity: registry.clone(),
             });
             if let Some(x) = exchange {
                 let core = CoreExchange::new(
@@ -214,6 +214,10 @@ pub(crate) async fn start(
                             results_metrics.clone(),
                         )
                         .await?;
+                        let service = match &registry {
+                            Some(r) => service.with_disclosures(Arc::new(r.clone())),
+                            None => service,
+                        };
                         tasks.push(Box::pin(service.run(shutdown.clone())));
                         core.with_results(link)
                     }

@@ -890,10 +890,12 @@ impl Registry {
         actor: &str,
     ) -> Result<Result<Permit, Refused>, RegistryError> {
         let person = self.state.person_of(&d.owner).cloned();
-        let (answer, outcome) = if d.owner.hospital_id == d.to_hospital {
-            (Ok(Permit::SameHospital), "same_hospital")
-        } else if d.referral && d.kind == DataKind::Results {
+        // The referral first: results returned to the clinic that booked are recorded as
+        // such even though the owner named is the clinic's own record of the patient.
+        let (answer, outcome) = if d.referral && d.kind == DataKind::Results {
             (Ok(Permit::Referral), "referral")
+        } else if d.owner.hospital_id == d.to_hospital {
+            (Ok(Permit::SameHospital), "same_hospital")
         } else if let Some(id) = person
             .as_ref()
             .and_then(|p| self.consent_for(p, &d.to_hospital, d.kind))

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use gateway_booking::{Appointment, AppointmentStatus, LedgerHandle, SealKey};
 use gateway_regional::results::{CoreLink, Outgoing, WireAck, WireNotice, WireReport};
 use gateway_spool::{DeliveryState, ObjectId, Spool};
+use gateway_registry::{DataKind, Disclosure, IdentityService, SourceKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -110,6 +111,8 @@ pub struct CoreResults {
     /// a notice its `seq`.
     sent_at: HashMap<String, (Instant, u64)>,
     metrics: crate::Metrics,
+    /// `[identity]`: where each referral disclosure is recorded ([`Self::with_disclosures`]).
+    disclosures: Option<Arc<dyn IdentityService>>,
 }
 
 impl std::fmt::Debug for CoreResults {
@@ -147,12 +150,22 @@ impl CoreResults {
                 acks: ack_rx,
                 sent_at: HashMap::new(),
                 metrics,
+                disclosures: None,
             },
             CoreLink {
                 outgoing: out_rx,
                 acks: ack_tx,
             },
         ))
+    }
+
+    /// Records each referral disclosure in the identity registry (its audit trail): the
+    /// first results of an appointment and each of its reports, for the booking clinic's
+    /// patient, as `results` by `referral` (a clinic gets the results of the exams it
+    /// booked without a consent; the registry records that it did).
+    pub fn with_disclosures(mut self, registry: Arc<dyn IdentityService>) -> Self {
+        self.disclosures = Some(registry);
+        self
     }
 
     /// Runs until `shutdown`.
@@ -262,6 +275,7 @@ impl CoreResults {
         let now = now_unix();
         let mut handled = Vec::new();
         let mut changed = false;
+        let mut referrals: Vec<Disclosure> = Vec::new();
         for s in seen {
             match s {
                 Seen::Done(id) => handled.push(id),
@@ -277,9 +291,13 @@ impl CoreResults {
                     }) else {
                         continue;
                     };
+                    let disclosure = referral(a);
                     let t = self.tracked(a);
                     if let Some(study) = study {
                         t.study_uids.insert(study);
+                    }
+                    if t.objects.is_empty() {
+                        referrals.push(disclosure);
                     }
                     if t.objects.insert(hex::encode(id)) {
                         t.last_new_unix = now;
@@ -296,12 +314,14 @@ impl CoreResults {
                         handled.push(id);
                         continue;
                     };
+                    let disclosure = referral(a);
                     let t = self.tracked(a);
                     if let std::collections::btree_map::Entry::Vacant(e) =
                         t.reports.entry(hex::encode(id))
                     {
                         e.insert(false);
                         changed = true;
+                        referrals.push(disclosure);
                     }
                     if keys.is_final && !t.complete {
                         t.complete = true;
@@ -314,6 +334,7 @@ impl CoreResults {
         if changed {
             self.save().await?;
         }
+        self.record_referrals(referrals).await;
         if !handled.is_empty() {
             let spool = self.spool.clone();
             tokio::task::spawn_blocking(move || {
@@ -323,6 +344,21 @@ impl CoreResults {
             .await??;
         }
         Ok(())
+    }
+
+    /// Hands each referral to the registry to record (audited there); a registry that cannot
+    /// record it is logged and the results still go (the referral is what allows them).
+    async fn record_referrals(&self, referrals: Vec<Disclosure>) {
+        let Some(registry) = &self.disclosures else {
+            return;
+        };
+        for d in referrals {
+            match registry.may_disclose(d, REFERRAL_ACTOR).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => warn!("identity registry refused a referral disclosure"),
+                Err(e) => warn!(error = %e, "referral disclosure not recorded in the identity registry"),
+            }
+        }
     }
 
     fn for_a_clinic(&self, a: &Appointment) -> bool {
@@ -437,6 +473,22 @@ impl CoreResults {
                 }
             }
         }
+    }
+}
+
+/// The actor the audit trail names for results returned by referral.
+const REFERRAL_ACTOR: &str = "results";
+
+/// The booking clinic's patient's results, to that clinic, by referral.
+fn referral(a: &Appointment) -> Disclosure {
+    Disclosure {
+        owner: SourceKey {
+            hospital_id: a.clinic.clone(),
+            patient_id: a.patient.id.clone(),
+        },
+        to_hospital: a.clinic.clone(),
+        kind: DataKind::Results,
+        referral: true,
     }
 }
 
