@@ -664,6 +664,14 @@ async fn consent_gates_every_disclosure_and_each_refusal_is_audited() {
             .unwrap(),
         Ok(Permit::Referral)
     );
+    // Named by the booking clinic's own record (what the core's results service knows), it
+    // is still recorded as the referral, not as a disclosure within one hospital.
+    assert_eq!(
+        reg.may_disclose(d(DataKind::Results, "HOSP-B", true), "results")
+            .await
+            .unwrap(),
+        Ok(Permit::Referral)
+    );
     let refused = env.actions(Action::DisclosureRefused);
     assert!(refused.len() >= 6, "{}", refused.len());
     assert!(
@@ -690,7 +698,7 @@ async fn consent_gates_every_disclosure_and_each_refusal_is_audited() {
         "{details:?}"
     );
     assert!(allowed.len() >= 4);
-    assert_eq!(env.metrics.disclosures("referral"), 1);
+    assert_eq!(env.metrics.disclosures("referral"), 2);
     assert!(env.metrics.disclosures("refused") >= 6);
     assert_eq!(env.actions(Action::ConsentRecorded).len(), 2);
     assert_eq!(env.actions(Action::ConsentRevoked).len(), 2);
