@@ -7,10 +7,10 @@
 //! shows keeps its prior value and EM cannot wander far on a small registry. The
 //! thresholds stay the prior's: the decision rule is the same weight against them.
 
+use crate::Record;
 use crate::index::Index;
 use crate::matcher::{Levels, Matcher, Prepared};
-use crate::model::{FieldParams, Model, FIELDS};
-use crate::Record;
+use crate::model::{FIELDS, FieldParams, Model};
 
 /// Most blocked candidates taken per record, and pairs in all.
 const PER_RECORD: usize = 20;
@@ -158,17 +158,40 @@ mod tests {
     fn em_recovers_known_m_and_u_on_generated_vectors() {
         let mut truth = Model::default();
         // Known parameters, away from the defaults EM starts at.
-        truth.fields[0] = FieldParams { m: vec![0.7, 0.1, 0.1, 0.1], u: vec![0.01, 0.01, 0.08, 0.9] };
-        truth.fields[1] = FieldParams { m: vec![0.8, 0.05, 0.1, 0.05], u: vec![0.01, 0.01, 0.03, 0.95] };
-        truth.fields[2] = FieldParams { m: vec![0.85, 0.1, 0.03, 0.02], u: vec![0.01, 0.04, 0.05, 0.9] };
-        truth.fields[3] = FieldParams { m: vec![0.97, 0.03], u: vec![0.5, 0.5] };
-        truth.fields[4] = FieldParams { m: vec![0.5, 0.2, 0.1, 0.2], u: vec![0.01, 0.02, 0.07, 0.9] };
-        truth.fields[5] = FieldParams { m: vec![0.6, 0.4], u: vec![0.02, 0.98] };
-        truth.fields[6] = FieldParams { m: vec![0.5, 0.05, 0.45], u: vec![0.01, 0.01, 0.98] };
+        truth.fields[0] = FieldParams {
+            m: vec![0.7, 0.1, 0.1, 0.1],
+            u: vec![0.01, 0.01, 0.08, 0.9],
+        };
+        truth.fields[1] = FieldParams {
+            m: vec![0.8, 0.05, 0.1, 0.05],
+            u: vec![0.01, 0.01, 0.03, 0.95],
+        };
+        truth.fields[2] = FieldParams {
+            m: vec![0.85, 0.1, 0.03, 0.02],
+            u: vec![0.01, 0.04, 0.05, 0.9],
+        };
+        truth.fields[3] = FieldParams {
+            m: vec![0.97, 0.03],
+            u: vec![0.5, 0.5],
+        };
+        truth.fields[4] = FieldParams {
+            m: vec![0.5, 0.2, 0.1, 0.2],
+            u: vec![0.01, 0.02, 0.07, 0.9],
+        };
+        truth.fields[5] = FieldParams {
+            m: vec![0.6, 0.4],
+            u: vec![0.02, 0.98],
+        };
+        truth.fields[6] = FieldParams {
+            m: vec![0.5, 0.05, 0.45],
+            u: vec![0.01, 0.01, 0.98],
+        };
         let lambda = 0.3;
         let mut state: u64 = 42;
         let mut uniform = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 11) as f64 / (1u64 << 53) as f64
         };
         let mut vectors = Vec::new();
@@ -176,7 +199,11 @@ mod tests {
             let is_match = uniform() < lambda;
             let mut v = Levels::default();
             for f in 0..FIELDS {
-                let p = if is_match { &truth.fields[f].m } else { &truth.fields[f].u };
+                let p = if is_match {
+                    &truth.fields[f].m
+                } else {
+                    &truth.fields[f].u
+                };
                 assert_eq!(p.len(), LEVELS[f]);
                 // 10 % missing.
                 v.0[f] = (uniform() >= 0.1).then(|| draw(p, uniform()));
@@ -184,7 +211,11 @@ mod tests {
             vectors.push(v);
         }
         let fitted = em(&vectors, &Model::default(), 100);
-        assert!((fitted.lambda - lambda).abs() < 0.02, "lambda {}", fitted.lambda);
+        assert!(
+            (fitted.lambda - lambda).abs() < 0.02,
+            "lambda {}",
+            fitted.lambda
+        );
         for f in 0..FIELDS {
             for l in 0..LEVELS[f] {
                 let (m, u) = (fitted.fields[f].m[l], fitted.fields[f].u[l]);

@@ -15,7 +15,7 @@
 //!   disagrees (namesakes born the same day) -> review at most.
 
 use crate::freq::Frequencies;
-use crate::model::{Field, Model, FIELDS};
+use crate::model::{FIELDS, Field, Model};
 use crate::normalize::{self, Address, Date};
 use crate::{Comparison, Decision, Record};
 
@@ -80,7 +80,11 @@ impl Prepared {
     pub fn new(r: &Record) -> Self {
         let (family, given) = name_pair(present(&r.family_name), present(&r.given_name));
         let (family_kana, given_kana) = name_pair(present(&r.family_kana), present(&r.given_kana));
-        let digits = |v: &Option<String>| present(v).and_then(normalize::digits).map(String::into_boxed_str);
+        let digits = |v: &Option<String>| {
+            present(v)
+                .and_then(normalize::digits)
+                .map(String::into_boxed_str)
+        };
         let insurance = digits(&r.insurance_number).map(|number| Insurance {
             insurer: digits(&r.insurer_number),
             symbol: present(&r.insurance_symbol)
@@ -101,7 +105,9 @@ impl Prepared {
             sex: present(&r.sex).and_then(normalize::sex),
             address: present(&r.address).and_then(normalize::address),
             postal: present(&r.postal_code).and_then(normalize::postal),
-            phone: present(&r.phone).and_then(normalize::phone).map(String::into_boxed_str),
+            phone: present(&r.phone)
+                .and_then(normalize::phone)
+                .map(String::into_boxed_str),
             insurance,
         }
     }
@@ -275,7 +281,10 @@ fn align(a: (Option<&str>, Option<&str>), b: (Option<&str>, Option<&str>)) -> (P
 
 /// Family and given levels, and the values an exact agreement is weighed by (its term
 /// frequency).
-fn names(a: &Prepared, b: &Prepared) -> ((Option<u8>, Option<u8>), (Option<String>, Option<String>)) {
+fn names(
+    a: &Prepared,
+    b: &Prepared,
+) -> ((Option<u8>, Option<u8>), (Option<String>, Option<String>)) {
     let (ka, kb) = align(
         (a.family.as_deref(), a.given.as_deref()),
         (b.family.as_deref(), b.given.as_deref()),
@@ -292,15 +301,18 @@ fn names(a: &Prepared, b: &Prepared) -> ((Option<u8>, Option<u8>), (Option<Strin
             agree(ka.0.as_deref(), kb.0.as_deref()),
             agree(ra.0.as_deref(), rb.0.as_deref()),
         );
-        let tf = (g == Some(0)).then(|| ka.0.clone().or(ra.0.clone())).flatten();
+        let tf = (g == Some(0))
+            .then(|| ka.0.clone().or(ra.0.clone()))
+            .flatten();
         return ((None, g), (None, tf));
     }
-    let lv = |ka: &Option<String>, kb: &Option<String>, ra: &Option<String>, rb: &Option<String>| {
-        name_level(
-            agree(ka.as_deref(), kb.as_deref()),
-            agree(ra.as_deref(), rb.as_deref()),
-        )
-    };
+    let lv =
+        |ka: &Option<String>, kb: &Option<String>, ra: &Option<String>, rb: &Option<String>| {
+            name_level(
+                agree(ka.as_deref(), kb.as_deref()),
+                agree(ra.as_deref(), rb.as_deref()),
+            )
+        };
     let mut family = lv(&ka.0, &kb.0, &ra.0, &rb.0);
     let mut given = lv(&ka.1, &kb.1, &ra.1, &rb.1);
     if family == Some(3) && given == Some(3) {
@@ -385,7 +397,8 @@ fn phone_level(a: &Prepared, b: &Prepared) -> Option<u8> {
 fn insurance_level(a: &Prepared, b: &Prepared) -> Option<u8> {
     let (x, y) = (a.insurance.as_ref()?, b.insurance.as_ref()?);
     let (xi, yi) = (x.insurer.as_deref()?, y.insurer.as_deref()?);
-    let differ = |p: &Option<Box<str>>, q: &Option<Box<str>>| matches!((p, q), (Some(p), Some(q)) if p != q);
+    let differ =
+        |p: &Option<Box<str>>, q: &Option<Box<str>>| matches!((p, q), (Some(p), Some(q)) if p != q);
     if xi != yi || x.number != y.number || differ(&x.symbol, &y.symbol) {
         return Some(2);
     }

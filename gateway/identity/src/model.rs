@@ -105,7 +105,10 @@ fn default_fields() -> Vec<FieldParams> {
         // Given.
         fp(&[0.92, 0.03, 0.04, 0.01], &[0.0008, 0.0004, 0.003, 0.9958]),
         // Birth date: exact, one field / swap, same year, different.
-        fp(&[0.95, 0.04, 0.005, 0.005], &[0.00004, 0.004, 0.011, 0.98496]),
+        fp(
+            &[0.95, 0.04, 0.005, 0.005],
+            &[0.00004, 0.004, 0.011, 0.98496],
+        ),
         // Sex.
         fp(&[0.99, 0.01], &[0.5, 0.5]),
         // Residence: dwelling, block, town, different.

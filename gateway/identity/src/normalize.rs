@@ -128,7 +128,10 @@ fn variant(c: char) -> char {
 fn is_dropped(c: char) -> bool {
     c.is_whitespace()
         || matches!(c, '\u{FE00}'..='\u{FE0F}' | '\u{E0100}'..='\u{E01EF}' | '\u{200B}'..='\u{200D}' | '\u{FEFF}')
-        || matches!(c, '・' | '･' | '.' | ',' | '、' | '。' | '\'' | '"' | '＝' | '=')
+        || matches!(
+            c,
+            '・' | '･' | '.' | ',' | '、' | '。' | '\'' | '"' | '＝' | '='
+        )
 }
 
 /// Hiragana -> katakana, small -> large, the old / voiced duplicates -> one form.
@@ -203,10 +206,27 @@ fn fold_long_vowels(s: &[char]) -> String {
 /// Width fold (NFKC), variants, kana fold; spaces and dots kept out. Shared by names and
 /// addresses.
 fn fold_chars(s: &str) -> Vec<char> {
-    s.nfkc()
-        .filter(|c| !is_dropped(*c))
-        .map(|c| kana(variant(c.to_ascii_lowercase())))
-        .collect()
+    let mut out = Vec::with_capacity(s.len());
+    let mut it = s.nfkc().filter(|c| !is_dropped(*c)).peekable();
+    while let Some(c) = it.next() {
+        // ヴァ ヴィ ヴェ ヴォ are read バ ビ ベ ボ.
+        if matches!(c, 'ヴ' | 'ゔ') {
+            let voiced = match it.peek() {
+                Some('ァ' | 'ぁ') => Some('バ'),
+                Some('ィ' | 'ぃ') => Some('ビ'),
+                Some('ェ' | 'ぇ') => Some('ベ'),
+                Some('ォ' | 'ぉ') => Some('ボ'),
+                _ => None,
+            };
+            if let Some(v) = voiced {
+                it.next();
+                out.push(v);
+                continue;
+            }
+        }
+        out.push(kana(variant(c.to_ascii_lowercase())));
+    }
+    out
 }
 
 /// A name (kanji or kana) folded for comparison; `None` when nothing is left.
@@ -244,16 +264,16 @@ pub fn phone(s: &str) -> Option<String> {
 /// A postal code: exactly 7 digits.
 pub fn postal(s: &str) -> Option<u32> {
     let d = digits(s)?;
-    if d.len() == 7 {
-        d.parse().ok()
-    } else {
-        None
-    }
+    if d.len() == 7 { d.parse().ok() } else { None }
 }
 
 /// Sex to one code: 1 male, 2 female; unknown / other / unparsable -> `None` (not compared).
 pub fn sex(s: &str) -> Option<u8> {
-    let t: String = s.nfkc().filter(|c| !c.is_whitespace()).collect::<String>().to_lowercase();
+    let t: String = s
+        .nfkc()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_lowercase();
     match t.as_str() {
         "m" | "1" | "男" | "男性" | "male" | "man" => Some(1),
         "f" | "2" | "女" | "女性" | "female" | "woman" | "w" => Some(2),
@@ -338,9 +358,10 @@ pub fn date(s: &str) -> Option<Date> {
     let t = t.trim_end_matches(['生', 'ま', 'れ']);
     let first = t.chars().next()?;
     // Era written out or abbreviated: 昭和55年1月2日, S55.1.2, s550102, 平成元年...
-    let (era, rest): (Option<char>, &str) = if let Some((e, r)) = ["明治", "大正", "昭和", "平成", "令和"]
-        .iter()
-        .find_map(|e| t.strip_prefix(e).map(|r| (*e, r)))
+    let (era, rest): (Option<char>, &str) = if let Some((e, r)) =
+        ["明治", "大正", "昭和", "平成", "令和"]
+            .iter()
+            .find_map(|e| t.strip_prefix(e).map(|r| (*e, r)))
     {
         (e.chars().next(), r)
     } else if first.is_ascii_alphabetic() {
@@ -409,7 +430,10 @@ pub struct Address {
 const PREFECTURE_ENDS: [char; 3] = ['都', '府', '県'];
 
 fn kanji_digit(c: char) -> Option<u32> {
-    "〇一二三四五六七八九".chars().position(|k| k == c).and_then(|p| u32::try_from(p).ok())
+    "〇一二三四五六七八九"
+        .chars()
+        .position(|k| k == c)
+        .and_then(|p| u32::try_from(p).ok())
 }
 
 fn is_kanji_numeral(c: char) -> bool {
@@ -462,7 +486,11 @@ pub fn address(s: &str) -> Option<Address> {
     // Drop the prefecture (北海道, 東京都, 大阪府, 神奈川県...) at the start.
     if chars.starts_with(&['北', '海', '道']) {
         chars.drain(..3);
-    } else if let Some(p) = chars.iter().take(4).position(|c| PREFECTURE_ENDS.contains(c)) {
+    } else if let Some(p) = chars
+        .iter()
+        .take(4)
+        .position(|c| PREFECTURE_ENDS.contains(c))
+    {
         if p >= 2 {
             chars.drain(..=p);
         }
@@ -497,7 +525,10 @@ pub fn address(s: &str) -> Option<Address> {
         i += 1;
     }
     // Town = up to the first digit; blocks = digit groups joined by '-'; then the tail.
-    let first_digit = out.iter().position(char::is_ascii_digit).unwrap_or(out.len());
+    let first_digit = out
+        .iter()
+        .position(char::is_ascii_digit)
+        .unwrap_or(out.len());
     let town: String = out.get(..first_digit).unwrap_or(&[]).iter().collect();
     let mut blocks = Vec::new();
     let mut cur: Option<u32> = None;
@@ -654,7 +685,10 @@ mod tests {
         assert_eq!(&*b.blocks, &[23]);
         assert_eq!(&*b.town, "横浜市中区山下町");
         // A place name with a kanji numeral keeps it.
-        assert_eq!(&*address("三重県四日市市諏訪町1-5").unwrap().town, "四日市市諏訪町");
+        assert_eq!(
+            &*address("三重県四日市市諏訪町1-5").unwrap().town,
+            "四日市市諏訪町"
+        );
     }
 
     #[test]
