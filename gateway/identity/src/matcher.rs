@@ -9,8 +9,7 @@
 //!   residents) -> distinct; given names only similar (twins named 翔太/翔平) -> review at
 //!   most;
 //! - birth dates that differ in two fields or more (parent and child with one given name)
-//!   -> distinct, review at most when the personal insurance number (with its branch)
-//!   agrees; birth date only the same year or missing on a side -> review at most;
+//!   -> distinct; birth date only the same year or missing on a side -> review at most;
 //! - no contact field (dwelling, phone, insurance) agrees while one that can be compared
 //!   disagrees (namesakes born the same day) -> review at most.
 
@@ -496,7 +495,6 @@ impl Matcher {
             _ => {}
         }
         match birth {
-            Some(3) if insurance == Some(0) => at_most(&mut decision, Decision::Review),
             Some(3) => at_most(&mut decision, Decision::Distinct),
             Some(2) | None => at_most(&mut decision, Decision::Review),
             _ => {}

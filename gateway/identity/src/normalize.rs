@@ -112,6 +112,7 @@ pub const VARIANTS: &[(char, char)] = &[
     ('爲', '為'),
     ('發', '発'),
     ('驛', '駅'),
+    ('之', 'ノ'),        // 一之瀬 / 一ノ瀬 / 一の瀬
     ('\u{20BB7}', '吉'), // 𠮷 (つちよし)
     ('\u{2123D}', '土'), // 𡈽
     ('\u{2363A}', '橋'), // 𣘺
@@ -364,7 +365,9 @@ pub fn date(s: &str) -> Option<Date> {
             .find_map(|e| t.strip_prefix(e).map(|r| (*e, r)))
     {
         (e.chars().next(), r)
-    } else if first.is_ascii_alphabetic() {
+    } else if first.is_ascii_alphabetic() || matches!(first, '明' | '大' | '昭' | '平' | '令')
+    {
+        // S55.1.2, s550102, 昭55.1.2
         (Some(first), t.get(first.len_utf8()..).unwrap_or(""))
     } else {
         (None, t)
@@ -591,6 +594,8 @@ mod tests {
         assert_eq!(name("チヂワ"), name("チジワ"));
         assert_eq!(name("ヴェルデ"), name("ベルデ"));
         assert_eq!(name("山田　太郎"), name("山田太郎"));
+        assert_eq!(name("一之瀬"), name("一の瀬"));
+        assert_eq!(name("一ノ瀬"), name("一の瀬"));
         assert_eq!(name("ＡＢＣ"), name("abc"));
         assert_ne!(name("サトウ"), name("カトウ"));
         assert_eq!(name("  \u{3000} "), None);
@@ -615,6 +620,10 @@ mod tests {
             "s550102",
             "3550102",
             "昭和５５年１月２日",
+            "昭55.1.2",
+            "S.55.1.2",
+            "昭和55年01月02日生",
+            "1980.1.2",
         ] {
             assert_eq!(date(s), d, "{s}");
         }
