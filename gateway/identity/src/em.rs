@@ -155,6 +155,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)] // f indexes three parallel tables
     fn em_recovers_known_m_and_u_on_generated_vectors() {
         let mut truth = Model::default();
         // Known parameters, away from the defaults EM starts at.

@@ -43,15 +43,15 @@ pub fn block_keys(p: &Prepared) -> Vec<u64> {
     if let Some(d) = dob {
         keys.push(key(1, &[&d.year, &d.month, &d.day]));
     }
-    if let (Some(_), Some(_)) = (&p.family_kana, &p.given_kana) {
-        if let Some(full) = p.full_kana() {
-            keys.push(key(2, &[&full]));
-        }
+    if let (Some(_), Some(_)) = (&p.family_kana, &p.given_kana)
+        && let Some(full) = p.full_kana()
+    {
+        keys.push(key(2, &[&full]));
     }
-    if let (Some(_), Some(_)) = (&p.family, &p.given) {
-        if let Some(full) = p.full() {
-            keys.push(key(3, &[&full]));
-        }
+    if let (Some(_), Some(_)) = (&p.family, &p.given)
+        && let Some(full) = p.full()
+    {
+        keys.push(key(3, &[&full]));
     }
     let family = p.family_kana.as_deref().or(p.family.as_deref());
     let given = p.given_kana.as_deref().or(p.given.as_deref());
@@ -171,10 +171,10 @@ impl<K: Clone + PartialEq> Index<K> {
                 continue;
             }
             for s in block {
-                if seen.insert(*s) {
-                    if let Some(Some(key)) = self.slots.get(*s as usize) {
-                        out.push(key.clone());
-                    }
+                if seen.insert(*s)
+                    && let Some(Some(key)) = self.slots.get(*s as usize)
+                {
+                    out.push(key.clone());
                 }
             }
         }

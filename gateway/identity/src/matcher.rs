@@ -247,21 +247,25 @@ fn name_level(kanji: Agree, kana: Agree) -> Option<u8> {
 
 /// Splits an unsplit full name `whole` by the other side's family or given name.
 fn split_by(whole: &str, family: Option<&str>, given: Option<&str>) -> Option<(String, String)> {
-    if let Some(f) = family.filter(|f| !f.is_empty()) {
-        if let Some(rest) = whole.strip_prefix(f) {
-            return Some((f.to_string(), rest.to_string()));
-        }
+    if let Some(f) = family.filter(|f| !f.is_empty())
+        && let Some(rest) = whole.strip_prefix(f)
+    {
+        return Some((f.to_string(), rest.to_string()));
     }
-    if let Some(g) = given.filter(|g| !g.is_empty()) {
-        if let Some(head) = whole.strip_suffix(g) {
-            return Some((head.to_string(), g.to_string()));
-        }
+    if let Some(g) = given.filter(|g| !g.is_empty())
+        && let Some(head) = whole.strip_suffix(g)
+    {
+        return Some((head.to_string(), g.to_string()));
     }
     None
 }
 
-/// One script's (family, given) of both sides, an unsplit side split by the other.
+/// One script's (family, given) of one side; also the (family, given) values an exact
+/// agreement is weighed by.
 type Parts = (Option<String>, Option<String>);
+
+/// The (family, given) levels.
+type NameLevels = (Option<u8>, Option<u8>);
 
 fn align(a: (Option<&str>, Option<&str>), b: (Option<&str>, Option<&str>)) -> (Parts, Parts) {
     let own = |x: (Option<&str>, Option<&str>)| (x.0.map(str::to_string), x.1.map(str::to_string));
@@ -280,10 +284,7 @@ fn align(a: (Option<&str>, Option<&str>), b: (Option<&str>, Option<&str>)) -> (P
 
 /// Family and given levels, and the values an exact agreement is weighed by (its term
 /// frequency).
-fn names(
-    a: &Prepared,
-    b: &Prepared,
-) -> ((Option<u8>, Option<u8>), (Option<String>, Option<String>)) {
+fn names(a: &Prepared, b: &Prepared) -> (NameLevels, Parts) {
     let (ka, kb) = align(
         (a.family.as_deref(), a.given.as_deref()),
         (b.family.as_deref(), b.given.as_deref()),
@@ -513,7 +514,7 @@ impl Matcher {
     }
 }
 
-fn levels_with_tf(a: &Prepared, b: &Prepared) -> (Levels, (Option<String>, Option<String>)) {
+fn levels_with_tf(a: &Prepared, b: &Prepared) -> (Levels, Parts) {
     let ((family, given), tf) = names(a, b);
     let birth = match (a.birth_date, b.birth_date) {
         (Some(x), Some(y)) => Some(date_level(x, y)),

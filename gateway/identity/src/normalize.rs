@@ -187,14 +187,14 @@ fn fold_long_vowels(s: &[char]) -> String {
         if c == 'ー' {
             continue;
         }
-        let extends = match (prev.and_then(vowel), c) {
-            (Some('o'), 'ウ' | 'オ') => true,
-            (Some('u'), 'ウ') => true,
-            (Some('e'), 'イ' | 'エ') => true,
-            (Some('a'), 'ア') => true,
-            (Some('i'), 'イ') => true,
-            _ => false,
-        };
+        let extends = matches!(
+            (prev.and_then(vowel), c),
+            (Some('o'), 'ウ' | 'オ')
+                | (Some('u'), 'ウ')
+                | (Some('e'), 'イ' | 'エ')
+                | (Some('a'), 'ア')
+                | (Some('i'), 'イ')
+        );
         if extends {
             continue;
         }
@@ -308,7 +308,7 @@ fn era_start(e: char) -> Option<u16> {
 }
 
 fn checked(year: u32, month: u32, day: u32) -> Option<Date> {
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let leap = (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400);
     let days = match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,
@@ -493,10 +493,9 @@ pub fn address(s: &str) -> Option<Address> {
         .iter()
         .take(4)
         .position(|c| PREFECTURE_ENDS.contains(c))
+        && p >= 2
     {
-        if p >= 2 {
-            chars.drain(..=p);
-        }
+        chars.drain(..=p);
     }
     // Kanji numerals -> digits where they are block numbers (before a marker or after one).
     let mut out: Vec<char> = Vec::with_capacity(chars.len());
@@ -517,12 +516,12 @@ pub fn address(s: &str) -> Option<Address> {
             }
             continue;
         }
-        if out.last().is_some_and(char::is_ascii_digit) {
-            if let Some(n) = chars.get(i..).and_then(is_block_marker) {
-                out.push('-');
-                i += n;
-                continue;
-            }
+        if out.last().is_some_and(char::is_ascii_digit)
+            && let Some(n) = chars.get(i..).and_then(is_block_marker)
+        {
+            out.push('-');
+            i += n;
+            continue;
         }
         out.push(c);
         i += 1;

@@ -1,4 +1,10 @@
 //! `identity match|learn|search` over in-memory JSON lines.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use gateway_identity::cli::{self, CliError, SearchOptions};
 use gateway_identity::{Matcher, Model};

@@ -1,4 +1,10 @@
 //! The phenomena of Japanese records, one test each: variations of one person must end
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 //! `link` (or `review` where the brief allows), look-alikes of different people must not
 //! end `link`. All with the built-in default model, as `gatewayd identity match` runs.
 
