@@ -324,8 +324,14 @@ fn names(a: &Prepared, b: &Prepared) -> (NameLevels, Parts) {
         }
     }
     let value = |k: &Option<String>, r: &Option<String>| k.clone().or_else(|| r.clone());
-    let tf_family = (family == Some(0)).then(|| value(&ka.0, &ra.0)).flatten();
-    let tf_given = (given == Some(0)).then(|| value(&ka.1, &ra.1)).flatten();
+    // Exact: the kanji (else kana) value; same reading with other kanji: the reading.
+    let tf_value = |level: Option<u8>, k: &Option<String>, r: &Option<String>| match level {
+        Some(0) => value(k, r),
+        Some(1) => r.clone(),
+        _ => None,
+    };
+    let tf_family = tf_value(family, &ka.0, &ra.0);
+    let tf_given = tf_value(given, &ka.1, &ra.1);
     ((family, given), (tf_family, tf_given))
 }
 
@@ -455,10 +461,13 @@ impl Matcher {
                 1 => tf_given.as_deref().and_then(|v| self.freq.given(v)),
                 _ => None,
             };
-            score += match (level, tf, params.m.first(), params.u.first()) {
-                // Exact agreement on a name: u is that name's frequency, never below a
-                // quarter of the model's u (a registry of one does not make a name rare).
-                (0, Some(f), Some(m), Some(u)) => crate::model::log2_ratio(*m, f.max(u / 4.0)),
+            score += match (tf, params.m.get(level), params.u.get(level)) {
+                // Agreement on a name (exact, or the same reading): u is that value's
+                // frequency, never below a quarter of the model's u (a registry of one
+                // does not make a name rare).
+                (Some(f), Some(m), Some(u)) if level <= 1 => {
+                    crate::model::log2_ratio(*m, f.max(u / 4.0))
+                }
                 _ => params.weight(level),
             };
         }

@@ -391,7 +391,7 @@ pub fn date(s: &str) -> Option<Date> {
         if y == 0 {
             return None;
         }
-        return checked(start + y, m, d);
+        return checked(start.saturating_add(y), m, d);
     }
     let all_digits = t.chars().all(|c| c.is_ascii_digit());
     if all_digits && t.len() == 8 {
@@ -409,7 +409,7 @@ pub fn date(s: &str) -> Option<Date> {
             return None;
         }
         return checked(
-            start + y,
+            start.saturating_add(y),
             digit_value(t.get(3..5)?)?,
             digit_value(t.get(5..7)?)?,
         );
