@@ -10,8 +10,8 @@
 //!   most;
 //! - birth dates that differ in two fields or more (parent and child with one given name)
 //!   -> distinct; birth date only the same year or missing on a side -> review at most;
-//! - no contact field (dwelling, phone, insurance) agrees while one that can be compared
-//!   disagrees (namesakes born the same day) -> review at most.
+//! - no contact field (dwelling or 丁目-番, phone, insurance) agrees (namesakes born the
+//!   same day, whether their contact fields differ or are missing) -> review at most.
 
 use crate::freq::Frequencies;
 use crate::model::{FIELDS, Field, Model};
@@ -515,8 +515,7 @@ impl Matcher {
             insurance.map(|v| v <= 1),
         ];
         let any_agrees = contacts.contains(&Some(true));
-        let any_disagrees = contacts.contains(&Some(false));
-        if any_disagrees && !any_agrees {
+        if !any_agrees {
             at_most(&mut decision, Decision::Review);
         }
         Comparison { decision, score }
