@@ -18,13 +18,49 @@ use crate::model::{FIELDS, Field, Model};
 use crate::normalize::{self, Address, Date};
 use crate::{Comparison, Decision, Record};
 
-/// Insurance identifiers, digits only (the symbol folded).
-#[derive(Clone, PartialEq, Eq)]
+/// Insurance identifiers as numbers (leading zeros dropped; the symbol folded and hashed):
+/// only compared for equality, and held inline so a million records stay small.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Insurance {
-    pub insurer: Option<Box<str>>,
-    pub symbol: Option<Box<str>>,
-    pub number: Box<str>,
-    pub branch: Option<Box<str>>,
+    pub insurer: Option<u64>,
+    pub symbol: Option<u64>,
+    pub number: u64,
+    pub branch: Option<u64>,
+}
+
+/// A phone number: its digits as a number (a missing trunk 0 does not matter) and its last
+/// 8 digits (a landline with or without the area code, a mobile).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Phone {
+    pub full: u64,
+    pub tail8: Option<u32>,
+}
+
+/// A digit string as a number; longer than 18 digits: a hash with the top bit set.
+fn code(digits: &str) -> u64 {
+    let t = digits.trim_start_matches('0');
+    if t.len() <= 18 {
+        t.parse().unwrap_or(0)
+    } else {
+        hash(t) | (1 << 63)
+    }
+}
+
+fn hash(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+fn phone(digits: &str) -> Phone {
+    let tail8 = (digits.len() >= 8)
+        .then(|| digits.get(digits.len() - 8..).and_then(|t| t.parse().ok()))
+        .flatten();
+    Phone {
+        full: code(digits),
+        tail8,
+    }
 }
 
 /// A record normalised once for comparison and blocking. `Debug` shows no value.
@@ -38,7 +74,7 @@ pub struct Prepared {
     pub(crate) sex: Option<u8>,
     pub(crate) address: Option<Address>,
     pub(crate) postal: Option<u32>,
-    pub(crate) phone: Option<Box<str>>,
+    pub(crate) phone: Option<Phone>,
     pub(crate) insurance: Option<Insurance>,
 }
 
@@ -79,21 +115,14 @@ impl Prepared {
     pub fn new(r: &Record) -> Self {
         let (family, given) = name_pair(present(&r.family_name), present(&r.given_name));
         let (family_kana, given_kana) = name_pair(present(&r.family_kana), present(&r.given_kana));
-        let digits = |v: &Option<String>| {
-            present(v)
-                .and_then(normalize::digits)
-                .map(String::into_boxed_str)
-        };
+        let digits = |v: &Option<String>| present(v).and_then(normalize::digits);
         let insurance = digits(&r.insurance_number).map(|number| Insurance {
-            insurer: digits(&r.insurer_number),
+            insurer: digits(&r.insurer_number).map(|d| code(&d)),
             symbol: present(&r.insurance_symbol)
                 .and_then(normalize::token)
-                .map(String::into_boxed_str),
-            number,
-            branch: digits(&r.insurance_branch).map(|b| {
-                let t = b.trim_start_matches('0');
-                Box::from(if t.is_empty() { "0" } else { t })
-            }),
+                .map(|t| hash(&t)),
+            number: code(&number),
+            branch: digits(&r.insurance_branch).map(|d| code(&d)),
         });
         Self {
             family,
@@ -106,7 +135,7 @@ impl Prepared {
             postal: present(&r.postal_code).and_then(normalize::postal),
             phone: present(&r.phone)
                 .and_then(normalize::phone)
-                .map(String::into_boxed_str),
+                .map(|d| phone(&d)),
             insurance,
         }
     }
@@ -394,21 +423,19 @@ fn residence_level(a: &Prepared, b: &Prepared) -> Option<u8> {
 }
 
 fn phone_level(a: &Prepared, b: &Prepared) -> Option<u8> {
-    let (x, y) = (a.phone.as_deref()?, b.phone.as_deref()?);
-    let last8 = |s: &str| s.get(s.len().saturating_sub(8)..).map(str::to_string);
-    let same = x == y || (x.len() >= 8 && y.len() >= 8 && last8(x) == last8(y));
+    let (x, y) = (a.phone?, b.phone?);
+    let same = x.full == y.full || (x.tail8.is_some() && x.tail8 == y.tail8);
     Some(if same { 0 } else { 1 })
 }
 
 fn insurance_level(a: &Prepared, b: &Prepared) -> Option<u8> {
-    let (x, y) = (a.insurance.as_ref()?, b.insurance.as_ref()?);
-    let (xi, yi) = (x.insurer.as_deref()?, y.insurer.as_deref()?);
-    let differ =
-        |p: &Option<Box<str>>, q: &Option<Box<str>>| matches!((p, q), (Some(p), Some(q)) if p != q);
-    if xi != yi || x.number != y.number || differ(&x.symbol, &y.symbol) {
+    let (x, y) = (a.insurance?, b.insurance?);
+    let (xi, yi) = (x.insurer?, y.insurer?);
+    let differ = |p: Option<u64>, q: Option<u64>| matches!((p, q), (Some(p), Some(q)) if p != q);
+    if xi != yi || x.number != y.number || differ(x.symbol, y.symbol) {
         return Some(2);
     }
-    Some(if differ(&x.branch, &y.branch) { 1 } else { 0 })
+    Some(if differ(x.branch, y.branch) { 1 } else { 0 })
 }
 
 /// Compares records under a [`Model`], names weighed by a [`Frequencies`] table.

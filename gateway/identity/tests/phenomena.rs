@@ -305,6 +305,24 @@ fn namesakes_born_the_same_day_are_at_most_reviewed() {
 }
 
 #[test]
+fn namesakes_born_the_same_day_without_contact_fields_are_at_most_reviewed() {
+    let a = rec(&[
+        ("family_name", "佐藤"),
+        ("given_name", "翔太"),
+        ("sex", "M"),
+        ("birth_date", "1990-05-05"),
+    ]);
+    let b = rec(&[
+        ("family_name", "佐藤"),
+        ("given_name", "翔太"),
+        ("sex", "M"),
+        ("birth_date", "H2.5.5"),
+        ("phone", "092-444-5555"),
+    ]);
+    assert_eq!(decide(&a, &b), Decision::Review);
+}
+
+#[test]
 fn a_common_name_weighs_less_than_a_rare_one() {
     let m = Matcher::new(Model::default());
     let common = |f: &'static str, k: &'static str| {
