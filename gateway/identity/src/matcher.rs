@@ -384,6 +384,9 @@ fn towns_match(a: &str, b: &str) -> bool {
     if a.is_empty() || b.is_empty() {
         return false;
     }
+    if a == b {
+        return true;
+    }
     let (short, long) = if a.chars().count() <= b.chars().count() {
         (a, b)
     } else {

@@ -117,6 +117,39 @@ pub const VARIANTS: &[(char, char)] = &[
     ('\u{2123D}', '土'), // 𡈽
     ('\u{2363A}', '橋'), // 𣘺
     ('\u{FA10}', '塚'),
+    ('槗', '橋'),
+    ('淺', '浅'),
+    ('舩', '船'),
+    ('冝', '宜'),
+    ('曻', '昇'),
+    ('礒', '磯'),
+    ('穐', '秋'),
+    ('龝', '秋'),
+    ('薰', '薫'),
+    ('鷗', '鴎'),
+    ('遙', '遥'),
+    ('瑤', '瑶'),
+    ('堯', '尭'),
+    ('巖', '巌'),
+    ('巢', '巣'),
+    ('壯', '壮'),
+    ('黃', '黄'),
+    ('步', '歩'),
+    ('涉', '渉'),
+    ('賴', '頼'),
+    ('滿', '満'),
+    ('當', '当'),
+    ('勳', '勲'),
+    ('勵', '励'),
+    ('儉', '倹'),
+    ('劍', '剣'),
+    ('曉', '暁'),
+    ('檢', '検'),
+    ('氣', '気'),
+    ('廸', '迪'),
+    ('寬', '寛'),
+    ('鄕', '郷'),
+    ('郞', '郎'),
 ];
 
 fn variant(c: char) -> char {
@@ -270,9 +303,11 @@ pub fn postal(s: &str) -> Option<u32> {
 
 /// Sex to one code: 1 male, 2 female; unknown / other / unparsable -> `None` (not compared).
 pub fn sex(s: &str) -> Option<u8> {
+    // Inner spaces separate numbers (1980-01-02 00:00), they never join them.
     let t: String = s
+        .trim()
         .nfkc()
-        .filter(|c| !c.is_whitespace())
+        .map(|c| if c.is_whitespace() { '/' } else { c })
         .collect::<String>()
         .to_lowercase();
     match t.as_str() {
@@ -351,9 +386,11 @@ fn digit_value(s: &str) -> Option<u32> {
 
 /// A birth date in any of the western or Japanese-era forms; `None` if it is not a date.
 pub fn date(s: &str) -> Option<Date> {
+    // Inner spaces separate numbers (1980-01-02 00:00), they never join them.
     let t: String = s
+        .trim()
         .nfkc()
-        .filter(|c| !c.is_whitespace())
+        .map(|c| if c.is_whitespace() { '/' } else { c })
         .collect::<String>()
         .to_lowercase();
     let t = t.trim_end_matches(['生', 'ま', 'れ']);
@@ -415,7 +452,8 @@ pub fn date(s: &str) -> Option<Date> {
         );
     }
     match number_groups(t).as_slice() {
-        [y, m, d] if *y >= 1000 => checked(*y, *m, *d),
+        // 1980-01-02, 1980/1/2, 1980年1月2日; a time after the date (1980-01-02T00:00) ignored.
+        [y, m, d, ..] if *y >= 1000 => checked(*y, *m, *d),
         // Day first (02/01/1980) is not a Japanese form; month/day/year is refused too.
         _ => None,
     }
@@ -486,6 +524,24 @@ pub fn address(s: &str) -> Option<Address> {
         .into_iter()
         .map(|c| if matches!(c, 'ケ' | 'ガ') { 'ケ' } else { c })
         .collect();
+    // A postal code written first (〒160-0023 ...) is not part of the address.
+    if chars.first() == Some(&'〒') {
+        let n = chars
+            .iter()
+            .skip(1)
+            .take_while(|c| c.is_ascii_digit() || **c == 'ー')
+            .count();
+        chars.drain(..=n);
+    }
+    // 大字 (a rural address prefix some systems keep and others drop).
+    let mut i = 0;
+    while i + 1 < chars.len() {
+        if chars.get(i) == Some(&'大') && chars.get(i + 1) == Some(&'字') {
+            chars.drain(i..i + 2);
+        } else {
+            i += 1;
+        }
+    }
     // Drop the prefecture (北海道, 東京都, 大阪府, 神奈川県...) at the start.
     if chars.starts_with(&['北', '海', '道']) {
         chars.drain(..3);
@@ -571,6 +627,8 @@ mod tests {
         assert_eq!(name("齋藤"), name("斉藤"));
         assert_eq!(name("濱田"), name("浜田"));
         assert_eq!(name("櫻井"), name("桜井"));
+        assert_eq!(name("槗本"), name("橋本"));
+        assert_eq!(name("太郞"), name("太郎"));
         // IVS selector dropped.
         assert_eq!(name("葛\u{E0100}西"), name("葛西"));
         // Compatibility ideograph 塚 U+FA10 and 神 U+FA19 via decomposition.
@@ -623,6 +681,8 @@ mod tests {
             "S.55.1.2",
             "昭和55年01月02日生",
             "1980.1.2",
+            "1980-01-02T00:00:00",
+            "1980-01-02 00:00",
         ] {
             assert_eq!(date(s), d, "{s}");
         }
@@ -689,6 +749,14 @@ mod tests {
         ] {
             assert_eq!(address(s), Some(a.clone()), "{s}");
         }
+        assert_eq!(
+            address("〒160-0023 東京都新宿区西新宿2-8-1"),
+            Some(a.clone())
+        );
+        assert_eq!(
+            address("茨城県つくば市大字上ノ室123"),
+            address("つくば市上ノ室123")
+        );
         let b = address("神奈川県横浜市中区山下町二十三番地").unwrap();
         assert_eq!(&*b.blocks, &[23]);
         assert_eq!(&*b.town, "横浜市中区山下町");
