@@ -1,11 +1,14 @@
 //! Learning the model from a registry by EM (expectation-maximisation on the comparison
 //! vectors, Fellegi-Sunter with conditional independence).
 //!
-//! Pairs: the blocked candidate pairs (where the matches are) plus as many random pairs
-//! (almost all non-matches: they anchor `u`). EM estimates `lambda`, `m` and `u` per
-//! level; the prior model enters as Dirichlet pseudo-counts, so a level the registry never
-//! shows keeps its prior value and EM cannot wander far on a small registry. The
-//! thresholds stay the prior's: the decision rule is the same weight against them.
+//! Pairs: the blocked candidate pairs (where the matches are, and the non-matches that
+//! blocking makes alike) plus as many random pairs (non-matches). EM estimates `lambda`, `m`
+//! and `u` per level with the prior's values as Dirichlet pseudo-counts, so a level the
+//! registry never shows keeps its prior value. Pairs the decision guards call
+//! different people (given names or birth dates that differ) are held in the non-match
+//! class: otherwise the largest cluster among blocked pairs is the household and EM learns
+//! "same household". The thresholds stay the prior's: the decision rule is the same weight
+//! against them. [`em`] is the classic unconstrained EM (m, u and lambda), for vectors.
 
 use crate::Record;
 use crate::index::Index;
@@ -63,20 +66,43 @@ pub fn learn_prepared(records: &[Prepared], prior: &Model) -> Model {
         state ^= state << 17;
         state
     };
+    let mut random = Vec::new();
     if n >= 2 {
         let want = vectors.len().max(1000);
         for _ in 0..want {
             let (i, j) = ((next() % n as u64) as usize, (next() % n as u64) as usize);
             if let (true, Some(p), Some(q)) = (i != j, records.get(i), records.get(j)) {
-                vectors.push(matcher.levels(p, q));
+                random.push(matcher.levels(p, q));
             }
         }
     }
-    em(&vectors, prior, ITERATIONS)
+    // m, u and lambda by EM on the blocked and the random pairs together, look-alikes held
+    // in the non-match class.
+    vectors.extend(random);
+    fit(&vectors, prior, ITERATIONS, true, true)
 }
 
-/// EM on comparison vectors from `init`; returns the fitted model (thresholds of `init`).
+/// Classic EM on comparison vectors from `init`: lambda, m and u; returns the fitted model
+/// (thresholds of `init`).
 pub fn em(vectors: &[Levels], init: &Model, iterations: usize) -> Model {
+    fit(vectors, init, iterations, true, false)
+}
+
+/// A pair the decision guards call different people (given names different in both
+/// scripts, or birth dates different in two fields): in the non-match class for EM too.
+/// Without this the blocked pairs' largest cluster is the household (same dwelling, phone,
+/// family name and insurance), and EM would learn "same household" instead of "same person".
+fn look_alike(v: &Levels) -> bool {
+    v.get(crate::Field::Given) == Some(3) || v.get(crate::Field::BirthDate) == Some(3)
+}
+
+fn fit(
+    vectors: &[Levels],
+    init: &Model,
+    iterations: usize,
+    learn_u: bool,
+    constrained: bool,
+) -> Model {
     let mut model = init.clone();
     if vectors.is_empty() {
         return model;
@@ -87,15 +113,19 @@ pub fn em(vectors: &[Levels], init: &Model, iterations: usize) -> Model {
         let mut sum_u: Vec<Vec<f64>> = prior_counts(init, |f| &f.u);
         let mut total_g = 0.0;
         for v in vectors {
-            let (mut lm, mut lu) = (lambda.ln(), (1.0 - lambda).ln());
-            for (level, params) in v.0.iter().zip(&model.fields) {
-                if let Some(l) = level {
-                    let l = usize::from(*l);
-                    lm += params.m.get(l).copied().unwrap_or(1.0).max(1e-12).ln();
-                    lu += params.u.get(l).copied().unwrap_or(1.0).max(1e-12).ln();
+            let g = if constrained && look_alike(v) {
+                0.0
+            } else {
+                let (mut lm, mut lu) = (lambda.ln(), (1.0 - lambda).ln());
+                for (level, params) in v.0.iter().zip(&model.fields) {
+                    if let Some(l) = level {
+                        let l = usize::from(*l);
+                        lm += params.m.get(l).copied().unwrap_or(1.0).max(1e-12).ln();
+                        lu += params.u.get(l).copied().unwrap_or(1.0).max(1e-12).ln();
+                    }
                 }
-            }
-            let g = 1.0 / (1.0 + (lu - lm).exp());
+                1.0 / (1.0 + (lu - lm).exp())
+            };
             total_g += g;
             for (f, level) in v.0.iter().enumerate() {
                 let Some(l) = level else { continue };
@@ -110,11 +140,11 @@ pub fn em(vectors: &[Levels], init: &Model, iterations: usize) -> Model {
         }
         lambda = (total_g / vectors.len() as f64).clamp(1e-6, 1.0 - 1e-6);
         for (f, params) in model.fields.iter_mut().enumerate().take(FIELDS) {
-            if let (Some(m), Some(u)) = (sum_m.get(f), sum_u.get(f)) {
-                *params = FieldParams {
-                    m: normalised(m),
-                    u: normalised(u),
-                };
+            if let Some(m) = sum_m.get(f) {
+                params.m = normalised(m);
+            }
+            if let (true, Some(u)) = (learn_u, sum_u.get(f)) {
+                params.u = normalised(u);
             }
         }
     }
