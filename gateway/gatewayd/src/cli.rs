@@ -29,6 +29,49 @@ pub enum Command {
     /// Manage kiosk staff accounts (each change is written to the audit trail).
     #[command(subcommand)]
     Users(UsersCommand),
+    /// Patient identity matching (名寄せ) from the command line: no daemon needed.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Compare record pairs (JSON lines {"pair_id","a","b"}); prints one JSON line per pair
+    /// ({"pair_id","decision","score"}) in input order. A bad line is reported on stderr by
+    /// its number, the good ones are still printed, and the exit status is then 1.
+    Match {
+        #[arg(long)]
+        pairs: PathBuf,
+        /// Accepted for the contract; the matcher reads no configuration key today.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Parameters learnt with `identity learn` (default: the built-in model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Learn the model by EM from a registry's records (JSON lines) and write it.
+    Learn {
+        #[arg(long)]
+        records: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Benchmark: load records into the blocking index, then time each query's match;
+    /// prints one JSON report.
+    Search {
+        #[arg(long)]
+        records: PathBuf,
+        #[arg(long)]
+        queries: PathBuf,
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Learn the model from the records first (timed as learn_ms).
+        #[arg(long)]
+        learn: bool,
+        /// Compare each query with every record (no index).
+        #[arg(long)]
+        brute_force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,8 @@
 //! - `run`: `gatewayd run`: one start function per service (dicom, hl7, uplinks, admin,
 //!   fleet, booking, watchdog) called from a short `serve`, and the restart / config-update
 //!   loop around it (its rules are `gateway_config::ConfigFile`).
-//! - `ops`: `check-config`, `spool ...`, `keys ...`, `audit ...` and `users ...`.
+//! - `ops`: `check-config`, `spool ...`, `keys ...`, `audit ...` and `users ...`;
+//!   `identity ...` is dispatched here to `gateway_identity::cli`.
 //! - `fleet`: the fleet agent of `[fleet]`, and provisioning by claim before it.
 //! - `booking`: the kiosk, staff, audit trail and regional exchange of `[booking]`.
 //! - `telemetry`: the fleet agent's telemetry snapshot, from the spool and the services'
@@ -41,5 +42,59 @@ fn main() -> ExitCode {
         cli::Command::Keys(cmd) => ops::keys(&cmd),
         cli::Command::Audit(cmd) => ops::audit(&cmd),
         cli::Command::Users(cmd) => ops::users(&cmd),
+        cli::Command::Identity(cmd) => identity(&cmd),
+    }
+}
+
+/// `gatewayd identity ...`: opens the files and prints; the logic is `gateway_identity::cli`.
+fn identity(cmd: &cli::IdentityCommand) -> ExitCode {
+    use gateway_identity::{Model, cli as id};
+    use std::io::BufReader;
+    let open = |p: &std::path::Path| {
+        std::fs::File::open(p)
+            .map(BufReader::new)
+            .map_err(|e| eprintln!("gatewayd: {}: {e}", p.display()))
+    };
+    let model = |p: &Option<std::path::PathBuf>| match p {
+        Some(p) => Model::load(p).map_err(|e| eprintln!("gatewayd: {e}")),
+        None => Ok(Model::default()),
+    };
+    let result = match cmd {
+        cli::IdentityCommand::Match {
+            pairs, model: m, ..
+        } => (|| {
+            let matcher = gateway_identity::Matcher::new(model(m)?);
+            let out = std::io::BufWriter::new(std::io::stdout().lock());
+            id::match_pairs(open(pairs)?, out, std::io::stderr(), &matcher)
+                .map(drop)
+                .map_err(|e| eprintln!("gatewayd: {e}"))
+        })(),
+        cli::IdentityCommand::Learn { records, out } => (|| {
+            let learnt =
+                id::learn_records(open(records)?).map_err(|e| eprintln!("gatewayd: {e}"))?;
+            learnt.save(out).map_err(|e| eprintln!("gatewayd: {e}"))
+        })(),
+        cli::IdentityCommand::Search {
+            records,
+            queries,
+            model: m,
+            learn,
+            brute_force,
+        } => (|| {
+            let opts = id::SearchOptions {
+                learn: *learn,
+                brute_force: *brute_force,
+            };
+            let report = id::search(open(records)?, open(queries)?, model(m)?, opts)
+                .map_err(|e| eprintln!("gatewayd: {e}"))?;
+            serde_json::to_writer(std::io::stdout().lock(), &report)
+                .map_err(|e| eprintln!("gatewayd: writing the report: {e}"))?;
+            println!();
+            Ok(())
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(()) => ExitCode::from(1),
     }
 }
