@@ -23,12 +23,12 @@ use gateway_config::{Booking, Exchange, Role, Settings};
 use gateway_exchange::{ExchangeKey, PeerKey};
 use gateway_keystore::MasterKey;
 use gateway_kiosk::Kiosk;
-use gateway_registry::RegistryHandle;
 use gateway_regional::Connection;
 use gateway_regional::clinic::{ClinicExchange, ClinicSettings};
 use gateway_regional::core::CoreExchange;
 use gateway_regional::local::{LocalCore, NoCore};
 use gateway_regional::wire::Keys;
+use gateway_registry::RegistryHandle;
 use gateway_staff::{Staff, StaffKey};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
@@ -547,7 +547,9 @@ async fn open_identity(
     let master = MasterKey::from_bytes(*derived.master().expose());
     blocking(move || {
         let model = match &model_path {
-            Some(p) => gateway_identity::Model::load(p).map_err(|e| format!("identity.model: {e}"))?,
+            Some(p) => {
+                gateway_identity::Model::load(p).map_err(|e| format!("identity.model: {e}"))?
+            }
             None => gateway_identity::Model::default(),
         };
         gateway_registry::Registry::open(

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use gateway_booking::{Appointment, AppointmentStatus, LedgerHandle, SealKey};
 use gateway_regional::results::{CoreLink, Outgoing, WireAck, WireNotice, WireReport};
-use gateway_spool::{DeliveryState, ObjectId, Spool};
 use gateway_registry::{DataKind, Disclosure, IdentityService, SourceKey};
+use gateway_spool::{DeliveryState, ObjectId, Spool};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -356,7 +356,9 @@ impl CoreResults {
             match registry.may_disclose(d, REFERRAL_ACTOR).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) => warn!("identity registry refused a referral disclosure"),
-                Err(e) => warn!(error = %e, "referral disclosure not recorded in the identity registry"),
+                Err(e) => {
+                    warn!(error = %e, "referral disclosure not recorded in the identity registry")
+                }
             }
         }
     }
