@@ -38,11 +38,13 @@ pub fn learn_prepared(records: &[Prepared], prior: &Model) -> Model {
         index.insert(i, p);
     }
     let mut vectors: Vec<Levels> = Vec::new();
-    'outer: for (i, p) in records.iter().enumerate() {
+    // Records spread over the whole registry (a stride), not its first part.
+    let step = (records.len() / (MAX_PAIRS / PER_RECORD)).max(1);
+    'outer: for (i, p) in records.iter().enumerate().step_by(step) {
         let mut taken = 0;
         for j in index.candidates(p) {
             let j = j as usize;
-            if j <= i {
+            if j == i {
                 continue;
             }
             if let Some(q) = records.get(j) {
@@ -79,7 +81,24 @@ pub fn learn_prepared(records: &[Prepared], prior: &Model) -> Model {
     // m, u and lambda by EM on the blocked and the random pairs together, look-alikes held
     // in the non-match class.
     vectors.extend(random);
-    fit(&vectors, prior, ITERATIONS, true, true)
+    sane(fit(&vectors, prior, ITERATIONS, true, true), prior)
+}
+
+/// A learnt field is kept only if agreement is still evidence for a match and disagreement
+/// against it (otherwise EM found another cluster than "same person" for that field, and the
+/// prior's parameters stay); a lambda over one half (the classes swapped) keeps the prior.
+fn sane(mut learnt: Model, prior: &Model) -> Model {
+    if learnt.lambda > 0.5 {
+        return prior.clone();
+    }
+    for (f, p) in learnt.fields.iter_mut().zip(&prior.fields) {
+        let first = f.weight(0);
+        let last = f.weight(f.m.len().saturating_sub(1));
+        if !(first > 0.0 && last < 0.0) {
+            *f = p.clone();
+        }
+    }
+    learnt
 }
 
 /// Classic EM on comparison vectors from `init`: lambda, m and u; returns the fitted model
@@ -254,5 +273,29 @@ mod tests {
                 assert!((u - truth.fields[f].u[l]).abs() < 0.03, "u[{f}][{l}] = {u}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod sanity_tests {
+    use super::*;
+
+    #[test]
+    fn a_learnt_field_where_agreement_counts_against_a_match_keeps_the_prior() {
+        let prior = Model::default();
+        let mut learnt = prior.clone();
+        learnt.fields[2] = FieldParams {
+            m: vec![0.0004, 0.46, 0.53, 0.0096],
+            u: vec![0.13, 0.01, 0.07, 0.79],
+        };
+        learnt.fields[5] = FieldParams {
+            m: vec![0.7, 0.3],
+            u: vec![0.001, 0.999],
+        };
+        let kept = sane(learnt.clone(), &prior);
+        assert_eq!(kept.fields[2], prior.fields[2]);
+        assert_eq!(kept.fields[5], learnt.fields[5]);
+        learnt.lambda = 0.8;
+        assert_eq!(sane(learnt, &prior), prior);
     }
 }

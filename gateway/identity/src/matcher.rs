@@ -9,7 +9,8 @@
 //!   residents) -> distinct; given names only similar (twins named 翔太/翔平) -> review at
 //!   most;
 //! - birth dates that differ in two fields or more (parent and child with one given name)
-//!   -> distinct; birth date only the same year or missing on a side -> review at most;
+//!   -> distinct; birth date only partly the same (the same year, or the same day of the
+//!   year a decade or more apart) or missing on a side -> review at most;
 //! - no contact field (dwelling or 丁目-番, phone, insurance) agrees (namesakes born the
 //!   same day, whether their contact fields differ or are missing) -> review at most.
 
@@ -368,12 +369,17 @@ fn date_level(a: Date, b: Date) -> u8 {
     if a == b {
         return 0;
     }
-    let differ =
-        u8::from(a.year != b.year) + u8::from(a.month != b.month) + u8::from(a.day != b.day);
-    let swapped = a.year == b.year && a.month == b.day && a.day == b.month;
-    if differ == 1 || swapped {
+    let same_year = a.year == b.year;
+    let swapped = same_year && a.month == b.day && a.day == b.month;
+    // Only the day or only the month differs, or day and month swapped: a typing error.
+    // Only the year differs: a typing error when it is within a decade; further apart it
+    // may be a typo in the tens or another generation (parent and child born on the same
+    // day of the year): the partial level, which a person reviews at most.
+    let md_only = same_year && (a.month == b.month) != (a.day == b.day);
+    let year_only = !same_year && a.month == b.month && a.day == b.day;
+    if md_only || swapped || (year_only && a.year.abs_diff(b.year) < 10) {
         1
-    } else if a.year == b.year {
+    } else if same_year || year_only {
         2
     } else {
         3

@@ -18,7 +18,9 @@ pub enum Field {
     Family = 0,
     /// Given name, same levels as the family name.
     Given = 1,
-    /// Birth date: exact, one field differs or day/month swapped, same year, different.
+    /// Birth date: exact; day or month differs, day/month swapped, or year differs by
+    /// under 10; partial (same year, or same day and month a decade or more apart);
+    /// different.
     BirthDate = 2,
     /// Sex: same, different.
     Sex = 3,
@@ -104,7 +106,7 @@ fn default_fields() -> Vec<FieldParams> {
         fp(&[0.88, 0.03, 0.04, 0.05], &[0.0008, 0.0004, 0.004, 0.9948]),
         // Given.
         fp(&[0.92, 0.03, 0.04, 0.01], &[0.0008, 0.0004, 0.003, 0.9958]),
-        // Birth date: exact, one field / swap, same year, different.
+        // Birth date: exact, one field / swap, partial, different.
         fp(
             &[0.95, 0.04, 0.005, 0.005],
             &[0.00004, 0.004, 0.011, 0.98496],

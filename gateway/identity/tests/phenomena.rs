@@ -197,6 +197,8 @@ fn typing_errors_are_linked_or_reviewed() {
     assert_found(&[("given_name", "恵于")]);
     assert_link(&[("birth_date", "1980-01-03")]);
     assert_link(&[("birth_date", "1980-02-01")]); // day/month swapped
+    assert_link(&[("birth_date", "1981-01-02")]); // units digit of the year
+    assert_found(&[("birth_date", "1990-01-02")]); // tens digit of the year: reviewed
     assert_link(&[("phone", "03-1234-5679")]);
     assert_found(&[("family_name", "髙槗"), ("family_kana", "タカハツ")]);
 }
@@ -237,6 +239,13 @@ fn twins_do_not_link() {
 #[test]
 fn parent_and_child_with_the_same_given_name_do_not_link() {
     assert_distinct(&[("birth_date", "1955-06-20"), ("insurance_branch", "00")]);
+    // Born on the same day of the year, a generation apart: a person looks at most.
+    assert_not_link(&[("birth_date", "1955-01-02"), ("insurance_branch", "00")]);
+    assert_not_link(&[
+        ("birth_date", "S30.1.2"),
+        ("phone", ""),
+        ("insurance_number", ""),
+    ]);
 }
 
 #[test]
