@@ -2,9 +2,11 @@
 //! vectors, Fellegi-Sunter with conditional independence).
 //!
 //! Pairs: the blocked candidate pairs (where the matches are, and the non-matches that
-//! blocking makes alike) plus as many random pairs (non-matches). EM estimates `lambda`, `m`
-//! and `u` per level with the prior's values as Dirichlet pseudo-counts, so a level the
-//! registry never shows keeps its prior value. Pairs the decision guards call
+//! blocking makes alike) plus as many random pairs (non-matches). `u` per level is counted on
+//! the random pairs (chance agreement in this registry); then EM estimates `lambda` and `m`
+//! on the blocked pairs with `u` fixed (the estimation order Splink recommends), with the
+//! prior's values as Dirichlet pseudo-counts, so a level the registry never shows keeps its
+//! prior value. Pairs the decision guards call
 //! different people (given names or birth dates that differ) are held in the non-match
 //! class: otherwise the largest cluster among blocked pairs is the household and EM learns
 //! "same household". The thresholds stay the prior's: the decision rule is the same weight
@@ -78,10 +80,32 @@ pub fn learn_prepared(records: &[Prepared], prior: &Model) -> Model {
             }
         }
     }
-    // m, u and lambda by EM on the blocked and the random pairs together, look-alikes held
-    // in the non-match class.
-    vectors.extend(random);
-    sane(fit(&vectors, prior, ITERATIONS, true, true), prior)
+    // u first, counted on the random pairs (nearly all different people: the registry's own
+    // chance agreement, e.g. how many share a town, a birth year or a common name), with the
+    // prior as pseudo-counts; then m and lambda by EM on the blocked pairs with u held fixed
+    // (look-alikes in the non-match class). Letting EM move u as well lets it trade the two
+    // classes for the registry's largest cluster (households, then "same given name and
+    // year") and lose the changes real records show (a family name changed by marriage).
+    let mut start = prior.clone();
+    let counted = count_levels(&random, prior);
+    for (params, u) in start.fields.iter_mut().zip(counted) {
+        params.u = normalised(&u);
+    }
+    sane(fit(&vectors, &start, ITERATIONS, false, true), prior)
+}
+
+/// Per field and level: the prior's `u` as pseudo-counts plus the levels seen in `vectors`.
+fn count_levels(vectors: &[Levels], prior: &Model) -> Vec<Vec<f64>> {
+    let mut counts = prior_counts(prior, |f| &f.u);
+    for v in vectors {
+        for (f, level) in v.0.iter().enumerate() {
+            let Some(l) = level else { continue };
+            if let Some(c) = counts.get_mut(f).and_then(|s| s.get_mut(usize::from(*l))) {
+                *c += 1.0;
+            }
+        }
+    }
+    counts
 }
 
 /// A learnt field is kept only if agreement is still evidence for a match and disagreement
