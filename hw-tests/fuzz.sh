@@ -5,7 +5,8 @@
 #   FUZZ_SECONDS=300 FUZZ_ONLY="parse_roundtrip mllp_split" bash hw-tests/fuzz.sh
 #
 # Fuzz crates (each its own workspace, outside the main one): gateway/dicom/fuzz,
-# gateway/hl7/fuzz, gateway/fleet/fuzz, gateway/exchange/fuzz, gateway/uplink/fuzz. Every `[[bin]]` target they
+# gateway/hl7/fuzz, gateway/fleet/fuzz, gateway/exchange/fuzz, gateway/uplink/fuzz,
+# gateway/registry/fuzz, gateway/identity/fuzz. Every `[[bin]]` target they
 # list (`cargo fuzz list`) is built and run; each needs a seed corpus in
 # `gateway/<crate>/fuzz/corpus/<target>/` (small valid inputs, plus every finding once fixed;
 # the folders are git-ignored, so seeds are added with `git add -f`).
@@ -34,7 +35,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 CARGO_FUZZ_VERSION=0.13.1
-FUZZ_CRATES=(gateway/dicom gateway/hl7 gateway/fleet gateway/exchange gateway/uplink)
+FUZZ_CRATES=(gateway/dicom gateway/hl7 gateway/fleet gateway/exchange gateway/uplink gateway/registry gateway/identity)
 FUZZ_SECONDS=${FUZZ_SECONDS:-30}
 FUZZ_ONLY=${FUZZ_ONLY:-}
 FUZZ_TARGET_DIR=${FUZZ_TARGET_DIR:-$ROOT/target/fuzz}

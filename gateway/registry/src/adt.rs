@@ -32,7 +32,7 @@ use crate::api::{DataKind, Grant, Grantee};
 
 /// What an ADT asks of the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Event {
+pub enum Event {
     /// A01/A04/A08/A28/A31.
     Upsert,
     /// A40: the record with this prior id is merged into the message's patient.
@@ -43,7 +43,7 @@ pub(crate) enum Event {
 
 /// An ADT as the registry reads it. `Debug` shows no values.
 #[derive(Clone, PartialEq)]
-pub(crate) struct Adt {
+pub struct Adt {
     pub event: Event,
     /// MSH-4 / MSH-3; `None`: the core's own.
     pub hospital: Option<String>,
@@ -105,7 +105,7 @@ fn unescape_component(r: &gateway_hl7::parse::Repetition<'_>, c: usize) -> Optio
 }
 
 /// Reads an ADT; `Err` says (in fixed words) why the registry ignores it.
-pub(crate) fn read(text: &str) -> Result<Adt, &'static str> {
+pub fn read(text: &str) -> Result<Adt, &'static str> {
     let msg = parse(text).map_err(|_| "not a parsable HL7 message")?;
     if msg.get("MSH", 9, 1, 1, 1) != Some("ADT") {
         return Err("not an ADT message");

@@ -33,7 +33,7 @@
 
 #![deny(clippy::indexing_slicing, clippy::string_slice)]
 
-mod adt;
+pub mod adt;
 pub mod api;
 pub mod booked;
 pub mod journal;
