@@ -23,7 +23,7 @@ SRC_URI = "git://example.invalid/clinic-gateway.git;protocol=https;branch=main \
            file://gatewayd.service \
            file://gatewayd.toml \
            "
-SRCREV = "1b7fd1b14270d07c8ea5bfba2e1c99f5cad3ee7a"
+SRCREV = "3c83d4ca481a68a6fcda0831c92b261f82beb8e6"
 
 S = "${WORKDIR}/git"
 
