@@ -308,6 +308,37 @@ def test_missing_pairs_file_and_bad_model_are_clear_errors(tmp_path):
     assert proc.returncode != 0 and "model" in err.lower() and "panicked" not in err, err[-1000:]
 
 
+def test_config_names_the_model_unless_model_is_given(tmp_path):
+    """`--config`: a gatewayd config's `[identity] model` is the model `match` uses (here a
+    file that is not there: the error names it); `--model` wins over it; a config without
+    one leaves the built-in model (the same answers as no config)."""
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps(_good_pair("g"), ensure_ascii=False) + "\n", encoding="utf-8")
+    node = '[node]\nid = "core"\nrole = "core"\ndata_dir = "d"\nmode = "development"\n[booking]\n'
+    named = tmp_path / "named.toml"
+    named.write_text(node + f'[identity]\nmodel = "{tmp_path / "absent-model.json"}"\n', encoding="utf-8")
+    proc = run_identity(["match", "--pairs", str(pairs), "--config", str(named)], tmp_path)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode != 0 and "absent-model.json" in err, err[-1000:]
+    # `--model` wins over the config's: a model learnt from the pair's two records.
+    records = tmp_path / "records.jsonl"
+    good = _good_pair("g")
+    records.write_text("".join(json.dumps(good[k], ensure_ascii=False) + "\n" for k in ("a", "b")),
+                       encoding="utf-8")
+    learnt = tmp_path / "learnt.json"
+    proc = run_identity(["learn", "--records", str(records), "--out", str(learnt)], tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")[-1000:]
+    proc = run_identity(["match", "--pairs", str(pairs), "--config", str(named), "--model", str(learnt)], tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")[-1000:]
+    assert len(parse_results(proc.stdout)) == 1
+    plain = tmp_path / "plain.toml"
+    plain.write_text(node + "[identity]\n", encoding="utf-8")
+    bare = run_identity(["match", "--pairs", str(pairs)], tmp_path)
+    with_config = run_identity(["match", "--pairs", str(pairs), "--config", str(plain)], tmp_path)
+    assert bare.returncode == 0 and with_config.returncode == 0, with_config.stderr.decode("utf-8", "replace")
+    assert parse_results(with_config.stdout) == parse_results(bare.stdout)
+
+
 def test_model_learnt_from_a_registry_meets_the_bar(tmp_path):
     """`identity learn` on 50,000 registry records (EM), then `match --model` on the pairs."""
     reg = gen_registry.generate(17, 50_000, 0, tmp_path / "reg", workers=2)

@@ -42,10 +42,11 @@ pub enum IdentityCommand {
     Match {
         #[arg(long)]
         pairs: PathBuf,
-        /// Accepted for the contract; the matcher reads no configuration key today.
+        /// A gatewayd config: its `[identity] model`, when set and `--model` is not given.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Parameters learnt with `identity learn` (default: the built-in model).
+        /// Parameters learnt with `identity learn` (default: `--config`'s `[identity] model`,
+        /// else the built-in model).
         #[arg(long)]
         model: Option<PathBuf>,
     },

@@ -61,9 +61,18 @@ fn identity(cmd: &cli::IdentityCommand) -> ExitCode {
     };
     let result = match cmd {
         cli::IdentityCommand::Match {
-            pairs, model: m, ..
+            pairs,
+            config,
+            model: m,
         } => (|| {
-            let matcher = gateway_identity::Matcher::new(model(m)?);
+            let configured = match (m, config) {
+                (None, Some(c)) => ops::load(c)
+                    .map_err(drop)?
+                    .identity
+                    .and_then(|i| i.model),
+                _ => m.clone(),
+            };
+            let matcher = gateway_identity::Matcher::new(model(&configured)?);
             let out = std::io::BufWriter::new(std::io::stdout().lock());
             id::match_pairs(open(pairs)?, out, std::io::stderr(), &matcher)
                 .map(drop)

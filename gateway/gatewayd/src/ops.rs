@@ -308,7 +308,7 @@ fn users_action(cmd: &UsersCommand, settings: &Settings) -> Result<String, Strin
     }
 }
 
-fn load(path: &Path) -> Result<Settings, ExitCode> {
+pub(crate) fn load(path: &Path) -> Result<Settings, ExitCode> {
     Settings::load(path).map_err(|errors| {
         for problem in &errors.problems {
             eprintln!("{problem}");
