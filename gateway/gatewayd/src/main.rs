@@ -66,10 +66,7 @@ fn identity(cmd: &cli::IdentityCommand) -> ExitCode {
             model: m,
         } => (|| {
             let configured = match (m, config) {
-                (None, Some(c)) => ops::load(c)
-                    .map_err(drop)?
-                    .identity
-                    .and_then(|i| i.model),
+                (None, Some(c)) => ops::load(c).map_err(drop)?.identity.and_then(|i| i.model),
                 _ => m.clone(),
             };
             let matcher = gateway_identity::Matcher::new(model(&configured)?);
