@@ -240,3 +240,8 @@ def test_an_admin_sees_a_locked_account_with_its_lock_end_in_local_time(
     admin_row = page.evaluate("[...document.querySelector(\"#accounts-table tr[data-account='admin.page']\").cells]"
                               ".map(td => td.textContent)")
     assert admin_row[3] == "", admin_row
+    # A clinic keeps no identity registry: the page neither shows the identity section nor
+    # asks its routes (they would answer 404 and log a network error in the console).
+    assert page.evaluate("document.getElementById('identity-view').hidden"), "identity section shown at a clinic"
+    asked = [p for p in page.problems() if "/api/identity" in p or "/fhir/Consent" in p]
+    assert not asked, asked

@@ -44,9 +44,12 @@ function show(loggedIn, me) {
   if (!loggedIn) closeReport();
   const admin = loggedIn && me.role === "admin";
   $("accounts-view").hidden = !admin;
-  // The identity section (identity.js) shows itself to administrators and physicians.
+  // The identity section (identity.js) shows itself to administrators and physicians of a
+  // gateway that keeps the identity registry (the core with [identity]).
+  const identity = loggedIn && me.identity === true;
   if (loggedIn) document.body.dataset.role = me.role; else delete document.body.dataset.role;
-  document.dispatchEvent(new CustomEvent("kiosk-session", { detail: { role: myRole } }));
+  if (identity) document.body.dataset.identity = "1"; else delete document.body.dataset.identity;
+  document.dispatchEvent(new CustomEvent("kiosk-session", { detail: { role: myRole, identity } }));
   // Logged in: list the day's free slots at once, which also offers the scanners to pick.
   if (loggedIn) searchSlots();
   if (admin) listAccounts();

@@ -326,8 +326,9 @@ async function listConsents() {
 
 $("review-refresh").addEventListener("click", loadReviewQueue);
 
-function identityShown(role) {
-  const on = role === "admin" || role === "physician";
+function identityShown(role, identity) {
+  // Only where the gateway keeps the registry: elsewhere its routes answer 404.
+  const on = identity === true && (role === "admin" || role === "physician");
   $("identity-view").hidden = !on;
   if (on) {
     loadReviewQueue();
@@ -340,6 +341,9 @@ function identityShown(role) {
   }
 }
 
-document.addEventListener("kiosk-session", (e) => identityShown(e.detail && e.detail.role));
+document.addEventListener("kiosk-session",
+  (e) => identityShown(e.detail && e.detail.role, e.detail && e.detail.identity));
 // A login answered before this script ran is on the body already.
-if (document.body.dataset.role) identityShown(document.body.dataset.role);
+if (document.body.dataset.role) {
+  identityShown(document.body.dataset.role, document.body.dataset.identity === "1");
+}

@@ -544,7 +544,12 @@ async fn login(
                     "no randomness for a session",
                 );
             };
-            let mut r = Json(json!({"name": who.name, "role": who.role.as_str()})).into_response();
+            let mut r = Json(json!({
+                "name": who.name,
+                "role": who.role.as_str(),
+                "identity": kiosk.identity.is_some(),
+            }))
+            .into_response();
             if let Ok(v) = HeaderValue::from_str(&session::set_cookie(&token)) {
                 r.headers_mut().insert(header::SET_COOKIE, v);
             }
@@ -606,8 +611,14 @@ async fn logout(State(kiosk): State<Kiosk>, who: Authenticated, headers: HeaderM
     r
 }
 
-async fn me(who: Authenticated) -> Json<Value> {
-    Json(json!({"name": who.0.name, "role": who.0.role.as_str()}))
+/// Who is logged in, and whether this gateway keeps an identity registry (the page shows its
+/// identity section, and asks its routes, only then).
+async fn me(State(kiosk): State<Kiosk>, who: Authenticated) -> Json<Value> {
+    Json(json!({
+        "name": who.0.name,
+        "role": who.0.role.as_str(),
+        "identity": kiosk.identity.is_some(),
+    }))
 }
 
 async fn accounts(State(kiosk): State<Kiosk>, who: Authenticated) -> Response {

@@ -473,8 +473,9 @@ fn base() -> Value {
                         "code": {"type": "string", "pattern": "^[0-9]{6}$"}
                     }
                 },
-                "Me": {"type": "object", "required": ["name", "role"], "properties": {
-                    "name": {"type": "string"}, "role": {"enum": ["clerk", "physician", "admin"]}}},
+                "Me": {"type": "object", "required": ["name", "role", "identity"], "properties": {
+                    "name": {"type": "string"}, "role": {"enum": ["clerk", "physician", "admin"]},
+                    "identity": {"type": "boolean", "description": "This gateway keeps the identity registry (the identity and consent routes answer)"}}},
                 "AppointmentRequest": {
                     "type": "object",
                     "description": "A FHIR Appointment: identifier[0].value = client request id, slot[0].reference = Slot/{id}, a contained Patient with id 'patient' (identifier, name[0].text as DICOM PN, birthDate, gender), serviceType[0].text",

@@ -311,7 +311,10 @@ async fn both_factors_give_a_secure_session_cookie() {
     let f = fixture(false);
     let (status, headers, body) = f.login("clerk.sato", PW, &f.code("clerk.sato")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body, json!({"name": "clerk.sato", "role": "clerk"}));
+    assert_eq!(
+        body,
+        json!({"name": "clerk.sato", "role": "clerk", "identity": false})
+    );
     let cookie = headers[header::SET_COOKIE].to_str().unwrap();
     for attr in ["gw_session=", "Secure", "HttpOnly", "SameSite=Strict"] {
         assert!(cookie.contains(attr), "{cookie}");
@@ -323,7 +326,7 @@ async fn both_factors_give_a_secure_session_cookie() {
         (status, me),
         (
             StatusCode::OK,
-            json!({"name": "clerk.sato", "role": "clerk"})
+            json!({"name": "clerk.sato", "role": "clerk", "identity": false})
         )
     );
 }

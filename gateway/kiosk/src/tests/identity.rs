@@ -433,6 +433,9 @@ async fn identity_is_for_physicians_and_admins_a_clerk_gets_403_and_no_session_4
         }
     }
     assert_eq!(r.registry.calls().len(), 2 * identity_routes().len());
+    // /api/me tells the page that this gateway keeps the registry (it shows the section).
+    let (s, _, me) = r.f.call("GET", "/api/me", None, Some(&dr)).await;
+    assert_eq!((s, &me["identity"]), (StatusCode::OK, &json!(true)), "{me}");
 }
 
 #[tokio::test]
@@ -447,6 +450,9 @@ async fn without_a_registry_every_identity_route_is_404_not_supported() {
             "{path}"
         );
     }
+    // The page asks none of them: /api/me says there is no registry here.
+    let (s, _, me) = f.call("GET", "/api/me", None, Some(&admin)).await;
+    assert_eq!((s, &me["identity"]), (StatusCode::OK, &json!(false)), "{me}");
 }
 
 #[tokio::test]
