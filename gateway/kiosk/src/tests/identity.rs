@@ -452,7 +452,11 @@ async fn without_a_registry_every_identity_route_is_404_not_supported() {
     }
     // The page asks none of them: /api/me says there is no registry here.
     let (s, _, me) = f.call("GET", "/api/me", None, Some(&admin)).await;
-    assert_eq!((s, &me["identity"]), (StatusCode::OK, &json!(false)), "{me}");
+    assert_eq!(
+        (s, &me["identity"]),
+        (StatusCode::OK, &json!(false)),
+        "{me}"
+    );
 }
 
 #[tokio::test]
