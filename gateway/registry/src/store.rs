@@ -31,6 +31,9 @@ use crate::state::{Op, State};
 
 pub(crate) const JOURNAL_FILE: &str = "journal.sealed";
 pub(crate) const SNAPSHOT_FILE: &str = "snapshot.sealed";
+/// The sealed count of the journal's frames, replaced after each append, so that frames cut
+/// off the journal's end are told apart from a torn last append.
+pub(crate) const HEAD_FILE: &str = "head.sealed";
 /// Held ([`gateway_durable::LockedFile`]) for as long as the registry is open.
 pub(crate) const LOCK_FILE: &str = "registry.lock";
 /// How long an open waits for a previous holder of the folder (e.g. a registry thread that
@@ -40,6 +43,8 @@ const JOURNAL_MAGIC: &[u8; 5] = b"GWIJ\x01";
 const SNAPSHOT_MAGIC: &[u8; 5] = b"GWIS\x01";
 const JOURNAL_ROLE: &str = "identity-journal";
 const SNAPSHOT_ROLE: &str = "identity-snapshot";
+const HEAD_MAGIC: &[u8; 5] = b"GWIH\x01";
+const HEAD_ROLE: &str = "identity-head";
 /// Ops per snapshot frame.
 const SNAPSHOT_CHUNK: usize = 1024;
 
@@ -48,6 +53,12 @@ const SNAPSHOT_CHUNK: usize = 1024;
 enum SnapshotFrame {
     Ops { ops: Vec<Op> },
     End { frames: u64 },
+}
+
+/// The head: how many frames the journal of its generation had after the last append.
+#[derive(Serialize, Deserialize)]
+struct Head {
+    frames: u64,
 }
 
 /// The registry could not be opened. Names files and frames, never content.
@@ -59,6 +70,11 @@ pub enum OpenError {
     Decode { path: PathBuf, frame: u64 },
     #[error("identity registry {path}: the snapshot has no end mark (truncated or altered)")]
     Truncated { path: PathBuf },
+    #[error("identity registry {path}: {problem}")]
+    Head {
+        path: PathBuf,
+        problem: &'static str,
+    },
     #[error(
         "identity registry {path}: journal generation {journal} does not follow snapshot generation {snapshot} (a file was replaced or removed)"
     )]
@@ -170,6 +186,7 @@ impl Store {
             }
             None => Appender::create(&path, JOURNAL_MAGIC, JOURNAL_ROLE, generation)?,
         };
+        check_head(dir, &key, &journal)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             key,
@@ -189,7 +206,17 @@ impl Store {
             });
         }
         let plain = Zeroizing::new(serde_json::to_vec(ops).map_err(|_| JournalError::Random)?);
-        self.journal.append(&self.key, &plain)
+        self.journal.append(&self.key, &plain)?;
+        self.write_head_after_change();
+        Ok(())
+    }
+
+    /// Replaces the head after a durable change. The change stands if this fails (the
+    /// journal is the record); only the check of a cut-off end is weaker until the next one.
+    fn write_head_after_change(&self) {
+        if let Err(e) = write_head(&self.dir, &self.key, &self.journal) {
+            tracing::warn!(error = %e, "identity registry: journal head not replaced");
+        }
     }
 
     /// Frames in the journal.
@@ -231,6 +258,7 @@ impl Store {
         ) {
             Ok(journal) => {
                 self.journal = journal;
+                self.write_head_after_change();
                 Ok(())
             }
             Err(e) => {
@@ -238,6 +266,58 @@ impl Store {
                 Err(e)
             }
         }
+    }
+}
+
+/// Writes the head of `journal` (its generation and frame count), atomically and durably.
+fn write_head(dir: &Path, key: &SealKey, journal: &Appender) -> Result<(), JournalError> {
+    let plain = serde_json::to_vec(&Head {
+        frames: journal.frames(),
+    })
+    .map(Zeroizing::new)
+    .map_err(|_| JournalError::Random)?;
+    journal::write_new::<JournalError>(
+        &dir.join(HEAD_FILE),
+        key,
+        HEAD_MAGIC,
+        HEAD_ROLE,
+        journal.generation(),
+        std::iter::once(Ok(plain)),
+    )
+}
+
+/// The journal as opened must hold at least the frames its head last recorded. No head, or
+/// the head of an earlier generation (a crash right after a compaction), is accepted only
+/// while the journal has at most one frame: the head is replaced after every append, so
+/// a crash leaves at most one frame it does not count.
+fn check_head(dir: &Path, key: &SealKey, journal: &Appender) -> Result<(), OpenError> {
+    let path = dir.join(HEAD_FILE);
+    let mut counted = None;
+    let head = journal::read(&path, key, HEAD_MAGIC, HEAD_ROLE, false, |frame, plain| {
+        let h: Head = serde_json::from_slice(&plain).map_err(|_| OpenError::Decode {
+            path: path.clone(),
+            frame,
+        })?;
+        counted = Some(h.frames);
+        Ok::<(), OpenError>(())
+    })?;
+    let (generation, frames) = (journal.generation(), journal.frames());
+    let problem = match (head, counted) {
+        (Some(h), Some(n)) if h.generation == generation && frames < n => Some(
+            "the journal has fewer frames than its sealed head records (frames were cut off its end)",
+        ),
+        (Some(h), Some(_)) if h.generation == generation => None,
+        (Some(h), _) if h.generation > generation => Some(
+            "the sealed head is of a later generation than the journal (an older journal was put back)",
+        ),
+        _ if frames > 1 => {
+            Some("no sealed head for a journal of more than one frame (the head was removed)")
+        }
+        _ => None,
+    };
+    match problem {
+        Some(problem) => Err(OpenError::Head { path, problem }),
+        None => Ok(()),
     }
 }
 

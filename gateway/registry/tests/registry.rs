@@ -866,6 +866,51 @@ async fn a_torn_journal_tail_is_cut_but_a_flipped_byte_fails_the_open_clearly() 
 }
 
 #[tokio::test]
+async fn frames_cut_off_the_journal_end_or_a_removed_head_fail_the_open() {
+    let env = Env::new();
+    let reg = env.open();
+    reg.apply_hl7(adt("A01", "HOSP-A", "A-1", TARO, ""))
+        .await
+        .unwrap();
+    drop(reg);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let journal = env.registry_dir().join("journal.sealed");
+    let head = env.registry_dir().join("head.sealed");
+    let one_change = std::fs::read(&journal).unwrap();
+    let reg = env.open();
+    reg.apply_hl7(adt("A01", "HOSP-B", "B-1", HANAKO, ""))
+        .await
+        .unwrap();
+    reg.apply_hl7(adt("A08", "HOSP-B", "B-1", HANAKO, ""))
+        .await
+        .unwrap();
+    drop(reg);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let whole = std::fs::read(&journal).unwrap();
+    assert!(whole.len() > one_change.len());
+    // The last changes cut off whole frames at the end (a torn frame would be cut and
+    // accepted): the sealed head still counts them, the open says so.
+    std::fs::write(&journal, &one_change).unwrap();
+    let err = env.try_open(Options::default()).unwrap_err();
+    assert!(
+        matches!(err, OpenError::Head { .. }) && err.to_string().contains("cut off"),
+        "{err}"
+    );
+    // The head removed beside a journal of several frames: refused too.
+    std::fs::write(&journal, &whole).unwrap();
+    let kept = std::fs::read(&head).unwrap();
+    std::fs::remove_file(&head).unwrap();
+    let err = env.try_open(Options::default()).unwrap_err();
+    assert!(matches!(err, OpenError::Head { .. }), "{err}");
+    // Both as they were: it opens, with every change.
+    std::fs::write(&head, &kept).unwrap();
+    let reg = env.open();
+    reg.linked(key("HOSP-B", "B-1"), "HOSP-B", "u")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn the_hl7_feed_applies_the_listeners_messages_in_order_and_metrics_hold_no_patient_data() {
     let mut prometheus = prometheus_client::registry::Registry::default();
     let mut env = Env::new();
