@@ -63,10 +63,13 @@ pub struct AppointmentRequest {
     pub procedure: String,
     /// The staff member asking.
     pub staff: String,
+    /// Ids of the safety warnings a physician has acknowledged for this request
+    /// ([`crate::SafetyWarning::id`]).
+    pub acknowledged: Vec<String>,
 }
 
 /// An appointment as the clinic knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AppointmentView {
     pub id: String,
     pub request_id: String,
@@ -82,10 +85,13 @@ pub struct AppointmentView {
     pub created: bool,
     /// Changes with every status change: `meta.versionId` and the ETag `W/"{version}"`.
     pub version: u64,
+    /// What the core's safety check reported with this decision (acknowledged warnings,
+    /// the cumulative dose for CT); `None` when it was not asked (e.g. a repeat read).
+    pub safety: Option<crate::SafetyReport>,
 }
 
 /// How a request ended when it did not give an appointment.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BookingRefused {
     #[error("the slot was booked by another request")]
     Conflict,
@@ -99,6 +105,10 @@ pub enum BookingRefused {
     Unavailable,
     #[error("the appointment changed since it was read (now version {current}); read it again")]
     VersionMismatch { current: u64 },
+    /// Safety warnings a physician must acknowledge (re-send with their ids); nothing was
+    /// booked.
+    #[error("safety warnings must be acknowledged by a physician before booking")]
+    NeedsAcknowledgement(Box<crate::SafetyReport>),
 }
 
 impl BookingRefused {
@@ -112,6 +122,8 @@ impl BookingRefused {
             Refusal::Expired => Self::Expired,
             Refusal::Invalid => Self::Invalid(reason),
             Refusal::VersionMismatch => Self::VersionMismatch { current: version },
+            // The decision's report is filled in by the caller, which has it.
+            Refusal::NeedsAcknowledgement => Self::NeedsAcknowledgement(Box::default()),
         }
     }
 }

@@ -74,6 +74,9 @@ pub struct BookingRequest {
     pub patient: PatientRef,
     /// Requested procedure, free text from the kiosk's list.
     pub procedure: String,
+    /// The contrast reactions acknowledged for this booking (kept with the appointment).
+    #[serde(default)]
+    pub alerts: Vec<crate::safety::SafetyWarning>,
 }
 
 /// Patient identity carried to the core (only ever inside sealed booking messages).
@@ -101,6 +104,9 @@ pub enum Refusal {
     Invalid,
     /// A change named a version the appointment no longer has.
     VersionMismatch,
+    /// Safety warnings (contrast reactions, cumulative dose) must be acknowledged by a
+    /// physician first; the decision carries them. Nothing was recorded.
+    NeedsAcknowledgement,
 }
 
 /// The core's answer to a request; the same request always gets the same answer.
@@ -138,6 +144,10 @@ pub struct Appointment {
     /// Changes with every status change (the kiosk's ETag, `W/"{version}"`).
     #[serde(default = "first_version")]
     pub version: u64,
+    /// The contrast reactions the booking was acknowledged with: the RIS order carries them
+    /// as AL1 segments and the worklist item as Medical Alerts / Contrast Allergies.
+    #[serde(default)]
+    pub alerts: Vec<crate::safety::SafetyWarning>,
 }
 
 fn first_version() -> u64 {
@@ -315,6 +325,7 @@ impl Ledger {
                             status,
                             hold_expires_unix: req.hold.then(|| now.as_second() + hold_for_secs),
                             version: 1,
+                            alerts: req.alerts.clone(),
                         },
                     );
                     Decision::Booked {
@@ -530,6 +541,7 @@ mod tests {
 
     fn req(clinic: &str, id: &str, slot: &str, hold: bool) -> BookingRequest {
         BookingRequest {
+            alerts: Vec::new(),
             request_id: id.into(),
             clinic: clinic.into(),
             slot_id: slot.into(),
@@ -832,6 +844,7 @@ mod cancel_tests {
         ];
         let now: Timestamp = "2027-01-12T00:00:00Z".parse().unwrap();
         let req = BookingRequest {
+            alerts: Vec::new(),
             request_id: "r1".into(),
             clinic: "clinic-a".into(),
             slot_id: "ct-1.20270112T1000".into(),
@@ -921,6 +934,7 @@ mod block_tests {
         assert!(!free.contains(&"ct-1.20270112T1030".to_string()));
         assert!(free.contains(&"ct-1.20270112T1100".to_string()));
         let req = BookingRequest {
+            alerts: Vec::new(),
             request_id: "r1".into(),
             clinic: "clinic-a".into(),
             slot_id: "ct-1.20270112T1030".into(),

@@ -23,6 +23,8 @@
 //!   report's text ([`ReportText`]); [`NoResults`] where none come back.
 //! - [`order`]: the OMG^O19 a booked exam becomes for the core's RIS, and its spool message
 //!   key ([`order::ris_order`]).
+//! - [`safety`]: what the core's safety service reports before a booking ([`SafetyCheck`]):
+//!   contrast reactions to acknowledge and the cumulative CT dose ([`SafetyReport`]).
 //! - [`sealed`]: booking files at rest, sealed with AES-256-GCM under a key derived from the
 //!   key store's master key (they hold patient identity).
 //! - [`worklist`]: Modality Worklist items of booked appointments and the C-FIND matching
@@ -40,6 +42,7 @@ pub mod backend;
 pub mod ledger;
 pub mod order;
 pub mod results;
+pub mod safety;
 pub mod sealed;
 pub mod service;
 pub mod worklist;
@@ -58,6 +61,10 @@ pub use ledger::{
 };
 pub use results::{
     AppointmentResults, NoResults, ReportState, ReportText, ResultsSource, ResultsUnavailable,
+};
+pub use safety::{
+    ContrastClass, DoseEventView, DoseSummary, SafetyCheck, SafetyReport, SafetyUnavailable,
+    SafetyWarning, WarningKind,
 };
 pub use sealed::SealKey;
 pub use service::{LedgerHandle, LedgerService};

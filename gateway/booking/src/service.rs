@@ -344,6 +344,7 @@ mod tests {
 
     fn req(id: &str) -> BookingRequest {
         BookingRequest {
+            alerts: Vec::new(),
             request_id: id.into(),
             clinic: "clinic-a".into(),
             slot_id: "ct-1.20270112T1000".into(),

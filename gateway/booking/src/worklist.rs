@@ -399,6 +399,7 @@ mod tests {
         })
         .unwrap();
         let req = |id: &str, slot: &str, hold: bool| BookingRequest {
+            alerts: Vec::new(),
             request_id: id.into(),
             clinic: "clinic-001".into(),
             slot_id: slot.into(),

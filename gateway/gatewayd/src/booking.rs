@@ -764,6 +764,7 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let booked = local(tx)
             .request(AppointmentRequest {
+                acknowledged: Vec::new(),
                 request_id: "r1".into(),
                 slot_id: slot,
                 hold: false,

@@ -91,17 +91,20 @@ pub enum KeyPurpose {
     ExchangeX25519,
     /// The identity registry (patient demographics, links, consents), sealed at rest.
     IdentityAtRest,
+    /// The safety store (contrast reactions, dose events), sealed at rest.
+    SafetyAtRest,
 }
 
 impl KeyPurpose {
     /// Every purpose, for checks over all labels.
-    pub const ALL: [KeyPurpose; 6] = [
+    pub const ALL: [KeyPurpose; 7] = [
         KeyPurpose::SpoolIndex,
         KeyPurpose::Audit,
         KeyPurpose::BookingAtRest,
         KeyPurpose::StaffTotp,
         KeyPurpose::ExchangeX25519,
         KeyPurpose::IdentityAtRest,
+        KeyPurpose::SafetyAtRest,
     ];
 
     /// The HMAC label (fixed forever: changing one makes existing sealed data unreadable).
@@ -113,6 +116,7 @@ impl KeyPurpose {
             KeyPurpose::StaffTotp => b"gatewayd staff totp key v1",
             KeyPurpose::ExchangeX25519 => b"gatewayd exchange x25519 key v1",
             KeyPurpose::IdentityAtRest => b"gatewayd identity at-rest key v1",
+            KeyPurpose::SafetyAtRest => b"gatewayd safety at-rest key v1",
         }
     }
 }

@@ -107,6 +107,7 @@ pub fn parse_request(
         sex: sex.to_string(),
         procedure: procedure.to_string(),
         staff: staff.to_string(),
+        acknowledged: Vec::new(),
     })
 }
 

@@ -836,6 +836,7 @@ fn refusal(e: &appointment::BookingRefused) -> (StatusCode, &'static str) {
         R::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
         R::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "transient"),
         R::VersionMismatch { .. } => (StatusCode::PRECONDITION_FAILED, "conflict"),
+        R::NeedsAcknowledgement(_) => (StatusCode::CONFLICT, "business-rule"),
     }
 }
 

@@ -96,6 +96,7 @@ impl appointment::BookingBackend for FakeCore {
                 return Err(R::Conflict);
             }
             let a = appointment::AppointmentView {
+                safety: None,
                 id: format!("apt-{}", map.len() + 1),
                 request_id: req.request_id.clone(),
                 slot_id: req.slot_id.clone(),

@@ -74,6 +74,7 @@ fn first_version() -> u64 {
 impl Stored {
     fn view(&self, created: bool) -> AppointmentView {
         AppointmentView {
+            safety: None,
             id: self.id.clone(),
             request_id: self.request_id.clone(),
             slot_id: self.slot_id.clone(),
@@ -648,6 +649,7 @@ impl BookingBackend for ClinicExchange {
                     return Err(BookingRefused::Unavailable);
                 }
                 let wire = WireRequest {
+                    acknowledged: req.acknowledged.clone(),
                     request_id: req.request_id.clone(),
                     slot_id: req.slot_id.clone(),
                     hold: req.hold,

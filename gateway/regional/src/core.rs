@@ -219,6 +219,7 @@ impl CoreExchange {
             }
         } else {
             let booking = BookingRequest {
+                alerts: Vec::new(),
                 request_id: request.request_id.clone(),
                 clinic: clinic.to_owned(),
                 slot_id: request.slot_id.clone(),
@@ -261,6 +262,7 @@ impl CoreExchange {
             info!(%clinic, ?code, "booking request decided: refused");
         }
         let answer = WireDecision {
+            safety: None,
             request_id: request.request_id,
             slot_id: request.slot_id,
             decision,
@@ -313,6 +315,7 @@ impl CoreExchange {
             self.changed.notify_one();
         }
         let answer = WireDecision {
+            safety: None,
             request_id: appointment
                 .as_ref()
                 .map(|a| a.request_id.clone())

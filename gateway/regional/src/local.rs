@@ -126,6 +126,7 @@ impl BookingBackend for LocalCore {
         req: AppointmentRequest,
     ) -> BoxFuture<'static, Result<AppointmentView, BookingRefused>> {
         let booking = BookingRequest {
+            alerts: Vec::new(),
             request_id: req.request_id.clone(),
             clinic: self.me.clone(),
             slot_id: req.slot_id.clone(),
@@ -227,6 +228,7 @@ impl BookingBackend for LocalCore {
 
 fn view(a: Appointment, created: bool) -> AppointmentView {
     AppointmentView {
+        safety: None,
         id: a.id,
         request_id: a.request_id,
         slot_id: a.slot_id,

@@ -47,6 +47,9 @@ pub struct WireRequest {
     /// The clinic stops waiting at this time (Unix seconds); the core refuses it afterwards
     /// without recording anything.
     pub expires_at: u64,
+    /// Safety warnings a physician acknowledged (their ids).
+    #[serde(default)]
+    pub acknowledged: Vec<String>,
 }
 
 /// A clinic's cancel of one of its appointments, sealed to the core.
@@ -60,7 +63,7 @@ pub struct WireCancel {
 }
 
 /// The core's decision, sealed to the clinic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireDecision {
     pub request_id: String,
@@ -72,6 +75,9 @@ pub struct WireDecision {
     /// The appointment's version after the decision (for a version mismatch: its current).
     #[serde(default)]
     pub version: u64,
+    /// The core's safety report for this request (warnings to acknowledge, CT dose).
+    #[serde(default)]
+    pub safety: Option<gateway_booking::SafetyReport>,
 }
 
 /// This gateway's exchange identity and its peers' keys.

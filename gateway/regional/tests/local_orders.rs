@@ -31,6 +31,7 @@ fn ct() -> Schedule {
 
 fn request(request_id: &str, slot_id: &str, hold: bool) -> AppointmentRequest {
     AppointmentRequest {
+        acknowledged: Vec::new(),
         request_id: request_id.into(),
         slot_id: slot_id.into(),
         hold,

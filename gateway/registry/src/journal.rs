@@ -47,9 +47,13 @@ impl std::fmt::Debug for SealKey {
 impl SealKey {
     /// Derives the key from the master key ([`KeyPurpose::IdentityAtRest`]).
     pub fn derive(master: &MasterKey) -> Self {
-        Self(Zeroizing::new(
-            *master.derive(KeyPurpose::IdentityAtRest).expose(),
-        ))
+        Self::derive_for(master, KeyPurpose::IdentityAtRest)
+    }
+
+    /// Derives the key of another store kept in frame files (e.g.
+    /// [`KeyPurpose::SafetyAtRest`]).
+    pub fn derive_for(master: &MasterKey, purpose: KeyPurpose) -> Self {
+        Self(Zeroizing::new(*master.derive(purpose).expose()))
     }
 
     fn cipher(&self) -> Aes256Gcm {

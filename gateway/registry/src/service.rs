@@ -114,6 +114,10 @@ enum Request {
         limit: usize,
         reply: Reply<Vec<MatchCandidate>>,
     },
+    Members {
+        key: SourceKey,
+        reply: Reply<(PersonId, Vec<SourceKey>)>,
+    },
     Linked {
         key: SourceKey,
         requester: String,
@@ -312,6 +316,12 @@ impl Registry {
                 reply,
             } => {
                 let _ = reply.send(self.search(&query, &requester, &actor, limit));
+            }
+            Request::Members { key, reply } => {
+                let _ = reply.send(
+                    self.person(&key)
+                        .map(|person| (person.clone(), self.state.members(&person))),
+                );
             }
             Request::Linked {
                 key,
@@ -1193,6 +1203,18 @@ impl RegistryHandle {
     pub fn apply_hl7(&self, text: String) -> BoxFuture<'static, Result<Applied, RegistryError>> {
         let this = self.clone();
         Box::pin(async move { this.ask(|reply| Request::Hl7 { text, reply }).await })
+    }
+
+    /// The person of `key` and every source record linked to it (`key` among them), with
+    /// no consent check and nothing audited: for services on the core that gate each
+    /// disclosure themselves with [`IdentityService::may_disclose`] (the safety service).
+    /// Never answer a user with this list.
+    pub fn members(
+        &self,
+        key: SourceKey,
+    ) -> BoxFuture<'static, Result<(PersonId, Vec<SourceKey>), RegistryError>> {
+        let this = self.clone();
+        Box::pin(async move { this.ask(|reply| Request::Members { key, reply }).await })
     }
 
     /// A clinic's booking: the patient as clinic `hospital_id` knows them (`record.patient_id`

@@ -580,6 +580,7 @@ mod tests {
 
     fn appointment() -> Appointment {
         Appointment {
+            alerts: Vec::new(),
             id: "apt-00000007".into(),
             slot_id: "ct-1.20270112T0930".into(),
             schedule: "ct-1".into(),
