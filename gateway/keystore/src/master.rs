@@ -182,6 +182,10 @@ mod tests {
                 KeyPurpose::IdentityAtRest,
                 "accb149e64f08ba8d4b6d9c9a0fa7453b02893aca5eea4fe1f4766706eb101d7",
             ),
+            (
+                KeyPurpose::SafetyAtRest,
+                "b8539d4d048da8b19f9bc7dc6246c213304014df788f0400fca2be7445b2d6cd",
+            ),
         ];
         assert_eq!(expected.len(), KeyPurpose::ALL.len());
         for (purpose, want) in expected {
