@@ -48,6 +48,7 @@ mod element;
 pub mod metrics;
 pub mod part10;
 pub mod policy;
+pub mod rdsr;
 pub mod reconcile;
 pub mod scu;
 pub mod service;
