@@ -29,6 +29,7 @@ pub(crate) struct RawConfig {
     pub exchange: Option<RawExchange>,
     pub results: Option<RawResults>,
     pub identity: Option<RawIdentity>,
+    pub safety: Option<RawSafety>,
 }
 
 /// `[node]`
@@ -315,4 +316,12 @@ pub(crate) struct RawDeliver {
 pub(crate) struct RawIdentity {
     pub hospital_id: Option<String>,
     pub model: Option<String>,
+}
+
+/// `[safety]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSafety {
+    pub dose_window_days: Option<u32>,
+    pub dlp_threshold_mgy_cm: Option<f64>,
 }

@@ -80,6 +80,18 @@ pub struct Settings {
     pub exchange: Option<Exchange>,
     pub results: Option<Results>,
     pub identity: Option<Identity>,
+    pub safety: Option<Safety>,
+}
+
+/// `[safety]`: on the core (needs `[identity]`): contrast reactions and cumulative CT dose
+/// across linked hospitals, shown before a booking.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Safety {
+    /// The cumulative dose window in days (default 365, at most 3650).
+    pub dose_window_days: u32,
+    /// Warn when the window's total DLP (mGy·cm, scanner output) passes this; `None`: the
+    /// total is shown with each CT booking but never warned about.
+    pub dlp_threshold_mgy_cm: Option<f64>,
 }
 
 /// `[identity]`: the core's patient identity registry (名寄せ) and consent (公開同意).
@@ -491,6 +503,13 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
             "needs [booking]: the registry is reviewed at the core's kiosk and audited in its trail",
         );
     }
+    let safety = raw.safety.map(|s| safety(c, s, node.as_ref()));
+    if safety.is_some() && identity.is_none() {
+        c.push(
+            "safety",
+            "needs [identity]: warnings follow the patient's linked records and consent",
+        );
+    }
     Some(Settings {
         node: node?,
         dicom: dicom.map_or(Some(None), |d| d.map(Some))?,
@@ -504,6 +523,39 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
         exchange: exchange.map_or(Some(None), |e| e.map(Some))?,
         results: results.map_or(Some(None), |r| r.map(Some))?,
         identity: identity.map_or(Some(None), |i| i.map(Some))?,
+        safety: safety.map_or(Some(None), |s| s.map(Some))?,
+    })
+}
+
+/// `[safety]`: only on the core; a window of 1..=3650 days; a positive finite threshold.
+fn safety(c: &mut Collector, raw: raw::RawSafety, node: Option<&Node>) -> Option<Safety> {
+    if node.is_some_and(|n| n.role != Role::Core) {
+        c.push(
+            "safety",
+            "only the core keeps the safety store (node.role = \"core\")",
+        );
+    }
+    let dose_window_days = match raw.dose_window_days {
+        None => Some(365),
+        Some(d @ 1..=3650) => Some(d),
+        Some(_) => {
+            c.push("safety.dose_window_days", "must be 1 to 3650 days");
+            None
+        }
+    };
+    let dlp_threshold_mgy_cm = match raw.dlp_threshold_mgy_cm {
+        Some(t) if !(t.is_finite() && t > 0.0) => {
+            c.push(
+                "safety.dlp_threshold_mgy_cm",
+                "must be a positive number of mGy·cm",
+            );
+            None
+        }
+        t => Some(t),
+    };
+    Some(Safety {
+        dose_window_days: dose_window_days?,
+        dlp_threshold_mgy_cm: dlp_threshold_mgy_cm?,
     })
 }
 

@@ -976,3 +976,43 @@ fn every_identity_problem_is_named_and_unknown_keys_are_refused() {
         "{unknown:?}"
     );
 }
+
+#[test]
+fn safety_on_the_core_has_a_year_window_and_no_threshold_by_default() {
+    let s = ok(&format!("{NODE_CORE}[booking]\n[identity]\n[safety]\n"));
+    let safety = s.safety.unwrap();
+    assert_eq!(safety.dose_window_days, 365);
+    assert_eq!(safety.dlp_threshold_mgy_cm, None);
+    let s = ok(&format!(
+        "{NODE_CORE}[booking]\n[identity]\n[safety]\ndose_window_days = 180\ndlp_threshold_mgy_cm = 1500.5\n"
+    ));
+    let safety = s.safety.unwrap();
+    assert_eq!(safety.dose_window_days, 180);
+    assert_eq!(safety.dlp_threshold_mgy_cm, Some(1500.5));
+    assert!(ok(NODE_CORE).safety.is_none());
+}
+
+#[test]
+fn every_safety_problem_is_named_and_unknown_keys_are_refused() {
+    let got = lines(&format!(
+        "{NODE_DEV}[safety]\ndose_window_days = 0\ndlp_threshold_mgy_cm = -3.0\n"
+    ));
+    for want in [
+        "safety: only the core keeps the safety store",
+        "safety.dose_window_days: must be 1 to 3650 days",
+        "safety.dlp_threshold_mgy_cm: must be a positive number",
+        "safety: needs [identity]",
+    ] {
+        assert!(
+            got.iter().any(|l| l.starts_with(want)),
+            "missing {want:?} in {got:#?}"
+        );
+    }
+    let unknown = keys(&format!(
+        "{NODE_CORE}[booking]\n[identity]\n[safety]\nthreshold = 1\n"
+    ));
+    assert!(
+        unknown.iter().any(|k| k.starts_with("safety")),
+        "{unknown:?}"
+    );
+}
