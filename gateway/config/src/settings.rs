@@ -87,7 +87,7 @@ pub struct Settings {
 /// across linked hospitals, shown before a booking.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Safety {
-    /// The cumulative dose window in days (default 365, at most 3650).
+    /// The cumulative dose window in days (default 365; at most 36500, a lifetime).
     pub dose_window_days: u32,
     /// Warn when the window's total DLP (mGy·cm, scanner output) passes this; `None`: the
     /// total is shown with each CT booking but never warned about.
@@ -527,7 +527,7 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
     })
 }
 
-/// `[safety]`: only on the core; a window of 1..=3650 days; a positive finite threshold.
+/// `[safety]`: only on the core; a window of 1..=36500 days; a positive finite threshold.
 fn safety(c: &mut Collector, raw: raw::RawSafety, node: Option<&Node>) -> Option<Safety> {
     if node.is_some_and(|n| n.role != Role::Core) {
         c.push(
@@ -537,9 +537,9 @@ fn safety(c: &mut Collector, raw: raw::RawSafety, node: Option<&Node>) -> Option
     }
     let dose_window_days = match raw.dose_window_days {
         None => Some(365),
-        Some(d @ 1..=3650) => Some(d),
+        Some(d @ 1..=36500) => Some(d),
         Some(_) => {
-            c.push("safety.dose_window_days", "must be 1 to 3650 days");
+            c.push("safety.dose_window_days", "must be 1 to 36500 days");
             None
         }
     };

@@ -999,7 +999,7 @@ fn every_safety_problem_is_named_and_unknown_keys_are_refused() {
     ));
     for want in [
         "safety: only the core keeps the safety store",
-        "safety.dose_window_days: must be 1 to 3650 days",
+        "safety.dose_window_days: must be 1 to 36500 days",
         "safety.dlp_threshold_mgy_cm: must be a positive number",
         "safety: needs [identity]",
     ] {
