@@ -62,6 +62,8 @@ fn item(
         start_time: time.into(),
         step_id: format!("step-{id}"),
         step_description: "Chest".into(),
+        medical_alerts: Vec::new(),
+        contrast_allergies: Vec::new(),
     }
 }
 
