@@ -69,11 +69,16 @@ def da(rfc3339: str) -> str:
 
 
 def query(tmp_path: Path, name: str, *, charset: list[str] | None = None, patient_name: str = "",
-          accession_number: str = "", modality: str = "", date: str = "", station: str = "") -> Path:
-    """A worklist query file with the usual return keys."""
+          accession_number: str = "", modality: str = "", date: str = "", station: str = "",
+          alert_keys: bool = False) -> Path:
+    """A worklist query file with the usual return keys (and, with `alert_keys`, Medical
+    Alerts (0010,2000) and Contrast Allergies (0010,2110), zero length: return keys)."""
     ds = Dataset()
     if charset is not None:
         ds.SpecificCharacterSet = charset
+    if alert_keys:
+        ds.MedicalAlerts = ""
+        ds.Allergies = ""  # (0010,2110): "Contrast Allergies" in older editions
     ds.PatientName = patient_name
     ds.PatientID = ""
     ds.PatientBirthDate = ""
@@ -105,6 +110,31 @@ def findscu(port: int, q: Path, out: Path) -> list[Dataset]:
     return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
+def values(ds: Dataset, keyword: str) -> list[str]:
+    """The values of a multi-valued text attribute ([] when zero length); the attribute
+    must be in the response."""
+    assert keyword in ds, f"{keyword} missing from the worklist response"
+    v = ds[keyword].value
+    if v is None or (isinstance(v, str) and v == ""):
+        return []
+    if isinstance(v, str):
+        return [v]
+    return [str(x) for x in v]
+
+
+def worklist_alerts(port: int, tmp_path: Path, accession_number: str, *,
+                    charset: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """`findscu -W` for one exam by accession, asking for Medical Alerts (0010,2000) and
+    Contrast Allergies (0010,2110) as a scanner does: returns (medical alerts, contrast
+    allergies) of the single matching item (each [] when the exam has none). Fails unless
+    exactly one item matches and both attributes are in the response."""
+    name = f"alerts-{accession_number}-{'-'.join(charset or ['default']).replace(' ', '_')}"
+    got = findscu(port, query(tmp_path, name, accession_number=accession_number, charset=charset,
+                              alert_keys=True), tmp_path / name)
+    assert len(got) == 1, f"{len(got)} worklist items for one accession"
+    return values(got[0], "MedicalAlerts"), values(got[0], "Allergies")
+
+
 def accessions(responses: list[Dataset]) -> list[str]:
     return sorted(str(d.AccessionNumber) for d in responses)
 
@@ -123,6 +153,12 @@ def test_a_booking_made_at_the_clinic_is_on_the_cores_worklist(booked, tmp_path)
     assert (sps.Modality, sps.ScheduledStationAETitle) == ("CT", "CT01")
     assert sps.ScheduledProcedureStepStartDate == da(slot["start"])
     assert sps.ScheduledProcedureStepStartTime.startswith(slot["start"][11:16].replace(":", ""))
+    # Safety alerts are return keys only when asked for; this exam was booked without any,
+    # so both come back present and empty (in the default and in a Japanese character set).
+    assert "MedicalAlerts" not in item and "Allergies" not in item
+    port = region.core.dicom_port
+    assert worklist_alerts(port, tmp_path, accession(appointment)) == ([], [])
+    assert worklist_alerts(port, tmp_path, accession(appointment), charset=["", "ISO 2022 IR 87"]) == ([], [])
     # The clinic sees it booked.
     clerk = region.staff_session("clinic-a", "clerk.wl2")
     mine = clerk.request("GET", f"/fhir/Appointment?patient={patient['id']}").json()["entry"]
@@ -163,3 +199,24 @@ def test_worklist_matching_universal_ranges_wildcards_and_a_kanji_query(booked, 
     assert item.PatientName.alphabetic == "ZZTEST^HANAKO"
     raw = next(out.glob("rsp*.dcm")).read_bytes()
     assert "山田".encode("iso2022_jp") in raw, "the name is ISO 2022 IR 87 on the wire"
+
+
+def test_alert_values_are_read_one_per_dicom_value(tmp_path):
+    """`values` (used by `worklist_alerts`) on a file as findscu writes it: a multi-valued
+    LO in ISO 2022 IR 87 comes back one string per alert, a zero-length one as []."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.MedicalAlerts = ["Contrast reaction: iohexol (SV)", "Contrast reaction: イオパミドール"]
+    ds.Allergies = "造影剤"
+    ds.PatientID = ""
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "rsp.dcm"
+    ds.save_as(path, enforce_file_format=False)
+    back = dcmread(path, force=True)
+    assert values(back, "MedicalAlerts") == ["Contrast reaction: iohexol (SV)", "Contrast reaction: イオパミドール"]
+    assert values(back, "Allergies") == ["造影剤"]
+    back.Allergies = ""
+    assert values(back, "Allergies") == []
+    with pytest.raises(AssertionError):
+        values(back, "PatientComments")

@@ -13,10 +13,19 @@
 //!   the item, so a kanji query `=山田*` matches on the ideographic name.
 //!
 //! An item matches a query when every attribute the query constrains matches.
+//!
+//! Safety alerts: an item carries the alerts its booking was acknowledged with
+//! ([`Appointment::alerts`]) as Medical Alerts (0010,2000), one English line per alert
+//! ([`medical_alert`]), and Contrast Allergies (0010,2110, named "Allergies" in current
+//! editions of DICOM) with the agent of each contrast reaction ([`contrast_allergy`]). Both
+//! are LO values of at most 64 characters without backslash (the DICOM value separator),
+//! so each alert is one value. They are return keys only: a query value given for them is
+//! not matched on (PS3.4 K.6 makes them optional matching keys; universal matching).
 
 use serde::Serialize;
 
 use crate::ledger::{Appointment, AppointmentStatus};
+use crate::safety::{SafetyWarning, WarningKind};
 
 /// One Scheduled Procedure Step on the worklist.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -37,6 +46,11 @@ pub struct WorklistItem {
     pub start_time: String,
     pub step_id: String,
     pub step_description: String,
+    /// Medical Alerts (0010,2000): one value per alert, in English ([`medical_alert`]).
+    pub medical_alerts: Vec<String>,
+    /// Contrast Allergies (0010,2110): the agent of each contrast reaction
+    /// ([`contrast_allergy`]).
+    pub contrast_allergies: Vec<String>,
 }
 
 impl WorklistItem {
@@ -72,8 +86,97 @@ impl WorklistItem {
             start_time: time,
             step_id: a.id.clone(),
             step_description: a.procedure.clone(),
+            medical_alerts: a.alerts.iter().map(medical_alert).collect(),
+            contrast_allergies: a.alerts.iter().filter_map(contrast_allergy).fold(
+                Vec::new(),
+                |mut out, v| {
+                    if !out.contains(&v) {
+                        out.push(v);
+                    }
+                    out
+                },
+            ),
         })
     }
+}
+
+/// Longest LO value (characters).
+const LO_MAX: usize = 64;
+
+/// One LO value: no backslash (the value separator, replaced by `/`), no control
+/// characters, surrounding spaces trimmed, at most [`LO_MAX`] characters.
+fn lo_value(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\\' => '/',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect::<String>()
+        .trim()
+        .chars()
+        .take(LO_MAX)
+        .collect::<String>()
+        .trim_end()
+        .to_string()
+}
+
+/// The components of [`SafetyWarning::agent`] as the source sent them: `code^text^system`
+/// (an HL7 CE with its components separated by `^`), or the text alone when there is no
+/// `^`. Returns (code, text, system); absent components are empty.
+pub fn agent_parts(agent: &str) -> (&str, &str, &str) {
+    if !agent.contains('^') {
+        return ("", agent, "");
+    }
+    let mut parts = agent.splitn(4, '^');
+    let code = parts.next().unwrap_or("");
+    let text = parts.next().unwrap_or("");
+    let system = parts.next().unwrap_or("");
+    (code, text, system)
+}
+
+/// A readable name of a warning's agent: the text as sent, else the code, else the
+/// contrast class (`iodinated contrast`); None when none is known.
+pub fn agent_name(w: &SafetyWarning) -> Option<String> {
+    let (code, text, _) = w.agent.as_deref().map(agent_parts).unwrap_or_default();
+    let name = [text, code]
+        .into_iter()
+        .map(str::trim)
+        .find(|s| !s.is_empty())
+        .map(str::to_string)
+        .or_else(|| w.contrast.map(|c| c.en().to_string()))?;
+    Some(name)
+}
+
+/// The Medical Alerts value of one alert, in English: `Contrast reaction: iohexol (SV)`
+/// (the severity when known), `Cumulative CT dose over threshold`.
+pub fn medical_alert(w: &SafetyWarning) -> String {
+    let text = match w.kind {
+        WarningKind::ContrastReaction => {
+            let agent = agent_name(w).unwrap_or_else(|| "contrast agent".to_string());
+            match w
+                .severity
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+            {
+                Some(sv) => format!("Contrast reaction: {agent} ({sv})"),
+                None => format!("Contrast reaction: {agent}"),
+            }
+        }
+        WarningKind::CumulativeDose => "Cumulative CT dose over threshold".to_string(),
+    };
+    lo_value(&text)
+}
+
+/// The Contrast Allergies value of one alert: the agent (or its class) of a contrast
+/// reaction; None for other alerts.
+pub fn contrast_allergy(w: &SafetyWarning) -> Option<String> {
+    if w.kind != WarningKind::ContrastReaction {
+        return None;
+    }
+    let name = agent_name(w).unwrap_or_else(|| "contrast agent".to_string());
+    Some(lo_value(&name)).filter(|v| !v.is_empty())
 }
 
 /// The matching keys of a worklist C-FIND; None = not asked for (matches everything).
@@ -261,6 +364,8 @@ mod tests {
             start_time: time.into(),
             step_id: "apt-1".into(),
             step_description: "CT chest".into(),
+            medical_alerts: Vec::new(),
+            contrast_allergies: Vec::new(),
         }
     }
 
@@ -455,6 +560,97 @@ mod tests {
             WorklistItem::from_appointment(&pending, "CT", "CT01").is_none(),
             "holds are not on the worklist"
         );
+    }
+
+    fn warning(agent: Option<&str>, severity: Option<&str>) -> SafetyWarning {
+        SafetyWarning {
+            id: "w1".into(),
+            kind: WarningKind::ContrastReaction,
+            contrast: Some(crate::safety::ContrastClass::Iodinated),
+            agent: agent.map(Into::into),
+            severity: severity.map(Into::into),
+            reactions: vec!["urticaria".into()],
+            when: Some("20250314".into()),
+            hospital: "hosp-a".into(),
+            text_en: "Reaction to iodinated contrast".into(),
+            text_ja: "ヨード造影剤の副作用歴".into(),
+        }
+    }
+
+    #[test]
+    fn alerts_of_a_booking_become_medical_alerts_and_contrast_allergies() {
+        use crate::ledger::PatientRef;
+        let dose = SafetyWarning {
+            kind: WarningKind::CumulativeDose,
+            contrast: None,
+            agent: None,
+            severity: None,
+            ..warning(None, None)
+        };
+        let a = Appointment {
+            alerts: vec![
+                warning(Some("C0001^iohexol^L"), Some("SV")),
+                warning(Some("イオパミドール"), None),
+                // Same agent from another hospital: one Contrast Allergies value.
+                warning(Some("C0001^iohexol^L"), Some("MO")),
+                warning(None, Some("MI")),
+                dose,
+            ],
+            id: "apt-1".into(),
+            slot_id: "ct-1.20270112T0930".into(),
+            schedule: "ct-1".into(),
+            start: "2027-01-12T09:30:00+09:00".into(),
+            end: "2027-01-12T10:00:00+09:00".into(),
+            clinic: "clinic-a".into(),
+            request_id: "r1".into(),
+            patient: PatientRef::default(),
+            procedure: "CT chest".into(),
+            accession: "RB1".into(),
+            status: AppointmentStatus::Booked,
+            hold_expires_unix: None,
+            version: 1,
+        };
+        let item = WorklistItem::from_appointment(&a, "CT", "CT01").unwrap();
+        assert_eq!(
+            item.medical_alerts,
+            [
+                "Contrast reaction: iohexol (SV)",
+                "Contrast reaction: イオパミドール",
+                "Contrast reaction: iohexol (MO)",
+                "Contrast reaction: iodinated contrast (MI)",
+                "Cumulative CT dose over threshold",
+            ]
+        );
+        assert_eq!(
+            item.contrast_allergies,
+            ["iohexol", "イオパミドール", "iodinated contrast"]
+        );
+        // No alerts: both empty.
+        let plain = Appointment {
+            alerts: Vec::new(),
+            ..a
+        };
+        let item = WorklistItem::from_appointment(&plain, "CT", "CT01").unwrap();
+        assert!(item.medical_alerts.is_empty() && item.contrast_allergies.is_empty());
+    }
+
+    #[test]
+    fn alert_values_are_single_lo_values() {
+        // A backslash would split the value; control characters and length are bounded.
+        let long = format!("a\\b\r\n{}", "x".repeat(100));
+        let v = medical_alert(&warning(Some(&long), Some("SV")));
+        assert!(!v.contains('\\') && !v.chars().any(char::is_control));
+        assert_eq!(v.chars().count(), 64);
+        assert!(v.starts_with("Contrast reaction: a/b  xxx"), "{v}");
+        let v = contrast_allergy(&warning(Some(&"造".repeat(80)), None)).unwrap();
+        assert_eq!(v.chars().count(), 64);
+        // Code only: the code is the name.
+        assert_eq!(
+            contrast_allergy(&warning(Some("C0001^^L"), None)).as_deref(),
+            Some("C0001")
+        );
+        assert_eq!(agent_parts("C1^iohexol^L^x"), ("C1", "iohexol", "L"));
+        assert_eq!(agent_parts("iohexol"), ("", "iohexol", ""));
     }
 
     #[test]

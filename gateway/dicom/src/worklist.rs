@@ -10,7 +10,12 @@
 //!   Start Date (0040,0002) and Start Time (0040,0003);
 //! - return keys: every attribute of the request identifier, filled from the item when the
 //!   SCP knows it, zero length otherwise (a sequence key with no item returns the six
-//!   Scheduled Procedure Step attributes the SCP knows).
+//!   Scheduled Procedure Step attributes the SCP knows);
+//! - safety alerts (Patient Medical module, return keys only: a value given in the query
+//!   is not matched on, universal matching): Medical Alerts (0010,2000) and Contrast
+//!   Allergies (0010,2110, "Allergies" in current DICOM), both LO with one value per alert
+//!   (values separated by `\`), encoded like every other text of the response; zero
+//!   length when the exam has no alerts.
 //!
 //! Character sets (see [`crate::charset`]): the request's text is decoded with its
 //! Specific Character Set, so a kanji query `=山田*` in `\ISO 2022 IR 87` matches the
@@ -438,6 +443,15 @@ fn top_level_value(item: &WorklistItem, tag: Tag) -> Option<(&str, VR)> {
     })
 }
 
+/// The multi-valued LO return keys: the exam's safety alerts.
+fn top_level_values(item: &WorklistItem, tag: Tag) -> Option<&[String]> {
+    Some(match tag {
+        tags::MEDICAL_ALERTS => &item.medical_alerts,
+        tags::ALLERGIES => &item.contrast_allergies,
+        _ => return None,
+    })
+}
+
 fn step_value(item: &WorklistItem, tag: Tag) -> Option<&str> {
     Some(match tag {
         tags::MODALITY => item.modality.as_str(),
@@ -473,6 +487,27 @@ impl Writer<'_> {
         };
         if bytes.len() % 2 == 1 {
             bytes.push(if vr == VR::UI { 0 } else { b' ' });
+        }
+        Ok(PrimitiveValue::U8(bytes.into()))
+    }
+
+    /// A multi-valued LO: each value encoded on its own (so an ISO 2022 value returns to
+    /// the initial code element before the separator) and joined by `\`; a backslash inside
+    /// a value would split it, so it becomes `/`.
+    fn values(&mut self, values: &[String]) -> Result<PrimitiveValue, CharsetError> {
+        let mut bytes = Vec::new();
+        for (i, text) in values.iter().enumerate() {
+            if i > 0 {
+                bytes.push(b'\\');
+            }
+            let text = text.replace('\\', "/");
+            if !text.is_ascii() {
+                self.non_ascii = true;
+            }
+            bytes.extend(charset::encode(&text, self.charset)?);
+        }
+        if bytes.len() % 2 == 1 {
+            bytes.push(b' ');
         }
         Ok(PrimitiveValue::U8(bytes.into()))
     }
@@ -602,6 +637,8 @@ impl FindQuery {
                 )
             } else if let Some((text, vr)) = top_level_value(item, tag) {
                 DataElement::new(tag, vr, writer.value(text, vr)?)
+            } else if let Some(values) = top_level_values(item, tag) {
+                DataElement::new(tag, VR::LO, writer.values(values)?)
             } else if key.vr() == VR::SQ {
                 empty_sequence(tag)
             } else {
@@ -701,6 +738,8 @@ mod tests {
             start_time: "093000".into(),
             step_id: "apt-1".into(),
             step_description: "CT chest".into(),
+            medical_alerts: Vec::new(),
+            contrast_allergies: Vec::new(),
         }
     }
 
@@ -844,6 +883,103 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    /// `identifier` with Medical Alerts and Contrast Allergies asked for (zero length).
+    fn with_alert_keys(bytes: &[u8], ts: &str) -> Vec<u8> {
+        let mut obj = read(bytes, ts);
+        for tag in [tags::MEDICAL_ALERTS, tags::ALLERGIES] {
+            obj.put(DataElement::new(tag, VR::LO, PrimitiveValue::Empty));
+        }
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(&mut out, &ts_of(Encoding::of_transfer_syntax(ts)))
+            .unwrap();
+        out
+    }
+
+    fn alerted() -> WorklistItem {
+        WorklistItem {
+            medical_alerts: vec![
+                "Contrast reaction: iohexol (SV)".into(),
+                "Contrast reaction: イオパミドール".into(),
+            ],
+            contrast_allergies: vec!["iohexol".into(), "イオパミドール".into()],
+            ..item()
+        }
+    }
+
+    #[test]
+    fn alerts_are_returned_when_asked_for_one_value_each() {
+        for ts in [EXPLICIT, IMPLICIT] {
+            let q =
+                parse_identifier(&with_alert_keys(&identifier(None, b"", "", ts), ts), ts).unwrap();
+            // Universal matching only: an item without alerts still matches.
+            assert!(q.query().matches(&item()));
+            let rsp = read(&q.response(&alerted()).unwrap(), ts);
+            assert_eq!(
+                rsp.element(tags::SPECIFIC_CHARACTER_SET)
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
+                "ISO_IR 192"
+            );
+            let values = |tag| {
+                rsp.element(tag)
+                    .unwrap()
+                    .value()
+                    .to_multi_str()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.trim_end().to_owned())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                values(tags::MEDICAL_ALERTS),
+                [
+                    "Contrast reaction: iohexol (SV)",
+                    "Contrast reaction: イオパミドール"
+                ]
+            );
+            assert_eq!(values(tags::ALLERGIES), ["iohexol", "イオパミドール"]);
+            assert_eq!(rsp.element(tags::ALLERGIES).unwrap().vr(), VR::LO);
+            // An exam without alerts: present and empty.
+            let rsp = read(&q.response(&item()).unwrap(), ts);
+            assert!(raw_bytes(&rsp, tags::MEDICAL_ALERTS).is_empty());
+            assert!(raw_bytes(&rsp, tags::ALLERGIES).is_empty());
+        }
+        // Not asked for: absent.
+        let q = parse_identifier(&identifier(None, b"", "", EXPLICIT), EXPLICIT).unwrap();
+        let rsp = read(&q.response(&alerted()).unwrap(), EXPLICIT);
+        assert!(rsp.element_opt(tags::MEDICAL_ALERTS).unwrap().is_none());
+        assert!(rsp.element_opt(tags::ALLERGIES).unwrap().is_none());
+    }
+
+    #[test]
+    fn alerts_are_written_in_iso_2022_ir_87_value_by_value() {
+        let cs: &[u8] = b"\\ISO 2022 IR 87";
+        let q = parse_identifier(
+            &with_alert_keys(&identifier(Some(cs), b"", "", EXPLICIT), EXPLICIT),
+            EXPLICIT,
+        )
+        .unwrap();
+        let mut it = alerted();
+        it.contrast_allergies = vec!["造影剤".into(), "iohexol".into()];
+        let rsp = read(&q.response(&it).unwrap(), EXPLICIT);
+        assert_eq!(
+            raw_bytes(&rsp, tags::SPECIFIC_CHARACTER_SET),
+            b"\\ISO 2022 IR 87 "
+        );
+        // Each value back in ASCII before the separator (PS3.5 6.1.2.5.3).
+        assert_eq!(
+            raw_bytes(&rsp, tags::ALLERGIES),
+            b"\x1b$BB$1F:^\x1b(B\\iohexol"
+        );
+        let alerts = raw_bytes(&rsp, tags::MEDICAL_ALERTS);
+        assert!(alerts.starts_with(b"Contrast reaction: iohexol (SV)\\Contrast reaction: \x1b$B"));
+        // A backslash inside a value never splits it.
+        it.contrast_allergies = vec!["a\\b".into()];
+        let rsp = read(&q.response(&it).unwrap(), EXPLICIT);
+        assert_eq!(raw_bytes(&rsp, tags::ALLERGIES), b"a/b ");
     }
 
     #[test]

@@ -62,6 +62,8 @@ fn item(
         start_time: time.into(),
         step_id: format!("step-{id}"),
         step_description: "Chest".into(),
+        medical_alerts: Vec::new(),
+        contrast_allergies: Vec::new(),
     }
 }
 
@@ -267,6 +269,8 @@ struct Keys<'a> {
     name: &'a [u8],
     accession: &'a [u8],
     date: &'a [u8],
+    /// Ask for Medical Alerts (0010,2000) and Contrast Allergies (0010,2110).
+    alerts: bool,
 }
 
 fn identifier(keys: &Keys<'_>, ts: &str) -> Vec<u8> {
@@ -289,6 +293,11 @@ fn identifier(keys: &Keys<'_>, ts: &str) -> Vec<u8> {
         VR::SH,
         raw(keys.accession),
     ));
+    if keys.alerts {
+        for tag in [tags::MEDICAL_ALERTS, tags::ALLERGIES] {
+            obj.put(DataElement::new(tag, VR::LO, PrimitiveValue::Empty));
+        }
+    }
     let mut step = InMemDicomObject::new_empty();
     step.put(DataElement::new(
         tags::MODALITY,
@@ -595,6 +604,54 @@ async fn kanji_query_in_iso_2022_ir_87_returns_the_name_iso_2022_encoded() {
     };
     let (objs, _, status) = find(&mut assoc, 4, &keys, EXPLICIT_LE).await;
     assert_eq!((ids(&objs), status), (vec!["P2".to_string()], 0x0000));
+    assoc.release().await.unwrap();
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn alerts_are_returned_as_asked_in_the_requests_character_set() {
+    let mut with_alerts = items();
+    with_alerts[0].medical_alerts = vec![
+        "Contrast reaction: iohexol (SV)".into(),
+        "Contrast reaction: 造影剤".into(),
+    ];
+    with_alerts[0].contrast_allergies = vec!["iohexol".into(), "造影剤".into()];
+    let gw = Gateway::start(Some(StaticWorklist {
+        items: with_alerts,
+        delay: Duration::ZERO,
+    }))
+    .await;
+    let mut assoc = associate(gw.addr, EXPLICIT_LE).await;
+    let keys = Keys {
+        charset: Some(b"\\ISO 2022 IR 87"),
+        alerts: true,
+        ..Keys::default()
+    };
+    let (objs, _, status) = find(&mut assoc, 5, &keys, EXPLICIT_LE).await;
+    assert_eq!(
+        (ids(&objs), status),
+        (
+            vec!["P1".into(), "P2".into(), "P3".into(), "P4".into()],
+            0x0000
+        )
+    );
+    assert_eq!(
+        raw_value(&objs[0], tags::ALLERGIES),
+        b"iohexol\\\x1b$BB$1F:^\x1b(B"
+    );
+    assert_eq!(
+        raw_value(&objs[0], tags::MEDICAL_ALERTS),
+        b"Contrast reaction: iohexol (SV)\\Contrast reaction: \x1b$BB$1F:^\x1b(B "
+    );
+    // Items without alerts: present, zero length.
+    for obj in &objs[1..] {
+        assert!(raw_value(obj, tags::MEDICAL_ALERTS).is_empty());
+        assert!(raw_value(obj, tags::ALLERGIES).is_empty());
+    }
+    // Not asked for: absent.
+    let (objs, _, _) = find(&mut assoc, 6, &Keys::default(), EXPLICIT_LE).await;
+    assert!(objs[0].element_opt(tags::ALLERGIES).unwrap().is_none());
+    assert!(objs[0].element_opt(tags::MEDICAL_ALERTS).unwrap().is_none());
     assoc.release().await.unwrap();
     gw.shutdown().await;
 }

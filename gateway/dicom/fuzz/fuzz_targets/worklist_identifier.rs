@@ -31,6 +31,11 @@ fn item() -> WorklistItem {
         start_time: "093000".into(),
         step_id: "s1".into(),
         step_description: "CT".into(),
+        medical_alerts: vec![
+            "Contrast reaction: iohexol (SV)".into(),
+            "Contrast reaction: 造影剤".into(),
+        ],
+        contrast_allergies: vec!["iohexol".into(), "造影剤".into()],
     }
 }
 
