@@ -71,7 +71,7 @@ impl Hl7Applied {
 
 type Reply<T> = oneshot::Sender<Result<T, SafetyError>>;
 
-enum Request {
+pub(crate) enum Request {
     Hl7 {
         text: String,
         reply: Reply<Hl7Applied>,
@@ -97,7 +97,7 @@ struct Service {
 /// The safety store's owner thread and its handle (cheap to clone).
 #[derive(Clone)]
 pub struct SafetyHandle {
-    tx: mpsc::Sender<Request>,
+    pub(crate) tx: mpsc::Sender<Request>,
     pub(crate) audit: Arc<AuditLog>,
     pub(crate) metrics: Metrics,
 }
