@@ -62,30 +62,30 @@ pub async fn run(
         // Drain: a full batch means more may wait.
         loop {
             match pass(&spool, &store, &ledger, &hospital_id).await {
-                Ok(n) if n >= BATCH => continue,
-                Ok(_) => break,
-                Err(()) => break,
+                Some(n) if n >= BATCH => continue,
+                _ => break,
             }
         }
     }
     info!("safety dose reader stopped");
 }
 
-/// One pass over up to [`BATCH`] queued objects; answers how many were queued.
-pub async fn pass(
+/// One pass over up to [`BATCH`] queued objects; answers how many were queued, `None` when
+/// the queue could not be read or nothing could be settled (the next wake-up retries).
+async fn pass(
     spool: &Spool,
     store: &SafetyHandle,
     ledger: &LedgerHandle,
     hospital_id: &str,
-) -> Result<usize, ()> {
+) -> Option<usize> {
     let s = spool.clone();
     let ids = match tokio::task::spawn_blocking(move || s.queued(DOSE_ROUTE, BATCH)).await {
         Ok(Ok(ids)) => ids,
         Ok(Err(e)) => {
             warn!(error = %e, "safety dose reader: spool queue unreadable; retried");
-            return Err(());
+            return None;
         }
-        Err(_) => return Err(()),
+        Err(_) => return None,
     };
     let queued = ids.len();
     let mut progressed = 0;
@@ -96,9 +96,9 @@ pub async fn pass(
     }
     // Nothing could be settled: do not spin on the same batch.
     if progressed == 0 && queued > 0 {
-        return Err(());
+        return None;
     }
-    Ok(queued)
+    Some(queued)
 }
 
 /// Settles one object; `false` when it stays queued (retried later).
@@ -147,7 +147,7 @@ async fn one(
             store.metrics.dose_report("malformed");
             return settle(spool, id, Some(why.to_owned())).await;
         }
-        Err(()) => return false,
+        Err(LedgerDown) => return false,
     };
     let events = report
         .events
@@ -198,13 +198,15 @@ fn reason(e: &RdsrError) -> String {
     format!("dose report unreadable: {e}")
 }
 
-/// The source record a report is filed under (see the module docs); `Err`: the ledger did
-/// not answer (retried).
+/// The ledger did not answer (the object is retried).
+struct LedgerDown;
+
+/// The source record a report is filed under (see the module docs).
 async fn source_of(
     report: &DoseReport,
     ledger: &LedgerHandle,
     hospital_id: &str,
-) -> Result<Option<SourceKey>, ()> {
+) -> Result<Option<SourceKey>, LedgerDown> {
     if let Some(accession) = report
         .accession_number
         .as_deref()
@@ -215,6 +217,7 @@ async fn source_of(
         // keeps a clinic's bookings, not years of them).
         let all = ledger.all(jiff::Timestamp::now()).await.map_err(|e| {
             warn!(error = %e, "safety dose reader: ledger unavailable; retried");
+            LedgerDown
         })?;
         if let Some(a) = all.iter().find(|a| a.accession == accession) {
             return Ok(Some(SourceKey {
