@@ -28,9 +28,6 @@ pub enum ContrastClass {
     Iodinated,
     /// Gadolinium-based contrast agents (MR).
     Gadolinium,
-    /// A contrast agent whose class the sender did not name (e.g. `造影剤`): warned about
-    /// like the others, since a radiologist would rather be warned.
-    Unspecified,
 }
 
 impl ContrastClass {
@@ -39,7 +36,6 @@ impl ContrastClass {
         match self {
             Self::Iodinated => "iodinated contrast",
             Self::Gadolinium => "gadolinium contrast",
-            Self::Unspecified => "contrast agent (class not given)",
         }
     }
     /// Japanese name.
@@ -47,7 +43,6 @@ impl ContrastClass {
         match self {
             Self::Iodinated => "ヨード造影剤",
             Self::Gadolinium => "ガドリニウム造影剤",
-            Self::Unspecified => "造影剤 (種類不明)",
         }
     }
 }

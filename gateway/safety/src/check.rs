@@ -18,14 +18,15 @@ use std::collections::BTreeSet;
 use gateway_audit::{Action, Event, Outcome};
 use gateway_booking::safety::DOSE_LABEL;
 use gateway_booking::{
-    ContrastClass, DoseEventView, DoseSummary, PatientRef, SafetyCheck, SafetyReport,
-    SafetyUnavailable, SafetyWarning, WarningKind,
+    DoseEventView, DoseSummary, PatientRef, SafetyCheck, SafetyReport, SafetyUnavailable,
+    SafetyWarning, WarningKind,
 };
 use gateway_registry::{
     DataKind, Disclosure, IdentityService, PersonId, RegistryHandle, SourceKey, booked_patient,
 };
 use tracing::warn;
 
+use crate::contrast::Contrast;
 use crate::state::{Held, Reaction, StoredDose};
 use crate::{BoxFuture, Options, PatientSafety, SafetyError, SafetyHandle, contrast};
 
@@ -269,8 +270,9 @@ async fn audit(
         })
 }
 
-fn class_of(r: &Reaction) -> Option<ContrastClass> {
-    contrast::classify(Some(&r.allergen_code), Some(&r.allergen_text)).or(r.contrast)
+/// The agent as the table reads it now (else as it read it when recorded).
+fn class_of(r: &Reaction) -> Option<Contrast> {
+    contrast::recognise(Some(&r.allergen_code), Some(&r.allergen_text)).or(r.contrast)
 }
 
 fn severity_words(code: &str) -> (&str, &str) {
@@ -308,7 +310,7 @@ pub(crate) fn build(
     SafetyReport { warnings, dose }
 }
 
-fn reaction_warning(r: &Reaction, class: ContrastClass) -> SafetyWarning {
+fn reaction_warning(r: &Reaction, class: Contrast) -> SafetyWarning {
     let agent = if r.allergen_text.trim().is_empty() {
         r.allergen_code.trim().to_owned()
     } else {
@@ -334,7 +336,7 @@ fn reaction_warning(r: &Reaction, class: ContrastClass) -> SafetyWarning {
     SafetyWarning {
         id: format!("r-{}", r.id),
         kind: WarningKind::ContrastReaction,
-        contrast: Some(class),
+        contrast: class.class(),
         agent: (!agent.is_empty()).then(|| agent.clone()),
         severity: (!r.severity.trim().is_empty()).then(|| r.severity.trim().to_owned()),
         reactions: r.reactions.clone(),

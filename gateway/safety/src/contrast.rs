@@ -10,8 +10,11 @@
 //! dropped) and searched for each folded entry below; the first entry found decides. Then
 //! the generic words: a text that says contrast (`contrast`, `造影`) and iodine (`iod`,
 //! `ヨード`, `ヨウ素`) is iodinated, contrast and gadolinium (`gado`, `ガド`) is
-//! gadolinium, contrast alone is [`ContrastClass::Unspecified`] (a radiologist would
-//! rather be warned of a contrast reaction whose agent is unknown).
+//! gadolinium, contrast alone is [`Contrast::Unspecified`] (a radiologist would rather be
+//! warned of a contrast reaction whose agent is unknown: its warning carries no class).
+//!
+//! [`recognise`] answers that; [`classify`] answers the class only (`None` for an
+//! unspecified contrast agent as for a non-contrast allergen).
 //!
 //! No drug-code table (YJ, RxNorm) is listed: a code is only ever matched as text, since
 //! no code list could be verified against its publisher when this table was written.
@@ -51,6 +54,7 @@
 
 use gateway_booking::ContrastClass;
 use gateway_identity::normalize;
+use serde::{Deserialize, Serialize};
 
 use ContrastClass::{Gadolinium as G, Iodinated as I};
 
@@ -154,8 +158,49 @@ const CONTRAST: &[&str] = &["contrast", "造影"];
 /// Words that say "iodine".
 const IODINE: &[&str] = &["iod", "ヨード", "ヨウ素", "ヨウソ"];
 
-/// The class of an allergen given its code and text as sent, if it is a contrast agent.
+/// A contrast agent as recognised: its class, or a contrast agent of no named class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Contrast {
+    Class(ContrastClass),
+    /// The sender said contrast (`造影剤`, `contrast`) without saying which.
+    Unspecified,
+}
+
+impl Contrast {
+    /// The class, when named.
+    pub fn class(self) -> Option<ContrastClass> {
+        match self {
+            Self::Class(c) => Some(c),
+            Self::Unspecified => None,
+        }
+    }
+
+    /// English name.
+    pub fn en(self) -> &'static str {
+        match self {
+            Self::Class(c) => c.en(),
+            Self::Unspecified => "contrast agent (class not given)",
+        }
+    }
+
+    /// Japanese name.
+    pub fn ja(self) -> &'static str {
+        match self {
+            Self::Class(c) => c.ja(),
+            Self::Unspecified => "造影剤 (種類不明)",
+        }
+    }
+}
+
+/// The class of an allergen given its code and text as sent, if it is a contrast agent of
+/// a named class (see [`recognise`] for every contrast agent).
 pub fn classify(code: Option<&str>, text: Option<&str>) -> Option<ContrastClass> {
+    recognise(code, text).and_then(Contrast::class)
+}
+
+/// Whether an allergen given its code and text as sent is a contrast agent, and which.
+pub fn recognise(code: Option<&str>, text: Option<&str>) -> Option<Contrast> {
     let folded: Vec<String> = [text, code]
         .into_iter()
         .flatten()
@@ -168,13 +213,13 @@ pub fn classify(code: Option<&str>, text: Option<&str>) -> Option<ContrastClass>
         normalize::name(needle).is_some_and(|n| folded.iter().any(|f| f.contains(&n)))
     };
     if let Some((_, class)) = TABLE.iter().find(|(name, _)| has(name)) {
-        return Some(*class);
+        return Some(Contrast::Class(*class));
     }
     if CONTRAST.iter().any(|w| has(w)) {
         return Some(if IODINE.iter().any(|w| has(w)) {
-            I
+            Contrast::Class(I)
         } else {
-            ContrastClass::Unspecified
+            Contrast::Unspecified
         });
     }
     None
@@ -223,12 +268,19 @@ mod tests {
             ("ヨード系造影剤", I),
             ("gadolinium contrast", G),
             ("ガドリニウム造影剤", G),
-            ("造影剤", ContrastClass::Unspecified),
-            ("contrast medium", ContrastClass::Unspecified),
-            ("CT造影剤", ContrastClass::Unspecified),
         ] {
             assert_eq!(classify(None, Some(s)), Some(class), "{s}");
+            assert_eq!(
+                recognise(None, Some(s)),
+                Some(Contrast::Class(class)),
+                "{s}"
+            );
         }
+        for s in ["造影剤", "contrast medium", "CT造影剤"] {
+            assert_eq!(recognise(None, Some(s)), Some(Contrast::Unspecified), "{s}");
+            assert_eq!(classify(None, Some(s)), None, "{s}");
+        }
+        assert_eq!(Contrast::Unspecified.ja(), "造影剤 (種類不明)");
     }
 
     #[test]
@@ -246,18 +298,18 @@ mod tests {
             "cefazolin",
             "",
         ] {
-            assert_eq!(classify(None, Some(s)), None, "{s}");
-            assert_eq!(classify(Some(s), Some("")), None, "code {s}");
+            assert_eq!(recognise(None, Some(s)), None, "{s}");
+            assert_eq!(recognise(Some(s), Some("")), None, "code {s}");
         }
-        assert_eq!(classify(None, None), None);
+        assert_eq!(recognise(None, None), None);
     }
 
     #[test]
     fn the_text_is_read_before_the_code_and_a_code_mnemonic_is_matched() {
         assert_eq!(classify(Some("IOHEXOL"), Some("")), Some(I));
         assert_eq!(
-            classify(Some("1100001"), Some("造影剤")),
-            Some(ContrastClass::Unspecified)
+            recognise(Some("1100001"), Some("造影剤")),
+            Some(Contrast::Unspecified)
         );
         assert_eq!(classify(Some("GADO1"), Some("オムニパーク")), Some(I));
     }

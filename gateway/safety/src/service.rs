@@ -350,7 +350,7 @@ impl Service {
             recorded_at: now(),
             origin,
             iam_id: (!a.unique_id.trim().is_empty()).then(|| a.unique_id.trim().to_owned()),
-            contrast: contrast::classify(Some(&a.allergen.code), Some(&a.allergen.text)),
+            contrast: contrast::recognise(Some(&a.allergen.code), Some(&a.allergen.text)),
         }
     }
 

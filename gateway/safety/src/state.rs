@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use gateway_booking::ContrastClass;
+use crate::contrast::Contrast;
 use gateway_registry::SourceKey;
 use serde::{Deserialize, Serialize};
 
@@ -42,8 +42,8 @@ pub struct Reaction {
     pub origin: Origin,
     /// IAM-7 allergy unique identifier, when sent.
     pub iam_id: Option<String>,
-    /// The contrast class as [`crate::contrast::classify`] read it when recorded.
-    pub contrast: Option<ContrastClass>,
+    /// The contrast agent as [`crate::contrast::recognise`] read it when recorded.
+    pub contrast: Option<Contrast>,
 }
 
 impl std::fmt::Debug for Reaction {

@@ -183,7 +183,10 @@ async fn the_store_round_trips_survives_a_torn_tail_refuses_damage_and_holds_not
     assert_eq!(env.metrics.counts(), (1, 1));
     let before = held(&h, &a).await;
     assert_eq!(before.reactions.len(), 1);
-    assert_eq!(before.reactions[0].contrast, Some(ContrastClass::Iodinated));
+    assert_eq!(
+        before.reactions[0].contrast,
+        Some(contrast::Contrast::Class(ContrastClass::Iodinated))
+    );
     assert_eq!(before.reactions[0].onset.as_deref(), Some("20240301"));
     drop(h);
 
@@ -735,7 +738,14 @@ async fn a_reaction_at_hospital_a_warns_clinic_b_with_consent_is_suppressed_with
         .unwrap();
     let own = reaction_warnings(&report);
     assert_eq!(own.len(), 1);
-    assert_eq!(own[0].contrast, Some(ContrastClass::Unspecified));
+    // A contrast agent of no named class: warned about, without a class.
+    assert_eq!(own[0].contrast, None);
+    assert!(
+        own[0].text_en.contains("class not given"),
+        "{}",
+        own[0].text_en
+    );
+    assert!(own[0].text_ja.contains("種類不明"));
     assert_eq!(own[0].hospital, "CLINIC-B");
     registry
         .record_consent(
@@ -892,7 +902,10 @@ async fn the_dose_route_passes_objects_that_are_not_dose_reports_and_feed_applie
     drop(tx);
     fed.await.unwrap();
     let got = held(&store, &key("HOSP-A", "P9")).await;
-    assert_eq!(got.reactions[0].contrast, Some(ContrastClass::Gadolinium));
+    assert_eq!(
+        got.reactions[0].contrast,
+        Some(contrast::Contrast::Class(ContrastClass::Gadolinium))
+    );
     assert_eq!(env.metrics.hl7_messages("iam"), 1);
     assert_eq!(env.metrics.hl7_messages("ignored"), 1);
 }
