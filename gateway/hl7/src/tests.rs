@@ -267,6 +267,28 @@ fn a60_refuses_an_unknown_action_or_an_allergen_without_code_and_text() {
 }
 
 #[test]
+fn an_unknown_iam_action_is_answered_ae_with_err_103_at_iam_6_as_the_listener_does() {
+    let text = "MSH|^~\\&|HIS|HOSP-A|GW|CORE|2024||ADT^A60|C77|P|2.5\rPID|1||P1\r\
+IAM|1|DA|C01^iohexol|SV||A\rIAM|2|DA|C02^iopamidol|SV||Z\r";
+    let m = parse(text).unwrap();
+    let header = Header::read(&m);
+    // The listener's check: header, then the typed record.
+    let e = header
+        .validate()
+        .and_then(|()| extract(&m).map(drop))
+        .unwrap_err();
+    let err = AckError::from(&e);
+    assert_eq!(Outcome::for_error(err.code), Outcome::Error);
+    let ack = build_ack(&header, crate::AckCode::AE, Some(&err), "GW1", "20240101");
+    let segs: Vec<&str> = ack.split('\r').collect();
+    assert!(segs[1].starts_with("MSA|AE|C77"), "{ack}");
+    let err_seg = segs.iter().find(|s| s.starts_with("ERR|")).unwrap();
+    assert!(err_seg.contains("IAM^2^6"), "{err_seg}");
+    assert!(err_seg.contains("|103^"), "{err_seg}");
+    assert!(!ack.contains("iopamidol"));
+}
+
+#[test]
 fn a01_a04_a08_read_al1_allergies_with_japanese_text() {
     let text = "MSH|^~\\&|HIS|HOSP-A|GW|CORE|2024||ADT^A01^ADT_A01|1|P|2.5|||||JPN|~ISO IR87\r\
 PID|1||P1^^^HOSP-A^PI\r\
