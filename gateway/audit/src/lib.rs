@@ -114,6 +114,15 @@ pub enum Action {
     DisclosureRefused,
     /// A patient lookup (PDQm search or PIXm linked identifiers) was answered.
     PatientLookup,
+    /// Safety warnings (contrast reactions, cumulative CT dose) were shown for a booking
+    /// (subject `person:{id}`, detail: counts only).
+    SafetyWarningsShown,
+    /// A physician acknowledged safety warnings so that a booking could proceed (subject
+    /// `person:{id}` or the appointment, detail: the warning ids, opaque).
+    SafetyWarningsAcknowledged,
+    /// An operator was shown a person's safety record (`gatewayd safety show`; subject
+    /// `person:{id}`, detail: counts only).
+    SafetyShown,
 }
 
 /// How it ended.

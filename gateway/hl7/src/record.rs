@@ -5,8 +5,14 @@
 //! MSH-9.1, MSH-10, MSH-11 (P, D or T), MSH-12 (a 2.x version).
 //!
 //! [`extract`] turns a recognised message into a [`Clinical`] record:
-//! ADT^A04/A08 (patient), ADT^A40 (merge), ADT^A60 (allergies), OMG^O19 / OMI^O23
-//! (radiology orders), ORU^R01 (reports); `None` for every other type. Values are unescaped.
+//! ADT^A01/A04/A08 (patient, with its AL1 allergies), ADT^A40 (merge), ADT^A60 (allergies,
+//! IAM), OMG^O19 / OMI^O23 (radiology orders), ORU^R01 (reports); `None` for every other
+//! type. Values are unescaped.
+//!
+//! Allergies are checked as the listener needs to answer AE/AR: every IAM (ADT^A60) needs an
+//! allergen code or text in IAM-3 (101 at IAM-3) and an action code in IAM-6 (101 when
+//! empty; 103 when not `A` add, `U` update, `D` delete or `X` no change, HL7 table 0323);
+//! every AL1 needs an allergen code or text in AL1-3 (101 at AL1-3).
 //!
 //! Names (PID-5, XPN): each repetition is classified by XPN-8 (name representation code,
 //! HL7 table 4000: `A` alphabetic, `I` ideographic, `P` phonetic). Without XPN-8 a name that is
@@ -291,19 +297,29 @@ impl Coded {
     }
 }
 
-/// One allergy (IAM segment of ADT^A60).
+/// One allergy (IAM segment of ADT^A60, or AL1 segment of ADT^A01/A04/A08). The AL1 and
+/// IAM fields 2 to 5 are the same; the rest is read from the segment that has it.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Allergy {
-    /// IAM-2 allergen type code (e.g. `DA` drug, `FA` food).
+    /// IAM-2 / AL1-2 allergen type code (e.g. `DA` drug, `FA` food).
     pub allergen_type: Coded,
-    /// IAM-3 allergen code / mnemonic / description.
+    /// IAM-3 / AL1-3 allergen code / mnemonic / description.
     pub allergen: Coded,
-    /// IAM-4 severity code (e.g. `SV`, `MO`, `MI`).
+    /// IAM-4 / AL1-4 severity code (e.g. `SV`, `MO`, `MI`).
     pub severity: Coded,
-    /// IAM-5 reactions (repetitions).
+    /// IAM-5 / AL1-5 reactions (repetitions).
     pub reactions: Vec<String>,
-    /// IAM-6 allergy action code (`A` add, `D` delete, `U` update, ...).
+    /// IAM-6 allergy action code (`A` add, `D` delete, `U` update, `X` no change); empty
+    /// for AL1.
     pub action: String,
+    /// IAM-7.1 allergy unique identifier (EI.1); empty for AL1.
+    pub unique_id: String,
+    /// IAM-11 onset date (as written); empty for AL1.
+    pub onset_date: String,
+    /// IAM-13.1 reported date/time (as written); empty for AL1.
+    pub reported: String,
+    /// AL1-6 identification date (as written); empty for IAM.
+    pub identified: String,
 }
 
 impl fmt::Debug for Allergy {
@@ -314,6 +330,10 @@ impl fmt::Debug for Allergy {
             .field("severity", &Redacted(self.severity.is_empty()))
             .field("reactions", &format_args!("{} items", self.reactions.len()))
             .field("action", &Redacted(self.action.is_empty()))
+            .field("unique_id", &Redacted(self.unique_id.is_empty()))
+            .field("onset_date", &Redacted(self.onset_date.is_empty()))
+            .field("reported", &Redacted(self.reported.is_empty()))
+            .field("identified", &Redacted(self.identified.is_empty()))
             .finish()
     }
 }
@@ -359,6 +379,8 @@ redacted_debug!(Report { placer_order_number, filler_order_number, accession_num
 /// Which ADT event a patient record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdtEvent {
+    /// A01 admit / visit notification.
+    A01,
     /// A04 register a patient.
     A04,
     /// A08 update patient information.
@@ -377,12 +399,15 @@ pub enum OrderMessage {
 /// A recognised message, typed. `Debug` never prints patient data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Clinical {
-    /// ADT^A04 / ADT^A08.
+    /// ADT^A01 / ADT^A04 / ADT^A08.
     Patient {
-        /// A04 or A08.
+        /// A01, A04 or A08.
         event: AdtEvent,
         /// PID.
         patient: Patient,
+        /// AL1 segments, in order (action empty: an AL1 list states the allergies as the
+        /// sender knows them).
+        allergies: Vec<Allergy>,
     },
     /// ADT^A40 merge: one entry per PID/MRG pair.
     Merge {
@@ -415,18 +440,28 @@ pub enum Clinical {
 }
 
 /// Extracts the typed record of a recognised message type; `Ok(None)` for other types.
-/// Errors: 100 when a required segment is missing, 101 when PID-3 or MRG-1 is empty.
+/// Errors: 100 when a required segment is missing, 101 when PID-3 or MRG-1 is empty, and
+/// the allergy checks of the module docs (101 / 103 at IAM-3, IAM-6, AL1-3).
 pub fn extract(message: &Message<'_>) -> Result<Option<Clinical>, ParseError> {
     let header = Header::read(message);
     let record = match (header.message_type.as_str(), header.trigger.as_str()) {
-        ("ADT", "A04") | ("ADT", "A08") => {
-            let event = if header.trigger == "A04" {
-                AdtEvent::A04
-            } else {
-                AdtEvent::A08
+        ("ADT", "A01") | ("ADT", "A04") | ("ADT", "A08") => {
+            let event = match header.trigger.as_str() {
+                "A01" => AdtEvent::A01,
+                "A04" => AdtEvent::A04,
+                _ => AdtEvent::A08,
             };
             let patient = patient(required(message, "PID")?)?;
-            Clinical::Patient { event, patient }
+            let allergies = message
+                .segments_named("AL1")
+                .enumerate()
+                .map(|(i, seg)| al1(seg, i + 1))
+                .collect::<Result<_, _>>()?;
+            Clinical::Patient {
+                event,
+                patient,
+                allergies,
+            }
         }
         ("ADT", "A40") => {
             let mut merges = Vec::new();
@@ -472,7 +507,11 @@ pub fn extract(message: &Message<'_>) -> Result<Option<Clinical>, ParseError> {
         }
         ("ADT", "A60") => {
             let patient = patient(required(message, "PID")?)?;
-            let allergies = message.segments_named("IAM").map(allergy).collect();
+            let allergies = message
+                .segments_named("IAM")
+                .enumerate()
+                .map(|(i, seg)| iam(seg, i + 1))
+                .collect::<Result<_, _>>()?;
             Clinical::Allergies { patient, allergies }
         }
         ("OMG", "O19") | ("OMI", "O23") => {
@@ -606,10 +645,19 @@ fn person_name(rep: &Repetition<'_>, index: usize) -> PersonName {
     }
 }
 
-fn allergy(seg: Segment<'_>) -> Allergy {
-    Allergy {
+/// Fields 2 to 5, common to IAM and AL1; an allergen with neither code nor text is 101.
+fn allergy_common(seg: Segment<'_>, sequence: usize) -> Result<Allergy, ParseError> {
+    let allergen = coded(seg, 3);
+    if allergen.code.is_empty() && allergen.text.is_empty() {
+        return Err(ParseError::new(
+            ErrorCode::RequiredFieldMissing,
+            Some(Location::field(seg.name(), sequence, 3)),
+            "allergen code and text both missing",
+        ));
+    }
+    Ok(Allergy {
         allergen_type: coded(seg, 2),
-        allergen: coded(seg, 3),
+        allergen,
         severity: coded(seg, 4),
         reactions: seg
             .field(5)
@@ -620,8 +668,42 @@ fn allergy(seg: Segment<'_>) -> Allergy {
                     .collect()
             })
             .unwrap_or_default(),
-        action: value(seg, 6, 1),
+        ..Allergy::default()
+    })
+}
+
+/// IAM (ADT^A60): the common fields, IAM-6 action (table 0323), IAM-7 id, IAM-11, IAM-13.
+fn iam(seg: Segment<'_>, sequence: usize) -> Result<Allergy, ParseError> {
+    let mut a = allergy_common(seg, sequence)?;
+    a.action = value(seg, 6, 1);
+    match a.action.as_str() {
+        "A" | "U" | "D" | "X" => {}
+        "" => {
+            return Err(ParseError::new(
+                ErrorCode::RequiredFieldMissing,
+                Some(Location::field("IAM", sequence, 6)),
+                "IAM-6 allergy action code missing",
+            ));
+        }
+        _ => {
+            return Err(ParseError::new(
+                ErrorCode::TableValueNotFound,
+                Some(Location::field("IAM", sequence, 6)),
+                "IAM-6 allergy action code is not A, U, D or X",
+            ));
+        }
     }
+    a.unique_id = value(seg, 7, 1);
+    a.onset_date = value(seg, 11, 1);
+    a.reported = value(seg, 13, 1);
+    Ok(a)
+}
+
+/// AL1 (ADT^A01/A04/A08): the common fields and AL1-6 identification date.
+fn al1(seg: Segment<'_>, sequence: usize) -> Result<Allergy, ParseError> {
+    let mut a = allergy_common(seg, sequence)?;
+    a.identified = value(seg, 6, 1);
+    Ok(a)
 }
 
 fn orders(message: &Message<'_>, kind: OrderMessage) -> Vec<Order> {

@@ -142,7 +142,7 @@ fn a08_extracts_ids_kanji_and_kana_names_birth_date_and_sex() {
     assert_eq!(header.message_type, "ADT");
     assert_eq!(header.trigger, "A08");
     assert_eq!(header.structure, "ADT_A01");
-    let Some(Clinical::Patient { event, patient }) = extract(&m).unwrap() else {
+    let Some(Clinical::Patient { event, patient, .. }) = extract(&m).unwrap() else {
         panic!("not a patient record")
     };
     assert_eq!(event, AdtEvent::A08);
@@ -168,7 +168,7 @@ fn names_without_xpn8_follow_the_jahis_order() {
     let text =
         "MSH|^~\\&|A|B|C|D|2024||ADT^A04|1|P|2.5\rPID|1||7||山田^太郎~ヤマダ^タロウ~YAMADA^TARO\r";
     let m = parse(text).unwrap();
-    let Some(Clinical::Patient { event, patient }) = extract(&m).unwrap() else {
+    let Some(Clinical::Patient { event, patient, .. }) = extract(&m).unwrap() else {
         panic!()
     };
     assert_eq!(event, AdtEvent::A04);
@@ -222,6 +222,113 @@ IAM|2|FA|F01^卵|MI||A\r";
     assert_eq!(allergies[0].action, "A");
     assert_eq!(allergies[1].allergen.text, "卵");
     assert!(allergies[1].reactions.is_empty());
+}
+
+#[test]
+fn a60_reads_unique_id_onset_and_reported_date() {
+    let text = "MSH|^~\\&|A|B|C|D|2024||ADT^A60|1|P|2.5\rPID|1||P1\r\
+IAM|1|DA|C01^イオヘキソール|SV|anaphylaxis|U|IAM-77^HIS||||20240301||202403011200\r";
+    let Some(Clinical::Allergies { allergies, .. }) = extract(&parse(text).unwrap()).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(allergies[0].action, "U");
+    assert_eq!(allergies[0].unique_id, "IAM-77");
+    assert_eq!(allergies[0].onset_date, "20240301");
+    assert_eq!(allergies[0].reported, "202403011200");
+    assert_eq!(allergies[0].allergen.text, "イオヘキソール");
+    let printed = format!("{:?}", allergies[0]);
+    assert!(
+        !printed.contains("IAM-77") && !printed.contains("2024"),
+        "{printed}"
+    );
+}
+
+#[test]
+fn a60_refuses_an_unknown_action_or_an_allergen_without_code_and_text() {
+    let msg = |iam: &str| format!("MSH|^~\\&|A|B|C|D|2024||ADT^A60|1|P|2.5\rPID|1||P1\r{iam}\r");
+    for action in ["A", "U", "D", "X"] {
+        let ok = msg(&format!("IAM|1|DA|C01|SV||{action}"));
+        assert!(extract(&parse(&ok).unwrap()).is_ok(), "{action}");
+    }
+    let bad = msg("IAM|1|DA|C01|SV||A\rIAM|2|DA|C02|SV||Q");
+    let e = extract(&parse(&bad).unwrap()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::TableValueNotFound);
+    assert_eq!(e.code.code(), 103);
+    assert_eq!(e.location, Some(Location::field("IAM", 2, 6)));
+    let e = extract(&parse(&msg("IAM|1|DA|C01|SV||")).unwrap()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::RequiredFieldMissing);
+    assert_eq!(e.location, Some(Location::field("IAM", 1, 6)));
+    let e = extract(&parse(&msg("IAM|1|DA|^^L|SV||A")).unwrap()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::RequiredFieldMissing);
+    assert_eq!(e.location, Some(Location::field("IAM", 1, 3)));
+    // The error names the place, never the content.
+    assert!(!e.to_string().contains("DA"));
+}
+
+#[test]
+fn an_unknown_iam_action_is_answered_ae_with_err_103_at_iam_6_as_the_listener_does() {
+    let text = "MSH|^~\\&|HIS|HOSP-A|GW|CORE|2024||ADT^A60|C77|P|2.5\rPID|1||P1\r\
+IAM|1|DA|C01^iohexol|SV||A\rIAM|2|DA|C02^iopamidol|SV||Z\r";
+    let m = parse(text).unwrap();
+    let header = Header::read(&m);
+    // The listener's check: header, then the typed record.
+    let e = header
+        .validate()
+        .and_then(|()| extract(&m).map(drop))
+        .unwrap_err();
+    let err = AckError::from(&e);
+    assert_eq!(Outcome::for_error(err.code), Outcome::Error);
+    let ack = build_ack(&header, crate::AckCode::AE, Some(&err), "GW1", "20240101");
+    let segs: Vec<&str> = ack.split('\r').collect();
+    assert!(segs[1].starts_with("MSA|AE|C77"), "{ack}");
+    let err_seg = segs.iter().find(|s| s.starts_with("ERR|")).unwrap();
+    assert!(err_seg.contains("IAM^2^6"), "{err_seg}");
+    assert!(err_seg.contains("|103^"), "{err_seg}");
+    assert!(!ack.contains("iopamidol"));
+}
+
+#[test]
+fn a01_a04_a08_read_al1_allergies_with_japanese_text() {
+    let text = "MSH|^~\\&|HIS|HOSP-A|GW|CORE|2024||ADT^A01^ADT_A01|1|P|2.5|||||JPN|~ISO IR87\r\
+PID|1||P1^^^HOSP-A^PI\r\
+AL1|1|DA^薬剤^HL70127|620000^オムニパーク^YJ|SV|蕁麻疹~呼吸困難|20230105\r\
+AL1|2|FA|^卵|MI\r";
+    // Through the listener's path: ISO-2022-JP bytes decoded, then parsed.
+    let (bytes, _, had_errors) = encoding_rs::ISO_2022_JP.encode(text);
+    assert!(!had_errors);
+    let decoded = decode(&bytes, CharsetOverride::Auto).unwrap();
+    assert_eq!(decoded.charset, Charset::Iso2022Jp);
+    let m = parse(&decoded.text).unwrap();
+    let Some(Clinical::Patient {
+        event,
+        patient,
+        allergies,
+    }) = extract(&m).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(event, AdtEvent::A01);
+    assert_eq!(patient.ids[0].id, "P1");
+    assert_eq!(allergies.len(), 2);
+    assert_eq!(allergies[0].allergen.code, "620000");
+    assert_eq!(allergies[0].allergen.text, "オムニパーク");
+    assert_eq!(allergies[0].allergen.system, "YJ");
+    assert_eq!(allergies[0].severity.code, "SV");
+    assert_eq!(allergies[0].reactions, ["蕁麻疹", "呼吸困難"]);
+    assert_eq!(allergies[0].identified, "20230105");
+    assert!(allergies[0].action.is_empty());
+    assert_eq!(allergies[1].allergen.text, "卵");
+    // No AL1: an empty list; an AL1 without allergen: 101 at AL1-3.
+    let none = "MSH|^~\\&|A|B|C|D|2024||ADT^A04|1|P|2.5\rPID|1||P1\r";
+    let Some(Clinical::Patient { allergies, .. }) = extract(&parse(none).unwrap()).unwrap() else {
+        panic!()
+    };
+    assert!(allergies.is_empty());
+    let bad = "MSH|^~\\&|A|B|C|D|2024||ADT^A08|1|P|2.5\rPID|1||P1\rAL1|1|DA||SV\r";
+    let e = extract(&parse(bad).unwrap()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::RequiredFieldMissing);
+    assert_eq!(e.location, Some(Location::field("AL1", 1, 3)));
 }
 
 #[test]
@@ -314,7 +421,7 @@ fn debug_of_records_never_prints_patient_data() {
     let oru = parse("MSH|^~\\&|A|B|C|D|2024||ORU^R01|1|P|2.5\rPID|1||P1\rOBR|1|PL1|FI1|||||||||||||||ACC777\rOBX|1|TX|||x||||||F\r").unwrap();
     let report = extract(&oru).unwrap().unwrap();
     let a60 = parse(
-        "MSH|^~\\&|A|B|C|D|2024||ADT^A60|1|P|2.5\rPID|1||P1\rIAM|1|DA|SECRETDRUG^Iodine|SV|Rash\r",
+        "MSH|^~\\&|A|B|C|D|2024||ADT^A60|1|P|2.5\rPID|1||P1\rIAM|1|DA|SECRETDRUG^Iodine|SV|Rash|A|UID-SECRET||||20240301\r",
     )
     .unwrap();
     let allergies = extract(&a60).unwrap().unwrap();
@@ -334,6 +441,8 @@ fn debug_of_records_never_prints_patient_data() {
         "PL1",
         "FI1",
         "SECRETDRUG",
+        "UID-SECRET",
+        "20240301",
         "Iodine",
         "Rash",
         "HOSP",

@@ -84,7 +84,7 @@ fn non_empty(s: String) -> Option<String> {
 }
 
 /// The id of a CX list field (PID-3, MRG-1): `MR`/`PI` typed first, else the first.
-fn cx_id(msg: &Message<'_>, seg: &str, f: usize) -> Option<String> {
+pub fn cx_id(msg: &Message<'_>, seg: &str, f: usize) -> Option<String> {
     let field = msg.segment(seg)?.field(f)?;
     let ids: Vec<(String, String)> = field
         .repetitions()
@@ -111,7 +111,7 @@ pub fn read(text: &str) -> Result<Adt, &'static str> {
         return Err("not an ADT message");
     }
     let trigger = msg.get("MSH", 9, 1, 2, 1).unwrap_or("");
-    let hospital = first_sub(&msg, "MSH", 4).or_else(|| first_sub(&msg, "MSH", 3));
+    let hospital = sender(&msg);
     let patient_id = cx_id(&msg, "PID", 3).ok_or("no patient id in PID-3")?;
     let event = match trigger {
         "A01" | "A04" | "A08" | "A28" | "A31" => Event::Upsert,
@@ -137,6 +137,11 @@ pub fn read(text: &str) -> Result<Adt, &'static str> {
 }
 
 /// Sub-component 1 of component 1 (HD namespace id), unescaped.
+/// The sending hospital of a message: MSH-4.1, else MSH-3.1 (`None`: the core's own).
+pub fn sender(msg: &Message<'_>) -> Option<String> {
+    first_sub(msg, "MSH", 4).or_else(|| first_sub(msg, "MSH", 3))
+}
+
 fn first_sub(msg: &Message<'_>, seg: &str, f: usize) -> Option<String> {
     let r = msg.segment(seg)?.field(f)?.repetition(1)?;
     non_empty(unescape_component(&r, 1)?)

@@ -118,6 +118,10 @@ enum Request {
         key: SourceKey,
         reply: Reply<(PersonId, Vec<SourceKey>)>,
     },
+    PersonMembers {
+        person: PersonId,
+        reply: Reply<Vec<SourceKey>>,
+    },
     Linked {
         key: SourceKey,
         requester: String,
@@ -322,6 +326,14 @@ impl Registry {
                     self.person(&key)
                         .map(|person| (person.clone(), self.state.members(&person))),
                 );
+            }
+            Request::PersonMembers { person, reply } => {
+                let members = self.state.members(&person);
+                let _ = reply.send(if members.is_empty() {
+                    Err(RegistryError::NotFound)
+                } else {
+                    Ok(members)
+                });
             }
             Request::Linked {
                 key,
@@ -1215,6 +1227,20 @@ impl RegistryHandle {
     ) -> BoxFuture<'static, Result<(PersonId, Vec<SourceKey>), RegistryError>> {
         let this = self.clone();
         Box::pin(async move { this.ask(|reply| Request::Members { key, reply }).await })
+    }
+
+    /// Every source record of `person` ([`RegistryError::NotFound`] when it has none), with
+    /// no consent check and nothing audited, like [`RegistryHandle::members`]: for the
+    /// core's operator views that audit themselves (`gatewayd safety show`).
+    pub fn person_members(
+        &self,
+        person: PersonId,
+    ) -> BoxFuture<'static, Result<Vec<SourceKey>, RegistryError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            this.ask(|reply| Request::PersonMembers { person, reply })
+                .await
+        })
     }
 
     /// A clinic's booking: the patient as clinic `hospital_id` knows them (`record.patient_id`

@@ -4,18 +4,46 @@
 //! (`hospital_id`, `patient_id`) and shown before a booking to the hospitals the patient's
 //! consent allows ([`Safety`] implements [`gateway_booking::SafetyCheck`]).
 //!
-//! SKELETON: the bodies are placeholders; the public names below are the contract the
-//! daemon codes against.
+//! # Module map
+//!
+//! - [`contrast`]: the one table of contrast agents (iodinated, gadolinium) by name.
+//! - `service`: the `safety-store` thread that owns state and files, [`SafetyHandle`], the
+//!   HL7 reading (AL1 replace, IAM add/update/delete, A40/A47 moves) and [`feed`].
+//! - `state`: the state in memory and its ops (one code path live and at replay).
+//! - `store`: the folder: a sealed journal (the registry's frame files) and its head.
+//! - `check`: [`Safety`], the check before a booking and the operator's view.
+//! - [`dose`]: drains the spool's [`DOSE_ROUTE`] into the store.
+//! - [`metrics`]: the `gateway_safety_*` metrics.
+//!
+//! # Invariants
+//!
+//! - Nothing of a patient is on disk in clear: every frame is sealed under the key derived
+//!   for [`gateway_keystore::KeyPurpose::SafetyAtRest`].
+//! - A change is answered only after its journal frame is `fdatasync`'d; a dose report is
+//!   marked sent only after its events are.
+//! - An Irradiation Event UID is counted once, whatever report and record it came with.
+//! - Another hospital's data reaches a booking clinic only when the registry's
+//!   `may_disclose` permits it (audited there); what is shown is audited here (counts).
+//! - Logs, metrics, errors and audit records carry no patient data.
 
 #![deny(clippy::indexing_slicing, clippy::string_slice)]
 
+mod check;
 pub mod contrast;
+pub mod dose;
+pub mod metrics;
+mod service;
+mod state;
+mod store;
 
-use std::path::Path;
-use std::sync::Arc;
+pub use check::Safety;
+pub use gateway_booking::BoxFuture;
+pub use metrics::Metrics;
+pub use service::{Hl7Applied, SafetyHandle, feed};
+pub use state::{Origin, Reaction};
+pub use store::OpenError;
 
-use gateway_booking::{BoxFuture, PatientRef, SafetyCheck, SafetyReport, SafetyUnavailable};
-use gateway_registry::{PersonId, RegistryHandle, SourceKey};
+use gateway_booking::SafetyReport;
 
 /// Where the safety store lives under the data directory.
 pub const DIR: &str = "safety";
@@ -37,10 +65,16 @@ pub struct Options {
 /// A store or service error (no patient data).
 #[derive(Debug, thiserror::Error)]
 pub enum SafetyError {
+    /// The store's thread is gone, a change could not be made durable, or an audit record
+    /// could not be written (details in the local log).
     #[error("safety store unavailable")]
     Unavailable,
-    #[error("safety store: {0}")]
-    Store(String),
+    /// The store could not be opened (names the file and frame).
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// `show`: the registry knows no such person.
+    #[error("no such person in the identity registry")]
+    UnknownPerson,
 }
 
 /// One CT irradiation event as recorded (from [`gateway_dicom::rdsr`]).
@@ -63,118 +97,21 @@ impl std::fmt::Debug for DoseEvent {
 /// What recording a dose report did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DoseRecorded {
+    /// Events recorded now.
     pub new: usize,
+    /// Events whose UID was already held (under any source record) or repeated.
     pub duplicate: usize,
+    /// Events without an Irradiation Event UID (not recorded).
+    pub refused: usize,
 }
 
 /// What the store holds for one person, as `gatewayd safety show` prints it (JSON).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PatientSafety {
+    /// `person:{id}`.
     pub person: String,
     pub report: SafetyReport,
 }
 
-/// The safety store's owner thread and its handle.
-#[derive(Debug, Clone)]
-pub struct SafetyHandle {}
-
-impl SafetyHandle {
-    /// Opens (or creates) the sealed store in `dir` and starts its thread.
-    pub fn open(
-        dir: &Path,
-        master: &gateway_keystore::MasterKey,
-        audit: Arc<gateway_audit::AuditLog>,
-        metrics: Metrics,
-    ) -> Result<Self, SafetyError> {
-        let _ = (dir, master, audit, metrics);
-        Ok(Self {})
-    }
-
-    /// Applies one HL7 message (AL1 in ADT A01/A04/A08, IAM in ADT^A60, A40/A47 rekeying);
-    /// others are ignored. The listener already acknowledged it.
-    pub fn apply_hl7(&self, text: String) -> BoxFuture<'static, Result<(), SafetyError>> {
-        let _ = text;
-        Box::pin(async { Ok(()) })
-    }
-
-    /// Records the events of one dose report for `source`, each Irradiation Event UID once.
-    pub fn record_dose(
-        &self,
-        source: SourceKey,
-        events: Vec<DoseEvent>,
-    ) -> BoxFuture<'static, Result<DoseRecorded, SafetyError>> {
-        let _ = (source, events);
-        Box::pin(async { Ok(DoseRecorded::default()) })
-    }
-}
-
-/// The metrics (`gateway_safety_*`).
-#[derive(Debug, Clone, Default)]
-pub struct Metrics {}
-
-impl Metrics {
-    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
-        let _ = registry;
-        Self {}
-    }
-}
-
-/// The safety check the core's booking paths call, and the operator's view.
-#[derive(Debug, Clone)]
-pub struct Safety {
-    store: SafetyHandle,
-    registry: RegistryHandle,
-    options: Options,
-}
-
-impl Safety {
-    pub fn new(store: SafetyHandle, registry: RegistryHandle, options: Options) -> Self {
-        Self {
-            store,
-            registry,
-            options,
-        }
-    }
-
-    /// Everything recorded for person `person` (an opaque `person:` reference), for the
-    /// operator (`gatewayd safety show`); audited with `actor`.
-    pub fn show(
-        &self,
-        person: PersonId,
-        actor: &str,
-    ) -> BoxFuture<'static, Result<PatientSafety, SafetyError>> {
-        let _ = (person, actor, &self.store, &self.registry, &self.options);
-        Box::pin(async { Err(SafetyError::Unavailable) })
-    }
-}
-
-impl SafetyCheck for Safety {
-    fn check(
-        &self,
-        clinic: &str,
-        patient: &PatientRef,
-        modality: &str,
-        actor: &str,
-    ) -> BoxFuture<'static, Result<SafetyReport, SafetyUnavailable>> {
-        let _ = (clinic, patient, modality, actor);
-        Box::pin(async { Ok(SafetyReport::default()) })
-    }
-}
-
-/// The dose reports' path into the store.
-pub mod dose {
-    /// Drains [`crate::DOSE_ROUTE`]: each DICOM object that is a CT dose report is read
-    /// ([`gateway_dicom::rdsr::read`]) and its events recorded under the patient's source
-    /// record (a booked exam's clinic and patient id by Accession Number, else the core's
-    /// own hospital and the object's Patient ID); others are passed. A malformed report stays
-    /// stored, is counted and logged (no content), and is dead-lettered on this route.
-    pub async fn run(
-        spool: gateway_spool::Spool,
-        store: crate::SafetyHandle,
-        ledger: gateway_booking::service::LedgerHandle,
-        hospital_id: String,
-        shutdown: tokio::sync::watch::Receiver<bool>,
-    ) {
-        let _ = (spool, store, ledger, hospital_id, shutdown);
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,256 @@
+//! The dose reports' path into the store: [`run`] drains the spool's virtual destination
+//! [`crate::DOSE_ROUTE`].
+//!
+//! Each queued object is read from the spool and given to
+//! [`gateway_dicom::rdsr::read`] (on a blocking thread: the spool's reads and the parse):
+//! - not a CT dose report (`Ok(None)`): passed (`mark_sent`), counted `not_dose`;
+//! - unreadable (`Err`): dead-lettered on this route with the reader's reason (DICOM terms,
+//!   never content); the object stays stored; counted `malformed`;
+//! - a dose report: filed under a source record: the booked exam's (clinic, clinic patient
+//!   id) when its Accession Number (0008,0050) is an appointment's in the ledger, else (the
+//!   core's hospital id, its Patient ID (0010,0020)); neither: dead-lettered, `malformed`.
+//!   Its events are recorded ([`crate::SafetyHandle::record_dose`], durable before it
+//!   answers), and only then is the object marked sent: `recorded` when an event was new,
+//!   else `duplicate`.
+//!
+//! A store or ledger that cannot answer leaves the object queued for the next pass. Wakes
+//! on the spool's notifications and every [`TICK`].
+
+use std::time::Duration;
+
+use gateway_booking::service::LedgerHandle;
+use gateway_dicom::rdsr::{DoseReport, RdsrError};
+use gateway_registry::SourceKey;
+use gateway_spool::{ObjectId, Spool};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{DOSE_ROUTE, DoseEvent, SafetyHandle};
+
+/// Objects per pass.
+const BATCH: usize = 64;
+/// The pass interval when no notification comes.
+pub const TICK: Duration = Duration::from_secs(30);
+
+/// What one object turned out to be.
+enum Read {
+    NotDose,
+    Malformed(String),
+    Report(Box<DoseReport>),
+    /// The spool could not read it (retried).
+    Unreadable,
+}
+
+/// Drains [`crate::DOSE_ROUTE`] until `shutdown` (see the module docs).
+pub async fn run(
+    spool: Spool,
+    store: SafetyHandle,
+    ledger: LedgerHandle,
+    hospital_id: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    info!("safety dose reader started");
+    let mut wake = spool.subscribe();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            _ = wake.changed() => {}
+            _ = tick.tick() => {}
+        }
+        // Drain: a full batch means more may wait.
+        loop {
+            match pass(&spool, &store, &ledger, &hospital_id).await {
+                Some(n) if n >= BATCH => continue,
+                _ => break,
+            }
+        }
+    }
+    info!("safety dose reader stopped");
+}
+
+/// One pass over up to [`BATCH`] queued objects; answers how many were queued, `None` when
+/// the queue could not be read or nothing could be settled (the next wake-up retries).
+async fn pass(
+    spool: &Spool,
+    store: &SafetyHandle,
+    ledger: &LedgerHandle,
+    hospital_id: &str,
+) -> Option<usize> {
+    let s = spool.clone();
+    let ids = match tokio::task::spawn_blocking(move || s.queued(DOSE_ROUTE, BATCH)).await {
+        Ok(Ok(ids)) => ids,
+        Ok(Err(e)) => {
+            warn!(error = %e, "safety dose reader: spool queue unreadable; retried");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let queued = ids.len();
+    let mut progressed = 0;
+    for id in ids {
+        if one(spool, store, ledger, hospital_id, id).await {
+            progressed += 1;
+        }
+    }
+    // Nothing could be settled: do not spin on the same batch.
+    if progressed == 0 && queued > 0 {
+        return None;
+    }
+    Some(queued)
+}
+
+/// Settles one object; `false` when it stays queued (retried later).
+async fn one(
+    spool: &Spool,
+    store: &SafetyHandle,
+    ledger: &LedgerHandle,
+    hospital_id: &str,
+    id: ObjectId,
+) -> bool {
+    let s = spool.clone();
+    let read = tokio::task::spawn_blocking(move || match s.read(&id) {
+        Ok((_, bytes)) => match gateway_dicom::rdsr::read(&bytes) {
+            Ok(None) => Read::NotDose,
+            Ok(Some(report)) => Read::Report(Box::new(report)),
+            Err(e) => Read::Malformed(reason(&e)),
+        },
+        Err(e) => {
+            warn!(error = %e, "safety dose reader: object unreadable in the spool; retried");
+            Read::Unreadable
+        }
+    })
+    .await
+    .unwrap_or(Read::Unreadable);
+    let report = match read {
+        Read::Unreadable => return false,
+        Read::NotDose => {
+            store.metrics.dose_report("not_dose");
+            return settle(spool, id, None).await;
+        }
+        Read::Malformed(why) => {
+            warn!(reason = %why, "safety dose reader: malformed dose report; dead-lettered");
+            store.metrics.dose_report("malformed");
+            return settle(spool, id, Some(why)).await;
+        }
+        Read::Report(report) => report,
+    };
+    let source = match source_of(&report, ledger, hospital_id).await {
+        Ok(Some(source)) => source,
+        Ok(None) => {
+            let why = "dose report without Patient ID (0010,0020) or a booked Accession Number (0008,0050)";
+            warn!(
+                reason = why,
+                "safety dose reader: dose report not filed; dead-lettered"
+            );
+            store.metrics.dose_report("malformed");
+            return settle(spool, id, Some(why.to_owned())).await;
+        }
+        Err(LedgerDown) => return false,
+    };
+    let events = report
+        .events
+        .iter()
+        .map(|e| DoseEvent {
+            event_uid: e.event_uid.clone(),
+            datetime: e.datetime.clone().or_else(|| report.datetime.clone()),
+            ctdivol_mgy: e.ctdivol_mgy,
+            dlp_mgy_cm: e.dlp_mgy_cm,
+            target_region: e
+                .target_region
+                .as_ref()
+                .map(|c| {
+                    if c.meaning.is_empty() {
+                        c.value.clone()
+                    } else {
+                        c.meaning.clone()
+                    }
+                })
+                .filter(|s| !s.is_empty()),
+            protocol: e.protocol.clone(),
+        })
+        .collect();
+    match store.record_dose(source, events).await {
+        Ok(recorded) => {
+            store.metrics.dose_report(if recorded.new > 0 {
+                "recorded"
+            } else {
+                "duplicate"
+            });
+            info!(
+                new = recorded.new,
+                duplicate = recorded.duplicate,
+                refused = recorded.refused,
+                "safety dose reader: dose report recorded"
+            );
+            settle(spool, id, None).await
+        }
+        Err(e) => {
+            warn!(error = %e, "safety dose reader: events not recorded; retried");
+            false
+        }
+    }
+}
+
+/// The reader's reason, cut to the spool's length (DICOM terms only).
+fn reason(e: &RdsrError) -> String {
+    format!("dose report unreadable: {e}")
+}
+
+/// The ledger did not answer (the object is retried).
+struct LedgerDown;
+
+/// The source record a report is filed under (see the module docs).
+async fn source_of(
+    report: &DoseReport,
+    ledger: &LedgerHandle,
+    hospital_id: &str,
+) -> Result<Option<SourceKey>, LedgerDown> {
+    if let Some(accession) = report
+        .accession_number
+        .as_deref()
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+    {
+        // The ledger has no lookup by accession: every appointment is listed (the ledger
+        // keeps a clinic's bookings, not years of them).
+        let all = ledger.all(jiff::Timestamp::now()).await.map_err(|e| {
+            warn!(error = %e, "safety dose reader: ledger unavailable; retried");
+            LedgerDown
+        })?;
+        if let Some(a) = all.iter().find(|a| a.accession == accession) {
+            return Ok(Some(SourceKey {
+                hospital_id: a.clinic.clone(),
+                patient_id: a.patient.id.clone(),
+            }));
+        }
+    }
+    Ok(report
+        .patient_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| SourceKey {
+            hospital_id: hospital_id.to_owned(),
+            patient_id: p.to_owned(),
+        }))
+}
+
+/// Marks the object sent (`None`) or dead-lettered with `reason` on this route.
+async fn settle(spool: &Spool, id: ObjectId, failed: Option<String>) -> bool {
+    let s = spool.clone();
+    let done = tokio::task::spawn_blocking(move || match failed {
+        None => s.mark_sent(&id, DOSE_ROUTE),
+        Some(why) => s.mark_failed(&id, DOSE_ROUTE, &why),
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            warn!(error = %e, "safety dose reader: spool state not saved; retried");
+            false
+        }
+        Err(_) => false,
+    }
+}
