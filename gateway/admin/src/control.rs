@@ -40,6 +40,12 @@ pub enum Request {
     Retry {
         destination: Option<String>,
     },
+    /// The safety record of one person (`gatewayd safety show`), by its opaque reference
+    /// (`person:{id}` as the audit trail names it); answered by the daemon's
+    /// [`ControlExtension`], audited there.
+    SafetyShow {
+        person: String,
+    },
 }
 
 /// A control response.
@@ -48,10 +54,30 @@ pub enum Request {
 pub enum Response {
     Status(Status),
     Verify(VerifyReport),
-    Exported { bytes: u64 },
-    Requeued { objects: u64 },
+    Exported {
+        bytes: u64,
+    },
+    Requeued {
+        objects: u64,
+    },
     NotFound,
-    Error { message: String },
+    Error {
+        message: String,
+    },
+    /// An answer made by a [`ControlExtension`] (JSON as the extension documents it).
+    Json {
+        value: serde_json::Value,
+    },
+}
+
+/// Requests the spool cannot answer (e.g. [`Request::SafetyShow`]) go to the services that
+/// own the state; the daemon registers them with [`ControlServer::with_extension`].
+pub trait ControlExtension: Send + Sync + std::fmt::Debug {
+    /// The answer, or `None` when the request is not this extension's.
+    fn handle(
+        &self,
+        request: &Request,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>>;
 }
 
 /// Control failures.
@@ -94,6 +120,9 @@ pub fn execute(spool: &Spool, request: &Request) -> Response {
         Request::Retry { destination } => spool
             .retry_failed(destination.as_deref())
             .map(|objects| Response::Requeued { objects }),
+        Request::SafetyShow { .. } => Ok(Response::Error {
+            message: "the safety store is answered by a running core gateway only".into(),
+        }),
     };
     match result {
         Ok(r) => r,
@@ -141,6 +170,7 @@ pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     spool: Spool,
+    extensions: Vec<std::sync::Arc<dyn ControlExtension>>,
 }
 
 impl ControlServer {
@@ -164,7 +194,14 @@ impl ControlServer {
             listener,
             path,
             spool,
+            extensions: Vec::new(),
         })
+    }
+
+    /// Adds the answerer of requests beyond the spool's.
+    pub fn with_extension(mut self, extension: std::sync::Arc<dyn ControlExtension>) -> Self {
+        self.extensions.push(extension);
+        self
     }
 
     /// Serves until `shutdown` turns true; removes the socket file on the way out.
@@ -175,7 +212,8 @@ impl ControlServer {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let spool = self.spool.clone();
-                        tokio::spawn(async move { serve_one(stream, spool).await });
+                        let extensions = self.extensions.clone();
+                        tokio::spawn(async move { serve_one(stream, spool, extensions).await });
                     }
                     Err(e) => {
                         warn!(error = %e, "control socket accept failed");
@@ -188,7 +226,11 @@ impl ControlServer {
     }
 }
 
-async fn serve_one(stream: UnixStream, spool: Spool) {
+async fn serve_one(
+    stream: UnixStream,
+    spool: Spool,
+    extensions: Vec<std::sync::Arc<dyn ControlExtension>>,
+) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read).take_limited();
@@ -197,11 +239,14 @@ async fn serve_one(stream: UnixStream, spool: Spool) {
             message: "request too large".into(),
         },
         Ok(_) => match serde_json::from_str::<Request>(line.trim_end()) {
-            Ok(request) => tokio::task::spawn_blocking(move || execute(&spool, &request))
-                .await
-                .unwrap_or_else(|_| Response::Error {
-                    message: "request failed".into(),
-                }),
+            Ok(request) => match extensions.iter().find_map(|x| x.handle(&request)) {
+                Some(answer) => answer.await,
+                None => tokio::task::spawn_blocking(move || execute(&spool, &request))
+                    .await
+                    .unwrap_or_else(|_| Response::Error {
+                        message: "request failed".into(),
+                    }),
+            },
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },

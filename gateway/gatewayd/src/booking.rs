@@ -70,6 +70,44 @@ impl Derived {
 pub(crate) struct Started {
     pub tasks: Vec<Task>,
     pub core: Option<CoreParts>,
+    /// `[safety]` (core): answers `gatewayd safety show` on the control socket.
+    pub control: Option<Arc<dyn gateway_admin::control::ControlExtension>>,
+}
+
+/// `gatewayd safety show` through the control socket: the person's safety record, audited
+/// by the safety service with the actor `operator`.
+#[derive(Debug)]
+struct SafetyControl(gateway_safety::Safety);
+
+impl gateway_admin::control::ControlExtension for SafetyControl {
+    fn handle(
+        &self,
+        request: &gateway_admin::control::Request,
+    ) -> Option<
+        std::pin::Pin<
+            Box<dyn std::future::Future<Output = gateway_admin::control::Response> + Send>,
+        >,
+    > {
+        use gateway_admin::control::{Request, Response};
+        let Request::SafetyShow { person } = request else {
+            return None;
+        };
+        let id = person.strip_prefix("person:").unwrap_or(person).to_owned();
+        let show = self.0.show(gateway_registry::PersonId(id), "operator");
+        Some(Box::pin(async move {
+            match show.await {
+                Ok(record) => match serde_json::to_value(&record) {
+                    Ok(value) => Response::Json { value },
+                    Err(e) => Response::Error {
+                        message: format!("safety record not serialisable: {e}"),
+                    },
+                },
+                Err(e) => Response::Error {
+                    message: format!("safety: {e}"),
+                },
+            }
+        }))
+    }
 }
 
 /// The core's ledger (a handle on its service thread); `changed` makes the exchange
@@ -79,6 +117,8 @@ pub(crate) struct CoreParts {
     pub changed: Arc<Notify>,
     /// `[identity]`: the registry the HL7 listener's ADT messages feed.
     pub identity: Option<RegistryHandle>,
+    /// `[safety]`: the store the HL7 listener's allergy messages feed.
+    pub safety: Option<gateway_safety::SafetyHandle>,
 }
 
 /// What the results and identity services get from the daemon: the clinic's pull source
@@ -87,6 +127,7 @@ pub(crate) struct FeatureParts {
     pub results_source: Option<gateway_uplink::UplinkSettings>,
     pub results_metrics: gateway_results::Metrics,
     pub identity_metrics: gateway_registry::Metrics,
+    pub safety_metrics: gateway_safety::Metrics,
 }
 
 /// Builds the booking service; every problem is a start-up error naming the key.
@@ -103,6 +144,7 @@ pub(crate) async fn start(
         results_source,
         results_metrics,
         identity_metrics,
+        safety_metrics,
     } = parts;
     let data_dir = &settings.node.data_dir;
     let me = settings.node.id.as_str().to_owned();
@@ -123,6 +165,7 @@ pub(crate) async fn start(
     let mut core_parts = None;
     let mut results_view: Option<Arc<dyn gateway_booking::ResultsSource>> = None;
     let mut identity_view: Option<(RegistryHandle, String)> = None;
+    let mut safety_view: Option<gateway_safety::Safety> = None;
     let (slots, backend): (Arc<dyn SlotSource>, Arc<dyn BookingBackend>) = match settings.node.role
     {
         Role::Core => {
@@ -170,6 +213,36 @@ pub(crate) async fn start(
             if let (Some(r), Some(i)) = (&registry, &settings.identity) {
                 identity_view = Some((r.clone(), i.hospital_id.clone()));
             }
+            // `[safety]` (needs `[identity]`): the store, the check every booking path asks
+            // before the ledger decides, and the dose reports' path into the store.
+            let safety = match (&settings.safety, &registry, &settings.identity) {
+                (Some(s), Some(r), Some(i)) => {
+                    let store =
+                        open_safety(settings, derived, Arc::clone(&audit), safety_metrics).await?;
+                    tasks.push(Box::pin(gateway_safety::dose::run(
+                        spool.clone(),
+                        store.clone(),
+                        ledger.clone(),
+                        i.hospital_id.clone(),
+                        shutdown.clone(),
+                    )));
+                    let options = gateway_safety::Options {
+                        window_days: s.dose_window_days,
+                        dlp_threshold_mgy_cm: s.dlp_threshold_mgy_cm,
+                        hospital_id: i.hospital_id.clone(),
+                    };
+                    let check = gateway_safety::Safety::new(store.clone(), r.clone(), options);
+                    safety_view = Some(check.clone());
+                    Some((
+                        store,
+                        Arc::new(check) as Arc<dyn gateway_booking::SafetyCheck>,
+                    ))
+                }
+                _ => None,
+            };
+            if let Some((_, check)) = &safety {
+                local = local.with_safety(Arc::clone(check));
+            }
             if let Some(f) = &to_ris {
                 local = local.with_on_booked(f.clone());
             }
@@ -190,6 +263,7 @@ pub(crate) async fn start(
                 ledger: ledger.clone(),
                 changed: Arc::clone(&changed),
                 identity: registry.clone(),
+                safety: safety.as_ref().map(|(store, _)| store.clone()),
             });
             if let Some(x) = exchange {
                 let core = CoreExchange::new(
@@ -201,6 +275,10 @@ pub(crate) async fn start(
                 );
                 let core = match to_ris {
                     Some(f) => core.with_on_booked(f),
+                    None => core,
+                };
+                let core = match &safety {
+                    Some((_, check)) => core.with_safety(Arc::clone(check)),
                     None => core,
                 };
                 let core = match &settings.results {
@@ -310,6 +388,9 @@ pub(crate) async fn start(
     Ok(Started {
         tasks,
         core: core_parts,
+        control: safety_view.map(|s| {
+            Arc::new(SafetyControl(s)) as Arc<dyn gateway_admin::control::ControlExtension>
+        }),
     })
 }
 
@@ -514,23 +595,46 @@ pub(crate) fn core_observer(core: &CoreParts) -> (gateway_mllp::Observer, Vec<Ta
         tasks.push(Box::pin(gateway_registry::feed(rx, registry)));
         tx
     });
+    let to_safety = core.safety.clone().map(|store| {
+        let (tx, rx) = mpsc::channel::<gateway_mllp::Observed>(gateway_mllp::OBSERVER_QUEUE);
+        tasks.push(Box::pin(gateway_safety::feed(rx, store)));
+        tx
+    });
     tasks.push(Box::pin(async move {
         while let Some(message) = observed.recv().await {
-            let to = if message.message_type().starts_with("SIU^") {
-                Some(&to_ris)
+            // Bounded sends: a slow consumer holds this task, and the listener's own
+            // observer queue counts what it then drops.
+            if message.message_type().starts_with("SIU^") {
+                let _ = to_ris.send(message).await;
             } else if message.message_type().starts_with("ADT^") {
-                to_registry.as_ref()
-            } else {
-                None
-            };
-            if let Some(to) = to {
-                // Bounded: a slow consumer holds this task, and the listener's own
-                // observer queue counts what it then drops.
-                let _ = to.send(message).await;
+                // ADT feeds the registry (identities) and the safety store (AL1, IAM).
+                if let Some(to) = &to_safety {
+                    let _ = to.send(message.clone()).await;
+                }
+                if let Some(to) = &to_registry {
+                    let _ = to.send(message).await;
+                }
             }
         }
     }));
     (observer, tasks)
+}
+
+/// `[safety]` (core): the sealed safety store, opened on a blocking thread; it runs on a
+/// thread of its own afterwards.
+async fn open_safety(
+    settings: &Settings,
+    derived: &Derived,
+    audit: Arc<AuditLog>,
+    metrics: gateway_safety::Metrics,
+) -> Result<gateway_safety::SafetyHandle, String> {
+    let dir = settings.node.data_dir.join(gateway_safety::DIR);
+    let master = MasterKey::from_bytes(*derived.master().expose());
+    blocking(move || {
+        gateway_safety::SafetyHandle::open(&dir, &master, audit, metrics)
+            .map_err(|e| format!("safety: {e}"))
+    })
+    .await
 }
 
 /// `[identity]` (core): the registry, its matcher (the built-in model or `identity.model`),

@@ -87,6 +87,10 @@ pub fn routes(settings: &Settings) -> Vec<Route> {
             ),
         }
     }
+    // `[safety]` (core): every DICOM object passes the dose reader once, after it is durable.
+    if settings.safety.is_some() && settings.node.role == gateway_config::Role::Core {
+        routes.push(Route::new(gateway_safety::DOSE_ROUTE, ObjectKind::Dicom));
+    }
     routes
 }
 
@@ -463,6 +467,51 @@ fn print_response(response: &Response, json: bool) -> ExitCode {
         }
         Response::Error { message } => {
             eprintln!("gatewayd: {message}");
+            ExitCode::FAILURE
+        }
+        Response::Json { value } => {
+            println!("{value}");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `gatewayd safety show --config F --patient person:ID`: asks the running core gateway
+/// (its safety store and registry are open there, under their locks) for one person's
+/// safety record; printed as one JSON object. Audited by the daemon.
+pub fn safety_show(config: &Path, person: &str) -> ExitCode {
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if settings.safety.is_none() {
+        eprintln!("gatewayd: safety: this configuration has no [safety] section");
+        return ExitCode::FAILURE;
+    }
+    let request = Request::SafetyShow {
+        person: person.to_owned(),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gatewayd: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(control::request(&settings.node.data_dir, &request)) {
+        Ok(response) => print_response(&response, true),
+        Err(control::ControlError::NoDaemon { path }) => {
+            eprintln!(
+                "gatewayd: safety show needs the running core gateway (no daemon on {})",
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("gatewayd: {e}");
             ExitCode::FAILURE
         }
     }

@@ -196,8 +196,11 @@ async fn serve(
         shutdown: &shutdown,
     };
 
-    let control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
+    let mut control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
     let booking = start_booking(&ctx, &derived, keys.as_ref(), &mut registry).await?;
+    if let Some(extension) = booking.as_ref().and_then(|b| b.control.clone()) {
+        control = control.with_extension(extension);
+    }
     let staff = crate::fleet::StaffParts::new(&data_dir, derived.staff(), derived.audit());
     drop(derived);
     let core = booking.as_ref().and_then(|b| b.core.as_ref());
@@ -346,6 +349,10 @@ async fn start_booking(
         Some(_) => gateway_registry::Metrics::register(registry),
         None => gateway_registry::Metrics::default(),
     };
+    let safety_metrics = match &settings.safety {
+        Some(_) => gateway_safety::Metrics::register(registry),
+        None => gateway_safety::Metrics::default(),
+    };
     // A clinic pulls returned results with the identity and URL of `results.source`.
     let results_source = match (&settings.results, settings.node.role) {
         (Some(r), gateway_config::Role::Clinic) => settings
@@ -368,6 +375,7 @@ async fn start_booking(
                     results_source,
                     results_metrics,
                     identity_metrics,
+                    safety_metrics,
                 },
                 ctx.shutdown,
             )
