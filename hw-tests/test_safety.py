@@ -35,7 +35,7 @@ import scu
 from hl7msg import MllpConnection, msa
 from test_booking import broker  # noqa: F401  (the regional broker fixture)
 from test_identity import adt, audit_records, consent
-from test_safety_rdsr import openrem_files, reference_dose  # noqa: F401  (the real RDSRs, fetched)
+from test_safety_rdsr import openrem_files, pydicom_reading  # noqa: F401  (the real RDSRs, fetched)
 from test_worklist import worklist_alerts
 
 CORE = "core-1"
@@ -237,8 +237,10 @@ def test_a_reaction_at_hospital_a_is_a_warning_at_clinic_b_acknowledged_by_a_phy
             assert not leaked, (f, leaked)
 
 
-# The real reports sent to the core: several vendors, and one study continued over two reports.
-DOSE_FILES = ("CT-RDSR-Siemens-Multi-1.dcm", "CT-RDSR-GEPixelMed.dcm", "CT-RDSR-Toshiba_DoseCheck.dcm",
+# The real reports sent to the core: several vendors, a study continued over two reports, and
+# Siemens' growing per-study reports (event 1, events 1-2, events 1-3) in another order.
+DOSE_FILES = ("CT-RDSR-Siemens-Multi-2.dcm", "CT-RDSR-Siemens-Multi-1.dcm", "CT-RDSR-Siemens-Multi-3.dcm",
+              "CT-RDSR-GEPixelMed.dcm", "CT-RDSR-Toshiba_DoseCheck.dcm",
               "CT-RDSR-Philips_BigBore4DCT.dcm", "CT-RDSR-Siemens-Continued-1.dcm",
               "CT-RDSR-Siemens-Continued-2.dcm")
 
@@ -280,8 +282,8 @@ def test_dose_reports_of_several_vendors_add_up_each_event_once_and_are_shown_wi
     # The reference: each event once, by the test's own reading of the files (pydicom).
     expected: dict[str, float] = {}
     for f in files:
-        for uid, dlp in reference_dose(f)["events"].items():
-            expected[uid] = dlp
+        for e in pydicom_reading(f)["events"]:
+            expected[e["event_uid"]] = e["dlp_mgy_cm"] or 0.0
     total = sum(expected.values())
     assert total > THRESHOLD, total
     # Sent once in order, then again in reverse (twice, another order).

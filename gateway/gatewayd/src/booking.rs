@@ -217,8 +217,14 @@ pub(crate) async fn start(
             // before the ledger decides, and the dose reports' path into the store.
             let safety = match (&settings.safety, &registry, &settings.identity) {
                 (Some(s), Some(r), Some(i)) => {
-                    let store =
-                        open_safety(settings, derived, Arc::clone(&audit), safety_metrics).await?;
+                    let store = open_safety(
+                        settings,
+                        &i.hospital_id,
+                        derived,
+                        Arc::clone(&audit),
+                        safety_metrics,
+                    )
+                    .await?;
                     tasks.push(Box::pin(gateway_safety::dose::run(
                         spool.clone(),
                         store.clone(),
@@ -624,14 +630,16 @@ pub(crate) fn core_observer(core: &CoreParts) -> (gateway_mllp::Observer, Vec<Ta
 /// thread of its own afterwards.
 async fn open_safety(
     settings: &Settings,
+    hospital_id: &str,
     derived: &Derived,
     audit: Arc<AuditLog>,
     metrics: gateway_safety::Metrics,
 ) -> Result<gateway_safety::SafetyHandle, String> {
     let dir = settings.node.data_dir.join(gateway_safety::DIR);
     let master = MasterKey::from_bytes(*derived.master().expose());
+    let hospital_id = hospital_id.to_owned();
     blocking(move || {
-        gateway_safety::SafetyHandle::open(&dir, &master, audit, metrics)
+        gateway_safety::SafetyHandle::open_with(&dir, &master, audit, metrics, Some(hospital_id))
             .map_err(|e| format!("safety: {e}"))
     })
     .await
