@@ -9,6 +9,12 @@
 //! Values are the scanner's output (CTDIvol in mGy, DLP in mGy·cm, converted from the units
 //! the report declares), never the patient's dose.
 
+use dicom_encoding::text::{SpecificCharacterSet, TextCodec};
+
+use crate::charset::{self, SpecificCharset};
+use crate::element::{self, ElementHeader, Encoding};
+use crate::part10;
+
 /// A coded concept as sent (code value, scheme, meaning).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Code {
@@ -105,9 +111,613 @@ pub enum RdsrError {
     NotPart10(&'static str),
 }
 
+/// Deepest sequence nesting followed (a dose report nests about 6 deep).
+pub const MAX_DEPTH: usize = 64;
+/// Most element, item and delimiter headers read from one object.
+pub const MAX_ELEMENTS: usize = 1 << 20;
+
+/// SOP Class UIDs of the structured report storage classes share this root (PS3.4 B.5).
+const SR_CLASS_ROOT: &str = "1.2.840.10008.5.1.4.1.1.88.";
+
+const SPECIFIC_CHARSET: Tag = (0x0008, 0x0005);
+const SOP_INSTANCE: Tag = (0x0008, 0x0018);
+const STUDY_DATE: Tag = (0x0008, 0x0020);
+const STUDY_TIME: Tag = (0x0008, 0x0030);
+const ACCESSION: Tag = (0x0008, 0x0050);
+const MANUFACTURER: Tag = (0x0008, 0x0070);
+const CODE_VALUE: Tag = (0x0008, 0x0100);
+const CODING_SCHEME: Tag = (0x0008, 0x0102);
+const CODE_MEANING: Tag = (0x0008, 0x0104);
+const LONG_CODE_VALUE: Tag = (0x0008, 0x0119);
+const MEASUREMENT_UNITS: Tag = (0x0040, 0x08EA);
+const PATIENT_NAME: Tag = (0x0010, 0x0010);
+const PATIENT_ID: Tag = (0x0010, 0x0020);
+const ISSUER: Tag = (0x0010, 0x0021);
+const BIRTH_DATE: Tag = (0x0010, 0x0030);
+const SEX: Tag = (0x0010, 0x0040);
+const STUDY_INSTANCE: Tag = (0x0020, 0x000D);
+const CONCEPT_NAME: Tag = (0x0040, 0xA043);
+const DATETIME: Tag = (0x0040, 0xA120);
+const UID: Tag = (0x0040, 0xA124);
+const TEXT_VALUE: Tag = (0x0040, 0xA160);
+const CONCEPT_CODE: Tag = (0x0040, 0xA168);
+const MEASURED_VALUE: Tag = (0x0040, 0xA300);
+const NUMERIC_VALUE: Tag = (0x0040, 0xA30A);
+const CONTENT: Tag = (0x0040, 0xA730);
+
+/// The sequences this reader descends into: in Implicit VR a defined-length value of one of
+/// these tags is read as a sequence (every other defined-length value is skipped whole).
+const SEQUENCES: [Tag; 5] = [
+    CONCEPT_NAME,
+    CONCEPT_CODE,
+    MEASURED_VALUE,
+    MEASUREMENT_UNITS,
+    CONTENT,
+];
+
+// DICOM (DCM) concepts of TID 10001 / 10011 / 10012 / 10013 / 10014.
+const X_RAY_RADIATION_DOSE_REPORT: &str = "113701";
+const START_OF_IRRADIATION: &str = "113809";
+const CT_ACCUMULATED: &str = "113811";
+const TOTAL_EVENTS: &str = "113812";
+const CT_DLP_TOTAL: &str = "113813";
+const CT_ACQUISITION: &str = "113819";
+const CT_ACQUISITION_TYPE: &str = "113820";
+const CT_DOSE: &str = "113829";
+const MEAN_CTDIVOL: &str = "113830";
+const DLP: &str = "113838";
+const IRRADIATION_EVENT_UID: &str = "113769";
+const DATETIME_STARTED: &str = "111526";
+const TARGET_REGION: &str = "123014";
+const ACQUISITION_PROTOCOL: &str = "125203";
+
+type Tag = (u16, u16);
+
+/// A value as read: the bytes of a primitive value, or the items of a sequence.
+enum Value<'a> {
+    Bytes(&'a [u8]),
+    Items(Vec<DataSet<'a>>),
+}
+
+struct Element<'a> {
+    tag: Tag,
+    value: Value<'a>,
+}
+
+/// The elements of a data set or item, in order.
+struct DataSet<'a>(Vec<Element<'a>>);
+
+impl<'a> DataSet<'a> {
+    fn get(&self, tag: Tag) -> Option<&Value<'a>> {
+        self.0.iter().find(|e| e.tag == tag).map(|e| &e.value)
+    }
+
+    fn bytes(&self, tag: Tag) -> Option<&'a [u8]> {
+        match self.get(tag) {
+            Some(Value::Bytes(b)) => Some(b),
+            _ => None,
+        }
+    }
+
+    fn items(&self, tag: Tag) -> &[DataSet<'a>] {
+        match self.get(tag) {
+            Some(Value::Items(items)) => items,
+            _ => &[],
+        }
+    }
+
+    fn first_item(&self, tag: Tag) -> Option<&DataSet<'a>> {
+        self.items(tag).first()
+    }
+}
+
+fn malformed(tag: Tag, reason: &'static str) -> RdsrError {
+    RdsrError::Malformed {
+        group: tag.0,
+        element: tag.1,
+        reason,
+    }
+}
+
+/// Where a data set ends: at the end of the input (the top level), at a defined offset
+/// (an item of defined length), or at an Item Delimitation Item.
+#[derive(Clone, Copy)]
+enum End {
+    Input,
+    At(usize),
+    Delimiter,
+}
+
+/// A bounded recursive reader of one data set, every header through [`element::read_header_at`].
+struct Parser<'a> {
+    bytes: &'a [u8],
+    elements: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn count(&mut self, tag: Tag) -> Result<(), RdsrError> {
+        self.elements += 1;
+        if self.elements > MAX_ELEMENTS {
+            return Err(malformed(tag, "too many elements"));
+        }
+        Ok(())
+    }
+
+    fn header(&self, pos: usize, enc: Encoding, parent: Tag) -> Result<ElementHeader, RdsrError> {
+        element::read_header_at(self.bytes, pos, enc)
+            .ok_or_else(|| malformed(parent, "truncated element header"))
+    }
+
+    /// The value bytes `[start, start + len)`, checked against the input.
+    fn span(&self, start: usize, len: u32, tag: Tag) -> Result<(usize, &'a [u8]), RdsrError> {
+        let end = start
+            .checked_add(len as usize)
+            .ok_or_else(|| malformed(tag, "value length past the end of the object"))?;
+        let value = self
+            .bytes
+            .get(start..end)
+            .ok_or_else(|| malformed(tag, "value length past the end of the object"))?;
+        Ok((end, value))
+    }
+
+    /// Reads the data set starting at `pos`; returns it and the offset after it (after the
+    /// Item Delimitation Item for [`End::Delimiter`]).
+    fn data_set(
+        &mut self,
+        mut pos: usize,
+        end: End,
+        enc: Encoding,
+        depth: usize,
+        parent: Tag,
+    ) -> Result<(DataSet<'a>, usize), RdsrError> {
+        let mut elements = Vec::new();
+        loop {
+            match end {
+                End::Input if pos >= self.bytes.len() => return Ok((DataSet(elements), pos)),
+                End::At(at) if pos == at => return Ok((DataSet(elements), pos)),
+                End::At(at) if pos > at => {
+                    return Err(malformed(parent, "element runs past the end of its item"));
+                }
+                _ => {}
+            }
+            let h = self.header(pos, enc, parent)?;
+            let tag = (h.group, h.element);
+            self.count(tag)?;
+            let start = pos + h.header_len;
+            if h.group == element::ITEM_GROUP {
+                if h.element == 0xE00D && matches!(end, End::Delimiter) {
+                    return Ok((DataSet(elements), start));
+                }
+                return Err(malformed(tag, "item or delimiter where an element belongs"));
+            }
+            let undefined = h.len == element::UNDEFINED_LENGTH;
+            let un_sequence = h.vr == Some(*b"UN") && undefined;
+            let sequence = match h.vr {
+                Some(vr) => &vr == b"SQ" || un_sequence,
+                None => undefined || SEQUENCES.contains(&tag),
+            };
+            let (value, next) = if sequence {
+                if depth >= MAX_DEPTH {
+                    return Err(malformed(tag, "sequences nested too deep"));
+                }
+                // PS3.5 6.2.2: a UN value of undefined length is a sequence in Implicit VR LE.
+                let inner = if un_sequence {
+                    Encoding::IMPLICIT_LE
+                } else {
+                    enc
+                };
+                let (items, next) = self.sequence(start, h.len, inner, depth + 1, tag)?;
+                (Value::Items(items), next)
+            } else if undefined {
+                // Encapsulated fragments (e.g. pixel data): skipped.
+                (Value::Bytes(&[]), self.fragments(start, enc, tag)?)
+            } else {
+                let (next, value) = self.span(start, h.len, tag)?;
+                (Value::Bytes(value), next)
+            };
+            elements.push(Element { tag, value });
+            pos = next;
+        }
+    }
+
+    fn sequence(
+        &mut self,
+        mut pos: usize,
+        len: u32,
+        enc: Encoding,
+        depth: usize,
+        tag: Tag,
+    ) -> Result<(Vec<DataSet<'a>>, usize), RdsrError> {
+        let end = if len == element::UNDEFINED_LENGTH {
+            None
+        } else {
+            Some(self.span(pos, len, tag)?.0)
+        };
+        let mut items = Vec::new();
+        loop {
+            if let Some(end) = end {
+                if pos == end {
+                    return Ok((items, pos));
+                }
+                if pos > end {
+                    return Err(malformed(tag, "item runs past the end of its sequence"));
+                }
+            }
+            let h = self.header(pos, enc, tag)?;
+            self.count(tag)?;
+            let start = pos + h.header_len;
+            match (h.group, h.element) {
+                (element::ITEM_GROUP, 0xE0DD) if end.is_none() => return Ok((items, start)),
+                (element::ITEM_GROUP, 0xE000) => {
+                    let (item, next) = if h.len == element::UNDEFINED_LENGTH {
+                        self.data_set(start, End::Delimiter, enc, depth, tag)?
+                    } else {
+                        let (item_end, _) = self.span(start, h.len, tag)?;
+                        self.data_set(start, End::At(item_end), enc, depth, tag)?
+                    };
+                    items.push(item);
+                    pos = next;
+                }
+                _ => return Err(malformed(tag, "sequence holds something other than items")),
+            }
+        }
+    }
+
+    /// Skips the items of an encapsulated value up to its Sequence Delimitation Item.
+    fn fragments(&mut self, mut pos: usize, enc: Encoding, tag: Tag) -> Result<usize, RdsrError> {
+        loop {
+            let h = self.header(pos, enc, tag)?;
+            self.count(tag)?;
+            let start = pos + h.header_len;
+            match (h.group, h.element) {
+                (element::ITEM_GROUP, 0xE0DD) => return Ok(start),
+                (element::ITEM_GROUP, 0xE000) if h.len != element::UNDEFINED_LENGTH => {
+                    pos = self.span(start, h.len, tag)?.0;
+                }
+                _ => {
+                    return Err(malformed(
+                        tag,
+                        "undefined length value that is not a sequence",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Text values decoded in the data set's Specific Character Set, trimmed of padding.
+struct Text {
+    charset: Option<SpecificCharset>,
+}
+
+impl Text {
+    fn of(ds: &DataSet<'_>) -> Self {
+        let charset = match ds.bytes(SPECIFIC_CHARSET) {
+            None => Some(SpecificCharset::Default),
+            Some(v) => std::str::from_utf8(v).ok().and_then(|s| {
+                let terms: Vec<&str> = s.split('\\').collect();
+                SpecificCharset::from_terms(&terms).ok()
+            }),
+        };
+        Self { charset }
+    }
+
+    /// The whole value (every value of a multi-valued element, with its backslashes).
+    fn decode(&self, ds: &DataSet<'_>, tag: Tag) -> Result<Option<String>, RdsrError> {
+        let Some(v) = ds.bytes(tag) else {
+            return Ok(None);
+        };
+        let decoded = if v.is_ascii() {
+            Some(v.iter().map(|b| char::from(*b)).collect::<String>())
+        } else {
+            match &self.charset {
+                Some(SpecificCharset::Other(term)) => {
+                    SpecificCharacterSet::from_code(term).and_then(|cs| cs.decode(v).ok())
+                }
+                Some(cs) => charset::decode(v, cs).ok(),
+                None => None,
+            }
+        };
+        let Some(s) = decoded else {
+            return Err(RdsrError::Content(
+                "a text value cannot be decoded in the Specific Character Set",
+            ));
+        };
+        let s = s.trim_matches([' ', '\0']);
+        Ok((!s.is_empty()).then(|| s.to_string()))
+    }
+}
+
+/// A coded entry: the first item of `seq` in `ds`.
+fn code(text: &Text, ds: &DataSet<'_>, seq: Tag) -> Result<Option<Code>, RdsrError> {
+    let Some(item) = ds.first_item(seq) else {
+        return Ok(None);
+    };
+    let value = match text.decode(item, CODE_VALUE)? {
+        Some(v) => Some(v),
+        None => text.decode(item, LONG_CODE_VALUE)?,
+    };
+    Ok(Some(Code {
+        value: value.unwrap_or_default(),
+        scheme: text.decode(item, CODING_SCHEME)?.unwrap_or_default(),
+        meaning: text.decode(item, CODE_MEANING)?.unwrap_or_default(),
+    }))
+}
+
+/// One content item, as far as this reader needs it.
+struct Item<'d, 'a> {
+    ds: &'d DataSet<'a>,
+    concept: Option<Code>,
+}
+
+impl<'d, 'a> Item<'d, 'a> {
+    /// Whether the concept name is the DICOM (DCM) code `value`. The scheme is compared
+    /// trimmed and case-insensitively: real reports write `DCM`, a few older ones `dcm`.
+    fn is(&self, value: &str) -> bool {
+        self.concept
+            .as_ref()
+            .is_some_and(|c| c.value == value && c.scheme.eq_ignore_ascii_case("DCM"))
+    }
+}
+
+/// The children of a content item (its Content Sequence), with their concept names.
+fn children<'d, 'a>(text: &Text, ds: &'d DataSet<'a>) -> Result<Vec<Item<'d, 'a>>, RdsrError> {
+    ds.items(CONTENT)
+        .iter()
+        .map(|item| {
+            Ok(Item {
+                ds: item,
+                concept: code(text, item, CONCEPT_NAME)?,
+            })
+        })
+        .collect()
+}
+
+/// The first number of a NUM content item in its units: `Ok(None)` when the item has no
+/// measured value (allowed by the templates when the value is unknown).
+fn number(text: &Text, item: &Item<'_, '_>) -> Result<Option<(f64, Code)>, RdsrError> {
+    let Some(mv) = item.ds.first_item(MEASURED_VALUE) else {
+        return Ok(None);
+    };
+    let Some(raw) = text.decode(mv, NUMERIC_VALUE)? else {
+        return Ok(None);
+    };
+    // DS: VM may be more than one (a few scanners send it so); the first value is the
+    // measurement.
+    let first = raw
+        .split('\\')
+        .next()
+        .unwrap_or("")
+        .trim_matches([' ', '\0']);
+    let n: f64 = first
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite())
+        .ok_or(RdsrError::Content("a numeric value (DS) is not a number"))?;
+    let units = code(text, mv, MEASUREMENT_UNITS)?.unwrap_or_default();
+    Ok(Some((n, units)))
+}
+
+/// Scale to mGy of a UCUM absorbed-dose unit.
+fn mgy_scale(units: &str) -> Option<f64> {
+    match units {
+        "mGy" => Some(1.0),
+        "Gy" => Some(1000.0),
+        "cGy" => Some(10.0),
+        "uGy" => Some(0.001),
+        _ => None,
+    }
+}
+
+/// Scale to mGy·cm of a dose-length unit. `mGycm` (no dot) is how Siemens Definition Flash
+/// and GE Enhanced SR reports write mGy.cm.
+fn mgy_cm_scale(units: &str) -> Option<f64> {
+    match units {
+        "mGy.cm" | "mGycm" | "mGy*cm" => Some(1.0),
+        "Gy.cm" | "Gycm" => Some(1000.0),
+        "cGy.cm" => Some(10.0),
+        "uGy.cm" => Some(0.001),
+        "mGy.mm" => Some(0.1),
+        "Gy.m" => Some(100_000.0),
+        _ => None,
+    }
+}
+
+/// A dose value: the NUM's number in mGy (`scale`), refused when negative or in units that
+/// are not a dose of that kind.
+fn dose(
+    text: &Text,
+    item: &Item<'_, '_>,
+    scale: fn(&str) -> Option<f64>,
+    what: &'static str,
+) -> Result<Option<f64>, RdsrError> {
+    let Some((n, units)) = number(text, item)? else {
+        return Ok(None);
+    };
+    let Some(factor) = scale(&units.value) else {
+        return Err(RdsrError::Content(what));
+    };
+    if n < 0.0 {
+        return Err(RdsrError::Content("a dose value is negative"));
+    }
+    Ok(Some(n * factor))
+}
+
+fn ctdivol(text: &Text, item: &Item<'_, '_>) -> Result<Option<f64>, RdsrError> {
+    dose(
+        text,
+        item,
+        mgy_scale,
+        "Mean CTDIvol (113830) in units that are not a dose (Gy)",
+    )
+}
+
+fn dlp(text: &Text, item: &Item<'_, '_>) -> Result<Option<f64>, RdsrError> {
+    dose(
+        text,
+        item,
+        mgy_cm_scale,
+        "DLP in units that are not a dose-length product (Gy.cm)",
+    )
+}
+
+/// The CT Acquisition (113819) containers and the first CT Accumulated Dose Data (113811)
+/// container anywhere under `ds`, in document order (a report may nest them in other
+/// containers).
+fn collect<'d, 'a>(
+    text: &Text,
+    ds: &'d DataSet<'a>,
+    events: &mut Vec<&'d DataSet<'a>>,
+    accumulated: &mut Option<&'d DataSet<'a>>,
+) -> Result<(), RdsrError> {
+    for child in children(text, ds)? {
+        if child.is(CT_ACQUISITION) {
+            events.push(child.ds);
+        } else if child.is(CT_ACCUMULATED) {
+            if accumulated.is_none() {
+                *accumulated = Some(child.ds);
+            }
+        } else {
+            collect(text, child.ds, events, accumulated)?;
+        }
+    }
+    Ok(())
+}
+
+fn read_event(
+    text: &Text,
+    ds: &DataSet<'_>,
+    report_datetime: Option<&String>,
+) -> Result<IrradiationEvent, RdsrError> {
+    let mut event = IrradiationEvent::default();
+    let mut uid = None;
+    for child in children(text, ds)? {
+        if child.is(IRRADIATION_EVENT_UID) {
+            uid = text.decode(child.ds, UID)?;
+        } else if child.is(ACQUISITION_PROTOCOL) {
+            event.protocol = text.decode(child.ds, TEXT_VALUE)?;
+        } else if child.is(TARGET_REGION) {
+            event.target_region = code(text, child.ds, CONCEPT_CODE)?;
+        } else if child.is(CT_ACQUISITION_TYPE) {
+            event.acquisition_type = code(text, child.ds, CONCEPT_CODE)?;
+        } else if child.is(DATETIME_STARTED) {
+            event.datetime = text.decode(child.ds, DATETIME)?;
+        } else if child.is(CT_DOSE) {
+            for d in children(text, child.ds)? {
+                if d.is(MEAN_CTDIVOL) {
+                    event.ctdivol_mgy = ctdivol(text, &d)?;
+                } else if d.is(DLP) {
+                    event.dlp_mgy_cm = dlp(text, &d)?;
+                }
+            }
+        }
+    }
+    event.event_uid = uid.ok_or(RdsrError::Content(
+        "a CT Acquisition without its Irradiation Event UID (113769)",
+    ))?;
+    if event.datetime.is_none() {
+        event.datetime = report_datetime.cloned();
+    }
+    Ok(event)
+}
+
+fn read_accumulated(text: &Text, ds: &DataSet<'_>) -> Result<Accumulated, RdsrError> {
+    let mut acc = Accumulated::default();
+    for child in children(text, ds)? {
+        if child.is(TOTAL_EVENTS) {
+            if let Some((n, _)) = number(text, &child)? {
+                if n < 0.0 || n.fract() != 0.0 || n > 9_007_199_254_740_992.0 {
+                    return Err(RdsrError::Content(
+                        "Total Number of Irradiation Events (113812) is not a whole number",
+                    ));
+                }
+                // Whole, non-negative and below 2^53: exact as u64.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let n = n as u64;
+                acc.total_events = Some(n);
+            }
+        } else if child.is(CT_DLP_TOTAL) {
+            acc.total_dlp_mgy_cm = dose(
+                text,
+                &child,
+                mgy_cm_scale,
+                "CT Dose Length Product Total (113813) in units that are not a dose-length product (Gy.cm)",
+            )?;
+        }
+    }
+    Ok(acc)
+}
+
 /// Reads a CT dose report from a Part 10 object (as the spool stores it). `Ok(None)`: not a
-/// CT dose report.
+/// CT dose report (not an SR, another SR template, or a projection X-ray dose report).
 pub fn read(bytes: &[u8]) -> Result<Option<DoseReport>, RdsrError> {
-    let _ = bytes;
-    Ok(None)
+    let meta = part10::read(bytes).map_err(|e| match e {
+        part10::Part10Error::Read { reason } => RdsrError::NotPart10(reason),
+        _ => RdsrError::NotPart10("unreadable file meta group"),
+    })?;
+    if !meta.sop_class_uid.starts_with(SR_CLASS_ROOT) {
+        return Ok(None);
+    }
+    let enc = Encoding::of_transfer_syntax(&meta.transfer_syntax_uid);
+    if enc.deflated {
+        return Err(malformed(
+            (0x0002, 0x0010),
+            "deflated transfer syntax is not supported",
+        ));
+    }
+    let mut parser = Parser { bytes, elements: 0 };
+    let (root, _) = parser.data_set(meta.data_set_offset, End::Input, enc, 0, (0x0002, 0x0010))?;
+    let text = Text::of(&root);
+    let root_item = Item {
+        ds: &root,
+        concept: code(&text, &root, CONCEPT_NAME)?,
+    };
+    if !root_item.is(X_RAY_RADIATION_DOSE_REPORT) {
+        return Ok(None);
+    }
+    let mut start = None;
+    for child in children(&text, &root)? {
+        if child.is(START_OF_IRRADIATION) && start.is_none() {
+            start = text.decode(child.ds, DATETIME)?;
+        }
+    }
+    let datetime = match start {
+        Some(s) => Some(s),
+        None => match (
+            text.decode(&root, STUDY_DATE)?,
+            text.decode(&root, STUDY_TIME)?,
+        ) {
+            (Some(d), Some(t)) => Some(format!("{d}{t}")),
+            (d, _) => d,
+        },
+    };
+    let mut event_items = Vec::new();
+    let mut accumulated = None;
+    collect(&text, &root, &mut event_items, &mut accumulated)?;
+    if event_items.is_empty() && accumulated.is_none() {
+        return Ok(None);
+    }
+    let events = event_items
+        .into_iter()
+        .map(|ds| read_event(&text, ds, datetime.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let accumulated = accumulated
+        .map(|ds| read_accumulated(&text, ds))
+        .transpose()?;
+    Ok(Some(DoseReport {
+        sop_instance_uid: text
+            .decode(&root, SOP_INSTANCE)?
+            .unwrap_or(meta.sop_instance_uid),
+        study_instance_uid: text.decode(&root, STUDY_INSTANCE)?,
+        accession_number: text.decode(&root, ACCESSION)?,
+        patient_id: text.decode(&root, PATIENT_ID)?,
+        issuer_of_patient_id: text.decode(&root, ISSUER)?,
+        patient_name: text.decode(&root, PATIENT_NAME)?,
+        birth_date: text.decode(&root, BIRTH_DATE)?,
+        sex: text.decode(&root, SEX)?,
+        manufacturer: text.decode(&root, MANUFACTURER)?,
+        datetime,
+        events,
+        accumulated,
+    }))
 }
