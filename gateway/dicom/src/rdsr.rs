@@ -712,7 +712,9 @@ pub fn read(bytes: &[u8]) -> Result<Option<DoseReport>, RdsrError> {
         accession_number: text.decode(&root, ACCESSION)?,
         patient_id: text.decode(&root, PATIENT_ID)?,
         issuer_of_patient_id: text.decode(&root, ISSUER)?,
-        patient_name: text.decode(&root, PATIENT_NAME)?,
+        // Not needed to match the report: a name in a character set the report does not
+        // declare (seen in the field) leaves it out rather than losing the dose.
+        patient_name: text.decode(&root, PATIENT_NAME).ok().flatten(),
         birth_date: text.decode(&root, BIRTH_DATE)?,
         sex: text.decode(&root, SEX)?,
         manufacturer: text.decode(&root, MANUFACTURER)?,
@@ -720,4 +722,660 @@ pub fn read(bytes: &[u8]) -> Result<Option<DoseReport>, RdsrError> {
         events,
         accumulated,
     }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) const RDSR_CLASS: &str = "1.2.840.10008.5.1.4.1.1.88.67";
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+    const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+    const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
+
+    /// How the synthetic objects are encoded.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Enc {
+        pub implicit: bool,
+        pub big_endian: bool,
+        /// Sequences and items of undefined length.
+        pub undefined: bool,
+    }
+
+    pub(crate) const EXPLICIT: Enc = Enc {
+        implicit: false,
+        big_endian: false,
+        undefined: false,
+    };
+
+    impl Enc {
+        fn ts(self) -> &'static str {
+            match (self.implicit, self.big_endian) {
+                (true, _) => IMPLICIT_LE,
+                (false, true) => EXPLICIT_BE,
+                (false, false) => EXPLICIT_LE,
+            }
+        }
+
+        fn u16(self, v: u16) -> [u8; 2] {
+            if self.big_endian {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        }
+
+        fn u32(self, v: u32) -> [u8; 4] {
+            if self.big_endian {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        }
+
+        fn tag(self, out: &mut Vec<u8>, tag: Tag) {
+            out.extend(self.u16(tag.0));
+            out.extend(self.u16(tag.1));
+        }
+
+        pub(crate) fn el(self, tag: Tag, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+            let mut value = value.to_vec();
+            if value.len() % 2 == 1 {
+                value.push(if vr == b"UI" { 0 } else { b' ' });
+            }
+            let mut out = Vec::new();
+            self.tag(&mut out, tag);
+            if self.implicit {
+                out.extend(self.u32(value.len() as u32));
+            } else if element::is_long_vr(*vr) {
+                out.extend(vr);
+                out.extend([0, 0]);
+                out.extend(self.u32(value.len() as u32));
+            } else {
+                out.extend(vr);
+                out.extend(self.u16(value.len() as u16));
+            }
+            out.extend(value);
+            out
+        }
+
+        pub(crate) fn sq(self, tag: Tag, items: &[Vec<u8>]) -> Vec<u8> {
+            let mut body = Vec::new();
+            for item in items {
+                self.tag(&mut body, (0xFFFE, 0xE000));
+                if self.undefined {
+                    body.extend(self.u32(element::UNDEFINED_LENGTH));
+                    body.extend(item);
+                    self.tag(&mut body, (0xFFFE, 0xE00D));
+                    body.extend(self.u32(0));
+                } else {
+                    body.extend(self.u32(item.len() as u32));
+                    body.extend(item);
+                }
+            }
+            let mut out = Vec::new();
+            self.tag(&mut out, tag);
+            if !self.implicit {
+                out.extend(b"SQ\0\0");
+            }
+            if self.undefined {
+                out.extend(self.u32(element::UNDEFINED_LENGTH));
+                out.extend(body);
+                self.tag(&mut out, (0xFFFE, 0xE0DD));
+                out.extend(self.u32(0));
+            } else {
+                out.extend(self.u32(body.len() as u32));
+                out.extend(body);
+            }
+            out
+        }
+
+        pub(crate) fn code_item(self, value: &str, scheme: &str, meaning: &str) -> Vec<u8> {
+            [
+                self.el(CODE_VALUE, b"SH", value.as_bytes()),
+                self.el(CODING_SCHEME, b"SH", scheme.as_bytes()),
+                self.el(CODE_MEANING, b"LO", meaning.as_bytes()),
+            ]
+            .concat()
+        }
+
+        /// A content item: relationship CONTAINS, its value type and DCM concept name, then
+        /// `rest` (elements in tag order after (0040,A043)).
+        fn item(self, value_type: &str, concept: &str, rest: &[Vec<u8>]) -> Vec<u8> {
+            let mut out = [
+                self.el((0x0040, 0xA010), b"CS", b"CONTAINS"),
+                self.el((0x0040, 0xA040), b"CS", value_type.as_bytes()),
+                self.sq(CONCEPT_NAME, &[self.code_item(concept, "DCM", "x")]),
+            ]
+            .concat();
+            for r in rest {
+                out.extend(r);
+            }
+            out
+        }
+
+        pub(crate) fn container(self, concept: &str, children: &[Vec<u8>]) -> Vec<u8> {
+            self.item(
+                "CONTAINER",
+                concept,
+                &[
+                    self.el((0x0040, 0xA050), b"CS", b"SEPARATE"),
+                    self.sq(CONTENT, children),
+                ],
+            )
+        }
+
+        pub(crate) fn num(self, concept: &str, value: &str, units: &str) -> Vec<u8> {
+            let mv = [
+                self.sq(MEASUREMENT_UNITS, &[self.code_item(units, "UCUM", units)]),
+                self.el(NUMERIC_VALUE, b"DS", value.as_bytes()),
+            ]
+            .concat();
+            self.item("NUM", concept, &[self.sq(MEASURED_VALUE, &[mv])])
+        }
+
+        pub(crate) fn uidref(self, concept: &str, uid: &str) -> Vec<u8> {
+            self.item("UIDREF", concept, &[self.el(UID, b"UI", uid.as_bytes())])
+        }
+
+        pub(crate) fn text(self, concept: &str, text: &str) -> Vec<u8> {
+            self.item(
+                "TEXT",
+                concept,
+                &[self.el(TEXT_VALUE, b"UT", text.as_bytes())],
+            )
+        }
+
+        pub(crate) fn datetime(self, concept: &str, dt: &str) -> Vec<u8> {
+            self.item(
+                "DATETIME",
+                concept,
+                &[self.el(DATETIME, b"DT", dt.as_bytes())],
+            )
+        }
+
+        pub(crate) fn code(self, concept: &str, code: (&str, &str, &str)) -> Vec<u8> {
+            self.item(
+                "CODE",
+                concept,
+                &[self.sq(CONCEPT_CODE, &[self.code_item(code.0, code.1, code.2)])],
+            )
+        }
+
+        /// A CT Acquisition with its UID, protocol, target region and CT Dose.
+        pub(crate) fn event(self, uid: &str, ctdi: &str, dlp: &str) -> Vec<u8> {
+            self.container(
+                CT_ACQUISITION,
+                &[
+                    self.text(ACQUISITION_PROTOCOL, "Head"),
+                    self.code(TARGET_REGION, ("T-D1100", "SRT", "Head")),
+                    self.code(
+                        CT_ACQUISITION_TYPE,
+                        ("P5-08001", "SRT", "Spiral Acquisition"),
+                    ),
+                    self.uidref(IRRADIATION_EVENT_UID, uid),
+                    self.container(
+                        CT_DOSE,
+                        &[
+                            self.num(MEAN_CTDIVOL, ctdi, "mGy"),
+                            self.num(DLP, dlp, "mGy.cm"),
+                        ],
+                    ),
+                ],
+            )
+        }
+
+        pub(crate) fn accumulated(self, events: &str, dlp: &str) -> Vec<u8> {
+            self.container(
+                CT_ACCUMULATED,
+                &[
+                    self.num(TOTAL_EVENTS, events, "{events}"),
+                    self.num(CT_DLP_TOTAL, dlp, "mGy.cm"),
+                ],
+            )
+        }
+
+        /// A Part 10 SR of class `class` with root concept `root` and `content`.
+        pub(crate) fn report(
+            self,
+            class: &str,
+            root: (&str, &str),
+            charset: &str,
+            content: &[Vec<u8>],
+        ) -> Vec<u8> {
+            let mut out = part10::header(class, "1.2.3.4.5", self.ts()).unwrap();
+            for el in [
+                self.el(SPECIFIC_CHARSET, b"CS", charset.as_bytes()),
+                self.el((0x0008, 0x0016), b"UI", class.as_bytes()),
+                self.el(SOP_INSTANCE, b"UI", b"1.2.3.4.5"),
+                self.el(STUDY_DATE, b"DA", b"20260102"),
+                self.el(STUDY_TIME, b"TM", b"0930"),
+                self.el(ACCESSION, b"SH", b"ACC-1"),
+                self.el(MANUFACTURER, b"LO", b"ACME"),
+                self.el(PATIENT_NAME, b"PN", "山田^太郎".as_bytes()),
+                self.el(PATIENT_ID, b"LO", b"PID-7"),
+                self.el(ISSUER, b"LO", b"HOSP-A"),
+                self.el(BIRTH_DATE, b"DA", b"19700101"),
+                self.el(SEX, b"CS", b"F"),
+                self.el(STUDY_INSTANCE, b"UI", b"1.2.3.4"),
+                self.el((0x0040, 0xA040), b"CS", b"CONTAINER"),
+                self.sq(CONCEPT_NAME, &[self.code_item(root.0, root.1, "root")]),
+                self.el((0x0040, 0xA050), b"CS", b"SEPARATE"),
+                self.sq(CONTENT, content),
+            ] {
+                out.extend(el);
+            }
+            out
+        }
+
+        /// A CT dose report: start of irradiation, two events, the accumulated data.
+        pub(crate) fn ct_report(self) -> Vec<u8> {
+            self.report(
+                RDSR_CLASS,
+                (X_RAY_RADIATION_DOSE_REPORT, "DCM"),
+                "ISO_IR 192",
+                &[
+                    self.datetime(START_OF_IRRADIATION, "20260102093000"),
+                    self.accumulated("2", "608.2"),
+                    self.event("1.2.3.100.1", "12.5", "250.0"),
+                    self.container(
+                        CT_ACQUISITION,
+                        &[
+                            self.uidref(IRRADIATION_EVENT_UID, "1.2.3.100.2"),
+                            self.datetime(DATETIME_STARTED, "20260102093500"),
+                            self.container(
+                                CT_DOSE,
+                                &[
+                                    self.num(MEAN_CTDIVOL, "0.0154", "Gy"),
+                                    self.num(DLP, "35.82", "cGy.cm"),
+                                ],
+                            ),
+                        ],
+                    ),
+                ],
+            )
+        }
+    }
+
+    fn ct_events(report: &DoseReport) -> Vec<(&str, Option<f64>, Option<f64>)> {
+        report
+            .events
+            .iter()
+            .map(|e| (e.event_uid.as_str(), e.ctdivol_mgy, e.dlp_mgy_cm))
+            .collect()
+    }
+
+    fn close(a: Option<f64>, b: f64) -> bool {
+        a.is_some_and(|a| (a - b).abs() < 1e-9)
+    }
+
+    #[test]
+    fn ct_events_and_totals_are_read_in_mgy() {
+        let r = read(&EXPLICIT.ct_report()).unwrap().unwrap();
+        assert_eq!(r.sop_instance_uid, "1.2.3.4.5");
+        assert_eq!(r.study_instance_uid.as_deref(), Some("1.2.3.4"));
+        assert_eq!(r.accession_number.as_deref(), Some("ACC-1"));
+        assert_eq!(r.patient_id.as_deref(), Some("PID-7"));
+        assert_eq!(r.issuer_of_patient_id.as_deref(), Some("HOSP-A"));
+        assert_eq!(r.patient_name.as_deref(), Some("山田^太郎"));
+        assert_eq!(r.birth_date.as_deref(), Some("19700101"));
+        assert_eq!(r.sex.as_deref(), Some("F"));
+        assert_eq!(r.manufacturer.as_deref(), Some("ACME"));
+        assert_eq!(r.datetime.as_deref(), Some("20260102093000"));
+        assert_eq!(r.events.len(), 2);
+        let first = &r.events[0];
+        assert_eq!(first.event_uid, "1.2.3.100.1");
+        assert_eq!(first.protocol.as_deref(), Some("Head"));
+        assert_eq!(
+            first.target_region,
+            Some(Code {
+                value: "T-D1100".into(),
+                scheme: "SRT".into(),
+                meaning: "Head".into()
+            })
+        );
+        assert_eq!(
+            first.acquisition_type.as_ref().map(|c| c.meaning.as_str()),
+            Some("Spiral Acquisition")
+        );
+        assert!(close(first.ctdivol_mgy, 12.5) && close(first.dlp_mgy_cm, 250.0));
+        // The report's start, for an event without its own.
+        assert_eq!(first.datetime.as_deref(), Some("20260102093000"));
+        let second = &r.events[1];
+        // Gy and cGy.cm converted.
+        assert!(close(second.ctdivol_mgy, 15.4), "{:?}", second.ctdivol_mgy);
+        assert!(close(second.dlp_mgy_cm, 358.2), "{:?}", second.dlp_mgy_cm);
+        assert_eq!(second.datetime.as_deref(), Some("20260102093500"));
+        assert_eq!(second.protocol, None);
+        let acc = r.accumulated.unwrap();
+        assert_eq!(acc.total_events, Some(2));
+        assert!(close(acc.total_dlp_mgy_cm, 608.2));
+    }
+
+    #[test]
+    fn every_encoding_and_length_form_reads_the_same() {
+        let want = read(&EXPLICIT.ct_report()).unwrap().unwrap();
+        for implicit in [false, true] {
+            for big_endian in [false, true] {
+                for undefined in [false, true] {
+                    if implicit && big_endian {
+                        continue;
+                    }
+                    let enc = Enc {
+                        implicit,
+                        big_endian,
+                        undefined,
+                    };
+                    let got = read(&enc.ct_report()).unwrap().unwrap();
+                    assert!(
+                        got == want,
+                        "implicit {implicit} be {big_endian} undef {undefined}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_debug_form_holds_no_patient_data() {
+        let r = read(&EXPLICIT.ct_report()).unwrap().unwrap();
+        let shown = format!("{r:?} {:?}", r.events);
+        for secret in ["PID-7", "山田", "19700101", "1.2.3.100.1", "Head"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    fn single_event_report(enc: Enc, ctdi: (&str, &str), dlp: (&str, &str)) -> Vec<u8> {
+        enc.report(
+            RDSR_CLASS,
+            (X_RAY_RADIATION_DOSE_REPORT, "DCM"),
+            "",
+            &[enc.container(
+                CT_ACQUISITION,
+                &[
+                    enc.uidref(IRRADIATION_EVENT_UID, "1.2.9"),
+                    enc.container(
+                        CT_DOSE,
+                        &[
+                            enc.num(MEAN_CTDIVOL, ctdi.0, ctdi.1),
+                            enc.num(DLP, dlp.0, dlp.1),
+                        ],
+                    ),
+                ],
+            )],
+        )
+    }
+
+    #[test]
+    fn units_are_converted_and_legacy_spellings_accepted() {
+        for (ctdi, dlp, want) in [
+            (("1.5", "mGy"), ("30", "mGycm"), (1.5, 30.0)),
+            (("1500", "uGy"), ("0.03", "Gy.cm"), (1.5, 30.0)),
+            (("0.15", "cGy"), ("300", "mGy.mm"), (1.5, 30.0)),
+            // A multi-valued DS: the first value; padding trimmed.
+            (("1.5\\2.5 ", "mGy"), (" +3.0E1", "mGy.cm"), (1.5, 30.0)),
+        ] {
+            let r = read(&single_event_report(EXPLICIT, ctdi, dlp))
+                .unwrap()
+                .unwrap();
+            let got = ct_events(&r);
+            assert!(
+                close(got[0].1, want.0) && close(got[0].2, want.1),
+                "{ctdi:?} {dlp:?} -> {got:?}"
+            );
+            assert_eq!(r.accumulated, None);
+        }
+    }
+
+    #[test]
+    fn units_that_are_not_a_dose_and_bad_numbers_are_content_errors() {
+        for (ctdi, dlp) in [
+            (("1.5", "mSv"), ("30", "mGy.cm")),
+            (("1.5", "mGy"), ("30", "mGy")),
+            (("1.5", "mGy.cm"), ("30", "mGy.cm")),
+            (("abc", "mGy"), ("30", "mGy.cm")),
+            (("NaN", "mGy"), ("30", "mGy.cm")),
+            (("inf", "mGy"), ("30", "mGy.cm")),
+            (("-1", "mGy"), ("30", "mGy.cm")),
+        ] {
+            let got = read(&single_event_report(EXPLICIT, ctdi, dlp));
+            assert!(
+                matches!(got, Err(RdsrError::Content(_))),
+                "{ctdi:?} {dlp:?}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn events_nested_in_other_containers_are_found() {
+        let e = EXPLICIT;
+        let bytes = e.report(
+            RDSR_CLASS,
+            (X_RAY_RADIATION_DOSE_REPORT, "DCM"),
+            "",
+            &[e.container(
+                "999999",
+                &[
+                    e.event("1.2.1", "1", "10"),
+                    e.container("999998", &[e.event("1.2.2", "2", "20")]),
+                ],
+            )],
+        );
+        let r = read(&bytes).unwrap().unwrap();
+        assert_eq!(
+            ct_events(&r),
+            vec![
+                ("1.2.1", Some(1.0), Some(10.0)),
+                ("1.2.2", Some(2.0), Some(20.0))
+            ]
+        );
+        // Study Date and Time stand in for a missing Start of X-Ray Irradiation.
+        assert_eq!(r.datetime.as_deref(), Some("202601020930"));
+    }
+
+    #[test]
+    fn an_event_without_its_uid_is_a_content_error() {
+        let e = EXPLICIT;
+        let bytes = e.report(
+            RDSR_CLASS,
+            (X_RAY_RADIATION_DOSE_REPORT, "DCM"),
+            "",
+            &[e.container(
+                CT_ACQUISITION,
+                &[e.container(CT_DOSE, &[e.num(DLP, "10", "mGy.cm")])],
+            )],
+        );
+        let err = read(&bytes).unwrap_err();
+        assert!(
+            matches!(err, RdsrError::Content(m) if m.contains("113769")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn an_event_without_ct_dose_has_no_values() {
+        let e = EXPLICIT;
+        let bytes = e.report(
+            RDSR_CLASS,
+            (X_RAY_RADIATION_DOSE_REPORT, "DCM"),
+            "",
+            &[e.container(CT_ACQUISITION, &[e.uidref(IRRADIATION_EVENT_UID, "1.2.3")])],
+        );
+        let r = read(&bytes).unwrap().unwrap();
+        assert_eq!(ct_events(&r), vec![("1.2.3", None, None)]);
+        // A UTF-8 name in a report declaring no Specific Character Set: left out, the
+        // dose kept.
+        assert_eq!(r.patient_name, None);
+        assert_eq!(r.patient_id.as_deref(), Some("PID-7"));
+    }
+
+    #[test]
+    fn other_srs_objects_and_projection_reports_are_not_ct_dose_reports() {
+        let e = EXPLICIT;
+        let ct = [e.event("1.2.1", "1", "10")];
+        // Another SR template.
+        let other = e.report(RDSR_CLASS, ("18748-4", "LN"), "", &ct);
+        assert_eq!(read(&other).unwrap(), None);
+        // The right code in another scheme.
+        let other = e.report(RDSR_CLASS, (X_RAY_RADIATION_DOSE_REPORT, "LN"), "", &ct);
+        assert_eq!(read(&other).unwrap(), None);
+        // Not an SR class at all (a CT image).
+        let image = e.report(
+            "1.2.840.10008.5.1.4.1.1.2",
+            (X_RAY_RADIATION_DOSE_REPORT, "DCM"),
+            "",
+            &ct,
+        );
+        assert_eq!(read(&image).unwrap(), None);
+        // A projection X-ray dose report: accumulated X-ray data (113702), no CT content.
+        let projection = e.report(
+            RDSR_CLASS,
+            (X_RAY_RADIATION_DOSE_REPORT, "DCM"),
+            "",
+            &[e.container("113702", &[e.num("113722", "0.5", "Gy.m2")])],
+        );
+        assert_eq!(read(&projection).unwrap(), None);
+        // An SR with no content at all.
+        let empty = e.report(RDSR_CLASS, (X_RAY_RADIATION_DOSE_REPORT, "DCM"), "", &[]);
+        assert_eq!(read(&empty).unwrap(), None);
+    }
+
+    #[test]
+    fn not_part10_and_deflate_are_refused() {
+        assert!(matches!(read(b"hello"), Err(RdsrError::NotPart10(_))));
+        let mut bytes = part10::header(RDSR_CLASS, "1.2.3", "1.2.840.10008.1.2.1.99").unwrap();
+        bytes.extend([0x4B, 0x49, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00]);
+        assert!(matches!(
+            read(&bytes),
+            Err(RdsrError::Malformed {
+                group: 2,
+                element: 0x10,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn every_truncation_inside_the_content_is_malformed_never_a_panic() {
+        for enc in [
+            EXPLICIT,
+            Enc {
+                implicit: true,
+                big_endian: false,
+                undefined: true,
+            },
+        ] {
+            let whole = enc.ct_report();
+            let content_at = whole
+                .windows(4)
+                .rposition(|w| w == [0x40, 0x00, 0x30, 0xA7])
+                .unwrap();
+            for cut in 0..whole.len() {
+                let got = read(&whole[..cut]);
+                if cut > content_at {
+                    assert!(
+                        matches!(got, Err(RdsrError::Malformed { .. })),
+                        "cut at {cut}: {got:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_after_the_header_is_malformed() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        for n in 0..200 {
+            let mut bytes = part10::header(RDSR_CLASS, "1.2.3", EXPLICIT_LE).unwrap();
+            for _ in 0..(n * 7 % 300 + 1) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                bytes.push(seed as u8);
+            }
+            // Garbage may happen to read as elements; it must never panic nor be a report.
+            assert!(!matches!(read(&bytes), Ok(Some(_))));
+        }
+        let mut bytes = part10::header(RDSR_CLASS, "1.2.3", EXPLICIT_LE).unwrap();
+        bytes.extend([
+            0x40, 0x00, 0x30, 0xA7, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0x7F,
+        ]);
+        assert!(matches!(
+            read(&bytes),
+            Err(RdsrError::Malformed {
+                group: 0x0040,
+                element: 0xA730,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn nesting_past_the_bound_is_malformed() {
+        let e = EXPLICIT;
+        let mut inner = e.event("1.2.1", "1", "10");
+        for _ in 0..MAX_DEPTH {
+            inner = e.container("999999", &[inner]);
+        }
+        let bytes = e.report(
+            RDSR_CLASS,
+            (X_RAY_RADIATION_DOSE_REPORT, "DCM"),
+            "",
+            &[inner],
+        );
+        assert!(matches!(
+            read(&bytes),
+            Err(RdsrError::Malformed {
+                reason: "sequences nested too deep",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn error_messages_carry_no_patient_data() {
+        let mut bytes = EXPLICIT.ct_report();
+        bytes.truncate(bytes.len() - 3);
+        let shown = read(&bytes).unwrap_err().to_string();
+        assert!(
+            !shown.contains("PID-7") && !shown.contains("ACC-1"),
+            "{shown}"
+        );
+    }
+
+    /// Writes the synthetic reports as fuzz seeds when RDSR_SEED_DIR is set.
+    #[test]
+    fn write_fuzz_seeds_when_asked() {
+        let Some(dir) = std::env::var_os("RDSR_SEED_DIR") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let implicit = Enc {
+            implicit: true,
+            big_endian: false,
+            undefined: true,
+        };
+        let be = Enc {
+            implicit: false,
+            big_endian: true,
+            undefined: false,
+        };
+        let seeds = [
+            ("ct_explicit_le", EXPLICIT.ct_report()),
+            ("ct_implicit_undefined", implicit.ct_report()),
+            ("ct_explicit_be", be.ct_report()),
+            (
+                "legacy_units",
+                single_event_report(EXPLICIT, ("1", "mGy"), ("2", "mGycm")),
+            ),
+            (
+                "not_dose",
+                EXPLICIT.report(RDSR_CLASS, ("18748-4", "LN"), "", &[]),
+            ),
+        ];
+        for (name, bytes) in seeds {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
 }
