@@ -8,6 +8,46 @@
 //!
 //! Values are the scanner's output (CTDIvol in mGy, DLP in mGy·cm, converted from the units
 //! the report declares), never the patient's dose.
+//!
+//! How it reads:
+//! - [`crate::part10::read`] finds the data set and its transfer syntax: Explicit VR LE,
+//!   Implicit VR LE and Explicit VR BE are read; a deflated data set is refused
+//!   (`Malformed` at (0002,0010)). A SOP class outside the SR storage classes
+//!   (`1.2.840.10008.5.1.4.1.1.88.*`) is `Ok(None)` before anything else is read; both the
+//!   X-Ray Radiation Dose SR class and the Enhanced SR class (GE's CT reports) are read.
+//! - The data set is walked into a tree of elements with the crate's one header reader
+//!   (`element`), defined and undefined lengths for sequences and items, at most
+//!   [`MAX_DEPTH`] nested sequences and [`MAX_ELEMENTS`] headers. In Implicit VR a value of
+//!   undefined length, or one of the SR sequences read here, is a sequence; a UN value of
+//!   undefined length is a sequence in Implicit VR LE (PS3.5 6.2.2); other values are kept
+//!   as bytes and only the ones named below are interpreted.
+//! - The root concept (0040,A043) must be 113701 "X-Ray Radiation Dose Report" (DCM), else
+//!   `Ok(None)`. CT Acquisition (113819) and the first CT Accumulated Dose Data (113811)
+//!   containers are found at any depth under the root. A report with neither (a projection
+//!   X-ray report: TID 10001 with TID 10002/10003 content) is `Ok(None)`: only CT dose is
+//!   recorded.
+//! - Per event: Irradiation Event UID (113769, required: its absence is a `Content` error, as
+//!   the UID is what de-duplicates events), Acquisition Protocol (125203), Target Region
+//!   (123014), CT Acquisition Type (113820), DateTime Started (111526, else the report's
+//!   113809), and in CT Dose (113829) Mean CTDIvol (113830) and DLP (113838). An event
+//!   without CT Dose (a localizer) has no values. A NUM takes the first value of its DS
+//!   (some scanners send several) and must be a finite non-negative number in a dose unit.
+//! - Concept names are compared on (code value, scheme) with scheme `DCM` (trimmed, ASCII
+//!   case-insensitive); code meanings are never compared (real reports spell them
+//!   differently, e.g. "Start of X-ray Irradiation").
+//! - Text is decoded in the data set's Specific Character Set ([`crate::charset`]; other
+//!   single-byte sets through dicom-encoding). An identifier that cannot be decoded is a
+//!   `Content` error; an undecodable Patient Name is left out (`None`), as it is not needed
+//!   to match the report and the dose should not be lost to it.
+//!
+//! Quirks of real reports (OpenREM's sample set, see hw-tests/test_safety_rdsr.py):
+//! - Units are compared by code value only (GE's fluoroscopy reports write the scheme `UCM`);
+//!   `mGycm` is read as `mGy.cm` (Siemens Definition Flash, GE Enhanced SR). Known units:
+//!   mGy, Gy, cGy, uGy; mGy.cm, Gy.cm, cGy.cm, uGy.cm, mGy.mm, Gy.m. Anything else is a
+//!   `Content` error, never a guess.
+//! - Target Region as a CODE item with no Concept Code Sequence (GE via PixelMed, Toshiba) or
+//!   an empty one (Philips Big Bore) is `None`; a private code (GE VCT: `00001`, `99GEMS`,
+//!   "Unknown") is passed on as sent.
 
 use dicom_encoding::text::{SpecificCharacterSet, TextCodec};
 
@@ -451,8 +491,8 @@ struct Item<'d, 'a> {
 }
 
 impl<'d, 'a> Item<'d, 'a> {
-    /// Whether the concept name is the DICOM (DCM) code `value`. The scheme is compared
-    /// trimmed and case-insensitively: real reports write `DCM`, a few older ones `dcm`.
+    /// Whether the concept name is the DICOM (DCM) code `value` (scheme trimmed, compared
+    /// ASCII case-insensitively).
     fn is(&self, value: &str) -> bool {
         self.concept
             .as_ref()
