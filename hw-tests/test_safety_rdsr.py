@@ -280,3 +280,22 @@ def test_truncated_copies_of_a_real_report_are_errors_not_crashes(openrem_files,
     # And alone, the good file exits 0.
     rc, _, _ = read_rdsr([good])
     assert rc == 0
+
+
+def test_cumulative_reports_carry_each_event_under_one_uid(openrem_files):
+    """Siemens sends a growing report per study (Multi-1 has event 1, Multi-2 events 1-2,
+    Multi-3 events 1-3): the reader must give each event the same UID and values in every
+    report, so de-duplicating by Irradiation Event UID, in any order, gives Multi-3's total."""
+    files = [openrem_files / f"CT-RDSR-Siemens-Multi-{n}.dcm" for n in (3, 1, 2)]
+    rc, lines, _ = read_rdsr(files)
+    assert rc == 0
+    by_uid: dict[str, float] = {}
+    for f, line in zip(files, lines):
+        for e in line["dose_report"]["events"]:
+            if e["event_uid"] in by_uid:
+                assert same(by_uid[e["event_uid"]], e["dlp_mgy_cm"]), f"{f.name}: {e['event_uid']} changed"
+            by_uid[e["event_uid"]] = e["dlp_mgy_cm"]
+    assert [len(l["dose_report"]["events"]) for l in lines] == [3, 1, 2]
+    assert len(by_uid) == 3, sorted(by_uid)
+    total = lines[0]["dose_report"]["accumulated"]["total_dlp_mgy_cm"]
+    assert same(sum(by_uid.values()), total), (sum(by_uid.values()), total)
