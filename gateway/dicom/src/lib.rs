@@ -15,6 +15,8 @@
 //! - [`part10`]: the Part 10 header stored in front of each data set.
 //! - [`reconcile`]: IHE IRWF Patient ID reconciliation of returned results: a streaming
 //!   Part 10 rewriter and the identifier reader that matches an object to its booking.
+//! - [`rdsr`]: the X-Ray Radiation Dose SR reader (CT irradiation events and totals of a
+//!   stored Part 10 object); reads headers through `element`.
 //! - [`storage_classes`]: the storage SOP classes offered (generated from the dictionary).
 //! - [`worklist`]: Modality Worklist C-FIND: identifier to `gateway_booking::WorklistQuery`,
 //!   worklist items to response identifiers.

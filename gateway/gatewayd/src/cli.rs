@@ -32,6 +32,20 @@ pub enum Command {
     /// Patient identity matching (名寄せ) from the command line: no daemon needed.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Safety warnings before an exam: contrast reactions and CT dose.
+    #[command(subcommand)]
+    Safety(SafetyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SafetyCommand {
+    /// Print what the dose report reader finds in DICOM Part 10 files (no daemon): one JSON
+    /// object per file, never patient name, id or birth date. Exit 1 when any file could not
+    /// be read or is a malformed dose report.
+    ReadRdsr {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

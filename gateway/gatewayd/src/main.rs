@@ -27,6 +27,7 @@ mod logring;
 mod notify;
 mod ops;
 mod run;
+mod safety_cli;
 mod telemetry;
 
 use std::process::ExitCode;
@@ -43,6 +44,7 @@ fn main() -> ExitCode {
         cli::Command::Audit(cmd) => ops::audit(&cmd),
         cli::Command::Users(cmd) => ops::users(&cmd),
         cli::Command::Identity(cmd) => identity(&cmd),
+        cli::Command::Safety(cmd) => safety_cli::main(&cmd),
     }
 }
 
