@@ -46,6 +46,16 @@ pub enum SafetyCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print one person's safety record (contrast reactions, CT dose events and the window's
+    /// total) as JSON, asked of the running core gateway by the person's opaque reference
+    /// (`person:{id}`, as the audit trail and the kiosk's lookups name it). Audited.
+    Show {
+        #[arg(long)]
+        config: PathBuf,
+        /// `person:{id}`.
+        #[arg(long)]
+        patient: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

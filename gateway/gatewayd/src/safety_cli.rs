@@ -27,6 +27,7 @@ pub fn main(cmd: &SafetyCommand) -> ExitCode {
                 ExitCode::from(1)
             }
         }
+        SafetyCommand::Show { config, patient } => crate::ops::safety_show(config, patient),
     }
 }
 
