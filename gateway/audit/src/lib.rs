@@ -114,6 +114,10 @@ pub enum Action {
     DisclosureRefused,
     /// A patient lookup (PDQm search or PIXm linked identifiers) was answered.
     PatientLookup,
+    /// A physician acknowledged a booking's safety warnings (contrast reactions, cumulative
+    /// dose) and the booking proceeded (subject: the kiosk's patient reference; detail
+    /// `warnings={n}`).
+    SafetyAcknowledged,
 }
 
 /// How it ended.

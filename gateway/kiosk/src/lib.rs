@@ -69,6 +69,7 @@ mod enrol;
 pub mod identity;
 mod openapi;
 pub mod results;
+pub mod safety;
 pub mod session;
 pub mod throttle;
 pub mod tls;
@@ -803,9 +804,43 @@ async fn request_appointment(
     } else {
         Action::AppointmentBooked
     };
+    let acknowledging = !req.acknowledged.is_empty();
+    if acknowledging && who.0.role != Role::Physician {
+        kiosk
+            .record_about(
+                &who.0.name,
+                action,
+                Outcome::Failure,
+                subject,
+                Some("forbidden"),
+            )
+            .await;
+        return outcome(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only a physician may acknowledge safety warnings",
+        );
+    }
     let result = kiosk.booking.request(req).await;
     match result {
         Ok(a) => {
+            // The acknowledgement is recorded once it let the booking proceed (a repeat
+            // answered with its first outcome was not checked again: no report).
+            let acknowledged = match &a.safety {
+                Some(report) if acknowledging => report.warnings.len(),
+                _ => 0,
+            };
+            if acknowledged > 0 {
+                kiosk
+                    .record_about(
+                        &who.0.name,
+                        Action::SafetyAcknowledged,
+                        Outcome::Success,
+                        subject.clone(),
+                        Some(&format!("warnings={acknowledged}")),
+                    )
+                    .await;
+            }
             kiosk
                 .record_about(&who.0.name, action, Outcome::Success, subject, None)
                 .await;
@@ -821,9 +856,24 @@ async fn request_appointment(
             kiosk
                 .record_about(&who.0.name, action, Outcome::Failure, subject, Some(code))
                 .await;
-            outcome(status, code, &e.to_string())
+            match &e {
+                appointment::BookingRefused::NeedsAcknowledgement(report) => {
+                    fhir_json(status, safety::needs_acknowledgement(report))
+                }
+                _ => outcome(status, code, &e.to_string()),
+            }
         }
     }
+}
+
+/// A FHIR JSON answer.
+fn fhir_json(status: StatusCode, body: Value) -> Response {
+    let mut r = (status, Json(body)).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+json"),
+    );
+    r
 }
 
 /// HTTP status and OperationOutcome code of a refusal.
