@@ -271,6 +271,7 @@ function showWarnings(body, outcome) {
   if (!ids.length) return false;
   showDose(outcome);
   pendingBooking = { body, ids };
+  $("safety-title").textContent = "安全確認 / Safety warnings";
   const physician = myRole === "physician";
   $("safety-acknowledge").hidden = !physician;
   $("safety-physician-only").hidden = physician;
@@ -289,7 +290,10 @@ async function sendBooking(body) {
     out.textContent = `予約しました / Booked: ${r.data.status} ${acc ? acc.value : ""}`;
     out.dataset.status = r.data.status;
     // A CT booking shows the cumulative dose it was booked with.
-    if (showDose(r.data)) $("safety-view").hidden = false;
+    if (showDose(r.data)) {
+      $("safety-title").textContent = "累積線量 / Cumulative dose";
+      $("safety-view").hidden = false;
+    }
     // That slot is taken now: another press would only be refused.
     selectedSlot = null;
     $("book-submit").disabled = true;
