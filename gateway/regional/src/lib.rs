@@ -84,6 +84,10 @@ fn booked(on_booked: Option<&OnBooked>, appointment: gateway_booking::Appointmen
 /// The core's safety check, when `[safety]` is configured (see [`gateway_booking::safety`]).
 pub type Safety = std::sync::Arc<dyn gateway_booking::SafetyCheck>;
 
+/// Longest the core waits for its safety check on one request; then the request is refused
+/// as unavailable (the exchange's session, which awaits the check, never stalls on it).
+pub const SAFETY_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the safety check says about a request before the ledger decides it.
 #[derive(Debug)]
 enum Gate {
@@ -104,7 +108,8 @@ enum Gate {
 /// A request the ledger has decided before is not checked again: the ledger answers its
 /// first decision, and a `book` confirming a hold keeps the alerts the hold was
 /// acknowledged with. A slot of no schedule is not checked (the ledger refuses it). A check
-/// that fails refuses the request as `Unavailable`; warnings not in `acknowledged` refuse it
+/// that fails, or does not answer within [`SAFETY_CHECK_TIMEOUT`], refuses the request as
+/// `Unavailable`; warnings not in `acknowledged` refuse it
 /// as `NeedsAcknowledgement` with the report. Neither refusal is recorded, so the request
 /// may be sent again under the same id.
 async fn safety_gate(
@@ -134,9 +139,10 @@ async fn safety_gate(
     else {
         return Ok(unchecked);
     };
-    match safety
-        .check(clinic, &request.patient, &modality, actor)
+    let check = safety.check(clinic, &request.patient, &modality, actor);
+    match tokio::time::timeout(SAFETY_CHECK_TIMEOUT, check)
         .await
+        .unwrap_or(Err(gateway_booking::SafetyUnavailable))
     {
         Err(gateway_booking::SafetyUnavailable) => {
             tracing::warn!(%clinic, "safety check unavailable: booking request refused, nothing recorded");

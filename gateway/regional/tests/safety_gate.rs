@@ -92,10 +92,11 @@ fn report() -> SafetyReport {
     }
 }
 
-/// Answers `answer` and records what it was asked.
+/// Answers `answer` (never, when `hang`) and records what it was asked.
 #[derive(Debug)]
 struct FakeSafety {
     answer: Mutex<Result<SafetyReport, SafetyUnavailable>>,
+    hang: bool,
     calls: AtomicUsize,
     asked: Mutex<Vec<(String, String, String, String)>>,
 }
@@ -104,6 +105,7 @@ impl FakeSafety {
     fn new(answer: Result<SafetyReport, SafetyUnavailable>) -> Arc<Self> {
         Arc::new(Self {
             answer: Mutex::new(answer),
+            hang: false,
             calls: AtomicUsize::new(0),
             asked: Mutex::new(Vec::new()),
         })
@@ -126,6 +128,9 @@ impl SafetyCheck for FakeSafety {
             actor.into(),
         ));
         let answer = self.answer.lock().unwrap().clone();
+        if self.hang {
+            return Box::pin(std::future::pending());
+        }
         Box::pin(async move { answer })
     }
 }
@@ -305,4 +310,31 @@ async fn without_a_safety_check_bookings_are_decided_as_before() {
         .unwrap();
     assert_eq!(booked.status, "booked");
     assert_eq!(booked.safety, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_check_that_does_not_answer_refuses_as_unavailable_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ledger, free, seal) = ledger(dir.path()).await;
+    let safety = Arc::new(FakeSafety {
+        answer: Mutex::new(Ok(SafetyReport::default())),
+        hang: true,
+        calls: AtomicUsize::new(0),
+        asked: Mutex::new(Vec::new()),
+    });
+    let local = LocalCore::new(
+        "core-1".into(),
+        ledger.clone(),
+        seal,
+        Arc::new(Notify::new()),
+    )
+    .with_safety(Some(safety as Arc<dyn SafetyCheck>));
+    let started = tokio::time::Instant::now();
+    let refused = local
+        .request(request("t1", &free[0], false, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused, BookingRefused::Unavailable);
+    assert!(started.elapsed() >= gateway_regional::SAFETY_CHECK_TIMEOUT);
+    assert_eq!(ledger.decided("core-1", "t1").await.unwrap(), None);
 }
