@@ -221,7 +221,6 @@ impl CoreExchange {
                 return;
             }
         };
-        let now = Timestamp::now();
         let mut report = None;
         let decision = if now_unix() >= request.expires_at {
             info!(%clinic, "booking request arrived after its expiry: refused, nothing recorded");
@@ -257,10 +256,25 @@ impl CoreExchange {
                     report = r;
                     decision
                 }
+                // The check took time: a request that expired meanwhile is refused like
+                // one that arrived late (its clinic has stopped waiting).
+                Ok(Gate::Decide { .. }) if now_unix() >= request.expires_at => {
+                    info!(%clinic, "booking request expired during its safety check: refused, nothing recorded");
+                    Decision::Refused {
+                        code: Refusal::Invalid,
+                        reason:
+                            "the request expired before the core decided it; nothing was booked"
+                                .into(),
+                    }
+                }
                 Ok(Gate::Decide { alerts, report: r }) => {
                     report = r;
                     booking.alerts = alerts;
-                    match self.ledger.decide(booking, now, HOLD_FOR_SECS).await {
+                    match self
+                        .ledger
+                        .decide(booking, Timestamp::now(), HOLD_FOR_SECS)
+                        .await
+                    {
                         Ok(d) => d,
                         Err(e) => {
                             warn!(%clinic, error = %e, "booking ledger cannot record a decision: no answer sent");
