@@ -39,6 +39,9 @@
 //!
 //! - `POST /fhir/Appointment/$hold` and `$book` (a FHIR Appointment with a contained
 //!   Patient), `GET /fhir/Appointment?patient=` (each read audited): see [`appointment`].
+//!   Safety warnings the core reports (contrast reactions, cumulative CT dose) answer 409
+//!   until a physician acknowledges them (403 for anyone else; the acknowledgement that lets
+//!   a booking proceed is audited `safety_acknowledged`): see [`safety`].
 //! - `GET /fhir/ImagingStudy?based-on=Appointment/{id}` (any staff: images announced,
 //!   received, delivered, failed; the report's state, never its text) and
 //!   `GET /fhir/DiagnosticReport?based-on=Appointment/{id}` (physicians only, 403 otherwise;
@@ -53,7 +56,8 @@
 //! Module map: [`session`] (tokens, cookie, expiry), [`throttle`] (per-address login
 //! back-off), [`tls`] (rustls listener for
 //! `axum::serve`, the development self-signed certificate), [`appointment`] (requests,
-//! resources, the [`appointment::BookingBackend`]), [`results`] (ImagingStudy and
+//! resources, the [`appointment::BookingBackend`]), [`safety`] (the 409 of safety warnings,
+//! the dose Observation), [`results`] (ImagingStudy and
 //! DiagnosticReport of a booked exam, from a [`results::ResultsSource`]), [`identity`]
 //! (the identity registry's routes; [`identity::fhir`] maps FHIR to and from the registry's
 //! types), `openapi` (the document). The slot, appointment and results types and the [`SlotSource`] /
