@@ -117,12 +117,13 @@ pub enum Action {
     /// Safety warnings (contrast reactions, cumulative CT dose) were shown for a booking
     /// (subject `person:{id}`, detail: counts only).
     SafetyWarningsShown,
-    /// A physician acknowledged safety warnings so that a booking could proceed (subject
-    /// `person:{id}` or the appointment, detail: the warning ids, opaque).
-    SafetyWarningsAcknowledged,
     /// An operator was shown a person's safety record (`gatewayd safety show`; subject
     /// `person:{id}`, detail: counts only).
     SafetyShown,
+    /// A physician acknowledged a booking's safety warnings (contrast reactions, cumulative
+    /// dose) and the booking proceeded (subject: the kiosk's patient reference; detail
+    /// `warnings={n}`).
+    SafetyAcknowledged,
 }
 
 /// How it ended.

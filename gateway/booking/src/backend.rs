@@ -113,8 +113,14 @@ pub enum BookingRefused {
 
 impl BookingRefused {
     /// The kiosk's refusal for the core's refusal code (`version`: the appointment's current
-    /// version, for a version mismatch).
-    pub fn from_refusal(code: crate::Refusal, reason: String, version: u64) -> Self {
+    /// version, for a version mismatch; `safety`: the report a `NeedsAcknowledgement`
+    /// refusal came with).
+    pub fn from_refusal(
+        code: crate::Refusal,
+        reason: String,
+        version: u64,
+        safety: Option<crate::SafetyReport>,
+    ) -> Self {
         use crate::Refusal;
         match code {
             Refusal::Conflict => Self::Conflict,
@@ -122,8 +128,10 @@ impl BookingRefused {
             Refusal::Expired => Self::Expired,
             Refusal::Invalid => Self::Invalid(reason),
             Refusal::VersionMismatch => Self::VersionMismatch { current: version },
-            // The decision's report is filled in by the caller, which has it.
-            Refusal::NeedsAcknowledgement => Self::NeedsAcknowledgement(Box::default()),
+            Refusal::Unavailable => Self::Unavailable,
+            Refusal::NeedsAcknowledgement => {
+                Self::NeedsAcknowledgement(Box::new(safety.unwrap_or_default()))
+            }
         }
     }
 }

@@ -107,6 +107,9 @@ pub enum Refusal {
     /// Safety warnings (contrast reactions, cumulative dose) must be acknowledged by a
     /// physician first; the decision carries them. Nothing was recorded.
     NeedsAcknowledgement,
+    /// The core could not decide now (its safety check did not answer); nothing was
+    /// recorded: the request may be sent again. Never a booking made unchecked.
+    Unavailable,
 }
 
 /// The core's answer to a request; the same request always gets the same answer.
@@ -342,6 +345,16 @@ impl Ledger {
         Ok(decision)
     }
 
+    /// The decision recorded for `request_id` of `clinic`, if it was decided before (the
+    /// core asks its safety check only for requests that are not: a repeat gets its first
+    /// answer, a `book` confirming a hold keeps the alerts the hold was acknowledged with).
+    pub fn decided(&self, clinic: &str, request_id: &str) -> Option<Decision> {
+        self.lock()
+            .decisions
+            .get(&format!("{clinic}|{request_id}"))
+            .cloned()
+    }
+
     /// A request decided before: the same answer, or a hold confirmed by `book`.
     fn repeat(
         &self,
@@ -366,6 +379,11 @@ impl Ledger {
         a.status = AppointmentStatus::Booked;
         a.hold_expires_unix = None;
         a.version += 1;
+        // The hold's acknowledged alerts stay; a confirmation that carries alerts of its own
+        // (acknowledged again) replaces them.
+        if !req.alerts.is_empty() {
+            a.alerts.clone_from(&req.alerts);
+        }
         let now = Decision::Booked {
             appointment_id: a.id.clone(),
             accession: a.accession.clone(),

@@ -73,6 +73,11 @@ enum Request {
         id: String,
         reply: oneshot::Sender<Option<Appointment>>,
     },
+    Decided {
+        clinic: String,
+        request_id: String,
+        reply: oneshot::Sender<Option<Decision>>,
+    },
 }
 
 /// The owner of the [`Ledger`]; run it with [`LedgerService::spawn`] (or
@@ -195,6 +200,13 @@ impl LedgerService {
             }
             Request::Get { id, reply } => {
                 let _ = reply.send(ledger.get(&id));
+            }
+            Request::Decided {
+                clinic,
+                request_id,
+                reply,
+            } => {
+                let _ = reply.send(ledger.decided(&clinic, &request_id));
             }
         }
     }
@@ -319,6 +331,21 @@ impl LedgerHandle {
     pub async fn get(&self, id: &str) -> Result<Option<Appointment>, LedgerError> {
         let id = id.to_owned();
         self.ask(|reply| Request::Get { id, reply }).await
+    }
+
+    /// [`Ledger::decided`].
+    pub async fn decided(
+        &self,
+        clinic: &str,
+        request_id: &str,
+    ) -> Result<Option<Decision>, LedgerError> {
+        let (clinic, request_id) = (clinic.to_owned(), request_id.to_owned());
+        self.ask(|reply| Request::Decided {
+            clinic,
+            request_id,
+            reply,
+        })
+        .await
     }
 }
 

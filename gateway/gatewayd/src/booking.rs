@@ -246,9 +246,8 @@ pub(crate) async fn start(
                 }
                 _ => None,
             };
-            if let Some((_, check)) = &safety {
-                local = local.with_safety(Arc::clone(check));
-            }
+            let check = safety.as_ref().map(|(_, check)| Arc::clone(check));
+            local = local.with_safety(check.clone());
             if let Some(f) = &to_ris {
                 local = local.with_on_booked(f.clone());
             }
@@ -283,10 +282,7 @@ pub(crate) async fn start(
                     Some(f) => core.with_on_booked(f),
                     None => core,
                 };
-                let core = match &safety {
-                    Some((_, check)) => core.with_safety(Arc::clone(check)),
-                    None => core,
-                };
+                let core = core.with_safety(check);
                 let core = match &settings.results {
                     Some(r) => {
                         let (service, link) = core_results(

@@ -181,9 +181,146 @@ function personName() {
   return groups.join("=");
 }
 
+// ---- Safety warnings at booking (contrast reactions, cumulative CT dose) ----
+
+const WARNING_SYSTEM = "urn:gatewayd:safety-warning";
+const ACKNOWLEDGED_WARNING = "urn:gatewayd:acknowledged-warning";
+const DOSE_EVENT = "urn:gatewayd:dose-event";
+const SEVERITY = { SV: "重度 / severe", MO: "中等度 / moderate", MI: "軽度 / mild", U: "不明 / unknown" };
+let pendingBooking = null; // the request a 409 asked to acknowledge: { body, ids }
+
+// A sub-extension's value (valueString, valueCode or valueQuantity.value).
+function sub(ext, url) {
+  return ((ext && ext.extension) || []).filter((x) => x.url === url)
+    .map((x) => x.valueString ?? x.valueCode ?? (x.valueQuantity && x.valueQuantity.value));
+}
+
+// `YYYYMMDD[HHMM...]` as sent: its date, written YYYY-MM-DD.
+function hl7Date(v) {
+  return v && /^[0-9]{8}/.test(v) ? `${v.slice(0, 4)}-${v.slice(4, 6)}-${v.slice(6, 8)}` : (v || "");
+}
+
+function closeSafety() {
+  pendingBooking = null;
+  $("safety-view").hidden = true;
+  $("safety-warnings").replaceChildren();
+  $("safety-dose").hidden = true;
+  $("safety-dose-events").querySelector("tbody").replaceChildren();
+  $("safety-physician-only").hidden = true;
+  $("safety-acknowledge").hidden = true;
+}
+
+// The dose Observation (contained in a 409 or in a booked CT appointment), if any.
+function showDose(resource) {
+  const dose = (resource.contained || []).find((c) => c.resourceType === "Observation" && c.id === "cumulative-dose");
+  if (!dose) return false;
+  const days = ((dose.extension || []).find((x) => x.url === "urn:gatewayd:dose-window-days") || {}).valueUnsignedInt;
+  const total = dose.valueQuantity ? dose.valueQuantity.value : 0;
+  const high = dose.referenceRange && dose.referenceRange[0] && dose.referenceRange[0].high;
+  const over = high ? ` (閾値 / threshold ${high.value} mGy·cm)` : "";
+  $("safety-dose-total").textContent =
+    `過去${days}日間の累積DLP / Cumulative DLP of the last ${days} days: ${total} mGy·cm${over}`;
+  $("safety-dose").dataset.total = String(total);
+  const tbody = $("safety-dose-events").querySelector("tbody");
+  tbody.replaceChildren();
+  for (const c of dose.component || []) {
+    const ext = (c.extension || []).find((x) => x.url === DOSE_EVENT);
+    const tr = document.createElement("tr");
+    const cells = [hl7Date(sub(ext, "when")[0]), sub(ext, "hospital")[0] || "",
+      (c.code && c.code.text) || "", sub(ext, "ctdivol")[0] ?? "", c.valueQuantity ? c.valueQuantity.value : ""];
+    for (const text of cells) {
+      const td = document.createElement("td");
+      td.textContent = String(text);
+      tr.append(td);
+    }
+    tbody.append(tr);
+  }
+  $("safety-dose").hidden = false;
+  return true;
+}
+
+// A 409 with safety warnings: each in Japanese and English, and the dose; a physician may
+// acknowledge them and book, others are told that a physician must.
+function showWarnings(body, outcome) {
+  const ids = [];
+  const list = $("safety-warnings");
+  list.replaceChildren();
+  for (const issue of outcome.issue || []) {
+    const coding = issue.details && (issue.details.coding || []).find((c) => c.system === WARNING_SYSTEM);
+    if (!coding) continue;
+    ids.push(coding.code);
+    const ext = (issue.extension || []).find((x) => x.url === WARNING_SYSTEM);
+    const li = document.createElement("li");
+    li.dataset.warning = coding.code;
+    li.append(line(issue.details.text || "", "ja"));
+    li.append(line(issue.diagnostics || ""));
+    const facts = [];
+    const agent = sub(ext, "agent")[0];
+    if (agent) facts.push(`薬剤 / Agent: ${agent}`);
+    const severity = sub(ext, "severity")[0];
+    if (severity) facts.push(`重症度 / Severity: ${SEVERITY[severity] || severity}`);
+    const reactions = sub(ext, "reaction");
+    if (reactions.length) facts.push(`反応 / Reaction: ${reactions.join(", ")}`);
+    const when = sub(ext, "when")[0];
+    if (when) facts.push(`時期 / When: ${hl7Date(when)}`);
+    const hospital = sub(ext, "hospital")[0];
+    if (hospital) facts.push(`病院 / Hospital: ${hospital}`);
+    if (facts.length) li.append(line(facts.join(" · "), "note"));
+    list.append(li);
+  }
+  if (!ids.length) return false;
+  showDose(outcome);
+  pendingBooking = { body, ids };
+  $("safety-title").textContent = "安全確認 / Safety warnings";
+  const physician = myRole === "physician";
+  $("safety-acknowledge").hidden = !physician;
+  $("safety-physician-only").hidden = physician;
+  $("safety-view").hidden = false;
+  return true;
+}
+
+async function sendBooking(body) {
+  const r = await api("POST", "/fhir/Appointment/$book", body);
+  const out = $("book-result");
+  out.hidden = false;
+  if (r.status === 201 || r.status === 200) {
+    closeSafety();
+    const acc = (r.data.identifier || []).find((i) => i.system === "urn:gatewayd:accession");
+    out.className = "";
+    out.textContent = `予約しました / Booked: ${r.data.status} ${acc ? acc.value : ""}`;
+    out.dataset.status = r.data.status;
+    // A CT booking shows the cumulative dose it was booked with.
+    if (showDose(r.data)) {
+      $("safety-title").textContent = "累積線量 / Cumulative dose";
+      $("safety-view").hidden = false;
+    }
+    // That slot is taken now: another press would only be refused.
+    selectedSlot = null;
+    $("book-submit").disabled = true;
+  } else if (r.status === 409 && r.data && showWarnings(body, r.data)) {
+    out.className = "warning";
+    out.textContent = "安全確認が必要です。予約はまだされていません。 / Safety warnings: nothing is booked yet.";
+    out.dataset.status = "warnings";
+  } else {
+    closeSafety();
+    out.className = "error";
+    out.textContent = problem(r.data);
+    out.dataset.status = "refused";
+  }
+}
+
+$("safety-acknowledge").addEventListener("click", () => {
+  if (!pendingBooking) return;
+  // The same request (same id) again, with every warning shown acknowledged.
+  const body = { ...pendingBooking.body,
+    extension: pendingBooking.ids.map((id) => ({ url: ACKNOWLEDGED_WARNING, valueString: id })) };
+  sendBooking(body);
+});
+
 $("book-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   if (!selectedSlot) return;
+  closeSafety();
   const requestId = "req-" + crypto.randomUUID();
   const body = {
     resourceType: "Appointment",
@@ -199,22 +336,7 @@ $("book-form").addEventListener("submit", async (e) => {
     }],
     participant: [{ actor: { reference: "#patient" }, status: "needs-action" }],
   };
-  const r = await api("POST", "/fhir/Appointment/$book", body);
-  const out = $("book-result");
-  out.hidden = false;
-  if (r.status === 201 || r.status === 200) {
-    const acc = (r.data.identifier || []).find((i) => i.system === "urn:gatewayd:accession");
-    out.className = "";
-    out.textContent = `予約しました / Booked: ${r.data.status} ${acc ? acc.value : ""}`;
-    out.dataset.status = r.data.status;
-    // That slot is taken now: another press would only be refused.
-    selectedSlot = null;
-    $("book-submit").disabled = true;
-  } else {
-    out.className = "error";
-    out.textContent = problem(r.data);
-    out.dataset.status = "refused";
-  }
+  await sendBooking(body);
 });
 
 $("list-form").addEventListener("submit", async (e) => {

@@ -8,7 +8,10 @@
 //! - `slot[0].reference`: `Slot/{slot id}`;
 //! - a contained Patient (`#patient`) with `identifier[0].value`, `name[0].text` (DICOM PN,
 //!   e.g. `YAMADA^TARO=山田^太郎=やまだ^たろう`), `birthDate` (`YYYY-MM-DD`) and `gender`;
-//! - `serviceType[0].text`: the procedure.
+//! - `serviceType[0].text`: the procedure;
+//! - optionally, one `extension` with url [`ACKNOWLEDGED_WARNING`] and `valueString` = a
+//!   safety warning's id per warning a physician acknowledges (the ids come with a 409, see
+//!   [`crate::safety`]); only a physician may send them (403 otherwise).
 //!
 //! `POST /fhir/Appointment/{id}/$cancel` with `If-Match: W/"{versionId}"` (required: 428
 //! without, 412 when the appointment changed since) cancels; every single-Appointment
@@ -29,6 +32,11 @@ pub use gateway_booking::backend::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct InvalidRequest(pub &'static str);
+
+/// Extension url of one acknowledged safety warning id on a `$hold` / `$book` request.
+pub const ACKNOWLEDGED_WARNING: &str = "urn:gatewayd:acknowledged-warning";
+/// At most this many acknowledged ids in one request.
+pub const MAX_ACKNOWLEDGED: usize = 32;
 
 /// The first element of the array `v[key]` (what `v[key][0]` reads, without indexing).
 fn first<'v>(v: &'v Value, key: &str) -> Option<&'v Value> {
@@ -97,6 +105,7 @@ pub fn parse_request(
         .ok_or(InvalidRequest(
             "serviceType[0].text: the procedure, 1-64 characters",
         ))?;
+    let acknowledged = acknowledged(body)?;
     Ok(AppointmentRequest {
         request_id: request_id.to_string(),
         slot_id: slot_id.to_string(),
@@ -107,8 +116,39 @@ pub fn parse_request(
         sex: sex.to_string(),
         procedure: procedure.to_string(),
         staff: staff.to_string(),
-        acknowledged: Vec::new(),
+        acknowledged,
     })
+}
+
+/// The acknowledged warning ids of a request (extensions with another url are ignored).
+fn acknowledged(body: &Value) -> Result<Vec<String>, InvalidRequest> {
+    let Some(extensions) = body.get("extension") else {
+        return Ok(Vec::new());
+    };
+    let extensions = extensions
+        .as_array()
+        .ok_or(InvalidRequest("extension: an array"))?;
+    let mut ids: Vec<String> = Vec::new();
+    for e in extensions
+        .iter()
+        .filter(|e| e["url"] == ACKNOWLEDGED_WARNING)
+    {
+        let id = e["valueString"]
+            .as_str()
+            .filter(|s| (1..=128).contains(&s.chars().count()) && !s.chars().any(char::is_control))
+            .ok_or(InvalidRequest(
+                "extension[acknowledged-warning].valueString: a warning id, 1-128 characters",
+            ))?;
+        if !ids.iter().any(|i| i == id) {
+            ids.push(id.to_string());
+        }
+    }
+    if ids.len() > MAX_ACKNOWLEDGED {
+        return Err(InvalidRequest(
+            "extension: at most 32 acknowledged warnings",
+        ));
+    }
+    Ok(ids)
 }
 
 /// The FHIR Appointment resource of a view (patient by identifier only).
@@ -130,6 +170,22 @@ pub fn resource(a: &AppointmentView) -> Value {
         r.get_mut("identifier").and_then(Value::as_array_mut),
     ) {
         ids.push(json!({"system": "urn:gatewayd:accession", "value": acc}));
+    }
+    if let (Some(report), Some(obj)) = (&a.safety, r.as_object_mut()) {
+        let acknowledged: Vec<Value> = report
+            .warnings
+            .iter()
+            .map(|w| json!({"url": ACKNOWLEDGED_WARNING, "valueString": w.id}))
+            .collect();
+        if !acknowledged.is_empty() {
+            obj.insert("extension".into(), Value::Array(acknowledged));
+        }
+        if let Some(dose) = &report.dose {
+            obj.insert(
+                "contained".into(),
+                json!([crate::safety::dose_observation(dose)]),
+            );
+        }
     }
     r
 }

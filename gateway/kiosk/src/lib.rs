@@ -39,6 +39,9 @@
 //!
 //! - `POST /fhir/Appointment/$hold` and `$book` (a FHIR Appointment with a contained
 //!   Patient), `GET /fhir/Appointment?patient=` (each read audited): see [`appointment`].
+//!   Safety warnings the core reports (contrast reactions, cumulative CT dose) answer 409
+//!   until a physician acknowledges them (403 for anyone else; the acknowledgement that lets
+//!   a booking proceed is audited `safety_acknowledged`): see [`safety`].
 //! - `GET /fhir/ImagingStudy?based-on=Appointment/{id}` (any staff: images announced,
 //!   received, delivered, failed; the report's state, never its text) and
 //!   `GET /fhir/DiagnosticReport?based-on=Appointment/{id}` (physicians only, 403 otherwise;
@@ -53,7 +56,8 @@
 //! Module map: [`session`] (tokens, cookie, expiry), [`throttle`] (per-address login
 //! back-off), [`tls`] (rustls listener for
 //! `axum::serve`, the development self-signed certificate), [`appointment`] (requests,
-//! resources, the [`appointment::BookingBackend`]), [`results`] (ImagingStudy and
+//! resources, the [`appointment::BookingBackend`]), [`safety`] (the 409 of safety warnings,
+//! the dose Observation), [`results`] (ImagingStudy and
 //! DiagnosticReport of a booked exam, from a [`results::ResultsSource`]), [`identity`]
 //! (the identity registry's routes; [`identity::fhir`] maps FHIR to and from the registry's
 //! types), `openapi` (the document). The slot, appointment and results types and the [`SlotSource`] /
@@ -69,6 +73,7 @@ mod enrol;
 pub mod identity;
 mod openapi;
 pub mod results;
+pub mod safety;
 pub mod session;
 pub mod throttle;
 pub mod tls;
@@ -803,9 +808,43 @@ async fn request_appointment(
     } else {
         Action::AppointmentBooked
     };
+    let acknowledging = !req.acknowledged.is_empty();
+    if acknowledging && who.0.role != Role::Physician {
+        kiosk
+            .record_about(
+                &who.0.name,
+                action,
+                Outcome::Failure,
+                subject,
+                Some("forbidden"),
+            )
+            .await;
+        return outcome(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only a physician may acknowledge safety warnings",
+        );
+    }
     let result = kiosk.booking.request(req).await;
     match result {
         Ok(a) => {
+            // The acknowledgement is recorded once it let the booking proceed (a repeat
+            // answered with its first outcome was not checked again: no report).
+            let acknowledged = match &a.safety {
+                Some(report) if acknowledging => report.warnings.len(),
+                _ => 0,
+            };
+            if acknowledged > 0 {
+                kiosk
+                    .record_about(
+                        &who.0.name,
+                        Action::SafetyAcknowledged,
+                        Outcome::Success,
+                        subject.clone(),
+                        Some(&format!("warnings={acknowledged}")),
+                    )
+                    .await;
+            }
             kiosk
                 .record_about(&who.0.name, action, Outcome::Success, subject, None)
                 .await;
@@ -821,9 +860,24 @@ async fn request_appointment(
             kiosk
                 .record_about(&who.0.name, action, Outcome::Failure, subject, Some(code))
                 .await;
-            outcome(status, code, &e.to_string())
+            match &e {
+                appointment::BookingRefused::NeedsAcknowledgement(report) => {
+                    fhir_json(status, safety::needs_acknowledgement(report))
+                }
+                _ => outcome(status, code, &e.to_string()),
+            }
         }
     }
+}
+
+/// A FHIR JSON answer.
+fn fhir_json(status: StatusCode, body: Value) -> Response {
+    let mut r = (status, Json(body)).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+json"),
+    );
+    r
 }
 
 /// HTTP status and OperationOutcome code of a refusal.

@@ -460,7 +460,10 @@ fn base() -> Value {
                         "resourceType": {"const": "OperationOutcome"},
                         "issue": {"type": "array", "items": {"type": "object",
                             "required": ["severity", "code"],
-                            "properties": {"severity": {"type": "string"}, "code": {"type": "string"}, "diagnostics": {"type": "string"}}}}
+                            "properties": {"severity": {"type": "string"}, "code": {"type": "string"}, "diagnostics": {"type": "string"},
+                                "details": {"type": "object", "description": "A safety warning: coding[0] (system urn:gatewayd:safety-warning) code = the warning id to acknowledge, display = its kind; text = the Japanese text (diagnostics the English)"},
+                                "extension": {"type": "array", "items": {"type": "object"}, "description": "A safety warning's details: url urn:gatewayd:safety-warning, sub-extensions kind, contrast (valueCode), agent, severity, reaction (repeated), when, hospital, text-ja (valueString)"}}}},
+                        "contained": {"type": "array", "items": {"type": "object"}, "description": "With safety warnings for CT: the cumulative dose Observation (see Appointment.contained)"}
                     }
                 },
                 "Login": {
@@ -490,7 +493,11 @@ fn base() -> Value {
                         "serviceType": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["text"], "properties": {
                             "text": {"type": "string", "description": "The procedure", "minLength": 1, "maxLength": 64}}}},
                         "contained": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/ContainedPatient"}},
-                        "participant": {"type": "array", "items": {"type": "object"}}
+                        "participant": {"type": "array", "items": {"type": "object"}},
+                        "extension": {"type": "array", "maxItems": 64, "description": "Safety warnings a physician acknowledges (physicians only: 403 otherwise): one extension with url urn:gatewayd:acknowledged-warning and valueString = the warning id (details.coding[0].code of the 409's issue) per warning, at most 32; extensions with other urls are ignored",
+                            "items": {"type": "object", "required": ["url"], "properties": {
+                                "url": {"type": "string"},
+                                "valueString": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"}}}}
                     }
                 },
                 "ContainedPatient": {
@@ -515,7 +522,9 @@ fn base() -> Value {
                         "resource": {"$ref": "#/components/schemas/Appointment"}}}}}},
                 "Appointment": {"type": "object", "required": ["resourceType", "id", "status"], "properties": {
                     "resourceType": {"const": "Appointment"}, "id": {"type": "string"},
-                    "status": {"enum": ["proposed", "pending", "booked", "cancelled", "fulfilled", "noshow"]}}},
+                    "status": {"enum": ["proposed", "pending", "booked", "cancelled", "fulfilled", "noshow"]},
+                    "extension": {"type": "array", "items": {"type": "object"}, "description": "On the answer to a $hold/$book: the safety warnings it was acknowledged with (url urn:gatewayd:acknowledged-warning, valueString the id)"},
+                    "contained": {"type": "array", "items": {"type": "object"}, "description": "On the answer to a $hold/$book of a CT: the cumulative dose of the window as an Observation (id cumulative-dose): valueQuantity the total DLP in mGy.cm, referenceRange[0].high the threshold, extension urn:gatewayd:dose-window-days the window, note the label 'scanner output (CTDIvol/DLP), not patient dose' in English and Japanese, one component per irradiation event (code: Irradiation Event UID, system urn:dicom:uid; valueQuantity its DLP; extension urn:gatewayd:dose-event with when, hospital, ctdivol, protocol)"}}},
                 "SlotBundle": {"type": "object", "required": ["resourceType", "type", "entry"], "properties": {
                     "resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
                     "total": {"type": "integer"}, "meta": {"type": "object"},
@@ -555,9 +564,10 @@ fn base() -> Value {
                     "200": {"description": "The same request again: its first answer", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/Appointment"}}}},
                     "400": outcome_response("Malformed request; the diagnostics name the element"),
                     "401": outcome_response("No session"),
+                    "403": outcome_response("Safety warnings acknowledged by someone who is not a physician; nothing was held"),
                     "404": outcome_response("No such slot"),
-                    "409": outcome_response("The slot went to another request, or has begun"),
-                    "503": outcome_response("The core hospital cannot be reached; nothing was held")
+                    "409": outcome_response("The slot went to another request, or has begun; or (code business-rule, severity warning, one issue per warning) safety warnings a physician must acknowledge: re-send with their ids as acknowledged-warning extensions; nothing was held"),
+                    "503": outcome_response("The core hospital (or its safety check) cannot be reached; nothing was held")
                 }
             }},
             "/fhir/Appointment/$book": {"post": {
@@ -568,9 +578,10 @@ fn base() -> Value {
                     "200": {"description": "The same request again: its first answer", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/Appointment"}}}},
                     "400": outcome_response("Malformed request; the diagnostics name the element"),
                     "401": outcome_response("No session"),
+                    "403": outcome_response("Safety warnings acknowledged by someone who is not a physician; nothing was booked"),
                     "404": outcome_response("No such slot"),
-                    "409": outcome_response("The slot went to another request, or has begun"),
-                    "503": outcome_response("The core hospital cannot be reached; nothing was booked")
+                    "409": outcome_response("The slot went to another request, or has begun; or (code business-rule, severity warning, one issue per warning) safety warnings a physician must acknowledge: re-send with their ids as acknowledged-warning extensions; nothing was booked"),
+                    "503": outcome_response("The core hospital (or its safety check) cannot be reached; nothing was booked")
                 }
             }},
             "/fhir/Appointment/{id}/$cancel": {"post": {

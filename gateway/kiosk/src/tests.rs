@@ -66,6 +66,9 @@ impl SlotSource for FixedSlots {
 #[derive(Debug, Default)]
 struct FakeCore {
     down: std::sync::atomic::AtomicBool,
+    /// The core's safety report for every new request, when set: unacknowledged warnings
+    /// refuse it (like the core's gate), else it is booked with the report.
+    safety: std::sync::Mutex<Option<gateway_booking::SafetyReport>>,
     by_request: std::sync::Mutex<std::collections::HashMap<String, appointment::AppointmentView>>,
 }
 
@@ -95,8 +98,14 @@ impl appointment::BookingBackend for FakeCore {
             if map.values().any(|a| a.slot_id == req.slot_id) {
                 return Err(R::Conflict);
             }
+            let safety = self.safety.lock().unwrap().clone();
+            if let Some(report) = &safety
+                && report.unacknowledged(&req.acknowledged).next().is_some()
+            {
+                return Err(R::NeedsAcknowledgement(Box::new(report.clone())));
+            }
             let a = appointment::AppointmentView {
-                safety: None,
+                safety: safety.clone(),
                 id: format!("apt-{}", map.len() + 1),
                 request_id: req.request_id.clone(),
                 slot_id: req.slot_id.clone(),
@@ -2060,3 +2069,239 @@ async fn the_openapi_document_describes_the_results_searches() {
 }
 
 mod identity;
+
+// --- safety warnings at booking ---------------------------------------------------------
+
+fn safety_report() -> gateway_booking::SafetyReport {
+    use gateway_booking::{
+        ContrastClass, DoseEventView, DoseSummary, SafetyReport, SafetyWarning, WarningKind,
+    };
+    SafetyReport {
+        warnings: vec![
+            SafetyWarning {
+                id: "w-react-1".into(),
+                kind: WarningKind::ContrastReaction,
+                contrast: Some(ContrastClass::Iodinated),
+                agent: Some("Iopamidol".into()),
+                severity: Some("SV".into()),
+                reactions: vec!["蕁麻疹".into(), "anaphylaxis".into()],
+                when: Some("20240105".into()),
+                hospital: "hosp-a".into(),
+                text_en: "Severe reaction to iodinated contrast".into(),
+                text_ja: "ヨード造影剤に重度の反応".into(),
+            },
+            SafetyWarning {
+                id: "w-dose-365".into(),
+                kind: WarningKind::CumulativeDose,
+                contrast: None,
+                agent: None,
+                severity: None,
+                reactions: Vec::new(),
+                when: None,
+                hospital: "core-1".into(),
+                text_en: "Cumulative DLP over the threshold".into(),
+                text_ja: "累積DLPが閾値を超えています".into(),
+            },
+        ],
+        dose: Some(DoseSummary {
+            window_days: 365,
+            total_dlp_mgy_cm: 2412.5,
+            threshold_dlp_mgy_cm: Some(2000.0),
+            events: vec![DoseEventView {
+                event_uid: "1.2.392.200036.9116.2.6.1.48.1215.1".into(),
+                when: Some("20260412101500".into()),
+                hospital: "hosp-b".into(),
+                ctdivol_mgy: Some(12.3),
+                dlp_mgy_cm: Some(2412.5),
+                target_region: Some("Chest".into()),
+                protocol: Some("Chest routine".into()),
+            }],
+            label: gateway_booking::safety::DOSE_LABEL.into(),
+        }),
+    }
+}
+
+/// The fixture with a physician `dr.suzuki` and a core that reports [`safety_report`].
+fn safety_fixture() -> Fixture {
+    let mut f = fixture(false);
+    f.staff.add("dr.suzuki", Role::Physician, PW).unwrap();
+    let e = f.staff.enroll_totp("dr.suzuki", "test").unwrap();
+    f.secrets
+        .push(("dr.suzuki".into(), e.secret_base32.to_string()));
+    *f.core.safety.lock().unwrap() = Some(safety_report());
+    f
+}
+
+fn acknowledging(mut body: Value, ids: &[&str]) -> Value {
+    body["extension"] = ids
+        .iter()
+        .map(|id| json!({"url": appointment::ACKNOWLEDGED_WARNING, "valueString": id}))
+        .collect();
+    body
+}
+
+/// The ids a 409 asks to acknowledge.
+fn warning_ids(o: &Value) -> Vec<String> {
+    o["issue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["details"]["coding"][0]["code"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn unacknowledged_warnings_answer_409_with_each_warning_in_both_languages_and_the_dose() {
+    let f = safety_fixture();
+    let s = f.session("clerk.sato").await;
+    let body = appointment_body("req-s1", "ct-1.20270112T1000");
+    let (status, headers, o) = f.post("/fhir/Appointment/$book", &s, &body).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{o}");
+    assert_eq!(headers[header::CONTENT_TYPE], "application/fhir+json");
+    assert_eq!(o["resourceType"], "OperationOutcome");
+    assert_eq!(warning_ids(&o), vec!["w-react-1", "w-dose-365"]);
+    let first = &o["issue"][0];
+    assert_eq!(first["severity"], "warning");
+    assert_eq!(first["code"], "business-rule");
+    assert_eq!(
+        first["diagnostics"],
+        "Severe reaction to iodinated contrast"
+    );
+    assert_eq!(first["details"]["text"], "ヨード造影剤に重度の反応");
+    assert_eq!(
+        first["details"]["coding"][0]["system"],
+        safety::WARNING_SYSTEM
+    );
+    let ext = &first["extension"][0];
+    assert_eq!(ext["url"], safety::WARNING_SYSTEM);
+    let sub = |url: &str| -> Vec<Value> {
+        ext["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["url"] == url)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(sub("kind")[0]["valueCode"], "contrast-reaction");
+    assert_eq!(sub("contrast")[0]["valueCode"], "iodinated");
+    assert_eq!(sub("agent")[0]["valueString"], "Iopamidol");
+    assert_eq!(sub("severity")[0]["valueString"], "SV");
+    assert_eq!(sub("when")[0]["valueString"], "20240105");
+    assert_eq!(sub("hospital")[0]["valueString"], "hosp-a");
+    assert_eq!(sub("reaction").len(), 2);
+    assert_eq!(o["issue"][1]["severity"], "warning");
+    // The dose: a contained Observation labelled as scanner output, with its event.
+    let dose = &o["contained"][0];
+    assert_eq!(dose["resourceType"], "Observation");
+    assert_eq!(dose["valueQuantity"]["value"], 2412.5);
+    assert_eq!(dose["valueQuantity"]["code"], "mGy.cm");
+    assert_eq!(dose["referenceRange"][0]["high"]["value"], 2000.0);
+    assert_eq!(dose["note"][0]["text"], gateway_booking::safety::DOSE_LABEL);
+    assert_eq!(dose["note"][1]["text"], safety::DOSE_LABEL_JA);
+    assert_eq!(dose["extension"][0]["valueUnsignedInt"], 365);
+    assert_eq!(
+        dose["component"][0]["code"]["coding"][0]["code"],
+        "1.2.392.200036.9116.2.6.1.48.1215.1"
+    );
+    assert_eq!(dose["component"][0]["valueQuantity"]["value"], 2412.5);
+    // Nothing was booked; the refusal is audited without patient data.
+    assert!(f.core.by_request.lock().unwrap().is_empty());
+    let records = f.audit.records().unwrap();
+    let refused = records
+        .iter()
+        .filter(|r| r.action() == Action::AppointmentBooked && r.outcome() == Outcome::Failure)
+        .count();
+    assert_eq!(refused, 1);
+    assert!(!f.audit_text().contains("ZZTEST"));
+}
+
+#[tokio::test]
+async fn only_a_physician_may_acknowledge_and_the_acknowledgement_is_audited() {
+    let f = safety_fixture();
+    let clerk = f.session("clerk.sato").await;
+    let all = ["w-react-1", "w-dose-365"];
+    let body = acknowledging(appointment_body("req-s2", "ct-1.20270112T1000"), &all);
+    let (status, _, o) = f.post("/fhir/Appointment/$book", &clerk, &body).await;
+    assert_eq!(
+        (status, issue_code(&o)),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    assert!(
+        f.core.by_request.lock().unwrap().is_empty(),
+        "nothing sent to the core"
+    );
+
+    let dr = f.session("dr.suzuki").await;
+    // One of two acknowledged: still 409.
+    let partial = acknowledging(appointment_body("req-s2", "ct-1.20270112T1000"), &all[..1]);
+    let (status, _, o) = f.post("/fhir/Appointment/$book", &dr, &partial).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{o}");
+    assert!(
+        !f.audit
+            .records()
+            .unwrap()
+            .iter()
+            .any(|r| r.action() == Action::SafetyAcknowledged),
+        "no acknowledgement recorded while the booking did not proceed"
+    );
+    // All acknowledged: booked; the Appointment carries the acknowledged ids and the dose.
+    let (status, _, a) = f.post("/fhir/Appointment/$book", &dr, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{a}");
+    assert_eq!(a["status"], "booked");
+    let acked: Vec<&str> = a["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["url"] == appointment::ACKNOWLEDGED_WARNING)
+        .map(|e| e["valueString"].as_str().unwrap())
+        .collect();
+    assert_eq!(acked, all);
+    assert_eq!(a["contained"][0]["id"], "cumulative-dose");
+    assert_eq!(a["contained"][0]["valueQuantity"]["value"], 2412.5);
+    let records = f.audit.records().unwrap();
+    let acks: Vec<_> = records
+        .iter()
+        .filter(|r| r.action() == Action::SafetyAcknowledged)
+        .collect();
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].outcome(), Outcome::Success);
+    assert!(acks[0].subject().unwrap().starts_with("patient:"));
+    assert!(details(&f.audit).contains(&"warnings=2".to_string()));
+    assert!(details(&f.audit).contains(&"forbidden".to_string()));
+}
+
+#[tokio::test]
+async fn acknowledged_warning_ids_are_checked_as_input() {
+    let f = safety_fixture();
+    let dr = f.session("dr.suzuki").await;
+    let base = appointment_body("req-s3", "ct-1.20270112T1000");
+    let mut not_array = base.clone();
+    not_array["extension"] = json!({"url": appointment::ACKNOWLEDGED_WARNING});
+    let mut no_value = base.clone();
+    no_value["extension"] = json!([{"url": appointment::ACKNOWLEDGED_WARNING}]);
+    let control = acknowledging(base.clone(), &["w\u{1}"]);
+    let many_ids: Vec<String> = (0..33).map(|i| format!("w{i}")).collect();
+    let many = acknowledging(
+        base.clone(),
+        &many_ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    for bad in [not_array, no_value, control, many] {
+        let (status, _, o) = f.post("/fhir/Appointment/$book", &dr, &bad).await;
+        assert_eq!(
+            (status, issue_code(&o)),
+            (StatusCode::BAD_REQUEST, "invalid"),
+            "{bad}"
+        );
+    }
+    // Extensions of other urls are ignored: no acknowledgement, so still 409.
+    let mut other = base;
+    other["extension"] = json!([{"url": "urn:example:other", "valueString": "w-react-1"}]);
+    let (status, _, _) = f.post("/fhir/Appointment/$book", &dr, &other).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}

@@ -455,7 +455,7 @@ impl Inner {
             warn!(%from, "booking decision from a gateway that is not our core: ignored");
             return;
         }
-        let decision: WireDecision = match self
+        let mut decision: WireDecision = match self
             .keys
             .open(from, KIND_DECISION, msg, payload)
             .map_err(|e| e.to_string())
@@ -467,6 +467,7 @@ impl Inner {
                 return;
             }
         };
+        let report = decision.safety.take();
         let (pending, to_remember) = {
             let mut state = self.lock();
             let Some(pending) = state.pending.remove(msg) else {
@@ -507,15 +508,20 @@ impl Inner {
                         None => Err(BookingRefused::NotFound),
                     }
                 }
-                (_, Decision::Refused { code, reason }) => {
-                    Err(BookingRefused::from_refusal(code, reason, decision.version))
-                }
+                (_, Decision::Refused { code, reason }) => Err(BookingRefused::from_refusal(
+                    code,
+                    reason,
+                    decision.version,
+                    report.clone(),
+                )),
             };
             (pending, to_remember)
         };
         let answer = match to_remember {
             Ok(stored) => {
-                let view = stored.view(matches!(pending.asked, Asked::Book(_)));
+                let mut view = stored.view(matches!(pending.asked, Asked::Book(_)));
+                // The report is shown with this answer only (a repeat read has none).
+                view.safety = report;
                 self.remember(stored).await;
                 Ok(view)
             }

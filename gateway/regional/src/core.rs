@@ -14,7 +14,7 @@ use crate::wire::{
     KIND_CANCEL, KIND_DECISION, KIND_REQUEST, Keys, SlotsMessage, WireCancel, WireDecision,
     WireRequest, WireSlot,
 };
-use crate::{Connection, now_unix, topics};
+use crate::{Connection, Gate, Safety, now_unix, topics};
 
 /// How far ahead free slots are published.
 pub const HORIZON_DAYS: i64 = 14;
@@ -36,6 +36,8 @@ pub struct CoreExchange {
     /// Where acknowledgements of results go (the core's results task).
     result_acks: Option<mpsc::Sender<(String, WireAck)>>,
     result_outgoing: Option<mpsc::Receiver<Outgoing>>,
+    /// Asked before every new request is decided (`[safety]`); none: decided unchecked.
+    safety: Option<Safety>,
 }
 
 impl std::fmt::Debug for CoreExchange {
@@ -73,7 +75,17 @@ impl CoreExchange {
             on_booked: None,
             result_acks: None,
             result_outgoing: None,
+            safety: None,
         }
+    }
+
+    /// Asks `safety` before deciding every new request (see [`crate::Safety`]): warnings a
+    /// physician has not acknowledged refuse it with the report, a check that fails refuses
+    /// it as unavailable; neither is recorded. `None` decides unchecked.
+    #[must_use]
+    pub fn with_safety(mut self, safety: Option<Safety>) -> Self {
+        self.safety = safety;
+        self
     }
 
     /// Carries the results task's notices and reports to the booking clinics, and their
@@ -209,7 +221,7 @@ impl CoreExchange {
                 return;
             }
         };
-        let now = Timestamp::now();
+        let mut report = None;
         let decision = if now_unix() >= request.expires_at {
             info!(%clinic, "booking request arrived after its expiry: refused, nothing recorded");
             Decision::Refused {
@@ -218,7 +230,7 @@ impl CoreExchange {
                     .into(),
             }
         } else {
-            let booking = BookingRequest {
+            let mut booking = BookingRequest {
                 alerts: Vec::new(),
                 request_id: request.request_id.clone(),
                 clinic: clinic.to_owned(),
@@ -227,10 +239,51 @@ impl CoreExchange {
                 patient: request.patient.clone(),
                 procedure: request.procedure.clone(),
             };
-            match self.ledger.decide(booking, now, HOLD_FOR_SECS).await {
-                Ok(d) => d,
+            let gate = crate::safety_gate(
+                self.safety.as_ref(),
+                &self.ledger,
+                clinic,
+                &booking,
+                &request.acknowledged,
+                &format!("clinic:{clinic}"),
+            )
+            .await;
+            match gate {
+                Ok(Gate::Refuse {
+                    decision,
+                    report: r,
+                }) => {
+                    report = r;
+                    decision
+                }
+                // The check took time: a request that expired meanwhile is refused like
+                // one that arrived late (its clinic has stopped waiting).
+                Ok(Gate::Decide { .. }) if now_unix() >= request.expires_at => {
+                    info!(%clinic, "booking request expired during its safety check: refused, nothing recorded");
+                    Decision::Refused {
+                        code: Refusal::Invalid,
+                        reason:
+                            "the request expired before the core decided it; nothing was booked"
+                                .into(),
+                    }
+                }
+                Ok(Gate::Decide { alerts, report: r }) => {
+                    report = r;
+                    booking.alerts = alerts;
+                    match self
+                        .ledger
+                        .decide(booking, Timestamp::now(), HOLD_FOR_SECS)
+                        .await
+                    {
+                        Ok(d) => d,
+                        Err(e) => {
+                            warn!(%clinic, error = %e, "booking ledger cannot record a decision: no answer sent");
+                            return;
+                        }
+                    }
+                }
                 Err(e) => {
-                    warn!(%clinic, error = %e, "booking ledger cannot record a decision: no answer sent");
+                    warn!(%clinic, error = %e, "booking ledger cannot be asked about a request: no answer sent");
                     return;
                 }
             }
@@ -262,7 +315,7 @@ impl CoreExchange {
             info!(%clinic, ?code, "booking request decided: refused");
         }
         let answer = WireDecision {
-            safety: None,
+            safety: report,
             request_id: request.request_id,
             slot_id: request.slot_id,
             decision,

@@ -81,6 +81,101 @@ fn booked(on_booked: Option<&OnBooked>, appointment: gateway_booking::Appointmen
     }
 }
 
+/// The core's safety check, when `[safety]` is configured (see [`gateway_booking::safety`]).
+pub type Safety = std::sync::Arc<dyn gateway_booking::SafetyCheck>;
+
+/// Longest the core waits for its safety check on one request; then the request is refused
+/// as unavailable (the exchange's session, which awaits the check, never stalls on it).
+pub const SAFETY_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the safety check says about a request before the ledger decides it.
+#[derive(Debug)]
+enum Gate {
+    /// Decide it, keeping `alerts` with the appointment; the answer carries `report`.
+    Decide {
+        alerts: Vec<gateway_booking::SafetyWarning>,
+        report: Option<gateway_booking::SafetyReport>,
+    },
+    /// Refuse it without recording anything (warnings to acknowledge, or no check).
+    Refuse {
+        decision: gateway_booking::Decision,
+        report: Option<gateway_booking::SafetyReport>,
+    },
+}
+
+/// Asks `safety` (if any) about a request before the ledger decides it.
+///
+/// A request the ledger has decided before is not checked again: the ledger answers its
+/// first decision, and a `book` confirming a hold keeps the alerts the hold was
+/// acknowledged with. A slot of no schedule is not checked (the ledger refuses it). A check
+/// that fails, or does not answer within [`SAFETY_CHECK_TIMEOUT`], refuses the request as
+/// `Unavailable`; warnings not in `acknowledged` refuse it
+/// as `NeedsAcknowledgement` with the report. Neither refusal is recorded, so the request
+/// may be sent again under the same id.
+async fn safety_gate(
+    safety: Option<&Safety>,
+    ledger: &gateway_booking::LedgerHandle,
+    clinic: &str,
+    request: &gateway_booking::BookingRequest,
+    acknowledged: &[String],
+    actor: &str,
+) -> Result<Gate, gateway_booking::LedgerError> {
+    use gateway_booking::{Decision, Refusal};
+    let unchecked = Gate::Decide {
+        alerts: Vec::new(),
+        report: None,
+    };
+    let Some(safety) = safety else {
+        return Ok(unchecked);
+    };
+    if ledger.decided(clinic, &request.request_id).await?.is_some() {
+        return Ok(unchecked);
+    }
+    let Some(modality) = ledger
+        .schedules()
+        .iter()
+        .find(|s| s.slot(&request.slot_id).is_some())
+        .map(|s| s.modality().to_owned())
+    else {
+        return Ok(unchecked);
+    };
+    let check = safety.check(clinic, &request.patient, &modality, actor);
+    match tokio::time::timeout(SAFETY_CHECK_TIMEOUT, check)
+        .await
+        .unwrap_or(Err(gateway_booking::SafetyUnavailable))
+    {
+        Err(gateway_booking::SafetyUnavailable) => {
+            tracing::warn!(%clinic, "safety check unavailable: booking request refused, nothing recorded");
+            Ok(Gate::Refuse {
+                decision: Decision::Refused {
+                    code: Refusal::Unavailable,
+                    reason: "the safety check is unavailable; nothing was booked, try again later"
+                        .into(),
+                },
+                report: None,
+            })
+        }
+        Ok(report) => {
+            let open = report.unacknowledged(acknowledged).count();
+            if open > 0 {
+                tracing::info!(%clinic, warnings = open, "booking request refused: safety warnings to acknowledge, nothing recorded");
+                Ok(Gate::Refuse {
+                    decision: Decision::Refused {
+                        code: Refusal::NeedsAcknowledgement,
+                        reason: "safety warnings must be acknowledged by a physician".into(),
+                    },
+                    report: Some(report),
+                })
+            } else {
+                Ok(Gate::Decide {
+                    alerts: report.reactions(),
+                    report: Some(report),
+                })
+            }
+        }
+    }
+}
+
 /// A fresh random message id (32 hex digits).
 fn message_id() -> String {
     let mut b = [0u8; 16];

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use crate::core::{HOLD_FOR_SECS, HORIZON_DAYS};
-use crate::{OnBooked, now_unix};
+use crate::{Gate, OnBooked, Safety, now_unix};
 
 /// Booking on the core's ledger directly.
 pub struct LocalCore {
@@ -28,6 +28,8 @@ pub struct LocalCore {
     seal: SealKey,
     changed: Arc<Notify>,
     on_booked: Option<OnBooked>,
+    /// Asked before every new request is decided (`[safety]`); none: decided unchecked.
+    safety: Option<Safety>,
 }
 
 impl std::fmt::Debug for LocalCore {
@@ -47,7 +49,16 @@ impl LocalCore {
             seal,
             changed,
             on_booked: None,
+            safety: None,
         }
+    }
+
+    /// Asks `safety` before deciding every new request, as the exchange does for the
+    /// clinics' (see [`crate::Safety`]); the staff member asking is the check's actor.
+    #[must_use]
+    pub fn with_safety(mut self, safety: Option<Safety>) -> Self {
+        self.safety = safety;
+        self
     }
 
     /// Where every new booking is sent (e.g. to become the OMG^O19 for the RIS).
@@ -125,7 +136,7 @@ impl BookingBackend for LocalCore {
         &self,
         req: AppointmentRequest,
     ) -> BoxFuture<'static, Result<AppointmentView, BookingRefused>> {
-        let booking = BookingRequest {
+        let mut booking = BookingRequest {
             alerts: Vec::new(),
             request_id: req.request_id.clone(),
             clinic: self.me.clone(),
@@ -142,7 +153,33 @@ impl BookingBackend for LocalCore {
         let ledger = self.ledger.clone();
         let changed = Arc::clone(&self.changed);
         let on_booked = self.on_booked.clone();
+        let safety = self.safety.clone();
+        let me = self.me.clone();
         Box::pin(async move {
+            let gate = crate::safety_gate(
+                safety.as_ref(),
+                &ledger,
+                &me,
+                &booking,
+                &req.acknowledged,
+                &req.staff,
+            )
+            .await;
+            let report = match gate {
+                Ok(Gate::Decide { alerts, report }) => {
+                    booking.alerts = alerts;
+                    report
+                }
+                Ok(Gate::Refuse {
+                    decision: Decision::Refused { code, reason },
+                    report,
+                }) => return Err(BookingRefused::from_refusal(code, reason, 0, report)),
+                Ok(Gate::Refuse { .. }) => return Err(BookingRefused::Unavailable),
+                Err(e) => {
+                    warn!(error = %e, "booking ledger cannot be asked about a request");
+                    return Err(BookingRefused::Unavailable);
+                }
+            };
             match ledger
                 .decide(booking, Timestamp::now(), HOLD_FOR_SECS)
                 .await
@@ -154,7 +191,9 @@ impl BookingBackend for LocalCore {
                         // to `on_booked` (a hold is not an order; the order path skips it).
                         Ok(Some(a)) => {
                             crate::booked(on_booked.as_ref(), a.clone());
-                            Ok(view(a, true))
+                            let mut v = view(a, true);
+                            v.safety = report;
+                            Ok(v)
                         }
                         Ok(None) => Err(BookingRefused::Unavailable),
                         Err(e) => {
@@ -164,7 +203,7 @@ impl BookingBackend for LocalCore {
                     }
                 }
                 Ok(Decision::Refused { code, reason }) => {
-                    Err(BookingRefused::from_refusal(code, reason, 0))
+                    Err(BookingRefused::from_refusal(code, reason, 0, None))
                 }
                 Err(e) => {
                     warn!(error = %e, "booking ledger cannot record a decision");
@@ -191,7 +230,7 @@ impl BookingBackend for LocalCore {
                 }
                 Err(e) => match crate::cancel_decision(Err(e)) {
                     Ok((Decision::Refused { code, reason }, version)) => {
-                        Err(BookingRefused::from_refusal(code, reason, version))
+                        Err(BookingRefused::from_refusal(code, reason, version, None))
                     }
                     Ok(_) => Err(BookingRefused::Unavailable),
                     Err(e) => {

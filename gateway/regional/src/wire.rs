@@ -177,4 +177,61 @@ mod tests {
         assert!(core.open("clinic-a", KIND_REQUEST, "m1", b"{}").is_err());
         assert!(clinic.seal("core-2", KIND_REQUEST, "m1", body).is_err());
     }
+
+    #[test]
+    fn a_needs_acknowledgement_decision_carries_its_report_to_the_clinic() {
+        use gateway_booking::{BookingRefused, Refusal, SafetyReport, SafetyWarning, WarningKind};
+        let (clinic, core) = pair();
+        let report = SafetyReport {
+            warnings: vec![SafetyWarning {
+                id: "w1".into(),
+                kind: WarningKind::ContrastReaction,
+                contrast: None,
+                agent: Some("Iopamidol".into()),
+                severity: Some("SV".into()),
+                reactions: vec!["蕁麻疹".into()],
+                when: Some("20240105".into()),
+                hospital: "hosp-a".into(),
+                text_en: "reaction".into(),
+                text_ja: "反応".into(),
+            }],
+            dose: None,
+        };
+        let answer = WireDecision {
+            request_id: "r1".into(),
+            slot_id: "ct-1.20270112T1000".into(),
+            decision: Decision::Refused {
+                code: Refusal::NeedsAcknowledgement,
+                reason: "acknowledge".into(),
+            },
+            start: None,
+            end: None,
+            version: 0,
+            safety: Some(report.clone()),
+        };
+        let body = serde_json::to_vec(&answer).unwrap();
+        let sealed = core.seal("clinic-a", KIND_DECISION, "m1", &body).unwrap();
+        let opened: WireDecision =
+            serde_json::from_slice(&clinic.open("core-1", KIND_DECISION, "m1", &sealed).unwrap())
+                .unwrap();
+        assert_eq!(opened, answer);
+        let Decision::Refused { code, reason } = opened.decision else {
+            panic!("refused")
+        };
+        assert_eq!(
+            BookingRefused::from_refusal(code, reason, opened.version, opened.safety),
+            BookingRefused::NeedsAcknowledgement(Box::new(report))
+        );
+        // An unavailable check is the kiosk's 503, never a booking.
+        assert_eq!(
+            BookingRefused::from_refusal(Refusal::Unavailable, String::new(), 0, None),
+            BookingRefused::Unavailable
+        );
+        // A request from a clinic that predates acknowledgements still reads.
+        let old: WireRequest = serde_json::from_str(
+            r#"{"request_id":"r","slot_id":"s","hold":false,"patient":{"id":"p","name":"n","birth_date":"19600101","sex":"F"},"procedure":"CT","expires_at":1}"#,
+        )
+        .unwrap();
+        assert!(old.acknowledged.is_empty());
+    }
 }
