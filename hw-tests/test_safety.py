@@ -36,6 +36,7 @@ from hl7msg import MllpConnection, msa
 from test_booking import broker  # noqa: F401  (the regional broker fixture)
 from test_identity import adt, audit_records, consent
 from test_safety_rdsr import openrem_files, pydicom_reading  # noqa: F401  (the real RDSRs, fetched)
+from test_kiosk_page import JST, chromium  # noqa: F401  (headless Chromium)
 from test_worklist import worklist_alerts
 
 CORE = "core-1"
@@ -66,7 +67,7 @@ def a60(control: str, p: dict, iam: list[str]) -> bytes:
 def iam(set_id: int, action: str, uid: str, allergen: str = "^イオヘキソール（オムニパーク）^L",
         severity: str = "SV", reaction: str = "蕁麻疹~呼吸困難", onset: str = "20240301") -> str:
     """IAM: type DA (drug), allergen, severity, reactions, action (A/U/D), unique id, onset."""
-    return f"IAM|{set_id}|DA|{allergen}|{severity}|{reaction}|{action}|{uid}|||||{onset}"
+    return f"IAM|{set_id}|DA|{allergen}|{severity}|{reaction}|{action}|{uid}||||{onset}"
 
 
 def send(port: int, *messages: bytes) -> list[bytes]:
@@ -156,6 +157,22 @@ def link(doctor: kiosk.Kiosk, a: tuple[str, str], b: tuple[str, str]) -> None:
     assert r.status == 200, r
 
 
+def reaction_at_hospital_a(region, clerk: kiosk.Kiosk, core_doctor: kiosk.Kiosk) -> None:
+    """Hospital A registers the man; the clinic books him once on MR (no reaction known
+    anywhere yet): both are now source records, linked by a physician at the core; he consents
+    to share reactions and dose; then hospital A's HIS records a severe reaction to iohexol
+    (ADT^A60, IAM action A)."""
+    acks = send(region.hl7_port, adt("A01", "a-1", HOSP_A, TARO_A))
+    assert msa(acks[0])[0] == "AA", acks
+    mr = free_slots(clerk, "mr-1", 1)
+    r = book(clerk, "req-s-0", mr[0], TARO_CLINIC)
+    assert r.status == 201, r
+    link(core_doctor, (HOSP_A, TARO_A["id"]), (CLINIC, TARO_CLINIC["id"]))
+    consent(core_doctor, HOSP_A, TARO_A["id"], kinds=("reactions", "dose"))
+    acks = send(region.hl7_port, a60("a-2", TARO_A, [iam(1, "A", "ALG-1")]))
+    assert msa(acks[0])[0] == "AA", acks
+
+
 def test_a_reaction_at_hospital_a_is_a_warning_at_clinic_b_acknowledged_by_a_physician_and_carried_to_ris_and_worklist(
         region, tmp_path):
     core = region.core
@@ -163,19 +180,7 @@ def test_a_reaction_at_hospital_a_is_a_warning_at_clinic_b_acknowledged_by_a_phy
     clerk = region.staff_session(CLINIC, "clerk.b")
     doctor = region.staff_session(CLINIC, "dr.b", "physician")
     ct = free_slots(clerk, "ct-1", 6)
-    mr = free_slots(clerk, "mr-1", 1)
-    # Hospital A registers the man; the clinic books him once (no reaction known anywhere yet):
-    # both are now source records, linked by a physician at the core.
-    acks = send(region.hl7_port, adt("A01", "a-1", HOSP_A, TARO_A))
-    assert msa(acks[0])[0] == "AA", acks
-    r = book(clerk, "req-s-0", mr[0], TARO_CLINIC)
-    assert r.status == 201, r
-    link(core_doctor, (HOSP_A, TARO_A["id"]), (CLINIC, TARO_CLINIC["id"]))
-    consent(core_doctor, HOSP_A, TARO_A["id"], kinds=("reactions", "dose"))
-
-    # Hospital A's HIS records a severe reaction to iohexol (ADT^A60, IAM action A).
-    acks = send(region.hl7_port, a60("a-2", TARO_A, [iam(1, "A", "ALG-1")]))
-    assert msa(acks[0])[0] == "AA", acks
+    reaction_at_hospital_a(region, clerk, core_doctor)
     first = kiosk.wait_until(lambda: (r := book(clerk, "req-s-1", ct[0], TARO_CLINIC)).status == 409 and r, 20,
                              "the contrast reaction warned about at the clinic")
     issues = warnings_of(first)
@@ -331,3 +336,72 @@ def test_dose_reports_of_several_vendors_add_up_each_event_once_and_are_shown_wi
     assert core.is_running()
     again = kiosk.wait_until(shown, 10, "the earlier events intact")
     assert again["total_dlp_mgy_cm"] == pytest.approx(total, rel=1e-6)
+
+
+def test_a_malformed_allergy_message_gets_an_hl7_error_and_changes_nothing(region):
+    """IAM-6 outside HL7 table 0323: AE with ERR 103 at IAM-6, the earlier reaction kept."""
+    clerk = region.staff_session(CLINIC, "clerk.m")
+    core_doctor = region.staff_session(CORE, "dr.core.m", "physician")
+    ct = free_slots(clerk, "ct-1", 1)
+    reaction_at_hospital_a(region, clerk, core_doctor)
+    ack = send(region.hl7_port, a60("a-9", TARO_A, [iam(1, "Q", "ALG-1")]))[0]
+    assert msa(ack)[0] == "AE", ack
+    assert b"IAM^1^6" in ack and b"|103" in ack, ack
+    assert region.core.is_running()
+    kiosk.wait_until(lambda: book(clerk, "req-m-1", ct[0], TARO_CLINIC).status == 409, 20,
+                     "the earlier reaction still warned about")
+
+
+def test_a_physician_sees_the_warning_in_japanese_and_english_and_acknowledges_it_in_chromium(
+        region, chromium):  # noqa: F811
+    import browser
+    import datetime as dt
+
+    clinic = region.gateways[CLINIC]
+    clerk = region.staff_session(CLINIC, "clerk.p")
+    core_doctor = region.staff_session(CORE, "dr.core.p", "physician")
+    reaction_at_hospital_a(region, clerk, core_doctor)
+    secret = kiosk.add_staff(clinic, "dr.page", "physician")
+    day = (dt.datetime.now(JST) + dt.timedelta(days=1)).date().isoformat()
+    c = chromium([browser.spki_sha256_b64(clinic.data_dir / "booking" / "kiosk-cert.pem")])
+    page = c.page()
+    for domain in ("Page.enable", "Runtime.enable"):
+        page.send(domain)
+    page.navigate(f"https://127.0.0.1:{region.ports[CLINIC]}/")
+    kiosk.login_in_page(page, "dr.page", secret)
+    page.wait_for("[...document.querySelectorAll('#slot-schedule option')].some(o => o.value === 'ct-1')",
+                  what="the CT scanner offered")
+    page.choose("#slot-schedule", "ct-1")
+    page.choose("#slot-day", day)
+    page.click("#slot-search")
+    page.wait_for(f"document.getElementById('slot-summary').dataset.day === '{day}' && "
+                  "document.querySelectorAll('#slot-list button[data-slot]').length > 2",
+                  what="free CT slots listed")
+    slot = page.evaluate("[...document.querySelectorAll('#slot-list button[data-slot]')][1].dataset.slot")
+    page.click(f"#slot-list button[data-slot='{slot}']")
+    alpha, kanji, kana = TARO_CLINIC["name"].split("=")
+    page.type_into("#book-patient-id", TARO_CLINIC["id"])
+    page.type_into("#book-name-alpha", alpha)
+    page.type_into("#book-name-kanji", kanji)
+    page.type_into("#book-name-kana", kana)
+    page.choose("#book-birth", TARO_CLINIC["birth_date"])
+    page.choose("#book-sex", "male")
+    page.wait_for("!document.getElementById('book-submit').disabled", what="the Book button enabled")
+    page.click("#book-submit")
+    status = page.wait_for("document.getElementById('book-result').dataset.status", timeout=30,
+                           what="an answer to the booking")
+    assert status == "warnings", page.evaluate("document.getElementById('book-result').textContent")
+    shown = page.evaluate("document.getElementById('safety-view').innerText")
+    for want in ("イオヘキソール", HOSP_A, "造影剤", "Contrast reaction", "蕁麻疹"):
+        assert want in shown, (want, shown)
+    assert page.evaluate("document.querySelectorAll('#safety-warnings li[data-warning]').length") == 1
+    assert not page.evaluate("document.getElementById('safety-acknowledge').hidden"), \
+        "no acknowledge button for a physician"
+    page.click("#safety-acknowledge")
+    page.wait_for("document.getElementById('book-result').dataset.status === 'booked'", timeout=30,
+                  what="booked after the acknowledgement")
+    actions = [rec["action"] for rec in audit_records(clinic)]
+    assert "safety_acknowledged" in actions, actions
+    booked = [e["resource"] for e in clerk.request(
+        "GET", f"/fhir/Appointment?patient={TARO_CLINIC['id']}").json()["entry"]]
+    assert any(a["slot"][0]["reference"] == f"Slot/{slot}" and a["status"] == "booked" for a in booked), booked
