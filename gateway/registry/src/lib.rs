@@ -13,7 +13,9 @@
 //! - `service`: the `identity-registry` thread that owns state and files, the handle, the
 //!   linking rules, consent and disclosure decisions, auditing, the HL7 [`feed`].
 //! - `state`: the state in memory and its ops (one code path live and at replay).
-//! - `store`: the registry folder (sealed snapshot + sealed journal, compaction).
+//! - `store`: the registry folder: its file names, magics and roles, and its [`OpenError`].
+//! - [`framestore`]: the sealed store in a folder (snapshot, journal and head; replay, torn
+//!   tail, compaction), generic over its ops; the safety store uses it too.
 //! - [`journal`]: the sealed frame files (AES-256-GCM frames, torn-tail detection), generic.
 //! - `adt`: what is read from an ADT message (fields documented there).
 //! - [`metrics`]: the `gateway_identity_*` metrics.
@@ -36,6 +38,7 @@
 pub mod adt;
 pub mod api;
 pub mod booked;
+pub mod framestore;
 pub mod journal;
 pub mod metrics;
 mod service;

@@ -42,7 +42,7 @@ use crate::api::*;
 use crate::journal::SealKey;
 use crate::metrics::Metrics;
 use crate::state::{Op, Review, State};
-use crate::store::{OpenError, Store};
+use crate::store::{self, OpenError, Store};
 
 /// Requests waiting for the registry thread before senders wait for room.
 const QUEUE: usize = 256;
@@ -282,7 +282,7 @@ impl Registry {
         options: Options,
     ) -> Result<RegistryHandle, OpenError> {
         let mut state = State::new(matcher);
-        let store = Store::open(dir, SealKey::derive(master), &mut state)?;
+        let store = store::open(dir, SealKey::derive(master), &mut state)?;
         let mut registry = Self {
             state,
             store,
@@ -413,16 +413,9 @@ impl Registry {
     }
 
     fn maybe_compact(&mut self) {
-        let frames = self.store.journal_frames();
-        if frames >= self.options.compact_min_frames
-            && frames >= self.state.records.len() as u64
-            && frames > 0
-        {
-            match self.store.compact(&self.state) {
-                Ok(()) => info!(frames, "identity registry compacted"),
-                Err(e) => warn!(error = %e, "identity registry: compaction failed"),
-            }
-        }
+        let records = self.state.records.len() as u64;
+        self.store
+            .maybe_compact(&self.state, self.options.compact_min_frames, records);
     }
 
     fn update_gauges(&self) {

@@ -1,64 +1,65 @@
-//! The registry on disk: a sealed snapshot and a sealed journal (both [`crate::journal`]
-//! frame files) in the registry's folder.
+//! The registry on disk: a [`crate::framestore`] store (sealed snapshot, journal and head)
+//! in the registry's folder, laid out as [`LAYOUT`].
 //!
-//! - `snapshot.sealed` (generation *g*): frames of [`Op`]s that rebuild the state, then an
-//!   end frame with the count (a truncated snapshot is refused). Absent until the first
-//!   compaction (*g* = 0 then).
-//! - `journal.sealed` (generation *g*): one frame per acknowledged change (a `Vec<Op>`),
-//!   appended and `fdatasync`'d before the change is applied or answered.
+//! - `snapshot.sealed` (`GWIS`, role `identity-snapshot`): the state as of the last
+//!   compaction; absent before the first.
+//! - `journal.sealed` (`GWIJ`, role `identity-journal`): one frame per acknowledged change.
+//! - `head.sealed` (`GWIH`, role `identity-head`): the journal's frame count.
+//! - `registry.lock`: held for as long as the registry is open.
 //!
-//! The folder is held under an exclusive lock (`registry.lock`) while open: one registry
-//! per folder, across processes.
-//!
-//! Open: the snapshot is replayed, then the journal if its generation is the snapshot's; a
-//! journal one generation behind is what a crash between the two steps of a compaction
-//! leaves (its changes are in the snapshot) and is replaced by an empty one; a journal ahead
-//! of the snapshot, or none beside a snapshot, is refused. A torn last journal frame (a crash mid-append: never
-//! acknowledged) is cut off; any other damage fails the open with the file and frame named.
-//!
-//! Compaction (when the journal holds at least as many frames as there are records, and at
-//! least [`crate::Options::compact_min_frames`]): the state is written as snapshot *g*+1
-//! (temp file, fsync, rename, fsync of the folder), then an empty journal *g*+1 replaces the
-//! old one (atomically). Its cost is amortised over the changes that grew the journal.
+//! Open, replay, the torn tail, damage and compaction are the generic store's (see
+//! [`crate::framestore`]); this module names the files and maps its errors to the
+//! registry's [`OpenError`].
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
-
-use crate::journal::{self, Appender, JournalError, SealKey};
+use crate::framestore::{FileKind, FrameStore, Layout, Replay, StoreError};
+use crate::journal::{JournalError, SealKey};
 use crate::state::{Op, State};
 
 pub(crate) const JOURNAL_FILE: &str = "journal.sealed";
 pub(crate) const SNAPSHOT_FILE: &str = "snapshot.sealed";
-/// The sealed count of the journal's frames, replaced after each append, so that frames cut
-/// off the journal's end are told apart from a torn last append.
-pub(crate) const HEAD_FILE: &str = "head.sealed";
-/// Held ([`gateway_durable::LockedFile`]) for as long as the registry is open.
-pub(crate) const LOCK_FILE: &str = "registry.lock";
-/// How long an open waits for a previous holder of the folder (e.g. a registry thread that
-/// is finishing its queue) before it fails.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-const JOURNAL_MAGIC: &[u8; 5] = b"GWIJ\x01";
-const SNAPSHOT_MAGIC: &[u8; 5] = b"GWIS\x01";
-const JOURNAL_ROLE: &str = "identity-journal";
-const SNAPSHOT_ROLE: &str = "identity-snapshot";
-const HEAD_MAGIC: &[u8; 5] = b"GWIH\x01";
-const HEAD_ROLE: &str = "identity-head";
-/// Ops per snapshot frame.
-const SNAPSHOT_CHUNK: usize = 1024;
 
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "frame", rename_all = "snake_case")]
-enum SnapshotFrame {
-    Ops { ops: Vec<Op> },
-    End { frames: u64 },
+/// The registry's folder.
+pub(crate) static LAYOUT: Layout = Layout {
+    name: "identity registry",
+    lock_file: "registry.lock",
+    journal: FileKind {
+        file: JOURNAL_FILE,
+        magic: b"GWIJ\x01",
+        role: "identity-journal",
+    },
+    snapshot: FileKind {
+        file: SNAPSHOT_FILE,
+        magic: b"GWIS\x01",
+        role: "identity-snapshot",
+    },
+    head: FileKind {
+        file: "head.sealed",
+        magic: b"GWIH\x01",
+        role: "identity-head",
+    },
+    snapshot_chunk: 1024,
+};
+
+/// The registry's files; owned by the registry thread.
+pub(crate) type Store = FrameStore<Op>;
+
+impl Replay for State {
+    type Op = Op;
+
+    fn apply(&mut self, op: Op) {
+        State::apply(self, op);
+    }
+
+    fn snapshot(&self, chunk: usize) -> impl Iterator<Item = Vec<Op>> + '_ {
+        self.snapshot_ops(chunk)
+    }
 }
 
-/// The head: how many frames the journal of its generation had after the last append.
-#[derive(Serialize, Deserialize)]
-struct Head {
-    frames: u64,
+/// Opens (creating if needed) the registry in `dir`, replaying it into `state`.
+pub(crate) fn open(dir: &Path, key: SealKey, state: &mut State) -> Result<Store, OpenError> {
+    Ok(FrameStore::open(dir, &LAYOUT, key, state)?)
 }
 
 /// The registry could not be opened. Names files and frames, never content.
@@ -90,234 +91,26 @@ pub enum OpenError {
     Thread(std::io::Error),
 }
 
-/// The files; owned by the registry thread.
-#[derive(Debug)]
-pub(crate) struct Store {
-    dir: PathBuf,
-    key: SealKey,
-    journal: Appender,
-    /// A compaction wrote the new snapshot but could not start its journal: appending to
-    /// the old one would be lost at the next open, so nothing is accepted any more.
-    broken: bool,
-    _lock: gateway_durable::LockedFile,
-}
-
-impl Store {
-    /// Opens (creating if needed) the registry in `dir`, replaying it into `state`.
-    pub fn open(dir: &Path, key: SealKey, state: &mut State) -> Result<Self, OpenError> {
-        gateway_durable::ensure_private_dir(dir).map_err(JournalError::from)?;
-        let lock = gateway_durable::LockedFile::lock(
-            &dir.join(JOURNAL_FILE),
-            &dir.join(LOCK_FILE),
-            LOCK_WAIT,
-        )?;
-        let snap_path = dir.join(SNAPSHOT_FILE);
-        let mut ended = false;
-        let snapshot = journal::read(
-            &snap_path,
-            &key,
-            SNAPSHOT_MAGIC,
-            SNAPSHOT_ROLE,
-            false,
-            |frame, plain| {
-                let decode = || OpenError::Decode {
-                    path: snap_path.clone(),
-                    frame,
-                };
-                if ended {
-                    return Err(decode());
-                }
-                match serde_json::from_slice::<SnapshotFrame>(&plain).map_err(|_| decode())? {
-                    SnapshotFrame::Ops { ops } => ops.into_iter().for_each(|op| state.apply(op)),
-                    SnapshotFrame::End { frames } if frames == frame => ended = true,
-                    SnapshotFrame::End { .. } => return Err(decode()),
-                }
-                Ok(())
+/// The registry's errors keep their variants (callers and tests match on them).
+impl From<StoreError> for OpenError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Journal { source, .. } => Self::Journal(source),
+            StoreError::Locked { source, .. } => Self::Locked(source),
+            StoreError::Decode { path, frame, .. } => Self::Decode { path, frame },
+            StoreError::Truncated { path, .. } => Self::Truncated { path },
+            StoreError::Head { path, problem, .. } => Self::Head { path, problem },
+            StoreError::Generation {
+                path,
+                journal,
+                snapshot,
+                ..
+            } => Self::Generation {
+                path,
+                journal,
+                snapshot,
             },
-        )?;
-        if snapshot.is_some() && !ended {
-            return Err(OpenError::Truncated { path: snap_path });
         }
-        let generation = snapshot.map_or(0, |s| s.generation);
-        let path = dir.join(JOURNAL_FILE);
-        // The journal's generation is known from its header only: read it first, replay only
-        // a journal of the snapshot's generation.
-        let journal = match journal::generation(&path, JOURNAL_MAGIC)? {
-            Some(g) if g == generation => {
-                let read = journal::read(
-                    &path,
-                    &key,
-                    JOURNAL_MAGIC,
-                    JOURNAL_ROLE,
-                    true,
-                    |frame, plain| {
-                        let ops: Vec<Op> =
-                            serde_json::from_slice(&plain).map_err(|_| OpenError::Decode {
-                                path: path.clone(),
-                                frame,
-                            })?;
-                        ops.into_iter().for_each(|op| state.apply(op));
-                        Ok::<(), OpenError>(())
-                    },
-                )?;
-                match read {
-                    Some(r) => Appender::open(&path, JOURNAL_ROLE, g, r.frames, r.good_len)?,
-                    None => Appender::create(&path, JOURNAL_MAGIC, JOURNAL_ROLE, generation)?,
-                }
-            }
-            Some(g) if g + 1 == generation => {
-                Appender::create(&path, JOURNAL_MAGIC, JOURNAL_ROLE, generation)?
-            }
-            Some(g) => {
-                return Err(OpenError::Generation {
-                    path,
-                    journal: g,
-                    snapshot: generation,
-                });
-            }
-            // A journal is replaced atomically, never removed: none beside a snapshot means
-            // a file was deleted (and the changes since the snapshot with it).
-            None if snapshot.is_some() => {
-                return Err(OpenError::Generation {
-                    path,
-                    journal: 0,
-                    snapshot: generation,
-                });
-            }
-            None => Appender::create(&path, JOURNAL_MAGIC, JOURNAL_ROLE, generation)?,
-        };
-        check_head(dir, &key, &journal)?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            key,
-            journal,
-            broken: false,
-            _lock: lock,
-        })
-    }
-
-    /// Makes one change durable (one journal frame, `fdatasync`).
-    pub fn commit(&mut self, ops: &[Op]) -> Result<(), JournalError> {
-        if self.broken {
-            return Err(JournalError::Damaged {
-                path: self.dir.join(JOURNAL_FILE),
-                frame: self.journal.frames(),
-                problem: "the journal could not be restarted after a compaction",
-            });
-        }
-        let plain = Zeroizing::new(serde_json::to_vec(ops).map_err(|_| JournalError::Random)?);
-        self.journal.append(&self.key, &plain)?;
-        self.write_head_after_change();
-        Ok(())
-    }
-
-    /// Replaces the head after a durable change. The change stands if this fails (the
-    /// journal is the record); only the check of a cut-off end is weaker until the next one.
-    fn write_head_after_change(&self) {
-        if let Err(e) = write_head(&self.dir, &self.key, &self.journal) {
-            tracing::warn!(error = %e, "identity registry: journal head not replaced");
-        }
-    }
-
-    /// Frames in the journal.
-    pub fn journal_frames(&self) -> u64 {
-        self.journal.frames()
-    }
-
-    /// Writes `state` as the next snapshot and starts an empty journal (see module docs).
-    pub fn compact(&mut self, state: &State) -> Result<(), JournalError> {
-        let next = self.journal.generation() + 1;
-        let mut count = 0u64;
-        let frames = state
-            .snapshot_ops(SNAPSHOT_CHUNK)
-            .map(|ops| SnapshotFrame::Ops { ops })
-            .chain(std::iter::once_with(|| SnapshotFrame::End { frames: 0 }))
-            .map(|frame| {
-                let frame = match frame {
-                    SnapshotFrame::End { .. } => SnapshotFrame::End { frames: count },
-                    f => f,
-                };
-                count += 1;
-                serde_json::to_vec(&frame)
-                    .map(Zeroizing::new)
-                    .map_err(|_| JournalError::Random)
-            });
-        journal::write_new(
-            &self.dir.join(SNAPSHOT_FILE),
-            &self.key,
-            SNAPSHOT_MAGIC,
-            SNAPSHOT_ROLE,
-            next,
-            frames,
-        )?;
-        match Appender::create(
-            &self.dir.join(JOURNAL_FILE),
-            JOURNAL_MAGIC,
-            JOURNAL_ROLE,
-            next,
-        ) {
-            Ok(journal) => {
-                self.journal = journal;
-                self.write_head_after_change();
-                Ok(())
-            }
-            Err(e) => {
-                self.broken = true;
-                Err(e)
-            }
-        }
-    }
-}
-
-/// Writes the head of `journal` (its generation and frame count), atomically and durably.
-fn write_head(dir: &Path, key: &SealKey, journal: &Appender) -> Result<(), JournalError> {
-    let plain = serde_json::to_vec(&Head {
-        frames: journal.frames(),
-    })
-    .map(Zeroizing::new)
-    .map_err(|_| JournalError::Random)?;
-    journal::write_new::<JournalError>(
-        &dir.join(HEAD_FILE),
-        key,
-        HEAD_MAGIC,
-        HEAD_ROLE,
-        journal.generation(),
-        std::iter::once(Ok(plain)),
-    )
-}
-
-/// The journal as opened must hold at least the frames its head last recorded. No head, or
-/// the head of an earlier generation (a crash right after a compaction), is accepted only
-/// while the journal has at most one frame: the head is replaced after every append, so
-/// a crash leaves at most one frame it does not count.
-fn check_head(dir: &Path, key: &SealKey, journal: &Appender) -> Result<(), OpenError> {
-    let path = dir.join(HEAD_FILE);
-    let mut counted = None;
-    let head = journal::read(&path, key, HEAD_MAGIC, HEAD_ROLE, false, |frame, plain| {
-        let h: Head = serde_json::from_slice(&plain).map_err(|_| OpenError::Decode {
-            path: path.clone(),
-            frame,
-        })?;
-        counted = Some(h.frames);
-        Ok::<(), OpenError>(())
-    })?;
-    let (generation, frames) = (journal.generation(), journal.frames());
-    let problem = match (head, counted) {
-        (Some(h), Some(n)) if h.generation == generation && frames < n => Some(
-            "the journal has fewer frames than its sealed head records (frames were cut off its end)",
-        ),
-        (Some(h), Some(_)) if h.generation == generation => None,
-        (Some(h), _) if h.generation > generation => Some(
-            "the sealed head is of a later generation than the journal (an older journal was put back)",
-        ),
-        _ if frames > 1 => {
-            Some("no sealed head for a journal of more than one frame (the head was removed)")
-        }
-        _ => None,
-    };
-    match problem {
-        Some(problem) => Err(OpenError::Head { path, problem }),
-        None => Ok(()),
     }
 }
 
@@ -383,7 +176,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let matcher = || Matcher::new(Model::default());
         let mut state = State::new(matcher());
-        let mut store = Store::open(dir.path(), key(), &mut state).unwrap();
+        let mut store = open(dir.path(), key(), &mut state).unwrap();
         let t = Instant::now();
         for chunk in 0..n.div_ceil(1000) {
             let ops: Vec<Op> = (chunk * 1000..((chunk + 1) * 1000).min(n))
@@ -410,7 +203,7 @@ mod tests {
             .len();
         let mut state = State::new(matcher());
         let t = Instant::now();
-        let mut store = Store::open(dir.path(), key(), &mut state).unwrap();
+        let mut store = open(dir.path(), key(), &mut state).unwrap();
         let replay_ms = t.elapsed().as_millis();
         assert_eq!(state.records.len() as u64, n);
         let t = Instant::now();
@@ -423,7 +216,7 @@ mod tests {
             .len();
         let mut state = State::new(matcher());
         let t = Instant::now();
-        let _store = Store::open(dir.path(), key(), &mut state).unwrap();
+        let _store = open(dir.path(), key(), &mut state).unwrap();
         let reopen_ms = t.elapsed().as_millis();
         assert_eq!(state.records.len() as u64, n);
         println!(

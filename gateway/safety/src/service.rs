@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 use crate::contrast;
 use crate::metrics::Metrics;
 use crate::state::{Held, Op, Origin, Reaction, State, StoredDose, allergen_key};
-use crate::store::{OpenError, Store};
+use crate::store::{self, OpenError, Store};
 use crate::{BoxFuture, DoseEvent, DoseRecorded, SafetyError};
 
 const QUEUE: usize = 256;
@@ -149,7 +149,7 @@ impl SafetyHandle {
     ) -> Result<Self, SafetyError> {
         let mut state = State::default();
         let key = SealKey::derive_for(master, gateway_keystore::KeyPurpose::SafetyAtRest);
-        let store = Store::open(dir, key, &mut state)?;
+        let store = store::open(dir, key, &mut state)?;
         let mut service = Service {
             state,
             store,
@@ -269,7 +269,11 @@ impl Service {
     fn maintain(&mut self) {
         let (reactions, doses) = (self.state.reaction_count(), self.state.doses.len());
         self.metrics.set_counts(reactions, doses);
-        self.store.maybe_compact(&self.state, reactions + doses);
+        self.store.maybe_compact(
+            &self.state,
+            store::COMPACT_MIN_FRAMES,
+            (reactions + doses) as u64,
+        );
     }
 
     fn hl7(&mut self, text: &str) -> Result<Hl7Applied, SafetyError> {
