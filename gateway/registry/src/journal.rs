@@ -35,7 +35,8 @@ const FRAME_HEADER_LEN: usize = 8 + NONCE_LEN;
 /// The largest ciphertext a frame may declare (a larger one is damage, not data).
 const MAX_FRAME: u32 = 256 * 1024 * 1024;
 
-/// The key the registry's files are sealed with ([`KeyPurpose::IdentityAtRest`]).
+/// The key a store's frame files are sealed with ([`KeyPurpose::IdentityAtRest`] for the
+/// registry, another purpose through [`SealKey::derive_for`]).
 pub struct SealKey(Zeroizing<[u8; 32]>);
 
 impl std::fmt::Debug for SealKey {
@@ -69,7 +70,7 @@ pub enum JournalError {
     /// The file is not what it should be: altered, sealed under another key, or of
     /// another kind. Nothing is truncated or skipped.
     #[error(
-        "{path}: frame {frame}: {problem} (altered, sealed under another key, or not a registry file)"
+        "{path}: frame {frame}: {problem} (altered, sealed under another key, or not a file of this store)"
     )]
     Damaged {
         path: PathBuf,
@@ -199,7 +200,7 @@ pub fn generation(path: &Path, magic: &[u8; 5]) -> Result<Option<u64>, JournalEr
         _ => Err(JournalError::Damaged {
             path: path.to_path_buf(),
             frame: 0,
-            problem: "no registry file header",
+            problem: "no sealed file header of this kind",
         }),
     }
 }
@@ -244,7 +245,7 @@ pub fn read<E: From<JournalError>>(
     let mut r = BufReader::with_capacity(1 << 20, file);
     let mut head = [0u8; HEADER_LEN as usize];
     if read_full(&mut r, &mut head, path)? != head.len() || !head.starts_with(magic) {
-        return Err(damaged(0, "no registry file header").into());
+        return Err(damaged(0, "no sealed file header of this kind").into());
     }
     let generation = u64::from_le_bytes(
         head.get(5..)

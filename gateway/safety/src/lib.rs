@@ -10,7 +10,8 @@
 //! - `service`: the `safety-store` thread that owns state and files, [`SafetyHandle`], the
 //!   HL7 reading (AL1 replace, IAM add/update/delete, A40/A47 moves) and [`feed`].
 //! - `state`: the state in memory and its ops (one code path live and at replay).
-//! - `store`: the folder: a sealed journal (the registry's frame files) and its head.
+//! - `store`: the folder, laid out on the registry's generic sealed store
+//!   (`gateway_registry::framestore`: snapshot, journal, head).
 //! - `check`: [`Safety`], the check before a booking and the operator's view.
 //! - [`dose`]: drains the spool's [`DOSE_ROUTE`] into the store.
 //! - [`metrics`]: the `gateway_safety_*` metrics.
