@@ -437,3 +437,180 @@ fn check_head(
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::journal::HEADER_LEN;
+    use gateway_keystore::MasterKey;
+
+    static TOY: Layout = Layout {
+        name: "toy store",
+        lock_file: "toy.lock",
+        journal: FileKind {
+            file: "j.sealed",
+            magic: b"GWTJ\x01",
+            role: "toy-journal",
+        },
+        snapshot: FileKind {
+            file: "s.sealed",
+            magic: b"GWTS\x01",
+            role: "toy-snapshot",
+        },
+        head: FileKind {
+            file: "h.sealed",
+            magic: b"GWTH\x01",
+            role: "toy-head",
+        },
+        snapshot_chunk: 2,
+    };
+
+    #[derive(Debug, Default, PartialEq)]
+    struct Toy(Vec<u32>);
+
+    impl Replay for Toy {
+        type Op = u32;
+
+        fn apply(&mut self, op: u32) {
+            self.0.push(op);
+        }
+
+        fn snapshot(&self, chunk: usize) -> impl Iterator<Item = Vec<u32>> + '_ {
+            self.0.chunks(chunk).map(<[u32]>::to_vec)
+        }
+    }
+
+    fn key() -> SealKey {
+        SealKey::derive(&MasterKey::from_bytes([9; 32]))
+    }
+
+    fn open(dir: &Path) -> Result<(FrameStore<u32>, Toy), StoreError> {
+        let mut toy = Toy::default();
+        let store = FrameStore::open(dir, &TOY, key(), &mut toy)?;
+        Ok((store, toy))
+    }
+
+    /// Commits `ops` one change each and applies them, as a store's owner does.
+    fn change(store: &mut FrameStore<u32>, toy: &mut Toy, ops: &[u32]) {
+        for &op in ops {
+            store.commit(&[op]).unwrap();
+            Replay::apply(toy, op);
+        }
+    }
+
+    #[test]
+    fn a_compaction_starts_the_next_generation_and_a_reopen_replays_snapshot_then_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut toy) = open(dir.path()).unwrap();
+        change(&mut store, &mut toy, &[1, 2, 3, 4, 5]);
+        // Below the threshold, or fewer frames than the state is large: nothing happens.
+        store.maybe_compact(&toy, 6, 0);
+        store.maybe_compact(&toy, 0, 6);
+        assert!(!dir.path().join(TOY.snapshot.file).exists());
+        store.maybe_compact(&toy, 5, 5);
+        assert_eq!(store.journal_frames(), 0);
+        let journal = dir.path().join(TOY.journal.file);
+        assert_eq!(
+            journal::generation(&journal, TOY.journal.magic).unwrap(),
+            Some(1)
+        );
+        change(&mut store, &mut toy, &[6]);
+        drop(store);
+        let (store, again) = open(dir.path()).unwrap();
+        assert_eq!(again, Toy(vec![1, 2, 3, 4, 5, 6]));
+        assert_eq!(store.journal_frames(), 1);
+    }
+
+    #[test]
+    fn a_crash_between_the_snapshot_and_the_new_journal_replays_the_snapshot_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut toy) = open(dir.path()).unwrap();
+        change(&mut store, &mut toy, &[1, 2, 3]);
+        let journal = dir.path().join(TOY.journal.file);
+        let head = dir.path().join(TOY.head.file);
+        let (old_journal, old_head) = (
+            std::fs::read(&journal).unwrap(),
+            std::fs::read(&head).unwrap(),
+        );
+        store.compact(&toy).unwrap();
+        drop(store);
+        // The snapshot of generation 1 is in place, the journal and head still generation 0's.
+        std::fs::write(&journal, &old_journal).unwrap();
+        std::fs::write(&head, &old_head).unwrap();
+        let (store, again) = open(dir.path()).unwrap();
+        assert_eq!(
+            again,
+            Toy(vec![1, 2, 3]),
+            "the old journal is not replayed on top"
+        );
+        assert_eq!(store.journal_frames(), 0);
+        assert_eq!(
+            journal::generation(&journal, TOY.journal.magic).unwrap(),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn a_removed_journal_a_truncated_snapshot_or_cut_frames_fail_the_open_naming_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut toy) = open(dir.path()).unwrap();
+        change(&mut store, &mut toy, &[1, 2, 3]);
+        store.compact(&toy).unwrap();
+        change(&mut store, &mut toy, &[4, 5]);
+        drop(store);
+        let journal = dir.path().join(TOY.journal.file);
+        let snapshot = dir.path().join(TOY.snapshot.file);
+        let (whole_journal, whole_snapshot) = (
+            std::fs::read(&journal).unwrap(),
+            std::fs::read(&snapshot).unwrap(),
+        );
+
+        std::fs::remove_file(&journal).unwrap();
+        let err = open(dir.path()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Generation {
+                    journal: 0,
+                    snapshot: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("toy store "), "{err}");
+        std::fs::write(&journal, &whole_journal).unwrap();
+
+        // The end frame cut off whole (the last frame's length is in its header).
+        let mut at = HEADER_LEN as usize;
+        let mut last = at;
+        while at < whole_snapshot.len() {
+            last = at;
+            let len = u32::from_le_bytes(whole_snapshot[at..at + 4].try_into().unwrap());
+            at += 8 + 12 + len as usize;
+        }
+        std::fs::write(&snapshot, &whole_snapshot[..last]).unwrap();
+        let err = open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Truncated { .. }), "{err}");
+        // Cut inside a frame: a snapshot is never torn, it is damage.
+        std::fs::write(&snapshot, &whole_snapshot[..last + 5]).unwrap();
+        let err = open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Journal { .. }), "{err}");
+        assert!(err.to_string().contains("s.sealed"), "{err}");
+        std::fs::write(&snapshot, &whole_snapshot).unwrap();
+
+        // The journal's last change cut off whole: the head still counts it.
+        let first = HEADER_LEN as usize;
+        let len = u32::from_le_bytes(whole_journal[first..first + 4].try_into().unwrap());
+        std::fs::write(&journal, &whole_journal[..first + 20 + len as usize]).unwrap();
+        let err = open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Head { .. }) && err.to_string().contains("cut off"),
+            "{err}"
+        );
+        std::fs::write(&journal, &whole_journal).unwrap();
+        let (_, again) = open(dir.path()).unwrap();
+        assert_eq!(again, Toy(vec![1, 2, 3, 4, 5]));
+    }
+}
