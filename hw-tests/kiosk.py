@@ -128,7 +128,9 @@ class Kiosk:
         assert r.status == 200, r
         return r.json()
 
-    def book(self, request_id: str, slot_id: str, patient: dict, hold: bool = False) -> Response:
+    def book(self, request_id: str, slot_id: str, patient: dict, hold: bool = False,
+             ack: list[str] | None = None) -> Response:
+        """`$book` (or `$hold`); `ack`: the safety warning ids a physician acknowledges."""
         body = {
             "resourceType": "Appointment",
             "identifier": [{"value": request_id}],
@@ -142,7 +144,13 @@ class Kiosk:
                 "gender": patient.get("gender", "female"),
             }],
         }
+        if ack:
+            body["extension"] = [{"url": ACKNOWLEDGED_WARNING, "valueString": i} for i in ack]
         return self.request("POST", "/fhir/Appointment/$hold" if hold else "/fhir/Appointment/$book", body)
+
+
+# The extension a physician's acknowledgement of a safety warning travels in.
+ACKNOWLEDGED_WARNING = "urn:gatewayd:acknowledged-warning"
 
 
 def wait_until(cond, timeout: float, what: str, interval: float = 0.2):

@@ -117,29 +117,6 @@ def warning_ids(r: kiosk.Response) -> list[str]:
     return [i["details"]["coding"][0]["code"] for i in warnings_of(r)]
 
 
-def book(k: kiosk.Kiosk, req: str, slot: str, patient: dict, ack: list[str] | None = None,
-         hold: bool = False) -> kiosk.Response:
-    body = {
-        "resourceType": "Appointment",
-        "identifier": [{"value": req}],
-        "slot": [{"reference": f"Slot/{slot}"}],
-        "serviceType": [{"text": "CT chest with contrast"}],
-        "contained": [{
-            "resourceType": "Patient", "id": "patient",
-            "identifier": [{"value": patient["id"]}],
-            "name": [{"text": patient["name"]}],
-            "birthDate": patient["birth_date"],
-            "gender": patient.get("gender", "female"),
-        }],
-    }
-    if ack:
-        body["extension"] = [{"url": ACK_URL, "valueString": i} for i in ack]
-    return k.request("POST", "/fhir/Appointment/$hold" if hold else "/fhir/Appointment/$book", body)
-
-
-ACK_URL = "urn:gatewayd:acknowledged-warning"
-
-
 def person_of(doctor: kiosk.Kiosk, hospital: str, pid: str) -> str:
     ident = urllib.parse.quote(f"urn:gateway:hospital:{hospital}|{pid}")
     r = doctor.request("GET", f"/fhir/Patient/$ihe-pix?sourceIdentifier={ident}")
@@ -165,7 +142,7 @@ def reaction_at_hospital_a(region, clerk: kiosk.Kiosk, core_doctor: kiosk.Kiosk)
     acks = send(region.hl7_port, adt("A01", "a-1", HOSP_A, TARO_A))
     assert msa(acks[0])[0] == "AA", acks
     mr = free_slots(clerk, "mr-1", 1)
-    r = book(clerk, "req-s-0", mr[0], TARO_CLINIC)
+    r = clerk.book("req-s-0", mr[0], TARO_CLINIC)
     assert r.status == 201, r
     link(core_doctor, (HOSP_A, TARO_A["id"]), (CLINIC, TARO_CLINIC["id"]))
     consent(core_doctor, HOSP_A, TARO_A["id"], kinds=("reactions", "dose"))
@@ -181,7 +158,7 @@ def test_a_reaction_at_hospital_a_is_a_warning_at_clinic_b_acknowledged_by_a_phy
     doctor = region.staff_session(CLINIC, "dr.b", "physician")
     ct = free_slots(clerk, "ct-1", 6)
     reaction_at_hospital_a(region, clerk, core_doctor)
-    first = kiosk.wait_until(lambda: (r := book(clerk, "req-s-1", ct[0], TARO_CLINIC)).status == 409 and r, 20,
+    first = kiosk.wait_until(lambda: (r := clerk.book("req-s-1", ct[0], TARO_CLINIC)).status == 409 and r, 20,
                              "the contrast reaction warned about at the clinic")
     issues = warnings_of(first)
     assert len(issues) == 1, issues
@@ -190,9 +167,9 @@ def test_a_reaction_at_hospital_a_is_a_warning_at_clinic_b_acknowledged_by_a_phy
     ids = warning_ids(first)
     # Not booked: the slot is still free, and a clerk cannot acknowledge.
     assert ct[0] in [e["resource"]["id"] for e in clerk.slots("ct-1")["entry"]]
-    assert book(clerk, "req-s-1", ct[0], TARO_CLINIC, ack=ids).status == 403
+    assert clerk.book("req-s-1", ct[0], TARO_CLINIC, ack=ids).status == 403
     # A physician acknowledges: booked, audited at the clinic.
-    done = book(doctor, "req-s-1", ct[0], TARO_CLINIC, ack=ids)
+    done = doctor.book("req-s-1", ct[0], TARO_CLINIC, ack=ids)
     assert done.status == 201, done
     accession = next(i["value"] for i in done.json()["identifier"] if i["system"] == "urn:gatewayd:accession")
     clinic_actions = [rec["action"] for rec in audit_records(region.gateways[CLINIC])]
@@ -211,12 +188,12 @@ def test_a_reaction_at_hospital_a_is_a_warning_at_clinic_b_acknowledged_by_a_phy
 
     # IAM delete at hospital A: no warning any more.
     send(region.hl7_port, a60("a-3", TARO_A, [iam(1, "D", "ALG-1")]))
-    kiosk.wait_until(lambda: book(clerk, "req-s-2", ct[1], TARO_CLINIC).status == 201, 20,
+    kiosk.wait_until(lambda: clerk.book("req-s-2", ct[1], TARO_CLINIC).status == 201, 20,
                      "a booking without warning after the IAM delete")
     # A new reaction (gadolinium, by its Japanese brand name) warns again ...
     send(region.hl7_port, a60("a-4", TARO_A, [iam(1, "A", "ALG-2", allergen="^ガドビスト^L", severity="MO",
                                                    reaction="嘔吐")]))
-    kiosk.wait_until(lambda: book(clerk, "req-s-3", ct[2], TARO_CLINIC).status == 409, 20,
+    kiosk.wait_until(lambda: clerk.book("req-s-3", ct[2], TARO_CLINIC).status == 409, 20,
                      "the gadolinium reaction warned about")
     # ... until the patient revokes the consent: then nothing is shown, and the suppression is audited.
     cons = core_doctor.request("GET", "/fhir/Consent?patient=" + urllib.parse.quote(
@@ -226,7 +203,7 @@ def test_a_reaction_at_hospital_a_is_a_warning_at_clinic_b_acknowledged_by_a_phy
         r = core_doctor.request("POST", f"/fhir/Consent/{e['resource']['id']}/$revoke")
         assert r.status == 200, r
     before = len([x for x in audit_records(core) if x["action"] == "disclosure_refused"])
-    r = book(clerk, "req-s-4", ct[3], TARO_CLINIC)
+    r = clerk.book("req-s-4", ct[3], TARO_CLINIC)
     assert r.status == 201, r
     refused = [x for x in audit_records(core) if x["action"] == "disclosure_refused"]
     assert len(refused) > before, "the suppressed warning is not in the core's audit trail"
@@ -280,7 +257,7 @@ def test_dose_reports_of_several_vendors_add_up_each_event_once_and_are_shown_wi
     clerk = region.staff_session(CLINIC, "clerk.d")
     core_doctor = region.staff_session(CORE, "dr.core.d", "physician")
     ct = free_slots(clerk, "ct-1", 3)
-    r = book(clerk, "req-d-0", ct[0], TARO_CLINIC)
+    r = clerk.book("req-d-0", ct[0], TARO_CLINIC)
     assert r.status == 201, r
     accession = next(i["value"] for i in r.json()["identifier"] if i["system"] == "urn:gatewayd:accession")
     files = [for_exam(openrem_files / name, tmp_path / "rdsr" / name, accession, TARO_CLINIC["id"])
@@ -311,7 +288,7 @@ def test_dose_reports_of_several_vendors_add_up_each_event_once_and_are_shown_wi
     assert "not patient dose" in dose["label"]
     assert "safety_shown" in [x["action"] for x in audit_records(core)]
     # The next CT booking: the cumulative DLP with its events, over the threshold a warning.
-    r = book(clerk, "req-d-1", ct[1], TARO_CLINIC)
+    r = clerk.book("req-d-1", ct[1], TARO_CLINIC)
     ids = warning_ids(r)
     assert len(ids) == 1, r.json()
     summary = dose_summary(r)
@@ -348,7 +325,7 @@ def test_a_malformed_allergy_message_gets_an_hl7_error_and_changes_nothing(regio
     assert msa(ack)[0] == "AE", ack
     assert b"IAM^1^6" in ack and b"|103" in ack, ack
     assert region.core.is_running()
-    kiosk.wait_until(lambda: book(clerk, "req-m-1", ct[0], TARO_CLINIC).status == 409, 20,
+    kiosk.wait_until(lambda: clerk.book("req-m-1", ct[0], TARO_CLINIC).status == 409, 20,
                      "the earlier reaction still warned about")
 
 
