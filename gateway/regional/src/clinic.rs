@@ -209,6 +209,16 @@ impl ClinicExchange {
         let _ = self.inner.results.set(link);
     }
 
+    /// Seals one dose report to the core and waits (at most `booking.request_timeout`) for
+    /// its acknowledgement ([`crate::dose`]). SKELETON.
+    pub fn send_dose(
+        &self,
+        dose: crate::dose::WireDose,
+    ) -> gateway_booking::BoxFuture<'static, Result<(), crate::dose::DoseNotSent>> {
+        let _ = dose;
+        Box::pin(async { Err(crate::dose::DoseNotSent) })
+    }
+
     /// The clinic's copy of the appointment `id`, if this clinic booked it.
     pub fn appointment(&self, id: &str) -> Option<AppointmentView> {
         self.inner.appointment(id)

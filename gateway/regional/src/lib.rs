@@ -54,6 +54,7 @@
 
 pub mod clinic;
 pub mod core;
+pub mod dose;
 pub mod local;
 mod mqtt;
 pub mod results;
