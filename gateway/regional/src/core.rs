@@ -88,16 +88,17 @@ impl CoreExchange {
         self
     }
 
-    /// Carries the results task's notices and reports to the booking clinics, and their
-    /// acknowledgements back.
-    #[must_use]
     /// Hands every clinic's dose report to the safety task ([`crate::dose::DoseIn`]);
     /// without it dose reports are not acknowledged. SKELETON.
+    #[must_use]
     pub fn with_dose(self, to_safety: tokio::sync::mpsc::Sender<crate::dose::DoseIn>) -> Self {
         let _ = to_safety;
         self
     }
 
+    /// Carries the results task's notices and reports to the booking clinics, and their
+    /// acknowledgements back.
+    #[must_use]
     pub fn with_results(mut self, link: CoreLink) -> Self {
         self.result_acks = Some(link.acks);
         self.result_outgoing = Some(link.outgoing);
