@@ -382,3 +382,70 @@ def test_a_physician_sees_the_warning_in_japanese_and_english_and_acknowledges_i
     booked = [e["resource"] for e in clerk.request(
         "GET", f"/fhir/Appointment?patient={TARO_CLINIC['id']}").json()["entry"]]
     assert any(a["slot"][0]["reference"] == f"Slot/{slot}" and a["status"] == "booked" for a in booked), booked
+
+
+def test_dose_reports_received_at_a_clinic_reach_the_core_even_when_it_was_down(
+        gateway_factory, broker, openrem_files, tmp_path):  # noqa: F811
+    """A clinic's own CT sends its dose reports to the clinic's gateway: they are carried to
+    the core over the sealed exchange, acknowledged only once durable there, kept queued
+    while the core is down, and counted once."""
+    missing = scu.missing_dcmtk_tools()
+    assert not missing, f"DCMTK tools missing: {missing}; hw-tests/run-all.sh installs dcmtk"
+    region = kiosk.Region(gateway_factory, broker, clinics=(CLINIC,), core=CORE, core_extra={
+        "identity": {"hospital_id": CORE},
+        "safety": {"dose_window_days": 36500},
+    })
+    clinic = region.gateways[CLINIC]
+    clinic.config["safety"] = {}
+    clinic.config_path.write_text(gw.to_toml(clinic.config))
+    region.start()
+    core = region.core
+    core_doctor = region.staff_session(CORE, "dr.core.f", "physician")
+    names = ("CT-RDSR-Siemens-Multi-3.dcm", "CT-RDSR-Siemens-Multi-1.dcm", "CT-RDSR-GEPixelMed.dcm")
+    files = []
+    for name in names:
+        ds = dcmread(openrem_files / name)
+        ds.PatientID = TARO_CLINIC["id"]
+        ds.PatientName = TARO_CLINIC["name"].split("=")[0]
+        ds.PatientBirthDate = TARO_CLINIC["birth_date"].replace("-", "")
+        ds.PatientSex = "M"
+        ds.AccessionNumber = ""
+        out = tmp_path / "clinic-rdsr" / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out)
+        files.append(out)
+    expected = {e["event_uid"]: e["dlp_mgy_cm"] or 0.0 for f in files for e in pydicom_reading(f)["events"]}
+    # The core is down: the clinic stores the reports (durable: success) and keeps them queued.
+    core.stop()
+    res = scu.storescu(clinic.dicom_port, files)
+    assert res.returncode == 0, res.stderr
+    time.sleep(3)
+    queued = clinic.status()["by_destination"]["safety-dose"]["queued"]
+    assert queued == len(files), clinic.status()
+    core.start()
+    person = kiosk.wait_until(lambda: _person_or_none(core_doctor, CLINIC, TARO_CLINIC["id"]), 90,
+                              "the clinic's patient known at the core from its dose reports")
+
+    def shown():
+        r = core.cli("safety", "show", "--config", str(core.config_path), "--patient", f"person:{person}")
+        if r.returncode != 0:
+            return None
+        dose = json.loads(r.stdout)["report"].get("dose") or {}
+        return dose if len(dose.get("events", [])) == len(expected) else None
+
+    dose = kiosk.wait_until(shown, 90, "the clinic's dose events at the core")
+    assert sorted(e["event_uid"] for e in dose["events"]) == sorted(expected), dose
+    assert {e["hospital"] for e in dose["events"]} == {CLINIC}, dose
+    assert dose["total_dlp_mgy_cm"] == pytest.approx(sum(expected.values()), rel=1e-6)
+    kiosk.wait_until(lambda: clinic.status()["by_destination"]["safety-dose"]["queued"] == 0, 30,
+                     "the clinic's dose queue drained once acknowledged")
+    needles = [TARO_CLINIC["id"], "TAKAHASHI"]
+    for g in (core, clinic):
+        assert not [n for n in needles if n in g.log_text()], g.name
+
+
+def _person_or_none(doctor: kiosk.Kiosk, hospital: str, pid: str) -> str | None:
+    try:
+        return person_of(doctor, hospital, pid)
+    except AssertionError:
+        return None

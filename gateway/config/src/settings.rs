@@ -84,7 +84,8 @@ pub struct Settings {
 }
 
 /// `[safety]`: on the core (needs `[identity]`): contrast reactions and cumulative CT dose
-/// across linked hospitals, shown before a booking.
+/// across linked hospitals, shown before a booking; on a clinic (needs `[exchange]`): the CT
+/// dose reports it receives are carried to the core.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Safety {
     /// The cumulative dose window in days (default 365; at most 36500, a lifetime).
@@ -504,10 +505,17 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
         );
     }
     let safety = raw.safety.map(|s| safety(c, s, node.as_ref()));
-    if safety.is_some() && identity.is_none() {
+    let is_core = node.as_ref().is_some_and(|n| n.role == Role::Core);
+    if safety.is_some() && is_core && identity.is_none() {
         c.push(
             "safety",
             "needs [identity]: warnings follow the patient's linked records and consent",
+        );
+    }
+    if safety.is_some() && !is_core && exchange.is_none() {
+        c.push(
+            "safety",
+            "on a clinic it carries dose reports to the core: it needs [exchange] and booking.core",
         );
     }
     Some(Settings {
@@ -527,12 +535,16 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
     })
 }
 
-/// `[safety]`: only on the core; a window of 1..=36500 days; a positive finite threshold.
+/// `[safety]`: on the core a window of 1..=36500 days and a positive finite threshold; on a
+/// clinic (which only carries its dose reports to the core) neither key.
 fn safety(c: &mut Collector, raw: raw::RawSafety, node: Option<&Node>) -> Option<Safety> {
-    if node.is_some_and(|n| n.role != Role::Core) {
+    if node.is_some_and(|n| n.role != Role::Core)
+        && (raw.dose_window_days.is_some() || raw.dlp_threshold_mgy_cm.is_some())
+    {
         c.push(
             "safety",
-            "only the core keeps the safety store (node.role = \"core\")",
+            "dose_window_days and dlp_threshold_mgy_cm are the core's (it shows the warnings); \
+             a clinic only carries its dose reports to the core",
         );
     }
     let dose_window_days = match raw.dose_window_days {

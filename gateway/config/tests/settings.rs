@@ -998,16 +998,22 @@ fn every_safety_problem_is_named_and_unknown_keys_are_refused() {
         "{NODE_DEV}[safety]\ndose_window_days = 0\ndlp_threshold_mgy_cm = -3.0\n"
     ));
     for want in [
-        "safety: only the core keeps the safety store",
+        "safety: dose_window_days and dlp_threshold_mgy_cm are the core's",
         "safety.dose_window_days: must be 1 to 36500 days",
         "safety.dlp_threshold_mgy_cm: must be a positive number",
-        "safety: needs [identity]",
+        "safety: on a clinic it carries dose reports to the core: it needs [exchange]",
     ] {
         assert!(
             got.iter().any(|l| l.starts_with(want)),
             "missing {want:?} in {got:#?}"
         );
     }
+    let core = lines(&format!("{NODE_CORE}[booking]\n[safety]\n"));
+    assert!(
+        core.iter()
+            .any(|l| l.starts_with("safety: needs [identity]")),
+        "{core:#?}"
+    );
     let unknown = keys(&format!(
         "{NODE_CORE}[booking]\n[identity]\n[safety]\nthreshold = 1\n"
     ));

@@ -283,6 +283,19 @@ pub(crate) async fn start(
                     None => core,
                 };
                 let core = core.with_safety(check);
+                // Clinics' dose reports (`[safety]` on a clinic) into the store.
+                let core = match (&safety, &registry) {
+                    (Some((store, _)), Some(r)) => {
+                        let (tx, rx) = tokio::sync::mpsc::channel(64);
+                        tasks.push(Box::pin(gateway_safety::dose::from_clinics(
+                            rx,
+                            store.clone(),
+                            r.clone(),
+                        )));
+                        core.with_dose(tx)
+                    }
+                    _ => core,
+                };
                 let core = match &settings.results {
                     Some(r) => {
                         let (service, link) = core_results(
@@ -327,6 +340,16 @@ pub(crate) async fn start(
                 })
                 .await?;
                 tasks.push(Box::pin(task.run(shutdown.clone())));
+                // `[safety]` on a clinic: its CT dose reports go to the core.
+                if settings.safety.is_some() {
+                    tasks.push(Box::pin(gateway_safety::dose::forward(
+                        spool.clone(),
+                        handle.clone(),
+                        me.clone(),
+                        safety_metrics,
+                        shutdown.clone(),
+                    )));
+                }
                 if let (Some(r), Some(source)) = (&settings.results, results_source) {
                     let (service, link, view) = clinic_results(
                         settings,

@@ -87,8 +87,9 @@ pub fn routes(settings: &Settings) -> Vec<Route> {
             ),
         }
     }
-    // `[safety]` (core): every DICOM object passes the dose reader once, after it is durable.
-    if settings.safety.is_some() && settings.node.role == gateway_config::Role::Core {
+    // `[safety]`: every DICOM object passes the dose reader once, after it is durable (on a
+    // clinic, to carry dose reports to the core).
+    if settings.safety.is_some() {
         routes.push(Route::new(gateway_safety::DOSE_ROUTE, ObjectKind::Dicom));
     }
     routes

@@ -15,14 +15,25 @@
 //!
 //! A store or ledger that cannot answer leaves the object queued for the next pass. Wakes
 //! on the spool's notifications and every [`TICK`].
+//!
+//! On a clinic ([`forward`]) the same reading files each dose report under the clinic's own
+//! Patient ID and carries its events to the core over the regional exchange
+//! (`gateway_regional::dose`): the object is marked sent only once the core has acknowledged
+//! that the events are durable there, so a report is retried until it arrives and counted
+//! once (the core de-duplicates by Irradiation Event UID). On the core, [`from_clinics`]
+//! takes those reports: the patient goes into the identity registry as the clinic knows them
+//! (as a booking does), the events into the store, and only then is the acknowledgement sent.
 
 use std::time::Duration;
 
 use gateway_booking::service::LedgerHandle;
+use gateway_booking::{DoseEventView, PatientRef};
 use gateway_dicom::rdsr::{DoseReport, RdsrError};
-use gateway_registry::SourceKey;
+use gateway_regional::clinic::ClinicExchange;
+use gateway_regional::dose::{DoseIn, WireDose};
+use gateway_registry::{RegistryHandle, SourceKey};
 use gateway_spool::{ObjectId, Spool};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::{DOSE_ROUTE, DoseEvent, SafetyHandle};
@@ -41,14 +52,65 @@ enum Read {
     Unreadable,
 }
 
-/// Drains [`crate::DOSE_ROUTE`] until `shutdown` (see the module docs).
+/// Where the reports read here go.
+enum Filing {
+    /// The core: its own store, booked exams found in its ledger.
+    Core {
+        store: SafetyHandle,
+        ledger: LedgerHandle,
+        hospital_id: String,
+    },
+    /// A clinic: to the core over the exchange.
+    Clinic {
+        exchange: ClinicExchange,
+        clinic_id: String,
+        metrics: crate::Metrics,
+    },
+}
+
+impl Filing {
+    fn metrics(&self) -> &crate::Metrics {
+        match self {
+            Filing::Core { store, .. } => &store.metrics,
+            Filing::Clinic { metrics, .. } => metrics,
+        }
+    }
+}
+
+/// Drains [`crate::DOSE_ROUTE`] on the core until `shutdown` (see the module docs).
 pub async fn run(
     spool: Spool,
     store: SafetyHandle,
     ledger: LedgerHandle,
     hospital_id: String,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    let filing = Filing::Core {
+        store,
+        ledger,
+        hospital_id,
+    };
+    drain(spool, filing, shutdown).await;
+}
+
+/// Drains [`crate::DOSE_ROUTE`] on a clinic until `shutdown`: each CT dose report's events
+/// go to the core (see the module docs).
+pub async fn forward(
+    spool: Spool,
+    exchange: ClinicExchange,
+    clinic_id: String,
+    metrics: crate::Metrics,
+    shutdown: watch::Receiver<bool>,
+) {
+    let filing = Filing::Clinic {
+        exchange,
+        clinic_id,
+        metrics,
+    };
+    drain(spool, filing, shutdown).await;
+}
+
+async fn drain(spool: Spool, filing: Filing, mut shutdown: watch::Receiver<bool>) {
     info!("safety dose reader started");
     let mut wake = spool.subscribe();
     let mut tick = tokio::time::interval(TICK);
@@ -61,7 +123,7 @@ pub async fn run(
         }
         // Drain: a full batch means more may wait.
         loop {
-            match pass(&spool, &store, &ledger, &hospital_id).await {
+            match pass(&spool, &filing).await {
                 Some(n) if n >= BATCH => continue,
                 _ => break,
             }
@@ -72,12 +134,7 @@ pub async fn run(
 
 /// One pass over up to [`BATCH`] queued objects; answers how many were queued, `None` when
 /// the queue could not be read or nothing could be settled (the next wake-up retries).
-async fn pass(
-    spool: &Spool,
-    store: &SafetyHandle,
-    ledger: &LedgerHandle,
-    hospital_id: &str,
-) -> Option<usize> {
+async fn pass(spool: &Spool, filing: &Filing) -> Option<usize> {
     let s = spool.clone();
     let ids = match tokio::task::spawn_blocking(move || s.queued(DOSE_ROUTE, BATCH)).await {
         Ok(Ok(ids)) => ids,
@@ -90,7 +147,7 @@ async fn pass(
     let queued = ids.len();
     let mut progressed = 0;
     for id in ids {
-        if one(spool, store, ledger, hospital_id, id).await {
+        if one(spool, filing, id).await {
             progressed += 1;
         }
     }
@@ -102,13 +159,7 @@ async fn pass(
 }
 
 /// Settles one object; `false` when it stays queued (retried later).
-async fn one(
-    spool: &Spool,
-    store: &SafetyHandle,
-    ledger: &LedgerHandle,
-    hospital_id: &str,
-    id: ObjectId,
-) -> bool {
+async fn one(spool: &Spool, filing: &Filing, id: ObjectId) -> bool {
     let s = spool.clone();
     let read = tokio::task::spawn_blocking(move || match s.read(&id) {
         Ok((_, bytes)) => match gateway_dicom::rdsr::read(&bytes) {
@@ -126,15 +177,27 @@ async fn one(
     let report = match read {
         Read::Unreadable => return false,
         Read::NotDose => {
-            store.metrics.dose_report("not_dose");
+            filing.metrics().dose_report("not_dose");
             return settle(spool, id, None).await;
         }
         Read::Malformed(why) => {
             warn!(reason = %why, "safety dose reader: malformed dose report; dead-lettered");
-            store.metrics.dose_report("malformed");
+            filing.metrics().dose_report("malformed");
             return settle(spool, id, Some(why)).await;
         }
         Read::Report(report) => report,
+    };
+    let (store, ledger, hospital_id) = match filing {
+        Filing::Core {
+            store,
+            ledger,
+            hospital_id,
+        } => (store, ledger, hospital_id.as_str()),
+        Filing::Clinic {
+            exchange,
+            clinic_id,
+            metrics,
+        } => return to_core(spool, exchange, clinic_id, metrics, id, &report).await,
     };
     let source = match source_of(&report, ledger, hospital_id).await {
         Ok(Some(source)) => source,
@@ -149,7 +212,31 @@ async fn one(
         }
         Err(LedgerDown) => return false,
     };
-    let events = report
+    match store.record_dose(source, events_of(&report)).await {
+        Ok(recorded) => {
+            store.metrics.dose_report(if recorded.new > 0 {
+                "recorded"
+            } else {
+                "duplicate"
+            });
+            info!(
+                new = recorded.new,
+                duplicate = recorded.duplicate,
+                refused = recorded.refused,
+                "safety dose reader: dose report recorded"
+            );
+            settle(spool, id, None).await
+        }
+        Err(e) => {
+            warn!(error = %e, "safety dose reader: events not recorded; retried");
+            false
+        }
+    }
+}
+
+/// The events of a report as the store keeps them.
+fn events_of(report: &DoseReport) -> Vec<DoseEvent> {
+    report
         .events
         .iter()
         .map(|e| DoseEvent {
@@ -170,25 +257,118 @@ async fn one(
                 .filter(|s| !s.is_empty()),
             protocol: e.protocol.clone(),
         })
-        .collect();
-    match store.record_dose(source, events).await {
-        Ok(recorded) => {
-            store.metrics.dose_report(if recorded.new > 0 {
-                "recorded"
-            } else {
-                "duplicate"
-            });
+        .collect()
+}
+
+/// A clinic's report to the core; `true` once the core acknowledged it (or it was
+/// dead-lettered here for want of a Patient ID).
+async fn to_core(
+    spool: &Spool,
+    exchange: &ClinicExchange,
+    clinic_id: &str,
+    metrics: &crate::Metrics,
+    id: ObjectId,
+    report: &DoseReport,
+) -> bool {
+    let Some(patient_id) = report
+        .patient_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    else {
+        let why = "dose report without Patient ID (0010,0020)";
+        warn!(
+            reason = why,
+            "safety dose reader: dose report not sent; dead-lettered"
+        );
+        metrics.dose_report("malformed");
+        return settle(spool, id, Some(why.to_owned())).await;
+    };
+    let dose = WireDose {
+        report_id: report.sop_instance_uid.clone(),
+        patient: PatientRef {
+            id: patient_id.to_owned(),
+            name: report.patient_name.clone().unwrap_or_default(),
+            birth_date: report.birth_date.clone().unwrap_or_default(),
+            sex: report.sex.clone().unwrap_or_default(),
+        },
+        accession: report.accession_number.clone(),
+        events: events_of(report)
+            .into_iter()
+            .map(|e| DoseEventView {
+                event_uid: e.event_uid,
+                when: e.datetime,
+                hospital: clinic_id.to_owned(),
+                ctdivol_mgy: e.ctdivol_mgy,
+                dlp_mgy_cm: e.dlp_mgy_cm,
+                target_region: e.target_region,
+                protocol: e.protocol,
+            })
+            .collect(),
+    };
+    match exchange.send_dose(dose).await {
+        Ok(()) => {
+            metrics.dose_report("forwarded");
             info!(
-                new = recorded.new,
-                duplicate = recorded.duplicate,
-                refused = recorded.refused,
-                "safety dose reader: dose report recorded"
+                events = report.events.len(),
+                "safety dose reader: dose report acknowledged by the core"
             );
             settle(spool, id, None).await
         }
         Err(e) => {
-            warn!(error = %e, "safety dose reader: events not recorded; retried");
+            warn!(error = %e, "safety dose reader: dose report not acknowledged; retried");
             false
+        }
+    }
+}
+
+/// Takes the dose reports clinics send the core (`gateway_regional::dose`) until the
+/// exchange stops: the patient into the registry as the clinic knows them, the events into
+/// the store, then `done` (the acknowledgement goes back only when both are durable).
+pub async fn from_clinics(
+    mut reports: mpsc::Receiver<DoseIn>,
+    store: SafetyHandle,
+    registry: RegistryHandle,
+) {
+    while let Some(DoseIn { clinic, dose, done }) = reports.recv().await {
+        let p = &dose.patient;
+        let record =
+            gateway_registry::booked_patient(&clinic, &p.id, &p.name, &p.birth_date, &p.sex);
+        if let Err(e) = registry.record_booking(clinic.clone(), record).await {
+            warn!(%clinic, error = %e, "clinic's dose report: patient not recorded in the identity registry; not acknowledged");
+            let _ = done.send(false);
+            continue;
+        }
+        let source = SourceKey {
+            hospital_id: clinic.clone(),
+            patient_id: p.id.clone(),
+        };
+        let events = dose
+            .events
+            .into_iter()
+            .map(|e| DoseEvent {
+                event_uid: e.event_uid,
+                datetime: e.when,
+                ctdivol_mgy: e.ctdivol_mgy,
+                dlp_mgy_cm: e.dlp_mgy_cm,
+                target_region: e.target_region,
+                protocol: e.protocol,
+            })
+            .collect();
+        match store.record_dose(source, events).await {
+            Ok(recorded) => {
+                store.metrics.dose_report(if recorded.new > 0 {
+                    "recorded"
+                } else {
+                    "duplicate"
+                });
+                info!(%clinic, new = recorded.new, duplicate = recorded.duplicate, "clinic's dose report recorded");
+                let _ = done.send(true);
+            }
+            Err(e) => {
+                warn!(%clinic, error = %e, "clinic's dose report not recorded; not acknowledged");
+                let _ = done.send(false);
+            }
         }
     }
 }
