@@ -18,7 +18,7 @@ use gateway_booking::{
 };
 use gateway_exchange::ExchangeKey;
 use gateway_keystore::{KEY_LEN, MasterKey};
-use gateway_regional::clinic::{ClinicExchange, ClinicSettings};
+use gateway_regional::clinic::{ClinicExchange, ClinicSettings, ClinicTask};
 use gateway_regional::core::CoreExchange;
 use gateway_regional::dose::{DoseIn, DoseNotSent, KIND_DOSE, MAX_EVENTS, WireDose};
 use gateway_regional::topics;
@@ -89,26 +89,9 @@ impl World {
     async fn start() -> Self {
         let broker = Mosquitto::start();
         let dir = tempfile::tempdir().unwrap();
-        let seal = SealKey::derive(&MasterKey::from_bytes([9; KEY_LEN]));
-        let ledger = Ledger::open(&dir.path().join("core"), seal).unwrap();
-        let (service, ledger) = LedgerService::new(ledger, Arc::new(vec![ct()]));
-        service.spawn().unwrap();
         let (to_safety, doses) = mpsc::channel(8);
-        let core = CoreExchange::new(
-            broker.connection("core-1"),
-            Arc::new(keys("core-1", CORE_SEED, &[("clinic-a", CLINIC_SEED)])),
-            ledger,
-            Duration::from_secs(60),
-            Arc::new(Notify::new()),
-        )
-        .with_dose(to_safety);
-        let (clinic, task) = ClinicExchange::open(
-            settings(&broker, "clinic-a"),
-            keys("clinic-a", CLINIC_SEED, &[("core-1", CORE_SEED)]),
-            &dir.path().join("clinic"),
-            SealKey::derive(&MasterKey::from_bytes([9; KEY_LEN])),
-        )
-        .unwrap();
+        let core = core(&broker, dir.path()).with_dose(to_safety);
+        let (clinic, task) = clinic(&broker, dir.path());
         let (stop, shutdown) = watch::channel(false);
         let mut world = World {
             tasks: vec![tokio::spawn(core.run(shutdown))],
@@ -123,7 +106,7 @@ impl World {
     }
 
     /// Runs a clinic's session until the world stops.
-    fn run(&mut self, task: gateway_regional::clinic::ClinicTask) {
+    fn run(&mut self, task: ClinicTask) {
         self.tasks
             .push(tokio::spawn(task.run(self.stop.subscribe())));
     }
@@ -134,6 +117,32 @@ impl World {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
     }
+}
+
+/// The core `core-1` (ledger in `dir/core`, one CT schedule), not yet running.
+fn core(broker: &Mosquitto, dir: &std::path::Path) -> CoreExchange {
+    let seal = SealKey::derive(&MasterKey::from_bytes([9; KEY_LEN]));
+    let ledger = Ledger::open(&dir.join("core"), seal).unwrap();
+    let (service, ledger) = LedgerService::new(ledger, Arc::new(vec![ct()]));
+    service.spawn().unwrap();
+    CoreExchange::new(
+        broker.connection("core-1"),
+        Arc::new(keys("core-1", CORE_SEED, &[("clinic-a", CLINIC_SEED)])),
+        ledger,
+        Duration::from_secs(60),
+        Arc::new(Notify::new()),
+    )
+}
+
+/// The clinic `clinic-a` (state in `dir/clinic`), not yet running.
+fn clinic(broker: &Mosquitto, dir: &std::path::Path) -> (ClinicExchange, ClinicTask) {
+    ClinicExchange::open(
+        settings(broker, "clinic-a"),
+        keys("clinic-a", CLINIC_SEED, &[("core-1", CORE_SEED)]),
+        &dir.join("clinic"),
+        SealKey::derive(&MasterKey::from_bytes([9; KEY_LEN])),
+    )
+    .unwrap()
 }
 
 fn settings(broker: &Mosquitto, client_id: &str) -> ClinicSettings {
@@ -299,24 +308,8 @@ async fn forged_and_malformed_dose_reports_are_refused_and_the_core_goes_on() {
 async fn a_core_without_a_dose_receiver_does_not_acknowledge() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
-    let seal = || SealKey::derive(&MasterKey::from_bytes([9; KEY_LEN]));
-    let ledger = Ledger::open(&dir.path().join("core"), seal()).unwrap();
-    let (service, ledger) = LedgerService::new(ledger, Arc::new(vec![ct()]));
-    service.spawn().unwrap();
-    let core = CoreExchange::new(
-        broker.connection("core-1"),
-        Arc::new(keys("core-1", CORE_SEED, &[("clinic-a", CLINIC_SEED)])),
-        ledger,
-        Duration::from_secs(60),
-        Arc::new(Notify::new()),
-    );
-    let (clinic, task) = ClinicExchange::open(
-        settings(&broker, "clinic-a"),
-        keys("clinic-a", CLINIC_SEED, &[("core-1", CORE_SEED)]),
-        &dir.path().join("clinic"),
-        seal(),
-    )
-    .unwrap();
+    let core = core(&broker, dir.path());
+    let (clinic, task) = clinic(&broker, dir.path());
     // Not connected yet: refused at once.
     assert_eq!(clinic.send_dose(dose("1.2.392.12")).await, Err(DoseNotSent));
     let (stop, shutdown) = watch::channel(false);

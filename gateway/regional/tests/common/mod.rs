@@ -29,12 +29,7 @@ impl Mosquitto {
             format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
         )
         .unwrap();
-        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or_else(|| {
-                panic!("mosquitto is not installed: apt-get install mosquitto (this test needs a real broker)")
-            });
+        let binary = binary("mosquitto", "mosquitto");
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
@@ -62,12 +57,7 @@ impl Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("payload");
         std::fs::write(&file, payload).unwrap();
-        let binary = ["/usr/bin/mosquitto_pub", "/usr/sbin/mosquitto_pub"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or_else(|| {
-                panic!("mosquitto_pub is not installed: apt-get install mosquitto-clients (this test needs it)")
-            });
+        let binary = binary("mosquitto_pub", "mosquitto-clients");
         let status = Command::new(binary)
             .args([
                 "-h",
@@ -112,4 +102,17 @@ pub fn ct() -> Schedule {
         ..ScheduleSpec::default()
     })
     .unwrap()
+}
+
+/// The installed `name` (in `/usr/sbin` or `/usr/bin`); missing: a failure naming `package`.
+fn binary(name: &str, package: &str) -> std::path::PathBuf {
+    ["/usr/sbin", "/usr/bin"]
+        .into_iter()
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not installed: apt-get install {package} (this test needs a real broker)"
+            )
+        })
 }
