@@ -21,6 +21,9 @@ use crate::{Connection, Gate, Safety, now_unix, topics};
 pub const HORIZON_DAYS: i64 = 14;
 /// How long a hold (`$hold`) keeps its slot.
 pub const HOLD_FOR_SECS: i64 = 600;
+/// Longest the core waits for the safety task to record a clinic's dose report; then no
+/// acknowledgement goes back (the clinic has long stopped waiting and sends it again).
+const DOSE_RECORD_WAIT: Duration = Duration::from_secs(120);
 
 /// Where every new booked appointment is sent (e.g. to become the OMG^O19 for the RIS).
 pub use crate::OnBooked;
@@ -92,12 +95,12 @@ impl CoreExchange {
         self
     }
 
-    /// Hands every clinic's dose report to the safety task ([`crate::dose::DoseIn`]);
+    /// Hands every clinic's dose report to the safety task ([`DoseIn`]);
     /// without it dose reports are not acknowledged. A report is handed on with `try_send`
     /// (a full or closed channel: dropped, not acknowledged, so the clinic sends it again);
     /// its acknowledgement goes back once the task answers `done(true)`.
     #[must_use]
-    pub fn with_dose(mut self, to_safety: tokio::sync::mpsc::Sender<crate::dose::DoseIn>) -> Self {
+    pub fn with_dose(mut self, to_safety: mpsc::Sender<DoseIn>) -> Self {
         self.dose = Some(to_safety);
         self
     }
@@ -472,7 +475,10 @@ impl CoreExchange {
         let (keys, client) = (Arc::clone(&self.keys), client.clone());
         let (clinic, msg) = (clinic.to_owned(), msg.to_owned());
         tokio::spawn(async move {
-            if answer.await != Ok(true) {
+            if !matches!(
+                tokio::time::timeout(DOSE_RECORD_WAIT, answer).await,
+                Ok(Ok(true))
+            ) {
                 info!(%clinic, "dose report not recorded by the safety task: not acknowledged (the clinic sends it again)");
                 return;
             }
