@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::dose::{DoseNotSent, KIND_DOSE, KIND_DOSE_ACK, WireDose, WireDoseAck};
 use crate::results::{ClinicLink, Incoming, KIND_ACK, KIND_NOTICE, KIND_REPORT, WireAck};
 use crate::wire::{
     KIND_CANCEL, KIND_DECISION, KIND_REQUEST, Keys, MAX_SLOTS_BYTES, SlotsMessage, WireCancel,
@@ -114,6 +115,9 @@ struct State {
     slots: BTreeMap<String, SlotsMessage>,
     pending: HashMap<String, Pending>,
     book: BTreeMap<String, Stored>,
+    /// Dose reports waiting for their acknowledgement: report id -> (waiter, its wake-up).
+    doses: HashMap<String, Vec<(u64, oneshot::Sender<()>)>>,
+    next_waiter: u64,
 }
 
 struct Inner {
@@ -209,14 +213,65 @@ impl ClinicExchange {
         let _ = self.inner.results.set(link);
     }
 
-    /// Seals one dose report to the core and waits (at most `booking.request_timeout`) for
-    /// its acknowledgement ([`crate::dose`]). SKELETON.
-    pub fn send_dose(
-        &self,
-        dose: crate::dose::WireDose,
-    ) -> gateway_booking::BoxFuture<'static, Result<(), crate::dose::DoseNotSent>> {
-        let _ = dose;
-        Box::pin(async { Err(crate::dose::DoseNotSent) })
+    /// Seals one dose report to the core (`bk/{core}/req/{me}/{msg}`, QoS 1, `{msg}` random)
+    /// and waits, at most `booking.request_timeout` in all, for the core's acknowledgement
+    /// naming its `report_id` ([`crate::dose`]). Not connected, not sealed, not published
+    /// or not acknowledged in time: [`DoseNotSent`] (the caller keeps the report queued).
+    /// Several reports may be on their way at once, the same report too: one
+    /// acknowledgement answers every send of its `report_id` waiting then.
+    pub fn send_dose(&self, dose: WireDose) -> BoxFuture<'static, Result<(), DoseNotSent>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let core = &inner.settings.core;
+            let msg = message_id();
+            let body = zeroize::Zeroizing::new(serde_json::to_vec(&dose).unwrap_or_default());
+            let sealed = match inner.keys.seal(core, KIND_DOSE, &msg, &body) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "dose report cannot be sealed");
+                    return Err(DoseNotSent);
+                }
+            };
+            let (tx, rx) = oneshot::channel();
+            let waiter = {
+                let mut state = inner.lock();
+                if !state.connected {
+                    return Err(DoseNotSent);
+                }
+                state.next_waiter = state.next_waiter.wrapping_add(1);
+                let waiter = state.next_waiter;
+                state
+                    .doses
+                    .entry(dose.report_id.clone())
+                    .or_default()
+                    .push((waiter, tx));
+                waiter
+            };
+            let topic = topics::request(core, &inner.keys.me, &msg);
+            let sent = tokio::time::timeout(inner.settings.request_timeout, async {
+                inner
+                    .publisher
+                    .publish_waiting(topic, false, sealed)
+                    .await
+                    .map_err(|_| DoseNotSent)?;
+                rx.await.map_err(|_| DoseNotSent)
+            })
+            .await;
+            match sent {
+                Ok(Ok(())) => Ok(()),
+                failed => {
+                    inner.forget_dose(&dose.report_id, waiter);
+                    if failed.is_err() {
+                        info!(
+                            "the core did not acknowledge a dose report in time: it stays queued"
+                        );
+                    } else {
+                        warn!("dose report not published: it stays queued");
+                    }
+                    Err(DoseNotSent)
+                }
+            }
+        })
     }
 
     /// The clinic's copy of the appointment `id`, if this clinic booked it.
@@ -226,6 +281,49 @@ impl ClinicExchange {
 }
 
 impl Inner {
+    /// Drops one waiter of a dose report (it gave up).
+    fn forget_dose(&self, report_id: &str, waiter: u64) {
+        let mut state = self.lock();
+        if let Some(waiters) = state.doses.get_mut(report_id) {
+            waiters.retain(|(w, _)| *w != waiter);
+            if waiters.is_empty() {
+                state.doses.remove(report_id);
+            }
+        }
+    }
+
+    /// The core's acknowledgement of a dose report: wakes every send of that report
+    /// waiting now. A late, repeated or unknown one is ignored.
+    fn on_dose_ack(&self, from: &str, msg: &str, payload: &[u8]) {
+        if from != self.settings.core {
+            warn!(%from, "dose acknowledgement from a gateway that is not our core: ignored");
+            return;
+        }
+        let ack: WireDoseAck = match self
+            .keys
+            .open(from, KIND_DOSE_ACK, msg, payload)
+            .map_err(|e| e.to_string())
+            .and_then(|p| serde_json::from_slice(&p).map_err(|e| e.to_string()))
+        {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "dose acknowledgement refused: it does not open");
+                return;
+            }
+        };
+        let waiters = self.lock().doses.remove(&ack.report_id);
+        match waiters {
+            Some(waiters) => {
+                for (_, tx) in waiters {
+                    let _ = tx.send(());
+                }
+            }
+            None => {
+                debug!("dose acknowledgement for no report waiting now (late or repeated): ignored")
+            }
+        }
+    }
+
     fn appointment(&self, id: &str) -> Option<AppointmentView> {
         self.lock()
             .book
@@ -449,6 +547,7 @@ impl Inner {
                 Some(kind @ (KIND_NOTICE | KIND_REPORT)) => {
                     self.on_result(from, kind, msg, payload);
                 }
+                Some(KIND_DOSE_ACK) => self.on_dose_ack(from, msg, payload),
                 _ => self.on_decision(from, msg, payload).await,
             }
         } else {

@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::dose::{DoseIn, KIND_DOSE, KIND_DOSE_ACK, WireDose, WireDoseAck};
 use crate::results::{CoreLink, KIND_ACK, KIND_NOTICE, KIND_REPORT, Outgoing, WireAck};
 use crate::wire::{
     KIND_CANCEL, KIND_DECISION, KIND_REQUEST, Keys, SlotsMessage, WireCancel, WireDecision,
@@ -20,6 +21,9 @@ use crate::{Connection, Gate, Safety, now_unix, topics};
 pub const HORIZON_DAYS: i64 = 14;
 /// How long a hold (`$hold`) keeps its slot.
 pub const HOLD_FOR_SECS: i64 = 600;
+/// Longest the core waits for the safety task to record a clinic's dose report; then no
+/// acknowledgement goes back (the clinic has long stopped waiting and sends it again).
+const DOSE_RECORD_WAIT: Duration = Duration::from_secs(120);
 
 /// Where every new booked appointment is sent (e.g. to become the OMG^O19 for the RIS).
 pub use crate::OnBooked;
@@ -38,6 +42,8 @@ pub struct CoreExchange {
     result_outgoing: Option<mpsc::Receiver<Outgoing>>,
     /// Asked before every new request is decided (`[safety]`); none: decided unchecked.
     safety: Option<Safety>,
+    /// Where clinics' dose reports go (the core's safety task); none: not acknowledged.
+    dose: Option<mpsc::Sender<DoseIn>>,
 }
 
 impl std::fmt::Debug for CoreExchange {
@@ -76,6 +82,7 @@ impl CoreExchange {
             result_acks: None,
             result_outgoing: None,
             safety: None,
+            dose: None,
         }
     }
 
@@ -88,11 +95,13 @@ impl CoreExchange {
         self
     }
 
-    /// Hands every clinic's dose report to the safety task ([`crate::dose::DoseIn`]);
-    /// without it dose reports are not acknowledged. SKELETON.
+    /// Hands every clinic's dose report to the safety task ([`DoseIn`]);
+    /// without it dose reports are not acknowledged. A report is handed on with `try_send`
+    /// (a full or closed channel: dropped, not acknowledged, so the clinic sends it again);
+    /// its acknowledgement goes back once the task answers `done(true)`.
     #[must_use]
-    pub fn with_dose(self, to_safety: tokio::sync::mpsc::Sender<crate::dose::DoseIn>) -> Self {
-        let _ = to_safety;
+    pub fn with_dose(mut self, to_safety: mpsc::Sender<DoseIn>) -> Self {
+        self.dose = Some(to_safety);
         self
     }
 
@@ -211,6 +220,10 @@ impl CoreExchange {
             }
             Some(KIND_ACK) => {
                 self.on_result_ack(clinic, msg, payload);
+                return;
+            }
+            Some(KIND_DOSE) => {
+                self.on_dose(client, clinic, msg, payload);
                 return;
             }
             _ => {}
@@ -415,6 +428,71 @@ impl CoreExchange {
             }
             None => debug!(%clinic, "result acknowledgement on a core without [results]: ignored"),
         }
+    }
+
+    /// A clinic's dose report: opened with that clinic's key, checked, handed to the safety
+    /// task without waiting on it; a task of its own waits for `done` and seals the
+    /// acknowledgement back (to `bk/{clinic}/resp/{core}/{msg}`). Anything refused is
+    /// logged without content and not answered.
+    fn on_dose(&self, client: &Publisher, clinic: &str, msg: &str, payload: &[u8]) {
+        let plain = match self.keys.open(clinic, KIND_DOSE, msg, payload) {
+            Ok(p) => zeroize::Zeroizing::new(p),
+            Err(e) => {
+                warn!(%clinic, error = %e, "dose report refused: it does not open");
+                return;
+            }
+        };
+        let dose: WireDose = match serde_json::from_slice(&plain) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(%clinic, line = e.line(), column = e.column(), "dose report refused: not a dose report");
+                return;
+            }
+        };
+        if let Some(problem) = dose.problem() {
+            warn!(%clinic, problem, "dose report refused");
+            return;
+        }
+        let Some(to_safety) = &self.dose else {
+            debug!(%clinic, "dose report on a core without [safety]: not acknowledged");
+            return;
+        };
+        let ack = WireDoseAck {
+            report_id: dose.report_id.clone(),
+        };
+        let events = dose.events.len();
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let handed = to_safety.try_send(DoseIn {
+            clinic: clinic.to_owned(),
+            dose,
+            done,
+        });
+        if handed.is_err() {
+            warn!(%clinic, "dose report not taken now: the safety task is busy or stopped (the clinic sends it again)");
+            return;
+        }
+        debug!(%clinic, events, "dose report handed to the safety task");
+        let (keys, client) = (Arc::clone(&self.keys), client.clone());
+        let (clinic, msg) = (clinic.to_owned(), msg.to_owned());
+        tokio::spawn(async move {
+            if !matches!(
+                tokio::time::timeout(DOSE_RECORD_WAIT, answer).await,
+                Ok(Ok(true))
+            ) {
+                info!(%clinic, "dose report not recorded by the safety task: not acknowledged (the clinic sends it again)");
+                return;
+            }
+            let body = serde_json::to_vec(&ack).unwrap_or_default();
+            match keys.seal(&clinic, KIND_DOSE_ACK, &msg, &body) {
+                Ok(sealed) => {
+                    let topic = topics::decision(&clinic, &keys.me, &msg);
+                    if let Err(e) = client.publish(topic, false, sealed) {
+                        warn!(%clinic, error = %e, "dose acknowledgement not sent: request queue full (the clinic sends the report again)");
+                    }
+                }
+                Err(e) => warn!(%clinic, error = %e, "dose acknowledgement cannot be sealed"),
+            }
+        });
     }
 
     /// Seals and publishes a notice or report for its clinic (a fresh message id each).

@@ -10,6 +10,10 @@
 //! | `bk/{core}/req/{clinic}/{msg}` | clinic -> core | 1 / no | sealed [`wire::WireRequest`] (`kind` `booking-request`) |
 //! | `bk/{clinic}/resp/{core}/{msg}` | core -> clinic | 1 / no | sealed [`wire::WireDecision`] (`kind` `booking-decision`) |
 //!
+//! The same two inboxes carry results return ([`results`]: `result-notice` /
+//! `result-report` to the clinic, `result-ack` to the core) and dose reports ([`dose`]:
+//! `dose-report` to the core, `dose-ack` to the clinic).
+//!
 //! `{msg}` is a random id made per message (never the kiosk's request id, which the sealed
 //! body carries). The broker's ACL should confine a gateway (MQTT user = its certificate's
 //! CN = its node id) to writing `bk/{itself}/#`, `bk/+/req/{itself}/#` and

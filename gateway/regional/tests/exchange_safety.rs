@@ -10,7 +10,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,91 +17,17 @@ use std::time::Duration;
 use gateway_booking::{
     AppointmentRequest, BookingBackend, BookingRefused, BoxFuture, ContrastClass, Ledger,
     LedgerService, PatientRef, SafetyCheck, SafetyReport, SafetyUnavailable, SafetyWarning,
-    Schedule, ScheduleSpec, SealKey, SlotQuery, SlotSource, WarningKind,
+    SealKey, SlotQuery, SlotSource, WarningKind,
 };
 use gateway_exchange::ExchangeKey;
 use gateway_keystore::{KEY_LEN, MasterKey};
-use gateway_mqtt::Broker;
-use gateway_regional::Connection;
 use gateway_regional::clinic::{ClinicExchange, ClinicSettings};
 use gateway_regional::core::CoreExchange;
 use gateway_regional::wire::Keys;
 use tokio::sync::{Notify, watch};
 
-/// A mosquitto on 127.0.0.1:`port`, killed when dropped.
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or_else(|| {
-                panic!("mosquitto is not installed: apt-get install mosquitto (this test needs a real broker)")
-            });
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not listen on 127.0.0.1:{port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn connection(&self, me: &str) -> Connection {
-        let url = format!("mqtt://127.0.0.1:{}", self.port).parse().unwrap();
-        Connection {
-            client_id: gateway_id::Id::parse(me, "node id").unwrap(),
-            broker: Broker::new(&url, None).unwrap(),
-        }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn ct() -> Schedule {
-    Schedule::new(&ScheduleSpec {
-        id: "ct-1".into(),
-        modality: "CT".into(),
-        station_ae: "CT01".into(),
-        ..ScheduleSpec::default()
-    })
-    .unwrap()
-}
+mod common;
+use common::{Mosquitto, ct};
 
 fn reaction() -> SafetyWarning {
     SafetyWarning {

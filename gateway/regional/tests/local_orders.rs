@@ -11,23 +11,15 @@
 use std::sync::Arc;
 
 use gateway_booking::{
-    AppointmentRequest, AppointmentStatus, BookingBackend, Ledger, LedgerService, Schedule,
-    ScheduleSpec, SealKey,
+    AppointmentRequest, AppointmentStatus, BookingBackend, Ledger, LedgerService, SealKey,
 };
 use gateway_keystore::{KEY_LEN, MasterKey};
 use gateway_regional::local::LocalCore;
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::{Notify, mpsc};
 
-fn ct() -> Schedule {
-    Schedule::new(&ScheduleSpec {
-        id: "ct-1".into(),
-        modality: "CT".into(),
-        station_ae: "CT01".into(),
-        ..ScheduleSpec::default()
-    })
-    .unwrap()
-}
+mod common;
+use common::ct;
 
 fn request(request_id: &str, slot_id: &str, hold: bool) -> AppointmentRequest {
     AppointmentRequest {

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gateway_booking::{Ledger, LedgerService, Schedule, ScheduleSpec, SealKey};
+use gateway_booking::{Ledger, LedgerService, SealKey};
 use gateway_keystore::{KEY_LEN, MasterKey};
 use gateway_mllp::{Hl7Service, Hl7Settings, OBSERVER_QUEUE, Observer};
 use gateway_spool::{Limits, Spool};
@@ -34,15 +34,8 @@ const N: usize = 12;
 /// Longest an AA may take (it needs one spool commit, a few milliseconds).
 const BOUND: Duration = Duration::from_secs(3);
 
-fn ct() -> Schedule {
-    Schedule::new(&ScheduleSpec {
-        id: "ct-1".into(),
-        modality: "CT".into(),
-        station_ae: "CT01".into(),
-        ..ScheduleSpec::default()
-    })
-    .unwrap()
-}
+mod common;
+use common::ct;
 
 /// SIU^S12 number `i`: the RIS's appointment `A{i}` on CT01, the `i`-th half hour from 09:00
 /// local time on 2027-01-12 (a Tuesday).

@@ -17,22 +17,15 @@ use gateway_booking::safety::DOSE_LABEL;
 use gateway_booking::{
     AppointmentRequest, AppointmentStatus, BookingBackend, BookingRefused, BoxFuture,
     ContrastClass, DoseSummary, Ledger, LedgerHandle, LedgerService, PatientRef, SafetyCheck,
-    SafetyReport, SafetyUnavailable, SafetyWarning, Schedule, ScheduleSpec, SealKey, WarningKind,
+    SafetyReport, SafetyUnavailable, SafetyWarning, SealKey, WarningKind,
 };
 use gateway_keystore::{KEY_LEN, MasterKey};
 use gateway_regional::local::LocalCore;
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::{Notify, mpsc};
 
-fn ct() -> Schedule {
-    Schedule::new(&ScheduleSpec {
-        id: "ct-1".into(),
-        modality: "CT".into(),
-        station_ae: "CT01".into(),
-        ..ScheduleSpec::default()
-    })
-    .unwrap()
-}
+mod common;
+use common::ct;
 
 fn request(request_id: &str, slot_id: &str, hold: bool, ack: &[&str]) -> AppointmentRequest {
     AppointmentRequest {
