@@ -400,7 +400,6 @@ def test_dose_reports_received_at_a_clinic_reach_the_core_even_when_it_was_down(
     clinic.config_path.write_text(gw.to_toml(clinic.config))
     region.start()
     core = region.core
-    core_doctor = region.staff_session(CORE, "dr.core.f", "physician")
     names = ("CT-RDSR-Siemens-Multi-3.dcm", "CT-RDSR-Siemens-Multi-1.dcm", "CT-RDSR-GEPixelMed.dcm")
     files = []
     for name in names:
@@ -423,6 +422,8 @@ def test_dose_reports_received_at_a_clinic_reach_the_core_even_when_it_was_down(
     queued = clinic.status()["by_destination"]["safety-dose"]["queued"]
     assert queued == len(files), clinic.status()
     core.start()
+    # (Kiosk sessions do not outlive a restart: log in now.)
+    core_doctor = region.staff_session(CORE, "dr.core.f", "physician")
     person = kiosk.wait_until(lambda: _person_or_none(core_doctor, CLINIC, TARO_CLINIC["id"]), 90,
                               "the clinic's patient known at the core from its dose reports")
 
