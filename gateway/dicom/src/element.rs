@@ -68,18 +68,18 @@ impl Encoding {
 }
 
 /// The group of items and delimiters (FFFE,E000), (FFFE,E00D), (FFFE,E0DD).
-pub(crate) const ITEM_GROUP: u16 = 0xFFFE;
+pub const ITEM_GROUP: u16 = 0xFFFE;
 /// The undefined length (FFFFFFFFH).
-pub(crate) const UNDEFINED_LENGTH: u32 = 0xFFFF_FFFF;
+pub const UNDEFINED_LENGTH: u32 = 0xFFFF_FFFF;
 /// Bytes of a header with a 2-byte length, of an implicit VR header, and of an item or
 /// delimiter.
-pub(crate) const SHORT_HEADER: usize = 8;
+pub const SHORT_HEADER: usize = 8;
 /// Bytes of an explicit VR header of a long-form VR.
-pub(crate) const LONG_HEADER: usize = 12;
+pub const LONG_HEADER: usize = 12;
 
 /// One element (or item, or delimiter) header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ElementHeader {
+pub struct ElementHeader {
     pub group: u16,
     pub element: u16,
     /// The VR bytes as sent (explicit VR, and not an item or delimiter); not checked.
@@ -91,7 +91,7 @@ pub(crate) struct ElementHeader {
 }
 
 /// Whether an explicit VR has the long form (2 reserved bytes, 4-byte length).
-pub(crate) fn is_long_vr(vr: [u8; 2]) -> bool {
+pub fn is_long_vr(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
         b"OB"
@@ -121,7 +121,7 @@ fn quad(b: &[u8], at: usize) -> Option<[u8; 4]> {
 /// How many bytes the header starting with `prefix` has: [`LONG_HEADER`] once the prefix
 /// (6 bytes or more) shows an explicit long-form VR, [`SHORT_HEADER`] otherwise. For a
 /// reader that gets the header piecewise.
-pub(crate) fn header_len(prefix: &[u8], enc: Encoding) -> usize {
+pub fn header_len(prefix: &[u8], enc: Encoding) -> usize {
     let long = enc.explicit_vr
         && pair(prefix, 0).is_some_and(|g| enc.u16(g) != ITEM_GROUP)
         && pair(prefix, 4).is_some_and(is_long_vr);
@@ -129,7 +129,7 @@ pub(crate) fn header_len(prefix: &[u8], enc: Encoding) -> usize {
 }
 
 /// The header at the start of `bytes`; `None` when `bytes` is shorter than the header.
-pub(crate) fn read_header(bytes: &[u8], enc: Encoding) -> Option<ElementHeader> {
+pub fn read_header(bytes: &[u8], enc: Encoding) -> Option<ElementHeader> {
     let group = enc.u16(pair(bytes, 0)?);
     let element = enc.u16(pair(bytes, 2)?);
     let vr = pair(bytes, 4)?;
@@ -150,7 +150,7 @@ pub(crate) fn read_header(bytes: &[u8], enc: Encoding) -> Option<ElementHeader> 
 }
 
 /// The header at `pos` of `bytes` (see [`read_header`]).
-pub(crate) fn read_header_at(bytes: &[u8], pos: usize, enc: Encoding) -> Option<ElementHeader> {
+pub fn read_header_at(bytes: &[u8], pos: usize, enc: Encoding) -> Option<ElementHeader> {
     read_header(bytes.get(pos..)?, enc)
 }
 

@@ -46,7 +46,7 @@ mod association;
 pub mod charset;
 mod context;
 pub mod dimse;
-mod element;
+pub mod element;
 pub mod metrics;
 pub mod part10;
 pub mod policy;

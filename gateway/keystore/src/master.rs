@@ -93,11 +93,17 @@ pub enum KeyPurpose {
     IdentityAtRest,
     /// The safety store (contrast reactions, dose events), sealed at rest.
     SafetyAtRest,
+    /// De-identification: the root of each destination's pseudonym key (UIDs, patient
+    /// pseudonyms, date shifts).
+    DeidPseudonym,
+    /// The re-identification map (pseudonym to real identity per destination), sealed at
+    /// rest.
+    DeidMapAtRest,
 }
 
 impl KeyPurpose {
     /// Every purpose, for checks over all labels.
-    pub const ALL: [KeyPurpose; 7] = [
+    pub const ALL: [KeyPurpose; 9] = [
         KeyPurpose::SpoolIndex,
         KeyPurpose::Audit,
         KeyPurpose::BookingAtRest,
@@ -105,6 +111,8 @@ impl KeyPurpose {
         KeyPurpose::ExchangeX25519,
         KeyPurpose::IdentityAtRest,
         KeyPurpose::SafetyAtRest,
+        KeyPurpose::DeidPseudonym,
+        KeyPurpose::DeidMapAtRest,
     ];
 
     /// The HMAC label (fixed forever: changing one makes existing sealed data unreadable).
@@ -117,6 +125,8 @@ impl KeyPurpose {
             KeyPurpose::ExchangeX25519 => b"gatewayd exchange x25519 key v1",
             KeyPurpose::IdentityAtRest => b"gatewayd identity at-rest key v1",
             KeyPurpose::SafetyAtRest => b"gatewayd safety at-rest key v1",
+            KeyPurpose::DeidPseudonym => b"gatewayd deid pseudonym key v1",
+            KeyPurpose::DeidMapAtRest => b"gatewayd deid map at-rest key v1",
         }
     }
 }
@@ -185,6 +195,14 @@ mod tests {
             (
                 KeyPurpose::SafetyAtRest,
                 "b8539d4d048da8b19f9bc7dc6246c213304014df788f0400fca2be7445b2d6cd",
+            ),
+            (
+                KeyPurpose::DeidPseudonym,
+                "b481fbc65b82386cd1581f2061d092044509c5a98c0062982f98fc135d67b852",
+            ),
+            (
+                KeyPurpose::DeidMapAtRest,
+                "aeeae29bb951eeda44d001cf996b759b6122a6ca31d7c9f3c34f34236ec62abb",
             ),
         ];
         assert_eq!(expected.len(), KeyPurpose::ALL.len());
