@@ -55,7 +55,8 @@ pub mod update;
 
 pub use error::{ConfigErrors, Problem};
 pub use settings::{
-    Admin, Booking, Claim, Deliver, Dicom, DicomPeer, EMBEDDED_DEFAULT_TOML, Exchange, Fleet, Hl7,
+    Admin, Booking, Claim, Deidentify, Deliver, Dicom, DicomPeer, EMBEDDED_DEFAULT_TOML, Exchange,
+    Fleet, Hl7,
     Identity, Keystore, Node, Peer, Results, Safety, Settings, Spool, Uplink, defaults,
 };
 pub use types::{

@@ -115,6 +115,9 @@ pub(crate) struct RawUplink {
     pub batch_max_instances: Option<u32>,
     pub max_concurrent_requests: Option<u32>,
     pub message_types: Option<Vec<String>>,
+    pub deidentify: Option<String>,
+    pub deidentify_options: Option<Vec<String>>,
+    pub deidentify_burned_in: Option<String>,
 }
 
 /// `[fleet]`

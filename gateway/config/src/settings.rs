@@ -274,6 +274,20 @@ pub struct Uplink {
     /// `kind = "mllp-tls"` only: the HL7 message types queued for this destination
     /// (`None`: every type). Never empty, no duplicates.
     pub message_types: Option<Vec<Hl7MessageType>>,
+    /// `kind = "dicomweb"` only: the PS3.15 Annex E profile applied as objects leave
+    /// (`deidentify = "basic"`); `None` for `"none"` (objects go as stored).
+    pub deidentify: Option<Deidentify>,
+}
+
+/// `uplink.deidentify = "basic"` with its options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deidentify {
+    /// `deidentify_options`: options of PS3.15 Table E.1-1 (each once; the two date
+    /// options exclude each other; `retain_safe_private` is refused).
+    pub options: Vec<gateway_deid::ProfileOption>,
+    /// `deidentify_burned_in = "send"`: objects that may carry identity in their pixels are
+    /// sent (de-identified) instead of held as dead letters (`"hold"`, the default).
+    pub send_burned_in: bool,
 }
 
 /// `[fleet]`: remote management by the vendor.
@@ -1249,6 +1263,14 @@ fn uplinks(
             );
         }
         let message_types = message_types(c, &key("message_types"), raw.message_types, kind);
+        let deidentify = deidentify(
+            c,
+            &key,
+            raw.deidentify.as_deref(),
+            raw.deidentify_options,
+            raw.deidentify_burned_in.as_deref(),
+            kind,
+        );
 
         let uplink = (|| {
             Some(Uplink {
@@ -1263,6 +1285,7 @@ fn uplinks(
                 batch_max_instances,
                 max_concurrent_requests,
                 message_types: message_types?,
+                deidentify: deidentify?,
             })
         })();
         match (uplink, &mut out) {
@@ -1271,6 +1294,93 @@ fn uplinks(
         }
     }
     out
+}
+
+/// `uplink.deidentify`, `deidentify_options`, `deidentify_burned_in`: only on a dicomweb
+/// uplink; the options only with `deidentify = "basic"`.
+fn deidentify(
+    c: &mut Collector,
+    key: &dyn Fn(&str) -> String,
+    mode: Option<&str>,
+    options: Option<Vec<String>>,
+    burned_in: Option<&str>,
+    kind: Option<UplinkKind>,
+) -> Option<Option<Deidentify>> {
+    let basic = match mode {
+        None | Some("none") => false,
+        Some("basic") => true,
+        Some(other) => {
+            c.push(
+                key("deidentify"),
+                format!(
+                    "{:?} is not a de-identification profile (\"none\" or \"basic\": PS3.15 Annex E Basic Profile)",
+                    other.chars().take(40).collect::<String>()
+                ),
+            );
+            return None;
+        }
+    };
+    let mut ok = true;
+    if basic && kind == Some(UplinkKind::MllpTls) {
+        c.push(
+            key("deidentify"),
+            "only a DICOM destination (kind = \"dicomweb\") is de-identified",
+        );
+        ok = false;
+    }
+    if !basic && (options.is_some() || burned_in.is_some()) {
+        c.push(
+            key(if options.is_some() {
+                "deidentify_options"
+            } else {
+                "deidentify_burned_in"
+            }),
+            "is only used with deidentify = \"basic\"",
+        );
+        ok = false;
+    }
+    let send_burned_in = match burned_in {
+        None | Some("hold") => false,
+        Some("send") => true,
+        Some(_) => {
+            c.push(
+                key("deidentify_burned_in"),
+                "must be \"hold\" (objects that may show identity in their pixels stay as dead letters) or \"send\"",
+            );
+            ok = false;
+            false
+        }
+    };
+    let mut parsed = Vec::new();
+    for (j, value) in options.unwrap_or_default().iter().enumerate() {
+        match value.parse::<gateway_deid::ProfileOption>() {
+            Ok(o) if parsed.contains(&o) => {
+                c.push(
+                    format!("{}[{j}]", key("deidentify_options")),
+                    format!("duplicate option {value:?}"),
+                );
+                ok = false;
+            }
+            Ok(o) => parsed.push(o),
+            Err(e) => {
+                c.push(format!("{}[{j}]", key("deidentify_options")), e.to_string());
+                ok = false;
+            }
+        }
+    }
+    if ok
+        && basic
+        && let Err(e) = gateway_deid::Profile::new(&parsed)
+    {
+        c.push(key("deidentify_options"), e.to_string());
+        ok = false;
+    }
+    ok.then(|| {
+        basic.then_some(Deidentify {
+            options: parsed,
+            send_burned_in,
+        })
+    })
 }
 
 /// `uplink.message_types`: only on an mllp-tls uplink; not empty; each entry once.

@@ -645,6 +645,69 @@ fn every_message_types_problem_is_named_in_one_pass() {
 }
 
 #[test]
+fn deidentify_takes_the_basic_profile_and_table_e1_1_options() {
+    let s = ok(&format!(
+        "{NODE_DEV}[[uplink]]\nname = \"research\"\nurl = \"http://127.0.0.1:8042\"\n\
+         deidentify = \"basic\"\n\
+         deidentify_options = [\"retain_longitudinal_temporal_information_modified_dates\", \"clean_descriptors\"]\n\
+         deidentify_burned_in = \"send\"\n\
+         [[uplink]]\nname = \"cloud\"\nurl = \"http://127.0.0.1:8043\"\ndeidentify = \"none\"\n\
+         [[uplink]]\nname = \"plain\"\nurl = \"http://127.0.0.1:8044\"\n"
+    ));
+    let d = s.uplinks[0].deidentify.as_ref().unwrap();
+    assert_eq!(
+        d.options,
+        [
+            gateway_deid::ProfileOption::RetainLongitudinalTemporalInformationModifiedDates,
+            gateway_deid::ProfileOption::CleanDescriptors
+        ]
+    );
+    assert!(d.send_burned_in);
+    assert_eq!(s.uplinks[1].deidentify, None);
+    assert_eq!(s.uplinks[2].deidentify, None);
+}
+
+#[test]
+fn every_deidentify_problem_is_named() {
+    let up = |name: &str, extra: &str| {
+        format!("[[uplink]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:8042\"\n{extra}")
+    };
+    let text = format!(
+        "{NODE_DEV}{}{}{}{}{}{}",
+        up("a", "deidentify = \"full\"\n"),
+        up(
+            "b",
+            "deidentify = \"basic\"\ndeidentify_options = [\"retain_everything\", \"retain_safe_private\", \"clean_graphics\", \"clean_graphics\"]\n"
+        ),
+        up("c", "deidentify_options = [\"retain_uids\"]\n"),
+        up("d", "deidentify = \"basic\"\ndeidentify_burned_in = \"maybe\"\n"),
+        up(
+            "e",
+            "deidentify = \"basic\"\ndeidentify_options = [\"retain_longitudinal_temporal_information_full_dates\", \"retain_longitudinal_temporal_information_modified_dates\"]\n"
+        ),
+        "[[uplink]]\nname = \"emr\"\nkind = \"mllp-tls\"\nurl = \"mllp://127.0.0.1:2576\"\ndeidentify = \"basic\"\n",
+    );
+    let got = lines(&text);
+    let want = [
+        "uplink[0].deidentify: \"full\" is not a de-identification profile",
+        "uplink[1].deidentify_options[0]: unknown de-identification option \"retain_everything\"",
+        "uplink[1].deidentify_options[1]: de-identification option retain_safe_private is not supported",
+        "uplink[1].deidentify_options[3]: duplicate option \"clean_graphics\"",
+        "uplink[2].deidentify_options: is only used with deidentify = \"basic\"",
+        "uplink[3].deidentify_burned_in: must be \"hold\"",
+        "uplink[4].deidentify_options: de-identification options retain_longitudinal_temporal_information_full_dates and",
+        "uplink[5].deidentify: only a DICOM destination (kind = \"dicomweb\") is de-identified",
+    ];
+    for w in want {
+        assert!(
+            got.iter().any(|l| l.starts_with(w)),
+            "missing {w:?} in:\n{got:#?}"
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+}
+
+#[test]
 fn booking_schedules_need_three_fields_and_name_every_problem() {
     let s = ok(&format!(
         "{NODE_CORE}[booking]\n\
