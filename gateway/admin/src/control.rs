@@ -46,6 +46,14 @@ pub enum Request {
     SafetyShow {
         person: String,
     },
+    /// The real study or patient behind a destination's pseudonym (`gatewayd deid
+    /// reidentify`): exactly one of `study` (a pseudonymous Study Instance UID) and
+    /// `patient` (a pseudonymous Patient ID). Answered by the daemon's extension, audited.
+    DeidReidentify {
+        destination: String,
+        study: Option<String>,
+        patient: Option<String>,
+    },
 }
 
 /// A control response.
@@ -122,6 +130,9 @@ pub fn execute(spool: &Spool, request: &Request) -> Response {
             .map(|objects| Response::Requeued { objects }),
         Request::SafetyShow { .. } => Ok(Response::Error {
             message: "the safety store is answered by a running core gateway only".into(),
+        }),
+        Request::DeidReidentify { .. } => Ok(Response::Error {
+            message: "the re-identification map is answered by the running gateway only".into(),
         }),
     };
     match result {

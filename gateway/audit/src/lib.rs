@@ -124,6 +124,10 @@ pub enum Action {
     /// dose) and the booking proceeded (subject: the kiosk's patient reference; detail
     /// `warnings={n}`).
     SafetyAcknowledged,
+    /// An operator turned a destination's pseudonym back into the real patient or study
+    /// (`gatewayd deid reidentify`; subject `destination:{name}`, detail `study` or
+    /// `patient`; outcome failure when the pseudonym is unknown). No value is recorded.
+    DeidReidentified,
 }
 
 /// How it ended.

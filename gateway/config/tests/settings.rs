@@ -680,7 +680,10 @@ fn every_deidentify_problem_is_named() {
             "deidentify = \"basic\"\ndeidentify_options = [\"retain_everything\", \"retain_safe_private\", \"clean_graphics\", \"clean_graphics\"]\n"
         ),
         up("c", "deidentify_options = [\"retain_uids\"]\n"),
-        up("d", "deidentify = \"basic\"\ndeidentify_burned_in = \"maybe\"\n"),
+        up(
+            "d",
+            "deidentify = \"basic\"\ndeidentify_burned_in = \"maybe\"\n"
+        ),
         up(
             "e",
             "deidentify = \"basic\"\ndeidentify_options = [\"retain_longitudinal_temporal_information_full_dates\", \"retain_longitudinal_temporal_information_modified_dates\"]\n"

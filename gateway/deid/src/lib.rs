@@ -8,6 +8,8 @@
 //! - [`stream`]: the streaming rewriter applied as an object leaves
 //!   ([`Deidentifier`]); the stored object never changes.
 //! - [`map`]: the sealed re-identification map kept on the box ([`ReidMap`]).
+//! - [`destination`]: one de-identifying destination ([`Destination::apply`]: rewrite,
+//!   record the pseudonyms, then the object may go).
 //!
 //! Nothing here logs or returns values of the object: errors name tags and offsets.
 
@@ -15,12 +17,14 @@
 #![deny(clippy::indexing_slicing, clippy::string_slice)]
 #![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
+pub mod destination;
 pub mod map;
 pub mod profile;
 pub mod pseudonym;
 pub mod stream;
 pub mod table;
 
+pub use destination::{Applied, ApplyError, Destination};
 pub use map::{MapError, RealPatient, RealStudy, ReidMap};
 pub use profile::{Action, OptionError, Profile, ProfileOption};
 pub use pseudonym::DestinationKey;

@@ -35,6 +35,29 @@ pub enum Command {
     /// Safety warnings before an exam: contrast reactions and CT dose.
     #[command(subcommand)]
     Safety(SafetyCommand),
+    /// De-identification (PS3.15 Annex E) per destination.
+    #[command(subcommand)]
+    Deid(DeidCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeidCommand {
+    /// Print the real study (Study Instance UID, Patient ID, issuer) or patient behind a
+    /// destination's pseudonym, as JSON; exit 1 when the pseudonym is unknown. Asks the
+    /// running gateway, or reads the sealed map itself when none runs. Audited.
+    Reidentify {
+        #[arg(long)]
+        config: PathBuf,
+        /// The `[[uplink]]` the pseudonym was sent to.
+        #[arg(long)]
+        destination: String,
+        /// A pseudonymous Study Instance UID.
+        #[arg(long, conflicts_with = "patient", required_unless_present = "patient")]
+        study: Option<String>,
+        /// A pseudonymous Patient ID.
+        #[arg(long)]
+        patient: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

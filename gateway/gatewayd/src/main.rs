@@ -22,6 +22,7 @@
 
 mod booking;
 mod cli;
+mod deid;
 mod fleet;
 mod logring;
 mod notify;
@@ -45,6 +46,12 @@ fn main() -> ExitCode {
         cli::Command::Users(cmd) => ops::users(&cmd),
         cli::Command::Identity(cmd) => identity(&cmd),
         cli::Command::Safety(cmd) => safety_cli::main(&cmd),
+        cli::Command::Deid(cli::DeidCommand::Reidentify {
+            config,
+            destination,
+            study,
+            patient,
+        }) => deid::reidentify_cli(&config, &destination, study.as_deref(), patient.as_deref()),
     }
 }
 

@@ -112,7 +112,7 @@ pub fn backend(settings: &Settings) -> Backend {
     }
 }
 
-fn master_key(settings: &Settings) -> Result<gateway_keystore::MasterKey, String> {
+pub(crate) fn master_key(settings: &Settings) -> Result<gateway_keystore::MasterKey, String> {
     gateway_keystore::open(&backend(settings), &settings.node.data_dir)
         .and_then(|s| s.spool_master_key())
         .map_err(|e| e.to_string())

@@ -176,13 +176,15 @@ async fn serve(
             let keys = open_keystore(&settings)?;
             let master = keys.spool_master_key().map_err(|e| e.to_string())?;
             let derived = crate::booking::Derived::new(master.expose());
+            let deid = crate::deid::open(&settings, &master)?;
             let spool = open_spool(&settings, master)?;
-            Ok::<_, String>((fleet, keys, derived, spool))
+            Ok::<_, String>((fleet, keys, derived, deid, spool))
         })
         .await
         .map_err(|e| format!("start-up thread: {e}"))??
     };
-    let ((fleet_state, disabled_tx, disabled), keys, derived, (spool, keep_sent_for)) = opened;
+    let ((fleet_state, disabled_tx, disabled), keys, derived, deid, (spool, keep_sent_for)) =
+        opened;
 
     let mut registry = Registry::default();
     spool.register_metrics(&mut registry);
@@ -201,6 +203,13 @@ async fn serve(
     if let Some(extension) = booking.as_ref().and_then(|b| b.control.clone()) {
         control = control.with_extension(extension);
     }
+    if let Some(map) = &deid.map {
+        control = control.with_extension(Arc::new(crate::deid::DeidControl::new(
+            map.clone(),
+            crate::ops::audit_dir(&settings),
+            derived.audit(),
+        )));
+    }
     let staff = crate::fleet::StaffParts::new(&data_dir, derived.staff(), derived.audit());
     drop(derived);
     let core = booking.as_ref().and_then(|b| b.core.as_ref());
@@ -214,7 +223,7 @@ async fn serve(
             services.spawn(task);
         }
     }
-    let uplink_metrics = start_uplinks(&ctx, keys.as_ref(), &mut registry, &mut services)?;
+    let uplink_metrics = start_uplinks(&ctx, keys.as_ref(), &deid, &mut registry, &mut services)?;
     let metrics = telemetry::MetricSources {
         dicom: dicom_metrics,
         hl7: hl7_metrics,
@@ -439,6 +448,7 @@ async fn start_hl7(
 fn start_uplinks(
     ctx: &Wiring<'_>,
     keys: &dyn KeyStore,
+    deid: &crate::deid::DeidParts,
     registry: &mut Registry,
     services: &mut Services,
 ) -> Result<UplinkMetrics, String> {
@@ -448,13 +458,12 @@ fn start_uplinks(
     for uplink in &settings.uplinks {
         match uplink.kind {
             UplinkKind::DicomWeb => {
-                let service = UplinkService::new(
-                    uplink_settings(uplink, data_dir, keys)?,
-                    ctx.spool.clone(),
-                    uplink_metrics.clone(),
-                )
-                .map_err(|e| e.to_string())?
-                .with_paused(ctx.disabled.clone());
+                let mut uplink_settings = uplink_settings(uplink, data_dir, keys)?;
+                uplink_settings.deidentify = deid.destinations.get(uplink.name.as_str()).cloned();
+                let service =
+                    UplinkService::new(uplink_settings, ctx.spool.clone(), uplink_metrics.clone())
+                        .map_err(|e| e.to_string())?
+                        .with_paused(ctx.disabled.clone());
                 services.spawn(service.run(ctx.shutdown.clone()));
             }
             UplinkKind::MllpTls => {

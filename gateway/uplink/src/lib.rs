@@ -79,6 +79,9 @@ pub struct UplinkSettings {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub request_timeout: Duration,
+    /// `deidentify = "basic"`: every object is de-identified as it leaves (the stored one
+    /// never changes); one it cannot be is a dead letter with the reason.
+    pub deidentify: Option<Arc<gateway_deid::Destination>>,
 }
 
 impl UplinkSettings {
@@ -95,6 +98,7 @@ impl UplinkSettings {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             request_timeout: Duration::from_secs(300),
+            deidentify: None,
         }
     }
 }
@@ -356,6 +360,7 @@ impl UplinkService {
         );
         // How far down the queue to look for more instances of the oldest one's study.
         let window = max_n * 8 + skip.len();
+        let deid = self.settings.deidentify.clone();
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::new();
             let mut bytes = 0u64;
@@ -385,6 +390,22 @@ impl UplinkService {
                         }
                         continue;
                     }
+                };
+                // De-identified as it leaves (the pseudonyms recorded first); the stored
+                // object stays as it came.
+                let plain = match &deid {
+                    None => plain,
+                    Some(d) => match d.apply(&plain) {
+                        Ok(applied) => applied.bytes,
+                        Err(e) => {
+                            warn!(object = %hex::encode(id), error = %e, "object not de-identified: dead letter");
+                            spool.mark_failed(&id, &name, &e.to_string())?;
+                            if batch.is_empty() {
+                                study = None;
+                            }
+                            continue;
+                        }
+                    },
                 };
                 let Some(uid) = sop_instance_uid(&plain) else {
                     spool.mark_failed(&id, &name, "stored object has no file meta SOP Instance UID")?;
