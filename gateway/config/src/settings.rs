@@ -627,6 +627,10 @@ fn results(
     let source = c.parse("results.source", &raw.source, from_str::<UplinkName>);
     if let (Some(source), Some(_)) = (&source, uplinks) {
         match uplink_named(source) {
+            Some(u) if u.kind == UplinkKind::DicomWeb && u.deidentify.is_some() => c.push(
+                "results.source",
+                "must name an uplink with deidentify = \"none\": results are announced and pulled by their real UIDs",
+            ),
             Some(u) if u.kind == UplinkKind::DicomWeb => {}
             Some(_) => c.push("results.source", "must name a kind = \"dicomweb\" uplink"),
             None => c.push(

@@ -711,6 +711,21 @@ fn every_deidentify_problem_is_named() {
 }
 
 #[test]
+fn results_are_not_pulled_from_a_de_identifying_uplink() {
+    let text = format!(
+        "{NODE_DEV}[[uplink]]\nname = \"cloud\"\nurl = \"http://127.0.0.1:1/dicom-web\"\n\
+         deidentify = \"basic\"\n[booking]\n[results]\nsource = \"cloud\"\n"
+    );
+    let got = lines(&text);
+    assert!(
+        got.iter().any(
+            |l| l.starts_with("results.source: must name an uplink with deidentify = \"none\"")
+        ),
+        "{got:#?}"
+    );
+}
+
+#[test]
 fn booking_schedules_need_three_fields_and_name_every_problem() {
     let s = ok(&format!(
         "{NODE_CORE}[booking]\n\
