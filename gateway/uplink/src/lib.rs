@@ -132,11 +132,14 @@ struct SentLabels {
     result: &'static str,
 }
 
-/// `gateway_uplink_sent_total{destination,result}`: result = sent | failed | retry.
+/// `gateway_uplink_sent_total{destination,result}`: result = sent | failed | retry;
+/// `gateway_uplink_deidentified_total{destination,result}`: result = rewritten | held |
+/// failed (objects of a `deidentify = "basic"` destination).
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     sent: Family<SentLabels, Counter>,
     bytes: Family<SentLabels, Counter>,
+    deidentified: Family<SentLabels, Counter>,
 }
 
 impl Metrics {
@@ -152,7 +155,22 @@ impl Metrics {
             "Request body bytes sent by the uplink, by destination and result",
             m.bytes.clone(),
         );
+        registry.register(
+            "gateway_uplink_deidentified",
+            "Objects rewritten for a de-identifying destination, or held back (burned-in identity) or failed (dead letters), by destination",
+            m.deidentified.clone(),
+        );
         m
+    }
+
+    /// One object of a de-identifying destination: `rewritten`, `held` or `failed`.
+    pub(crate) fn deidentified(&self, destination: &str, result: &'static str) {
+        self.deidentified
+            .get_or_create(&SentLabels {
+                destination: destination.to_string(),
+                result,
+            })
+            .inc();
     }
 
     /// Instances confirmed by `destination` since start (`result = "sent"`).
@@ -361,6 +379,7 @@ impl UplinkService {
         // How far down the queue to look for more instances of the oldest one's study.
         let window = max_n * 8 + skip.len();
         let deid = self.settings.deidentify.clone();
+        let metrics = self.metrics.clone();
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::new();
             let mut bytes = 0u64;
@@ -396,8 +415,16 @@ impl UplinkService {
                 let plain = match &deid {
                     None => plain,
                     Some(d) => match d.apply(&plain) {
-                        Ok(applied) => applied.bytes,
+                        Ok(applied) => {
+                            metrics.deidentified(&name, "rewritten");
+                            applied.bytes
+                        }
                         Err(e) => {
+                            let held = matches!(
+                                e,
+                                gateway_deid::ApplyError::Deid(gateway_deid::DeidError::Held(_))
+                            );
+                            metrics.deidentified(&name, if held { "held" } else { "failed" });
                             warn!(object = %hex::encode(id), error = %e, "object not de-identified: dead letter");
                             spool.mark_failed(&id, &name, &e.to_string())?;
                             if batch.is_empty() {
