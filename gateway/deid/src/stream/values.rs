@@ -242,7 +242,7 @@ mod tests {
         );
         assert_eq!(
             shift_dates(b"20240301120000+0100-20240302", true, 1),
-            b"20240229120000+0100-20240301 "
+            b"20240229120000+0100-20240301"
         );
         assert_eq!(shift_dates(b"garbage ", false, 3), b"19000101");
         assert_eq!(shift_dates(b"", false, 3), b"");
