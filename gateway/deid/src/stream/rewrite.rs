@@ -497,6 +497,9 @@ impl Core {
         if !matches!(self.state, State::Header) || self.have != 0 {
             return Err(malformed(self.offset, "data set ends inside an element"));
         }
+        if self.offset == 0 {
+            return Err(malformed(0, "object has no data set"));
+        }
         self.close_ended(out)?;
         if !self.stack.is_empty() {
             return Err(malformed(self.offset, "data set ends inside a sequence"));
