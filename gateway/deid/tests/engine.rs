@@ -484,31 +484,39 @@ fn top_level_tags(part10: &[u8], ts: Ts) -> Vec<u32> {
         std::io::Read::read_to_end(&mut z, &mut plain).unwrap();
         data = plain;
     }
-    let enc = ts.enc();
     let mut tags = Vec::new();
     let mut pos = 0;
-    let mut depth = 0usize;
+    // The encoding inside each open undefined-length element or item (UN: Implicit LE).
+    let mut stack: Vec<Encoding> = Vec::new();
     while pos < data.len() {
+        let enc = stack.last().copied().unwrap_or(ts.enc());
         let h = element::read_header_at(&data, pos, enc).unwrap();
         let tag = (u32::from(h.group) << 16) | u32::from(h.element);
         pos += h.header_len;
         if h.group == ITEM_GROUP {
             match h.element {
                 0xE000 if h.len != UNDEFINED_LENGTH => pos += h.len as usize,
-                0xE000 => depth += 1,
-                _ => depth -= 1,
+                0xE000 => stack.push(enc),
+                _ => {
+                    stack.pop().unwrap();
+                }
             }
             continue;
         }
-        if depth == 0 {
+        if stack.is_empty() {
             tags.push(tag);
         }
         if h.len == UNDEFINED_LENGTH {
-            depth += 1;
+            stack.push(if h.vr == Some(*b"UN") {
+                Encoding::IMPLICIT_LE
+            } else {
+                enc
+            });
         } else {
             pos += h.len as usize;
         }
     }
+    let depth = stack.len();
     assert_eq!(depth, 0);
     tags
 }
@@ -911,4 +919,44 @@ fn subject_scan_reads_identity_in_every_encoding() {
             );
         }
     }
+}
+
+#[test]
+fn un_encoded_attributes_are_decided_by_their_dictionary_vr() {
+    let k = key();
+    // Referenced Image Sequence sent as UN (defined length, items in Implicit VR LE) with
+    // a private element and a UID inside; Study Instance UID and Patient's Birth Date
+    // sent as UN too.
+    let implicit = Encoding::IMPLICIT_LE;
+    let item = encode(
+        &[
+            el(0x0008_1155, b"UI", REF_UID),
+            el(0x0009_0010, b"LO", "ACME 1.0"),
+            el(0x0009_1001, b"LO", "DOE SECRET"),
+        ],
+        implicit,
+    );
+    let mut seq = Vec::new();
+    header(&mut seq, implicit, 0xFFFE_E000, None, item.len() as u32);
+    seq.extend(&item);
+    let nodes = [
+        el(0x0008_0018, b"UI", SOP_UID),
+        Node::El(0x0008_1140, *b"UN", seq),
+        el(0x0010_0020, b"LO", "P12345"),
+        Node::El(0x0010_0030, *b"UN", b"19800229".to_vec()),
+        Node::El(0x0020_000D, *b"UN", format!("{STUDY_UID}\0").into_bytes()),
+    ];
+    let input = part10(Ts::ExplicitLe, CT, &nodes);
+    let (out, done) = deidentify(&input, &profile(&[]), &k, false).unwrap();
+    assert_eq!(done.pseudo_study_uid, k.uid(STUDY_UID));
+    for secret in ["DOE SECRET", REF_UID, STUDY_UID, "19800229"] {
+        assert!(
+            !out.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} left in a UN element"
+        );
+    }
+    let mapped = k.uid(REF_UID);
+    assert!(out.windows(mapped.len()).any(|w| w == mapped.as_bytes()));
+    let tags = top_level_tags(&out, Ts::ExplicitLe);
+    assert!(tags.contains(&0x0008_1140) && tags.contains(&0x0020_000D));
 }

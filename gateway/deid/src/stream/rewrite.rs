@@ -404,6 +404,10 @@ pub(super) struct Core {
     held: Vec<u8>,
     /// The de-identification attributes not yet written (ascending tags).
     inserts: std::collections::VecDeque<(u32, Vec<u8>)>,
+    /// Encoding of the content of the element being decided (Implicit VR LE for UN).
+    content_enc: Encoding,
+    /// VR of the element being decided as it is written when kept (UN stays UN).
+    written_vr: Option<[u8; 2]>,
 }
 
 impl Core {
@@ -418,6 +422,8 @@ impl Core {
             stack: Vec::new(),
             held: Vec::new(),
             inserts: de_identification_attributes(enc, ctx)?.into(),
+            content_enc: enc,
+            written_vr: None,
         })
     }
 
@@ -577,10 +583,21 @@ impl Core {
             Some(vr) if !vr.iter().all(u8::is_ascii_uppercase) => {
                 return Err(malformed(offset, "invalid VR"));
             }
+            // UN: an undefined length is a sequence in Implicit VR LE (PS3.5 6.2.2); a
+            // defined length is decided by the VR the dictionary knows for the tag (a
+            // UN-encoded sequence is followed in Implicit VR LE, its items processed).
+            Some(un) if &un == b"UN" && undefined => Some(*b"SQ"),
+            Some(un) if &un == b"UN" => dictionary_vr(tag).filter(|vr| vr != b"UN").or(Some(un)),
             Some(vr) => Some(vr),
             None if undefined && tag != PIXEL_DATA => Some(*b"SQ"),
             None => dictionary_vr(tag),
         };
+        self.content_enc = if h.vr == Some(*b"UN") {
+            Encoding::IMPLICIT_LE
+        } else {
+            enc
+        };
+        self.written_vr = h.vr.or(vr);
         if undefined
             && h.vr
                 .is_some_and(|vr| !matches!(&vr, b"SQ" | b"UN" | b"OB" | b"OW"))
@@ -711,12 +728,11 @@ impl Core {
         }
     }
 
-    /// The frame an undefined-length element opens.
-    fn frame_of(vr: Option<[u8; 2]>, enc: Encoding, emit: bool) -> Frame {
+    /// The frame an undefined-length element opens: a sequence (its items in the content
+    /// encoding of the element), or encapsulated fragments.
+    fn frame_of(&self, vr: Option<[u8; 2]>, enc: Encoding, emit: bool) -> Frame {
         let (kind, enc) = match vr.as_ref() {
-            Some(b"SQ") => (Kind::Sequence, enc),
-            // An undefined-length UN is a sequence in Implicit VR LE (PS3.5 6.2.2).
-            Some(b"UN") => (Kind::Sequence, Encoding::IMPLICIT_LE),
+            Some(b"SQ") => (Kind::Sequence, self.content_enc),
             _ => (Kind::Fragments, enc),
         };
         Frame {
@@ -730,7 +746,7 @@ impl Core {
     /// Drops the element's value (following the framing of an undefined-length one).
     fn discard(&mut self, len: u32, vr: Option<[u8; 2]>, enc: Encoding) -> Result<(), DeidError> {
         if len == UNDEFINED_LENGTH {
-            return self.push(Self::frame_of(vr, enc, false));
+            return self.push(self.frame_of(vr, enc, false));
         }
         self.state = State::Skip(u64::from(len));
         Ok(())
@@ -748,17 +764,17 @@ impl Core {
         let tag = self.header_tag(enc);
         let is_sq = vr == Some(*b"SQ");
         if len == UNDEFINED_LENGTH {
-            let frame = Self::frame_of(vr, enc, true);
+            let frame = self.frame_of(vr, enc, true);
             out.extend_from_slice(self.header_bytes(enc));
             return self.push(frame);
         }
         if is_sq {
-            write_header(out, enc, tag, vr, UNDEFINED_LENGTH)?;
+            write_header(out, enc, tag, self.written_vr, UNDEFINED_LENGTH)?;
             return self.push(Frame {
                 kind: Kind::Sequence,
                 end: Some(self.offset + u64::from(len)),
                 emit: true,
-                enc,
+                enc: self.content_enc,
             });
         }
         out.extend_from_slice(self.header_bytes(enc));
