@@ -973,7 +973,11 @@ fn write_fuzz_seeds() {
         ("explicit_be", [0x80, 0x00, 0x01, 0x03], ct(Ts::ExplicitBe)),
         ("deflated", [0x40, 0x01, 0x01, 0x11], ct(Ts::Deflated)),
         ("jpeg", [0x20, 0x01, 0x04, 0x05], ct(Ts::Jpeg)),
-        ("secondary_capture", [0x90, 0x00, 0x00, 0x09], sc(Some("NO"))),
+        (
+            "secondary_capture",
+            [0x90, 0x00, 0x00, 0x09],
+            sc(Some("NO")),
+        ),
     ];
     for (name, control, object) in seeds {
         let mut bytes = control.to_vec();
