@@ -3,8 +3,8 @@
 //! few values it must rewrite (bounded), never the whole object.
 //!
 //! - The file meta group is buffered whole (at most 64 KiB) and rewritten: Media Storage
-//!   SOP Instance UID mapped like (0008,0018), Source AE Title removed, group length
-//!   recomputed, preamble zeroed.
+//!   SOP Instance UID mapped like (0008,0018), Source/Sending/Receiving AE Titles and
+//!   private information removed, group length recomputed, preamble zeroed.
 //! - The data set (Implicit VR LE, Explicit VR LE or BE, deflated, or any encapsulated
 //!   syntax) goes through a push-mode state machine: each element header is read, the
 //!   profile decides, and the value is passed through (kept: copied once, never held),
@@ -283,7 +283,9 @@ impl Deidentifier {
         let mut group = Vec::with_capacity(meta.end);
         for e in &meta.elements {
             match e.element {
-                0x0000 | 0x0016 => {}
+                // Group length (recomputed); Source, Sending and Receiving AE Titles;
+                // Private Information Creator UID and Private Information.
+                0x0000 | 0x0016 | 0x0017 | 0x0018 | 0x0100 | 0x0102 => {}
                 0x0003 if self.ctx.map_uids => {
                     let value = values::map_uids(
                         buf.get(e.value..e.end).unwrap_or_default(),

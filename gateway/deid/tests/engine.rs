@@ -178,6 +178,8 @@ fn part10(ts: Ts, class: &str, nodes: &[Node]) -> Vec<u8> {
             el(0x0002_0010, b"UI", ts.uid()),
             el(0x0002_0012, b"UI", "1.2.3.4.5"),
             el(0x0002_0016, b"AE", "MODALITY_AE"),
+            el(0x0002_0100, b"UI", "1.2.3.999"),
+            Node::El(0x0002_0102, *b"OB", b"DOE PRIVATE ".to_vec()),
         ],
         le,
     );
@@ -415,6 +417,9 @@ fn basic_profile_every_action_at_every_depth_in_every_encoding() {
         assert_eq!(obj.meta().transfer_syntax(), ts.uid(), "{ts:?}");
         assert_eq!(obj.meta().media_storage_sop_instance_uid(), k.uid(SOP_UID));
         assert!(obj.meta().source_application_entity_title.is_none());
+        assert!(obj.meta().private_information_creator_uid.is_none());
+        assert!(obj.meta().private_information.is_none());
+        assert_eq!(&out[..128], &[0u8; 128][..], "preamble zeroed");
         let pseudo = k.patient_id("HOSP", "P12345");
         assert_eq!(done.pseudo_patient_id, pseudo);
         assert_eq!(done.pseudo_study_uid, k.uid(STUDY_UID));
