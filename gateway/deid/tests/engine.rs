@@ -990,3 +990,22 @@ fn write_fuzz_seeds() {
         std::fs::write(format!("{dir}/{name}"), bytes).unwrap();
     }
 }
+
+#[test]
+fn an_object_may_end_with_an_empty_value_of_any_action() {
+    for last in [
+        el(0x0040_0275, b"SQ", ""), // removed, empty
+        el(0x0020_4000, b"LT", ""), // removed
+        el(0x0008_0050, b"SH", ""), // zeroed
+        el(0x0028_0010, b"US", ""), // kept
+        el(0x0008_1155, b"UI", ""), // UID, held
+    ] {
+        let tag = tag_of(&last);
+        let input = part10(Ts::ExplicitLe, CT, &[el(0x0008_0018, b"UI", SOP_UID), last]);
+        let whole =
+            run(&input, &[], &profile(&[]), false).unwrap_or_else(|e| panic!("{tag:08X}: {e}"));
+        let ones: Vec<usize> = (1..input.len()).collect();
+        assert_eq!(run(&input, &ones, &profile(&[]), false).unwrap(), whole);
+        open(&whole.0);
+    }
+}

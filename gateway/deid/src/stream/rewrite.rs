@@ -500,7 +500,8 @@ impl Core {
     }
 
     fn finish(&mut self, out: &mut Vec<u8>, ctx: &mut Ctx) -> Result<(), DeidError> {
-        if !matches!(self.state, State::Header) || self.have != 0 {
+        let between = matches!(self.state, State::Header | State::Pass(0) | State::Skip(0));
+        if !between || self.have != 0 {
             return Err(malformed(self.offset, "data set ends inside an element"));
         }
         if self.offset == 0 {
