@@ -261,10 +261,9 @@ impl Deflated {
                 return Ok(());
             }
             let (before_in, before_out) = (self.inflate.total_in(), self.inflate.total_out());
-            let status = self
-                .inflate
-                .decompress(input, &mut self.scratch, flate2::FlushDecompress::None)
-                .map_err(|_| malformed(self.core.offset, "deflated data set does not inflate"))?;
+            let status =
+                self.inflate
+                    .decompress(input, &mut self.scratch, flate2::FlushDecompress::None);
             let used = (self.inflate.total_in() - before_in) as usize;
             let produced = (self.inflate.total_out() - before_out) as usize;
             input = input.get(used..).unwrap_or_default();
@@ -273,11 +272,15 @@ impl Deflated {
                     what: "deflated data set inflates beyond 8 GiB",
                 });
             }
+            // What inflated before a deflate error is rewritten first, so the verdict
+            // does not depend on how the input was split.
             self.core.feed(
                 self.scratch.get(..produced).unwrap_or_default(),
                 &mut self.plain,
                 ctx,
             )?;
+            let status = status
+                .map_err(|_| malformed(self.core.offset, "deflated data set does not inflate"))?;
             self.deflate_blocks(out)?;
             if status == flate2::Status::StreamEnd {
                 self.ended = true;
