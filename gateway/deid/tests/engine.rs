@@ -1009,3 +1009,37 @@ fn an_object_may_end_with_an_empty_value_of_any_action() {
         open(&whole.0);
     }
 }
+
+#[test]
+fn a_large_deflated_object_is_the_same_in_any_chunking() {
+    // Noise compresses poorly: the deflate stream is several 64 KiB feeds long, and the
+    // inflater sometimes flushes what it holds without consuming input.
+    let mut seed = 0x2545_F491u32;
+    let noise: Vec<u8> = (0..512 * 512u32)
+        .flat_map(|i| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (((i % 512) * 4 + (seed & 0xFF)) as u16 & 0x0FFF).to_le_bytes()
+        })
+        .collect();
+    let input = ct_with(
+        Ts::Deflated,
+        &[Node::El(0x0020_9999, *b"OB", noise.clone())],
+    );
+    assert!(input.len() > 4 * 65536);
+    let p = profile(&[]);
+    let whole = run(&input, &[], &p, false).unwrap();
+    for step in [65536, 65535, 4096, 1000] {
+        let cuts: Vec<usize> = (step..input.len()).step_by(step).collect();
+        assert_eq!(run(&input, &cuts, &p, false).unwrap(), whole, "step {step}");
+    }
+    let obj = open(&whole.0);
+    assert_eq!(
+        &obj.element(Tag(0x0020, 0x9999))
+            .unwrap()
+            .to_bytes()
+            .unwrap()[..],
+        &noise[..]
+    );
+}

@@ -283,10 +283,21 @@ impl Deflated {
                 .map_err(|_| malformed(self.core.offset, "deflated data set does not inflate"))?;
             self.deflate_blocks(out)?;
             if status == flate2::Status::StreamEnd {
+                // Bytes after the end of the deflate stream are padding.
                 self.ended = true;
-            }
-            if produced < self.scratch.len() && (input.is_empty() || used == 0) {
                 return Ok(());
+            }
+            // Done when the input is used up and nothing is pending; an inflater that
+            // flushes what it holds may consume nothing in a call, so a call without
+            // input used is not the end while it still produces.
+            if input.is_empty() && produced < self.scratch.len() {
+                return Ok(());
+            }
+            if used == 0 && produced == 0 {
+                return Err(malformed(
+                    self.core.offset,
+                    "deflated data set does not inflate",
+                ));
             }
         }
     }
