@@ -9,7 +9,7 @@
 //!   syntax) goes through a push-mode state machine: each element header is read, the
 //!   profile decides, and the value is passed through (kept: copied once, never held),
 //!   skipped (removed), or held (at most [`MAX_HELD_VALUE`]) and rewritten (UIDs, dates,
-//!   text to clean). Sequences and items are followed to any depth; those written are
+//!   text to clean). Sequences and items are followed 64 levels deep; those written are
 //!   written with undefined length. A deflated data set is inflated, rewritten and
 //!   deflated again in fixed-size blocks, so the output never depends on the split.
 //! - The de-identification attributes (0012,0062/0063/0064) and (0028,0303) are written
