@@ -1043,3 +1043,54 @@ fn a_large_deflated_object_is_the_same_in_any_chunking() {
         &noise[..]
     );
 }
+
+#[test]
+fn names_are_found_in_cleaned_text_after_decoding_in_the_character_set() {
+    let k = key();
+    let p = profile(&[ProfileOption::CleanDescriptors]);
+    for (charset, name, comment) in [
+        (
+            "ISO_IR 192",
+            "Müller^Jürgen".as_bytes().to_vec(),
+            "Befund: MÜLLER".as_bytes().to_vec(),
+        ),
+        (
+            "ISO_IR 100",
+            b"M\xfcller^J\xfcrgen".to_vec(),
+            b"Befund: M\xdcLLER".to_vec(),
+        ),
+    ] {
+        let mut pad = |mut v: Vec<u8>| {
+            if v.len() % 2 == 1 {
+                v.push(b' ');
+            }
+            v
+        };
+        let nodes = [
+            el(0x0008_0005, b"CS", charset),
+            el(0x0008_0018, b"UI", SOP_UID),
+            Node::El(0x0010_0010, *b"PN", pad(name)),
+            el(0x0010_0020, b"LO", "P1"),
+            Node::El(0x0020_4000, *b"LT", pad(comment)),
+            // Not naming the subject: kept.
+            el(0x0008_1030, b"LO", "Befund: unauffaellig"),
+        ];
+        let input = part10(Ts::ExplicitLe, CT, &nodes);
+        let subject = Subject::scan(&input).unwrap();
+        assert!(
+            subject.identifying.iter().any(|i| i == "müller"),
+            "{charset}"
+        );
+        let (out, _) = deidentify(&input, &p, &k, false).unwrap();
+        let obj = open(&out);
+        assert_eq!(
+            text(&obj, 0x0020_4000).as_deref(),
+            Some("ANONYMIZED"),
+            "{charset}"
+        );
+        assert_eq!(
+            text(&obj, 0x0008_1030).as_deref(),
+            Some("Befund: unauffaellig")
+        );
+    }
+}
