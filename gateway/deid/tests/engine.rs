@@ -1060,7 +1060,7 @@ fn names_are_found_in_cleaned_text_after_decoding_in_the_character_set() {
             b"Befund: M\xdcLLER".to_vec(),
         ),
     ] {
-        let mut pad = |mut v: Vec<u8>| {
+        let pad = |mut v: Vec<u8>| {
             if v.len() % 2 == 1 {
                 v.push(b' ');
             }
