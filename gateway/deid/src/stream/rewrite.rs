@@ -21,6 +21,7 @@ const METHOD_CODES: u32 = 0x0012_0064;
 const BURNED_IN: u32 = 0x0028_0301;
 const LONGITUDINAL: u32 = 0x0028_0303;
 const PIXEL_DATA: u32 = 0x7FE0_0010;
+const TRAILING_PADDING: u32 = 0xFFFC_FFFC;
 const ITEM: u16 = 0xE000;
 const ITEM_END: u16 = 0xE00D;
 const SEQUENCE_END: u16 = 0xE0DD;
@@ -623,8 +624,13 @@ impl Core {
             ));
         }
         let emit = parent.is_none_or(|f| f.emit);
-        if !emit || h.group % 2 == 1 || (h.element == 0 && h.group != 0x0002) {
-            // Inside something removed; private (creators too); group length.
+        if !emit
+            || h.group % 2 == 1
+            || (h.element == 0 && h.group != 0x0002)
+            || tag == TRAILING_PADDING
+        {
+            // Inside something removed; private (creators too); group length; trailing
+            // padding (it may hold what an editor left behind).
             return self.discard(h.len, vr, enc);
         }
         let top = parent.is_none();
