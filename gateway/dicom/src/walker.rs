@@ -190,8 +190,17 @@ impl Inflater {
             if status == flate2::Status::StreamEnd {
                 self.ended = true;
             }
-            if produced < self.out.len() && (data.is_empty() || consumed == 0) {
+            // Done with this input only once it is all consumed and the inflater had no
+            // more output than fits (it may hand out buffered output without consuming
+            // input: that is progress, not the end).
+            if data.is_empty() && produced < self.out.len() {
                 return Ok(());
+            }
+            if consumed == 0 && produced == 0 {
+                // No progress with input left and room for output: the stream is stuck.
+                return Err(WalkError::Inflate {
+                    offset: framing.offset,
+                });
             }
         }
     }
@@ -590,6 +599,27 @@ mod tests {
             let s = walk(enc, &z, split).unwrap();
             assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2.3.4.5.6"));
             assert_eq!(s.bytes, plain.len() as u64);
+        }
+    }
+
+    #[test]
+    fn deflated_data_set_that_barely_compresses_is_walked_in_large_feeds() {
+        // 12-bit noise compresses about 2:1: a 64 KiB feed inflates to more than the
+        // inflater's buffer, and the inflater may hand out buffered output without
+        // consuming input. Every split must still walk the whole data set.
+        let enc = Encoding::of_transfer_syntax("1.2.840.10008.1.2.1.99");
+        let mut noise = Vec::with_capacity(512 * 1024);
+        let mut x: u32 = 12345;
+        while noise.len() < 512 * 1024 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            noise.extend_from_slice(&(((x >> 16) & 0x0FFF) as u16).to_le_bytes());
+        }
+        let mut plain = sample();
+        plain.extend(long((0x7FE1, 0x0010), b"OB", noise.len() as u32, &noise));
+        let z = deflate(&plain);
+        for split in [64 * 1024, 65_000, 16 * 1024, 4096, z.len()] {
+            let s = walk(enc, &z, split).unwrap_or_else(|e| panic!("split {split}: {e}"));
+            assert_eq!(s.bytes, plain.len() as u64, "split {split}");
         }
     }
 
