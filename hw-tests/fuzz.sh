@@ -25,7 +25,7 @@
 #   targets have run, naming each target, its finding and its artifact.
 # - Bounded time: each build is cut at FUZZ_BUILD_TIMEOUT seconds, each run at
 #   FUZZ_SECONDS plus 120 s of start-up slack (libFuzzer itself stops at FUZZ_SECONDS).
-#   Default total: 11 targets x 30 s, plus the builds (a few minutes from cold).
+#   Default total: every target (19 today) x 30 s, plus the builds (a few minutes from cold).
 #
 # Environment: FUZZ_SECONDS (30), FUZZ_ONLY (space-separated target names; default all),
 # FUZZ_TARGET_DIR (target/fuzz: kept apart from the workspace's target dir),

@@ -170,19 +170,3 @@ fn dcmtk_reads_the_de_identified_object_in_every_transfer_syntax() {
         assert!((365..=3650).contains(&days));
     }
 }
-
-/// De-identifies `$DEID_IN` into `$DEID_OUT` (basic profile with the modified-dates and
-/// clean-descriptors options), for looking at a result with DCMTK by hand.
-#[test]
-#[ignore = "manual inspection"]
-fn deidentify_a_file() {
-    let input = std::fs::read(std::env::var("DEID_IN").unwrap()).unwrap();
-    let profile = Profile::new(&[
-        ProfileOption::RetainLongitudinalTemporalInformationModifiedDates,
-        ProfileOption::CleanDescriptors,
-    ])
-    .unwrap();
-    let key = DestinationKey::from_bytes([9; 32]);
-    let (out, _) = gateway_deid::deidentify(&input, &profile, &key, false).unwrap();
-    std::fs::write(std::env::var("DEID_OUT").unwrap(), out).unwrap();
-}

@@ -968,31 +968,6 @@ fn un_encoded_attributes_are_decided_by_their_dictionary_vr() {
     assert!(tags.contains(&0x0008_1140) && tags.contains(&0x0020_000D));
 }
 
-/// Writes seed inputs of the `deid_rewrite` fuzz target (4 control bytes, then a Part 10
-/// object) into `$DEID_SEEDS`.
-#[test]
-#[ignore = "writes fuzz seeds"]
-fn write_fuzz_seeds() {
-    let dir = std::env::var("DEID_SEEDS").unwrap();
-    let seeds = [
-        ("explicit_le", [0x10, 0x01, 0x00, 0x07], ct(Ts::ExplicitLe)),
-        ("implicit_le", [0x00, 0x02, 0x05, 0x0D], ct(Ts::ImplicitLe)),
-        ("explicit_be", [0x80, 0x00, 0x01, 0x03], ct(Ts::ExplicitBe)),
-        ("deflated", [0x40, 0x01, 0x01, 0x11], ct(Ts::Deflated)),
-        ("jpeg", [0x20, 0x01, 0x04, 0x05], ct(Ts::Jpeg)),
-        (
-            "secondary_capture",
-            [0x90, 0x00, 0x00, 0x09],
-            sc(Some("NO")),
-        ),
-    ];
-    for (name, control, object) in seeds {
-        let mut bytes = control.to_vec();
-        bytes.extend(object);
-        std::fs::write(format!("{dir}/{name}"), bytes).unwrap();
-    }
-}
-
 #[test]
 fn an_object_may_end_with_an_empty_value_of_any_action() {
     for last in [
