@@ -628,6 +628,58 @@ def test_plain_destination_receives_every_object_byte_identical(run):
     assert not differ, f"{len(differ)} data sets differ at the `none` destination: {differ[:10]}"
 
 
+DUMMIES = {"0", "0.0", "19000101", "000000.00", "000000", "19000101000000", "000Y", "ANONYMIZED"}
+
+
+def table_problems(name: str, src: Dataset, out: Dataset, checked: collections.Counter | None = None) -> list[str]:
+    """What in ``out`` breaks PS3.15 Table E.1-1's basic profile for the elements of ``src``
+    (non-private data set elements at any depth). Elements inside a sequence the output
+    removed or emptied are judged at that sequence."""
+    problems = []
+    for path, e in walk(src):
+        t = int(e.tag)
+        if e.tag.is_private or e.tag.group == 0x0002:
+            continue
+        r = rule_for(t)
+        if r is None or not must_change(r.basic):
+            continue
+        if not parent_item_exists(out, path):
+            continue
+        got = find(out, path, t)
+        where = f"{name}: {path_text(path, t)} {r.name} [{r.basic}]"
+        if checked is not None:
+            checked[r.basic] += 1
+        original_empty = is_empty(e)
+        if r.basic == "X":
+            if got is not None:
+                problems.append(f"{where}: still present")
+        elif original_empty:
+            continue
+        elif got is None:
+            if r.basic in ("D", "Z/D", "U"):
+                problems.append(f"{where}: removed, the profile replaces it")
+        elif e.VR == "SQ":
+            # Z empties a sequence; D/U/compounds keep it with its items processed (checked
+            # element by element).
+            if r.basic == "Z" and len(got.value or []) != 0:
+                problems.append(f"{where}: sequence kept with {len(got.value)} items, the profile empties it")
+        elif r.basic in ("U", "X/Z/U*") and e.VR == "UI":
+            old, new = uid_values(e), uid_values(got)
+            if new and len(new) != len(old):
+                problems.append(f"{where}: {len(old)} UIDs became {len(new)}")
+            for o, n in zip(old, new):
+                if n == o:
+                    problems.append(f"{where}: UID not replaced")
+                elif not (UID_RE.match(n) and len(n) <= 64):
+                    problems.append(f"{where}: replacement is not a valid UID ({n!r})")
+        elif not is_empty(got) and norm(got.value) == norm(e.value) and str(norm(e.value)) not in DUMMIES:
+            problems.append(f"{where}: original value kept")
+    privates = [path_text(p, int(x.tag)) for p, x in walk(out) if x.tag.is_private]
+    if privates:
+        problems.append(f"{name}: private tags kept: {privates[:5]}")
+    return problems
+
+
 def test_basic_profile_removes_or_replaces_every_table_attribute_at_any_depth(run):
     require_all_deidentified(run)
     problems: list[str] = []
@@ -636,48 +688,7 @@ def test_basic_profile_removes_or_replaces_every_table_attribute_at_any_depth(ru
         inp = run.by_name(name)
         if str(out.file_meta.TransferSyntaxUID) != inp.ts:
             problems.append(f"{name}: transfer syntax {inp.ts} -> {out.file_meta.TransferSyntaxUID}")
-        for path, e in walk(src):
-            t = int(e.tag)
-            if e.tag.is_private or e.tag.group == 0x0002:
-                continue
-            r = rule_for(t)
-            if r is None or not must_change(r.basic):
-                continue
-            if not parent_item_exists(out, path):
-                continue  # inside a sequence removed or emptied: judged at the sequence
-            got = find(out, path, t)
-            where = f"{name}: {path_text(path, t)} {r.name} [{r.basic}]"
-            checked[r.basic] += 1
-            original_empty = is_empty(e)
-            if r.basic == "X":
-                if got is not None:
-                    problems.append(f"{where}: still present")
-            elif r.basic in ("U", "X/Z/U*"):
-                if got is None:
-                    if r.basic == "U" and not original_empty:
-                        problems.append(f"{where}: removed, the profile replaces it")
-                    continue
-                old, new = uid_values(e), uid_values(got)
-                if r.basic == "U" and len(new) != len(old):
-                    problems.append(f"{where}: {len(old)} UIDs became {len(new)}")
-                for o, n in zip(old, new):
-                    if n == o:
-                        problems.append(f"{where}: UID not replaced")
-                    elif not (UID_RE.match(n) and len(n) <= 64):
-                        problems.append(f"{where}: replacement is not a valid UID ({n!r})")
-            elif original_empty:
-                continue
-            elif got is None:
-                if r.basic in ("D", "Z/D"):
-                    problems.append(f"{where}: removed, the profile replaces it with a dummy")
-            elif e.VR == "SQ":
-                if r.basic == "Z" and len(got.value or []) != 0:
-                    problems.append(f"{where}: sequence kept with {len(got.value)} items, the profile empties it")
-            elif not is_empty(got) and norm(got.value) == norm(e.value):
-                problems.append(f"{where}: original value kept")
-        privates = [path_text(p, int(e.tag)) for p, e in walk(out) if e.tag.is_private]
-        if privates:
-            problems.append(f"{name}: private tags kept: {privates[:5]}")
+        problems += table_problems(name, src, out, checked)
         if str(out.get("PatientIdentityRemoved", "")) != "YES":
             problems.append(f"{name}: (0012,0062) is {out.get('PatientIdentityRemoved')!r}, not YES")
         if not str(out.get("DeidentificationMethod", "")).strip():
@@ -693,6 +704,8 @@ def test_basic_profile_removes_or_replaces_every_table_attribute_at_any_depth(ru
             problems.append(f"{name}: (0002,0003) does not match (0008,0018)")
         if "SourceApplicationEntityTitle" in out.file_meta:
             problems.append(f"{name}: (0002,0016) Source AE Title kept")
+        if str(out.get("PatientID", "")) in (inp.patient_id, "") or not str(out.PatientID).startswith("ANON"):
+            problems.append(f"{name}: Patient ID is not a pseudonym ANON...: {'kept' if out.get('PatientID') == inp.patient_id else 'other'}")
     print(f"checked per action: {dict(checked)} over {len(run.matched)} objects")
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:80])
 
