@@ -710,11 +710,16 @@ def test_basic_profile_removes_or_replaces_every_table_attribute_at_any_depth(ru
             problems.append(f"{name}: no (0012,0063) De-identification Method")
         codes = out.get("DeidentificationMethodCodeSequence") or []
         if not codes or any(str(c.get("CodingSchemeDesignator", "")) != "DCM" or not str(c.get("CodeValue", ""))
-                            for c in codes) or "113100" not in {str(c.get("CodeValue", "")) for c in codes}:
+                            or not str(c.get("CodeMeaning", "")) for c in codes) \
+                or "113100" not in {str(c.get("CodeValue", "")) for c in codes}:
             problems.append(f"{name}: (0012,0064) {[(c.get('CodeValue'), c.get('CodingSchemeDesignator')) for c in codes]} "
                             "lacks DCM codes incl. 113100")
         if pixel_bytes(out) != pixel_bytes(src):
             problems.append(f"{name}: pixel data changed")
+        if "LongitudinalTemporalInformationModified" in out:
+            problems.append(f"{name}: (0028,0303) present although no date option is on")
+        if str(out.get("PatientName", "")) != str(out.get("PatientID", "")):
+            problems.append(f"{name}: Patient's Name is not the Patient ID pseudonym")
         if str(out.file_meta.MediaStorageSOPInstanceUID) != str(out.SOPInstanceUID):
             problems.append(f"{name}: (0002,0003) does not match (0008,0018)")
         if "SourceApplicationEntityTitle" in out.file_meta:
@@ -775,9 +780,12 @@ def _dciodvfy_errors(path: Path) -> set[str]:
     out = set()
     for line in (r.stdout + r.stderr).splitlines():
         if line.startswith("Error"):
-            line = re.sub(r"=\s*<[^>]*>", "=<>", line)
-            line = re.sub(r"\"[^\"]*\"|'[^']*'", "''", line)
-            out.add(re.sub(r"\s+", " ", re.sub(r"\d+", "#", line)).strip())
+            # Values change (dummies, shifted dates, new UIDs); the attribute and the kind of
+            # error must not be new. Element names (`Element=<Keyword>`) are kept.
+            line = re.sub(r" = <[^>]*>", " = <>", line)
+            line = re.sub(r"(enumerated value|has same value as \w+) <[^>]*>", r"\1 <>", line)
+            line = re.sub(r"Character invalid for this VR = '.*?' \(0x[0-9a-fA-F]+\)", "Character invalid for this VR", line)
+            out.add(re.sub(r"\s+", " ", line).strip())
     return out
 
 
