@@ -469,7 +469,8 @@ def signature(ds: Dataset) -> collections.Counter:
         t = int(e.tag)
         if e.tag.is_private or e.tag.group in (0x0002, 0x7FE0) or e.VR in ("SQ", "UI", "DA", "TM", "DT", "OB", "OW", "UN"):
             continue
-        if any(rule_for(pt) is not None for pt, _ in path) or rule_for(t) is not None:
+        if rule_for(t) is not None or any((rule_for(pt) or Rule(0, 0, "K", "")).basic in ("X", "Z", "X/Z")
+                                          for pt, _ in path):
             continue
         sig[(path, t, repr(norm(e.value)))] += 1
     return sig
@@ -483,20 +484,31 @@ def match_outputs(inputs: list[Input], outputs: list[Path]) -> tuple[dict[str, t
         px = pixel_bytes(ds)
         key = (inp.ts, inp.sop_class, hashlib.sha256(px).hexdigest() if px is not None else None)
         cand[key].append((inp, ds, signature(ds)))
-    matched: dict[str, tuple[Dataset, Dataset, Path]] = {}
+    groups: dict[tuple, list[tuple[Path, Dataset, collections.Counter]]] = collections.defaultdict(list)
     unmatched = []
     for p in outputs:
         out = read(p)
         px = pixel_bytes(out)
         key = (str(out.file_meta.TransferSyntaxUID), str(out.get("SOPClassUID", "")),
                hashlib.sha256(px).hexdigest() if px is not None else None)
-        free = [c for c in cand.get(key, []) if c[0].name not in matched]
-        if not free:
+        if key not in cand:
             unmatched.append(p.name)
-            continue
-        osig = signature(out)
-        best = max(free, key=lambda c: sum((c[2] & osig).values()) - sum((osig - c[2]).values()))
-        matched[best[0].name] = (best[1], out, p)
+        else:
+            groups[key].append((p, out, signature(out)))
+    matched: dict[str, tuple[Dataset, Dataset, Path]] = {}
+    for key, outs in groups.items():
+        # Best pairs first: the most kept values in common, the fewest the input lacks.
+        pairs = sorted(((sum((c[2] & o[2]).values()) - sum((o[2] - c[2]).values()), oi, ci)
+                        for oi, o in enumerate(outs) for ci, c in enumerate(cand[key])), reverse=True)
+        used_o, used_c = set(), set()
+        for _, oi, ci in pairs:
+            if oi in used_o or ci in used_c:
+                continue
+            used_o.add(oi)
+            used_c.add(ci)
+            inp, ds, _ = cand[key][ci]
+            matched[inp.name] = (ds, outs[oi][1], outs[oi][0])
+        unmatched += [o[0].name for oi, o in enumerate(outs) if oi not in used_o]
     return matched, unmatched
 
 
