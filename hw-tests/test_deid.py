@@ -535,6 +535,13 @@ class Run:
     def by_name(self, name: str) -> Input:
         return next(i for i in self.inputs if i.name == name)
 
+    def hwtests_log_sections(self) -> list[tuple[str, str]]:
+        """Offered to failure reports by conftest: the gateway's and the archives' logs."""
+        out = [("gatewayd log (deid-gw)", self.g.log_tail(80))]
+        for ing in self.ingresses.made:
+            out.append((f"Orthanc log ({ing.orthanc.dir.parent.name})", ing.orthanc.log_tail(20)))
+        return out
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, gatewayd_bin):
