@@ -1,6 +1,7 @@
 """De-identification per destination (PS3.15 Annex E, issue 19) against real peers.
 
-One gateway for the module with two `[[uplink]]`s of kind dicomweb, each to its own
+One gateway for the module (TPM key store on swtpm, so that `keys wipe` is a real
+crypto-shred) with two `[[uplink]]`s of kind dicomweb, each to its own
 Orthanc behind nginx mutual TLS (`mtls.Ingress`): `deid` (`deidentify = "basic"`,
 `deidentify_burned_in = "send"` so that the secondary captures are de-identified and
 checked too) and `plain` (`deidentify = "none"`). Every file of pydicom's test data
@@ -8,7 +9,7 @@ that ships inside the wheel (never downloaded) and that a DICOM SCP can accept i
 stored into the gateway by pynetdicom proposing the file's own transfer syntax
 (implicit, explicit LE and BE, deflated, JPEG baseline/extended/lossless, JPEG-LS,
 JPEG 2000, RLE; nested sequences, private tags), plus two crafted CT objects of one
-study where one references the other. The others are left out with a printed reason.
+study where one references the other (two levels deep, private tags inside). The others are left out with a printed reason.
 
 - `test_table_matches_its_source`: `gateway/deid/tools/gen-profile-table.py` run again
   equals the checked-in `gateway/deid/src/table.rs` byte for byte.
@@ -27,8 +28,9 @@ study where one references the other. The others are left out with a printed rea
 - after a restart, with the `deid` uplink pointed at a NEW Orthanc, a new instance of
   the crafted study gets the same pseudonymous Study UID, Patient ID and referenced UID.
 - `gatewayd deid reidentify` turns the pseudonymous study and patient back into the
-  real ones, exits 1 for an unknown pseudonym; after `keys wipe --yes` `run` refuses and
-  no file under the data dir holds a real Patient ID or Study UID in clear.
+  real ones, exits 1 for an unknown pseudonym, audited as `deid_reidentified` with no
+  identifier in the trail; after `keys wipe --yes` `run` refuses, `deid reidentify` fails
+  and no file under the data dir holds a real Patient ID or Study UID in clear.
 - burned-in: a CT with Burned In Annotation = YES and a secondary capture are dead
   letters on a `hold` destination with the reason, not in its Orthanc; the `none`
   destination beside it gets them byte-identical; `deidentify_burned_in = "send"` sends
@@ -68,7 +70,9 @@ import gw
 import mtls
 import pki
 import scu
+import tpm
 from conftest import REPO, fail_on_assertion
+from test_tpm import init_keys, tpm_keystore
 
 DEID = "deid"
 PLAIN = "plain"
@@ -560,12 +564,18 @@ def run(tmp_path_factory, gatewayd_bin):
     print(f"transfer syntaxes: {dict(syntaxes)}")
     ings = Ingresses(root, ca)
     g = None
+    # The TPM key store (swtpm), as on the appliance: after `keys wipe` the storage root key
+    # is gone and `run` refuses (a development software key store would make a new key).
+    fail_on_assertion(tpm.require_tools)
+    swtpm = tpm.Swtpm(root / "swtpm")
     try:
+        fail_on_assertion(swtpm.start)
         deid, plain = ings("deid"), ings("plain")
-        g = gw.Gateway(root / "gw", {"uplink": [
+        g = gw.Gateway(root / "gw", {**tpm_keystore(swtpm), "uplink": [
             uplink(DEID, deid, ca, client, deidentify="basic", deidentify_burned_in="send"),
             uplink(PLAIN, plain, ca, client, deidentify="none"),
         ]}, name="deid-gw")
+        init_keys(g)
         g.start()
         t0 = time.monotonic()
         store(g, [i.path for i in inputs])
@@ -583,6 +593,8 @@ def run(tmp_path_factory, gatewayd_bin):
         if g is not None:
             g.cleanup()
         ings.close()
+        swtpm.stop()
+        swtpm.cleanup()
 
 
 def require_all_deidentified(run: Run) -> None:
@@ -976,6 +988,10 @@ def test_reidentify_round_trips_and_keys_wipe_makes_it_impossible(run):
     except subprocess.TimeoutExpired:
         pytest.fail("`gatewayd run` still running 30 s after `keys wipe`: it must refuse to start", pytrace=False)
     assert r.returncode != 0, "`gatewayd run` started after `keys wipe`"
+    print(f"run after keys wipe: exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
+    r = _reidentify(g, "--study", pseudo_study)
+    assert r.returncode != 0 and a_in.study_uid not in r.stdout + r.stderr, (
+        f"re-identification after keys wipe: exit {r.returncode} {r.stdout} {r.stderr}")
     secrets = {CRAFT_PATIENT_ID.encode(): "crafted Patient ID"}
     secrets.update({i.study_uid.encode(): f"Study UID of {i.name}" for i in run.inputs})
     secrets.update({i.patient_id.encode(): f"Patient ID of {i.name}" for i in run.inputs if len(i.patient_id) >= 6})
