@@ -875,13 +875,17 @@ def test_second_opinion_kitware_dicom_anonymizer(run):
             path, tag = key
             r = rule_for(tag)
             basic = r.basic if r else "-"
-            label = r.name if r else pydicom.datadict.keyword_for_tag(tag) or "?"
-            lines.append(f"{name}: {path_text(path, tag)} {label} [table: {basic}]: gateway {o}, kitware {k}")
-            by_tag[(f"{path_text((), tag)} {label} [table: {basic}]", f"gateway {o}, kitware {k}")] += 1
-            if o == "kept" and k != "kept" and r is not None and must_change(r.basic):
-                elem = src[Tag(tag)] if not path else None
-                if elem is None or not is_empty(elem):
-                    bugs.append(lines[-1])
+            if r is not None:
+                label = r.name
+            elif tag & 0xFFFF == 0:
+                label = "group length"
+            else:
+                label = pydicom.datadict.keyword_for_tag(tag) or "?"
+            empty = " (original empty)" if is_empty(find(src, path, tag)) else ""
+            lines.append(f"{name}: {path_text(path, tag)} {label} [table: {basic}]: gateway {o}, kitware {k}{empty}")
+            by_tag[(f"{path_text((), tag)} {label} [table: {basic}]", f"gateway {o}, kitware {k}{empty}")] += 1
+            if o == "kept" and k != "kept" and r is not None and must_change(r.basic) and not empty:
+                bugs.append(lines[-1])
     summary = [f"{n:4d} x {t}: {what}" for (t, what), n in by_tag.most_common()]
     report = ("Second opinion: gateway `deidentify = \"basic\"` vs Kitware dicom-anonymizer 2.1.0 "
               f"(anonymize_dataset, default rules) over {len(run.matched)} objects\n\n"
