@@ -35,6 +35,9 @@ study where one references the other (two levels deep, private tags inside). The
   letters on a `hold` destination with the reason, not in its Orthanc; the `none`
   destination beside it gets them byte-identical; `deidentify_burned_in = "send"` sends
   them de-identified.
+- `retain_longitudinal_temporal_information_modified_dates`: dates shifted back by one
+  number of days per patient (the same for every date of the object and every object of
+  the patient, another for another patient), times kept, (0028,0303) MODIFIED, code 113107.
 - `check-config` refuses `deidentify = "full"`, an unknown option, `retain_safe_private`
   and both date options together, naming the key.
 
@@ -1076,6 +1079,50 @@ def test_burned_in_objects_are_held_on_a_basic_destination_and_sent_where_allowe
             assert str(ds.get("PatientID", "")) not in ("ZZBIA-0001", "ZZBIA-0002")
         assert {hashlib.sha256(pixel_bytes(ds)).hexdigest() for ds in sent} == {
             hashlib.sha256(pixel_bytes(pydicom.dcmread(f))).hexdigest() for f in files}
+    finally:
+        ings.close()
+
+
+# --------------------------------------------------------------------------
+# an option: retain longitudinal temporal information with modified dates
+
+
+def _days(da: str) -> int:
+    import datetime
+    return datetime.date(int(da[:4]), int(da[4:6]), int(da[6:8])).toordinal()
+
+
+def test_modified_dates_option_shifts_dates_per_patient(tmp_path, gateway_factory, ca):
+    client = ca.other_client_cert("test-gw", name="gw-client")
+    ings = Ingresses(tmp_path, ca)
+    try:
+        ing = ings("dates")
+        a, b = craft_study(tmp_path)  # one patient, two instances
+        other = _ct_copy(tmp_path / "other.dcm", "ZZDATES-0002", None, 3)  # another patient
+        g = gateway_factory({"uplink": [uplink(DEID, ing, ca, client, deidentify="basic", deidentify_options=[
+            "retain_longitudinal_temporal_information_modified_dates"])]})
+        store(g, [a, b, other])
+        st = settle(g, {DEID: 3}, 60)
+        assert st["by_destination"][DEID]["sent"] == 3, f"{st}\n" + "\n".join(reasons(g))
+        outs = [pydicom.dcmread(p) for p in orthanc_files(ing, tmp_path / "out")]
+        ins = {pydicom.dcmread(p).InstanceNumber: pydicom.dcmread(p) for p in (a, b, other)}
+        shifts = {}
+        for out in outs:
+            src = next(d for d in ins.values() if pixel_bytes(d) == pixel_bytes(out))
+            assert str(out.get("LongitudinalTemporalInformationModified", "")) == "MODIFIED", out.get(
+                "LongitudinalTemporalInformationModified")
+            codes = {str(c.CodeValue) for c in out.DeidentificationMethodCodeSequence}
+            assert {"113100", "113107"} <= codes, codes
+            shift = _days(str(src.StudyDate)) - _days(str(out.StudyDate))
+            assert shift > 0, f"Study Date not shifted back ({src.StudyDate} -> {out.StudyDate})"
+            for kw in ("SeriesDate", "AcquisitionDate", "ContentDate"):
+                if src.get(kw):
+                    assert _days(str(src.get(kw))) - _days(str(out.get(kw))) == shift, f"{kw} shifted differently"
+            assert str(out.get("StudyTime", "")) == str(src.get("StudyTime", "")), "times are kept with this option"
+            shifts[str(src.PatientID)] = shifts.get(str(src.PatientID), set()) | {shift}
+        assert all(len(v) == 1 for v in shifts.values()), f"one patient got several shifts: {shifts}"
+        assert len(shifts) == 2, shifts
+        print(f"day shifts per patient: { {k[:6] + '...': v for k, v in shifts.items()} }")
     finally:
         ings.close()
 
