@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: `bash hw-tests/run-all.sh [extra pytest args]`.
 #
-# Installs the real peers when missing (Debian: dcmtk, orthanc, orthanc-dicomweb, swtpm,
+# Installs the real peers when missing (Debian: dcmtk, dicom3tools (dciodvfy), orthanc, orthanc-dicomweb, swtpm,
 # tpm2-tools, libtss2, nginx, openssl, mosquitto, mosquitto-clients,
 # pkg-config, systemd (systemd-analyze), chromium, fonts-ipafont-gothic, mmdebstrap,
 # e2fsprogs, qemu-system-x86, dnsmasq-base; PyPI into hw-tests/.venv: hw-tests/requirements.txt,
@@ -34,6 +34,8 @@ need_pkgs=()
 for tool in echoscu storescu storescp; do
     command -v "$tool" >/dev/null 2>&1 || { need_pkgs+=(dcmtk); break; }
 done
+# dciodvfy (David Clunie's validator) judges the de-identified objects (test_deid.py).
+command -v dciodvfy >/dev/null 2>&1 || need_pkgs+=(dicom3tools)
 [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || need_pkgs+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_pkgs+=(orthanc-dicomweb)
 command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
