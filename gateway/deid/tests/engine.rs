@@ -1071,3 +1071,72 @@ fn names_are_found_in_cleaned_text_after_decoding_in_the_character_set() {
         );
     }
 }
+
+/// A whole Overlay Plane module in repeating group `group`.
+fn overlay(group: u16) -> Vec<Node> {
+    let g = u32::from(group) << 16;
+    vec![
+        Node::El(g | 0x0010, *b"US", vec![4, 0]), // Overlay Rows
+        Node::El(g | 0x0011, *b"US", vec![4, 0]), // Overlay Columns
+        el(g | 0x0040, b"CS", "G"),               // Overlay Type
+        Node::El(g | 0x0050, *b"SS", vec![1, 0, 1, 0]), // Overlay Origin
+        Node::El(g | 0x0100, *b"US", vec![1, 0]), // Overlay Bits Allocated
+        Node::El(g | 0x0102, *b"US", vec![0, 0]), // Overlay Bit Position
+        Node::El(g | 0x3000, *b"OW", vec![0xA5, 0x5A]), // Overlay Data: X / C
+        el(g | 0x4000, b"LT", "ARROW"),           // Overlay Comments: X / C
+    ]
+}
+
+#[test]
+fn overlays_are_removed_whole_or_kept_whole_with_clean_graphics() {
+    let mut extra = overlay(0x6000);
+    extra.extend(overlay(0x6002));
+    // An overlay group inside an item too (any depth): the rule is by group.
+    extra.push(Node::Sq(0x0008_1250, vec![overlay(0x601E)], true));
+    for ts in [Ts::ExplicitLe, Ts::ImplicitLe] {
+        let input = ct_with(ts, &extra);
+        let (out, _) = deidentify(&input, &profile(&[]), &key(), false).unwrap();
+        let mut tags = Vec::new();
+        all_tags(&open(&out), &mut tags);
+        let left: Vec<String> = tags
+            .iter()
+            .filter(|t| (0x6000..=0x601E).contains(&(*t >> 16)))
+            .map(|t| format!("{t:08X}"))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{ts:?} basic keeps overlay elements {left:?}"
+        );
+        assert!(
+            tags.contains(&0x0008_1250),
+            "{ts:?} the sequence around one stays"
+        );
+
+        let (out, _) = deidentify(
+            &input,
+            &profile(&[ProfileOption::CleanGraphics]),
+            &key(),
+            false,
+        )
+        .unwrap();
+        let obj = open(&out);
+        for group in [0x6000u32, 0x6002] {
+            for element in [
+                0x0010u32, 0x0011, 0x0040, 0x0050, 0x0100, 0x0102, 0x3000, 0x4000,
+            ] {
+                let tag = (group << 16) | element;
+                assert!(has(&obj, tag), "{ts:?} clean_graphics keeps {tag:08X}");
+            }
+            let data = obj
+                .element(Tag(group as u16, 0x3000))
+                .unwrap()
+                .to_bytes()
+                .unwrap()
+                .to_vec();
+            assert_eq!(data, [0xA5, 0x5A], "{ts:?} overlay data {group:04X}");
+        }
+        assert_eq!(text(&obj, 0x6002_4000).as_deref(), Some("ARROW"));
+        let nested = items(&obj, 0x0008_1250);
+        assert!(has(&nested[0], 0x601E_3000), "{ts:?} nested overlay kept");
+    }
+}

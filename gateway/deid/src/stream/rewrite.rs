@@ -21,6 +21,8 @@ const METHOD_CODES: u32 = 0x0012_0064;
 const BURNED_IN: u32 = 0x0028_0301;
 const LONGITUDINAL: u32 = 0x0028_0303;
 const PIXEL_DATA: u32 = 0x7FE0_0010;
+/// Overlay Data of the first repeating overlay group: its row decides the whole overlay.
+const OVERLAY_DATA: u32 = 0x6000_3000;
 const TRAILING_PADDING: u32 = 0xFFFC_FFFC;
 const ITEM: u16 = 0xE000;
 const ITEM_END: u16 = 0xE00D;
@@ -633,6 +635,11 @@ impl Core {
             // padding (it may hold what an editor left behind).
             return self.discard(h.len, vr, enc);
         }
+        if is_overlay_group(h.group) && ctx.action(OVERLAY_DATA, false) == Some(Action::Remove) {
+            // Overlay Data and Comments removed (X): the rest of the Overlay Plane module
+            // goes with them, else the object keeps an overlay without its Type 1 data.
+            return self.discard(h.len, vr, enc);
+        }
         let top = parent.is_none();
         if top {
             while let Some((t, bytes)) = self.inserts.front() {
@@ -927,6 +934,11 @@ impl Core {
         let n = element::header_len(&self.header, enc);
         self.header.get(..n).unwrap_or_default()
     }
+}
+
+/// The repeating overlay groups 6000-601E (even: odd groups are private).
+fn is_overlay_group(group: u16) -> bool {
+    (0x6000..=0x601E).contains(&group) && group % 2 == 0
 }
 
 /// The VR of a tag from the standard dictionary (US for US-or-SS, OW for OB-or-OW).
