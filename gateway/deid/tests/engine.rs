@@ -1140,3 +1140,272 @@ fn overlays_are_removed_whole_or_kept_whole_with_clean_graphics() {
         assert!(has(&nested[0], 0x601E_3000), "{ts:?} nested overlay kept");
     }
 }
+
+const SR: &str = "1.2.840.10008.5.1.4.1.1.88.22"; // Enhanced SR
+const SR_TEXT: &str = "Nodule 4 mm, stable";
+const SR_TEXT_NAMED: &str = "Discussed with Jane Doe";
+const SR_DATE: &str = "20231115";
+const SR_TIME: &str = "142233.123456";
+const SR_DATETIME: &str = "20231116091507";
+const SR_NUM: &str = "4711.25";
+const SR_PNAME: &str = "ROE^RICHARD";
+const SR_UID: &str = "1.2.826.0.1.3680043.2.1125.1.555";
+
+/// A code item (Code Sequence Macro).
+fn code(value: &str, scheme: &str, meaning: &str) -> Vec<Node> {
+    vec![
+        el(0x0008_0100, b"SH", value),
+        el(0x0008_0102, b"SH", scheme),
+        el(0x0008_0104, b"LO", meaning),
+    ]
+}
+
+/// An SR content item: Relationship Type, Value Type, Concept Name Code Sequence, and
+/// its value.
+fn content_item(value_type: &str, concept: &str, value: Vec<Node>) -> Vec<Node> {
+    let mut item = vec![
+        el(0x0040_A010, b"CS", "CONTAINS"),
+        el(0x0040_A040, b"CS", value_type),
+        Node::Sq(
+            0x0040_A043,
+            vec![code(concept, "99TEST", &format!("Concept {concept}"))],
+            true,
+        ),
+    ];
+    item.extend(value);
+    item
+}
+
+/// An SR whose Content Sequence holds, two levels deep, one content item of each value
+/// type that carries a value (and a TEXT naming the patient).
+fn sr(ts: Ts, defined: bool) -> Vec<u8> {
+    let leaves = vec![
+        content_item("TEXT", "T1", vec![el(0x0040_A160, b"UT", SR_TEXT)]),
+        content_item("TEXT", "T2", vec![el(0x0040_A160, b"UT", SR_TEXT_NAMED)]),
+        content_item("DATE", "D1", vec![el(0x0040_A121, b"DA", SR_DATE)]),
+        content_item("TIME", "TM1", vec![el(0x0040_A122, b"TM", SR_TIME)]),
+        content_item("DATETIME", "DT1", vec![el(0x0040_A120, b"DT", SR_DATETIME)]),
+        content_item(
+            "NUM",
+            "N1",
+            vec![Node::Sq(
+                0x0040_A300,
+                vec![vec![
+                    Node::Sq(0x0040_08EA, vec![code("mm", "UCUM", "millimeter")], defined),
+                    el(0x0040_A30A, b"DS", SR_NUM),
+                ]],
+                defined,
+            )],
+        ),
+        content_item("PNAME", "P1", vec![el(0x0040_A123, b"PN", SR_PNAME)]),
+        content_item("UIDREF", "U1", vec![el(0x0040_A124, b"UI", SR_UID)]),
+        content_item(
+            "IMAGE",
+            "I1",
+            vec![Node::Sq(
+                0x0008_1199,
+                vec![vec![
+                    el(0x0008_1150, b"UI", CT),
+                    el(0x0008_1155, b"UI", REF_UID),
+                ]],
+                defined,
+            )],
+        ),
+    ];
+    let mut container = content_item("CONTAINER", "C1", vec![]);
+    container.push(el(0x0040_A050, b"CS", "SEPARATE"));
+    container.push(Node::Sq(0x0040_A730, leaves, !defined));
+    let nodes = vec![
+        el(0x0008_0005, b"CS", "ISO_IR 100"),
+        el(0x0008_0016, b"UI", SR),
+        el(0x0008_0018, b"UI", SOP_UID),
+        el(0x0010_0010, b"PN", "DOE^JANE"),
+        el(0x0010_0020, b"LO", "P12345"),
+        el(0x0020_000D, b"UI", STUDY_UID),
+        el(0x0040_A040, b"CS", "CONTAINER"),
+        Node::Sq(0x0040_A730, vec![container], defined),
+    ];
+    part10(ts, SR, &nodes)
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn a_dummy_content_sequence_keeps_its_structure_and_codes_not_its_values() {
+    let k = key();
+    for ts in [Ts::ExplicitLe, Ts::ImplicitLe] {
+        for defined in [true, false] {
+            let at = format!("{ts:?} defined {defined}");
+            let input = sr(ts, defined);
+            for v in [
+                SR_TEXT,
+                SR_DATE,
+                SR_TIME,
+                SR_DATETIME,
+                SR_NUM,
+                SR_PNAME,
+                SR_UID,
+            ] {
+                assert!(contains(&input, v), "{at}: the input carries {v}");
+            }
+            let (out, _) = deidentify(&input, &profile(&[]), &k, false).unwrap();
+            for v in [
+                SR_TEXT,
+                SR_TEXT_NAMED,
+                SR_DATE,
+                SR_TIME,
+                SR_DATETIME,
+                SR_NUM,
+                SR_PNAME,
+                "RICHARD",
+                SR_UID,
+                REF_UID,
+            ] {
+                assert!(!contains(&out, v), "{at}: {v} survives");
+            }
+            let obj = open(&out);
+            let container = items(&obj, 0x0040_A730).remove(0);
+            assert_eq!(text(&container, 0x0040_A040).as_deref(), Some("CONTAINER"));
+            assert_eq!(text(&container, 0x0040_A050).as_deref(), Some("SEPARATE"));
+            let leaves = items(&container, 0x0040_A730);
+            let types: Vec<_> = leaves
+                .iter()
+                .map(|i| text(i, 0x0040_A040).unwrap_or_default())
+                .collect();
+            assert_eq!(
+                types,
+                [
+                    "TEXT", "TEXT", "DATE", "TIME", "DATETIME", "NUM", "PNAME", "UIDREF", "IMAGE"
+                ],
+                "{at}"
+            );
+            for (leaf, concept) in leaves
+                .iter()
+                .zip(["T1", "T2", "D1", "TM1", "DT1", "N1", "P1", "U1", "I1"])
+            {
+                let name = items(leaf, 0x0040_A043).remove(0);
+                assert_eq!(text(&name, 0x0008_0100).as_deref(), Some(concept), "{at}");
+                assert_eq!(text(&name, 0x0008_0102).as_deref(), Some("99TEST"), "{at}");
+                assert_eq!(
+                    text(&name, 0x0008_0104),
+                    Some(format!("Concept {concept}")),
+                    "{at}"
+                );
+                assert_eq!(text(leaf, 0x0040_A010).as_deref(), Some("CONTAINS"), "{at}");
+            }
+            let value = |i: usize, tag: u32| text(&leaves[i], tag);
+            assert_eq!(value(0, 0x0040_A160).as_deref(), Some("ANONYMIZED"), "{at}");
+            assert_eq!(value(2, 0x0040_A121).as_deref(), Some("19000101"), "{at}");
+            assert_eq!(value(3, 0x0040_A122).as_deref(), Some("000000.00"), "{at}");
+            assert_eq!(
+                value(4, 0x0040_A120).as_deref(),
+                Some("19000101000000"),
+                "{at}"
+            );
+            let measured = items(&leaves[5], 0x0040_A300).remove(0);
+            assert_eq!(text(&measured, 0x0040_A30A).as_deref(), Some("0"), "{at}");
+            let units = items(&measured, 0x0040_08EA).remove(0);
+            assert_eq!(text(&units, 0x0008_0100).as_deref(), Some("mm"), "{at}");
+            assert_eq!(
+                text(&units, 0x0008_0104).as_deref(),
+                Some("millimeter"),
+                "{at}"
+            );
+            assert_eq!(value(6, 0x0040_A123).as_deref(), Some("ANONYMIZED"), "{at}");
+            assert_eq!(value(7, 0x0040_A124), Some(k.uid(SR_UID)), "{at}");
+            let reference = items(&leaves[8], 0x0008_1199).remove(0);
+            assert_eq!(
+                text(&reference, 0x0008_1150).as_deref(),
+                Some(CT),
+                "{at} class"
+            );
+            assert_eq!(text(&reference, 0x0008_1155), Some(k.uid(REF_UID)), "{at}");
+
+            // clean_structured_content: the Content Sequence is C, its text cleaned.
+            let p = profile(&[ProfileOption::CleanStructuredContent]);
+            let (out, _) = deidentify(&input, &p, &k, false).unwrap();
+            let obj = open(&out);
+            let container = items(&obj, 0x0040_A730).remove(0);
+            let leaves = items(&container, 0x0040_A730);
+            assert_eq!(
+                text(&leaves[0], 0x0040_A160).as_deref(),
+                Some(SR_TEXT),
+                "{at}"
+            );
+            assert_eq!(
+                text(&leaves[1], 0x0040_A160).as_deref(),
+                Some("ANONYMIZED"),
+                "{at}: a text naming the patient"
+            );
+            assert!(!contains(&out, SR_TEXT_NAMED), "{at}");
+        }
+        // Split invariance of the Dummy subtree.
+        let input = sr(ts, true);
+        let p = profile(&[]);
+        let whole = run(&input, &[], &p, false).unwrap();
+        for cut in 0..=input.len() {
+            assert_eq!(
+                run(&input, &[cut], &p, false).unwrap(),
+                whole,
+                "{ts:?} cut {cut}"
+            );
+        }
+        let ones: Vec<usize> = (1..input.len()).collect();
+        assert_eq!(
+            run(&input, &ones, &p, false).unwrap(),
+            whole,
+            "{ts:?} 1-byte"
+        );
+    }
+}
+
+#[test]
+fn codes_that_are_the_identity_in_a_dummy_code_sequence_get_dummies() {
+    let input = ct_with(
+        Ts::ExplicitLe,
+        &[
+            // Institution Code Sequence (X/Z/D: D): the code names the institution.
+            Node::Sq(
+                0x0008_0082,
+                vec![code("GH-0042", "99HOSP", "General Hospital East")],
+                true,
+            ),
+            // Operator Identification Sequence (X/D) > Person Identification Code
+            // Sequence (D).
+            Node::Sq(
+                0x0008_1072,
+                vec![vec![Node::Sq(
+                    0x0040_1101,
+                    vec![code("EMP-7781", "99HOSP", "Operator Smithers")],
+                    false,
+                )]],
+                true,
+            ),
+        ],
+    );
+    let (out, _) = deidentify(&input, &profile(&[]), &key(), false).unwrap();
+    for v in [
+        "GH-0042",
+        "General Hospital East",
+        "EMP-7781",
+        "Smithers",
+        "99HOSP",
+    ] {
+        assert!(!contains(&out, v), "{v} survives");
+    }
+    let obj = open(&out);
+    let institution = items(&obj, 0x0008_0082).remove(0);
+    assert_eq!(
+        text(&institution, 0x0008_0100).as_deref(),
+        Some("ANONYMIZED")
+    );
+    let operator = items(&obj, 0x0008_1072).remove(0);
+    let person = items(&operator, 0x0040_1101).remove(0);
+    assert_eq!(text(&person, 0x0008_0104).as_deref(), Some("ANONYMIZED"));
+    // retain_institution_identity keeps the Institution Code Sequence (K) as it is.
+    let p = profile(&[ProfileOption::RetainInstitutionIdentity]);
+    let (out, _) = deidentify(&input, &p, &key(), false).unwrap();
+    assert!(contains(&out, "General Hospital East"));
+}

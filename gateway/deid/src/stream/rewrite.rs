@@ -381,12 +381,26 @@ struct Frame {
     emit: bool,
     /// Encoding of the content (Implicit VR LE inside an undefined-length UN).
     enc: Encoding,
+    /// Inside a sequence whose action is Dummy (at any depth below it): values no table
+    /// row names get their dummy too (see [`content_action`]).
+    dummy: bool,
+    /// A sequence the table itself names Dummy, or one of its items: the codes here are
+    /// the identity (Institution Code Sequence, Person Identification Code Sequence) and
+    /// get dummies too.
+    named_dummy: bool,
+    /// Inside a sequence whose action is Clean (and not in a Dummy subtree): text no
+    /// table row names is cleaned too.
+    clean: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Held {
     Uids,
-    Dates { dt: bool },
+    /// UIDs inside a Dummy sequence that no row names: the standard's own are kept.
+    ContentUids,
+    Dates {
+        dt: bool,
+    },
     Text,
     Charset,
     BurnedIn,
@@ -425,6 +439,13 @@ pub(super) struct Core {
     content_enc: Encoding,
     /// VR of the element being decided as it is written when kept (UN stays UN).
     written_vr: Option<[u8; 2]>,
+    /// The sequence being decided opens a Dummy subtree (its frame gets `dummy`).
+    next_dummy: bool,
+    /// The sequence being decided is named Dummy by the table (its frame gets
+    /// `named_dummy`).
+    next_named_dummy: bool,
+    /// The sequence being decided opens a Clean subtree (its frame gets `clean`).
+    next_clean: bool,
 }
 
 impl Core {
@@ -441,6 +462,9 @@ impl Core {
             inserts: de_identification_attributes(enc, ctx)?.into(),
             content_enc: enc,
             written_vr: None,
+            next_dummy: false,
+            next_named_dummy: false,
+            next_clean: false,
         })
     }
 
@@ -591,6 +615,9 @@ impl Core {
             ));
         }
         let parent = self.stack.last().copied();
+        self.next_dummy = false;
+        self.next_named_dummy = false;
+        self.next_clean = false;
         if h.group == ITEM_GROUP {
             return self.on_item(h.element, h.len, parent, out);
         }
@@ -669,7 +696,23 @@ impl Core {
             }
         }
         let is_sq = vr == Some(*b"SQ");
-        let action = ctx.action(tag, is_sq || vr == Some(*b"UI"));
+        let mut action = ctx.action(tag, is_sq || vr == Some(*b"UI"));
+        let in_dummy = parent.is_some_and(|f| f.dummy);
+        let named = action.is_some();
+        self.next_named_dummy = is_sq && action == Some(Action::Dummy);
+        if in_dummy && !named {
+            let codes_kept = parent.is_some_and(|f| !f.named_dummy);
+            action = content_action(tag, vr, ctx.map_uids, codes_kept);
+        }
+        // A Dummy sequence keeps its structure, not its content: everything below it is
+        // in a Dummy subtree.
+        self.next_dummy = is_sq && (in_dummy || action == Some(Action::Dummy));
+        // A Clean sequence cleans its content: text no row names is cleaned at any depth.
+        let in_clean = parent.is_some_and(|f| f.clean);
+        if in_clean && !named && vr.is_some_and(values::is_text) {
+            action = Some(Action::Clean);
+        }
+        self.next_clean = is_sq && !self.next_dummy && (in_clean || action == Some(Action::Clean));
         let Some(vr) = vr else {
             // No VR known (implicit VR, not in the dictionary): kept, or emptied when the
             // profile changes it (a dummy needs a VR).
@@ -687,6 +730,9 @@ impl Core {
             // and they are processed.
             Some(Action::Dummy | Action::Uid | Action::Clean) if is_sq => {
                 self.keep(h.len, Some(vr), enc, out)
+            }
+            Some(Action::Dummy) if &vr == b"UI" && in_dummy && !named => {
+                self.hold(tag, h.len, vr, Held::ContentUids, out, ctx)
             }
             Some(Action::Dummy | Action::Uid) if &vr == b"UI" => {
                 self.hold(tag, h.len, vr, Held::Uids, out, ctx)
@@ -729,6 +775,9 @@ impl Core {
                     end: (!undefined).then(|| self.offset + u64::from(len)),
                     emit: parent.emit,
                     enc: parent.enc,
+                    dummy: parent.dummy,
+                    named_dummy: parent.named_dummy,
+                    clean: parent.clean,
                 })
             }
             (ITEM, Kind::Fragments) => {
@@ -768,6 +817,9 @@ impl Core {
             end: None,
             emit,
             enc,
+            dummy: emit && kind == Kind::Sequence && self.next_dummy,
+            named_dummy: emit && kind == Kind::Sequence && self.next_named_dummy,
+            clean: emit && kind == Kind::Sequence && self.next_clean,
         }
     }
 
@@ -803,6 +855,9 @@ impl Core {
                 end: Some(self.offset + u64::from(len)),
                 emit: true,
                 enc: self.content_enc,
+                dummy: self.next_dummy,
+                named_dummy: self.next_named_dummy,
+                clean: self.next_clean,
             });
         }
         out.extend_from_slice(self.header_bytes(enc));
@@ -895,6 +950,7 @@ impl Core {
                 }
                 mapped
             }
+            Held::ContentUids => values::map_instance_uids(&held, &ctx.key),
             Held::Dates { dt } => values::shift_dates(&held, dt, ctx.days),
             Held::Text => {
                 let text = scan::decode_lower(&held, ctx.charset.as_ref());
@@ -936,9 +992,40 @@ impl Core {
     }
 }
 
+/// The action, inside a Dummy sequence, for an element no table row names: the dummy
+/// for a value that may say who, when or what was found (PN, dates and times, text, numbers,
+/// UIDs, the last only while UIDs are mapped); kept: the structure (sequences), coded
+/// entries (the Code Sequence Macro, (0008,0100)-(0008,0122), unless `codes_kept` is false:
+/// directly in an item of a sequence the table names D, where the code is the identity),
+/// Value Type, Relationship Type, Continuity Of Content and the other VRs (CS, US, ...).
+/// No VR known: emptied.
+fn content_action(
+    tag: u32,
+    vr: Option<[u8; 2]>,
+    map_uids: bool,
+    codes_kept: bool,
+) -> Option<Action> {
+    const VALUE_TYPE: u32 = 0x0040_A040;
+    const RELATIONSHIP_TYPE: u32 = 0x0040_A010;
+    const CONTINUITY: u32 = 0x0040_A050;
+    let Some(vr) = vr else {
+        return Some(Action::Zero);
+    };
+    let coded = codes_kept && (0x0008_0100..=0x0008_0122).contains(&tag);
+    if coded || matches!(tag, VALUE_TYPE | RELATIONSHIP_TYPE | CONTINUITY) {
+        return None;
+    }
+    match &vr {
+        b"UI" if !map_uids => None,
+        b"PN" | b"DA" | b"DT" | b"TM" | b"ST" | b"LT" | b"UT" | b"UC" | b"LO" | b"SH" | b"DS"
+        | b"IS" | b"FL" | b"FD" | b"UI" => Some(Action::Dummy),
+        _ => None,
+    }
+}
+
 /// The repeating overlay groups 6000-601E (even: odd groups are private).
 fn is_overlay_group(group: u16) -> bool {
-    (0x6000..=0x601E).contains(&group) && group % 2 == 0
+    (0x6000..=0x601E).contains(&group) && group.is_multiple_of(2)
 }
 
 /// The VR of a tag from the standard dictionary (US for US-or-SS, OW for OB-or-OW).

@@ -35,8 +35,22 @@ pub(super) fn pad(vr: [u8; 2], value: &mut Vec<u8>) {
     }
 }
 
+/// Root of the UIDs the standard itself defines (SOP classes, transfer syntaxes, coding
+/// schemes): they name no patient, study or device.
+const STANDARD_UID_ROOT: &str = "1.2.840.10008.";
+
 /// Each value of a (multi-valued) UI replaced by its pseudonym; empty values stay empty.
 pub(super) fn map_uids(value: &[u8], key: &DestinationKey) -> Vec<u8> {
+    map_uids_where(value, key, |_| true)
+}
+
+/// Like [`map_uids`], but the UIDs the standard defines (`1.2.840.10008.…`) are kept: for
+/// values no table row names (a Referenced SOP Class UID inside content keeps its class).
+pub(super) fn map_instance_uids(value: &[u8], key: &DestinationKey) -> Vec<u8> {
+    map_uids_where(value, key, |uid| !uid.starts_with(STANDARD_UID_ROOT))
+}
+
+fn map_uids_where(value: &[u8], key: &DestinationKey, map: impl Fn(&str) -> bool) -> Vec<u8> {
     let text = String::from_utf8_lossy(value);
     let text = text.trim_end_matches(['\0', ' ']);
     let mut out = Vec::with_capacity(text.len() + 8);
@@ -45,8 +59,10 @@ pub(super) fn map_uids(value: &[u8], key: &DestinationKey) -> Vec<u8> {
             out.push(b'\\');
         }
         let uid = uid.trim_matches([' ', '\0']);
-        if !uid.is_empty() {
+        if !uid.is_empty() && map(uid) {
             out.extend_from_slice(key.uid(uid).as_bytes());
+        } else {
+            out.extend_from_slice(uid.as_bytes());
         }
     }
     pad(*b"UI", &mut out);
