@@ -1207,9 +1207,23 @@ fn sr(ts: Ts, defined: bool) -> Vec<u8> {
                 vec![vec![
                     el(0x0008_1150, b"UI", CT),
                     el(0x0008_1155, b"UI", REF_UID),
+                    el(0x0008_1160, b"IS", "3"), // Referenced Frame Number
                 ]],
                 defined,
             )],
+        ),
+        content_item(
+            "SCOORD",
+            "S1",
+            vec![
+                el(0x0070_0023, b"CS", "POINT"),
+                // Graphic Data (FL): 12.5, 40.0
+                Node::El(
+                    0x0070_0022,
+                    *b"FL",
+                    [12.5f32.to_le_bytes(), 40.0f32.to_le_bytes()].concat(),
+                ),
+            ],
         ),
     ];
     let mut container = content_item("CONTAINER", "C1", vec![]);
@@ -1277,13 +1291,14 @@ fn a_dummy_content_sequence_keeps_its_structure_and_codes_not_its_values() {
             assert_eq!(
                 types,
                 [
-                    "TEXT", "TEXT", "DATE", "TIME", "DATETIME", "NUM", "PNAME", "UIDREF", "IMAGE"
+                    "TEXT", "TEXT", "DATE", "TIME", "DATETIME", "NUM", "PNAME", "UIDREF", "IMAGE",
+                    "SCOORD"
                 ],
                 "{at}"
             );
             for (leaf, concept) in leaves
                 .iter()
-                .zip(["T1", "T2", "D1", "TM1", "DT1", "N1", "P1", "U1", "I1"])
+                .zip(["T1", "T2", "D1", "TM1", "DT1", "N1", "P1", "U1", "I1", "S1"])
             {
                 let name = items(leaf, 0x0040_A043).remove(0);
                 assert_eq!(text(&name, 0x0008_0100).as_deref(), Some(concept), "{at}");
@@ -1322,6 +1337,14 @@ fn a_dummy_content_sequence_keeps_its_structure_and_codes_not_its_values() {
                 "{at} class"
             );
             assert_eq!(text(&reference, 0x0008_1155), Some(k.uid(REF_UID)), "{at}");
+            // Where a reference points is kept: a frame number, image coordinates.
+            assert_eq!(text(&reference, 0x0008_1160).as_deref(), Some("3"), "{at}");
+            let points = leaves[9]
+                .element(Tag(0x0070, 0x0022))
+                .unwrap()
+                .to_multi_float32()
+                .unwrap();
+            assert_eq!(points, [12.5, 40.0], "{at} graphic data");
 
             // clean_structured_content: the Content Sequence is C, its text cleaned.
             let p = profile(&[ProfileOption::CleanStructuredContent]);

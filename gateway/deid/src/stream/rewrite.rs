@@ -1008,11 +1008,25 @@ fn content_action(
     const VALUE_TYPE: u32 = 0x0040_A040;
     const RELATIONSHIP_TYPE: u32 = 0x0040_A010;
     const CONTINUITY: u32 = 0x0040_A050;
+    // Where in the referenced object a content item or annotation points (SCOORD, TCOORD,
+    // IMAGE, graphic and text objects): image coordinates, frame numbers and time offsets
+    // say nothing of the subject, and a dummy (one 0) would break the reference (a frame
+    // 0, a point without its pair).
+    const BOUNDING_BOX: [u32; 2] = [0x0070_0010, 0x0070_0011];
+    const ANCHOR_POINT: u32 = 0x0070_0014;
+    const GRAPHIC_DATA: u32 = 0x0070_0022;
+    const REFERENCED_FRAMES: u32 = 0x0008_1160;
+    const REFERENCED_TIME_OFFSETS: u32 = 0x0040_A138;
     let Some(vr) = vr else {
         return Some(Action::Zero);
     };
     let coded = codes_kept && (0x0008_0100..=0x0008_0122).contains(&tag);
-    if coded || matches!(tag, VALUE_TYPE | RELATIONSHIP_TYPE | CONTINUITY) {
+    let pointer = BOUNDING_BOX.contains(&tag)
+        || matches!(
+            tag,
+            ANCHOR_POINT | GRAPHIC_DATA | REFERENCED_FRAMES | REFERENCED_TIME_OFFSETS
+        );
+    if coded || pointer || matches!(tag, VALUE_TYPE | RELATIONSHIP_TYPE | CONTINUITY) {
         return None;
     }
     match &vr {
