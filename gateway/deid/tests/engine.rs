@@ -1150,6 +1150,7 @@ const SR_DATETIME: &str = "20231116091507";
 const SR_NUM: &str = "4711.25";
 const SR_PNAME: &str = "ROE^RICHARD";
 const SR_UID: &str = "1.2.826.0.1.3680043.2.1125.1.555";
+const SR_UNKNOWN: &str = "HIDDEN 99117";
 
 /// A code item (Code Sequence Macro).
 fn code(value: &str, scheme: &str, meaning: &str) -> Vec<Node> {
@@ -1180,7 +1181,15 @@ fn content_item(value_type: &str, concept: &str, value: Vec<Node>) -> Vec<Node> 
 /// type that carries a value (and a TEXT naming the patient).
 fn sr(ts: Ts, defined: bool) -> Vec<u8> {
     let leaves = vec![
-        content_item("TEXT", "T1", vec![el(0x0040_A160, b"UT", SR_TEXT)]),
+        content_item(
+            "TEXT",
+            "T1",
+            vec![
+                el(0x0040_A160, b"UT", SR_TEXT),
+                // A tag no dictionary knows (UN in Explicit VR, no VR in Implicit VR).
+                Node::El(0x0040_FFF0, *b"UN", SR_UNKNOWN.as_bytes().to_vec()),
+            ],
+        ),
         content_item("TEXT", "T2", vec![el(0x0040_A160, b"UT", SR_TEXT_NAMED)]),
         content_item("DATE", "D1", vec![el(0x0040_A121, b"DA", SR_DATE)]),
         content_item("TIME", "TM1", vec![el(0x0040_A122, b"TM", SR_TIME)]),
@@ -1276,6 +1285,7 @@ fn a_dummy_content_sequence_keeps_its_structure_and_codes_not_its_values() {
                 "RICHARD",
                 SR_UID,
                 REF_UID,
+                SR_UNKNOWN,
             ] {
                 assert!(!contains(&out, v), "{at}: {v} survives");
             }

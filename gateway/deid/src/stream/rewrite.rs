@@ -998,7 +998,7 @@ impl Core {
 /// entries (the Code Sequence Macro, (0008,0100)-(0008,0122), unless `codes_kept` is false:
 /// directly in an item of a sequence the table names D, where the code is the identity),
 /// Value Type, Relationship Type, Continuity Of Content and the other VRs (CS, US, ...).
-/// No VR known: emptied.
+/// No VR known (implicit and not in the dictionary, or UN): emptied.
 fn content_action(
     tag: u32,
     vr: Option<[u8; 2]>,
@@ -1031,6 +1031,8 @@ fn content_action(
     }
     match &vr {
         b"UI" if !map_uids => None,
+        // A tag the dictionary does not know, sent as UN: what it holds cannot be told.
+        b"UN" => Some(Action::Zero),
         b"PN" | b"DA" | b"DT" | b"TM" | b"ST" | b"LT" | b"UT" | b"UC" | b"LO" | b"SH" | b"DS"
         | b"IS" | b"FL" | b"FD" | b"UI" => Some(Action::Dummy),
         _ => None,
