@@ -628,8 +628,27 @@ def test_table_matches_its_source():
         line = r.stdout[:first].count(b"\n") + 1
         raise AssertionError(f"{table} differs from the output of `{gen.name}` (first at line {line}): "
                              f"regenerate with `hw-tests/.venv/bin/python {gen} > {table}`")
-    # The generator read the same source this test judges outputs by.
-    assert table.read_text().count("Row {") == len(RULES), (table.read_text().count("Row {"), len(RULES))
+    # The generator read the same source this test judges outputs by: every row of the
+    # 2020 table is in table.rs, followed by the rows edition 2026c added (dicom-anonymizer's
+    # tables), none of them a tag the 2020 table already has.
+    rows = re.findall(r"Row \{ tag: 0x([0-9A-F]{8}), mask: 0x([0-9A-F]{8}), basic: Basic::(\w+),",
+                      table.read_text())
+    first = [(int(v, 16), int(m, 16)) for v, m, _ in rows[:len(RULES)]]
+    assert sorted(first) == sorted((r.value, r.mask) for r in RULES), \
+        "table.rs does not start with the 2020 table's rows"
+    from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as later
+    later_tags = set()
+    for name in dir(later):
+        if name.endswith("_TAGS") and name != "ALL_TAGS":
+            for t in getattr(later, name):
+                later_tags.add(((t[0] << 16) | t[1], (t[2] << 16) | t[3]) if len(t) == 4
+                               else ((t[0] << 16) | t[1], 0xFFFFFFFF))
+    added = [(int(v, 16), int(m, 16)) for v, m, _ in rows[len(RULES):]]
+    assert added, "no rows of the later edition"
+    known = {(r.value, r.mask) for r in RULES}
+    assert not set(added) & known, "a later row repeats a 2020 row"
+    assert set(added) <= {(v & m, m) for v, m in later_tags}, "a later row that edition 2026c does not list"
+    assert len(added) == len({(v & m, m) for v, m in later_tags} - known), (len(added), "rows of 2026c missing")
 
 
 def test_inputs_cover_every_transfer_syntax_family(run):
