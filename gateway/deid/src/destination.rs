@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::map::{MapError, ReidMap};
 use crate::profile::Profile;
 use crate::pseudonym::DestinationKey;
-use crate::stream::{DeidError, Deidentifier, Subject};
+use crate::stream::{DeidError, Deidentified, Deidentifier, Subject};
 
 /// Bytes fed to the rewriter at a time.
 const CHUNK: usize = 256 * 1024;
@@ -21,23 +21,15 @@ pub struct Destination {
     send_burned_in: bool,
 }
 
-/// An object ready for the destination.
+/// An object ready for the destination once its pseudonyms are recorded
+/// ([`Destination::record`]).
 #[derive(Debug)]
 pub struct Applied {
     /// The de-identified Part 10 object (its file meta names its pseudonymous SOP
     /// Instance UID).
     pub bytes: Vec<u8>,
-}
-
-/// Why an object cannot go to the destination.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// The object is held or cannot be de-identified: a dead letter with this reason.
-    #[error(transparent)]
-    Deid(#[from] DeidError),
-    /// The pseudonyms could not be recorded: nothing may be sent.
-    #[error(transparent)]
-    Map(#[from] MapError),
+    subject: Subject,
+    done: Deidentified,
 }
 
 impl Destination {
@@ -62,10 +54,9 @@ impl Destination {
         &self.name
     }
 
-    /// De-identifies one stored object and records its pseudonyms in the map (durable
-    /// before it returns, so nothing is sent that the box could not re-identify). Blocks
-    /// on the disk: call it on a blocking thread.
-    pub fn apply(&self, part10: &[u8]) -> Result<Applied, ApplyError> {
+    /// De-identifies one stored object. Its pseudonyms must be recorded
+    /// ([`Destination::record`]) before it is sent.
+    pub fn apply(&self, part10: &[u8]) -> Result<Applied, DeidError> {
         let subject = Subject::scan(part10)?;
         let mut rewriter = Deidentifier::new(
             self.profile.clone(),
@@ -78,7 +69,28 @@ impl Destination {
             rewriter.feed(chunk, &mut bytes)?;
         }
         let done = rewriter.finish(&mut bytes)?;
-        self.map.record(&self.name, &subject, &done)?;
-        Ok(Applied { bytes })
+        Ok(Applied {
+            bytes,
+            subject,
+            done,
+        })
+    }
+
+    /// Moves the rewritten object out (what is left still records its pseudonyms).
+    pub fn take_bytes(applied: &mut Applied) -> Vec<u8> {
+        std::mem::take(&mut applied.bytes)
+    }
+
+    /// Records the pseudonyms of objects about to be sent (one durable write for all that
+    /// are new), so nothing is sent that the box could not re-identify. Blocks on the
+    /// disk: call it on a blocking thread.
+    pub fn record<'a>(
+        &self,
+        objects: impl IntoIterator<Item = &'a Applied>,
+    ) -> Result<(), MapError> {
+        self.map.record_all(
+            &self.name,
+            objects.into_iter().map(|a| (&a.subject, &a.done)),
+        )
     }
 }

@@ -24,7 +24,7 @@ pub mod pseudonym;
 pub mod stream;
 pub mod table;
 
-pub use destination::{Applied, ApplyError, Destination};
+pub use destination::{Applied, Destination};
 pub use map::{MapError, RealPatient, RealStudy, ReidMap};
 pub use profile::{Action, OptionError, Profile, ProfileOption};
 pub use pseudonym::DestinationKey;

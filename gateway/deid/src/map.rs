@@ -206,28 +206,46 @@ impl ReidMap {
         subject: &Subject,
         done: &Deidentified,
     ) -> Result<(), MapError> {
+        self.record_all(destination, [(subject, done)])
+    }
+
+    /// [`ReidMap::record`] for several objects (e.g. one upload batch): every new entry in
+    /// one journal frame, one `fdatasync`.
+    pub fn record_all<'a>(
+        &self,
+        destination: &str,
+        objects: impl IntoIterator<Item = (&'a Subject, &'a Deidentified)>,
+    ) -> Result<(), MapError> {
         let mut inner = self.inner.lock().map_err(|_| MapError::Poisoned)?;
         let mut ops = Vec::new();
-        let pkey = (destination.to_string(), done.pseudo_patient_id.clone());
-        if !done.pseudo_patient_id.is_empty() && !inner.state.patients.contains_key(&pkey) {
-            ops.push(MapOp::Patient {
-                destination: destination.to_string(),
-                pseudo: done.pseudo_patient_id.clone(),
-                id: subject.patient_id.clone(),
-                issuer: subject.issuer.clone(),
-            });
-        }
-        let skey = (destination.to_string(), done.pseudo_study_uid.clone());
-        if !done.pseudo_study_uid.is_empty()
-            && !subject.study_uid.is_empty()
-            && !inner.state.studies.contains_key(&skey)
-        {
-            ops.push(MapOp::Study {
-                destination: destination.to_string(),
-                pseudo: done.pseudo_study_uid.clone(),
-                uid: subject.study_uid.clone(),
-                pseudo_patient: done.pseudo_patient_id.clone(),
-            });
+        let mut patients = std::collections::HashSet::new();
+        let mut studies = std::collections::HashSet::new();
+        for (subject, done) in objects {
+            let pkey = (destination.to_string(), done.pseudo_patient_id.clone());
+            if !done.pseudo_patient_id.is_empty()
+                && !inner.state.patients.contains_key(&pkey)
+                && patients.insert(pkey)
+            {
+                ops.push(MapOp::Patient {
+                    destination: destination.to_string(),
+                    pseudo: done.pseudo_patient_id.clone(),
+                    id: subject.patient_id.clone(),
+                    issuer: subject.issuer.clone(),
+                });
+            }
+            let skey = (destination.to_string(), done.pseudo_study_uid.clone());
+            if !done.pseudo_study_uid.is_empty()
+                && !subject.study_uid.is_empty()
+                && !inner.state.studies.contains_key(&skey)
+                && studies.insert(skey)
+            {
+                ops.push(MapOp::Study {
+                    destination: destination.to_string(),
+                    pseudo: done.pseudo_study_uid.clone(),
+                    uid: subject.study_uid.clone(),
+                    pseudo_patient: done.pseudo_patient_id.clone(),
+                });
+            }
         }
         if ops.is_empty() {
             return Ok(());
@@ -328,6 +346,25 @@ mod tests {
                 .unwrap()
                 .patient_id,
             "P-123"
+        );
+        // Several objects at once: one frame for every new entry, repeats written once.
+        let (s2, d2) = (
+            Subject {
+                study_uid: "1.2.3.5".into(),
+                ..subject()
+            },
+            Deidentified {
+                pseudo_study_uid: "2.25.44".into(),
+                ..done()
+            },
+        );
+        map.record_all("research", [(&s2, &d2), (&s2, &d2), (&subject(), &done())])
+            .unwrap();
+        drop(map);
+        let map = ReidMap::open(dir.path(), &master).unwrap();
+        assert_eq!(
+            map.study("research", "2.25.44").unwrap().unwrap().study_uid,
+            "1.2.3.5"
         );
         drop(map);
         // After a crypto-shred the master key is another one: the map does not open.

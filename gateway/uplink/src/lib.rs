@@ -163,14 +163,14 @@ impl Metrics {
         m
     }
 
-    /// One object of a de-identifying destination: `rewritten`, `held` or `failed`.
-    pub(crate) fn deidentified(&self, destination: &str, result: &'static str) {
+    /// Objects of a de-identifying destination: `rewritten`, `held` or `failed`.
+    pub(crate) fn deidentified(&self, destination: &str, result: &'static str, n: u64) {
         self.deidentified
             .get_or_create(&SentLabels {
                 destination: destination.to_string(),
                 result,
             })
-            .inc();
+            .inc_by(n);
     }
 
     /// Instances confirmed by `destination` since start (`result = "sent"`).
@@ -384,6 +384,7 @@ impl UplinkService {
             let mut batch = Vec::new();
             let mut bytes = 0u64;
             let mut study = None;
+            let mut records: Vec<(ObjectId, gateway_deid::Applied)> = Vec::new();
             for id in spool
                 .queued(&name, window)?
                 .into_iter()
@@ -410,21 +411,19 @@ impl UplinkService {
                         continue;
                     }
                 };
-                // De-identified as it leaves (the pseudonyms recorded first); the stored
-                // object stays as it came.
+                // De-identified as it leaves (the batch's pseudonyms are recorded before it
+                // is returned); the stored object stays as it came.
                 let plain = match &deid {
                     None => plain,
                     Some(d) => match d.apply(&plain) {
-                        Ok(applied) => {
-                            metrics.deidentified(&name, "rewritten");
-                            applied.bytes
+                        Ok(mut applied) => {
+                            let bytes = gateway_deid::Destination::take_bytes(&mut applied);
+                            records.push((id, applied));
+                            bytes
                         }
                         Err(e) => {
-                            let held = matches!(
-                                e,
-                                gateway_deid::ApplyError::Deid(gateway_deid::DeidError::Held(_))
-                            );
-                            metrics.deidentified(&name, if held { "held" } else { "failed" });
+                            let held = matches!(e, gateway_deid::DeidError::Held(_));
+                            metrics.deidentified(&name, if held { "held" } else { "failed" }, 1);
                             warn!(object = %hex::encode(id), error = %e, "object not de-identified: dead letter");
                             spool.mark_failed(&id, &name, &e.to_string())?;
                             if batch.is_empty() {
@@ -446,6 +445,19 @@ impl UplinkService {
                 }
                 bytes += plain.len() as u64;
                 batch.push((id, Part { sop_instance_uid: uid, bytes: bytes::Bytes::from(plain) }));
+            }
+            if let Some(d) = &deid {
+                // Only what goes out needs its pseudonyms kept: one durable write for all.
+                let sent: HashSet<ObjectId> = batch.iter().map(|(id, _)| *id).collect();
+                let going = records.iter().filter(|(id, _)| sent.contains(id)).map(|(_, a)| a);
+                if let Err(e) = d.record(going) {
+                    warn!(error = %e, "re-identification map not written: the batch is dead-lettered");
+                    for (id, _) in &batch {
+                        spool.mark_failed(id, &name, &format!("not sent: {e}"))?;
+                    }
+                    return Ok(Vec::new());
+                }
+                metrics.deidentified(&name, "rewritten", batch.len() as u64);
             }
             Ok(batch)
         })
