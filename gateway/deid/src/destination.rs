@@ -8,9 +8,6 @@ use crate::profile::Profile;
 use crate::pseudonym::DestinationKey;
 use crate::stream::{DeidError, Deidentified, Deidentifier, Subject};
 
-/// Bytes fed to the rewriter at a time.
-const CHUNK: usize = 256 * 1024;
-
 /// What a destination sees (see the crate docs). Cheap to share (`Arc`).
 #[derive(Debug)]
 pub struct Destination {
@@ -58,17 +55,13 @@ impl Destination {
     /// ([`Destination::record`]) before it is sent.
     pub fn apply(&self, part10: &[u8]) -> Result<Applied, DeidError> {
         let subject = Subject::scan(part10)?;
-        let mut rewriter = Deidentifier::new(
+        let (bytes, done) = Deidentifier::new(
             self.profile.clone(),
             self.key.clone(),
             subject.clone(),
             self.send_burned_in,
-        );
-        let mut bytes = Vec::with_capacity(part10.len().saturating_add(1024));
-        for chunk in part10.chunks(CHUNK) {
-            rewriter.feed(chunk, &mut bytes)?;
-        }
-        let done = rewriter.finish(&mut bytes)?;
+        )
+        .rewrite_all(part10)?;
         Ok(Applied {
             bytes,
             subject,

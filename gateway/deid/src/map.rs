@@ -94,13 +94,11 @@ struct State {
     patients: HashMap<(String, String), RealPatient>,
     /// (destination, pseudonymous Study Instance UID) -> (real UID, pseudonymous patient).
     studies: HashMap<(String, String), (String, String)>,
-    ops: usize,
 }
 
 impl Replay for State {
     type Op = MapOp;
     fn apply(&mut self, op: MapOp) {
-        self.ops += 1;
         match op {
             MapOp::Patient {
                 destination,
@@ -142,15 +140,8 @@ impl Replay for State {
             pseudo_patient: pp.clone(),
         });
         let all: Vec<MapOp> = patients.chain(studies).collect();
-        let chunk = chunk.max(1);
-        let mut out = Vec::new();
-        let mut rest = all;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(chunk));
-            out.push(rest);
-            rest = tail;
-        }
-        out.into_iter()
+        let chunks: Vec<Vec<MapOp>> = all.chunks(chunk.max(1)).map(<[_]>::to_vec).collect();
+        chunks.into_iter()
     }
 }
 

@@ -340,6 +340,18 @@ impl Deidentifier {
     }
 }
 
+impl Deidentifier {
+    /// Rewrites a whole object held in memory, fed in chunks as a stream would be.
+    pub fn rewrite_all(mut self, part10: &[u8]) -> Result<(Vec<u8>, Deidentified), DeidError> {
+        let mut out = Vec::with_capacity(part10.len().saturating_add(1024));
+        for chunk in part10.chunks(256 * 1024) {
+            self.feed(chunk, &mut out)?;
+        }
+        let done = self.finish(&mut out)?;
+        Ok((out, done))
+    }
+}
+
 /// De-identifies a whole Part 10 object held in memory: [`Subject::scan`], then the
 /// rewriter fed in chunks.
 pub fn deidentify(
@@ -349,11 +361,5 @@ pub fn deidentify(
     accept_burned_in: bool,
 ) -> Result<(Vec<u8>, Deidentified), DeidError> {
     let subject = Subject::scan(part10)?;
-    let mut d = Deidentifier::new(profile.clone(), key.clone(), subject, accept_burned_in);
-    let mut out = Vec::with_capacity(part10.len());
-    for chunk in part10.chunks(256 * 1024) {
-        d.feed(chunk, &mut out)?;
-    }
-    let done = d.finish(&mut out)?;
-    Ok((out, done))
+    Deidentifier::new(profile.clone(), key.clone(), subject, accept_burned_in).rewrite_all(part10)
 }

@@ -205,27 +205,27 @@ pub fn reidentify_cli(
         study: study.map(str::to_owned),
         patient: patient.map(str::to_owned),
     };
-    let data_dir = settings.node.data_dir.clone();
-    let asked = tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start runtime: {e}"))
-        .and_then(|rt| {
-            rt.block_on(control::request(&data_dir, &request))
-                .map_err(|e| match e {
-                    control::ControlError::NoDaemon { .. } => String::new(),
-                    e => e.to_string(),
-                })
-        });
-    let response = match asked {
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gatewayd: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let response = match runtime.block_on(control::request(&settings.node.data_dir, &request)) {
         Ok(response) => response,
         // No daemon: the map is not held; open it here (needs the key store: after a
         // crypto-shred this fails and nothing can be re-identified).
-        Err(e) if e.is_empty() => match offline(&settings, destination, study, patient) {
-            Ok(r) => r,
-            Err(message) => Response::Error { message },
+        Err(control::ControlError::NoDaemon { .. }) => {
+            offline(&settings, destination, study, patient)
+                .unwrap_or_else(|message| Response::Error { message })
+        }
+        Err(e) => Response::Error {
+            message: e.to_string(),
         },
-        Err(e) => Response::Error { message: e },
     };
     match response {
         Response::Json { value } => {
