@@ -32,6 +32,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub mod a5;
+
 use gateway_durable::{self as durable, Context, LockedFile};
 use gateway_keystore::{DerivedKey, KEY_LEN, KeyPurpose, MasterKey};
 use hmac::{Hmac, Mac};
@@ -128,6 +130,9 @@ pub enum Action {
     /// (`gatewayd deid reidentify`; subject `destination:{name}`, detail `study` or
     /// `patient`; outcome failure when the pseudonym is unknown). No value is recorded.
     DeidReidentified,
+    /// An HL7 message from a sender not on `[[hl7.peers]]` was refused with AR and not
+    /// stored (subject `peer:{address}`, detail: why, from fixed texts).
+    Hl7SenderRefused,
 }
 
 /// How it ended.
@@ -397,6 +402,27 @@ impl AuditLog {
         tail.seq = record.body.seq;
         tail.mac.clone_from(&record.mac);
         Ok(record)
+    }
+
+    /// The records after `seq` (all of them for 0), oldest first, at most `limit`: what the
+    /// audit export has not handed on yet. Lines that are not records are skipped here;
+    /// [`verify`] names them.
+    pub fn records_after(&self, seq: u64, limit: usize) -> Result<Vec<Record>, AuditError> {
+        let path = self.dir.join(LOG_FILE);
+        let file = File::open(&path).ctx("open", &path)?;
+        let mut out = Vec::new();
+        for line in BufReader::new(file).lines() {
+            let line = line.ctx("read", &path)?;
+            if let Ok(r) = serde_json::from_str::<Record>(&line)
+                && r.body.seq > seq
+            {
+                out.push(r);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every record, oldest first (for review tools and tests).
