@@ -205,8 +205,10 @@ def test_clinic_killed_during_the_pull_and_during_the_delivery_still_gets_everyt
     assert d.get("queued") == n and st["objects"] == n, f"pulled twice into the spool? {st}"
 
     # Kill 2: the PACS comes up; kill while some but not all are delivered.
+    # A slow PACS (storescp sleeps a second in each reception): the gateway delivers 40
+    # instances in well under the 20 ms between two looks otherwise, and the kill would miss.
     pacs = env.clinics[A].pacs
-    pacs.start()
+    pacs.start(sleep_during=1)
     start = time.monotonic()
     while True:
         k = len(pacs.files())
@@ -217,6 +219,8 @@ def test_clinic_killed_during_the_pull_and_during_the_delivery_still_gets_everyt
         time.sleep(0.02)
     g.kill9()
     print(f"kill -9 during the delivery with {k} of {n} files at the PACS")
+    pacs.stop()
+    pacs.start()
     g.start()
     got = env.wait_pacs(A, study, timeout=120)
     print(f"receipts at the PACS: {sum(got.values())} for {n} instances")
