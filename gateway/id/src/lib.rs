@@ -26,6 +26,25 @@ pub fn is_valid(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// `uid` without its DICOM padding (trailing NUL or space) if it is a valid DICOM UID:
+/// 1 to 64 characters, numeric components separated by single dots. Such a value is safe
+/// in a URL path, a file name and a log line, like an [`Id`]; it is the one UID check of
+/// the gateway's wire formats (QIDO-RS answers, results notices, dose reports).
+pub fn dicom_uid(uid: &str) -> Option<&str> {
+    let uid = uid.trim_end_matches(['\0', ' ']);
+    let ok = !uid.is_empty()
+        && uid.len() <= 64
+        && uid
+            .split('.')
+            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()));
+    ok.then_some(uid)
+}
+
+/// True if `s` is a valid DICOM UID as it stands, without padding ([`dicom_uid`]).
+pub fn is_dicom_uid(s: &str) -> bool {
+    dicom_uid(s) == Some(s)
+}
+
 /// An identifier that is not 1..=64 of `[A-Za-z0-9._-]`. Does not carry the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{what} must be 1 to 64 characters of A-Z a-z 0-9 . _ -")]
@@ -135,6 +154,26 @@ impl<'de> serde::Deserialize<'de> for Id {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dicom_uid_strips_padding_and_refuses_what_is_not_a_uid() {
+        assert_eq!(super::dicom_uid("1.2.840.10008\0"), Some("1.2.840.10008"));
+        assert_eq!(super::dicom_uid("1.2 "), Some("1.2"));
+        assert!(super::is_dicom_uid("1.2") && !super::is_dicom_uid("1.2 "));
+        let long = "1".repeat(65);
+        for bad in [
+            "",
+            "1..2",
+            ".1",
+            "1.",
+            "1.2a",
+            "1/2",
+            "1.2.\u{0663}",
+            long.as_str(),
+        ] {
+            assert_eq!(super::dicom_uid(bad), None, "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

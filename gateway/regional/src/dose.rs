@@ -47,24 +47,23 @@ impl std::fmt::Debug for WireDose {
 
 impl WireDose {
     /// Why the core refuses this report, if it does: `report_id` and every `event_uid`
-    /// must be a DICOM UID (1..=64 of `[0-9.]`), at most [`MAX_EVENTS`] events. The reason
+    /// must be a DICOM UID ([`gateway_id::is_dicom_uid`]), at most [`MAX_EVENTS`] events. The reason
     /// names the field, never its value.
     pub(crate) fn problem(&self) -> Option<&'static str> {
-        if !is_uid(&self.report_id) {
+        if !gateway_id::is_dicom_uid(&self.report_id) {
             Some("report_id is not a UID")
         } else if self.events.len() > MAX_EVENTS {
             Some("too many events")
-        } else if self.events.iter().any(|e| !is_uid(&e.event_uid)) {
+        } else if self
+            .events
+            .iter()
+            .any(|e| !gateway_id::is_dicom_uid(&e.event_uid))
+        {
             Some("an event_uid is not a UID")
         } else {
             None
         }
     }
-}
-
-/// True for 1..=64 characters of `[0-9.]` (a DICOM UID's character set and length).
-fn is_uid(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
 /// The core has the report's events durably.

@@ -290,7 +290,7 @@ impl ClinicResults {
                 notice
                     .study_uids
                     .into_iter()
-                    .filter(|u| gateway_uplink::pull::valid_uid(u).is_some()),
+                    .filter(|u| gateway_id::dicom_uid(u).is_some()),
             );
             r.announced = r.announced.max(notice.instances);
             r.complete |= notice.complete;
