@@ -523,6 +523,16 @@ impl Ledger {
     pub fn get(&self, id: &str) -> Option<Appointment> {
         self.lock().appointments.get(id).cloned()
     }
+
+    /// The appointment whose study carries this accession number (accession numbers are
+    /// given by the ledger, one per appointment); only that one is copied out.
+    pub fn by_accession(&self, accession: &str) -> Option<Appointment> {
+        self.lock()
+            .appointments
+            .values()
+            .find(|a| a.accession == accession)
+            .cloned()
+    }
 }
 
 /// Holds past their expiry give their slot back (in memory; saved with the next change).
@@ -597,6 +607,9 @@ mod tests {
         };
         assert_eq!(*status, AppointmentStatus::Booked);
         assert_eq!(accession, "RB20270112000001");
+        let found = ledger.by_accession(accession).unwrap();
+        assert_eq!(&found.id, appointment_id);
+        assert!(ledger.by_accession("RB20270112000002").is_none());
         let b = ledger
             .decide(&req("clinic-b", "r1", slot, false), &s, now(), 300)
             .unwrap();

@@ -69,6 +69,10 @@ enum Request {
         now: Timestamp,
         reply: oneshot::Sender<Vec<Appointment>>,
     },
+    ByAccession {
+        accession: String,
+        reply: oneshot::Sender<Option<Appointment>>,
+    },
     Get {
         id: String,
         reply: oneshot::Sender<Option<Appointment>>,
@@ -198,6 +202,9 @@ impl LedgerService {
             Request::All { now, reply } => {
                 let _ = reply.send(ledger.all(now));
             }
+            Request::ByAccession { accession, reply } => {
+                let _ = reply.send(ledger.by_accession(&accession));
+            }
             Request::Get { id, reply } => {
                 let _ = reply.send(ledger.get(&id));
             }
@@ -325,6 +332,13 @@ impl LedgerHandle {
     /// [`Ledger::all`].
     pub async fn all(&self, now: Timestamp) -> Result<Vec<Appointment>, LedgerError> {
         self.ask(|reply| Request::All { now, reply }).await
+    }
+
+    /// [`Ledger::by_accession`].
+    pub async fn by_accession(&self, accession: &str) -> Result<Option<Appointment>, LedgerError> {
+        let accession = accession.to_owned();
+        self.ask(|reply| Request::ByAccession { accession, reply })
+            .await
     }
 
     /// [`Ledger::get`].

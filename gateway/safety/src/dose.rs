@@ -393,16 +393,14 @@ async fn source_of(
         .map(str::trim)
         .filter(|a| !a.is_empty())
     {
-        // The ledger has no lookup by accession: every appointment is listed (the ledger
-        // keeps a clinic's bookings, not years of them).
-        let all = ledger.all(jiff::Timestamp::now()).await.map_err(|e| {
+        let found = ledger.by_accession(accession).await.map_err(|e| {
             warn!(error = %e, "safety dose reader: ledger unavailable; retried");
             LedgerDown
         })?;
-        if let Some(a) = all.iter().find(|a| a.accession == accession) {
+        if let Some(a) = found {
             return Ok(Some(SourceKey {
-                hospital_id: a.clinic.clone(),
-                patient_id: a.patient.id.clone(),
+                hospital_id: a.clinic,
+                patient_id: a.patient.id,
             }));
         }
     }
