@@ -123,32 +123,26 @@ pub fn check(
     let component = header.delimiters.component;
     let application = namespace_id(&header.sending_app, component);
     let facility = namespace_id(&header.sending_facility, component);
-    let mut left: Vec<&Hl7Peer> = peers
-        .iter()
-        .filter(|p| p.host.is_none_or(|h| h.to_canonical() == ip))
-        .collect();
-    let steps: [(Refusal, &dyn Fn(&Hl7Peer) -> bool); 4] = [
-        (Refusal::Address, &|_| true),
-        (Refusal::Certificate, &|p| {
-            p.tls_client_name
-                .as_deref()
-                .is_none_or(|want| names.iter().any(|n| n.eq_ignore_ascii_case(want)))
-        }),
-        (Refusal::SendingApplication, &|p| {
-            p.sending_application
-                .as_deref()
-                .is_none_or(|want| want == application)
-        }),
-        (Refusal::SendingFacility, &|p| {
-            p.sending_facility
-                .as_deref()
-                .is_none_or(|want| want == facility)
-        }),
-    ];
-    for (refusal, matches) in steps {
-        left.retain(|p| matches(p));
+    let passes = |check: Refusal, p: &Hl7Peer| match check {
+        Refusal::Address => p.host.is_none_or(|h| h.to_canonical() == ip),
+        Refusal::Certificate => p
+            .tls_client_name
+            .as_deref()
+            .is_none_or(|want| names.iter().any(|n| n.eq_ignore_ascii_case(want))),
+        Refusal::SendingApplication => p
+            .sending_application
+            .as_deref()
+            .is_none_or(|want| want == application),
+        Refusal::SendingFacility => p
+            .sending_facility
+            .as_deref()
+            .is_none_or(|want| want == facility),
+    };
+    let mut left: Vec<&Hl7Peer> = peers.iter().collect();
+    for check in Refusal::ALL {
+        left.retain(|p| passes(check, p));
         if left.is_empty() {
-            return Err(refusal);
+            return Err(check);
         }
     }
     Ok(())
