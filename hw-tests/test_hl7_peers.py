@@ -29,7 +29,9 @@ from pathlib import Path
 
 import gw
 import hl7msg
+import test_hl7
 from hl7msg import MllpConnection, adt_a08, msa
+from test_hl7 import assert_no_patient_data_in_log, mllp_send_binary
 
 NOT_ALLOWED = "sender not on this gateway's allow list"
 # The one allowed sender of the plain-MLLP tests: this host, as adt_a08's MSH-3 / MSH-4 say.
@@ -46,10 +48,7 @@ class MllpFrom(MllpConnection):
 
 
 def hl7_gateway(gateway_factory, peers: list[dict], **hl7):
-    port = gw.free_port()
-    g = gateway_factory({"hl7": {"listen": f"127.0.0.1:{port}", "peers": peers, **hl7}})
-    g.hl7_port = port
-    return g
+    return test_hl7.hl7_gateway(gateway_factory, peers=peers, **hl7)
 
 
 def with_facility(m: hl7msg.Msg, facility: str) -> hl7msg.Msg:
@@ -81,18 +80,6 @@ def audit_records(g: gw.Gateway) -> list[dict]:
 def assert_audit_verifies(g: gw.Gateway) -> None:
     r = g.cli("audit", "verify", "--config", str(g.config_path), "--json")
     assert r.returncode == 0, f"audit verify exited {r.returncode}: {r.stdout}{r.stderr}"
-
-
-def assert_no_patient_data_in_log(g: gw.Gateway) -> None:
-    log = g.log_text()
-    for needle in ("ZZTEST", "ZZPID", "ZZCITY"):
-        assert needle not in log, f"{needle!r} in the gateway log"
-
-
-def mllp_send_binary() -> str:
-    venv_bin = Path(__file__).resolve().parent / ".venv" / "bin" / "mllp_send"
-    assert venv_bin.exists(), "python-hl7's mllp_send is missing: hw-tests/run-all.sh installs hl7 into hw-tests/.venv"
-    return str(venv_bin)
 
 
 def test_unlisted_address_gets_ar_and_listed_sender_aa_and_wrong_facility_ar(tmp_path, gateway_factory):
