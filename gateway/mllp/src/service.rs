@@ -409,9 +409,12 @@ impl<'a> Connection<'a> {
                 warn!(peer = %self.peer, error = %e, "HL7 message text cannot be decoded: answered with an error");
                 let err = AckError::from(&e);
                 return match Header::from_raw_frame(&frame) {
-                    Some(h) => {
-                        self.reply(&h, Outcome::for_error(err.code), Some(&err), Charset::Ascii)
-                    }
+                    Some(h) => match self.refusal(&h, Charset::Ascii).await {
+                        Some(refused) => refused,
+                        None => {
+                            self.reply(&h, Outcome::for_error(err.code), Some(&err), Charset::Ascii)
+                        }
+                    },
                     None => Some(self.nak(&err)),
                 };
             }
@@ -431,19 +434,8 @@ impl<'a> Connection<'a> {
         };
         // The sender before the content: a sender not on the list learns nothing about
         // what the gateway would make of its message.
-        if let Err(refusal) = allow::check(
-            &ctx.settings.peers,
-            self.sender.ip,
-            &self.sender.names,
-            &header,
-        ) {
-            self.refused(refusal).await;
-            return self.reply(
-                &header,
-                Outcome::Rejected,
-                Some(&refusal.ack_error()),
-                decoded.charset,
-            );
+        if let Some(refused) = self.refusal(&header, decoded.charset).await {
+            return refused;
         }
         if let Err(e) = checked {
             warn!(peer = %self.peer, code = e.code.code(), location = ?e.location, "HL7 message refused");
@@ -499,6 +491,25 @@ impl<'a> Connection<'a> {
                 self.reply(&header, Outcome::Error, Some(&err), decoded.charset)
             }
         }
+    }
+
+    /// The allow list's answer for a message whose MSH was read: `None` when its sender is
+    /// allowed, else the AR (or nothing, as MSH-15 asks) after counting and auditing.
+    async fn refusal(&mut self, header: &Header, charset: Charset) -> Option<Option<Vec<u8>>> {
+        let refusal = allow::check(
+            &self.ctx.settings.peers,
+            self.sender.ip,
+            &self.sender.names,
+            header,
+        )
+        .err()?;
+        self.refused(refusal).await;
+        Some(self.reply(
+            header,
+            Outcome::Rejected,
+            Some(&refusal.ack_error()),
+            charset,
+        ))
     }
 
     /// Counts a refusal, and the first time on this connection for its reason, logs it and

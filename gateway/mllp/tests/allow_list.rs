@@ -191,3 +191,26 @@ async fn an_entry_without_application_or_facility_takes_any() {
     assert_eq!(g.spool.status().unwrap().objects, 1);
     assert_eq!(g.metrics.refused_with("address"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_message_from_an_unlisted_sender_gets_the_refusal_not_the_content_error() {
+    let g = start(vec![peer("192.0.2.10", None, None)]).await;
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    // MSH-18 says UTF-8, the PID holds a byte that is not: AE with ERR 102 for a listed
+    // sender (tests/listener.rs), the refusal for anyone else.
+    let mut bad = b"MSH|^~\\&|HIS|HOSP|GW|CL|20261201120000||ADT^A08^ADT_A01|U1|P|2.5|||||JPN|UNICODE UTF-8\r\
+                    PID|1||P1^^^HOSP^PI||ZZ"
+        .to_vec();
+    bad.extend_from_slice(&[0xFF, 0xFE, b'\r']);
+    let ack = request(&mut s, &bad).await;
+    assert_eq!(segment(&ack, "MSA")[1..3], ["AR", "U1"], "{ack:?}");
+    assert!(segment(&ack, "ERR")[3].starts_with("103^"), "{ack:?}");
+    assert_eq!(g.metrics.refused_with("address"), 1);
+    assert_eq!(g.spool.status().unwrap().objects, 0);
+
+    let listed = start(vec![peer("127.0.0.1", None, None)]).await;
+    let mut s = TcpStream::connect(listed.addr).await.unwrap();
+    let ack = request(&mut s, &bad).await;
+    assert_eq!(segment(&ack, "MSA")[1], "AE", "{ack:?}");
+    assert!(segment(&ack, "ERR")[3].starts_with("102^"), "{ack:?}");
+}
