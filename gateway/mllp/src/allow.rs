@@ -282,6 +282,28 @@ mod tests {
     }
 
     #[test]
+    fn certificate_names_are_dns_sans_then_the_subject_cn() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![
+            "emr.clinic.example".to_owned(),
+            "emr2.clinic.example".to_owned(),
+        ])
+        .unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("10.0.0.1".parse().unwrap()));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "EMR server");
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            peer_names(cert.der()),
+            ["emr.clinic.example", "emr2.clinic.example", "EMR server"]
+        );
+        assert!(peer_names(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_empty());
+    }
+
+    #[test]
     fn ack_error_points_at_the_field_that_failed() {
         let e = Refusal::SendingFacility.ack_error();
         assert_eq!(e.code, ErrorCode::TableValueNotFound);
