@@ -79,6 +79,18 @@ pub(crate) struct RawHl7 {
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
     pub tls_client_ca_file: Option<String>,
+    #[serde(default)]
+    pub peers: Vec<RawHl7Peer>,
+}
+
+/// `[[hl7.peers]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHl7Peer {
+    pub host: Option<String>,
+    pub sending_application: Option<String>,
+    pub sending_facility: Option<String>,
+    pub tls_client_name: Option<String>,
 }
 
 /// `[spool]`

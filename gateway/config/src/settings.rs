@@ -203,6 +203,23 @@ pub struct Hl7 {
     pub tls_key_file: Option<PathBuf>,
     /// With TLS: clients must present a certificate issued by this CA (PEM).
     pub tls_client_ca_file: Option<PathBuf>,
+    /// When non-empty, only messages from these senders are accepted (others get AR).
+    pub peers: Vec<Hl7Peer>,
+}
+
+/// `[[hl7.peers]]`: one allowed HL7 sender. A message is allowed when every key the entry
+/// sets matches; an entry sets `host` or `tls_client_name` (or both).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hl7Peer {
+    /// The connection's source address.
+    pub host: Option<IpAddr>,
+    /// MSH-3's namespace id (its first component), compared exactly; `None`: any.
+    pub sending_application: Option<String>,
+    /// MSH-4's namespace id (its first component), compared exactly; `None`: any.
+    pub sending_facility: Option<String>,
+    /// A name (DNS subject alternative name or subject CN) of the client certificate
+    /// verified by the TLS listener against `hl7.tls_client_ca_file`.
+    pub tls_client_name: Option<String>,
 }
 
 /// `[spool]`: the durable store's limits.
@@ -491,7 +508,7 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
     // problem is reported and the refusals are skipped rather than guessed.
     let production = node.as_ref().map(|n| n.mode.is_production());
     let dicom = raw.dicom.map(|d| dicom(c, d, production));
-    let hl7 = raw.hl7.map(|h| hl7(c, h));
+    let hl7 = raw.hl7.map(|h| hl7(c, h, production));
     let spool = spool(c, raw.spool);
     let keystore = keystore(c, raw.keystore, production);
     let uplinks = uplinks(c, raw.uplink, production);
@@ -985,7 +1002,7 @@ fn dicom(c: &mut Collector, raw: raw::RawDicom, production: Option<bool>) -> Opt
     })
 }
 
-fn hl7(c: &mut Collector, raw: raw::RawHl7) -> Option<Hl7> {
+fn hl7(c: &mut Collector, raw: raw::RawHl7, production: Option<bool>) -> Option<Hl7> {
     let listen = c.parse_or(
         "hl7.listen",
         raw.listen.as_deref(),
@@ -1058,6 +1075,17 @@ fn hl7(c: &mut Collector, raw: raw::RawHl7) -> Option<Hl7> {
             "needs hl7.tls_cert_file and hl7.tls_key_file (client certificates are checked in TLS only)",
         );
     }
+    let peers = hl7_peers(c, raw.peers, raw.tls_client_ca_file.is_some());
+    if production == Some(true)
+        && raw.tls_cert_file.is_none()
+        && let (Some(listen), Some([])) = (listen, peers.as_deref())
+        && !is_loopback(&listen)
+    {
+        c.push(
+            "hl7.peers",
+            "production mode needs an allow list of sender address / client certificate name (+ MSH-3/MSH-4) for plain MLLP on a non-loopback address",
+        );
+    }
     Some(Hl7 {
         listen: listen?,
         charset: charset?,
@@ -1067,7 +1095,104 @@ fn hl7(c: &mut Collector, raw: raw::RawHl7) -> Option<Hl7> {
         tls_cert_file: tls_cert_file?,
         tls_key_file: tls_key_file?,
         tls_client_ca_file: tls_client_ca_file?,
+        peers: peers?,
     })
+}
+
+/// `[[hl7.peers]]`. `client_ca`: whether `hl7.tls_client_ca_file` is set (a
+/// `tls_client_name` means nothing without verified client certificates).
+fn hl7_peers(
+    c: &mut Collector,
+    raw: Vec<raw::RawHl7Peer>,
+    client_ca: bool,
+) -> Option<Vec<Hl7Peer>> {
+    let mut peers = Some(Vec::with_capacity(raw.len()));
+    for (i, peer) in raw.into_iter().enumerate() {
+        let host = c.parse_opt(
+            format!("hl7.peers[{i}].host"),
+            peer.host.as_deref(),
+            parse_ip_addr,
+        );
+        let mut text = |key: &str, value: Option<String>, what: &str| match value {
+            Some(v) => match hl7_peer_text(&v) {
+                Ok(()) => Some(Some(v)),
+                Err(why) => {
+                    c.push(format!("hl7.peers[{i}].{key}"), format!("{what} {why}"));
+                    None
+                }
+            },
+            None => Some(None),
+        };
+        let (has_host, has_name) = (peer.host.is_some(), peer.tls_client_name.is_some());
+        let application = text(
+            "sending_application",
+            peer.sending_application,
+            "an MSH-3 namespace id",
+        );
+        let facility = text(
+            "sending_facility",
+            peer.sending_facility,
+            "an MSH-4 namespace id",
+        );
+        let tls_client_name = text(
+            "tls_client_name",
+            peer.tls_client_name,
+            "a certificate name",
+        );
+        if !has_host && !has_name {
+            c.push(
+                format!("hl7.peers[{i}]"),
+                "needs host or tls_client_name (MSH-3/MSH-4 alone can be claimed by any sender)",
+            );
+        }
+        if has_name && !client_ca {
+            c.push(
+                format!("hl7.peers[{i}].tls_client_name"),
+                "needs hl7.tls_client_ca_file (client certificates are verified only then)",
+            );
+        }
+        let peer = (|| {
+            Some(Hl7Peer {
+                host: host?,
+                sending_application: application?,
+                sending_facility: facility?,
+                tls_client_name: tls_client_name?,
+            })
+        })();
+        if let (Some(peer), Some(list)) = (&peer, &peers)
+            && let Some(first) = list.iter().position(|p: &Hl7Peer| p == peer)
+        {
+            c.push(
+                format!("hl7.peers[{i}]"),
+                format!("duplicate peer (already hl7.peers[{first}])"),
+            );
+        }
+        match (peer, &mut peers) {
+            (Some(peer), Some(list)) => list.push(peer),
+            _ => peers = None,
+        }
+    }
+    peers
+}
+
+/// Why a `[[hl7.peers]]` text (an HL7 namespace id or a certificate name) is refused:
+/// empty, over 227 characters (HL7's HD length), surrounding spaces, control characters or
+/// HL7's delimiters (`|^~\&`), which could never match a field as sent.
+fn hl7_peer_text(value: &str) -> Result<(), &'static str> {
+    if value.is_empty() {
+        Err("must not be empty")
+    } else if value.chars().count() > 227 {
+        Err("is longer than 227 characters")
+    } else if value.trim() != value {
+        Err("must not start or end with spaces")
+    } else if value
+        .chars()
+        .any(|ch| ch.is_control() || matches!(ch, '|' | '^' | '~' | '\\' | '&'))
+    {
+        Err("must not hold control characters or HL7 delimiters (| ^ ~ \\ &)")
+    } else {
+        Ok(())
+    }
 }
 
 fn spool(c: &mut Collector, raw: Option<raw::RawSpool>) -> Option<Spool> {

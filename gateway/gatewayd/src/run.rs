@@ -211,10 +211,11 @@ async fn serve(
         )));
     }
     let staff = crate::fleet::StaffParts::new(&data_dir, derived.staff(), derived.audit());
+    let hl7_audit = derived.audit();
     drop(derived);
     let core = booking.as_ref().and_then(|b| b.core.as_ref());
     let dicom_metrics = start_dicom(&ctx, core, &mut registry, &mut services).await?;
-    let hl7_metrics = start_hl7(&ctx, core, &mut registry, &mut services).await?;
+    let hl7_metrics = start_hl7(&ctx, core, hl7_audit, &mut registry, &mut services).await?;
     if !keep_sent_for.is_zero() {
         services.spawn(spool.clone().run_retention(shutdown.clone()));
     }
@@ -418,10 +419,12 @@ async fn start_dicom(
 }
 
 /// `[hl7]`: the MLLP listener (on the core, RIS messages update the ledger); its metric
-/// handles.
+/// handles. With `[[hl7.peers]]`, refusals are recorded in the audit trail (`audit_key`
+/// opens it).
 async fn start_hl7(
     ctx: &Wiring<'_>,
     core: Option<&crate::booking::CoreParts>,
+    audit_key: gateway_audit::AuditKey,
     registry: &mut Registry,
     services: &mut Services,
 ) -> Result<Option<gateway_mllp::Metrics>, String> {
@@ -431,6 +434,16 @@ async fn start_hl7(
             .await
             .map_err(|e| e.to_string())?
             .with_disabled(ctx.disabled.clone());
+        if !hl7.peers.is_empty() {
+            let dir = crate::ops::audit_dir(ctx.settings);
+            let audit = tokio::task::spawn_blocking(move || {
+                gateway_audit::AuditLog::open(&dir, audit_key)
+                    .map_err(|e| format!("hl7: audit trail: {e}"))
+            })
+            .await
+            .map_err(|e| format!("hl7: audit trail thread: {e}"))??;
+            service = service.with_audit(Arc::new(audit));
+        }
         if let Some(core) = core {
             let (observer, tasks) = crate::booking::core_observer(core);
             for task in tasks {
@@ -691,6 +704,16 @@ fn hl7_settings(hl7: &gateway_config::Hl7) -> Result<Hl7Settings, String> {
     s.max_frame_bytes = usize::try_from(hl7.max_frame_bytes.bytes()).unwrap_or(usize::MAX);
     s.idle_timeout = hl7.idle_timeout.get();
     s.max_connections = hl7.max_connections as usize;
+    s.peers = hl7
+        .peers
+        .iter()
+        .map(|p| gateway_mllp::Hl7Peer {
+            host: p.host,
+            sending_application: p.sending_application.clone(),
+            sending_facility: p.sending_facility.clone(),
+            tls_client_name: p.tls_client_name.clone(),
+        })
+        .collect();
     if let (Some(cert), Some(key)) = (&hl7.tls_cert_file, &hl7.tls_key_file) {
         s.tls = Some(
             gateway_tls::server_config(cert, key, hl7.tls_client_ca_file.as_deref())

@@ -21,7 +21,7 @@ const ACKS: [&str; 7] = ["AA", "AE", "AR", "CA", "CE", "CR", "none"];
 
 /// `gateway_hl7_messages_total{ack}`, `gateway_hl7_connections_active`,
 /// `gateway_hl7_connections_rejected_total{reason}`, `gateway_hl7_discarded_total{reason}`,
-/// `gateway_hl7_observer_dropped_total{reason}`.
+/// `gateway_hl7_observer_dropped_total{reason}`, `gateway_hl7_refused_total{reason}`.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     messages: Family<AckLabel, Counter>,
@@ -29,6 +29,7 @@ pub struct Metrics {
     connections_rejected: Family<ReasonLabel, Counter>,
     discarded: Family<ReasonLabel, Counter>,
     observer_dropped: Family<ReasonLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -59,6 +60,17 @@ impl Metrics {
             "Durable messages not handed to an observer (e.g. the booking ledger), by reason (full, closed)",
             m.observer_dropped.clone(),
         );
+        registry.register(
+            "gateway_hl7_refused",
+            "HL7 messages refused with AR because their sender is not on hl7.peers, by reason (address, certificate, sending_application, sending_facility)",
+            m.refused.clone(),
+        );
+        for refusal in crate::allow::Refusal::ALL {
+            // Every reason shows from the start (at 0), so a dashboard sees the family.
+            let _ = m.refused.get_or_create(&ReasonLabel {
+                reason: refusal.reason(),
+            });
+        }
         m
     }
 
@@ -108,5 +120,19 @@ impl Metrics {
         self.observer_dropped
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+}
+
+impl Metrics {
+    pub(crate) fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// HL7 messages refused since start because their sender is not on `hl7.peers`, for
+    /// one reason (`address`, `certificate`, `sending_application`, `sending_facility`).
+    pub fn refused_with(&self, reason: &'static str) -> u64 {
+        self.refused
+            .get(&ReasonLabel { reason })
+            .map_or(0, |c| c.get())
     }
 }

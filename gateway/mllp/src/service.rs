@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gateway_audit::{Action, AuditLog, Event};
 use gateway_hl7::ack::{self, AckError, AckPolicy, Outcome};
 use gateway_hl7::charset::{self, Charset, CharsetOverride};
 use gateway_hl7::mllp::{MllpDecoder, MllpEvent, encode_frame};
@@ -17,6 +18,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::allow::{self, Hl7Peer, Refusal, Sender};
 use crate::clock::{self, ControlIds};
 use crate::commit::Committer;
 use crate::metrics::Metrics;
@@ -44,6 +46,9 @@ pub struct Hl7Settings {
     /// MLLP in TLS (with or without client certificates, as the configuration says);
     /// `None`: plain MLLP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `[[hl7.peers]]`: when non-empty, only messages from these senders are stored (see
+    /// [`crate::allow`]); others get AR.
+    pub peers: Vec<Hl7Peer>,
 }
 
 impl Hl7Settings {
@@ -57,6 +62,7 @@ impl Hl7Settings {
             max_connections: 32,
             shutdown_grace: Duration::from_secs(10),
             tls: None,
+            peers: Vec::new(),
         }
     }
 }
@@ -80,6 +86,8 @@ struct Context {
     metrics: Metrics,
     ids: ControlIds,
     observer: Option<Observer>,
+    /// Where refusals of senders not on the allow list are recorded.
+    audit: Option<Arc<AuditLog>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -87,6 +95,7 @@ impl std::fmt::Debug for Context {
         f.debug_struct("Context")
             .field("settings", &self.settings)
             .field("observer", &self.observer.is_some())
+            .field("audit", &self.audit.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -123,6 +132,7 @@ impl Hl7Service {
                 metrics: Metrics::register(registry),
                 ids: ControlIds::new(),
                 observer: None,
+                audit: None,
             }),
             disabled: watch::channel(false).1,
         })
@@ -147,6 +157,17 @@ impl Hl7Service {
     pub fn with_observer(mut self, observer: Observer) -> Self {
         if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
             ctx.observer = Some(observer);
+        }
+        self
+    }
+
+    /// Records every refusal of a sender not on `[[hl7.peers]]` in `audit` (action
+    /// `hl7_sender_refused`, subject `peer:{address}`, detail the refusal's reason), at most
+    /// once per connection and reason, before the AR goes out.
+    #[must_use]
+    pub fn with_audit(mut self, audit: Arc<AuditLog>) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.audit = Some(audit);
         }
         self
     }
@@ -196,7 +217,9 @@ impl Hl7Service {
                 ctx.metrics.connection_opened();
                 debug!(%peer, "HL7 connection opened");
                 let end = match accept_tls(stream, &ctx.settings).await {
-                    Ok(stream) => Connection::new(stream, peer, &ctx).serve(rx).await,
+                    Ok((stream, names)) => {
+                        Connection::new(stream, peer, names, &ctx).serve(rx).await
+                    }
                     Err(e) => {
                         warn!(%peer, error = %e, "HL7 TLS handshake failed: connection closed");
                         ctx.metrics.connection_rejected("tls");
@@ -228,17 +251,27 @@ impl Hl7Service {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
 
-/// The TLS handshake (bounded by the idle timeout) when the listener is in TLS.
+/// The TLS handshake (bounded by the idle timeout) when the listener is in TLS, with the
+/// names of the client certificate it verified (none without TLS or a client certificate).
 async fn accept_tls(
     stream: TcpStream,
     settings: &Hl7Settings,
-) -> Result<Box<dyn Stream>, std::io::Error> {
+) -> Result<(Box<dyn Stream>, Vec<String>), std::io::Error> {
     let Some(tls) = &settings.tls else {
-        return Ok(Box::new(stream));
+        return Ok((Box::new(stream), Vec::new()));
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(tls));
     match tokio::time::timeout(settings.idle_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => Ok(Box::new(tls_stream)),
+        Ok(Ok(tls_stream)) => {
+            let names = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(<[_]>::first)
+                .map(allow::peer_names)
+                .unwrap_or_default();
+            Ok((Box::new(tls_stream), names))
+        }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -250,8 +283,13 @@ async fn accept_tls(
 struct Connection<'a> {
     stream: Box<dyn Stream>,
     peer: SocketAddr,
+    /// The address and verified certificate names the allow list is checked against.
+    sender: Sender,
     ctx: &'a Context,
     decoder: MllpDecoder,
+    /// The refusals already audited (and logged at warn) on this connection, one bit per
+    /// [`Refusal`]: a flood of refused messages costs one audit fsync per reason.
+    refusals_seen: u8,
 }
 
 /// What the connection loop does after a frame or event.
@@ -261,12 +299,22 @@ enum Next {
 }
 
 impl<'a> Connection<'a> {
-    fn new(stream: Box<dyn Stream>, peer: SocketAddr, ctx: &'a Context) -> Self {
+    fn new(
+        stream: Box<dyn Stream>,
+        peer: SocketAddr,
+        names: Vec<String>,
+        ctx: &'a Context,
+    ) -> Self {
         Self {
             stream,
             peer,
+            sender: Sender {
+                ip: peer.ip(),
+                names,
+            },
             ctx,
             decoder: MllpDecoder::new(ctx.settings.max_frame_bytes),
+            refusals_seen: 0,
         }
     }
 
@@ -353,7 +401,7 @@ impl<'a> Connection<'a> {
 
     /// Decodes, parses, stores and acknowledges one frame. `None`: no acknowledgement
     /// (MSH-15/16 asked for none in this case).
-    async fn answer(&self, frame: Vec<u8>) -> Option<Vec<u8>> {
+    async fn answer(&mut self, frame: Vec<u8>) -> Option<Vec<u8>> {
         let ctx = self.ctx;
         let decoded = match charset::decode(&frame, ctx.settings.charset) {
             Ok(d) => d,
@@ -361,9 +409,12 @@ impl<'a> Connection<'a> {
                 warn!(peer = %self.peer, error = %e, "HL7 message text cannot be decoded: answered with an error");
                 let err = AckError::from(&e);
                 return match Header::from_raw_frame(&frame) {
-                    Some(h) => {
-                        self.reply(&h, Outcome::for_error(err.code), Some(&err), Charset::Ascii)
-                    }
+                    Some(h) => match self.refusal(&h, Charset::Ascii).await {
+                        Some(refused) => refused,
+                        None => {
+                            self.reply(&h, Outcome::for_error(err.code), Some(&err), Charset::Ascii)
+                        }
+                    },
                     None => Some(self.nak(&err)),
                 };
             }
@@ -381,6 +432,11 @@ impl<'a> Connection<'a> {
                 return Some(self.nak(&AckError::from(&e)));
             }
         };
+        // The sender before the content: a sender not on the list learns nothing about
+        // what the gateway would make of its message.
+        if let Some(refused) = self.refusal(&header, decoded.charset).await {
+            return refused;
+        }
         if let Err(e) = checked {
             warn!(peer = %self.peer, code = e.code.code(), location = ?e.location, "HL7 message refused");
             let err = AckError::from(&e);
@@ -435,6 +491,56 @@ impl<'a> Connection<'a> {
                 self.reply(&header, Outcome::Error, Some(&err), decoded.charset)
             }
         }
+    }
+
+    /// The allow list's answer for a message whose MSH was read: `None` when its sender is
+    /// allowed, else the AR (or nothing, as MSH-15 asks) after counting and auditing.
+    async fn refusal(&mut self, header: &Header, charset: Charset) -> Option<Option<Vec<u8>>> {
+        let refusal = allow::check(
+            &self.ctx.settings.peers,
+            self.sender.ip,
+            &self.sender.names,
+            header,
+        )
+        .err()?;
+        self.refused(refusal).await;
+        Some(self.reply(
+            header,
+            Outcome::Rejected,
+            Some(&refusal.ack_error()),
+            charset,
+        ))
+    }
+
+    /// Counts a refusal, and the first time on this connection for its reason, logs it and
+    /// records it in the audit trail (on a blocking thread: the append syncs files).
+    async fn refused(&mut self, refusal: Refusal) {
+        let ctx = self.ctx;
+        ctx.metrics.refused(refusal.reason());
+        let first = self.refusals_seen & refusal.bit() == 0;
+        self.refusals_seen |= refusal.bit();
+        if !first {
+            debug!(peer = %self.peer, reason = refusal.reason(), "HL7 message from a sender not on hl7.peers: AR, not stored");
+            return;
+        }
+        warn!(peer = %self.peer, reason = refusal.reason(), "HL7 message from a sender not on hl7.peers: AR, not stored (further refusals on this connection are counted in gateway_hl7_refused_total only)");
+        let Some(audit) = &ctx.audit else {
+            return;
+        };
+        let audit = Arc::clone(audit);
+        let event = Event {
+            actor: "hl7-listener".into(),
+            action: Action::Hl7SenderRefused,
+            outcome: gateway_audit::Outcome::Failure,
+            subject: Some(format!("peer:{}", self.peer.ip().to_canonical())),
+            detail: Some(refusal.reason().into()),
+        };
+        let error = match tokio::task::spawn_blocking(move || audit.append(event)).await {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        warn!(peer = %self.peer, %error, "HL7 refusal not recorded in the audit trail");
     }
 
     fn reply(
