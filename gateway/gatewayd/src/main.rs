@@ -23,6 +23,7 @@
 mod booking;
 mod cli;
 mod deid;
+mod dicom_tls;
 mod fleet;
 mod logring;
 mod notify;

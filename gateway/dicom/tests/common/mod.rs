@@ -51,6 +51,7 @@ impl Gateway {
             artim_timeout: Duration::from_secs(2),
             idle_timeout,
             shutdown_grace: Duration::from_secs(2),
+            tls: None,
         };
         let mut registry = prometheus_client::registry::Registry::default();
         let service = DicomService::bind(settings, spool.clone(), &mut registry)
