@@ -564,6 +564,12 @@ fn establish_error(e: UlError, peer: String, s: &ScuSettings, proposed: usize) -
         UlError::UnexpectedPdu { pdu, .. } if matches!(*pdu, Pdu::AbortRQ { .. }) => {
             ScuError::Aborted { peer }
         }
+        // dicom-ul (async-tls) reports any failure to read the answer after a TLS
+        // handshake this way, e.g. a PACS that refused our client certificate.
+        UlError::TlsNotSupported => ScuError::Protocol {
+            peer,
+            reason: "the peer ended the TLS session without answering the association request (client certificate refused?)",
+        },
         other => link_error(other, peer),
     }
 }
