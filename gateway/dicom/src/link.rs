@@ -55,7 +55,7 @@ pub(crate) struct Syntaxes {
 /// One established association over either transport.
 #[derive(Debug)]
 pub(crate) enum Link {
-    Plain(AsyncServerAssociation<TcpStream>),
+    Plain(Box<AsyncServerAssociation<TcpStream>>),
     Tls(Box<TlsAssociation>),
 }
 
@@ -78,7 +78,7 @@ impl Link {
     /// Sends an A-ABORT (service provider) and closes the connection.
     pub async fn abort(self) -> Result<(), LinkError> {
         match self {
-            Self::Plain(a) => a.abort().await.map_err(|e| LinkError(e.to_string())),
+            Self::Plain(a) => (*a).abort().await.map_err(|e| LinkError(e.to_string())),
             Self::Tls(mut a) => {
                 let pdu = Pdu::AbortRQ {
                     source: AbortRQSource::ServiceProvider(

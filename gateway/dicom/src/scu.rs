@@ -309,8 +309,8 @@ pub struct Scu {
 /// An association [`Scu::open`] made: plain TCP or TLS.
 #[derive(Debug)]
 pub enum ScuLink {
-    Plain(ScuAssociation<TcpStream>),
-    Tls(ScuAssociation<AsyncTlsStream>),
+    Plain(Box<ScuAssociation<TcpStream>>),
+    Tls(Box<ScuAssociation<AsyncTlsStream>>),
 }
 
 impl ScuLink {
@@ -349,16 +349,16 @@ impl ScuLink {
     /// See [`ScuAssociation::release`].
     pub async fn release(self) -> Result<(), ScuError> {
         match self {
-            Self::Plain(a) => a.release().await,
-            Self::Tls(a) => a.release().await,
+            Self::Plain(a) => (*a).release().await,
+            Self::Tls(a) => (*a).release().await,
         }
     }
 
     /// See [`ScuAssociation::abort`].
     pub async fn abort(self) {
         match self {
-            Self::Plain(a) => a.abort().await,
-            Self::Tls(a) => a.abort().await,
+            Self::Plain(a) => (*a).abort().await,
+            Self::Tls(a) => (*a).abort().await,
         }
     }
 }
@@ -385,11 +385,14 @@ impl Scu {
         contexts: impl IntoIterator<Item = ObjectContext>,
     ) -> Result<ScuLink, ScuError> {
         match &self.tls {
-            None => self.connect(contexts).await.map(ScuLink::Plain),
+            None => self
+                .connect(contexts)
+                .await
+                .map(|a| ScuLink::Plain(Box::new(a))),
             Some(tls) => self
                 .connect_tls(contexts, Arc::clone(&tls.config))
                 .await
-                .map(ScuLink::Tls),
+                .map(|a| ScuLink::Tls(Box::new(a))),
         }
     }
 

@@ -371,7 +371,14 @@ async fn handle_connection(
     };
     ctx.metrics.associations_active.inc();
     ctx.metrics.associations_accepted.inc();
-    association::serve(Link::Plain(association), &ctx, &calling, addr, hard_stop).await;
+    association::serve(
+        Link::Plain(Box::new(association)),
+        &ctx,
+        &calling,
+        addr,
+        hard_stop,
+    )
+    .await;
     ctx.metrics.associations_active.dec();
     drop(permit);
 }
