@@ -12,7 +12,9 @@ stored, and the listener keeps serving; a plain client on the TLS port and a TLS
 the plain port fail within seconds and both listeners keep serving; pynetdicom over
 `ssl` stores one file; TLS 1.0 / 1.1 and non-AEAD or non-ECDHE TLS 1.2 suites are refused
 while TLS 1.2 ECDHE-ECDSA-AES128-GCM and TLS 1.3 are accepted; an allow-list entry with
-`tls_client_name` admits that certificate's name only (over TLS only).
+`tls_client_name` admits that certificate's name only (over TLS only); in production mode
+with the key store on swtpm, a listener without certificate files serves with the device
+identity (the TPM signs each handshake) and no private key file exists under the data dir.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import data
 import gw
 import pki
 import scu
+from test_tpm import init_keys, keys_ok, tpm_keystore
 
 CLIENT_NAME = "ct01.clinic.example"
 
@@ -205,3 +208,24 @@ def test_an_allow_list_entry_with_a_certificate_name_admits_that_certificate_onl
     r = scu.echoscu(g.dicom_port)
     assert r.returncode != 0, f"plain CT01 matched a certificate-only entry:\n{r.stdout}\n{r.stderr}"
     assert rejected(g, "calling_ae_title") >= 2, g.metrics_text()
+
+
+def test_production_listener_with_the_tpm_device_identity(gateway_factory, certs, swtpm, tmp_path):
+    port = gw.free_port()
+    g = gateway_factory({"node": {"mode": "production"}, **tpm_keystore(swtpm, allow_software_tpm=True),
+                         "dicom": {"tls_listen": f"127.0.0.1:{port}", "tls_client_ca_file": str(certs.ca.cert)}},
+                        start=False)
+    g.tls_port = port
+    init_keys(g)
+    csr = certs.ca.dir / "device.csr"
+    csr.write_text(keys_ok(g, "csr"))
+    keys_ok(g, "install-cert", "--cert", str(certs.ca.sign_csr_for_server(csr, certs.ca.dir / "device.pem")))
+    g.start()
+    ok(echo(port, tls_args(certs)), "echoscu +tls to the TPM-keyed listener")
+    files = data.make_ct_set(5, tmp_path / "in", "small")
+    ok(scu.storescu(port, [f.path for f in files], extra=tls_args(certs)), "storescu +tls to the TPM-keyed listener")
+    assert g.status()["objects"] == 5
+    r = s_client(g, certs, "-tls1_3")
+    assert r.returncode == 0 and b"Protocol version: TLSv1.3" in r.stdout + r.stderr, r.stdout + r.stderr
+    findings = pki.private_key_findings([p for p in g.data_dir.rglob("*") if p.is_file()])
+    assert not findings, findings
