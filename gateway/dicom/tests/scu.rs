@@ -769,3 +769,87 @@ fn rustls_chain(pem: &str) -> Vec<rustls_pki_types::CertificateDer<'static>> {
         .collect::<Result<Vec<_>, _>>()
         .unwrap()
 }
+
+/// The gateway's own SCP over TLS, driven by the SCU over TLS: the same statuses and the
+/// spool as over TCP, and an allow-list entry with `tls_client_name` admitting only a
+/// verified certificate carrying that name.
+#[tokio::test]
+async fn own_scp_over_tls_stores_and_matches_certificate_names() {
+    let clinic = TestCa::new();
+    let gw_key = rcgen::KeyPair::generate().unwrap();
+    let gw_cert = clinic.write("gw.pem", &clinic.issue(&gw_key, &["127.0.0.1"]));
+    let gw_key_file = clinic.write("gw.key", &gw_key.serialize_pem());
+    let ca = clinic.ca_file();
+    let server = gateway_tls::server_config(&gw_cert, &gw_key_file, Some(&ca)).unwrap();
+    let gw = Gateway::start_tls(
+        |p| {
+            p.peers = vec![gateway_dicom::Peer {
+                ae_title: "CLINICGW".into(),
+                host: "127.0.0.1".parse().unwrap(),
+                max_associations: None,
+                tls_client_name: Some("ct01.clinic".into()),
+            }];
+        },
+        server,
+    )
+    .await;
+    let tls_addr = gw.tls_addr.unwrap();
+    let client = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        gateway_dicom::ScuTls {
+            config: gateway_tls::client_config(
+                &ca,
+                gateway_tls::ClientAuth::Files {
+                    cert_file: clinic.write(&format!("{name}.pem"), &clinic.issue(&key, &[name])),
+                    key_file: clinic.write(&format!("{name}.key"), &key.serialize_pem()),
+                },
+            )
+            .unwrap(),
+        }
+    };
+    let good: Vec<StoreObject> = (1..=3)
+        .map(|i| {
+            let uid = format!("1.2.826.0.1.3680043.8.498.3.{i}");
+            object(
+                CT,
+                &uid,
+                EXPLICIT_LE,
+                &dataset(CT, &uid, "ZZTEST^Tls", 40_000 * i),
+            )
+        })
+        .collect();
+    let contexts = || good.iter().map(StoreObject::context);
+    let mut link = Scu::new(target(tls_addr, "GATEWAY"), quick())
+        .with_tls(client("ct01.clinic"))
+        .open(contexts())
+        .await
+        .unwrap();
+    for o in &good {
+        assert_eq!(link.store(o).await.unwrap(), StoreOutcome::Success);
+    }
+    link.release().await.unwrap();
+    assert_eq!(gw.spool.status().unwrap().objects, 3);
+
+    // Same CA, another name: the allow list refuses (service user, calling AE title).
+    let err = Scu::new(target(tls_addr, "GATEWAY"), quick())
+        .with_tls(client("mr01.clinic"))
+        .open(contexts())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ScuError::Rejected { permanent: true, reason, .. } if reason.contains("CallingAETitleNotRecognized")),
+        "{err:?}"
+    );
+    // The same AE title and address over plain TCP has no certificate name.
+    let err = connect(
+        gw.addr,
+        "GATEWAY",
+        quick(),
+        &good.iter().collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, ScuError::Rejected { .. }), "{err:?}");
+    assert_eq!(gw.spool.status().unwrap().objects, 3);
+    gw.shutdown().await;
+}
