@@ -29,6 +29,8 @@ use tokio_rustls::server::TlsStream;
 const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
 /// Implicit VR Little Endian: the transfer syntax named in a refused context.
 const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+/// The read buffer's first size is capped here (dicom-ul's `LARGE_PDU_SIZE`).
+const LARGE_PDU_SIZE: u32 = 262_144 - 6;
 /// The largest PDU dicom-ul accepts from a peer (its `MAXIMUM_PDU_SIZE`).
 const MAXIMUM_PDU_SIZE: u32 = 131_072 * 1024;
 
@@ -127,9 +129,13 @@ impl TlsAssociation {
         negotiated: Negotiated,
         max_pdu_length: u32,
     ) -> Self {
+        // As dicom-ul sizes its own: one whole PDU (capped) without growing.
+        let mut read_buffer =
+            BytesMut::with_capacity(max_pdu_length.min(LARGE_PDU_SIZE) as usize + 6);
+        read_buffer.extend_from_slice(received);
         Self {
             stream,
-            read_buffer: BytesMut::from(received),
+            read_buffer,
             write_buffer: Vec::new(),
             max_pdu_length,
             requestor_max_pdu_length: negotiated.requestor_max_pdu_length,
