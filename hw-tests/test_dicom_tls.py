@@ -30,6 +30,7 @@ import data
 import gw
 import pki
 import scu
+from results_env import EnvFactory
 from test_tpm import init_keys, keys_ok, tpm_keystore
 
 CLIENT_NAME = "ct01.clinic.example"
@@ -229,3 +230,23 @@ def test_production_listener_with_the_tpm_device_identity(gateway_factory, certs
     assert r.returncode == 0 and b"Protocol version: TLSv1.3" in r.stdout + r.stderr, r.stdout + r.stderr
     findings = pki.private_key_findings([p for p in g.data_dir.rglob("*") if p.is_file()])
     assert not findings, findings
+
+
+def test_results_are_delivered_to_a_pacs_in_tls_that_requires_our_client_certificate(tmp_path, gateway_factory, ca):
+    """The results harness (test_results.py) with its clinic PACS as `storescp +tls
+    --require-peer-cert` and `[[results.deliver]] tls_ca_file/tls_cert_file/tls_key_file`."""
+    envs = EnvFactory(tmp_path, gateway_factory, ca)
+    try:
+        env = envs(pacs_tls=True).start()
+        b = env.book("clinic-a")
+        study = env.make_study(b, 12, n_ct=2)
+        env.send_study(study)
+        env.wait_cloud(study)
+        got = env.wait_pacs("clinic-a", study, timeout=120)
+        assert set(got) == study.uids and all(n == 1 for n in got.values()), got
+        d = env.gateway("clinic-a").status()["by_destination"]["pacs"]
+        assert (d.get("sent"), d.get("queued"), d.get("failed")) == (12, 0, 0), d
+        log = env.clinics["clinic-a"].pacs.log.read_text(errors="replace")
+        assert "+tls" in log, "the PACS was not started in TLS"
+    finally:
+        envs.close()
