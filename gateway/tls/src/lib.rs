@@ -151,10 +151,23 @@ impl SigningKey for IdentitySigningKey {
 struct IdentitySigner(Arc<dyn DeviceIdentity>);
 
 impl Signer for IdentitySigner {
+    /// rustls signs inside the handshake, on whatever thread polls it: a tokio worker for
+    /// every listener and client of the gateway. The key store's signature is blocking I/O
+    /// (the TPM), so on a multi-threaded runtime the worker hands its other tasks over while
+    /// it waits (`block_in_place`); elsewhere (a current-thread runtime, no runtime) it signs
+    /// directly.
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        self.0
-            .sign_sha256(message)
-            .map_err(|e| rustls::Error::General(format!("device identity signature: {e}")))
+        let sign = || {
+            self.0
+                .sign_sha256(message)
+                .map_err(|e| rustls::Error::General(format!("device identity signature: {e}")))
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(sign)
+            }
+            _ => sign(),
+        }
     }
 
     fn scheme(&self) -> SignatureScheme {
@@ -739,7 +752,9 @@ mod tests {
         server: Arc<rustls::ServerConfig>,
         client: Arc<ClientConfig>,
     ) -> Result<Vec<String>, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // Multi-threaded, as gatewayd runs: the identity signs through `block_in_place`.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
