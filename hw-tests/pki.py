@@ -120,6 +120,21 @@ class CA:
                 "-sha256", "-config", str(ext), "-extensions", "v3", "-out", str(out))
         return out
 
+    def sign_csr_for_server(self, csr: Path | str, out: Path | str, host: str = "127.0.0.1") -> Path:
+        """A certificate for the CSR's key and subject that serves TLS for ``host`` (an IP
+        in subjectAltName) and is also a client certificate (serverAuth + clientAuth): the
+        device identity as a listener's key."""
+        csr, out = Path(csr), Path(out)
+        openssl("req", "-in", str(csr), "-noout", "-verify")
+        return self._sign(csr, out, [
+            "basicConstraints = critical, CA:FALSE",
+            "keyUsage = critical, digitalSignature",
+            "extendedKeyUsage = serverAuth, clientAuth",
+            f"subjectAltName = IP:{host}",
+            "subjectKeyIdentifier = hash",
+            "authorityKeyIdentifier = keyid",
+        ])
+
     def server_cert(self, host: str = "127.0.0.1", name: str = "server") -> KeyPair:
         """A key and a serverAuth certificate for ``host`` (an IP or a DNS name) in subjectAltName."""
         key = self.dir / f"{name}.key"

@@ -82,7 +82,8 @@ class Pacs:
     """`storescp +uf` on a port picked here; every instance received is its own file in
     ``received/`` (a resend of one SOP Instance UID is a second file)."""
 
-    def __init__(self, dir: Path, aet: str = PACS_AE):
+    def __init__(self, dir: Path, aet: str = PACS_AE, tls: "PacsTls | None" = None):
+        self.tls = tls
         self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
@@ -101,6 +102,9 @@ class Pacs:
         assert not missing, f"DCMTK tools missing: {missing}; `apt-get install -y dcmtk` (run-all.sh does this)"
         assert not self.is_running(), "storescp already running"
         cmd = ["storescp", "-v", "-aet", self.aet, "+uf", "+xa", "-od", str(self.out)]
+        if self.tls:
+            cmd += ["+tls", str(self.tls.server.key), str(self.tls.server.cert), "+cf", str(self.tls.ca),
+                    "--require-peer-cert"]
         if sleep_during:
             cmd += ["--sleep-during", str(sleep_during)]
         cmd.append(str(self.port))
@@ -112,11 +116,20 @@ class Pacs:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"storescp exited {self.proc.returncode} at start:\n{self.log_tail()}")
-            r = scu.echoscu(self.port, calling="HWTESTS", called=self.aet, timeout=5)
+            r = self._echo()
             if r.returncode == 0:
                 return self
             time.sleep(0.1)
         raise AssertionError(f"storescp did not answer C-ECHO on {self.port} within 10s:\n{self.log_tail()}")
+
+    def _echo(self) -> subprocess.CompletedProcess:
+        if not self.tls:
+            return scu.echoscu(self.port, calling="HWTESTS", called=self.aet, timeout=5)
+        probe = self.tls.probe
+        return subprocess.run(
+            ["echoscu", "+tls", str(probe.key), str(probe.cert), "-pw", "+cf", str(self.tls.ca), "-aet", "HWTESTS",
+             "-aec", self.aet, "127.0.0.1", str(self.port)],
+            capture_output=True, text=True, timeout=5, env=scu.dcmtk_env(), stdin=subprocess.DEVNULL)
 
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -184,6 +197,15 @@ class Study:
     @property
     def uids(self) -> set[str]:
         return {f.sop_instance_uid for f in self.files}
+
+
+@dataclass
+class PacsTls:
+    """A PACS in TLS (`storescp +tls ... --require-peer-cert`): its certificate, the CA it
+    and its clients' certificates come from, and a client certificate for the start probe."""
+    server: pki.KeyPair
+    ca: Path
+    probe: pki.KeyPair
 
 
 @dataclass
@@ -323,7 +345,8 @@ class ResultsEnv:
     ``env.clinics[name].pacs.start()``)."""
 
     def __init__(self, tmp_path: Path, gateway_factory, ca: pki.CA, clinics: tuple[str, ...] = ("clinic-a",),
-                 results: bool = True, complete_after: str = "5s", limit_rate: str | None = None):
+                 results: bool = True, complete_after: str = "5s", limit_rate: str | None = None,
+                 pacs_tls: bool = False):
         self.tmp_path = Path(tmp_path)
         self.ca = ca
         self.results = results
@@ -346,7 +369,11 @@ class ResultsEnv:
         # each clinic's PACS and EMR
         self.clinics: dict[str, Clinic] = {}
         for name in clinics:
-            self.clinics[name] = Clinic(name, Pacs(self.root / f"pacs-{name}"),
+            tls = None
+            if pacs_tls:
+                tls = PacsTls(ca.server_cert("127.0.0.1", name=f"pacs-{name}"), ca.cert,
+                              ca.other_client_cert(f"{name}-pacs-probe", name=f"pacs-probe-{name}"))
+            self.clinics[name] = Clinic(name, Pacs(self.root / f"pacs-{name}", tls=tls),
                                         Peer(self.root / f"emr-{name}", ca), ISSUERS.get(name, f"ZZ-{name}"))
         self.hl7_port = gw.free_port()
         self._staff_n = 0
@@ -387,6 +414,12 @@ class ResultsEnv:
                     {"name": "emr-reports", "kind": "hl7", "uplink": EMR_UPLINK},
                 ],
             }
+            if c.pacs.tls:
+                # DICOM over TLS to the PACS, the clinic's own client certificate.
+                client = self.ca.other_client_cert(f"{c.name}-pacs", name=f"pacs-client-{c.name}")
+                cfg["results"]["deliver"][0].update({"tls_ca_file": str(c.pacs.tls.ca),
+                                                     "tls_cert_file": str(client.cert),
+                                                     "tls_key_file": str(client.key)})
         return cfg
 
     # -- life cycle ----------------------------------------------------------

@@ -55,9 +55,9 @@ pub mod update;
 
 pub use error::{ConfigErrors, Problem};
 pub use settings::{
-    Admin, Booking, Claim, Deidentify, Deliver, Dicom, DicomPeer, EMBEDDED_DEFAULT_TOML, Exchange,
-    Fleet, Hl7, Hl7Peer, Identity, Keystore, Node, Peer, Results, Safety, Settings, Spool, Uplink,
-    defaults,
+    Admin, Booking, Claim, Deidentify, Deliver, DeliverTls, Dicom, DicomPeer, DicomTls,
+    EMBEDDED_DEFAULT_TOML, Exchange, Fleet, Hl7, Hl7Peer, Identity, Keystore, Node, Peer, Results,
+    Safety, Settings, Spool, TlsFiles, Uplink, defaults,
 };
 pub use types::{
     AeTitle, BrokerUrl, ByteSize, Charset, ClientAuth, Duration, Hl7MessageType, KeystoreBackend,

@@ -54,6 +54,10 @@ pub(crate) struct RawDicom {
     pub artim_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
+    pub tls_listen: Option<String>,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
+    pub tls_client_ca_file: Option<String>,
     #[serde(default)]
     pub peers: Vec<RawDicomPeer>,
 }
@@ -65,6 +69,7 @@ pub(crate) struct RawDicomPeer {
     pub ae_title: String,
     pub host: String,
     pub max_associations: Option<u32>,
+    pub tls_client_name: Option<String>,
 }
 
 /// `[hl7]`
@@ -323,6 +328,9 @@ pub(crate) struct RawDeliver {
     pub called_ae: Option<String>,
     pub calling_ae: Option<String>,
     pub uplink: Option<String>,
+    pub tls_ca_file: Option<String>,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
 }
 
 /// `[identity]`

@@ -133,6 +133,8 @@ pub enum Deliver {
         port: u16,
         called_ae: AeTitle,
         calling_ae: AeTitle,
+        /// `tls_ca_file` set: DICOM over TLS, the PACS verified against that CA.
+        tls: Option<DeliverTls>,
     },
     /// `kind = "hl7"`: reports through a `kind = "mllp-tls"` uplink (the EMR).
     Hl7 {
@@ -147,6 +149,34 @@ impl Deliver {
             Self::Dicom { name, .. } | Self::Hl7 { name, .. } => name,
         }
     }
+}
+
+/// `[[results.deliver]] kind = "dicom"` over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliverTls {
+    /// `tls_ca_file`: the PACS's certificate must chain to this CA (PEM).
+    pub ca_file: PathBuf,
+    /// `tls_cert_file` + `tls_key_file`; `None`: the device identity (key store) with its
+    /// installed certificate.
+    pub files: Option<TlsFiles>,
+}
+
+/// A certificate chain and its private key, PEM files (`tls_cert_file` + `tls_key_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// `[dicom] tls_listen` and its keys: DICOM over TLS on its own port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DicomTls {
+    pub listen: SocketAddr,
+    /// `tls_cert_file` + `tls_key_file`; `None`: the device identity (key store) with its
+    /// installed certificate.
+    pub files: Option<TlsFiles>,
+    /// `tls_client_ca_file`: clients must present a certificate issued by this CA (PEM).
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// `[node]`: who this box is.
@@ -176,6 +206,8 @@ pub struct Dicom {
     pub shutdown_grace: Duration,
     /// When non-empty, only these peers may associate.
     pub peers: Vec<DicomPeer>,
+    /// The TLS listener (`tls_listen`), same policy and limits as the plain one.
+    pub tls: Option<DicomTls>,
 }
 
 /// `[[dicom.peers]]`: one allowed calling AE title at one address.
@@ -185,6 +217,9 @@ pub struct DicomPeer {
     pub host: IpAddr,
     /// Overrides `dicom.max_associations_per_peer` for this peer.
     pub max_associations: Option<u32>,
+    /// `tls_client_name`: the entry matches only a TLS association whose verified client
+    /// certificate carries this name (DNS SAN or subject CN).
+    pub tls_client_name: Option<String>,
 }
 
 /// `[hl7]`: the MLLP listener.
@@ -718,6 +753,7 @@ fn results(
         }
         let entry = match d.kind.as_str() {
             "dicom" => {
+                let tls = deliver_tls(c, &d, i);
                 for (field, present) in [("uplink", d.uplink.is_some())] {
                     if present {
                         c.push(key(field), "not a key of kind = \"dicom\"");
@@ -756,16 +792,22 @@ fn results(
                     d.calling_ae.as_deref().unwrap_or(""),
                     from_str::<AeTitle>,
                 );
-                match (name, host, port, called, calling) {
-                    (Some(name), Some(host), Some(port), Some(called_ae), Some(calling_ae)) => {
-                        Some(Deliver::Dicom {
-                            name,
-                            host,
-                            port,
-                            called_ae,
-                            calling_ae,
-                        })
-                    }
+                match (name, host, port, called, calling, tls) {
+                    (
+                        Some(name),
+                        Some(host),
+                        Some(port),
+                        Some(called_ae),
+                        Some(calling_ae),
+                        Some(tls),
+                    ) => Some(Deliver::Dicom {
+                        name,
+                        host,
+                        port,
+                        called_ae,
+                        calling_ae,
+                        tls,
+                    }),
                     _ => None,
                 }
             }
@@ -775,6 +817,9 @@ fn results(
                     ("port", d.port.is_some()),
                     ("called_ae", d.called_ae.is_some()),
                     ("calling_ae", d.calling_ae.is_some()),
+                    ("tls_ca_file", d.tls_ca_file.is_some()),
+                    ("tls_cert_file", d.tls_cert_file.is_some()),
+                    ("tls_key_file", d.tls_key_file.is_some()),
                 ] {
                     if present {
                         c.push(
@@ -844,6 +889,12 @@ fn node(c: &mut Collector, raw: raw::RawNode) -> Option<Node> {
 }
 
 fn dicom(c: &mut Collector, raw: raw::RawDicom, production: Option<bool>) -> Option<Dicom> {
+    let raw_tls = RawDicomTls {
+        listen: raw.tls_listen.clone(),
+        cert_file: raw.tls_cert_file.clone(),
+        key_file: raw.tls_key_file.clone(),
+        client_ca_file: raw.tls_client_ca_file.clone(),
+    };
     let listen = c.parse_or(
         "dicom.listen",
         raw.listen.as_deref(),
@@ -952,17 +1003,21 @@ fn dicom(c: &mut Collector, raw: raw::RawDicom, production: Option<bool>) -> Opt
                 format!("{n} is more than dicom.max_associations ({max})"),
             );
         }
+        let tls_client_name = dicom_peer_tls_name(c, peer.tls_client_name, i);
         let peer = (|| {
             Some(DicomPeer {
                 ae_title: ae_title?,
                 host: host?,
                 max_associations: peer_max?,
+                tls_client_name: tls_client_name?,
             })
         })();
         if let (Some(peer), Some(list)) = (&peer, &peers)
-            && let Some(first) = list
-                .iter()
-                .position(|p: &DicomPeer| p.ae_title == peer.ae_title && p.host == peer.host)
+            && let Some(first) = list.iter().position(|p: &DicomPeer| {
+                p.ae_title == peer.ae_title
+                    && p.host == peer.host
+                    && p.tls_client_name == peer.tls_client_name
+            })
         {
             c.push(
                 format!("dicom.peers[{i}]"),
@@ -989,7 +1044,9 @@ fn dicom(c: &mut Collector, raw: raw::RawDicom, production: Option<bool>) -> Opt
         );
     }
 
+    let tls = dicom_tls(c, &raw_tls, production, peers.as_deref(), listen);
     Some(Dicom {
+        tls: tls?,
         listen: listen?,
         ae_title: ae_title?,
         max_associations: max_associations?,
@@ -1000,6 +1057,171 @@ fn dicom(c: &mut Collector, raw: raw::RawDicom, production: Option<bool>) -> Opt
         shutdown_grace: shutdown_grace?,
         peers: peers?,
     })
+}
+
+/// `[dicom]`'s TLS keys, taken out of [`raw::RawDicom`] before its peers are consumed.
+struct RawDicomTls {
+    listen: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    client_ca_file: Option<String>,
+}
+
+/// `tls_cert_file` + `tls_key_file` under `prefix`: both or neither (`Some(None)`).
+fn tls_files(
+    c: &mut Collector,
+    prefix: &str,
+    cert: Option<&str>,
+    key: Option<&str>,
+) -> Option<Option<TlsFiles>> {
+    let cert_file = c.parse_opt(format!("{prefix}tls_cert_file"), cert, parse_path);
+    let key_file = c.parse_opt(format!("{prefix}tls_key_file"), key, parse_path);
+    match (cert_file?, key_file?) {
+        (Some(cert_file), Some(key_file)) => Some(Some(TlsFiles {
+            cert_file,
+            key_file,
+        })),
+        (None, None) => Some(None),
+        (Some(_), None) => {
+            c.push(
+                format!("{prefix}tls_key_file"),
+                format!("is required with {prefix}tls_cert_file (both, or neither for the device identity)"),
+            );
+            None
+        }
+        (None, Some(_)) => {
+            c.push(
+                format!("{prefix}tls_cert_file"),
+                format!("is required with {prefix}tls_key_file (both, or neither for the device identity)"),
+            );
+            None
+        }
+    }
+}
+
+/// `[dicom] tls_listen`, `tls_cert_file`/`tls_key_file`, `tls_client_ca_file`, and the
+/// rules tying them to `[[dicom.peers]]` and production mode. `Some(None)`: no TLS listener.
+fn dicom_tls(
+    c: &mut Collector,
+    raw: &RawDicomTls,
+    production: Option<bool>,
+    peers: Option<&[DicomPeer]>,
+    plain_listen: Option<SocketAddr>,
+) -> Option<Option<DicomTls>> {
+    let listen = c.parse_opt("dicom.tls_listen", raw.listen.as_deref(), parse_socket_addr);
+    let files = tls_files(
+        c,
+        "dicom.",
+        raw.cert_file.as_deref(),
+        raw.key_file.as_deref(),
+    );
+    let client_ca_file = c.parse_opt(
+        "dicom.tls_client_ca_file",
+        raw.client_ca_file.as_deref(),
+        parse_path,
+    );
+    let tls_listen_given = raw.listen.is_some();
+    if !tls_listen_given {
+        for (key, present) in [
+            ("dicom.tls_cert_file", raw.cert_file.is_some()),
+            ("dicom.tls_key_file", raw.key_file.is_some()),
+            ("dicom.tls_client_ca_file", raw.client_ca_file.is_some()),
+        ] {
+            if present {
+                c.push(
+                    key,
+                    "needs dicom.tls_listen (the TLS listener's own address)",
+                );
+            }
+        }
+    }
+    let named = peers
+        .unwrap_or_default()
+        .iter()
+        .position(|p| p.tls_client_name.is_some());
+    if let Some(i) = named
+        && raw.client_ca_file.is_none()
+    {
+        c.push(
+            format!("dicom.peers[{i}].tls_client_name"),
+            "needs dicom.tls_listen and dicom.tls_client_ca_file (a name is only known from a verified client certificate)",
+        );
+    }
+    let listen = listen?;
+    if let Some(l) = listen {
+        if Some(l) == plain_listen {
+            c.push(
+                "dicom.tls_listen",
+                format!("{l} is also dicom.listen: the TLS listener needs its own port"),
+            );
+        }
+        if production == Some(true)
+            && raw.client_ca_file.is_none()
+            && peers.is_some_and(<[DicomPeer]>::is_empty)
+            && !is_loopback(&l)
+        {
+            c.push(
+                "dicom.peers",
+                "production mode needs an allow list of calling AE title + address for a DICOM TLS listener without dicom.tls_client_ca_file on a non-loopback address",
+            );
+        }
+    }
+    let files = files?;
+    let client_ca_file = client_ca_file?;
+    Some(listen.map(|listen| DicomTls {
+        listen,
+        files,
+        client_ca_file,
+    }))
+}
+
+/// `[[dicom.peers]] tls_client_name`: a non-empty name without control characters.
+fn dicom_peer_tls_name(
+    c: &mut Collector,
+    name: Option<String>,
+    i: usize,
+) -> Option<Option<String>> {
+    match name {
+        None => Some(None),
+        Some(n) if !n.trim().is_empty() && !n.chars().any(char::is_control) => Some(Some(n)),
+        Some(_) => {
+            c.push(
+                format!("dicom.peers[{i}].tls_client_name"),
+                "must be a certificate name (DNS name or common name), not empty",
+            );
+            None
+        }
+    }
+}
+
+/// `[[results.deliver]] kind = "dicom"` TLS keys: `tls_ca_file` switches TLS on;
+/// `tls_cert_file`/`tls_key_file` (both or neither) need it. `Some(None)`: plain DIMSE.
+fn deliver_tls(c: &mut Collector, d: &raw::RawDeliver, i: usize) -> Option<Option<DeliverTls>> {
+    let prefix = format!("results.deliver[{i}].");
+    let ca_file = c.parse_opt(
+        format!("{prefix}tls_ca_file"),
+        d.tls_ca_file.as_deref(),
+        parse_path,
+    );
+    let files = tls_files(
+        c,
+        &prefix,
+        d.tls_cert_file.as_deref(),
+        d.tls_key_file.as_deref(),
+    );
+    let ca_file = ca_file?;
+    let files = files?;
+    match (ca_file, files) {
+        (Some(ca_file), files) => Some(Some(DeliverTls { ca_file, files })),
+        (None, None) => Some(None),
+        (None, Some(_)) => {
+            c.push(
+                format!("{prefix}tls_ca_file"),
+                "is required with tls_cert_file/tls_key_file (the CA the PACS's certificate is verified against)",
+            );
+            None
+        }
+    }
 }
 
 fn hl7(c: &mut Collector, raw: raw::RawHl7, production: Option<bool>) -> Option<Hl7> {

@@ -970,6 +970,7 @@ fn clinic_results_with_a_pacs_and_an_emr_parse_with_defaults() {
             port,
             called_ae,
             calling_ae,
+            tls: None,
         } => {
             assert_eq!(
                 (name.as_str(), host.as_str(), *port),

@@ -12,10 +12,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use dicom_ul::Pdu;
-use dicom_ul::association::AsyncServerAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use gateway_spool::{Committed, ObjectMeta, Spool, SpoolError};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -32,7 +30,7 @@ const SOURCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// PDUs buffered between the network and an object's writer thread.
 const SINK_DEPTH: usize = 8;
 
-type Association = AsyncServerAssociation<TcpStream>;
+type Association = crate::link::Link;
 
 /// Why the loop ends.
 enum End {

@@ -10,6 +10,7 @@ use dicom_ul::ServerAssociationOptions;
 use dicom_ul::association::server::{AcceptCalledAeTitle, DefaultNegotiation};
 use gateway_spool::Spool;
 
+use crate::link::Syntaxes;
 use crate::metrics::Metrics;
 use crate::worklist::WorklistSource;
 
@@ -21,6 +22,8 @@ pub(crate) type Options =
 #[derive(Debug)]
 pub(crate) struct Context {
     pub options: Arc<Options>,
+    /// The same syntaxes as `options`, for the TLS listener's negotiation.
+    pub syntaxes: Arc<Syntaxes>,
     pub spool: Spool,
     pub metrics: Metrics,
     pub idle_timeout: Duration,

@@ -3,7 +3,12 @@
 //! [`WorklistSource`] ([`DicomService::with_worklist`]), a Modality Worklist C-FIND SCP.
 //!
 //! Module map:
-//! - [`service`]: [`DicomService`], the TCP listener, connection limits and shutdown.
+//! - [`service`]: [`DicomService`], the TCP listener and the DICOM-over-TLS listener
+//!   (handshake bounded by ARTIM, then the same policy and association loop), connection
+//!   limits and shutdown.
+//! - `link`: the transport under an association: dicom-ul's over TCP, or this crate's
+//!   over TLS with its own negotiation mirroring dicom-ul's (dicom-ul cannot take a TLS
+//!   stream whose A-ASSOCIATE-RQ was already read for the policy).
 //! - [`policy`]: who may associate (called/calling AE title, address) and how many at once.
 //! - `context`: what the listener hands every association (options, spool, metrics,
 //!   worklist); `service` -> `association` -> `context`, never back.
@@ -47,6 +52,7 @@ pub mod charset;
 mod context;
 pub mod dimse;
 pub mod element;
+mod link;
 pub mod metrics;
 pub mod part10;
 pub mod policy;
@@ -59,6 +65,9 @@ pub mod walker;
 pub mod worklist;
 
 pub use policy::{Peer, PolicySettings};
-pub use scu::{Scu, ScuAssociation, ScuError, ScuSettings, ScuTarget, StoreObject, StoreOutcome};
-pub use service::{DicomError, DicomService, DicomSettings};
+pub use scu::{
+    Scu, ScuAssociation, ScuError, ScuLink, ScuSettings, ScuTarget, ScuTls, StoreObject,
+    StoreOutcome,
+};
+pub use service::{DicomError, DicomService, DicomSettings, TlsListenerSettings};
 pub use worklist::WorklistSource;

@@ -3,7 +3,9 @@
 //! Decided from the A-ASSOCIATE-RQ before dicom-ul negotiates presentation contexts:
 //! 1. the called AE title must be ours (else service-user reason 7);
 //! 2. when an allow list is configured, the calling AE title and source address must be on
-//!    it (else service-user reason 3, "calling AE title not recognized");
+//!    it (else service-user reason 3, "calling AE title not recognized"); an entry with a
+//!    `tls_client_name` matches only a TLS association whose verified client certificate
+//!    carries that name ([`Gatekeeper::admit_as`]);
 //! 3. a global limit and a per-peer limit (calling AE title + address), both answered with
 //!    source 3 (service-provider, presentation) reason 2, "local limit exceeded", transient.
 //!
@@ -25,6 +27,9 @@ pub struct Peer {
     pub host: IpAddr,
     /// Overrides the per-peer limit for this peer.
     pub max_associations: Option<u32>,
+    /// Matches only over TLS with a verified client certificate carrying this name (DNS
+    /// SAN or subject CN, `gateway_tls::peer_names`).
+    pub tls_client_name: Option<String>,
 }
 
 /// Association policy settings.
@@ -141,6 +146,19 @@ impl Gatekeeper {
 
     /// Decides on an association request from `calling` at `addr` addressed to `called`.
     pub fn admit(&self, calling: &str, called: &str, addr: IpAddr) -> Result<Permit, Refusal> {
+        self.admit_as(calling, called, addr, None)
+    }
+
+    /// [`Gatekeeper::admit`] for a peer that may have proved an identity: `cert_names` are
+    /// the names of its verified TLS client certificate (`None`: plain TCP, or TLS without
+    /// client certificates). Allow-list entries with a `tls_client_name` need it among them.
+    pub fn admit_as(
+        &self,
+        calling: &str,
+        called: &str,
+        addr: IpAddr,
+        cert_names: Option<&[String]>,
+    ) -> Result<Permit, Refusal> {
         let calling = calling.trim();
         if called.trim() != self.settings.ae_title {
             return Err(Refusal::CalledAeTitle);
@@ -153,7 +171,13 @@ impl Gatekeeper {
                 .settings
                 .peers
                 .iter()
-                .find(|p| p.ae_title == calling && canonical(p.host) == addr)
+                .find(|p| {
+                    p.ae_title == calling
+                        && canonical(p.host) == addr
+                        && p.tls_client_name
+                            .as_ref()
+                            .is_none_or(|name| cert_names.is_some_and(|names| names.contains(name)))
+                })
                 .ok_or(Refusal::CallingAeTitle)?;
             peer.max_associations
                 .unwrap_or(self.settings.max_associations_per_peer)
@@ -233,6 +257,7 @@ mod tests {
                 ae_title: "CT01".into(),
                 host: ip("10.0.0.5"),
                 max_associations: None,
+                tls_client_name: None,
             }],
             4,
             4,
@@ -247,6 +272,44 @@ mod tests {
             g.admit("EVIL", "GATEWAY", ip("10.0.0.5")).unwrap_err(),
             Refusal::CallingAeTitle
         );
+    }
+
+    #[test]
+    fn a_certificate_name_entry_needs_that_name_on_a_verified_certificate() {
+        let g = keeper(
+            vec![Peer {
+                ae_title: "CT01".into(),
+                host: ip("10.0.0.5"),
+                max_associations: None,
+                tls_client_name: Some("ct01.clinic".into()),
+            }],
+            4,
+            4,
+        );
+        let at = ip("10.0.0.5");
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(
+            g.admit_as(
+                "CT01",
+                "GATEWAY",
+                at,
+                Some(&names(&["ct01.clinic", "CT01"]))
+            )
+            .is_ok()
+        );
+        for refused in [
+            g.admit("CT01", "GATEWAY", at),
+            g.admit_as("CT01", "GATEWAY", at, None),
+            g.admit_as("CT01", "GATEWAY", at, Some(&names(&["mr01.clinic"]))),
+            g.admit_as(
+                "CT01",
+                "GATEWAY",
+                ip("10.0.0.6"),
+                Some(&names(&["ct01.clinic"])),
+            ),
+        ] {
+            assert_eq!(refused.unwrap_err(), Refusal::CallingAeTitle);
+        }
     }
 
     #[test]
@@ -285,6 +348,7 @@ mod tests {
                 ae_title: "CT01".into(),
                 host: ip("127.0.0.1"),
                 max_associations: Some(2),
+                tls_client_name: None,
             }],
             8,
             1,

@@ -34,14 +34,19 @@
 //!   class and transfer syntax UIDs (standard identifiers) and fixed reasons. dicom-ul's
 //!   own error texts (which may print a whole PDU) are never passed on.
 //! - TLS: [`ScuAssociation`] is generic over its stream; [`Scu::connect`] makes a plain
-//!   TCP one. DICOM over TLS would build the same association over dicom-ul's
-//!   `AsyncTlsStream` (dicom-ul feature `async-tls`, `establish_tls_async`); the store and
-//!   release paths need no change. Not implemented yet.
+//!   TCP one, [`Scu::connect_tls`] one over dicom-ul's `AsyncTlsStream` (feature
+//!   `async-tls`) with a rustls configuration from `gateway_tls::client_config` (the
+//!   PS3.15 BCP 195 profile, the PACS verified against its CA, the client certificate from
+//!   the device identity or files; the name verified is the target's host). The store and
+//!   release paths are the same. [`Scu::open`] picks one as [`Scu::with_tls`] said and
+//!   returns a [`ScuLink`].
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_ul::ClientAssociationOptions;
+use dicom_ul::association::client::AsyncTlsStream;
 use dicom_ul::association::{AsyncClientAssociation, Error as UlError};
 use dicom_ul::pdu::{AssociationRJResult, PDataValue, PDataValueType, Pdu};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -287,15 +292,158 @@ pub fn retryable_status(status: u16) -> bool {
 }
 
 /// A C-STORE SCU for one destination.
+/// DICOM over TLS for [`Scu::with_tls`]: the rustls client configuration, built by
+/// `gateway_tls::client_config`.
+#[derive(Debug, Clone)]
+pub struct ScuTls {
+    pub config: Arc<rustls::ClientConfig>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Scu {
     target: ScuTarget,
     settings: ScuSettings,
+    tls: Option<ScuTls>,
+}
+
+/// An association [`Scu::open`] made: plain TCP or TLS.
+#[derive(Debug)]
+pub enum ScuLink {
+    Plain(Box<ScuAssociation<TcpStream>>),
+    Tls(Box<ScuAssociation<AsyncTlsStream>>),
+}
+
+impl ScuLink {
+    /// See [`ScuAssociation::accepts`].
+    pub fn accepts(&self, context: &ObjectContext) -> bool {
+        match self {
+            Self::Plain(a) => a.accepts(context),
+            Self::Tls(a) => a.accepts(context),
+        }
+    }
+
+    /// See [`ScuAssociation::is_usable`].
+    pub fn is_usable(&self) -> bool {
+        match self {
+            Self::Plain(a) => a.is_usable(),
+            Self::Tls(a) => a.is_usable(),
+        }
+    }
+
+    /// See [`ScuAssociation::store`].
+    pub async fn store(&mut self, object: &StoreObject) -> Result<StoreOutcome, ScuError> {
+        match self {
+            Self::Plain(a) => a.store(object).await,
+            Self::Tls(a) => a.store(object).await,
+        }
+    }
+
+    /// See [`ScuAssociation::delivered`].
+    pub fn delivered(&self) -> u64 {
+        match self {
+            Self::Plain(a) => a.delivered(),
+            Self::Tls(a) => a.delivered(),
+        }
+    }
+
+    /// See [`ScuAssociation::release`].
+    pub async fn release(self) -> Result<(), ScuError> {
+        match self {
+            Self::Plain(a) => (*a).release().await,
+            Self::Tls(a) => (*a).release().await,
+        }
+    }
+
+    /// See [`ScuAssociation::abort`].
+    pub async fn abort(self) {
+        match self {
+            Self::Plain(a) => (*a).abort().await,
+            Self::Tls(a) => (*a).abort().await,
+        }
+    }
 }
 
 impl Scu {
     pub fn new(target: ScuTarget, settings: ScuSettings) -> Self {
-        Self { target, settings }
+        Self {
+            target,
+            settings,
+            tls: None,
+        }
+    }
+
+    /// [`Scu::open`] connects over TLS with `tls`.
+    #[must_use]
+    pub fn with_tls(mut self, tls: ScuTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// [`Scu::connect`], or [`Scu::connect_tls`] after [`Scu::with_tls`].
+    pub async fn open(
+        &self,
+        contexts: impl IntoIterator<Item = ObjectContext>,
+    ) -> Result<ScuLink, ScuError> {
+        match &self.tls {
+            None => self
+                .connect(contexts)
+                .await
+                .map(|a| ScuLink::Plain(Box::new(a))),
+            Some(tls) => self
+                .connect_tls(contexts, Arc::clone(&tls.config))
+                .await
+                .map(|a| ScuLink::Tls(Box::new(a))),
+        }
+    }
+
+    /// Opens an association over TLS (handshake within the connect timeout's bound with
+    /// the association timeout), the server's certificate verified for the target's host.
+    pub async fn connect_tls(
+        &self,
+        contexts: impl IntoIterator<Item = ObjectContext>,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<ScuAssociation<AsyncTlsStream>, ScuError> {
+        let (options, peer, proposed) = self.options(contexts)?;
+        let host = &self.target.host;
+        let address = if host.contains(':') {
+            format!("[{host}]:{}", self.target.port)
+        } else {
+            format!("{host}:{}", self.target.port)
+        };
+        let options = options.tls_config(config).server_name(host);
+        let s = &self.settings;
+        let bound = s.connect_timeout.saturating_add(s.association_timeout);
+        let established =
+            tokio::time::timeout(bound, options.establish_with_async_tls(&address)).await;
+        let inner = match established {
+            Err(_) => {
+                return Err(ScuError::AssociationTimeout {
+                    peer,
+                    after: s.association_timeout,
+                });
+            }
+            Ok(Err(e)) => return Err(establish_error(e, peer, s, proposed)),
+            Ok(Ok(inner)) => inner,
+        };
+        let mut inner = inner;
+        if let Err(e) = inner.inner_stream().get_ref().0.set_nodelay(true) {
+            debug!(peer = %peer, error = %e, "TCP_NODELAY not set on the C-STORE connection");
+        }
+        info!(
+            peer = %peer,
+            calling_ae = %self.target.calling_ae,
+            proposed,
+            accepted = inner.presentation_contexts().len(),
+            transport = "tls",
+            "C-STORE association established"
+        );
+        Ok(ScuAssociation {
+            inner: Some(inner),
+            peer,
+            settings: self.settings.clone(),
+            message_id: 0,
+            delivered: 0,
+        })
     }
 
     /// Opens an association proposing one presentation context per distinct
@@ -304,6 +452,50 @@ impl Scu {
         &self,
         contexts: impl IntoIterator<Item = ObjectContext>,
     ) -> Result<ScuAssociation<TcpStream>, ScuError> {
+        let (options, peer, proposed) = self.options(contexts)?;
+        let s = &self.settings;
+        let address = (self.target.host.clone(), self.target.port);
+        // dicom-ul bounds the connect only; the whole exchange is bounded here.
+        let bound = s.connect_timeout.saturating_add(s.association_timeout);
+        let established = tokio::time::timeout(bound, options.establish_async(address)).await;
+        let inner = match established {
+            Err(_) => {
+                return Err(ScuError::AssociationTimeout {
+                    peer,
+                    after: s.association_timeout,
+                });
+            }
+            Ok(Err(e)) => return Err(establish_error(e, peer, s, proposed)),
+            Ok(Ok(inner)) => inner,
+        };
+        let mut inner = inner;
+        // Each C-STORE ends with a short segment; with Nagle on it would wait for the PACS's
+        // delayed ACK (tens of ms per object). A failure to set it only costs speed.
+        if let Err(e) = inner.inner_stream().set_nodelay(true) {
+            debug!(peer = %peer, error = %e, "TCP_NODELAY not set on the C-STORE connection");
+        }
+        info!(
+            peer = %peer,
+            calling_ae = %self.target.calling_ae,
+            proposed,
+            accepted = inner.presentation_contexts().len(),
+            "C-STORE association established"
+        );
+        Ok(ScuAssociation {
+            inner: Some(inner),
+            peer,
+            settings: self.settings.clone(),
+            message_id: 0,
+            delivered: 0,
+        })
+    }
+
+    /// The association request's options for `contexts`, the peer's name and how many
+    /// contexts are proposed.
+    fn options(
+        &self,
+        contexts: impl IntoIterator<Item = ObjectContext>,
+    ) -> Result<(ClientAssociationOptions<'static>, String, usize), ScuError> {
         let peer = self.target.peer();
         for ae in [&self.target.called_ae, &self.target.calling_ae] {
             if !valid_ae_title(ae) {
@@ -340,40 +532,7 @@ impl Scu {
                 vec![c.transfer_syntax_uid.clone()],
             );
         }
-        let address = (self.target.host.clone(), self.target.port);
-        // dicom-ul bounds the connect only; the whole exchange is bounded here.
-        let bound = s.connect_timeout.saturating_add(s.association_timeout);
-        let established = tokio::time::timeout(bound, options.establish_async(address)).await;
-        let inner = match established {
-            Err(_) => {
-                return Err(ScuError::AssociationTimeout {
-                    peer,
-                    after: s.association_timeout,
-                });
-            }
-            Ok(Err(e)) => return Err(establish_error(e, peer, s, contexts.len())),
-            Ok(Ok(inner)) => inner,
-        };
-        let mut inner = inner;
-        // Each C-STORE ends with a short segment; with Nagle on it would wait for the PACS's
-        // delayed ACK (tens of ms per object). A failure to set it only costs speed.
-        if let Err(e) = inner.inner_stream().set_nodelay(true) {
-            debug!(peer = %peer, error = %e, "TCP_NODELAY not set on the C-STORE connection");
-        }
-        info!(
-            peer = %peer,
-            calling_ae = %self.target.calling_ae,
-            proposed = contexts.len(),
-            accepted = inner.presentation_contexts().len(),
-            "C-STORE association established"
-        );
-        Ok(ScuAssociation {
-            inner: Some(inner),
-            peer,
-            settings: self.settings.clone(),
-            message_id: 0,
-            delivered: 0,
-        })
+        Ok((options, peer, contexts.len()))
     }
 }
 
@@ -398,12 +557,22 @@ fn establish_error(e: UlError, peer: String, s: &ScuSettings, proposed: usize) -
             peer,
             after: s.connect_timeout,
         },
-        UlError::Connect { source, .. } | UlError::ToAddress { source, .. } => {
-            ScuError::Connect { peer, source }
-        }
+        UlError::Connect { source, .. }
+        | UlError::ToAddress { source, .. }
+        | UlError::TlsHandshake { source, .. } => ScuError::Connect { peer, source },
+        UlError::InvalidServerName { .. } => ScuError::InvalidTarget {
+            peer,
+            reason: "the host is not a name or address a TLS certificate can be checked for",
+        },
         UlError::UnexpectedPdu { pdu, .. } if matches!(*pdu, Pdu::AbortRQ { .. }) => {
             ScuError::Aborted { peer }
         }
+        // dicom-ul (async-tls) reports any failure to read the answer after a TLS
+        // handshake this way, e.g. a PACS that refused our client certificate.
+        UlError::TlsNotSupported => ScuError::Protocol {
+            peer,
+            reason: "the peer ended the TLS session without answering the association request (client certificate refused?)",
+        },
         other => link_error(other, peer),
     }
 }

@@ -1,5 +1,12 @@
-//! The DICOM listener: accepts connections, applies the association policy before
-//! negotiation, hands admitted associations to their own task, and drains on shutdown.
+//! The DICOM listeners: accept connections (plain TCP, and DICOM over TLS on its own port
+//! when configured), apply the association policy before negotiation, hand admitted
+//! associations to their own task, and drain on shutdown.
+//!
+//! Over TLS the handshake comes first, bounded by the ARTIM timeout; a failed one (a plain
+//! client, a certificate from another CA, TLS 1.0) is logged with the peer address only,
+//! counted as `gateway_dicom_associations_rejected{reason="tls_handshake"}`, and the
+//! listener goes on. Then the same policy (with the verified client certificate's names),
+//! limits, statuses and association loop as the plain listener.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,14 +17,16 @@ use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource};
 use dicom_ul::{Pdu, ServerAssociationOptions};
 use gateway_spool::Spool;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::association;
 use crate::context::{Context, Options};
+use crate::link::{Link, Syntaxes, TlsAssociation};
 use crate::metrics::Metrics;
 use crate::policy::{Gatekeeper, PolicySettings, Refusal};
 use crate::storage_classes::STORAGE_SOP_CLASSES;
@@ -41,6 +50,16 @@ pub struct DicomSettings {
     pub idle_timeout: Duration,
     /// How long in-flight associations may continue after shutdown starts.
     pub shutdown_grace: Duration,
+    /// DICOM over TLS on its own port (`[dicom] tls_listen`).
+    pub tls: Option<TlsListenerSettings>,
+}
+
+/// The TLS listener: its address and the rustls configuration (from `gateway_tls`: the
+/// profile's suites, certificate files or the device identity, optional client CA).
+#[derive(Debug, Clone)]
+pub struct TlsListenerSettings {
+    pub listen: SocketAddr,
+    pub config: Arc<rustls::ServerConfig>,
 }
 
 /// Service failures (only at bind time: after that, failures are per connection).
@@ -57,6 +76,7 @@ pub enum DicomError {
 #[derive(Debug)]
 pub struct DicomService {
     listener: TcpListener,
+    tls_listener: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     settings: DicomSettings,
     ctx: Arc<Context>,
     gatekeeper: Gatekeeper,
@@ -78,10 +98,24 @@ impl DicomService {
                     addr: settings.listen,
                     source,
                 })?;
+        let tls_listener = match &settings.tls {
+            None => None,
+            Some(tls) => {
+                let listener =
+                    TcpListener::bind(tls.listen)
+                        .await
+                        .map_err(|source| DicomError::Bind {
+                            addr: tls.listen,
+                            source,
+                        })?;
+                Some((listener, Arc::clone(&tls.config)))
+            }
+        };
         let metrics = Metrics::register(registry);
         let gatekeeper = Gatekeeper::new(settings.policy.clone());
         let ctx = Arc::new(Context {
             options: build_options(&settings, false),
+            syntaxes: build_syntaxes(&settings, false),
             spool,
             metrics,
             idle_timeout: settings.idle_timeout,
@@ -89,6 +123,7 @@ impl DicomService {
         });
         Ok(Self {
             listener,
+            tls_listener,
             settings,
             ctx,
             gatekeeper,
@@ -118,6 +153,7 @@ impl DicomService {
     pub fn with_worklist(mut self, source: Arc<dyn WorklistSource>) -> Self {
         self.ctx = Arc::new(Context {
             options: build_options(&self.settings, true),
+            syntaxes: build_syntaxes(&self.settings, true),
             spool: self.ctx.spool.clone(),
             metrics: self.ctx.metrics.clone(),
             idle_timeout: self.ctx.idle_timeout,
@@ -131,17 +167,28 @@ impl DicomService {
         self.listener.local_addr().ok()
     }
 
+    /// The TLS listener's bound address, when there is one.
+    pub fn local_tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` turns true, then stops accepting, lets open associations
     /// finish for up to `shutdown_grace`, and aborts what is left.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let Self {
             listener,
+            tls_listener,
             settings,
             ctx,
             gatekeeper,
             disabled,
         } = self;
         info!(listen = %settings.listen, ae_title = %gatekeeper.ae_title(), "DICOM service listening");
+        if let Some(tls) = &settings.tls {
+            info!(listen = %tls.listen, "DICOM over TLS listening");
+        }
         let (hard_stop_tx, hard_stop) = watch::channel(false);
         let max_connections = settings.policy.max_associations as usize + CONNECTION_SLACK;
         let mut tasks = JoinSet::new();
@@ -171,9 +218,31 @@ impl DicomService {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
+                accepted = accept_tls(tls_listener.as_ref()) => match accepted {
+                    Ok((stream, addr, acceptor)) => {
+                        if tasks.len() >= max_connections {
+                            debug!(peer = %addr, "TLS connection refused: too many open connections");
+                            ctx.metrics.rejected("connections");
+                            continue;
+                        }
+                        let ctx = Arc::clone(&ctx);
+                        let gatekeeper = gatekeeper.clone();
+                        let hard_stop = hard_stop.clone();
+                        let artim = settings.artim_timeout;
+                        let disabled = *disabled.borrow();
+                        tasks.spawn(async move {
+                            handle_tls_connection(stream, addr, acceptor, ctx, gatekeeper, artim, hard_stop, disabled).await;
+                        });
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "TLS accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
             }
         }
         drop(listener);
+        drop(tls_listener);
         info!(open = tasks.len(), grace = ?settings.shutdown_grace, "DICOM service draining");
         let grace = tokio::time::sleep(settings.shutdown_grace);
         tokio::pin!(grace);
@@ -196,6 +265,37 @@ impl DicomService {
         }
         info!("DICOM service stopped");
     }
+}
+
+/// Accepts on the TLS listener; never ready without one.
+async fn accept_tls(
+    listener: Option<&(TcpListener, Arc<rustls::ServerConfig>)>,
+) -> std::io::Result<(TcpStream, SocketAddr, TlsAcceptor)> {
+    match listener {
+        Some((listener, config)) => {
+            let (stream, addr) = listener.accept().await?;
+            Ok((stream, addr, TlsAcceptor::from(Arc::clone(config))))
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The abstract and transfer syntaxes [`build_options`] gives dicom-ul, for the TLS
+/// listener's own negotiation (`link::negotiate`).
+fn build_syntaxes(settings: &DicomSettings, worklist: bool) -> Arc<Syntaxes> {
+    let mut abstract_syntaxes = vec![dicom_dictionary_std::uids::VERIFICATION.to_string()];
+    abstract_syntaxes.extend(STORAGE_SOP_CLASSES.iter().map(|uid| uid.to_string()));
+    if worklist {
+        abstract_syntaxes.push(MODALITY_WORKLIST_FIND.to_string());
+    }
+    Arc::new(Syntaxes {
+        abstract_syntaxes,
+        transfer_syntaxes: TransferSyntaxRegistry
+            .iter()
+            .map(|ts| ts.uid().to_string())
+            .collect(),
+        max_pdu_length: settings.max_pdu_length,
+    })
 }
 
 fn build_options(settings: &DicomSettings, worklist: bool) -> Arc<Options> {
@@ -271,9 +371,155 @@ async fn handle_connection(
     };
     ctx.metrics.associations_active.inc();
     ctx.metrics.associations_accepted.inc();
-    association::serve(association, &ctx, &calling, addr, hard_stop).await;
+    association::serve(
+        Link::Plain(Box::new(association)),
+        &ctx,
+        &calling,
+        addr,
+        hard_stop,
+    )
+    .await;
     ctx.metrics.associations_active.dec();
     drop(permit);
+}
+
+/// One connection on the TLS listener: handshake (bounded by ARTIM), then the same
+/// policy as [`handle_connection`] with the client certificate's names, our own
+/// negotiation (`link::negotiate`), and the same association loop.
+#[allow(clippy::too_many_arguments)]
+async fn handle_tls_connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    ctx: Arc<Context>,
+    gatekeeper: Gatekeeper,
+    artim: Duration,
+    hard_stop: watch::Receiver<bool>,
+    disabled: bool,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut tls = match tokio::time::timeout(artim, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            // rustls' errors name the protocol failure (alerts, versions, certificate
+            // checks), never application data.
+            info!(peer = %addr, error = %e, "TLS handshake failed");
+            ctx.metrics.rejected("tls_handshake");
+            return;
+        }
+        Err(_) => {
+            info!(peer = %addr, "ARTIM timeout during the TLS handshake");
+            ctx.metrics.rejected("tls_handshake");
+            return;
+        }
+    };
+    let cert_names: Option<Vec<String>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(gateway_tls::peer_names);
+    let mut received = Vec::new();
+    let (calling, called, rq_len) =
+        match tokio::time::timeout(artim, read_associate_rq(&mut tls, &mut received)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(reason)) => {
+                debug!(peer = %addr, reason, "not an association request over TLS: aborting");
+                ctx.metrics.rejected("protocol");
+                abort_raw(tls).await;
+                return;
+            }
+            Err(_) => {
+                debug!(peer = %addr, "ARTIM timeout before association request over TLS");
+                ctx.metrics.rejected("artim");
+                abort_raw(tls).await;
+                return;
+            }
+        };
+    let admitted = if disabled {
+        Err(Refusal::Disabled)
+    } else {
+        gatekeeper.admit_as(&calling, &called, addr.ip(), cert_names.as_deref())
+    };
+    let permit = match admitted {
+        Ok(p) => p,
+        Err(refusal) => {
+            info!(peer = %addr, calling_ae = %calling, reason = refusal.label(), transport = "tls", "association rejected");
+            ctx.metrics.rejected(refusal.label());
+            reject_raw(tls, 0, Pdu::AssociationRJ(refusal.pdu()), artim).await;
+            return;
+        }
+    };
+    let request = received.get(..rq_len).unwrap_or_default();
+    let rq = match dicom_ul::read_pdu(request, MAX_ASSOCIATE_RQ as u32, false) {
+        Ok(Some(Pdu::AssociationRQ(rq))) => rq,
+        _ => {
+            ctx.metrics.rejected("protocol");
+            abort_raw(tls).await;
+            return;
+        }
+    };
+    let negotiated = match crate::link::negotiate(rq, &ctx.syntaxes) {
+        Ok(n) => n,
+        Err(rj) => {
+            info!(peer = %addr, calling_ae = %calling, "association negotiation failed: protocol version or application context");
+            reject_raw(tls, 0, Pdu::AssociationRJ(rj), artim).await;
+            return;
+        }
+    };
+    let mut ac = Vec::new();
+    if dicom_ul::write_pdu(&mut ac, &negotiated.ac).is_err() {
+        abort_raw(tls).await;
+        return;
+    }
+    let sent = tokio::time::timeout(artim, async {
+        tls.write_all(&ac).await?;
+        tls.flush().await
+    })
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        info!(peer = %addr, calling_ae = %calling, "association negotiation failed: A-ASSOCIATE-AC not sent");
+        return;
+    }
+    let rest = received.get(rq_len..).unwrap_or_default();
+    let association = TlsAssociation::new(tls, rest, negotiated, ctx.syntaxes.max_pdu_length);
+    ctx.metrics.associations_active.inc();
+    ctx.metrics.associations_accepted.inc();
+    association::serve(
+        Link::Tls(Box::new(association)),
+        &ctx,
+        &calling,
+        addr,
+        hard_stop,
+    )
+    .await;
+    ctx.metrics.associations_active.dec();
+    drop(permit);
+}
+
+/// Reads until `buf` holds a whole first PDU and, if it is an A-ASSOCIATE-RQ, returns
+/// calling and called AE titles and its length (bytes after it stay in `buf`).
+async fn read_associate_rq<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<(String, String, usize), &'static str> {
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match classify_first_pdu(buf) {
+            FirstPdu::AssociateRq {
+                calling,
+                called,
+                len,
+            } => return Ok((calling, called, len)),
+            FirstPdu::Invalid(reason) => return Err(reason),
+            FirstPdu::Incomplete => {}
+        }
+        let n = stream.read(&mut chunk).await.map_err(|_| "read error")?;
+        if n == 0 {
+            return Err("connection closed");
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    }
 }
 
 /// What the first bytes of a connection say.
@@ -345,13 +591,21 @@ async fn peek_associate_rq(stream: &TcpStream) -> Result<(String, String, usize)
 /// Consumes the request and answers with `pdu`. As PS3.8 (state Sta13) asks, the
 /// requestor closes the connection after reading the rejection; we close only when it has,
 /// or when ARTIM expires, so the answer never races a close of our own.
-async fn reject_raw(mut stream: TcpStream, rq_len: usize, pdu: Pdu, artim: Duration) {
+async fn reject_raw<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    rq_len: usize,
+    pdu: Pdu,
+    artim: Duration,
+) {
     let mut discard = vec![0u8; rq_len];
     if stream.read_exact(&mut discard).await.is_err() {
         return;
     }
     let mut out = Vec::new();
-    if dicom_ul::write_pdu(&mut out, &pdu).is_err() || stream.write_all(&out).await.is_err() {
+    if dicom_ul::write_pdu(&mut out, &pdu).is_err()
+        || stream.write_all(&out).await.is_err()
+        || stream.flush().await.is_err()
+    {
         return;
     }
     let _ = tokio::time::timeout(artim, async {
@@ -362,13 +616,17 @@ async fn reject_raw(mut stream: TcpStream, rq_len: usize, pdu: Pdu, artim: Durat
 }
 
 /// Sends an A-ABORT on a connection that never became an association, and closes it.
-async fn abort_raw(mut stream: TcpStream) {
+async fn abort_raw<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     let pdu = Pdu::AbortRQ {
         source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::UnexpectedPdu),
     };
     let mut out = Vec::new();
     if dicom_ul::write_pdu(&mut out, &pdu).is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            stream.write_all(&out).await?;
+            stream.flush().await
+        })
+        .await;
     }
     // Drain what the peer already sent so that closing does not turn into a reset.
     let _ = tokio::time::timeout(Duration::from_millis(100), async {

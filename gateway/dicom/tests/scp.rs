@@ -340,6 +340,7 @@ async fn peer_limit_and_allow_list_are_enforced() {
                 ae_title: "CT01".into(),
                 host: "127.0.0.1".parse().unwrap(),
                 max_associations: None,
+                tls_client_name: None,
             }];
         },
         Limits {

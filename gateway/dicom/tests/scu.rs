@@ -90,6 +90,11 @@ struct StoreScp {
 
 impl StoreScp {
     fn start(ae: &str) -> Self {
+        Self::start_with(ae, &[])
+    }
+
+    /// `storescp -aet AE +B [args] -od DIR PORT`.
+    fn start_with(ae: &str, args: &[&std::ffi::OsStr]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -97,7 +102,9 @@ impl StoreScp {
             .unwrap()
             .port();
         let mut child = Command::new("storescp")
-            .args(["-aet", ae, "+B", "-od"])
+            .args(["-aet", ae, "+B"])
+            .args(args)
+            .arg("-od")
             .arg(dir.path())
             .arg(port.to_string())
             .stdout(Stdio::null())
@@ -595,4 +602,254 @@ fn contexts_are_proposed_once_per_class_and_transfer_syntax() {
             transfer_syntax_uid: EXPLICIT_LE.into()
         }
     );
+}
+
+/// A software stand-in for the key store's device identity (P-256): the TLS client key is
+/// used only through `gateway_tls`'s signer, as the TPM's is.
+#[derive(Debug)]
+struct SoftIdentity(rcgen::KeyPair);
+
+impl gateway_keystore::DeviceIdentity for SoftIdentity {
+    fn public_key(&self) -> Vec<u8> {
+        rcgen::PublicKeyData::der_bytes(&self.0).to_vec()
+    }
+
+    fn sign_sha256(&self, message: &[u8]) -> Result<Vec<u8>, gateway_keystore::KeyStoreError> {
+        Ok(rcgen::SigningKey::sign(&self.0, message).unwrap())
+    }
+}
+
+/// A CA and certificates it issues, as PEM files in a temp dir.
+struct TestCa {
+    key: rcgen::KeyPair,
+    params: rcgen::CertificateParams,
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // Leaves get other subjects: a leaf named like its issuer looks self-signed.
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test clinic CA");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("ca.pem"),
+            params.self_signed(&key).unwrap().pem(),
+        )
+        .unwrap();
+        Self { key, params, dir }
+    }
+
+    fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A certificate for `key` with subject alternative names `sans`, PEM.
+    fn issue(&self, key: &rcgen::KeyPair, sans: &[&str]) -> String {
+        let issuer = rcgen::Issuer::new(self.params.clone(), &self.key);
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            sans.first().copied().unwrap_or("leaf"),
+        );
+        params.signed_by(key, &issuer).unwrap().pem()
+    }
+
+    fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// DCMTK storescp in TLS (its default BCP 195 profile), requiring a client certificate from
+/// the clinic CA; the gateway delivers with its device identity.
+#[tokio::test]
+async fn tls_delivery_with_the_device_identity_to_storescp_requiring_client_certificates() {
+    let clinic = TestCa::new();
+    let pacs_key = rcgen::KeyPair::generate().unwrap();
+    let pacs_cert = clinic.write("pacs.pem", &clinic.issue(&pacs_key, &["127.0.0.1"]));
+    let pacs_key_file = clinic.write("pacs.key", &pacs_key.serialize_pem());
+    let ca = clinic.ca_file();
+    let pacs = StoreScp::start_with(
+        "PACS",
+        &[
+            "+tls".as_ref(),
+            pacs_key_file.as_os_str(),
+            pacs_cert.as_os_str(),
+            "+cf".as_ref(),
+            ca.as_os_str(),
+            "--require-peer-cert".as_ref(),
+        ],
+    );
+    let device_key = rcgen::KeyPair::generate().unwrap();
+    let device_pem = clinic.issue(&device_key, &["gw-1.clinic.example"]);
+    let device_chain = rustls_chain(&device_pem);
+    let identity: std::sync::Arc<dyn gateway_keystore::DeviceIdentity> =
+        std::sync::Arc::new(SoftIdentity(device_key));
+    let config = gateway_tls::client_config(
+        &ca,
+        gateway_tls::ClientAuth::Identity {
+            identity,
+            chain: device_chain,
+        },
+    )
+    .unwrap();
+    let uid = "1.2.826.0.1.3680043.8.498.9.1";
+    let o = object(
+        CT,
+        uid,
+        EXPLICIT_LE,
+        &dataset(CT, uid, "ZZTEST^Tls", 70_000),
+    );
+    let scu = Scu::new(target(pacs.addr(), "PACS"), ScuSettings::default())
+        .with_tls(gateway_dicom::ScuTls { config });
+    let mut link = scu.open([o.context()]).await.unwrap();
+    assert!(matches!(link, gateway_dicom::ScuLink::Tls(_)));
+    assert_eq!(link.store(&o).await.unwrap(), StoreOutcome::Success);
+    link.release().await.unwrap();
+    let received = pacs.received();
+    assert!(
+        received
+            .get(uid)
+            .is_some_and(|(_, _, data)| data == o.data_set())
+    );
+
+    // A client certificate from another CA: storescp refuses the handshake.
+    let other = TestCa::new();
+    let stranger_key = rcgen::KeyPair::generate().unwrap();
+    let stranger_pem = other.issue(&stranger_key, &["gw-1.clinic.example"]);
+    let config = gateway_tls::client_config(
+        &ca,
+        gateway_tls::ClientAuth::Identity {
+            identity: std::sync::Arc::new(SoftIdentity(stranger_key)),
+            chain: rustls_chain(&stranger_pem),
+        },
+    )
+    .unwrap();
+    let refused = Scu::new(target(pacs.addr(), "PACS"), quick())
+        .with_tls(gateway_dicom::ScuTls { config })
+        .open([o.context()])
+        .await;
+    assert!(
+        refused.is_err(),
+        "another CA's client certificate was accepted"
+    );
+
+    // A PACS whose certificate is not from the CA we were given: we refuse it.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let config = gateway_tls::client_config(
+        &other.ca_file(),
+        gateway_tls::ClientAuth::Files {
+            cert_file: clinic.write("device2.pem", &clinic.issue(&key, &["gw-1"])),
+            key_file: clinic.write("device2.key", &key.serialize_pem()),
+        },
+    )
+    .unwrap();
+    let err = Scu::new(target(pacs.addr(), "PACS"), quick())
+        .with_tls(gateway_dicom::ScuTls { config })
+        .open([o.context()])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ScuError::Connect { .. }), "{err}");
+    assert_eq!(pacs.received().len(), 1, "nothing more arrived");
+}
+
+fn rustls_chain(pem: &str) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+/// The gateway's own SCP over TLS, driven by the SCU over TLS: the same statuses and the
+/// spool as over TCP, and an allow-list entry with `tls_client_name` admitting only a
+/// verified certificate carrying that name.
+#[tokio::test]
+async fn own_scp_over_tls_stores_and_matches_certificate_names() {
+    let clinic = TestCa::new();
+    let gw_key = rcgen::KeyPair::generate().unwrap();
+    let gw_cert = clinic.write("gw.pem", &clinic.issue(&gw_key, &["127.0.0.1"]));
+    let gw_key_file = clinic.write("gw.key", &gw_key.serialize_pem());
+    let ca = clinic.ca_file();
+    let server = gateway_tls::server_config(&gw_cert, &gw_key_file, Some(&ca)).unwrap();
+    let gw = Gateway::start_tls(
+        |p| {
+            p.peers = vec![gateway_dicom::Peer {
+                ae_title: "CLINICGW".into(),
+                host: "127.0.0.1".parse().unwrap(),
+                max_associations: None,
+                tls_client_name: Some("ct01.clinic".into()),
+            }];
+        },
+        server,
+    )
+    .await;
+    let tls_addr = gw.tls_addr.unwrap();
+    let client = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        gateway_dicom::ScuTls {
+            config: gateway_tls::client_config(
+                &ca,
+                gateway_tls::ClientAuth::Files {
+                    cert_file: clinic.write(&format!("{name}.pem"), &clinic.issue(&key, &[name])),
+                    key_file: clinic.write(&format!("{name}.key"), &key.serialize_pem()),
+                },
+            )
+            .unwrap(),
+        }
+    };
+    let good: Vec<StoreObject> = (1..=3)
+        .map(|i| {
+            let uid = format!("1.2.826.0.1.3680043.8.498.3.{i}");
+            object(
+                CT,
+                &uid,
+                EXPLICIT_LE,
+                &dataset(CT, &uid, "ZZTEST^Tls", 40_000 * i),
+            )
+        })
+        .collect();
+    let contexts = || good.iter().map(StoreObject::context);
+    let mut link = Scu::new(target(tls_addr, "GATEWAY"), quick())
+        .with_tls(client("ct01.clinic"))
+        .open(contexts())
+        .await
+        .unwrap();
+    for o in &good {
+        assert_eq!(link.store(o).await.unwrap(), StoreOutcome::Success);
+    }
+    link.release().await.unwrap();
+    assert_eq!(gw.spool.status().unwrap().objects, 3);
+
+    // Same CA, another name: the allow list refuses (service user, calling AE title).
+    let err = Scu::new(target(tls_addr, "GATEWAY"), quick())
+        .with_tls(client("mr01.clinic"))
+        .open(contexts())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ScuError::Rejected { permanent: true, reason, .. } if reason.contains("CallingAETitleNotRecognized")),
+        "{err:?}"
+    );
+    // The same AE title and address over plain TCP has no certificate name.
+    let err = connect(
+        gw.addr,
+        "GATEWAY",
+        quick(),
+        &good.iter().collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, ScuError::Rejected { .. }), "{err:?}");
+    assert_eq!(gw.spool.status().unwrap().objects, 3);
+    gw.shutdown().await;
 }

@@ -141,6 +141,7 @@ impl Gateway {
             artim_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(2),
+            tls: None,
         };
         let mut registry = prometheus_client::registry::Registry::default();
         let mut service = DicomService::bind(settings, spool, &mut registry)

@@ -16,6 +16,8 @@
 //!   metric handles.
 //! - `logring`: the log's last lines, for the fleet's `log-upload`.
 //! - `notify`: `sd_notify` for the systemd unit (READY, WATCHDOG, STOPPING).
+//! - `dicom_tls`: the rustls configurations of the DICOM TLS listener and of TLS results
+//!   delivery (certificate files or the device identity).
 //!
 //! Features: `tpm` (off by default) builds the TPM 2.0 key store (links libtss2); without
 //! it `keystore.backend = "tpm"` is refused by `check-config` and `run`.
@@ -23,6 +25,7 @@
 mod booking;
 mod cli;
 mod deid;
+mod dicom_tls;
 mod fleet;
 mod logring;
 mod notify;

@@ -214,7 +214,8 @@ async fn serve(
     let hl7_audit = derived.audit();
     drop(derived);
     let core = booking.as_ref().and_then(|b| b.core.as_ref());
-    let dicom_metrics = start_dicom(&ctx, core, &mut registry, &mut services).await?;
+    let dicom_metrics =
+        start_dicom(&ctx, core, keys.as_ref(), &mut registry, &mut services).await?;
     let hl7_metrics = start_hl7(&ctx, core, hl7_audit, &mut registry, &mut services).await?;
     if !keep_sent_for.is_zero() {
         services.spawn(spool.clone().run_retention(shutdown.clone()));
@@ -400,12 +401,15 @@ async fn start_booking(
 async fn start_dicom(
     ctx: &Wiring<'_>,
     core: Option<&crate::booking::CoreParts>,
+    keys: &dyn KeyStore,
     registry: &mut Registry,
     services: &mut Services,
 ) -> Result<Option<gateway_dicom::metrics::Metrics>, String> {
     let mut metrics = None;
     if let Some(dicom) = &ctx.settings.dicom {
-        let mut service = DicomService::bind(dicom_settings(dicom), ctx.spool.clone(), registry)
+        let mut settings = dicom_settings(dicom);
+        settings.tls = crate::dicom_tls::listener(dicom, &ctx.settings.node.data_dir, keys)?;
+        let mut service = DicomService::bind(settings, ctx.spool.clone(), registry)
             .await
             .map_err(|e| e.to_string())?
             .with_disabled(ctx.disabled.clone());
@@ -498,6 +502,7 @@ fn start_uplinks(
             port,
             called_ae,
             calling_ae,
+            tls,
         } = deliver
         {
             let target = gateway_dicom::scu::ScuTarget {
@@ -506,8 +511,18 @@ fn start_uplinks(
                 called_ae: called_ae.as_str().to_owned(),
                 calling_ae: calling_ae.as_str().to_owned(),
             };
+            let mut deliver_settings =
+                gateway_uplink::DeliverSettings::new(name.as_str().to_owned(), target);
+            if let Some(tls) = tls {
+                deliver_settings.tls = Some(crate::dicom_tls::deliver(
+                    name.as_str(),
+                    tls,
+                    data_dir,
+                    keys,
+                )?);
+            }
             let service = gateway_uplink::DimseDeliveryService::new(
-                gateway_uplink::DeliverSettings::new(name.as_str().to_owned(), target),
+                deliver_settings,
                 ctx.spool.clone(),
                 uplink_metrics.clone(),
             )
@@ -821,6 +836,7 @@ fn dicom_settings(dicom: &gateway_config::Dicom) -> DicomSettings {
                     ae_title: p.ae_title.as_str().to_string(),
                     host: p.host,
                     max_associations: p.max_associations,
+                    tls_client_name: p.tls_client_name.clone(),
                 })
                 .collect(),
         },
@@ -828,5 +844,6 @@ fn dicom_settings(dicom: &gateway_config::Dicom) -> DicomSettings {
         artim_timeout: dicom.artim_timeout.get(),
         idle_timeout: dicom.idle_timeout.get(),
         shutdown_grace: dicom.shutdown_grace.get(),
+        tls: None,
     }
 }

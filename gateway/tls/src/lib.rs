@@ -14,8 +14,16 @@
 //! - [`check`]: a handshake and one HTTP request (`gatewayd keys check-tls`), so an
 //!   installer can prove the box can authenticate to its cloud before leaving the site.
 //!
-//! Invariants: TLS 1.3, and TLS 1.2 only with rustls' suites (all AEAD with ECDHE, which is
-//! what RFC 9325 allows); the server is verified against the configured CA file only.
+//! - [`server_config_identity`]: a listener whose certificate is the installed device
+//!   certificate and whose key is the device identity (the TPM signs each handshake): the
+//!   DICOM TLS listener without certificate files.
+//! - [`peer_names`]: a verified client certificate's names (DNS SANs, then the subject CN),
+//!   the peer identity allow lists match against.
+//!
+//! Invariants: every configuration uses [`provider`]: TLS 1.3, and TLS 1.2 only with
+//! [`PROFILE_CIPHER_SUITES`] (ECDHE with AEAD: the PS3.15 "BCP 195 RFC 8996" profile, RFC
+//! 9325: no TLS 1.0/1.1, no CBC, no RSA key exchange, no static DH); the server is verified
+//! against the configured CA file only.
 
 // The one crate allowed to build rustls configurations (see clippy.toml `disallowed-methods`).
 #![allow(clippy::disallowed_methods)]
@@ -27,11 +35,44 @@ use std::time::Duration;
 
 use gateway_keystore::DeviceIdentity;
 use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::crypto::aws_lc_rs::cipher_suite;
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::{CertifiedKey, Signer, SigningKey};
-use rustls::{ClientConfig, RootCertStore, SignatureAlgorithm, SignatureScheme};
+use rustls::{
+    ClientConfig, RootCertStore, SignatureAlgorithm, SignatureScheme, SupportedCipherSuite,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The cipher suites of every TLS configuration the gateway builds: the PS3.15 "BCP 195
+/// RFC 8996" profile (RFC 9325 section 4.2): TLS 1.3's AEAD suites, and for TLS 1.2 only
+/// ECDHE key exchange with AES-GCM or ChaCha20-Poly1305. No CBC, no RSA key exchange, no
+/// static DH, no NULL/EXPORT/RC4/3DES (rustls implements none of them either).
+pub static PROFILE_CIPHER_SUITES: &[SupportedCipherSuite] = &[
+    cipher_suite::TLS13_AES_256_GCM_SHA384,
+    cipher_suite::TLS13_AES_128_GCM_SHA256,
+    cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    cipher_suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    cipher_suite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+];
+
+/// The protocol versions of every configuration: TLS 1.3 and 1.2 (RFC 8996: no 1.0/1.1).
+static PROFILE_VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// The crypto provider of every configuration: aws-lc-rs with [`PROFILE_CIPHER_SUITES`].
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        cipher_suites: PROFILE_CIPHER_SUITES.to_vec(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    })
+}
 
 /// Where the installed device certificate (PEM chain, leaf first) lives.
 pub fn certificate_path(data_dir: &Path) -> PathBuf {
@@ -110,10 +151,23 @@ impl SigningKey for IdentitySigningKey {
 struct IdentitySigner(Arc<dyn DeviceIdentity>);
 
 impl Signer for IdentitySigner {
+    /// rustls signs inside the handshake, on whatever thread polls it: a tokio worker for
+    /// every listener and client of the gateway. The key store's signature is blocking I/O
+    /// (the TPM), so on a multi-threaded runtime the worker hands its other tasks over while
+    /// it waits (`block_in_place`); elsewhere (a current-thread runtime, no runtime) it signs
+    /// directly.
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        self.0
-            .sign_sha256(message)
-            .map_err(|e| rustls::Error::General(format!("device identity signature: {e}")))
+        let sign = || {
+            self.0
+                .sign_sha256(message)
+                .map_err(|e| rustls::Error::General(format!("device identity signature: {e}")))
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(sign)
+            }
+            _ => sign(),
+        }
     }
 
     fn scheme(&self) -> SignatureScheme {
@@ -145,9 +199,8 @@ pub fn client_config(ca_file: &Path, auth: ClientAuth) -> Result<Arc<ClientConfi
             reason: e.to_string(),
         })?;
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROFILE_VERSIONS)
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(roots);
     let config = match auth {
@@ -187,11 +240,39 @@ pub fn server_config(
         path: key_file.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    let config = server_builder(client_ca)?
+        .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let builder = match client_ca {
+    Ok(Arc::new(config))
+}
+
+/// A rustls server configuration whose certificate is the installed device certificate
+/// chain (`chain`, leaf first, see [`installed_chain`]) and whose private key is the device
+/// identity: the key store (the TPM) signs each handshake, ECDSA P-256 with SHA-256 (so TLS
+/// 1.2 clients get the ECDHE_ECDSA suites). With `client_ca`, as [`server_config`].
+pub fn server_config_identity(
+    identity: Arc<dyn DeviceIdentity>,
+    chain: Vec<CertificateDer<'static>>,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let key: Arc<dyn SigningKey> = Arc::new(IdentitySigningKey(identity));
+    let certified = Arc::new(CertifiedKey::new(chain, key));
+    let config =
+        server_builder(client_ca)?.with_cert_resolver(Arc::new(IdentityServerResolver(certified)));
+    Ok(Arc::new(config))
+}
+
+/// The profile's server builder up to the certificate: no client authentication, or client
+/// certificates REQUIRED and verified against `client_ca` only.
+fn server_builder(
+    client_ca: Option<&Path>,
+) -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>, TlsError>
+{
+    let provider = provider();
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(PROFILE_VERSIONS)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
@@ -209,11 +290,44 @@ pub fn server_config(
             .map_err(|e| TlsError::Config(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
+    })
+}
+
+#[derive(Debug)]
+struct IdentityServerResolver(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for IdentityServerResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        hello
+            .signature_schemes()
+            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
+            .then(|| Arc::clone(&self.0))
+    }
+}
+
+/// The names of a (verified) peer certificate, as allow lists match them: its DNS subject
+/// alternative names in order, then its subject common name(s). Empty for a certificate that
+/// does not parse or names nothing.
+pub fn peer_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
     };
-    let config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(Arc::new(config))
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push((*dns).to_string());
+            }
+        }
+    }
+    for cn in cert.subject().iter_common_name() {
+        if let Ok(cn) = cn.as_str()
+            && !names.iter().any(|n| n == cn)
+        {
+            names.push(cn.to_string());
+        }
+    }
+    names
 }
 
 /// A rustls server configuration from PEM bytes held in memory (the kiosk's certificate:
@@ -231,11 +345,7 @@ pub fn server_config_pem(
         path: origin.to_path_buf(),
         reason: format!("private key: {e}"),
     })?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
+    let mut config = server_builder(None)?
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -556,6 +666,188 @@ mod tests {
             server_config_pem(cert.as_bytes(), other.as_bytes(), origin, &[]),
             Err(TlsError::Config(_))
         ));
+    }
+
+    /// A CA (key, params) and a leaf issued by it for `key` with `sans` and CN `cn`.
+    fn ca() -> (rcgen::KeyPair, rcgen::CertificateParams, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = ca.self_signed(&ca_key).unwrap().pem();
+        (ca_key, ca, pem)
+    }
+
+    fn leaf(
+        ca: &(rcgen::KeyPair, rcgen::CertificateParams, String),
+        key: &rcgen::KeyPair,
+        sans: &[&str],
+        cn: &str,
+    ) -> rcgen::Certificate {
+        let issuer = rcgen::Issuer::new(ca.1.clone(), &ca.0);
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.signed_by(key, &issuer).unwrap()
+    }
+
+    #[test]
+    fn every_config_uses_the_profile_suites_only() {
+        let names: Vec<String> = PROFILE_CIPHER_SUITES
+            .iter()
+            .map(|s| format!("{:?}", s.suite()))
+            .collect();
+        for name in &names {
+            assert!(
+                name.starts_with("TLS13_") || name.starts_with("TLS_ECDHE_"),
+                "{name}"
+            );
+            assert!(
+                name.contains("_GCM_") || name.contains("CHACHA20_POLY1305"),
+                "{name}"
+            );
+        }
+        assert_eq!(names.len(), 9);
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let config = server_config_pem(
+            made.cert.pem().as_bytes(),
+            made.signing_key.serialize_pem().as_bytes(),
+            Path::new("x"),
+            &[],
+        )
+        .unwrap();
+        let suites: Vec<_> = config
+            .crypto_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        let profile: Vec<_> = PROFILE_CIPHER_SUITES.iter().map(|s| s.suite()).collect();
+        assert_eq!(suites, profile);
+        // The aws-lc-rs defaults hold more than the profile would allow if they grew; ours
+        // are exactly the list.
+        assert_eq!(provider().cipher_suites.len(), PROFILE_CIPHER_SUITES.len());
+    }
+
+    #[test]
+    fn peer_names_are_dns_sans_then_the_common_name() {
+        let ca = ca();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = leaf(&ca, &key, &["ct01.clinic.example", "ct01"], "CT01 modality");
+        assert_eq!(
+            peer_names(cert.der()),
+            ["ct01.clinic.example", "ct01", "CT01 modality"]
+        );
+        let cert = leaf(&ca, &key, &[], "only-cn");
+        assert_eq!(peer_names(cert.der()), ["only-cn"]);
+        assert!(peer_names(&CertificateDer::from(vec![1u8, 2, 3])).is_empty());
+    }
+
+    /// Handshake of `client` against `server` over an in-memory pipe; the server's view of
+    /// the client's certificate names.
+    fn handshake(
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<ClientConfig>,
+    ) -> Result<Vec<String>, String> {
+        // Multi-threaded, as gatewayd runs: the identity signs through `block_in_place`.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let accept = tokio_rustls::TlsAcceptor::from(server).accept(a);
+            let name = ServerName::try_from("gw.clinic.example").unwrap();
+            let connect = tokio_rustls::TlsConnector::from(client).connect(name, b);
+            let (s, c) = tokio::join!(accept, connect);
+            let mut s = s.map_err(|e| e.to_string())?;
+            let mut c = c.map_err(|e| e.to_string())?;
+            // TLS 1.3: the server reports a client certificate failure on first use.
+            c.write_all(b"ping").await.map_err(|e| e.to_string())?;
+            c.flush().await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            let names = s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(peer_names)
+                .unwrap_or_default();
+            Ok(names)
+        })
+    }
+
+    #[test]
+    fn identity_server_signs_with_the_identity_and_requires_client_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        // The device: its certificate from the clinic CA, its key only in the "key store".
+        let clinic = ca();
+        let id = TestIdentity(rcgen::KeyPair::generate().unwrap());
+        let device = leaf(&clinic, &id.0, &["gw.clinic.example"], "gw-1");
+        let identity: Arc<dyn DeviceIdentity> = Arc::new(id);
+        let clinic_ca = write("clinic-ca.pem", &clinic.2);
+        // Modalities: one from the clinic CA, one from another CA.
+        let modality_key = rcgen::KeyPair::generate().unwrap();
+        let modality = leaf(&clinic, &modality_key, &["ct01.clinic.example"], "CT01");
+        let other = ca();
+        let stranger = leaf(&other, &modality_key, &["ct01.clinic.example"], "CT01");
+        let key_file = write("modality.key", &modality_key.serialize_pem());
+        let good = write("modality.pem", &modality.pem());
+        let bad = write("stranger.pem", &stranger.pem());
+
+        let server = server_config_identity(
+            Arc::clone(&identity),
+            vec![device.der().clone()],
+            Some(&clinic_ca),
+        )
+        .unwrap();
+        let client = |cert: &Path| {
+            client_config(
+                &clinic_ca,
+                ClientAuth::Files {
+                    cert_file: cert.to_path_buf(),
+                    key_file: key_file.clone(),
+                },
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            handshake(Arc::clone(&server), client(&good)).unwrap(),
+            ["ct01.clinic.example", "CT01"]
+        );
+        assert!(handshake(Arc::clone(&server), client(&bad)).is_err());
+        // No client certificate at all.
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(read_certs(&clinic_ca).unwrap().remove(0))
+            .unwrap();
+        let anonymous = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(PROFILE_VERSIONS)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        assert!(handshake(Arc::clone(&server), Arc::new(anonymous)).is_err());
+        // A client that trusts another CA does not accept the device's certificate.
+        let other_ca = write("other-ca.pem", &other.2);
+        let wary = client_config(
+            &other_ca,
+            ClientAuth::Files {
+                cert_file: good.clone(),
+                key_file: key_file.clone(),
+            },
+        )
+        .unwrap();
+        assert!(handshake(server, wary).is_err());
     }
 
     #[test]

@@ -51,12 +51,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use gateway_dicom::scu::ObjectContext;
-use gateway_dicom::{
-    Scu, ScuAssociation, ScuError, ScuSettings, ScuTarget, StoreObject, StoreOutcome,
-};
+use gateway_dicom::scu::{ObjectContext, ScuLink, ScuTls};
+use gateway_dicom::{Scu, ScuError, ScuSettings, ScuTarget, StoreObject, StoreOutcome};
 use gateway_spool::{ObjectId, Spool, SpoolError};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -85,6 +82,8 @@ pub struct DeliverSettings {
     pub batch: usize,
     /// How long an association stays open once the queue is empty.
     pub idle_release: Duration,
+    /// DICOM over TLS (`tls_ca_file` set); `None`: plain DIMSE.
+    pub tls: Option<ScuTls>,
 }
 
 impl DeliverSettings {
@@ -99,6 +98,7 @@ impl DeliverSettings {
             backoff_max: Duration::from_secs(300),
             batch: 64,
             idle_release: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -123,7 +123,7 @@ struct Item {
 
 /// An open association and the contexts it was proposed with.
 struct Open {
-    association: ScuAssociation<TcpStream>,
+    association: ScuLink,
     proposed: HashSet<ObjectContext>,
 }
 
@@ -159,7 +159,10 @@ impl std::fmt::Debug for DimseDeliveryService {
 
 impl DimseDeliveryService {
     pub fn new(settings: DeliverSettings, spool: Spool, metrics: Metrics) -> Self {
-        let scu = Scu::new(settings.target.clone(), settings.scu.clone());
+        let mut scu = Scu::new(settings.target.clone(), settings.scu.clone());
+        if let Some(tls) = &settings.tls {
+            scu = scu.with_tls(tls.clone());
+        }
         Self {
             settings,
             scu,
@@ -349,7 +352,7 @@ impl DimseDeliveryService {
                     let mut stop = shutdown.clone();
                     let connected = tokio::select! {
                         _ = stop.wait_for(|s| *s) => return Round::Stopped,
-                        c = self.scu.connect(needed.iter().cloned()) => c,
+                        c = self.scu.open(needed.iter().cloned()) => c,
                     };
                     match connected {
                         Ok(association) => self.open.insert(Open {

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use gateway_dicom::{DicomService, DicomSettings, PolicySettings};
+use gateway_dicom::{DicomService, DicomSettings, PolicySettings, TlsListenerSettings};
 use gateway_keystore::{KEY_LEN, MasterKey};
 use gateway_spool::{Limits, Spool};
 use tokio::sync::watch;
@@ -13,6 +13,8 @@ use tokio::sync::watch;
 pub struct Gateway {
     pub idle_timeout: Duration,
     pub addr: SocketAddr,
+    /// The TLS listener's address, when started with one.
+    pub tls_addr: Option<SocketAddr>,
     pub spool: Spool,
     pub stop: watch::Sender<bool>,
     pub task: tokio::task::JoinHandle<()>,
@@ -28,6 +30,31 @@ impl Gateway {
         policy: impl FnOnce(&mut PolicySettings),
         limits: Limits,
         idle_timeout: Duration,
+    ) -> Self {
+        Self::start_full(policy, limits, idle_timeout, None).await
+    }
+
+    /// With a TLS listener on 127.0.0.1:0 using `config`.
+    pub async fn start_tls(
+        policy: impl FnOnce(&mut PolicySettings),
+        config: std::sync::Arc<rustls::ServerConfig>,
+    ) -> Self {
+        let tls = TlsListenerSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            config,
+        };
+        let limits = Limits {
+            max_bytes: 1 << 40,
+            min_free_bytes: 0,
+        };
+        Self::start_full(policy, limits, Duration::from_secs(10), Some(tls)).await
+    }
+
+    async fn start_full(
+        policy: impl FnOnce(&mut PolicySettings),
+        limits: Limits,
+        idle_timeout: Duration,
+        tls: Option<TlsListenerSettings>,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(
@@ -51,17 +78,20 @@ impl Gateway {
             artim_timeout: Duration::from_secs(2),
             idle_timeout,
             shutdown_grace: Duration::from_secs(2),
+            tls,
         };
         let mut registry = prometheus_client::registry::Registry::default();
         let service = DicomService::bind(settings, spool.clone(), &mut registry)
             .await
             .unwrap();
         let addr = service.local_addr().unwrap();
+        let tls_addr = service.local_tls_addr();
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(service.run(rx));
         Self {
             idle_timeout,
             addr,
+            tls_addr,
             spool,
             stop,
             task,
