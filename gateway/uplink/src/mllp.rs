@@ -374,7 +374,7 @@ fn judge(ack: &[u8], control_id: &str) -> Answer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn ack(code: &str, control: &str, err: Option<&str>) -> Vec<u8> {
@@ -461,7 +461,8 @@ mod tests {
 
     /// Real MLLP peers on 127.0.0.1 for the worker, in mutual TLS with certificates from
     /// a throw-away CA and the same `gateway-tls` configurations the daemon builds.
-    mod peers {
+    /// Also the syslog worker's tests' PKI ([`peers::Pki`]).
+    pub(crate) mod peers {
         #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
         use std::path::Path;

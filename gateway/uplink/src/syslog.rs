@@ -181,6 +181,9 @@ impl InFlight {
 struct Connection {
     stream: TlsStream<TcpStream>,
     in_flight: InFlight,
+    /// Whether a batch was confirmed on it: the repository took this device's client
+    /// certificate (in TLS 1.3 it may refuse it only after the client's handshake ended).
+    proven: bool,
 }
 
 /// The worker of one audit repository.
@@ -206,10 +209,12 @@ enum Turn {
     Again,
     /// Nothing to send or confirm: wait for a commit.
     Idle,
-    /// The connection failed: `in_flight` messages go again after a backoff.
+    /// The connection failed: `in_flight` messages go again after a backoff. `proven`:
+    /// whether the connection had carried a confirmed batch.
     Failed {
         error: SyslogError,
         in_flight: usize,
+        proven: bool,
     },
 }
 
@@ -271,11 +276,21 @@ impl SyslogUplinkService {
                         break;
                     }
                 }
-                Turn::Failed { error, in_flight } => {
+                Turn::Failed {
+                    error,
+                    in_flight,
+                    proven,
+                } => {
                     conn = None;
                     self.metrics.set_up(&name, false);
                     self.metrics.count(&name, "retry", in_flight as u64, 0);
-                    let reason = error.to_string();
+                    let reason = if proven || matches!(error, SyslogError::Link(_)) {
+                        error.to_string()
+                    } else {
+                        format!(
+                            "{error} (before anything was confirmed on a new TLS connection: the repository may not trust this device's client certificate)"
+                        )
+                    };
                     warn!(destination = %name, reason, in_flight, retry_in = ?backoff.step(),
                         "audit export failed; messages not yet confirmed go again");
                     self.spool.set_destination_error(&name, Some(reason));
@@ -285,7 +300,7 @@ impl SyslogUplinkService {
                     continue;
                 }
             }
-            if conn.as_ref().is_some_and(|c| !c.in_flight.is_empty()) {
+            if conn.as_ref().is_some_and(|c| c.proven) {
                 backoff.reset();
             }
         }
@@ -302,6 +317,7 @@ impl SyslogUplinkService {
         if let Some(c) = conn.as_mut() {
             let due = c.in_flight.confirmed(now, s.confirm_after);
             if !due.is_empty() {
+                c.proven = true;
                 self.confirm(due).await;
             }
         }
@@ -329,6 +345,7 @@ impl SyslogUplinkService {
                             return Turn::Failed {
                                 error,
                                 in_flight: n,
+                                proven: false,
                             };
                         }
                     }
@@ -340,6 +357,7 @@ impl SyslogUplinkService {
                     return Turn::Failed {
                         error,
                         in_flight: c.in_flight.len() + n,
+                        proven: c.proven,
                     };
                 }
             }
@@ -352,6 +370,7 @@ impl SyslogUplinkService {
             Err(error) => Turn::Failed {
                 error,
                 in_flight: c.in_flight.len(),
+                proven: c.proven,
             },
         }
     }
@@ -394,11 +413,13 @@ impl SyslogUplinkService {
             let ids = spool.queued(&name, exclude.len() + max_messages)?;
             let mut out = Vec::new();
             let mut bytes = 0usize;
+            let mut dead = 0u64;
             for id in ids.into_iter().filter(|id| !exclude.contains(id)) {
                 let message = match spool.read(&id) {
                     Ok((_, m)) => m,
                     Err(e) => {
                         spool.mark_failed(&id, &name, &format!("unreadable in the spool: {e}"))?;
+                        dead += 1;
                         continue;
                     }
                 };
@@ -414,10 +435,16 @@ impl SyslogUplinkService {
                     break;
                 }
             }
-            Ok::<_, SpoolError>(out)
+            Ok::<_, SpoolError>((out, dead))
         })
         .await
-        .unwrap_or(Ok(Vec::new()))?;
+        .unwrap_or(Ok((Vec::new(), 0)))?;
+        let (batch, dead) = batch;
+        if dead > 0 {
+            warn!(destination = %self.settings.name, messages = dead,
+                "audit messages unreadable in the spool: dead letters");
+            self.metrics.count(&self.settings.name, "failed", dead, 0);
+        }
         if let Some(q) = self.spool.queued_count(&self.settings.name) {
             self.metrics.set_queued(&self.settings.name, q);
         }
@@ -433,6 +460,7 @@ impl SyslogUplinkService {
         Ok(Connection {
             stream,
             in_flight: InFlight::default(),
+            proven: false,
         })
     }
 
@@ -556,6 +584,214 @@ mod tests {
         let f = frame(&long);
         assert!(f.starts_with(b"70000 "));
         assert_eq!(f.len(), 70_006);
+    }
+
+    /// Real TLS repositories on 127.0.0.1 (rustls, mutual TLS with a throw-away CA: the
+    /// MLLP tests' [`Pki`]) for the worker.
+    mod peers {
+        #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        use std::time::{Duration, Instant};
+
+        use gateway_keystore::{KEY_LEN, MasterKey};
+        use gateway_spool::{AuditIn, Limits, ObjectKind, Route, Spool};
+        use tokio::io::{AsyncRead, AsyncReadExt};
+        use tokio::sync::watch;
+
+        use crate::Metrics;
+        use crate::mllp::tests::peers::Pki;
+        use crate::syslog::{SyslogSettings, SyslogUplinkService};
+
+        /// What a repository connection does.
+        #[derive(Debug, Clone, Copy)]
+        enum Mode {
+            /// Reads every frame.
+            Read,
+            /// The first connection reads `n` frames, then closes with unread data (a
+            /// reset); later connections read everything.
+            ResetFirstAfter(usize),
+        }
+
+        /// A syslog-over-TLS repository: the frames it read, in order.
+        struct Repository {
+            port: u16,
+            received: Arc<Mutex<Vec<Vec<u8>>>>,
+            connections: Arc<AtomicUsize>,
+        }
+
+        impl Repository {
+            async fn start(tls: Arc<rustls::ServerConfig>, mode: Mode) -> Self {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let port = listener.local_addr().unwrap().port();
+                let received = Arc::new(Mutex::new(Vec::new()));
+                let connections = Arc::new(AtomicUsize::new(0));
+                let (r, c) = (Arc::clone(&received), Arc::clone(&connections));
+                tokio::spawn(async move {
+                    while let Ok((tcp, _)) = listener.accept().await {
+                        let nth = c.fetch_add(1, Ordering::SeqCst);
+                        let limit = match mode {
+                            Mode::ResetFirstAfter(n) if nth == 0 => Some(n),
+                            _ => None,
+                        };
+                        let (r, tls) = (Arc::clone(&r), Arc::clone(&tls));
+                        tokio::spawn(async move {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                            if let Ok(stream) = acceptor.accept(tcp).await {
+                                serve(stream, limit, r).await;
+                            }
+                        });
+                    }
+                });
+                Self {
+                    port,
+                    received,
+                    connections,
+                }
+            }
+
+            fn received(&self) -> Vec<Vec<u8>> {
+                self.received.lock().unwrap().clone()
+            }
+        }
+
+        /// Reads RFC 5425 frames (`LEN SP MSG`) until the end, or until `limit` frames,
+        /// then drops the connection with whatever it has not read.
+        async fn serve(
+            mut stream: impl AsyncRead + Unpin,
+            limit: Option<usize>,
+            received: Arc<Mutex<Vec<Vec<u8>>>>,
+        ) {
+            let mut buf: Vec<u8> = Vec::new();
+            let mut chunk = vec![0u8; 4096];
+            let mut frames = 0;
+            loop {
+                while let Some(sp) = buf.iter().position(|b| *b == b' ') {
+                    let len: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().unwrap();
+                    if buf.len() < sp + 1 + len {
+                        break;
+                    }
+                    let msg = buf[sp + 1..sp + 1 + len].to_vec();
+                    buf.drain(..sp + 1 + len);
+                    received.lock().unwrap().push(msg);
+                    frames += 1;
+                    if limit.is_some_and(|l| frames >= l) {
+                        return;
+                    }
+                }
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        }
+
+        fn message(seq: u64) -> Vec<u8> {
+            format!("<85>1 2026-12-06T00:00:00.000Z gw gatewayd - IHE+RFC-3881 [meta sequenceId=\"{seq}\"] <AuditMessage>{}</AuditMessage>", "x".repeat(300)).into_bytes()
+        }
+
+        fn spool_with_audit(dir: &std::path::Path, n: u64) -> Spool {
+            let limits = Limits {
+                max_bytes: 1 << 40,
+                min_free_bytes: 0,
+            };
+            let routes = vec![Route::new("arr", ObjectKind::Audit).with_max_queued(1_000_000)];
+            let spool = Spool::open(
+                dir,
+                Some(MasterKey::from_bytes([7; KEY_LEN])),
+                limits,
+                routes,
+            )
+            .unwrap();
+            let items = (1..=n)
+                .map(|seq| AuditIn {
+                    seq,
+                    bytes: message(seq),
+                })
+                .collect();
+            assert!(spool.store_audit_messages(items).iter().all(Result::is_ok));
+            assert!(spool.settle(Duration::from_secs(10)));
+            spool
+        }
+
+        fn settings(pki: &Pki, port: u16) -> SyslogSettings {
+            let mut s = SyslogSettings::new("arr".into(), "127.0.0.1".into(), port, pki.client());
+            s.confirm_after = Duration::from_millis(200);
+            s.batch_max_messages = 50;
+            s.backoff_initial = Duration::from_millis(50);
+            s.backoff_max = Duration::from_millis(200);
+            s
+        }
+
+        /// Until the queue is empty and the worker counted all `n` sent.
+        async fn until_sent(spool: &Spool, metrics: &Metrics, n: u64, within: Duration) {
+            let deadline = Instant::now() + within;
+            while spool.queued_count("arr") != Some(0) || metrics.sent_to("arr") < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "still queued: {:?}, sent {}",
+                    spool.queued_count("arr"),
+                    metrics.sent_to("arr")
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        /// 300 messages over one connection: each arrives once, octet-counted, in chain
+        /// order; the queue ends empty and the metrics count them sent.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn messages_arrive_once_in_order_and_leave_the_queue() {
+            let pki = Pki::new();
+            let repo = Repository::start(pki.server(), Mode::Read).await;
+            let dir = tempfile::tempdir().unwrap();
+            let spool = spool_with_audit(dir.path(), 300);
+            let metrics = Metrics::default();
+            let (stop, shutdown) = watch::channel(false);
+            let worker = tokio::spawn(
+                SyslogUplinkService::new(settings(&pki, repo.port), spool.clone(), metrics.clone())
+                    .run(shutdown),
+            );
+            until_sent(&spool, &metrics, 300, Duration::from_secs(20)).await;
+            let got = repo.received();
+            assert_eq!(got, (1..=300).map(message).collect::<Vec<_>>());
+            assert_eq!(repo.connections.load(Ordering::SeqCst), 1);
+            assert_eq!(metrics.sent_to("arr"), 300);
+            assert!(spool.queued("arr", 10).unwrap().is_empty());
+            stop.send(true).unwrap();
+            worker.await.unwrap();
+        }
+
+        /// The repository drops the first connection with data unread (a reset): nothing
+        /// it did not read was marked sent; everything arrives, repeats byte-identical,
+        /// the first connection's frames a prefix of the chain.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_reset_connection_sends_everything_unconfirmed_again() {
+            let pki = Pki::new();
+            let repo = Repository::start(pki.server(), Mode::ResetFirstAfter(70)).await;
+            let dir = tempfile::tempdir().unwrap();
+            let spool = spool_with_audit(dir.path(), 300);
+            let metrics = Metrics::default();
+            let (stop, shutdown) = watch::channel(false);
+            let worker = tokio::spawn(
+                SyslogUplinkService::new(settings(&pki, repo.port), spool.clone(), metrics.clone())
+                    .run(shutdown),
+            );
+            until_sent(&spool, &metrics, 300, Duration::from_secs(20)).await;
+            let got = repo.received();
+            assert!(repo.connections.load(Ordering::SeqCst) >= 2);
+            assert_eq!(&got[..70], (1..=70).map(message).collect::<Vec<_>>());
+            // After the reset the second connection starts again at the oldest message
+            // not marked sent (at or before 71) and goes on in order to the end.
+            let rest = &got[70..];
+            let first = rest[0].clone();
+            let start = (1..=300u64).find(|s| message(*s) == first).unwrap();
+            assert!(start <= 71, "nothing unread was marked: resumed at {start}");
+            assert_eq!(rest, (start..=300).map(message).collect::<Vec<_>>());
+            assert_eq!(metrics.sent_to("arr"), 300);
+            stop.send(true).unwrap();
+            worker.await.unwrap();
+        }
     }
 
     #[test]
