@@ -36,6 +36,8 @@ use tracing::{info, warn};
 
 /// How often the chain is looked at for new records.
 const POLL: Duration = Duration::from_millis(300);
+/// The wait after a failure (the spool full, the trail unreadable).
+const RETRY: Duration = Duration::from_secs(3);
 /// Chain records read, rendered and stored as one spool group at most.
 const BATCH: usize = 1000;
 /// The cursor file, in the audit folder.
@@ -148,25 +150,26 @@ impl Export {
                 Some(l) => Ok(l),
                 None => AuditLog::open(&self.dir, self.key.clone()),
             };
-            let more = match opened {
+            let wait = match opened {
                 Ok(l) => {
-                    let more = match self.step(&l, &mut cursor) {
-                        Ok(more) => more,
+                    let wait = match self.step(&l, &mut cursor) {
+                        Ok(true) => Duration::ZERO,
+                        Ok(false) => POLL,
                         Err(e) => {
-                            warn!(error = %e, "audit export: will try again");
-                            false
+                            warn!(error = %e, retry_in = ?RETRY, "audit export: will try again");
+                            RETRY
                         }
                     };
                     log = Some(l);
-                    more
+                    wait
                 }
                 Err(e) => {
-                    warn!(error = %e, "audit export: cannot open the audit trail; will try again");
-                    false
+                    warn!(error = %e, retry_in = ?RETRY, "audit export: cannot open the audit trail; will try again");
+                    RETRY
                 }
             };
-            if !more {
-                std::thread::sleep(POLL);
+            if !wait.is_zero() {
+                wait_unless_shutdown(shutdown, wait);
             }
         }
         info!(cursor, "audit export stopped");
@@ -259,6 +262,17 @@ impl Export {
     }
 }
 
+/// Sleeps `wait`, in short steps so that a shutdown is seen soon.
+fn wait_unless_shutdown(shutdown: &watch::Receiver<bool>, wait: Duration) {
+    let step = Duration::from_millis(100);
+    let mut left = wait;
+    while !left.is_zero() && !*shutdown.borrow() {
+        let now = left.min(step);
+        std::thread::sleep(now);
+        left = left.saturating_sub(now);
+    }
+}
+
 /// The last exported chain position; 0 when there is none yet. An unreadable cursor starts
 /// again from 0 (with a warning): the spool's key per chain position keeps what it still
 /// holds from being stored twice, the rest goes again with its sequenceId.
@@ -287,6 +301,89 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    fn export(dir: &Path, spool: &Spool) -> Export {
+        let audit = dir.join("audit");
+        Export {
+            cursor_path: audit.join(CURSOR_FILE),
+            dir: audit,
+            key: AuditKey::derive(&[3; gateway_keystore::KEY_LEN]),
+            source: AuditSource {
+                node_id: "gw-1".into(),
+            },
+            spool: spool.clone(),
+            metrics: Metrics::default(),
+            dropping: BTreeMap::new(),
+        }
+    }
+
+    fn event(n: u64) -> gateway_audit::Event {
+        gateway_audit::Event {
+            actor: format!("clerk.{n}"),
+            action: gateway_audit::Action::Login,
+            outcome: gateway_audit::Outcome::Success,
+            subject: None,
+            detail: None,
+        }
+    }
+
+    /// Chain records go to the spool rendered, keyed by position; the cursor is durable
+    /// and a cursor that fell behind (a crash before its write) stores nothing twice; a
+    /// full capped queue is counted per destination.
+    #[test]
+    fn records_after_the_cursor_are_stored_once_and_the_cursor_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = vec![
+            gateway_spool::Route::new("arr", gateway_spool::ObjectKind::Audit).with_max_queued(3),
+        ];
+        let spool = Spool::open(
+            dir.path(),
+            Some(gateway_keystore::MasterKey::from_bytes(
+                [7; gateway_keystore::KEY_LEN],
+            )),
+            gateway_spool::Limits {
+                max_bytes: 1 << 40,
+                min_free_bytes: 0,
+            },
+            routes,
+        )
+        .unwrap();
+        let mut ex = export(dir.path(), &spool);
+        let log = AuditLog::open(&ex.dir, ex.key.clone()).unwrap();
+        for n in 0..5 {
+            log.append(event(n)).unwrap();
+        }
+        let mut cursor = read_cursor(&ex.cursor_path);
+        assert!(!ex.step(&log, &mut cursor).unwrap());
+        assert_eq!(cursor, 5);
+        assert_eq!(read_cursor(&ex.cursor_path), 5);
+        assert_eq!(ex.metrics.exported.get(), 5);
+        assert_eq!(ex.metrics.backlog.get(), 0);
+        let dropped = |ex: &Export| {
+            ex.metrics
+                .dropped
+                .get_or_create(&DestinationLabel {
+                    destination: "arr".into(),
+                })
+                .get()
+        };
+        assert_eq!(dropped(&ex), 2, "the cap kept the oldest 3");
+        assert!(spool.settle(Duration::from_secs(5)));
+        let queued = spool.queued("arr", 10).unwrap();
+        let (_, first) = spool.read(&queued[0]).unwrap();
+        let records = log.records().unwrap();
+        assert_eq!(first, render(&records[0], &ex.source));
+        // A crash before the cursor write: the same records again store nothing.
+        let mut behind = 0;
+        assert!(!ex.step(&log, &mut behind).unwrap());
+        assert_eq!(behind, 5);
+        assert_eq!(spool.status().unwrap().objects, 3);
+        assert_eq!(
+            dropped(&ex),
+            4,
+            "stored ones are duplicates; the two that never fitted are refused again"
+        );
+    }
 
     #[test]
     fn the_cursor_reads_back_and_a_damaged_one_starts_from_zero() {
