@@ -17,7 +17,7 @@
 //! [`multipart`] (the streaming `multipart/related` parser of WADO-RS responses), [`syslog`]
 //! (audit messages to `kind = "syslog-tls"` audit repositories: RFC 5425, one
 //! [`syslog::SyslogUplinkService`] each) and `link` (the TCP and TLS connection set-up
-//! the MLLP and syslog workers share, [`link::LinkError`]).
+//! the MLLP and syslog workers share, [`LinkError`]).
 //!
 //! Retry rules:
 //! - network errors, 408, 429, 5xx, and authentication refusals (401, 403, 495, 496) are
