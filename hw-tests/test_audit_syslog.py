@@ -426,6 +426,7 @@ def test_ten_thousand_events_arrive_through_restarts_resets_and_kill9(
     print(f"after the last restart: sent {info[0]}, queued {info[1]}, up {info[2]}, backlog {info[3]}")
     assert metric(g, "gateway_audit_export_dropped_total") == 0
     assert g.status()["by_destination"][DEST]["queued"] == 0
+    assert "ZZAUDIT" not in g.log_text(), "no patient identifier in the gateway's log"
     assert g.stop() == 0
     proxy.close()
     assert time.monotonic() - started < 180, "the test stays under 3 minutes"
@@ -464,7 +465,9 @@ def test_queue_cap_keeps_the_oldest_and_counts_the_rest(tmp_path, gateway_factor
     assert n >= 200
     poll("the export reached the chain head",
          lambda: (metric(g, "gateway_audit_export_backlog") == 0
-                  and metric(g, "gateway_audit_exported_total") == n, n), timeout=20)
+                  and metric(g, "gateway_audit_exported_total")
+                  + metric(g, "gateway_audit_export_dropped_total", destination=DEST) == n, n), timeout=20)
+    assert metric(g, "gateway_audit_exported_total") == 50
     assert metric(g, "gateway_audit_export_dropped_total", destination=DEST) == n - 50
     assert g.status()["by_destination"][DEST]["queued"] == 50
     assert "audit repository queue is full" in g.log_text()

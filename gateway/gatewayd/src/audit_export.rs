@@ -14,7 +14,7 @@
 //! newer messages: counted in `gateway_audit_export_dropped_total{destination}` and logged
 //! once per burst; the chain keeps them and the sequenceId gap shows the repository.
 //!
-//! Metrics: `gateway_audit_exported_total` (messages stored for export),
+//! Metrics: `gateway_audit_exported_total` (messages newly stored for export),
 //! `gateway_audit_export_dropped_total{destination}`, `gateway_audit_export_backlog` (chain
 //! records not yet handed to the spool, as last seen).
 
@@ -25,7 +25,7 @@ use std::time::Duration;
 use gateway_audit::a5::AuditSource;
 use gateway_audit::{AuditKey, AuditLog, Record};
 use gateway_config::{Settings, UplinkKind};
-use gateway_spool::{AuditIn, Spool};
+use gateway_spool::{AuditIn, Committed, Spool};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -61,7 +61,7 @@ impl Metrics {
         let m = Self::default();
         registry.register(
             "gateway_audit_exported",
-            "Audit chain records rendered and stored in the spool for the audit repositories",
+            "Audit chain records rendered and stored in the spool for the audit repositories (not counting positions stored before, nor those no repository had room for)",
             m.exported.clone(),
         );
         registry.register(
@@ -201,9 +201,13 @@ impl Export {
         let mut done = *cursor;
         let mut failure = None;
         let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+        let mut stored_new = 0u64;
         for (record, result) in records.iter().zip(results) {
             match result {
                 Ok(stored) => {
+                    if matches!(stored.committed, Some(Committed::Stored(_))) {
+                        stored_new += 1;
+                    }
                     for d in stored.dropped {
                         *dropped.entry(d).or_default() += 1;
                     }
@@ -216,10 +220,10 @@ impl Export {
             }
         }
         self.note_drops(&dropped);
+        self.metrics.exported.inc_by(stored_new);
         if done > *cursor {
             gateway_durable::write_atomic(&self.cursor_path, done.to_string().as_bytes())
                 .map_err(|e| e.to_string())?;
-            self.metrics.exported.inc_by(done - *cursor);
             *cursor = done;
         }
         self.metrics
@@ -357,7 +361,7 @@ mod tests {
         assert!(!ex.step(&log, &mut cursor).unwrap());
         assert_eq!(cursor, 5);
         assert_eq!(read_cursor(&ex.cursor_path), 5);
-        assert_eq!(ex.metrics.exported.get(), 5);
+        assert_eq!(ex.metrics.exported.get(), 3, "two had no room");
         assert_eq!(ex.metrics.backlog.get(), 0);
         let dropped = |ex: &Export| {
             ex.metrics
@@ -378,6 +382,7 @@ mod tests {
         assert!(!ex.step(&log, &mut behind).unwrap());
         assert_eq!(behind, 5);
         assert_eq!(spool.status().unwrap().objects, 3);
+        assert_eq!(ex.metrics.exported.get(), 3, "nothing new stored");
         assert_eq!(
             dropped(&ex),
             4,
