@@ -156,6 +156,7 @@ class ResettingProxy:
                 return
             try:
                 server = socket.create_connection(("127.0.0.1", self.upstream), timeout=2)
+                server.settimeout(None)  # the repository sends nothing: reads wait
             except OSError:
                 client.close()
                 continue
@@ -385,7 +386,7 @@ def test_ten_thousand_events_arrive_through_restarts_resets_and_kill9(
                 g.kill9()
                 time.sleep(rnd.uniform(0.0, 0.5))
                 g.start()
-            chaos.append(what)
+            chaos.append(f"{what}@{time.strftime('%H:%M:%S')}")
 
     monkey = threading.Thread(target=chaos_monkey)
     monkey.start()
@@ -406,10 +407,13 @@ def test_ten_thousand_events_arrive_through_restarts_resets_and_kill9(
     assert seqs == list(range(1, n + 1)), "the chain is 1..N"
     assert n >= 10_000
 
+    records = {r["seq"]: r for r in chain(g)}
+
     def arrived():
         got = by_seq(repo.received())
-        missing = n - sum(1 for s in got if 1 <= s <= n)
-        return missing == 0, f"{missing} of {n} missing"
+        missing = sorted(set(range(1, n + 1)) - set(got))
+        return not missing, (f"{len(missing)} of {n} missing: "
+                             f"{[(s, records[s]['time_unix_ms']) for s in missing[:10]]}; faults {chaos}")
 
     poll("every chain position at the repository", arrived, timeout=90, interval=1)
     got = by_seq(repo.received())
