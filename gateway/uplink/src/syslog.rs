@@ -326,6 +326,15 @@ impl SyslogUplinkService {
         if let Some(c) = conn.as_mut() {
             let due = c.in_flight.confirmed(now, s.confirm_after);
             if !due.is_empty() {
+                // The connection must still be healthy now: a reset or alert that arrived
+                // since the last look fails the batches instead of confirming them.
+                if let Err(error) = self.check_now(c).await {
+                    return Turn::Failed {
+                        error,
+                        in_flight: c.in_flight.len() + due.len(),
+                        proven: c.proven,
+                    };
+                }
                 c.proven = true;
                 self.confirm(due).await;
             }
@@ -507,6 +516,23 @@ impl SyslogUplinkService {
         Ok(())
     }
 
+    /// Reads what the connection has right now, without waiting: a close, a reset or a TLS
+    /// alert is an error; anything else (the repository sends nothing) is ignored.
+    async fn check_now(&self, c: &mut Connection) -> Result<(), SyslogError> {
+        let mut buf = [0u8; 512];
+        loop {
+            tokio::select! {
+                biased;
+                read = c.stream.read(&mut buf) => match read {
+                    Ok(0) => return Err(SyslogError::Closed { peer: self.peer() }),
+                    Ok(_) => {}
+                    Err(error) => return Err(SyslogError::Receive { peer: self.peer(), error }),
+                },
+                () = std::future::ready(()) => return Ok(()),
+            }
+        }
+    }
+
     /// Watches the connection for a short while: reads it (an alert, a reset or a close
     /// is an error; the repository sends nothing else), checks whether the written batch
     /// drained, and returns when it did, when a confirmation is due, when the spool
@@ -553,6 +579,9 @@ impl SyslogUplinkService {
             };
             let mut byte = [0u8; 512];
             tokio::select! {
+                // The connection first: when it failed and a timer is due at once, the
+                // failure wins (nothing is confirmed on a broken connection).
+                biased;
                 read = c.stream.read(&mut byte) => match read {
                     Ok(0) => return Err(SyslogError::Closed { peer: peer() }),
                     // RFC 5425: the server sends nothing; whatever it is, it is ignored.
