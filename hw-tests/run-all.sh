@@ -44,6 +44,9 @@ pkg-config --exists tss2-esys 2>/dev/null || need_pkgs+=(libtss2-dev)
 [ -e /usr/lib/x86_64-linux-gnu/libtss2-tcti-swtpm.so.0 ] || [ -e /usr/lib/aarch64-linux-gnu/libtss2-tcti-swtpm.so.0 ] || need_pkgs+=(libtss2-tcti-swtpm0)
 [ -e /usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0 ] || [ -e /usr/lib/aarch64-linux-gnu/libtss2-tcti-device.so.0 ] || need_pkgs+=(libtss2-tcti-device0)
 command -v swtpm >/dev/null 2>&1 || need_pkgs+=(swtpm swtpm-tools)
+# The audit repository of test_audit_syslog.py: rsyslog with its GnuTLS stream driver.
+[ -x /usr/sbin/rsyslogd ] || need_pkgs+=(rsyslog)
+ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || need_pkgs+=(rsyslog-gnutls)
 command -v tpm2_pcrextend >/dev/null 2>&1 || need_pkgs+=(tpm2-tools)
 # mutual-TLS ingress in front of Orthanc, and the test CA.
 command -v nginx >/dev/null 2>&1 || need_pkgs+=(nginx)
@@ -77,9 +80,9 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
 else
     echo "all Debian peers already installed"
 fi
-# The orthanc, nginx and mosquitto packages start system services (4242/8042, 80, 1883):
-# tests start their own.
-for svc in orthanc nginx mosquitto; do
+# The orthanc, nginx, mosquitto and rsyslog packages start system services (4242/8042, 80,
+# 1883, the system log): tests start their own.
+for svc in orthanc nginx mosquitto rsyslog; do
     if [ -e "/etc/init.d/$svc" ]; then
         "${SUDO[@]}" service "$svc" stop >/dev/null 2>&1 || true
         "${SUDO[@]}" update-rc.d "$svc" disable >/dev/null 2>&1 || true

@@ -135,6 +135,7 @@ pub(crate) struct RawUplink {
     pub deidentify: Option<String>,
     pub deidentify_options: Option<Vec<String>>,
     pub deidentify_burned_in: Option<String>,
+    pub max_queued: Option<u64>,
 }
 
 /// `[fleet]`

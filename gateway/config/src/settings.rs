@@ -329,6 +329,10 @@ pub struct Uplink {
     /// `kind = "dicomweb"` only: the PS3.15 Annex E profile applied as objects leave
     /// (`deidentify = "basic"`); `None` for `"none"` (objects go as stored).
     pub deidentify: Option<Deidentify>,
+    /// `kind = "syslog-tls"` only (`Some`, 1..=10 000 000, default 100 000): audit messages
+    /// queued for this repository at most; newer ones are not queued while it is full
+    /// (counted in `gateway_audit_export_dropped_total`). `None` for other kinds.
+    pub max_queued: Option<u64>,
 }
 
 /// `uplink.deidentify = "basic"` with its options.
@@ -1551,7 +1555,9 @@ fn uplinks(
             );
         }
         if raw.ca_file.is_none()
-            && (raw.url.starts_with("https://") || raw.url.starts_with("mllps://"))
+            && (raw.url.starts_with("https://")
+                || raw.url.starts_with("mllps://")
+                || raw.url.starts_with("syslog-tls://"))
         {
             c.push(
                 key("ca_file"),
@@ -1560,7 +1566,7 @@ fn uplinks(
         }
         if let (Some(kind), Some(url)) = (&kind, &url) {
             match kind {
-                UplinkKind::DicomWeb if url.is_mllp() => {
+                UplinkKind::DicomWeb if url.is_mllp() || url.is_syslog() => {
                     c.push(
                         key("url"),
                         "kind = \"dicomweb\" needs an https:// (or development http://) url",
@@ -1570,6 +1576,12 @@ fn uplinks(
                     c.push(
                         key("url"),
                         "kind = \"mllp-tls\" needs an mllps://host:port (or development mllp://host:port) url",
+                    );
+                }
+                UplinkKind::SyslogTls if url.syslog_host_port().is_none() => {
+                    c.push(
+                        key("url"),
+                        "kind = \"syslog-tls\" needs a syslog-tls://host[:port] url (port 6514 when absent)",
                     );
                 }
                 _ => {}
@@ -1613,6 +1625,7 @@ fn uplinks(
                 "plaintext (http://, mllp://) is refused in production mode",
             );
         }
+        let max_queued = syslog_keys(c, &key, &raw, kind);
         let message_types = message_types(c, &key("message_types"), raw.message_types, kind);
         let deidentify = deidentify(
             c,
@@ -1637,6 +1650,7 @@ fn uplinks(
                 max_concurrent_requests,
                 message_types: message_types?,
                 deidentify: deidentify?,
+                max_queued: max_queued?,
             })
         })();
         match (uplink, &mut out) {
@@ -1645,6 +1659,82 @@ fn uplinks(
         }
     }
     out
+}
+
+/// `uplink.max_queued` (a `kind = "syslog-tls"` audit repository's queue cap, default
+/// 100 000) and the keys a syslog-tls uplink does not use (de-identification, HL7 message
+/// types, the STOW-RS batch keys): refused with a reason.
+fn syslog_keys(
+    c: &mut Collector,
+    key: &dyn Fn(&str) -> String,
+    raw: &raw::RawUplink,
+    kind: Option<UplinkKind>,
+) -> Option<Option<u64>> {
+    if kind != Some(UplinkKind::SyslogTls) {
+        if raw.max_queued.is_some() {
+            c.push(
+                key("max_queued"),
+                "only an audit repository (kind = \"syslog-tls\") takes max_queued",
+            );
+            return None;
+        }
+        return Some(None);
+    }
+    let mut ok = true;
+    let refused: [(&str, bool, &str); 6] = [
+        (
+            "deidentify",
+            raw.deidentify.is_some(),
+            "audit messages are not DICOM objects",
+        ),
+        (
+            "deidentify_options",
+            raw.deidentify_options.is_some(),
+            "audit messages are not DICOM objects",
+        ),
+        (
+            "deidentify_burned_in",
+            raw.deidentify_burned_in.is_some(),
+            "audit messages are not DICOM objects",
+        ),
+        (
+            "message_types",
+            raw.message_types.is_some(),
+            "an audit repository takes every audit message",
+        ),
+        (
+            "batch_max_instances",
+            raw.batch_max_instances.is_some(),
+            "a STOW-RS key",
+        ),
+        (
+            "max_concurrent_requests",
+            raw.max_concurrent_requests.is_some(),
+            "a STOW-RS key",
+        ),
+    ];
+    for (field, present, why) in refused {
+        if present {
+            c.push(
+                key(field),
+                format!("is not used by kind = \"syslog-tls\" ({why}); remove it"),
+            );
+            ok = false;
+        }
+    }
+    if raw.max_bytes_per_sec.is_some() {
+        c.push(
+            key("max_bytes_per_sec"),
+            "is not used by kind = \"syslog-tls\" (a STOW-RS key); remove it",
+        );
+        ok = false;
+    }
+    let max = raw.max_queued.unwrap_or(100_000);
+    if !(1..=10_000_000).contains(&max) {
+        c.push(key("max_queued"), format!("{max} is outside 1..=10000000"));
+        ok = false;
+    }
+    ok.then_some(Some(max))
 }
 
 /// `uplink.deidentify`, `deidentify_options`, `deidentify_burned_in`: only on a dicomweb

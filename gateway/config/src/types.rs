@@ -60,10 +60,10 @@ pub enum ValueError {
     Tcti { value: String },
     #[error("invalid uplink name {value:?} (use 1 to 32 characters of a-z 0-9 -)")]
     UplinkName { value: String },
-    #[error("unknown uplink kind {value:?} (use \"dicomweb\")")]
+    #[error("unknown uplink kind {value:?} (use \"dicomweb\", \"mllp-tls\" or \"syslog-tls\")")]
     UplinkKind { value: String },
     #[error(
-        "invalid url {value:?} (must start with \"https://\", \"http://\", \"mllps://\" or \"mllp://\" and name a host)"
+        "invalid url {value:?} (must start with \"https://\", \"http://\", \"mllps://\", \"mllp://\" or \"syslog-tls://\" and name a host)"
     )]
     UplinkUrl { value: String },
     #[error("unknown client_auth {value:?} (use \"keystore\" or \"files\")")]
@@ -207,6 +207,9 @@ keyword_enum!(
         DicomWeb => "dicomweb",
         /// HL7 v2 messages forwarded over MLLP in TLS (`mllps://host:port`).
         MllpTls => "mllp-tls",
+        /// Audit messages to an audit repository: RFC 5424 syslog over TLS (RFC 5425,
+        /// `syslog-tls://host[:port]`, port 6514 by default).
+        SyslogTls => "syslog-tls",
     }
 );
 
@@ -646,6 +649,26 @@ impl UplinkUrl {
         self.0.starts_with("http://") || self.0.starts_with("mllp://")
     }
 
+    /// Whether the URL is `syslog-tls://`.
+    pub fn is_syslog(&self) -> bool {
+        self.0.starts_with("syslog-tls://")
+    }
+
+    /// `host` and `port` of a `syslog-tls://host[:port]` URL (port 6514, RFC 5425, when
+    /// absent); `None` for other URLs or a port that is not a number.
+    pub fn syslog_host_port(&self) -> Option<(String, u16)> {
+        let rest = self.0.strip_prefix("syslog-tls://")?;
+        let authority = rest.split(['/', '?', '#']).next()?;
+        let (host, port) = if authority.ends_with(']') || !authority.contains(':') {
+            (authority, 6514)
+        } else {
+            let (host, port) = authority.rsplit_once(':')?;
+            (host, port.parse().ok().filter(|p| *p != 0)?)
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        (!host.is_empty()).then(|| (host.to_string(), port))
+    }
+
     /// Whether the URL is `mllps://` or `mllp://`.
     pub fn is_mllp(&self) -> bool {
         self.0.starts_with("mllps://") || self.0.starts_with("mllp://")
@@ -674,7 +697,12 @@ impl FromStr for UplinkUrl {
     type Err = ValueError;
     fn from_str(value: &str) -> Result<Self, ValueError> {
         let invalid = || ValueError::UplinkUrl { value: clip(value) };
-        if value.starts_with("mllp") {
+        if value.starts_with("syslog") {
+            // TLS only: there is no plaintext syslog uplink.
+            if !check_url(value, "syslog-tls://", "syslog-tls://", invalid)? {
+                return Err(invalid());
+            }
+        } else if value.starts_with("mllp") {
             check_url(value, "mllps://", "mllp://", invalid)?;
         } else {
             check_url(value, "https://", "http://", invalid)?;

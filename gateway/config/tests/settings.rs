@@ -584,6 +584,49 @@ fn mllp_uplink_needs_host_port_matching_kind_and_no_plaintext_in_production() {
 }
 
 #[test]
+fn syslog_uplink_takes_a_tls_url_a_ca_and_a_queue_cap_and_refuses_keys_it_does_not_use() {
+    let s = ok(&format!(
+        "{NODE_PROD}[[uplink]]\nname = \"arr\"\nkind = \"syslog-tls\"\nurl = \"syslog-tls://arr.example.jp\"\nca_file = \"ca.pem\"\n\
+         [[uplink]]\nname = \"siem\"\nkind = \"syslog-tls\"\nurl = \"syslog-tls://10.0.0.9:16514\"\nca_file = \"ca.pem\"\nmax_queued = 50\n"
+    ));
+    assert_eq!(s.uplinks[0].kind, gateway_config::UplinkKind::SyslogTls);
+    assert_eq!(
+        s.uplinks[0].url.syslog_host_port(),
+        Some(("arr.example.jp".into(), 6514))
+    );
+    assert_eq!(s.uplinks[0].max_queued, Some(100_000));
+    assert_eq!(
+        s.uplinks[1].url.syslog_host_port(),
+        Some(("10.0.0.9".into(), 16514))
+    );
+    assert_eq!(s.uplinks[1].max_queued, Some(50));
+
+    let text = format!(
+        "{NODE_DEV}[[uplink]]\nname = \"a\"\nkind = \"syslog-tls\"\nurl = \"syslog-tls://a\"\n\
+         [[uplink]]\nname = \"b\"\nkind = \"syslog-tls\"\nurl = \"mllps://b:1\"\nca_file = \"ca.pem\"\n\
+         [[uplink]]\nname = \"c\"\nkind = \"syslog-tls\"\nurl = \"syslog-tls://c\"\nca_file = \"ca.pem\"\n\
+         deidentify = \"basic\"\nmessage_types = [\"ADT\"]\nbatch_max_instances = 4\nmax_queued = 0\n\
+         [[uplink]]\nname = \"d\"\nurl = \"https://d\"\nca_file = \"ca.pem\"\nmax_queued = 5\n\
+         [[uplink]]\nname = \"e\"\nkind = \"syslog-tls\"\nurl = \"syslog://e\"\nca_file = \"ca.pem\"\n\
+         [[uplink]]\nname = \"f\"\nurl = \"syslog-tls://f\"\nca_file = \"ca.pem\"\n"
+    );
+    let err = Settings::from_toml_str(&text).unwrap_err().to_string();
+    for want in [
+        "uplink[0].ca_file: required for a TLS url",
+        "uplink[1].url: kind = \"syslog-tls\" needs a syslog-tls://host[:port] url",
+        "uplink[2].deidentify: is not used by kind = \"syslog-tls\"",
+        "uplink[2].message_types: is not used by kind = \"syslog-tls\"",
+        "uplink[2].batch_max_instances: is not used by kind = \"syslog-tls\"",
+        "uplink[2].max_queued: 0 is outside 1..=10000000",
+        "uplink[3].max_queued: only an audit repository (kind = \"syslog-tls\") takes max_queued",
+        "uplink[4].url: invalid url",
+        "uplink[5].url: kind = \"dicomweb\" needs an https://",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}
+
+#[test]
 fn mllp_message_types_are_parsed_kept_in_order_and_absent_means_all() {
     let text = format!(
         "{NODE_DEV}[[uplink]]\nname = \"ris\"\nkind = \"mllp-tls\"\nurl = \"mllp://127.0.0.1:2576\"\n\

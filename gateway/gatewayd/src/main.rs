@@ -22,6 +22,7 @@
 //! Features: `tpm` (off by default) builds the TPM 2.0 key store (links libtss2); without
 //! it `keystore.backend = "tpm"` is refused by `check-config` and `run`.
 
+mod audit_export;
 mod booking;
 mod cli;
 mod deid;

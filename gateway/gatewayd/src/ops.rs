@@ -63,8 +63,13 @@ pub fn routes(settings: &Settings) -> Vec<Route> {
             let kind = match u.kind {
                 gateway_config::UplinkKind::DicomWeb => ObjectKind::Dicom,
                 gateway_config::UplinkKind::MllpTls => ObjectKind::Hl7,
+                gateway_config::UplinkKind::SyslogTls => ObjectKind::Audit,
             };
             let route = Route::new(u.name.as_str(), kind);
+            let route = match u.max_queued {
+                Some(max) => route.with_max_queued(max),
+                None => route,
+            };
             let route = match &u.message_types {
                 Some(types) => route.with_message_types(types.iter().map(|t| t.as_str())),
                 None => route,

@@ -17,6 +17,7 @@ use gateway_keystore::{KeyStore, KeyStoreError};
 use gateway_mllp::{Hl7Service, Hl7Settings};
 use gateway_spool::Spool;
 use gateway_uplink::mllp::{MllpSettings, MllpUplinkService};
+use gateway_uplink::syslog::{SyslogSettings, SyslogUplinkService};
 use gateway_uplink::{Metrics as UplinkMetrics, UplinkService, UplinkSettings};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
@@ -212,6 +213,7 @@ async fn serve(
     }
     let staff = crate::fleet::StaffParts::new(&data_dir, derived.staff(), derived.audit());
     let hl7_audit = derived.audit();
+    start_audit_export(&ctx, derived.audit(), &mut registry, &mut services)?;
     drop(derived);
     let core = booking.as_ref().and_then(|b| b.core.as_ref());
     let dicom_metrics =
@@ -486,6 +488,15 @@ fn start_uplinks(
             UplinkKind::MllpTls => {
                 let service = MllpUplinkService::new(
                     mllp_settings(uplink, data_dir, keys)?,
+                    ctx.spool.clone(),
+                    uplink_metrics.clone(),
+                )
+                .with_paused(ctx.disabled.clone());
+                services.spawn(service.run(ctx.shutdown.clone()));
+            }
+            UplinkKind::SyslogTls => {
+                let service = SyslogUplinkService::new(
+                    syslog_settings(uplink, data_dir, keys)?,
                     ctx.spool.clone(),
                     uplink_metrics.clone(),
                 )
@@ -770,6 +781,43 @@ fn mllp_settings(
         None
     };
     Ok(MllpSettings::new(name, host, port, tls))
+}
+
+/// One audit repository's settings (`kind = "syslog-tls"`), with its TLS client identity.
+fn syslog_settings(
+    uplink: &gateway_config::Uplink,
+    data_dir: &Path,
+    keys: &dyn KeyStore,
+) -> Result<SyslogSettings, String> {
+    let name = uplink.name.as_str().to_string();
+    let (host, port) = uplink
+        .url
+        .syslog_host_port()
+        .ok_or_else(|| format!("uplink {name}: url has no syslog-tls://host[:port]"))?;
+    let tls = uplink_tls(uplink, data_dir, keys)?
+        .ok_or_else(|| format!("uplink {name}: kind = \"syslog-tls\" needs ca_file"))?;
+    Ok(SyslogSettings::new(name, host, port, tls))
+}
+
+/// `[[uplink]] kind = "syslog-tls"`: the audit export thread (the chain into the spool),
+/// when there is an audit repository.
+fn start_audit_export(
+    ctx: &Wiring<'_>,
+    key: gateway_audit::AuditKey,
+    registry: &mut Registry,
+    services: &mut Services,
+) -> Result<(), String> {
+    if crate::audit_export::wanted(ctx.settings) {
+        let task = crate::audit_export::start(
+            ctx.settings,
+            ctx.spool.clone(),
+            key,
+            registry,
+            ctx.shutdown.clone(),
+        )?;
+        services.spawn(task);
+    }
+    Ok(())
 }
 
 /// The rustls client configuration of a destination (None without `ca_file`).

@@ -36,6 +36,9 @@ pub struct Route {
     /// Takes results returned from the cloud for this clinic ([`Origin::Result`]): only
     /// routes made with [`Route::results_only`] or [`Route::with_results`].
     pub results: bool,
+    /// Audit routes only ([`Route::with_max_queued`]): at most this many messages queued;
+    /// a newer one is not queued here while the queue is full (the oldest are kept).
+    pub max_queued: Option<u64>,
 }
 
 /// Where a stored object came from; a route takes objects of the origins it names.
@@ -57,7 +60,17 @@ impl Route {
             message_types: None,
             local: true,
             results: false,
+            max_queued: None,
         }
+    }
+
+    /// An audit route ([`ObjectKind::Audit`]) queues at most `max` messages: while `max`
+    /// are queued, [`Spool::store_audit_messages`] does not queue new ones here and names
+    /// this route among the message's `dropped`. Other kinds ignore it.
+    #[must_use]
+    pub fn with_max_queued(mut self, max: u64) -> Self {
+        self.max_queued = Some(max);
+        self
     }
 
     /// A results destination (a clinic PACS): takes returned results only.
@@ -166,7 +179,33 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The cap of an audit route, if it has one.
+    pub(crate) fn max_queued(&self, destination: &str) -> Option<u64> {
+        self.destinations
+            .iter()
+            .find(|r| r.name == destination && r.kind == ObjectKind::Audit)
+            .and_then(|r| r.max_queued)
+    }
+
+    /// `destination`'s queue grew by `added` and shrank by `removed` (kept for capped
+    /// routes only: [`Spool::queued_count`]).
+    pub(crate) fn note_queued(&self, destination: &str, added: u64, removed: u64) {
+        let mut counts = crate::lock(&self.capped);
+        if let Some(n) = counts.get_mut(destination) {
+            *n = n.saturating_add(added).saturating_sub(removed);
+        }
+    }
+}
+
 impl Spool {
+    /// How many objects a capped audit route ([`Route::with_max_queued`]) has queued: a
+    /// counter kept as objects are queued and leave the queue, no index scan. `None` for
+    /// other routes.
+    pub fn queued_count(&self, destination: &str) -> Option<u64> {
+        crate::lock(&self.inner.capped).get(destination).copied()
+    }
+
     /// Up to `limit` objects queued for `destination`, oldest first.
     pub fn queued(&self, destination: &str, limit: usize) -> Result<Vec<ObjectId>, SpoolError> {
         Ok(self.inner.index.queued(destination, limit)?)
@@ -218,7 +257,7 @@ impl Spool {
         let now = unix_ms();
         let mut completed = Vec::new();
         for id in ids {
-            let Some((before, record)) =
+            let Some(change) =
                 inner
                     .index
                     .set_delivery(id, destination, DeliveryState::Sent, Some(now), false)?
@@ -228,7 +267,11 @@ impl Spool {
                     destination: destination.to_string(),
                 });
             };
-            inner.usage.transition(before, record.state());
+            let record = change.record;
+            inner.usage.transition(change.before, record.state());
+            if change.was_queued {
+                inner.note_queued(destination, 0, 1);
+            }
             if record.state() == "sent" && !record.blob_deleted {
                 completed.push((*id, record.sealed_len));
             }
@@ -313,17 +356,22 @@ impl Spool {
             return self.mark_sent(id, destination);
         }
         let inner = &self.inner;
-        let Some((before, record)) =
-            inner
-                .index
-                .set_delivery(id, destination, state, None, true)?
+        let queued = state == DeliveryState::Queued;
+        let Some(change) = inner
+            .index
+            .set_delivery(id, destination, state, None, true)?
         else {
             return Err(SpoolError::NoDelivery {
                 id: *id,
                 destination: destination.to_string(),
             });
         };
-        inner.usage.transition(before, record.state());
+        inner.usage.transition(change.before, change.record.state());
+        match (change.was_queued, queued) {
+            (false, true) => inner.note_queued(destination, 1, 0),
+            (true, false) => inner.note_queued(destination, 0, 1),
+            _ => {}
+        }
         Ok(())
     }
 

@@ -7,7 +7,7 @@
 //! the index for what a crash kept from it, and a segment is deleted once the writer has
 //! left it and no record needs its bytes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Weak, mpsc};
@@ -50,11 +50,55 @@ impl std::fmt::Debug for MessageIn {
     }
 }
 
+/// One audit message to store (see [`Spool::store_audit_messages`]).
+#[derive(Clone)]
+pub struct AuditIn {
+    /// Its position in the audit chain: the dedupe key is `audit:{seq}`.
+    pub seq: u64,
+    /// The syslog message as it goes to the repositories.
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for AuditIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditIn")
+            .field("seq", &self.seq)
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+/// What became of one message given to [`Spool::store_audit_messages`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditStored {
+    /// Stored (durable), or already stored under its key; `None`: every destination's
+    /// queue was full, so nothing was stored.
+    pub committed: Option<Committed>,
+    /// The capped routes ([`crate::Route::with_max_queued`]) whose queue was full: the
+    /// message is not queued for them.
+    pub dropped: Vec<String>,
+}
+
 /// Work for the checkpointer thread: one journaled group's index records (the sealed bytes
 /// are in the journal already).
 pub(crate) type CheckpointJob = Vec<(ObjectId, Record, usage::Reservation)>;
 
 impl Inner {
+    /// Whether a capped route's queue has room for one more message, counting what the
+    /// group being stored added already (`added`, updated when it has). Uncapped: always.
+    fn admit(&self, destination: &str, added: &mut HashMap<String, u64>) -> bool {
+        let Some(max) = self.max_queued(destination) else {
+            return true;
+        };
+        let queued = lock(&self.capped).get(destination).copied().unwrap_or(0);
+        let mine = added.entry(destination.to_string()).or_insert(0);
+        if queued.saturating_add(*mine) >= max {
+            return false;
+        }
+        *mine += 1;
+        true
+    }
+
     /// Indexes what the journal holds from the last run and the index lacks (an
     /// acknowledged message whose index entry was not yet flushed), skipping anything
     /// already indexed by id or by key. Returns the newest generation seen, so new segments
@@ -195,16 +239,59 @@ impl Spool {
         self.store_messages_from(items, Origin::Result)
     }
 
+    /// Stores audit messages (rendered from the audit chain) as one group, exactly as
+    /// [`Spool::store_messages`] does (one journal frame, one `fdatasync`), keyed
+    /// `audit:{seq}` so that storing the same chain position again stores nothing. They
+    /// queue for every [`ObjectKind::Audit`] route, except a capped route
+    /// ([`crate::Route::with_max_queued`]) whose queue is full: that one is named in
+    /// [`AuditStored::dropped`] (the oldest queued messages are kept). A message no route
+    /// takes any more is not stored at all.
+    pub fn store_audit_messages(
+        &self,
+        items: Vec<AuditIn>,
+    ) -> Vec<Result<AuditStored, SpoolError>> {
+        let items: Vec<MessageIn> = items
+            .into_iter()
+            .map(|a| MessageIn {
+                key: format!("audit:{}", a.seq),
+                message_type: "audit".into(),
+                charset: "utf-8".into(),
+                source: "audit".into(),
+                bytes: a.bytes,
+            })
+            .collect();
+        self.store_group_or_fail(&items, Origin::Local, ObjectKind::Audit)
+    }
+
     fn store_messages_from(
         &self,
         items: &[MessageIn],
         origin: Origin,
     ) -> Vec<Result<Committed, SpoolError>> {
-        match self.store_group(items, origin) {
+        self.store_group_or_fail(items, origin, ObjectKind::Hl7)
+            .into_iter()
+            .map(|r| {
+                r.and_then(|s| {
+                    s.committed.ok_or_else(|| SpoolError::Full {
+                        reason: "every destination's queue is full".into(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// [`Spool::store_group`], with a failed group commit turned into one error per item.
+    fn store_group_or_fail(
+        &self,
+        items: &[MessageIn],
+        origin: Origin,
+        kind: ObjectKind,
+    ) -> Vec<Result<AuditStored, SpoolError>> {
+        match self.store_group(items, origin, kind) {
             Ok(results) => results,
             Err(e) => {
                 let text = e.to_string();
-                warn!(messages = items.len(), error = %text, "HL7 group commit failed");
+                warn!(messages = items.len(), kind = ?kind, error = %text, "group commit failed");
                 items
                     .iter()
                     .map(|_| {
@@ -226,26 +313,53 @@ impl Spool {
         &self,
         items: &[MessageIn],
         origin: Origin,
-    ) -> Result<Vec<Result<Committed, SpoolError>>, SpoolError> {
+        kind: ObjectKind,
+    ) -> Result<Vec<Result<AuditStored, SpoolError>>, SpoolError> {
         let inner = &self.inner;
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
         self.check_free_or_evict()?;
-        let mut results: Vec<Result<Committed, SpoolError>> = Vec::with_capacity(items.len());
+        let mut results: Vec<Result<AuditStored, SpoolError>> = Vec::with_capacity(items.len());
         let mut entries: Vec<journal::Entry> = Vec::new();
         let mut reservations: Vec<usage::Reservation> = Vec::new();
+        let stored = |c: Committed, dropped: Vec<String>| {
+            Ok(AuditStored {
+                committed: Some(c),
+                dropped,
+            })
+        };
+        // What this group adds to each capped queue so far.
+        let mut added: HashMap<String, u64> = HashMap::new();
         for item in items {
-            let uid_mac = keys.message_key_mac(&item.key);
+            let uid_mac = keys.journaled_key_mac(kind, &item.key);
             if let Some(e) = entries.iter().find(|e| e.record.uid_mac == uid_mac) {
-                results.push(Ok(Committed::Duplicate(e.id)));
+                results.push(stored(Committed::Duplicate(e.id), Vec::new()));
                 continue;
             }
             if let Some(id) = self.stored_message(&uid_mac)? {
-                results.push(Ok(Committed::Duplicate(id)));
+                results.push(stored(Committed::Duplicate(id), Vec::new()));
                 continue;
             }
-            match self.seal_message(keys, item, uid_mac, origin) {
+            let mut destinations = inner.queue_for(origin, kind, Some(&item.message_type));
+            let mut dropped = Vec::new();
+            if kind == ObjectKind::Audit {
+                destinations.retain(|d| {
+                    let admitted = inner.admit(&d.name, &mut added);
+                    if !admitted {
+                        dropped.push(d.name.clone());
+                    }
+                    admitted
+                });
+                if destinations.is_empty() && !dropped.is_empty() {
+                    results.push(Ok(AuditStored {
+                        committed: None,
+                        dropped,
+                    }));
+                    continue;
+                }
+            }
+            match self.seal_message(keys, item, uid_mac, kind, destinations) {
                 Ok((entry, reservation)) => {
-                    results.push(Ok(Committed::Stored(entry.id)));
+                    results.push(stored(Committed::Stored(entry.id), dropped));
                     entries.push(entry);
                     reservations.push(reservation);
                 }
@@ -277,6 +391,12 @@ impl Spool {
                 pending.insert(entry.record.uid_mac, entry.id);
             }
         }
+        // Before the checkpointer can index them (and a worker confirm them).
+        for entry in &entries {
+            for d in &entry.record.destinations {
+                inner.note_queued(&d.name, 1, 0);
+            }
+        }
         inner
             .journaled
             .fetch_add(entries.len() as u64, Ordering::SeqCst);
@@ -303,13 +423,15 @@ impl Spool {
         Ok(self.inner.index.ids_for_uid(uid_mac)?.first().copied())
     }
 
-    /// Seals one message in memory and reserves its space.
+    /// Seals one message of `kind` (HL7 or audit) in memory, queued for `destinations`,
+    /// and reserves its space.
     fn seal_message(
         &self,
         keys: &Keys,
         item: &MessageIn,
         uid_mac: UidMac,
-        origin: Origin,
+        kind: ObjectKind,
+        destinations: Vec<crate::Destination>,
     ) -> Result<(journal::Entry, usage::Reservation), SpoolError> {
         let inner = &self.inner;
         let plain_len = item.bytes.len() as u64;
@@ -343,7 +465,7 @@ impl Spool {
         let mut mac = keys.mac();
         mac.update(&item.bytes);
         let record = Record {
-            kind: ObjectKind::Hl7,
+            kind,
             sop_class_uid: item.message_type.chars().take(32).collect(),
             transfer_syntax_uid: item.charset.clone(),
             source: item.source.clone(),
@@ -352,7 +474,7 @@ impl Spool {
             received_unix_ms: unix_ms(),
             uid_mac,
             content_mac: Keys::content_mac(mac),
-            destinations: inner.queue_for(origin, ObjectKind::Hl7, Some(&item.message_type)),
+            destinations,
             blob_deleted: false,
             sequence: inner.index.next_sequence()?,
             study_mac: None,
@@ -525,6 +647,134 @@ mod tests {
         let spool = open(dir.path());
         assert!(segment_generations(&spool).is_empty());
         assert!(spool.verify().unwrap().is_consistent());
+    }
+
+    fn audit(seq: u64) -> AuditIn {
+        AuditIn {
+            seq,
+            bytes: format!("<85>1 seq {seq}").into_bytes(),
+        }
+    }
+
+    fn open_audit(dir: &Path) -> Spool {
+        let limits = Limits {
+            max_bytes: 1 << 40,
+            min_free_bytes: 0,
+        };
+        let master = MasterKey::from_bytes([7; KEY_LEN]);
+        let routes = vec![
+            Route::new("ris", ObjectKind::Hl7),
+            Route::new("arr", ObjectKind::Audit).with_max_queued(3),
+            Route::new("siem", ObjectKind::Audit),
+        ];
+        Spool::open(dir, Some(master), limits, routes).unwrap()
+    }
+
+    /// Audit messages: one group commit, keyed by chain position (a second store of the
+    /// same seq stores nothing), queued for the audit routes only; a capped route's full
+    /// queue keeps its oldest and names itself in `dropped`; the count survives a restart
+    /// and shrinks as messages are confirmed.
+    #[test]
+    fn audit_messages_dedupe_by_seq_and_a_full_capped_queue_keeps_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open_audit(dir.path());
+        let r = spool.store_audit_messages((1..=5).map(audit).collect());
+        let dropped: Vec<Vec<String>> = r
+            .iter()
+            .map(|x| x.as_ref().unwrap().dropped.clone())
+            .collect();
+        assert_eq!(
+            dropped,
+            [
+                vec![],
+                vec![],
+                vec![],
+                vec!["arr".to_string()],
+                vec!["arr".to_string()]
+            ]
+        );
+        assert!(
+            r.iter()
+                .all(|x| matches!(x.as_ref().unwrap().committed, Some(Committed::Stored(_))))
+        );
+        assert_eq!(spool.queued_count("arr"), Some(3));
+        assert_eq!(spool.queued_count("siem"), None, "uncapped: not counted");
+        assert!(spool.settle(Duration::from_secs(5)));
+        let arr = spool.queued("arr", 10).unwrap();
+        assert_eq!(arr.len(), 3);
+        let (record, bytes) = spool.read(&arr[0]).unwrap();
+        assert_eq!(
+            (record.kind, bytes.as_slice()),
+            (ObjectKind::Audit, &b"<85>1 seq 1"[..])
+        );
+        assert_eq!(spool.read(&arr[2]).unwrap().1, b"<85>1 seq 3");
+        assert_eq!(spool.queued("siem", 10).unwrap().len(), 5);
+        assert!(
+            spool.queued("ris", 10).unwrap().is_empty(),
+            "an HL7 route takes no audit"
+        );
+        // The same chain positions again: duplicates, nothing stored, nothing dropped.
+        let again = spool.store_audit_messages(vec![audit(2), audit(5)]);
+        assert!(again.iter().all(|x| {
+            let x = x.as_ref().unwrap();
+            matches!(x.committed, Some(Committed::Duplicate(_))) && x.dropped.is_empty()
+        }));
+        // An HL7 message with the same text as a key is not an audit duplicate.
+        assert!(matches!(
+            spool.store_messages(&[message("audit:2", "MSH|x")])[0],
+            Ok(Committed::Stored(_))
+        ));
+        drop(spool);
+
+        let spool = open_audit(dir.path());
+        assert_eq!(spool.queued_count("arr"), Some(3), "counted again at open");
+        let arr = spool.queued("arr", 10).unwrap();
+        spool.mark_sent_all(&arr[..2], "arr").unwrap();
+        spool.mark_sent(&arr[0], "arr").unwrap();
+        assert_eq!(
+            spool.queued_count("arr"),
+            Some(1),
+            "a repeated confirmation counts once"
+        );
+        // Room for two: seq 6 and 7 queue, 8 does not; a message no route takes any more
+        // is not stored.
+        let r = spool.store_audit_messages(vec![audit(6), audit(7), audit(8)]);
+        assert!(r[1].as_ref().unwrap().dropped.is_empty());
+        assert_eq!(r[2].as_ref().unwrap().dropped, ["arr"]);
+        assert!(
+            matches!(r[2].as_ref().unwrap().committed, Some(Committed::Stored(_))),
+            "siem took it"
+        );
+        assert_eq!(spool.queued_count("arr"), Some(3));
+        spool.mark_failed(&arr[2], "arr", "test").unwrap();
+        assert_eq!(spool.queued_count("arr"), Some(2));
+        assert_eq!(spool.retry_failed(Some("arr")).unwrap(), 1);
+        assert_eq!(spool.queued_count("arr"), Some(3));
+        assert!(spool.settle(Duration::from_secs(5)));
+        assert!(spool.verify().unwrap().is_consistent());
+    }
+
+    /// A capped route alone: a message it cannot take is not stored at all.
+    #[test]
+    fn an_audit_message_no_route_can_take_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_bytes: 1 << 40,
+            min_free_bytes: 0,
+        };
+        let master = MasterKey::from_bytes([7; KEY_LEN]);
+        let routes = vec![Route::new("arr", ObjectKind::Audit).with_max_queued(1)];
+        let spool = Spool::open(dir.path(), Some(master), limits, routes).unwrap();
+        let r = spool.store_audit_messages(vec![audit(1), audit(2)]);
+        assert_eq!(
+            r[1].as_ref().unwrap(),
+            &AuditStored {
+                committed: None,
+                dropped: vec!["arr".into()]
+            }
+        );
+        assert!(spool.settle(Duration::from_secs(5)));
+        assert_eq!(spool.status().unwrap().objects, 1);
     }
 
     /// A dead letter leaves the journal for `blobs/` and still exports and retries.

@@ -55,6 +55,10 @@ pub enum ObjectKind {
     Dicom,
     /// An HL7 v2 message, its original bytes.
     Hl7,
+    /// An audit message (an RFC 5424 syslog line carrying a PS3.15 A.5 audit message) for
+    /// the audit repositories. Appended last: the index stores the variant's position, so
+    /// records written before it existed read as they did.
+    Audit,
 }
 
 /// Marks a record of format 2; a format-1 record starts with the length of its SOP Class
@@ -212,6 +216,17 @@ impl Record {
             "sent"
         }
     }
+}
+
+/// What [`Index::set_delivery`] changed.
+#[derive(Debug, Clone)]
+pub struct DeliveryChange {
+    /// The object's overall state before the change ([`Record::state`]).
+    pub before: &'static str,
+    /// Whether the destination had the object queued before the change.
+    pub was_queued: bool,
+    /// The updated record.
+    pub record: Record,
 }
 
 /// An index failure, naming the database path.
@@ -417,8 +432,8 @@ impl Index {
     /// Replaces the delivery state of `id` towards `destination`, durably when `sync`
     /// (otherwise call [`Index::flush`] before relying on it). `now_ms` is recorded as the
     /// completion time when this was the last pending destination. Returns the object's
-    /// overall state before the change and the updated record (None if the object or
-    /// destination is unknown).
+    /// overall state before the change, whether `destination` had it queued, and the
+    /// updated record (None if the object or destination is unknown).
     ///
     /// Destinations confirm the same object concurrently (one worker each): the record is
     /// read and rewritten in one transaction (`Index::update_record`), so that one
@@ -430,7 +445,7 @@ impl Index {
         state: DeliveryState,
         now_ms: Option<u64>,
         sync: bool,
-    ) -> Result<Option<(&'static str, Record)>, IndexError> {
+    ) -> Result<Option<DeliveryChange>, IndexError> {
         self.update_record(id, sync, |record, queue| {
             let before = record.state();
             let Some(dest) = record
@@ -440,6 +455,7 @@ impl Index {
             else {
                 return Ok(None);
             };
+            let was_queued = dest.state == DeliveryState::Queued;
             dest.state = state.clone();
             let key = queue_key(destination, record, id);
             if state == DeliveryState::Queued {
@@ -453,7 +469,11 @@ impl Index {
                 "sent" => record.completed_unix_ms.or(now_ms),
                 _ => None,
             };
-            Ok(Some((before, record.clone())))
+            Ok(Some(DeliveryChange {
+                before,
+                was_queued,
+                record: record.clone(),
+            }))
         })
     }
 
@@ -845,6 +865,27 @@ mod tests {
         assert_eq!(r.study_mac, Some(StudyMac::from_bytes([9; 32])));
         assert_eq!(r.segment, None);
         assert_eq!(decode_record(&encode_record(&r).unwrap()).unwrap(), r);
+    }
+
+    /// The index stores an [`ObjectKind`] as its position: the kinds written before
+    /// `Audit` existed keep their bytes, and an audit record round-trips.
+    #[test]
+    fn object_kinds_keep_their_encoding_and_audit_comes_last() {
+        let bytes = |k: ObjectKind| postcard::to_stdvec(&k).unwrap();
+        assert_eq!(bytes(ObjectKind::Dicom), [0]);
+        assert_eq!(bytes(ObjectKind::Hl7), [1]);
+        assert_eq!(bytes(ObjectKind::Audit), [2]);
+        let mut old = RecordV2::from_v1(v1());
+        old.kind = ObjectKind::Hl7;
+        let mut encoded = RECORD_V2.to_vec();
+        encoded.extend_from_slice(&postcard::to_stdvec(&old).unwrap());
+        assert_eq!(decode_record(&encoded).unwrap().kind, ObjectKind::Hl7);
+        let mut audit = decode_record(&encoded).unwrap();
+        audit.kind = ObjectKind::Audit;
+        assert_eq!(
+            decode_record(&encode_record(&audit).unwrap()).unwrap(),
+            audit
+        );
     }
 
     impl RecordV2 {

@@ -7,8 +7,9 @@
 //! Module map (one `impl Spool` block per concern; this file holds the handle, its shared
 //! state, [`Spool::open`] and the read path every concern uses):
 //! - `ingest`: the write path of one DICOM object ([`Spool::begin`], [`Ingest`]).
-//! - `groups`: HL7 message groups: journal append, group commit, the checkpointer and the
-//!   journal replay at open ([`Spool::store_messages`], [`Spool::settle`]).
+//! - `groups`: HL7 and audit message groups: journal append, group commit, the
+//!   checkpointer and the journal replay at open ([`Spool::store_messages`],
+//!   [`Spool::store_audit_messages`], [`Spool::settle`]).
 //! - `delivery`: per-destination queues, confirmations, dead letters and their retry
 //!   ([`Spool::queued`], [`Spool::mark_sent`], [`Spool::mark_failed`],
 //!   [`Spool::retry_failed`]).
@@ -74,7 +75,7 @@ use prometheus_client::registry::Registry;
 use sha2::Sha256;
 
 pub use delivery::{Origin, Route};
-pub use groups::MessageIn;
+pub use groups::{AuditIn, AuditStored, MessageIn};
 use groups::{CheckpointJob, run_checkpointer};
 pub use ids::{ContentMac, ObjectId, StudyMac, UidMac};
 use index::Index;
@@ -157,6 +158,15 @@ impl Keys {
         UidMac::from_bytes(self.labelled_mac(b"hl7\0", key))
     }
 
+    /// The MAC a journaled message of `kind` is deduplicated by: an HL7 message's key, or
+    /// an audit message's `audit:{seq}`.
+    fn journaled_key_mac(&self, kind: ObjectKind, key: &str) -> UidMac {
+        match kind {
+            ObjectKind::Audit => UidMac::from_bytes(self.labelled_mac(b"audit\0", key)),
+            ObjectKind::Hl7 | ObjectKind::Dicom => self.message_key_mac(key),
+        }
+    }
+
     fn study_mac(&self, uid: &str) -> StudyMac {
         StudyMac::from_bytes(self.labelled_mac(b"study\0", uid))
     }
@@ -212,6 +222,9 @@ struct Inner {
     /// Journal segment -> how many objects still need their sealed bytes there (not yet
     /// reclaimed). A segment the writer has left is deleted when its count reaches 0.
     live: Mutex<BTreeMap<u64, u64>>,
+    /// Capped audit routes ([`Route::with_max_queued`]) -> how many objects they have
+    /// queued (counted at open, then kept as objects are queued and leave the queue).
+    capped: Mutex<HashMap<String, u64>>,
 }
 
 impl Inner {
@@ -282,14 +295,28 @@ impl Spool {
             journaled: AtomicU64::new(0),
             checkpointed: (Mutex::new(0), Condvar::new()),
             live: Mutex::default(),
+            capped: Mutex::default(),
         };
         let newest = inner.replay_journal()?;
         inner.journal = Mutex::new(journal::Writer::new(&inner.journal_dir, newest));
         let mut sealed = 0;
         let mut counts = BTreeMap::new();
         let mut live = BTreeMap::new();
+        let mut capped: HashMap<String, u64> = inner
+            .destinations
+            .iter()
+            .filter(|r| inner.max_queued(&r.name).is_some())
+            .map(|r| (r.name.clone(), 0))
+            .collect();
         for entry in inner.index.records() {
             let (_, r) = entry?;
+            for d in &r.destinations {
+                if d.state == DeliveryState::Queued
+                    && let Some(n) = capped.get_mut(&d.name)
+                {
+                    *n += 1;
+                }
+            }
             if !r.blob_deleted {
                 sealed += r.sealed_len;
                 if let Some(at) = r.segment {
@@ -306,6 +333,7 @@ impl Spool {
             }
         }
         inner.live = Mutex::new(live);
+        inner.capped = Mutex::new(capped);
         let inner = Arc::new(inner);
         let (tx, rx) = mpsc::channel();
         let weak = Arc::downgrade(&inner);

@@ -14,7 +14,10 @@
 //! [`mllp::MllpError`]), [`deliver`] (results to the clinic PACS by C-STORE, one
 //! [`DimseDeliveryService`] per `[[results.deliver]]` kind = "dicom"), [`pull`] (the other direction: a study listed by QIDO-RS and
 //! retrieved by WADO-RS from a destination's archive, [`pull::PullClient`]) and
-//! [`multipart`] (the streaming `multipart/related` parser of WADO-RS responses).
+//! [`multipart`] (the streaming `multipart/related` parser of WADO-RS responses), [`syslog`]
+//! (audit messages to `kind = "syslog-tls"` audit repositories: RFC 5425, one
+//! [`syslog::SyslogUplinkService`] each) and `link` (the TCP and TLS connection set-up
+//! the MLLP and syslog workers share, [`LinkError`]).
 //!
 //! Retry rules:
 //! - network errors, 408, 429, 5xx, and authentication refusals (401, 403, 495, 496) are
@@ -39,11 +42,13 @@
 #![cfg_attr(test, allow(clippy::indexing_slicing, clippy::string_slice))]
 
 pub mod deliver;
+mod link;
 pub mod mllp;
 pub mod multipart;
 mod pace;
 pub mod pull;
 pub mod stow;
+pub mod syslog;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -53,12 +58,14 @@ use gateway_spool::{ObjectId, Spool, SpoolError};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 pub use crate::deliver::{DeliverSettings, DimseDeliveryService};
+pub use crate::link::LinkError;
 use crate::stow::{InstanceResult, Part, StowError};
 
 /// Settings of one destination, built by `gatewayd` from `[[uplink]]`.
@@ -132,14 +139,25 @@ struct SentLabels {
     result: &'static str,
 }
 
-/// `gateway_uplink_sent_total{destination,result}`: result = sent | failed | retry;
+/// `gateway_uplink_sent_total{destination,result}`: result = sent | failed | retry (for a
+/// syslog-tls destination, retry counts messages written on a connection that then failed
+/// before they were marked sent: they go again);
 /// `gateway_uplink_deidentified_total{destination,result}`: result = rewritten | held |
 /// failed (objects of a `deidentify = "basic"` destination).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationLabel {
+    destination: String,
+}
+
+/// `gateway_uplink_queued{destination}` and `gateway_uplink_up{destination}` (1 while the
+/// worker holds a working connection): kept by the syslog-tls workers.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     sent: Family<SentLabels, Counter>,
     bytes: Family<SentLabels, Counter>,
     deidentified: Family<SentLabels, Counter>,
+    queued: Family<DestinationLabel, Gauge>,
+    up: Family<DestinationLabel, Gauge>,
 }
 
 impl Metrics {
@@ -160,7 +178,35 @@ impl Metrics {
             "Objects rewritten for a de-identifying destination, or held back (burned-in identity) or failed (dead letters), by destination",
             m.deidentified.clone(),
         );
+        registry.register(
+            "gateway_uplink_queued",
+            "Messages queued for a destination (audit repositories), as the worker last saw",
+            m.queued.clone(),
+        );
+        registry.register(
+            "gateway_uplink_up",
+            "1 while the worker of a destination (audit repositories) holds a working connection, else 0",
+            m.up.clone(),
+        );
         m
+    }
+
+    /// `gateway_uplink_queued{destination}`.
+    pub(crate) fn set_queued(&self, destination: &str, n: u64) {
+        self.queued
+            .get_or_create(&DestinationLabel {
+                destination: destination.to_string(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// `gateway_uplink_up{destination}`.
+    pub(crate) fn set_up(&self, destination: &str, up: bool) {
+        self.up
+            .get_or_create(&DestinationLabel {
+                destination: destination.to_string(),
+            })
+            .set(i64::from(up));
     }
 
     /// Objects of a de-identifying destination: `rewritten`, `held` or `failed`.

@@ -24,15 +24,13 @@ use gateway_hl7::charset::{self, CharsetOverride};
 use gateway_hl7::mllp::{MllpDecoder, MllpEvent, encode_frame};
 use gateway_hl7::record::Header;
 use gateway_spool::{ObjectId, Spool, SpoolError};
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::link::{self, LinkError};
 use crate::{
-    Backoff, Idle, Metrics, RecordError, describe, hold_while_paused, sleep_unless_shutdown,
-    wait_for_work,
+    Backoff, Idle, Metrics, RecordError, hold_while_paused, sleep_unless_shutdown, wait_for_work,
 };
 
 /// Settings of one HL7 destination, built by `gatewayd` from `[[uplink]]`.
@@ -79,26 +77,9 @@ impl MllpSettings {
 /// message sent again after a backoff. `Display` is what `spool status` shows.
 #[derive(Debug, thiserror::Error)]
 pub enum MllpError {
-    #[error("connecting to {peer} timed out")]
-    ConnectTimeout {
-        /// `host:port` of the destination.
-        peer: String,
-    },
-    #[error("cannot connect to {peer}: {source}")]
-    Connect {
-        peer: String,
-        source: std::io::Error,
-    },
-    #[error("invalid server name {host}: {source}")]
-    ServerName {
-        host: String,
-        source: rustls_pki_types::InvalidDnsNameError,
-    },
-    #[error("TLS handshake with {peer} timed out")]
-    HandshakeTimeout { peer: String },
-    /// `Display` is the whole cause chain: a TLS alert says why the handshake failed.
-    #[error("TLS handshake failed: {}", describe(error))]
-    Handshake { peer: String, error: std::io::Error },
+    /// The connection could not be opened (TCP or TLS).
+    #[error(transparent)]
+    Link(#[from] LinkError),
     #[error("send failed: {source}")]
     Send {
         peer: String,
@@ -349,33 +330,12 @@ impl MllpUplinkService {
 
     async fn connect(&self) -> Result<(Box<dyn Stream>, MllpDecoder), MllpError> {
         let s = &self.settings;
-        let addr = (s.host.as_str(), s.port);
-        let peer = || format!("{}:{}", s.host, s.port);
-        let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| MllpError::ConnectTimeout { peer: peer() })?
-            .map_err(|source| MllpError::Connect {
-                peer: peer(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = link::connect_tcp(&s.host, s.port, s.connect_timeout).await?;
         let decoder = MllpDecoder::new(s.max_ack_bytes);
         let Some(tls) = &s.tls else {
             return Ok((Box::new(tcp), decoder));
         };
-        let server_name =
-            ServerName::try_from(s.host.clone()).map_err(|source| MllpError::ServerName {
-                host: s.host.clone(),
-                source,
-            })?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::clone(tls));
-        let stream = tokio::time::timeout(s.connect_timeout, connector.connect(server_name, tcp))
-            .await
-            .map_err(|_| MllpError::HandshakeTimeout { peer: peer() })?
-            .map_err(|error| MllpError::Handshake {
-                peer: peer(),
-                error,
-            })?;
+        let stream = link::handshake(tls, &s.host, s.port, tcp, s.connect_timeout).await?;
         info!(destination = %s.name, "HL7 forwarding connected (TLS)");
         Ok((Box::new(stream), decoder))
     }
@@ -414,7 +374,7 @@ fn judge(ack: &[u8], control_id: &str) -> Answer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn ack(code: &str, control: &str, err: Option<&str>) -> Vec<u8> {
@@ -458,14 +418,14 @@ mod tests {
     fn connection_errors_name_the_peer_as_before() {
         let peer = || "ris.example:2575".to_string();
         assert_eq!(
-            MllpError::ConnectTimeout { peer: peer() }.to_string(),
+            MllpError::from(LinkError::ConnectTimeout { peer: peer() }).to_string(),
             "connecting to ris.example:2575 timed out"
         );
         assert_eq!(
-            MllpError::Connect {
+            MllpError::from(LinkError::Connect {
                 peer: peer(),
                 source: std::io::ErrorKind::ConnectionRefused.into()
-            }
+            })
             .to_string(),
             format!(
                 "cannot connect to ris.example:2575: {}",
@@ -501,7 +461,8 @@ mod tests {
 
     /// Real MLLP peers on 127.0.0.1 for the worker, in mutual TLS with certificates from
     /// a throw-away CA and the same `gateway-tls` configurations the daemon builds.
-    mod peers {
+    /// Also the syslog worker's tests' PKI ([`peers::Pki`]).
+    pub(crate) mod peers {
         #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
         use std::path::Path;
