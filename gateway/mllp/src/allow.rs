@@ -18,7 +18,6 @@ use std::net::IpAddr;
 use gateway_hl7::ack::AckError;
 use gateway_hl7::parse::{ErrorCode, Location};
 use gateway_hl7::record::Header;
-use rustls::pki_types::CertificateDer;
 
 /// ERR-8 of a refusal (fixed: never message content).
 pub(crate) const NOT_ALLOWED: &str = "sender not on this gateway's allow list";
@@ -153,33 +152,10 @@ fn namespace_id(field: &str, component: char) -> &str {
     field.split(component).next().unwrap_or_default()
 }
 
-/// The names of a client certificate: its DNS subject alternative names, then its subject
-/// common names. A certificate that does not parse has none.
-// TODO(merge): use gateway_tls::peer_names
-pub(crate) fn peer_names(cert: &CertificateDer<'_>) -> Vec<String> {
-    use x509_parser::extensions::GeneralName;
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return Vec::new();
-    };
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::DNSName(dns) = name {
-                names.push((*dns).to_owned());
-            }
-        }
-    }
-    for cn in cert.subject().iter_common_name() {
-        if let Ok(cn) = cn.as_str() {
-            names.push(cn.to_owned());
-        }
-    }
-    names
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::CertificateDer;
 
     fn header(app: &str, facility: &str) -> Header {
         Header {
@@ -297,10 +273,12 @@ mod tests {
             .push(rcgen::DnType::CommonName, "EMR server");
         let cert = params.self_signed(&key).unwrap();
         assert_eq!(
-            peer_names(cert.der()),
+            gateway_tls::peer_names(cert.der()),
             ["emr.clinic.example", "emr2.clinic.example", "EMR server"]
         );
-        assert!(peer_names(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_empty());
+        assert!(
+            gateway_tls::peer_names(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_empty()
+        );
     }
 
     #[test]

@@ -268,7 +268,7 @@ async fn accept_tls(
                 .1
                 .peer_certificates()
                 .and_then(<[_]>::first)
-                .map(allow::peer_names)
+                .map(gateway_tls::peer_names)
                 .unwrap_or_default();
             Ok((Box::new(tls_stream), names))
         }
