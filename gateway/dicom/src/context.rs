@@ -26,4 +26,6 @@ pub(crate) struct Context {
     pub idle_timeout: Duration,
     /// Set on the core gateway: Modality Worklist C-FIND is offered.
     pub worklist: Option<Arc<dyn WorklistSource>>,
+    /// Where each association's stored studies go at its end (the audit trail).
+    pub transfers: Option<crate::transfers::TransferSink>,
 }

@@ -55,10 +55,12 @@ pub mod reconcile;
 pub mod scu;
 pub mod service;
 pub mod storage_classes;
+pub mod transfers;
 pub mod walker;
 pub mod worklist;
 
 pub use policy::{Peer, PolicySettings};
 pub use scu::{Scu, ScuAssociation, ScuError, ScuSettings, ScuTarget, StoreObject, StoreOutcome};
 pub use service::{DicomError, DicomService, DicomSettings};
+pub use transfers::{Direction, StudyTransfer, Tally, Transfer, TransferSink};
 pub use worklist::WorklistSource;

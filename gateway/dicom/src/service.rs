@@ -86,6 +86,7 @@ impl DicomService {
             metrics,
             idle_timeout: settings.idle_timeout,
             worklist: None,
+            transfers: None,
         });
         Ok(Self {
             listener,
@@ -122,6 +123,24 @@ impl DicomService {
             metrics: self.ctx.metrics.clone(),
             idle_timeout: self.ctx.idle_timeout,
             worklist: Some(source),
+            transfers: self.ctx.transfers.clone(),
+        });
+        self
+    }
+
+    /// Hands each association's stored studies (calling AE title, peer address, and per
+    /// study the Patient ID, Study UID and SOP classes with counts) to `sink` when the
+    /// association ends, for the audit trail's "DICOM instances transferred" records. The
+    /// association waits for room in the channel, never for the audit write.
+    #[must_use]
+    pub fn with_transfer_audit(mut self, sink: crate::transfers::TransferSink) -> Self {
+        self.ctx = Arc::new(Context {
+            options: self.ctx.options.clone(),
+            spool: self.ctx.spool.clone(),
+            metrics: self.ctx.metrics.clone(),
+            idle_timeout: self.ctx.idle_timeout,
+            worklist: self.ctx.worklist.clone(),
+            transfers: Some(sink),
         });
         self
     }

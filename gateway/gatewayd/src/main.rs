@@ -16,6 +16,8 @@
 //!   metric handles.
 //! - `logring`: the log's last lines, for the fleet's `log-upload`.
 //! - `notify`: `sd_notify` for the systemd unit (READY, WATCHDOG, STOPPING).
+//! - `transfer_audit`: the audit records of DICOM instances received (a thread fed by
+//!   the DICOM service at each association's end).
 //!
 //! Features: `tpm` (off by default) builds the TPM 2.0 key store (links libtss2); without
 //! it `keystore.backend = "tpm"` is refused by `check-config` and `run`.
@@ -30,6 +32,7 @@ mod ops;
 mod run;
 mod safety_cli;
 mod telemetry;
+mod transfer_audit;
 
 use std::process::ExitCode;
 

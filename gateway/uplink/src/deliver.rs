@@ -113,6 +113,8 @@ struct Records {
     /// Spool id and outcome: `None` stored, `Some(reason)` dead letter.
     waiting: Vec<(ObjectId, Option<String>)>,
     flight: Option<tokio::task::JoinHandle<Result<(), RecordError>>>,
+    /// The stored objects of `waiting`, per study, for the audit trail.
+    sent: gateway_dicom::Tally,
 }
 
 /// One queued object, unsealed and ready to send.
@@ -146,6 +148,8 @@ pub struct DimseDeliveryService {
     open: Option<Open>,
     /// `true` while the gateway is disabled: nothing is sent.
     paused: watch::Receiver<bool>,
+    /// Where delivered studies go for the audit trail (DICOM instances transferred).
+    transfers: Option<gateway_dicom::TransferSink>,
 }
 
 impl std::fmt::Debug for DimseDeliveryService {
@@ -167,7 +171,16 @@ impl DimseDeliveryService {
             metrics,
             open: None,
             paused: watch::channel(false).1,
+            transfers: None,
         }
+    }
+
+    /// Hands the studies of each group of delivered objects to `sink` for the audit
+    /// trail, once their delivery is recorded in the spool.
+    #[must_use]
+    pub fn with_transfer_audit(mut self, sink: gateway_dicom::TransferSink) -> Self {
+        self.transfers = Some(sink);
+        self
     }
 
     /// Sends nothing while `paused` holds `true` (the object in hand is finished and the
@@ -427,6 +440,14 @@ impl DimseDeliveryService {
         let reason = match refusal {
             None => {
                 self.metrics.count(name, "sent", 1, size);
+                if self.transfers.is_some() {
+                    let meta = item.object.meta();
+                    records.sent.add_data_set(
+                        &meta.sop_class_uid,
+                        &meta.transfer_syntax_uid,
+                        item.object.data_set(),
+                    );
+                }
                 None
             }
             Some(error) => {
@@ -459,6 +480,11 @@ impl DimseDeliveryService {
             if records.flight.is_none() && !records.waiting.is_empty() {
                 let (spool, name) = (self.spool.clone(), self.settings.name.clone());
                 let outcomes = std::mem::take(&mut records.waiting);
+                let delivered =
+                    std::mem::take(&mut records.sent).take_as(gateway_dicom::Direction::Sent {
+                        destination: name.clone(),
+                    });
+                let transfers = self.transfers.clone();
                 records.flight = Some(tokio::task::spawn_blocking(move || {
                     let mut sent = Vec::with_capacity(outcomes.len());
                     for (id, failure) in outcomes {
@@ -469,6 +495,9 @@ impl DimseDeliveryService {
                     }
                     if !sent.is_empty() {
                         spool.mark_sent_all(&sent, &name)?;
+                    }
+                    if let (Some(sink), Some(t)) = (transfers, delivered) {
+                        let _ = sink.blocking_send(t);
                     }
                     Ok(())
                 }));
