@@ -11,8 +11,13 @@ to RELAX NG XML and to XSD and checked with `xmllint` against both. The EventID 
 action is asserted; the Patient IDs and Study UIDs appear in the transfer messages only,
 and nowhere in clear under the data folder or in the daemon's log.
 
-Peers: DCMTK (storescu), trang, xmllint (Debian `trang`, `libxml2-utils`): a missing one
-is a failure naming the package.
+Outbound: a `kind = "dicomweb"` uplink to Orthanc behind nginx with mutual TLS (the
+ingress of test_uplink.py): every confirmed STOW-RS batch gives one "DICOM instances
+transferred" record per study (EventActionCode R, the gateway the source, the uplink the
+destination), and the instance counts of a study's records add up to what was sent.
+
+Peers: DCMTK (storescu), trang, xmllint (Debian `trang`, `libxml2-utils`), Orthanc and
+nginx for the outbound test: a missing one is a failure naming the package.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import gw
 import kiosk
 import scu
 from test_staff_accounts import kiosk_gateway
+from test_uplink import DEST, client_cert, ingress, ingress_factory, store, uplink_config, wait_delivered  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 SCHEMA = HERE / "schema" / "dicom-audit-message.rnc"
@@ -47,6 +53,7 @@ EVENT_IDS = {
     "account_disabled": "110113",
     "login": "110114",
     "dicom_instances_received": "110104",
+    "dicom_instances_sent": "110104",
 }
 
 
@@ -113,16 +120,8 @@ def test_every_record_exports_as_a_schema_valid_a5_message(gateway_factory, sche
     assert kiosk.Kiosk(g, port, "127.0.0.9").login("clerk.a", secret, password="wrong password!").status == 401
 
     # Two studies of two patients in one association: 3 CT + 2 CT instances.
-    files, studies = [], {}
-    for patient, count in ((7, 3), (8, 2)):
-        study = f"1.2.826.0.1.3680043.8.498.{patient}{patient}{patient}.{patient}"
-        studies[study] = data.patient_id(patient)
-        for n in range(count):
-            path = tmp_path / "dcm" / f"p{patient}-{n}.dcm"
-            path.parent.mkdir(exist_ok=True)
-            data.make_ct_file(path, patient, study_uid=study)
-            files.append(path)
-    r = scu.storescu(g.dicom_port, files)
+    files, studies = two_studies(tmp_path)
+    r = scu.storescu(g.dicom_port, [f.path for f in files])
     assert r.returncode == 0, r.stderr
 
     log = g.data_dir / "audit" / "audit.jsonl"
@@ -190,3 +189,63 @@ def test_every_record_exports_as_a_schema_valid_a5_message(gateway_factory, sche
     assert r.returncode == 0 and json.loads(r.stdout)["problem"] is None, r.stdout + r.stderr
     tail = export(g, chain[-3]["seq"])
     assert tail == lines[-2:]
+
+
+def two_studies(tmp_path: Path, counts: tuple[int, int] = (3, 2)) -> tuple[list, dict[str, str]]:
+    """CT files of two studies of two patients; {study uid: patient id}."""
+    files, studies = [], {}
+    for patient, count in zip((7, 8), counts):
+        study = f"1.2.826.0.1.3680043.8.498.{patient}{patient}{patient}.{patient}"
+        studies[study] = data.patient_id(patient)
+        for n in range(count):
+            path = tmp_path / "dcm" / f"p{patient}-{n}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            files.append(data.make_ct_file(path, patient, study_uid=study))
+    return files, studies
+
+
+def test_confirmed_stow_batches_are_audited_per_study(gateway_factory, schemas, ca, client_cert, ingress, tmp_path):
+    g = gateway_factory(uplink_config(ingress, ca.cert, client_cert))
+    files, studies = two_studies(tmp_path, (4, 3))
+    store(g, files)
+    wait_delivered(g, ingress, len(files), 60)
+    log = g.data_dir / "audit" / "audit.jsonl"
+
+    def sent_records() -> list[dict]:
+        return [r for r in map(json.loads, log.read_text().splitlines()) if r["action"] == "dicom_instances_sent"]
+
+    # At least one record per study (a study split over two batches gets two).
+    kiosk.wait_until(lambda: len(sent_records()) >= 2, 30, "DICOM instances sent records")
+    chain = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = export(g)
+    assert len(lines) == len(chain)
+    xml_files = []
+    counted: dict[str, int] = {}
+    for n, (line, record) in enumerate(zip(lines, chain)):
+        m = HEADER.match(line)
+        assert m and int(m.group(4)) == record["seq"], line[:200]
+        xml = m.group(5)
+        path = tmp_path / f"msg-{n:04d}.xml"
+        path.write_text(xml)
+        xml_files.append(path)
+        if record["action"] != "dicom_instances_sent":
+            continue
+        assert record["actor"] == "system" and record["subject"] == f"destination:{DEST}", record
+        assert 'EventActionCode="R"' in xml and 'csd-code="110104"' in xml, xml
+        assert ('<ActiveParticipant UserID="test-gw" AlternativeUserID="gatewayd" UserIsRequestor="true">'
+                '<RoleIDCode csd-code="110153"') in xml, xml
+        assert (f'<ActiveParticipant UserID="{DEST}" UserIsRequestor="false"><RoleIDCode csd-code="110152"') in xml, xml
+        study = re.search(r'ParticipantObjectID="([0-9.]+)" ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="3"', xml)
+        assert study and study.group(1) in studies, xml
+        assert f'ParticipantObjectID="{studies[study.group(1)]}" ParticipantObjectTypeCode="1"' in xml, xml
+        count = re.search(r'<SOPClass UID="1.2.840.10008.5.1.4.1.1.2" NumberOfInstances="(\d+)"/>', xml)
+        assert count, xml
+        counted[study.group(1)] = counted.get(study.group(1), 0) + int(count.group(1))
+    validate(schemas, xml_files)
+    want = {s: (4 if p == data.patient_id(7) else 3) for s, p in studies.items()}
+    assert counted == want, (counted, want)
+    needles = [s.encode() for s in studies] + [p.encode() for p in studies.values()]
+    for f in [p for p in g.data_dir.rglob("*") if p.is_file()] + [g.log_path]:
+        blob = f.read_bytes()
+        for needle in needles:
+            assert needle not in blob, f"{needle!r} in clear in {f}"
