@@ -194,4 +194,51 @@ mod tests {
         assert!(!format!("{got:?}").contains("PID-1"));
         assert!(t.take("CT01", peer).is_none());
     }
+
+    /// An Explicit VR Little Endian element with a 2-byte length.
+    fn short(group: u16, element: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend(group.to_le_bytes());
+        v.extend(element.to_le_bytes());
+        v.extend(vr);
+        v.extend(u16::try_from(value.len()).unwrap().to_le_bytes());
+        v.extend(value);
+        v
+    }
+
+    #[test]
+    fn a_part10_object_and_a_bare_data_set_are_identified_and_counted() {
+        const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+        const ELE: &str = "1.2.840.10008.1.2.1";
+        let mut ds = short(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0");
+        ds.extend(short(0x0008, 0x0018, b"UI", b"1.2.3.4"));
+        ds.extend(short(0x0010, 0x0020, b"LO", b"PID-9 "));
+        ds.extend(short(0x0020, 0x000D, b"UI", b"1.2.3.9\0"));
+        let mut file = part10::header(CT, "1.2.3.4", ELE).unwrap();
+        file.extend(&ds);
+        let id = identify_part10(&file).unwrap();
+        assert_eq!(id.sop_class_uid, CT);
+        assert_eq!(id.study_uid.as_deref(), Some("1.2.3.9"));
+        assert_eq!(id.patient_id.as_deref(), Some("PID-9"));
+        assert!(!format!("{id:?}").contains("PID-9"));
+        assert!(identify_part10(&ds).is_none(), "not Part 10");
+        assert!(
+            identify_part10(&file[..file.len() - 3]).is_none(),
+            "truncated"
+        );
+
+        let mut t = Tally::default();
+        t.add_part10(&file);
+        t.add_data_set(CT, ELE, &ds);
+        t.add_part10(b"garbage");
+        let got = t
+            .take_as(Direction::Sent {
+                destination: "cloud".into(),
+            })
+            .unwrap();
+        assert_eq!(got.studies.len(), 2);
+        assert_eq!(got.studies[0].study_uid, "", "the unreadable object");
+        assert_eq!(got.studies[1].study_uid, "1.2.3.9");
+        assert_eq!(got.studies[1].sop_classes, vec![(CT.to_string(), 2)]);
+    }
 }
