@@ -84,25 +84,6 @@ impl Tally {
         }
     }
 
-    /// Counts one data set (without file meta group) of the given SOP class and transfer
-    /// syntax, reading its Study UID and Patient ID; one that does not walk is counted
-    /// under an empty study.
-    pub fn add_data_set(
-        &mut self,
-        sop_class_uid: &str,
-        transfer_syntax_uid: &str,
-        data_set: &[u8],
-    ) {
-        let mut walker = Walker::new(Encoding::of_transfer_syntax(transfer_syntax_uid));
-        let summary = walker.feed(data_set).and_then(|()| walker.finish()).ok();
-        let summary = summary.unwrap_or_default();
-        self.add(
-            summary.study_instance_uid.as_deref(),
-            summary.patient_id.as_deref(),
-            sop_class_uid,
-        );
-    }
-
     /// The transfer of everything counted (`None` when nothing was), emptying the tally.
     pub fn take_as(&mut self, direction: Direction) -> Option<Transfer> {
         if self.studies.is_empty() {
@@ -207,7 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn a_part10_object_and_a_bare_data_set_are_identified_and_counted() {
+    fn a_part10_object_is_identified_and_counted() {
         const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
         const ELE: &str = "1.2.840.10008.1.2.1";
         let mut ds = short(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0");
@@ -229,7 +210,7 @@ mod tests {
 
         let mut t = Tally::default();
         t.add_part10(&file);
-        t.add_data_set(CT, ELE, &ds);
+        t.add_part10(&file);
         t.add_part10(b"garbage");
         let got = t
             .take_as(Direction::Sent {

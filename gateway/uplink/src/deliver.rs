@@ -121,6 +121,9 @@ struct Records {
 struct Item {
     id: ObjectId,
     object: StoreObject,
+    /// What it is for the audit trail (read on the blocking thread that read the batch,
+    /// only when the service has a transfer sink).
+    audit: Option<gateway_dicom::transfers::Part10Identity>,
 }
 
 /// An open association and the contexts it was proposed with.
@@ -277,6 +280,7 @@ impl DimseDeliveryService {
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
         let limit = self.settings.batch.clamp(1, BATCH_MAX_OBJECTS);
+        let audit = self.transfers.is_some();
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::new();
             let mut bytes = 0u64;
@@ -295,8 +299,15 @@ impl DimseDeliveryService {
                     }
                 };
                 let size = plain.len() as u64;
+                let identity = audit
+                    .then(|| gateway_dicom::transfers::identify_part10(&plain))
+                    .flatten();
                 match StoreObject::from_part10(plain) {
-                    Ok(object) => batch.push(Item { id, object }),
+                    Ok(object) => batch.push(Item {
+                        id,
+                        object,
+                        audit: identity,
+                    }),
                     Err(e) => {
                         warn!(destination = %name, object = %id.to_hex(), error = %e, "queued object cannot be sent: dead letter");
                         spool.mark_failed(&id, &name, &e.to_string())?;
@@ -441,12 +452,15 @@ impl DimseDeliveryService {
             None => {
                 self.metrics.count(name, "sent", 1, size);
                 if self.transfers.is_some() {
-                    let meta = item.object.meta();
-                    records.sent.add_data_set(
-                        &meta.sop_class_uid,
-                        &meta.transfer_syntax_uid,
-                        item.object.data_set(),
-                    );
+                    let sop_class = &item.object.meta().sop_class_uid;
+                    match &item.audit {
+                        Some(id) => records.sent.add(
+                            id.study_uid.as_deref(),
+                            id.patient_id.as_deref(),
+                            sop_class,
+                        ),
+                        None => records.sent.add(None, None, sop_class),
+                    }
                 }
                 None
             }

@@ -598,15 +598,8 @@ impl UplinkService {
             let marked = tokio::task::spawn_blocking(move || {
                 spool.mark_sent_all(&stored, &dest)?;
                 if let Some(sink) = transfers {
-                    let mut tally = gateway_dicom::Tally::default();
-                    for part in &stored_parts {
-                        tally.add_part10(part);
-                    }
-                    if let Some(t) =
-                        tally.take_as(gateway_dicom::Direction::Sent { destination: dest })
-                    {
-                        let _ = sink.blocking_send(t);
-                    }
+                    // Off the settle path: the next request does not wait for the walk.
+                    tokio::task::spawn_blocking(move || audit_sent(&sink, dest, &stored_parts));
                 }
                 Ok::<(), SpoolError>(())
             })
@@ -732,6 +725,18 @@ pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Hands the studies of a confirmed batch (read from the Part 10 bytes posted) to the
+/// audit sink. Runs on a blocking thread.
+fn audit_sent(sink: &gateway_dicom::TransferSink, destination: String, parts: &[bytes::Bytes]) {
+    let mut tally = gateway_dicom::Tally::default();
+    for part in parts {
+        tally.add_part10(part);
+    }
+    if let Some(t) = tally.take_as(gateway_dicom::Direction::Sent { destination }) {
+        let _ = sink.blocking_send(t);
+    }
 }
 
 /// SOP Instance UID from the file meta group of a stored Part 10 object.
