@@ -182,9 +182,14 @@ fn audit_export(config: &Path, from: u64) -> ExitCode {
     let source = gateway_audit::a5::AuditSource {
         node_id: settings.node.id.as_str().to_string(),
     };
+    let dir = audit_dir(&settings);
+    if !dir.join("audit.jsonl").exists() {
+        // No trail yet: nothing to print, and nothing created by looking.
+        return ExitCode::SUCCESS;
+    }
     let result = audit_key(&settings).and_then(|key| {
-        let log = gateway_audit::AuditLog::open(&audit_dir(&settings), key.clone())
-            .map_err(|e| e.to_string())?;
+        // Opening checks the whole chain: a damaged trail is named, not exported.
+        let log = gateway_audit::AuditLog::open(&dir, key.clone()).map_err(|e| e.to_string())?;
         let mut out = std::io::BufWriter::new(std::io::stdout().lock());
         let mut after = from;
         loop {
