@@ -191,14 +191,16 @@ async fn serve(
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<ExitRequest>();
     let mut services = JoinSet::new();
-    let transfer_audit =
-        crate::transfer_audit::start(crate::ops::audit_dir(&settings), derived.audit())?;
+    let transfer_audit = crate::transfer_audit::TransferAudit::start(
+        crate::ops::audit_dir(&settings),
+        derived.audit(),
+    )?;
     let ctx = Wiring {
         settings: &settings,
         spool: &spool,
         disabled: &disabled,
         shutdown: &shutdown,
-        transfer_audit: &transfer_audit,
+        transfer_audit: transfer_audit.sink(),
     };
 
     let mut control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
@@ -287,6 +289,7 @@ async fn serve(
         }
     }
     drop(spool);
+    transfer_audit.finish().await;
     info!("gatewayd stopped");
     Ok(ending)
 }
