@@ -71,6 +71,10 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
 # (test_appliance_fleet.py, on 127.0.0.1 and a port the test picks): dnsmasq-base is the
 # binary alone; the `dnsmasq` package would also start a system resolver on port 53.
 [ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null 2>&1 || need_pkgs+=(dnsmasq-base)
+# The DICOM audit message schema (hw-tests/schema/*.rnc, RELAX NG compact) is converted
+# with trang and audit messages validated with xmllint (test_audit_a5.py).
+command -v trang >/dev/null 2>&1 || need_pkgs+=(trang)
+command -v xmllint >/dev/null 2>&1 || need_pkgs+=(libxml2-utils)
 # Debian's python3 has no ensurepip without python3-venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

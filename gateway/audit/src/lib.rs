@@ -24,6 +24,15 @@
 //! What a record holds: time, actor (a staff account name, `vendor`, or `system`), action
 //! and outcome from fixed vocabularies, and a subject reference chosen by the caller (an
 //! appointment id, a keyed MAC of a patient id): the caller keeps patient names and ids out.
+//!
+//! Sealed participants: an event whose standard audit message must name the patient and
+//! the study (DICOM instances transferred) is appended with
+//! [`AuditLog::append_with_participants`]. Those values are sealed (AES-256-GCM under
+//! [`ParticipantsKey`], `KeyPurpose::AuditParticipants`, the record's `seq` as additional
+//! data) and stored base64 in the record's `participants` field, which the MAC covers; the
+//! chain never holds them in clear. A record without that field is byte-for-byte what
+//! older versions wrote, so old trails verify unchanged. [`a5`] opens them to render the
+//! record as a DICOM PS3.15 A.5 audit message.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -33,6 +42,9 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub mod a5;
+mod sealed;
+
+pub use sealed::{Participants, ParticipantsKey, SopClassCount};
 
 use gateway_durable::{self as durable, Context, LockedFile};
 use gateway_keystore::{DerivedKey, KEY_LEN, KeyPurpose, MasterKey};
@@ -48,9 +60,9 @@ const HEAD_FILE: &str = "head";
 const LOCK_FILE: &str = "audit.lock";
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// The key records are MAC'd with.
+/// The key records are MAC'd with, and the key their sealed participants are sealed with.
 #[derive(Clone)]
-pub struct AuditKey(DerivedKey);
+pub struct AuditKey(DerivedKey, ParticipantsKey);
 
 impl std::fmt::Debug for AuditKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,7 +74,15 @@ impl AuditKey {
     /// The audit key derived from the spool master key for [`KeyPurpose::Audit`] (its own
     /// label keeps it apart from every other derived key).
     pub fn new(master: &MasterKey) -> Self {
-        Self(master.derive(KeyPurpose::Audit))
+        Self(
+            master.derive(KeyPurpose::Audit),
+            ParticipantsKey::new(master),
+        )
+    }
+
+    /// The key that opens the records' sealed participants (for the A.5 rendering).
+    pub fn participants_key(&self) -> &ParticipantsKey {
+        &self.1
     }
 
     /// [`AuditKey::new`] from the master key's raw bytes.
@@ -133,6 +153,15 @@ pub enum Action {
     /// An HL7 message from a sender not on `[[hl7.peers]]` was refused with AR and not
     /// stored (subject `peer:{address}`, detail: why, from fixed texts).
     Hl7SenderRefused,
+    /// DICOM instances of one study were received (C-STORE to the gateway's SCP), recorded
+    /// at the end of the association: actor the calling AE title, subject `peer:{address}`,
+    /// sealed participants the Patient ID, Study Instance UID and SOP classes with counts
+    /// ([`AuditLog::append_with_participants`]).
+    DicomInstancesReceived,
+    /// DICOM instances of one study were sent and confirmed by the receiver (a STOW batch
+    /// to an uplink, a C-STORE of results delivery): actor `system`, subject
+    /// `destination:{name}`, sealed participants as for [`Action::DicomInstancesReceived`].
+    DicomInstancesSent,
 }
 
 /// How it ended.
@@ -165,6 +194,10 @@ struct Body {
     outcome: Outcome,
     subject: Option<String>,
     detail: Option<String>,
+    /// Sealed [`Participants`] (base64 of nonce and AES-256-GCM ciphertext); absent in
+    /// records without them, so that older records serialise exactly as they were MAC'd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    participants: Option<String>,
     prev: String,
 }
 
@@ -194,6 +227,22 @@ impl Record {
     }
     pub fn time_unix_ms(&self) -> u64 {
         self.body.time_unix_ms
+    }
+    pub fn detail(&self) -> Option<&str> {
+        self.body.detail.as_deref()
+    }
+    /// Whether the record carries sealed participants.
+    pub fn has_participants(&self) -> bool {
+        self.body.participants.is_some()
+    }
+    /// Opens the record's sealed participants: `Ok(None)` when it has none, an error when
+    /// they do not open under `key` (another box's key, or altered).
+    pub fn participants(&self, key: &ParticipantsKey) -> Result<Option<Participants>, AuditError> {
+        self.body
+            .participants
+            .as_deref()
+            .map(|sealed| key.open(self.body.seq, sealed))
+            .transpose()
     }
 }
 
@@ -226,6 +275,10 @@ pub enum AuditError {
     Damaged { path: PathBuf, problem: Problem },
     #[error("audit record does not encode: {0}")]
     Encode(#[from] serde_json::Error),
+    /// A record's sealed participants could not be sealed or opened (names the record,
+    /// never the content).
+    #[error("audit record {seq}: sealed participants {problem}")]
+    Sealed { seq: u64, problem: &'static str },
 }
 
 /// The first thing wrong with a log.
@@ -360,6 +413,26 @@ impl AuditLog {
     /// sealed head on disk when it is ahead of this handle's. A busy lock, or a head that is
     /// missing, unreadable or not sealed by the key, is an error and nothing is appended.
     pub fn append(&self, event: Event) -> Result<Record, AuditError> {
+        self.append_inner(event, None)
+    }
+
+    /// [`AuditLog::append`] with participants that the record carries sealed (Patient ID,
+    /// Study Instance UID: values the standard audit message must name but the chain must
+    /// not hold in clear). Sealed under the key's [`ParticipantsKey`] with the record's
+    /// `seq` as additional data, stored base64, covered by the MAC.
+    pub fn append_with_participants(
+        &self,
+        event: Event,
+        participants: &Participants,
+    ) -> Result<Record, AuditError> {
+        self.append_inner(event, Some(participants))
+    }
+
+    fn append_inner(
+        &self,
+        event: Event,
+        participants: Option<&Participants>,
+    ) -> Result<Record, AuditError> {
         let mut tail = self
             .state
             .lock()
@@ -378,8 +451,10 @@ impl AuditLog {
             tail.seq = head.seq;
             tail.mac = head.mac;
         }
+        let seq = tail.seq + 1;
+        let participants = participants.map(|p| self.key.1.seal(seq, p)).transpose()?;
         let body = Body {
-            seq: tail.seq + 1,
+            seq,
             time_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -388,6 +463,7 @@ impl AuditLog {
             outcome: event.outcome,
             subject: event.subject,
             detail: event.detail,
+            participants,
             prev: tail.mac.clone(),
         };
         let mac = self.key.mac(&serde_json::to_vec(&body)?);

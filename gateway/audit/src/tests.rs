@@ -296,3 +296,103 @@ fn an_unreadable_or_unsealed_head_stops_appends() {
     std::fs::write(&head, good).unwrap();
     assert_eq!(log.append(event("clerk", Action::Login)).unwrap().seq(), 3);
 }
+
+fn transfer() -> Participants {
+    Participants {
+        patient_id: "PID-77".into(),
+        study_uid: "1.2.3.4.5".into(),
+        sop_classes: vec![SopClassCount {
+            uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            count: 2,
+        }],
+    }
+}
+
+#[test]
+fn sealed_participants_are_chained_covered_by_the_mac_and_not_in_clear() {
+    let (dir, _) = log_of(2);
+    let log = AuditLog::open(dir.path(), key()).unwrap();
+    let r = log
+        .append_with_participants(
+            Event {
+                actor: "CT01".into(),
+                action: Action::DicomInstancesReceived,
+                outcome: Outcome::Success,
+                subject: Some("peer:127.0.0.1:4000".into()),
+                detail: None,
+            },
+            &transfer(),
+        )
+        .unwrap();
+    assert_eq!(r.seq(), 3);
+    assert!(r.has_participants());
+    log.append(event("clerk", Action::Logout)).unwrap();
+    assert_eq!(verify(dir.path(), &key()).unwrap().problem, None);
+    let text = std::fs::read_to_string(dir.path().join(LOG_FILE)).unwrap();
+    assert!(!text.contains("PID-77") && !text.contains("1.2.3.4.5"));
+    // Records without participants are written exactly as before (no new field).
+    let plain = lines(dir.path());
+    assert!(!plain[0].contains("participants"));
+    assert!(plain[2].contains("\"participants\":\""));
+    let back = log.records().unwrap();
+    assert_eq!(
+        back[2].participants(key().participants_key()).unwrap(),
+        Some(transfer())
+    );
+    assert_eq!(
+        back[1].participants(key().participants_key()).unwrap(),
+        None
+    );
+    // Another box's key does not open them.
+    let other = AuditKey::derive(&[6; 32]);
+    assert!(matches!(
+        back[2].participants(other.participants_key()),
+        Err(AuditError::Sealed { seq: 3, .. })
+    ));
+    // Swapping the sealed part for another is an edit the chain names.
+    let mut lines = plain;
+    let sealed_at = lines[2].find("\"participants\":\"").unwrap() + 16;
+    let mut bytes = lines[2].clone().into_bytes();
+    bytes[sealed_at + 4] = if bytes[sealed_at + 4] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    lines[2] = String::from_utf8(bytes).unwrap();
+    rewrite(dir.path(), &lines);
+    assert_eq!(
+        problem(dir.path()),
+        Some(Problem::Edited { line: 3, seq: 3 })
+    );
+}
+
+#[test]
+fn a_record_written_before_sealed_participants_existed_still_verifies() {
+    // A line as the previous version wrote it (no `participants` field), MAC'd over the
+    // same field order.
+    let dir = tempfile::tempdir().unwrap();
+    let k = key();
+    let body = format!(
+        "{{\"seq\":1,\"time_unix_ms\":1700000000000,\"actor\":\"alice\",\"action\":\"login\",\"outcome\":\"success\",\"subject\":null,\"detail\":null,\"prev\":\"{GENESIS}\"}}"
+    );
+    let mac = k.mac(body.as_bytes());
+    let line = format!("{},\"mac\":\"{mac}\"}}\n", body.trim_end_matches('}'));
+    std::fs::write(dir.path().join(LOG_FILE), line).unwrap();
+    let head = Head::new(&k, 1, mac);
+    std::fs::write(
+        dir.path().join(HEAD_FILE),
+        serde_json::to_vec(&head).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        verify(dir.path(), &k).unwrap(),
+        Report {
+            records: 1,
+            problem: None
+        }
+    );
+    let log = AuditLog::open(dir.path(), key()).unwrap();
+    log.append_with_participants(event("CT01", Action::DicomInstancesReceived), &transfer())
+        .unwrap();
+    assert_eq!(verify(dir.path(), &k).unwrap().records, 2);
+}

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::context::Context;
 use crate::dimse::{self, FindRequest, Request, StoreRequest, status};
 use crate::part10;
-use crate::walker::{Encoding, Walker};
+use crate::walker::{Encoding, Summary, Walker};
 use crate::worklist::{self, MODALITY_WORKLIST_FIND};
 
 /// Largest command set accepted (real ones are a few hundred bytes).
@@ -102,6 +102,12 @@ pub(crate) async fn serve(
             let _ = association.abort().await;
         }
     }
+    // What was stored goes to the audit trail, however the association ended.
+    if let Some(sink) = &ctx.transfers
+        && let Some(transfer) = state.tally.take(calling, addr)
+    {
+        let _ = sink.send(transfer).await;
+    }
 }
 
 /// DIMSE state of one association.
@@ -112,6 +118,8 @@ struct Dimse {
     store: Option<InboundObject>,
     stored: u64,
     find: Option<InboundFind>,
+    /// Stored instances per study, for the audit trail.
+    tally: crate::transfers::Tally,
 }
 
 /// A C-FIND whose identifier is being received.
@@ -194,10 +202,17 @@ impl Dimse {
                     if last && let Some(store) = self.store.take() {
                         let req = store.req.clone();
                         let pc_id = store.pc_id;
-                        let (code, label, comment) = store.finish().await;
+                        let (code, label, comment, seen) = store.finish().await;
                         ctx.metrics.stored(label);
                         if code == status::SUCCESS {
                             self.stored += 1;
+                        }
+                        if let Some(seen) = seen {
+                            self.tally.add(
+                                seen.study_instance_uid.as_deref(),
+                                seen.patient_id.as_deref(),
+                                &req.sop_class_uid,
+                            );
                         }
                         send_command(
                             association,
@@ -666,11 +681,12 @@ impl InboundObject {
         }
     }
 
-    /// Ends the data set and returns (status, metric label, error comment).
-    async fn finish(mut self) -> (u16, &'static str, Option<&'static str>) {
+    /// Ends the data set and returns (status, metric label, error comment, and for a
+    /// stored object what the walk found).
+    async fn finish(mut self) -> (u16, &'static str, Option<&'static str>, Option<Summary>) {
         if let Some(refusal) = self.refusal {
             self.discard().await;
-            return (refusal.0, refusal.1, Some(refusal.2));
+            return (refusal.0, refusal.1, Some(refusal.2), None);
         }
         let check = match self.walker.take() {
             _ if self.walk_error => {
@@ -694,20 +710,21 @@ impl InboundObject {
                             "SOP Instance UID of data set does not match command",
                         ))
                     } else {
-                        Ok(summary.study_instance_uid)
+                        Ok(summary)
                     }
                 }
             },
             None => Err((status::CANNOT_UNDERSTAND, "invalid", "malformed data set")),
         };
-        let study = match check {
-            Ok(study) => study,
+        let summary = match check {
+            Ok(summary) => summary,
             Err((code, label, comment)) => {
                 self.discard().await;
-                return (code, label, Some(comment));
+                return (code, label, Some(comment), None);
             }
         };
         if let Some(tx) = self.tx.take() {
+            let study = summary.study_instance_uid.clone();
             let _ = tx.send(Chunk::Commit { study }).await;
         }
         let outcome = match self.result.take() {
@@ -717,16 +734,17 @@ impl InboundObject {
         match outcome {
             Ok(Some(Committed::Stored(id))) => {
                 debug!(object = %hex_id(id.as_bytes()), "object stored");
-                (status::SUCCESS, "success", None)
+                (status::SUCCESS, "success", None, Some(summary))
             }
             Ok(Some(Committed::Duplicate(id))) => {
                 debug!(object = %hex_id(id.as_bytes()), "duplicate of a stored object");
-                (status::SUCCESS, "duplicate", None)
+                (status::SUCCESS, "duplicate", None, Some(summary))
             }
             Ok(None) => (
                 status::OUT_OF_RESOURCES,
                 "out_of_resources",
                 Some("storage interrupted"),
+                None,
             ),
             Err(SpoolError::Full { reason }) => {
                 warn!(reason, "C-STORE refused: spool full");
@@ -734,6 +752,7 @@ impl InboundObject {
                     status::OUT_OF_RESOURCES,
                     "out_of_resources",
                     Some("gateway storage is full"),
+                    None,
                 )
             }
             Err(e) => {
@@ -742,6 +761,7 @@ impl InboundObject {
                     status::OUT_OF_RESOURCES,
                     "out_of_resources",
                     Some("gateway storage failed"),
+                    None,
                 )
             }
         }

@@ -19,7 +19,7 @@ pub(crate) type Options =
     ServerAssociationOptions<'static, AcceptCalledAeTitle, DefaultNegotiation>;
 
 /// What every association of the service shares.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Context {
     pub options: Arc<Options>,
     /// The same syntaxes as `options`, for the TLS listener's negotiation.
@@ -29,4 +29,6 @@ pub(crate) struct Context {
     pub idle_timeout: Duration,
     /// Set on the core gateway: Modality Worklist C-FIND is offered.
     pub worklist: Option<Arc<dyn WorklistSource>>,
+    /// Where each association's stored studies go at its end (the audit trail).
+    pub transfers: Option<crate::transfers::TransferSink>,
 }

@@ -61,6 +61,7 @@ pub mod reconcile;
 pub mod scu;
 pub mod service;
 pub mod storage_classes;
+pub mod transfers;
 pub mod walker;
 pub mod worklist;
 
@@ -70,4 +71,5 @@ pub use scu::{
     StoreOutcome,
 };
 pub use service::{DicomError, DicomService, DicomSettings, TlsListenerSettings};
+pub use transfers::{Direction, StudyTransfer, Tally, Transfer, TransferSink};
 pub use worklist::WorklistSource;

@@ -120,6 +120,7 @@ impl DicomService {
             metrics,
             idle_timeout: settings.idle_timeout,
             worklist: None,
+            transfers: None,
         });
         Ok(Self {
             listener,
@@ -154,10 +155,21 @@ impl DicomService {
         self.ctx = Arc::new(Context {
             options: build_options(&self.settings, true),
             syntaxes: build_syntaxes(&self.settings, true),
-            spool: self.ctx.spool.clone(),
-            metrics: self.ctx.metrics.clone(),
-            idle_timeout: self.ctx.idle_timeout,
             worklist: Some(source),
+            ..(*self.ctx).clone()
+        });
+        self
+    }
+
+    /// Hands each association's stored studies (calling AE title, peer address, and per
+    /// study the Patient ID, Study UID and SOP classes with counts) to `sink` when the
+    /// association ends, for the audit trail's "DICOM instances transferred" records. The
+    /// association waits for room in the channel, never for the audit write.
+    #[must_use]
+    pub fn with_transfer_audit(mut self, sink: crate::transfers::TransferSink) -> Self {
+        self.ctx = Arc::new(Context {
+            transfers: Some(sink),
+            ..(*self.ctx).clone()
         });
         self
     }

@@ -52,14 +52,28 @@ pub enum WalkError {
     Inflate { offset: u64 },
 }
 
-/// What the walk found.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What the walk found. `Debug` leaves the Patient ID out.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Summary {
     pub sop_class_uid: Option<String>,
     pub sop_instance_uid: Option<String>,
     /// Study Instance UID (0020,000D), when the data set has one: uploads batch by study.
     pub study_instance_uid: Option<String>,
+    /// Patient ID (0010,0020), when the data set has one: for the audit trail's sealed
+    /// record of what was received, never logged.
+    pub patient_id: Option<String>,
     pub bytes: u64,
+}
+
+impl std::fmt::Debug for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Summary")
+            .field("sop_class_uid", &self.sop_class_uid)
+            .field("sop_instance_uid", &self.sop_instance_uid)
+            .field("study_instance_uid", &self.study_instance_uid)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 const MAX_DEPTH: usize = 64;
@@ -79,6 +93,7 @@ enum Capture {
     SopClass,
     SopInstance,
     Study,
+    Patient,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,6 +274,7 @@ impl Framing {
                             Capture::SopClass => self.summary.sop_class_uid = Some(text),
                             Capture::SopInstance => self.summary.sop_instance_uid = Some(text),
                             Capture::Study => self.summary.study_instance_uid = Some(text),
+                            Capture::Patient => self.summary.patient_id = Some(text),
                         }
                         self.captured.clear();
                         self.state = State::Header;
@@ -355,6 +371,7 @@ impl Framing {
             (true, 0x0008, 0x0016) => Some(Capture::SopClass),
             (true, 0x0008, 0x0018) => Some(Capture::SopInstance),
             (true, 0x0020, 0x000D) => Some(Capture::Study),
+            (true, 0x0010, 0x0020) => Some(Capture::Patient),
             _ => None,
         };
         self.state = match capture {
@@ -456,6 +473,7 @@ mod tests {
         ));
         d.extend(short((0x0008, 0x0018), b"UI", b"1.2.3.4.5.6"));
         d.extend(short((0x0010, 0x0010), b"PN", b"DOE^JANE"));
+        d.extend(short((0x0010, 0x0020), b"LO", b"PID-0042"));
         d.extend(short((0x0020, 0x000D), b"UI", b"1.2.3.9\0"));
         // Undefined-length sequence with one undefined-length item holding two elements
         // (a nested Study Instance UID must not be taken for the data set's own).
@@ -493,6 +511,8 @@ mod tests {
             );
             assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2.3.4.5.6"));
             assert_eq!(s.study_instance_uid.as_deref(), Some("1.2.3.9"));
+            assert_eq!(s.patient_id.as_deref(), Some("PID-0042"));
+            assert!(!format!("{s:?}").contains("PID-0042"));
             assert_eq!(s.bytes, d.len() as u64);
         }
     }
@@ -502,8 +522,8 @@ mod tests {
         let d = sample();
         for cut in 1..d.len() {
             // A prefix ending on a top-level element boundary (after the UIDs, the name, the
-            // study, the closed sequence) is a valid shorter data set.
-            let boundary = [34, 53, 69, 85, 149].contains(&cut);
+            // patient id, the study, the closed sequence) is a valid shorter data set.
+            let boundary = [34, 53, 69, 85, 101, 165].contains(&cut);
             let r = walk(EXPLICIT_LE, &d[..cut], 5);
             assert_eq!(r.is_ok(), boundary, "prefix of {cut} bytes: {r:?}");
         }

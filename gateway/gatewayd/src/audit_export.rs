@@ -78,10 +78,11 @@ impl Metrics {
     }
 }
 
-/// Renders one chain record as the syslog message the repositories get. The one place the
-/// A.5 rendering is called.
-fn render(record: &Record, source: &AuditSource) -> Vec<u8> {
-    gateway_audit::a5::syslog_message(record, source)
+/// Renders one chain record as the syslog message the repositories get, its sealed
+/// participants (Patient ID, Study UID of a DICOM transfer) opened with the audit key. The
+/// one place the A.5 rendering is called.
+fn render(record: &Record, source: &AuditSource, key: &AuditKey) -> Vec<u8> {
+    gateway_audit::a5::syslog_message(record, source, Some(key.participants_key()))
 }
 
 /// Whether any `[[uplink]]` is an audit repository.
@@ -192,7 +193,7 @@ impl Export {
             .iter()
             .map(|r| AuditIn {
                 seq: r.seq(),
-                bytes: render(r, &self.source),
+                bytes: render(r, &self.source, &self.key),
             })
             .collect();
         let results = self.spool.store_audit_messages(items);
@@ -376,7 +377,7 @@ mod tests {
         let queued = spool.queued("arr", 10).unwrap();
         let (_, first) = spool.read(&queued[0]).unwrap();
         let records = log.records().unwrap();
-        assert_eq!(first, render(&records[0], &ex.source));
+        assert_eq!(first, render(&records[0], &ex.source, &ex.key));
         // A crash before the cursor write: the same records again store nothing.
         let mut behind = 0;
         assert!(!ex.step(&log, &mut behind).unwrap());

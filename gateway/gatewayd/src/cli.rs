@@ -184,6 +184,27 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the records after a chain position as audit messages, one per line: with
+    /// `--format a5`, each as the RFC 5424 syslog message (DICOM PS3.15 A.5 audit message,
+    /// `[meta sequenceId]` = chain position) that the audit export sends. The output holds
+    /// the Patient ID and Study UID of DICOM transfers (opened from their sealed part).
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        /// The output form (only `a5`).
+        #[arg(long, value_enum)]
+        format: AuditFormat,
+        /// Print records after this chain position (0: all).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+}
+
+/// `gatewayd audit export --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuditFormat {
+    /// DICOM PS3.15 A.5 audit messages in RFC 5424 syslog messages.
+    A5,
 }
 
 #[derive(Debug, Args)]

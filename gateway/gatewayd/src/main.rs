@@ -18,6 +18,8 @@
 //! - `notify`: `sd_notify` for the systemd unit (READY, WATCHDOG, STOPPING).
 //! - `dicom_tls`: the rustls configurations of the DICOM TLS listener and of TLS results
 //!   delivery (certificate files or the device identity).
+//! - `transfer_audit`: the audit records of DICOM instances received (a thread fed by
+//!   the DICOM service at each association's end).
 //!
 //! Features: `tpm` (off by default) builds the TPM 2.0 key store (links libtss2); without
 //! it `keystore.backend = "tpm"` is refused by `check-config` and `run`.
@@ -34,6 +36,7 @@ mod ops;
 mod run;
 mod safety_cli;
 mod telemetry;
+mod transfer_audit;
 
 use std::process::ExitCode;
 

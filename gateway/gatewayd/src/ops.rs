@@ -134,7 +134,14 @@ pub fn audit_dir(settings: &Settings) -> PathBuf {
 }
 
 pub fn audit(cmd: &AuditCommand) -> ExitCode {
-    let AuditCommand::Verify { config, json } = cmd;
+    let (config, json) = match cmd {
+        AuditCommand::Verify { config, json } => (config, json),
+        AuditCommand::Export {
+            config,
+            format: crate::cli::AuditFormat::A5,
+            from,
+        } => return audit_export(config, *from),
+    };
     let settings = match load(config) {
         Ok(s) => s,
         Err(code) => return code,
@@ -164,6 +171,56 @@ pub fn audit(cmd: &AuditCommand) -> ExitCode {
             } else {
                 ExitCode::from(1)
             }
+        }
+    }
+}
+
+/// `gatewayd audit export --format a5 --from SEQ`: the records after `from` as the syslog
+/// messages the audit export sends, one per line (an XML message holds no raw newline).
+fn audit_export(config: &Path, from: u64) -> ExitCode {
+    use std::io::Write as _;
+    const BATCH: usize = 10_000;
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let source = gateway_audit::a5::AuditSource {
+        node_id: settings.node.id.as_str().to_string(),
+    };
+    let dir = audit_dir(&settings);
+    if !dir.join("audit.jsonl").exists() {
+        // No trail yet: nothing to print, and nothing created by looking.
+        return ExitCode::SUCCESS;
+    }
+    let result = audit_key(&settings).and_then(|key| {
+        // Opening checks the whole chain: a damaged trail is named, not exported.
+        let log = gateway_audit::AuditLog::open(&dir, key.clone()).map_err(|e| e.to_string())?;
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        let mut after = from;
+        loop {
+            let batch = log.records_after(after, BATCH).map_err(|e| e.to_string())?;
+            for record in &batch {
+                let message = gateway_audit::a5::syslog_message(
+                    record,
+                    &source,
+                    Some(key.participants_key()),
+                );
+                out.write_all(&message)
+                    .and_then(|()| out.write_all(b"\n"))
+                    .map_err(|e| format!("writing the export: {e}"))?;
+                after = record.seq();
+            }
+            if batch.len() < BATCH {
+                break;
+            }
+        }
+        out.flush().map_err(|e| format!("writing the export: {e}"))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gatewayd: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -192,11 +192,16 @@ async fn serve(
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<ExitRequest>();
     let mut services = JoinSet::new();
+    let transfer_audit = crate::transfer_audit::TransferAudit::start(
+        crate::ops::audit_dir(&settings),
+        derived.audit(),
+    )?;
     let ctx = Wiring {
         settings: &settings,
         spool: &spool,
         disabled: &disabled,
         shutdown: &shutdown,
+        transfer_audit: transfer_audit.sink(),
     };
 
     let mut control = ControlServer::bind(&data_dir, spool.clone()).map_err(|e| e.to_string())?;
@@ -288,6 +293,7 @@ async fn serve(
         }
     }
     drop(spool);
+    transfer_audit.finish().await;
     info!("gatewayd stopped");
     Ok(ending)
 }
@@ -299,6 +305,8 @@ struct Wiring<'a> {
     spool: &'a Spool,
     disabled: &'a watch::Receiver<bool>,
     shutdown: &'a watch::Receiver<bool>,
+    /// The audit trail's sink for DICOM instances received.
+    transfer_audit: &'a gateway_dicom::TransferSink,
 }
 
 /// The service tasks of one `serve`.
@@ -414,7 +422,8 @@ async fn start_dicom(
         let mut service = DicomService::bind(settings, ctx.spool.clone(), registry)
             .await
             .map_err(|e| e.to_string())?
-            .with_disabled(ctx.disabled.clone());
+            .with_disabled(ctx.disabled.clone())
+            .with_transfer_audit(ctx.transfer_audit.clone());
         if let Some(core) = core {
             service = service.with_worklist(Arc::new(crate::booking::LedgerWorklist::new(core)));
         }
@@ -482,7 +491,8 @@ fn start_uplinks(
                 let service =
                     UplinkService::new(uplink_settings, ctx.spool.clone(), uplink_metrics.clone())
                         .map_err(|e| e.to_string())?
-                        .with_paused(ctx.disabled.clone());
+                        .with_paused(ctx.disabled.clone())
+                        .with_transfer_audit(ctx.transfer_audit.clone());
                 services.spawn(service.run(ctx.shutdown.clone()));
             }
             UplinkKind::MllpTls => {
@@ -537,7 +547,8 @@ fn start_uplinks(
                 ctx.spool.clone(),
                 uplink_metrics.clone(),
             )
-            .with_paused(ctx.disabled.clone());
+            .with_paused(ctx.disabled.clone())
+            .with_transfer_audit(ctx.transfer_audit.clone());
             services.spawn(service.run(ctx.shutdown.clone()));
         }
     }

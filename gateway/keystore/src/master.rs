@@ -99,11 +99,14 @@ pub enum KeyPurpose {
     /// The re-identification map (pseudonym to real identity per destination), sealed at
     /// rest.
     DeidMapAtRest,
+    /// The sealed participant objects of audit records (Patient ID, Study Instance UID of
+    /// a DICOM transfer), opened only to render the record as an A.5 audit message.
+    AuditParticipants,
 }
 
 impl KeyPurpose {
     /// Every purpose, for checks over all labels.
-    pub const ALL: [KeyPurpose; 9] = [
+    pub const ALL: [KeyPurpose; 10] = [
         KeyPurpose::SpoolIndex,
         KeyPurpose::Audit,
         KeyPurpose::BookingAtRest,
@@ -113,6 +116,7 @@ impl KeyPurpose {
         KeyPurpose::SafetyAtRest,
         KeyPurpose::DeidPseudonym,
         KeyPurpose::DeidMapAtRest,
+        KeyPurpose::AuditParticipants,
     ];
 
     /// The HMAC label (fixed forever: changing one makes existing sealed data unreadable).
@@ -127,6 +131,7 @@ impl KeyPurpose {
             KeyPurpose::SafetyAtRest => b"gatewayd safety at-rest key v1",
             KeyPurpose::DeidPseudonym => b"gatewayd deid pseudonym key v1",
             KeyPurpose::DeidMapAtRest => b"gatewayd deid map at-rest key v1",
+            KeyPurpose::AuditParticipants => b"gatewayd audit participants key v1",
         }
     }
 }
@@ -203,6 +208,10 @@ mod tests {
             (
                 KeyPurpose::DeidMapAtRest,
                 "aeeae29bb951eeda44d001cf996b759b6122a6ca31d7c9f3c34f34236ec62abb",
+            ),
+            (
+                KeyPurpose::AuditParticipants,
+                "025dd7c30fdf025b8721c3af09a34658362c9876f1b2b97c3db7f4953d173f98",
             ),
         ];
         assert_eq!(expected.len(), KeyPurpose::ALL.len());

@@ -113,12 +113,17 @@ struct Records {
     /// Spool id and outcome: `None` stored, `Some(reason)` dead letter.
     waiting: Vec<(ObjectId, Option<String>)>,
     flight: Option<tokio::task::JoinHandle<Result<(), RecordError>>>,
+    /// The stored objects of `waiting`, per study, for the audit trail.
+    sent: gateway_dicom::Tally,
 }
 
 /// One queued object, unsealed and ready to send.
 struct Item {
     id: ObjectId,
     object: StoreObject,
+    /// What it is for the audit trail (read on the blocking thread that read the batch,
+    /// only when the service has a transfer sink).
+    audit: Option<gateway_dicom::transfers::Part10Identity>,
 }
 
 /// An open association and the contexts it was proposed with.
@@ -146,6 +151,8 @@ pub struct DimseDeliveryService {
     open: Option<Open>,
     /// `true` while the gateway is disabled: nothing is sent.
     paused: watch::Receiver<bool>,
+    /// Where delivered studies go for the audit trail (DICOM instances transferred).
+    transfers: Option<gateway_dicom::TransferSink>,
 }
 
 impl std::fmt::Debug for DimseDeliveryService {
@@ -170,7 +177,16 @@ impl DimseDeliveryService {
             metrics,
             open: None,
             paused: watch::channel(false).1,
+            transfers: None,
         }
+    }
+
+    /// Hands the studies of each group of delivered objects to `sink` for the audit
+    /// trail, once their delivery is recorded in the spool.
+    #[must_use]
+    pub fn with_transfer_audit(mut self, sink: gateway_dicom::TransferSink) -> Self {
+        self.transfers = Some(sink);
+        self
     }
 
     /// Sends nothing while `paused` holds `true` (the object in hand is finished and the
@@ -267,6 +283,7 @@ impl DimseDeliveryService {
         let spool = self.spool.clone();
         let name = self.settings.name.clone();
         let limit = self.settings.batch.clamp(1, BATCH_MAX_OBJECTS);
+        let audit = self.transfers.is_some();
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::new();
             let mut bytes = 0u64;
@@ -285,8 +302,15 @@ impl DimseDeliveryService {
                     }
                 };
                 let size = plain.len() as u64;
+                let identity = audit
+                    .then(|| gateway_dicom::transfers::identify_part10(&plain))
+                    .flatten();
                 match StoreObject::from_part10(plain) {
-                    Ok(object) => batch.push(Item { id, object }),
+                    Ok(object) => batch.push(Item {
+                        id,
+                        object,
+                        audit: identity,
+                    }),
                     Err(e) => {
                         warn!(destination = %name, object = %id.to_hex(), error = %e, "queued object cannot be sent: dead letter");
                         spool.mark_failed(&id, &name, &e.to_string())?;
@@ -430,6 +454,17 @@ impl DimseDeliveryService {
         let reason = match refusal {
             None => {
                 self.metrics.count(name, "sent", 1, size);
+                if self.transfers.is_some() {
+                    let sop_class = &item.object.meta().sop_class_uid;
+                    match &item.audit {
+                        Some(id) => records.sent.add(
+                            id.study_uid.as_deref(),
+                            id.patient_id.as_deref(),
+                            sop_class,
+                        ),
+                        None => records.sent.add(None, None, sop_class),
+                    }
+                }
                 None
             }
             Some(error) => {
@@ -462,6 +497,11 @@ impl DimseDeliveryService {
             if records.flight.is_none() && !records.waiting.is_empty() {
                 let (spool, name) = (self.spool.clone(), self.settings.name.clone());
                 let outcomes = std::mem::take(&mut records.waiting);
+                let delivered =
+                    std::mem::take(&mut records.sent).take_as(gateway_dicom::Direction::Sent {
+                        destination: name.clone(),
+                    });
+                let transfers = self.transfers.clone();
                 records.flight = Some(tokio::task::spawn_blocking(move || {
                     let mut sent = Vec::with_capacity(outcomes.len());
                     for (id, failure) in outcomes {
@@ -472,6 +512,9 @@ impl DimseDeliveryService {
                     }
                     if !sent.is_empty() {
                         spool.mark_sent_all(&sent, &name)?;
+                    }
+                    if let (Some(sink), Some(t)) = (transfers, delivered) {
+                        let _ = sink.blocking_send(t);
                     }
                     Ok(())
                 }));

@@ -269,6 +269,8 @@ pub struct UplinkService {
     pacer: Option<pace::Pacer>,
     /// `true` while the gateway is disabled: no new request starts.
     paused: watch::Receiver<bool>,
+    /// Where confirmed batches go for the audit trail (DICOM instances transferred).
+    transfers: Option<gateway_dicom::TransferSink>,
 }
 
 impl UplinkService {
@@ -287,7 +289,17 @@ impl UplinkService {
             deferred: HashMap::new(),
             pacer,
             paused: watch::channel(false).1,
+            transfers: None,
         })
+    }
+
+    /// Hands each confirmed batch's studies (read from the Part 10 bytes sent, so the
+    /// pseudonyms where the destination de-identifies) to `sink` for the audit trail, one
+    /// entry per study, after the batch is marked sent.
+    #[must_use]
+    pub fn with_transfer_audit(mut self, sink: gateway_dicom::TransferSink) -> Self {
+        self.transfers = Some(sink);
+        self
     }
 
     /// Starts no new request while `paused` holds `true` (requests already in flight
@@ -582,6 +594,7 @@ impl UplinkService {
         }
         let mut progressed = false;
         let mut stored = Vec::new();
+        let mut stored_parts = Vec::new();
         for (id, part) in &batch {
             let size = part.bytes.len() as u64;
             let result = results
@@ -593,6 +606,9 @@ impl UplinkService {
                     self.metrics.count(&name, "sent", 1, size);
                     self.deferred.remove(id);
                     stored.push(*id);
+                    if self.transfers.is_some() {
+                        stored_parts.push(part.bytes.clone());
+                    }
                     continue;
                 }
                 InstanceResult::Failed {
@@ -624,10 +640,18 @@ impl UplinkService {
         if !stored.is_empty() {
             let spool = self.spool.clone();
             let dest = name.clone();
-            let marked = tokio::task::spawn_blocking(move || spool.mark_sent_all(&stored, &dest))
-                .await
-                .map_err(RecordError::from)
-                .and_then(|r| r.map_err(RecordError::from));
+            let transfers = self.transfers.clone();
+            let marked = tokio::task::spawn_blocking(move || {
+                spool.mark_sent_all(&stored, &dest)?;
+                if let Some(sink) = transfers {
+                    // Off the settle path: the next request does not wait for the walk.
+                    tokio::task::spawn_blocking(move || audit_sent(&sink, dest, &stored_parts));
+                }
+                Ok::<(), SpoolError>(())
+            })
+            .await
+            .map_err(RecordError::from)
+            .and_then(|r| r.map_err(RecordError::from));
             match marked {
                 Ok(()) => progressed = true,
                 Err(e) => warn!(destination = %name, error = %e, "cannot record delivery state"),
@@ -747,6 +771,18 @@ pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Hands the studies of a confirmed batch (read from the Part 10 bytes posted) to the
+/// audit sink. Runs on a blocking thread.
+fn audit_sent(sink: &gateway_dicom::TransferSink, destination: String, parts: &[bytes::Bytes]) {
+    let mut tally = gateway_dicom::Tally::default();
+    for part in parts {
+        tally.add_part10(part);
+    }
+    if let Some(t) = tally.take_as(gateway_dicom::Direction::Sent { destination }) {
+        let _ = sink.blocking_send(t);
+    }
 }
 
 /// SOP Instance UID from the file meta group of a stored Part 10 object.

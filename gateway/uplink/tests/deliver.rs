@@ -384,6 +384,64 @@ fn uids(received: &BTreeMap<String, (usize, Vec<u8>)>) -> BTreeSet<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_objects_are_handed_to_the_audit_per_study_once_recorded() {
+    let fx = Fixture::new();
+    let pacs = StoreScp::start(&["+B"]);
+    fx.store_cts(40, 0..5);
+    let u = uid(40, 9);
+    fx.store(MR, &u, &part10_file(MR, &u, &u, 2_000));
+    let (sink, mut audit) = tokio::sync::mpsc::channel(16);
+    let (stop, stopped) = watch::channel(false);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut settings = DeliverSettings::new(
+        DEST.into(),
+        ScuTarget {
+            host: "127.0.0.1".into(),
+            port: pacs.port,
+            called_ae: "PACS".into(),
+            calling_ae: "CLINICGW".into(),
+        },
+    );
+    settings.batch = 4;
+    let service =
+        DimseDeliveryService::new(settings, fx.spool.clone(), Metrics::register(&mut registry))
+            .with_transfer_audit(sink);
+    let task = tokio::spawn(service.run(stopped));
+    fx.wait_for(Duration::from_secs(60), "6 sent", |c| c.sent == 6)
+        .await;
+    // Every delivered object is counted once, under its study and patient, for `pacs`.
+    let mut counted: BTreeMap<String, u64> = BTreeMap::new();
+    while counted.values().sum::<u64>() < 6 {
+        let t = tokio::time::timeout(Duration::from_secs(10), audit.recv())
+            .await
+            .expect("a transfer for the audit")
+            .expect("the sink stays open while the service runs");
+        assert_eq!(
+            t.direction,
+            gateway_dicom::Direction::Sent {
+                destination: DEST.into()
+            }
+        );
+        for study in t.studies {
+            assert_eq!(
+                (study.study_uid.as_str(), study.patient_id.as_str()),
+                (STUDY, "ZZ-0001")
+            );
+            for (class, n) in study.sop_classes {
+                *counted.entry(class).or_default() += n;
+            }
+        }
+    }
+    assert_eq!(
+        counted,
+        BTreeMap::from([(CT.to_string(), 5), (MR.to_string(), 1)])
+    );
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert!(audit.try_recv().is_err(), "nothing counted twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pacs_down_at_start_keeps_objects_queued_then_delivers_them() {
     let fx = Fixture::new();
     let expected = fx.store_cts(2, 0..6);
