@@ -74,7 +74,8 @@ pub struct Recovered {
 
 impl Spool {
     /// Cleans what a crash left behind: partial files and orphan blobs (blobs whose index
-    /// entry was never committed, so whose sender never got a success status).
+    /// entry was never committed, so whose sender never got a success status, and blobs
+    /// whose entry already says deleted).
     pub fn recover(&self) -> Result<Recovered, SpoolError> {
         let inner = &self.inner;
         let mut rec = Recovered::default();
@@ -85,9 +86,13 @@ impl Spool {
         }
         for (path, id) in self.blob_files()? {
             // A blob whose record still points into the journal is a move-out of a dead
-            // letter that a crash interrupted before the index said so.
+            // letter that a crash interrupted before the index said so; one whose record says
+            // deleted is a deletion a crash interrupted after the index said so.
             let needed = match id {
-                Some(id) => inner.index.get(&id)?.is_some_and(|r| r.segment.is_none()),
+                Some(id) => inner
+                    .index
+                    .get(&id)?
+                    .is_some_and(|r| r.segment.is_none() && !r.blob_deleted),
                 None => false,
             };
             match needed {

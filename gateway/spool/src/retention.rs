@@ -104,30 +104,32 @@ impl Spool {
             return Ok(());
         }
         let inner = &self.inner;
+        // The index says "deleted" (flushed) before any file goes: a crash in between leaves
+        // a blob its record no longer needs, which `recover` removes at the next start. The
+        // other order left records pointing at removed files (`verify`: dangling entries).
         let mut segments: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut files = false;
-        for (id, _) in done {
+        let mut files = Vec::new();
+        for (id, sealed_len) in done {
             if let Some(at) = inner.index.get(id)?.and_then(|r| r.segment) {
                 // Journal-resident: its segment goes when no object needs it any more.
                 *segments.entry(at.generation).or_default() += 1;
-                continue;
+            } else {
+                files.push(self.blob_path(id));
             }
-            files = true;
-            let path = self.blob_path(id);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => Err::<(), _>(e).ctx("remove", &path)?,
-            }
-        }
-        if files {
-            durable::sync_dir(&inner.blobs)?;
-        }
-        for (id, sealed_len) in done {
             inner.index.set_blob_deleted(id)?;
             inner.usage.release_stored(*sealed_len);
         }
         inner.index.flush()?;
+        for path in &files {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => Err::<(), _>(e).ctx("remove", path)?,
+            }
+        }
+        if !files.is_empty() {
+            durable::sync_dir(&inner.blobs)?;
+        }
         for (generation, n) in segments {
             inner.release_segment(generation, n);
         }

@@ -197,6 +197,28 @@ fn recovery_removes_partials_and_orphans_and_verify_then_agrees() {
 }
 
 #[test]
+fn a_blob_left_behind_by_a_crash_during_reclaim_is_removed_at_recovery_and_never_dangles() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into()]).unwrap();
+    let Committed::Stored(id) = store(&spool, "2.2", b"sent").unwrap() else {
+        panic!()
+    };
+    let path = spool.dir().join("blobs").join(format!("{}.blob", hex(&id)));
+    let sealed = fs::read(&path).unwrap();
+    spool.mark_sent(&id, "a").unwrap();
+    assert!(!path.exists(), "blob reclaimed once confirmed");
+    assert!(spool.verify().unwrap().is_consistent());
+    // The index said "deleted" and then the process died before the file went.
+    fs::write(&path, &sealed).unwrap();
+    let rec = spool.recover().unwrap();
+    assert_eq!(rec.orphan_blobs_removed, 1, "{rec:?}");
+    assert!(!path.exists());
+    let report = spool.verify().unwrap();
+    assert!(report.is_consistent(), "{report:?}");
+    assert_eq!(report.dangling_entries, 0);
+}
+
+#[test]
 fn verify_reports_missing_and_tampered_blobs() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec![]).unwrap();
