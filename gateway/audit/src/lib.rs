@@ -369,6 +369,14 @@ impl AuditLog {
     pub fn open(dir: &Path, key: AuditKey) -> Result<Self, AuditError> {
         durable::ensure_private_dir(dir)?;
         let path = dir.join(LOG_FILE);
+        // Under the trail's lock: two processes opening a trail that does not exist yet
+        // (two `gatewayd users ...` runs on a new box) must not see each other's log file
+        // before its head is written (that read as a damaged head).
+        let locked = LockedFile::lock(
+            &dir.join(HEAD_FILE),
+            &dir.join(LOCK_FILE),
+            durable::DEFAULT_LOCK_WAIT,
+        )?;
         let fresh = !path.exists() && !dir.join(HEAD_FILE).exists();
         let (seq, mac) = if fresh {
             (0, GENESIS.to_string())
@@ -388,8 +396,9 @@ impl AuditLog {
         if fresh {
             durable::sync_dir(dir)?;
             let head = Head::new(&key, 0, GENESIS.to_string());
-            durable::write_atomic(&dir.join(HEAD_FILE), &serde_json::to_vec(&head)?)?;
+            locked.replace(&serde_json::to_vec(&head)?)?;
         }
+        drop(locked);
         Ok(Self {
             dir: dir.to_path_buf(),
             key,

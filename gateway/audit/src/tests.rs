@@ -239,6 +239,31 @@ fn two_handles_appending_keep_one_chain() {
 }
 
 #[test]
+fn processes_opening_a_new_trail_at_once_all_succeed_and_keep_one_chain() {
+    // Two `gatewayd users ...` runs on a box without a trail yet: each open must see either
+    // no trail or a whole one (log and head), never a log without its head.
+    for _ in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let start = std::sync::Arc::new(std::sync::Barrier::new(6));
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                let (dir, start) = (dir.path().to_path_buf(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let log = AuditLog::open(&dir, key())?;
+                    log.append(event(&format!("admin{i}"), Action::AccountAdded))
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
+        let report = verify(dir.path(), &key()).unwrap();
+        assert_eq!((report.records, report.problem), (6, None));
+    }
+}
+
+#[test]
 fn a_lock_held_elsewhere_past_the_wait_is_an_error_and_appends_nothing() {
     let (dir, before) = log_of(2);
     let log = AuditLog::open(dir.path(), key())
