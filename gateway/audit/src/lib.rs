@@ -35,7 +35,7 @@
 //! record as a DICOM PS3.15 A.5 audit message.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -354,6 +354,10 @@ pub struct AuditLog {
     key: AuditKey,
     state: Mutex<Tail>,
     lock_wait: Duration,
+    /// Where [`AuditLog::records_after`] stopped: the seq of the last whole record line it
+    /// read and the byte offset after that line, so the export's next poll reads only what
+    /// was appended since, not the whole trail again.
+    read_mark: Mutex<Option<(u64, u64)>>,
 }
 
 #[derive(Debug)]
@@ -404,6 +408,7 @@ impl AuditLog {
             key,
             state: Mutex::new(Tail { file, seq, mac }),
             lock_wait: durable::DEFAULT_LOCK_WAIT,
+            read_mark: Mutex::new(None),
         })
     }
 
@@ -494,19 +499,38 @@ impl AuditLog {
     /// [`verify`] names them.
     pub fn records_after(&self, seq: u64, limit: usize) -> Result<Vec<Record>, AuditError> {
         let path = self.dir.join(LOG_FILE);
-        let file = File::open(&path).ctx("open", &path)?;
+        let mut file = File::open(&path).ctx("open", &path)?;
+        let len = file.metadata().ctx("stat", &path)?.len();
+        let mut mark = self
+            .read_mark
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Start after the last line read before when it is not past `seq` (and the file has
+        // not been replaced by a shorter one); otherwise from the beginning.
+        let (mut at, mut last) = match *mark {
+            Some((s, off)) if s <= seq && off <= len => (off, s),
+            _ => (0, 0),
+        };
+        file.seek(SeekFrom::Start(at)).ctx("seek", &path)?;
+        let mut reader = BufReader::new(file);
         let mut out = Vec::new();
-        for line in BufReader::new(file).lines() {
-            let line = line.ctx("read", &path)?;
-            if let Ok(r) = serde_json::from_str::<Record>(&line)
-                && r.body.seq > seq
-            {
-                out.push(r);
-                if out.len() >= limit {
-                    break;
+        let mut line = Vec::new();
+        while out.len() < limit {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line).ctx("read", &path)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                // The end, or a line still being written: read again next time.
+                break;
+            }
+            at += n as u64;
+            if let Ok(r) = serde_json::from_slice::<Record>(&line) {
+                last = last.max(r.body.seq);
+                if r.body.seq > seq {
+                    out.push(r);
                 }
             }
         }
+        *mark = Some((last, at));
         Ok(out)
     }
 

@@ -421,3 +421,28 @@ fn a_record_written_before_sealed_participants_existed_still_verifies() {
         .unwrap();
     assert_eq!(verify(dir.path(), &k).unwrap().records, 2);
 }
+
+#[test]
+fn records_after_reads_on_from_where_it_stopped_and_starts_over_when_asked_for_earlier() {
+    let (dir, _) = log_of(5);
+    let log = AuditLog::open(dir.path(), key()).unwrap();
+    let seqs = |rs: Vec<Record>| rs.iter().map(Record::seq).collect::<Vec<_>>();
+    assert_eq!(seqs(log.records_after(0, 2).unwrap()), [1, 2]);
+    assert_eq!(seqs(log.records_after(2, 10).unwrap()), [3, 4, 5]);
+    assert_eq!(seqs(log.records_after(5, 10).unwrap()), Vec::<u64>::new());
+    // Appended by another handle (another process) after the last read.
+    let other = AuditLog::open(dir.path(), key()).unwrap();
+    other.append(event("clerk5", Action::Login)).unwrap();
+    assert_eq!(seqs(log.records_after(5, 10).unwrap()), [6]);
+    // A line still being written is not a record yet, and is read whole later.
+    let line = lines(dir.path()).pop().unwrap();
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.path().join(LOG_FILE))
+        .unwrap();
+    f.write_all(&line.as_bytes()[..10]).unwrap();
+    assert_eq!(seqs(log.records_after(6, 10).unwrap()), Vec::<u64>::new());
+    // An earlier cursor (an export that fell behind) reads from the start again.
+    assert_eq!(seqs(log.records_after(3, 2).unwrap()), [4, 5]);
+    assert_eq!(seqs(log.records_after(0, 1).unwrap()), [1]);
+}
