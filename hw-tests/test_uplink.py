@@ -426,12 +426,20 @@ def test_kill9_during_upload_three_times_still_delivers_exactly_150(tmp_path, cl
     print(f"seed {seed} (replay with HWTESTS_SEED={seed})")
     rng = random.Random(seed)
     # Unlimited, loopback uploads 150 CT files (75 MB) in about 3 s, quicker than three kill
-    # and restart cycles: 8 MiB/s keeps the upload going for ~10 s, so every kill lands
-    # mid-upload (mid-body, or between Orthanc storing and gatewayd recording it).
-    g = gateway_factory(uplink_config(ingress, ca.cert, client_cert, max_bytes_per_sec="8MiB"))
+    # and restart cycles: 6 MiB/s keeps the upload going for ~12 s of running time, more
+    # than the three delays together (at most 7.5 s), so every kill lands mid-upload
+    # (mid-body, or between Orthanc storing and gatewayd recording it). The files are
+    # stored while the archive is down and the upload starts with the restart: a slow
+    # storescu run no longer eats into the upload before the first kill.
+    g = gateway_factory(uplink_config(ingress, ca.cert, client_cert, max_bytes_per_sec="6MiB"))
     files = data.make_ct_set(150, tmp_path / "ct", "ct")
+    ingress.orthanc.stop()
     store(g, files)
     assert g.status()["objects"] == 150
+    assert g.stop() == 0
+    ingress.orthanc.start()
+    assert ingress.orthanc.count_instances() == 0
+    g.start()
 
     kills = []
     for k in range(3):
