@@ -427,7 +427,7 @@ def test_kill9_during_upload_three_times_still_delivers_exactly_150(tmp_path, cl
     rng = random.Random(seed)
     # Unlimited, loopback uploads 150 CT files (75 MB) in about 3 s, quicker than three kill
     # and restart cycles: 6 MiB/s keeps the upload going for ~12 s of running time, more
-    # than the three delays together (at most 7.5 s), so every kill lands mid-upload
+    # than the three delays together (at most 9 s), so every kill lands mid-upload
     # (mid-body, or between Orthanc storing and gatewayd recording it). The files are
     # stored while the archive is down and the upload starts with the restart: a slow
     # storescu run no longer eats into the upload before the first kill.
@@ -443,7 +443,7 @@ def test_kill9_during_upload_three_times_still_delivers_exactly_150(tmp_path, cl
 
     kills = []
     for k in range(3):
-        delay = rng.uniform(0.3, 2.5)
+        delay = rng.uniform(0.8, 3.0)
         time.sleep(delay)
         queued = dest(g.status())["queued"]
         at = ingress.orthanc.count_instances()
