@@ -11,7 +11,8 @@ Pins, on one image, one state disk and one swtpm state:
   (127.0.0.1, a port picked here, reached from the guest at 10.0.2.2 through QEMU user
   networking; never the host's own resolver nor QEMU's 10.0.2.3, see appliance.DnsServer), and
   the broker's certificate names broker.gw-test (rustls checks it);
-- a signed `config-update` that adds `[hl7]` (0.0.0.0:2575, forwarded to a host port) is
+- a signed `config-update` that adds `[hl7]` (0.0.0.0:2575, forwarded to a host port, with
+  `[[hl7.peers]]` naming QEMU's 10.0.2.2, as production requires) is
   applied and reported successful; an MLLP message from the host then gets AA;
 - the update wrote the effective config on the state partition and kept the previous one
   beside it (`CONFIG-SHA256:` from the probe: effective = the update, previous = the factory
@@ -207,7 +208,10 @@ def test_appliance_is_provisioned_by_claim_configured_remotely_and_keeps_the_con
         assert _hl7_ack(vm.host_port(HL7_GUEST_PORT), "FLEET-0") != ("AA", "FLEET-0")
 
         # ---- the signed config-update that enables [hl7]
-        new_config = factory + f'\n[hl7]\nlisten = "0.0.0.0:{HL7_GUEST_PORT}"\n'
+        # Production refuses a plain MLLP listener without an allow list: the host's sender
+        # reaches the guest through QEMU's user networking, from its gateway 10.0.2.2.
+        new_config = factory + (f'\n[hl7]\nlisten = "0.0.0.0:{HL7_GUEST_PORT}"\n'
+                                '\n[[hl7.peers]]\nhost = "10.0.2.2"\n')
         cmd = "cfg-hl7-on"
         vendor.send(PROVISIONED, "config-update", cmd, vendor.envelope(PROVISIONED, "config-update", cmd,
                                                                        {"toml": new_config}))
