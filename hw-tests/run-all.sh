@@ -24,6 +24,25 @@ banner() {
     printf '\n==================== %s ====================\n' "$*"
 }
 
+# A from-scratch run: no incremental cache (it doubled target/debug, 3.6 GB of 15 GB, and
+# a fresh build does not use it). A developer may set CARGO_INCREMENTAL=1 for local runs.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+
+# The builds need room: debug (clippy + tests) ~5 GB, fuzz ~2.5 GB, release ~1 GB, the
+# appliance image and QEMU disks ~3 GB. A full disk shows up as a linker "Bus error"
+# (signal 7) or a torn file, far from its cause: say it plainly, before and during the run.
+disk_check() {
+    local target=${CARGO_TARGET_DIR:-$ROOT/target}
+    mkdir -p "$target"
+    local free_kb
+    free_kb=$(df -Pk "$target" | awk 'NR==2 {print $4}')
+    echo "disk: $((free_kb / 1024)) MiB free under $target ($1)"
+    if [ "$free_kb" -lt $((2 * 1024 * 1024)) ]; then
+        echo "run-all.sh: only $((free_kb / 1024)) MiB free under $target before $1; the run needs about 12 GiB in all" >&2
+        exit 1
+    fi
+}
+
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=(sudo)
@@ -113,6 +132,7 @@ fi
 echo "$(chromium --version 2>/dev/null | head -n 1)"
 
 if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
+    disk_check "the debug builds"
     banner "cargo fmt --all --check"
     cargo fmt --all --check
 
@@ -126,6 +146,7 @@ if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
     banner "cargo test --workspace --features gatewayd/tpm"
     cargo test --workspace --features gatewayd/tpm
 
+    disk_check "the fuzz builds"
     banner "fuzz targets run (hw-tests/fuzz.sh: every target of gateway/{dicom,hl7,fleet,exchange}/fuzz, ${FUZZ_SECONDS:-30} s each, seed corpus in the repo)"
     bash hw-tests/fuzz.sh
 
@@ -137,11 +158,13 @@ fi
 
 # The binary of the hw-tests and the appliance: with the TPM key store (test_appliance.py
 # checks that it links libtss2-esys).
+disk_check "the release build"
 banner "cargo build --release -p gatewayd --features tpm"
 cargo build --release -p gatewayd --features tpm
 GATEWAYD=${CARGO_TARGET_DIR:-$ROOT/target}/release/gatewayd
 ls -l "$GATEWAYD"
 
+disk_check "pytest"
 banner "pytest -v hw-tests (real peers)"
 export GATEWAYD
 exec "$VENV/bin/python" -m pytest -v hw-tests "$@"
