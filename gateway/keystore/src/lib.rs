@@ -85,6 +85,9 @@ pub enum KeyStoreError {
     /// The TPM worker thread is gone.
     #[error("the TPM worker thread stopped")]
     TpmGone,
+    /// The back end keeps no firmware version floor.
+    #[error("the {backend} key store keeps no firmware version floor")]
+    NoVersionFloor { backend: &'static str },
 }
 
 /// A source of the gateway's keys.
@@ -98,6 +101,20 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// The TPM's vendor string, for back ends that are a TPM.
     fn tpm_vendor(&self) -> Option<Result<String, KeyStoreError>> {
         None
+    }
+    /// The firmware version floor (anti-downgrade): the lowest firmware version this box may
+    /// install. Kept where an attacker with the disk cannot lower it (a TPM NV counter).
+    fn version_floor(&self) -> Result<u64, KeyStoreError> {
+        Err(KeyStoreError::NoVersionFloor {
+            backend: self.backend(),
+        })
+    }
+    /// Raises the floor to `to`; never lowers it. Returns the floor after the call.
+    fn raise_version_floor(&self, to: u64) -> Result<u64, KeyStoreError> {
+        let _ = to;
+        Err(KeyStoreError::NoVersionFloor {
+            backend: self.backend(),
+        })
     }
 }
 
