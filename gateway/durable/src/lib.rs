@@ -13,14 +13,16 @@
 //!   from disk under that lock, and a lock that cannot be taken or a file that cannot be
 //!   read is an error (it fails closed).
 //!
-//! Modules: this file (private files and folders, syncs, atomic replace) and [`lock`]
-//! (the file lock).
+//! Modules: this file (private files and folders, syncs, atomic replace), [`lock`]
+//! (the file lock) and [`data_format`] (the data directory's format version, checked across
+//! firmware updates).
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+pub mod data_format;
 pub mod lock;
 
 pub use lock::{DEFAULT_LOCK_WAIT, LockError, LockedFile};
