@@ -411,39 +411,10 @@ impl Scu {
             format!("{host}:{}", self.target.port)
         };
         let options = options.tls_config(config).server_name(host);
-        let s = &self.settings;
-        let bound = s.connect_timeout.saturating_add(s.association_timeout);
-        let established =
-            tokio::time::timeout(bound, options.establish_with_async_tls(&address)).await;
-        let inner = match established {
-            Err(_) => {
-                return Err(ScuError::AssociationTimeout {
-                    peer,
-                    after: s.association_timeout,
-                });
-            }
-            Ok(Err(e)) => return Err(establish_error(e, peer, s, proposed)),
-            Ok(Ok(inner)) => inner,
-        };
-        let mut inner = inner;
-        if let Err(e) = inner.inner_stream().get_ref().0.set_nodelay(true) {
-            debug!(peer = %peer, error = %e, "TCP_NODELAY not set on the C-STORE connection");
-        }
-        info!(
-            peer = %peer,
-            calling_ae = %self.target.calling_ae,
-            proposed,
-            accepted = inner.presentation_contexts().len(),
-            transport = "tls",
-            "C-STORE association established"
-        );
-        Ok(ScuAssociation {
-            inner: Some(inner),
-            peer,
-            settings: self.settings.clone(),
-            message_id: 0,
-            delivered: 0,
-        })
+        let establishing = options.establish_with_async_tls(&address);
+        let mut inner = self.bounded(establishing, &peer, proposed).await?;
+        let nodelay = inner.inner_stream().get_ref().0.set_nodelay(true);
+        Ok(self.established(inner, nodelay, peer, proposed, "tls"))
     }
 
     /// Opens an association proposing one presentation context per distinct
@@ -453,25 +424,45 @@ impl Scu {
         contexts: impl IntoIterator<Item = ObjectContext>,
     ) -> Result<ScuAssociation<TcpStream>, ScuError> {
         let (options, peer, proposed) = self.options(contexts)?;
-        let s = &self.settings;
         let address = (self.target.host.clone(), self.target.port);
-        // dicom-ul bounds the connect only; the whole exchange is bounded here.
+        let establishing = options.establish_async(address);
+        let mut inner = self.bounded(establishing, &peer, proposed).await?;
+        let nodelay = inner.inner_stream().set_nodelay(true);
+        Ok(self.established(inner, nodelay, peer, proposed, "tcp"))
+    }
+
+    /// Awaits an association's establishment within the connect timeout plus the association
+    /// timeout (dicom-ul bounds the connect only; the whole exchange is bounded here).
+    async fn bounded<S>(
+        &self,
+        establishing: impl std::future::Future<Output = Result<AsyncClientAssociation<S>, UlError>>,
+        peer: &str,
+        proposed: usize,
+    ) -> Result<AsyncClientAssociation<S>, ScuError> {
+        let s = &self.settings;
         let bound = s.connect_timeout.saturating_add(s.association_timeout);
-        let established = tokio::time::timeout(bound, options.establish_async(address)).await;
-        let inner = match established {
-            Err(_) => {
-                return Err(ScuError::AssociationTimeout {
-                    peer,
-                    after: s.association_timeout,
-                });
-            }
-            Ok(Err(e)) => return Err(establish_error(e, peer, s, proposed)),
-            Ok(Ok(inner)) => inner,
-        };
-        let mut inner = inner;
-        // Each C-STORE ends with a short segment; with Nagle on it would wait for the PACS's
-        // delayed ACK (tens of ms per object). A failure to set it only costs speed.
-        if let Err(e) = inner.inner_stream().set_nodelay(true) {
+        match tokio::time::timeout(bound, establishing).await {
+            Err(_) => Err(ScuError::AssociationTimeout {
+                peer: peer.to_string(),
+                after: s.association_timeout,
+            }),
+            Ok(Err(e)) => Err(establish_error(e, peer.to_string(), s, proposed)),
+            Ok(Ok(inner)) => Ok(inner),
+        }
+    }
+
+    /// The established association, logged. Each C-STORE ends with a short segment; with
+    /// Nagle on it would wait for the PACS's delayed ACK (tens of ms per object), so the
+    /// caller sets TCP_NODELAY: a failure to set it (`nodelay`) only costs speed.
+    fn established<S>(
+        &self,
+        inner: AsyncClientAssociation<S>,
+        nodelay: std::io::Result<()>,
+        peer: String,
+        proposed: usize,
+        transport: &'static str,
+    ) -> ScuAssociation<S> {
+        if let Err(e) = nodelay {
             debug!(peer = %peer, error = %e, "TCP_NODELAY not set on the C-STORE connection");
         }
         info!(
@@ -479,15 +470,16 @@ impl Scu {
             calling_ae = %self.target.calling_ae,
             proposed,
             accepted = inner.presentation_contexts().len(),
+            transport,
             "C-STORE association established"
         );
-        Ok(ScuAssociation {
+        ScuAssociation {
             inner: Some(inner),
             peer,
             settings: self.settings.clone(),
             message_id: 0,
             delivered: 0,
-        })
+        }
     }
 
     /// The association request's options for `contexts`, the peer's name and how many

@@ -28,7 +28,7 @@ use crate::association;
 use crate::context::{Context, Options};
 use crate::link::{Link, Syntaxes, TlsAssociation};
 use crate::metrics::Metrics;
-use crate::policy::{Gatekeeper, PolicySettings, Refusal};
+use crate::policy::{Gatekeeper, Permit, PolicySettings, Refusal};
 use crate::storage_classes::STORAGE_SOP_CLASSES;
 use crate::worklist::{MODALITY_WORKLIST_FIND, WorklistSource};
 
@@ -340,32 +340,23 @@ async fn handle_connection(
     disabled: bool,
 ) {
     let _ = stream.set_nodelay(true);
-    let (calling, called, rq_len) =
-        match tokio::time::timeout(artim, peek_associate_rq(&stream)).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(reason)) => {
-                debug!(peer = %addr, reason, "not an association request: aborting");
-                ctx.metrics.rejected("protocol");
-                abort_raw(stream).await;
-                return;
-            }
-            Err(_) => {
-                debug!(peer = %addr, "ARTIM timeout before association request");
-                ctx.metrics.rejected("artim");
-                abort_raw(stream).await;
-                return;
-            }
-        };
-    let admitted = if disabled {
-        Err(Refusal::Disabled)
-    } else {
-        gatekeeper.admit(&calling, &called, addr.ip())
+    let first = first_request(peek_associate_rq(&stream), &ctx, addr, artim, "tcp").await;
+    let Some((calling, called, rq_len)) = first else {
+        abort_raw(stream).await;
+        return;
     };
-    let permit = match admitted {
+    let permit = match admit(
+        &ctx,
+        &gatekeeper,
+        disabled,
+        &calling,
+        &called,
+        addr,
+        None,
+        "tcp",
+    ) {
         Ok(p) => p,
         Err(refusal) => {
-            info!(peer = %addr, calling_ae = %calling, reason = refusal.label(), "association rejected");
-            ctx.metrics.rejected(refusal.label());
             reject_raw(stream, rq_len, Pdu::AssociationRJ(refusal.pdu()), artim).await;
             return;
         }
@@ -381,23 +372,14 @@ async fn handle_connection(
             return;
         }
     };
-    ctx.metrics.associations_active.inc();
-    ctx.metrics.associations_accepted.inc();
-    association::serve(
-        Link::Plain(Box::new(association)),
-        &ctx,
-        &calling,
-        addr,
-        hard_stop,
-    )
-    .await;
-    ctx.metrics.associations_active.dec();
-    drop(permit);
+    let link = Link::Plain(Box::new(association));
+    serve_admitted(link, &ctx, &calling, addr, hard_stop, permit).await;
 }
 
 /// One connection on the TLS listener: handshake (bounded by ARTIM), then the same
-/// policy as [`handle_connection`] with the client certificate's names, our own
-/// negotiation (`link::negotiate`), and the same association loop.
+/// steps as [`handle_connection`] ([`first_request`], [`admit`] with the client
+/// certificate's names, [`serve_admitted`]), with our own negotiation
+/// (`link::negotiate`) in place of dicom-ul's, which reads only a `TcpStream`.
 #[allow(clippy::too_many_arguments)]
 async fn handle_tls_connection(
     stream: TcpStream,
@@ -432,32 +414,30 @@ async fn handle_tls_connection(
         .and_then(|chain| chain.first())
         .map(gateway_tls::peer_names);
     let mut received = Vec::new();
-    let (calling, called, rq_len) =
-        match tokio::time::timeout(artim, read_associate_rq(&mut tls, &mut received)).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(reason)) => {
-                debug!(peer = %addr, reason, "not an association request over TLS: aborting");
-                ctx.metrics.rejected("protocol");
-                abort_raw(tls).await;
-                return;
-            }
-            Err(_) => {
-                debug!(peer = %addr, "ARTIM timeout before association request over TLS");
-                ctx.metrics.rejected("artim");
-                abort_raw(tls).await;
-                return;
-            }
-        };
-    let admitted = if disabled {
-        Err(Refusal::Disabled)
-    } else {
-        gatekeeper.admit_as(&calling, &called, addr.ip(), cert_names.as_deref())
+    let first = first_request(
+        read_associate_rq(&mut tls, &mut received),
+        &ctx,
+        addr,
+        artim,
+        "tls",
+    );
+    let Some((calling, called, rq_len)) = first.await else {
+        abort_raw(tls).await;
+        return;
     };
-    let permit = match admitted {
+    let names = cert_names.as_deref();
+    let permit = match admit(
+        &ctx,
+        &gatekeeper,
+        disabled,
+        &calling,
+        &called,
+        addr,
+        names,
+        "tls",
+    ) {
         Ok(p) => p,
         Err(refusal) => {
-            info!(peer = %addr, calling_ae = %calling, reason = refusal.label(), transport = "tls", "association rejected");
-            ctx.metrics.rejected(refusal.label());
             reject_raw(tls, 0, Pdu::AssociationRJ(refusal.pdu()), artim).await;
             return;
         }
@@ -495,16 +475,76 @@ async fn handle_tls_connection(
     }
     let rest = received.get(rq_len..).unwrap_or_default();
     let association = TlsAssociation::new(tls, rest, negotiated, ctx.syntaxes.max_pdu_length);
+    let link = Link::Tls(Box::new(association));
+    serve_admitted(link, &ctx, &calling, addr, hard_stop, permit).await;
+}
+
+/// Waits (bounded by ARTIM) for the first PDU to be an A-ASSOCIATE-RQ and returns its calling
+/// and called AE titles and length; `None` (counted, logged) when the peer must be aborted.
+async fn first_request<F>(
+    read: F,
+    ctx: &Context,
+    addr: SocketAddr,
+    artim: Duration,
+    transport: &'static str,
+) -> Option<(String, String, usize)>
+where
+    F: std::future::Future<Output = Result<(String, String, usize), &'static str>>,
+{
+    match tokio::time::timeout(artim, read).await {
+        Ok(Ok(found)) => Some(found),
+        Ok(Err(reason)) => {
+            debug!(peer = %addr, reason, transport, "not an association request: aborting");
+            ctx.metrics.rejected("protocol");
+            None
+        }
+        Err(_) => {
+            debug!(peer = %addr, transport, "ARTIM timeout before association request");
+            ctx.metrics.rejected("artim");
+            None
+        }
+    }
+}
+
+/// The association policy, one place for both listeners: a disabled service refuses, else the
+/// gatekeeper decides with the AE titles, the address and (TLS) the client certificate's
+/// names. A refusal is logged and counted here; the caller sends the A-ASSOCIATE-RJ.
+#[allow(clippy::too_many_arguments)]
+fn admit(
+    ctx: &Context,
+    gatekeeper: &Gatekeeper,
+    disabled: bool,
+    calling: &str,
+    called: &str,
+    addr: SocketAddr,
+    cert_names: Option<&[String]>,
+    transport: &'static str,
+) -> Result<Permit, Refusal> {
+    let admitted = if disabled {
+        Err(Refusal::Disabled)
+    } else {
+        gatekeeper.admit_as(calling, called, addr.ip(), cert_names)
+    };
+    if let Err(refusal) = &admitted {
+        info!(peer = %addr, calling_ae = %calling, reason = refusal.label(), transport, "association rejected");
+        ctx.metrics.rejected(refusal.label());
+    }
+    admitted
+}
+
+/// Serves an admitted, negotiated association to its end, counted as active meanwhile; the
+/// permit (the per-peer and total association counts) is released after.
+async fn serve_admitted(
+    link: Link,
+    ctx: &Context,
+    calling: &str,
+    addr: SocketAddr,
+    hard_stop: watch::Receiver<bool>,
+    permit: Permit,
+) {
     ctx.metrics.associations_active.inc();
     ctx.metrics.associations_accepted.inc();
-    association::serve(
-        Link::Tls(Box::new(association)),
-        &ctx,
-        &calling,
-        addr,
-        hard_stop,
-    )
-    .await;
+    association::serve(link, ctx, calling, addr, hard_stop).await;
     ctx.metrics.associations_active.dec();
     drop(permit);
 }
