@@ -202,28 +202,20 @@ impl DicomService {
             info!(listen = %tls.listen, "DICOM over TLS listening");
         }
         let (hard_stop_tx, hard_stop) = watch::channel(false);
-        let max_connections = settings.policy.max_associations as usize + CONNECTION_SLACK;
+        let connections = Connections {
+            max: settings.policy.max_associations as usize + CONNECTION_SLACK,
+            ctx: Arc::clone(&ctx),
+            gatekeeper: gatekeeper.clone(),
+            hard_stop: hard_stop.clone(),
+            artim: settings.artim_timeout,
+        };
         let mut tasks = JoinSet::new();
         loop {
             tokio::select! {
                 () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, addr)) => {
-                        if tasks.len() >= max_connections {
-                            debug!(peer = %addr, "connection refused: too many open connections");
-                            ctx.metrics.rejected("connections");
-                            continue;
-                        }
-                        let ctx = Arc::clone(&ctx);
-                        let gatekeeper = gatekeeper.clone();
-                        let hard_stop = hard_stop.clone();
-                        let artim = settings.artim_timeout;
-                        let disabled = *disabled.borrow();
-                        tasks.spawn(async move {
-                            handle_connection(stream, addr, ctx, gatekeeper, artim, hard_stop, disabled).await;
-                        });
-                    }
+                    Ok((stream, addr)) => connections.spawn(&mut tasks, stream, addr, None, *disabled.borrow()),
                     Err(e) => {
                         // Typically EMFILE: back off instead of spinning.
                         warn!(error = %e, "accept failed");
@@ -231,21 +223,7 @@ impl DicomService {
                     }
                 },
                 accepted = accept_tls(tls_listener.as_ref()) => match accepted {
-                    Ok((stream, addr, acceptor)) => {
-                        if tasks.len() >= max_connections {
-                            debug!(peer = %addr, "TLS connection refused: too many open connections");
-                            ctx.metrics.rejected("connections");
-                            continue;
-                        }
-                        let ctx = Arc::clone(&ctx);
-                        let gatekeeper = gatekeeper.clone();
-                        let hard_stop = hard_stop.clone();
-                        let artim = settings.artim_timeout;
-                        let disabled = *disabled.borrow();
-                        tasks.spawn(async move {
-                            handle_tls_connection(stream, addr, acceptor, ctx, gatekeeper, artim, hard_stop, disabled).await;
-                        });
-                    }
+                    Ok((stream, addr, acceptor)) => connections.spawn(&mut tasks, stream, addr, Some(acceptor), *disabled.borrow()),
                     Err(e) => {
                         warn!(error = %e, "TLS accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -276,6 +254,50 @@ impl DicomService {
             }
         }
         info!("DICOM service stopped");
+    }
+}
+
+/// What every accepted connection's task needs, shared by both listeners.
+struct Connections {
+    max: usize,
+    ctx: Arc<Context>,
+    gatekeeper: Gatekeeper,
+    hard_stop: watch::Receiver<bool>,
+    artim: Duration,
+}
+
+impl Connections {
+    /// Serves an accepted connection in its own task (TLS when `tls` is given), or refuses
+    /// it when `max` connections are already open.
+    fn spawn(
+        &self,
+        tasks: &mut JoinSet<()>,
+        stream: TcpStream,
+        addr: SocketAddr,
+        tls: Option<TlsAcceptor>,
+        disabled: bool,
+    ) {
+        if tasks.len() >= self.max {
+            debug!(peer = %addr, tls = tls.is_some(), "connection refused: too many open connections");
+            self.ctx.metrics.rejected("connections");
+            return;
+        }
+        let ctx = Arc::clone(&self.ctx);
+        let gatekeeper = self.gatekeeper.clone();
+        let hard_stop = self.hard_stop.clone();
+        let artim = self.artim;
+        tasks.spawn(async move {
+            match tls {
+                None => {
+                    handle_connection(stream, addr, ctx, gatekeeper, artim, hard_stop, disabled)
+                        .await;
+                }
+                Some(tls) => {
+                    let (g, h) = (gatekeeper, hard_stop);
+                    handle_tls_connection(stream, addr, tls, ctx, g, artim, h, disabled).await;
+                }
+            }
+        });
     }
 }
 
