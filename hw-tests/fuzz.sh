@@ -25,9 +25,11 @@
 #   targets have run, naming each target, its finding and its artifact.
 # - Bounded time: each build is cut at FUZZ_BUILD_TIMEOUT seconds, each run at
 #   FUZZ_SECONDS plus 120 s of start-up slack (libFuzzer itself stops at FUZZ_SECONDS).
-#   Default total: every target (19 today) x 30 s, plus the builds (a few minutes from cold).
+#   Every crate is built first; then FUZZ_JOBS targets run at once (default: one per core;
+#   libFuzzer uses one core). Default total: every target (19 today) x 30 s / FUZZ_JOBS, plus
+#   the builds (a few minutes from cold).
 #
-# Environment: FUZZ_SECONDS (30), FUZZ_ONLY (space-separated target names; default all),
+# Environment: FUZZ_SECONDS (30), FUZZ_JOBS (nproc), FUZZ_ONLY (space-separated target names; default all),
 # FUZZ_TARGET_DIR (target/fuzz: kept apart from the workspace's target dir),
 # FUZZ_BUILD_TIMEOUT (1800), FUZZ_UNIT_TIMEOUT (10), FUZZ_RSS_MB (2048).
 set -euo pipefail
@@ -42,9 +44,10 @@ FUZZ_TARGET_DIR=${FUZZ_TARGET_DIR:-$ROOT/target/fuzz}
 FUZZ_BUILD_TIMEOUT=${FUZZ_BUILD_TIMEOUT:-1800}
 FUZZ_UNIT_TIMEOUT=${FUZZ_UNIT_TIMEOUT:-10}
 FUZZ_RSS_MB=${FUZZ_RSS_MB:-2048}
+FUZZ_JOBS=${FUZZ_JOBS:-$(nproc)}
 ARTIFACTS=$ROOT/hw-tests/artifacts/fuzz
 
-for var in FUZZ_SECONDS FUZZ_BUILD_TIMEOUT FUZZ_UNIT_TIMEOUT FUZZ_RSS_MB; do
+for var in FUZZ_SECONDS FUZZ_BUILD_TIMEOUT FUZZ_UNIT_TIMEOUT FUZZ_RSS_MB FUZZ_JOBS; do
     if ! [[ ${!var} =~ ^[1-9][0-9]*$ ]]; then
         echo "fuzz.sh: $var must be a positive whole number of seconds/MiB, not '${!var}'" >&2
         exit 2
@@ -73,7 +76,64 @@ wanted() {
 summary=()
 findings=()
 ran=0
+queue=()
 
+# One target's bounded run. Writes what the report needs into its scratch folder (`summary`,
+# and on a finding `finding` and `report`), so that several can run at once.
+run_target() {
+    local crate=$1 target=$2
+    local corpus=$crate/fuzz/corpus/$target
+    local bin=$FUZZ_TARGET_DIR/$HOST/release/$target
+    local work=$SCRATCH/$target
+    mkdir -p "$work/corpus" "$work/artifacts"
+    local log=$work/log
+    echo "--- run $target for ${FUZZ_SECONDS}s (seeds: $corpus, $(ls -A "$corpus" | wc -l) files)"
+    local start rc elapsed runs kind
+    start=$(date +%s)
+    set +e
+    timeout -k 10 $((FUZZ_SECONDS + 120)) "$bin" \
+        -max_total_time="$FUZZ_SECONDS" \
+        -timeout="$FUZZ_UNIT_TIMEOUT" \
+        -rss_limit_mb="$FUZZ_RSS_MB" \
+        -artifact_prefix="$work/artifacts/" \
+        -print_final_stats=1 \
+        "$work/corpus" "$ROOT/$corpus" >"$log" 2>&1
+    rc=$?
+    set -e
+    elapsed=$(($(date +%s) - start))
+    runs=$(sed -n 's/^Done \([0-9]*\) runs in .*/\1/p' "$log" | tail -n 1)
+    local found=()
+    mapfile -t found < <(find "$work/artifacts" -type f | sort)
+    if [ "$rc" -eq 0 ] && [ "${#found[@]}" -eq 0 ]; then
+        printf '%-22s %-16s clean: %s runs in %ss\n' "$target" "$crate" "${runs:-?}" "$elapsed" >"$work/summary"
+        return 0
+    fi
+    # "panicked at <place>: <message>", else libFuzzer's verdict (deadly signal, timeout
+    # after N seconds, out-of-memory (...)).
+    kind=$(grep -m1 -A1 'panicked at' "$log" | tr '\n' ' ' | sed 's/^thread .* panicked at/panicked at/' | cut -c1-300 || true)
+    if [ -z "$kind" ]; then
+        kind=$(grep -m1 -o 'ERROR: libFuzzer: .*' "$log" | sed 's/^ERROR: libFuzzer: //' | cut -c1-200 || true)
+    fi
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        kind="run did not stop within $((FUZZ_SECONDS + 120))s (hang outside a unit)"
+    fi
+    local saved=() a
+    mkdir -p "$ARTIFACTS/$target"
+    for a in "${found[@]}"; do
+        cp "$a" "$ARTIFACTS/$target/"
+        saved+=("hw-tests/artifacts/fuzz/$target/$(basename "$a")")
+    done
+    cp "$log" "$ARTIFACTS/$target.log"
+    {
+        echo "!!! $target: ${kind:-exit status $rc}; last lines of its log:"
+        tail -n 40 "$log" | sed 's/^/    /'
+    } >"$work/report"
+    echo "$crate/fuzz $target: ${kind:-exit status $rc} (exit $rc); artifact: ${saved[*]:-none}; log: hw-tests/artifacts/fuzz/$target.log; reproduce: (cd $crate && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none $target ${saved[0]:+$ROOT/${saved[0]}})" >"$work/finding"
+    printf '%-22s %-16s FINDING: %s\n' "$target" "$crate" "${kind:-exit $rc}" >"$work/summary"
+}
+
+# Build every fuzz crate first (cargo uses both cores), then run the targets FUZZ_JOBS at a
+# time: libFuzzer runs on one core, and a run is bounded by time, not work.
 for crate in "${FUZZ_CRATES[@]}"; do
     if ! list=$(cd "$crate" && cargo fuzz list) || [ -z "$list" ]; then
         echo "fuzz.sh: cannot list the fuzz targets of $crate/fuzz" >&2
@@ -108,52 +168,33 @@ for crate in "${FUZZ_CRATES[@]}"; do
             summary+=("$(printf '%-22s %-16s %s' "$target" "$crate" 'NOT BUILT')")
             continue
         fi
-        work=$SCRATCH/$target
-        mkdir -p "$work/corpus" "$work/artifacts"
-        log=$work/log
-        echo "--- run $target for ${FUZZ_SECONDS}s (seeds: $corpus, $(ls -A "$corpus" | wc -l) files)"
-        start=$(date +%s)
-        set +e
-        timeout -k 10 $((FUZZ_SECONDS + 120)) "$bin" \
-            -max_total_time="$FUZZ_SECONDS" \
-            -timeout="$FUZZ_UNIT_TIMEOUT" \
-            -rss_limit_mb="$FUZZ_RSS_MB" \
-            -artifact_prefix="$work/artifacts/" \
-            -print_final_stats=1 \
-            "$work/corpus" "$ROOT/$corpus" >"$log" 2>&1
-        rc=$?
-        set -e
-        elapsed=$(($(date +%s) - start))
-        ran=$((ran + 1))
-        runs=$(sed -n 's/^Done \([0-9]*\) runs in .*/\1/p' "$log" | tail -n 1)
-        mapfile -t found < <(find "$work/artifacts" -type f | sort)
-        if [ "$rc" -eq 0 ] && [ "${#found[@]}" -eq 0 ]; then
-            summary+=("$(printf '%-22s %-16s clean: %s runs in %ss' "$target" "$crate" "${runs:-?}" "$elapsed")")
-            continue
-        fi
-        # "panicked at <place>: <message>", else libFuzzer's verdict (deadly signal, timeout
-        # after N seconds, out-of-memory (...)).
-        kind=$(grep -m1 -A1 'panicked at' "$log" | tr '\n' ' ' | sed 's/^thread .* panicked at/panicked at/' | cut -c1-300 || true)
-        if [ -z "$kind" ]; then
-            kind=$(grep -m1 -o 'ERROR: libFuzzer: .*' "$log" | sed 's/^ERROR: libFuzzer: //' | cut -c1-200 || true)
-        fi
-        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-            kind="run did not stop within $((FUZZ_SECONDS + 120))s (hang outside a unit)"
-        fi
-        saved=()
-        if [ "${#found[@]}" -gt 0 ]; then
-            mkdir -p "$ARTIFACTS/$target"
-            for a in "${found[@]}"; do
-                cp "$a" "$ARTIFACTS/$target/"
-                saved+=("hw-tests/artifacts/fuzz/$target/$(basename "$a")")
-            done
-        fi
-        cp "$log" "$ARTIFACTS/$target.log" 2>/dev/null || { mkdir -p "$ARTIFACTS" && cp "$log" "$ARTIFACTS/$target.log"; }
-        echo "!!! $target: ${kind:-exit status $rc}; last lines of its log:"
-        tail -n 40 "$log" | sed 's/^/    /'
-        findings+=("$crate/fuzz $target: ${kind:-exit status $rc} (exit $rc); artifact: ${saved[*]:-none}; log: hw-tests/artifacts/fuzz/$target.log; reproduce: (cd $crate && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none $target ${saved[0]:+$ROOT/${saved[0]}})")
-        summary+=("$(printf '%-22s %-16s FINDING: %s' "$target" "$crate" "${kind:-exit $rc}")")
+        queue+=("$crate $target")
     done
+done
+
+echo "--- running ${#queue[@]} targets, $FUZZ_JOBS at a time"
+for item in "${queue[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$FUZZ_JOBS" ]; do
+        wait -n || true
+    done
+    # shellcheck disable=SC2086 # "crate target"
+    run_target $item &
+done
+wait
+for item in "${queue[@]}"; do
+    target=${item#* }
+    work=$SCRATCH/$target
+    ran=$((ran + 1))
+    if [ -f "$work/summary" ]; then
+        summary+=("$(cat "$work/summary")")
+    else
+        summary+=("$(printf '%-22s %-16s %s' "$target" "${item%% *}" 'RUN DID NOT REPORT')")
+        findings+=("${item%% *}/fuzz $target: the run ended without a result")
+    fi
+    if [ -f "$work/finding" ]; then
+        cat "$work/report"
+        findings+=("$(cat "$work/finding")")
+    fi
 done
 
 echo
