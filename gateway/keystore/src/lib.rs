@@ -18,6 +18,8 @@
 //! - The TPM is never on the per-object path: the spool master key is obtained once at
 //!   start and per-object data keys are wrapped in software with it.
 //! - `wipe` is a crypto-shred: once the master key is gone, every sealed blob is noise.
+//! - The firmware version floor ([`KeyStore::version_floor`]) only rises and outlives
+//!   `wipe` (TPM: an NV counter minus a base recorded once, docs/adr/0013).
 //! - The software back end is refused in `mode = "production"` by `gateway-config`.
 
 mod master;
