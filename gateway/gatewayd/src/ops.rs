@@ -652,9 +652,11 @@ fn keys_action(cmd: &KeysCommand, settings: &Settings) -> Result<String, String>
             let s = gateway_keystore::status(&backend, data_dir).map_err(|e| e.to_string())?;
             Ok(if s.initialised {
                 format!(
-                    "backend {}: initialised; spool master key {}",
+                    "backend {}: initialised; spool master key {} (firmware version floor {})",
                     s.backend,
-                    fingerprint(&s)
+                    fingerprint(&s),
+                    s.version_floor
+                        .map_or_else(|| "not defined".into(), |f| f.to_string())
                 )
             } else {
                 format!(

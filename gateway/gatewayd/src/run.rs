@@ -169,10 +169,15 @@ async fn serve(
     info!(node = %settings.node.id.as_str(), role = settings.node.role.as_str(), mode = settings.node.mode.as_str(), "gatewayd starting");
     // The data folder, the fleet state, the key store (TPM unseal) and the spool (open,
     // crash recovery) are file and device work: a blocking thread, not an async worker.
+    // The data format is checked first: a newer one (written by a newer firmware this box
+    // rolled back from) is refused before anything under the data folder is opened.
     let opened = {
         let (settings, data_dir) = (settings.clone(), data_dir.clone());
         tokio::task::spawn_blocking(move || {
             gateway_durable::ensure_private_dir(&data_dir).map_err(|e| e.to_string())?;
+            let format = gateway_durable::data_format::check_or_init(&data_dir)
+                .map_err(|e| e.to_string())?;
+            info!(data_format = format, "data format checked");
             let fleet = fleet_state(&data_dir)?;
             let keys = open_keystore(&settings)?;
             let master = keys.spool_master_key().map_err(|e| e.to_string())?;

@@ -18,6 +18,8 @@
 //! - The TPM is never on the per-object path: the spool master key is obtained once at
 //!   start and per-object data keys are wrapped in software with it.
 //! - `wipe` is a crypto-shred: once the master key is gone, every sealed blob is noise.
+//! - The firmware version floor ([`KeyStore::version_floor`]) only rises and outlives
+//!   `wipe` (TPM: an NV counter minus a base recorded once, docs/adr/0013).
 //! - The software back end is refused in `mode = "production"` by `gateway-config`.
 
 mod master;
@@ -88,7 +90,21 @@ pub enum KeyStoreError {
     /// The back end keeps no firmware version floor.
     #[error("the {backend} key store keeps no firmware version floor")]
     NoVersionFloor { backend: &'static str },
+    /// A raise of the floor by more steps than [`MAX_FLOOR_STEP`]: a version number that far
+    /// ahead is a mistake, and a TPM counter could never be brought back down.
+    #[error(
+        "refusing to raise the firmware version floor from {floor} to {to}: more than {max} \
+         versions at once"
+    )]
+    FloorRaiseTooLarge { floor: u64, to: u64, max: u64 },
+    /// A TPM NV index of the version floor is not the one this firmware defines (another
+    /// program owns that handle) or its values are inconsistent.
+    #[error("TPM NV index {index:#010x} of the firmware version floor: {detail}")]
+    FloorIndex { index: u32, detail: String },
 }
+
+/// The largest raise of the firmware version floor in one call ([`KeyStore::raise_version_floor`]).
+pub const MAX_FLOOR_STEP: u64 = 1000;
 
 /// A source of the gateway's keys.
 pub trait KeyStore: Send + Sync + std::fmt::Debug {
@@ -104,12 +120,15 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     }
     /// The firmware version floor (anti-downgrade): the lowest firmware version this box may
     /// install. Kept where an attacker with the disk cannot lower it (a TPM NV counter).
+    /// Starts at 0 (defined on first use); it outlives `keys wipe`. Blocking (TPM or file I/O):
+    /// call it from a blocking thread.
     fn version_floor(&self) -> Result<u64, KeyStoreError> {
         Err(KeyStoreError::NoVersionFloor {
             backend: self.backend(),
         })
     }
-    /// Raises the floor to `to`; never lowers it. Returns the floor after the call.
+    /// Raises the floor to `to`; never lowers it (a lower `to` is a no-op). Returns the floor
+    /// after the call. Refuses a raise of more than [`MAX_FLOOR_STEP`] versions. Blocking.
     fn raise_version_floor(&self, to: u64) -> Result<u64, KeyStoreError> {
         let _ = to;
         Err(KeyStoreError::NoVersionFloor {
@@ -182,6 +201,8 @@ pub struct Status {
     pub initialised: bool,
     /// Fingerprint of the spool master key, when initialised.
     pub master_key_id: Option<KeyId>,
+    /// The firmware version floor, when the back end keeps one and it is defined.
+    pub version_floor: Option<u64>,
 }
 
 /// Which back end to use (built by `gatewayd` from `[keystore]`).

@@ -3,6 +3,9 @@
 //! It exists so that the gateway can be developed and tested without a TPM. It protects
 //! nothing against someone who can read the data folder, which is why `gateway-config`
 //! refuses it in production mode.
+//!
+//! Its firmware version floor is a file twin of the TPM counter, `keys/version-floor` (one
+//! decimal number): same rules (starts at 0, only rises, outlives `keys wipe`), no protection.
 
 use std::fs;
 use std::io::{ErrorKind, Write};
@@ -12,9 +15,10 @@ use std::path::{Path, PathBuf};
 use gateway_durable::{self as durable, Context};
 use zeroize::Zeroize;
 
-use crate::{KEY_LEN, KeyStore, KeyStoreError, MasterKey, Status};
+use crate::{KEY_LEN, KeyStore, KeyStoreError, MAX_FLOOR_STEP, MasterKey, Status};
 
 const FILE_MAGIC: &[u8; 8] = b"GWSWKEY1";
+const FLOOR_FILE: &str = "version-floor";
 
 /// The software back end.
 #[derive(Debug)]
@@ -26,6 +30,11 @@ impl SoftwareKeyStore {
     /// Where the key file of a data folder lives.
     pub fn key_path(data_dir: &Path) -> PathBuf {
         data_dir.join("keys").join("spool-master.key")
+    }
+
+    /// Where the version floor file of a data folder lives (kept by `wipe`).
+    pub fn floor_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("keys").join(FLOOR_FILE)
     }
 
     /// Opens an initialised store (checks the file now, so a bad file fails at start).
@@ -63,7 +72,9 @@ impl SoftwareKeyStore {
         body.zeroize();
         written.map_err(io_err)?;
         durable::sync_dir(&dir).map_err(io_err)?;
-        Ok(Self { path })
+        let store = Self { path };
+        store.version_floor()?;
+        Ok(store)
     }
 
     /// Reports whether a key exists and its fingerprint.
@@ -76,11 +87,13 @@ impl SoftwareKeyStore {
                 backend: "software",
                 initialised: true,
                 master_key_id: Some(key.id()),
+                version_floor: read_floor(&Self::floor_path(data_dir))?,
             }),
             Err(KeyStoreError::NotInitialised { .. }) => Ok(Status {
                 backend: "software",
                 initialised: false,
                 master_key_id: None,
+                version_floor: read_floor(&Self::floor_path(data_dir))?,
             }),
             Err(e) => Err(e),
         }
@@ -93,10 +106,16 @@ impl SoftwareKeyStore {
             backend: "software",
             initialised: true,
             master_key_id: Some(key.id()),
+            version_floor: read_floor(&self.floor_file())?,
         })
     }
 
-    /// Crypto-shred: overwrites the key file with zeros, syncs, and removes it.
+    fn floor_file(&self) -> PathBuf {
+        self.path.with_file_name(FLOOR_FILE)
+    }
+
+    /// Crypto-shred: overwrites the key file with zeros, syncs, and removes it. The version
+    /// floor file stays (the floor outlives a wipe, like the TPM counter).
     pub fn wipe(data_dir: &Path) -> Result<bool, KeyStoreError> {
         let path = Self::key_path(data_dir);
         match fs::OpenOptions::new().write(true).open(&path) {
@@ -177,6 +196,48 @@ impl KeyStore for SoftwareKeyStore {
         // Development identities come from cert_file/key_file, not from this store.
         None
     }
+
+    fn version_floor(&self) -> Result<u64, KeyStoreError> {
+        let path = self.floor_file();
+        match read_floor(&path)? {
+            Some(floor) => Ok(floor),
+            None => {
+                durable::write_atomic(&path, b"0\n").map_err(io_err)?;
+                Ok(0)
+            }
+        }
+    }
+
+    fn raise_version_floor(&self, to: u64) -> Result<u64, KeyStoreError> {
+        let floor = self.version_floor()?;
+        if to <= floor {
+            return Ok(floor);
+        }
+        if to - floor > MAX_FLOOR_STEP {
+            return Err(KeyStoreError::FloorRaiseTooLarge {
+                floor,
+                to,
+                max: MAX_FLOOR_STEP,
+            });
+        }
+        durable::write_atomic(&self.floor_file(), format!("{to}\n").as_bytes()).map_err(io_err)?;
+        Ok(to)
+    }
+}
+
+/// The floor recorded in `path`, `None` when there is no file yet.
+fn read_floor(path: &Path) -> Result<Option<u64>, KeyStoreError> {
+    let Some(bytes) = durable::read_if_exists(path).map_err(io_err)? else {
+        return Ok(None);
+    };
+    std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| KeyStoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "not a version floor number",
+        })
 }
 
 fn io_err(e: durable::Error) -> KeyStoreError {
@@ -252,6 +313,58 @@ mod tests {
             .spool_master_key()
             .unwrap();
         assert_ne!(a.expose(), b.expose());
+    }
+
+    #[test]
+    fn the_floor_starts_at_0_only_rises_and_outlives_a_wipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SoftwareKeyStore::init(dir.path()).unwrap();
+        assert_eq!(store.version_floor().unwrap(), 0);
+        assert_eq!(
+            SoftwareKeyStore::status_at(dir.path())
+                .unwrap()
+                .version_floor,
+            Some(0)
+        );
+        assert_eq!(store.raise_version_floor(3).unwrap(), 3);
+        assert_eq!(store.raise_version_floor(2).unwrap(), 3, "never lowered");
+        assert_eq!(store.version_floor().unwrap(), 3);
+        let err = store
+            .raise_version_floor(3 + MAX_FLOOR_STEP + 1)
+            .unwrap_err();
+        assert!(
+            matches!(err, KeyStoreError::FloorRaiseTooLarge { floor: 3, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("more than 1000 versions"), "{err}");
+        assert_eq!(
+            store.raise_version_floor(3 + MAX_FLOOR_STEP).unwrap(),
+            3 + MAX_FLOOR_STEP
+        );
+        assert!(SoftwareKeyStore::wipe(dir.path()).unwrap());
+        assert_eq!(
+            SoftwareKeyStore::status_at(dir.path())
+                .unwrap()
+                .version_floor,
+            Some(3 + MAX_FLOOR_STEP)
+        );
+        let again = SoftwareKeyStore::init(dir.path()).unwrap();
+        assert_eq!(again.version_floor().unwrap(), 3 + MAX_FLOOR_STEP);
+    }
+
+    #[test]
+    fn a_garbled_floor_file_is_corrupt_not_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SoftwareKeyStore::init(dir.path()).unwrap();
+        fs::write(SoftwareKeyStore::floor_path(dir.path()), "seven\n").unwrap();
+        assert!(matches!(
+            store.version_floor().unwrap_err(),
+            KeyStoreError::Corrupt { .. }
+        ));
+        assert!(matches!(
+            store.raise_version_floor(9).unwrap_err(),
+            KeyStoreError::Corrupt { .. }
+        ));
     }
 
     #[test]

@@ -14,6 +14,18 @@
 //! The key blobs (not saved contexts) live in `data_dir/keys/`, so keys survive a TPM reset.
 //! Every transient object and session is flushed after use.
 //!
+//! The firmware version floor (anti-downgrade) lives in two owner NV indices, not under the
+//! storage root key, so `keys wipe` leaves it alone:
+//! - [`FLOOR_COUNTER_INDEX`]: an NV counter (8 bytes, owner read/write, no DA). A counter
+//!   can only be incremented, and a new one starts at the highest value the TPM has ever
+//!   recorded for a counter, not at 0;
+//! - [`FLOOR_BASE_INDEX`]: an ordinary 8-byte index written once with the counter's first
+//!   value.
+//!
+//! floor = counter - base; raising the floor to `to` increments the counter `to - floor`
+//! times. Both are defined by `keys init` and on first use, and an index at either handle
+//! whose attributes differ from ours is refused, never used.
+//!
 //! tss-esapi's `Context` is not thread-safe: one thread owns it, and callers send it
 //! closures ([`TpmKeyStore::call`]). The TPM is never on the per-byte path.
 
@@ -24,20 +36,22 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::attributes::{NvIndexAttributesBuilder, ObjectAttributesBuilder};
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
-use tss_esapi::constants::{CapabilityType, SessionType};
-use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
+use tss_esapi::constants::{CapabilityType, NvIndexType, SessionType};
+use tss_esapi::handles::{
+    KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, PersistentTpmHandle, TpmHandle,
+};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::ecc::EccCurve;
-use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
-use tss_esapi::interface_types::session_handles::PolicySession;
+use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision};
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
     CapabilityData, Digest, EccParameter, EccPoint, EccScheme, HashScheme, HashcheckTicket,
-    KeyedHashScheme, PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder,
-    PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, Signature,
-    SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
+    KeyedHashScheme, MaxNvBuffer, NvPublic, NvPublicBuilder, PcrSelectionListBuilder, PcrSlot,
+    Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters,
+    SensitiveData, Signature, SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -47,10 +61,16 @@ use zeroize::Zeroize;
 
 #[cfg(test)]
 use crate::is_software_tpm;
-use crate::{DeviceIdentity, KEY_LEN, KeyStore, KeyStoreError, MasterKey, Status};
+use crate::{DeviceIdentity, KEY_LEN, KeyStore, KeyStoreError, MAX_FLOOR_STEP, MasterKey, Status};
 
 /// Persistent handle of the storage root key (TCG provisioning guidance: the SRK's slot).
 pub const SRK_HANDLE: u32 = 0x8100_0001;
+/// NV index of the firmware version floor's counter (owner-defined range).
+pub const FLOOR_COUNTER_INDEX: u32 = 0x0180_6701;
+/// NV index holding the counter's value at floor 0 (written once).
+pub const FLOOR_BASE_INDEX: u32 = 0x0180_6702;
+/// TPMA_NV_WRITTEN: set by the TPM on the first write; not part of what we define.
+const NV_WRITTEN: u32 = 1 << 29;
 const STATE_FILE: &str = "tpm-state.json";
 const IDENTITY_PUB: &str = "identity.pub";
 const IDENTITY_PRIV: &str = "identity.priv";
@@ -170,6 +190,8 @@ impl TpmKeyStore {
         }
         gateway_durable::ensure_private_dir(&keys_dir).map_err(io_err)?;
         let store = Self::connect(tcti, data_dir)?;
+        // The floor first: a foreign index at its handles refuses init before any key exists.
+        store.call(|ctx| floor(ctx, true))?;
         let pcrs = pcrs.to_vec();
         let dir = keys_dir.clone();
         let state = store.call(move |ctx| provision(ctx, &dir, pcrs))?;
@@ -184,27 +206,34 @@ impl TpmKeyStore {
             backend: "tpm",
             initialised: true,
             master_key_id: Some(master.id()),
+            version_floor: store.call(|ctx| floor(ctx, false))?,
         })
     }
 
-    /// `keys status`.
+    /// `keys status` (reads the floor without defining it).
     pub fn status_at(tcti: &str, data_dir: &Path) -> Result<Status, KeyStoreError> {
         match Self::open(tcti, data_dir) {
             Ok(store) => Ok(Status {
                 backend: "tpm",
                 initialised: true,
                 master_key_id: Some(store.spool_master_key()?.id()),
+                version_floor: store.call(|ctx| floor(ctx, false))?,
             }),
-            Err(KeyStoreError::NotInitialised { .. }) => Ok(Status {
-                backend: "tpm",
-                initialised: false,
-                master_key_id: None,
-            }),
+            Err(KeyStoreError::NotInitialised { .. }) => {
+                let store = Self::connect(tcti, data_dir)?;
+                Ok(Status {
+                    backend: "tpm",
+                    initialised: false,
+                    master_key_id: None,
+                    version_floor: store.call(|ctx| floor(ctx, false))?,
+                })
+            }
             Err(e) => Err(e),
         }
     }
 
-    /// `keys wipe`: evicts the storage root key and deletes every key blob.
+    /// `keys wipe`: evicts the storage root key and deletes every key blob. The version floor's
+    /// NV indices stay: the floor outlives a wipe.
     pub fn wipe(tcti: &str, data_dir: &Path) -> Result<bool, KeyStoreError> {
         let store = Self::connect(tcti, data_dir)?;
         let had_state = store.inner.state.is_some();
@@ -274,6 +303,18 @@ impl KeyStore for TpmKeyStore {
     fn tpm_vendor(&self) -> Option<Result<String, KeyStoreError>> {
         Some(self.vendor())
     }
+
+    fn version_floor(&self) -> Result<u64, KeyStoreError> {
+        self.call(|ctx| floor(ctx, true))?
+            .ok_or(KeyStoreError::FloorIndex {
+                index: FLOOR_COUNTER_INDEX,
+                detail: "not defined after defining it".into(),
+            })
+    }
+
+    fn raise_version_floor(&self, to: u64) -> Result<u64, KeyStoreError> {
+        self.call(move |ctx| raise_floor(ctx, to))
+    }
 }
 
 impl TryFrom<&TpmKeyStore> for TpmIdentity {
@@ -305,11 +346,12 @@ impl DeviceIdentity for TpmIdentity {
 
 // ---- operations on the TPM thread ------------------------------------------------
 
-/// Whether a persistent object exists at `handle` (asked without provoking an error).
+/// Whether a persistent object or NV index exists at `handle` (asked without provoking an
+/// error).
 fn persistent_exists(ctx: &mut Context, handle: u32) -> Result<bool, KeyStoreError> {
     let (data, _) = ctx
         .get_capability(CapabilityType::Handles, handle, 1)
-        .map_err(|e| tpm_err("list persistent handles", e))?;
+        .map_err(|e| tpm_err("list handles", e))?;
     Ok(match data {
         CapabilityData::Handles(list) => list.iter().any(|h| u32::from(*h) == handle),
         _ => false,
@@ -654,6 +696,248 @@ fn evict_srk(ctx: &mut Context) -> Result<bool, KeyStoreError> {
     })
     .map_err(|e| tpm_err("evict storage root key", e))?;
     Ok(true)
+}
+
+// ---- the firmware version floor (NV counter + base) ------------------------------
+
+/// The floor's two indices, opened (ESYS handles closed by [`FloorIndices::close`]).
+struct FloorIndices {
+    counter: NvIndexHandle,
+    base: NvIndexHandle,
+}
+
+impl FloorIndices {
+    fn close(self, ctx: &mut Context) {
+        close_nv(ctx, self.counter);
+        close_nv(ctx, self.base);
+    }
+}
+
+fn close_nv(ctx: &mut Context, handle: NvIndexHandle) {
+    let mut handle = ObjectHandle::from(handle);
+    let _ = ctx.tr_close(&mut handle);
+}
+
+fn floor_public(index: u32, kind: NvIndexType) -> Result<NvPublic, KeyStoreError> {
+    let attributes = NvIndexAttributesBuilder::new()
+        .with_nv_index_type(kind)
+        .with_owner_write(true)
+        .with_owner_read(true)
+        .with_no_da(true)
+        .build()
+        .map_err(|e| tpm_err("floor index attributes", e))?;
+    NvPublicBuilder::new()
+        .with_nv_index(NvIndexTpmHandle::new(index).map_err(|e| tpm_err("NV index", e))?)
+        .with_index_name_algorithm(HashingAlgorithm::Sha256)
+        .with_index_attributes(attributes)
+        .with_data_area_size(8)
+        .build()
+        .map_err(|e| tpm_err("floor index template", e))
+}
+
+fn attribute_bits(public: &NvPublic) -> Result<u32, KeyStoreError> {
+    tss_esapi::tss2_esys::TPMA_NV::try_from(public.attributes())
+        .map_err(|e| tpm_err("NV attributes", e))
+}
+
+/// Opens the index at `index` (defining it from `template` when absent and `define`), and
+/// checks that it is ours: same type, attributes, size, name algorithm and no policy.
+/// Returns the handle and whether the index has been written.
+fn open_floor_index(
+    ctx: &mut Context,
+    index: u32,
+    template: NvPublic,
+    define: bool,
+) -> Result<Option<(NvIndexHandle, bool)>, KeyStoreError> {
+    let handle = if persistent_exists(ctx, index)? {
+        let tpm_handle = NvIndexTpmHandle::new(index).map_err(|e| tpm_err("NV index", e))?;
+        ctx.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle))
+            .map(NvIndexHandle::from)
+            .map_err(|e| tpm_err("open floor index", e))?
+    } else if define {
+        ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+            ctx.nv_define_space(Provision::Owner, None, template.clone())
+        })
+        .map_err(|e| tpm_err("define floor index", e))?
+    } else {
+        return Ok(None);
+    };
+    let found = match ctx.nv_read_public(handle) {
+        Ok((public, _)) => public,
+        Err(e) => {
+            close_nv(ctx, handle);
+            return Err(tpm_err("read floor index", e));
+        }
+    };
+    let checked = (|| {
+        let want = attribute_bits(&template)?;
+        let have = attribute_bits(&found)?;
+        let mut differences = Vec::new();
+        if have & !NV_WRITTEN != want {
+            differences.push(format!(
+                "attributes {:#010x}, expected {want:#010x}",
+                have & !NV_WRITTEN
+            ));
+        }
+        if found.data_size() != template.data_size() {
+            differences.push(format!("size {} bytes, expected 8", found.data_size()));
+        }
+        if found.name_algorithm() != HashingAlgorithm::Sha256 {
+            differences.push("name algorithm is not SHA-256".into());
+        }
+        if !found.authorization_policy().value().is_empty() {
+            differences.push("it has an authorisation policy".into());
+        }
+        if differences.is_empty() {
+            Ok(have & NV_WRITTEN != 0)
+        } else {
+            Err(KeyStoreError::FloorIndex {
+                index,
+                detail: format!(
+                    "the handle holds an index this firmware did not define ({}); refusing to \
+                     use it (free the handle with tpm2_nvundefine if it is not needed)",
+                    differences.join(", ")
+                ),
+            })
+        }
+    })();
+    match checked {
+        Ok(written) => Ok(Some((handle, written))),
+        Err(e) => {
+            close_nv(ctx, handle);
+            Err(e)
+        }
+    }
+}
+
+fn read_u64(ctx: &mut Context, handle: NvIndexHandle, index: u32) -> Result<u64, KeyStoreError> {
+    let data = ctx
+        .execute_with_session(Some(AuthSession::Password), |ctx| {
+            ctx.nv_read(NvAuth::Owner, handle, 8, 0)
+        })
+        .map_err(|e| tpm_err("read floor index", e))?;
+    let bytes: [u8; 8] = data
+        .value()
+        .try_into()
+        .map_err(|_| KeyStoreError::FloorIndex {
+            index,
+            detail: format!("read {} bytes, expected 8", data.value().len()),
+        })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn increment(ctx: &mut Context, counter: NvIndexHandle) -> Result<(), KeyStoreError> {
+    ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+        ctx.nv_increment(NvAuth::Owner, counter)
+    })
+    .map_err(|e| tpm_err("increment floor counter", e))
+}
+
+/// Opens (and, with `define`, completes: defines, gives the counter its first value, records
+/// the base) both indices. `None` when they are not (fully) there and `define` is false.
+/// Every step is idempotent, so a power cut between steps is finished by the next call.
+fn open_floor(ctx: &mut Context, define: bool) -> Result<Option<FloorIndices>, KeyStoreError> {
+    let counter_template = floor_public(FLOOR_COUNTER_INDEX, NvIndexType::Counter)?;
+    let Some((counter, counter_written)) =
+        open_floor_index(ctx, FLOOR_COUNTER_INDEX, counter_template, define)?
+    else {
+        return Ok(None);
+    };
+    let result = (|| {
+        if !counter_written {
+            if !define {
+                return Ok(None);
+            }
+            increment(ctx, counter)?;
+        }
+        let base_template = floor_public(FLOOR_BASE_INDEX, NvIndexType::Ordinary)?;
+        let Some((base, base_written)) =
+            open_floor_index(ctx, FLOOR_BASE_INDEX, base_template, define)?
+        else {
+            return Ok(None);
+        };
+        if !base_written {
+            let written = if define {
+                read_u64(ctx, counter, FLOOR_COUNTER_INDEX).and_then(|value| {
+                    let data = MaxNvBuffer::try_from(value.to_be_bytes().to_vec())
+                        .map_err(|e| tpm_err("floor base value", e))?;
+                    ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+                        ctx.nv_write(NvAuth::Owner, base, data, 0)
+                    })
+                    .map_err(|e| tpm_err("write floor base", e))
+                })
+            } else {
+                close_nv(ctx, base);
+                return Ok(None);
+            };
+            if let Err(e) = written {
+                close_nv(ctx, base);
+                return Err(e);
+            }
+        }
+        Ok(Some(base))
+    })();
+    match result {
+        Ok(Some(base)) => Ok(Some(FloorIndices { counter, base })),
+        Ok(None) => {
+            close_nv(ctx, counter);
+            Ok(None)
+        }
+        Err(e) => {
+            close_nv(ctx, counter);
+            Err(e)
+        }
+    }
+}
+
+fn floor_value(ctx: &mut Context, indices: &FloorIndices) -> Result<u64, KeyStoreError> {
+    let counter = read_u64(ctx, indices.counter, FLOOR_COUNTER_INDEX)?;
+    let base = read_u64(ctx, indices.base, FLOOR_BASE_INDEX)?;
+    counter
+        .checked_sub(base)
+        .ok_or_else(|| KeyStoreError::FloorIndex {
+            index: FLOOR_BASE_INDEX,
+            detail: format!(
+                "the base {base} is above the counter {counter}: the base was rewritten \
+                 (tampering); refusing to guess the floor"
+            ),
+        })
+}
+
+/// The floor; `None` when not defined and `define` is false.
+fn floor(ctx: &mut Context, define: bool) -> Result<Option<u64>, KeyStoreError> {
+    let Some(indices) = open_floor(ctx, define)? else {
+        return Ok(None);
+    };
+    let value = floor_value(ctx, &indices);
+    indices.close(ctx);
+    value.map(Some)
+}
+
+fn raise_floor(ctx: &mut Context, to: u64) -> Result<u64, KeyStoreError> {
+    let indices = open_floor(ctx, true)?.ok_or(KeyStoreError::FloorIndex {
+        index: FLOOR_COUNTER_INDEX,
+        detail: "not defined after defining it".into(),
+    })?;
+    let result = (|| {
+        let floor = floor_value(ctx, &indices)?;
+        if to <= floor {
+            return Ok(floor);
+        }
+        if to - floor > MAX_FLOOR_STEP {
+            return Err(KeyStoreError::FloorRaiseTooLarge {
+                floor,
+                to,
+                max: MAX_FLOOR_STEP,
+            });
+        }
+        for _ in floor..to {
+            increment(ctx, indices.counter)?;
+        }
+        floor_value(ctx, &indices)
+    })();
+    indices.close(ctx);
+    result
 }
 
 // ---- files and encodings ---------------------------------------------------------

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gateway_keystore::is_software_tpm;
-use gateway_keystore::tpm::TpmKeyStore;
-use gateway_keystore::{DeviceIdentity, KeyStore, KeyStoreError};
+use gateway_keystore::tpm::{FLOOR_BASE_INDEX, FLOOR_COUNTER_INDEX, TpmKeyStore};
+use gateway_keystore::{DeviceIdentity, KeyStore, KeyStoreError, MAX_FLOOR_STEP};
 
 struct Swtpm {
     child: Option<Child>,
@@ -82,6 +82,36 @@ impl Swtpm {
     fn restart(&mut self) {
         self.stop();
         self.launch();
+    }
+
+    /// Runs a tpm2-tools command against this TPM; returns its stdout.
+    fn tool(&self, tool: &str, args: &[&str]) -> String {
+        let out = Command::new(tool)
+            .args(args)
+            .env("TPM2TOOLS_TCTI", self.tcti())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {tool} (apt-get install tpm2-tools): {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The raw value of an 8-byte NV index.
+    fn nv_u64(&self, index: u32) -> u64 {
+        let out = Command::new("tpm2_nvread")
+            .args([&format!("{index:#x}"), "-C", "o", "-s", "8"])
+            .env("TPM2TOOLS_TCTI", self.tcti())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run tpm2_nvread (apt-get install tpm2-tools): {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        u64::from_be_bytes(out.stdout.as_slice().try_into().unwrap())
     }
 
     fn extend_pcr(&self, pcr: u8) {
@@ -235,6 +265,177 @@ fn identity_signs_verifiably_and_a_thousand_cycles_leave_no_transient_object() {
         verifying.verify(message.as_bytes(), &sig).unwrap();
         store.spool_master_key().unwrap();
     }
+    assert_eq!(store.transient_objects().unwrap(), 0);
+}
+
+#[test]
+fn the_version_floor_only_rises_and_outlives_a_reopen_a_restart_and_a_wipe() {
+    let (_dir, mut swtpm, data) = setup();
+    let status = TpmKeyStore::init(&swtpm.tcti(), &data, &[]).unwrap();
+    assert_eq!(status.version_floor, Some(0), "keys init defines the floor");
+    let store = TpmKeyStore::open(&swtpm.tcti(), &data).unwrap();
+    assert_eq!(store.version_floor().unwrap(), 0);
+    assert_eq!(store.raise_version_floor(3).unwrap(), 3);
+    assert_eq!(store.version_floor().unwrap(), 3);
+    assert_eq!(
+        store.raise_version_floor(2).unwrap(),
+        3,
+        "a lower raise is a no-op"
+    );
+    assert_eq!(store.raise_version_floor(3).unwrap(), 3);
+    let err = store.raise_version_floor(4 + MAX_FLOOR_STEP).unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::FloorRaiseTooLarge { floor: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("more than 1000 versions"), "{err}");
+    assert_eq!(
+        store.version_floor().unwrap(),
+        3,
+        "a refused raise changes nothing"
+    );
+    assert_eq!(store.transient_objects().unwrap(), 0);
+    drop(store);
+
+    // The floor is the counter minus its recorded base, both in the TPM.
+    assert_eq!(
+        swtpm.nv_u64(FLOOR_COUNTER_INDEX) - swtpm.nv_u64(FLOOR_BASE_INDEX),
+        3
+    );
+    let store = TpmKeyStore::open(&swtpm.tcti(), &data).unwrap();
+    assert_eq!(store.version_floor().unwrap(), 3, "survives a reopen");
+    drop(store);
+    swtpm.restart();
+    let store = TpmKeyStore::open(&swtpm.tcti(), &data).unwrap();
+    assert_eq!(
+        store.version_floor().unwrap(),
+        3,
+        "survives a TPM power cycle"
+    );
+    drop(store);
+
+    // keys wipe + keys init: new keys, same floor.
+    assert!(TpmKeyStore::wipe(&swtpm.tcti(), &data).unwrap());
+    let wiped = TpmKeyStore::status_at(&swtpm.tcti(), &data).unwrap();
+    assert!(!wiped.initialised);
+    assert_eq!(wiped.version_floor, Some(3), "keys wipe keeps the floor");
+    let status = TpmKeyStore::init(&swtpm.tcti(), &data, &[]).unwrap();
+    assert_eq!(status.version_floor, Some(3));
+    let store = TpmKeyStore::open(&swtpm.tcti(), &data).unwrap();
+    assert_eq!(store.raise_version_floor(5).unwrap(), 5);
+    assert_eq!(
+        TpmKeyStore::status_at(&swtpm.tcti(), &data)
+            .unwrap()
+            .version_floor,
+        Some(5)
+    );
+}
+
+#[test]
+fn a_fresh_tpm_whose_counters_ran_high_starts_the_floor_at_0() {
+    let (_dir, swtpm, data) = setup();
+    // Someone else's counter ran up to 40 and was deleted: the TPM starts every new counter
+    // above the highest count it has seen.
+    let noise = "0x1806799";
+    swtpm.tool(
+        "tpm2_nvdefine",
+        &[
+            noise,
+            "-C",
+            "o",
+            "-s",
+            "8",
+            "-a",
+            "nt=counter|ownerread|ownerwrite|no_da",
+        ],
+    );
+    for _ in 0..40 {
+        swtpm.tool("tpm2_nvincrement", &[noise, "-C", "o"]);
+    }
+    swtpm.tool("tpm2_nvundefine", &[noise, "-C", "o"]);
+    assert_eq!(
+        TpmKeyStore::status_at(&swtpm.tcti(), &data)
+            .unwrap()
+            .version_floor,
+        None,
+        "keys status does not define the floor"
+    );
+    let status = TpmKeyStore::init(&swtpm.tcti(), &data, &[]).unwrap();
+    assert_eq!(status.version_floor, Some(0));
+    let raw = swtpm.nv_u64(FLOOR_COUNTER_INDEX);
+    assert!(
+        raw >= 40,
+        "raw counter {raw}: the test did not push it high"
+    );
+    let store = TpmKeyStore::open(&swtpm.tcti(), &data).unwrap();
+    assert_eq!(store.raise_version_floor(2).unwrap(), 2);
+    assert_eq!(swtpm.nv_u64(FLOOR_COUNTER_INDEX), raw + 2);
+}
+
+#[test]
+fn a_foreign_index_at_the_floor_handle_is_refused_not_used() {
+    let (dir, swtpm, data) = setup();
+    let counter = format!("{FLOOR_COUNTER_INDEX:#x}");
+    // An ordinary index (not a counter) someone else defined at our handle.
+    swtpm.tool(
+        "tpm2_nvdefine",
+        &[
+            &counter,
+            "-C",
+            "o",
+            "-s",
+            "8",
+            "-a",
+            "ownerread|ownerwrite|no_da",
+        ],
+    );
+    let err = TpmKeyStore::init(&swtpm.tcti(), &data, &[]).unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::FloorIndex { index, .. } if index == FLOOR_COUNTER_INDEX),
+        "{err}"
+    );
+    assert!(err.to_string().contains("did not define"), "{err}");
+    assert!(
+        !data.join("keys").join("tpm-state.json").exists(),
+        "init refused before making keys"
+    );
+    swtpm.tool("tpm2_nvundefine", &[&counter, "-C", "o"]);
+
+    // A counter with other attributes (auth-writable) at the base handle: refused too.
+    let base = format!("{FLOOR_BASE_INDEX:#x}");
+    swtpm.tool(
+        "tpm2_nvdefine",
+        &[
+            &base,
+            "-C",
+            "o",
+            "-s",
+            "8",
+            "-a",
+            "ownerread|ownerwrite|authwrite|no_da",
+        ],
+    );
+    let err = TpmKeyStore::init(&swtpm.tcti(), &data, &[]).unwrap_err();
+    assert!(
+        matches!(err, KeyStoreError::FloorIndex { index, .. } if index == FLOOR_BASE_INDEX),
+        "{err}"
+    );
+    swtpm.tool("tpm2_nvundefine", &[&base, "-C", "o"]);
+    let status = TpmKeyStore::init(&swtpm.tcti(), &dir.path().join("data2"), &[]).unwrap();
+    assert_eq!(status.version_floor, Some(0));
+
+    // A base rewritten above the counter (lowering attempt) is refused, not read as a floor.
+    let store = TpmKeyStore::open(&swtpm.tcti(), &dir.path().join("data2")).unwrap();
+    assert_eq!(store.raise_version_floor(1).unwrap(), 1);
+    let above = swtpm.nv_u64(FLOOR_COUNTER_INDEX) + 5;
+    let file = dir.path().join("base.bin");
+    std::fs::write(&file, above.to_be_bytes()).unwrap();
+    swtpm.tool(
+        "tpm2_nvwrite",
+        &[&base, "-C", "o", "-i", file.to_str().unwrap()],
+    );
+    let err = store.version_floor().unwrap_err();
+    assert!(err.to_string().contains("tampering"), "{err}");
     assert_eq!(store.transient_objects().unwrap(), 0);
 }
 
