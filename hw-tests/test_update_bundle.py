@@ -35,6 +35,7 @@ import secrets
 import shutil
 import struct
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,6 +384,37 @@ def test_a_bundle_with_one_flipped_byte_is_refused(kit: Kit):
     r = rauc_info(plain_conf, bad)
     assert r.returncode != 0, "rauc info accepted a plain bundle with a flipped payload byte"
     assert "signature verification failed" in r.stderr, r.stderr
+
+
+def test_rauc_info_works_for_the_unprivileged_service_user_and_leaves_the_data_directory_to_root(kit: Kit):
+    """gatewayd runs `rauc info` as its own user (not root): with the image's system.conf and
+    RAUC's data directory made 0700 root at boot (tmpfiles.d), the check works and the
+    directory stays root's. `daemon` stands in for the user gatewayd."""
+    pw = pwd.getpwnam("daemon")
+    # pytest's folders are 0700 root: a world-readable copy in its own temporary folder.
+    d = Path(tempfile.mkdtemp(prefix="gw-rauc-info-"))
+    try:
+        d.chmod(0o755)
+        for src in (kit.bundle, kit.ca.cert):
+            shutil.copy(src, d / src.name)
+            (d / src.name).chmod(0o644)
+        data = d / "rauc-data"
+        data.mkdir(mode=0o700)
+        conf = d / "system.conf"
+        conf.write_text(_replace_once(SYSTEM_CONF.read_text(), {
+            "path=/etc/rauc/update-ca.pem": f"path={d / kit.ca.cert.name}",
+            "data-directory=/var/lib/gatewayd/rauc": f"data-directory={data}",
+        }))
+        conf.chmod(0o644)
+        r = run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+                 "rauc", f"--conf={conf}", "info", "--output-format=json", d / kit.bundle.name], check=False)
+        assert r.returncode == 0, f"rauc info as an unprivileged user failed:\n{r.stderr[-3000:]}"
+        assert json.loads(r.stdout)["version"] == str(VERSION)
+        st = data.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700), "RAUC's data directory changed owner or mode"
+        assert not list(data.iterdir()), "an unprivileged rauc info wrote into RAUC's data directory"
+    finally:
+        shutil.rmtree(d)
 
 
 def test_bundle_sh_refuses_bad_input_before_signing(kit: Kit):
@@ -768,6 +800,8 @@ def test_install_into_root_places_the_integration_and_refuses_a_bad_keyring(tmp_
     assert handler.read_bytes() == PRE_INSTALL.read_bytes() and os.access(handler, os.X_OK)
     dropin = (root / "etc/systemd/system/rauc.service.d/gatewayd.conf").read_text()
     assert "RequiresMountsFor=/var/lib/gatewayd" in dropin
+    tmpfiles = (root / "usr/lib/tmpfiles.d/rauc-gatewayd.conf").read_text()
+    assert "d /var/lib/gatewayd/rauc 0700 root root -" in tmpfiles, tmpfiles
 
     (root / "usr/bin/efibootmgr").unlink()
     r = run(["bash", INSTALL_INTO_ROOT, root, kit.ca.cert], check=False)

@@ -9,6 +9,7 @@
 #   /etc/dbus-1/system.d/de.pengutronix.rauc.conf only root and gatewayd may call RAUC
 #   /usr/libexec/gatewayd/rauc-pre-install        execs `gatewayd update pre-install`
 #   /etc/systemd/system/rauc.service.d/gatewayd.conf  RAUC starts after the state partition
+#   /usr/lib/tmpfiles.d/rauc-gatewayd.conf        RAUC's data directory, 0700 root
 # The tree must already hold rauc (+ rauc-service), veritysetup (cryptsetup-bin) and
 # efibootmgr: the packages are the image build's to include. Needs openssl on the build host.
 set -euo pipefail
@@ -55,4 +56,10 @@ cat >"$root/etc/systemd/system/rauc.service.d/gatewayd.conf" <<'UNIT'
 RequiresMountsFor=/var/lib/gatewayd
 UNIT
 chmod 0644 "$root/etc/systemd/system/rauc.service.d/gatewayd.conf"
+# RAUC's data directory belongs to root. RAUC creates it (0700) for whoever runs it first, and
+# gatewayd runs `rauc info` as its own user: made at boot, once the state partition is mounted.
+install -D -m 0644 /dev/stdin "$root/usr/lib/tmpfiles.d/rauc-gatewayd.conf" <<'TMPFILES'
+# RAUC's slot status on the state partition (image-recipe/rauc/system.conf data-directory).
+d /var/lib/gatewayd/rauc 0700 root root -
+TMPFILES
 echo "install-into-root.sh: RAUC configuration, keyring ($ncerts certificate(s)), D-Bus policy and pre-install handler in $root"
