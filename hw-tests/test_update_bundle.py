@@ -429,6 +429,12 @@ def test_bundle_sh_refuses_bad_input_before_signing(kit: Kit):
         assert not out.exists(), "bundle.sh left a bundle behind after refusing"
         assert not list(kit.dir.glob(".bundle.*")), "bundle.sh left its work folder behind"
 
+    # A signer certificate without extendedKeyUsage codeSigning (the box would refuse it).
+    client = kit.ca.other_client_cert("not-a-code-signer", name="client-only")
+    r = run(["bash", BUNDLE_SH, kit.image_dir, "7", "5", client.key, client.cert, out], check=False)
+    assert r.returncode != 0 and "has no extendedKeyUsage codeSigning" in r.stderr, r.stderr
+    assert not out.exists()
+
     refused(kit.image_dir, "7", "8", "MIN_VERSION (8) is above VERSION (7)")
     refused(kit.image_dir, "7a", "1", "VERSION must be a non-negative integer")
     refused(kit.image_dir, "7", "-1", "MIN_VERSION must be a non-negative integer")

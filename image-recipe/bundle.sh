@@ -34,7 +34,7 @@
 # squashfs compression zstd: Debian 12's kernel (6.1) squashfs module has the zstd
 # decompressor.
 #
-# Needs (Debian): rauc squashfs-tools cryptsetup-bin. Needs no root, no loop device.
+# Needs (Debian): rauc squashfs-tools cryptsetup-bin openssl. Needs no root, no loop device.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -64,6 +64,10 @@ for f in rootfs.img efi.vfat verity.txt; do
 done
 [ -r "$key" ] || die "cannot read the signing key $key"
 [ -r "$cert" ] || die "cannot read the signing certificate $cert"
+command -v openssl >/dev/null || die "openssl not found: apt-get install -y --no-install-recommends openssl"
+# The box verifies with check-purpose=codesign (rauc/system.conf): say so now, not on the box.
+openssl x509 -in "$cert" -noout -ext extendedKeyUsage 2>/dev/null | grep -q 'Code Signing' \
+    || die "$cert has no extendedKeyUsage codeSigning: the box (check-purpose=codesign) would refuse the bundle"
 case "$out" in
     *.raucb) ;;
     *) die "OUT must end in .raucb, got '$out'" ;;
