@@ -341,6 +341,13 @@ def test_rauc_info_refuses_a_bundle_resigned_by_another_ca(kit: Kit):
     r = rauc_info(kit.info_conf, resigned, keyring=kit.other_ca.cert)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["version"] == str(VERSION)
+    # Keyring rotation (README): a transition keyring holding both CAs, one PEM after the
+    # other, accepts bundles under either.
+    both = kit.dir / "transition-keyring.pem"
+    both.write_text(kit.ca.cert.read_text() + kit.other_ca.cert.read_text())
+    for bundle in (kit.bundle, resigned):
+        r = rauc_info(kit.info_conf, bundle, keyring=both)
+        assert r.returncode == 0, f"the transition keyring refused {bundle.name}:\n{r.stderr[-3000:]}"
 
 
 def test_a_bundle_with_one_flipped_byte_is_refused(kit: Kit):
@@ -792,15 +799,21 @@ def test_install_into_root_places_the_integration_and_refuses_a_bad_keyring(tmp_
         (root / f).write_text("")
     r = run(["bash", INSTALL_INTO_ROOT, root, kit.signer.cert], check=False)
     assert r.returncode != 0 and "not a CA certificate" in r.stderr, r.stderr
+    ca_then_leaf = tmp_path / "ca-then-leaf.pem"
+    ca_then_leaf.write_text(kit.ca.cert.read_text() + kit.signer.cert.read_text())
+    r = run(["bash", INSTALL_INTO_ROOT, root, ca_then_leaf], check=False)
+    assert r.returncode != 0 and "certificate 2 is not a CA certificate" in r.stderr, r.stderr
     both = tmp_path / "with-key.pem"
     both.write_text(kit.ca.cert.read_text() + kit.ca.key.read_text())
     r = run(["bash", INSTALL_INTO_ROOT, root, both], check=False)
     assert r.returncode != 0 and "private key" in r.stderr, r.stderr
     assert not (root / "etc/rauc").exists(), "install-into-root.sh wrote files before refusing"
 
-    run(["bash", INSTALL_INTO_ROOT, root, kit.ca.cert])
+    transition = tmp_path / "transition.pem"
+    transition.write_text(kit.ca.cert.read_text() + kit.other_ca.cert.read_text())
+    run(["bash", INSTALL_INTO_ROOT, root, transition])
     assert (root / "etc/rauc/system.conf").read_bytes() == SYSTEM_CONF.read_bytes()
-    assert (root / "etc/rauc/update-ca.pem").read_bytes() == kit.ca.cert.read_bytes()
+    assert (root / "etc/rauc/update-ca.pem").read_bytes() == transition.read_bytes()
     assert (root / "etc/dbus-1/system.d/de.pengutronix.rauc.conf").read_bytes() == POLICY.read_bytes()
     handler = root / "usr/libexec/gatewayd/rauc-pre-install"
     assert handler.read_bytes() == PRE_INSTALL.read_bytes() and os.access(handler, os.X_OK)

@@ -29,9 +29,15 @@ ncerts=$(grep -c -- '-----BEGIN CERTIFICATE-----' "$ca" || true)
 if grep -q -- 'PRIVATE KEY-----' "$ca"; then
     die "$ca holds a private key: the keyring must carry certificates only"
 fi
-openssl x509 -in "$ca" -noout 2>/dev/null || die "$ca: its first certificate does not parse"
-openssl x509 -in "$ca" -noout -text | grep -q 'CA:TRUE' \
-    || die "$ca: its first certificate is not a CA certificate (basicConstraints CA:TRUE)"
+split=$(mktemp -d)
+trap 'rm -rf "$split"' EXIT
+awk -v dir="$split" '/-----BEGIN CERTIFICATE-----/ { n++ } n { print > (dir "/" n ".pem") } /-----END CERTIFICATE-----/ { close(dir "/" n ".pem") }' "$ca"
+for one in "$split"/*.pem; do
+    n=$(basename "$one" .pem)
+    openssl x509 -in "$one" -noout 2>/dev/null || die "$ca: certificate $n does not parse"
+    openssl x509 -in "$one" -noout -text | grep -q 'CA:TRUE' \
+        || die "$ca: certificate $n is not a CA certificate (basicConstraints CA:TRUE)"
+done
 
 have() {
     local f
