@@ -709,6 +709,19 @@ def test_install_writes_the_inactive_slots_reads_them_back_and_marks_the_target_
     meta = json.loads((svc.gw_record / "gateway-update.json").read_text())
     assert (meta["version"], meta["min_version"], meta["roothash"]) == (VERSION, MIN_VERSION, kit.verity["roothash"])
 
+    # What gatewayd reads back through `rauc status`: the booted slot and the version now in
+    # the target slot.
+    r = svc.client(["status", "--detailed", "--output-format=json"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    status = json.loads(r.stdout)
+    assert status["booted"] == "system0", status
+    slots = {name: slot for entry in status["slots"] for name, slot in entry.items()}
+    for name in ("rootfs.1", "efi.1"):
+        st = slots[name]["slot_status"]
+        assert (st["bundle"]["version"], st["status"]) == (str(VERSION), "ok"), (name, st)
+    assert slots["rootfs.1"]["slot_status"]["checksum"]["sha256"] == sha256(rootfs)
+    assert slots["rootfs.0"]["state"] == "booted"
+
 
 def test_pre_install_handler_refusal_stops_the_install_before_any_slot_changes(service, kit: Kit):
     svc = service()
