@@ -57,7 +57,7 @@ case "$bundle_format" in
     verity|plain) ;;
     *) die "GW_BUNDLE_FORMAT must be verity or plain, got '$bundle_format'" ;;
 esac
-[ "$min_version" -le "$version" ] || die "MIN_VERSION ($min_version) is above VERSION ($version): the box could never run this firmware's successor floor"
+[ "$min_version" -le "$version" ] || die "MIN_VERSION ($min_version) is above VERSION ($version): a box that marks this firmware good would raise its floor above the firmware it runs"
 [ -d "$image_dir" ] || die "no image folder $image_dir"
 for f in rootfs.img efi.vfat verity.txt; do
     [ -f "$image_dir/$f" ] || die "no $f in $image_dir (an image build's output folder)"
