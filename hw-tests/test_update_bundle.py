@@ -807,7 +807,7 @@ def test_dbus_policy_lets_only_root_and_the_service_user_call_rauc(tmp_path, kit
 
 def test_install_into_root_places_the_integration_and_refuses_a_bad_keyring(tmp_path, kit: Kit):
     root = tmp_path / "root"
-    for f in ("usr/bin/rauc", "usr/sbin/veritysetup", "usr/bin/efibootmgr"):
+    for f in ("usr/bin/rauc", "lib/systemd/system/rauc.service", "usr/sbin/veritysetup", "usr/bin/efibootmgr"):
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         (root / f).write_text("")
     r = run(["bash", INSTALL_INTO_ROOT, root, kit.signer.cert], check=False)

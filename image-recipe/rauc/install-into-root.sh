@@ -47,6 +47,8 @@ have() {
     return 1
 }
 have /usr/bin/rauc /bin/rauc || die "$root has no rauc: include the packages rauc and rauc-service in the image"
+have /lib/systemd/system/rauc.service /usr/lib/systemd/system/rauc.service \
+    || die "$root has no rauc.service: include the package rauc-service in the image (RAUC's D-Bus service)"
 have /usr/sbin/veritysetup /sbin/veritysetup || die "$root has no veritysetup: include cryptsetup-bin in the image (the slot read-back hook runs it)"
 have /usr/bin/efibootmgr /bin/efibootmgr /usr/sbin/efibootmgr /sbin/efibootmgr \
     || die "$root has no efibootmgr: include efibootmgr in the image (RAUC's efi boot backend runs it)"
