@@ -9,7 +9,8 @@ update CA made here with openssl. Then:
   accepts the good bundle and shows its version and images; a bundle re-signed by another
   CA (`rauc resign`) and bundles with one flipped byte are refused;
 - `rauc install` through `rauc service` on a private D-Bus bus, with a test system.conf
-  derived from image-recipe/rauc/system.conf (slots are files, `bootloader=custom` with a
+  derived from image-recipe/rauc/system.conf (slots are files, or loop devices over them as
+  block devices like the box's partitions, `bootloader=custom` with a
   backend script that records every call): the good bundle is written to the inactive slots,
   read back by the bundle's hook, and the target is marked primary last; the pre-install
   handler (image-recipe/rauc/rauc-pre-install, exec'ing a recording stand-in for gatewayd)
@@ -548,14 +549,34 @@ class RaucService:
     its arguments, environment and the bundle's gateway-update.json (and exits with the code in
     ``gatewayd-exit``), bundle formats plain (no device-mapper on this host)."""
 
-    def __init__(self, d: Path, kit: Kit, bus: Bus, preload: dict | None = None):
+    def __init__(self, d: Path, kit: Kit, bus: Bus, loop: bool = False, lossy: tuple[Path, str] | None = None):
         self.dir = d
         self.bus = bus
+        self.proc: subprocess.Popen | None = None
+        self.log = None
+        self.loops: list[str] = []
+        self.mnt = d / "mnt"
+        try:
+            self._start(kit, loop, lossy)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, kit: Kit, loop: bool, lossy: tuple[Path, str] | None) -> None:
+        d = self.dir
+        bus = self.bus
         self.slots = Slots(d / "slots")
         self.slots.make()
+        # The slots as the box has them (block devices) or as plain files.
+        self.devices = {name: str(self.slots.path(name)) for name in Slots.NAMES}
+        if loop:
+            for name in Slots.NAMES:
+                dev = run(["losetup", "--find", "--show", self.slots.path(name)]).stdout.strip()
+                assert dev.startswith("/dev/loop"), dev
+                self.loops.append(dev)
+                self.devices[name] = dev
         self.calls = d / "calls.log"
         self.calls.write_text("")
-        self.mnt = d / "mnt"
         self.mnt.mkdir()
         backend = d / "backend.sh"
         backend.write_text(f"""#!/bin/sh
@@ -590,16 +611,18 @@ exit "$rc"
             "path=/etc/rauc/update-ca.pem": f"path={kit.ca.cert}",
             "pre-install=/usr/libexec/gatewayd/rauc-pre-install":
                 f"pre-install={PRE_INSTALL}\nbootloader-custom-backend={backend}",
-            "device=/dev/disk/by-partlabel/gw-root-a": f"device={self.slots.path('root-a')}",
-            "device=/dev/disk/by-partlabel/gw-root-b": f"device={self.slots.path('root-b')}",
-            "device=/dev/disk/by-partlabel/gw-efi-a": f"device={self.slots.path('efi-a')}",
-            "device=/dev/disk/by-partlabel/gw-efi-b": f"device={self.slots.path('efi-b')}",
+            "device=/dev/disk/by-partlabel/gw-root-a": f"device={self.devices['root-a']}",
+            "device=/dev/disk/by-partlabel/gw-root-b": f"device={self.devices['root-b']}",
+            "device=/dev/disk/by-partlabel/gw-efi-a": f"device={self.devices['efi-a']}",
+            "device=/dev/disk/by-partlabel/gw-efi-b": f"device={self.devices['efi-b']}",
         })
         self.conf = d / "system.conf"
         self.conf.write_text(text)
         env = bus.env()
         env.update(GATEWAYD=str(fake), GATEWAYD_CONFIG=str(self.gatewayd_config))
-        env.update(preload or {})
+        if lossy is not None:
+            shim, slot = lossy
+            env.update(LD_PRELOAD=str(shim), GW_LOSSY_SLOT=self.devices[slot])
         self.log_path = d / "rauc-service.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -635,30 +658,34 @@ exit "$rc"
         return [line for line in self.calls.read_text().splitlines() if line]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
         # A bundle left mounted by a failed run must not outlive the test.
         with open("/proc/self/mounts") as f:
             mounted = [line.split()[1] for line in f if line.split()[1].startswith(str(self.mnt))]
         for m in sorted(mounted, reverse=True):
             subprocess.run(["umount", m], capture_output=True, timeout=30)
+        for dev in self.loops:
+            subprocess.run(["losetup", "--detach", dev], capture_output=True, timeout=30)
+        self.loops = []
 
 
 @pytest.fixture
 def service(tmp_path, kit):
     made: list[tuple[RaucService, Bus]] = []
 
-    def start(preload: dict | None = None) -> RaucService:
+    def start(loop: bool = False, lossy: tuple[Path, str] | None = None) -> RaucService:
         bus = Bus(tmp_path / f"bus{len(made)}", [tmp_path / "upstream-policy.conf"])
         svc = None
         try:
-            svc = RaucService(tmp_path / f"svc{len(made)}", kit, bus, preload)
+            svc = RaucService(tmp_path / f"svc{len(made)}", kit, bus, loop=loop, lossy=lossy)
         finally:
             made.append((svc, bus))  # type: ignore[arg-type]
         return svc
@@ -671,14 +698,15 @@ def service(tmp_path, kit):
         bus.stop()
 
 
-def test_install_writes_the_inactive_slots_reads_them_back_and_marks_the_target_primary_last(service, kit: Kit):
-    svc = service()
+@pytest.mark.parametrize("loop", [False, True], ids=["slot-files", "slot-loop-devices"])
+def test_install_writes_the_inactive_slots_reads_them_back_and_marks_the_target_primary_last(service, kit: Kit, loop):
+    svc = service(loop=loop)
     before = svc.slots.hashes()
     t0 = time.monotonic()
     r = svc.install(kit.plain)
     took = time.monotonic() - t0
     assert r.returncode == 0, f"rauc install failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{svc.service_log()}"
-    print(f"rauc install (plain, {kit.plain.stat().st_size} bytes, 2 slots): {took:.1f} s")
+    print(f"rauc install (plain, {kit.plain.stat().st_size} bytes, 2 slots, loop={loop}): {took:.1f} s")
 
     rootfs, efi = kit.image_dir / "rootfs.img", kit.image_dir / "efi.vfat"
     assert sha256(svc.slots.path("root-b"), rootfs.stat().st_size) == sha256(rootfs), "root-b does not hold rootfs.img"
@@ -737,17 +765,17 @@ def test_pre_install_handler_refusal_stops_the_install_before_any_slot_changes(s
         f"RAUC changed boot state after the handler refused: {calls}")
 
 
+@pytest.mark.parametrize("loop", [False, True], ids=["slot-files", "slot-loop-devices"])
 @pytest.mark.parametrize("slot,hook_line", [
     ("root-b", "rootfs.1: read-back failed: the written root does not verify against the bundle's root hash"),
     ("efi-b", "efi.1: read-back failed: sha256 of the first"),
-])
-def test_post_install_read_back_catches_a_write_that_did_not_stick(service, kit: Kit, tmp_path, slot, hook_line):
+], ids=["root", "efi"])
+def test_post_install_read_back_catches_a_write_that_did_not_stick(service, kit: Kit, tmp_path, slot, hook_line, loop):
     shim_c = tmp_path / "lossy-write.c"
     shim_c.write_text(LOSSY_C)
     shim = tmp_path / "lossy-write.so"
     run(["cc", "-shared", "-fPIC", "-O2", "-o", shim, shim_c, "-ldl"])
-    svc = service(preload={"LD_PRELOAD": str(shim), "GW_LOSSY_SLOT": str(tmp_path / "svc0" / "slots" / slot)})
-    assert svc.slots.path(slot) == tmp_path / "svc0" / "slots" / slot
+    svc = service(loop=loop, lossy=(shim, slot))
     r = svc.install(kit.plain)
     log = svc.service_log()
     assert "lossy-write: flipped one bit" in log, f"the shim never saw a write to {slot}:\n{log}"

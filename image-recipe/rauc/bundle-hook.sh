@@ -12,6 +12,8 @@
 #           in the signed gateway-update.json: every data block is read and hashed.
 #   efi:    sha256 of the first RAUC_IMAGE_SIZE bytes of the slot equals RAUC_IMAGE_DIGEST
 #           (the image's sha256 from the signed manifest).
+# The slot's cached pages are dropped first (blockdev --flushbufs on a block device): the read
+# goes to the disk, not to the page cache RAUC just wrote through.
 # Messages name the slot and the failing check, nothing else.
 set -eu
 
@@ -35,6 +37,10 @@ json_field() {
     sed -n "s/^ *\"$1\": *\"\{0,1\}\([0-9a-f]*\)\"\{0,1\},\{0,1\} *\$/\1/p" "$bundle/gateway-update.json"
 }
 
+if [ -b "$dev" ]; then
+    blockdev --flushbufs "$dev" || fail "$slot: cannot drop the slot's cached pages (blockdev --flushbufs)"
+fi
+
 case "${RAUC_SLOT_CLASS:-}" in
     rootfs)
         roothash=$(json_field roothash)
@@ -47,7 +53,7 @@ case "${RAUC_SLOT_CLASS:-}" in
         printf '%s' "$hash_offset" | grep -Eq '^[1-9][0-9]*$' \
             || fail "$slot: no valid hash_offset in the bundle's gateway-update.json"
         if ! veritysetup verify --hash-offset="$hash_offset" --data-blocks="$data_blocks" \
-            "$dev" "$dev" "$roothash" >/dev/null 2>&1; then
+            "$dev" "$dev" "$roothash" >/dev/null; then
             fail "$slot: read-back failed: the written root does not verify against the bundle's root hash"
         fi
         echo "gateway bundle hook: $slot: read-back verified (dm-verity root hash, $data_blocks data blocks)"
