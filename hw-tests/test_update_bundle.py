@@ -325,7 +325,7 @@ def test_bundle_sh_makes_a_verity_bundle_that_rauc_info_verifies_with_the_contra
 
     # The image's system.conf takes verity bundles only.
     r = rauc_info(kit.info_conf, kit.plain)
-    assert r.returncode != 0, "the image's system.conf accepted a plain bundle (bundle-formats=-plain)"
+    assert r.returncode != 0, "the image's system.conf accepted a plain bundle (bundle-formats=verity)"
     assert "Bundle format 'plain' not allowed" in r.stderr, r.stderr
 
 
@@ -386,7 +386,8 @@ def test_a_bundle_with_one_flipped_byte_is_refused(kit: Kit):
     # A plain bundle's signature covers the whole file: rauc info refuses it.
     bad = flipped(kit.plain, kit.dir / "flip-plain.raucb", 4096 * 3 + 100)
     plain_conf = kit.dir / "info-plain.conf"
-    plain_conf.write_text(kit.info_conf.read_text().replace("bundle-formats=-plain", "bundle-formats=plain verity"))
+    plain_conf.write_text(kit.info_conf.read_text().replace("bundle-formats=verity", "bundle-formats=plain verity"))
+    assert plain_conf.read_text() != kit.info_conf.read_text()
     r = rauc_info(plain_conf, kit.plain)
     assert r.returncode == 0, r.stderr[-3000:]
     r = rauc_info(plain_conf, bad)
@@ -605,7 +606,7 @@ exit "$rc"
         self.gatewayd_config = d / "gatewayd.toml"
         text = _replace_once(SYSTEM_CONF.read_text(), {
             "bootloader=efi": "bootloader=custom",
-            "bundle-formats=-plain": "bundle-formats=plain",
+            "bundle-formats=verity": "bundle-formats=plain",
             "data-directory=/var/lib/gatewayd/rauc": f"data-directory={d / 'rauc-data'}",
             "mountprefix=/run/rauc": f"mountprefix={self.mnt}",
             "path=/etc/rauc/update-ca.pem": f"path={kit.ca.cert}",

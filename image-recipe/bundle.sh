@@ -20,7 +20,7 @@
 #   GW_UPDATE_KEYRING  when set, `rauc bundle` also checks the signature against this keyring
 #   GW_BUNDLE_FORMAT   verity (default) or plain. plain is for hosts without device-mapper
 #                   (hw-tests/test_update_bundle.py installs with the real rauc on such a
-#                   host); the image's system.conf refuses plain bundles (bundle-formats=-plain)
+#                   host); the image's system.conf refuses plain bundles (bundle-formats=verity)
 #
 # The bundle (RAUC 1.8, format verity: the manifest is inside the CMS signature, the payload
 # is a squashfs with a dm-verity tree that the kernel checks block by block while installing):
