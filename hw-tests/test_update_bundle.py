@@ -210,7 +210,8 @@ def make_image_dir(d: Path) -> dict:
               "data_blocks": size // 4096, "hash_offset": size}
     (d / "verity.txt").write_text(
         f"ROOTHASH={verity['roothash']}\nSALT={verity['salt']}\n"
-        f"DATA_BLOCKS={verity['data_blocks']}\nHASH_OFFSET={verity['hash_offset']}\n")
+        f"DATA_BLOCKS={verity['data_blocks']}\nDATA_BLOCK_SIZE=4096\nHASH_OFFSET={verity['hash_offset']}\n"
+        "CANARY_BLOCK=42\n")
     efi = d / "efi.vfat"
     run(["mkfs.fat", "-C", efi, "2048"])
     uki = d.parent / "gw-a.efi"
@@ -457,6 +458,8 @@ def test_bundle_sh_refuses_bad_input_before_signing(kit: Kit):
     refused(wrong, "7", "5", "does not verify against the ROOTHASH in verity.txt")
     (wrong / "verity.txt").write_text(text.replace("ROOTHASH=", "ROOTHASH=zz"))
     refused(wrong, "7", "5", "ROOTHASH must be 64 lowercase hex digits")
+    (wrong / "verity.txt").write_text(text + "DATA_BLOCK_SIZE=1024\n")
+    refused(wrong, "7", "5", "DATA_BLOCK_SIZE must be 4096")
     (wrong / "verity.txt").write_text(text)
     (wrong / "efi.vfat").unlink()
     refused(wrong, "7", "5", "no efi.vfat in")
