@@ -33,6 +33,7 @@ import os
 import pwd
 import re
 import secrets
+import select
 import shutil
 import struct
 import subprocess
@@ -508,9 +509,12 @@ class Bus:
         self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={self.config}", "--nofork", "--print-address=1"],
                                      stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
-        self.address = self.proc.stdout.readline().strip()
-        assert self.address.startswith("unix:abstract="), (
-            f"dbus-daemon did not start (exit {self.proc.poll()}): {(d / 'dbus-daemon.log').read_text()}")
+        ready, _, _ = select.select([self.proc.stdout], [], [], SERVICE_START_S)
+        self.address = self.proc.stdout.readline().strip() if ready else ""
+        if not self.address.startswith("unix:abstract="):
+            self.stop()
+            pytest.fail(f"dbus-daemon did not print its address within {SERVICE_START_S} s "
+                        f"(exit {self.proc.poll()}): {(d / 'dbus-daemon.log').read_text()}", pytrace=False)
 
     def env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DBUS_")}
