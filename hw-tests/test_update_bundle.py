@@ -322,6 +322,8 @@ def test_bundle_sh_makes_a_verity_bundle_that_rauc_info_verifies_with_the_contra
     assert os.access(out / "hook.sh", os.X_OK)
     manifest = (out / "manifest.raucm").read_text()
     assert "format=verity" in manifest and "[hooks]\nfilename=hook.sh" in manifest, manifest
+    # rauc-pre-install takes RAUC_MF_VERSION from here (RAUC 1.8 does not pass it to handlers).
+    assert f"[update]\ncompatible=clinic-gateway-x86_64\nversion={VERSION}\n" in manifest, manifest
     assert sha256(out / "root.ext4") == sha256(kit.image_dir / "rootfs.img")
     shutil.rmtree(out)
 
@@ -733,12 +735,15 @@ def test_install_writes_the_inactive_slots_reads_them_back_and_marks_the_target_
                      "backend set-state system1 bad",
                      "backend set-primary system1"], calls
 
-    # What the handler saw: RAUC's environment (no RAUC_MF_VERSION for system handlers in
-    # 1.8) and the signed gateway-update.json in the mounted bundle.
+    # What the handler saw: RAUC's environment and the signed gateway-update.json in the
+    # mounted bundle.
     args = (svc.gw_record / "args").read_text().splitlines()
     assert args == ["update", "pre-install", "--config", str(svc.gatewayd_config)], args
     env = dict(line.split("=", 1) for line in (svc.gw_record / "env").read_text().splitlines())
     assert env["RAUC_CURRENT_BOOTNAME"] == "system0", env
+    # RAUC 1.8 does not set it for system handlers; the wrapper takes it from the bundle's
+    # manifest.raucm.
+    assert env["RAUC_MF_VERSION"] == str(VERSION), env
     assert env["RAUC_BUNDLE_MOUNT_POINT"].startswith(str(svc.mnt)), env
     targets = {env[f"RAUC_SLOT_NAME_{i}"] for i in env["RAUC_TARGET_SLOTS"].split()}
     assert targets == {"rootfs.1", "efi.1"}, env
@@ -761,11 +766,16 @@ def test_install_writes_the_inactive_slots_reads_them_back_and_marks_the_target_
 
 def test_pre_install_handler_refusal_stops_the_install_before_any_slot_changes(service, kit: Kit):
     svc = service()
-    svc.gw_exit.write_text("1\n")
+    svc.gw_exit.write_text("12\n")
     before = svc.slots.hashes()
     r = svc.install(kit.plain)
-    assert r.returncode != 0, f"rauc install succeeded although the pre-install handler exited 1:\n{r.stdout}"
+    assert r.returncode != 0, f"rauc install succeeded although the pre-install handler exited 12:\n{r.stdout}"
     print(f"rauc install with the handler refusing: exit {r.returncode}\n{r.stdout}{r.stderr}")
+    # The handler's exit code is what reaches `rauc install`'s caller (its output does not).
+    assert "Pre-install handler error: Child process exited with code 12" in r.stdout + r.stderr, (
+        f"{r.stdout}\n{r.stderr}")
+    assert "update refused: downgrade (stand-in)" not in r.stdout + r.stderr
+    assert "update refused: downgrade (stand-in)" in svc.service_log()
     assert svc.slots.hashes() == before, "a slot changed although the pre-install handler refused"
     calls = svc.call_lines()
     assert calls and calls[0].startswith("gatewayd update pre-install"), calls
