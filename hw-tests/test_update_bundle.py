@@ -296,7 +296,7 @@ def flipped(src: Path, dst: Path, offset: int) -> Path:
 def test_bundle_sh_makes_a_verity_bundle_that_rauc_info_verifies_with_the_contract_inside(kit: Kit):
     r = rauc_info(kit.info_conf, kit.bundle)
     assert r.returncode == 0, f"rauc info refused the good bundle:\n{r.stderr[-3000:]}"
-    assert f"Verified inline signature by 'O = hw-tests, CN = update-signer'" in r.stderr, r.stderr
+    assert "Verified inline signature by 'O = hw-tests, CN = update-signer'" in r.stderr, r.stderr
     info = json.loads(r.stdout)
     assert info["compatible"] == "clinic-gateway-x86_64"
     assert info["version"] == str(VERSION)
