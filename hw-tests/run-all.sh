@@ -4,7 +4,7 @@
 # Installs the real peers when missing (Debian: dcmtk, dicom3tools (dciodvfy), orthanc, orthanc-dicomweb, swtpm,
 # tpm2-tools, libtss2, nginx, openssl, mosquitto, mosquitto-clients,
 # pkg-config, systemd (systemd-analyze), chromium, fonts-ipafont-gothic, mmdebstrap,
-# e2fsprogs, qemu-system-x86, dnsmasq-base; PyPI into hw-tests/.venv: hw-tests/requirements.txt,
+# e2fsprogs, qemu-system-x86, dnsmasq-base, rauc, squashfs-tools; PyPI into hw-tests/.venv: hw-tests/requirements.txt,
 # oelint-adv and schemathesis among them), then runs
 #   cargo fmt --check, cargo clippy -D warnings, cargo test (both with the TPM back end:
 #   --features gatewayd/tpm), cargo build --release --features tpm,
@@ -86,6 +86,10 @@ command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v mmdebstrap >/dev/null 2>&1 || need_pkgs+=(mmdebstrap)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
+# Signed update bundles (image-recipe/bundle.sh, hw-tests/test_update_bundle.py): rauc makes,
+# checks and installs them; rauc bundle runs mksquashfs.
+command -v rauc >/dev/null 2>&1 || need_pkgs+=(rauc)
+command -v mksquashfs >/dev/null 2>&1 || need_pkgs+=(squashfs-tools)
 # The test DNS server the appliance guest resolves the broker's host name with
 # (test_appliance_fleet.py, on 127.0.0.1 and a port the test picks): dnsmasq-base is the
 # binary alone; the `dnsmasq` package would also start a system resolver on port 53.
