@@ -90,6 +90,13 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
 # checks and installs them; rauc bundle runs mksquashfs.
 command -v rauc >/dev/null 2>&1 || need_pkgs+=(rauc)
 command -v mksquashfs >/dev/null 2>&1 || need_pkgs+=(squashfs-tools)
+# test_update_bundle.py also makes verity roots and FAT slot images without mounting, runs
+# RAUC's service on a private D-Bus bus, and builds a small preloaded library with cc.
+command -v veritysetup >/dev/null 2>&1 || need_pkgs+=(cryptsetup-bin)
+command -v mkfs.fat >/dev/null 2>&1 || need_pkgs+=(dosfstools)
+command -v mcopy >/dev/null 2>&1 || need_pkgs+=(mtools)
+command -v dbus-daemon >/dev/null 2>&1 || need_pkgs+=(dbus-daemon)
+command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc)
 # The test DNS server the appliance guest resolves the broker's host name with
 # (test_appliance_fleet.py, on 127.0.0.1 and a port the test picks): dnsmasq-base is the
 # binary alone; the `dnsmasq` package would also start a system resolver on port 53.
