@@ -596,15 +596,17 @@ impl FleetAgent {
                          topics before that"
                     .into(),
             },
-            Op::ConfigUpdate { .. } | Op::Wipe | Op::Restart | Op::LogUpload { .. } => {
-                Outcome::Failed {
-                    code: "not-supported",
-                    reason: format!(
-                        "operation {} is not supported by this firmware yet; nothing was changed",
-                        command.op.kind()
-                    ),
-                }
-            }
+            Op::ConfigUpdate { .. }
+            | Op::Wipe
+            | Op::Restart
+            | Op::LogUpload { .. }
+            | Op::Update { .. } => Outcome::Failed {
+                code: "not-supported",
+                reason: format!(
+                    "operation {} is not supported by this firmware yet; nothing was changed",
+                    command.op.kind()
+                ),
+            },
         }
     }
 }
