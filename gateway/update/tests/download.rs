@@ -3,6 +3,8 @@
 //! connection is cut midway, a wrong hash, a body larger than the command's size, and a
 //! client without a certificate.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed assumption is a failed test
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
