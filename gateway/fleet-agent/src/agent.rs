@@ -116,7 +116,7 @@ pub struct UpdateRefused {
 pub type UpdateFn = Arc<dyn Fn(UpdateJob) -> Result<(), UpdateRefused> + Send + Sync>;
 
 /// Called once the state message was queued (QoS 1): the daemon archives a final record.
-pub type PublishedFn = Box<dyn FnOnce() + Send>;
+pub type PublishedFn = Box<dyn FnOnce() + Send + Sync>;
 
 /// One state of an update, from the daemon: published on the command's state topic while
 /// connected (the channel holds it while the broker is away, so a final state after a

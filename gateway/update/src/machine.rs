@@ -198,9 +198,10 @@ impl Updater {
         self.store.save(record)
     }
 
-    /// Every check before a slot write, then `rauc install`, then the reboot request. On
-    /// `Ok` the record is in `rebooting`, the trial marker and the reboot request are
-    /// written. On `Err` nothing was written to a slot unless the installer itself failed
+    /// Every check before a slot write, then `rauc install`. On `Ok` the slot is written and
+    /// is the next boot (once), the trial marker is written and the record still says
+    /// `installing`: the caller publishes `rebooting`, then calls
+    /// [`Updater::request_reboot`]. On `Err` nothing was written to a slot unless the installer itself failed
     /// (`install-failed`), and the caller ends the record with the failure.
     pub fn verify_and_install(&self, record: &mut UpdateRecord) -> Result<(), Failure> {
         let paths = self.store.paths().clone();
@@ -303,7 +304,7 @@ impl Updater {
                 other => Failure::new("install-failed", other.to_string()),
             });
         }
-        self.request_reboot(record).map_err(Failure::internal)
+        Ok(())
     }
 
     /// Records `rebooting` with this boot's id and writes the reboot request.

@@ -125,6 +125,7 @@ fn update_goes_downloading_installing_rebooting_trial_successful_and_raises_the_
     let mut r = b.downloaded(BUNDLE);
     b.pre_install_meta(8);
     b.updater.verify_and_install(&mut r).unwrap();
+    b.updater.request_reboot(&mut r).unwrap();
     let r = b.record();
     assert_eq!(r.phase, Phase::Rebooting);
     assert_eq!(r.from_slot.as_deref(), Some("system0"));
@@ -293,6 +294,7 @@ fn cut_after_the_install_wrote_boot_next_but_before_the_record_said_rebooting_is
     let mut r = b.downloaded(BUNDLE);
     b.pre_install_meta(8);
     b.updater.verify_and_install(&mut r).unwrap();
+    b.updater.request_reboot(&mut r).unwrap();
     // roll the record back to what it said while rauc ran
     let mut r = b.record();
     r.phase = Phase::Installing;
@@ -310,6 +312,7 @@ fn daemon_restart_before_the_reboot_asks_for_the_reboot_again() {
     let b = new_box(7);
     let mut r = b.downloaded(BUNDLE);
     b.updater.verify_and_install(&mut r).unwrap();
+    b.updater.request_reboot(&mut r).unwrap();
     let boot_id = b.record().reboot_boot_id.unwrap();
     std::fs::remove_file(b.dir.path().join("run/reboot")).unwrap();
     let StartAction::RequestReboot(mut r) = b.decide(&boot_id) else {
@@ -324,6 +327,7 @@ fn a_new_slot_that_never_reaches_its_health_check_rolls_back_boot_failed() {
     let b = new_box(7);
     let mut r = b.downloaded(BUNDLE);
     b.updater.verify_and_install(&mut r).unwrap();
+    b.updater.request_reboot(&mut r).unwrap();
     b.fake.reboot(); // into system1, which panics before gatewayd starts
     b.fake.reboot(); // BootNext consumed: BootOrder = system0
     assert_eq!(b.fake.with(|s| s.booted.clone()), "system0");
@@ -342,6 +346,7 @@ fn cut_during_the_health_window_rolls_back_interrupted() {
     let b = new_box(7);
     let mut r = b.downloaded(BUNDLE);
     b.updater.verify_and_install(&mut r).unwrap();
+    b.updater.request_reboot(&mut r).unwrap();
     b.fake.reboot();
     assert!(b.updater.trial_started().unwrap());
     b.fake.reboot(); // power cut mid-check
@@ -359,6 +364,7 @@ fn failed_health_check_rolls_back_health_failed_and_never_marks_good() {
     let mut r = b.downloaded(BUNDLE);
     b.pre_install_meta(8);
     b.updater.verify_and_install(&mut r).unwrap();
+    b.updater.request_reboot(&mut r).unwrap();
     b.fake.reboot();
     b.updater.trial_started().unwrap();
     assert_eq!(
@@ -387,6 +393,7 @@ fn cut_after_mark_good_before_the_record_finishes_successful_at_the_next_start()
     let mut r = b.downloaded(BUNDLE);
     b.pre_install_meta(8);
     b.updater.verify_and_install(&mut r).unwrap();
+    b.updater.request_reboot(&mut r).unwrap();
     b.fake.reboot();
     b.updater.trial_started().unwrap();
     use crate::installer::Installer;
@@ -406,6 +413,7 @@ fn health_check_on_a_normal_boot_or_the_old_slot_does_nothing() {
     );
     let mut r = b.downloaded(BUNDLE);
     b.updater.verify_and_install(&mut r).unwrap();
+    b.updater.request_reboot(&mut r).unwrap();
     // still on system0 (before the reboot): not a trial
     assert_eq!(
         b.updater.record_health(true).unwrap(),
