@@ -80,7 +80,7 @@ pub enum InstallerError {
         verb: &'static str,
         secs: u64,
     },
-    #[error("{command} {verb} failed ({status}): {message}")]
+    #[error("rauc {verb} failed ({status}): {message}")]
     Failed {
         command: String,
         verb: &'static str,
@@ -219,12 +219,13 @@ pub fn refusal_code(output: &str) -> Option<String> {
     (!code.is_empty()).then_some(code)
 }
 
-/// The last non-empty lines of a message, single-line, at most 256 characters.
+/// The last non-empty lines of a message without glib's informational `rauc-Message:`
+/// lines (they name files), single-line, at most 256 characters.
 fn last_lines(text: &str) -> String {
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
+        .filter(|l| !l.is_empty() && !l.contains("-Message: ") && !l.contains("-Info: "))
         .collect();
     let tail = lines
         .iter()
@@ -529,6 +530,14 @@ mod tests {
             ok.install(Path::new("/b")),
             Err(InstallerError::Failed { .. })
         ));
+        let failing = RaucCli::new(script(
+            dir.path(),
+            "echo 'rauc-Message: 20:11:13.848: Reading bundle: /data/update/bundle.raucb' >&2; echo 'signature verification failed: Verify error: self-signed certificate' >&2; exit 1",
+        ));
+        assert_eq!(
+            failing.info(Path::new("/b")).unwrap_err().to_string(),
+            "rauc info failed (exit status: 1): signature verification failed: Verify error: self-signed certificate"
+        );
         let refused = RaucCli::new(script(
             dir.path(),
             "echo 'gatewayd-update-refused: data-format' >&2; exit 1",
