@@ -131,7 +131,7 @@ def broker(tmp_path, ca):
 @pytest.fixture
 def rig(tmp_path, ca, broker, gateway_factory):
     """Bundles, the bundle server, a `rauc` wrapper with the test keyring that logs its
-    calls, and a gateway connected to the broker."""
+    calls, and a gateway for the broker (not started: each test starts it)."""
     fail_on_assertion(require_rauc)
     work = tmp_path / "bundles"
     work.mkdir()
@@ -148,11 +148,27 @@ def rig(tmp_path, ca, broker, gateway_factory):
                            "[slot.rootfs.1]\ndevice=/dev/null\ntype=raw\nbootname=system1\n")
     calls = work / "rauc-calls.log"
     wrapper = work / "rauc"
-    wrapper.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexec rauc --conf={system_conf} \"$@\"\n")
+    # `rauc info` is the real one; `status` and `mark-good` need the RAUC D-Bus service
+    # and a boot loader, which a host test has neither of: a twin answers them from files
+    # (`booted`: the boot name of the running slot; `good`: system1 was marked good).
+    (work / "booted").write_text("system0")
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"D={work}\n"
+        f"echo \"$*\" >> {calls}\n"
+        'case "$*" in\n'
+        '"status --output-format=json")\n'
+        '  g=bad; [ -e "$D/good" ] && g=good\n'
+        f'  printf \'{{"compatible":"{COMPATIBLE}","booted":"%s","boot_primary":"rootfs.0","slots":['
+        '{"rootfs.0":{"bootname":"system0","boot_status":"good"}},'
+        '{"rootfs.1":{"bootname":"system1","boot_status":"%s"}}]}\\n\' "$(cat $D/booted)" "$g" ;;\n'
+        '"status mark-good booted") touch "$D/good" ;;\n'
+        f'*) exec rauc --conf={system_conf} "$@" ;;\n'
+        "esac\n")
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     vendor = fleet.Vendor(tmp_path / "vendor", broker)
     me = broker.client_cert(DEVICE)
-    g = gateway_factory({
+    g = gateway_factory(start=False, overrides={
         "fleet": {
             "broker": f"mqtts://127.0.0.1:{broker.port}",
             "vendor_public_key": str(vendor.pub),
@@ -169,8 +185,9 @@ def rig(tmp_path, ca, broker, gateway_factory):
         },
     })
     sub = broker.subscribe("vendor", f"gw/{DEVICE}/cmd/update/#")
+
     yield {"gw": g, "vendor": vendor, "server": server, "files": files, "calls": calls, "sub": sub,
-           "reboot": tmp_path / "reboot-request"}
+           "reboot": tmp_path / "reboot-request", "work": work}
     sub.stop()
     server.stop()
 
@@ -198,6 +215,7 @@ def rauc_calls(rig) -> list[str]:
 def test_update_with_wrong_hash_or_signature_or_version_is_refused_before_install_with_its_code(rig, gatewayd_bin):
     good = rig["files"]["/good-8.raucb"]
     rogue = rig["files"]["/rogue-8.raucb"]
+    rig["gw"].start()
     time.sleep(1.0)  # the gateway's subscription is in place once it published its status
 
     # (a) the right bytes, a wrong SHA-256: downloaded, then refused before rauc is asked
@@ -225,6 +243,7 @@ def test_update_with_wrong_hash_or_signature_or_version_is_refused_before_instal
 
     calls = rauc_calls(rig)
     infos = [c for c in calls if c.startswith("info --output-format=json ")]
+    assert rig["work"].joinpath("booted").read_text() == "system0"
     assert len(infos) == 2, calls
     assert all(c.startswith(("info ", "status ")) for c in calls), calls
     assert not any(c.startswith("install") for c in calls), f"rauc install ran: {calls}"
@@ -244,6 +263,7 @@ def test_update_with_wrong_hash_or_signature_or_version_is_refused_before_instal
 
 def test_replayed_update_envelope_is_refused_replayed_and_oversized_is_bad_args(rig):
     good = rig["files"]["/good-8.raucb"]
+    rig["gw"].start()
     time.sleep(1.0)
     env = send_update(rig, "u-1", "/good-8.raucb", "0" * 64, 8, len(good))
     assert final(rig, "u-1")["code"] == "hash-mismatch"
@@ -260,3 +280,86 @@ def test_replayed_update_envelope_is_refused_replayed_and_oversized_is_bad_args(
     assert (m["state"], m["code"]) == ("failed", "bad-args"), m
     assert [s["state"] for s in states(rig, "u-big")] == ["init", "failed"]
     assert len(rig["server"].requests) == downloads
+
+
+def trial_record(rig, phase: str, health_failed: bool = False) -> Path:
+    """The update record as the old firmware left it before the reboot into system1."""
+    d = rig["gw"].data_dir / "update"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    record = {"format": 1, "cmd_id": "u-trial", "url": "https://127.0.0.1/b", "sha256": "ab" * 32,
+              "version": 8, "size": 10, "phase": phase, "from_slot": "system0", "target_slot": "system1",
+              "install_attempts": 1, "reboot_boot_id": "the-boot-before", "health_failed": health_failed,
+              "outcome": None, "at": int(time.time())}
+    (d / "record.json").write_text(json.dumps(record))
+    (d / "bundle-meta.json").write_text(json.dumps({"version": 8, "min_version": 8, "data_format": 1}))
+    (d / "trial").write_text("u-trial")
+    return d
+
+
+def test_trial_boot_health_check_marks_good_and_the_final_state_is_published_once_connected(rig, gatewayd_bin):
+    g = rig["gw"]
+    d = trial_record(rig, "rebooting")
+    rig["work"].joinpath("booted").write_text("system1")  # BootNext took the new slot
+    g.start()
+    started = time.monotonic()
+    r = subprocess.run([str(gatewayd_bin), "update", "health-check", "--config", str(g.config_path),
+                        "--timeout", "60"], capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, f"health check failed: {r.stdout}{r.stderr}\n{g.log_tail()}"
+    assert "slot marked good" in r.stdout, r.stdout
+    assert rig["work"].joinpath("good").exists(), "rauc status mark-good booted was not called"
+    m = final(rig, "u-trial", timeout=30)
+    assert m["state"] == "successful", m
+    assert [s["state"] for s in states(rig, "u-trial")] == ["successful"]
+    fleet_wait = time.monotonic() - started
+    assert fleet_wait < 60, fleet_wait
+    # published, then archived: the record is last.json, the trial marker is gone
+    deadline = time.monotonic() + 10
+    while (d / "record.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (d / "record.json").exists()
+    assert not (d / "trial").exists()
+    assert json.loads((d / "last.json").read_text())["outcome"] == {"state": "successful"}
+    # a normal boot afterwards: the health check does nothing and succeeds
+    r = subprocess.run([str(gatewayd_bin), "update", "health-check", "--config", str(g.config_path)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "not a trial boot" in r.stdout, r
+
+
+def test_failed_health_check_exits_1_and_the_old_slot_reports_rolled_back_health_failed(rig, gatewayd_bin):
+    g = rig["gw"]
+    g.start()  # the box's first life: key store, spool
+    g.stop()
+    d = trial_record(rig, "rebooting")
+    rig["work"].joinpath("booted").write_text("system1")
+    # the new firmware's gatewayd never gets READY (it is not running at all)
+    r = subprocess.run([str(gatewayd_bin), "update", "health-check", "--config", str(g.config_path),
+                        "--timeout", "5"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert "health check ready" in r.stderr, r.stderr
+    assert not rig["work"].joinpath("good").exists(), "an unhealthy slot was marked good"
+    assert json.loads((d / "record.json").read_text())["health_failed"] is True
+    # FailureAction=reboot: the firmware takes BootOrder, i.e. the old slot
+    rig["work"].joinpath("booted").write_text("system0")
+    g.start()
+    m = final_any(rig, "u-trial")
+    assert (m["state"], m["code"], m["reason"]) == ("rolled-back", "health-failed", "health-failed"), m
+
+
+@pytest.mark.parametrize("phase,reason", [("rebooting", "boot-failed"), ("trial", "interrupted")])
+def test_back_on_the_old_slot_after_the_reboot_reports_rolled_back_with_the_reason(rig, phase, reason):
+    g = rig["gw"]
+    trial_record(rig, phase)
+    rig["work"].joinpath("booted").write_text("system0")
+    g.start()
+    m = final_any(rig, "u-trial")
+    assert (m["state"], m["code"]) == ("rolled-back", reason), m
+
+
+def final_any(rig, cmd_id: str, timeout: float = 30.0) -> dict:
+    topic = fleet.state_topic(DEVICE, "update", cmd_id)
+
+    def done(s):
+        finals = [m for m in s.on(topic) if m.get("state") in ("successful", "failed", "rolled-back")]
+        return finals[-1] if finals else None
+
+    return rig["sub"].wait_for(done, timeout, describe=f"final state on {topic}")

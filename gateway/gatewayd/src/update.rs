@@ -42,8 +42,28 @@ impl VersionFloor for KeyFloor {
     }
 }
 
+/// A floor that cannot be read (the key store did not open): every check fails closed.
+#[derive(Debug)]
+struct NoFloor(String);
+
+impl VersionFloor for NoFloor {
+    fn floor(&self) -> Result<u64, FloorError> {
+        Err(FloorError {
+            reason: self.0.clone(),
+        })
+    }
+
+    fn raise(&self, _to: u64) -> Result<u64, FloorError> {
+        self.floor()
+    }
+}
+
 /// The state machine over `rauc` and the key store.
 pub(crate) fn updater(settings: &Settings, keys: Arc<dyn KeyStore>) -> Updater {
+    updater_with_floor(settings, Arc::new(KeyFloor(keys)))
+}
+
+fn updater_with_floor(settings: &Settings, floor: Arc<dyn VersionFloor>) -> Updater {
     Updater::new(
         UpdaterSettings {
             data_dir: settings.node.data_dir.clone(),
@@ -52,7 +72,7 @@ pub(crate) fn updater(settings: &Settings, keys: Arc<dyn KeyStore>) -> Updater {
             reserve_bytes: 64 << 20,
         },
         Arc::new(RaucCli::new(settings.update.rauc_command.clone())),
-        Arc::new(KeyFloor(keys)),
+        floor,
     )
 }
 
@@ -495,14 +515,13 @@ pub(crate) fn health_check(config: &Path, timeout: Option<u64>) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let keys = match open_keys(&settings) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("gatewayd: {e}");
-            return ExitCode::from(1);
-        }
+    // A key store that does not open is an unhealthy firmware, recorded as such.
+    let (floor, keys_problem): (Arc<dyn VersionFloor>, Option<String>) = match open_keys(&settings)
+    {
+        Ok(k) => (Arc::new(KeyFloor(k)), None),
+        Err(e) => (Arc::new(NoFloor(e.clone())), Some(e)),
     };
-    let updater = updater(&settings, keys);
+    let updater = updater_with_floor(&settings, floor);
     match updater.trial_started() {
         Ok(true) => {}
         Ok(false) => {
