@@ -537,7 +537,11 @@ pub(crate) fn health_check(config: &Path, timeout: Option<u64>) -> ExitCode {
     let mut probe = Probe {
         settings: &settings,
     };
-    let report = health::run(&mut probe, bound, Duration::from_secs(2));
+    let mut report = health::run(&mut probe, bound, Duration::from_secs(2));
+    if let Some(problem) = keys_problem {
+        report.healthy = false;
+        report.failing.push(("keys", problem));
+    }
     for (check, problem) in &report.failing {
         eprintln!("gatewayd: health check {check}: {problem}");
     }

@@ -6,7 +6,24 @@
 use std::time::{Duration, Instant};
 
 /// One check's answer: passed, or not (yet) with a reason for the log.
-pub type Check = Result<(), String>;
+pub type Check = Result<(), NotYet>;
+
+/// Why a check has not passed (for the log; no patient data).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotYet(pub String);
+
+impl From<&str> for NotYet {
+    fn from(s: &str) -> NotYet {
+        NotYet(s.to_owned())
+    }
+}
+
+impl From<String> for NotYet {
+    fn from(s: String) -> NotYet {
+        NotYet(s)
+    }
+}
 
 /// The daemon's checks (blocking).
 pub trait HealthProbe {
@@ -50,7 +67,7 @@ pub fn run(probe: &mut dyn HealthProbe, timeout: Duration, interval: Duration) -
                         *p = true;
                     }
                 }
-                Err(problem) => failing.push((name, problem)),
+                Err(problem) => failing.push((name, problem.0)),
             }
         }
         if failing.is_empty() {

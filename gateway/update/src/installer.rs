@@ -259,20 +259,45 @@ struct RawSlot {
     boot_status: Option<String>,
 }
 
+/// `rauc`'s JSON output could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct OutputError {
+    pub reason: String,
+}
+
+fn output_error(reason: impl Into<String>) -> OutputError {
+    OutputError {
+        reason: reason.into(),
+    }
+}
+
 /// Parses `rauc info --output-format=json`.
-pub fn parse_info(json: &str) -> Result<BundleInfo, String> {
-    let raw: RawInfo = serde_json::from_str(json.trim())
-        .map_err(|e| format!("not JSON (line {} column {})", e.line(), e.column()))?;
+pub fn parse_info(json: &str) -> Result<BundleInfo, OutputError> {
+    let raw: RawInfo = serde_json::from_str(json.trim()).map_err(|e| {
+        output_error(format!(
+            "not JSON (line {} column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
     Ok(BundleInfo {
-        compatible: raw.compatible.ok_or("no compatible")?,
-        version: raw.version.ok_or("no version")?,
+        compatible: raw
+            .compatible
+            .ok_or_else(|| output_error("no compatible"))?,
+        version: raw.version.ok_or_else(|| output_error("no version"))?,
     })
 }
 
 /// Parses `rauc status --output-format=json`.
-pub fn parse_status(json: &str) -> Result<InstallerStatus, String> {
-    let raw: RawStatus = serde_json::from_str(json.trim())
-        .map_err(|e| format!("not JSON (line {} column {})", e.line(), e.column()))?;
+pub fn parse_status(json: &str) -> Result<InstallerStatus, OutputError> {
+    let raw: RawStatus = serde_json::from_str(json.trim()).map_err(|e| {
+        output_error(format!(
+            "not JSON (line {} column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
     let slots = raw
         .slots
         .into_iter()
@@ -306,10 +331,10 @@ impl Installer for RaucCli {
             ],
             self.query_timeout,
         )?;
-        parse_info(&out).map_err(|reason| InstallerError::Output {
+        parse_info(&out).map_err(|e| InstallerError::Output {
             command: self.command.display().to_string(),
             verb: "info",
-            reason,
+            reason: e.reason,
         })
     }
 
@@ -328,10 +353,10 @@ impl Installer for RaucCli {
             &["status".as_ref(), "--output-format=json".as_ref()],
             self.query_timeout,
         )?;
-        parse_status(&out).map_err(|reason| InstallerError::Output {
+        parse_status(&out).map_err(|e| InstallerError::Output {
             command: self.command.display().to_string(),
             verb: "status",
-            reason,
+            reason: e.reason,
         })
     }
 
