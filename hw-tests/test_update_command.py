@@ -31,6 +31,7 @@ import pytest
 import fleet
 import gw
 from conftest import fail_on_assertion
+from test_fleet import broker  # noqa: F401  (the mosquitto fixture)
 
 DEVICE = "test-gw"
 COMPATIBLE = "clinic-gateway-x86_64"
@@ -117,15 +118,6 @@ def rauc_bundle(dir: Path, name: str, version: int, key: Path, cert: Path) -> by
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"rauc bundle failed: {r.stderr}"
     return out.read_bytes()
-
-
-@pytest.fixture
-def broker(tmp_path, ca):
-    fail_on_assertion(fleet.require_tools)
-    b = fail_on_assertion(fleet.Broker, tmp_path / "broker", ca)
-    fail_on_assertion(b.start)
-    yield b
-    b.stop()
 
 
 @pytest.fixture
