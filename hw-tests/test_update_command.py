@@ -31,7 +31,7 @@ import pytest
 import fleet
 import gw
 from conftest import fail_on_assertion
-from test_fleet import broker  # noqa: F401  (the mosquitto fixture)
+from test_fleet import broker, wait_online  # noqa: F401  (broker: the mosquitto fixture)
 
 DEVICE = "test-gw"
 COMPATIBLE = "clinic-gateway-x86_64"
@@ -50,6 +50,9 @@ class BundleServer:
     def __init__(self, dir: Path, ca, files: dict[str, bytes]):
         self.files = files
         self.requests: list[tuple[str, str | None]] = []
+        # Bytes sent per 50 ms (None: all at once); bytes sent in all.
+        self.chunk: int | None = None
+        self.sent = 0
         server_pair = ca.server_cert("127.0.0.1", name="bundles")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(server_pair.cert), str(server_pair.key))
@@ -81,7 +84,17 @@ class BundleServer:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                self.wfile.write(body[start:])
+                rest = body[start:]
+                step = outer.chunk or len(rest)
+                try:
+                    for i in range(0, len(rest), step):
+                        self.wfile.write(rest[i:i + step])
+                        self.wfile.flush()
+                        outer.sent += len(rest[i:i + step])
+                        if outer.chunk:
+                            time.sleep(0.05)
+                except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                    pass  # the gateway went away mid-body (the power cut under test)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
@@ -176,7 +189,7 @@ def rig(tmp_path, ca, broker, gateway_factory):
             "download_deadline": "1m",
         },
     })
-    sub = broker.subscribe("vendor", f"gw/{DEVICE}/cmd/update/#")
+    sub = broker.subscribe("vendor", f"gw/{DEVICE}/#")
 
     yield {"gw": g, "vendor": vendor, "server": server, "files": files, "calls": calls, "sub": sub,
            "reboot": tmp_path / "reboot-request", "work": work}
@@ -208,7 +221,7 @@ def test_update_with_wrong_hash_or_signature_or_version_is_refused_before_instal
     good = rig["files"]["/good-8.raucb"]
     rogue = rig["files"]["/rogue-8.raucb"]
     rig["gw"].start()
-    time.sleep(1.0)  # the gateway's subscription is in place once it published its status
+    wait_online(rig["sub"])  # its command subscription is in place before it says online
 
     # (a) the right bytes, a wrong SHA-256: downloaded, then refused before rauc is asked
     send_update(rig, "u-hash", "/good-8.raucb", "0" * 64, 8, len(good))
@@ -256,7 +269,7 @@ def test_update_with_wrong_hash_or_signature_or_version_is_refused_before_instal
 def test_replayed_update_envelope_is_refused_replayed_and_oversized_is_bad_args(rig):
     good = rig["files"]["/good-8.raucb"]
     rig["gw"].start()
-    time.sleep(1.0)
+    wait_online(rig["sub"])
     env = send_update(rig, "u-1", "/good-8.raucb", "0" * 64, 8, len(good))
     assert final(rig, "u-1")["code"] == "hash-mismatch"
     downloads = len(rig["server"].requests)
@@ -355,3 +368,32 @@ def final_any(rig, cmd_id: str, timeout: float = 30.0) -> dict:
         return finals[-1] if finals else None
 
     return rig["sub"].wait_for(done, timeout, describe=f"final state on {topic}")
+
+
+def test_power_cut_mid_download_resumes_from_the_partial_file_with_a_range_request(rig):
+    rogue = rig["files"]["/rogue-8.raucb"]
+    g = rig["gw"]
+    g.start()
+    wait_online(rig["sub"])
+    rig["server"].chunk = 4096  # ~80 KiB/s: the download takes about a second
+    send_update(rig, "u-cut", "/rogue-8.raucb", hashlib.sha256(rogue).hexdigest(), 8, len(rogue))
+    rig["sub"].wait_for(lambda s: [m for m in states(rig, "u-cut") if m["state"] == "downloading"],
+                        15, "downloading")
+    deadline = time.monotonic() + 15
+    while rig["server"].sent < len(rogue) // 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    g.kill9()  # the power cut
+    part = g.data_dir / "update" / "bundle.part"
+    assert part.exists() and 0 < part.stat().st_size < len(rogue), "no partial download to resume"
+    record = json.loads((g.data_dir / "update" / "record.json").read_text())
+    assert record["phase"] == "downloading"
+    rig["server"].chunk = None
+    g.start()
+    m = final(rig, "u-cut", timeout=60)
+    # resumed where the file ended, the whole file hashed, then rauc info refused the signature
+    ranges = [r for p, r in rig["server"].requests if p == "/rogue-8.raucb"]
+    assert ranges[0] is None and len(ranges) == 2, ranges
+    assert ranges[1].startswith("bytes=") and int(ranges[1][6:].rstrip("-")) > 0, ranges
+    assert (m["state"], m["code"]) == ("failed", "bundle-signature"), m
+    assert [s["state"] for s in states(rig, "u-cut")] == ["init", "downloading", "downloading", "installing",
+                                                           "failed"]
