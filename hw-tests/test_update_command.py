@@ -7,9 +7,14 @@ What is covered: a wrong SHA-256 is refused `hash-mismatch` after the download; 
 signed by a certificate outside the keyring is refused `bundle-signature` by `rauc info`; a
 bundle whose signed version is not the command's is refused `version-mismatch`; none of them
 ever reaches `rauc install`; the state messages come in order (`init`, `downloading`,
-`installing`, `failed`; no `executing`); a replayed `update` envelope is refused `replayed`; a
-second update while one runs is refused `busy`. Installing into slots, the reboot and the
-rollback are the appliance tests' (QEMU) business, not this file's.
+`installing`, `failed`; no `executing`); a replayed `update` envelope is refused `replayed`;
+a size above `update.max_bundle_bytes` is `bad-args`; a download cut by kill -9 of gatewayd
+resumes with a Range request after the restart. The trial boot: `gatewayd update
+health-check` marks the slot good and `successful` is published once connected; a failed
+check exits 1 and the old slot reports `rolled-back` `health-failed`; `boot-failed` and
+`interrupted`. `rauc status` and `mark-good` need the RAUC D-Bus service and a boot loader,
+which a host has neither of: a twin in the `rauc` wrapper answers them from files. Writing
+slots, the reboot and the firmware's own rollback are the appliance tests' (QEMU) business.
 """
 
 from __future__ import annotations
