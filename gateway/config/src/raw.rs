@@ -30,6 +30,20 @@ pub(crate) struct RawConfig {
     pub results: Option<RawResults>,
     pub identity: Option<RawIdentity>,
     pub safety: Option<RawSafety>,
+    pub update: Option<RawUpdate>,
+}
+
+/// `[update]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpdate {
+    pub max_bundle_bytes: Option<String>,
+    pub health_timeout: Option<String>,
+    pub download_deadline: Option<String>,
+    pub max_bytes_per_sec: Option<String>,
+    pub ca_file: Option<String>,
+    pub reboot_request_file: Option<String>,
+    pub rauc_command: Option<String>,
 }
 
 /// `[node]`

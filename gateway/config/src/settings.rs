@@ -81,6 +81,28 @@ pub struct Settings {
     pub results: Option<Results>,
     pub identity: Option<Identity>,
     pub safety: Option<Safety>,
+    /// `[update]` (defaults when the section is absent).
+    pub update: Update,
+}
+
+/// `[update]`: signed A/B firmware updates (the fleet `update` command).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    /// The largest bundle this box downloads (1 MiB..=16 GiB, default 1 GiB); a command
+    /// with a larger `size` is refused `bad-args`.
+    pub max_bundle_bytes: ByteSize,
+    /// The trial boot's health check bound (10s..=1h, default 300s).
+    pub health_timeout: Duration,
+    /// The whole download's bound, every resume included (1m..=24h, default 1h).
+    pub download_deadline: Duration,
+    /// Bandwidth limit of the download (at least 1 KiB; default none).
+    pub max_bytes_per_sec: Option<ByteSize>,
+    /// Trust anchors (PEM) of the bundle server; `None`: `fleet.ca_file`.
+    pub ca_file: Option<PathBuf>,
+    /// The file whose creation asks the system to reboot (default `/run/gatewayd/reboot`).
+    pub reboot_request_file: PathBuf,
+    /// The `rauc` command (default `rauc`, found on PATH).
+    pub rauc_command: PathBuf,
 }
 
 /// `[safety]`: on the core (needs `[identity]`): contrast reactions and cumulative CT dose
@@ -575,6 +597,7 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
         );
     }
     let safety = raw.safety.map(|s| safety(c, s, node.as_ref()));
+    let update = update(c, raw.update);
     let is_core = node.as_ref().is_some_and(|n| n.role == Role::Core);
     if safety.is_some() && is_core && identity.is_none() {
         c.push(
@@ -602,6 +625,110 @@ fn build(c: &mut Collector, raw: raw::RawConfig) -> Option<Settings> {
         results: results.map_or(Some(None), |r| r.map(Some))?,
         identity: identity.map_or(Some(None), |i| i.map(Some))?,
         safety: safety.map_or(Some(None), |s| s.map(Some))?,
+        update: update?,
+    })
+}
+
+/// `[update]`, with every key's bound.
+fn update(c: &mut Collector, raw: Option<raw::RawUpdate>) -> Option<Update> {
+    let raw = raw.unwrap_or(raw::RawUpdate {
+        max_bundle_bytes: None,
+        health_timeout: None,
+        download_deadline: None,
+        max_bytes_per_sec: None,
+        ca_file: None,
+        reboot_request_file: None,
+        rauc_command: None,
+    });
+    let max_bundle_bytes = c
+        .parse_or(
+            "update.max_bundle_bytes",
+            raw.max_bundle_bytes.as_deref(),
+            ByteSize::gib(1),
+            from_str::<ByteSize>,
+        )
+        .and_then(|b| {
+            if b.bytes() < ByteSize::mib(1).bytes() || b.bytes() > ByteSize::gib(16).bytes() {
+                c.push(
+                    "update.max_bundle_bytes",
+                    format!("{b} is outside 1MiB..=16GiB"),
+                );
+                None
+            } else {
+                Some(b)
+            }
+        });
+    let mut bounded =
+        |key: &str, value: Option<&str>, default: u64, min: u64, max: u64, text: &str| {
+            c.parse_or(
+                key.to_owned(),
+                value,
+                Duration::from_secs(default),
+                from_str::<Duration>,
+            )
+            .and_then(|d| {
+                let (min, max) = (
+                    std::time::Duration::from_secs(min),
+                    std::time::Duration::from_secs(max),
+                );
+                if d.get() < min || d.get() > max {
+                    c.push(key.to_owned(), format!("{d} is outside {text}"));
+                    None
+                } else {
+                    Some(d)
+                }
+            })
+        };
+    let health_timeout = bounded(
+        "update.health_timeout",
+        raw.health_timeout.as_deref(),
+        300,
+        10,
+        3600,
+        "10s..=1h",
+    );
+    let download_deadline = bounded(
+        "update.download_deadline",
+        raw.download_deadline.as_deref(),
+        3600,
+        60,
+        86_400,
+        "1m..=24h",
+    );
+    let max_bytes_per_sec = c
+        .parse_opt(
+            "update.max_bytes_per_sec",
+            raw.max_bytes_per_sec.as_deref(),
+            from_str::<ByteSize>,
+        )
+        .and_then(|b| match b {
+            Some(b) if b.bytes() < 1024 => {
+                c.push("update.max_bytes_per_sec", format!("{b} is below 1KiB"));
+                None
+            }
+            other => Some(other),
+        });
+    let ca_file = c.parse_opt("update.ca_file", raw.ca_file.as_deref(), parse_path);
+    let reboot_request_file = c.parse_or(
+        "update.reboot_request_file",
+        raw.reboot_request_file.as_deref(),
+        PathBuf::from("/run/gatewayd/reboot"),
+        parse_path,
+    );
+    let rauc_command = c.parse_or(
+        "update.rauc_command",
+        raw.rauc_command.as_deref(),
+        PathBuf::from("rauc"),
+        parse_path,
+    );
+    Some(Update {
+        max_bundle_bytes: max_bundle_bytes?,
+        health_timeout: health_timeout?,
+        download_deadline: download_deadline?,
+        max_bytes_per_sec: max_bytes_per_sec?,
+        ca_file: ca_file?,
+        reboot_request_file: reboot_request_file?,
+        rauc_command: rauc_command?,
     })
 }
 

@@ -1147,3 +1147,39 @@ fn every_safety_problem_is_named_and_unknown_keys_are_refused() {
         "{unknown:?}"
     );
 }
+
+#[test]
+fn update_section_defaults_and_bounds_name_the_key() {
+    let base = "[node]\nid = \"gw-1\"\ndata_dir = \"/var/lib/gatewayd\"\n";
+    let s = ok(base);
+    assert_eq!(s.update.max_bundle_bytes.bytes(), 1 << 30);
+    assert_eq!(s.update.health_timeout.get().as_secs(), 300);
+    assert_eq!(s.update.download_deadline.get().as_secs(), 3600);
+    assert_eq!(s.update.max_bytes_per_sec, None);
+    assert_eq!(s.update.ca_file, None);
+    assert_eq!(
+        s.update.reboot_request_file,
+        std::path::PathBuf::from("/run/gatewayd/reboot")
+    );
+    assert_eq!(s.update.rauc_command, std::path::PathBuf::from("rauc"));
+    let s = ok(&format!(
+        "{base}[update]\nmax_bundle_bytes = \"512MiB\"\nhealth_timeout = \"90s\"\ndownload_deadline = \"10m\"\nmax_bytes_per_sec = \"2MiB\"\nca_file = \"/etc/gw/bundles.pem\"\nreboot_request_file = \"/tmp/reboot\"\nrauc_command = \"/usr/bin/rauc\"\n"
+    ));
+    assert_eq!(s.update.max_bundle_bytes.bytes(), 512 << 20);
+    assert_eq!(s.update.health_timeout.get().as_secs(), 90);
+    assert_eq!(s.update.max_bytes_per_sec.unwrap().bytes(), 2 << 20);
+    for (line, key) in [
+        ("max_bundle_bytes = \"17GiB\"", "update.max_bundle_bytes"),
+        ("max_bundle_bytes = \"10KiB\"", "update.max_bundle_bytes"),
+        ("health_timeout = \"5s\"", "update.health_timeout"),
+        ("health_timeout = \"2h\"", "update.health_timeout"),
+        ("download_deadline = \"30s\"", "update.download_deadline"),
+        ("max_bytes_per_sec = \"100\"", "update.max_bytes_per_sec"),
+        ("max_bytes_per_sec = \"fast\"", "update.max_bytes_per_sec"),
+        ("rauc = \"x\"", "update"),
+    ] {
+        let text = format!("{base}[update]\n{line}\n");
+        let found = lines(&text).join("\n");
+        assert!(found.contains(key), "{line}: {found}");
+    }
+}

@@ -92,6 +92,52 @@ pub struct StaffRefused {
 pub type StaffFn =
     Arc<dyn Fn(StaffRequest) -> Result<serde_json::Value, StaffRefused> + Send + Sync>;
 
+/// A verified `update` command handed to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateJob {
+    pub cmd_id: String,
+    pub url: String,
+    pub sha256: [u8; 32],
+    pub version: u64,
+    pub size: u64,
+}
+
+/// Why the daemon refused to start an update (`busy`, `bad-args`, `no-space`, ...): a stable
+/// code and a reason safe to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateRefused {
+    pub code: String,
+    pub reason: String,
+}
+
+/// Starts an update (blocking: it writes the update record; the agent runs it on a blocking
+/// thread). `Ok`: the daemon runs the update on its own and reports every state through the
+/// channel of [`FleetAgent::with_update`].
+pub type UpdateFn = Arc<dyn Fn(UpdateJob) -> Result<(), UpdateRefused> + Send + Sync>;
+
+/// Called once the state message was queued (QoS 1): the daemon archives a final record.
+pub type PublishedFn = Box<dyn FnOnce() + Send + Sync>;
+
+/// One state of an update, from the daemon: published on the command's state topic while
+/// connected (the channel holds it while the broker is away, so a final state after a
+/// reboot goes out once connected).
+pub struct UpdateEvent {
+    pub message: StateMessage,
+    pub published: Option<PublishedFn>,
+}
+
+impl fmt::Debug for UpdateEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpdateEvent")
+            .field("message", &self.message)
+            .field("published", &self.published.is_some())
+            .finish()
+    }
+}
+
+/// Called (on a blocking thread) each time the agent connected to the broker.
+pub type ConnectedFn = Arc<dyn Fn() + Send + Sync>;
+
 /// What the agent asks the daemon to do after a command completed.
 #[derive(Clone, PartialEq, Eq)]
 pub enum ExitRequest {
@@ -228,6 +274,12 @@ pub struct FleetAgent {
     config_outcome: Option<(String, ConfigOutcome)>,
     /// The telemetry timer, made when the agent runs.
     telemetry_tick: Option<tokio::time::Interval>,
+    /// `update`: the daemon's start function and its state messages.
+    update: Option<UpdateFn>,
+    update_events: Option<mpsc::UnboundedReceiver<UpdateEvent>>,
+    /// An update state received by `wake`, published by `on_wake`.
+    woke_update: Option<UpdateEvent>,
+    connected_hook: Option<ConnectedFn>,
 }
 
 impl fmt::Debug for FleetAgent {
@@ -278,7 +330,35 @@ impl FleetAgent {
             can_apply_config: false,
             config_outcome: None,
             telemetry_tick: None,
+            update: None,
+            update_events: None,
+            woke_update: None,
+            connected_hook: None,
         }
+    }
+
+    /// Enables `update`: `start` accepts or refuses the command (blocking, on a blocking
+    /// thread); every later state (`downloading`, `installing`, `rebooting`, the final one,
+    /// also one from before a restart) comes on `events` and is published on the command's
+    /// state topic once connected. Without this call `update` ends `failed` /
+    /// `not-supported`.
+    #[must_use]
+    pub fn with_update(
+        mut self,
+        start: UpdateFn,
+        events: mpsc::UnboundedReceiver<UpdateEvent>,
+    ) -> Self {
+        self.update = Some(start);
+        self.update_events = Some(events);
+        self
+    }
+
+    /// Runs `hook` on a blocking thread each time the agent is connected (the update health
+    /// check's "broker reached").
+    #[must_use]
+    pub fn with_connected_hook(mut self, hook: ConnectedFn) -> Self {
+        self.connected_hook = Some(hook);
+        self
     }
 
     /// Enables `log-upload`: the last `lines` lines of the daemon's log (which by the
@@ -379,6 +459,9 @@ impl FleetAgent {
     /// config-update applied before this start.
     fn on_connected(&mut self, client: &Publisher) {
         self.publish_telemetry(client);
+        if let Some(hook) = self.connected_hook.clone() {
+            tokio::task::spawn_blocking(move || hook());
+        }
         if let Some((cmd_id, outcome)) = self.config_outcome.take() {
             let op = "config-update";
             let Ok(topic) = state_topic(&self.settings.device, op, &cmd_id) else {
@@ -486,7 +569,10 @@ impl FleetAgent {
             return;
         }
         info!(%op, %cmd_id, seq = command.seq, "fleet command accepted");
-        send(StateMessage::executing(&cmd_id, &op, now_unix()));
+        // An update reports its own progress (downloading, installing, rebooting).
+        if !matches!(command.op, Op::Update { .. }) {
+            send(StateMessage::executing(&cmd_id, &op, now_unix()));
+        }
         let outcome = self.execute(client, &command).await;
         match outcome {
             Outcome::Done => {
@@ -590,26 +676,81 @@ impl FleetAgent {
             Op::ConfigUpdate { toml } if self.validate.is_some() => {
                 self.config_update(client, &command.cmd_id, toml)
             }
+            Op::Update {
+                url,
+                sha256,
+                version,
+                size,
+            } if self.update.is_some() => {
+                let job = UpdateJob {
+                    cmd_id: command.cmd_id.clone(),
+                    url: url.as_str().to_owned(),
+                    sha256: *sha256,
+                    version: *version,
+                    size: *size,
+                };
+                self.start_update(job).await
+            }
             Op::Provision { .. } => Outcome::Failed {
                 code: "already-provisioned",
                 reason: "this gateway is provisioned; provision is accepted only on its claim \
                          topics before that"
                     .into(),
             },
-            Op::ConfigUpdate { .. } | Op::Wipe | Op::Restart | Op::LogUpload { .. } => {
-                Outcome::Failed {
-                    code: "not-supported",
-                    reason: format!(
-                        "operation {} is not supported by this firmware yet; nothing was changed",
-                        command.op.kind()
-                    ),
-                }
-            }
+            Op::ConfigUpdate { .. }
+            | Op::Wipe
+            | Op::Restart
+            | Op::LogUpload { .. }
+            | Op::Update { .. } => Outcome::Failed {
+                code: "not-supported",
+                reason: format!(
+                    "operation {} is not supported by this firmware yet; nothing was changed",
+                    command.op.kind()
+                ),
+            },
         }
     }
 }
 
 impl FleetAgent {
+    /// Hands an `update` to the daemon; its states come back on the update channel.
+    async fn start_update(&mut self, job: UpdateJob) -> Outcome {
+        let Some(start) = self.update.clone() else {
+            return Outcome::Failed {
+                code: "not-supported",
+                reason: "update is not available in this daemon; nothing was changed".into(),
+            };
+        };
+        match tokio::task::spawn_blocking(move || start(job)).await {
+            Ok(Ok(())) => Outcome::Deferred,
+            Ok(Err(refused)) => Outcome::Failed {
+                code: leak_code(&refused.code),
+                reason: refused.reason,
+            },
+            Err(e) => {
+                warn!(error = %e, "the update start task failed");
+                Outcome::Failed {
+                    code: "internal",
+                    reason: "the update could not start; nothing was changed".into(),
+                }
+            }
+        }
+    }
+
+    /// Publishes one update state on its command's state topic.
+    fn publish_update(&self, client: &Publisher, event: UpdateEvent) {
+        let m = &event.message;
+        let Ok(topic) = state_topic(&self.settings.device, &m.op, &m.cmd_id) else {
+            warn!("an update state with an invalid command id was dropped");
+            return;
+        };
+        info!(cmd_id = %m.cmd_id, state = ?m.state, code = ?m.code, "update state");
+        publish(client, topic, false, m.to_json());
+        if let Some(published) = event.published {
+            tokio::task::spawn_blocking(published);
+        }
+    }
+
     /// A staff change through the daemon, on a blocking thread; its body on `.../result`.
     async fn staff_change(
         &mut self,
@@ -765,17 +906,57 @@ impl Handler for FleetAgent {
     }
 
     async fn wake(&mut self) {
-        match &mut self.telemetry_tick {
-            Some(tick) => {
-                tick.tick().await;
+        if self.woke_update.is_some() {
+            return;
+        }
+        let tick = async {
+            match &mut self.telemetry_tick {
+                Some(tick) => {
+                    tick.tick().await;
+                }
+                None => std::future::pending().await,
             }
-            None => std::future::pending().await,
+        };
+        let update = async {
+            match &mut self.update_events {
+                Some(events) => events.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        // Both are cancel-safe (an interval tick, an mpsc receive).
+        tokio::select! {
+            () = tick => {}
+            event = update => match event {
+                Some(event) => self.woke_update = Some(event),
+                // The daemon's update task ended: no more states.
+                None => self.update_events = None,
+            },
         }
     }
 
     async fn on_wake(&mut self, out: &Publisher) {
-        self.publish_telemetry(out);
+        match self.woke_update.take() {
+            Some(event) => self.publish_update(out, event),
+            None => self.publish_telemetry(out),
+        }
     }
+}
+
+/// The `code` of a refusal as the `'static` text the outcome carries: the known codes, else
+/// a generic one (the daemon's own reason still goes out).
+fn leak_code(code: &str) -> &'static str {
+    const KNOWN: [&str; 6] = [
+        "busy",
+        "bad-args",
+        "no-space",
+        "install-failed",
+        "download-failed",
+        "not-supported",
+    ];
+    KNOWN
+        .into_iter()
+        .find(|k| *k == code)
+        .unwrap_or("update-refused")
 }
 
 fn state_write_failed() -> Outcome {

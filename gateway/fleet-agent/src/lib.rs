@@ -58,9 +58,10 @@ mod agent;
 mod claim;
 
 pub use agent::{
-    AgentError, AgentSettings, CallbackError, ConfigOutcome, ConfigProblems, ExitRequest,
-    FleetAgent, LogFn, StaffFn, StaffRefused, StaffRequest, StaticTelemetry, TelemetrySource,
-    ValidateFn, WipeFn,
+    AgentError, AgentSettings, CallbackError, ConfigOutcome, ConfigProblems, ConnectedFn,
+    ExitRequest, FleetAgent, LogFn, PublishedFn, StaffFn, StaffRefused, StaffRequest,
+    StaticTelemetry, TelemetrySource, UpdateEvent, UpdateFn, UpdateJob, UpdateRefused, ValidateFn,
+    WipeFn,
 };
 pub use claim::{ClaimSettings, InstallFn, provision_by_claim};
 pub use gateway_fleet::FleetState;

@@ -50,6 +50,7 @@
 //! | `provision` | `{"device_id": "<id>", "certificate": "<PEM chain, leaf first>"}`: the answer to a claim's CSR ([`crate::provision`]) |
 //! | `staff-invite` | `{"name": "<id>", "role": "clerk" \| "physician" \| "admin"}`: a kiosk account completed with a one-time enrolment code, returned on `.../result` |
 //! | `staff-disable` | `{"name": "<id>"}`: the kiosk account can no longer log in |
+//! | `update` | `{"url": "https://…", "sha256": "<64 lowercase hex>", "version": N, "size": B}`: download, verify and install a signed firmware bundle; N >= 1, 0 < B <= [`MAX_UPDATE_BYTES`] (the box also checks B against its own `update.max_bundle_bytes`) |
 //!
 //! A staff account `name` is checked with the gateway's one id rule (`gateway-id`, so it
 //! can never inject anything where it is echoed); the account store applies its own,
@@ -73,6 +74,11 @@ pub const MAX_LOG_LINES: u32 = 10_000;
 pub const MAX_DISABLE_REASON_CHARS: usize = 256;
 /// Largest `certificate` of `provision`, in bytes.
 pub const MAX_CERTIFICATE_BYTES: usize = 64 * 1024;
+/// Largest `size` of `update` the wire format accepts (16 GiB); each box applies its own,
+/// smaller `update.max_bundle_bytes` when it executes the command.
+pub const MAX_UPDATE_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+/// Longest `url` of `update`, in bytes.
+pub const MAX_UPDATE_URL_BYTES: usize = 2048;
 /// Longest [`Rejection::reason`], in characters.
 pub const MAX_REASON_CHARS: usize = 256;
 
@@ -97,11 +103,12 @@ pub enum OpKind {
     Provision,
     StaffInvite,
     StaffDisable,
+    Update,
 }
 
 impl OpKind {
     /// Every operation, in documentation order.
-    pub const ALL: [OpKind; 10] = [
+    pub const ALL: [OpKind; 11] = [
         OpKind::ConfigUpdate,
         OpKind::Disable,
         OpKind::Enable,
@@ -112,6 +119,7 @@ impl OpKind {
         OpKind::Provision,
         OpKind::StaffInvite,
         OpKind::StaffDisable,
+        OpKind::Update,
     ];
 
     /// The wire name (`op` field and topic level).
@@ -127,6 +135,7 @@ impl OpKind {
             OpKind::Provision => "provision",
             OpKind::StaffInvite => "staff-invite",
             OpKind::StaffDisable => "staff-disable",
+            OpKind::Update => "update",
         }
     }
 
@@ -213,6 +222,79 @@ pub enum Op {
     StaffDisable {
         name: Id,
     },
+    /// Download the firmware bundle at `url` (mutual TLS, resumable, paced), check that it
+    /// is `size` bytes with this SHA-256, that its signed version is `version`, install it
+    /// into the inactive slot and boot into it once.
+    Update {
+        url: UpdateUrl,
+        sha256: [u8; 32],
+        version: u64,
+        size: u64,
+    },
+}
+
+/// The `url` of an `update`: `https://host[:port]/path`, at most [`MAX_UPDATE_URL_BYTES`]
+/// bytes of printable ASCII, no user info, no fragment. Checked as text here; the
+/// download parses it again with its HTTP client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateUrl(String);
+
+impl UpdateUrl {
+    /// Checks `url`; the error never echoes it.
+    pub fn parse(url: &str) -> Result<UpdateUrl, &'static str> {
+        if url.len() > MAX_UPDATE_URL_BYTES {
+            return Err("url is longer than 2048 bytes");
+        }
+        if !url.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("url must be printable ASCII without spaces");
+        }
+        let Some(rest) = url.strip_prefix("https://") else {
+            return Err("url must start with https://");
+        };
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        if authority.is_empty() || authority.starts_with(':') {
+            return Err("url has no host");
+        }
+        if authority.contains('@') {
+            return Err("url must not carry user info");
+        }
+        if url.contains('#') {
+            return Err("url must not carry a fragment");
+        }
+        Ok(UpdateUrl(url.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UpdateUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Parses 64 lowercase hex digits.
+pub fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in text.as_bytes().chunks_exact(2).enumerate() {
+        let hi = lower_hex_digit(*pair.first()?)?;
+        let lo = lower_hex_digit(*pair.get(1)?)?;
+        *out.get_mut(i)? = (hi << 4) | lo;
+    }
+    Some(out)
+}
+
+fn lower_hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    }
 }
 
 impl Op {
@@ -228,6 +310,7 @@ impl Op {
             Op::Provision { .. } => OpKind::Provision,
             Op::StaffInvite { .. } => OpKind::StaffInvite,
             Op::StaffDisable { .. } => OpKind::StaffDisable,
+            Op::Update { .. } => OpKind::Update,
         }
     }
 }
@@ -258,6 +341,11 @@ impl fmt::Debug for Op {
             Op::StaffDisable { name } => {
                 f.debug_struct("StaffDisable").field("name", name).finish()
             }
+            Op::Update { version, size, .. } => f
+                .debug_struct("Update")
+                .field("version", version)
+                .field("size", size)
+                .finish_non_exhaustive(),
             other => f.write_str(other.kind().as_str()),
         }
     }
@@ -563,9 +651,42 @@ fn parse_op(kind: OpKind, mut args: Map<String, Value>) -> Result<Op, Rejection>
         OpKind::StaffDisable => Op::StaffDisable {
             name: staff_name(&mut args).map_err(bad)?,
         },
+        OpKind::Update => update_args(&mut args).map_err(|p| bad(p.into()))?,
     };
     reject_unknown(&args, "argument").map_err(bad)?;
     Ok(op)
+}
+
+/// The arguments of `update`; problems never echo the values.
+fn update_args(args: &mut Map<String, Value>) -> Result<Op, &'static str> {
+    let url = match args.remove("url") {
+        Some(Value::String(url)) => UpdateUrl::parse(&url)?,
+        Some(_) => return Err("url is not a string"),
+        None => return Err("url is missing"),
+    };
+    let sha256 = match args.remove("sha256") {
+        Some(Value::String(hex)) => {
+            parse_sha256_hex(&hex).ok_or("sha256 must be 64 lowercase hex digits")?
+        }
+        Some(_) => return Err("sha256 is not a string"),
+        None => return Err("sha256 is missing"),
+    };
+    let version = match args.remove("version").map(|v| v.as_u64()) {
+        Some(Some(v)) if v >= 1 => v,
+        Some(_) => return Err("version must be an integer of at least 1"),
+        None => return Err("version is missing"),
+    };
+    let size = match args.remove("size").map(|v| v.as_u64()) {
+        Some(Some(b)) if b > 0 && b <= MAX_UPDATE_BYTES => b,
+        Some(_) => return Err("size must be an integer from 1 to 17179869184"),
+        None => return Err("size is missing"),
+    };
+    Ok(Op::Update {
+        url,
+        sha256,
+        version,
+        size,
+    })
 }
 
 /// The `name` argument of a staff operation, checked with the one id rule.

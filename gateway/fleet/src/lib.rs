@@ -54,7 +54,7 @@ pub mod status;
 pub mod telemetry;
 pub mod topics;
 
-pub use command::{Command, Op, OpKind, Rejection, StaffRole, encode_envelope};
+pub use command::{Command, Op, OpKind, Rejection, StaffRole, UpdateUrl, encode_envelope};
 pub use key::{Algorithm, KeyError, KeyProblem, VendorKey};
 pub use state::{FleetState, StateError};
 pub use state_message::{CommandState, StateMessage};

@@ -9,7 +9,10 @@
 //!
 //! Lifecycle: `init` when the request arrives, then either `failed` (verification refused
 //! it: nothing changed) or `executing` once the sequence number is persisted, then
-//! `successful` or `failed` (execution failed). `cmd_id` and `op` come from the request
+//! `successful` or `failed` (execution failed). An `update` reports its own progress instead
+//! of `executing`: `downloading`, `installing`, `rebooting`, then (after the reboot, once
+//! connected again) `successful`, `failed` or `rolled-back` (with a `reason`:
+//! `health-failed`, `interrupted` or `boot-failed`). `cmd_id` and `op` come from the request
 //! topic (already validated by [`crate::topics::parse_command_topic`]); `code` and `reason`
 //! appear only with `failed`. Reasons are cut to 256 characters and lose control characters;
 //! they must never carry patient data (rejections never do; execution errors are the
@@ -27,6 +30,14 @@ pub enum CommandState {
     Executing,
     Successful,
     Failed,
+    /// `update`: the bundle is being downloaded.
+    Downloading,
+    /// `update`: the bundle is being verified and written to the inactive slot.
+    Installing,
+    /// `update`: the slot is written; the box reboots into it once.
+    Rebooting,
+    /// `update`: the new firmware did not prove healthy; the box is back on the old one.
+    RolledBack,
 }
 
 /// One state message.
@@ -70,6 +81,21 @@ impl StateMessage {
         StateMessage::new(cmd_id, op, CommandState::Successful, at)
     }
 
+    /// An `update` progress state (`downloading`, `installing`, `rebooting`).
+    pub fn progress(cmd_id: &str, op: &str, state: CommandState, at: u64) -> Self {
+        StateMessage::new(cmd_id, op, state, at)
+    }
+
+    /// `rolled-back` with the reason (`health-failed`, `interrupted`, `boot-failed`) as both
+    /// `code` and `reason`.
+    pub fn rolled_back(cmd_id: &str, op: &str, reason: &str, at: u64) -> Self {
+        StateMessage {
+            code: Some(crate::bounded_text(reason, 64)),
+            reason: Some(crate::bounded_text(reason, MAX_REASON_CHARS)),
+            ..StateMessage::new(cmd_id, op, CommandState::RolledBack, at)
+        }
+    }
+
     /// `failed` with the rejection's code and reason.
     pub fn rejected(cmd_id: &str, op: &str, rejection: &Rejection, at: u64) -> Self {
         StateMessage::failed(cmd_id, op, rejection.code(), &rejection.reason(), at)
@@ -110,6 +136,27 @@ mod tests {
             StateMessage::successful("c-1", "wipe", 12).to_json(),
             br#"{"cmd_id":"c-1","op":"wipe","state":"successful","at":12}"#
         );
+    }
+
+    #[test]
+    fn update_states_are_kebab_case_with_the_same_shape() {
+        for (state, name) in [
+            (CommandState::Downloading, "downloading"),
+            (CommandState::Installing, "installing"),
+            (CommandState::Rebooting, "rebooting"),
+        ] {
+            assert_eq!(
+                StateMessage::progress("u-1", "update", state, 5).to_json(),
+                format!(r#"{{"cmd_id":"u-1","op":"update","state":"{name}","at":5}}"#).into_bytes()
+            );
+        }
+        let m = StateMessage::rolled_back("u-1", "update", "health-failed", 6);
+        assert_eq!(
+            m.to_json(),
+            br#"{"cmd_id":"u-1","op":"update","state":"rolled-back","code":"health-failed","reason":"health-failed","at":6}"#.to_vec()
+        );
+        let back: StateMessage = serde_json::from_slice(&m.to_json()).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

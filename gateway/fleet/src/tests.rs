@@ -104,6 +104,27 @@ fn every_operation_is_accepted_with_both_key_types() {
                     name: gateway_id::Id::parse("dr.ito", "name").unwrap(),
                 },
             ),
+            (
+                "update",
+                json!({"url": "https://updates.example:8443/gw/42.raucb?x=1", "sha256": "abababababababababababababababababababababababababababababababab", "version": 42, "size": 123_456_789}),
+                Op::Update {
+                    url: crate::UpdateUrl::parse("https://updates.example:8443/gw/42.raucb?x=1")
+                        .unwrap(),
+                    sha256: [0xab; 32],
+                    version: 42,
+                    size: 123_456_789,
+                },
+            ),
+            (
+                "update",
+                json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 1, "size": crate::command::MAX_UPDATE_BYTES}),
+                Op::Update {
+                    url: crate::UpdateUrl::parse("https://h/b").unwrap(),
+                    sha256: [0xab; 32],
+                    version: 1,
+                    size: crate::command::MAX_UPDATE_BYTES,
+                },
+            ),
         ];
         for (i, (op, args, expected)) in cases.into_iter().enumerate() {
             let seq = 11 + i as u64;
@@ -391,6 +412,60 @@ fn sequence_not_above_the_last_accepted_is_replayed() {
 }
 
 #[test]
+fn replayed_update_envelope_is_refused_replayed_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Signer::ed25519();
+    let key = signer.vendor_key();
+    let payload = signer.envelope(&signed(
+        "update",
+        "u-1",
+        11,
+        json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+    ));
+    let mut state = FleetState::load(dir.path()).unwrap();
+    state.accept(10).unwrap();
+    let cmd = key
+        .verify(&payload, DEVICE, "update", "u-1", NOW, state.last_seq())
+        .unwrap();
+    state.accept(cmd.seq).unwrap();
+    let before = std::fs::read(state.path()).unwrap();
+    // the same signed envelope again, also after a reload (a restart of the box)
+    let reloaded = FleetState::load(dir.path()).unwrap();
+    for last in [state.last_seq(), reloaded.last_seq()] {
+        let err = key
+            .verify(&payload, DEVICE, "update", "u-1", NOW, last)
+            .unwrap_err();
+        assert_eq!(err, Rejection::Replayed { seq: 11, last: 11 });
+        assert_eq!(err.code(), "replayed");
+    }
+    assert_eq!(std::fs::read(state.path()).unwrap(), before);
+}
+
+#[test]
+fn update_bad_args_never_echo_the_url() {
+    let signer = Signer::ed25519();
+    let key = signer.vendor_key();
+    let secret = "https://user:Yamada-Taro@h/b";
+    let payload = signer.envelope(&signed(
+        "update",
+        "u-1",
+        11,
+        json!({"url": secret, "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+    ));
+    let err = verify(&key, &payload, "update", "u-1").unwrap_err();
+    assert_eq!(err.code(), "bad-args");
+    assert!(!err.reason().contains("Yamada"), "{err}");
+    let ok = signer.envelope(&signed(
+        "update",
+        "u-2",
+        12,
+        json!({"url": "https://h/Yamada", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+    ));
+    let cmd = verify(&key, &ok, "update", "u-2").unwrap();
+    assert!(!format!("{cmd:?}").contains("Yamada"));
+}
+
+#[test]
 fn operation_not_in_the_list_is_unknown_op() {
     let signer = Signer::ed25519();
     let payload = signer.envelope(&signed("reboot-now", "c-1", 11, json!({})));
@@ -481,6 +556,118 @@ fn arguments_that_do_not_fit_the_operation_are_bad_args() {
         ("staff-disable", json!({"name": "a b"})),
         ("staff-disable", json!({"name": null})),
         ("staff-disable", json!({"name": "a", "reason": "x"})),
+        (
+            "update",
+            json!({"sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "http://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "ftp://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https:///b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://:443/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://u:p@h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b c", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b#f", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/é", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": 5, "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "ababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab00", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "gbababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": 5, "version": 2, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 0, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": -1, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": "2", "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2.5, "size": 10}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 0}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 17_179_869_185u64}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": "10"}),
+        ),
+        (
+            "update",
+            json!({"url": "https://h/b", "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10, "force": true}),
+        ),
+        (
+            "update",
+            json!({"url": format!("https://h/{}", "a".repeat(2048)), "sha256": "abababababababababababababababababababababababababababababababab", "version": 2, "size": 10}),
+        ),
     ];
     for (op, args) in cases {
         let payload = signer.envelope(&signed(op, "c-1", 11, args.clone()));

@@ -38,6 +38,35 @@ pub enum Command {
     /// De-identification (PS3.15 Annex E) per destination.
     #[command(subcommand)]
     Deid(DeidCommand),
+    /// Signed A/B firmware updates (the fleet `update` command's box side).
+    #[command(subcommand)]
+    Update(UpdateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UpdateCommand {
+    /// On a trial boot of a new firmware: wait (bounded) until gatewayd is READY, the spool
+    /// verifies and the fleet broker was reached in this boot, then mark the slot good and
+    /// raise the version floor; exit 1 when that does not happen in time (the unit's
+    /// FailureAction then reboots into the old slot). On any other boot: exit 0, nothing done.
+    HealthCheck {
+        #[arg(long)]
+        config: PathBuf,
+        /// Seconds (default `update.health_timeout`).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// RAUC's pre-install handler (env RAUC_BUNDLE_MOUNT_POINT, RAUC_MF_VERSION): refuses a
+    /// bundle below the version floor or whose firmware cannot read this box's data format.
+    PreInstall {
+        #[arg(long, default_value = "/var/lib/gatewayd/config/gatewayd.toml")]
+        config: PathBuf,
+    },
+    /// Print the update in progress (or the last one) as JSON.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

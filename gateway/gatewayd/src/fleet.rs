@@ -40,6 +40,8 @@ pub(crate) struct Parts {
     pub config_outcome: Option<(String, Result<(), String>)>,
     /// The staff account store and audit trail for `staff-invite` / `staff-disable`.
     pub staff: Option<StaffParts>,
+    /// The key store (the update service's version floor and client identity).
+    pub keys: Arc<dyn KeyStore>,
 }
 
 /// What `staff-invite` and `staff-disable` work on: `<data_dir>/staff` and the audit trail.
@@ -186,6 +188,8 @@ pub(crate) fn service(
     let node_id = settings.node.id.as_str().to_owned();
     let validate = config_validator(&node_id, &data_dir);
     let interval = fleet.telemetry_interval.get();
+    let (agent_update, update_service) =
+        crate::update::service(settings, fleet, Arc::clone(&parts.keys), shutdown.clone());
     // Without a claim the TLS configuration must be buildable now (a configuration error).
     let ready_tls = match claim {
         None => Some(device_tls.build().map_err(|e| e.to_string())?),
@@ -244,7 +248,10 @@ pub(crate) fn service(
         )
         .with_wipe(parts.wipe, parts.exit)
         .with_config_validation(validate)
-        .with_logs(Arc::new(crate::logring::tail));
+        .with_logs(Arc::new(crate::logring::tail))
+        .with_update(agent_update.start, agent_update.events)
+        .with_connected_hook(agent_update.connected);
+        tokio::spawn(update_service);
         if let Some(staff) = parts.staff.take() {
             match tokio::task::spawn_blocking(move || staff.open()).await {
                 Ok(Ok(staff)) => agent = agent.with_staff(staff),

@@ -18,6 +18,8 @@
 //! - `notify`: `sd_notify` for the systemd unit (READY, WATCHDOG, STOPPING).
 //! - `dicom_tls`: the rustls configurations of the DICOM TLS listener and of TLS results
 //!   delivery (certificate files or the device identity).
+//! - `update`: the fleet `update` command (the service task, the key store as the version
+//!   floor) and `update health-check | pre-install | status`; the logic is gateway-update's.
 //! - `transfer_audit`: the audit records of DICOM instances received (a thread fed by
 //!   the DICOM service at each association's end).
 //!
@@ -37,6 +39,7 @@ mod run;
 mod safety_cli;
 mod telemetry;
 mod transfer_audit;
+mod update;
 
 use std::process::ExitCode;
 
@@ -53,6 +56,13 @@ fn main() -> ExitCode {
         cli::Command::Users(cmd) => ops::users(&cmd),
         cli::Command::Identity(cmd) => identity(&cmd),
         cli::Command::Safety(cmd) => safety_cli::main(&cmd),
+        cli::Command::Update(cmd) => match cmd {
+            cli::UpdateCommand::HealthCheck { config, timeout } => {
+                update::health_check(&config, timeout)
+            }
+            cli::UpdateCommand::PreInstall { config } => update::pre_install(&config),
+            cli::UpdateCommand::Status { config } => update::status(&config),
+        },
         cli::Command::Deid(cli::DeidCommand::Reidentify {
             config,
             destination,

@@ -443,7 +443,7 @@ pub fn spool(cmd: &SpoolCommand) -> ExitCode {
 }
 
 /// Asks a running daemon over the control socket; with none running, opens the spool here.
-fn send_or_execute(settings: &Settings, request: &Request) -> Result<Response, String> {
+pub(crate) fn send_or_execute(settings: &Settings, request: &Request) -> Result<Response, String> {
     let data_dir = &settings.node.data_dir;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

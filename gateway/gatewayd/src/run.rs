@@ -179,7 +179,7 @@ async fn serve(
                 .map_err(|e| e.to_string())?;
             info!(data_format = format, "data format checked");
             let fleet = fleet_state(&data_dir)?;
-            let keys = open_keystore(&settings)?;
+            let keys: Arc<dyn KeyStore> = Arc::from(open_keystore(&settings)?);
             let master = keys.spool_master_key().map_err(|e| e.to_string())?;
             let derived = crate::booking::Derived::new(master.expose());
             let deid = crate::deid::open(&settings, &master)?;
@@ -254,6 +254,7 @@ async fn serve(
         config_path,
         config_outcome,
         staff,
+        keys: Arc::clone(&keys),
     };
     start_fleet(&ctx, fleet, keys.as_ref(), metrics, &mut services)?;
     services.spawn(control.run(shutdown.clone()));
@@ -589,6 +590,8 @@ struct FleetParts {
     config_path: Option<PathBuf>,
     config_outcome: Option<(String, Result<(), String>)>,
     staff: crate::fleet::StaffParts,
+    /// The key store, shared with the update service (the version floor).
+    keys: Arc<dyn KeyStore>,
 }
 
 /// `[fleet]`: the telemetry collector and the fleet agent (or provisioning by claim).
@@ -610,6 +613,7 @@ fn start_fleet(
         config_path,
         config_outcome,
         staff,
+        keys: shared_keys,
     } = parts;
     match &settings.fleet {
         Some(fleet) => {
@@ -643,6 +647,7 @@ fn start_fleet(
                 can_apply_config: config_path.is_some(),
                 config_outcome,
                 staff: Some(staff),
+                keys: shared_keys,
             };
             services.spawn(crate::fleet::service(
                 settings,

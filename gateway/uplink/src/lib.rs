@@ -66,6 +66,7 @@ use tracing::{debug, info, warn};
 
 pub use crate::deliver::{DeliverSettings, DimseDeliveryService};
 pub use crate::link::LinkError;
+pub use crate::pace::Pacer;
 use crate::stow::{InstanceResult, Part, StowError};
 
 /// Settings of one destination, built by `gatewayd` from `[[uplink]]`.

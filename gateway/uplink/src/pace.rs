@@ -28,7 +28,7 @@ impl Pacer {
 
     /// Waits for a slot of `bytes` bytes: the slots of all streams follow each other at
     /// `rate`; an idle link earns no credit for a later burst.
-    pub(crate) async fn wait(&self, bytes: usize) {
+    pub async fn wait(&self, bytes: usize) {
         let until = {
             // A poisoned lock only means a panic elsewhere mid-update of one Instant.
             let mut free_at = self.free_at.lock().unwrap_or_else(|p| p.into_inner());

@@ -49,7 +49,12 @@ fn keys() -> &'static Keys {
 
 fn check(key: &VendorKey, payload: &[u8], last: Option<u64>) {
     // Topic values the fuzzer can hit: a fixed op/cmd_id pair and the ones it signs.
-    for (op, cmd_id) in [("status", "c-1"), ("log-upload", "1"), ("config-update", "c")] {
+    for (op, cmd_id) in [
+        ("status", "c-1"),
+        ("log-upload", "1"),
+        ("config-update", "c"),
+        ("update", "u-1"),
+    ] {
         match key.verify(payload, DEVICE, op, cmd_id, NOW, last) {
             Ok(cmd) => {
                 assert_eq!(cmd.op.kind().as_str(), op, "accepted with another op");
