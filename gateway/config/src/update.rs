@@ -294,29 +294,51 @@ fn parse_marker(bytes: &[u8]) -> Option<(&str, &[u8])> {
 }
 
 /// A `config-update` document checked exactly like `check-config`, plus the keys that
-/// cannot change remotely: `node.id` (the gateway's identity towards the broker) and
-/// `node.data_dir` (its spool, keys and fleet state).
-pub fn check_remote_update(
-    node_id: &str,
-    data_dir: &Path,
-    toml: &str,
-) -> Result<Settings, ConfigErrors> {
+/// cannot change remotely: `node.id` (the gateway's identity towards the broker),
+/// `node.data_dir` (its spool, keys and fleet state), and `update.rauc_command` and
+/// `update.reboot_request_file` (what runs as the firmware installer and what reboots the box
+/// stay as the factory set them: a configuration change must not become an install path).
+pub fn check_remote_update(current: &Settings, toml: &str) -> Result<Settings, ConfigErrors> {
     let settings = Settings::from_toml_str(toml)?;
     let mut problems = Vec::new();
+    let node_id = current.node.id.as_str();
     if settings.node.id.as_str() != node_id {
         problems.push(Problem::new(
             "node.id",
             format!("cannot change remotely (this gateway is {node_id:?})"),
         ));
     }
-    if settings.node.data_dir != data_dir {
+    if settings.node.data_dir != current.node.data_dir {
         problems.push(Problem::new(
             "node.data_dir",
             format!(
                 "cannot change remotely (this gateway keeps its data in {})",
-                data_dir.display()
+                current.node.data_dir.display()
             ),
         ));
+    }
+    let fixed = [
+        (
+            "update.rauc_command",
+            &settings.update.rauc_command,
+            &current.update.rauc_command,
+        ),
+        (
+            "update.reboot_request_file",
+            &settings.update.reboot_request_file,
+            &current.update.reboot_request_file,
+        ),
+    ];
+    for (key, new, now) in fixed {
+        if new != now {
+            problems.push(Problem::new(
+                key,
+                format!(
+                    "cannot change remotely (this gateway's is {})",
+                    now.display()
+                ),
+            ));
+        }
     }
     if problems.is_empty() {
         Ok(settings)
@@ -343,7 +365,8 @@ mod tests {
 
     #[test]
     fn config_update_validation_is_check_config_plus_a_fixed_node_id() {
-        let check = |toml: &str| check_remote_update("gw-1", Path::new("/tmp/x"), toml);
+        let current = Settings::from_toml_str(NODE).unwrap();
+        let check = |toml: &str| check_remote_update(&current, toml);
         assert!(check(NODE).is_ok());
         let problems = lines(check(&format!("{NODE}[dicom]\nlisten = \"x\"\n")));
         assert_eq!(problems.len(), 1);
@@ -356,6 +379,20 @@ mod tests {
         assert!(check("not toml [").is_err());
         let problems = lines(check(&NODE.replace("/tmp/x", "/tmp/y")));
         assert!(problems[0].starts_with("node.data_dir: "), "{problems:?}");
+        // The installer and the reboot request stay the factory's.
+        let problems = lines(check(&format!(
+            "{NODE}[update]\nrauc_command = \"/tmp/x/evil\"\nreboot_request_file = \"/tmp/r\"\n"
+        )));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("update.rauc_command: cannot change remotely"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("update.reboot_request_file: cannot change remotely"),
+            "{problems:?}"
+        );
+        assert!(check(&format!("{NODE}[update]\nhealth_timeout = \"60s\"\n")).is_ok());
     }
 
     #[test]

@@ -186,7 +186,7 @@ pub(crate) fn service(
         identity: identity.clone(),
     };
     let node_id = settings.node.id.as_str().to_owned();
-    let validate = config_validator(&node_id, &data_dir);
+    let validate = config_validator(settings);
     let interval = fleet.telemetry_interval.get();
     let (agent_update, update_service) =
         crate::update::service(settings, fleet, Arc::clone(&parts.keys), shutdown.clone());
@@ -362,16 +362,15 @@ fn delete_claim(claim: &Claim, device: &DeviceId) {
 }
 
 /// `config-update` validation: exactly `check-config`'s problems (those of
-/// `gateway_config::check_remote_update`, which adds the keys that cannot change remotely,
-/// and those of this build), one `key: message` line each.
-fn config_validator(node_id: &str, data_dir: &Path) -> ValidateFn {
-    let node_id = node_id.to_owned();
-    let data_dir = data_dir.to_path_buf();
+/// `gateway_config::check_remote_update`, which adds the keys that cannot change remotely
+/// from the running `settings`, and those of this build), one `key: message` line each.
+fn config_validator(settings: &Settings) -> ValidateFn {
+    let current = settings.clone();
     Arc::new(move |toml: &str| {
         let lines = |problems: &[gateway_config::Problem]| {
             problems.iter().map(ToString::to_string).collect::<Vec<_>>()
         };
-        let settings = gateway_config::check_remote_update(&node_id, &data_dir, toml)
+        let settings = gateway_config::check_remote_update(&current, toml)
             .map_err(|errors| ConfigProblems(lines(&errors.problems)))?;
         let problems = crate::ops::build_problems(&settings);
         if problems.is_empty() {

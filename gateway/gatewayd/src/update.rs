@@ -446,12 +446,13 @@ pub(crate) fn status(config: &Path) -> ExitCode {
 /// `gateway-update.json` against the floor and the data format; a refusal prints the
 /// marker and the code and exits 1, which fails `rauc install` before any slot write.
 pub(crate) fn pre_install(config: &Path) -> ExitCode {
+    // The exit code is what reaches `rauc install`; the line goes to the rauc service's log.
     let refuse = |code: &str, reason: &str| {
         eprintln!(
             "{} {code} ({reason})",
             gateway_update::installer::REFUSAL_MARKER
         );
-        ExitCode::from(1)
+        ExitCode::from(gateway_update::installer::pre_install_exit_code(code))
     };
     let settings = match crate::ops::load(config) {
         Ok(s) => s,

@@ -110,9 +110,29 @@ pub trait Installer: Send + Sync + std::fmt::Debug {
     fn mark_good(&self) -> Result<(), InstallerError>;
 }
 
-/// The marker `gatewayd update pre-install` prints before its refusal code; `RaucCli`
-/// finds it in `rauc install`'s output and reports [`InstallerError::Refused`].
+/// The marker `gatewayd update pre-install` prints before its refusal code (for the rauc
+/// service's log and a person running it by hand).
 pub const REFUSAL_MARKER: &str = "gatewayd-update-refused:";
+
+/// `gatewayd update pre-install`'s exit code for each refusal. RAUC 1.8 carries only the
+/// handler's exit status back to `rauc install` ("Pre-install handler error: Child process
+/// exited with code N"); what the handler prints reaches the rauc service's log only
+/// (RAUC v1.8 `src/service.c`). Codes from 10 up, clear of the shell's and glib's own.
+pub const PRE_INSTALL_EXIT_CODES: [(u8, &str); 4] = [
+    (10, "downgrade"),
+    (11, "data-format"),
+    (12, "version-mismatch"),
+    (13, "install-failed"),
+];
+
+/// The exit code `gatewayd update pre-install` ends with for a refusal `code`; a code without
+/// its own number is `install-failed`'s.
+pub fn pre_install_exit_code(code: &str) -> u8 {
+    PRE_INSTALL_EXIT_CODES
+        .iter()
+        .find(|(_, c)| *c == code)
+        .map_or(13, |(n, _)| *n)
+}
 
 /// The `rauc` command line.
 #[derive(Debug, Clone)]
@@ -206,8 +226,24 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<S
     })
 }
 
-/// The refusal code after [`REFUSAL_MARKER`], if the output carries one.
+/// The pre-install refusal `rauc install`'s output reports: RAUC's "Pre-install handler
+/// error: Child process exited with code N" with N one of [`PRE_INSTALL_EXIT_CODES`], or
+/// (the handler run directly) the code after [`REFUSAL_MARKER`].
 pub fn refusal_code(output: &str) -> Option<String> {
+    const RAUC_HANDLER_EXIT: &str = "Pre-install handler error: Child process exited with code ";
+    if let Some(at) = output.find(RAUC_HANDLER_EXIT) {
+        let digits: String = output
+            .get(at + RAUC_HANDLER_EXIT.len()..)?
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .take(3)
+            .collect();
+        let n: u8 = digits.parse().ok()?;
+        return PRE_INSTALL_EXIT_CODES
+            .iter()
+            .find(|(code, _)| *code == n)
+            .map(|(_, name)| (*name).to_string());
+    }
     let at = output.find(REFUSAL_MARKER)?;
     let rest = output.get(at + REFUSAL_MARKER.len()..)?;
     let code: String = rest
@@ -533,6 +569,18 @@ mod tests {
         );
         assert_eq!(refusal_code("nothing here"), None);
         assert_eq!(refusal_code("gatewayd-update-refused: "), None);
+        // What `rauc install` really prints when the handler refuses (RAUC 1.8 through its
+        // service; hw-tests/test_update_bundle.py sees it with the real rauc).
+        for (n, code) in PRE_INSTALL_EXIT_CODES {
+            let out = format!(
+                "rauc-Message: installing\nLastError: Failed to check bundle: Pre-install handler error: Child process exited with code {n}\nInstalling `/b` failed"
+            );
+            assert_eq!(refusal_code(&out).as_deref(), Some(code));
+            assert_eq!(pre_install_exit_code(code), n);
+        }
+        assert_eq!(pre_install_exit_code("anything else"), 13);
+        let unknown = "Pre-install handler error: Child process exited with code 1";
+        assert_eq!(refusal_code(unknown), None);
     }
 
     fn script(dir: &Path, body: &str) -> PathBuf {
