@@ -512,26 +512,27 @@ class UefiVm(Vm):
     BootOrder/BootNext say (on a factory disk with empty NVRAM: the fallback EFI/BOOT/BOOTX64.EFI).
     `hooks`: extra test hook words (e.g. `DnsServer.cmdline().split()`), passed with UEFI_HOOKS as
     SMBIOS OEM strings. `reboot=True` lets the guest reboot inside QEMU (A/B flows: BootNext,
-    rollback); otherwise a reboot ends QEMU as in `Vm`. `extra_disks`: further raw virtio disks,
-    read-only (e.g. an update bundle). `kill()` is a power cut."""
+    rollback); otherwise a reboot ends QEMU as in `Vm`. `bundle_disk`: a further raw virtio disk,
+    read-only, with serial `gwbundle` (an update bundle for gatewayd-test-rauc.service in the
+    image, /dev/disk/by-id/virtio-gwbundle). `kill()` is a power cut."""
 
     def __init__(self, image: Path, work: Path, disk: Path, vars_fd: Path, tpm_dir: Path, name: str,
                  forwards: tuple[int, ...] = (), hooks: tuple[str, ...] | list[str] = (), reboot: bool = False,
-                 extra_disks: tuple[Path, ...] = (), rtc: str | None = None):
+                 bundle_disk: Path | None = None, rtc: str | None = None):
         super().__init__(image, work, disk, tpm_dir, name, forwards=forwards, rtc=rtc)
         self.disk, self.vars_fd = disk, vars_fd
         self.hooks = [*UEFI_HOOKS, *hooks]
         for word in self.hooks:
             assert word and "," not in word and " " not in word, f"an SMBIOS hook is one word without commas: {word!r}"
         self.no_reboot = not reboot
-        self.extra_disks = tuple(extra_disks)
+        self.bundle_disk = bundle_disk
 
     def boot_args(self) -> list[str]:
         args = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={self.vars_fd}",
                 "-drive", f"file={self.disk},if=virtio,format=raw"]
-        for extra in self.extra_disks:
-            args += ["-drive", f"file={extra},if=virtio,format=raw,readonly=on"]
+        if self.bundle_disk is not None:
+            args += ["-drive", f"file={self.bundle_disk},if=virtio,format=raw,readonly=on,serial=gwbundle"]
         for word in self.hooks:
             args += ["-smbios", f"type=11,value={word}"]
         return args
