@@ -532,7 +532,8 @@ class UefiVm(Vm):
                 "-drive", f"if=pflash,format=raw,unit=1,file={self.vars_fd}",
                 "-drive", f"file={self.disk},if=virtio,format=raw"]
         if self.bundle_disk is not None:
-            args += ["-drive", f"file={self.bundle_disk},if=virtio,format=raw,readonly=on,serial=gwbundle"]
+            args += ["-drive", f"file={self.bundle_disk},if=none,id=gwbundle,format=raw,readonly=on",
+                     "-device", "virtio-blk-pci,drive=gwbundle,serial=gwbundle"]
         for word in self.hooks:
             args += ["-smbios", f"type=11,value={word}"]
         return args
