@@ -13,7 +13,16 @@ an swtpm vTPM:
 - a flipped byte in a file of the active root (an inert canary shipped in the image) is an I/O
   error on read, with the kernel naming the corrupted data block, never the wrong bytes, and
   the box still serves DICOM; a flipped byte in the root's first block makes the slot refuse
-  to boot (the initramfs panics before mounting it, panic=10 reboots; bounded).
+  to boot (the initramfs panics before mounting it, panic=10 reboots; bounded);
+- RAUC (image-recipe/rauc): a version 2 bundle made by image-recipe/bundle.sh (signed by the test
+  update signer, hw-tests/.cache/update-ca) is installed from inside slot A with `rauc install`
+  (gatewayd-test-rauc.service copies it from a third, read-only virtio disk): gw-root-b and
+  gw-efi-b then hold the bundle's images byte for byte and BootNext is system1, BootOrder still
+  system0 first; the next power-on runs slot B (verity over /dev/vda4); a power cut in that
+  unconfirmed trial boot brings the box back to slot A (the rollback); after `rauc status
+  mark-active other` the next boot is B again, `rauc status mark-good booted` puts system1 first
+  in BootOrder, and B stays the boot after a power-off. The bundle's pre-install handler runs
+  `gatewayd update pre-install`: GATEWAYD must be a build with the update command.
 
 Everything listens on 127.0.0.1 (QEMU's hostfwd; swtpm and monitor on Unix sockets in tmp_path);
 qemu and swtpm are killed by PID at teardown. A missing tool or OVMF fails the test.
