@@ -6,7 +6,8 @@
 #               rootfs.img  the root file system with its dm-verity hash tree appended
 #               efi.vfat    the FAT image of an efi slot (the UKIs)
 #               verity.txt  KEY=VALUE lines ROOTHASH, SALT, DATA_BLOCKS, HASH_OFFSET
-#                           (what `veritysetup format` printed for rootfs.img)
+#                           (what `veritysetup format` printed for rootfs.img; other keys
+#                           are ignored, DATA_BLOCK_SIZE if present must be 4096)
 # VERSION     the firmware version code (integer, +1 per release); RAUC's manifest version
 # MIN_VERSION the anti-downgrade floor a box raises to once this firmware is marked good
 #             (integer, <= VERSION)
@@ -20,7 +21,7 @@
 #   GW_UPDATE_KEYRING  when set, `rauc bundle` also checks the signature against this keyring
 #   GW_BUNDLE_FORMAT   verity (default) or plain. plain is for hosts without device-mapper
 #                   (hw-tests/test_update_bundle.py installs with the real rauc on such a
-#                   host); the image's system.conf refuses plain bundles (bundle-formats=-plain)
+#                   host); the image's system.conf refuses plain bundles (bundle-formats=verity)
 #
 # The bundle (RAUC 1.8, format verity: the manifest is inside the CMS signature, the payload
 # is a squashfs with a dm-verity tree that the kernel checks block by block while installing):
@@ -74,7 +75,7 @@ case "$out" in
 esac
 
 # verity.txt: KEY=VALUE lines, parsed (never sourced).
-roothash= salt= data_blocks= hash_offset=
+roothash= salt= data_blocks= hash_offset= data_block_size=4096
 while IFS= read -r line || [ -n "$line" ]; do
     case "$line" in
         ''|'#'*) continue ;;
@@ -82,6 +83,7 @@ while IFS= read -r line || [ -n "$line" ]; do
         SALT=*) salt=${line#*=} ;;
         DATA_BLOCKS=*) data_blocks=${line#*=} ;;
         HASH_OFFSET=*) hash_offset=${line#*=} ;;
+        DATA_BLOCK_SIZE=*) data_block_size=${line#*=} ;;
         *=*) ;; # other keys belong to the image build
         *) die "$image_dir/verity.txt: not a KEY=VALUE line: '$line'" ;;
     esac
@@ -90,6 +92,8 @@ done <"$image_dir/verity.txt"
 [[ $salt =~ ^[0-9a-f]*$ ]] || die "$image_dir/verity.txt: SALT must be hex, got '$salt'"
 is_uint "$data_blocks" && [ "$data_blocks" -gt 0 ] || die "$image_dir/verity.txt: DATA_BLOCKS must be a positive integer, got '$data_blocks'"
 is_uint "$hash_offset" && [ "$hash_offset" -gt 0 ] || die "$image_dir/verity.txt: HASH_OFFSET must be a positive integer, got '$hash_offset'"
+# The slot hook (veritysetup verify) and the initramfs use veritysetup's default 4096-byte blocks.
+[ "$data_block_size" = 4096 ] || die "$image_dir/verity.txt: DATA_BLOCK_SIZE must be 4096 (veritysetup's default), got '$data_block_size'"
 [ "$hash_offset" -ge $((data_blocks * 4096)) ] || die "$image_dir/verity.txt: HASH_OFFSET ($hash_offset) lies inside the $data_blocks data blocks"
 
 # The root must verify against verity.txt before it is signed: a box would refuse it later.
