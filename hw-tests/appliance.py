@@ -2,7 +2,8 @@
 
 One home for what every QEMU test needs:
 - `build_image(gatewayd_bin)`: image-recipe/build.sh into hw-tests/.cache/appliance-KEY, KEY = sha256 of
-  the gatewayd binary, image-recipe/build.sh + files/ and config/gatewayd.service; built once per run
+  the gatewayd binary, image-recipe/build.sh + files/ + rauc/, config/gatewayd.service and the test update
+  CA (`update_ca()`, kept in hw-tests/.cache/update-ca: the image's RAUC keyring); built once per run
   (the `appliance_image` fixture in conftest.py), older builds removed;
 - `Vm`: one QEMU boot (TCG, direct kernel boot) with its own swtpm on a shared TPM state folder, the
   console on a file, the HMP monitor on a Unix socket, guest ports forwarded to 127.0.0.1 ports the
