@@ -2,7 +2,8 @@
 
 One home for what every QEMU test needs:
 - `build_image(gatewayd_bin)`: image-recipe/build.sh into hw-tests/.cache/appliance-KEY, KEY = sha256 of
-  the gatewayd binary, image-recipe/build.sh + files/ and config/gatewayd.service; built once per run
+  the gatewayd binary, image-recipe/build.sh + files/ + rauc/, config/gatewayd.service and the test update
+  CA (`update_ca()`, kept in hw-tests/.cache/update-ca: the image's RAUC keyring); built once per run
   (the `appliance_image` fixture in conftest.py), older builds removed;
 - `Vm`: one QEMU boot (TCG, direct kernel boot) with its own swtpm on a shared TPM state folder, the
   console on a file, the HMP monitor on a Unix socket, guest ports forwarded to 127.0.0.1 ports the
@@ -16,7 +17,10 @@ One home for what every QEMU test needs:
   on a copy, then debugfs rdump), read on the host after a power cut;
 - `DnsServer`: dnsmasq on 127.0.0.1 answering only the test's names, the guest's resolver through
   `Vm(cmdline=dns.cmdline())` (never QEMU's 10.0.2.3, which forwards to the host's resolver);
-- `RootImage`: read-only view of rootfs.img through debugfs (no mount, no boot).
+- `RootImage`: read-only view of rootfs.img through debugfs (no mount, no boot);
+- `UefiVm`: the A/B disk (disk.img, GPT) booted by OVMF from a per-box copy of its NVRAM (`new_box`),
+  reboots inside QEMU allowed, the test hooks as SMBIOS OEM strings; `partitions`, `sha256_range`,
+  `flip_byte`, `extract_partition`: the disk's partitions read and damaged on the host.
 
 Everything listens on 127.0.0.1 (QEMU's hostfwd; the swtpm and monitor sockets are Unix sockets in the
 test's folder); qemu and swtpm are killed by PID at teardown (the `vms` fixture). A missing tool
@@ -41,6 +45,7 @@ from pathlib import Path
 import pytest
 
 import gw
+import pki
 import scu
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +56,11 @@ BUILD_TIMEOUT_S = 900
 BOOT_TIMEOUT_S = 420
 STATUS_TIMEOUT_S = 60
 POWEROFF_TIMEOUT_S = 120
-TOOLS = ("mmdebstrap", "mkfs.ext4", "debugfs", "qemu-system-x86_64", "swtpm")
+TOOLS = ("mmdebstrap", "mkfs.ext4", "debugfs", "qemu-system-x86_64", "swtpm", "veritysetup", "objcopy",
+         "mkfs.fat", "mcopy", "sfdisk")
+# OVMF, the UEFI firmware of the A/B disk's VMs: code read-only, a per-box copy of the variables.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # Package manager tooling that must not be in the image (image-recipe/build.sh removes it).
 PACKAGE_TOOLS = ("apt", "apt-get", "apt-cache", "apt-cdrom", "apt-config", "apt-key", "apt-mark",
                  "dpkg", "dpkg-deb", "dpkg-query", "dpkg-divert", "dpkg-split", "dpkg-trigger",
@@ -67,18 +76,39 @@ def require_tools() -> None:
     if missing:
         pytest.fail(
             f"not found on PATH: {', '.join(missing)}. Install them with `apt-get install -y "
-            "--no-install-recommends mmdebstrap e2fsprogs qemu-system-x86 swtpm` (hw-tests/run-all.sh does this)",
+            "--no-install-recommends mmdebstrap e2fsprogs qemu-system-x86 swtpm cryptsetup-bin binutils "
+            "dosfstools mtools fdisk systemd-boot-efi` (hw-tests/run-all.sh does this)",
             pytrace=False,
         )
     if os.geteuid() != 0:
         pytest.fail("the appliance image is built with mmdebstrap --mode=root: run as root", pytrace=False)
 
 
+def update_ca() -> tuple[Path, pki.KeyPair]:
+    """The test vendor's update CA (its certificate is the image's RAUC keyring, GW_UPDATE_CA of
+    build.sh) and a bundle signing key + certificate it issued (extendedKeyUsage codeSigning), for
+    image-recipe/bundle.sh. Made once in hw-tests/.cache/update-ca and kept, so that a cached image
+    and the bundles a later run makes agree (the CA is part of the image key)."""
+    d = CACHE / "update-ca"
+    ca_pem, key, cert = d / "ca.pem", d / "signer.key", d / "signer.pem"
+    if not (ca_pem.is_file() and key.is_file() and cert.is_file()):
+        shutil.rmtree(d, ignore_errors=True)
+        ca = pki.CA(d, name="hw-tests update CA", days=3650)
+        pki.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
+        key.chmod(0o600)
+        csr = d / "signer.csr"
+        pki.openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", "/O=hw-tests/CN=hw-tests update signer")
+        ca._sign(csr, cert, ["basicConstraints = critical, CA:FALSE", "keyUsage = critical, digitalSignature",
+                             "extendedKeyUsage = codeSigning", "subjectKeyIdentifier = hash"])
+    return ca_pem, pki.KeyPair(key, cert)
+
+
 def image_key(gatewayd_bin: str) -> str:
-    """Hash of everything that goes into the image: the binary, the recipe, the unit."""
+    """Hash of everything that goes into the image: the binary, the recipe, the unit, the update CA."""
     h = hashlib.sha256()  # (image-recipe/README.md is not in the image)
-    files = [Path(gatewayd_bin), REPO / "config" / "gatewayd.service", RECIPE / "build.sh"]
+    files = [Path(gatewayd_bin), REPO / "config" / "gatewayd.service", RECIPE / "build.sh", update_ca()[0]]
     files += sorted(p for p in (RECIPE / "files").rglob("*") if p.is_file())
+    files += sorted(p for p in (RECIPE / "rauc").rglob("*") if p.is_file())
     for p in files:
         h.update(str(p.relative_to(REPO) if p.is_relative_to(REPO) else p.name).encode() + b"\0")
         h.update(hashlib.sha256(p.read_bytes()).digest())
@@ -100,7 +130,8 @@ def build_image(gatewayd_bin: str) -> Path:
     with open(log, "wb") as f:
         r = subprocess.run(
             ["bash", str(RECIPE / "build.sh"), str(out)],
-            env={**os.environ, "GATEWAYD": gatewayd_bin}, stdin=subprocess.DEVNULL,
+            env={**os.environ, "GATEWAYD": gatewayd_bin, "GW_UPDATE_CA": str(update_ca()[0])},
+            stdin=subprocess.DEVNULL,
             stdout=f, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S,
         )
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
@@ -156,15 +187,11 @@ class Vm:
         self.started = time.monotonic()
         self.qemu = subprocess.Popen(
             ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
-             "-display", "none", "-no-reboot",
+             "-display", "none", *(["-no-reboot"] if self.no_reboot else []),
              *(["-rtc", f"base={self.rtc}"] if self.rtc else []),
              "-serial", f"file:{self.console}",
              "-monitor", f"unix:{self.monitor},server=on,wait=off",
-             "-kernel", str(self.image / "vmlinuz"), "-initrd", str(self.image / "initrd.img"),
-             "-append", self.cmdline,
-             "-drive", f"file={self.image / 'rootfs.img'},if=virtio,format=raw,readonly=on",
-             "-drive", f"file={self.state_img},if=virtio,format=raw"
-             + (f",cache={self.state_cache}" if self.state_cache else ""),
+             *self.boot_args(),
              "-netdev", "user,id=n0,restrict=off," + ",".join(
                  f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in self.ports.items()),
              "-device", "virtio-net-pci,netdev=n0",
@@ -173,6 +200,16 @@ class Vm:
             stdin=subprocess.DEVNULL, stdout=open(self.work / f"{self.name}-qemu.log", "wb"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )
+
+    no_reboot = True
+
+    def boot_args(self) -> list[str]:
+        """QEMU arguments of the boot: direct kernel boot of rootfs.img, the state disk second."""
+        return ["-kernel", str(self.image / "vmlinuz"), "-initrd", str(self.image / "initrd.img"),
+                "-append", self.cmdline,
+                "-drive", f"file={self.image / 'rootfs.img'},if=virtio,format=raw,readonly=on",
+                "-drive", f"file={self.state_img},if=virtio,format=raw"
+                + (f",cache={self.state_cache}" if self.state_cache else "")]
 
     def console_text(self) -> str:
         if not self.console.exists():
@@ -439,3 +476,144 @@ def read_state(state_img: Path, dest: Path) -> Path:
     finally:
         copy.unlink(missing_ok=True)
     return dest
+
+
+# ---- the A/B UEFI disk (image-recipe/build.sh: disk.img, gw-a.efi, gw-b.efi, verity.txt)
+
+# What every UefiVm boot gets as SMBIOS OEM strings (gatewayd-test-hooks in the image turns them
+# into the same effect as these words on the kernel command line, which a UKI fixes).
+UEFI_HOOKS = ("systemd.journald.forward_to_console=1", "systemd.wants=gatewayd-probe.service")
+
+
+def require_ovmf() -> None:
+    missing = [str(p) for p in (OVMF_CODE, OVMF_VARS) if not p.is_file()]
+    if missing:
+        pytest.fail(f"OVMF (UEFI firmware for QEMU) not found: {', '.join(missing)}. Install it with "
+                    "`apt-get install -y --no-install-recommends ovmf` (hw-tests/run-all.sh does this)",
+                    pytrace=False)
+
+
+def new_box(image: Path, dest: Path) -> tuple[Path, Path]:
+    """A factory-fresh box in the folder `dest`: a sparse copy of the image's disk.img and a copy of
+    OVMF's empty variable store (the box's NVRAM: boot entries, BootOrder, BootNext). Returns
+    (disk, vars)."""
+    require_ovmf()
+    dest.mkdir(parents=True, exist_ok=True)
+    disk, vars_fd = dest / "disk.img", dest / "vars.fd"
+    subprocess.run(["cp", "--sparse=always", str(image / "disk.img"), str(disk)], check=True, timeout=300,
+                   stdin=subprocess.DEVNULL)
+    shutil.copyfile(OVMF_VARS, vars_fd)
+    return disk, vars_fd
+
+
+class UefiVm(Vm):
+    """One power-on of a box booted by OVMF from its A/B disk: OVMF_CODE read-only and the box's
+    own variable store (`vars_fd`, kept across power-ons like a board's NVRAM), the one `disk`
+    (virtio), swtpm on `tpm_dir` as in `Vm`. No `bootindex`/`-boot`: the firmware boots what its
+    BootOrder/BootNext say (on a factory disk with empty NVRAM: the fallback EFI/BOOT/BOOTX64.EFI).
+    `hooks`: extra test hook words (e.g. `DnsServer.cmdline().split()`), passed with UEFI_HOOKS as
+    SMBIOS OEM strings. `reboot=True` lets the guest reboot inside QEMU (A/B flows: BootNext,
+    rollback); otherwise a reboot ends QEMU as in `Vm`. `bundle_disk`: a further raw virtio disk,
+    read-only, with serial `gwbundle` (an update bundle for gatewayd-test-rauc.service in the
+    image, /dev/disk/by-id/virtio-gwbundle). `kill()` is a power cut."""
+
+    def __init__(self, image: Path, work: Path, disk: Path, vars_fd: Path, tpm_dir: Path, name: str,
+                 forwards: tuple[int, ...] = (), hooks: tuple[str, ...] | list[str] = (), reboot: bool = False,
+                 bundle_disk: Path | None = None, rtc: str | None = None):
+        super().__init__(image, work, disk, tpm_dir, name, forwards=forwards, rtc=rtc)
+        self.disk, self.vars_fd = disk, vars_fd
+        self.hooks = [*UEFI_HOOKS, *hooks]
+        for word in self.hooks:
+            assert word and "," not in word and " " not in word, f"an SMBIOS hook is one word without commas: {word!r}"
+        self.no_reboot = not reboot
+        self.bundle_disk = bundle_disk
+
+    def boot_args(self) -> list[str]:
+        args = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={self.vars_fd}",
+                "-drive", f"file={self.disk},if=virtio,format=raw"]
+        if self.bundle_disk is not None:
+            args += ["-drive", f"file={self.bundle_disk},if=none,id=gwbundle,format=raw,readonly=on",
+                     "-device", "virtio-blk-pci,drive=gwbundle,serial=gwbundle"]
+        for word in self.hooks:
+            args += ["-smbios", f"type=11,value={word}"]
+        return args
+
+    def boots(self) -> list[tuple[str, str]]:
+        """The UEFI boot entries the firmware started during this power-on, in order:
+        [(Boot####, description)] from OVMF's `BdsDxe: starting Boot0003 "system0" ...` lines."""
+        return re.findall(r'BdsDxe: starting (Boot[0-9A-F]{4}) "([^"]*)"', self.console_text())
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for QEMU to end by itself (a reboot or power-off with `reboot=False`)."""
+        assert self.qemu is not None
+        try:
+            rc = self.qemu.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"QEMU did not end within {timeout} s\n{self.tail()}") from None
+        if self.swtpm is not None:
+            try:
+                self.swtpm.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._kill(self.swtpm)
+        return rc
+
+
+def partitions(disk: Path) -> dict[str, tuple[int, int]]:
+    """PARTLABEL -> (start, size) in bytes of the GPT partitions of a disk image (sfdisk -J)."""
+    r = subprocess.run(["sfdisk", "-J", str(disk)], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, f"sfdisk -J {disk} failed: {r.stderr}"
+    table = json.loads(r.stdout)["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    return {p["name"]: (p["start"] * sector, p["size"] * sector) for p in table["partitions"] if "name" in p}
+
+
+def sha256_range(path: Path, start: int, size: int) -> str:
+    """sha256 of `size` bytes of `path` from byte `start` (e.g. a partition of a disk image)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = size
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            assert chunk, f"{path} ends before byte {start + size}"
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def flip_byte(path: Path, offset: int) -> tuple[int, int]:
+    """Inverts the byte at `offset` of `path` in place (a bit rot / tampering stand-in).
+    Returns (old, new)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(1)
+        assert len(old) == 1, f"{path} has no byte {offset}"
+        new = bytes([old[0] ^ 0xFF])
+        f.seek(offset)
+        f.write(new)
+        f.flush()
+        os.fsync(f.fileno())
+    return old[0], new[0]
+
+
+def extract_partition(disk: Path, name: str, dest: Path) -> Path:
+    """A sparse copy of the partition `name` of `disk` at `dest` (e.g. gw-state for `read_state`)."""
+    start, size = partitions(disk)[name]
+    mib = 1 << 20
+    assert start % mib == 0 and size % mib == 0, f"{name} is not MiB-aligned: {start} {size}"
+    subprocess.run(["dd", f"if={disk}", f"of={dest}", "bs=1M", f"skip={start // mib}", f"count={size // mib}",
+                    "conv=sparse", "status=none"], check=True, timeout=300, stdin=subprocess.DEVNULL)
+    return dest
+
+
+def verity_info(image: Path) -> dict[str, str]:
+    """OUTDIR/verity.txt of the image (ROOTHASH=..., ...) with lowercase keys: roothash, salt,
+    data_blocks, hash_offset, canary_block."""
+    info = {}
+    for line in (image / "verity.txt").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key:
+            info[key.lower()] = value
+    return info

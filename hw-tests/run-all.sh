@@ -101,6 +101,15 @@ command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc)
 # (test_appliance_fleet.py, on 127.0.0.1 and a port the test picks): dnsmasq-base is the
 # binary alone; the `dnsmasq` package would also start a system resolver on port 53.
 [ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null 2>&1 || need_pkgs+=(dnsmasq-base)
+# The A/B UEFI disk (build.sh: veritysetup, the systemd-stub for the UKIs, FAT and GPT
+# without mounts or loop devices) and OVMF, the UEFI firmware QEMU boots it with
+# (test_appliance_ab.py).
+command -v veritysetup >/dev/null 2>&1 || need_pkgs+=(cryptsetup-bin)
+[ -f /usr/lib/systemd/boot/efi/linuxx64.efi.stub ] || need_pkgs+=(systemd-boot-efi)
+command -v mkfs.fat >/dev/null 2>&1 || need_pkgs+=(dosfstools)
+command -v mcopy >/dev/null 2>&1 || need_pkgs+=(mtools)
+command -v sfdisk >/dev/null 2>&1 || need_pkgs+=(fdisk)
+[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_pkgs+=(ovmf)
 # The DICOM audit message schema (hw-tests/schema/*.rnc, RELAX NG compact) is converted
 # with trang and audit messages validated with xmllint (test_audit_a5.py).
 command -v trang >/dev/null 2>&1 || need_pkgs+=(trang)

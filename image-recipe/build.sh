@@ -10,6 +10,19 @@
 #   OUTDIR/cmdline      the kernel command line to boot it with
 #   OUTDIR/manifest.txt package list, sizes and the gatewayd hash
 #   OUTDIR/packages.txt every package and version in the image (taken before dpkg is removed)
+# and the A/B UEFI disk of the signed-update design (docs/adr/0013, image-recipe/README.md):
+#   rootfs.img          is also a dm-verity data device: its hash tree is appended after the
+#                       ext4 (which ignores it), at byte `hash_offset` of verity.txt
+#   OUTDIR/verity.txt   KEY=VALUE lines ROOTHASH, SALT, DATA_BLOCKS, DATA_BLOCK_SIZE, HASH_OFFSET,
+#                       CANARY_BLOCK (what image-recipe/bundle.sh reads; parse, never source)
+#   OUTDIR/gw-a.efi     unified kernel images (systemd-stub + kernel + initrd + command line)
+#   OUTDIR/gw-b.efi     of slot A and B: the command line names the slot's root partition and
+#                       its root hash (gw.verity=), so the hash is bound to what boots
+#   OUTDIR/efi.vfat     FAT image of an EFI slot (EFI/Linux/gw-a.efi and gw-b.efi)
+#   OUTDIR/disk.img     the factory disk (GPT, sparse): gw-efi-a (efi.vfat + the fallback
+#                       EFI/BOOT/BOOTX64.EFI = gw-a.efi), gw-efi-b (empty), gw-root-a
+#                       (rootfs.img), gw-root-b (empty), gw-state (empty ext4 gw-state)
+#   OUTDIR/disk.txt     the partitions of disk.img: name start size (bytes), one per line
 #
 # Environment:
 #   GATEWAYD   the binary to install (default: target/release/gatewayd; build it first with
@@ -18,8 +31,14 @@
 #   GW_CONFIG  /etc/gatewayd/gatewayd.toml of the image (default: image-recipe/files/gatewayd.toml)
 #   MIRROR     Debian mirror (default http://deb.debian.org/debian)
 #   STATE_SIZE size of state.img (default 512M; sparse)
+#   GW_UPDATE_CA  the vendor's update CA certificate(s), PEM (required): the RAUC keyring every
+#              update bundle's signature must chain to, baked into the verity root
+#              (image-recipe/rauc/install-into-root.sh)
+#   GW_IMAGE_VERSION  the firmware version (a number, +1 per release; default 1): IMAGE_VERSION
+#              in /usr/lib/os-release, what an update bundle's version is compared with
 #
-# Needs (Debian): mmdebstrap e2fsprogs; runs as root (mmdebstrap --mode=root). The only
+# Needs (Debian): mmdebstrap e2fsprogs cryptsetup-bin systemd-boot-efi binutils dosfstools
+# mtools fdisk; runs as root (mmdebstrap --mode=root). The only
 # network traffic is apt fetching Debian packages from MIRROR.
 set -euo pipefail
 
@@ -31,12 +50,23 @@ config=${GW_CONFIG:-$here/files/gatewayd.toml}
 mirror=${MIRROR:-http://deb.debian.org/debian}
 security_mirror=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 state_size=${STATE_SIZE:-512M}
+image_version=${GW_IMAGE_VERSION:-1}
+update_ca=${GW_UPDATE_CA:-}
+stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
+# The A/B disk (MiB): two EFI slots, two root slots, the state partition.
+efi_mib=128
+root_mib=640
+disk_state_mib=1024
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (mmdebstrap --mode=root, device-free ext4 with mkfs.ext4 -d)"
-for tool in mmdebstrap mkfs.ext4 ldd; do
-    command -v "$tool" >/dev/null || die "$tool not found: apt-get install -y --no-install-recommends mmdebstrap e2fsprogs"
+for tool in mmdebstrap mkfs.ext4 ldd veritysetup objcopy objdump mkfs.fat mcopy mmd sfdisk debugfs; do
+    command -v "$tool" >/dev/null || die "$tool not found: apt-get install -y --no-install-recommends mmdebstrap e2fsprogs cryptsetup-bin binutils dosfstools mtools fdisk"
 done
+[ -f "$stub" ] || die "no $stub (the UEFI stub of the unified kernel images): apt-get install -y --no-install-recommends systemd-boot-efi"
+case "$image_version" in
+'' | *[!0-9]* | 0*) die "GW_IMAGE_VERSION=$image_version is not a positive number" ;;
+esac
 [ -x "$gatewayd" ] || die "no gatewayd binary at $gatewayd: run \`cargo build --release -p gatewayd --features tpm\`"
 # The image's key store is the TPM (files/gatewayd.toml): the binary must have the back end.
 case "$(ldd "$gatewayd")" in
@@ -44,6 +74,7 @@ case "$(ldd "$gatewayd")" in
     *) die "$gatewayd has no TPM back end (it does not link libtss2-esys): build it with \`cargo build --release -p gatewayd --features tpm\`" ;;
 esac
 [ -f "$config" ] || die "no config file $config"
+[ -n "$update_ca" ] && [ -r "$update_ca" ] || die "GW_UPDATE_CA must name the update CA certificate (PEM): the image's RAUC keyring"
 
 # Runtime libraries gatewayd links (ldd) and the Debian packages that ship them. The TCTI
 # for /dev/tpmrm0 is dlopen()ed at run time, so it is listed on its own.
@@ -74,7 +105,9 @@ t0=$(date +%s)
 # usrmerge (and perl beyond the Essential perl-base, which only it needs) can be purged below.
 # systemd-resolved: host names for https:// uplinks and mqtts:// brokers, from the DNS servers
 # networkd's DHCP hands it (glibc's `dns` NSS module asks its stub on 127.0.0.53).
-packages=usr-is-merged,systemd-sysv,udev,systemd-resolved,linux-image-amd64,initramfs-tools,e2fsprogs,libtss2-tcti-device0,$runtime_pkgs
+# rauc + rauc-service: the A/B update installer (its D-Bus service); efibootmgr: RAUC's EFI
+# boot backend and gw-boot-entries; cryptsetup-bin: veritysetup for the initramfs.
+packages=usr-is-merged,systemd-sysv,udev,systemd-resolved,linux-image-amd64,initramfs-tools,e2fsprogs,libtss2-tcti-device0,rauc,rauc-service,efibootmgr,cryptsetup-bin,$runtime_pkgs
 
 # No docs, man pages, info or translations in the image (copyright files stay).
 mmdebstrap \
@@ -89,6 +122,7 @@ mmdebstrap \
     --essential-hook="mkdir -p \"\$1/etc/initramfs-tools/conf.d\" \"\$1/etc/initramfs-tools/hooks\"" \
     --essential-hook="cp '$here/files/initramfs-modules.conf' \"\$1/etc/initramfs-tools/conf.d/gateway.conf\"" \
     --essential-hook="cp '$here/files/initramfs-hook' \"\$1/etc/initramfs-tools/hooks/gateway-modules\"" \
+    --essential-hook="install -D -m 0755 '$here/files/initramfs-verity' \"\$1/etc/initramfs-tools/scripts/local-top/gw-verity\"" \
     --include="$packages" \
     bookworm "$root" \
     "deb $mirror bookworm main" \
@@ -110,6 +144,21 @@ install -D -m 0640 "$config" "$root/etc/gatewayd/gatewayd.toml"
 install -D -m 0644 "$here/files/20-wired.network" "$root/etc/systemd/network/20-wired.network"
 install -D -m 0644 "$here/files/journald-volatile.conf" "$root/etc/systemd/journald.conf.d/volatile.conf"
 install -m 0644 "$here/files/fstab" "$root/etc/fstab"
+install -D -m 0755 "$here/files/gatewayd-test-hooks" "$root/usr/lib/systemd/system-generators/gatewayd-test-hooks"
+install -D -m 0755 "$here/files/boot-entries" "$root/usr/libexec/gatewayd/boot-entries"
+install -D -m 0644 "$here/files/gw-boot-entries.service" "$root/usr/lib/systemd/system/gw-boot-entries.service"
+install -D -m 0644 "$here/files/gatewayd-test-rauc.service" "$root/usr/lib/systemd/system/gatewayd-test-rauc.service"
+# RAUC: system.conf (slots, efi boot backend), the update keyring, D-Bus policy, pre-install handler.
+bash "$here/rauc/install-into-root.sh" "$root" "$update_ca"
+# An inert file whose blocks the tests corrupt on the disk: reading it must fail (dm-verity).
+mkdir -p "$root/usr/share/gatewayd"
+{ yes 'gatewayd verity canary: this file is never used; tests flip a byte of it on disk' || true; } \
+    | head -c 65536 >"$root/usr/share/gatewayd/verity-canary"
+[ "$(stat -c %s "$root/usr/share/gatewayd/verity-canary")" -eq 65536 ] || die "the verity canary is not 64 KiB"
+chmod 0644 "$root/usr/share/gatewayd/verity-canary"
+# The firmware version: what an update's bundle version is compared with.
+sed -i '/^IMAGE_ID=/d; /^IMAGE_VERSION=/d' "$root/usr/lib/os-release"
+printf 'IMAGE_ID=clinic-gateway\nIMAGE_VERSION=%s\n' "$image_version" >>"$root/usr/lib/os-release"
 echo gateway >"$root/etc/hostname"
 mkdir -p "$root/var/lib/gatewayd"
 
@@ -118,7 +167,10 @@ chroot "$root" systemd-sysusers
 chroot "$root" chgrp gatewayd /etc/gatewayd/gatewayd.toml
 chroot "$root" getent group tss >/dev/null || die "group tss missing (tpm-udev)"
 
-chroot "$root" systemctl enable gatewayd.service systemd-networkd.service systemd-resolved.service
+chroot "$root" systemctl enable gatewayd.service systemd-networkd.service systemd-resolved.service \
+    gw-boot-entries.service
+# A slot is marked good by the update health check only, never just for having booted.
+chroot "$root" systemctl mask rauc-mark-good.service
 # /etc/resolv.conf on the read-only root: a symlink to resolved's stub file in /run (the
 # package's postinst makes it too; mmdebstrap handles resolv.conf itself, so make sure).
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
@@ -133,6 +185,22 @@ done
 
 echo "--- kernel and initramfs"
 kver=$(basename "$(ls -d "$root"/lib/modules/* | sort -V | tail -n 1)")
+# The kernel features of the A/B slots: dm-verity (root), loop and squashfs (RAUC bundles).
+for opt in DM_VERITY BLK_DEV_LOOP SQUASHFS SQUASHFS_ZSTD EFIVAR_FS; do
+    grep -Eq "^CONFIG_$opt=(y|m)$" "$root/boot/config-$kver" || die "kernel $kver has no CONFIG_$opt"
+done
+# The initrd opens the verity root: veritysetup, dm-verity and the local-top script in it
+# (initramfs-tools runs as a trigger after every package: regenerate if it ran too early).
+initrd_has_verity() {
+    chroot "$root" lsinitramfs "/boot/initrd.img-$kver" >"$work/initrd.list" || return 1
+    for f in 'sbin/veritysetup$' 'scripts/local-top/gw-verity$' '/dm-verity\.ko'; do
+        grep -q "$f" "$work/initrd.list" || return 1
+    done
+}
+if ! initrd_has_verity; then
+    chroot "$root" update-initramfs -u -k "$kver"
+    initrd_has_verity || die "the initrd lacks veritysetup, dm-verity.ko or scripts/local-top/gw-verity"
+fi
 cp "$root/boot/vmlinuz-$kver" "$out/vmlinuz"
 cp "$root/boot/initrd.img-$kver" "$out/initrd.img"
 chmod 0644 "$out/vmlinuz" "$out/initrd.img"
@@ -218,22 +286,119 @@ done
 
 echo "--- file systems"
 used_kib=$(du -sk "$root" | cut -f1)
-size_kib=$(( used_kib + used_kib / 5 + 65536 ))
+# The root is never written (read-only, dm-verity): no slack beyond ext4's own metadata.
+size_kib=$(( (used_kib + used_kib / 12 + 16384 + 3) / 4 * 4 ))
 rm -f "$out/rootfs.img" "$out/state.img"
-mkfs.ext4 -q -F -L gw-root -O ^has_journal -m 0 -d "$root" "$out/rootfs.img" "${size_kib}K"
+mkfs.ext4 -q -F -L gw-root -b 4096 -O ^has_journal -m 0 -d "$root" "$out/rootfs.img" "${size_kib}K" \
+    || die "mkfs.ext4 -d: the root tree ($used_kib KiB) does not fit ${size_kib} KiB"
 mkfs.ext4 -q -F -L gw-state -m 0 "$out/state.img" "$state_size"
 echo "root=/dev/vda ro console=ttyS0" >"$out/cmdline"
+
+echo "--- dm-verity"
+# The hash tree goes after the ext4 in the same file (and so in the same partition).
+data_blocks=$(( size_kib / 4 ))
+hash_offset=$(( size_kib * 1024 ))
+veritysetup format --data-blocks="$data_blocks" --hash-offset="$hash_offset" \
+    "$out/rootfs.img" "$out/rootfs.img" >"$work/verity.out"
+roothash=$(sed -n 's/^Root hash:[[:space:]]*//p' "$work/verity.out")
+salt=$(sed -n 's/^Salt:[[:space:]]*//p' "$work/verity.out")
+[[ $roothash =~ ^[0-9a-f]{64}$ ]] || die "veritysetup format printed no sha256 root hash: $(cat "$work/verity.out")"
+veritysetup verify --data-blocks="$data_blocks" --hash-offset="$hash_offset" \
+    "$out/rootfs.img" "$out/rootfs.img" "$roothash" || die "veritysetup verify of rootfs.img failed"
+canary_block=$(debugfs -R "bmap /usr/share/gatewayd/verity-canary 0" "$out/rootfs.img" 2>/dev/null)
+[[ $canary_block =~ ^[0-9]+$ ]] && [ "$canary_block" -gt 0 ] || die "no block for the verity canary: $canary_block"
+rootfs_bytes=$(stat -c %s "$out/rootfs.img")
+[ "$rootfs_bytes" -le $(( root_mib * 1048576 )) ] || die "rootfs.img ($rootfs_bytes bytes) is larger than a root slot ($root_mib MiB)"
+printf '%s\n' "ROOTHASH=$roothash" "SALT=$salt" "DATA_BLOCKS=$data_blocks" "DATA_BLOCK_SIZE=4096" \
+    "HASH_OFFSET=$hash_offset" "CANARY_BLOCK=$canary_block" >"$out/verity.txt"
+
+echo "--- unified kernel images"
+# objcopy adds the sections to systemd's stub at addresses after its own, page aligned
+# (.linux last); systemd-stub(7) names the sections. No load options are ever passed: the
+# built-in command line is the one that counts (with Secure Boot, the only one).
+uki() { # uki CMDLINE OUT
+    local end=0 e osrel_at cmd_at initrd_at linux_at sec
+    printf '%s' "$1" >"$work/uki-cmdline"
+    while read -r _ _ size vma _; do
+        e=$(( 16#$vma + 16#$size ))
+        [ "$e" -le "$end" ] || end=$e
+    done < <(objdump -h "$stub" | awk 'NF == 7 && $1 ~ /^[0-9]+$/')
+    osrel_at=$(page_up "$end")
+    cmd_at=$(page_up $(( osrel_at + $(stat -Lc %s "$root/usr/lib/os-release") )))
+    initrd_at=$(page_up $(( cmd_at + $(stat -c %s "$work/uki-cmdline") )))
+    linux_at=$(page_up $(( initrd_at + $(stat -c %s "$out/initrd.img") )))
+    objcopy \
+        --add-section .osrel="$root/usr/lib/os-release" --change-section-vma .osrel="$(printf 0x%x "$osrel_at")" \
+        --add-section .cmdline="$work/uki-cmdline" --change-section-vma .cmdline="$(printf 0x%x "$cmd_at")" \
+        --add-section .initrd="$out/initrd.img" --change-section-vma .initrd="$(printf 0x%x "$initrd_at")" \
+        --add-section .linux="$out/vmlinuz" --change-section-vma .linux="$(printf 0x%x "$linux_at")" \
+        "$stub" "$2"
+    for sec in .osrel .cmdline .initrd .linux; do
+        objdump -h "$2" | awk -v s="$sec" '$2 == s { found = 1 } END { exit !found }' || die "$2 has no $sec section"
+    done
+}
+page_up() { echo $(( ($1 + 4095) / 4096 * 4096 )); }
+slot_cmdline() { # slot_cmdline BOOTNAME PARTLABEL
+    echo "console=ttyS0 ro panic=10 systemd.gpt_auto=0 rauc.slot=$1 gw.verity=PARTLABEL=$2,$data_blocks,$hash_offset,$roothash root=/dev/mapper/gw-root"
+}
+rm -f "$out/gw-a.efi" "$out/gw-b.efi" "$out/efi.vfat" "$out/disk.img"
+uki "$(slot_cmdline system0 gw-root-a)" "$out/gw-a.efi"
+uki "$(slot_cmdline system1 gw-root-b)" "$out/gw-b.efi"
+slot_cmdline system0 gw-root-a >"$out/cmdline-a"
+slot_cmdline system1 gw-root-b >"$out/cmdline-b"
+
+echo "--- EFI slot image and the factory disk"
+# FAT without mounting (no loop devices, no vfat in this host's kernel): mkfs.fat -C + mtools.
+mkfs.fat -F 32 -n GW-EFI -C "$out/efi.vfat" $(( efi_mib * 1024 )) >/dev/null
+mmd -i "$out/efi.vfat" ::/EFI ::/EFI/Linux
+mcopy -i "$out/efi.vfat" "$out/gw-a.efi" ::/EFI/Linux/gw-a.efi
+mcopy -i "$out/efi.vfat" "$out/gw-b.efi" ::/EFI/Linux/gw-b.efi
+# The factory gw-efi-a also holds the removable-media fallback, which the firmware boots while
+# its NVRAM has no boot entries yet (first power-on; gw-boot-entries.service then makes them).
+cp --sparse=always "$out/efi.vfat" "$work/efi-factory.vfat"
+mmd -i "$work/efi-factory.vfat" ::/EFI/BOOT
+mcopy -i "$work/efi-factory.vfat" "$out/gw-a.efi" ::/EFI/BOOT/BOOTX64.EFI
+# GPT on a sparse file (sfdisk needs no device), contents placed with dd conv=notrunc.
+esp=C12A7328-F81F-11D2-BA4B-00A0C93EC93B
+root_x64=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709
+linux_data=0FC63DAF-8483-4772-8E79-3D69D8477DE4
+truncate -s $(( (1 + 2 * efi_mib + 2 * root_mib + disk_state_mib + 1) * 1048576 )) "$out/disk.img"
+printf '%s\n' "label: gpt" "unit: sectors" \
+    "start=2048, size=$(( efi_mib * 2048 )), type=$esp, name=gw-efi-a" \
+    "size=$(( efi_mib * 2048 )), type=$esp, name=gw-efi-b" \
+    "size=$(( root_mib * 2048 )), type=$root_x64, name=gw-root-a" \
+    "size=$(( root_mib * 2048 )), type=$root_x64, name=gw-root-b" \
+    "size=$(( disk_state_mib * 2048 )), type=$linux_data, name=gw-state" \
+    | sfdisk -q "$out/disk.img"
+sfdisk -J "$out/disk.img" | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["partitiontable"]["partitions"]:
+    print(p["name"], p["start"] * 512, p["size"] * 512)' >"$out/disk.txt"
+part_start() { awk -v n="$1" '$1 == n { print $2 }' "$out/disk.txt"; }
+for name in gw-efi-a gw-efi-b gw-root-a gw-root-b gw-state; do
+    [ -n "$(part_start "$name")" ] || die "disk.img has no partition $name"
+done
+dd if="$work/efi-factory.vfat" of="$out/disk.img" bs=1M seek=$(( $(part_start gw-efi-a) / 1048576 )) \
+    conv=notrunc,sparse status=none
+dd if="$out/rootfs.img" of="$out/disk.img" bs=1M seek=$(( $(part_start gw-root-a) / 1048576 )) \
+    conv=notrunc,sparse status=none
+mkfs.ext4 -q -F -L gw-state -m 0 -E offset="$(part_start gw-state)" "$out/disk.img" "${disk_state_mib}M"
+rm -f "$work/efi-factory.vfat"
 
 {
     echo "gatewayd sha256 $(sha256sum "$gatewayd" | cut -d' ' -f1)"
     echo "kernel $kver"
-    echo "root tree $(( used_kib / 1024 )) MiB; rootfs.img $(( $(stat -c %s "$out/rootfs.img") / 1048576 )) MiB (allocated $(( $(du -k "$out/rootfs.img" | cut -f1) / 1024 )) MiB)"
+    echo "root tree $(( used_kib / 1024 )) MiB; rootfs.img $(( rootfs_bytes / 1048576 )) MiB (allocated $(( $(du -k "$out/rootfs.img" | cut -f1) / 1024 )) MiB)"
     echo "vmlinuz $(( $(stat -c %s "$out/vmlinuz") / 1024 )) KiB; initrd.img $(( $(stat -c %s "$out/initrd.img") / 1024 )) KiB"
+    echo "image version $image_version"
+    echo "verity roothash $roothash data_blocks $data_blocks hash_offset $hash_offset (hash tree $(( (rootfs_bytes - hash_offset) / 1024 )) KiB)"
+    echo "gw-a.efi $(( $(stat -c %s "$out/gw-a.efi") / 1024 )) KiB; gw-b.efi $(( $(stat -c %s "$out/gw-b.efi") / 1024 )) KiB; efi.vfat $efi_mib MiB"
+    echo "disk.img $(( $(stat -c %s "$out/disk.img") / 1048576 )) MiB (allocated $(( $(du -k "$out/disk.img" | cut -f1) / 1024 )) MiB): efi-a/b $efi_mib MiB, root-a/b $root_mib MiB, state $disk_state_mib MiB"
     echo "packages ($(wc -l <"$work/packages.txt"), also in packages.txt; apt, dpkg and debconf then removed:"
     sed 's/^/  /' "$work/packages.txt"
 } >"$out/manifest.txt"
 cp "$work/packages.txt" "$out/packages.txt"
 
 echo "--- done in $(( $(date +%s) - t0 )) s: $out"
-head -n 4 "$out/manifest.txt"
+head -n 8 "$out/manifest.txt"
 ls -l "$out"
