@@ -90,11 +90,8 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need_pkgs+=(qemu-system-x86)
 # checks and installs them; rauc bundle runs mksquashfs.
 command -v rauc >/dev/null 2>&1 || need_pkgs+=(rauc)
 command -v mksquashfs >/dev/null 2>&1 || need_pkgs+=(squashfs-tools)
-# test_update_bundle.py also makes verity roots and FAT slot images without mounting, runs
-# RAUC's service on a private D-Bus bus, and builds a small preloaded library with cc.
-command -v veritysetup >/dev/null 2>&1 || need_pkgs+=(cryptsetup-bin)
-command -v mkfs.fat >/dev/null 2>&1 || need_pkgs+=(dosfstools)
-command -v mcopy >/dev/null 2>&1 || need_pkgs+=(mtools)
+# test_update_bundle.py also runs RAUC's service on a private D-Bus bus and builds a small
+# preloaded library with cc (veritysetup, mkfs.fat and mtools: the A/B disk's lines below).
 command -v dbus-daemon >/dev/null 2>&1 || need_pkgs+=(dbus-daemon)
 command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc)
 # The test DNS server the appliance guest resolves the broker's host name with
