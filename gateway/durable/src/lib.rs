@@ -119,12 +119,29 @@ pub fn sync_dir(dir: &Path) -> Result<(), Error> {
 
 /// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    write_atomic_inner(path, bytes, false)
+}
+
+/// As [`write_atomic`], the file owned by the owner (user and group) of its folder: for a
+/// helper run as root (e.g. RAUC's pre-install handler) writing where the service user must
+/// read it. The owner is set before the rename, so the file never appears root-owned.
+pub fn write_atomic_as_dir_owner(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    write_atomic_inner(path, bytes, true)
+}
+
+fn write_atomic_inner(path: &Path, bytes: &[u8], dir_owner: bool) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt as _;
     let dir = parent_of(path);
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let _ = fs::remove_file(&tmp);
     let mut file = create_new_private(&tmp)?;
+    if dir_owner {
+        let owner = fs::metadata(dir).ctx("stat", dir)?;
+        std::os::unix::fs::fchown(&file, Some(owner.uid()), Some(owner.gid()))
+            .ctx("chown", &tmp)?;
+    }
     file.write_all(bytes).ctx("write", &tmp)?;
     file.sync_all().ctx("sync", &tmp)?;
     drop(file);
@@ -176,6 +193,36 @@ mod tests {
         let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert!(!dir.path().join("k.tmp").exists());
+    }
+
+    #[test]
+    fn atomic_write_as_dir_owner_takes_the_folders_owner() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let owned = dir.path().join("service");
+        fs::create_dir(&owned).unwrap();
+        // As root (CI, the appliance's RAUC handler) the folder gets another owner, as the
+        // service user's folder has; as anyone else the owner is oneself either way.
+        let other = 4242;
+        if is_root() {
+            std::os::unix::fs::chown(&owned, Some(other), Some(other)).unwrap();
+        }
+        let p = owned.join("meta.json");
+        write_atomic_as_dir_owner(&p, b"{}").unwrap();
+        let (d, f) = (fs::metadata(&owned).unwrap(), fs::metadata(&p).unwrap());
+        assert_eq!((f.uid(), f.gid()), (d.uid(), d.gid()));
+        if is_root() {
+            assert_eq!(f.uid(), other);
+        }
+        assert_eq!(f.permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read(&p).unwrap(), b"{}");
+    }
+
+    /// Whether this process runs as root (its own files are owned by uid 0).
+    fn is_root() -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let probe = tempfile::NamedTempFile::new().unwrap();
+        fs::metadata(probe.path()).unwrap().uid() == 0
     }
 
     #[test]

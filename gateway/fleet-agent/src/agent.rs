@@ -123,6 +123,9 @@ pub type PublishedFn = Box<dyn FnOnce() + Send + Sync>;
 /// reboot goes out once connected).
 pub struct UpdateEvent {
     pub message: StateMessage,
+    /// With a final state: the command's result body (JSON), published on `.../result`
+    /// before the state, as every op with a result does.
+    pub result: Option<Vec<u8>>,
     pub published: Option<PublishedFn>,
 }
 
@@ -130,6 +133,7 @@ impl fmt::Debug for UpdateEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UpdateEvent")
             .field("message", &self.message)
+            .field("result", &self.result.is_some())
             .field("published", &self.published.is_some())
             .finish()
     }
@@ -745,6 +749,12 @@ impl FleetAgent {
             return;
         };
         info!(cmd_id = %m.cmd_id, state = ?m.state, code = ?m.code, "update state");
+        if let Some(body) = event.result {
+            match result_topic(&self.settings.device, &m.op, &m.cmd_id) {
+                Ok(result) => publish(client, result, false, body),
+                Err(_) => warn!("an update result with an invalid command id was dropped"),
+            }
+        }
         publish(client, topic, false, m.to_json());
         if let Some(published) = event.published {
             tokio::task::spawn_blocking(published);

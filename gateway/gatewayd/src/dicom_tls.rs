@@ -52,17 +52,8 @@ pub(crate) fn deliver(
             cert_file: files.cert_file.clone(),
             key_file: files.key_file.clone(),
         },
-        None => {
-            let identity = keys.identity().ok_or_else(|| {
-                format!(
-                    "results.deliver {name}: TLS without tls_cert_file/tls_key_file uses the device \
-                     identity: it needs a key store with one (keystore.backend = \"tpm\")"
-                )
-            })?;
-            let chain = gateway_tls::installed_chain(data_dir)
-                .map_err(|e| format!("results.deliver {name}: {e}"))?;
-            gateway_tls::ClientAuth::Identity { identity, chain }
-        }
+        // TLS without tls_cert_file/tls_key_file: the device identity.
+        None => crate::tls_auth::identity(keys, data_dir, &format!("results.deliver {name}"))?,
     };
     let config = gateway_tls::client_config(&tls.ca_file, auth)
         .map_err(|e| format!("results.deliver {name}: {e}"))?;

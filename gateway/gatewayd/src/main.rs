@@ -38,6 +38,7 @@ mod ops;
 mod run;
 mod safety_cli;
 mod telemetry;
+mod tls_auth;
 mod transfer_audit;
 mod update;
 

@@ -679,11 +679,8 @@ fn keys_action(cmd: &KeysCommand, settings: &Settings) -> Result<String, String>
             ))
         }
         KeysCommand::CheckTls { url, ca_file, .. } => {
-            let chain = gateway_tls::installed_chain(data_dir).map_err(|e| e.to_string())?;
-            let auth = gateway_tls::ClientAuth::Identity {
-                identity: identity()?,
-                chain,
-            };
+            let store = gateway_keystore::open(&backend, data_dir).map_err(|e| e.to_string())?;
+            let auth = crate::tls_auth::identity(store.as_ref(), data_dir, "keys check-tls")?;
             let config = gateway_tls::client_config(ca_file, auth).map_err(|e| e.to_string())?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -851,27 +851,14 @@ fn uplink_tls(
     Ok(match &uplink.ca_file {
         None => None,
         Some(ca_file) => {
-            let auth = match uplink.client_auth {
-                gateway_config::ClientAuth::Keystore => {
-                    let identity = keys.identity().ok_or_else(|| {
-                        format!("uplink {name}: client_auth = \"keystore\" needs a key store with a device identity (keystore.backend = \"tpm\")")
-                    })?;
-                    let chain = gateway_tls::installed_chain(data_dir)
-                        .map_err(|e| format!("uplink {name}: {e}"))?;
-                    gateway_tls::ClientAuth::Identity { identity, chain }
-                }
-                gateway_config::ClientAuth::Files => match (&uplink.cert_file, &uplink.key_file) {
-                    (Some(cert_file), Some(key_file)) => gateway_tls::ClientAuth::Files {
-                        cert_file: cert_file.clone(),
-                        key_file: key_file.clone(),
-                    },
-                    _ => {
-                        return Err(format!(
-                            "uplink {name}: client_auth = \"files\" needs cert_file and key_file"
-                        ));
-                    }
-                },
-            };
+            let auth = crate::tls_auth::configured(
+                uplink.client_auth,
+                uplink.cert_file.as_ref(),
+                uplink.key_file.as_ref(),
+                keys,
+                data_dir,
+                &format!("uplink {name}"),
+            )?;
             Some(
                 gateway_tls::client_config(ca_file, auth)
                     .map_err(|e| format!("uplink {name}: {e}"))?,

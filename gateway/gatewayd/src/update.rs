@@ -278,26 +278,14 @@ impl Runner {
             .as_ref()
             .or(self.fleet.ca_file.as_ref())
             .ok_or("no CA for the bundle server: set update.ca_file or fleet.ca_file")?;
-        let auth = match self.fleet.client_auth {
-            gateway_config::ClientAuth::Keystore => {
-                let identity = self
-                    .keys
-                    .identity()
-                    .ok_or("the key store has no device identity for the bundle server")?;
-                let chain = gateway_tls::installed_chain(&self.settings.node.data_dir)
-                    .map_err(|e| e.to_string())?;
-                gateway_tls::ClientAuth::Identity { identity, chain }
-            }
-            gateway_config::ClientAuth::Files => {
-                match (&self.fleet.cert_file, &self.fleet.key_file) {
-                    (Some(cert_file), Some(key_file)) => gateway_tls::ClientAuth::Files {
-                        cert_file: cert_file.clone(),
-                        key_file: key_file.clone(),
-                    },
-                    _ => return Err("fleet.cert_file and fleet.key_file are not set".into()),
-                }
-            }
-        };
+        let auth = crate::tls_auth::configured(
+            self.fleet.client_auth,
+            self.fleet.cert_file.as_ref(),
+            self.fleet.key_file.as_ref(),
+            self.keys.as_ref(),
+            &self.settings.node.data_dir,
+            "the bundle server (the [fleet] section's client_auth)",
+        )?;
         gateway_tls::client_config(ca_file, auth).map_err(|e| e.to_string())
     }
 
@@ -361,6 +349,7 @@ impl Runner {
         let (tx, rx) = oneshot::channel::<()>();
         let event = UpdateEvent {
             message: StateMessage::progress(&record.cmd_id, OP, state, now_unix()),
+            result: None,
             published: Some(Box::new(move || {
                 let _ = tx.send(());
             })),
@@ -378,6 +367,7 @@ impl Runner {
         let store = self.updater.store().clone();
         let event = UpdateEvent {
             message,
+            result: Some(result_body(record)),
             published: Some(Box::new(move || {
                 if let Err(e) = store.archive() {
                     warn!(error = %e, "cannot archive the published update record");
@@ -400,6 +390,43 @@ pub(crate) fn final_message(record: &UpdateRecord) -> Option<StateMessage> {
             StateMessage::rolled_back(&record.cmd_id, OP, reason.as_str(), at)
         }
     })
+}
+
+/// The body on the command's `.../result` topic with its final state: the outcome, the
+/// bundle's version, the slots, and the firmware version this box runs now (IMAGE_VERSION of
+/// /usr/lib/os-release; null where there is none, e.g. outside the image).
+fn result_body(record: &UpdateRecord) -> Vec<u8> {
+    let (state, code, reason) = match &record.outcome {
+        Some(Outcome::Successful) => ("successful", None, None),
+        Some(Outcome::Failed { code, reason }) => {
+            ("failed", Some(code.as_str()), Some(reason.clone()))
+        }
+        Some(Outcome::RolledBack { reason }) => (
+            "rolled-back",
+            Some(reason.as_str()),
+            Some(reason.as_str().to_owned()),
+        ),
+        None => ("unknown", None, None),
+    };
+    serde_json::json!({
+        "state": state,
+        "code": code,
+        "reason": reason,
+        "bundle_version": record.version,
+        "from_slot": record.from_slot,
+        "target_slot": record.target_slot,
+        "firmware_version": running_firmware_version(),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// IMAGE_VERSION of /usr/lib/os-release (the image's firmware version), if any.
+fn running_firmware_version() -> Option<u64> {
+    let text = std::fs::read_to_string("/usr/lib/os-release").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("IMAGE_VERSION="))
+        .and_then(|v| v.trim().trim_matches('"').parse().ok())
 }
 
 fn now_unix() -> u64 {
@@ -495,7 +522,11 @@ pub(crate) fn pre_install(config: &Path) -> ExitCode {
         .map_err(|e| e.to_string())
         .and_then(|bytes| {
             gateway_durable::ensure_private_dir(&paths.dir)
-                .and_then(|()| gateway_durable::write_atomic(&paths.bundle_meta(), &bytes))
+                // Run as root by RAUC: the file must stay readable by the health check,
+                // which runs as the service user that owns the folder.
+                .and_then(|()| {
+                    gateway_durable::write_atomic_as_dir_owner(&paths.bundle_meta(), &bytes)
+                })
                 .map_err(|e| e.to_string())
         });
     if let Err(e) = copied {
@@ -522,7 +553,7 @@ pub(crate) fn health_check(config: &Path, timeout: Option<u64>) -> ExitCode {
         Ok(k) => (Arc::new(KeyFloor(k)), None),
         Err(e) => (Arc::new(NoFloor(e.clone())), Some(e)),
     };
-    let updater = updater_with_floor(&settings, floor);
+    let updater = updater_with_floor(&settings, Arc::clone(&floor));
     match updater.trial_started() {
         Ok(true) => {}
         Ok(false) => {
@@ -548,8 +579,13 @@ pub(crate) fn health_check(config: &Path, timeout: Option<u64>) -> ExitCode {
     }
     match updater.record_health(report.healthy) {
         Ok(HealthVerdict::MarkedGood) => {
+            // The floor is raised after mark-good; say where it stands (a floor that could
+            // not be raised leaves downgrades to it possible: the vendor must know).
+            let floor = floor
+                .floor()
+                .map_or_else(|e| format!("unreadable: {}", e.reason), |f| f.to_string());
             println!(
-                "gatewayd: the new firmware is healthy ({} s): slot marked good",
+                "gatewayd: the new firmware is healthy ({} s): slot marked good; version floor {floor}",
                 report.elapsed.as_secs()
             );
             ExitCode::SUCCESS

@@ -106,6 +106,21 @@ pub enum KeyStoreError {
 /// The largest raise of the firmware version floor in one call ([`KeyStore::raise_version_floor`]).
 pub const MAX_FLOOR_STEP: u64 = 1000;
 
+/// The versions a raise of the floor from `floor` to `to` adds: 0 when `to` is not above the
+/// floor (a raise never lowers it), an error above [`MAX_FLOOR_STEP`]. The one rule of both
+/// back ends.
+pub(crate) fn floor_raise_steps(floor: u64, to: u64) -> Result<u64, KeyStoreError> {
+    let steps = to.saturating_sub(floor);
+    if steps > MAX_FLOOR_STEP {
+        return Err(KeyStoreError::FloorRaiseTooLarge {
+            floor,
+            to,
+            max: MAX_FLOOR_STEP,
+        });
+    }
+    Ok(steps)
+}
+
 /// A source of the gateway's keys.
 pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// Short back end name for logs and `keys status`.

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use gateway_durable::{self as durable, Context};
 use zeroize::Zeroize;
 
-use crate::{KEY_LEN, KeyStore, KeyStoreError, MAX_FLOOR_STEP, MasterKey, Status};
+use crate::{KEY_LEN, KeyStore, KeyStoreError, MasterKey, Status};
 
 const FILE_MAGIC: &[u8; 8] = b"GWSWKEY1";
 const FLOOR_FILE: &str = "version-floor";
@@ -210,15 +210,8 @@ impl KeyStore for SoftwareKeyStore {
 
     fn raise_version_floor(&self, to: u64) -> Result<u64, KeyStoreError> {
         let floor = self.version_floor()?;
-        if to <= floor {
+        if crate::floor_raise_steps(floor, to)? == 0 {
             return Ok(floor);
-        }
-        if to - floor > MAX_FLOOR_STEP {
-            return Err(KeyStoreError::FloorRaiseTooLarge {
-                floor,
-                to,
-                max: MAX_FLOOR_STEP,
-            });
         }
         durable::write_atomic(&self.floor_file(), format!("{to}\n").as_bytes()).map_err(io_err)?;
         Ok(to)
@@ -252,6 +245,7 @@ fn io_err(e: durable::Error) -> KeyStoreError {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::MAX_FLOOR_STEP;
 
     #[test]
     fn open_before_init_says_to_run_keys_init() {

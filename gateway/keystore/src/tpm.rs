@@ -61,7 +61,7 @@ use zeroize::Zeroize;
 
 #[cfg(test)]
 use crate::is_software_tpm;
-use crate::{DeviceIdentity, KEY_LEN, KeyStore, KeyStoreError, MAX_FLOOR_STEP, MasterKey, Status};
+use crate::{DeviceIdentity, KEY_LEN, KeyStore, KeyStoreError, MasterKey, Status};
 
 /// Persistent handle of the storage root key (TCG provisioning guidance: the SRK's slot).
 pub const SRK_HANDLE: u32 = 0x8100_0001;
@@ -921,17 +921,7 @@ fn raise_floor(ctx: &mut Context, to: u64) -> Result<u64, KeyStoreError> {
     })?;
     let result = (|| {
         let floor = floor_value(ctx, &indices)?;
-        if to <= floor {
-            return Ok(floor);
-        }
-        if to - floor > MAX_FLOOR_STEP {
-            return Err(KeyStoreError::FloorRaiseTooLarge {
-                floor,
-                to,
-                max: MAX_FLOOR_STEP,
-            });
-        }
-        for _ in floor..to {
+        for _ in 0..crate::floor_raise_steps(floor, to)? {
             increment(ctx, indices.counter)?;
         }
         floor_value(ctx, &indices)
