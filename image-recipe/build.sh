@@ -36,6 +36,12 @@
 #              (image-recipe/rauc/install-into-root.sh)
 #   GW_IMAGE_VERSION  the firmware version (a number, +1 per release; default 1): IMAGE_VERSION
 #              in /usr/lib/os-release, what an update bundle's version is compared with
+#   GW_VARIANTS  test firmware for the update tests (default: none): space-separated words
+#              VERSION or VERSION-broken; each makes OUTDIR/variant-WORD/ with rootfs.img,
+#              verity.txt, gw-a.efi, gw-b.efi and efi.vfat (what bundle.sh reads) of the same
+#              tree with IMAGE_VERSION=VERSION; -broken also makes `gatewayd run` exit 1 at
+#              once (every other gatewayd command works), a firmware that fails its update
+#              health check. hw-tests/test_appliance_update.py builds "2 3-broken".
 #
 # Needs (Debian): mmdebstrap e2fsprogs cryptsetup-bin systemd-boot-efi binutils dosfstools
 # mtools fdisk; runs as root (mmdebstrap --mode=root). The only
@@ -67,6 +73,10 @@ done
 case "$image_version" in
 '' | *[!0-9]* | 0*) die "GW_IMAGE_VERSION=$image_version is not a positive number" ;;
 esac
+variants=${GW_VARIANTS:-}
+for v in $variants; do
+    [[ $v =~ ^[1-9][0-9]{0,8}(-broken)?$ ]] || die "GW_VARIANTS: '$v' is not VERSION or VERSION-broken"
+done
 [ -x "$gatewayd" ] || die "no gatewayd binary at $gatewayd: run \`cargo build --release -p gatewayd --features tpm\`"
 # The image's key store is the TPM (files/gatewayd.toml): the binary must have the back end.
 case "$(ldd "$gatewayd")" in
@@ -147,7 +157,11 @@ install -m 0644 "$here/files/fstab" "$root/etc/fstab"
 install -D -m 0755 "$here/files/gatewayd-test-hooks" "$root/usr/lib/systemd/system-generators/gatewayd-test-hooks"
 install -D -m 0755 "$here/files/boot-entries" "$root/usr/libexec/gatewayd/boot-entries"
 install -D -m 0644 "$here/files/gw-boot-entries.service" "$root/usr/lib/systemd/system/gw-boot-entries.service"
-install -D -m 0644 "$here/files/gatewayd-test-rauc.service" "$root/usr/lib/systemd/system/gatewayd-test-rauc.service"
+# Updates: the trial boot's health check, the reboot gatewayd asks for, the hardware watchdog.
+install -D -m 0644 "$here/files/gatewayd-update-health.service" "$root/usr/lib/systemd/system/gatewayd-update-health.service"
+install -D -m 0644 "$here/files/gatewayd-reboot.path" "$root/usr/lib/systemd/system/gatewayd-reboot.path"
+install -D -m 0644 "$here/files/gatewayd-reboot.service" "$root/usr/lib/systemd/system/gatewayd-reboot.service"
+install -D -m 0644 "$here/files/watchdog.conf" "$root/etc/systemd/system.conf.d/gatewayd-watchdog.conf"
 # RAUC: system.conf (slots, efi boot backend), the update keyring, D-Bus policy, pre-install handler.
 bash "$here/rauc/install-into-root.sh" "$root" "$update_ca"
 # An inert file whose blocks the tests corrupt on the disk: reading it must fail (dm-verity).
@@ -168,7 +182,7 @@ chroot "$root" chgrp gatewayd /etc/gatewayd/gatewayd.toml
 chroot "$root" getent group tss >/dev/null || die "group tss missing (tpm-udev)"
 
 chroot "$root" systemctl enable gatewayd.service systemd-networkd.service systemd-resolved.service \
-    gw-boot-entries.service
+    gw-boot-entries.service gatewayd-update-health.service gatewayd-reboot.path
 # A slot is marked good by the update health check only, never just for having booted.
 chroot "$root" systemctl mask rauc-mark-good.service
 # /etc/resolv.conf on the read-only root: a symlink to resolved's stub file in /run (the
@@ -285,38 +299,15 @@ for link in "$root"/etc/alternatives/*; do
 done
 
 echo "--- file systems"
-used_kib=$(du -sk "$root" | cut -f1)
-# The root is never written (read-only, dm-verity): no slack beyond ext4's own metadata.
-size_kib=$(( (used_kib + used_kib / 12 + 16384 + 3) / 4 * 4 ))
-rm -f "$out/rootfs.img" "$out/state.img"
-mkfs.ext4 -q -F -L gw-root -b 4096 -O ^has_journal -m 0 -d "$root" "$out/rootfs.img" "${size_kib}K" \
-    || die "mkfs.ext4 -d: the root tree ($used_kib KiB) does not fit ${size_kib} KiB"
+rm -f "$out/state.img"
 mkfs.ext4 -q -F -L gw-state -m 0 "$out/state.img" "$state_size"
 echo "root=/dev/vda ro console=ttyS0" >"$out/cmdline"
 
-echo "--- dm-verity"
-# The hash tree goes after the ext4 in the same file (and so in the same partition).
-data_blocks=$(( size_kib / 4 ))
-hash_offset=$(( size_kib * 1024 ))
-veritysetup format --data-blocks="$data_blocks" --hash-offset="$hash_offset" \
-    "$out/rootfs.img" "$out/rootfs.img" >"$work/verity.out"
-roothash=$(sed -n 's/^Root hash:[[:space:]]*//p' "$work/verity.out")
-salt=$(sed -n 's/^Salt:[[:space:]]*//p' "$work/verity.out")
-[[ $roothash =~ ^[0-9a-f]{64}$ ]] || die "veritysetup format printed no sha256 root hash: $(cat "$work/verity.out")"
-veritysetup verify --data-blocks="$data_blocks" --hash-offset="$hash_offset" \
-    "$out/rootfs.img" "$out/rootfs.img" "$roothash" || die "veritysetup verify of rootfs.img failed"
-canary_block=$(debugfs -R "bmap /usr/share/gatewayd/verity-canary 0" "$out/rootfs.img" 2>/dev/null)
-[[ $canary_block =~ ^[0-9]+$ ]] && [ "$canary_block" -gt 0 ] || die "no block for the verity canary: $canary_block"
-rootfs_bytes=$(stat -c %s "$out/rootfs.img")
-[ "$rootfs_bytes" -le $(( root_mib * 1048576 )) ] || die "rootfs.img ($rootfs_bytes bytes) is larger than a root slot ($root_mib MiB)"
-printf '%s\n' "ROOTHASH=$roothash" "SALT=$salt" "DATA_BLOCKS=$data_blocks" "DATA_BLOCK_SIZE=4096" \
-    "HASH_OFFSET=$hash_offset" "CANARY_BLOCK=$canary_block" >"$out/verity.txt"
-
-echo "--- unified kernel images"
-# objcopy adds the sections to systemd's stub at addresses after its own, page aligned
-# (.linux last); systemd-stub(7) names the sections. No load options are ever passed: the
-# built-in command line is the one that counts (with Secure Boot, the only one).
-uki() { # uki CMDLINE OUT
+page_up() { echo $(( ($1 + 4095) / 4096 * 4096 )); }
+# uki CMDLINE OUT: objcopy adds the sections to systemd's stub at addresses after its own,
+# page aligned (.linux last); systemd-stub(7) names the sections. No load options are ever
+# passed: the built-in command line is the one that counts (with Secure Boot, the only one).
+uki() {
     local end=0 e osrel_at cmd_at initrd_at linux_at sec
     printf '%s' "$1" >"$work/uki-cmdline"
     while read -r _ _ size vma _; do
@@ -337,22 +328,60 @@ uki() { # uki CMDLINE OUT
         objdump -h "$2" | awk -v s="$sec" '$2 == s { found = 1 } END { exit !found }' || die "$2 has no $sec section"
     done
 }
-page_up() { echo $(( ($1 + 4095) / 4096 * 4096 )); }
 slot_cmdline() { # slot_cmdline BOOTNAME PARTLABEL
     echo "console=ttyS0 ro panic=10 systemd.gpt_auto=0 rauc.slot=$1 gw.verity=PARTLABEL=$2,$data_blocks,$hash_offset,$roothash root=/dev/mapper/gw-root"
 }
-rm -f "$out/gw-a.efi" "$out/gw-b.efi" "$out/efi.vfat" "$out/disk.img"
-uki "$(slot_cmdline system0 gw-root-a)" "$out/gw-a.efi"
-uki "$(slot_cmdline system1 gw-root-b)" "$out/gw-b.efi"
-slot_cmdline system0 gw-root-a >"$out/cmdline-a"
-slot_cmdline system1 gw-root-b >"$out/cmdline-b"
 
-echo "--- EFI slot image and the factory disk"
-# FAT without mounting (no loop devices, no vfat in this host's kernel): mkfs.fat -C + mtools.
-mkfs.fat -F 32 -n GW-EFI -C "$out/efi.vfat" $(( efi_mib * 1024 )) >/dev/null
-mmd -i "$out/efi.vfat" ::/EFI ::/EFI/Linux
-mcopy -i "$out/efi.vfat" "$out/gw-a.efi" ::/EFI/Linux/gw-a.efi
-mcopy -i "$out/efi.vfat" "$out/gw-b.efi" ::/EFI/Linux/gw-b.efi
+# slot_images DIR: the images of one firmware of the tree $root in DIR: rootfs.img (ext4 +
+# its dm-verity hash tree), verity.txt, the UKIs gw-a.efi and gw-b.efi (command lines
+# cmdline-a, cmdline-b) and efi.vfat (the FAT image of an EFI slot holding both UKIs).
+# Sets used_kib, size_kib, rootfs_bytes, data_blocks, hash_offset, roothash, canary_block.
+slot_images() {
+    local dir=$1 verity_out salt
+    mkdir -p "$dir"
+    used_kib=$(du -sk "$root" | cut -f1)
+    # The root is never written (read-only, dm-verity): no slack beyond ext4's own metadata.
+    size_kib=$(( (used_kib + used_kib / 12 + 16384 + 3) / 4 * 4 ))
+    rm -f "$dir/rootfs.img" "$dir/gw-a.efi" "$dir/gw-b.efi" "$dir/efi.vfat"
+    mkfs.ext4 -q -F -L gw-root -b 4096 -O ^has_journal -m 0 -d "$root" "$dir/rootfs.img" "${size_kib}K" \
+        || die "mkfs.ext4 -d: the root tree ($used_kib KiB) does not fit ${size_kib} KiB"
+
+    # dm-verity: the hash tree goes after the ext4 in the same file (and so in the same partition).
+    data_blocks=$(( size_kib / 4 ))
+    hash_offset=$(( size_kib * 1024 ))
+    verity_out=$work/verity.out
+    veritysetup format --data-blocks="$data_blocks" --hash-offset="$hash_offset" \
+        "$dir/rootfs.img" "$dir/rootfs.img" >"$verity_out"
+    roothash=$(sed -n 's/^Root hash:[[:space:]]*//p' "$verity_out")
+    salt=$(sed -n 's/^Salt:[[:space:]]*//p' "$verity_out")
+    [[ $roothash =~ ^[0-9a-f]{64}$ ]] || die "veritysetup format printed no sha256 root hash: $(cat "$verity_out")"
+    veritysetup verify --data-blocks="$data_blocks" --hash-offset="$hash_offset" \
+        "$dir/rootfs.img" "$dir/rootfs.img" "$roothash" || die "veritysetup verify of $dir/rootfs.img failed"
+    canary_block=$(debugfs -R "bmap /usr/share/gatewayd/verity-canary 0" "$dir/rootfs.img" 2>/dev/null)
+    [[ $canary_block =~ ^[0-9]+$ ]] && [ "$canary_block" -gt 0 ] || die "no block for the verity canary: $canary_block"
+    rootfs_bytes=$(stat -c %s "$dir/rootfs.img")
+    [ "$rootfs_bytes" -le $(( root_mib * 1048576 )) ] || die "$dir/rootfs.img ($rootfs_bytes bytes) is larger than a root slot ($root_mib MiB)"
+    printf '%s\n' "ROOTHASH=$roothash" "SALT=$salt" "DATA_BLOCKS=$data_blocks" "DATA_BLOCK_SIZE=4096" \
+        "HASH_OFFSET=$hash_offset" "CANARY_BLOCK=$canary_block" >"$dir/verity.txt"
+
+    # The unified kernel images: the command line names the slot and binds its root hash.
+    uki "$(slot_cmdline system0 gw-root-a)" "$dir/gw-a.efi"
+    uki "$(slot_cmdline system1 gw-root-b)" "$dir/gw-b.efi"
+    slot_cmdline system0 gw-root-a >"$dir/cmdline-a"
+    slot_cmdline system1 gw-root-b >"$dir/cmdline-b"
+
+    # FAT without mounting (no loop devices, no vfat in this host's kernel): mkfs.fat -C + mtools.
+    mkfs.fat -F 32 -n GW-EFI -C "$dir/efi.vfat" $(( efi_mib * 1024 )) >/dev/null
+    mmd -i "$dir/efi.vfat" ::/EFI ::/EFI/Linux
+    mcopy -i "$dir/efi.vfat" "$dir/gw-a.efi" ::/EFI/Linux/gw-a.efi
+    mcopy -i "$dir/efi.vfat" "$dir/gw-b.efi" ::/EFI/Linux/gw-b.efi
+}
+
+echo "--- root file system, dm-verity, unified kernel images, EFI slot image"
+slot_images "$out"
+
+echo "--- the factory disk"
+rm -f "$out/disk.img"
 # The factory gw-efi-a also holds the removable-media fallback, which the firmware boots while
 # its NVRAM has no boot entries yet (first power-on; gw-boot-entries.service then makes them).
 cp --sparse=always "$out/efi.vfat" "$work/efi-factory.vfat"
@@ -398,6 +427,30 @@ rm -f "$work/efi-factory.vfat"
     sed 's/^/  /' "$work/packages.txt"
 } >"$out/manifest.txt"
 cp "$work/packages.txt" "$out/packages.txt"
+
+# Test firmware of the same tree (GW_VARIANTS): the tree is changed for each and put back.
+for v in $variants; do
+    echo "--- variant $v"
+    version=${v%-broken}
+    cp -p "$root/usr/lib/os-release" "$work/os-release"
+    sed -i 's/^IMAGE_VERSION=.*/IMAGE_VERSION='"$version"'/' "$root/usr/lib/os-release"
+    if [ "$v" != "$version" ]; then
+        mv "$root/usr/bin/gatewayd" "$work/gatewayd.real"
+        install -D -m 0755 "$work/gatewayd.real" "$root/usr/libexec/gatewayd/gatewayd-real"
+        printf '%s\n' '#!/bin/sh' \
+            '# hw-tests broken firmware (image-recipe/build.sh GW_VARIANTS): `run` fails, all else works.' \
+            'if [ "${1:-}" = run ]; then echo "gatewayd: broken test firmware: run exits 1" >&2; exit 1; fi' \
+            'exec /usr/libexec/gatewayd/gatewayd-real "$@"' >"$root/usr/bin/gatewayd"
+        chmod 0755 "$root/usr/bin/gatewayd"
+    fi
+    slot_images "$out/variant-$v"
+    if [ "$v" != "$version" ]; then
+        rm -f "$root/usr/libexec/gatewayd/gatewayd-real"
+        mv "$work/gatewayd.real" "$root/usr/bin/gatewayd"
+    fi
+    cp -p "$work/os-release" "$root/usr/lib/os-release"
+    echo "variant $v: root hash $roothash, rootfs.img $(( rootfs_bytes / 1048576 )) MiB" >>"$out/manifest.txt"
+done
 
 echo "--- done in $(( $(date +%s) - t0 )) s: $out"
 head -n 8 "$out/manifest.txt"
