@@ -19,7 +19,8 @@ One home for what every QEMU test needs:
   `Vm(cmdline=dns.cmdline())` (never QEMU's 10.0.2.3, which forwards to the host's resolver);
 - `RootImage`: read-only view of rootfs.img through debugfs (no mount, no boot);
 - `UefiVm`: the A/B disk (disk.img, GPT) booted by OVMF from a per-box copy of its NVRAM (`new_box`),
-  reboots inside QEMU allowed, the test hooks as SMBIOS OEM strings; `partitions`, `sha256_range`,
+  the test hooks as SMBIOS OEM strings; `UefiBox`: one box across power-ons, a guest reboot
+  being a power cycle (a new QEMU on the same disk, NVRAM and TPM state); `partitions`, `sha256_range`,
   `flip_byte`, `extract_partition`: the disk's partitions read and damaged on the host.
 
 Everything listens on 127.0.0.1 (QEMU's hostfwd; the swtpm and monitor sockets are Unix sockets in the
@@ -39,6 +40,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +58,9 @@ BUILD_TIMEOUT_S = 900
 BOOT_TIMEOUT_S = 420
 STATUS_TIMEOUT_S = 60
 POWEROFF_TIMEOUT_S = 120
+# The test firmware build.sh makes beside the image (OUTDIR/variant-WORD/, GW_VARIANTS): version 2,
+# and a version 3 whose `gatewayd run` fails (its update health check fails).
+VARIANTS = ("2", "3-broken")
 TOOLS = ("mmdebstrap", "mkfs.ext4", "debugfs", "qemu-system-x86_64", "swtpm", "veritysetup", "objcopy",
          "mkfs.fat", "mcopy", "sfdisk")
 # OVMF, the UEFI firmware of the A/B disk's VMs: code read-only, a per-box copy of the variables.
@@ -107,6 +112,7 @@ def image_key(gatewayd_bin: str) -> str:
     """Hash of everything that goes into the image: the binary, the recipe, the unit, the update CA."""
     h = hashlib.sha256()  # (image-recipe/README.md is not in the image)
     files = [Path(gatewayd_bin), REPO / "config" / "gatewayd.service", RECIPE / "build.sh", update_ca()[0]]
+    h.update(" ".join(VARIANTS).encode() + b"\0")
     files += sorted(p for p in (RECIPE / "files").rglob("*") if p.is_file())
     files += sorted(p for p in (RECIPE / "rauc").rglob("*") if p.is_file())
     for p in files:
@@ -130,7 +136,8 @@ def build_image(gatewayd_bin: str) -> Path:
     with open(log, "wb") as f:
         r = subprocess.run(
             ["bash", str(RECIPE / "build.sh"), str(out)],
-            env={**os.environ, "GATEWAYD": gatewayd_bin, "GW_UPDATE_CA": str(update_ca()[0])},
+            env={**os.environ, "GATEWAYD": gatewayd_bin, "GW_UPDATE_CA": str(update_ca()[0]),
+                 "GW_VARIANTS": " ".join(VARIANTS)},
             stdin=subprocess.DEVNULL,
             stdout=f, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S,
         )
@@ -141,7 +148,57 @@ def build_image(gatewayd_bin: str) -> Path:
     return out
 
 
-class Vm:
+class ConsoleWaits:
+    """Waits on a serial console's text: `console_text()`, `alive()` (raises when the machine
+    behind it is gone) and `tail()` come from the class that mixes this in (`Vm`, or a box
+    made of several power-ons)."""
+
+    def console_text(self) -> str:
+        raise NotImplementedError
+
+    def alive(self) -> None:
+        raise NotImplementedError
+
+    def tail(self, n: int = 60) -> str:
+        raise NotImplementedError
+
+    def mark(self) -> int:
+        """The console's length now: pass it as `since` to look only at what comes after
+        (e.g. the boot after a reboot)."""
+        return len(self.console_text())
+
+    def wait_console(self, pattern: str, timeout: float, since: int = 0) -> re.Match:
+        """The first match of `pattern` in the console text from offset `since` on."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern, re.M)
+        while time.monotonic() < deadline:
+            m = rx.search(self.console_text(), since)
+            if m:
+                return m
+            self.alive()
+            time.sleep(0.5)
+        raise AssertionError(f"{pattern!r} not on the serial console within {timeout} s\n{self.tail()}")
+
+    def spool_status_with(self, pred, timeout: float = STATUS_TIMEOUT_S, since: int = 0) -> dict:
+        """The newest `SPOOL-STATUS: {json}` line (after console offset `since`) for which
+        pred(status) holds."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            for m in reversed(list(re.finditer(r"SPOOL-STATUS: (\{.*\})\s*$", self.console_text()[since:], re.M))):
+                try:
+                    last = json.loads(m.group(1))
+                except json.JSONDecodeError:
+                    continue
+                break
+            if last is not None and pred(last):
+                return last
+            self.alive()
+            time.sleep(1)
+        raise AssertionError(f"no matching spool status within {timeout} s (last: {last})\n{self.tail()}")
+
+
+class Vm(ConsoleWaits):
     """One QEMU boot of the image with its own swtpm process on a shared state folder."""
 
     def __init__(self, image: Path, work: Path, state_img: Path, tpm_dir: Path, name: str,
@@ -187,7 +244,7 @@ class Vm:
         self.started = time.monotonic()
         self.qemu = subprocess.Popen(
             ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
-             "-display", "none", *(["-no-reboot"] if self.no_reboot else []),
+             "-display", "none", "-no-reboot",
              *(["-rtc", f"base={self.rtc}"] if self.rtc else []),
              "-serial", f"file:{self.console}",
              "-monitor", f"unix:{self.monitor},server=on,wait=off",
@@ -200,8 +257,6 @@ class Vm:
             stdin=subprocess.DEVNULL, stdout=open(self.work / f"{self.name}-qemu.log", "wb"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )
-
-    no_reboot = True
 
     def boot_args(self) -> list[str]:
         """QEMU arguments of the boot: direct kernel boot of rootfs.img, the state disk second."""
@@ -242,34 +297,6 @@ class Vm:
             time.sleep(2)
         raise AssertionError(f"DICOM did not answer on 127.0.0.1:{self.dicom_port} within {timeout} s "
                              f"(last echoscu: {last!r})\n{self.tail()}")
-
-    def wait_console(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern, re.M)
-        while time.monotonic() < deadline:
-            m = rx.search(self.console_text())
-            if m:
-                return m
-            self.alive()
-            time.sleep(0.5)
-        raise AssertionError(f"{pattern!r} not on the serial console within {timeout} s\n{self.tail()}")
-
-    def spool_status_with(self, pred, timeout: float = STATUS_TIMEOUT_S) -> dict:
-        """The newest `SPOOL-STATUS: {json}` line for which pred(status) holds."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            for m in reversed(list(re.finditer(r"SPOOL-STATUS: (\{.*\})\s*$", self.console_text(), re.M))):
-                try:
-                    last = json.loads(m.group(1))
-                except json.JSONDecodeError:
-                    continue
-                break
-            if last is not None and pred(last):
-                return last
-            self.alive()
-            time.sleep(1)
-        raise AssertionError(f"no matching spool status within {timeout} s (last: {last})\n{self.tail()}")
 
     def hmp(self, command: str) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -340,17 +367,22 @@ def fresh_state(image: Path, dest: Path, files: dict[str, bytes] | None = None) 
         return dest
     size = (image / "state.img").stat().st_size
     with tempfile.TemporaryDirectory(dir=dest.parent) as tree:
-        for rel, content in files.items():
-            path = Path(tree) / rel
-            assert not Path(rel).is_absolute() and ".." not in Path(rel).parts, rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content)
-            path.chmod(0o600)
+        _state_tree(Path(tree), files)
         r = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "gw-state", "-m", "0", "-d", tree, str(dest),
                             f"{size // 1024}K"], capture_output=True, text=True, timeout=120,
                            stdin=subprocess.DEVNULL)
         assert r.returncode == 0, f"mkfs.ext4 -d for the seeded state disk failed: {r.stderr}"
     return dest
+
+
+def _state_tree(tree: Path, files: dict[str, bytes]) -> None:
+    """`files` (path relative to the state partition -> bytes) under `tree`, each 0600."""
+    for rel, content in files.items():
+        path = tree / rel
+        assert not Path(rel).is_absolute() and ".." not in Path(rel).parts, rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        path.chmod(0o600)
 
 
 class RootImage:
@@ -512,29 +544,24 @@ class UefiVm(Vm):
     (virtio), swtpm on `tpm_dir` as in `Vm`. No `bootindex`/`-boot`: the firmware boots what its
     BootOrder/BootNext say (on a factory disk with empty NVRAM: the fallback EFI/BOOT/BOOTX64.EFI).
     `hooks`: extra test hook words (e.g. `DnsServer.cmdline().split()`), passed with UEFI_HOOKS as
-    SMBIOS OEM strings. `reboot=True` lets the guest reboot inside QEMU (A/B flows: BootNext,
-    rollback); otherwise a reboot ends QEMU as in `Vm`. `bundle_disk`: a further raw virtio disk,
-    read-only, with serial `gwbundle` (an update bundle for gatewayd-test-rauc.service in the
-    image, /dev/disk/by-id/virtio-gwbundle). `kill()` is a power cut."""
+    SMBIOS OEM strings. A reboot ends QEMU as in `Vm` (`UefiBox` powers the box on again).
+    `kill()` is a power cut."""
 
     def __init__(self, image: Path, work: Path, disk: Path, vars_fd: Path, tpm_dir: Path, name: str,
-                 forwards: tuple[int, ...] = (), hooks: tuple[str, ...] | list[str] = (), reboot: bool = False,
-                 bundle_disk: Path | None = None, rtc: str | None = None):
+                 forwards: tuple[int, ...] = (), hooks: tuple[str, ...] | list[str] = (),
+                 rtc: str | None = None):
         super().__init__(image, work, disk, tpm_dir, name, forwards=forwards, rtc=rtc)
         self.disk, self.vars_fd = disk, vars_fd
         self.hooks = [*UEFI_HOOKS, *hooks]
         for word in self.hooks:
             assert word and "," not in word and " " not in word, f"an SMBIOS hook is one word without commas: {word!r}"
-        self.no_reboot = not reboot
-        self.bundle_disk = bundle_disk
 
     def boot_args(self) -> list[str]:
         args = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={self.vars_fd}",
-                "-drive", f"file={self.disk},if=virtio,format=raw"]
-        if self.bundle_disk is not None:
-            args += ["-drive", f"file={self.bundle_disk},if=none,id=gwbundle,format=raw,readonly=on",
-                     "-device", "virtio-blk-pci,drive=gwbundle,serial=gwbundle"]
+                "-drive", f"file={self.disk},if=virtio,format=raw",
+                # The box's hardware watchdog (systemd's RuntimeWatchdogSec): a hung guest resets.
+                "-device", "i6300esb"]
         for word in self.hooks:
             args += ["-smbios", f"type=11,value={word}"]
         return args
@@ -557,6 +584,119 @@ class UefiVm(Vm):
             except subprocess.TimeoutExpired:
                 self._kill(self.swtpm)
         return rc
+
+
+def seed_box_state(disk: Path, files: dict[str, bytes]) -> None:
+    """A new ext4 (label gw-state) in the gw-state partition of a box's `disk`, holding `files`
+    (path relative to the state partition -> bytes, root-owned 0600, as `fresh_state`), e.g. the
+    effective config and the factory fleet credentials. Written in place: mkfs.ext4 -E offset."""
+    start, size = partitions(disk)["gw-state"]
+    with tempfile.TemporaryDirectory(dir=disk.parent) as tree:
+        _state_tree(Path(tree), files)
+        r = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "gw-state", "-m", "0", "-E", f"offset={start}", "-d", tree,
+                            str(disk), f"{size // 1024}K"], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, f"mkfs.ext4 -d into gw-state of {disk} failed: {r.stderr}"
+
+
+class UefiBox(ConsoleWaits):
+    """One box on the A/B disk across its power-ons, for flows that reboot by themselves (an
+    update's reboot into the new slot, a failed health check's reboot back): a guest reboot
+    ends its QEMU (`-no-reboot`) and a new `UefiVm` starts at once on the same disk, NVRAM
+    (`vars_fd`) and TPM state, a cold start. Not a warm reset inside QEMU: OVMF under TCG can
+    hang in the firmware after one (seen here: a tight loop before its boot manager, the
+    guest's last words `reboot: machine restart`); a cold start never did.
+
+    Its console is its power-ons' consoles one after another (offsets from `mark()` stay
+    valid); `dicom_port` and `started` are the current power-on's. `kill()` is a power cut: no
+    power-on follows until `power_on()`. Every UefiVm goes into `vms` (the fixture's teardown)."""
+
+    def __init__(self, image: Path, work: Path, disk: Path, vars_fd: Path, tpm_dir: Path, vms: list,
+                 hooks: tuple[str, ...] | list[str] = ()):
+        self.image, self.work, self.disk, self.vars_fd, self.tpm_dir = image, work, disk, vars_fd, tpm_dir
+        self.vms, self.hooks = vms, list(hooks)
+        self.runs: list[UefiVm] = []
+        self._lock = threading.Lock()
+        self._cut = True
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="uefibox", daemon=True)
+
+    @property
+    def vm(self) -> UefiVm:
+        assert self.runs, "the box was never powered on"
+        return self.runs[-1]
+
+    @property
+    def dicom_port(self) -> int:
+        return self.vm.dicom_port
+
+    @property
+    def started(self) -> float:
+        return self.vm.started
+
+    def power_on(self, name: str) -> "UefiBox":
+        with self._lock:
+            self._start(name)
+            self._cut = False
+        if not self._thread.is_alive():
+            self._thread.start()
+        return self
+
+    def _start(self, name: str) -> None:
+        if self.runs:
+            # The last power-on's swtpm ends with its QEMU (--terminate); its lock on the
+            # state folder must be gone before the next one starts.
+            last = self.runs[-1]
+            if last.swtpm is not None:
+                try:
+                    last.swtpm.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    Vm._kill(last.swtpm)
+        vm = UefiVm(self.image, self.work, self.disk, self.vars_fd, self.tpm_dir, f"{len(self.runs) + 1}-{name}",
+                    hooks=self.hooks)
+        self.vms.append(vm)
+        self.runs.append(vm)
+        vm.start()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                if self._cut or self._error is not None or not self.runs:
+                    continue
+                qemu = self.runs[-1].qemu
+                if qemu is None or qemu.poll() is None:
+                    continue
+                if qemu.returncode != 0:
+                    self._error = AssertionError(f"qemu exited with {qemu.returncode}, not a reboot")
+                    continue
+                try:
+                    self._start("reboot")
+                except BaseException as e:  # noqa: BLE001 - surfaced by alive()
+                    self._error = e
+
+    def kill(self) -> None:
+        """A power cut (SIGKILL of QEMU and its swtpm); nothing starts again by itself."""
+        with self._lock:
+            self._cut = True
+            if self.runs:
+                self.vm.kill()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.kill()
+
+    def console_text(self) -> str:
+        return "".join(vm.console_text() for vm in self.runs)
+
+    def alive(self) -> None:
+        if self._error is not None:
+            raise AssertionError(f"the box could not be powered on again after a reboot: {self._error!r}\n{self.tail()}")
+        if self._cut:
+            raise AssertionError(f"the box is powered off\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        return self.vm.tail(n) if self.runs else "(never powered on)"
 
 
 def partitions(disk: Path) -> dict[str, tuple[int, int]]:

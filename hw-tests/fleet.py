@@ -243,19 +243,23 @@ class Vendor:
         assert r.returncode == 0, f"mosquitto_pub failed: {r.stderr.decode(errors='replace')}"
 
 
+# The final states of a command (DESIGN.md); rolled-back is an update's.
+FINAL_STATES = ("successful", "failed", "rolled-back")
+
+
 def state_topic(device: str, op: str, cmd_id: str) -> str:
     return f"gw/{device}/cmd/{op}/{cmd_id}/state"
 
 
 def final_state(sub: Subscription, device: str, op: str, cmd_id: str, timeout: float = 15.0,
                 after: int = 0) -> dict:
-    """The command's final state message (successful or failed), looking only at the
-    messages on its state topic after the first ``after`` ones (a command id may be reused
-    by a replay)."""
+    """The command's final state message (successful, failed, or rolled-back for an
+    `update`), looking only at the messages on its state topic after the first ``after``
+    ones (a command id may be reused by a replay)."""
     topic = state_topic(device, op, cmd_id)
 
     def done(s: Subscription):
-        finals = [m for m in s.on(topic)[after:] if m.get("state") in ("successful", "failed")]
+        finals = [m for m in s.on(topic)[after:] if m.get("state") in FINAL_STATES]
         return finals[-1] if finals else None
 
     return sub.wait_for(done, timeout, describe=f"final state on {topic}")

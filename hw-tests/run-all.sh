@@ -8,8 +8,10 @@
 # oelint-adv and schemathesis among them), then runs
 #   cargo fmt --check, cargo clippy -D warnings, cargo test (both with the TPM back end:
 #   --features gatewayd/tpm), cargo build --release --features tpm,
-#   pytest -v hw-tests  (against target/release/gatewayd; test_appliance.py builds the
-#   appliance image into hw-tests/.cache/ once per binary+recipe and boots it in QEMU;
+#   pytest -v hw-tests  (against target/release/gatewayd, in two lanes at once: the appliance
+#   tests (QEMU) and the rest; with extra pytest args, one pytest with them;
+#   test_appliance.py builds the appliance image into hw-tests/.cache/ once per binary+recipe
+#   and boots it in QEMU;
 #   test_fresh_build.py builds gatewayd with its default features, libtss2 hidden from
 #   pkg-config, and runs it: the README's first command on a fresh machine)
 # Works on a fresh Debian 12 with the Rust toolchain and python3, as root or with sudo.
@@ -182,6 +184,38 @@ GATEWAYD=${CARGO_TARGET_DIR:-$ROOT/target}/release/gatewayd
 ls -l "$GATEWAYD"
 
 disk_check "pytest"
-banner "pytest -v hw-tests (real peers)"
 export GATEWAYD
-exec "$VENV/bin/python" -m pytest -v hw-tests "$@"
+if [ "$#" -gt 0 ]; then
+    banner "pytest -v hw-tests $* (real peers)"
+    exec "$VENV/bin/python" -m pytest -v hw-tests "$@"
+fi
+
+# Two lanes at once: the appliance lane (the image build, every QEMU boot) is mostly one
+# long chain of guest CPU time, the other lane mostly waits on its peers; side by side they
+# take about the time of the longer one. Each lane's report is whole: the appliance lane's
+# is printed after the other's. Files of one lane never touch the other's (the appliance
+# lane alone uses hw-tests/.cache/appliance-* and .cache/update-ca).
+APPLIANCE_LANE=(hw-tests/test_appliance.py hw-tests/test_appliance_ab.py hw-tests/test_appliance_fleet.py
+                hw-tests/test_appliance_update.py hw-tests/test_powercut.py)
+lane_log=$(mktemp "${TMPDIR:-/tmp}/gw-appliance-lane.XXXXXX")
+banner "pytest -v: appliance lane (${APPLIANCE_LANE[*]}) in the background, report below the other lane's"
+t_lanes=$(date +%s)
+"$VENV/bin/python" -m pytest -v "${APPLIANCE_LANE[@]}" >"$lane_log" 2>&1 &
+lane_pid=$!
+banner "pytest -v hw-tests: every other test (real peers)"
+deselect=()
+for f in "${APPLIANCE_LANE[@]}"; do
+    deselect+=(--ignore="$f")
+done
+rc=0
+"$VENV/bin/python" -m pytest -v hw-tests "${deselect[@]}" || rc=$?
+echo "other lane: exit $rc after $(( $(date +%s) - t_lanes )) s"
+lane_rc=0
+wait "$lane_pid" || lane_rc=$?
+banner "pytest -v: appliance lane report (exit $lane_rc, both lanes done after $(( $(date +%s) - t_lanes )) s)"
+cat "$lane_log"
+rm -f "$lane_log"
+if [ "$rc" -ne 0 ] || [ "$lane_rc" -ne 0 ]; then
+    echo "run-all.sh: pytest failed (other lane exit $rc, appliance lane exit $lane_rc)" >&2
+    exit 1
+fi

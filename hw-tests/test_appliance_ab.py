@@ -14,15 +14,8 @@ an swtpm vTPM:
   error on read, with the kernel naming the corrupted data block, never the wrong bytes, and
   the box still serves DICOM; a flipped byte in the root's first block makes the slot refuse
   to boot (the initramfs panics before mounting it, panic=10 reboots; bounded);
-- RAUC (image-recipe/rauc): a version 2 bundle made by image-recipe/bundle.sh (signed by the test
-  update signer, hw-tests/.cache/update-ca) is installed from inside slot A with `rauc install`
-  (gatewayd-test-rauc.service copies it from a third, read-only virtio disk): gw-root-b and
-  gw-efi-b then hold the bundle's images byte for byte and BootNext is system1, BootOrder still
-  system0 first; the next power-on runs slot B (verity over /dev/vda4); a power cut in that
-  unconfirmed trial boot brings the box back to slot A (the rollback); after `rauc status
-  mark-active other` the next boot is B again, `rauc status mark-good booted` puts system1 first
-  in BootOrder, and B stays the boot after a power-off. The bundle's pre-install handler runs
-  `gatewayd update pre-install`: GATEWAYD must be a build with the update command.
+- RAUC installs, the trial boot through BootNext, mark-good, the rollback and power cuts in the
+  middle of all of them are test_appliance_update.py's (through gatewayd and the fleet broker).
 
 Everything listens on 127.0.0.1 (QEMU's hostfwd; swtpm and monitor on Unix sockets in tmp_path);
 qemu and swtpm are killed by PID at teardown. A missing tool or OVMF fails the test.
@@ -31,19 +24,15 @@ qemu and swtpm are killed by PID at teardown. A missing tool or OVMF fails the t
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 import data
 import scu
-from appliance import (BOOT_TIMEOUT_S, POWEROFF_TIMEOUT_S, RECIPE, STATUS_TIMEOUT_S, UefiVm, flip_byte, new_box,
-                       partitions, sha256_range, update_ca, verity_info)
+from appliance import (BOOT_TIMEOUT_S, POWEROFF_TIMEOUT_S, STATUS_TIMEOUT_S, UefiVm, flip_byte, new_box, partitions,
+                       verity_info)
 
 # A boot that must fail: firmware + kernel + initramfs + panic=10 under TCG.
 REFUSED_BOOT_TIMEOUT_S = 240
@@ -178,130 +167,3 @@ def test_flipped_byte_in_the_active_root_is_an_io_error_and_a_flipped_first_bloc
     assert "Reached target" not in text, f"the corrupted slot got past the initramfs\n{vm2.tail()}"
     assert not re.search(r"EXT4-fs \(dm-0\): mounted", text), f"the corrupted root was mounted\n{vm2.tail()}"
     print(f"corrupted first block: slot refused, QEMU ended {time.monotonic() - t0:.0f} s after power-on")
-
-
-def _bundle(image, tmp_path, version: int) -> tuple[Path, int, float]:
-    """image-recipe/bundle.sh of this image as firmware `version`, signed by the test update
-    signer; returned as a raw disk image (padded to whole MiB) with the bundle's size and the
-    seconds bundle.sh took."""
-    for tool in ("rauc", "mksquashfs"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not found: `apt-get install -y --no-install-recommends rauc squashfs-tools` "
-                        "(hw-tests/run-all.sh does this)", pytrace=False)
-    _, signer = update_ca()
-    bundle = tmp_path / f"gateway-{version}.raucb"
-    t0 = time.monotonic()
-    r = subprocess.run(["bash", str(RECIPE / "bundle.sh"), str(image), str(version), str(version),
-                        str(signer.key), str(signer.cert), str(bundle)],
-                       capture_output=True, text=True,
-                       timeout=600, stdin=subprocess.DEVNULL)
-    took = time.monotonic() - t0
-    assert r.returncode == 0, f"bundle.sh exited {r.returncode}\n{r.stdout}\n{r.stderr}"
-    size = bundle.stat().st_size
-    raw = tmp_path / "bundle.disk"
-    bundle.rename(raw)
-    with open(raw, "r+b") as f:
-        f.truncate((size + (1 << 20) - 1) // (1 << 20) * (1 << 20))
-    return raw, size, took
-
-
-def _rauc_lines(vm: UefiVm, timeout: float) -> tuple[str, str]:
-    """(RAUC-STATUS, EFI-BOOT) printed by gatewayd-test-rauc.service at the end of its run."""
-    m = vm.wait_console(r"RAUC-STATUS: (.*)$", timeout)
-    deadline = time.monotonic() + 30
-    while True:
-        after = re.findall(r"EFI-BOOT: (.*)$", vm.console_text()[m.end():], re.M)
-        if after:
-            return m.group(1), after[0]
-        assert time.monotonic() < deadline, f"no EFI-BOOT line after RAUC-STATUS\n{vm.tail()}"
-        time.sleep(0.5)
-
-
-def _boot_vars(efi_line: str) -> tuple[dict[str, str], list[str], str | None]:
-    entries = dict((label, num) for num, label in re.findall(r"Boot([0-9A-Fa-f]{4})\*? ([^;\t]+?)\s*(?:\t|;)", efi_line))
-    order = re.search(r"BootOrder: ([0-9A-Fa-f,]+)", efi_line)
-    nxt = re.search(r"BootNext: ([0-9A-Fa-f]{4})", efi_line)
-    return entries, (order.group(1).split(",") if order else []), (nxt.group(1) if nxt else None)
-
-
-@pytest.mark.timeout(1200 + 5 * BOOT_TIMEOUT_S)
-def test_rauc_install_boots_slot_b_once_rolls_back_to_a_unless_marked_good(appliance_image, tmp_path, vms):
-    image = appliance_image
-    raw, size, took = _bundle(image, tmp_path, version=2)
-    print(f"bundle.sh: version 2 bundle {size / 2**20:.0f} MiB in {took:.0f} s")
-    disk, vars_fd = new_box(image, tmp_path / "box")
-    tpm_dir = tmp_path / "tpm"
-    tpm_dir.mkdir()
-    parts = partitions(disk)
-    rootfs, efi = image / "rootfs.img", image / "efi.vfat"
-    root_b, efi_b = parts["gw-root-b"], parts["gw-efi-b"]
-    rauc_hooks = ["systemd.wants=gatewayd-test-rauc.service"]
-
-    # ---- boot 1 (factory, slot A): rauc install of the bundle from the third disk
-    vm = UefiVm(image, tmp_path, disk, vars_fd, tpm_dir, "install", bundle_disk=raw,
-                hooks=[*rauc_hooks, f"gw.test_bundle={size}"])
-    vms.append(vm)
-    vm.start()
-    vm.wait_dicom()
-    m = vm.wait_console(r"RAUC-INSTALL: (OK (\d+) s|FAILED.*)$", 900)
-    assert m.group(1).startswith("OK"), (
-        f"rauc install of the version 2 bundle failed: {m.group(1)} (its pre-install handler runs `gatewayd update "
-        f"pre-install`: GATEWAYD must have the update command)\n{vm.tail()}")
-    install_s = int(m.group(2))
-    print(f"rauc install (slot B: {rootfs.stat().st_size / 2**20:.0f} MiB root + {efi.stat().st_size / 2**20:.0f} MiB efi, "
-          f"read back) took {install_s} s in the guest")
-    status, efi_line = _rauc_lines(vm, 60)
-    entries, order, nxt = _boot_vars(efi_line)
-    assert nxt == entries["system1"], f"rauc install did not set BootNext to system1: {efi_line}"
-    assert order[0] == entries["system0"] and entries["system1"] not in order, f"BootOrder after install: {efi_line}"
-    vm.power_off()
-    assert sha256_range(disk, root_b[0], rootfs.stat().st_size) == hashlib.sha256(rootfs.read_bytes()).hexdigest(), \
-        "gw-root-b does not hold the bundle's root image"
-    assert sha256_range(disk, efi_b[0], efi.stat().st_size) == hashlib.sha256(efi.read_bytes()).hexdigest(), \
-        "gw-efi-b does not hold the bundle's efi image"
-
-    # ---- boot 2: BootNext -> slot B, once; not marked good; power cut
-    vm2 = UefiVm(image, tmp_path, disk, vars_fd, tpm_dir, "trial")
-    vms.append(vm2)
-    vm2.start()
-    ready = vm2.wait_dicom()
-    assert vm2.boots()[-1][1] == "system1", f"the boot after install started {vm2.boots()}\n{vm2.tail()}"
-    slot = vm2.wait_console(r"SLOT: (\S+) root (\S+)$", STATUS_TIMEOUT_S)
-    assert slot.groups() == ("system1", "/dev/mapper/gw-root"), slot.group(0)
-    verity = vm2.wait_console(r"VERITY: (.*)$", STATUS_TIMEOUT_S).group(1)
-    assert "status: verified" in verity and "data device: /dev/vda4" in verity, verity
-    print(f"trial boot of slot B: DICOM answered {ready:.0f} s after power-on")
-    vm2.kill()
-
-    # ---- boot 3: not marked good -> the firmware takes BootOrder: slot A (the rollback);
-    #      then RAUC makes B the next boot again (mark-active other = BootNext)
-    vm3 = UefiVm(image, tmp_path, disk, vars_fd, tpm_dir, "rollback", hooks=[*rauc_hooks, "gw.test_rauc=mark-active-other"])
-    vms.append(vm3)
-    vm3.start()
-    vm3.wait_dicom()
-    assert vm3.boots()[-1][1] == "system0", f"after a power cut in the trial boot the box started {vm3.boots()}"
-    assert vm3.wait_console(r"SLOT: (\S+) root", STATUS_TIMEOUT_S).group(1) == "system0"
-    status, efi_line = _rauc_lines(vm3, 120)
-    entries, order, nxt = _boot_vars(efi_line)
-    assert nxt == entries["system1"] and entries["system1"] not in order, f"after mark-active other: {efi_line}"
-    vm3.power_off()
-
-    # ---- boot 4: slot B again; `rauc status mark-good booted` puts it first in BootOrder
-    vm4 = UefiVm(image, tmp_path, disk, vars_fd, tpm_dir, "markgood", hooks=[*rauc_hooks, "gw.test_rauc=mark-good"])
-    vms.append(vm4)
-    vm4.start()
-    vm4.wait_dicom()
-    assert vm4.boots()[-1][1] == "system1", f"BootNext did not start system1: {vm4.boots()}"
-    assert "RAUC-ACTION: mark-good" in vm4.wait_console(r"RAUC-ACTION: mark-good.*$", 120).group(0)
-    status, efi_line = _rauc_lines(vm4, 120)
-    entries, order, nxt = _boot_vars(efi_line)
-    assert order[0] == entries["system1"] and nxt is None, f"after mark-good: {efi_line}"
-    vm4.power_off()
-
-    # ---- boot 5 after a power-off: slot B stays primary
-    vm5 = UefiVm(image, tmp_path, disk, vars_fd, tpm_dir, "stays")
-    vms.append(vm5)
-    vm5.start()
-    vm5.wait_console(r"Command line: .*rauc\.slot=system1", BOOT_TIMEOUT_S)
-    assert vm5.boots()[-1][1] == "system1", f"after mark-good the box started {vm5.boots()}"
-    vm5.kill()

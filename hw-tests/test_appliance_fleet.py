@@ -70,7 +70,7 @@ HL7_GUEST_PORT = 2575
 APPLY_TIMEOUT_S = 180
 
 
-def _broker_with_host_name(tmp_path, ca) -> fleet.Broker:
+def broker_with_host_name(tmp_path, ca) -> fleet.Broker:
     """fleet.Broker whose server certificate names BROKER_HOST (what the guest connects to)
     and 127.0.0.1 (what the host's mosquitto_pub/sub connect to)."""
     broker = fleet.Broker(tmp_path / "broker", ca)
@@ -94,7 +94,7 @@ def _broker_with_host_name(tmp_path, ca) -> fleet.Broker:
     return broker
 
 
-def _factory_config(image_config: str, broker_port: int) -> str:
+def factory_config(image_config: str, broker_port: int) -> str:
     """The image's factory config plus the fleet section of a box that is not yet provisioned."""
     return image_config + (
         "\n[fleet]\n"
@@ -108,7 +108,7 @@ def _factory_config(image_config: str, broker_port: int) -> str:
     )
 
 
-def _factory_files(factory: str, claim: pki.KeyPair, vendor: fleet.Vendor, ca: pki.CA) -> dict[str, bytes]:
+def factory_files(factory: str, claim: pki.KeyPair, vendor: fleet.Vendor, ca: pki.CA) -> dict[str, bytes]:
     """The factory state of a box that is not yet provisioned, for `fresh_state`."""
     return {
         "config/gatewayd.toml": factory.encode(),
@@ -119,7 +119,7 @@ def _factory_files(factory: str, claim: pki.KeyPair, vendor: fleet.Vendor, ca: p
     }
 
 
-def _wait_online(vm: Vm, device: fleet.Subscription, dns: DnsServer, broker: fleet.Broker, timeout: float) -> None:
+def wait_online_by_claim(vm: Vm, device: fleet.Subscription, dns: DnsServer, broker: fleet.Broker, timeout: float) -> None:
     """The guest uses the test's DNS server and comes online as PROVISIONED (by claim)."""
     vm.wait_console(r"TEST-DNS: resolver set to 10\.0\.2\.2:\d+", timeout)
     try:
@@ -165,7 +165,7 @@ def _sha(text: str) -> str:
 def test_appliance_is_provisioned_by_claim_configured_remotely_and_keeps_the_config_across_reboot(
         appliance_image, tmp_path, ca, vms):
     image = appliance_image
-    broker = _broker_with_host_name(tmp_path, ca)
+    broker = broker_with_host_name(tmp_path, ca)
     dns = DnsServer(tmp_path, {BROKER_HOST: "10.0.2.2"})
     provisioner = None
     subs: list[fleet.Subscription] = []
@@ -174,8 +174,8 @@ def test_appliance_is_provisioned_by_claim_configured_remotely_and_keeps_the_con
         dns.start()
         vendor = fleet.Vendor(tmp_path / "vendor", broker)
         claim = broker.client_cert(CLAIM)
-        factory = _factory_config((RECIPE / "files" / "gatewayd.toml").read_text(), broker.port)
-        state_img = fresh_state(image, tmp_path / "state.img", _factory_files(factory, claim, vendor, ca))
+        factory = factory_config((RECIPE / "files" / "gatewayd.toml").read_text(), broker.port)
+        state_img = fresh_state(image, tmp_path / "state.img", factory_files(factory, claim, vendor, ca))
         tpm_dir = tmp_path / "tpm"
         tpm_dir.mkdir()
         device = broker.subscribe("vendor", f"gw/{PROVISIONED}/#")
@@ -187,7 +187,7 @@ def test_appliance_is_provisioned_by_claim_configured_remotely_and_keeps_the_con
         vm = Vm(image, tmp_path, state_img, tpm_dir, "fleet1", forwards=(HL7_GUEST_PORT,), cmdline=cmdline)
         vms.append(vm)
         vm.start()
-        _wait_online(vm, device, dns, broker, BOOT_TIMEOUT_S)
+        wait_online_by_claim(vm, device, dns, broker, BOOT_TIMEOUT_S)
         provisioner.check()
         assert provisioner.assigned == {CLAIM: PROVISIONED}, provisioner.assigned
         online_s = time.monotonic() - vm.started
@@ -329,7 +329,7 @@ def test_appliance_first_administrator_is_invited_over_the_fleet_and_enrols_at_t
     console) of either boot; the page logs no error but the 401 of /api/me before login.
     """
     image = appliance_image
-    broker = _broker_with_host_name(tmp_path, ca)
+    broker = broker_with_host_name(tmp_path, ca)
     dns = DnsServer(tmp_path, {BROKER_HOST: "10.0.2.2"})
     provisioner = None
     subs: list[fleet.Subscription] = []
@@ -338,9 +338,9 @@ def test_appliance_first_administrator_is_invited_over_the_fleet_and_enrols_at_t
         dns.start()
         vendor = fleet.Vendor(tmp_path / "vendor", broker)
         claim = broker.client_cert(CLAIM)
-        factory = _factory_config((RECIPE / "files" / "gatewayd.toml").read_text(), broker.port)
+        factory = factory_config((RECIPE / "files" / "gatewayd.toml").read_text(), broker.port)
         kiosk_tls = ca.server_cert("127.0.0.1", name="kiosk")
-        files = _factory_files(factory, claim, vendor, ca)
+        files = factory_files(factory, claim, vendor, ca)
         files["kiosk/kiosk.pem"] = kiosk_tls.cert.read_bytes()
         files["kiosk/kiosk.key"] = kiosk_tls.key.read_bytes()
         state_img = fresh_state(image, tmp_path / "state.img", files)
@@ -355,7 +355,7 @@ def test_appliance_first_administrator_is_invited_over_the_fleet_and_enrols_at_t
         vm = Vm(image, tmp_path, state_img, tpm_dir, "enrol1", forwards=(KIOSK_GUEST_PORT,), cmdline=cmdline)
         vms.append(vm)
         vm.start()
-        _wait_online(vm, device, dns, broker, BOOT_TIMEOUT_S)
+        wait_online_by_claim(vm, device, dns, broker, BOOT_TIMEOUT_S)
         provisioner.check()
         assert provisioner.assigned == {CLAIM: PROVISIONED}, provisioner.assigned
         print(f"boot 1: provisioned by claim and online {time.monotonic() - vm.started:.0f} s after QEMU started")

@@ -20,14 +20,11 @@ slots, the reboot and the firmware's own rollback are the appliance tests' (QEMU
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import shutil
-import ssl
 import stat
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +32,7 @@ import pytest
 
 import fleet
 import gw
+from bundle_server import BundleServer
 from conftest import fail_on_assertion
 from test_fleet import broker, wait_online  # noqa: F401  (broker: the mosquitto fixture)
 
@@ -46,73 +44,6 @@ def require_rauc() -> None:
     missing = [t for t in ("rauc", "mksquashfs") if shutil.which(t) is None]
     assert not missing, (f"{', '.join(missing)} not found: install the Debian packages rauc and "
                          "squashfs-tools (hw-tests/run-all.sh does)")
-
-
-class BundleServer:
-    """HTTPS on 127.0.0.1 with a required client certificate; GET with Range; counts
-    requests per path. Stops in `stop()` (the fixture's teardown)."""
-
-    def __init__(self, dir: Path, ca, files: dict[str, bytes]):
-        self.files = files
-        self.requests: list[tuple[str, str | None]] = []
-        # Bytes sent per 50 ms (None: all at once); bytes sent in all.
-        self.chunk: int | None = None
-        self.sent = 0
-        server_pair = ca.server_cert("127.0.0.1", name="bundles")
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(server_pair.cert), str(server_pair.key))
-        ctx.load_verify_locations(str(ca.cert))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
-            def do_GET(self):
-                rng = self.headers.get("Range")
-                outer.requests.append((self.path, rng))
-                body = outer.files.get(self.path)
-                if body is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                start = 0
-                if rng and rng.startswith("bytes="):
-                    start = int(rng[6:].split("-")[0])
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                rest = body[start:]
-                step = outer.chunk or len(rest)
-                try:
-                    for i in range(0, len(rest), step):
-                        self.wfile.write(rest[i:i + step])
-                        self.wfile.flush()
-                        outer.sent += len(rest[i:i + step])
-                        if outer.chunk:
-                            time.sleep(0.05)
-                except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
-                    pass  # the gateway went away mid-body (the power cut under test)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"https://127.0.0.1:{self.port}{path}"
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def openssl_self_signed(dir: Path, name: str) -> tuple[Path, Path]:
@@ -320,6 +251,12 @@ def test_trial_boot_health_check_marks_good_and_the_final_state_is_published_onc
     m = final(rig, "u-trial", timeout=30)
     assert m["state"] == "successful", m
     assert [s["state"] for s in states(rig, "u-trial")] == ["successful"]
+    # the result body on .../result, published before the final state
+    results = rig["sub"].on(fleet.result_topic(DEVICE, "update", "u-trial"))
+    assert len(results) == 1, results
+    assert {k: results[0][k] for k in ("state", "code", "bundle_version", "from_slot", "target_slot")} == {
+        "state": "successful", "code": None, "bundle_version": 8, "from_slot": "system0",
+        "target_slot": "system1"}, results
     fleet_wait = time.monotonic() - started
     assert fleet_wait < 60, fleet_wait
     # published, then archived: the record is last.json, the trial marker is gone
@@ -351,7 +288,7 @@ def test_failed_health_check_exits_1_and_the_old_slot_reports_rolled_back_health
     # FailureAction=reboot: the firmware takes BootOrder, i.e. the old slot
     rig["work"].joinpath("booted").write_text("system0")
     g.start()
-    m = final_any(rig, "u-trial")
+    m = final(rig, "u-trial", timeout=30)
     assert (m["state"], m["code"], m["reason"]) == ("rolled-back", "health-failed", "health-failed"), m
 
 
@@ -361,18 +298,8 @@ def test_back_on_the_old_slot_after_the_reboot_reports_rolled_back_with_the_reas
     trial_record(rig, phase)
     rig["work"].joinpath("booted").write_text("system0")
     g.start()
-    m = final_any(rig, "u-trial")
+    m = final(rig, "u-trial", timeout=30)
     assert (m["state"], m["code"]) == ("rolled-back", reason), m
-
-
-def final_any(rig, cmd_id: str, timeout: float = 30.0) -> dict:
-    topic = fleet.state_topic(DEVICE, "update", cmd_id)
-
-    def done(s):
-        finals = [m for m in s.on(topic) if m.get("state") in ("successful", "failed", "rolled-back")]
-        return finals[-1] if finals else None
-
-    return rig["sub"].wait_for(done, timeout, describe=f"final state on {topic}")
 
 
 def test_power_cut_mid_download_resumes_from_the_partial_file_with_a_range_request(rig):
