@@ -6,10 +6,11 @@
 # pkg-config, systemd (systemd-analyze), chromium, fonts-ipafont-gothic, mmdebstrap,
 # e2fsprogs, qemu-system-x86, dnsmasq-base, rauc, squashfs-tools; PyPI into hw-tests/.venv: hw-tests/requirements.txt,
 # oelint-adv and schemathesis among them), then runs
-#   cargo fmt --check, cargo clippy -D warnings, cargo test (both with the TPM back end:
-#   --features gatewayd/tpm), cargo build --release --features tpm,
-#   pytest -v hw-tests  (against target/release/gatewayd, in two lanes at once: the appliance
-#   tests (QEMU) and the rest; with extra pytest args, one pytest with them;
+#   cargo build --release --features tpm, then (without pytest arguments) the appliance lane of
+#   pytest (the QEMU tests) in the background, cargo fmt --check, cargo clippy -D warnings,
+#   cargo test (both with the TPM back end: --features gatewayd/tpm), the fuzz targets,
+#   cargo-deny, and pytest -v over every other test; all against target/release/gatewayd
+#   (with extra pytest args: the checks, then one pytest with them over everything;
 #   test_appliance.py builds the appliance image into hw-tests/.cache/ once per binary+recipe
 #   and boots it in QEMU;
 #   test_fresh_build.py builds gatewayd with its default features, libtss2 hidden from
@@ -150,6 +151,51 @@ fi
 "$VENV/bin/python" -c 'import schemathesis, websocket; print("schemathesis", schemathesis.__version__, "websocket-client", websocket.__version__)'
 echo "$(chromium --version 2>/dev/null | head -n 1)"
 
+# The binary of the hw-tests and the appliance: with the TPM key store (test_appliance.py
+# checks that it links libtss2-esys).
+disk_check "the release build"
+banner "cargo build --release -p gatewayd --features tpm"
+cargo build --release -p gatewayd --features tpm
+GATEWAYD=${CARGO_TARGET_DIR:-$ROOT/target}/release/gatewayd
+ls -l "$GATEWAYD"
+
+export GATEWAYD
+
+# With pytest arguments: the checks below, then one pytest with them over every test.
+# Without: two pytest lanes. The appliance lane (the image build and every QEMU boot: mostly
+# guest CPU time and waits inside the guest) starts now, beside the cargo checks and then
+# beside the other lane (mostly waits on its peers); together they take about the time of
+# the longest. Each lane's report is whole: the appliance lane's comes last. The lanes share
+# no files (the appliance lane alone uses hw-tests/.cache/appliance-* and .cache/update-ca).
+APPLIANCE_LANE=(hw-tests/test_appliance.py hw-tests/test_appliance_ab.py hw-tests/test_appliance_fleet.py
+                hw-tests/test_appliance_update.py hw-tests/test_powercut.py)
+lane_pid=
+lane_log=
+stop_lane() {
+    # An early failure of the foreground: stop the lane the way Ctrl-C would (pytest's
+    # teardown kills its QEMU, swtpm and peers), then show what it had done.
+    if [ -n "$lane_pid" ] && kill -0 "$lane_pid" 2>/dev/null; then
+        kill -INT "$lane_pid" 2>/dev/null || true
+        for _ in $(seq 60); do kill -0 "$lane_pid" 2>/dev/null || break; sleep 1; done
+        kill -KILL "$lane_pid" 2>/dev/null || true
+        echo "--- appliance lane stopped early; its log so far:"
+        cat "$lane_log" 2>/dev/null || true
+    fi
+    [ -z "$lane_log" ] || rm -f "$lane_log"
+}
+if [ "$#" -eq 0 ]; then
+    disk_check "pytest (appliance lane)"
+    lane_log=$(mktemp "${TMPDIR:-/tmp}/gw-appliance-lane.XXXXXX")
+    trap stop_lane EXIT
+    banner "pytest -v: appliance lane (${APPLIANCE_LANE[*]}) in the background, report at the end"
+    t_lane=$(date +%s)
+    # A background job of a non-interactive shell starts with SIGINT ignored, and Python then
+    # keeps ignoring it: install Python's own handler (KeyboardInterrupt) so stop_lane works.
+    "$VENV/bin/python" -c 'import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest; sys.exit(pytest.main(sys.argv[1:]))' \
+        -v "${APPLIANCE_LANE[@]}" >"$lane_log" 2>&1 &
+    lane_pid=$!
+fi
+
 if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
     disk_check "the debug builds"
     banner "cargo fmt --all --check"
@@ -175,46 +221,26 @@ else
     banner "HW_TESTS_ONLY=1: fmt, clippy and cargo test not run"
 fi
 
-# The binary of the hw-tests and the appliance: with the TPM key store (test_appliance.py
-# checks that it links libtss2-esys).
-disk_check "the release build"
-banner "cargo build --release -p gatewayd --features tpm"
-cargo build --release -p gatewayd --features tpm
-GATEWAYD=${CARGO_TARGET_DIR:-$ROOT/target}/release/gatewayd
-ls -l "$GATEWAYD"
-
 disk_check "pytest"
-export GATEWAYD
 if [ "$#" -gt 0 ]; then
     banner "pytest -v hw-tests $* (real peers)"
     exec "$VENV/bin/python" -m pytest -v hw-tests "$@"
 fi
 
-# Two lanes at once: the appliance lane (the image build, every QEMU boot) is mostly one
-# long chain of guest CPU time, the other lane mostly waits on its peers; side by side they
-# take about the time of the longer one. Each lane's report is whole: the appliance lane's
-# is printed after the other's. Files of one lane never touch the other's (the appliance
-# lane alone uses hw-tests/.cache/appliance-* and .cache/update-ca).
-APPLIANCE_LANE=(hw-tests/test_appliance.py hw-tests/test_appliance_ab.py hw-tests/test_appliance_fleet.py
-                hw-tests/test_appliance_update.py hw-tests/test_powercut.py)
-lane_log=$(mktemp "${TMPDIR:-/tmp}/gw-appliance-lane.XXXXXX")
-banner "pytest -v: appliance lane (${APPLIANCE_LANE[*]}) in the background, report below the other lane's"
-t_lanes=$(date +%s)
-"$VENV/bin/python" -m pytest -v "${APPLIANCE_LANE[@]}" >"$lane_log" 2>&1 &
-lane_pid=$!
-banner "pytest -v hw-tests: every other test (real peers)"
+banner "pytest -v hw-tests: every test outside the appliance lane (real peers)"
+t_other=$(date +%s)
 deselect=()
 for f in "${APPLIANCE_LANE[@]}"; do
     deselect+=(--ignore="$f")
 done
 rc=0
 "$VENV/bin/python" -m pytest -v hw-tests "${deselect[@]}" || rc=$?
-echo "other lane: exit $rc after $(( $(date +%s) - t_lanes )) s"
+echo "other lane: exit $rc after $(( $(date +%s) - t_other )) s"
 lane_rc=0
 wait "$lane_pid" || lane_rc=$?
-banner "pytest -v: appliance lane report (exit $lane_rc, both lanes done after $(( $(date +%s) - t_lanes )) s)"
+lane_pid=
+banner "pytest -v: appliance lane report (exit $lane_rc, $(( $(date +%s) - t_lane )) s)"
 cat "$lane_log"
-rm -f "$lane_log"
 if [ "$rc" -ne 0 ] || [ "$lane_rc" -ne 0 ]; then
     echo "run-all.sh: pytest failed (other lane exit $rc, appliance lane exit $lane_rc)" >&2
     exit 1
