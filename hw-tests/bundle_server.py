@@ -19,7 +19,7 @@ class BundleServer:
     def __init__(self, dir: Path, ca, files: dict[str, bytes], host: str = "127.0.0.1"):
         self.files = files
         self.requests: list[tuple[str, str | None]] = []
-        # Bytes sent per 50 ms (None: all at once); bytes sent in all.
+        # Bytes sent per 50 ms (None: unpaced); bytes sent in all.
         self.chunk: int | None = None
         self.sent = 0
         self.host = host
@@ -55,7 +55,8 @@ class BundleServer:
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
                 rest = body[start:]
-                step = outer.chunk or len(rest)
+                # Paced: `chunk` bytes per 50 ms; else 1 MiB writes, so `sent` tracks the transfer.
+                step = outer.chunk or (1 << 20)
                 try:
                     for i in range(0, len(rest), step):
                         self.wfile.write(rest[i:i + step])

@@ -398,12 +398,39 @@ fn srk_template() -> Result<Public, KeyStoreError> {
         .map_err(|e| tpm_err("SRK template", e))
 }
 
+/// The device identity: an unrestricted ECDSA P-256 signing key under the SRK, with
+/// `noDA` like every object of ours. Its authValue is empty, not a secret to guess, and a TPM
+/// counts every start after a non-orderly shutdown (a power cut) as a failed authorisation:
+/// under dictionary-attack protection a box that lost power a few times could not sign its
+/// TLS handshakes (fleet, uplinks, bundle downloads) until the TPM's recovery time passed
+/// (seen in the QEMU power-cut test: TPM_RC_LOCKOUT after four cuts with swtpm's defaults).
 fn identity_template() -> Result<Public, KeyStoreError> {
-    tss_esapi::utils::create_unrestricted_signing_ecc_public(
-        EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
-        EccCurve::NistP256,
-    )
-    .map_err(|e| tpm_err("identity template", e))
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_decrypt(false)
+        .with_sign_encrypt(true)
+        .with_restricted(false)
+        .build()
+        .map_err(|e| tpm_err("identity attributes", e))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_unrestricted_signing_key(
+                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+                EccCurve::NistP256,
+            )
+            .build()
+            .map_err(|e| tpm_err("identity parameters", e))?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+        .map_err(|e| tpm_err("identity template", e))
 }
 
 fn sealed_template(policy: Option<Digest>) -> Result<Public, KeyStoreError> {

@@ -190,6 +190,57 @@ fn master_key_survives_a_restart_of_the_tpm_and_the_gateway() {
 }
 
 #[test]
+fn the_keys_work_while_the_tpm_is_in_dictionary_attack_lockout() {
+    // A TPM counts failed authorisations, and each start after a power cut that interrupted
+    // its work (seen in the QEMU power-cut test); after maxTries it refuses every DA-protected
+    // object until its recovery time has passed. A box in that state must still unseal its
+    // spool key and sign as itself. Here: maxTries 1, then one wrong password on an NV index
+    // of its own.
+    let (_dir, swtpm, data) = setup();
+    TpmKeyStore::init(&swtpm.tcti(), &data, &[]).unwrap();
+    swtpm.tool(
+        "tpm2_dictionarylockout",
+        &[
+            "--setup-parameters",
+            "--max-tries=1",
+            "--recovery-time=3600",
+            "--lockout-recovery-time=3600",
+        ],
+    );
+    swtpm.tool(
+        "tpm2_nvdefine",
+        &[
+            "0x01500099",
+            "-C",
+            "o",
+            "-s",
+            "8",
+            "-p",
+            "secret",
+            "-a",
+            "ownerread|ownerwrite|authread|authwrite",
+        ],
+    );
+    let wrong = Command::new("tpm2_nvread")
+        .args(["0x01500099", "-C", "0x01500099", "-P", "wrong", "-s", "8"])
+        .env("TPM2TOOLS_TCTI", swtpm.tcti())
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success(), "a wrong password was accepted");
+    let cap = swtpm.tool("tpm2_getcap", &["properties-variable"]);
+    assert!(
+        cap.contains("inLockout:                 1"),
+        "the TPM is not in lockout:\n{cap}"
+    );
+    let store = TpmKeyStore::open(&swtpm.tcti(), &data).expect("open in DA lockout");
+    let identity = store.identity().unwrap();
+    let signature = identity
+        .sign_sha256(b"TLS handshake transcript")
+        .expect("the identity signs in DA lockout");
+    assert!(!signature.is_empty());
+}
+
+#[test]
 fn a_cleared_tpm_is_refused_as_tamper() {
     let (dir, mut swtpm, data) = setup();
     TpmKeyStore::init(&swtpm.tcti(), &data, &[]).unwrap();
