@@ -280,6 +280,9 @@ def _run_update_story(box: Box, image: Path, bundles: dict, tmp_path: Path) -> N
 POWER_CUTS = 10
 PHASES = ("download", "install", "trial")
 TRIAL_CUT_S = 20.0
+# In the install the cut comes within INSTALL_CUT_S of `installing`: the checks and `rauc
+# install` of a full slot take 40 s and more under TCG, so it lands before `rebooting`.
+INSTALL_CUT_S = 25.0
 # The download is paced ([update] max_bytes_per_sec) so that it lasts long enough to be cut.
 PACE_BYTES = 6 << 20
 
@@ -335,9 +338,12 @@ def _run_power_cuts(box: Box, v2: bytes, rng: random.Random, tmp_path: Path) -> 
             box.sub.wait_for(lambda s: [m for m in s.on(fleet.state_topic(PROVISIONED, OP, cmd))[seen:]
                                         if m.get("state") == "installing"],
                              INSTALL_TIMEOUT_S, describe=f"{cmd} installing again")
-            wait = rng.uniform(0.0, 60.0)
+            wait = rng.uniform(0.0, INSTALL_CUT_S)
             time.sleep(wait)
             point = f"install, {wait:.0f} s after `installing`"
+            late = [m for m in box.states(cmd)[seen:] if m.get("state") == "rebooting"]
+            assert not late, (f"the install finished within {wait:.0f} s, before the cut meant for it "
+                              f"(INSTALL_CUT_S = {INSTALL_CUT_S} is too long for this machine)")
         else:
             # After the cut in the install the box installs again, then reboots into B.
             mark = vm.mark()
