@@ -100,7 +100,10 @@ class Box:
     def send(self, cmd_id: str, path: str, bundle: bytes, version: int, sha256: str | None = None) -> bytes:
         args = {"url": self.server.url(path), "sha256": sha256 or hashlib.sha256(bundle).hexdigest(),
                 "version": version, "size": len(bundle)}
-        env = self.vendor.envelope(PROVISIONED, OP, cmd_id, args)
+        # Valid for an hour: an update takes minutes, and the test replays this envelope after
+        # the update finished (300 s, the default, ran out before that on a loaded machine and
+        # the replay was refused `expired` before it could be refused `replayed`).
+        env = self.vendor.envelope(PROVISIONED, OP, cmd_id, args, expires_in=3600)
         self.vendor.send(PROVISIONED, OP, cmd_id, env)
         return env
 
