@@ -362,13 +362,20 @@ fn srk_handle() -> Result<PersistentTpmHandle, KeyStoreError> {
     PersistentTpmHandle::new(SRK_HANDLE).map_err(|e| tpm_err("persistent handle", e))
 }
 
-fn srk_template() -> Result<Public, KeyStoreError> {
-    let attributes = ObjectAttributesBuilder::new()
+/// The attributes every key of ours made in this TPM shares: bound to this TPM and its
+/// parent, generated inside it, used with its (empty) authValue, and `noDA` (see
+/// [`identity_template`]).
+fn own_key_attributes() -> ObjectAttributesBuilder {
+    ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
         .with_no_da(true)
+}
+
+fn srk_template() -> Result<Public, KeyStoreError> {
+    let attributes = own_key_attributes()
         .with_restricted(true)
         .with_decrypt(true)
         .build()
@@ -405,12 +412,7 @@ fn srk_template() -> Result<Public, KeyStoreError> {
 /// TLS handshakes (fleet, uplinks, bundle downloads) until the TPM's recovery time passed
 /// (seen in the QEMU power-cut test: TPM_RC_LOCKOUT after four cuts with swtpm's defaults).
 fn identity_template() -> Result<Public, KeyStoreError> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
+    let attributes = own_key_attributes()
         .with_decrypt(false)
         .with_sign_encrypt(true)
         .with_restricted(false)
