@@ -119,6 +119,8 @@ pub(crate) struct RawSpool {
     pub max_bytes: Option<String>,
     pub min_free_bytes: Option<String>,
     pub keep_sent_for: Option<String>,
+    pub index_cache_bytes: Option<String>,
+    pub dedupe_window: Option<String>,
 }
 
 /// `[keystore]`

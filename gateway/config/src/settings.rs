@@ -47,6 +47,10 @@ pub mod defaults {
     pub const HL7_CHARSET: Charset = Charset::Auto;
     pub const SPOOL_MAX_BYTES: ByteSize = ByteSize::gib(20);
     pub const SPOOL_MIN_FREE_BYTES: ByteSize = ByteSize::gib(1);
+    /// `spool.index_cache_bytes`: the appliance has 1 GiB of RAM and runs for years.
+    pub const SPOOL_INDEX_CACHE_BYTES: ByteSize = ByteSize::mib(8);
+    /// `spool.dedupe_window`: a week of resends deduplicated.
+    pub const SPOOL_DEDUPE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
     pub const KEYSTORE_BACKEND: KeystoreBackend = KeystoreBackend::Tpm;
     /// `keystore.tcti` default; see also `Tcti::default()`.
     pub const KEYSTORE_TCTI: &str = "device:/dev/tpmrm0";
@@ -288,6 +292,12 @@ pub struct Spool {
     /// How long a blob every destination has confirmed stays as a local cache (0: deleted
     /// at once). Cached blobs are the first to go under disk pressure.
     pub keep_sent_for: Duration,
+    /// At most this much of the index (sled's page cache) is held in memory.
+    pub index_cache_bytes: ByteSize,
+    /// How long the record of an object every destination confirmed stays in the index
+    /// after its blob is gone: a resend inside the window is deduplicated, one after it is
+    /// stored again.
+    pub dedupe_window: Duration,
 }
 
 impl Default for Spool {
@@ -296,6 +306,8 @@ impl Default for Spool {
             max_bytes: defaults::SPOOL_MAX_BYTES,
             min_free_bytes: defaults::SPOOL_MIN_FREE_BYTES,
             keep_sent_for: Duration::from_secs(0),
+            index_cache_bytes: defaults::SPOOL_INDEX_CACHE_BYTES,
+            dedupe_window: defaults::SPOOL_DEDUPE_WINDOW,
         }
     }
 }
@@ -1570,10 +1582,24 @@ fn spool(c: &mut Collector, raw: Option<raw::RawSpool>) -> Option<Spool> {
         Duration::from_secs(0),
         from_str::<Duration>,
     );
+    let index_cache_bytes = c.parse_or(
+        "spool.index_cache_bytes",
+        raw.index_cache_bytes.as_deref(),
+        defaults::SPOOL_INDEX_CACHE_BYTES,
+        from_str,
+    );
+    let dedupe_window = c.parse_or(
+        "spool.dedupe_window",
+        raw.dedupe_window.as_deref(),
+        defaults::SPOOL_DEDUPE_WINDOW,
+        from_str::<Duration>,
+    );
     Some(Spool {
         max_bytes: max_bytes?,
         min_free_bytes: min_free_bytes?,
         keep_sent_for: keep_sent_for?,
+        index_cache_bytes: index_cache_bytes?,
+        dedupe_window: dedupe_window?,
     })
 }
 

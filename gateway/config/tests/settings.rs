@@ -49,6 +49,11 @@ fn minimal_file_gets_defaults_and_production_mode() {
     assert_eq!(s.node.data_dir, PathBuf::from("/var/lib/gatewayd"));
     assert_eq!(s.spool.max_bytes, ByteSize::gib(20));
     assert_eq!(s.spool.min_free_bytes, ByteSize::gib(1));
+    assert_eq!(s.spool.index_cache_bytes, ByteSize::mib(8));
+    assert_eq!(
+        s.spool.dedupe_window.get(),
+        std::time::Duration::from_secs(7 * 24 * 3600)
+    );
     assert_eq!(s.keystore.backend, KeystoreBackend::Tpm);
     assert_eq!(s.keystore.tcti, Tcti::Device(PathBuf::from("/dev/tpmrm0")));
     assert!(s.dicom.is_none() && s.hl7.is_none() && s.fleet.is_none());
@@ -98,6 +103,7 @@ fn every_typed_field_is_parsed() {
          [[dicom.peers]]\nae_title = \"MR01\"\nhost = \"fe80::1\"\n\
          [hl7]\ncharset = \"iso-2022-jp\"\n\
          [spool]\nmax_bytes = \"100 GB\"\nmin_free_bytes = \"1048576\"\n\
+         index_cache_bytes = \"2MiB\"\ndedupe_window = \"24h\"\n\
          [keystore]\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\n\
          [[uplink]]\nname = \"dev\"\nurl = \"http://127.0.0.1:8042/dicom-web\"\nclient_auth = \"files\"\n\
          cert_file = \"c.pem\"\nkey_file = \"k.pem\"\nca_file = \"ca.pem\"\n\
@@ -116,6 +122,11 @@ fn every_typed_field_is_parsed() {
     assert_eq!(s.hl7.unwrap().charset, Charset::Iso2022Jp);
     assert_eq!(s.spool.max_bytes.bytes(), 100_000_000_000);
     assert_eq!(s.spool.min_free_bytes.bytes(), 1 << 20);
+    assert_eq!(s.spool.index_cache_bytes.bytes(), 2 << 20);
+    assert_eq!(
+        s.spool.dedupe_window.get(),
+        std::time::Duration::from_secs(24 * 3600)
+    );
     assert_eq!(
         s.keystore.tcti,
         Tcti::Swtpm {
@@ -1182,4 +1193,14 @@ fn update_section_defaults_and_bounds_name_the_key() {
         let found = lines(&text).join("\n");
         assert!(found.contains(key), "{line}: {found}");
     }
+}
+
+#[test]
+fn spool_index_cache_and_dedupe_window_are_checked() {
+    let text =
+        format!("{NODE_DEV}[spool]\nindex_cache_bytes = \"lots\"\ndedupe_window = \"a week\"\n");
+    assert_eq!(
+        keys(&text),
+        ["spool.index_cache_bytes", "spool.dedupe_window"]
+    );
 }

@@ -463,9 +463,24 @@ pub(crate) fn send_or_execute(settings: &Settings, request: &Request) -> Result<
                 .map_err(|e| e.to_string())?,
         ),
     };
-    let spool = Spool::open(data_dir, master, limits(settings), routes(settings))
-        .map_err(|e| e.to_string())?;
+    let spool = open_spool(settings, master)?;
     Ok(control::execute(&spool, request))
+}
+
+/// The spool of `[node] data_dir` with the `[spool]` limits and index cache and the
+/// routes of `[[uplink]]`.
+pub fn open_spool(
+    settings: &Settings,
+    master: Option<gateway_keystore::MasterKey>,
+) -> Result<Spool, String> {
+    Spool::open_with_cache(
+        &settings.node.data_dir,
+        master,
+        limits(settings),
+        routes(settings),
+        settings.spool.index_cache_bytes.bytes(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn print_response(response: &Response, json: bool) -> ExitCode {

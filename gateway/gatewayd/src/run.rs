@@ -189,8 +189,7 @@ async fn serve(
         .await
         .map_err(|e| format!("start-up thread: {e}"))??
     };
-    let ((fleet_state, disabled_tx, disabled), keys, derived, deid, (spool, keep_sent_for)) =
-        opened;
+    let ((fleet_state, disabled_tx, disabled), keys, derived, deid, spool) = opened;
 
     let mut registry = Registry::default();
     spool.register_metrics(&mut registry);
@@ -229,9 +228,7 @@ async fn serve(
     let dicom_metrics =
         start_dicom(&ctx, core, keys.as_ref(), &mut registry, &mut services).await?;
     let hl7_metrics = start_hl7(&ctx, core, hl7_audit, &mut registry, &mut services).await?;
-    if !keep_sent_for.is_zero() {
-        services.spawn(spool.clone().run_retention(shutdown.clone()));
-    }
+    services.spawn(spool.clone().run_housekeeping(shutdown.clone()));
     if let Some(started) = booking {
         for task in started.tasks {
             services.spawn(task);
@@ -345,19 +342,13 @@ fn fleet_state(
     Ok((fleet_state, disabled_tx, disabled))
 }
 
-/// The spool, recovered after a crash, and its `keep_sent_for`.
-fn open_spool(
-    settings: &Settings,
-    master: gateway_keystore::MasterKey,
-) -> Result<(Spool, std::time::Duration), String> {
-    let data_dir = &settings.node.data_dir;
-    let destinations = ops::routes(settings);
-    let spool = Spool::open(data_dir, Some(master), ops::limits(settings), destinations)
-        .map_err(|e| e.to_string())?;
-    let keep_sent_for = settings.spool.keep_sent_for.get();
-    spool.set_keep_sent_for(keep_sent_for);
+/// The spool with its `[spool]` retention, recovered after a crash.
+fn open_spool(settings: &Settings, master: gateway_keystore::MasterKey) -> Result<Spool, String> {
+    let spool = ops::open_spool(settings, Some(master))?;
+    spool.set_keep_sent_for(settings.spool.keep_sent_for.get());
+    spool.set_dedupe_window(settings.spool.dedupe_window.get());
     spool.recover().map_err(|e| e.to_string())?;
-    Ok((spool, keep_sent_for))
+    Ok(spool)
 }
 
 /// `[booking]`: the kiosk and the regional exchange (their tasks are spawned by `serve`).

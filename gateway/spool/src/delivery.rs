@@ -268,7 +268,6 @@ impl Spool {
                 });
             };
             let record = change.record;
-            inner.usage.transition(change.before, record.state());
             if change.was_queued {
                 inner.note_queued(destination, 0, 1);
             }
@@ -366,7 +365,6 @@ impl Spool {
                 destination: destination.to_string(),
             });
         };
-        inner.usage.transition(change.before, change.record.state());
         match (change.was_queued, queued) {
             (false, true) => inner.note_queued(destination, 1, 0),
             (true, false) => inner.note_queued(destination, 0, 1),

@@ -208,9 +208,7 @@ pub(crate) fn run_checkpointer(spool: &Weak<Inner>, rx: &mpsc::Receiver<Checkpoi
             let mut pending = lock(&inner.pending);
             for (_, record, mut reservation) in backlog.drain(..) {
                 pending.remove(&record.uid_mac);
-                inner
-                    .usage
-                    .commit(&mut reservation, record.sealed_len, record.state());
+                inner.usage.commit(&mut reservation, record.sealed_len);
             }
         }
         {

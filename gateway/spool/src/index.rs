@@ -27,6 +27,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 pub use crate::ids::{ContentMac, ObjectId, StudyMac, UidMac};
+use crate::tally::{Counts, Tally};
 
 /// Delivery state of one object towards one destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,8 +222,6 @@ impl Record {
 /// What [`Index::set_delivery`] changed.
 #[derive(Debug, Clone)]
 pub struct DeliveryChange {
-    /// The object's overall state before the change ([`Record::state`]).
-    pub before: &'static str,
     /// Whether the destination had the object queued before the change.
     pub was_queued: bool,
     /// The updated record.
@@ -265,10 +264,14 @@ pub struct Index {
     queue: sled::Tree,
     /// sled's log file, synced after every flush (docs/adr/0005).
     log: std::fs::File,
+    /// The records counted, kept as each is written or removed here.
+    tally: Tally,
 }
 
 impl Index {
-    pub fn open(path: &Path) -> Result<Self, IndexError> {
+    /// Opens the index with at most `cache_bytes` of sled's page cache (`spool.index_cache_bytes`).
+    /// The counts stay empty until [`Index::recount`].
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, IndexError> {
         let err = |source| IndexError::Db {
             path: path.to_path_buf(),
             source,
@@ -281,6 +284,7 @@ impl Index {
             match sled::Config::new()
                 .path(path)
                 .mode(sled::Mode::HighThroughput)
+                .cache_capacity(cache_bytes)
                 .open()
             {
                 Ok(db) => break db,
@@ -302,7 +306,51 @@ impl Index {
             queue: db.open_tree("queue").map_err(err)?,
             path: path.to_path_buf(),
             db,
+            tally: Tally::default(),
         })
+    }
+
+    /// Counts every record afresh, showing each to `visit` (the spool's own accounting at
+    /// open rides on this one scan).
+    pub(crate) fn recount(
+        &self,
+        mut visit: impl FnMut(&ObjectId, &Record),
+    ) -> Result<(), IndexError> {
+        let mut counts = Counts::default();
+        for entry in self.records() {
+            let (id, record) = entry?;
+            counts.add(&record);
+            visit(&id, &record);
+        }
+        self.tally.reset(counts);
+        Ok(())
+    }
+
+    pub(crate) fn tally(&self) -> &Tally {
+        &self.tally
+    }
+
+    /// When the oldest object still queued for `destination` arrived (the first key of
+    /// its queue: no scan).
+    pub fn oldest_queued_ms(&self, destination: &str) -> Result<Option<u64>, IndexError> {
+        let mut prefix = destination.as_bytes().to_vec();
+        prefix.push(0);
+        let first = self
+            .queue
+            .scan_prefix(&prefix)
+            .keys()
+            .next()
+            .transpose()
+            .map_err(|e| self.db_err(e))?;
+        Ok(first.and_then(|k| {
+            let ms = k.get(prefix.len()..prefix.len() + 8)?;
+            Some(u64::from_be_bytes(ms.try_into().ok()?))
+        }))
+    }
+
+    /// The index's size on disk, as sled counts it.
+    pub fn size_on_disk(&self) -> Result<u64, IndexError> {
+        self.db.size_on_disk().map_err(|e| self.db_err(e))
     }
 
     fn db_err(&self, source: sled::Error) -> IndexError {
@@ -367,6 +415,7 @@ impl Index {
             Err(TransactionError::Abort(())) => Inserted::New,
         };
         if inserted == Inserted::New {
+            self.tally.apply(None, Some(record));
             self.flush()?;
         }
         Ok(inserted)
@@ -384,8 +433,9 @@ impl Index {
         items: impl IntoIterator<Item = (&'a ObjectId, &'a Record)>,
         flush: bool,
     ) -> Result<(), IndexError> {
+        let items: Vec<_> = items.into_iter().collect();
         let rows = items
-            .into_iter()
+            .iter()
             .map(|(id, record)| self.row(id, record))
             .collect::<Result<Vec<_>, _>>()?;
         let err = |e| self.db_err(e);
@@ -400,10 +450,14 @@ impl Index {
                 .insert(row.uid_key.as_slice(), &[][..])
                 .map_err(err)?;
         }
-        for row in &rows {
-            self.objects
+        for (row, (_, record)) in rows.iter().zip(&items) {
+            let before = self
+                .objects
                 .insert(row.id.as_bytes().as_slice(), row.value.as_slice())
                 .map_err(err)?;
+            // A retry after a failed insert writes some rows again: count the change.
+            let before = before.map(|b| self.decode(&row.id, &b)).transpose()?;
+            self.tally.apply(before.as_ref(), Some(record));
         }
         if flush { self.flush() } else { Ok(()) }
     }
@@ -431,9 +485,9 @@ impl Index {
 
     /// Replaces the delivery state of `id` towards `destination`, durably when `sync`
     /// (otherwise call [`Index::flush`] before relying on it). `now_ms` is recorded as the
-    /// completion time when this was the last pending destination. Returns the object's
-    /// overall state before the change, whether `destination` had it queued, and the
-    /// updated record (None if the object or destination is unknown).
+    /// completion time when this was the last pending destination. Returns whether
+    /// `destination` had it queued, and the updated record (None if the object or
+    /// destination is unknown).
     ///
     /// Destinations confirm the same object concurrently (one worker each): the record is
     /// read and rewritten in one transaction (`Index::update_record`), so that one
@@ -447,7 +501,6 @@ impl Index {
         sync: bool,
     ) -> Result<Option<DeliveryChange>, IndexError> {
         self.update_record(id, sync, |record, queue| {
-            let before = record.state();
             let Some(dest) = record
                 .destinations
                 .iter_mut()
@@ -470,7 +523,6 @@ impl Index {
                 _ => None,
             };
             Ok(Some(DeliveryChange {
-                before,
                 was_queued,
                 record: record.clone(),
             }))
@@ -533,6 +585,7 @@ impl Index {
             let mut record = self
                 .decode(id, &bytes)
                 .map_err(ConflictableTransactionError::Abort)?;
+            let before = record.clone();
             let Some(out) = change(&mut record, queue)? else {
                 return Ok(None);
             };
@@ -543,10 +596,14 @@ impl Index {
                 })
             })?;
             objects.insert(id.as_bytes().as_slice(), value)?;
-            Ok(Some(out))
+            Ok(Some((before, record, out)))
         });
         let out = match outcome {
-            Ok(out) => out,
+            Ok(Some((before, after, out))) => {
+                self.tally.apply(Some(&before), Some(&after));
+                Some(out)
+            }
+            Ok(None) => None,
             Err(TransactionError::Abort(e)) => return Err(e),
             Err(TransactionError::Storage(e)) => return Err(self.db_err(e)),
         };
@@ -554,6 +611,46 @@ impl Index {
             self.flush()?;
         }
         Ok(out)
+    }
+
+    /// Removes the record of `id` if it is still [`prunable`] at `cutoff_ms`, with its
+    /// lookup and dedupe keys: a resend of the object after this is stored again. One
+    /// transaction; durable after the next [`Index::flush`]. Whether it went.
+    pub fn prune(&self, id: &ObjectId, cutoff_ms: u64) -> Result<bool, IndexError> {
+        let outcome = (&self.objects, &self.by_uid, &self.by_content).transaction(
+            |(objects, by_uid, by_content)| {
+                let Some(bytes) = objects.get(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let record = self
+                    .decode(id, &bytes)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if !prunable(&record, cutoff_ms) {
+                    return Ok(None);
+                }
+                objects.remove(id.as_bytes().as_slice())?;
+                let mut uid_key = record.uid_mac.as_bytes().to_vec();
+                uid_key.extend_from_slice(id.as_bytes());
+                by_uid.remove(uid_key)?;
+                let key = content_key(&record.uid_mac, &record.content_mac);
+                if by_content
+                    .get(key)?
+                    .is_some_and(|v| v.as_ref() == id.as_bytes().as_slice())
+                {
+                    by_content.remove(key.as_slice())?;
+                }
+                Ok(Some(record))
+            },
+        );
+        match outcome {
+            Ok(Some(record)) => {
+                self.tally.apply(Some(&record), None);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(self.db_err(e)),
+        }
     }
 
     /// Ids stored under a uid MAC.
@@ -602,6 +699,16 @@ impl Index {
             source,
         })
     }
+}
+
+/// Whether a record may leave the index at `cutoff_ms` (`spool.dedupe_window` ago): every
+/// destination confirmed it at or before then and its sealed bytes are gone. Held,
+/// queued and dead-lettered objects, and kept local copies, stay. A record from before
+/// completion times were kept counts as completed at 0.
+pub(crate) fn prunable(record: &Record, cutoff_ms: u64) -> bool {
+    record.state() == "sent"
+        && record.blob_deleted
+        && record.completed_unix_ms.unwrap_or(0) <= cutoff_ms
 }
 
 /// One object's entries in the four trees.
@@ -735,7 +842,8 @@ mod tests {
         let encoded = encode_record(&r).unwrap();
         assert_eq!(hex::encode(&encoded), GOLDEN_RECORD);
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(&dir.path().join("index")).unwrap();
+        let index =
+            Index::open(&dir.path().join("index"), crate::DEFAULT_INDEX_CACHE_BYTES).unwrap();
         index.insert_all([(&id, &r)], true).unwrap();
         assert_eq!(
             tree_hex(&index.objects),
@@ -806,7 +914,8 @@ mod tests {
     #[test]
     fn queue_keeps_arrival_order_within_a_millisecond_and_drops_legacy_keys() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(&dir.path().join("index")).unwrap();
+        let index =
+            Index::open(&dir.path().join("index"), crate::DEFAULT_INDEX_CACHE_BYTES).unwrap();
         let mut r = Record::from(v1());
         r.blob_deleted = false;
         r.destinations[0].state = DeliveryState::Queued;

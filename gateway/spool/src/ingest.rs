@@ -180,9 +180,7 @@ impl Ingest {
         inner.usage.observe(Step::Index, started);
         match inserted {
             Ok(Inserted::New) => {
-                inner
-                    .usage
-                    .commit(&mut self.reservation, sealed_len, record.state());
+                inner.usage.commit(&mut self.reservation, sealed_len);
                 inner.committed.send_modify(|n| *n = n.wrapping_add(1));
                 Ok(Committed::Stored(self.id))
             }

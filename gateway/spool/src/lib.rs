@@ -58,6 +58,7 @@ mod journal;
 mod maintenance;
 mod retention;
 pub mod seal;
+mod tally;
 mod usage;
 
 use std::collections::{BTreeMap, HashMap};
@@ -86,6 +87,9 @@ pub use usage::Limits;
 use usage::Usage;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// `spool.index_cache_bytes` when none is given: sled's page cache for the index.
+pub const DEFAULT_INDEX_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// How long reads that must see every acknowledged message (status, export, verify) wait
 /// for the checkpointer.
@@ -210,6 +214,9 @@ struct Inner {
     destination_errors: std::sync::Mutex<BTreeMap<String, String>>,
     /// `spool.keep_sent_for` in milliseconds: 0 deletes a blob once every destination has it.
     keep_sent_ms: AtomicU64,
+    /// `spool.dedupe_window` in milliseconds: how long the record of an object every
+    /// destination confirmed stays (a resend inside it is deduplicated).
+    dedupe_window_ms: AtomicU64,
     journal_dir: PathBuf,
     journal: Mutex<journal::Writer>,
     /// Messages in the journal, not yet in the index: key MAC -> object id (dedupe).
@@ -261,11 +268,30 @@ impl Spool {
     /// messages the journal holds that a crash kept from reaching `blobs/` and the index
     /// (they were acknowledged). Call [`Spool::recover`] before accepting objects.
     /// Without a master key, only status and verify of structure are possible.
+    /// The index cache is [`DEFAULT_INDEX_CACHE_BYTES`]; see [`Spool::open_with_cache`].
     pub fn open(
         data_dir: &Path,
         master: Option<MasterKey>,
         limits: Limits,
         destinations: Vec<Route>,
+    ) -> Result<Self, SpoolError> {
+        Self::open_with_cache(
+            data_dir,
+            master,
+            limits,
+            destinations,
+            DEFAULT_INDEX_CACHE_BYTES,
+        )
+    }
+
+    /// [`Spool::open`] with at most `index_cache_bytes` of page cache for the index
+    /// (`spool.index_cache_bytes`): what the index holds in memory, whatever its size.
+    pub fn open_with_cache(
+        data_dir: &Path,
+        master: Option<MasterKey>,
+        limits: Limits,
+        destinations: Vec<Route>,
+        index_cache_bytes: u64,
     ) -> Result<Self, SpoolError> {
         let dir = data_dir.join("spool");
         let blobs = dir.join("blobs");
@@ -275,7 +301,7 @@ impl Spool {
         }
         let journal_dir = dir.join("journal");
         durable::ensure_private_dir(&journal_dir)?;
-        let index = Index::open(&dir.join("index"))?;
+        let index = Index::open(&dir.join("index"), index_cache_bytes)?;
         let usage = Usage::new(limits, data_dir.to_path_buf());
         let mut inner = Inner {
             blobs,
@@ -287,6 +313,7 @@ impl Spool {
             committed: tokio::sync::watch::Sender::new(0),
             destination_errors: std::sync::Mutex::default(),
             keep_sent_ms: AtomicU64::new(0),
+            dedupe_window_ms: AtomicU64::new(u64::MAX),
             journal: Mutex::new(journal::Writer::new(&journal_dir, 0)),
             journal_dir,
             dir,
@@ -300,7 +327,6 @@ impl Spool {
         let newest = inner.replay_journal()?;
         inner.journal = Mutex::new(journal::Writer::new(&inner.journal_dir, newest));
         let mut sealed = 0;
-        let mut counts = BTreeMap::new();
         let mut live = BTreeMap::new();
         let mut capped: HashMap<String, u64> = inner
             .destinations
@@ -308,8 +334,7 @@ impl Spool {
             .filter(|r| inner.max_queued(&r.name).is_some())
             .map(|r| (r.name.clone(), 0))
             .collect();
-        for entry in inner.index.records() {
-            let (_, r) = entry?;
+        inner.index.recount(|_, r| {
             for d in &r.destinations {
                 if d.state == DeliveryState::Queued
                     && let Some(n) = capped.get_mut(&d.name)
@@ -323,9 +348,8 @@ impl Spool {
                     *live.entry(at.generation).or_insert(0u64) += 1;
                 }
             }
-            *counts.entry(r.state()).or_insert(0i64) += 1;
-        }
-        inner.usage.set_stored(sealed, &counts);
+        })?;
+        inner.usage.set_stored(sealed);
         // Segments of the last run that no object needs any more.
         for (generation, _) in journal::segments(&inner.journal_dir)? {
             if !live.contains_key(&generation) {
@@ -333,6 +357,8 @@ impl Spool {
             }
         }
         inner.live = Mutex::new(live);
+        let index_bytes = inner.index.size_on_disk()?;
+        inner.index.tally().set_index_bytes(index_bytes);
         inner.capped = Mutex::new(capped);
         let inner = Arc::new(inner);
         let (tx, rx) = mpsc::channel();
@@ -345,9 +371,12 @@ impl Spool {
         Ok(Self { inner })
     }
 
-    /// Registers `gateway_spool_objects{state}` and `gateway_spool_bytes`.
+    /// Registers `gateway_spool_objects{state}`, `gateway_spool_bytes`, the commit step
+    /// histogram and the index's `gateway_spool_index_records` and
+    /// `gateway_spool_index_bytes`.
     pub fn register_metrics(&self, registry: &mut Registry) {
         self.inner.usage.register(registry);
+        self.inner.index.tally().register(registry);
     }
 
     /// The spool folder.

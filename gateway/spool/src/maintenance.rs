@@ -16,9 +16,8 @@ use hmac::Mac as _;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::{
-    DeliveryState, HmacSha256, Keys, ObjectId, Record, SETTLE_WAIT, Spool, SpoolError, unix_ms,
-};
+use crate::tally::{Counts, STATES};
+use crate::{HmacSha256, Keys, ObjectId, Record, SETTLE_WAIT, Spool, SpoolError, unix_ms};
 
 /// `spool status` report.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -120,12 +119,20 @@ impl Spool {
         Ok(rec)
     }
 
-    /// Counts by state and destination, bytes and oldest age. Scans the index.
+    /// Counts by state and destination, bytes and oldest age, from the counts the index
+    /// keeps and the head of each queue: no scan, however many records the index holds.
+    /// Objects stored but not yet in the index (HL7 messages behind the checkpointer)
+    /// are waited for first.
     pub fn status(&self) -> Result<Status, SpoolError> {
         self.settle(SETTLE_WAIT);
-        let mut by_state: BTreeMap<String, u64> = ["received", "queued", "sent", "failed"]
+        let index = &self.inner.index;
+        let counts = index.tally().counts();
+        let by_state: BTreeMap<String, u64> = STATES
             .into_iter()
-            .map(|s| (s.to_string(), 0))
+            .map(|s| {
+                let n = counts.by_state.get(s).copied().unwrap_or(0);
+                (s.to_string(), Counts::get(n))
+            })
             .collect();
         let mut by_destination: BTreeMap<String, DestinationCounts> = self
             .inner
@@ -133,32 +140,29 @@ impl Spool {
             .iter()
             .map(|d| (d.name.clone(), DestinationCounts::default()))
             .collect();
-        let (mut objects, mut bytes, mut oldest) = (0u64, 0u64, None::<u64>);
+        for (name, t) in &counts.by_destination {
+            let c = by_destination.entry(name.clone()).or_default();
+            (c.queued, c.sent, c.failed) = (
+                Counts::get(t.queued),
+                Counts::get(t.sent),
+                Counts::get(t.failed),
+            );
+        }
+        // Every queued object is in the queue of each destination it waits for, so the
+        // oldest of them heads one of those queues.
         let mut oldest_queued: BTreeMap<String, u64> = BTreeMap::new();
-        for entry in self.inner.index.records() {
-            let (_, r) = entry?;
-            objects += 1;
-            if !r.blob_deleted {
-                bytes += r.sealed_len;
-            }
-            let state = r.state();
-            *by_state.entry(state.to_string()).or_default() += 1;
-            if state == "queued" || state == "received" {
-                oldest = Some(oldest.map_or(r.received_unix_ms, |o| o.min(r.received_unix_ms)));
-            }
-            for d in &r.destinations {
-                let c = by_destination.entry(d.name.clone()).or_default();
-                match d.state {
-                    DeliveryState::Queued => {
-                        c.queued += 1;
-                        let o = oldest_queued.entry(d.name.clone()).or_insert(u64::MAX);
-                        *o = (*o).min(r.received_unix_ms);
-                    }
-                    DeliveryState::Sent => c.sent += 1,
-                    DeliveryState::Failed { .. } => c.failed += 1,
-                }
+        for (name, c) in &by_destination {
+            if c.queued > 0
+                && let Some(ms) = index.oldest_queued_ms(name)?
+            {
+                oldest_queued.insert(name.clone(), ms);
             }
         }
+        let oldest = oldest_queued
+            .values()
+            .copied()
+            .chain(counts.oldest_received_ms)
+            .min();
         let errors = self
             .inner
             .destination_errors
@@ -177,8 +181,8 @@ impl Spool {
                 .oldest_queued_age_seconds = Some(age(ms));
         }
         Ok(Status {
-            objects,
-            bytes,
+            objects: Counts::get(counts.objects),
+            bytes: self.inner.usage.stored(),
             by_state,
             by_destination,
             oldest_age_seconds: oldest.map(age),

@@ -4,7 +4,6 @@
 //! associations cannot together push the spool past `max_bytes`. Free disk space is read
 //! with `statvfs` when an object starts and again every [`RECHECK_EVERY`] bytes.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -23,11 +22,6 @@ const RECHECK_EVERY: u64 = 4 * 1024 * 1024;
 pub struct Limits {
     pub max_bytes: u64,
     pub min_free_bytes: u64,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabel {
-    state: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,7 +72,6 @@ pub struct Usage {
     limits: Limits,
     data_dir: PathBuf,
     totals: Mutex<Totals>,
-    objects: Family<StateLabel, Gauge>,
     bytes: Gauge,
     steps: Family<StepLabel, Histogram>,
 }
@@ -89,7 +82,6 @@ impl Usage {
             limits,
             data_dir,
             totals: Mutex::new(Totals::default()),
-            objects: Family::default(),
             bytes: Gauge::default(),
             // 50 us .. ~1.6 s
             steps: Family::new_with_constructor(|| {
@@ -99,11 +91,6 @@ impl Usage {
     }
 
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "gateway_spool_objects",
-            "Objects in the spool by state",
-            self.objects.clone(),
-        );
         registry.register(
             "gateway_spool_bytes",
             "Sealed bytes stored in the spool",
@@ -123,14 +110,14 @@ impl Usage {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    pub fn set_stored(&self, bytes: u64, counts: &BTreeMap<&'static str, i64>) {
+    pub fn set_stored(&self, bytes: u64) {
         self.lock().stored = bytes;
         self.bytes.set(bytes as i64);
-        for state in ["received", "queued", "sent", "failed"] {
-            self.objects
-                .get_or_create(&StateLabel { state })
-                .set(counts.get(state).copied().unwrap_or(0));
-        }
+    }
+
+    /// Sealed bytes of the objects stored (not counting objects in flight).
+    pub fn stored(&self) -> u64 {
+        self.lock().stored
     }
 
     /// Fails when free disk is already below the floor.
@@ -180,25 +167,12 @@ impl Usage {
     }
 
     /// Turns a reservation into stored bytes of a committed object.
-    pub fn commit(&self, r: &mut Reservation, sealed_len: u64, state: &'static str) {
-        {
-            let mut t = self.lock();
-            t.reserved = t.reserved.saturating_sub(r.bytes);
-            t.stored += sealed_len;
-            self.bytes.set(t.stored as i64);
-        }
+    pub fn commit(&self, r: &mut Reservation, sealed_len: u64) {
+        let mut t = self.lock();
+        t.reserved = t.reserved.saturating_sub(r.bytes);
+        t.stored += sealed_len;
+        self.bytes.set(t.stored as i64);
         r.bytes = 0;
-        self.objects.get_or_create(&StateLabel { state }).inc();
-    }
-
-    /// An object changed overall state (e.g. queued -> sent).
-    pub fn transition(&self, from: &'static str, to: &'static str) {
-        if from != to {
-            self.objects
-                .get_or_create(&StateLabel { state: from })
-                .dec();
-            self.objects.get_or_create(&StateLabel { state: to }).inc();
-        }
     }
 
     /// A blob was deleted (its destinations all confirmed it).

@@ -724,3 +724,138 @@ fn delivery_errors_name_the_object_and_destination() {
     ));
     assert_eq!(spool.queued("a", 10).unwrap(), [id], "nothing changed");
 }
+
+/// The `[spool]` dedupe window: a delivered object's record stays for the window (a resend
+/// is a duplicate), then leaves the index with its keys (a resend is stored again). Held
+/// back are objects still queued somewhere, dead letters and kept local copies. The
+/// counts `status` shows, kept as records change, equal a fresh count at the next open.
+#[test]
+fn delivered_records_leave_the_index_after_the_dedupe_window_and_counts_stay_true() {
+    use gateway_spool::{ObjectKind, Route};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = vec![
+        Route::from("a"),
+        Route::from("b"),
+        Route::new("ris", ObjectKind::Hl7),
+    ];
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, routes.clone()).unwrap();
+    let stored = |spool: &Spool, uid: &str, body: &[u8]| match store(spool, uid, body).unwrap() {
+        Committed::Stored(id) => id,
+        other => panic!("{uid}: {other:?}"),
+    };
+    let done = stored(&spool, "9.1", b"delivered everywhere");
+    let half = stored(&spool, "9.2", b"still queued for b");
+    let dead = stored(&spool, "9.3", b"refused by a");
+    spool.mark_sent(&done, "a").unwrap();
+    spool.mark_sent(&done, "b").unwrap();
+    spool.mark_sent(&half, "a").unwrap();
+    spool.mark_failed(&dead, "a", "refused").unwrap();
+    spool.mark_sent(&dead, "b").unwrap();
+    let [Ok(Committed::Stored(msg))] = spool.store_messages(&[message("APP|FAC|7", "MSH|x")])[..]
+    else {
+        panic!("message not stored")
+    };
+    assert!(
+        spool.settle(Duration::from_secs(5)),
+        "the message is indexed"
+    );
+    spool.mark_sent(&msg, "ris").unwrap();
+    assert_eq!(spool.status().unwrap().objects, 4);
+    assert_eq!(
+        spool.prune_delivered().unwrap(),
+        0,
+        "no window set: nothing pruned"
+    );
+
+    spool.set_dedupe_window(Duration::from_secs(3600));
+    assert_eq!(spool.prune_delivered().unwrap(), 0, "inside the window");
+    assert_eq!(
+        store(&spool, "9.1", b"delivered everywhere").unwrap(),
+        Committed::Duplicate(done),
+        "a resend inside the window is a duplicate"
+    );
+
+    spool.set_dedupe_window(Duration::ZERO);
+    assert_eq!(
+        spool.prune_delivered().unwrap(),
+        2,
+        "the DICOM object and the message"
+    );
+    let status = spool.status().unwrap();
+    assert_eq!(status.objects, 2);
+    assert_eq!(
+        [
+            status.by_state["received"],
+            status.by_state["queued"],
+            status.by_state["sent"],
+            status.by_state["failed"]
+        ],
+        [0, 1, 0, 1]
+    );
+    let b = &status.by_destination["b"];
+    assert_eq!((b.queued, b.sent, b.failed), (1, 1, 0));
+    let a = &status.by_destination["a"];
+    assert_eq!((a.queued, a.sent, a.failed), (0, 1, 1));
+    assert_eq!(status.by_destination["ris"].sent, 0);
+    assert!(spool.stored_instance("9.1").unwrap().is_empty());
+    assert!(spool.verify().unwrap().is_consistent());
+
+    let again = stored(&spool, "9.1", b"delivered everywhere");
+    assert_ne!(again, done, "a resend after the window is stored again");
+    assert_eq!(export(&spool, "9.1"), b"delivered everywhere");
+    let [Ok(Committed::Stored(_))] = spool.store_messages(&[message("APP|FAC|7", "MSH|x")])[..]
+    else {
+        panic!("a message resent after the window is stored again")
+    };
+
+    // A kept local copy holds its record until the copy goes.
+    spool.set_keep_sent_for(Duration::from_secs(3600));
+    spool.mark_sent(&half, "b").unwrap();
+    assert_eq!(
+        spool.prune_delivered().unwrap(),
+        0,
+        "its blob is still kept"
+    );
+    spool.set_keep_sent_for(Duration::ZERO);
+    assert_eq!(spool.reclaim_expired().unwrap(), 1);
+    assert_eq!(spool.prune_delivered().unwrap(), 1);
+
+    let kept = spool.status().unwrap();
+    drop(spool);
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, routes).unwrap();
+    let mut fresh = spool.status().unwrap();
+    // Ages move on; the counts must not.
+    fresh.oldest_age_seconds = kept.oldest_age_seconds;
+    for (name, d) in &mut fresh.by_destination {
+        d.oldest_queued_age_seconds = kept.by_destination[name].oldest_queued_age_seconds;
+    }
+    assert_eq!(fresh, kept, "the counts kept equal a fresh count");
+    assert_eq!(fresh.objects, 3);
+}
+
+/// `/metrics` shows how many records the index holds and its size on disk.
+#[test]
+fn metrics_show_the_index_records_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into()]).unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    spool.register_metrics(&mut registry);
+    for i in 0..3 {
+        store(&spool, &format!("7.{i}"), b"x").unwrap();
+    }
+    spool.refresh_index_size().unwrap();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    assert_eq!(value("gateway_spool_index_records"), 3.0);
+    assert!(value("gateway_spool_index_bytes") > 0.0);
+    assert!(
+        text.contains("gateway_spool_objects{state=\"queued\"} 3"),
+        "{text}"
+    );
+}
