@@ -609,3 +609,35 @@ def test_max_bytes_per_sec_500kib_holds_upload_within_ten_percent(tmp_path, clie
     assert not fast, f"requests faster than the limit: {fast}"
     assert dest(st)["sent"] == 20
     assert g.stop() == 0
+
+
+def test_delivered_records_leave_the_index_after_the_dedupe_window_and_a_later_resend_uploads_again(
+        tmp_path, client_cert, ca, ingress, gateway_factory):
+    """`[spool] dedupe_window`: inside it a resend is a duplicate (nothing stored, nothing
+    uploaded); after it the records leave the index (`spool status`, the index metrics),
+    and the same instances sent again are stored and uploaded again."""
+    g = gateway_factory({**uplink_config(ingress, ca.cert, client_cert), "spool": {"dedupe_window": "20s"}})
+    files = data.make_ct_set(5, tmp_path / "ct", "ct")
+    store(g, files)
+    wait_delivered(g, ingress, 5, 60)
+    store(g, files[:1])
+    st = g.status()
+    assert st["objects"] == 5 and dest(st)["sent"] == 5, f"a resend inside the window was stored: {st}"
+
+    def index_records() -> float:
+        return sum(gw.metric_values(g.metrics(), "gateway_spool_index_records"))
+
+    assert index_records() == 5
+    st = poll("records pruned after the window", lambda: ((s := g.status())["objects"] == 0, s), 60, 1)
+    assert dest(st) == {**dest(st), "queued": 0, "sent": 0, "failed": 0}, st
+    assert index_records() == 0
+    assert sum(gw.metric_values(g.metrics(), "gateway_spool_index_bytes")) > 0
+    assert "pruned records of objects delivered" in g.log_text(), g.log_tail(20)
+
+    store(g, files)
+    poll("the resend stored and uploaded again",
+         lambda: ((n := uplink_metric(g, "gateway_uplink_sent_total", "sent")) == 10, n), 60, 0.5)
+    st = g.status()
+    assert st["objects"] == 5 and dest(st)["queued"] == 0, st
+    assert ingress.orthanc.count_instances() == 5, "the archive keeps one copy of each instance"
+    assert g.stop() == 0

@@ -467,20 +467,26 @@ impl Index {
         self.db.generate_id().map_err(|e| self.db_err(e))
     }
 
-    /// Up to `limit` objects queued for `destination`, oldest first.
+    /// Up to `limit` objects queued for `destination`, oldest first. Only objects whose
+    /// record is written: [`Index::insert_all`] writes queue keys before the record, and a
+    /// worker that took such a key would find no record to read (and dead-letter an
+    /// acknowledged message as unreadable once the record landed).
     pub fn queued(&self, destination: &str, limit: usize) -> Result<Vec<ObjectId>, IndexError> {
         let mut prefix = destination.as_bytes().to_vec();
         prefix.push(0);
-        self.queue
-            .scan_prefix(&prefix)
-            .keys()
-            .take(limit)
-            .map(|k| {
-                k.map(|k| to_id(&k[k.len().saturating_sub(16)..]))
-                    .map_err(|e| self.db_err(e))
-            })
-            .filter_map(Result::transpose)
-            .collect()
+        let mut out = Vec::new();
+        for key in self.queue.scan_prefix(&prefix).keys() {
+            if out.len() >= limit {
+                break;
+            }
+            let key = key.map_err(|e| self.db_err(e))?;
+            if let Some(id) = to_id(&key[key.len().saturating_sub(16)..])
+                && self.contains(&id)?
+            {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// Replaces the delivery state of `id` towards `destination`, durably when `sync`
@@ -953,6 +959,34 @@ mod tests {
             .set_delivery(&old_id, "cloud", DeliveryState::Sent, Some(1), true)
             .unwrap();
         assert_eq!(index.queued("cloud", 10).unwrap(), expect);
+    }
+
+    /// A queue key whose record is not written yet (`insert_all` in progress) is not
+    /// handed to a worker.
+    #[test]
+    fn queued_skips_objects_whose_record_is_not_written_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let index =
+            Index::open(&dir.path().join("index"), crate::DEFAULT_INDEX_CACHE_BYTES).unwrap();
+        let mut r = Record::from(v1());
+        r.blob_deleted = false;
+        r.destinations[0].state = DeliveryState::Queued;
+        let (early, late) = (ObjectId::from_bytes([1; 16]), ObjectId::from_bytes([2; 16]));
+        index.insert_all([(&late, &r)], true).unwrap();
+        let mut older = r.clone();
+        older.received_unix_ms -= 1;
+        let row = index.row(&early, &older).unwrap();
+        for key in &row.queue_keys {
+            index.queue.insert(key.as_slice(), &[][..]).unwrap();
+        }
+        assert_eq!(index.queued("cloud", 10).unwrap(), [late]);
+        assert_eq!(
+            index.queued("cloud", 1).unwrap(),
+            [late],
+            "the limit counts readable ids"
+        );
+        index.insert_all([(&early, &older)], true).unwrap();
+        assert_eq!(index.queued("cloud", 10).unwrap(), [early, late]);
     }
 
     #[test]
