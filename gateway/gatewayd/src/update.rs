@@ -122,6 +122,7 @@ pub(crate) fn service(
         settings: settings.clone(),
         fleet: fleet.clone(),
         keys,
+        firmware_version: None,
     };
     (
         AgentUpdate {
@@ -152,14 +153,20 @@ struct Runner {
     settings: Settings,
     fleet: gateway_config::Fleet,
     keys: Arc<dyn KeyStore>,
+    /// IMAGE_VERSION of the firmware running (read once, when the task starts).
+    firmware_version: Option<u64>,
 }
 
 impl Runner {
     async fn run(
-        self,
+        mut self,
         mut jobs: mpsc::UnboundedReceiver<UpdateRecord>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        self.firmware_version = tokio::task::spawn_blocking(running_firmware_version)
+            .await
+            .ok()
+            .flatten();
         let work = async {
             self.at_start().await;
             while let Some(record) = jobs.recv().await {
@@ -367,7 +374,7 @@ impl Runner {
         let store = self.updater.store().clone();
         let event = UpdateEvent {
             message,
-            result: Some(result_body(record)),
+            result: Some(result_body(record, self.firmware_version)),
             published: Some(Box::new(move || {
                 if let Err(e) = store.archive() {
                     warn!(error = %e, "cannot archive the published update record");
@@ -393,9 +400,10 @@ pub(crate) fn final_message(record: &UpdateRecord) -> Option<StateMessage> {
 }
 
 /// The body on the command's `.../result` topic with its final state: the outcome, the
-/// bundle's version, the slots, and the firmware version this box runs now (IMAGE_VERSION of
-/// /usr/lib/os-release; null where there is none, e.g. outside the image).
-fn result_body(record: &UpdateRecord) -> Vec<u8> {
+/// bundle's version, the slots, and the firmware version this box runs now
+/// (`firmware_version`: IMAGE_VERSION of /usr/lib/os-release; null where there is none,
+/// e.g. outside the image).
+fn result_body(record: &UpdateRecord, firmware_version: Option<u64>) -> Vec<u8> {
     let (state, code, reason) = match &record.outcome {
         Some(Outcome::Successful) => ("successful", None, None),
         Some(Outcome::Failed { code, reason }) => {
@@ -415,7 +423,7 @@ fn result_body(record: &UpdateRecord) -> Vec<u8> {
         "bundle_version": record.version,
         "from_slot": record.from_slot,
         "target_slot": record.target_slot,
-        "firmware_version": running_firmware_version(),
+        "firmware_version": firmware_version,
     })
     .to_string()
     .into_bytes()
