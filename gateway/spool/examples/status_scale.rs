@@ -4,8 +4,10 @@
 //! counts every record once). Prints one line per measure and peak RSS.
 //!
 //!     cargo run --release -p gateway-spool --example status_scale -- [N] [DIR]
+//!     cargo run --release -p gateway-spool --example status_scale -- reopen DIR
 //!
-//! DIR (default: a temp dir) should be on the disk the spool lives on.
+//! DIR (default: a temp dir) should be on the disk the spool lives on. `reopen` times,
+//! on a spool filled before, a bare scan of the index's records and then a whole open.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::time::{Duration, Instant};
@@ -16,7 +18,13 @@ use gateway_spool::{Committed, Limits, MessageIn, ObjectKind, Route, Spool};
 const GROUP: usize = 1_000;
 
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, dir] = &args[..]
+        && mode == "reopen"
+    {
+        return reopen(std::path::Path::new(dir));
+    }
+    let mut args = args.into_iter();
     let n: usize = args.next().map_or(1_000_000, |a| a.parse().expect("N"));
     let tmp = tempfile::tempdir().unwrap();
     let dir = args
@@ -87,4 +95,32 @@ fn main() {
         .unwrap_or("VmHWM: ?")
         .to_string();
     println!("peak RSS {hwm}");
+}
+
+/// Times a bare scan of the index, then a whole [`Spool::open`] (journal replay and count).
+fn reopen(dir: &std::path::Path) {
+    let t = Instant::now();
+    let index = gateway_spool::index::Index::open(
+        &dir.join("spool/index"),
+        gateway_spool::DEFAULT_INDEX_CACHE_BYTES,
+    )
+    .unwrap();
+    let n = index.records().count();
+    println!("index open + scan of {n} records: {:?}", t.elapsed());
+    drop(index);
+    let limits = Limits {
+        max_bytes: 1 << 40,
+        min_free_bytes: 0,
+    };
+    let t = Instant::now();
+    let routes = vec![Route::new("ris", ObjectKind::Hl7)];
+    let spool = Spool::open(
+        dir,
+        Some(MasterKey::from_bytes([7; KEY_LEN])),
+        limits,
+        routes,
+    )
+    .unwrap();
+    println!("whole open: {:?}", t.elapsed());
+    drop(spool);
 }
