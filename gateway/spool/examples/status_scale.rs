@@ -16,6 +16,10 @@ use gateway_keystore::{KEY_LEN, MasterKey};
 use gateway_spool::{Committed, Limits, MessageIn, ObjectKind, Route, Spool};
 
 const GROUP: usize = 1_000;
+const ROOMY: Limits = Limits {
+    max_bytes: 1 << 40,
+    min_free_bytes: 0,
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,10 +34,7 @@ fn main() {
     let dir = args
         .next()
         .map_or_else(|| tmp.path().to_path_buf(), Into::into);
-    let limits = Limits {
-        max_bytes: 1 << 40,
-        min_free_bytes: 0,
-    };
+    let limits = ROOMY;
     let routes = vec![Route::new("ris", ObjectKind::Hl7)];
     let key = || Some(MasterKey::from_bytes([7; KEY_LEN]));
     let spool = Spool::open(&dir, key(), limits, routes.clone()).unwrap();
@@ -108,10 +109,7 @@ fn reopen(dir: &std::path::Path) {
     let n = index.records().count();
     println!("index open + scan of {n} records: {:?}", t.elapsed());
     drop(index);
-    let limits = Limits {
-        max_bytes: 1 << 40,
-        min_free_bytes: 0,
-    };
+    let limits = ROOMY;
     let t = Instant::now();
     let routes = vec![Route::new("ris", ObjectKind::Hl7)];
     let spool = Spool::open(
