@@ -917,14 +917,20 @@ mod tests {
         assert_eq!(decode_record(&bytes).unwrap(), r);
     }
 
-    #[test]
-    fn queue_keeps_arrival_order_within_a_millisecond_and_drops_legacy_keys() {
+    /// An empty index in a temp dir, and a record queued for "cloud" (not yet inserted).
+    fn index_with_a_queued_record() -> (tempfile::TempDir, Index, Record) {
         let dir = tempfile::tempdir().unwrap();
         let index =
             Index::open(&dir.path().join("index"), crate::DEFAULT_INDEX_CACHE_BYTES).unwrap();
         let mut r = Record::from(v1());
         r.blob_deleted = false;
         r.destinations[0].state = DeliveryState::Queued;
+        (dir, index, r)
+    }
+
+    #[test]
+    fn queue_keeps_arrival_order_within_a_millisecond_and_drops_legacy_keys() {
+        let (_dir, index, r) = index_with_a_queued_record();
         // Ids in descending order, sequence ascending, one millisecond.
         let items: Vec<(ObjectId, Record)> = (0..5u8)
             .map(|i| {
@@ -965,12 +971,7 @@ mod tests {
     /// handed to a worker.
     #[test]
     fn queued_skips_objects_whose_record_is_not_written_yet() {
-        let dir = tempfile::tempdir().unwrap();
-        let index =
-            Index::open(&dir.path().join("index"), crate::DEFAULT_INDEX_CACHE_BYTES).unwrap();
-        let mut r = Record::from(v1());
-        r.blob_deleted = false;
-        r.destinations[0].state = DeliveryState::Queued;
+        let (_dir, index, r) = index_with_a_queued_record();
         let (early, late) = (ObjectId::from_bytes([1; 16]), ObjectId::from_bytes([2; 16]));
         index.insert_all([(&late, &r)], true).unwrap();
         let mut older = r.clone();
