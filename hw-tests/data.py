@@ -91,11 +91,14 @@ def make_ct_file(path: Path, i: int, size_kind: str = "small", study_uid: str | 
                  series_uid: str | None = None) -> SyntheticFile:
     """Write one valid CT Image Storage Part 10 file (Explicit VR Little Endian).
 
-    ``size_kind`` is ``"ct"`` (512x512x16-bit, ~0.5 MB of pixel data) or
-    ``"small"`` (16x16).
+    ``size_kind`` is ``"ct"`` (512x512x16-bit, ~0.5 MB of pixel data),
+    ``"large"`` (1536x1536x16-bit, ~4.5 MB: over what the spool holds in memory and
+    journals, so it streams to a blob file) or ``"small"`` (16x16).
     """
     if size_kind == "ct":
         side = 512
+    elif size_kind == "large":
+        side = 1536
     elif size_kind == "small":
         side = 16
     else:

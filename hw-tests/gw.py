@@ -358,3 +358,10 @@ class Gateway:
 
     def data_files(self) -> list[Path]:
         return [p for p in self.data_dir.rglob("*") if p.is_file()] if self.data_dir.exists() else []
+
+    def sealed_files(self) -> list[Path]:
+        """The files holding sealed objects: large DICOM objects in `spool/blobs/`, the
+        others (small DICOM objects, HL7, audit) in the journal's segments."""
+        spool = self.data_dir / "spool"
+        blobs = sorted(p for p in (spool / "blobs").rglob("*") if p.is_file()) if (spool / "blobs").exists() else []
+        return blobs + sorted((spool / "journal").glob("*.wal")) if (spool / "journal").exists() else blobs

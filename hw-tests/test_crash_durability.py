@@ -4,8 +4,9 @@ Pins DESIGN.md's rule "a success status is sent only after the object is
 sealed, fsync'd and indexed; a process killed at any instant after that loses
 nothing", and that resends after a crash do not duplicate.
 
-A sender thread stores a 200-file mixed set one file per C-STORE over
-pynetdicom associations and records every SOP Instance UID answered 0x0000.
+A sender thread stores a 210-file mixed set (150 CT-sized and 50 small objects, which
+the spool journals, and 10 of ~4.5 MB, which stream to blob files) one file per
+C-STORE over pynetdicom associations and records every SOP Instance UID answered 0x0000.
 gatewayd is SIGKILLed 3 times, each 0.3-3 s after it became ready (seeded:
 set HWTESTS_SEED to replay; the seed is printed). The sender sees the abort,
 reconnects once the daemon is back and resends the file whose answer it did not
@@ -26,7 +27,7 @@ import pydicom
 import data
 import scu
 
-N_CT, N_SMALL = 150, 50
+N_CT, N_SMALL, N_LARGE = 150, 50, 10
 KILLS = 3
 SENDER_DEADLINE_S = 400
 
@@ -96,6 +97,8 @@ def test_kill9_during_ingest_loses_no_acknowledged_object(gateway_factory, tmp_p
     print(f"crash test seed: HWTESTS_SEED={seed}")
     rng = random.Random(seed)
     files = data.make_mixed_set(N_CT, N_SMALL, tmp_path / "in", seed=seed)
+    files += data.make_ct_set(N_LARGE, tmp_path / "in", "large", start=N_CT + N_SMALL)
+    rng.shuffle(files)
 
     g = gateway_factory()
     sender = Sender(g.dicom_port, files)

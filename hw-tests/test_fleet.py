@@ -325,8 +325,8 @@ def test_signed_wipe_shreds_the_keys_leaves_sealed_objects_unreadable_and_refuse
     assert r.returncode == 0, r.stdout + r.stderr
     uid = files[0].sop_instance_uid
     g.export(uid, tmp_path / "before.dcm")  # readable before the wipe
-    blobs = [p for p in g.data_files() if "blobs" in p.parts]
-    assert blobs, "no sealed blob on disk to wipe"
+    blobs = g.sealed_files()
+    assert blobs, "no sealed object on disk to wipe"
 
     final = command(vendor, sub, "wipe", "wipe-1")
     assert final["state"] == "successful", final

@@ -290,9 +290,8 @@ def test_keys_wipe_makes_sealed_blobs_unreadable_even_with_old_key_files_restore
     kdir = g.data_dir / "keys"
     backup = tmp_path / "keys-backup"  # outside the gateway's folder
     shutil.copytree(kdir, backup)
-    blobs_dir = g.data_dir / "spool" / "blobs"
-    blobs = sorted(p for p in blobs_dir.rglob("*") if p.is_file())
-    assert len(blobs) >= len(files), f"expected {len(files)} sealed blobs in {blobs_dir}, found {blobs}"
+    blobs = g.sealed_files()
+    assert blobs, f"no sealed object (blob or journal segment) under {g.data_dir / 'spool'}"
 
     r = keys(g, "wipe")
     assert r.returncode != 0, "keys wipe without --yes must refuse"
