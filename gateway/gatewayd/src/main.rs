@@ -47,6 +47,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Run(args) => run::main(&args),
@@ -72,6 +73,28 @@ fn main() -> ExitCode {
         }) => deid::reidentify_cli(&config, &destination, study.as_deref(), patient.as_deref()),
     }
 }
+
+/// glibc's allocator keeps what a thread frees in that thread's arena (up to 8 per core) and,
+/// after each large free, raises the size from which it maps memory directly, so buffers of
+/// a few hundred KiB (objects held in memory until their journal append, upload bodies)
+/// end up in arenas that never shrink: gatewayd's RSS climbed by ~1 MiB every 10 s of a
+/// mixed soak (BENCHMARKS.md, issue 22). Two arenas and a fixed 128 KiB threshold give
+/// such buffers back to the kernel when freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    use nix::libc::{M_ARENA_MAX, M_MMAP_THRESHOLD, mallopt};
+    // SAFETY: mallopt only sets parameters of the allocator; it is called first thing in
+    // main, before any other thread exists. A refused setting (return 0) leaves glibc's
+    // default, which is safe.
+    unsafe {
+        mallopt(M_ARENA_MAX, 2);
+        mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
 
 /// `gatewayd identity ...`: opens the files and prints; the logic is `gateway_identity::cli`.
 fn identity(cmd: &cli::IdentityCommand) -> ExitCode {
