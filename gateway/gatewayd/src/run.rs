@@ -694,7 +694,7 @@ fn open_keystore(settings: &Settings) -> Result<Box<dyn KeyStore>, String> {
         Err(KeyStoreError::NotInitialised { .. })
             if settings.node.mode == Mode::Development
                 && settings.keystore.backend == KeystoreBackend::Software
-                && spool_is_empty(data_dir) =>
+                && !gateway_spool::holds_sealed_objects(data_dir) =>
         {
             warn!("development mode: creating a software key store for this new data folder");
             gateway_keystore::init(&backend, data_dir).map_err(|e| e.to_string())?;
@@ -863,10 +863,6 @@ fn key_backend(settings: &Settings) -> KeyBackend {
         KeystoreBackend::Software => KeyBackend::Software,
         KeystoreBackend::Tpm => KeyBackend::Tpm,
     }
-}
-
-fn spool_is_empty(data_dir: &Path) -> bool {
-    std::fs::read_dir(data_dir.join("spool").join("blobs")).map_or(true, |mut d| d.next().is_none())
 }
 
 fn dicom_settings(dicom: &gateway_config::Dicom) -> DicomSettings {

@@ -859,6 +859,8 @@ async fn the_dose_route_passes_objects_that_are_not_dose_reports_and_feed_applie
     let Committed::Stored(id) = ingest.commit().unwrap() else {
         panic!("stored twice")
     };
+    // Journaled: indexed (and queued) behind the commit.
+    assert!(spool.settle(std::time::Duration::from_secs(5)));
     assert_eq!(spool.queued(DOSE_ROUTE, 10).unwrap(), vec![id]);
 
     let ledger_dir = env.dir.path().join("ledger");

@@ -214,30 +214,42 @@ impl Spool {
     /// The keyed MAC of an object's Study Instance UID (None: unknown or without one).
     /// Objects with equal keys belong to one study.
     pub fn study_key(&self, id: &ObjectId) -> Result<Option<StudyMac>, SpoolError> {
-        Ok(self.inner.index.study_of(id)?)
+        self.look_settled(|index| index.study_of(id), Option::is_some)
+    }
+
+    /// `look` in the index; if it finds nothing (`found` false), waits once for the
+    /// checkpointer and looks again: a journaled object's commit returns before its index
+    /// entry is written. An object indexed already costs no wait.
+    fn look_settled<T>(
+        &self,
+        look: impl Fn(&crate::index::Index) -> Result<T, crate::index::IndexError>,
+        found: impl Fn(&T) -> bool,
+    ) -> Result<T, SpoolError> {
+        let first = look(&self.inner.index)?;
+        if found(&first) {
+            return Ok(first);
+        }
+        self.settle(crate::SETTLE_WAIT);
+        Ok(look(&self.inner.index)?)
     }
 
     /// A stored object's index record (its destinations' states), without its bytes.
     pub fn record(&self, id: &ObjectId) -> Result<Option<Record>, SpoolError> {
-        Ok(self.inner.index.get(id)?)
+        self.look_settled(|index| index.get(id), Option::is_some)
     }
 
     /// The objects stored under a DICOM SOP Instance UID (looked up by its keyed MAC), in
     /// any state: a puller skips an instance it already has.
     pub fn stored_instance(&self, sop_instance_uid: &str) -> Result<Vec<ObjectId>, SpoolError> {
         let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
-        Ok(self
-            .inner
-            .index
-            .ids_for_uid(&keys.uid_mac(sop_instance_uid))?)
+        let uid_mac = keys.uid_mac(sop_instance_uid);
+        self.look_settled(|index| index.ids_for_uid(&uid_mac), |ids| !ids.is_empty())
     }
 
     /// A stored object's record and plaintext (for upload: the whole object in memory).
     pub fn read(&self, id: &ObjectId) -> Result<(Record, Vec<u8>), SpoolError> {
         let record = self
-            .inner
-            .index
-            .get(id)?
+            .look_settled(|index| index.get(id), Option::is_some)?
             .ok_or(SpoolError::UnknownObject { id: *id })?;
         let mut plain = Vec::with_capacity(usize::try_from(record.plain_len).unwrap_or(0));
         self.unseal(id, &record, &mut plain)?;
@@ -258,9 +270,7 @@ impl Spool {
         let mut completed = Vec::new();
         for id in ids {
             let Some(change) =
-                inner
-                    .index
-                    .set_delivery(id, destination, DeliveryState::Sent, Some(now), false)?
+                self.set_delivery_indexed(id, destination, DeliveryState::Sent, Some(now), false)?
             else {
                 return Err(SpoolError::NoDelivery {
                     id: *id,
@@ -345,6 +355,26 @@ impl Spool {
         Ok(moved)
     }
 
+    /// [`Index::set_delivery`](crate::index::Index::set_delivery), waiting once for the
+    /// checkpointer if `id` is not indexed yet (a journaled object's commit returns before
+    /// its index entry is written).
+    fn set_delivery_indexed(
+        &self,
+        id: &ObjectId,
+        destination: &str,
+        state: DeliveryState,
+        now_ms: Option<u64>,
+        sync: bool,
+    ) -> Result<Option<crate::index::DeliveryChange>, SpoolError> {
+        let index = &self.inner.index;
+        let change = index.set_delivery(id, destination, state.clone(), now_ms, sync)?;
+        if change.is_some() || index.contains(id)? {
+            return Ok(change);
+        }
+        self.settle(crate::SETTLE_WAIT);
+        Ok(index.set_delivery(id, destination, state, now_ms, sync)?)
+    }
+
     fn set_delivery(
         &self,
         id: &ObjectId,
@@ -356,10 +386,7 @@ impl Spool {
         }
         let inner = &self.inner;
         let queued = state == DeliveryState::Queued;
-        let Some(change) = inner
-            .index
-            .set_delivery(id, destination, state, None, true)?
-        else {
+        let Some(change) = self.set_delivery_indexed(id, destination, state, None, true)? else {
             return Err(SpoolError::NoDelivery {
                 id: *id,
                 destination: destination.to_string(),

@@ -1,16 +1,18 @@
-//! HL7 message groups: the journal write path and the checkpointer behind it.
+//! HL7 message groups and DICOM objects held in memory: the journal write path and the
+//! checkpointer behind it.
 //!
 //! [`Spool::store_messages`] seals a group of messages in memory, appends them to the
 //! journal as one frame and `fdatasync`s it: one disk flush acknowledges the whole group
-//! (docs/adr/0004, docs/adr/0006). The checkpointer thread then indexes the group's records
+//! (docs/adr/0004, docs/adr/0006). DICOM objects that arrive while the journal is busy
+//! wait, and the next commit to hold it appends them all as one frame (docs/adr/0015). The checkpointer thread then indexes the group's records
 //! behind the answer; [`Spool::settle`] waits for it. At open, the journal is replayed into
 //! the index for what a crash kept from it, and a segment is deleted once the writer has
 //! left it and no record needs its bytes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Weak, mpsc};
+use std::sync::{Arc, Mutex, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 use gateway_durable::Context;
@@ -80,8 +82,23 @@ pub struct AuditStored {
 }
 
 /// Work for the checkpointer thread: one journaled group's index records (the sealed bytes
-/// are in the journal already).
-pub(crate) type CheckpointJob = Vec<(ObjectId, Record, usage::Reservation)>;
+/// are in the journal already) and where the journal's next frame starts. Jobs are sent in
+/// append order, so once a job is indexed everything before its `end` is.
+pub(crate) struct CheckpointJob {
+    items: Vec<(ObjectId, Record, usage::Reservation)>,
+    end: crate::index::SegmentRef,
+}
+
+/// Where the journal's group commit writes what became of a waiting object.
+type Outcome = Arc<Mutex<Option<Result<Committed, SpoolError>>>>;
+
+/// A DICOM object waiting to be appended to the journal
+/// ([`Spool::store_journaled_object`]).
+pub(crate) struct Waiting {
+    entry: journal::Entry,
+    reservation: usage::Reservation,
+    outcome: Outcome,
+}
 
 impl Inner {
     /// Whether a capped route's queue has room for one more message, counting what the
@@ -105,17 +122,13 @@ impl Inner {
     /// sort after it. The segments stay: they hold the messages' sealed bytes.
     pub(crate) fn replay_journal(&self) -> Result<u64, SpoolError> {
         let (mut total, mut indexed) = (0, 0);
-        let mut keys_seen = BTreeSet::new();
-        let newest = journal::for_each_segment(&self.journal_dir, |entries| {
+        let mut keys_seen = HashSet::new();
+        let mark = self.index.journal_checkpoint()?;
+        let newest = journal::for_each_segment(&self.journal_dir, mark, |entries| {
             total += entries.len();
             let mut todo = Vec::new();
             for entry in entries {
-                // Stored means an `objects` row, which [`Index::insert_all`] writes last.
-                let mut stored = self.index.contains(&entry.id)?;
-                for id in self.index.ids_for_uid(&entry.record.uid_mac)? {
-                    stored = stored || self.index.contains(&id)?;
-                }
-                if !stored && keys_seen.insert(entry.record.uid_mac) {
+                if !self.replayed_is_stored(&entry)? && keys_seen.insert(replay_key(&entry)) {
                     todo.push((entry.id, entry.record));
                 }
             }
@@ -126,14 +139,59 @@ impl Inner {
             }
             Ok(())
         })?;
+        // Everything in the segments there are is indexed now; new frames go to newer ones.
+        let next = crate::index::SegmentRef {
+            generation: newest.saturating_add(1),
+            offset: 0,
+        };
+        if mark != Some(next) {
+            self.index.set_journal_checkpoint(next, true)?;
+        }
         if indexed > 0 {
             info!(
                 journaled = total,
                 indexed,
-                "indexed HL7 messages the journal held from the last run (all were acknowledged)"
+                "indexed objects the journal held from the last run (all were acknowledged)"
             );
         }
         Ok(newest)
+    }
+
+    /// The DICOM object with this UID and content, journaled (not indexed yet) or indexed.
+    pub(crate) fn stored_or_journaled(
+        &self,
+        uid_mac: &UidMac,
+        content_mac: &crate::ContentMac,
+    ) -> Result<Option<ObjectId>, SpoolError> {
+        if let Some(id) = lock(&self.pending_content).get(&(*uid_mac, *content_mac)) {
+            return Ok(Some(*id));
+        }
+        Ok(self.index.find_duplicate(uid_mac, content_mac)?)
+    }
+
+    /// Whether a journal entry is indexed already: its id, or (HL7, audit) any message
+    /// under its key, or (DICOM) an object with the same UID and content. Stored means an
+    /// `objects` row, which [`Index::insert_all`](crate::index::Index::insert_all) writes
+    /// last.
+    fn replayed_is_stored(&self, entry: &journal::Entry) -> Result<bool, SpoolError> {
+        if self.index.contains(&entry.id)? {
+            return Ok(true);
+        }
+        let record = &entry.record;
+        let others = if record.kind == ObjectKind::Dicom {
+            self.index
+                .find_duplicate(&record.uid_mac, &record.content_mac)?
+                .into_iter()
+                .collect()
+        } else {
+            self.index.ids_for_uid(&record.uid_mac)?
+        };
+        for id in others {
+            if self.index.contains(&id)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// `n` fewer objects need segment `generation`; deletes it if none does and the writer
@@ -173,7 +231,8 @@ impl Inner {
 /// failed insert is retried every second; the messages stay journaled meanwhile. Ends when
 /// the spool is dropped.
 pub(crate) fn run_checkpointer(spool: &Weak<Inner>, rx: &mpsc::Receiver<CheckpointJob>) {
-    let mut backlog: CheckpointJob = Vec::new();
+    let mut backlog: Vec<(ObjectId, Record, usage::Reservation)> = Vec::new();
+    let mut end = None;
     loop {
         let first = if backlog.is_empty() {
             match rx.recv() {
@@ -188,26 +247,36 @@ pub(crate) fn run_checkpointer(spool: &Weak<Inner>, rx: &mpsc::Receiver<Checkpoi
             }
         };
         for job in first.into_iter().chain(rx.try_iter()) {
-            backlog.extend(job);
+            backlog.extend(job.items);
+            end = Some(job.end);
         }
         let Some(inner) = spool.upgrade() else {
             return;
         };
         let started = Instant::now();
-        if let Err(e) = inner
+        let indexed = inner
             .index
             .insert_all(backlog.iter().map(|(id, record, _)| (id, record)), false)
-        {
-            warn!(messages = backlog.len(), error = %e,
-                "cannot index journaled HL7 messages yet; retrying (they are safe in the journal)");
+            .and_then(|()| match end {
+                Some(at) => inner.index.set_journal_checkpoint(at, false),
+                None => Ok(()),
+            });
+        if let Err(e) = indexed {
+            warn!(objects = backlog.len(), error = %e,
+                "cannot index journaled objects yet; retrying (they are safe in the journal)");
             continue;
         }
         inner.usage.observe(Step::Index, started);
         let count = backlog.len() as u64;
         {
             let mut pending = lock(&inner.pending);
+            let mut pending_content = lock(&inner.pending_content);
             for (_, record, mut reservation) in backlog.drain(..) {
-                pending.remove(&record.uid_mac);
+                if record.kind == ObjectKind::Dicom {
+                    pending_content.remove(&(record.uid_mac, record.content_mac));
+                } else {
+                    pending.remove(&record.uid_mac);
+                }
                 inner.usage.commit(&mut reservation, record.sealed_len);
             }
         }
@@ -367,8 +436,119 @@ impl Spool {
         if entries.is_empty() {
             return Ok(results);
         }
+        let mut journal = lock(&inner.journal);
+        let closed = self.journal_group(&mut journal, entries, reservations)?;
+        drop(journal);
+        if let Some(closed) = closed {
+            inner.remove_segment_if_left(closed);
+        }
+        Ok(results)
+    }
+
+    /// Stores one DICOM object sealed in memory ([`crate::Ingest::commit`]) through the
+    /// journal, with every other object waiting for it at that moment (group commit,
+    /// docs/adr/0015): the object joins the waiting list, then whoever holds the journal
+    /// next appends the whole list as one frame with one `fdatasync`, skipping objects
+    /// with the same UID and content as one stored or journaled already. Returns once this
+    /// object's group is durable (or failed); the checkpointer indexes it behind.
+    pub(crate) fn store_journaled_object(
+        &self,
+        entry: journal::Entry,
+        reservation: usage::Reservation,
+    ) -> Result<Committed, SpoolError> {
+        let inner = &self.inner;
+        let outcome: Outcome = Arc::default();
+        lock(&inner.waiting).push(Waiting {
+            entry,
+            reservation,
+            outcome: Arc::clone(&outcome),
+        });
+        let mut journal = lock(&inner.journal);
+        // Whoever held the journal since this object joined took it in its group, and
+        // wrote its outcome before letting go; if not, the object is still waiting.
+        if let Some(done) = lock(&outcome).take() {
+            return done;
+        }
+        let group = std::mem::take(&mut *lock(&inner.waiting));
+        let closed = self.journal_waiting(&mut journal, group);
+        drop(journal);
+        if let Some(closed) = closed {
+            inner.remove_segment_if_left(closed);
+        }
+        lock(&outcome).take().unwrap_or_else(|| {
+            Err(SpoolError::GroupCommit {
+                detail: "the object was not in the group written".into(),
+            })
+        })
+    }
+
+    /// Appends the waiting objects that are not duplicates as one frame (the caller holds
+    /// the journal) and writes every object's outcome. Returns the segment the writer left.
+    fn journal_waiting(&self, journal: &mut journal::Writer, group: Vec<Waiting>) -> Option<u64> {
+        let inner = &self.inner;
+        let mut entries = Vec::with_capacity(group.len());
+        let mut reservations = Vec::with_capacity(group.len());
+        let mut outcomes = Vec::with_capacity(group.len());
+        let mut in_group: HashMap<(UidMac, crate::ContentMac), ObjectId> = HashMap::new();
+        for mut waiting in group {
+            let r = &waiting.entry.record;
+            let key = (r.uid_mac, r.content_mac);
+            let existing = match in_group.get(&key) {
+                Some(id) => Ok(Some(*id)),
+                None => inner.stored_or_journaled(&key.0, &key.1),
+            };
+            let done = match existing {
+                Ok(None) => {
+                    in_group.insert(key, waiting.entry.id);
+                    outcomes.push((waiting.entry.id, waiting.outcome));
+                    entries.push(waiting.entry);
+                    reservations.push(waiting.reservation);
+                    continue;
+                }
+                Ok(Some(id)) => Ok(Committed::Duplicate(id)),
+                Err(e) => Err(e),
+            };
+            inner.usage.release(&mut waiting.reservation);
+            *lock(&waiting.outcome) = Some(done);
+        }
+        if entries.is_empty() {
+            return None;
+        }
+        match self.journal_group(journal, entries, reservations) {
+            Ok(closed) => {
+                for (id, outcome) in outcomes {
+                    *lock(&outcome) = Some(Ok(Committed::Stored(id)));
+                }
+                closed
+            }
+            Err(e) => {
+                let detail = e.to_string();
+                warn!(objects = outcomes.len(), error = %detail, "group commit failed");
+                for (_, outcome) in outcomes {
+                    *lock(&outcome) = Some(Err(SpoolError::GroupCommit {
+                        detail: detail.clone(),
+                    }));
+                }
+                None
+            }
+        }
+    }
+
+    /// Appends `entries` to the journal as one frame with one `fdatasync`, then, still
+    /// holding the journal (so that the checkpointer gets groups in append order): notes
+    /// them as pending (dedupe), counts them in their segment and in capped queues, and
+    /// hands their records to the checkpointer. On error their space is released. Returns
+    /// the segment the writer left for a new one, for the caller to delete once it lets
+    /// go of the journal if nothing needs it.
+    fn journal_group(
+        &self,
+        journal: &mut journal::Writer,
+        mut entries: Vec<journal::Entry>,
+        mut reservations: Vec<usage::Reservation>,
+    ) -> Result<Option<u64>, SpoolError> {
+        let inner = &self.inner;
         let started = Instant::now();
-        let appended = lock(&inner.journal).append(&mut entries);
+        let appended = journal.append(&mut entries);
         inner.usage.observe(Step::Journal, started);
         let appended = match appended {
             Ok(a) => a,
@@ -379,16 +559,19 @@ impl Spool {
                 return Err(e.into());
             }
         };
-        *lock(&inner.live).entry(appended.generation).or_insert(0) += entries.len() as u64;
-        if let Some(closed) = appended.closed {
-            inner.remove_segment_if_left(closed);
-        }
         {
             let mut pending = lock(&inner.pending);
+            let mut pending_content = lock(&inner.pending_content);
             for entry in &entries {
-                pending.insert(entry.record.uid_mac, entry.id);
+                let r = &entry.record;
+                if r.kind == ObjectKind::Dicom {
+                    pending_content.insert((r.uid_mac, r.content_mac), entry.id);
+                } else {
+                    pending.insert(r.uid_mac, entry.id);
+                }
             }
         }
+        *lock(&inner.live).entry(appended.generation).or_insert(0) += entries.len() as u64;
         // Before the checkpointer can index them (and a worker confirm them).
         for entry in &entries {
             for d in &entry.record.destinations {
@@ -399,17 +582,20 @@ impl Spool {
             .journaled
             .fetch_add(entries.len() as u64, Ordering::SeqCst);
         // The checkpointer needs the records only: the sealed bytes are on disk.
-        let job: CheckpointJob = entries
-            .into_iter()
-            .zip(reservations)
-            .map(|(e, r)| (e.id, e.record, r))
-            .collect();
+        let job = CheckpointJob {
+            items: entries
+                .into_iter()
+                .zip(reservations)
+                .map(|(e, r)| (e.id, e.record, r))
+                .collect(),
+            end: appended.end,
+        };
         if let Some(tx) = lock(&inner.checkpoint).as_ref() {
-            // If the thread were gone the messages stay journaled and are indexed at the
+            // If the thread were gone the objects stay journaled and are indexed at the
             // next open; they are durable either way.
             let _ = tx.send(job);
         }
-        Ok(results)
+        Ok(appended.closed)
     }
 
     /// The id of a message already journaled or stored under this key MAC. The journal is
@@ -520,6 +706,14 @@ impl Spool {
     }
 }
 
+/// What one replayed journal entry is deduplicated by among the others: an HL7 or audit
+/// message's key, or a DICOM object's UID and content.
+fn replay_key(entry: &journal::Entry) -> (UidMac, Option<crate::ContentMac>) {
+    let r = &entry.record;
+    let content = (r.kind == ObjectKind::Dicom).then_some(r.content_mac);
+    (r.uid_mac, content)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -540,14 +734,18 @@ mod tests {
         }
     }
 
-    fn open(dir: &Path) -> Spool {
+    /// A spool in `dir` with room to spare, a fixed key and `routes`.
+    fn open_with(dir: &Path, routes: Vec<Route>) -> Spool {
         let limits = Limits {
             max_bytes: 1 << 40,
             min_free_bytes: 0,
         };
         let master = MasterKey::from_bytes([7; KEY_LEN]);
-        let routes = vec![Route::new("ris", ObjectKind::Hl7)];
         Spool::open(dir, Some(master), limits, routes).unwrap()
+    }
+
+    fn open(dir: &Path) -> Spool {
+        open_with(dir, vec![Route::new("ris", ObjectKind::Hl7)])
     }
 
     fn segment_generations(spool: &Spool) -> Vec<u64> {
@@ -610,6 +808,169 @@ mod tests {
         let spool = open(dir.path());
         assert_eq!(spool.status().unwrap().objects, 4);
         assert_eq!(spool.queued("ris", 10).unwrap().len(), 1);
+        assert!(spool.verify().unwrap().is_consistent());
+    }
+
+    fn store_dicom(spool: &Spool, uid: &str, body: &[u8]) -> Committed {
+        let mut ingest = spool
+            .begin(crate::ObjectMeta {
+                sop_instance_uid: uid.into(),
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+                transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+                source: "CT01".into(),
+            })
+            .unwrap();
+        ingest.write(body).unwrap();
+        ingest.commit().unwrap()
+    }
+
+    /// A crash after DICOM objects were journaled (and answered "success") and before the
+    /// checkpointer indexed them: the next open indexes each once, deduplicated by UID and
+    /// content (a second version of an instance is its own object), and what the
+    /// checkpointer had indexed before the mark is not read again.
+    #[test]
+    fn acknowledged_dicom_objects_only_in_the_journal_are_indexed_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || open_with(dir.path(), vec![Route::new("cloud", ObjectKind::Dicom)]);
+        let spool = open();
+        let Committed::Stored(indexed) = store_dicom(&spool, "1.1", b"indexed before") else {
+            panic!()
+        };
+        assert!(spool.settle(Duration::from_secs(5)));
+        let mark = spool.inner.index.journal_checkpoint().unwrap().unwrap();
+        assert_eq!(mark.generation, 1);
+        // Stall the checkpointer: what follows is journaled, never indexed in this run.
+        drop(lock(&spool.inner.checkpoint).take());
+        let Committed::Stored(v1) = store_dicom(&spool, "1.2", b"version one") else {
+            panic!()
+        };
+        assert_eq!(
+            store_dicom(&spool, "1.2", b"version one"),
+            Committed::Duplicate(v1),
+            "a resend still only in the journal is a duplicate"
+        );
+        let Committed::Stored(v2) = store_dicom(&spool, "1.2", b"version two") else {
+            panic!()
+        };
+        assert_eq!(
+            store_dicom(&spool, "1.1", b"indexed before"),
+            Committed::Duplicate(indexed)
+        );
+        assert!(spool.inner.index.get(&v1).unwrap().is_none());
+        // The indexed object is delivered and its record pruned: it must not come back.
+        spool.mark_sent(&indexed, "cloud").unwrap();
+        spool.set_dedupe_window(Duration::ZERO);
+        assert_eq!(spool.prune_delivered().unwrap(), 1);
+        drop(spool);
+
+        let spool = open();
+        assert!(spool.settle(Duration::ZERO));
+        assert_eq!(spool.recover().unwrap(), Recovered::default());
+        let status = spool.status().unwrap();
+        assert_eq!(
+            status.objects, 2,
+            "v1 and v2; the pruned record stays pruned"
+        );
+        assert_eq!(spool.queued("cloud", 10).unwrap().len(), 2);
+        for (id, body) in [(v1, &b"version one"[..]), (v2, &b"version two"[..])] {
+            assert_eq!(spool.read(&id).unwrap().1, body);
+        }
+        assert!(spool.verify().unwrap().is_consistent());
+        assert_eq!(
+            store_dicom(&spool, "1.2", b"version two"),
+            Committed::Duplicate(v2)
+        );
+        // Everything is indexed now: a third open reads no segment before the mark.
+        let mark = spool.inner.index.journal_checkpoint().unwrap().unwrap();
+        assert!(
+            segment_generations(&spool)
+                .iter()
+                .all(|g| *g < mark.generation)
+        );
+    }
+
+    /// How many frames the journal took: the `journal` step's count in `/metrics`.
+    fn journal_frames(spool: &Spool) -> u64 {
+        let mut registry = prometheus_client::registry::Registry::default();
+        spool.register_metrics(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("gateway_spool_commit_step_seconds_count{step=\"journal\"} ")
+            })
+            .map_or(0, |n| n.trim().parse().unwrap())
+    }
+
+    /// Objects that arrive while another commit holds the journal wait, and the next
+    /// holder appends them all as one frame with one sync (group commit); a resend in the
+    /// same group, or of an object still only in the journal, is a duplicate.
+    #[test]
+    fn commits_that_find_the_journal_busy_share_one_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || open_with(dir.path(), vec![Route::new("cloud", ObjectKind::Dicom)]);
+        let spool = open();
+        // Stall the checkpointer: every object stays only in the journal.
+        drop(lock(&spool.inner.checkpoint).take());
+        let Committed::Stored(first) = store_dicom(&spool, "2.1", b"journaled") else {
+            panic!()
+        };
+        assert_eq!(journal_frames(&spool), 1);
+        let busy = lock(&spool.inner.journal);
+        let senders: Vec<_> = [
+            ("2.2", &b"two"[..]),
+            ("2.3", b"three"),
+            ("2.3", b"three"),
+            ("2.1", b"journaled"),
+        ]
+        .into_iter()
+        .map(|(uid, body)| {
+            let other = spool.clone();
+            std::thread::spawn(move || store_dicom(&other, uid, body))
+        })
+        .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&spool.inner.waiting).len() < 4 {
+            assert!(
+                Instant::now() < deadline,
+                "the commits did not wait for the journal"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(busy);
+        let outcomes: Vec<Committed> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(
+            journal_frames(&spool),
+            2,
+            "one frame for the four waiting: {outcomes:?}"
+        );
+        let Committed::Stored(two) = outcomes[0] else {
+            panic!("{outcomes:?}")
+        };
+        let threes = (outcomes[1], outcomes[2]);
+        let three = match threes {
+            (Committed::Stored(a), Committed::Duplicate(b))
+            | (Committed::Duplicate(b), Committed::Stored(a))
+                if a == b =>
+            {
+                a
+            }
+            _ => panic!("one of two identical objects in a group is stored: {threes:?}"),
+        };
+        assert_eq!(outcomes[3], Committed::Duplicate(first));
+        for id in [first, two, three] {
+            assert!(
+                !spool.blob_path(&id).exists(),
+                "in the journal, not in blobs/"
+            );
+        }
+        drop(spool);
+        let spool = open();
+        assert_eq!(spool.status().unwrap().objects, 3);
+        assert_eq!(spool.read(&first).unwrap().1, b"journaled");
+        assert_eq!(spool.read(&two).unwrap().1, b"two");
+        assert_eq!(spool.read(&three).unwrap().1, b"three");
+        assert_eq!(spool.queued("cloud", 10).unwrap().len(), 3);
         assert!(spool.verify().unwrap().is_consistent());
     }
 

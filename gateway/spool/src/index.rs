@@ -68,6 +68,9 @@ const RECORD_V2: [u8; 2] = [0xFF, 0x02];
 /// Marks a record of format 3 (adds [`Record::segment`]).
 const RECORD_V3: [u8; 2] = [0xFF, 0x03];
 
+/// The key, in the default tree, of [`Index::journal_checkpoint`].
+const JOURNAL_CHECKPOINT: &[u8] = b"journal_checkpoint";
+
 /// Where the sealed bytes of a journal-resident object (an HL7 message) are: a journal
 /// segment and the offset of the sealed bytes in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -463,6 +466,35 @@ impl Index {
     }
 
     /// A fresh, monotonically increasing sequence number.
+    /// Records that everything the journal holds before `at` is indexed. Written after
+    /// the records it covers: sled's log is replayed in order, so after a crash the mark
+    /// never claims records that were lost. Flushed only if `flush`.
+    pub fn set_journal_checkpoint(&self, at: SegmentRef, flush: bool) -> Result<(), IndexError> {
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&at.generation.to_le_bytes());
+        value[8..].copy_from_slice(&at.offset.to_le_bytes());
+        self.db
+            .insert(JOURNAL_CHECKPOINT, &value[..])
+            .map_err(|e| self.db_err(e))?;
+        if flush {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The last [`Index::set_journal_checkpoint`], if any (a spool from before it had none).
+    pub fn journal_checkpoint(&self) -> Result<Option<SegmentRef>, IndexError> {
+        let value = self
+            .db
+            .get(JOURNAL_CHECKPOINT)
+            .map_err(|e| self.db_err(e))?;
+        Ok(value.and_then(|v| {
+            let generation = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+            let offset = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
+            Some(SegmentRef { generation, offset })
+        }))
+    }
+
     pub fn next_sequence(&self) -> Result<u64, IndexError> {
         self.db.generate_id().map_err(|e| self.db_err(e))
     }

@@ -1,15 +1,24 @@
 //! Ingest: the write path of one DICOM object.
 //!
-//! [`Spool::begin`] reserves space and opens `tmp/<id>.part`; [`Ingest::write`] seals the
-//! plaintext chunk by chunk as it arrives; [`Ingest::commit`] seals the last chunk, fsyncs,
-//! renames into `blobs/`, fsyncs the directory and commits the index entry. Only then may
-//! the sender be told "success". An identical resend (same SOP Instance UID and content)
-//! is a [`Committed::Duplicate`] that stores nothing. Dropping an [`Ingest`] discards it.
+//! [`Spool::begin`] reserves space; [`Ingest::write`] seals the plaintext chunk by chunk as
+//! it arrives, in memory while the sealed object stays within [`JOURNAL_MAX_SEALED`], else
+//! streamed to `tmp/<id>.part`. [`Ingest::commit`] seals the last chunk and makes the
+//! object durable (docs/adr/0015):
+//!
+//! - an object held in memory is appended to the journal as one frame and `fdatasync`'d
+//!   (one disk flush; the checkpointer indexes it behind the answer, as for HL7);
+//! - a streamed one is fsync'd, renamed into `blobs/`, the directory fsync'd and its index
+//!   entry committed and flushed.
+//!
+//! Only then may the sender be told "success". An identical resend (same SOP Instance UID
+//! and content) is a [`Committed::Duplicate`] that stores nothing. Dropping an [`Ingest`]
+//! discards it.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use gateway_durable::{self as durable, Context};
@@ -19,9 +28,20 @@ use tracing::warn;
 use crate::Origin;
 use crate::usage::{self, Step};
 use crate::{
-    Committed, HmacSha256, Inserted, Keys, ObjectId, ObjectKind, Record, Spool, SpoolError, seal,
-    unix_ms,
+    Committed, HmacSha256, Inserted, Keys, ObjectId, ObjectKind, Record, Spool, SpoolError,
+    journal, seal, unix_ms,
 };
+
+/// By default, an object whose sealed bytes stay within this size is held in memory while
+/// it arrives and goes to the journal at commit; a larger one streams to `tmp/` and
+/// `blobs/`, so that no association holds more than this much of an object in memory.
+pub const JOURNAL_MAX_SEALED: u64 = 2 * 1024 * 1024;
+
+/// Where an object's sealed bytes go while it arrives.
+enum Sink {
+    Memory(Vec<u8>),
+    File(BufWriter<File>),
+}
 
 /// What the sender said about an incoming object.
 #[derive(Debug, Clone)]
@@ -33,6 +53,14 @@ pub struct ObjectMeta {
 }
 
 impl Spool {
+    /// Objects whose sealed bytes stay within `bytes` go through the journal (default
+    /// [`JOURNAL_MAX_SEALED`]); larger ones stream to `blobs/`. 0: every object does.
+    pub fn set_journal_max_sealed(&self, bytes: u64) {
+        self.inner
+            .journal_max_sealed
+            .store(bytes, Ordering::Relaxed);
+    }
+
     /// Starts receiving one object. Fails with [`SpoolError::Full`] under disk pressure.
     pub fn begin(&self, meta: ObjectMeta) -> Result<Ingest, SpoolError> {
         self.begin_from(meta, Origin::Local)
@@ -51,9 +79,7 @@ impl Spool {
         let id = ObjectId::random().map_err(|_| seal::SealError::Random)?;
         let sealer = seal::Sealer::new(&keys.master, id.as_bytes())?;
         let tmp_path = inner.tmp.join(format!("{}.part", hex::encode(id)));
-        let file = durable::create_new_private(&tmp_path)?;
-        let mut out = BufWriter::with_capacity(256 * 1024, file);
-        out.write_all(sealer.header()).ctx("write", &tmp_path)?;
+        let out = Sink::Memory(sealer.header().to_vec());
         let reservation = inner.usage.reserve(seal::HEADER_LEN as u64)?;
         Ok(Ingest {
             spool: self.clone(),
@@ -77,7 +103,7 @@ pub struct Ingest {
     id: ObjectId,
     meta: ObjectMeta,
     tmp_path: PathBuf,
-    out: Option<BufWriter<File>>,
+    out: Option<Sink>,
     sealer: Option<seal::Sealer>,
     mac: HmacSha256,
     plain_len: u64,
@@ -115,7 +141,20 @@ impl Ingest {
         }
         self.mac.update(data);
         self.plain_len += data.len() as u64;
-        sealer.update(data, out).ctx("write", &self.tmp_path)?;
+        match out {
+            Sink::Memory(sealed) => {
+                sealer.update(data, sealed).ctx("seal", &self.tmp_path)?;
+                let max = self.spool.inner.journal_max_sealed.load(Ordering::Relaxed);
+                if sealed.len() as u64 > max {
+                    // Too big to hold: stream the rest to tmp/.
+                    let file = durable::create_new_private(&self.tmp_path)?;
+                    let mut w = BufWriter::with_capacity(256 * 1024, file);
+                    w.write_all(sealed).ctx("write", &self.tmp_path)?;
+                    *out = Sink::File(w);
+                }
+            }
+            Sink::File(w) => sealer.update(data, w).ctx("write", &self.tmp_path)?,
+        }
         Ok(())
     }
 
@@ -128,22 +167,33 @@ impl Ingest {
         self.plain_len == 0
     }
 
-    /// Makes the object durable: seal the last chunk, fsync, rename, fsync the directory,
-    /// commit and flush the index. Only after `Ok` may the sender be told "success".
+    /// Makes the object durable: seal the last chunk, then append it to the journal with
+    /// one `fdatasync`, or (streamed) fsync, rename, fsync the directory, commit and flush
+    /// the index. Only after `Ok` may the sender be told "success".
     pub fn commit(mut self) -> Result<Committed, SpoolError> {
         let inner = Arc::clone(&self.spool.inner);
         let keys = inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
-        let (Some(mut out), Some(sealer)) = (self.out.take(), self.sealer.take()) else {
+        let (Some(out), Some(sealer)) = (self.out.take(), self.sealer.take()) else {
             return Err(SpoolError::NoKey);
         };
-        sealer.finish(&mut out).ctx("write", &self.tmp_path)?;
+        let out = match out {
+            Sink::Memory(mut sealed) => {
+                sealer.finish(&mut sealed).ctx("seal", &self.tmp_path)?;
+                // Through the journal, in one group with every object waiting for it.
+                return self.commit_journaled(keys, sealed);
+            }
+            Sink::File(mut w) => {
+                sealer.finish(&mut w).ctx("write", &self.tmp_path)?;
+                w
+            }
+        };
         let file = out
             .into_inner()
             .map_err(|e| e.into_error())
             .ctx("write", &self.tmp_path)?;
         let content_mac = Keys::content_mac(self.mac.clone());
         let uid_mac = keys.uid_mac(&self.meta.sop_instance_uid);
-        if let Some(existing) = inner.index.find_duplicate(&uid_mac, &content_mac)? {
+        if let Some(existing) = inner.stored_or_journaled(&uid_mac, &content_mac)? {
             drop(file);
             fs::remove_file(&self.tmp_path).ctx("remove duplicate", &self.tmp_path)?;
             return Ok(Committed::Duplicate(existing));
@@ -158,23 +208,7 @@ impl Ingest {
         fs::rename(&self.tmp_path, &final_path).ctx("rename into place", &final_path)?;
         durable::sync_dir(&inner.blobs)?;
         inner.usage.observe(Step::Publish, started);
-        let record = Record {
-            kind: ObjectKind::Dicom,
-            sop_class_uid: self.meta.sop_class_uid.clone(),
-            transfer_syntax_uid: self.meta.transfer_syntax_uid.clone(),
-            source: self.meta.source.clone(),
-            plain_len: self.plain_len,
-            sealed_len,
-            received_unix_ms: unix_ms(),
-            uid_mac,
-            content_mac,
-            destinations: inner.queue_for(self.origin, ObjectKind::Dicom, None),
-            blob_deleted: false,
-            sequence: inner.index.next_sequence()?,
-            study_mac: self.study.as_deref().map(|uid| keys.study_mac(uid)),
-            completed_unix_ms: None,
-            segment: None,
-        };
+        let record = self.record(keys, uid_mac, content_mac, sealed_len)?;
         let started = Instant::now();
         let inserted = inner.index.insert_durable(&self.id, &record);
         inner.usage.observe(Step::Index, started);
@@ -198,9 +232,54 @@ impl Ingest {
     }
 }
 
+impl Ingest {
+    /// The index record of this object.
+    fn record(
+        &self,
+        keys: &Keys,
+        uid_mac: crate::index::UidMac,
+        content_mac: crate::index::ContentMac,
+        sealed_len: u64,
+    ) -> Result<Record, SpoolError> {
+        let inner = &self.spool.inner;
+        Ok(Record {
+            kind: ObjectKind::Dicom,
+            sop_class_uid: self.meta.sop_class_uid.clone(),
+            transfer_syntax_uid: self.meta.transfer_syntax_uid.clone(),
+            source: self.meta.source.clone(),
+            plain_len: self.plain_len,
+            sealed_len,
+            received_unix_ms: unix_ms(),
+            uid_mac,
+            content_mac,
+            destinations: inner.queue_for(self.origin, ObjectKind::Dicom, None),
+            blob_deleted: false,
+            sequence: inner.index.next_sequence()?,
+            study_mac: self.study.as_deref().map(|uid| keys.study_mac(uid)),
+            completed_unix_ms: None,
+            segment: None,
+        })
+    }
+
+    /// Commits an object held in memory through the journal (one frame and one
+    /// `fdatasync` for the group it joins); the checkpointer indexes it behind the answer.
+    fn commit_journaled(mut self, keys: &Keys, sealed: Vec<u8>) -> Result<Committed, SpoolError> {
+        let content_mac = Keys::content_mac(self.mac.clone());
+        let uid_mac = keys.uid_mac(&self.meta.sop_instance_uid);
+        let record = self.record(keys, uid_mac, content_mac, sealed.len() as u64)?;
+        let entry = journal::Entry {
+            id: self.id,
+            record,
+            sealed,
+        };
+        let reservation = std::mem::take(&mut self.reservation);
+        self.spool.store_journaled_object(entry, reservation)
+    }
+}
+
 impl Drop for Ingest {
     fn drop(&mut self) {
-        if self.out.take().is_some()
+        if matches!(self.out.take(), Some(Sink::File(_)))
             && let Err(e) = fs::remove_file(&self.tmp_path)
         {
             warn!(path = %self.tmp_path.display(), error = %e, "could not remove partial object");

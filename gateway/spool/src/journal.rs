@@ -40,6 +40,8 @@ const DIGEST: usize = 16;
 /// Size of a new segment (larger if one group needs more).
 pub(crate) const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 const SUFFIX: &str = ".wal";
+/// A spare segment being made ([`Writer`]); never read.
+const SPARE_SUFFIX: &str = ".spare";
 
 /// One message as the journal holds it.
 #[derive(Debug, Clone)]
@@ -59,6 +61,9 @@ pub(crate) struct Writer {
     capacity: u64,
     /// A segment left after a failed append, reported as closed at the next rotation.
     abandoned: Option<u64>,
+    /// The next segment, zero-filled and synced by a background thread while this one
+    /// fills, so that a rotation costs a rename instead of writing 16 MiB on the hot path.
+    spare: Option<std::thread::JoinHandle<Result<(PathBuf, File), durable::Error>>>,
 }
 
 /// Where a group went.
@@ -68,6 +73,8 @@ pub(crate) struct Appended {
     /// The segment the writer left for this one, if it moved on: no frame will be added
     /// to it again.
     pub closed: Option<u64>,
+    /// Where the next frame goes: everything before it is written.
+    pub end: SegmentRef,
 }
 
 impl Writer {
@@ -81,6 +88,7 @@ impl Writer {
             offset: 0,
             capacity: 0,
             abandoned: None,
+            spare: None,
         }
     }
 
@@ -97,12 +105,12 @@ impl Writer {
     /// [`Record::segment`] to where its sealed bytes are. After an error the writer starts a
     /// new segment at the next append (the state of the failed one's cache is unknown).
     pub(crate) fn append(&mut self, entries: &mut [Entry]) -> Result<Appended, durable::Error> {
-        let (payload, positions) = encode_entries(entries).map_err(|source| durable::Error {
+        let (frame_body, positions) = encode_entries(entries).map_err(|source| durable::Error {
             action: "encode journal frame",
             path: self.dir.clone(),
             source,
         })?;
-        let frame_len = (HEADER + payload.len() + DIGEST) as u64;
+        let frame_len = (frame_body.len() + DIGEST) as u64;
         let mut closed = None;
         if self.file.is_none() || self.offset + frame_len > self.capacity {
             closed = self
@@ -111,11 +119,12 @@ impl Writer {
                 .map(|_| self.generation)
                 .or(self.abandoned.take());
             self.generation += 1;
-            self.capacity = SEGMENT_BYTES.max(frame_len);
             self.offset = 0;
-            self.file = Some(create_segment(&self.dir, self.generation, self.capacity)?);
+            let (file, capacity) = self.next_segment(frame_len)?;
+            self.capacity = capacity;
+            self.file = Some(file);
         }
-        let frame = frame(self.generation, self.offset, &payload);
+        let frame = seal_frame(self.generation, self.offset, frame_body);
         let path = segment_path(&self.dir, self.generation);
         let written = match &self.file {
             Some(file) => file
@@ -142,45 +151,121 @@ impl Writer {
         for (entry, position) in entries.iter_mut().zip(positions) {
             entry.record.segment = Some(SegmentRef {
                 generation: self.generation,
-                offset: self.offset + (HEADER + position) as u64,
+                offset: self.offset + position as u64,
             });
         }
         self.offset += frame_len;
         Ok(Appended {
             generation: self.generation,
             closed,
+            end: SegmentRef {
+                generation: self.generation,
+                offset: self.offset,
+            },
         })
     }
+}
+
+impl Writer {
+    /// The file of the new segment `self.generation`, and its capacity: the spare made
+    /// in the background when there is one and the frame fits, else a new one made now.
+    /// Then starts making the next spare.
+    fn next_segment(&mut self, frame_len: u64) -> Result<(File, u64), durable::Error> {
+        let path = segment_path(&self.dir, self.generation);
+        let spare = self.spare.take().and_then(|h| match h.join() {
+            Ok(Ok(spare)) => Some(spare),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "spare journal segment not made; making one now");
+                None
+            }
+            Err(_) => None,
+        });
+        let made = match spare {
+            Some((spare, file)) if frame_len <= SEGMENT_BYTES => {
+                fs::rename(&spare, &path).ctx("rename spare segment", &path)?;
+                durable::sync_dir(&self.dir)?;
+                (file, SEGMENT_BYTES)
+            }
+            other => {
+                if let Some((spare, _)) = other {
+                    let _ = fs::remove_file(spare);
+                }
+                let capacity = SEGMENT_BYTES.max(frame_len);
+                (create_segment(&path, capacity)?, capacity)
+            }
+        };
+        let dir = self.dir.clone();
+        self.spare = std::thread::Builder::new()
+            .name("spool-spare-segment".into())
+            .spawn(move || {
+                let name = format!("spare-{:016x}{SPARE_SUFFIX}", rand_suffix());
+                let path = dir.join(name);
+                create_segment(&path, SEGMENT_BYTES).map(|file| (path, file))
+            })
+            .ok();
+        Ok(made)
+    }
+}
+
+/// Removes spare segments a previous run left (never named like a segment, never read).
+pub(crate) fn remove_spares(dir: &Path) -> Result<(), durable::Error> {
+    for entry in fs::read_dir(dir).ctx("list", dir)? {
+        let path = entry.ctx("list", dir)?.path();
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(SPARE_SUFFIX))
+        {
+            fs::remove_file(&path).ctx("remove spare segment", &path)?;
+        }
+    }
+    Ok(())
+}
+
+/// A name part no other spare (of this process or an earlier one) uses.
+fn rand_suffix() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (u64::from(std::process::id()) << 32) ^ n
 }
 
 pub(crate) fn segment_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("{generation:016x}{SUFFIX}"))
 }
 
-/// Creates a zero-filled, synced segment and syncs the directory.
-fn create_segment(dir: &Path, generation: u64, capacity: u64) -> Result<File, durable::Error> {
-    let path = segment_path(dir, generation);
-    let mut file = durable::create_new_private(&path)?;
+/// Creates a zero-filled, synced segment at `path` and syncs its directory.
+fn create_segment(path: &Path, capacity: u64) -> Result<File, durable::Error> {
+    let mut file = durable::create_new_private(path)?;
     let zeros = vec![0u8; 1024 * 1024];
     let mut left = capacity;
     while left > 0 {
         let n = left.min(zeros.len() as u64) as usize;
-        file.write_all(&zeros[..n]).ctx("preallocate", &path)?;
+        file.write_all(&zeros[..n]).ctx("preallocate", path)?;
         left -= n as u64;
     }
-    file.sync_all().ctx("fsync", &path)?;
-    durable::sync_dir(dir)?;
+    file.sync_all().ctx("fsync", path)?;
+    if let Some(dir) = path.parent() {
+        durable::sync_dir(dir)?;
+    }
     Ok(file)
 }
 
-fn frame(generation: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-    let mut out = Vec::with_capacity(HEADER + payload.len() + DIGEST);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(payload);
-    out.extend_from_slice(&digest(generation, offset, len, payload));
-    out
+/// Completes a frame whose header and payload [`encode_entries`] wrote: its length and
+/// digest.
+fn seal_frame(generation: u64, offset: u64, mut frame: Vec<u8>) -> Vec<u8> {
+    let payload_len = frame.len().saturating_sub(HEADER);
+    let len = u32::try_from(payload_len).unwrap_or(u32::MAX);
+    if let Some(field) = frame.get_mut(4..HEADER) {
+        field.copy_from_slice(&len.to_le_bytes());
+    }
+    let tag = digest(
+        generation,
+        offset,
+        len,
+        frame.get(HEADER..).unwrap_or_default(),
+    );
+    frame.extend_from_slice(&tag);
+    frame
 }
 
 fn digest(generation: u64, offset: u64, len: u32, payload: &[u8]) -> [u8; DIGEST] {
@@ -195,20 +280,33 @@ fn digest(generation: u64, offset: u64, len: u32, payload: &[u8]) -> [u8; DIGEST
     out
 }
 
-/// The payload of a frame, and where in it each entry's sealed bytes start.
+/// A frame's header (length not yet set) and payload, and where in it each entry's sealed
+/// bytes start. Sealed bytes are copied once, into the frame.
 fn encode_entries(entries: &[Entry]) -> std::io::Result<(Vec<u8>, Vec<usize>)> {
     let too_big = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "entry over 4 GiB");
-    let mut out = Vec::new();
+    let records = entries
+        .iter()
+        .map(|e| encode_record(&e.record).map_err(std::io::Error::other))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let size = HEADER
+        + DIGEST
+        + entries
+            .iter()
+            .zip(&records)
+            .map(|(e, r)| 16 + 4 + r.len() + 4 + e.sealed.len())
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[0; 4]);
     let mut positions = Vec::with_capacity(entries.len());
-    for e in entries {
-        let record = encode_record(&e.record).map_err(std::io::Error::other)?;
+    for (e, record) in entries.iter().zip(&records) {
         out.extend_from_slice(e.id.as_bytes());
         out.extend_from_slice(
             &u32::try_from(record.len())
                 .map_err(|_| too_big())?
                 .to_le_bytes(),
         );
-        out.extend_from_slice(&record);
+        out.extend_from_slice(record);
         out.extend_from_slice(
             &u32::try_from(e.sealed.len())
                 .map_err(|_| too_big())?
@@ -217,7 +315,7 @@ fn encode_entries(entries: &[Entry]) -> std::io::Result<(Vec<u8>, Vec<usize>)> {
         positions.push(out.len());
         out.extend_from_slice(&e.sealed);
     }
-    if out.len() > u32::MAX as usize {
+    if out.len() - HEADER > u32::MAX as usize {
         return Err(too_big());
     }
     Ok((out, positions))
@@ -314,15 +412,26 @@ pub(crate) fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, durable::Error
 
 /// Calls `each` with every segment's intact entries, oldest segment first (one segment in
 /// memory at a time), and returns the newest generation seen (0 if none).
+/// Calls `each` with the intact entries of every segment, oldest first, skipping what
+/// lies before `from` (the index's checkpoint: everything before it is indexed; a segment
+/// wholly before it is not read). Returns the newest generation seen.
 pub(crate) fn for_each_segment(
     dir: &Path,
+    from: Option<SegmentRef>,
     mut each: impl FnMut(Vec<Entry>) -> Result<(), crate::SpoolError>,
 ) -> Result<u64, crate::SpoolError> {
     let mut newest = 0;
     for (generation, path) in segments(dir)? {
-        let bytes = fs::read(&path).ctx("read", &path)?;
-        each(read_frames(generation, &bytes))?;
         newest = newest.max(generation);
+        let skip_to = match from {
+            Some(mark) if mark.generation > generation => continue,
+            Some(mark) if mark.generation == generation => mark.offset,
+            _ => 0,
+        };
+        let bytes = fs::read(&path).ctx("read", &path)?;
+        let mut entries = read_frames(generation, &bytes);
+        entries.retain(|e| e.record.segment.is_none_or(|at| at.offset >= skip_to));
+        each(entries)?;
     }
     Ok(newest)
 }
@@ -331,7 +440,7 @@ pub(crate) fn for_each_segment(
 #[cfg(test)]
 pub(crate) fn read_all(dir: &Path) -> Result<(Vec<Entry>, u64), crate::SpoolError> {
     let mut all = Vec::new();
-    let newest = for_each_segment(dir, |entries| {
+    let newest = for_each_segment(dir, None, |entries| {
         all.extend(entries);
         Ok(())
     })?;
@@ -394,17 +503,29 @@ mod tests {
         let mut w = Writer::new(dir.path(), 0);
         let mut group = [entry(1), entry(2)];
         let a = w.append(&mut group).unwrap();
-        assert_eq!(
-            a,
-            Appended {
-                generation: 1,
-                closed: None
-            }
-        );
+        assert_eq!((a.generation, a.closed), (1, None));
         let mut third = [entry(3)];
-        w.append(&mut third).unwrap();
+        let b = w.append(&mut third).unwrap();
+        assert_eq!(b.end.generation, 1);
+        assert!(b.end.offset > a.end.offset);
         let (entries, newest) = read_all(dir.path()).unwrap();
         assert_eq!(ids(&entries), [1, 2, 3]);
+        assert_eq!(newest, 1);
+        // From a checkpoint, only what follows it is read.
+        let mut after = Vec::new();
+        for_each_segment(dir.path(), Some(a.end), |e| {
+            after.extend(e);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(ids(&after), [3]);
+        let mut none = Vec::new();
+        let newest = for_each_segment(dir.path(), Some(b.end), |e| {
+            none.extend(e);
+            Ok(())
+        })
+        .unwrap();
+        assert!(none.is_empty());
         assert_eq!(newest, 1);
         // Reading gives the records the writer located, and the location holds the bytes.
         assert_eq!(entries[1].record, group[1].record);
@@ -421,6 +542,29 @@ mod tests {
         assert_eq!(len, SEGMENT_BYTES);
     }
 
+    /// A rotation takes the spare segment made in the background; a spare left by a run
+    /// is removed at the next and never read as a segment.
+    #[test]
+    fn a_rotation_takes_the_spare_made_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::new(dir.path(), 0);
+        w.append(&mut [entry(1)]).unwrap();
+        assert!(w.spare.is_some(), "the next segment is being made");
+        w.offset = SEGMENT_BYTES - 10;
+        let a = w.append(&mut [entry(2)]).unwrap();
+        assert_eq!((a.generation, a.closed), (2, Some(1)));
+        let len = fs::metadata(segment_path(dir.path(), 2)).unwrap().len();
+        assert_eq!(len, SEGMENT_BYTES);
+        let (entries, newest) = read_all(dir.path()).unwrap();
+        assert_eq!((ids(&entries), newest), (vec![1, 2], 2));
+        let spare = w.spare.take().unwrap().join().unwrap().unwrap();
+        assert_eq!(fs::metadata(&spare.0).unwrap().len(), SEGMENT_BYTES);
+        assert_eq!(segments(dir.path()).unwrap().len(), 2);
+        remove_spares(dir.path()).unwrap();
+        assert!(!spare.0.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
     #[test]
     fn a_group_too_big_for_the_segment_moves_to_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -432,13 +576,7 @@ mod tests {
             ..entry(2)
         };
         let a = w.append(&mut [big]).unwrap();
-        assert_eq!(
-            a,
-            Appended {
-                generation: 8,
-                closed: Some(7)
-            }
-        );
+        assert_eq!((a.generation, a.closed), (8, Some(7)));
         let len = fs::metadata(segment_path(dir.path(), 8)).unwrap().len();
         assert!(len > SEGMENT_BYTES);
         let (entries, newest) = read_all(dir.path()).unwrap();
@@ -486,7 +624,7 @@ mod tests {
     fn garbage_never_panics() {
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
         for round in 0..2000 {
-            let mut bytes = frame(1, 0, &encode_entries(&[entry(1)]).unwrap().0);
+            let mut bytes = seal_frame(1, 0, encode_entries(&[entry(1)]).unwrap().0);
             for _ in 0..(round % 7 + 1) {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;

@@ -21,19 +21,26 @@
 //! - `ids`: [`ObjectId`] and the keyed MACs [`UidMac`], [`ContentMac`], [`StudyMac`]: one
 //!   type each, encoded as the bare bytes they always were.
 //! - `usage`: byte accounting and the disk-pressure guard.
-//! - `journal`: the on-disk format of the HL7 message journal (segments and frames).
+//! - `journal`: the on-disk format of the journal (segments and frames) of HL7 and audit
+//!   messages and of DICOM objects up to [`JOURNAL_MAX_SEALED`] sealed.
 //!
 //! On disk, under `<data_dir>/spool/`:
 //! - `tmp/<id>.part`: an object being received (deleted at start if a crash left it);
-//! - `blobs/<id>.blob`: committed sealed objects;
-//! - `index/`: the sled database;
-//! - `journal/<generation>.wal`: HL7 messages, in the groups they were acknowledged in
-//!   (their records point there; replayed into `index/` when the spool opens).
+//! - `blobs/<id>.blob`: committed sealed DICOM objects over [`JOURNAL_MAX_SEALED`], and dead
+//!   letters moved out of the journal;
+//! - `index/`: the sled database, with the journal checkpoint mark;
+//! - `journal/<generation>.wal`: HL7 and audit messages and small DICOM objects, in the
+//!   groups they were acknowledged in (their records point there; what follows the
+//!   checkpoint mark is replayed into `index/` when the spool opens); `journal/*.spare`: the
+//!   next segment, being zero-filled.
 //!
 //! Invariants (the kill -9 tests in hw-tests pin them):
-//! - [`Ingest::commit`] returns only after the blob is fsync'd, renamed into `blobs/`, the
-//!   directory is fsync'd, and the index entry is committed and flushed. The caller sends its
-//!   success status only after that.
+//! - [`Ingest::commit`] returns only after the object is durable: for one held in memory,
+//!   the journal frame of its group (every object waiting for the journal when it was
+//!   free) is appended and fdatasync'd (indexed behind, as HL7 groups are); for
+//!   a streamed one, the blob is fsync'd, renamed into `blobs/`, the directory is fsync'd,
+//!   and the index entry is committed and flushed. The caller sends its success status only
+//!   after that (docs/adr/0015).
 //! - [`Spool::store_messages`] returns only after the group's frame (sealed bytes and index
 //!   records) is appended to the journal and fdatasync'd; the messages' bytes stay in that
 //!   segment. The checkpointer indexes them behind the answer; [`Spool::open`] indexes what
@@ -81,7 +88,7 @@ use groups::{CheckpointJob, run_checkpointer};
 pub use ids::{ContentMac, ObjectId, StudyMac, UidMac};
 use index::Index;
 pub use index::{DeliveryState, Destination, IndexError, Inserted, ObjectKind, Record};
-pub use ingest::{Ingest, ObjectMeta};
+pub use ingest::{Ingest, JOURNAL_MAX_SEALED, ObjectMeta};
 pub use maintenance::{DestinationCounts, Recovered, Status, VerifyReport};
 pub use usage::Limits;
 use usage::Usage;
@@ -221,6 +228,15 @@ struct Inner {
     journal: Mutex<journal::Writer>,
     /// Messages in the journal, not yet in the index: key MAC -> object id (dedupe).
     pending: Mutex<HashMap<UidMac, ObjectId>>,
+    /// [`Spool::set_journal_max_sealed`]: the largest sealed DICOM object held in memory
+    /// and committed through the journal.
+    journal_max_sealed: AtomicU64,
+    /// DICOM objects in the journal, not yet in the index: (UID MAC, content MAC) ->
+    /// object id (dedupe; several versions of one instance may be stored).
+    pending_content: Mutex<HashMap<(UidMac, ContentMac), ObjectId>>,
+    /// DICOM objects waiting for the journal: the next commit to hold it appends them
+    /// all as one frame ([`Spool::store_journaled_object`]).
+    waiting: Mutex<Vec<groups::Waiting>>,
     /// Hands journaled groups to the checkpointer thread.
     checkpoint: Mutex<Option<mpsc::Sender<CheckpointJob>>>,
     /// Messages journaled / checkpointed since open ([`Spool::settle`]).
@@ -301,6 +317,7 @@ impl Spool {
         }
         let journal_dir = dir.join("journal");
         durable::ensure_private_dir(&journal_dir)?;
+        journal::remove_spares(&journal_dir)?;
         let index = Index::open(&dir.join("index"), index_cache_bytes)?;
         let usage = Usage::new(limits, data_dir.to_path_buf());
         let mut inner = Inner {
@@ -318,6 +335,9 @@ impl Spool {
             journal_dir,
             dir,
             pending: Mutex::default(),
+            pending_content: Mutex::default(),
+            journal_max_sealed: AtomicU64::new(ingest::JOURNAL_MAX_SEALED),
+            waiting: Mutex::default(),
             checkpoint: Mutex::new(None),
             journaled: AtomicU64::new(0),
             checkpointed: (Mutex::new(0), Condvar::new()),
@@ -432,6 +452,14 @@ impl Spool {
             source,
         })
     }
+}
+
+/// Whether `data_dir` holds sealed objects (blob files or journal segments), without
+/// opening the spool.
+pub fn holds_sealed_objects(data_dir: &Path) -> bool {
+    let spool = data_dir.join("spool");
+    let blobs = std::fs::read_dir(spool.join("blobs")).is_ok_and(|mut d| d.next().is_some());
+    blobs || journal::segments(&spool.join("journal")).is_ok_and(|s| !s.is_empty())
 }
 
 fn unix_ms() -> u64 {

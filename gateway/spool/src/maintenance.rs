@@ -196,6 +196,7 @@ impl Spool {
         out: &mut W,
     ) -> Result<Record, SpoolError> {
         let keys = self.inner.keys.as_ref().ok_or(SpoolError::NoKey)?;
+        self.settle(SETTLE_WAIT);
         let mut newest: Option<(ObjectId, Record)> = None;
         for id in self
             .inner

@@ -5,7 +5,9 @@ use std::fs;
 use std::path::Path;
 
 use gateway_keystore::{KEY_LEN, MasterKey};
-use gateway_spool::{Committed, Limits, ObjectId, ObjectMeta, Spool, SpoolError};
+use gateway_spool::{
+    Committed, JOURNAL_MAX_SEALED, Limits, ObjectId, ObjectMeta, Spool, SpoolError,
+};
 
 const ROOMY: Limits = Limits {
     max_bytes: 1 << 40,
@@ -71,24 +73,38 @@ fn stored_object_exports_byte_identical_and_is_counted() {
 
 #[test]
 fn resend_of_same_content_is_a_duplicate_and_stores_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec![]).unwrap();
-    let Committed::Stored(first) = store(&spool, "1.2.3", b"same bytes").unwrap() else {
-        panic!("first store must be new")
-    };
-    assert_eq!(
-        store(&spool, "1.2.3", b"same bytes").unwrap(),
-        Committed::Duplicate(first)
-    );
-    assert_eq!(spool.status().unwrap().objects, 1);
-    // Same UID, new content: a new version is kept, and export gives the newest.
-    assert!(matches!(
-        store(&spool, "1.2.3", b"new bytes").unwrap(),
-        Committed::Stored(_)
-    ));
-    assert_eq!(spool.status().unwrap().objects, 2);
-    assert_eq!(export(&spool, "1.2.3"), b"new bytes");
-    assert_eq!(fs::read_dir(spool.dir().join("blobs")).unwrap().count(), 2);
+    // Through the journal (small objects) and through blobs/ (large ones).
+    for max in [JOURNAL_MAX_SEALED, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec![]).unwrap();
+        spool.set_journal_max_sealed(max);
+        let Committed::Stored(first) = store(&spool, "1.2.3", b"same bytes").unwrap() else {
+            panic!("first store must be new")
+        };
+        assert_eq!(
+            store(&spool, "1.2.3", b"same bytes").unwrap(),
+            Committed::Duplicate(first)
+        );
+        assert_eq!(spool.status().unwrap().objects, 1);
+        // Same UID, new content: a new version is kept, and export gives the newest.
+        assert!(matches!(
+            store(&spool, "1.2.3", b"new bytes").unwrap(),
+            Committed::Stored(_)
+        ));
+        assert_eq!(spool.status().unwrap().objects, 2);
+        assert_eq!(export(&spool, "1.2.3"), b"new bytes");
+        let blobs = fs::read_dir(spool.dir().join("blobs")).unwrap().count();
+        assert_eq!(blobs, if max == 0 { 2 } else { 0 });
+        drop(spool);
+        // Still a duplicate after a reopen, whichever way it was stored.
+        let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec![]).unwrap();
+        assert_eq!(
+            store(&spool, "1.2.3", b"same bytes").unwrap(),
+            Committed::Duplicate(first)
+        );
+        assert_eq!(spool.status().unwrap().objects, 2);
+        assert!(spool.verify().unwrap().is_consistent());
+    }
 }
 
 #[test]
@@ -200,6 +216,8 @@ fn recovery_removes_partials_and_orphans_and_verify_then_agrees() {
 fn a_blob_left_behind_by_a_crash_during_reclaim_is_removed_at_recovery_and_never_dangles() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into()]).unwrap();
+    // Objects in blobs/ (the path of large objects), whose files this test checks.
+    spool.set_journal_max_sealed(0);
     let Committed::Stored(id) = store(&spool, "2.2", b"sent").unwrap() else {
         panic!()
     };
@@ -222,6 +240,8 @@ fn a_blob_left_behind_by_a_crash_during_reclaim_is_removed_at_recovery_and_never
 fn verify_reports_missing_and_tampered_blobs() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec![]).unwrap();
+    // Objects in blobs/ (the path of large objects), whose files this test checks.
+    spool.set_journal_max_sealed(0);
     let Committed::Stored(a) = store(&spool, "3.1", b"alpha").unwrap() else {
         panic!()
     };
@@ -280,6 +300,8 @@ fn hex(id: &ObjectId) -> String {
 fn queue_is_oldest_first_and_sent_objects_leave_it_and_their_blob() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into(), "b".into()]).unwrap();
+    // Objects in blobs/ (the path of large objects), whose files this test checks.
+    spool.set_journal_max_sealed(0);
     let mut ids = Vec::new();
     for i in 0..3 {
         let Committed::Stored(id) =
@@ -379,6 +401,8 @@ fn study_key_groups_objects_of_one_study_without_storing_the_uid() {
 fn keep_sent_for_keeps_the_local_copy_until_it_expires() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), Some(key()), ROOMY, vec!["a".into()]).unwrap();
+    // Objects in blobs/ (the path of large objects), whose files this test checks.
+    spool.set_journal_max_sealed(0);
     spool.set_keep_sent_for(std::time::Duration::from_millis(300));
     let ids: Vec<_> = (0..3)
         .map(|i| {
@@ -426,6 +450,8 @@ fn cached_copies_yield_to_new_objects_when_the_spool_is_full() {
         min_free_bytes: 0,
     };
     let spool = Spool::open(dir.path(), Some(key()), limits, vec!["a".into()]).unwrap();
+    // Objects in blobs/ (the path of large objects), whose files this test checks.
+    spool.set_journal_max_sealed(0);
     spool.set_keep_sent_for(std::time::Duration::from_secs(3600));
     let body = vec![7u8; 120_000];
     let first = store_in_study(&spool, "9.1", None, &body);
@@ -844,6 +870,8 @@ fn metrics_show_the_index_records_and_size() {
     for i in 0..3 {
         store(&spool, &format!("7.{i}"), b"x").unwrap();
     }
+    // Journaled objects are indexed behind their commit.
+    assert!(spool.settle(std::time::Duration::from_secs(5)));
     spool.refresh_index_size().unwrap();
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
