@@ -167,6 +167,7 @@ export GATEWAYD
 # beside the other lane (mostly waits on its peers); together they take about the time of
 # the longest. Each lane's report is whole: the appliance lane's comes last. The lanes share
 # no files (the appliance lane alone uses hw-tests/.cache/appliance-* and .cache/update-ca).
+# Both report their slowest tests (--durations): the run must stay under an hour.
 APPLIANCE_LANE=(hw-tests/test_appliance.py hw-tests/test_appliance_ab.py hw-tests/test_appliance_fleet.py
                 hw-tests/test_appliance_update.py hw-tests/test_powercut.py)
 lane_pid=
@@ -192,7 +193,7 @@ if [ "$#" -eq 0 ]; then
     # A background job of a non-interactive shell starts with SIGINT ignored, and Python then
     # keeps ignoring it: install Python's own handler (KeyboardInterrupt) so stop_lane works.
     "$VENV/bin/python" -c 'import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest; sys.exit(pytest.main(sys.argv[1:]))' \
-        -v "${APPLIANCE_LANE[@]}" >"$lane_log" 2>&1 &
+        -v --durations=0 "${APPLIANCE_LANE[@]}" >"$lane_log" 2>&1 &
     lane_pid=$!
 fi
 
@@ -234,7 +235,7 @@ for f in "${APPLIANCE_LANE[@]}"; do
     deselect+=(--ignore="$f")
 done
 rc=0
-"$VENV/bin/python" -m pytest -v hw-tests "${deselect[@]}" || rc=$?
+"$VENV/bin/python" -m pytest -v --durations=25 hw-tests "${deselect[@]}" || rc=$?
 echo "other lane: exit $rc after $(( $(date +%s) - t_other )) s"
 lane_rc=0
 wait "$lane_pid" || lane_rc=$?
