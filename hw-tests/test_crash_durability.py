@@ -4,11 +4,13 @@ Pins DESIGN.md's rule "a success status is sent only after the object is
 sealed, fsync'd and indexed; a process killed at any instant after that loses
 nothing", and that resends after a crash do not duplicate.
 
-A sender thread stores a 210-file mixed set (150 CT-sized and 50 small objects, which
+Sender threads store a 210-file mixed set (150 CT-sized and 50 small objects, which
 the spool journals, and 10 of ~4.5 MB, which stream to blob files) one file per
-C-STORE over pynetdicom associations and records every SOP Instance UID answered 0x0000.
+C-STORE over pynetdicom associations, split across three senders at once (so that kills
+also land while several associations share one journal frame: the group commit), and
+records every SOP Instance UID answered 0x0000.
 gatewayd is SIGKILLed 3 times, each 0.3-3 s after it became ready (seeded:
-set HWTESTS_SEED to replay; the seed is printed). The sender sees the abort,
+set HWTESTS_SEED to replay; the seed is printed). Each sender sees the abort,
 reconnects once the daemon is back and resends the file whose answer it did not
 get. Finally: clean stop, `spool verify` reports no problem, the count equals
 the distinct objects sent, and every acknowledged object exports to the bytes
@@ -28,16 +30,18 @@ import data
 import scu
 
 N_CT, N_SMALL, N_LARGE = 150, 50, 10
+SENDERS = 3
 KILLS = 3
 SENDER_DEADLINE_S = 400
 
 
 class Sender(threading.Thread):
-    def __init__(self, port: int, files: list[data.SyntheticFile]):
-        super().__init__(daemon=True, name="c-store-sender")
+    def __init__(self, port: int, files: list[data.SyntheticFile], lock: threading.Lock, n: int):
+        super().__init__(daemon=True, name=f"c-store-sender-{n}")
         self.port = port
         self.files = files
-        self.lock = threading.Lock()
+        # Shared by every sender: the test holds it across a kill and its snapshot.
+        self.lock = lock
         self.acked: dict[str, data.SyntheticFile] = {}
         self.aborts = 0
         self.failed_connects = 0
@@ -101,16 +105,21 @@ def test_kill9_during_ingest_loses_no_acknowledged_object(gateway_factory, tmp_p
     rng.shuffle(files)
 
     g = gateway_factory()
-    sender = Sender(g.dicom_port, files)
-    sender.start()
+    lock = threading.Lock()
+    senders = [Sender(g.dicom_port, files[n::SENDERS], lock, n) for n in range(SENDERS)]
+    for sender in senders:
+        sender.start()
+
+    def acked() -> dict[str, data.SyntheticFile]:
+        return {uid: f for sender in senders for uid, f in sender.acked.items()}
 
     history = []
     for k in range(KILLS):
         delay = rng.uniform(0.3, 3.0)
         time.sleep(delay)
-        with sender.lock:  # no ack is recorded between the kill and the snapshot
+        with lock:  # no ack is recorded between the kill and the snapshot
             g.kill9()
-            acked_before = dict(sender.acked)
+            acked_before = acked()
         history.append(f"kill #{k + 1} after {delay:.2f}s: {len(acked_before)} acknowledged so far")
         print(history[-1])
         g.start()
@@ -120,11 +129,12 @@ def test_kill9_during_ingest_loses_no_acknowledged_object(gateway_factory, tmp_p
             + "\n".join(history)
         )
 
-    assert sender.done.wait(SENDER_DEADLINE_S), "sender did not finish"
-    assert sender.error is None, f"sender failed: {sender.error!r}\n" + "\n".join(history)
-    print(f"sender: {len(sender.acked)} acked, {sender.aborts} aborts seen, "
-          f"{sender.failed_connects} refused connects, other statuses {sender.other_statuses[:10]}")
-    assert len(sender.acked) == len(files)
+    for sender in senders:
+        assert sender.done.wait(SENDER_DEADLINE_S), f"{sender.name} did not finish"
+        assert sender.error is None, f"{sender.name} failed: {sender.error!r}\n" + "\n".join(history)
+        print(f"{sender.name}: {len(sender.acked)} acked, {sender.aborts} aborts seen, "
+              f"{sender.failed_connects} refused connects, other statuses {sender.other_statuses[:10]}")
+    assert len(acked()) == len(files)
 
     assert g.stop() == 0, f"clean stop after the crashes did not exit 0\n{g.log_tail()}"
 
@@ -145,7 +155,7 @@ def test_kill9_during_ingest_loses_no_acknowledged_object(gateway_factory, tmp_p
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     mismatches = []
-    for uid, f in sorted(sender.acked.items()):
+    for uid, f in sorted(acked().items()):
         out = out_dir / f"{uid}.dcm"
         g.export(uid, out)
         if data.split_part10(out.read_bytes())[1] != data.dataset_bytes(f.path):

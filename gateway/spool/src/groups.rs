@@ -3,16 +3,17 @@
 //!
 //! [`Spool::store_messages`] seals a group of messages in memory, appends them to the
 //! journal as one frame and `fdatasync`s it: one disk flush acknowledges the whole group
-//! (docs/adr/0004, docs/adr/0006). DICOM objects that arrive while the journal is busy
-//! wait, and the next commit to hold it appends them all as one frame (docs/adr/0015). The checkpointer thread then indexes the group's records
-//! behind the answer; [`Spool::settle`] waits for it. At open, the journal is replayed into
-//! the index for what a crash kept from it, and a segment is deleted once the writer has
-//! left it and no record needs its bytes.
+//! (docs/adr/0004, docs/adr/0006). DICOM objects up to 256 KiB that arrive while the
+//! journal is busy wait, and the next commit to hold it appends them all as one frame
+//! (docs/adr/0015). The checkpointer thread then indexes the group's records behind the
+//! answer; [`Spool::settle`] waits for it. At open, the journal is replayed into the index
+//! for what a crash kept from it, and a segment is deleted once the writer has left it and
+//! no record needs its bytes.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 use gateway_durable::Context;
@@ -451,10 +452,12 @@ impl Spool {
     /// next appends the whole list as one frame with one `fdatasync`, skipping objects
     /// with the same UID and content as one stored or journaled already. Returns once this
     /// object's group is durable (or failed); the checkpointer indexes it behind.
+    /// `held`: the journal, when the caller holds it already.
     pub(crate) fn store_journaled_object(
         &self,
         entry: journal::Entry,
         reservation: usage::Reservation,
+        held: Option<MutexGuard<'_, journal::Writer>>,
     ) -> Result<Committed, SpoolError> {
         let inner = &self.inner;
         let outcome: Outcome = Arc::default();
@@ -463,7 +466,7 @@ impl Spool {
             reservation,
             outcome: Arc::clone(&outcome),
         });
-        let mut journal = lock(&inner.journal);
+        let mut journal = held.unwrap_or_else(|| lock(&inner.journal));
         // Whoever held the journal since this object joined took it in its group, and
         // wrote its outcome before letting go; if not, the object is still waiting.
         if let Some(done) = lock(&outcome).take() {
@@ -971,6 +974,37 @@ mod tests {
         assert_eq!(spool.read(&two).unwrap().1, b"two");
         assert_eq!(spool.read(&three).unwrap().1, b"three");
         assert_eq!(spool.queued("cloud", 10).unwrap().len(), 3);
+        assert!(spool.verify().unwrap().is_consistent());
+    }
+
+    /// An object over `GROUP_MAX_SEALED` that finds the journal busy does not wait: it
+    /// takes the blob path, and a resend of it is a duplicate.
+    #[test]
+    fn a_larger_commit_that_finds_the_journal_busy_takes_the_blob_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || open_with(dir.path(), vec![Route::new("cloud", ObjectKind::Dicom)]);
+        let spool = open();
+        let body: Vec<u8> = (0..crate::ingest::GROUP_MAX_SEALED + 1)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let busy = lock(&spool.inner.journal);
+        let other = spool.clone();
+        let sent = body.clone();
+        let (tx, rx) = mpsc::channel();
+        let sender = std::thread::spawn(move || tx.send(store_dicom(&other, "3.1", &sent)));
+        let stored = rx.recv_timeout(Duration::from_secs(10));
+        drop(busy);
+        sender.join().unwrap().ok();
+        let stored = stored.expect("a larger object waited for the busy journal");
+        let Committed::Stored(id) = stored else {
+            panic!("{stored:?}")
+        };
+        assert!(spool.blob_path(&id).exists(), "took the blob path");
+        assert_eq!(journal_frames(&spool), 0);
+        assert_eq!(store_dicom(&spool, "3.1", &body), Committed::Duplicate(id));
+        drop(spool);
+        let spool = open();
+        assert_eq!(spool.read(&id).unwrap().1, body);
         assert!(spool.verify().unwrap().is_consistent());
     }
 

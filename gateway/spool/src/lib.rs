@@ -88,7 +88,7 @@ use groups::{CheckpointJob, run_checkpointer};
 pub use ids::{ContentMac, ObjectId, StudyMac, UidMac};
 use index::Index;
 pub use index::{DeliveryState, Destination, IndexError, Inserted, ObjectKind, Record};
-pub use ingest::{Ingest, JOURNAL_MAX_SEALED, ObjectMeta};
+pub use ingest::{GROUP_MAX_SEALED, Ingest, JOURNAL_MAX_SEALED, ObjectMeta};
 pub use maintenance::{DestinationCounts, Recovered, Status, VerifyReport};
 pub use usage::Limits;
 use usage::Usage;
