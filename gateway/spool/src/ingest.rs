@@ -155,10 +155,7 @@ impl Ingest {
                 let max = self.spool.inner.journal_max_sealed.load(Ordering::Relaxed);
                 if sealed.len() as u64 > max {
                     // Too big to hold: stream the rest to tmp/.
-                    let file = durable::create_new_private(&self.tmp_path)?;
-                    let mut w = BufWriter::with_capacity(256 * 1024, file);
-                    w.write_all(sealed).ctx("write", &self.tmp_path)?;
-                    *out = Sink::File(w);
+                    *out = Sink::File(spill(&self.tmp_path, sealed)?);
                 }
             }
             Sink::File(w) => sealer.update(data, w).ctx("write", &self.tmp_path)?,
@@ -199,12 +196,7 @@ impl Ingest {
                     Err(TryLockError::Poisoned(p)) => {
                         return self.commit_journaled(keys, sealed, Some(p.into_inner()));
                     }
-                    Err(TryLockError::WouldBlock) => {
-                        let file = durable::create_new_private(&self.tmp_path)?;
-                        let mut w = BufWriter::with_capacity(256 * 1024, file);
-                        w.write_all(&sealed).ctx("write", &self.tmp_path)?;
-                        w
-                    }
+                    Err(TryLockError::WouldBlock) => spill(&self.tmp_path, &sealed)?,
                 }
             }
             Sink::File(mut w) => {
@@ -306,6 +298,15 @@ impl Ingest {
         let reservation = std::mem::take(&mut self.reservation);
         self.spool.store_journaled_object(entry, reservation, held)
     }
+}
+
+/// Creates `tmp_path` and writes the sealed bytes held so far to it: the object continues
+/// on the blob path.
+fn spill(tmp_path: &std::path::Path, sealed: &[u8]) -> Result<BufWriter<File>, SpoolError> {
+    let file = durable::create_new_private(tmp_path)?;
+    let mut w = BufWriter::with_capacity(256 * 1024, file);
+    w.write_all(sealed).ctx("write", tmp_path)?;
+    Ok(w)
 }
 
 impl Drop for Ingest {
