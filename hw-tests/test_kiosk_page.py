@@ -95,6 +95,11 @@ def test_a_clerk_logs_in_and_books_an_exam_in_headless_chromium(
     missing = missing_labels(page, LOGIN_LABELS)
     assert not missing, f"login labels missing in Japanese or English: {missing}"
 
+    # The day shown at login has no free slot (late at night, or a day past the core's
+    # horizon): the scanners are offered all the same.
+    empty_day = "2031-01-01"
+    page.evaluate(f"document.getElementById('slot-day').value = '{empty_day}'")
+
     # Log in with both factors, typed as a person types them.
     page.type_into("#login-name", "clerk.page")
     page.type_into("#login-password", kiosk.PASSWORD)
@@ -105,6 +110,9 @@ def test_a_clerk_logs_in_and_books_an_exam_in_headless_chromium(
     missing = missing_labels(page, BOOKING_LABELS)
     assert not missing, f"booking labels missing in Japanese or English: {missing}"
 
+    page.wait_for(f"document.getElementById('slot-summary').dataset.day === '{empty_day}'",
+                  what=f"the search of {empty_day} run at login")
+    assert page.evaluate("document.querySelectorAll('#slot-list button[data-slot]').length") == 0
     # Pick the CT scanner and tomorrow (JST), search, see free slots.
     page.wait_for("[...document.querySelectorAll('#slot-schedule option')].some(o => o.value === 'ct-1')",
                   what="the CT scanner offered in the scanner list")

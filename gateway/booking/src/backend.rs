@@ -46,6 +46,9 @@ pub struct SlotQuery {
 /// the core's own ledger).
 pub trait SlotSource: Send + Sync + std::fmt::Debug {
     fn free_slots(&self, query: &SlotQuery) -> BoxFuture<'static, SlotAnswer>;
+    /// The ids of the schedules (scanners) that can be booked, sorted: whether or not any of
+    /// them has a free slot on a given day (`GET /fhir/Schedule`).
+    fn schedules(&self) -> BoxFuture<'static, Vec<String>>;
 }
 
 /// What the kiosk asks for.

@@ -50,8 +50,12 @@ function show(loggedIn, me) {
   if (loggedIn) document.body.dataset.role = me.role; else delete document.body.dataset.role;
   if (identity) document.body.dataset.identity = "1"; else delete document.body.dataset.identity;
   document.dispatchEvent(new CustomEvent("kiosk-session", { detail: { role: myRole, identity } }));
-  // Logged in: list the day's free slots at once, which also offers the scanners to pick.
-  if (loggedIn) searchSlots();
+  // Logged in: offer every scanner (whether or not the day shown has a free slot) and list
+  // the day's free slots at once.
+  if (loggedIn) {
+    listScanners();
+    searchSlots();
+  }
   if (admin) listAccounts();
 }
 
@@ -110,7 +114,18 @@ function localDayBounds(day) {
   return [`${day}T00:00:00+09:00`, `${day}T23:59:59+09:00`];
 }
 
-// Searches the free slots of the chosen day (and scanner); the scanners found fill the list.
+// The scanners that can be booked fill the list (kept: "All" and any scanner already there).
+async function listScanners() {
+  const r = await api("GET", "/fhir/Schedule");
+  if (r.status !== 200) return;
+  const select = $("slot-schedule");
+  for (const entry of (r.data && r.data.entry) || []) {
+    const id = entry.resource && entry.resource.id;
+    if (id && ![...select.options].some((o) => o.value === id)) select.add(new Option(id, id));
+  }
+}
+
+// Searches the free slots of the chosen day (and scanner).
 async function searchSlots() {
   const day = $("slot-day").value;
   if (!day) return;
@@ -144,10 +159,8 @@ async function searchSlots() {
     `空き枠 ${entries.length} 件 / ${entries.length} free slots`;
   $("slot-summary").dataset.day = day;
   $("slot-summary").dataset.schedule = scanner;
-  const schedules = new Set();
   for (const entry of entries) {
     const s = entry.resource;
-    schedules.add(s.schedule.reference.replace("Schedule/", ""));
     const li = document.createElement("li");
     const b = document.createElement("button");
     b.type = "button";
@@ -163,10 +176,6 @@ async function searchSlots() {
     });
     li.append(b);
     list.append(li);
-  }
-  const select = $("slot-schedule");
-  for (const id of schedules) {
-    if (![...select.options].some((o) => o.value === id)) select.add(new Option(id, id));
   }
 }
 

@@ -48,7 +48,7 @@ use gateway_registry::{IdentityService, RegistryError, SourceKey, Verdict};
 use gateway_staff::Role;
 use serde_json::{Value, json};
 
-use crate::{Authenticated, Kiosk, json_body, outcome, searchset};
+use crate::{Authenticated, Kiosk, fhir_json, json_body, outcome, searchset};
 
 /// The registry and this kiosk's hospital id (the requester it names).
 #[derive(Debug, Clone)]
@@ -60,15 +60,6 @@ pub(crate) struct Identity {
 /// Default and largest `count` of a `$match`.
 const DEFAULT_COUNT: usize = 10;
 const MAX_COUNT: usize = 100;
-
-fn fhir_json(status: StatusCode, body: Value) -> Response {
-    let mut r = (status, Json(body)).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+json"),
-    );
-    r
-}
 
 fn invalid(problem: &fhir::InvalidResource) -> Response {
     outcome(StatusCode::BAD_REQUEST, "invalid", &problem.to_string())

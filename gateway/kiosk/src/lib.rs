@@ -86,7 +86,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -204,6 +204,7 @@ impl Kiosk {
             .route("/enrol.js", get(page_enrol_js))
             .route("/identity.js", get(page_identity_js))
             .route("/fhir/Slot", get(slots))
+            .route("/fhir/Schedule", get(schedules))
             .route("/fhir/Appointment/$hold", post(hold))
             .route("/fhir/Appointment/$book", post(book))
             .route("/fhir/Appointment", get(appointments))
@@ -306,12 +307,7 @@ fn outcome(status: StatusCode, code: &str, diagnostics: &str) -> Response {
         "resourceType": "OperationOutcome",
         "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}],
     });
-    let mut r = (status, Json(body)).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+json"),
-    );
-    r
+    fhir_json(status, body)
 }
 
 async fn not_found() -> Response {
@@ -748,12 +744,24 @@ async fn slots(
         "meta": meta,
         "entry": entries,
     });
-    let mut r = Json(body).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+json"),
-    );
-    r
+    fhir_json(StatusCode::OK, body)
+}
+
+/// `GET /fhir/Schedule`: the scanners that can be booked, so the page offers every one
+/// of them whatever day is shown (a day without free slots still lists them all).
+async fn schedules(State(kiosk): State<Kiosk>, _who: Authenticated, uri: Uri) -> Response {
+    if uri.query().is_some_and(|q| !q.is_empty()) {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            "no search parameters are supported",
+        );
+    }
+    let ids = kiosk.slots.schedules().await;
+    searchset(
+        ids.into_iter()
+            .map(|id| json!({"resourceType": "Schedule", "id": id, "active": true})),
+    )
 }
 
 // The session is checked after the body is read (see `json_body`).
@@ -870,8 +878,8 @@ async fn request_appointment(
     }
 }
 
-/// A FHIR JSON answer.
-fn fhir_json(status: StatusCode, body: Value) -> Response {
+/// A FHIR JSON answer (`application/fhir+json`).
+pub(crate) fn fhir_json(status: StatusCode, body: Value) -> Response {
     let mut r = (status, Json(body)).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -996,18 +1004,15 @@ fn searchset(resources: impl IntoIterator<Item = Value>) -> Response {
         .into_iter()
         .map(|r| json!({"resource": r}))
         .collect();
-    let mut r = Json(json!({
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": entries.len(),
-        "entry": entries,
-    }))
-    .into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+json"),
-    );
-    r
+    fhir_json(
+        StatusCode::OK,
+        json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": entries.len(),
+            "entry": entries,
+        }),
+    )
 }
 
 fn unix_to_rfc3339(secs: u64) -> String {

@@ -525,6 +525,13 @@ fn base() -> Value {
                     "status": {"enum": ["proposed", "pending", "booked", "cancelled", "fulfilled", "noshow"]},
                     "extension": {"type": "array", "items": {"type": "object"}, "description": "On the answer to a $hold/$book: the safety warnings it was acknowledged with (url urn:gatewayd:acknowledged-warning, valueString the id)"},
                     "contained": {"type": "array", "items": {"type": "object"}, "description": "On the answer to a $hold/$book of a CT: the cumulative dose of the window as an Observation (id cumulative-dose): valueQuantity the total DLP in mGy.cm, referenceRange[0].high the threshold, extension urn:gatewayd:dose-window-days the window, note the label 'scanner output (CTDIvol/DLP), not patient dose' in English and Japanese, one component per irradiation event (code: Irradiation Event UID, system urn:dicom:uid; valueQuantity its DLP; extension urn:gatewayd:dose-event with when, hospital, ctdivol, protocol)"}}},
+                "ScheduleBundle": {"type": "object", "required": ["resourceType", "type", "total", "entry"], "properties": {
+                    "resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
+                    "total": {"type": "integer", "minimum": 0},
+                    "entry": {"type": "array", "items": {"type": "object", "required": ["resource"], "properties": {
+                        "resource": {"type": "object", "required": ["resourceType", "id"], "properties": {
+                            "resourceType": {"const": "Schedule"}, "id": {"type": "string"},
+                            "active": {"type": "boolean"}}}}}}}},
                 "SlotBundle": {"type": "object", "required": ["resourceType", "type", "entry"], "properties": {
                     "resourceType": {"const": "Bundle"}, "type": {"const": "searchset"},
                     "total": {"type": "integer"}, "meta": {"type": "object"},
@@ -607,6 +614,13 @@ fn base() -> Value {
                 "parameters": [{"name": "patient", "in": "query", "required": true, "schema": {"type": "string", "minLength": 1}}],
                 "responses": {"200": {"description": "Searchset Bundle of Appointment", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/AppointmentBundle"}}}},
                               "400": outcome_response("Search by patient only"),
+                              "401": outcome_response("No session")}
+            }},
+            "/fhir/Schedule": {"get": {
+                "summary": "The scanners (schedules) that can be booked, whether or not they have free slots",
+                "security": [{"session": []}],
+                "responses": {"200": {"description": "Searchset Bundle of Schedule", "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/ScheduleBundle"}}}},
+                              "400": outcome_response("Search parameters given"),
                               "401": outcome_response("No session")}
             }},
             "/fhir/Slot": {"get": {

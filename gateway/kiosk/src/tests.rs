@@ -59,6 +59,10 @@ impl SlotSource for FixedSlots {
         };
         Box::pin(std::future::ready(answer))
     }
+
+    fn schedules(&self) -> gateway_booking::BoxFuture<'static, Vec<String>> {
+        Box::pin(std::future::ready(vec!["ct-1".into(), "mr-1".into()]))
+    }
 }
 
 /// The clinic's booking path with the core stubbed in memory (the real one goes through the
@@ -552,6 +556,36 @@ async fn no_session_is_401_and_a_clerk_is_403_on_admin_routes() {
         f.get("/api/me", Some(&clerk)).await.0,
         StatusCode::UNAUTHORIZED
     );
+}
+
+#[tokio::test]
+async fn schedules_are_listed_for_staff_only_whatever_slots_are_free() {
+    let f = fixture(false);
+    assert_eq!(
+        f.get("/fhir/Schedule", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let s = f.session("clerk.sato").await;
+    let (status, headers, b) = f.get("/fhir/Schedule", Some(&s)).await;
+    assert_eq!(status, StatusCode::OK, "{b}");
+    assert_eq!(headers[header::CONTENT_TYPE], "application/fhir+json");
+    assert_eq!(
+        (b["type"].as_str(), b["total"].as_u64()),
+        (Some("searchset"), Some(2))
+    );
+    let ids: Vec<_> = b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(e["resource"]["resourceType"], "Schedule");
+            e["resource"]["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["ct-1", "mr-1"]);
+    let (status, _, b) = f.get("/fhir/Schedule?active=true", Some(&s)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{b}");
+    issue_code(&b);
 }
 
 #[tokio::test]

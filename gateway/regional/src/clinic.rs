@@ -683,6 +683,12 @@ impl SlotSource for ClinicExchange {
     fn free_slots(&self, query: &SlotQuery) -> BoxFuture<'static, SlotAnswer> {
         Box::pin(std::future::ready(self.cached_slots(query)))
     }
+
+    /// The schedules the core has published slots for (the cache's keys, sorted).
+    fn schedules(&self) -> BoxFuture<'static, Vec<String>> {
+        let ids = self.inner.lock().slots.keys().cloned().collect();
+        Box::pin(std::future::ready(ids))
+    }
 }
 
 impl ClinicExchange {

@@ -129,6 +129,17 @@ impl SlotSource for LocalCore {
             }
         })
     }
+
+    fn schedules(&self) -> BoxFuture<'static, Vec<String>> {
+        let mut ids: Vec<String> = self
+            .ledger
+            .schedules()
+            .iter()
+            .map(|s| s.id().to_string())
+            .collect();
+        ids.sort();
+        Box::pin(std::future::ready(ids))
+    }
 }
 
 impl BookingBackend for LocalCore {
@@ -293,6 +304,10 @@ impl SlotSource for NoCore {
             as_of_unix: 0,
             stale: true,
         }))
+    }
+
+    fn schedules(&self) -> BoxFuture<'static, Vec<String>> {
+        Box::pin(std::future::ready(Vec::new()))
     }
 }
 

@@ -154,6 +154,8 @@ async fn a_clinic_booking_needs_the_acknowledgement_the_core_asks_for_through_th
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // The scanners it offers are the schedules the core published.
+    assert_eq!(clinic.schedules().await, ["ct-1"]);
 
     // Not acknowledged: refused with the report, sealed across the broker; nothing booked.
     let refused = clinic.request(request(&slot, &[])).await.unwrap_err();

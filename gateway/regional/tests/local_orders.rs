@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use gateway_booking::{
     AppointmentRequest, AppointmentStatus, BookingBackend, Ledger, LedgerService, SealKey,
+    SlotQuery, SlotSource,
 };
 use gateway_keystore::{KEY_LEN, MasterKey};
 use gateway_regional::local::LocalCore;
@@ -102,4 +103,14 @@ async fn own_kiosk_bookings_go_to_on_booked_and_are_reoffered_at_start() {
     // Without an order path there is nothing to offer.
     let bare = LocalCore::new("core-1".into(), ledger, seal(), Arc::new(Notify::new()));
     assert_eq!(bare.reoffer_booked().await.unwrap(), 0);
+
+    // The core's kiosk offers every schedule of its ledger, also on a day without a free slot
+    // (a Sunday: the schedule works weekdays).
+    let far = SlotQuery {
+        start_ge: Some("2031-01-05T00:00:00+09:00".into()),
+        start_lt: Some("2031-01-06T00:00:00+09:00".into()),
+        ..SlotQuery::default()
+    };
+    assert!(bare.free_slots(&far).await.slots.is_empty());
+    assert_eq!(bare.schedules().await, ["ct-1"]);
 }
