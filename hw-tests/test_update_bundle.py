@@ -59,6 +59,9 @@ INSTALL_INTO_ROOT = RAUC_DIR / "install-into-root.sh"
 VERSION = 7
 MIN_VERSION = 5
 CMD_TIMEOUT_S = 120.0
+# bundle.sh squashes and hashes a whole root file system (~400 MiB): about a minute alone,
+# several when the appliance lanes and the cargo checks share the machine's two cores.
+BUNDLE_TIMEOUT_S = 900
 SERVICE_START_S = 15.0
 
 # tool -> Debian package
@@ -227,7 +230,7 @@ def bundle_sh(image_dir: Path, version: int, min_version: int, signer: pki.KeyPa
               fmt: str = "verity", check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "GW_BUNDLE_FORMAT": fmt}
     return run(["bash", BUNDLE_SH, image_dir, str(version), str(min_version), signer.key, signer.cert, out],
-               env=env, check=check)
+               env=env, check=check, timeout=BUNDLE_TIMEOUT_S)
 
 
 @dataclass
