@@ -757,13 +757,3 @@ def verity_info(image: Path) -> dict[str, str]:
         if key:
             info[key.lower()] = value
     return info
-
-
-if __name__ == "__main__":
-    # `python hw-tests/appliance.py GATEWAYD`: run-all.sh builds (or finds cached) the image
-    # once, before the appliance lanes that share it start side by side.
-    import sys
-
-    require_tools()
-    require_tpm_binary(sys.argv[1])
-    print(f"appliance image: {build_image(sys.argv[1])}")

@@ -6,7 +6,7 @@
 # pkg-config, systemd (systemd-analyze), chromium, fonts-ipafont-gothic, mmdebstrap,
 # e2fsprogs, qemu-system-x86, dnsmasq-base, rauc, squashfs-tools; PyPI into hw-tests/.venv: hw-tests/requirements.txt,
 # oelint-adv and schemathesis among them), then runs
-#   cargo build --release --features tpm, then (without pytest arguments) the appliance lanes of
+#   cargo build --release --features tpm, then (without pytest arguments) the appliance lane of
 #   pytest (the QEMU tests) in the background, cargo fmt --check, cargo clippy -D warnings,
 #   cargo test (both with the TPM back end: --features gatewayd/tpm), the fuzz targets,
 #   cargo-deny, and pytest -v over every other test; all against target/release/gatewayd
@@ -162,62 +162,39 @@ ls -l "$GATEWAYD"
 export GATEWAYD
 
 # With pytest arguments: the checks below, then one pytest with them over every test.
-# Without: three pytest lanes. The appliance image is built first (or found cached), then two
-# appliance lanes (every QEMU boot: mostly guest CPU time and waits inside the guest) start
-# side by side: the update tests (test_appliance_update.py, two thirds of the QEMU time: its
-# ten power cuts alone take about 25 minutes) and every other QEMU test. They run beside the
-# cargo checks and then beside the other lane (mostly waits on its peers); together they take
-# about the time of the longest. Each lane's report is whole: the appliance lanes' come last.
-# The lanes share only the image folder, read-only once built (hw-tests/.cache/appliance-*,
-# .cache/update-ca). Every lane reports its slowest tests (--durations): the run must stay
-# under an hour.
-APPLIANCE_UPDATE_LANE=(hw-tests/test_appliance_update.py)
+# Without: two pytest lanes. The appliance lane (the image build and every QEMU boot: mostly
+# guest CPU time and waits inside the guest) starts now, beside the cargo checks and then
+# beside the other lane (mostly waits on its peers); together they take about the time of
+# the longest. Each lane's report is whole: the appliance lane's comes last. The lanes share
+# no files (the appliance lane alone uses hw-tests/.cache/appliance-* and .cache/update-ca).
+# Both report their slowest tests (--durations): the run must stay under an hour.
 APPLIANCE_LANE=(hw-tests/test_appliance.py hw-tests/test_appliance_ab.py hw-tests/test_appliance_fleet.py
-                hw-tests/test_powercut.py)
-lane_names=()
-lane_pids=()
-lane_logs=()
-lane_started=()
-stop_lanes() {
-    # An early failure of the foreground: stop the lanes the way Ctrl-C would (pytest's
-    # teardown kills its QEMU, swtpm and peers), then show what they had done.
-    local i
-    for i in "${!lane_pids[@]}"; do
-        kill -0 "${lane_pids[$i]}" 2>/dev/null && kill -INT "${lane_pids[$i]}" 2>/dev/null || true
-    done
-    for i in "${!lane_pids[@]}"; do
-        for _ in $(seq 60); do kill -0 "${lane_pids[$i]}" 2>/dev/null || break; sleep 1; done
-        if kill -0 "${lane_pids[$i]}" 2>/dev/null; then
-            kill -KILL "${lane_pids[$i]}" 2>/dev/null || true
-        fi
-        echo "--- ${lane_names[$i]} stopped early; its log so far:"
-        cat "${lane_logs[$i]}" 2>/dev/null || true
-    done
-    for i in "${!lane_logs[@]}"; do rm -f "${lane_logs[$i]}"; done
-}
-start_lane() {
-    # start_lane NAME FILES...: pytest -v over FILES in the background, its log kept whole.
-    local name=$1 log
-    shift
-    log=$(mktemp "${TMPDIR:-/tmp}/gw-${name// /-}.XXXXXX")
-    banner "pytest -v: $name ($*) in the background, report at the end"
-    # A background job of a non-interactive shell starts with SIGINT ignored, and Python then
-    # keeps ignoring it: install Python's own handler (KeyboardInterrupt) so stop_lanes works.
-    "$VENV/bin/python" -c 'import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest; sys.exit(pytest.main(sys.argv[1:]))' \
-        -v --durations=0 "$@" >"$log" 2>&1 &
-    lane_pids+=("$!")
-    lane_names+=("$name")
-    lane_logs+=("$log")
-    lane_started+=("$(date +%s)")
+                hw-tests/test_appliance_update.py hw-tests/test_powercut.py)
+lane_pid=
+lane_log=
+stop_lane() {
+    # An early failure of the foreground: stop the lane the way Ctrl-C would (pytest's
+    # teardown kills its QEMU, swtpm and peers), then show what it had done.
+    if [ -n "$lane_pid" ] && kill -0 "$lane_pid" 2>/dev/null; then
+        kill -INT "$lane_pid" 2>/dev/null || true
+        for _ in $(seq 60); do kill -0 "$lane_pid" 2>/dev/null || break; sleep 1; done
+        kill -KILL "$lane_pid" 2>/dev/null || true
+        echo "--- appliance lane stopped early; its log so far:"
+        cat "$lane_log" 2>/dev/null || true
+    fi
+    [ -z "$lane_log" ] || rm -f "$lane_log"
 }
 if [ "$#" -eq 0 ]; then
-    disk_check "pytest (appliance lanes)"
-    trap stop_lanes EXIT
-    # Built once here, not by the lanes' fixtures: two lanes building at once would race.
-    banner "appliance image (image-recipe/build.sh, cached in hw-tests/.cache per binary and recipe)"
-    "$VENV/bin/python" hw-tests/appliance.py "$GATEWAYD"
-    start_lane "appliance update lane" "${APPLIANCE_UPDATE_LANE[@]}"
-    start_lane "appliance lane" "${APPLIANCE_LANE[@]}"
+    disk_check "pytest (appliance lane)"
+    lane_log=$(mktemp "${TMPDIR:-/tmp}/gw-appliance-lane.XXXXXX")
+    trap stop_lane EXIT
+    banner "pytest -v: appliance lane (${APPLIANCE_LANE[*]}) in the background, report at the end"
+    t_lane=$(date +%s)
+    # A background job of a non-interactive shell starts with SIGINT ignored, and Python then
+    # keeps ignoring it: install Python's own handler (KeyboardInterrupt) so stop_lane works.
+    "$VENV/bin/python" -c 'import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest; sys.exit(pytest.main(sys.argv[1:]))' \
+        -v --durations=0 "${APPLIANCE_LANE[@]}" >"$lane_log" 2>&1 &
+    lane_pid=$!
 fi
 
 if [ "${HW_TESTS_ONLY:-0}" != 1 ]; then
@@ -251,26 +228,21 @@ if [ "$#" -gt 0 ]; then
     exec "$VENV/bin/python" -m pytest -v hw-tests "$@"
 fi
 
-banner "pytest -v hw-tests: every test outside the appliance lanes (real peers)"
+banner "pytest -v hw-tests: every test outside the appliance lane (real peers)"
 t_other=$(date +%s)
 deselect=()
-for f in "${APPLIANCE_LANE[@]}" "${APPLIANCE_UPDATE_LANE[@]}"; do
+for f in "${APPLIANCE_LANE[@]}"; do
     deselect+=(--ignore="$f")
 done
 rc=0
 "$VENV/bin/python" -m pytest -v --durations=25 hw-tests "${deselect[@]}" || rc=$?
 echo "other lane: exit $rc after $(( $(date +%s) - t_other )) s"
-failed=()
-[ "$rc" -eq 0 ] || failed+=("other lane exit $rc")
-for i in "${!lane_pids[@]}"; do
-    lane_rc=0
-    wait "${lane_pids[$i]}" || lane_rc=$?
-    banner "pytest -v: ${lane_names[$i]} report (exit $lane_rc, $(( $(date +%s) - lane_started[$i] )) s)"
-    cat "${lane_logs[$i]}"
-    [ "$lane_rc" -eq 0 ] || failed+=("${lane_names[$i]} exit $lane_rc")
-done
-lane_pids=()
-if [ "${#failed[@]}" -ne 0 ]; then
-    echo "run-all.sh: pytest failed ($(IFS=,; echo "${failed[*]}"))" >&2
+lane_rc=0
+wait "$lane_pid" || lane_rc=$?
+lane_pid=
+banner "pytest -v: appliance lane report (exit $lane_rc, $(( $(date +%s) - t_lane )) s)"
+cat "$lane_log"
+if [ "$rc" -ne 0 ] || [ "$lane_rc" -ne 0 ]; then
+    echo "run-all.sh: pytest failed (other lane exit $rc, appliance lane exit $lane_rc)" >&2
     exit 1
 fi
