@@ -167,12 +167,20 @@ class ConsoleWaits:
         (e.g. the boot after a reboot)."""
         return len(self.console_text())
 
+    def whole_lines(self) -> str:
+        """The console text up to its last newline: a line QEMU is still writing may be cut
+        short (a CI run read `SLOT: system0 root /dev/mappe` from a half-written line), and a
+        pattern ending in `$` (re.M) would take the end of the text for the end of the line."""
+        text = self.console_text()
+        return text[: text.rfind("\n") + 1]
+
     def wait_console(self, pattern: str, timeout: float, since: int = 0) -> re.Match:
-        """The first match of `pattern` in the console text from offset `since` on."""
+        """The first match of `pattern` in the whole lines of the console text from offset
+        `since` on."""
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern, re.M)
         while time.monotonic() < deadline:
-            m = rx.search(self.console_text(), since)
+            m = rx.search(self.whole_lines(), since)
             if m:
                 return m
             self.alive()
@@ -185,7 +193,7 @@ class ConsoleWaits:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
-            for m in reversed(list(re.finditer(r"SPOOL-STATUS: (\{.*\})\s*$", self.console_text()[since:], re.M))):
+            for m in reversed(list(re.finditer(r"SPOOL-STATUS: (\{.*\})\s*$", self.whole_lines()[since:], re.M))):
                 try:
                     last = json.loads(m.group(1))
                 except json.JSONDecodeError:
