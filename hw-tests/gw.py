@@ -43,6 +43,20 @@ def free_port() -> int:
     raise AssertionError("no free TCP port on 127.0.0.1 that was not handed out already")
 
 
+def listening_on(port: int) -> bool:
+    """Whether a socket listens on TCP ``port`` of 127.0.0.1 (or any address), read from
+    /proc/net/tcp without connecting: a probe that connects would queue behind a
+    single-threaded server's current association, or take its place."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        addr, _, hexport = fields[1].partition(":")
+        if fields[3] == "0A" and int(hexport, 16) == port and addr in ("0100007F", "00000000"):
+            return True
+    return False
+
+
 def gatewayd_binary() -> str:
     path = os.environ.get("GATEWAYD", "")
     if not path:

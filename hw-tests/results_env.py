@@ -116,8 +116,13 @@ class Pacs:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"storescp exited {self.proc.returncode} at start:\n{self.log_tail()}")
-            r = self._echo()
-            if r.returncode == 0:
+            # storescp serves one association at a time. A slow PACS is started while a
+            # gateway is retrying its deliveries: the gateway's association may come first
+            # and hold storescp for a minute, so a C-ECHO would wait behind it. Then the
+            # listening socket is the sign of readiness.
+            if sleep_during and gw.listening_on(self.port):
+                return self
+            if not sleep_during and self._echo().returncode == 0:
                 return self
             time.sleep(0.1)
         raise AssertionError(f"storescp did not answer C-ECHO on {self.port} within 10s:\n{self.log_tail()}")
