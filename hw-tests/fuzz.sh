@@ -28,15 +28,10 @@
 #   Every crate is built first; then FUZZ_JOBS targets run at once (default: one per core;
 #   libFuzzer uses one core). Default total: every target (19 today) x 30 s / FUZZ_JOBS, plus
 #   the builds (a few minutes from cold).
-# - Build time: in release mode cargo-fuzz compiles every crate, dependencies included, as one
-#   codegen unit (its default, for the fastest fuzzing); that was about 14 minutes of the CI's
-#   two cores, beside the QEMU tests. FUZZ_CODEGEN_UNITS (16) passes `--codegen-units`, which
-#   cargo-fuzz offers for faster builds at the cost of somewhat slower runs: still optimised,
-#   with the same instrumentation, panics and overflow checks.
 #
 # Environment: FUZZ_SECONDS (30), FUZZ_JOBS (nproc), FUZZ_ONLY (space-separated target names; default all),
 # FUZZ_TARGET_DIR (target/fuzz: kept apart from the workspace's target dir),
-# FUZZ_BUILD_TIMEOUT (1800), FUZZ_UNIT_TIMEOUT (10), FUZZ_RSS_MB (2048), FUZZ_CODEGEN_UNITS (16).
+# FUZZ_BUILD_TIMEOUT (1800), FUZZ_UNIT_TIMEOUT (10), FUZZ_RSS_MB (2048).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -50,10 +45,9 @@ FUZZ_BUILD_TIMEOUT=${FUZZ_BUILD_TIMEOUT:-1800}
 FUZZ_UNIT_TIMEOUT=${FUZZ_UNIT_TIMEOUT:-10}
 FUZZ_RSS_MB=${FUZZ_RSS_MB:-2048}
 FUZZ_JOBS=${FUZZ_JOBS:-$(nproc)}
-FUZZ_CODEGEN_UNITS=${FUZZ_CODEGEN_UNITS:-16}
 ARTIFACTS=$ROOT/hw-tests/artifacts/fuzz
 
-for var in FUZZ_SECONDS FUZZ_BUILD_TIMEOUT FUZZ_UNIT_TIMEOUT FUZZ_RSS_MB FUZZ_JOBS FUZZ_CODEGEN_UNITS; do
+for var in FUZZ_SECONDS FUZZ_BUILD_TIMEOUT FUZZ_UNIT_TIMEOUT FUZZ_RSS_MB FUZZ_JOBS; do
     if ! [[ ${!var} =~ ^[1-9][0-9]*$ ]]; then
         echo "fuzz.sh: $var must be a positive whole number of seconds/MiB, not '${!var}'" >&2
         exit 2
@@ -158,8 +152,7 @@ for crate in "${FUZZ_CRATES[@]}"; do
     [ "${#selected[@]}" -eq "${#targets[@]}" ] && builds=("")
     for target in "${builds[@]}"; do
         (cd "$crate" && RUSTC_BOOTSTRAP=1 timeout "$FUZZ_BUILD_TIMEOUT" \
-            cargo fuzz build --sanitizer none --codegen-units "$FUZZ_CODEGEN_UNITS" \
-                --target-dir "$FUZZ_TARGET_DIR" ${target:+"$target"})
+            cargo fuzz build --sanitizer none --target-dir "$FUZZ_TARGET_DIR" ${target:+"$target"})
     done
 
     for target in "${selected[@]}"; do
