@@ -120,12 +120,11 @@ class Pacs:
             # gateway is retrying its deliveries: the gateway's association may come first
             # and hold storescp for a minute, so a C-ECHO would wait behind it. Then the
             # listening socket is the sign of readiness.
-            if sleep_during and gw.listening_on(self.port):
-                return self
-            if not sleep_during and self._echo().returncode == 0:
+            if gw.listening_on(self.port) if sleep_during else self._echo().returncode == 0:
                 return self
             time.sleep(0.1)
-        raise AssertionError(f"storescp did not answer C-ECHO on {self.port} within 10s:\n{self.log_tail()}")
+        ready = "was not listening" if sleep_during else "did not answer C-ECHO"
+        raise AssertionError(f"storescp {ready} on {self.port} within 10s:\n{self.log_tail()}")
 
     def _echo(self) -> subprocess.CompletedProcess:
         if not self.tls:
