@@ -95,7 +95,7 @@ TARGET_PEAK_MIB = 64.0
 TARGET_STATUS_MS = 100.0
 OBJECT_ID = re.compile(r"\b[0-9a-f]{32}\b")
 JOIN_TIMEOUT_S = 90  # a C-STORE in flight may take up to pynetdicom's DIMSE timeout (60 s)
-CSV_FIELDS = ("elapsed_s", "rss_kib", "hwm_kib", "dicom_stored", "hl7_acked", "index_records", "index_bytes",
+CSV_FIELDS = ("elapsed_s", "rss_kib", "hwm_kib", "rss_anon_kib", "rss_file_kib", "threads", "dicom_stored", "hl7_acked", "index_records", "index_bytes",
               "status_ms", "cloud_queued", "emr_queued")
 
 
@@ -210,14 +210,19 @@ def hl7_sender(port: int, rate: float, per_conn: int, prefix: str, tally: Tally,
 # sampling
 
 
-def proc_status_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) in KiB from /proc/PID/status."""
+PROC_STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads")
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile (KiB) and Threads from /proc/PID/status: what the RSS is
+    made of (heap and stacks, or pages of the binary and its libraries) and how many threads
+    hold stacks."""
     vals = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in PROC_STATUS_KEYS:
             vals[key] = int(rest.split()[0])
-    return vals["VmRSS"], vals["VmHWM"]
+    return vals
 
 
 def metric_or_none(samples, name: str) -> float | None:
@@ -233,11 +238,12 @@ def timed_status(g: gw.Gateway) -> tuple[dict, float]:
 
 
 def sample(g: gw.Gateway, t0: float, tally: Tally) -> dict:
-    rss, hwm = proc_status_kib(g.pid)
+    ps = proc_status(g.pid)
     metrics = g.metrics()
     st, ms = timed_status(g)
     dests = st["by_destination"]
-    return {"elapsed_s": round(time.monotonic() - t0, 1), "rss_kib": rss, "hwm_kib": hwm,
+    return {"elapsed_s": round(time.monotonic() - t0, 1), "rss_kib": ps["VmRSS"], "hwm_kib": ps["VmHWM"],
+            "rss_anon_kib": ps["RssAnon"], "rss_file_kib": ps["RssFile"], "threads": ps["Threads"],
             "dicom_stored": len(tally.stored), "hl7_acked": len(tally.acked),
             "index_records": metric_or_none(metrics, "gateway_spool_index_records"),
             "index_bytes": metric_or_none(metrics, "gateway_spool_index_bytes"),
@@ -250,7 +256,8 @@ def fmt(v: float | None, spec: str = ".0f") -> str:
 
 
 def progress_line(s: dict) -> str:
-    return (f"{s['elapsed_s']:7.0f}s  RSS {s['rss_kib'] / 1024:6.1f} MiB  HWM {s['hwm_kib'] / 1024:6.1f} MiB  "
+    return (f"{s['elapsed_s']:7.0f}s  RSS {s['rss_kib'] / 1024:6.1f} MiB (anon {s['rss_anon_kib'] / 1024:.1f}, "
+            f"file {s['rss_file_kib'] / 1024:.1f}, {s['threads']} threads)  HWM {s['hwm_kib'] / 1024:6.1f} MiB  "
             f"DICOM {s['dicom_stored']:6d}  HL7 {s['hl7_acked']:6d}  index {fmt(s['index_records'])} records / "
             f"{fmt(s['index_bytes'])} B  status {s['status_ms']:.0f} ms  queued {s['cloud_queued']}+{s['emr_queued']}")
 
@@ -369,7 +376,12 @@ def report(args, command: str, started: datetime.datetime, load: tuple[float, fl
         f"| {len(problems)} problems | {verdict(ok_delivery)} |",
         "",
         f"RSS: start {start_mib:.1f} MiB, middle {mid_mib:.1f} MiB, end {end_mib:.1f} MiB, max sampled "
-        f"{max(rss):.1f} MiB, VmHWM at the end {peak:.1f} MiB.",
+        f"{max(rss):.1f} MiB, VmHWM at the end {peak:.1f} MiB. Of it anonymous (heap, stacks): "
+        f"{samples[0]['rss_anon_kib'] / 1024:.1f} / {mid['rss_anon_kib'] / 1024:.1f} / "
+        f"{last['rss_anon_kib'] / 1024:.1f} MiB; file-backed (binary, libraries): "
+        f"{samples[0]['rss_file_kib'] / 1024:.1f} / {mid['rss_file_kib'] / 1024:.1f} / "
+        f"{last['rss_file_kib'] / 1024:.1f} MiB; threads {samples[0]['threads']} / {mid['threads']} / "
+        f"{last['threads']} (start / middle / end).",
         f"Sent: {len(tally.stored)} DICOM objects stored ({len(tally.stored) / seconds:.1f}/s), "
         f"{len(tally.acked)} HL7 messages acknowledged ({len(tally.acked) / seconds:.1f}/s). Queues drained "
         f"{drained_s:.0f} s after the load stopped; spool status then: "
@@ -467,7 +479,7 @@ def soak(args, started: datetime.datetime, root: Path, csv_path: Path, binary: P
         time.sleep(2)  # a late duplicate would show in the receipts
         problems = check_delivery(tally, orthanc, peer, st, pruned=any(kv.startswith("dedupe_window=") for kv in args.spool))
         metrics = g.metrics()
-        end = {"hwm_kib": proc_status_kib(g.pid)[1],
+        end = {"hwm_kib": proc_status(g.pid)["VmHWM"],
                "index_records": metric_or_none(metrics, "gateway_spool_index_records"),
                "index_bytes": metric_or_none(metrics, "gateway_spool_index_bytes")}
         return report(args, shlex.join([sys.executable, *sys.argv]), started, (load0, load1), g, orthanc,
