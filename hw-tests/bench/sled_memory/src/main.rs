@@ -4,11 +4,11 @@
 //!
 //! Inserts `records` rounds of one record into each of `trees` trees, with random 32-byte
 //! keys and 120-byte values (`VALUE_LEN` in the environment changes it), in sled's
-//! high-throughput mode as the spool opens it, flushing every 500 rounds. With `keep`, the
-//! oldest records are removed so that at most `keep` per tree stay, as the spool prunes
-//! after `spool.dedupe_window` (their keys, 32 bytes each, are held here and count in the
-//! RSS). With `updates`, each record is written again that many times, 64 rounds apart.
-//! Prints RssAnon and sled's size on disk ten times.
+//! high-throughput mode as the spool opens it, flushing every 500 rounds (`FLUSH_EVERY`). With
+//! `keep`, the oldest records are removed so that at most `keep` per tree stay, as the
+//! spool prunes after `spool.dedupe_window` (their keys, 32 bytes each, are held here and
+//! count in the RSS). With `updates`, each record is written again that many times, 64
+//! rounds apart. Prints RssAnon and sled's size on disk ten times.
 //!
 //! `sled-memory CACHE_BYTES RECORDS TREES [KEEP [UPDATES]]` (KEEP 0: no pruning)
 
@@ -100,7 +100,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 tree.remove(old)?;
             }
         }
-        if round % 500 == 0 {
+        if round % flush_every() == 0 {
             db.flush()?;
         }
         if (round + 1) % (records / 10) == 0 {
@@ -118,4 +118,13 @@ fn value_len() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(120)
+}
+
+/// `FLUSH_EVERY` in the environment: rounds between flushes (default 500).
+fn flush_every() -> u64 {
+    std::env::var("FLUSH_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(500)
 }
