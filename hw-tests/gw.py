@@ -57,6 +57,21 @@ def listening_on(port: int) -> bool:
     return False
 
 
+PROC_STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads")
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM (the peak), RssAnon, RssFile (KiB) and Threads of a live process, from
+    /proc/PID/status: what its RSS is made of (heap and stacks, or pages of the binary and its
+    libraries) and how many threads hold stacks."""
+    vals = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in PROC_STATUS_KEYS:
+            vals[key] = int(rest.split()[0])
+    return vals
+
+
 def gatewayd_binary() -> str:
     path = os.environ.get("GATEWAYD", "")
     if not path:

@@ -16,6 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+import gw
 import scu
 
 FRAMES, ROWS, COLS = 5, 4096, 4096  # 5 x 32 MiB of 16-bit pixels
@@ -62,13 +63,6 @@ def _dataset_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM in /proc status")
-
-
 def test_160_mb_object_is_stored_with_small_peak_memory_and_exports_identical(gateway, tmp_path):
     src = tmp_path / "big.dcm"
     uid = _write_big_object(src)
@@ -79,7 +73,7 @@ def test_160_mb_object_is_stored_with_small_peak_memory_and_exports_identical(ga
     assert r.returncode == 0, f"storescu failed:\n{r.stdout}\n{r.stderr}"
     assert gateway.status()["objects"] == 1
 
-    peak = _peak_rss_mib(gateway.pid)
+    peak = gw.proc_status(gateway.pid)["VmHWM"] / 1024
     assert peak < RSS_CEILING_MIB, f"gatewayd peaked at {peak:.0f} MiB while receiving a {size_mib:.0f} MiB object"
 
     out = tmp_path / "exported.dcm"

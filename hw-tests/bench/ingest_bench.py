@@ -316,9 +316,7 @@ class Gatewayd:
     def stop(self) -> None:
         try:
             self.scrape_steps()
-            for line in Path(f"/proc/{self.g.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak_rss_kib = max(self.peak_rss_kib, int(line.split()[1]))
+            self.peak_rss_kib = max(self.peak_rss_kib, gw.proc_status(self.g.pid)["VmHWM"])
         finally:
             rc = self.g.stop()
             self.g.cleanup()

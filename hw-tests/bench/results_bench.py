@@ -233,13 +233,6 @@ def count_files(d: Path) -> int:
         return sum(1 for e in it if e.is_file())
 
 
-def vm_hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process from /proc/PID/stat."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -276,11 +269,11 @@ def gatewayd_route(env: ResultsEnv, study: Study) -> dict:
             raise RuntimeError(f"the clinic PACS holds {count_files(pacs.out)} of {n} after {TIMEOUT_S}s\n"
                                f"{g.log_tail(30)}")
         if time.monotonic() - last_hwm > 1:
-            hwm = max(hwm, vm_hwm_kib(g.pid))
+            hwm = max(hwm, gw.proc_status(g.pid)["VmHWM"])
             last_hwm = time.monotonic()
         time.sleep(0.02)
     t_end = time.time()
-    hwm = max(hwm, vm_hwm_kib(g.pid))
+    hwm = max(hwm, gw.proc_status(g.pid)["VmHWM"])
     cpu = cpu_seconds(g.pid)
     with open(g.log_path, "rb") as f:
         f.seek(log_before)

@@ -210,21 +210,6 @@ def hl7_sender(port: int, rate: float, per_conn: int, prefix: str, tally: Tally,
 # sampling
 
 
-PROC_STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads")
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile (KiB) and Threads from /proc/PID/status: what the RSS is
-    made of (heap and stacks, or pages of the binary and its libraries) and how many threads
-    hold stacks."""
-    vals = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in PROC_STATUS_KEYS:
-            vals[key] = int(rest.split()[0])
-    return vals
-
-
 def metric_or_none(samples, name: str) -> float | None:
     values = gw.metric_values(samples, name)
     return sum(values) if values else None
@@ -238,7 +223,7 @@ def timed_status(g: gw.Gateway) -> tuple[dict, float]:
 
 
 def sample(g: gw.Gateway, t0: float, tally: Tally) -> dict:
-    ps = proc_status(g.pid)
+    ps = gw.proc_status(g.pid)
     metrics = g.metrics()
     st, ms = timed_status(g)
     dests = st["by_destination"]
@@ -479,7 +464,7 @@ def soak(args, started: datetime.datetime, root: Path, csv_path: Path, binary: P
         time.sleep(2)  # a late duplicate would show in the receipts
         problems = check_delivery(tally, orthanc, peer, st, pruned=any(kv.startswith("dedupe_window=") for kv in args.spool))
         metrics = g.metrics()
-        end = {"hwm_kib": proc_status(g.pid)["VmHWM"],
+        end = {"hwm_kib": gw.proc_status(g.pid)["VmHWM"],
                "index_records": metric_or_none(metrics, "gateway_spool_index_records"),
                "index_bytes": metric_or_none(metrics, "gateway_spool_index_bytes")}
         return report(args, shlex.join([sys.executable, *sys.argv]), started, (load0, load1), g, orthanc,

@@ -31,24 +31,42 @@ fn rss_anon_kib() -> Result<u64, Box<dyn Error>> {
     Ok(kib.parse()?)
 }
 
-fn arg(args: &[String], i: usize, name: &str) -> Result<u64, Box<dyn Error>> {
+/// Argument `i` as a number; `None` when absent (only the optional ones may be).
+fn arg(args: &[String], i: usize, name: &str) -> Result<Option<u64>, Box<dyn Error>> {
+    args.get(i)
+        .map(|raw| {
+            raw.parse()
+                .map_err(|e| format!("{name} {raw:?}: {e}").into())
+        })
+        .transpose()
+}
+
+fn required(args: &[String], i: usize, name: &str) -> Result<u64, Box<dyn Error>> {
     let usage = "usage: sled-memory CACHE_BYTES RECORDS TREES [KEEP [UPDATES]]";
-    let raw = args
-        .get(i)
-        .ok_or_else(|| format!("{usage}: {name} missing"))?;
-    Ok(raw.parse().map_err(|e| format!("{name} {raw:?}: {e}"))?)
+    arg(args, i, name)?.ok_or_else(|| format!("{usage}: {name} missing").into())
+}
+
+/// A number from the environment, or `default` when unset.
+fn env_or(name: &str, default: u64) -> Result<u64, Box<dyn Error>> {
+    match std::env::var(name) {
+        Ok(raw) => Ok(raw.parse().map_err(|e| format!("{name}={raw:?}: {e}"))?),
+        Err(_) => Ok(default),
+    }
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let cache = arg(&args, 1, "CACHE_BYTES")?;
-    let records = arg(&args, 2, "RECORDS")?.max(10);
-    let trees = arg(&args, 3, "TREES")?.max(1);
-    let keep = match arg(&args, 4, "KEEP") {
-        Ok(0) | Err(_) => u64::MAX,
-        Ok(n) => n,
+    let cache = required(&args, 1, "CACHE_BYTES")?;
+    let records = required(&args, 2, "RECORDS")?.max(10);
+    let trees = required(&args, 3, "TREES")?.max(1);
+    let keep = match arg(&args, 4, "KEEP")? {
+        None | Some(0) => u64::MAX,
+        Some(n) => n,
     };
-    let updates = arg(&args, 5, "UPDATES").unwrap_or(0);
+    let updates = arg(&args, 5, "UPDATES")?.unwrap_or(0);
+    let value = vec![7u8; usize::try_from(env_or("VALUE_LEN", 120)?)?];
+    let rewritten = vec![8u8; value.len()];
+    let flush_every = env_or("FLUSH_EVERY", 500)?.max(1);
     let dir = std::env::temp_dir().join(format!("sled-memory-{}", std::process::id()));
     let db = sled::Config::new()
         .path(&dir)
@@ -71,7 +89,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             let mut key = [0u8; 32];
             key[..8].copy_from_slice(&x.to_le_bytes());
             key[8..16].copy_from_slice(&round.to_le_bytes());
-            tree.insert(key, vec![7u8; value_len()])?;
+            tree.insert(key, value.as_slice())?;
             if updates > 0 {
                 // Each record written again `updates` times, LAG rounds apart (the spool
                 // rewrites a record when a destination confirms it, when its bytes go).
@@ -86,7 +104,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                         .checked_sub(back + 1)
                         .and_then(|i| recent.get(i))
                     {
-                        tree.insert(old, vec![8u8; 120])?;
+                        tree.insert(old, rewritten.as_slice())?;
                     }
                 }
             }
@@ -100,7 +118,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 tree.remove(old)?;
             }
         }
-        if round % flush_every() == 0 {
+        if round % flush_every == 0 {
             db.flush()?;
         }
         if (round + 1) % (records / 10) == 0 {
@@ -111,20 +129,4 @@ fn main() -> Result<(), Box<dyn Error>> {
     drop(db);
     std::fs::remove_dir_all(&dir)?;
     Ok(())
-}
-/// `VALUE_LEN` in the environment: bytes per value (default 120).
-fn value_len() -> usize {
-    std::env::var("VALUE_LEN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(120)
-}
-
-/// `FLUSH_EVERY` in the environment: rounds between flushes (default 500).
-fn flush_every() -> u64 {
-    std::env::var("FLUSH_EVERY")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(500)
 }
